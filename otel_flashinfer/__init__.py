@@ -1,0 +1,129 @@
+"""OpenTelemetry tracing for FlashInfer: every API call a span, GPU statistics as
+span events, tensors in a blob store, all built off the caller's thread.
+
+Public API (DESIGN.md): ``instrument``, ``uninstrument``, ``traced``, ``flush``,
+``FlashInferInstrumentor``; ``counters`` shows our own dropped/failed work.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from collections.abc import Callable
+from typing import Any, TypeVar, overload
+
+from . import runtime as _runtime
+from .config import ConfigError, Settings, load_settings
+from .health import counters
+from .version import __version__
+
+__all__ = [
+    "ConfigError",
+    "FlashInferInstrumentor",
+    "Settings",
+    "__version__",
+    "counters",
+    "flush",
+    "instrument",
+    "load_settings",
+    "traced",
+    "uninstrument",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _flashinfer_installed() -> bool:
+    try:
+        return importlib.util.find_spec("flashinfer") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def instrument(level: int | None = None, **settings: Any) -> Settings:
+    """Trace every FlashInfer API (and every ``traced`` function) at ``level``.
+
+    Arguments override the ``OTEL_FLASHINFER_*`` environment; a bad value raises
+    ``ConfigError`` naming it.  Level 0 installs nothing.
+    """
+    parsed = load_settings(level=level, **settings)
+    uninstrument()
+    if parsed.level == 0:
+        return parsed
+    if _flashinfer_installed():
+        try:
+            from .instrument import FlashInferInstrumentor
+        except ImportError:
+            FlashInferInstrumentor = None
+        if FlashInferInstrumentor is not None:
+            FlashInferInstrumentor().instrument(settings=parsed)
+            if _runtime.current() is not None:
+                return parsed
+    _runtime.activate(parsed)
+    return parsed
+
+
+def uninstrument() -> None:
+    """Restore every wrapped FlashInfer API and stop tracing ``traced`` functions."""
+    if _flashinfer_installed():
+        try:
+            from .instrument import FlashInferInstrumentor
+        except ImportError:
+            FlashInferInstrumentor = None
+        if FlashInferInstrumentor is not None:
+            instrumentor = FlashInferInstrumentor()
+            if instrumentor.is_instrumented_by_opentelemetry:
+                instrumentor.uninstrument()
+    _runtime.deactivate()
+
+
+def flush(timeout_s: float = 30) -> bool:
+    """Wait until every pending span, statistic and blob has been handed on."""
+    runtime = _runtime.current()
+    if runtime is None:
+        return True
+    return runtime.flush(timeout_s)
+
+
+@overload
+def traced(fn: F, *, name: str | None = None) -> F: ...
+@overload
+def traced(fn: None = None, *, name: str | None = None) -> Callable[[F], F]: ...
+
+
+def traced(fn: Any = None, *, name: str | None = None) -> Any:
+    """Trace a function or method of your own like a FlashInfer API.
+
+    The span is named ``name`` or the function's qualified name.  The level is the
+    live one (``instrument()`` or ``OTEL_FLASHINFER_LEVEL``), looked up per call so
+    that decorating at import time and instrumenting later both work.
+    """
+    if fn is None:
+        return functools.partial(traced, name=name)
+    api_name = name or fn.__qualname__.replace(".<locals>", "")
+    built: list[Any] = [None, -1]
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        runtime = _runtime.current()
+        if runtime is None:
+            runtime = _runtime.from_environment()
+            if runtime is None:
+                return fn(*args, **kwargs)
+        if built[1] != runtime.generation:
+            from .spans import make_wrapper
+
+            built[0] = make_wrapper(fn, api_name, settings=runtime.settings, runtime=runtime)
+            built[1] = runtime.generation
+        return built[0](*args, **kwargs)
+
+    wrapper._otel_flashinfer_api = api_name  # type: ignore[attr-defined]
+    return wrapper
+
+
+def __getattr__(name: str) -> Any:
+    if name == "FlashInferInstrumentor":
+        from .instrument import FlashInferInstrumentor
+
+        return FlashInferInstrumentor
+    raise AttributeError(name)

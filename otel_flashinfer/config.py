@@ -1,0 +1,190 @@
+"""Every ``OTEL_FLASHINFER_*`` knob, defined once and parsed once into a frozen Settings.
+
+Our variables use their own prefix so that setting them never switches on FlashInfer's
+own logger (which reads ``FLASHINFER_*``).  A value that does not parse is an error
+naming the variable and the value: a silent fallback would hide a typo until the
+trace someone needed turns out to be missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+#: 0, 1, 3, 5 or 10, as FlashInfer's FLASHINFER_LOGLEVEL (0 installs no wrapper at all).
+OTEL_FLASHINFER_LEVEL = "OTEL_FLASHINFER_LEVEL"
+#: Comma-separated fnmatch patterns on the API name; only matching APIs are traced.
+OTEL_FLASHINFER_INCLUDE = "OTEL_FLASHINFER_INCLUDE"
+#: Comma-separated fnmatch patterns on the API name, applied after the include list.
+OTEL_FLASHINFER_EXCLUDE = "OTEL_FLASHINFER_EXCLUDE"
+#: Where level-10 payloads go: a local path or any fsspec URL.
+OTEL_FLASHINFER_BLOB_URL = "OTEL_FLASHINFER_BLOB_URL"
+#: Total level-10 payload budget per process, in GB.
+OTEL_FLASHINFER_BLOB_MAX_GB = "OTEL_FLASHINFER_BLOB_MAX_GB"
+#: Number of calls whose level-10 payloads are kept.
+OTEL_FLASHINFER_BLOB_MAX_COUNT = "OTEL_FLASHINFER_BLOB_MAX_COUNT"
+#: ``safetensors`` (no pickle) or ``torch``.
+OTEL_FLASHINFER_BLOB_FORMAT = "OTEL_FLASHINFER_BLOB_FORMAT"
+#: Trace one CUDA graph replay in N.
+OTEL_FLASHINFER_REPLAY_EVERY = "OTEL_FLASHINFER_REPLAY_EVERY"
+#: Tensors above this many MB get level-5 statistics over a strided sample.
+OTEL_FLASHINFER_STATS_MAX_MB = "OTEL_FLASHINFER_STATS_MAX_MB"
+#: Folder of the crash journal; empty turns the journal off.
+OTEL_FLASHINFER_JOURNAL_DIR = "OTEL_FLASHINFER_JOURNAL_DIR"
+#: 1: level-10 inputs are written synchronously before the kernel runs.
+OTEL_FLASHINFER_CRASH_SAFE = "OTEL_FLASHINFER_CRASH_SAFE"
+#: Local OTLP/JSON-lines file used when no exporter or endpoint is configured.
+OTEL_FLASHINFER_TRACES_FILE = "OTEL_FLASHINFER_TRACES_FILE"
+#: Spans waiting to be built in the background; beyond it the oldest are dropped and counted.
+OTEL_FLASHINFER_QUEUE_SIZE = "OTEL_FLASHINFER_QUEUE_SIZE"
+#: 1 (default): from level 3, eager CUDA calls record their GPU time; 0 turns it off.
+OTEL_FLASHINFER_GPU_TIMING = "OTEL_FLASHINFER_GPU_TIMING"
+
+LEVELS = (0, 1, 3, 5, 10)
+BLOB_FORMATS = ("safetensors", "torch")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names the variable and the value."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The parsed configuration; one instance per ``instrument()``."""
+
+    level: int = 0
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    blob_url: str = "./flashinfer_blobs"
+    blob_max_gb: float = 20.0
+    blob_max_count: int = 1000
+    blob_format: str = "safetensors"
+    replay_every: int = 1
+    stats_max_mb: float = 64.0
+    journal_dir: str = "./flashinfer_journal"
+    crash_safe: bool = False
+    traces_file: str = "./flashinfer_traces.jsonl"
+    queue_size: int = 65536
+    gpu_timing: bool = True
+
+
+def _level(text: str) -> int:
+    value = int(text)
+    if value not in LEVELS:
+        raise ValueError(f"must be one of {', '.join(map(str, LEVELS))}")
+    return value
+
+
+def _patterns(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value != value or value == float("inf"):
+        raise ValueError("must be a positive finite number")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be a whole number >= 1")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be a whole number >= 0")
+    return value
+
+
+def _blob_format(text: str) -> str:
+    value = text.strip().lower()
+    if value not in BLOB_FORMATS:
+        raise ValueError(f"must be one of {', '.join(BLOB_FORMATS)}")
+    return value
+
+
+def _flag(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("must be 0 or 1 (or true/false)")
+
+
+def _blob_url(text: str) -> str:
+    value = text.strip()
+    if not value:
+        raise ValueError("must not be empty")
+    if "://" in value:
+        scheme = value.split("://", 1)[0]
+        if not scheme or not scheme.replace("+", "").replace("-", "").isalnum():
+            raise ValueError(f"has an invalid URL scheme {scheme!r}")
+    return value
+
+
+def _text(text: str) -> str:
+    return text.strip()
+
+
+# field name -> (env var, parser)
+_FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "level": (OTEL_FLASHINFER_LEVEL, _level),
+    "include": (OTEL_FLASHINFER_INCLUDE, _patterns),
+    "exclude": (OTEL_FLASHINFER_EXCLUDE, _patterns),
+    "blob_url": (OTEL_FLASHINFER_BLOB_URL, _blob_url),
+    "blob_max_gb": (OTEL_FLASHINFER_BLOB_MAX_GB, _positive_float),
+    "blob_max_count": (OTEL_FLASHINFER_BLOB_MAX_COUNT, _positive_int),
+    "blob_format": (OTEL_FLASHINFER_BLOB_FORMAT, _blob_format),
+    "replay_every": (OTEL_FLASHINFER_REPLAY_EVERY, _positive_int),
+    "stats_max_mb": (OTEL_FLASHINFER_STATS_MAX_MB, _positive_float),
+    "journal_dir": (OTEL_FLASHINFER_JOURNAL_DIR, _text),
+    "crash_safe": (OTEL_FLASHINFER_CRASH_SAFE, _flag),
+    "traces_file": (OTEL_FLASHINFER_TRACES_FILE, _text),
+    "queue_size": (OTEL_FLASHINFER_QUEUE_SIZE, _positive_int),
+    "gpu_timing": (OTEL_FLASHINFER_GPU_TIMING, _flag),
+}
+
+ENV_VARS: tuple[str, ...] = tuple(env for env, _ in _FIELDS.values())
+
+
+def _parse(field: str, raw: Any, source: str) -> Any:
+    _, parser = _FIELDS[field]
+    if not isinstance(raw, str):
+        if field in ("include", "exclude") and isinstance(raw, (list, tuple)):
+            raw = ",".join(map(str, raw))
+        elif isinstance(raw, bool):
+            raw = "1" if raw else "0"
+        else:
+            raw = str(raw)
+    try:
+        return parser(raw)
+    except ValueError as exc:
+        reason = str(exc)
+        if reason.startswith(("invalid literal", "could not convert")):
+            reason = "is not a number"
+        raise ConfigError(f"{source}={raw!r}: {reason}") from None
+
+
+def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Read ``OTEL_FLASHINFER_*`` from ``environ`` (default ``os.environ``); keyword
+    arguments (field names of Settings, e.g. ``level=5``) take precedence."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for field, (var, _) in _FIELDS.items():
+        if var in env:
+            values[field] = _parse(field, env[var], var)
+    for field, raw in overrides.items():
+        if raw is None:
+            continue
+        if field not in _FIELDS:
+            known = ", ".join(sorted(_FIELDS))
+            raise ConfigError(f"unknown setting {field!r} (known: {known})")
+        values[field] = _parse(field, raw, f"{field} (argument)")
+    return Settings(**values)

@@ -1,0 +1,190 @@
+"""CUDA graph bookkeeping: which calls were captured into which graph, and one
+``cuda_graph.replay`` span per sampled replay with a child per captured call.
+
+Host code never runs again when a captured graph replays, so a capture-time span
+alone would hide every later execution.  We patch ``torch.cuda.CUDAGraph``'s
+``capture_begin``/``capture_end``/``replay`` (what ``torch.cuda.graph(...)`` and
+``make_graphed_callables`` use), note the calls traced while a capture is open,
+and on each sampled replay emit the replay span and its children, each linked to
+its capture-time span.  Work captured with a call (statistics, GPU timing) is
+handed back per replay through ``Capture.replay_hooks``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import weakref
+from collections.abc import Callable
+from random import getrandbits
+from time import time_ns
+from typing import Any
+
+from opentelemetry import trace as trace_api
+from opentelemetry.trace import Link
+
+from . import health
+from .pipeline import CallRecord
+
+_ids = itertools.count(1)
+_capturing: Capture | None = None
+_graphs: weakref.WeakKeyDictionary[Any, Capture] = weakref.WeakKeyDictionary()
+_originals: dict[str, Any] = {}
+_lock = threading.Lock()
+
+
+class Capture:
+    """The calls captured into one graph, and what each replay must resolve."""
+
+    def __init__(self, graph_id: int) -> None:
+        self.graph_id = graph_id
+        self.thread = threading.get_ident()
+        self.records: list[CallRecord] = []
+        #: record -> callables(stream) returning Pending objects for one replay
+        self.replay_hooks: dict[int, list[Callable[[Any], Any]]] = {}
+        self.replays = 0
+
+    def add(self, record: CallRecord) -> None:
+        self.records.append(record)
+
+    def add_replay_hook(self, record: CallRecord, hook: Callable[[Any], Any]) -> None:
+        self.replay_hooks.setdefault(id(record), []).append(hook)
+
+
+def capture_state() -> Capture | None:
+    """The capture open on this thread, if any (read on every traced call)."""
+    capture = _capturing
+    if capture is None or capture.thread != threading.get_ident():
+        return None
+    return capture
+
+
+def is_patched() -> bool:
+    return bool(_originals)
+
+
+def patch(runtime: Any) -> None:
+    """Install the CUDAGraph hooks (idempotent); no-op without torch.cuda."""
+    try:
+        import torch
+    except ImportError:
+        return
+    graph_cls = getattr(getattr(torch, "cuda", None), "CUDAGraph", None)
+    if graph_cls is None or _originals:
+        return
+    _originals["capture_begin"] = graph_cls.capture_begin
+    _originals["capture_end"] = graph_cls.capture_end
+    _originals["replay"] = graph_cls.replay
+    begin, end, replay = (_originals[k] for k in ("capture_begin", "capture_end", "replay"))
+
+    def capture_begin(self: Any, *args: Any, **kwargs: Any) -> Any:
+        global _capturing
+        result = begin(self, *args, **kwargs)
+        try:
+            capture = Capture(next(_ids))
+            with _lock:
+                _graphs[self] = capture
+            _capturing = capture
+        except Exception as exc:  # noqa: BLE001
+            health.report("graph_errors", "could not note a CUDA graph capture", exc)
+        return result
+
+    def capture_end(self: Any, *args: Any, **kwargs: Any) -> Any:
+        global _capturing
+        try:
+            return end(self, *args, **kwargs)
+        finally:
+            _capturing = None
+
+    def replay_(self: Any, *args: Any, **kwargs: Any) -> Any:
+        capture = _graphs.get(self)
+        if capture is None or not capture.records:
+            return replay(self, *args, **kwargs)
+        capture.replays += 1
+        index = capture.replays
+        if (index - 1) % runtime.settings.replay_every:
+            return replay(self, *args, **kwargs)
+        try:
+            timer = runtime.replay_timer()
+            mark = timer.begin() if timer is not None else None
+            start = time_ns()
+        except Exception as exc:  # noqa: BLE001
+            health.report("graph_errors", "could not trace a CUDA graph replay", exc)
+            return replay(self, *args, **kwargs)
+        result = replay(self, *args, **kwargs)
+        try:
+            end_ns = time_ns()
+            emit_replay(runtime, capture, index, start, end_ns,
+                        timer.end(mark) if timer is not None else None)
+        except Exception as exc:  # noqa: BLE001
+            health.report("graph_errors", "could not trace a CUDA graph replay", exc)
+        return result
+
+    graph_cls.capture_begin = capture_begin
+    graph_cls.capture_end = capture_end
+    graph_cls.replay = replay_
+
+
+def unpatch() -> None:
+    global _capturing
+    try:
+        import torch
+    except ImportError:
+        return
+    graph_cls = torch.cuda.CUDAGraph
+    for name, original in _originals.items():
+        setattr(graph_cls, name, original)
+    _originals.clear()
+    _capturing = None
+
+
+def emit_replay(runtime: Any, capture: Capture, index: int, start_ns: int, end_ns: int,
+                timing: Any) -> None:
+    """Submit the replay span and one child per captured call."""
+    current = trace_api.get_current_span().get_span_context()
+    parent = current if current.is_valid else None
+    if parent is not None and not parent.trace_flags & 1:
+        return
+    trace_id = parent.trace_id if parent is not None else (getrandbits(128) or 1)
+    if parent is None and not runtime.sample_root(trace_id, "cuda_graph.replay"):
+        return
+    replay_id = getrandbits(64) or 1
+    attrs = {"flashinfer.cuda_graph.id": capture.graph_id, "flashinfer.cuda_graph.replay": index}
+    replay_record = CallRecord("cuda_graph.replay", trace_id, replay_id, parent, start_ns,
+                               end_ns, attrs)
+    if timing is not None:
+        replay_record.pending.append(timing)
+    replay_context = trace_api.SpanContext(
+        trace_id, replay_id, False, trace_api.TraceFlags(trace_api.TraceFlags.SAMPLED)
+    )
+    stream = runtime.current_stream()
+    for captured in capture.records:
+        child_attrs = {k: v for k, v in captured.attributes.items()
+                       if k != "flashinfer.cuda_graph.capturing"}
+        child_attrs["flashinfer.cuda_graph.replay"] = index
+        child = CallRecord(captured.name, trace_id, getrandbits(64) or 1, replay_context,
+                           start_ns, end_ns, child_attrs, describe=captured_describe(captured))
+        child.links.append(Link(trace_api.SpanContext(
+            captured.trace_id, captured.span_id, False,
+            trace_api.TraceFlags(trace_api.TraceFlags.SAMPLED))))
+        for hook in capture.replay_hooks.get(id(captured), ()):
+            pending = hook(stream)
+            if pending is not None:
+                child.pending.append(pending)
+        runtime.pipeline.submit(child)
+    runtime.pipeline.submit(replay_record)
+
+
+def captured_describe(captured: CallRecord) -> Callable[[CallRecord], None] | None:
+    """Children describe their arguments as the capture-time span did."""
+    describe = captured.describe
+    if describe is None:
+        return None
+
+    def run(record: CallRecord) -> None:
+        scratch = CallRecord(captured.name, 0, 0, None, 0, 0, {})
+        describe(scratch)
+        for key, value in scratch.attributes.items():
+            record.attributes.setdefault(key, value)
+
+    return run

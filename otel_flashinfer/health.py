@@ -1,0 +1,50 @@
+"""Our own failures: counted, and logged once per kind, never raised into the engine.
+
+Instrumentation must never break the program it observes, but silently swallowing
+errors hides a broken exporter.  Every internal failure goes through ``report`` (a
+counter and one log line per kind), and ``counters()`` lets tests and users see them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+
+logger = logging.getLogger("otel_flashinfer")
+
+_lock = threading.Lock()
+_counts: Counter[str] = Counter()
+_logged: set[str] = set()
+
+
+def count(kind: str, n: int = 1) -> None:
+    """Add ``n`` to counter ``kind`` (e.g. ``spans_dropped``)."""
+    with _lock:
+        _counts[kind] += n
+
+
+def report(kind: str, message: str, exc: BaseException | None = None) -> None:
+    """Count one internal failure; log the first of each kind with its traceback."""
+    with _lock:
+        _counts[kind] += 1
+        first = kind not in _logged
+        _logged.add(kind)
+    if first:
+        logger.warning(
+            "otel_flashinfer: %s (%s; further ones are counted, not logged)",
+            message, kind, exc_info=exc,
+        )
+
+
+def counters() -> dict[str, int]:
+    """A copy of every counter: internal errors, dropped spans, skipped payloads."""
+    with _lock:
+        return dict(_counts)
+
+
+def reset() -> None:
+    """Forget counts and logged kinds (tests)."""
+    with _lock:
+        _counts.clear()
+        _logged.clear()

@@ -1,0 +1,127 @@
+"""The OTLP/JSON encoding, one ExportTraceServiceRequest per line, and the exporter
+that writes it to a local file.
+
+A GPU box with no collector still keeps its traces: the file is the same data a
+collector would receive (ids as lowercase hex, enums as integers, as the OTLP/JSON
+spec asks), so ``otel-flashinfer push`` can send it on later, byte for byte.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from google.protobuf import json_format
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+from . import health
+
+_ID_FIELDS = ("traceId", "spanId", "parentSpanId")
+
+
+class TraceFileError(ValueError):
+    """A trace file line that is not OTLP/JSON; names the file and the line."""
+
+
+def _map_ids(spans: list[dict[str, Any]], convert: Any) -> None:
+    for span in spans:
+        for key in _ID_FIELDS:
+            if span.get(key):
+                span[key] = convert(span[key])
+        for link in span.get("links", ()):
+            for key in _ID_FIELDS:
+                if link.get(key):
+                    link[key] = convert(link[key])
+
+
+def _walk_spans(request: dict[str, Any]) -> Iterator[list[dict[str, Any]]]:
+    for resource_spans in request.get("resourceSpans", ()):
+        for scope_spans in resource_spans.get("scopeSpans", ()):
+            yield scope_spans.setdefault("spans", [])
+
+
+def _b64_to_hex(text: str) -> str:
+    return base64.b64decode(text).hex()
+
+
+def _hex_to_b64(text: str) -> str:
+    return base64.b64encode(bytes.fromhex(text)).decode("ascii")
+
+
+def request_to_json(request: ExportTraceServiceRequest) -> str:
+    """One protobuf request -> one OTLP/JSON line (no trailing newline)."""
+    data = json_format.MessageToDict(request, use_integers_for_enums=True)
+    for spans in _walk_spans(data):
+        _map_ids(spans, _b64_to_hex)
+    return json.dumps(data, separators=(",", ":"))
+
+
+def json_to_request(line: str | dict[str, Any]) -> ExportTraceServiceRequest:
+    """One OTLP/JSON line (or its parsed dict) -> the protobuf request."""
+    data = json.loads(line) if isinstance(line, str) else json.loads(json.dumps(line))
+    for spans in _walk_spans(data):
+        _map_ids(spans, _hex_to_b64)
+    return json_format.ParseDict(data, ExportTraceServiceRequest())
+
+
+def spans_to_json(spans: Sequence[ReadableSpan]) -> str:
+    return request_to_json(encode_spans(spans))
+
+
+def read_requests(path: str) -> Iterator[dict[str, Any]]:
+    """Parsed lines of a trace file; a bad line is an error naming file and line."""
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise TraceFileError(f"{path}:{number}: not JSON ({exc.msg})") from None
+            if not isinstance(data, dict) or not isinstance(data.get("resourceSpans", []), list):
+                raise TraceFileError(
+                    f"{path}:{number}: not an OTLP/JSON ExportTraceServiceRequest"
+                )
+            yield data
+
+
+class JsonLinesSpanExporter(SpanExporter):
+    """Appends each batch as one OTLP/JSON line; safe across threads and processes
+    (one ``write`` of a whole line on an O_APPEND file)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        if self._closed:
+            return SpanExportResult.FAILURE
+        try:
+            line = (spans_to_json(spans) + "\n").encode("utf-8")
+            with self._lock:
+                directory = os.path.dirname(os.path.abspath(self.path))
+                os.makedirs(directory, exist_ok=True)
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                try:
+                    os.write(fd, line)
+                finally:
+                    os.close(fd)
+            return SpanExportResult.SUCCESS
+        except Exception as exc:  # noqa: BLE001 - an exporter must not raise
+            health.report("file_export_errors", f"could not write {self.path}", exc)
+            return SpanExportResult.FAILURE
+
+    def shutdown(self) -> None:
+        self._closed = True
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True

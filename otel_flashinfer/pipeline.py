@@ -1,0 +1,353 @@
+"""The background half of every span: caller threads hand over records, one worker
+builds SDK spans from them.
+
+A stock SDK span costs tens of microseconds of Python; a decode kernel takes twenty.
+So the caller's thread only fills a ``CallRecord`` (ids, timestamps, raw argument
+facts) and appends it to a bounded deque; the worker waits until the record's
+``Pending`` work (GPU timing, statistics) has resolved, then builds the span through
+the application's TracerProvider with the ids and times chosen on the caller's
+thread, so its samplers, processors and exporters all apply.
+
+Bounded everywhere: the queue drops its oldest record when full, records that wait
+on the GPU too long are finished without their results, and both are counted.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from opentelemetry import trace as trace_api
+from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
+from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode
+
+from . import health
+
+_ROOT_CONTEXT = trace_api.set_span_in_context(trace_api.INVALID_SPAN)
+
+
+class Pending(Protocol):
+    """Work a span waits for before export (GPU time, statistics)."""
+
+    def ready(self) -> bool:
+        """Non-blocking: whether ``apply`` can run now (background thread)."""
+
+    def apply(self, record: CallRecord) -> None:
+        """Add this work's attributes and events to ``record`` (background thread)."""
+
+    def abandon(self, record: CallRecord, reason: str) -> None:
+        """Give up on the result; must say so on ``record`` (background thread)."""
+
+
+class CallRecord:
+    """Everything one span needs, filled on the caller's thread without formatting."""
+
+    __slots__ = (
+        "attributes",
+        "deadline",
+        "describe",
+        "end_ns",
+        "error",
+        "events",
+        "links",
+        "name",
+        "parent",
+        "pending",
+        "span_id",
+        "start_ns",
+        "trace_id",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        trace_id: int,
+        span_id: int,
+        parent: SpanContext | None,
+        start_ns: int,
+        end_ns: int,
+        attributes: dict[str, Any],
+        describe: Callable[[CallRecord], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.trace_id = trace_id
+        self.span_id = span_id
+        self.parent = parent
+        self.start_ns = start_ns
+        self.end_ns = end_ns
+        self.attributes = attributes
+        self.describe = describe
+        self.events: list[tuple[str, dict[str, Any], int]] = []
+        self.links: list[Link] = []
+        #: (exception type name, message, formatted traceback) or None.
+        self.error: tuple[str, str, str] | None = None
+        self.pending: list[Pending] = []
+        self.deadline = 0.0
+
+    @property
+    def parent_span_id(self) -> int | None:
+        return self.parent.span_id if self.parent is not None else None
+
+
+class _PresetIds(IdGenerator):
+    """Hands the SDK the ids chosen on the caller's thread.
+
+    Only our own tracer uses it, and only from the worker thread, so a plain
+    attribute is enough; anything else falls back to random ids.
+    """
+
+    def __init__(self, fallback: IdGenerator | None) -> None:
+        self.fallback = fallback or RandomIdGenerator()
+        self.trace_id: int | None = None
+        self.span_id: int | None = None
+
+    def generate_span_id(self) -> int:
+        value, self.span_id = self.span_id, None
+        return value if value is not None else self.fallback.generate_span_id()
+
+    def generate_trace_id(self) -> int:
+        value, self.trace_id = self.trace_id, None
+        return value if value is not None else self.fallback.generate_trace_id()
+
+    def is_trace_id_random(self) -> bool:
+        return True
+
+
+def preset_tracer_ids(tracer: Any) -> _PresetIds | None:
+    """Install preset ids on an SDK tracer; None for tracers without an id generator."""
+    current = getattr(tracer, "id_generator", None)
+    if isinstance(current, _PresetIds):
+        return current
+    if current is None:
+        return None
+    preset = _PresetIds(current)
+    tracer.id_generator = preset
+    return preset
+
+
+class Pipeline:
+    """A bounded queue of records and the one worker thread that exports them."""
+
+    def __init__(
+        self,
+        tracer: Any = None,
+        *,
+        tracer_factory: Callable[[], tuple[Any, Any]] | None = None,
+        max_queue: int = 65536,
+        max_waiting: int = 16384,
+        wait_timeout_s: float = 30.0,
+        interval_s: float = 0.05,
+        provider: Any = None,
+    ) -> None:
+        self.tracer = tracer
+        self.provider = provider
+        self._tracer_factory = tracer_factory
+        self._preset: _PresetIds | None = None
+        self.max_queue = max_queue
+        self.max_waiting = max_waiting
+        self.wait_timeout_s = wait_timeout_s
+        self.interval_s = interval_s
+        self._batch = max(1, min(512, max_queue // 4))
+        if tracer is not None:
+            self._use_tracer(tracer)
+        self.flush_hooks: list[Callable[[float], bool]] = []
+        self._start()
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._after_fork)
+
+    def _use_tracer(self, tracer: Any) -> None:
+        self._preset = preset_tracer_ids(tracer)
+        if self._preset is None:
+            health.report("foreign_tracer", "tracer provider is not the OTel SDK's; span ids "
+                          "are chosen by it, so children of our spans may not nest")
+        self.tracer = tracer
+
+    def _resolve_tracer(self) -> Any:
+        if self.tracer is None and self._tracer_factory is not None:
+            tracer, provider = self._tracer_factory()
+            self.provider = provider
+            self._use_tracer(tracer)
+        return self.tracer
+
+    def _start(self) -> None:
+        self._queue: deque[CallRecord] = deque()
+        self._waiting: deque[CallRecord] = deque()
+        self._wake = threading.Event()
+        self._idle = threading.Condition()
+        self._busy = 0
+        self._stopping = False
+        self._pid = os.getpid()
+        self._thread = threading.Thread(
+            target=self._run, name="otel_flashinfer-pipeline", daemon=True
+        )
+        self._thread.start()
+
+    def _after_fork(self) -> None:
+        # The parent's records and thread do not exist in the child: start afresh.
+        self._start()
+
+    # ---- caller's thread -------------------------------------------------------------
+
+    def submit(self, record: CallRecord) -> None:
+        """Hand a finished call over; never blocks, drops the oldest record when full."""
+        queue = self._queue
+        if len(queue) >= self.max_queue:
+            try:
+                queue.popleft()
+            except IndexError:
+                pass
+            health.report("spans_dropped", "span queue full: dropping the oldest spans")
+        queue.append(record)
+        if len(queue) >= self._batch:
+            self._wake.set()
+
+    # ---- worker thread ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._wake.wait(self.interval_s)
+            self._wake.clear()
+            self._drain()
+
+    def _drain(self) -> None:
+        with self._idle:
+            self._busy += 1
+        try:
+            queue, waiting = self._queue, self._waiting
+            now = time.monotonic()
+            for _ in range(len(waiting)):
+                record = waiting.popleft()
+                self._consider(record, now)
+            while queue:
+                record = queue.popleft()
+                if record.pending:
+                    record.deadline = now + self.wait_timeout_s
+                self._consider(record, now)
+            while len(waiting) > self.max_waiting:
+                record = waiting.popleft()
+                self._finish(record, abandon="backpressure")
+        finally:
+            with self._idle:
+                self._busy -= 1
+                self._idle.notify_all()
+
+    def _consider(self, record: CallRecord, now: float) -> None:
+        try:
+            if record.pending and not all(p.ready() for p in record.pending):
+                if now < record.deadline:
+                    self._waiting.append(record)
+                    return
+                self._finish(record, abandon="timeout")
+                return
+            self._finish(record)
+        except Exception as exc:  # noqa: BLE001 - never let one record stop the worker
+            health.report("export_errors", "could not export a span", exc)
+
+    def _finish(self, record: CallRecord, abandon: str | None = None) -> None:
+        for pending in record.pending:
+            try:
+                if abandon is None:
+                    pending.apply(record)
+                elif pending.ready():
+                    pending.apply(record)
+                else:
+                    pending.abandon(record, abandon)
+            except Exception as exc:  # noqa: BLE001
+                health.report("pending_errors", "could not resolve GPU results", exc)
+        record.pending = []
+        if record.describe is not None:
+            try:
+                record.describe(record)
+            except Exception as exc:  # noqa: BLE001
+                health.report("describe_errors", "could not describe arguments", exc)
+        export_record(self._resolve_tracer(), self._preset, record)
+
+    # ---- flush / shutdown ------------------------------------------------------------
+
+    def pending_count(self) -> int:
+        return len(self._queue) + len(self._waiting)
+
+    def flush(self, timeout_s: float = 30.0) -> bool:
+        """Wait until every submitted record is exported and handed to the provider."""
+        deadline = time.monotonic() + timeout_s
+        ok = True
+        while True:
+            if self._thread.is_alive() and os.getpid() == self._pid:
+                self._wake.set()
+            else:
+                self._drain()
+            with self._idle:
+                empty = not self._queue and not self._waiting and self._busy == 0
+                if empty:
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    ok = False
+                    break
+                self._idle.wait(min(remaining, 0.01))
+        for hook in self.flush_hooks:
+            try:
+                ok = hook(max(0.0, deadline - time.monotonic())) and ok
+            except Exception as exc:  # noqa: BLE001
+                health.report("flush_errors", "a flush hook failed", exc)
+                ok = False
+        if self.tracer is None and self._tracer_factory is not None and not self.flush_hooks:
+            return ok
+        force_flush = getattr(self.provider, "force_flush", None)
+        if force_flush is not None:
+            millis = int(max(0.0, deadline - time.monotonic()) * 1000)
+            ok = bool(force_flush(max(millis, 1))) and ok
+        return ok
+
+    def shutdown(self, timeout_s: float = 5.0) -> bool:
+        ok = self.flush(timeout_s)
+        self._stopping = True
+        self._wake.set()
+        return ok
+
+
+def export_record(tracer: Any, preset: _PresetIds | None, record: CallRecord) -> None:
+    """Build and end one SDK span from a record, keeping its ids and times."""
+    if record.parent is not None:
+        context = trace_api.set_span_in_context(NonRecordingSpan(record.parent))
+    else:
+        context = _ROOT_CONTEXT
+    if preset is not None:
+        preset.trace_id = record.trace_id
+        preset.span_id = record.span_id
+    span = tracer.start_span(
+        record.name,
+        context=context,
+        kind=SpanKind.INTERNAL,
+        attributes=record.attributes,
+        links=record.links,
+        start_time=record.start_ns,
+        record_exception=False,
+        set_status_on_exception=False,
+    )
+    if preset is not None:
+        preset.trace_id = preset.span_id = None
+    if not span.is_recording():
+        return
+    for name, attributes, timestamp in record.events:
+        span.add_event(name, attributes, timestamp)
+    if record.error is not None:
+        exc_type, message, stacktrace = record.error
+        span.add_event(
+            "exception",
+            {
+                "exception.type": exc_type,
+                "exception.message": message,
+                "exception.stacktrace": stacktrace,
+                "exception.escaped": "True",
+            },
+            record.end_ns,
+        )
+        span.set_status(Status(StatusCode.ERROR, f"{exc_type}: {message}"))
+    elif record.attributes.get("flashinfer.cuda_error"):
+        span.set_status(Status(StatusCode.ERROR, str(record.attributes["flashinfer.cuda_error"])))
+    span.end(end_time=record.end_ns)

@@ -1,0 +1,134 @@
+"""Which TracerProvider our spans go through.
+
+The application's own provider always wins, so its samplers, processors and
+exporters apply.  Only when none is set do we build one, from the standard
+``OTEL_*`` variables read by the SDK and the OTLP exporters themselves; with no
+exporter and no endpoint configured, spans go to a local OTLP/JSON-lines file.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from opentelemetry import trace as trace_api
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+
+from .config import ConfigError
+from .otlp_json import JsonLinesSpanExporter
+
+_lock = threading.Lock()
+_ours: TracerProvider | None = None
+
+_PROTOCOLS = ("grpc", "http/protobuf", "http/json")
+
+
+def sdk_disabled(environ: Mapping[str, str] | None = None) -> bool:
+    env = os.environ if environ is None else environ
+    return env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+
+
+def otlp_protocol(environ: Mapping[str, str]) -> str:
+    """The OTLP protocol for traces: the traces-specific variable, then the general one,
+    then ``grpc`` (the Python SDK's default for ``otlp``)."""
+    for var in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+        value = environ.get(var, "").strip()
+        if value:
+            if value not in _PROTOCOLS:
+                raise ConfigError(f"{var}={value!r}: must be one of {', '.join(_PROTOCOLS)}")
+            if value == "http/json":
+                raise ConfigError(f"{var}={value!r}: the Python OTLP exporter has no "
+                                  "http/json; use http/protobuf or grpc")
+            return value
+    return "grpc"
+
+
+def exporter_names(environ: Mapping[str, str]) -> list[str]:
+    """``OTEL_TRACES_EXPORTER`` as a list; unset means ``otlp`` when an endpoint is set,
+    else our local file (``otlp_file``)."""
+    raw = environ.get("OTEL_TRACES_EXPORTER", "").strip()
+    if raw:
+        names = [n.strip().lower() for n in raw.split(",") if n.strip()]
+        known = {"otlp", "console", "none", "otlp_file", "otlp_proto_grpc", "otlp_proto_http"}
+        for name in names:
+            if name not in known:
+                raise ConfigError(f"OTEL_TRACES_EXPORTER={raw!r}: unknown exporter {name!r} "
+                                  f"(known: {', '.join(sorted(known))})")
+        return [n for n in names if n != "none"]
+    if environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or environ.get(
+        "OTEL_EXPORTER_OTLP_ENDPOINT"
+    ):
+        return ["otlp"]
+    return ["otlp_file"]
+
+
+def make_exporter(name: str, environ: Mapping[str, str], traces_file: str) -> SpanExporter:
+    """One span exporter by its ``OTEL_TRACES_EXPORTER`` name; OTLP exporters read
+    their endpoint, headers, timeout and TLS settings from the environment."""
+    if name == "otlp":
+        name = "otlp_proto_http" if otlp_protocol(environ) == "http/protobuf" else "otlp_proto_grpc"
+    if name == "otlp_proto_grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter()
+    if name == "otlp_proto_http":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter()
+    if name == "console":
+        return ConsoleSpanExporter()
+    return JsonLinesSpanExporter(traces_file)
+
+
+def process_resource() -> Resource:
+    """OTEL_RESOURCE_ATTRIBUTES / OTEL_SERVICE_NAME plus which process and rank we are."""
+    attributes: dict[str, Any] = {}
+    try:
+        from .resource import process_resource_attributes
+
+        attributes.update(process_resource_attributes(os.environ))
+    except ImportError:
+        attributes["process.pid"] = os.getpid()
+    return Resource.create(attributes)
+
+
+def build_provider(traces_file: str, environ: Mapping[str, str] | None = None) -> TracerProvider:
+    """A provider configured from the environment (sampler, span limits and BSP settings
+    are read by the SDK itself)."""
+    env = os.environ if environ is None else environ
+    names = exporter_names(env)
+    provider = TracerProvider(resource=process_resource())
+    for name in names:
+        provider.add_span_processor(BatchSpanProcessor(make_exporter(name, env, traces_file)))
+    return provider
+
+
+def resolve_provider(traces_file: str) -> Any:
+    """The application's provider if it set one, else ours (built once, set globally)."""
+    global _ours
+    current = trace_api.get_tracer_provider()
+    if not isinstance(current, trace_api.ProxyTracerProvider):
+        return current
+    with _lock:
+        if _ours is not None:
+            return _ours
+        if sdk_disabled():
+            return current
+        provider = build_provider(traces_file)
+        trace_api.set_tracer_provider(provider)
+        # Another thread may have won the race to set the global provider.
+        current = trace_api.get_tracer_provider()
+        if current is provider:
+            _ours = provider
+        else:
+            provider.shutdown()
+        return current
+
+
+def our_provider() -> TracerProvider | None:
+    """The provider we created, if any (flushed and shut down at exit)."""
+    return _ours

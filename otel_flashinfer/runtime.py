@@ -1,0 +1,217 @@
+"""The one live instrumentation state of a process: settings, pipeline and the
+optional per-level machinery (GPU timing, statistics, blobs, journal).
+
+``instrument()`` starts it, ``uninstrument()`` stops it.  Everything that depends on
+the tracer provider is resolved lazily, on the first traced call, so an application
+that configures OpenTelemetry after importing us still gets its own provider.
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from opentelemetry.sdk.trace import sampling
+from opentelemetry.trace import SpanKind
+
+from . import health
+from .config import Settings, load_settings
+from .pipeline import Pipeline
+from .version import __version__
+
+SCOPE_NAME = "otel_flashinfer"
+
+_lock = threading.RLock()
+_current: Runtime | None = None
+_generation = 0
+
+
+class _LazyTracer:
+    """Resolves the provider on first use (background thread or first root span)."""
+
+    def __init__(self, traces_file: str) -> None:
+        self.traces_file = traces_file
+        self.provider: Any = None
+        self.tracer: Any = None
+        self.sampler: Any = None
+        self._lock = threading.Lock()
+
+    def resolve(self) -> Any:
+        if self.tracer is None:
+            with self._lock:
+                if self.tracer is None:
+                    from .provider import resolve_provider
+
+                    provider = resolve_provider(self.traces_file)
+                    tracer = provider.get_tracer(SCOPE_NAME, __version__)
+                    self.sampler = getattr(tracer, "sampler", None)
+                    self.provider = provider
+                    self.tracer = tracer
+        return self.tracer
+
+
+class Runtime:
+    """Live state for one ``instrument()``; replaced, never mutated, on re-configuration."""
+
+    def __init__(self, settings: Settings) -> None:
+        global _generation
+        self.settings = settings
+        _generation += 1
+        self.generation = _generation
+        self._lazy = _LazyTracer(settings.traces_file)
+        self.pipeline = Pipeline(
+            tracer=None, tracer_factory=self._resolve, max_queue=settings.queue_size
+        )
+        self.journal: Any = None
+        self.stats: Any = None
+        self.blobs: Any = None
+        self.gpu_timer: Any = None
+        self._hooks: dict[int, list[tuple[Callable[..., Any], Callable[..., Any]]]] = {}
+        self._start_extensions()
+
+    def _resolve(self) -> tuple[Any, Any]:
+        tracer = self._lazy.resolve()
+        return tracer, self._lazy.provider
+
+    def _start_extensions(self) -> None:
+        """Optional per-level machinery; a part that cannot start is reported, not raised
+        (except a bad configuration, which ``instrument()`` must name)."""
+        settings = self.settings
+        if settings.journal_dir:
+            try:
+                from .journal import open_journal
+            except ImportError:
+                open_journal = None
+            if open_journal is not None:
+                try:
+                    self.journal = open_journal(settings, self)
+                except Exception as exc:  # noqa: BLE001
+                    health.report("journal_errors", "could not open the crash journal", exc)
+
+    def sample_root(self, trace_id: int, name: str) -> bool:
+        """The sampler's decision for a new root span, made on the caller's thread so
+        that unsampled calls cost nothing more."""
+        self._lazy.resolve()
+        sampler = self._lazy.sampler
+        if sampler is None:
+            return True
+        if isinstance(sampler, (sampling.StaticSampler,)):
+            return sampler._decision is sampling.Decision.RECORD_AND_SAMPLE
+        result = sampler.should_sample(None, trace_id, name, SpanKind.INTERNAL)
+        return result.decision.is_sampled()
+
+    def call_hooks(self, level: int) -> list[tuple[Callable[..., Any], Callable[..., Any]]]:
+        """(before, after) pairs the wrapper runs around each call at ``level``."""
+        return list(self._hooks.get(level, ()))
+
+    def set_hooks(self, level: int, hooks: list[tuple[Callable[..., Any], Callable[..., Any]]]
+                  ) -> None:
+        self._hooks[level] = hooks
+
+    def replay_timer(self) -> Any:
+        return self.gpu_timer
+
+    def current_stream(self) -> Any:
+        try:
+            import torch
+
+            return torch.cuda.current_stream()
+        except Exception:  # noqa: BLE001
+            return None
+
+    def flush(self, timeout_s: float) -> bool:
+        return self.pipeline.flush(timeout_s)
+
+    def stop(self, timeout_s: float = 5.0) -> bool:
+        ok = self.pipeline.shutdown(timeout_s)
+        if self.journal is not None:
+            try:
+                self.journal.close()
+            except Exception as exc:  # noqa: BLE001
+                health.report("journal_errors", "could not close the crash journal", exc)
+        return ok
+
+
+def current() -> Runtime | None:
+    return _current
+
+
+def ensure(settings: Settings | None = None) -> Runtime:
+    """The live runtime, started from ``settings`` (or the environment) if none is."""
+    global _current
+    with _lock:
+        if _current is None:
+            _current = Runtime(settings or load_settings())
+        return _current
+
+
+def start(settings: Settings) -> Runtime:
+    """Replace the live runtime (flushing the old one)."""
+    global _current
+    with _lock:
+        old, _current = _current, Runtime(settings)
+    if old is not None:
+        old.stop()
+    return _current
+
+
+def stop(timeout_s: float = 5.0) -> bool:
+    global _current
+    with _lock:
+        old, _current = _current, None
+    return old.stop(timeout_s) if old is not None else True
+
+
+def _at_exit() -> None:
+    runtime = _current
+    if runtime is not None:
+        runtime.flush(10.0)
+    from .provider import our_provider
+
+    provider = our_provider()
+    if provider is not None:
+        provider.shutdown()
+
+
+atexit.register(_at_exit)
+
+
+def activate(settings: Settings) -> Runtime:
+    """Start a runtime for ``settings`` (level >= 1) and hook CUDA graph replays."""
+    from . import graphs
+
+    runtime = start(settings)
+    graphs.unpatch()
+    graphs.patch(runtime)
+    return runtime
+
+
+def deactivate(timeout_s: float = 5.0) -> bool:
+    """Undo ``activate``: unhook graphs, flush and stop the runtime."""
+    from . import graphs
+
+    graphs.unpatch()
+    return stop(timeout_s)
+
+
+_env_checked = False
+
+
+def from_environment() -> Runtime | None:
+    """For ``traced`` without ``instrument()``: start once from OTEL_FLASHINFER_LEVEL."""
+    global _env_checked
+    if _env_checked:
+        return _current
+    with _lock:
+        if not _env_checked:
+            _env_checked = True
+            try:
+                settings = load_settings()
+            except Exception as exc:  # noqa: BLE001 - reported, the program goes on
+                health.report("config_errors", f"ignoring OTEL_FLASHINFER_* settings: {exc}", exc)
+                return None
+            if settings.level > 0 and _current is None:
+                activate(settings)
+    return _current
