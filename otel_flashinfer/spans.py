@@ -216,10 +216,10 @@ def make_wrapper(fn: Callable[..., Any], api_name: str, *, settings: Settings,
                 arg_snaps = [_describe.snapshot(a) for a in (args[1:] if plan.skip_self else args)]
                 kw_snaps = {k: _describe.snapshot(v) for k, v in kwargs.items()}
             states = [before(record, plan, args, kwargs) for before, _ in hooks] if hooks else ()
+            record.start_ns = time_ns()
             slot = journal.begin(record, arg_snaps if detailed else None,
                                  journal_name) if journal is not None else None
             token = attach(ctx.__class__({**ctx, _SPAN_KEY: NonRecordingSpan(span_context)}))
-            record.start_ns = time_ns()
         except Exception as exc:  # noqa: BLE001 - our failure must not stop the call
             health.report("wrapper_errors", f"tracing {api_name} failed before the call", exc)
             return fn(*args, **kwargs)
