@@ -50,16 +50,20 @@ def instrument(level: int | None = None, **settings: Any) -> Settings:
     uninstrument()
     if parsed.level == 0:
         return parsed
+    activated = False
     if _flashinfer_installed():
         try:
-            from .instrument import FlashInferInstrumentor
+            from .instrumentor import FlashInferInstrumentor
         except ImportError:
             FlashInferInstrumentor = None
         if FlashInferInstrumentor is not None:
             FlashInferInstrumentor().instrument(settings=parsed)
-            if _runtime.current() is not None:
-                return parsed
-    _runtime.activate(parsed)
+            activated = _runtime.current() is not None
+    if not activated:
+        _runtime.activate(parsed)
+    # Called from the application's code: its provider, if any, is set by now, and
+    # the engine's own spans should go to the same provider as ours from here on.
+    _runtime.ensure(parsed).resolve_provider()
     return parsed
 
 
@@ -67,7 +71,7 @@ def uninstrument() -> None:
     """Restore every wrapped FlashInfer API and stop tracing ``traced`` functions."""
     if _flashinfer_installed():
         try:
-            from .instrument import FlashInferInstrumentor
+            from .instrumentor import FlashInferInstrumentor
         except ImportError:
             FlashInferInstrumentor = None
         if FlashInferInstrumentor is not None:
@@ -111,9 +115,7 @@ def traced(fn: Any = None, *, name: str | None = None) -> Any:
             if runtime is None:
                 return fn(*args, **kwargs)
         if built[1] != runtime.generation:
-            from .spans import make_wrapper
-
-            built[0] = make_wrapper(fn, api_name, settings=runtime.settings, runtime=runtime)
+            built[0] = _build(fn, api_name, runtime)
             built[1] = runtime.generation
         return built[0](*args, **kwargs)
 
@@ -121,9 +123,22 @@ def traced(fn: Any = None, *, name: str | None = None) -> Any:
     return wrapper
 
 
+def _build(fn: Callable[..., Any], api_name: str, runtime: Any) -> Callable[..., Any]:
+    """The traced wrapper for the live runtime, or ``fn`` itself if building fails."""
+    try:
+        from .spans import make_wrapper
+
+        return make_wrapper(fn, api_name, settings=runtime.settings, runtime=runtime)
+    except Exception as exc:  # noqa: BLE001 - never break the user's call
+        from .health import report
+
+        report("wrapper_errors", f"could not trace {api_name}; calling it untraced", exc)
+        return fn
+
+
 def __getattr__(name: str) -> Any:
     if name == "FlashInferInstrumentor":
-        from .instrument import FlashInferInstrumentor
+        from .instrumentor import FlashInferInstrumentor
 
         return FlashInferInstrumentor
     raise AttributeError(name)

@@ -202,7 +202,8 @@ class Pipeline:
                 pass
             health.report("spans_dropped", "span queue full: dropping the oldest spans")
         queue.append(record)
-        if len(queue) >= self._batch:
+        # Wake the worker once per full batch, not once per call past it.
+        if len(queue) == self._batch:
             self._wake.set()
 
     # ---- worker thread ----------------------------------------------------------------

@@ -101,7 +101,8 @@ def build_provider(traces_file: str, environ: Mapping[str, str] | None = None) -
     are read by the SDK itself)."""
     env = os.environ if environ is None else environ
     names = exporter_names(env)
-    provider = TracerProvider(resource=process_resource())
+    # We shut it down ourselves at exit, after flushing what is still in flight.
+    provider = TracerProvider(resource=process_resource(), shutdown_on_exit=False)
     for name in names:
         provider.add_span_processor(BatchSpanProcessor(make_exporter(name, env, traces_file)))
     return provider

@@ -49,6 +49,10 @@ class _LazyTracer:
                     self.sampler = getattr(tracer, "sampler", None)
                     self.provider = provider
                     self.tracer = tracer
+                    # atexit runs last-registered first: re-register so that our flush
+                    # runs before the provider (created later) shuts down on exit.
+                    atexit.unregister(_at_exit)
+                    atexit.register(_at_exit)
         return self.tracer
 
 
@@ -89,6 +93,11 @@ class Runtime:
                     self.journal = open_journal(settings, self)
                 except Exception as exc:  # noqa: BLE001
                     health.report("journal_errors", "could not open the crash journal", exc)
+
+    def resolve_provider(self) -> Any:
+        """Pick (or build) the tracer provider now rather than at the first span."""
+        self._lazy.resolve()
+        return self._lazy.provider
 
     def sample_root(self, trace_id: int, name: str) -> bool:
         """The sampler's decision for a new root span, made on the caller's thread so

@@ -20,3 +20,60 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# One in-memory provider for the whole session: OpenTelemetry allows setting the
+# global tracer provider only once per process.
+_EXPORTER = None
+
+
+def _memory_exporter():  # noqa: ANN202
+    global _EXPORTER
+    if _EXPORTER is None:
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+        _EXPORTER = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(_EXPORTER))
+        trace.set_tracer_provider(provider)
+    return _EXPORTER
+
+
+@pytest.fixture
+def spans(tmp_path, monkeypatch):  # noqa: ANN001, ANN201
+    """The in-memory exporter, emptied; instrumentation is undone after the test.
+
+    Tests read ``spans.finished()`` after ``otel_flashinfer.flush()``.
+    """
+    import otel_flashinfer
+    from otel_flashinfer import health
+
+    monkeypatch.chdir(tmp_path)
+    exporter = _memory_exporter()
+    exporter.clear()
+    health.reset()
+
+    class _Spans:
+        exporter = _EXPORTER
+
+        @staticmethod
+        def finished():  # noqa: ANN205
+            assert otel_flashinfer.flush(10)
+            return list(exporter.get_finished_spans())
+
+        @staticmethod
+        def by_name(name: str):  # noqa: ANN205
+            return [s for s in _Spans.finished() if s.name == name]
+
+        @staticmethod
+        def tracer():  # noqa: ANN205
+            from opentelemetry import trace
+
+            return trace.get_tracer("engine")
+
+    yield _Spans
+    otel_flashinfer.uninstrument()
+    exporter.clear()

@@ -1,0 +1,77 @@
+"""Settings: every DESIGN.md variable parses, and a bad value names itself."""
+
+from __future__ import annotations
+
+import pytest
+
+from otel_flashinfer import config
+from otel_flashinfer.config import ConfigError, Settings, load_settings
+
+
+def test_defaults_match_design() -> None:
+    s = load_settings({})
+    assert s == Settings()
+    assert (s.level, s.blob_url, s.blob_max_gb, s.blob_max_count) == (
+        0, "./flashinfer_blobs", 20.0, 1000)
+    assert (s.blob_format, s.replay_every, s.stats_max_mb) == ("safetensors", 1, 64.0)
+    assert (s.journal_dir, s.crash_safe) == ("./flashinfer_journal", False)
+
+
+def test_every_variable_parses() -> None:
+    env = {
+        "OTEL_FLASHINFER_LEVEL": "10",
+        "OTEL_FLASHINFER_INCLUDE": "Batch*, single_*",
+        "OTEL_FLASHINFER_EXCLUDE": "*.plan",
+        "OTEL_FLASHINFER_BLOB_URL": "s3://bucket/prefix",
+        "OTEL_FLASHINFER_BLOB_MAX_GB": "0.5",
+        "OTEL_FLASHINFER_BLOB_MAX_COUNT": "7",
+        "OTEL_FLASHINFER_BLOB_FORMAT": "torch",
+        "OTEL_FLASHINFER_REPLAY_EVERY": "4",
+        "OTEL_FLASHINFER_STATS_MAX_MB": "16",
+        "OTEL_FLASHINFER_JOURNAL_DIR": "",
+        "OTEL_FLASHINFER_CRASH_SAFE": "1",
+    }
+    s = load_settings(env)
+    assert s.level == 10
+    assert s.include == ("Batch*", "single_*")
+    assert s.exclude == ("*.plan",)
+    assert s.blob_url == "s3://bucket/prefix"
+    assert s.blob_max_gb == 0.5 and s.blob_max_count == 7
+    assert s.blob_format == "torch" and s.replay_every == 4 and s.stats_max_mb == 16.0
+    assert s.journal_dir == "" and s.crash_safe is True
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "fragment"),
+    [
+        ("OTEL_FLASHINFER_LEVEL", "2", "one of 0, 1, 3, 5, 10"),
+        ("OTEL_FLASHINFER_LEVEL", "high", "not a number"),
+        ("OTEL_FLASHINFER_BLOB_MAX_GB", "-1", "positive"),
+        ("OTEL_FLASHINFER_BLOB_MAX_GB", "nan", "positive"),
+        ("OTEL_FLASHINFER_BLOB_MAX_COUNT", "0", ">= 1"),
+        ("OTEL_FLASHINFER_BLOB_FORMAT", "pickle", "safetensors, torch"),
+        ("OTEL_FLASHINFER_REPLAY_EVERY", "1.5", "not a number"),
+        ("OTEL_FLASHINFER_CRASH_SAFE", "maybe", "0 or 1"),
+        ("OTEL_FLASHINFER_BLOB_URL", "   ", "empty"),
+        ("OTEL_FLASHINFER_BLOB_URL", "s3 x://bucket", "scheme"),
+    ],
+)
+def test_bad_values_name_variable_and_value(var: str, value: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings({var: value})
+    message = str(err.value)
+    assert var in message and repr(value) in message and fragment in message
+
+
+def test_overrides_win_and_are_checked() -> None:
+    s = load_settings({"OTEL_FLASHINFER_LEVEL": "1"}, level=5, include=["a*", "b"])
+    assert s.level == 5 and s.include == ("a*", "b")
+    with pytest.raises(ConfigError, match=r"level \(argument\)='4'"):
+        load_settings({}, level=4)
+    with pytest.raises(ConfigError, match="unknown setting 'levle'"):
+        load_settings({}, levle=3)
+
+
+def test_env_var_names_are_ours_only() -> None:
+    assert all(v.startswith("OTEL_FLASHINFER_") for v in config.ENV_VARS)
+    assert "OTEL_FLASHINFER_LEVEL" in config.ENV_VARS

@@ -1,0 +1,166 @@
+"""The embedded default: OTLP/JSON lines on disk, `show` and `push` (to a real HTTP
+server on 127.0.0.1 that decodes the protobuf it receives)."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from otel_flashinfer import cli, otlp_json, show
+from otel_flashinfer.provider import exporter_names, otlp_protocol
+from otel_flashinfer.push import parse_headers, resolve_target
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PROGRAM = textwrap.dedent(
+    """
+    import torch, otel_flashinfer
+    from opentelemetry import trace
+    otel_flashinfer.instrument(level=3, journal_dir="")
+
+    @otel_flashinfer.traced
+    def rmsnorm(x, eps=1e-6):
+        return x
+
+    @otel_flashinfer.traced
+    def fails(x):
+        raise RuntimeError("bad plan")
+
+    with trace.get_tracer("engine").start_as_current_span("engine.step") as step:
+        rmsnorm(torch.ones(8, 128, dtype=torch.float16))
+        try:
+            fails(1)
+        except RuntimeError:
+            pass
+    print(format(step.get_span_context().trace_id, "032x"))
+    """
+)
+
+
+def run_program(cwd: Path, **env: str) -> str:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    full_env.update(env)
+    full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-c", PROGRAM], cwd=cwd, env=full_env,
+                         capture_output=True, text=True, timeout=120, check=True)
+    return out.stdout.strip()
+
+
+def test_default_writes_otlp_json_lines(tmp_path: Path) -> None:
+    trace_id = run_program(tmp_path)
+    path = tmp_path / "flashinfer_traces.jsonl"
+    requests = list(otlp_json.read_requests(str(path)))
+    spans = show.collect_spans(requests)
+    names = {s["name"]: s for s in spans}
+    assert set(names) == {"engine.step", "rmsnorm", "fails"}
+    for span in spans:
+        assert span["traceId"] == trace_id
+        assert len(span["spanId"]) == 16 and span["spanId"] == span["spanId"].lower()
+        int(span["spanId"], 16)
+    assert names["rmsnorm"]["parentSpanId"] == names["engine.step"]["spanId"]
+    assert names["rmsnorm"]["attrs"]["flashinfer.arg.x.shape"] == [8, 128]
+    assert names["rmsnorm"]["attrs"]["flashinfer.arg.eps"] == 1e-6
+    assert names["fails"]["status"]["code"] == 2  # enum as integer, as OTLP/JSON asks
+    assert names["rmsnorm"]["kind"] == 1
+    # every line decodes back into the protobuf request
+    for request in requests:
+        assert isinstance(otlp_json.json_to_request(request), ExportTraceServiceRequest)
+
+    text = show.render_file(str(path), color="never")
+    assert f"trace {trace_id}" in text
+    lines = text.splitlines()
+    step = next(i for i, line in enumerate(lines) if "engine.step" in line)
+    assert lines[step + 1].startswith(("   ├─ rmsnorm", "   └─ rmsnorm"))
+    assert "arg.x.shape=[8, 128]" in text and "fails" in text and "ERROR" in text
+
+
+def test_traces_file_variable_and_cli_show(tmp_path: Path, capsys) -> None:
+    target = tmp_path / "sub" / "t.jsonl"
+    run_program(tmp_path, OTEL_FLASHINFER_TRACES_FILE=str(target))
+    assert target.exists() and not (tmp_path / "flashinfer_traces.jsonl").exists()
+    assert cli.main(["show", str(target), "--color", "never"]) == 0
+    assert "rmsnorm" in capsys.readouterr().out
+
+
+def test_show_errors_are_one_clear_line(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"resourceSpans": []}\nnot json\n')
+    assert cli.main(["show", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert f"{bad}:2: not JSON" in err
+    assert cli.main(["show", str(tmp_path / "missing.jsonl")]) == 1
+    assert "no trace file" in capsys.readouterr().err
+
+
+class _Collector(http.server.BaseHTTPRequestHandler):
+    received: list[tuple[str, dict, bytes]] = []
+
+    def do_POST(self) -> None:  # noqa: N802
+        body = self.rfile.read(int(self.headers["content-length"]))
+        self.received.append((self.path, {k.lower(): v for k, v in self.headers.items()}, body))
+        self.send_response(200)
+        self.send_header("content-type", "application/x-protobuf")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_push_sends_the_same_spans_over_otlp_http(tmp_path: Path) -> None:
+    run_program(tmp_path)
+    path = tmp_path / "flashinfer_traces.jsonl"
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Collector)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        _Collector.received.clear()
+        port = server.server_address[1]
+        code = cli.main(["push", str(path), "--endpoint", f"http://127.0.0.1:{port}",
+                         "--protocol", "http/protobuf", "--header", "x-team=infra"])
+        assert code == 0
+    finally:
+        server.shutdown()
+    sent_ids = set()
+    for req_path, headers, body in _Collector.received:
+        assert req_path == "/v1/traces"
+        assert headers["content-type"] == "application/x-protobuf"
+        assert headers["x-team"] == "infra"
+        request = ExportTraceServiceRequest.FromString(body)
+        for rs in request.resource_spans:
+            for ss in rs.scope_spans:
+                sent_ids.update(s.span_id.hex() for s in ss.spans)
+    file_ids = {s["spanId"] for s in show.collect_spans(otlp_json.read_requests(str(path)))}
+    assert sent_ids == file_ids and len(file_ids) == 3
+
+
+def test_push_to_closed_port_fails_cleanly(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"resourceSpans": []}) + "\n")
+    assert cli.main(["push", str(path), "--endpoint", "http://127.0.0.1:9",
+                     "--protocol", "http/protobuf", "--timeout", "2"]) == 1
+    assert "127.0.0.1:9" in capsys.readouterr().err
+
+
+def test_env_resolution_rules() -> None:
+    assert exporter_names({}) == ["otlp_file"]
+    assert exporter_names({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317"}) == ["otlp"]
+    assert exporter_names({"OTEL_TRACES_EXPORTER": "console,none"}) == ["console"]
+    with pytest.raises(ValueError, match="OTEL_TRACES_EXPORTER='zipkin'"):
+        exporter_names({"OTEL_TRACES_EXPORTER": "zipkin"})
+    assert otlp_protocol({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}) == "http/protobuf"
+    with pytest.raises(ValueError, match="OTEL_EXPORTER_OTLP_TRACES_PROTOCOL='udp'"):
+        otlp_protocol({"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "udp"})
+    assert resolve_target(None, None, {}) == ("http/protobuf", "http://localhost:4318/v1/traces")
+    assert resolve_target("http://h:1", "grpc", {}) == ("grpc", "http://h:1")
+    assert parse_headers("a=1,B=x%20y", "h") == {"a": "1", "b": "x y"}
+    with pytest.raises(ValueError, match="not KEY=VALUE"):
+        parse_headers("novalue", "OTEL_EXPORTER_OTLP_HEADERS")
