@@ -72,7 +72,9 @@ class Runtime:
         self.stats: Any = None
         self.blobs: Any = None
         self.gpu_timer: Any = None
-        self._hooks: dict[int, list[tuple[Callable[..., Any], Callable[..., Any]]]] = {}
+        #: (before, after) pairs run around each call, outermost first: statistics and
+        #: blobs capture inputs before the GPU timer starts and outputs after it ends.
+        self.hooks: list[tuple[Callable[..., Any], Callable[..., Any]]] = []
         self._start_extensions()
 
     def _resolve(self) -> tuple[Any, Any]:
@@ -93,11 +95,24 @@ class Runtime:
                     self.journal = open_journal(settings, self)
                 except Exception as exc:  # noqa: BLE001
                     health.report("journal_errors", "could not open the crash journal", exc)
+        try:
+            self._start_gpu_timing()
+        except Exception as exc:  # noqa: BLE001
+            health.report("gpu_timing_errors", "could not start GPU timing", exc)
 
     def resolve_provider(self) -> Any:
         """Pick (or build) the tracer provider now rather than at the first span."""
         self._lazy.resolve()
         return self._lazy.provider
+
+    def _start_gpu_timing(self) -> None:
+        if self.settings.level >= 3 and self.settings.gpu_timing:
+            from . import gpu_timing
+
+            hooks = gpu_timing.make_hooks()
+            if hooks is not None:
+                self.gpu_timer = gpu_timing.timer
+                self.hooks.append(hooks)
 
     def sample_root(self, trace_id: int, name: str) -> bool:
         """The sampler's decision for a new root span, made on the caller's thread so
@@ -113,11 +128,7 @@ class Runtime:
 
     def call_hooks(self, level: int) -> list[tuple[Callable[..., Any], Callable[..., Any]]]:
         """(before, after) pairs the wrapper runs around each call at ``level``."""
-        return list(self._hooks.get(level, ()))
-
-    def set_hooks(self, level: int, hooks: list[tuple[Callable[..., Any], Callable[..., Any]]]
-                  ) -> None:
-        self._hooks[level] = hooks
+        return list(self.hooks) if level == self.settings.level else []
 
     def replay_timer(self) -> Any:
         return self.gpu_timer

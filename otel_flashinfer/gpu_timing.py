@@ -1,0 +1,208 @@
+"""``flashinfer.gpu.time_ns``: how long a call's kernels took on the GPU, read without
+a host sync.
+
+A span's host times cover the launch only.  From level 3, each eager call on a CUDA
+tensor records a pooled CUDA event before and after it on the caller's stream
+(``csrc/event_pool.cpp``: about one ``cudaEventRecord`` each, no allocation); the
+pipeline's worker polls the end event and reads the elapsed time once it completed.
+A failed event (an illegal address in that call's kernels) marks the span with
+``flashinfer.cuda_error`` instead of a number, pointing at the launch that failed.
+
+The extension compiles in a background thread on first use; until it is ready, or
+where no compiler exists, spans say ``flashinfer.gpu.time_unavailable``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from . import health
+from .pipeline import CallRecord
+
+_ext: Any = None
+_state = "unloaded"  # unloaded | compiling | ready | failed
+_lock = threading.Lock()
+
+
+def _source() -> Path:
+    try:
+        path = Path(str(resources.files("otel_flashinfer._csrc") / "event_pool.cpp"))
+        if path.exists():
+            return path
+    except (ModuleNotFoundError, TypeError):
+        pass
+    return Path(__file__).resolve().parent.parent / "csrc" / "event_pool.cpp"
+
+
+def cache_dir(tag: str, source: Path) -> Path:
+    """Build folder keyed by source hash, like FlashInfer's JIT cache."""
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
+    base = os.environ.get("OTEL_FLASHINFER_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "otel_flashinfer")
+    path = Path(base) / f"{tag}-{digest}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _compile() -> None:
+    global _ext, _state
+    try:
+        from torch.utils.cpp_extension import load
+
+        source = _source()
+        _ext = load(name="otel_flashinfer_event_pool", sources=[str(source)],
+                    build_directory=str(cache_dir("event_pool", source)), with_cuda=True,
+                    extra_cflags=["-O2"], verbose=False)
+        _state = "ready"
+    except Exception as exc:  # noqa: BLE001 - no compiler: spans say so
+        _state = "failed"
+        health.report("gpu_timing_unavailable", "could not build the CUDA event pool; "
+                      "GPU times are not recorded", exc)
+
+
+def start_loading(block: bool = False) -> None:
+    """Build/load the extension in the background (or now, with ``block``)."""
+    global _state
+    with _lock:
+        if _state != "unloaded":
+            return
+        _state = "compiling"
+    if block:
+        _compile()
+    else:
+        threading.Thread(target=_compile, name="otel_flashinfer-jit", daemon=True).start()
+
+
+def wait_ready(timeout_s: float = 600.0) -> bool:
+    """For tests and benchmarks: wait until the extension is built."""
+    import time
+
+    start_loading()
+    deadline = time.monotonic() + timeout_s
+    while _state == "compiling" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return _state == "ready"
+
+
+class GpuTime:
+    """Pending GPU time of one call (or one graph replay) between two pooled events."""
+
+    __slots__ = ("end", "start")
+
+    def __init__(self, start: int, end: int) -> None:
+        self.start = start
+        self.end = end
+
+    def ready(self) -> bool:
+        return _ext.query(self.end) != 0
+
+    def apply(self, record: CallRecord) -> None:
+        ext = _ext
+        try:
+            status = ext.query(self.end)
+            if status < 0:
+                name = ext.error_name(status)
+                record.attributes["flashinfer.cuda_error"] = name
+                record.attributes["flashinfer.gpu.time_unavailable"] = "cuda_error"
+                return
+            elapsed = ext.elapsed_ns(self.start, self.end)
+            if elapsed < 0:
+                record.attributes["flashinfer.gpu.time_unavailable"] = "elapsed_failed"
+            else:
+                record.attributes["flashinfer.gpu.time_ns"] = elapsed
+        finally:
+            ext.release(self.start)
+            ext.release(self.end)
+
+    def abandon(self, record: CallRecord, reason: str) -> None:
+        record.attributes["flashinfer.gpu.time_unavailable"] = reason
+        _ext.release(self.start)
+        _ext.release(self.end)
+
+
+class _Marker:
+    """Start slot of a replay timer (graphs.py calls begin()/end())."""
+
+
+class Timer:
+    """Event-pair timing on the current stream; used per call and per graph replay."""
+
+    def begin(self) -> int:
+        if _state != "ready":
+            return -2
+        return _ext.record()
+
+    def end(self, start: int) -> Any:
+        if start == -2:
+            return Unavailable("compiling" if _state == "compiling" else "no_extension")
+        if start < 0:
+            return Unavailable("event_pool_full")
+        end = _ext.record()
+        if end < 0:
+            _ext.release(start)
+            return Unavailable("event_pool_full")
+        return GpuTime(start, end)
+
+
+class Unavailable:
+    """A GPU time that will not come, and why (never a wrong number)."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def ready(self) -> bool:
+        return True
+
+    def apply(self, record: CallRecord) -> None:
+        record.attributes["flashinfer.gpu.time_unavailable"] = self.reason
+
+    def abandon(self, record: CallRecord, reason: str) -> None:
+        self.apply(record)
+
+
+timer = Timer()
+
+
+def _on_cuda(args: tuple[Any, ...], kwargs: dict[str, Any], tensor_type: type) -> bool:
+    for value in args:
+        if isinstance(value, tensor_type):
+            if value.is_cuda:
+                return True
+        elif isinstance(value, (tuple, list)) and value and isinstance(value[0], tensor_type):
+            if value[0].is_cuda:
+                return True
+    for value in kwargs.values():
+        if isinstance(value, tensor_type) and value.is_cuda:
+            return True
+    return False
+
+
+def make_hooks() -> tuple[Any, Any] | None:
+    """(before, after) for the span wrapper, or None where CUDA is absent."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    start_loading()
+    tensor_type = torch.Tensor
+    from . import graphs
+
+    def before(record: CallRecord, plan: Any, args: tuple, kwargs: dict) -> Any:
+        if graphs.capture_state() is not None or not _on_cuda(args, kwargs, tensor_type):
+            return None
+        return timer.begin()
+
+    def after(record: CallRecord, state: Any, result: Any, error: Any) -> None:
+        if state is not None:
+            record.pending.append(timer.end(state))
+
+    return before, after
