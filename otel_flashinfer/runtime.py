@@ -95,6 +95,15 @@ class Runtime:
                     self.journal = open_journal(settings, self)
                 except Exception as exc:  # noqa: BLE001
                     health.report("journal_errors", "could not open the crash journal", exc)
+        if settings.level >= 10:
+            try:
+                self._start_blobs()
+            except Exception as exc:
+                from .config import ConfigError
+
+                if isinstance(exc, (ConfigError, OSError, ValueError)):
+                    raise  # a store that cannot be written is a startup error naming the URL
+                health.report("blob_errors", "could not start the blob recorder", exc)
         try:
             self._start_gpu_timing()
         except Exception as exc:  # noqa: BLE001
@@ -104,6 +113,14 @@ class Runtime:
         """Pick (or build) the tracer provider now rather than at the first span."""
         self._lazy.resolve()
         return self._lazy.provider
+
+    def _start_blobs(self) -> None:
+        from .blobs.capture import BlobRecorder
+        from .blobs.hooks import make_hooks
+
+        self.blobs = BlobRecorder(self.settings)
+        self.pipeline.flush_hooks.append(self.blobs.flush)
+        self.hooks.append(make_hooks(self.settings, self.blobs))
 
     def _start_gpu_timing(self) -> None:
         if self.settings.level >= 3 and self.settings.gpu_timing:
@@ -146,6 +163,11 @@ class Runtime:
 
     def stop(self, timeout_s: float = 5.0) -> bool:
         ok = self.pipeline.shutdown(timeout_s)
+        if self.blobs is not None:
+            try:
+                ok = self.blobs.shutdown(timeout_s) and ok
+            except Exception as exc:  # noqa: BLE001
+                health.report("blob_errors", "could not shut the blob recorder down", exc)
         if self.journal is not None:
             try:
                 self.journal.close()

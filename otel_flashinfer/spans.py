@@ -49,15 +49,20 @@ if hasattr(os, "register_at_fork"):
 class ArgPlan:
     """How positional arguments map to names, and the defaults of missing ones."""
 
-    __slots__ = ("defaults", "names", "skip_self", "varargs")
+    __slots__ = ("defaults", "module", "names", "qualname", "signature", "skip_self", "varargs")
 
     def __init__(self, fn: Callable[..., Any], is_method: bool) -> None:
         self.names: list[str] = []
         self.defaults: dict[str, Any] = {}
         self.varargs: str | None = None
+        self.module: str = getattr(fn, "__module__", None) or ""
+        self.qualname: str = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", "")
+        self.signature: inspect.Signature | None
         try:
-            params = list(inspect.signature(fn).parameters.values())
+            self.signature = inspect.signature(fn)
+            params = list(self.signature.parameters.values())
         except (TypeError, ValueError):
+            self.signature = None
             params = []
         self.skip_self = bool(is_method and params)
         if self.skip_self:

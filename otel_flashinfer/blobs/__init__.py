@@ -1,0 +1,1 @@
+"""Level 10: a content-addressed blob store for call payloads (the flight recorder)."""

@@ -1,0 +1,575 @@
+"""Level 10 on the caller's thread: take copies fast, write them in the background.
+
+The span wrapper calls, per traced call::
+
+    cap = recorder.before(api, module, qualname, instance_id, trace_id, span_id,
+                          parent_span_id, start_ns, bound_args)
+    ... run the function ...
+    cap.after(result, error)
+
+``before`` copies the inputs (CPU tensors: ``clone``; CUDA tensors: an async
+device-to-host copy into a pinned staging buffer plus an event, no host sync)
+and returns a ``CallCapture`` whose ``manifest_url`` is known at once, or whose
+``skipped`` says why nothing is kept (``max_count``, ``max_bytes``,
+``staging_full``, ``queue_full``, ``error``; ``write_failed`` can appear later).
+``after`` copies the outputs the same way and hands the call to the writer
+thread, which waits for the copies, hashes, encodes, stores objects and writes
+the manifest last.  A ``CallCapture`` also satisfies the span pipeline's
+``Pending`` protocol (``ready``/``apply``/``abandon``).
+
+Paged KV caches: for a method of an object with ``_paged_kv_indices_buf`` (the
+FlashInfer decode/prefill wrappers), the argument ``paged_kv_cache`` (tensor or
+``(k, v)`` tuple) is gathered on its device to the pages the planned indices
+reference; each page becomes its own content-addressed object, so a page that
+did not change since the last step is not stored again.
+
+Crash safety: ``atexit`` and SIGTERM (chained to the application's handler) turn
+in-flight calls into ``crashed`` manifests with their inputs and wait for the
+writer; with ``crash_safe`` the inputs and a ``pending`` manifest are written
+before the function runs.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import inspect
+import itertools
+import logging
+import os
+import signal
+import threading
+import time
+import weakref
+from typing import Any
+
+import torch
+
+from . import encode, layout, manifest
+from .store import BlobStore
+
+log = logging.getLogger(__name__)
+
+PAGED_ARG_NAMES = ("paged_kv_cache",)
+PLAN_INDEX_ARG_NAMES = ("indices", "paged_kv_indices")
+_KIND_NAMES = {
+    inspect.Parameter.POSITIONAL_ONLY: "positional_only",
+    inspect.Parameter.POSITIONAL_OR_KEYWORD: "positional_or_keyword",
+    inspect.Parameter.VAR_POSITIONAL: "var_positional",
+    inspect.Parameter.KEYWORD_ONLY: "keyword_only",
+    inspect.Parameter.VAR_KEYWORD: "var_keyword",
+}
+
+
+class _Skip(Exception):
+    """A call that will not be kept; the message is the reason string."""
+
+
+class _Held:
+    """One copy waiting for the writer: a tensor span, or the pages of a KV cache."""
+
+    __slots__ = ("entry", "event", "host", "ids", "pinned", "plain_bytes")
+
+    def __init__(self, entry: dict) -> None:
+        self.entry = entry  # the manifest value, filled in by the writer
+        self.host: torch.Tensor | None = None  # flat span, or [n, *page] pages
+        self.ids: torch.Tensor | None = None  # page ids per gathered page (paged only)
+        self.event: Any = None
+        self.pinned: list[torch.Tensor] = []
+        self.plain_bytes = 0
+
+
+class CallCapture:
+    """One call's payload on its way to the store."""
+
+    def __init__(self, recorder: BlobRecorder, meta: dict | None, skipped: str | None) -> None:
+        self._rec = recorder
+        self.meta = meta
+        self.skipped = skipped
+        self.manifest_key: str | None = None
+        self.manifest_url: str | None = None
+        self.held: list[_Held] = []
+        self.reserved_bytes = 0
+        self.written_bytes = 0
+        self.done = threading.Event()
+        self._state_lock = threading.Lock()
+        self._finished = False
+        if meta is not None:
+            self.manifest_key = layout.manifest_key(
+                meta["trace_id"], meta["start_ns"], meta["span_id"])
+            self.manifest_url = recorder.store.url_of(self.manifest_key)
+        if skipped is not None:
+            self.done.set()
+
+    def _claim(self) -> bool:
+        with self._state_lock:
+            if self._finished or self.skipped is not None:
+                return False
+            self._finished = True
+            return True
+
+    def after(self, result: Any, error: BaseException | None) -> None:
+        """Capture the outputs (when the call succeeded) and hand the call to the writer."""
+        if not self._claim():
+            return
+        try:
+            self._rec._complete(self, result, error)
+        except Exception:  # noqa: BLE001 - never break the observed program
+            self._rec._internal_error("after")
+            self._rec._drop(self, "error")
+
+    # -- Pending protocol of the span pipeline --------------------------------------------
+    def pending(self, record: Any) -> BlobPending:
+        """A ``Pending`` for the span pipeline, bound to the span's record."""
+        return BlobPending(self, record)
+
+
+class BlobPending:
+    """Span pipeline ``Pending``: the span waits until the manifest is written."""
+
+    def __init__(self, capture: CallCapture, record: Any) -> None:
+        self.capture = capture
+        self.record = record
+
+    def ready(self) -> bool:
+        """Whether the manifest is written (or the call was skipped)."""
+        return self.capture.done.is_set()
+
+    def apply(self, record: Any) -> None:
+        """Put the manifest URL or the skip reason on the span record."""
+        cap = self.capture
+        if cap.skipped is not None:
+            record.attributes["flashinfer.blob.skipped"] = cap.skipped
+        else:
+            record.attributes["flashinfer.blob.manifest"] = cap.manifest_url
+
+    def abandon(self, record: Any, reason: str) -> None:
+        """The span goes without waiting: point at the manifest still on its way."""
+        attrs = record.attributes
+        if self.capture.skipped is not None:
+            attrs["flashinfer.blob.skipped"] = self.capture.skipped
+        else:
+            attrs["flashinfer.blob.manifest"] = self.capture.manifest_url
+            attrs["flashinfer.blob.unconfirmed"] = reason
+
+
+class BlobRecorder:
+    """Captures call payloads into a ``BlobStore`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: Any,
+        *,
+        store: BlobStore | None = None,
+        staging_mb: float = 1024.0,
+        queue_max: int = 4096,
+        install_handlers: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.format = getattr(settings, "blob_format", "safetensors")
+        if self.format not in encode.FORMATS:
+            raise ValueError(f"blob format must be one of {encode.FORMATS}, got {self.format!r}")
+        self.crash_safe = bool(getattr(settings, "crash_safe", False))
+        self.store = store or BlobStore(
+            getattr(settings, "blob_url", "./flashinfer_blobs"),
+            max_count=int(getattr(settings, "blob_max_count", 1000)),
+            max_bytes=int(float(getattr(settings, "blob_max_gb", 20.0)) * 1024**3),
+        )
+        from .staging import StagingPool
+
+        self.staging = StagingPool(int(staging_mb * 1024 * 1024))
+        self.queue_max = queue_max
+        self.counters = collections.Counter()
+        self._logged: set[str] = set()
+        self._plan_numel: dict[str, int] = {}
+        self._init_process_state()
+        if install_handlers:
+            self._install_handlers()
+
+    # -- process state (recreated in a forked child) -----------------------------------------
+    def _init_process_state(self) -> None:
+        self._pid = os.getpid()
+        self._seq = itertools.count()
+        self._queue: collections.deque[CallCapture] = collections.deque()
+        self._wake = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._inflight: dict[int, CallCapture] = {}
+        self._writer: threading.Thread | None = None
+        self._stopping = False
+        self._start_lock = threading.Lock()
+
+    def _install_handlers(self) -> None:
+        ref = weakref.ref(self)
+
+        def _at_exit() -> None:
+            rec = ref()
+            if rec is not None:
+                rec.shutdown(timeout_s=30.0)
+
+        atexit.register(_at_exit)
+        os.register_at_fork(after_in_child=lambda: (r := ref()) and r._init_process_state())
+        if threading.current_thread() is not threading.main_thread():
+            return
+        try:
+            previous = signal.getsignal(signal.SIGTERM)
+
+            def _on_term(signum: int, frame: Any) -> None:
+                rec = ref()
+                if rec is not None:
+                    rec._finish_inflight("crashed")
+                    rec.flush(timeout_s=10.0)
+                if callable(previous):
+                    previous(signum, frame)
+                elif previous == signal.SIG_DFL or previous is None:
+                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                    os.kill(os.getpid(), signal.SIGTERM)
+
+            signal.signal(signal.SIGTERM, _on_term)
+        except (ValueError, OSError):
+            self._internal_error("sigterm handler")
+
+    def _internal_error(self, where: str) -> None:
+        self.counters["internal_errors"] += 1
+        if where not in self._logged:
+            self._logged.add(where)
+            log.exception("otel_flashinfer blob recorder: internal error in %s", where)
+
+    # -- caller thread ------------------------------------------------------------
+    def before(
+        self,
+        api: str,
+        module: str,
+        qualname: str,
+        instance_id: str | None,
+        trace_id: int,
+        span_id: int,
+        parent_span_id: int | None,
+        start_ns: int,
+        bound_args: inspect.BoundArguments | dict[str, Any],
+    ) -> CallCapture:
+        """Copy the inputs of a call about to run; never raises."""
+        try:
+            return self._before(api, module, qualname, instance_id, trace_id, span_id,
+                                parent_span_id, start_ns, bound_args)
+        except Exception:  # noqa: BLE001 - never break the observed program
+            self._internal_error("before")
+            self.counters["skipped.error"] += 1
+            return CallCapture(self, None, "error")
+
+    def _before(self, api, module, qualname, instance_id, trace_id, span_id, parent_span_id,
+                start_ns, bound_args) -> CallCapture:
+        if os.getpid() != self._pid:
+            self._init_process_state()
+        if len(self._queue) >= self.queue_max:
+            self.counters["skipped.queue_full"] += 1
+            return CallCapture(self, None, "queue_full")
+        args, obj = _arguments(bound_args)
+        meta = {
+            "schema": manifest.SCHEMA, "api": api, "module": module, "qualname": qualname,
+            "pid": os.getpid(), "instance_id": instance_id,
+            "trace_id": layout.trace_hex(trace_id), "span_id": layout.span_hex(span_id),
+            "parent_span_id": None if parent_span_id is None else layout.span_hex(parent_span_id),
+            "start_ns": int(start_ns), "seq": next(self._seq), "status": "pending",
+            "error": None, "format": self.format, "result": None, "skipped": None,
+        }
+        pending: list[tuple[_Held, Any]] = []
+        paged = _paged_plan(obj, instance_id, self._plan_numel)
+        entries = []
+        for name, kind, value in args:
+            if paged is not None and name in PAGED_ARG_NAMES:
+                ref = self._collector(pending, paged)
+            else:
+                ref = self._collector(pending, None)
+            entries.append({"name": name, "kind": kind,
+                            "value": manifest.plain_value(value, ref)})
+            if instance_id and name in PLAN_INDEX_ARG_NAMES and isinstance(value, torch.Tensor):
+                self._plan_numel[instance_id] = value.numel()
+        meta["args"] = entries
+        cap = CallCapture(self, meta, None)
+        nbytes = sum(_estimate(src, paged_info) for _, (src, paged_info) in pending)
+        reason = self.store.budget.reserve(1, nbytes)
+        if reason is not None:
+            self.counters[f"skipped.{reason}"] += 1
+            cap.skipped = reason
+            cap.meta = None
+            cap.done.set()
+            return cap
+        cap.reserved_bytes = nbytes
+        try:
+            self._copy_all(cap, pending)
+        except _Skip as skip:
+            self._drop(cap, str(skip))
+            return cap
+        self._inflight[id(cap)] = cap
+        if self.crash_safe:
+            self._write_now(cap)
+        return cap
+
+    def _collector(self, pending: list, paged: tuple | None):
+        def ref(tensor: torch.Tensor) -> dict:
+            if paged is not None and tensor.dim() >= 2:
+                entry = {"t": "paged_kv", "dtype": encode.dtype_name(tensor.dtype),
+                         "shape": list(tensor.shape), "device": str(tensor.device),
+                         "format": self.format}
+            else:
+                entry = {"t": "tensor", "dtype": encode.dtype_name(tensor.dtype),
+                         "shape": list(tensor.shape), "stride": list(tensor.stride()),
+                         "storage_offset": 0, "source_storage_offset": tensor.storage_offset(),
+                         "device": str(tensor.device), "format": self.format}
+            held = _Held(entry)
+            pending.append((held, (tensor, paged if entry["t"] == "paged_kv" else None)))
+            return entry
+
+        return ref
+
+    def _copy_all(self, cap: CallCapture, pending: list) -> None:
+        """Copy every collected tensor off the caller's memory (async for CUDA)."""
+        try:
+            for held, (src, paged) in pending:
+                if paged is not None:
+                    buf_idx = paged[0]
+                    n = paged[1]
+                    idx = buf_idx[:n].to(device=src.device, dtype=torch.long)
+                    idx = idx.clamp(0, max(src.shape[0] - 1, 0))
+                    pages = src.index_select(0, idx)
+                    self._to_host(cap, held, pages, page_ids=idx)
+                else:
+                    self._to_host(cap, held, encode.flat_span(src))
+                cap.held.append(held)
+        except _Skip:
+            self._release_held(cap)
+            raise
+
+    def _to_host(self, cap: CallCapture, held: _Held, src: torch.Tensor,
+                 page_ids: torch.Tensor | None = None) -> None:
+        if src.device.type == "cpu":
+            nbytes = src.numel() * src.element_size() + (
+                0 if page_ids is None else page_ids.numel() * 8)
+            if not self.staging.reserve(nbytes):
+                raise _Skip("staging_full")
+            held.plain_bytes = nbytes
+            held.host = src.clone() if page_ids is None else src  # index_select already copied
+            held.ids = None if page_ids is None else page_ids.clone()
+            return
+        parts = [src] if page_ids is None else [src, page_ids]
+        outs = []
+        for part in parts:
+            nbytes = part.numel() * part.element_size()
+            buf = self.staging.acquire_pinned(nbytes)
+            if buf is None:
+                raise _Skip("staging_full")
+            held.pinned.append(buf)
+            view = buf[:nbytes].view(part.dtype) if nbytes else buf[:0].view(part.dtype)
+            view = view.view(part.shape) if nbytes else torch.empty(part.shape, dtype=part.dtype)
+            view.copy_(part, non_blocking=True)
+            outs.append(view)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(src.device))
+        held.event = event
+        held.host = outs[0]
+        held.ids = outs[1] if page_ids is not None else None
+
+    def _release_held(self, cap: CallCapture) -> None:
+        for held in cap.held:
+            if held.plain_bytes:
+                self.staging.release(held.plain_bytes)
+                held.plain_bytes = 0
+            for buf in held.pinned:
+                self.staging.release_pinned(buf)
+            held.pinned = []
+            held.host = held.ids = None
+
+    def _drop(self, cap: CallCapture, reason: str) -> None:
+        """Give up on a call: free its copies and budget, mark why."""
+        self._inflight.pop(id(cap), None)
+        self._release_held(cap)
+        if cap.meta is not None:
+            self.store.budget.release(1, max(0, cap.reserved_bytes - cap.written_bytes))
+        self.counters[f"skipped.{reason}"] += 1
+        cap.skipped = reason
+        cap.meta = None
+        cap.done.set()
+
+    def _complete(self, cap: CallCapture, result: Any, error: BaseException | None) -> None:
+        meta = cap.meta
+        if error is not None:
+            meta["status"] = "error"
+            meta["error"] = {"type": type(error).__qualname__, "message": str(error)[:2000]}
+        else:
+            meta["status"] = "ok"
+            pending: list = []
+            value = manifest.plain_value(result, self._collector(pending, None))
+            nbytes = sum(_estimate(src, None) for _, (src, _) in pending)
+            reason = self.store.budget.reserve(0, nbytes) if nbytes else None
+            if reason is None:
+                first = len(cap.held)
+                try:
+                    self._copy_all(cap, pending)
+                    cap.reserved_bytes += nbytes
+                    meta["result"] = value
+                except _Skip as skip:
+                    del cap.held[first:]
+                    self.store.budget.release(0, nbytes)
+                    meta["skipped"] = str(skip)
+            else:
+                meta["skipped"] = reason
+        self._enqueue(cap)
+
+    def _finish_inflight(self, status: str) -> None:
+        """Hand every call still running to the writer as ``status`` (crash paths)."""
+        for cap in list(self._inflight.values()):
+            if cap._claim():
+                cap.meta["status"] = status
+                self._enqueue(cap)
+
+    def _enqueue(self, cap: CallCapture) -> None:
+        self._inflight.pop(id(cap), None)
+        self._idle.clear()
+        self._queue.append(cap)
+        self._ensure_writer()
+        self._wake.set()
+
+    def _ensure_writer(self) -> None:
+        if self._writer is not None and self._writer.is_alive():
+            return
+        with self._start_lock:
+            if self._writer is None or not self._writer.is_alive():
+                self._writer = threading.Thread(
+                    target=self._run_writer, name="otel-flashinfer-blobs", daemon=True)
+                self._writer.start()
+
+    # -- writer thread ------------------------------------------------------------
+    def _run_writer(self) -> None:
+        while True:
+            try:
+                cap = self._queue.popleft()
+            except IndexError:
+                self._idle.set()
+                if self._stopping:
+                    return
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
+            try:
+                self._write(cap)
+            except Exception:  # noqa: BLE001 - a failing store must not stop the writer
+                self._internal_error("write")
+                self.counters["write_failures"] += 1
+                self._drop(cap, "write_failed")
+
+    def _store_held(self, held: _Held) -> int:
+        """Encode, hash and store one held copy; returns payload bytes newly stored.
+
+        The budget counts payload bytes (what the tensors hold), not file headers.
+        """
+        if "hash" in held.entry or "pages" in held.entry:
+            return 0
+        if held.event is not None:
+            held.event.synchronize()
+        written = 0
+        if held.entry["t"] == "paged_kv":
+            ids = held.ids.tolist()
+            first: dict[int, int] = {}
+            for pos, pid in enumerate(ids):
+                first.setdefault(pid, pos)
+            pages = []
+            page_raw = held.host[0].numel() * held.host.element_size() if ids else 0
+            for pid in sorted(first):
+                data = encode.encode_parts(held.host[first[pid]].reshape(-1), self.format)
+                digest = encode.sha256_parts(data)
+                key = layout.object_key(digest, self.format)
+                if self.store.put_object(key, data):
+                    written += page_raw
+                pages.append({"hash": digest, "key": key, "nbytes": _size(data)})
+            held.entry["page_ids"] = sorted(first)
+            held.entry["pages"] = pages
+        else:
+            data = encode.encode_parts(held.host, self.format)
+            digest = encode.sha256_parts(data)
+            key = layout.object_key(digest, self.format)
+            if self.store.put_object(key, data):
+                written += held.host.numel() * held.host.element_size()
+            held.entry.update(hash=digest, key=key, nbytes=_size(data))
+        return written
+
+    def _write(self, cap: CallCapture) -> None:
+        for held in cap.held:
+            cap.written_bytes += self._store_held(held)
+        self.store.put_manifest(cap.manifest_key, manifest.dumps(cap.meta))
+        self._release_held(cap)
+        self.store.budget.release(0, max(0, cap.reserved_bytes - cap.written_bytes))
+        cap.reserved_bytes = cap.written_bytes
+        self.counters["manifests"] += 1
+        self.counters["bytes_written"] += cap.written_bytes
+        cap.done.set()
+
+    def _write_now(self, cap: CallCapture) -> None:
+        """crash_safe: store inputs and a ``pending`` manifest before the call runs."""
+        try:
+            for held in cap.held:
+                cap.written_bytes += self._store_held(held)
+            self.store.put_manifest(cap.manifest_key, manifest.dumps(cap.meta))
+        except Exception:  # noqa: BLE001 - the call goes on; the writer retries later
+            self._internal_error("crash_safe write")
+
+    # -- flushing ------------------------------------------------------------
+    def flush(self, timeout_s: float = 30.0) -> bool:
+        """Wait until every call handed to the writer is stored; whether all made it."""
+        deadline = time.monotonic() + timeout_s
+        if self._queue:
+            self._ensure_writer()
+            self._wake.set()
+        while self._queue or not self._idle.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._wake.set()
+            self._idle.wait(min(left, 0.05))
+        return True
+
+    def shutdown(self, timeout_s: float = 30.0) -> bool:
+        """Finish in-flight calls as crashed, flush, and stop the writer."""
+        self._finish_inflight("crashed")
+        ok = self.flush(timeout_s)
+        self._stopping = True
+        self._wake.set()
+        return ok
+
+
+def _arguments(bound: inspect.BoundArguments | dict) -> tuple[list, Any]:
+    """[(name, kind, value)] without ``self``, and ``self`` (or None)."""
+    out = []
+    obj = None
+    if isinstance(bound, inspect.BoundArguments):
+        params = bound.signature.parameters
+        items = [(name, _KIND_NAMES[params[name].kind], value)
+                 for name, value in bound.arguments.items()]
+    else:
+        items = [(name, "keyword_only", value) for name, value in bound.items()]
+    for i, (name, kind, value) in enumerate(items):
+        if i == 0 and name == "self":
+            obj = value
+            continue
+        out.append((name, kind, value))
+    return out, obj
+
+
+def _paged_plan(obj: Any, instance_id: str | None, plan_numel: dict) -> tuple | None:
+    """(indices buffer, count) for a paged-KV wrapper object, else None."""
+    buf = getattr(obj, "_paged_kv_indices_buf", None) if obj is not None else None
+    if not isinstance(buf, torch.Tensor) or buf.dim() != 1:
+        return None
+    n = plan_numel.get(instance_id or "", buf.numel())
+    return buf, min(n, buf.numel())
+
+
+def _estimate(src: torch.Tensor, paged: tuple | None) -> int:
+    """Upper bound of the bytes a tensor's objects take (budget reservation)."""
+    if paged is not None:
+        return paged[1] * (src[0].numel() if src.shape[0] else 0) * src.element_size()
+    return encode.span_numel(src.shape, src.stride()) * src.element_size()
+
+
+def _size(parts: list) -> int:
+    return sum(memoryview(p).nbytes for p in parts)

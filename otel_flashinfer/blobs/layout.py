@@ -1,0 +1,107 @@
+"""Where things live in a blob store (pure functions, no I/O).
+
+Layout under the store root (a local folder or any fsspec URL)::
+
+    <root>/objects/<sha256[:2]>/<sha256>.<ext>
+        one object per distinct payload, named by the sha256 of its stored bytes
+        (``ext`` is ``safetensors`` or ``pt``).  Same bytes, same name: a tensor or
+        KV page stored by any call of any process is stored once.
+    <root>/traces/<trace_id_hex32>/<start_ns:020d>-<span_id_hex16>.json
+        one manifest per call.  The trace id alone names a prefix, so finding a
+        trace's manifests is one prefix listing (cheap on S3 / GCS, one readdir
+        locally); the zero-padded start time sorts them in call order.
+    <root>/.usage/counter
+        (local stores only) the fcntl-locked budget counter shared by every process
+        writing to the store.
+
+Keys are always relative, built only from hex digits, digits and fixed words, so
+that a key read back from an untrusted manifest can be checked with
+``check_object_key`` before it is joined to any path.
+"""
+
+from __future__ import annotations
+
+import re
+
+OBJECTS = "objects"
+TRACES = "traces"
+USAGE_DIR = ".usage"
+
+EXTENSIONS = {"safetensors": "safetensors", "torch": "pt"}
+
+_HASH_RE = re.compile(r"^[0-9a-f]{64}$")
+_OBJECT_KEY_RE = re.compile(r"^objects/([0-9a-f]{2})/([0-9a-f]{64})\.(safetensors|pt)$")
+_MANIFEST_NAME_RE = re.compile(r"^([0-9]{20})-([0-9a-f]{16})\.json$")
+_TRACE_RE = re.compile(r"^[0-9a-f]{32}$")
+_SPAN_RE = re.compile(r"^[0-9a-f]{16}$")
+
+
+def trace_hex(trace_id: int | str) -> str:
+    """A trace id as 32 lowercase hex digits (accepts an int or a hex string)."""
+    if isinstance(trace_id, str):
+        text = trace_id.strip().lower()
+        text = text.removeprefix("0x")
+        if not _TRACE_RE.match(text.zfill(32)) or len(text) > 32:
+            raise ValueError(f"trace id {trace_id!r} is not 32 hex digits")
+        return text.zfill(32)
+    if not 0 <= trace_id < 1 << 128:
+        raise ValueError(f"trace id {trace_id!r} out of range")
+    return f"{trace_id:032x}"
+
+
+def span_hex(span_id: int | str) -> str:
+    """A span id as 16 lowercase hex digits (accepts an int or a hex string)."""
+    if isinstance(span_id, str):
+        text = span_id.strip().lower()
+        text = text.removeprefix("0x")
+        if len(text) > 16 or not _SPAN_RE.match(text.zfill(16)):
+            raise ValueError(f"span id {span_id!r} is not 16 hex digits")
+        return text.zfill(16)
+    if not 0 <= span_id < 1 << 64:
+        raise ValueError(f"span id {span_id!r} out of range")
+    return f"{span_id:016x}"
+
+
+def object_key(sha256_hex: str, fmt: str) -> str:
+    """Relative key of the object whose stored bytes hash to ``sha256_hex``."""
+    if not _HASH_RE.match(sha256_hex):
+        raise ValueError(f"not a sha256 hex digest: {sha256_hex!r}")
+    return f"{OBJECTS}/{sha256_hex[:2]}/{sha256_hex}.{EXTENSIONS[fmt]}"
+
+
+def check_object_key(key: str, sha256_hex: str, fmt: str) -> None:
+    """Refuse an object key that is not exactly the one ``object_key`` builds."""
+    if not isinstance(key, str) or not _OBJECT_KEY_RE.match(key):
+        raise ValueError(f"object key {key!r} is not objects/<2 hex>/<sha256>.<ext>")
+    if key != object_key(sha256_hex, fmt):
+        raise ValueError(f"object key {key!r} does not match hash {sha256_hex} / format {fmt}")
+
+
+def trace_prefix(trace_id: int | str) -> str:
+    """Relative prefix that holds every manifest of one trace."""
+    return f"{TRACES}/{trace_hex(trace_id)}"
+
+
+def manifest_name(start_ns: int, span_id: int | str) -> str:
+    """File name of a call's manifest inside its trace prefix."""
+    if not 0 <= start_ns < 10**20:
+        raise ValueError(f"start_ns {start_ns!r} out of range")
+    return f"{start_ns:020d}-{span_hex(span_id)}.json"
+
+
+def manifest_key(trace_id: int | str, start_ns: int, span_id: int | str) -> str:
+    """Relative key of a call's manifest."""
+    return f"{trace_prefix(trace_id)}/{manifest_name(start_ns, span_id)}"
+
+
+def parse_manifest_name(name: str) -> tuple[int, str]:
+    """(start_ns, span_hex) from a manifest file name; ValueError if it is not one."""
+    match = _MANIFEST_NAME_RE.match(name)
+    if not match:
+        raise ValueError(f"{name!r} is not a manifest name <start_ns>-<span_id>.json")
+    return int(match.group(1)), match.group(2)
+
+
+def join(root: str, key: str) -> str:
+    """Join a store root (path or URL) and a relative key with one slash."""
+    return root.rstrip("/") + "/" + key

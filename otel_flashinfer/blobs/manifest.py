@@ -1,0 +1,297 @@
+"""The per-call manifest: building it, and reading it back strictly.
+
+Schema (``schema`` = 1), one JSON object per call::
+
+    {"schema": 1, "api": "BatchDecodeWithPagedKVCacheWrapper.run",
+     "module": "flashinfer.decode", "qualname": "BatchDecodeWithPagedKVCacheWrapper.run",
+     "pid": 1234, "instance_id": "1234:1403..." | null,
+     "trace_id": "<32 hex>", "span_id": "<16 hex>", "parent_span_id": "<16 hex>" | null,
+     "start_ns": 1700000000000000000, "seq": 7,
+     "status": "ok" | "error" | "pending" | "crashed",
+     "error": {"type": "ValueError", "message": "..."} | null,
+     "format": "safetensors" | "torch",
+     "args": [{"name": "q", "kind": "positional_or_keyword", "value": VALUE}, ...],
+     "result": VALUE | null,            # null also when status is not "ok"
+     "skipped": null | "<why outputs were not kept>"}
+
+A VALUE is plain JSON for None, bool, int, str and finite floats, else a tagged
+object ``{"t": TAG, ...}``:
+
+    float   {"v": "nan" | "inf" | "-inf"}
+    tuple / list   {"items": [VALUE, ...]}
+    dict    {"items": [[KEY, VALUE], ...]}          KEY: str or int
+    enum    {"cls": "module:Qual.Name", "name": "MEMBER"}
+    dtype   {"v": "float16"}            device {"v": "cuda:0"}
+    tensor  {"dtype", "shape", "stride", "storage_offset", "device", "hash", "key",
+             "nbytes", "format", "source_storage_offset"}
+             the object holds a flat span; the tensor is
+             ``flat.as_strided(shape, stride, storage_offset)``.
+    paged_kv {"dtype", "shape" (the whole cache), "device", "format",
+              "page_ids": [int, ...]       (sorted, unique: pages the call referenced),
+              "pages": [{"hash", "key", "nbytes"}, ...]  (one object per page, same order)}
+             replay builds a compact cache of ``len(page_ids)`` pages and remaps indices.
+    unrepresentable {"type": "<qualified type name>"}   (replay refuses such a call)
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+from typing import Any
+
+from . import layout
+from .encode import DTYPES, FORMATS
+
+SCHEMA = 1
+STATUSES = ("ok", "error", "pending", "crashed")
+KINDS = ("positional_only", "positional_or_keyword", "var_positional", "keyword_only",
+         "var_keyword")
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+MAX_DEPTH = 32
+
+
+class ManifestError(ValueError):
+    """A manifest that is refused; the message names the file and the problem."""
+
+
+# -- building --------------------------------------------------------------------
+
+def plain_value(value: Any, tensor_ref, depth: int = 0) -> Any:
+    """JSON form of an argument; ``tensor_ref(tensor)`` returns a tensor's entry."""
+    import torch
+
+    if depth > MAX_DEPTH:
+        return {"t": "unrepresentable", "type": "nesting too deep"}
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, enum.Enum):
+        cls = type(value)
+        return {"t": "enum", "cls": f"{cls.__module__}:{cls.__qualname__}", "name": value.name}
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return value
+        return {"t": "float", "v": "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")}
+    if isinstance(value, torch.Tensor):
+        return tensor_ref(value)
+    if isinstance(value, torch.dtype):
+        return {"t": "dtype", "v": str(value).removeprefix("torch.")}
+    if isinstance(value, torch.device):
+        return {"t": "device", "v": str(value)}
+    if isinstance(value, (tuple, list)):
+        tag = "tuple" if isinstance(value, tuple) else "list"
+        return {"t": tag, "items": [plain_value(v, tensor_ref, depth + 1) for v in value]}
+    if isinstance(value, dict) and all(
+        isinstance(k, str) or (isinstance(k, int) and not isinstance(k, bool)) for k in value
+    ):
+        return {"t": "dict",
+                "items": [[k, plain_value(v, tensor_ref, depth + 1)] for k, v in value.items()]}
+    cls = type(value)
+    return {"t": "unrepresentable", "type": f"{cls.__module__}.{cls.__qualname__}"}
+
+
+def dumps(manifest: dict) -> bytes:
+    """Canonical bytes of a manifest."""
+    return json.dumps(manifest, sort_keys=True, allow_nan=False, separators=(",", ":")).encode()
+
+
+# -- strict reading ----------------------------------------------------------------
+
+def _fail(where: str, problem: str) -> ManifestError:
+    return ManifestError(f"{where}: {problem}")
+
+
+def _int(where: str, v: Any, what: str, lo: int = 0) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+        raise _fail(where, f"{what} must be an integer >= {lo}, got {v!r}")
+    return v
+
+
+def _ints(where: str, v: Any, what: str) -> list[int]:
+    if not isinstance(v, list) or len(v) > 64:
+        raise _fail(where, f"{what} must be a list of at most 64 integers")
+    return [_int(where, x, what) for x in v]
+
+
+def _hex(where: str, v: Any, n: int, what: str, nullable: bool = False) -> str | None:
+    if v is None and nullable:
+        return None
+    if not isinstance(v, str) or len(v) != n or any(c not in "0123456789abcdef" for c in v):
+        raise _fail(where, f"{what} must be {n} lowercase hex digits, got {v!r}")
+    return v
+
+
+def _check_object(where: str, entry: dict, fmt: str) -> None:
+    h = _hex(where, entry.get("hash"), 64, "hash")
+    try:
+        layout.check_object_key(entry.get("key"), h, fmt)
+    except ValueError as exc:
+        raise _fail(where, str(exc)) from None
+    _int(where, entry.get("nbytes"), "nbytes")
+
+
+def _check_value(where: str, v: Any, depth: int = 0) -> None:
+    if depth > MAX_DEPTH:
+        raise _fail(where, "value nested too deep")
+    if v is None or isinstance(v, (bool, int, str)):
+        return
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            raise _fail(where, "non-finite float outside a tagged value")
+        return
+    if not isinstance(v, dict) or not isinstance(v.get("t"), str):
+        raise _fail(where, f"value is not JSON scalar or tagged object: {str(v)[:80]}")
+    tag = v["t"]
+    if tag == "float":
+        if v.get("v") not in ("nan", "inf", "-inf"):
+            raise _fail(where, f"bad float value {v.get('v')!r}")
+    elif tag in ("tuple", "list"):
+        if not isinstance(v.get("items"), list):
+            raise _fail(where, f"{tag} without items list")
+        for item in v["items"]:
+            _check_value(where, item, depth + 1)
+    elif tag == "dict":
+        items = v.get("items")
+        if not isinstance(items, list):
+            raise _fail(where, "dict without items list")
+        for pair in items:
+            if (not isinstance(pair, list) or len(pair) != 2
+                    or not isinstance(pair[0], (str, int)) or isinstance(pair[0], bool)):
+                raise _fail(where, "dict item must be [str|int key, value]")
+            _check_value(where, pair[1], depth + 1)
+    elif tag == "enum":
+        cls, name = v.get("cls"), v.get("name")
+        if not isinstance(cls, str) or cls.count(":") != 1 or not isinstance(name, str):
+            raise _fail(where, "enum needs cls 'module:Qual' and name")
+        if not all(part.isidentifier() for part in cls.replace(":", ".").split(".")):
+            raise _fail(where, f"enum class {cls!r} is not a dotted name")
+        if not name.isidentifier():
+            raise _fail(where, f"enum member {name!r} is not an identifier")
+    elif tag == "dtype":
+        if v.get("v") not in DTYPES:
+            raise _fail(where, f"unknown dtype {v.get('v')!r}")
+    elif tag == "device":
+        if not isinstance(v.get("v"), str) or len(v["v"]) > 32:
+            raise _fail(where, "device must be a short string")
+    elif tag == "tensor":
+        _check_tensor(where, v)
+    elif tag == "paged_kv":
+        _check_paged(where, v)
+    elif tag == "unrepresentable":
+        if not isinstance(v.get("type"), str):
+            raise _fail(where, "unrepresentable without type")
+    else:
+        raise _fail(where, f"unknown value tag {tag!r}")
+
+
+def _check_common(where: str, v: dict) -> tuple[str, list[int]]:
+    if v.get("dtype") not in DTYPES:
+        raise _fail(where, f"unknown dtype {v.get('dtype')!r}")
+    if v.get("format") not in FORMATS:
+        raise _fail(where, f"unknown format {v.get('format')!r}")
+    if not isinstance(v.get("device"), str) or len(v["device"]) > 32:
+        raise _fail(where, "device must be a short string")
+    return v["format"], _ints(where, v.get("shape"), "shape")
+
+
+def _check_tensor(where: str, v: dict) -> None:
+    fmt, shape = _check_common(where, v)
+    stride = _ints(where, v.get("stride"), "stride")
+    if len(stride) != len(shape):
+        raise _fail(where, f"shape {shape} and stride {stride} differ in rank")
+    _int(where, v.get("storage_offset"), "storage_offset")
+    _check_object(where, v, fmt)
+
+
+def _check_paged(where: str, v: dict) -> None:
+    fmt, shape = _check_common(where, v)
+    if not shape:
+        raise _fail(where, "paged_kv shape must have a page dimension")
+    ids = v.get("page_ids")
+    pages = v.get("pages")
+    if not isinstance(ids, list) or not isinstance(pages, list) or len(ids) != len(pages):
+        raise _fail(where, "paged_kv needs page_ids and pages of equal length")
+    prev = -1
+    for pid in ids:
+        _int(where, pid, "page id")
+        if pid <= prev or pid >= shape[0]:
+            raise _fail(where, f"page ids must be sorted, unique and < {shape[0]}")
+        prev = pid
+    for page in pages:
+        if not isinstance(page, dict):
+            raise _fail(where, "page entry must be an object")
+        _check_object(where, page, fmt)
+
+
+def parse(data: bytes, where: str) -> dict:
+    """A manifest from untrusted bytes; ManifestError naming ``where`` on any problem."""
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise _fail(where, f"manifest larger than {MAX_MANIFEST_BYTES} bytes")
+    try:
+        m = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _fail(where, f"malformed JSON: {exc}") from None
+    if not isinstance(m, dict):
+        raise _fail(where, "manifest is not a JSON object")
+    if m.get("schema") != SCHEMA:
+        raise _fail(where, f"unsupported schema {m.get('schema')!r} (expected {SCHEMA})")
+    for field in ("api", "module", "qualname"):
+        if not isinstance(m.get(field), str) or not m[field]:
+            raise _fail(where, f"{field} must be a non-empty string")
+    if not all(p.isidentifier() for p in m["module"].split(".")):
+        raise _fail(where, f"module {m['module']!r} is not a dotted name")
+    if not all(p.isidentifier() or p == "<locals>" for p in m["qualname"].split(".")):
+        raise _fail(where, f"qualname {m['qualname']!r} is not a dotted name")
+    _int(where, m.get("pid"), "pid")
+    if m.get("instance_id") is not None and not isinstance(m["instance_id"], str):
+        raise _fail(where, "instance_id must be a string or null")
+    _hex(where, m.get("trace_id"), 32, "trace_id")
+    _hex(where, m.get("span_id"), 16, "span_id")
+    _hex(where, m.get("parent_span_id"), 16, "parent_span_id", nullable=True)
+    _int(where, m.get("start_ns"), "start_ns")
+    _int(where, m.get("seq"), "seq")
+    if m.get("status") not in STATUSES:
+        raise _fail(where, f"status must be one of {STATUSES}, got {m.get('status')!r}")
+    if m.get("format") not in FORMATS:
+        raise _fail(where, f"unknown format {m.get('format')!r}")
+    args = m.get("args")
+    if not isinstance(args, list):
+        raise _fail(where, "args must be a list")
+    for arg in args:
+        if not isinstance(arg, dict) or not isinstance(arg.get("name"), str):
+            raise _fail(where, "each arg needs a name")
+        if not arg["name"].isidentifier():
+            raise _fail(where, f"argument name {arg['name']!r} is not an identifier")
+        if arg.get("kind") not in KINDS:
+            raise _fail(where, f"argument {arg['name']}: unknown kind {arg.get('kind')!r}")
+        _check_value(f"{where} (argument {arg['name']})", arg.get("value"))
+    _check_value(f"{where} (result)", m.get("result"))
+    return m
+
+
+def iter_objects(value: Any):
+    """Every stored-object entry ({hash, key, nbytes}) a checked value names."""
+    if isinstance(value, dict):
+        tag = value.get("t")
+        if tag == "tensor":
+            yield value
+        elif tag == "paged_kv":
+            for page in value["pages"]:
+                yield {**page, "format": value["format"]}
+        elif tag in ("tuple", "list"):
+            for item in value["items"]:
+                yield from iter_objects(item)
+        elif tag == "dict":
+            for _, item in value["items"]:
+                yield from iter_objects(item)
+
+
+def manifest_objects(m: dict) -> list[dict]:
+    """Every stored object a checked manifest names (args then result)."""
+    out = []
+    for arg in m["args"]:
+        out.extend(iter_objects(arg["value"]))
+    out.extend(iter_objects(m.get("result")))
+    return out

@@ -1,0 +1,191 @@
+"""A pulled bundle -> recorded calls with their tensors loaded (untrusted input).
+
+``load_bundle`` re-validates everything: the index, every manifest, every
+object's hash and size, and that each object decodes to the dtype and shape its
+manifest claims.  Enum values stay ``EnumRef`` placeholders here: resolving one
+imports a module, which only the runner does, after its allow-list check.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..blobs import encode, layout, manifest
+from .pull import INDEX, BundleError, check_object, load_value_tensor, safe_path
+
+
+@dataclass(frozen=True)
+class EnumRef:
+    """An enum member recorded by name ("module:Qual", "MEMBER")."""
+
+    cls: str
+    name: str
+
+
+@dataclass(frozen=True)
+class Unrepresentable:
+    """An argument that could not be recorded (its type name)."""
+
+    type: str
+
+
+@dataclass
+class PagedKV:
+    """A compact KV cache: ``cache[i]`` is page ``page_ids[i]`` of the original."""
+
+    cache: torch.Tensor
+    page_ids: list[int]
+    shape: list[int]
+
+
+@dataclass
+class RecordedArg:
+    """One recorded argument: name, parameter kind, loaded value."""
+
+    name: str
+    kind: str
+    value: Any
+
+
+@dataclass
+class RecordedCall:
+    """One recorded call, tensors loaded."""
+
+    api: str
+    module: str
+    qualname: str
+    instance_id: str | None
+    trace_id: str
+    span_id: str
+    status: str
+    seq: int
+    start_ns: int
+    args: list[RecordedArg]
+    result: Any
+    skipped: str | None
+    error: dict | None
+    path: str
+    manifest: dict = field(repr=False)
+
+
+def _device_for(recorded: str, device: str | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    if recorded.startswith("cuda") and torch.cuda.is_available():
+        return torch.device(recorded)
+    return torch.device("cpu")
+
+
+class _Loader:
+    def __init__(self, root: str, device: str | None) -> None:
+        self.root = root
+        self.device = device
+        self.cache: dict[str, bytes] = {}
+
+    def object(self, entry: dict, where: str) -> torch.Tensor:
+        key = entry["key"]
+        data = self.cache.get(key)
+        if data is None:
+            path = safe_path(self.root, key)
+            try:
+                with open(path, "rb") as fh:
+                    data = fh.read()
+            except OSError as exc:
+                raise BundleError(f"{where}: object {key} missing from bundle: {exc}") from None
+            check_object(data, entry, where)
+            self.cache[key] = data
+        return load_value_tensor(data, entry, where)
+
+    def value(self, v: Any, where: str) -> Any:
+        if not isinstance(v, dict):
+            return v
+        tag = v["t"]
+        if tag == "float":
+            return float(v["v"])
+        if tag == "tuple":
+            return tuple(self.value(i, where) for i in v["items"])
+        if tag == "list":
+            return [self.value(i, where) for i in v["items"]]
+        if tag == "dict":
+            return {k: self.value(i, where) for k, i in v["items"]}
+        if tag == "enum":
+            return EnumRef(v["cls"], v["name"])
+        if tag == "dtype":
+            return encode.DTYPES[v["v"]]
+        if tag == "device":
+            return torch.device(v["v"]) if self.device is None else torch.device(self.device)
+        if tag == "tensor":
+            t = self.object(v, where)
+            dev = _device_for(v["device"], self.device)
+            if dev.type == "cpu":
+                return t.clone()  # own storage, exact strides kept
+            flat = t.as_strided((encode.span_numel(t.shape, t.stride()),), (1,), 0)
+            return flat.to(dev).as_strided(t.shape, t.stride(), 0)
+        if tag == "paged_kv":
+            pages = [self.object({**p, "t": "page", "dtype": v["dtype"], "format": v["format"],
+                                  "page_shape": v["shape"][1:]}, where) for p in v["pages"]]
+            if pages:
+                cache = torch.stack(pages)
+            else:
+                cache = torch.empty([0, *v["shape"][1:]], dtype=encode.DTYPES[v["dtype"]])
+            return PagedKV(cache.to(_device_for(v["device"], self.device)), v["page_ids"],
+                           v["shape"])
+        if tag == "unrepresentable":
+            return Unrepresentable(v["type"])
+        raise BundleError(f"{where}: unknown value tag {tag!r}")
+
+
+def read_index(root: str) -> dict:
+    """The bundle's index, checked."""
+    where = os.path.join(root, INDEX)
+    try:
+        with open(where, "rb") as fh:
+            index = json.loads(fh.read())
+    except OSError as exc:
+        raise BundleError(f"{where}: cannot read bundle index: {exc}") from None
+    except ValueError as exc:
+        raise BundleError(f"{where}: malformed JSON: {exc}") from None
+    if not isinstance(index, dict) or not isinstance(index.get("calls"), list):
+        raise BundleError(f"{where}: index needs a 'calls' list")
+    for call in index["calls"]:
+        if not isinstance(call, dict) or not isinstance(call.get("manifest"), str):
+            raise BundleError(f"{where}: each call needs a 'manifest' path")
+        rel = call["manifest"]
+        if not rel.startswith("manifests/"):
+            raise BundleError(f"{where}: manifest path {rel!r} is not under manifests/")
+        try:
+            layout.parse_manifest_name(rel[len("manifests/"):])
+        except ValueError as exc:
+            raise BundleError(f"{where}: {exc}") from None
+    return index
+
+
+def load_bundle(path: str, device: str | None = "cpu") -> list[RecordedCall]:
+    """Every call of a bundle in recorded order, tensors on ``device`` (None: as recorded)."""
+    index = read_index(path)
+    loader = _Loader(path, device)
+    calls = []
+    for item in index["calls"]:
+        mpath = safe_path(path, item["manifest"])
+        try:
+            with open(mpath, "rb") as fh:
+                data = fh.read()
+        except OSError as exc:
+            raise BundleError(f"{mpath}: cannot read manifest: {exc}") from None
+        m = manifest.parse(data, mpath)
+        args = [RecordedArg(a["name"], a["kind"],
+                            loader.value(a["value"], f"{mpath} (argument {a['name']})"))
+                for a in m["args"]]
+        result = loader.value(m.get("result"), f"{mpath} (result)")
+        calls.append(RecordedCall(
+            api=m["api"], module=m["module"], qualname=m["qualname"],
+            instance_id=m.get("instance_id"), trace_id=m["trace_id"], span_id=m["span_id"],
+            status=m["status"], seq=m["seq"], start_ns=m["start_ns"], args=args, result=result,
+            skipped=m.get("skipped"), error=m.get("error"), path=mpath, manifest=m))
+    calls.sort(key=lambda c: (c.start_ns, c.seq))
+    return calls

@@ -1,0 +1,210 @@
+"""From a trace id to a verified, self-contained local bundle.
+
+Bundle layout (``out_dir``)::
+
+    index.json                       {"schema": 1, "trace_id", "source", "calls": [
+                                       {"manifest": "manifests/<name>.json", "span_id",
+                                        "api", "start_ns", "seq"}, ...]}
+    manifests/<start_ns>-<span_id>.json   copies of the store's manifests
+    objects/<aa>/<sha256>.<ext>      every object they name, hash-verified
+
+Everything read from the store is untrusted: manifests are validated strictly,
+every object's sha256 and size are checked and it must decode to the dtype and
+shape its manifest claims, and nothing is written outside ``out_dir``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import sys
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..blobs import encode, layout, manifest
+from ..blobs.store import BlobStore
+
+INDEX = "index.json"
+BUNDLE_SCHEMA = 1
+
+
+class BundleError(ValueError):
+    """A refused store or bundle entry; the message names the file and the problem."""
+
+
+@dataclass
+class Bundle:
+    """A pulled bundle: where it is and what it holds."""
+
+    path: str
+    trace_id: str
+    calls: list[dict] = field(default_factory=list)
+    objects: int = 0
+    bytes: int = 0
+
+
+def safe_path(root: str, rel: str) -> str:
+    """``root/rel`` if it stays inside ``root``; BundleError otherwise."""
+    if not isinstance(rel, str) or not rel or rel.startswith(("/", "\\")) or "\\" in rel:
+        raise BundleError(f"{rel!r}: path is not a plain relative path")
+    if any(part in ("", ".", "..") for part in rel.split("/")):
+        raise BundleError(f"{rel!r}: path has empty, '.' or '..' parts")
+    base = os.path.realpath(root)
+    full = os.path.realpath(os.path.join(base, rel))
+    if os.path.commonpath([base, full]) != base:
+        raise BundleError(f"{rel!r}: path would write outside {root}")
+    return full
+
+
+def _write_inside(root: str, rel: str, data: bytes) -> None:
+    path = safe_path(root, rel)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+
+
+def check_object(data: bytes, entry: dict, where: str) -> None:
+    """Refuse bytes whose hash or size is not what the manifest says."""
+    digest = encode.sha256(data)
+    if digest != entry["hash"]:
+        raise BundleError(f"{where}: hash mismatch for {entry['key']} "
+                          f"(manifest {entry['hash']}, bytes {digest})")
+    if len(data) != entry["nbytes"]:
+        raise BundleError(f"{where}: {entry['key']} has {len(data)} bytes, "
+                          f"manifest says {entry['nbytes']}")
+
+
+def load_value_tensor(data: bytes, entry: dict, where: str) -> torch.Tensor:
+    """The tensor (or compact page) an object holds, checked against its entry."""
+    try:
+        flat = encode.decode(data, entry["format"])
+        if entry.get("t") == "tensor":
+            return encode.rebuild(flat, entry["dtype"], entry["shape"], entry["stride"],
+                                  entry["storage_offset"])
+        page_shape = entry["page_shape"]
+        n = _numel(page_shape)
+        page = encode.rebuild(flat, entry["dtype"], [n], [1], 0)
+        itemsize = page.element_size() if flat.dtype != page.dtype else 1
+        held = flat.numel() // itemsize if flat.dtype != page.dtype else flat.numel()
+        if held != n:
+            raise encode.EncodeError(f"page holds {held} elements, shape {page_shape} needs {n}")
+        return page.reshape(page_shape)
+    except encode.EncodeError as exc:
+        raise BundleError(f"{where}: object {entry['key']}: {exc}") from None
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _tensor_entries(m: dict):
+    """(entry with t/dtype/shape..., ) for every object of a manifest, ready to verify."""
+    def walk(v: Any):
+        if isinstance(v, dict):
+            tag = v.get("t")
+            if tag == "tensor":
+                yield v
+            elif tag == "paged_kv":
+                for page in v["pages"]:
+                    yield {**page, "t": "page", "dtype": v["dtype"], "format": v["format"],
+                           "page_shape": v["shape"][1:]}
+            elif tag in ("tuple", "list"):
+                for item in v["items"]:
+                    yield from walk(item)
+            elif tag == "dict":
+                for _, item in v["items"]:
+                    yield from walk(item)
+
+    for arg in m["args"]:
+        yield from walk(arg["value"])
+    yield from walk(m.get("result"))
+
+
+def _select(manifests: list[tuple[str, dict]], span_id: str | None) -> list[tuple[str, dict]]:
+    """The chosen span plus the earlier calls of its object (its __init__/plan)."""
+    if span_id is None:
+        return manifests
+    want = layout.span_hex(span_id)
+    chosen = [(k, m) for k, m in manifests if m["span_id"] == want]
+    if not chosen:
+        raise BundleError(f"span {want} has no manifest in this trace")
+    target = chosen[0][1]
+    inst = target.get("instance_id")
+    return [(k, m) for k, m in manifests
+            if m["span_id"] == want or (inst is not None and m.get("instance_id") == inst
+                                        and m["start_ns"] <= target["start_ns"])]
+
+
+def pull(
+    trace_id: int | str,
+    blob_url: str = "./flashinfer_blobs",
+    out_dir: str = ".",
+    span_id: int | str | None = None,
+    *,
+    workers: int = 16,
+    progress: bool | None = None,
+) -> Bundle:
+    """Fetch a trace's manifests and objects, verify them, write a bundle."""
+    trace = layout.trace_hex(trace_id)
+    store = BlobStore(blob_url, check_writable=False)
+    keys = store.list_manifests(trace)
+    if not keys:
+        raise BundleError(f"no manifests for trace {trace} under {blob_url}")
+    manifests = []
+    for key in keys:
+        where = store.url_of(key)
+        m = manifest.parse(store.get(key), where)
+        start_ns, span = layout.parse_manifest_name(key.rsplit("/", 1)[1])
+        if m["trace_id"] != trace or m["span_id"] != span or m["start_ns"] != start_ns:
+            raise BundleError(f"{where}: manifest ids do not match its name")
+        manifests.append((key, m))
+    manifests = _select(manifests, None if span_id is None else str(span_id))
+    os.makedirs(out_dir, exist_ok=True)
+    entries: dict[str, tuple[dict, str]] = {}
+    for key, m in manifests:
+        for entry in _tensor_entries(m):
+            entries.setdefault(entry["key"], (entry, store.url_of(key)))
+            safe_path(out_dir, entry["key"])
+    if progress is None:
+        progress = sys.stderr.isatty()
+    total = 0
+
+    def fetch(item: tuple[dict, str]) -> int:
+        entry, where = item
+        data = store.get(entry["key"])
+        check_object(data, entry, where)
+        load_value_tensor(data, entry, where)
+        _write_inside(out_dir, entry["key"], data)
+        return len(data)
+
+    with cf.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        futures = [pool.submit(fetch, item) for item in entries.values()]
+        for done, fut in enumerate(cf.as_completed(futures), 1):
+            try:
+                total += fut.result()
+            except BaseException:
+                for other in futures:
+                    other.cancel()
+                raise
+            if progress:
+                sys.stderr.write(f"\rpull {done}/{len(futures)} objects, {total / 1e6:.1f} MB")
+    if progress:
+        sys.stderr.write("\n")
+    calls = []
+    for key, m in manifests:
+        rel = "manifests/" + key.rsplit("/", 1)[1]
+        _write_inside(out_dir, rel, manifest.dumps(m))
+        calls.append({"manifest": rel, "span_id": m["span_id"], "api": m["api"],
+                      "start_ns": m["start_ns"], "seq": m["seq"]})
+    index = {"schema": BUNDLE_SCHEMA, "trace_id": trace, "source": blob_url, "calls": calls}
+    _write_inside(out_dir, INDEX, json.dumps(index, indent=1).encode())
+    return Bundle(path=out_dir, trace_id=trace, calls=calls, objects=len(entries), bytes=total)

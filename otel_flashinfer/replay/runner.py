@@ -1,0 +1,261 @@
+"""Re-run a bundle's calls in recorded order and compare their outputs.
+
+Objects are rebuilt through their recorded ``__init__`` and ``plan`` (matched by
+instance id) before their ``run``.  A call that used a paged KV cache gets the
+compact cache and its object is re-planned with the page indices remapped to it.
+Only modules matching ``flashinfer`` / ``flashinfer.*`` or an allow pattern are
+imported, and the check happens before the import.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+import sys
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+import torch
+
+from .bundle import EnumRef, PagedKV, RecordedCall, Unrepresentable, load_bundle
+
+DEFAULT_ALLOW = ("flashinfer", "flashinfer.*")
+INDEX_ARGS = ("indices", "paged_kv_indices")
+
+
+class ReplayRefused(ValueError):
+    """A call the runner will not execute (names the manifest and the reason)."""
+
+
+@dataclass
+class CallResult:
+    """Outcome of one replayed call."""
+
+    call: RecordedCall
+    passed: bool
+    detail: str
+
+
+@dataclass
+class Report:
+    """All outcomes of a replay."""
+
+    results: list[CallResult] = field(default_factory=list)
+
+    @property
+    def passed(self) -> int:
+        return sum(r.passed for r in self.results)
+
+    @property
+    def failed(self) -> int:
+        return sum(not r.passed for r in self.results)
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0
+
+
+def module_allowed(module: str, allow: tuple[str, ...]) -> bool:
+    """Whether ``module`` may be imported (default ``flashinfer.*`` plus patterns)."""
+    return any(fnmatch.fnmatchcase(module, p) for p in (*DEFAULT_ALLOW, *allow))
+
+
+def resolve(module: str, qualname: str, allow: tuple[str, ...], where: str) -> Any:
+    """Import ``module`` (after the allow check) and walk ``qualname``."""
+    if not module_allowed(module, allow):
+        raise ReplayRefused(f"{where}: module {module!r} is outside flashinfer.* and the "
+                            f"--allow-module patterns; not imported")
+    if "<locals>" in qualname.split("."):
+        raise ReplayRefused(f"{where}: {qualname!r} is a local function, cannot be resolved")
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _materialize(value: Any, allow: tuple[str, ...], where: str) -> Any:
+    if isinstance(value, Unrepresentable):
+        raise ReplayRefused(f"{where}: an argument of type {value.type} was not recorded")
+    if isinstance(value, EnumRef):
+        module, qual = value.cls.split(":")
+        return getattr(resolve(module, qual, allow, where), value.name)
+    if isinstance(value, PagedKV):
+        return value.cache
+    if isinstance(value, tuple):
+        return tuple(_materialize(v, allow, where) for v in value)
+    if isinstance(value, list):
+        return [_materialize(v, allow, where) for v in value]
+    if isinstance(value, dict):
+        return {k: _materialize(v, allow, where) for k, v in value.items()}
+    return value
+
+
+def _paged_ids(value: Any) -> list[int] | None:
+    if isinstance(value, PagedKV):
+        return value.page_ids
+    if isinstance(value, (tuple, list)):
+        for v in value:
+            ids = _paged_ids(v)
+            if ids is not None:
+                return ids
+    return None
+
+
+def _call_args(call: RecordedCall, allow: tuple[str, ...]) -> tuple[list, dict]:
+    has_var = any(a.kind == "var_positional" for a in call.args)
+    pos: list = []
+    kw: dict = {}
+    for a in call.args:
+        v = _materialize(a.value, allow, call.path)
+        if a.kind == "positional_only" or (a.kind == "positional_or_keyword" and has_var):
+            pos.append(v)
+        elif a.kind == "var_positional":
+            pos.extend(v)
+        elif a.kind == "var_keyword":
+            kw.update(v)
+        else:
+            kw[a.name] = v
+    return pos, kw
+
+
+def compare(got: Any, want: Any, rtol: float | None, atol: float | None, path: str = "result"
+            ) -> str | None:
+    """None if equal (dtype-aware), else what differs."""
+    if isinstance(want, torch.Tensor):
+        if not isinstance(got, torch.Tensor):
+            return f"{path}: expected a tensor, got {type(got).__name__}"
+        if got.dtype != want.dtype or tuple(got.shape) != tuple(want.shape):
+            return (f"{path}: got {got.dtype}{list(got.shape)}, "
+                    f"recorded {want.dtype}{list(want.shape)}")
+        got = got.detach().to("cpu")
+        want = want.to("cpu")
+        floating = want.is_floating_point() or want.is_complex()
+        if floating and (rtol is not None or atol is not None):
+            if torch.allclose(got, want, rtol=rtol or 0.0, atol=atol or 0.0, equal_nan=True):
+                return None
+            diff = (got.double() - want.double()).abs().nan_to_num(0).max().item()
+            return f"{path}: not within rtol={rtol} atol={atol} (max abs diff {diff:g})"
+        if want.numel() == 0:
+            return None
+        a = got.contiguous().reshape(-1).view(torch.uint8)
+        b = want.contiguous().reshape(-1).view(torch.uint8)
+        if torch.equal(a, b):
+            return None
+        if floating:
+            diff = (got.double() - want.double()).abs().nan_to_num(0).max().item()
+            return f"{path}: not bit-exact (max abs diff {diff:g})"
+        return f"{path}: values differ ({int((got != want).sum())} elements)"
+    if isinstance(want, (tuple, list)):
+        if not isinstance(got, (tuple, list)) or len(got) != len(want):
+            return f"{path}: expected a sequence of {len(want)}"
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            why = compare(g, w, rtol, atol, f"{path}[{i}]")
+            if why:
+                return why
+        return None
+    if isinstance(want, dict):
+        if not isinstance(got, dict) or set(got) != set(want):
+            return f"{path}: dict keys differ"
+        for k in want:
+            why = compare(got[k], want[k], rtol, atol, f"{path}[{k!r}]")
+            if why:
+                return why
+        return None
+    if isinstance(want, float) and isinstance(got, float) and want != want and got != got:
+        return None
+    if got != want:
+        return f"{path}: got {got!r}, recorded {want!r}"
+    return None
+
+
+class _Runner:
+    def __init__(self, allow: tuple[str, ...], rtol: float | None, atol: float | None) -> None:
+        self.allow = allow
+        self.rtol = rtol
+        self.atol = atol
+        self.instances: dict[str, Any] = {}
+        self.plans: dict[str, tuple[Any, list, dict]] = {}
+
+    def target(self, call: RecordedCall) -> tuple[Any, bool]:
+        """(callable, is_init)."""
+        parts = call.qualname.split(".")
+        if parts[-1] == "__init__" and len(parts) >= 2:
+            return resolve(call.module, ".".join(parts[:-1]), self.allow, call.path), True
+        if call.instance_id is not None and len(parts) >= 2:
+            if not module_allowed(call.module, self.allow):
+                resolve(call.module, call.qualname, self.allow, call.path)  # raises
+            obj = self.instances.get(call.instance_id)
+            if obj is None:
+                raise ReplayRefused(f"{call.path}: no recorded __init__ for instance "
+                                    f"{call.instance_id}")
+            return getattr(obj, parts[-1]), False
+        return resolve(call.module, call.qualname, self.allow, call.path), False
+
+    def replan(self, call: RecordedCall, page_ids: list[int]) -> None:
+        plan = self.plans.get(call.instance_id or "")
+        if plan is None:
+            return
+        fn, pos, kw = plan
+        lookup = torch.full((max(page_ids, default=-1) + 1,), -1, dtype=torch.long)
+        lookup[torch.tensor(page_ids, dtype=torch.long)] = torch.arange(len(page_ids))
+        for name in INDEX_ARGS:
+            if name in kw and isinstance(kw[name], torch.Tensor):
+                idx = kw[name]
+                kw = {**kw, name: lookup[idx.long().cpu()].to(idx.dtype).to(idx.device)}
+        fn(*pos, **kw)
+
+    def run(self, call: RecordedCall) -> CallResult:
+        try:
+            fn, is_init = self.target(call)
+            pos, kw = _call_args(call, self.allow)
+        except (ReplayRefused, ImportError, AttributeError) as exc:
+            return CallResult(call, False, f"refused: {exc}")
+        if call.qualname.endswith(".plan") and call.instance_id is not None:
+            self.plans[call.instance_id] = (fn, pos, kw)
+        ids = next((i for i in (_paged_ids(a.value) for a in call.args) if i is not None), None)
+        try:
+            if ids is not None:
+                self.replan(call, ids)
+            got = fn(*pos, **kw)
+        except Exception as exc:  # noqa: BLE001 - a replayed call may raise anything
+            if call.status == "error" and call.error and call.error.get("type") == type(
+                    exc).__qualname__:
+                return CallResult(call, True, f"raised {type(exc).__qualname__} as recorded")
+            return CallResult(call, False, f"raised {type(exc).__qualname__}: {exc}")
+        if is_init:
+            if call.instance_id is not None:
+                self.instances[call.instance_id] = got
+            return CallResult(call, True, "object rebuilt")
+        if call.status == "error":
+            return CallResult(call, False, f"recorded {call.error and call.error.get('type')}, "
+                                           "replay returned normally")
+        if call.status != "ok":
+            return CallResult(call, True, f"ran (recorded status {call.status}, no outputs)")
+        if call.skipped:
+            return CallResult(call, True, f"ran (outputs not recorded: {call.skipped})")
+        why = compare(got, call.result, self.rtol, self.atol)
+        if why:
+            return CallResult(call, False, why)
+        exact = self.rtol is None and self.atol is None
+        return CallResult(call, True, "bit-exact" if exact else "within tolerance")
+
+
+def replay(
+    path: str,
+    device: str | None = None,
+    allow_modules: tuple[str, ...] | list[str] = (),
+    rtol: float | None = None,
+    atol: float | None = None,
+    out: TextIO | None = None,
+) -> Report:
+    """Re-run every call of a bundle; prints one line per call and ``N passed, N failed``."""
+    out = out or sys.stdout
+    runner = _Runner(tuple(allow_modules), rtol, atol)
+    report = Report()
+    for call in load_bundle(path, device=device):
+        res = runner.run(call)
+        report.results.append(res)
+        mark = "PASS" if res.passed else "FAIL"
+        out.write(f"{mark} {call.seq:>5} {call.api} span={call.span_id}: {res.detail}\n")
+    out.write(f"{report.passed} passed, {report.failed} failed\n")
+    return report

@@ -1,0 +1,295 @@
+"""Blob store, manifests, dedup, limits (threads, processes) and crash paths."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+import torch
+
+from otel_flashinfer.blobs import encode, layout, manifest
+from otel_flashinfer.blobs.capture import BlobRecorder
+from otel_flashinfer.blobs.store import BlobStore, StoreError
+from otel_flashinfer.config import Settings
+
+
+def settings(url, **kw):
+    return dataclasses.replace(Settings(blob_url=str(url)), **kw)
+
+
+def record(rec, fn, trace, span, *args, **kwargs):
+    cap = rec.before(fn.__name__, fn.__module__, fn.__qualname__, None, trace, span, None,
+                     span, inspect.signature(fn).bind(*args, **kwargs))
+    out = fn(*args, **kwargs)
+    cap.after(out, None)
+    return cap
+
+
+def add(x, y):
+    return x + y
+
+
+def test_layout_keys_and_listing_order():
+    h = "ab" + "0" * 62
+    assert layout.object_key(h, "safetensors") == f"objects/ab/{h}.safetensors"
+    assert layout.manifest_key(1, 5, 255) == (
+        "traces/00000000000000000000000000000001/00000000000000000005-00000000000000ff.json")
+    name = "00000000000000000005-00000000000000ff.json"
+    assert layout.parse_manifest_name(name) == (5, "ff".zfill(16))
+    for bad in ("../x", "objects/ab/../../etc.safetensors", f"objects/cd/{h}.safetensors"):
+        with pytest.raises(ValueError):
+            layout.check_object_key(bad, h, "safetensors")
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "torch"])
+def test_encode_keeps_exact_layout(fmt):
+    base = torch.arange(120, dtype=torch.float16).reshape(4, 5, 6)
+    views = [base, base[1:, ::2, 1:5], base.transpose(0, 2), base.expand(2, 4, 5, 6)[1],
+             torch.zeros(0, 3), torch.tensor(3.5)]
+    for t in views:
+        data = encode.encode(encode.flat_span(t).clone(), fmt)
+        back = encode.rebuild(encode.decode(data, fmt), "float16" if t.dtype == torch.float16
+                              else encode.dtype_name(t.dtype), list(t.shape), list(t.stride()), 0)
+        assert torch.equal(back, t) and back.stride() == t.stride()
+        # deterministic bytes: equal contents, equal names
+        assert data == encode.encode(encode.flat_span(t).clone(), fmt)
+
+
+def test_store_not_writable_is_clear_error(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as a user that ignores permissions")
+        with pytest.raises(StoreError, match=str(ro / "blobs")):
+            BlobStore(str(ro / "blobs"))
+    finally:
+        ro.chmod(0o700)
+
+
+def test_store_not_writable_root_user(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(StoreError, match="not writable") as err:
+        BlobStore(str(blocker / "sub"))
+    assert str(blocker / "sub") in str(err.value)
+
+
+def test_manifest_and_objects_read_back(tmp_path):
+    rec = BlobRecorder(settings(tmp_path), install_handlers=False)
+    x = torch.randn(4, 3)
+    cap = record(rec, add, 0xAB, 7, x, 2.0)
+    assert rec.flush(10)
+    m = manifest.parse((tmp_path / cap.manifest_key).read_bytes(), "m")
+    assert m["status"] == "ok" and m["api"] == "add" and m["trace_id"] == f"{0xAB:032x}"
+    ref = m["args"][0]["value"]
+    data = (tmp_path / ref["key"]).read_bytes()
+    assert hashlib.sha256(data).hexdigest() == ref["hash"] and len(data) == ref["nbytes"]
+    assert torch.equal(encode.decode(data, "safetensors").reshape(4, 3), x)
+    assert m["args"][1]["value"] == 2.0
+    assert cap.manifest_url == "file://" + str(tmp_path / cap.manifest_key)
+
+
+def test_dedup_same_bytes_stored_once(tmp_path):
+    rec = BlobRecorder(settings(tmp_path), install_handlers=False)
+    x = torch.ones(1000)
+    for span in range(1, 6):
+        record(rec, add, 1, span, x, x)
+    assert rec.flush(10)
+    objs = list((tmp_path / "objects").rglob("*.safetensors"))
+    assert len(objs) == 2  # ones and twos
+    assert rec.counters["bytes_written"] == 8000
+    assert rec.store.budget.usage() == (5, 8000)
+
+
+def test_count_limit_exact_under_threads(tmp_path):
+    rec = BlobRecorder(settings(tmp_path, blob_max_count=37), install_handlers=False)
+    caps = []
+    lock = threading.Lock()
+
+    def worker(k):
+        for i in range(20):
+            c = record(rec, add, 2, k * 100 + i + 1, torch.full((8,), float(k * 100 + i)), 1.0)
+            with lock:
+                caps.append(c)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert rec.flush(30)
+    kept = [c for c in caps if c.skipped is None]
+    assert len(kept) == 37
+    assert {c.skipped for c in caps if c.skipped} == {"max_count"}
+    assert len(list((tmp_path / "traces").rglob("*.json"))) == 37
+
+
+def test_byte_limit(tmp_path):
+    rec = BlobRecorder(settings(tmp_path, blob_max_gb=10_000 / 1024**3), install_handlers=False)
+    a = record(rec, add, 3, 1, torch.zeros(1000), torch.zeros(1))  # output dedups: 4004 kept
+    assert rec.flush(10) and rec.store.budget.usage() == (1, 4004)
+    b = record(rec, add, 3, 2, torch.ones(1000), torch.zeros(1))  # 8004 + 4000 out > 10000
+    assert rec.flush(10) and rec.store.budget.usage() == (2, 8004)
+    c = record(rec, add, 3, 3, torch.full((1000,), 2.0), torch.zeros(1))
+    assert rec.flush(10)
+    assert a.skipped is None and b.skipped is None and c.skipped == "max_bytes"
+    mb = json.loads((tmp_path / b.manifest_key).read_text())
+    assert mb["skipped"] == "max_bytes" and mb["result"] is None
+    assert rec.store.budget.usage()[1] <= 10_000
+
+
+def test_staging_full_skips(tmp_path):
+    rec = BlobRecorder(settings(tmp_path), staging_mb=0.001, install_handlers=False)
+    cap = record(rec, add, 4, 1, torch.zeros(10_000), 1.0)
+    assert cap.skipped == "staging_full"
+    assert rec.store.budget.usage() == (0, 0)
+
+
+CHILD_COUNT = textwrap.dedent('''
+    import dataclasses, inspect, sys, torch
+    from otel_flashinfer.blobs.capture import BlobRecorder
+    from otel_flashinfer.config import Settings
+    s = dataclasses.replace(Settings(blob_url=sys.argv[1]), blob_max_count=int(sys.argv[2]))
+    rec = BlobRecorder(s, install_handlers=False)
+    def add(x, y): return x + y
+    kept = 0
+    for i in range(40):
+        x = torch.full((16,), float(i + 1000 * int(sys.argv[3])))
+        cap = rec.before("add", "m", "add", None, 5, 1 + i + 1000 * int(sys.argv[3]), None, i,
+                         inspect.signature(add).bind(x, 1.0))
+        cap.after(add(x, 1.0), None)
+        kept += cap.skipped is None
+    rec.flush(30)
+    print(kept)
+''')
+
+
+def test_count_limit_across_two_processes(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    procs = [subprocess.Popen([sys.executable, "-c", CHILD_COUNT, str(tmp_path), "50", str(k)],
+                              stdout=subprocess.PIPE, text=True, env=env) for k in (1, 2)]
+    kept = [int(p.communicate(timeout=120)[0]) for p in procs]
+    assert sum(kept) == 50
+    assert len(list((tmp_path / "traces").rglob("*.json"))) == 50
+
+
+CHILD_TERM = textwrap.dedent('''
+    import inspect, signal, sys, time, torch
+    from otel_flashinfer.blobs.capture import BlobRecorder
+    from otel_flashinfer.config import Settings
+    seen = []
+    signal.signal(signal.SIGTERM, lambda s, f: (seen.append(s), print("app handler", flush=True),
+                                                sys.exit(3)))
+    rec = BlobRecorder(Settings(blob_url=sys.argv[1]))
+    def slow(x):
+        print("running", flush=True)
+        time.sleep(60)
+        return x
+    def add(x, y): return x + y
+    for i in range(5):
+        x = torch.full((64,), float(i))
+        c = rec.before("add", "m", "add", None, 6, i + 1, None, i,
+                       inspect.signature(add).bind(x, 1.0))
+        c.after(add(x, 1.0), None)
+    x = torch.arange(32.)
+    c = rec.before("slow", "m", "slow", None, 6, 99, None, 99, inspect.signature(slow).bind(x))
+    slow(x)
+''')
+
+
+def test_sigterm_mid_call_leaves_complete_manifests(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    p = subprocess.Popen([sys.executable, "-c", CHILD_TERM, str(tmp_path)], env=env,
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "running"
+    os.kill(p.pid, signal.SIGTERM)
+    out, _ = p.communicate(timeout=60)
+    assert p.returncode == 3 and "app handler" in out  # the app's handler still ran
+    store = BlobStore(str(tmp_path), check_writable=False)
+    keys = store.list_manifests(6)
+    assert len(keys) == 6
+    for key in keys:
+        m = manifest.parse(store.get(key), key)
+        for obj in manifest.manifest_objects(m):
+            data = store.get(obj["key"])
+            assert hashlib.sha256(data).hexdigest() == obj["hash"]
+    last = manifest.parse(store.get(keys[-1]), keys[-1])
+    assert last["status"] == "crashed" and last["span_id"] == f"{99:016x}"
+    ref = last["args"][0]["value"]
+    assert torch.equal(encode.decode(store.get(ref["key"]), "safetensors"), torch.arange(32.))
+
+
+def test_atexit_completes_inflight(tmp_path):
+    code = textwrap.dedent('''
+        import inspect, sys, torch
+        from otel_flashinfer.blobs.capture import BlobRecorder
+        from otel_flashinfer.config import Settings
+        rec = BlobRecorder(Settings(blob_url=sys.argv[1]))
+        def f(x): return x
+        rec.before("f", "m", "f", None, 7, 1, None, 1, inspect.signature(f).bind(torch.ones(3)))
+    ''')
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True,
+                   env={**os.environ, "PYTHONPATH": os.getcwd()}, timeout=60)
+    store = BlobStore(str(tmp_path), check_writable=False)
+    (key,) = store.list_manifests(7)
+    assert manifest.parse(store.get(key), key)["status"] == "crashed"
+
+
+def test_crash_safe_writes_pending_before_call(tmp_path):
+    rec = BlobRecorder(settings(tmp_path, crash_safe=True), install_handlers=False)
+    seen = {}
+
+    def probe(x):
+        seen["m"] = json.loads((tmp_path / cap.manifest_key).read_text())
+        return x * 2
+
+    x = torch.ones(5)
+    cap = rec.before("probe", "m", "probe", None, 8, 1, None, 1,
+                     inspect.signature(probe).bind(x))
+    out = probe(x)
+    cap.after(out, None)
+    assert rec.flush(10)
+    assert seen["m"]["status"] == "pending" and seen["m"]["args"][0]["value"]["hash"]
+    assert json.loads((tmp_path / cap.manifest_key).read_text())["status"] == "ok"
+
+
+def test_write_failure_marks_call_and_engine_goes_on(tmp_path):
+    rec = BlobRecorder(settings(tmp_path), install_handlers=False)
+
+    def boom(key, data):
+        raise OSError("disk full")
+
+    rec.store.put_object = boom
+    cap = record(rec, add, 9, 1, torch.ones(3), 1.0)
+    assert rec.flush(10)
+    assert cap.skipped == "write_failed" and rec.counters["write_failures"] == 1
+    assert not (tmp_path / cap.manifest_key).exists()
+
+
+def test_pending_protocol_sets_attributes(tmp_path):
+    rec = BlobRecorder(settings(tmp_path), install_handlers=False)
+
+    class Rec:
+        attributes: dict
+
+    r = Rec()
+    r.attributes = {}
+    cap = record(rec, add, 10, 1, torch.ones(3), 1.0)
+    p = cap.pending(r)
+    deadline = time.monotonic() + 10
+    while not p.ready() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    p.apply(r)
+    assert r.attributes == {"flashinfer.blob.manifest": cap.manifest_url}

@@ -1,0 +1,199 @@
+"""Every refusal of pull/replay, tried with a crafted store or bundle."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import io
+import json
+import os
+import sys
+import textwrap
+import uuid
+
+import pytest
+import torch
+
+from otel_flashinfer.blobs import layout
+from otel_flashinfer.blobs.capture import BlobRecorder
+from otel_flashinfer.blobs.manifest import ManifestError
+from otel_flashinfer.config import Settings
+from otel_flashinfer.replay.bundle import load_bundle
+from otel_flashinfer.replay.pull import BundleError, pull
+from otel_flashinfer.replay.runner import replay
+
+TRACE = 0x42
+
+
+def mul(x, y):
+    return x * y
+
+
+@pytest.fixture
+def store(tmp_path):
+    """A store with one recorded call of ``mul``; returns (path, manifest path)."""
+    root = tmp_path / "store"
+    rec = BlobRecorder(Settings(blob_url=str(root)), install_handlers=False)
+    x = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    cap = rec.before("mul", __name__, "mul", None, TRACE, 1, None, 10,
+                     inspect.signature(mul).bind(x, 3.0))
+    cap.after(mul(x, 3.0), None)
+    assert rec.flush(10)
+    return root, root / cap.manifest_key
+
+
+def edit(path, fn):
+    m = json.loads(path.read_text())
+    fn(m)
+    path.write_text(json.dumps(m))
+
+
+def test_hash_mismatch_refused(store, tmp_path):
+    root, mpath = store
+    key = json.loads(mpath.read_text())["args"][0]["value"]["key"]
+    obj = root / key
+    data = bytearray(obj.read_bytes())
+    data[-1] ^= 1
+    obj.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="hash mismatch") as err:
+        pull(TRACE, str(root), str(tmp_path / "b"))
+    assert mpath.name in str(err.value)
+
+
+@pytest.mark.parametrize("key", ["../../../../evil.safetensors", "/etc/passwd",
+                                 "objects/aa/../../x.safetensors"])
+def test_path_traversal_in_key_refused(store, tmp_path, key):
+    root, mpath = store
+    edit(mpath, lambda m: m["args"][0]["value"].update(key=key))
+    with pytest.raises(ManifestError, match="object key") as err:
+        pull(TRACE, str(root), str(tmp_path / "b"))
+    assert mpath.name in str(err.value)
+    assert not (tmp_path / "evil.safetensors").exists()
+
+
+def test_path_traversal_in_bundle_index_refused(store, tmp_path):
+    root, _ = store
+    b = tmp_path / "b"
+    pull(TRACE, str(root), str(b))
+    index = json.loads((b / "index.json").read_text())
+    index["calls"][0]["manifest"] = "manifests/../../outside.json"
+    (b / "index.json").write_text(json.dumps(index))
+    with pytest.raises(BundleError, match=r"index\.json"):
+        load_bundle(str(b))
+
+
+def test_bad_argument_name_refused(store, tmp_path):
+    root, mpath = store
+    edit(mpath, lambda m: m["args"][0].update(name="../x"))
+    with pytest.raises(ManifestError, match="not an identifier"):
+        pull(TRACE, str(root), str(tmp_path / "b"))
+
+
+def test_module_outside_allow_list_not_imported(tmp_path, capsys):
+    name = f"fi_evil_{uuid.uuid4().hex[:8]}"
+    marker = tmp_path / "imported"
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(f'''
+        open({str(marker)!r}, "w").write("imported")
+        def mul(x, y):
+            return x * y
+    '''))
+    root = tmp_path / "s"
+    rec = BlobRecorder(Settings(blob_url=str(root)), install_handlers=False)
+    cap = rec.before("mul", name, "mul", None, TRACE, 1, None, 1,
+                     inspect.signature(mul).bind(torch.ones(2), 2.0))
+    cap.after(mul(torch.ones(2), 2.0), None)
+    assert rec.flush(10)
+    marker.unlink(missing_ok=True)
+    pull(TRACE, str(root), str(tmp_path / "b"))
+    sys.path.insert(0, str(tmp_path))
+    try:
+        report = replay(str(tmp_path / "b"), allow_modules=["flashinfer_*"])
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert report.failed == 1 and "outside flashinfer.*" in report.results[0].detail
+    assert not marker.exists() and name not in sys.modules
+    assert "0 passed, 1 failed" in capsys.readouterr().out
+
+
+def test_shape_disagreeing_with_bytes_refused(store, tmp_path):
+    root, mpath = store
+    edit(mpath, lambda m: m["args"][0]["value"].update(shape=[4, 3]))
+    with pytest.raises(BundleError, match="needs 12 elements, object holds 6") as err:
+        pull(TRACE, str(root), str(tmp_path / "b"))
+    assert mpath.name in str(err.value)
+
+
+def test_dtype_disagreeing_with_bytes_refused(store, tmp_path):
+    root, mpath = store
+    edit(mpath, lambda m: m["args"][0]["value"].update(dtype="int64"))
+    with pytest.raises(BundleError, match="manifest says int64"):
+        pull(TRACE, str(root), str(tmp_path / "b"))
+
+
+def test_rank_mismatch_refused(store, tmp_path):
+    root, mpath = store
+    edit(mpath, lambda m: m["args"][0]["value"].update(stride=[1]))
+    with pytest.raises(ManifestError, match="differ in rank"):
+        pull(TRACE, str(root), str(tmp_path / "b"))
+
+
+def test_malformed_json_refused(store, tmp_path):
+    root, mpath = store
+    mpath.write_bytes(b'{"schema": 1, "api": ')
+    with pytest.raises(ManifestError, match="malformed JSON") as err:
+        pull(TRACE, str(root), str(tmp_path / "b"))
+    assert mpath.name in str(err.value)
+
+
+def test_manifest_ids_must_match_name(store, tmp_path):
+    root, mpath = store
+    edit(mpath, lambda m: m.update(span_id="00000000000000ff"))
+    with pytest.raises(BundleError, match="do not match its name"):
+        pull(TRACE, str(root), str(tmp_path / "b"))
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/otel_fi_pwned_marker",))
+
+
+def test_pickle_in_torch_format_refused(tmp_path):
+    if os.path.exists("/tmp/otel_fi_pwned_marker"):
+        os.unlink("/tmp/otel_fi_pwned_marker")
+    root = tmp_path / "s"
+    settings = dataclasses.replace(Settings(blob_url=str(root)), blob_format="torch")
+    rec = BlobRecorder(settings, install_handlers=False)
+    cap = rec.before("mul", __name__, "mul", None, TRACE, 1, None, 1,
+                     inspect.signature(mul).bind(torch.ones(2), 2.0))
+    cap.after(mul(torch.ones(2), 2.0), None)
+    assert rec.flush(10)
+    buf = io.BytesIO()
+    torch.save({"t": _Evil()}, buf)
+    data = buf.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
+    key = layout.object_key(digest, "torch")
+    (root / key).parent.mkdir(parents=True, exist_ok=True)
+    (root / key).write_bytes(data)
+    mpath = root / cap.manifest_key
+    edit(mpath, lambda m: m["args"][0]["value"].update(hash=digest, key=key, nbytes=len(data)))
+    with pytest.raises(BundleError, match="weights_only"):
+        pull(TRACE, str(root), str(tmp_path / "b"))
+    assert not os.path.exists("/tmp/otel_fi_pwned_marker")
+
+
+def test_missing_trace_is_clear(tmp_path):
+    (tmp_path / "s").mkdir()
+    with pytest.raises(BundleError, match="no manifests for trace"):
+        pull(0x99, str(tmp_path / "s"), str(tmp_path / "b"))
+
+
+def test_cli_bad_arguments(tmp_path, capsys):
+    from otel_flashinfer.replay.cli import main
+
+    assert main(["pull", "nothex", "--blob-url", str(tmp_path), "-o", str(tmp_path / "b")]) == 1
+    assert "not 32 hex digits" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["replay", str(tmp_path), "--rtol", "-1"])
+    assert main(["replay", str(tmp_path / "none")]) == 1
+    assert "cannot read bundle index" in capsys.readouterr().err
