@@ -1,0 +1,241 @@
+// Torch binding of the statistics kernel: builds the launch descriptor on the
+// host (no device allocation besides the caching allocator's output buffer),
+// launches on the current stream and, for eager calls, copies the rows into a
+// pinned host slot and records an event, all in one Python->C++ call so the
+// per-call host cost stays a few microseconds.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <optional>
+#include <vector>
+
+#include "tensor_stats.h"
+
+namespace otel_fi {
+namespace {
+
+constexpr int kThreads = 256;
+
+int32_t dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return kF32;
+    case at::kHalf: return kF16;
+    case at::kBFloat16: return kBF16;
+    case at::kFloat8_e4m3fn: return kF8E4M3;
+    case at::kFloat8_e5m2: return kF8E5M2;
+    case at::kChar: return kI8;
+    case at::kByte: return kU8;
+    case at::kInt: return kI32;
+    case at::kLong: return kI64;
+    case at::kBool: return kBool;
+    case at::kDouble: return kF64;
+    default: TORCH_CHECK(false, "otel_flashinfer stats: unsupported dtype ", t);
+  }
+}
+
+// Drops size-1 dims and merges dims that are contiguous with each other.
+int coalesce(at::IntArrayRef sizes, at::IntArrayRef strides, size_t first, int64_t* out_sizes,
+             int64_t* out_strides) {
+  std::vector<int64_t> sz, st;
+  for (size_t k = first; k < sizes.size(); ++k) {
+    if (sizes[k] == 1) continue;
+    if (!sz.empty() && st.back() == sizes[k] * strides[k]) {
+      sz.back() *= sizes[k];
+      st.back() = strides[k];
+    } else {
+      sz.push_back(sizes[k]);
+      st.push_back(strides[k]);
+    }
+  }
+  TORCH_CHECK(sz.size() <= static_cast<size_t>(kMaxDims),
+              "otel_flashinfer stats: more than 8 non-mergeable dims");
+  for (size_t k = 0; k < sz.size(); ++k) {
+    out_sizes[k] = sz[k];
+    out_strides[k] = st[k];
+  }
+  return static_cast<int>(sz.size());
+}
+
+int sm_count_of(int device) {
+  static int cache[64] = {0};
+  if (device < 0 || device >= 64) return 132;
+  if (cache[device] == 0) {
+    int n = 0;
+    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || n <= 0)
+      n = 132;
+    cache[device] = n;
+  }
+  return cache[device];
+}
+
+struct Item {
+  TensorDesc d;
+  int64_t work;  // elements (upper bound for paged)
+};
+
+Item describe(const at::Tensor& t, int64_t row, int64_t step,
+              const std::optional<at::Tensor>& indices, const std::optional<at::Tensor>& indptr,
+              int64_t batch) {
+  Item it{};
+  TensorDesc& d = it.d;
+  const int64_t item = t.element_size();
+  d.ptr = t.data_ptr();
+  d.dtype = dtype_code(t.scalar_type());
+  d.row = static_cast<int32_t>(row);
+  d.step = 1;
+  const bool aligned = reinterpret_cast<uintptr_t>(d.ptr) % 16 == 0;
+  if (indices.has_value()) {
+    TORCH_CHECK(indptr.has_value() && t.dim() >= 1, "paged stats need a [pages, ...] cache");
+    TORCH_CHECK(indices->scalar_type() == at::kInt && indptr->scalar_type() == at::kInt,
+                "paged stats need int32 indices and indptr");
+    TORCH_CHECK(indices->is_contiguous() && indptr->is_contiguous(),
+                "paged stats need contiguous indices and indptr");
+    d.mode = kPaged;
+    d.indices = indices->data_ptr<int32_t>();
+    d.indptr = indptr->data_ptr<int32_t>();
+    d.batch = static_cast<int32_t>(batch);
+    d.page_stride = t.stride(0);
+    d.ndim = coalesce(t.sizes(), t.strides(), 1, d.sizes, d.strides);
+    d.n = t.size(0) ? t.numel() / t.size(0) : 0;
+    const bool contig = d.ndim == 0 || (d.ndim == 1 && d.strides[0] == 1);
+    d.contiguous = contig ? 1 : 0;
+    if (contig && aligned && (d.page_stride * item) % 16 == 0 && (d.n * item) % 16 == 0)
+      d.contiguous = 2;
+    it.work = t.numel();
+    return it;
+  }
+  d.ndim = coalesce(t.sizes(), t.strides(), 0, d.sizes, d.strides);
+  const bool contig = d.ndim == 0 || (d.ndim == 1 && d.strides[0] == 1);
+  d.contiguous = contig ? 1 : 0;
+  const int64_t numel = t.numel();
+  if (step > 1) {
+    d.mode = kSampled;
+    d.step = step;
+    d.n = (numel + step - 1) / step;
+  } else {
+    d.mode = kFull;
+    d.n = numel;
+    if (contig && aligned) d.contiguous = 2;
+  }
+  it.work = d.n;
+  return it;
+}
+
+void launch_items(std::vector<Item>& items, int64_t* out, cudaStream_t stream, int sm_count) {
+  const int64_t max_blocks = static_cast<int64_t>(sm_count) * 6;
+  const int64_t per_block = static_cast<int64_t>(kThreads) * 16;
+  for (size_t first = 0; first < items.size(); first += kMaxTensorsPerLaunch) {
+    LaunchDesc ld{};
+    int blocks = 0;
+    const size_t last = std::min(items.size(), first + kMaxTensorsPerLaunch);
+    for (size_t k = first; k < last; ++k) {
+      TensorDesc d = items[k].d;
+      int64_t nb = std::min(max_blocks, std::max<int64_t>(1, (items[k].work + per_block - 1) /
+                                                                 per_block));
+      d.block_begin = blocks;
+      d.nblocks = static_cast<int32_t>(nb);
+      blocks += static_cast<int>(nb);
+      ld.t[ld.count++] = d;
+    }
+    int err = launch_tensor_stats(ld, blocks, kThreads, out, stream);
+    TORCH_CHECK(err == 0, "otel_flashinfer stats kernel: ", cudaGetErrorString(
+                                                              static_cast<cudaError_t>(err)));
+  }
+}
+
+void run(at::Tensor& out, const std::vector<at::Tensor>& tensors, const std::vector<int64_t>& rows,
+         const std::vector<int64_t>& steps, const std::vector<std::optional<at::Tensor>>& indices,
+         const std::vector<std::optional<at::Tensor>>& indptr, const std::vector<int64_t>& batch,
+         cudaStream_t stream, bool zero) {
+  const size_t n = tensors.size();
+  TORCH_CHECK(rows.size() == n && steps.size() == n && indices.size() == n &&
+                  indptr.size() == n && batch.size() == n,
+              "otel_flashinfer stats: argument lists differ in length");
+  if (zero) {
+    C10_CUDA_CHECK(cudaMemsetAsync(out.data_ptr(), 0, out.numel() * out.element_size(), stream));
+  }
+  std::vector<Item> items;
+  items.reserve(n);
+  for (size_t k = 0; k < n; ++k) {
+    TORCH_CHECK(rows[k] >= 0 && rows[k] < out.size(0), "stats row out of range");
+    if (tensors[k].numel() == 0) continue;
+    items.push_back(describe(tensors[k], rows[k], steps[k], indices[k], indptr[k], batch[k]));
+  }
+  int sm_count = sm_count_of(out.get_device());
+  launch_items(items, out.data_ptr<int64_t>(), stream, sm_count);
+}
+
+// Graph or caller-owned output: out is int64 [rows, 8] on the device.
+void stats_into(at::Tensor out, std::vector<at::Tensor> tensors, std::vector<int64_t> rows,
+                std::vector<int64_t> steps, std::vector<std::optional<at::Tensor>> indices,
+                std::vector<std::optional<at::Tensor>> indptr, std::vector<int64_t> batch,
+                bool zero) {
+  c10::cuda::CUDAGuard guard(out.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  run(out, tensors, rows, steps, indices, indptr, batch, stream, zero);
+}
+
+// Eager: temp output, launch, async copy into pinned host_ptr, record event.
+void stats_eager(std::vector<at::Tensor> tensors, std::vector<int64_t> rows,
+                 std::vector<int64_t> steps, std::vector<std::optional<at::Tensor>> indices,
+                 std::vector<std::optional<at::Tensor>> indptr, std::vector<int64_t> batch,
+                 int64_t nrows, int64_t host_ptr, int64_t event) {
+  TORCH_CHECK(!tensors.empty(), "no tensors");
+  c10::cuda::CUDAGuard guard(tensors[0].device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  at::Tensor out = at::empty({nrows, kRowWords}, tensors[0].options().dtype(at::kLong));
+  run(out, tensors, rows, steps, indices, indptr, batch, stream, true);
+  const size_t bytes = static_cast<size_t>(nrows) * kRowWords * sizeof(int64_t);
+  C10_CUDA_CHECK(cudaMemcpyAsync(reinterpret_cast<void*>(host_ptr), out.data_ptr(), bytes,
+                                 cudaMemcpyDeviceToHost, stream));
+  if (event) C10_CUDA_CHECK(cudaEventRecord(reinterpret_cast<cudaEvent_t>(event), stream));
+}
+
+// After a graph replay: copy the graph's output rows into a pinned slot.
+void snapshot(at::Tensor out, int64_t host_ptr, int64_t event) {
+  c10::cuda::CUDAGuard guard(out.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  C10_CUDA_CHECK(cudaMemcpyAsync(reinterpret_cast<void*>(host_ptr), out.data_ptr(),
+                                 out.numel() * out.element_size(), cudaMemcpyDeviceToHost,
+                                 stream));
+  if (event) C10_CUDA_CHECK(cudaEventRecord(reinterpret_cast<cudaEvent_t>(event), stream));
+}
+
+int64_t event_create() {
+  cudaEvent_t e = nullptr;
+  C10_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+  return reinterpret_cast<int64_t>(e);
+}
+
+// 0: done, 1: not ready, otherwise the CUDA error code (the error is cleared).
+int64_t event_query(int64_t event) {
+  cudaError_t r = cudaEventQuery(reinterpret_cast<cudaEvent_t>(event));
+  if (r == cudaSuccess) return 0;
+  if (r == cudaErrorNotReady) {
+    (void)cudaGetLastError();
+    return 1;
+  }
+  (void)cudaGetLastError();
+  return static_cast<int64_t>(r);
+}
+
+void event_destroy(int64_t event) {
+  if (event) (void)cudaEventDestroy(reinterpret_cast<cudaEvent_t>(event));
+}
+
+}  // namespace
+}  // namespace otel_fi
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("stats_into", &otel_fi::stats_into, "statistics into a caller-owned device buffer");
+  m.def("stats_eager", &otel_fi::stats_eager, "statistics copied into a pinned slot + event");
+  m.def("snapshot", &otel_fi::snapshot, "copy a graph's rows into a pinned slot + event");
+  m.def("event_create", &otel_fi::event_create);
+  m.def("event_query", &otel_fi::event_query);
+  m.def("event_destroy", &otel_fi::event_destroy);
+  m.attr("ROW_WORDS") = otel_fi::kRowWords;
+}

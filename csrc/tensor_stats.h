@@ -1,0 +1,62 @@
+// Shared between the CUDA kernel (tensor_stats_kernel.cu) and the torch binding
+// (tensor_stats.cpp). Plain C++ so both compilers see the same layout.
+#pragma once
+#include <cstdint>
+
+namespace otel_fi {
+
+constexpr int kMaxDims = 8;
+constexpr int kMaxTensorsPerLaunch = 16;  // keeps kernel params < 4 KB
+constexpr int kRowWords = 8;              // int64 words per output row
+
+// Output row layout (int64 words, zero-initialised before the launch):
+//  0 min   : atomicMax of ~ord(x)   (0 = no non-NaN value seen)
+//  1 max   : atomicMax of  ord(x)
+//  2 sum   : double bits, atomicAdd over finite values
+//  3 finite: count of finite values
+//  4 nan   : count of NaN values
+//  5 inf   : count of +-Inf values
+//  6 seen  : elements covered (sample size / referenced-page elements)
+//  7 spare
+enum RowField { kMin = 0, kMax, kSum, kFinite, kNan, kInf, kSeen };
+
+enum DType : int32_t {
+  kF32 = 0, kF16, kBF16, kF8E4M3, kF8E5M2, kI8, kU8, kI32, kI64, kBool, kF64
+};
+
+enum Mode : int32_t { kFull = 0, kSampled = 1, kPaged = 2 };
+
+// One tensor (or one half of a (k, v) cache pair) of a launch.
+// For kPaged, sizes/strides describe ONE page (dims 1..), page_stride is dim 0's
+// stride, and the referenced pages are indices[indptr[0] .. indptr[batch]).
+struct TensorDesc {
+  const void* ptr;          // data pointer incl. storage offset
+  int64_t n;                // elements to cover (full/sampled); per page for paged
+  int64_t step;             // sampled: logical index stride (1 = full)
+  int64_t page_stride;      // paged: elements between pages
+  const int32_t* indices;   // paged: page indices
+  const int32_t* indptr;    // paged: [batch + 1]
+  int64_t sizes[kMaxDims];
+  int64_t strides[kMaxDims];
+  int32_t batch;
+  int32_t ndim;
+  int32_t dtype;
+  int32_t mode;
+  int32_t row;              // output row this tensor accumulates into
+  int32_t contiguous;       // 1: offset == logical index (within a page for paged)
+  int32_t block_begin;      // first block of the grid assigned to this tensor
+  int32_t nblocks;          // blocks assigned
+};
+
+struct LaunchDesc {
+  TensorDesc t[kMaxTensorsPerLaunch];
+  int32_t count;
+};
+
+// Launches the statistics kernel for desc.count tensors on `stream`.
+// `out` is an int64 device buffer of rows*kRowWords words; zeroed by the caller.
+// Returns a cudaError_t as int.
+int launch_tensor_stats(const LaunchDesc& desc, int total_blocks, int threads,
+                        int64_t* out, void* stream);
+
+}  // namespace otel_fi

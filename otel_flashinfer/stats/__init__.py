@@ -1,0 +1,20 @@
+"""Level 5: tensor statistics on the GPU without a host sync (kernel in csrc/).
+
+``StatsRecorder`` (caller thread) launches, ``Pending`` objects resolve in the
+background pipeline, ``GraphStatsSlot`` carries a captured launch to each replay.
+Torch is imported only when these names are used, so ``decode`` stays pure.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["GraphStatsSlot", "PagedSpec", "StatsRecorder"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from . import recorder
+
+        return getattr(recorder, name)
+    raise AttributeError(name)

@@ -1,0 +1,195 @@
+"""Level-5 statistics semantics on CPU tensors (torch-op path) against numpy, the row
+decoder on hand-built rows, and the recorder's CPU behaviour."""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from otel_flashinfer.stats import kernel
+from otel_flashinfer.stats.decode import (
+    SCOPE_FULL,
+    SCOPE_PAGES,
+    RowMeta,
+    decode_row,
+    is_nonfinite,
+)
+from otel_flashinfer.stats.layout import ROW_WORDS, SIGN
+from otel_flashinfer.stats.recorder import PagedSpec, StatsRecorder, plan
+from otel_flashinfer.stats.torch_ops import merge_rows, tensor_row
+
+NAN, INF = float("nan"), float("inf")
+
+
+class _Rec:
+    def __init__(self) -> None:
+        self.events: list = []
+        self.attributes: dict = {}
+
+
+def _stats(t: torch.Tensor, **kw) -> dict:
+    return decode_row(tensor_row(t, **kw).tolist(), RowMeta("t", SCOPE_FULL, t.numel()))
+
+
+def _numpy_ref(a: np.ndarray) -> dict:
+    a = a.astype(np.float64).ravel()
+    nan = np.isnan(a)
+    inf = np.isinf(a)
+    fin = ~nan & ~inf
+    non_nan = a[~nan]
+    return {
+        "min": non_nan.min(), "max": non_nan.max(), "mean": a[fin].mean(),
+        "nan_count": int(nan.sum()), "inf_count": int(inf.sum()),
+    }
+
+
+def test_nan_excluded_from_mean_inf_in_min_max():
+    t = torch.tensor([1.0, NAN, 3.0, INF, -INF, NAN, 2.0])
+    s = _stats(t)
+    assert s["nan_count"] == 2 and s["inf_count"] == 2
+    assert s["min"] == -INF and s["max"] == INF
+    assert s["mean"] == pytest.approx(2.0)
+    assert s["numel"] == 7 and s["scope"] == "full"
+    assert is_nonfinite([s])
+
+
+def test_random_floats_match_numpy():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(50, 70, generator=gen) * 100
+    x[3, 4] = NAN
+    x[7, 1] = -INF
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        t = x.to(dtype)
+        ref = _numpy_ref(t.to(torch.float64).numpy())
+        s = _stats(t)
+        assert s["min"] == ref["min"] and s["max"] == ref["max"]
+        assert s["mean"] == pytest.approx(ref["mean"], rel=1e-9)
+        assert (s["nan_count"], s["inf_count"]) == (ref["nan_count"], ref["inf_count"])
+
+
+def test_float8_every_code():
+    codes = torch.arange(256, dtype=torch.uint8)
+    e4m3 = _stats(codes.view(torch.float8_e4m3fn))
+    assert e4m3["nan_count"] == 2 and e4m3["inf_count"] == 0  # S.1111.111 twice
+    assert (e4m3["min"], e4m3["max"]) == (-448.0, 448.0)
+    e5m2 = _stats(codes.view(torch.float8_e5m2))
+    assert e5m2["inf_count"] == 2 and e5m2["nan_count"] == 6
+    assert (e5m2["min"], e5m2["max"]) == (-INF, INF)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.int32, torch.int64])
+def test_integers(dtype):
+    values = [0, 5, 100, 7] if dtype == torch.uint8 else [-100, 5, 100, 7, -3]
+    s = _stats(torch.tensor(values, dtype=dtype))
+    assert (s["min"], s["max"]) == (min(values), max(values))
+    assert s["mean"] == pytest.approx(sum(values) / len(values))
+    assert s["nan_count"] == s["inf_count"] == 0
+
+
+def test_bool_and_large_int64():
+    s = _stats(torch.tensor([True, False, True, True]))
+    assert (s["min"], s["max"], s["mean"]) == (0.0, 1.0, 0.75)
+    big = torch.tensor([-(2**40), 2**40], dtype=torch.int64)
+    s = _stats(big)
+    assert (s["min"], s["max"], s["mean"]) == (-(2.0**40), 2.0**40, 0.0)
+
+
+def test_strided_views_and_storage_offsets():
+    base = torch.arange(60, dtype=torch.float32).reshape(6, 10)
+    for view in (base.t(), base[2:, 3:7], base[::2, ::3], base.view(-1)[7:],
+                 base[:1].expand(4, 10), base[3, 4]):
+        ref = view.contiguous().to(torch.float64)
+        s = _stats(view)
+        assert s["min"] == ref.min().item() and s["max"] == ref.max().item()
+        assert s["mean"] == pytest.approx(ref.mean().item())
+        assert s["numel"] == view.numel()
+
+
+def test_empty_and_all_nan():
+    s = _stats(torch.empty(0, 4))
+    assert s["numel"] == 0 and "min" not in s and "mean" not in s
+    assert s["nan_count"] == 0 and not is_nonfinite([s])
+    s = _stats(torch.full((3,), NAN))
+    assert math.isnan(s["min"]) and math.isnan(s["max"]) and math.isnan(s["mean"])
+    s = _stats(torch.tensor([INF, INF]))
+    assert s["min"] == INF and math.isnan(s["mean"]) and s["inf_count"] == 2
+
+
+def test_sampled_scope_on_small_threshold():
+    t = torch.arange(1000, dtype=torch.float32)
+    t[1] = NAN  # not on the sample grid: not seen
+    jobs, metas, left = plan([("t", t)], max_bytes=400, max_rows=8)  # 100 floats
+    assert jobs[0].step == 10 and metas[0].scope == "sampled" and left == 0
+    row = tensor_row(t, step=jobs[0].step).tolist()
+    s = decode_row(row, metas[0])
+    assert s["scope"] == "sampled" and s["numel"] == 1000 and s["sampled_numel"] == 100
+    assert (s["min"], s["max"]) == (0.0, 990.0) and s["nan_count"] == 0
+    recorder = StatsRecorder(stats_max_mb=400 / 2**20)
+    rec = _Rec()
+    recorder.before([("t", t), ("small", torch.ones(10))]).apply(rec)
+    events = {a["flashinfer.tensor"]: a for _, a, _ in rec.events}
+    assert events["t"]["sampled_numel"] == 100 and events["small"]["scope"] == "full"
+
+
+def test_referenced_pages_and_kv_pair():
+    cache = torch.zeros(8, 2, 3)
+    cache[5, 1, 2] = NAN  # referenced
+    cache[6, 0, 0] = INF  # not referenced
+    cache[2] = 4.0
+    indices = torch.tensor([2, 5, 1, 6], dtype=torch.int32)
+    indptr = torch.tensor([0, 1, 3], dtype=torch.int32)  # batch 2 -> pages 2, 5, 1
+    s = decode_row(tensor_row(cache, 1, indices, indptr, 2).tolist(), RowMeta("kv", SCOPE_PAGES))
+    assert s["numel"] == 18 and s["nan_count"] == 1 and s["inf_count"] == 0
+    assert s["max"] == 4.0 and s["mean"] == pytest.approx(24.0 / 17)
+    rec = _Rec()
+    StatsRecorder().before([PagedSpec("kv", (cache, -cache), indices, indptr, 2)]).apply(rec)
+    (_, attrs, _), = rec.events
+    assert attrs["scope"] == "referenced_pages" and attrs["numel"] == 36
+    assert (attrs["min"], attrs["max"], attrs["nan_count"]) == (-4.0, 4.0, 2)
+    assert rec.attributes["flashinfer.nonfinite"] is True
+
+
+def test_merge_rows_matches_concatenation():
+    a, b = torch.tensor([1.0, NAN, -2.0]), torch.tensor([INF, 5.0])
+    merged = merge_rows(tensor_row(a), tensor_row(b)).tolist()
+    assert merged == tensor_row(torch.cat([a, b])).tolist()
+
+
+def _key(d: float) -> int:
+    b = struct.unpack("<Q", struct.pack("<d", d))[0]
+    return (~b & ((1 << 64) - 1)) if b & SIGN else b | SIGN
+
+
+def test_decode_hand_built_row():
+    """The layout the CUDA kernel writes (unsigned 64-bit words) decodes the same."""
+    words = [0] * ROW_WORDS
+    words[0] = ~_key(-1.5) & ((1 << 64) - 1)
+    words[1] = _key(2.5)
+    words[2] = struct.unpack("<Q", struct.pack("<d", 3.0))[0]
+    words[3], words[4], words[5], words[6] = 3, 1, 0, 4
+    s = decode_row(words, RowMeta("x", SCOPE_FULL, 4))
+    assert (s["min"], s["max"], s["mean"], s["nan_count"]) == (-1.5, 2.5, 1.0, 1)
+    assert decode_row([0] * ROW_WORDS, RowMeta("x", SCOPE_FULL, 0))["numel"] == 0
+
+
+def test_recorder_cpu_skips_non_tensors_and_limits_rows():
+    recorder = StatsRecorder(rows_per_slot=2)
+    rec = _Rec()
+    recorder.before([("a", torch.ones(2)), ("n", 3), ("c", torch.ones(2, dtype=torch.complex64)),
+                     ("b", torch.zeros(2)), ("d", torch.ones(1))]).apply(rec)
+    assert [a["flashinfer.tensor"] for _, a, _ in rec.events] == ["a", "b"]
+    assert rec.attributes["flashinfer.stats.dropped"] == "too_many_tensors:1"
+    assert "flashinfer.nonfinite" not in rec.attributes
+    assert recorder.before([("n", 1)]) is None
+
+
+def test_kernel_sources_are_found_and_loader_never_raises():
+    src = kernel.source_dir()
+    assert src is not None and (src / "tensor_stats_kernel.cu").is_file()
+    if not torch.cuda.is_available():
+        assert kernel.get(wait=True, timeout=60) is None
+        assert kernel.disabled()
