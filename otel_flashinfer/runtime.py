@@ -95,6 +95,15 @@ class Runtime:
                     self.journal = open_journal(settings, self)
                 except Exception as exc:  # noqa: BLE001
                     health.report("journal_errors", "could not open the crash journal", exc)
+        if settings.level >= 5:
+            try:
+                from .stats.hooks import make_hooks
+                from .stats.recorder import StatsRecorder
+
+                self.stats = StatsRecorder(stats_max_mb=settings.stats_max_mb)
+                self.hooks.append(make_hooks(self.stats))
+            except Exception as exc:  # noqa: BLE001
+                health.report("stats_errors", "could not start tensor statistics", exc)
         if settings.level >= 10:
             try:
                 self._start_blobs()
