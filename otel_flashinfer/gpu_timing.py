@@ -21,7 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from . import health
+from . import cuda_errors, health
 from .pipeline import CallRecord
 
 _ext: Any = None
@@ -106,8 +106,7 @@ class GpuTime:
         try:
             status = ext.query(self.end)
             if status < 0:
-                name = ext.error_name(status)
-                record.attributes["flashinfer.cuda_error"] = name
+                cuda_errors.mark(record.attributes, ext.error_name(status))
                 record.attributes["flashinfer.gpu.time_unavailable"] = "cuda_error"
                 return
             elapsed = ext.elapsed_ns(self.start, self.end)

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .. import health
+from .. import cuda_errors, health
 from . import kernel as _kernel
 from . import torch_ops
 from .decode import (
@@ -40,6 +40,16 @@ from .decode import (
 from .layout import KERNEL_DTYPES, ROW_WORDS
 
 CUDA_ERROR_ATTR = "flashinfer.cuda_error"
+
+
+def _error_name(status: int) -> str:
+    """cudaGetErrorName for a negated error code, without a compiled extension."""
+    try:
+        from cuda.bindings import runtime as cudart  # the device image ships cuda-bindings
+
+        return cudart.cudaGetErrorName(cudart.cudaError_t(abs(status)))[1].decode()
+    except Exception:  # noqa: BLE001
+        return f"cudaError{abs(status)}"
 _SUPPORTED = {getattr(torch, name) for name in KERNEL_DTYPES if hasattr(torch, name)}
 
 
@@ -233,7 +243,7 @@ class StatsPending:
         slot, self.slot = self.slot, -1
         if self._status not in (0, 1):
             self.ring.release(slot)
-            record.attributes[CUDA_ERROR_ATTR] = f"cuda error {self._status}"
+            cuda_errors.mark(record.attributes, _error_name(self._status))
             record.attributes[DROPPED_ATTR] = "cuda_error"
             return
         try:
