@@ -36,7 +36,8 @@ Pool& pool() {
   return *p;
 }
 
-// Records an event on the current stream of the current device; returns its slot or -1.
+// Records an event on the current stream of the current device; returns its slot,
+// -1 when every slot is in use, -3 when CUDA refused the record.
 int64_t record() {
   Pool& p = pool();
   int device = 0;
@@ -50,14 +51,14 @@ int64_t record() {
       if (cudaEventCreate(&p.events[slot]) != cudaSuccess) {
         p.events[slot] = nullptr;
         p.busy[slot].store(0);
-        return -1;
+        return -3;
       }
       p.devices[slot] = device;
     }
     cudaStream_t stream = at::cuda::getCurrentCUDAStream(device).stream();
     if (cudaEventRecord(p.events[slot], stream) != cudaSuccess) {
       p.busy[slot].store(0);
-      return -1;
+      return -3;  // a failed record (e.g. the context already hit a sticky error)
     }
     return slot;
   }

@@ -124,8 +124,7 @@ class GpuTime:
         _ext.release(self.end)
 
 
-class _Marker:
-    """Start slot of a replay timer (graphs.py calls begin()/end())."""
+_REASONS = {-1: "event_pool_full", -3: "event_record_failed"}
 
 
 class Timer:
@@ -140,11 +139,11 @@ class Timer:
         if start == -2:
             return Unavailable("compiling" if _state == "compiling" else "no_extension")
         if start < 0:
-            return Unavailable("event_pool_full")
+            return Unavailable(_REASONS.get(start, "event_pool_full"))
         end = _ext.record()
         if end < 0:
             _ext.release(start)
-            return Unavailable("event_pool_full")
+            return Unavailable(_REASONS.get(end, "event_pool_full"))
         return GpuTime(start, end)
 
 

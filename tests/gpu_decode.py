@@ -1,0 +1,67 @@
+"""A real FlashInfer BatchDecode setup shared by the GPU tests and benchmarks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Decode:
+    wrapper: Any
+    q: torch.Tensor
+    kv_cache: torch.Tensor
+    indptr: torch.Tensor
+    indices: torch.Tensor
+    last_page_len: torch.Tensor
+    plan_args: tuple
+
+    def run(self) -> torch.Tensor:
+        return self.wrapper.run(self.q, self.kv_cache)
+
+
+def make_decode(batch: int = 8, kv_len: int = 1024, page_size: int = 16, qo_heads: int = 32,
+                kv_heads: int = 8, head_dim: int = 128, dtype: torch.dtype = torch.float16,
+                use_cuda_graph: bool = False, extra_pages: int = 0, seed: int = 0) -> Decode:
+    """The issue's reference step: batch 8, kv 1024, 32 q / 8 kv heads, d 128, fp16."""
+    import flashinfer
+
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    pages_per_seq = (kv_len + page_size - 1) // page_size
+    num_pages = batch * pages_per_seq + extra_pages
+    kv_cache = torch.randn(num_pages, 2, page_size, kv_heads, head_dim, dtype=dtype,
+                           device="cuda", generator=gen)
+    indptr = torch.arange(batch + 1, dtype=torch.int32, device="cuda") * pages_per_seq
+    indices = torch.arange(batch * pages_per_seq, dtype=torch.int32, device="cuda")
+    last = kv_len - (pages_per_seq - 1) * page_size
+    last_page_len = torch.full((batch,), last, dtype=torch.int32, device="cuda")
+    workspace = torch.empty(128 * 1024 * 1024, dtype=torch.uint8, device="cuda")
+    kwargs: dict[str, Any] = {}
+    if use_cuda_graph:
+        kwargs = dict(use_cuda_graph=True, paged_kv_indptr_buffer=indptr.clone(),
+                      paged_kv_indices_buffer=indices.clone(),
+                      paged_kv_last_page_len_buffer=last_page_len.clone())
+    wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", **kwargs)
+    plan_args = (indptr, indices, last_page_len, qo_heads, kv_heads, head_dim, page_size)
+    wrapper.plan(*plan_args, data_type=dtype)
+    q = torch.randn(batch, qo_heads, head_dim, dtype=dtype, device="cuda", generator=gen)
+    return Decode(wrapper, q, kv_cache, indptr, indices, last_page_len, plan_args)
+
+
+def busy_gpu(ms: float = 2.0) -> None:
+    """Queue ~ms of GPU sleep so later launches and events sit on a busy stream: the
+    timeline between two events then holds only GPU work, not host launch gaps."""
+    torch.cuda._sleep(int(ms * 1.4e6))  # ~1.4 GHz clock cycles per ms (rough)
+
+
+def hand_time(fn: Any) -> tuple[Any, float]:
+    """(result, GPU ms) with torch.cuda.Event around ``fn`` on a busy stream."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    busy_gpu()
+    start.record()
+    result = fn()
+    end.record()
+    end.synchronize()
+    return result, start.elapsed_time(end)

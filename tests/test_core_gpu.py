@@ -1,0 +1,247 @@
+"""Real FlashInfer kernels on the GPU: GPU time per span, CUDA graph replay spans,
+level-5 statistics per replay, level-10 blobs pulled and replayed bit-exact, and a
+CUDA error pinned to the launch that caused it."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import otel_flashinfer
+from otel_flashinfer import gpu_timing
+
+pytestmark = pytest.mark.gpu
+flashinfer = pytest.importorskip("flashinfer")
+sys.path.insert(0, str(Path(__file__).parent))
+from gpu_decode import busy_gpu, hand_time, make_decode  # noqa: E402
+
+RUN = "BatchDecodeWithPagedKVCacheWrapper.run"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _timer_ready() -> None:
+    assert gpu_timing.wait_ready(600), "event pool extension did not build"
+
+
+def _gpu_ns(span) -> int:  # noqa: ANN001
+    return int(span.attributes["flashinfer.gpu.time_ns"])
+
+
+def test_gpu_time_per_call_matches_hand_timing(spans) -> None:
+    otel_flashinfer.instrument(level=3, journal_dir="")
+    short, long = make_decode(kv_len=512), make_decode(kv_len=8192)
+    x = torch.randn(2048, 4096, dtype=torch.float16, device="cuda")
+    w = torch.randn(4096, dtype=torch.float16, device="cuda")
+    for _ in range(3):  # JIT and warm up
+        short.run(), long.run(), flashinfer.norm.rmsnorm(x, w)
+    assert otel_flashinfer.flush(60)
+    spans.exporter.clear()
+    hand: dict[str, list[float]] = {"short": [], "long": [], "rms": []}
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(5):
+            for key, fn in (("short", short.run), ("long", long.run),
+                            ("rms", lambda: flashinfer.norm.rmsnorm(x, w))):
+                busy_gpu()
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                hand[key].append((start, end))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    hand_ms = {k: statistics.median(s.elapsed_time(e) for s, e in v) for k, v in hand.items()}
+    runs = sorted(spans.by_name(RUN), key=lambda s: s.start_time)
+    rms = spans.by_name("rmsnorm")
+    assert len(runs) == 10 and len(rms) == 5
+    kv = [s.attributes["flashinfer.arg.paged_kv_cache.shape"][0] for s in runs]
+    short_ns = statistics.median(_gpu_ns(s) for s, n in zip(runs, kv, strict=True)
+                                 if n == min(kv))
+    long_ns = statistics.median(_gpu_ns(s) for s, n in zip(runs, kv, strict=True)
+                                if n == max(kv))
+    rms_ns = statistics.median(_gpu_ns(s) for s in rms)
+    print(f"\nGPU time ms (span vs hand): kv512 {short_ns / 1e6:.4f} vs {hand_ms['short']:.4f}; "
+          f"kv8192 {long_ns / 1e6:.4f} vs {hand_ms['long']:.4f}; "
+          f"rmsnorm {rms_ns / 1e6:.4f} vs {hand_ms['rms']:.4f}")
+    assert long_ns > 2 * short_ns
+    for ours, theirs in ((short_ns, hand_ms["short"]), (long_ns, hand_ms["long"]),
+                         (rms_ns, hand_ms["rms"])):
+        assert abs(ours / 1e6 - theirs) <= 0.2 * theirs
+
+
+def test_graph_replays_become_spans_with_gpu_time(spans) -> None:
+    otel_flashinfer.instrument(level=3, journal_dir="")
+    step = make_decode(use_cuda_graph=True)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step.run()  # warm up outside capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step.run()
+    torch.cuda.synchronize()
+    assert otel_flashinfer.flush(30)
+    capture_span = [s for s in spans.by_name(RUN)
+                    if s.attributes.get("flashinfer.cuda_graph.capturing")]
+    assert len(capture_span) == 1
+    spans.exporter.clear()
+    hand = []
+    with spans.tracer().start_as_current_span("engine.step") as engine:
+        for _ in range(6):
+            _, ms = hand_time(graph.replay)
+            hand.append(ms)
+    replays = sorted(spans.by_name("cuda_graph.replay"),
+                     key=lambda s: s.attributes["flashinfer.cuda_graph.replay"])
+    children = spans.by_name(RUN)
+    assert [s.attributes["flashinfer.cuda_graph.replay"] for s in replays] == [1, 2, 3, 4, 5, 6]
+    assert all(s.parent.span_id == engine.get_span_context().span_id for s in replays)
+    assert len(children) == 6
+    for child in children:
+        parent = next(r for r in replays if r.context.span_id == child.parent.span_id)
+        assert child.attributes["flashinfer.cuda_graph.replay"] == \
+            parent.attributes["flashinfer.cuda_graph.replay"]
+        assert [link.context.span_id for link in child.links] == \
+            [capture_span[0].context.span_id]
+        assert child.attributes["flashinfer.arg.q.shape"] == (8, 32, 128)
+    ours = statistics.median(_gpu_ns(s) / 1e6 for s in replays)
+    theirs = statistics.median(hand)
+    print(f"\nreplay GPU ms: span {ours:.4f} vs hand {theirs:.4f}")
+    assert abs(ours - theirs) <= 0.2 * theirs
+
+
+def test_level5_eager_decode_without_host_sync(spans) -> None:
+    otel_flashinfer.instrument(level=5, journal_dir="")
+    step = make_decode(extra_pages=64)
+    step.kv_cache[-1].fill_(float("nan"))  # an unreferenced page
+    step.run()
+    assert otel_flashinfer.flush(60)
+    spans.exporter.clear()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = step.run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    (span,) = spans.by_name(RUN)
+    events = {e.attributes["flashinfer.tensor"]: e.attributes for e in span.events
+              if e.name == "flashinfer.tensor_stats"}
+    assert set(events) >= {"q", "paged_kv_cache", "result.0"}
+    kv = events["paged_kv_cache"]
+    assert kv["scope"] == "referenced_pages" and kv["nan_count"] == 0
+    assert kv["numel"] == step.indices.numel() * step.kv_cache[0].numel()
+    q = step.q.float()
+    assert events["q"]["min"] == pytest.approx(q.min().item())
+    assert events["q"]["mean"] == pytest.approx(q.mean().item(), rel=1e-3, abs=1e-4)
+    assert events["result.0"]["max"] == pytest.approx(out.float().max().item())
+    assert "flashinfer.nonfinite" not in span.attributes
+
+
+def test_level5_graph_flags_exactly_the_replay_with_nan(spans) -> None:
+    otel_flashinfer.instrument(level=5, journal_dir="")
+    step = make_decode(use_cuda_graph=True)
+    step.run()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step.run()
+    torch.cuda.synchronize()
+    assert otel_flashinfer.flush(30)
+    spans.exporter.clear()
+    clean = step.q.clone()
+    for replay in range(1, 21):
+        if replay == 7:
+            step.q[3, 5, 7] = float("nan")
+        graph.replay()
+        if replay == 7:
+            step.q.copy_(clean)
+    children = sorted(spans.by_name(RUN),
+                      key=lambda s: s.attributes["flashinfer.cuda_graph.replay"])
+    assert len(children) == 20
+    flagged = [s.attributes["flashinfer.cuda_graph.replay"] for s in children
+               if s.attributes.get("flashinfer.nonfinite")]
+    assert flagged == [7]
+    q7 = next(e for e in children[6].events if e.attributes.get("flashinfer.tensor") == "q")
+    assert q7.attributes["nan_count"] == 1
+
+
+def test_level10_decode_and_rmsnorm_pull_and_replay_bit_exact(spans, tmp_path) -> None:
+    from otel_flashinfer.replay.pull import pull
+    from otel_flashinfer.replay.runner import replay
+
+    store = tmp_path / "blobs"
+    otel_flashinfer.instrument(level=10, journal_dir="", blob_url=str(store))
+    with spans.tracer().start_as_current_span("engine.step") as engine:
+        step = make_decode(kv_len=256)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(3):
+                step.run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        x = torch.randn(16, 4096, dtype=torch.float16, device="cuda")
+        flashinfer.norm.rmsnorm(x, torch.ones(4096, dtype=torch.float16, device="cuda"))
+    assert otel_flashinfer.flush(120)
+    runs = spans.by_name(RUN)
+    assert len(runs) == 3 and all("flashinfer.blob.manifest" in s.attributes for s in runs)
+    trace_id = format(engine.get_span_context().trace_id, "032x")
+    bundle = pull(trace_id, str(store), str(tmp_path / "bundle"))
+    assert bundle is not None
+    report = replay(str(tmp_path / "bundle"), device="cuda")
+    print(f"\nreplay: {report.passed} passed, {report.failed} failed")
+    assert report.failed == 0 and report.passed >= 5  # init, plan, 3 runs, rmsnorm
+
+
+CRASH = textwrap.dedent(
+    """
+    import sys, torch, flashinfer, otel_flashinfer
+    sys.path.insert(0, sys.argv[1])
+    from gpu_decode import make_decode
+    from otel_flashinfer import gpu_timing
+    otel_flashinfer.instrument(level=3, journal_dir="")
+    assert gpu_timing.wait_ready(600)
+    good = make_decode(kv_len=256)
+    good.run()
+    otel_flashinfer.flush(30)
+    bad = make_decode(kv_len=256)
+    bad.indices.add_(1 << 24)   # page ids far past the cache
+    bad.wrapper.plan(*bad.plan_args, data_type=torch.float16)
+    x = torch.randn(8, 4096, dtype=torch.float16, device="cuda")
+    w = torch.ones(4096, dtype=torch.float16, device="cuda")
+    bad.run()
+    try:
+        flashinfer.norm.rmsnorm(x, w)
+        torch.cuda.synchronize()
+        print("NO ERROR")
+    except Exception as exc:
+        print("RAISED", type(exc).__name__)
+    otel_flashinfer.flush(30)
+    """
+)
+
+
+def test_cuda_error_marks_the_launch_that_failed(tmp_path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env["OTEL_FLASHINFER_TRACES_FILE"] = str(tmp_path / "t.jsonl")
+    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    out = subprocess.run([sys.executable, "-c", CRASH, str(Path(__file__).parent)], env=env,
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert "RAISED" in out.stdout, out.stdout + out.stderr
+    from otel_flashinfer import otlp_json, show
+
+    spans = show.collect_spans(otlp_json.read_requests(str(tmp_path / "t.jsonl")))
+    runs = sorted((s for s in spans if s["name"] == RUN), key=lambda s: s["startTimeUnixNano"])
+    assert len(runs) == 2
+    assert "flashinfer.cuda_error" not in runs[0]["attrs"]
+    assert runs[1]["attrs"]["flashinfer.cuda_error"].startswith("cudaError")
+    assert runs[1]["status"]["code"] == 2
+    for rms in (s for s in spans if s["name"] == "rmsnorm"):  # launched after the fault
+        assert "flashinfer.cuda_error" not in rms["attrs"]
