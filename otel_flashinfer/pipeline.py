@@ -155,6 +155,8 @@ class Pipeline:
         if tracer is not None:
             self._use_tracer(tracer)
         self.flush_hooks: list[Callable[[float], bool]] = []
+        #: Attributes every span of a forked child gets (its own pid).
+        self.fork_attributes: dict[str, Any] = {}
         self._start()
         if hasattr(os, "register_at_fork"):
             os.register_at_fork(after_in_child=self._after_fork)
@@ -187,7 +189,9 @@ class Pipeline:
         self._thread.start()
 
     def _after_fork(self) -> None:
-        # The parent's records and thread do not exist in the child: start afresh.
+        # The parent's records and thread do not exist in the child: start afresh.  The
+        # provider's Resource still names the parent's pid, so spans say which we are.
+        self.fork_attributes = {"process.pid": os.getpid()}
         self._start()
 
     # ---- caller's thread -------------------------------------------------------------
@@ -265,6 +269,8 @@ class Pipeline:
                 record.describe(record)
             except Exception as exc:  # noqa: BLE001
                 health.report("describe_errors", "could not describe arguments", exc)
+        if self.fork_attributes:
+            record.attributes.update(self.fork_attributes)
         export_record(self._resolve_tracer(), self._preset, record)
 
     # ---- flush / shutdown ------------------------------------------------------------

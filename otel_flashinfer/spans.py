@@ -144,10 +144,15 @@ def _error_facts(exc: BaseException) -> tuple[str, str, str]:
     return type(exc).__qualname__, message, stack[-8192:]
 
 
+#: The span context this process was started under (``otel-flashinfer run`` passes
+#: TRACEPARENT): the parent of calls on threads that have no current span.
+process_parent: SpanContext | None = None
+
+
 def _new_ids(ctx: Any, runtime: Any, name: str) -> tuple[int, SpanContext | None] | None:
     """(trace id, parent) for a new span, or None when it will not be sampled."""
     span = ctx.get(_SPAN_KEY)
-    parent = span.get_span_context() if span is not None else None
+    parent = span.get_span_context() if span is not None else process_parent
     if parent is not None and parent.is_valid:
         if not parent.trace_flags & 1:
             return None

@@ -1,0 +1,122 @@
+"""Host time per ``BatchDecodeWithPagedKVCacheWrapper.run()`` call: our levels 0/1/3
+side by side with FlashInfer's own FLASHINFER_LOGLEVEL 0/1/3 (GPU needed).
+
+FlashInfer reads its level once at import, so each FlashInfer level runs in its own
+subprocess; our levels run in the FLASHINFER_LOGLEVEL=0 process, one after another.
+Calls are timed in batches with a sync between batches (untimed), so the number is
+the host cost of issuing the call, not the kernel.
+
+    python benchmarks/bench_flashinfer_overhead.py [--calls 2000] [--batch 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def _setup(batch: int):  # noqa: ANN202
+    import flashinfer
+    import torch
+
+    heads, kv_heads, dim, page, pages_per_seq = 32, 8, 128, 16, 8
+    dev = torch.device("cuda")
+    pages = batch * pages_per_seq
+    workspace = torch.empty(128 << 20, dtype=torch.uint8, device=dev)
+    wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD")
+    wrapper.plan(torch.arange(0, pages + 1, pages_per_seq, dtype=torch.int32, device=dev),
+                 torch.arange(pages, dtype=torch.int32, device=dev),
+                 torch.full((batch,), page, dtype=torch.int32, device=dev),
+                 heads, kv_heads, dim, page,
+                 data_type=torch.float16, q_data_type=torch.float16)
+    q = torch.randn(batch, heads, dim, dtype=torch.float16, device=dev)
+    kv = torch.randn(pages, 2, page, kv_heads, dim, dtype=torch.float16, device=dev)
+    return wrapper, q, kv
+
+
+def _time_runs(wrapper, q, kv, calls: int, chunk: int = 100) -> float:  # noqa: ANN001
+    """Median host microseconds per run() over chunks of ``chunk`` calls."""
+    import torch
+
+    import otel_flashinfer
+
+    for _ in range(50):
+        wrapper.run(q, kv)
+    torch.cuda.synchronize()
+    per_call = []
+    for _ in range(max(1, calls // chunk)):
+        start = time.perf_counter_ns()
+        for _ in range(chunk):
+            wrapper.run(q, kv)
+        per_call.append((time.perf_counter_ns() - start) / chunk / 1000.0)
+        torch.cuda.synchronize()
+        otel_flashinfer.flush(30)  # keep our queue short; untimed
+    return statistics.median(per_call)
+
+
+def worker(fi_level: int, ours: list[int], calls: int, batch: int) -> dict[str, float]:
+    import otel_flashinfer
+
+    results = {}
+    for level in ours:
+        otel_flashinfer.uninstrument()
+        if level:
+            otel_flashinfer.instrument(level=level, journal_dir="")
+        wrapper, q, kv = _setup(batch)  # wrapper methods looked up after instrumenting
+        key = f"fi{fi_level}_ours{level}"
+        results[key + "_again" if key in results else key] = _time_runs(wrapper, q, kv, calls)
+    otel_flashinfer.uninstrument()
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--ours", default="0", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker is not None:
+        ours = [int(x) for x in args.ours.split(",")]
+        print(json.dumps(worker(args.worker, ours, args.calls, args.batch)))
+        return 0
+    results: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for fi_level, ours in ((0, "0,1,3,0"), (1, "0"), (3, "0")):
+            env = {k: v for k, v in os.environ.items()
+                   if not k.startswith(("OTEL_FLASHINFER_", "FLASHINFER_LOG"))}
+            env.setdefault("OTEL_TRACES_EXPORTER", "none")  # measure the call path, not I/O
+            env["FLASHINFER_LOGLEVEL"] = str(fi_level)
+            env["FLASHINFER_LOGDEST"] = os.path.join(tmp, f"fi{fi_level}.log")
+            done = subprocess.run(
+                [sys.executable, __file__, "--worker", str(fi_level), "--ours", ours,
+                 "--calls", str(args.calls), "--batch", str(args.batch)],
+                env=env, cwd=tmp, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                sys.stderr.write(done.stderr)
+                return done.returncode
+            results.update(json.loads(done.stdout.strip().splitlines()[-1]))
+    base = results["fi0_ours0"]
+    rows = [("baseline (both off)", base),
+            ("otel-flashinfer level 1", results["fi0_ours1"]),
+            ("otel-flashinfer level 3", results["fi0_ours3"]),
+            ("FLASHINFER_LOGLEVEL=1", results["fi1_ours0"]),
+            ("FLASHINFER_LOGLEVEL=3", results["fi3_ours0"])]
+    print(f"BatchDecodeWithPagedKVCacheWrapper.run, batch {args.batch}, {args.calls} calls "
+          f"(median of {max(1, args.calls // 100)} chunks); baseline rerun after ours: "
+          f"{results['fi0_ours0_again']:.2f} us")
+    print(f"{'configuration':<26}{'us/call':>10}{'added us':>10}{'ratio':>8}")
+    for name, value in rows:
+        print(f"{name:<26}{value:>10.2f}{value - base:>+10.2f}{value / base:>8.2f}")
+    print(json.dumps({"us_per_call": results}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,343 @@
+"""``FlashInferInstrumentor``: puts a traced wrapper on every FlashInfer API entry point.
+
+Which functions: ``discovery`` reads them from FlashInfer's source.  Where: each
+original is wrapped once, and that one wrapper is installed wherever the original is
+reachable: its defining module, the class for methods, every ``flashinfer*`` module
+that re-exports it and any other module that did ``from flashinfer import x`` before
+we ran.  Modules not imported yet are wrapped the moment they are imported (a
+post-import hook), so a process that never uses FlashInfer never imports it because
+of us.  Every replacement is recorded and ``uninstrument`` puts the original back,
+also in modules that picked the wrapper up while we were active.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+import logging
+import sys
+import threading
+from collections.abc import Callable, Collection, Iterable
+from types import ModuleType
+from typing import Any
+
+from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
+
+from . import discovery
+
+_LOG = logging.getLogger(__name__)
+
+_instruments = ("flashinfer-python >= 0.6",)
+
+WrapperFactory = Callable[..., Callable[..., Any]]
+
+
+def selected(api_name: str, include: Iterable[str], exclude: Iterable[str]) -> bool:
+    """OTEL_FLASHINFER_INCLUDE first (empty = everything), then _EXCLUDE."""
+    include = tuple(include)
+    if include and not any(fnmatch.fnmatchcase(api_name, p) for p in include):
+        return False
+    return not any(fnmatch.fnmatchcase(api_name, p) for p in exclude)
+
+
+def _is_flashinfer_module(name: str) -> bool:
+    return name == "flashinfer" or name.startswith("flashinfer.")
+
+
+class _Patch:
+    """One attribute we replaced: put ``original`` back if ``installed`` is still there."""
+
+    __slots__ = ("container", "installed", "name", "original")
+
+    def __init__(self, container: Any, name: str, original: Any, installed: Any) -> None:
+        self.container = container
+        self.name = name
+        self.original = original
+        self.installed = installed
+
+
+class _State:
+    """Everything one ``_instrument`` did, so ``_uninstrument`` can undo exactly that."""
+
+    def __init__(self, settings: Any, factory: WrapperFactory, runtime: Any,
+                 entries: tuple[discovery.EntryPoint, ...]) -> None:
+        self.settings = settings
+        self.factory = factory
+        self.runtime = runtime
+        self.by_module: dict[str, list[discovery.EntryPoint]] = {}
+        for entry in entries:
+            if selected(entry.api_name, settings.include, settings.exclude):
+                self.by_module.setdefault(entry.module, []).append(entry)
+        self.patches: list[_Patch] = []
+        self.patched: set[tuple[int, str]] = set()
+        # id(original) -> (original, wrapper); id(wrapper) -> (wrapper, original)
+        self.originals: dict[int, tuple[Any, Any]] = {}
+        self.wrappers: dict[int, tuple[Any, Any]] = {}
+        self.done_modules: set[str] = set()
+        self.failed_modules: set[str] = set()
+        self.active = True
+        self.lock = threading.RLock()
+
+    # -- building and installing ------------------------------------------------------
+
+    def wrapper_for(self, original: Any, api_name: str) -> Any:
+        known = self.originals.get(id(original))
+        if known is not None and known[0] is original:
+            return known[1]
+        if self.runtime is not None:
+            wrapper = self.factory(original, api_name, settings=self.settings,
+                                   runtime=self.runtime)
+        else:
+            wrapper = self.factory(original, api_name, settings=self.settings)
+        self.originals[id(original)] = (original, wrapper)
+        self.wrappers[id(wrapper)] = (wrapper, original)
+        return wrapper
+
+    def install(self, container: Any, name: str, original: Any, installed: Any) -> None:
+        key = (id(container), name)
+        if key in self.patched:
+            return
+        setattr(container, name, installed)
+        self.patched.add(key)
+        self.patches.append(_Patch(container, name, original, installed))
+
+    def wrap_module(self, module: ModuleType) -> None:
+        """Wrap the entry points defined in ``module`` (just imported, or already there)."""
+        name = module.__name__
+        with self.lock:
+            if not self.active or name in self.done_modules:
+                return
+            self.done_modules.add(name)
+            for entry in self.by_module.get(name, ()):
+                try:
+                    if entry.is_method:
+                        self._wrap_method(module, entry)
+                    else:
+                        self._wrap_function(module, entry)
+                except Exception as exc:  # noqa: BLE001 - one odd target must not stop the rest
+                    _LOG.debug("otel_flashinfer: cannot wrap %s.%s: %s",
+                               entry.module, entry.qualname, exc)
+
+    def _wrap_function(self, module: ModuleType, entry: discovery.EntryPoint) -> None:
+        original = vars(module).get(entry.qualname)
+        if original is None or not callable(original) or id(original) in self.wrappers:
+            return
+        self.install(module, entry.qualname, original, self.wrapper_for(original, entry.api_name))
+
+    def _wrap_method(self, module: ModuleType, entry: discovery.EntryPoint) -> None:
+        *class_path, method = entry.qualname.split(".")
+        cls: Any = module
+        for part in class_path:
+            cls = vars(cls).get(part)
+            if not isinstance(cls, type):
+                return
+        raw = vars(cls).get(method)
+        if raw is None:
+            return
+        if isinstance(raw, (staticmethod, classmethod)):
+            func = raw.__func__
+            if id(func) in self.wrappers:
+                return
+            installed = type(raw)(self.wrapper_for(func, entry.api_name))
+        elif callable(raw):
+            if id(raw) in self.wrappers:
+                return
+            installed = self.wrapper_for(raw, entry.api_name)
+        else:
+            return
+        self.install(cls, method, raw, installed)
+
+    def reexports(self, modules: Iterable[ModuleType]) -> None:
+        """Install wrappers where ``modules`` hold a wrapped original under any name."""
+        originals = self.originals
+        with self.lock:
+            for module in modules:
+                try:
+                    items = list(vars(module).items())
+                except TypeError:
+                    continue
+                for attr, value in items:
+                    known = originals.get(id(value))
+                    if known is not None and known[0] is value:
+                        try:
+                            self.install(module, attr, value, known[1])
+                        except (AttributeError, TypeError) as exc:
+                            _LOG.debug("otel_flashinfer: cannot patch %s.%s: %s",
+                                       getattr(module, "__name__", module), attr, exc)
+
+    # -- undoing ----------------------------------------------------------------------
+
+    def restore(self) -> None:
+        with self.lock:
+            self.active = False
+            for patch in reversed(self.patches):
+                try:
+                    current = vars(patch.container).get(patch.name)
+                    if current is patch.installed:
+                        setattr(patch.container, patch.name, patch.original)
+                    else:
+                        _LOG.debug("otel_flashinfer: %s.%s was replaced by someone else; "
+                                   "left as it is", patch.container, patch.name)
+                except Exception as exc:  # noqa: BLE001
+                    _LOG.debug("otel_flashinfer: cannot restore %s: %s", patch.name, exc)
+            self.patches.clear()
+            self.patched.clear()
+            # Modules that imported a wrapper while we were active get the original back.
+            wrappers = self.wrappers
+            for module in list(sys.modules.values()):
+                try:
+                    items = list(vars(module).items())
+                except TypeError:
+                    continue
+                for attr, value in items:
+                    known = wrappers.get(id(value))
+                    if known is not None and known[0] is value:
+                        try:
+                            setattr(module, attr, known[1])
+                        except (AttributeError, TypeError):
+                            pass
+
+
+class _ImportHooks:
+    """Post-import hooks (wrapt), registered once per module name for the process and
+    routed to whichever state is live, because wrapt cannot unregister a hook."""
+
+    def __init__(self) -> None:
+        self.registered: set[str] = set()
+        self.state: _State | None = None
+
+    def watch(self, names: Iterable[str]) -> None:
+        import wrapt
+
+        for name in names:
+            if name not in self.registered:
+                self.registered.add(name)
+                wrapt.register_post_import_hook(self._on_import, name)
+
+    def _on_import(self, module: ModuleType) -> None:
+        state = self.state
+        if state is not None and state.active:
+            try:
+                state.wrap_module(module)
+            except Exception as exc:  # noqa: BLE001 - never break the user's import
+                _LOG.debug("otel_flashinfer: wrapping %s failed: %s", module.__name__, exc)
+
+
+_hooks = _ImportHooks()
+
+
+def import_all(entries: Iterable[discovery.EntryPoint]) -> tuple[list[str], dict[str, str]]:
+    """Import every defining module (tests, ``warm`` start); returns (ok, failed->why)."""
+    ok: list[str] = []
+    failed: dict[str, str] = {}
+    for name in sorted({e.module for e in entries}):
+        try:
+            importlib.import_module(name)
+            ok.append(name)
+        except Exception as exc:  # noqa: BLE001 - e.g. modules needing triton
+            failed[name] = f"{type(exc).__name__}: {exc}"
+            _LOG.debug("otel_flashinfer: cannot import %s: %s", name, failed[name])
+    return ok, failed
+
+
+def _default_factory() -> WrapperFactory:
+    from .spans import make_wrapper
+
+    return make_wrapper
+
+
+class FlashInferInstrumentor(BaseInstrumentor):
+    """Traces every ``@flashinfer_api`` entry point (the ``flashinfer`` instrumentor).
+
+    ``instrument()`` keyword arguments: ``settings`` (a ready ``Settings``) or any
+    ``Settings`` field (``level=3``, ``include=[...]``) overriding the environment;
+    ``import_all=True`` imports every defining module now instead of on first use.
+    """
+
+    _state: _State | None = None
+
+    def instrumentation_dependencies(self) -> Collection[str]:
+        return _instruments
+
+    def _instrument(self, **kwargs: Any) -> None:
+        settings = kwargs.pop("settings", None)
+        factory: WrapperFactory | None = kwargs.pop("wrapper_factory", None)
+        eager = bool(kwargs.pop("import_all", False))
+        kwargs.pop("tracer_provider", None)  # the application's global provider is used
+        if settings is None:
+            from .config import load_settings
+
+            settings = load_settings(**kwargs)
+        if settings.level <= 0:
+            return
+        runtime = None
+        if factory is None:
+            from . import runtime as _runtime
+
+            factory = _default_factory()
+            runtime = _runtime.current()
+            if runtime is None or runtime.settings != settings:
+                runtime = _runtime.activate(settings)
+        entries = discovery.discover()
+        state = _State(settings, factory, runtime, entries)
+        self._state = state
+        _hooks.state = state
+        if eager:
+            import_all(e for mod in state.by_module.values() for e in mod)
+        for name in list(state.by_module):
+            module = sys.modules.get(name)
+            if module is not None:
+                state.wrap_module(module)
+        # Already-imported modules holding originals: re-exports and early from-imports.
+        state.reexports(
+            m for n, m in list(sys.modules.items())
+            if m is not None and not n.startswith("otel_flashinfer")
+        )
+        _hooks.watch(state.by_module)
+        _install_exit_flush()
+
+    def _uninstrument(self, **kwargs: Any) -> None:
+        state = self._state
+        self._state = None
+        if _hooks.state is state:
+            _hooks.state = None
+        if state is None:
+            return
+        state.restore()
+        if state.runtime is not None:
+            from . import runtime as _runtime
+
+            if _runtime.current() is state.runtime:
+                _runtime.deactivate()
+
+    # -- introspection (tests, ``otel-flashinfer`` diagnostics) ---------------------------
+
+    def wrapped_count(self) -> int:
+        """Distinct originals wrapped so far."""
+        state = self._state
+        return len(state.originals) if state is not None else 0
+
+    def installed(self) -> list[tuple[Any, str, Any, Any]]:
+        """(container, attribute, original, installed) for every live replacement."""
+        state = self._state
+        if state is None:
+            return []
+        return [(p.container, p.name, p.original, p.installed) for p in state.patches]
+
+
+_exit_flush_installed = False
+
+
+def _install_exit_flush() -> None:
+    """Flush when a multiprocessing fork child ends: it leaves through ``os._exit``,
+    which skips ``atexit``, and its last spans would be lost."""
+    global _exit_flush_installed
+    if _exit_flush_installed:
+        return
+    _exit_flush_installed = True
+    try:
+        from .launcher import install_fork_exit_flush
+
+        install_fork_exit_flush()
+    except Exception as exc:  # noqa: BLE001
+        _LOG.debug("otel_flashinfer: no exit flush for fork children: %s", exc)
