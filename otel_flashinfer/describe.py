@@ -113,9 +113,9 @@ def iter_attributes(prefix: str, snap: Any) -> Iterator[tuple[str, Any]]:
         yield prefix, "None"
     elif isinstance(snap, TensorFacts):
         shape, dtype, stride, device, contiguous = snap
-        yield f"{prefix}.shape", list(shape)
+        yield f"{prefix}.shape", tuple(shape)
         yield f"{prefix}.dtype", _dtype_name(dtype)
-        yield f"{prefix}.stride", list(stride)
+        yield f"{prefix}.stride", tuple(stride)
         yield f"{prefix}.device", str(device)
         yield f"{prefix}.contiguous", bool(contiguous)
     elif isinstance(snap, Opaque):

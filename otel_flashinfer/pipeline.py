@@ -129,6 +129,91 @@ def preset_tracer_ids(tracer: Any) -> _PresetIds | None:
     return preset
 
 
+class DirectSpans:
+    """Builds finished spans straight into the provider's span processors.
+
+    Going through ``Tracer.start_span``/``end`` costs tens of microseconds per span,
+    mostly re-validating attributes we already produced in valid form; that is more
+    than a FlashInfer call takes, so the worker would fall behind a busy engine.  When
+    the provider is the SDK's with its default parent-based sampler and only the SDK's
+    batch/simple processors (whose ``on_start`` does nothing), the same ReadableSpan
+    that ``end()`` would produce is handed to ``on_end`` directly.  Any other setup
+    takes the general path, so custom samplers and processors always apply.
+    """
+
+    def __init__(self, tracer: Any) -> None:
+        self.processor = tracer.span_processor
+        self.resource = tracer.resource
+        self.scope = tracer._instrumentation_scope  # noqa: SLF001
+        self.info = tracer.instrumentation_info
+        limits = tracer._span_limits  # noqa: SLF001
+        self.max_attributes = limits.max_span_attributes
+        self.max_events = limits.max_events
+        self.max_links = limits.max_links
+
+    @staticmethod
+    def for_tracer(tracer: Any) -> DirectSpans | None:
+        try:
+            from opentelemetry.sdk.trace import Tracer, sampling
+            from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+        except ImportError:  # pragma: no cover
+            return None
+        if type(tracer) is not Tracer or not tracer._is_enabled():  # noqa: SLF001
+            return None
+        sampler = tracer.sampler
+        if sampler is not sampling.ALWAYS_ON and not (
+            isinstance(sampler, sampling.ParentBased)
+            and sampler._root is sampling.ALWAYS_ON  # noqa: SLF001
+            and type(sampler) is sampling.ParentBased
+            and sampler._remote_parent_sampled is sampling.ALWAYS_ON  # noqa: SLF001
+            and sampler._local_parent_sampled is sampling.ALWAYS_ON  # noqa: SLF001
+        ):
+            return None
+        processors = getattr(tracer.span_processor, "_span_processors", None)
+        if processors is None or not all(
+            type(p) in (BatchSpanProcessor, SimpleSpanProcessor) for p in processors
+        ):
+            return None
+        return DirectSpans(tracer)
+
+    def export(self, record: CallRecord) -> None:
+        from opentelemetry.sdk.trace import Event, ReadableSpan
+
+        parent = record.parent
+        context = SpanContext(
+            record.trace_id, record.span_id, False, _SAMPLED,
+            parent.trace_state if parent is not None else None,
+        )
+        attributes = record.attributes
+        if len(attributes) > self.max_attributes:
+            attributes = dict(list(attributes.items())[: self.max_attributes])
+        events = [Event(name, attrs, ts) for name, attrs, ts in record.events[: self.max_events]]
+        status = _UNSET
+        if record.error is not None:
+            exc_type, message, stacktrace = record.error
+            events.append(Event("exception", {
+                "exception.type": exc_type,
+                "exception.message": message,
+                "exception.stacktrace": stacktrace,
+                "exception.escaped": "True",
+            }, record.end_ns))
+            status = Status(StatusCode.ERROR, f"{exc_type}: {message}")
+        elif attributes.get("flashinfer.cuda_error"):
+            status = Status(StatusCode.ERROR, str(attributes["flashinfer.cuda_error"]))
+        span = ReadableSpan(
+            name=record.name, context=context, parent=parent, resource=self.resource,
+            attributes=attributes, events=events, links=record.links[: self.max_links],
+            kind=SpanKind.INTERNAL, status=status, start_time=record.start_ns,
+            end_time=record.end_ns, instrumentation_info=self.info,
+            instrumentation_scope=self.scope,
+        )
+        self.processor.on_end(span)
+
+
+_SAMPLED = trace_api.TraceFlags(trace_api.TraceFlags.SAMPLED | trace_api.TraceFlags.RANDOM_TRACE_ID)
+_UNSET = Status(StatusCode.UNSET)
+
+
 class Pipeline:
     """A bounded queue of records and the one worker thread that exports them."""
 
@@ -147,6 +232,7 @@ class Pipeline:
         self.provider = provider
         self._tracer_factory = tracer_factory
         self._preset: _PresetIds | None = None
+        self._direct: DirectSpans | None = None
         self.max_queue = max_queue
         self.max_waiting = max_waiting
         self.wait_timeout_s = wait_timeout_s
@@ -162,6 +248,7 @@ class Pipeline:
             os.register_at_fork(after_in_child=self._after_fork)
 
     def _use_tracer(self, tracer: Any) -> None:
+        self._direct = DirectSpans.for_tracer(tracer)
         self._preset = preset_tracer_ids(tracer)
         if self._preset is None:
             health.report("foreign_tracer", "tracer provider is not the OTel SDK's; span ids "
@@ -271,7 +358,11 @@ class Pipeline:
                 health.report("describe_errors", "could not describe arguments", exc)
         if self.fork_attributes:
             record.attributes.update(self.fork_attributes)
-        export_record(self._resolve_tracer(), self._preset, record)
+        tracer = self._resolve_tracer()
+        if self._direct is not None:
+            self._direct.export(record)
+        else:
+            export_record(tracer, self._preset, record)
 
     # ---- flush / shutdown ------------------------------------------------------------
 

@@ -18,9 +18,9 @@ def test_tensor_facts() -> None:
     t = torch.zeros(4, 6, dtype=torch.float16)[:, ::2]
     a = attrs(t, "q")
     assert a == {
-        "flashinfer.arg.q.shape": [4, 3],
+        "flashinfer.arg.q.shape": (4, 3),
         "flashinfer.arg.q.dtype": "float16",
-        "flashinfer.arg.q.stride": [6, 2],
+        "flashinfer.arg.q.stride": (6, 2),
         "flashinfer.arg.q.device": "cpu",
         "flashinfer.arg.q.contiguous": False,
     }
@@ -44,7 +44,7 @@ def test_nested_containers_are_bounded() -> None:
     value = (torch.ones(2), [1, 2.5, "a"], {"k": torch.ones(3, dtype=torch.int32)})
     a = attrs(value, "kv")
     assert a["flashinfer.arg.kv.len"] == 3
-    assert a["flashinfer.arg.kv.0.shape"] == [2]
+    assert a["flashinfer.arg.kv.0.shape"] == (2,)
     assert a["flashinfer.arg.kv.1.2"] == "a"
     assert a["flashinfer.arg.kv.2.k.dtype"] == "int32"
     many = attrs(list(range(100)))
@@ -68,9 +68,9 @@ def test_dataclass_and_opaque() -> None:
 
 def test_results_tuple_and_single() -> None:
     out = describe.result_attributes(describe.snapshot((torch.ones(2, 2), 3)))
-    assert out["flashinfer.result.0.shape"] == [2, 2] and out["flashinfer.result.1"] == 3
+    assert out["flashinfer.result.0.shape"] == (2, 2) and out["flashinfer.result.1"] == 3
     single = describe.result_attributes(describe.snapshot(torch.ones(5)))
-    assert single["flashinfer.result.0.shape"] == [5]
+    assert single["flashinfer.result.0.shape"] == (5,)
 
 
 def test_snapshot_is_not_affected_by_later_mutation() -> None:
