@@ -102,51 +102,86 @@ def _strided() -> Any:
     return _STRIDED
 
 
+_names: dict[Any, str] = {}
+_tensor_keys: dict[str, tuple[str, str, str, str, str]] = {}
+
+
 def _dtype_name(dtype: Any) -> str:
-    text = str(dtype)
-    return text[6:] if text.startswith("torch.") else text
+    name = _names.get(dtype)
+    if name is None:
+        text = str(dtype)
+        name = _names[dtype] = text[6:] if text.startswith("torch.") else text
+    return name
+
+
+def _device_name(device: Any) -> str:
+    name = _names.get(device)
+    if name is None:
+        name = _names[device] = str(device)
+    return name
+
+
+def _keys(prefix: str) -> tuple[str, str, str, str, str]:
+    """The five attribute keys of a tensor under ``prefix`` (cached: names repeat)."""
+    keys = _tensor_keys.get(prefix)
+    if keys is None:
+        shape, dtype, stride, device, contiguous = (
+            f"{prefix}.{k}" for k in ("shape", "dtype", "stride", "device", "contiguous"))
+        keys = (shape, dtype, stride, device, contiguous)
+        if len(_tensor_keys) < 65536:
+            _tensor_keys[prefix] = keys
+    return keys
+
+
+def put_attributes(out: dict[str, Any], prefix: str, snap: Any) -> None:
+    """Write one snapshot's attributes into ``out`` (background thread)."""
+    if isinstance(snap, TensorFacts):
+        shape, dtype, stride, device, contiguous = snap
+        k_shape, k_dtype, k_stride, k_device, k_contiguous = _keys(prefix)
+        out[k_shape] = tuple(shape)
+        out[k_dtype] = _dtype_name(dtype)
+        out[k_stride] = tuple(stride)
+        out[k_device] = _device_name(device)
+        out[k_contiguous] = bool(contiguous)
+    elif snap is None:
+        out[prefix] = "None"
+    elif isinstance(snap, Opaque):
+        out[f"{prefix}.type"] = str(snap)
+    elif isinstance(snap, str):
+        out[prefix] = snap if len(snap) <= MAX_STR else snap[: MAX_STR - 3] + "..."
+    elif isinstance(snap, (bool, float)):
+        out[prefix] = snap
+    elif isinstance(snap, int):
+        # OTel ints are 64-bit; larger ones would be dropped by the exporter.
+        out[prefix] = snap if -(2**63) <= snap < 2**63 else str(snap)
+    elif isinstance(snap, Items):
+        out[f"{prefix}.len"] = snap[1]
+        for i, item in enumerate(snap[2:]):
+            put_attributes(out, f"{prefix}.{i}", item)
+    elif isinstance(snap, Fields):
+        kind, length, items = snap
+        if kind == "dict":
+            out[f"{prefix}.len"] = length
+        else:
+            out[f"{prefix}.type"] = kind
+        for key, item in items:
+            put_attributes(out, f"{prefix}.{key}", item)
+    else:  # pragma: no cover - snapshot() only produces the kinds above
+        out[f"{prefix}.type"] = type(snap).__qualname__
 
 
 def iter_attributes(prefix: str, snap: Any) -> Iterator[tuple[str, Any]]:
     """Flatten one snapshot into (key, OTel attribute value) pairs (background)."""
-    if snap is None:
-        yield prefix, "None"
-    elif isinstance(snap, TensorFacts):
-        shape, dtype, stride, device, contiguous = snap
-        yield f"{prefix}.shape", tuple(shape)
-        yield f"{prefix}.dtype", _dtype_name(dtype)
-        yield f"{prefix}.stride", tuple(stride)
-        yield f"{prefix}.device", str(device)
-        yield f"{prefix}.contiguous", bool(contiguous)
-    elif isinstance(snap, Opaque):
-        yield f"{prefix}.type", str(snap)
-    elif isinstance(snap, str):
-        yield prefix, snap if len(snap) <= MAX_STR else snap[: MAX_STR - 3] + "..."
-    elif isinstance(snap, (bool, float)):
-        yield prefix, snap
-    elif isinstance(snap, int):
-        # OTel ints are 64-bit; larger ones would be dropped by the exporter.
-        yield prefix, snap if -(2**63) <= snap < 2**63 else str(snap)
-    elif isinstance(snap, Items):
-        kind, length, *items = snap
-        yield f"{prefix}.len", length
-        for i, item in enumerate(items):
-            yield from iter_attributes(f"{prefix}.{i}", item)
-    elif isinstance(snap, Fields):
-        kind, length, items = snap
-        if kind == "dict":
-            yield f"{prefix}.len", length
-        else:
-            yield f"{prefix}.type", kind
-        for key, item in items:
-            yield from iter_attributes(f"{prefix}.{key}", item)
-    else:  # pragma: no cover - snapshot() only produces the kinds above
-        yield f"{prefix}.type", type(snap).__qualname__
+    out: dict[str, Any] = {}
+    put_attributes(out, prefix, snap)
+    return iter(out.items())
 
 
 def attributes(prefix: str, snap: Any) -> dict[str, Any]:
-    """``iter_attributes`` as a dict."""
-    return dict(iter_attributes(prefix, snap))
+    """``put_attributes`` into a new dict."""
+    out: dict[str, Any] = {}
+    put_attributes(out, prefix, snap)
+    return out
 
 
 def result_attributes(snap: Any) -> dict[str, Any]:
@@ -154,7 +189,7 @@ def result_attributes(snap: Any) -> dict[str, Any]:
     if isinstance(snap, Items) and snap[0] == "tuple":
         out: dict[str, Any] = {}
         for i, item in enumerate(snap[2:]):
-            out.update(iter_attributes(f"flashinfer.result.{i}", item))
+            put_attributes(out, f"flashinfer.result.{i}", item)
         return out
     return attributes("flashinfer.result.0", snap)
 

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from opentelemetry import trace as trace_api
+from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode
 
@@ -177,8 +178,6 @@ class DirectSpans:
         return DirectSpans(tracer)
 
     def export(self, record: CallRecord) -> None:
-        from opentelemetry.sdk.trace import Event, ReadableSpan
-
         parent = record.parent
         context = SpanContext(
             record.trace_id, record.span_id, False, _SAMPLED,
@@ -241,6 +240,8 @@ class Pipeline:
         if tracer is not None:
             self._use_tracer(tracer)
         self.flush_hooks: list[Callable[[float], bool]] = []
+        self._flusher: threading.Thread | None = None
+        self._flush_result: list[bool] = [False]
         #: Attributes every span of a forked child gets (its own pid).
         self.fork_attributes: dict[str, Any] = {}
         self._start()
@@ -397,9 +398,37 @@ class Pipeline:
             return ok
         force_flush = getattr(self.provider, "force_flush", None)
         if force_flush is not None:
-            millis = int(max(0.0, deadline - time.monotonic()) * 1000)
-            ok = bool(force_flush(max(millis, 1))) and ok
+            ok = self._force_flush(force_flush, deadline) and ok
         return ok
+
+    def _force_flush(self, force_flush: Callable[[int], Any], deadline: float) -> bool:
+        """The provider's force_flush, waited for no longer than ``deadline``.
+
+        The SDK's BatchSpanProcessor ignores its timeout and exports synchronously,
+        retrying a dead endpoint for up to OTEL_EXPORTER_OTLP_TIMEOUT per batch, and
+        returns True regardless; so it runs on a helper thread (one at a time) and a
+        late one counts as not flushed.
+        """
+        remaining = max(0.0, deadline - time.monotonic())
+        thread = self._flusher
+        if thread is None or not thread.is_alive():
+            result = self._flush_result = [False]
+
+            def run() -> None:
+                try:
+                    result[0] = bool(force_flush(max(int(remaining * 1000), 1)))
+                except Exception as exc:  # noqa: BLE001
+                    health.report("flush_errors", "the tracer provider's force_flush failed", exc)
+
+            thread = self._flusher = threading.Thread(
+                target=run, name="otel_flashinfer-force-flush", daemon=True
+            )
+            thread.start()
+        thread.join(remaining)
+        if thread.is_alive():
+            health.count("flush_timeouts")
+            return False
+        return self._flush_result[0]
 
     def shutdown(self, timeout_s: float = 5.0) -> bool:
         ok = self.flush(timeout_s)

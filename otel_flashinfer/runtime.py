@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -65,6 +66,7 @@ class Runtime:
         _generation += 1
         self.generation = _generation
         self._lazy = _LazyTracer(settings.traces_file)
+        self._root_always = False
         self.pipeline = Pipeline(
             tracer=None, tracer_factory=self._resolve, max_queue=settings.queue_size
         )
@@ -143,12 +145,15 @@ class Runtime:
     def sample_root(self, trace_id: int, name: str) -> bool:
         """The sampler's decision for a new root span, made on the caller's thread so
         that unsampled calls cost nothing more."""
+        if self._root_always:
+            return True
         self._lazy.resolve()
         sampler = self._lazy.sampler
-        if sampler is None:
+        if sampler is None or sampler is sampling.ALWAYS_ON or (
+            type(sampler) is sampling.ParentBased and sampler._root is sampling.ALWAYS_ON
+        ):
+            self._root_always = True  # the SDK default: every root is sampled
             return True
-        if isinstance(sampler, (sampling.StaticSampler,)):
-            return sampler._decision is sampling.Decision.RECORD_AND_SAMPLE
         result = sampler.should_sample(None, trace_id, name, SpanKind.INTERNAL)
         return result.decision.is_sampled()
 
@@ -215,15 +220,25 @@ def stop(timeout_s: float = 5.0) -> bool:
     return old.stop(timeout_s) if old is not None else True
 
 
+#: Longest that interpreter exit waits for pending spans.  The SDK's own shutdown waits
+#: 30 s per BatchSpanProcessor when the collector is down; a serving engine must not.
+EXIT_BUDGET_S = 5.0
+
+
 def _at_exit() -> None:
+    deadline = time.monotonic() + EXIT_BUDGET_S
     runtime = _current
     if runtime is not None:
-        runtime.flush(10.0)
+        runtime.flush(EXIT_BUDGET_S)
     from .provider import our_provider
 
     provider = our_provider()
     if provider is not None:
-        provider.shutdown()
+        # Daemon thread: whatever is still retrying when the budget runs out dies with us.
+        closer = threading.Thread(target=provider.shutdown, name="otel_flashinfer-exit",
+                                  daemon=True)
+        closer.start()
+        closer.join(max(0.1, deadline - time.monotonic()))
 
 
 atexit.register(_at_exit)

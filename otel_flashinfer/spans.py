@@ -49,7 +49,8 @@ if hasattr(os, "register_at_fork"):
 class ArgPlan:
     """How positional arguments map to names, and the defaults of missing ones."""
 
-    __slots__ = ("defaults", "module", "names", "qualname", "signature", "skip_self", "varargs")
+    __slots__ = ("defaults", "module", "names", "prefixes", "qualname", "signature", "skip_self",
+                 "varargs")
 
     def __init__(self, fn: Callable[..., Any], is_method: bool) -> None:
         self.names: list[str] = []
@@ -73,7 +74,9 @@ class ArgPlan:
             elif p.kind is p.VAR_POSITIONAL:
                 self.varargs = p.name
             if p.default is not p.empty and p.kind is not p.VAR_KEYWORD:
-                self.defaults[p.name] = _describe.snapshot(p.default)
+                self.defaults[p.name] = (f"flashinfer.arg.{p.name}",
+                                         _describe.snapshot(p.default))
+        self.prefixes = [f"flashinfer.arg.{name}" for name in self.names]
 
     def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         """Argument name -> value, defaults included (used where values are needed)."""
@@ -89,25 +92,23 @@ class ArgPlan:
         bound.update(kwargs)
         return bound
 
-    def describe(self, arg_snaps: list[Any], kw_snaps: dict[str, Any]) -> dict[str, Any]:
-        """Snapshots -> ``flashinfer.arg.*`` attributes (background thread)."""
-        out: dict[str, Any] = {}
-        names = self.names
-        seen = set()
+    def describe_into(self, out: dict[str, Any], arg_snaps: list[Any],
+                      kw_snaps: dict[str, Any]) -> None:
+        """Snapshots -> ``flashinfer.arg.*`` attributes in ``out`` (background thread)."""
+        names, prefixes = self.names, self.prefixes
+        put = _describe.put_attributes
         for i, snap in enumerate(arg_snaps):
             if i < len(names):
-                name = names[i]
+                put(out, prefixes[i], snap)
             else:
-                name = f"{self.varargs or 'arg'}.{i - len(names)}"
-            seen.add(name)
-            out.update(_describe.iter_attributes(f"flashinfer.arg.{name}", snap))
+                put(out, f"flashinfer.arg.{self.varargs or 'arg'}.{i - len(names)}", snap)
         for name, snap in kw_snaps.items():
-            seen.add(name)
-            out.update(_describe.iter_attributes(f"flashinfer.arg.{name}", snap))
-        for name, snap in self.defaults.items():
-            if name not in seen:
-                out.update(_describe.iter_attributes(f"flashinfer.arg.{name}", snap))
-        return out
+            put(out, f"flashinfer.arg.{name}", snap)
+        if self.defaults:
+            given = names[: len(arg_snaps)]
+            for name, (prefix, snap) in self.defaults.items():
+                if name not in kw_snaps and name not in given:
+                    put(out, prefix, snap)
 
 
 class _Instances:
@@ -187,7 +188,7 @@ def make_wrapper(fn: Callable[..., Any], api_name: str, *, settings: Settings,
 
     def describe(record: CallRecord, arg_snaps: Any, kw_snaps: Any, result_snap: Any) -> None:
         attrs = record.attributes
-        attrs.update(plan.describe(arg_snaps, kw_snaps))
+        plan.describe_into(attrs, arg_snaps, kw_snaps)
         if result_snap is not _NO_RESULT and result_snap is not None:
             attrs.update(_describe.result_attributes(result_snap))
 
@@ -195,43 +196,49 @@ def make_wrapper(fn: Callable[..., Any], api_name: str, *, settings: Settings,
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             ctx = get_current()
-            if ctx.get(_SUPPRESS_INSTRUMENTATION_KEY):
-                return fn(*args, **kwargs)
-            ids = _new_ids(ctx, rt, api_name)
-            if ids is None:
-                return fn(*args, **kwargs)
-            trace_id, parent = ids
-            span_id = getrandbits(64) or 1
-            span_context = tuple.__new__(
-                SpanContext, (trace_id, span_id, False, _SAMPLED, DEFAULT_TRACE_STATE, True)
-            )
-            attrs: dict[str, Any] = {"flashinfer.api": api_name, "flashinfer.level": level}
-            record = new_record(api_name, trace_id, span_id, parent, 0, 0, attrs)
-            if is_method and args:
-                key = id(args[0])
-                attrs["flashinfer.instance.id"] = f"{_PID}:{key}"
-                if is_init:
-                    instances.forget(key)
-                elif is_plan:
-                    instances.remember_plan(key, span_context)
-                elif is_run:
-                    plan_context = instances.plan_of(key)
-                    if plan_context is not None:
-                        record.links.append(Link(plan_context))
-            capture = graphs.capture_state()
-            if capture is not None:
-                attrs["flashinfer.cuda_graph.capturing"] = True
-                attrs["flashinfer.cuda_graph.id"] = capture.graph_id
-            if detailed:
-                arg_snaps = [_describe.snapshot(a) for a in (args[1:] if plan.skip_self else args)]
-                kw_snaps = {k: _describe.snapshot(v) for k, v in kwargs.items()}
-            states = [before(record, plan, args, kwargs) for before, _ in hooks] if hooks else ()
-            record.start_ns = time_ns()
-            slot = journal.begin(record, arg_snaps if detailed else None,
-                                 journal_name) if journal is not None else None
-            token = attach(ctx.__class__({**ctx, _SPAN_KEY: NonRecordingSpan(span_context)}))
+            # Untraced calls run after this block, never inside it: an exception of
+            # the user's must not reach our handler (it would call fn a second time).
+            ids = None if ctx.get(_SUPPRESS_INSTRUMENTATION_KEY) else _new_ids(
+                ctx, rt, api_name)
+            if ids is not None:
+                trace_id, parent = ids
+                span_id = getrandbits(64) or 1
+                span_context = tuple.__new__(
+                    SpanContext, (trace_id, span_id, False, _SAMPLED, DEFAULT_TRACE_STATE, True)
+                )
+                attrs: dict[str, Any] = {"flashinfer.api": api_name, "flashinfer.level": level}
+                record = new_record(api_name, trace_id, span_id, parent, 0, 0, attrs)
+                if is_method and args:
+                    key = id(args[0])
+                    attrs["flashinfer.instance.id"] = f"{_PID}:{key}"
+                    if is_init:
+                        instances.forget(key)
+                    elif is_plan:
+                        instances.remember_plan(key, span_context)
+                    elif is_run:
+                        plan_context = instances.plan_of(key)
+                        if plan_context is not None:
+                            record.links.append(Link(plan_context))
+                capture = graphs.capture_state()
+                if capture is not None:
+                    attrs["flashinfer.cuda_graph.capturing"] = True
+                    attrs["flashinfer.cuda_graph.id"] = capture.graph_id
+                if detailed:
+                    positional = args[1:] if plan.skip_self else args
+                    arg_snaps = [_describe.snapshot(a) for a in positional]
+                    kw_snaps = {k: _describe.snapshot(v) for k, v in kwargs.items()}
+                states = ([before(record, plan, args, kwargs) for before, _ in hooks]
+                          if hooks else ())
+                record.start_ns = time_ns()
+                slot = None
+                if journal is not None:
+                    slot = (journal.begin(record, arg_snaps, journal_name, plan, kw_snaps)
+                            if detailed else journal.begin(record, None, journal_name))
+                token = attach(ctx.__class__({**ctx, _SPAN_KEY: NonRecordingSpan(span_context)}))
         except Exception as exc:  # noqa: BLE001 - our failure must not stop the call
             health.report("wrapper_errors", f"tracing {api_name} failed before the call", exc)
+            ids = None
+        if ids is None:
             return fn(*args, **kwargs)
         try:
             result = fn(*args, **kwargs)
