@@ -1,0 +1,513 @@
+"""The crash journal: every traced call is noted in a memory-mapped ring before it
+runs, so a call that kills the process still becomes a span.
+
+Spans are built in the background, so a SIGKILL or a segfault inside a kernel would
+lose exactly the call people need to see.  A note in a ``MAP_SHARED`` mapping lives
+in the page cache, which outlives the process; the next instrumented process on the
+machine (or ``otel-flashinfer recover``) turns the notes of dead processes into spans
+with the same ids, status ERROR and ``flashinfer.crash = true``.
+
+Hot path (``begin``/``end``): a pop from the free-slot stack, one ``struct.pack_into``
+on the mapping, one byte store to clear it, no syscall.  Thread safety: ``list.pop``
+and ``list.append`` are atomic under the GIL, so concurrent callers (and nested
+calls) each get their own slot; ``end`` takes a token (the slot and the mapping's
+epoch) and ignores one that no longer owns its slot (a call begun before a fork).  When every
+slot is live the call is not noted (counted as ``journal_full``).  A heartbeat thread
+stamps the header's last-write time a few
+times a second, which bounds a crashed call's end time from below.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import logging
+import mmap
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from opentelemetry.trace import SpanContext, TraceFlags
+
+from . import health
+from . import journal_format as fmt
+from .pipeline import CallRecord
+
+logger = logging.getLogger("otel_flashinfer")
+
+SUFFIX = ".journal"
+CLAIM = ".recovering."
+CORRUPT = ".corrupt"
+HEARTBEAT_S = 0.2
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_M64 = (1 << 64) - 1
+
+
+# ---- process identity -------------------------------------------------------------------
+
+def process_start_ticks(pid: int | str = "self") -> int | None:
+    """Field 22 of ``/proc/<pid>/stat`` (start time in clock ticks since boot): with the
+    pid it names one process even after the pid is reused.  None if there is no such
+    process; 0 where /proc does not exist."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            data = handle.read()
+    except FileNotFoundError:
+        return None if os.path.isdir("/proc/self") else 0
+    except OSError:
+        return 0
+    # comm (field 2) may hold spaces and parentheses: split after the last ')'.
+    rest = data[data.rfind(b")") + 2:].split()
+    return int(rest[19])
+
+
+def boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle:
+            return handle.read().strip()
+    except OSError:
+        return ""
+
+
+def process_alive(pid: int, start_ticks: int) -> bool:
+    """Whether the process that wrote a journal still runs (same pid, same start)."""
+    if pid <= 0:
+        return False
+    ticks = process_start_ticks(pid)
+    if ticks is None:
+        return False
+    if ticks and start_ticks and ticks != start_ticks:
+        return False  # the pid now belongs to another process
+    if ticks == 0:  # no /proc: fall back to signal 0
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+    return True
+
+
+def journal_name(hostname: str, pid: int, start_ticks: int) -> str:
+    return f"{hostname}-{pid}-{start_ticks}{SUFFIX}"
+
+
+def parse_journal_name(name: str) -> tuple[str, int, int] | None:
+    """(hostname, pid, start ticks) from a journal's file name, or None."""
+    stem = name.split(SUFFIX, 1)[0]
+    parts = stem.rsplit("-", 2)
+    if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
+        return None
+    return parts[0], int(parts[1]), int(parts[2])
+
+
+# ---- the writer -------------------------------------------------------------------------
+
+class Journal:
+    """One process's ring of call notes in ``<dir>/<host>-<pid>-<start>.journal``."""
+
+    def __init__(self, directory: str, slot_count: int = fmt.DEFAULT_SLOTS,
+                 slot_size: int = fmt.DEFAULT_SLOT_SIZE) -> None:
+        if slot_count & (slot_count - 1) or slot_count < 1:
+            raise ValueError(f"slot_count must be a power of two, not {slot_count}")
+        if slot_size < fmt.ARGS_OFFSET + 16:
+            raise ValueError(f"slot_size must be at least {fmt.ARGS_OFFSET + 16}")
+        self.directory = directory
+        self.slot_count = slot_count
+        self.slot_size = slot_size
+        self._mask = slot_count - 1
+        self._shift = slot_count.bit_length()
+        self._reset_slots()
+        self._offsets = [fmt.HEADER_SIZE + i * slot_size for i in range(slot_count)]
+        self._encoder = fmt.ArgEncoder(slot_size - fmt.ARGS_OFFSET)
+        self._users = 1
+        self._stop = threading.Event()
+        self._mm: mmap.mmap | None = None
+        self._buf: Any = bytearray(fmt.file_size(slot_count, slot_size))
+        self.path = ""
+        self._open_file()
+
+    def _open_file(self) -> None:
+        """Create the file under a temporary name with its header, then rename it, so
+        a recoverer never sees a half-made journal; map it; start the heartbeat."""
+        self.pid = os.getpid()
+        self.start_ticks = process_start_ticks() or 0
+        host = socket.gethostname()
+        path = os.path.join(self.directory, journal_name(host, self.pid, self.start_ticks))
+        tmp = os.path.join(self.directory, f".tmp-{self.pid}-{time.time_ns()}")
+        size = fmt.file_size(self.slot_count, self.slot_size)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            fmt.pack_header(mm, slot_count=self.slot_count, slot_size=self.slot_size,
+                            pid=self.pid, start_ticks=self.start_ticks,
+                            created_ns=time.time_ns(), boot_id=boot_id(), hostname=host)
+            os.rename(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        finally:
+            os.close(fd)
+        self._reset_slots()
+        # Tokens carry the mapping's epoch, so a call begun before a fork cannot end a
+        # slot of the child's new journal.
+        self._epoch = next(_epochs) << self._shift
+        self._mm, self._buf, self.path = mm, mm, path
+        self._stop = threading.Event()
+        thread = threading.Thread(target=self._heartbeat, args=(mm, self._stop),
+                                  name="otel_flashinfer-journal", daemon=True)
+        thread.start()
+
+    def _reset_slots(self) -> None:
+        """Every slot free; the lowest first, so a program that is one call deep keeps
+        writing the same cache lines."""
+        self._owners = [0] * self.slot_count
+        self._free = list(range(self.slot_count - 1, -1, -1))
+
+    def _heartbeat(self, mm: mmap.mmap, stop: threading.Event) -> None:
+        pack, offset = fmt.LAST_WRITE.pack_into, fmt.LAST_WRITE_OFFSET
+        try:
+            while True:
+                pack(mm, offset, time.time_ns())
+                if stop.wait(HEARTBEAT_S):
+                    return
+        except (ValueError, OSError):  # unmapped by close()
+            return
+
+    # ---- hot path ---------------------------------------------------------------------
+
+    def begin(self, record: CallRecord, arg_snaps: Any, name_bytes: bytes,
+              plan: Any = None, kw_snaps: Any = None) -> int | None:
+        """Note a call that is about to run; returns the token ``end`` takes, or None
+        when every slot is live.  ``arg_snaps``/``kw_snaps`` (level 3+) are describe
+        snapshots, named by ``plan`` (the wrapper's ArgPlan) when given."""
+        try:
+            index = self._free.pop()
+        except IndexError:
+            health.count("journal_full")
+            return None
+        token = self._epoch | index
+        self._owners[index] = token
+        offset = self._offsets[index]
+        buf = self._buf
+        if arg_snaps is None and not kw_snaps:
+            args_len = 0
+        else:
+            args = self._encoder.encode(arg_snaps, kw_snaps, plan)
+            args_len = len(args)
+            start = offset + fmt.ARGS_OFFSET
+            buf[start:start + args_len] = args
+        parent = record.parent
+        trace_id = record.trace_id
+        if parent is None:
+            _pack_body(buf, offset, 0, trace_id >> 64, trace_id & _M64, record.span_id, 0,
+                       record.start_ns, len(name_bytes), args_len, name_bytes, 1)
+        else:
+            _pack_body(buf, offset, 1, trace_id >> 64, trace_id & _M64, record.span_id,
+                       parent.span_id, record.start_ns, len(name_bytes), args_len,
+                       name_bytes, 1)
+        return token
+
+    def end(self, token: int) -> None:
+        """The call of ``token`` finished (normally or by raising): clear its note."""
+        index = token & self._mask
+        owners = self._owners
+        if owners[index] == token:
+            owners[index] = 0
+            self._buf[self._offsets[index] + _STATE] = 0
+            self._free.append(index)
+
+    # ---- lifetime ---------------------------------------------------------------------
+
+    def live_count(self) -> int:
+        return sum(1 for owner in self._owners if owner)
+
+    def close(self) -> None:
+        """Drop one user; the last one unmaps the ring and deletes the file (a clean
+        stop leaves nothing to recover)."""
+        with _registry_lock:
+            self._users -= 1
+            if self._users > 0:
+                return
+            if _registry.get(self.directory) is self:
+                del _registry[self.directory]
+        self._release(delete=True)
+
+    def _release(self, delete: bool) -> None:
+        self._stop.set()
+        mm, self._mm = self._mm, None
+        self._buf = bytearray(fmt.file_size(self.slot_count, self.slot_size))
+        self._reset_slots()
+        if delete and self.path:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+        if mm is not None:
+            try:
+                mm.close()
+            except (BufferError, ValueError):
+                pass
+
+    def _after_fork_in_child(self) -> None:
+        """The parent's mapping is shared with us: stop writing to it and start a
+        journal of our own (the parent still owns its file and its live calls)."""
+        self._mm = None  # inherited mapping: leave it to the parent, never write it
+        try:
+            self._open_file()
+        except Exception as exc:  # noqa: BLE001
+            self._buf = bytearray(fmt.file_size(self.slot_count, self.slot_size))
+            self._reset_slots()
+            health.report("journal_errors", "could not open a crash journal after fork", exc)
+
+
+_pack_body = fmt.BODY.pack_into
+_STATE = fmt.STATE_OFFSET
+_registry_lock = threading.Lock()
+_registry: dict[str, Journal] = {}
+_epochs = itertools.count(1)
+
+
+def _after_fork() -> None:
+    global _registry_lock
+    _registry_lock = threading.Lock()
+    for journal in list(_registry.values()):
+        journal._after_fork_in_child()
+
+
+def _at_exit() -> None:
+    with _registry_lock:
+        journals = list(_registry.values())
+        _registry.clear()
+    for journal in journals:
+        if journal.pid == os.getpid():
+            journal._release(delete=True)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
+atexit.register(_at_exit)
+
+
+def open_journal(settings: Any, runtime: Any) -> Journal:
+    """The process's journal in ``settings.journal_dir`` (shared by successive
+    ``instrument()`` calls); the first open also recovers the journals of processes
+    that died there, through ``runtime.pipeline.submit``."""
+    directory = os.path.abspath(settings.journal_dir)
+    with _registry_lock:
+        journal = _registry.get(directory)
+        if journal is not None and journal.pid == os.getpid():
+            journal._users += 1
+            return journal
+        os.makedirs(directory, exist_ok=True)
+        journal = _registry[directory] = Journal(directory)
+    submit = runtime.pipeline.submit if runtime is not None else None
+    if submit is not None:
+        records, journals = recover_report(directory, submit, exclude_pid=os.getpid())
+        if journals:
+            logger.warning("otel_flashinfer: recovered %d in-flight call(s) of %d crashed "
+                           "process(es) from %s", len(records), journals, directory)
+    return journal
+
+
+# ---- recovery ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Me:
+    pid: int
+    ticks: int
+    host: str
+    boot: str
+
+
+def _claim_owner_alive(name: str) -> bool:
+    """A ``.recovering.<pid>-<ticks>`` file: whether its recoverer still runs."""
+    tail = name.rsplit(CLAIM, 1)[1]
+    pid_text, _, ticks_text = tail.partition("-")
+    if not pid_text.isdigit():
+        return False
+    return process_alive(int(pid_text), int(ticks_text) if ticks_text.isdigit() else 0)
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def _move_corrupt(path: str, base: str, reason: str) -> None:
+    target = base + CORRUPT
+    try:
+        os.rename(path, target)
+    except FileNotFoundError:
+        return  # another recoverer moved it
+    health.report("journal_corrupt", f"crash journal {path} is corrupt ({reason}); moved "
+                  f"aside to {target}")
+    logger.error("otel_flashinfer: crash journal %s is corrupt (%s); skipped, moved to %s",
+                 path, reason, target)
+
+
+def notes_to_records(notes: list[fmt.SlotNote], header: fmt.Header) -> list[CallRecord]:
+    """Live notes of a dead process -> finished, failed span records."""
+    records = []
+    for note in notes:
+        parent = None
+        if note.parent_span_id:
+            parent = SpanContext(note.trace_id, note.parent_span_id, is_remote=False,
+                                 trace_flags=_SAMPLED)
+        attrs: dict[str, Any] = {
+            "flashinfer.api": note.name,
+            "flashinfer.crash": True,
+            "flashinfer.crash.pid": header.pid,
+        }
+        try:
+            attrs.update(fmt.decode_args(note.args))
+        except (ValueError, UnicodeDecodeError):
+            health.count("journal_args_unreadable")
+            attrs["flashinfer.crash.args_unreadable"] = True
+        end_ns = max(header.last_write_ns, note.start_ns)
+        record = CallRecord(note.name, note.trace_id, note.span_id, parent, note.start_ns,
+                            end_ns, attrs)
+        record.error = ("ProcessCrash", f"process {header.pid} ended during this call", "")
+        records.append(record)
+    records.sort(key=lambda r: r.start_ns)
+    return records
+
+
+def _recover_one(path: str, name: str, me: _Me, submit: Callable[[CallRecord], None],
+                 exclude_pid: int | None, all_hosts: bool) -> list[CallRecord] | None:
+    """Recover one journal file; None when it is not ours to take (live, foreign,
+    claimed by another recoverer)."""
+    directory = os.path.dirname(path)
+    stale_claim = CLAIM in name
+    base = os.path.join(directory, name.split(CLAIM, 1)[0])
+    from_name = parse_journal_name(os.path.basename(base))
+    if stale_claim:
+        if _claim_owner_alive(name):
+            return None
+    else:
+        try:
+            head, size = _read_head(path)
+        except FileNotFoundError:
+            return None
+        try:
+            header = fmt.parse_header(head, size)
+            host, pid, ticks, boot = header.hostname, header.pid, header.start_ticks, \
+                header.boot_id
+        except fmt.JournalCorrupt as exc:
+            if from_name is None:
+                _move_corrupt(path, base, str(exc))
+                return []
+            host, pid, ticks = from_name
+            boot = me.boot
+            if host == me.host and process_alive(pid, ticks):
+                return None  # a live process's file, whatever it looks like
+            _move_corrupt(path, base, str(exc))
+            return []
+        if pid == exclude_pid and (pid != me.pid or ticks == me.ticks):
+            return None
+        if host != me.host and not all_hosts:
+            health.count("journal_foreign_host")
+            return None
+        if host == me.host and boot == me.boot and process_alive(pid, ticks):
+            return None
+    claimed = f"{base}{CLAIM}{me.pid}-{me.ticks}"
+    try:
+        os.rename(path, claimed)
+    except FileNotFoundError:
+        return None  # another recoverer won
+    try:
+        data = _read(claimed)
+        header = fmt.parse_header(data)
+        notes = list(fmt.iter_live(data, header))
+    except fmt.JournalCorrupt as exc:
+        _move_corrupt(claimed, base, str(exc))
+        return []
+    records = notes_to_records(notes, header)
+    for record in records:
+        submit(record)
+    os.unlink(claimed)
+    return records
+
+
+def _read_head(path: str) -> tuple[bytes, int]:
+    """The header bytes and the file's size (enough to check for truncation)."""
+    with open(path, "rb") as handle:
+        return handle.read(fmt.HEADER_SIZE), os.fstat(handle.fileno()).st_size
+
+
+def _remove_stale_tmp(path: str) -> None:
+    """A journal its process never finished making (``.tmp-<pid>-<ns>``, died before
+    the rename): nothing was noted in it yet."""
+    pid_text = os.path.basename(path)[5:].split("-", 1)[0]
+    try:
+        old = time.time() - os.stat(path).st_mtime > 60
+        if pid_text.isdigit() and old and process_start_ticks(int(pid_text)) is None:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+def recover_report(journal_dir: str, submit: Callable[[CallRecord], None], *,
+                   exclude_pid: int | None = None,
+                   all_hosts: bool = False) -> tuple[list[CallRecord], int]:
+    """``recover``, also returning how many journals were recovered."""
+    try:
+        names = sorted(os.listdir(journal_dir))
+    except (FileNotFoundError, NotADirectoryError):
+        return [], 0
+    me = _Me(os.getpid(), process_start_ticks() or 0, socket.gethostname(), boot_id())
+    records: list[CallRecord] = []
+    journals = 0
+    for name in names:
+        if name.startswith(".tmp-"):
+            _remove_stale_tmp(os.path.join(journal_dir, name))
+            continue
+        if not (name.endswith(SUFFIX) or (CLAIM in name and SUFFIX + CLAIM in name)):
+            continue
+        path = os.path.join(journal_dir, name)
+        try:
+            found = _recover_one(path, name, me, submit, exclude_pid, all_hosts)
+        except Exception as exc:  # noqa: BLE001 - recovery must not stop the recoverer
+            health.report("journal_errors", f"could not recover crash journal {path}", exc)
+            continue
+        if found is not None:
+            journals += 1
+            records.extend(found)
+    return records, journals
+
+
+def recover(journal_dir: str, submit: Callable[[CallRecord], None], *,
+            exclude_pid: int | None = None, all_hosts: bool = False) -> list[CallRecord]:
+    """Turn the live notes of dead processes' journals in ``journal_dir`` into ERROR
+    spans (``flashinfer.crash = true``) handed to ``submit``, then delete the journals.
+
+    A journal is claimed by renaming it, so two recoverers emit each span once; the
+    journal of a live process (same pid and start time, same boot) is never touched;
+    a corrupt one is reported and moved aside as ``.corrupt``.  Journals written on
+    another host are left alone unless ``all_hosts``.
+    """
+    return recover_report(journal_dir, submit, exclude_pid=exclude_pid,
+                          all_hosts=all_hosts)[0]
+
+
+__all__ = [
+    "Journal",
+    "add_recover_parser",
+    "open_journal",
+    "process_alive",
+    "process_start_ticks",
+    "recover",
+    "recover_report",
+]
+
+
+def add_recover_parser(subparsers: Any) -> Any:
+    """``otel-flashinfer recover [DIR]`` (defined in journal_cli; found here by cli.py)."""
+    from .journal_cli import add_recover_parser as add
+
+    return add(subparsers)

@@ -1,0 +1,427 @@
+"""The crash journal without crashes: record bytes, argument encoding, slot handling,
+and recovery's rules (dead vs live vs reused pids, corrupt files, claims)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from opentelemetry.trace import SpanContext
+
+from otel_flashinfer import describe, health
+from otel_flashinfer import journal as J
+from otel_flashinfer import journal_format as fmt
+from otel_flashinfer.pipeline import CallRecord
+from otel_flashinfer.spans import ArgPlan
+
+HOST = socket.gethostname()
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _write_journal(directory: Path, *, pid: int, ticks: int, notes: list[dict],
+                   last_write_ns: int, host: str = HOST, boot: str | None = None,
+                   slots: int = 8) -> Path:
+    """A journal as a dead process would have left it, built from the pure layout."""
+    buf = bytearray(fmt.file_size(slots, fmt.DEFAULT_SLOT_SIZE))
+    fmt.pack_header(buf, slot_count=slots, slot_size=fmt.DEFAULT_SLOT_SIZE, pid=pid,
+                    start_ticks=ticks, created_ns=1, boot_id=J.boot_id() if boot is None
+                    else boot, hostname=host)
+    fmt.LAST_WRITE.pack_into(buf, fmt.LAST_WRITE_OFFSET, last_write_ns)
+    for i, note in enumerate(notes):
+        fmt.pack_slot(buf, fmt.HEADER_SIZE + i * fmt.DEFAULT_SLOT_SIZE, **note)
+    path = directory / J.journal_name(host, pid, ticks)
+    path.write_bytes(bytes(buf))
+    return path
+
+
+NOTE = dict(trace_id=0xABCDEF0123456789ABCDEF0123456789, span_id=0x1122334455667788,
+            parent_span_id=0x99, start_ns=1_000, name=b"BatchDecodeWithPagedKVCacheWrapper.run",
+            args=b'{"q.shape":[8,32,128],"q.dtype":"float16","sm_scale":0.125}')
+
+
+def _record(parent: int | None = 7, start: int = 123) -> CallRecord:
+    ctx = SpanContext(5, parent, False) if parent else None
+    return CallRecord("f", (1 << 127) | 3, 42, ctx, start, 0, {})
+
+
+# ---- layout ------------------------------------------------------------------------------
+
+def test_header_round_trip_and_checks() -> None:
+    buf = bytearray(fmt.file_size(4, 512))
+    fmt.pack_header(buf, slot_count=4, slot_size=512, pid=1234, start_ticks=99,
+                    created_ns=5, boot_id="b-o-o-t", hostname="gpu-node-7")
+    header = fmt.parse_header(bytes(buf))
+    assert (header.slot_count, header.slot_size, header.pid, header.start_ticks) == (4, 512,
+                                                                                      1234, 99)
+    assert (header.boot_id, header.hostname, header.last_write_ns) == ("b-o-o-t",
+                                                                        "gpu-node-7", 5)
+    with pytest.raises(fmt.JournalCorrupt, match="truncated"):
+        fmt.parse_header(bytes(buf[:-1]))
+    with pytest.raises(fmt.JournalCorrupt, match="truncated"):
+        fmt.parse_header(bytes(buf[:100]))
+    flipped = bytearray(buf)
+    flipped[40] ^= 1  # pid / ticks area: covered by the checksum
+    with pytest.raises(fmt.JournalCorrupt, match="checksum"):
+        fmt.parse_header(bytes(flipped))
+    with pytest.raises(fmt.JournalCorrupt, match="magic"):
+        fmt.parse_header(b"x" * len(buf))
+    # The heartbeat field is outside the checksum.
+    fmt.LAST_WRITE.pack_into(buf, fmt.LAST_WRITE_OFFSET, 77)
+    assert fmt.parse_header(bytes(buf)).last_write_ns == 77
+
+
+def test_slot_round_trip_and_free_slots_are_skipped() -> None:
+    buf = bytearray(fmt.file_size(4, fmt.DEFAULT_SLOT_SIZE))
+    fmt.pack_header(buf, slot_count=4, slot_size=fmt.DEFAULT_SLOT_SIZE, pid=1, start_ticks=1,
+                    created_ns=1, boot_id="", hostname="h")
+    fmt.pack_slot(buf, fmt.HEADER_SIZE + 2 * fmt.DEFAULT_SLOT_SIZE, **NOTE)
+    root = dict(NOTE, parent_span_id=None, name=b"x" * 100)
+    fmt.pack_slot(buf, fmt.HEADER_SIZE, **root)
+    header = fmt.parse_header(bytes(buf))
+    notes = list(fmt.iter_live(bytes(buf), header))
+    assert [n.index for n in notes] == [0, 2]
+    assert notes[0].parent_span_id is None and notes[0].name == "x" * fmt.NAME_MAX
+    note = notes[1]
+    assert (note.trace_id, note.span_id, note.parent_span_id, note.start_ns) == (
+        NOTE["trace_id"], NOTE["span_id"], 0x99, 1_000)
+    assert note.name == "BatchDecodeWithPagedKVCacheWrapper.run"
+    assert note.args == NOTE["args"]
+    buf[fmt.HEADER_SIZE + fmt.DEFAULT_SLOT_SIZE + fmt.STATE_OFFSET] = 7
+    with pytest.raises(fmt.JournalCorrupt, match="slot 1: unknown state"):
+        list(fmt.iter_live(bytes(buf), header))
+
+
+# ---- arguments ---------------------------------------------------------------------------
+
+def _plan() -> ArgPlan:
+    def run(q, k_cache, *rest, sm_scale=None):  # noqa: ANN001, ANN202
+        return q
+
+    return ArgPlan(run, False)
+
+
+def test_arguments_are_named_by_the_plan_and_decode_to_span_attributes() -> None:
+    q = torch.zeros(8, 32, 128, dtype=torch.float16)
+    snaps = [describe.snapshot(v) for v in (q, [q, 3], 1, True, "NHD", None)]
+    kw = {"sm_scale": describe.snapshot(0.125), "window": describe.snapshot(-1)}
+    data = fmt.ArgEncoder(900).encode(snaps, kw, _plan())
+    attrs = fmt.decode_args(data)
+    assert attrs == {
+        "flashinfer.arg.q.shape": [8, 32, 128],
+        "flashinfer.arg.q.dtype": "float16",
+        "flashinfer.arg.k_cache.len": 2,
+        "flashinfer.arg.k_cache.0.shape": [8, 32, 128],
+        "flashinfer.arg.k_cache.0.dtype": "float16",
+        "flashinfer.arg.k_cache.1": 3,
+        "flashinfer.arg.rest.0": 1,
+        "flashinfer.arg.rest.1": True,
+        "flashinfer.arg.rest.2": "NHD",
+        "flashinfer.arg.rest.3": "None",
+        "flashinfer.arg.sm_scale": 0.125,
+        "flashinfer.arg.window": -1,
+    }
+    # 1 and True stay distinct (a cache keyed on values would merge them).
+    assert type(attrs["flashinfer.arg.rest.0"]) is int
+    # Without a plan, arguments are named by position.
+    assert "flashinfer.arg.0.shape" in fmt.decode_args(fmt.ArgEncoder(900).encode(snaps))
+
+
+def test_the_call_cache_keeps_equal_but_different_scalars_apart() -> None:
+    encoder = fmt.ArgEncoder(900)
+    q = describe.snapshot(torch.zeros(2, 3))
+    outputs = [fmt.decode_args(encoder.encode([q, value])) for value in (1, True, 1.0, 1)]
+    assert [o["flashinfer.arg.1"] for o in outputs] == [1, True, 1.0, 1]
+    assert [type(o["flashinfer.arg.1"]) for o in outputs] == [int, bool, float, int]
+    assert len(encoder._calls) == 3  # the repeat was a hit
+    # Containers skip the call cache: [1] and [True] would compare equal.
+    for value in ([1], [True]):
+        attrs = fmt.decode_args(encoder.encode([describe.snapshot(value)]))
+        assert attrs["flashinfer.arg.0.0"] is value[0]
+    assert len(encoder._calls) == 3
+
+
+def test_awkward_scalars_stay_valid_json() -> None:
+    snaps = [describe.snapshot(v) for v in
+             (float("nan"), 2**70, 'quote"back\\slash\n', "x" * 1000, describe.Opaque("Obj"))]
+    attrs = fmt.decode_args(fmt.ArgEncoder(2000).encode(snaps))
+    assert attrs["flashinfer.arg.0"] == "nan"
+    assert attrs["flashinfer.arg.1"] == str(2**70)
+    assert attrs["flashinfer.arg.2"] == 'quote"back\\slash\n'
+    assert len(attrs["flashinfer.arg.3"]) == describe.MAX_STR
+    assert attrs["flashinfer.arg.4.type"] == "Obj"
+
+
+def test_arguments_that_do_not_fit_are_cut_whole_and_marked() -> None:
+    snaps = [describe.snapshot(torch.zeros(2, i + 1)) for i in range(40)]
+    data = fmt.ArgEncoder(300).encode(snaps)
+    assert len(data) <= 300
+    attrs = fmt.decode_args(data)
+    assert attrs["flashinfer.crash.args_truncated"] is True
+    assert attrs["flashinfer.arg.0.shape"] == [2, 1]
+    kept = [k for k in attrs if k.endswith(".shape")]
+    assert 3 <= len(kept) < 40
+    assert all(k.replace("shape", "dtype") in attrs for k in kept)  # no half arguments
+
+
+# ---- the writer --------------------------------------------------------------------------
+
+def test_begin_notes_the_call_and_end_clears_it(tmp_path: Path) -> None:
+    journal = J.Journal(str(tmp_path), slot_count=4)
+    try:
+        path = Path(journal.path)
+        assert path.name == J.journal_name(HOST, os.getpid(), J.process_start_ticks())
+        outer = journal.begin(_record(parent=7, start=10), None, b"outer")
+        inner_record = _record(parent=42, start=11)
+        snaps = [describe.snapshot(torch.ones(3, 5))]
+        inner = journal.begin(inner_record, snaps, b"inner", _plan(), None)
+        data = path.read_bytes()
+        notes = list(fmt.iter_live(data, fmt.parse_header(data)))
+        assert [(n.name, n.parent_span_id, n.start_ns) for n in notes] == [
+            ("outer", 7, 10), ("inner", 42, 11)]
+        assert notes[0].trace_id == (1 << 127) | 3 and notes[0].span_id == 42
+        assert fmt.decode_args(notes[1].args)["flashinfer.arg.q.shape"] == [3, 5]
+        assert notes[0].args == b""
+        journal.end(inner)
+        journal.end(inner)  # twice: harmless
+        data = path.read_bytes()
+        assert [n.name for n in fmt.iter_live(data, fmt.parse_header(data))] == ["outer"]
+        journal.end(outer)
+        assert journal.live_count() == 0
+    finally:
+        journal.close()
+    assert not path.exists()
+
+
+def test_a_full_ring_skips_and_counts(tmp_path: Path) -> None:
+    health.reset()
+    journal = J.Journal(str(tmp_path), slot_count=2)
+    try:
+        tokens = [journal.begin(_record(), None, b"f") for _ in range(3)]
+        assert tokens[2] is None and None not in tokens[:2]
+        assert health.counters()["journal_full"] == 1
+        journal.end(tokens[0])
+        again = journal.begin(_record(), None, b"g")
+        assert again is not None and journal.live_count() == 2
+    finally:
+        journal.close()
+
+
+def test_heartbeat_moves_last_write(tmp_path: Path) -> None:
+    journal = J.Journal(str(tmp_path))
+    try:
+        first = fmt.parse_header(Path(journal.path).read_bytes()).last_write_ns
+        time.sleep(3 * J.HEARTBEAT_S)
+        later = fmt.parse_header(Path(journal.path).read_bytes()).last_write_ns
+        assert later > first
+    finally:
+        journal.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_gets_its_own_journal(tmp_path: Path) -> None:
+    journal = J.Journal(str(tmp_path))
+    J._registry[str(tmp_path)] = journal
+    try:
+        token = journal.begin(_record(), None, b"parent-call")
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child: its notes go to a new file, the parent's stay
+            try:
+                journal.end(token)  # the parent's call: not the child's to clear
+                child_token = journal.begin(_record(), None, b"child-call")
+                os.write(write, f"{journal.path}|{child_token is not None}".encode())
+            finally:
+                os._exit(0)
+        os.close(write)
+        os.waitpid(pid, 0)
+        child_path, ok = os.read(read, 4096).decode().split("|")
+        os.close(read)
+        assert ok == "True" and child_path != journal.path
+        data = Path(journal.path).read_bytes()
+        assert [n.name for n in fmt.iter_live(data, fmt.parse_header(data))] == ["parent-call"]
+        data = Path(child_path).read_bytes()
+        assert [n.name for n in fmt.iter_live(data, fmt.parse_header(data))] == ["child-call"]
+        journal.end(token)
+    finally:
+        J._registry.pop(str(tmp_path), None)
+        journal.close()
+
+
+# ---- recovery ----------------------------------------------------------------------------
+
+def test_dead_process_notes_become_error_records(tmp_path: Path) -> None:
+    pid = _dead_pid()
+    path = _write_journal(tmp_path, pid=pid, ticks=5, notes=[NOTE], last_write_ns=5_000)
+    submitted: list[CallRecord] = []
+    records = J.recover(str(tmp_path), submitted.append)
+    assert records == submitted and len(records) == 1
+    record = records[0]
+    assert (record.trace_id, record.span_id, record.parent_span_id) == (
+        NOTE["trace_id"], NOTE["span_id"], 0x99)
+    assert record.parent.trace_flags.sampled
+    assert (record.start_ns, record.end_ns) == (1_000, 5_000)
+    assert record.name == "BatchDecodeWithPagedKVCacheWrapper.run"
+    assert record.attributes == {
+        "flashinfer.api": "BatchDecodeWithPagedKVCacheWrapper.run",
+        "flashinfer.crash": True,
+        "flashinfer.crash.pid": pid,
+        "flashinfer.arg.q.shape": [8, 32, 128],
+        "flashinfer.arg.q.dtype": "float16",
+        "flashinfer.arg.sm_scale": 0.125,
+    }
+    assert record.error == ("ProcessCrash", f"process {pid} ended during this call", "")
+    assert not path.exists() and os.listdir(tmp_path) == []
+
+
+def test_end_time_is_never_before_the_start(tmp_path: Path) -> None:
+    _write_journal(tmp_path, pid=_dead_pid(), ticks=5, notes=[NOTE], last_write_ns=10)
+    (record,) = J.recover(str(tmp_path), lambda r: None)
+    assert record.end_ns == record.start_ns == 1_000
+
+
+def _without_heartbeat(data: bytes) -> bytes:
+    return data[: fmt.LAST_WRITE_OFFSET] + data[fmt.LAST_WRITE_OFFSET + 8:]
+
+
+def test_live_and_foreign_journals_are_left_alone(tmp_path: Path) -> None:
+    mine = J.Journal(str(tmp_path))
+    try:
+        mine.begin(_record(), None, b"in-flight")
+        mine_bytes = _without_heartbeat(Path(mine.path).read_bytes())
+        other_host = _write_journal(tmp_path, pid=_dead_pid(), ticks=5, notes=[NOTE],
+                                    last_write_ns=5, host="another-node")
+        code = ("import sys; from otel_flashinfer.journal import recover; "
+                f"print(len(recover({str(tmp_path)!r}, lambda r: None)))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+        assert out.stdout.strip() == "0", out.stderr
+        assert _without_heartbeat(Path(mine.path).read_bytes()) == mine_bytes
+        assert other_host.exists()
+        assert len(J.recover(str(tmp_path), lambda r: None, all_hosts=True)) == 1
+        assert not other_host.exists() and Path(mine.path).exists()
+    finally:
+        mine.close()
+
+
+def test_a_reused_pid_does_not_keep_a_journal_alive(tmp_path: Path) -> None:
+    # Our own pid, but another start time: the process that wrote it is gone.
+    ticks = J.process_start_ticks() - 1
+    path = _write_journal(tmp_path, pid=os.getpid(), ticks=ticks, notes=[NOTE],
+                          last_write_ns=5)
+    assert J.process_alive(os.getpid(), J.process_start_ticks())
+    assert not J.process_alive(os.getpid(), ticks)
+    assert len(J.recover(str(tmp_path), lambda r: None, exclude_pid=os.getpid())) == 1
+    assert not path.exists()
+
+
+def test_after_a_reboot_the_same_pid_is_another_process(tmp_path: Path) -> None:
+    path = _write_journal(tmp_path, pid=os.getpid(), ticks=J.process_start_ticks(),
+                          notes=[NOTE], last_write_ns=5, boot="an-earlier-boot")
+    assert len(J.recover(str(tmp_path), lambda r: None)) == 1
+    assert not path.exists()
+
+
+def test_corrupt_and_truncated_journals_are_reported_and_moved_aside(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    health.reset()
+    good = _write_journal(tmp_path, pid=_dead_pid(), ticks=5, notes=[NOTE], last_write_ns=5)
+    truncated = _write_journal(tmp_path, pid=_dead_pid(), ticks=6, notes=[NOTE],
+                               last_write_ns=5)
+    truncated.write_bytes(truncated.read_bytes()[:3000])
+    garbage = tmp_path / J.journal_name(HOST, _dead_pid(), 7)
+    garbage.write_bytes(os.urandom(5000))
+    bad_slot = _write_journal(tmp_path, pid=_dead_pid(), ticks=8, notes=[NOTE],
+                              last_write_ns=5)
+    data = bytearray(bad_slot.read_bytes())
+    data[fmt.HEADER_SIZE + fmt.STATE_OFFSET] = 0xEE
+    bad_slot.write_bytes(bytes(data))
+    with caplog.at_level(logging.ERROR, logger="otel_flashinfer"):
+        records = J.recover(str(tmp_path), lambda r: None)
+    assert len(records) == 1 and not good.exists()
+    names = sorted(os.listdir(tmp_path))
+    assert names == sorted(p.name.replace(".journal", ".journal.corrupt")
+                           for p in (truncated, garbage, bad_slot))
+    assert health.counters()["journal_corrupt"] == 3
+    for path in (truncated, garbage, bad_slot):
+        assert any(str(path) in r.getMessage() for r in caplog.records)
+    # Moved-aside files are not looked at again.
+    assert J.recover(str(tmp_path), lambda r: None) == []
+
+
+def test_half_made_journals_of_dead_processes_are_removed(tmp_path: Path) -> None:
+    dead = tmp_path / f".tmp-{_dead_pid()}-1"
+    live = tmp_path / f".tmp-{os.getpid()}-2"
+    for path in (dead, live):
+        path.write_bytes(b"\x00" * 10)
+        os.utime(path, (time.time() - 120, time.time() - 120))
+    assert J.recover(str(tmp_path), lambda r: None) == []
+    assert not dead.exists() and live.exists()
+
+
+def test_a_corrupt_looking_journal_of_a_live_process_is_not_touched(tmp_path: Path) -> None:
+    path = tmp_path / J.journal_name(HOST, os.getpid(), J.process_start_ticks())
+    path.write_bytes(b"\x00" * 100)
+    assert J.recover(str(tmp_path), lambda r: None) == []
+    assert path.read_bytes() == b"\x00" * 100
+
+
+def test_a_claim_left_by_a_dead_recoverer_is_taken_over(tmp_path: Path) -> None:
+    path = _write_journal(tmp_path, pid=_dead_pid(), ticks=5, notes=[NOTE], last_write_ns=5)
+    stale = Path(f"{path}{J.CLAIM}{_dead_pid()}-1")
+    path.rename(stale)
+    live_claim = _write_journal(tmp_path, pid=_dead_pid(), ticks=6, notes=[NOTE],
+                                last_write_ns=5)
+    held = Path(f"{live_claim}{J.CLAIM}{os.getpid()}-{J.process_start_ticks()}")
+    live_claim.rename(held)
+    records = J.recover(str(tmp_path), lambda r: None)
+    assert len(records) == 1 and not stale.exists()
+    assert held.exists()  # its recoverer (us, here) is alive
+
+
+def test_racing_recoverers_claim_each_journal_once(tmp_path: Path) -> None:
+    for ticks in range(20):
+        _write_journal(tmp_path, pid=_dead_pid(), ticks=ticks + 1,
+                       notes=[dict(NOTE, span_id=ticks + 1)], last_write_ns=5)
+    code = ("import json, sys; from otel_flashinfer.journal import recover; "
+            f"print(json.dumps([r.span_id for r in recover({str(tmp_path)!r}, "
+            "lambda r: None)]))")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, env=env,
+                              text=True) for _ in range(3)]
+    found = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
+    assert sorted(i for ids in found for i in ids) == list(range(1, 21))
+    assert os.listdir(tmp_path) == []
+
+
+def test_open_journal_recovers_once_and_is_shared(tmp_path: Path) -> None:
+    _write_journal(tmp_path, pid=_dead_pid(), ticks=5, notes=[NOTE], last_write_ns=5)
+
+    class Runtime:
+        class pipeline:  # noqa: N801 - stands in for the runtime's pipeline
+            submitted: list[CallRecord] = []
+            submit = submitted.append
+
+    settings = type("S", (), {"journal_dir": str(tmp_path)})()
+    first = J.open_journal(settings, Runtime)
+    second = J.open_journal(settings, Runtime)
+    try:
+        assert first is second
+        assert len(Runtime.pipeline.submitted) == 1
+        first.close()
+        assert Path(second.path).exists()  # still used by the second runtime
+    finally:
+        second.close()
+    assert os.listdir(tmp_path) == []
