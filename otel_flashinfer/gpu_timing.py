@@ -30,6 +30,9 @@ _lock = threading.Lock()
 
 
 def _source() -> Path:
+    installed = Path(__file__).resolve().parent / "_csrc" / "event_pool.cpp"
+    if installed.exists():
+        return installed
     try:
         path = Path(str(resources.files("otel_flashinfer._csrc") / "event_pool.cpp"))
         if path.exists():

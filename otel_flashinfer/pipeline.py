@@ -26,7 +26,7 @@ from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode
 
-from . import health
+from . import capture_guard, health
 
 _ROOT_CONTEXT = trace_api.set_span_in_context(trace_api.INVALID_SPAN)
 
@@ -307,6 +307,13 @@ class Pipeline:
             self._drain()
 
     def _drain(self) -> None:
+        # Pending GPU work is polled with CUDA queries, which would invalidate a graph
+        # capture open on another thread: wait for the next tick instead.
+        with capture_guard.gpu_queries() as allowed:
+            if allowed:
+                self._drain_now()
+
+    def _drain_now(self) -> None:
         with self._idle:
             self._busy += 1
         try:

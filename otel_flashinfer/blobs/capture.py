@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 
+from .. import capture_guard
 from . import encode, layout, manifest
 from .store import BlobStore
 
@@ -466,7 +467,8 @@ class BlobRecorder:
         if "hash" in held.entry or "pages" in held.entry:
             return 0
         if held.event is not None:
-            held.event.synchronize()
+            with capture_guard.gpu_queries(block=True):
+                held.event.synchronize()
         written = 0
         if held.entry["t"] == "paged_kv":
             ids = held.ids.tolist()

@@ -31,6 +31,9 @@ _failed = False
 
 def source_dir() -> Path | None:
     """csrc/ as installed (package ``otel_flashinfer._csrc``) or next to the package."""
+    installed = Path(__file__).resolve().parents[1] / "_csrc"
+    if (installed / SOURCES[0]).is_file():
+        return installed
     try:
         from importlib.resources import files
 
