@@ -23,7 +23,7 @@ from typing import Any
 from opentelemetry import trace as trace_api
 from opentelemetry.trace import Link
 
-from . import health
+from . import capture_guard, health
 from .pipeline import CallRecord
 
 _ids = itertools.count(1)
@@ -40,14 +40,19 @@ class Capture:
         self.graph_id = graph_id
         self.thread = threading.get_ident()
         self.records: list[CallRecord] = []
-        #: record -> callables(stream) returning Pending objects for one replay
-        self.replay_hooks: dict[int, list[Callable[[Any], Any]]] = {}
+        #: record -> callables(stream, child) returning a Pending for one replay;
+        #: ``child`` is that replay's span record of the captured call (its ids,
+        #: start time and attributes are set; hooks may read them, not submit it).
+        self.replay_hooks: dict[int, list[Callable[[Any, CallRecord], Any]]] = {}
         self.replays = 0
 
     def add(self, record: CallRecord) -> None:
         self.records.append(record)
 
-    def add_replay_hook(self, record: CallRecord, hook: Callable[[Any], Any]) -> None:
+    def add_replay_hook(self, record: CallRecord,
+                        hook: Callable[[Any, CallRecord], Any]) -> None:
+        """Run ``hook(stream, child)`` after each sampled replay, for the child span of
+        the captured call ``record``; a Pending it returns is added to that child."""
         self.replay_hooks.setdefault(id(record), []).append(hook)
 
 
@@ -79,7 +84,12 @@ def patch(runtime: Any) -> None:
 
     def capture_begin(self: Any, *args: Any, **kwargs: Any) -> Any:
         global _capturing
-        result = begin(self, *args, **kwargs)
+        capture_guard.begin_capture()
+        try:
+            result = begin(self, *args, **kwargs)
+        except BaseException:
+            capture_guard.end_capture()
+            raise
         try:
             capture = Capture(next(_ids))
             with _lock:
@@ -95,6 +105,7 @@ def patch(runtime: Any) -> None:
             return end(self, *args, **kwargs)
         finally:
             _capturing = None
+            capture_guard.end_capture()
 
     def replay_(self: Any, *args: Any, **kwargs: Any) -> Any:
         capture = _graphs.get(self)
@@ -168,7 +179,7 @@ def emit_replay(runtime: Any, capture: Capture, index: int, start_ns: int, end_n
             captured.trace_id, captured.span_id, False,
             trace_api.TraceFlags(trace_api.TraceFlags.SAMPLED))))
         for hook in capture.replay_hooks.get(id(captured), ()):
-            pending = hook(stream)
+            pending = hook(stream, child)
             if pending is not None:
                 child.pending.append(pending)
         runtime.pipeline.submit(child)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import atexit
 import itertools
+import json
 import logging
 import mmap
 import os
@@ -40,6 +41,7 @@ from .pipeline import CallRecord
 logger = logging.getLogger("otel_flashinfer")
 
 SUFFIX = ".journal"
+BLOBS = ".blobs"  # sidecar of a CRASH_SAFE level-10 process: {"blob_url": ...}
 CLAIM = ".recovering."
 CORRUPT = ".corrupt"
 HEARTBEAT_S = 0.2
@@ -129,6 +131,7 @@ class Journal:
         self._mm: mmap.mmap | None = None
         self._buf: Any = bytearray(fmt.file_size(slot_count, slot_size))
         self.path = ""
+        self.blob_url = ""
         self._open_file()
 
     def _open_file(self) -> None:
@@ -162,6 +165,15 @@ class Journal:
         thread = threading.Thread(target=self._heartbeat, args=(mm, self._stop),
                                   name="otel_flashinfer-journal", daemon=True)
         thread.start()
+        if self.blob_url:
+            self.set_blob_url(self.blob_url)
+
+    def set_blob_url(self, url: str) -> None:
+        """CRASH_SAFE at level 10: name the blob store whose ``pending`` manifests
+        recovery must complete as ``crashed`` (a small file next to the journal,
+        written once, never on the hot path)."""
+        self.blob_url = url
+        _write_sidecar(self.path + BLOBS, url)
 
     def _reset_slots(self) -> None:
         """Every slot free; the lowest first, so a program that is one call deep keeps
@@ -244,10 +256,11 @@ class Journal:
         self._buf = bytearray(fmt.file_size(self.slot_count, self.slot_size))
         self._reset_slots()
         if delete and self.path:
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+            for path in (self.path, self.path + BLOBS):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
         if mm is not None:
             try:
                 mm.close()
@@ -306,6 +319,11 @@ def open_journal(settings: Any, runtime: Any) -> Journal:
             return journal
         os.makedirs(directory, exist_ok=True)
         journal = _registry[directory] = Journal(directory)
+    if getattr(settings, "level", 0) >= 10 and getattr(settings, "crash_safe", False):
+        try:
+            journal.set_blob_url(absolute_url(settings.blob_url))
+        except Exception as exc:  # noqa: BLE001
+            health.report("journal_errors", "could not note the crash-safe blob store", exc)
     submit = runtime.pipeline.submit if runtime is not None else None
     if submit is not None:
         records, journals = recover_report(directory, submit, exclude_pid=os.getpid())
@@ -428,10 +446,85 @@ def _recover_one(path: str, name: str, me: _Me, submit: Callable[[CallRecord], N
         _move_corrupt(claimed, base, str(exc))
         return []
     records = notes_to_records(notes, header)
+    blob_url = _read_sidecar(base + BLOBS)
+    if blob_url and records:
+        try:
+            complete_blob_manifests(records, blob_url, header.pid)
+        except Exception as exc:  # noqa: BLE001 - the spans still go out
+            health.report("journal_errors", f"could not complete the crash-safe manifests "
+                          f"in {blob_url}", exc)
     for record in records:
         submit(record)
     os.unlink(claimed)
+    try:
+        os.unlink(base + BLOBS)
+    except FileNotFoundError:
+        pass
     return records
+
+
+# ---- CRASH_SAFE level 10: completing the manifests of crashed calls ----------------------
+
+def absolute_url(url: str) -> str:
+    """A blob store URL that means the same store from any working directory."""
+    return url if "://" in url else os.path.abspath(url)
+
+
+def _write_sidecar(path: str, url: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump({"blob_url": url}, handle)
+    os.replace(tmp, path)
+
+
+def _read_sidecar(path: str) -> str:
+    """The blob store URL a crashed CRASH_SAFE process noted, or ''."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            url = json.load(handle).get("blob_url", "")
+    except FileNotFoundError:
+        return ""
+    except (OSError, ValueError, AttributeError) as exc:
+        health.report("journal_errors", f"unreadable crash-safe note {path}", exc)
+        return ""
+    return url if isinstance(url, str) else ""
+
+
+def complete_blob_manifests(records: list[CallRecord], blob_url: str, pid: int) -> int:
+    """Crashed calls whose CRASH_SAFE manifest was written before they ran: rewrite a
+    ``pending`` manifest as ``crashed`` (its inputs are already stored) and point the
+    recovered span at it (``flashinfer.blob.manifest``).  Manifests are found by one
+    prefix listing per trace (matched on the span id).  Returns how many were found."""
+    from .blobs import layout, manifest
+    from .blobs.store import BlobStore
+
+    store = BlobStore(blob_url, check_writable=False)
+    by_trace: dict[int, list[CallRecord]] = {}
+    for record in records:
+        by_trace.setdefault(record.trace_id, []).append(record)
+    found = 0
+    for trace_id, group in by_trace.items():
+        keys = {}
+        for key in store.list_manifests(trace_id):
+            keys[layout.parse_manifest_name(key.rsplit("/", 1)[1])[1]] = key
+        for record in group:
+            key = keys.get(layout.span_hex(record.span_id))
+            if key is None:
+                continue
+            try:
+                data = manifest.parse(store.get(key), key)
+            except (OSError, manifest.ManifestError) as exc:
+                health.report("journal_errors", f"unreadable crash-safe manifest {key}", exc)
+                continue
+            if data["status"] == "pending":
+                data["status"] = "crashed"
+                data["error"] = {"type": "ProcessCrash",
+                                 "message": f"process {pid} ended during this call "
+                                            "(completed from the crash journal)"}
+                store.put_manifest(key, manifest.dumps(data))
+            record.attributes["flashinfer.blob.manifest"] = store.url_of(key)
+            found += 1
+    return found
 
 
 def _read_head(path: str) -> tuple[bytes, int]:

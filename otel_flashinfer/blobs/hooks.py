@@ -1,8 +1,15 @@
 """Level 10 in the span wrapper: a (before, after) hook pair around each call.
 
-``before`` hands the call's bound arguments to the BlobRecorder (inputs staged in
-stream order, no host sync); ``after`` stages outputs and leaves a Pending on the
-span, which gets ``flashinfer.blob.manifest`` or ``flashinfer.blob.skipped``.
+Eager calls: ``before`` hands the call's bound arguments to the BlobRecorder
+(inputs staged in stream order, no host sync); ``after`` stages outputs and
+leaves a Pending on the span, which gets ``flashinfer.blob.manifest`` or
+``flashinfer.blob.skipped``.
+
+Calls captured into a CUDA graph (``graphs.capture_state()`` set): the copies are
+captured into the graph instead (``blobs.graph``), and each sampled replay's child
+span gets its own manifest through ``Capture.add_replay_hook``.  A capture that
+our graph hooks did not see (another thread, unpatched graph API) is skipped
+with ``flashinfer.blob.skipped = "capturing"``: an eager copy would break it.
 """
 
 from __future__ import annotations
@@ -11,9 +18,21 @@ import inspect
 from time import time_ns
 from typing import Any
 
+import torch
+
+from .. import graphs
 from ..config import Settings
 from ..pipeline import CallRecord
-from .capture import BlobRecorder
+from . import graph as _graph
+from .capture import BlobRecorder, CallCapture
+
+
+def _capturing_unseen() -> bool:
+    """A stream capture is open that ``graphs`` does not know about."""
+    try:
+        return bool(torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing())
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def make_hooks(settings: Settings, recorder: BlobRecorder) -> tuple[Any, Any]:
@@ -26,15 +45,27 @@ def make_hooks(settings: Settings, recorder: BlobRecorder) -> tuple[Any, Any]:
             bound = signature.bind(*args, **kwargs)
         else:
             bound = plan.bind(args, kwargs)
+        instance_id = record.attributes.get("flashinfer.instance.id")
+        if graphs.capture_state() is not None:
+            return _graph.capture_inputs(recorder, record.name, plan.module, plan.qualname,
+                                         instance_id, bound)
+        if _capturing_unseen():
+            recorder.counters["skipped.capturing"] += 1
+            return CallCapture(recorder, None, "capturing")
         return recorder.before(
-            record.name, plan.module, plan.qualname,
-            record.attributes.get("flashinfer.instance.id"), record.trace_id,
+            record.name, plan.module, plan.qualname, instance_id, record.trace_id,
             record.span_id, record.parent_span_id, time_ns(), bound,
         )
 
-    def after(record: CallRecord, capture: Any, result: Any, error: Any) -> None:
-        capture.after(None if error is not None else result,
-                      error if isinstance(error, BaseException) else None)
-        record.pending.append(capture.pending(record))
+    def after(record: CallRecord, state: Any, result: Any, error: Any) -> None:
+        error = error if isinstance(error, BaseException) else None
+        if isinstance(state, _graph.GraphBlobCall):
+            state.capture_outputs(None if error is not None else result, error)
+            capture = graphs.capture_state()
+            if capture is not None:
+                capture.add_replay_hook(record, state.on_replay)
+            return
+        state.after(None if error is not None else result, error)
+        record.pending.append(state.pending(record))
 
     return before, after

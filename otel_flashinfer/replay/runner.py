@@ -5,6 +5,17 @@ instance id) before their ``run``.  A call that used a paged KV cache gets the
 compact cache and its object is re-planned with the page indices remapped to it.
 Only modules matching ``flashinfer`` / ``flashinfer.*`` or an allow pattern are
 imported, and the check happens before the import.
+
+Crashed calls (status ``crashed``, error type ``ProcessCrash``: a CRASH_SAFE
+manifest completed by journal recovery) have no outputs to compare; replay
+checks that the crash comes back.  The call is run, then (on CUDA) the device is
+synchronized so an asynchronous fault surfaces; an exception is reported as
+``PASS ... reproduced the crash: <type>: <message>``, a normal return as FAIL
+(``not reproduced``).  A crash that kills the process (a segfault) ends the
+replay too: run such bundles in a process of their own.  A call that was merely
+in flight at SIGTERM or exit (``crashed`` without ``ProcessCrash``) passes if it
+runs, as before.  A CUDA fault leaves the CUDA context unusable, so calls after
+a reproduced CUDA crash fail: it is the last call of its process anyway.
 """
 
 from __future__ import annotations
@@ -21,6 +32,22 @@ from .bundle import EnumRef, PagedKV, RecordedCall, Unrepresentable, load_bundle
 
 DEFAULT_ALLOW = ("flashinfer", "flashinfer.*")
 INDEX_ARGS = ("indices", "paged_kv_indices")
+PROCESS_CRASH = "ProcessCrash"
+
+
+def remap_page_indices(idx: torch.Tensor, page_ids: list[int], num_pages: int) -> torch.Tensor:
+    """Page indices of the original cache -> indices into the compact cache
+    (``cache[i]`` = original page ``page_ids[i]``).  An index past the original cache
+    stays past the compact one by the same amount, so a call that crashed on an
+    out-of-range page still reads out of range; other unknown pages become -1."""
+    src = idx.long().cpu()
+    ids = torch.tensor(sorted(page_ids), dtype=torch.long)
+    pos = torch.searchsorted(ids, src).clamp(max=max(len(ids) - 1, 0))
+    found = ids[pos] == src if len(ids) else torch.zeros_like(src, dtype=torch.bool)
+    past = src >= num_pages
+    out = torch.where(found, pos, torch.where(past, src - num_pages + len(ids),
+                                              torch.full_like(src, -1)))
+    return out.to(idx.dtype).to(idx.device)
 
 
 class ReplayRefused(ValueError):
@@ -90,15 +117,28 @@ def _materialize(value: Any, allow: tuple[str, ...], where: str) -> Any:
     return value
 
 
-def _paged_ids(value: Any) -> list[int] | None:
+def _paged_ids(value: Any) -> PagedKV | None:
+    """The (first) paged KV cache in an argument value."""
     if isinstance(value, PagedKV):
-        return value.page_ids
+        return value
     if isinstance(value, (tuple, list)):
         for v in value:
             ids = _paged_ids(v)
             if ids is not None:
                 return ids
     return None
+
+
+def _is_process_crash(call: RecordedCall) -> bool:
+    return call.status == "crashed" and bool(call.error) and call.error.get(
+        "type") == PROCESS_CRASH
+
+
+def _surface_async_errors(pos: list, kw: dict) -> None:
+    """Synchronize the devices a call used, so an asynchronous CUDA fault raises here."""
+    tensors = [v for v in (*pos, *kw.values()) if isinstance(v, torch.Tensor)]
+    for device in {t.device for t in tensors if t.device.type == "cuda"}:
+        torch.cuda.synchronize(device)
 
 
 def _call_args(call: RecordedCall, allow: tuple[str, ...]) -> tuple[list, dict]:
@@ -191,17 +231,14 @@ class _Runner:
             return getattr(obj, parts[-1]), False
         return resolve(call.module, call.qualname, self.allow, call.path), False
 
-    def replan(self, call: RecordedCall, page_ids: list[int]) -> None:
+    def replan(self, call: RecordedCall, paged: PagedKV) -> None:
         plan = self.plans.get(call.instance_id or "")
         if plan is None:
             return
         fn, pos, kw = plan
-        lookup = torch.full((max(page_ids, default=-1) + 1,), -1, dtype=torch.long)
-        lookup[torch.tensor(page_ids, dtype=torch.long)] = torch.arange(len(page_ids))
         for name in INDEX_ARGS:
             if name in kw and isinstance(kw[name], torch.Tensor):
-                idx = kw[name]
-                kw = {**kw, name: lookup[idx.long().cpu()].to(idx.dtype).to(idx.device)}
+                kw = {**kw, name: remap_page_indices(kw[name], paged.page_ids, paged.shape[0])}
         fn(*pos, **kw)
 
     def run(self, call: RecordedCall) -> CallResult:
@@ -213,11 +250,17 @@ class _Runner:
         if call.qualname.endswith(".plan") and call.instance_id is not None:
             self.plans[call.instance_id] = (fn, pos, kw)
         ids = next((i for i in (_paged_ids(a.value) for a in call.args) if i is not None), None)
+        crashed = _is_process_crash(call)
         try:
             if ids is not None:
                 self.replan(call, ids)
             got = fn(*pos, **kw)
+            if crashed:
+                _surface_async_errors(pos, kw)
         except Exception as exc:  # noqa: BLE001 - a replayed call may raise anything
+            if crashed:
+                return CallResult(call, True, f"reproduced the crash: {type(exc).__qualname__}"
+                                              f": {str(exc)[:300]}")
             if call.status == "error" and call.error and call.error.get("type") == type(
                     exc).__qualname__:
                 return CallResult(call, True, f"raised {type(exc).__qualname__} as recorded")
@@ -226,6 +269,9 @@ class _Runner:
             if call.instance_id is not None:
                 self.instances[call.instance_id] = got
             return CallResult(call, True, "object rebuilt")
+        if crashed:
+            return CallResult(call, False, "recorded a process crash, replay returned "
+                                           "normally (not reproduced)")
         if call.status == "error":
             return CallResult(call, False, f"recorded {call.error and call.error.get('type')}, "
                                            "replay returned normally")

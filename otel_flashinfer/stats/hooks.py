@@ -66,7 +66,7 @@ def make_hooks(recorder: StatsRecorder) -> tuple[Any, Any]:
         if snapshot is not None:  # captured: resolved per replay
             capture = graphs.capture_state()
             if capture is not None:
-                capture.add_replay_hook(record, snapshot)
+                capture.add_replay_hook(record, lambda stream, child: snapshot(stream))
             return
         record.pending.append(outcome)
 
