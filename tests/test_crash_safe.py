@@ -68,7 +68,7 @@ CHILD = textwrap.dedent("""
 def _env(tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     env.pop(KILL_ENV, None)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(TESTS)])
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(TESTS), env.get("PYTHONPATH", "")])
     env["OTEL_FLASHINFER_TRACES_FILE"] = str(tmp_path / "traces.jsonl")
     return env
 
