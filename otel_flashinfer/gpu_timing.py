@@ -21,7 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from . import cuda_errors, health
+from . import capture_guard, cuda_errors, health
 from .pipeline import CallRecord
 
 _ext: Any = None
@@ -58,9 +58,13 @@ def _compile() -> None:
         from torch.utils.cpp_extension import load
 
         source = _source()
-        _ext = load(name="otel_flashinfer_event_pool", sources=[str(source)],
-                    build_directory=str(cache_dir("event_pool", source)), with_cuda=True,
-                    extra_cflags=["-O2"], verbose=False)
+        ext = load(name="otel_flashinfer_event_pool", sources=[str(source)],
+                   build_directory=str(cache_dir("event_pool", source)), with_cuda=True,
+                   extra_cflags=["-O2"], verbose=False)
+        # Events are created here, in the background, not on the first traced calls.
+        with capture_guard.gpu_queries(block=True):
+            ext.prewarm()
+        _ext = ext
         _state = "ready"
     except Exception as exc:  # noqa: BLE001 - no compiler: spans say so
         _state = "failed"
