@@ -65,11 +65,12 @@ def snapshot(value: Any, depth: int = 0) -> Any:
     if _Tensor is None:
         _Tensor = _torch_tensor_type() or ()
     if _Tensor and isinstance(value, _Tensor):
-        if value.layout is _strided():
-            return TensorFacts(
-                (value.shape, value.dtype, value.stride(), value.device, value.is_contiguous())
-            )
-        return TensorFacts((value.shape, value.dtype, (), value.device, False))
+        try:
+            stride = value.stride()
+        except RuntimeError:  # sparse and other layouts have no strides
+            return TensorFacts((value.shape, value.dtype, (), value.device, False))
+        # Contiguity is derived from shape and stride in the background (None here).
+        return TensorFacts((value.shape, value.dtype, stride, value.device, None))
     if isinstance(value, enum.Enum):
         return Opaque(f"{type(value).__name__}.{value.name}")
     if depth >= MAX_DEPTH:
@@ -90,16 +91,6 @@ def snapshot(value: Any, depth: int = 0) -> Any:
                  for f in fields[:MAX_ITEMS]]
         return Fields((type(value).__qualname__, len(fields), tuple(items)))
     return Opaque(type(value).__qualname__)
-
-
-_STRIDED: Any = None
-
-
-def _strided() -> Any:
-    global _STRIDED
-    if _STRIDED is None:
-        _STRIDED = sys.modules["torch"].strided
-    return _STRIDED
 
 
 _names: dict[Any, str] = {}
@@ -133,6 +124,20 @@ def _keys(prefix: str) -> tuple[str, str, str, str, str]:
     return keys
 
 
+def is_contiguous(shape: Any, stride: Any) -> bool:
+    """torch's C-contiguity from shape and stride: size-1 dims and empty tensors are
+    ignored, as ``Tensor.is_contiguous()`` does."""
+    if 0 in shape:
+        return True
+    expected = 1
+    for size, step in zip(reversed(tuple(shape)), reversed(tuple(stride)), strict=True):
+        if size != 1:
+            if step != expected:
+                return False
+            expected *= size
+    return True
+
+
 def put_attributes(out: dict[str, Any], prefix: str, snap: Any) -> None:
     """Write one snapshot's attributes into ``out`` (background thread)."""
     if isinstance(snap, TensorFacts):
@@ -142,7 +147,8 @@ def put_attributes(out: dict[str, Any], prefix: str, snap: Any) -> None:
         out[k_dtype] = _dtype_name(dtype)
         out[k_stride] = tuple(stride)
         out[k_device] = _device_name(device)
-        out[k_contiguous] = bool(contiguous)
+        out[k_contiguous] = (is_contiguous(shape, stride) if contiguous is None
+                             else bool(contiguous))
     elif snap is None:
         out[prefix] = "None"
     elif isinstance(snap, Opaque):

@@ -82,3 +82,14 @@ def test_snapshot_is_not_affected_by_later_mutation() -> None:
 
 def test_has_cuda_tensor_on_cpu_values() -> None:
     assert not describe.has_cuda_tensor([describe.snapshot((torch.ones(1), [torch.ones(1)]))])
+
+
+def test_contiguity_from_shape_and_stride_matches_torch() -> None:
+    base = torch.zeros(4, 1, 6, 8)
+    views = [base, base[:, :, ::2], base.transpose(0, 2), base[:, :, 1:3], base[..., :1],
+             torch.zeros(0, 3)[:, ::2], base.expand(4, 5, 6, 8), torch.zeros(5)[::5],
+             base.permute(0, 2, 1, 3)]
+    for view in views:
+        facts = describe.snapshot(view)
+        got = describe.attributes("t", facts)["t.contiguous"]
+        assert got == view.is_contiguous(), (tuple(view.shape), view.stride())
