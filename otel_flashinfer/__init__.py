@@ -50,6 +50,14 @@ def instrument(level: int | None = None, **settings: Any) -> Settings:
     uninstrument()
     if parsed.level == 0:
         return parsed
+    from opentelemetry import trace
+
+    from .provider import sdk_disabled
+
+    if sdk_disabled() and isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        # OTEL_SDK_DISABLED=true and no provider of the application's: nothing could be
+        # recorded, so install nothing rather than pay for spans that go nowhere.
+        return parsed
     activated = False
     if _flashinfer_installed():
         try:

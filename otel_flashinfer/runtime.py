@@ -278,6 +278,12 @@ def from_environment() -> Runtime | None:
             except Exception as exc:  # noqa: BLE001 - reported, the program goes on
                 health.report("config_errors", f"ignoring OTEL_FLASHINFER_* settings: {exc}", exc)
                 return None
-            if settings.level > 0 and _current is None:
+            from opentelemetry import trace
+
+            from .provider import sdk_disabled
+
+            nothing_to_record = sdk_disabled() and isinstance(
+                trace.get_tracer_provider(), trace.ProxyTracerProvider)
+            if settings.level > 0 and _current is None and not nothing_to_record:
                 activate(settings)
     return _current

@@ -164,3 +164,23 @@ def test_env_resolution_rules() -> None:
     assert parse_headers("a=1,B=x%20y", "h") == {"a": "1", "b": "x y"}
     with pytest.raises(ValueError, match="not KEY=VALUE"):
         parse_headers("novalue", "OTEL_EXPORTER_OTLP_HEADERS")
+
+
+def test_sdk_disabled_installs_nothing(tmp_path: Path) -> None:
+    program = textwrap.dedent(
+        """
+        import otel_flashinfer
+        from otel_flashinfer import runtime
+        otel_flashinfer.instrument(level=3, journal_dir="")
+        f = otel_flashinfer.traced(lambda x: x + 1, name="f")
+        assert f(1) == 2
+        print("runtime", runtime.current())
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env.update(OTEL_SDK_DISABLED="true", OTEL_FLASHINFER_LEVEL="3",
+               PYTHONPATH=f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}")
+    out = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120, check=True)
+    assert "runtime None" in out.stdout
+    assert not (tmp_path / "flashinfer_traces.jsonl").exists()
