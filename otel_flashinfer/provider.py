@@ -104,7 +104,13 @@ def build_provider(traces_file: str, environ: Mapping[str, str] | None = None) -
     # We shut it down ourselves at exit, after flushing what is still in flight.
     provider = TracerProvider(resource=process_resource(), shutdown_on_exit=False)
     for name in names:
-        provider.add_span_processor(BatchSpanProcessor(make_exporter(name, env, traces_file)))
+        exporter = make_exporter(name, env, traces_file)
+        try:
+            processor = BatchSpanProcessor(exporter)
+        except ValueError as exc:  # the SDK's message names no variable
+            bsp = {k: v for k, v in env.items() if k.startswith("OTEL_BSP_")}
+            raise ConfigError(f"OTEL_BSP_* settings {bsp}: {exc}") from None
+        provider.add_span_processor(processor)
     return provider
 
 

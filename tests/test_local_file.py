@@ -184,3 +184,12 @@ def test_sdk_disabled_installs_nothing(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=120, check=True)
     assert "runtime None" in out.stdout
     assert not (tmp_path / "flashinfer_traces.jsonl").exists()
+
+
+def test_bad_bsp_settings_name_the_variables(monkeypatch) -> None:
+    from otel_flashinfer.config import ConfigError
+    from otel_flashinfer.provider import build_provider
+
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "64")
+    with pytest.raises(ConfigError, match="OTEL_BSP_MAX_QUEUE_SIZE"):
+        build_provider("unused.jsonl")
