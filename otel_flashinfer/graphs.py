@@ -194,6 +194,7 @@ def captured_describe(captured: CallRecord) -> Callable[[CallRecord], None] | No
 
     def run(record: CallRecord) -> None:
         scratch = CallRecord(captured.name, 0, 0, None, 0, 0, {})
+        scratch.data = captured.data
         describe(scratch)
         for key, value in scratch.attributes.items():
             record.attributes.setdefault(key, value)

@@ -49,6 +49,7 @@ class CallRecord:
 
     __slots__ = (
         "attributes",
+        "data",
         "deadline",
         "describe",
         "end_ns",
@@ -88,6 +89,8 @@ class CallRecord:
         self.error: tuple[str, str, str] | None = None
         self.pending: list[Pending] = []
         self.deadline = 0.0
+        #: Raw facts ``describe`` turns into attributes in the background.
+        self.data: Any = None
 
     @property
     def parent_span_id(self) -> int | None:

@@ -186,7 +186,8 @@ def make_wrapper(fn: Callable[..., Any], api_name: str, *, settings: Settings,
     journal = rt.journal
     journal_name = api_name.encode("utf-8")[:64]
 
-    def describe(record: CallRecord, arg_snaps: Any, kw_snaps: Any, result_snap: Any) -> None:
+    def describe(record: CallRecord) -> None:
+        arg_snaps, kw_snaps, result_snap = record.data
         attrs = record.attributes
         plan.describe_into(attrs, arg_snaps, kw_snaps)
         if result_snap is not _NO_RESULT and result_snap is not None:
@@ -226,7 +227,8 @@ def make_wrapper(fn: Callable[..., Any], api_name: str, *, settings: Settings,
                 if detailed:
                     positional = args[1:] if plan.skip_self else args
                     arg_snaps = [_describe.snapshot(a) for a in positional]
-                    kw_snaps = {k: _describe.snapshot(v) for k, v in kwargs.items()}
+                    kw_snaps = ({k: _describe.snapshot(v) for k, v in kwargs.items()}
+                                if kwargs else _NO_KWARGS)
                 states = ([before(record, plan, args, kwargs) for before, _ in hooks]
                           if hooks else ())
                 record.start_ns = time_ns()
@@ -250,8 +252,8 @@ def make_wrapper(fn: Callable[..., Any], api_name: str, *, settings: Settings,
                 for i in range(len(states) - 1, -1, -1):
                     hooks[i][1](record, states[i], _NO_RESULT, exc)
                 if detailed:
-                    record.describe = functools.partial(describe, arg_snaps=arg_snaps,
-                                                        kw_snaps=kw_snaps, result_snap=_NO_RESULT)
+                    record.data = (arg_snaps, kw_snaps, _NO_RESULT)
+                    record.describe = describe
                 if capture is not None:
                     capture.add(record)
                 submit(record)
@@ -266,9 +268,8 @@ def make_wrapper(fn: Callable[..., Any], api_name: str, *, settings: Settings,
             for i in range(len(states) - 1, -1, -1):
                 hooks[i][1](record, states[i], result, None)
             if detailed:
-                record.describe = functools.partial(
-                    describe, arg_snaps=arg_snaps, kw_snaps=kw_snaps,
-                    result_snap=_describe.snapshot(result))
+                record.data = (arg_snaps, kw_snaps, _describe.snapshot(result))
+                record.describe = describe
             if capture is not None:
                 capture.add(record)
             submit(record)
@@ -283,6 +284,7 @@ def make_wrapper(fn: Callable[..., Any], api_name: str, *, settings: Settings,
 
 
 _NO_RESULT = object()
+_NO_KWARGS: dict[str, Any] = {}  # shared, never written
 
 
 def _first_param_is_self(fn: Callable[..., Any]) -> bool:
