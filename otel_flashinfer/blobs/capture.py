@@ -13,9 +13,11 @@ and returns a ``CallCapture`` whose ``manifest_url`` is known at once, or whose
 ``skipped`` says why nothing is kept (``max_count``, ``max_bytes``,
 ``staging_full``, ``queue_full``, ``error``; ``write_failed`` can appear later).
 ``after`` copies the outputs the same way and hands the call to the writer
-thread, which waits for the copies, hashes, encodes, stores objects and writes
-the manifest last.  A ``CallCapture`` also satisfies the span pipeline's
-``Pending`` protocol (``ready``/``apply``/``abandon``).
+threads (``writers``, default 2: while one hashes or copies, another waits on
+fsync), which wait for the copies, encode, hash, store objects and write the
+manifest last.  One call is written by one thread, so its manifest still comes
+after its own objects; calls may finish out of order.  A ``CallCapture`` also
+satisfies the span pipeline's ``Pending`` protocol (``ready``/``apply``/``abandon``).
 
 Paged KV caches: for a method of an object with ``_paged_kv_indices_buf`` (the
 FlashInfer decode/prefill wrappers), the argument ``paged_kv_cache`` (tensor or
@@ -165,6 +167,7 @@ class BlobRecorder:
         staging_mb: float = 1024.0,
         queue_max: int = 4096,
         install_handlers: bool = True,
+        writers: int = 2,
     ) -> None:
         self.settings = settings
         self.format = getattr(settings, "blob_format", "safetensors")
@@ -180,6 +183,8 @@ class BlobRecorder:
 
         self.staging = StagingPool(int(staging_mb * 1024 * 1024))
         self.queue_max = queue_max
+        self.writers = max(1, int(writers))
+        self._counter_lock = threading.Lock()
         self.counters = collections.Counter()
         self._logged: set[str] = set()
         self._plan_numel: dict[str, int] = {}
@@ -195,8 +200,10 @@ class BlobRecorder:
         self._wake = threading.Event()
         self._idle = threading.Event()
         self._idle.set()
+        self._busy = 0  # calls a writer thread has taken and not finished
+        self._qlock = threading.RLock()  # RLock: the SIGTERM handler may enqueue
         self._inflight: dict[int, CallCapture] = {}
-        self._writer: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._stopping = False
         self._start_lock = threading.Lock()
 
@@ -230,8 +237,12 @@ class BlobRecorder:
         except (ValueError, OSError):
             self._internal_error("sigterm handler")
 
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._counter_lock:
+            self.counters[name] += n
+
     def _internal_error(self, where: str) -> None:
-        self.counters["internal_errors"] += 1
+        self._count("internal_errors")
         if where not in self._logged:
             self._logged.add(where)
             log.exception("otel_flashinfer blob recorder: internal error in %s", where)
@@ -387,7 +398,7 @@ class BlobRecorder:
         self._release_held(cap)
         if cap.meta is not None:
             self.store.budget.release(1, max(0, cap.reserved_bytes - cap.written_bytes))
-        self.counters[f"skipped.{reason}"] += 1
+        self._count(f"skipped.{reason}")
         cap.skipped = reason
         cap.meta = None
         cap.done.set()
@@ -426,38 +437,56 @@ class BlobRecorder:
 
     def _enqueue(self, cap: CallCapture) -> None:
         self._inflight.pop(id(cap), None)
-        self._idle.clear()
-        self._queue.append(cap)
+        with self._qlock:
+            self._idle.clear()
+            self._queue.append(cap)
         self._ensure_writer()
         self._wake.set()
 
     def _ensure_writer(self) -> None:
-        if self._writer is not None and self._writer.is_alive():
+        threads = self._threads
+        if len(threads) >= self.writers and all(t.is_alive() for t in threads):
             return
         with self._start_lock:
-            if self._writer is None or not self._writer.is_alive():
-                self._writer = threading.Thread(
-                    target=self._run_writer, name="otel-flashinfer-blobs", daemon=True)
-                self._writer.start()
+            self._threads = [t for t in self._threads if t.is_alive()]
+            while len(self._threads) < self.writers:
+                t = threading.Thread(target=self._run_writer, daemon=True,
+                                     name=f"otel-flashinfer-blobs-{len(self._threads)}")
+                t.start()
+                self._threads.append(t)
 
-    # -- writer thread ------------------------------------------------------------
+    # -- writer threads ------------------------------------------------------------
+    def _take(self) -> CallCapture | None:
+        """The next queued call (counted busy), or None; sets idle when nothing is left."""
+        with self._qlock:
+            if self._queue:
+                self._busy += 1
+                return self._queue.popleft()
+            if self._busy == 0:
+                self._idle.set()
+            return None
+
     def _run_writer(self) -> None:
         while True:
-            try:
-                cap = self._queue.popleft()
-            except IndexError:
-                self._idle.set()
+            self._wake.clear()  # before looking at the queue: a later append wakes us
+            cap = self._take()
+            if cap is None:
                 if self._stopping:
                     return
                 self._wake.wait(0.5)
-                self._wake.clear()
                 continue
+            self._wake.set()  # more may be queued: let another writer look too
             try:
                 self._write(cap)
             except Exception:  # noqa: BLE001 - a failing store must not stop the writer
                 self._internal_error("write")
-                self.counters["write_failures"] += 1
+                self._count("write_failures")
                 self._drop(cap, "write_failed")
+            finally:
+                with self._qlock:
+                    self._busy -= 1
+                    if not self._queue and self._busy == 0:
+                        self._idle.set()
 
     def _store_held(self, held: _Held) -> int:
         """Encode, hash and store one held copy; returns payload bytes newly stored.
@@ -479,18 +508,16 @@ class BlobRecorder:
             page_raw = held.host[0].numel() * held.host.element_size() if ids else 0
             for pid in sorted(first):
                 data = encode.encode_parts(held.host[first[pid]].reshape(-1), self.format)
-                digest = encode.sha256_parts(data)
-                key = layout.object_key(digest, self.format)
-                if self.store.put_object(key, data):
+                digest, key, new = self.store.put_content(data, self.format)
+                if new:
                     written += page_raw
                 pages.append({"hash": digest, "key": key, "nbytes": _size(data)})
             held.entry["page_ids"] = sorted(first)
             held.entry["pages"] = pages
         else:
             data = encode.encode_parts(held.host, self.format)
-            digest = encode.sha256_parts(data)
-            key = layout.object_key(digest, self.format)
-            if self.store.put_object(key, data):
+            digest, key, new = self.store.put_content(data, self.format)
+            if new:
                 written += held.host.numel() * held.host.element_size()
             held.entry.update(hash=digest, key=key, nbytes=_size(data))
         return written
@@ -502,8 +529,8 @@ class BlobRecorder:
         self._release_held(cap)
         self.store.budget.release(0, max(0, cap.reserved_bytes - cap.written_bytes))
         cap.reserved_bytes = cap.written_bytes
-        self.counters["manifests"] += 1
-        self.counters["bytes_written"] += cap.written_bytes
+        self._count("manifests")
+        self._count("bytes_written", cap.written_bytes)
         cap.done.set()
 
     def _write_now(self, cap: CallCapture) -> None:
