@@ -278,8 +278,10 @@ def iter_objects(value: Any):
         if tag == "tensor":
             yield value
         elif tag == "paged_kv":
+            # A page is checked against its bytes like a tensor of the page's shape.
             for page in value["pages"]:
-                yield {**page, "format": value["format"]}
+                yield {**page, "t": "page", "dtype": value["dtype"], "format": value["format"],
+                       "page_shape": value["shape"][1:]}
         elif tag in ("tuple", "list"):
             for item in value["items"]:
                 yield from iter_objects(item)

@@ -21,7 +21,6 @@ import os
 import sys
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -106,29 +105,6 @@ def _numel(shape: list[int]) -> int:
     return n
 
 
-def _tensor_entries(m: dict):
-    """(entry with t/dtype/shape..., ) for every object of a manifest, ready to verify."""
-    def walk(v: Any):
-        if isinstance(v, dict):
-            tag = v.get("t")
-            if tag == "tensor":
-                yield v
-            elif tag == "paged_kv":
-                for page in v["pages"]:
-                    yield {**page, "t": "page", "dtype": v["dtype"], "format": v["format"],
-                           "page_shape": v["shape"][1:]}
-            elif tag in ("tuple", "list"):
-                for item in v["items"]:
-                    yield from walk(item)
-            elif tag == "dict":
-                for _, item in v["items"]:
-                    yield from walk(item)
-
-    for arg in m["args"]:
-        yield from walk(arg["value"])
-    yield from walk(m.get("result"))
-
-
 def _select(manifests: list[tuple[str, dict]], span_id: str | None) -> list[tuple[str, dict]]:
     """The chosen span plus the earlier calls of its object (its __init__/plan)."""
     if span_id is None:
@@ -171,7 +147,7 @@ def pull(
     os.makedirs(out_dir, exist_ok=True)
     entries: dict[str, tuple[dict, str]] = {}
     for key, m in manifests:
-        for entry in _tensor_entries(m):
+        for entry in manifest.manifest_objects(m):
             entries.setdefault(entry["key"], (entry, store.url_of(key)))
             safe_path(out_dir, entry["key"])
     if progress is None:
