@@ -42,6 +42,9 @@ OTEL_FLASHINFER_QUEUE_SIZE = "OTEL_FLASHINFER_QUEUE_SIZE"
 #: 1 (default): from level 3, eager CUDA calls record their GPU time; 0 turns it off.
 OTEL_FLASHINFER_GPU_TIMING = "OTEL_FLASHINFER_GPU_TIMING"
 
+#: Where the statistics kernel and the event pool are compiled and cached.
+OTEL_FLASHINFER_CACHE_DIR = "OTEL_FLASHINFER_CACHE_DIR"
+
 LEVELS = (0, 1, 3, 5, 10)
 BLOB_FORMATS = ("safetensors", "torch")
 
@@ -188,3 +191,11 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
             raise ConfigError(f"unknown setting {field!r} (known: {known})")
         values[field] = _parse(field, raw, f"{field} (argument)")
     return Settings(**values)
+
+
+def jit_cache_root(environ: Mapping[str, str] | None = None) -> str:
+    """Folder for our compiled extensions (``OTEL_FLASHINFER_CACHE_DIR``, else
+    ``~/.cache/otel_flashinfer``); read where it is used, since builds start lazily."""
+    env = os.environ if environ is None else environ
+    return env.get(OTEL_FLASHINFER_CACHE_DIR) or os.path.join(
+        os.path.expanduser("~"), ".cache", "otel_flashinfer")

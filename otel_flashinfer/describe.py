@@ -198,18 +198,3 @@ def result_attributes(snap: Any) -> dict[str, Any]:
             put_attributes(out, f"flashinfer.result.{i}", item)
         return out
     return attributes("flashinfer.result.0", snap)
-
-
-def has_cuda_tensor(snaps: Any) -> bool:
-    """Whether any snapshot (recursively) is a tensor on a CUDA device."""
-    for snap in snaps:
-        if isinstance(snap, TensorFacts):
-            if snap[3].type == "cuda":
-                return True
-        elif isinstance(snap, Items):
-            if has_cuda_tensor(snap[2:]):
-                return True
-        elif isinstance(snap, Fields):
-            if has_cuda_tensor(s for _, s in snap[2]):
-                return True
-    return False

@@ -15,13 +15,13 @@ where no compiler exists, spans say ``flashinfer.gpu.time_unavailable``.
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from . import capture_guard, cuda_errors, health
+from .config import jit_cache_root
 from .pipeline import CallRecord
 
 _ext: Any = None
@@ -45,9 +45,7 @@ def _source() -> Path:
 def cache_dir(tag: str, source: Path) -> Path:
     """Build folder keyed by source hash, like FlashInfer's JIT cache."""
     digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
-    base = os.environ.get("OTEL_FLASHINFER_CACHE_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "otel_flashinfer")
-    path = Path(base) / f"{tag}-{digest}"
+    path = Path(jit_cache_root()) / f"{tag}-{digest}"
     path.mkdir(parents=True, exist_ok=True)
     return path
 

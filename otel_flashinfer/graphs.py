@@ -64,10 +64,6 @@ def capture_state() -> Capture | None:
     return capture
 
 
-def is_patched() -> bool:
-    return bool(_originals)
-
-
 def patch(runtime: Any) -> None:
     """Install the CUDAGraph hooks (idempotent); no-op without torch.cuda."""
     try:

@@ -75,3 +75,8 @@ def test_overrides_win_and_are_checked() -> None:
 def test_env_var_names_are_ours_only() -> None:
     assert all(v.startswith("OTEL_FLASHINFER_") for v in config.ENV_VARS)
     assert "OTEL_FLASHINFER_LEVEL" in config.ENV_VARS
+
+
+def test_jit_cache_root_follows_the_variable() -> None:
+    assert config.jit_cache_root({"OTEL_FLASHINFER_CACHE_DIR": "/x/y"}) == "/x/y"
+    assert config.jit_cache_root({}).endswith("/.cache/otel_flashinfer")

@@ -80,9 +80,6 @@ def test_snapshot_is_not_affected_by_later_mutation() -> None:
     assert describe.attributes("p", snap)["p.len"] == 1
 
 
-def test_has_cuda_tensor_on_cpu_values() -> None:
-    assert not describe.has_cuda_tensor([describe.snapshot((torch.ones(1), [torch.ones(1)]))])
-
 
 def test_contiguity_from_shape_and_stride_matches_torch() -> None:
     base = torch.zeros(4, 1, 6, 8)

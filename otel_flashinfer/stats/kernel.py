@@ -18,6 +18,7 @@ from pathlib import Path
 from types import ModuleType
 
 from .. import health
+from ..config import jit_cache_root
 
 SOURCES = ("tensor_stats.cpp", "tensor_stats_kernel.cu")
 HEADERS = ("tensor_stats.h",)
@@ -49,9 +50,7 @@ def source_dir() -> Path | None:
 
 def cache_root() -> Path:
     """Where builds are kept; ``OTEL_FLASHINFER_CACHE_DIR`` overrides the default."""
-    base = os.environ.get("OTEL_FLASHINFER_CACHE_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "otel_flashinfer")
-    return Path(base) / "torch_ext"
+    return Path(jit_cache_root()) / "torch_ext"
 
 
 def _build() -> ModuleType | None:
