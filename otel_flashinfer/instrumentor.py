@@ -17,7 +17,7 @@ import importlib
 import logging
 import sys
 import threading
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
 from types import ModuleType
 from typing import Any
 
@@ -149,21 +149,13 @@ class _State:
 
     def reexports(self, modules: Iterable[ModuleType]) -> None:
         """Install wrappers where ``modules`` hold a wrapped original under any name."""
-        originals = self.originals
         with self.lock:
-            for module in modules:
+            for module, attr, value, replacement in _holders(modules, self.originals):
                 try:
-                    items = list(vars(module).items())
-                except TypeError:
-                    continue
-                for attr, value in items:
-                    known = originals.get(id(value))
-                    if known is not None and known[0] is value:
-                        try:
-                            self.install(module, attr, value, known[1])
-                        except (AttributeError, TypeError) as exc:
-                            _LOG.debug("otel_flashinfer: cannot patch %s.%s: %s",
-                                       getattr(module, "__name__", module), attr, exc)
+                    self.install(module, attr, value, replacement)
+                except (AttributeError, TypeError) as exc:
+                    _LOG.debug("otel_flashinfer: cannot patch %s.%s: %s",
+                               getattr(module, "__name__", module), attr, exc)
 
     # -- undoing ----------------------------------------------------------------------
 
@@ -183,19 +175,12 @@ class _State:
             self.patches.clear()
             self.patched.clear()
             # Modules that imported a wrapper while we were active get the original back.
-            wrappers = self.wrappers
-            for module in list(sys.modules.values()):
+            for module, attr, _, original in _holders(list(sys.modules.values()),
+                                                      self.wrappers):
                 try:
-                    items = list(vars(module).items())
-                except TypeError:
-                    continue
-                for attr, value in items:
-                    known = wrappers.get(id(value))
-                    if known is not None and known[0] is value:
-                        try:
-                            setattr(module, attr, known[1])
-                        except (AttributeError, TypeError):
-                            pass
+                    setattr(module, attr, original)
+                except (AttributeError, TypeError):
+                    pass
 
 
 class _ImportHooks:
@@ -341,3 +326,18 @@ def _install_exit_flush() -> None:
         install_fork_exit_flush()
     except Exception as exc:  # noqa: BLE001
         _LOG.debug("otel_flashinfer: no exit flush for fork children: %s", exc)
+
+
+def _holders(modules: Iterable[ModuleType], table: dict[int, tuple[Any, Any]]
+             ) -> Iterator[tuple[ModuleType, str, Any, Any]]:
+    """(module, name, value, partner) for every module global that is one of ``table``'s
+    objects (keyed by id, checked by identity): where a from-import put a function."""
+    for module in modules:
+        try:
+            items = list(vars(module).items())
+        except TypeError:
+            continue
+        for attr, value in items:
+            known = table.get(id(value))
+            if known is not None and known[0] is value:
+                yield module, attr, value, known[1]
