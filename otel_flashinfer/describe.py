@@ -1,9 +1,13 @@
 """Arguments and results -> span attributes, in two halves.
 
 ``snapshot`` runs on the caller's thread and only copies the cheap, immutable facts
-(a tensor's shape, dtype, stride, device and contiguity; scalars as they are), so the
-caller never pays for string formatting.  ``attributes`` runs in the background and
-turns those facts into the flat ``flashinfer.arg.<name>.*`` keys of DESIGN.md.
+(a tensor's dtype, device, shape and stride; scalars as they are), so the caller never
+pays for string formatting.  A tensor's facts are ONE flat plain tuple
+``(dtype, device, ndim, *shape, *stride)``: every container the caller allocates per
+call lives until the background thread is done with it and so counts towards the
+garbage collector's next pass, which at level 3 cost more than everything else.
+``attributes`` runs in the background and turns those facts into the flat
+``flashinfer.arg.<name>.*`` keys of DESIGN.md.
 Both are pure functions of their inputs and run without a GPU.
 """
 
@@ -25,10 +29,21 @@ MAX_STR = 256
 _SCALARS = (bool, int, float, str)
 
 
-class TensorFacts(tuple):
-    """(shape, dtype, stride, device, contiguous): what level 3 records of a tensor."""
+#: A tensor's snapshot is a plain ``tuple`` (every other snapshot kind is a scalar,
+#: None, or one of the tuple subclasses below); ``tensor_facts`` unpacks it.
+TensorFacts = tuple
 
-    __slots__ = ()
+
+def tensor_facts(snap: tuple) -> tuple[tuple[int, ...], Any, tuple[int, ...], Any, bool]:
+    """(shape, dtype, stride, device, contiguous) of a tensor snapshot.  A tensor
+    without strides (sparse layouts) has only its shape recorded and is not
+    contiguous."""
+    dtype, device, ndim = snap[0], snap[1], snap[2]
+    shape = snap[3:3 + ndim]
+    if len(snap) == 3 + ndim:
+        return shape, dtype, (), device, False
+    stride = snap[3 + ndim:]
+    return shape, dtype, stride, device, is_contiguous(shape, stride)
 
 
 class Items(tuple):
@@ -65,12 +80,11 @@ def snapshot(value: Any, depth: int = 0) -> Any:
     if _Tensor is None:
         _Tensor = _torch_tensor_type() or ()
     if _Tensor and isinstance(value, _Tensor):
+        shape = value.shape
         try:
-            stride = value.stride()
+            return (value.dtype, value.device, len(shape), *shape, *value.stride())
         except RuntimeError:  # sparse and other layouts have no strides
-            return TensorFacts((value.shape, value.dtype, (), value.device, False))
-        # Contiguity is derived from shape and stride in the background (None here).
-        return TensorFacts((value.shape, value.dtype, stride, value.device, None))
+            return (value.dtype, value.device, len(shape), *shape)
     if isinstance(value, enum.Enum):
         return Opaque(f"{type(value).__name__}.{value.name}")
     if depth >= MAX_DEPTH:
@@ -140,15 +154,14 @@ def is_contiguous(shape: Any, stride: Any) -> bool:
 
 def put_attributes(out: dict[str, Any], prefix: str, snap: Any) -> None:
     """Write one snapshot's attributes into ``out`` (background thread)."""
-    if isinstance(snap, TensorFacts):
-        shape, dtype, stride, device, contiguous = snap
+    if type(snap) is tuple:
+        shape, dtype, stride, device, contiguous = tensor_facts(snap)
         k_shape, k_dtype, k_stride, k_device, k_contiguous = _keys(prefix)
-        out[k_shape] = tuple(shape)
+        out[k_shape] = shape
         out[k_dtype] = _dtype_name(dtype)
-        out[k_stride] = tuple(stride)
+        out[k_stride] = stride
         out[k_device] = _device_name(device)
-        out[k_contiguous] = (is_contiguous(shape, stride) if contiguous is None
-                             else bool(contiguous))
+        out[k_contiguous] = contiguous
     elif snap is None:
         out[prefix] = "None"
     elif isinstance(snap, Opaque):

@@ -173,6 +173,24 @@ class Unavailable:
 timer = Timer()
 
 
+class _Handles:
+    """Resolves ``CallRecord.gpu``: a traced call's event pair packed into one int
+    (``start << 16 | end``), so timing a call leaves no object behind for the garbage
+    collector (``pipeline.Pipeline.gpu_times``)."""
+
+    def ready(self, handle: int) -> bool:
+        return _ext.query(handle & 0xFFFF) != 0
+
+    def apply(self, record: CallRecord, handle: int) -> None:
+        GpuTime(handle >> 16, handle & 0xFFFF).apply(record)
+
+    def abandon(self, record: CallRecord, handle: int, reason: str) -> None:
+        GpuTime(handle >> 16, handle & 0xFFFF).abandon(record, reason)
+
+
+HANDLES = _Handles()
+
+
 def _on_cuda(args: tuple[Any, ...], kwargs: dict[str, Any], tensor_type: type) -> bool:
     for value in args:
         if isinstance(value, tensor_type):
@@ -205,7 +223,16 @@ def make_hooks() -> tuple[Any, Any] | None:
         return timer.begin()
 
     def after(record: CallRecord, state: Any, result: Any, error: Any) -> None:
-        if state is not None:
-            record.pending.append(timer.end(state))
+        if state is None:
+            return
+        if state >= 0:
+            end = _ext.record()
+            if end >= 0:
+                record.gpu = state << 16 | end
+                return
+            _ext.release(state)
+            record.add_pending(Unavailable(_REASONS.get(end, "event_pool_full")))
+            return
+        record.add_pending(timer.end(state))
 
     return before, after

@@ -40,6 +40,9 @@ class Capture:
         self.graph_id = graph_id
         self.thread = threading.get_ident()
         self.records: list[CallRecord] = []
+        #: record id -> its caller-side attributes, copied when it was added (the
+        #: worker writes to the record's own dict later, while replays read these).
+        self.attributes: dict[int, dict[str, Any]] = {}
         #: record -> callables(stream, child) returning a Pending for one replay;
         #: ``child`` is that replay's span record of the captured call (its ids,
         #: start time and attributes are set; hooks may read them, not submit it).
@@ -47,6 +50,10 @@ class Capture:
         self.replays = 0
 
     def add(self, record: CallRecord) -> None:
+        attrs = dict(record.attributes)
+        if record.shared and record.instance:
+            attrs["flashinfer.instance.id"] = record.instance_id()
+        self.attributes[id(record)] = attrs
         self.records.append(record)
 
     def add_replay_hook(self, record: CallRecord,
@@ -166,12 +173,12 @@ def emit_replay(runtime: Any, capture: Capture, index: int, start_ns: int, end_n
     )
     stream = runtime.current_stream()
     for captured in capture.records:
-        child_attrs = {k: v for k, v in captured.attributes.items()
+        child_attrs = {k: v for k, v in capture.attributes[id(captured)].items()
                        if k != "flashinfer.cuda_graph.capturing"}
         child_attrs["flashinfer.cuda_graph.replay"] = index
         child = CallRecord(captured.name, trace_id, getrandbits(64) or 1, replay_context,
                            start_ns, end_ns, child_attrs, describe=captured_describe(captured))
-        child.links.append(Link(trace_api.SpanContext(
+        child.add_link(Link(trace_api.SpanContext(
             captured.trace_id, captured.span_id, False,
             trace_api.TraceFlags(trace_api.TraceFlags.SAMPLED))))
         for hook in capture.replay_hooks.get(id(captured), ()):
@@ -190,7 +197,7 @@ def captured_describe(captured: CallRecord) -> Callable[[CallRecord], None] | No
 
     def run(record: CallRecord) -> None:
         scratch = CallRecord(captured.name, 0, 0, None, 0, 0, {})
-        scratch.data = captured.data
+        scratch.data, scratch.kw, scratch.result = captured.data, captured.kw, captured.result
         describe(scratch)
         for key, value in scratch.attributes.items():
             record.attributes.setdefault(key, value)

@@ -270,7 +270,7 @@ class ArgEncoder:
 
     def _piece(self, name: str, snap: Any) -> str:
         kind = type(snap)
-        if kind is _describe.TensorFacts:
+        if kind is tuple:  # a tensor's facts
             key = (name, snap)
             piece = self._tensors.get(key)
             if piece is None:

@@ -44,8 +44,29 @@ class Pending(Protocol):
         """Give up on the result; must say so on ``record`` (background thread)."""
 
 
+_EMPTY: tuple[Any, ...] = ()  # shared "no events/links/pending yet", never written
+_PID = os.getpid()
+
+
+def _after_fork() -> None:
+    global _PID
+    _PID = os.getpid()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
+
+
 class CallRecord:
-    """Everything one span needs, filled on the caller's thread without formatting."""
+    """Everything one span needs, filled on the caller's thread without formatting.
+
+    A traced call allocates this one object and nothing else that outlives the call
+    (see ``for_call``): the attribute dict starts as the wrapper's shared constant and
+    the event/link/pending lists as a shared empty tuple, and the worker makes its own
+    copies (``own``) before writing.  Every container the caller leaves behind waits
+    in the queue and counts towards the garbage collector's next pass, whose cost then
+    lands on the caller.
+    """
 
     __slots__ = (
         "attributes",
@@ -55,10 +76,15 @@ class CallRecord:
         "end_ns",
         "error",
         "events",
+        "gpu",
+        "instance",
+        "kw",
         "links",
         "name",
         "parent",
         "pending",
+        "result",
+        "shared",
         "span_id",
         "start_ns",
         "trace_id",
@@ -82,6 +108,7 @@ class CallRecord:
         self.start_ns = start_ns
         self.end_ns = end_ns
         self.attributes = attributes
+        self.shared = False
         self.describe = describe
         self.events: list[tuple[str, dict[str, Any], int]] = []
         self.links: list[Link] = []
@@ -89,8 +116,65 @@ class CallRecord:
         self.error: tuple[str, str, str] | None = None
         self.pending: list[Pending] = []
         self.deadline = 0.0
-        #: Raw facts ``describe`` turns into attributes in the background.
+        #: Raw facts ``describe`` turns into attributes in the background: positional
+        #: argument snapshots, keyword snapshots, the result's snapshot.
         self.data: Any = None
+        self.kw: Any = None
+        self.result: Any = None
+        #: ``id()`` of the wrapper object of a method call (0: none).
+        self.instance = 0
+        #: A GPU-time handle (``gpu_timing``), resolved by the worker; None: none.
+        self.gpu: Any = None
+
+    @classmethod
+    def for_call(cls, name: str, trace_id: int, span_id: int, parent: SpanContext | None,
+                 attributes: dict[str, Any]) -> CallRecord:
+        """A traced call's record: ``attributes`` is shared and read-only until ``own``."""
+        record = object.__new__(cls)
+        record.name = name
+        record.trace_id = trace_id
+        record.span_id = span_id
+        record.parent = parent
+        record.attributes = attributes
+        record.shared = True
+        record.events = record.links = record.pending = _EMPTY
+        record.error = record.describe = record.data = record.kw = record.result = None
+        record.gpu = None
+        record.start_ns = record.end_ns = 0
+        record.instance = 0
+        record.deadline = 0.0
+        return record
+
+    def own(self) -> dict[str, Any]:
+        """Private attribute dict and lists before the worker writes to them."""
+        if self.shared:
+            attrs = self.attributes = dict(self.attributes)
+            if self.instance:
+                attrs["flashinfer.instance.id"] = f"{_PID}:{self.instance}"
+            self.shared = False
+        if self.events is _EMPTY:
+            self.events = []
+        if self.links is _EMPTY:
+            self.links = []
+        return self.attributes
+
+    def instance_id(self) -> str | None:
+        """``flashinfer.instance.id`` (readable on the caller's thread too)."""
+        if self.instance:
+            return f"{_PID}:{self.instance}"
+        return self.attributes.get("flashinfer.instance.id")
+
+    def add_pending(self, pending: Pending) -> None:
+        if self.pending is _EMPTY:
+            self.pending = [pending]
+        else:
+            self.pending.append(pending)
+
+    def add_link(self, link: Link) -> None:
+        if self.links is _EMPTY:
+            self.links = [link]
+        else:
+            self.links.append(link)
 
     @property
     def parent_span_id(self) -> int | None:
@@ -216,6 +300,19 @@ _SAMPLED = trace_api.TraceFlags(trace_api.TraceFlags.SAMPLED | trace_api.TraceFl
 _UNSET = Status(StatusCode.UNSET)
 
 
+class _NoGpuTimes:
+    """Where no GPU timing runs, no record carries a handle."""
+
+    def ready(self, handle: Any) -> bool:
+        return True
+
+    def apply(self, record: CallRecord, handle: Any) -> None:
+        pass
+
+    def abandon(self, record: CallRecord, handle: Any, reason: str) -> None:
+        pass
+
+
 class Pipeline:
     """A bounded queue of records and the one worker thread that exports them."""
 
@@ -249,6 +346,8 @@ class Pipeline:
         self.worker_cpu_s = 0.0
         #: Attributes every span of a forked child gets (its own pid).
         self.fork_attributes: dict[str, Any] = {}
+        #: Resolves ``CallRecord.gpu`` handles (``gpu_timing.HANDLES`` where CUDA is).
+        self.gpu_times: Any = _NoGpuTimes()
         self._start()
         if hasattr(os, "register_at_fork"):
             os.register_at_fork(after_in_child=self._after_fork)
@@ -330,7 +429,7 @@ class Pipeline:
                 self._consider(record, now)
             while queue:
                 record = queue.popleft()
-                if record.pending:
+                if record.pending or record.gpu is not None:
                     record.deadline = now + self.wait_timeout_s
                 self._consider(record, now)
             while len(waiting) > self.max_waiting:
@@ -344,7 +443,9 @@ class Pipeline:
 
     def _consider(self, record: CallRecord, now: float) -> None:
         try:
-            if record.pending and not all(p.ready() for p in record.pending):
+            gpu = record.gpu
+            if (record.pending and not all(p.ready() for p in record.pending)) or (
+                    gpu is not None and not self.gpu_times.ready(gpu)):
                 if now < record.deadline:
                     self._waiting.append(record)
                     return
@@ -355,6 +456,18 @@ class Pipeline:
             health.report("export_errors", "could not export a span", exc)
 
     def _finish(self, record: CallRecord, abandon: str | None = None) -> None:
+        record.own()
+        gpu = record.gpu
+        if gpu is not None:
+            record.gpu = None
+            try:
+                times = self.gpu_times
+                if abandon is None or times.ready(gpu):
+                    times.apply(record, gpu)
+                else:
+                    times.abandon(record, gpu, abandon)
+            except Exception as exc:  # noqa: BLE001
+                health.report("pending_errors", "could not resolve a GPU time", exc)
         for pending in record.pending:
             try:
                 if abandon is None:
@@ -365,7 +478,7 @@ class Pipeline:
                     pending.abandon(record, abandon)
             except Exception as exc:  # noqa: BLE001
                 health.report("pending_errors", "could not resolve GPU results", exc)
-        record.pending = []
+        record.pending = _EMPTY
         if record.describe is not None:
             try:
                 record.describe(record)

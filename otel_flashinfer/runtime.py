@@ -140,6 +140,7 @@ class Runtime:
             hooks = gpu_timing.make_hooks()
             if hooks is not None:
                 self.gpu_timer = gpu_timing.timer
+                self.pipeline.gpu_times = gpu_timing.HANDLES
                 self.hooks.append(hooks)
 
     def sample_root(self, trace_id: int, name: str) -> bool:

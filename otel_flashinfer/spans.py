@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import os
 import traceback
 from collections import OrderedDict
 from collections.abc import Callable
@@ -32,18 +31,9 @@ from .config import Settings
 from .pipeline import CallRecord
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED | TraceFlags.RANDOM_TRACE_ID)
-_PID = os.getpid()
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED | TraceFlags.RANDOM_TRACE_ID)
 _MAX_INSTANCES = 4096
 _MAX_MESSAGE = 1024
-
-
-def _after_fork() -> None:
-    global _PID
-    _PID = os.getpid()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork)
 
 
 class ArgPlan:
@@ -150,23 +140,32 @@ def _error_facts(exc: BaseException) -> tuple[str, str, str]:
 process_parent: SpanContext | None = None
 
 
-def _new_ids(ctx: Any, runtime: Any, name: str) -> tuple[int, SpanContext | None] | None:
-    """(trace id, parent) for a new span, or None when it will not be sampled."""
-    span = ctx.get(_SPAN_KEY)
-    parent = span.get_span_context() if span is not None else process_parent
-    if parent is not None and parent.is_valid:
-        if not parent.trace_flags & 1:
-            return None
-        return parent.trace_id, parent
-    trace_id = getrandbits(128) or 1
-    if not runtime.sample_root(trace_id, name):
+def _context_var() -> Any:
+    """The ContextVar behind OTel's default runtime context, used directly on the hot
+    path (two Python frames fewer per get/attach/detach); None for any other runtime
+    context, which then goes through the public API."""
+    runtime_context = getattr(context_api, "_RUNTIME_CONTEXT", None)
+    if type(runtime_context).__name__ != "ContextVarsRuntimeContext":
         return None
-    return trace_id, None
+    return getattr(runtime_context, "_current_context", None)
+
+
+class _ApiContext:
+    """``get``/``set``/``reset`` over the public OTel context API (fallback)."""
+
+    get = staticmethod(context_api.get_current)
+    set = staticmethod(context_api.attach)
+    reset = staticmethod(context_api.detach)
 
 
 def make_wrapper(fn: Callable[..., Any], api_name: str, *, settings: Settings,
                  runtime: Any = None) -> Callable[..., Any]:
-    """Build the traced wrapper for one target at ``settings.level`` (>= 1)."""
+    """Build the traced wrapper for one target at ``settings.level`` (>= 1).
+
+    The caller's thread allocates one ``CallRecord`` per call and, from level 3, one
+    list plus one tuple per tensor for argument facts; nothing else outlives the call
+    (see ``CallRecord``).
+    """
     from . import runtime as _runtime
 
     rt = runtime or _runtime.ensure(settings)
@@ -175,23 +174,41 @@ def make_wrapper(fn: Callable[..., Any], api_name: str, *, settings: Settings,
     plan = ArgPlan(fn, is_method)
     level = settings.level
     submit = rt.pipeline.submit
-    get_current = context_api.get_current
-    attach, detach = context_api.attach, context_api.detach
-    new_record = CallRecord
+    var = _context_var() or _ApiContext
+    get_current, set_context, reset_context = var.get, var.set, var.reset
+    for_call = CallRecord.for_call
+    capture_state = graphs.capture_state
+    snapshot = _describe.snapshot
     is_plan = method.startswith("plan")
     is_run = method.startswith("run") or method == "forward"
     is_init = method == "__init__"
     detailed = level >= 3
-    hooks = rt.call_hooks(level)  # [(before, after)] for GPU timing, stats, blobs
+    skip_self = plan.skip_self
+    hooks = tuple(rt.call_hooks(level))  # (before, after) for GPU timing, stats, blobs
+    befores = tuple(before for before, _ in hooks)
+    afters = tuple(after for _, after in reversed(hooks))
     journal = rt.journal
     journal_name = api_name.encode("utf-8")[:64]
+    #: Shared by every record of this wrapper until the worker copies it (``own``).
+    base_attrs: dict[str, Any] = {"flashinfer.api": api_name, "flashinfer.level": level}
 
     def describe(record: CallRecord) -> None:
-        arg_snaps, kw_snaps, result_snap = record.data
         attrs = record.attributes
-        plan.describe_into(attrs, arg_snaps, kw_snaps)
+        plan.describe_into(attrs, record.data, record.kw or _NO_KWARGS)
+        result_snap = record.result
         if result_snap is not _NO_RESULT and result_snap is not None:
             attrs.update(_describe.result_attributes(result_snap))
+
+    def on_capture(record: CallRecord, capture: Any) -> None:
+        """A call inside a CUDA graph capture (rare): attributes of its own, now."""
+        attrs = record.own()
+        attrs["flashinfer.cuda_graph.capturing"] = True
+        attrs["flashinfer.cuda_graph.id"] = capture.graph_id
+
+    def after_call(record: CallRecord, states: Any, result: Any, error: Any) -> None:
+        n = len(states)
+        for i, after in enumerate(afters):
+            after(record, states[n - 1 - i], result, error)
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -199,19 +216,26 @@ def make_wrapper(fn: Callable[..., Any], api_name: str, *, settings: Settings,
             ctx = get_current()
             # Untraced calls run after this block, never inside it: an exception of
             # the user's must not reach our handler (it would call fn a second time).
-            ids = None if ctx.get(_SUPPRESS_INSTRUMENTATION_KEY) else _new_ids(
-                ctx, rt, api_name)
-            if ids is not None:
-                trace_id, parent = ids
-                span_id = getrandbits(64) or 1
-                span_context = tuple.__new__(
-                    SpanContext, (trace_id, span_id, False, _SAMPLED, DEFAULT_TRACE_STATE, True)
-                )
-                attrs: dict[str, Any] = {"flashinfer.api": api_name, "flashinfer.level": level}
-                record = new_record(api_name, trace_id, span_id, parent, 0, 0, attrs)
+            if ctx.get(_SUPPRESS_INSTRUMENTATION_KEY):
+                record = None
+            else:
+                span = ctx.get(_SPAN_KEY)
+                parent = span.get_span_context() if span is not None else process_parent
+                if parent is not None and parent.is_valid:
+                    record = (for_call(api_name, parent.trace_id, getrandbits(64) or 1,
+                                       parent, base_attrs)
+                              if parent.trace_flags & 1 else None)
+                else:
+                    trace_id = getrandbits(128) or 1
+                    record = (for_call(api_name, trace_id, getrandbits(64) or 1, None,
+                                       base_attrs)
+                              if rt.sample_root(trace_id, api_name) else None)
+            if record is not None:
+                span_context = tuple.__new__(SpanContext, (
+                    record.trace_id, record.span_id, False, _SAMPLED, DEFAULT_TRACE_STATE,
+                    True))
                 if is_method and args:
-                    key = id(args[0])
-                    attrs["flashinfer.instance.id"] = f"{_PID}:{key}"
+                    key = record.instance = id(args[0])
                     if is_init:
                         instances.forget(key)
                     elif is_plan:
@@ -219,40 +243,40 @@ def make_wrapper(fn: Callable[..., Any], api_name: str, *, settings: Settings,
                     elif is_run:
                         plan_context = instances.plan_of(key)
                         if plan_context is not None:
-                            record.links.append(Link(plan_context))
-                capture = graphs.capture_state()
+                            record.add_link(Link(plan_context))
+                capture = capture_state()
                 if capture is not None:
-                    attrs["flashinfer.cuda_graph.capturing"] = True
-                    attrs["flashinfer.cuda_graph.id"] = capture.graph_id
+                    on_capture(record, capture)
                 if detailed:
-                    positional = args[1:] if plan.skip_self else args
-                    arg_snaps = [_describe.snapshot(a) for a in positional]
-                    kw_snaps = ({k: _describe.snapshot(v) for k, v in kwargs.items()}
-                                if kwargs else _NO_KWARGS)
-                states = ([before(record, plan, args, kwargs) for before, _ in hooks]
-                          if hooks else ())
+                    arg_snaps = [snapshot(a) for a in (args[1:] if skip_self else args)]
+                    record.data = arg_snaps
+                    if kwargs:
+                        record.kw = {k: snapshot(v) for k, v in kwargs.items()}
+                states = ([before(record, plan, args, kwargs) for before in befores]
+                          if befores else _NO_STATES)
                 record.start_ns = time_ns()
                 slot = None
                 if journal is not None:
-                    slot = (journal.begin(record, arg_snaps, journal_name, plan, kw_snaps)
+                    slot = (journal.begin(record, arg_snaps, journal_name, plan, record.kw)
                             if detailed else journal.begin(record, None, journal_name))
-                token = attach(ctx.__class__({**ctx, _SPAN_KEY: NonRecordingSpan(span_context)}))
+                token = set_context(ctx.__class__(
+                    {**ctx, _SPAN_KEY: NonRecordingSpan(span_context)}))
         except Exception as exc:  # noqa: BLE001 - our failure must not stop the call
             health.report("wrapper_errors", f"tracing {api_name} failed before the call", exc)
-            ids = None
-        if ids is None:
+            record = None
+        if record is None:
             return fn(*args, **kwargs)
         try:
             result = fn(*args, **kwargs)
         except BaseException as exc:
             record.end_ns = time_ns()
             try:
-                detach(token)
+                reset_context(token)
                 record.error = _error_facts(exc)
-                for i in range(len(states) - 1, -1, -1):
-                    hooks[i][1](record, states[i], _NO_RESULT, exc)
+                if states:
+                    after_call(record, states, _NO_RESULT, exc)
                 if detailed:
-                    record.data = (arg_snaps, kw_snaps, _NO_RESULT)
+                    record.result = _NO_RESULT
                     record.describe = describe
                 if capture is not None:
                     capture.add(record)
@@ -264,11 +288,11 @@ def make_wrapper(fn: Callable[..., Any], api_name: str, *, settings: Settings,
             raise
         try:
             record.end_ns = time_ns()
-            detach(token)
-            for i in range(len(states) - 1, -1, -1):
-                hooks[i][1](record, states[i], result, None)
+            reset_context(token)
+            if states:
+                after_call(record, states, result, None)
             if detailed:
-                record.data = (arg_snaps, kw_snaps, _describe.snapshot(result))
+                record.result = snapshot(result)
                 record.describe = describe
             if capture is not None:
                 capture.add(record)
@@ -285,6 +309,7 @@ def make_wrapper(fn: Callable[..., Any], api_name: str, *, settings: Settings,
 
 _NO_RESULT = object()
 _NO_KWARGS: dict[str, Any] = {}  # shared, never written
+_NO_STATES: list[Any] = []  # shared, never written
 
 
 def _first_param_is_self(fn: Callable[..., Any]) -> bool:

@@ -45,7 +45,7 @@ def make_hooks(settings: Settings, recorder: BlobRecorder) -> tuple[Any, Any]:
             bound = signature.bind(*args, **kwargs)
         else:
             bound = plan.bind(args, kwargs)
-        instance_id = record.attributes.get("flashinfer.instance.id")
+        instance_id = record.instance_id()
         if graphs.capture_state() is not None:
             return _graph.capture_inputs(recorder, record.name, plan.module, plan.qualname,
                                          instance_id, bound)
@@ -66,6 +66,6 @@ def make_hooks(settings: Settings, recorder: BlobRecorder) -> tuple[Any, Any]:
                 capture.add_replay_hook(record, state.on_replay)
             return
         state.after(None if error is not None else result, error)
-        record.pending.append(state.pending(record))
+        record.add_pending(state.pending(record))
 
     return before, after
