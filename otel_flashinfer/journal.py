@@ -180,6 +180,9 @@ class Journal:
         writing the same cache lines."""
         self._owners = [0] * self.slot_count
         self._free = list(range(self.slot_count - 1, -1, -1))
+        #: The argument bytes object last copied into each slot: a call whose encoding
+        #: is that same (cached) object finds its bytes already there.
+        self._written: list[bytes | None] = [None] * self.slot_count
 
     def _heartbeat(self, mm: mmap.mmap, stop: threading.Event) -> None:
         pack, offset = fmt.LAST_WRITE.pack_into, fmt.LAST_WRITE_OFFSET
@@ -212,8 +215,10 @@ class Journal:
         else:
             args = self._encoder.encode(arg_snaps, kw_snaps, plan)
             args_len = len(args)
-            start = offset + fmt.ARGS_OFFSET
-            buf[start:start + args_len] = args
+            if self._written[index] is not args:
+                start = offset + fmt.ARGS_OFFSET
+                buf[start:start + args_len] = args
+                self._written[index] = args
         parent = record.parent
         trace_id = record.trace_id
         if parent is None:

@@ -211,12 +211,13 @@ def snapshot_pieces(name: str, snap: Any) -> list[str]:
 class ArgEncoder:
     """Argument snapshots -> the bounded JSON bytes of one slot.
 
-    Two bounded caches keep the caller's cost low: whole calls by (plan, snapshots,
-    their types), so an engine calling a kernel again with the same shapes pays one
-    hash and one lookup; and tensor descriptions by (name, facts) for the calls that
-    differ only in a scalar.  Types are part of the key because ``1 == True == 1.0``;
-    calls with containers (whose items could hide such a difference) skip the call
-    cache.  Not locked: two threads that miss together compute the same bytes.
+    Two bounded caches keep the caller's cost low: whole calls by (plan, snapshots),
+    so an engine calling a kernel again with the same shapes pays one hash and one
+    lookup; and tensor descriptions by (name, facts) for the calls that differ only
+    in a scalar.  Because ``1 == True == 1.0``, a cached call with number arguments
+    also compares their types on a hit; calls with containers (whose items could hide
+    such a difference) skip the call cache.  Not locked: two threads that miss
+    together compute the same bytes.
     """
 
     def __init__(self, limit: int, cache_size: int = 4096) -> None:
@@ -228,26 +229,28 @@ class ArgEncoder:
 
     def encode(self, arg_snaps: Any, kw_snaps: Any = None, plan: Any = None) -> bytes:
         """Positional snapshots named by ``plan`` (an ``ArgPlan``; without one, by
-        position), then keyword snapshots."""
+        position), then keyword snapshots.  A hit returns the cached bytes object
+        itself (the journal skips copying bytes a slot already holds)."""
         args = tuple(arg_snaps) if arg_snaps else ()
-        types = tuple(map(type, args))
-        if kw_snaps:
-            kw = tuple(kw_snaps.items())
-            types += tuple(map(type, kw_snaps.values()))
-        else:
-            kw = ()
-        key = (plan, args, kw, types)
+        kw = tuple(kw_snaps.items()) if kw_snaps else ()
+        key = (plan, args, kw)
         calls = self._calls
         try:
-            data = calls.get(key)
+            entry = calls.get(key)
         except TypeError:  # an unhashable snapshot: describe the call without caching
             return self._encode(args, kw, plan)
-        if data is None:
-            data = self._encode(args, kw, plan)
-            if _Items not in types and _Fields not in types:
-                if len(calls) >= self.cache_size:
-                    calls.clear()
-                calls[key] = data
+        if entry is not None:
+            data, types = entry
+            # Equal numbers of different types (1, True, 1.0) encode differently.
+            if types is None or types == _types(args, kw):
+                return data
+        data = self._encode(args, kw, plan)
+        types = _types(args, kw)
+        if _Items not in types and _Fields not in types:
+            if len(calls) >= self.cache_size:
+                calls.clear()
+            numeric = any(t in _NUMBERS for t in types)
+            calls[key] = (data, types if numeric else None)
         return data
 
     def _encode(self, args: tuple[Any, ...], kw: tuple[tuple[str, Any], ...],
@@ -290,6 +293,14 @@ class ArgEncoder:
 
 _Items = _describe.Items
 _Fields = _describe.Fields
+_NUMBERS = (bool, int, float)
+
+
+def _types(args: tuple[Any, ...], kw: tuple[tuple[str, Any], ...]) -> tuple[type, ...]:
+    types = tuple(map(type, args))
+    if kw:
+        types += tuple(type(value) for _, value in kw)
+    return types
 _SCALAR_TYPES = (bool, int, float, str)
 
 
