@@ -8,6 +8,11 @@ namespace otel_fi {
 constexpr int kMaxDims = 8;
 constexpr int kMaxTensorsPerLaunch = 16;  // keeps kernel params < 4 KB
 constexpr int kRowWords = 8;              // int64 words per output row
+// Block shape of the kernel: its __launch_bounds__ guarantee kStatsMinBlocksPerSm
+// resident blocks of kStatsThreads threads per SM, so a grid of
+// sm_count * kStatsMinBlocksPerSm blocks is one full wave (launch_items sizes to it).
+constexpr int kStatsThreads = 256;
+constexpr int kStatsMinBlocksPerSm = 3;
 
 // Output row layout (int64 words, zero-initialised before the launch):
 //  0 min   : atomicMax of ~ord(x)   (0 = no non-NaN value seen)

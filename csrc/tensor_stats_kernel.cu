@@ -1,15 +1,24 @@
 // Level-5 tensor statistics: one launch covers all tensors of a call.
 //
 // Each tensor gets a contiguous range of blocks (TensorDesc::block_begin/nblocks);
-// its blocks grid-stride over the tensor's elements and fold their partial
-// results into the tensor's output row with 64-bit atomics, so no second launch
-// and no host sync are needed.  Everything the kernel needs travels in the
-// kernel parameters, so a CUDA graph capture records it by value.
+// its blocks stride over the tensor's elements and fold their partial results into
+// the tensor's output row with 64-bit atomics, so no second launch and no host sync
+// are needed.  Everything the kernel needs travels in the kernel parameters, so a
+// CUDA graph capture records it by value.  launch_items sizes the grid to about one
+// wave of resident blocks, so each row sees at most a few hundred block atomics.
 //
 // Semantics (same as otel_flashinfer/stats/torch_ops.py):
 //   min/max over all non-NaN values (+-Inf included), mean over finite values,
 //   NaN and Inf counted.  Integer and bool tensors have no NaN/Inf.
+//
+// Hot paths work on 16-byte vectors: a vector with no NaN/Inf (tested on the raw
+// bits) takes a fast path (packed half2/bf162 min/max for 16-bit and fp8 floats,
+// a float partial sum per vector added in double, integer sums for small ints);
+// a vector holding a NaN/Inf, or whose float partial overflowed, is redone element
+// by element (slow path, rare).  Counters are per vector, not per element.
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 #include <math.h>
 
@@ -30,9 +39,17 @@ struct Acc {
   double dlo = INFINITY;  // integer dtypes (int32/int64 need more than float)
   double dhi = -INFINITY;
   double sum = 0.0;
-  float part = 0.f;  // float partial of the current vector, folded into sum
-  unsigned long long nan = 0, inf = 0, seen = 0;
+  long long isum = 0;  // exact integer sum (i8/u8/bool/i32), folded into sum at the end
+  float part = 0.f;    // float partial of scalar paths, folded into sum
+  // Per-thread counters: a thread covers far fewer than 2^32 elements (grid of >= 256
+  // threads per tensor, tensors < 2^40 elements); widened to 64 bits in block_flush.
+  unsigned int nan = 0, inf = 0, seen = 0;
   __device__ __forceinline__ void commit() { sum += static_cast<double>(part); part = 0.f; }
+};
+
+// Packed running min/max words of the vector fast paths (meaning depends on dtype).
+struct Packed {
+  uint32_t lo2, hi2;
 };
 
 __device__ __forceinline__ float f8e4m3_to_float(uint32_t b) {
@@ -76,6 +93,7 @@ OTEL_FI_INT_ELEM(kI64, unsigned long long,
 OTEL_FI_INT_ELEM(kF64, unsigned long long, __longlong_as_double(static_cast<long long>(r)))
 #undef OTEL_FI_INT_ELEM
 
+// One element (scalar paths and the generic vector path); the caller counts `seen`.
 // f64 has NaN/Inf: handled by the double branch below checking isnan/isinf.
 template <int DT>
 __device__ __forceinline__ void visit(typename Elem<DT>::Raw r, Acc& a) {
@@ -102,38 +120,312 @@ __device__ __forceinline__ void visit(typename Elem<DT>::Raw r, Acc& a) {
     a.dlo = fmin(a.dlo, x);
     a.dhi = fmax(a.dhi, x);
   }
-  a.seen += 1;
 }
 
-// A 16-byte vector: float partial sum of its finite values, redone in double in the
-// rare case that it overflowed (values near FLT_MAX; Inf elements never enter it).
-template <int DT>
-__device__ __noinline__ double vec_sum_double(uint4 w) {
-  using Raw = typename Elem<DT>::Raw;
-  const Raw* e = reinterpret_cast<const Raw*>(&w);
-  double s = 0.0;
-  for (int k = 0; k < static_cast<int>(16 / sizeof(Raw)); ++k) {
-    float x = Elem<DT>::conv(e[k]);
-    s += (fabsf(x) < INFINITY) ? static_cast<double>(x) : 0.0;  // finite values only
+// ---- 16-bit float words (f16 / bf16; fp8 is widened to f16 first) -------------
+
+template <bool BF>
+__device__ __forceinline__ float2 to_f2(uint32_t w) {
+  if constexpr (BF) {
+    return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xffff0000u));
+  } else {
+    __half2 h;
+    __builtin_memcpy(&h, &w, 4);
+    return __half22float2(h);
   }
-  return s;
 }
 
-template <int DT>
-__device__ __forceinline__ void visit_vec(const uint4& w, Acc& a) {
-  using Raw = typename Elem<DT>::Raw;
-  constexpr int kVec = 16 / sizeof(Raw);
-  const Raw* e = reinterpret_cast<const Raw*>(&w);
+template <bool BF>
+__device__ __forceinline__ uint32_t pmin(uint32_t a, uint32_t b) {
+  uint32_t r;
+  if constexpr (BF) {
+    __nv_bfloat162 x, y;
+    __builtin_memcpy(&x, &a, 4);
+    __builtin_memcpy(&y, &b, 4);
+    __nv_bfloat162 m = __hmin2(x, y);
+    __builtin_memcpy(&r, &m, 4);
+  } else {
+    __half2 x, y;
+    __builtin_memcpy(&x, &a, 4);
+    __builtin_memcpy(&y, &b, 4);
+    __half2 m = __hmin2(x, y);
+    __builtin_memcpy(&r, &m, 4);
+  }
+  return r;
+}
+
+template <bool BF>
+__device__ __forceinline__ uint32_t pmax(uint32_t a, uint32_t b) {
+  uint32_t r;
+  if constexpr (BF) {
+    __nv_bfloat162 x, y;
+    __builtin_memcpy(&x, &a, 4);
+    __builtin_memcpy(&y, &b, 4);
+    __nv_bfloat162 m = __hmax2(x, y);
+    __builtin_memcpy(&r, &m, 4);
+  } else {
+    __half2 x, y;
+    __builtin_memcpy(&x, &a, 4);
+    __builtin_memcpy(&y, &b, 4);
+    __half2 m = __hmax2(x, y);
+    __builtin_memcpy(&r, &m, 4);
+  }
+  return r;
+}
+
+// Result of a slow-path vector.
+struct Part {
+  float lo, hi;
+  double sum;
+  unsigned int nan, inf;
+};
+
+__device__ __forceinline__ void merge_part(const Part& p, Acc& a) {
+  a.lo = fminf(a.lo, p.lo);
+  a.hi = fmaxf(a.hi, p.hi);
+  a.sum += p.sum;
+  a.nan += p.nan;
+  a.inf += p.inf;
+}
+
+// `n` float values element by element: NaN/Inf counted, min/max over non-NaN, float
+// partial sum over finite values, redone in double if it overflowed.
+template <int N>
+__device__ __forceinline__ Part slow_floats(const float (&x)[N]) {
+  Part p{INFINITY, -INFINITY, 0.0, 0u, 0u};
+  float part = 0.f;
 #pragma unroll
-  for (int k = 0; k < kVec; ++k) visit<DT>(e[k], a);
-  if constexpr (Elem<DT>::kFloat) {
-    if (fabsf(a.part) == INFINITY) {
-      a.part = 0.f;
-      a.sum += vec_sum_double<DT>(w);
+  for (int k = 0; k < N; ++k) {
+    bool isn = x[k] != x[k];
+    bool isi = fabsf(x[k]) == INFINITY;
+    p.nan += isn;
+    p.inf += isi;
+    p.lo = fminf(p.lo, x[k]);
+    p.hi = fmaxf(p.hi, x[k]);
+    part += (isn || isi) ? 0.f : x[k];
+  }
+  if (fabsf(part) < INFINITY) {
+    p.sum = part;
+  } else {
+    double s = 0.0;
+#pragma unroll
+    for (int k = 0; k < N; ++k) s += (fabsf(x[k]) < INFINITY) ? static_cast<double>(x[k]) : 0.0;
+    p.sum = s;
+  }
+  return p;
+}
+
+template <bool BF>
+__device__ __forceinline__ Part slow16(uint4 w) {
+  float x[8];
+  float2 f;
+  f = to_f2<BF>(w.x); x[0] = f.x; x[1] = f.y;
+  f = to_f2<BF>(w.y); x[2] = f.x; x[3] = f.y;
+  f = to_f2<BF>(w.z); x[4] = f.x; x[5] = f.y;
+  f = to_f2<BF>(w.w); x[6] = f.x; x[7] = f.y;
+  return slow_floats<8>(x);
+}
+
+__device__ __forceinline__ Part slow32(uint4 w) {
+  float x[4] = {__uint_as_float(w.x), __uint_as_float(w.y), __uint_as_float(w.z),
+                __uint_as_float(w.w)};
+  return slow_floats<4>(x);
+}
+
+// 8 x f16 or bf16.  kOvf: the float partial of 8 finite values can overflow (bf16).
+template <bool BF, bool kOvf>
+__device__ __forceinline__ void vec16(const uint4& w, Acc& a, Packed& pk) {
+  // Per 16-bit lane, bit 15 of (w & E) + O is set iff the exponent is all ones.
+  constexpr uint32_t E = BF ? 0x7f807f80u : 0x7c007c00u;
+  constexpr uint32_t O = BF ? 0x00800080u : 0x04000400u;
+  const uint32_t bad = (((w.x & E) + O) | ((w.y & E) + O) | ((w.z & E) + O) | ((w.w & E) + O)) &
+                       0x80008000u;
+  a.seen += 8;
+  if (bad == 0) {
+    const float2 f0 = to_f2<BF>(w.x), f1 = to_f2<BF>(w.y), f2 = to_f2<BF>(w.z),
+                 f3 = to_f2<BF>(w.w);
+    const float s = ((f0.x + f0.y) + (f1.x + f1.y)) + ((f2.x + f2.y) + (f3.x + f3.y));
+    if (!kOvf || fabsf(s) < INFINITY) {
+      pk.lo2 = pmin<BF>(pk.lo2, pmin<BF>(pmin<BF>(w.x, w.y), pmin<BF>(w.z, w.w)));
+      pk.hi2 = pmax<BF>(pk.hi2, pmax<BF>(pmax<BF>(w.x, w.y), pmax<BF>(w.z, w.w)));
+      a.sum += static_cast<double>(s);
       return;
     }
   }
-  a.commit();
+  merge_part(slow16<BF>(w), a);
+}
+
+__device__ __forceinline__ void vec_f32(const uint4& w, Acc& a) {
+  const float x0 = __uint_as_float(w.x), x1 = __uint_as_float(w.y), x2 = __uint_as_float(w.z),
+              x3 = __uint_as_float(w.w);
+  a.seen += 4;
+  const bool fin = (fabsf(x0) < INFINITY) & (fabsf(x1) < INFINITY) & (fabsf(x2) < INFINITY) &
+                   (fabsf(x3) < INFINITY);
+  if (fin) {
+    const float s = (x0 + x1) + (x2 + x3);
+    if (fabsf(s) < INFINITY) {
+      a.lo = fminf(a.lo, fminf(fminf(x0, x1), fminf(x2, x3)));
+      a.hi = fmaxf(a.hi, fmaxf(fmaxf(x0, x1), fmaxf(x2, x3)));
+      a.sum += static_cast<double>(s);
+      return;
+    }
+  }
+  merge_part(slow32(w), a);
+}
+
+// fp8 x 16 -> two vectors of 8 x f16 (exact: every fp8 value, NaN and Inf included,
+// is a half value).
+__device__ __forceinline__ uint32_t e5m2x2_to_h2(uint32_t q, bool high) {
+  return __byte_perm(q, 0u, high ? 0x3424u : 0x1404u);  // byte b -> half b << 8
+}
+__device__ __forceinline__ uint32_t e4m3x2_to_h2(uint32_t q16) {
+  __half2_raw r = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(q16), __NV_E4M3);
+  return static_cast<uint32_t>(r.x) | (static_cast<uint32_t>(r.y) << 16);
+}
+
+template <bool E4M3>
+__device__ __forceinline__ void vec_f8(const uint4& w, Acc& a, Packed& pk) {
+  uint4 h0, h1;
+  if constexpr (E4M3) {
+    h0 = make_uint4(e4m3x2_to_h2(w.x & 0xffffu), e4m3x2_to_h2(w.x >> 16),
+                    e4m3x2_to_h2(w.y & 0xffffu), e4m3x2_to_h2(w.y >> 16));
+    h1 = make_uint4(e4m3x2_to_h2(w.z & 0xffffu), e4m3x2_to_h2(w.z >> 16),
+                    e4m3x2_to_h2(w.w & 0xffffu), e4m3x2_to_h2(w.w >> 16));
+  } else {
+    h0 = make_uint4(e5m2x2_to_h2(w.x, false), e5m2x2_to_h2(w.x, true),
+                    e5m2x2_to_h2(w.y, false), e5m2x2_to_h2(w.y, true));
+    h1 = make_uint4(e5m2x2_to_h2(w.z, false), e5m2x2_to_h2(w.z, true),
+                    e5m2x2_to_h2(w.w, false), e5m2x2_to_h2(w.w, true));
+  }
+  vec16<false, false>(h0, a, pk);
+  vec16<false, false>(h1, a, pk);
+}
+
+// ---- small integers ----------------------------------------------------------
+
+__device__ __forceinline__ void vec_i8(const uint4& w, Acc& a, Packed& pk) {
+  int s = __dp4a(static_cast<int>(w.x), 0x01010101, 0);
+  s = __dp4a(static_cast<int>(w.y), 0x01010101, s);
+  s = __dp4a(static_cast<int>(w.z), 0x01010101, s);
+  s = __dp4a(static_cast<int>(w.w), 0x01010101, s);
+  a.isum += s;
+  pk.lo2 = __vmins4(pk.lo2, __vmins4(__vmins4(w.x, w.y), __vmins4(w.z, w.w)));
+  pk.hi2 = __vmaxs4(pk.hi2, __vmaxs4(__vmaxs4(w.x, w.y), __vmaxs4(w.z, w.w)));
+  a.seen += 16;
+}
+
+__device__ __forceinline__ void vec_u8(const uint4& w, Acc& a, Packed& pk) {
+  unsigned s = __dp4a(w.x, 0x01010101u, 0u);
+  s = __dp4a(w.y, 0x01010101u, s);
+  s = __dp4a(w.z, 0x01010101u, s);
+  s = __dp4a(w.w, 0x01010101u, s);
+  a.isum += s;
+  pk.lo2 = __vminu4(pk.lo2, __vminu4(__vminu4(w.x, w.y), __vminu4(w.z, w.w)));
+  pk.hi2 = __vmaxu4(pk.hi2, __vmaxu4(__vmaxu4(w.x, w.y), __vmaxu4(w.z, w.w)));
+  a.seen += 16;
+}
+
+// Bit 7 of each byte set iff the byte is non-zero (a bool byte counts as 1 when non-zero).
+__device__ __forceinline__ uint32_t nonzero_bytes(uint32_t q) {
+  return (((q & 0x7f7f7f7fu) + 0x7f7f7f7fu) | q) & 0x80808080u;
+}
+
+__device__ __forceinline__ void vec_bool(const uint4& w, Acc& a, Packed& pk) {
+  const uint32_t n0 = nonzero_bytes(w.x), n1 = nonzero_bytes(w.y), n2 = nonzero_bytes(w.z),
+                 n3 = nonzero_bytes(w.w);
+  a.isum += __popc(n0) + __popc(n1) + __popc(n2) + __popc(n3);
+  pk.lo2 &= n0 & n1 & n2 & n3;  // stays 0x80808080 while every byte is non-zero
+  pk.hi2 |= n0 | n1 | n2 | n3;  // non-zero once a byte is non-zero
+  a.seen += 16;
+}
+
+__device__ __forceinline__ void vec_i32(const uint4& w, Acc& a, Packed& pk) {
+  const int x0 = static_cast<int>(w.x), x1 = static_cast<int>(w.y), x2 = static_cast<int>(w.z),
+            x3 = static_cast<int>(w.w);
+  a.isum += (static_cast<long long>(x0) + x1) + (static_cast<long long>(x2) + x3);
+  pk.lo2 = static_cast<uint32_t>(min(static_cast<int>(pk.lo2), min(min(x0, x1), min(x2, x3))));
+  pk.hi2 = static_cast<uint32_t>(max(static_cast<int>(pk.hi2), max(max(x0, x1), max(x2, x3))));
+  a.seen += 4;
+}
+
+// ---- dispatch ----------------------------------------------------------------
+
+// Identity values of the packed min/max words.
+template <int DT>
+__device__ __forceinline__ Packed packed_init() {
+  switch (DT) {
+    case kF16: case kF8E4M3: case kF8E5M2: return Packed{0x7c007c00u, 0xfc00fc00u};  // +-Inf
+    case kBF16: return Packed{0x7f807f80u, 0xff80ff80u};                            // +-Inf
+    case kI8: return Packed{0x7f7f7f7fu, 0x80808080u};
+    case kU8: return Packed{0xffffffffu, 0u};
+    case kBool: return Packed{0x80808080u, 0u};
+    case kI32: return Packed{0x7fffffffu, 0x80000000u};
+    default: return Packed{0u, 0u};
+  }
+}
+
+// Folds the packed min/max and the integer sum into the scalar accumulators.  The
+// packed identities are in range of the dtype (e.g. 127 for i8), so folding them
+// never changes a min/max over at least one element.
+template <int DT>
+__device__ __forceinline__ void fold_packed(const Packed& pk, Acc& a) {
+  if constexpr (DT == kF16 || DT == kF8E4M3 || DT == kF8E5M2 || DT == kBF16) {
+    constexpr bool BF = DT == kBF16;
+    const float2 l = to_f2<BF>(pk.lo2), h = to_f2<BF>(pk.hi2);
+    a.lo = fminf(a.lo, fminf(l.x, l.y));
+    a.hi = fmaxf(a.hi, fmaxf(h.x, h.y));
+  } else if constexpr (DT == kI8 || DT == kU8) {
+    int lo = 1 << 30, hi = -(1 << 30);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const int l = DT == kI8 ? static_cast<int>(static_cast<int8_t>(pk.lo2 >> (8 * k)))
+                              : static_cast<int>((pk.lo2 >> (8 * k)) & 0xffu);
+      const int h = DT == kI8 ? static_cast<int>(static_cast<int8_t>(pk.hi2 >> (8 * k)))
+                              : static_cast<int>((pk.hi2 >> (8 * k)) & 0xffu);
+      lo = min(lo, l);
+      hi = max(hi, h);
+    }
+    a.dlo = fmin(a.dlo, static_cast<double>(lo));
+    a.dhi = fmax(a.dhi, static_cast<double>(hi));
+  } else if constexpr (DT == kBool) {
+    a.dlo = fmin(a.dlo, pk.lo2 == 0x80808080u ? 1.0 : 0.0);
+    a.dhi = fmax(a.dhi, pk.hi2 != 0u ? 1.0 : 0.0);
+  } else if constexpr (DT == kI32) {
+    a.dlo = fmin(a.dlo, static_cast<double>(static_cast<int>(pk.lo2)));
+    a.dhi = fmax(a.dhi, static_cast<double>(static_cast<int>(pk.hi2)));
+  }
+  a.sum += static_cast<double>(a.isum);
+  a.isum = 0;
+}
+
+// One 16-byte vector of dtype DT.
+template <int DT>
+__device__ __forceinline__ void visit_vec(const uint4& w, Acc& a, Packed& pk) {
+  if constexpr (DT == kF16) {
+    vec16<false, false>(w, a, pk);  // 8 finite halves never overflow a float sum
+  } else if constexpr (DT == kBF16) {
+    vec16<true, true>(w, a, pk);
+  } else if constexpr (DT == kF32) {
+    vec_f32(w, a);
+  } else if constexpr (DT == kF8E4M3) {
+    vec_f8<true>(w, a, pk);
+  } else if constexpr (DT == kF8E5M2) {
+    vec_f8<false>(w, a, pk);
+  } else if constexpr (DT == kI8) {
+    vec_i8(w, a, pk);
+  } else if constexpr (DT == kU8) {
+    vec_u8(w, a, pk);
+  } else if constexpr (DT == kBool) {
+    vec_bool(w, a, pk);
+  } else if constexpr (DT == kI32) {
+    vec_i32(w, a, pk);
+  } else {  // i64, f64: two elements, in double
+    using Raw = typename Elem<DT>::Raw;
+    const Raw* e = reinterpret_cast<const Raw*>(&w);
+#pragma unroll
+    for (int k = 0; k < static_cast<int>(16 / sizeof(Raw)); ++k) visit<DT>(e[k], a);
+    a.seen += 16 / sizeof(Raw);
+  }
 }
 
 __device__ __forceinline__ int64_t strided_offset(int64_t idx, const TensorDesc& d) {
@@ -157,6 +449,19 @@ __device__ __forceinline__ void paged_range(const TensorDesc& d, int64_t& start,
   if (count < 0) count = 0;
 }
 
+// q = u / div, r = u - q * div, with a 32-bit division when both fit.
+__device__ __forceinline__ void divmod(int64_t u, int64_t div, int64_t& q, int64_t& r) {
+  if (((static_cast<uint64_t>(u) | static_cast<uint64_t>(div)) >> 32) == 0) {
+    const uint32_t q32 = static_cast<uint32_t>(u) / static_cast<uint32_t>(div);
+    q = q32;
+  } else {
+    q = u / div;
+  }
+  r = u - q * div;
+}
+
+constexpr int kUnroll = 4;  // independent 16-byte loads in flight per thread
+
 template <int DT>
 __device__ void run_tensor(const TensorDesc& d, int64_t lb, Acc& a) {
   using Raw = typename Elem<DT>::Raw;
@@ -164,39 +469,84 @@ __device__ void run_tensor(const TensorDesc& d, int64_t lb, Acc& a) {
   const int64_t tid = lb * blockDim.x + threadIdx.x;
   const int64_t stride = static_cast<int64_t>(d.nblocks) * blockDim.x;
   const Raw* base = static_cast<const Raw*>(d.ptr);
+  Packed pk = packed_init<DT>();
 
   if (d.mode == kFull && d.contiguous == 2) {
-    // 16-byte vector loads, 4 in flight per thread.
+    // 16-byte vector loads, kUnroll in flight per thread.
     const uint4* p = static_cast<const uint4*>(d.ptr);
     const int64_t nvec = d.n / kVec;
     int64_t v = tid;
-    for (; v + 3 * stride < nvec; v += 4 * stride) {
-      uint4 w[4];
+    for (; v + (kUnroll - 1) * stride < nvec; v += kUnroll * stride) {
+      uint4 w[kUnroll];
 #pragma unroll
-      for (int u = 0; u < 4; ++u) w[u] = __ldg(p + v + u * stride);
+      for (int u = 0; u < kUnroll; ++u) w[u] = __ldg(p + v + u * stride);
 #pragma unroll
-      for (int u = 0; u < 4; ++u) visit_vec<DT>(w[u], a);
+      for (int u = 0; u < kUnroll; ++u) visit_vec<DT>(w[u], a, pk);
     }
-    for (; v < nvec; v += stride) {
-      visit_vec<DT>(__ldg(p + v), a);
+    for (; v < nvec; v += stride) visit_vec<DT>(__ldg(p + v), a, pk);
+    for (int64_t i = nvec * kVec + tid; i < d.n; i += stride) {
+      visit<DT>(base[i], a);
+      a.seen += 1;
     }
-    for (int64_t i = nvec * kVec + tid; i < d.n; i += stride) visit<DT>(base[i], a);
     a.commit();
+    fold_packed<DT>(pk, a);
     return;
   }
   if (d.mode == kPaged) {
     int64_t start, count;
     paged_range(d, start, count);
     if (d.contiguous == 2) {
-      const int64_t vpp = d.n / kVec;  // vectors per page
-      const int64_t total = count * vpp;
-      const char* b = static_cast<const char*>(d.ptr);
-      const int64_t page_bytes = d.page_stride * static_cast<int64_t>(sizeof(Raw));
-      for (int64_t v = tid; v < total; v += stride) {
-        int64_t j = v / vpp, r = v - j * vpp;
+      // Work unit of a warp: kUnroll*32 consecutive vectors of one page, so the page
+      // index is looked up (and the unit divided) once per unit, not per vector; the
+      // next unit's page index is loaded while the current unit's data is in flight.
+      constexpr int64_t kUnit = 32 * kUnroll;
+      const int lane = threadIdx.x & 31;
+      const int64_t wpb = blockDim.x >> 5;
+      const int64_t wstride = static_cast<int64_t>(d.nblocks) * wpb;
+      const int64_t vpp = d.n / kVec;  // vectors per page (a page is a whole number)
+      const int64_t pvs = d.page_stride / kVec;  // page stride in vectors
+      const int64_t upp = (vpp + kUnit - 1) / kUnit;  // units per page
+      const int64_t units = count * upp;
+      const uint4* b = static_cast<const uint4*>(d.ptr);
+      int64_t u = lb * wpb + (threadIdx.x >> 5);
+      if (vpp > 0 && u < units) {
+        int64_t j, c;
+        divmod(u, upp, j, c);
         int64_t page = d.indices[start + j];
-        visit_vec<DT>(__ldg(reinterpret_cast<const uint4*>(b + page * page_bytes) + r), a);
+        while (true) {
+          const uint4* p = b + page * pvs + c * kUnit + lane;
+          const int64_t rem = vpp - c * kUnit - lane;  // vectors of the page from p on
+          uint4 w[kUnroll];
+          const bool whole = rem > (kUnroll - 1) * 32;
+          if (whole) {
+#pragma unroll
+            for (int k = 0; k < kUnroll; ++k) w[k] = __ldg(p + k * 32);
+          } else {
+#pragma unroll
+            for (int k = 0; k < kUnroll; ++k)
+              w[k] = (k * 32 < rem) ? __ldg(p + k * 32) : make_uint4(0u, 0u, 0u, 0u);
+          }
+          const int64_t un = u + wstride;
+          int64_t jn = 0, cn = 0, pagen = 0;
+          if (un < units) {
+            divmod(un, upp, jn, cn);
+            pagen = d.indices[start + jn];
+          }
+          if (whole) {
+#pragma unroll
+            for (int k = 0; k < kUnroll; ++k) visit_vec<DT>(w[k], a, pk);
+          } else {
+#pragma unroll
+            for (int k = 0; k < kUnroll; ++k)
+              if (k * 32 < rem) visit_vec<DT>(w[k], a, pk);
+          }
+          if (un >= units) break;
+          u = un;
+          c = cn;
+          page = pagen;
+        }
       }
+      fold_packed<DT>(pk, a);
       return;
     }
     const int64_t total = count * d.n;
@@ -205,6 +555,7 @@ __device__ void run_tensor(const TensorDesc& d, int64_t lb, Acc& a) {
       int64_t page = d.indices[start + j];
       int64_t off = d.contiguous ? r : strided_offset(r, d);
       visit<DT>(base[page * d.page_stride + off], a);
+      a.seen += 1;
       a.commit();
     }
     return;
@@ -214,6 +565,7 @@ __device__ void run_tensor(const TensorDesc& d, int64_t lb, Acc& a) {
     int64_t logical = i * d.step;
     int64_t off = d.contiguous ? logical : strided_offset(logical, d);
     visit<DT>(base[off], a);
+    a.seen += 1;
     a.commit();
   }
 }
@@ -225,7 +577,7 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
-__device__ __forceinline__ void block_flush(Acc a, bool is_float, int64_t* row) {
+__device__ __forceinline__ void block_flush(const Acc& a, bool is_float, int64_t* row) {
   __shared__ double s_lo[32], s_hi[32], s_sum[32];
   __shared__ unsigned long long s_nan[32], s_inf[32], s_seen[32];
   double lo = is_float ? static_cast<double>(a.lo) : a.dlo;
@@ -236,7 +588,9 @@ __device__ __forceinline__ void block_flush(Acc a, bool is_float, int64_t* row) 
     hi = fmax(hi, __shfl_xor_sync(0xffffffffu, hi, o));
   }
   double sum = warp_sum(a.sum);
-  unsigned long long nan = warp_sum(a.nan), inf = warp_sum(a.inf), seen = warp_sum(a.seen);
+  unsigned long long nan = warp_sum(static_cast<unsigned long long>(a.nan)),
+                     inf = warp_sum(static_cast<unsigned long long>(a.inf)),
+                     seen = warp_sum(static_cast<unsigned long long>(a.seen));
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int nwarps = (blockDim.x + 31) >> 5;
   if (lane == 0) {
@@ -274,7 +628,8 @@ __device__ __forceinline__ void block_flush(Acc a, bool is_float, int64_t* row) 
   atomicAdd(u + kSeen, seen);
 }
 
-__global__ void __launch_bounds__(256, 3) tensor_stats_kernel(const __grid_constant__ LaunchDesc desc, int64_t* out) {
+__global__ void __launch_bounds__(kStatsThreads, kStatsMinBlocksPerSm)
+    tensor_stats_kernel(const __grid_constant__ LaunchDesc desc, int64_t* out) {
   int t = 0;
   const int b = blockIdx.x;
   for (int k = 1; k < desc.count; ++k)
@@ -305,6 +660,8 @@ __global__ void __launch_bounds__(256, 3) tensor_stats_kernel(const __grid_const
 int launch_tensor_stats(const LaunchDesc& desc, int total_blocks, int threads, int64_t* out,
                         void* stream) {
   if (desc.count <= 0 || total_blocks <= 0) return 0;
+  if (threads <= 0 || threads > kStatsThreads || threads % 32 != 0)
+    return static_cast<int>(cudaErrorInvalidValue);
   tensor_stats_kernel<<<total_blocks, threads, 0, static_cast<cudaStream_t>(stream)>>>(desc,
                                                                                         out);
   return static_cast<int>(cudaGetLastError());
