@@ -126,16 +126,41 @@ Item describe(const at::Tensor& t, int64_t row, int64_t step,
 }
 
 void launch_items(std::vector<Item>& items, int64_t* out, cudaStream_t stream, int sm_count) {
-  const int64_t max_blocks = static_cast<int64_t>(sm_count) * 6;
-  const int64_t per_block = static_cast<int64_t>(kThreads) * 16;
+  static_assert(kThreads == kStatsThreads, "block size must match the kernel's launch bounds");
+  // One launch is sized to about one wave of resident blocks, shared among its tensors
+  // in proportion to their work: no second wave, and each output row sees at most a
+  // few hundred block atomics.  A small tensor gets few blocks: at least one 4-deep
+  // round of 16-byte loads per thread (vector paths) or 4 elements per thread (scalar
+  // strided/sampled/paged paths, which cost more per element).
+  static constexpr int kElemBytes[] = {4, 2, 2, 1, 1, 1, 1, 4, 8, 1, 8};  // by DType
+  const int64_t wave = static_cast<int64_t>(std::max(sm_count, 1)) * kStatsMinBlocksPerSm;
+  const int64_t vec_bytes_per_block = static_cast<int64_t>(kThreads) * 16 * 4;
+  const int64_t scalar_elems_per_block = static_cast<int64_t>(kThreads) * 4;
   for (size_t first = 0; first < items.size(); first += kMaxTensorsPerLaunch) {
     LaunchDesc ld{};
-    int blocks = 0;
     const size_t last = std::min(items.size(), first + kMaxTensorsPerLaunch);
+    int64_t want[kMaxTensorsPerLaunch];
+    int64_t total_want = 0;
+    for (size_t k = first; k < last; ++k) {
+      const TensorDesc& d = items[k].d;
+      const int64_t work = std::max<int64_t>(items[k].work, 0);
+      int64_t nb;
+      if (d.contiguous == 2) {
+        const int esz = (d.dtype >= 0 && d.dtype <= kF64) ? kElemBytes[d.dtype] : 8;
+        const int64_t bytes = work <= INT64_MAX / esz ? work * esz : INT64_MAX;
+        nb = bytes / vec_bytes_per_block + (bytes % vec_bytes_per_block != 0);
+      } else {
+        nb = work / scalar_elems_per_block + (work % scalar_elems_per_block != 0);
+      }
+      nb = std::min(wave, std::max<int64_t>(1, nb));
+      want[k - first] = nb;
+      total_want += nb;
+    }
+    int blocks = 0;
     for (size_t k = first; k < last; ++k) {
       TensorDesc d = items[k].d;
-      int64_t nb = std::min(max_blocks, std::max<int64_t>(1, (items[k].work + per_block - 1) /
-                                                                 per_block));
+      int64_t nb = want[k - first];
+      if (total_want > wave) nb = std::max<int64_t>(1, nb * wave / total_want);
       d.block_begin = blocks;
       d.nblocks = static_cast<int32_t>(nb);
       blocks += static_cast<int>(nb);
@@ -195,6 +220,92 @@ void stats_eager(std::vector<at::Tensor> tensors, std::vector<int64_t> rows,
   if (event) C10_CUDA_CHECK(cudaEventRecord(reinterpret_cast<cudaEvent_t>(event), stream));
 }
 
+// Fast eager path (StatsRecorder): one call, no allocation, no std::optional vectors.
+// The ring slot owns a persistent device buffer `dev_rows` (int64 [capacity, kRowWords]
+// on `device`).  `items` holds kSlotItemInts int64 per tensor:
+//   {tensor index, row, step, indices index (-1: none), indptr index (-1: none), batch}
+// where the indices refer to `tensors`.  In stream order on the current stream:
+//   - if `prev_stream` >= 0 differs from it: record `event` on prev_stream and wait for it
+//     (the slot's earlier launch ran there);
+//   - zero rows [0, zero_rows);
+//   - launch the statistics of every item;
+//   - copy rows [0, copy_rows) into the pinned `host_ptr` and record `event` (copy_rows 0:
+//     neither; the caller finishes the slot with a later call).
+// Returns the current stream's handle (>= 0) when work was enqueued; -1 when the current
+// stream is capturing and -2 when some tensor cannot take this path (not a CUDA tensor of
+// `device`, index arrays not contiguous int32 on it): nothing is enqueued then.  Invalid
+// arguments raise before anything is enqueued.
+constexpr size_t kSlotItemInts = 6;
+
+int64_t stats_slot(const std::vector<at::Tensor>& tensors, const std::vector<int64_t>& items,
+                   int64_t device, int64_t dev_rows, int64_t capacity, int64_t zero_rows,
+                   int64_t copy_rows, int64_t host_ptr, int64_t event, int64_t prev_stream) {
+  TORCH_CHECK(items.size() % kSlotItemInts == 0, "otel_flashinfer stats: bad item list");
+  TORCH_CHECK(dev_rows != 0 && capacity > 0 && zero_rows >= 0 && zero_rows <= capacity &&
+                  copy_rows >= 0 && copy_rows <= capacity && (copy_rows == 0 || host_ptr != 0),
+              "otel_flashinfer stats: bad slot arguments");
+  const int64_t nt = static_cast<int64_t>(tensors.size());
+  const size_t n = items.size() / kSlotItemInts;
+  auto on_device = [&](const at::Tensor& t) {
+    return t.defined() && t.is_cuda() && t.get_device() == device;
+  };
+  for (size_t k = 0; k < n; ++k) {
+    const int64_t* it = items.data() + k * kSlotItemInts;
+    TORCH_CHECK(it[0] >= 0 && it[0] < nt && it[3] < nt && it[4] < nt,
+                "otel_flashinfer stats: tensor index out of range");
+    TORCH_CHECK(it[1] >= 0 && it[1] < capacity, "stats row out of range");
+    TORCH_CHECK(it[2] >= 1, "otel_flashinfer stats: step must be >= 1");
+    if (!on_device(tensors[it[0]])) return -2;
+    if (it[3] >= 0 || it[4] >= 0) {
+      if (it[3] < 0 || it[4] < 0) return -2;
+      const at::Tensor& ix = tensors[it[3]];
+      const at::Tensor& ip = tensors[it[4]];
+      if (!on_device(ix) || !on_device(ip) || ix.scalar_type() != at::kInt ||
+          ip.scalar_type() != at::kInt || !ix.is_contiguous() || !ip.is_contiguous())
+        return -2;
+    }
+  }
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device))
+                            .stream();
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (capture != cudaStreamCaptureStatusNone) return -1;
+  std::vector<Item> launch;
+  launch.reserve(n);
+  for (size_t k = 0; k < n; ++k) {
+    const int64_t* it = items.data() + k * kSlotItemInts;
+    const at::Tensor& t = tensors[it[0]];
+    if (t.numel() == 0) continue;
+    std::optional<at::Tensor> ix, ip;
+    if (it[3] >= 0) {
+      ix = tensors[it[3]];
+      ip = tensors[it[4]];
+    }
+    launch.push_back(describe(t, it[1], it[2], ix, ip, it[5]));
+  }
+  // Everything is validated: enqueue.
+  const cudaEvent_t ev = reinterpret_cast<cudaEvent_t>(event);
+  const cudaStream_t prev = reinterpret_cast<cudaStream_t>(prev_stream);
+  if (prev_stream >= 0 && prev != stream && ev) {
+    C10_CUDA_CHECK(cudaEventRecord(ev, prev));
+    C10_CUDA_CHECK(cudaStreamWaitEvent(stream, ev, 0));
+  }
+  int64_t* rows = reinterpret_cast<int64_t*>(dev_rows);
+  constexpr size_t kRowBytes = kRowWords * sizeof(int64_t);
+  if (zero_rows > 0) {
+    C10_CUDA_CHECK(cudaMemsetAsync(rows, 0, static_cast<size_t>(zero_rows) * kRowBytes, stream));
+  }
+  if (!launch.empty()) launch_items(launch, rows, stream, sm_count_of(static_cast<int>(device)));
+  if (copy_rows > 0) {
+    C10_CUDA_CHECK(cudaMemcpyAsync(reinterpret_cast<void*>(host_ptr), rows,
+                                   static_cast<size_t>(copy_rows) * kRowBytes,
+                                   cudaMemcpyDeviceToHost, stream));
+    if (ev) C10_CUDA_CHECK(cudaEventRecord(ev, stream));
+  }
+  return reinterpret_cast<int64_t>(stream);
+}
+
 // After a graph replay: copy the graph's output rows into a pinned slot.
 void snapshot(at::Tensor out, int64_t host_ptr, int64_t event) {
   c10::cuda::CUDAGuard guard(out.device());
@@ -233,6 +344,8 @@ void event_destroy(int64_t event) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("stats_into", &otel_fi::stats_into, "statistics into a caller-owned device buffer");
   m.def("stats_eager", &otel_fi::stats_eager, "statistics copied into a pinned slot + event");
+  m.def("stats_slot", &otel_fi::stats_slot,
+        "statistics into a ring slot's device rows; optional async copy + event");
   m.def("snapshot", &otel_fi::snapshot, "copy a graph's rows into a pinned slot + event");
   m.def("event_create", &otel_fi::event_create);
   m.def("event_query", &otel_fi::event_query);

@@ -1,10 +1,12 @@
 """Level 5 in the span wrapper: statistics of inputs before the call and of outputs
 after it, on the caller's stream.
 
-Eagerly, each side leaves a Pending on the span; under CUDA graph capture the
-statistics launch is captured with the call and each sampled replay snapshots its
-own results (``graphs.Capture.add_replay_hook``).  A decode/prefill wrapper's paged
-KV cache is measured over the pages its planned indices reference.
+Eagerly, the inputs' statistics are launched before the call into a ring slot that the
+outputs' statistics join after it (one copy and one event for both), and one Pending
+goes on the span; under CUDA graph capture the statistics launch is captured with the
+call and each sampled replay snapshots its own results
+(``graphs.Capture.add_replay_hook``).  A decode/prefill wrapper's paged KV cache is
+measured over the pages its planned indices reference.
 """
 
 from __future__ import annotations
@@ -15,52 +17,85 @@ import torch
 
 from .. import graphs
 from ..pipeline import CallRecord
-from .recorder import PagedSpec, StatsRecorder
+from .recorder import StatsRecorder
 
 _PAGED_NAMES = ("paged_kv_cache", "kv_cache")
+_TENSOR = torch.Tensor
 
 
-def _paged(owner: Any, name: str, value: Any) -> PagedSpec | None:
-    """The wrapper's planned page indices for its KV-cache argument, if it has them."""
+def _paged(owner: Any, name: str, value: Any) -> tuple | None:
+    """The wrapper's planned page indices for its KV-cache argument, if it has them, as
+    the recorder's paged entry ``(name, cache, indices, indptr, batch)``."""
     if name not in _PAGED_NAMES or owner is None:
         return None
     indices = getattr(owner, "_paged_kv_indices_buf", None)
     indptr = getattr(owner, "_paged_kv_indptr_buf", None)
-    if not isinstance(indices, torch.Tensor) or not isinstance(indptr, torch.Tensor):
+    if not isinstance(indices, _TENSOR) or not isinstance(indptr, _TENSOR):
         return None
     batch = getattr(owner, "_batch_size", None) or indptr.numel() - 1
-    return PagedSpec(name, value, indices, indptr, int(batch))
+    return (name, value, indices, indptr, int(batch))
 
 
-def input_entries(plan: Any, args: tuple, kwargs: dict) -> list[Any]:
-    owner = args[0] if plan.skip_self and args else None
-    entries: list[Any] = []
-    for name, value in plan.bind(args, kwargs).items():
+def _add(entries: list[Any], owner: Any, name: str, value: Any) -> None:
+    if owner is not None and name in _PAGED_NAMES:
         paged = _paged(owner, name, value)
         if paged is not None:
             entries.append(paged)
-        elif isinstance(value, torch.Tensor):
-            entries.append((name, value))
-        elif isinstance(value, (tuple, list)):
-            entries.extend((f"{name}.{i}", v) for i, v in enumerate(value[:8])
-                           if isinstance(v, torch.Tensor))
+            return
+    if isinstance(value, _TENSOR):
+        entries.append((name, value))
+    elif isinstance(value, (tuple, list)):
+        entries.extend((f"{name}.{i}", v) for i, v in enumerate(value[:8])
+                       if isinstance(v, _TENSOR))
+
+
+def input_entries(plan: Any, args: tuple, kwargs: dict) -> list[Any]:
+    """``(name, tensor)`` and paged entries of a call's arguments, named as
+    ``plan.bind`` names them (positional names from the plan, then keywords)."""
+    entries: list[Any] = []
+    owner = None
+    start = 0
+    if plan.skip_self and args:
+        owner = args[0]
+        start = 1
+    names = plan.names
+    count = len(names)
+    for k in range(len(args) - start):
+        value = args[start + k]
+        if k < count:
+            name = names[k]
+            if type(value) is _TENSOR and (owner is None or name not in _PAGED_NAMES):
+                entries.append((name, value))  # the common case, inline
+                continue
+        else:
+            name = f"{plan.varargs or 'arg'}.{k - count}"
+        _add(entries, owner, name, value)
+    if kwargs:
+        for name, value in kwargs.items():
+            _add(entries, owner, name, value)
     return entries
 
 
 def output_entries(result: Any) -> list[Any]:
-    if isinstance(result, torch.Tensor):
+    if isinstance(result, _TENSOR):
         return [("result.0", result)]
     if isinstance(result, (tuple, list)):
         return [(f"result.{i}", v) for i, v in enumerate(result[:8])
-                if isinstance(v, torch.Tensor)]
+                if isinstance(v, _TENSOR)]
     return []
 
 
 def make_hooks(recorder: StatsRecorder) -> tuple[Any, Any]:
     """(before, after) for ``spans.make_wrapper`` at level 5 and up."""
+    is_open = recorder.is_open
+    begin, finish = recorder.begin, recorder.finish
 
     def attach(record: CallRecord, outcome: Any) -> None:
         if outcome is None:
+            return
+        if type(outcome) is tuple:  # inputs and outputs that could not share a slot
+            for part in outcome:
+                attach(record, part)
             return
         snapshot = getattr(outcome, "snapshot", None)
         if snapshot is not None:  # captured: resolved per replay
@@ -68,14 +103,23 @@ def make_hooks(recorder: StatsRecorder) -> tuple[Any, Any]:
             if capture is not None:
                 capture.add_replay_hook(record, lambda stream, child: snapshot(stream))
             return
-        record.pending.append(outcome)
+        add = getattr(record, "add_pending", None)
+        if add is not None:
+            add(outcome)
+        else:
+            record.pending.append(outcome)
 
     def before(record: CallRecord, plan: Any, args: tuple, kwargs: dict) -> Any:
-        attach(record, recorder.before(input_entries(plan, args, kwargs)))
+        outcome = begin(input_entries(plan, args, kwargs))
+        if is_open(outcome):
+            return outcome  # finished with the outputs in ``after``
+        attach(record, outcome)
         return None
 
     def after(record: CallRecord, state: Any, result: Any, error: Any) -> None:
         if error is None:
-            attach(record, recorder.after(output_entries(result)))
+            attach(record, finish(state, output_entries(result)))
+        elif state is not None:  # the inputs' statistics still go on the span
+            attach(record, finish(state, ()))
 
     return before, after

@@ -1,14 +1,17 @@
 """Level-5 statistics on the caller's thread: launch, never wait.
 
 Eager CUDA calls: one kernel launch (csrc/) on the current stream covers every
-tensor of the call, its rows are copied asynchronously into a slot of a bounded
-ring of pinned host memory and an event is recorded; the returned ``Pending`` polls
-that event from the background pipeline and turns the rows into
-``flashinfer.tensor_stats`` events.  When every slot is busy the statistics are
-dropped and counted, never waited for.  CPU tensors are computed right away with
-torch ops.  During CUDA graph capture the launch is captured into a persistent
-device buffer and a ``GraphStatsSlot`` is returned; ``graphs.py`` calls its
-``snapshot`` after each sampled replay.
+tensor of the call, into the rows of a slot of a bounded ring (each slot has its
+own persistent device rows, pinned host rows and CUDA event); the rows are copied
+asynchronously into the slot's pinned memory and the event is recorded; the returned
+``Pending`` polls that event from the background pipeline and turns the rows into
+``flashinfer.tensor_stats`` events.  The span hooks use ``begin``/``finish``: a
+call's inputs are launched before it and its outputs after it into the same slot,
+with one copy and one event for both (one C++ call per side, planned in flat lists).
+When every slot is busy the statistics are dropped and counted, never waited for.
+CPU tensors are computed right away with torch ops.  During CUDA graph capture the
+launch is captured into a persistent device buffer and a ``GraphStatsSlot`` is
+returned; ``graphs.py`` calls its ``snapshot`` after each sampled replay.
 """
 
 from __future__ import annotations
@@ -80,7 +83,93 @@ class Job:
     batch: int = 0
 
 
-Entry = tuple[str, Any] | PagedSpec
+#: An entry: ``(name, value)``, a ``PagedSpec``, or the same paged argument as a plain
+#: tuple ``(name, cache, indices, indptr, batch)`` (what the hooks build: no dataclass).
+Entry = tuple[str, Any] | PagedSpec | tuple[str, Any, torch.Tensor, torch.Tensor, int]
+
+#: ints per tensor in the flat launch list (csrc ``kSlotItemInts``):
+#: tensor index, row, step, indices index (-1: none), indptr index (-1: none), batch.
+ITEM_INTS = 6
+_TENSOR = torch.Tensor
+_FULL_OR_SAMPLED = (SCOPE_FULL, SCOPE_SAMPLED)
+
+
+def _plan_flat(entries: Iterable[Entry], max_bytes: float, max_rows: int, row0: int = 0
+               ) -> tuple[list[Any], list[int], list[tuple[str, str, int]], int]:
+    """Entries -> (tensors, flat items, one ``(name, scope, numel)`` per row, left out).
+
+    The one planner behind ``plan`` and the kernel's fast path: ``items`` holds
+    ``ITEM_INTS`` ints per tensor read, rows numbered from ``row0``, index fields
+    pointing into ``tensors``.  Non-tensors and dtypes without a statistic are skipped."""
+    tensors: list[Any] = []
+    items: list[int] = []
+    metas: list[tuple[str, str, int]] = []
+    left_out = 0
+    supported = _SUPPORTED
+    for entry in entries:
+        if isinstance(entry, PagedSpec):
+            name, cache, indices, indptr, batch = (entry.name, entry.cache, entry.indices,
+                                                   entry.indptr, entry.batch)
+        elif len(entry) == 5:
+            name, cache, indices, indptr, batch = entry
+        else:
+            name, t = entry
+            if not isinstance(t, _TENSOR) or t.dtype not in supported:
+                continue
+            if len(metas) >= max_rows:
+                left_out += 1
+                continue
+            numel = t.numel()
+            step = 1
+            if numel * 8 > max_bytes:  # no dtype is wider than 8 bytes
+                item = t.element_size()
+                if numel * item > max_bytes:
+                    step = math.ceil(numel / max(1, int(max_bytes // item)))
+            metas.append((name, _FULL_OR_SAMPLED[step > 1], numel))
+            items += (len(tensors), row0 + len(metas) - 1, step, -1, -1, 0)
+            tensors.append(t)
+            continue
+        parts = cache if isinstance(cache, (tuple, list)) else (cache,)
+        parts = [p for p in parts if isinstance(p, _TENSOR) and p.dtype in supported]
+        if not parts:
+            continue
+        if len(metas) >= max_rows:
+            left_out += 1
+            continue
+        row = row0 + len(metas)
+        metas.append((name, SCOPE_PAGES, 0))
+        first = len(tensors)
+        tensors += parts
+        tensors.append(indices)
+        tensors.append(indptr)
+        ix = first + len(parts)
+        batch = int(batch)
+        for k in range(len(parts)):
+            items += (first + k, row, 1, ix, ix + 1, batch)
+    return tensors, items, metas, left_out
+
+
+def _jobs_of(tensors: list[Any], items: list[int], row0: int = 0) -> list[Job]:
+    jobs = []
+    for k in range(0, len(items), ITEM_INTS):
+        ti, row, step, ii, pi, batch = items[k:k + ITEM_INTS]
+        jobs.append(Job(row - row0, tensors[ti], step, tensors[ii] if ii >= 0 else None,
+                        tensors[pi] if pi >= 0 else None, batch))
+    return jobs
+
+
+def _flat_of(jobs: Sequence[Job]) -> tuple[list[Any], list[int]]:
+    tensors: list[Any] = []
+    items: list[int] = []
+    for job in jobs:
+        items += (len(tensors), job.row, job.step, -1, -1, job.batch)
+        tensors.append(job.tensor)
+        if job.indices is not None:
+            items[-3] = len(tensors)
+            items[-2] = len(tensors) + 1
+            tensors.append(job.indices)
+            tensors.append(job.indptr)
+    return tensors, items
 
 
 def plan(entries: Iterable[Entry], max_bytes: float, max_rows: int
@@ -88,38 +177,8 @@ def plan(entries: Iterable[Entry], max_bytes: float, max_rows: int
     """Entries -> (jobs, one meta per row, number of tensors left out for lack of rows).
 
     Non-tensors and dtypes without a statistic (complex, ...) are skipped."""
-    jobs: list[Job] = []
-    metas: list[RowMeta] = []
-    left_out = 0
-    for entry in entries:
-        if isinstance(entry, PagedSpec):
-            parts = entry.cache if isinstance(entry.cache, (tuple, list)) else (entry.cache,)
-            parts = [p for p in parts if isinstance(p, torch.Tensor) and p.dtype in _SUPPORTED]
-            if not parts:
-                continue
-            if len(metas) >= max_rows:
-                left_out += 1
-                continue
-            row = len(metas)
-            metas.append(RowMeta(entry.name, SCOPE_PAGES, 0))
-            jobs.extend(Job(row, p, 1, entry.indices, entry.indptr, int(entry.batch))
-                        for p in parts)
-            continue
-        name, t = entry
-        if not isinstance(t, torch.Tensor) or t.dtype not in _SUPPORTED:
-            continue
-        if len(metas) >= max_rows:
-            left_out += 1
-            continue
-        numel = t.numel()
-        item = t.element_size()
-        step = 1
-        if numel * item > max_bytes:
-            step = math.ceil(numel / max(1, int(max_bytes // item)))
-        row = len(metas)
-        metas.append(RowMeta(name, SCOPE_SAMPLED if step > 1 else SCOPE_FULL, numel))
-        jobs.append(Job(row, t, step))
-    return jobs, metas, left_out
+    tensors, items, metas, left_out = _plan_flat(entries, max_bytes, max_rows)
+    return _jobs_of(tensors, items), [RowMeta(*m) for m in metas], left_out
 
 
 def _kernel_can_run(jobs: Sequence[Job]) -> bool:
@@ -146,18 +205,25 @@ def _launch_into(out: torch.Tensor, jobs: Sequence[Job], module: Any) -> None:
 
 
 class SlotRing:
-    """A bounded ring of pinned host slots, each with its own CUDA event, for one device.
+    """A bounded ring of pinned host slots, each with its own CUDA event and its own rows
+    of a persistent device buffer, for one device.
 
-    Slots are taken on the caller's thread and given back by the background thread;
-    a slot given up before its copy landed waits in ``_zombies`` until its event has
-    completed, so a late copy can never overwrite a reused slot."""
+    Slots are taken on the caller's thread and given back by the background thread
+    (``deque`` pops and appends are atomic, so the common path takes no lock); a slot
+    given up before its copy landed waits in ``_zombies`` until its event has completed,
+    so a late copy can never overwrite a reused slot.  Each slot's device rows are only
+    written between its acquire and its release, so they need no allocation per call."""
 
-    def __init__(self, device: torch.device, slots: int, rows: int) -> None:
+    def __init__(self, device: torch.device, slots: int, rows: int, pin_memory: bool = True
+                 ) -> None:
         self.device = device
         self.rows = rows
-        self.host = torch.zeros((slots, rows, ROW_WORDS), dtype=torch.int64, pin_memory=True)
+        self.host = torch.zeros((slots, rows, ROW_WORDS), dtype=torch.int64,
+                                pin_memory=pin_memory)
         self._base = self.host.data_ptr()
         self._slot_bytes = rows * ROW_WORDS * 8
+        self._dev: torch.Tensor | None = None  # [slots, rows, ROW_WORDS] on device, lazily
+        self._dev_base = 0
         self._native: list[int] = [0] * slots
         self._torch_events: list[Any] = [None] * slots
         self._kind: list[str] = [""] * slots
@@ -166,17 +232,23 @@ class SlotRing:
         self._lock = threading.Lock()
 
     def acquire(self) -> int | None:
+        try:
+            return self._free.popleft()
+        except IndexError:
+            pass
         with self._lock:
             if not self._free and self._zombies:
                 still = []
                 for slot in self._zombies:
                     (self._free.append if self._query(slot) != 1 else still.append)(slot)
                 self._zombies = still
-            return self._free.popleft() if self._free else None
+            try:
+                return self._free.popleft()
+            except IndexError:
+                return None
 
     def release(self, slot: int) -> None:
-        with self._lock:
-            self._free.append(slot)
+        self._free.append(slot)
 
     def abandon(self, slot: int) -> None:
         with self._lock:
@@ -187,6 +259,17 @@ class SlotRing:
 
     def host_ptr(self, slot: int) -> int:
         return self._base + slot * self._slot_bytes
+
+    def device_base(self) -> int:
+        """Address of the device rows of slot 0 (allocated on first use: call outside
+        graph capture)."""
+        if not self._dev_base:
+            with self._lock:
+                if not self._dev_base:
+                    self._dev = torch.empty(tuple(self.host.shape), dtype=torch.int64,
+                                            device=self.device)
+                    self._dev_base = self._dev.data_ptr()
+        return self._dev_base
 
     def native_event(self, slot: int, module: Any) -> int:
         """The slot's raw CUDA event (created once, on this ring's device)."""
@@ -222,14 +305,24 @@ class SlotRing:
         return self.host[slot, :nrows].tolist()
 
 
+def _row_metas(metas: Sequence[Any]) -> list[Any]:
+    """RowMeta objects for decode_rows (the fast path keeps plain tuples)."""
+    return [RowMeta(*m) if type(m) is tuple else m for m in metas]
+
+
 class StatsPending:
-    """Rows on their way into a pinned slot; resolved by the background pipeline."""
+    """Rows on their way into a pinned slot; resolved by the background pipeline.
 
-    __slots__ = ("_status", "metas", "note", "ring", "slot", "ts_ns")
+    ``metas`` describe rows ``0..``; an optional second part (``out``: metas, ts, note)
+    describes the rows after them, launched later into the same slot (a call's outputs
+    after its inputs, one copy and one event for both)."""
 
-    def __init__(self, ring: SlotRing, slot: int, metas: list[RowMeta], ts_ns: int,
-                 note: str = "") -> None:
+    __slots__ = ("_status", "metas", "note", "out", "ring", "slot", "ts_ns")
+
+    def __init__(self, ring: SlotRing, slot: int, metas: list[Any], ts_ns: int,
+                 note: str = "", out: tuple[list[Any], int, str] | None = None) -> None:
         self.ring, self.slot, self.metas, self.ts_ns, self.note = ring, slot, metas, ts_ns, note
+        self.out = out
         self._status = 1
 
     def ready(self) -> bool:
@@ -246,20 +339,42 @@ class StatsPending:
             cuda_errors.mark(record.attributes, _error_name(self._status))
             record.attributes[DROPPED_ATTR] = "cuda_error"
             return
+        n = len(self.metas)
+        out = self.out
         try:
-            rows = self.ring.read(slot, len(self.metas))
+            rows = self.ring.read(slot, n + (len(out[0]) if out else 0))
         finally:
             self.ring.release(slot)
-        _add_events(record, decode_rows(rows, self.metas), self.ts_ns)
-        if self.note:
-            record.attributes[DROPPED_ATTR] = self.note
+        if n or not out:
+            _add_events(record, decode_rows(rows, _row_metas(self.metas)), self.ts_ns)
+            if self.note:
+                record.attributes[DROPPED_ATTR] = self.note
+        if out:
+            _add_events(record, decode_rows(rows[n:], _row_metas(out[0])), out[1])
+            if out[2]:
+                record.attributes[DROPPED_ATTR] = out[2]
 
     def abandon(self, record: Any, reason: str) -> None:
         if self.slot >= 0:
             slot, self.slot = self.slot, -1
             self.ring.abandon(slot)
         health.count("stats_dropped")
+        if self.out and self.metas:  # two launches' statistics (inputs and outputs)
+            health.count("stats_dropped")
         record.attributes[DROPPED_ATTR] = reason
+
+
+class _Open:
+    """A call's input statistics launched into a slot, waiting for its outputs
+    (``StatsRecorder.finish``): the slot's rows are zeroed and the rows after the inputs
+    left for the outputs, so both sides share one copy and one event."""
+
+    __slots__ = ("device", "metas", "note", "ring", "slot", "stream", "ts_ns")
+
+    def __init__(self, ring: SlotRing, slot: int, metas: list[Any], ts_ns: int, note: str,
+                 stream: int, device: int) -> None:
+        self.ring, self.slot, self.metas, self.ts_ns, self.note = ring, slot, metas, ts_ns, note
+        self.stream, self.device = stream, device
 
 
 class ReadyPending:
@@ -359,9 +474,64 @@ class StatsRecorder:
         """A ``Pending`` (eager) or a ``GraphStatsSlot`` (under capture), or ``None``
         when there is nothing to measure.  Never raises."""
         try:
-            return self._record(list(entries))
+            return self._record(entries if type(entries) is list else list(entries))
         except Exception as exc:  # noqa: BLE001 - statistics must never break the call
             health.report("stats_errors", "tensor statistics failed", exc)
+            return _dropped("error")
+
+    def begin(self, inputs: Iterable[Entry]) -> Any:
+        """``before`` for a call whose ``finish`` follows (the span hooks).
+
+        On the kernel's eager path the inputs' statistics are launched now and an open
+        state is returned that ``finish`` completes together with the outputs (one
+        copy, one event).  Otherwise the same as ``before``; ``is_open`` tells which."""
+        entries = inputs if type(inputs) is list else list(inputs)
+        try:
+            module = self._module()
+            if module is not None:
+                ts = time.time_ns()
+                flat = _plan_flat(entries, self.max_bytes, self.rows)
+                tensors, items, metas, left_out = flat
+                if not metas:
+                    return None
+                device = tensors[0].get_device()
+                ring = self._rings.get(device) if device >= 0 else None
+                slot = ring.acquire() if ring is not None and ring._dev_base else None
+                if slot is not None:  # else: capture, ring full... decided by _record
+                    try:
+                        stream = module.stats_slot(
+                            tensors, items, device, ring._dev_base + slot * ring._slot_bytes,
+                            ring.rows, min(ring.rows, len(metas) + self.rows), 0, 0, 0, -1)
+                    except BaseException:
+                        ring.release(slot)
+                        raise
+                    if stream >= 0:
+                        note = f"too_many_tensors:{left_out}" if left_out else ""
+                        return _Open(ring, slot, metas, ts, note, stream, device)
+                    ring.release(slot)
+                return self._record(entries, ts, flat)
+            return self._record(entries)
+        except Exception as exc:  # noqa: BLE001 - statistics must never break the call
+            health.report("stats_errors", "tensor statistics failed", exc)
+            return _dropped("error")
+
+    @staticmethod
+    def is_open(state: Any) -> bool:
+        return type(state) is _Open
+
+    def finish(self, state: Any, outputs: Iterable[Entry]) -> Any:
+        """Outputs' statistics after ``begin``: for an open state one Pending covering
+        inputs and outputs (or a tuple of two outcomes when the outputs cannot share
+        the slot), else the same as ``after``.  Never raises."""
+        if type(state) is not _Open:
+            return self.record(outputs)
+        try:
+            return self._finish(state, outputs if type(outputs) is list else list(outputs))
+        except Exception as exc:  # noqa: BLE001
+            health.report("stats_errors", "tensor statistics failed", exc)
+            if state.slot >= 0:
+                state.ring.release(state.slot)
+                state.slot = -1
             return _dropped("error")
 
     # -- internals -----------------------------------------------------------------
@@ -375,16 +545,73 @@ class StatsRecorder:
             with self._lock:
                 ring = self._rings.get(index)
                 if ring is None:
-                    ring = SlotRing(torch.device("cuda", index), self.slots, self.rows)
+                    # room for a call's inputs and its outputs (begin/finish share a slot)
+                    ring = SlotRing(torch.device("cuda", index), self.slots, 2 * self.rows)
                     self._rings[index] = ring
         return ring
 
-    def _record(self, entries: list[Entry]) -> Any:
+    def _event(self, ring: SlotRing, slot: int, module: Any) -> int:
+        event = ring._native[slot]
+        if not event:
+            return ring.native_event(slot, module)
+        ring._kind[slot] = "native"
+        return event
+
+    def _finish(self, state: _Open, outputs: list[Entry]) -> Any:
+        ring, slot, nin = state.ring, state.slot, len(state.metas)
+        module = _kernel.get()
         ts = time.time_ns()
-        jobs, metas, left_out = plan(entries, self.max_bytes, self.rows)
-        if not metas:
+        tensors, items, metas, left_out = (
+            _plan_flat(outputs, self.max_bytes, self.rows, nin) if outputs else ((), (), (), 0))
+        failed = False
+        if metas and tensors[0].get_device() == state.device:
+            try:
+                stream = module.stats_slot(
+                    tensors, items, state.device, ring._dev_base + slot * ring._slot_bytes,
+                    ring.rows, 0, nin + len(metas), ring._base + slot * ring._slot_bytes,
+                    self._event(ring, slot, module), state.stream)
+            except Exception as exc:  # noqa: BLE001 - the inputs' statistics still count
+                health.report("stats_errors", "tensor statistics failed", exc)
+                stream, failed = -3, True
+            if stream >= 0:
+                state.slot = -1
+                note = f"too_many_tensors:{left_out}" if left_out else ""
+                return StatsPending(ring, slot, state.metas, state.ts_ns, state.note,
+                                    (metas, ts, note))
+        # the inputs alone, then the outputs on their own (another device, a capture...)
+        stream = module.stats_slot([], [], state.device, ring._dev_base + slot * ring._slot_bytes,
+                                   ring.rows, 0, nin, ring._base + slot * ring._slot_bytes,
+                                   self._event(ring, slot, module), state.stream)
+        state.slot = -1
+        if stream >= 0:
+            pin: Any = StatsPending(ring, slot, state.metas, state.ts_ns, state.note)
+        else:  # the stream began capturing since begin: no eager copy possible
+            ring.release(slot)
+            pin = _dropped("error")
+        if not outputs:
+            return pin
+        if failed:  # reported above; the general path would fail the same way
+            return (pin, _dropped("error"))
+        out = self.record(outputs)
+        return pin if out is None else (pin, out)
+
+    def _record(self, entries: list[Entry], ts: int = 0, flat: Any = None) -> Any:
+        ts = ts or time.time_ns()
+        tensors, items, flat_metas, left_out = flat or _plan_flat(entries, self.max_bytes,
+                                                                  self.rows)
+        if not flat_metas:
             return None
         note = f"too_many_tensors:{left_out}" if left_out else ""
+        module = self._module()
+        if module is not None and flat is None:  # fast path: one device, a ring that exists
+            device = tensors[0].get_device()
+            ring = self._rings.get(device) if device >= 0 else None
+            if ring is not None and ring._dev_base:
+                pending = self._launch_slot(module, ring, device, tensors, items, flat_metas,
+                                            ts, note)
+                if pending is not None:
+                    return pending
+        jobs, metas = _jobs_of(tensors, items), [RowMeta(*m) for m in flat_metas]
         groups: dict[Any, list[int]] = {}
         for job in jobs:
             groups.setdefault(job.tensor.device, []).append(job.row)
@@ -403,6 +630,27 @@ class StatsRecorder:
             return next(p for p in parts if isinstance(p, GraphStatsSlot))
         return MultiPending(parts)
 
+    def _launch_slot(self, module: Any, ring: SlotRing, device: int, tensors: list[Any],
+                     items: list[int], metas: list[Any], ts: int, note: str) -> Any:
+        """Kernel launch + copy + event into a slot of ``ring``: a Pending, or None when
+        the call must take the general path (``_record_device`` decides what a capture,
+        a full ring or tensors the kernel cannot read here become)."""
+        slot = ring.acquire()
+        if slot is None:
+            return None
+        n = len(metas)
+        try:
+            stream = module.stats_slot(
+                tensors, items, device, ring._dev_base + slot * ring._slot_bytes, ring.rows, n,
+                n, ring._base + slot * ring._slot_bytes, self._event(ring, slot, module), -1)
+        except BaseException:
+            ring.release(slot)
+            raise
+        if stream < 0:
+            ring.release(slot)
+            return None
+        return StatsPending(ring, slot, metas, ts, note)
+
     def _record_device(self, device: torch.device, jobs: list[Job], metas: list[RowMeta],
                        ts: int, note: str) -> Any:
         if device.type != "cuda":
@@ -417,23 +665,22 @@ class StatsRecorder:
                 _launch_into(out, jobs, module)
             return GraphStatsSlot(self, out, metas, note)
         ring = self._ring(device)
+        if module is not None and _kernel_can_run(jobs):
+            ring.device_base()  # not capturing: safe to allocate
+            tensors, items = _flat_of(jobs)
+            pending = self._launch_slot(module, ring, ring.device.index, tensors, items, metas,
+                                        ts, note)
+            if pending is not None:
+                return pending
         slot = ring.acquire()
         if slot is None:
             return _dropped("ring_full")
         try:
-            if module is not None and _kernel_can_run(jobs):
-                # one C++ call: descriptors, launch, async copy, event (device-guarded)
-                module.stats_eager([j.tensor for j in jobs], [j.row for j in jobs],
-                                   [j.step for j in jobs], [j.indices for j in jobs],
-                                   [j.indptr for j in jobs], [j.batch for j in jobs],
-                                   len(metas), ring.host_ptr(slot),
-                                   ring.native_event(slot, module))
-            else:
-                with torch.cuda.device(device), torch.no_grad():
-                    out = torch.empty((len(metas), ROW_WORDS), dtype=torch.int64, device=device)
-                    torch_ops.fill_rows(out, jobs)
-                    ring.host[slot, : len(metas)].copy_(out, non_blocking=True)
-                    ring.torch_event(slot).record()
+            with torch.cuda.device(device), torch.no_grad():
+                out = torch.empty((len(metas), ROW_WORDS), dtype=torch.int64, device=device)
+                torch_ops.fill_rows(out, jobs)
+                ring.host[slot, : len(metas)].copy_(out, non_blocking=True)
+                ring.torch_event(slot).record()
         except Exception:
             ring.release(slot)
             raise
