@@ -218,9 +218,12 @@ def make_hooks() -> tuple[Any, Any] | None:
     from . import graphs
 
     def before(record: CallRecord, plan: Any, args: tuple, kwargs: dict) -> Any:
-        if graphs.capture_state() is not None or not _on_cuda(args, kwargs, tensor_type):
+        if graphs._capturing is not None and graphs.capture_state() is not None:
             return None
-        return timer.begin()
+        if not _on_cuda(args, kwargs, tensor_type):
+            return None
+        ext = _ext
+        return ext.record() if ext is not None else timer.begin()
 
     def after(record: CallRecord, state: Any, result: Any, error: Any) -> None:
         if state is None:
