@@ -152,16 +152,25 @@ def is_contiguous(shape: Any, stride: Any) -> bool:
     return True
 
 
+_described: dict[tuple[str, tuple], dict[str, Any]] = {}
+_DESCRIBED_MAX = 4096
+
+
 def put_attributes(out: dict[str, Any], prefix: str, snap: Any) -> None:
     """Write one snapshot's attributes into ``out`` (background thread)."""
     if type(snap) is tuple:
-        shape, dtype, stride, device, contiguous = tensor_facts(snap)
-        k_shape, k_dtype, k_stride, k_device, k_contiguous = _keys(prefix)
-        out[k_shape] = shape
-        out[k_dtype] = _dtype_name(dtype)
-        out[k_stride] = stride
-        out[k_device] = _device_name(device)
-        out[k_contiguous] = contiguous
+        # An engine passes the same shapes call after call: describe each once.
+        key = (prefix, snap)
+        attrs = _described.get(key)
+        if attrs is None:
+            shape, dtype, stride, device, contiguous = tensor_facts(snap)
+            k_shape, k_dtype, k_stride, k_device, k_contiguous = _keys(prefix)
+            attrs = {k_shape: shape, k_dtype: _dtype_name(dtype), k_stride: stride,
+                     k_device: _device_name(device), k_contiguous: contiguous}
+            if len(_described) >= _DESCRIBED_MAX:
+                _described.clear()
+            _described[key] = attrs
+        out.update(attrs)
     elif snap is None:
         out[prefix] = "None"
     elif isinstance(snap, Opaque):

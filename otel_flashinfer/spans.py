@@ -39,8 +39,8 @@ _MAX_MESSAGE = 1024
 class ArgPlan:
     """How positional arguments map to names, and the defaults of missing ones."""
 
-    __slots__ = ("defaults", "module", "names", "prefixes", "qualname", "signature", "skip_self",
-                 "varargs")
+    __slots__ = ("_missing", "defaults", "module", "names", "prefixes", "qualname", "signature",
+                 "skip_self", "varargs")
 
     def __init__(self, fn: Callable[..., Any], is_method: bool) -> None:
         self.names: list[str] = []
@@ -67,6 +67,9 @@ class ArgPlan:
                 self.defaults[p.name] = (f"flashinfer.arg.{p.name}",
                                          _describe.snapshot(p.default))
         self.prefixes = [f"flashinfer.arg.{name}" for name in self.names]
+        #: (number of positional arguments, keyword names) -> attributes of the
+        #: defaults such a call leaves out (described once, not on every span).
+        self._missing: dict[tuple[Any, ...], dict[str, Any]] = {}
 
     def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         """Argument name -> value, defaults included (used where values are needed)."""
@@ -95,10 +98,17 @@ class ArgPlan:
         for name, snap in kw_snaps.items():
             put(out, f"flashinfer.arg.{name}", snap)
         if self.defaults:
-            given = names[: len(arg_snaps)]
-            for name, (prefix, snap) in self.defaults.items():
-                if name not in kw_snaps and name not in given:
-                    put(out, prefix, snap)
+            key = (len(arg_snaps), tuple(kw_snaps))
+            missing = self._missing.get(key)
+            if missing is None:
+                missing = {}
+                given = set(names[: len(arg_snaps)]) | set(kw_snaps)
+                for name, (prefix, snap) in self.defaults.items():
+                    if name not in given:
+                        put(missing, prefix, snap)
+                if len(self._missing) < 64:
+                    self._missing[key] = missing
+            out.update(missing)
 
 
 class _Instances:
