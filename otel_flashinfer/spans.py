@@ -187,6 +187,7 @@ def make_wrapper(fn: Callable[..., Any], api_name: str, *, settings: Settings,
     var = _context_var() or _ApiContext
     get_current, set_context, reset_context = var.get, var.set, var.reset
     for_call = CallRecord.for_call
+    plan_of = instances.plan_of
     capture_state = graphs.capture_state
     snapshot = _describe.snapshot
     is_plan = method.startswith("plan")
@@ -251,10 +252,10 @@ def make_wrapper(fn: Callable[..., Any], api_name: str, *, settings: Settings,
                     elif is_plan:
                         instances.remember_plan(key, span_context)
                     elif is_run:
-                        plan_context = instances.plan_of(key)
+                        plan_context = plan_of(key)
                         if plan_context is not None:
                             record.add_link(Link(plan_context))
-                capture = capture_state()
+                capture = capture_state() if graphs._capturing is not None else None
                 if capture is not None:
                     on_capture(record, capture)
                 if detailed:
