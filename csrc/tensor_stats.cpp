@@ -1,8 +1,8 @@
 // Torch binding of the statistics kernel: builds the launch descriptor on the
-// host (no device allocation besides the caching allocator's output buffer),
-// launches on the current stream and, for eager calls, copies the rows into a
-// pinned host slot and records an event, all in one Python->C++ call so the
-// per-call host cost stays a few microseconds.
+// host, launches on the current stream and, for eager calls (stats_slot), has the
+// kernel publish its rows straight into a pinned host slot (no memset, no copy) and
+// records an event, all in one Python->C++ call so the per-call host cost stays a
+// few microseconds.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -125,7 +125,16 @@ Item describe(const at::Tensor& t, int64_t row, int64_t step,
   return it;
 }
 
-void launch_items(std::vector<Item>& items, int64_t* out, cudaStream_t stream, int sm_count) {
+// Where a launch publishes (LaunchDesc::counter ...); counter null: accumulate only.
+struct Publish {
+  unsigned int* counter = nullptr;
+  int64_t* publish = nullptr;
+  int64_t row_lo = 0, row_hi = 0;
+  bool rezero = false;
+};
+
+void launch_items(std::vector<Item>& items, int64_t* out, cudaStream_t stream, int sm_count,
+                  const Publish& pub = Publish{}) {
   static_assert(kThreads == kStatsThreads, "block size must match the kernel's launch bounds");
   // One launch is sized to about one wave of resident blocks, shared among its tensors
   // in proportion to their work: no second wave, and each output row sees at most a
@@ -136,9 +145,48 @@ void launch_items(std::vector<Item>& items, int64_t* out, cudaStream_t stream, i
   const int64_t wave = static_cast<int64_t>(std::max(sm_count, 1)) * kStatsMinBlocksPerSm;
   const int64_t vec_bytes_per_block = static_cast<int64_t>(kThreads) * 16 * 4;
   const int64_t scalar_elems_per_block = static_cast<int64_t>(kThreads) * 4;
-  for (size_t first = 0; first < items.size(); first += kMaxTensorsPerLaunch) {
+  const bool publishing = pub.counter != nullptr;
+  if (publishing) {
+    // Each launch publishes its own rows: launches split at row boundaries (items in
+    // row order), launch k owning rows [first row of k, first row of k+1).
+    TORCH_CHECK(pub.publish != nullptr && 0 <= pub.row_lo && pub.row_lo <= pub.row_hi,
+                "otel_flashinfer stats: bad publish range");
+    for (const Item& it : items)
+      TORCH_CHECK(it.d.row >= pub.row_lo && it.d.row < pub.row_hi,
+                  "otel_flashinfer stats: row outside the published range");
+    if (items.size() > static_cast<size_t>(kMaxTensorsPerLaunch))
+      std::stable_sort(items.begin(), items.end(),
+                       [](const Item& a, const Item& b) { return a.d.row < b.d.row; });
+    if (items.empty()) {  // nothing to read: the rows still publish (as zeros)
+      if (pub.row_hi == pub.row_lo) return;
+      LaunchDesc ld{};
+      ld.counter = pub.counter;
+      ld.publish = pub.publish;
+      ld.row_lo = static_cast<int32_t>(pub.row_lo);
+      ld.row_hi = static_cast<int32_t>(pub.row_hi);
+      ld.rezero = pub.rezero ? 1 : 0;
+      int err = launch_tensor_stats(ld, 1, kThreads, out, stream);
+      TORCH_CHECK(err == 0, "otel_flashinfer stats kernel: ",
+                  cudaGetErrorString(static_cast<cudaError_t>(err)));
+      return;
+    }
+  }
+  size_t first = 0;
+  while (first < items.size()) {
     LaunchDesc ld{};
-    const size_t last = std::min(items.size(), first + kMaxTensorsPerLaunch);
+    size_t last = std::min(items.size(), first + kMaxTensorsPerLaunch);
+    if (publishing && last < items.size()) {
+      while (last > first && items[last].d.row == items[last - 1].d.row) --last;
+      TORCH_CHECK(last > first, "otel_flashinfer stats: more than ", kMaxTensorsPerLaunch,
+                  " tensors in one row");
+    }
+    if (publishing) {
+      ld.counter = pub.counter;
+      ld.publish = pub.publish;
+      ld.row_lo = static_cast<int32_t>(first == 0 ? pub.row_lo : items[first].d.row);
+      ld.row_hi = static_cast<int32_t>(last == items.size() ? pub.row_hi : items[last].d.row);
+      ld.rezero = pub.rezero ? 1 : 0;
+    }
     int64_t want[kMaxTensorsPerLaunch];
     int64_t total_want = 0;
     for (size_t k = first; k < last; ++k) {
@@ -169,9 +217,11 @@ void launch_items(std::vector<Item>& items, int64_t* out, cudaStream_t stream, i
     int err = launch_tensor_stats(ld, blocks, kThreads, out, stream);
     TORCH_CHECK(err == 0, "otel_flashinfer stats kernel: ", cudaGetErrorString(
                                                               static_cast<cudaError_t>(err)));
+    first = last;
   }
 }
 
+// Statistics into `out` (zeroed first if `zero`).
 void run(at::Tensor& out, const std::vector<at::Tensor>& tensors, const std::vector<int64_t>& rows,
          const std::vector<int64_t>& steps, const std::vector<std::optional<at::Tensor>>& indices,
          const std::vector<std::optional<at::Tensor>>& indptr, const std::vector<int64_t>& batch,
@@ -180,9 +230,6 @@ void run(at::Tensor& out, const std::vector<at::Tensor>& tensors, const std::vec
   TORCH_CHECK(rows.size() == n && steps.size() == n && indices.size() == n &&
                   indptr.size() == n && batch.size() == n,
               "otel_flashinfer stats: argument lists differ in length");
-  if (zero) {
-    C10_CUDA_CHECK(cudaMemsetAsync(out.data_ptr(), 0, out.numel() * out.element_size(), stream));
-  }
   std::vector<Item> items;
   items.reserve(n);
   for (size_t k = 0; k < n; ++k) {
@@ -191,10 +238,14 @@ void run(at::Tensor& out, const std::vector<at::Tensor>& tensors, const std::vec
     items.push_back(describe(tensors[k], rows[k], steps[k], indices[k], indptr[k], batch[k]));
   }
   int sm_count = sm_count_of(out.get_device());
+  if (zero) {
+    C10_CUDA_CHECK(cudaMemsetAsync(out.data_ptr(), 0, out.numel() * out.element_size(), stream));
+  }
   launch_items(items, out.data_ptr<int64_t>(), stream, sm_count);
 }
 
-// Graph or caller-owned output: out is int64 [rows, 8] on the device.
+// Graph or caller-owned output: out is int64 [rows, 8] on the device.  Under capture a
+// memset node + the launch cost less GPU time than the last-block publish.
 void stats_into(at::Tensor out, std::vector<at::Tensor> tensors, std::vector<int64_t> rows,
                 std::vector<int64_t> steps, std::vector<std::optional<at::Tensor>> indices,
                 std::vector<std::optional<at::Tensor>> indptr, std::vector<int64_t> batch,
@@ -220,17 +271,20 @@ void stats_eager(std::vector<at::Tensor> tensors, std::vector<int64_t> rows,
   if (event) C10_CUDA_CHECK(cudaEventRecord(reinterpret_cast<cudaEvent_t>(event), stream));
 }
 
-// Fast eager path (StatsRecorder): one call, no allocation, no std::optional vectors.
-// The ring slot owns a persistent device buffer `dev_rows` (int64 [capacity, kRowWords]
-// on `device`).  `items` holds kSlotItemInts int64 per tensor:
+// Fast eager path (StatsRecorder): one call, no allocation, no std::optional vectors,
+// no memset, no copy.  The ring slot owns persistent device rows `dev_rows` (int64
+// [capacity, kRowWords] on `device`, zero at rest) and a device `counter` word (zero at
+// rest) per side of a call.  `items` holds kSlotItemInts int64 per tensor:
 //   {tensor index, row, step, indices index (-1: none), indptr index (-1: none), batch}
-// where the indices refer to `tensors`.  In stream order on the current stream:
+// where the indices refer to `tensors`; rows lie in [row_lo, row_hi).  In stream order
+// on the current stream:
 //   - if `prev_stream` >= 0 differs from it: record `event` on prev_stream and wait for it
 //     (the slot's earlier launch ran there);
-//   - zero rows [0, zero_rows);
-//   - launch the statistics of every item;
-//   - copy rows [0, copy_rows) into the pinned `host_ptr` and record `event` (copy_rows 0:
-//     neither; the caller finishes the slot with a later call).
+//   - launch the statistics of every item; the launch's last block publishes rows
+//     [row_lo, row_hi) into `pub_ptr` (the slot's pinned host rows, as a device-accessible
+//     address: same row indices as dev_rows) and zeroes them again in dev_rows (no launch
+//     when the range is empty);
+//   - record `event` when given (it then covers this side and any earlier one).
 // Returns the current stream's handle (>= 0) when work was enqueued; -1 when the current
 // stream is capturing and -2 when some tensor cannot take this path (not a CUDA tensor of
 // `device`, index arrays not contiguous int32 on it): nothing is enqueued then.  Invalid
@@ -238,11 +292,12 @@ void stats_eager(std::vector<at::Tensor> tensors, std::vector<int64_t> rows,
 constexpr size_t kSlotItemInts = 6;
 
 int64_t stats_slot(const std::vector<at::Tensor>& tensors, const std::vector<int64_t>& items,
-                   int64_t device, int64_t dev_rows, int64_t capacity, int64_t zero_rows,
-                   int64_t copy_rows, int64_t host_ptr, int64_t event, int64_t prev_stream) {
+                   int64_t device, int64_t dev_rows, int64_t capacity, int64_t row_lo,
+                   int64_t row_hi, int64_t pub_ptr, int64_t counter, int64_t event,
+                   int64_t prev_stream) {
   TORCH_CHECK(items.size() % kSlotItemInts == 0, "otel_flashinfer stats: bad item list");
-  TORCH_CHECK(dev_rows != 0 && capacity > 0 && zero_rows >= 0 && zero_rows <= capacity &&
-                  copy_rows >= 0 && copy_rows <= capacity && (copy_rows == 0 || host_ptr != 0),
+  TORCH_CHECK(dev_rows != 0 && capacity > 0 && row_lo >= 0 && row_lo <= row_hi &&
+                  row_hi <= capacity && (row_lo == row_hi || (pub_ptr != 0 && counter != 0)),
               "otel_flashinfer stats: bad slot arguments");
   const int64_t nt = static_cast<int64_t>(tensors.size());
   const size_t n = items.size() / kSlotItemInts;
@@ -253,7 +308,7 @@ int64_t stats_slot(const std::vector<at::Tensor>& tensors, const std::vector<int
     const int64_t* it = items.data() + k * kSlotItemInts;
     TORCH_CHECK(it[0] >= 0 && it[0] < nt && it[3] < nt && it[4] < nt,
                 "otel_flashinfer stats: tensor index out of range");
-    TORCH_CHECK(it[1] >= 0 && it[1] < capacity, "stats row out of range");
+    TORCH_CHECK(it[1] >= row_lo && it[1] < row_hi, "stats row out of range");
     TORCH_CHECK(it[2] >= 1, "otel_flashinfer stats: step must be >= 1");
     if (!on_device(tensors[it[0]])) return -2;
     if (it[3] >= 0 || it[4] >= 0) {
@@ -291,18 +346,17 @@ int64_t stats_slot(const std::vector<at::Tensor>& tensors, const std::vector<int
     C10_CUDA_CHECK(cudaEventRecord(ev, prev));
     C10_CUDA_CHECK(cudaStreamWaitEvent(stream, ev, 0));
   }
-  int64_t* rows = reinterpret_cast<int64_t*>(dev_rows);
-  constexpr size_t kRowBytes = kRowWords * sizeof(int64_t);
-  if (zero_rows > 0) {
-    C10_CUDA_CHECK(cudaMemsetAsync(rows, 0, static_cast<size_t>(zero_rows) * kRowBytes, stream));
+  if (row_hi > row_lo) {
+    Publish pub;
+    pub.counter = reinterpret_cast<unsigned int*>(counter);
+    pub.publish = reinterpret_cast<int64_t*>(pub_ptr);
+    pub.row_lo = row_lo;
+    pub.row_hi = row_hi;
+    pub.rezero = true;
+    launch_items(launch, reinterpret_cast<int64_t*>(dev_rows), stream,
+                 sm_count_of(static_cast<int>(device)), pub);
   }
-  if (!launch.empty()) launch_items(launch, rows, stream, sm_count_of(static_cast<int>(device)));
-  if (copy_rows > 0) {
-    C10_CUDA_CHECK(cudaMemcpyAsync(reinterpret_cast<void*>(host_ptr), rows,
-                                   static_cast<size_t>(copy_rows) * kRowBytes,
-                                   cudaMemcpyDeviceToHost, stream));
-    if (ev) C10_CUDA_CHECK(cudaEventRecord(ev, stream));
-  }
+  if (ev) C10_CUDA_CHECK(cudaEventRecord(ev, stream));
   return reinterpret_cast<int64_t>(stream);
 }
 
@@ -314,6 +368,16 @@ void snapshot(at::Tensor out, int64_t host_ptr, int64_t event) {
                                  out.numel() * out.element_size(), cudaMemcpyDeviceToHost,
                                  stream));
   if (event) C10_CUDA_CHECK(cudaEventRecord(reinterpret_cast<cudaEvent_t>(event), stream));
+}
+
+// Device-accessible address of pinned host memory (0 when it is not pinned/mapped).
+int64_t host_device_ptr(int64_t host_ptr) {
+  void* d = nullptr;
+  if (cudaHostGetDevicePointer(&d, reinterpret_cast<void*>(host_ptr), 0) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return reinterpret_cast<int64_t>(d);
 }
 
 int64_t event_create() {
@@ -345,7 +409,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("stats_into", &otel_fi::stats_into, "statistics into a caller-owned device buffer");
   m.def("stats_eager", &otel_fi::stats_eager, "statistics copied into a pinned slot + event");
   m.def("stats_slot", &otel_fi::stats_slot,
-        "statistics into a ring slot's device rows; optional async copy + event");
+        "statistics into a ring slot's zero-at-rest rows, published into its pinned rows");
+  m.def("host_device_ptr", &otel_fi::host_device_ptr);
   m.def("snapshot", &otel_fi::snapshot, "copy a graph's rows into a pinned slot + event");
   m.def("event_create", &otel_fi::event_create);
   m.def("event_query", &otel_fi::event_query);

@@ -14,7 +14,7 @@ constexpr int kRowWords = 8;              // int64 words per output row
 constexpr int kStatsThreads = 256;
 constexpr int kStatsMinBlocksPerSm = 3;
 
-// Output row layout (int64 words, zero-initialised before the launch):
+// Output row layout (int64 words, zero before the launch):
 //  0 min   : atomicMax of ~ord(x)   (0 = no non-NaN value seen)
 //  1 max   : atomicMax of  ord(x)
 //  2 sum   : double bits, atomicAdd over finite values
@@ -53,14 +53,28 @@ struct TensorDesc {
   int32_t nblocks;          // blocks assigned
 };
 
+// A launch accumulates into `out` (see launch_tensor_stats).  With `counter` set, the
+// launch also publishes: the last block to finish (counted on *counter, a device word
+// that is zero at rest) copies rows [row_lo, row_hi) of `out` to the same rows of
+// `publish` (device memory, or pinned host memory through its device pointer), then,
+// if `rezero`, writes zeros back to those rows of `out`, and resets *counter to 0.  So
+// accumulation rows that start zero stay zero at rest and no memset or copy is needed
+// around the launch.  Rows of the range that no tensor touches publish as zeros.
+// Launches sharing a counter must be stream-ordered (each leaves it 0 when done).
 struct LaunchDesc {
   TensorDesc t[kMaxTensorsPerLaunch];
-  int32_t count;
+  unsigned int* counter;  // null: accumulate only (caller zeroes and copies)
+  int64_t* publish;
+  int32_t row_lo;
+  int32_t row_hi;
+  int32_t rezero;
+  int32_t count;          // tensors; 0 with counter set: publish only (one block)
 };
+static_assert(sizeof(LaunchDesc) < 4000, "kernel parameters must stay below 4 KB");
 
 // Launches the statistics kernel for desc.count tensors on `stream`.
-// `out` is an int64 device buffer of rows*kRowWords words; zeroed by the caller.
-// Returns a cudaError_t as int.
+// `out` is an int64 device buffer of rows*kRowWords words: zeroed by the caller, or
+// zero at rest (desc.counter set, rezero).  Returns a cudaError_t as int.
 int launch_tensor_stats(const LaunchDesc& desc, int total_blocks, int threads,
                         int64_t* out, void* stream);
 

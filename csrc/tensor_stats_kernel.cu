@@ -615,7 +615,7 @@ __device__ __forceinline__ void block_flush(const Acc& a, bool is_float, int64_t
   nan = warp_sum(nan);
   inf = warp_sum(inf);
   seen = warp_sum(seen);
-  if (lane != 0 || seen == 0) return;
+  if (lane != 0 || seen == 0) return;  // thread 0 below; every thread returns here
   auto* u = reinterpret_cast<unsigned long long*>(row);
   if (nan < seen) {  // at least one non-NaN value: min/max defined
     atomicMax(u + kMin, ~ord_key(lo));
@@ -628,38 +628,69 @@ __device__ __forceinline__ void block_flush(const Acc& a, bool is_float, int64_t
   atomicAdd(u + kSeen, seen);
 }
 
+// "Last block publishes and re-zeroes".  Every block calls it exactly once, after its
+// block_flush (whose atomics thread 0 issued): thread 0 fences them and counts the
+// block; the block that counts gridDim.x - 1 sees every other block's atomics (each
+// fenced before its count) and publishes rows [row_lo, row_hi).
+__device__ __forceinline__ void publish_rows(const LaunchDesc& desc, int64_t* out) {
+  __shared__ unsigned int s_last;
+  if (threadIdx.x == 0) {
+    __threadfence();
+    s_last = atomicAdd(desc.counter, 1u) == gridDim.x - 1 ? 1u : 0u;
+  }
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  const int64_t lo = static_cast<int64_t>(desc.row_lo) * kRowWords;
+  const int64_t hi = static_cast<int64_t>(desc.row_hi) * kRowWords;
+  long long* acc = reinterpret_cast<long long*>(out);
+  long long* pub = reinterpret_cast<long long*>(desc.publish);
+  for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) {
+    const long long v = __ldcg(acc + i);  // L2: where the atomics landed
+    pub[i] = v;
+    if (desc.rezero) __stcg(acc + i, 0LL);
+  }
+  __threadfence_system();  // publish may be pinned host memory
+  __syncthreads();
+  if (threadIdx.x == 0) atomicExch(desc.counter, 0u);
+}
+
 __global__ void __launch_bounds__(kStatsThreads, kStatsMinBlocksPerSm)
     tensor_stats_kernel(const __grid_constant__ LaunchDesc desc, int64_t* out) {
-  int t = 0;
-  const int b = blockIdx.x;
-  for (int k = 1; k < desc.count; ++k)
-    if (b >= desc.t[k].block_begin) t = k;
-  const TensorDesc& d = desc.t[t];
-  const int64_t lb = b - d.block_begin;
-  Acc a;
-  bool is_float = true;
-  switch (d.dtype) {
-    case kF32: run_tensor<kF32>(d, lb, a); break;
-    case kF16: run_tensor<kF16>(d, lb, a); break;
-    case kBF16: run_tensor<kBF16>(d, lb, a); break;
-    case kF8E4M3: run_tensor<kF8E4M3>(d, lb, a); break;
-    case kF8E5M2: run_tensor<kF8E5M2>(d, lb, a); break;
-    case kI8: run_tensor<kI8>(d, lb, a); is_float = false; break;
-    case kU8: run_tensor<kU8>(d, lb, a); is_float = false; break;
-    case kBool: run_tensor<kBool>(d, lb, a); is_float = false; break;
-    case kI32: run_tensor<kI32>(d, lb, a); is_float = false; break;
-    case kI64: run_tensor<kI64>(d, lb, a); is_float = false; break;
-    case kF64: run_tensor<kF64>(d, lb, a); is_float = false; break;
-    default: break;
+  if (desc.count > 0) {
+    int t = 0;
+    const int b = blockIdx.x;
+    for (int k = 1; k < desc.count; ++k)
+      if (b >= desc.t[k].block_begin) t = k;
+    const TensorDesc& d = desc.t[t];
+    const int64_t lb = b - d.block_begin;
+    Acc a;
+    bool is_float = true;
+    switch (d.dtype) {
+      case kF32: run_tensor<kF32>(d, lb, a); break;
+      case kF16: run_tensor<kF16>(d, lb, a); break;
+      case kBF16: run_tensor<kBF16>(d, lb, a); break;
+      case kF8E4M3: run_tensor<kF8E4M3>(d, lb, a); break;
+      case kF8E5M2: run_tensor<kF8E5M2>(d, lb, a); break;
+      case kI8: run_tensor<kI8>(d, lb, a); is_float = false; break;
+      case kU8: run_tensor<kU8>(d, lb, a); is_float = false; break;
+      case kBool: run_tensor<kBool>(d, lb, a); is_float = false; break;
+      case kI32: run_tensor<kI32>(d, lb, a); is_float = false; break;
+      case kI64: run_tensor<kI64>(d, lb, a); is_float = false; break;
+      case kF64: run_tensor<kF64>(d, lb, a); is_float = false; break;
+      default: break;
+    }
+    block_flush(a, is_float, out + static_cast<int64_t>(d.row) * kRowWords);
   }
-  block_flush(a, is_float, out + static_cast<int64_t>(d.row) * kRowWords);
+  if (desc.counter != nullptr) publish_rows(desc, out);
 }
 
 }  // namespace
 
 int launch_tensor_stats(const LaunchDesc& desc, int total_blocks, int threads, int64_t* out,
                         void* stream) {
-  if (desc.count <= 0 || total_blocks <= 0) return 0;
+  if (total_blocks <= 0 || (desc.count <= 0 && desc.counter == nullptr)) return 0;
+  if (desc.count <= 0 && total_blocks != 1) return static_cast<int>(cudaErrorInvalidValue);
   if (threads <= 0 || threads > kStatsThreads || threads % 32 != 0)
     return static_cast<int>(cudaErrorInvalidValue);
   tensor_stats_kernel<<<total_blocks, threads, 0, static_cast<cudaStream_t>(stream)>>>(desc,

@@ -1,6 +1,7 @@
 """The level-5 fast path on CPU: flat planning, argument naming without ``bind``, and
 the recorder's begin/finish protocol against a fake kernel module that does what
-csrc ``stats_slot`` does (zero, accumulate rows, copy into the pinned slot)."""
+csrc ``stats_slot`` does (accumulate into zero-at-rest rows, publish them into the
+pinned slot and zero them again)."""
 
 from __future__ import annotations
 
@@ -58,27 +59,29 @@ class FakeKernel:
         self.fail_when = None
         self.stream = 7
 
-    def stats_slot(self, tensors, items, device, dev_rows, capacity, zero_rows, copy_rows,  # noqa: ANN001
-                   host_ptr, event, prev_stream):
-        self.calls.append((len(items) // ITEM_INTS, zero_rows, copy_rows, event, prev_stream))
-        assert len(items) % ITEM_INTS == 0 and 0 <= zero_rows <= capacity
+    def stats_slot(self, tensors, items, device, dev_rows, capacity, row_lo, row_hi,  # noqa: ANN001
+                   pub_ptr, counter, event, prev_stream):
+        self.calls.append((len(items) // ITEM_INTS, row_lo, row_hi, event, prev_stream))
+        assert len(items) % ITEM_INTS == 0 and 0 <= row_lo <= row_hi <= capacity
+        assert row_lo == row_hi or (pub_ptr and counter)
         if self.fail_when is not None and self.fail_when(tensors):
             raise RuntimeError("more than 8 non-mergeable dims")
         if self.capturing:
             return -1
         if any(getattr(t, "_other_device", False) for t in tensors):
             return -2
-        buf = self.dev.setdefault(dev_rows, torch.full((capacity, ROW_WORDS), 99,
-                                                      dtype=torch.int64))
-        buf[:zero_rows] = 0
+        buf = self.dev.setdefault(dev_rows, torch.zeros((capacity, ROW_WORDS),
+                                                       dtype=torch.int64))
+        assert not buf.any()  # zero at rest
         for job in _jobs_of(list(tensors), list(items)):
-            assert job.row < capacity
+            assert row_lo <= job.row < row_hi
             buf[job.row] = merge_rows(buf[job.row], tensor_row(job.tensor, job.step, job.indices,
                                                                job.indptr, job.batch))
-        if copy_rows:
-            slot, rest = divmod(host_ptr - self.ring._base, self.ring._slot_bytes)
-            assert rest == 0 and event
-            self.ring.host[slot, :copy_rows] = buf[:copy_rows]
+        if row_hi > row_lo:
+            slot, rest = divmod(pub_ptr - self.ring._pub_base, self.ring._slot_bytes)
+            assert rest == 0 and counter == self.ring.counter(slot, 1 if row_lo else 0)
+            self.ring.host[slot, row_lo:row_hi] = buf[row_lo:row_hi]
+            buf[row_lo:row_hi] = 0
         return self.stream
 
     def event_create(self) -> int:
@@ -95,6 +98,8 @@ def fast(monkeypatch):  # noqa: ANN001, ANN201
     recorder = StatsRecorder(rows_per_slot=4, slots=4)
     ring = SlotRing(torch.device("cuda", 0), 4, 8, pin_memory=False)
     ring._dev_base = 1 << 40
+    ring._ctr_base = 1 << 41
+    ring._pub_base = 1 << 42
     ring._native = [1] * 4
     recorder._rings[0] = ring
     kernel = FakeKernel(ring)
@@ -199,8 +204,8 @@ def test_hooks_one_pending_per_call_same_events_as_reference(fast):
     assert len(record.pending) == 1 and len(kernel.calls) == 2
     (n_in, zero_in, copy_in, ev_in, prev_in), (n_out, zero_out, copy_out, ev_out, prev_out) = \
         kernel.calls
-    assert (n_in, copy_in, ev_in, prev_in) == (2, 0, 0, -1) and zero_in >= 2 + 4
-    assert (n_out, zero_out, copy_out, ev_out, prev_out) == (2, 0, 4, 1, kernel.stream)
+    assert (n_in, zero_in, copy_in, ev_in, prev_in) == (2, 0, 2, 0, -1)  # rows [0, 2)
+    assert (n_out, zero_out, copy_out, ev_out, prev_out) == (2, 2, 4, 1, kernel.stream)
     record.resolve()
     ref = _reference(_old_input_entries(plan_, (w, q, cache), {}),
                      [("result.0", out), ("result.1", out * 2)])
@@ -216,7 +221,7 @@ def test_error_in_call_still_reports_inputs(fast):
     record = _Rec()
     state = before(record, ArgPlan(Wrapper.run, True), (w, q, cache), {})
     after(record, state, None, RuntimeError("boom"))
-    assert kernel.calls[-1][:3] == (0, 0, 2)
+    assert kernel.calls[-1][:4] == (0, 2, 2, 1)  # no outputs: the event alone
     assert [a["flashinfer.tensor"] for _, a, _ in record.resolve().events] == [
         "q", "paged_kv_cache"]
 
@@ -284,7 +289,7 @@ def test_ring_full_and_standalone_record(fast):
     for h in held:
         recorder.finish(h, []).apply(_Rec())
     p = recorder.record([("z", torch.zeros(2))])
-    assert kernel.calls[-1][1:4] == (1, 1, 1)  # zero, copy and event in one call
+    assert kernel.calls[-1][1:4] == (0, 1, 1)  # publish rows [0, 1) and event in one call
     rec = _Rec()
     p.apply(rec)
     assert rec.events[0][1]["max"] == 0.0 and len(ring._free) == 4

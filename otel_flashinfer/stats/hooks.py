@@ -103,11 +103,7 @@ def make_hooks(recorder: StatsRecorder) -> tuple[Any, Any]:
             if capture is not None:
                 capture.add_replay_hook(record, lambda stream, child: snapshot(stream))
             return
-        add = getattr(record, "add_pending", None)
-        if add is not None:
-            add(outcome)
-        else:
-            record.pending.append(outcome)
+        record.add_pending(outcome)
 
     def before(record: CallRecord, plan: Any, args: tuple, kwargs: dict) -> Any:
         outcome = begin(input_entries(plan, args, kwargs))
