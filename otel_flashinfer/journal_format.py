@@ -240,17 +240,21 @@ class ArgEncoder:
         except TypeError:  # an unhashable snapshot: describe the call without caching
             return self._encode(args, kw, plan)
         if entry is not None:
-            data, types = entry
-            # Equal numbers of different types (1, True, 1.0) encode differently.
-            if types is None or types == _types(args, kw):
+            data, numbers = entry
+            # Equal numbers of different types (1, True, 1.0) encode differently: an
+            # entry made from a call with numbers keeps (position, type) of each.
+            for position, kind in numbers:
+                value = args[position] if position < len(args) else kw[position - len(args)][1]
+                if type(value) is not kind:
+                    break
+            else:
                 return data
         data = self._encode(args, kw, plan)
         types = _types(args, kw)
         if _Items not in types and _Fields not in types:
             if len(calls) >= self.cache_size:
                 calls.clear()
-            numeric = any(t in _NUMBERS for t in types)
-            calls[key] = (data, types if numeric else None)
+            calls[key] = (data, tuple((i, t) for i, t in enumerate(types) if t in _NUMBERS))
         return data
 
     def _encode(self, args: tuple[Any, ...], kw: tuple[tuple[str, Any], ...],
