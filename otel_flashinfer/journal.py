@@ -191,8 +191,8 @@ class Journal:
                 pack(mm, offset, time.time_ns())
                 if stop.wait(HEARTBEAT_S):
                     return
-        except (ValueError, OSError):  # unmapped by close()
-            return
+        except (ValueError, OSError, TypeError):  # unmapped by close() (or a fork's reset):
+            return  # a closed mmap raises TypeError from pack_into, ValueError elsewhere
 
     # ---- hot path ---------------------------------------------------------------------
 

@@ -428,3 +428,20 @@ def test_open_journal_recovers_once_and_is_shared(tmp_path: Path) -> None:
     finally:
         second.close()
     assert os.listdir(tmp_path) == []
+
+
+def test_heartbeat_stops_quietly_on_a_closed_mapping(tmp_path) -> None:
+    """close() (or a fork's reset) can unmap the ring between two heartbeats: the
+    heartbeat thread must end, not die with a TypeError from the closed mmap."""
+    import mmap
+    import threading
+
+    journal = J.Journal(str(tmp_path))
+    try:
+        mm = mmap.mmap(-1, 4096)
+        mm.close()
+        stop = threading.Event()
+        journal._heartbeat(mm, stop)  # returns instead of raising
+        assert not stop.is_set()
+    finally:
+        journal.close()
