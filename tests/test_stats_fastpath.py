@@ -14,15 +14,9 @@ from otel_flashinfer.spans import ArgPlan
 from otel_flashinfer.stats import hooks
 from otel_flashinfer.stats import recorder as rec_mod
 from otel_flashinfer.stats.layout import ROW_WORDS
-from otel_flashinfer.stats.recorder import (
-    ITEM_INTS,
-    PagedSpec,
-    SlotRing,
-    StatsRecorder,
-    _jobs_of,
-    _plan_flat,
-    plan,
-)
+from otel_flashinfer.stats.planning import ITEM_INTS, PagedSpec, _jobs_of, _plan_flat, plan
+from otel_flashinfer.stats.recorder import StatsRecorder
+from otel_flashinfer.stats.ring import SlotRing
 from otel_flashinfer.stats.torch_ops import merge_rows, tensor_row
 
 

@@ -1,7 +1,8 @@
 """Level 5: tensor statistics on the GPU without a host sync (kernel in csrc/).
 
-``StatsRecorder`` (caller thread) launches, ``Pending`` objects resolve in the
-background pipeline, ``GraphStatsSlot`` carries a captured launch to each replay.
+``StatsRecorder`` (caller thread, ``recorder``) plans (``planning``) and launches into
+pinned slots (``ring``); ``Pending`` objects (``pending``) resolve in the background
+pipeline; ``GraphStatsSlot`` carries a captured launch to each replay.
 Torch is imported only when these names are used, so ``decode`` stays pure.
 """
 

@@ -19,181 +19,38 @@ sampled replay.
 
 from __future__ import annotations
 
-import math
 import threading
 import time
-from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .. import cuda_errors, health
+from .. import health
 from . import kernel as _kernel
 from . import torch_ops
-from .decode import (
-    DROPPED_ATTR,
-    EVENT_NAME,
-    NONFINITE_ATTR,
-    SCOPE_FULL,
-    SCOPE_PAGES,
-    SCOPE_SAMPLED,
-    RowMeta,
-    decode_rows,
-    is_nonfinite,
+from .decode import RowMeta, decode_rows
+from .layout import ROW_WORDS
+from .pending import (
+    MultiPending,
+    ReadyPending,
+    StatsPending,
+    _dropped,
 )
-from .layout import KERNEL_DTYPES, ROW_WORDS
+from .planning import (
+    Entry,
+    Job,
+    PagedSpec,
+    _flat_of,
+    _jobs_of,
+    _kernel_can_run,
+    _plan_flat,
+    _to_cpu,
+    plan,
+)
+from .ring import SlotRing
 
-CUDA_ERROR_ATTR = "flashinfer.cuda_error"
-
-
-def _error_name(status: int) -> str:
-    """cudaGetErrorName for a negated error code, without a compiled extension."""
-    try:
-        from cuda.bindings import runtime as cudart  # the device image ships cuda-bindings
-
-        return cudart.cudaGetErrorName(cudart.cudaError_t(abs(status)))[1].decode()
-    except Exception:  # noqa: BLE001
-        return f"cudaError{abs(status)}"
-_SUPPORTED = {getattr(torch, name) for name in KERNEL_DTYPES if hasattr(torch, name)}
-
-
-@dataclass(frozen=True)
-class PagedSpec:
-    """A paged KV-cache argument: statistics cover only the pages that
-    ``indices[indptr[0]:indptr[batch]]`` reference, read on the device.
-
-    ``cache`` is ``[num_pages, ...]`` or a ``(k, v)`` pair of such tensors (one row).
-    """
-
-    name: str
-    cache: Any
-    indices: torch.Tensor
-    indptr: torch.Tensor
-    batch: int
-
-
-@dataclass
-class Job:
-    """One tensor read into output row ``row``."""
-
-    row: int
-    tensor: torch.Tensor
-    step: int = 1
-    indices: torch.Tensor | None = None
-    indptr: torch.Tensor | None = None
-    batch: int = 0
-
-
-#: An entry: ``(name, value)``, a ``PagedSpec``, or the same paged argument as a plain
-#: tuple ``(name, cache, indices, indptr, batch)`` (what the hooks build: no dataclass).
-Entry = tuple[str, Any] | PagedSpec | tuple[str, Any, torch.Tensor, torch.Tensor, int]
-
-#: ints per tensor in the flat launch list (csrc ``kSlotItemInts``):
-#: tensor index, row, step, indices index (-1: none), indptr index (-1: none), batch.
-ITEM_INTS = 6
-_TENSOR = torch.Tensor
-_FULL_OR_SAMPLED = (SCOPE_FULL, SCOPE_SAMPLED)
-
-
-def _plan_flat(entries: Iterable[Entry], max_bytes: float, max_rows: int, row0: int = 0
-               ) -> tuple[list[Any], list[int], list[tuple[str, str, int]], int]:
-    """Entries -> (tensors, flat items, one ``(name, scope, numel)`` per row, left out).
-
-    The one planner behind ``plan`` and the kernel's fast path: ``items`` holds
-    ``ITEM_INTS`` ints per tensor read, rows numbered from ``row0``, index fields
-    pointing into ``tensors``.  Non-tensors and dtypes without a statistic are skipped."""
-    tensors: list[Any] = []
-    items: list[int] = []
-    metas: list[tuple[str, str, int]] = []
-    left_out = 0
-    supported = _SUPPORTED
-    for entry in entries:
-        if isinstance(entry, PagedSpec):
-            name, cache, indices, indptr, batch = (entry.name, entry.cache, entry.indices,
-                                                   entry.indptr, entry.batch)
-        elif len(entry) == 5:
-            name, cache, indices, indptr, batch = entry
-        else:
-            name, t = entry
-            if not isinstance(t, _TENSOR) or t.dtype not in supported:
-                continue
-            if len(metas) >= max_rows:
-                left_out += 1
-                continue
-            numel = t.numel()
-            step = 1
-            if numel * 8 > max_bytes:  # no dtype is wider than 8 bytes
-                item = t.element_size()
-                if numel * item > max_bytes:
-                    step = math.ceil(numel / max(1, int(max_bytes // item)))
-            metas.append((name, _FULL_OR_SAMPLED[step > 1], numel))
-            items += (len(tensors), row0 + len(metas) - 1, step, -1, -1, 0)
-            tensors.append(t)
-            continue
-        parts = cache if isinstance(cache, (tuple, list)) else (cache,)
-        parts = [p for p in parts if isinstance(p, _TENSOR) and p.dtype in supported]
-        if not parts:
-            continue
-        if len(metas) >= max_rows:
-            left_out += 1
-            continue
-        row = row0 + len(metas)
-        metas.append((name, SCOPE_PAGES, 0))
-        first = len(tensors)
-        tensors += parts
-        tensors.append(indices)
-        tensors.append(indptr)
-        ix = first + len(parts)
-        batch = int(batch)
-        for k in range(len(parts)):
-            items += (first + k, row, 1, ix, ix + 1, batch)
-    return tensors, items, metas, left_out
-
-
-def _jobs_of(tensors: list[Any], items: list[int], row0: int = 0) -> list[Job]:
-    jobs = []
-    for k in range(0, len(items), ITEM_INTS):
-        ti, row, step, ii, pi, batch = items[k:k + ITEM_INTS]
-        jobs.append(Job(row - row0, tensors[ti], step, tensors[ii] if ii >= 0 else None,
-                        tensors[pi] if pi >= 0 else None, batch))
-    return jobs
-
-
-def _flat_of(jobs: Sequence[Job]) -> tuple[list[Any], list[int]]:
-    tensors: list[Any] = []
-    items: list[int] = []
-    for job in jobs:
-        items += (len(tensors), job.row, job.step, -1, -1, job.batch)
-        tensors.append(job.tensor)
-        if job.indices is not None:
-            items[-3] = len(tensors)
-            items[-2] = len(tensors) + 1
-            tensors.append(job.indices)
-            tensors.append(job.indptr)
-    return tensors, items
-
-
-def plan(entries: Iterable[Entry], max_bytes: float, max_rows: int
-         ) -> tuple[list[Job], list[RowMeta], int]:
-    """Entries -> (jobs, one meta per row, number of tensors left out for lack of rows).
-
-    Non-tensors and dtypes without a statistic (complex, ...) are skipped."""
-    tensors, items, metas, left_out = _plan_flat(entries, max_bytes, max_rows)
-    return _jobs_of(tensors, items), [RowMeta(*m) for m in metas], left_out
-
-
-def _kernel_can_run(jobs: Sequence[Job]) -> bool:
-    for job in jobs:
-        if job.indices is not None and (
-            job.indices.dtype != torch.int32 or job.indptr is None
-            or job.indptr.dtype != torch.int32 or not job.indices.is_contiguous()
-            or not job.indptr.is_contiguous() or job.indices.device != job.tensor.device
-            or job.indptr.device != job.tensor.device
-        ):
-            return False
-    return True
+__all__ = ["GraphStatsSlot", "PagedSpec", "StatsRecorder", "plan"]
 
 
 def _launch_into(out: torch.Tensor, jobs: Sequence[Job], module: Any) -> None:
@@ -207,214 +64,6 @@ def _launch_into(out: torch.Tensor, jobs: Sequence[Job], module: Any) -> None:
             torch_ops.fill_rows(out, list(jobs))
 
 
-class SlotRing:
-    """A bounded ring of pinned host slots, each with its own CUDA event and its own rows
-    of a persistent device buffer (zero at rest) with two counters, for one device.
-
-    Slots are taken on the caller's thread and given back by the background thread
-    (``deque`` pops and appends are atomic, so the common path takes no lock); a slot
-    given up before its copy landed waits in ``_zombies`` until its event has completed,
-    so a late copy can never overwrite a reused slot.  Each slot's device rows are only
-    written between its acquire and its release, so they need no allocation per call."""
-
-    def __init__(self, device: torch.device, slots: int, rows: int, pin_memory: bool = True
-                 ) -> None:
-        self.device = device
-        self.rows = rows
-        self.host = torch.zeros((slots, rows, ROW_WORDS), dtype=torch.int64,
-                                pin_memory=pin_memory)
-        self._base = self.host.data_ptr()
-        self._slot_bytes = rows * ROW_WORDS * 8
-        # one zeroed int64 device buffer, made in the background: slot rows
-        # [slots, rows, ROW_WORDS], then two counter words per slot (inputs, outputs)
-        self._dev: torch.Tensor | None = None
-        self._dev_base = 0  # slot 0's device rows; 0 until allocated (fast path off)
-        self._ctr_base = 0
-        self._pub_base = 0  # device address of self.host (publish target)
-        self._dev_failed = False
-        self._dev_thread: threading.Thread | None = None
-        self._native: list[int] = [0] * slots
-        self._torch_events: list[Any] = [None] * slots
-        self._kind: list[str] = [""] * slots
-        self._free: deque[int] = deque(range(slots))
-        self._zombies: list[int] = []
-        self._lock = threading.Lock()
-
-    def acquire(self) -> int | None:
-        try:
-            return self._free.popleft()
-        except IndexError:
-            pass
-        with self._lock:
-            if not self._free and self._zombies:
-                still = []
-                for slot in self._zombies:
-                    (self._free.append if self._query(slot) != 1 else still.append)(slot)
-                self._zombies = still
-            try:
-                return self._free.popleft()
-            except IndexError:
-                return None
-
-    def release(self, slot: int) -> None:
-        self._free.append(slot)
-
-    def abandon(self, slot: int) -> None:
-        with self._lock:
-            if self._query(slot) == 1:
-                self._zombies.append(slot)
-            else:
-                self._free.append(slot)
-
-    def host_ptr(self, slot: int) -> int:
-        return self._base + slot * self._slot_bytes
-
-    def device_base(self, module: Any) -> int:
-        """Address of the device rows of slot 0, or 0 while the fast path is not ready:
-        the zeroed buffer is made on a background thread (it must be complete before
-        any stream uses it, which takes a device synchronize that the caller's thread
-        must never do), and stays 0 where the host rows have no device address."""
-        if self._dev_base or self._dev_failed:
-            return self._dev_base
-        with self._lock:
-            if self._dev_thread is None:
-                self._dev_thread = threading.Thread(
-                    target=self._allocate_device, args=(module,), daemon=True,
-                    name="otel_flashinfer-stats-ring")
-                self._dev_thread.start()
-        return 0
-
-    def _allocate_device(self, module: Any) -> None:
-        from .. import capture_guard
-
-        try:
-            # A synchronize while another thread captures a graph would break it.
-            with capture_guard.gpu_queries(block=True), torch.cuda.device(self.device):
-                pub = int(module.host_device_ptr(self._base))
-                if not pub:
-                    self._dev_failed = True
-                    return
-                slots = self.host.shape[0]
-                rows_words = self.host.numel()
-                words = rows_words + 2 * slots
-                dev = torch.zeros(words, dtype=torch.int64, device=self.device)
-                torch.cuda.synchronize(self.device)  # zero before any stream uses it
-                base = dev.data_ptr()
-                self._dev = dev
-                self._ctr_base = base + rows_words * 8
-                self._pub_base = pub
-                self._dev_base = base  # last: the fast path starts here
-        except Exception as exc:  # noqa: BLE001 - the general path keeps working
-            self._dev_failed = True
-            health.report("stats_errors", "could not set up the statistics ring", exc)
-
-    def wait_ready(self, timeout_s: float = 30.0) -> bool:
-        """For tests and benchmarks: wait for the fast path's device buffer."""
-        thread = self._dev_thread
-        if thread is not None:
-            thread.join(timeout_s)
-        return bool(self._dev_base)
-
-    def counter(self, slot: int, side: int) -> int:
-        """Device address of a slot's counter for its inputs (0) or outputs (1)."""
-        return self._ctr_base + (2 * slot + side) * 8
-
-    def pub_ptr(self, slot: int) -> int:
-        return self._pub_base + slot * self._slot_bytes
-
-    def native_event(self, slot: int, module: Any) -> int:
-        """The slot's raw CUDA event (created once, on this ring's device)."""
-        event = self._native[slot]
-        if not event:
-            with torch.cuda.device(self.device):
-                event = self._native[slot] = int(module.event_create())
-        self._kind[slot] = "native"
-        return event
-
-    def torch_event(self, slot: int) -> Any:
-        if self._torch_events[slot] is None:
-            self._torch_events[slot] = torch.cuda.Event()
-        self._kind[slot] = "torch"
-        return self._torch_events[slot]
-
-    def _query(self, slot: int) -> int:
-        """0 done, 1 pending, other: a CUDA error code."""
-        try:
-            if self._kind[slot] == "native":
-                module = _kernel.get()
-                return int(module.event_query(self._native[slot])) if module else 0
-            if self._kind[slot] == "torch":
-                return 0 if self._torch_events[slot].query() else 1
-        except Exception:  # noqa: BLE001 - a failed query means a failed stream
-            return -1
-        return 0
-
-    def query(self, slot: int) -> int:
-        return self._query(slot)
-
-    def read(self, slot: int, nrows: int) -> list[list[int]]:
-        return self.host[slot, :nrows].tolist()
-
-
-def _row_metas(metas: Sequence[Any]) -> list[Any]:
-    """RowMeta objects for decode_rows (the fast path keeps plain tuples)."""
-    return [RowMeta(*m) if type(m) is tuple else m for m in metas]
-
-
-class StatsPending:
-    """Rows on their way into a pinned slot; resolved by the background pipeline.
-
-    ``metas`` describe rows ``0..``; an optional second part (``out``: metas, ts, note)
-    describes the rows after them, launched later into the same slot (a call's outputs
-    after its inputs, one event for both)."""
-
-    __slots__ = ("_status", "metas", "note", "out", "ring", "slot", "ts_ns")
-
-    def __init__(self, ring: SlotRing, slot: int, metas: list[Any], ts_ns: int,
-                 note: str = "", out: tuple[list[Any], int, str] | None = None) -> None:
-        self.ring, self.slot, self.metas, self.ts_ns, self.note = ring, slot, metas, ts_ns, note
-        self.out = out
-        self._status = 1
-
-    def ready(self) -> bool:
-        if self._status == 1:
-            self._status = self.ring.query(self.slot)
-        return self._status != 1
-
-    def apply(self, record: Any) -> None:
-        if self.slot < 0:
-            return
-        slot, self.slot = self.slot, -1
-        if self._status not in (0, 1):
-            self.ring.release(slot)
-            cuda_errors.mark(record.attributes, _error_name(self._status))
-            record.attributes[DROPPED_ATTR] = "cuda_error"
-            return
-        n = len(self.metas)
-        out = self.out
-        try:
-            rows = self.ring.read(slot, n + (len(out[0]) if out else 0))
-        finally:
-            self.ring.release(slot)
-        if n or not out:
-            _add_events(record, decode_rows(rows, _row_metas(self.metas)), self.ts_ns)
-            if self.note:
-                record.attributes[DROPPED_ATTR] = self.note
-        if out:
-            _add_events(record, decode_rows(rows[n:], _row_metas(out[0])), out[1])
-            if out[2]:
-                record.attributes[DROPPED_ATTR] = out[2]
-
-    def abandon(self, record: Any, reason: str) -> None:
-        if self.slot >= 0:
-            slot, self.slot = self.slot, -1
-            self.ring.abandon(slot)
-        health.count("stats_dropped")
-        if self.out and self.metas:  # two launches' statistics (inputs and outputs)
-            health.count("stats_dropped")
-        record.attributes[DROPPED_ATTR] = reason
-
-
 class _Open:
     """A call's input statistics launched into a slot, waiting for its outputs
     (``StatsRecorder.finish``): the rows after the inputs are left for the outputs, so
@@ -426,58 +75,6 @@ class _Open:
                  stream: int, device: int) -> None:
         self.ring, self.slot, self.metas, self.ts_ns, self.note = ring, slot, metas, ts_ns, note
         self.stream, self.device = stream, device
-
-
-class ReadyPending:
-    """Statistics already on the host (CPU tensors) or a drop to report."""
-
-    __slots__ = ("events", "note", "ts_ns")
-
-    def __init__(self, events: list[dict[str, Any]], ts_ns: int, note: str = "") -> None:
-        self.events, self.ts_ns, self.note = events, ts_ns, note
-
-    def ready(self) -> bool:
-        return True
-
-    def apply(self, record: Any) -> None:
-        _add_events(record, self.events, self.ts_ns)
-        if self.note:
-            record.attributes[DROPPED_ATTR] = self.note
-
-    def abandon(self, record: Any, reason: str) -> None:
-        self.apply(record)
-
-
-class MultiPending:
-    """Several pendings (one per device) seen as one."""
-
-    __slots__ = ("parts",)
-
-    def __init__(self, parts: list[Any]) -> None:
-        self.parts = parts
-
-    def ready(self) -> bool:
-        return all(p.ready() for p in self.parts)
-
-    def apply(self, record: Any) -> None:
-        for p in self.parts:
-            p.apply(record)
-
-    def abandon(self, record: Any, reason: str) -> None:
-        for p in self.parts:
-            p.abandon(record, reason)
-
-
-def _add_events(record: Any, events: list[dict[str, Any]], ts_ns: int) -> None:
-    for attrs in events:
-        record.events.append((EVENT_NAME, attrs, ts_ns))
-    if is_nonfinite(events):
-        record.attributes[NONFINITE_ATTR] = True
-
-
-def _dropped(reason: str) -> ReadyPending:
-    health.count("stats_dropped")
-    return ReadyPending([], time.time_ns(), reason)
 
 
 class GraphStatsSlot:
@@ -762,10 +359,3 @@ class StatsRecorder:
             ring.release(slot)
             raise
         return StatsPending(ring, slot, metas, ts, note)
-
-
-def _to_cpu(job: Job) -> Job:
-    """Index buffers of a CPU cache may live anywhere; statistics of CPU tensors are CPU."""
-    if job.indices is None or job.indices.device.type == "cpu":
-        return job
-    return Job(job.row, job.tensor, job.step, job.indices.cpu(), job.indptr.cpu(), job.batch)

@@ -1,0 +1,135 @@
+"""Statistics on their way to a span: the ``Pending`` objects the background pipeline
+polls and applies (rows in a pinned slot, rows already on the host, several devices)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from .. import cuda_errors, health
+from .decode import DROPPED_ATTR, EVENT_NAME, NONFINITE_ATTR, RowMeta, decode_rows, is_nonfinite
+from .ring import SlotRing
+
+CUDA_ERROR_ATTR = "flashinfer.cuda_error"
+
+
+def _error_name(status: int) -> str:
+    """cudaGetErrorName for a negated error code, without a compiled extension."""
+    try:
+        from cuda.bindings import runtime as cudart  # the device image ships cuda-bindings
+
+        return cudart.cudaGetErrorName(cudart.cudaError_t(abs(status)))[1].decode()
+    except Exception:  # noqa: BLE001
+        return f"cudaError{abs(status)}"
+
+
+def _row_metas(metas: Sequence[Any]) -> list[Any]:
+    """RowMeta objects for decode_rows (the fast path keeps plain tuples)."""
+    return [RowMeta(*m) if type(m) is tuple else m for m in metas]
+
+
+class StatsPending:
+    """Rows on their way into a pinned slot; resolved by the background pipeline.
+
+    ``metas`` describe rows ``0..``; an optional second part (``out``: metas, ts, note)
+    describes the rows after them, launched later into the same slot (a call's outputs
+    after its inputs, one event for both)."""
+
+    __slots__ = ("_status", "metas", "note", "out", "ring", "slot", "ts_ns")
+
+    def __init__(self, ring: SlotRing, slot: int, metas: list[Any], ts_ns: int,
+                 note: str = "", out: tuple[list[Any], int, str] | None = None) -> None:
+        self.ring, self.slot, self.metas, self.ts_ns, self.note = ring, slot, metas, ts_ns, note
+        self.out = out
+        self._status = 1
+
+    def ready(self) -> bool:
+        if self._status == 1:
+            self._status = self.ring.query(self.slot)
+        return self._status != 1
+
+    def apply(self, record: Any) -> None:
+        if self.slot < 0:
+            return
+        slot, self.slot = self.slot, -1
+        if self._status not in (0, 1):
+            self.ring.release(slot)
+            cuda_errors.mark(record.attributes, _error_name(self._status))
+            record.attributes[DROPPED_ATTR] = "cuda_error"
+            return
+        n = len(self.metas)
+        out = self.out
+        try:
+            rows = self.ring.read(slot, n + (len(out[0]) if out else 0))
+        finally:
+            self.ring.release(slot)
+        if n or not out:
+            _add_events(record, decode_rows(rows, _row_metas(self.metas)), self.ts_ns)
+            if self.note:
+                record.attributes[DROPPED_ATTR] = self.note
+        if out:
+            _add_events(record, decode_rows(rows[n:], _row_metas(out[0])), out[1])
+            if out[2]:
+                record.attributes[DROPPED_ATTR] = out[2]
+
+    def abandon(self, record: Any, reason: str) -> None:
+        if self.slot >= 0:
+            slot, self.slot = self.slot, -1
+            self.ring.abandon(slot)
+        health.count("stats_dropped")
+        if self.out and self.metas:  # two launches' statistics (inputs and outputs)
+            health.count("stats_dropped")
+        record.attributes[DROPPED_ATTR] = reason
+
+
+class ReadyPending:
+    """Statistics already on the host (CPU tensors) or a drop to report."""
+
+    __slots__ = ("events", "note", "ts_ns")
+
+    def __init__(self, events: list[dict[str, Any]], ts_ns: int, note: str = "") -> None:
+        self.events, self.ts_ns, self.note = events, ts_ns, note
+
+    def ready(self) -> bool:
+        return True
+
+    def apply(self, record: Any) -> None:
+        _add_events(record, self.events, self.ts_ns)
+        if self.note:
+            record.attributes[DROPPED_ATTR] = self.note
+
+    def abandon(self, record: Any, reason: str) -> None:
+        self.apply(record)
+
+
+class MultiPending:
+    """Several pendings (one per device) seen as one."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self, parts: list[Any]) -> None:
+        self.parts = parts
+
+    def ready(self) -> bool:
+        return all(p.ready() for p in self.parts)
+
+    def apply(self, record: Any) -> None:
+        for p in self.parts:
+            p.apply(record)
+
+    def abandon(self, record: Any, reason: str) -> None:
+        for p in self.parts:
+            p.abandon(record, reason)
+
+
+def _add_events(record: Any, events: list[dict[str, Any]], ts_ns: int) -> None:
+    for attrs in events:
+        record.events.append((EVENT_NAME, attrs, ts_ns))
+    if is_nonfinite(events):
+        record.attributes[NONFINITE_ATTR] = True
+
+
+def _dropped(reason: str) -> ReadyPending:
+    health.count("stats_dropped")
+    return ReadyPending([], time.time_ns(), reason)
