@@ -2,7 +2,7 @@
 after it, on the caller's stream.
 
 Eagerly, the inputs' statistics are launched before the call into a ring slot that the
-outputs' statistics join after it (one copy and one event for both), and one Pending
+outputs' statistics join after it (one event for both), and one Pending
 goes on the span; under CUDA graph capture the statistics launch is captured with the
 call and each sampled replay snapshots its own results
 (``graphs.Capture.add_replay_hook``).  A decode/prefill wrapper's paged KV cache is

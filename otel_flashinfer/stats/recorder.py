@@ -144,11 +144,11 @@ class StatsRecorder:
                     return None
                 device = tensors[0].get_device()
                 ring = self._rings.get(device) if device >= 0 else None
-                slot = ring.acquire() if ring is not None and ring._dev_base else None
+                slot = ring.acquire() if ring is not None and ring.fast_ready else None
                 if slot is not None:  # else: capture, ring full... decided by _record
                     try:
                         stream = module.stats_slot(
-                            tensors, items, device, ring._dev_base + slot * ring._slot_bytes,
+                            tensors, items, device, ring.dev_rows(slot),
                             ring.rows, 0, len(metas), ring.pub_ptr(slot),
                             ring.counter(slot, 0), 0, -1)
                     except BaseException:
@@ -199,13 +199,6 @@ class StatsRecorder:
                     self._rings[index] = ring
         return ring
 
-    def _event(self, ring: SlotRing, slot: int, module: Any) -> int:
-        event = ring._native[slot]
-        if not event:
-            return ring.native_event(slot, module)
-        ring._kind[slot] = "native"
-        return event
-
     def _finish(self, state: _Open, outputs: list[Entry]) -> Any:
         ring, slot, nin = state.ring, state.slot, len(state.metas)
         module = _kernel.get()
@@ -216,9 +209,9 @@ class StatsRecorder:
         if metas and tensors[0].get_device() == state.device:
             try:
                 stream = module.stats_slot(
-                    tensors, items, state.device, ring._dev_base + slot * ring._slot_bytes,
+                    tensors, items, state.device, ring.dev_rows(slot),
                     ring.rows, nin, nin + len(metas), ring.pub_ptr(slot),
-                    ring.counter(slot, 1), self._event(ring, slot, module), state.stream)
+                    ring.counter(slot, 1), ring.native_event(slot, module), state.stream)
             except Exception as exc:  # noqa: BLE001 - the inputs' statistics still count
                 health.report("stats_errors", "tensor statistics failed", exc)
                 stream, failed = -3, True
@@ -228,9 +221,9 @@ class StatsRecorder:
                 return StatsPending(ring, slot, state.metas, state.ts_ns, state.note,
                                     (metas, ts, note))
         # the inputs alone, then the outputs on their own (another device, a capture...)
-        stream = module.stats_slot([], [], state.device, ring._dev_base + slot * ring._slot_bytes,
+        stream = module.stats_slot([], [], state.device, ring.dev_rows(slot),
                                    ring.rows, nin, nin, ring.pub_ptr(slot), ring.counter(slot, 1),
-                                   self._event(ring, slot, module), state.stream)
+                                   ring.native_event(slot, module), state.stream)
         state.slot = -1
         if stream >= 0:
             pin: Any = StatsPending(ring, slot, state.metas, state.ts_ns, state.note)
@@ -255,7 +248,7 @@ class StatsRecorder:
         if module is not None and flat is None:  # fast path: one device, a ring that exists
             device = tensors[0].get_device()
             ring = self._rings.get(device) if device >= 0 else None
-            if ring is not None and ring._dev_base:
+            if ring is not None and ring.fast_ready:
                 pending = self._launch_slot(module, ring, device, tensors, items, flat_metas,
                                             ts, note)
                 if pending is not None:
@@ -291,8 +284,8 @@ class StatsRecorder:
         n = len(metas)
         try:
             stream = module.stats_slot(
-                tensors, items, device, ring._dev_base + slot * ring._slot_bytes, ring.rows, 0,
-                n, ring.pub_ptr(slot), ring.counter(slot, 0), self._event(ring, slot, module),
+                tensors, items, device, ring.dev_rows(slot), ring.rows, 0,
+                n, ring.pub_ptr(slot), ring.counter(slot, 0), ring.native_event(slot, module),
                 -1)
         except BaseException:
             ring.release(slot)

@@ -129,6 +129,15 @@ class SlotRing:
     def pub_ptr(self, slot: int) -> int:
         return self._pub_base + slot * self._slot_bytes
 
+    @property
+    def fast_ready(self) -> bool:
+        """Whether the kernel's fast path can use this ring (device rows made)."""
+        return bool(self._dev_base)
+
+    def dev_rows(self, slot: int) -> int:
+        """Device address of ``slot``'s zero-at-rest rows (after ``fast_ready``)."""
+        return self._dev_base + slot * self._slot_bytes
+
     def native_event(self, slot: int, module: Any) -> int:
         """The slot's raw CUDA event (created once, on this ring's device)."""
         event = self._native[slot]
