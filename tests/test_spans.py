@@ -203,3 +203,34 @@ def test_queue_is_bounded_and_drops_are_counted(spans) -> None:
         inner(torch.ones(1))
     assert rt.pipeline.pending_count() == 8
     assert health.counters()["spans_dropped"] == 42
+
+
+def _live_objects_per_call(fn, args: tuple, calls: int = 200) -> float:
+    """Garbage-collected objects a traced call leaves alive (in our queue) per call:
+    what counts towards the collector's next pass, whose cost lands on the caller."""
+    import gc
+
+    pipeline = runtime.current().pipeline
+    pipeline._batch, pipeline.interval_s = 10**9, 3600.0  # records stay queued
+    pipeline._wake.set()  # let the worker pick up the new interval
+    fn(*args)
+    otel_flashinfer.flush(10)
+    gc.collect()
+    gc.disable()
+    try:
+        before = gc.get_count()[0]
+        for _ in range(calls):
+            fn(*args)
+        return (gc.get_count()[0] - before) / calls
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize(("level", "bound"), [(1, 1.1), (3, 4.1)])
+def test_a_traced_call_leaves_few_objects_for_the_garbage_collector(spans, level, bound) -> None:
+    """Level 1: the record alone (it was five).  Level 3: the record, one argument list
+    and one flat tuple per tensor (argument and result); it was about fifteen."""
+    otel_flashinfer.instrument(level=level, journal_dir="")
+    w = Wrapper(1)
+    x = torch.ones(4, 8)
+    assert _live_objects_per_call(w.run, (x,)) <= bound
