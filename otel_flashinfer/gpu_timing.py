@@ -136,11 +136,18 @@ class Timer:
     """Event-pair timing on the current stream; used per call and per graph replay."""
 
     def begin(self) -> int:
-        if _state != "ready":
-            return -2
-        return _ext.record()
+        ext = _ext  # set once the pool is built, before _state says "ready"
+        return ext.record() if ext is not None else -2
 
     def end(self, start: int) -> Any:
+        """A Pending for the pair begun at ``start`` (graph replays)."""
+        handle = self.end_handle(start)
+        return GpuTime(handle >> 16, handle & 0xFFFF) if type(handle) is int else handle
+
+    def end_handle(self, start: int) -> int | Unavailable:
+        """The pair begun at ``start`` packed into one int (``start << 16 | end``), or
+        why there is none.  Traced calls keep the int (``CallRecord.gpu``): it leaves no
+        object behind for the garbage collector."""
         if start == -2:
             return Unavailable("compiling" if _state == "compiling" else "no_extension")
         if start < 0:
@@ -149,7 +156,7 @@ class Timer:
         if end < 0:
             _ext.release(start)
             return Unavailable(_REASONS.get(end, "event_pool_full"))
-        return GpuTime(start, end)
+        return start << 16 | end
 
 
 class Unavailable:
@@ -174,9 +181,8 @@ timer = Timer()
 
 
 class _Handles:
-    """Resolves ``CallRecord.gpu``: a traced call's event pair packed into one int
-    (``start << 16 | end``), so timing a call leaves no object behind for the garbage
-    collector (``pipeline.Pipeline.gpu_times``)."""
+    """Resolves ``CallRecord.gpu`` (``Timer.end_handle``) for the pipeline
+    (``pipeline.Pipeline.gpu_times``)."""
 
     def ready(self, handle: int) -> bool:
         return _ext.query(handle & 0xFFFF) != 0
@@ -217,25 +223,20 @@ def make_hooks() -> tuple[Any, Any] | None:
     tensor_type = torch.Tensor
     from . import graphs
 
+    begin, end_handle = timer.begin, timer.end_handle
+
     def before(record: CallRecord, plan: Any, args: tuple, kwargs: dict) -> Any:
         if graphs._capturing is not None and graphs.capture_state() is not None:
             return None
-        if not _on_cuda(args, kwargs, tensor_type):
-            return None
-        ext = _ext
-        return ext.record() if ext is not None else timer.begin()
+        return begin() if _on_cuda(args, kwargs, tensor_type) else None
 
     def after(record: CallRecord, state: Any, result: Any, error: Any) -> None:
         if state is None:
             return
-        if state >= 0:
-            end = _ext.record()
-            if end >= 0:
-                record.gpu = state << 16 | end
-                return
-            _ext.release(state)
-            record.add_pending(Unavailable(_REASONS.get(end, "event_pool_full")))
-            return
-        record.add_pending(timer.end(state))
+        handle = end_handle(state)
+        if type(handle) is int:
+            record.gpu = handle
+        else:
+            record.add_pending(handle)
 
     return before, after
