@@ -50,10 +50,8 @@ class Capture:
         self.replays = 0
 
     def add(self, record: CallRecord) -> None:
-        attrs = dict(record.attributes)
-        if record.shared and record.instance:
-            attrs["flashinfer.instance.id"] = record.instance_id()
-        self.attributes[id(record)] = attrs
+        # The wrapper gave a captured call its own attributes (``CallRecord.own``).
+        self.attributes[id(record)] = dict(record.attributes)
         self.records.append(record)
 
     def add_replay_hook(self, record: CallRecord,

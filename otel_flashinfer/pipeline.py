@@ -150,7 +150,7 @@ class CallRecord:
         if self.shared:
             attrs = self.attributes = dict(self.attributes)
             if self.instance:
-                attrs["flashinfer.instance.id"] = f"{_PID}:{self.instance}"
+                attrs["flashinfer.instance.id"] = self.instance_id()
             self.shared = False
         if self.events is _EMPTY:
             self.events = []
