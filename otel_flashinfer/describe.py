@@ -108,7 +108,6 @@ def snapshot(value: Any, depth: int = 0) -> Any:
 
 
 _names: dict[Any, str] = {}
-_tensor_keys: dict[str, tuple[str, str, str, str, str]] = {}
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -124,18 +123,6 @@ def _device_name(device: Any) -> str:
     if name is None:
         name = _names[device] = str(device)
     return name
-
-
-def _keys(prefix: str) -> tuple[str, str, str, str, str]:
-    """The five attribute keys of a tensor under ``prefix`` (cached: names repeat)."""
-    keys = _tensor_keys.get(prefix)
-    if keys is None:
-        shape, dtype, stride, device, contiguous = (
-            f"{prefix}.{k}" for k in ("shape", "dtype", "stride", "device", "contiguous"))
-        keys = (shape, dtype, stride, device, contiguous)
-        if len(_tensor_keys) < 65536:
-            _tensor_keys[prefix] = keys
-    return keys
 
 
 def is_contiguous(shape: Any, stride: Any) -> bool:
@@ -164,9 +151,9 @@ def put_attributes(out: dict[str, Any], prefix: str, snap: Any) -> None:
         attrs = _described.get(key)
         if attrs is None:
             shape, dtype, stride, device, contiguous = tensor_facts(snap)
-            k_shape, k_dtype, k_stride, k_device, k_contiguous = _keys(prefix)
-            attrs = {k_shape: shape, k_dtype: _dtype_name(dtype), k_stride: stride,
-                     k_device: _device_name(device), k_contiguous: contiguous}
+            attrs = {f"{prefix}.shape": shape, f"{prefix}.dtype": _dtype_name(dtype),
+                     f"{prefix}.stride": stride, f"{prefix}.device": _device_name(device),
+                     f"{prefix}.contiguous": contiguous}
             if len(_described) >= _DESCRIBED_MAX:
                 _described.clear()
             _described[key] = attrs
