@@ -50,6 +50,21 @@ def make_decode(batch: int = 8, kv_len: int = 1024, page_size: int = 16, qo_head
     return Decode(wrapper, q, kv_cache, indptr, indices, last_page_len, plan_args)
 
 
+def capture_graph(fn: Any) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """(graph, fn's output inside it): fn warmed up once on a side stream (JIT builds,
+    workspaces), then captured, as torch's docs ask."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    torch.cuda.synchronize()
+    return graph, out
+
+
 def busy_gpu(ms: float = 2.0) -> None:
     """Queue ~ms of GPU sleep so later launches and events sit on a busy stream: the
     timeline between two events then holds only GPU work, not host launch gaps."""

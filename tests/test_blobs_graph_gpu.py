@@ -76,32 +76,19 @@ def test_each_emitted_replay_gets_its_own_manifest_host_tensors(spans, tmp_path)
 
 # ---- on the GPU -----------------------------------------------------------------------
 
-def _capture_decode(step):  # noqa: ANN001, ANN202
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step.run()  # warm up outside capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step.run()
-    torch.cuda.synchronize()
-    return graph, out
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("every", [1, 2])
 def test_decode_graph_replays_each_write_their_own_snapshot(spans, tmp_path, every):
     pytest.importorskip("flashinfer")
     sys.path.insert(0, str(Path(__file__).parent))
-    from gpu_decode import make_decode
+    from gpu_decode import capture_graph, make_decode
 
     store = BlobStore(str(tmp_path / "blobs"), check_writable=False)
     otel_flashinfer.instrument(level=10, journal_dir="", blob_url=store.url,
                                replay_every=every)
     with spans.tracer().start_as_current_span("engine.step") as engine:
         step = make_decode(kv_len=256, use_cuda_graph=True)
-        graph, out = _capture_decode(step)
+        graph, out = capture_graph(step.run)
         assert otel_flashinfer.flush(120)
         gen = torch.Generator(device="cuda").manual_seed(7)
         qs, outs = [], []
@@ -147,7 +134,7 @@ def test_decode_graph_replays_each_write_their_own_snapshot(spans, tmp_path, eve
 def test_decode_graph_snapshot_pulls_and_replays_bit_exact(spans, tmp_path):
     pytest.importorskip("flashinfer")
     sys.path.insert(0, str(Path(__file__).parent))
-    from gpu_decode import make_decode
+    from gpu_decode import capture_graph, make_decode
 
     from otel_flashinfer.replay.pull import pull
     from otel_flashinfer.replay.runner import replay
@@ -156,7 +143,7 @@ def test_decode_graph_snapshot_pulls_and_replays_bit_exact(spans, tmp_path):
     otel_flashinfer.instrument(level=10, journal_dir="", blob_url=str(store))
     with spans.tracer().start_as_current_span("engine.step") as engine:
         step = make_decode(kv_len=256, use_cuda_graph=True)
-        graph, _ = _capture_decode(step)
+        graph, _ = capture_graph(step.run)
         for seed in (1, 2):
             step.q.copy_(torch.randn(step.q.shape, dtype=step.q.dtype, device="cuda",
                                      generator=torch.Generator(device="cuda").manual_seed(seed)))

@@ -20,7 +20,7 @@ from otel_flashinfer import gpu_timing
 pytestmark = pytest.mark.gpu
 flashinfer = pytest.importorskip("flashinfer")
 sys.path.insert(0, str(Path(__file__).parent))
-from gpu_decode import busy_gpu, hand_time, make_decode  # noqa: E402
+from gpu_decode import busy_gpu, capture_graph, hand_time, make_decode  # noqa: E402
 
 RUN = "BatchDecodeWithPagedKVCacheWrapper.run"
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,15 +82,7 @@ def test_gpu_time_per_call_matches_hand_timing(spans) -> None:
 def test_graph_replays_become_spans_with_gpu_time(spans) -> None:
     otel_flashinfer.instrument(level=3, journal_dir="")
     step = make_decode(use_cuda_graph=True)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step.run()  # warm up outside capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step.run()
-    torch.cuda.synchronize()
+    graph, _ = capture_graph(step.run)
     assert otel_flashinfer.flush(30)
     capture_span = [s for s in spans.by_name(RUN)
                     if s.attributes.get("flashinfer.cuda_graph.capturing")]

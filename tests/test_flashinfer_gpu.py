@@ -101,14 +101,9 @@ def test_cuda_graph_capture_is_not_broken(spans, level) -> None:  # noqa: ANN001
     otel_flashinfer.instrument(level=level, journal_dir="")
     x = torch.randn(8, 256, dtype=torch.float16, device="cuda")
     w = torch.ones(256, dtype=torch.float16, device="cuda")
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        flashinfer.rmsnorm(x, w)  # warm-up (JIT, workspace) outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = flashinfer.rmsnorm(x, w)
+    from gpu_decode import capture_graph
+
+    graph, y = capture_graph(lambda: flashinfer.rmsnorm(x, w))
     x.copy_(torch.randn_like(x))
     graph.replay()
     torch.cuda.synchronize()
