@@ -9,7 +9,12 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime.h>
+#include <torch/csrc/Device.h>
+#include <torch/csrc/DynamicTypes.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
+
+#include "hotpath_api.h"
 
 #include <atomic>
 #include <mutex>
@@ -132,6 +137,73 @@ PyObject* py_query(PyObject*, PyObject* arg) {
   return PyLong_FromLongLong(query(slot));
 }
 
+// ---- what the C hot path borrows (hotpath_api.h) ----------------------------------
+
+int is_cuda(PyObject* obj) {
+  if (!THPVariable_Check(obj)) return -1;
+  return THPVariable_Unpack(obj).is_cuda() ? 1 : 0;
+}
+
+// torch.device objects are immutable: one per (type, index) is shared by every snapshot.
+PyObject* device_object(const at::Device& device) {
+  static PyObject* cache[2][64] = {};
+  const int kind = device.is_cuda() ? 1 : device.is_cpu() ? 0 : -1;
+  const int index = device.has_index() ? device.index() : 63;
+  if (kind < 0 || index < 0 || index >= 64) return THPDevice_New(device);
+  PyObject*& slot = cache[kind][index];
+  if (slot == nullptr) {
+    slot = THPDevice_New(device);
+    if (slot == nullptr) return nullptr;
+  }
+  Py_INCREF(slot);
+  return slot;
+}
+
+PyObject* snapshot(PyObject* obj) {
+  if (!THPVariable_CheckExact(obj)) return nullptr;  // subclasses may override attributes
+  try {
+    const at::Tensor& t = THPVariable_Unpack(obj);
+    if (!t.defined() || t.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) return nullptr;
+    // Other layouts: describe.snapshot decides what their strides are.
+    if (t.layout() != at::kStrided) return nullptr;
+    const auto sizes = t.sizes();
+    const bool strided = true;
+    const int64_t ndim = static_cast<int64_t>(sizes.size());
+    const int64_t nstride = strided ? ndim : 0;
+    PyObject* out = PyTuple_New(3 + ndim + nstride);
+    if (out == nullptr) return nullptr;
+    PyObject* dtype = reinterpret_cast<PyObject*>(torch::getTHPDtype(t.scalar_type()));
+    Py_INCREF(dtype);
+    PyTuple_SET_ITEM(out, 0, dtype);
+    PyObject* device = device_object(t.device());
+    if (device == nullptr) {
+      Py_DECREF(out);
+      return nullptr;
+    }
+    PyTuple_SET_ITEM(out, 1, device);
+    PyTuple_SET_ITEM(out, 2, PyLong_FromLongLong(ndim));
+    for (int64_t i = 0; i < ndim; ++i) PyTuple_SET_ITEM(out, 3 + i, PyLong_FromLongLong(sizes[i]));
+    if (strided) {
+      const auto strides = t.strides();
+      for (int64_t i = 0; i < ndim; ++i)
+        PyTuple_SET_ITEM(out, 3 + ndim + i, PyLong_FromLongLong(strides[i]));
+    }
+    for (int64_t i = 2; i < 3 + ndim + nstride; ++i) {
+      if (PyTuple_GET_ITEM(out, i) == nullptr) {  // an int allocation failed
+        Py_DECREF(out);
+        return nullptr;
+      }
+    }
+    return out;
+  } catch (...) {
+    PyErr_Clear();
+    return nullptr;  // the Python snapshot handles (and reports) anything unusual
+  }
+}
+
+otel_flashinfer_hotpath_api kHotpathApi = {OTEL_FLASHINFER_HOTPATH_API_VERSION, record, release,
+                                           is_cuda, snapshot};
+
 PyMethodDef kFastMethods[] = {
     {"record", py_record, METH_NOARGS, "record a pooled event on the current stream; slot or <0"},
     {"query", py_query, METH_O, "1 done, 0 pending, <0 -cudaError"},
@@ -147,4 +219,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("error_name", &error_name, "cudaGetErrorName of a (negated) code");
   m.def("capacity", &capacity, "number of slots");
   m.def("prewarm", &prewarm, "create every slot's event on the current device");
+  PyObject* api = PyCapsule_New(&kHotpathApi, "otel_flashinfer.hotpath_api", nullptr);
+  if (api == nullptr || PyModule_AddObject(m.ptr(), "hotpath_api", api) != 0) {
+    Py_XDECREF(api);
+    throw pybind11::error_already_set();
+  }
 }

@@ -43,8 +43,12 @@ def _source() -> Path:
 
 
 def cache_dir(tag: str, source: Path) -> Path:
-    """Build folder keyed by source hash, like FlashInfer's JIT cache."""
-    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
+    """Build folder keyed by the hash of the source and the headers next to it, like
+    FlashInfer's JIT cache."""
+    digest = hashlib.sha256(source.read_bytes())
+    for header in sorted(source.parent.glob("*.h")):
+        digest.update(header.read_bytes())
+    digest = digest.hexdigest()[:16]
     path = Path(jit_cache_root()) / f"{tag}-{digest}"
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -64,6 +68,9 @@ def _compile() -> None:
             ext.prewarm()
         _ext = ext
         _state = "ready"
+        from . import native
+
+        native.register_api(ext.hotpath_api)
     except Exception as exc:  # noqa: BLE001 - no compiler: spans say so
         _state = "failed"
         health.report("gpu_timing_unavailable", "could not build the CUDA event pool; "
@@ -211,6 +218,23 @@ def _on_cuda(args: tuple[Any, ...], kwargs: dict[str, Any], tensor_type: type) -
     return False
 
 
+class NativeTimer:
+    """What the C hot path (``native``) asks of Python for GPU timing: it records the
+    events itself once the pool is built, and comes here only for what will not come."""
+
+    def __init__(self, tensor_type: type) -> None:
+        self._tensor_type = tensor_type
+
+    def unavailable(self, code: int) -> Unavailable:
+        return Unavailable(_REASONS.get(code, "event_pool_full"))
+
+    def unready(self, record: CallRecord, args: tuple, kwargs: dict) -> None:
+        """A CUDA call while the pool compiles (or after it failed)."""
+        if _on_cuda(args, kwargs, self._tensor_type):
+            record.add_pending(Unavailable("compiling" if _state == "compiling"
+                                           else "no_extension"))
+
+
 def make_hooks() -> tuple[Any, Any] | None:
     """(before, after) for the span wrapper, or None where CUDA is absent."""
     try:
@@ -239,4 +263,5 @@ def make_hooks() -> tuple[Any, Any] | None:
         else:
             record.add_pending(handle)
 
+    before.native = NativeTimer(tensor_type)  # type: ignore[attr-defined]
     return before, after

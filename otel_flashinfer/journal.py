@@ -123,13 +123,14 @@ class Journal:
         self.slot_size = slot_size
         self._mask = slot_count - 1
         self._shift = slot_count.bit_length()
-        self._reset_slots()
         self._offsets = [fmt.HEADER_SIZE + i * slot_size for i in range(slot_count)]
         self._encoder = fmt.ArgEncoder(slot_size - fmt.ARGS_OFFSET)
         self._users = 1
         self._stop = threading.Event()
         self._mm: mmap.mmap | None = None
         self._buf: Any = bytearray(fmt.file_size(slot_count, slot_size))
+        self._epoch = 0
+        self._reset_slots()
         self.path = ""
         self.blob_url = ""
         self._open_file()
@@ -161,6 +162,7 @@ class Journal:
         # slot of the child's new journal.
         self._epoch = next(_epochs) << self._shift
         self._mm, self._buf, self.path = mm, mm, path
+        self._publish()
         self._stop = threading.Event()
         thread = threading.Thread(target=self._heartbeat, args=(mm, self._stop),
                                   name="otel_flashinfer-journal", daemon=True)
@@ -183,6 +185,13 @@ class Journal:
         #: The argument bytes object last copied into each slot: a call whose encoding
         #: is that same (cached) object finds its bytes already there.
         self._written: list[bytes | None] = [None] * self.slot_count
+        self._publish()
+
+    def _publish(self) -> None:
+        """The hot-path state in one tuple, read with one lookup by the C hot path
+        (``csrc/hotpath.c``); rebuilt whenever any of it is replaced."""
+        self._hot = (self._free, self._owners, self._offsets, self._buf, self._epoch,
+                     self._written, self.slot_size, self._mask)
 
     def _heartbeat(self, mm: mmap.mmap, stop: threading.Event) -> None:
         pack, offset = fmt.LAST_WRITE.pack_into, fmt.LAST_WRITE_OFFSET

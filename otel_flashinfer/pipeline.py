@@ -70,6 +70,7 @@ class CallRecord:
 
     __slots__ = (
         "attributes",
+        "capture",
         "data",
         "deadline",
         "describe",
@@ -83,10 +84,14 @@ class CallRecord:
         "name",
         "parent",
         "pending",
+        "plan_link",
         "result",
         "shared",
+        "slot",
         "span_id",
         "start_ns",
+        "states",
+        "token",
         "trace_id",
     )
 
@@ -123,6 +128,11 @@ class CallRecord:
         self.result: Any = None
         #: ``id()`` of the wrapper object of a method call (0: none).
         self.instance = 0
+        #: The plan span a ``run`` links to; the worker makes the Link (``own``).
+        self.plan_link: SpanContext | None = None
+        #: Caller-side state between the wrapper's enter and leave (context token,
+        #: journal token, hook states, open capture); cleared when the call ends.
+        self.token = self.slot = self.states = self.capture = None
         #: A GPU-time handle (``gpu_timing``), resolved by the worker; None: none.
         self.gpu: Any = None
 
@@ -139,7 +149,8 @@ class CallRecord:
         record.shared = True
         record.events = record.links = record.pending = _EMPTY
         record.error = record.describe = record.data = record.kw = record.result = None
-        record.gpu = None
+        record.gpu = record.plan_link = None
+        record.token = record.slot = record.states = record.capture = None
         record.start_ns = record.end_ns = 0
         record.instance = 0
         record.deadline = 0.0
@@ -156,6 +167,9 @@ class CallRecord:
             self.events = []
         if self.links is _EMPTY:
             self.links = []
+        if self.plan_link is not None:
+            self.links.insert(0, Link(self.plan_link))
+            self.plan_link = None
         return self.attributes
 
     def instance_id(self) -> str | None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import inspect
 import traceback
-from collections import OrderedDict
 from collections.abc import Callable
 from random import getrandbits
 from time import time_ns
@@ -21,16 +20,15 @@ from typing import Any
 
 from opentelemetry import context as context_api
 from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY
-from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, TraceFlags
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 
 from . import describe as _describe
-from . import graphs, health
+from . import graphs, health, native
 from .config import Settings
 from .pipeline import CallRecord
 
-_SAMPLED = TraceFlags(TraceFlags.SAMPLED | TraceFlags.RANDOM_TRACE_ID)
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED | TraceFlags.RANDOM_TRACE_ID)
 _MAX_INSTANCES = 4096
 _MAX_MESSAGE = 1024
@@ -114,24 +112,26 @@ class ArgPlan:
 class _Instances:
     """Per-object state of wrapper classes: the plan span a later run links to.
 
-    Keyed by ``id(self)`` and bounded, so it holds no reference to user objects.
+    Keyed by ``id(self)`` and bounded, so it holds no reference to user objects.  A
+    plain dict in insertion order (the native wrapper updates the same dict): a
+    re-planned object moves to the end, and the oldest entry goes first when full.
     """
 
     def __init__(self) -> None:
-        self._plans: OrderedDict[int, SpanContext] = OrderedDict()
+        self.plans: dict[int, SpanContext] = {}
 
     def forget(self, key: int) -> None:
-        self._plans.pop(key, None)
+        self.plans.pop(key, None)
 
     def remember_plan(self, key: int, span_context: SpanContext) -> None:
-        plans = self._plans
+        plans = self.plans
+        plans.pop(key, None)
         plans[key] = span_context
-        plans.move_to_end(key)
         if len(plans) > _MAX_INSTANCES:
-            plans.popitem(last=False)
+            del plans[next(iter(plans))]
 
     def plan_of(self, key: int) -> SpanContext | None:
-        return self._plans.get(key)
+        return self.plans.get(key)
 
 
 instances = _Instances()
@@ -221,6 +221,23 @@ def make_wrapper(fn: Callable[..., Any], api_name: str, *, settings: Settings,
         for i, after in enumerate(afters):
             after(record, states[n - 1 - i], result, error)
 
+    entry_type = native.entry_type(_context_var())
+    if entry_type is not None:
+        # GPU timing (innermost pair, gpu_timing.make_hooks) runs inside the C path.
+        gpu = getattr(hooks[-1][0], "native", None) if hooks else None
+        if gpu is not None:
+            hooks = hooks[:-1]
+            befores = tuple(before for before, _ in hooks)
+            afters = tuple(after for _, after in reversed(hooks))
+        entry = entry_type(
+            api_name=api_name, base_attrs=base_attrs, name_bytes=journal_name, plan=plan,
+            describe=describe, on_capture=on_capture, befores=befores, afters=afters,
+            journal=journal, runtime=rt, submit=submit, gpu=gpu, detailed=detailed,
+            is_method=is_method, is_init=is_init, is_plan=is_plan, is_run=is_run,
+            skip_self=skip_self)
+        return _native_wrapper(fn, api_name, entry, reset_context, afters, detailed,
+                               describe, submit)
+
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -252,9 +269,7 @@ def make_wrapper(fn: Callable[..., Any], api_name: str, *, settings: Settings,
                     elif is_plan:
                         instances.remember_plan(key, span_context)
                     elif is_run:
-                        plan_context = plan_of(key)
-                        if plan_context is not None:
-                            record.add_link(Link(plan_context))
+                        record.plan_link = plan_of(key)
                 capture = capture_state() if graphs._capturing is not None else None
                 if capture is not None:
                     on_capture(record, capture)
@@ -312,6 +327,60 @@ def make_wrapper(fn: Callable[..., Any], api_name: str, *, settings: Settings,
                 journal.end(slot)
         except Exception as exc:  # noqa: BLE001
             health.report("wrapper_errors", f"tracing {api_name} failed after the call", exc)
+        return result
+
+    wrapper._otel_flashinfer_api = api_name  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _native_wrapper(fn: Callable[..., Any], api_name: str, entry: Any,
+                    reset_context: Callable[[Any], Any], afters: tuple[Any, ...],
+                    detailed: bool, describe: Callable[[CallRecord], None],
+                    submit: Callable[[CallRecord], None]) -> Callable[..., Any]:
+    """The wrapper over the C hot path (``native``): ``enter`` and ``leave`` do what the
+    Python wrapper above does and never raise; only the error path stays in Python."""
+    enter, leave, journal_end = entry.enter, entry.leave, entry.journal_end
+
+    def failed(record: CallRecord, exc: BaseException) -> None:
+        record.end_ns = time_ns()
+        slot, record.slot = record.slot, None
+        try:
+            token, record.token = record.token, None
+            reset_context(token)
+            entry.gpu_end(record)
+            record.error = _error_facts(exc)
+            states, record.states = record.states, None
+            if states:
+                n = len(states)
+                for i, after in enumerate(afters):
+                    after(record, states[n - 1 - i], _NO_RESULT, exc)
+            if detailed:
+                record.result = _NO_RESULT
+                record.describe = describe
+            capture, record.capture = record.capture, None
+            if capture is not None:
+                capture.add(record)
+            submit(record)
+        except Exception as inner:  # noqa: BLE001
+            health.report("wrapper_errors", f"tracing {api_name} failed after an error", inner)
+        finally:
+            if slot is not None:
+                try:
+                    journal_end(slot)
+                except Exception as inner:  # noqa: BLE001
+                    health.report("wrapper_errors", "clearing a journal note failed", inner)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        record = enter(args, kwargs)
+        if record is None:
+            return fn(*args, **kwargs)
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as exc:
+            failed(record, exc)
+            raise
+        leave(record, result)
         return result
 
     wrapper._otel_flashinfer_api = api_name  # type: ignore[attr-defined]

@@ -42,6 +42,23 @@ def _memory_exporter():  # noqa: ANN202
     return _EXPORTER
 
 
+@pytest.fixture(params=["native", "python"])
+def wrapper_path(request, monkeypatch):  # noqa: ANN001, ANN201
+    """Run a test over the C hot path and over the pure-Python wrapper (``native``).
+
+    The C path must be there when the package was built with a compiler (CI is), so
+    a broken build fails here instead of silently testing Python twice."""
+    from otel_flashinfer import native
+
+    if request.param == "native":
+        from opentelemetry import context
+
+        var = context._RUNTIME_CONTEXT._current_context  # noqa: SLF001
+        assert native.entry_type(var) is not None, "the C hot path did not load"
+    monkeypatch.setattr(native, "enabled", request.param == "native")
+    return request.param
+
+
 @pytest.fixture
 def spans(tmp_path, monkeypatch):  # noqa: ANN001, ANN201
     """The in-memory exporter, emptied; instrumentation is undone after the test.

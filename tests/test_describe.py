@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 
+import pytest
 import torch
 
 from otel_flashinfer import describe
@@ -90,3 +91,32 @@ def test_contiguity_from_shape_and_stride_matches_torch() -> None:
         facts = describe.snapshot(view)
         got = describe.attributes("t", facts)["t.contiguous"]
         assert got == view.is_contiguous(), (tuple(view.shape), view.stride())
+
+
+def test_the_c_hot_path_snapshots_like_describe() -> None:
+    """``_hotpath.snapshot`` (tensors and scalars read in C) equals ``describe.snapshot``
+    value for value and type for type; anything else it hands to describe."""
+    import enum
+
+    from opentelemetry import context
+
+    from otel_flashinfer import native
+
+    if native.entry_type(context._RUNTIME_CONTEXT._current_context) is None:  # noqa: SLF001
+        pytest.skip("built without the C hot path")
+    from otel_flashinfer import _hotpath
+
+    class Mode(enum.Enum):
+        A = 1
+
+    base = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4)
+    values = [None, True, 0, -(1 << 70), 1.5, "NHD", "x" * 600, Mode.A, base, base[:, 1:],
+              base.transpose(0, 2), torch.zeros(()), torch.empty(0, 5, dtype=torch.int8),
+              torch.nn.Parameter(torch.ones(2)), torch.ones(2, 3).to_sparse(), (base, 3),
+              [1, 2.0], {"k": base}]
+    for value in values:
+        ours, theirs = _hotpath.snapshot(value), describe.snapshot(value)
+        assert ours == theirs, value
+        assert type(ours) is type(theirs)
+        if isinstance(ours, tuple):
+            assert [type(x) for x in ours] == [type(x) for x in theirs]

@@ -29,6 +29,9 @@ from otel_flashinfer.instrumentor import FlashInferInstrumentor, import_all, sel
 sys.path.insert(0, str(Path(__file__).parent))
 from fixtures_instrument import read_spans  # noqa: E402
 
+#: Every test here runs over the C hot path and the pure-Python wrapper.
+pytestmark = pytest.mark.usefixtures("wrapper_path")
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -11,16 +11,21 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from opentelemetry.trace import SpanContext
 
-from otel_flashinfer import describe, health
+import otel_flashinfer
+from otel_flashinfer import describe, health, runtime
 from otel_flashinfer import journal as J
 from otel_flashinfer import journal_format as fmt
 from otel_flashinfer.pipeline import CallRecord
 from otel_flashinfer.spans import ArgPlan
+
+#: Every test here runs over the C hot path and the pure-Python wrapper.
+pytestmark = pytest.mark.usefixtures("wrapper_path")
 
 HOST = socket.gethostname()
 
@@ -445,3 +450,46 @@ def test_heartbeat_stops_quietly_on_a_closed_mapping(tmp_path) -> None:
         assert not stop.is_set()
     finally:
         journal.close()
+
+
+def test_a_traced_call_is_noted_while_it_runs_with_its_own_argument_types(
+        tmp_path: Path) -> None:
+    """Through the wrapper (C hot path and Python): the live note of each call holds its
+    ids, name and arguments, and calls whose arguments are equal but of other types
+    (1, True, 1.0) or other shapes never reuse another call's bytes."""
+    from opentelemetry import trace
+
+    otel_flashinfer.instrument(level=3, journal_dir=str(tmp_path))
+    seen: list[tuple[Any, ...]] = []
+
+    def scale(x: torch.Tensor, factor: Any = 2) -> torch.Tensor:
+        journal = runtime.current().journal
+        data = Path(journal.path).read_bytes()
+        notes = list(fmt.iter_live(data, fmt.parse_header(data)))
+        span = trace.get_current_span().get_span_context()
+        seen.append((notes, span))
+        return x
+
+    traced = otel_flashinfer.traced(scale, name="scale")
+    try:
+        tracer = trace.get_tracer("engine")
+        with tracer.start_as_current_span("step") as step:
+            for x, factor in ((torch.ones(2, 3), 1), (torch.ones(2, 3), True),
+                              (torch.ones(2, 3), 1.0), (torch.ones(4, 3), 1.0),
+                              (torch.ones(4, 3), 1.0)):
+                traced(x, factor)
+        for (notes, span), (shape, factor) in zip(seen, (
+                ([2, 3], 1), ([2, 3], True), ([2, 3], 1.0), ([4, 3], 1.0), ([4, 3], 1.0)),
+                strict=True):
+            assert len(notes) == 1
+            note = notes[0]
+            assert note.name == "scale"
+            assert (note.trace_id, note.span_id) == (span.trace_id, span.span_id)
+            assert note.parent_span_id == step.get_span_context().span_id
+            args = fmt.decode_args(note.args)
+            assert args["flashinfer.arg.x.shape"] == shape
+            assert args["flashinfer.arg.factor"] == factor
+            assert type(args["flashinfer.arg.factor"]) is type(factor)
+        assert runtime.current().journal.live_count() == 0
+    finally:
+        otel_flashinfer.uninstrument()

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 from servers import (
     Blackhole,
     PhoenixServer,
@@ -221,7 +223,8 @@ def _our_warnings(caplog: pytest.LogCaptureFixture, kind: str) -> list[logging.L
 
 
 def test_internal_error_is_counted_logged_once_and_the_call_goes_on(
-        live: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+        live: Any, wrapper_path: str, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
     calls: list[int] = []
 
     @otel_flashinfer.traced
@@ -233,22 +236,32 @@ def test_internal_error_is_counted_logged_once_and_the_call_goes_on(
     def with_default(x: int, bias: int = 5) -> int:
         return x + bias
 
+    class BrokenSpan(trace.NonRecordingSpan):
+        def get_span_context(self) -> trace.SpanContext:
+            raise RuntimeError("the current span is broken")
+
     def broken(value: object) -> object:
         raise RuntimeError("describe is broken")
 
-    monkeypatch.setattr(describe, "snapshot", broken)
     caplog.set_level(logging.WARNING, logger="otel_flashinfer")
-    results = [user_fn(i) for i in range(40)]
+    broken_span = BrokenSpan(trace.INVALID_SPAN_CONTEXT)
+    token = otel_context.attach(trace.set_span_in_context(broken_span))
+    try:
+        results = [user_fn(i) for i in range(40)]
+    finally:
+        otel_context.detach(token)
     assert results == [i + 10 for i in range(40)]
     assert calls == list(range(40))  # each call ran exactly once
     assert health.counters().get("wrapper_errors", 0) == 40  # every failing call counted
+    monkeypatch.setattr(describe, "snapshot", broken)
     # Defaults are described when the wrapper is built: that failure leaves the
     # function untraced (counted once), never broken.
     assert [with_default(i) for i in range(10)] == [i + 5 for i in range(10)]
     assert health.counters().get("wrapper_errors", 0) >= 41
     logged = _our_warnings(caplog, "wrapper_errors")
     assert len(logged) == 1
-    assert logged[0].exc_info is not None and "describe is broken" in str(logged[0].exc_info[1])
+    assert logged[0].exc_info is not None
+    assert "the current span is broken" in str(logged[0].exc_info[1])
 
 
 def test_internal_error_in_the_background_is_counted(

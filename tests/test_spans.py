@@ -11,6 +11,9 @@ from opentelemetry.trace import SpanKind, StatusCode
 import otel_flashinfer
 from otel_flashinfer import health, runtime
 
+#: Every test here runs over the C hot path and the pure-Python wrapper.
+pytestmark = pytest.mark.usefixtures("wrapper_path")
+
 
 @otel_flashinfer.traced
 def inner(x: torch.Tensor, scale: float = 0.5) -> torch.Tensor:

@@ -1,0 +1,1249 @@
+/* otel_flashinfer._hotpath: the caller's side of a traced call, in C.
+ *
+ * Python's wrapper (spans.make_wrapper) calls ``enter(args, kwargs)`` before the
+ * traced function and ``leave(record, result)`` after it.  Together they do what the
+ * pure-Python wrapper does (which stays as the fallback and the reference): read the
+ * OTel context, pick ids, fill one CallRecord, attach a NonRecordingSpan context,
+ * note the call in the crash journal, and hand the record to the pipeline.  In
+ * Python those steps cost 3-4 us per call on a fast core and twice that on the VMs
+ * our GPUs live on; here they cost well under a microsecond, because nothing goes
+ * through the interpreter's frame machinery.
+ *
+ * Nothing here raises into the traced program: an internal failure is reported
+ * through health.report (counted, logged once), any half-done step is undone, and
+ * the call goes on untraced.  No CUDA, no torch headers: tensors are read through
+ * their Python attributes, hooks (GPU timing, statistics, blobs) stay Python.
+ *
+ * CallRecord is a Python class with __slots__; its slots are written through the
+ * offsets of their member descriptors (exactly what ``record.x = v`` does), checked
+ * once at setup.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/random.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "hotpath_api.h"
+
+/* ---- ids: xoshiro256** seeded from getrandom, reseeded in a forked child -------- */
+
+static uint64_t rng_s[4];
+static volatile int rng_seeded = 0;
+
+static void rng_child_after_fork(void) { rng_seeded = 0; }
+
+static uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+
+static int rng_seed(void) {
+    uint64_t seed[4];
+    size_t got = 0;
+    while (got < sizeof(seed)) {
+        ssize_t n = getrandom((char *)seed + got, sizeof(seed) - got, 0);
+        if (n <= 0) return -1;
+        got += (size_t)n;
+    }
+    if ((seed[0] | seed[1] | seed[2] | seed[3]) == 0) seed[0] = 1;
+    memcpy(rng_s, seed, sizeof(seed));
+    rng_seeded = 1;
+    return 0;
+}
+
+/* Nonzero 64 random bits (an all-zero id is invalid in OTel).  Callers hold the GIL. */
+static int rng_next(uint64_t *out) {
+    if (!rng_seeded && rng_seed() != 0) return -1;
+    uint64_t r;
+    do {
+        r = rotl(rng_s[1] * 5, 7) * 9;
+        uint64_t t = rng_s[1] << 17;
+        rng_s[2] ^= rng_s[0];
+        rng_s[3] ^= rng_s[1];
+        rng_s[1] ^= rng_s[2];
+        rng_s[0] ^= rng_s[3];
+        rng_s[2] ^= t;
+        rng_s[3] = rotl(rng_s[3], 45);
+    } while (r == 0);
+    *out = r;
+    return 0;
+}
+
+static PyObject *now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return PyLong_FromLongLong((long long)ts.tv_sec * 1000000000LL + ts.tv_nsec);
+}
+
+/* ---- process-wide state, set once by setup() --------------------------------------- */
+
+enum {
+    R_NAME, R_TRACE_ID, R_SPAN_ID, R_PARENT, R_ATTRIBUTES, R_SHARED, R_EVENTS, R_LINKS,
+    R_PENDING, R_ERROR, R_DESCRIBE, R_DATA, R_KW, R_RESULT, R_GPU, R_START_NS, R_END_NS,
+    R_INSTANCE, R_DEADLINE, R_PLAN_LINK, R_TOKEN, R_SLOT, R_STATES, R_CAPTURE, R_COUNT
+};
+static const char *const record_slot_names[R_COUNT] = {
+    "name", "trace_id", "span_id", "parent", "attributes", "shared", "events", "links",
+    "pending", "error", "describe", "data", "kw", "result", "gpu", "start_ns", "end_ns",
+    "instance", "deadline", "plan_link", "token", "slot", "states", "capture"};
+
+typedef struct {
+    int ready;
+    PyObject *var;            /* the ContextVar behind OTel's runtime context */
+    PyObject *suppress_key, *span_key;
+    PyTypeObject *span_context_type, *non_recording_type, *record_type;
+    Py_ssize_t offsets[R_COUNT];
+    PyObject *empty;          /* the shared () for events/links/pending */
+    PyObject *sampled_flags, *default_trace_state;
+    PyObject *spans_globals;  /* for process_parent */
+    PyObject *graphs_globals; /* for _capturing */
+    PyObject *capture_state;  /* graphs.capture_state */
+    PyObject *snapshot;       /* describe.snapshot */
+    PyObject *tensor_type;    /* torch.Tensor once seen, else NULL */
+    PyObject *plans;          /* id(obj) -> plan SpanContext (spans.instances) */
+    Py_ssize_t max_plans;
+    PyObject *report, *count; /* health.report / health.count */
+    PyObject *plain_getters;  /* get_span_context functions that only return self._context */
+    const otel_flashinfer_hotpath_api *api; /* lent by the CUDA event pool, once built */
+    PyObject *zero, *zero_float;
+    PyObject *s_get_span_context, *s_process_parent, *s_capturing, *s_sample_root;
+    PyObject *s_hot, *s_encoder, *s_encode, *s_add, *s_dtype, *s_device, *s_shape,
+        *s_stride, *s_wrapper_errors, *s_journal_full, *s_add_pending, *s_unavailable,
+        *s_unready, *s_context;
+} State;
+
+static State S;
+
+static void report_error(const char *message) {
+    /* Turn the pending exception into one health.report call; never raises. */
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb != NULL && value != NULL) PyException_SetTraceback(value, tb);
+    if (S.report != NULL) {
+        PyObject *msg = PyUnicode_FromString(message);
+        PyObject *r = msg ? PyObject_CallFunctionObjArgs(S.report, S.s_wrapper_errors, msg,
+                                                         value ? value : Py_None, NULL)
+                          : NULL;
+        Py_XDECREF(r);
+        Py_XDECREF(msg);
+    }
+    PyErr_Clear();
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+}
+
+/* Slot access on a CallRecord (offsets from its member descriptors). */
+static inline PyObject **slot_ptr(PyObject *record, int which) {
+    return (PyObject **)((char *)record + S.offsets[which]);
+}
+
+static inline void slot_set(PyObject *record, int which, PyObject *value) {
+    PyObject **p = slot_ptr(record, which);
+    PyObject *old = *p;
+    Py_INCREF(value);
+    *p = value;
+    Py_XDECREF(old);
+}
+
+static inline void slot_steal(PyObject *record, int which, PyObject *value) {
+    PyObject **p = slot_ptr(record, which);
+    PyObject *old = *p;
+    *p = value;
+    Py_XDECREF(old);
+}
+
+static inline PyObject *slot_get(PyObject *record, int which) { /* borrowed, may be NULL */
+    return *slot_ptr(record, which);
+}
+
+static PyObject *intern(const char *s) { return PyUnicode_InternFromString(s); }
+
+static PyObject *hp_setup(PyObject *self, PyObject *args, PyObject *kwargs) {
+    static char *kw[] = {"var", "suppress_key", "span_key", "span_context_type",
+                         "non_recording_type", "record_type", "empty", "sampled_flags",
+                         "default_trace_state", "spans_globals", "graphs_globals",
+                         "capture_state", "snapshot", "plans", "max_plans", "report", "count",
+                         "plain_getters", NULL};
+    State s;
+    memset(&s, 0, sizeof(s));
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO!O!O!OOOO!O!OOO!nOOO!", kw, &s.var,
+                                     &s.suppress_key, &s.span_key, &PyType_Type,
+                                     &s.span_context_type, &PyType_Type, &s.non_recording_type,
+                                     &PyType_Type, &s.record_type, &s.empty, &s.sampled_flags,
+                                     &s.default_trace_state, &PyDict_Type, &s.spans_globals,
+                                     &PyDict_Type, &s.graphs_globals, &s.capture_state,
+                                     &s.snapshot, &PyDict_Type, &s.plans, &s.max_plans,
+                                     &s.report, &s.count, &PyTuple_Type, &s.plain_getters))
+        return NULL;
+    if (!PyContextVar_CheckExact(s.var)) {
+        PyErr_SetString(PyExc_TypeError, "var must be a contextvars.ContextVar");
+        return NULL;
+    }
+    if (!PyType_IsSubtype(s.span_context_type, &PyTuple_Type)) {
+        PyErr_SetString(PyExc_TypeError, "span_context_type must be a tuple subclass");
+        return NULL;
+    }
+    /* Every CallRecord slot must be a plain object slot (a T_OBJECT_EX member). */
+    PyObject *type_dict = s.record_type->tp_dict;
+    for (int i = 0; i < R_COUNT; ++i) {
+        PyObject *descr = PyDict_GetItemString(type_dict, record_slot_names[i]);
+        if (descr == NULL || Py_TYPE(descr) != &PyMemberDescr_Type) {
+            PyErr_Format(PyExc_TypeError, "CallRecord.%s is not a __slots__ member",
+                         record_slot_names[i]);
+            return NULL;
+        }
+        PyMemberDef *member = ((PyMemberDescrObject *)descr)->d_member;
+        if (member->type != T_OBJECT_EX || (member->flags & READONLY)) {
+            PyErr_Format(PyExc_TypeError, "CallRecord.%s is not a writable object slot",
+                         record_slot_names[i]);
+            return NULL;
+        }
+        s.offsets[i] = member->offset;
+    }
+    PyObject **owned[] = {&s.var, &s.suppress_key, &s.span_key, (PyObject **)&s.span_context_type,
+                          (PyObject **)&s.non_recording_type, (PyObject **)&s.record_type,
+                          &s.empty, &s.sampled_flags, &s.default_trace_state,
+                          &s.spans_globals, &s.graphs_globals, &s.capture_state, &s.snapshot,
+                          &s.plans, &s.report, &s.count, &s.plain_getters};
+    for (size_t i = 0; i < sizeof(owned) / sizeof(owned[0]); ++i) Py_INCREF(*owned[i]);
+    s.zero = PyLong_FromLong(0);
+    s.zero_float = PyFloat_FromDouble(0.0);
+#define I(field, text) s.field = intern(text)
+    I(s_get_span_context, "get_span_context");
+    I(s_process_parent, "process_parent");
+    I(s_capturing, "_capturing");
+    I(s_sample_root, "sample_root");
+    I(s_hot, "_hot");
+    I(s_encoder, "_encoder");
+    I(s_encode, "encode");
+    I(s_add, "add");
+    I(s_dtype, "dtype");
+    I(s_device, "device");
+    I(s_shape, "shape");
+    I(s_stride, "stride");
+    I(s_wrapper_errors, "wrapper_errors");
+    I(s_journal_full, "journal_full");
+    I(s_add_pending, "add_pending");
+    I(s_unavailable, "unavailable");
+    I(s_unready, "unready");
+    I(s_context, "_context");
+#undef I
+    if (PyErr_Occurred()) return NULL;
+    s.ready = 1;
+    s.api = S.api; /* lent by the event pool, possibly before this setup */
+    s.tensor_type = S.tensor_type;
+    S = s; /* set once per process; a second setup leaks the first (tests only) */
+    Py_RETURN_NONE;
+}
+
+/* ---- argument snapshots (level 3+) ---------------------------------------------------- */
+
+static PyObject *tensor_type(void) {
+    if (S.tensor_type == NULL) {
+        PyObject *modules = PyImport_GetModuleDict();
+        PyObject *torch = PyDict_GetItemString(modules, "torch");
+        if (torch != NULL) {
+            PyObject *t = PyObject_GetAttrString(torch, "Tensor");
+            if (t != NULL && PyType_Check(t)) S.tensor_type = t;
+            else Py_XDECREF(t);
+            PyErr_Clear();
+        }
+    }
+    return S.tensor_type;
+}
+
+/* describe.snapshot, with tensors and scalars done here: (dtype, device, ndim, *shape,
+ * *stride) for a tensor, the value itself for None/bool/int/float/str. */
+static PyObject *snapshot(PyObject *value) {
+    if (value == Py_None || PyLong_Check(value) || PyFloat_Check(value) ||
+        PyUnicode_Check(value)) {
+        Py_INCREF(value);
+        return value;
+    }
+    if (S.api != NULL) {
+        PyObject *fast = S.api->snapshot(value);
+        if (fast != NULL || PyErr_Occurred()) return fast;
+    }
+    PyObject *tt = tensor_type();
+    if (tt == NULL || !PyObject_TypeCheck(value, (PyTypeObject *)tt))
+        return PyObject_CallOneArg(S.snapshot, value);
+    PyObject *dtype = NULL, *device = NULL, *shape = NULL, *stride = NULL, *out = NULL;
+    dtype = PyObject_GetAttr(value, S.s_dtype);
+    if (dtype == NULL) goto done;
+    device = PyObject_GetAttr(value, S.s_device);
+    if (device == NULL) goto done;
+    shape = PyObject_GetAttr(value, S.s_shape);
+    if (shape == NULL || !PyTuple_Check(shape)) goto fallback;
+    stride = PyObject_CallMethodNoArgs(value, S.s_stride);
+    if (stride == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_RuntimeError)) goto done;
+        PyErr_Clear(); /* sparse layouts have no strides: shape only */
+    } else if (!PyTuple_Check(stride)) {
+        goto fallback;
+    }
+    Py_ssize_t ndim = PyTuple_GET_SIZE(shape);
+    Py_ssize_t nstride = stride ? PyTuple_GET_SIZE(stride) : 0;
+    out = PyTuple_New(3 + ndim + nstride);
+    if (out == NULL) goto done;
+    PyTuple_SET_ITEM(out, 0, dtype);
+    PyTuple_SET_ITEM(out, 1, device);
+    dtype = device = NULL;
+    PyObject *n = PyLong_FromSsize_t(ndim);
+    if (n == NULL) {
+        Py_CLEAR(out);
+        goto done;
+    }
+    PyTuple_SET_ITEM(out, 2, n);
+    for (Py_ssize_t i = 0; i < ndim; ++i) {
+        PyObject *item = PyTuple_GET_ITEM(shape, i);
+        Py_INCREF(item);
+        PyTuple_SET_ITEM(out, 3 + i, item);
+    }
+    for (Py_ssize_t i = 0; i < nstride; ++i) {
+        PyObject *item = PyTuple_GET_ITEM(stride, i);
+        Py_INCREF(item);
+        PyTuple_SET_ITEM(out, 3 + ndim + i, item);
+    }
+    goto done;
+fallback:
+    PyErr_Clear();
+    out = PyObject_CallOneArg(S.snapshot, value);
+done:
+    Py_XDECREF(dtype);
+    Py_XDECREF(device);
+    Py_XDECREF(shape);
+    Py_XDECREF(stride);
+    return out;
+}
+
+/* ---- the crash journal (journal.Journal's begin/end, on its own lists) -------------- */
+
+static inline void put_u16(unsigned char *p, uint16_t v) { memcpy(p, &v, 2); }
+static inline void put_u32(unsigned char *p, uint32_t v) { memcpy(p, &v, 4); }
+static inline void put_u64(unsigned char *p, uint64_t v) { memcpy(p, &v, 8); }
+
+#define BODY_NAME_MAX 64
+/* journal_format.BODY = "<IQQQQqHH64sB": flags, trace hi/lo, span, parent span, start,
+ * name length, args length, name, state (last). */
+#define OFF_FLAGS 0
+#define OFF_TRACE_HI 4
+#define OFF_TRACE_LO 12
+#define OFF_SPAN 20
+#define OFF_PARENT_SPAN 28
+#define OFF_START 36
+#define OFF_NAME_LEN 44
+#define OFF_ARGS_LEN 46
+#define OFF_NAME 48
+#define OFF_STATE (OFF_NAME + BODY_NAME_MAX)
+#define ARGS_OFFSET (OFF_STATE + 1 + 3)
+
+static int split_u128(PyObject *value, uint64_t *hi, uint64_t *lo) {
+    unsigned char bytes[16];
+#if PY_VERSION_HEX >= 0x030D0000
+    if (_PyLong_AsByteArray((PyLongObject *)value, bytes, 16, 1, 0, 1) < 0) return -1;
+#else
+    if (_PyLong_AsByteArray((PyLongObject *)value, bytes, 16, 1, 0) < 0) return -1;
+#endif
+    memcpy(lo, bytes, 8);
+    memcpy(hi, bytes + 8, 8);
+    return 0;
+}
+
+/* journal.Journal._hot: (free, owners, offsets, buf, epoch, written, slot_size, mask). */
+enum { J_FREE, J_OWNERS, J_OFFSETS, J_BUF, J_EPOCH, J_WRITTEN, J_SLOT_SIZE, J_MASK, J_COUNT };
+
+static PyObject *journal_hot(PyObject *journal) {
+    PyObject *hot = PyObject_GetAttr(journal, S.s_hot);
+    if (hot == NULL) return NULL;
+    if (!PyTuple_CheckExact(hot) || PyTuple_GET_SIZE(hot) != J_COUNT ||
+        !PyList_Check(PyTuple_GET_ITEM(hot, J_FREE)) ||
+        !PyList_Check(PyTuple_GET_ITEM(hot, J_OWNERS)) ||
+        !PyList_Check(PyTuple_GET_ITEM(hot, J_OFFSETS)) ||
+        !PyList_Check(PyTuple_GET_ITEM(hot, J_WRITTEN))) {
+        Py_DECREF(hot);
+        PyErr_SetString(PyExc_TypeError, "journal state is not as expected");
+        return NULL;
+    }
+    return hot;
+}
+
+/* Note a call before it runs.  Returns a new reference to the token (or None when every
+ * slot is live), NULL with an exception on an internal error. */
+static PyObject *journal_begin(PyObject *journal, PyObject *record, PyObject *name_bytes,
+                               PyObject *args_bytes) {
+    PyObject *hot = journal_hot(journal), *token = NULL, *result = NULL;
+    Py_buffer view = {0};
+    if (hot == NULL) return NULL;
+    PyObject *free_list = PyTuple_GET_ITEM(hot, J_FREE);
+    PyObject *owners = PyTuple_GET_ITEM(hot, J_OWNERS);
+    PyObject *offsets = PyTuple_GET_ITEM(hot, J_OFFSETS);
+    PyObject *written = PyTuple_GET_ITEM(hot, J_WRITTEN);
+    Py_ssize_t nfree = PyList_GET_SIZE(free_list);
+    if (nfree == 0) {
+        PyObject *r = PyObject_CallOneArg(S.count, S.s_journal_full);
+        if (r == NULL) goto done;
+        Py_DECREF(r);
+        result = Py_None;
+        Py_INCREF(result);
+        goto done;
+    }
+    long long epoch = PyLong_AsLongLong(PyTuple_GET_ITEM(hot, J_EPOCH));
+    long long slot_size = PyLong_AsLongLong(PyTuple_GET_ITEM(hot, J_SLOT_SIZE));
+    Py_ssize_t index = PyLong_AsSsize_t(PyList_GET_ITEM(free_list, nfree - 1));
+    if (PyErr_Occurred()) goto done;
+    if (index < 0 || index >= PyList_GET_SIZE(owners) || index >= PyList_GET_SIZE(offsets) ||
+        index >= PyList_GET_SIZE(written))
+        goto bad_state;
+    Py_ssize_t offset = PyLong_AsSsize_t(PyList_GET_ITEM(offsets, index));
+    if (offset == -1 && PyErr_Occurred()) goto done;
+    uint64_t trace_hi, trace_lo, span_id, parent_span = 0;
+    PyObject *parent = slot_get(record, R_PARENT);
+    if (split_u128(slot_get(record, R_TRACE_ID), &trace_hi, &trace_lo) < 0) goto done;
+    span_id = PyLong_AsUnsignedLongLongMask(slot_get(record, R_SPAN_ID));
+    if (parent != Py_None) {
+        if (!PyTuple_Check(parent) || PyTuple_GET_SIZE(parent) < 2) goto bad_state;
+        parent_span = PyLong_AsUnsignedLongLongMask(PyTuple_GET_ITEM(parent, 1));
+    }
+    long long start_ns = PyLong_AsLongLong(slot_get(record, R_START_NS));
+    if (PyErr_Occurred()) goto done;
+    if (PyObject_GetBuffer(PyTuple_GET_ITEM(hot, J_BUF), &view, PyBUF_WRITABLE) < 0) goto done;
+    if (offset < 0 || slot_size < ARGS_OFFSET || offset + slot_size > view.len) goto bad_state;
+    token = PyLong_FromLongLong(epoch | (long long)index);
+    if (token == NULL) goto done;
+    /* Taken: from here on nothing can fail. */
+    if (PyList_SetSlice(free_list, nfree - 1, nfree, NULL) < 0) goto done;
+    Py_INCREF(token);
+    PyList_SetItem(owners, index, token); /* steals */
+    unsigned char *slot = (unsigned char *)view.buf + offset;
+    Py_ssize_t args_len = 0;
+    if (args_bytes != NULL && PyBytes_Check(args_bytes)) {
+        args_len = PyBytes_GET_SIZE(args_bytes);
+        if (args_len > slot_size - ARGS_OFFSET) args_len = slot_size - ARGS_OFFSET;
+        if (args_len > 0xFFFF) args_len = 0xFFFF;
+        if (PyList_GET_ITEM(written, index) != args_bytes) {
+            memcpy(slot + ARGS_OFFSET, PyBytes_AS_STRING(args_bytes), (size_t)args_len);
+            Py_INCREF(args_bytes);
+            PyList_SetItem(written, index, args_bytes);
+        }
+    }
+    Py_ssize_t name_len = PyBytes_GET_SIZE(name_bytes);
+    if (name_len > BODY_NAME_MAX) name_len = BODY_NAME_MAX;
+    put_u32(slot + OFF_FLAGS, parent != Py_None ? 1u : 0u);
+    put_u64(slot + OFF_TRACE_HI, trace_hi);
+    put_u64(slot + OFF_TRACE_LO, trace_lo);
+    put_u64(slot + OFF_SPAN, span_id);
+    put_u64(slot + OFF_PARENT_SPAN, parent_span);
+    put_u64(slot + OFF_START, (uint64_t)start_ns);
+    put_u16(slot + OFF_NAME_LEN, (uint16_t)name_len);
+    put_u16(slot + OFF_ARGS_LEN, (uint16_t)args_len);
+    memcpy(slot + OFF_NAME, PyBytes_AS_STRING(name_bytes), (size_t)name_len);
+    memset(slot + OFF_NAME + name_len, 0, (size_t)(BODY_NAME_MAX - name_len));
+    __atomic_store_n(slot + OFF_STATE, (unsigned char)1, __ATOMIC_RELEASE);
+    result = token;
+    token = NULL;
+    goto done;
+bad_state:
+    if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "journal state is not as expected");
+done:
+    if (view.obj != NULL) PyBuffer_Release(&view);
+    Py_XDECREF(token);
+    Py_DECREF(hot);
+    return result;
+}
+
+/* The call of ``token`` finished: clear its note (journal.Journal.end). 0 or -1. */
+static int journal_end(PyObject *journal, PyObject *token) {
+    int rc = -1;
+    Py_buffer view = {0};
+    PyObject *hot = journal_hot(journal);
+    if (hot == NULL) return -1;
+    PyObject *owners = PyTuple_GET_ITEM(hot, J_OWNERS);
+    long long mask = PyLong_AsLongLong(PyTuple_GET_ITEM(hot, J_MASK));
+    long long tok = PyLong_AsLongLong(token);
+    if (PyErr_Occurred()) goto done;
+    Py_ssize_t index = (Py_ssize_t)(tok & mask);
+    if (index >= PyList_GET_SIZE(owners)) goto done;
+    int same = PyObject_RichCompareBool(PyList_GET_ITEM(owners, index), token, Py_EQ);
+    if (same < 0) goto done;
+    if (!same) { /* a call begun before a fork, or a slot already given back */
+        rc = 0;
+        goto done;
+    }
+    PyObject *offsets = PyTuple_GET_ITEM(hot, J_OFFSETS);
+    if (index >= PyList_GET_SIZE(offsets)) goto done;
+    Py_ssize_t offset = PyLong_AsSsize_t(PyList_GET_ITEM(offsets, index));
+    if (offset == -1 && PyErr_Occurred()) goto done;
+    if (PyObject_GetBuffer(PyTuple_GET_ITEM(hot, J_BUF), &view, PyBUF_WRITABLE) < 0) goto done;
+    if (offset >= 0 && offset + OFF_STATE < view.len)
+        __atomic_store_n((unsigned char *)view.buf + offset + OFF_STATE, (unsigned char)0,
+                         __ATOMIC_RELEASE);
+    Py_INCREF(S.zero);
+    PyList_SetItem(owners, index, S.zero);
+    PyObject *idx = PyLong_FromSsize_t(index);
+    if (idx == NULL) goto done;
+    rc = PyList_Append(PyTuple_GET_ITEM(hot, J_FREE), idx);
+    Py_DECREF(idx);
+done:
+    if (rc < 0 && !PyErr_Occurred())
+        PyErr_SetString(PyExc_TypeError, "journal state is not as expected");
+    if (view.obj != NULL) PyBuffer_Release(&view);
+    Py_DECREF(hot);
+    return rc;
+}
+
+/* ---- the per-wrapper Entry object --------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *api_name;   /* str */
+    PyObject *base_attrs; /* dict shared by every record until the worker owns it */
+    PyObject *name_bytes; /* journal name */
+    PyObject *plan;       /* spans.ArgPlan */
+    PyObject *describe;   /* callable set on record.describe from level 3 */
+    PyObject *on_capture; /* callable(record, capture) */
+    PyObject *befores;    /* tuple of callables(record, plan, args, kwargs) -> state */
+    PyObject *afters;     /* tuple of callables(record, state, result, error), in call order */
+    PyObject *journal;    /* journal.Journal or None */
+    PyObject *runtime;    /* runtime.Runtime (sample_root) */
+    PyObject *submit;     /* pipeline.submit */
+    PyObject *gpu;        /* gpu_timing.NativeTimer (GPU time of eager CUDA calls) or None */
+    /* The journal bytes of the last call's arguments and the snapshots they encode: a
+     * call with the same snapshots reuses them without the encoder's hashing. */
+    PyObject *last_data, *last_kw, *last_bytes;
+    int detailed, is_method, is_init, is_plan, is_run, skip_self;
+} Entry;
+
+static int entry_traverse(Entry *e, visitproc visit, void *arg) {
+    Py_VISIT(e->api_name);
+    Py_VISIT(e->base_attrs);
+    Py_VISIT(e->name_bytes);
+    Py_VISIT(e->plan);
+    Py_VISIT(e->describe);
+    Py_VISIT(e->on_capture);
+    Py_VISIT(e->befores);
+    Py_VISIT(e->afters);
+    Py_VISIT(e->journal);
+    Py_VISIT(e->runtime);
+    Py_VISIT(e->submit);
+    Py_VISIT(e->gpu);
+    Py_VISIT(e->last_data);
+    Py_VISIT(e->last_kw);
+    Py_VISIT(e->last_bytes);
+    return 0;
+}
+
+static int entry_clear(Entry *e) {
+    Py_CLEAR(e->api_name);
+    Py_CLEAR(e->base_attrs);
+    Py_CLEAR(e->name_bytes);
+    Py_CLEAR(e->plan);
+    Py_CLEAR(e->describe);
+    Py_CLEAR(e->on_capture);
+    Py_CLEAR(e->befores);
+    Py_CLEAR(e->afters);
+    Py_CLEAR(e->journal);
+    Py_CLEAR(e->runtime);
+    Py_CLEAR(e->submit);
+    Py_CLEAR(e->gpu);
+    Py_CLEAR(e->last_data);
+    Py_CLEAR(e->last_kw);
+    Py_CLEAR(e->last_bytes);
+    return 0;
+}
+
+static void entry_dealloc(Entry *e) {
+    PyObject_GC_UnTrack(e);
+    entry_clear(e);
+    Py_TYPE(e)->tp_free((PyObject *)e);
+}
+
+static int entry_init(Entry *e, PyObject *args, PyObject *kwargs) {
+    static char *kw[] = {"api_name", "base_attrs", "name_bytes", "plan", "describe",
+                         "on_capture", "befores", "afters", "journal", "runtime", "submit",
+                         "gpu", "detailed", "is_method", "is_init", "is_plan", "is_run", "skip_self",
+                         NULL};
+    PyObject *api_name, *base_attrs, *name_bytes, *plan, *describe, *on_capture, *befores,
+        *afters, *journal, *runtime, *submit, *gpu;
+    int detailed, is_method, is_init, is_plan, is_run, skip_self;
+    if (!S.ready) {
+        PyErr_SetString(PyExc_RuntimeError, "_hotpath.setup() was not called");
+        return -1;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "UO!O!OOOO!O!OOOOpppppp", kw, &api_name,
+                                     &PyDict_Type, &base_attrs, &PyBytes_Type, &name_bytes,
+                                     &plan, &describe, &on_capture, &PyTuple_Type, &befores,
+                                     &PyTuple_Type, &afters, &journal, &runtime, &submit,
+                                     &gpu, &detailed, &is_method, &is_init, &is_plan, &is_run,
+                                     &skip_self))
+        return -1;
+    entry_clear(e);
+#define SET(f) (Py_INCREF(f), e->f = f)
+    SET(api_name);
+    SET(base_attrs);
+    SET(name_bytes);
+    SET(plan);
+    SET(describe);
+    SET(on_capture);
+    SET(befores);
+    SET(afters);
+    SET(journal);
+    SET(runtime);
+    SET(submit);
+    SET(gpu);
+#undef SET
+    e->detailed = detailed;
+    e->is_method = is_method;
+    e->is_init = is_init;
+    e->is_plan = is_plan;
+    e->is_run = is_run;
+    e->skip_self = skip_self;
+    return 0;
+}
+
+static PyObject *new_record(Entry *e, PyObject *trace_id, PyObject *span_id, PyObject *parent) {
+    PyObject *record = S.record_type->tp_alloc(S.record_type, 0);
+    if (record == NULL) return NULL;
+    slot_set(record, R_NAME, e->api_name);
+    slot_set(record, R_TRACE_ID, trace_id);
+    slot_set(record, R_SPAN_ID, span_id);
+    slot_set(record, R_PARENT, parent);
+    slot_set(record, R_ATTRIBUTES, e->base_attrs);
+    slot_set(record, R_SHARED, Py_True);
+    slot_set(record, R_EVENTS, S.empty);
+    slot_set(record, R_LINKS, S.empty);
+    slot_set(record, R_PENDING, S.empty);
+    static const int nones[] = {R_ERROR, R_DESCRIBE, R_DATA, R_KW, R_RESULT, R_GPU,
+                                R_PLAN_LINK, R_TOKEN, R_SLOT, R_STATES, R_CAPTURE};
+    for (size_t i = 0; i < sizeof(nones) / sizeof(nones[0]); ++i)
+        slot_set(record, nones[i], Py_None);
+    slot_set(record, R_START_NS, S.zero);
+    slot_set(record, R_END_NS, S.zero);
+    slot_set(record, R_INSTANCE, S.zero);
+    slot_set(record, R_DEADLINE, S.zero_float);
+    return record;
+}
+
+static PyObject *new_span_context(PyObject *trace_id, PyObject *span_id) {
+    PyObject *sc = S.span_context_type->tp_alloc(S.span_context_type, 6);
+    if (sc == NULL) return NULL;
+    PyObject *items[6] = {trace_id, span_id, Py_False, S.sampled_flags,
+                          S.default_trace_state, Py_True};
+    for (int i = 0; i < 6; ++i) {
+        Py_INCREF(items[i]);
+        PyTuple_SET_ITEM(sc, i, items[i]);
+    }
+    return sc;
+}
+
+/* Remember/forget the plan span of a wrapper object (spans._Instances, same dict). */
+static int plans_forget(PyObject *key) {
+    if (PyDict_DelItem(S.plans, key) < 0) {
+        if (!PyErr_ExceptionMatches(PyExc_KeyError)) return -1;
+        PyErr_Clear();
+    }
+    return 0;
+}
+
+static int plans_remember(PyObject *key, PyObject *span_context) {
+    if (plans_forget(key) < 0 || PyDict_SetItem(S.plans, key, span_context) < 0) return -1;
+    if (PyDict_GET_SIZE(S.plans) > S.max_plans) { /* drop the oldest */
+        Py_ssize_t pos = 0;
+        PyObject *oldest, *value;
+        if (PyDict_Next(S.plans, &pos, &oldest, &value)) {
+            Py_INCREF(oldest);
+            int rc = PyDict_DelItem(S.plans, oldest);
+            Py_DECREF(oldest);
+            return rc;
+        }
+    }
+    return 0;
+}
+
+static PyObject *snapshots(Entry *e, PyObject *args) {
+    Py_ssize_t start = e->skip_self ? 1 : 0, n = PyTuple_GET_SIZE(args);
+    if (start > n) start = n;
+    PyObject *out = PyList_New(n - start);
+    if (out == NULL) return NULL;
+    for (Py_ssize_t i = start; i < n; ++i) {
+        PyObject *snap = snapshot(PyTuple_GET_ITEM(args, i));
+        if (snap == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, i - start, snap);
+    }
+    return out;
+}
+
+static PyObject *kw_snapshots(PyObject *kwargs) {
+    PyObject *out = PyDict_New();
+    if (out == NULL) return NULL;
+    Py_ssize_t pos = 0;
+    PyObject *key, *value;
+    while (PyDict_Next(kwargs, &pos, &key, &value)) {
+        PyObject *snap = snapshot(value);
+        if (snap == NULL || PyDict_SetItem(out, key, snap) < 0) {
+            Py_XDECREF(snap);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(snap);
+    }
+    return out;
+}
+
+/* Whether two argument snapshots encode the same: same types all the way down (1, True
+ * and 1.0 are equal but encode differently) and equal values; only tensor facts and
+ * scalars qualify.  1, 0, or -1 with an exception. */
+static int same_value(PyObject *a, PyObject *b) {
+    if (a == b) return 1;
+    if (Py_TYPE(a) != Py_TYPE(b)) return 0;
+    if (!(PyLong_CheckExact(a) || PyFloat_CheckExact(a) || PyUnicode_CheckExact(a)))
+        return 0;
+    return PyObject_RichCompareBool(a, b, Py_EQ);
+}
+
+static int same_snapshot(PyObject *a, PyObject *b) {
+    if (a == b) return 1;
+    if (Py_TYPE(a) != Py_TYPE(b)) return 0;
+    if (!PyTuple_CheckExact(a)) return same_value(a, b);
+    Py_ssize_t n = PyTuple_GET_SIZE(a);
+    if (n != PyTuple_GET_SIZE(b)) return 0;
+    for (Py_ssize_t i = 0; i < n; ++i) {
+        PyObject *x = PyTuple_GET_ITEM(a, i), *y = PyTuple_GET_ITEM(b, i);
+        if (x == y) continue;
+        if (i < 2) { /* dtype and device: equal objects of one type */
+            if (Py_TYPE(x) != Py_TYPE(y)) return 0;
+            int r = PyObject_RichCompareBool(x, y, Py_EQ);
+            if (r <= 0) return r;
+            continue;
+        }
+        int r = same_value(x, y);
+        if (r <= 0) return r;
+    }
+    return 1;
+}
+
+static int same_snapshots(PyObject *last, PyObject *now) {
+    if (last == NULL || now == NULL) return 0;
+    if (PyList_Check(last)) {
+        Py_ssize_t n = PyList_GET_SIZE(last);
+        if (!PyList_Check(now) || PyList_GET_SIZE(now) != n) return 0;
+        for (Py_ssize_t i = 0; i < n; ++i) {
+            int r = same_snapshot(PyList_GET_ITEM(last, i), PyList_GET_ITEM(now, i));
+            if (r <= 0) return r;
+        }
+        return 1;
+    }
+    if (PyDict_Check(last)) {
+        if (!PyDict_Check(now) || PyDict_GET_SIZE(now) != PyDict_GET_SIZE(last)) return 0;
+        Py_ssize_t pos = 0, pos2 = 0;
+        PyObject *k1, *v1, *k2, *v2;
+        while (PyDict_Next(last, &pos, &k1, &v1) && PyDict_Next(now, &pos2, &k2, &v2)) {
+            int r = PyObject_RichCompareBool(k1, k2, Py_EQ);
+            if (r <= 0) return r;
+            r = same_snapshot(v1, v2);
+            if (r <= 0) return r;
+        }
+        return 1;
+    }
+    return last == now; /* None and None */
+}
+
+/* The journal bytes of this call's argument snapshots (level 3): the last call's when
+ * its snapshots were the same, else the journal's encoder. */
+static PyObject *journal_args(Entry *e, PyObject *record) {
+    PyObject *data = slot_get(record, R_DATA), *kw = slot_get(record, R_KW);
+    if (e->last_bytes != NULL) {
+        int same = same_snapshots(e->last_data, data);
+        if (same > 0) same = same_snapshots(e->last_kw, kw);
+        if (same < 0) return NULL;
+        if (same) {
+            Py_INCREF(e->last_bytes);
+            return e->last_bytes;
+        }
+    }
+    PyObject *encoder = PyObject_GetAttr(e->journal, S.s_encoder);
+    if (encoder == NULL) return NULL;
+    PyObject *bytes = PyObject_CallMethodObjArgs(encoder, S.s_encode, data, kw, e->plan, NULL);
+    Py_DECREF(encoder);
+    if (bytes == NULL) return NULL;
+    Py_INCREF(data);
+    Py_INCREF(kw);
+    Py_INCREF(bytes);
+    Py_XSETREF(e->last_data, data);
+    Py_XSETREF(e->last_kw, kw);
+    Py_XSETREF(e->last_bytes, bytes);
+    return bytes;
+}
+
+/* Whether a call touches CUDA (gpu_timing._on_cuda): a CUDA tensor among the arguments,
+ * or first in a tuple/list argument.  1, 0, or -1 with an exception. */
+static int on_cuda(PyObject *args, PyObject *kwargs) {
+    Py_ssize_t n = PyTuple_GET_SIZE(args);
+    for (Py_ssize_t i = 0; i < n; ++i) {
+        PyObject *value = PyTuple_GET_ITEM(args, i);
+        int r = S.api->is_cuda(value);
+        if (r >= 0) {
+            if (r) return 1;
+            continue;
+        }
+        if ((PyTuple_Check(value) || PyList_Check(value)) && PySequence_Fast_GET_SIZE(value) > 0 &&
+            S.api->is_cuda(PySequence_Fast_GET_ITEM(value, 0)) == 1)
+            return 1;
+    }
+    Py_ssize_t pos = 0;
+    PyObject *key, *value;
+    while (PyDict_Next(kwargs, &pos, &key, &value))
+        if (S.api->is_cuda(value) == 1) return 1;
+    return 0;
+}
+
+/* A GPU time that will not come (gpu_timing.Unavailable), as a pending item. */
+static int gpu_unavailable(Entry *e, PyObject *record, long long code) {
+    PyObject *c = PyLong_FromLongLong(code);
+    if (c == NULL) return -1;
+    PyObject *pending = PyObject_CallMethodOneArg(e->gpu, S.s_unavailable, c);
+    Py_DECREF(c);
+    if (pending == NULL) return -1;
+    PyObject *r = PyObject_CallMethodOneArg(record, S.s_add_pending, pending);
+    Py_DECREF(pending);
+    if (r == NULL) return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* The start event of an eager CUDA call: until leave, record.gpu holds -(slot + 1), which
+ * no packed pair can equal. */
+static int gpu_begin(Entry *e, PyObject *record, PyObject *args, PyObject *kwargs) {
+    if (S.api == NULL) { /* the event pool is still compiling, or failed: Python says so */
+        PyObject *r = PyObject_CallMethodObjArgs(e->gpu, S.s_unready, record, args, kwargs, NULL);
+        if (r == NULL) return -1;
+        Py_DECREF(r);
+        return 0;
+    }
+    int cuda = on_cuda(args, kwargs);
+    if (cuda <= 0) return cuda;
+    int64_t start = S.api->record();
+    if (start < 0) return gpu_unavailable(e, record, start);
+    PyObject *slot = PyLong_FromLongLong(-(start + 1));
+    if (slot == NULL) {
+        S.api->release(start);
+        return -1;
+    }
+    slot_steal(record, R_GPU, slot);
+    return 0;
+}
+
+/* The end event: record.gpu becomes the packed pair ``start << 16 | end``. */
+static int gpu_end(Entry *e, PyObject *record) {
+    PyObject *slot = slot_get(record, R_GPU);
+    if (slot == NULL || !PyLong_CheckExact(slot) || S.api == NULL) return 0;
+    long long start = -PyLong_AsLongLong(slot) - 1;
+    if (start < 0) return 0; /* already a packed pair */
+    int64_t end = S.api->record();
+    if (end < 0) {
+        S.api->release(start);
+        slot_set(record, R_GPU, Py_None);
+        return gpu_unavailable(e, record, end);
+    }
+    PyObject *packed = PyLong_FromLongLong((start << 16) | end);
+    if (packed == NULL) {
+        S.api->release(start);
+        S.api->release(end);
+        slot_set(record, R_GPU, Py_None);
+        return -1;
+    }
+    slot_steal(record, R_GPU, packed);
+    return 0;
+}
+
+/* span.get_span_context(), read straight from ``span._context`` when the span's class
+ * uses one of the getters known to do just that (the SDK's Span, NonRecordingSpan). */
+static PyObject *current_span_context(PyObject *span) {
+    PyObject *getter = _PyType_Lookup(Py_TYPE(span), S.s_get_span_context); /* borrowed */
+    if (getter != NULL) {
+        Py_ssize_t n = PyTuple_GET_SIZE(S.plain_getters);
+        for (Py_ssize_t i = 0; i < n; ++i) {
+            if (PyTuple_GET_ITEM(S.plain_getters, i) != getter) continue;
+            PyObject *context = PyObject_GetAttr(span, S.s_context);
+            if (context != NULL) return context;
+            PyErr_Clear();
+            break;
+        }
+    }
+    return PyObject_CallMethodNoArgs(span, S.s_get_span_context);
+}
+
+/* enter(args, kwargs) -> CallRecord of a traced call about to run, or None (not
+ * traced: suppressed, not sampled, or an internal error, which is reported). */
+static PyObject *entry_enter(Entry *e, PyObject *const *argv, Py_ssize_t nargs) {
+    if (nargs != 2 || !PyTuple_Check(argv[0]) || !PyDict_Check(argv[1])) {
+        PyErr_SetString(PyExc_TypeError, "enter(args: tuple, kwargs: dict)");
+        return NULL; /* a programming error of ours, not the user's call */
+    }
+    PyObject *args = argv[0], *kwargs = argv[1];
+    PyObject *ctx = NULL, *parent = NULL, *trace_id = NULL, *span_id = NULL, *record = NULL;
+    PyObject *span_context = NULL, *nrs = NULL, *new_ctx = NULL, *token = NULL;
+    PyObject *slot = NULL, *key = NULL;
+    const char *where = "tracing a call failed before the call";
+
+    if (PyContextVar_Get(S.var, NULL, &ctx) < 0) goto error;
+    if (ctx == NULL || !PyDict_Check(ctx)) goto untraced;
+    PyObject *suppress = PyDict_GetItemWithError(ctx, S.suppress_key);
+    if (suppress != NULL) {
+        int truth = PyObject_IsTrue(suppress);
+        if (truth < 0) goto error;
+        if (truth) goto untraced;
+    } else if (PyErr_Occurred()) {
+        goto error;
+    }
+    PyObject *span = PyDict_GetItemWithError(ctx, S.span_key);
+    if (span != NULL) {
+        parent = current_span_context(span);
+        if (parent == NULL) goto error;
+    } else if (PyErr_Occurred()) {
+        goto error;
+    } else {
+        parent = PyDict_GetItemWithError(S.spans_globals, S.s_process_parent);
+        if (parent == NULL && PyErr_Occurred()) goto error;
+        if (parent == NULL) parent = Py_None;
+        Py_INCREF(parent);
+    }
+    int valid = 0;
+    if (parent != Py_None) {
+        if (!PyObject_TypeCheck(parent, S.span_context_type) || PyTuple_GET_SIZE(parent) < 6) {
+            PyErr_SetString(PyExc_TypeError, "the current span's context is not a SpanContext");
+            goto error;
+        }
+        valid = PyObject_IsTrue(PyTuple_GET_ITEM(parent, 5));
+        if (valid < 0) goto error;
+    }
+    uint64_t bits;
+    if (valid) {
+        long flags = PyLong_AsLong(PyTuple_GET_ITEM(parent, 3));
+        if (flags == -1 && PyErr_Occurred()) goto error;
+        if (!(flags & 1)) goto untraced;
+        trace_id = PyTuple_GET_ITEM(parent, 0);
+        Py_INCREF(trace_id);
+    } else {
+        uint64_t hi, lo;
+        if (rng_next(&hi) < 0 || rng_next(&lo) < 0) {
+            PyErr_SetString(PyExc_OSError, "getrandom failed");
+            goto error;
+        }
+        unsigned char bytes[16];
+        memcpy(bytes, &lo, 8);
+        memcpy(bytes + 8, &hi, 8);
+        trace_id = _PyLong_FromByteArray(bytes, 16, 1, 0);
+        if (trace_id == NULL) goto error;
+        PyObject *sampled = PyObject_CallMethodObjArgs(e->runtime, S.s_sample_root, trace_id,
+                                                       e->api_name, NULL);
+        if (sampled == NULL) goto error;
+        int truth = PyObject_IsTrue(sampled);
+        Py_DECREF(sampled);
+        if (truth < 0) goto error;
+        if (!truth) goto untraced;
+        Py_DECREF(parent);
+        parent = Py_None;
+        Py_INCREF(parent);
+    }
+    if (rng_next(&bits) < 0) {
+        PyErr_SetString(PyExc_OSError, "getrandom failed");
+        goto error;
+    }
+    span_id = PyLong_FromUnsignedLongLong(bits);
+    if (span_id == NULL) goto error;
+    record = new_record(e, trace_id, span_id, parent);
+    if (record == NULL) goto error;
+    span_context = new_span_context(trace_id, span_id);
+    if (span_context == NULL) goto error;
+
+    if (e->is_method && PyTuple_GET_SIZE(args) > 0) {
+        key = PyLong_FromVoidPtr(PyTuple_GET_ITEM(args, 0));
+        if (key == NULL) goto error;
+        slot_set(record, R_INSTANCE, key);
+        if (e->is_init) {
+            if (plans_forget(key) < 0) goto error;
+        } else if (e->is_plan) {
+            if (plans_remember(key, span_context) < 0) goto error;
+        } else if (e->is_run) {
+            PyObject *plan_context = PyDict_GetItemWithError(S.plans, key);
+            if (plan_context != NULL) slot_set(record, R_PLAN_LINK, plan_context);
+            else if (PyErr_Occurred()) goto error;
+        }
+    }
+    PyObject *capturing = PyDict_GetItemWithError(S.graphs_globals, S.s_capturing);
+    if (capturing == NULL && PyErr_Occurred()) goto error;
+    if (capturing != NULL && capturing != Py_None) {
+        PyObject *capture = PyObject_CallNoArgs(S.capture_state);
+        if (capture == NULL) goto error;
+        if (capture != Py_None) {
+            PyObject *r = PyObject_CallFunctionObjArgs(e->on_capture, record, capture, NULL);
+            if (r == NULL) {
+                Py_DECREF(capture);
+                goto error;
+            }
+            Py_DECREF(r);
+        }
+        slot_steal(record, R_CAPTURE, capture);
+    }
+    PyObject *args_bytes = NULL;
+    if (e->detailed) {
+        PyObject *data = snapshots(e, args);
+        if (data == NULL) goto error;
+        slot_steal(record, R_DATA, data);
+        if (PyDict_GET_SIZE(kwargs) > 0) {
+            PyObject *kw = kw_snapshots(kwargs);
+            if (kw == NULL) goto error;
+            slot_steal(record, R_KW, kw);
+        }
+    }
+    Py_ssize_t nbefore = PyTuple_GET_SIZE(e->befores);
+    if (nbefore > 0) {
+        PyObject *states = PyList_New(nbefore);
+        if (states == NULL) goto error;
+        slot_steal(record, R_STATES, states);
+        for (Py_ssize_t i = 0; i < nbefore; ++i) {
+            PyObject *state = PyObject_CallFunctionObjArgs(PyTuple_GET_ITEM(e->befores, i),
+                                                           record, e->plan, args, kwargs, NULL);
+            if (state == NULL) goto error; /* states begun so far: abandoned like Python's */
+            PyList_SET_ITEM(states, i, state);
+        }
+    }
+    if (e->gpu != Py_None && slot_get(record, R_CAPTURE) == Py_None &&
+        gpu_begin(e, record, args, kwargs) < 0)
+        goto error;
+    PyObject *start = now_ns();
+    if (start == NULL) goto error;
+    slot_steal(record, R_START_NS, start);
+    if (e->journal != Py_None) {
+        if (e->detailed) {
+            args_bytes = journal_args(e, record);
+            if (args_bytes == NULL) goto error;
+        }
+        slot = journal_begin(e->journal, record, e->name_bytes, args_bytes);
+        Py_XDECREF(args_bytes);
+        if (slot == NULL) goto error;
+    }
+    nrs = PyObject_CallOneArg((PyObject *)S.non_recording_type, span_context);
+    if (nrs == NULL) goto error_journal;
+    new_ctx = PyObject_CallNoArgs((PyObject *)Py_TYPE(ctx));
+    if (new_ctx == NULL || !PyDict_Check(new_ctx)) goto error_journal;
+    if (PyDict_Update(new_ctx, ctx) < 0 || PyDict_SetItem(new_ctx, S.span_key, nrs) < 0)
+        goto error_journal;
+    token = PyContextVar_Set(S.var, new_ctx);
+    if (token == NULL) goto error_journal;
+    slot_steal(record, R_TOKEN, token);
+    if (slot != NULL) slot_steal(record, R_SLOT, slot);
+    slot = NULL;
+    goto done;
+
+error_journal:
+    if (slot != NULL && slot != Py_None) {
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        if (journal_end(e->journal, slot) < 0) PyErr_Clear();
+        PyErr_Restore(type, value, tb);
+    }
+error:
+    report_error(where);
+untraced:
+    Py_CLEAR(record);
+done:
+    Py_XDECREF(ctx);
+    Py_XDECREF(parent);
+    Py_XDECREF(trace_id);
+    Py_XDECREF(span_id);
+    Py_XDECREF(span_context);
+    Py_XDECREF(nrs);
+    Py_XDECREF(new_ctx);
+    Py_XDECREF(slot);
+    Py_XDECREF(key);
+    if (record == NULL) Py_RETURN_NONE;
+    return record;
+}
+
+/* leave(record, result): the traced call returned ``result``. Never raises; the journal
+ * note is cleared even when a step before it failed. */
+static PyObject *entry_leave(Entry *e, PyObject *const *argv, Py_ssize_t nargs) {
+    if (nargs != 2 || !PyObject_TypeCheck(argv[0], S.record_type)) {
+        PyErr_SetString(PyExc_TypeError, "leave(record, result)");
+        return NULL;
+    }
+    PyObject *record = argv[0], *result = argv[1];
+    PyObject *slot = slot_get(record, R_SLOT);
+    if (slot != NULL && slot != Py_None) Py_INCREF(slot);
+    else slot = NULL;
+    slot_set(record, R_SLOT, Py_None);
+    PyObject *end = now_ns();
+    if (end == NULL) goto error;
+    slot_steal(record, R_END_NS, end);
+    PyObject *token = slot_get(record, R_TOKEN);
+    if (token != NULL && token != Py_None) {
+        Py_INCREF(token);
+        slot_set(record, R_TOKEN, Py_None);
+        int rc = PyContextVar_Reset(S.var, token);
+        Py_DECREF(token);
+        if (rc < 0) goto error;
+    }
+    if (e->gpu != Py_None && gpu_end(e, record) < 0) goto error;
+    PyObject *states = slot_get(record, R_STATES);
+    Py_ssize_t nafter = PyTuple_GET_SIZE(e->afters);
+    if (nafter > 0 && states != NULL && PyList_Check(states)) {
+        Py_INCREF(states);
+        slot_set(record, R_STATES, Py_None);
+        Py_ssize_t n = PyList_GET_SIZE(states);
+        for (Py_ssize_t i = 0; i < nafter && i < n; ++i) {
+            PyObject *r = PyObject_CallFunctionObjArgs(PyTuple_GET_ITEM(e->afters, i), record,
+                                                       PyList_GET_ITEM(states, n - 1 - i),
+                                                       result, Py_None, NULL);
+            if (r == NULL) {
+                Py_DECREF(states);
+                goto error;
+            }
+            Py_DECREF(r);
+        }
+        Py_DECREF(states);
+    }
+    if (e->detailed) {
+        PyObject *snap = snapshot(result);
+        if (snap == NULL) goto error;
+        slot_steal(record, R_RESULT, snap);
+        slot_set(record, R_DESCRIBE, e->describe);
+    }
+    PyObject *capture = slot_get(record, R_CAPTURE);
+    if (capture != NULL && capture != Py_None) {
+        Py_INCREF(capture);
+        slot_set(record, R_CAPTURE, Py_None);
+        PyObject *r = PyObject_CallMethodOneArg(capture, S.s_add, record);
+        Py_DECREF(capture);
+        if (r == NULL) goto error;
+        Py_DECREF(r);
+    }
+    PyObject *r = PyObject_CallOneArg(e->submit, record);
+    if (r == NULL) goto error;
+    Py_DECREF(r);
+    if (slot != NULL) {
+        int rc = journal_end(e->journal, slot);
+        Py_CLEAR(slot);
+        if (rc < 0) goto error;
+    }
+    Py_RETURN_NONE;
+error:
+    report_error("tracing a call failed after the call");
+    if (slot != NULL) {
+        if (journal_end(e->journal, slot) < 0) report_error("clearing a journal note failed");
+        Py_DECREF(slot);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *entry_journal_end(Entry *e, PyObject *token) {
+    if (e->journal != Py_None && token != Py_None && journal_end(e->journal, token) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *entry_gpu_end(Entry *e, PyObject *record) {
+    if (!PyObject_TypeCheck(record, S.record_type)) {
+        PyErr_SetString(PyExc_TypeError, "gpu_end(record)");
+        return NULL;
+    }
+    if (e->gpu != Py_None && gpu_end(e, record) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef entry_methods[] = {
+    {"gpu_end", (PyCFunction)entry_gpu_end, METH_O,
+     "record the end event of a call that raised"},
+    {"enter", (PyCFunction)(void (*)(void))entry_enter, METH_FASTCALL,
+     "enter(args, kwargs) -> CallRecord or None"},
+    {"leave", (PyCFunction)(void (*)(void))entry_leave, METH_FASTCALL,
+     "leave(record, result) -> None; never raises"},
+    {"journal_end", (PyCFunction)entry_journal_end, METH_O,
+     "clear the journal note of a token (the error path)"},
+    {NULL, NULL, 0, NULL}};
+
+static PyTypeObject EntryType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "otel_flashinfer._hotpath.Entry",
+    .tp_basicsize = sizeof(Entry),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The native enter/leave of one traced target (see spans.make_wrapper).",
+    .tp_traverse = (traverseproc)entry_traverse,
+    .tp_clear = (inquiry)entry_clear,
+    .tp_dealloc = (destructor)entry_dealloc,
+    .tp_init = (initproc)entry_init,
+    .tp_new = PyType_GenericNew,
+    .tp_methods = entry_methods,
+};
+
+/* ---- module ------------------------------------------------------------------------ */
+
+static PyObject *hp_snapshot(PyObject *self, PyObject *value) {
+    if (!S.ready) {
+        PyErr_SetString(PyExc_RuntimeError, "_hotpath.setup() was not called");
+        return NULL;
+    }
+    return snapshot(value);
+}
+
+static PyObject *hp_random_id(PyObject *self, PyObject *unused) {
+    uint64_t bits;
+    if (rng_next(&bits) < 0) return PyErr_SetFromErrno(PyExc_OSError);
+    return PyLong_FromUnsignedLongLong(bits);
+}
+
+static PyObject *hp_register_api(PyObject *self, PyObject *capsule) {
+    const otel_flashinfer_hotpath_api *api =
+        PyCapsule_GetPointer(capsule, "otel_flashinfer.hotpath_api");
+    if (api == NULL) return NULL;
+    if (api->version != OTEL_FLASHINFER_HOTPATH_API_VERSION) {
+        PyErr_Format(PyExc_RuntimeError, "event pool API version %d, expected %d", api->version,
+                     OTEL_FLASHINFER_HOTPATH_API_VERSION);
+        return NULL;
+    }
+    S.api = api;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef module_methods[] = {
+    {"register_api", hp_register_api, METH_O,
+     "use the CUDA event pool's events and tensor facts (a capsule)"},
+    {"setup", (PyCFunction)(void (*)(void))hp_setup, METH_VARARGS | METH_KEYWORDS,
+     "bind the OTel context, CallRecord and helpers (once per process)"},
+    {"snapshot", hp_snapshot, METH_O, "describe.snapshot with tensors done in C"},
+    {"random_id", hp_random_id, METH_NOARGS, "a nonzero random 64-bit id"},
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_hotpath",
+                                        "The caller's side of a traced call, in C.", -1,
+                                        module_methods};
+
+PyMODINIT_FUNC PyInit__hotpath(void) {
+    if (PyType_Ready(&EntryType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module_def);
+    if (m == NULL) return NULL;
+    Py_INCREF(&EntryType);
+    if (PyModule_AddObject(m, "Entry", (PyObject *)&EntryType) < 0) {
+        Py_DECREF(&EntryType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    if (PyModule_AddIntConstant(m, "BODY_SIZE", OFF_STATE + 1) < 0 ||
+        PyModule_AddIntConstant(m, "ARGS_OFFSET", ARGS_OFFSET) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    static int atfork_done = 0;
+    if (!atfork_done) {
+        pthread_atfork(NULL, NULL, rng_child_after_fork);
+        atfork_done = 1;
+    }
+    return m;
+}

@@ -1,0 +1,105 @@
+"""The optional C hot path (``csrc/hotpath.c``, built at install time when a compiler
+exists): binds it once to the OTel context and our record type.
+
+``entry_type()`` is the ``_hotpath.Entry`` class when the extension loaded and fits
+this process (the default contextvars runtime context, the journal layout it was
+built for), else None, and ``spans.make_wrapper`` then builds the pure-Python wrapper,
+which does the same work.  ``enabled = False`` forces that path (tests compare both).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from . import health
+
+#: Tests set this to False to exercise the pure-Python wrapper.
+enabled = True
+
+_lock = threading.Lock()
+_entry: Any = None
+_state = "unloaded"  # unloaded | ready | unavailable
+
+
+def _bind(var: Any) -> Any:
+    from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY
+    from opentelemetry.trace import NonRecordingSpan, SpanContext
+    from opentelemetry.trace.propagation import _SPAN_KEY
+    from opentelemetry.trace.span import DEFAULT_TRACE_STATE
+
+    from . import _hotpath, describe, graphs, pipeline, spans
+    from . import journal_format as fmt
+
+    if (_hotpath.BODY_SIZE, _hotpath.ARGS_OFFSET) != (fmt.BODY.size, fmt.ARGS_OFFSET):
+        raise RuntimeError("the C hot path was built for another journal layout")
+    _hotpath.setup(
+        var=var, suppress_key=_SUPPRESS_INSTRUMENTATION_KEY, span_key=_SPAN_KEY,
+        span_context_type=SpanContext, non_recording_type=NonRecordingSpan,
+        record_type=pipeline.CallRecord, empty=pipeline._EMPTY,
+        sampled_flags=spans._SAMPLED, default_trace_state=DEFAULT_TRACE_STATE,
+        spans_globals=vars(spans), graphs_globals=vars(graphs),
+        capture_state=graphs.capture_state, snapshot=describe.snapshot,
+        plans=spans.instances.plans, max_plans=spans._MAX_INSTANCES,
+        report=health.report, count=health.count, plain_getters=_plain_getters(),
+    )
+    return _hotpath.Entry
+
+
+_CAST_NAMES = {"_context", "typing", "cast", "trace_api", "SpanContext"}
+
+
+def _plain_getters() -> tuple[Any, ...]:
+    """``get_span_context`` functions whose whole body is ``return self._context``
+    (checked here, so an SDK that changes them loses only the shortcut)."""
+    from opentelemetry.trace import NonRecordingSpan
+
+    classes: list[Any] = [NonRecordingSpan]
+    try:
+        from opentelemetry.sdk.trace import Span
+
+        classes.append(Span)
+    except ImportError:
+        pass
+    getters = []
+    for cls in classes:
+        fn = cls.__dict__.get("get_span_context")
+        code = getattr(fn, "__code__", None)
+        # ``return self._context``, possibly through ``typing.cast(SpanContext, ...)``
+        if (code is not None and code.co_argcount == 1 and "_context" in code.co_names
+                and set(code.co_names) <= _CAST_NAMES):
+            getters.append(fn)
+    return tuple(getters)
+
+
+def entry_type(var: Any) -> Any:
+    """``_hotpath.Entry`` bound to ``var`` (OTel's context variable), or None."""
+    global _entry, _state
+    if not enabled or var is None:
+        return None
+    if _state == "unloaded":
+        with _lock:
+            if _state == "unloaded":
+                try:
+                    _entry = _bind(var)
+                    _state = "ready"
+                except ImportError:
+                    _state = "unavailable"  # built without a compiler: Python path
+                except Exception as exc:  # noqa: BLE001 - fall back, say why once
+                    _state = "unavailable"
+                    health.report("native_unavailable", "the C hot path did not load; "
+                                  "using the Python wrapper", exc)
+    return _entry if _state == "ready" else None
+
+
+def register_api(capsule: Any) -> None:
+    """Lend the C hot path the CUDA event pool's events and tensor facts
+    (``csrc/hotpath_api.h``) once ``gpu_timing`` has built the pool."""
+    try:
+        from . import _hotpath
+    except ImportError:
+        return
+    try:
+        _hotpath.register_api(capsule)
+    except Exception as exc:  # noqa: BLE001 - GPU times then come from Python hooks only
+        health.report("native_unavailable", "the C hot path cannot use the event pool", exc)
