@@ -1193,12 +1193,6 @@ static PyObject *hp_snapshot(PyObject *self, PyObject *value) {
     return snapshot(value);
 }
 
-static PyObject *hp_random_id(PyObject *self, PyObject *unused) {
-    uint64_t bits;
-    if (rng_next(&bits) < 0) return PyErr_SetFromErrno(PyExc_OSError);
-    return PyLong_FromUnsignedLongLong(bits);
-}
-
 static PyObject *hp_register_api(PyObject *self, PyObject *capsule) {
     const otel_flashinfer_hotpath_api *api =
         PyCapsule_GetPointer(capsule, "otel_flashinfer.hotpath_api");
@@ -1218,7 +1212,6 @@ static PyMethodDef module_methods[] = {
     {"setup", (PyCFunction)(void (*)(void))hp_setup, METH_VARARGS | METH_KEYWORDS,
      "bind the OTel context, CallRecord and helpers (once per process)"},
     {"snapshot", hp_snapshot, METH_O, "describe.snapshot with tensors done in C"},
-    {"random_id", hp_random_id, METH_NOARGS, "a nonzero random 64-bit id"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_hotpath",
