@@ -357,6 +357,34 @@ static int split_u128(PyObject *value, uint64_t *hi, uint64_t *lo) {
 /* journal.Journal._hot: (free, owners, offsets, buf, epoch, written, slot_size, mask). */
 enum { J_FREE, J_OWNERS, J_OFFSETS, J_BUF, J_EPOCH, J_WRITTEN, J_SLOT_SIZE, J_MASK, J_COUNT };
 
+/* The writable memory of a ``_hot`` tuple's buffer, looked up once per tuple: Journal
+ * publishes a new tuple before it unmaps the old buffer, and the reference held here
+ * keeps the tuple's address from being reused, so a cached pointer is never stale. */
+static PyObject *buffer_of_hot = NULL;
+static unsigned char *buffer_ptr = NULL;
+static Py_ssize_t buffer_len = 0;
+
+static int journal_buffer(PyObject *hot, unsigned char **ptr, Py_ssize_t *len) {
+    if (hot != buffer_of_hot) {
+        Py_buffer view;
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(hot, J_BUF), &view, PyBUF_WRITABLE) < 0)
+            return -1;
+        buffer_ptr = (unsigned char *)view.buf;
+        buffer_len = view.len;
+        PyBuffer_Release(&view);
+        Py_INCREF(hot);
+        Py_XSETREF(buffer_of_hot, hot);
+    }
+    *ptr = buffer_ptr;
+    *len = buffer_len;
+    return 0;
+}
+
+/* The two halves of a 128-bit trace id; the last one is remembered (a step's calls all
+ * share their parent's trace id object). */
+static PyObject *split_trace_id = NULL;
+static uint64_t split_hi, split_lo;
+
 static PyObject *journal_hot(PyObject *journal) {
     PyObject *hot = PyObject_GetAttr(journal, S.s_hot);
     if (hot == NULL) return NULL;
@@ -377,7 +405,6 @@ static PyObject *journal_hot(PyObject *journal) {
 static PyObject *journal_begin(PyObject *journal, PyObject *record, PyObject *name_bytes,
                                PyObject *args_bytes) {
     PyObject *hot = journal_hot(journal), *token = NULL, *result = NULL;
-    Py_buffer view = {0};
     if (hot == NULL) return NULL;
     PyObject *free_list = PyTuple_GET_ITEM(hot, J_FREE);
     PyObject *owners = PyTuple_GET_ITEM(hot, J_OWNERS);
@@ -403,7 +430,14 @@ static PyObject *journal_begin(PyObject *journal, PyObject *record, PyObject *na
     if (offset == -1 && PyErr_Occurred()) goto done;
     uint64_t trace_hi, trace_lo, span_id, parent_span = 0;
     PyObject *parent = slot_get(record, R_PARENT);
-    if (split_u128(slot_get(record, R_TRACE_ID), &trace_hi, &trace_lo) < 0) goto done;
+    PyObject *trace_id = slot_get(record, R_TRACE_ID);
+    if (trace_id != split_trace_id) {
+        if (split_u128(trace_id, &split_hi, &split_lo) < 0) goto done;
+        Py_INCREF(trace_id);
+        Py_XSETREF(split_trace_id, trace_id);
+    }
+    trace_hi = split_hi;
+    trace_lo = split_lo;
     span_id = PyLong_AsUnsignedLongLongMask(slot_get(record, R_SPAN_ID));
     if (parent != Py_None) {
         if (!PyTuple_Check(parent) || PyTuple_GET_SIZE(parent) < 2) goto bad_state;
@@ -411,15 +445,17 @@ static PyObject *journal_begin(PyObject *journal, PyObject *record, PyObject *na
     }
     long long start_ns = PyLong_AsLongLong(slot_get(record, R_START_NS));
     if (PyErr_Occurred()) goto done;
-    if (PyObject_GetBuffer(PyTuple_GET_ITEM(hot, J_BUF), &view, PyBUF_WRITABLE) < 0) goto done;
-    if (offset < 0 || slot_size < ARGS_OFFSET || offset + slot_size > view.len) goto bad_state;
+    unsigned char *base;
+    Py_ssize_t base_len;
+    if (journal_buffer(hot, &base, &base_len) < 0) goto done;
+    if (offset < 0 || slot_size < ARGS_OFFSET || offset + slot_size > base_len) goto bad_state;
     token = PyLong_FromLongLong(epoch | (long long)index);
     if (token == NULL) goto done;
     /* Taken: from here on nothing can fail. */
     if (PyList_SetSlice(free_list, nfree - 1, nfree, NULL) < 0) goto done;
     Py_INCREF(token);
     PyList_SetItem(owners, index, token); /* steals */
-    unsigned char *slot = (unsigned char *)view.buf + offset;
+    unsigned char *slot = base + offset;
     Py_ssize_t args_len = 0;
     if (args_bytes != NULL && PyBytes_Check(args_bytes)) {
         args_len = PyBytes_GET_SIZE(args_bytes);
@@ -450,7 +486,6 @@ static PyObject *journal_begin(PyObject *journal, PyObject *record, PyObject *na
 bad_state:
     if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "journal state is not as expected");
 done:
-    if (view.obj != NULL) PyBuffer_Release(&view);
     Py_XDECREF(token);
     Py_DECREF(hot);
     return result;
@@ -459,7 +494,6 @@ done:
 /* The call of ``token`` finished: clear its note (journal.Journal.end). 0 or -1. */
 static int journal_end(PyObject *journal, PyObject *token) {
     int rc = -1;
-    Py_buffer view = {0};
     PyObject *hot = journal_hot(journal);
     if (hot == NULL) return -1;
     PyObject *owners = PyTuple_GET_ITEM(hot, J_OWNERS);
@@ -478,10 +512,11 @@ static int journal_end(PyObject *journal, PyObject *token) {
     if (index >= PyList_GET_SIZE(offsets)) goto done;
     Py_ssize_t offset = PyLong_AsSsize_t(PyList_GET_ITEM(offsets, index));
     if (offset == -1 && PyErr_Occurred()) goto done;
-    if (PyObject_GetBuffer(PyTuple_GET_ITEM(hot, J_BUF), &view, PyBUF_WRITABLE) < 0) goto done;
-    if (offset >= 0 && offset + OFF_STATE < view.len)
-        __atomic_store_n((unsigned char *)view.buf + offset + OFF_STATE, (unsigned char)0,
-                         __ATOMIC_RELEASE);
+    unsigned char *base;
+    Py_ssize_t base_len;
+    if (journal_buffer(hot, &base, &base_len) < 0) goto done;
+    if (offset >= 0 && offset + OFF_STATE < base_len)
+        __atomic_store_n(base + offset + OFF_STATE, (unsigned char)0, __ATOMIC_RELEASE);
     Py_INCREF(S.zero);
     PyList_SetItem(owners, index, S.zero);
     PyObject *idx = PyLong_FromSsize_t(index);
@@ -491,7 +526,6 @@ static int journal_end(PyObject *journal, PyObject *token) {
 done:
     if (rc < 0 && !PyErr_Occurred())
         PyErr_SetString(PyExc_TypeError, "journal state is not as expected");
-    if (view.obj != NULL) PyBuffer_Release(&view);
     Py_DECREF(hot);
     return rc;
 }
@@ -515,6 +549,11 @@ typedef struct {
     /* The journal bytes of the last call's arguments and the snapshots they encode: a
      * call with the same snapshots reuses them without the encoder's hashing. */
     PyObject *last_data, *last_kw, *last_bytes;
+    /* The last call's positional snapshots: an equal new one is replaced by the old
+     * object, so repeated shapes leave no new tuple behind (nothing more for the garbage
+     * collector) and compare by identity afterwards. */
+#define LAST_ARGS 16
+    PyObject *last_args[LAST_ARGS];
     int detailed, is_method, is_init, is_plan, is_run, skip_self;
 } Entry;
 
@@ -534,6 +573,7 @@ static int entry_traverse(Entry *e, visitproc visit, void *arg) {
     Py_VISIT(e->last_data);
     Py_VISIT(e->last_kw);
     Py_VISIT(e->last_bytes);
+    for (int i = 0; i < LAST_ARGS; ++i) Py_VISIT(e->last_args[i]);
     return 0;
 }
 
@@ -553,6 +593,7 @@ static int entry_clear(Entry *e) {
     Py_CLEAR(e->last_data);
     Py_CLEAR(e->last_kw);
     Py_CLEAR(e->last_bytes);
+    for (int i = 0; i < LAST_ARGS; ++i) Py_CLEAR(e->last_args[i]);
     return 0;
 }
 
@@ -664,6 +705,8 @@ static int plans_remember(PyObject *key, PyObject *span_context) {
     return 0;
 }
 
+static int same_snapshot(PyObject *a, PyObject *b);
+
 static PyObject *snapshots(Entry *e, PyObject *args) {
     Py_ssize_t start = e->skip_self ? 1 : 0, n = PyTuple_GET_SIZE(args);
     if (start > n) start = n;
@@ -675,7 +718,31 @@ static PyObject *snapshots(Entry *e, PyObject *args) {
             Py_DECREF(out);
             return NULL;
         }
-        PyList_SET_ITEM(out, i - start, snap);
+        Py_ssize_t k = i - start;
+        if (k < LAST_ARGS) {
+            PyObject *prev = e->last_args[k];
+            if (prev != NULL && prev != snap) {
+                Py_INCREF(prev);
+                int same = same_snapshot(prev, snap);
+                if (same < 0) {
+                    Py_DECREF(prev);
+                    Py_DECREF(snap);
+                    Py_DECREF(out);
+                    return NULL;
+                }
+                if (same) {
+                    Py_DECREF(snap);
+                    snap = prev; /* the reference taken above */
+                } else {
+                    Py_DECREF(prev);
+                }
+            }
+            if (e->last_args[k] != snap) {
+                Py_INCREF(snap);
+                Py_XSETREF(e->last_args[k], snap);
+            }
+        }
+        PyList_SET_ITEM(out, k, snap);
     }
     return out;
 }
