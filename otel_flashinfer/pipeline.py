@@ -25,6 +25,7 @@ from opentelemetry import trace as trace_api
 from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode
+from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 
 from . import capture_guard, health
 
@@ -280,14 +281,18 @@ class DirectSpans:
 
     def export(self, record: CallRecord) -> None:
         parent = record.parent
-        context = SpanContext(
-            record.trace_id, record.span_id, False, _SAMPLED,
-            parent.trace_state if parent is not None else None,
-        )
+        trace_id, span_id = record.trace_id, record.span_id
+        # SpanContext's own __new__ re-validates ids we made; build the tuple directly.
+        context = tuple.__new__(SpanContext, (
+            trace_id, span_id, False, _SAMPLED,
+            parent.trace_state if parent is not None else DEFAULT_TRACE_STATE,
+            0 < trace_id < _MAX_TRACE_ID and 0 < span_id < _MAX_SPAN_ID,
+        ))
         attributes = record.attributes
         if len(attributes) > self.max_attributes:
             attributes = dict(list(attributes.items())[: self.max_attributes])
-        events = [Event(name, attrs, ts) for name, attrs, ts in record.events[: self.max_events]]
+        events = ([Event(name, attrs, ts) for name, attrs, ts in record.events[: self.max_events]]
+                  if record.events else [])
         status = _UNSET
         if record.error is not None:
             exc_type, message, stacktrace = record.error
@@ -312,6 +317,8 @@ class DirectSpans:
 
 _SAMPLED = trace_api.TraceFlags(trace_api.TraceFlags.SAMPLED | trace_api.TraceFlags.RANDOM_TRACE_ID)
 _UNSET = Status(StatusCode.UNSET)
+_MAX_TRACE_ID = 1 << 128
+_MAX_SPAN_ID = 1 << 64
 
 
 class _NoGpuTimes:
