@@ -237,3 +237,36 @@ def test_a_traced_call_leaves_few_objects_for_the_garbage_collector(spans, level
     w = Wrapper(1)
     x = torch.ones(4, 8)
     assert _live_objects_per_call(w.run, (x,)) <= bound
+
+
+def test_a_forked_child_picks_ids_of_its_own(spans) -> None:
+    """Ids come from a generator seeded per process: a child forked after calls were
+    traced must not repeat the ids its parent picks next."""
+    import os
+
+    from opentelemetry import trace
+
+    otel_flashinfer.instrument(level=1, journal_dir="")
+
+    @otel_flashinfer.traced(name="ids")
+    def current_ids() -> tuple[int, int]:
+        ctx = trace.get_current_span().get_span_context()
+        return ctx.trace_id, ctx.span_id
+
+    current_ids()  # the generator is seeded and has moved before the fork
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its next ids and leave at once
+        try:
+            trace_id, span_id = current_ids()
+            os.write(write, f"{trace_id} {span_id}".encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    parent_ids = current_ids()
+    os.waitpid(pid, 0)
+    child = os.read(read, 200).decode().split()
+    os.close(read)
+    assert len(child) == 2
+    child_ids = (int(child[0]), int(child[1]))
+    assert child_ids[0] != parent_ids[0] and child_ids[1] != parent_ids[1]
