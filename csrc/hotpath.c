@@ -27,6 +27,7 @@
 #include <string.h>
 #include <sys/random.h>
 #include <time.h>
+#include <math.h>
 #include <unistd.h>
 
 #include "hotpath_api.h"
@@ -770,7 +771,11 @@ static PyObject *kw_snapshots(PyObject *kwargs) {
 static int same_value(PyObject *a, PyObject *b) {
     if (a == b) return 1;
     if (Py_TYPE(a) != Py_TYPE(b)) return 0;
-    if (!(PyLong_CheckExact(a) || PyFloat_CheckExact(a) || PyUnicode_CheckExact(a)))
+    if (PyFloat_CheckExact(a)) { /* 0.0 == -0.0, but they encode differently */
+        double x = PyFloat_AS_DOUBLE(a), y = PyFloat_AS_DOUBLE(b);
+        return x == y && signbit(x) == signbit(y);
+    }
+    if (!(PyLong_CheckExact(a) || PyUnicode_CheckExact(a)))
         return 0;
     return PyObject_RichCompareBool(a, b, Py_EQ);
 }
@@ -827,13 +832,18 @@ static int same_snapshots(PyObject *last, PyObject *now) {
 static PyObject *journal_args(Entry *e, PyObject *record) {
     PyObject *data = slot_get(record, R_DATA), *kw = slot_get(record, R_KW);
     if (e->last_bytes != NULL) {
-        int same = same_snapshots(e->last_data, data);
-        if (same > 0) same = same_snapshots(e->last_kw, kw);
+        /* same_snapshots may run Python code (__eq__), which may replace e->last_* */
+        PyObject *ld = e->last_data, *lk = e->last_kw, *lb = e->last_bytes;
+        Py_XINCREF(ld);
+        Py_XINCREF(lk);
+        Py_INCREF(lb);
+        int same = same_snapshots(ld, data);
+        if (same > 0) same = same_snapshots(lk, kw);
+        Py_XDECREF(ld);
+        Py_XDECREF(lk);
+        if (same > 0) return lb;
+        Py_DECREF(lb);
         if (same < 0) return NULL;
-        if (same) {
-            Py_INCREF(e->last_bytes);
-            return e->last_bytes;
-        }
     }
     PyObject *encoder = PyObject_GetAttr(e->journal, S.s_encoder);
     if (encoder == NULL) return NULL;
@@ -947,11 +957,37 @@ static PyObject *current_span_context(PyObject *span) {
     return PyObject_CallMethodNoArgs(span, S.s_get_span_context);
 }
 
+/* A record that will not be submitted gives back the events it holds (a started call's
+ * slot, or a packed pair), so a failure cannot drain the pool. */
+static void gpu_drop(PyObject *record) {
+    PyObject *slot = slot_get(record, R_GPU);
+    if (slot == NULL || !PyLong_CheckExact(slot) || S.api == NULL) return;
+    long long value = PyLong_AsLongLong(slot);
+    if (value == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return;
+    }
+    if (value < 0) {
+        S.api->release(-value - 1);
+    } else {
+        S.api->release(value >> 16);
+        S.api->release(value & 0xFFFF);
+    }
+    slot_set(record, R_GPU, Py_None);
+}
+
+/* Exceptions that are not ``Exception`` (KeyboardInterrupt, SystemExit) belong to the
+ * program, as in the Python wrapper: they propagate instead of being reported. */
+static int pending_is_fatal(void) {
+    return PyErr_Occurred() != NULL && !PyErr_ExceptionMatches(PyExc_Exception);
+}
+
 /* enter(args, kwargs) -> CallRecord of a traced call about to run, or None (not
  * traced: suppressed, not sampled, or an internal error, which is reported). */
 static PyObject *entry_enter(Entry *e, PyObject *const *argv, Py_ssize_t nargs) {
-    if (nargs != 2 || !PyTuple_Check(argv[0]) || !PyDict_Check(argv[1])) {
-        PyErr_SetString(PyExc_TypeError, "enter(args: tuple, kwargs: dict)");
+    if (nargs != 2 || !PyTuple_Check(argv[0]) || !PyDict_Check(argv[1]) ||
+        e->befores == NULL) {
+        PyErr_SetString(PyExc_TypeError, "enter(args: tuple, kwargs: dict) of an initialised Entry");
         return NULL; /* a programming error of ours, not the user's call */
     }
     PyObject *args = argv[0], *kwargs = argv[1];
@@ -959,6 +995,7 @@ static PyObject *entry_enter(Entry *e, PyObject *const *argv, Py_ssize_t nargs) 
     PyObject *span_context = NULL, *nrs = NULL, *new_ctx = NULL, *token = NULL;
     PyObject *slot = NULL, *key = NULL;
     const char *where = "tracing a call failed before the call";
+    int fatal = 0;
 
     if (PyContextVar_Get(S.var, NULL, &ctx) < 0) goto error;
     if (ctx == NULL || !PyDict_Check(ctx)) goto untraced;
@@ -997,6 +1034,11 @@ static PyObject *entry_enter(Entry *e, PyObject *const *argv, Py_ssize_t nargs) 
         if (flags == -1 && PyErr_Occurred()) goto error;
         if (!(flags & 1)) goto untraced;
         trace_id = PyTuple_GET_ITEM(parent, 0);
+        if (!PyLong_CheckExact(trace_id) || !PyLong_CheckExact(PyTuple_GET_ITEM(parent, 1))) {
+            trace_id = NULL;
+            PyErr_SetString(PyExc_TypeError, "the current span's ids are not ints");
+            goto error;
+        }
         Py_INCREF(trace_id);
     } else {
         uint64_t hi, lo;
@@ -1073,15 +1115,19 @@ static PyObject *entry_enter(Entry *e, PyObject *const *argv, Py_ssize_t nargs) 
     }
     Py_ssize_t nbefore = PyTuple_GET_SIZE(e->befores);
     if (nbefore > 0) {
-        PyObject *states = PyList_New(nbefore);
+        PyObject *states = PyList_New(0); /* never exposed with NULL items; owned here */
         if (states == NULL) goto error;
-        slot_steal(record, R_STATES, states);
         for (Py_ssize_t i = 0; i < nbefore; ++i) {
             PyObject *state = PyObject_CallFunctionObjArgs(PyTuple_GET_ITEM(e->befores, i),
                                                            record, e->plan, args, kwargs, NULL);
-            if (state == NULL) goto error; /* states begun so far: abandoned like Python's */
-            PyList_SET_ITEM(states, i, state);
+            if (state == NULL || PyList_Append(states, state) < 0) {
+                Py_XDECREF(state);
+                Py_DECREF(states);
+                goto error; /* states begun so far: abandoned like Python's */
+            }
+            Py_DECREF(state);
         }
+        slot_steal(record, R_STATES, states);
     }
     if (e->gpu != Py_None && slot_get(record, R_CAPTURE) == Py_None &&
         gpu_begin(e, record, args, kwargs) < 0)
@@ -1119,8 +1165,10 @@ error_journal:
         PyErr_Restore(type, value, tb);
     }
 error:
-    report_error(where);
+    fatal = pending_is_fatal();
+    if (!fatal) report_error(where);
 untraced:
+    if (record != NULL) gpu_drop(record);
     Py_CLEAR(record);
 done:
     Py_XDECREF(ctx);
@@ -1132,6 +1180,7 @@ done:
     Py_XDECREF(new_ctx);
     Py_XDECREF(slot);
     Py_XDECREF(key);
+    if (fatal) return NULL;
     if (record == NULL) Py_RETURN_NONE;
     return record;
 }
@@ -1139,11 +1188,12 @@ done:
 /* leave(record, result): the traced call returned ``result``. Never raises; the journal
  * note is cleared even when a step before it failed. */
 static PyObject *entry_leave(Entry *e, PyObject *const *argv, Py_ssize_t nargs) {
-    if (nargs != 2 || !PyObject_TypeCheck(argv[0], S.record_type)) {
-        PyErr_SetString(PyExc_TypeError, "leave(record, result)");
+    if (nargs != 2 || e->befores == NULL || !PyObject_TypeCheck(argv[0], S.record_type)) {
+        PyErr_SetString(PyExc_TypeError, "leave(record, result) of an initialised Entry");
         return NULL;
     }
     PyObject *record = argv[0], *result = argv[1];
+    int submitted = 0;
     PyObject *slot = slot_get(record, R_SLOT);
     if (slot != NULL && slot != Py_None) Py_INCREF(slot);
     else slot = NULL;
@@ -1196,17 +1246,26 @@ static PyObject *entry_leave(Entry *e, PyObject *const *argv, Py_ssize_t nargs) 
     PyObject *r = PyObject_CallOneArg(e->submit, record);
     if (r == NULL) goto error;
     Py_DECREF(r);
+    submitted = 1;
     if (slot != NULL) {
         int rc = journal_end(e->journal, slot);
         Py_CLEAR(slot);
         if (rc < 0) goto error;
     }
     Py_RETURN_NONE;
-error:
-    report_error("tracing a call failed after the call");
+error:;
+    int fatal = pending_is_fatal();
+    PyObject *type = NULL, *value = NULL, *tb = NULL;
+    if (fatal) PyErr_Fetch(&type, &value, &tb);
+    else report_error("tracing a call failed after the call");
+    if (!submitted) gpu_drop(record);
     if (slot != NULL) {
         if (journal_end(e->journal, slot) < 0) report_error("clearing a journal note failed");
         Py_DECREF(slot);
+    }
+    if (fatal) {
+        PyErr_Restore(type, value, tb);
+        return NULL;
     }
     Py_RETURN_NONE;
 }
@@ -1260,6 +1319,15 @@ static PyObject *hp_snapshot(PyObject *self, PyObject *value) {
     return snapshot(value);
 }
 
+static PyObject *hp_gpu_drop(PyObject *self, PyObject *record) {
+    if (!S.ready || !PyObject_TypeCheck(record, S.record_type)) {
+        PyErr_SetString(PyExc_TypeError, "gpu_drop(record)");
+        return NULL;
+    }
+    gpu_drop(record);
+    Py_RETURN_NONE;
+}
+
 static PyObject *hp_register_api(PyObject *self, PyObject *capsule) {
     const otel_flashinfer_hotpath_api *api =
         PyCapsule_GetPointer(capsule, "otel_flashinfer.hotpath_api");
@@ -1269,11 +1337,15 @@ static PyObject *hp_register_api(PyObject *self, PyObject *capsule) {
                      OTEL_FLASHINFER_HOTPATH_API_VERSION);
         return NULL;
     }
+    static PyObject *held = NULL; /* the struct lives in the pool's module: keep it */
+    Py_INCREF(capsule);
+    Py_XSETREF(held, capsule);
     S.api = api;
     Py_RETURN_NONE;
 }
 
 static PyMethodDef module_methods[] = {
+    {"gpu_drop", hp_gpu_drop, METH_O, "give back the GPU events of a record not submitted"},
     {"register_api", hp_register_api, METH_O,
      "use the CUDA event pool's events and tensor facts (a capsule)"},
     {"setup", (PyCFunction)(void (*)(void))hp_setup, METH_VARARGS | METH_KEYWORDS,

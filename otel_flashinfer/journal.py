@@ -209,7 +209,14 @@ class Journal:
               plan: Any = None, kw_snaps: Any = None) -> int | None:
         """Note a call that is about to run; returns the token ``end`` takes, or None
         when every slot is live.  ``arg_snaps``/``kw_snaps`` (level 3+) are describe
-        snapshots, named by ``plan`` (the wrapper's ArgPlan) when given."""
+        snapshots, named by ``plan`` (the wrapper's ArgPlan) when given.  Everything
+        that can fail runs before a slot is taken, so a failure never leaks one."""
+        trace_id = record.trace_id
+        hi, lo = trace_id >> 64, trace_id & _M64
+        parent = record.parent
+        parent_span = parent.span_id if parent is not None else 0
+        args = (self._encoder.encode(arg_snaps, kw_snaps, plan)
+                if arg_snaps is not None or kw_snaps else None)
         try:
             index = self._free.pop()
         except IndexError:
@@ -219,24 +226,20 @@ class Journal:
         self._owners[index] = token
         offset = self._offsets[index]
         buf = self._buf
-        if arg_snaps is None and not kw_snaps:
+        try:
             args_len = 0
-        else:
-            args = self._encoder.encode(arg_snaps, kw_snaps, plan)
-            args_len = len(args)
-            if self._written[index] is not args:
-                start = offset + fmt.ARGS_OFFSET
-                buf[start:start + args_len] = args
-                self._written[index] = args
-        parent = record.parent
-        trace_id = record.trace_id
-        if parent is None:
-            _pack_body(buf, offset, 0, trace_id >> 64, trace_id & _M64, record.span_id, 0,
-                       record.start_ns, len(name_bytes), args_len, name_bytes, 1)
-        else:
-            _pack_body(buf, offset, 1, trace_id >> 64, trace_id & _M64, record.span_id,
-                       parent.span_id, record.start_ns, len(name_bytes), args_len,
-                       name_bytes, 1)
+            if args:
+                args_len = len(args)
+                if self._written[index] is not args:
+                    start = offset + fmt.ARGS_OFFSET
+                    self._written[index] = None
+                    buf[start:start + args_len] = args
+                    self._written[index] = args
+            _pack_body(buf, offset, 0 if parent is None else 1, hi, lo, record.span_id,
+                       parent_span, record.start_ns, len(name_bytes), args_len, name_bytes, 1)
+        except BaseException:
+            self.end(token)
+            raise
         return token
 
     def end(self, token: int) -> None:
@@ -267,6 +270,9 @@ class Journal:
     def _release(self, delete: bool) -> None:
         self._stop.set()
         mm, self._mm = self._mm, None
+        # A new _hot tuple must be published (_reset_slots) before the mapping is
+        # closed, and no _buf is ever resized: the C hot path caches the buffer pointer
+        # of each published tuple.
         self._buf = bytearray(fmt.file_size(self.slot_count, self.slot_size))
         self._reset_slots()
         if delete and self.path:

@@ -138,10 +138,18 @@ instances = _Instances()
 
 
 def _error_facts(exc: BaseException) -> tuple[str, str, str]:
-    message = str(exc)
+    """(type, message, traceback) of the user's exception; one whose ``__str__`` itself
+    raises still gets a span."""
+    try:
+        message = str(exc)
+    except Exception:  # noqa: BLE001
+        message = f"<unprintable {type(exc).__qualname__}>"
     if len(message) > _MAX_MESSAGE:
         message = message[: _MAX_MESSAGE - 3] + "..."
-    stack = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        stack = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    except Exception:  # noqa: BLE001
+        stack = ""
     return type(exc).__qualname__, message, stack[-8192:]
 
 
@@ -340,6 +348,9 @@ def _native_wrapper(fn: Callable[..., Any], api_name: str, entry: Any,
     """The wrapper over the C hot path (``native``): ``enter`` and ``leave`` do what the
     Python wrapper above does and never raise; only the error path stays in Python."""
     enter, leave, journal_end = entry.enter, entry.leave, entry.journal_end
+    from . import _hotpath
+
+    gpu_drop = _hotpath.gpu_drop
 
     def failed(record: CallRecord, exc: BaseException) -> None:
         record.end_ns = time_ns()
@@ -363,6 +374,7 @@ def _native_wrapper(fn: Callable[..., Any], api_name: str, entry: Any,
             submit(record)
         except Exception as inner:  # noqa: BLE001
             health.report("wrapper_errors", f"tracing {api_name} failed after an error", inner)
+            gpu_drop(record)  # not submitted: its events go back to the pool
         finally:
             if slot is not None:
                 try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import pytest
 import torch
@@ -270,3 +271,95 @@ def test_a_forked_child_picks_ids_of_its_own(spans) -> None:
     assert len(child) == 2
     child_ids = (int(child[0]), int(child[1]))
     assert child_ids[0] != parent_ids[0] and child_ids[1] != parent_ids[1]
+
+
+def test_zero_and_negative_zero_are_described_apart(spans) -> None:
+    """Repeated snapshots are reused only when they encode the same: 0.0 == -0.0, but
+    a span must say which one the call got."""
+    otel_flashinfer.instrument(level=3, journal_dir="journal")
+
+    @otel_flashinfer.traced(name="shift")
+    def shift(x: float) -> float:
+        return x
+
+    for value in (-0.0, 0.0, 1, True, 1.0):
+        shift(value)
+    got = [s.attributes["flashinfer.arg.x"] for s in spans.finished() if s.name == "shift"]
+    assert [repr(v) for v in got] == ["-0.0", "0.0", "1", "True", "1.0"]
+
+
+def test_keyboard_interrupt_inside_tracing_reaches_the_program(spans) -> None:
+    """Only ``Exception`` is ours to report; Ctrl-C raised while we read the context
+    stops the call, as it would without tracing."""
+    from opentelemetry import context as otel_context
+    from opentelemetry import trace
+
+    otel_flashinfer.instrument(level=1, journal_dir="")
+    ran: list[int] = []
+
+    @otel_flashinfer.traced(name="step")
+    def step() -> None:
+        ran.append(1)
+
+    class InterruptedSpan(trace.NonRecordingSpan):
+        def get_span_context(self) -> trace.SpanContext:
+            raise KeyboardInterrupt
+
+    token = otel_context.attach(trace.set_span_in_context(
+        InterruptedSpan(trace.INVALID_SPAN_CONTEXT)))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            step()
+    finally:
+        otel_context.detach(token)
+    assert ran == []
+    step()
+    assert ran == [1]
+    assert health.counters().get("wrapper_errors", 0) == 0
+
+
+def test_a_parent_with_non_integer_ids_is_reported_and_the_call_goes_on(spans) -> None:
+    """SpanContext accepts a float trace id as valid; reading it as a 128-bit int must
+    not happen (the C path checks the type)."""
+    from opentelemetry import context as otel_context
+    from opentelemetry import trace
+
+    otel_flashinfer.instrument(level=1, journal_dir="journal")
+
+    @otel_flashinfer.traced(name="f")
+    def f(x: int) -> int:
+        return x + 1
+
+    odd = trace.SpanContext(trace_id=1.5, span_id=7, is_remote=False,  # type: ignore[arg-type]
+                            trace_flags=trace.TraceFlags(1))
+    token = otel_context.attach(trace.set_span_in_context(trace.NonRecordingSpan(odd)))
+    try:
+        assert [f(i) for i in range(5)] == [1, 2, 3, 4, 5]
+    finally:
+        otel_context.detach(token)
+    assert health.counters().get("wrapper_errors", 0) >= 1
+    assert runtime.current().journal.live_count() == 0
+
+
+def test_a_hook_that_drops_the_record_states_does_not_break_the_call(spans) -> None:
+    """Hooks get the record while the call is set up; one that clears a field we use
+    must not crash the program (the states list is the wrapper's own until the end)."""
+    otel_flashinfer.instrument(level=1, journal_dir="")
+    seen: list[Any] = []
+
+    def before(record: Any, plan: Any, args: tuple, kwargs: dict) -> str:
+        record.states = None
+        return "state"
+
+    def after(record: Any, state: Any, result: Any, error: Any) -> None:
+        seen.append(state)
+
+    runtime.current().hooks.append((before, after))
+
+    @otel_flashinfer.traced(name="g")
+    def g(x: int) -> int:
+        return x * 2
+
+    assert [g(i) for i in range(3)] == [0, 2, 4]
+    assert seen == ["state"] * 3
+    assert [s.name for s in spans.finished()].count("g") == 3
