@@ -568,10 +568,15 @@ class Pipeline:
                 except Exception as exc:  # noqa: BLE001
                     health.report("flush_errors", "the tracer provider's force_flush failed", exc)
 
-            thread = self._flusher = threading.Thread(
+            thread = threading.Thread(
                 target=run, name="otel_flashinfer-force-flush", daemon=True
             )
-            thread.start()
+            try:
+                thread.start()
+            except RuntimeError:  # interpreter shutdown (3.12+ refuses new threads)
+                run()  # at exit there is no engine left to keep waiting
+                return result[0]
+            self._flusher = thread
         thread.join(remaining)
         if thread.is_alive():
             health.count("flush_timeouts")

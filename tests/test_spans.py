@@ -363,3 +363,22 @@ def test_a_hook_that_drops_the_record_states_does_not_break_the_call(spans) -> N
     assert [g(i) for i in range(3)] == [0, 2, 4]
     assert seen == ["state"] * 3
     assert [s.name for s in spans.finished()].count("g") == 3
+
+
+def test_flush_at_interpreter_shutdown_runs_inline(spans, monkeypatch) -> None:
+    """Python 3.12+ refuses new threads while it shuts down, where our atexit flush
+    runs: the provider's force_flush then runs on the calling thread and spans still
+    get out."""
+    otel_flashinfer.instrument(level=1, journal_dir="")
+    inner(torch.ones(2))
+    start = threading.Thread.start
+
+    def refuse(self: threading.Thread) -> None:
+        if self.name == "otel_flashinfer-force-flush":
+            raise RuntimeError("can't create new thread at interpreter shutdown")
+        start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    assert otel_flashinfer.flush(10)
+    assert [s.name for s in spans.finished()] == ["inner"]
+    assert health.counters().get("flush_errors", 0) == 0
