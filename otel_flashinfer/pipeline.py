@@ -107,55 +107,50 @@ class CallRecord:
         attributes: dict[str, Any],
         describe: Callable[[CallRecord], None] | None = None,
     ) -> None:
-        self.name = name
-        self.trace_id = trace_id
-        self.span_id = span_id
-        self.parent = parent
-        self.start_ns = start_ns
-        self.end_ns = end_ns
-        self.attributes = attributes
+        self._fill(name, trace_id, span_id, parent, attributes)
         self.shared = False
-        self.describe = describe
+        self.start_ns, self.end_ns, self.describe = start_ns, end_ns, describe
         self.events: list[tuple[str, dict[str, Any], int]] = []
         self.links: list[Link] = []
-        #: (exception type name, message, formatted traceback) or None.
-        self.error: tuple[str, str, str] | None = None
         self.pending: list[Pending] = []
-        self.deadline = 0.0
-        #: Raw facts ``describe`` turns into attributes in the background: positional
-        #: argument snapshots, keyword snapshots, the result's snapshot.
-        self.data: Any = None
-        self.kw: Any = None
-        self.result: Any = None
-        #: ``id()`` of the wrapper object of a method call (0: none).
-        self.instance = 0
-        #: The plan span a ``run`` links to; the worker makes the Link (``own``).
-        self.plan_link: SpanContext | None = None
-        #: Caller-side state between the wrapper's enter and leave (context token,
-        #: journal token, hook states, open capture); cleared when the call ends.
-        self.token = self.slot = self.states = self.capture = None
-        #: A GPU-time handle (``gpu_timing``), resolved by the worker; None: none.
-        self.gpu: Any = None
 
     @classmethod
     def for_call(cls, name: str, trace_id: int, span_id: int, parent: SpanContext | None,
                  attributes: dict[str, Any]) -> CallRecord:
         """A traced call's record: ``attributes`` is shared and read-only until ``own``."""
         record = object.__new__(cls)
-        record.name = name
-        record.trace_id = trace_id
-        record.span_id = span_id
-        record.parent = parent
-        record.attributes = attributes
-        record.shared = True
-        record.events = record.links = record.pending = _EMPTY
-        record.error = record.describe = record.data = record.kw = record.result = None
-        record.gpu = record.plan_link = None
-        record.token = record.slot = record.states = record.capture = None
-        record.start_ns = record.end_ns = 0
-        record.instance = 0
-        record.deadline = 0.0
+        record._fill(name, trace_id, span_id, parent, attributes)
         return record
+
+    def _fill(self, name: str, trace_id: int, span_id: int, parent: SpanContext | None,
+              attributes: dict[str, Any]) -> None:
+        """Every slot, as a traced call starts it (the C hot path's ``new_record`` sets
+        the same values)."""
+        self.name = name
+        self.trace_id = trace_id
+        self.span_id = span_id
+        self.parent = parent
+        self.attributes = attributes
+        self.shared = True
+        #: Events, links and pending GPU results: the shared () until ``own``.
+        self.events = self.links = self.pending = _EMPTY
+        #: (exception type name, message, formatted traceback) or None.
+        self.error = None
+        self.describe = None
+        #: Raw facts ``describe`` turns into attributes in the background: positional
+        #: argument snapshots, keyword snapshots, the result's snapshot.
+        self.data = self.kw = self.result = None
+        #: A GPU-time handle (``gpu_timing``), resolved by the worker; None: none.
+        self.gpu = None
+        #: The plan span a ``run`` links to; the worker makes the Link (``own``).
+        self.plan_link = None
+        #: Caller-side state between the wrapper's enter and leave (context token,
+        #: journal token, hook states, open capture); cleared when the call ends.
+        self.token = self.slot = self.states = self.capture = None
+        self.start_ns = self.end_ns = 0
+        #: ``id()`` of the wrapper object of a method call (0: none).
+        self.instance = 0
+        self.deadline = 0.0
 
     def own(self) -> dict[str, Any]:
         """Private attribute dict and lists before the worker writes to them."""
