@@ -62,7 +62,12 @@ def instrument(level: int | None = None, **settings: Any) -> Settings:
     if _flashinfer_installed():
         try:
             from .instrumentor import FlashInferInstrumentor
-        except ImportError:
+        except ImportError as exc:  # a broken install: say so rather than trace nothing
+            from .health import report
+
+            report("instrumentor_unavailable", "FlashInfer is installed but its APIs are "
+                   "not traced: the instrumentor cannot be imported (is "
+                   "opentelemetry-instrumentation installed?)", exc)
             FlashInferInstrumentor = None
         if FlashInferInstrumentor is not None:
             FlashInferInstrumentor().instrument(settings=parsed)

@@ -284,3 +284,22 @@ def test_opentelemetry_instrument_picks_up_the_entry_point(tmp_path) -> None:  #
     assert done.returncode == 0, done.stderr
     names = [s["name"] for s in read_spans(tmp_path / "traces.jsonl")]
     assert names.count("SegmentGEMMWrapper.__init__") == 1, (names, done.stderr)
+
+
+def test_missing_instrumentor_is_reported_not_silent(monkeypatch, caplog) -> None:  # noqa: ANN001
+    """A broken install (opentelemetry-instrumentation missing) used to trace nothing
+    without a word: the failure is counted and logged once."""
+    from otel_flashinfer import health
+
+    health.reset()
+    monkeypatch.setitem(sys.modules, "otel_flashinfer.instrumentor", None)
+    with caplog.at_level("WARNING", logger="otel_flashinfer"):
+        otel_flashinfer.instrument(level=1, journal_dir="")
+    try:
+        assert health.counters().get("instrumentor_unavailable") == 1
+        assert "opentelemetry-instrumentation" in caplog.text
+        run = vars(flashinfer.BatchDecodeWithPagedKVCacheWrapper)["run"]
+        assert "otel_flashinfer" not in run.__code__.co_filename
+    finally:
+        monkeypatch.delitem(sys.modules, "otel_flashinfer.instrumentor")
+        otel_flashinfer.uninstrument()
