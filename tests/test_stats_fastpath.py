@@ -290,3 +290,38 @@ def test_ring_full_and_standalone_record(fast):
     abandoned = recorder.record([("z", torch.zeros(2))])
     abandoned.abandon(rec, "timeout")
     assert len(ring._free) == 4 and rec.attributes["flashinfer.stats.dropped"] == "timeout"
+
+
+def test_ring_makes_every_slot_event_before_the_fast_path(monkeypatch):  # noqa: ANN001
+    """cudaEventCreate costs tens of microseconds: the background set-up makes each
+    slot's event, so no traced call creates one; an event a caller made before is
+    kept."""
+    import contextlib
+
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+
+    class Module:
+        def __init__(self) -> None:
+            self.created, self.destroyed = 0, []
+
+        def host_device_ptr(self, ptr: int) -> int:
+            return ptr
+
+        def event_create(self) -> int:
+            self.created += 1
+            return 100 + self.created
+
+        def event_destroy(self, event: int) -> None:
+            self.destroyed.append(event)
+
+    ring = SlotRing(torch.device("cpu"), 3, 2, pin_memory=False)
+    module = Module()
+    assert ring.native_event(1, module) == 101  # a caller's event before the set-up
+    assert ring.device_base(module) == 0  # starts the background set-up
+    assert ring.wait_ready(10)
+    assert ring._native == [102, 101, 103]
+    assert module.destroyed == []
+    created = module.created
+    assert [ring.native_event(s, module) for s in range(3)] == [102, 101, 103]
+    assert module.created == created

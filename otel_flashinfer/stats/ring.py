@@ -105,6 +105,16 @@ class SlotRing:
                 rows_words = self.host.numel()
                 words = rows_words + 2 * slots
                 dev = torch.zeros(words, dtype=torch.int64, device=self.device)
+                # Each slot's event here too: cudaEventCreate costs tens of microseconds,
+                # which would otherwise land on the caller's first call per slot.
+                for slot in range(slots):
+                    if not self._native[slot]:
+                        event = int(module.event_create())
+                        with self._lock:  # native_event may have made one meanwhile
+                            if self._native[slot]:
+                                module.event_destroy(event)
+                            else:
+                                self._native[slot] = event
                 torch.cuda.synchronize(self.device)  # zero before any stream uses it
                 base = dev.data_ptr()
                 self._dev = dev
@@ -142,8 +152,10 @@ class SlotRing:
         """The slot's raw CUDA event (created once, on this ring's device)."""
         event = self._native[slot]
         if not event:
-            with torch.cuda.device(self.device):
-                event = self._native[slot] = int(module.event_create())
+            with self._lock, torch.cuda.device(self.device):
+                event = self._native[slot]
+                if not event:
+                    event = self._native[slot] = int(module.event_create())
         self._kind[slot] = "native"
         return event
 
