@@ -418,6 +418,10 @@ class Pipeline:
         if len(queue) == self._batch:
             self._wake.set()
 
+    def wake(self) -> None:
+        """Have the worker drain now rather than at its next tick (a ring running low)."""
+        self._wake.set()
+
     # ---- worker thread ----------------------------------------------------------------
 
     def _run(self) -> None:

@@ -102,7 +102,8 @@ class Runtime:
                 from .stats.hooks import make_hooks
                 from .stats.recorder import StatsRecorder
 
-                self.stats = StatsRecorder(stats_max_mb=settings.stats_max_mb)
+                self.stats = StatsRecorder(stats_max_mb=settings.stats_max_mb,
+                                           on_low=self.pipeline.wake)
                 self.hooks.append(make_hooks(self.stats))
             except Exception as exc:  # noqa: BLE001
                 health.report("stats_errors", "could not start tensor statistics", exc)

@@ -325,3 +325,31 @@ def test_ring_makes_every_slot_event_before_the_fast_path(monkeypatch):  # noqa:
     created = module.created
     assert [ring.native_event(s, module) for s in range(3)] == [102, 101, 103]
     assert module.created == created
+
+
+def test_ring_wakes_the_resolver_once_per_half_taken() -> None:
+    """The worker polls on a timer; a busy engine filled the ring between two polls and
+    lost statistics, so taking half the slots wakes it (once per crossing)."""
+    wakes = []
+    ring = SlotRing(torch.device("cpu"), 8, 2, pin_memory=False, on_low=lambda: wakes.append(1))
+    taken = [ring.acquire() for _ in range(3)]
+    assert wakes == []
+    taken.append(ring.acquire())  # 4 of 8 taken
+    assert wakes == [1]
+    taken += [ring.acquire() for _ in range(4)]
+    assert ring.acquire() is None and wakes == [1]
+    for slot in taken[:5]:
+        ring.release(slot)
+    ring.acquire()  # 5 free -> 4 free: crossing again
+    assert wakes == [1, 1]
+
+
+def test_runtime_wires_the_ring_to_the_pipeline() -> None:
+    from otel_flashinfer.config import load_settings
+    from otel_flashinfer.runtime import Runtime
+
+    rt = Runtime(load_settings(level=5, journal_dir=""))
+    try:
+        assert rt.stats.on_low == rt.pipeline.wake
+    finally:
+        rt.stop(1)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -99,8 +99,10 @@ class StatsRecorder:
     """Caller-thread API of level 5 (one per runtime)."""
 
     def __init__(self, stats_max_mb: float = 64.0, slots: int = 256, rows_per_slot: int = 64,
-                 use_kernel: bool = True) -> None:
+                 use_kernel: bool = True, on_low: Callable[[], None] | None = None) -> None:
         self.max_bytes = stats_max_mb * 2**20
+        #: Wakes the background resolver when a ring is half taken (``SlotRing``).
+        self.on_low = on_low
         self.slots = slots
         self.rows = rows_per_slot
         self.use_kernel = use_kernel
@@ -195,7 +197,8 @@ class StatsRecorder:
                 ring = self._rings.get(index)
                 if ring is None:
                     # room for a call's inputs and its outputs (begin/finish share a slot)
-                    ring = SlotRing(torch.device("cuda", index), self.slots, 2 * self.rows)
+                    ring = SlotRing(torch.device("cuda", index), self.slots, 2 * self.rows,
+                                    on_low=self.on_low)
                     self._rings[index] = ring
         return ring
 

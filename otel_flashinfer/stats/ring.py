@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,11 +23,17 @@ class SlotRing:
     (``deque`` pops and appends are atomic, so the common path takes no lock); a slot
     given up before its copy landed waits in ``_zombies`` until its event has completed,
     so a late copy can never overwrite a reused slot.  Each slot's device rows are only
-    written between its acquire and its release, so they need no allocation per call."""
+    written between its acquire and its release, so they need no allocation per call.
 
-    def __init__(self, device: torch.device, slots: int, rows: int, pin_memory: bool = True
-                 ) -> None:
+    ``on_low`` (the pipeline's wake-up) is called when half the slots are taken: the
+    worker otherwise polls on a timer, and a busy engine would fill the ring between
+    two polls and lose statistics it had room for."""
+
+    def __init__(self, device: torch.device, slots: int, rows: int, pin_memory: bool = True,
+                 on_low: Callable[[], None] | None = None) -> None:
         self.device = device
+        self.on_low = on_low
+        self.low_water = slots // 2
         self.rows = rows
         self.host = torch.zeros((slots, rows, ROW_WORDS), dtype=torch.int64,
                                 pin_memory=pin_memory)
@@ -49,9 +56,13 @@ class SlotRing:
 
     def acquire(self) -> int | None:
         try:
-            return self._free.popleft()
+            slot = self._free.popleft()
         except IndexError:
             pass
+        else:
+            if len(self._free) == self.low_water and self.on_low is not None:
+                self.on_low()  # once per crossing: a few microseconds per half ring
+            return slot
         with self._lock:
             if not self._free and self._zombies:
                 still = []
