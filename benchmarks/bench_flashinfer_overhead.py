@@ -6,7 +6,7 @@ subprocess; our levels run in the FLASHINFER_LOGLEVEL=0 process, one after anoth
 Calls are timed in batches with a sync between batches (untimed), so the number is
 the host cost of issuing the call, not the kernel.
 
-    python benchmarks/bench_flashinfer_overhead.py [--calls 2000] [--batch 16]
+    python benchmarks/bench_flashinfer_overhead.py [--calls 2000] [--batch 16] [--rounds 20]
 """
 
 from __future__ import annotations
@@ -61,9 +61,10 @@ def _time_runs(wrapper, q, kv, calls: int, chunk: int = 100) -> float:  # noqa: 
 
 
 def worker(fi_level: int, ours: list[int], calls: int, batch: int,
-           rounds: int = 10) -> dict[str, float]:
+           rounds: int = 10) -> dict[str, list[float]]:
     """Our levels interleaved: each round times a share of the calls at every level in
-    turn (the lent hosts drift too much for one level after another)."""
+    turn (the lent hosts drift too much for one level after another); returns each
+    level's per-round microseconds per call."""
     import otel_flashinfer
 
     levels = list(dict.fromkeys(ours))
@@ -79,21 +80,22 @@ def worker(fi_level: int, ours: list[int], calls: int, batch: int,
             wrapper, q, kv = setups[level]
             times[level].append(_time_runs(wrapper, q, kv, max(100, calls // rounds)))
     otel_flashinfer.uninstrument()
-    return {f"fi{fi_level}_ours{level}": statistics.median(t) for level, t in times.items()}
+    return {f"fi{fi_level}_ours{level}": t for level, t in times.items()}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--ours", default="0", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is not None:
         ours = [int(x) for x in args.ours.split(",")]
-        print(json.dumps(worker(args.worker, ours, args.calls, args.batch)))
+        print(json.dumps(worker(args.worker, ours, args.calls, args.batch, args.rounds)))
         return 0
-    results: dict[str, float] = {}
+    results: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for fi_level, ours in ((0, "0,1,3"), (1, "0"), (3, "0")):
             env = {k: v for k, v in os.environ.items()
@@ -103,24 +105,33 @@ def main() -> int:
             env["FLASHINFER_LOGDEST"] = os.path.join(tmp, f"fi{fi_level}.log")
             done = subprocess.run(
                 [sys.executable, __file__, "--worker", str(fi_level), "--ours", ours,
-                 "--calls", str(args.calls), "--batch", str(args.batch)],
+                 "--calls", str(args.calls), "--batch", str(args.batch),
+                 "--rounds", str(args.rounds)],
                 env=env, cwd=tmp, capture_output=True, text=True, check=False)
             if done.returncode != 0:
                 sys.stderr.write(done.stderr)
                 return done.returncode
             results.update(json.loads(done.stdout.strip().splitlines()[-1]))
     base = results["fi0_ours0"]
-    rows = [("baseline (both off)", base),
-            ("otel-flashinfer level 1", results["fi0_ours1"]),
-            ("otel-flashinfer level 3", results["fi0_ours3"]),
-            ("FLASHINFER_LOGLEVEL=1", results["fi1_ours0"]),
-            ("FLASHINFER_LOGLEVEL=3", results["fi3_ours0"])]
+    med = {key: statistics.median(values) for key, values in results.items()}
+
+    def paired(key: str) -> float:
+        """Median over rounds of (this level - level 0) timed in the same round."""
+        return statistics.median(v - b for v, b in zip(results[key], base, strict=True))
+
+    rows = [("baseline (both off)", med["fi0_ours0"], 0.0),
+            ("otel-flashinfer level 1", med["fi0_ours1"], paired("fi0_ours1")),
+            ("otel-flashinfer level 3", med["fi0_ours3"], paired("fi0_ours3")),
+            # FlashInfer reads its level at import: its own process, so no pairing.
+            ("FLASHINFER_LOGLEVEL=1", med["fi1_ours0"], med["fi1_ours0"] - med["fi0_ours0"]),
+            ("FLASHINFER_LOGLEVEL=3", med["fi3_ours0"], med["fi3_ours0"] - med["fi0_ours0"])]
     print(f"BatchDecodeWithPagedKVCacheWrapper.run, batch {args.batch}, {args.calls} calls "
-          "per configuration; ours interleaved over 10 rounds (median of chunk medians)")
+          f"per configuration; ours interleaved over {args.rounds} rounds (added: median of "
+          "paired per-round differences to level 0)")
     print(f"{'configuration':<26}{'us/call':>10}{'added us':>10}{'ratio':>8}")
-    for name, value in rows:
-        print(f"{name:<26}{value:>10.2f}{value - base:>+10.2f}{value / base:>8.2f}")
-    print(json.dumps({"us_per_call": results}))
+    for name, value, added in rows:
+        print(f"{name:<26}{value:>10.2f}{added:>+10.2f}{value / med['fi0_ours0']:>8.2f}")
+    print(json.dumps({"us_per_call": med}))
     return 0
 
 
