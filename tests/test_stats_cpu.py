@@ -14,8 +14,11 @@ from otel_flashinfer.stats import kernel
 from otel_flashinfer.stats.decode import (
     SCOPE_FULL,
     SCOPE_PAGES,
+    SCOPE_SAMPLED,
     RowMeta,
+    decode_buffer,
     decode_row,
+    decode_rows,
     is_nonfinite,
 )
 from otel_flashinfer.stats.layout import ROW_WORDS, SIGN
@@ -174,6 +177,36 @@ def test_decode_hand_built_row():
     s = decode_row(words, RowMeta("x", SCOPE_FULL, 4))
     assert (s["min"], s["max"], s["mean"], s["nan_count"]) == (-1.5, 2.5, 1.0, 1)
     assert decode_row([0] * ROW_WORDS, RowMeta("x", SCOPE_FULL, 0))["numel"] == 0
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        (isinstance(v, float) and math.isnan(v) and math.isnan(b[k])) or v == b[k]
+        for k, v in a.items())
+
+
+def test_decode_buffer_matches_decode_rows_on_the_slot_bytes():
+    """The background resolver decodes a pinned slot's raw bytes (``decode_buffer``);
+    it must say exactly what ``decode_rows`` says of the same rows."""
+    x = torch.randn(300, dtype=torch.float64)
+    x[3], x[7], x[9] = NAN, INF, -INF
+    rows = torch.stack([
+        tensor_row(x), tensor_row(torch.full((4,), NAN)), tensor_row(torch.empty(0)),
+        tensor_row(torch.arange(-5, 60, dtype=torch.int64)), tensor_row(x, step=7),
+        tensor_row(torch.tensor([-0.0, 1e300, -1e-300], dtype=torch.float64)),
+    ])
+    metas = [RowMeta("a", SCOPE_FULL, 300), RowMeta("nan", SCOPE_FULL, 4),
+             RowMeta("e", SCOPE_FULL, 0), ("ints", SCOPE_FULL, 65), ("s", SCOPE_SAMPLED, 300),
+             ("kv", SCOPE_PAGES, 0)]
+    expected = decode_rows(rows.tolist(), [m if isinstance(m, RowMeta) else RowMeta(*m)
+                                           for m in metas])
+    raw = rows.numpy().tobytes()
+    got = decode_buffer(raw, metas)
+    assert len(got) == len(expected) == 6
+    assert all(_same(g, e) for g, e in zip(got, expected, strict=True)), (got, expected)
+    assert got[0]["nan_count"] == 1 and got[0]["inf_count"] == 2 and got[0]["min"] == -INF
+    # an offset picks up later rows (a call's outputs after its inputs)
+    assert _same(decode_buffer(raw, metas[3:4], 3 * ROW_WORDS * 8)[0], expected[3])
 
 
 def test_recorder_cpu_skips_non_tensors_and_limits_rows():

@@ -31,8 +31,15 @@ class RowMeta:
     numel: int = 0
 
 
+_ROW = struct.Struct("<QQdQQQQQ")  # one row as the kernel wrote it (csrc tensor_stats.h)
+_U64 = struct.Struct("<Q")
+_F64 = struct.Struct("<d")
+ROW_BYTES = _ROW.size
+_NAN = float("nan")
+
+
 def _bits_to_double(bits: int) -> float:
-    return struct.unpack("<d", struct.pack("<Q", bits & MASK))[0]
+    return _F64.unpack(_U64.pack(bits & MASK))[0]
 
 
 def _unkey(key: int) -> float:
@@ -42,30 +49,51 @@ def _unkey(key: int) -> float:
     return _bits_to_double(bits)
 
 
-def decode_row(words: Sequence[int], meta: RowMeta) -> dict[str, Any]:
-    """One event's attributes.  min/max/mean are left out when nothing was seen (empty
-    tensor); min/max are NaN when every value was NaN, mean is NaN with no finite value."""
-    w = [int(x) & MASK for x in words]
-    seen, nan, inf, finite = w[SEEN], w[NAN], w[INF], w[FINITE]
-    attrs: dict[str, Any] = {"flashinfer.tensor": meta.name, "scope": meta.scope}
-    attrs["numel"] = seen if meta.scope == SCOPE_PAGES else meta.numel
-    if meta.scope == SCOPE_SAMPLED:
+def _attrs(min_key: int, max_key: int, total: float, finite: int, nan: int, inf: int,
+           seen: int, meta: Any) -> dict[str, Any]:
+    """One event's attributes from a row's unsigned words (``total``: the finite sum).
+    min/max/mean are left out when nothing was seen (empty tensor); min/max are NaN
+    when every value was NaN, mean is NaN with no finite value."""
+    name, scope, numel = meta if type(meta) is tuple else (meta.name, meta.scope, meta.numel)
+    attrs: dict[str, Any] = {"flashinfer.tensor": name, "scope": scope}
+    attrs["numel"] = seen if scope == SCOPE_PAGES else numel
+    if scope == SCOPE_SAMPLED:
         attrs["sampled_numel"] = seen
     if seen:
-        if w[MIN] or w[MAX]:
-            attrs["min"] = _unkey(~w[MIN])
-            attrs["max"] = _unkey(w[MAX])
+        if min_key or max_key:
+            attrs["min"] = _unkey(~min_key)
+            attrs["max"] = _unkey(max_key)
         else:
-            attrs["min"] = attrs["max"] = float("nan")
-        attrs["mean"] = _bits_to_double(w[SUM]) / finite if finite else float("nan")
+            attrs["min"] = attrs["max"] = _NAN
+        attrs["mean"] = total / finite if finite else _NAN
     attrs["nan_count"] = nan
     attrs["inf_count"] = inf
     return attrs
 
 
-def decode_rows(rows: Sequence[Sequence[int]], metas: Sequence[RowMeta]) -> list[dict[str, Any]]:
+def decode_row(words: Sequence[int], meta: RowMeta) -> dict[str, Any]:
+    """One event's attributes from a row of ``ROW_WORDS`` ints (signed or not)."""
+    w = [int(x) & MASK for x in words]
+    return _attrs(w[MIN], w[MAX], _bits_to_double(w[SUM]), w[FINITE], w[NAN], w[INF],
+                  w[SEEN], meta)
+
+
+def decode_rows(rows: Sequence[Sequence[int]], metas: Sequence[Any]) -> list[dict[str, Any]]:
     """Attributes of every row that has a meta (rows beyond ``metas`` are unused)."""
     return [decode_row(rows[i], meta) for i, meta in enumerate(metas)]
+
+
+def decode_buffer(buf: Any, metas: Sequence[Any], offset: int = 0) -> list[dict[str, Any]]:
+    """``decode_rows`` straight from the rows' bytes (a pinned slot's memory), one
+    ``struct`` unpack per row: the background resolver runs this for every level-5
+    call, and going through ``Tensor.tolist`` cost it more than the rest of the span.
+    ``metas`` may be ``RowMeta`` or plain ``(name, scope, numel)`` tuples."""
+    unpack = _ROW.unpack_from
+    out = []
+    for i, meta in enumerate(metas):
+        min_key, max_key, total, finite, nan, inf, seen, _ = unpack(buf, offset + i * ROW_BYTES)
+        out.append(_attrs(min_key, max_key, total, finite, nan, inf, seen, meta))
+    return out
 
 
 def is_nonfinite(events: Sequence[dict[str, Any]]) -> bool:

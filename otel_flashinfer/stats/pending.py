@@ -4,11 +4,17 @@ polls and applies (rows in a pinned slot, rows already on the host, several devi
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from typing import Any
 
 from .. import cuda_errors, health
-from .decode import DROPPED_ATTR, EVENT_NAME, NONFINITE_ATTR, RowMeta, decode_rows, is_nonfinite
+from .decode import (
+    DROPPED_ATTR,
+    EVENT_NAME,
+    NONFINITE_ATTR,
+    ROW_BYTES,
+    decode_buffer,
+    is_nonfinite,
+)
 from .ring import SlotRing
 
 CUDA_ERROR_ATTR = "flashinfer.cuda_error"
@@ -22,11 +28,6 @@ def _error_name(status: int) -> str:
         return cudart.cudaGetErrorName(cudart.cudaError_t(abs(status)))[1].decode()
     except Exception:  # noqa: BLE001
         return f"cudaError{abs(status)}"
-
-
-def _row_metas(metas: Sequence[Any]) -> list[Any]:
-    """RowMeta objects for decode_rows (the fast path keeps plain tuples)."""
-    return [RowMeta(*m) if type(m) is tuple else m for m in metas]
 
 
 class StatsPending:
@@ -61,15 +62,15 @@ class StatsPending:
         n = len(self.metas)
         out = self.out
         try:
-            rows = self.ring.read(slot, n + (len(out[0]) if out else 0))
+            raw = self.ring.read_bytes(slot, n + (len(out[0]) if out else 0))
         finally:
             self.ring.release(slot)
         if n or not out:
-            _add_events(record, decode_rows(rows, _row_metas(self.metas)), self.ts_ns)
+            _add_events(record, decode_buffer(raw, self.metas), self.ts_ns)
             if self.note:
                 record.attributes[DROPPED_ATTR] = self.note
         if out:
-            _add_events(record, decode_rows(rows[n:], _row_metas(out[0])), out[1])
+            _add_events(record, decode_buffer(raw, out[0], n * ROW_BYTES), out[1])
             if out[2]:
                 record.attributes[DROPPED_ATTR] = out[2]
 

@@ -3,6 +3,7 @@ in, each slot with its own CUDA event and zero-at-rest device rows."""
 
 from __future__ import annotations
 
+import ctypes
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -38,6 +39,7 @@ class SlotRing:
         self.host = torch.zeros((slots, rows, ROW_WORDS), dtype=torch.int64,
                                 pin_memory=pin_memory)
         self._base = self.host.data_ptr()
+        self._raw: Any = None  # ctypes view of self.host (which it keeps alive)
         self._slot_bytes = rows * ROW_WORDS * 8
         # one zeroed int64 device buffer, made in the background: slot rows
         # [slots, rows, ROW_WORDS], then two counter words per slot (inputs, outputs)
@@ -191,5 +193,10 @@ class SlotRing:
     def query(self, slot: int) -> int:
         return self._query(slot)
 
-    def read(self, slot: int, nrows: int) -> list[list[int]]:
-        return self.host[slot, :nrows].tolist()
+    def read_bytes(self, slot: int, nrows: int) -> bytes:
+        """A copy of ``slot``'s first ``nrows`` rows as raw bytes (``decode_buffer``): a
+        plain memcpy, where ``read`` goes through torch indexing and ``tolist``."""
+        if self._raw is None:
+            self._raw = (ctypes.c_char * (self.host.numel() * 8)).from_address(self._base)
+        start = slot * self._slot_bytes
+        return self._raw[start:start + min(nrows, self.rows) * ROW_WORDS * 8]
