@@ -95,6 +95,26 @@ int64_t elapsed_ns(int64_t start, int64_t end) {
   return static_cast<int64_t>(static_cast<double>(ms) * 1e6);
 }
 
+// What the background resolver asks per call: the GPU ns between two slots in ONE
+// driver call (query, query again and elapsed were three, each taking the driver's
+// lock that the engine's launches also need): >= 0 ns, kNotReady while the end event
+// is pending, else the negated CUDA error (a failed stream, or events that cannot be
+// timed).
+constexpr int64_t kNotReady = -(int64_t{1} << 40);
+
+int64_t resolve(int64_t start, int64_t end) {
+  Pool& p = pool();
+  if (start < 0 || end < 0 || start >= kSlots || end >= kSlots || p.events[start] == nullptr ||
+      p.events[end] == nullptr)
+    return -static_cast<int64_t>(cudaErrorInvalidResourceHandle);
+  float ms = 0.f;
+  const cudaError_t err = cudaEventElapsedTime(&ms, p.events[start], p.events[end]);
+  if (err == cudaSuccess) return static_cast<int64_t>(static_cast<double>(ms) * 1e6);
+  cudaGetLastError();
+  if (err == cudaErrorNotReady) return kNotReady;
+  return -static_cast<int64_t>(err);
+}
+
 void release(int64_t slot) {
   if (slot >= 0 && slot < kSlots) pool().busy[slot].store(0);
 }
@@ -130,6 +150,18 @@ int64_t prewarm() {
 // (METH_NOARGS / METH_O) cost tens of nanoseconds where a pybind11 dispatch costs
 // several hundred.
 PyObject* py_record(PyObject*, PyObject*) { return PyLong_FromLongLong(record()); }
+
+PyObject* py_resolve(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 2) {
+    PyErr_SetString(PyExc_TypeError, "resolve(start, end)");
+    return nullptr;
+  }
+  const long long start = PyLong_AsLongLong(args[0]);
+  if (start == -1 && PyErr_Occurred()) return nullptr;
+  const long long end = PyLong_AsLongLong(args[1]);
+  if (end == -1 && PyErr_Occurred()) return nullptr;
+  return PyLong_FromLongLong(resolve(start, end));
+}
 
 PyObject* py_query(PyObject*, PyObject* arg) {
   const long long slot = PyLong_AsLongLong(arg);
@@ -207,6 +239,8 @@ otel_flashinfer_hotpath_api kHotpathApi = {OTEL_FLASHINFER_HOTPATH_API_VERSION, 
 PyMethodDef kFastMethods[] = {
     {"record", py_record, METH_NOARGS, "record a pooled event on the current stream; slot or <0"},
     {"query", py_query, METH_O, "1 done, 0 pending, <0 -cudaError"},
+    {"resolve", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(py_resolve)),
+     METH_FASTCALL, "GPU ns between two slots, NOT_READY, or -cudaError (one driver call)"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
@@ -215,6 +249,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "otel_flashinfer: pooled CUDA timing events";
   if (PyModule_AddFunctions(m.ptr(), kFastMethods) != 0) throw pybind11::error_already_set();
   m.def("elapsed_ns", &elapsed_ns, "GPU ns between two completed slots");
+  m.attr("NOT_READY") = kNotReady;
   m.def("release", &release, "return a slot to the pool");
   m.def("error_name", &error_name, "cudaGetErrorName of a (negated) code");
   m.def("capacity", &capacity, "number of slots");

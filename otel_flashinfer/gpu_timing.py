@@ -63,6 +63,8 @@ def _compile() -> None:
         ext = load(name="otel_flashinfer_event_pool", sources=[str(source)],
                    build_directory=str(cache_dir("event_pool", source)), with_cuda=True,
                    extra_cflags=["-O2"], verbose=False)
+        if getattr(ext, "NOT_READY", None) != NOT_READY:
+            raise RuntimeError("the event pool's NOT_READY differs from gpu_timing's")
         # Events are created here, in the background, not on the first traced calls.
         with capture_guard.gpu_queries(block=True):
             ext.prewarm()
@@ -101,31 +103,46 @@ def wait_ready(timeout_s: float = 600.0) -> bool:
     return _state == "ready"
 
 
-class GpuTime:
-    """Pending GPU time of one call (or one graph replay) between two pooled events."""
+#: ``resolve``'s answer while the end event is pending (csrc/event_pool.cpp kNotReady).
+NOT_READY = -(1 << 40)
 
-    __slots__ = ("end", "start")
+
+class GpuTime:
+    """Pending GPU time of one call (or one graph replay) between two pooled events.
+
+    One ``resolve`` (a single cudaEventElapsedTime) per poll: each CUDA call the
+    background thread makes takes the driver lock the engine's launches also need."""
+
+    __slots__ = ("end", "result", "start")
 
     def __init__(self, start: int, end: int) -> None:
         self.start = start
         self.end = end
+        self.result = NOT_READY
 
     def ready(self) -> bool:
-        return _ext.query(self.end) != 0
+        if self.result == NOT_READY:
+            self.result = _ext.resolve(self.start, self.end)
+        return self.result != NOT_READY
 
     def apply(self, record: CallRecord) -> None:
         ext = _ext
         try:
-            status = ext.query(self.end)
+            result = self.result
+            if result == NOT_READY:
+                result = ext.resolve(self.start, self.end)
+            if result >= 0:
+                record.attributes["flashinfer.gpu.time_ns"] = result
+                return
+            if result == NOT_READY:  # applied without waiting (never by the pipeline)
+                record.attributes["flashinfer.gpu.time_unavailable"] = "not_ready"
+                return
+            status = ext.query(self.end)  # rare: a failed stream, or untimeable events
             if status < 0:
                 cuda_errors.mark(record.attributes, ext.error_name(status))
                 record.attributes["flashinfer.gpu.time_unavailable"] = "cuda_error"
-                return
-            elapsed = ext.elapsed_ns(self.start, self.end)
-            if elapsed < 0:
-                record.attributes["flashinfer.gpu.time_unavailable"] = "elapsed_failed"
             else:
-                record.attributes["flashinfer.gpu.time_ns"] = elapsed
+                record.attributes["flashinfer.gpu.time_unavailable"] = "elapsed_failed"
         finally:
             ext.release(self.start)
             ext.release(self.end)
@@ -189,13 +206,23 @@ timer = Timer()
 
 class _Handles:
     """Resolves ``CallRecord.gpu`` (``Timer.end_handle``) for the pipeline
-    (``pipeline.Pipeline.gpu_times``)."""
+    (``pipeline.Pipeline.gpu_times``), which asks ``ready`` and then ``apply`` for the
+    same handle: the last answer is kept so that a call costs one driver call."""
+
+    def __init__(self) -> None:
+        self._last: tuple[int, int] = (-1, NOT_READY)
 
     def ready(self, handle: int) -> bool:
-        return _ext.query(handle & 0xFFFF) != 0
+        result = _ext.resolve(handle >> 16, handle & 0xFFFF)
+        self._last = (handle, result)  # one tuple: read back whole by apply
+        return result != NOT_READY
 
     def apply(self, record: CallRecord, handle: int) -> None:
-        GpuTime(handle >> 16, handle & 0xFFFF).apply(record)
+        pending = GpuTime(handle >> 16, handle & 0xFFFF)
+        last_handle, result = self._last
+        if last_handle == handle:
+            pending.result = result
+        pending.apply(record)
 
     def abandon(self, record: CallRecord, handle: int, reason: str) -> None:
         GpuTime(handle >> 16, handle & 0xFFFF).abandon(record, reason)

@@ -20,6 +20,7 @@ class FakePool:
         self.done: dict[int, int] = {}
         self.times: dict[int, int] = {}
         self.next = 0
+        self.driver_calls = 0  # query/resolve: each one a CUDA call on the worker
 
     def record(self) -> int:
         for _ in range(self.capacity):
@@ -31,7 +32,17 @@ class FakePool:
         return -1
 
     def query(self, slot: int) -> int:
+        self.driver_calls += 1
         return self.done[slot]
+
+    def resolve(self, start: int, end: int) -> int:
+        """cudaEventElapsedTime: not ready, the stream's error, or the time."""
+        self.driver_calls += 1
+        if self.done[end] == 0:
+            return gpu_timing.NOT_READY
+        if self.done[end] < 0:
+            return self.done[end]
+        return self.times[end] - self.times[start]
 
     def elapsed_ns(self, start: int, end: int) -> int:
         return self.times[end] - self.times[start]
@@ -86,6 +97,28 @@ def test_time_is_read_once_the_end_event_completed(pool: FakePool) -> None:
     assert pipeline.flush(2)
     assert tracer.exported[0]["flashinfer.gpu.time_ns"] == 25_500
     assert pool.busy == set()  # both slots back in the pool
+
+
+def test_a_call_costs_the_worker_one_driver_call(pool: FakePool) -> None:
+    """ready + apply of a traced call's handle: one resolve (the driver lock is shared
+    with the engine's launches), where query, query and elapsed were three."""
+    tracer = _Tracer()
+    pipeline = Pipeline(tracer, interval_s=60)  # drained by flush only
+    pipeline.gpu_times = gpu_timing.HANDLES
+    pool.capacity = 8
+    recs = [record() for _ in range(3)]
+    for rec in recs:
+        start = gpu_timing.timer.begin()
+        rec.gpu = gpu_timing.timer.end_handle(start)
+        pool.times.update({start: 100 * start, rec.gpu & 0xFFFF: 100 * start + 7})
+        pool.done[start] = pool.done[rec.gpu & 0xFFFF] = 1
+    pool.driver_calls = 0
+    for rec in recs:
+        pipeline.submit(rec)
+    assert pipeline.flush(2)
+    assert [e["flashinfer.gpu.time_ns"] for e in tracer.exported] == [7, 7, 7]
+    assert pool.driver_calls == 3
+    assert pool.busy == set()
 
 
 def test_cuda_error_marks_the_call_that_failed(pool: FakePool) -> None:
