@@ -238,7 +238,10 @@ CHILD_TERM = textwrap.dedent('''
     rec = BlobRecorder(Settings(blob_url=sys.argv[1]))
     def slow(x):
         print("running", flush=True)
-        time.sleep(60)
+        # Short sleeps: the kernel may deliver SIGTERM to a writer thread, and then
+        # CPython runs the handler only when the main thread next wakes up.
+        for _ in range(1200):
+            time.sleep(0.05)
         return x
     def add(x, y): return x + y
     for i in range(5):
