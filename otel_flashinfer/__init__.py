@@ -65,9 +65,10 @@ def instrument(level: int | None = None, **settings: Any) -> Settings:
         except ImportError as exc:  # a broken install: say so rather than trace nothing
             from .health import report
 
+            hint = (" (is opentelemetry-instrumentation installed?)"
+                    if "opentelemetry" in (getattr(exc, "name", None) or "") else "")
             report("instrumentor_unavailable", "FlashInfer is installed but its APIs are "
-                   "not traced: the instrumentor cannot be imported (is "
-                   "opentelemetry-instrumentation installed?)", exc)
+                   f"not traced: the instrumentor cannot be imported{hint}", exc)
             FlashInferInstrumentor = None
         if FlashInferInstrumentor is not None:
             FlashInferInstrumentor().instrument(settings=parsed)

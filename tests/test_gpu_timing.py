@@ -42,9 +42,8 @@ class FakePool:
             return gpu_timing.NOT_READY
         if self.done[end] < 0:
             return self.done[end]
-        return self.times[end] - self.times[start]
-
-    def elapsed_ns(self, start: int, end: int) -> int:
+        if end not in self.times:  # completed, but not timeable (e.g. -400 handle)
+            return -400
         return self.times[end] - self.times[start]
 
     def release(self, slot: int) -> None:
@@ -164,3 +163,20 @@ def test_not_compiled_yet_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
     assert pending.ready()
     pending.apply(rec)
     assert rec.attributes["flashinfer.gpu.time_unavailable"] == "compiling"
+
+
+def test_untimeable_and_not_ready_say_why_and_give_slots_back(pool: FakePool) -> None:
+    """A completed pair that cannot be timed is ``elapsed_failed`` (not a CUDA error of
+    the call); applied before its end event completed it is ``not_ready``."""
+    untimed, early = record(), record()
+    a = gpu_timing.timer.end(gpu_timing.timer.begin())
+    b = gpu_timing.timer.end(gpu_timing.timer.begin())
+    pool.done.update({a.start: 1, a.end: 1})  # no times: cudaEventElapsedTime fails
+    assert a.ready()
+    a.apply(untimed)
+    assert untimed.attributes["flashinfer.gpu.time_unavailable"] == "elapsed_failed"
+    assert "flashinfer.cuda_error" not in untimed.attributes
+    assert not b.ready()
+    b.apply(early)
+    assert early.attributes["flashinfer.gpu.time_unavailable"] == "not_ready"
+    assert pool.busy == set()

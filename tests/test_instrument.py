@@ -292,14 +292,16 @@ def test_missing_instrumentor_is_reported_not_silent(monkeypatch, caplog) -> Non
     from otel_flashinfer import health
 
     health.reset()
-    monkeypatch.setitem(sys.modules, "otel_flashinfer.instrumentor", None)
+    # As if opentelemetry-instrumentation were not installed: our module fails to import.
+    monkeypatch.delitem(sys.modules, "otel_flashinfer.instrumentor")
+    monkeypatch.setitem(sys.modules, "opentelemetry.instrumentation.instrumentor", None)
     with caplog.at_level("WARNING", logger="otel_flashinfer"):
         otel_flashinfer.instrument(level=1, journal_dir="")
     try:
         assert health.counters().get("instrumentor_unavailable") == 1
-        assert "opentelemetry-instrumentation" in caplog.text
+        assert "is opentelemetry-instrumentation installed?" in caplog.text
         run = vars(flashinfer.BatchDecodeWithPagedKVCacheWrapper)["run"]
         assert "otel_flashinfer" not in run.__code__.co_filename
     finally:
-        monkeypatch.delitem(sys.modules, "otel_flashinfer.instrumentor")
+        monkeypatch.undo()
         otel_flashinfer.uninstrument()

@@ -344,6 +344,20 @@ def test_ring_wakes_the_resolver_once_per_half_taken() -> None:
     assert wakes == [1, 1]
 
 
+def test_a_failing_wake_up_never_loses_the_slot() -> None:
+    from otel_flashinfer import health
+
+    health.reset()
+
+    def broken() -> None:
+        raise RuntimeError("wake-up failed")
+
+    ring = SlotRing(torch.device("cpu"), 2, 2, pin_memory=False, on_low=broken)
+    assert ring.acquire() == 0  # 1 of 2 free: the wake-up runs and fails
+    assert health.counters().get("stats_errors") == 1
+    assert ring.acquire() == 1 and ring.acquire() is None
+
+
 def test_runtime_wires_the_ring_to_the_pipeline() -> None:
     from otel_flashinfer.config import load_settings
     from otel_flashinfer.runtime import Runtime

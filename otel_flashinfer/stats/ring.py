@@ -35,11 +35,14 @@ class SlotRing:
         self.device = device
         self.on_low = on_low
         self.low_water = slots // 2
+        self._armed = True  # on_low fires once, then re-arms above low_water
         self.rows = rows
         self.host = torch.zeros((slots, rows, ROW_WORDS), dtype=torch.int64,
                                 pin_memory=pin_memory)
         self._base = self.host.data_ptr()
-        self._raw: Any = None  # ctypes view of self.host (which it keeps alive)
+        # ctypes view of self.host's memory (it holds no reference: self.host, never
+        # reassigned, keeps the memory alive)
+        self._raw: Any = None
         self._slot_bytes = rows * ROW_WORDS * 8
         # one zeroed int64 device buffer, made in the background: slot rows
         # [slots, rows, ROW_WORDS], then two counter words per slot (inputs, outputs)
@@ -62,8 +65,8 @@ class SlotRing:
         except IndexError:
             pass
         else:
-            if len(self._free) == self.low_water and self.on_low is not None:
-                self.on_low()  # once per crossing: a few microseconds per half ring
+            if self._armed and len(self._free) <= self.low_water:
+                self._low()
             return slot
         with self._lock:
             if not self._free and self._zombies:
@@ -78,6 +81,19 @@ class SlotRing:
 
     def release(self, slot: int) -> None:
         self._free.append(slot)
+        if not self._armed and len(self._free) > self.low_water:
+            self._armed = True
+
+    def _low(self) -> None:
+        """Once per crossing below half free: a few microseconds per half ring.  A race
+        between threads at worst wakes the worker twice or not at all (its timer still
+        drains the ring)."""
+        self._armed = False
+        if self.on_low is not None:
+            try:
+                self.on_low()
+            except Exception as exc:  # noqa: BLE001 - the slot is taken: never lose it
+                health.report("stats_errors", "the statistics ring's wake-up failed", exc)
 
     def abandon(self, slot: int) -> None:
         with self._lock:
@@ -120,14 +136,19 @@ class SlotRing:
                 dev = torch.zeros(words, dtype=torch.int64, device=self.device)
                 # Each slot's event here too: cudaEventCreate costs tens of microseconds,
                 # which would otherwise land on the caller's first call per slot.
-                for slot in range(slots):
-                    if not self._native[slot]:
-                        event = int(module.event_create())
-                        with self._lock:  # native_event may have made one meanwhile
-                            if self._native[slot]:
-                                module.event_destroy(event)
-                            else:
-                                self._native[slot] = event
+                # A failure leaves the remaining slots to native_event's lazy path.
+                try:
+                    for slot in range(slots):
+                        if not self._native[slot]:
+                            event = int(module.event_create())
+                            with self._lock:  # native_event may have made one meanwhile
+                                if self._native[slot]:
+                                    module.event_destroy(event)
+                                else:
+                                    self._native[slot] = event
+                except Exception as exc:  # noqa: BLE001
+                    health.report("stats_errors", "could not make the ring's CUDA events "
+                                  "ahead; calls make them as needed", exc)
                 torch.cuda.synchronize(self.device)  # zero before any stream uses it
                 base = dev.data_ptr()
                 self._dev = dev
@@ -195,7 +216,7 @@ class SlotRing:
 
     def read_bytes(self, slot: int, nrows: int) -> bytes:
         """A copy of ``slot``'s first ``nrows`` rows as raw bytes (``decode_buffer``): a
-        plain memcpy, where ``read`` goes through torch indexing and ``tolist``."""
+        plain memcpy rather than torch indexing and ``tolist``."""
         if self._raw is None:
             self._raw = (ctypes.c_char * (self.host.numel() * 8)).from_address(self._base)
         start = slot * self._slot_bytes
