@@ -83,18 +83,6 @@ int64_t query(int64_t slot) {
   return -static_cast<int64_t>(err);
 }
 
-// Elapsed GPU time between two completed slots, in nanoseconds (-1 if unavailable).
-int64_t elapsed_ns(int64_t start, int64_t end) {
-  Pool& p = pool();
-  if (start < 0 || end < 0 || start >= kSlots || end >= kSlots) return -1;
-  float ms = 0.f;
-  if (cudaEventElapsedTime(&ms, p.events[start], p.events[end]) != cudaSuccess) {
-    cudaGetLastError();
-    return -1;
-  }
-  return static_cast<int64_t>(static_cast<double>(ms) * 1e6);
-}
-
 // What the background resolver asks per call: the GPU ns between two slots in ONE
 // driver call (query, query again and elapsed were three, each taking the driver's
 // lock that the engine's launches also need): >= 0 ns, kNotReady while the end event
@@ -248,7 +236,6 @@ PyMethodDef kFastMethods[] = {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "otel_flashinfer: pooled CUDA timing events";
   if (PyModule_AddFunctions(m.ptr(), kFastMethods) != 0) throw pybind11::error_already_set();
-  m.def("elapsed_ns", &elapsed_ns, "GPU ns between two completed slots");
   m.attr("NOT_READY") = kNotReady;
   m.def("release", &release, "return a slot to the pool");
   m.def("error_name", &error_name, "cudaGetErrorName of a (negated) code");
