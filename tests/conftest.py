@@ -42,6 +42,14 @@ def _memory_exporter():  # noqa: ANN202
     return _EXPORTER
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _global_provider():  # noqa: ANN202
+    """The in-memory provider is the process's global one from the start.  OTel lets the
+    global provider be set once: a test that instrumented first (building the embedded
+    default) left ``spans`` recording nothing when run on its own or in another order."""
+    _memory_exporter()
+
+
 @pytest.fixture(params=["native", "python"])
 def wrapper_path(request, monkeypatch):  # noqa: ANN001, ANN201
     """Run a test over the C hot path and over the pure-Python wrapper (``native``).
