@@ -226,3 +226,47 @@ def test_kernel_sources_are_found_and_loader_never_raises():
     if not torch.cuda.is_available():
         assert kernel.get(wait=True, timeout=60) is None
         assert kernel.disabled()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16,
+                                   torch.int8, torch.uint8, torch.int16, torch.int32,
+                                   torch.int64, torch.bool])
+def test_clean_cpu_fast_path_writes_the_masked_paths_row(dtype):
+    """CPU tensors without NaN/Inf take three passes in their own dtype; the row must be
+    the one the general (masked, float64) path writes, word for word (the sum to the
+    last bits: the two may add in another order)."""
+    from otel_flashinfer.stats import torch_ops
+
+    gen = torch.Generator().manual_seed(7)
+    if dtype == torch.bool:
+        base = torch.rand(3000, generator=gen) > 0.3
+    elif dtype.is_floating_point:
+        base = (torch.randn(3000, generator=gen, dtype=torch.float64) * 1e3).to(dtype)
+    else:
+        info = torch.iinfo(dtype)
+        base = torch.randint(info.min, info.max, (3000,), generator=gen, dtype=dtype)
+        base[:2] = torch.tensor([info.min, info.max], dtype=dtype)
+    views = [base, base.reshape(60, 50).t(), base[5:2995:7]]
+    for view in views:
+        fast = torch_ops._clean_cpu_row(view.reshape(-1))
+        assert fast is not None
+        slow = torch_ops.row_of(view.reshape(-1))
+        words = [i for i in range(ROW_WORDS) if i != 2]
+        assert fast[words].tolist() == slow[words].tolist()
+        fast_sum = fast[2:3].view(torch.float64).item()
+        slow_sum = slow[2:3].view(torch.float64).item()
+        assert fast_sum == pytest.approx(slow_sum, rel=1e-12, abs=1e-9)
+        # what a span gets: tensor_row takes the fast path for CPU tensors
+        assert tensor_row(view).tolist()[:2] == slow.tolist()[:2]
+
+
+def test_nonfinite_cpu_tensors_keep_the_masked_path():
+    from otel_flashinfer.stats import torch_ops
+
+    x = torch.tensor([1.0, NAN, -INF, 3.0])
+    assert torch_ops._clean_cpu_row(x) is None
+    s = _stats(x)
+    assert (s["min"], s["max"], s["mean"], s["nan_count"], s["inf_count"]) == (
+        -INF, 3.0, 2.0, 1, 1)
+    assert torch_ops._clean_cpu_row(torch.empty(0)) is None
+    assert torch_ops._clean_cpu_row(torch.zeros(4, dtype=torch.complex64)) is None
