@@ -42,7 +42,7 @@ class SlotRing:
         self._base = self.host.data_ptr()
         # ctypes view of self.host's memory (it holds no reference: self.host, never
         # reassigned, keeps the memory alive)
-        self._raw: Any = None
+        self._raw = (ctypes.c_char * (self.host.numel() * 8)).from_address(self._base)
         self._slot_bytes = rows * ROW_WORDS * 8
         # one zeroed int64 device buffer, made in the background: slot rows
         # [slots, rows, ROW_WORDS], then two counter words per slot (inputs, outputs)
@@ -217,7 +217,5 @@ class SlotRing:
     def read_bytes(self, slot: int, nrows: int) -> bytes:
         """A copy of ``slot``'s first ``nrows`` rows as raw bytes (``decode_buffer``): a
         plain memcpy rather than torch indexing and ``tolist``."""
-        if self._raw is None:
-            self._raw = (ctypes.c_char * (self.host.numel() * 8)).from_address(self._base)
         start = slot * self._slot_bytes
         return self._raw[start:start + min(nrows, self.rows) * ROW_WORDS * 8]
