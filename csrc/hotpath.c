@@ -1309,6 +1309,93 @@ static PyTypeObject EntryType = {
     .tp_methods = entry_methods,
 };
 
+/* ---- Switch: a hook whose target can change -------------------------------------- */
+
+/* Entries hold their hooks in tuples fixed when the wrapper is made, but a better
+ * implementation of a hook can arrive later (the statistics extension builds in the
+ * background).  A Switch forwards every call to its current ``target`` (one vectorcall
+ * more), and setting ``target`` swaps it for every wrapper at once. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *target;
+    vectorcallfunc vectorcall;
+} Switch;
+
+static PyObject *switch_call(PyObject *self, PyObject *const *args, size_t nargsf,
+                             PyObject *kwnames) {
+    PyObject *target = ((Switch *)self)->target;
+    Py_INCREF(target); /* a swap during the call must not free it */
+    PyObject *r = PyObject_Vectorcall(target, args, nargsf, kwnames);
+    Py_DECREF(target);
+    return r;
+}
+
+static int switch_set_target(Switch *self, PyObject *value, void *closure) {
+    if (value == NULL || !PyCallable_Check(value)) {
+        PyErr_SetString(PyExc_TypeError, "Switch.target must be callable");
+        return -1;
+    }
+    Py_INCREF(value);
+    Py_SETREF(self->target, value);
+    return 0;
+}
+
+static PyObject *switch_get_target(Switch *self, void *closure) {
+    Py_INCREF(self->target);
+    return self->target;
+}
+
+static int switch_init(Switch *self, PyObject *args, PyObject *kwds) {
+    PyObject *target;
+    if (!PyArg_ParseTuple(args, "O:Switch", &target)) return -1;
+    return switch_set_target(self, target, NULL);
+}
+
+static int switch_traverse(Switch *self, visitproc visit, void *arg) {
+    Py_VISIT(self->target);
+    return 0;
+}
+
+static int switch_clear(Switch *self) {
+    Py_CLEAR(self->target);
+    return 0;
+}
+
+static void switch_dealloc(Switch *self) {
+    PyObject_GC_UnTrack(self);
+    switch_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *switch_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    Switch *self = (Switch *)type->tp_alloc(type, 0);
+    if (self == NULL) return NULL;
+    self->target = Py_None;
+    Py_INCREF(Py_None);
+    self->vectorcall = switch_call;
+    return (PyObject *)self;
+}
+
+static PyGetSetDef switch_getset[] = {
+    {"target", (getter)switch_get_target, (setter)switch_set_target,
+     "the callable every call goes to", NULL},
+    {NULL, NULL, NULL, NULL, NULL}};
+
+static PyTypeObject SwitchType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "otel_flashinfer._hotpath.Switch",
+    .tp_basicsize = sizeof(Switch),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "Switch(target): calls go to target, which can be replaced.",
+    .tp_vectorcall_offset = offsetof(Switch, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_traverse = (traverseproc)switch_traverse,
+    .tp_clear = (inquiry)switch_clear,
+    .tp_dealloc = (destructor)switch_dealloc,
+    .tp_init = (initproc)switch_init,
+    .tp_new = switch_new,
+    .tp_getset = switch_getset,
+};
+
 /* ---- module ------------------------------------------------------------------------ */
 
 static PyObject *hp_snapshot(PyObject *self, PyObject *value) {
@@ -1358,12 +1445,18 @@ static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_hotpath",
                                         module_methods};
 
 PyMODINIT_FUNC PyInit__hotpath(void) {
-    if (PyType_Ready(&EntryType) < 0) return NULL;
+    if (PyType_Ready(&EntryType) < 0 || PyType_Ready(&SwitchType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module_def);
     if (m == NULL) return NULL;
     Py_INCREF(&EntryType);
     if (PyModule_AddObject(m, "Entry", (PyObject *)&EntryType) < 0) {
         Py_DECREF(&EntryType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&SwitchType);
+    if (PyModule_AddObject(m, "Switch", (PyObject *)&SwitchType) < 0) {
+        Py_DECREF(&SwitchType);
         Py_DECREF(m);
         return NULL;
     }

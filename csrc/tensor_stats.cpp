@@ -13,14 +13,14 @@
 #include <optional>
 #include <vector>
 
+#include "stats_launch.h"
 #include "tensor_stats.h"
 
 namespace otel_fi {
-namespace {
 
 constexpr int kThreads = 256;
 
-int32_t dtype_code(at::ScalarType t) {
+int32_t dtype_code_or(at::ScalarType t, int32_t otherwise) {
   switch (t) {
     case at::kFloat: return kF32;
     case at::kHalf: return kF16;
@@ -33,8 +33,16 @@ int32_t dtype_code(at::ScalarType t) {
     case at::kLong: return kI64;
     case at::kBool: return kBool;
     case at::kDouble: return kF64;
-    default: TORCH_CHECK(false, "otel_flashinfer stats: unsupported dtype ", t);
+    default: return otherwise;
   }
+}
+
+namespace {
+
+int32_t dtype_code(at::ScalarType t) {
+  const int32_t code = dtype_code_or(t, -1);
+  TORCH_CHECK(code >= 0, "otel_flashinfer stats: unsupported dtype ", t);
+  return code;
 }
 
 // Drops size-1 dims and merges dims that are contiguous with each other.
@@ -60,6 +68,8 @@ int coalesce(at::IntArrayRef sizes, at::IntArrayRef strides, size_t first, int64
   return static_cast<int>(sz.size());
 }
 
+}  // namespace
+
 int sm_count_of(int device) {
   static int cache[64] = {0};
   if (device < 0 || device >= 64) return 132;
@@ -71,11 +81,6 @@ int sm_count_of(int device) {
   }
   return cache[device];
 }
-
-struct Item {
-  TensorDesc d;
-  int64_t work;  // elements (upper bound for paged)
-};
 
 Item describe(const at::Tensor& t, int64_t row, int64_t step,
               const std::optional<at::Tensor>& indices, const std::optional<at::Tensor>& indptr,
@@ -125,16 +130,8 @@ Item describe(const at::Tensor& t, int64_t row, int64_t step,
   return it;
 }
 
-// Where a launch publishes (LaunchDesc::counter ...); counter null: accumulate only.
-struct Publish {
-  unsigned int* counter = nullptr;
-  int64_t* publish = nullptr;
-  int64_t row_lo = 0, row_hi = 0;
-  bool rezero = false;
-};
-
 void launch_items(std::vector<Item>& items, int64_t* out, cudaStream_t stream, int sm_count,
-                  const Publish& pub = Publish{}) {
+                  const Publish& pub) {
   static_assert(kThreads == kStatsThreads, "block size must match the kernel's launch bounds");
   // One launch is sized to about one wave of resident blocks, shared among its tensors
   // in proportion to their work: no second wave, and each output row sees at most a
@@ -221,6 +218,8 @@ void launch_items(std::vector<Item>& items, int64_t* out, cudaStream_t stream, i
   }
 }
 
+namespace {
+
 // Statistics into `out` (zeroed first if `zero`).
 void run(at::Tensor& out, const std::vector<at::Tensor>& tensors, const std::vector<int64_t>& rows,
          const std::vector<int64_t>& steps, const std::vector<std::optional<at::Tensor>>& indices,
@@ -241,7 +240,7 @@ void run(at::Tensor& out, const std::vector<at::Tensor>& tensors, const std::vec
   if (zero) {
     C10_CUDA_CHECK(cudaMemsetAsync(out.data_ptr(), 0, out.numel() * out.element_size(), stream));
   }
-  launch_items(items, out.data_ptr<int64_t>(), stream, sm_count);
+  launch_items(items, out.data_ptr<int64_t>(), stream, sm_count, Publish{});
 }
 
 // Graph or caller-owned output: out is int64 [rows, 8] on the device.  Under capture a
@@ -416,4 +415,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("event_query", &otel_fi::event_query);
   m.def("event_destroy", &otel_fi::event_destroy);
   m.attr("ROW_WORDS") = otel_fi::kRowWords;
+  m.def("set_small_launches", [](bool on) { otel_fi::small_launches = on; },
+        "pass few tensors' descriptors in a small parameter block (default on)");
+  otel_fi::register_span_hooks(m);
 }

@@ -61,8 +61,9 @@ struct TensorDesc {
 // accumulation rows that start zero stay zero at rest and no memset or copy is needed
 // around the launch.  Rows of the range that no tensor touches publish as zeros.
 // Launches sharing a counter must be stream-ordered (each leaves it 0 when done).
-struct LaunchDesc {
-  TensorDesc t[kMaxTensorsPerLaunch];
+template <int MaxT>
+struct LaunchDescT {
+  TensorDesc t[MaxT];
   unsigned int* counter;  // null: accumulate only (caller zeroes and copies)
   int64_t* publish;
   int32_t row_lo;
@@ -70,11 +71,22 @@ struct LaunchDesc {
   int32_t rezero;
   int32_t count;          // tensors; 0 with counter set: publish only (one block)
 };
+using LaunchDesc = LaunchDescT<kMaxTensorsPerLaunch>;
+// Launches of at most kSmallLaunch tensors (most calls: a decode's inputs are q and
+// its cache) pass this quarter-size copy: the driver copies every parameter byte into
+// its command buffer on the caller's thread, so 4 KB of mostly unused descriptors
+// would cost host time on every launch.
+constexpr int kSmallLaunch = 4;
+using SmallLaunchDesc = LaunchDescT<kSmallLaunch>;
 static_assert(sizeof(LaunchDesc) < 4000, "kernel parameters must stay below 4 KB");
+
+// Whether launches of few tensors pass SmallLaunchDesc (a benchmark compares both).
+extern bool small_launches;
 
 // Launches the statistics kernel for desc.count tensors on `stream`.
 // `out` is an int64 device buffer of rows*kRowWords words: zeroed by the caller, or
 // zero at rest (desc.counter set, rezero).  Returns a cudaError_t as int.
+
 int launch_tensor_stats(const LaunchDesc& desc, int total_blocks, int threads,
                         int64_t* out, void* stream);
 

@@ -632,7 +632,8 @@ __device__ __forceinline__ void block_flush(const Acc& a, bool is_float, int64_t
 // block_flush (whose atomics thread 0 issued): thread 0 fences them and counts the
 // block; the block that counts gridDim.x - 1 sees every other block's atomics (each
 // fenced before its count) and publishes rows [row_lo, row_hi).
-__device__ __forceinline__ void publish_rows(const LaunchDesc& desc, int64_t* out) {
+template <class Desc>
+__device__ __forceinline__ void publish_rows(const Desc& desc, int64_t* out) {
   __shared__ unsigned int s_last;
   if (threadIdx.x == 0) {
     __threadfence();
@@ -655,8 +656,9 @@ __device__ __forceinline__ void publish_rows(const LaunchDesc& desc, int64_t* ou
   if (threadIdx.x == 0) atomicExch(desc.counter, 0u);
 }
 
+template <int MaxT>
 __global__ void __launch_bounds__(kStatsThreads, kStatsMinBlocksPerSm)
-    tensor_stats_kernel(const __grid_constant__ LaunchDesc desc, int64_t* out) {
+    tensor_stats_kernel(const __grid_constant__ LaunchDescT<MaxT> desc, int64_t* out) {
   if (desc.count > 0) {
     int t = 0;
     const int b = blockIdx.x;
@@ -687,14 +689,28 @@ __global__ void __launch_bounds__(kStatsThreads, kStatsMinBlocksPerSm)
 
 }  // namespace
 
+bool small_launches = true;
+
 int launch_tensor_stats(const LaunchDesc& desc, int total_blocks, int threads, int64_t* out,
                         void* stream) {
   if (total_blocks <= 0 || (desc.count <= 0 && desc.counter == nullptr)) return 0;
   if (desc.count <= 0 && total_blocks != 1) return static_cast<int>(cudaErrorInvalidValue);
   if (threads <= 0 || threads > kStatsThreads || threads % 32 != 0)
     return static_cast<int>(cudaErrorInvalidValue);
-  tensor_stats_kernel<<<total_blocks, threads, 0, static_cast<cudaStream_t>(stream)>>>(desc,
-                                                                                        out);
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (desc.count <= kSmallLaunch && small_launches) {
+    SmallLaunchDesc small;
+    for (int k = 0; k < desc.count; ++k) small.t[k] = desc.t[k];
+    small.counter = desc.counter;
+    small.publish = desc.publish;
+    small.row_lo = desc.row_lo;
+    small.row_hi = desc.row_hi;
+    small.rezero = desc.rezero;
+    small.count = desc.count;
+    tensor_stats_kernel<kSmallLaunch><<<total_blocks, threads, 0, s>>>(small, out);
+  } else {
+    tensor_stats_kernel<kMaxTensorsPerLaunch><<<total_blocks, threads, 0, s>>>(desc, out);
+  }
   return static_cast<int>(cudaGetLastError());
 }
 

@@ -103,3 +103,15 @@ def register_api(capsule: Any) -> None:
         _hotpath.register_api(capsule)
     except Exception as exc:  # noqa: BLE001 - GPU times then come from Python hooks only
         health.report("native_unavailable", "the C hot path cannot use the event pool", exc)
+
+
+def switch_type() -> Any:
+    """``_hotpath.Switch`` (a hook whose target can be swapped later), or None when the
+    C hot path is off or missing."""
+    if not enabled:
+        return None
+    try:
+        from . import _hotpath
+    except ImportError:
+        return None
+    return getattr(_hotpath, "Switch", None)

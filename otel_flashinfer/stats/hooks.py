@@ -7,6 +7,11 @@ goes on the span; under CUDA graph capture the statistics launch is captured wit
 call and each sampled replay snapshots its own results
 (``graphs.Capture.add_replay_hook``).  A decode/prefill wrapper's paged KV cache is
 measured over the pages its planned indices reference.
+
+With the C hot path, the pair handed to the wrapper are ``_hotpath.Switch``es: they
+call these Python hooks until the statistics extension has built, then its C++ hooks
+(``csrc/stats_hooks.cpp``), which do the same for CUDA tensors of one device and hand
+every other case back to the Python ones.
 """
 
 from __future__ import annotations
@@ -15,9 +20,16 @@ from typing import Any
 
 import torch
 
-from .. import graphs
+from .. import graphs, health, native
 from ..pipeline import CallRecord
-from .recorder import StatsRecorder
+from . import kernel as _kernel
+from .decode import SCOPE_FULL, SCOPE_PAGES, SCOPE_SAMPLED
+from .pending import StatsPending
+from .recorder import StatsRecorder, _Open
+
+#: Whether ``make_hooks`` may switch to the C++ hooks (a benchmark turns it off to time
+#: the Python ones side by side).
+use_native = True
 
 _PAGED_NAMES = ("paged_kv_cache", "kv_cache")
 _TENSOR = torch.Tensor
@@ -86,7 +98,47 @@ def output_entries(result: Any) -> list[Any]:
 
 
 def make_hooks(recorder: StatsRecorder) -> tuple[Any, Any]:
-    """(before, after) for ``spans.make_wrapper`` at level 5 and up."""
+    """(before, after) for ``spans.make_wrapper`` at level 5 and up: the C++ hooks once
+    the extension has built, where the C hot path can switch to them."""
+    before, after = python_hooks(recorder)
+    switch = native.switch_type()
+    if switch is None or not recorder.use_kernel or not use_native:
+        return before, after
+    before_switch, after_switch = switch(before), switch(after)
+
+    def go_native(module: Any) -> None:
+        hooks = native_hooks(module, recorder, before, after)
+        if hooks is not None:
+            # the after first: it hands any state it did not make to the Python after
+            after_switch.target = hooks[1]
+            before_switch.target = hooks[0]
+
+    _kernel.when_ready(go_native)
+    return before_switch, after_switch
+
+
+def native_hooks(module: Any, recorder: StatsRecorder, before: Any, after: Any
+                 ) -> tuple[Any, Any] | None:
+    """The extension's C++ (before, after) over ``recorder``, falling back to the Python
+    ``before``/``after``; None when the extension has none (reported if it failed)."""
+    make = getattr(module, "make_span_hooks", None)
+    if make is None:
+        return None
+    try:
+        return make({
+            "rings": recorder._rings, "before": before, "after": after,
+            "pending": StatsPending, "open": _Open, "module": module,
+            "scope_full": SCOPE_FULL, "scope_sampled": SCOPE_SAMPLED,
+            "scope_pages": SCOPE_PAGES, "max_bytes": float(recorder.max_bytes),
+            "max_rows": int(recorder.rows)})
+    except Exception as exc:  # noqa: BLE001 - the Python hooks go on
+        health.report("stats_errors", "the C++ statistics hooks did not start; the "
+                      "Python hooks go on", exc)
+        return None
+
+
+def python_hooks(recorder: StatsRecorder) -> tuple[Any, Any]:
+    """(before, after) in Python: every case, and the reference for the C++ pair."""
     is_open = recorder.is_open
     begin, finish = recorder.begin, recorder.finish
 

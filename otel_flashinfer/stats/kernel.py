@@ -14,20 +14,22 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 from .. import health
 from ..config import jit_cache_root
 
-SOURCES = ("tensor_stats.cpp", "tensor_stats_kernel.cu")
-HEADERS = ("tensor_stats.h",)
+SOURCES = ("tensor_stats.cpp", "stats_hooks.cpp", "tensor_stats_kernel.cu")
+HEADERS = ("tensor_stats.h", "stats_launch.h")
 
 _lock = threading.Lock()
 _done = threading.Event()
 _module: ModuleType | None = None
 _thread: threading.Thread | None = None
 _failed = False
+_ready_callbacks: list[Callable[[ModuleType], None]] = []
 
 
 def source_dir() -> Path | None:
@@ -99,7 +101,36 @@ def _worker() -> None:
         _failed = True
         health.report("stats_kernel_build_failed", "statistics kernel did not build", exc)
     finally:
-        _done.set()
+        # Listeners run before ``get`` reports the module, so whoever waited for it
+        # finds them done; one that registers meanwhile is run in the next pass.
+        while True:
+            with _lock:
+                callbacks = list(_ready_callbacks)
+                _ready_callbacks.clear()
+                if not callbacks:
+                    _done.set()
+                    break
+            if _module is not None:
+                for callback in callbacks:
+                    _call(callback, _module)
+
+
+def _call(callback: Callable[[ModuleType], None], module: ModuleType) -> None:
+    try:
+        callback(module)
+    except Exception as exc:  # noqa: BLE001 - a listener's failure stays its own
+        health.report("stats_errors", "a statistics-kernel listener failed", exc)
+
+
+def when_ready(callback: Callable[[ModuleType], None]) -> None:
+    """``callback(module)`` once the extension is built: now if it already is, else on
+    the build thread; never when it cannot be built."""
+    with _lock:
+        if not _done.is_set():
+            _ready_callbacks.append(callback)
+            return
+    if _module is not None:
+        _call(callback, _module)
 
 
 def get(wait: bool = False, timeout: float | None = None) -> ModuleType | None:

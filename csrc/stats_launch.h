@@ -1,0 +1,54 @@
+// Host side of a statistics launch, shared by the torch binding (tensor_stats.cpp) and
+// the level-5 span hooks (stats_hooks.cpp): how one tensor is described to the kernel,
+// and how a list of them becomes launches.
+#pragma once
+#include <ATen/ATen.h>
+#include <cuda_runtime.h>
+
+#include <optional>
+#include <vector>
+
+#include "tensor_stats.h"
+
+namespace pybind11 {
+class module_;
+}
+
+namespace otel_fi {
+
+// One tensor of a launch and the work it brings (elements; an upper bound for paged).
+struct Item {
+  TensorDesc d;
+  int64_t work;
+};
+
+// Where a launch publishes (LaunchDesc::counter ...); counter null: accumulate only.
+struct Publish {
+  unsigned int* counter = nullptr;
+  int64_t* publish = nullptr;
+  int64_t row_lo = 0, row_hi = 0;
+  bool rezero = false;
+};
+
+// The kernel's DType code of a torch dtype, or `otherwise` for one it does not read.
+int32_t dtype_code_or(at::ScalarType t, int32_t otherwise);
+
+// Multiprocessors of `device` (cached).
+int sm_count_of(int device);
+
+// The kernel's view of `t` read into output row `row`: every `step`-th element, or for
+// a paged cache the pages that indices[indptr[0]:indptr[batch]] reference.  Raises
+// (c10::Error) on a tensor the kernel cannot read.
+Item describe(const at::Tensor& t, int64_t row, int64_t step,
+              const std::optional<at::Tensor>& indices, const std::optional<at::Tensor>& indptr,
+              int64_t batch);
+
+// Launches the statistics of `items` into `out` on `stream` (several launches past
+// kMaxTensorsPerLaunch), publishing as `pub` says.  Raises on a launch error.
+void launch_items(std::vector<Item>& items, int64_t* out, cudaStream_t stream, int sm_count,
+                  const Publish& pub);
+
+// Adds make_span_hooks to the extension module (stats_hooks.cpp).
+void register_span_hooks(pybind11::module_& m);
+
+}  // namespace otel_fi
