@@ -10,6 +10,12 @@
 //       launches the outputs' statistics into the same slot, records the slot's event and
 //       puts one StatsPending on the record.
 //
+// The garbage collector's cost grows with every container a call leaves behind, so the
+// steady state allocates two (the StatsPending and the record's pending list): a
+// native state is the int device << 32 | slot (what the call needs later is kept per
+// slot here), and the (name, scope, numel) metas of a call site are kept and reused
+// while its arguments keep their names and sizes.
+//
 // Everything else goes to the Python hooks, unchanged: CPU tensors, several devices,
 // index arrays the kernel cannot read, a ring not yet made or full, graph capture, any
 // error.  A fallback happens before anything is enqueued, so the Python hook sees the
@@ -25,6 +31,7 @@
 #include <cmath>
 #include <ctime>
 #include <exception>
+#include <unordered_map>
 #include <vector>
 
 #include "stats_launch.h"
@@ -44,6 +51,21 @@ struct Names {
 };
 Names N;
 
+// What a call's after needs from its before, kept with the slot the call holds.
+struct SlotInfo {
+  PyObject* metas = nullptr;  // the inputs' metas (tuple), strong
+  PyObject* note = nullptr;   // strong
+  PyObject* plan = nullptr;   // the call's ArgPlan, strong: keys the outputs' metas
+  int64_t ts = 0;
+  int64_t stream = 0;
+
+  void clear() {
+    Py_CLEAR(metas);
+    Py_CLEAR(note);
+    Py_CLEAR(plan);
+  }
+};
+
 // A SlotRing's fast-path addresses, read once the ring's device rows exist.
 struct RingView {
   PyObject* ring = nullptr;     // strong
@@ -51,7 +73,15 @@ struct RingView {
   PyObject* native = nullptr;   // ring._native: the slots' events (list of int), strong
   PyObject* kind = nullptr;     // ring._kind (list of str), strong
   int64_t dev_base = 0, ctr_base = 0, pub_base = 0, slot_bytes = 0, rows = 0;
+  std::vector<SlotInfo> info;   // one per slot
 };
+
+// The last metas of one call site (an ArgPlan) for its inputs and for its outputs.
+struct MetaCache {
+  PyObject* in = nullptr;   // tuple, strong
+  PyObject* out = nullptr;  // tuple, strong
+};
+constexpr size_t kMaxCachedPlans = 4096;
 
 struct Hooks {
   PyObject* rings = nullptr;      // StatsRecorder._rings: device index -> SlotRing
@@ -63,14 +93,12 @@ struct Hooks {
   PyObject* scope_full = nullptr;
   PyObject* scope_sampled = nullptr;
   PyObject* scope_pages = nullptr;
-  PyObject* tag = nullptr;  // first item of every native state
   double max_bytes = 0;
   int64_t max_rows = 0;  // rows per side of a call
   RingView views[kMaxDevices];
+  std::unordered_map<PyObject*, MetaCache> metas;  // by ArgPlan; keys held in `plans`
+  PyObject* plans = nullptr;                      // list keeping the keys alive
 };
-
-// A native state: (tag, device, slot, metas, ts_ns, note, stream).
-constexpr Py_ssize_t kStateSize = 7;
 
 void clear_hooks(Hooks* h) {
   Py_CLEAR(h->rings);
@@ -82,13 +110,19 @@ void clear_hooks(Hooks* h) {
   Py_CLEAR(h->scope_full);
   Py_CLEAR(h->scope_sampled);
   Py_CLEAR(h->scope_pages);
-  Py_CLEAR(h->tag);
   for (RingView& v : h->views) {
     Py_CLEAR(v.ring);
     Py_CLEAR(v.acquire);
     Py_CLEAR(v.native);
     Py_CLEAR(v.kind);
+    for (SlotInfo& i : v.info) i.clear();
   }
+  for (auto& kv : h->metas) {
+    Py_CLEAR(kv.second.in);
+    Py_CLEAR(kv.second.out);
+  }
+  h->metas.clear();
+  Py_CLEAR(h->plans);
 }
 
 void destroy_capsule(PyObject* capsule) {
@@ -114,17 +148,26 @@ int64_t now_ns() {
 // -- planning ------------------------------------------------------------------------
 
 // The tensors of one side of a call as the kernel reads them, and one (name, scope,
-// numel) meta per output row: stats/planning._plan_flat's decisions.
+// numel) row per output row: stats/planning._plan_flat's decisions.
+struct Row {
+  PyObject* name;   // strong
+  PyObject* scope;  // borrowed (held by Hooks)
+  int64_t numel;
+};
+
 struct Plan {
   std::vector<Item> items;
-  PyObject* metas = nullptr;  // list, owned
+  std::vector<Row> rows;
   int64_t row0 = 0;
   int64_t left_out = 0;
   int device = -1;
   bool fallback = false;  // something only the Python path takes
 
-  ~Plan() { Py_XDECREF(metas); }
-  Py_ssize_t nrows() const { return metas ? PyList_GET_SIZE(metas) : 0; }
+  Plan() { rows.reserve(8); }
+  ~Plan() {
+    for (Row& r : rows) Py_DECREF(r.name);
+  }
+  Py_ssize_t nrows() const { return static_cast<Py_ssize_t>(rows.size()); }
 };
 
 int take_device(Plan& p, const at::Tensor& t) {
@@ -143,17 +186,73 @@ int take_device(Plan& p, const at::Tensor& t) {
   return p.fallback ? -1 : 0;
 }
 
-// Appends (name, scope, numel); -1 with a Python error set.
+// Appends (name, scope, numel).
 int add_meta(Plan& p, PyObject* name, PyObject* scope, int64_t numel) {
-  if (p.metas == nullptr && (p.metas = PyList_New(0)) == nullptr) return -1;
-  PyObject* n = PyLong_FromLongLong(numel);
-  if (n == nullptr) return -1;
-  PyObject* meta = PyTuple_Pack(3, name, scope, n);
-  Py_DECREF(n);
-  if (meta == nullptr) return -1;
-  const int rc = PyList_Append(p.metas, meta);
-  Py_DECREF(meta);
-  return rc;
+  Py_INCREF(name);
+  p.rows.push_back(Row{name, scope, numel});
+  return 0;
+}
+
+bool same_metas(PyObject* cached, const Plan& p) {
+  if (cached == nullptr || PyTuple_GET_SIZE(cached) != p.nrows()) return false;
+  for (Py_ssize_t i = 0; i < p.nrows(); ++i) {
+    PyObject* m = PyTuple_GET_ITEM(cached, i);
+    const Row& r = p.rows[i];
+    if (PyTuple_GET_ITEM(m, 1) != r.scope) return false;
+    PyObject* name = PyTuple_GET_ITEM(m, 0);
+    if (name != r.name && PyUnicode_Compare(name, r.name) != 0) return false;
+    const int64_t numel = PyLong_AsLongLong(PyTuple_GET_ITEM(m, 2));
+    if (numel != r.numel) return false;
+  }
+  return true;
+}
+
+// The rows' metas as a tuple of (name, scope, numel): the cached one when the rows are
+// the same (a new reference), else a new one that replaces it.  NULL: error set.
+PyObject* metas_of(Plan& p, PyObject** cached) {
+  if (same_metas(*cached, p)) {
+    Py_INCREF(*cached);
+    return *cached;
+  }
+  if (PyErr_Occurred()) PyErr_Clear();
+  PyObject* t = PyTuple_New(p.nrows());
+  if (t == nullptr) return nullptr;
+  for (Py_ssize_t i = 0; i < p.nrows(); ++i) {
+    const Row& r = p.rows[i];
+    PyObject* n = PyLong_FromLongLong(r.numel);
+    PyObject* m = n == nullptr ? nullptr : PyTuple_Pack(3, r.name, r.scope, n);
+    Py_XDECREF(n);
+    if (m == nullptr) {
+      Py_DECREF(t);
+      return nullptr;
+    }
+    PyTuple_SET_ITEM(t, i, m);
+  }
+  Py_INCREF(t);
+  Py_XSETREF(*cached, t);
+  return t;
+}
+
+// The cache entry of a call site; NULL (no caching, no error) past kMaxCachedPlans.
+MetaCache* cache_of(Hooks* h, PyObject* plan) {
+  auto it = h->metas.find(plan);
+  if (it != h->metas.end()) return &it->second;
+  if (h->metas.size() >= kMaxCachedPlans || PyList_Append(h->plans, plan) < 0) {
+    PyErr_Clear();
+    return nullptr;
+  }
+  return &h->metas[plan];
+}
+
+PyObject* metas_for(Hooks* h, Plan& p, PyObject* plan, bool outputs) {
+  MetaCache* c = cache_of(h, plan);
+  if (c == nullptr) {
+    PyObject* none = nullptr;
+    PyObject* t = metas_of(p, &none);
+    Py_XDECREF(none);  // metas_of kept a reference in `none`
+    return t;
+  }
+  return metas_of(p, outputs ? &c->out : &c->in);
 }
 
 // One plain tensor argument (full or sampled).  -1: Python error set.
@@ -433,6 +532,7 @@ RingView* view_of(Hooks* h, int device, int* err) {
   }
   Py_INCREF(ring);
   n.ring = ring;
+  n.info.resize(static_cast<size_t>(PyList_GET_SIZE(n.native)));
   v = n;
   return &v;
 }
@@ -518,6 +618,9 @@ PyObject* call_python(PyObject* fn, PyObject* const* argv, Py_ssize_t nargs) {
   return PyObject_Vectorcall(fn, argv, static_cast<size_t>(nargs), nullptr);
 }
 
+// A native state: the int device << 32 | slot (Python's before never returns an int).
+constexpr int kSlotBits = 32;
+
 PyObject* before(PyObject* self, PyObject* const* argv, Py_ssize_t nargs) {
   Hooks* h = hooks_of(self);
   if (h == nullptr) return nullptr;
@@ -556,24 +659,32 @@ PyObject* before(PyObject* self, PyObject* const* argv, Py_ssize_t nargs) {
     release(v, slot);
     return call_python(h->py_before, argv, nargs);
   }
-  PyObject* note = note_of(p.left_out);
-  if (note == nullptr) {
+  SlotInfo& info = v->info[static_cast<size_t>(slot)];
+  info.clear();  // left by a call that never reached its after
+  info.metas = metas_for(h, p, argv[1], false);
+  info.note = note_of(p.left_out);
+  PyObject* state = info.metas == nullptr || info.note == nullptr
+                        ? nullptr
+                        : PyLong_FromLongLong((static_cast<int64_t>(p.device) << kSlotBits) | slot);
+  if (state == nullptr) {
+    info.clear();
     release(v, slot);
     return nullptr;
   }
-  PyObject* state = Py_BuildValue("(OiLOLNL)", h->tag, p.device, static_cast<long long>(slot),
-                                  p.metas, static_cast<long long>(ts), note,
-                                  static_cast<long long>(reinterpret_cast<intptr_t>(stream)));
-  if (state == nullptr) release(v, slot);
+  Py_INCREF(argv[1]);
+  info.plan = argv[1];
+  info.ts = ts;
+  info.stream = static_cast<int64_t>(reinterpret_cast<intptr_t>(stream));
   return state;
 }
 
 // The Python after, given the native state as the _Open it stands for.
-PyObject* after_in_python(Hooks* h, PyObject* const* argv, RingView* v, PyObject* state) {
-  PyObject* open = PyObject_CallFunctionObjArgs(
-      h->open_cls, v->ring, PyTuple_GET_ITEM(state, 2), PyTuple_GET_ITEM(state, 3),
-      PyTuple_GET_ITEM(state, 4), PyTuple_GET_ITEM(state, 5), PyTuple_GET_ITEM(state, 6),
-      PyTuple_GET_ITEM(state, 1), nullptr);
+PyObject* after_in_python(Hooks* h, PyObject* const* argv, RingView* v, int64_t slot,
+                          int device, const SlotInfo& info) {
+  PyObject* open = PyObject_CallFunction(h->open_cls, "OLOLOLi", v->ring,
+                                         static_cast<long long>(slot), info.metas,
+                                         static_cast<long long>(info.ts), info.note,
+                                         static_cast<long long>(info.stream), device);
   if (open == nullptr) return nullptr;
   PyObject* args[4] = {argv[0], open, argv[2], argv[3]};
   PyObject* r = call_python(h->py_after, args, 4);
@@ -588,17 +699,24 @@ PyObject* after(PyObject* self, PyObject* const* argv, Py_ssize_t nargs) {
     PyErr_SetString(PyExc_TypeError, "after(record, state, result, error)");
     return nullptr;
   }
-  PyObject* state = argv[1];
-  if (!PyTuple_CheckExact(state) || PyTuple_GET_SIZE(state) != kStateSize ||
-      PyTuple_GET_ITEM(state, 0) != h->tag)
-    return call_python(h->py_after, argv, nargs);
-  const int device = static_cast<int>(PyLong_AsLong(PyTuple_GET_ITEM(state, 1)));
-  const int64_t slot = PyLong_AsLongLong(PyTuple_GET_ITEM(state, 2));
-  PyObject* metas_in = PyTuple_GET_ITEM(state, 3);
-  const int64_t prev_handle = PyLong_AsLongLong(PyTuple_GET_ITEM(state, 6));
-  if (PyErr_Occurred()) return nullptr;
-  RingView* v = &h->views[device];  // set by before, which made this state
-  const Py_ssize_t nin = PyList_GET_SIZE(metas_in);
+  if (!PyLong_CheckExact(argv[1])) return call_python(h->py_after, argv, nargs);
+  const int64_t key = PyLong_AsLongLong(argv[1]);
+  if (key == -1 && PyErr_Occurred()) return nullptr;
+  const int device = static_cast<int>(key >> kSlotBits);
+  const int64_t slot = key & ((int64_t{1} << kSlotBits) - 1);
+  RingView* v = device >= 0 && device < kMaxDevices ? &h->views[device] : nullptr;
+  if (v == nullptr || v->ring == nullptr || slot >= static_cast<int64_t>(v->info.size()) ||
+      v->info[static_cast<size_t>(slot)].metas == nullptr) {
+    PyErr_SetString(PyExc_ValueError, "after: not a state of these hooks");
+    return nullptr;
+  }
+  SlotInfo info = v->info[static_cast<size_t>(slot)];  // takes its references
+  v->info[static_cast<size_t>(slot)] = SlotInfo{};
+  struct Drop {
+    SlotInfo& i;
+    ~Drop() { i.clear(); }
+  } drop{info};
+  const Py_ssize_t nin = PyTuple_GET_SIZE(info.metas);
   const int64_t ts = now_ns();
   Plan p;
   p.row0 = nin;
@@ -610,11 +728,11 @@ PyObject* after(PyObject* self, PyObject* const* argv, Py_ssize_t nargs) {
       p.fallback = true;
     }
   }
-  if (p.fallback) return after_in_python(h, argv, v, state);
+  if (p.fallback) return after_in_python(h, argv, v, slot, device, info);
   const int64_t event = slot_event(h, v, slot);
   if (event == 0) {  // the Python path makes (or fails to make) the event and reports
     PyErr_Clear();
-    return after_in_python(h, argv, v, state);
+    return after_in_python(h, argv, v, slot, device, info);
   }
   cudaStream_t stream = nullptr;
   bool launched = false;
@@ -622,7 +740,7 @@ PyObject* after(PyObject* self, PyObject* const* argv, Py_ssize_t nargs) {
     c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
     if (eager_stream(device, &stream)) {
       const cudaEvent_t ev = reinterpret_cast<cudaEvent_t>(event);
-      const cudaStream_t prev = reinterpret_cast<cudaStream_t>(prev_handle);
+      const cudaStream_t prev = reinterpret_cast<cudaStream_t>(info.stream);
       if (prev != stream) {  // the inputs' launch ran on another stream: wait for it
         C10_CUDA_CHECK(cudaEventRecord(ev, prev));
         C10_CUDA_CHECK(cudaStreamWaitEvent(stream, ev, 0));
@@ -636,24 +754,32 @@ PyObject* after(PyObject* self, PyObject* const* argv, Py_ssize_t nargs) {
   } catch (const std::exception&) {
     launched = false;  // the Python path retries, reports and keeps the inputs' rows
   }
-  if (!launched) return after_in_python(h, argv, v, state);
+  if (!launched) return after_in_python(h, argv, v, slot, device, info);
   PyObject* pending;
-  if (p.nrows() > 0) {
+  PyObject* slot_obj = PyLong_FromLongLong(slot);
+  PyObject* ts_in = PyLong_FromLongLong(info.ts);
+  if (slot_obj == nullptr || ts_in == nullptr) {
+    pending = nullptr;
+  } else if (p.nrows() > 0) {
+    PyObject* metas_out = metas_for(h, p, info.plan, true);
     PyObject* note = note_of(p.left_out);
-    if (note == nullptr) return nullptr;
-    PyObject* out = Py_BuildValue("(OLN)", p.metas, static_cast<long long>(ts), note);
-    if (out == nullptr) return nullptr;
-    pending = PyObject_CallFunctionObjArgs(h->pending_cls, v->ring, PyTuple_GET_ITEM(state, 2),
-                                           metas_in, PyTuple_GET_ITEM(state, 4),
-                                           PyTuple_GET_ITEM(state, 5), out, nullptr);
-    Py_DECREF(out);
+    PyObject* ts_out = PyLong_FromLongLong(ts);
+    pending = metas_out == nullptr || note == nullptr || ts_out == nullptr
+                  ? nullptr
+                  : PyObject_CallFunctionObjArgs(h->pending_cls, v->ring, slot_obj, info.metas,
+                                                 ts_in, info.note, metas_out, ts_out, note,
+                                                 nullptr);
+    Py_XDECREF(metas_out);
+    Py_XDECREF(note);
+    Py_XDECREF(ts_out);
   } else {
-    pending = PyObject_CallFunctionObjArgs(h->pending_cls, v->ring, PyTuple_GET_ITEM(state, 2),
-                                           metas_in, PyTuple_GET_ITEM(state, 4),
-                                           PyTuple_GET_ITEM(state, 5), nullptr);
+    pending = PyObject_CallFunctionObjArgs(h->pending_cls, v->ring, slot_obj, info.metas, ts_in,
+                                           info.note, nullptr);
   }
+  Py_XDECREF(slot_obj);
+  Py_XDECREF(ts_in);
   if (pending == nullptr) {
-    release(v, slot);  // enqueued work into a slot given back: stream-ordered, harmless
+    release(v, slot);  // the slot's work is stream-ordered before any later use of it
     return nullptr;
   }
   PyObject* r = PyObject_CallMethodOneArg(argv[0], N.add_pending, pending);
@@ -724,10 +850,10 @@ void register_span_hooks(pybind11::module_& m) {
     h->scope_full = take("scope_full");
     h->scope_sampled = take("scope_sampled");
     h->scope_pages = take("scope_pages");
-    h->tag = PyObject_CallNoArgs(reinterpret_cast<PyObject*>(&PyBaseObject_Type));
+    h->plans = PyList_New(0);
     h->max_bytes = config["max_bytes"].cast<double>();
     h->max_rows = config["max_rows"].cast<int64_t>();
-    if (!PyDict_Check(h->rings) || h->tag == nullptr) {
+    if (!PyDict_Check(h->rings) || h->plans == nullptr) {
       clear_hooks(h);
       delete h;
       throw pybind11::type_error("make_span_hooks: rings must be a dict");

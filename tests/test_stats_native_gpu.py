@@ -241,3 +241,27 @@ def test_switch_goes_native_when_built(ext, monkeypatch):
     monkeypatch.setattr(hooks, "use_native", False)
     b, _ = hooks.make_hooks(StatsRecorder())
     assert not hasattr(b, "target")
+
+
+def test_metas_reused_while_the_call_site_repeats(ext):
+    rec = _recorder(ext)
+    _, nat, (cb, ca) = _pairs(ext, rec)
+    plan = spans.ArgPlan(plain, False)
+    a, b = _cuda(10), _cuda(20)
+    r1 = _call(nat, plan, (a, b), {}, a)
+    r2 = _call(nat, plan, (a, b), {}, a)
+    assert r1.pending[0].metas is r2.pending[0].metas  # nothing new for the collector
+    assert r1.pending[0].out_metas is r2.pending[0].out_metas
+    r3 = _call(nat, plan, (b, a), {}, b)  # other sizes: new metas with the right numels
+    assert [m[2] for m in r3.pending[0].metas] == [20, 10]
+    assert [m[2] for m in r3.pending[0].out_metas] == [20]
+    assert (cb.calls, ca.calls) == (0, 0)
+    numels = [[e["numel"] for _, e in _resolved(r)[0]] for r in (r1, r2, r3)]
+    assert numels == [[10, 20, 10], [10, 20, 10], [20, 10, 20]]
+
+
+def test_a_state_from_elsewhere_is_refused(ext):
+    rec = _recorder(ext)
+    _, (_, na), _ = _pairs(ext, rec)
+    with pytest.raises(ValueError, match="not a state"):
+        na(CallRecord.for_call("x", 1, 2, None, {}), 5, None, None)

@@ -4,6 +4,7 @@ polls and applies (rows in a pinned slot, rows already on the host, several devi
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from .. import cuda_errors, health
@@ -33,16 +34,19 @@ def _error_name(status: int) -> str:
 class StatsPending:
     """Rows on their way into a pinned slot; resolved by the background pipeline.
 
-    ``metas`` describe rows ``0..``; an optional second part (``out``: metas, ts, note)
-    describes the rows after them, launched later into the same slot (a call's outputs
-    after its inputs, one event for both)."""
+    ``metas`` describe rows ``0..``; an optional second part (``out_metas``, taken at
+    ``out_ts`` with ``out_note``) describes the rows after them, launched later into the
+    same slot (a call's outputs after its inputs, one event for both).  The parts are
+    plain fields, not a tuple: one object per call is all the garbage collector sees."""
 
-    __slots__ = ("_status", "metas", "note", "out", "ring", "slot", "ts_ns")
+    __slots__ = ("_status", "metas", "note", "out_metas", "out_note", "out_ts", "ring", "slot",
+                 "ts_ns")
 
-    def __init__(self, ring: SlotRing, slot: int, metas: list[Any], ts_ns: int,
-                 note: str = "", out: tuple[list[Any], int, str] | None = None) -> None:
+    def __init__(self, ring: SlotRing, slot: int, metas: Sequence[Any], ts_ns: int,
+                 note: str = "", out_metas: Sequence[Any] | None = None, out_ts: int = 0,
+                 out_note: str = "") -> None:
         self.ring, self.slot, self.metas, self.ts_ns, self.note = ring, slot, metas, ts_ns, note
-        self.out = out
+        self.out_metas, self.out_ts, self.out_note = out_metas, out_ts, out_note
         self._status = 1
 
     def ready(self) -> bool:
@@ -60,9 +64,9 @@ class StatsPending:
             record.attributes[DROPPED_ATTR] = "cuda_error"
             return
         n = len(self.metas)
-        out = self.out
+        out = self.out_metas
         try:
-            raw = self.ring.read_bytes(slot, n + (len(out[0]) if out else 0))
+            raw = self.ring.read_bytes(slot, n + (len(out) if out else 0))
         finally:
             self.ring.release(slot)
         if n or not out:
@@ -70,16 +74,16 @@ class StatsPending:
             if self.note:
                 record.attributes[DROPPED_ATTR] = self.note
         if out:
-            _add_events(record, decode_buffer(raw, out[0], n * ROW_BYTES), out[1])
-            if out[2]:
-                record.attributes[DROPPED_ATTR] = out[2]
+            _add_events(record, decode_buffer(raw, out, n * ROW_BYTES), self.out_ts)
+            if self.out_note:
+                record.attributes[DROPPED_ATTR] = self.out_note
 
     def abandon(self, record: Any, reason: str) -> None:
         if self.slot >= 0:
             slot, self.slot = self.slot, -1
             self.ring.abandon(slot)
         health.count("stats_dropped")
-        if self.out and self.metas:  # two launches' statistics (inputs and outputs)
+        if self.out_metas and self.metas:  # two launches' statistics (inputs and outputs)
             health.count("stats_dropped")
         record.attributes[DROPPED_ATTR] = reason
 

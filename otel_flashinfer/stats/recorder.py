@@ -222,7 +222,7 @@ class StatsRecorder:
                 state.slot = -1
                 note = f"too_many_tensors:{left_out}" if left_out else ""
                 return StatsPending(ring, slot, state.metas, state.ts_ns, state.note,
-                                    (metas, ts, note))
+                                    metas, ts, note)
         # the inputs alone, then the outputs on their own (another device, a capture...)
         stream = module.stats_slot([], [], state.device, ring.dev_rows(slot),
                                    ring.rows, nin, nin, ring.pub_ptr(slot), ring.counter(slot, 1),
