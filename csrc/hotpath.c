@@ -898,6 +898,9 @@ static int gpu_unavailable(Entry *e, PyObject *record, long long code) {
 /* The start event of an eager CUDA call: until leave, record.gpu holds -(slot + 1), which
  * no packed pair can equal. */
 static int gpu_begin(Entry *e, PyObject *record, PyObject *args, PyObject *kwargs) {
+    /* A before hook that times the call itself (level 5's statistics launches stamp
+     * the GPU clock) has set record.gpu already: no events then. */
+    if (slot_get(record, R_GPU) != Py_None) return 0;
     if (S.api == NULL) { /* the event pool is still compiling, or failed: Python says so */
         PyObject *r = PyObject_CallMethodObjArgs(e->gpu, S.s_unready, record, args, kwargs, NULL);
         if (r == NULL) return -1;

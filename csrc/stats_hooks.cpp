@@ -46,7 +46,7 @@ constexpr Py_ssize_t kMaxSeq = 8;  // tensors taken from a tuple/list argument o
 struct Names {
   PyObject *names, *skip_self, *varargs, *indices_buf, *indptr_buf, *batch_size, *acquire,
       *release, *dev_base, *ctr_base, *pub_base, *slot_bytes, *rows, *native, *kind,
-      *native_event, *add_pending, *arg, *native_kind, *paged_a, *paged_b;
+      *native_event, *add_pending, *arg, *gpu, *attributes, *unavailable, *fallback_reason, *native_kind, *paged_a, *paged_b;
   PyObject* result_names[kMaxSeq];
 };
 Names N;
@@ -58,6 +58,7 @@ struct SlotInfo {
   PyObject* plan = nullptr;   // the call's ArgPlan, strong: keys the outputs' metas
   int64_t ts = 0;
   int64_t stream = 0;
+  bool timed = false;  // the inputs' launch stamped the GPU clock; record.gpu is False
 
   void clear() {
     Py_CLEAR(metas);
@@ -95,6 +96,7 @@ struct Hooks {
   PyObject* scope_pages = nullptr;
   double max_bytes = 0;
   int64_t max_rows = 0;  // rows per side of a call
+  bool gpu_time = false;  // time calls with the launches' stamps (GPU timing is on)
   RingView views[kMaxDevices];
   std::unordered_map<PyObject*, MetaCache> metas;  // by ArgPlan; keys held in `plans`
   PyObject* plans = nullptr;                      // list keeping the keys alive
@@ -580,18 +582,23 @@ int64_t slot_event(Hooks* h, RingView* v, int64_t slot) {
   return event > 0 ? event : 0;
 }
 
-Publish publish_of(const RingView* v, int64_t slot, int side, int64_t lo, int64_t hi) {
+int64_t* dev_rows(const RingView* v, int64_t slot) {
+  return reinterpret_cast<int64_t*>(v->dev_base + slot * v->slot_bytes);
+}
+
+// Where a side of a call publishes; with `timed`, the inputs' launch stamps its end into
+// row 0 and the outputs' launch its start into row `lo` (the spare word, kRowWords - 1).
+Publish publish_of(const RingView* v, int64_t slot, int side, int64_t lo, int64_t hi,
+                   bool timed) {
   Publish pub;
   pub.counter = reinterpret_cast<unsigned int*>(v->ctr_base + (2 * slot + side) * 8);
   pub.publish = reinterpret_cast<int64_t*>(v->pub_base + slot * v->slot_bytes);
   pub.row_lo = lo;
   pub.row_hi = hi;
   pub.rezero = true;
+  if (timed && side == 0) pub.stamp_end = pub.publish + (kRowWords - 1);
+  if (timed && side == 1) pub.stamp_start = dev_rows(v, slot) + lo * kRowWords + kRowWords - 1;
   return pub;
-}
-
-int64_t* dev_rows(const RingView* v, int64_t slot) {
-  return reinterpret_cast<int64_t*>(v->dev_base + slot * v->slot_bytes);
 }
 
 // The current stream of `device` in *out; false when it is capturing (a graph: the
@@ -649,7 +656,7 @@ PyObject* before(PyObject* self, PyObject* const* argv, Py_ssize_t nargs) {
     c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(p.device));
     if (eager_stream(p.device, &stream)) {
       launch_items(p.items, dev_rows(v, slot), stream, sm_count_of(p.device),
-                   publish_of(v, slot, 0, 0, p.nrows()));
+                   publish_of(v, slot, 0, 0, p.nrows(), h->gpu_time));
       launched = true;
     }
   } catch (const std::exception&) {
@@ -675,12 +682,29 @@ PyObject* before(PyObject* self, PyObject* const* argv, Py_ssize_t nargs) {
   info.plan = argv[1];
   info.ts = ts;
   info.stream = static_cast<int64_t>(reinterpret_cast<intptr_t>(stream));
+  // Timed by the stamps: record.gpu set keeps the hot path from recording its events.
+  info.timed = h->gpu_time && PyObject_SetAttr(argv[0], N.gpu, Py_False) == 0;
+  if (h->gpu_time && !info.timed) PyErr_Clear();  // events then, as without these hooks
   return state;
+}
+
+// A call this module timed but cannot finish: no GPU time, and the span says why.
+void untimed(PyObject* record, const SlotInfo& info) {
+  if (!info.timed) return;
+  PyObject *type, *value, *tb;
+  PyErr_Fetch(&type, &value, &tb);
+  if (PyObject_SetAttr(record, N.gpu, Py_None) < 0) PyErr_Clear();
+  PyObject* attrs = PyObject_GetAttr(record, N.attributes);
+  if (attrs == nullptr || PyObject_SetItem(attrs, N.unavailable, N.fallback_reason) < 0)
+    PyErr_Clear();
+  Py_XDECREF(attrs);
+  PyErr_Restore(type, value, tb);
 }
 
 // The Python after, given the native state as the _Open it stands for.
 PyObject* after_in_python(Hooks* h, PyObject* const* argv, RingView* v, int64_t slot,
                           int device, const SlotInfo& info) {
+  untimed(argv[0], info);
   PyObject* open = PyObject_CallFunction(h->open_cls, "OLOLOLi", v->ring,
                                          static_cast<long long>(slot), info.metas,
                                          static_cast<long long>(info.ts), info.note,
@@ -745,9 +769,10 @@ PyObject* after(PyObject* self, PyObject* const* argv, Py_ssize_t nargs) {
         C10_CUDA_CHECK(cudaEventRecord(ev, prev));
         C10_CUDA_CHECK(cudaStreamWaitEvent(stream, ev, 0));
       }
-      if (p.nrows() > 0)
+      if (p.nrows() > 0 || info.timed)  // no outputs: a one-block launch for the stamp
         launch_items(p.items, dev_rows(v, slot), stream, sm_count_of(device),
-                     publish_of(v, slot, 1, nin, nin + p.nrows()));
+                     publish_of(v, slot, 1, nin, nin + std::max<Py_ssize_t>(p.nrows(), 1),
+                                info.timed));
       C10_CUDA_CHECK(cudaEventRecord(ev, stream));
       launched = true;
     }
@@ -768,18 +793,28 @@ PyObject* after(PyObject* self, PyObject* const* argv, Py_ssize_t nargs) {
                   ? nullptr
                   : PyObject_CallFunctionObjArgs(h->pending_cls, v->ring, slot_obj, info.metas,
                                                  ts_in, info.note, metas_out, ts_out, note,
-                                                 nullptr);
+                                                 info.timed ? Py_True : Py_False, nullptr);
     Py_XDECREF(metas_out);
     Py_XDECREF(note);
     Py_XDECREF(ts_out);
   } else {
-    pending = PyObject_CallFunctionObjArgs(h->pending_cls, v->ring, slot_obj, info.metas, ts_in,
-                                           info.note, nullptr);
+    PyObject* empty = PyUnicode_FromStringAndSize("", 0);
+    pending = empty == nullptr ? nullptr
+                               : PyObject_CallFunctionObjArgs(
+                                     h->pending_cls, v->ring, slot_obj, info.metas, ts_in,
+                                     info.note, Py_None, ts_in, empty,
+                                     info.timed ? Py_True : Py_False, nullptr);
+    Py_XDECREF(empty);
   }
   Py_XDECREF(slot_obj);
   Py_XDECREF(ts_in);
   if (pending == nullptr) {
+    untimed(argv[0], info);
     release(v, slot);  // the slot's work is stream-ordered before any later use of it
+    return nullptr;
+  }
+  if (info.timed && PyObject_SetAttr(argv[0], N.gpu, Py_None) < 0) {
+    Py_DECREF(pending);
     return nullptr;
   }
   PyObject* r = PyObject_CallMethodOneArg(argv[0], N.add_pending, pending);
@@ -815,6 +850,10 @@ void init_names() {
   N.kind = intern("_kind");
   N.native_event = intern("native_event");
   N.add_pending = intern("add_pending");
+  N.gpu = intern("gpu");
+  N.attributes = intern("attributes");
+  N.unavailable = intern("flashinfer.gpu.time_unavailable");
+  N.fallback_reason = intern("stats_fallback");
   N.arg = intern("arg");
   N.native_kind = intern("native");
   N.paged_a = intern("paged_kv_cache");
@@ -853,6 +892,7 @@ void register_span_hooks(pybind11::module_& m) {
     h->plans = PyList_New(0);
     h->max_bytes = config["max_bytes"].cast<double>();
     h->max_rows = config["max_rows"].cast<int64_t>();
+    h->gpu_time = config.contains("gpu_time") && config["gpu_time"].cast<bool>();
     if (!PyDict_Check(h->rings) || h->plans == nullptr) {
       clear_hooks(h);
       delete h;

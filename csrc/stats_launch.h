@@ -28,6 +28,8 @@ struct Publish {
   int64_t* publish = nullptr;
   int64_t row_lo = 0, row_hi = 0;
   bool rezero = false;
+  int64_t* stamp_start = nullptr;  // LaunchDescT: set on the first launch of the list
+  int64_t* stamp_end = nullptr;    // LaunchDescT: set on the last launch of the list
 };
 
 // The kernel's DType code of a torch dtype, or `otherwise` for one it does not read.

@@ -162,6 +162,8 @@ void launch_items(std::vector<Item>& items, int64_t* out, cudaStream_t stream, i
       ld.row_lo = static_cast<int32_t>(pub.row_lo);
       ld.row_hi = static_cast<int32_t>(pub.row_hi);
       ld.rezero = pub.rezero ? 1 : 0;
+      ld.stamp_start = pub.stamp_start;
+      ld.stamp_end = pub.stamp_end;
       int err = launch_tensor_stats(ld, 1, kThreads, out, stream);
       TORCH_CHECK(err == 0, "otel_flashinfer stats kernel: ",
                   cudaGetErrorString(static_cast<cudaError_t>(err)));
@@ -183,6 +185,8 @@ void launch_items(std::vector<Item>& items, int64_t* out, cudaStream_t stream, i
       ld.row_lo = static_cast<int32_t>(first == 0 ? pub.row_lo : items[first].d.row);
       ld.row_hi = static_cast<int32_t>(last == items.size() ? pub.row_hi : items[last].d.row);
       ld.rezero = pub.rezero ? 1 : 0;
+      if (first == 0) ld.stamp_start = pub.stamp_start;
+      if (last == items.size()) ld.stamp_end = pub.stamp_end;
     }
     int64_t want[kMaxTensorsPerLaunch];
     int64_t total_want = 0;

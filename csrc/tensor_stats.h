@@ -22,7 +22,7 @@ constexpr int kStatsMinBlocksPerSm = 3;
 //  4 nan   : count of NaN values
 //  5 inf   : count of +-Inf values
 //  6 seen  : elements covered (sample size / referenced-page elements)
-//  7 spare
+//  7 spare : a GPU-time stamp where a call's launches leave one (stats_hooks.cpp)
 enum RowField { kMin = 0, kMax, kSum, kFinite, kNan, kInf, kSeen };
 
 enum DType : int32_t {
@@ -61,11 +61,17 @@ struct TensorDesc {
 // accumulation rows that start zero stay zero at rest and no memset or copy is needed
 // around the launch.  Rows of the range that no tensor touches publish as zeros.
 // Launches sharing a counter must be stream-ordered (each leaves it 0 when done).
+//
+// GPU-time stamps (level 5 times a call with its two statistics launches instead of two
+// CUDA events): `stamp_start`, when set, gets %globaltimer from block 0 as the launch
+// starts; `stamp_end`, when set, gets it from the publishing block after the rows landed.
 template <int MaxT>
 struct LaunchDescT {
   TensorDesc t[MaxT];
   unsigned int* counter;  // null: accumulate only (caller zeroes and copies)
   int64_t* publish;
+  int64_t* stamp_start;
+  int64_t* stamp_end;
   int32_t row_lo;
   int32_t row_hi;
   int32_t rezero;

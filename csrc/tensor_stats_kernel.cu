@@ -632,6 +632,12 @@ __device__ __forceinline__ void block_flush(const Acc& a, bool is_float, int64_t
 // block_flush (whose atomics thread 0 issued): thread 0 fences them and counts the
 // block; the block that counts gridDim.x - 1 sees every other block's atomics (each
 // fenced before its count) and publishes rows [row_lo, row_hi).
+__device__ __forceinline__ long long global_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return static_cast<long long>(t);
+}
+
 template <class Desc>
 __device__ __forceinline__ void publish_rows(const Desc& desc, int64_t* out) {
   __shared__ unsigned int s_last;
@@ -653,12 +659,23 @@ __device__ __forceinline__ void publish_rows(const Desc& desc, int64_t* out) {
   }
   __threadfence_system();  // publish may be pinned host memory
   __syncthreads();
-  if (threadIdx.x == 0) atomicExch(desc.counter, 0u);
+  if (threadIdx.x == 0) {
+    if (desc.stamp_end != nullptr) {
+      *reinterpret_cast<volatile long long*>(desc.stamp_end) = global_ns();
+      __threadfence_system();
+    }
+    atomicExch(desc.counter, 0u);
+  }
 }
 
 template <int MaxT>
 __global__ void __launch_bounds__(kStatsThreads, kStatsMinBlocksPerSm)
     tensor_stats_kernel(const __grid_constant__ LaunchDescT<MaxT> desc, int64_t* out) {
+  // Block 0 is among the first to run: the previous kernel on the stream has ended.
+  // Its thread 0 fences before counting the block (publish_rows), so the publishing
+  // block reads the stamp with the rows.
+  if (desc.stamp_start != nullptr && blockIdx.x == 0 && threadIdx.x == 0)
+    *desc.stamp_start = global_ns();
   if (desc.count > 0) {
     int t = 0;
     const int b = blockIdx.x;
@@ -703,6 +720,8 @@ int launch_tensor_stats(const LaunchDesc& desc, int total_blocks, int threads, i
     for (int k = 0; k < desc.count; ++k) small.t[k] = desc.t[k];
     small.counter = desc.counter;
     small.publish = desc.publish;
+    small.stamp_start = desc.stamp_start;
+    small.stamp_end = desc.stamp_end;
     small.row_lo = desc.row_lo;
     small.row_hi = desc.row_hi;
     small.rezero = desc.rezero;

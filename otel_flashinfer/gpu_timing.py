@@ -24,6 +24,10 @@ from . import capture_guard, cuda_errors, health
 from .config import jit_cache_root
 from .pipeline import CallRecord
 
+#: The span attributes of a call's GPU time, or of why it has none.
+TIME_ATTR = "flashinfer.gpu.time_ns"
+UNAVAILABLE_ATTR = "flashinfer.gpu.time_unavailable"
+
 _ext: Any = None
 _state = "unloaded"  # unloaded | compiling | ready | failed
 _lock = threading.Lock()
@@ -132,23 +136,23 @@ class GpuTime:
             if result == NOT_READY:
                 result = ext.resolve(self.start, self.end)
             if result >= 0:
-                record.attributes["flashinfer.gpu.time_ns"] = result
+                record.attributes[TIME_ATTR] = result
                 return
             if result == NOT_READY:  # applied without waiting (never by the pipeline)
-                record.attributes["flashinfer.gpu.time_unavailable"] = "not_ready"
+                record.attributes[UNAVAILABLE_ATTR] = "not_ready"
                 return
             status = ext.query(self.end)  # rare: a failed stream, or untimeable events
             if status < 0:
                 cuda_errors.mark(record.attributes, ext.error_name(status))
-                record.attributes["flashinfer.gpu.time_unavailable"] = "cuda_error"
+                record.attributes[UNAVAILABLE_ATTR] = "cuda_error"
             else:
-                record.attributes["flashinfer.gpu.time_unavailable"] = "elapsed_failed"
+                record.attributes[UNAVAILABLE_ATTR] = "elapsed_failed"
         finally:
             ext.release(self.start)
             ext.release(self.end)
 
     def abandon(self, record: CallRecord, reason: str) -> None:
-        record.attributes["flashinfer.gpu.time_unavailable"] = reason
+        record.attributes[UNAVAILABLE_ATTR] = reason
         _ext.release(self.start)
         _ext.release(self.end)
 
@@ -195,7 +199,7 @@ class Unavailable:
         return True
 
     def apply(self, record: CallRecord) -> None:
-        record.attributes["flashinfer.gpu.time_unavailable"] = self.reason
+        record.attributes[UNAVAILABLE_ATTR] = self.reason
 
     def abandon(self, record: CallRecord, reason: str) -> None:
         self.apply(record)

@@ -103,7 +103,8 @@ class Runtime:
                 from .stats.recorder import StatsRecorder
 
                 self.stats = StatsRecorder(stats_max_mb=settings.stats_max_mb,
-                                           on_low=self.pipeline.wake)
+                                           on_low=self.pipeline.wake,
+                                           gpu_time=settings.gpu_timing)
                 self.hooks.append(make_hooks(self.stats))
             except Exception as exc:  # noqa: BLE001
                 health.report("stats_errors", "could not start tensor statistics", exc)

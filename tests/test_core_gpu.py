@@ -112,6 +112,55 @@ def test_graph_replays_become_spans_with_gpu_time(spans) -> None:
     assert abs(ours - theirs) <= 0.2 * theirs
 
 
+def test_level5_times_calls_with_the_statistics_stamps(spans) -> None:
+    """At level 5 the statistics launches around a call stamp the GPU clock (no timing
+    events): the span's GPU time matches hand timing of the bare call."""
+    from otel_flashinfer import runtime
+    from otel_flashinfer.stats import kernel
+
+    assert kernel.get(wait=True, timeout=600) is not None
+    fns = {"short": make_decode(kv_len=512).run, "long": make_decode(kv_len=8192).run}
+    hand: dict[str, list] = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(5):
+        for key, fn in fns.items():
+            busy_gpu()
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            hand[key].append((start, end))
+    torch.cuda.synchronize()
+    hand_ms = {k: statistics.median(s.elapsed_time(e) for s, e in v) for k, v in hand.items()}
+    otel_flashinfer.instrument(level=5, journal_dir="")
+    rt = runtime.current()
+    assert rt.stats.gpu_time
+    switches = [before for before, _ in rt.hooks if hasattr(before, "target")]
+    assert switches and type(switches[0].target).__name__ == "builtin_function_or_method"
+    for fn in fns.values():
+        fn()
+    assert otel_flashinfer.flush(60)
+    spans.exporter.clear()
+    for _ in range(5):
+        for fn in fns.values():
+            busy_gpu()
+            fn()
+    assert otel_flashinfer.flush(60)
+    runs = spans.by_name(RUN)
+    assert len(runs) == 10
+    kv = [s.attributes["flashinfer.arg.paged_kv_cache.shape"][0] for s in runs]
+    short_ns = statistics.median(_gpu_ns(s) for s, n in zip(runs, kv, strict=True)
+                                 if n == min(kv))
+    long_ns = statistics.median(_gpu_ns(s) for s, n in zip(runs, kv, strict=True)
+                                if n == max(kv))
+    print(f"\nlevel-5 GPU time ms (stamps vs hand): kv512 {short_ns / 1e6:.4f} vs "
+          f"{hand_ms['short']:.4f}; kv8192 {long_ns / 1e6:.4f} vs {hand_ms['long']:.4f}")
+    for ours, theirs in ((short_ns, hand_ms["short"]), (long_ns, hand_ms["long"])):
+        assert abs(ours / 1e6 - theirs) <= 0.2 * theirs
+
+
 def test_level5_eager_decode_without_host_sync(spans) -> None:
     otel_flashinfer.instrument(level=5, journal_dir="")
     step = make_decode(extra_pages=64)

@@ -5,6 +5,8 @@ should be, the Python path where it must be, and no host sync."""
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +17,8 @@ from otel_flashinfer.pipeline import CallRecord
 from otel_flashinfer.stats import hooks, kernel
 from otel_flashinfer.stats.pending import StatsPending
 from otel_flashinfer.stats.recorder import StatsRecorder
+
+sys.path.insert(0, str(Path(__file__).parent))
 
 pytestmark = [
     pytest.mark.gpu,
@@ -265,3 +269,45 @@ def test_a_state_from_elsewhere_is_refused(ext):
     _, (_, na), _ = _pairs(ext, rec)
     with pytest.raises(ValueError, match="not a state"):
         na(CallRecord.for_call("x", 1, 2, None, {}), 5, None, None)
+
+
+def test_stamps_time_the_call_instead_of_events(ext):
+    from gpu_decode import busy_gpu
+
+    rec = _recorder(ext)
+    rec.gpu_time = True
+    _, (nb, na), (cb, ca) = _pairs(ext, rec)
+    x = _cuda(2048, 2048)
+    x @ x  # cuBLAS set up
+    plan = spans.ArgPlan(plain, False)
+    calls = []
+    for error in (None, None, None, RuntimeError("after the kernel"), None):
+        record = CallRecord.for_call("x", 1, 2, None, {})
+        record.own()
+        busy_gpu(1.0)  # a queue: the stamps then hold GPU work only
+        state = nb(record, plan, (x, x), {})
+        assert record.gpu is False  # the hot path records no events for it
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        y = x @ x
+        end.record()
+        na(record, state, None if error else y, error)
+        assert record.gpu is None
+        calls.append((record, start, end))
+    assert (cb.calls, ca.calls) == (0, 0)
+    for record, start, end in calls:
+        _, attrs = _resolved(record)
+        ours, hand = attrs["flashinfer.gpu.time_ns"], start.elapsed_time(end) * 1e6
+        assert abs(ours - hand) <= max(0.05 * hand, 5000), (ours, hand)
+
+
+def test_no_stamps_without_gpu_timing(ext):
+    rec = _recorder(ext)
+    _, (nb, na), _ = _pairs(ext, rec)
+    a = _cuda(100)
+    record = CallRecord.for_call("x", 1, 2, None, {})
+    record.own()
+    na(record, nb(record, spans.ArgPlan(plain, False), (a, a), {}), a, None)
+    assert record.gpu is None
+    _, attrs = _resolved(record)
+    assert "flashinfer.gpu.time_ns" not in attrs

@@ -11,7 +11,10 @@ measured over the pages its planned indices reference.
 With the C hot path, the pair handed to the wrapper are ``_hotpath.Switch``es: they
 call these Python hooks until the statistics extension has built, then its C++ hooks
 (``csrc/stats_hooks.cpp``), which do the same for CUDA tensors of one device and hand
-every other case back to the Python ones.
+every other case back to the Python ones.  With GPU timing on, the C++ hooks also time
+the call: the inputs' launch stamps the GPU clock as it ends and the outputs' launch as
+it starts, so the hot path records no timing events for it (``record.gpu`` is set to
+False between the two hooks to say so).
 """
 
 from __future__ import annotations
@@ -130,7 +133,7 @@ def native_hooks(module: Any, recorder: StatsRecorder, before: Any, after: Any
             "pending": StatsPending, "open": _Open, "module": module,
             "scope_full": SCOPE_FULL, "scope_sampled": SCOPE_SAMPLED,
             "scope_pages": SCOPE_PAGES, "max_bytes": float(recorder.max_bytes),
-            "max_rows": int(recorder.rows)})
+            "max_rows": int(recorder.rows), "gpu_time": bool(recorder.gpu_time)})
     except Exception as exc:  # noqa: BLE001 - the Python hooks go on
         health.report("stats_errors", "the C++ statistics hooks did not start; the "
                       "Python hooks go on", exc)

@@ -3,11 +3,13 @@ polls and applies (rows in a pinned slot, rows already on the host, several devi
 
 from __future__ import annotations
 
+import struct
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from .. import cuda_errors, health
+from ..gpu_timing import TIME_ATTR, UNAVAILABLE_ATTR
 from .decode import (
     DROPPED_ATTR,
     EVENT_NAME,
@@ -39,14 +41,18 @@ class StatsPending:
     same slot (a call's outputs after its inputs, one event for both).  The parts are
     plain fields, not a tuple: one object per call is all the garbage collector sees."""
 
-    __slots__ = ("_status", "metas", "note", "out_metas", "out_note", "out_ts", "ring", "slot",
-                 "ts_ns")
+    __slots__ = ("_status", "gpu_time", "metas", "note", "out_metas", "out_note", "out_ts",
+                 "ring", "slot", "ts_ns")
 
     def __init__(self, ring: SlotRing, slot: int, metas: Sequence[Any], ts_ns: int,
                  note: str = "", out_metas: Sequence[Any] | None = None, out_ts: int = 0,
-                 out_note: str = "") -> None:
+                 out_note: str = "", gpu_time: bool = False) -> None:
         self.ring, self.slot, self.metas, self.ts_ns, self.note = ring, slot, metas, ts_ns, note
         self.out_metas, self.out_ts, self.out_note = out_metas, out_ts, out_note
+        #: The call's GPU time is the spare word of row 0 (the inputs' launch ended)
+        #: to that of the first row after the inputs (the outputs' launch began): the
+        #: C++ hooks stamp them in place of two CUDA events (csrc/stats_hooks.cpp).
+        self.gpu_time = gpu_time
         self._status = 1
 
     def ready(self) -> bool:
@@ -62,13 +68,17 @@ class StatsPending:
             self.ring.release(slot)
             cuda_errors.mark(record.attributes, _error_name(self._status))
             record.attributes[DROPPED_ATTR] = "cuda_error"
+            if self.gpu_time:
+                record.attributes[UNAVAILABLE_ATTR] = "cuda_error"
             return
         n = len(self.metas)
         out = self.out_metas
         try:
-            raw = self.ring.read_bytes(slot, n + (len(out) if out else 0))
+            raw = self.ring.read_bytes(slot, n + max(len(out) if out else 0, self.gpu_time))
         finally:
             self.ring.release(slot)
+        if self.gpu_time:
+            _gpu_time(record.attributes, raw, n)
         if n or not out:
             _add_events(record, decode_buffer(raw, self.metas), self.ts_ns)
             if self.note:
@@ -86,6 +96,8 @@ class StatsPending:
         if self.out_metas and self.metas:  # two launches' statistics (inputs and outputs)
             health.count("stats_dropped")
         record.attributes[DROPPED_ATTR] = reason
+        if self.gpu_time:
+            record.attributes[UNAVAILABLE_ATTR] = reason
 
 
 class ReadyPending:
@@ -126,6 +138,19 @@ class MultiPending:
     def abandon(self, record: Any, reason: str) -> None:
         for p in self.parts:
             p.abandon(record, reason)
+
+
+_STAMP = struct.Struct("<q")
+_STAMP_AT = 7 * 8  # the spare word of a row (layout.py)
+
+
+def _gpu_time(attributes: dict[str, Any], raw: bytes, nin: int) -> None:
+    start = _STAMP.unpack_from(raw, _STAMP_AT)[0]
+    end = _STAMP.unpack_from(raw, nin * ROW_BYTES + _STAMP_AT)[0]
+    if 0 < start <= end:
+        attributes[TIME_ATTR] = end - start
+    else:
+        attributes[UNAVAILABLE_ATTR] = "no_stamp"
 
 
 def _add_events(record: Any, events: list[dict[str, Any]], ts_ns: int) -> None:

@@ -99,8 +99,12 @@ class StatsRecorder:
     """Caller-thread API of level 5 (one per runtime)."""
 
     def __init__(self, stats_max_mb: float = 64.0, slots: int = 256, rows_per_slot: int = 64,
-                 use_kernel: bool = True, on_low: Callable[[], None] | None = None) -> None:
+                 use_kernel: bool = True, on_low: Callable[[], None] | None = None,
+                 gpu_time: bool = False) -> None:
         self.max_bytes = stats_max_mb * 2**20
+        #: GPU timing is on: the C++ hooks time each call with their two launches'
+        #: clock stamps instead of the hot path's two events (stats.hooks).
+        self.gpu_time = gpu_time
         #: Wakes the background resolver when a ring is half taken (``SlotRing``).
         self.on_low = on_low
         self.slots = slots
