@@ -900,7 +900,8 @@ static int gpu_unavailable(Entry *e, PyObject *record, long long code) {
 static int gpu_begin(Entry *e, PyObject *record, PyObject *args, PyObject *kwargs) {
     /* A before hook that times the call itself (level 5's statistics launches stamp
      * the GPU clock) has set record.gpu already: no events then. */
-    if (slot_get(record, R_GPU) != Py_None) return 0;
+    PyObject *timed = slot_get(record, R_GPU);
+    if (timed != NULL && timed != Py_None) return 0;
     if (S.api == NULL) { /* the event pool is still compiling, or failed: Python says so */
         PyObject *r = PyObject_CallMethodObjArgs(e->gpu, S.s_unready, record, args, kwargs, NULL);
         if (r == NULL) return -1;
@@ -1327,6 +1328,10 @@ typedef struct {
 static PyObject *switch_call(PyObject *self, PyObject *const *args, size_t nargsf,
                              PyObject *kwnames) {
     PyObject *target = ((Switch *)self)->target;
+    if (target == NULL) { /* cleared by the collector's teardown */
+        PyErr_SetString(PyExc_RuntimeError, "Switch has no target");
+        return NULL;
+    }
     Py_INCREF(target); /* a swap during the call must not free it */
     PyObject *r = PyObject_Vectorcall(target, args, nargsf, kwnames);
     Py_DECREF(target);
@@ -1344,8 +1349,9 @@ static int switch_set_target(Switch *self, PyObject *value, void *closure) {
 }
 
 static PyObject *switch_get_target(Switch *self, void *closure) {
-    Py_INCREF(self->target);
-    return self->target;
+    PyObject *target = self->target != NULL ? self->target : Py_None;
+    Py_INCREF(target);
+    return target;
 }
 
 static int switch_init(Switch *self, PyObject *args, PyObject *kwds) {

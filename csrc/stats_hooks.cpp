@@ -46,7 +46,7 @@ constexpr Py_ssize_t kMaxSeq = 8;  // tensors taken from a tuple/list argument o
 struct Names {
   PyObject *names, *skip_self, *varargs, *indices_buf, *indptr_buf, *batch_size, *acquire,
       *release, *dev_base, *ctr_base, *pub_base, *slot_bytes, *rows, *native, *kind,
-      *native_event, *add_pending, *arg, *gpu, *attributes, *unavailable, *fallback_reason, *native_kind, *paged_a, *paged_b;
+      *native_event, *add_pending, *arg, *gpu, *abandon, *attributes, *unavailable, *fallback_reason, *native_kind, *paged_a, *paged_b;
   PyObject* result_names[kMaxSeq];
 };
 Names N;
@@ -371,8 +371,13 @@ int try_paged(const Hooks* h, Plan& p, PyObject* owner, PyObject* name, PyObject
     } else {
       batch = truth ? PyLong_AsLongLong(batch_obj)
                     : THPVariable_Unpack(indptr).numel() - 1;
-      if (batch == -1 && PyErr_Occurred()) rc = -1;
-      else rc = add_paged(h, p, name, value, indices, indptr, batch) < 0 ? -1 : 1;
+      if (batch == -1 && PyErr_Occurred()) {  // past int64: the Python path's business
+        PyErr_Clear();
+        p.fallback = true;
+        rc = 1;
+      } else {
+        rc = add_paged(h, p, name, value, indices, indptr, batch) < 0 ? -1 : 1;
+      }
     }
     Py_XDECREF(batch_obj);
   }
@@ -532,12 +537,20 @@ RingView* view_of(Hooks* h, int device, int* err) {
     if (PyErr_Occurred()) *err = -1;
     return nullptr;  // not a ring this path knows: the Python path
   }
+  if (v.ring != nullptr) {  // made meanwhile (the attribute reads can run other threads)
+    Py_DECREF(n.acquire);
+    Py_DECREF(n.native);
+    Py_DECREF(n.kind);
+    return &v;
+  }
   Py_INCREF(ring);
   n.ring = ring;
   n.info.resize(static_cast<size_t>(PyList_GET_SIZE(n.native)));
   v = n;
   return &v;
 }
+
+void release(RingView* v, int64_t slot);
 
 // A free slot, or -1 (none free: the Python path reports the drop).  -2: error set.
 int64_t acquire(RingView* v) {
@@ -546,7 +559,10 @@ int64_t acquire(RingView* v) {
   const int64_t slot = PyLong_Check(s) ? PyLong_AsLongLong(s) : -1;
   Py_DECREF(s);
   if (slot == -1 && PyErr_Occurred()) return -2;
-  if (slot >= PyList_GET_SIZE(v->native)) return -1;
+  if (slot >= PyList_GET_SIZE(v->native)) {  // not a slot of the ring this view read
+    release(v, slot);
+    return -1;
+  }
   return slot;
 }
 
@@ -556,6 +572,18 @@ void release(RingView* v, int64_t slot) {
   PyErr_Fetch(&type, &value, &tb);
   PyObject* s = PyLong_FromLongLong(slot);
   PyObject* r = s == nullptr ? nullptr : PyObject_CallMethodOneArg(v->ring, N.release, s);
+  Py_XDECREF(s);
+  Py_XDECREF(r);
+  if (r == nullptr) PyErr_Clear();
+  PyErr_Restore(type, value, tb);
+}
+
+// Gives back a slot whose work may still run: the ring frees it once its event completed.
+void abandon(RingView* v, int64_t slot) {
+  PyObject *type, *value, *tb;
+  PyErr_Fetch(&type, &value, &tb);
+  PyObject* s = PyLong_FromLongLong(slot);
+  PyObject* r = s == nullptr ? nullptr : PyObject_CallMethodOneArg(v->ring, N.abandon, s);
   Py_XDECREF(s);
   Py_XDECREF(r);
   if (r == nullptr) PyErr_Clear();
@@ -638,18 +666,31 @@ PyObject* before(PyObject* self, PyObject* const* argv, Py_ssize_t nargs) {
   const int64_t ts = now_ns();
   Plan p;
   try {
-    if (plan_inputs(h, p, argv[1], argv[2], argv[3]) < 0) return nullptr;
+    if (plan_inputs(h, p, argv[1], argv[2], argv[3]) < 0) {
+      PyErr_Clear();  // the Python path meets it again and decides
+      p.fallback = true;
+    }
   } catch (const std::exception&) {
     p.fallback = true;  // a tensor describe() refuses: the Python path reports it
   }
   if (p.fallback || p.device < 0) return call_python(h->py_before, argv, nargs);
-  int err = 0;
-  RingView* v = view_of(h, p.device, &err);
-  if (err) return nullptr;
-  if (v == nullptr) return call_python(h->py_before, argv, nargs);
-  const int64_t slot = acquire(v);
-  if (slot == -2) return nullptr;
-  if (slot < 0) return call_python(h->py_before, argv, nargs);
+  // Everything that can fail without touching the GPU comes first: a failure then hands
+  // the call to the Python path, which reports it and keeps the span.
+  PyObject* metas = metas_for(h, p, argv[1], false);
+  PyObject* note = metas == nullptr ? nullptr : note_of(p.left_out);
+  int err = 0;  // any error is cleared below: the Python path then reports what it meets
+  RingView* v = note == nullptr ? nullptr : view_of(h, p.device, &err);
+  const int64_t slot = v == nullptr ? -1 : acquire(v);
+  PyObject* state = slot < 0 ? nullptr
+                             : PyLong_FromLongLong((static_cast<int64_t>(p.device) << kSlotBits) |
+                                                   slot);
+  if (state == nullptr) {
+    if (slot >= 0) release(v, slot);
+    Py_XDECREF(metas);
+    Py_XDECREF(note);
+    PyErr_Clear();  // ring not ready, full, or an error: the Python path says which
+    return call_python(h->py_before, argv, nargs);
+  }
   cudaStream_t stream = nullptr;
   bool launched = false;
   try {
@@ -664,20 +705,15 @@ PyObject* before(PyObject* self, PyObject* const* argv, Py_ssize_t nargs) {
   }
   if (!launched) {
     release(v, slot);
+    Py_DECREF(metas);
+    Py_DECREF(note);
+    Py_DECREF(state);
     return call_python(h->py_before, argv, nargs);
   }
   SlotInfo& info = v->info[static_cast<size_t>(slot)];
   info.clear();  // left by a call that never reached its after
-  info.metas = metas_for(h, p, argv[1], false);
-  info.note = note_of(p.left_out);
-  PyObject* state = info.metas == nullptr || info.note == nullptr
-                        ? nullptr
-                        : PyLong_FromLongLong((static_cast<int64_t>(p.device) << kSlotBits) | slot);
-  if (state == nullptr) {
-    info.clear();
-    release(v, slot);
-    return nullptr;
-  }
+  info.metas = metas;
+  info.note = note;
   Py_INCREF(argv[1]);
   info.plan = argv[1];
   info.ts = ts;
@@ -747,10 +783,21 @@ PyObject* after(PyObject* self, PyObject* const* argv, Py_ssize_t nargs) {
   p.device = device;
   if (argv[3] == Py_None) {
     try {
-      if (plan_outputs(h, p, argv[2]) < 0) return nullptr;
+      if (plan_outputs(h, p, argv[2]) < 0) {
+        PyErr_Clear();  // the Python path meets it again and reports it
+        p.fallback = true;
+      }
     } catch (const std::exception&) {
       p.fallback = true;
     }
+  }
+  // The call is timed here only if the hot path left record.gpu as before made it (a
+  // Python GPU-timing hook, in the pure-Python wrapper, would have put its events there).
+  if (info.timed) {
+    PyObject* gpu = PyObject_GetAttr(argv[0], N.gpu);
+    info.timed = gpu == Py_False;
+    Py_XDECREF(gpu);
+    PyErr_Clear();
   }
   if (p.fallback) return after_in_python(h, argv, v, slot, device, info);
   const int64_t event = slot_event(h, v, slot);
@@ -780,6 +827,10 @@ PyObject* after(PyObject* self, PyObject* const* argv, Py_ssize_t nargs) {
     launched = false;  // the Python path retries, reports and keeps the inputs' rows
   }
   if (!launched) return after_in_python(h, argv, v, slot, device, info);
+  if (info.timed && PyObject_SetAttr(argv[0], N.gpu, Py_None) < 0) {
+    abandon(v, slot);  // its launches are in flight: back only once its event completed
+    return nullptr;
+  }
   PyObject* pending;
   PyObject* slot_obj = PyLong_FromLongLong(slot);
   PyObject* ts_in = PyLong_FromLongLong(info.ts);
@@ -809,12 +860,7 @@ PyObject* after(PyObject* self, PyObject* const* argv, Py_ssize_t nargs) {
   Py_XDECREF(slot_obj);
   Py_XDECREF(ts_in);
   if (pending == nullptr) {
-    untimed(argv[0], info);
-    release(v, slot);  // the slot's work is stream-ordered before any later use of it
-    return nullptr;
-  }
-  if (info.timed && PyObject_SetAttr(argv[0], N.gpu, Py_None) < 0) {
-    Py_DECREF(pending);
+    abandon(v, slot);  // its launches are in flight: back only once its event completed
     return nullptr;
   }
   PyObject* r = PyObject_CallMethodOneArg(argv[0], N.add_pending, pending);
@@ -851,6 +897,7 @@ void init_names() {
   N.native_event = intern("native_event");
   N.add_pending = intern("add_pending");
   N.gpu = intern("gpu");
+  N.abandon = intern("abandon");
   N.attributes = intern("attributes");
   N.unavailable = intern("flashinfer.gpu.time_unavailable");
   N.fallback_reason = intern("stats_fallback");
@@ -890,9 +937,15 @@ void register_span_hooks(pybind11::module_& m) {
     h->scope_sampled = take("scope_sampled");
     h->scope_pages = take("scope_pages");
     h->plans = PyList_New(0);
-    h->max_bytes = config["max_bytes"].cast<double>();
-    h->max_rows = config["max_rows"].cast<int64_t>();
-    h->gpu_time = config.contains("gpu_time") && config["gpu_time"].cast<bool>();
+    try {
+      h->max_bytes = config["max_bytes"].cast<double>();
+      h->max_rows = config["max_rows"].cast<int64_t>();
+      h->gpu_time = config.contains("gpu_time") && config["gpu_time"].cast<bool>();
+    } catch (...) {
+      clear_hooks(h);
+      delete h;
+      throw;
+    }
     if (!PyDict_Check(h->rings) || h->plans == nullptr) {
       clear_hooks(h);
       delete h;

@@ -10,6 +10,9 @@ A failed event (an illegal address in that call's kernels) marks the span with
 
 The extension compiles in a background thread on first use; until it is ready, or
 where no compiler exists, spans say ``flashinfer.gpu.time_unavailable``.
+
+At level 5 the C++ statistics hooks time a call themselves (the GPU clock stamped by
+its two statistics launches, ``stats.pending``), and the hot path records no events.
 """
 
 from __future__ import annotations

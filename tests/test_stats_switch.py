@@ -132,3 +132,11 @@ def test_python_only_without_the_switch(monkeypatch):
     monkeypatch.setattr(hooks, "use_native", False)
     before, after = hooks.make_hooks(StatsRecorder(use_kernel=True))
     assert before.__name__ == "before" and after.__name__ == "after"
+
+
+def test_python_hooks_under_the_python_wrapper(monkeypatch):
+    """Without the C entries (the pure-Python wrapper) the GPU-timing hook is a plain
+    before/after pair: the C++ hooks' timing hand-over relies on the C order."""
+    monkeypatch.setattr(native, "entry_type", lambda var: None)
+    before, after = hooks.make_hooks(StatsRecorder(use_kernel=True))
+    assert before.__name__ == "before" and after.__name__ == "after"

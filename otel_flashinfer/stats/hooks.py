@@ -105,7 +105,7 @@ def make_hooks(recorder: StatsRecorder) -> tuple[Any, Any]:
     the extension has built, where the C hot path can switch to them."""
     before, after = python_hooks(recorder)
     switch = native.switch_type()
-    if switch is None or not recorder.use_kernel or not use_native:
+    if switch is None or not recorder.use_kernel or not use_native or not _c_entries():
         return before, after
     before_switch, after_switch = switch(before), switch(after)
 
@@ -118,6 +118,15 @@ def make_hooks(recorder: StatsRecorder) -> tuple[Any, Any]:
 
     _kernel.when_ready(go_native)
     return before_switch, after_switch
+
+
+def _c_entries() -> bool:
+    """Whether wrappers are made over the C hot path: the C++ hooks rely on its order
+    (their before runs ahead of its GPU-timing events, which it skips for a call they
+    time); the pure-Python wrapper keeps the Python hooks."""
+    from .. import spans
+
+    return native.entry_type(spans._context_var()) is not None
 
 
 def native_hooks(module: Any, recorder: StatsRecorder, before: Any, after: Any
