@@ -284,3 +284,38 @@ def test_graph_capture_each_replay_has_its_own_stats(ext, use_kernel):
         assert got["x"]["nan_count"] == (1 if replay == 2 else 0)
         assert got["kv"]["nan_count"] == (1 if replay == 2 else 0)
         assert got["kv"]["numel"] == (0 if replay == 3 else 6 * cache[0].numel())
+
+
+def test_captured_call_shares_one_buffer_for_inputs_and_outputs(ext):
+    """begin/finish under capture (the span hooks): one memset node, the inputs' and the
+    outputs' launches into one buffer, and one snapshot per replay covering both."""
+    rec = StatsRecorder()
+    static = torch.zeros(1000, device="cuda")
+    cache, indices, indptr = _paged_case()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(side):
+        rec.before([("x", static)])  # warm-up outside capture
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph, stream=side):
+            state = rec.begin([("x", static), PagedSpec("kv", cache, indices, indptr, 3)])
+            assert rec.is_open(state)
+            y = static * 2
+            slot = rec.finish(state, [("y", y), ("z", static[:10])])
+    assert isinstance(slot, GraphStatsSlot)
+    assert [m.name for m in slot.metas] == ["x", "kv", "y", "z"]
+    assert slot.out.shape[0] == 4  # replays copy the rows in use only
+    results = []
+    for replay in range(3):
+        static.fill_(float(replay))
+        if replay == 1:
+            static[5:6].fill_(float("nan"))
+        graph.replay()
+        results.append(slot.snapshot(torch.cuda.current_stream()))
+    for replay, pending in enumerate(results):
+        got = {a["flashinfer.tensor"]: a for _, a, _ in _resolve(pending).events}
+        nan = 1 if replay == 1 else 0
+        assert got["x"]["nan_count"] == nan and got["y"]["nan_count"] == nan
+        assert got["y"]["max"] == 2.0 * replay and got["z"]["max"] == float(replay)
+        assert got["kv"]["numel"] == 6 * cache[0].numel()

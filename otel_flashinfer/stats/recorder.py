@@ -53,15 +53,18 @@ from .ring import SlotRing
 __all__ = ["GraphStatsSlot", "PagedSpec", "StatsRecorder", "plan"]
 
 
-def _launch_into(out: torch.Tensor, jobs: Sequence[Job], module: Any) -> None:
-    """Statistics of ``jobs`` into device buffer ``out`` on the current stream."""
+def _launch_into(out: torch.Tensor, jobs: Sequence[Job], module: Any, row0: int = 0) -> None:
+    """Statistics of ``jobs`` into rows ``row0..`` of device buffer ``out`` on the current
+    stream.  With ``row0`` the rows before it are left alone, and the kernel adds into
+    rows already zeroed (a captured call's outputs after its inputs: one memset node)."""
     if module is not None and _kernel_can_run(jobs):
         module.stats_into(out, [j.tensor for j in jobs], [j.row for j in jobs],
                           [j.step for j in jobs], [j.indices for j in jobs],
-                          [j.indptr for j in jobs], [j.batch for j in jobs], True)
+                          [j.indptr for j in jobs], [j.batch for j in jobs], row0 == 0)
     else:
         with torch.no_grad():
-            torch_ops.fill_rows(out, list(jobs))
+            torch_ops.fill_rows(out[row0:], [Job(j.row - row0, j.tensor, j.step, j.indices,
+                                                 j.indptr, j.batch) for j in jobs])
 
 
 class _Open:
@@ -77,14 +80,32 @@ class _Open:
         self.stream, self.device = stream, device
 
 
+class _GraphOpen:
+    """A captured call's input statistics, waiting for its outputs (``finish``): the
+    outputs' launch adds into the rows after the inputs' in the same device buffer, which
+    one memset node zeroes per replay and one copy per replay reads back."""
+
+    __slots__ = ("slot",)
+
+    def __init__(self, slot: GraphStatsSlot) -> None:
+        self.slot = slot
+
+
 class GraphStatsSlot:
     """The statistics launch of one captured call: a persistent device buffer that
     every replay of the graph refills.  ``snapshot`` (after a sampled replay) copies it
     into a pinned slot on ``stream`` and returns the Pending for that replay's span."""
 
     def __init__(self, recorder: StatsRecorder, out: torch.Tensor, metas: list[RowMeta],
-                 note: str = "") -> None:
+                 note: str = "", room: int = 0) -> None:
         self.recorder, self.out, self.metas, self.note = recorder, out, metas, note
+        #: Zeroed rows after ``metas`` that a call's outputs can still take (``begin``).
+        self.room = room
+
+    def _trim(self) -> GraphStatsSlot:
+        """Done adding rows: replays copy only the rows in use."""
+        self.out, self.room = self.out[: len(self.metas)], 0
+        return self
 
     def snapshot(self, stream: Any = None, ts_ns: int | None = None) -> Any:
         ts = ts_ns if ts_ns is not None else time.time_ns()
@@ -164,7 +185,10 @@ class StatsRecorder:
                         note = f"too_many_tensors:{left_out}" if left_out else ""
                         return _Open(ring, slot, metas, ts, note, stream, device)
                     ring.release(slot)
-                return self._record(entries, ts, flat)
+                outcome = self._record(entries, ts, flat, room=self.rows)
+                if type(outcome) is GraphStatsSlot and outcome.room:
+                    return _GraphOpen(outcome)  # captured: the outputs join it in finish
+                return outcome
             return self._record(entries)
         except Exception as exc:  # noqa: BLE001 - statistics must never break the call
             health.report("stats_errors", "tensor statistics failed", exc)
@@ -172,12 +196,19 @@ class StatsRecorder:
 
     @staticmethod
     def is_open(state: Any) -> bool:
-        return type(state) is _Open
+        return type(state) is _Open or type(state) is _GraphOpen
 
     def finish(self, state: Any, outputs: Iterable[Entry]) -> Any:
         """Outputs' statistics after ``begin``: for an open state one Pending covering
         inputs and outputs (or a tuple of two outcomes when the outputs cannot share
         the slot), else the same as ``after``.  Never raises."""
+        if type(state) is _GraphOpen:
+            try:
+                return self._finish_graph(state.slot, outputs if type(outputs) is list
+                                          else list(outputs))
+            except Exception as exc:  # noqa: BLE001 - the inputs' statistics still count
+                health.report("stats_errors", "tensor statistics failed", exc)
+                return state.slot._trim()
         if type(state) is not _Open:
             return self.record(outputs)
         try:
@@ -205,6 +236,25 @@ class StatsRecorder:
                                     on_low=self.on_low)
                     self._rings[index] = ring
         return ring
+
+    def _finish_graph(self, slot: GraphStatsSlot, outputs: list[Entry]) -> Any:
+        """A captured call's outputs into the rows after its inputs (one buffer, one
+        snapshot per replay), or on their own when they cannot join them."""
+        nin = len(slot.metas)
+        tensors, items, metas, left_out = _plan_flat(outputs, self.max_bytes, self.rows, nin)
+        jobs = _jobs_of(tensors, items)
+        device = slot.out.device
+        if not metas:
+            return slot._trim()
+        if (len(metas) > slot.room or not torch.cuda.is_current_stream_capturing()
+                or any(j.tensor.device != device for j in jobs)):
+            return (slot._trim(), self.record(outputs))
+        with torch.cuda.device(device):
+            _launch_into(slot.out, jobs, self._module(), row0=nin)
+        slot.metas = slot.metas + [RowMeta(*m) for m in metas]
+        if left_out and not slot.note:
+            slot.note = f"too_many_tensors:{left_out}"
+        return slot._trim()
 
     def _finish(self, state: _Open, outputs: list[Entry]) -> Any:
         ring, slot, nin = state.ring, state.slot, len(state.metas)
@@ -244,7 +294,7 @@ class StatsRecorder:
         out = self.record(outputs)
         return pin if out is None else (pin, out)
 
-    def _record(self, entries: list[Entry], ts: int = 0, flat: Any = None) -> Any:
+    def _record(self, entries: list[Entry], ts: int = 0, flat: Any = None, room: int = 0) -> Any:
         ts = ts or time.time_ns()
         tensors, items, flat_metas, left_out = flat or _plan_flat(entries, self.max_bytes,
                                                                   self.rows)
@@ -266,7 +316,7 @@ class StatsRecorder:
             groups.setdefault(job.tensor.device, []).append(job.row)
         if len(groups) == 1:
             device = next(iter(groups))
-            return self._record_device(device, jobs, metas, ts, note)
+            return self._record_device(device, jobs, metas, ts, note, room)
         parts = []
         for device, rows in groups.items():  # rare: one call across devices
             keep = sorted(set(rows))
@@ -303,7 +353,7 @@ class StatsRecorder:
         return StatsPending(ring, slot, metas, ts, note)
 
     def _record_device(self, device: torch.device, jobs: list[Job], metas: list[RowMeta],
-                       ts: int, note: str) -> Any:
+                       ts: int, note: str, room: int = 0) -> Any:
         if device.type != "cuda":
             out = torch.zeros((len(metas), ROW_WORDS), dtype=torch.int64)
             with torch.no_grad():
@@ -316,9 +366,10 @@ class StatsRecorder:
             # a decode step with both statistics launches 1.80x vs 1.93x of the bare
             # step), and no host cost repeats per replay.
             with torch.cuda.device(device):
-                out = torch.empty((len(metas), ROW_WORDS), dtype=torch.int64, device=device)
+                out = torch.empty((len(metas) + room, ROW_WORDS), dtype=torch.int64,
+                                  device=device)
                 _launch_into(out, jobs, module)
-            return GraphStatsSlot(self, out, metas, note)
+            return GraphStatsSlot(self, out, metas, note, room)
         ring = self._ring(device)
         if module is not None and _kernel_can_run(jobs) and ring.device_base(module):
             tensors, items = _flat_of(jobs)
