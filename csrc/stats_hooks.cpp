@@ -566,29 +566,24 @@ int64_t acquire(RingView* v) {
   return slot;
 }
 
-// Gives a slot back, keeping any error already set.
-void release(RingView* v, int64_t slot) {
+// ring.<method>(slot), keeping any error already set (a failure is dropped: the slot
+// then stays taken, which the ring's bound absorbs).
+void give_back(RingView* v, PyObject* method, int64_t slot) {
   PyObject *type, *value, *tb;
   PyErr_Fetch(&type, &value, &tb);
   PyObject* s = PyLong_FromLongLong(slot);
-  PyObject* r = s == nullptr ? nullptr : PyObject_CallMethodOneArg(v->ring, N.release, s);
+  PyObject* r = s == nullptr ? nullptr : PyObject_CallMethodOneArg(v->ring, method, s);
   Py_XDECREF(s);
   Py_XDECREF(r);
   if (r == nullptr) PyErr_Clear();
   PyErr_Restore(type, value, tb);
 }
 
-// Gives back a slot whose work may still run: the ring frees it once its event completed.
-void abandon(RingView* v, int64_t slot) {
-  PyObject *type, *value, *tb;
-  PyErr_Fetch(&type, &value, &tb);
-  PyObject* s = PyLong_FromLongLong(slot);
-  PyObject* r = s == nullptr ? nullptr : PyObject_CallMethodOneArg(v->ring, N.abandon, s);
-  Py_XDECREF(s);
-  Py_XDECREF(r);
-  if (r == nullptr) PyErr_Clear();
-  PyErr_Restore(type, value, tb);
-}
+// A slot nothing was enqueued for.
+void release(RingView* v, int64_t slot) { give_back(v, N.release, slot); }
+
+// A slot whose work may still run: the ring frees it once its event completed.
+void abandon(RingView* v, int64_t slot) { give_back(v, N.abandon, slot); }
 
 // The slot's CUDA event, marked as the kind its query uses; 0 with an error set.
 int64_t slot_event(Hooks* h, RingView* v, int64_t slot) {
