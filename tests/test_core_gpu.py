@@ -120,20 +120,10 @@ def test_level5_times_calls_with_the_statistics_stamps(spans) -> None:
 
     assert kernel.get(wait=True, timeout=600) is not None
     fns = {"short": make_decode(kv_len=512).run, "long": make_decode(kv_len=8192).run}
-    hand: dict[str, list] = {k: [] for k in fns}
     for fn in fns.values():
         fn()
-    for _ in range(5):
-        for key, fn in fns.items():
-            busy_gpu()
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            hand[key].append((start, end))
-    torch.cuda.synchronize()
-    hand_ms = {k: statistics.median(s.elapsed_time(e) for s, e in v) for k, v in hand.items()}
+    hand_ms = {k: statistics.median(hand_time(fn)[1] for _ in range(5))
+               for k, fn in fns.items()}
     otel_flashinfer.instrument(level=5, journal_dir="")
     rt = runtime.current()
     assert rt.stats.gpu_time

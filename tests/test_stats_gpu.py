@@ -243,11 +243,9 @@ def test_ring_full_drops_instead_of_blocking(ext):
     assert _resolve(rec.before([("x", x)])).events  # slots came back
 
 
-@pytest.mark.parametrize("use_kernel", [True, False])
-def test_graph_capture_each_replay_has_its_own_stats(ext, use_kernel):
-    rec = StatsRecorder(use_kernel=use_kernel)
-    static = torch.zeros(1000, device="cuda")
-    cache, indices, indptr = _paged_case()
+def _capture_on_side(rec, static, call):
+    """(graph, call()) with ``call`` captured on a side stream, after a warm-up of the
+    recorder outside capture."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     graph = torch.cuda.CUDAGraph()
@@ -255,9 +253,22 @@ def test_graph_capture_each_replay_has_its_own_stats(ext, use_kernel):
         rec.before([("x", static)])  # warm-up outside capture
         torch.cuda.synchronize()
         with torch.cuda.graph(graph, stream=side):
-            y = static * 2
-            slot = rec.before([("x", static), PagedSpec("kv", cache, indices, indptr, 3)])
-            slot_out = rec.after([("y", y)])
+            out = call()
+    return graph, out
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_graph_capture_each_replay_has_its_own_stats(ext, use_kernel):
+    rec = StatsRecorder(use_kernel=use_kernel)
+    static = torch.zeros(1000, device="cuda")
+    cache, indices, indptr = _paged_case()
+
+    def call():
+        y = static * 2
+        return (rec.before([("x", static), PagedSpec("kv", cache, indices, indptr, 3)]),
+                rec.after([("y", y)]))
+
+    graph, (slot, slot_out) = _capture_on_side(rec, static, call)
     assert isinstance(slot, GraphStatsSlot) and isinstance(slot_out, GraphStatsSlot)
     results = []
     torch.cuda.set_sync_debug_mode("error")
@@ -292,17 +303,14 @@ def test_captured_call_shares_one_buffer_for_inputs_and_outputs(ext):
     rec = StatsRecorder()
     static = torch.zeros(1000, device="cuda")
     cache, indices, indptr = _paged_case()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(side):
-        rec.before([("x", static)])  # warm-up outside capture
-        torch.cuda.synchronize()
-        with torch.cuda.graph(graph, stream=side):
-            state = rec.begin([("x", static), PagedSpec("kv", cache, indices, indptr, 3)])
-            assert rec.is_open(state)
-            y = static * 2
-            slot = rec.finish(state, [("y", y), ("z", static[:10])])
+
+    def call():
+        state = rec.begin([("x", static), PagedSpec("kv", cache, indices, indptr, 3)])
+        assert rec.is_open(state)
+        y = static * 2
+        return rec.finish(state, [("y", y), ("z", static[:10])])
+
+    graph, slot = _capture_on_side(rec, static, call)
     assert isinstance(slot, GraphStatsSlot)
     assert [m.name for m in slot.metas] == ["x", "kv", "y", "z"]
     assert slot.out.shape[0] == 4  # replays copy the rows in use only
