@@ -222,7 +222,7 @@ PyObject* snapshot(PyObject* obj) {
 }
 
 otel_flashinfer_hotpath_api kHotpathApi = {OTEL_FLASHINFER_HOTPATH_API_VERSION, record, release,
-                                           is_cuda, snapshot};
+                                           is_cuda, snapshot, resolve};
 
 PyMethodDef kFastMethods[] = {
     {"record", py_record, METH_NOARGS, "record a pooled event on the current stream; slot or <0"},

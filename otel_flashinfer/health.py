@@ -24,10 +24,10 @@ def count(kind: str, n: int = 1) -> None:
         _counts[kind] += n
 
 
-def report(kind: str, message: str, exc: BaseException | None = None) -> None:
-    """Count one internal failure; log the first of each kind with its traceback."""
+def report(kind: str, message: str, exc: BaseException | None = None, n: int = 1) -> None:
+    """Count ``n`` internal failures; log the first of each kind with its traceback."""
     with _lock:
-        _counts[kind] += 1
+        _counts[kind] += n
         first = kind not in _logged
         _logged.add(kind)
     if first:

@@ -107,18 +107,31 @@ class JsonLinesSpanExporter(SpanExporter):
             return SpanExportResult.FAILURE
         try:
             line = (spans_to_json(spans) + "\n").encode("utf-8")
+        except Exception as exc:  # noqa: BLE001 - an exporter must not raise
+            health.report("file_export_errors", f"could not encode spans for {self.path}", exc)
+            return SpanExportResult.FAILURE
+        return SpanExportResult.SUCCESS if self.write_line(line) else SpanExportResult.FAILURE
+
+    def write_line(self, line: bytes) -> bool:
+        """Append one encoded line (ending in a newline) in one ``write``; the native
+        encoder's lines come here too."""
+        if self._closed:
+            return False
+        try:
             with self._lock:
                 directory = os.path.dirname(os.path.abspath(self.path))
                 os.makedirs(directory, exist_ok=True)
                 fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
                 try:
-                    os.write(fd, line)
+                    view = memoryview(line)
+                    while view:  # a short write (full disk, signal) must not split a line
+                        view = view[os.write(fd, view):]
                 finally:
                     os.close(fd)
-            return SpanExportResult.SUCCESS
+            return True
         except Exception as exc:  # noqa: BLE001 - an exporter must not raise
             health.report("file_export_errors", f"could not write {self.path}", exc)
-            return SpanExportResult.FAILURE
+            return False
 
     def shutdown(self) -> None:
         self._closed = True

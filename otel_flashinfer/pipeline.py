@@ -245,6 +245,14 @@ class DirectSpans:
         self.scope = tracer._instrumentation_scope  # noqa: SLF001
         self.info = tracer.instrumentation_info
         limits = tracer._span_limits  # noqa: SLF001
+        #: The BatchSpanProcessors' queues: a span handed to a full one pushes another
+        #: out, which the SDK only logs; we count it.
+        self.queues = [
+            (inner._queue, inner._max_queue_size)  # noqa: SLF001
+            for p in getattr(tracer.span_processor, "_span_processors", ())
+            if (inner := getattr(p, "_batch_processor", None)) is not None
+            and hasattr(inner, "_queue") and hasattr(inner, "_max_queue_size")
+        ]
         self.max_attributes = limits.max_span_attributes
         self.max_events = limits.max_events
         self.max_links = limits.max_links
@@ -307,6 +315,10 @@ class DirectSpans:
             end_time=record.end_ns, instrumentation_info=self.info,
             instrumentation_scope=self.scope,
         )
+        for queue, size in self.queues:
+            if len(queue) >= size:
+                health.report("spans_dropped", "the SDK's span queue is full: it drops the "
+                              "oldest span")
         self.processor.on_end(span)
 
 
@@ -348,11 +360,21 @@ class Pipeline:
         self._tracer_factory = tracer_factory
         self._preset: _PresetIds | None = None
         self._direct: DirectSpans | None = None
+        #: The native encoder and its sender (``export``), when the provider allows it.
+        self._native: Any = None
+        #: Which way spans leave: "native", "direct" (SDK processors), "sdk" (a full
+        #: SDK span per record), or "unresolved" before the first export.
+        self.export_path = "unresolved"
+        self.export_reason = ""
+        self._native_counted = 0
+        self._sdk_spans = 0
         self.max_queue = max_queue
         self.max_waiting = max_waiting
         self.wait_timeout_s = wait_timeout_s
         self.interval_s = interval_s
         self._batch = max(1, min(512, max_queue // 4))
+        #: Attributes every span of a forked child gets (its own pid).
+        self.fork_attributes: dict[str, Any] = {}
         if tracer is not None:
             self._use_tracer(tracer)
         self.flush_hooks: list[Callable[[float], bool]] = []
@@ -360,8 +382,6 @@ class Pipeline:
         self._flush_result: list[bool] = [False]
         #: CPU seconds the worker spent building spans (benchmarks report it per call).
         self.worker_cpu_s = 0.0
-        #: Attributes every span of a forked child gets (its own pid).
-        self.fork_attributes: dict[str, Any] = {}
         #: Resolves ``CallRecord.gpu`` handles (``gpu_timing.HANDLES`` where CUDA is).
         self.gpu_times: Any = _NoGpuTimes()
         self._start()
@@ -369,7 +389,20 @@ class Pipeline:
             os.register_at_fork(after_in_child=self._after_fork)
 
     def _use_tracer(self, tracer: Any) -> None:
+        from .export import native_export_for
+
+        def note(chosen: Any) -> None:
+            self.export_reason = chosen.reason
+
+        self._native = native_export_for(self.provider, tracer, note)
+        if self._native is not None:
+            self.export_path = "native"
+            if self.fork_attributes:
+                self._native.set_extra(self.fork_attributes)
+            self.tracer = tracer
+            return
         self._direct = DirectSpans.for_tracer(tracer)
+        self.export_path = "direct" if self._direct is not None else "sdk"
         self._preset = preset_tracer_ids(tracer)
         if self._preset is None:
             health.report("foreign_tracer", "tracer provider is not the OTel SDK's; span ids "
@@ -400,6 +433,8 @@ class Pipeline:
         # The parent's records and thread do not exist in the child: start afresh.  The
         # provider's Resource still names the parent's pid, so spans say which we are.
         self.fork_attributes = {"process.pid": os.getpid()}
+        if self._native is not None:
+            self._native.set_extra(self.fork_attributes)
         self._start()
 
     # ---- caller's thread -------------------------------------------------------------
@@ -447,6 +482,18 @@ class Pipeline:
             for _ in range(len(waiting)):
                 record = waiting.popleft()
                 self._consider(record, now)
+            if queue and self.tracer is None:
+                self._resolve_tracer_safely()
+            native = self._native
+            if native is not None:
+                # Ready records are encoded in C; only those still waiting for the GPU
+                # (statistics, a GPU time the encoder could not resolve) come back here.
+                slow: list[CallRecord] = []
+                native.drain(queue, slow)
+                for record in slow:
+                    if record.pending or record.gpu is not None:
+                        record.deadline = now + self.wait_timeout_s
+                    self._consider(record, now)
             while queue:
                 record = queue.popleft()
                 if record.pending or record.gpu is not None:
@@ -456,10 +503,29 @@ class Pipeline:
                 record = waiting.popleft()
                 self._finish(record, abandon="backpressure")
         finally:
+            self._count_paths()
             self.worker_cpu_s += time.thread_time() - cpu
             with self._idle:
                 self._busy -= 1
                 self._idle.notify_all()
+
+    def _count_paths(self) -> None:
+        """Publish how many spans took each path since the last drain (``counters()``:
+        ``spans_native``, ``spans_sdk``)."""
+        if self._native is not None:
+            encoded = self._native.encoded()
+            if encoded != self._native_counted:
+                health.count("spans_native", encoded - self._native_counted)
+                self._native_counted = encoded
+        if self._sdk_spans:
+            health.count("spans_sdk", self._sdk_spans)
+            self._sdk_spans = 0
+
+    def _resolve_tracer_safely(self) -> None:
+        try:
+            self._resolve_tracer()
+        except Exception as exc:  # noqa: BLE001 - each record then reports it again
+            health.report("export_errors", "could not set up the tracer provider", exc)
 
     def _consider(self, record: CallRecord, now: float) -> None:
         try:
@@ -499,6 +565,10 @@ class Pipeline:
             except Exception as exc:  # noqa: BLE001
                 health.report("pending_errors", "could not resolve GPU results", exc)
         record.pending = _EMPTY
+        tracer = self._resolve_tracer()
+        if self._native is not None:
+            self._native.add(record)  # argument description happens in the encoder
+            return
         if record.describe is not None:
             try:
                 record.describe(record)
@@ -506,7 +576,7 @@ class Pipeline:
                 health.report("describe_errors", "could not describe arguments", exc)
         if self.fork_attributes:
             record.attributes.update(self.fork_attributes)
-        tracer = self._resolve_tracer()
+        self._sdk_spans += 1
         if self._direct is not None:
             self._direct.export(record)
         else:
@@ -541,6 +611,8 @@ class Pipeline:
             except Exception as exc:  # noqa: BLE001
                 health.report("flush_errors", "a flush hook failed", exc)
                 ok = False
+        if self._native is not None:
+            ok = self._native.flush(deadline) and ok
         if self.tracer is None and self._tracer_factory is not None and not self.flush_hooks:
             return ok
         force_flush = getattr(self.provider, "force_flush", None)
@@ -586,7 +658,18 @@ class Pipeline:
         ok = self.flush(timeout_s)
         self._stopping = True
         self._wake.set()
+        if self._native is not None:
+            ok = self._native.shutdown(0.0) and ok
         return ok
+
+    def counters(self) -> dict[str, Any]:
+        """How spans leave (``export_path``) and how many took the native encoder."""
+        out: dict[str, Any] = {"export_path": self.export_path}
+        if self.export_reason:
+            out["export_reason"] = self.export_reason
+        if self._native is not None:
+            out.update(self._native.counters())
+        return out
 
 
 def export_record(tracer: Any, preset: _PresetIds | None, record: CallRecord) -> None:

@@ -109,6 +109,31 @@ class ArgPlan:
             out.update(missing)
 
 
+class Describer:
+    """A call site's argument and result snapshots -> ``flashinfer.arg.*`` /
+    ``flashinfer.result.*`` attributes (background thread).
+
+    The native encoder calls ``attributes`` and keeps the encoded block for as long as
+    the site's snapshots repeat, so an engine's steady state describes nothing; the
+    SDK path calls the object itself on a record."""
+
+    __slots__ = ("plan",)
+
+    def __init__(self, plan: ArgPlan) -> None:
+        self.plan = plan
+
+    def attributes(self, data: list[Any], kw: dict[str, Any] | None,
+                   result: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        self.plan.describe_into(out, data, kw or _NO_KWARGS)
+        if result is not _NO_RESULT and result is not None:
+            out.update(_describe.result_attributes(result))
+        return out
+
+    def __call__(self, record: CallRecord) -> None:
+        record.attributes.update(self.attributes(record.data, record.kw, record.result))
+
+
 class _Instances:
     """Per-object state of wrapper classes: the plan span a later run links to.
 
@@ -211,12 +236,7 @@ def make_wrapper(fn: Callable[..., Any], api_name: str, *, settings: Settings,
     #: Shared by every record of this wrapper until the worker copies it (``own``).
     base_attrs: dict[str, Any] = {"flashinfer.api": api_name, "flashinfer.level": level}
 
-    def describe(record: CallRecord) -> None:
-        attrs = record.attributes
-        plan.describe_into(attrs, record.data, record.kw or _NO_KWARGS)
-        result_snap = record.result
-        if result_snap is not _NO_RESULT and result_snap is not None:
-            attrs.update(_describe.result_attributes(result_snap))
+    describe = Describer(plan)
 
     def on_capture(record: CallRecord, capture: Any) -> None:
         """A call inside a CUDA graph capture (rare): attributes of its own, now."""
@@ -343,7 +363,7 @@ def make_wrapper(fn: Callable[..., Any], api_name: str, *, settings: Settings,
 
 def _native_wrapper(fn: Callable[..., Any], api_name: str, entry: Any,
                     reset_context: Callable[[Any], Any], afters: tuple[Any, ...],
-                    detailed: bool, describe: Callable[[CallRecord], None],
+                    detailed: bool, describe: Describer,
                     submit: Callable[[CallRecord], None]) -> Callable[..., Any]:
     """The wrapper over the C hot path (``native``): ``enter`` and ``leave`` do what the
     Python wrapper above does and never raise; only the error path stays in Python."""

@@ -65,7 +65,8 @@ with trace.get_tracer("engine").start_as_current_span("engine.step") as step:
 seen["engine.step"] = format(ctx.span_id, "016x")
 flushed = otel_flashinfer.flush(timeout_s=30)
 print(json.dumps({"trace_id": format(ctx.trace_id, "032x"), "ids": seen, "flushed": flushed,
-                  "caught": caught, "out": out.float().tolist(), "pid": os.getpid()}))
+                  "caught": caught, "out": out.float().tolist(), "pid": os.getpid(),
+                  "counters": otel_flashinfer.counters()}))
 '''
 
 
@@ -93,6 +94,10 @@ def _run(program: Path, env: dict[str, str], cwd: Path) -> dict[str, Any]:
     report = last_json_line(result.stdout)
     assert report["caught"] == "bad page table"  # the user's exception reached the user
     assert report["out"] == [[1.5] * 3] * 2  # and results are the function's own
+    # Our three spans left through the native encoder, none through the SDK's.
+    assert report["counters"].get("spans_native") == 3, report["counters"]
+    assert not report["counters"].get("spans_sdk"), report["counters"]
+    assert not report["counters"].get("spans_dropped"), report["counters"]
     return report
 
 

@@ -1,0 +1,1580 @@
+/* Native OTLP span encoder: CallRecords straight to ExportTraceServiceRequest bytes
+ * (protobuf) or to one OTLP/JSON line, without building SDK spans.
+ *
+ * Why: the SDK path rebuilds every record as a ReadableSpan and encodes it through
+ * protobuf's Python objects (about 130 us per level-3 span on a small host, 300 us
+ * more for JSON), all while holding the GIL the engine needs.  Here a steady-state
+ * span costs its ids, times and a copy of attribute blocks encoded once:
+ *   - resource and scope arrive pre-encoded (Python, once per encoder);
+ *   - a wrapper's shared base attributes are encoded once per dict;
+ *   - argument attributes are encoded once per call site and reused while the call's
+ *     argument snapshots stay equal (the hot path already hands over equal snapshots
+ *     as the same objects, so the check is mostly pointer compares);
+ *   - GPU times are resolved through the event pool's C API (hotpath_api.h) when the
+ *     pool lends one, so a timed call needs no Python on the worker either.
+ * The request is assembled (a copy of the spans' bytes) with the GIL released.
+ *
+ * Everything here mirrors opentelemetry-exporter-otlp-proto-common's encoder, field
+ * for field (tests/test_native_encoder.py decodes both and compares).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "hotpath_api.h"
+
+/* ---- a growable byte buffer ---------------------------------------------------------- */
+
+typedef struct {
+    unsigned char *p;
+    size_t len, cap;
+} Buf;
+
+static int buf_grow(Buf *b, size_t extra) {
+    size_t need = b->len + extra;
+    if (need <= b->cap) return 0;
+    size_t cap = b->cap ? b->cap : 4096;
+    while (cap < need) cap *= 2;
+    unsigned char *p = PyMem_RawRealloc(b->p, cap);
+    if (p == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    b->p = p;
+    b->cap = cap;
+    return 0;
+}
+
+static inline int put(Buf *b, const void *data, size_t n) {
+    if (buf_grow(b, n) < 0) return -1;
+    memcpy(b->p + b->len, data, n);
+    b->len += n;
+    return 0;
+}
+
+static inline int put_c(Buf *b, unsigned char c) {
+    if (b->len == b->cap && buf_grow(b, 1) < 0) return -1;
+    b->p[b->len++] = c;
+    return 0;
+}
+
+#define PUT_LIT(b, s) put((b), (s), sizeof(s) - 1)
+
+static void buf_free(Buf *b) {
+    PyMem_RawFree(b->p);
+    b->p = NULL;
+    b->len = b->cap = 0;
+}
+
+/* ---- protobuf wire format ---------------------------------------------------------- */
+
+static inline int varint_size(uint64_t v) {
+    int n = 1;
+    while (v >= 0x80) {
+        v >>= 7;
+        ++n;
+    }
+    return n;
+}
+
+static inline int pb_varint(Buf *b, uint64_t v) {
+    if (buf_grow(b, 10) < 0) return -1;
+    unsigned char *p = b->p + b->len;
+    while (v >= 0x80) {
+        *p++ = (unsigned char)(v | 0x80);
+        v >>= 7;
+    }
+    *p++ = (unsigned char)v;
+    b->len = (size_t)(p - b->p);
+    return 0;
+}
+
+static inline int pb_tag(Buf *b, int field, int wire) {
+    return pb_varint(b, ((uint64_t)field << 3) | (uint64_t)wire);
+}
+
+static inline int pb_fixed64(Buf *b, int field, uint64_t v) {
+    if (pb_tag(b, field, 1) < 0) return -1;
+    unsigned char x[8];
+    for (int i = 0; i < 8; ++i) x[i] = (unsigned char)(v >> (8 * i));
+    return put(b, x, 8);
+}
+
+static inline int pb_fixed32(Buf *b, int field, uint32_t v) {
+    if (pb_tag(b, field, 5) < 0) return -1;
+    unsigned char x[4];
+    for (int i = 0; i < 4; ++i) x[i] = (unsigned char)(v >> (8 * i));
+    return put(b, x, 4);
+}
+
+static inline int pb_bytes(Buf *b, int field, const void *data, size_t n) {
+    if (pb_tag(b, field, 2) < 0 || pb_varint(b, n) < 0) return -1;
+    return put(b, data, n);
+}
+
+/* A nested message: reserve one length byte, write the body, then fix the length
+ * (moving the body when it needs a longer varint). */
+static inline int pb_open(Buf *b, int field, size_t *mark) {
+    if (pb_tag(b, field, 2) < 0 || put_c(b, 0) < 0) return -1;
+    *mark = b->len;
+    return 0;
+}
+
+static int pb_close(Buf *b, size_t mark) {
+    size_t n = b->len - mark;
+    int k = varint_size(n);
+    if (k > 1) {
+        if (buf_grow(b, (size_t)k - 1) < 0) return -1;
+        memmove(b->p + mark + k - 1, b->p + mark, n);
+        b->len += (size_t)k - 1;
+    }
+    unsigned char *p = b->p + mark - 1;
+    uint64_t v = n;
+    while (v >= 0x80) {
+        *p++ = (unsigned char)(v | 0x80);
+        v >>= 7;
+    }
+    *p = (unsigned char)v;
+    return 0;
+}
+
+/* ---- JSON (the OTLP/JSON mapping: camelCase, int64 as strings, hex ids) ------------- */
+
+static const char HEX[] = "0123456789abcdef";
+
+static int js_str(Buf *b, const char *s, Py_ssize_t n) {
+    if (buf_grow(b, (size_t)n + 2) < 0 || put_c(b, '"') < 0) return -1;
+    for (Py_ssize_t i = 0; i < n; ++i) {
+        unsigned char c = (unsigned char)s[i];
+        if (c == '"' || c == '\\') {
+            if (put_c(b, '\\') < 0 || put_c(b, c) < 0) return -1;
+        } else if (c < 0x20) {
+            char esc[7];
+            const char *short_esc = c == '\n' ? "\\n" : c == '\t' ? "\\t" : c == '\r' ? "\\r"
+                                    : c == '\b' ? "\\b" : c == '\f' ? "\\f" : NULL;
+            if (short_esc != NULL) {
+                if (put(b, short_esc, 2) < 0) return -1;
+            } else {
+                snprintf(esc, sizeof esc, "\\u%04x", c);
+                if (put(b, esc, 6) < 0) return -1;
+            }
+        } else if (put_c(b, c) < 0) {
+            return -1;
+        }
+    }
+    return put_c(b, '"');
+}
+
+static int js_hex(Buf *b, const unsigned char *data, int n) {
+    if (buf_grow(b, (size_t)n * 2 + 2) < 0) return -1;
+    unsigned char *p = b->p + b->len;
+    *p++ = '"';
+    for (int i = 0; i < n; ++i) {
+        *p++ = (unsigned char)HEX[data[i] >> 4];
+        *p++ = (unsigned char)HEX[data[i] & 15];
+    }
+    *p++ = '"';
+    b->len = (size_t)(p - b->p);
+    return 0;
+}
+
+static int js_u64(Buf *b, uint64_t v, int quoted) {
+    char tmp[24];
+    char *p = tmp + sizeof tmp;
+    if (quoted) *--p = '"';
+    do {
+        *--p = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    if (quoted) *--p = '"';
+    return put(b, p, (size_t)(tmp + sizeof tmp - p));
+}
+
+static int js_i64(Buf *b, long long v) {
+    if (v >= 0) return js_u64(b, (uint64_t)v, 1);
+    uint64_t m = (uint64_t)(-(v + 1)) + 1; /* |v|, also for LLONG_MIN */
+    char tmp[24];
+    char *p = tmp + sizeof tmp;
+    *--p = '"';
+    do {
+        *--p = (char)('0' + m % 10);
+        m /= 10;
+    } while (m);
+    *--p = '-';
+    *--p = '"';
+    return put(b, p, (size_t)(tmp + sizeof tmp - p));
+}
+
+static int js_double(Buf *b, double v) {
+    if (isnan(v)) return PUT_LIT(b, "\"NaN\"");
+    if (isinf(v)) return v > 0 ? PUT_LIT(b, "\"Infinity\"") : PUT_LIT(b, "\"-Infinity\"");
+    char *text = PyOS_double_to_string(v, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
+    if (text == NULL) return -1;
+    int rc = put(b, text, strlen(text));
+    PyMem_Free(text);
+    return rc;
+}
+
+static const char BASE64[] =
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+static int js_base64(Buf *b, const unsigned char *s, Py_ssize_t n) {
+    if (put_c(b, '"') < 0) return -1;
+    for (Py_ssize_t i = 0; i < n; i += 3) {
+        uint32_t v = (uint32_t)s[i] << 16;
+        if (i + 1 < n) v |= (uint32_t)s[i + 1] << 8;
+        if (i + 2 < n) v |= s[i + 2];
+        char out[4] = {BASE64[(v >> 18) & 63], BASE64[(v >> 12) & 63],
+                       i + 1 < n ? BASE64[(v >> 6) & 63] : '=', i + 2 < n ? BASE64[v & 63] : '='};
+        if (put(b, out, 4) < 0) return -1;
+    }
+    return put_c(b, '"');
+}
+
+/* ---- the encoder object ------------------------------------------------------------ */
+
+enum { FMT_PROTOBUF = 0, FMT_JSON = 1 };
+
+enum {
+    R_NAME, R_TRACE_ID, R_SPAN_ID, R_PARENT, R_ATTRIBUTES, R_SHARED, R_EVENTS, R_LINKS,
+    R_PENDING, R_ERROR, R_DESCRIBE, R_DATA, R_KW, R_RESULT, R_GPU, R_START_NS, R_END_NS,
+    R_INSTANCE, R_PLAN_LINK, R_COUNT
+};
+static const char *const record_slot_names[R_COUNT] = {
+    "name", "trace_id", "span_id", "parent", "attributes", "shared", "events", "links",
+    "pending", "error", "describe", "data", "kw", "result", "gpu", "start_ns", "end_ns",
+    "instance", "plan_link"};
+
+/* The event pool's API (hotpath_api.h), shared by every encoder once lent. */
+static const otel_flashinfer_hotpath_api *gpu_api = NULL;
+static PyObject *gpu_api_capsule = NULL;
+#define NOT_READY (-(((int64_t)1) << 40))
+
+typedef struct {
+    PyObject_HEAD
+    int fmt;
+    Py_ssize_t offsets[R_COUNT];
+    PyObject *record_type;
+    PyObject *empty;          /* CallRecord's shared () */
+    PyObject *default_state;  /* DEFAULT_TRACE_STATE: nothing to encode */
+    PyObject *state_header;   /* callable(trace_state) -> "k=v,..." for the rare others */
+    PyObject *blocks;         /* dict: base attribute dict -> (bytes, count, dict) */
+    PyObject *described;      /* dict: describer -> [data, kw, result, bytes, count, dict] */
+    PyObject *extra;          /* dict of attributes every span gets (a forked child's pid) */
+    PyObject *extra_block;    /* its encoding (bytes), or NULL */
+    Py_ssize_t extra_count;
+    PyObject *s_attributes;   /* "attributes" (the describer's method) */
+    PyObject *s_popleft, *s_items, *s_context, *s_attrs, *s_dropped;
+    PyObject *k_instance, *k_gpu_time, *k_cuda_error;
+    Py_ssize_t max_attributes, max_events, max_links;
+    /* resource + scope, pre-encoded: protobuf field bodies or JSON fragments */
+    Buf resource, scope;
+    PyObject *resource_schema, *scope_schema; /* str */
+    Buf spans;                /* spans encoded since the last take() */
+    Buf tmp;                  /* scratch for blocks */
+    Py_ssize_t count;         /* spans in ``spans`` */
+    unsigned long long encoded, failed, attr_errors, gpu_resolved;
+    long pid;
+    /* ``flashinfer.instance.id`` strings of recent objects (an engine calls few) */
+#define INSTANCE_CACHE 16
+    unsigned long long inst_key[INSTANCE_CACHE];
+    PyObject *inst_value[INSTANCE_CACHE];
+} Encoder;
+
+static inline PyObject *slot(Encoder *e, PyObject *record, int which) {
+    return *(PyObject **)((char *)record + e->offsets[which]);
+}
+
+static inline void slot_set(Encoder *e, PyObject *record, int which, PyObject *value) {
+    PyObject **p = (PyObject **)((char *)record + e->offsets[which]);
+    PyObject *old = *p;
+    Py_INCREF(value);
+    *p = value;
+    Py_XDECREF(old);
+}
+
+static int as_bytes(PyObject *value, unsigned char *out, int n) {
+    if (value == NULL || !PyLong_Check(value)) {
+        PyErr_SetString(PyExc_TypeError, "an id is not an int");
+        return -1;
+    }
+#if PY_VERSION_HEX >= 0x030D0000
+    return _PyLong_AsByteArray((PyLongObject *)value, out, (size_t)n, 0, 0, 1);
+#else
+    return _PyLong_AsByteArray((PyLongObject *)value, out, (size_t)n, 0, 0);
+#endif
+}
+
+/* A 64-bit id, big-endian, without the generic byte-array conversion. */
+static int id64(PyObject *value, unsigned char *out) {
+    if (value == NULL || !PyLong_Check(value)) {
+        PyErr_SetString(PyExc_TypeError, "an id is not an int");
+        return -1;
+    }
+    unsigned long long v = PyLong_AsUnsignedLongLong(value);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+    for (int i = 7; i >= 0; --i) {
+        out[i] = (unsigned char)v;
+        v >>= 8;
+    }
+    return 0;
+}
+
+static int as_u64(PyObject *value, uint64_t *out) {
+    if (value == NULL || !PyLong_Check(value)) {
+        PyErr_SetString(PyExc_TypeError, "a time is not an int");
+        return -1;
+    }
+    unsigned long long v = PyLong_AsUnsignedLongLong(value);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+    *out = v;
+    return 0;
+}
+
+/* ---- attribute values -------------------------------------------------------------- */
+
+/* -2: a value the OTLP encoder cannot carry (the SDK logs and skips it; so do we). */
+static int value_pb(Buf *b, PyObject *v, int depth);
+static int value_js(Buf *b, PyObject *v, int depth);
+static int kv_pb(Buf *b, int field, PyObject *key, PyObject *value, int depth);
+static int kv_js(Buf *b, PyObject *key, PyObject *value, int depth);
+
+static int key_utf8(PyObject *key, const char **s, Py_ssize_t *n) {
+    if (!PyUnicode_Check(key)) {
+        PyErr_SetString(PyExc_TypeError, "attribute key is not a str");
+        return -2;
+    }
+    *s = PyUnicode_AsUTF8AndSize(key, n);
+    return *s == NULL ? -2 : 0;
+}
+
+static int value_pb(Buf *b, PyObject *v, int depth) {
+    /* the AnyValue body (fields of the oneof, always written when set) */
+    if (v == Py_None) return 0;
+    if (PyBool_Check(v)) {
+        if (pb_tag(b, 2, 0) < 0) return -1;
+        return pb_varint(b, v == Py_True);
+    }
+    if (PyUnicode_Check(v)) {
+        Py_ssize_t n;
+        const char *s = PyUnicode_AsUTF8AndSize(v, &n);
+        if (s == NULL) return -2;
+        return pb_bytes(b, 1, s, (size_t)n);
+    }
+    if (PyLong_Check(v)) {
+        int overflow = 0;
+        long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+        if (overflow) {
+            PyErr_SetString(PyExc_OverflowError, "int attribute does not fit int64");
+            return -2;
+        }
+        if (pb_tag(b, 3, 0) < 0) return -1;
+        return pb_varint(b, (uint64_t)x);
+    }
+    if (PyFloat_Check(v)) {
+        double d = PyFloat_AS_DOUBLE(v);
+        uint64_t bits;
+        memcpy(&bits, &d, 8);
+        return pb_fixed64(b, 4, bits);
+    }
+    if (PyBytes_Check(v)) return pb_bytes(b, 7, PyBytes_AS_STRING(v), (size_t)PyBytes_GET_SIZE(v));
+    if (depth > 8) {
+        PyErr_SetString(PyExc_ValueError, "attribute nested too deeply");
+        return -2;
+    }
+    if (PyTuple_Check(v) || PyList_Check(v)) {
+        size_t mark;
+        if (pb_open(b, 5, &mark) < 0) return -1;
+        Py_ssize_t n = PySequence_Fast_GET_SIZE(v);
+        PyObject **items = PySequence_Fast_ITEMS(v);
+        for (Py_ssize_t i = 0; i < n; ++i) {
+            size_t inner;
+            if (pb_open(b, 1, &inner) < 0) return -1;
+            int rc = value_pb(b, items[i], depth + 1);
+            if (rc < 0) return rc;
+            if (pb_close(b, inner) < 0) return -1;
+        }
+        return pb_close(b, mark);
+    }
+    if (PyDict_Check(v)) {
+        size_t mark;
+        if (pb_open(b, 6, &mark) < 0) return -1;
+        PyObject *k, *item;
+        Py_ssize_t pos = 0;
+        while (PyDict_Next(v, &pos, &k, &item)) {
+            PyObject *key = PyObject_Str(k);
+            if (key == NULL) return -2;
+            int rc = kv_pb(b, 1, key, item, depth + 1);
+            Py_DECREF(key);
+            if (rc < 0) return rc;
+        }
+        return pb_close(b, mark);
+    }
+    PyErr_Format(PyExc_TypeError, "Invalid type %.100s of attribute value", Py_TYPE(v)->tp_name);
+    return -2;
+}
+
+static int kv_pb(Buf *b, int field, PyObject *key, PyObject *value, int depth) {
+    const char *s;
+    Py_ssize_t n;
+    int rc = key_utf8(key, &s, &n);
+    if (rc < 0) return rc;
+    size_t mark, inner;
+    if (pb_open(b, field, &mark) < 0 || pb_bytes(b, 1, s, (size_t)n) < 0 ||
+        pb_open(b, 2, &inner) < 0)
+        return -1;
+    rc = value_pb(b, value, depth);
+    if (rc < 0) return rc;
+    if (pb_close(b, inner) < 0) return -1;
+    return pb_close(b, mark);
+}
+
+static int value_js(Buf *b, PyObject *v, int depth) {
+    if (v == Py_None) return PUT_LIT(b, "{}");
+    if (PyBool_Check(v))
+        return v == Py_True ? PUT_LIT(b, "{\"boolValue\":true}") : PUT_LIT(b, "{\"boolValue\":false}");
+    if (PyUnicode_Check(v)) {
+        Py_ssize_t n;
+        const char *s = PyUnicode_AsUTF8AndSize(v, &n);
+        if (s == NULL) return -2;
+        if (PUT_LIT(b, "{\"stringValue\":") < 0 || js_str(b, s, n) < 0) return -1;
+        return put_c(b, '}');
+    }
+    if (PyLong_Check(v)) {
+        int overflow = 0;
+        long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+        if (overflow) {
+            PyErr_SetString(PyExc_OverflowError, "int attribute does not fit int64");
+            return -2;
+        }
+        if (PUT_LIT(b, "{\"intValue\":") < 0 || js_i64(b, x) < 0) return -1;
+        return put_c(b, '}');
+    }
+    if (PyFloat_Check(v)) {
+        if (PUT_LIT(b, "{\"doubleValue\":") < 0 || js_double(b, PyFloat_AS_DOUBLE(v)) < 0)
+            return -1;
+        return put_c(b, '}');
+    }
+    if (PyBytes_Check(v)) {
+        if (PUT_LIT(b, "{\"bytesValue\":") < 0 ||
+            js_base64(b, (const unsigned char *)PyBytes_AS_STRING(v), PyBytes_GET_SIZE(v)) < 0)
+            return -1;
+        return put_c(b, '}');
+    }
+    if (depth > 8) {
+        PyErr_SetString(PyExc_ValueError, "attribute nested too deeply");
+        return -2;
+    }
+    if (PyTuple_Check(v) || PyList_Check(v)) {
+        Py_ssize_t n = PySequence_Fast_GET_SIZE(v);
+        PyObject **items = PySequence_Fast_ITEMS(v);
+        if (n == 0) return PUT_LIT(b, "{\"arrayValue\":{}}");
+        if (PUT_LIT(b, "{\"arrayValue\":{\"values\":[") < 0) return -1;
+        for (Py_ssize_t i = 0; i < n; ++i) {
+            if (i && put_c(b, ',') < 0) return -1;
+            int rc = value_js(b, items[i], depth + 1);
+            if (rc < 0) return rc;
+        }
+        return PUT_LIT(b, "]}}");
+    }
+    if (PyDict_Check(v)) {
+        if (PyDict_GET_SIZE(v) == 0) return PUT_LIT(b, "{\"kvlistValue\":{}}");
+        if (PUT_LIT(b, "{\"kvlistValue\":{\"values\":[") < 0) return -1;
+        PyObject *k, *item;
+        Py_ssize_t pos = 0;
+        int first = 1;
+        while (PyDict_Next(v, &pos, &k, &item)) {
+            if (!first && put_c(b, ',') < 0) return -1;
+            first = 0;
+            PyObject *key = PyObject_Str(k);
+            if (key == NULL) return -2;
+            int rc = kv_js(b, key, item, depth + 1);
+            Py_DECREF(key);
+            if (rc < 0) return rc;
+        }
+        return PUT_LIT(b, "]}}");
+    }
+    PyErr_Format(PyExc_TypeError, "Invalid type %.100s of attribute value", Py_TYPE(v)->tp_name);
+    return -2;
+}
+
+static int kv_js(Buf *b, PyObject *key, PyObject *value, int depth) {
+    const char *s;
+    Py_ssize_t n;
+    int rc = key_utf8(key, &s, &n);
+    if (rc < 0) return rc;
+    if (PUT_LIT(b, "{\"key\":") < 0 || js_str(b, s, n) < 0 || PUT_LIT(b, ",\"value\":") < 0)
+        return -1;
+    rc = value_js(b, value, depth);
+    if (rc < 0) return rc;
+    return put_c(b, '}');
+}
+
+/* One attribute into a list of attributes.  In JSON, ``*first`` tracks the commas.
+ * 1: written, 0: skipped (a value the encoder cannot carry; counted), -1: error. */
+static int attr(Encoder *e, Buf *b, int field, PyObject *key, PyObject *value, int *first) {
+    size_t start = b->len;
+    int rc;
+    if (e->fmt == FMT_PROTOBUF) {
+        rc = kv_pb(b, field, key, value, 0);
+    } else {
+        if (!*first && put_c(b, ',') < 0) return -1;
+        rc = kv_js(b, key, value, 0);
+    }
+    if (rc == -2) {
+        PyErr_Clear();
+        b->len = start; /* roll back the half-written attribute */
+        e->attr_errors++;
+        return 0;
+    }
+    if (rc < 0) return -1;
+    *first = 0;
+    return 1;
+}
+
+/* Every item of a mapping, up to ``limit`` (<0: none); returns how many were written,
+ * counting those past the limit in ``*dropped``. */
+static Py_ssize_t attrs_of(Encoder *e, Buf *b, int field, PyObject *mapping, Py_ssize_t limit,
+                           Py_ssize_t *dropped, int *first) {
+    Py_ssize_t written = 0;
+    if (mapping == NULL || mapping == Py_None) return 0;
+    if (PyDict_Check(mapping)) {
+        PyObject *k, *v;
+        Py_ssize_t pos = 0;
+        while (PyDict_Next(mapping, &pos, &k, &v)) {
+            if (limit >= 0 && written >= limit) {
+                ++*dropped;
+                continue;
+            }
+            int rc = attr(e, b, field, k, v, first);
+            if (rc < 0) return -1;
+            written += rc;
+        }
+        return written;
+    }
+    PyObject *items = PyMapping_Items(mapping);
+    if (items == NULL) return -1;
+    Py_ssize_t n = PyList_GET_SIZE(items);
+    for (Py_ssize_t i = 0; i < n; ++i) {
+        PyObject *pair = PyList_GET_ITEM(items, i);
+        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) continue;
+        if (limit >= 0 && written >= limit) {
+            ++*dropped;
+            continue;
+        }
+        int rc = attr(e, b, field, PyTuple_GET_ITEM(pair, 0), PyTuple_GET_ITEM(pair, 1), first);
+        if (rc < 0) {
+            Py_DECREF(items);
+            return -1;
+        }
+        written += rc;
+    }
+    Py_DECREF(items);
+    return written;
+}
+
+/* An attribute block: a dict encoded on its own (no separators), kept as bytes. */
+static PyObject *encode_block(Encoder *e, PyObject *dict, Py_ssize_t *count) {
+    e->tmp.len = 0;
+    int first = 1;
+    Py_ssize_t dropped = 0;
+    Py_ssize_t n = attrs_of(e, &e->tmp, 9, dict, -1, &dropped, &first);
+    if (n < 0) return NULL;
+    *count = n;
+    return PyBytes_FromStringAndSize((const char *)e->tmp.p, (Py_ssize_t)e->tmp.len);
+}
+
+/* Appends a cached block, with its separator; ``limit`` left is checked by the caller. */
+static int put_block(Encoder *e, Buf *b, PyObject *bytes, Py_ssize_t count, int *first) {
+    if (count == 0) return 0;
+    if (e->fmt == FMT_JSON && !*first && put_c(b, ',') < 0) return -1;
+    *first = 0;
+    return put(b, PyBytes_AS_STRING(bytes), (size_t)PyBytes_GET_SIZE(bytes));
+}
+
+/* ---- snapshots: is this call's argument description the last one's? ---------------- */
+
+static int same(PyObject *a, PyObject *b);
+
+static int same_tuple(PyObject *a, PyObject *b) {
+    Py_ssize_t n = PyTuple_GET_SIZE(a);
+    if (n != PyTuple_GET_SIZE(b)) return 0;
+    for (Py_ssize_t i = 0; i < n; ++i)
+        if (!same(PyTuple_GET_ITEM(a, i), PyTuple_GET_ITEM(b, i))) return 0;
+    return 1;
+}
+
+/* Equal AND of one type all the way down (1 and 1.0 and True are equal in Python but
+ * encode differently); anything unusual compares unequal, which only costs a miss. */
+static int same(PyObject *a, PyObject *b) {
+    if (a == b) return 1;
+    if (a == NULL || b == NULL || Py_TYPE(a) != Py_TYPE(b)) return 0;
+    if (PyTuple_Check(a)) return same_tuple(a, b);
+    if (PyLong_CheckExact(a) || PyFloat_CheckExact(a) || PyUnicode_CheckExact(a)) {
+        int rc = PyObject_RichCompareBool(a, b, Py_EQ);
+        if (rc < 0) PyErr_Clear();
+        return rc == 1;
+    }
+    if (PyUnicode_Check(a)) { /* describe.Opaque */
+        int rc = PyObject_RichCompareBool(a, b, Py_EQ);
+        if (rc < 0) PyErr_Clear();
+        return rc == 1;
+    }
+    if (PyList_CheckExact(a)) {
+        Py_ssize_t n = PyList_GET_SIZE(a);
+        if (n != PyList_GET_SIZE(b)) return 0;
+        for (Py_ssize_t i = 0; i < n; ++i)
+            if (!same(PyList_GET_ITEM(a, i), PyList_GET_ITEM(b, i))) return 0;
+        return 1;
+    }
+    if (PyDict_CheckExact(a)) {
+        if (PyDict_GET_SIZE(a) != PyDict_GET_SIZE(b)) return 0;
+        PyObject *k, *v;
+        Py_ssize_t pos = 0;
+        while (PyDict_Next(a, &pos, &k, &v)) {
+            PyObject *w = PyDict_GetItemWithError(b, k);
+            if (w == NULL) {
+                PyErr_Clear();
+                return 0;
+            }
+            if (!same(v, w)) return 0;
+        }
+        return 1;
+    }
+    return 0; /* dtypes and devices are compared by identity above */
+}
+
+/* The argument block of a traced call: reused while the call site's snapshots stay the
+ * same, else built by the describer's ``attributes(data, kw, result)`` and kept. */
+static int describe_block(Encoder *e, PyObject *record, PyObject **bytes, Py_ssize_t *count,
+                          PyObject **dict) {
+    PyObject *describer = slot(e, record, R_DESCRIBE);
+    PyObject *data = slot(e, record, R_DATA), *kw = slot(e, record, R_KW);
+    PyObject *result = slot(e, record, R_RESULT);
+    if (data == NULL) data = Py_None;
+    if (kw == NULL) kw = Py_None;
+    if (result == NULL) result = Py_None;
+    PyObject *entry = PyDict_GetItemWithError(e->described, describer);
+    if (entry == NULL && PyErr_Occurred()) return -1;
+    if (entry != NULL && same(PyList_GET_ITEM(entry, 0), data) &&
+        same(PyList_GET_ITEM(entry, 1), kw) && same(PyList_GET_ITEM(entry, 2), result)) {
+        *bytes = PyList_GET_ITEM(entry, 3);
+        *count = PyLong_AsSsize_t(PyList_GET_ITEM(entry, 4));
+        *dict = PyList_GET_ITEM(entry, 5);
+        return 0;
+    }
+    PyObject *attrs = PyObject_CallMethodObjArgs(describer, e->s_attributes, data, kw, result,
+                                                 NULL);
+    if (attrs == NULL) return -1;
+    if (!PyDict_Check(attrs)) {
+        Py_DECREF(attrs);
+        PyErr_SetString(PyExc_TypeError, "describer.attributes() did not return a dict");
+        return -1;
+    }
+    Py_ssize_t n;
+    PyObject *block = encode_block(e, attrs, &n);
+    if (block == NULL) {
+        Py_DECREF(attrs);
+        return -1;
+    }
+    PyObject *nobj = PyLong_FromSsize_t(n);
+    PyObject *fresh = nobj ? PyList_New(6) : NULL;
+    if (fresh == NULL) {
+        Py_XDECREF(nobj);
+        Py_DECREF(block);
+        Py_DECREF(attrs);
+        return -1;
+    }
+    Py_INCREF(data);
+    Py_INCREF(kw);
+    Py_INCREF(result);
+    PyList_SET_ITEM(fresh, 0, data);
+    PyList_SET_ITEM(fresh, 1, kw);
+    PyList_SET_ITEM(fresh, 2, result);
+    PyList_SET_ITEM(fresh, 3, block);
+    PyList_SET_ITEM(fresh, 4, nobj);
+    PyList_SET_ITEM(fresh, 5, attrs);
+    if (PyDict_GET_SIZE(e->described) > 4096) PyDict_Clear(e->described);
+    int rc = PyDict_SetItem(e->described, describer, fresh);
+    Py_DECREF(fresh);
+    if (rc < 0) return -1;
+    *bytes = block;
+    *count = n;
+    *dict = attrs;
+    return 0;
+}
+
+/* The base dict's block (a wrapper's constant attributes), encoded once per dict. */
+static int base_block(Encoder *e, PyObject *dict, PyObject **bytes, Py_ssize_t *count) {
+    PyObject *key = PyLong_FromVoidPtr(dict);
+    if (key == NULL) return -1;
+    PyObject *entry = PyDict_GetItemWithError(e->blocks, key);
+    if (entry == NULL) {
+        if (PyErr_Occurred()) {
+            Py_DECREF(key);
+            return -1;
+        }
+        Py_ssize_t n;
+        PyObject *block = encode_block(e, dict, &n);
+        entry = block ? Py_BuildValue("(NnO)", block, n, dict) : NULL; /* holds the dict */
+        if (entry == NULL || PyDict_SetItem(e->blocks, key, entry) < 0) {
+            Py_XDECREF(entry);
+            Py_DECREF(key);
+            return -1;
+        }
+        Py_DECREF(entry); /* the dict holds it */
+    }
+    Py_DECREF(key);
+    *bytes = PyTuple_GET_ITEM(entry, 0);
+    *count = PyLong_AsSsize_t(PyTuple_GET_ITEM(entry, 1));
+    return 0;
+}
+
+/* A block, or as much of its dict as the limit leaves room for. */
+static int block_within(Encoder *e, Buf *b, PyObject *bytes, Py_ssize_t count, PyObject *dict,
+                        Py_ssize_t *written, Py_ssize_t *dropped, int *first) {
+    Py_ssize_t room = e->max_attributes - *written;
+    if (count <= room) {
+        if (put_block(e, b, bytes, count, first) < 0) return -1;
+        *written += count;
+        return 0;
+    }
+    Py_ssize_t n = attrs_of(e, b, 9, dict, room < 0 ? 0 : room, dropped, first);
+    if (n < 0) return -1;
+    *written += n;
+    return 0;
+}
+
+/* ---- one span ------------------------------------------------------------------------ */
+
+static int put_ids_pb(Buf *b, int field_trace, const unsigned char *trace, int field_span,
+                      const unsigned char *span) {
+    if (field_trace && pb_bytes(b, field_trace, trace, 16) < 0) return -1;
+    return pb_bytes(b, field_span, span, 8);
+}
+
+static int trace_state_text(Encoder *e, PyObject *state, PyObject **text) {
+    *text = NULL;
+    if (state == NULL || state == Py_None || state == e->default_state) return 0;
+    Py_ssize_t n = PyObject_Length(state);
+    if (n < 0) {
+        PyErr_Clear();
+        return 0;
+    }
+    if (n == 0) return 0;
+    *text = PyObject_CallOneArg(e->state_header, state);
+    return *text == NULL ? -1 : 0;
+}
+
+static int event_one(Encoder *e, Buf *b, PyObject *name, PyObject *attrs, uint64_t ts,
+                     int *first_event) {
+    Py_ssize_t n;
+    const char *s = PyUnicode_AsUTF8AndSize(name, &n);
+    if (s == NULL) return -1;
+    Py_ssize_t dropped = 0;
+    int first = 1;
+    if (e->fmt == FMT_PROTOBUF) {
+        size_t mark;
+        if (pb_open(b, 11, &mark) < 0 || pb_fixed64(b, 1, ts) < 0) return -1;
+        if (n && pb_bytes(b, 2, s, (size_t)n) < 0) return -1;
+        if (attrs_of(e, b, 3, attrs, -1, &dropped, &first) < 0) return -1;
+        return pb_close(b, mark);
+    }
+    if (!*first_event && put_c(b, ',') < 0) return -1;
+    *first_event = 0;
+    if (PUT_LIT(b, "{\"timeUnixNano\":") < 0 || js_u64(b, ts, 1) < 0) return -1;
+    if (n && (PUT_LIT(b, ",\"name\":") < 0 || js_str(b, s, n) < 0)) return -1;
+    size_t before = b->len;
+    if (PUT_LIT(b, ",\"attributes\":[") < 0) return -1;
+    Py_ssize_t w = attrs_of(e, b, 3, attrs, -1, &dropped, &first);
+    if (w < 0) return -1;
+    if (w == 0) b->len = before;
+    else if (put_c(b, ']') < 0) return -1;
+    return put_c(b, '}');
+}
+
+static PyObject *k_exc_type, *k_exc_message, *k_exc_stack, *k_exc_escaped, *s_true_text,
+    *s_exception, *s_colon;
+
+static int error_event(Encoder *e, Buf *b, PyObject *error, uint64_t ts, int *first_event) {
+    if (!PyTuple_Check(error) || PyTuple_GET_SIZE(error) != 3) {
+        PyErr_SetString(PyExc_TypeError, "record.error is not (type, message, stack)");
+        return -1;
+    }
+    PyObject *attrs = PyDict_New();
+    if (attrs == NULL) return -1;
+    if (PyDict_SetItem(attrs, k_exc_type, PyTuple_GET_ITEM(error, 0)) < 0 ||
+        PyDict_SetItem(attrs, k_exc_message, PyTuple_GET_ITEM(error, 1)) < 0 ||
+        PyDict_SetItem(attrs, k_exc_stack, PyTuple_GET_ITEM(error, 2)) < 0 ||
+        PyDict_SetItem(attrs, k_exc_escaped, s_true_text) < 0) {
+        Py_DECREF(attrs);
+        return -1;
+    }
+    int rc = event_one(e, b, s_exception, attrs, ts, first_event);
+    Py_DECREF(attrs);
+    return rc;
+}
+
+static int link_one(Encoder *e, Buf *b, PyObject *context, PyObject *attrs, int *first_link) {
+    /* context: a SpanContext (trace_id, span_id, is_remote, flags, state, valid) */
+    if (!PyTuple_Check(context) || PyTuple_GET_SIZE(context) < 3) {
+        PyErr_SetString(PyExc_TypeError, "a link's context is not a SpanContext");
+        return -1;
+    }
+    unsigned char trace[16], span[8];
+    if (as_bytes(PyTuple_GET_ITEM(context, 0), trace, 16) < 0 ||
+        as_bytes(PyTuple_GET_ITEM(context, 1), span, 8) < 0)
+        return -1;
+    uint32_t flags = 0x100 | (PyObject_IsTrue(PyTuple_GET_ITEM(context, 2)) == 1 ? 0x200 : 0);
+    Py_ssize_t dropped = 0;
+    int first = 1;
+    if (e->fmt == FMT_PROTOBUF) {
+        size_t mark;
+        if (pb_open(b, 13, &mark) < 0 || put_ids_pb(b, 1, trace, 2, span) < 0) return -1;
+        if (attrs_of(e, b, 4, attrs, -1, &dropped, &first) < 0) return -1;
+        if (pb_fixed32(b, 6, flags) < 0) return -1;
+        return pb_close(b, mark);
+    }
+    if (!*first_link && put_c(b, ',') < 0) return -1;
+    *first_link = 0;
+    if (PUT_LIT(b, "{\"traceId\":") < 0 || js_hex(b, trace, 16) < 0 ||
+        PUT_LIT(b, ",\"spanId\":") < 0 || js_hex(b, span, 8) < 0)
+        return -1;
+    size_t before = b->len;
+    if (PUT_LIT(b, ",\"attributes\":[") < 0) return -1;
+    Py_ssize_t w = attrs_of(e, b, 4, attrs, -1, &dropped, &first);
+    if (w < 0) return -1;
+    if (w == 0) b->len = before;
+    else if (put_c(b, ']') < 0) return -1;
+    if (PUT_LIT(b, ",\"flags\":") < 0 || js_u64(b, flags, 0) < 0) return -1;
+    return put_c(b, '}');
+}
+
+/* "<pid>:<id>" (CallRecord.instance_id), borrowed from a small cache. */
+static PyObject *instance_text(Encoder *e, unsigned long long id) {
+    int i = (int)((id >> 4) % INSTANCE_CACHE);
+    if (e->inst_value[i] != NULL && e->inst_key[i] == id) return e->inst_value[i];
+    char text[48];
+    int n = snprintf(text, sizeof text, "%ld:%llu", e->pid, id);
+    PyObject *value = PyUnicode_FromStringAndSize(text, n);
+    if (value == NULL) return NULL;
+    Py_XSETREF(e->inst_value[i], value);
+    e->inst_key[i] = id;
+    return value;
+}
+
+static void instance_forget(Encoder *e) {
+    for (int i = 0; i < INSTANCE_CACHE; ++i) Py_CLEAR(e->inst_value[i]);
+}
+
+/* Encodes ``record`` into e->spans.  ``gpu_ns`` >= 0 adds flashinfer.gpu.time_ns (a GPU
+ * time this encoder resolved itself). */
+static int encode_record(Encoder *e, PyObject *record, long long gpu_ns) {
+    Buf *b = &e->spans;
+    size_t start = b->len;
+    unsigned char trace[16], span[8], parent_span[8];
+    PyObject *parent = slot(e, record, R_PARENT);
+    PyObject *name = slot(e, record, R_NAME);
+    PyObject *attributes = slot(e, record, R_ATTRIBUTES);
+    PyObject *state_text = NULL;
+    uint64_t start_ns, end_ns;
+    int has_parent = parent != NULL && parent != Py_None;
+    if (has_parent && (!PyTuple_Check(parent) || PyTuple_GET_SIZE(parent) < 5)) {
+        PyErr_SetString(PyExc_TypeError, "record.parent is not a SpanContext");
+        return -1;
+    }
+    if (as_bytes(slot(e, record, R_TRACE_ID), trace, 16) < 0 ||
+        id64(slot(e, record, R_SPAN_ID), span) < 0 ||
+        (has_parent && id64(PyTuple_GET_ITEM(parent, 1), parent_span) < 0) ||
+        as_u64(slot(e, record, R_START_NS), &start_ns) < 0 ||
+        as_u64(slot(e, record, R_END_NS), &end_ns) < 0)
+        return -1;
+    if (name == NULL || !PyUnicode_Check(name) || attributes == NULL || !PyDict_Check(attributes)) {
+        PyErr_SetString(PyExc_TypeError, "record.name or record.attributes has the wrong type");
+        return -1;
+    }
+    if (has_parent && trace_state_text(e, PyTuple_GET_ITEM(parent, 4), &state_text) < 0)
+        return -1;
+    int remote = has_parent && PyObject_IsTrue(PyTuple_GET_ITEM(parent, 2)) == 1;
+    uint32_t flags = 0x100 | (remote ? 0x200 : 0);
+    Py_ssize_t name_len;
+    const char *name_s = PyUnicode_AsUTF8AndSize(name, &name_len);
+    if (name_s == NULL) goto fail;
+
+    size_t span_mark = 0;
+    int js = e->fmt == FMT_JSON;
+    if (!js) {
+        if (pb_open(b, 2, &span_mark) < 0 || put_ids_pb(b, 1, trace, 2, span) < 0) goto fail;
+        if (state_text != NULL) {
+            Py_ssize_t n;
+            const char *s = PyUnicode_AsUTF8AndSize(state_text, &n);
+            if (s == NULL || (n && pb_bytes(b, 3, s, (size_t)n) < 0)) goto fail;
+        }
+        if (has_parent && pb_bytes(b, 4, parent_span, 8) < 0) goto fail;
+        if (name_len && pb_bytes(b, 5, name_s, (size_t)name_len) < 0) goto fail;
+        if (pb_tag(b, 6, 0) < 0 || pb_varint(b, 1) < 0) goto fail; /* SPAN_KIND_INTERNAL */
+        if (pb_fixed64(b, 7, start_ns) < 0 || pb_fixed64(b, 8, end_ns) < 0) goto fail;
+    } else {
+        if (e->count && put_c(b, ',') < 0) goto fail;
+        if (PUT_LIT(b, "{\"traceId\":") < 0 || js_hex(b, trace, 16) < 0 ||
+            PUT_LIT(b, ",\"spanId\":") < 0 || js_hex(b, span, 8) < 0)
+            goto fail;
+        if (state_text != NULL) {
+            Py_ssize_t n;
+            const char *s = PyUnicode_AsUTF8AndSize(state_text, &n);
+            if (s == NULL) goto fail;
+            if (n && (PUT_LIT(b, ",\"traceState\":") < 0 || js_str(b, s, n) < 0)) goto fail;
+        }
+        if (has_parent && (PUT_LIT(b, ",\"parentSpanId\":") < 0 || js_hex(b, parent_span, 8) < 0))
+            goto fail;
+        if (PUT_LIT(b, ",\"flags\":") < 0 || js_u64(b, flags, 0) < 0) goto fail;
+        if (name_len && (PUT_LIT(b, ",\"name\":") < 0 || js_str(b, name_s, name_len) < 0))
+            goto fail;
+        if (PUT_LIT(b, ",\"kind\":1,\"startTimeUnixNano\":") < 0 || js_u64(b, start_ns, 1) < 0 ||
+            PUT_LIT(b, ",\"endTimeUnixNano\":") < 0 || js_u64(b, end_ns, 1) < 0)
+            goto fail;
+    }
+
+    /* attributes: base (or the owned dict), instance id, GPU time, arguments, extra */
+    Py_ssize_t written = 0, dropped = 0;
+    int first = 1;
+    size_t attrs_at = b->len;
+    if (js && PUT_LIT(b, ",\"attributes\":[") < 0) goto fail;
+    int shared = slot(e, record, R_SHARED) == Py_True;
+    if (shared) {
+        PyObject *bytes;
+        Py_ssize_t count;
+        if (base_block(e, attributes, &bytes, &count) < 0) goto fail;
+        if (block_within(e, b, bytes, count, attributes, &written, &dropped, &first) < 0)
+            goto fail;
+        PyObject *instance = slot(e, record, R_INSTANCE);
+        if (instance != NULL && PyLong_Check(instance)) {
+            unsigned long long id = PyLong_AsUnsignedLongLongMask(instance);
+            if (id != 0) {
+                PyObject *value = instance_text(e, id);
+                if (value == NULL) goto fail;
+                int rc = written < e->max_attributes
+                             ? attr(e, b, 9, e->k_instance, value, &first) : (dropped++, 0);
+                if (rc < 0) goto fail;
+                written += rc;
+            }
+        }
+    } else {
+        Py_ssize_t n = attrs_of(e, b, 9, attributes, e->max_attributes, &dropped, &first);
+        if (n < 0) goto fail;
+        written += n;
+    }
+    if (gpu_ns >= 0) {
+        PyObject *value = PyLong_FromLongLong(gpu_ns);
+        if (value == NULL) goto fail;
+        int rc = written < e->max_attributes ? attr(e, b, 9, e->k_gpu_time, value, &first)
+                                             : (dropped++, 0);
+        Py_DECREF(value);
+        if (rc < 0) goto fail;
+        written += rc;
+    }
+    PyObject *describer = slot(e, record, R_DESCRIBE);
+    if (describer != NULL && describer != Py_None) {
+        PyObject *bytes, *dict;
+        Py_ssize_t count;
+        if (describe_block(e, record, &bytes, &count, &dict) < 0) goto fail;
+        if (block_within(e, b, bytes, count, dict, &written, &dropped, &first) < 0) goto fail;
+    }
+    if (e->extra_block != NULL &&
+        block_within(e, b, e->extra_block, e->extra_count, e->extra, &written, &dropped,
+                     &first) < 0)
+        goto fail;
+    if (js) {
+        if (written == 0) b->len = attrs_at;
+        else if (put_c(b, ']') < 0) goto fail;
+        if (dropped && (PUT_LIT(b, ",\"droppedAttributesCount\":") < 0 ||
+                        js_u64(b, (uint64_t)dropped, 0) < 0))
+            goto fail;
+    } else if (dropped && (pb_tag(b, 10, 0) < 0 || pb_varint(b, (uint64_t)dropped) < 0)) {
+        goto fail;
+    }
+
+    /* events: the record's, up to the limit, then the exception */
+    PyObject *events = slot(e, record, R_EVENTS);
+    PyObject *error = slot(e, record, R_ERROR);
+    int has_error = error != NULL && error != Py_None;
+    Py_ssize_t n_events = events != NULL && (PyList_Check(events) || PyTuple_Check(events))
+                              ? PySequence_Fast_GET_SIZE(events) : 0;
+    Py_ssize_t dropped_events = n_events > e->max_events ? n_events - e->max_events : 0;
+    if (n_events || has_error) {
+        int first_event = 1;
+        size_t events_at = b->len;
+        if (js && PUT_LIT(b, ",\"events\":[") < 0) goto fail;
+        PyObject **items = n_events ? PySequence_Fast_ITEMS(events) : NULL;
+        for (Py_ssize_t i = 0; i < n_events - dropped_events; ++i) {
+            PyObject *ev = items[i];
+            uint64_t ts;
+            if (!PyTuple_Check(ev) || PyTuple_GET_SIZE(ev) != 3 ||
+                as_u64(PyTuple_GET_ITEM(ev, 2), &ts) < 0) {
+                if (!PyErr_Occurred())
+                    PyErr_SetString(PyExc_TypeError, "an event is not (name, attributes, ts)");
+                goto fail;
+            }
+            if (event_one(e, b, PyTuple_GET_ITEM(ev, 0), PyTuple_GET_ITEM(ev, 1), ts,
+                          &first_event) < 0)
+                goto fail;
+        }
+        if (has_error && error_event(e, b, error, end_ns, &first_event) < 0) goto fail;
+        if (js) {
+            if (first_event) b->len = events_at;
+            else if (put_c(b, ']') < 0) goto fail;
+        }
+    }
+    if (dropped_events) {
+        if (js ? (PUT_LIT(b, ",\"droppedEventsCount\":") < 0 ||
+                  js_u64(b, (uint64_t)dropped_events, 0) < 0)
+               : (pb_tag(b, 12, 0) < 0 || pb_varint(b, (uint64_t)dropped_events) < 0))
+            goto fail;
+    }
+
+    /* links: the plan this run used first (as CallRecord.own puts it), then the rest */
+    PyObject *plan_link = slot(e, record, R_PLAN_LINK);
+    PyObject *links = slot(e, record, R_LINKS);
+    Py_ssize_t n_links = links != NULL && (PyList_Check(links) || PyTuple_Check(links))
+                             ? PySequence_Fast_GET_SIZE(links) : 0;
+    int has_plan = plan_link != NULL && plan_link != Py_None;
+    Py_ssize_t total_links = n_links + has_plan;
+    Py_ssize_t dropped_links = total_links > e->max_links ? total_links - e->max_links : 0;
+    if (total_links - dropped_links > 0) {
+        int first_link = 1;
+        Py_ssize_t left = total_links - dropped_links;
+        if (js && PUT_LIT(b, ",\"links\":[") < 0) goto fail;
+        if (has_plan && left > 0) {
+            if (link_one(e, b, plan_link, NULL, &first_link) < 0) goto fail;
+            --left;
+        }
+        PyObject **items = n_links ? PySequence_Fast_ITEMS(links) : NULL;
+        for (Py_ssize_t i = 0; i < n_links && left > 0; ++i, --left) {
+            PyObject *context = PyObject_GetAttr(items[i], e->s_context);
+            if (context == NULL) goto fail;
+            PyObject *lattrs = PyObject_GetAttr(items[i], e->s_attrs);
+            if (lattrs == NULL) {
+                Py_DECREF(context);
+                goto fail;
+            }
+            int rc = link_one(e, b, context, lattrs, &first_link);
+            Py_DECREF(context);
+            Py_DECREF(lattrs);
+            if (rc < 0) goto fail;
+        }
+        if (js && put_c(b, ']') < 0) goto fail;
+    }
+    if (dropped_links) {
+        if (js ? (PUT_LIT(b, ",\"droppedLinksCount\":") < 0 ||
+                  js_u64(b, (uint64_t)dropped_links, 0) < 0)
+               : (pb_tag(b, 14, 0) < 0 || pb_varint(b, (uint64_t)dropped_links) < 0))
+            goto fail;
+    }
+
+    /* status: the user's exception, else a CUDA error pinned to this call */
+    PyObject *message = NULL;
+    int code = 0;
+    if (has_error) {
+        message = PyUnicode_FromFormat("%S: %S", PyTuple_GET_ITEM(error, 0),
+                                       PyTuple_GET_ITEM(error, 1));
+        if (message == NULL) goto fail;
+        code = 2;
+    } else if (!shared) {
+        PyObject *cuda = PyDict_GetItemWithError(attributes, e->k_cuda_error);
+        if (cuda == NULL && PyErr_Occurred()) goto fail;
+        if (cuda != NULL && PyObject_IsTrue(cuda) == 1) {
+            message = PyObject_Str(cuda);
+            if (message == NULL) goto fail;
+            code = 2;
+        }
+    }
+    {
+        Py_ssize_t mlen = 0;
+        const char *ms = message ? PyUnicode_AsUTF8AndSize(message, &mlen) : NULL;
+        int rc;
+        if (message != NULL && ms == NULL) {
+            Py_DECREF(message);
+            goto fail;
+        }
+        if (!js) {
+            size_t mark;
+            rc = pb_open(b, 15, &mark);
+            if (rc == 0 && mlen) rc = pb_bytes(b, 2, ms, (size_t)mlen);
+            if (rc == 0 && code) rc = (pb_tag(b, 3, 0) < 0 || pb_varint(b, (uint64_t)code) < 0) ? -1 : 0;
+            if (rc == 0) rc = pb_close(b, mark);
+            if (rc == 0) rc = pb_fixed32(b, 16, flags);
+        } else {
+            rc = PUT_LIT(b, ",\"status\":{");
+            if (rc == 0 && mlen) rc = (PUT_LIT(b, "\"message\":") < 0 || js_str(b, ms, mlen) < 0) ? -1 : 0;
+            if (rc == 0 && code)
+                rc = mlen ? PUT_LIT(b, ",\"code\":2") : PUT_LIT(b, "\"code\":2");
+            if (rc == 0) rc = PUT_LIT(b, "}}");
+        }
+        Py_XDECREF(message);
+        if (rc < 0) goto fail;
+    }
+    if (!js && pb_close(b, span_mark) < 0) goto fail;
+    Py_XDECREF(state_text);
+    e->count++;
+    e->encoded++;
+    return 0;
+fail:
+    Py_XDECREF(state_text);
+    b->len = start; /* the batch keeps only whole spans */
+    e->failed++;
+    return -1;
+}
+
+/* ---- Python methods ---------------------------------------------------------------- */
+
+static PyObject *enc_add(Encoder *e, PyObject *record) {
+    if (!PyObject_TypeCheck(record, (PyTypeObject *)e->record_type)) {
+        PyErr_SetString(PyExc_TypeError, "add() takes a CallRecord");
+        return NULL;
+    }
+    if (encode_record(e, record, -1) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* GPU time of a record's packed event pair (``start << 16 | end``) through the event
+ * pool's API: >= 0 ns (events given back), or -1: leave it to Python (not ready, an
+ * error to pin, or no API). */
+static long long gpu_time(PyObject *handle) {
+    if (gpu_api == NULL || gpu_api->version < 2 || !PyLong_CheckExact(handle)) return -1;
+    long long h = PyLong_AsLongLong(handle);
+    if (h == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return -1;
+    }
+    int64_t start = h >> 16, end = h & 0xFFFF;
+    int64_t r = gpu_api->resolve(start, end);
+    if (r < 0) return -1; /* NOT_READY or a CUDA error: Python waits or pins it */
+    gpu_api->release(start);
+    gpu_api->release(end);
+    return r;
+}
+
+/* drain(queue, slow) -> spans encoded.  Takes every record off ``queue`` (a deque):
+ * those with work still pending (statistics, a GPU time not resolved here) go to the
+ * list ``slow`` for the Python worker; the rest are encoded now.  A record that fails
+ * to encode goes to ``slow`` too, so the error is reported there. */
+static PyObject *enc_drain(Encoder *e, PyObject *args) {
+    PyObject *queue, *slow;
+    if (!PyArg_ParseTuple(args, "OO!", &queue, &PyList_Type, &slow)) return NULL;
+    PyObject *popleft = PyObject_GetAttr(queue, e->s_popleft);
+    if (popleft == NULL) return NULL;
+    Py_ssize_t done = 0, taken = 0;
+    for (;;) {
+        PyObject *record = PyObject_CallNoArgs(popleft);
+        if (record == NULL) {
+            if (PyErr_ExceptionMatches(PyExc_IndexError)) {
+                PyErr_Clear();
+                break;
+            }
+            Py_DECREF(popleft);
+            return NULL;
+        }
+        int to_python = 0;
+        long long gpu_ns = -1;
+        if (!PyObject_TypeCheck(record, (PyTypeObject *)e->record_type)) {
+            to_python = 1;
+        } else {
+            PyObject *pending = slot(e, record, R_PENDING);
+            PyObject *gpu = slot(e, record, R_GPU);
+            if (pending != NULL && pending != e->empty && PyObject_IsTrue(pending) != 0) {
+                to_python = 1;
+            } else if (gpu != NULL && gpu != Py_None) {
+                gpu_ns = gpu_time(gpu);
+                if (gpu_ns < 0) {
+                    to_python = 1;
+                } else {
+                    slot_set(e, record, R_GPU, Py_None);
+                    e->gpu_resolved++;
+                }
+            }
+        }
+        if (!to_python && encode_record(e, record, gpu_ns) < 0) {
+            PyErr_Clear(); /* Python's path encodes it again and reports what failed */
+            to_python = 1;
+        }
+        if (to_python) {
+            if (PyList_Append(slow, record) < 0) {
+                Py_DECREF(record);
+                Py_DECREF(popleft);
+                return NULL;
+            }
+        } else {
+            ++done;
+        }
+        Py_DECREF(record);
+        if ((++taken & 127) == 0) {
+            /* A backlog of records is tens of milliseconds of encoding: let a waiting
+             * engine thread have the GIL between every 128 records. */
+            Py_BEGIN_ALLOW_THREADS
+            Py_END_ALLOW_THREADS
+        }
+    }
+    Py_DECREF(popleft);
+    return PyLong_FromSsize_t(done);
+}
+
+/* take() -> bytes or None: the spans encoded since the last take as one request
+ * (protobuf ExportTraceServiceRequest, or one OTLP/JSON line with its newline). */
+static PyObject *enc_take(Encoder *e, PyObject *unused) {
+    if (e->count == 0) Py_RETURN_NONE;
+    Buf *s = &e->spans;
+    size_t total;
+    unsigned char head[64];
+    size_t head_len = 0;
+    const char *rs_schema = NULL, *ss_schema = NULL;
+    Py_ssize_t rs_len = 0, ss_len = 0;
+    if (e->resource_schema != NULL) rs_schema = PyUnicode_AsUTF8AndSize(e->resource_schema, &rs_len);
+    if (e->scope_schema != NULL) ss_schema = PyUnicode_AsUTF8AndSize(e->scope_schema, &ss_len);
+    if (PyErr_Occurred()) return NULL;
+    PyObject *out;
+    if (e->fmt == FMT_PROTOBUF) {
+        /* request{1: resource_spans{1: resource, 2: scope_spans{1: scope, 2: spans,
+         * 3: schema}, 3: schema}} */
+        size_t scope_field = 1 + varint_size(e->scope.len) + e->scope.len;
+        size_t ss_schema_field = ss_len ? 1 + varint_size((uint64_t)ss_len) + (size_t)ss_len : 0;
+        size_t ss_body = scope_field + s->len + ss_schema_field;
+        size_t res_field = 1 + varint_size(e->resource.len) + e->resource.len;
+        size_t rs_schema_field = rs_len ? 1 + varint_size((uint64_t)rs_len) + (size_t)rs_len : 0;
+        size_t rs_body = res_field + 1 + varint_size(ss_body) + ss_body + rs_schema_field;
+        total = 1 + varint_size(rs_body) + rs_body;
+        out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
+        if (out == NULL) return NULL;
+        unsigned char *p = (unsigned char *)PyBytes_AS_STRING(out);
+        Buf h = {head, 0, sizeof head};
+        (void)head_len;
+        /* the heads are small: build them in a stack buffer, then copy */
+        Py_BEGIN_ALLOW_THREADS
+#define VAR(x)                                          \
+    do {                                                \
+        uint64_t v_ = (x);                              \
+        while (v_ >= 0x80) {                            \
+            *p++ = (unsigned char)(v_ | 0x80);          \
+            v_ >>= 7;                                   \
+        }                                               \
+        *p++ = (unsigned char)v_;                       \
+    } while (0)
+        *p++ = 0x0a;
+        VAR(rs_body);
+        *p++ = 0x0a;
+        VAR(e->resource.len);
+        memcpy(p, e->resource.p, e->resource.len);
+        p += e->resource.len;
+        *p++ = 0x12;
+        VAR(ss_body);
+        *p++ = 0x0a;
+        VAR(e->scope.len);
+        memcpy(p, e->scope.p, e->scope.len);
+        p += e->scope.len;
+        memcpy(p, s->p, s->len);
+        p += s->len;
+        if (ss_len) {
+            *p++ = 0x1a;
+            VAR((uint64_t)ss_len);
+            memcpy(p, ss_schema, (size_t)ss_len);
+            p += ss_len;
+        }
+        if (rs_len) {
+            *p++ = 0x1a;
+            VAR((uint64_t)rs_len);
+            memcpy(p, rs_schema, (size_t)rs_len);
+            p += rs_len;
+        }
+#undef VAR
+        Py_END_ALLOW_THREADS
+        (void)h;
+    } else {
+        Buf tail = {0};
+        if (ss_len && (PUT_LIT(&tail, ",\"schemaUrl\":") < 0 || js_str(&tail, ss_schema, ss_len) < 0))
+            goto json_fail;
+        if (PUT_LIT(&tail, "}]") < 0) goto json_fail;
+        if (rs_len && (PUT_LIT(&tail, ",\"schemaUrl\":") < 0 || js_str(&tail, rs_schema, rs_len) < 0))
+            goto json_fail;
+        if (PUT_LIT(&tail, "}]}\n") < 0) goto json_fail;
+        static const char a[] = "{\"resourceSpans\":[{\"resource\":";
+        static const char c[] = ",\"scopeSpans\":[{\"scope\":";
+        static const char d[] = ",\"spans\":[";
+        static const char f[] = "]";
+        total = sizeof a - 1 + e->resource.len + sizeof c - 1 + e->scope.len + sizeof d - 1 +
+                s->len + sizeof f - 1 + tail.len;
+        out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
+        if (out == NULL) {
+            buf_free(&tail);
+            return NULL;
+        }
+        unsigned char *p = (unsigned char *)PyBytes_AS_STRING(out);
+        Py_BEGIN_ALLOW_THREADS
+#define CP(src, n)              \
+    do {                        \
+        memcpy(p, (src), (n));  \
+        p += (n);               \
+    } while (0)
+        CP(a, sizeof a - 1);
+        CP(e->resource.p, e->resource.len);
+        CP(c, sizeof c - 1);
+        CP(e->scope.p, e->scope.len);
+        CP(d, sizeof d - 1);
+        CP(s->p, s->len);
+        CP(f, sizeof f - 1);
+        CP(tail.p, tail.len);
+#undef CP
+        Py_END_ALLOW_THREADS
+        buf_free(&tail);
+        goto done;
+    json_fail:
+        buf_free(&tail);
+        return NULL;
+    }
+done:
+    s->len = 0;
+    e->count = 0;
+    if (s->cap > (1u << 24)) buf_free(s); /* one huge batch must not pin its memory */
+    return out;
+}
+
+static PyObject *enc_set_extra(Encoder *e, PyObject *extra) {
+    if (extra != Py_None && !PyDict_Check(extra)) {
+        PyErr_SetString(PyExc_TypeError, "set_extra() takes a dict or None");
+        return NULL;
+    }
+    Py_CLEAR(e->extra_block);
+    Py_CLEAR(e->extra);
+    e->extra_count = 0;
+    if (extra != Py_None && PyDict_GET_SIZE(extra)) {
+        Py_ssize_t n;
+        PyObject *block = encode_block(e, extra, &n);
+        if (block == NULL) return NULL;
+        e->extra_block = block;
+        e->extra_count = n;
+        Py_INCREF(extra);
+        e->extra = extra;
+    }
+    e->pid = (long)getpid();
+    instance_forget(e);
+    Py_RETURN_NONE;
+}
+
+static PyObject *enc_reset(Encoder *e, PyObject *unused) {
+    /* after fork: the parent's half batch is not ours to send */
+    e->spans.len = 0;
+    e->count = 0;
+    e->pid = (long)getpid();
+    instance_forget(e);
+    Py_RETURN_NONE;
+}
+
+static PyObject *enc_stats(Encoder *e, PyObject *unused) {
+    return Py_BuildValue("{sKsKsKsKsn}", "encoded", e->encoded, "failed", e->failed,
+                         "attribute_errors", e->attr_errors, "gpu_resolved", e->gpu_resolved,
+                         "batched", e->count);
+}
+
+static PyMethodDef enc_methods[] = {
+    {"add", (PyCFunction)enc_add, METH_O, "encode one CallRecord into the open batch"},
+    {"drain", (PyCFunction)enc_drain, METH_VARARGS,
+     "drain(queue, slow): encode every ready record of a deque, set the others aside"},
+    {"take", (PyCFunction)enc_take, METH_NOARGS, "the open batch as one request, or None"},
+    {"set_extra", (PyCFunction)enc_set_extra, METH_O, "attributes every span gets (dict|None)"},
+    {"reset", (PyCFunction)enc_reset, METH_NOARGS, "forget the open batch (after fork)"},
+    {"stats", (PyCFunction)enc_stats, METH_NOARGS, "counters"},
+    {NULL, NULL, 0, NULL}};
+
+static PyObject *enc_count(Encoder *e, void *closure) { return PyLong_FromSsize_t(e->count); }
+
+static PyObject *enc_size(Encoder *e, void *closure) {
+    return PyLong_FromSize_t(e->spans.len);
+}
+
+static PyGetSetDef enc_getset[] = {
+    {"count", (getter)enc_count, NULL, "spans in the open batch", NULL},
+    {"size", (getter)enc_size, NULL, "bytes of the open batch", NULL},
+    {NULL, NULL, NULL, NULL, NULL}};
+
+static int buf_set(Buf *b, PyObject *bytes) {
+    char *s;
+    Py_ssize_t n;
+    if (PyBytes_AsStringAndSize(bytes, &s, &n) < 0) return -1;
+    b->len = 0;
+    return put(b, s, (size_t)n);
+}
+
+static int enc_init(Encoder *e, PyObject *args, PyObject *kwargs) {
+    static char *kw[] = {"fmt", "record_type", "empty", "default_trace_state", "state_header",
+                         "resource", "scope", "resource_schema", "scope_schema",
+                         "max_attributes", "max_events", "max_links", NULL};
+    const char *fmt;
+    PyObject *record_type, *empty, *default_state, *state_header, *resource, *scope, *rs, *ss;
+    Py_ssize_t max_attributes = 128, max_events = 128, max_links = 128;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "sO!OOOSSUU|nnn", kw, &fmt, &PyType_Type,
+                                     &record_type, &empty, &default_state, &state_header,
+                                     &resource, &scope, &rs, &ss, &max_attributes, &max_events,
+                                     &max_links))
+        return -1;
+    if (strcmp(fmt, "protobuf") == 0) e->fmt = FMT_PROTOBUF;
+    else if (strcmp(fmt, "json") == 0) e->fmt = FMT_JSON;
+    else {
+        PyErr_Format(PyExc_ValueError, "fmt must be 'protobuf' or 'json', not %R",
+                     PyTuple_GET_ITEM(args, 0));
+        return -1;
+    }
+    PyObject *type_dict = ((PyTypeObject *)record_type)->tp_dict;
+    for (int i = 0; i < R_COUNT; ++i) {
+        PyObject *descr = PyDict_GetItemString(type_dict, record_slot_names[i]);
+        if (descr == NULL || Py_TYPE(descr) != &PyMemberDescr_Type) {
+            PyErr_Format(PyExc_TypeError, "CallRecord.%s is not a __slots__ member",
+                         record_slot_names[i]);
+            return -1;
+        }
+        PyMemberDef *member = ((PyMemberDescrObject *)descr)->d_member;
+        if (member->type != T_OBJECT_EX) {
+            PyErr_Format(PyExc_TypeError, "CallRecord.%s is not an object slot",
+                         record_slot_names[i]);
+            return -1;
+        }
+        e->offsets[i] = member->offset;
+    }
+    if (buf_set(&e->resource, resource) < 0 || buf_set(&e->scope, scope) < 0) return -1;
+    Py_INCREF(record_type);
+    Py_XSETREF(e->record_type, record_type);
+    Py_INCREF(empty);
+    Py_XSETREF(e->empty, empty);
+    Py_INCREF(default_state);
+    Py_XSETREF(e->default_state, default_state);
+    Py_INCREF(state_header);
+    Py_XSETREF(e->state_header, state_header);
+    Py_INCREF(rs);
+    Py_XSETREF(e->resource_schema, rs);
+    Py_INCREF(ss);
+    Py_XSETREF(e->scope_schema, ss);
+    Py_XSETREF(e->blocks, PyDict_New());
+    Py_XSETREF(e->described, PyDict_New());
+#define I(field, text) Py_XSETREF(e->field, PyUnicode_InternFromString(text))
+    I(s_attributes, "attributes");
+    I(s_popleft, "popleft");
+    I(s_items, "items");
+    I(s_context, "context");
+    I(s_attrs, "attributes");
+    I(s_dropped, "dropped_attributes");
+    I(k_instance, "flashinfer.instance.id");
+    I(k_gpu_time, "flashinfer.gpu.time_ns");
+    I(k_cuda_error, "flashinfer.cuda_error");
+#undef I
+    if (PyErr_Occurred()) return -1;
+    e->max_attributes = max_attributes < 0 ? PY_SSIZE_T_MAX : max_attributes;
+    e->max_events = max_events < 0 ? PY_SSIZE_T_MAX : max_events;
+    e->max_links = max_links < 0 ? PY_SSIZE_T_MAX : max_links;
+    e->pid = (long)getpid();
+    return 0;
+}
+
+static int enc_traverse(Encoder *e, visitproc visit, void *arg) {
+    Py_VISIT(e->record_type);
+    Py_VISIT(e->empty);
+    Py_VISIT(e->default_state);
+    Py_VISIT(e->state_header);
+    Py_VISIT(e->blocks);
+    Py_VISIT(e->described);
+    Py_VISIT(e->extra);
+    return 0;
+}
+
+static int enc_clear(Encoder *e) {
+    Py_CLEAR(e->record_type);
+    Py_CLEAR(e->empty);
+    Py_CLEAR(e->default_state);
+    Py_CLEAR(e->state_header);
+    Py_CLEAR(e->blocks);
+    Py_CLEAR(e->described);
+    Py_CLEAR(e->extra);
+    Py_CLEAR(e->extra_block);
+    Py_CLEAR(e->resource_schema);
+    Py_CLEAR(e->scope_schema);
+    Py_CLEAR(e->s_attributes);
+    Py_CLEAR(e->s_popleft);
+    Py_CLEAR(e->s_items);
+    Py_CLEAR(e->s_context);
+    Py_CLEAR(e->s_attrs);
+    Py_CLEAR(e->s_dropped);
+    Py_CLEAR(e->k_instance);
+    Py_CLEAR(e->k_gpu_time);
+    Py_CLEAR(e->k_cuda_error);
+    instance_forget(e);
+    return 0;
+}
+
+static void enc_dealloc(Encoder *e) {
+    PyObject_GC_UnTrack(e);
+    enc_clear(e);
+    buf_free(&e->resource);
+    buf_free(&e->scope);
+    buf_free(&e->spans);
+    buf_free(&e->tmp);
+    Py_TYPE(e)->tp_free((PyObject *)e);
+}
+
+static PyTypeObject EncoderType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "otel_flashinfer._otlp.Encoder",
+    .tp_basicsize = sizeof(Encoder),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "CallRecords -> OTLP request bytes (protobuf or OTLP/JSON lines)",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)enc_init,
+    .tp_traverse = (traverseproc)enc_traverse,
+    .tp_clear = (inquiry)enc_clear,
+    .tp_dealloc = (destructor)enc_dealloc,
+    .tp_methods = enc_methods,
+    .tp_getset = enc_getset,
+};
+
+static PyObject *mod_register_api(PyObject *self, PyObject *capsule) {
+    const otel_flashinfer_hotpath_api *api =
+        PyCapsule_GetPointer(capsule, "otel_flashinfer.hotpath_api");
+    if (api == NULL) return NULL;
+    Py_INCREF(capsule); /* the struct lives in the pool's module: keep it */
+    Py_XSETREF(gpu_api_capsule, capsule);
+    gpu_api = api;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef module_methods[] = {
+    {"register_api", mod_register_api, METH_O,
+     "resolve GPU times through the CUDA event pool's API (a capsule)"},
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_otlp",
+                                        "Native OTLP span encoding.", -1, module_methods};
+
+PyMODINIT_FUNC PyInit__otlp(void) {
+    if (PyType_Ready(&EncoderType) < 0) return NULL;
+    k_exc_type = PyUnicode_InternFromString("exception.type");
+    k_exc_message = PyUnicode_InternFromString("exception.message");
+    k_exc_stack = PyUnicode_InternFromString("exception.stacktrace");
+    k_exc_escaped = PyUnicode_InternFromString("exception.escaped");
+    s_true_text = PyUnicode_InternFromString("True");
+    s_exception = PyUnicode_InternFromString("exception");
+    s_colon = PyUnicode_InternFromString(": ");
+    if (PyErr_Occurred()) return NULL;
+    PyObject *m = PyModule_Create(&module_def);
+    if (m == NULL) return NULL;
+    Py_INCREF(&EncoderType);
+    if (PyModule_AddObject(m, "Encoder", (PyObject *)&EncoderType) < 0) {
+        Py_DECREF(&EncoderType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    if (PyModule_AddIntConstant(m, "API_VERSION", OTEL_FLASHINFER_HOTPATH_API_VERSION) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

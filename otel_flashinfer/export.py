@@ -1,0 +1,503 @@
+"""The fast way out: records encoded natively (``csrc/otlp_encoder.c``) and handed to
+the SDK exporters' own transports as bytes.
+
+The SDK path rebuilds each record as a ``ReadableSpan`` and encodes it through
+protobuf's Python objects, on threads that hold the GIL the engine needs: hundreds of
+microseconds per span, several times a FlashInfer call.  Here the pipeline's worker
+encodes a record in about a microsecond, and one sender thread ships whole requests:
+
+- OTLP/HTTP through the exporter's own client (session, headers, compression,
+  timeout, certificates, retry with backoff);
+- OTLP/gRPC through the exporter's own channel and retry loop, with the request
+  already serialized;
+- our OTLP/JSON-lines file, one ``write`` per batch.
+
+Only setups whose result we reproduce exactly take it (``plan``): the SDK's
+TracerProvider with Batch/Simple processors over those exporters, and a sampler
+whose decision the caller's thread already made (``ALWAYS_ON``, and ``ParentBased``
+over ``ALWAYS_ON``, ``ALWAYS_OFF`` or ``TraceIdRatioBased`` with its default parent
+samplers: the SDK's default is ``ParentBased(ALWAYS_ON)``).
+Anything else keeps the SDK path, so custom processors and samplers always apply.
+
+Bounded: encoded requests wait in a deque capped in spans; past it the oldest request
+is dropped, and every span lost on the way out (dropped, or refused by the receiver
+after the exporter's retries) is counted in ``counters()["spans_dropped"]``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from . import health
+
+#: Spans per request (OTEL_BSP_MAX_EXPORT_BATCH_SIZE's default).
+DEFAULT_BATCH = 512
+#: Encoded spans waiting to be sent (a BatchSpanProcessor's max_queue_size sets it).
+DEFAULT_OUTBOX_SPANS = 2048
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which path a provider's spans take, and why (``counters()`` and tests read it)."""
+
+    fast: bool
+    reason: str
+    senders: tuple[Any, ...] = ()
+    delay_s: float = 0.0
+    batch: int = DEFAULT_BATCH
+    outbox_spans: int = DEFAULT_OUTBOX_SPANS
+
+
+def _native_module() -> Any:
+    try:
+        from . import _otlp
+    except ImportError:
+        return None
+    return _otlp
+
+
+def sampler_is_ours(sampler: Any) -> bool:
+    """Whether the caller's thread already made this sampler's decision exactly:
+    ``runtime.sample_root`` decides roots, and a child follows its parent's sampled
+    flag, which is what ``ParentBased`` with its default parent samplers does.  (A
+    plain ratio or always-off sampler would also judge children; those setups keep
+    the SDK path, which asks the sampler again.)"""
+    from opentelemetry.sdk.trace import sampling
+
+    if sampler is sampling.ALWAYS_ON:
+        return True
+    if type(sampler) is sampling.ParentBased:
+        root = sampler._root  # noqa: SLF001
+        return (
+            (root is sampling.ALWAYS_ON or root is sampling.ALWAYS_OFF
+             or type(root) is sampling.TraceIdRatioBased)
+            and sampler._remote_parent_sampled is sampling.ALWAYS_ON  # noqa: SLF001
+            and sampler._remote_parent_not_sampled is sampling.ALWAYS_OFF  # noqa: SLF001
+            and sampler._local_parent_sampled is sampling.ALWAYS_ON  # noqa: SLF001
+            and sampler._local_parent_not_sampled is sampling.ALWAYS_OFF  # noqa: SLF001
+        )
+    return False
+
+
+def sender_for(exporter: Any) -> Any:
+    """A raw-bytes sender over this exporter's transport, or None (SDK path)."""
+    from .otlp_json import JsonLinesSpanExporter
+
+    if type(exporter) is JsonLinesSpanExporter:
+        return FileSender(exporter)
+    module = type(exporter).__module__
+    name = type(exporter).__name__
+    if name != "OTLPSpanExporter":
+        return None
+    if module == "opentelemetry.exporter.otlp.proto.http.trace_exporter":
+        client = getattr(exporter, "_client", None)
+        if client is not None and callable(getattr(client, "export", None)):
+            return HttpSender(exporter)
+    if module == "opentelemetry.exporter.otlp.proto.grpc.trace_exporter":
+        if all(hasattr(exporter, a) for a in ("_export", "_channel", "_stub", "_client")):
+            return GrpcSender(exporter)
+    return None
+
+
+def plan(provider: Any, tracer: Any, environ: dict[str, str] | None = None) -> Plan:
+    """The path for spans of ``tracer`` (from ``provider``): fast when the native
+    encoder is built and every part of the setup is one we reproduce exactly."""
+    env = os.environ if environ is None else environ
+    if env.get("OTEL_FLASHINFER_NATIVE_EXPORT", "1").strip() == "0":
+        return Plan(False, "disabled")
+    if _native_module() is None:
+        return Plan(False, "no_extension")
+    try:
+        from opentelemetry.sdk.trace import Tracer, TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+    except ImportError:  # pragma: no cover
+        return Plan(False, "no_sdk")
+    if type(provider) is not TracerProvider or type(tracer) is not Tracer:
+        return Plan(False, "foreign_provider")
+    if not tracer._is_enabled():  # noqa: SLF001
+        return Plan(False, "disabled_provider")
+    if not sampler_is_ours(tracer.sampler):
+        return Plan(False, "sampler")
+    processors = getattr(tracer.span_processor, "_span_processors", None)
+    if not processors:
+        return Plan(False, "no_processors")
+    senders = []
+    delay_s, batch, outbox = 5.0, DEFAULT_BATCH, None
+    for processor in processors:
+        if type(processor) is SimpleSpanProcessor:
+            exporter = processor.span_exporter
+            delay_s = 0.0
+        elif type(processor) is BatchSpanProcessor:
+            inner = getattr(processor, "_batch_processor", None)
+            exporter = getattr(inner, "_exporter", None)
+            delay = getattr(inner, "_schedule_delay", None)
+            if delay is not None:
+                delay_s = min(delay_s, float(delay))
+            size = getattr(inner, "_max_export_batch_size", None)
+            if size:
+                batch = min(batch, int(size))
+            queue = getattr(inner, "_max_queue_size", None)
+            if queue:
+                outbox = int(queue) if outbox is None else min(outbox, int(queue))
+        else:
+            return Plan(False, f"processor:{type(processor).__name__}")
+        sender = sender_for(exporter) if exporter is not None else None
+        if sender is None:
+            return Plan(False, f"exporter:{type(exporter).__name__}")
+        senders.append(sender)
+    return Plan(True, "fast", tuple(senders), delay_s, batch,
+                DEFAULT_OUTBOX_SPANS if outbox is None else outbox)
+
+
+# ---- senders: bytes -> the exporter's transport ------------------------------------------
+
+
+class FileSender:
+    """Our OTLP/JSON-lines file (``otlp_json.JsonLinesSpanExporter``)."""
+
+    fmt = "json"
+
+    def __init__(self, exporter: Any) -> None:
+        self.exporter = exporter
+
+    def send(self, payload: bytes, count: int) -> bool:
+        return self.exporter.write_line(payload)
+
+
+class HttpSender:
+    """OTLP/HTTP through the exporter's own client: its session, endpoint, headers,
+    compression, timeout and retry with backoff."""
+
+    fmt = "protobuf"
+
+    def __init__(self, exporter: Any) -> None:
+        self.exporter = exporter
+
+    def send(self, payload: bytes, count: int) -> bool:
+        exporter = self.exporter
+        if getattr(exporter, "_shutdown", False):
+            return False
+        limit = getattr(exporter, "_max_request_size", 0) or 0
+        if limit > 0 and len(payload) > limit:
+            health.report("export_too_large", f"an OTLP request of {len(payload)} bytes is "
+                          f"over the exporter's max_request_size ({limit})")
+            return False
+        metrics = getattr(exporter, "_metrics", None)
+        if metrics is None:
+            return bool(exporter._client.export(payload).success)  # noqa: SLF001
+        with metrics.export_operation(count) as result:
+            outcome = exporter._client.export(payload)  # noqa: SLF001
+            if not outcome.success:
+                result.error = outcome.error
+                return False
+        return True
+
+
+class _Encoded:
+    """Serialized request bytes standing in for the spans the gRPC mixin expects."""
+
+    __slots__ = ("count", "payload")
+
+    def __init__(self, payload: bytes, count: int) -> None:
+        self.payload, self.count = payload, count
+
+
+_GRPC_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+
+
+class _RawTraceStub:
+    """TraceServiceStub whose Export sends bytes already serialized (no protobuf
+    objects): grpc passes a request through when the method has no serializer."""
+
+    def __init__(self, channel: Any) -> None:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceResponse,
+        )
+
+        self.Export = channel.unary_unary(  # noqa: N815 - the stub's method name
+            _GRPC_METHOD, request_serializer=None,
+            response_deserializer=ExportTraceServiceResponse.FromString)
+
+
+class GrpcSender:
+    """OTLP/gRPC through a twin of the exporter: the same channel, headers, timeout,
+    compression and retry loop (``OTLPExporterMixin._export``), fed serialized bytes.
+
+    The twin is a shallow copy, so the application's own exporter object is never
+    changed; a reconnect after UNAVAILABLE re-creates the twin's channel only."""
+
+    fmt = "protobuf"
+
+    def __init__(self, exporter: Any) -> None:
+        self.exporter = exporter
+        twin = copy.copy(exporter)
+        twin._stub = _RawTraceStub  # noqa: SLF001
+        twin._client = _RawTraceStub(exporter._channel)  # noqa: SLF001
+        twin._translate_data = _payload_of  # noqa: SLF001
+        twin._count_data = _count_of  # noqa: SLF001
+        self.twin = twin
+
+    def send(self, payload: bytes, count: int) -> bool:
+        if getattr(self.exporter, "_shutdown", False):
+            return False
+        from opentelemetry.sdk.trace.export import SpanExportResult
+
+        return self.twin._export(_Encoded(payload, count)) == SpanExportResult.SUCCESS  # noqa: SLF001
+
+
+def _payload_of(data: _Encoded) -> bytes:
+    return data.payload
+
+
+def _count_of(data: _Encoded) -> int:
+    return data.count
+
+
+# ---- the native export path ------------------------------------------------------------
+
+
+def _encoder_parts(tracer: Any) -> tuple[bytes, bytes, str, str, bytes, bytes]:
+    """Resource and scope as the SDK's encoder writes them: protobuf bodies, and the
+    OTLP/JSON fragments of the same messages."""
+    import json
+
+    from google.protobuf import json_format
+    from opentelemetry.exporter.otlp.proto.common._internal import (
+        _encode_instrumentation_scope,
+        _encode_resource,
+    )
+
+    resource = _encode_resource(tracer.resource)
+    scope = _encode_instrumentation_scope(tracer._instrumentation_scope)  # noqa: SLF001
+
+    def to_json(message: Any) -> bytes:
+        data = json_format.MessageToDict(message, use_integers_for_enums=True)
+        return json.dumps(data, separators=(",", ":")).encode()
+
+    return (resource.SerializeToString(), scope.SerializeToString(),
+            tracer.resource.schema_url or "",
+            getattr(tracer._instrumentation_scope, "schema_url", None) or "",  # noqa: SLF001
+            to_json(resource), to_json(scope))
+
+
+def _state_header(state: Any) -> str:
+    """A span's trace state as the SDK's encoder writes it."""
+    return ",".join(f"{key}={value}" for key, value in state.items())
+
+
+def make_encoder(tracer: Any, fmt: str) -> Any:
+    """A native encoder for ``tracer``'s resource, scope and span limits."""
+    from opentelemetry.trace.span import DEFAULT_TRACE_STATE
+
+    from . import _otlp
+    from .pipeline import _EMPTY, CallRecord
+
+    res_pb, scope_pb, res_schema, scope_schema, res_js, scope_js = _encoder_parts(tracer)
+    limits = tracer._span_limits  # noqa: SLF001
+
+    def limit(value: Any) -> int:
+        return -1 if value is None else int(value)
+
+    return _otlp.Encoder(
+        fmt, CallRecord, _EMPTY, DEFAULT_TRACE_STATE, _state_header,
+        res_pb if fmt == "protobuf" else res_js, scope_pb if fmt == "protobuf" else scope_js,
+        res_schema, scope_schema, limit(limits.max_span_attributes),
+        limit(limits.max_events), limit(limits.max_links))
+
+
+class NativeExport:
+    """Encodes records on the pipeline's worker and sends whole requests from a thread
+    of its own, so a slow or dead receiver never holds the worker (or a caller)."""
+
+    def __init__(self, tracer: Any, chosen: Plan) -> None:
+        from .spans import Describer
+
+        self.plan = chosen
+        self.describer_type = Describer
+        formats = sorted({s.fmt for s in chosen.senders})
+        self.encoders = {fmt: make_encoder(tracer, fmt) for fmt in formats}
+        self.senders = {fmt: [s for s in chosen.senders if s.fmt == fmt] for fmt in formats}
+        self.batch = max(1, chosen.batch)
+        self.delay_s = chosen.delay_s
+        self.outbox_spans = max(self.batch, chosen.outbox_spans)
+        #: Spans each path took, read by ``counters()``.
+        self.sent = 0
+        self._opened = 0.0  # monotonic time the open batch got its first span
+        self._start()
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._after_fork)
+
+    def _start(self) -> None:
+        self._outbox: deque[tuple[str, bytes, int]] = deque()
+        self._queued = 0
+        self._busy = False
+        self._stopping = False
+        self._cond = threading.Condition()
+        self._pid = os.getpid()
+        self._thread = threading.Thread(target=self._run, name="otel_flashinfer-export",
+                                        daemon=True)
+        self._thread.start()
+
+    def _after_fork(self) -> None:
+        for encoder in self.encoders.values():
+            encoder.reset()
+        self._start()
+
+    def set_extra(self, attributes: dict[str, Any]) -> None:
+        for encoder in self.encoders.values():
+            encoder.set_extra(attributes or None)
+
+    # ---- worker thread ------------------------------------------------------------------
+
+    def drain(self, queue: deque[Any], slow: list[Any]) -> None:
+        """Encode every ready record of ``queue``; the rest go to ``slow``."""
+        encoders = list(self.encoders.values())
+        if len(encoders) == 1:
+            encoders[0].drain(queue, slow)
+        else:  # several formats: each record once through each encoder
+            records = list(queue)
+            queue.clear()
+            for record in records:
+                if record.pending or record.gpu is not None:
+                    slow.append(record)
+                else:
+                    self.add(record)
+        self._cut(force=False)
+
+    def add(self, record: Any) -> None:
+        """Encode one record whose pending work is done (raises what failed)."""
+        if record.describe is not None and type(record.describe) is not self.describer_type:
+            record.describe(record)  # a graph child's capture-time description
+            record.describe = None
+        for encoder in self.encoders.values():
+            encoder.add(record)
+        self._cut(force=False)
+
+    def _cut(self, force: bool) -> None:
+        """Move full (or, past the delay, any) open batches to the outbox."""
+        now = time.monotonic()
+        for fmt, encoder in self.encoders.items():
+            count = encoder.count
+            if not count:
+                continue
+            if not self._opened:
+                self._opened = now
+            if force or count >= self.batch or now - self._opened >= self.delay_s:
+                payload = encoder.take()
+                if payload is not None:
+                    self._enqueue(fmt, payload, count)
+        if all(not e.count for e in self.encoders.values()):
+            self._opened = 0.0
+
+    def _enqueue(self, fmt: str, payload: bytes, count: int) -> None:
+        with self._cond:
+            self._outbox.append((fmt, payload, count))
+            self._queued += count
+            dropped = 0
+            while self._queued > self.outbox_spans and len(self._outbox) > 1:
+                _, _, lost = self._outbox.popleft()
+                self._queued -= lost
+                dropped += lost
+            self._cond.notify()
+        if dropped:
+            health.report("spans_dropped", "spans are not leaving fast enough (receiver slow "
+                          "or down): dropping the oldest", n=dropped)
+
+    # ---- sender thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY, attach, detach, set_value
+
+        token = attach(set_value(_SUPPRESS_INSTRUMENTATION_KEY, True))  # never trace ourselves
+        try:
+            while True:
+                with self._cond:
+                    while not self._outbox and not self._stopping:
+                        self._cond.wait()
+                    if not self._outbox:
+                        return
+                    fmt, payload, count = self._outbox.popleft()
+                    self._queued -= count
+                    self._busy = True
+                try:
+                    self._send(fmt, payload, count)
+                finally:
+                    with self._cond:
+                        self._busy = False
+                        self._cond.notify_all()
+        finally:
+            detach(token)
+
+    def _send(self, fmt: str, payload: bytes, count: int) -> None:
+        for sender in self.senders[fmt]:
+            try:
+                ok = sender.send(payload, count)
+            except Exception as exc:  # noqa: BLE001 - a transport must not kill the thread
+                health.report("export_errors", f"sending spans through {type(sender).__name__} "
+                              "failed", exc)
+                ok = False
+            if ok:
+                self.sent += count
+            else:
+                health.report("spans_dropped", "a batch of spans was not taken after the "
+                              "exporter's retries (receiver down or refusing)", n=count)
+
+    # ---- flush / shutdown ---------------------------------------------------------------
+
+    def flush(self, deadline: float) -> bool:
+        """Send everything encoded so far; False if ``deadline`` (monotonic) passed."""
+        self._cut(force=True)
+        if not self._thread.is_alive() or os.getpid() != self._pid:
+            self._start()
+        with self._cond:
+            while self._outbox or self._busy:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(min(remaining, 0.05))
+        return True
+
+    def shutdown(self, timeout_s: float) -> bool:
+        ok = self.flush(time.monotonic() + timeout_s)
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        return ok
+
+    def encoded(self) -> int:
+        """Spans encoded so far (each once, whatever the number of formats)."""
+        return max(encoder.stats()["encoded"] for encoder in self.encoders.values())
+
+    def counters(self) -> dict[str, int]:
+        out = {"spans_sent": self.sent}
+        for encoder in self.encoders.values():
+            errors = encoder.stats()["attribute_errors"]
+            if errors:
+                out["attribute_encode_errors"] = out.get("attribute_encode_errors", 0) + errors
+        return out
+
+
+def native_export_for(provider: Any, tracer: Any,
+                      on_plan: Callable[[Plan], None] | None = None) -> NativeExport | None:
+    """The native path for this provider, or None where the SDK path must serve it."""
+    try:
+        chosen = plan(provider, tracer)
+    except Exception as exc:  # noqa: BLE001 - a setup we cannot read takes the SDK path
+        health.report("export_plan_errors", "could not inspect the tracer provider", exc)
+        chosen = Plan(False, "error")
+    if on_plan is not None:
+        on_plan(chosen)
+    if not chosen.fast:
+        return None
+    try:
+        return NativeExport(tracer, chosen)
+    except Exception as exc:  # noqa: BLE001
+        health.report("export_plan_errors", "the native span encoder did not start", exc)
+        return None

@@ -1,0 +1,381 @@
+"""The native span encoder (csrc/otlp_encoder.c) and the path it serves (export.py).
+
+Byte-level equivalence: for the same records the native request must be exactly what
+the SDK's own encoder makes of the SDK spans our SDK path builds (protobuf), and the
+OTLP/JSON line must parse back to that same request.  Then: which provider setups take
+the fast path, the argument-block cache, and the pipeline around it end to end into
+a real file and through real OTLP exporters.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import SpanLimits, TracerProvider, sampling
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SimpleSpanProcessor,
+    SpanExporter,
+)
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import Link, SpanContext, TraceFlags, TraceState
+
+from otel_flashinfer import describe, export, health
+from otel_flashinfer.otlp_json import JsonLinesSpanExporter, json_to_request
+from otel_flashinfer.pipeline import CallRecord, DirectSpans, Pipeline
+from otel_flashinfer.spans import ArgPlan, Describer
+
+_otlp = pytest.importorskip("otel_flashinfer._otlp", reason="native encoder not built")
+
+
+def _decode(q, k, v, scale=0.125, layout="NHD", *more):  # noqa: ANN001, ANN002, ANN202
+    """A traced function's signature: positional, defaults and varargs."""
+
+
+def _sdk_tracer(resource: Resource | None = None, limits: SpanLimits | None = None
+                ) -> tuple[Any, InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(resource=resource or Resource.create({"service.name": "t"}),
+                              span_limits=limits)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider.get_tracer("otel_flashinfer", "9.9", schema_url="https://s/1"), exporter
+
+
+Q = torch.zeros(8, 32, 128, dtype=torch.float16)
+BASE = {"flashinfer.api": "BatchDecodeWithPagedKVCacheWrapper.run", "flashinfer.level": 3}
+DESCRIBER = Describer(ArgPlan(_decode, False))
+
+
+def _records() -> list[CallRecord]:
+    """One of each kind of record the hot path and the workers make."""
+    parent = SpanContext(0xABC, 0x123, False, TraceFlags(1))
+    remote = SpanContext(0xDEF, 0x456, True, TraceFlags(1),
+                         TraceState([("vendor", "x"), ("rojo", "00f067aa0ba902b7")]))
+    out = []
+
+    def record(name: str, parent: SpanContext | None, **fields: Any) -> CallRecord:
+        r = CallRecord.for_call(name, 0x1234567890ABCDEF1234567890ABCDEF + len(out),
+                                0xFEED + len(out), parent, fields.pop("base", BASE))
+        r.start_ns, r.end_ns = 1_700_000_000_000_000_000 + len(out), 1_700_000_000_000_050_000
+        for key, value in fields.items():
+            setattr(r, key, value)
+        out.append(r)
+        return r
+
+    record("level1", parent, base={"flashinfer.api": "rmsnorm", "flashinfer.level": 1})
+    record("root", None, instance=140_000_000)
+    record("level3", parent, instance=140_000_000, describe=DESCRIBER,
+           data=[describe.snapshot(Q), describe.snapshot(Q[:, :2]),
+                 describe.snapshot([Q, 3, "x", None])],
+           kw={"scale": 0.5, "window": -1, "flag": True, "big": 2**70, "items": {"a": 1}},
+           result=describe.snapshot((Q, Q.float())))
+    record("remote-parent", remote, plan_link=SpanContext(0x5, 0x6, False, TraceFlags(1)),
+           links=[Link(SpanContext(0x7, 0x8, True, TraceFlags(1)), {"why": "plan", "n": 2})])
+    record("error", parent, describe=DESCRIBER, data=[describe.snapshot(Q)], result=object(),
+           error=("ValueError", 'bad "page"\ntable ü', "Traceback (most recent call last)"))
+    record("stats", parent, events=[
+        ("flashinfer.tensor_stats", {"flashinfer.tensor": "q", "numel": 4096, "min": -1.5,
+                                     "max": float("inf"), "mean": 0.25, "nan_count": 3,
+                                     "inf_count": 1, "scope": "full"}, 1_700_000_000_000_060_000),
+        ("flashinfer.tensor_stats", {"flashinfer.tensor": "", "numel": 0}, 7)])
+    owned = record("owned", parent, instance=99)
+    owned.own()
+    owned.attributes["flashinfer.cuda_error"] = "cudaErrorIllegalAddress"
+    owned.attributes["flashinfer.gpu.time_unavailable"] = "cuda_error"
+    owned.attributes["flashinfer.shape"] = (8, 0, -3)
+    owned.attributes["flashinfer.empty"] = ()
+    owned.attributes["flashinfer.ratio"] = [0.5, 1e-300, -0.0]
+    out[4].result = DESCRIBER.plan and None  # an error leaves no result
+    return out
+
+
+def _sdk_request(tracer: Any, exporter: InMemorySpanExporter, records: list[CallRecord],
+                 extra: dict[str, Any] | None = None) -> ExportTraceServiceRequest:
+    """What the SDK path (DirectSpans, as the pipeline runs it) exports."""
+    exporter.clear()
+    direct = DirectSpans.for_tracer(tracer)
+    assert direct is not None
+    for r in records:
+        r.own()
+        if r.describe is not None:
+            r.describe(r)
+        if extra:
+            r.attributes.update(extra)
+        direct.export(r)
+    return encode_spans(exporter.get_finished_spans())
+
+
+def _native(tracer: Any, fmt: str, records: list[CallRecord],
+            extra: dict[str, Any] | None = None) -> bytes:
+    encoder = export.make_encoder(tracer, fmt)
+    if extra:
+        encoder.set_extra(extra)
+    for r in records:
+        encoder.add(r)
+    assert encoder.count == len(records)
+    payload = encoder.take()
+    assert encoder.take() is None and encoder.count == 0
+    return payload
+
+
+@pytest.mark.parametrize("extra", [None, {"process.pid": 4242}])
+def test_protobuf_is_byte_identical_to_the_sdk_encoder(extra: dict[str, Any] | None) -> None:
+    tracer, exporter = _sdk_tracer()
+    payload = _native(tracer, "protobuf", _records(), extra)
+    sdk = _sdk_request(tracer, exporter, _records(), extra)
+    assert payload == sdk.SerializeToString()
+    spans = sdk.resource_spans[0].scope_spans[0].spans
+    assert [s.name for s in spans][:3] == ["level1", "root", "level3"]  # the test covers them
+
+
+def test_json_line_parses_to_the_sdk_request() -> None:
+    tracer, exporter = _sdk_tracer()
+    line = _native(tracer, "json", _records())
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    data = json.loads(line)
+    span = data["resourceSpans"][0]["scopeSpans"][0]["spans"][2]
+    assert span["traceId"] == f"{0x1234567890ABCDEF1234567890ABCDEF + 2:032x}"  # hex ids
+    assert span["parentSpanId"] == f"{0x123:016x}"
+    sdk = _sdk_request(tracer, exporter, _records())
+    assert json_to_request(line.decode()) == sdk
+
+
+def test_attribute_limits_match_the_sdk_span_limits() -> None:
+    tracer, _exporter = _sdk_tracer(limits=SpanLimits(max_span_attributes=4, max_events=1,
+                                                     max_links=1))
+    records = _records()
+    payload = _native(tracer, "protobuf", records)
+    request = ExportTraceServiceRequest.FromString(payload)
+    spans = {s.name: s for s in request.resource_spans[0].scope_spans[0].spans}
+    assert len(spans["level3"].attributes) == 4
+    assert spans["level3"].dropped_attributes_count > 0
+    assert len(spans["stats"].events) == 1 and spans["stats"].dropped_events_count == 1
+    assert len(spans["remote-parent"].links) == 1
+    assert spans["remote-parent"].dropped_links_count == 1
+
+
+def test_argument_block_is_reused_only_while_snapshots_are_the_same() -> None:
+    """The cache keys on the snapshots' exact types: 1, 1.0 and True are equal in
+    Python but are different attributes."""
+    tracer, _ = _sdk_tracer()
+    encoder = export.make_encoder(tracer, "protobuf")
+    seen = []
+    for value in (1, 1, 1.0, True, 2, 1):
+        r = CallRecord.for_call("f", 1, 2, None, BASE)
+        r.describe, r.data, r.kw = DESCRIBER, [describe.snapshot(Q)], {"scale": value}
+        encoder.add(r)
+        span = ExportTraceServiceRequest.FromString(encoder.take()).resource_spans[0]
+        attrs = {a.key: a.value for a in span.scope_spans[0].spans[0].attributes}
+        value = attrs["flashinfer.arg.scale"]
+        kind = value.WhichOneof("value")
+        seen.append((kind, getattr(value, kind)))
+    assert seen == [("int_value", 1), ("int_value", 1), ("double_value", 1.0),
+                    ("bool_value", True), ("int_value", 2), ("int_value", 1)]
+    assert [type(v) for _, v in seen] == [int, int, float, bool, int, int]
+
+
+def test_values_the_encoder_cannot_carry_are_skipped_and_counted() -> None:
+    tracer, _ = _sdk_tracer()
+    encoder = export.make_encoder(tracer, "protobuf")
+    r = CallRecord.for_call("f", 1, 2, None, {"ok": 1, "bad": object(), "huge": 2**80})
+    encoder.add(r)
+    span = ExportTraceServiceRequest.FromString(encoder.take()).resource_spans[0]
+    assert [a.key for a in span.scope_spans[0].spans[0].attributes] == ["ok"]
+    assert encoder.stats()["attribute_errors"] == 2
+
+
+def test_a_broken_record_is_refused_whole() -> None:
+    tracer, _ = _sdk_tracer()
+    encoder = export.make_encoder(tracer, "protobuf")
+    good = CallRecord.for_call("good", 1, 2, None, BASE)
+    bad = CallRecord.for_call("bad", "not an id", 2, None, BASE)
+    encoder.add(good)
+    with pytest.raises(TypeError):
+        encoder.add(bad)
+    spans = ExportTraceServiceRequest.FromString(encoder.take()).resource_spans[0]
+    assert [s.name for s in spans.scope_spans[0].spans] == ["good"]
+
+
+# ---- which setups take the fast path --------------------------------------------------
+
+
+class _Custom(SpanExporter):
+    def export(self, spans):  # noqa: ANN001, ANN201
+        return None
+
+
+def _plan(processors: list[Any], sampler: Any = None) -> export.Plan:
+    provider = TracerProvider(sampler=sampler)
+    for p in processors:
+        provider.add_span_processor(p)
+    return export.plan(provider, provider.get_tracer("otel_flashinfer"), environ={})
+
+
+def test_fast_path_serves_the_setups_it_reproduces(tmp_path: Path) -> None:
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+        OTLPSpanExporter as GrpcExporter,
+    )
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+        OTLPSpanExporter as HttpExporter,
+    )
+
+    file = JsonLinesSpanExporter(str(tmp_path / "t.jsonl"))
+    chosen = _plan([BatchSpanProcessor(file)])
+    assert chosen.fast and [s.fmt for s in chosen.senders] == ["json"]
+    assert chosen.delay_s == 5.0 and chosen.batch == 512
+    chosen = _plan([SimpleSpanProcessor(HttpExporter(endpoint="http://127.0.0.1:9/v1/traces")),
+                    BatchSpanProcessor(GrpcExporter(endpoint="127.0.0.1:9", insecure=True),
+                                       max_export_batch_size=64)])
+    assert chosen.fast and [type(s).__name__ for s in chosen.senders] == [
+        "HttpSender", "GrpcSender"]
+    assert chosen.delay_s == 0.0 and chosen.batch == 64
+    for sampler in (sampling.ALWAYS_ON, sampling.ParentBased(sampling.ALWAYS_OFF),
+                    sampling.ParentBased(sampling.TraceIdRatioBased(0.25))):
+        assert _plan([SimpleSpanProcessor(file)], sampler).fast
+
+
+def test_other_setups_keep_the_sdk_path(tmp_path: Path, monkeypatch) -> None:
+    file = JsonLinesSpanExporter(str(tmp_path / "t.jsonl"))
+    assert _plan([SimpleSpanProcessor(InMemorySpanExporter())]).reason == \
+        "exporter:InMemorySpanExporter"
+    assert _plan([SimpleSpanProcessor(_Custom())]).reason == "exporter:_Custom"
+    assert _plan([]).reason == "no_processors"
+
+    class Mine(SimpleSpanProcessor):
+        pass
+
+    assert _plan([Mine(file)]).reason == "processor:Mine"
+    assert _plan([SimpleSpanProcessor(file), SimpleSpanProcessor(_Custom())]).reason == \
+        "exporter:_Custom"
+    for sampler in (sampling.TraceIdRatioBased(0.5), sampling.ALWAYS_OFF,
+                    sampling.ParentBased(sampling.ALWAYS_ON,
+                                         remote_parent_sampled=sampling.ALWAYS_OFF)):
+        assert _plan([SimpleSpanProcessor(file)], sampler).reason == "sampler"
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(file))
+    assert export.plan(provider, provider.get_tracer("x"),
+                       environ={"OTEL_FLASHINFER_NATIVE_EXPORT": "0"}).reason == "disabled"
+    from opentelemetry.trace import NoOpTracerProvider
+
+    noop = NoOpTracerProvider()
+    assert export.plan(noop, noop.get_tracer("x"), environ={}).reason == "foreign_provider"
+
+
+# ---- the pipeline on the fast path ----------------------------------------------------
+
+
+def _file_provider(path: Path) -> tuple[TracerProvider, Any]:
+    provider = TracerProvider(resource=Resource.create({"service.name": "native-test"}))
+    provider.add_span_processor(BatchSpanProcessor(JsonLinesSpanExporter(str(path))))
+    return provider, provider.get_tracer("otel_flashinfer", "1.0")
+
+
+def _spans_in(path: Path) -> list[dict[str, Any]]:
+    out = []
+    for line in path.read_text().splitlines():
+        for rs in json.loads(line)["resourceSpans"]:
+            for ss in rs["scopeSpans"]:
+                out.extend(ss["spans"])
+    return out
+
+
+def test_pipeline_exports_through_the_native_encoder_into_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "traces.jsonl"
+    provider, tracer = _file_provider(path)
+    pipeline = Pipeline(tracer, provider=provider, interval_s=0.01)
+    before = health.counters()
+    assert pipeline.export_path == "native"
+    records = _records()
+    for r in records:
+        pipeline.submit(r)
+    assert pipeline.flush(10)
+    spans = _spans_in(path)
+    assert [s["name"] for s in spans] == [r.name for r in records]
+    after = health.counters()
+    assert after.get("spans_native", 0) - before.get("spans_native", 0) == len(records)
+    assert after.get("spans_sdk", 0) == before.get("spans_sdk", 0)
+    level3 = spans[2]
+    attrs = {a["key"]: a["value"] for a in level3["attributes"]}
+    assert attrs["flashinfer.arg.q.shape"] == {"arrayValue": {"values": [
+        {"intValue": "8"}, {"intValue": "32"}, {"intValue": "128"}]}}
+    assert attrs["flashinfer.arg.layout"] == {"stringValue": "NHD"}  # a default
+    pipeline.shutdown(5)
+
+
+def test_records_waiting_for_gpu_work_take_the_python_side(tmp_path: Path) -> None:
+    """A record with pending work is resolved in Python, then natively encoded."""
+    path = tmp_path / "traces.jsonl"
+    provider, tracer = _file_provider(path)
+    pipeline = Pipeline(tracer, provider=provider, interval_s=0.01)
+
+    class Later:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def ready(self) -> bool:
+            self.calls += 1
+            return self.calls > 2
+
+        def apply(self, record: CallRecord) -> None:
+            record.attributes["flashinfer.gpu.time_ns"] = 1234
+
+        def abandon(self, record: CallRecord, reason: str) -> None:
+            raise AssertionError(reason)
+
+    r = CallRecord.for_call("waits", 5, 6, None, BASE)
+    r.start_ns, r.end_ns = 1, 2
+    r.add_pending(Later())
+    pipeline.submit(r)
+    assert pipeline.flush(10)
+    (span,) = _spans_in(path)
+    attrs = {a["key"]: a["value"] for a in span["attributes"]}
+    assert attrs["flashinfer.gpu.time_ns"] == {"intValue": "1234"}
+    pipeline.shutdown(5)
+
+
+class _Gate:
+    """A sender that holds every batch until released (a receiver that hangs)."""
+
+    fmt = "json"
+
+    def __init__(self) -> None:
+        self.open = threading.Event()
+        self.got = 0
+
+    def send(self, payload: bytes, count: int) -> bool:
+        self.open.wait(30)
+        self.got += count
+        return True
+
+
+def test_outbox_is_bounded_and_drops_are_counted(tmp_path: Path) -> None:
+    """A receiver that does not answer: callers never wait, the encoded backlog stays
+    under its cap, and every span that falls out is counted."""
+    _provider, tracer = _file_provider(tmp_path / "unused.jsonl")
+    gate = _Gate()
+    chosen = export.Plan(True, "test", (gate,), delay_s=0.0, batch=10, outbox_spans=50)
+    sink = export.NativeExport(tracer, chosen)
+    before = health.counters().get("spans_dropped", 0)
+    worst = 0.0
+    for i in range(300):
+        r = CallRecord.for_call("f", i + 1, i + 1, None, BASE)
+        t0 = time.perf_counter()
+        sink.add(r)
+        worst = max(worst, time.perf_counter() - t0)
+        assert sink._queued <= 50  # noqa: SLF001
+    assert worst < 0.005
+    assert not sink.flush(time.monotonic() + 0.2)  # still held: not flushed, and says so
+    gate.open.set()
+    assert sink.flush(time.monotonic() + 10)
+    dropped = health.counters().get("spans_dropped", 0) - before
+    assert gate.got + dropped == 300 and dropped >= 240
+    sink.shutdown(1)
