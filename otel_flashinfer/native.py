@@ -93,8 +93,19 @@ def entry_type(var: Any) -> Any:
 
 
 def register_api(capsule: Any) -> None:
-    """Lend the C hot path the CUDA event pool's events and tensor facts
-    (``csrc/hotpath_api.h``) once ``gpu_timing`` has built the pool."""
+    """Lend the C hot path the CUDA event pool's events and tensor facts, and the span
+    encoder its GPU-time resolution (``csrc/hotpath_api.h``), once ``gpu_timing`` has
+    built the pool."""
+    try:
+        from . import _otlp
+    except ImportError:
+        pass
+    else:
+        try:
+            _otlp.register_api(capsule)
+        except Exception as exc:  # noqa: BLE001 - the worker then resolves them in Python
+            health.report("native_unavailable", "the span encoder cannot use the event pool",
+                          exc)
     try:
         from . import _hotpath
     except ImportError:

@@ -1,0 +1,109 @@
+"""The native span path on the GPU, in processes of their own with our default
+provider (the OTLP/JSON-lines file): GPU times resolved by the encoder through the
+event pool's C API, and level-5 statistics events, all spans encoded natively."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.gpu
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PROGRAM = r'''
+import json, sys, time
+sys.path.insert(0, sys.argv[2])
+import torch
+import otel_flashinfer
+from otel_flashinfer import gpu_timing, health, runtime
+from otel_flashinfer.stats import kernel as stats_kernel
+from gpu_decode import make_decode
+
+level = int(sys.argv[1])
+otel_flashinfer.instrument(level=level)
+assert gpu_timing.wait_ready(600)
+if level >= 5:
+    stats_kernel.get(wait=True, timeout=600)
+step = make_decode()
+step.kv_cache[0, 0, 0, 0, 0] = float("nan")  # page 0 is referenced by sequence 0
+for _ in range(5):
+    step.run()
+torch.cuda.synchronize()
+otel_flashinfer.flush(60)
+time.sleep(0.2)
+for _ in range(200):
+    step.run()
+torch.cuda.synchronize()
+ok = otel_flashinfer.flush(60)
+native = runtime.current().pipeline._native
+stats = {fmt: enc.stats() for fmt, enc in native.encoders.items()} if native else {}
+print(json.dumps({"flushed": ok, "counters": health.counters(), "encoders": stats,
+                  "path": runtime.current().pipeline.export_path}))
+'''
+
+
+def _run(tmp_path: Path, level: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    script = tmp_path / "program.py"
+    script.write_text(PROGRAM)
+    proc = subprocess.run([sys.executable, str(script), str(level), str(ROOT / "tests")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    spans = []
+    for line in (tmp_path / "flashinfer_traces.jsonl").read_text().splitlines():
+        for rs in json.loads(line)["resourceSpans"]:
+            for ss in rs["scopeSpans"]:
+                spans.extend(ss["spans"])
+    return report, spans
+
+
+def _attrs(span: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for kv in span.get("attributes", ()):
+        (kind, value), = kv["value"].items()
+        out[kv["key"]] = int(value) if kind == "intValue" else value
+    return out
+
+
+def test_level3_gpu_times_come_from_the_encoder(tmp_path: Path) -> None:
+    report, spans = _run(tmp_path, 3)
+    assert report["flushed"] and report["path"] == "native", report
+    runs = [s for s in spans if s["name"] == "BatchDecodeWithPagedKVCacheWrapper.run"]
+    assert len(runs) == 205
+    times = [_attrs(s).get("flashinfer.gpu.time_ns") for s in runs]
+    assert all(isinstance(t, int) and 1_000 < t < 50_000_000 for t in times), times[:10]
+    counters = report["counters"]
+    assert counters.get("spans_native") == len(spans) and not counters.get("spans_sdk")
+    assert not counters.get("spans_dropped"), counters
+    # Most GPU times never touched Python on the worker.
+    assert report["encoders"]["json"]["gpu_resolved"] >= 150, report
+    run = _attrs(runs[-1])
+    assert run["flashinfer.arg.q.shape"] == {"arrayValue": {"values": [
+        {"intValue": "8"}, {"intValue": "32"}, {"intValue": "128"}]}}
+    pid, _, obj = run["flashinfer.instance.id"].partition(":")
+    assert pid.isdigit() and obj.isdigit() and int(obj) > 0
+    assert [link["spanId"] for link in runs[-1]["links"]]  # linked to its plan
+
+
+def test_level5_statistics_events_go_out_natively(tmp_path: Path) -> None:
+    report, spans = _run(tmp_path, 5)
+    assert report["flushed"] and report["path"] == "native", report
+    runs = [s for s in spans if s["name"] == "BatchDecodeWithPagedKVCacheWrapper.run"]
+    assert len(runs) == 205
+    counters = report["counters"]
+    assert counters.get("spans_native") == len(spans) and not counters.get("spans_sdk")
+    for span in runs[-50:]:
+        attrs = _attrs(span)
+        assert attrs.get("flashinfer.nonfinite") is True, attrs
+        assert "flashinfer.stats.dropped" not in attrs, attrs
+        assert isinstance(attrs.get("flashinfer.gpu.time_ns"), int), attrs
+        events = [e for e in span["events"] if e["name"] == "flashinfer.tensor_stats"]
+        by_tensor = {_attrs(e)["flashinfer.tensor"]: _attrs(e) for e in events}
+        assert by_tensor["paged_kv_cache"]["nan_count"] >= 1
+        assert by_tensor["q"]["nan_count"] == 0
