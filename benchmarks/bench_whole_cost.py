@@ -13,7 +13,7 @@ same sustained loop of back-to-back calls:
 
 Added cost is the median over rounds of each configuration minus the bare loop of
 the same round.  Exporters: our default OTLP/JSON-lines file, then OTLP/HTTP and
-OTLP/gRPC to ``otlp_receiver.py`` (its own process: its CPU is not ours).
+OTLP/gRPC to ``tests/otlp_receiver.py`` (its own process: its CPU is not ours).
 
 GPU (the device): BatchDecode ``run()`` (batch 8, kv 1024, 32/8 heads, d 128, fp16);
 peers are an NVTX range per call, torch.profiler (CPU+CUDA, record_shapes) and
@@ -227,8 +227,9 @@ class Receiver:
     def __init__(self) -> None:
         self.http_port, self.grpc_port = _free_port(), _free_port()
         self.proc = subprocess.Popen(
-            [sys.executable, str(HERE / "otlp_receiver.py"), "--http-port", str(self.http_port),
-             "--grpc-port", str(self.grpc_port)], stdout=subprocess.PIPE, text=True)
+            [sys.executable, str(ROOT / "tests" / "otlp_receiver.py"), "--http-port",
+             str(self.http_port), "--grpc-port", str(self.grpc_port)],
+            stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None and self.proc.stdout.readline().strip() == "ready"
 
     def count(self) -> int:

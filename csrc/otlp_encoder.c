@@ -647,7 +647,11 @@ static int same(PyObject *a, PyObject *b) {
         }
         return 1;
     }
-    return 0; /* dtypes and devices are compared by identity above */
+    /* torch.dtype and torch.device (a tensor's facts; a device is a new object on
+     * every call): equal objects of one type */
+    int rc = PyObject_RichCompareBool(a, b, Py_EQ);
+    if (rc < 0) PyErr_Clear();
+    return rc == 1;
 }
 
 /* The argument block of a traced call: reused while the call site's snapshots stay the
@@ -1160,17 +1164,22 @@ static long long gpu_time(PyObject *handle) {
     return r;
 }
 
-/* drain(queue, slow) -> spans encoded.  Takes every record off ``queue`` (a deque):
- * those with work still pending (statistics, a GPU time not resolved here) go to the
- * list ``slow`` for the Python worker; the rest are encoded now.  A record that fails
- * to encode goes to ``slow`` too, so the error is reported there. */
+/* drain(queue, slow, limit) -> spans encoded.  Takes up to ``limit`` records off
+ * ``queue`` (a deque): those with work still pending (statistics, a GPU time not
+ * resolved here) go to the list ``slow`` for the Python worker; the rest are encoded
+ * now.  A record that fails to encode goes to ``slow`` too, so the error is reported
+ * there.  The limit matters: callers keep appending while we drain, and the GIL is
+ * held throughout, so an unbounded drain would chase them (and hold them off) for as
+ * long as they run. */
 static PyObject *enc_drain(Encoder *e, PyObject *args) {
     PyObject *queue, *slow;
-    if (!PyArg_ParseTuple(args, "OO!", &queue, &PyList_Type, &slow)) return NULL;
+    Py_ssize_t limit;
+    if (!PyArg_ParseTuple(args, "OO!n", &queue, &PyList_Type, &slow, &limit)) return NULL;
     PyObject *popleft = PyObject_GetAttr(queue, e->s_popleft);
     if (popleft == NULL) return NULL;
     Py_ssize_t done = 0, taken = 0;
-    for (;;) {
+    while (taken < limit) {
+        ++taken;
         PyObject *record = PyObject_CallNoArgs(popleft);
         if (record == NULL) {
             if (PyErr_ExceptionMatches(PyExc_IndexError)) {
@@ -1213,12 +1222,6 @@ static PyObject *enc_drain(Encoder *e, PyObject *args) {
             ++done;
         }
         Py_DECREF(record);
-        if ((++taken & 127) == 0) {
-            /* A backlog of records is tens of milliseconds of encoding: let a waiting
-             * engine thread have the GIL between every 128 records. */
-            Py_BEGIN_ALLOW_THREADS
-            Py_END_ALLOW_THREADS
-        }
     }
     Py_DECREF(popleft);
     return PyLong_FromSsize_t(done);
@@ -1382,7 +1385,8 @@ static PyObject *enc_stats(Encoder *e, PyObject *unused) {
 static PyMethodDef enc_methods[] = {
     {"add", (PyCFunction)enc_add, METH_O, "encode one CallRecord into the open batch"},
     {"drain", (PyCFunction)enc_drain, METH_VARARGS,
-     "drain(queue, slow): encode every ready record of a deque, set the others aside"},
+     "drain(queue, slow, limit): encode up to limit ready records of a deque, set the "
+     "others aside"},
     {"take", (PyCFunction)enc_take, METH_NOARGS, "the open batch as one request, or None"},
     {"set_extra", (PyCFunction)enc_set_extra, METH_O, "attributes every span gets (dict|None)"},
     {"reset", (PyCFunction)enc_reset, METH_NOARGS, "forget the open batch (after fork)"},

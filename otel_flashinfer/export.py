@@ -356,14 +356,13 @@ class NativeExport:
 
     # ---- worker thread ------------------------------------------------------------------
 
-    def drain(self, queue: deque[Any], slow: list[Any]) -> None:
-        """Encode every ready record of ``queue``; the rest go to ``slow``."""
+    def drain(self, queue: deque[Any], slow: list[Any], limit: int) -> None:
+        """Encode up to ``limit`` ready records of ``queue``; the rest go to ``slow``."""
         encoders = list(self.encoders.values())
         if len(encoders) == 1:
-            encoders[0].drain(queue, slow)
+            encoders[0].drain(queue, slow, limit)
         else:  # several formats: each record once through each encoder
-            records = list(queue)
-            queue.clear()
+            records = [queue.popleft() for _ in range(min(limit, len(queue)))]
             for record in records:
                 if record.pending or record.gpu is not None:
                     slow.append(record)

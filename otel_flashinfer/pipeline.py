@@ -323,6 +323,9 @@ class DirectSpans:
 
 
 _SAMPLED = trace_api.TraceFlags(trace_api.TraceFlags.SAMPLED | trace_api.TraceFlags.RANDOM_TRACE_ID)
+#: A real (blocking) pause between chunks of a backlog: releasing the GIL without
+#: blocking lets this thread take it straight back before a waiting caller wakes.
+_YIELD_S = 50e-6
 _UNSET = Status(StatusCode.UNSET)
 _MAX_TRACE_ID = 1 << 128
 _MAX_SPAN_ID = 1 << 64
@@ -488,17 +491,28 @@ class Pipeline:
             if native is not None:
                 # Ready records are encoded in C; only those still waiting for the GPU
                 # (statistics, a GPU time the encoder could not resolve) come back here.
-                slow: list[CallRecord] = []
-                native.drain(queue, slow)
-                for record in slow:
+                # What is queued now, in batch-sized chunks: later arrivals wait for the
+                # next tick, and the callers get the GIL back between chunks.
+                left = len(queue)
+                while left > 0:
+                    chunk = min(left, native.batch)
+                    left -= chunk
+                    slow: list[CallRecord] = []
+                    native.drain(queue, slow, chunk)
+                    for record in slow:
+                        if record.pending or record.gpu is not None:
+                            record.deadline = now + self.wait_timeout_s
+                        self._consider(record, now)
+                    if left > 0:
+                        time.sleep(_YIELD_S)
+            else:
+                for i in range(len(queue)):  # what is there now, as above
+                    record = queue.popleft()
                     if record.pending or record.gpu is not None:
                         record.deadline = now + self.wait_timeout_s
                     self._consider(record, now)
-            while queue:
-                record = queue.popleft()
-                if record.pending or record.gpu is not None:
-                    record.deadline = now + self.wait_timeout_s
-                self._consider(record, now)
+                    if i % 64 == 63:
+                        time.sleep(_YIELD_S)
             while len(waiting) > self.max_waiting:
                 record = waiting.popleft()
                 self._finish(record, abandon="backpressure")

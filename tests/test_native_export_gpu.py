@@ -84,8 +84,8 @@ def test_level3_gpu_times_come_from_the_encoder(tmp_path: Path) -> None:
     # Most GPU times never touched Python on the worker.
     assert report["encoders"]["json"]["gpu_resolved"] >= 150, report
     run = _attrs(runs[-1])
-    assert run["flashinfer.arg.q.shape"] == {"arrayValue": {"values": [
-        {"intValue": "8"}, {"intValue": "32"}, {"intValue": "128"}]}}
+    assert run["flashinfer.arg.q.shape"] == {"values": [
+        {"intValue": "8"}, {"intValue": "32"}, {"intValue": "128"}]}
     pid, _, obj = run["flashinfer.instance.id"].partition(":")
     assert pid.isdigit() and obj.isdigit() and int(obj) > 0
     assert [link["spanId"] for link in runs[-1]["links"]]  # linked to its plan

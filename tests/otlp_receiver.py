@@ -1,11 +1,12 @@
-"""A local OTLP receiver for the benchmarks: OTLP/HTTP (``/v1/traces``) and OTLP/gRPC
-(``TraceService/Export``) in one process, decoding every request and counting spans.
+"""A local OTLP receiver for the benchmarks and outage tests: OTLP/HTTP (``/v1/traces``)
+and OTLP/gRPC (``TraceService/Export``) in one process, decoding every request and
+counting spans.
 
 It runs as its own process so that its CPU is not counted as the traced program's,
 and it really parses what it gets (a receiver that only counted bytes would accept a
 broken encoder).  ``GET /count`` answers ``{"spans": n, "requests": m, "errors": e}``.
 
-    python benchmarks/otlp_receiver.py --http-port 4318 --grpc-port 4317
+    python tests/otlp_receiver.py --http-port 4318 --grpc-port 4317
 """
 
 from __future__ import annotations
