@@ -330,12 +330,12 @@ def encoder_rate(seconds: float = 2.0) -> float:
 
     from otel_flashinfer import describe
     from otel_flashinfer.export import make_encoder
-    from otel_flashinfer.pipeline import CallRecord
+    from otel_flashinfer.pipeline import _EMPTY, CallRecord
     from otel_flashinfer.spans import ArgPlan, Describer
 
     run, args = _cpu_workload()
     tracer = TracerProvider().get_tracer("otel_flashinfer", "1")
-    encoder = make_encoder(tracer, "protobuf")
+    encoder = make_encoder(tracer, "protobuf", CallRecord, _EMPTY)
     describer = Describer(ArgPlan(run, False))
     base = {"flashinfer.api": "BatchDecodeWithPagedKVCacheWrapper.run", "flashinfer.level": 3}
     data = [describe.snapshot(a) for a in args]

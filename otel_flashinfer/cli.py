@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     push.set_defaults(func=_cmd_push)
 
     for module, adder in (("replay.cli", "add_pull_parser"), ("replay.cli", "add_replay_parser"),
-                          ("journal", "add_recover_parser")):
+                          ("journal_cli", "add_recover_parser")):
         try:
             mod = __import__(f"otel_flashinfer.{module}", fromlist=[adder])
         except ImportError:

@@ -292,12 +292,13 @@ def _state_header(state: Any) -> str:
     return ",".join(f"{key}={value}" for key, value in state.items())
 
 
-def make_encoder(tracer: Any, fmt: str) -> Any:
-    """A native encoder for ``tracer``'s resource, scope and span limits."""
+def make_encoder(tracer: Any, fmt: str, record_type: Any, empty: Any) -> Any:
+    """A native encoder for ``tracer``'s resource, scope and span limits, reading
+    records of ``record_type`` (``pipeline.CallRecord``, whose shared empty tuple is
+    ``empty``: the pipeline hands both over, so this module never imports it)."""
     from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 
     from . import _otlp
-    from .pipeline import _EMPTY, CallRecord
 
     res_pb, scope_pb, res_schema, scope_schema, res_js, scope_js = _encoder_parts(tracer)
     limits = tracer._span_limits  # noqa: SLF001
@@ -306,7 +307,7 @@ def make_encoder(tracer: Any, fmt: str) -> Any:
         return -1 if value is None else int(value)
 
     return _otlp.Encoder(
-        fmt, CallRecord, _EMPTY, DEFAULT_TRACE_STATE, _state_header,
+        fmt, record_type, empty, DEFAULT_TRACE_STATE, _state_header,
         res_pb if fmt == "protobuf" else res_js, scope_pb if fmt == "protobuf" else scope_js,
         res_schema, scope_schema, limit(limits.max_span_attributes),
         limit(limits.max_events), limit(limits.max_links))
@@ -316,13 +317,10 @@ class NativeExport:
     """Encodes records on the pipeline's worker and sends whole requests from a thread
     of its own, so a slow or dead receiver never holds the worker (or a caller)."""
 
-    def __init__(self, tracer: Any, chosen: Plan) -> None:
-        from .spans import Describer
-
+    def __init__(self, tracer: Any, chosen: Plan, record_type: Any, empty: Any) -> None:
         self.plan = chosen
-        self.describer_type = Describer
         formats = sorted({s.fmt for s in chosen.senders})
-        self.encoders = {fmt: make_encoder(tracer, fmt) for fmt in formats}
+        self.encoders = {fmt: make_encoder(tracer, fmt, record_type, empty) for fmt in formats}
         self.senders = {fmt: [s for s in chosen.senders if s.fmt == fmt] for fmt in formats}
         self.batch = max(1, chosen.batch)
         self.delay_s = chosen.delay_s
@@ -372,8 +370,9 @@ class NativeExport:
 
     def add(self, record: Any) -> None:
         """Encode one record whose pending work is done (raises what failed)."""
-        if record.describe is not None and type(record.describe) is not self.describer_type:
-            record.describe(record)  # a graph child's capture-time description
+        describe = record.describe
+        if describe is not None and getattr(type(describe), "attributes", None) is None:
+            describe(record)  # a graph child's capture-time description, in Python
             record.describe = None
         for encoder in self.encoders.values():
             encoder.add(record)
@@ -483,7 +482,7 @@ class NativeExport:
         return out
 
 
-def native_export_for(provider: Any, tracer: Any,
+def native_export_for(provider: Any, tracer: Any, record_type: Any, empty: Any,
                       on_plan: Callable[[Plan], None] | None = None) -> NativeExport | None:
     """The native path for this provider, or None where the SDK path must serve it."""
     try:
@@ -496,7 +495,7 @@ def native_export_for(provider: Any, tracer: Any,
     if not chosen.fast:
         return None
     try:
-        return NativeExport(tracer, chosen)
+        return NativeExport(tracer, chosen, record_type, empty)
     except Exception as exc:  # noqa: BLE001
         health.report("export_plan_errors", "the native span encoder did not start", exc)
         return None

@@ -610,17 +610,9 @@ def recover(journal_dir: str, submit: Callable[[CallRecord], None], *,
 
 __all__ = [
     "Journal",
-    "add_recover_parser",
     "open_journal",
     "process_alive",
     "process_start_ticks",
     "recover",
     "recover_report",
 ]
-
-
-def add_recover_parser(subparsers: Any) -> Any:
-    """``otel-flashinfer recover [DIR]`` (defined in journal_cli; found here by cli.py)."""
-    from .journal_cli import add_recover_parser as add
-
-    return add(subparsers)

@@ -96,9 +96,9 @@ def bootstrap_child(environ: MutableMapping[str, str] | None = None) -> bool:
         if trace_api.get_current_span(ctx).get_span_context().is_valid:
             _process_context = ctx
             _process_token = context_api.attach(ctx)
-            from . import spans
+            from . import hotstate
 
-            spans.process_parent = trace_api.get_current_span(ctx).get_span_context()
+            hotstate.process_parent = trace_api.get_current_span(ctx).get_span_context()
     except Exception as exc:  # noqa: BLE001
         _warn(f"could not continue the parent trace: {exc}")
     try:

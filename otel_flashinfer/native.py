@@ -28,7 +28,7 @@ def _bind(var: Any) -> Any:
     from opentelemetry.trace.propagation import _SPAN_KEY
     from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 
-    from . import _hotpath, describe, graphs, pipeline, spans
+    from . import _hotpath, describe, graphs, hotstate, pipeline
     from . import journal_format as fmt
 
     if (_hotpath.BODY_SIZE, _hotpath.ARGS_OFFSET) != (fmt.BODY.size, fmt.ARGS_OFFSET):
@@ -37,10 +37,10 @@ def _bind(var: Any) -> Any:
         var=var, suppress_key=_SUPPRESS_INSTRUMENTATION_KEY, span_key=_SPAN_KEY,
         span_context_type=SpanContext, non_recording_type=NonRecordingSpan,
         record_type=pipeline.CallRecord, empty=pipeline._EMPTY,
-        sampled_flags=spans._SAMPLED, default_trace_state=DEFAULT_TRACE_STATE,
-        spans_globals=vars(spans), graphs_globals=vars(graphs),
+        sampled_flags=hotstate.SAMPLED, default_trace_state=DEFAULT_TRACE_STATE,
+        spans_globals=vars(hotstate), graphs_globals=vars(graphs),
         capture_state=graphs.capture_state, snapshot=describe.snapshot,
-        plans=spans.instances.plans, max_plans=spans._MAX_INSTANCES,
+        plans=hotstate.instances.plans, max_plans=hotstate.MAX_INSTANCES,
         report=health.report, count=health.count, plain_getters=_plain_getters(),
     )
     return _hotpath.Entry

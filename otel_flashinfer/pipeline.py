@@ -397,7 +397,7 @@ class Pipeline:
         def note(chosen: Any) -> None:
             self.export_reason = chosen.reason
 
-        self._native = native_export_for(self.provider, tracer, note)
+        self._native = native_export_for(self.provider, tracer, CallRecord, _EMPTY, note)
         if self._native is not None:
             self.export_path = "native"
             if self.fork_attributes:

@@ -20,17 +20,16 @@ from typing import Any
 
 from opentelemetry import context as context_api
 from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY
-from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+from opentelemetry.trace import NonRecordingSpan, SpanContext
 from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 
 from . import describe as _describe
-from . import graphs, health, native
+from . import graphs, health, hotstate, native
 from .config import Settings
 from .pipeline import CallRecord
 
-_SAMPLED = TraceFlags(TraceFlags.SAMPLED | TraceFlags.RANDOM_TRACE_ID)
-_MAX_INSTANCES = 4096
+_SAMPLED = hotstate.SAMPLED
 _MAX_MESSAGE = 1024
 
 
@@ -134,32 +133,6 @@ class Describer:
         record.attributes.update(self.attributes(record.data, record.kw, record.result))
 
 
-class _Instances:
-    """Per-object state of wrapper classes: the plan span a later run links to.
-
-    Keyed by ``id(self)`` and bounded, so it holds no reference to user objects.  A
-    plain dict in insertion order (the native wrapper updates the same dict): a
-    re-planned object moves to the end, and the oldest entry goes first when full.
-    """
-
-    def __init__(self) -> None:
-        self.plans: dict[int, SpanContext] = {}
-
-    def forget(self, key: int) -> None:
-        self.plans.pop(key, None)
-
-    def remember_plan(self, key: int, span_context: SpanContext) -> None:
-        plans = self.plans
-        plans.pop(key, None)
-        plans[key] = span_context
-        if len(plans) > _MAX_INSTANCES:
-            del plans[next(iter(plans))]
-
-    def plan_of(self, key: int) -> SpanContext | None:
-        return self.plans.get(key)
-
-
-instances = _Instances()
 
 
 def _error_facts(exc: BaseException) -> tuple[str, str, str]:
@@ -178,21 +151,6 @@ def _error_facts(exc: BaseException) -> tuple[str, str, str]:
     return type(exc).__qualname__, message, stack[-8192:]
 
 
-#: The span context this process was started under (``otel-flashinfer run`` passes
-#: TRACEPARENT): the parent of calls on threads that have no current span.
-process_parent: SpanContext | None = None
-
-
-def _context_var() -> Any:
-    """The ContextVar behind OTel's default runtime context, used directly on the hot
-    path (two Python frames fewer per get/attach/detach); None for any other runtime
-    context, which then goes through the public API."""
-    runtime_context = getattr(context_api, "_RUNTIME_CONTEXT", None)
-    if type(runtime_context).__name__ != "ContextVarsRuntimeContext":
-        return None
-    return getattr(runtime_context, "_current_context", None)
-
-
 class _ApiContext:
     """``get``/``set``/``reset`` over the public OTel context API (fallback)."""
 
@@ -202,24 +160,24 @@ class _ApiContext:
 
 
 def make_wrapper(fn: Callable[..., Any], api_name: str, *, settings: Settings,
-                 runtime: Any = None) -> Callable[..., Any]:
+                 runtime: Any) -> Callable[..., Any]:
     """Build the traced wrapper for one target at ``settings.level`` (>= 1).
 
-    The caller's thread allocates one ``CallRecord`` per call and, from level 3, one
-    list plus one tuple per tensor for argument facts; nothing else outlives the call
-    (see ``CallRecord``).
+    ``runtime`` (``runtime.Runtime``) hands the wrapper everything live: the pipeline,
+    the hooks, the journal.  The caller's thread allocates one ``CallRecord`` per call
+    and, from level 3, one list plus one tuple per tensor for argument facts; nothing
+    else outlives the call (see ``CallRecord``).
     """
-    from . import runtime as _runtime
-
-    rt = runtime or _runtime.ensure(settings)
+    rt = runtime
     is_method = "." in api_name and _first_param_is_self(fn)
     method = api_name.rsplit(".", 1)[-1] if is_method else ""
     plan = ArgPlan(fn, is_method)
     level = settings.level
     submit = rt.pipeline.submit
-    var = _context_var() or _ApiContext
+    var = hotstate.context_var() or _ApiContext
     get_current, set_context, reset_context = var.get, var.set, var.reset
     for_call = CallRecord.for_call
+    instances = hotstate.instances
     plan_of = instances.plan_of
     capture_state = graphs.capture_state
     snapshot = _describe.snapshot
@@ -249,7 +207,7 @@ def make_wrapper(fn: Callable[..., Any], api_name: str, *, settings: Settings,
         for i, after in enumerate(afters):
             after(record, states[n - 1 - i], result, error)
 
-    entry_type = native.entry_type(_context_var())
+    entry_type = native.entry_type(hotstate.context_var())
     if entry_type is not None:
         # GPU timing (innermost pair, gpu_timing.make_hooks) runs inside the C path.
         gpu = getattr(hooks[-1][0], "native", None) if hooks else None
@@ -276,7 +234,7 @@ def make_wrapper(fn: Callable[..., Any], api_name: str, *, settings: Settings,
                 record = None
             else:
                 span = ctx.get(_SPAN_KEY)
-                parent = span.get_span_context() if span is not None else process_parent
+                parent = span.get_span_context() if span is not None else hotstate.process_parent
                 if parent is not None and parent.is_valid:
                     record = (for_call(api_name, parent.trace_id, getrandbits(64) or 1,
                                        parent, base_attrs)

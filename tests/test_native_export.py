@@ -31,7 +31,7 @@ from opentelemetry.trace import Link, SpanContext, TraceFlags, TraceState
 
 from otel_flashinfer import describe, export, health
 from otel_flashinfer.otlp_json import JsonLinesSpanExporter, json_to_request
-from otel_flashinfer.pipeline import CallRecord, DirectSpans, Pipeline
+from otel_flashinfer.pipeline import _EMPTY, CallRecord, DirectSpans, Pipeline
 from otel_flashinfer.spans import ArgPlan, Describer
 
 _otlp = pytest.importorskip("otel_flashinfer._otlp", reason="native encoder not built")
@@ -116,7 +116,7 @@ def _sdk_request(tracer: Any, exporter: InMemorySpanExporter, records: list[Call
 
 def _native(tracer: Any, fmt: str, records: list[CallRecord],
             extra: dict[str, Any] | None = None) -> bytes:
-    encoder = export.make_encoder(tracer, fmt)
+    encoder = export.make_encoder(tracer, fmt, CallRecord, _EMPTY)
     if extra:
         encoder.set_extra(extra)
     for r in records:
@@ -167,7 +167,7 @@ def test_argument_block_is_reused_only_while_snapshots_are_the_same() -> None:
     """The cache keys on the snapshots' exact types: 1, 1.0 and True are equal in
     Python but are different attributes."""
     tracer, _ = _sdk_tracer()
-    encoder = export.make_encoder(tracer, "protobuf")
+    encoder = export.make_encoder(tracer, "protobuf", CallRecord, _EMPTY)
     seen = []
     for value in (1, 1, 1.0, True, 2, 1):
         r = CallRecord.for_call("f", 1, 2, None, BASE)
@@ -185,7 +185,7 @@ def test_argument_block_is_reused_only_while_snapshots_are_the_same() -> None:
 
 def test_values_the_encoder_cannot_carry_are_skipped_and_counted() -> None:
     tracer, _ = _sdk_tracer()
-    encoder = export.make_encoder(tracer, "protobuf")
+    encoder = export.make_encoder(tracer, "protobuf", CallRecord, _EMPTY)
     r = CallRecord.for_call("f", 1, 2, None, {"ok": 1, "bad": object(), "huge": 2**80})
     encoder.add(r)
     span = ExportTraceServiceRequest.FromString(encoder.take()).resource_spans[0]
@@ -195,7 +195,7 @@ def test_values_the_encoder_cannot_carry_are_skipped_and_counted() -> None:
 
 def test_a_broken_record_is_refused_whole() -> None:
     tracer, _ = _sdk_tracer()
-    encoder = export.make_encoder(tracer, "protobuf")
+    encoder = export.make_encoder(tracer, "protobuf", CallRecord, _EMPTY)
     good = CallRecord.for_call("good", 1, 2, None, BASE)
     bad = CallRecord.for_call("bad", "not an id", 2, None, BASE)
     encoder.add(good)
@@ -363,7 +363,7 @@ def test_outbox_is_bounded_and_drops_are_counted(tmp_path: Path) -> None:
     _provider, tracer = _file_provider(tmp_path / "unused.jsonl")
     gate = _Gate()
     chosen = export.Plan(True, "test", (gate,), delay_s=0.0, batch=10, outbox_spans=50)
-    sink = export.NativeExport(tracer, chosen)
+    sink = export.NativeExport(tracer, chosen, CallRecord, _EMPTY)
     before = health.counters().get("spans_dropped", 0)
     worst = 0.0
     for i in range(300):

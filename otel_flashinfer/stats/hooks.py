@@ -124,9 +124,9 @@ def _c_entries() -> bool:
     """Whether wrappers are made over the C hot path: the C++ hooks rely on its order
     (their before runs ahead of its GPU-timing events, which it skips for a call they
     time); the pure-Python wrapper keeps the Python hooks."""
-    from .. import spans
+    from .. import hotstate
 
-    return native.entry_type(spans._context_var()) is not None
+    return native.entry_type(hotstate.context_var()) is not None
 
 
 def native_hooks(module: Any, recorder: StatsRecorder, before: Any, after: Any
