@@ -271,7 +271,8 @@ typedef struct {
     Py_ssize_t extra_count;
     PyObject *s_attributes;   /* "attributes" (the describer's method) */
     PyObject *s_popleft, *s_items, *s_context, *s_attrs, *s_dropped;
-    PyObject *k_instance, *k_gpu_time, *k_cuda_error;
+    PyObject *k_instance, *k_gpu_time, *k_cuda_error, *k_nonfinite;
+    PyTypeObject *raw_stats; /* stats.decode.RawStats: rows still as the kernel wrote them */
     Py_ssize_t max_attributes, max_events, max_links;
     /* resource + scope, pre-encoded: protobuf field bodies or JSON fragments */
     Buf resource, scope;
@@ -860,6 +861,195 @@ static int link_one(Encoder *e, Buf *b, PyObject *context, PyObject *attrs, int 
     return put_c(b, '}');
 }
 
+/* ---- level-5 statistics rows, decoded here ---------------------------------------------
+ * A RawStats is (rows: bytes, metas, offset, ts_ns): the pinned slot's copy and what
+ * the host knew of each row (name, scope, numel).  Each row is eight words
+ * (csrc/tensor_stats.h): min key, max key, finite sum (double), finite, nan, inf, seen,
+ * spare; stats/decode.py's ``_attrs`` is the reference these events must match. */
+
+#define ROW_BYTES 64
+static const char *const EVENT_NAME = "flashinfer.tensor_stats";
+
+static inline uint64_t row_word(const unsigned char *row, int i) {
+    uint64_t v;
+    memcpy(&v, row + 8 * i, 8);
+    return v;
+}
+
+static inline double unkey(uint64_t key) {
+    uint64_t bits = (key & (1ULL << 63)) ? key ^ (1ULL << 63) : ~key;
+    double d;
+    memcpy(&d, &bits, 8);
+    return d;
+}
+
+/* One attribute with a C value (kind 's' string, 'i' int64, 'd' double). */
+static int kv_c(Encoder *e, Buf *b, int field, const char *key, char kind, const char *sval,
+                Py_ssize_t slen, long long ival, double dval, int *first) {
+    size_t klen = strlen(key);
+    if (e->fmt == FMT_PROTOBUF) {
+        size_t mark, inner;
+        if (pb_open(b, field, &mark) < 0 || pb_bytes(b, 1, key, klen) < 0 ||
+            pb_open(b, 2, &inner) < 0)
+            return -1;
+        if (kind == 's' && pb_bytes(b, 1, sval, (size_t)slen) < 0) return -1;
+        if (kind == 'i' && (pb_tag(b, 3, 0) < 0 || pb_varint(b, (uint64_t)ival) < 0)) return -1;
+        if (kind == 'd') {
+            uint64_t bits;
+            memcpy(&bits, &dval, 8);
+            if (pb_fixed64(b, 4, bits) < 0) return -1;
+        }
+        if (pb_close(b, inner) < 0) return -1;
+        *first = 0;
+        return pb_close(b, mark);
+    }
+    if (!*first && put_c(b, ',') < 0) return -1;
+    *first = 0;
+    if (PUT_LIT(b, "{\"key\":") < 0 || js_str(b, key, (Py_ssize_t)klen) < 0 ||
+        PUT_LIT(b, ",\"value\":") < 0)
+        return -1;
+    if (kind == 's' && (PUT_LIT(b, "{\"stringValue\":") < 0 || js_str(b, sval, slen) < 0)) return -1;
+    if (kind == 'i' && (PUT_LIT(b, "{\"intValue\":") < 0 || js_i64(b, ival) < 0)) return -1;
+    if (kind == 'd' && (PUT_LIT(b, "{\"doubleValue\":") < 0 || js_double(b, dval) < 0)) return -1;
+    return PUT_LIT(b, "}}");
+}
+
+typedef struct {
+    const unsigned char *rows;
+    Py_ssize_t nrows;
+    PyObject *metas; /* sequence, borrowed */
+    uint64_t ts;
+} RawView;
+
+/* Checks a RawStats and views it; -1 with an exception when malformed. */
+static int raw_view(PyObject *raw, RawView *v) {
+    if (PyTuple_GET_SIZE(raw) != 4 || !PyBytes_Check(PyTuple_GET_ITEM(raw, 0))) {
+        PyErr_SetString(PyExc_TypeError, "RawStats is (rows: bytes, metas, offset, ts_ns)");
+        return -1;
+    }
+    PyObject *rows = PyTuple_GET_ITEM(raw, 0), *metas = PyTuple_GET_ITEM(raw, 1);
+    Py_ssize_t offset = PyLong_AsSsize_t(PyTuple_GET_ITEM(raw, 2));
+    if (offset == -1 && PyErr_Occurred()) return -1;
+    if (!PyTuple_Check(metas) && !PyList_Check(metas)) {
+        PyErr_SetString(PyExc_TypeError, "RawStats metas is not a tuple or list");
+        return -1;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(metas);
+    if (offset < 0 || offset + n * ROW_BYTES > PyBytes_GET_SIZE(rows)) {
+        PyErr_SetString(PyExc_ValueError, "RawStats rows are shorter than their metas");
+        return -1;
+    }
+    if (as_u64(PyTuple_GET_ITEM(raw, 3), &v->ts) < 0) return -1;
+    v->rows = (const unsigned char *)PyBytes_AS_STRING(rows) + offset;
+    v->nrows = n;
+    v->metas = metas;
+    return 0;
+}
+
+static int raw_nonfinite(const RawView *v) {
+    for (Py_ssize_t i = 0; i < v->nrows; ++i) {
+        const unsigned char *row = v->rows + i * ROW_BYTES;
+        if (row_word(row, 4) || row_word(row, 5)) return 1;
+    }
+    return 0;
+}
+
+/* (name, scope, numel) of a meta: a plain tuple, or a RowMeta's fields. */
+static int meta_fields(PyObject *meta, PyObject **name, PyObject **scope, long long *numel) {
+    PyObject *n, *s, *k;
+    if (PyTuple_CheckExact(meta) && PyTuple_GET_SIZE(meta) == 3) {
+        n = PyTuple_GET_ITEM(meta, 0);
+        s = PyTuple_GET_ITEM(meta, 1);
+        k = PyTuple_GET_ITEM(meta, 2);
+        Py_INCREF(n);
+        Py_INCREF(s);
+        Py_INCREF(k);
+    } else {
+        n = PyObject_GetAttrString(meta, "name");
+        s = n ? PyObject_GetAttrString(meta, "scope") : NULL;
+        k = s ? PyObject_GetAttrString(meta, "numel") : NULL;
+        if (k == NULL) {
+            Py_XDECREF(n);
+            Py_XDECREF(s);
+            return -1;
+        }
+    }
+    *numel = PyLong_AsLongLong(k);
+    Py_DECREF(k);
+    if ((*numel == -1 && PyErr_Occurred()) || !PyUnicode_Check(n) || !PyUnicode_Check(s)) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "a row meta is malformed");
+        Py_DECREF(n);
+        Py_DECREF(s);
+        return -1;
+    }
+    *name = n;
+    *scope = s;
+    return 0;
+}
+
+/* One flashinfer.tensor_stats event per row. */
+static int raw_events(Encoder *e, Buf *b, const RawView *v, Py_ssize_t limit, int *first_event,
+                      Py_ssize_t *written) {
+    for (Py_ssize_t i = 0; i < v->nrows && *written < limit; ++i, ++*written) {
+        const unsigned char *row = v->rows + i * ROW_BYTES;
+        PyObject *name, *scope;
+        long long numel;
+        if (meta_fields(PySequence_Fast_GET_ITEM(v->metas, i), &name, &scope, &numel) < 0)
+            return -1;
+        Py_ssize_t nlen, slen;
+        const char *ns = PyUnicode_AsUTF8AndSize(name, &nlen);
+        const char *ss = ns ? PyUnicode_AsUTF8AndSize(scope, &slen) : NULL;
+        int rc = ss == NULL ? -1 : 0;
+        uint64_t min_key = row_word(row, 0), max_key = row_word(row, 1);
+        double total;
+        memcpy(&total, row + 16, 8);
+        long long finite = (long long)row_word(row, 3), nan = (long long)row_word(row, 4);
+        long long inf = (long long)row_word(row, 5), seen = (long long)row_word(row, 6);
+        int pages = rc == 0 && slen == 16 && memcmp(ss, "referenced_pages", 16) == 0;
+        int sampled = rc == 0 && slen == 7 && memcmp(ss, "sampled", 7) == 0;
+        size_t mark = 0, attrs_at = 0;
+        int first = 1;
+        if (rc == 0) {
+            if (e->fmt == FMT_PROTOBUF) {
+                rc = pb_open(b, 11, &mark) < 0 || pb_fixed64(b, 1, v->ts) < 0 ||
+                     pb_bytes(b, 2, EVENT_NAME, strlen(EVENT_NAME)) < 0 ? -1 : 0;
+            } else {
+                if (!*first_event && put_c(b, ',') < 0) rc = -1;
+                if (rc == 0 && (PUT_LIT(b, "{\"timeUnixNano\":") < 0 || js_u64(b, v->ts, 1) < 0 ||
+                                PUT_LIT(b, ",\"name\":\"flashinfer.tensor_stats\",\"attributes\":[") < 0))
+                    rc = -1;
+            }
+            *first_event = 0;
+            attrs_at = b->len;
+            (void)attrs_at;
+        }
+        const double qnan = NAN;
+        if (rc == 0) rc = kv_c(e, b, 3, "flashinfer.tensor", 's', ns, nlen, 0, 0, &first);
+        if (rc == 0) rc = kv_c(e, b, 3, "scope", 's', ss, slen, 0, 0, &first);
+        if (rc == 0) rc = kv_c(e, b, 3, "numel", 'i', NULL, 0, pages ? seen : numel, 0, &first);
+        if (rc == 0 && sampled) rc = kv_c(e, b, 3, "sampled_numel", 'i', NULL, 0, seen, 0, &first);
+        if (rc == 0 && seen) {
+            double lo = qnan, hi = qnan;
+            if (min_key || max_key) {
+                lo = unkey(~min_key);
+                hi = unkey(max_key);
+            }
+            rc = kv_c(e, b, 3, "min", 'd', NULL, 0, 0, lo, &first);
+            if (rc == 0) rc = kv_c(e, b, 3, "max", 'd', NULL, 0, 0, hi, &first);
+            if (rc == 0)
+                rc = kv_c(e, b, 3, "mean", 'd', NULL, 0, 0, finite ? total / (double)finite : qnan,
+                          &first);
+        }
+        if (rc == 0) rc = kv_c(e, b, 3, "nan_count", 'i', NULL, 0, nan, 0, &first);
+        if (rc == 0) rc = kv_c(e, b, 3, "inf_count", 'i', NULL, 0, inf, 0, &first);
+        if (rc == 0) rc = e->fmt == FMT_PROTOBUF ? pb_close(b, mark) : PUT_LIT(b, "]}");
+        Py_DECREF(name);
+        Py_DECREF(scope);
+        if (rc < 0) return -1;
+    }
+    return 0;
+}
+
 /* "<pid>:<id>" (CallRecord.instance_id), borrowed from a small cache. */
 static PyObject *instance_text(Encoder *e, unsigned long long id) {
     int i = (int)((id >> 4) % INSTANCE_CACHE);
@@ -994,6 +1184,30 @@ static int encode_record(Encoder *e, PyObject *record, long long gpu_ns) {
         block_within(e, b, e->extra_block, e->extra_count, e->extra, &written, &dropped,
                      &first) < 0)
         goto fail;
+    /* statistics rows decoded here: a call that saw NaN/Inf says so on the span */
+    PyObject *events = slot(e, record, R_EVENTS);
+    Py_ssize_t n_events = events != NULL && (PyList_Check(events) || PyTuple_Check(events))
+                              ? PySequence_Fast_GET_SIZE(events) : 0;
+    Py_ssize_t total_events = 0;
+    int nonfinite = 0;
+    for (Py_ssize_t i = 0; i < n_events; ++i) {
+        PyObject *ev = PySequence_Fast_GET_ITEM(events, i);
+        if (e->raw_stats != NULL && Py_TYPE(ev) == e->raw_stats) {
+            RawView v;
+            if (raw_view(ev, &v) < 0) goto fail;
+            total_events += v.nrows;
+            nonfinite = nonfinite || raw_nonfinite(&v);
+        } else {
+            total_events += 1;
+        }
+    }
+    if (nonfinite && !(!shared && PyDict_GetItemWithError(attributes, e->k_nonfinite) != NULL)) {
+        if (PyErr_Occurred()) goto fail;
+        int rc = written < e->max_attributes ? attr(e, b, 9, e->k_nonfinite, Py_True, &first)
+                                             : (dropped++, 0);
+        if (rc < 0) goto fail;
+        written += rc;
+    }
     if (js) {
         if (written == 0) b->len = attrs_at;
         else if (put_c(b, ']') < 0) goto fail;
@@ -1005,20 +1219,25 @@ static int encode_record(Encoder *e, PyObject *record, long long gpu_ns) {
     }
 
     /* events: the record's, up to the limit, then the exception */
-    PyObject *events = slot(e, record, R_EVENTS);
     PyObject *error = slot(e, record, R_ERROR);
     int has_error = error != NULL && error != Py_None;
-    Py_ssize_t n_events = events != NULL && (PyList_Check(events) || PyTuple_Check(events))
-                              ? PySequence_Fast_GET_SIZE(events) : 0;
-    Py_ssize_t dropped_events = n_events > e->max_events ? n_events - e->max_events : 0;
+    Py_ssize_t dropped_events = total_events > e->max_events ? total_events - e->max_events : 0;
     if (n_events || has_error) {
         int first_event = 1;
         size_t events_at = b->len;
+        Py_ssize_t emitted = 0, limit = total_events - dropped_events;
         if (js && PUT_LIT(b, ",\"events\":[") < 0) goto fail;
         PyObject **items = n_events ? PySequence_Fast_ITEMS(events) : NULL;
-        for (Py_ssize_t i = 0; i < n_events - dropped_events; ++i) {
+        for (Py_ssize_t i = 0; i < n_events && emitted < limit; ++i) {
             PyObject *ev = items[i];
             uint64_t ts;
+            if (e->raw_stats != NULL && Py_TYPE(ev) == e->raw_stats) {
+                RawView v;
+                if (raw_view(ev, &v) < 0 || raw_events(e, b, &v, limit, &first_event, &emitted) < 0)
+                    goto fail;
+                continue;
+            }
+            ++emitted;
             if (!PyTuple_Check(ev) || PyTuple_GET_SIZE(ev) != 3 ||
                 as_u64(PyTuple_GET_ITEM(ev, 2), &ts) < 0) {
                 if (!PyErr_Occurred())
@@ -1415,15 +1634,20 @@ static int buf_set(Buf *b, PyObject *bytes) {
 static int enc_init(Encoder *e, PyObject *args, PyObject *kwargs) {
     static char *kw[] = {"fmt", "record_type", "empty", "default_trace_state", "state_header",
                          "resource", "scope", "resource_schema", "scope_schema",
-                         "max_attributes", "max_events", "max_links", NULL};
+                         "max_attributes", "max_events", "max_links", "raw_stats", NULL};
     const char *fmt;
     PyObject *record_type, *empty, *default_state, *state_header, *resource, *scope, *rs, *ss;
     Py_ssize_t max_attributes = 128, max_events = 128, max_links = 128;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "sO!OOOSSUU|nnn", kw, &fmt, &PyType_Type,
+    PyObject *raw_stats = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "sO!OOOSSUU|nnnO", kw, &fmt, &PyType_Type,
                                      &record_type, &empty, &default_state, &state_header,
                                      &resource, &scope, &rs, &ss, &max_attributes, &max_events,
-                                     &max_links))
+                                     &max_links, &raw_stats))
         return -1;
+    if (raw_stats != Py_None && !PyType_Check(raw_stats)) {
+        PyErr_SetString(PyExc_TypeError, "raw_stats must be a type or None");
+        return -1;
+    }
     if (strcmp(fmt, "protobuf") == 0) e->fmt = FMT_PROTOBUF;
     else if (strcmp(fmt, "json") == 0) e->fmt = FMT_JSON;
     else {
@@ -1460,6 +1684,8 @@ static int enc_init(Encoder *e, PyObject *args, PyObject *kwargs) {
     Py_XSETREF(e->resource_schema, rs);
     Py_INCREF(ss);
     Py_XSETREF(e->scope_schema, ss);
+    Py_XINCREF(raw_stats == Py_None ? NULL : raw_stats);
+    Py_XSETREF(e->raw_stats, raw_stats == Py_None ? NULL : (PyTypeObject *)raw_stats);
     Py_XSETREF(e->blocks, PyDict_New());
     Py_XSETREF(e->described, PyDict_New());
 #define I(field, text) Py_XSETREF(e->field, PyUnicode_InternFromString(text))
@@ -1472,6 +1698,7 @@ static int enc_init(Encoder *e, PyObject *args, PyObject *kwargs) {
     I(k_instance, "flashinfer.instance.id");
     I(k_gpu_time, "flashinfer.gpu.time_ns");
     I(k_cuda_error, "flashinfer.cuda_error");
+    I(k_nonfinite, "flashinfer.nonfinite");
 #undef I
     if (PyErr_Occurred()) return -1;
     e->max_attributes = max_attributes < 0 ? PY_SSIZE_T_MAX : max_attributes;
@@ -1489,6 +1716,7 @@ static int enc_traverse(Encoder *e, visitproc visit, void *arg) {
     Py_VISIT(e->blocks);
     Py_VISIT(e->described);
     Py_VISIT(e->extra);
+    Py_VISIT(e->raw_stats);
     return 0;
 }
 
@@ -1512,6 +1740,8 @@ static int enc_clear(Encoder *e) {
     Py_CLEAR(e->k_instance);
     Py_CLEAR(e->k_gpu_time);
     Py_CLEAR(e->k_cuda_error);
+    Py_CLEAR(e->k_nonfinite);
+    Py_CLEAR(e->raw_stats);
     instance_forget(e);
     return 0;
 }

@@ -299,6 +299,7 @@ def make_encoder(tracer: Any, fmt: str, record_type: Any, empty: Any) -> Any:
     from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 
     from . import _otlp
+    from .stats.decode import RawStats
 
     res_pb, scope_pb, res_schema, scope_schema, res_js, scope_js = _encoder_parts(tracer)
     limits = tracer._span_limits  # noqa: SLF001
@@ -310,7 +311,7 @@ def make_encoder(tracer: Any, fmt: str, record_type: Any, empty: Any) -> Any:
         fmt, record_type, empty, DEFAULT_TRACE_STATE, _state_header,
         res_pb if fmt == "protobuf" else res_js, scope_pb if fmt == "protobuf" else scope_js,
         res_schema, scope_schema, limit(limits.max_span_attributes),
-        limit(limits.max_events), limit(limits.max_links))
+        limit(limits.max_events), limit(limits.max_links), RawStats)
 
 
 class NativeExport:

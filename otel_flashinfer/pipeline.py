@@ -568,12 +568,13 @@ class Pipeline:
                     times.abandon(record, gpu, abandon)
             except Exception as exc:  # noqa: BLE001
                 health.report("pending_errors", "could not resolve a GPU time", exc)
+        native = self._native is not None
         for pending in record.pending:
             try:
-                if abandon is None:
-                    pending.apply(record)
-                elif pending.ready():
-                    pending.apply(record)
+                if abandon is None or pending.ready():
+                    # The native encoder decodes statistics rows itself (RawStats).
+                    apply = getattr(pending, "apply_raw", None) if native else None
+                    (apply or pending.apply)(record)
                 else:
                     pending.abandon(record, abandon)
             except Exception as exc:  # noqa: BLE001

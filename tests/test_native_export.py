@@ -379,3 +379,93 @@ def test_outbox_is_bounded_and_drops_are_counted(tmp_path: Path) -> None:
     dropped = health.counters().get("spans_dropped", 0) - before
     assert gate.got + dropped == 300 and dropped >= 240
     sink.shutdown(1)
+
+
+def _stats_rows() -> tuple[bytes, list[Any]]:
+    """Rows as the statistics kernel writes them (torch_ops is the CPU reference)."""
+    from otel_flashinfer.stats.decode import SCOPE_FULL, SCOPE_PAGES, SCOPE_SAMPLED, RowMeta
+    from otel_flashinfer.stats.torch_ops import tensor_row
+
+    x = torch.randn(300, dtype=torch.float64)
+    x[3], x[7], x[9] = float("nan"), float("inf"), -float("inf")
+    rows = torch.stack([
+        tensor_row(x), tensor_row(torch.full((4,), float("nan"))), tensor_row(torch.empty(0)),
+        tensor_row(torch.arange(-5, 60, dtype=torch.int64)), tensor_row(x, step=7),
+        tensor_row(torch.tensor([-0.0, 1e300, -1e-300], dtype=torch.float64)),
+    ])
+    metas = [RowMeta("a", SCOPE_FULL, 300), RowMeta("nan", SCOPE_FULL, 4),
+             ("e", SCOPE_FULL, 0), ("ints", SCOPE_FULL, 65), ("s", SCOPE_SAMPLED, 300),
+             ("kv", SCOPE_PAGES, 0)]
+    return rows.numpy().tobytes(), metas
+
+
+def _event_dicts(span: Any) -> list[dict[str, Any]]:
+    out = []
+    for event in span.events:
+        attrs = {}
+        for kv in event.attributes:
+            kind = kv.value.WhichOneof("value")
+            attrs[kv.key] = getattr(kv.value, kind)
+        out.append(attrs)
+    return out
+
+
+def _same_attrs(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    import math
+
+    return a.keys() == b.keys() and all(
+        (isinstance(v, float) and math.isnan(v) and math.isnan(b[k])) or v == b[k]
+        for k, v in a.items())
+
+
+@pytest.mark.parametrize("fmt", ["protobuf", "json"])
+def test_raw_statistics_rows_become_the_same_events(fmt: str) -> None:
+    """The encoder decodes level-5 rows itself (RawStats); its events must say exactly
+    what ``decode_buffer`` says, and a NaN/Inf anywhere sets flashinfer.nonfinite."""
+    from otel_flashinfer.stats.decode import RawStats, decode_buffer
+
+    rows, metas = _stats_rows()
+    tracer, _ = _sdk_tracer()
+    encoder = export.make_encoder(tracer, fmt, CallRecord, _EMPTY)
+    r = CallRecord.for_call("stats", 1, 2, None, BASE)
+    r.start_ns, r.end_ns = 10, 20
+    r.events = [RawStats((rows, metas[:2], 0, 15)), ("other", {"k": 1}, 16),
+                RawStats((rows, metas[2:], 2 * 64, 17))]
+    encoder.add(r)
+    payload = encoder.take()
+    request = (ExportTraceServiceRequest.FromString(payload) if fmt == "protobuf"
+               else json_to_request(payload.decode()))
+    span = request.resource_spans[0].scope_spans[0].spans[0]
+    expected = decode_buffer(rows, metas)
+    got = _event_dicts(span)
+    assert [e.name for e in span.events] == ["flashinfer.tensor_stats"] * 2 + ["other"] + [
+        "flashinfer.tensor_stats"] * 4
+    assert [e.time_unix_nano for e in span.events] == [15, 15, 16, 17, 17, 17, 17]
+    assert got[2] == {"k": 1}
+    stats = got[:2] + got[3:]
+    assert all(_same_attrs(g, e) for g, e in zip(stats, expected, strict=True)), (stats, expected)
+    attrs = {kv.key: kv.value for kv in span.attributes}
+    assert attrs["flashinfer.nonfinite"].bool_value is True
+
+    clean = CallRecord.for_call("clean", 1, 3, None, BASE)
+    clean.events = [RawStats((rows, metas[3:4], 3 * 64, 1))]
+    encoder.add(clean)
+    payload = encoder.take()
+    request = (ExportTraceServiceRequest.FromString(payload) if fmt == "protobuf"
+               else json_to_request(payload.decode()))
+    span = request.resource_spans[0].scope_spans[0].spans[0]
+    assert "flashinfer.nonfinite" not in {kv.key for kv in span.attributes}
+    assert _same_attrs(_event_dicts(span)[0], expected[3])
+
+
+def test_malformed_raw_statistics_refuse_the_record() -> None:
+    from otel_flashinfer.stats.decode import RawStats
+
+    rows, metas = _stats_rows()
+    tracer, _ = _sdk_tracer()
+    encoder = export.make_encoder(tracer, "protobuf", CallRecord, _EMPTY)
+    r = CallRecord.for_call("short", 1, 2, None, BASE)
+    r.events = [RawStats((rows[:64], metas, 0, 1))]  # six metas, one row
+    with pytest.raises(ValueError, match="shorter than their metas"):
+        encoder.add(r)
+    assert encoder.take() is None

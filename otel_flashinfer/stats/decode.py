@@ -96,6 +96,16 @@ def decode_buffer(buf: Any, metas: Sequence[Any], offset: int = 0) -> list[dict[
     return out
 
 
+class RawStats(tuple):
+    """``(rows, metas, offset, ts_ns)``: a call's statistics rows still as the kernel
+    wrote them (a copy of the pinned slot from ``offset``), one meta per row.  The
+    native span encoder turns them into ``flashinfer.tensor_stats`` events (and
+    ``flashinfer.nonfinite``) itself, as ``decode_buffer`` would, with no Python per
+    row; only that path is handed them (``StatsPending.apply_raw``)."""
+
+    __slots__ = ()
+
+
 def is_nonfinite(events: Sequence[dict[str, Any]]) -> bool:
     """Whether any tensor held a NaN or an Inf."""
     return any(e.get("nan_count", 0) or e.get("inf_count", 0) for e in events)

@@ -15,6 +15,7 @@ from .decode import (
     EVENT_NAME,
     NONFINITE_ATTR,
     ROW_BYTES,
+    RawStats,
     decode_buffer,
     is_nonfinite,
 )
@@ -61,6 +62,13 @@ class StatsPending:
         return self._status != 1
 
     def apply(self, record: Any) -> None:
+        self._apply(record, raw=False)
+
+    def apply_raw(self, record: Any) -> None:
+        """``apply`` for the native encoder: the rows go on the record undecoded."""
+        self._apply(record, raw=True)
+
+    def _apply(self, record: Any, raw: bool) -> None:
         if self.slot < 0:
             return
         slot, self.slot = self.slot, -1
@@ -74,17 +82,23 @@ class StatsPending:
         n = len(self.metas)
         out = self.out_metas
         try:
-            raw = self.ring.read_bytes(slot, n + max(len(out) if out else 0, self.gpu_time))
+            rows = self.ring.read_bytes(slot, n + max(len(out) if out else 0, self.gpu_time))
         finally:
             self.ring.release(slot)
         if self.gpu_time:
-            _gpu_time(record.attributes, raw, n)
+            _gpu_time(record.attributes, rows, n)
         if n or not out:
-            _add_events(record, decode_buffer(raw, self.metas), self.ts_ns)
+            if raw:
+                record.events.append(RawStats((rows, self.metas, 0, self.ts_ns)))
+            else:
+                _add_events(record, decode_buffer(rows, self.metas), self.ts_ns)
             if self.note:
                 record.attributes[DROPPED_ATTR] = self.note
         if out:
-            _add_events(record, decode_buffer(raw, out, n * ROW_BYTES), self.out_ts)
+            if raw:
+                record.events.append(RawStats((rows, out, n * ROW_BYTES, self.out_ts)))
+            else:
+                _add_events(record, decode_buffer(rows, out, n * ROW_BYTES), self.out_ts)
             if self.out_note:
                 record.attributes[DROPPED_ATTR] = self.out_note
 
