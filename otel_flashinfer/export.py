@@ -367,6 +367,9 @@ class NativeExport:
                     slow.append(record)
                 else:
                     self.add(record)
+
+    def end_drain(self) -> None:
+        """After the worker's pass: ship full batches, and older ones past the delay."""
         self._cut(force=False)
 
     def add(self, record: Any) -> None:
@@ -375,9 +378,12 @@ class NativeExport:
         if describe is not None and getattr(type(describe), "attributes", None) is None:
             describe(record)  # a graph child's capture-time description, in Python
             record.describe = None
+        full = False
         for encoder in self.encoders.values():
             encoder.add(record)
-        self._cut(force=False)
+            full = full or encoder.count >= self.batch
+        if full:  # the time-based cut waits for the end of the drain
+            self._cut(force=False)
 
     def _cut(self, force: bool) -> None:
         """Move full (or, past the delay, any) open batches to the outbox."""

@@ -175,7 +175,10 @@ def emit_replay(runtime: Any, capture: Capture, index: int, start_ns: int, end_n
                        if k != "flashinfer.cuda_graph.capturing"}
         child_attrs["flashinfer.cuda_graph.replay"] = index
         child = CallRecord(captured.name, trace_id, getrandbits(64) or 1, replay_context,
-                           start_ns, end_ns, child_attrs, describe=captured_describe(captured))
+                           start_ns, end_ns, child_attrs, describe=captured.describe)
+        # The capture-time snapshots, described as the capture-time span was: the same
+        # objects every replay, so the native encoder reuses one encoded block.
+        child.data, child.kw, child.result = captured.data, captured.kw, captured.result
         child.add_link(Link(trace_api.SpanContext(
             captured.trace_id, captured.span_id, False,
             trace_api.TraceFlags(trace_api.TraceFlags.SAMPLED))))
@@ -185,19 +188,3 @@ def emit_replay(runtime: Any, capture: Capture, index: int, start_ns: int, end_n
                 child.pending.append(pending)
         runtime.pipeline.submit(child)
     runtime.pipeline.submit(replay_record)
-
-
-def captured_describe(captured: CallRecord) -> Callable[[CallRecord], None] | None:
-    """Children describe their arguments as the capture-time span did."""
-    describe = captured.describe
-    if describe is None:
-        return None
-
-    def run(record: CallRecord) -> None:
-        scratch = CallRecord(captured.name, 0, 0, None, 0, 0, {})
-        scratch.data, scratch.kw, scratch.result = captured.data, captured.kw, captured.result
-        describe(scratch)
-        for key, value in scratch.attributes.items():
-            record.attributes.setdefault(key, value)
-
-    return run

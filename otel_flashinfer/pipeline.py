@@ -505,6 +505,7 @@ class Pipeline:
                         self._consider(record, now)
                     if left > 0:
                         time.sleep(_YIELD_S)
+                native.end_drain()
             else:
                 for i in range(len(queue)):  # what is there now, as above
                     record = queue.popleft()
@@ -544,8 +545,12 @@ class Pipeline:
     def _consider(self, record: CallRecord, now: float) -> None:
         try:
             gpu = record.gpu
-            if (record.pending and not all(p.ready() for p in record.pending)) or (
-                    gpu is not None and not self.gpu_times.ready(gpu)):
+            ready = True
+            for pending in record.pending:
+                if not pending.ready():
+                    ready = False
+                    break
+            if not ready or (gpu is not None and not self.gpu_times.ready(gpu)):
                 if now < record.deadline:
                     self._waiting.append(record)
                     return
