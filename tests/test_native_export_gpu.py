@@ -77,7 +77,9 @@ def test_level3_gpu_times_come_from_the_encoder(tmp_path: Path) -> None:
     runs = [s for s in spans if s["name"] == "BatchDecodeWithPagedKVCacheWrapper.run"]
     assert len(runs) == 205
     times = [_attrs(s).get("flashinfer.gpu.time_ns") for s in runs]
-    assert all(isinstance(t, int) and 1_000 < t < 50_000_000 for t in times), times[:10]
+    assert all(isinstance(t, int) and t > 1_000 for t in times), times[:10]
+    # The steady state (after the warm-up's first launches): a 20-30 us decode.
+    assert all(t < 5_000_000 for t in times[5:]), times
     counters = report["counters"]
     assert counters.get("spans_native") == len(spans) and not counters.get("spans_sdk")
     assert not counters.get("spans_dropped"), counters
