@@ -1,4 +1,4 @@
-"""``otel-flashinfer``: run, show, push, pull, replay, recover.
+"""``otel-flashinfer``: run, show, push, pull, ls, replay, recover.
 
 Each subcommand lives with the module that does its job; this file only parses
 arguments and maps errors to one clear line and an exit code.
@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--timeout", type=float, default=10.0, help="seconds per request")
     push.set_defaults(func=_cmd_push)
 
-    for module, adder in (("replay.cli", "add_pull_parser"), ("replay.cli", "add_replay_parser"),
+    for module, adder in (("replay.cli", "add_pull_parser"), ("replay.cli", "add_ls_parser"),
+                          ("replay.cli", "add_replay_parser"),
                           ("journal", "add_recover_parser")):
         try:
             mod = __import__(f"otel_flashinfer.{module}", fromlist=[adder])
