@@ -97,6 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stop_autostart() -> None:
+    """``python -m otel_flashinfer`` with OTEL_FLASHINFER_LEVEL set was instrumented at
+    start-up: our own tool must not trace (or store payloads of) what it replays."""
+    autostart = sys.modules.get("otel_flashinfer._autostart")
+    if autostart is not None and autostart.started:
+        import otel_flashinfer
+
+        otel_flashinfer.uninstrument()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -104,6 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if func is None:
         parser.print_help()
         return 2
+    _stop_autostart()
     from .config import ConfigError
     from .otlp_json import TraceFileError
 

@@ -30,6 +30,7 @@ DEFAULT_LEVEL = "1"
 
 _process_token: Any = None
 _process_context: Any = None
+_bootstrapped = False
 
 
 def bootstrap_dir() -> str:
@@ -84,9 +85,13 @@ def process_parent_context() -> Any:
 
 
 def bootstrap_child(environ: MutableMapping[str, str] | None = None) -> bool:
-    """Run in a started process (from ``sitecustomize``): continue the parent's trace
-    and instrument.  Never raises: a broken tracer must not stop the user's program."""
-    global _process_token, _process_context
+    """Run in a started process (from ``sitecustomize`` or the installed start-up hook,
+    ``_autostart``; once, whichever comes first): continue the parent's trace and
+    instrument.  Never raises: a broken tracer must not stop the user's program."""
+    global _process_token, _process_context, _bootstrapped
+    if _bootstrapped:
+        return True
+    _bootstrapped = True
     env = os.environ if environ is None else environ
     try:
         from opentelemetry import context as context_api
