@@ -272,3 +272,34 @@ def test_chain_and_session_on_s3(spans, target, tmp_path):
         listing = index.describe_store(BlobStore(url, check_writable=False))
         assert [p["calls"] for p in listing] == [7]
     assert Path(tmp_path / "b" / "index.json").is_file()
+
+
+def test_graph_replay_child_brings_its_chain_host_tensors(spans, target, tmp_path):
+    """The CUDA-graph path with host tensors and a hand-opened capture (as
+    test_blobs_graph_gpu does), so it runs anywhere: a replay child's manifest names
+    its process, and its trace pulls the start-up __init__ and plan."""
+    from otel_flashinfer import graphs, runtime
+
+    store = str(tmp_path / "store")
+    otel_flashinfer.instrument(level=10, blob_url=store, journal_dir="")
+    obj = target.Scaler(4)
+    obj.plan(torch.randn(4, 4), torch.randn(4))
+    capture = graphs.Capture(9)
+    graphs._capturing = capture  # what the patched capture_begin does
+    try:
+        want = obj.run(torch.randn(2, 4))
+    finally:
+        graphs._capturing = None
+    with spans.tracer().start_as_current_span("engine.step") as step:
+        now = time.time_ns()
+        graphs.emit_replay(runtime.current(), capture, 1, now, now + 1000, None)
+    assert otel_flashinfer.flush(30)
+    otel_flashinfer.uninstrument()
+    trace = _trace(step)
+    keys = BlobStore(store, check_writable=False).list_manifests(trace)
+    assert len(keys) == 1 and json.loads(Path(store, keys[0]).read_text())["process"]
+    bundle = pull(trace, store, str(tmp_path / "b"))
+    assert _apis(bundle) == ["Scaler.__init__", "Scaler.plan", "Scaler.run"]
+    report = replay(str(tmp_path / "b"), allow_modules=(target.__name__,), out=io.StringIO())
+    assert report.ok and report.results[-1].detail == "bit-exact"
+    assert torch.equal(report.results[-1].call.result, want)
