@@ -256,7 +256,18 @@ def test_ls_and_cli_session_pull(spans, target, tmp_path, capsys):
     assert code == 0 and text == "no recorded calls\n"
 
 
-def test_chain_and_session_on_s3(spans, target, tmp_path):
+@pytest.fixture
+def fresh_s3fs():
+    """s3fs caches filesystems by their arguments, not by AWS_ENDPOINT_URL: one made
+    for this test's moto server must not outlive it."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_chain_and_session_on_s3(spans, target, tmp_path, fresh_s3fs):
     with moto_s3() as s3:
         url = f"s3://{s3['bucket']}/blobs"
         rec = record_engine(target, spans.tracer(), url)
