@@ -314,3 +314,30 @@ def test_graph_replay_child_brings_its_chain_host_tensors(spans, target, tmp_pat
     report = replay(str(tmp_path / "b"), allow_modules=(target.__name__,), out=io.StringIO())
     assert report.ok and report.results[-1].detail == "bit-exact"
     assert torch.equal(report.results[-1].call.result, want)
+
+
+def test_tampered_index_is_refused_or_ignored(spans, target, tmp_path):
+    """Index names are untrusted: foreign names are skipped; an entry that points at
+    another call's manifest is refused, naming that manifest."""
+    store = tmp_path / "store"
+    rec = record_engine(target, spans.tracer(), str(store))
+    s = BlobStore(str(store), check_writable=False)
+    (proc,) = index.list_processes(s)
+    calls = index.list_calls(s, proc)
+    run = json.loads((store / calls[2]["manifest"]).read_text())
+    folder = store / layout.instance_prefix(proc, run["instance_id"])
+    for junk in ("zzz", "00000000000000000001-0000000000000001-" + "0" * 32 + "-run",
+                 "notes.txt"):
+        (folder / junk).write_bytes(b"")
+    (store / layout.PROCESSES / "not-a-process").mkdir()
+    assert _apis(pull(rec["step2"], str(store), str(tmp_path / "ok")))[:3] == [
+        "Scaler.__init__", "Scaler.plan", "Scaler.run"]
+    norm = calls[3]  # a plain function's call, recorded after the object was made
+    planted = layout.chain_entry_name(norm["start_ns"], norm["span_id"], norm["trace_id"],
+                                      "__init__")
+    (folder / planted).write_bytes(b"")
+    out = tmp_path / "refused"
+    with pytest.raises(BundleError, match=rf"{norm['manifest'].rsplit('/', 1)[1]}: is not "
+                                          r"the __init__ of instance"):
+        pull(rec["step2"], str(store), str(out))
+    assert not out.exists()
