@@ -8,7 +8,8 @@ its subprocesses, multiprocessing spawn and forkserver workers) then runs
 lifetime, so its spans continue the launcher's trace, and instruments itself.
 Forked children inherit all of it; the pipeline restarts its thread after fork, and
 ``install_fork_exit_flush`` makes a multiprocessing fork child flush before its
-``os._exit``.
+``os._exit``.  Where the package is installed, its start-up hook (``_autostart``) may
+have run ``bootstrap_child`` already in that process; it runs once either way.
 """
 
 from __future__ import annotations
