@@ -115,6 +115,49 @@ def test_flashinfer_is_wrapped_when_imported(tmp_path: Path) -> None:
     assert last_json_line(done.stdout) == {"before": False, "api": "rmsnorm", "double": False}
 
 
+def test_handoff_tracers_follow_the_target() -> None:
+    """In process, without touching the global provider: tracers handed out before a
+    take-over (plain, context manager and decorator use) start spans in the provider the
+    hand-off points at when each span starts; attributes are the target's."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from otel_flashinfer.handoff import HandoffTracerProvider
+
+    providers, exporters = [], []
+    for _ in range(2):
+        exporter = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        providers.append(provider)
+        exporters.append(exporter)
+    handoff = HandoffTracerProvider(providers[0])
+    tracer = handoff.get_tracer("engine", "1.0")
+
+    @tracer.start_as_current_span("decorated")
+    def step() -> int:
+        return trace.get_current_span().get_span_context().span_id
+
+    with tracer.start_as_current_span("one") as one:
+        assert step() != one.get_span_context().span_id
+    handoff.otel_flashinfer_target = providers[1]
+    with tracer.start_as_current_span("two"):
+        step()
+    tracer.start_span("three").end()
+    with pytest.raises(ValueError, match="boom"), tracer.start_as_current_span("raises"):
+        raise ValueError("boom")
+    names = [sorted(s.name for s in e.get_finished_spans()) for e in exporters]
+    assert names == [["decorated", "one"], ["decorated", "raises", "three", "two"]]
+    (raised,) = [s for s in exporters[1].get_finished_spans() if s.name == "raises"]
+    assert raised.status.status_code.name == "ERROR"
+    assert handoff.resource is providers[1].resource  # forwarded to the target
+    assert handoff.force_flush(1000)
+    for provider in providers:
+        provider.shutdown()
+
+
 # ---- end to end against a real receiver ------------------------------------------------
 
 #: The engine takes its tracer at import, before anything of ours, and opens its step
