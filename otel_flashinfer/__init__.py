@@ -115,6 +115,7 @@ def traced(fn: Any = None, *, name: str | None = None) -> Any:
     The span is named ``name`` or the function's qualified name.  The level is the
     live one (``instrument()`` or ``OTEL_FLASHINFER_LEVEL``), looked up per call so
     that decorating at import time and instrumenting later both work.
+    ``OTEL_FLASHINFER_INCLUDE/_EXCLUDE`` apply to that name as to FlashInfer's APIs.
     """
     if fn is None:
         return functools.partial(traced, name=name)
@@ -138,7 +139,13 @@ def traced(fn: Any = None, *, name: str | None = None) -> Any:
 
 
 def _build(fn: Callable[..., Any], api_name: str, runtime: Any) -> Callable[..., Any]:
-    """The traced wrapper for the live runtime, or ``fn`` itself if building fails."""
+    """The traced wrapper for the live runtime; ``fn`` itself when the include/exclude
+    patterns leave it out or building fails."""
+    from .filters import selected
+
+    settings = runtime.settings
+    if not selected(api_name, settings.include, settings.exclude):
+        return fn
     try:
         from .spans import make_wrapper
 

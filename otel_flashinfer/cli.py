@@ -1,4 +1,4 @@
-"""``otel-flashinfer``: run, show, push, pull, replay, recover.
+"""``otel-flashinfer``: run, show, push, pull, ls, replay, recover.
 
 Each subcommand lives with the module that does its job; this file only parses
 arguments and maps errors to one clear line and an exit code.
@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--timeout", type=float, default=10.0, help="seconds per request")
     push.set_defaults(func=_cmd_push)
 
-    for module, adder in (("replay.cli", "add_pull_parser"), ("replay.cli", "add_replay_parser"),
+    for module, adder in (("replay.cli", "add_pull_parser"), ("replay.cli", "add_ls_parser"),
+                          ("replay.cli", "add_replay_parser"),
                           ("journal_cli", "add_recover_parser")):
         try:
             mod = __import__(f"otel_flashinfer.{module}", fromlist=[adder])
@@ -96,6 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stop_autostart() -> None:
+    """``python -m otel_flashinfer`` with OTEL_FLASHINFER_LEVEL set was instrumented at
+    start-up: our own tool must not trace (or store payloads of) what it replays."""
+    autostart = sys.modules.get("otel_flashinfer._autostart")
+    if autostart is not None and autostart.started:
+        import otel_flashinfer
+
+        otel_flashinfer.uninstrument()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -103,6 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if func is None:
         parser.print_help()
         return 2
+    _stop_autostart()
     from .config import ConfigError
     from .otlp_json import TraceFileError
 

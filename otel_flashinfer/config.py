@@ -42,6 +42,18 @@ OTEL_FLASHINFER_QUEUE_SIZE = "OTEL_FLASHINFER_QUEUE_SIZE"
 #: 1 (default): from level 3, eager CUDA calls record their GPU time; 0 turns it off.
 OTEL_FLASHINFER_GPU_TIMING = "OTEL_FLASHINFER_GPU_TIMING"
 
+#: Comma-separated fnmatch patterns: which traced calls store level-10 payloads
+#: (empty: every call); the others keep spans and statistics and say
+#: ``flashinfer.blob.skipped = "filtered"``.
+OTEL_FLASHINFER_BLOB_INCLUDE = "OTEL_FLASHINFER_BLOB_INCLUDE"
+#: Comma-separated fnmatch patterns applied after ``_BLOB_INCLUDE``.
+OTEL_FLASHINFER_BLOB_EXCLUDE = "OTEL_FLASHINFER_BLOB_EXCLUDE"
+#: 0 turns the installed start-up hook (``otel_flashinfer_autostart.pth``) off:
+#: ``OTEL_FLASHINFER_LEVEL`` then takes effect only through ``instrument()``,
+#: ``otel-flashinfer run`` or ``opentelemetry-instrument``.  Read by the hook itself,
+#: before this module can be imported, so it is not a Settings field.
+OTEL_FLASHINFER_AUTOSTART = "OTEL_FLASHINFER_AUTOSTART"
+
 #: Where the statistics kernel and the event pool are compiled and cached.
 OTEL_FLASHINFER_CACHE_DIR = "OTEL_FLASHINFER_CACHE_DIR"
 
@@ -71,6 +83,8 @@ class Settings:
     traces_file: str = "./flashinfer_traces.jsonl"
     queue_size: int = 65536
     gpu_timing: bool = True
+    blob_include: tuple[str, ...] = ()
+    blob_exclude: tuple[str, ...] = ()
 
 
 def _level(text: str) -> int:
@@ -152,7 +166,11 @@ _FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "traces_file": (OTEL_FLASHINFER_TRACES_FILE, _text),
     "queue_size": (OTEL_FLASHINFER_QUEUE_SIZE, _positive_int),
     "gpu_timing": (OTEL_FLASHINFER_GPU_TIMING, _flag),
+    "blob_include": (OTEL_FLASHINFER_BLOB_INCLUDE, _patterns),
+    "blob_exclude": (OTEL_FLASHINFER_BLOB_EXCLUDE, _patterns),
 }
+
+_PATTERN_FIELDS = ("include", "exclude", "blob_include", "blob_exclude")
 
 ENV_VARS: tuple[str, ...] = tuple(env for env, _ in _FIELDS.values())
 
@@ -160,7 +178,7 @@ ENV_VARS: tuple[str, ...] = tuple(env for env, _ in _FIELDS.values())
 def _parse(field: str, raw: Any, source: str) -> Any:
     _, parser = _FIELDS[field]
     if not isinstance(raw, str):
-        if field in ("include", "exclude") and isinstance(raw, (list, tuple)):
+        if field in _PATTERN_FIELDS and isinstance(raw, (list, tuple)):
             raw = ",".join(map(str, raw))
         elif isinstance(raw, bool):
             raw = "1" if raw else "0"
@@ -191,6 +209,18 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
             raise ConfigError(f"unknown setting {field!r} (known: {known})")
         values[field] = _parse(field, raw, f"{field} (argument)")
     return Settings(**values)
+
+
+def autostart_enabled(environ: Mapping[str, str] | None = None) -> bool:
+    """``OTEL_FLASHINFER_AUTOSTART`` (default on); ConfigError naming a bad value."""
+    env = os.environ if environ is None else environ
+    raw = env.get(OTEL_FLASHINFER_AUTOSTART, "1")
+    if not raw.strip():
+        return True
+    try:
+        return _flag(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{OTEL_FLASHINFER_AUTOSTART}={raw!r}: {exc}") from None
 
 
 def jit_cache_root(environ: Mapping[str, str] | None = None) -> str:

@@ -328,6 +328,9 @@ class NativeExport:
         self.outbox_spans = max(self.batch, chosen.outbox_spans)
         #: Spans each path took, read by ``counters()``.
         self.sent = 0
+        #: The encoders are not thread-safe (a describe callback can hand the GIL over
+        #: in the middle of a span): the worker's drain/add and a flush's take share it.
+        self._enc_lock = threading.RLock()
         self._opened = 0.0  # monotonic time the open batch got its first span
         self._start()
         if hasattr(os, "register_at_fork"):
@@ -345,13 +348,15 @@ class NativeExport:
         self._thread.start()
 
     def _after_fork(self) -> None:
+        self._enc_lock = threading.RLock()  # a fork can copy it held
         for encoder in self.encoders.values():
             encoder.reset()
         self._start()
 
     def set_extra(self, attributes: dict[str, Any]) -> None:
-        for encoder in self.encoders.values():
-            encoder.set_extra(attributes or None)
+        with self._enc_lock:
+            for encoder in self.encoders.values():
+                encoder.set_extra(attributes or None)
 
     # ---- worker thread ------------------------------------------------------------------
 
@@ -359,7 +364,8 @@ class NativeExport:
         """Encode up to ``limit`` ready records of ``queue``; the rest go to ``slow``."""
         encoders = list(self.encoders.values())
         if len(encoders) == 1:
-            encoders[0].drain(queue, slow, limit)
+            with self._enc_lock:
+                encoders[0].drain(queue, slow, limit)
         else:  # several formats: each record once through each encoder
             records = [queue.popleft() for _ in range(min(limit, len(queue)))]
             for record in records:
@@ -379,27 +385,29 @@ class NativeExport:
             describe(record)  # a graph child's capture-time description, in Python
             record.describe = None
         full = False
-        for encoder in self.encoders.values():
-            encoder.add(record)
-            full = full or encoder.count >= self.batch
+        with self._enc_lock:
+            for encoder in self.encoders.values():
+                encoder.add(record)
+                full = full or encoder.count >= self.batch
         if full:  # the time-based cut waits for the end of the drain
             self._cut(force=False)
 
     def _cut(self, force: bool) -> None:
         """Move full (or, past the delay, any) open batches to the outbox."""
         now = time.monotonic()
-        for fmt, encoder in self.encoders.items():
-            count = encoder.count
-            if not count:
-                continue
-            if not self._opened:
-                self._opened = now
-            if force or count >= self.batch or now - self._opened >= self.delay_s:
-                payload = encoder.take()
-                if payload is not None:
-                    self._enqueue(fmt, payload, count)
-        if all(not e.count for e in self.encoders.values()):
-            self._opened = 0.0
+        with self._enc_lock:
+            for fmt, encoder in self.encoders.items():
+                count = encoder.count
+                if not count:
+                    continue
+                if not self._opened:
+                    self._opened = now
+                if force or count >= self.batch or now - self._opened >= self.delay_s:
+                    payload = encoder.take()
+                    if payload is not None:
+                        self._enqueue(fmt, payload, count)
+            if all(not e.count for e in self.encoders.values()):
+                self._opened = 0.0
 
     def _enqueue(self, fmt: str, payload: bytes, count: int) -> None:
         with self._cond:

@@ -13,6 +13,7 @@ handed back per replay through ``Capture.replay_hooks``.
 from __future__ import annotations
 
 import itertools
+import sys
 import threading
 import weakref
 from collections.abc import Callable
@@ -69,8 +70,34 @@ def capture_state() -> Capture | None:
     return capture
 
 
+_waiting_for_torch: list[Any] = []  # [runtime] while a torch import would patch
+_torch_hook_registered = False
+
+
+def _on_torch_import(_module: Any) -> None:
+    if _waiting_for_torch:
+        try:
+            patch(_waiting_for_torch[0])
+        except Exception as exc:  # noqa: BLE001 - never break the application's import
+            health.report("graph_errors", "could not hook CUDA graph replays", exc)
+
+
 def patch(runtime: Any) -> None:
-    """Install the CUDAGraph hooks (idempotent); no-op without torch.cuda."""
+    """Install the CUDAGraph hooks (idempotent); no-op without torch.cuda.
+
+    Where torch is not imported yet (start-up hook, level 1), the hooks go in when the
+    application imports it: a process that never uses torch does not pay its import.
+    """
+    global _torch_hook_registered
+    if "torch" not in sys.modules:
+        _waiting_for_torch[:] = [runtime]
+        if not _torch_hook_registered:
+            import wrapt
+
+            wrapt.register_post_import_hook(_on_torch_import, "torch")
+            _torch_hook_registered = True
+        return
+    _waiting_for_torch.clear()
     try:
         import torch
     except ImportError:
@@ -139,9 +166,10 @@ def patch(runtime: Any) -> None:
 
 def unpatch() -> None:
     global _capturing
-    try:
-        import torch
-    except ImportError:
+    _waiting_for_torch.clear()
+    torch = sys.modules.get("torch")
+    if torch is None or not _originals:
+        _capturing = None
         return
     graph_cls = torch.cuda.CUDAGraph
     for name, original in _originals.items():

@@ -12,7 +12,6 @@ also in modules that picked the wrapper up while we were active.
 
 from __future__ import annotations
 
-import fnmatch
 import importlib
 import logging
 import sys
@@ -24,20 +23,13 @@ from typing import Any
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
 
 from . import discovery
+from .filters import selected
 
 _LOG = logging.getLogger(__name__)
 
 _instruments = ("flashinfer-python >= 0.6",)
 
 WrapperFactory = Callable[..., Callable[..., Any]]
-
-
-def selected(api_name: str, include: Iterable[str], exclude: Iterable[str]) -> bool:
-    """OTEL_FLASHINFER_INCLUDE first (empty = everything), then _EXCLUDE."""
-    include = tuple(include)
-    if include and not any(fnmatch.fnmatchcase(api_name, p) for p in include):
-        return False
-    return not any(fnmatch.fnmatchcase(api_name, p) for p in exclude)
 
 
 def _is_flashinfer_module(name: str) -> bool:

@@ -8,7 +8,8 @@ its subprocesses, multiprocessing spawn and forkserver workers) then runs
 lifetime, so its spans continue the launcher's trace, and instruments itself.
 Forked children inherit all of it; the pipeline restarts its thread after fork, and
 ``install_fork_exit_flush`` makes a multiprocessing fork child flush before its
-``os._exit``.
+``os._exit``.  Where the package is installed, its start-up hook (``_autostart``) may
+have run ``bootstrap_child`` already in that process; it runs once either way.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ DEFAULT_LEVEL = "1"
 
 _process_token: Any = None
 _process_context: Any = None
+_bootstrapped = False
 
 
 def bootstrap_dir() -> str:
@@ -84,9 +86,13 @@ def process_parent_context() -> Any:
 
 
 def bootstrap_child(environ: MutableMapping[str, str] | None = None) -> bool:
-    """Run in a started process (from ``sitecustomize``): continue the parent's trace
-    and instrument.  Never raises: a broken tracer must not stop the user's program."""
-    global _process_token, _process_context
+    """Run in a started process (from ``sitecustomize`` or the installed start-up hook,
+    ``_autostart``; once, whichever comes first): continue the parent's trace and
+    instrument.  Never raises: a broken tracer must not stop the user's program."""
+    global _process_token, _process_context, _bootstrapped
+    if _bootstrapped:
+        return True
+    _bootstrapped = True
     env = os.environ if environ is None else environ
     try:
         from opentelemetry import context as context_api

@@ -397,7 +397,13 @@ class Pipeline:
         def note(chosen: Any) -> None:
             self.export_reason = chosen.reason
 
+        old = self._native
         self._native = native_export_for(self.provider, tracer, CallRecord, _EMPTY, note)
+        if old is not None:
+            # The provider changed hands (handoff): what the old path still holds goes
+            # out through its own exporters, without keeping the caller.
+            threading.Thread(target=old.shutdown, args=(2.0,), daemon=True,
+                             name="otel_flashinfer-export-handoff").start()
         if self._native is not None:
             self.export_path = "native"
             if self.fork_attributes:
@@ -405,6 +411,7 @@ class Pipeline:
             self.tracer = tracer
             return
         self._direct = DirectSpans.for_tracer(tracer)
+        self._preset = None
         self.export_path = "direct" if self._direct is not None else "sdk"
         self._preset = preset_tracer_ids(tracer)
         if self._preset is None:

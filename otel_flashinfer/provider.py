@@ -118,6 +118,11 @@ def resolve_provider(traces_file: str) -> Any:
     """The application's provider if it set one, else ours (built once, set globally)."""
     global _ours
     current = trace_api.get_tracer_provider()
+    # The start-up hand-off (handoff.py): the SDK provider behind it, so that the span
+    # pipeline keeps its fast path and its preset ids.
+    target = getattr(current, "otel_flashinfer_target", None)
+    if target is not None:
+        return target
     if not isinstance(current, trace_api.ProxyTracerProvider):
         return current
     with _lock:

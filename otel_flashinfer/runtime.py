@@ -39,6 +39,11 @@ class _LazyTracer:
         self.sampler: Any = None
         self._lock = threading.Lock()
 
+    def reset(self) -> None:
+        """Forget the resolved provider (it was handed over); the next use resolves."""
+        with self._lock:
+            self.provider = self.tracer = self.sampler = None
+
     def resolve(self) -> Any:
         if self.tracer is None:
             with self._lock:
@@ -127,6 +132,15 @@ class Runtime:
         self._lazy.resolve()
         return self._lazy.provider
 
+    def provider_changed(self) -> None:
+        """The global provider changed hands (``handoff``): resolve it again, so spans
+        built from now on go to the new one."""
+        self._lazy.reset()
+        self._root_always = False
+        tracer = self._lazy.resolve()
+        self.pipeline.provider = self._lazy.provider
+        self.pipeline._use_tracer(tracer)  # noqa: SLF001 - the pipeline is ours
+
     def _start_blobs(self) -> None:
         from .blobs.capture import BlobRecorder
         from .blobs.hooks import make_hooks
@@ -195,6 +209,16 @@ class Runtime:
 
 def current() -> Runtime | None:
     return _current
+
+
+def provider_changed() -> None:
+    """Called by ``handoff`` when the application's provider takes over."""
+    runtime = _current
+    if runtime is not None:
+        try:
+            runtime.provider_changed()
+        except Exception as exc:  # noqa: BLE001
+            health.report("provider_errors", "could not switch to the new tracer provider", exc)
 
 
 def ensure(settings: Settings | None = None) -> Runtime:

@@ -25,6 +25,11 @@ FlashInfer decode/prefill wrappers), the argument ``paged_kv_cache`` (tensor or
 reference; each page becomes its own content-addressed object, so a page that
 did not change since the last step is not stored again.
 
+Index: after its manifest, each call gets its entries in the store's index
+(``blobs.index``: the process' listing, and for ``__init__``/``plan*`` the
+object's chain), so ``pull`` finds a ``run``'s chain and a whole process
+without scanning traces.  A failed index write is counted, the call is kept.
+
 Crash safety: ``atexit`` and SIGTERM (chained to the application's handler) turn
 in-flight calls into ``crashed`` manifests with their inputs and wait for the
 writer; with ``crash_safe`` the inputs and a ``pending`` manifest are written
@@ -49,6 +54,7 @@ import torch
 
 from .. import capture_guard
 from . import encode, layout, manifest
+from .index import IndexWriter
 from .store import BlobStore
 
 log = logging.getLogger(__name__)
@@ -195,6 +201,9 @@ class BlobRecorder:
     # -- process state (recreated in a forked child) -----------------------------------------
     def _init_process_state(self) -> None:
         self._pid = os.getpid()
+        start_ns = time.time_ns()
+        self.process = layout.process_name(self._pid, start_ns)
+        self.index = IndexWriter(self.store, self.process, self._pid, start_ns)
         self._seq = itertools.count()
         self._queue: collections.deque[CallCapture] = collections.deque()
         self._wake = threading.Event()
@@ -279,7 +288,7 @@ class BlobRecorder:
         args, obj = _arguments(bound_args)
         meta = {
             "schema": manifest.SCHEMA, "api": api, "module": module, "qualname": qualname,
-            "pid": os.getpid(), "instance_id": instance_id,
+            "pid": os.getpid(), "process": self.process, "instance_id": instance_id,
             "trace_id": layout.trace_hex(trace_id), "span_id": layout.span_hex(span_id),
             "parent_span_id": None if parent_span_id is None else layout.span_hex(parent_span_id),
             "start_ns": int(start_ns), "seq": next(self._seq), "status": "pending",
@@ -526,6 +535,7 @@ class BlobRecorder:
         for held in cap.held:
             cap.written_bytes += self._store_held(held)
         self.store.put_manifest(cap.manifest_key, manifest.dumps(cap.meta))
+        self._note(cap)
         self._release_held(cap)
         self.store.budget.release(0, max(0, cap.reserved_bytes - cap.written_bytes))
         cap.reserved_bytes = cap.written_bytes
@@ -533,12 +543,21 @@ class BlobRecorder:
         self._count("bytes_written", cap.written_bytes)
         cap.done.set()
 
+    def _note(self, cap: CallCapture) -> None:
+        """Index a written call; a failure loses the index entry, not the call."""
+        try:
+            self.index.note(cap.meta, cap.written_bytes)
+        except Exception:  # noqa: BLE001
+            self._internal_error("index")
+            self._count("index_errors")
+
     def _write_now(self, cap: CallCapture) -> None:
         """crash_safe: store inputs and a ``pending`` manifest before the call runs."""
         try:
             for held in cap.held:
                 cap.written_bytes += self._store_held(held)
             self.store.put_manifest(cap.manifest_key, manifest.dumps(cap.meta))
+            self._note(cap)
         except Exception:  # noqa: BLE001 - the call goes on; the writer retries later
             self._internal_error("crash_safe write")
 

@@ -181,6 +181,7 @@ class GraphBlobCall:
             trace_id=layout.trace_hex(child.trace_id), span_id=layout.span_hex(child.span_id),
             parent_span_id=None if parent is None else layout.span_hex(parent),
             start_ns=int(child.start_ns), seq=next(rec._seq), pid=os.getpid(),
+            process=rec.process,
             cuda_graph_replay=child.attributes.get("flashinfer.cuda_graph.replay"),
         )
         slots = [*self.slots, *self.result_slots]

@@ -10,6 +10,10 @@ captured into the graph instead (``blobs.graph``), and each sampled replay's chi
 span gets its own manifest through ``Capture.add_replay_hook``.  A capture that
 our graph hooks did not see (another thread, unpatched graph API) is skipped
 with ``flashinfer.blob.skipped = "capturing"``: an eager copy would break it.
+
+``OTEL_FLASHINFER_BLOB_INCLUDE/_BLOB_EXCLUDE`` (``filters.blob_selected``) leave a
+call's payload out before anything is copied; its span still gets its statistics
+and says ``flashinfer.blob.skipped = "filtered"``.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 
 from .. import graphs
 from ..config import Settings
+from ..filters import BlobFilter
 from ..pipeline import CallRecord
 from . import graph as _graph
 from .capture import BlobRecorder, CallCapture
@@ -37,8 +42,13 @@ def _capturing_unseen() -> bool:
 
 def make_hooks(settings: Settings, recorder: BlobRecorder) -> tuple[Any, Any]:
     """(before, after) for ``spans.make_wrapper`` at level 10."""
+    wanted = BlobFilter(getattr(settings, "blob_include", ()),
+                        getattr(settings, "blob_exclude", ()))
 
     def before(record: CallRecord, plan: Any, args: tuple, kwargs: dict) -> Any:
+        if not wanted(record.name):
+            recorder.counters["skipped.filtered"] += 1
+            return CallCapture(recorder, None, "filtered")
         signature = plan.signature
         bound: inspect.BoundArguments | dict[str, Any]
         if signature is not None:

@@ -4,7 +4,8 @@ Schema (``schema`` = 1), one JSON object per call::
 
     {"schema": 1, "api": "BatchDecodeWithPagedKVCacheWrapper.run",
      "module": "flashinfer.decode", "qualname": "BatchDecodeWithPagedKVCacheWrapper.run",
-     "pid": 1234, "instance_id": "1234:1403..." | null,
+     "pid": 1234, "process": "1234-18a2b..." (the index folder of the process; absent
+     in manifests written before the index existed), "instance_id": "1234:1403..." | null,
      "trace_id": "<32 hex>", "span_id": "<16 hex>", "parent_span_id": "<16 hex>" | null,
      "start_ns": 1700000000000000000, "seq": 7,
      "status": "ok" | "error" | "pending" | "crashed",
@@ -247,6 +248,12 @@ def parse(data: bytes, where: str) -> dict:
     _int(where, m.get("pid"), "pid")
     if m.get("instance_id") is not None and not isinstance(m["instance_id"], str):
         raise _fail(where, "instance_id must be a string or null")
+    if "process" in m:
+        try:
+            if layout.process_pid(m["process"]) != m["pid"]:
+                raise ValueError(f"process {m['process']!r} is not pid {m['pid']}")
+        except ValueError as exc:
+            raise _fail(where, str(exc)) from None
     _hex(where, m.get("trace_id"), 32, "trace_id")
     _hex(where, m.get("span_id"), 16, "span_id")
     _hex(where, m.get("parent_span_id"), 16, "parent_span_id", nullable=True)

@@ -1,26 +1,73 @@
-"""``otel-flashinfer pull`` and ``replay`` subcommands (argparse)."""
+"""``otel-flashinfer pull``, ``ls`` and ``replay`` subcommands (argparse)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
+from ..blobs.index import describe_store
 from ..blobs.manifest import ManifestError
-from ..blobs.store import StoreError
+from ..blobs.store import BlobStore, StoreError
 from .pull import BundleError, pull
 from .runner import replay
+from .session import TIME_HELP, format_listing, pull_session
+
+
+def _default_out(ns: argparse.Namespace) -> str:
+    if ns.trace_id is not None:
+        name = ns.trace_id.lower()[:32]
+    elif ns.process is not None:
+        name = f"process_{ns.process}"
+    else:
+        name = f"service_{ns.service}"
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:80]
+    return os.path.join(".", f"flashinfer_bundle_{safe}")
 
 
 def _pull(ns: argparse.Namespace) -> int:
-    out = ns.output or os.path.join(".", f"flashinfer_bundle_{ns.trace_id.lower()[:32]}")
+    session = ns.process is not None or ns.service is not None
+    problem = None
+    if session and ns.trace_id is not None:
+        problem = "give TRACE_ID or --process/--service, not both"
+    elif ns.process is not None and ns.service is not None:
+        problem = "give --process or --service, not both"
+    elif not session and ns.trace_id is None:
+        problem = "give TRACE_ID, --process PID or --service NAME"
+    elif not session and (ns.since is not None or ns.until is not None):
+        problem = "--since/--until apply to --process/--service"
+    elif session and ns.span is not None:
+        problem = "--span applies to TRACE_ID"
+    if problem is not None:
+        print(f"otel-flashinfer pull: {problem}", file=sys.stderr)
+        return 2
+    out = ns.output or _default_out(ns)
     try:
-        bundle = pull(ns.trace_id, ns.blob_url, out, span_id=ns.span)
+        if session:
+            bundle = pull_session(ns.blob_url, out, process=ns.process, service=ns.service,
+                                  since=ns.since, until=ns.until)
+        else:
+            bundle = pull(ns.trace_id, ns.blob_url, out, span_id=ns.span)
     except (BundleError, ManifestError, StoreError, ValueError, OSError) as exc:
         print(f"otel-flashinfer pull: {exc}", file=sys.stderr)
         return 1
     print(f"pulled {len(bundle.calls)} calls, {bundle.objects} objects "
           f"({bundle.bytes / 1e6:.1f} MB) into {bundle.path}")
+    return 0
+
+
+def _ls(ns: argparse.Namespace) -> int:
+    try:
+        store = BlobStore(ns.blob_url, check_writable=False)
+        listing = describe_store(store)
+    except (StoreError, ValueError, OSError) as exc:
+        print(f"otel-flashinfer ls: {exc}", file=sys.stderr)
+        return 1
+    if ns.json:
+        print(json.dumps(listing, indent=1))
+    else:
+        sys.stdout.write(format_listing(listing))
     return 0
 
 
@@ -46,15 +93,34 @@ def _nonneg(text: str) -> float:
 
 def add_pull_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``pull``; the parsed namespace's ``func(ns) -> exit code`` runs it."""
-    p = subparsers.add_parser("pull", help="fetch a trace's tensors into a verified bundle")
-    p.add_argument("trace_id", metavar="TRACE_ID", help="32 hex digits")
+    p = subparsers.add_parser("pull", help="fetch a trace's (or a process') tensors into a "
+                              "verified bundle that replays on its own")
+    p.add_argument("trace_id", metavar="TRACE_ID", nargs="?", default=None,
+                   help="32 hex digits")
     p.add_argument("--span", metavar="SPAN_ID", default=None,
-                   help="only this span (plus its object's earlier __init__/plan calls)")
+                   help="only this span (plus its object's __init__/plan in force)")
+    p.add_argument("--process", metavar="PID", default=None,
+                   help="every recorded call of this process (a pid, or <pid>-<hex> from ls)")
+    p.add_argument("--service", metavar="NAME", default=None,
+                   help="every recorded call of this service (OTEL_SERVICE_NAME)")
+    p.add_argument("--since", metavar="T", default=None, help=f"window start: {TIME_HELP}")
+    p.add_argument("--until", metavar="T", default=None, help=f"window end: {TIME_HELP}")
     p.add_argument("--blob-url", metavar="URL",
                    default=os.environ.get("OTEL_FLASHINFER_BLOB_URL", "./flashinfer_blobs"))
     p.add_argument("-o", "--output", metavar="DIR", default=None,
-                   help="bundle folder (default ./flashinfer_bundle_<trace id>)")
+                   help="bundle folder (default ./flashinfer_bundle_<trace id|process|service>)")
     p.set_defaults(func=_pull)
+    return p
+
+
+def add_ls_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``ls``; the parsed namespace's ``func(ns) -> exit code`` runs it."""
+    p = subparsers.add_parser("ls", help="what a blob store holds: processes, traces, calls "
+                              "per API, bytes")
+    p.add_argument("--blob-url", metavar="URL",
+                   default=os.environ.get("OTEL_FLASHINFER_BLOB_URL", "./flashinfer_blobs"))
+    p.add_argument("--json", action="store_true", help="print the listing as JSON")
+    p.set_defaults(func=_ls)
     return p
 
 
@@ -76,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="otel-flashinfer")
     sub = parser.add_subparsers(dest="command", required=True)
     add_pull_parser(sub)
+    add_ls_parser(sub)
     add_replay_parser(sub)
     ns = parser.parse_args(argv)
     return ns.func(ns)

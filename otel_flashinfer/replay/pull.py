@@ -2,11 +2,16 @@
 
 Bundle layout (``out_dir``)::
 
-    index.json                       {"schema": 1, "trace_id", "source", "calls": [
+    index.json                       {"schema": 1, "trace_id" (null for a session),
+                                      "selection", "source", "calls": [
                                        {"manifest": "manifests/<name>.json", "span_id",
-                                        "api", "start_ns", "seq"}, ...]}
+                                        "trace_id", "api", "start_ns", "seq"}, ...]}
     manifests/<start_ns>-<span_id>.json   copies of the store's manifests
     objects/<aa>/<sha256>.<ext>      every object they name, hash-verified
+
+A bundle replays on its own: the ``__init__`` and ``plan`` in force for every
+object whose calls it holds come along from whatever trace recorded them, found
+through the store's instance index (``blobs.index``), never by scanning traces.
 
 Everything read from the store is untrusted: manifests are validated strictly,
 every object's sha256 and size are checked and it must decode to the dtype and
@@ -24,8 +29,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..blobs import encode, layout, manifest
+from ..blobs import encode, index, layout, manifest
 from ..blobs.store import BlobStore
+from . import chain
 
 INDEX = "index.json"
 BUNDLE_SCHEMA = 1
@@ -120,30 +126,79 @@ def _select(manifests: list[tuple[str, dict]], span_id: str | None) -> list[tupl
                                         and m["start_ns"] <= target["start_ns"])]
 
 
-def pull(
-    trace_id: int | str,
-    blob_url: str = "./flashinfer_blobs",
-    out_dir: str = ".",
-    span_id: int | str | None = None,
-    *,
-    workers: int = 16,
-    progress: bool | None = None,
-) -> Bundle:
-    """Fetch a trace's manifests and objects, verify them, write a bundle."""
-    trace = layout.trace_hex(trace_id)
-    store = BlobStore(blob_url, check_writable=False)
-    keys = store.list_manifests(trace)
-    if not keys:
-        raise BundleError(f"no manifests for trace {trace} under {blob_url}")
-    manifests = []
-    for key in keys:
+def read_manifest(store: BlobStore, key: str) -> dict:
+    """A store manifest, parsed strictly and checked against its own name."""
+    where = store.url_of(key)
+    try:
+        data = store.get(key)
+    except FileNotFoundError:
+        raise BundleError(f"{where}: manifest named by the store's index is missing") from None
+    m = manifest.parse(data, where)
+    trace = key.split("/")[1] if key.count("/") == 2 else ""
+    start_ns, span = layout.parse_manifest_name(key.rsplit("/", 1)[1])
+    if m["trace_id"] != trace or m["span_id"] != span or m["start_ns"] != start_ns:
+        raise BundleError(f"{where}: manifest ids do not match its name")
+    return m
+
+
+def trace_manifests(store: BlobStore, trace: str) -> list[tuple[str, dict]]:
+    """Every manifest of one trace, in call order."""
+    return [(key, read_manifest(store, key)) for key in store.list_manifests(trace)]
+
+
+def complete_chains(store: BlobStore, manifests: list[tuple[str, dict]]
+                    ) -> list[tuple[str, dict]]:
+    """``manifests`` plus the ``__init__``/``plan`` in force for every object they call,
+    found through the store's instance index wherever they were recorded.
+
+    A call whose object has no recorded ``__init__`` is refused, naming its manifest:
+    the bundle would not replay on its own.
+    """
+    have = {key: m for key, m in manifests}
+    listed: dict[tuple[str, str], list[dict]] = {}
+    for key, m in list(manifests):
+        instance, process = m.get("instance_id"), m.get("process")
+        if not instance or not process:
+            continue  # a plain function, or written before the index existed
+        need_init, need_plan = chain.needs(chain.method_of(m["qualname"]))
+        if not need_init:
+            continue
         where = store.url_of(key)
-        m = manifest.parse(store.get(key), where)
-        start_ns, span = layout.parse_manifest_name(key.rsplit("/", 1)[1])
-        if m["trace_id"] != trace or m["span_id"] != span or m["start_ns"] != start_ns:
-            raise BundleError(f"{where}: manifest ids do not match its name")
-        manifests.append((key, m))
-    manifests = _select(manifests, None if span_id is None else str(span_id))
+        try:
+            prefix = layout.instance_prefix(process, instance)
+        except ValueError as exc:
+            raise BundleError(f"{where}: {exc}") from None
+        entries = listed.get((process, instance))
+        if entries is None:
+            entries = index.list_chain(store, process, instance)
+            for other_key, other in have.items():  # also what the selection holds already
+                if other.get("instance_id") == instance and other.get("process") == process:
+                    entries.append({"start_ns": other["start_ns"], "manifest": other_key,
+                                    "method": chain.method_of(other["qualname"])})
+            listed[(process, instance)] = entries
+        init, plan = chain.in_force(entries, m["start_ns"])
+        if init is None:
+            raise BundleError(f"{where}: no recorded __init__ for instance {instance} "
+                              f"({m['api']}) in the store (looked under {prefix}/)")
+        for entry in (init, plan if need_plan else None):
+            if entry is None or entry["manifest"] in have:
+                continue
+            found = read_manifest(store, entry["manifest"])
+            if found.get("instance_id") != instance or found.get("process") != process \
+                    or chain.method_of(found["qualname"]) != entry["method"]:
+                raise BundleError(f"{store.url_of(entry['manifest'])}: is not the "
+                                  f"{entry['method']} of instance {instance} its index says")
+            if found["status"] != "ok" and chain.is_init(entry["method"]):
+                raise BundleError(f"{store.url_of(entry['manifest'])}: the __init__ of "
+                                  f"instance {instance} did not complete ({found['status']})")
+            have[entry["manifest"]] = found
+    return sorted(have.items(), key=lambda km: (km[1]["start_ns"], km[1]["seq"]))
+
+
+def write_bundle(store: BlobStore, manifests: list[tuple[str, dict]], out_dir: str,
+                 selection: dict, *, workers: int = 16, progress: bool | None = None
+                 ) -> Bundle:
+    """Fetch and verify every object ``manifests`` name, then write the bundle."""
     os.makedirs(out_dir, exist_ok=True)
     entries: dict[str, tuple[dict, str]] = {}
     for key, m in manifests:
@@ -179,8 +234,36 @@ def pull(
     for key, m in manifests:
         rel = "manifests/" + key.rsplit("/", 1)[1]
         _write_inside(out_dir, rel, manifest.dumps(m))
-        calls.append({"manifest": rel, "span_id": m["span_id"], "api": m["api"],
-                      "start_ns": m["start_ns"], "seq": m["seq"]})
-    index = {"schema": BUNDLE_SCHEMA, "trace_id": trace, "source": blob_url, "calls": calls}
-    _write_inside(out_dir, INDEX, json.dumps(index, indent=1).encode())
-    return Bundle(path=out_dir, trace_id=trace, calls=calls, objects=len(entries), bytes=total)
+        calls.append({"manifest": rel, "span_id": m["span_id"], "trace_id": m["trace_id"],
+                      "api": m["api"], "start_ns": m["start_ns"], "seq": m["seq"]})
+    trace = selection.get("trace_id")
+    index_doc = {"schema": BUNDLE_SCHEMA, "trace_id": trace, "selection": selection,
+                 "source": store.url, "calls": calls}
+    _write_inside(out_dir, INDEX, json.dumps(index_doc, indent=1).encode())
+    return Bundle(path=out_dir, trace_id=trace or "", calls=calls, objects=len(entries),
+                  bytes=total)
+
+
+def pull(
+    trace_id: int | str,
+    blob_url: str = "./flashinfer_blobs",
+    out_dir: str = ".",
+    span_id: int | str | None = None,
+    *,
+    workers: int = 16,
+    progress: bool | None = None,
+) -> Bundle:
+    """Fetch a trace's manifests (and the ``__init__``/``plan`` of every object they
+    use, from whatever trace recorded them) and objects, verify them, write a bundle."""
+    trace = layout.trace_hex(trace_id)
+    store = BlobStore(blob_url, check_writable=False)
+    manifests = trace_manifests(store, trace)
+    if not manifests:
+        raise BundleError(f"no manifests for trace {trace} under {blob_url}")
+    manifests = _select(manifests, None if span_id is None else str(span_id))
+    manifests = complete_chains(store, manifests)
+    selection = {"trace_id": trace}
+    if span_id is not None:
+        selection["span_id"] = layout.span_hex(str(span_id))
+    return write_bundle(store, manifests, out_dir, selection, workers=workers,
+                        progress=progress)
