@@ -41,6 +41,10 @@ OTEL_FLASHINFER_TRACES_FILE = "OTEL_FLASHINFER_TRACES_FILE"
 OTEL_FLASHINFER_QUEUE_SIZE = "OTEL_FLASHINFER_QUEUE_SIZE"
 #: 1 (default): from level 3, eager CUDA calls record their GPU time; 0 turns it off.
 OTEL_FLASHINFER_GPU_TIMING = "OTEL_FLASHINFER_GPU_TIMING"
+#: 1 (default): spans are encoded by our native OTLP encoder and handed to the SDK
+#: exporters' transports as bytes, where the provider's setup allows it; 0 keeps every
+#: span on the SDK's own path (``export.plan`` says which setups are fast).
+OTEL_FLASHINFER_NATIVE_EXPORT = "OTEL_FLASHINFER_NATIVE_EXPORT"
 
 #: Comma-separated fnmatch patterns: which traced calls store level-10 payloads
 #: (empty: every call); the others keep spans and statistics and say
@@ -83,6 +87,7 @@ class Settings:
     traces_file: str = "./flashinfer_traces.jsonl"
     queue_size: int = 65536
     gpu_timing: bool = True
+    native_export: bool = True
     blob_include: tuple[str, ...] = ()
     blob_exclude: tuple[str, ...] = ()
 
@@ -166,6 +171,7 @@ _FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "traces_file": (OTEL_FLASHINFER_TRACES_FILE, _text),
     "queue_size": (OTEL_FLASHINFER_QUEUE_SIZE, _positive_int),
     "gpu_timing": (OTEL_FLASHINFER_GPU_TIMING, _flag),
+    "native_export": (OTEL_FLASHINFER_NATIVE_EXPORT, _flag),
     "blob_include": (OTEL_FLASHINFER_BLOB_INCLUDE, _patterns),
     "blob_exclude": (OTEL_FLASHINFER_BLOB_EXCLUDE, _patterns),
 }

@@ -106,11 +106,11 @@ def sender_for(exporter: Any) -> Any:
     return None
 
 
-def plan(provider: Any, tracer: Any, environ: dict[str, str] | None = None) -> Plan:
+def plan(provider: Any, tracer: Any, enabled: bool = True) -> Plan:
     """The path for spans of ``tracer`` (from ``provider``): fast when the native
-    encoder is built and every part of the setup is one we reproduce exactly."""
-    env = os.environ if environ is None else environ
-    if env.get("OTEL_FLASHINFER_NATIVE_EXPORT", "1").strip() == "0":
+    encoder is built and every part of the setup is one we reproduce exactly
+    (``enabled``: ``Settings.native_export``, OTEL_FLASHINFER_NATIVE_EXPORT)."""
+    if not enabled:
         return Plan(False, "disabled")
     if _native_module() is None:
         return Plan(False, "no_extension")
@@ -498,10 +498,11 @@ class NativeExport:
 
 
 def native_export_for(provider: Any, tracer: Any, record_type: Any, empty: Any,
-                      on_plan: Callable[[Plan], None] | None = None) -> NativeExport | None:
+                      on_plan: Callable[[Plan], None] | None = None,
+                      enabled: bool = True) -> NativeExport | None:
     """The native path for this provider, or None where the SDK path must serve it."""
     try:
-        chosen = plan(provider, tracer)
+        chosen = plan(provider, tracer, enabled)
     except Exception as exc:  # noqa: BLE001 - a setup we cannot read takes the SDK path
         health.report("export_plan_errors", "could not inspect the tracer provider", exc)
         chosen = Plan(False, "error")

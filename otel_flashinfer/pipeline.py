@@ -357,6 +357,7 @@ class Pipeline:
         wait_timeout_s: float = 30.0,
         interval_s: float = 0.05,
         provider: Any = None,
+        native_export: bool = True,
     ) -> None:
         self.tracer = tracer
         self.provider = provider
@@ -365,6 +366,7 @@ class Pipeline:
         self._direct: DirectSpans | None = None
         #: The native encoder and its sender (``export``), when the provider allows it.
         self._native: Any = None
+        self.native_export = native_export
         #: Which way spans leave: "native", "direct" (SDK processors), "sdk" (a full
         #: SDK span per record), or "unresolved" before the first export.
         self.export_path = "unresolved"
@@ -398,7 +400,8 @@ class Pipeline:
             self.export_reason = chosen.reason
 
         old = self._native
-        self._native = native_export_for(self.provider, tracer, CallRecord, _EMPTY, note)
+        self._native = native_export_for(self.provider, tracer, CallRecord, _EMPTY, note,
+                                         enabled=self.native_export)
         if old is not None:
             # The provider changed hands (handoff): what the old path still holds goes
             # out through its own exporters, without keeping the caller.

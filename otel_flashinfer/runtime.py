@@ -73,7 +73,8 @@ class Runtime:
         self._lazy = _LazyTracer(settings.traces_file)
         self._root_always = False
         self.pipeline = Pipeline(
-            tracer=None, tracer_factory=self._resolve, max_queue=settings.queue_size
+            tracer=None, tracer_factory=self._resolve, max_queue=settings.queue_size,
+            native_export=settings.native_export,
         )
         self.journal: Any = None
         self.stats: Any = None

@@ -217,7 +217,7 @@ def _plan(processors: list[Any], sampler: Any = None) -> export.Plan:
     provider = TracerProvider(sampler=sampler)
     for p in processors:
         provider.add_span_processor(p)
-    return export.plan(provider, provider.get_tracer("otel_flashinfer"), environ={})
+    return export.plan(provider, provider.get_tracer("otel_flashinfer"))
 
 
 def test_fast_path_serves_the_setups_it_reproduces(tmp_path: Path) -> None:
@@ -262,12 +262,16 @@ def test_other_setups_keep_the_sdk_path(tmp_path: Path, monkeypatch) -> None:
         assert _plan([SimpleSpanProcessor(file)], sampler).reason == "sampler"
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(file))
-    assert export.plan(provider, provider.get_tracer("x"),
-                       environ={"OTEL_FLASHINFER_NATIVE_EXPORT": "0"}).reason == "disabled"
+    assert export.plan(provider, provider.get_tracer("x"), enabled=False).reason == "disabled"
+    from otel_flashinfer.config import ConfigError, load_settings
+
+    assert load_settings(environ={"OTEL_FLASHINFER_NATIVE_EXPORT": "0"}).native_export is False
+    with pytest.raises(ConfigError, match="OTEL_FLASHINFER_NATIVE_EXPORT"):
+        load_settings(environ={"OTEL_FLASHINFER_NATIVE_EXPORT": "fast"})
     from opentelemetry.trace import NoOpTracerProvider
 
     noop = NoOpTracerProvider()
-    assert export.plan(noop, noop.get_tracer("x"), environ={}).reason == "foreign_provider"
+    assert export.plan(noop, noop.get_tracer("x")).reason == "foreign_provider"
 
 
 # ---- the pipeline on the fast path ----------------------------------------------------
