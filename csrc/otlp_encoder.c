@@ -280,7 +280,8 @@ typedef struct {
     Buf spans;                /* spans encoded since the last take() */
     Buf tmp;                  /* scratch for blocks */
     Py_ssize_t count;         /* spans in ``spans`` */
-    unsigned long long encoded, failed, attr_errors, gpu_resolved;
+    unsigned long long encoded, failed, attr_errors, gpu_resolved, describe_errors;
+    int busy; /* inside add/drain: Python callbacks must not re-enter (they could take()) */
     long pid;
     /* ``flashinfer.instance.id`` strings of recent objects (an engine calls few) */
 #define INSTANCE_CACHE 16
@@ -617,7 +618,11 @@ static int same(PyObject *a, PyObject *b) {
     if (a == b) return 1;
     if (a == NULL || b == NULL || Py_TYPE(a) != Py_TYPE(b)) return 0;
     if (PyTuple_Check(a)) return same_tuple(a, b);
-    if (PyLong_CheckExact(a) || PyFloat_CheckExact(a) || PyUnicode_CheckExact(a)) {
+    if (PyFloat_CheckExact(a)) { /* bit for bit: -0.0 is not 0.0, a NaN is itself */
+        double x = PyFloat_AS_DOUBLE(a), y = PyFloat_AS_DOUBLE(b);
+        return memcmp(&x, &y, sizeof x) == 0;
+    }
+    if (PyLong_CheckExact(a) || PyUnicode_CheckExact(a)) {
         int rc = PyObject_RichCompareBool(a, b, Py_EQ);
         if (rc < 0) PyErr_Clear();
         return rc == 1;
@@ -836,7 +841,9 @@ static int link_one(Encoder *e, Buf *b, PyObject *context, PyObject *attrs, int 
     if (as_bytes(PyTuple_GET_ITEM(context, 0), trace, 16) < 0 ||
         as_bytes(PyTuple_GET_ITEM(context, 1), span, 8) < 0)
         return -1;
-    uint32_t flags = 0x100 | (PyObject_IsTrue(PyTuple_GET_ITEM(context, 2)) == 1 ? 0x200 : 0);
+    int remote = PyObject_IsTrue(PyTuple_GET_ITEM(context, 2));
+    if (remote < 0) return -1;
+    uint32_t flags = 0x100 | (remote ? 0x200 : 0);
     Py_ssize_t dropped = 0;
     int first = 1;
     if (e->fmt == FMT_PROTOBUF) {
@@ -935,7 +942,8 @@ static int raw_view(PyObject *raw, RawView *v) {
         return -1;
     }
     Py_ssize_t n = PySequence_Fast_GET_SIZE(metas);
-    if (offset < 0 || offset + n * ROW_BYTES > PyBytes_GET_SIZE(rows)) {
+    Py_ssize_t size = PyBytes_GET_SIZE(rows);
+    if (offset < 0 || offset > size || n > (size - offset) / ROW_BYTES) {
         PyErr_SetString(PyExc_ValueError, "RawStats rows are shorter than their metas");
         return -1;
     }
@@ -1095,7 +1103,8 @@ static int encode_record(Encoder *e, PyObject *record, long long gpu_ns) {
     }
     if (has_parent && trace_state_text(e, PyTuple_GET_ITEM(parent, 4), &state_text) < 0)
         return -1;
-    int remote = has_parent && PyObject_IsTrue(PyTuple_GET_ITEM(parent, 2)) == 1;
+    int remote = has_parent ? PyObject_IsTrue(PyTuple_GET_ITEM(parent, 2)) : 0;
+    if (remote < 0) goto fail;
     uint32_t flags = 0x100 | (remote ? 0x200 : 0);
     Py_ssize_t name_len;
     const char *name_s = PyUnicode_AsUTF8AndSize(name, &name_len);
@@ -1177,8 +1186,14 @@ static int encode_record(Encoder *e, PyObject *record, long long gpu_ns) {
     if (describer != NULL && describer != Py_None) {
         PyObject *bytes, *dict;
         Py_ssize_t count;
-        if (describe_block(e, record, &bytes, &count, &dict) < 0) goto fail;
-        if (block_within(e, b, bytes, count, dict, &written, &dropped, &first) < 0) goto fail;
+        if (describe_block(e, record, &bytes, &count, &dict) < 0) {
+            /* as on the SDK path: the span goes out without its argument attributes */
+            if (PyErr_ExceptionMatches(PyExc_MemoryError)) goto fail;
+            PyErr_Clear();
+            e->describe_errors++;
+        } else if (block_within(e, b, bytes, count, dict, &written, &dropped, &first) < 0) {
+            goto fail;
+        }
     }
     if (e->extra_block != NULL &&
         block_within(e, b, e->extra_block, e->extra_count, e->extra, &written, &dropped,
@@ -1311,7 +1326,9 @@ static int encode_record(Encoder *e, PyObject *record, long long gpu_ns) {
     } else if (!shared) {
         PyObject *cuda = PyDict_GetItemWithError(attributes, e->k_cuda_error);
         if (cuda == NULL && PyErr_Occurred()) goto fail;
-        if (cuda != NULL && PyObject_IsTrue(cuda) == 1) {
+        int truth = cuda != NULL ? PyObject_IsTrue(cuda) : 0;
+        if (truth < 0) goto fail;
+        if (truth) {
             message = PyObject_Str(cuda);
             if (message == NULL) goto fail;
             code = 2;
@@ -1356,31 +1373,52 @@ fail:
 
 /* ---- Python methods ---------------------------------------------------------------- */
 
+/* Methods refuse an encoder that was never initialised, or one re-entered from a Python
+ * callback of its own (a describer, a link's properties) in the middle of a span. */
+static int usable(Encoder *e) {
+    if (e->record_type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Encoder is not initialised");
+        return 0;
+    }
+    if (e->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "Encoder re-entered while encoding a span");
+        return 0;
+    }
+    return 1;
+}
+
 static PyObject *enc_add(Encoder *e, PyObject *record) {
+    if (!usable(e)) return NULL;
     if (!PyObject_TypeCheck(record, (PyTypeObject *)e->record_type)) {
         PyErr_SetString(PyExc_TypeError, "add() takes a CallRecord");
         return NULL;
     }
-    if (encode_record(e, record, -1) < 0) return NULL;
+    e->busy = 1;
+    int rc = encode_record(e, record, -1);
+    e->busy = 0;
+    if (rc < 0) return NULL;
     Py_RETURN_NONE;
 }
 
 /* GPU time of a record's packed event pair (``start << 16 | end``) through the event
- * pool's API: >= 0 ns (events given back), or -1: leave it to Python (not ready, an
- * error to pin, or no API). */
-static long long gpu_time(PyObject *handle) {
+ * pool's API: >= 0 ns, or -1: leave it to Python (not ready, an error to pin, or no
+ * API).  The events are given back (gpu_release) only once the span is encoded. */
+static long long gpu_time(PyObject *handle, long long *packed) {
     if (gpu_api == NULL || gpu_api->version < 2 || !PyLong_CheckExact(handle)) return -1;
     long long h = PyLong_AsLongLong(handle);
     if (h == -1 && PyErr_Occurred()) {
         PyErr_Clear();
         return -1;
     }
-    int64_t start = h >> 16, end = h & 0xFFFF;
-    int64_t r = gpu_api->resolve(start, end);
+    int64_t r = gpu_api->resolve(h >> 16, h & 0xFFFF);
     if (r < 0) return -1; /* NOT_READY or a CUDA error: Python waits or pins it */
-    gpu_api->release(start);
-    gpu_api->release(end);
+    *packed = h;
     return r;
+}
+
+static void gpu_release(long long packed) {
+    gpu_api->release(packed >> 16);
+    gpu_api->release(packed & 0xFFFF);
 }
 
 /* drain(queue, slow, limit) -> spans encoded.  Takes up to ``limit`` records off
@@ -1393,9 +1431,11 @@ static long long gpu_time(PyObject *handle) {
 static PyObject *enc_drain(Encoder *e, PyObject *args) {
     PyObject *queue, *slow;
     Py_ssize_t limit;
+    if (!usable(e)) return NULL;
     if (!PyArg_ParseTuple(args, "OO!n", &queue, &PyList_Type, &slow, &limit)) return NULL;
     PyObject *popleft = PyObject_GetAttr(queue, e->s_popleft);
     if (popleft == NULL) return NULL;
+    e->busy = 1;
     Py_ssize_t done = 0, taken = 0;
     while (taken < limit) {
         ++taken;
@@ -1406,35 +1446,39 @@ static PyObject *enc_drain(Encoder *e, PyObject *args) {
                 break;
             }
             Py_DECREF(popleft);
+            e->busy = 0;
             return NULL;
         }
         int to_python = 0;
-        long long gpu_ns = -1;
+        long long gpu_ns = -1, packed = 0;
         if (!PyObject_TypeCheck(record, (PyTypeObject *)e->record_type)) {
             to_python = 1;
         } else {
             PyObject *pending = slot(e, record, R_PENDING);
             PyObject *gpu = slot(e, record, R_GPU);
-            if (pending != NULL && pending != e->empty && PyObject_IsTrue(pending) != 0) {
+            int has_pending = pending != NULL && pending != e->empty &&
+                              (!PyList_Check(pending) || PyList_GET_SIZE(pending) > 0);
+            if (has_pending) {
                 to_python = 1;
             } else if (gpu != NULL && gpu != Py_None) {
-                gpu_ns = gpu_time(gpu);
-                if (gpu_ns < 0) {
-                    to_python = 1;
-                } else {
-                    slot_set(e, record, R_GPU, Py_None);
-                    e->gpu_resolved++;
-                }
+                gpu_ns = gpu_time(gpu, &packed);
+                if (gpu_ns < 0) to_python = 1;
             }
         }
         if (!to_python && encode_record(e, record, gpu_ns) < 0) {
-            PyErr_Clear(); /* Python's path encodes it again and reports what failed */
+            PyErr_Clear(); /* Python's path encodes it again and reports what failed; the
+                            * GPU events are still the record's, so it times it too */
             to_python = 1;
+        } else if (!to_python && gpu_ns >= 0) {
+            gpu_release(packed);
+            slot_set(e, record, R_GPU, Py_None);
+            e->gpu_resolved++;
         }
         if (to_python) {
             if (PyList_Append(slow, record) < 0) {
                 Py_DECREF(record);
                 Py_DECREF(popleft);
+                e->busy = 0;
                 return NULL;
             }
         } else {
@@ -1442,6 +1486,7 @@ static PyObject *enc_drain(Encoder *e, PyObject *args) {
         }
         Py_DECREF(record);
     }
+    e->busy = 0;
     Py_DECREF(popleft);
     return PyLong_FromSsize_t(done);
 }
@@ -1449,6 +1494,7 @@ static PyObject *enc_drain(Encoder *e, PyObject *args) {
 /* take() -> bytes or None: the spans encoded since the last take as one request
  * (protobuf ExportTraceServiceRequest, or one OTLP/JSON line with its newline). */
 static PyObject *enc_take(Encoder *e, PyObject *unused) {
+    if (!usable(e)) return NULL;
     if (e->count == 0) Py_RETURN_NONE;
     Buf *s = &e->spans;
     size_t total;
@@ -1565,6 +1611,7 @@ done:
 }
 
 static PyObject *enc_set_extra(Encoder *e, PyObject *extra) {
+    if (!usable(e)) return NULL;
     if (extra != Py_None && !PyDict_Check(extra)) {
         PyErr_SetString(PyExc_TypeError, "set_extra() takes a dict or None");
         return NULL;
@@ -1587,7 +1634,9 @@ static PyObject *enc_set_extra(Encoder *e, PyObject *extra) {
 }
 
 static PyObject *enc_reset(Encoder *e, PyObject *unused) {
-    /* after fork: the parent's half batch is not ours to send */
+    /* after fork: the parent's half batch is not ours to send (a fork from another
+     * thread can copy us mid-span: the child starts clean) */
+    e->busy = 0;
     e->spans.len = 0;
     e->count = 0;
     e->pid = (long)getpid();
@@ -1596,9 +1645,9 @@ static PyObject *enc_reset(Encoder *e, PyObject *unused) {
 }
 
 static PyObject *enc_stats(Encoder *e, PyObject *unused) {
-    return Py_BuildValue("{sKsKsKsKsn}", "encoded", e->encoded, "failed", e->failed,
+    return Py_BuildValue("{sKsKsKsKsKsn}", "encoded", e->encoded, "failed", e->failed,
                          "attribute_errors", e->attr_errors, "gpu_resolved", e->gpu_resolved,
-                         "batched", e->count);
+                         "describe_errors", e->describe_errors, "batched", e->count);
 }
 
 static PyMethodDef enc_methods[] = {

@@ -30,6 +30,7 @@ import copy
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -101,7 +102,8 @@ def sender_for(exporter: Any) -> Any:
         if client is not None and callable(getattr(client, "export", None)):
             return HttpSender(exporter)
     if module == "opentelemetry.exporter.otlp.proto.grpc.trace_exporter":
-        if all(hasattr(exporter, a) for a in ("_export", "_channel", "_stub", "_client")):
+        if all(hasattr(exporter, a) for a in ("_export", "_channel", "_stub", "_client",
+                                              "_initialize_channel_and_stub")):
             return GrpcSender(exporter)
     return None
 
@@ -227,11 +229,13 @@ class _RawTraceStub:
 
 
 class GrpcSender:
-    """OTLP/gRPC through a twin of the exporter: the same channel, headers, timeout,
-    compression and retry loop (``OTLPExporterMixin._export``), fed serialized bytes.
+    """OTLP/gRPC through a twin of the exporter: its endpoint, credentials, headers,
+    timeout, compression and retry loop (``OTLPExporterMixin._export``), fed serialized
+    bytes.
 
-    The twin is a shallow copy, so the application's own exporter object is never
-    changed; a reconnect after UNAVAILABLE re-creates the twin's channel only."""
+    The twin is a shallow copy with a channel of its own (the exporter's own code makes
+    it from the same settings): the SDK closes and re-creates a channel after
+    UNAVAILABLE, and a shared one would break the application's exporter, or ours."""
 
     fmt = "protobuf"
 
@@ -239,10 +243,15 @@ class GrpcSender:
         self.exporter = exporter
         twin = copy.copy(exporter)
         twin._stub = _RawTraceStub  # noqa: SLF001
-        twin._client = _RawTraceStub(exporter._channel)  # noqa: SLF001
         twin._translate_data = _payload_of  # noqa: SLF001
         twin._count_data = _count_of  # noqa: SLF001
+        twin._initialize_channel_and_stub()  # noqa: SLF001 - our own channel
         self.twin = twin
+
+    def close(self) -> None:
+        channel = getattr(self.twin, "_channel", None)
+        if channel is not None:
+            channel.close()
 
     def send(self, payload: bytes, count: int) -> bool:
         if getattr(self.exporter, "_shutdown", False):
@@ -320,6 +329,10 @@ class NativeExport:
 
     def __init__(self, tracer: Any, chosen: Plan, record_type: Any, empty: Any) -> None:
         self.plan = chosen
+        #: The provider's processors when planned: the SDK replaces the tuple when one is
+        #: added, and a changed setup must be planned again (``setup_changed``).
+        self._processors = getattr(tracer.span_processor, "_span_processors", None)
+        self._span_processor = tracer.span_processor
         formats = sorted({s.fmt for s in chosen.senders})
         self.encoders = {fmt: make_encoder(tracer, fmt, record_type, empty) for fmt in formats}
         self.senders = {fmt: [s for s in chosen.senders if s.fmt == fmt] for fmt in formats}
@@ -332,26 +345,47 @@ class NativeExport:
         #: in the middle of a span): the worker's drain/add and a flush's take share it.
         self._enc_lock = threading.RLock()
         self._opened = 0.0  # monotonic time the open batch got its first span
-        self._start()
-        if hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=self._after_fork)
-
-    def _start(self) -> None:
         self._outbox: deque[tuple[str, bytes, int]] = deque()
         self._queued = 0
-        self._busy = False
         self._stopping = False
+        self._start_sender()
+        if hasattr(os, "register_at_fork"):
+            ref = weakref.ref(self)  # a retired export must not live on for the hook
+
+            def child() -> None:
+                export = ref()
+                if export is not None:
+                    export.after_fork()
+
+            os.register_at_fork(after_in_child=child)
+
+    def _start_sender(self) -> None:
+        """A sender thread (and its condition) for the current outbox."""
+        self._busy = False
         self._cond = threading.Condition()
         self._pid = os.getpid()
         self._thread = threading.Thread(target=self._run, name="otel_flashinfer-export",
                                         daemon=True)
         self._thread.start()
 
-    def _after_fork(self) -> None:
-        self._enc_lock = threading.RLock()  # a fork can copy it held
+    def after_fork(self) -> None:
+        """In a forked child (idempotent: the pipeline's own hook calls it first, before
+        anything takes the lock, which the fork may have copied while held)."""
+        if self._pid == os.getpid():
+            return
+        self._enc_lock = threading.RLock()
         for encoder in self.encoders.values():
             encoder.reset()
-        self._start()
+        self._outbox = deque()  # the parent's requests are the parent's to send
+        self._queued = 0
+        if self._stopping:
+            self._pid = os.getpid()
+            return
+        self._start_sender()
+
+    def setup_changed(self) -> bool:
+        """Whether the provider's processors changed since the plan (one was added)."""
+        return getattr(self._span_processor, "_span_processors", None) is not self._processors
 
     def set_extra(self, attributes: dict[str, Any]) -> None:
         with self._enc_lock:
@@ -371,8 +405,11 @@ class NativeExport:
             for record in records:
                 if record.pending or record.gpu is not None:
                     slow.append(record)
-                else:
+                    continue
+                try:
                     self.add(record)
+                except Exception:  # noqa: BLE001 - the Python path reports it, as above
+                    slow.append(record)
 
     def end_drain(self) -> None:
         """After the worker's pass: ship full batches, and older ones past the delay."""
@@ -382,7 +419,11 @@ class NativeExport:
         """Encode one record whose pending work is done (raises what failed)."""
         describe = record.describe
         if describe is not None and getattr(type(describe), "attributes", None) is None:
-            describe(record)  # a graph child's capture-time description, in Python
+            record.own()
+            try:
+                describe(record)  # a description the encoder cannot call, in Python
+            except Exception as exc:  # noqa: BLE001 - the span goes out without it
+                health.report("describe_errors", "could not describe arguments", exc)
             record.describe = None
         full = False
         with self._enc_lock:
@@ -466,9 +507,12 @@ class NativeExport:
 
     def flush(self, deadline: float) -> bool:
         """Send everything encoded so far; False if ``deadline`` (monotonic) passed."""
+        if os.getpid() != self._pid:
+            self.after_fork()
+        elif not self._thread.is_alive():
+            self._stopping = False
+            self._start_sender()  # keeps the outbox: what is queued still goes out
         self._cut(force=True)
-        if not self._thread.is_alive() or os.getpid() != self._pid:
-            self._start()
         with self._cond:
             while self._outbox or self._busy:
                 remaining = deadline - time.monotonic()
@@ -482,6 +526,15 @@ class NativeExport:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
+        self._thread.join(max(0.0, timeout_s))
+        for senders in self.senders.values():
+            for sender in senders:
+                close = getattr(sender, "close", None)
+                if close is not None:
+                    try:
+                        close()
+                    except Exception as exc:  # noqa: BLE001
+                        health.report("export_errors", "could not close a sender", exc)
         return ok
 
     def encoded(self) -> int:

@@ -447,6 +447,7 @@ class Pipeline:
         # provider's Resource still names the parent's pid, so spans say which we are.
         self.fork_attributes = {"process.pid": os.getpid()}
         if self._native is not None:
+            self._native.after_fork()  # its lock first: the fork may have copied it held
             self._native.set_extra(self.fork_attributes)
         self._start()
 
@@ -498,6 +499,10 @@ class Pipeline:
             if queue and self.tracer is None:
                 self._resolve_tracer_safely()
             native = self._native
+            if native is not None and native.setup_changed():
+                # A processor was added to the provider: plan its spans' way out again.
+                self._use_tracer(self.tracer)
+                native = self._native
             if native is not None:
                 # Ready records are encoded in C; only those still waiting for the GPU
                 # (statistics, a GPU time the encoder could not resolve) come back here.
@@ -508,14 +513,21 @@ class Pipeline:
                     chunk = min(left, native.batch)
                     left -= chunk
                     slow: list[CallRecord] = []
-                    native.drain(queue, slow, chunk)
+                    try:
+                        native.drain(queue, slow, chunk)
+                    except Exception as exc:  # noqa: BLE001 - the worker must go on
+                        health.report("export_errors", "the native encoder failed", exc)
                     for record in slow:
                         if record.pending or record.gpu is not None:
                             record.deadline = now + self.wait_timeout_s
                         self._consider(record, now)
                     if left > 0:
                         time.sleep(_YIELD_S)
-                native.end_drain()
+                try:
+                    native.end_drain()
+                except Exception as exc:  # noqa: BLE001
+                    health.report("export_errors", "could not hand a batch to the sender",
+                                  exc)
             else:
                 for i in range(len(queue)):  # what is there now, as above
                     record = queue.popleft()
@@ -583,7 +595,7 @@ class Pipeline:
                     times.abandon(record, gpu, abandon)
             except Exception as exc:  # noqa: BLE001
                 health.report("pending_errors", "could not resolve a GPU time", exc)
-        native = self._native is not None
+        native = self._native  # once: a provider hand-off may switch it meanwhile
         for pending in record.pending:
             try:
                 if abandon is None or pending.ready():
@@ -596,8 +608,10 @@ class Pipeline:
                 health.report("pending_errors", "could not resolve GPU results", exc)
         record.pending = _EMPTY
         tracer = self._resolve_tracer()
-        if self._native is not None:
-            self._native.add(record)  # argument description happens in the encoder
+        if native is None:
+            native = self._native  # resolved just now (its events are decoded: fine)
+        if native is not None:
+            native.add(record)  # argument description happens in the encoder
             return
         if record.describe is not None:
             try:

@@ -473,3 +473,130 @@ def test_malformed_raw_statistics_refuse_the_record() -> None:
     with pytest.raises(ValueError, match="shorter than their metas"):
         encoder.add(r)
     assert encoder.take() is None
+
+
+# ---- what a review found: each fixed, each kept fixed --------------------------------
+
+
+def test_grpc_twin_has_a_channel_of_its_own() -> None:
+    """The SDK closes and re-creates a channel after UNAVAILABLE: shared with the
+    application's exporter, that would break whichever did not reconnect."""
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+    app_exporter = OTLPSpanExporter(endpoint="127.0.0.1:9", insecure=True, timeout=1)
+    channel = app_exporter._channel  # noqa: SLF001
+    sender = export.sender_for(app_exporter)
+    assert type(sender).__name__ == "GrpcSender"
+    assert sender.twin._channel is not channel  # noqa: SLF001
+    assert app_exporter._channel is channel  # noqa: SLF001 - the application's, untouched
+    sender.close()
+    app_exporter.shutdown()
+
+
+def test_a_failing_describer_costs_the_arguments_not_the_span() -> None:
+    class Broken(Describer):
+        __slots__ = ()
+
+        def attributes(self, data, kw, result):  # noqa: ANN001, ANN201
+            raise RuntimeError("describer failed")
+
+    tracer, _ = _sdk_tracer()
+    encoder = export.make_encoder(tracer, "protobuf", CallRecord, _EMPTY)
+    r = CallRecord.for_call("f", 1, 2, None, BASE)
+    r.describe, r.data = Broken(DESCRIBER.plan), [describe.snapshot(Q)]
+    encoder.add(r)
+    span = ExportTraceServiceRequest.FromString(encoder.take()).resource_spans[0]
+    keys = [a.key for a in span.scope_spans[0].spans[0].attributes]
+    assert keys == ["flashinfer.api", "flashinfer.level"]
+    assert encoder.stats()["describe_errors"] == 1
+
+
+def test_the_encoder_refuses_to_be_reentered_mid_span() -> None:
+    """A describer (Python) that calls back into its own encoder must not corrupt the
+    span being written."""
+    tracer, _ = _sdk_tracer()
+    encoder = export.make_encoder(tracer, "protobuf", CallRecord, _EMPTY)
+    seen = []
+
+    class Reentrant(Describer):
+        __slots__ = ()
+
+        def attributes(self, data, kw, result):  # noqa: ANN001, ANN201
+            try:
+                encoder.take()
+            except RuntimeError as exc:
+                seen.append(str(exc))
+            return {"flashinfer.arg.x": 1}
+
+    first = CallRecord.for_call("first", 1, 2, None, BASE)
+    encoder.add(first)
+    r = CallRecord.for_call("second", 1, 3, None, BASE)
+    r.describe, r.data = Reentrant(DESCRIBER.plan), []
+    encoder.add(r)
+    assert seen == ["Encoder re-entered while encoding a span"]
+    spans = ExportTraceServiceRequest.FromString(encoder.take()).resource_spans[0]
+    assert [s.name for s in spans.scope_spans[0].spans] == ["first", "second"]
+    with pytest.raises(RuntimeError, match="not initialised"):
+        _otlp.Encoder.__new__(_otlp.Encoder).drain(__import__("collections").deque([1]), [], 5)
+
+
+def test_negative_zero_is_not_served_from_the_cache_of_zero() -> None:
+    tracer, _ = _sdk_tracer()
+    encoder = export.make_encoder(tracer, "protobuf", CallRecord, _EMPTY)
+    signs = []
+    for value in (0.0, -0.0):
+        r = CallRecord.for_call("f", 1, 2, None, BASE)
+        r.describe, r.data, r.kw = DESCRIBER, [describe.snapshot(Q)], {"scale": value}
+        encoder.add(r)
+        span = ExportTraceServiceRequest.FromString(encoder.take()).resource_spans[0]
+        attrs = {a.key: a.value for a in span.scope_spans[0].spans[0].attributes}
+        signs.append(str(attrs["flashinfer.arg.scale"].double_value))
+    assert signs == ["0.0", "-0.0"]
+
+
+def test_a_processor_added_later_is_planned_again(tmp_path: Path) -> None:
+    """A processor the application adds after our first span must see our spans too:
+    the setup is planned again (here it cannot be native any more)."""
+    provider, tracer = _file_provider(tmp_path / "t.jsonl")
+    pipeline = Pipeline(tracer, provider=provider, interval_s=0.01)
+    assert pipeline.export_path == "native"
+    late = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(late))
+    r = CallRecord.for_call("after-add", 7, 8, None, BASE)
+    r.start_ns, r.end_ns = 1, 2
+    pipeline.submit(r)
+    assert pipeline.flush(10)
+    assert [s.name for s in late.get_finished_spans()] == ["after-add"]
+    assert pipeline.export_path in ("direct", "sdk")
+    pipeline.shutdown(5)
+
+
+def test_a_forked_child_does_not_hang_on_a_lock_held_at_fork(tmp_path: Path) -> None:
+    import os
+
+    provider, tracer = _file_provider(tmp_path / "t.jsonl")
+    pipeline = Pipeline(tracer, provider=provider, interval_s=0.01)
+    native = pipeline._native  # noqa: SLF001
+    native._enc_lock.acquire()  # noqa: SLF001 - the worker, mid-drain, at fork time
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: its fork hooks ran; it must be able to encode
+            try:
+                native.set_extra({"process.pid": os.getpid()})
+                os._exit(0)
+            except BaseException:  # noqa: BLE001
+                os._exit(3)
+    finally:
+        native._enc_lock.release()  # noqa: SLF001
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        raise AssertionError("the forked child hung in its fork hooks")
+    pipeline.shutdown(5)
