@@ -196,7 +196,7 @@ def graph_child(level: int, replays: int) -> dict[str, Any]:
     import torch
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from gpu_decode import make_decode
+    from gpu_decode import capture_graph, make_decode
 
     import otel_flashinfer
 
@@ -204,15 +204,7 @@ def graph_child(level: int, replays: int) -> dict[str, Any]:
         otel_flashinfer.instrument(level=level)
         _wait_for_kernels(level)
     step = make_decode(use_cuda_graph=True)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(5):
-            step.run()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step.run()
+    graph, _ = capture_graph(step.run)
     for _ in range(20):
         graph.replay()
     torch.cuda.synchronize()
