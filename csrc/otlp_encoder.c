@@ -270,7 +270,7 @@ typedef struct {
     PyObject *extra_block;    /* its encoding (bytes), or NULL */
     Py_ssize_t extra_count;
     PyObject *s_attributes;   /* "attributes" (the describer's method) */
-    PyObject *s_popleft, *s_items, *s_context, *s_attrs, *s_dropped;
+    PyObject *s_popleft, *s_context, *s_attrs;
     PyObject *k_instance, *k_gpu_time, *k_cuda_error, *k_nonfinite;
     PyTypeObject *raw_stats; /* stats.decode.RawStats: rows still as the kernel wrote them */
     Py_ssize_t max_attributes, max_events, max_links;
@@ -356,6 +356,17 @@ static int key_utf8(PyObject *key, const char **s, Py_ssize_t *n) {
     return *s == NULL ? -2 : 0;
 }
 
+/* An int attribute as OTLP's int64: -2 (skipped, as the SDK skips it) when it does not fit. */
+static int as_int64(PyObject *v, long long *x) {
+    int overflow = 0;
+    *x = PyLong_AsLongLongAndOverflow(v, &overflow);
+    if (overflow) {
+        PyErr_SetString(PyExc_OverflowError, "int attribute does not fit int64");
+        return -2;
+    }
+    return 0;
+}
+
 static int value_pb(Buf *b, PyObject *v, int depth) {
     /* the AnyValue body (fields of the oneof, always written when set) */
     if (v == Py_None) return 0;
@@ -370,12 +381,8 @@ static int value_pb(Buf *b, PyObject *v, int depth) {
         return pb_bytes(b, 1, s, (size_t)n);
     }
     if (PyLong_Check(v)) {
-        int overflow = 0;
-        long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
-        if (overflow) {
-            PyErr_SetString(PyExc_OverflowError, "int attribute does not fit int64");
-            return -2;
-        }
+        long long x;
+        if (as_int64(v, &x) < 0) return -2;
         if (pb_tag(b, 3, 0) < 0) return -1;
         return pb_varint(b, (uint64_t)x);
     }
@@ -449,12 +456,8 @@ static int value_js(Buf *b, PyObject *v, int depth) {
         return put_c(b, '}');
     }
     if (PyLong_Check(v)) {
-        int overflow = 0;
-        long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
-        if (overflow) {
-            PyErr_SetString(PyExc_OverflowError, "int attribute does not fit int64");
-            return -2;
-        }
+        long long x;
+        if (as_int64(v, &x) < 0) return -2;
         if (PUT_LIT(b, "{\"intValue\":") < 0 || js_i64(b, x) < 0) return -1;
         return put_c(b, '}');
     }
@@ -810,7 +813,7 @@ static int event_one(Encoder *e, Buf *b, PyObject *name, PyObject *attrs, uint64
 }
 
 static PyObject *k_exc_type, *k_exc_message, *k_exc_stack, *k_exc_escaped, *s_true_text,
-    *s_exception, *s_colon;
+    *s_exception;
 
 static int error_event(Encoder *e, Buf *b, PyObject *error, uint64_t ts, int *first_event) {
     if (!PyTuple_Check(error) || PyTuple_GET_SIZE(error) != 3) {
@@ -1015,7 +1018,7 @@ static int raw_events(Encoder *e, Buf *b, const RawView *v, Py_ssize_t limit, in
         long long inf = (long long)row_word(row, 5), seen = (long long)row_word(row, 6);
         int pages = rc == 0 && slen == 16 && memcmp(ss, "referenced_pages", 16) == 0;
         int sampled = rc == 0 && slen == 7 && memcmp(ss, "sampled", 7) == 0;
-        size_t mark = 0, attrs_at = 0;
+        size_t mark = 0;
         int first = 1;
         if (rc == 0) {
             if (e->fmt == FMT_PROTOBUF) {
@@ -1028,8 +1031,6 @@ static int raw_events(Encoder *e, Buf *b, const RawView *v, Py_ssize_t limit, in
                     rc = -1;
             }
             *first_event = 0;
-            attrs_at = b->len;
-            (void)attrs_at;
         }
         const double qnan = NAN;
         if (rc == 0) rc = kv_c(e, b, 3, "flashinfer.tensor", 's', ns, nlen, 0, 0, &first);
@@ -1498,8 +1499,6 @@ static PyObject *enc_take(Encoder *e, PyObject *unused) {
     if (e->count == 0) Py_RETURN_NONE;
     Buf *s = &e->spans;
     size_t total;
-    unsigned char head[64];
-    size_t head_len = 0;
     const char *rs_schema = NULL, *ss_schema = NULL;
     Py_ssize_t rs_len = 0, ss_len = 0;
     if (e->resource_schema != NULL) rs_schema = PyUnicode_AsUTF8AndSize(e->resource_schema, &rs_len);
@@ -1519,8 +1518,6 @@ static PyObject *enc_take(Encoder *e, PyObject *unused) {
         out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
         if (out == NULL) return NULL;
         unsigned char *p = (unsigned char *)PyBytes_AS_STRING(out);
-        Buf h = {head, 0, sizeof head};
-        (void)head_len;
         /* the heads are small: build them in a stack buffer, then copy */
         Py_BEGIN_ALLOW_THREADS
 #define VAR(x)                                          \
@@ -1560,7 +1557,6 @@ static PyObject *enc_take(Encoder *e, PyObject *unused) {
         }
 #undef VAR
         Py_END_ALLOW_THREADS
-        (void)h;
     } else {
         Buf tail = {0};
         if (ss_len && (PUT_LIT(&tail, ",\"schemaUrl\":") < 0 || js_str(&tail, ss_schema, ss_len) < 0))
@@ -1740,10 +1736,8 @@ static int enc_init(Encoder *e, PyObject *args, PyObject *kwargs) {
 #define I(field, text) Py_XSETREF(e->field, PyUnicode_InternFromString(text))
     I(s_attributes, "attributes");
     I(s_popleft, "popleft");
-    I(s_items, "items");
     I(s_context, "context");
     I(s_attrs, "attributes");
-    I(s_dropped, "dropped_attributes");
     I(k_instance, "flashinfer.instance.id");
     I(k_gpu_time, "flashinfer.gpu.time_ns");
     I(k_cuda_error, "flashinfer.cuda_error");
@@ -1782,10 +1776,8 @@ static int enc_clear(Encoder *e) {
     Py_CLEAR(e->scope_schema);
     Py_CLEAR(e->s_attributes);
     Py_CLEAR(e->s_popleft);
-    Py_CLEAR(e->s_items);
     Py_CLEAR(e->s_context);
     Py_CLEAR(e->s_attrs);
-    Py_CLEAR(e->s_dropped);
     Py_CLEAR(e->k_instance);
     Py_CLEAR(e->k_gpu_time);
     Py_CLEAR(e->k_cuda_error);
@@ -1845,7 +1837,6 @@ PyMODINIT_FUNC PyInit__otlp(void) {
     k_exc_escaped = PyUnicode_InternFromString("exception.escaped");
     s_true_text = PyUnicode_InternFromString("True");
     s_exception = PyUnicode_InternFromString("exception");
-    s_colon = PyUnicode_InternFromString(": ");
     if (PyErr_Occurred()) return NULL;
     PyObject *m = PyModule_Create(&module_def);
     if (m == NULL) return NULL;

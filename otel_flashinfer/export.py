@@ -46,7 +46,7 @@ DEFAULT_OUTBOX_SPANS = 2048
 
 @dataclass(frozen=True)
 class Plan:
-    """Which path a provider's spans take, and why (``counters()`` and tests read it)."""
+    """Which path a provider's spans take, and why (``Pipeline.export_reason``)."""
 
     fast: bool
     reason: str
@@ -339,8 +339,6 @@ class NativeExport:
         self.batch = max(1, chosen.batch)
         self.delay_s = chosen.delay_s
         self.outbox_spans = max(self.batch, chosen.outbox_spans)
-        #: Spans each path took, read by ``counters()``.
-        self.sent = 0
         #: The encoders are not thread-safe (a describe callback can hand the GIL over
         #: in the middle of a span): the worker's drain/add and a flush's take share it.
         self._enc_lock = threading.RLock()
@@ -497,9 +495,7 @@ class NativeExport:
                 health.report("export_errors", f"sending spans through {type(sender).__name__} "
                               "failed", exc)
                 ok = False
-            if ok:
-                self.sent += count
-            else:
+            if not ok:
                 health.report("spans_dropped", "a batch of spans was not taken after the "
                               "exporter's retries (receiver down or refusing)", n=count)
 
@@ -540,14 +536,6 @@ class NativeExport:
     def encoded(self) -> int:
         """Spans encoded so far (each once, whatever the number of formats)."""
         return max(encoder.stats()["encoded"] for encoder in self.encoders.values())
-
-    def counters(self) -> dict[str, int]:
-        out = {"spans_sent": self.sent}
-        for encoder in self.encoders.values():
-            errors = encoder.stats()["attribute_errors"]
-            if errors:
-                out["attribute_encode_errors"] = out.get("attribute_encode_errors", 0) + errors
-        return out
 
 
 def native_export_for(provider: Any, tracer: Any, record_type: Any, empty: Any,

@@ -706,15 +706,6 @@ class Pipeline:
             ok = self._native.shutdown(0.0) and ok
         return ok
 
-    def counters(self) -> dict[str, Any]:
-        """How spans leave (``export_path``) and how many took the native encoder."""
-        out: dict[str, Any] = {"export_path": self.export_path}
-        if self.export_reason:
-            out["export_reason"] = self.export_reason
-        if self._native is not None:
-            out.update(self._native.counters())
-        return out
-
 
 def export_record(tracer: Any, preset: _PresetIds | None, record: CallRecord) -> None:
     """Build and end one SDK span from a record, keeping its ids and times."""
