@@ -120,35 +120,34 @@ def read_info(store: BlobStore, process: str) -> dict:
         return fallback
 
 
-def list_calls(store: BlobStore, process: str) -> list[dict]:
-    """A process' call entries in call order, each with ``manifest`` (its key)."""
+def _entries(store: BlobStore, prefix: str, parse: Any) -> list[dict]:
+    """The index names under ``prefix`` that ``parse`` accepts, in call order, each
+    with ``manifest`` (its key); a name it refuses (foreign, tampered) is skipped."""
     out = []
-    for name in _names(store, layout.process_calls_prefix(process)):
+    for name in _names(store, prefix):
         try:
-            entry = layout.parse_call_entry(name)
+            entry = parse(name)
         except ValueError:
             continue
         entry["manifest"] = layout.manifest_key(entry["trace_id"], entry["start_ns"],
                                                 entry["span_id"])
-        entry["process"] = process
         out.append(entry)
     out.sort(key=lambda e: (e["start_ns"], e["span_id"]))
+    return out
+
+
+def list_calls(store: BlobStore, process: str) -> list[dict]:
+    """A process' call entries in call order, each with ``manifest`` (its key)."""
+    out = _entries(store, layout.process_calls_prefix(process), layout.parse_call_entry)
+    for entry in out:
+        entry["process"] = process
     return out
 
 
 def list_chain(store: BlobStore, process: str, instance_id: str) -> list[dict]:
     """An object's ``__init__``/``plan*`` entries in call order, each with ``manifest``."""
-    out = []
-    for name in _names(store, layout.instance_prefix(process, instance_id)):
-        try:
-            entry = layout.parse_chain_entry(name)
-        except ValueError:
-            continue
-        entry["manifest"] = layout.manifest_key(entry["trace_id"], entry["start_ns"],
-                                                entry["span_id"])
-        out.append(entry)
-    out.sort(key=lambda e: (e["start_ns"], e["span_id"]))
-    return out
+    return _entries(store, layout.instance_prefix(process, instance_id),
+                    layout.parse_chain_entry)
 
 
 def describe_store(store: BlobStore) -> list[dict[str, Any]]:
