@@ -25,6 +25,7 @@ from typing import Any
 
 from . import capture_guard, cuda_errors, health
 from .config import jit_cache_root
+from .jit_lock import build_lock
 from .pipeline import CallRecord
 
 #: The span attributes of a call's GPU time, or of why it has none.
@@ -67,9 +68,11 @@ def _compile() -> None:
         from torch.utils.cpp_extension import load
 
         source = _source()
-        ext = load(name="otel_flashinfer_event_pool", sources=[str(source)],
-                   build_directory=str(cache_dir("event_pool", source)), with_cuda=True,
-                   extra_cflags=["-O2"], verbose=False)
+        build_dir = cache_dir("event_pool", source)
+        with build_lock(build_dir):
+            ext = load(name="otel_flashinfer_event_pool", sources=[str(source)],
+                       build_directory=str(build_dir), with_cuda=True,
+                       extra_cflags=["-O2"], verbose=False)
         if getattr(ext, "NOT_READY", None) != NOT_READY:
             raise RuntimeError("the event pool's NOT_READY differs from gpu_timing's")
         # Events are created here, in the background, not on the first traced calls.

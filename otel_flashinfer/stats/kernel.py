@@ -20,6 +20,7 @@ from types import ModuleType
 
 from .. import health
 from ..config import jit_cache_root
+from ..jit_lock import build_lock
 
 SOURCES = ("tensor_stats.cpp", "stats_hooks.cpp", "tensor_stats_kernel.cu")
 HEADERS = ("tensor_stats.h", "stats_launch.h")
@@ -76,15 +77,16 @@ def _build() -> ModuleType | None:
     old_arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
     os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
     try:
-        return cpp_extension.load(
-            name=f"otel_fi_stats_{digest.hexdigest()[:12]}",
-            sources=[str(src / name) for name in SOURCES],
-            extra_include_paths=[str(src)],
-            extra_cflags=["-O3"],
-            extra_cuda_cflags=["-O3", "-std=c++17"],
-            build_directory=str(build_dir),
-            verbose=False,
-        )
+        with build_lock(build_dir):
+            return cpp_extension.load(
+                name=f"otel_fi_stats_{digest.hexdigest()[:12]}",
+                sources=[str(src / name) for name in SOURCES],
+                extra_include_paths=[str(src)],
+                extra_cflags=["-O3"],
+                extra_cuda_cflags=["-O3", "-std=c++17"],
+                build_directory=str(build_dir),
+                verbose=False,
+            )
     finally:
         if old_arch is None:
             os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
