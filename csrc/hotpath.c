@@ -111,6 +111,7 @@ typedef struct {
     const otel_flashinfer_hotpath_api *api; /* lent by the CUDA event pool, once built */
     PyObject *zero, *zero_float;
     PyObject *s_get_span_context, *s_process_parent, *s_capturing, *s_sample_root;
+    PyObject *s_root_always, *s_queue, *s_append, *s_max_queue, *s_batch;
     PyObject *s_hot, *s_encoder, *s_encode, *s_add, *s_dtype, *s_device, *s_shape,
         *s_stride, *s_wrapper_errors, *s_journal_full, *s_add_pending, *s_unavailable,
         *s_unready, *s_context;
@@ -219,6 +220,11 @@ static PyObject *hp_setup(PyObject *self, PyObject *args, PyObject *kwargs) {
     I(s_process_parent, "process_parent");
     I(s_capturing, "_capturing");
     I(s_sample_root, "sample_root");
+    I(s_root_always, "_root_always");
+    I(s_queue, "_queue");
+    I(s_append, "append");
+    I(s_max_queue, "max_queue");
+    I(s_batch, "_batch");
     I(s_hot, "_hot");
     I(s_encoder, "_encoder");
     I(s_encode, "encode");
@@ -546,6 +552,10 @@ typedef struct {
     PyObject *journal;    /* journal.Journal or None */
     PyObject *runtime;    /* runtime.Runtime (sample_root) */
     PyObject *submit;     /* pipeline.submit */
+    /* pipeline.Pipeline whose queue submit_record appends to directly, or NULL: its
+     * max_queue and _batch, fixed for its life, read once. */
+    PyObject *pipeline;
+    Py_ssize_t max_queue, batch;
     PyObject *gpu;        /* gpu_timing.NativeTimer (GPU time of eager CUDA calls) or None */
     /* The journal bytes of the last call's arguments and the snapshots they encode: a
      * call with the same snapshots reuses them without the encoder's hashing. */
@@ -570,6 +580,7 @@ static int entry_traverse(Entry *e, visitproc visit, void *arg) {
     Py_VISIT(e->journal);
     Py_VISIT(e->runtime);
     Py_VISIT(e->submit);
+    Py_VISIT(e->pipeline);
     Py_VISIT(e->gpu);
     Py_VISIT(e->last_data);
     Py_VISIT(e->last_kw);
@@ -590,6 +601,7 @@ static int entry_clear(Entry *e) {
     Py_CLEAR(e->journal);
     Py_CLEAR(e->runtime);
     Py_CLEAR(e->submit);
+    Py_CLEAR(e->pipeline);
     Py_CLEAR(e->gpu);
     Py_CLEAR(e->last_data);
     Py_CLEAR(e->last_kw);
@@ -608,21 +620,33 @@ static int entry_init(Entry *e, PyObject *args, PyObject *kwargs) {
     static char *kw[] = {"api_name", "base_attrs", "name_bytes", "plan", "describe",
                          "on_capture", "befores", "afters", "journal", "runtime", "submit",
                          "gpu", "detailed", "is_method", "is_init", "is_plan", "is_run", "skip_self",
-                         NULL};
+                         "pipeline", NULL};
     PyObject *api_name, *base_attrs, *name_bytes, *plan, *describe, *on_capture, *befores,
-        *afters, *journal, *runtime, *submit, *gpu;
+        *afters, *journal, *runtime, *submit, *gpu, *pipeline = Py_None;
     int detailed, is_method, is_init, is_plan, is_run, skip_self;
     if (!S.ready) {
         PyErr_SetString(PyExc_RuntimeError, "_hotpath.setup() was not called");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "UO!O!OOOO!O!OOOOpppppp", kw, &api_name,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "UO!O!OOOO!O!OOOOpppppp|O", kw, &api_name,
                                      &PyDict_Type, &base_attrs, &PyBytes_Type, &name_bytes,
                                      &plan, &describe, &on_capture, &PyTuple_Type, &befores,
                                      &PyTuple_Type, &afters, &journal, &runtime, &submit,
                                      &gpu, &detailed, &is_method, &is_init, &is_plan, &is_run,
-                                     &skip_self))
+                                     &skip_self, &pipeline))
         return -1;
+    Py_ssize_t max_queue = 0, batch = 0;
+    if (pipeline != Py_None) {
+        PyObject *mq = PyObject_GetAttr(pipeline, S.s_max_queue);
+        if (mq == NULL) return -1;
+        max_queue = PyLong_AsSsize_t(mq);
+        Py_DECREF(mq);
+        PyObject *b = max_queue < 0 ? NULL : PyObject_GetAttr(pipeline, S.s_batch);
+        if (b == NULL) return -1;
+        batch = PyLong_AsSsize_t(b);
+        Py_DECREF(b);
+        if (batch < 0) return -1;
+    }
     entry_clear(e);
 #define SET(f) (Py_INCREF(f), e->f = f)
     SET(api_name);
@@ -638,12 +662,42 @@ static int entry_init(Entry *e, PyObject *args, PyObject *kwargs) {
     SET(submit);
     SET(gpu);
 #undef SET
+    if (pipeline != Py_None) {
+        Py_INCREF(pipeline);
+        e->pipeline = pipeline;
+    }
+    e->max_queue = max_queue;
+    e->batch = batch;
     e->detailed = detailed;
     e->is_method = is_method;
     e->is_init = is_init;
     e->is_plan = is_plan;
     e->is_run = is_run;
     e->skip_self = skip_self;
+    return 0;
+}
+
+/* pipeline.submit without its Python frame: append to the pipeline's queue (read each
+ * time: a fork starts a new one), leaving to submit the rare calls that must drop the
+ * oldest record or wake the worker for a full batch.  -1: error set. */
+static int submit_record(Entry *e, PyObject *record) {
+    if (e->pipeline != NULL) {
+        PyObject *queue = PyObject_GetAttr(e->pipeline, S.s_queue);
+        if (queue == NULL) return -1;
+        Py_ssize_t n = PyObject_Size(queue);
+        if (n >= 0 && n < e->max_queue && n + 1 != e->batch) {
+            PyObject *r = PyObject_CallMethodOneArg(queue, S.s_append, record);
+            Py_DECREF(queue);
+            if (r == NULL) return -1;
+            Py_DECREF(r);
+            return 0;
+        }
+        Py_DECREF(queue);
+        if (n < 0) return -1;
+    }
+    PyObject *r = PyObject_CallOneArg(e->submit, record);
+    if (r == NULL) return -1;
+    Py_DECREF(r);
     return 0;
 }
 
@@ -1055,12 +1109,20 @@ static PyObject *entry_enter(Entry *e, PyObject *const *argv, Py_ssize_t nargs) 
         memcpy(bytes + 8, &hi, 8);
         trace_id = _PyLong_FromByteArray(bytes, 16, 1, 0);
         if (trace_id == NULL) goto error;
-        PyObject *sampled = PyObject_CallMethodObjArgs(e->runtime, S.s_sample_root, trace_id,
-                                                       e->api_name, NULL);
-        if (sampled == NULL) goto error;
-        int truth = PyObject_IsTrue(sampled);
-        Py_DECREF(sampled);
-        if (truth < 0) goto error;
+        /* The SDK's default sampler takes every root: the runtime says so once it knows,
+         * and the call to ask it is skipped. */
+        PyObject *always = PyObject_GetAttr(e->runtime, S.s_root_always);
+        if (always == NULL) goto error;
+        int truth = always == Py_True;
+        Py_DECREF(always);
+        if (!truth) {
+            PyObject *sampled = PyObject_CallMethodObjArgs(e->runtime, S.s_sample_root, trace_id,
+                                                           e->api_name, NULL);
+            if (sampled == NULL) goto error;
+            truth = PyObject_IsTrue(sampled);
+            Py_DECREF(sampled);
+            if (truth < 0) goto error;
+        }
         if (!truth) goto untraced;
         Py_DECREF(parent);
         parent = Py_None;
@@ -1247,9 +1309,7 @@ static PyObject *entry_leave(Entry *e, PyObject *const *argv, Py_ssize_t nargs) 
         if (r == NULL) goto error;
         Py_DECREF(r);
     }
-    PyObject *r = PyObject_CallOneArg(e->submit, record);
-    if (r == NULL) goto error;
-    Py_DECREF(r);
+    if (submit_record(e, record) < 0) goto error;
     submitted = 1;
     if (slot != NULL) {
         int rc = journal_end(e->journal, slot);

@@ -220,7 +220,7 @@ def make_wrapper(fn: Callable[..., Any], api_name: str, *, settings: Settings,
             describe=describe, on_capture=on_capture, befores=befores, afters=afters,
             journal=journal, runtime=rt, submit=submit, gpu=gpu, detailed=detailed,
             is_method=is_method, is_init=is_init, is_plan=is_plan, is_run=is_run,
-            skip_self=skip_self)
+            skip_self=skip_self, pipeline=_direct_pipeline(rt.pipeline))
         return _native_wrapper(fn, api_name, entry, reset_context, afters, detailed,
                                describe, submit)
 
@@ -317,6 +317,14 @@ def make_wrapper(fn: Callable[..., Any], api_name: str, *, settings: Settings,
 
     wrapper._otel_flashinfer_api = api_name  # type: ignore[attr-defined]
     return wrapper
+
+
+def _direct_pipeline(pipeline: Any) -> Any:
+    """The pipeline whose queue the C hot path may append to itself (skipping
+    ``submit``'s Python frame), or None when ``submit`` is not ``Pipeline.submit``."""
+    from .pipeline import Pipeline
+
+    return pipeline if getattr(type(pipeline), "submit", None) is Pipeline.submit else None
 
 
 def _native_wrapper(fn: Callable[..., Any], api_name: str, entry: Any,

@@ -209,6 +209,24 @@ def test_queue_is_bounded_and_drops_are_counted(spans) -> None:
     assert health.counters()["spans_dropped"] == 42
 
 
+def test_worker_is_woken_once_a_batch_is_queued(spans) -> None:
+    """The C hot path appends to the queue itself; the call that completes a batch
+    still wakes the worker, as ``Pipeline.submit`` does."""
+    otel_flashinfer.instrument(level=1, journal_dir="", queue_size=64)
+    rt = runtime.current()
+    pipeline = rt.pipeline
+    pipeline._stopping = True  # noqa: SLF001
+    pipeline._wake.set()  # noqa: SLF001
+    pipeline._thread.join(2)  # noqa: SLF001
+    pipeline._wake.clear()  # noqa: SLF001
+    batch = pipeline._batch  # noqa: SLF001
+    for _ in range(batch - 1):
+        inner(torch.ones(1))
+    assert pipeline.pending_count() == batch - 1 and not pipeline._wake.is_set()  # noqa: SLF001
+    inner(torch.ones(1))
+    assert pipeline.pending_count() == batch and pipeline._wake.is_set()  # noqa: SLF001
+
+
 def _live_objects_per_call(fn, args: tuple, calls: int = 200) -> float:
     """Garbage-collected objects a traced call leaves alive (in our queue) per call:
     what counts towards the collector's next pass, whose cost lands on the caller."""
