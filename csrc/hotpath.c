@@ -109,9 +109,12 @@ typedef struct {
     PyObject *report, *count; /* health.report / health.count */
     PyObject *plain_getters;  /* get_span_context functions that only return self._context */
     const otel_flashinfer_hotpath_api *api; /* lent by the CUDA event pool, once built */
-    PyObject *zero, *zero_float;
+    PyObject *zero, *zero_float, *empty_args;
     PyObject *s_get_span_context, *s_process_parent, *s_capturing, *s_sample_root;
     PyObject *s_root_always, *s_queue, *s_append, *s_max_queue, *s_batch;
+    /* NonRecordingSpan.__init__ only stores its argument as _context (checked by
+     * native.py): made without running it, one Python frame less per call. */
+    int plain_span_init;
     PyObject *s_hot, *s_encoder, *s_encode, *s_add, *s_dtype, *s_device, *s_shape,
         *s_stride, *s_wrapper_errors, *s_journal_full, *s_add_pending, *s_unavailable,
         *s_unready, *s_context;
@@ -170,18 +173,21 @@ static PyObject *hp_setup(PyObject *self, PyObject *args, PyObject *kwargs) {
                          "non_recording_type", "record_type", "empty", "sampled_flags",
                          "default_trace_state", "spans_globals", "graphs_globals",
                          "capture_state", "snapshot", "plans", "max_plans", "report", "count",
-                         "plain_getters", NULL};
+                         "plain_getters", "plain_span_init", NULL};
     State s;
     memset(&s, 0, sizeof(s));
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO!O!O!OOOO!O!OOO!nOOO!", kw, &s.var,
+    int plain_span_init = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO!O!O!OOOO!O!OOO!nOOO!|p", kw, &s.var,
                                      &s.suppress_key, &s.span_key, &PyType_Type,
                                      &s.span_context_type, &PyType_Type, &s.non_recording_type,
                                      &PyType_Type, &s.record_type, &s.empty, &s.sampled_flags,
                                      &s.default_trace_state, &PyDict_Type, &s.spans_globals,
                                      &PyDict_Type, &s.graphs_globals, &s.capture_state,
                                      &s.snapshot, &PyDict_Type, &s.plans, &s.max_plans,
-                                     &s.report, &s.count, &PyTuple_Type, &s.plain_getters))
+                                     &s.report, &s.count, &PyTuple_Type, &s.plain_getters,
+                                     &plain_span_init))
         return NULL;
+    s.plain_span_init = plain_span_init;
     if (!PyContextVar_CheckExact(s.var)) {
         PyErr_SetString(PyExc_TypeError, "var must be a contextvars.ContextVar");
         return NULL;
@@ -214,6 +220,7 @@ static PyObject *hp_setup(PyObject *self, PyObject *args, PyObject *kwargs) {
                           &s.plans, &s.report, &s.count, &s.plain_getters};
     for (size_t i = 0; i < sizeof(owned) / sizeof(owned[0]); ++i) Py_INCREF(*owned[i]);
     s.zero = PyLong_FromLong(0);
+    s.empty_args = PyTuple_New(0);
     s.zero_float = PyFloat_FromDouble(0.0);
 #define I(field, text) s.field = intern(text)
     I(s_get_span_context, "get_span_context");
@@ -699,6 +706,19 @@ static int submit_record(Entry *e, PyObject *record) {
     if (r == NULL) return -1;
     Py_DECREF(r);
     return 0;
+}
+
+/* The NonRecordingSpan that carries a call's span context as the current span. */
+static PyObject *new_current_span(PyObject *span_context) {
+    PyTypeObject *type = S.non_recording_type;
+    if (!S.plain_span_init) return PyObject_CallOneArg((PyObject *)type, span_context);
+    PyObject *span = type->tp_new(type, S.empty_args, NULL);
+    if (span == NULL) return NULL;
+    if (PyObject_SetAttr(span, S.s_context, span_context) < 0) {
+        Py_DECREF(span);
+        return NULL;
+    }
+    return span;
 }
 
 static PyObject *new_record(Entry *e, PyObject *trace_id, PyObject *span_id, PyObject *parent) {
@@ -1210,7 +1230,7 @@ static PyObject *entry_enter(Entry *e, PyObject *const *argv, Py_ssize_t nargs) 
         Py_XDECREF(args_bytes);
         if (slot == NULL) goto error;
     }
-    nrs = PyObject_CallOneArg((PyObject *)S.non_recording_type, span_context);
+    nrs = new_current_span(span_context);
     if (nrs == NULL) goto error_journal;
     new_ctx = PyObject_CallNoArgs((PyObject *)Py_TYPE(ctx));
     if (new_ctx == NULL || !PyDict_Check(new_ctx)) goto error_journal;

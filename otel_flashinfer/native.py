@@ -42,6 +42,7 @@ def _bind(var: Any) -> Any:
         capture_state=graphs.capture_state, snapshot=describe.snapshot,
         plans=hotstate.instances.plans, max_plans=hotstate.MAX_INSTANCES,
         report=health.report, count=health.count, plain_getters=_plain_getters(),
+        plain_span_init=_plain_span_init(NonRecordingSpan),
     )
     return _hotpath.Entry
 
@@ -70,6 +71,16 @@ def _plain_getters() -> tuple[Any, ...]:
                 and set(code.co_names) <= _CAST_NAMES):
             getters.append(fn)
     return tuple(getters)
+
+
+def _plain_span_init(cls: type) -> bool:
+    """Whether ``cls.__init__`` does nothing but ``self._context = context`` (the C path
+    then makes the current span without running it; any other ``__init__`` runs)."""
+    init = cls.__dict__.get("__init__")
+    code = getattr(init, "__code__", None)
+    return (code is not None and code.co_argcount == 2 and code.co_names == ("_context",)
+            and not code.co_freevars and cls.__new__ is object.__new__
+            and "__slots__" not in cls.__dict__)
 
 
 def entry_type(var: Any) -> Any:

@@ -227,6 +227,41 @@ def test_worker_is_woken_once_a_batch_is_queued(spans) -> None:
     assert pipeline.pending_count() == batch and pipeline._wake.is_set()  # noqa: SLF001
 
 
+def test_current_span_inside_a_call_carries_its_context(spans) -> None:
+    """The C path makes the current span without running NonRecordingSpan.__init__
+    only when that __init__ just stores the context; either way a span started inside a
+    traced call is its child."""
+    from opentelemetry import trace
+    from opentelemetry.trace import NonRecordingSpan
+
+    from otel_flashinfer import native
+
+    assert native._plain_span_init(NonRecordingSpan)  # noqa: SLF001
+
+    class Chatty(NonRecordingSpan):
+        def __init__(self, context) -> None:  # noqa: ANN001
+            super().__init__(context)
+            self.made = True
+
+    assert not native._plain_span_init(Chatty)  # noqa: SLF001
+    otel_flashinfer.instrument(level=1, journal_dir="")
+    seen = []
+
+    @otel_flashinfer.traced(name="outer")
+    def outer() -> None:
+        current = trace.get_current_span()
+        seen.append((type(current), current.get_span_context()))
+        with spans.tracer().start_as_current_span("child"):
+            pass
+
+    outer()
+    assert otel_flashinfer.flush(10)
+    (span,) = spans.by_name("outer")
+    (child,) = spans.by_name("child")
+    assert seen == [(NonRecordingSpan, span.get_span_context())]
+    assert child.parent.span_id == span.get_span_context().span_id
+
+
 def _live_objects_per_call(fn, args: tuple, calls: int = 200) -> float:
     """Garbage-collected objects a traced call leaves alive (in our queue) per call:
     what counts towards the collector's next pass, whose cost lands on the caller."""
