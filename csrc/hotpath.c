@@ -323,6 +323,9 @@ static PyObject *snapshot(PyObject *value) {
         Py_INCREF(item);
         PyTuple_SET_ITEM(out, 3 + ndim + i, item);
     }
+    /* dtype, device and ints cannot point back at a new tuple: no cycle to find, so the
+     * collector need not look at it while its record waits in the queue. */
+    PyObject_GC_UnTrack(out);
     goto done;
 fallback:
     PyErr_Clear();
@@ -724,6 +727,13 @@ static PyObject *new_current_span(PyObject *span_context) {
 static PyObject *new_record(Entry *e, PyObject *trace_id, PyObject *span_id, PyObject *parent) {
     PyObject *record = S.record_type->tp_alloc(S.record_type, 0);
     if (record == NULL) return NULL;
+    /* Kept out of the cyclic collector: a record waits in the queue for the worker, and
+     * thousands of them would be traversed by every young collection and promoted into
+     * the old generation, each full collection then walking the whole heap on whichever
+     * thread allocates.  Records die by reference count; the wrapper clears the slots
+     * that could close a cycle back to the record (states, capture, token) as it ends
+     * the call. */
+    PyObject_GC_UnTrack(record);
     slot_set(record, R_NAME, e->api_name);
     slot_set(record, R_TRACE_ID, trace_id);
     slot_set(record, R_SPAN_ID, span_id);
@@ -819,6 +829,8 @@ static PyObject *snapshots(Entry *e, PyObject *args) {
         }
         PyList_SET_ITEM(out, k, snap);
     }
+    /* A new list of fresh or cached snapshots: nothing in it refers back to it. */
+    PyObject_GC_UnTrack(out);
     return out;
 }
 
