@@ -1497,6 +1497,166 @@ static PyTypeObject SwitchType = {
     .tp_getset = switch_getset,
 };
 
+/* ---- Wrapper: the traced function itself ------------------------------------------ */
+
+/* What spans._native_wrapper's Python function did, without its frame: enter, the call,
+ * leave, and on an exception ``failed(record, exc)`` (the rare path stays in Python)
+ * before the user's exception goes on unchanged.  Binds to instances like a function
+ * (a method descriptor) and keeps a __dict__ for functools.update_wrapper's names. */
+typedef struct {
+    PyObject_HEAD
+    Entry *entry;
+    PyObject *fn;
+    PyObject *failed;
+    PyObject *dict;
+    vectorcallfunc vectorcall;
+} Wrapper;
+
+static PyObject *wrapper_call(PyObject *self, PyObject *const *args, size_t nargsf,
+                              PyObject *kwnames) {
+    Wrapper *w = (Wrapper *)self;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    Py_ssize_t nkw = kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0;
+    PyObject *pair[2] = {NULL, NULL};
+    pair[0] = PyTuple_New(nargs);
+    pair[1] = PyDict_New();
+    if (pair[0] == NULL || pair[1] == NULL) goto fail;
+    for (Py_ssize_t i = 0; i < nargs; ++i) {
+        Py_INCREF(args[i]);
+        PyTuple_SET_ITEM(pair[0], i, args[i]);
+    }
+    for (Py_ssize_t i = 0; i < nkw; ++i)
+        if (PyDict_SetItem(pair[1], PyTuple_GET_ITEM(kwnames, i), args[nargs + i]) < 0)
+            goto fail;
+    PyObject *record = entry_enter(w->entry, pair, 2);
+    Py_CLEAR(pair[0]);
+    Py_CLEAR(pair[1]);
+    if (record == NULL) return NULL; /* fatal (MemoryError, KeyboardInterrupt): as Python */
+    PyObject *result = PyObject_Vectorcall(w->fn, args, nargsf, kwnames);
+    if (record == Py_None) {
+        Py_DECREF(record);
+        return result;
+    }
+    if (result == NULL) {
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        PyErr_NormalizeException(&type, &value, &tb);
+        if (tb != NULL && value != NULL) PyException_SetTraceback(value, tb);
+        PyObject *r = PyObject_CallFunctionObjArgs(w->failed, record, value, NULL);
+        if (r == NULL) PyErr_Clear(); /* failed() reports its own errors; the user's wins */
+        Py_XDECREF(r);
+        Py_DECREF(record);
+        PyErr_Restore(type, value, tb);
+        return NULL;
+    }
+    PyObject *pair2[2] = {record, result};
+    PyObject *r = entry_leave(w->entry, pair2, 2);
+    Py_DECREF(record);
+    if (r == NULL) {
+        Py_DECREF(result);
+        return NULL;
+    }
+    Py_DECREF(r);
+    return result;
+fail:
+    Py_XDECREF(pair[0]);
+    Py_XDECREF(pair[1]);
+    return NULL;
+}
+
+static int wrapper_init(Wrapper *self, PyObject *args, PyObject *kwds) {
+    static char *kw[] = {"entry", "fn", "failed", NULL};
+    PyObject *entry, *fn, *failed;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!OO:Wrapper", kw, &EntryType, &entry, &fn,
+                                     &failed))
+        return -1;
+    if (!PyCallable_Check(fn) || !PyCallable_Check(failed)) {
+        PyErr_SetString(PyExc_TypeError, "Wrapper(entry, fn, failed): fn and failed must be callable");
+        return -1;
+    }
+    Py_INCREF(entry);
+    Py_XSETREF(self->entry, (Entry *)entry);
+    Py_INCREF(fn);
+    Py_XSETREF(self->fn, fn);
+    Py_INCREF(failed);
+    Py_XSETREF(self->failed, failed);
+    return 0;
+}
+
+static PyObject *wrapper_descr_get(PyObject *self, PyObject *obj, PyObject *type) {
+    if (obj == NULL || obj == Py_None) {
+        Py_INCREF(self);
+        return self;
+    }
+    return PyMethod_New(self, obj);
+}
+
+static int wrapper_traverse(Wrapper *self, visitproc visit, void *arg) {
+    Py_VISIT(self->entry);
+    Py_VISIT(self->fn);
+    Py_VISIT(self->failed);
+    Py_VISIT(self->dict);
+    return 0;
+}
+
+static int wrapper_clear(Wrapper *self) {
+    Py_CLEAR(self->entry);
+    Py_CLEAR(self->fn);
+    Py_CLEAR(self->failed);
+    Py_CLEAR(self->dict);
+    return 0;
+}
+
+static void wrapper_dealloc(Wrapper *self) {
+    PyObject_GC_UnTrack(self);
+    wrapper_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *wrapper_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    Wrapper *self = (Wrapper *)type->tp_alloc(type, 0);
+    if (self == NULL) return NULL;
+    self->vectorcall = wrapper_call;
+    return (PyObject *)self;
+}
+
+static PyObject *wrapper_repr(Wrapper *self) {
+    PyObject *name = self->dict != NULL ? PyDict_GetItemString(self->dict, "__qualname__") : NULL;
+    if (name != NULL) return PyUnicode_FromFormat("<traced function %S>", name);
+    return PyUnicode_FromFormat("<traced function at %p>", self);
+}
+
+static PyObject *wrapper_get_wrapped_fn(Wrapper *self, void *closure) {
+    PyObject *fn = self->fn != NULL ? self->fn : Py_None;
+    Py_INCREF(fn);
+    return fn;
+}
+
+static PyGetSetDef wrapper_getset[] = {
+    {"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict, NULL, NULL},
+    {"_otel_flashinfer_fn", (getter)wrapper_get_wrapped_fn, NULL, "the function called", NULL},
+    {NULL, NULL, NULL, NULL, NULL}};
+
+static PyTypeObject WrapperType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "otel_flashinfer._hotpath.Wrapper",
+    .tp_basicsize = sizeof(Wrapper),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL |
+                Py_TPFLAGS_METHOD_DESCRIPTOR,
+    .tp_vectorcall_offset = offsetof(Wrapper, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_descr_get = wrapper_descr_get,
+    .tp_dictoffset = offsetof(Wrapper, dict),
+    .tp_getattro = PyObject_GenericGetAttr,
+    .tp_setattro = PyObject_GenericSetAttr,
+    .tp_repr = (reprfunc)wrapper_repr,
+    .tp_traverse = (traverseproc)wrapper_traverse,
+    .tp_clear = (inquiry)wrapper_clear,
+    .tp_dealloc = (destructor)wrapper_dealloc,
+    .tp_init = (initproc)wrapper_init,
+    .tp_new = wrapper_new,
+    .tp_getset = wrapper_getset,
+};
+
 /* ---- module ------------------------------------------------------------------------ */
 
 static PyObject *hp_snapshot(PyObject *self, PyObject *value) {
@@ -1546,7 +1706,9 @@ static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_hotpath",
                                         module_methods};
 
 PyMODINIT_FUNC PyInit__hotpath(void) {
-    if (PyType_Ready(&EntryType) < 0 || PyType_Ready(&SwitchType) < 0) return NULL;
+    if (PyType_Ready(&EntryType) < 0 || PyType_Ready(&SwitchType) < 0 ||
+        PyType_Ready(&WrapperType) < 0)
+        return NULL;
     PyObject *m = PyModule_Create(&module_def);
     if (m == NULL) return NULL;
     Py_INCREF(&EntryType);
@@ -1558,6 +1720,12 @@ PyMODINIT_FUNC PyInit__hotpath(void) {
     Py_INCREF(&SwitchType);
     if (PyModule_AddObject(m, "Switch", (PyObject *)&SwitchType) < 0) {
         Py_DECREF(&SwitchType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&WrapperType);
+    if (PyModule_AddObject(m, "Wrapper", (PyObject *)&WrapperType) < 0) {
+        Py_DECREF(&WrapperType);
         Py_DECREF(m);
         return NULL;
     }

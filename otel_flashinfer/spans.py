@@ -368,6 +368,13 @@ def _native_wrapper(fn: Callable[..., Any], api_name: str, entry: Any,
                 except Exception as inner:  # noqa: BLE001
                     health.report("wrapper_errors", "clearing a journal note failed", inner)
 
+    native_type = getattr(_hotpath, "Wrapper", None)
+    if native_type is not None:  # the same steps without this function's frame
+        traced = native_type(entry, fn, failed)
+        functools.update_wrapper(traced, fn)
+        traced._otel_flashinfer_api = api_name
+        return traced
+
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         record = enter(args, kwargs)

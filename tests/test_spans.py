@@ -324,6 +324,55 @@ def test_queued_records_stay_out_of_the_collectors_sight(spans, wrapper_path, le
         assert tracked >= 1
 
 
+def test_the_wrapper_behaves_like_the_function_it_wraps(spans, wrapper_path) -> None:
+    """What make_wrapper returns (the C Wrapper type on the C path): binds to instances
+    like a method, keeps the function's names, doc and signature, and lets the user's
+    exception through as the same object, its traceback intact."""
+    import inspect
+
+    from otel_flashinfer import spans as spans_module
+
+    otel_flashinfer.instrument(level=3, journal_dir="")
+    rt = runtime.current()
+
+    class Target:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def run(self, q: torch.Tensor, *, scale: float = 1.0) -> torch.Tensor:
+            """Run it."""
+            self.calls += 1
+            if scale < 0:
+                raise KeyError("scale")
+            return q * scale
+
+    raw = Target.run
+    wrapped = spans_module.make_wrapper(raw, "Target.run", settings=rt.settings, runtime=rt)
+    if wrapper_path == "native":
+        assert type(wrapped).__name__ == "Wrapper" and "Target.run" in repr(wrapped)
+    Target.run = wrapped
+    assert wrapped.__name__ == "run" and wrapped.__qualname__ == raw.__qualname__
+    assert wrapped.__doc__ == "Run it." and wrapped.__wrapped__ is raw
+    assert wrapped._otel_flashinfer_api == "Target.run"
+    assert str(inspect.signature(wrapped)) == str(inspect.signature(raw))
+    t = Target()
+    assert torch.equal(t.run(torch.ones(2), scale=2.0), torch.full((2,), 2.0))
+    assert torch.equal(Target.run(t, torch.ones(1)), torch.ones(1))  # unbound, self first
+    bound = t.run
+    assert bound.__self__ is t and t.calls == 2
+    with pytest.raises(KeyError) as info:
+        bound(torch.ones(1), scale=-1.0)
+    assert info.value.args == ("scale",)
+    assert info.traceback[-1].name == "run"  # raised where the user's code raised it
+    assert otel_flashinfer.flush(10)
+    runs = spans.by_name("Target.run")
+    assert len(runs) == 3
+    assert [s.attributes["flashinfer.arg.scale"] for s in runs if
+            "flashinfer.arg.scale" in s.attributes] == [2.0, 1.0, -1.0]  # defaults too
+    failed = [s for s in runs if not s.status.is_ok]
+    assert len(failed) == 1 and failed[0].events[0].attributes["exception.type"] == "KeyError"
+
+
 def test_a_forked_child_picks_ids_of_its_own(spans) -> None:
     """Ids come from a generator seeded per process: a child forked after calls were
     traced must not repeat the ids its parent picks next."""
