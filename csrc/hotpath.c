@@ -1543,9 +1543,15 @@ static PyObject *wrapper_call(PyObject *self, PyObject *const *args, size_t narg
         PyErr_NormalizeException(&type, &value, &tb);
         if (tb != NULL && value != NULL) PyException_SetTraceback(value, tb);
         PyObject *r = PyObject_CallFunctionObjArgs(w->failed, record, value, NULL);
+        Py_DECREF(record);
+        if (r == NULL && pending_is_fatal()) { /* KeyboardInterrupt meanwhile: it goes on */
+            Py_XDECREF(type);
+            Py_XDECREF(value);
+            Py_XDECREF(tb);
+            return NULL;
+        }
         if (r == NULL) PyErr_Clear(); /* failed() reports its own errors; the user's wins */
         Py_XDECREF(r);
-        Py_DECREF(record);
         PyErr_Restore(type, value, tb);
         return NULL;
     }
@@ -1626,15 +1632,8 @@ static PyObject *wrapper_repr(Wrapper *self) {
     return PyUnicode_FromFormat("<traced function at %p>", self);
 }
 
-static PyObject *wrapper_get_wrapped_fn(Wrapper *self, void *closure) {
-    PyObject *fn = self->fn != NULL ? self->fn : Py_None;
-    Py_INCREF(fn);
-    return fn;
-}
-
 static PyGetSetDef wrapper_getset[] = {
     {"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict, NULL, NULL},
-    {"_otel_flashinfer_fn", (getter)wrapper_get_wrapped_fn, NULL, "the function called", NULL},
     {NULL, NULL, NULL, NULL, NULL}};
 
 static PyTypeObject WrapperType = {

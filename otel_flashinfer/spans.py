@@ -331,9 +331,10 @@ def _native_wrapper(fn: Callable[..., Any], api_name: str, entry: Any,
                     reset_context: Callable[[Any], Any], afters: tuple[Any, ...],
                     detailed: bool, describe: Describer,
                     submit: Callable[[CallRecord], None]) -> Callable[..., Any]:
-    """The wrapper over the C hot path (``native``): ``enter`` and ``leave`` do what the
-    Python wrapper above does and never raise; only the error path stays in Python."""
-    enter, leave, journal_end = entry.enter, entry.leave, entry.journal_end
+    """The wrapper over the C hot path (``native``): a ``_hotpath.Wrapper`` whose
+    ``enter`` and ``leave`` do what the Python wrapper above does and never raise; only
+    the error path, ``failed``, stays in Python."""
+    journal_end = entry.journal_end
     from . import _hotpath
 
     gpu_drop = _hotpath.gpu_drop
@@ -368,27 +369,9 @@ def _native_wrapper(fn: Callable[..., Any], api_name: str, entry: Any,
                 except Exception as inner:  # noqa: BLE001
                     health.report("wrapper_errors", "clearing a journal note failed", inner)
 
-    native_type = getattr(_hotpath, "Wrapper", None)
-    if native_type is not None:  # the same steps without this function's frame
-        traced = native_type(entry, fn, failed)
-        functools.update_wrapper(traced, fn)
-        traced._otel_flashinfer_api = api_name
-        return traced
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        record = enter(args, kwargs)
-        if record is None:
-            return fn(*args, **kwargs)
-        try:
-            result = fn(*args, **kwargs)
-        except BaseException as exc:
-            failed(record, exc)
-            raise
-        leave(record, result)
-        return result
-
-    wrapper._otel_flashinfer_api = api_name  # type: ignore[attr-defined]
+    wrapper = _hotpath.Wrapper(entry, fn, failed)
+    functools.update_wrapper(wrapper, fn)
+    wrapper._otel_flashinfer_api = api_name
     return wrapper
 
 
