@@ -318,8 +318,8 @@ def test_queued_records_stay_out_of_the_collectors_sight(spans, wrapper_path, le
     finally:
         gc.enable()
     assert pipeline.pending_count() >= 200
-    if wrapper_path == "native":
-        assert tracked <= 0.05, tracked
+    if wrapper_path == "native":  # other threads may allocate a few; a record each is 1.0
+        assert tracked <= 0.25, tracked
     else:  # the Python wrapper's records are ordinary objects
         assert tracked >= 1
 
