@@ -626,6 +626,20 @@ static void entry_dealloc(Entry *e) {
     Py_TYPE(e)->tp_free((PyObject *)e);
 }
 
+/* obj.<name> as a size >= 0 in *out; -1 with an error set otherwise. */
+static int read_size(PyObject *obj, PyObject *name, Py_ssize_t *out) {
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL) return -1;
+    *out = PyLong_AsSsize_t(v);
+    Py_DECREF(v);
+    if (*out == -1 && PyErr_Occurred()) return -1;
+    if (*out < 0) {
+        PyErr_Format(PyExc_ValueError, "%U must not be negative", name);
+        return -1;
+    }
+    return 0;
+}
+
 static int entry_init(Entry *e, PyObject *args, PyObject *kwargs) {
     static char *kw[] = {"api_name", "base_attrs", "name_bytes", "plan", "describe",
                          "on_capture", "befores", "afters", "journal", "runtime", "submit",
@@ -646,17 +660,9 @@ static int entry_init(Entry *e, PyObject *args, PyObject *kwargs) {
                                      &skip_self, &pipeline))
         return -1;
     Py_ssize_t max_queue = 0, batch = 0;
-    if (pipeline != Py_None) {
-        PyObject *mq = PyObject_GetAttr(pipeline, S.s_max_queue);
-        if (mq == NULL) return -1;
-        max_queue = PyLong_AsSsize_t(mq);
-        Py_DECREF(mq);
-        PyObject *b = max_queue < 0 ? NULL : PyObject_GetAttr(pipeline, S.s_batch);
-        if (b == NULL) return -1;
-        batch = PyLong_AsSsize_t(b);
-        Py_DECREF(b);
-        if (batch < 0) return -1;
-    }
+    if (pipeline != Py_None && (read_size(pipeline, S.s_max_queue, &max_queue) < 0 ||
+                                read_size(pipeline, S.s_batch, &batch) < 0))
+        return -1;
     entry_clear(e);
 #define SET(f) (Py_INCREF(f), e->f = f)
     SET(api_name);
@@ -1710,23 +1716,15 @@ PyMODINIT_FUNC PyInit__hotpath(void) {
         return NULL;
     PyObject *m = PyModule_Create(&module_def);
     if (m == NULL) return NULL;
-    Py_INCREF(&EntryType);
-    if (PyModule_AddObject(m, "Entry", (PyObject *)&EntryType) < 0) {
-        Py_DECREF(&EntryType);
-        Py_DECREF(m);
-        return NULL;
-    }
-    Py_INCREF(&SwitchType);
-    if (PyModule_AddObject(m, "Switch", (PyObject *)&SwitchType) < 0) {
-        Py_DECREF(&SwitchType);
-        Py_DECREF(m);
-        return NULL;
-    }
-    Py_INCREF(&WrapperType);
-    if (PyModule_AddObject(m, "Wrapper", (PyObject *)&WrapperType) < 0) {
-        Py_DECREF(&WrapperType);
-        Py_DECREF(m);
-        return NULL;
+    struct { const char *name; PyTypeObject *type; } types[] = {
+        {"Entry", &EntryType}, {"Switch", &SwitchType}, {"Wrapper", &WrapperType}};
+    for (size_t i = 0; i < sizeof(types) / sizeof(types[0]); ++i) {
+        Py_INCREF(types[i].type);
+        if (PyModule_AddObject(m, types[i].name, (PyObject *)types[i].type) < 0) {
+            Py_DECREF(types[i].type);
+            Py_DECREF(m);
+            return NULL;
+        }
     }
     if (PyModule_AddIntConstant(m, "BODY_SIZE", OFF_STATE + 1) < 0 ||
         PyModule_AddIntConstant(m, "ARGS_OFFSET", ARGS_OFFSET) < 0) {

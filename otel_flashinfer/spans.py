@@ -27,7 +27,7 @@ from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 from . import describe as _describe
 from . import graphs, health, hotstate, native
 from .config import Settings
-from .pipeline import CallRecord
+from .pipeline import CallRecord, Pipeline
 
 _SAMPLED = hotstate.SAMPLED
 _MAX_MESSAGE = 1024
@@ -322,8 +322,6 @@ def make_wrapper(fn: Callable[..., Any], api_name: str, *, settings: Settings,
 def _direct_pipeline(pipeline: Any) -> Any:
     """The pipeline whose queue the C hot path may append to itself (skipping
     ``submit``'s Python frame), or None when ``submit`` is not ``Pipeline.submit``."""
-    from .pipeline import Pipeline
-
     return pipeline if getattr(type(pipeline), "submit", None) is Pipeline.submit else None
 
 
