@@ -46,7 +46,8 @@ constexpr Py_ssize_t kMaxSeq = 8;  // tensors taken from a tuple/list argument o
 struct Names {
   PyObject *names, *skip_self, *varargs, *indices_buf, *indptr_buf, *batch_size, *acquire,
       *release, *dev_base, *ctr_base, *pub_base, *slot_bytes, *rows, *native, *kind,
-      *native_event, *add_pending, *arg, *gpu, *abandon, *attributes, *unavailable, *fallback_reason, *native_kind, *paged_a, *paged_b;
+      *native_event, *add_pending, *arg, *gpu, *abandon, *attributes, *unavailable, *fallback_reason, *native_kind, *paged_a, *paged_b,
+      *last_page_len_buf, *kv_layout, *nhd, *hnd;
   PyObject* result_names[kMaxSeq];
 };
 Names N;
@@ -288,9 +289,10 @@ bool readable_index(const Plan& p, const at::Tensor& t) {
 }
 
 // A paged KV-cache argument: `cache` (a tensor or a (k, v) pair, one row) over the pages
-// indices[indptr[0]:indptr[batch]] reference.
+// indices[indptr[0]:indptr[batch]] reference; with `last_page_len` (a tensor, or null),
+// only the filled slots of each request's last page (mask_last_page).
 int add_paged(const Hooks* h, Plan& p, PyObject* name, PyObject* cache, PyObject* indices,
-              PyObject* indptr, int64_t batch) {
+              PyObject* indptr, int64_t batch, PyObject* last_page_len, int64_t slot_dim) {
   PyObject* parts[kMaxSeq];
   Py_ssize_t nparts = 0;
   if (PyTuple_Check(cache) || PyList_Check(cache)) {
@@ -324,10 +326,28 @@ int add_paged(const Hooks* h, Plan& p, PyObject* name, PyObject* cache, PyObject
     p.fallback = true;
     return 0;
   }
+  const at::Tensor* lp = nullptr;
+  if (last_page_len != nullptr) {
+    lp = &THPVariable_Unpack(last_page_len);
+    if (!readable_index(p, *lp) || lp->numel() < batch) {  // the Python path decides
+      p.fallback = true;
+      return 0;
+    }
+  }
   for (Py_ssize_t k = 0; k < nparts; ++k) {
     const at::Tensor& t = THPVariable_Unpack(parts[k]);
-    if (t.numel() > 0) p.items.push_back(describe(t, row, 1, ix, ip, batch));
+    if (t.numel() == 0) continue;
+    p.items.push_back(describe(t, row, 1, ix, ip, batch));
+    if (lp != nullptr) mask_last_page(p.items.back(), t, *lp, slot_dim);
   }
+  return 0;
+}
+
+// FlashInfer's _kv_layout as mask_last_page's slot_dim (0: unknown, no masking).
+int64_t slot_dim_of(PyObject* layout) {
+  if (!PyUnicode_Check(layout)) return 0;
+  if (PyUnicode_Compare(layout, N.nhd) == 0) return 3;
+  if (PyUnicode_Compare(layout, N.hnd) == 0) return 2;
   return 0;
 }
 
@@ -376,7 +396,17 @@ int try_paged(const Hooks* h, Plan& p, PyObject* owner, PyObject* name, PyObject
         p.fallback = true;
         rc = 1;
       } else {
-        rc = add_paged(h, p, name, value, indices, indptr, batch) < 0 ? -1 : 1;
+        PyObject* lpl = attr_or_none(owner, N.last_page_len_buf);
+        PyObject* layout = lpl == nullptr ? nullptr : attr_or_none(owner, N.kv_layout);
+        if (layout == nullptr) {
+          rc = -1;
+        } else {
+          const int64_t slot_dim = slot_dim_of(layout);
+          PyObject* use = THPVariable_Check(lpl) && slot_dim > 0 ? lpl : nullptr;
+          rc = add_paged(h, p, name, value, indices, indptr, batch, use, slot_dim) < 0 ? -1 : 1;
+        }
+        Py_XDECREF(lpl);
+        Py_XDECREF(layout);
       }
     }
     Py_XDECREF(batch_obj);
@@ -900,6 +930,10 @@ void init_names() {
   N.native_kind = intern("native");
   N.paged_a = intern("paged_kv_cache");
   N.paged_b = intern("kv_cache");
+  N.last_page_len_buf = intern("_paged_kv_last_page_len_buf");
+  N.kv_layout = intern("_kv_layout");
+  N.nhd = intern("NHD");
+  N.hnd = intern("HND");
   for (Py_ssize_t i = 0; i < kMaxSeq; ++i)
     N.result_names[i] = PyUnicode_FromFormat("result.%zd", i);
 }

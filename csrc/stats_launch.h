@@ -45,6 +45,13 @@ Item describe(const at::Tensor& t, int64_t row, int64_t step,
               const std::optional<at::Tensor>& indices, const std::optional<at::Tensor>& indptr,
               int64_t batch);
 
+// Paged item `it` of cache `t`: leave out the slots past each request's last_page_len
+// (int32 [batch], on the cache's device).  `slot_dim` counts the slot axis from the end
+// of a page's dims: 3 for FlashInfer's NHD layout, 2 for HND; 0, or a page with fewer
+// dims, leaves the item unmasked.  Raises (c10::Error) on an unreadable last_page_len.
+void mask_last_page(Item& it, const at::Tensor& t, const at::Tensor& last_page_len,
+                    int64_t slot_dim);
+
 // Launches the statistics of `items` into `out` on `stream` (several launches past
 // kMaxTensorsPerLaunch), publishing as `pub` says.  Raises on a launch error.
 void launch_items(std::vector<Item>& items, int64_t* out, cudaStream_t stream, int sm_count,

@@ -130,6 +130,26 @@ Item describe(const at::Tensor& t, int64_t row, int64_t step,
   return it;
 }
 
+void mask_last_page(Item& it, const at::Tensor& t, const at::Tensor& last_page_len,
+                    int64_t slot_dim) {
+  TensorDesc& d = it.d;
+  if (d.mode != kPaged || slot_dim <= 0 || t.dim() - 1 < slot_dim) return;
+  TORCH_CHECK(last_page_len.scalar_type() == at::kInt && last_page_len.is_contiguous() &&
+                  last_page_len.numel() >= d.batch,
+              "paged stats need a contiguous int32 last_page_len with one entry per request");
+  const int64_t axis = t.dim() - slot_dim;  // in t's dims: dim 0 is the page
+  int64_t slot_stride = 1;
+  for (int64_t k = axis + 1; k < t.dim(); ++k) slot_stride *= t.size(k);
+  const int64_t page_size = t.size(axis);
+  // The kernel finds a slot in 32-bit arithmetic; no real cache has 2^31 values per page.
+  if (page_size <= 0 || slot_stride <= 0 || d.n >= (int64_t{1} << 31)) return;
+  d.last_page_len = last_page_len.data_ptr<int32_t>();
+  d.slot_stride = static_cast<int32_t>(slot_stride);
+  d.page_size = static_cast<int32_t>(page_size);
+  // The vector path masks whole 16-byte vectors: each must lie in one slot.
+  if (d.contiguous == 2 && (slot_stride * t.element_size()) % 16 != 0) d.contiguous = 1;
+}
+
 void launch_items(std::vector<Item>& items, int64_t* out, cudaStream_t stream, int sm_count,
                   const Publish& pub) {
   static_assert(kThreads == kStatsThreads, "block size must match the kernel's launch bounds");
@@ -228,17 +248,23 @@ namespace {
 void run(at::Tensor& out, const std::vector<at::Tensor>& tensors, const std::vector<int64_t>& rows,
          const std::vector<int64_t>& steps, const std::vector<std::optional<at::Tensor>>& indices,
          const std::vector<std::optional<at::Tensor>>& indptr, const std::vector<int64_t>& batch,
-         cudaStream_t stream, bool zero) {
+         const std::vector<std::optional<at::Tensor>>& last_page_len,
+         const std::vector<int64_t>& slot_dim, cudaStream_t stream, bool zero) {
   const size_t n = tensors.size();
   TORCH_CHECK(rows.size() == n && steps.size() == n && indices.size() == n &&
                   indptr.size() == n && batch.size() == n,
               "otel_flashinfer stats: argument lists differ in length");
+  TORCH_CHECK((last_page_len.empty() || last_page_len.size() == n) &&
+                  slot_dim.size() == last_page_len.size(),
+              "otel_flashinfer stats: last_page_len and slot_dim must match the tensors");
   std::vector<Item> items;
   items.reserve(n);
   for (size_t k = 0; k < n; ++k) {
     TORCH_CHECK(rows[k] >= 0 && rows[k] < out.size(0), "stats row out of range");
     if (tensors[k].numel() == 0) continue;
     items.push_back(describe(tensors[k], rows[k], steps[k], indices[k], indptr[k], batch[k]));
+    if (!last_page_len.empty() && last_page_len[k].has_value())
+      mask_last_page(items.back(), tensors[k], *last_page_len[k], slot_dim[k]);
   }
   int sm_count = sm_count_of(out.get_device());
   if (zero) {
@@ -252,22 +278,25 @@ void run(at::Tensor& out, const std::vector<at::Tensor>& tensors, const std::vec
 void stats_into(at::Tensor out, std::vector<at::Tensor> tensors, std::vector<int64_t> rows,
                 std::vector<int64_t> steps, std::vector<std::optional<at::Tensor>> indices,
                 std::vector<std::optional<at::Tensor>> indptr, std::vector<int64_t> batch,
-                bool zero) {
+                bool zero, std::vector<std::optional<at::Tensor>> last_page_len,
+                std::vector<int64_t> slot_dim) {
   c10::cuda::CUDAGuard guard(out.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  run(out, tensors, rows, steps, indices, indptr, batch, stream, zero);
+  run(out, tensors, rows, steps, indices, indptr, batch, last_page_len, slot_dim, stream, zero);
 }
 
 // Eager: temp output, launch, async copy into pinned host_ptr, record event.
 void stats_eager(std::vector<at::Tensor> tensors, std::vector<int64_t> rows,
                  std::vector<int64_t> steps, std::vector<std::optional<at::Tensor>> indices,
                  std::vector<std::optional<at::Tensor>> indptr, std::vector<int64_t> batch,
-                 int64_t nrows, int64_t host_ptr, int64_t event) {
+                 int64_t nrows, int64_t host_ptr, int64_t event,
+                 std::vector<std::optional<at::Tensor>> last_page_len,
+                 std::vector<int64_t> slot_dim) {
   TORCH_CHECK(!tensors.empty(), "no tensors");
   c10::cuda::CUDAGuard guard(tensors[0].device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   at::Tensor out = at::empty({nrows, kRowWords}, tensors[0].options().dtype(at::kLong));
-  run(out, tensors, rows, steps, indices, indptr, batch, stream, true);
+  run(out, tensors, rows, steps, indices, indptr, batch, last_page_len, slot_dim, stream, true);
   const size_t bytes = static_cast<size_t>(nrows) * kRowWords * sizeof(int64_t);
   C10_CUDA_CHECK(cudaMemcpyAsync(reinterpret_cast<void*>(host_ptr), out.data_ptr(), bytes,
                                  cudaMemcpyDeviceToHost, stream));
@@ -278,7 +307,8 @@ void stats_eager(std::vector<at::Tensor> tensors, std::vector<int64_t> rows,
 // no memset, no copy.  The ring slot owns persistent device rows `dev_rows` (int64
 // [capacity, kRowWords] on `device`, zero at rest) and a device `counter` word (zero at
 // rest) per side of a call.  `items` holds kSlotItemInts int64 per tensor:
-//   {tensor index, row, step, indices index (-1: none), indptr index (-1: none), batch}
+//   {tensor index, row, step, indices index (-1: none), indptr index (-1: none), batch,
+//    last_page_len index (-1: none), slot_dim (see mask_last_page)}
 // where the indices refer to `tensors`; rows lie in [row_lo, row_hi).  In stream order
 // on the current stream:
 //   - if `prev_stream` >= 0 differs from it: record `event` on prev_stream and wait for it
@@ -292,7 +322,7 @@ void stats_eager(std::vector<at::Tensor> tensors, std::vector<int64_t> rows,
 // stream is capturing and -2 when some tensor cannot take this path (not a CUDA tensor of
 // `device`, index arrays not contiguous int32 on it): nothing is enqueued then.  Invalid
 // arguments raise before anything is enqueued.
-constexpr size_t kSlotItemInts = 6;
+constexpr size_t kSlotItemInts = 8;
 
 int64_t stats_slot(const std::vector<at::Tensor>& tensors, const std::vector<int64_t>& items,
                    int64_t device, int64_t dev_rows, int64_t capacity, int64_t row_lo,
@@ -309,7 +339,7 @@ int64_t stats_slot(const std::vector<at::Tensor>& tensors, const std::vector<int
   };
   for (size_t k = 0; k < n; ++k) {
     const int64_t* it = items.data() + k * kSlotItemInts;
-    TORCH_CHECK(it[0] >= 0 && it[0] < nt && it[3] < nt && it[4] < nt,
+    TORCH_CHECK(it[0] >= 0 && it[0] < nt && it[3] < nt && it[4] < nt && it[6] < nt,
                 "otel_flashinfer stats: tensor index out of range");
     TORCH_CHECK(it[1] >= row_lo && it[1] < row_hi, "stats row out of range");
     TORCH_CHECK(it[2] >= 1, "otel_flashinfer stats: step must be >= 1");
@@ -321,6 +351,12 @@ int64_t stats_slot(const std::vector<at::Tensor>& tensors, const std::vector<int
       if (!on_device(ix) || !on_device(ip) || ix.scalar_type() != at::kInt ||
           ip.scalar_type() != at::kInt || !ix.is_contiguous() || !ip.is_contiguous())
         return -2;
+      if (it[6] >= 0) {
+        const at::Tensor& lp = tensors[it[6]];
+        if (!on_device(lp) || lp.scalar_type() != at::kInt || !lp.is_contiguous() ||
+            lp.numel() < it[5])
+          return -2;
+      }
     }
   }
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
@@ -341,6 +377,7 @@ int64_t stats_slot(const std::vector<at::Tensor>& tensors, const std::vector<int
       ip = tensors[it[4]];
     }
     launch.push_back(describe(t, it[1], it[2], ix, ip, it[5]));
+    if (it[3] >= 0 && it[6] >= 0) mask_last_page(launch.back(), t, tensors[it[6]], it[7]);
   }
   // Everything is validated: enqueue.
   const cudaEvent_t ev = reinterpret_cast<cudaEvent_t>(event);
@@ -409,8 +446,17 @@ void event_destroy(int64_t event) {
 }  // namespace otel_fi
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("stats_into", &otel_fi::stats_into, "statistics into a caller-owned device buffer");
-  m.def("stats_eager", &otel_fi::stats_eager, "statistics copied into a pinned slot + event");
+  namespace py = pybind11;
+  using Optionals = std::vector<std::optional<at::Tensor>>;
+  m.def("stats_into", &otel_fi::stats_into, "statistics into a caller-owned device buffer",
+        py::arg("out"), py::arg("tensors"), py::arg("rows"), py::arg("steps"),
+        py::arg("indices"), py::arg("indptr"), py::arg("batch"), py::arg("zero"),
+        py::arg("last_page_len") = Optionals(), py::arg("slot_dim") = std::vector<int64_t>());
+  m.def("stats_eager", &otel_fi::stats_eager, "statistics copied into a pinned slot + event",
+        py::arg("tensors"), py::arg("rows"), py::arg("steps"), py::arg("indices"),
+        py::arg("indptr"), py::arg("batch"), py::arg("nrows"), py::arg("host_ptr"),
+        py::arg("event"), py::arg("last_page_len") = Optionals(),
+        py::arg("slot_dim") = std::vector<int64_t>());
   m.def("stats_slot", &otel_fi::stats_slot,
         "statistics into a ring slot's zero-at-rest rows, published into its pinned rows");
   m.def("host_device_ptr", &otel_fi::host_device_ptr);

@@ -41,6 +41,10 @@ struct TensorDesc {
   int64_t page_stride;      // paged: elements between pages
   const int32_t* indices;   // paged: page indices
   const int32_t* indptr;    // paged: [batch + 1]
+  // paged, optional: tokens in each request's last page ([batch]); slots of a last page
+  // at or past it are not read (a stale NaN there is no call's data).  A logical index
+  // r within a page lies in slot (r / slot_stride) % page_size.
+  const int32_t* last_page_len;
   int64_t sizes[kMaxDims];
   int64_t strides[kMaxDims];
   int32_t batch;
@@ -51,6 +55,8 @@ struct TensorDesc {
   int32_t contiguous;       // 1: offset == logical index (within a page for paged)
   int32_t block_begin;      // first block of the grid assigned to this tensor
   int32_t nblocks;          // blocks assigned
+  int32_t slot_stride;      // paged with last_page_len: elements per slot step
+  int32_t page_size;        // paged with last_page_len: slots per page
 };
 
 // A launch accumulates into `out` (see launch_tensor_stats).  With `counter` set, the

@@ -449,6 +449,29 @@ __device__ __forceinline__ void paged_range(const TensorDesc& d, int64_t& start,
   if (count < 0) count = 0;
 }
 
+// How many slots of referenced page g (an index into indices) hold tokens: the
+// request's last_page_len when g is its last page, else every slot (INT32_MAX).  The
+// request is found by binary search in indptr (a few cached loads per work unit).
+__device__ __forceinline__ int32_t page_limit(const TensorDesc& d, int64_t g) {
+  if (d.last_page_len == nullptr) return INT32_MAX;
+  int32_t lo = 0, hi = d.batch;
+  while (lo < hi) {  // first request b with indptr[b + 1] > g
+    const int32_t mid = (lo + hi) >> 1;
+    if (static_cast<int64_t>(d.indptr[mid + 1]) > g) hi = mid; else lo = mid + 1;
+  }
+  if (lo >= d.batch || static_cast<int64_t>(d.indptr[lo + 1]) - 1 != g) return INT32_MAX;
+  return d.last_page_len[lo];
+}
+
+// Whether logical index r of a page with `limit` filled slots holds a token (r < 2^31:
+// describe() turns masking off for larger pages).
+__device__ __forceinline__ bool slot_ok(const TensorDesc& d, int64_t r, int32_t limit) {
+  if (limit >= d.page_size) return true;
+  const uint32_t slot = (static_cast<uint32_t>(r) / static_cast<uint32_t>(d.slot_stride)) %
+                        static_cast<uint32_t>(d.page_size);
+  return static_cast<int32_t>(slot) < limit;
+}
+
 // q = u / div, r = u - q * div, with a 32-bit division when both fit.
 __device__ __forceinline__ void divmod(int64_t u, int64_t div, int64_t& q, int64_t& r) {
   if (((static_cast<uint64_t>(u) | static_cast<uint64_t>(div)) >> 32) == 0) {
@@ -513,6 +536,7 @@ __device__ void run_tensor(const TensorDesc& d, int64_t lb, Acc& a) {
         int64_t j, c;
         divmod(u, upp, j, c);
         int64_t page = d.indices[start + j];
+        int32_t lim = page_limit(d, start + j);
         while (true) {
           const uint4* p = b + page * pvs + c * kUnit + lane;
           const int64_t rem = vpp - c * kUnit - lane;  // vectors of the page from p on
@@ -528,11 +552,19 @@ __device__ void run_tensor(const TensorDesc& d, int64_t lb, Acc& a) {
           }
           const int64_t un = u + wstride;
           int64_t jn = 0, cn = 0, pagen = 0;
+          int32_t limn = INT32_MAX;
           if (un < units) {
             divmod(un, upp, jn, cn);
             pagen = d.indices[start + jn];
+            limn = jn == j ? lim : page_limit(d, start + jn);
           }
-          if (whole) {
+          if (lim < d.page_size) {  // a request's last page: only its filled slots
+            // (a vector never straddles two slots: describe() checks slot_stride)
+#pragma unroll
+            for (int k = 0; k < kUnroll; ++k)
+              if (k * 32 < rem && slot_ok(d, (c * kUnit + lane + k * 32) * kVec, lim))
+                visit_vec<DT>(w[k], a, pk);
+          } else if (whole) {
 #pragma unroll
             for (int k = 0; k < kUnroll; ++k) visit_vec<DT>(w[k], a, pk);
           } else {
@@ -542,16 +574,27 @@ __device__ void run_tensor(const TensorDesc& d, int64_t lb, Acc& a) {
           }
           if (un >= units) break;
           u = un;
+          j = jn;
           c = cn;
           page = pagen;
+          lim = limn;
         }
       }
       fold_packed<DT>(pk, a);
       return;
     }
     const int64_t total = count * d.n;
+    int64_t lim_j = -1;  // the page whose limit `lim` holds (a thread's pages repeat)
+    int32_t lim = INT32_MAX;
     for (int64_t i = tid; i < total; i += stride) {
       int64_t j = i / d.n, r = i - j * d.n;
+      if (d.last_page_len != nullptr) {
+        if (j != lim_j) {
+          lim_j = j;
+          lim = page_limit(d, start + j);
+        }
+        if (!slot_ok(d, r, lim)) continue;
+      }
       int64_t page = d.indices[start + j];
       int64_t off = d.contiguous ? r : strided_offset(r, d);
       visit<DT>(base[page * d.page_stride + off], a);

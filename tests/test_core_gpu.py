@@ -179,6 +179,37 @@ def test_level5_eager_decode_without_host_sync(spans) -> None:
     assert "flashinfer.nonfinite" not in span.attributes
 
 
+def test_level5_stale_slots_past_last_page_len_do_not_flag(spans) -> None:
+    """kv 1000 in pages of 16: each request's last page holds 8 tokens.  A NaN left in
+    slot 12 of one is no call's data (issue 17); one in slot 3 is, eager and in a graph."""
+    otel_flashinfer.instrument(level=5, journal_dir="")
+    page_numel, slot_numel = 2 * 16 * 8 * 128, 2 * 8 * 128
+    for use_graph in (False, True):
+        step = make_decode(kv_len=1000, use_cuda_graph=use_graph)
+        last_page = int(step.indptr[1].item()) - 1  # request 0's last page (indices = arange)
+        assert step.last_page_len[0].item() == 8
+        step.kv_cache[last_page, 1, 12, 0, 0] = float("nan")
+        run = step.run
+        if use_graph:
+            graph, _ = capture_graph(step.run)
+            run = graph.replay
+        step.run()
+        assert otel_flashinfer.flush(60)
+        spans.exporter.clear()
+        for planted in (False, True):
+            if planted:
+                step.kv_cache[last_page, 0, 3, 2, 5] = float("nan")
+            run()
+            assert otel_flashinfer.flush(60)
+            (span,) = spans.by_name(RUN)
+            spans.exporter.clear()
+            kv = next(e.attributes for e in span.events
+                      if e.attributes.get("flashinfer.tensor") == "paged_kv_cache")
+            assert kv["numel"] == 8 * (62 * page_numel + 8 * slot_numel), use_graph
+            assert kv["nan_count"] == int(planted), (use_graph, planted)
+            assert bool(span.attributes.get("flashinfer.nonfinite")) is planted
+
+
 def test_level5_graph_flags_exactly_the_replay_with_nan(spans) -> None:
     otel_flashinfer.instrument(level=5, journal_dir="")
     step = make_decode(use_cuda_graph=True)

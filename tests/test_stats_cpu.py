@@ -156,6 +156,70 @@ def test_referenced_pages_and_kv_pair():
     assert rec.attributes["flashinfer.nonfinite"] is True
 
 
+def _filled_values(cache, indices, indptr, last_page_len, slot_axis):  # noqa: ANN001, ANN202
+    """What a request's pages hold, page by page: every slot, but only the first
+    last_page_len slots of its last page (an oracle by narrowing, no masks)."""
+    out = []
+    for b in range(len(last_page_len)):
+        pages = indices[indptr[b]:indptr[b + 1]].tolist()
+        for k, page in enumerate(pages):
+            values = cache[page]
+            if k == len(pages) - 1:
+                values = values.narrow(slot_axis, 0, int(last_page_len[b]))
+            out.append(values.reshape(-1))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_last_page_slots_past_last_page_len_are_left_out(layout):
+    from otel_flashinfer.stats.planning import SLOT_DIMS
+
+    pages, P, H, D = 7, 4, 2, 3
+    nhd = layout == "NHD"
+    cache = torch.randn(pages, 2, *((P, H, D) if nhd else (H, P, D)))
+    slot_axis = 1 if nhd else 2  # in a page's dims [2, ...]
+    indices = torch.tensor([3, 0, 5, 6], dtype=torch.int32)
+    indptr = torch.tensor([0, 2, 3, 3], dtype=torch.int32)  # pages [3, 0], [5], none
+    last_page_len = torch.tensor([2, 3, 0], dtype=torch.int32)
+
+    def at(page, slot):  # noqa: ANN001, ANN202
+        return (page, 0, slot, 1, 2) if nhd else (page, 0, 1, slot, 2)
+
+    cache[at(0, 2)] = NAN  # last page of request 0, slot 2 >= 2: stale, left out
+    cache[at(0, 1)] = INF  # slot 1 < 2: this call's data
+    cache[at(5, 3)] = NAN  # last page of request 1, slot 3 >= 3: left out
+    cache[at(3, 3)] = NAN  # not a last page: every slot counts
+    cache[6] = NAN  # not referenced
+    row = tensor_row(cache, 1, indices, indptr, 3, last_page_len, SLOT_DIMS[layout])
+    s = decode_row(row.tolist(), RowMeta("kv", SCOPE_PAGES))
+    expect = _filled_values(cache, indices, indptr, last_page_len, slot_axis)
+    assert s["numel"] == expect.numel() == 48 + 24 + 36
+    assert (s["nan_count"], s["inf_count"]) == (1, 1)
+    numbers, finite = expect[~torch.isnan(expect)], expect[torch.isfinite(expect)]
+    assert s["min"] == numbers.min().item() and s["max"] == numbers.max().item() == INF
+    assert s["mean"] == pytest.approx(finite.double().mean().item())
+    # Unmasked, as before: the stale NaNs flag the call.
+    unmasked = decode_row(tensor_row(cache, 1, indices, indptr, 3).tolist(),
+                          RowMeta("kv", SCOPE_PAGES))
+    assert unmasked["numel"] == 3 * cache[0].numel() and unmasked["nan_count"] == 3
+
+
+def test_last_page_mask_of_a_kv_pair_through_the_recorder():
+    from otel_flashinfer.stats.planning import SLOT_DIMS
+
+    k, v = torch.ones(4, 8, 2, 16), torch.ones(4, 8, 2, 16)  # NHD pages [P=8, H, D]
+    v[1, 5:] = NAN  # request 0's last page (1) holds 5 tokens: slots 5.. are stale
+    indices = torch.tensor([2, 1], dtype=torch.int32)
+    indptr = torch.tensor([0, 2], dtype=torch.int32)
+    lpl = torch.tensor([5], dtype=torch.int32)
+    rec = _Rec()
+    StatsRecorder().before([PagedSpec("kv", (k, v), indices, indptr, 1, lpl,
+                                      SLOT_DIMS["NHD"])]).apply(rec)
+    (_, attrs, _), = rec.events
+    assert attrs["numel"] == 2 * (8 + 5) * 2 * 16 and attrs["nan_count"] == 0
+    assert rec.attributes.get("flashinfer.nonfinite") is not True
+
+
 def test_merge_rows_matches_concatenation():
     a, b = torch.tensor([1.0, NAN, -2.0]), torch.tensor([INF, 5.0])
     merged = merge_rows(tensor_row(a), tensor_row(b)).tolist()

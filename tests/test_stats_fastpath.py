@@ -14,7 +14,14 @@ from otel_flashinfer.spans import ArgPlan
 from otel_flashinfer.stats import hooks
 from otel_flashinfer.stats import recorder as rec_mod
 from otel_flashinfer.stats.layout import ROW_WORDS
-from otel_flashinfer.stats.planning import ITEM_INTS, PagedSpec, _jobs_of, _plan_flat, plan
+from otel_flashinfer.stats.planning import (
+    ITEM_INTS,
+    PagedSpec,
+    _flat_of,
+    _jobs_of,
+    _plan_flat,
+    plan,
+)
 from otel_flashinfer.stats.recorder import StatsRecorder
 from otel_flashinfer.stats.ring import SlotRing
 from otel_flashinfer.stats.torch_ops import merge_rows, tensor_row
@@ -69,8 +76,9 @@ class FakeKernel:
         assert not buf.any()  # zero at rest
         for job in _jobs_of(list(tensors), list(items)):
             assert row_lo <= job.row < row_hi
-            buf[job.row] = merge_rows(buf[job.row], tensor_row(job.tensor, job.step, job.indices,
-                                                               job.indptr, job.batch))
+            buf[job.row] = merge_rows(buf[job.row], tensor_row(
+                job.tensor, job.step, job.indices, job.indptr, job.batch, job.last_page_len,
+                job.slot_dim))
         if row_hi > row_lo:
             slot, rest = divmod(pub_ptr - self.ring._pub_base, self.ring._slot_bytes)
             assert rest == 0 and counter == self.ring.counter(slot, 1 if row_lo else 0)
@@ -145,6 +153,17 @@ def test_plan_flat_matches_plan_and_keeps_row_semantics():
     _, items, flat_metas, left = _plan_flat(entries, 400, 5, row0=3)
     assert [items[k + 1] for k in range(0, len(items), ITEM_INTS)] == [3, 4, 4, 5, 6, 7]
     assert [m[0] for m in flat_metas] == ["t", "kv", "kv2", "e", "x"] and left == 1
+    # A last_page_len travels with each part of its cache, through both list forms.
+    lpl = torch.tensor([1], dtype=torch.int32)
+    masked = [PagedSpec("kv", (cache, -cache), ix, ip, 1, lpl, 3), ("kv2", cache, ix, ip, 1),
+              ("kv3", cache, ix, ip, 1, lpl, 2)]
+    tensors, items, _, _ = _plan_flat(masked, 400, 5)
+    jobs = _jobs_of(tensors, items)
+    assert [(j.last_page_len is lpl, j.slot_dim) for j in jobs] == [
+        (True, 3), (True, 3), (False, 0), (True, 2)]
+    again = _jobs_of(*_flat_of(jobs))
+    assert [(j.row, j.last_page_len is lpl, j.slot_dim, j.indices is ix) for j in again] == [
+        (j.row, j.last_page_len is lpl, j.slot_dim, j.indices is ix) for j in jobs]
 
 
 def _old_input_entries(plan_, args, kwargs):  # noqa: ANN001, ANN202
@@ -180,7 +199,14 @@ def test_input_entries_names_like_bind():
         assert [(e[0], *map(id, e[1:])) for e in new] == [(e[0], *map(id, e[1:])) for e in old]
     assert [e[0] for e in hooks.input_entries(plan_, calls[2][0], calls[2][1])] == [
         "q", "paged_kv_cache", "rest.0", "rest.2.0", "rest.2.2"]
-    assert len(hooks.input_entries(plan_, (w, q, cache), {})[1]) == 5  # paged
+    paged = hooks.input_entries(plan_, (w, q, cache), {})[1]
+    assert paged[2:] == (w._paged_kv_indices_buf, w._paged_kv_indptr_buf, 2, None, 0)
+    w._paged_kv_last_page_len_buf = torch.tensor([1, 2], dtype=torch.int32)
+    w._kv_layout = "HND"
+    paged = hooks.input_entries(plan_, (w, q, cache), {})[1]
+    assert paged[5] is w._paged_kv_last_page_len_buf and paged[6] == 2
+    w._kv_layout = ["NHD"]  # not a layout: no masking rather than an error
+    assert hooks.input_entries(plan_, (w, q, cache), {})[1][5:] == (None, 0)
     plain = ArgPlan(lambda a, b=None: None, False)
     assert [e[0] for e in hooks.input_entries(plain, (q,), {"b": q})] == ["a", "b"]
 

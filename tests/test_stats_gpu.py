@@ -38,17 +38,22 @@ def ext():
     return module
 
 
-def _kernel_row(ext, t, step=1, indices=None, indptr=None, batch=0):
+def _kernel_row(ext, t, step=1, indices=None, indptr=None, batch=0, lpl=None, slot_dim=0):
     out = torch.full((1, ROW_WORDS), 12345, dtype=torch.int64, device="cuda")
-    ext.stats_into(out, [t], [0], [step], [indices], [indptr], [batch], True)
+    if lpl is None:
+        ext.stats_into(out, [t], [0], [step], [indices], [indptr], [batch], True)
+    else:
+        ext.stats_into(out, [t], [0], [step], [indices], [indptr], [batch], True, [lpl],
+                       [slot_dim])
     return out[0].tolist()
 
 
-def _ref_row(t, step=1, indices=None, indptr=None, batch=0):
+def _ref_row(t, step=1, indices=None, indptr=None, batch=0, lpl=None, slot_dim=0):
     cpu = t.cpu()
     idx = indices.cpu() if indices is not None else None
     ptr = indptr.cpu() if indptr is not None else None
-    return tensor_row(cpu, step, idx, ptr, batch).tolist()
+    lp = lpl.cpu() if lpl is not None else None
+    return tensor_row(cpu, step, idx, ptr, batch, lp, slot_dim).tolist()
 
 
 def _same(a, b, name=""):
@@ -189,6 +194,49 @@ def test_referenced_pages_find_planted_nan(ext):
     row = decode_row(_kernel_row(ext, cache, 1, indices, indptr, 3),
                      RowMeta("kv", "referenced_pages"))
     assert row["nan_count"] == 0 and row["numel"] == 2 * cache[0].numel()
+
+
+@pytest.mark.parametrize("case", ["nhd-vector", "hnd-vector", "nhd-scalar", "nhd-strided"])
+def test_last_page_len_leaves_stale_slots_out(ext, case):
+    """Slots of a request's last page at or past its last_page_len are not read, on the
+    vector, scalar and strided paths, with the limit read on the device."""
+    gen = torch.Generator().manual_seed(3)
+    P = 16
+    if case == "nhd-vector":
+        cache, slot_dim = torch.randn(64, 2, P, 8, 128, generator=gen).half().cuda(), 3
+    elif case == "hnd-vector":
+        cache, slot_dim = torch.randn(64, 2, 8, P, 128, generator=gen).half().cuda(), 2
+    elif case == "nhd-scalar":  # a slot of 2*3 floats is 24 bytes: not whole vectors
+        cache, slot_dim = torch.randn(64, P, 2, 3, generator=gen).cuda(), 3
+    else:  # every other head_dim pair: pages [P, H, D] that do not coalesce (strided path)
+        cache = torch.randn(64, P, 4, 2, 32, generator=gen).half().cuda()[:, :, :, 0]
+        slot_dim = 3
+    axis = cache.dim() - slot_dim  # the slot axis in the cache's dims
+
+    def at(page, slot):  # noqa: ANN001, ANN202
+        index = [page] + [0] * (cache.dim() - 1)
+        index[axis] = slot
+        index[-1] = 1
+        return tuple(index)
+
+    indices = torch.tensor([5, 9, 33, 2, 40, 41], dtype=torch.int32, device="cuda")
+    indptr = torch.tensor([0, 2, 3, 6], dtype=torch.int32, device="cuda")
+    lpl = torch.tensor([5, 16, 1], dtype=torch.int32, device="cuda")  # last pages 9, 33, 41
+    cache[at(9, 5)] = float("nan")  # stale
+    cache[at(41, 1)] = float("nan")  # stale
+    cache[at(41, 15)] = float("inf")  # stale
+    cache[at(33, 15)] = float("nan")  # request 1's last page is full: counted
+    cache[at(5, 15)] = float("-inf")  # not a last page: counted
+    words = _kernel_row(ext, cache, 1, indices, indptr, 3, lpl, slot_dim)
+    _same(words, _ref_row(cache, 1, indices, indptr, 3, lpl, slot_dim), case)
+    row = decode_row(words, RowMeta("kv", "referenced_pages"))
+    slot_numel = cache[0].numel() // P
+    assert row["numel"] == (3 * P + 5 + 16 + 1) * slot_numel, case
+    assert (row["nan_count"], row["inf_count"]) == (1, 1), case
+    lpl.fill_(P)  # read on the device, as a graph replay needs: now every slot counts
+    row = decode_row(_kernel_row(ext, cache, 1, indices, indptr, 3, lpl, slot_dim),
+                     RowMeta("kv", "referenced_pages"))
+    assert (row["numel"], row["nan_count"], row["inf_count"]) == (6 * P * slot_numel, 3, 2)
 
 
 def _resolve(pending, timeout=30.0):

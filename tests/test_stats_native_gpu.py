@@ -138,6 +138,25 @@ def test_paged_decode_shape_matches_python(ext):
     assert attrs["flashinfer.nonfinite"] is True
 
 
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_last_page_len_masks_like_python(ext, layout):
+    nhd = layout == "NHD"
+    cache = _cuda(64, 2, *((16, 8, 128) if nhd else (8, 16, 128)), dtype=torch.float16)
+    stale = (47, 1, 9, 2, 3) if nhd else (47, 1, 2, 9, 3)  # slot 9 of a 9-token last page
+    cache[stale] = float("nan")
+    indices = torch.arange(0, 48, dtype=torch.int32, device="cuda")
+    indptr = torch.tensor([0, 16, 32, 48], dtype=torch.int32, device="cuda")
+    w = Wrapper(indices, indptr, 3)
+    w._paged_kv_last_page_len_buf = torch.tensor([16, 3, 9], dtype=torch.int32, device="cuda")
+    w._kv_layout = layout
+    q = _cuda(3, 32, 128, dtype=torch.float16)
+    plan = spans.ArgPlan(Wrapper.run, True)
+    events, attrs = _same(ext, plan, (w, q, cache), {}, q.clone())
+    paged = events[1][1]
+    assert paged["nan_count"] == 0 and paged["numel"] == (45 + 3 + 9) * 2 * 8 * 128
+    assert "flashinfer.nonfinite" not in attrs
+
+
 def test_batch_from_indptr_and_kv_pair(ext):
     k, v = _cuda(8, 16, 4, 64, dtype=torch.bfloat16), _cuda(8, 16, 4, 64, dtype=torch.bfloat16)
     indices = torch.tensor([1, 3, 5], dtype=torch.int32, device="cuda")

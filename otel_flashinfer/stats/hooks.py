@@ -28,6 +28,7 @@ from ..pipeline import CallRecord
 from . import kernel as _kernel
 from .decode import SCOPE_FULL, SCOPE_PAGES, SCOPE_SAMPLED
 from .pending import StatsPending
+from .planning import SLOT_DIMS
 from .recorder import StatsRecorder, _Open
 
 #: Whether ``make_hooks`` may switch to the C++ hooks (a benchmark turns it off to time
@@ -40,7 +41,8 @@ _TENSOR = torch.Tensor
 
 def _paged(owner: Any, name: str, value: Any) -> tuple | None:
     """The wrapper's planned page indices for its KV-cache argument, if it has them, as
-    the recorder's paged entry ``(name, cache, indices, indptr, batch)``."""
+    the recorder's paged entry ``(name, cache, indices, indptr, batch, last_page_len,
+    slot_dim)``: the last page of each request counts only its filled slots."""
     if name not in _PAGED_NAMES or owner is None:
         return None
     indices = getattr(owner, "_paged_kv_indices_buf", None)
@@ -48,7 +50,12 @@ def _paged(owner: Any, name: str, value: Any) -> tuple | None:
     if not isinstance(indices, _TENSOR) or not isinstance(indptr, _TENSOR):
         return None
     batch = getattr(owner, "_batch_size", None) or indptr.numel() - 1
-    return (name, value, indices, indptr, int(batch))
+    last_page_len = getattr(owner, "_paged_kv_last_page_len_buf", None)
+    layout = getattr(owner, "_kv_layout", None)
+    slot_dim = SLOT_DIMS.get(layout, 0) if isinstance(layout, str) else 0
+    if not isinstance(last_page_len, _TENSOR) or not slot_dim:
+        last_page_len, slot_dim = None, 0
+    return (name, value, indices, indptr, int(batch), last_page_len, slot_dim)
 
 
 def _add(entries: list[Any], owner: Any, name: str, value: Any) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -60,11 +61,11 @@ def _launch_into(out: torch.Tensor, jobs: Sequence[Job], module: Any, row0: int 
     if module is not None and _kernel_can_run(jobs):
         module.stats_into(out, [j.tensor for j in jobs], [j.row for j in jobs],
                           [j.step for j in jobs], [j.indices for j in jobs],
-                          [j.indptr for j in jobs], [j.batch for j in jobs], row0 == 0)
+                          [j.indptr for j in jobs], [j.batch for j in jobs], row0 == 0,
+                          [j.last_page_len for j in jobs], [j.slot_dim for j in jobs])
     else:
         with torch.no_grad():
-            torch_ops.fill_rows(out[row0:], [Job(j.row - row0, j.tensor, j.step, j.indices,
-                                                 j.indptr, j.batch) for j in jobs])
+            torch_ops.fill_rows(out[row0:], [replace(j, row=j.row - row0) for j in jobs])
 
 
 class _Open:
@@ -321,8 +322,7 @@ class StatsRecorder:
         for device, rows in groups.items():  # rare: one call across devices
             keep = sorted(set(rows))
             remap = {r: i for i, r in enumerate(keep)}
-            sub_jobs = [Job(remap[j.row], j.tensor, j.step, j.indices, j.indptr, j.batch)
-                        for j in jobs if j.tensor.device == device]
+            sub_jobs = [replace(j, row=remap[j.row]) for j in jobs if j.tensor.device == device]
             parts.append(self._record_device(device, sub_jobs, [metas[r] for r in keep], ts,
                                              note))
         if any(isinstance(p, GraphStatsSlot) for p in parts):

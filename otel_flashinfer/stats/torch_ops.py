@@ -22,10 +22,24 @@ def _key(d: torch.Tensor) -> torch.Tensor:
     return torch.where(b < 0, ~b, b | _SIGN_I64)
 
 
+def _slot_limits(indptr: torch.Tensor, last_page_len: torch.Tensor, batch: int,
+                 pos: torch.Tensor, page_size: int) -> torch.Tensor:
+    """Filled slots of the page at each position ``pos`` of ``indices``: the request's
+    ``last_page_len`` where it is that request's last page, else ``page_size``."""
+    ends = indptr[1:batch + 1].to(torch.int64)
+    request = torch.searchsorted(ends, pos, right=True).clamp_(max=max(batch - 1, 0))
+    last = ends.index_select(0, request) - 1 == pos
+    lens = last_page_len[:batch].to(device=pos.device, dtype=torch.int64)
+    return torch.where(last, lens.index_select(0, request), page_size)
+
+
 def _paged_values(cache: torch.Tensor, indices: torch.Tensor, indptr: torch.Tensor,
-                  batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+                  batch: int, last_page_len: torch.Tensor | None = None, slot_dim: int = 0
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Values of every page ``indices[indptr[0]:indptr[batch]]`` names, and a validity
-    mask; the bounds stay on the device (they change between graph replays)."""
+    mask; the bounds stay on the device (they change between graph replays).  With
+    ``last_page_len`` and ``slot_dim`` (``planning.SLOT_DIMS``) the slots of a request's
+    last page past its last token are masked out, as the kernel does."""
     pos = torch.arange(indices.numel(), device=indices.device)
     lo = indptr[0].to(torch.int64)
     hi = indptr[batch].to(torch.int64)
@@ -36,6 +50,15 @@ def _paged_values(cache: torch.Tensor, indices: torch.Tensor, indptr: torch.Tens
         return empty, empty.bool()
     values = cache.index_select(0, pages.to(cache.device)).reshape(pages.numel(), -1)
     mask = valid.to(cache.device)[:, None].expand_as(values)
+    page_dims = cache.shape[1:]
+    if last_page_len is not None and batch > 0 and 0 < slot_dim <= len(page_dims):
+        axis = len(page_dims) - slot_dim
+        page_size = page_dims[axis]
+        shape = [1] * len(page_dims)
+        shape[axis] = page_size
+        slots = torch.arange(page_size, device=cache.device).view(shape).expand(page_dims)
+        limits = _slot_limits(indptr, last_page_len, batch, pos, page_size).to(cache.device)
+        mask = mask & (slots.reshape(1, -1) < limits[:, None])
     return values.reshape(-1), mask.reshape(-1)
 
 
@@ -109,10 +132,11 @@ def merge_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def tensor_row(t: torch.Tensor, step: int = 1, indices: torch.Tensor | None = None,
-               indptr: torch.Tensor | None = None, batch: int = 0) -> torch.Tensor:
+               indptr: torch.Tensor | None = None, batch: int = 0,
+               last_page_len: torch.Tensor | None = None, slot_dim: int = 0) -> torch.Tensor:
     """The row for one tensor in full, sampled (``step`` > 1) or referenced-pages mode."""
     if indices is not None and indptr is not None:
-        values, mask = _paged_values(t, indices, indptr, batch)
+        values, mask = _paged_values(t, indices, indptr, batch, last_page_len, slot_dim)
         return row_of(values, mask)
     flat = t.reshape(-1)
     if step > 1:
@@ -126,11 +150,13 @@ def tensor_row(t: torch.Tensor, step: int = 1, indices: torch.Tensor | None = No
 
 def fill_rows(out: torch.Tensor, jobs: list[Any]) -> None:
     """Fill ``out`` ([rows, ROW_WORDS] int64, same device) for ``jobs`` (``Job`` objects:
-    row, tensor, step, indices, indptr, batch); rows shared by several jobs are merged."""
+    row, tensor, step, indices, indptr, batch, last_page_len, slot_dim); rows shared by
+    several jobs are merged."""
     out.zero_()
     rows: dict[int, torch.Tensor] = {}
     for job in jobs:
-        r = tensor_row(job.tensor, job.step, job.indices, job.indptr, job.batch).to(out.device)
+        r = tensor_row(job.tensor, job.step, job.indices, job.indptr, job.batch,
+                       job.last_page_len, job.slot_dim).to(out.device)
         rows[job.row] = merge_rows(rows[job.row], r) if job.row in rows else r
     for index, r in rows.items():
         out[index].copy_(r)
