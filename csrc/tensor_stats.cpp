@@ -135,8 +135,9 @@ void mask_last_page(Item& it, const at::Tensor& t, const at::Tensor& last_page_l
   TensorDesc& d = it.d;
   if (d.mode != kPaged || slot_dim <= 0 || t.dim() - 1 < slot_dim) return;
   TORCH_CHECK(last_page_len.scalar_type() == at::kInt && last_page_len.is_contiguous() &&
-                  last_page_len.numel() >= d.batch,
-              "paged stats need a contiguous int32 last_page_len with one entry per request");
+                  last_page_len.numel() >= d.batch && last_page_len.device() == t.device(),
+              "paged stats need a contiguous int32 last_page_len with one entry per request, "
+              "on the cache's device");
   const int64_t axis = t.dim() - slot_dim;  // in t's dims: dim 0 is the page
   int64_t slot_stride = 1;
   for (int64_t k = axis + 1; k < t.dim(); ++k) slot_stride *= t.size(k);
