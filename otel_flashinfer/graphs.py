@@ -44,22 +44,42 @@ class Capture:
         #: record id -> its caller-side attributes, copied when it was added (the
         #: worker writes to the record's own dict later, while replays read these).
         self.attributes: dict[int, dict[str, Any]] = {}
-        #: record -> callables(stream, child) returning a Pending for one replay;
+        #: record -> callables(stream, child) returning a Pending for one replay (the
+        #: stream is None: the current one, where the replay ran);
         #: ``child`` is that replay's span record of the captured call (its ids,
         #: start time and attributes are set; hooks may read them, not submit it).
         self.replay_hooks: dict[int, list[Callable[[Any, CallRecord], Any]]] = {}
         self.replays = 0
+        self._children: list[tuple[CallRecord, dict[str, Any], Link, tuple]] | None = None
 
     def add(self, record: CallRecord) -> None:
         # The wrapper gave a captured call its own attributes (``CallRecord.own``).
         self.attributes[id(record)] = dict(record.attributes)
         self.records.append(record)
+        self._children = None
+
+    def children(self) -> list[tuple[CallRecord, dict[str, Any], Link, tuple]]:
+        """Per captured call: (record, its replay children's attributes but the replay
+        index, the link to it, its replay hooks), made once: every replay reads the same."""
+        children = self._children
+        if children is None:
+            children = self._children = [
+                (captured,
+                 {k: v for k, v in self.attributes[id(captured)].items()
+                  if k != "flashinfer.cuda_graph.capturing"},
+                 Link(trace_api.SpanContext(
+                     captured.trace_id, captured.span_id, False,
+                     trace_api.TraceFlags(trace_api.TraceFlags.SAMPLED))),
+                 tuple(self.replay_hooks.get(id(captured), ())))
+                for captured in self.records]
+        return children
 
     def add_replay_hook(self, record: CallRecord,
                         hook: Callable[[Any, CallRecord], Any]) -> None:
         """Run ``hook(stream, child)`` after each sampled replay, for the child span of
         the captured call ``record``; a Pending it returns is added to that child."""
         self.replay_hooks.setdefault(id(record), []).append(hook)
+        self._children = None
 
 
 def capture_state() -> Capture | None:
@@ -197,21 +217,19 @@ def emit_replay(runtime: Any, capture: Capture, index: int, start_ns: int, end_n
     replay_context = trace_api.SpanContext(
         trace_id, replay_id, False, trace_api.TraceFlags(trace_api.TraceFlags.SAMPLED)
     )
-    stream = runtime.current_stream()
-    for captured in capture.records:
-        child_attrs = {k: v for k, v in capture.attributes[id(captured)].items()
-                       if k != "flashinfer.cuda_graph.capturing"}
+    for captured, base_attrs, link, hooks in capture.children():
+        child_attrs = dict(base_attrs)
         child_attrs["flashinfer.cuda_graph.replay"] = index
         child = CallRecord(captured.name, trace_id, getrandbits(64) or 1, replay_context,
                            start_ns, end_ns, child_attrs, describe=captured.describe)
         # The capture-time snapshots, described as the capture-time span was: the same
         # objects every replay, so the native encoder reuses one encoded block.
         child.data, child.kw, child.result = captured.data, captured.kw, captured.result
-        child.add_link(Link(trace_api.SpanContext(
-            captured.trace_id, captured.span_id, False,
-            trace_api.TraceFlags(trace_api.TraceFlags.SAMPLED))))
-        for hook in capture.replay_hooks.get(id(captured), ()):
-            pending = hook(stream, child)
+        child.add_link(link)
+        for hook in hooks:
+            # No stream object: a hook's work goes on the current stream, where the
+            # replay ran (making a torch Stream per replay cost a fifth of its time).
+            pending = hook(None, child)
             if pending is not None:
                 child.pending.append(pending)
         runtime.pipeline.submit(child)

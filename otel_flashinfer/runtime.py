@@ -182,14 +182,6 @@ class Runtime:
     def replay_timer(self) -> Any:
         return self.gpu_timer
 
-    def current_stream(self) -> Any:
-        try:
-            import torch
-
-            return torch.cuda.current_stream()
-        except Exception:  # noqa: BLE001
-            return None
-
     def flush(self, timeout_s: float) -> bool:
         return self.pipeline.flush(timeout_s)
 

@@ -398,8 +398,13 @@ class StatsRecorder:
         if slot is None:
             return _dropped("ring_full")
         module = self._module()
-        stream = stream if stream is not None else torch.cuda.current_stream(out.device)
         try:
+            if module is not None and stream is None:
+                # The extension guards ``out``'s device and copies on its current
+                # stream, where the replay ran: no torch stream objects per replay.
+                module.snapshot(out, ring.host_ptr(slot), ring.native_event(slot, module))
+                return StatsPending(ring, slot, metas, ts, note)
+            stream = stream if stream is not None else torch.cuda.current_stream(out.device)
             with torch.cuda.device(out.device), torch.cuda.stream(stream):
                 if module is not None:
                     module.snapshot(out, ring.host_ptr(slot), ring.native_event(slot, module))
