@@ -93,7 +93,33 @@ def _wait_for_kernels(level: int) -> None:
         raise RuntimeError("the statistics kernel did not build")
 
 
-def child(config: str, calls: int, warmup: int) -> dict[str, Any]:
+def _block(fn: Any, args: tuple, calls: int, sync: Any, flush: Any) -> tuple[float, float]:
+    """(caller wall, whole CPU) per call of ``calls`` calls of ``fn``, the CPU up to
+    the end of ``flush``."""
+    cpu0 = _cpu_s()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn(*args)
+    t1 = time.perf_counter()
+    sync()
+    flush()
+    return (t1 - t0) / calls * 1e6, (_cpu_s() - cpu0) / calls * 1e6
+
+
+def _pairs(plain: Any, traced: Any, args: tuple, calls: int, pairs: int, sync: Any,
+           flush: Any) -> list[tuple[float, float]]:
+    """Added (caller, whole CPU) per call in ``pairs`` back-to-back pairs of an untraced
+    and a traced block in this one process: the same core, memory layout and clocks, so
+    the difference is ours, not the host's (separate processes drift by several us)."""
+    added = []
+    for _ in range(pairs):
+        bare = _block(plain, args, calls, sync, lambda: True)
+        ours = _block(traced, args, calls, sync, flush)
+        added.append((ours[0] - bare[0], ours[1] - bare[1]))
+    return added
+
+
+def child(config: str, calls: int, warmup: int, pairs: int = 0) -> dict[str, Any]:
     kind, _, level_text = config.partition(":")
     level = int(level_text or 0)
     gpu = os.environ.get("BENCH_MODE") == "gpu"
@@ -114,6 +140,9 @@ def child(config: str, calls: int, warmup: int) -> dict[str, Any]:
             flush = lambda: otel_flashinfer.flush(120)  # noqa: E731
         step = make_decode()
         call, args = step.wrapper.run, (step.q, step.kv_cache)
+        run_attr = type(step.wrapper).run
+        if kind == "ours":  # the same wrapper's method, untraced (one level down)
+            plain = run_attr.__wrapped__.__get__(step.wrapper)
         sync = torch.cuda.synchronize
     else:
         sync = lambda: None  # noqa: E731
@@ -122,6 +151,7 @@ def child(config: str, calls: int, warmup: int) -> dict[str, Any]:
             import otel_flashinfer
 
             otel_flashinfer.instrument(level=level)
+            plain = call
             call = otel_flashinfer.traced(call, name="BatchDecodeWithPagedKVCacheWrapper.run")
             flush = lambda: otel_flashinfer.flush(120)  # noqa: E731
         elif kind == "stock":
@@ -184,6 +214,9 @@ def child(config: str, calls: int, warmup: int) -> dict[str, Any]:
     out["caller_us"] = (t1 - t0) / calls * 1e6
     # Every run() call, plus the wrapper's own __init__ and plan on the GPU.
     out["traced"] = calls + warmup + (2 if gpu else 0)
+    if kind == "ours" and pairs:
+        out["paired"] = _pairs(plain, call, args, calls, pairs, sync, flush)
+        out["traced"] += calls * pairs
     if kind == "ours":
         from otel_flashinfer import health
 
@@ -294,7 +327,8 @@ def _env(mode: str, exporter: str, receiver: Receiver | None, extra: dict[str, s
 
 
 def measure(configs: list[tuple[str, str, dict[str, str]]], mode: str, rounds: int, calls: int,
-            warmup: int, receiver: Receiver) -> dict[tuple[str, str], list[dict[str, Any]]]:
+            warmup: int, receiver: Receiver, pairs: int = 0
+            ) -> dict[tuple[str, str], list[dict[str, Any]]]:
     """configs: (config, exporter, extra env).  Returns every round's result."""
     results: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for round_ in range(rounds):
@@ -305,7 +339,8 @@ def measure(configs: list[tuple[str, str, dict[str, str]]], mode: str, rounds: i
                 cwd = Path(tmp)
                 before = receiver.count() if exporter != "file" else 0
                 result = run_child(["--child", config, "--calls", str(calls), "--warmup",
-                                    str(warmup)], _env(mode, exporter, receiver, extra), cwd)
+                                    str(warmup), "--pairs", str(pairs)],
+                                   _env(mode, exporter, receiver, extra), cwd)
                 if config.startswith(("ours", "stock")):
                     if exporter == "file":
                         result["received"] = _file_spans(cwd / "flashinfer_traces.jsonl")[0]
@@ -372,14 +407,18 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=3000)
     parser.add_argument("--warmup", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--pairs", type=int, default=2,
+                        help="untraced/traced block pairs inside each of our processes")
     parser.add_argument("--replays", type=int, default=1000)
     parser.add_argument("--mode", choices=["auto", "gpu", "cpu"], default="auto")
     parser.add_argument("--exporters", default="file,http,grpc")
     parser.add_argument("--levels", default="1,3,5,10")
     parser.add_argument("--no-peers", action="store_true", help="skip NVTX/profiler/FlashInfer")
     args = parser.parse_args()
+    if str(ROOT) not in sys.path:  # this checkout, as the children get it
+        sys.path.insert(0, str(ROOT))
     if args.child:
-        print(json.dumps(child(args.child, args.calls, args.warmup)))
+        print(json.dumps(child(args.child, args.calls, args.warmup, args.pairs)))
         return 0
     if args.graph is not None:
         print(json.dumps(graph_child(args.graph, args.replays)))
@@ -410,23 +449,30 @@ def main() -> int:
                     configs.append((f"stock:{lvl}", exporter, {}))
         print(f"mode {mode}: {args.rounds} interleaved rounds of {args.calls} calls "
               f"(+{args.warmup} warm-up) per configuration, each in its own process", flush=True)
-        results = measure(configs, mode, args.rounds, args.calls, args.warmup, receiver)
+        results = measure(configs, mode, args.rounds, args.calls, args.warmup, receiver,
+                          args.pairs)
     finally:
         receiver.stop()
     base = ("bare", "file")
     bare = results[base]
     print(f"\nbare loop: caller {statistics.median(r['caller_us'] for r in bare):.2f} us/call, "
           f"whole CPU {statistics.median(r['cpu_us'] for r in bare):.2f} us/call")
+    print("added over the bare process of the same round; 'paired': over untraced blocks "
+          "of the same process (median of every pair, every round)")
     print(f"{'configuration':14} {'exporter':8} {'+caller us':>11} {'+whole CPU us':>14} "
-          f"{'spans received/traced':>22}")
+          f"{'paired +caller':>15} {'paired +CPU':>12} {'spans received/traced':>22}")
     for (config, exporter), rows in results.items():
         if (config, exporter) == base:
             continue
         received = (f"{min(r['received'] for r in rows)}/{rows[0]['traced']}"
                     if "received" in rows[0] else "-")
         key = (config, exporter)
+        paired = [p for r in rows for p in r.get("paired", ())]
+        pc, pw = ((f"{statistics.median(p[0] for p in paired):15.2f}",
+                   f"{statistics.median(p[1] for p in paired):12.2f}") if paired
+                  else (f"{'-':>15}", f"{'-':>12}"))
         print(f"{config:14} {exporter:8} {_added(results, key, base, 'caller_us'):11.2f} "
-              f"{_added(results, key, base, 'cpu_us'):14.2f} {received:>22}")
+              f"{_added(results, key, base, 'cpu_us'):14.2f} {pc} {pw} {received:>22}")
     if mode == "cpu":
         print("\nwhole CPU per traced call, ours / stock SDK span with the same attributes "
               "(BatchSpanProcessor, same exporter):")
