@@ -46,6 +46,10 @@ CHILD = textwrap.dedent("""
                 print("no fault", flush=True)
             except Exception as exc:
                 print("fault", type(exc).__name__, str(exc).splitlines()[0], flush=True)
+            # What our side counted (a crash-safe write that failed, a skipped
+            # capture), for the assertion message should a manifest be missing.
+            print("counters", {k: v for k, v in otel_flashinfer.counters().items() if v},
+                  flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
 
     with trace.get_tracer("engine").start_as_current_span("engine.step") as step:
@@ -90,6 +94,7 @@ def test_decode_with_pages_past_the_cache_crashes_and_replay_reproduces_it(tmp_p
     records = recover(str(journal_dir), lambda r: None)
     crashed = [r for r in records if r.name == RUN]
     assert len(crashed) == 1, [r.name for r in records]
+    assert "flashinfer.blob.manifest" in crashed[0].attributes, (crashed[0].attributes, out)
     url = crashed[0].attributes["flashinfer.blob.manifest"]
     store = BlobStore(str(blobs), check_writable=False)
     key = url.removeprefix(store.url_of(""))
