@@ -403,14 +403,15 @@ class StatsRecorder:
                 # The extension guards ``out``'s device and copies on its current
                 # stream, where the replay ran: no torch stream objects per replay.
                 module.snapshot(out, ring.host_ptr(slot), ring.native_event(slot, module))
-                return StatsPending(ring, slot, metas, ts, note)
-            stream = stream if stream is not None else torch.cuda.current_stream(out.device)
-            with torch.cuda.device(out.device), torch.cuda.stream(stream):
-                if module is not None:
-                    module.snapshot(out, ring.host_ptr(slot), ring.native_event(slot, module))
-                else:
-                    ring.host[slot, : out.shape[0]].copy_(out, non_blocking=True)
-                    ring.torch_event(slot).record(stream)
+            else:
+                stream = stream if stream is not None else torch.cuda.current_stream(out.device)
+                with torch.cuda.device(out.device), torch.cuda.stream(stream):
+                    if module is not None:
+                        module.snapshot(out, ring.host_ptr(slot),
+                                        ring.native_event(slot, module))
+                    else:
+                        ring.host[slot, : out.shape[0]].copy_(out, non_blocking=True)
+                        ring.torch_event(slot).record(stream)
         except Exception:
             ring.release(slot)
             raise
