@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
+import signal
 import threading
 import zlib
 from concurrent import futures
@@ -100,6 +102,14 @@ def _grpc_server(port: int):  # noqa: ANN202
     return server
 
 
+def _say_final_count(signum: int, frame: object) -> None:
+    """On SIGTERM: print ``final {counts}`` and exit.  A count read over HTTP before a
+    kill misses what arrives after it; this one is the last word on what was received."""
+    with _lock:
+        print("final", json.dumps(_counts), flush=True)
+        os._exit(0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--http-port", type=int, required=True)
@@ -107,6 +117,7 @@ def main() -> None:
     args = parser.parse_args()
     grpc_server = _grpc_server(args.grpc_port)
     http = ThreadingHTTPServer(("127.0.0.1", args.http_port), _Http)
+    signal.signal(signal.SIGTERM, _say_final_count)
     print("ready", flush=True)
     try:
         http.serve_forever()
