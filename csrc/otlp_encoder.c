@@ -151,6 +151,14 @@ static const char HEX[] = "0123456789abcdef";
 static int js_str(Buf *b, const char *s, Py_ssize_t n) {
     if (buf_grow(b, (size_t)n + 2) < 0 || put_c(b, '"') < 0) return -1;
     for (Py_ssize_t i = 0; i < n; ++i) {
+        /* a run that needs no escaping (attribute keys and names: all of it) in one copy */
+        Py_ssize_t j = i;
+        while (j < n && (unsigned char)s[j] >= 0x20 && s[j] != '"' && s[j] != '\\') ++j;
+        if (j > i) {
+            if (put(b, s + i, (size_t)(j - i)) < 0) return -1;
+            if (j == n) break;
+            i = j;
+        }
         unsigned char c = (unsigned char)s[i];
         if (c == '"' || c == '\\') {
             if (put_c(b, '\\') < 0 || put_c(b, c) < 0) return -1;
@@ -164,8 +172,6 @@ static int js_str(Buf *b, const char *s, Py_ssize_t n) {
                 snprintf(esc, sizeof esc, "\\u%04x", c);
                 if (put(b, esc, 6) < 0) return -1;
             }
-        } else if (put_c(b, c) < 0) {
-            return -1;
         }
     }
     return put_c(b, '"');

@@ -137,6 +137,25 @@ def test_protobuf_is_byte_identical_to_the_sdk_encoder(extra: dict[str, Any] | N
     assert [s.name for s in spans][:3] == ["level1", "root", "level3"]  # the test covers them
 
 
+def test_json_strings_escape_exactly_what_json_needs() -> None:
+    """Quotes, backslashes and control characters are escaped, plain runs (and UTF-8)
+    copied as they are: the strings read back equal, whatever mix they hold."""
+    tracer, _ = _sdk_tracer()
+    values = ["plain", "", 'a"b\\c', "\n\t\r\b\f\x01\x1f end", "\"\\", "naïve ✓ 日本",
+              "x" * 300 + "\x00" + "y"]
+    r = CallRecord.for_call('name "quoted"\n', 1, 2, None,
+                            {f"k{i}": v for i, v in enumerate(values)} | {'key"\\': "v"})
+    r.start_ns, r.end_ns = 10, 20
+    encoder = export.make_encoder(tracer, "json", CallRecord, _EMPTY)
+    encoder.add(r)
+    span = json.loads(encoder.take())["resourceSpans"][0]["scopeSpans"][0]["spans"][0]
+    attrs = {a["key"]: a["value"]["stringValue"] for a in span["attributes"]
+             if "stringValue" in a["value"]}
+    assert span["name"] == 'name "quoted"\n'
+    assert [attrs[f"k{i}"] for i in range(len(values))] == values
+    assert attrs['key"\\'] == "v"
+
+
 def test_json_line_parses_to_the_sdk_request() -> None:
     tracer, exporter = _sdk_tracer()
     line = _native(tracer, "json", _records())
