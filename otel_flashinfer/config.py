@@ -29,6 +29,8 @@ OTEL_FLASHINFER_BLOB_MAX_COUNT = "OTEL_FLASHINFER_BLOB_MAX_COUNT"
 OTEL_FLASHINFER_BLOB_FORMAT = "OTEL_FLASHINFER_BLOB_FORMAT"
 #: Trace one CUDA graph replay in N.
 OTEL_FLASHINFER_REPLAY_EVERY = "OTEL_FLASHINFER_REPLAY_EVERY"
+#: With ``OTEL_FLASHINFER_REPLAY_EVERY=auto``: the share of replay time tracing may cost.
+OTEL_FLASHINFER_REPLAY_BUDGET = "OTEL_FLASHINFER_REPLAY_BUDGET"
 #: Tensors above this many MB get level-5 statistics over a strided sample.
 OTEL_FLASHINFER_STATS_MAX_MB = "OTEL_FLASHINFER_STATS_MAX_MB"
 #: Folder of the crash journal; empty turns the journal off.
@@ -63,6 +65,8 @@ OTEL_FLASHINFER_CACHE_DIR = "OTEL_FLASHINFER_CACHE_DIR"
 
 LEVELS = (0, 1, 3, 5, 10)
 BLOB_FORMATS = ("safetensors", "torch")
+#: ``replay_every`` for ``OTEL_FLASHINFER_REPLAY_EVERY=auto``.
+REPLAY_AUTO = 0
 
 
 class ConfigError(ValueError):
@@ -80,7 +84,10 @@ class Settings:
     blob_max_gb: float = 20.0
     blob_max_count: int = 1000
     blob_format: str = "safetensors"
+    #: Trace one replay in N; ``REPLAY_AUTO`` (0, from ``auto``): as many as
+    #: ``replay_budget`` allows (``graph_sampling``).
     replay_every: int = 1
+    replay_budget: float = 0.01
     stats_max_mb: float = 64.0
     journal_dir: str = "./flashinfer_journal"
     crash_safe: bool = False
@@ -107,6 +114,25 @@ def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0 or value != value or value == float("inf"):
         raise ValueError("must be a positive finite number")
+    return value
+
+
+def _replay_every(text: str) -> int:
+    if text.strip().lower() == "auto":
+        return REPLAY_AUTO
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError("is not a number or auto") from None
+    if value < 1:
+        raise ValueError("must be a whole number >= 1, or auto")
+    return value
+
+
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise ValueError("must be a share of time in (0, 1], e.g. 0.01 for 1%")
     return value
 
 
@@ -164,7 +190,8 @@ _FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "blob_max_gb": (OTEL_FLASHINFER_BLOB_MAX_GB, _positive_float),
     "blob_max_count": (OTEL_FLASHINFER_BLOB_MAX_COUNT, _positive_int),
     "blob_format": (OTEL_FLASHINFER_BLOB_FORMAT, _blob_format),
-    "replay_every": (OTEL_FLASHINFER_REPLAY_EVERY, _positive_int),
+    "replay_every": (OTEL_FLASHINFER_REPLAY_EVERY, _replay_every),
+    "replay_budget": (OTEL_FLASHINFER_REPLAY_BUDGET, _share),
     "stats_max_mb": (OTEL_FLASHINFER_STATS_MAX_MB, _positive_float),
     "journal_dir": (OTEL_FLASHINFER_JOURNAL_DIR, _text),
     "crash_safe": (OTEL_FLASHINFER_CRASH_SAFE, _flag),

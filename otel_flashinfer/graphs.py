@@ -18,13 +18,14 @@ import threading
 import weakref
 from collections.abc import Callable
 from random import getrandbits
-from time import time_ns
+from time import perf_counter, time_ns
 from typing import Any
 
 from opentelemetry import trace as trace_api
 from opentelemetry.trace import Link
 
 from . import capture_guard, health
+from .graph_sampling import ReplaySampler
 from .pipeline import CallRecord
 
 _ids = itertools.count(1)
@@ -50,6 +51,8 @@ class Capture:
         #: start time and attributes are set; hooks may read them, not submit it).
         self.replay_hooks: dict[int, list[Callable[[Any, CallRecord], Any]]] = {}
         self.replays = 0
+        #: Which replays are traced (set when the capture begins, from the settings).
+        self.sampler: ReplaySampler | None = None
         self._children: list[tuple[CallRecord, dict[str, Any], Link, tuple]] | None = None
 
     def add(self, record: CallRecord) -> None:
@@ -140,6 +143,8 @@ def patch(runtime: Any) -> None:
             raise
         try:
             capture = Capture(next(_ids))
+            settings = runtime.settings
+            capture.sampler = ReplaySampler(settings.replay_every, settings.replay_budget)
             with _lock:
                 _graphs[self] = capture
             _capturing = capture
@@ -161,7 +166,9 @@ def patch(runtime: Any) -> None:
             return replay(self, *args, **kwargs)
         capture.replays += 1
         index = capture.replays
-        if (index - 1) % runtime.settings.replay_every:
+        sampler = capture.sampler
+        t0 = perf_counter()
+        if sampler is not None and not sampler.should_trace(t0):
             return replay(self, *args, **kwargs)
         try:
             timer = runtime.replay_timer()
@@ -170,11 +177,18 @@ def patch(runtime: Any) -> None:
         except Exception as exc:  # noqa: BLE001
             health.report("graph_errors", "could not trace a CUDA graph replay", exc)
             return replay(self, *args, **kwargs)
+        t1 = perf_counter()
         result = replay(self, *args, **kwargs)
         try:
+            t2 = perf_counter()
             end_ns = time_ns()
+            skipped = sampler.take_skipped() if sampler is not None else 0
             emit_replay(runtime, capture, index, start, end_ns,
-                        timer.end(mark) if timer is not None else None)
+                        timer.end(mark) if timer is not None else None, skipped)
+            if sampler is not None:
+                # What tracing it cost: our time around the replay, not the replay.
+                sampler.traced((t1 - t0) + (perf_counter() - t2), 1 + len(capture.records),
+                               runtime.pipeline.worker_cost_per_span_s)
         except Exception as exc:  # noqa: BLE001
             health.report("graph_errors", "could not trace a CUDA graph replay", exc)
         return result
@@ -199,8 +213,9 @@ def unpatch() -> None:
 
 
 def emit_replay(runtime: Any, capture: Capture, index: int, start_ns: int, end_ns: int,
-                timing: Any) -> None:
-    """Submit the replay span and one child per captured call."""
+                timing: Any, skipped: int = 0) -> None:
+    """Submit the replay span and one child per captured call; ``skipped``: replays of
+    this graph not traced since the last traced one."""
     current = trace_api.get_current_span().get_span_context()
     parent = current if current.is_valid else None
     if parent is not None and not parent.trace_flags & 1:
@@ -209,7 +224,8 @@ def emit_replay(runtime: Any, capture: Capture, index: int, start_ns: int, end_n
     if parent is None and not runtime.sample_root(trace_id, "cuda_graph.replay"):
         return
     replay_id = getrandbits(64) or 1
-    attrs = {"flashinfer.cuda_graph.id": capture.graph_id, "flashinfer.cuda_graph.replay": index}
+    attrs = {"flashinfer.cuda_graph.id": capture.graph_id, "flashinfer.cuda_graph.replay": index,
+             "flashinfer.cuda_graph.replays_skipped": skipped}
     replay_record = CallRecord("cuda_graph.replay", trace_id, replay_id, parent, start_ns,
                                end_ns, attrs)
     if timing is not None:

@@ -387,6 +387,9 @@ class Pipeline:
         self._flush_result: list[bool] = [False]
         #: CPU seconds the worker spent building spans (benchmarks report it per call).
         self.worker_cpu_s = 0.0
+        #: The worker's CPU per span handed on, smoothed over drains (what tracing one
+        #: more span costs on this thread: ``graph_sampling`` budgets replays with it).
+        self.worker_cost_per_span_s = 0.0
         #: Resolves ``CallRecord.gpu`` handles (``gpu_timing.HANDLES`` where CUDA is).
         self.gpu_times: Any = _NoGpuTimes()
         self._start()
@@ -540,23 +543,32 @@ class Pipeline:
                 record = waiting.popleft()
                 self._finish(record, abandon="backpressure")
         finally:
-            self._count_paths()
-            self.worker_cpu_s += time.thread_time() - cpu
+            spans = self._count_paths()
+            spent = time.thread_time() - cpu
+            self.worker_cpu_s += spent
+            if spans > 0:
+                per = spent / spans
+                last = self.worker_cost_per_span_s
+                self.worker_cost_per_span_s = per if not last else last + 0.2 * (per - last)
             with self._idle:
                 self._busy -= 1
                 self._idle.notify_all()
 
-    def _count_paths(self) -> None:
+    def _count_paths(self) -> int:
         """Publish how many spans took each path since the last drain (``counters()``:
-        ``spans_native``, ``spans_sdk``)."""
+        ``spans_native``, ``spans_sdk``); returns how many that was in all."""
+        spans = 0
         if self._native is not None:
             encoded = self._native.encoded()
             if encoded != self._native_counted:
-                health.count("spans_native", encoded - self._native_counted)
+                spans = encoded - self._native_counted
+                health.count("spans_native", spans)
                 self._native_counted = encoded
         if self._sdk_spans:
+            spans += self._sdk_spans
             health.count("spans_sdk", self._sdk_spans)
             self._sdk_spans = 0
+        return spans
 
     def _resolve_tracer_safely(self) -> None:
         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from otel_flashinfer import config
-from otel_flashinfer.config import ConfigError, Settings, load_settings
+from otel_flashinfer.config import REPLAY_AUTO, ConfigError, Settings, load_settings
 
 
 def test_defaults_match_design() -> None:
@@ -38,6 +38,9 @@ def test_every_variable_parses() -> None:
     assert s.blob_url == "s3://bucket/prefix"
     assert s.blob_max_gb == 0.5 and s.blob_max_count == 7
     assert s.blob_format == "torch" and s.replay_every == 4 and s.stats_max_mb == 16.0
+    auto = load_settings({"OTEL_FLASHINFER_REPLAY_EVERY": " Auto ",
+                          "OTEL_FLASHINFER_REPLAY_BUDGET": "0.02"})
+    assert (auto.replay_every, auto.replay_budget) == (REPLAY_AUTO, 0.02)
     assert s.journal_dir == "" and s.crash_safe is True
 
 
@@ -50,7 +53,11 @@ def test_every_variable_parses() -> None:
         ("OTEL_FLASHINFER_BLOB_MAX_GB", "nan", "positive"),
         ("OTEL_FLASHINFER_BLOB_MAX_COUNT", "0", ">= 1"),
         ("OTEL_FLASHINFER_BLOB_FORMAT", "pickle", "safetensors, torch"),
-        ("OTEL_FLASHINFER_REPLAY_EVERY", "1.5", "not a number"),
+        ("OTEL_FLASHINFER_REPLAY_EVERY", "1.5", "not a number or auto"),
+        ("OTEL_FLASHINFER_REPLAY_EVERY", "0", ">= 1, or auto"),
+        ("OTEL_FLASHINFER_REPLAY_BUDGET", "0", "(0, 1]"),
+        ("OTEL_FLASHINFER_REPLAY_BUDGET", "1.5", "(0, 1]"),
+        ("OTEL_FLASHINFER_REPLAY_BUDGET", "nan", "(0, 1]"),
         ("OTEL_FLASHINFER_CRASH_SAFE", "maybe", "0 or 1"),
         ("OTEL_FLASHINFER_BLOB_URL", "   ", "empty"),
         ("OTEL_FLASHINFER_BLOB_URL", "s3 x://bucket", "scheme"),

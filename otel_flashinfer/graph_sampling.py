@@ -1,0 +1,84 @@
+"""Which CUDA graph replays to trace (``OTEL_FLASHINFER_REPLAY_EVERY``).
+
+A fixed ``N`` traces one replay in N.  ``auto`` traces as many as a budget allows: the
+tracing of replays may cost ``OTEL_FLASHINFER_REPLAY_BUDGET`` (default 1%) of the time
+between replays.  It is a token bucket: every replay earns ``budget x`` the time since
+the previous one; a replay is traced when the credit covers what tracing one costs,
+and its measured cost is then spent.  What one costs is measured, not assumed: the
+caller's own time around the replay (not the replay itself), plus the background
+worker's CPU per span (``Pipeline.worker_cost_per_span``) for each span it hands on.
+So when the workload changes (longer steps, more captured calls, a slower exporter),
+the share traced follows.
+
+Every replay span says how many replays of its graph were skipped before it
+(``flashinfer.cuda_graph.replays_skipped``), so rates stay computable downstream.
+Pure logic, fed times by ``graphs``: testable without a GPU.
+"""
+
+from __future__ import annotations
+
+from .config import REPLAY_AUTO
+
+#: Cost estimates move by this share of each new measurement (smooths one slow replay).
+_SMOOTHING = 0.2
+#: Credit never exceeds this many traced replays' cost: an idle minute must not buy a
+#: burst of traced replays when the graph starts again.
+_MAX_BURST = 4.0
+
+
+class ReplaySampler:
+    """One graph's decision per replay; call ``should_trace`` at every replay and
+    ``traced`` after each traced one."""
+
+    __slots__ = ("budget", "cost_s", "credit_s", "every", "last_s", "seen", "skipped")
+
+    def __init__(self, every: int, budget: float) -> None:
+        self.every = every
+        self.budget = budget
+        #: Estimated whole cost of tracing one replay (None until one was measured).
+        self.cost_s: float | None = None
+        self.credit_s = 0.0
+        self.last_s: float | None = None
+        self.seen = 0
+        #: Replays skipped since the last traced one.
+        self.skipped = 0
+
+    @property
+    def auto(self) -> bool:
+        return self.every == REPLAY_AUTO
+
+    def should_trace(self, now_s: float) -> bool:
+        """At a replay's start (``now_s``: a monotonic clock in seconds)."""
+        self.seen += 1
+        if not self.auto:
+            trace = (self.seen - 1) % self.every == 0
+        else:
+            if self.last_s is not None:
+                self.credit_s += self.budget * max(now_s - self.last_s, 0.0)
+            self.last_s = now_s
+            cost = self.cost_s
+            if cost is None:
+                trace = True  # the first replay measures what one costs
+            else:
+                self.credit_s = min(self.credit_s, _MAX_BURST * cost)
+                trace = self.credit_s >= cost
+        if not trace:
+            self.skipped += 1
+        return trace
+
+    def take_skipped(self) -> int:
+        """Replays skipped before this traced one (said on its span); resets."""
+        skipped, self.skipped = self.skipped, 0
+        return skipped
+
+    def traced(self, caller_s: float, spans: int, worker_per_span_s: float) -> None:
+        """What tracing the replay just traced cost: ``caller_s`` on the replaying
+        thread, and ``spans`` handed to the worker at ``worker_per_span_s`` each."""
+        if not self.auto:
+            return
+        cost = max(caller_s, 0.0) + spans * max(worker_per_span_s, 0.0)
+        self.credit_s -= cost
+        if self.cost_s is None:
+            self.cost_s = cost
+        else:
+            self.cost_s += _SMOOTHING * (cost - self.cost_s)

@@ -1,0 +1,117 @@
+"""Which CUDA graph replays are traced: a fixed one in N, or ``auto`` within a budget
+(``graph_sampling``), and every replay span saying how many were skipped before it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import otel_flashinfer
+from otel_flashinfer.config import REPLAY_AUTO
+from otel_flashinfer.graph_sampling import ReplaySampler
+
+SKIPPED = "flashinfer.cuda_graph.replays_skipped"
+
+
+def test_fixed_every_traces_one_in_n_and_counts_the_rest() -> None:
+    sampler = ReplaySampler(3, 0.01)
+    decisions, skipped = [], []
+    for i in range(10):
+        trace = sampler.should_trace(i * 1e-3)
+        decisions.append(trace)
+        if trace:
+            skipped.append(sampler.take_skipped())
+            sampler.traced(1.0, 5, 1.0)  # cost plays no part in a fixed N
+    assert decisions == [i % 3 == 0 for i in range(10)]
+    assert skipped == [0, 2, 2, 2]
+
+
+def _run(sampler: ReplaySampler, phases: list[tuple[int, float, float]]) -> list[float]:
+    """Replays back to back: (count, seconds between replays, tracing cost).  Returns
+    per phase the share of its time that tracing cost (the second half of the phase,
+    once the estimate has followed the change)."""
+    now, shares = 0.0, []
+    for count, period, cost in phases:
+        spent = elapsed = 0.0
+        for i in range(count):
+            traced = sampler.should_trace(now)
+            if traced:
+                sampler.take_skipped()
+                sampler.traced(cost * 0.6, 4, cost * 0.1)  # 0.6 + 4 x 0.1 = cost
+            step = period + (cost if traced else 0.0)
+            if i >= count // 2:
+                spent += cost if traced else 0.0
+                elapsed += step
+            now += step
+        shares.append(spent / elapsed)
+    return shares
+
+
+def test_auto_stays_within_its_budget_while_the_workload_changes() -> None:
+    """Steps of 1 ms, then of 50 us (a smaller batch), then tracing gets 3x dearer (a
+    slower exporter): the share of time spent tracing follows the budget in each."""
+    sampler = ReplaySampler(REPLAY_AUTO, 0.01)
+    shares = _run(sampler, [(20_000, 1e-3, 50e-6), (200_000, 50e-6, 50e-6),
+                            (200_000, 50e-6, 150e-6)])
+    for share in shares:
+        assert 0.008 <= share <= 0.0102, shares
+
+
+def test_auto_traces_the_first_replay_and_no_burst_after_idling() -> None:
+    sampler = ReplaySampler(REPLAY_AUTO, 0.01)
+    assert sampler.should_trace(0.0)
+    sampler.traced(40e-6, 3, 20e-6)  # 100 us a traced replay
+    assert not sampler.should_trace(20e-6)
+    # A minute idle earns a minute's budget, but only a few replays' worth is kept.
+    traced = sum(sampler.should_trace(60.0 + i * 20e-6) and (
+        sampler.traced(40e-6, 3, 20e-6) or True) for i in range(100))
+    assert 1 <= traced <= 5
+    assert sampler.take_skipped() > 0
+
+
+class _FakeGraph:
+    """Stands in for torch.cuda.CUDAGraph on a CPU box: graphs.patch wraps its three
+    methods exactly as it wraps torch's."""
+
+    def capture_begin(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        pass
+
+    def capture_end(self) -> None:
+        pass
+
+    def replay(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("every", ["4", "auto"])
+def test_replay_spans_say_what_was_skipped(spans, monkeypatch, every: str) -> None:
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
+    monkeypatch.setenv("OTEL_FLASHINFER_REPLAY_EVERY", every)
+    otel_flashinfer.instrument(level=1, journal_dir="")
+    step = otel_flashinfer.traced(lambda x: x, name="step")
+    graph = _FakeGraph()
+    graph.capture_begin()
+    step(torch.zeros(2))
+    graph.capture_end()
+    replays = 2000
+    for _ in range(replays):
+        graph.replay()
+    replay_spans = sorted(spans.by_name("cuda_graph.replay"),
+                          key=lambda s: s.attributes["flashinfer.cuda_graph.replay"])
+    indices = [s.attributes["flashinfer.cuda_graph.replay"] for s in replay_spans]
+    skipped = [s.attributes[SKIPPED] for s in replay_spans]
+    # each traced replay's index is the previous one's plus what was skipped between
+    assert indices[0] == 1 + skipped[0] == 1
+    assert all(b - a == 1 + k for a, b, k in zip(indices, indices[1:], skipped[1:],
+                                                   strict=False))
+    if every == "4":
+        assert indices == list(range(1, replays + 1, 4))
+    else:  # fake replays cost nothing: 1% of that time buys few traced ones
+        assert 1 <= len(replay_spans) < replays / 10, len(replay_spans)
+    children = [s for s in spans.by_name("step") if s.parent is not None
+                and s.parent.span_id in {r.context.span_id for r in replay_spans}]
+    assert len(children) == len(replay_spans)
+    # what the auto budget charges per span was measured on the worker
+    from otel_flashinfer import runtime
+
+    assert runtime.current().pipeline.worker_cost_per_span_s > 0
