@@ -53,6 +53,8 @@ class Capture:
         self.replays = 0
         #: Which replays are traced (set when the capture begins, from the settings).
         self.sampler: ReplaySampler | None = None
+        #: ``health.dropped()`` when this graph's last replay span was made.
+        self.dropped_seen = health.dropped()
         self._children: list[tuple[CallRecord, dict[str, Any], Link, tuple]] | None = None
 
     def add(self, record: CallRecord) -> None:
@@ -226,6 +228,11 @@ def emit_replay(runtime: Any, capture: Capture, index: int, start_ns: int, end_n
     replay_id = getrandbits(64) or 1
     attrs = {"flashinfer.cuda_graph.id": capture.graph_id, "flashinfer.cuda_graph.replay": index,
              "flashinfer.cuda_graph.replays_skipped": skipped}
+    dropped = health.dropped()
+    if dropped != capture.dropped_seen:
+        # Nothing dropped silently: the next replay span says what was lost meanwhile.
+        attrs["flashinfer.cuda_graph.dropped_before"] = dropped - capture.dropped_seen
+        capture.dropped_seen = dropped
     replay_record = CallRecord("cuda_graph.replay", trace_id, replay_id, parent, start_ns,
                                end_ns, attrs)
     if timing is not None:

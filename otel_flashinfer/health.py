@@ -43,6 +43,12 @@ def counters() -> dict[str, int]:
         return dict(_counts)
 
 
+def dropped() -> int:
+    """Spans and statistics dropped so far, all causes (read on every traced replay:
+    no copy, no lock; a count in flight shows on the next read)."""
+    return _counts["spans_dropped"] + _counts["stats_dropped"]
+
+
 def reset() -> None:
     """Forget counts and logged kinds (tests)."""
     with _lock:

@@ -115,3 +115,24 @@ def test_replay_spans_say_what_was_skipped(spans, monkeypatch, every: str) -> No
     from otel_flashinfer import runtime
 
     assert runtime.current().pipeline.worker_cost_per_span_s > 0
+
+
+def test_drops_are_said_on_the_next_replay_span(spans, monkeypatch) -> None:
+    from otel_flashinfer import health
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
+    otel_flashinfer.instrument(level=1, journal_dir="")
+    step = otel_flashinfer.traced(lambda x: x, name="step")
+    graph = _FakeGraph()
+    graph.capture_begin()
+    step(torch.zeros(2))
+    graph.capture_end()
+    graph.replay()
+    health.count("spans_dropped", 5)  # a queue past its limit
+    health.count("stats_dropped", 2)
+    graph.replay()
+    graph.replay()
+    said = {s.attributes["flashinfer.cuda_graph.replay"]:
+            s.attributes.get("flashinfer.cuda_graph.dropped_before")
+            for s in spans.by_name("cuda_graph.replay")}
+    assert said == {1: None, 2: 7, 3: None}
