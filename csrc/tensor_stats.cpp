@@ -99,10 +99,15 @@ Item describe(const at::Tensor& t, int64_t row, int64_t step,
                 "paged stats need int32 indices and indptr");
     TORCH_CHECK(indices->is_contiguous() && indptr->is_contiguous(),
                 "paged stats need contiguous indices and indptr");
+    TORCH_CHECK(t.size(0) <= INT32_MAX && indices->numel() <= INT32_MAX &&
+                    indptr->numel() > batch,
+                "paged stats need int32-countable pages and indices, and indptr of batch + 1");
     d.mode = kPaged;
     d.indices = indices->data_ptr<int32_t>();
     d.indptr = indptr->data_ptr<int32_t>();
     d.batch = static_cast<int32_t>(batch);
+    d.num_pages = static_cast<int32_t>(t.size(0));
+    d.num_indices = static_cast<int32_t>(indices->numel());
     d.page_stride = t.stride(0);
     d.ndim = coalesce(t.sizes(), t.strides(), 1, d.sizes, d.strides);
     d.n = t.size(0) ? t.numel() / t.size(0) : 0;

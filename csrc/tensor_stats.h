@@ -57,6 +57,12 @@ struct TensorDesc {
   int32_t nblocks;          // blocks assigned
   int32_t slot_stride;      // paged with last_page_len: elements per slot step
   int32_t page_size;        // paged with last_page_len: slots per page
+  // paged: pages in the cache and entries of indices.  A page id or an indptr bound
+  // outside them is left out, never dereferenced: an engine's bad indices must fault in
+  // its own kernel, not in ours before it (that would also poison the context before a
+  // crash-safe level-10 capture of the call is written).
+  int32_t num_pages;
+  int32_t num_indices;
 };
 
 // A launch accumulates into `out` (see launch_tensor_stats).  With `counter` set, the

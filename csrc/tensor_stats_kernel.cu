@@ -443,10 +443,19 @@ __device__ __forceinline__ int64_t strided_offset(int64_t idx, const TensorDesc&
 }
 
 // Number of referenced pages, read on the device (changes between graph replays).
+// Bounds outside indices are clamped to it (a bad indptr must not make us read past it).
 __device__ __forceinline__ void paged_range(const TensorDesc& d, int64_t& start, int64_t& count) {
-  start = d.indptr[0];
-  count = static_cast<int64_t>(d.indptr[d.batch]) - start;
+  start = min(max(static_cast<int64_t>(d.indptr[0]), int64_t{0}),
+              static_cast<int64_t>(d.num_indices));
+  const int64_t end = min(static_cast<int64_t>(d.indptr[d.batch]),
+                          static_cast<int64_t>(d.num_indices));
+  count = end - start;
   if (count < 0) count = 0;
+}
+
+// Whether a page id names a page of the cache (others are left out, never read).
+__device__ __forceinline__ bool page_ok(const TensorDesc& d, int64_t page) {
+  return page >= 0 && page < d.num_pages;
 }
 
 // How many slots of referenced page g (an index into indices) hold tokens: the
@@ -538,8 +547,10 @@ __device__ void run_tensor(const TensorDesc& d, int64_t lb, Acc& a) {
         int64_t page = d.indices[start + j];
         int32_t lim = page_limit(d, start + j);
         while (true) {
-          const uint4* p = b + page * pvs + c * kUnit + lane;
-          const int64_t rem = vpp - c * kUnit - lane;  // vectors of the page from p on
+          const bool ok = page_ok(d, page);
+          const uint4* p = b + (ok ? page : 0) * pvs + c * kUnit + lane;
+          // vectors of the page from p on (none of a page outside the cache)
+          const int64_t rem = ok ? vpp - c * kUnit - lane : 0;
           uint4 w[kUnroll];
           const bool whole = rem > (kUnroll - 1) * 32;
           if (whole) {
@@ -596,6 +607,7 @@ __device__ void run_tensor(const TensorDesc& d, int64_t lb, Acc& a) {
         if (!slot_ok(d, r, lim)) continue;
       }
       int64_t page = d.indices[start + j];
+      if (!page_ok(d, page)) continue;
       int64_t off = d.contiguous ? r : strided_offset(r, d);
       visit<DT>(base[page * d.page_stride + off], a);
       a.seen += 1;

@@ -156,6 +156,23 @@ def test_referenced_pages_and_kv_pair():
     assert rec.attributes["flashinfer.nonfinite"] is True
 
 
+def test_page_ids_and_bounds_outside_the_cache_are_left_out():
+    """An engine's bad page ids (the bug a user may be chasing) name no data: they are
+    left out, not read as a neighbouring page, and an indptr past the indices stops at
+    their end (the kernel does the same instead of faulting before the call)."""
+    cache = torch.zeros(4, 2, 3)
+    cache[3] = 7.0  # the last page: a clamp would read it for every bad id
+    cache[1, 0, 0] = NAN
+    indices = torch.tensor([1, 1 << 24, -5, 4], dtype=torch.int32)
+    indptr = torch.tensor([0, 2, 4], dtype=torch.int32)
+    s = decode_row(tensor_row(cache, 1, indices, indptr, 2).tolist(), RowMeta("kv", SCOPE_PAGES))
+    assert s["numel"] == 6 and s["nan_count"] == 1 and s["max"] == 0.0
+    past = torch.tensor([0, 9], dtype=torch.int32)  # 9 entries claimed, 4 held
+    s = decode_row(tensor_row(cache, 1, torch.tensor([3, 0, 2, 3], dtype=torch.int32), past,
+                              1).tolist(), RowMeta("kv", SCOPE_PAGES))
+    assert s["numel"] == 24 and s["max"] == 7.0 and s["mean"] == pytest.approx(7.0 * 12 / 24)
+
+
 def _filled_values(cache, indices, indptr, last_page_len, slot_axis):  # noqa: ANN001, ANN202
     """What a request's pages hold, page by page: every slot, but only the first
     last_page_len slots of its last page (an oracle by narrowing, no masks)."""

@@ -375,3 +375,29 @@ def test_captured_call_shares_one_buffer_for_inputs_and_outputs(ext):
         assert got["x"]["nan_count"] == nan and got["y"]["nan_count"] == nan
         assert got["y"]["max"] == 2.0 * replay and got["z"]["max"] == float(replay)
         assert got["kv"]["numel"] == 6 * cache[0].numel()
+
+
+@pytest.mark.parametrize("case", ["vector", "scalar", "strided"])
+def test_page_ids_outside_the_cache_are_left_out_not_read(ext, case):
+    """Bad page ids and an indptr past the indices (an engine bug a user is chasing)
+    must not fault our kernel before the call: they are left out, as the torch path
+    leaves them out, and the stream stays healthy."""
+    gen = torch.Generator().manual_seed(5)
+    if case == "vector":
+        cache = torch.randn(16, 2, 16, 8, 128, generator=gen).half().cuda()
+    elif case == "scalar":
+        cache = torch.randn(16, 16, 2, 3, generator=gen).cuda()
+    else:
+        cache = torch.randn(16, 16, 4, 2, 32, generator=gen).half().cuda()[:, :, :, 0]
+    indices = torch.tensor([3, 1 << 24, -7, 15, 16], dtype=torch.int32, device="cuda")
+    indptr = torch.tensor([0, 2, 5], dtype=torch.int32, device="cuda")
+    words = _kernel_row(ext, cache, 1, indices, indptr, 2)
+    torch.cuda.synchronize()  # raises if the kernel read outside the cache
+    _same(words, _ref_row(cache, 1, indices, indptr, 2), case)
+    row = decode_row(words, RowMeta("kv", "referenced_pages"))
+    assert row["numel"] == 2 * cache[0].numel(), case  # pages 3 and 15 only
+    indptr.copy_(torch.tensor([0, 2, 1 << 20], dtype=torch.int32))  # past the indices
+    row = decode_row(_kernel_row(ext, cache, 1, indices, indptr, 2),
+                     RowMeta("kv", "referenced_pages"))
+    torch.cuda.synchronize()
+    assert row["numel"] == 2 * cache[0].numel(), case

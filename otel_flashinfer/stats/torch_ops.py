@@ -36,15 +36,19 @@ def _slot_limits(indptr: torch.Tensor, last_page_len: torch.Tensor, batch: int,
 def _paged_values(cache: torch.Tensor, indices: torch.Tensor, indptr: torch.Tensor,
                   batch: int, last_page_len: torch.Tensor | None = None, slot_dim: int = 0
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Values of every page ``indices[indptr[0]:indptr[batch]]`` names, and a validity
-    mask; the bounds stay on the device (they change between graph replays).  With
-    ``last_page_len`` and ``slot_dim`` (``planning.SLOT_DIMS``) the slots of a request's
-    last page past its last token are masked out, as the kernel does."""
+    """Values of every page ``indices[indptr[0]:indptr[batch]]`` names (ids outside the
+    cache left out), and a validity mask; the bounds stay on the device (they change
+    between graph replays).  With ``last_page_len`` and ``slot_dim``
+    (``planning.SLOT_DIMS``) the slots of a request's last page past its last token are
+    masked out, as the kernel does."""
     pos = torch.arange(indices.numel(), device=indices.device)
     lo = indptr[0].to(torch.int64)
     hi = indptr[batch].to(torch.int64)
-    valid = (pos >= lo) & (pos < hi)
-    pages = torch.where(valid, indices.to(torch.int64), 0).clamp_(0, max(cache.shape[0] - 1, 0))
+    ids = indices.to(torch.int64)
+    # A page id outside the cache names no data: it is left out, never read (the kernel
+    # would fault on it, before the call whose bad indices a user is chasing).
+    valid = (pos >= lo) & (pos < hi) & (ids >= 0) & (ids < cache.shape[0])
+    pages = torch.where(valid, ids, 0)
     if cache.shape[0] == 0:
         empty = cache.new_zeros((0,), dtype=torch.float64)
         return empty, empty.bool()
