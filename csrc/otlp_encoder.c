@@ -28,6 +28,7 @@
 #include <unistd.h>
 
 #include "hotpath_api.h"
+#include "stats_api.h"
 
 /* ---- a growable byte buffer ---------------------------------------------------------- */
 
@@ -250,12 +251,12 @@ enum { FMT_PROTOBUF = 0, FMT_JSON = 1 };
 enum {
     R_NAME, R_TRACE_ID, R_SPAN_ID, R_PARENT, R_ATTRIBUTES, R_SHARED, R_EVENTS, R_LINKS,
     R_PENDING, R_ERROR, R_DESCRIBE, R_DATA, R_KW, R_RESULT, R_GPU, R_START_NS, R_END_NS,
-    R_INSTANCE, R_PLAN_LINK, R_COUNT
+    R_INSTANCE, R_PLAN_LINK, R_DEADLINE, R_COUNT
 };
 static const char *const record_slot_names[R_COUNT] = {
     "name", "trace_id", "span_id", "parent", "attributes", "shared", "events", "links",
     "pending", "error", "describe", "data", "kw", "result", "gpu", "start_ns", "end_ns",
-    "instance", "plan_link"};
+    "instance", "plan_link", "deadline"};
 
 /* The event pool's API (hotpath_api.h), shared by every encoder once lent. */
 static const otel_flashinfer_hotpath_api *gpu_api = NULL;
@@ -287,6 +288,7 @@ typedef struct {
     Buf tmp;                  /* scratch for blocks */
     Py_ssize_t count;         /* spans in ``spans`` */
     unsigned long long encoded, failed, attr_errors, gpu_resolved, describe_errors;
+    unsigned long long stats_resolved; /* level-5 records resolved here, not in Python */
     int busy; /* inside add/drain: Python callbacks must not re-enter (they could take()) */
     long pid;
     /* ``flashinfer.instance.id`` strings of recent objects (an engine calls few) */
@@ -1084,7 +1086,10 @@ static void instance_forget(Encoder *e) {
 
 /* Encodes ``record`` into e->spans.  ``gpu_ns`` >= 0 adds flashinfer.gpu.time_ns (a GPU
  * time this encoder resolved itself). */
-static int encode_record(Encoder *e, PyObject *record, long long gpu_ns) {
+/* ``extra``: statistics rows resolved in C (resolve_stats), encoded after the record's
+ * own events as if they were RawStats there. */
+static int encode_record(Encoder *e, PyObject *record, long long gpu_ns, const RawView *extra,
+                         int n_extra) {
     Buf *b = &e->spans;
     size_t start = b->len;
     unsigned char trace[16], span[8], parent_span[8];
@@ -1212,6 +1217,10 @@ static int encode_record(Encoder *e, PyObject *record, long long gpu_ns) {
                               ? PySequence_Fast_GET_SIZE(events) : 0;
     Py_ssize_t total_events = 0;
     int nonfinite = 0;
+    for (int i = 0; i < n_extra; ++i) {
+        total_events += extra[i].nrows;
+        nonfinite = nonfinite || raw_nonfinite(&extra[i]);
+    }
     for (Py_ssize_t i = 0; i < n_events; ++i) {
         PyObject *ev = PySequence_Fast_GET_ITEM(events, i);
         if (e->raw_stats != NULL && Py_TYPE(ev) == e->raw_stats) {
@@ -1244,7 +1253,7 @@ static int encode_record(Encoder *e, PyObject *record, long long gpu_ns) {
     PyObject *error = slot(e, record, R_ERROR);
     int has_error = error != NULL && error != Py_None;
     Py_ssize_t dropped_events = total_events > e->max_events ? total_events - e->max_events : 0;
-    if (n_events || has_error) {
+    if (n_events || has_error || n_extra) {
         int first_event = 1;
         size_t events_at = b->len;
         Py_ssize_t emitted = 0, limit = total_events - dropped_events;
@@ -1270,6 +1279,8 @@ static int encode_record(Encoder *e, PyObject *record, long long gpu_ns) {
                           &first_event) < 0)
                 goto fail;
         }
+        for (int i = 0; i < n_extra && emitted < limit; ++i)
+            if (raw_events(e, b, &extra[i], limit, &first_event, &emitted) < 0) goto fail;
         if (has_error && error_event(e, b, error, end_ns, &first_event) < 0) goto fail;
         if (js) {
             if (first_event) b->len = events_at;
@@ -1401,7 +1412,7 @@ static PyObject *enc_add(Encoder *e, PyObject *record) {
         return NULL;
     }
     e->busy = 1;
-    int rc = encode_record(e, record, -1);
+    int rc = encode_record(e, record, -1, NULL, 0);
     e->busy = 0;
     if (rc < 0) return NULL;
     Py_RETURN_NONE;
@@ -1428,22 +1439,242 @@ static void gpu_release(long long packed) {
     gpu_api->release(packed & 0xFFFF);
 }
 
-/* drain(queue, slow, limit) -> spans encoded.  Takes up to ``limit`` records off
- * ``queue`` (a deque): those with work still pending (statistics, a GPU time not
- * resolved here) go to the list ``slow`` for the Python worker; the rest are encoded
- * now.  A record that fails to encode goes to ``slow`` too, so the error is reported
+/* ---- level-5 statistics resolved without Python ------------------------------------
+ *
+ * A level-5 call reaches the worker with one StatsPending (stats/pending.py): its rows
+ * land in a pinned slot of a SlotRing (stats/ring.py) and the slot's CUDA event says
+ * when.  Polling that event, reading the rows and handing the slot back took about
+ * 20 us of Python per call on the worker (while holding the GIL the engine needs), and
+ * in a burst of graph replays that resolver fell behind and the ring filled.  Here the
+ * common case is done in C: one StatsPending, a native event, no note to add, no other
+ * GPU work; anything else (a CUDA error, a torch event, several devices) goes to the
+ * Python path, which stays the reference (tests/test_native_stats.py compares them). */
+
+static const otel_flashinfer_stats_api *stats_api = NULL;
+static PyObject *stats_api_capsule = NULL;
+static PyTypeObject *stats_pending_type = NULL;
+enum { P_STATUS, P_GPU_TIME, P_METAS, P_NOTE, P_OUT_METAS, P_OUT_NOTE, P_OUT_TS, P_RING,
+       P_SLOT, P_TS_NS, P_COUNT };
+static const char *const pending_slot_names[P_COUNT] = {
+    "_status", "gpu_time", "metas", "note", "out_metas", "out_note", "out_ts", "ring", "slot",
+    "ts_ns"};
+static Py_ssize_t pending_offsets[P_COUNT];
+static PyObject *s_kind, *s_native, *s_base, *s_slot_bytes, *s_rows, *s_release, *s_append;
+
+/* The byte offset of each named __slots__ member of ``type``; -1 with TypeError if one
+ * is missing (a renamed field must fail loudly, not read the wrong memory). */
+static int slot_offsets(PyTypeObject *type, const char *const *names, int n,
+                        Py_ssize_t *offsets) {
+    for (int i = 0; i < n; ++i) {
+        PyObject *descr = PyDict_GetItemString(type->tp_dict, names[i]);
+        if (descr == NULL || Py_TYPE(descr) != &PyMemberDescr_Type ||
+            ((PyMemberDescrObject *)descr)->d_member->type != T_OBJECT_EX) {
+            PyErr_Format(PyExc_TypeError, "%s.%s is not a __slots__ member", type->tp_name,
+                         names[i]);
+            return -1;
+        }
+        offsets[i] = ((PyMemberDescrObject *)descr)->d_member->offset;
+    }
+    return 0;
+}
+
+static inline PyObject *pslot(PyObject *pending, int which) {
+    return *(PyObject **)((char *)pending + pending_offsets[which]);
+}
+
+/* A plain int attribute of the ring (its instance dict: no descriptor, no call). */
+static int ring_int(PyObject *ring, PyObject *name, long long *out) {
+    PyObject *v = PyObject_GetAttr(ring, name);
+    if (v == NULL) return -1;
+    *out = PyLong_AsLongLong(v);
+    Py_DECREF(v);
+    return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
+}
+
+static int empty_text(PyObject *v) {
+    return v != NULL && PyUnicode_Check(v) && PyUnicode_GET_LENGTH(v) == 0;
+}
+
+typedef struct {
+    RawView views[2];
+    int nviews;
+    long long gpu_ns;
+    PyObject *pending; /* borrowed */
+    PyObject *ring;    /* borrowed */
+    PyObject *slot;    /* borrowed */
+} Resolved;
+
+enum { RESOLVED = 0, NOT_YET = 1, TO_PYTHON = -1 };
+
+/* Whether ``record``'s statistics can be resolved here, and if so whether they are in:
+ * RESOLVED (``r`` filled: rows still in the slot, which the caller hands back after
+ * encoding), NOT_YET, or TO_PYTHON (no exception set). */
+static int resolve_stats(PyObject *record, PyObject *pendings, PyObject *gpu, Resolved *r) {
+    if (stats_api == NULL || !PyList_CheckExact(pendings) || PyList_GET_SIZE(pendings) != 1 ||
+        (gpu != NULL && gpu != Py_None))
+        return TO_PYTHON;
+    PyObject *p = PyList_GET_ITEM(pendings, 0);
+    if (Py_TYPE(p) != stats_pending_type) return TO_PYTHON;
+    PyObject *slot_obj = pslot(p, P_SLOT), *status_obj = pslot(p, P_STATUS);
+    PyObject *ring = pslot(p, P_RING), *metas = pslot(p, P_METAS);
+    PyObject *out_metas = pslot(p, P_OUT_METAS);
+    if (slot_obj == NULL || status_obj == NULL || ring == NULL || metas == NULL ||
+        out_metas == NULL || !PyLong_CheckExact(slot_obj) || !PyLong_CheckExact(status_obj) ||
+        !empty_text(pslot(p, P_NOTE)) || !empty_text(pslot(p, P_OUT_NOTE)))
+        return TO_PYTHON; /* a note to add (too many tensors): Python writes it */
+    if (!PyTuple_Check(metas) && !PyList_Check(metas)) return TO_PYTHON;
+    if (out_metas != Py_None && !PyTuple_Check(out_metas) && !PyList_Check(out_metas))
+        return TO_PYTHON;
+    long slot = PyLong_AsLong(slot_obj);
+    long status = PyLong_AsLong(status_obj);
+    if (slot < 0 || PyErr_Occurred()) goto python;
+    if (status == 1) {
+        PyObject *kinds = PyObject_GetAttr(ring, s_kind);
+        PyObject *events = kinds ? PyObject_GetAttr(ring, s_native) : NULL;
+        int ok = events != NULL && PyList_CheckExact(kinds) && PyList_CheckExact(events) &&
+                 slot < PyList_GET_SIZE(kinds) && slot < PyList_GET_SIZE(events) &&
+                 PyUnicode_Check(PyList_GET_ITEM(kinds, slot)) &&
+                 PyUnicode_CompareWithASCIIString(PyList_GET_ITEM(kinds, slot), "native") == 0;
+        long long event = ok ? PyLong_AsLongLong(PyList_GET_ITEM(events, slot)) : 0;
+        Py_XDECREF(kinds);
+        Py_XDECREF(events);
+        if (!ok || event == 0 || PyErr_Occurred()) goto python; /* a torch event: Python */
+        status = (long)stats_api->event_query(event);
+        PyObject *v = PyLong_FromLong(status);
+        if (v == NULL) goto python;
+        /* what StatsPending.ready would have stored: the Python path reads it too */
+        Py_SETREF(*(PyObject **)((char *)p + pending_offsets[P_STATUS]), v);
+    }
+    if (status == 1) return NOT_YET;
+    if (status != 0) return TO_PYTHON; /* a CUDA error: Python marks the span with it */
+    long long base, slot_bytes, rows;
+    if (ring_int(ring, s_base, &base) < 0 || ring_int(ring, s_slot_bytes, &slot_bytes) < 0 ||
+        ring_int(ring, s_rows, &rows) < 0)
+        goto python;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(metas);
+    Py_ssize_t nout = out_metas == Py_None ? 0 : PySequence_Fast_GET_SIZE(out_metas);
+    int timed = pslot(p, P_GPU_TIME) == Py_True;
+    Py_ssize_t need = n + (nout > timed ? nout : timed);
+    if (base == 0 || rows < need || slot_bytes < rows * ROW_BYTES) return TO_PYTHON;
+    const unsigned char *at = (const unsigned char *)(intptr_t)(base + slot * slot_bytes);
+    r->nviews = 0;
+    r->gpu_ns = -1;
+    if (timed) {
+        /* the spare word of row 0 (inputs' launch ended) to that of row n (outputs'
+         * launch began): see StatsPending.gpu_time */
+        long long t0 = (long long)row_word(at, 7), t1 = (long long)row_word(at + n * ROW_BYTES, 7);
+        if (!(0 < t0 && t0 <= t1)) return TO_PYTHON; /* no stamp: Python says so */
+        r->gpu_ns = t1 - t0;
+    }
+    if (n || !nout) {
+        RawView *v = &r->views[r->nviews++];
+        v->rows = at;
+        v->nrows = n;
+        v->metas = metas;
+        if (as_u64(pslot(p, P_TS_NS), &v->ts) < 0) goto python;
+    }
+    if (nout) {
+        RawView *v = &r->views[r->nviews++];
+        v->rows = at + n * ROW_BYTES;
+        v->nrows = nout;
+        v->metas = out_metas;
+        if (as_u64(pslot(p, P_OUT_TS), &v->ts) < 0) goto python;
+    }
+    r->pending = p;
+    r->ring = ring;
+    r->slot = slot_obj;
+    return RESOLVED;
+python:
+    PyErr_Clear();
+    return TO_PYTHON;
+}
+
+/* After the span is encoded: the slot goes back to its ring (SlotRing.release), the
+ * pending says it is spent, and the record lets go of it. */
+static void resolved_done(Encoder *e, PyObject *record, Resolved *r) {
+    PyObject *slot = r->slot;
+    Py_INCREF(slot); /* the pending's reference goes just below */
+    Py_INCREF(r->ring);
+    PyObject *spent = PyLong_FromLong(-1);
+    if (spent != NULL) Py_SETREF(*(PyObject **)((char *)r->pending + pending_offsets[P_SLOT]), spent);
+    PyObject *ok = PyObject_CallMethodOneArg(r->ring, s_release, slot);
+    if (ok == NULL) PyErr_Clear(); /* the ring then has one slot fewer, nothing else */
+    Py_XDECREF(ok);
+    Py_DECREF(slot);
+    Py_DECREF(r->ring);
+    slot_set(e, record, R_PENDING, e->empty);
+    e->stats_resolved++;
+}
+
+static PyObject *mod_register_stats(PyObject *self, PyObject *args) {
+    PyObject *capsule, *type = NULL;
+    if (!PyArg_ParseTuple(args, "O|O!", &capsule, &PyType_Type, &type)) return NULL;
+    if (capsule == Py_None) { /* register_stats(None): back to the Python resolver */
+        stats_api = NULL;
+        Py_CLEAR(stats_pending_type);
+        Py_CLEAR(stats_api_capsule);
+        Py_RETURN_NONE;
+    }
+    if (type == NULL) {
+        PyErr_SetString(PyExc_TypeError, "register_stats(capsule, StatsPending)");
+        return NULL;
+    }
+    const otel_flashinfer_stats_api *api =
+        PyCapsule_GetPointer(capsule, "otel_flashinfer.stats_api");
+    if (api == NULL) return NULL;
+    if (api->version < 1) {
+        PyErr_Format(PyExc_ValueError, "statistics API version %d is too old", api->version);
+        return NULL;
+    }
+    Py_ssize_t offsets[P_COUNT];
+    if (slot_offsets((PyTypeObject *)type, pending_slot_names, P_COUNT, offsets) < 0) return NULL;
+#define I(field, text) if (field == NULL && (field = PyUnicode_InternFromString(text)) == NULL) return NULL
+    I(s_kind, "_kind");
+    I(s_native, "_native");
+    I(s_base, "_base");
+    I(s_slot_bytes, "_slot_bytes");
+    I(s_rows, "rows");
+    I(s_release, "release");
+    I(s_append, "append");
+#undef I
+    memcpy(pending_offsets, offsets, sizeof offsets);
+    Py_INCREF(type);
+    Py_XSETREF(stats_pending_type, (PyTypeObject *)type);
+    Py_INCREF(capsule); /* the struct lives in the extension's module: keep it */
+    Py_XSETREF(stats_api_capsule, capsule);
+    stats_api = api;
+    Py_RETURN_NONE;
+}
+
+/* drain(queue, slow, limit, later=None, now=0.0, deadline=0.0) -> spans encoded.  Takes
+ * up to ``limit`` records off ``queue`` (a deque) and encodes those that are ready,
+ * resolving level-5 statistics and GPU times here where it can (resolve_stats,
+ * gpu_time).  Statistics not in yet go back on the deque ``later`` (when given) with
+ * their ``deadline`` (set the first time; at ``now`` past it they go to Python, which
+ * gives them up).  Everything else with work pending goes to the list ``slow`` for the
+ * Python worker.  A record that fails to encode goes to ``slow`` too, so the error is reported
  * there.  The limit matters: callers keep appending while we drain, and the GIL is
  * held throughout, so an unbounded drain would chase them (and hold them off) for as
  * long as they run. */
 static PyObject *enc_drain(Encoder *e, PyObject *args) {
-    PyObject *queue, *slow;
+    PyObject *queue, *slow, *later = Py_None;
     Py_ssize_t limit;
+    double now = 0.0, deadline = 0.0;
     if (!usable(e)) return NULL;
-    if (!PyArg_ParseTuple(args, "OO!n", &queue, &PyList_Type, &slow, &limit)) return NULL;
+    if (!PyArg_ParseTuple(args, "OO!n|Odd", &queue, &PyList_Type, &slow, &limit, &later, &now,
+                          &deadline))
+        return NULL;
     PyObject *popleft = PyObject_GetAttr(queue, e->s_popleft);
     if (popleft == NULL) return NULL;
+    PyObject *append_later = NULL;
+    if (later != Py_None && s_append != NULL &&
+        (append_later = PyObject_GetAttr(later, s_append)) == NULL) {
+        Py_DECREF(popleft);
+        return NULL;
+    }
     e->busy = 1;
     Py_ssize_t done = 0, taken = 0;
+    PyObject *result = NULL;
     while (taken < limit) {
         ++taken;
         PyObject *record = PyObject_CallNoArgs(popleft);
@@ -1452,12 +1683,11 @@ static PyObject *enc_drain(Encoder *e, PyObject *args) {
                 PyErr_Clear();
                 break;
             }
-            Py_DECREF(popleft);
-            e->busy = 0;
-            return NULL;
+            goto out;
         }
-        int to_python = 0;
+        int to_python = 0, wait = 0, stats = 0;
         long long gpu_ns = -1, packed = 0;
+        Resolved res;
         if (!PyObject_TypeCheck(record, (PyTypeObject *)e->record_type)) {
             to_python = 1;
         } else {
@@ -1466,16 +1696,52 @@ static PyObject *enc_drain(Encoder *e, PyObject *args) {
             int has_pending = pending != NULL && pending != e->empty &&
                               (!PyList_Check(pending) || PyList_GET_SIZE(pending) > 0);
             if (has_pending) {
-                to_python = 1;
+                int rc = resolve_stats(record, pending, gpu, &res);
+                if (rc == RESOLVED) {
+                    stats = 1;
+                    gpu_ns = res.gpu_ns;
+                } else if (rc == NOT_YET && append_later != NULL) {
+                    wait = 1;
+                } else {
+                    to_python = 1;
+                }
             } else if (gpu != NULL && gpu != Py_None) {
                 gpu_ns = gpu_time(gpu, &packed);
                 if (gpu_ns < 0) to_python = 1;
             }
         }
-        if (!to_python && encode_record(e, record, gpu_ns) < 0) {
+        if (wait) {
+            /* Not in yet: back on ``later`` with its deadline (set on first sight), or to
+             * Python past it, which gives the statistics up as timed out. */
+            PyObject *d = slot(e, record, R_DEADLINE);
+            double at = d != NULL && PyFloat_Check(d) ? PyFloat_AS_DOUBLE(d) : 0.0;
+            if (at <= 0.0) {
+                PyObject *v = PyFloat_FromDouble(deadline);
+                if (v == NULL) {
+                    Py_DECREF(record);
+                    goto out;
+                }
+                slot_set(e, record, R_DEADLINE, v);
+                Py_DECREF(v);
+                at = deadline;
+            }
+            if (now >= at) {
+                to_python = 1;
+            } else {
+                PyObject *ok = PyObject_CallOneArg(append_later, record);
+                Py_DECREF(record);
+                if (ok == NULL) goto out;
+                Py_DECREF(ok);
+                continue;
+            }
+        }
+        if (!to_python && encode_record(e, record, gpu_ns, stats ? res.views : NULL,
+                                        stats ? res.nviews : 0) < 0) {
             PyErr_Clear(); /* Python's path encodes it again and reports what failed; the
-                            * GPU events are still the record's, so it times it too */
+                            * GPU events and statistics are still the record's */
             to_python = 1;
+        } else if (!to_python && stats) {
+            resolved_done(e, record, &res);
         } else if (!to_python && gpu_ns >= 0) {
             gpu_release(packed);
             slot_set(e, record, R_GPU, Py_None);
@@ -1484,18 +1750,19 @@ static PyObject *enc_drain(Encoder *e, PyObject *args) {
         if (to_python) {
             if (PyList_Append(slow, record) < 0) {
                 Py_DECREF(record);
-                Py_DECREF(popleft);
-                e->busy = 0;
-                return NULL;
+                goto out;
             }
         } else {
             ++done;
         }
         Py_DECREF(record);
     }
+    result = PyLong_FromSsize_t(done);
+out:
     e->busy = 0;
     Py_DECREF(popleft);
-    return PyLong_FromSsize_t(done);
+    Py_XDECREF(append_later);
+    return result;
 }
 
 /* take() -> bytes or None: the spans encoded since the last take as one request
@@ -1647,16 +1914,18 @@ static PyObject *enc_reset(Encoder *e, PyObject *unused) {
 }
 
 static PyObject *enc_stats(Encoder *e, PyObject *unused) {
-    return Py_BuildValue("{sKsKsKsKsKsn}", "encoded", e->encoded, "failed", e->failed,
+    return Py_BuildValue("{sKsKsKsKsKsKsn}", "encoded", e->encoded, "failed", e->failed,
                          "attribute_errors", e->attr_errors, "gpu_resolved", e->gpu_resolved,
+                         "stats_resolved", e->stats_resolved,
                          "describe_errors", e->describe_errors, "batched", e->count);
 }
 
 static PyMethodDef enc_methods[] = {
     {"add", (PyCFunction)enc_add, METH_O, "encode one CallRecord into the open batch"},
     {"drain", (PyCFunction)enc_drain, METH_VARARGS,
-     "drain(queue, slow, limit): encode up to limit ready records of a deque, set the "
-     "others aside"},
+     "drain(queue, slow, limit, later=None, now=0.0, deadline=0.0): encode up to limit "
+     "ready records of a deque; statistics not in yet go back on later until deadline, "
+     "the rest to slow"},
     {"take", (PyCFunction)enc_take, METH_NOARGS, "the open batch as one request, or None"},
     {"set_extra", (PyCFunction)enc_set_extra, METH_O, "attributes every span gets (dict|None)"},
     {"reset", (PyCFunction)enc_reset, METH_NOARGS, "forget the open batch (after fork)"},
@@ -1706,22 +1975,8 @@ static int enc_init(Encoder *e, PyObject *args, PyObject *kwargs) {
                      PyTuple_GET_ITEM(args, 0));
         return -1;
     }
-    PyObject *type_dict = ((PyTypeObject *)record_type)->tp_dict;
-    for (int i = 0; i < R_COUNT; ++i) {
-        PyObject *descr = PyDict_GetItemString(type_dict, record_slot_names[i]);
-        if (descr == NULL || Py_TYPE(descr) != &PyMemberDescr_Type) {
-            PyErr_Format(PyExc_TypeError, "CallRecord.%s is not a __slots__ member",
-                         record_slot_names[i]);
-            return -1;
-        }
-        PyMemberDef *member = ((PyMemberDescrObject *)descr)->d_member;
-        if (member->type != T_OBJECT_EX) {
-            PyErr_Format(PyExc_TypeError, "CallRecord.%s is not an object slot",
-                         record_slot_names[i]);
-            return -1;
-        }
-        e->offsets[i] = member->offset;
-    }
+    if (slot_offsets((PyTypeObject *)record_type, record_slot_names, R_COUNT, e->offsets) < 0)
+        return -1;
     if (buf_set(&e->resource, resource) < 0 || buf_set(&e->scope, scope) < 0) return -1;
     Py_INCREF(record_type);
     Py_XSETREF(e->record_type, record_type);
@@ -1830,6 +2085,9 @@ static PyObject *mod_register_api(PyObject *self, PyObject *capsule) {
 static PyMethodDef module_methods[] = {
     {"register_api", mod_register_api, METH_O,
      "resolve GPU times through the CUDA event pool's API (a capsule)"},
+    {"register_stats", mod_register_stats, METH_VARARGS,
+     "register_stats(capsule, StatsPending): resolve level-5 statistics in C; "
+     "register_stats(None): stop"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_otlp",

@@ -15,6 +15,7 @@
 
 #include "stats_launch.h"
 #include "tensor_stats.h"
+#include "stats_api.h"
 
 namespace otel_fi {
 
@@ -444,6 +445,9 @@ int64_t event_query(int64_t event) {
   return static_cast<int64_t>(r);
 }
 
+// Lent to the span encoder (stats_api.h): the worker polls slots without Python.
+otel_flashinfer_stats_api kStatsApi = {OTEL_FLASHINFER_STATS_API_VERSION, event_query};
+
 void event_destroy(int64_t event) {
   if (event) (void)cudaEventDestroy(reinterpret_cast<cudaEvent_t>(event));
 }
@@ -470,6 +474,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("event_create", &otel_fi::event_create);
   m.def("event_query", &otel_fi::event_query);
   m.def("event_destroy", &otel_fi::event_destroy);
+  PyObject* api = PyCapsule_New(&otel_fi::kStatsApi, "otel_flashinfer.stats_api", nullptr);
+  if (api == nullptr || PyModule_AddObject(m.ptr(), "stats_api", api) != 0) {
+    Py_XDECREF(api);
+    throw pybind11::error_already_set();
+  }
   m.attr("ROW_WORDS") = otel_fi::kRowWords;
   m.def("set_small_launches", [](bool on) { otel_fi::small_launches = on; },
         "pass few tensors' descriptors in a small parameter block (default on)");

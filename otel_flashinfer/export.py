@@ -392,12 +392,18 @@ class NativeExport:
 
     # ---- worker thread ------------------------------------------------------------------
 
-    def drain(self, queue: deque[Any], slow: list[Any], limit: int) -> None:
-        """Encode up to ``limit`` ready records of ``queue``; the rest go to ``slow``."""
+    def drain(self, queue: deque[Any], slow: list[Any], limit: int,
+              later: deque[Any] | None = None, now: float = 0.0, deadline: float = 0.0) -> None:
+        """Encode up to ``limit`` ready records of ``queue``; statistics still on the GPU
+        go back on ``later`` until their deadline (one encoder only), the rest to
+        ``slow``."""
         encoders = list(self.encoders.values())
         if len(encoders) == 1:
             with self._enc_lock:
-                encoders[0].drain(queue, slow, limit)
+                if later is None:
+                    encoders[0].drain(queue, slow, limit)
+                else:
+                    encoders[0].drain(queue, slow, limit, later, now, deadline)
         else:  # several formats: each record once through each encoder
             records = [queue.popleft() for _ in range(min(limit, len(queue)))]
             for record in records:

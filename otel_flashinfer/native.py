@@ -127,6 +127,23 @@ def register_api(capsule: Any) -> None:
         health.report("native_unavailable", "the C hot path cannot use the event pool", exc)
 
 
+def register_stats(capsule: Any, pending_type: type) -> bool:
+    """Lend the span encoder the statistics extension's event query
+    (``csrc/stats_api.h``), so it resolves level-5 statistics without Python; False
+    when it cannot (the worker then resolves them in Python)."""
+    try:
+        from . import _otlp
+    except ImportError:
+        return False
+    try:
+        _otlp.register_stats(capsule, pending_type)
+    except Exception as exc:  # noqa: BLE001 - the Python resolver still works
+        health.report("native_unavailable", "the span encoder cannot resolve statistics",
+                      exc)
+        return False
+    return True
+
+
 def switch_type() -> Any:
     """``_hotpath.Switch`` (a hook whose target can be swapped later), or None when the
     C hot path is off or missing."""

@@ -496,15 +496,28 @@ class Pipeline:
         try:
             queue, waiting = self._queue, self._waiting
             now = time.monotonic()
-            for _ in range(len(waiting)):
-                record = waiting.popleft()
-                self._consider(record, now)
-            if queue and self.tracer is None:
-                self._resolve_tracer_safely()
+            deadline = now + self.wait_timeout_s
             native = self._native
             if native is not None and native.setup_changed():
                 # A processor was added to the provider: plan its spans' way out again.
                 self._use_tracer(self.tracer)
+                native = self._native
+            if native is not None and waiting:
+                # Statistics still on the GPU last time: the encoder polls them in C and
+                # puts back those not in yet; only what it cannot resolve comes here.
+                slow = []
+                try:
+                    native.drain(waiting, slow, len(waiting), waiting, now, deadline)
+                except Exception as exc:  # noqa: BLE001 - the worker must go on
+                    health.report("export_errors", "the native encoder failed", exc)
+                for record in slow:
+                    self._consider(record, now)
+            else:
+                for _ in range(len(waiting)):
+                    record = waiting.popleft()
+                    self._consider(record, now)
+            if queue and self.tracer is None:
+                self._resolve_tracer_safely()
                 native = self._native
             if native is not None:
                 # Ready records are encoded in C; only those still waiting for the GPU
@@ -517,12 +530,12 @@ class Pipeline:
                     left -= chunk
                     slow: list[CallRecord] = []
                     try:
-                        native.drain(queue, slow, chunk)
+                        native.drain(queue, slow, chunk, waiting, now, deadline)
                     except Exception as exc:  # noqa: BLE001 - the worker must go on
                         health.report("export_errors", "the native encoder failed", exc)
                     for record in slow:
-                        if record.pending or record.gpu is not None:
-                            record.deadline = now + self.wait_timeout_s
+                        if (record.pending or record.gpu is not None) and not record.deadline:
+                            record.deadline = deadline
                         self._consider(record, now)
                     if left > 0:
                         time.sleep(_YIELD_S)
@@ -535,7 +548,7 @@ class Pipeline:
                 for i in range(len(queue)):  # what is there now, as above
                     record = queue.popleft()
                     if record.pending or record.gpu is not None:
-                        record.deadline = now + self.wait_timeout_s
+                        record.deadline = deadline
                     self._consider(record, now)
                     if i % 64 == 63:
                         time.sleep(_YIELD_S)

@@ -37,6 +37,7 @@ from .pending import (
     ReadyPending,
     StatsPending,
     _dropped,
+    lend_encoder,
 )
 from .planning import (
     Entry,
@@ -136,6 +137,7 @@ class StatsRecorder:
         self._lock = threading.Lock()
         if use_kernel and torch.cuda.is_available():
             _kernel.warmup()
+            _kernel.when_ready(lend_encoder)
 
     # -- public --------------------------------------------------------------------
     def before(self, inputs: Iterable[Entry]) -> Any:
