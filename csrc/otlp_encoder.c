@@ -1419,8 +1419,9 @@ static PyObject *enc_add(Encoder *e, PyObject *record) {
 }
 
 /* GPU time of a record's packed event pair (``start << 16 | end``) through the event
- * pool's API: >= 0 ns, or -1: leave it to Python (not ready, an error to pin, or no
- * API).  The events are given back (gpu_release) only once the span is encoded. */
+ * pool's API: >= 0 ns, NOT_READY while the end event is pending, or -1: leave it to
+ * Python (an error to pin, or no API).  The events are given back (gpu_release) only
+ * once the span is encoded. */
 static long long gpu_time(PyObject *handle, long long *packed) {
     if (gpu_api == NULL || gpu_api->version < 2 || !PyLong_CheckExact(handle)) return -1;
     long long h = PyLong_AsLongLong(handle);
@@ -1429,7 +1430,8 @@ static long long gpu_time(PyObject *handle, long long *packed) {
         return -1;
     }
     int64_t r = gpu_api->resolve(h >> 16, h & 0xFFFF);
-    if (r < 0) return -1; /* NOT_READY or a CUDA error: Python waits or pins it */
+    if (r == NOT_READY) return NOT_READY;
+    if (r < 0) return -1; /* a CUDA error: Python pins it on the span */
     *packed = h;
     return r;
 }
@@ -1707,7 +1709,8 @@ static PyObject *enc_drain(Encoder *e, PyObject *args) {
                 }
             } else if (gpu != NULL && gpu != Py_None) {
                 gpu_ns = gpu_time(gpu, &packed);
-                if (gpu_ns < 0) to_python = 1;
+                if (gpu_ns == NOT_READY && append_later != NULL) wait = 1;
+                else if (gpu_ns < 0) to_python = 1;
             }
         }
         if (wait) {
@@ -2073,6 +2076,11 @@ static PyTypeObject EncoderType = {
 };
 
 static PyObject *mod_register_api(PyObject *self, PyObject *capsule) {
+    if (capsule == Py_None) { /* register_api(None): GPU times back to Python */
+        gpu_api = NULL;
+        Py_CLEAR(gpu_api_capsule);
+        Py_RETURN_NONE;
+    }
     const otel_flashinfer_hotpath_api *api =
         PyCapsule_GetPointer(capsule, "otel_flashinfer.hotpath_api");
     if (api == NULL) return NULL;
@@ -2084,7 +2092,7 @@ static PyObject *mod_register_api(PyObject *self, PyObject *capsule) {
 
 static PyMethodDef module_methods[] = {
     {"register_api", mod_register_api, METH_O,
-     "resolve GPU times through the CUDA event pool's API (a capsule)"},
+     "resolve GPU times through the CUDA event pool's API (a capsule); None: stop"},
     {"register_stats", mod_register_stats, METH_VARARGS,
      "register_stats(capsule, StatsPending): resolve level-5 statistics in C; "
      "register_stats(None): stop"},

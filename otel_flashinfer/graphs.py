@@ -186,7 +186,7 @@ def patch(runtime: Any) -> None:
             end_ns = time_ns()
             skipped = sampler.take_skipped() if sampler is not None else 0
             emit_replay(runtime, capture, index, start, end_ns,
-                        timer.end(mark) if timer is not None else None, skipped)
+                        timer.end_handle(mark) if timer is not None else None, skipped)
             if sampler is not None:
                 # What tracing it cost: our time around the replay, not the replay.
                 sampler.traced((t1 - t0) + (perf_counter() - t2), 1 + len(capture.records),
@@ -216,8 +216,9 @@ def unpatch() -> None:
 
 def emit_replay(runtime: Any, capture: Capture, index: int, start_ns: int, end_ns: int,
                 timing: Any, skipped: int = 0) -> None:
-    """Submit the replay span and one child per captured call; ``skipped``: replays of
-    this graph not traced since the last traced one."""
+    """Submit the replay span and one child per captured call; ``timing``: the replay's
+    packed GPU event pair (``Timer.end_handle``, resolved by the encoder in C) or a
+    Pending; ``skipped``: replays of this graph not traced since the last traced one."""
     current = trace_api.get_current_span().get_span_context()
     parent = current if current.is_valid else None
     if parent is not None and not parent.trace_flags & 1:
@@ -235,7 +236,9 @@ def emit_replay(runtime: Any, capture: Capture, index: int, start_ns: int, end_n
         capture.dropped_seen = dropped
     replay_record = CallRecord("cuda_graph.replay", trace_id, replay_id, parent, start_ns,
                                end_ns, attrs)
-    if timing is not None:
+    if type(timing) is int:
+        replay_record.gpu = timing
+    elif timing is not None:
         replay_record.pending.append(timing)
     replay_context = trace_api.SpanContext(
         trace_id, replay_id, False, trace_api.TraceFlags(trace_api.TraceFlags.SAMPLED)

@@ -22,7 +22,7 @@ import torch
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from test_native_export import BASE, _file_provider, _same_attrs, _sdk_tracer, _spans_in
 
-from otel_flashinfer import export, health
+from otel_flashinfer import cuda_errors, export, health
 from otel_flashinfer.otlp_json import json_to_request
 from otel_flashinfer.pipeline import _EMPTY, CallRecord, Pipeline
 from otel_flashinfer.stats.decode import SCOPE_FULL, SCOPE_PAGES, RowMeta, decode_buffer
@@ -227,9 +227,12 @@ def test_what_c_does_not_handle_goes_to_python(events: FakeEvents) -> None:
     assert encoder.take() is None and encoder.stats()["stats_resolved"] == 0
     assert all(p.slot >= 0 for r in cases for p in r.pending)
     assert error._status == 700  # noqa: SLF001 - what ready() would have stored
-    # the Python path then names the error on the span
+    # the Python path then names the error on the span (the process's first: sticky)
     cases[0].own()
-    error.apply_raw(cases[0])
+    try:
+        error.apply_raw(cases[0])
+    finally:
+        cuda_errors.reset()
     assert cases[0].attributes["flashinfer.cuda_error"].startswith("cudaError")
     assert cases[0].attributes["flashinfer.stats.dropped"] == "cuda_error"
     assert error.slot == -1
@@ -275,3 +278,55 @@ def test_the_pipeline_resolves_statistics_in_c_into_the_file(events: FakeEvents,
     assert after.get("stats_dropped", 0) == before.get("stats_dropped", 0)
     assert events.queries >= 18
     pipeline.shutdown(5)
+
+
+# ---- GPU times (the event pool's API, csrc/hotpath_api.h) waiting in C too ------------
+
+_RESOLVE = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_int64, ctypes.c_int64)
+_RELEASE = ctypes.CFUNCTYPE(None, ctypes.c_int64)
+_NOT_READY = -(1 << 40)
+
+
+class _PoolApi(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_int), ("record", ctypes.c_void_p),
+                ("release", _RELEASE), ("is_cuda", ctypes.c_void_p),
+                ("snapshot", ctypes.c_void_p), ("resolve", _RESOLVE)]
+
+
+def test_a_gpu_time_not_in_yet_waits_in_c_then_goes_out() -> None:
+    """A graph replay's span carries its packed event pair (``CallRecord.gpu``): while
+    the end event is pending the encoder puts it back on ``later``, as for statistics,
+    and encodes it once the time is in, handing both events back."""
+    answers = [_NOT_READY, 750]
+    released: list[int] = []
+    resolve = _RESOLVE(lambda start, end: answers.pop(0) if len(answers) > 1 else answers[0])
+    release = _RELEASE(released.append)
+    api = _PoolApi(2, None, release, None, None, resolve)
+    new = ctypes.pythonapi.PyCapsule_New
+    new.restype = ctypes.py_object
+    new.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+    capsule = new(ctypes.addressof(api), b"otel_flashinfer.hotpath_api", None)
+    _otlp.register_api(capsule)
+    try:
+        tracer, _ = _sdk_tracer()
+        encoder = export.make_encoder(tracer, "protobuf", CallRecord, _EMPTY)
+        record = CallRecord("cuda_graph.replay", 0xABC, 9, None, 100, 200,
+                            {"flashinfer.cuda_graph.id": 1})
+        record.gpu = 3 << 16 | 4
+        slow: list[Any] = []
+        later: deque[Any] = deque()
+        assert encoder.drain(deque([record]), slow, 1, later, 1.0, 2.0) == 0
+        assert list(later) == [record] and not slow and record.deadline == 2.0
+        assert encoder.drain(later, slow, 1, later, 1.5, 3.0) == 1
+        assert not later and not slow and record.gpu is None and released == [3, 4]
+        span = _span(encoder.take(), "protobuf")
+        attrs = {kv.key: kv.value for kv in span.attributes}
+        assert attrs["flashinfer.gpu.time_ns"].int_value == 750
+        assert encoder.stats()["gpu_resolved"] == 1
+    finally:
+        _otlp.register_api(None)
+        from otel_flashinfer import gpu_timing
+
+        ext = gpu_timing._ext  # noqa: SLF001 - a device session: the real pool again
+        if ext is not None and hasattr(ext, "hotpath_api"):
+            _otlp.register_api(ext.hotpath_api)
