@@ -25,6 +25,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "hotpath_api.h"
@@ -273,6 +274,7 @@ typedef struct {
     PyObject *state_header;   /* callable(trace_state) -> "k=v,..." for the rare others */
     PyObject *blocks;         /* dict: base attribute dict -> (bytes, count, dict) */
     PyObject *described;      /* dict: describer -> [data, kw, result, bytes, count, dict] */
+    PyObject *memos;          /* dict: replay prototype address -> its memo (proto_memo) */
     PyObject *extra;          /* dict of attributes every span gets (a forked child's pid) */
     PyObject *extra_block;    /* its encoding (bytes), or NULL */
     Py_ssize_t extra_count;
@@ -289,6 +291,13 @@ typedef struct {
     Py_ssize_t count;         /* spans in ``spans`` */
     unsigned long long encoded, failed, attr_errors, gpu_resolved, describe_errors;
     unsigned long long stats_resolved; /* level-5 records resolved here, not in Python */
+    unsigned long long replays, children; /* replay records written whole, their children */
+    /* pipeline.ReplayRecord (CallRecord.replay_type): the children come from prototypes */
+    PyTypeObject *replay_type;
+    Py_ssize_t replay_offsets[4];
+    PyObject *k_replay_index;
+    uint64_t rng[4]; /* xoshiro256**: the children's span ids, reseeded after fork */
+    long rng_pid;
     int busy; /* inside add/drain: Python callbacks must not re-enter (they could take()) */
     long pid;
     /* ``flashinfer.instance.id`` strings of recent objects (an engine calls few) */
@@ -1088,8 +1097,12 @@ static void instance_forget(Encoder *e) {
  * time this encoder resolved itself). */
 /* ``extra``: statistics rows resolved in C (resolve_stats), encoded after the record's
  * own events as if they were RawStats there. */
+/* ``memo``: a replay prototype's [proto, describe bytes, count, dict, links bytes]
+ * (encode_replay): its argument attributes and links are the same for every child,
+ * so they are encoded once and copied after (links read Python properties, and the
+ * argument check compares snapshots: together most of a child's cost). */
 static int encode_record(Encoder *e, PyObject *record, long long gpu_ns, const RawView *extra,
-                         int n_extra) {
+                         int n_extra, long long replay_index, PyObject *memo) {
     Buf *b = &e->spans;
     size_t start = b->len;
     unsigned char trace[16], span[8], parent_span[8];
@@ -1185,6 +1198,15 @@ static int encode_record(Encoder *e, PyObject *record, long long gpu_ns, const R
         if (n < 0) goto fail;
         written += n;
     }
+    if (replay_index >= 0) { /* a replay's child: which replay (ReplayRecord.expand) */
+        PyObject *value = PyLong_FromLongLong(replay_index);
+        if (value == NULL) goto fail;
+        int rc = written < e->max_attributes ? attr(e, b, 9, e->k_replay_index, value, &first)
+                                             : (dropped++, 0);
+        Py_DECREF(value);
+        if (rc < 0) goto fail;
+        written += rc;
+    }
     if (gpu_ns >= 0) {
         PyObject *value = PyLong_FromLongLong(gpu_ns);
         if (value == NULL) goto fail;
@@ -1195,7 +1217,14 @@ static int encode_record(Encoder *e, PyObject *record, long long gpu_ns, const R
         written += rc;
     }
     PyObject *describer = slot(e, record, R_DESCRIBE);
-    if (describer != NULL && describer != Py_None) {
+    int memo_filled = memo != NULL && PyList_GET_ITEM(memo, 4) != Py_None;
+    if (memo_filled) {
+        PyObject *bytes = PyList_GET_ITEM(memo, 1);
+        if (bytes != Py_None &&
+            block_within(e, b, bytes, PyLong_AsSsize_t(PyList_GET_ITEM(memo, 2)),
+                         PyList_GET_ITEM(memo, 3), &written, &dropped, &first) < 0)
+            goto fail;
+    } else if (describer != NULL && describer != Py_None) {
         PyObject *bytes, *dict;
         Py_ssize_t count;
         if (describe_block(e, record, &bytes, &count, &dict) < 0) {
@@ -1203,8 +1232,17 @@ static int encode_record(Encoder *e, PyObject *record, long long gpu_ns, const R
             if (PyErr_ExceptionMatches(PyExc_MemoryError)) goto fail;
             PyErr_Clear();
             e->describe_errors++;
-        } else if (block_within(e, b, bytes, count, dict, &written, &dropped, &first) < 0) {
-            goto fail;
+        } else {
+            if (block_within(e, b, bytes, count, dict, &written, &dropped, &first) < 0) goto fail;
+            if (memo != NULL) {
+                PyObject *n = PyLong_FromSsize_t(count);
+                if (n == NULL) goto fail;
+                Py_INCREF(bytes);
+                Py_INCREF(dict);
+                PyList_SetItem(memo, 1, bytes);
+                PyList_SetItem(memo, 2, n);
+                PyList_SetItem(memo, 3, dict);
+            }
         }
     }
     if (e->extra_block != NULL &&
@@ -1302,6 +1340,12 @@ static int encode_record(Encoder *e, PyObject *record, long long gpu_ns, const R
     int has_plan = plan_link != NULL && plan_link != Py_None;
     Py_ssize_t total_links = n_links + has_plan;
     Py_ssize_t dropped_links = total_links > e->max_links ? total_links - e->max_links : 0;
+    size_t links_at = b->len;
+    if (memo_filled) {
+        PyObject *lb = PyList_GET_ITEM(memo, 4);
+        if (put(b, PyBytes_AS_STRING(lb), (size_t)PyBytes_GET_SIZE(lb)) < 0) goto fail;
+        total_links = dropped_links = 0; /* written: skip both below */
+    }
     if (total_links - dropped_links > 0) {
         int first_link = 1;
         Py_ssize_t left = total_links - dropped_links;
@@ -1331,6 +1375,11 @@ static int encode_record(Encoder *e, PyObject *record, long long gpu_ns, const R
                   js_u64(b, (uint64_t)dropped_links, 0) < 0)
                : (pb_tag(b, 14, 0) < 0 || pb_varint(b, (uint64_t)dropped_links) < 0))
             goto fail;
+    }
+    if (memo != NULL && !memo_filled) {
+        PyObject *lb = PyBytes_FromStringAndSize((const char *)b->p + links_at, b->len - links_at);
+        if (lb == NULL) goto fail;
+        PyList_SetItem(memo, 4, lb); /* filled: later children copy it */
     }
 
     /* status: the user's exception, else a CUDA error pinned to this call */
@@ -1411,8 +1460,14 @@ static PyObject *enc_add(Encoder *e, PyObject *record) {
         PyErr_SetString(PyExc_TypeError, "add() takes a CallRecord");
         return NULL;
     }
+    if (e->replay_type != NULL && Py_TYPE(record) == e->replay_type &&
+        *(PyObject **)((char *)record + e->replay_offsets[0]) != Py_None) {
+        PyErr_SetString(PyExc_TypeError, "add() takes a replay only once its children "
+                        "are expanded (ReplayRecord.expand)");
+        return NULL;
+    }
     e->busy = 1;
-    int rc = encode_record(e, record, -1, NULL, 0);
+    int rc = encode_record(e, record, -1, NULL, 0, -1, NULL);
     e->busy = 0;
     if (rc < 0) return NULL;
     Py_RETURN_NONE;
@@ -1511,12 +1566,8 @@ enum { RESOLVED = 0, NOT_YET = 1, TO_PYTHON = -1 };
 /* Whether ``record``'s statistics can be resolved here, and if so whether they are in:
  * RESOLVED (``r`` filled: rows still in the slot, which the caller hands back after
  * encoding), NOT_YET, or TO_PYTHON (no exception set). */
-static int resolve_stats(PyObject *record, PyObject *pendings, PyObject *gpu, Resolved *r) {
-    if (stats_api == NULL || !PyList_CheckExact(pendings) || PyList_GET_SIZE(pendings) != 1 ||
-        (gpu != NULL && gpu != Py_None))
-        return TO_PYTHON;
-    PyObject *p = PyList_GET_ITEM(pendings, 0);
-    if (Py_TYPE(p) != stats_pending_type) return TO_PYTHON;
+static int resolve_one(PyObject *p, Resolved *r) {
+    if (stats_api == NULL || Py_TYPE(p) != stats_pending_type) return TO_PYTHON;
     PyObject *slot_obj = pslot(p, P_SLOT), *status_obj = pslot(p, P_STATUS);
     PyObject *ring = pslot(p, P_RING), *metas = pslot(p, P_METAS);
     PyObject *out_metas = pslot(p, P_OUT_METAS);
@@ -1591,9 +1642,17 @@ python:
     return TO_PYTHON;
 }
 
-/* After the span is encoded: the slot goes back to its ring (SlotRing.release), the
- * pending says it is spent, and the record lets go of it. */
-static void resolved_done(Encoder *e, PyObject *record, Resolved *r) {
+/* A record's pending list: one StatsPending and no other GPU work is what C resolves. */
+static int resolve_stats(PyObject *record, PyObject *pendings, PyObject *gpu, Resolved *r) {
+    if (!PyList_CheckExact(pendings) || PyList_GET_SIZE(pendings) != 1 ||
+        (gpu != NULL && gpu != Py_None))
+        return TO_PYTHON;
+    return resolve_one(PyList_GET_ITEM(pendings, 0), r);
+}
+
+/* After the span is encoded: the slot goes back to its ring (SlotRing.release) and the
+ * pending says it is spent. */
+static void slot_back(Resolved *r) {
     PyObject *slot = r->slot;
     Py_INCREF(slot); /* the pending's reference goes just below */
     Py_INCREF(r->ring);
@@ -1604,8 +1663,189 @@ static void resolved_done(Encoder *e, PyObject *record, Resolved *r) {
     Py_XDECREF(ok);
     Py_DECREF(slot);
     Py_DECREF(r->ring);
+}
+
+/* ... and the record lets go of its pending. */
+static void resolved_done(Encoder *e, PyObject *record, Resolved *r) {
+    slot_back(r);
     slot_set(e, record, R_PENDING, e->empty);
     e->stats_resolved++;
+}
+
+/* ---- graph replays written whole from their prototypes --------------------------------
+ *
+ * A traced replay of a captured graph arrives as one ReplayRecord (pipeline.py): its
+ * own span, plus per captured call a read-only prototype record (name, attributes
+ * without the replay index, the link to the capture-time span, the capture-time
+ * argument snapshots) and, at level 5, that child's statistics pending.  The children
+ * are written here from the prototypes with fresh span ids, the replay's trace, times
+ * and index, so the replaying thread makes no record per child and the worker runs no
+ * Python per child.  All or nothing: a child that is not ready holds the whole replay
+ * back, and one that C cannot resolve sends the whole replay to Python, which expands
+ * it into plain records (ReplayRecord.expand). */
+
+enum { X_TEMPLATE, X_CHILD_PENDING, X_CONTEXT, X_INDEX };
+static const char *const replay_slot_names[4] = {"template", "child_pending", "context", "index"};
+
+static inline PyObject *xslot(Encoder *e, PyObject *record, int which) {
+    return *(PyObject **)((char *)record + e->replay_offsets[which]);
+}
+
+static inline uint64_t rotl64(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+
+static uint64_t splitmix64(uint64_t *x) {
+    uint64_t z = (*x += 0x9E3779B97F4A7C15ULL);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+/* Seeds the span-id generator from the OS once per process (a forked child reseeds:
+ * called once per replay, as getpid is a system call). */
+static void seed_span_ids(Encoder *e) {
+    long pid = (long)getpid();
+    if (e->rng_pid != pid) {
+        uint64_t seed = 0;
+        FILE *f = fopen("/dev/urandom", "rb");
+        if (f == NULL || fread(&seed, sizeof seed, 1, f) != 1) seed = 0;
+        if (f != NULL) fclose(f);
+        seed ^= (uint64_t)pid << 32 ^ (uint64_t)(uintptr_t)e ^ (uint64_t)time(NULL);
+        for (int i = 0; i < 4; ++i) e->rng[i] = splitmix64(&seed);
+        e->rng_pid = pid;
+    }
+}
+
+/* A random non-zero span id (xoshiro256**), after seed_span_ids. */
+static uint64_t next_span_id(Encoder *e) {
+    uint64_t *s = e->rng, out;
+    do {
+        out = rotl64(s[1] * 5, 7) * 9;
+        uint64_t t = s[1] << 17;
+        s[2] ^= s[0];
+        s[3] ^= s[1];
+        s[1] ^= s[2];
+        s[0] ^= s[3];
+        s[2] ^= t;
+        s[3] = rotl64(s[3], 45);
+    } while (out == 0);
+    return out;
+}
+
+/* A prototype's memo (encode_record), made on its first child; it holds the prototype,
+ * so the address it is found by cannot be reused while it is kept. */
+static PyObject *proto_memo(Encoder *e, PyObject *proto) {
+    PyObject *key = PyLong_FromVoidPtr(proto);
+    if (key == NULL) return NULL;
+    PyObject *memo = PyDict_GetItemWithError(e->memos, key);
+    if (memo == NULL && !PyErr_Occurred()) {
+        memo = Py_BuildValue("[OOiOO]", proto, Py_None, 0, Py_None, Py_None);
+        if (PyDict_GET_SIZE(e->memos) > 8192) PyDict_Clear(e->memos); /* many captures */
+        if (memo != NULL && PyDict_SetItem(e->memos, key, memo) < 0) Py_CLEAR(memo);
+        Py_XDECREF(memo); /* the dict holds it */
+    }
+    Py_DECREF(key);
+    return memo;
+}
+
+/* RESOLVED: the replay and every child written; NOT_YET: a child's statistics are not
+ * in; TO_PYTHON: Python expands it (no exception set).  -2: an encoding failure, the
+ * batch left as it was (the exception cleared; Python encodes it again and reports). */
+static int encode_replay(Encoder *e, PyObject *record, long long gpu_ns) {
+    PyObject *template = xslot(e, record, X_TEMPLATE);
+    PyObject *pend = xslot(e, record, X_CHILD_PENDING);
+    PyObject *context = xslot(e, record, X_CONTEXT);
+    PyObject *index_obj = xslot(e, record, X_INDEX);
+    if (template == NULL || !PyTuple_CheckExact(template) || context == NULL ||
+        !PyTuple_Check(context) || index_obj == NULL || !PyLong_CheckExact(index_obj))
+        return TO_PYTHON;
+    Py_ssize_t n = PyTuple_GET_SIZE(template);
+    if (pend == NULL || (pend != Py_None && (!PyList_CheckExact(pend) ||
+                                            PyList_GET_SIZE(pend) != n)))
+        return TO_PYTHON;
+    long long index = PyLong_AsLongLong(index_obj);
+    if (index < 0) {
+        PyErr_Clear();
+        return TO_PYTHON;
+    }
+    for (Py_ssize_t i = 0; i < n; ++i)
+        if (!PyObject_TypeCheck(PyTuple_GET_ITEM(template, i), (PyTypeObject *)e->record_type) ||
+            Py_TYPE(PyTuple_GET_ITEM(template, i)) == e->replay_type)
+            return TO_PYTHON;
+    Resolved *res = NULL;
+    char *has = NULL;
+    if (pend != Py_None && n > 0) {
+        res = PyMem_Calloc((size_t)n, sizeof *res);
+        has = PyMem_Calloc((size_t)n, 1);
+        if (res == NULL || has == NULL) {
+            PyMem_Free(res);
+            PyMem_Free(has);
+            return TO_PYTHON;
+        }
+        for (Py_ssize_t i = 0; i < n; ++i) {
+            PyObject *list = PyList_GET_ITEM(pend, i);
+            if (list == Py_None) continue;
+            int rc = PyList_CheckExact(list) && PyList_GET_SIZE(list) == 1
+                         ? resolve_one(PyList_GET_ITEM(list, 0), &res[i]) : TO_PYTHON;
+            if (rc != RESOLVED) {
+                PyMem_Free(res);
+                PyMem_Free(has);
+                return rc;
+            }
+            has[i] = 1;
+        }
+    }
+    Buf *b = &e->spans;
+    size_t len0 = b->len;
+    Py_ssize_t count0 = e->count;
+    unsigned long long encoded0 = e->encoded;
+    seed_span_ids(e);
+    int rc = encode_record(e, record, gpu_ns, NULL, 0, -1, NULL);
+    PyObject *trace = slot(e, record, R_TRACE_ID), *start = slot(e, record, R_START_NS);
+    PyObject *end = slot(e, record, R_END_NS);
+    for (Py_ssize_t i = 0; rc == 0 && i < n; ++i) {
+        PyObject *proto = PyTuple_GET_ITEM(template, i);
+        PyObject *span_id = PyLong_FromUnsignedLongLong(next_span_id(e));
+        if (span_id == NULL) {
+            rc = -1;
+            break;
+        }
+        /* the prototype is the worker's alone (under the encoder lock): its ids and
+         * times are this child's while it is written */
+        slot_set(e, proto, R_TRACE_ID, trace);
+        slot_set(e, proto, R_SPAN_ID, span_id);
+        Py_DECREF(span_id);
+        slot_set(e, proto, R_PARENT, context);
+        slot_set(e, proto, R_START_NS, start);
+        slot_set(e, proto, R_END_NS, end);
+        PyObject *memo = proto_memo(e, proto);
+        rc = memo == NULL ? -1 : encode_record(e, proto, -1, has && has[i] ? res[i].views : NULL,
+                                               has && has[i] ? res[i].nviews : 0, index, memo);
+    }
+    if (rc < 0) {
+        PyErr_Clear();
+        b->len = len0; /* the batch keeps only whole replays */
+        e->count = count0;
+        e->encoded = encoded0;
+        PyMem_Free(res);
+        PyMem_Free(has);
+        return -2;
+    }
+    for (Py_ssize_t i = 0; has != NULL && i < n; ++i) {
+        if (!has[i]) continue;
+        slot_back(&res[i]);
+        e->stats_resolved++;
+    }
+    PyMem_Free(res);
+    PyMem_Free(has);
+    slot_set(e, record, R_PENDING, e->empty);
+    *(PyObject **)((char *)record + e->replay_offsets[X_TEMPLATE]) = Py_None;
+    Py_INCREF(Py_None);
+    Py_DECREF(template);
+    Py_SETREF(*(PyObject **)((char *)record + e->replay_offsets[X_CHILD_PENDING]),
+              (Py_INCREF(Py_None), Py_None));
+    e->replays++;
+    e->children += (unsigned long long)n;
+    return RESOLVED;
 }
 
 static PyObject *mod_register_stats(PyObject *self, PyObject *args) {
@@ -1687,17 +1927,22 @@ static PyObject *enc_drain(Encoder *e, PyObject *args) {
             }
             goto out;
         }
-        int to_python = 0, wait = 0, stats = 0;
+        int to_python = 0, wait = 0, stats = 0, replay = 0;
         long long gpu_ns = -1, packed = 0;
         Resolved res;
-        if (!PyObject_TypeCheck(record, (PyTypeObject *)e->record_type)) {
-            to_python = 1;
+        PyTypeObject *type = Py_TYPE(record);
+        if (type != (PyTypeObject *)e->record_type &&
+            (type != e->replay_type || e->replay_type == NULL)) {
+            to_python = 1; /* a subclass we do not know: Python knows what it carries */
         } else {
             PyObject *pending = slot(e, record, R_PENDING);
             PyObject *gpu = slot(e, record, R_GPU);
             int has_pending = pending != NULL && pending != e->empty &&
                               (!PyList_Check(pending) || PyList_GET_SIZE(pending) > 0);
-            if (has_pending) {
+            replay = type == e->replay_type && xslot(e, record, X_TEMPLATE) != Py_None;
+            if (has_pending && replay) {
+                to_python = 1; /* the replay's own pending (a GPU time that will not come) */
+            } else if (has_pending) {
                 int rc = resolve_stats(record, pending, gpu, &res);
                 if (rc == RESOLVED) {
                     stats = 1;
@@ -1711,6 +1956,28 @@ static PyObject *enc_drain(Encoder *e, PyObject *args) {
                 gpu_ns = gpu_time(gpu, &packed);
                 if (gpu_ns == NOT_READY && append_later != NULL) wait = 1;
                 else if (gpu_ns < 0) to_python = 1;
+            }
+        }
+        if (!to_python && !wait) {
+            int rc;
+            if (replay) {
+                rc = encode_replay(e, record, gpu_ns);
+                if (rc == NOT_YET && append_later != NULL) wait = 1;
+                else if (rc != RESOLVED) to_python = 1;
+            } else if (encode_record(e, record, gpu_ns, stats ? res.views : NULL,
+                                     stats ? res.nviews : 0, -1, NULL) < 0) {
+                PyErr_Clear(); /* Python's path encodes it again and reports what failed;
+                                * the GPU events and statistics are still the record's */
+                to_python = 1;
+            }
+            if (!to_python && !wait) {
+                if (stats) {
+                    resolved_done(e, record, &res);
+                } else if (gpu_ns >= 0) {
+                    gpu_release(packed);
+                    slot_set(e, record, R_GPU, Py_None);
+                    e->gpu_resolved++;
+                }
             }
         }
         if (wait) {
@@ -1737,18 +2004,6 @@ static PyObject *enc_drain(Encoder *e, PyObject *args) {
                 Py_DECREF(ok);
                 continue;
             }
-        }
-        if (!to_python && encode_record(e, record, gpu_ns, stats ? res.views : NULL,
-                                        stats ? res.nviews : 0) < 0) {
-            PyErr_Clear(); /* Python's path encodes it again and reports what failed; the
-                            * GPU events and statistics are still the record's */
-            to_python = 1;
-        } else if (!to_python && stats) {
-            resolved_done(e, record, &res);
-        } else if (!to_python && gpu_ns >= 0) {
-            gpu_release(packed);
-            slot_set(e, record, R_GPU, Py_None);
-            e->gpu_resolved++;
         }
         if (to_python) {
             if (PyList_Append(slow, record) < 0) {
@@ -1917,9 +2172,10 @@ static PyObject *enc_reset(Encoder *e, PyObject *unused) {
 }
 
 static PyObject *enc_stats(Encoder *e, PyObject *unused) {
-    return Py_BuildValue("{sKsKsKsKsKsKsn}", "encoded", e->encoded, "failed", e->failed,
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsn}", "encoded", e->encoded, "failed", e->failed,
                          "attribute_errors", e->attr_errors, "gpu_resolved", e->gpu_resolved,
-                         "stats_resolved", e->stats_resolved,
+                         "stats_resolved", e->stats_resolved, "replays", e->replays,
+                         "replay_children", e->children,
                          "describe_errors", e->describe_errors, "batched", e->count);
 }
 
@@ -1980,6 +2236,20 @@ static int enc_init(Encoder *e, PyObject *args, PyObject *kwargs) {
     }
     if (slot_offsets((PyTypeObject *)record_type, record_slot_names, R_COUNT, e->offsets) < 0)
         return -1;
+    /* pipeline.ReplayRecord, named on the record type: its extra slots' offsets */
+    PyObject *replay = PyObject_GetAttrString(record_type, "replay_type");
+    if (replay == NULL) {
+        PyErr_Clear();
+    } else if (!PyType_Check(replay) ||
+               !PyType_IsSubtype((PyTypeObject *)replay, (PyTypeObject *)record_type) ||
+               slot_offsets((PyTypeObject *)replay, replay_slot_names, 4, e->replay_offsets) < 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "record_type.replay_type is not a subtype of it");
+        Py_DECREF(replay);
+        return -1;
+    } else {
+        Py_XSETREF(e->replay_type, (PyTypeObject *)replay);
+    }
     if (buf_set(&e->resource, resource) < 0 || buf_set(&e->scope, scope) < 0) return -1;
     Py_INCREF(record_type);
     Py_XSETREF(e->record_type, record_type);
@@ -1997,6 +2267,7 @@ static int enc_init(Encoder *e, PyObject *args, PyObject *kwargs) {
     Py_XSETREF(e->raw_stats, raw_stats == Py_None ? NULL : (PyTypeObject *)raw_stats);
     Py_XSETREF(e->blocks, PyDict_New());
     Py_XSETREF(e->described, PyDict_New());
+    Py_XSETREF(e->memos, PyDict_New());
 #define I(field, text) Py_XSETREF(e->field, PyUnicode_InternFromString(text))
     I(s_attributes, "attributes");
     I(s_popleft, "popleft");
@@ -2006,6 +2277,7 @@ static int enc_init(Encoder *e, PyObject *args, PyObject *kwargs) {
     I(k_gpu_time, "flashinfer.gpu.time_ns");
     I(k_cuda_error, "flashinfer.cuda_error");
     I(k_nonfinite, "flashinfer.nonfinite");
+    I(k_replay_index, "flashinfer.cuda_graph.replay");
 #undef I
     if (PyErr_Occurred()) return -1;
     e->max_attributes = max_attributes < 0 ? PY_SSIZE_T_MAX : max_attributes;
@@ -2022,8 +2294,10 @@ static int enc_traverse(Encoder *e, visitproc visit, void *arg) {
     Py_VISIT(e->state_header);
     Py_VISIT(e->blocks);
     Py_VISIT(e->described);
+    Py_VISIT(e->memos);
     Py_VISIT(e->extra);
     Py_VISIT(e->raw_stats);
+    Py_VISIT(e->replay_type);
     return 0;
 }
 
@@ -2034,6 +2308,7 @@ static int enc_clear(Encoder *e) {
     Py_CLEAR(e->state_header);
     Py_CLEAR(e->blocks);
     Py_CLEAR(e->described);
+    Py_CLEAR(e->memos);
     Py_CLEAR(e->extra);
     Py_CLEAR(e->extra_block);
     Py_CLEAR(e->resource_schema);
@@ -2046,6 +2321,8 @@ static int enc_clear(Encoder *e) {
     Py_CLEAR(e->k_gpu_time);
     Py_CLEAR(e->k_cuda_error);
     Py_CLEAR(e->k_nonfinite);
+    Py_CLEAR(e->k_replay_index);
+    Py_CLEAR(e->replay_type);
     Py_CLEAR(e->raw_stats);
     instance_forget(e);
     return 0;

@@ -407,8 +407,9 @@ class NativeExport:
         else:  # several formats: each record once through each encoder
             records = [queue.popleft() for _ in range(min(limit, len(queue)))]
             for record in records:
-                if record.pending or record.gpu is not None:
-                    slow.append(record)
+                if record.pending or record.gpu is not None or \
+                        getattr(record, "template", None) is not None:
+                    slow.append(record)  # a replay's children are expanded there too
                     continue
                 try:
                     self.add(record)

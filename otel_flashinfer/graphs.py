@@ -26,7 +26,7 @@ from opentelemetry.trace import Link
 
 from . import capture_guard, health
 from .graph_sampling import ReplaySampler
-from .pipeline import CallRecord
+from .pipeline import REPLAY_INDEX_ATTR, CallRecord, ReplayRecord
 
 _ids = itertools.count(1)
 _capturing: Capture | None = None
@@ -56,12 +56,16 @@ class Capture:
         #: ``health.dropped()`` when this graph's last replay span was made.
         self.dropped_seen = health.dropped()
         self._children: list[tuple[CallRecord, dict[str, Any], Link, tuple]] | None = None
+        #: Hooks that read the child record they are given (level 10's manifests name
+        #: its span): their replays make the children here, not on the worker.
+        self.hooks_need_child = False
+        self._template: tuple[tuple[CallRecord, ...], tuple[tuple, ...]] | None = None
 
     def add(self, record: CallRecord) -> None:
         # The wrapper gave a captured call its own attributes (``CallRecord.own``).
         self.attributes[id(record)] = dict(record.attributes)
         self.records.append(record)
-        self._children = None
+        self._children = self._template = None
 
     def children(self) -> list[tuple[CallRecord, dict[str, Any], Link, tuple]]:
         """Per captured call: (record, its replay children's attributes but the replay
@@ -79,12 +83,33 @@ class Capture:
                 for captured in self.records]
         return children
 
+    def template(self) -> tuple[tuple[CallRecord, ...], tuple[tuple, ...]]:
+        """(prototypes, their replay hooks): per captured call a read-only record the
+        worker makes each replay's child from (``pipeline.ReplayRecord``), made once."""
+        template = self._template
+        if template is None:
+            protos = []
+            for captured, attrs, link, _hooks in self.children():
+                proto = CallRecord(captured.name, 0, 0, None, 0, 0, attrs,
+                                   describe=captured.describe)
+                proto.data, proto.kw, proto.result = captured.data, captured.kw, captured.result
+                proto.links = [link]
+                proto.shared = True  # never written: the encoder keeps its block
+                protos.append(proto)
+            template = self._template = (tuple(protos),
+                                         tuple(hooks for *_, hooks in self.children()))
+        return template
+
     def add_replay_hook(self, record: CallRecord,
-                        hook: Callable[[Any, CallRecord], Any]) -> None:
+                        hook: Callable[[Any, CallRecord | None], Any],
+                        needs_child: bool = True) -> None:
         """Run ``hook(stream, child)`` after each sampled replay, for the child span of
-        the captured call ``record``; a Pending it returns is added to that child."""
+        the captured call ``record``; a Pending it returns is added to that child.
+        ``needs_child=False``: the hook ignores ``child`` (it is then None), which lets
+        the worker make the children instead of the replaying thread."""
         self.replay_hooks.setdefault(id(record), []).append(hook)
-        self._children = None
+        self.hooks_need_child = self.hooks_need_child or needs_child
+        self._children = self._template = None
 
 
 def capture_state() -> Capture | None:
@@ -243,9 +268,33 @@ def emit_replay(runtime: Any, capture: Capture, index: int, start_ns: int, end_n
     replay_context = trace_api.SpanContext(
         trace_id, replay_id, False, trace_api.TraceFlags(trace_api.TraceFlags.SAMPLED)
     )
+    if not capture.hooks_need_child:
+        # One record; the worker (the encoder, in C) makes the children from the
+        # capture's prototypes.  Hooks still run here: their copies must follow the
+        # replay on its stream.
+        protos, hook_lists = capture.template()
+        child_pending = None
+        for i, hooks in enumerate(hook_lists):
+            for hook in hooks:
+                pending = hook(None, None)
+                if pending is not None:
+                    if child_pending is None:
+                        child_pending = [None] * len(protos)
+                    if child_pending[i] is None:
+                        child_pending[i] = [pending]
+                    else:
+                        child_pending[i].append(pending)
+        record = ReplayRecord(trace_id, replay_id, parent, start_ns, end_ns, attrs,
+                              replay_context, index, protos, child_pending)
+        if type(timing) is int:
+            record.gpu = timing
+        elif timing is not None:
+            record.pending.append(timing)
+        runtime.pipeline.submit(record)
+        return
     for captured, base_attrs, link, hooks in capture.children():
         child_attrs = dict(base_attrs)
-        child_attrs["flashinfer.cuda_graph.replay"] = index
+        child_attrs[REPLAY_INDEX_ATTR] = index
         child = CallRecord(captured.name, trace_id, getrandbits(64) or 1, replay_context,
                            start_ns, end_ns, child_attrs, describe=captured.describe)
         # The capture-time snapshots, described as the capture-time span was: the same

@@ -19,6 +19,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from random import getrandbits
 from typing import Any, Protocol
 
 from opentelemetry import trace as trace_api
@@ -189,6 +190,67 @@ class CallRecord:
     @property
     def parent_span_id(self) -> int | None:
         return self.parent.span_id if self.parent is not None else None
+
+
+REPLAY_INDEX_ATTR = "flashinfer.cuda_graph.replay"
+
+
+class ReplayRecord(CallRecord):
+    """A traced CUDA graph replay whose children (one span per captured call) are made
+    by the worker from the capture's prototypes, not by the replaying thread.
+
+    The replaying thread leaves one object (this), plus at level 5 the statistics
+    pendings of its children.  The native encoder writes the children straight from
+    the prototypes (csrc/otlp_encoder.c, ``encode_replay``); every other path expands
+    them here (``expand``) into the records the replaying thread used to make."""
+
+    __slots__ = ("child_pending", "context", "index", "template")
+
+    def __init__(self, trace_id: int, span_id: int, parent: SpanContext | None,
+                 start_ns: int, end_ns: int, attributes: dict[str, Any],
+                 context: SpanContext, index: int, template: tuple[CallRecord, ...],
+                 child_pending: list[Any] | None) -> None:
+        super().__init__("cuda_graph.replay", trace_id, span_id, parent, start_ns, end_ns,
+                         attributes)
+        #: This replay span's own context: its children's parent.
+        self.context = context
+        self.index = index
+        #: Per captured call, a prototype (``graphs.Capture.template``): its name,
+        #: attributes (without the replay index), link to the capture-time span and
+        #: capture-time argument snapshots.  Read only, shared by every replay.
+        self.template: tuple[CallRecord, ...] | None = template
+        #: Per prototype, that child's Pendings for this replay (statistics), or None;
+        #: None when no child has any.
+        self.child_pending = child_pending
+
+    def expand(self) -> list[CallRecord]:
+        """The children as plain records (the Python path); this record keeps only its
+        own span afterwards."""
+        template, pending = self.template, self.child_pending
+        self.template = self.child_pending = None
+        if not template:
+            return []
+        children = []
+        for i, proto in enumerate(template):
+            attrs = dict(proto.attributes)
+            attrs[REPLAY_INDEX_ATTR] = self.index
+            child = CallRecord(proto.name, self.trace_id, _random_span_id(), self.context,
+                               self.start_ns, self.end_ns, attrs, describe=proto.describe)
+            # The capture-time snapshots, described as the capture-time span was: the
+            # same objects every replay, so the native encoder reuses one encoded block.
+            child.data, child.kw, child.result = proto.data, proto.kw, proto.result
+            child.links = list(proto.links)
+            if pending is not None and pending[i] is not None:
+                child.pending = list(pending[i])
+            children.append(child)
+        return children
+
+
+def _random_span_id() -> int:
+    return getrandbits(64) or 1
+
+
+CallRecord.replay_type = ReplayRecord  # type: ignore[attr-defined] # the encoder's subtype
 
 
 class _PresetIds(IdGenerator):
@@ -591,6 +653,12 @@ class Pipeline:
 
     def _consider(self, record: CallRecord, now: float) -> None:
         try:
+            if type(record) is ReplayRecord and record.template is not None:
+                # A replay the encoder did not write whole: its children as records.
+                for child in record.expand():
+                    if child.pending:
+                        child.deadline = record.deadline or now + self.wait_timeout_s
+                    self._consider(child, now)
             gpu = record.gpu
             ready = True
             for pending in record.pending:

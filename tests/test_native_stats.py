@@ -229,6 +229,7 @@ def test_what_c_does_not_handle_goes_to_python(events: FakeEvents) -> None:
     assert error._status == 700  # noqa: SLF001 - what ready() would have stored
     # the Python path then names the error on the span (the process's first: sticky)
     cases[0].own()
+    cuda_errors.reset()  # what an earlier test's error left behind
     try:
         error.apply_raw(cases[0])
     finally:

@@ -172,7 +172,8 @@ def python_hooks(recorder: StatsRecorder) -> tuple[Any, Any]:
         if snapshot is not None:  # captured: resolved per replay
             capture = graphs.capture_state()
             if capture is not None:
-                capture.add_replay_hook(record, lambda stream, child: snapshot(stream))
+                capture.add_replay_hook(record, lambda stream, child: snapshot(stream),
+                                        needs_child=False)
             return
         record.add_pending(outcome)
 

@@ -1,0 +1,250 @@
+"""Graph replays written whole by the native encoder from the capture's prototypes
+(``pipeline.ReplayRecord``, csrc/otlp_encoder.c ``encode_replay``; issue 19, item 1).
+
+The replaying thread leaves one record per traced replay; the encoder writes the
+replay span and one child per captured call.  The Python path (``ReplayRecord.expand``,
+what every other exporter setup uses) is the reference: the same replay must decode to
+the same spans either way, child span ids aside (fresh random ones, unique).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.trace import SpanContext, TraceFlags
+from test_native_export import BASE, DESCRIBER, Q, _sdk_tracer
+from test_native_stats import FakeEvents, _pending, _ring, _rows, events  # noqa: F401
+
+from otel_flashinfer import describe, export, graphs
+from otel_flashinfer.otlp_json import json_to_request
+from otel_flashinfer.pipeline import _EMPTY, CallRecord, ReplayRecord
+
+_otlp = pytest.importorskip("otel_flashinfer._otlp", reason="native encoder not built")
+ROOT = Path(__file__).resolve().parents[1]
+TRACE, REPLAY_ID = 0x1234567890ABCDEF1234567890ABCDEF, 0x7777
+PARENT = SpanContext(TRACE, 0x42, False, TraceFlags(1))
+
+
+def _capture(n: int = 3) -> graphs.Capture:
+    """A capture of ``n`` calls as the wrapper leaves them: names, base attributes,
+    argument snapshots described in the background, each with its own span."""
+    capture = graphs.Capture(5)
+    for i in range(n):
+        r = CallRecord.for_call(f"call{i}", TRACE, 0x100 + i, PARENT,
+                                {**BASE, "flashinfer.cuda_graph.capturing": True})
+        if i != 1:
+            r.describe = DESCRIBER
+            r.data = [describe.snapshot(Q), describe.snapshot(Q[:, :2]),
+                      describe.snapshot(Q)]
+            r.kw = {"scale": 0.5}
+            r.result = describe.snapshot(Q)
+        capture.add(r)
+    return capture
+
+
+def _replay(capture: graphs.Capture, index: int = 9, replay_id: int = REPLAY_ID,
+            child_pending: list[Any] | None = None) -> ReplayRecord:
+    protos, _hooks = capture.template()
+    context = SpanContext(TRACE, replay_id, False, TraceFlags(1))
+    return ReplayRecord(TRACE, replay_id, PARENT, 1_000, 2_000,
+                        {"flashinfer.cuda_graph.id": 5, "flashinfer.cuda_graph.replay": index,
+                         "flashinfer.cuda_graph.replays_skipped": 0},
+                        context, index, protos, child_pending)
+
+
+def _decode(payload: bytes, fmt: str) -> list[Any]:
+    request = (ExportTraceServiceRequest.FromString(payload) if fmt == "protobuf"
+               else json_to_request(payload.decode()))
+    return list(request.resource_spans[0].scope_spans[0].spans)
+
+
+def _python_path(fmt: str, replay: ReplayRecord) -> list[Any]:
+    tracer, _ = _sdk_tracer()
+    encoder = export.make_encoder(tracer, fmt, CallRecord, _EMPTY)
+    children = replay.expand()
+    encoder.add(replay)
+    for child in children:
+        encoder.add(child)
+    return _decode(encoder.take(), fmt)
+
+
+def _without_span_id(span: Any) -> Any:
+    out = type(span)()
+    out.CopyFrom(span)
+    out.span_id = b""
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["protobuf", "json"])
+def test_replay_written_in_c_is_what_python_expands(fmt: str) -> None:
+    capture = _capture()
+    tracer, _ = _sdk_tracer()
+    encoder = export.make_encoder(tracer, fmt, CallRecord, _EMPTY)
+    replay = _replay(capture)
+    queue, slow, later = deque([replay]), [], deque()
+    assert encoder.drain(queue, slow, 1, later, 1.0, 2.0) == 1
+    assert not slow and not later
+    got = _decode(encoder.take(), fmt)
+    want = _python_path(fmt, _replay(capture))
+    assert len(got) == len(want) == 4
+    assert got[0] == want[0]  # the replay span itself, byte for byte
+    for g, w in zip(got[1:], want[1:], strict=True):
+        assert _without_span_id(g) == _without_span_id(w)
+    # what a reader sees: each child under the replay, in its trace, linked to its
+    # capture-time span, with the replay index and the capture-time argument shapes
+    for i, child in enumerate(got[1:]):
+        assert child.name == f"call{i}"
+        assert child.trace_id == TRACE.to_bytes(16, "big")
+        assert child.parent_span_id == REPLAY_ID.to_bytes(8, "big")
+        assert child.span_id not in (b"", REPLAY_ID.to_bytes(8, "big"))
+        assert [link.span_id for link in child.links] == [(0x100 + i).to_bytes(8, "big")]
+        attrs = {kv.key: kv.value for kv in child.attributes}
+        assert attrs["flashinfer.cuda_graph.replay"].int_value == 9
+        assert "flashinfer.cuda_graph.capturing" not in attrs
+        assert ("flashinfer.arg.q.shape" in attrs) == (i != 1)
+        assert (child.start_time_unix_nano, child.end_time_unix_nano) == (1_000, 2_000)
+    stats = encoder.stats()
+    assert stats["replays"] == 1 and stats["replay_children"] == 3
+    assert replay.template is None and replay.child_pending is None
+
+
+def test_child_span_ids_are_fresh_and_unique_across_replays() -> None:
+    capture = _capture(4)
+    tracer, _ = _sdk_tracer()
+    encoder = export.make_encoder(tracer, "protobuf", CallRecord, _EMPTY)
+    replays = [_replay(capture, index=i, replay_id=0x9000 + i) for i in range(1, 201)]
+    assert encoder.drain(deque(replays), [], 500, deque(), 1.0, 2.0) == 200
+    spans = _decode(encoder.take(), "protobuf")
+    assert len(spans) == 200 * 5
+    ids = [s.span_id for s in spans]
+    assert len(set(ids)) == len(ids)
+    by_parent: dict[bytes, list[int]] = {}
+    for s in spans:
+        if s.name != "cuda_graph.replay":
+            attrs = {kv.key: kv.value.int_value for kv in s.attributes}
+            by_parent.setdefault(s.parent_span_id, []).append(
+                attrs["flashinfer.cuda_graph.replay"])
+    assert by_parent == {(0x9000 + i).to_bytes(8, "big"): [i] * 4 for i in range(1, 201)}
+
+
+def test_level5_children_carry_their_replays_statistics(events: FakeEvents) -> None:  # noqa: F811
+    """Each child's statistics for this replay, resolved in C; a child not in yet holds
+    the whole replay back; once in, every slot goes back to its ring."""
+    rows, metas = _rows()
+    ring = _ring()
+    capture = _capture(3)
+    pend = [[_pending(ring, 0, rows, metas, 2, event=51)], None,
+            [_pending(ring, 1, rows, metas, 2, event=52)]]
+    events.status[52] = 1
+    tracer, _ = _sdk_tracer()
+    encoder = export.make_encoder(tracer, "protobuf", CallRecord, _EMPTY)
+    replay = _replay(capture, child_pending=pend)
+    later: deque[Any] = deque()
+    slow: list[Any] = []
+    assert encoder.drain(deque([replay]), slow, 1, later, 1.0, 2.0) == 0
+    assert list(later) == [replay] and not slow and encoder.take() is None
+    assert pend[0][0].slot == 0 and pend[2][0].slot == 1  # nothing handed back yet
+    events.status[52] = 0
+    assert encoder.drain(later, slow, 1, later, 1.5, 2.0) == 1
+    spans = _decode(encoder.take(), "protobuf")
+    assert [len(s.events) for s in spans] == [0, 4, 0, 4]
+    assert all(e.name == "flashinfer.tensor_stats" for e in spans[1].events)
+    attrs = {kv.key: kv.value for kv in spans[1].attributes}
+    assert attrs["flashinfer.nonfinite"].bool_value is True
+    assert pend[0][0].slot == -1 and pend[2][0].slot == -1
+    assert sorted(ring._free) == [0, 1, 2, 3]  # noqa: SLF001
+    assert encoder.stats()["stats_resolved"] == 2
+
+
+def test_what_c_cannot_write_goes_to_python_whole(events: FakeEvents) -> None:  # noqa: F811
+    rows, metas = _rows()
+    ring = _ring()
+    capture = _capture(2)
+    tracer, _ = _sdk_tracer()
+    encoder = export.make_encoder(tracer, "protobuf", CallRecord, _EMPTY)
+    # a note to add: Python writes it
+    noted = _replay(capture, child_pending=[
+        [_pending(ring, 0, rows, metas, 2, event=61, note="too_many_tensors:2")], None])
+    # a child that fails to encode: nothing of the replay stays in the batch
+    broken = graphs.Capture(6)
+    bad = CallRecord.for_call("bad", TRACE, 0x200, PARENT, {"flashinfer.x": object()})
+    broken.add(bad)
+    broken.template()[0][0].name = 123  # not a str: encode_record refuses it
+    first = CallRecord.for_call("before", TRACE, 0x300, PARENT, BASE)
+    queue = deque([first, noted, _replay(broken)])
+    slow: list[Any] = []
+    assert encoder.drain(queue, slow, 3, deque(), 1.0, 2.0) == 1
+    assert [r.name for r in slow] == ["cuda_graph.replay", "cuda_graph.replay"]
+    assert slow[0].template is not None and slow[1].template is not None
+    assert encoder.count == 1  # "before" only: the broken replay was rolled back whole
+    assert [s.name for s in _decode(encoder.take(), "protobuf")] == ["before"]
+    # Python then expands the noted one into plain records with the note on the child
+    children = noted.expand()
+    assert [c.name for c in children] == ["call0", "call1"]
+    assert len(children[0].pending) == 1 and not children[1].pending
+
+
+PROGRAM = textwrap.dedent(
+    """
+    import json, sys, torch, otel_flashinfer
+    from otel_flashinfer import runtime
+
+    class FakeGraph:  # torch.cuda.CUDAGraph on a CPU box (graphs.patch wraps it)
+        def capture_begin(self, *a, **k): pass
+        def capture_end(self): pass
+        def replay(self): pass
+
+    torch.cuda.CUDAGraph = FakeGraph
+    otel_flashinfer.instrument(level=3, journal_dir="")
+    step = otel_flashinfer.traced(lambda x, eps=1e-6: x, name="rmsnorm")
+    other = otel_flashinfer.traced(lambda x: x, name="decode")
+    graph = FakeGraph()
+    graph.capture_begin()
+    step(torch.ones(8, 128)); other(torch.ones(4)); step(torch.ones(2, 2))
+    graph.capture_end()
+    for _ in range(50):
+        graph.replay()
+    otel_flashinfer.flush(30)
+    native = runtime.current().pipeline._native
+    print(json.dumps({k: e.stats() for k, e in native.encoders.items()}))
+    """
+)
+
+
+def test_the_default_file_gets_every_replay_and_child(tmp_path: Path) -> None:
+    """End to end in a process of its own with the default exporter: 50 replays of a
+    3-call capture are 50 replay spans and 150 children, written by the encoder."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-c", PROGRAM], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    stats = json.loads(out.stdout.strip().splitlines()[-1])
+    (encoder,) = stats.values()
+    assert encoder["replays"] == 50 and encoder["replay_children"] == 150
+    spans = []
+    for line in (tmp_path / "flashinfer_traces.jsonl").read_text().splitlines():
+        for rs in json.loads(line)["resourceSpans"]:
+            for ss in rs["scopeSpans"]:
+                spans.extend(ss["spans"])
+    replays = {s["spanId"]: s for s in spans if s["name"] == "cuda_graph.replay"}
+    captured = {s["spanId"]: s for s in spans if "parentSpanId" not in s or
+                s["parentSpanId"] not in replays}
+    children = [s for s in spans if s.get("parentSpanId") in replays]
+    assert len(replays) == 50 and len(children) == 150
+    for child in children:
+        (link,) = child["links"]
+        assert link["spanId"] in captured
+        assert captured[link["spanId"]]["name"] == child["name"]
+        assert child["traceId"] == replays[child["parentSpanId"]]["traceId"]
+    names = sorted(c["name"] for c in children if c["parentSpanId"] == next(iter(replays)))
+    assert names == ["decode", "rmsnorm", "rmsnorm"]
