@@ -113,3 +113,71 @@ def test_level5_statistics_events_go_out_natively(tmp_path: Path) -> None:
     # most the first calls, made while the extension was still lending its API, are not
     (encoder,) = report["encoders"].values()
     assert encoder["stats_resolved"] >= 200, report["encoders"]
+
+
+GRAPH_PROGRAM = r'''
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+import otel_flashinfer
+from otel_flashinfer import gpu_timing, health, runtime
+from otel_flashinfer.stats import kernel as stats_kernel
+from gpu_decode import capture_graph, make_decode
+
+otel_flashinfer.instrument(level=5)
+assert gpu_timing.wait_ready(600)
+stats_kernel.get(wait=True, timeout=600)
+step = make_decode(use_cuda_graph=True)
+graph, _ = capture_graph(step.run)
+torch.cuda.synchronize()
+otel_flashinfer.flush(60)
+clean = step.q.clone()
+for replay in range(1, 41):
+    if replay == 17:
+        step.q[3, 5, 7] = float("nan")
+    graph.replay()
+    if replay == 17:
+        step.q.copy_(clean)
+torch.cuda.synchronize()
+ok = otel_flashinfer.flush(60)
+native = runtime.current().pipeline._native
+print(json.dumps({"flushed": ok, "counters": health.counters(),
+                  "encoders": {k: e.stats() for k, e in native.encoders.items()}}))
+'''
+
+
+def test_level5_replays_are_written_whole_by_the_encoder(tmp_path: Path) -> None:
+    """Issue 19 on the native path: each traced replay leaves one record, and the
+    encoder writes its span and its child from the capture's prototype with that
+    replay's own statistics; the NaN planted in replay 17 flags exactly its child."""
+    script = tmp_path / "graph.py"
+    script.write_text(GRAPH_PROGRAM)
+    proc = subprocess.run([sys.executable, str(script), str(ROOT / "tests")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["flushed"], report
+    spans = []
+    for line in (tmp_path / "flashinfer_traces.jsonl").read_text().splitlines():
+        for rs in json.loads(line)["resourceSpans"]:
+            for ss in rs["scopeSpans"]:
+                spans.extend(ss["spans"])
+    replays = {s["spanId"]: s for s in spans if s["name"] == "cuda_graph.replay"}
+    children = [s for s in spans if s.get("parentSpanId") in replays]
+    index = {s["spanId"]: _attrs(s)["flashinfer.cuda_graph.replay"] for s in replays.values()}
+    assert sorted(index.values()) == list(range(1, 41))  # capture_graph replays none
+    by_index = {_attrs(c)["flashinfer.cuda_graph.replay"]: c for c in children}
+    assert sorted(by_index) == list(range(1, 41)) and len(children) == 40
+    flagged = sorted(i for i, c in by_index.items() if _attrs(c).get("flashinfer.nonfinite"))
+    assert flagged == [17]
+    for i, child in by_index.items():
+        assert child["name"] == "BatchDecodeWithPagedKVCacheWrapper.run"
+        assert index[child["parentSpanId"]] == i
+        assert [e for e in child["events"] if e["name"] == "flashinfer.tensor_stats"]
+        (link,) = child["links"]
+        assert link["spanId"] not in replays  # the capture-time span
+    for replay in replays.values():
+        assert isinstance(_attrs(replay).get("flashinfer.gpu.time_ns"), int), replay
+    (encoder,) = report["encoders"].values()
+    assert encoder["replays"] >= 40 and encoder["replay_children"] >= 40, encoder
+    assert not report["counters"].get("stats_dropped"), report["counters"]

@@ -1,0 +1,213 @@
+"""Always-on CUDA graph tracing (issue 19): what tracing every replay of a captured
+whole-model step costs, levels side by side, defaults on (the JSONL file, the journal).
+
+GPU (the issue's workload): 32 layers of ``rmsnorm`` + ``BatchDecodeWithPagedKVCacheWrapper
+.run`` (batch 8, kv 1024, 32/8 heads, d 128, fp16), 64 FlashInfer calls, captured as one
+graph and replayed back to back.  Each level runs in a process of its own; the figure
+is wall per replay including the flush that hands every span on, against level 0, with
+the spans written against replays x (1 + calls) and the statistics dropped.
+
+CPU (no GPU): the same shape with a stand-in for ``torch.cuda.CUDAGraph`` whose replay
+does nothing and 64 traced CPU calls.  The replay itself is then free, so what it prints
+is our whole-process CPU per traced replay and per child span, for the children written
+by the encoder from the capture's prototypes (this code) against the children made as
+records on the replaying thread (the previous path, forced in the same run).
+
+    python benchmarks/bench_graph_step.py [--replays 300] [--levels 0,1,3,5] [--mode auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYERS = 32
+
+
+def _spans_in(path: Path) -> int:
+    n = 0
+    if path.exists():
+        for line in path.read_text().splitlines():
+            for rs in json.loads(line)["resourceSpans"]:
+                for ss in rs["scopeSpans"]:
+                    n += len(ss["spans"])
+    return n
+
+
+def _cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def gpu_child(level: int, replays: int) -> dict[str, Any]:
+    import torch
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    import flashinfer
+    from gpu_decode import capture_graph, make_decode
+
+    import otel_flashinfer
+    from otel_flashinfer import gpu_timing, health
+
+    if level:
+        otel_flashinfer.instrument(level=level)
+        gpu_timing.wait_ready(600)
+        if level >= 5:
+            from otel_flashinfer.stats import kernel
+
+            kernel.get(wait=True, timeout=600)
+    step = make_decode(use_cuda_graph=True)
+    caches = [torch.randn_like(step.kv_cache) for _ in range(LAYERS)]
+    hidden = torch.randn(8, 4096, dtype=torch.float16, device="cuda")
+    weight = torch.ones(4096, dtype=torch.float16, device="cuda")
+
+    def forward() -> Any:
+        out = None
+        for cache in caches:
+            flashinfer.norm.rmsnorm(hidden, weight)
+            out = step.wrapper.run(step.q, cache)
+        return out
+
+    graph, _ = capture_graph(forward)
+    for _ in range(10):
+        graph.replay()
+    torch.cuda.synchronize()
+    otel_flashinfer.flush(120)
+    before = _spans_in(Path("flashinfer_traces.jsonl"))
+    cpu0, t0 = _cpu_s(), time.perf_counter()
+    for _ in range(replays):
+        graph.replay()
+    torch.cuda.synchronize()
+    flushed = otel_flashinfer.flush(300) if level else True
+    wall = (time.perf_counter() - t0) / replays * 1e6
+    cpu = (_cpu_s() - cpu0) / replays * 1e6
+    counters = health.counters()
+    return {"level": level, "wall_us": wall, "cpu_us": cpu, "flushed": flushed,
+            "spans": _spans_in(Path("flashinfer_traces.jsonl")) - before,
+            "stats_dropped": counters.get("stats_dropped", 0),
+            "spans_dropped": counters.get("spans_dropped", 0)}
+
+
+def cpu_child(level: int, replays: int, previous_path: bool) -> dict[str, Any]:
+    import torch
+
+    class FakeGraph:
+        def capture_begin(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def capture_end(self) -> None:
+            pass
+
+        def replay(self) -> None:
+            pass
+
+    torch.cuda.CUDAGraph = FakeGraph  # type: ignore[misc] - before instrument() patches it
+    import otel_flashinfer
+    from otel_flashinfer import graphs, runtime
+
+    otel_flashinfer.instrument(level=level)
+    rmsnorm = otel_flashinfer.traced(lambda x, w, eps=1e-6: x, name="rmsnorm")
+    decode = otel_flashinfer.traced(lambda q, kv, scale=0.125: q,
+                                    name="BatchDecodeWithPagedKVCacheWrapper.run")
+    hidden, weight = torch.zeros(8, 4096, dtype=torch.float16), torch.ones(4096)
+    q, kv = torch.zeros(8, 32, 128, dtype=torch.float16), torch.zeros(64, 2, 16, 8, 128)
+    graph = FakeGraph()
+    graph.capture_begin()
+    for _ in range(LAYERS):
+        rmsnorm(hidden, weight)
+        decode(q, kv)
+    graph.capture_end()
+    if previous_path:  # children made as records on the replaying thread, as before
+        graphs._graphs[graph].hooks_need_child = True  # noqa: SLF001
+    for _ in range(20):
+        graph.replay()
+    otel_flashinfer.flush(60)
+    before = _spans_in(Path("flashinfer_traces.jsonl"))
+    cpu0, caller0, t0 = _cpu_s(), time.thread_time(), time.perf_counter()
+    for _ in range(replays):
+        graph.replay()
+    caller = (time.thread_time() - caller0) / replays * 1e6
+    flushed = otel_flashinfer.flush(300)
+    cpu = (_cpu_s() - cpu0) / replays * 1e6
+    pipeline = runtime.current().pipeline
+    native = pipeline._native  # noqa: SLF001
+    return {"level": level, "cpu_us": cpu, "caller_us": caller, "flushed": flushed,
+            "worker_us": pipeline.worker_cpu_s / (replays + 20) * 1e6,
+            "wall_us": (time.perf_counter() - t0) / replays * 1e6,
+            "spans": _spans_in(Path("flashinfer_traces.jsonl")) - before,
+            "encoder": {k: e.stats() for k, e in native.encoders.items()} if native else {}}
+
+
+def _run_child(args: list[str]) -> dict[str, Any]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    with tempfile.TemporaryDirectory(prefix="bench_graph_") as tmp:
+        out = subprocess.run([sys.executable, __file__, *args], cwd=tmp, env=env,
+                             capture_output=True, text=True, timeout=1200)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--replays", type=int, default=300)
+    parser.add_argument("--levels", default="0,1,3,5")
+    parser.add_argument("--mode", choices=["auto", "gpu", "cpu"], default="auto")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        kind, level, previous = args.child.split(":")
+        result = (gpu_child(int(level), args.replays) if kind == "gpu" else
+                  cpu_child(int(level), args.replays, previous == "1"))
+        print(json.dumps(result))
+        return 0
+    mode = args.mode
+    if mode == "auto":
+        import torch
+
+        mode = "gpu" if torch.cuda.is_available() else "cpu"
+    levels = [int(x) for x in args.levels.split(",")]
+    calls = 2 * LAYERS
+    if mode == "gpu":
+        rows = {lvl: _run_child(["--child", f"gpu:{lvl}:0", "--replays", str(args.replays)])
+                for lvl in levels}
+        base = rows.get(0)
+        print(f"GPU: {LAYERS}-layer decode step ({calls} FlashInfer calls) as one graph, "
+              f"{args.replays} replays back to back, default exporter, each level in its "
+              "own process; wall per replay including the flush")
+        for lvl, r in rows.items():
+            ratio = f" = {r['wall_us'] / base['wall_us']:.3f}x level 0 " \
+                    f"(+{(r['wall_us'] / base['wall_us'] - 1) * 100:.1f}%)" if base else ""
+            expected = args.replays * (1 + calls) if lvl else 0
+            print(f"  level {lvl}: {r['wall_us']:9.1f} us/replay{ratio}; whole CPU "
+                  f"{r['cpu_us']:.1f} us/replay; spans {r['spans']}/{expected}; statistics "
+                  f"dropped {r['stats_dropped']}, spans dropped {r['spans_dropped']}")
+        return 0
+    print(f"CPU: a stand-in graph whose replay is free, {calls} traced calls captured, "
+          f"{args.replays} replays, default exporter; whole-process CPU per traced replay "
+          "including the flush (the caller's share beside it)")
+    for lvl in [x for x in levels if x in (1, 3)]:
+        new = _run_child(["--child", f"cpu:{lvl}:0", "--replays", str(args.replays)])
+        old = _run_child(["--child", f"cpu:{lvl}:1", "--replays", str(args.replays)])
+        for label, r in (("children from prototypes (encoder)", new),
+                         ("children as records (previous path)", old)):
+            print(f"  level {lvl}, {label}: {r['cpu_us']:8.1f} us/replay, "
+                  f"{r['cpu_us'] / (1 + calls):6.2f} us/span; caller {r['caller_us']:7.1f} "
+                  f"us, worker {r['worker_us']:7.1f} us; spans {r['spans']}/"
+                  f"{args.replays * (1 + calls)}")
+        print(f"  level {lvl}: whole CPU {new['cpu_us'] / old['cpu_us']:.3f}x the previous "
+              f"path, caller {new['caller_us'] / old['caller_us']:.3f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
