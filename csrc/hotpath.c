@@ -31,6 +31,7 @@
 #include <unistd.h>
 
 #include "hotpath_api.h"
+#include "xoshiro.h"
 
 /* ---- ids: xoshiro256** seeded from getrandom, reseeded in a forked child -------- */
 
@@ -39,18 +40,8 @@ static volatile int rng_seeded = 0;
 
 static void rng_child_after_fork(void) { rng_seeded = 0; }
 
-static uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
-
 static int rng_seed(void) {
-    uint64_t seed[4];
-    size_t got = 0;
-    while (got < sizeof(seed)) {
-        ssize_t n = getrandom((char *)seed + got, sizeof(seed) - got, 0);
-        if (n <= 0) return -1;
-        got += (size_t)n;
-    }
-    if ((seed[0] | seed[1] | seed[2] | seed[3]) == 0) seed[0] = 1;
-    memcpy(rng_s, seed, sizeof(seed));
+    if (otel_fi_xoshiro_seed(rng_s) != 0) return -1;
     rng_seeded = 1;
     return 0;
 }
@@ -58,18 +49,7 @@ static int rng_seed(void) {
 /* Nonzero 64 random bits (an all-zero id is invalid in OTel).  Callers hold the GIL. */
 static int rng_next(uint64_t *out) {
     if (!rng_seeded && rng_seed() != 0) return -1;
-    uint64_t r;
-    do {
-        r = rotl(rng_s[1] * 5, 7) * 9;
-        uint64_t t = rng_s[1] << 17;
-        rng_s[2] ^= rng_s[0];
-        rng_s[3] ^= rng_s[1];
-        rng_s[1] ^= rng_s[2];
-        rng_s[0] ^= rng_s[3];
-        rng_s[2] ^= t;
-        rng_s[3] = rotl(rng_s[3], 45);
-    } while (r == 0);
-    *out = r;
+    *out = otel_fi_xoshiro_next(rng_s);
     return 0;
 }
 

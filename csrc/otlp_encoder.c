@@ -30,6 +30,7 @@
 
 #include "hotpath_api.h"
 #include "stats_api.h"
+#include "xoshiro.h"
 
 /* ---- a growable byte buffer ---------------------------------------------------------- */
 
@@ -1691,44 +1692,17 @@ static inline PyObject *xslot(Encoder *e, PyObject *record, int which) {
     return *(PyObject **)((char *)record + e->replay_offsets[which]);
 }
 
-static inline uint64_t rotl64(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
-
-static uint64_t splitmix64(uint64_t *x) {
-    uint64_t z = (*x += 0x9E3779B97F4A7C15ULL);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-    return z ^ (z >> 31);
-}
-
-/* Seeds the span-id generator from the OS once per process (a forked child reseeds:
- * called once per replay, as getpid is a system call). */
+/* Seeds the span-id generator once per process (a forked child reseeds: called once
+ * per replay, as getpid is a system call); a failed getrandom leaves a weaker seed. */
 static void seed_span_ids(Encoder *e) {
     long pid = (long)getpid();
-    if (e->rng_pid != pid) {
-        uint64_t seed = 0;
-        FILE *f = fopen("/dev/urandom", "rb");
-        if (f == NULL || fread(&seed, sizeof seed, 1, f) != 1) seed = 0;
-        if (f != NULL) fclose(f);
-        seed ^= (uint64_t)pid << 32 ^ (uint64_t)(uintptr_t)e ^ (uint64_t)time(NULL);
-        for (int i = 0; i < 4; ++i) e->rng[i] = splitmix64(&seed);
-        e->rng_pid = pid;
+    if (e->rng_pid == pid) return;
+    if (otel_fi_xoshiro_seed(e->rng) != 0) {
+        e->rng[0] = (uint64_t)pid << 32 ^ (uint64_t)(uintptr_t)e ^ (uint64_t)time(NULL);
+        e->rng[1] = ~e->rng[0];
+        e->rng[2] = e->rng[3] = 0x9E3779B97F4A7C15ULL;
     }
-}
-
-/* A random non-zero span id (xoshiro256**), after seed_span_ids. */
-static uint64_t next_span_id(Encoder *e) {
-    uint64_t *s = e->rng, out;
-    do {
-        out = rotl64(s[1] * 5, 7) * 9;
-        uint64_t t = s[1] << 17;
-        s[2] ^= s[0];
-        s[3] ^= s[1];
-        s[1] ^= s[2];
-        s[0] ^= s[3];
-        s[2] ^= t;
-        s[3] = rotl64(s[3], 45);
-    } while (out == 0);
-    return out;
+    e->rng_pid = pid;
 }
 
 /* A prototype's memo (encode_record), made on its first child; it holds the prototype,
@@ -1804,7 +1778,7 @@ static int encode_replay(Encoder *e, PyObject *record, long long gpu_ns) {
     PyObject *end = slot(e, record, R_END_NS);
     for (Py_ssize_t i = 0; rc == 0 && i < n; ++i) {
         PyObject *proto = PyTuple_GET_ITEM(template, i);
-        PyObject *span_id = PyLong_FromUnsignedLongLong(next_span_id(e));
+        PyObject *span_id = PyLong_FromUnsignedLongLong(otel_fi_xoshiro_next(e->rng));
         if (span_id == NULL) {
             rc = -1;
             break;

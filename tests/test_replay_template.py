@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.trace import SpanContext, TraceFlags
-from test_native_export import BASE, DESCRIBER, Q, _sdk_tracer
+from test_native_export import BASE, DESCRIBER, Q, _sdk_tracer, _spans_in
 from test_native_stats import FakeEvents, _pending, _ring, _rows, events  # noqa: F401
 
 from otel_flashinfer import describe, export, graphs
@@ -231,11 +231,7 @@ def test_the_default_file_gets_every_replay_and_child(tmp_path: Path) -> None:
     stats = json.loads(out.stdout.strip().splitlines()[-1])
     (encoder,) = stats.values()
     assert encoder["replays"] == 50 and encoder["replay_children"] == 150
-    spans = []
-    for line in (tmp_path / "flashinfer_traces.jsonl").read_text().splitlines():
-        for rs in json.loads(line)["resourceSpans"]:
-            for ss in rs["scopeSpans"]:
-                spans.extend(ss["spans"])
+    spans = _spans_in(tmp_path / "flashinfer_traces.jsonl")
     replays = {s["spanId"]: s for s in spans if s["name"] == "cuda_graph.replay"}
     captured = {s["spanId"]: s for s in spans if "parentSpanId" not in s or
                 s["parentSpanId"] not in replays}
