@@ -293,6 +293,7 @@ typedef struct {
     unsigned long long encoded, failed, attr_errors, gpu_resolved, describe_errors;
     unsigned long long stats_resolved; /* level-5 records resolved here, not in Python */
     unsigned long long replays, children; /* replay records written whole, their children */
+    unsigned long long templated; /* children copied from their prototype's byte template */
     /* pipeline.ReplayRecord (CallRecord.replay_type): the children come from prototypes */
     PyTypeObject *replay_type;
     Py_ssize_t replay_offsets[4];
@@ -1098,12 +1099,27 @@ static void instance_forget(Encoder *e) {
  * time this encoder resolved itself). */
 /* ``extra``: statistics rows resolved in C (resolve_stats), encoded after the record's
  * own events as if they were RawStats there. */
+/* Where a child's per-replay values sit in its encoded bytes (encode_replay's byte
+ * templates): each region [at, end) is rewritten per child, everything between them is
+ * copied.  Absolute positions in the batch while a span is encoded; relative to its
+ * start (``base``) once kept. */
+enum { M_TRACE, M_SPAN, M_PARENT, M_START, M_END, M_INDEX, M_NONFINITE, M_EVENTS, M_COUNT };
+typedef struct {
+    size_t base, end;
+    size_t at[M_COUNT], to[M_COUNT];
+    int index_first; /* the index was the span's first attribute (no JSON comma) */
+    Py_ssize_t written, dropped; /* attributes written and dropped before nonfinite */
+} Marks;
+
+#define MARK_AT(mk, k) do { if (mk) (mk)->at[k] = b->len; } while (0)
+#define MARK_TO(mk, k) do { if (mk) (mk)->to[k] = b->len; } while (0)
+
 /* ``memo``: a replay prototype's [proto, describe bytes, count, dict, links bytes]
  * (encode_replay): its argument attributes and links are the same for every child,
  * so they are encoded once and copied after (links read Python properties, and the
  * argument check compares snapshots: together most of a child's cost). */
 static int encode_record(Encoder *e, PyObject *record, long long gpu_ns, const RawView *extra,
-                         int n_extra, long long replay_index, PyObject *memo) {
+                         int n_extra, long long replay_index, PyObject *memo, Marks *mk) {
     Buf *b = &e->spans;
     size_t start = b->len;
     unsigned char trace[16], span[8], parent_span[8];
@@ -1139,35 +1155,58 @@ static int encode_record(Encoder *e, PyObject *record, long long gpu_ns, const R
     size_t span_mark = 0;
     int js = e->fmt == FMT_JSON;
     if (!js) {
-        if (pb_open(b, 2, &span_mark) < 0 || put_ids_pb(b, 1, trace, 2, span) < 0) goto fail;
+        if (pb_open(b, 2, &span_mark) < 0) goto fail;
+        if (mk) mk->base = b->len;
+        if (put_ids_pb(b, 1, trace, 2, span) < 0) goto fail;
+        if (mk) {
+            mk->at[M_SPAN] = b->len - 8, mk->to[M_SPAN] = b->len;
+            mk->at[M_TRACE] = b->len - 26, mk->to[M_TRACE] = b->len - 10;
+        }
         if (state_text != NULL) {
             Py_ssize_t n;
             const char *s = PyUnicode_AsUTF8AndSize(state_text, &n);
             if (s == NULL || (n && pb_bytes(b, 3, s, (size_t)n) < 0)) goto fail;
         }
         if (has_parent && pb_bytes(b, 4, parent_span, 8) < 0) goto fail;
+        if (mk) mk->at[M_PARENT] = b->len - 8, mk->to[M_PARENT] = b->len;
         if (name_len && pb_bytes(b, 5, name_s, (size_t)name_len) < 0) goto fail;
         if (pb_tag(b, 6, 0) < 0 || pb_varint(b, 1) < 0) goto fail; /* SPAN_KIND_INTERNAL */
-        if (pb_fixed64(b, 7, start_ns) < 0 || pb_fixed64(b, 8, end_ns) < 0) goto fail;
+        if (pb_fixed64(b, 7, start_ns) < 0) goto fail;
+        if (mk) mk->at[M_START] = b->len - 8, mk->to[M_START] = b->len;
+        if (pb_fixed64(b, 8, end_ns) < 0) goto fail;
+        if (mk) mk->at[M_END] = b->len - 8, mk->to[M_END] = b->len;
     } else {
         if (e->count && put_c(b, ',') < 0) goto fail;
-        if (PUT_LIT(b, "{\"traceId\":") < 0 || js_hex(b, trace, 16) < 0 ||
-            PUT_LIT(b, ",\"spanId\":") < 0 || js_hex(b, span, 8) < 0)
-            goto fail;
+        if (mk) mk->base = b->len;
+        if (PUT_LIT(b, "{\"traceId\":") < 0) goto fail;
+        MARK_AT(mk, M_TRACE);
+        if (js_hex(b, trace, 16) < 0) goto fail;
+        MARK_TO(mk, M_TRACE);
+        if (PUT_LIT(b, ",\"spanId\":") < 0) goto fail;
+        MARK_AT(mk, M_SPAN);
+        if (js_hex(b, span, 8) < 0) goto fail;
+        MARK_TO(mk, M_SPAN);
         if (state_text != NULL) {
             Py_ssize_t n;
             const char *s = PyUnicode_AsUTF8AndSize(state_text, &n);
             if (s == NULL) goto fail;
             if (n && (PUT_LIT(b, ",\"traceState\":") < 0 || js_str(b, s, n) < 0)) goto fail;
         }
-        if (has_parent && (PUT_LIT(b, ",\"parentSpanId\":") < 0 || js_hex(b, parent_span, 8) < 0))
-            goto fail;
+        if (has_parent && PUT_LIT(b, ",\"parentSpanId\":") < 0) goto fail;
+        MARK_AT(mk, M_PARENT);
+        if (has_parent && js_hex(b, parent_span, 8) < 0) goto fail;
+        MARK_TO(mk, M_PARENT);
         if (PUT_LIT(b, ",\"flags\":") < 0 || js_u64(b, flags, 0) < 0) goto fail;
         if (name_len && (PUT_LIT(b, ",\"name\":") < 0 || js_str(b, name_s, name_len) < 0))
             goto fail;
-        if (PUT_LIT(b, ",\"kind\":1,\"startTimeUnixNano\":") < 0 || js_u64(b, start_ns, 1) < 0 ||
-            PUT_LIT(b, ",\"endTimeUnixNano\":") < 0 || js_u64(b, end_ns, 1) < 0)
-            goto fail;
+        if (PUT_LIT(b, ",\"kind\":1,\"startTimeUnixNano\":") < 0) goto fail;
+        MARK_AT(mk, M_START);
+        if (js_u64(b, start_ns, 1) < 0) goto fail;
+        MARK_TO(mk, M_START);
+        if (PUT_LIT(b, ",\"endTimeUnixNano\":") < 0) goto fail;
+        MARK_AT(mk, M_END);
+        if (js_u64(b, end_ns, 1) < 0) goto fail;
+        MARK_TO(mk, M_END);
     }
 
     /* attributes: base (or the owned dict), instance id, GPU time, arguments, extra */
@@ -1200,13 +1239,18 @@ static int encode_record(Encoder *e, PyObject *record, long long gpu_ns, const R
         written += n;
     }
     if (replay_index >= 0) { /* a replay's child: which replay (ReplayRecord.expand) */
-        PyObject *value = PyLong_FromLongLong(replay_index);
-        if (value == NULL) goto fail;
-        int rc = written < e->max_attributes ? attr(e, b, 9, e->k_replay_index, value, &first)
-                                             : (dropped++, 0);
-        Py_DECREF(value);
+        if (mk) mk->index_first = first, mk->written = written;
+        MARK_AT(mk, M_INDEX);
+        int rc = 0;
+        if (written < e->max_attributes) {
+            rc = kv_c(e, b, 9, "flashinfer.cuda_graph.replay", 'i', NULL, 0, replay_index, 0,
+                      &first) < 0 ? -1 : 1;
+        } else {
+            dropped++;
+        }
         if (rc < 0) goto fail;
         written += rc;
+        MARK_TO(mk, M_INDEX);
     }
     if (gpu_ns >= 0) {
         PyObject *value = PyLong_FromLongLong(gpu_ns);
@@ -1271,6 +1315,8 @@ static int encode_record(Encoder *e, PyObject *record, long long gpu_ns, const R
             total_events += 1;
         }
     }
+    if (mk) mk->written = written, mk->dropped = dropped; /* all before nonfinite */
+    MARK_AT(mk, M_NONFINITE);
     if (nonfinite && !(!shared && PyDict_GetItemWithError(attributes, e->k_nonfinite) != NULL)) {
         if (PyErr_Occurred()) goto fail;
         int rc = written < e->max_attributes ? attr(e, b, 9, e->k_nonfinite, Py_True, &first)
@@ -1278,6 +1324,7 @@ static int encode_record(Encoder *e, PyObject *record, long long gpu_ns, const R
         if (rc < 0) goto fail;
         written += rc;
     }
+    MARK_TO(mk, M_NONFINITE);
     if (js) {
         if (written == 0) b->len = attrs_at;
         else if (put_c(b, ']') < 0) goto fail;
@@ -1292,6 +1339,7 @@ static int encode_record(Encoder *e, PyObject *record, long long gpu_ns, const R
     PyObject *error = slot(e, record, R_ERROR);
     int has_error = error != NULL && error != Py_None;
     Py_ssize_t dropped_events = total_events > e->max_events ? total_events - e->max_events : 0;
+    MARK_AT(mk, M_EVENTS);
     if (n_events || has_error || n_extra) {
         int first_event = 1;
         size_t events_at = b->len;
@@ -1332,6 +1380,7 @@ static int encode_record(Encoder *e, PyObject *record, long long gpu_ns, const R
                : (pb_tag(b, 12, 0) < 0 || pb_varint(b, (uint64_t)dropped_events) < 0))
             goto fail;
     }
+    MARK_TO(mk, M_EVENTS);
 
     /* links: the plan this run used first (as CallRecord.own puts it), then the rest */
     PyObject *plan_link = slot(e, record, R_PLAN_LINK);
@@ -1427,6 +1476,7 @@ static int encode_record(Encoder *e, PyObject *record, long long gpu_ns, const R
         Py_XDECREF(message);
         if (rc < 0) goto fail;
     }
+    if (mk) mk->end = b->len; /* pb: the body, before its length is fixed */
     if (!js && pb_close(b, span_mark) < 0) goto fail;
     Py_XDECREF(state_text);
     e->count++;
@@ -1468,7 +1518,7 @@ static PyObject *enc_add(Encoder *e, PyObject *record) {
         return NULL;
     }
     e->busy = 1;
-    int rc = encode_record(e, record, -1, NULL, 0, -1, NULL);
+    int rc = encode_record(e, record, -1, NULL, 0, -1, NULL, NULL);
     e->busy = 0;
     if (rc < 0) return NULL;
     Py_RETURN_NONE;
@@ -1712,13 +1762,114 @@ static PyObject *proto_memo(Encoder *e, PyObject *proto) {
     if (key == NULL) return NULL;
     PyObject *memo = PyDict_GetItemWithError(e->memos, key);
     if (memo == NULL && !PyErr_Occurred()) {
-        memo = Py_BuildValue("[OOiOO]", proto, Py_None, 0, Py_None, Py_None);
+        memo = Py_BuildValue("[OOiOOOO]", proto, Py_None, 0, Py_None, Py_None, Py_None,
+                             Py_None);
         if (PyDict_GET_SIZE(e->memos) > 8192) PyDict_Clear(e->memos); /* many captures */
         if (memo != NULL && PyDict_SetItem(e->memos, key, memo) < 0) Py_CLEAR(memo);
         Py_XDECREF(memo); /* the dict holds it */
     }
     Py_DECREF(key);
     return memo;
+}
+
+/* A child from its prototype's byte template (``tpl``, regions in ``mk`` relative to
+ * its start): the bytes between the regions are copied, the regions rewritten with
+ * this child's ids, times, replay index and statistics.  A few copies and no Python
+ * object per child. */
+static int emit_child(Encoder *e, const unsigned char *tpl, const Marks *mk,
+                      const unsigned char *trace, const unsigned char *span,
+                      const unsigned char *parent, uint64_t start, uint64_t end,
+                      long long index, const RawView *views, int nviews) {
+    Buf *b = &e->spans;
+    int js = e->fmt == FMT_JSON;
+    size_t mark = 0, at = 0;
+    if (js ? (e->count && put_c(b, ',') < 0) : pb_open(b, 2, &mark) < 0) return -1;
+    Py_ssize_t total = 0;
+    int nonfinite = 0;
+    for (int i = 0; i < nviews; ++i) {
+        total += views[i].nrows;
+        nonfinite = nonfinite || raw_nonfinite(&views[i]);
+    }
+    for (int k = 0; k < M_COUNT; ++k) {
+        if (put(b, tpl + at, mk->at[k] - at) < 0) return -1;
+        at = mk->to[k];
+        int rc = 0, first;
+        switch (k) {
+        case M_TRACE: rc = js ? js_hex(b, trace, 16) : put(b, trace, 16); break;
+        case M_SPAN: rc = js ? js_hex(b, span, 8) : put(b, span, 8); break;
+        case M_PARENT: rc = js ? js_hex(b, parent, 8) : put(b, parent, 8); break;
+        case M_START:
+        case M_END: {
+            uint64_t v = k == M_START ? start : end;
+            if (js) {
+                rc = js_u64(b, v, 1);
+            } else {
+                unsigned char x[8];
+                for (int i = 0; i < 8; ++i) x[i] = (unsigned char)(v >> (8 * i));
+                rc = put(b, x, 8);
+            }
+            break;
+        }
+        case M_INDEX:
+            first = mk->index_first;
+            rc = kv_c(e, b, 9, "flashinfer.cuda_graph.replay", 'i', NULL, 0, index, 0, &first);
+            break;
+        case M_NONFINITE:
+            first = 0; /* the index comes before it */
+            rc = nonfinite ? attr(e, b, 9, e->k_nonfinite, Py_True, &first) : 0;
+            break;
+        case M_EVENTS: {
+            if (total == 0) break;
+            Py_ssize_t dropped = total > e->max_events ? total - e->max_events : 0;
+            Py_ssize_t emitted = 0, limit = total - dropped;
+            int first_event = 1;
+            if (js && PUT_LIT(b, ",\"events\":[") < 0) return -1;
+            for (int i = 0; i < nviews && emitted < limit; ++i)
+                if (raw_events(e, b, &views[i], limit, &first_event, &emitted) < 0) return -1;
+            if (js && put_c(b, ']') < 0) return -1;
+            if (dropped && (js ? (PUT_LIT(b, ",\"droppedEventsCount\":") < 0 ||
+                                  js_u64(b, (uint64_t)dropped, 0) < 0)
+                               : (pb_tag(b, 12, 0) < 0 || pb_varint(b, (uint64_t)dropped) < 0)))
+                return -1;
+            break;
+        }
+        }
+        if (rc < 0) return -1;
+    }
+    if (put(b, tpl + at, mk->end - at) < 0) return -1;
+    if (!js && pb_close(b, mark) < 0) return -1;
+    e->count++;
+    e->encoded++;
+    return 0;
+}
+
+/* After a prototype's first child was written with ``mk`` (absolute positions): keep
+ * its bytes and regions as the prototype's template, where they can serve every later
+ * child (no attribute dropped, room for the per-child ones, regions in order). */
+static void keep_template(Encoder *e, PyObject *memo, Marks *mk) {
+    if (mk->dropped || mk->written + 1 > e->max_attributes) return;
+    size_t last = mk->base;
+    for (int k = 0; k < M_COUNT; ++k) {
+        if (mk->at[k] < last || mk->to[k] < mk->at[k]) return;
+        last = mk->to[k];
+    }
+    /* protobuf: closing the span moved its body past a longer length varint */
+    size_t shift = e->fmt == FMT_PROTOBUF ? (size_t)varint_size(mk->end - mk->base) - 1 : 0;
+    if (mk->end < last || mk->end + shift > e->spans.len) return;
+    PyObject *tpl = PyBytes_FromStringAndSize((const char *)e->spans.p + mk->base + shift,
+                                              (Py_ssize_t)(mk->end - mk->base));
+    Marks rel = *mk;
+    for (int k = 0; k < M_COUNT; ++k) rel.at[k] -= mk->base, rel.to[k] -= mk->base;
+    rel.end -= mk->base;
+    rel.base = 0;
+    PyObject *marks = tpl ? PyBytes_FromStringAndSize((const char *)&rel, sizeof rel) : NULL;
+    if (marks == NULL) {
+        Py_XDECREF(tpl);
+        PyErr_Clear(); /* no template: later children take the general path */
+        return;
+    }
+    PyList_SetItem(memo, 5, tpl);
+    PyList_SetItem(memo, 6, marks);
 }
 
 /* RESOLVED: the replay and every child written; NOT_YET: a child's statistics are not
@@ -1773,12 +1924,35 @@ static int encode_replay(Encoder *e, PyObject *record, long long gpu_ns) {
     Py_ssize_t count0 = e->count;
     unsigned long long encoded0 = e->encoded;
     seed_span_ids(e);
-    int rc = encode_record(e, record, gpu_ns, NULL, 0, -1, NULL);
+    int rc = encode_record(e, record, gpu_ns, NULL, 0, -1, NULL, NULL);
     PyObject *trace = slot(e, record, R_TRACE_ID), *start = slot(e, record, R_START_NS);
     PyObject *end = slot(e, record, R_END_NS);
+    unsigned char trace_b[16], parent_b[8];
+    uint64_t start_ns = 0, end_ns = 0;
+    if (rc == 0 && (as_bytes(trace, trace_b, 16) < 0 || id64(PyTuple_GET_ITEM(context, 1), parent_b) < 0 ||
+                    as_u64(start, &start_ns) < 0 || as_u64(end, &end_ns) < 0))
+        rc = -1;
     for (Py_ssize_t i = 0; rc == 0 && i < n; ++i) {
         PyObject *proto = PyTuple_GET_ITEM(template, i);
-        PyObject *span_id = PyLong_FromUnsignedLongLong(otel_fi_xoshiro_next(e->rng));
+        PyObject *memo = proto_memo(e, proto);
+        if (memo == NULL) {
+            rc = -1;
+            break;
+        }
+        const RawView *views = has && has[i] ? res[i].views : NULL;
+        int nviews = has && has[i] ? res[i].nviews : 0;
+        uint64_t id = otel_fi_xoshiro_next(e->rng);
+        PyObject *tpl = PyList_GET_ITEM(memo, 5), *marks = PyList_GET_ITEM(memo, 6);
+        if (tpl != Py_None) { /* every child after a prototype's first */
+            unsigned char span_b[8];
+            for (int k = 0; k < 8; ++k) span_b[k] = (unsigned char)(id >> (56 - 8 * k));
+            rc = emit_child(e, (const unsigned char *)PyBytes_AS_STRING(tpl),
+                            (const Marks *)PyBytes_AS_STRING(marks), trace_b, span_b, parent_b,
+                            start_ns, end_ns, index, views, nviews);
+            e->templated += rc == 0;
+            continue;
+        }
+        PyObject *span_id = PyLong_FromUnsignedLongLong(id);
         if (span_id == NULL) {
             rc = -1;
             break;
@@ -1791,9 +1965,10 @@ static int encode_replay(Encoder *e, PyObject *record, long long gpu_ns) {
         slot_set(e, proto, R_PARENT, context);
         slot_set(e, proto, R_START_NS, start);
         slot_set(e, proto, R_END_NS, end);
-        PyObject *memo = proto_memo(e, proto);
-        rc = memo == NULL ? -1 : encode_record(e, proto, -1, has && has[i] ? res[i].views : NULL,
-                                               has && has[i] ? res[i].nviews : 0, index, memo);
+        Marks mk;
+        memset(&mk, 0, sizeof mk);
+        rc = encode_record(e, proto, -1, views, nviews, index, memo, &mk);
+        if (rc == 0 && slot(e, proto, R_ERROR) == Py_None) keep_template(e, memo, &mk);
     }
     if (rc < 0) {
         PyErr_Clear();
@@ -1939,7 +2114,7 @@ static PyObject *enc_drain(Encoder *e, PyObject *args) {
                 if (rc == NOT_YET && append_later != NULL) wait = 1;
                 else if (rc != RESOLVED) to_python = 1;
             } else if (encode_record(e, record, gpu_ns, stats ? res.views : NULL,
-                                     stats ? res.nviews : 0, -1, NULL) < 0) {
+                                     stats ? res.nviews : 0, -1, NULL, NULL) < 0) {
                 PyErr_Clear(); /* Python's path encodes it again and reports what failed;
                                 * the GPU events and statistics are still the record's */
                 to_python = 1;
@@ -2120,6 +2295,7 @@ static PyObject *enc_set_extra(Encoder *e, PyObject *extra) {
     Py_CLEAR(e->extra_block);
     Py_CLEAR(e->extra);
     e->extra_count = 0;
+    if (e->memos != NULL) PyDict_Clear(e->memos); /* the byte templates hold the old ones */
     if (extra != Py_None && PyDict_GET_SIZE(extra)) {
         Py_ssize_t n;
         PyObject *block = encode_block(e, extra, &n);
@@ -2146,10 +2322,10 @@ static PyObject *enc_reset(Encoder *e, PyObject *unused) {
 }
 
 static PyObject *enc_stats(Encoder *e, PyObject *unused) {
-    return Py_BuildValue("{sKsKsKsKsKsKsKsKsn}", "encoded", e->encoded, "failed", e->failed,
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsn}", "encoded", e->encoded, "failed", e->failed,
                          "attribute_errors", e->attr_errors, "gpu_resolved", e->gpu_resolved,
                          "stats_resolved", e->stats_resolved, "replays", e->replays,
-                         "replay_children", e->children,
+                         "replay_children", e->children, "replay_templated", e->templated,
                          "describe_errors", e->describe_errors, "batched", e->count);
 }
 

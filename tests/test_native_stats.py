@@ -92,12 +92,14 @@ def _ring() -> SlotRing:
     return SlotRing(torch.device("cpu"), slots=4, rows=8, pin_memory=False)
 
 
-def _pending(ring: SlotRing, slot: int, rows: torch.Tensor, metas: list[Any], nin: int,
+def _pending(ring: SlotRing, slot: int | None, rows: torch.Tensor, metas: list[Any], nin: int,
              event: int, gpu_time: bool = False, stamps: tuple[int, int] = (0, 0),
              note: str = "") -> StatsPending:
-    """A call's inputs (``nin`` rows) and outputs in ``slot``, as the hooks leave them."""
+    """A call's inputs (``nin`` rows) and outputs in ``slot`` (None: the next free one),
+    as the hooks leave them."""
     taken = ring.acquire()
-    assert taken == slot
+    assert taken is not None and taken == (taken if slot is None else slot)
+    slot = taken
     ring.host[slot].zero_()
     ring.host[slot, : len(rows)] = rows
     if gpu_time:

@@ -73,6 +73,11 @@ def _python_path(fmt: str, replay: ReplayRecord) -> list[Any]:
     children = replay.expand()
     encoder.add(replay)
     for child in children:
+        for pending in child.pending:  # as the worker resolves them (ready, then applied)
+            pending._status = 0  # noqa: SLF001 - its event completed
+            child.own()
+            pending.apply_raw(child)
+        child.pending = _EMPTY
         encoder.add(child)
     return _decode(encoder.take(), fmt)
 
@@ -85,16 +90,21 @@ def _without_span_id(span: Any) -> Any:
 
 
 @pytest.mark.parametrize("fmt", ["protobuf", "json"])
-def test_replay_written_in_c_is_what_python_expands(fmt: str) -> None:
+@pytest.mark.parametrize("index", [9, 10, 2**40])  # the first child, then byte templates
+def test_replay_written_in_c_is_what_python_expands(fmt: str, index: int) -> None:
     capture = _capture()
     tracer, _ = _sdk_tracer()
     encoder = export.make_encoder(tracer, fmt, CallRecord, _EMPTY)
-    replay = _replay(capture)
+    if index != 9:  # earlier replays: each prototype's first child made its template
+        assert encoder.drain(deque([_replay(capture, index=3, replay_id=0x55)]), [], 1,
+                             deque(), 1.0, 2.0) == 1
+        encoder.take()
+    replay = _replay(capture, index=index)
     queue, slow, later = deque([replay]), [], deque()
     assert encoder.drain(queue, slow, 1, later, 1.0, 2.0) == 1
     assert not slow and not later
     got = _decode(encoder.take(), fmt)
-    want = _python_path(fmt, _replay(capture))
+    want = _python_path(fmt, _replay(capture, index=index))
     assert len(got) == len(want) == 4
     assert got[0] == want[0]  # the replay span itself, byte for byte
     for g, w in zip(got[1:], want[1:], strict=True):
@@ -108,12 +118,13 @@ def test_replay_written_in_c_is_what_python_expands(fmt: str) -> None:
         assert child.span_id not in (b"", REPLAY_ID.to_bytes(8, "big"))
         assert [link.span_id for link in child.links] == [(0x100 + i).to_bytes(8, "big")]
         attrs = {kv.key: kv.value for kv in child.attributes}
-        assert attrs["flashinfer.cuda_graph.replay"].int_value == 9
+        assert attrs["flashinfer.cuda_graph.replay"].int_value == index
         assert "flashinfer.cuda_graph.capturing" not in attrs
         assert ("flashinfer.arg.q.shape" in attrs) == (i != 1)
         assert (child.start_time_unix_nano, child.end_time_unix_nano) == (1_000, 2_000)
     stats = encoder.stats()
-    assert stats["replays"] == 1 and stats["replay_children"] == 3
+    assert stats["replays"] == 1 + (index != 9) and stats["replay_children"] == 3 * stats["replays"]
+    assert stats["replay_templated"] == (3 if index != 9 else 0)
     assert replay.template is None and replay.child_pending is None
 
 
@@ -123,6 +134,8 @@ def test_child_span_ids_are_fresh_and_unique_across_replays() -> None:
     encoder = export.make_encoder(tracer, "protobuf", CallRecord, _EMPTY)
     replays = [_replay(capture, index=i, replay_id=0x9000 + i) for i in range(1, 201)]
     assert encoder.drain(deque(replays), [], 500, deque(), 1.0, 2.0) == 200
+    # the first replay's children make their prototypes' byte templates; the rest copy
+    assert encoder.stats()["replay_templated"] == 199 * 4
     spans = _decode(encoder.take(), "protobuf")
     assert len(spans) == 200 * 5
     ids = [s.span_id for s in spans]
@@ -163,6 +176,27 @@ def test_level5_children_carry_their_replays_statistics(events: FakeEvents) -> N
     assert pend[0][0].slot == -1 and pend[2][0].slot == -1
     assert sorted(ring._free) == [0, 1, 2, 3]  # noqa: SLF001
     assert encoder.stats()["stats_resolved"] == 2
+    # the next replays come from the byte templates: their own rows, their own flag,
+    # exactly what Python makes of the same replay
+    clean_rows = rows.clone()
+    clean_rows[0] = clean_rows[3]  # q without its NaN/-inf
+    for fmt in ("protobuf", "json"):
+        enc = export.make_encoder(tracer, fmt, CallRecord, _EMPTY)
+        for index, data in ((20, rows), (21, clean_rows), (22, rows)):
+            ours = [[_pending(ring, None, data, metas, 2, event=70)], None,
+                    [_pending(ring, None, data, metas, 2, event=71)]]
+            assert enc.drain(deque([_replay(capture, index=index, child_pending=ours)]), [], 1,
+                             deque(), 1.0, 2.0) == 1
+            got = _decode(enc.take(), fmt)
+            ref = [[_pending(ring, None, data, metas, 2, event=72)], None,
+                   [_pending(ring, None, data, metas, 2, event=73)]]
+            want = _python_path(fmt, _replay(capture, index=index, child_pending=ref))
+            assert [_without_span_id(g) for g in got] == [_without_span_id(w) for w in want]
+            assert len(ring._free) == 4  # noqa: SLF001 - every slot back, either path
+            flags = [{kv.key for kv in c.attributes} >= {"flashinfer.nonfinite"}
+                     for c in got[1:]]
+            assert flags == ([True, False, True] if data is rows else [False] * 3)
+        assert enc.stats()["replay_children"] == 9
 
 
 def test_what_c_cannot_write_goes_to_python_whole(events: FakeEvents) -> None:  # noqa: F811
@@ -244,3 +278,19 @@ def test_the_default_file_gets_every_replay_and_child(tmp_path: Path) -> None:
         assert child["traceId"] == replays[child["parentSpanId"]]["traceId"]
     names = sorted(c["name"] for c in children if c["parentSpanId"] == next(iter(replays)))
     assert names == ["decode", "rmsnorm", "rmsnorm"]
+
+
+def test_templates_follow_the_attributes_every_span_gets() -> None:
+    """A forked child's encoder gets its pid on every span (``set_extra``): children
+    copied from byte templates made before must carry the new value, not the old."""
+    capture = _capture(2)
+    tracer, _ = _sdk_tracer()
+    encoder = export.make_encoder(tracer, "protobuf", CallRecord, _EMPTY)
+    encoder.set_extra({"process.pid": 1})
+    assert encoder.drain(deque([_replay(capture, index=1)]), [], 1, deque(), 1.0, 2.0) == 1
+    encoder.take()
+    encoder.set_extra({"process.pid": 2})
+    assert encoder.drain(deque([_replay(capture, index=2)]), [], 1, deque(), 1.0, 2.0) == 1
+    for span in _decode(encoder.take(), "protobuf"):
+        attrs = {kv.key: kv.value.int_value for kv in span.attributes}
+        assert attrs["process.pid"] == 2, span.name
