@@ -616,7 +616,10 @@ class Pipeline:
                         time.sleep(_YIELD_S)
             while len(waiting) > self.max_waiting:
                 record = waiting.popleft()
-                self._finish(record, abandon="backpressure")
+                try:
+                    self._finish(record, abandon="backpressure")
+                except Exception as exc:  # noqa: BLE001 - the worker must go on
+                    health.report("export_errors", "could not export a span", exc)
         finally:
             spans = self._count_paths()
             spent = time.thread_time() - cpu
@@ -676,6 +679,10 @@ class Pipeline:
             health.report("export_errors", "could not export a span", exc)
 
     def _finish(self, record: CallRecord, abandon: str | None = None) -> None:
+        if type(record) is ReplayRecord and record.template is not None:
+            # Given up whole (backpressure): its children too, each saying why.
+            for child in record.expand():
+                self._finish(child, abandon)
         record.own()
         gpu = record.gpu
         if gpu is not None:

@@ -294,3 +294,26 @@ def test_templates_follow_the_attributes_every_span_gets() -> None:
     for span in _decode(encoder.take(), "protobuf"):
         attrs = {kv.key: kv.value.int_value for kv in span.attributes}
         assert attrs["process.pid"] == 2, span.name
+
+
+def test_a_replay_given_up_under_backpressure_still_writes_its_children(tmp_path: Path) -> None:
+    """The worker gives the oldest waiting records up when too many wait: a replay is
+    expanded first, so its children go out (each saying why) instead of the encoder
+    refusing a replay whose children were never written."""
+    from test_native_export import _file_provider
+
+    from otel_flashinfer.pipeline import Pipeline
+
+    path = tmp_path / "traces.jsonl"
+    provider, tracer = _file_provider(path)
+    pipeline = Pipeline(tracer, provider=provider, interval_s=0.01)
+    assert pipeline.export_path == "native"
+    replay = _replay(_capture(3))
+    pipeline._finish(replay, abandon="backpressure")  # noqa: SLF001 - as the worker does
+    assert pipeline.flush(10)
+    spans = _spans_in(path)
+    assert sorted(s["name"] for s in spans) == ["call0", "call1", "call2", "cuda_graph.replay"]
+    replay_id = format(REPLAY_ID, "016x")
+    children = [s for s in spans if s["name"] != "cuda_graph.replay"]
+    assert all(s["parentSpanId"] == replay_id for s in children)
+    pipeline.shutdown(5)
