@@ -400,10 +400,7 @@ class NativeExport:
         encoders = list(self.encoders.values())
         if len(encoders) == 1:
             with self._enc_lock:
-                if later is None:
-                    encoders[0].drain(queue, slow, limit)
-                else:
-                    encoders[0].drain(queue, slow, limit, later, now, deadline)
+                encoders[0].drain(queue, slow, limit, later, now, deadline)
         else:  # several formats: each record once through each encoder
             records = [queue.popleft() for _ in range(min(limit, len(queue)))]
             for record in records:

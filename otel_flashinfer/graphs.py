@@ -26,7 +26,7 @@ from opentelemetry.trace import Link
 
 from . import capture_guard, health
 from .graph_sampling import ReplaySampler
-from .pipeline import REPLAY_INDEX_ATTR, CallRecord, ReplayRecord
+from .pipeline import CallRecord, ReplayRecord
 
 _ids = itertools.count(1)
 _capturing: Capture | None = None
@@ -55,7 +55,6 @@ class Capture:
         self.sampler: ReplaySampler | None = None
         #: ``health.dropped()`` when this graph's last replay span was made.
         self.dropped_seen = health.dropped()
-        self._children: list[tuple[CallRecord, dict[str, Any], Link, tuple]] | None = None
         #: Hooks that read the child record they are given (level 10's manifests name
         #: its span): their replays make the children here, not on the worker.
         self.hooks_need_child = False
@@ -65,39 +64,30 @@ class Capture:
         # The wrapper gave a captured call its own attributes (``CallRecord.own``).
         self.attributes[id(record)] = dict(record.attributes)
         self.records.append(record)
-        self._children = self._template = None
-
-    def children(self) -> list[tuple[CallRecord, dict[str, Any], Link, tuple]]:
-        """Per captured call: (record, its replay children's attributes but the replay
-        index, the link to it, its replay hooks), made once: every replay reads the same."""
-        children = self._children
-        if children is None:
-            children = self._children = [
-                (captured,
-                 {k: v for k, v in self.attributes[id(captured)].items()
-                  if k != "flashinfer.cuda_graph.capturing"},
-                 Link(trace_api.SpanContext(
-                     captured.trace_id, captured.span_id, False,
-                     trace_api.TraceFlags(trace_api.TraceFlags.SAMPLED))),
-                 tuple(self.replay_hooks.get(id(captured), ())))
-                for captured in self.records]
-        return children
+        self._template = None
 
     def template(self) -> tuple[tuple[CallRecord, ...], tuple[tuple, ...]]:
-        """(prototypes, their replay hooks): per captured call a read-only record the
-        worker makes each replay's child from (``pipeline.ReplayRecord``), made once."""
+        """(prototypes, their replay hooks), made once: per captured call a read-only
+        record that each replay's child is made from (``pipeline.ReplayRecord``): its
+        name, attributes but the replay index, link to the capture-time span and
+        capture-time argument snapshots."""
         template = self._template
         if template is None:
             protos = []
-            for captured, attrs, link, _hooks in self.children():
+            for captured in self.records:
+                attrs = {k: v for k, v in self.attributes[id(captured)].items()
+                         if k != "flashinfer.cuda_graph.capturing"}
                 proto = CallRecord(captured.name, 0, 0, None, 0, 0, attrs,
                                    describe=captured.describe)
                 proto.data, proto.kw, proto.result = captured.data, captured.kw, captured.result
-                proto.links = [link]
+                proto.links = [Link(trace_api.SpanContext(
+                    captured.trace_id, captured.span_id, False,
+                    trace_api.TraceFlags(trace_api.TraceFlags.SAMPLED)))]
                 proto.shared = True  # never written: the encoder keeps its block
                 protos.append(proto)
-            template = self._template = (tuple(protos),
-                                         tuple(hooks for *_, hooks in self.children()))
+            template = self._template = (
+                tuple(protos),
+                tuple(tuple(self.replay_hooks.get(id(c), ())) for c in self.records))
         return template
 
     def add_replay_hook(self, record: CallRecord,
@@ -109,7 +99,7 @@ class Capture:
         the worker make the children instead of the replaying thread."""
         self.replay_hooks.setdefault(id(record), []).append(hook)
         self.hooks_need_child = self.hooks_need_child or needs_child
-        self._children = self._template = None
+        self._template = None
 
 
 def capture_state() -> Capture | None:
@@ -259,20 +249,28 @@ def emit_replay(runtime: Any, capture: Capture, index: int, start_ns: int, end_n
         # Nothing dropped silently: the next replay span says what was lost meanwhile.
         attrs["flashinfer.cuda_graph.dropped_before"] = dropped - capture.dropped_seen
         capture.dropped_seen = dropped
-    replay_record = CallRecord("cuda_graph.replay", trace_id, replay_id, parent, start_ns,
-                               end_ns, attrs)
-    if type(timing) is int:
-        replay_record.gpu = timing
-    elif timing is not None:
-        replay_record.pending.append(timing)
     replay_context = trace_api.SpanContext(
         trace_id, replay_id, False, trace_api.TraceFlags(trace_api.TraceFlags.SAMPLED)
     )
-    if not capture.hooks_need_child:
-        # One record; the worker (the encoder, in C) makes the children from the
-        # capture's prototypes.  Hooks still run here: their copies must follow the
-        # replay on its stream.
-        protos, hook_lists = capture.template()
+    protos, hook_lists = capture.template()
+    record = ReplayRecord(trace_id, replay_id, parent, start_ns, end_ns, attrs,
+                          replay_context, index, protos, None)
+    if type(timing) is int:
+        record.gpu = timing
+    elif timing is not None:
+        record.pending.append(timing)
+    # Hooks run here, on the replaying thread: their copies must follow the replay on
+    # its stream (no stream object: the current one, where the replay ran).
+    if capture.hooks_need_child:
+        # Level 10's hooks name each child's span: the children are made now.
+        for child, hooks in zip(record.expand(), hook_lists, strict=True):
+            for hook in hooks:
+                pending = hook(None, child)
+                if pending is not None:
+                    child.pending.append(pending)
+            runtime.pipeline.submit(child)
+    else:
+        # One record; the worker (the encoder, in C) makes the children.
         child_pending = None
         for i, hooks in enumerate(hook_lists):
             for hook in hooks:
@@ -284,28 +282,5 @@ def emit_replay(runtime: Any, capture: Capture, index: int, start_ns: int, end_n
                         child_pending[i] = [pending]
                     else:
                         child_pending[i].append(pending)
-        record = ReplayRecord(trace_id, replay_id, parent, start_ns, end_ns, attrs,
-                              replay_context, index, protos, child_pending)
-        if type(timing) is int:
-            record.gpu = timing
-        elif timing is not None:
-            record.pending.append(timing)
-        runtime.pipeline.submit(record)
-        return
-    for captured, base_attrs, link, hooks in capture.children():
-        child_attrs = dict(base_attrs)
-        child_attrs[REPLAY_INDEX_ATTR] = index
-        child = CallRecord(captured.name, trace_id, getrandbits(64) or 1, replay_context,
-                           start_ns, end_ns, child_attrs, describe=captured.describe)
-        # The capture-time snapshots, described as the capture-time span was: the same
-        # objects every replay, so the native encoder reuses one encoded block.
-        child.data, child.kw, child.result = captured.data, captured.kw, captured.result
-        child.add_link(link)
-        for hook in hooks:
-            # No stream object: a hook's work goes on the current stream, where the
-            # replay ran (making a torch Stream per replay cost a fifth of its time).
-            pending = hook(None, child)
-            if pending is not None:
-                child.pending.append(pending)
-        runtime.pipeline.submit(child)
-    runtime.pipeline.submit(replay_record)
+        record.child_pending = child_pending
+    runtime.pipeline.submit(record)
