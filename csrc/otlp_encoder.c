@@ -1113,13 +1113,14 @@ typedef struct {
 
 #define MARK_AT(mk, k) do { if (mk) (mk)->at[k] = b->len; } while (0)
 #define MARK_TO(mk, k) do { if (mk) (mk)->to[k] = b->len; } while (0)
+/* A value a child's template rewrites: written (``goto fail`` if that fails), marked. */
+#define MARKED(mk, k, write) \
+    do { MARK_AT(mk, k); if ((write) < 0) goto fail; MARK_TO(mk, k); } while (0)
 
-/* ``memo``: a replay prototype's [proto, describe bytes, count, dict, links bytes]
- * (encode_replay): its argument attributes and links are the same for every child,
- * so they are encoded once and copied after (links read Python properties, and the
- * argument check compares snapshots: together most of a child's cost). */
+/* ``replay_index`` >= 0: a replay's child, which says its replay; ``mk``: where its
+ * per-replay values went (encode_replay keeps the bytes as a template). */
 static int encode_record(Encoder *e, PyObject *record, long long gpu_ns, const RawView *extra,
-                         int n_extra, long long replay_index, PyObject *memo, Marks *mk) {
+                         int n_extra, long long replay_index, Marks *mk) {
     Buf *b = &e->spans;
     size_t start = b->len;
     unsigned char trace[16], span[8], parent_span[8];
@@ -1179,13 +1180,9 @@ static int encode_record(Encoder *e, PyObject *record, long long gpu_ns, const R
         if (e->count && put_c(b, ',') < 0) goto fail;
         if (mk) mk->base = b->len;
         if (PUT_LIT(b, "{\"traceId\":") < 0) goto fail;
-        MARK_AT(mk, M_TRACE);
-        if (js_hex(b, trace, 16) < 0) goto fail;
-        MARK_TO(mk, M_TRACE);
+        MARKED(mk, M_TRACE, js_hex(b, trace, 16));
         if (PUT_LIT(b, ",\"spanId\":") < 0) goto fail;
-        MARK_AT(mk, M_SPAN);
-        if (js_hex(b, span, 8) < 0) goto fail;
-        MARK_TO(mk, M_SPAN);
+        MARKED(mk, M_SPAN, js_hex(b, span, 8));
         if (state_text != NULL) {
             Py_ssize_t n;
             const char *s = PyUnicode_AsUTF8AndSize(state_text, &n);
@@ -1193,20 +1190,14 @@ static int encode_record(Encoder *e, PyObject *record, long long gpu_ns, const R
             if (n && (PUT_LIT(b, ",\"traceState\":") < 0 || js_str(b, s, n) < 0)) goto fail;
         }
         if (has_parent && PUT_LIT(b, ",\"parentSpanId\":") < 0) goto fail;
-        MARK_AT(mk, M_PARENT);
-        if (has_parent && js_hex(b, parent_span, 8) < 0) goto fail;
-        MARK_TO(mk, M_PARENT);
+        MARKED(mk, M_PARENT, has_parent ? js_hex(b, parent_span, 8) : 0);
         if (PUT_LIT(b, ",\"flags\":") < 0 || js_u64(b, flags, 0) < 0) goto fail;
         if (name_len && (PUT_LIT(b, ",\"name\":") < 0 || js_str(b, name_s, name_len) < 0))
             goto fail;
         if (PUT_LIT(b, ",\"kind\":1,\"startTimeUnixNano\":") < 0) goto fail;
-        MARK_AT(mk, M_START);
-        if (js_u64(b, start_ns, 1) < 0) goto fail;
-        MARK_TO(mk, M_START);
+        MARKED(mk, M_START, js_u64(b, start_ns, 1));
         if (PUT_LIT(b, ",\"endTimeUnixNano\":") < 0) goto fail;
-        MARK_AT(mk, M_END);
-        if (js_u64(b, end_ns, 1) < 0) goto fail;
-        MARK_TO(mk, M_END);
+        MARKED(mk, M_END, js_u64(b, end_ns, 1));
     }
 
     /* attributes: base (or the owned dict), instance id, GPU time, arguments, extra */
@@ -1262,14 +1253,7 @@ static int encode_record(Encoder *e, PyObject *record, long long gpu_ns, const R
         written += rc;
     }
     PyObject *describer = slot(e, record, R_DESCRIBE);
-    int memo_filled = memo != NULL && PyList_GET_ITEM(memo, 4) != Py_None;
-    if (memo_filled) {
-        PyObject *bytes = PyList_GET_ITEM(memo, 1);
-        if (bytes != Py_None &&
-            block_within(e, b, bytes, PyLong_AsSsize_t(PyList_GET_ITEM(memo, 2)),
-                         PyList_GET_ITEM(memo, 3), &written, &dropped, &first) < 0)
-            goto fail;
-    } else if (describer != NULL && describer != Py_None) {
+    if (describer != NULL && describer != Py_None) {
         PyObject *bytes, *dict;
         Py_ssize_t count;
         if (describe_block(e, record, &bytes, &count, &dict) < 0) {
@@ -1277,17 +1261,8 @@ static int encode_record(Encoder *e, PyObject *record, long long gpu_ns, const R
             if (PyErr_ExceptionMatches(PyExc_MemoryError)) goto fail;
             PyErr_Clear();
             e->describe_errors++;
-        } else {
-            if (block_within(e, b, bytes, count, dict, &written, &dropped, &first) < 0) goto fail;
-            if (memo != NULL) {
-                PyObject *n = PyLong_FromSsize_t(count);
-                if (n == NULL) goto fail;
-                Py_INCREF(bytes);
-                Py_INCREF(dict);
-                PyList_SetItem(memo, 1, bytes);
-                PyList_SetItem(memo, 2, n);
-                PyList_SetItem(memo, 3, dict);
-            }
+        } else if (block_within(e, b, bytes, count, dict, &written, &dropped, &first) < 0) {
+            goto fail;
         }
     }
     if (e->extra_block != NULL &&
@@ -1390,12 +1365,6 @@ static int encode_record(Encoder *e, PyObject *record, long long gpu_ns, const R
     int has_plan = plan_link != NULL && plan_link != Py_None;
     Py_ssize_t total_links = n_links + has_plan;
     Py_ssize_t dropped_links = total_links > e->max_links ? total_links - e->max_links : 0;
-    size_t links_at = b->len;
-    if (memo_filled) {
-        PyObject *lb = PyList_GET_ITEM(memo, 4);
-        if (put(b, PyBytes_AS_STRING(lb), (size_t)PyBytes_GET_SIZE(lb)) < 0) goto fail;
-        total_links = dropped_links = 0; /* written: skip both below */
-    }
     if (total_links - dropped_links > 0) {
         int first_link = 1;
         Py_ssize_t left = total_links - dropped_links;
@@ -1425,11 +1394,6 @@ static int encode_record(Encoder *e, PyObject *record, long long gpu_ns, const R
                   js_u64(b, (uint64_t)dropped_links, 0) < 0)
                : (pb_tag(b, 14, 0) < 0 || pb_varint(b, (uint64_t)dropped_links) < 0))
             goto fail;
-    }
-    if (memo != NULL && !memo_filled) {
-        PyObject *lb = PyBytes_FromStringAndSize((const char *)b->p + links_at, b->len - links_at);
-        if (lb == NULL) goto fail;
-        PyList_SetItem(memo, 4, lb); /* filled: later children copy it */
     }
 
     /* status: the user's exception, else a CUDA error pinned to this call */
@@ -1518,7 +1482,7 @@ static PyObject *enc_add(Encoder *e, PyObject *record) {
         return NULL;
     }
     e->busy = 1;
-    int rc = encode_record(e, record, -1, NULL, 0, -1, NULL, NULL);
+    int rc = encode_record(e, record, -1, NULL, 0, -1, NULL);
     e->busy = 0;
     if (rc < 0) return NULL;
     Py_RETURN_NONE;
@@ -1755,15 +1719,15 @@ static void seed_span_ids(Encoder *e) {
     e->rng_pid = pid;
 }
 
-/* A prototype's memo (encode_record), made on its first child; it holds the prototype,
- * so the address it is found by cannot be reused while it is kept. */
+/* A prototype's memo, [proto, template bytes, marks] (keep_template fills the last
+ * two on its first child); it holds the prototype, so the address it is found by
+ * cannot be reused while it is kept. */
 static PyObject *proto_memo(Encoder *e, PyObject *proto) {
     PyObject *key = PyLong_FromVoidPtr(proto);
     if (key == NULL) return NULL;
     PyObject *memo = PyDict_GetItemWithError(e->memos, key);
     if (memo == NULL && !PyErr_Occurred()) {
-        memo = Py_BuildValue("[OOiOOOO]", proto, Py_None, 0, Py_None, Py_None, Py_None,
-                             Py_None);
+        memo = Py_BuildValue("[OOO]", proto, Py_None, Py_None);
         if (PyDict_GET_SIZE(e->memos) > 8192) PyDict_Clear(e->memos); /* many captures */
         if (memo != NULL && PyDict_SetItem(e->memos, key, memo) < 0) Py_CLEAR(memo);
         Py_XDECREF(memo); /* the dict holds it */
@@ -1868,8 +1832,8 @@ static void keep_template(Encoder *e, PyObject *memo, Marks *mk) {
         PyErr_Clear(); /* no template: later children take the general path */
         return;
     }
-    PyList_SetItem(memo, 5, tpl);
-    PyList_SetItem(memo, 6, marks);
+    PyList_SetItem(memo, 1, tpl);
+    PyList_SetItem(memo, 2, marks);
 }
 
 /* RESOLVED: the replay and every child written; NOT_YET: a child's statistics are not
@@ -1924,7 +1888,7 @@ static int encode_replay(Encoder *e, PyObject *record, long long gpu_ns) {
     Py_ssize_t count0 = e->count;
     unsigned long long encoded0 = e->encoded;
     seed_span_ids(e);
-    int rc = encode_record(e, record, gpu_ns, NULL, 0, -1, NULL, NULL);
+    int rc = encode_record(e, record, gpu_ns, NULL, 0, -1, NULL);
     PyObject *trace = slot(e, record, R_TRACE_ID), *start = slot(e, record, R_START_NS);
     PyObject *end = slot(e, record, R_END_NS);
     unsigned char trace_b[16], parent_b[8];
@@ -1942,7 +1906,7 @@ static int encode_replay(Encoder *e, PyObject *record, long long gpu_ns) {
         const RawView *views = has && has[i] ? res[i].views : NULL;
         int nviews = has && has[i] ? res[i].nviews : 0;
         uint64_t id = otel_fi_xoshiro_next(e->rng);
-        PyObject *tpl = PyList_GET_ITEM(memo, 5), *marks = PyList_GET_ITEM(memo, 6);
+        PyObject *tpl = PyList_GET_ITEM(memo, 1), *marks = PyList_GET_ITEM(memo, 2);
         if (tpl != Py_None) { /* every child after a prototype's first */
             unsigned char span_b[8];
             for (int k = 0; k < 8; ++k) span_b[k] = (unsigned char)(id >> (56 - 8 * k));
@@ -1967,7 +1931,7 @@ static int encode_replay(Encoder *e, PyObject *record, long long gpu_ns) {
         slot_set(e, proto, R_END_NS, end);
         Marks mk;
         memset(&mk, 0, sizeof mk);
-        rc = encode_record(e, proto, -1, views, nviews, index, memo, &mk);
+        rc = encode_record(e, proto, -1, views, nviews, index, &mk);
         if (rc == 0 && slot(e, proto, R_ERROR) == Py_None) keep_template(e, memo, &mk);
     }
     if (rc < 0) {
@@ -2114,7 +2078,7 @@ static PyObject *enc_drain(Encoder *e, PyObject *args) {
                 if (rc == NOT_YET && append_later != NULL) wait = 1;
                 else if (rc != RESOLVED) to_python = 1;
             } else if (encode_record(e, record, gpu_ns, stats ? res.views : NULL,
-                                     stats ? res.nviews : 0, -1, NULL, NULL) < 0) {
+                                     stats ? res.nviews : 0, -1, NULL) < 0) {
                 PyErr_Clear(); /* Python's path encodes it again and reports what failed;
                                 * the GPU events and statistics are still the record's */
                 to_python = 1;
