@@ -83,16 +83,22 @@ class _FakeGraph:
         pass
 
 
-@pytest.mark.parametrize("every", ["4", "auto"])
-def test_replay_spans_say_what_was_skipped(spans, monkeypatch, every: str) -> None:
+def _captured_step(monkeypatch) -> _FakeGraph:  # noqa: ANN001
+    """Level 1 on, and a stand-in graph with one traced call ("step") captured."""
     monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
-    monkeypatch.setenv("OTEL_FLASHINFER_REPLAY_EVERY", every)
     otel_flashinfer.instrument(level=1, journal_dir="")
     step = otel_flashinfer.traced(lambda x: x, name="step")
     graph = _FakeGraph()
     graph.capture_begin()
     step(torch.zeros(2))
     graph.capture_end()
+    return graph
+
+
+@pytest.mark.parametrize("every", ["4", "auto"])
+def test_replay_spans_say_what_was_skipped(spans, monkeypatch, every: str) -> None:
+    monkeypatch.setenv("OTEL_FLASHINFER_REPLAY_EVERY", every)
+    graph = _captured_step(monkeypatch)
     replays = 2000
     for _ in range(replays):
         graph.replay()
@@ -120,13 +126,7 @@ def test_replay_spans_say_what_was_skipped(spans, monkeypatch, every: str) -> No
 def test_drops_are_said_on_the_next_replay_span(spans, monkeypatch) -> None:
     from otel_flashinfer import health
 
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
-    otel_flashinfer.instrument(level=1, journal_dir="")
-    step = otel_flashinfer.traced(lambda x: x, name="step")
-    graph = _FakeGraph()
-    graph.capture_begin()
-    step(torch.zeros(2))
-    graph.capture_end()
+    graph = _captured_step(monkeypatch)
     graph.replay()
     health.count("spans_dropped", 5)  # a queue past its limit
     health.count("stats_dropped", 2)

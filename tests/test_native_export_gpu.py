@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_native_export import _spans_in
 
 pytestmark = pytest.mark.gpu
 
@@ -48,16 +49,6 @@ print(json.dumps({"flushed": ok, "counters": health.counters(), "encoders": stat
 '''
 
 
-def _file_spans(path: Path) -> list[dict[str, Any]]:
-    """Every span of an OTLP/JSON-lines file."""
-    spans = []
-    for line in path.read_text().splitlines():
-        for rs in json.loads(line)["resourceSpans"]:
-            for ss in rs["scopeSpans"]:
-                spans.extend(ss["spans"])
-    return spans
-
-
 def _run(tmp_path: Path, level: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     script = tmp_path / "program.py"
     script.write_text(PROGRAM)
@@ -65,7 +56,7 @@ def _run(tmp_path: Path, level: int) -> tuple[dict[str, Any], list[dict[str, Any
                           cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    spans = _file_spans(tmp_path / "flashinfer_traces.jsonl")
+    spans = _spans_in(tmp_path / "flashinfer_traces.jsonl")
     return report, spans
 
 
@@ -163,7 +154,7 @@ def test_level5_replays_are_written_whole_by_the_encoder(tmp_path: Path) -> None
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["flushed"], report
-    spans = _file_spans(tmp_path / "flashinfer_traces.jsonl")
+    spans = _spans_in(tmp_path / "flashinfer_traces.jsonl")
     replays = {s["spanId"]: s for s in spans if s["name"] == "cuda_graph.replay"}
     children = [s for s in spans if s.get("parentSpanId") in replays]
     index = {s["spanId"]: _attrs(s)["flashinfer.cuda_graph.replay"] for s in replays.values()}
