@@ -976,6 +976,18 @@ static int raw_view(PyObject *raw, RawView *v) {
     return 0;
 }
 
+static int raw_nonfinite(const RawView *v);
+
+/* Rows in ``n`` views, and whether any saw NaN/Inf (``*nonfinite`` set, never cleared). */
+static Py_ssize_t views_rows(const RawView *v, int n, int *nonfinite) {
+    Py_ssize_t rows = 0;
+    for (int i = 0; i < n; ++i) {
+        rows += v[i].nrows;
+        *nonfinite = *nonfinite || raw_nonfinite(&v[i]);
+    }
+    return rows;
+}
+
 static int raw_nonfinite(const RawView *v) {
     for (Py_ssize_t i = 0; i < v->nrows; ++i) {
         const unsigned char *row = v->rows + i * ROW_BYTES;
@@ -1273,12 +1285,8 @@ static int encode_record(Encoder *e, PyObject *record, long long gpu_ns, const R
     PyObject *events = slot(e, record, R_EVENTS);
     Py_ssize_t n_events = events != NULL && (PyList_Check(events) || PyTuple_Check(events))
                               ? PySequence_Fast_GET_SIZE(events) : 0;
-    Py_ssize_t total_events = 0;
     int nonfinite = 0;
-    for (int i = 0; i < n_extra; ++i) {
-        total_events += extra[i].nrows;
-        nonfinite = nonfinite || raw_nonfinite(&extra[i]);
-    }
+    Py_ssize_t total_events = views_rows(extra, n_extra, &nonfinite);
     for (Py_ssize_t i = 0; i < n_events; ++i) {
         PyObject *ev = PySequence_Fast_GET_ITEM(events, i);
         if (e->raw_stats != NULL && Py_TYPE(ev) == e->raw_stats) {
@@ -1748,12 +1756,8 @@ static int emit_child(Encoder *e, const unsigned char *tpl, const Marks *mk,
     int js = e->fmt == FMT_JSON;
     size_t mark = 0, at = 0;
     if (js ? (e->count && put_c(b, ',') < 0) : pb_open(b, 2, &mark) < 0) return -1;
-    Py_ssize_t total = 0;
     int nonfinite = 0;
-    for (int i = 0; i < nviews; ++i) {
-        total += views[i].nrows;
-        nonfinite = nonfinite || raw_nonfinite(&views[i]);
-    }
+    Py_ssize_t total = views_rows(views, nviews, &nonfinite);
     for (int k = 0; k < M_COUNT; ++k) {
         if (put(b, tpl + at, mk->at[k] - at) < 0) return -1;
         at = mk->to[k];
