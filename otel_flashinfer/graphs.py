@@ -258,7 +258,7 @@ def emit_replay(runtime: Any, capture: Capture, index: int, start_ns: int, end_n
     if type(timing) is int:
         record.gpu = timing
     elif timing is not None:
-        record.pending.append(timing)
+        record.add_pending(timing)
     # Hooks run here, on the replaying thread: their copies must follow the replay on
     # its stream (no stream object: the current one, where the replay ran).
     if capture.hooks_need_child:
@@ -267,7 +267,7 @@ def emit_replay(runtime: Any, capture: Capture, index: int, start_ns: int, end_n
             for hook in hooks:
                 pending = hook(None, child)
                 if pending is not None:
-                    child.pending.append(pending)
+                    child.add_pending(pending)
             runtime.pipeline.submit(child)
     else:
         # One record; the worker (the encoder, in C) makes the children.

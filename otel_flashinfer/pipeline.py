@@ -523,14 +523,35 @@ class Pipeline:
         queue = self._queue
         if len(queue) >= self.max_queue:
             try:
-                queue.popleft()
+                dropped = queue.popleft()
             except IndexError:
                 pass
+            else:
+                self._let_go(dropped)
             health.report("spans_dropped", "span queue full: dropping the oldest spans")
         queue.append(record)
         # Wake the worker once per full batch, not once per call past it.
         if len(queue) == self._batch:
             self._wake.set()
+
+    def _let_go(self, record: CallRecord) -> None:
+        """A record dropped unexported still hands back what it holds (statistics ring
+        slots, GPU events): otherwise every drop would shrink the rings for good."""
+        try:
+            gpu = record.gpu
+            if gpu is not None:
+                record.gpu = None
+                self.gpu_times.abandon(record, gpu, "queue_full")
+            held = [record.pending]
+            if type(record) is ReplayRecord and record.child_pending is not None:
+                held.extend(p for p in record.child_pending if p is not None)
+            for pendings in held:
+                for pending in pendings:
+                    pending.abandon(record, "queue_full")
+            record.pending = _EMPTY
+        except Exception as exc:  # noqa: BLE001 - the caller's call goes on
+            health.report("pending_errors", "could not release a dropped span's GPU work",
+                          exc)
 
     def wake(self) -> None:
         """Have the worker drain now rather than at its next tick (a ring running low)."""
