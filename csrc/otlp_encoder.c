@@ -1253,7 +1253,6 @@ static int encode_record(Encoder *e, PyObject *record, long long gpu_ns, const R
         }
         if (rc < 0) goto fail;
         written += rc;
-        MARK_TO(mk, M_INDEX);
     }
     if (gpu_ns >= 0) {
         PyObject *value = PyLong_FromLongLong(gpu_ns);
@@ -1264,6 +1263,9 @@ static int encode_record(Encoder *e, PyObject *record, long long gpu_ns, const R
         if (rc < 0) goto fail;
         written += rc;
     }
+    /* a child's GPU time (its statistics launches' stamps) is per replay: the index's
+     * region takes it too */
+    if (replay_index >= 0) MARK_TO(mk, M_INDEX);
     PyObject *describer = slot(e, record, R_DESCRIBE);
     if (describer != NULL && describer != Py_None) {
         PyObject *bytes, *dict;
@@ -1751,7 +1753,7 @@ static PyObject *proto_memo(Encoder *e, PyObject *proto) {
 static int emit_child(Encoder *e, const unsigned char *tpl, const Marks *mk,
                       const unsigned char *trace, const unsigned char *span,
                       const unsigned char *parent, uint64_t start, uint64_t end,
-                      long long index, const RawView *views, int nviews) {
+                      long long index, long long gpu_ns, const RawView *views, int nviews) {
     Buf *b = &e->spans;
     int js = e->fmt == FMT_JSON;
     size_t mark = 0, at = 0;
@@ -1781,6 +1783,11 @@ static int emit_child(Encoder *e, const unsigned char *tpl, const Marks *mk,
         case M_INDEX:
             first = mk->index_first;
             rc = kv_c(e, b, 9, "flashinfer.cuda_graph.replay", 'i', NULL, 0, index, 0, &first);
+            if (rc >= 0 && gpu_ns >= 0) {
+                PyObject *value = PyLong_FromLongLong(gpu_ns);
+                rc = value == NULL ? -1 : attr(e, b, 9, e->k_gpu_time, value, &first);
+                Py_XDECREF(value);
+            }
             break;
         case M_NONFINITE:
             first = 0; /* the index comes before it */
@@ -1815,7 +1822,8 @@ static int emit_child(Encoder *e, const unsigned char *tpl, const Marks *mk,
  * its bytes and regions as the prototype's template, where they can serve every later
  * child (no attribute dropped, room for the per-child ones, regions in order). */
 static void keep_template(Encoder *e, PyObject *memo, Marks *mk) {
-    if (mk->dropped || mk->written + 1 > e->max_attributes) return;
+    /* room for the per-child attributes: nonfinite, and a GPU time the first had not */
+    if (mk->dropped || mk->written + 2 > e->max_attributes) return;
     size_t last = mk->base;
     for (int k = 0; k < M_COUNT; ++k) {
         if (mk->at[k] < last || mk->to[k] < mk->at[k]) return;
@@ -1909,6 +1917,7 @@ static int encode_replay(Encoder *e, PyObject *record, long long gpu_ns) {
         }
         const RawView *views = has && has[i] ? res[i].views : NULL;
         int nviews = has && has[i] ? res[i].nviews : 0;
+        long long child_gpu = has && has[i] ? res[i].gpu_ns : -1;
         uint64_t id = otel_fi_xoshiro_next(e->rng);
         PyObject *tpl = PyList_GET_ITEM(memo, 1), *marks = PyList_GET_ITEM(memo, 2);
         if (tpl != Py_None) { /* every child after a prototype's first */
@@ -1916,7 +1925,7 @@ static int encode_replay(Encoder *e, PyObject *record, long long gpu_ns) {
             for (int k = 0; k < 8; ++k) span_b[k] = (unsigned char)(id >> (56 - 8 * k));
             rc = emit_child(e, (const unsigned char *)PyBytes_AS_STRING(tpl),
                             (const Marks *)PyBytes_AS_STRING(marks), trace_b, span_b, parent_b,
-                            start_ns, end_ns, index, views, nviews);
+                            start_ns, end_ns, index, child_gpu, views, nviews);
             e->templated += rc == 0;
             continue;
         }
@@ -1935,7 +1944,7 @@ static int encode_replay(Encoder *e, PyObject *record, long long gpu_ns) {
         slot_set(e, proto, R_END_NS, end);
         Marks mk;
         memset(&mk, 0, sizeof mk);
-        rc = encode_record(e, proto, -1, views, nviews, index, &mk);
+        rc = encode_record(e, proto, child_gpu, views, nviews, index, &mk);
         if (rc == 0 && slot(e, proto, R_ERROR) == Py_None) keep_template(e, memo, &mk);
     }
     if (rc < 0) {

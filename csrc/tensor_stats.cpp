@@ -212,9 +212,9 @@ void launch_items(std::vector<Item>& items, int64_t* out, cudaStream_t stream, i
       ld.row_lo = static_cast<int32_t>(first == 0 ? pub.row_lo : items[first].d.row);
       ld.row_hi = static_cast<int32_t>(last == items.size() ? pub.row_hi : items[last].d.row);
       ld.rezero = pub.rezero ? 1 : 0;
-      if (first == 0) ld.stamp_start = pub.stamp_start;
-      if (last == items.size()) ld.stamp_end = pub.stamp_end;
+      if (last == items.size()) ld.stamp_end = pub.stamp_end;  // the publishing block's
     }
+    if (first == 0) ld.stamp_start = pub.stamp_start;  // block 0's: no publish needed
     int64_t want[kMaxTensorsPerLaunch];
     int64_t total_want = 0;
     for (size_t k = first; k < last; ++k) {
@@ -256,7 +256,8 @@ void run(at::Tensor& out, const std::vector<at::Tensor>& tensors, const std::vec
          const std::vector<int64_t>& steps, const std::vector<std::optional<at::Tensor>>& indices,
          const std::vector<std::optional<at::Tensor>>& indptr, const std::vector<int64_t>& batch,
          const std::vector<std::optional<at::Tensor>>& last_page_len,
-         const std::vector<int64_t>& slot_dim, cudaStream_t stream, bool zero) {
+         const std::vector<int64_t>& slot_dim, cudaStream_t stream, bool zero,
+         const Publish& pub) {
   const size_t n = tensors.size();
   TORCH_CHECK(rows.size() == n && steps.size() == n && indices.size() == n &&
                   indptr.size() == n && batch.size() == n,
@@ -277,19 +278,36 @@ void run(at::Tensor& out, const std::vector<at::Tensor>& tensors, const std::vec
   if (zero) {
     C10_CUDA_CHECK(cudaMemsetAsync(out.data_ptr(), 0, out.numel() * out.element_size(), stream));
   }
-  launch_items(items, out.data_ptr<int64_t>(), stream, sm_count, Publish{});
+  launch_items(items, out.data_ptr<int64_t>(), stream, sm_count, pub);
 }
 
 // Graph or caller-owned output: out is int64 [rows, 8] on the device.  Under capture a
 // memset node + the launch cost less GPU time than the last-block publish.
+// GPU-time stamps of a captured call (each an int64 device address, 0: none):
+// `stamp_start` gets %globaltimer as the launch starts (the call before it has ended);
+// `stamp_end` as it ends, which takes the last-block count on `counter` (a zeroed
+// uint32 on the device, zero again after each launch): the rows are "published" onto
+// themselves, so nothing is copied or re-zeroed.
 void stats_into(at::Tensor out, std::vector<at::Tensor> tensors, std::vector<int64_t> rows,
                 std::vector<int64_t> steps, std::vector<std::optional<at::Tensor>> indices,
                 std::vector<std::optional<at::Tensor>> indptr, std::vector<int64_t> batch,
                 bool zero, std::vector<std::optional<at::Tensor>> last_page_len,
-                std::vector<int64_t> slot_dim) {
+                std::vector<int64_t> slot_dim, int64_t counter, int64_t stamp_start,
+                int64_t stamp_end) {
   c10::cuda::CUDAGuard guard(out.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  run(out, tensors, rows, steps, indices, indptr, batch, last_page_len, slot_dim, stream, zero);
+  Publish pub{};
+  pub.stamp_start = reinterpret_cast<int64_t*>(stamp_start);
+  if (counter != 0 && stamp_end != 0) {
+    pub.counter = reinterpret_cast<unsigned int*>(counter);
+    pub.publish = out.data_ptr<int64_t>();
+    pub.row_lo = 0;
+    pub.row_hi = out.size(0);
+    pub.rezero = false;
+    pub.stamp_end = reinterpret_cast<int64_t*>(stamp_end);
+  }
+  run(out, tensors, rows, steps, indices, indptr, batch, last_page_len, slot_dim, stream, zero,
+      pub);
 }
 
 // Eager: temp output, launch, async copy into pinned host_ptr, record event.
@@ -303,7 +321,8 @@ void stats_eager(std::vector<at::Tensor> tensors, std::vector<int64_t> rows,
   c10::cuda::CUDAGuard guard(tensors[0].device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   at::Tensor out = at::empty({nrows, kRowWords}, tensors[0].options().dtype(at::kLong));
-  run(out, tensors, rows, steps, indices, indptr, batch, last_page_len, slot_dim, stream, true);
+  run(out, tensors, rows, steps, indices, indptr, batch, last_page_len, slot_dim, stream, true,
+      Publish{});
   const size_t bytes = static_cast<size_t>(nrows) * kRowWords * sizeof(int64_t);
   C10_CUDA_CHECK(cudaMemcpyAsync(reinterpret_cast<void*>(host_ptr), out.data_ptr(), bytes,
                                  cudaMemcpyDeviceToHost, stream));
@@ -461,7 +480,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("stats_into", &otel_fi::stats_into, "statistics into a caller-owned device buffer",
         py::arg("out"), py::arg("tensors"), py::arg("rows"), py::arg("steps"),
         py::arg("indices"), py::arg("indptr"), py::arg("batch"), py::arg("zero"),
-        py::arg("last_page_len") = Optionals(), py::arg("slot_dim") = std::vector<int64_t>());
+        py::arg("last_page_len") = Optionals(), py::arg("slot_dim") = std::vector<int64_t>(),
+        py::arg("counter") = 0, py::arg("stamp_start") = 0, py::arg("stamp_end") = 0);
   m.def("stats_eager", &otel_fi::stats_eager, "statistics copied into a pinned slot + event",
         py::arg("tensors"), py::arg("rows"), py::arg("steps"), py::arg("indices"),
         py::arg("indptr"), py::arg("batch"), py::arg("nrows"), py::arg("host_ptr"),

@@ -58,7 +58,12 @@ class Capture:
         #: Hooks that read the child record they are given (level 10's manifests name
         #: its span): their replays make the children here, not on the worker.
         self.hooks_need_child = False
+        #: Work that serves many captured calls at once (a graph's statistics rows,
+        #: ``stats.graph_rows``): ``seal()`` when the capture ends, and after each traced
+        #: replay ``replay(None)`` gives (record id, Pending) for the children.
+        self.groups: dict[Any, Any] = {}
         self._template: tuple[tuple[CallRecord, ...], tuple[tuple, ...]] | None = None
+        self._index: dict[int, int] = {}
 
     def add(self, record: CallRecord) -> None:
         # The wrapper gave a captured call its own attributes (``CallRecord.own``).
@@ -88,7 +93,41 @@ class Capture:
             template = self._template = (
                 tuple(protos),
                 tuple(tuple(self.replay_hooks.get(id(c), ())) for c in self.records))
+            self._index = {id(c): i for i, c in enumerate(self.records)}
         return template
+
+    def group(self, key: Any, make: Callable[[], Any]) -> Any:
+        """The replay group ``key`` of this capture, made by ``make`` the first time."""
+        group = self.groups.get(key)
+        if group is None:
+            group = self.groups[key] = make()
+        return group
+
+    def seal(self) -> None:
+        """The capture has ended: the groups set up what their replays need."""
+        for group in self.groups.values():
+            try:
+                group.seal()
+            except Exception as exc:  # noqa: BLE001
+                health.report("graph_errors", "could not finish a CUDA graph capture", exc)
+
+    def group_pendings(self) -> list[list[Any] | None] | None:
+        """After a traced replay: each child's Pendings from the groups (None: none)."""
+        if not self.groups:
+            return None
+        index = self._index
+        out: list[list[Any] | None] = [None] * len(self.records)
+        for group in self.groups.values():
+            for rid, pending in group.replay(None):
+                i = index.get(rid)
+                if i is None:
+                    continue
+                got = out[i]
+                if got is None:
+                    out[i] = [pending]
+                else:
+                    got.append(pending)
+        return out
 
     def add_replay_hook(self, record: CallRecord,
                         hook: Callable[[Any, CallRecord | None], Any],
@@ -171,11 +210,14 @@ def patch(runtime: Any) -> None:
 
     def capture_end(self: Any, *args: Any, **kwargs: Any) -> Any:
         global _capturing
+        capture = _capturing
         try:
             return end(self, *args, **kwargs)
         finally:
             _capturing = None
             capture_guard.end_capture()
+            if capture is not None and capture.groups:
+                capture.seal()
 
     def replay_(self: Any, *args: Any, **kwargs: Any) -> Any:
         capture = _graphs.get(self)
@@ -255,6 +297,8 @@ def emit_replay(runtime: Any, capture: Capture, index: int, start_ns: int, end_n
     protos, hook_lists = capture.template()
     record = ReplayRecord(trace_id, replay_id, parent, start_ns, end_ns, attrs,
                           replay_context, index, protos, None)
+    # Groups first: their copies follow the replay on its stream, like the hooks'.
+    grouped = capture.group_pendings()
     if type(timing) is int:
         record.gpu = timing
     elif timing is not None:
@@ -263,7 +307,10 @@ def emit_replay(runtime: Any, capture: Capture, index: int, start_ns: int, end_n
     # its stream (no stream object: the current one, where the replay ran).
     if capture.hooks_need_child:
         # Level 10's hooks name each child's span: the children are made now.
-        for child, hooks in zip(record.expand(), hook_lists, strict=True):
+        for i, (child, hooks) in enumerate(zip(record.expand(), hook_lists, strict=True)):
+            if grouped is not None and grouped[i] is not None:
+                for pending in grouped[i]:
+                    child.add_pending(pending)
             for hook in hooks:
                 pending = hook(None, child)
                 if pending is not None:
@@ -271,7 +318,7 @@ def emit_replay(runtime: Any, capture: Capture, index: int, start_ns: int, end_n
             runtime.pipeline.submit(child)
     else:
         # One record; the worker (the encoder, in C) makes the children.
-        child_pending = None
+        child_pending = grouped
         for i, hooks in enumerate(hook_lists):
             for hook in hooks:
                 pending = hook(None, None)

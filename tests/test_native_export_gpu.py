@@ -171,6 +171,10 @@ def test_level5_replays_are_written_whole_by_the_encoder(tmp_path: Path) -> None
         assert link["spanId"] not in replays  # the capture-time span
     for replay in replays.values():
         assert isinstance(_attrs(replay).get("flashinfer.gpu.time_ns"), int), replay
+    # each child's own GPU time in that replay, from its statistics launches' stamps
+    # (stats.graph_rows): a decode of this size takes microseconds, not nothing
+    child_times = [_attrs(c).get("flashinfer.gpu.time_ns") for c in children]
+    assert all(isinstance(t, int) and 1_000 < t < 10_000_000 for t in child_times), child_times
     (encoder,) = report["encoders"].values()
     assert encoder["replays"] >= 40 and encoder["replay_children"] >= 40, encoder
     assert not report["counters"].get("stats_dropped"), report["counters"]

@@ -27,6 +27,7 @@ from .. import graphs, health, native
 from ..pipeline import CallRecord
 from . import kernel as _kernel
 from .decode import SCOPE_FULL, SCOPE_PAGES, SCOPE_SAMPLED
+from .graph_rows import graph_rows_of
 from .pending import StatsPending
 from .planning import SLOT_DIMS
 from .recorder import StatsRecorder, _Open
@@ -111,6 +112,8 @@ def make_hooks(recorder: StatsRecorder) -> tuple[Any, Any]:
     """(before, after) for ``spans.make_wrapper`` at level 5 and up: the C++ hooks once
     the extension has built, where the C hot path can switch to them."""
     before, after = python_hooks(recorder)
+    # A captured call's rows go into its graph's chunks: one copy per traced replay.
+    recorder.graph_rows_of = graph_rows_of(graphs.capture_state, recorder.on_low)
     switch = native.switch_type()
     if switch is None or not recorder.use_kernel or not use_native or not _c_entries():
         return before, after
@@ -172,8 +175,12 @@ def python_hooks(recorder: StatsRecorder) -> tuple[Any, Any]:
         if snapshot is not None:  # captured: resolved per replay
             capture = graphs.capture_state()
             if capture is not None:
-                capture.add_replay_hook(record, lambda stream, child: snapshot(stream),
-                                        needs_child=False)
+                rows = outcome.graph_rows
+                if rows is not None:  # read back with the rest of the graph
+                    rows.bind(record, outcome)
+                else:
+                    capture.add_replay_hook(record, lambda stream, child: snapshot(stream),
+                                            needs_child=False)
             return
         record.add_pending(outcome)
 

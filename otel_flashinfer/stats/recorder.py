@@ -30,7 +30,8 @@ import torch
 from .. import health
 from . import kernel as _kernel
 from . import torch_ops
-from .decode import RowMeta, decode_rows
+from .decode import ROW_BYTES, RowMeta, decode_rows
+from .graph_rows import GraphRows
 from .layout import ROW_WORDS
 from .pending import (
     MultiPending,
@@ -54,19 +55,28 @@ from .ring import SlotRing
 
 __all__ = ["GraphStatsSlot", "PagedSpec", "StatsRecorder", "plan"]
 
+_SPARE = 7 * 8  # a row's spare word (layout.py): where GPU-clock stamps go
 
-def _launch_into(out: torch.Tensor, jobs: Sequence[Job], module: Any, row0: int = 0) -> None:
+
+def _launch_into(out: torch.Tensor, jobs: Sequence[Job], module: Any, row0: int = 0,
+                 zero: bool = True, **stamps: int) -> bool:
     """Statistics of ``jobs`` into rows ``row0..`` of device buffer ``out`` on the current
     stream.  With ``row0`` the rows before it are left alone, and the kernel adds into
-    rows already zeroed (a captured call's outputs after its inputs: one memset node)."""
+    rows already zeroed (a captured call's outputs after its inputs: one memset node);
+    ``zero=False``: every row is zeroed already (a graph's chunk, ``GraphRows``).
+    ``stamps`` (``counter``, ``stamp_start``, ``stamp_end``: device addresses) have the
+    kernel stamp the GPU clock; returns whether it ran (torch ops stamp nothing)."""
     if module is not None and _kernel_can_run(jobs):
         module.stats_into(out, [j.tensor for j in jobs], [j.row for j in jobs],
                           [j.step for j in jobs], [j.indices for j in jobs],
-                          [j.indptr for j in jobs], [j.batch for j in jobs], row0 == 0,
-                          [j.last_page_len for j in jobs], [j.slot_dim for j in jobs])
-    else:
-        with torch.no_grad():
-            torch_ops.fill_rows(out[row0:], [replace(j, row=j.row - row0) for j in jobs])
+                          [j.indptr for j in jobs], [j.batch for j in jobs],
+                          zero and row0 == 0,
+                          [j.last_page_len for j in jobs], [j.slot_dim for j in jobs],
+                          **stamps)
+        return True
+    with torch.no_grad():
+        torch_ops.fill_rows(out[row0:], [replace(j, row=j.row - row0) for j in jobs])
+    return False
 
 
 class _Open:
@@ -94,18 +104,32 @@ class _GraphOpen:
 
 
 class GraphStatsSlot:
-    """The statistics launch of one captured call: a persistent device buffer that
-    every replay of the graph refills.  ``snapshot`` (after a sampled replay) copies it
-    into a pinned slot on ``stream`` and returns the Pending for that replay's span."""
+    """The statistics launch of one captured call: device rows that every replay of the
+    graph refills.  Rows of the graph's ``GraphRows`` (``graph_rows``, ``at``) are read
+    back with the rest of the graph, one copy per traced replay; rows of their own are
+    copied by ``snapshot`` (after a sampled replay), which returns the Pending for that
+    replay's span."""
 
     def __init__(self, recorder: StatsRecorder, out: torch.Tensor, metas: list[RowMeta],
-                 note: str = "", room: int = 0) -> None:
+                 note: str = "", room: int = 0, graph_rows: GraphRows | None = None,
+                 at: tuple[int, int] = (0, 0), stamped: bool = False) -> None:
         self.recorder, self.out, self.metas, self.note = recorder, out, metas, note
         #: Zeroed rows after ``metas`` that a call's outputs can still take (``begin``).
         self.room = room
+        self.graph_rows, self.at = graph_rows, at
+        #: Rows of the inputs; the outputs' follow them (``finish``).
+        self.nin = len(metas)
+        #: The inputs' launch stamps the GPU clock as it ends into row 0 (spare word):
+        #: the outputs' launch stamping its start into row ``nin`` makes ``timed``.
+        self.stamped = stamped
+        #: Each replay's child gets the call's GPU time from the two stamps, as an
+        #: eager call does (``StatsPending.gpu_time``).
+        self.timed = False
 
     def _trim(self) -> GraphStatsSlot:
         """Done adding rows: replays copy only the rows in use."""
+        if self.graph_rows is not None and self.room:
+            self.graph_rows.trim(self.at, self.out.shape[0], len(self.metas))
         self.out, self.room = self.out[: len(self.metas)], 0
         return self
 
@@ -136,6 +160,9 @@ class StatsRecorder:
         self.rows = rows_per_slot
         self.use_kernel = use_kernel
         self._rings: dict[int, SlotRing] = {}
+        #: The capturing graph's rows on a device (``graph_rows.graph_rows_of``), None
+        #: outside a capture; unset, each captured call gets rows of its own.
+        self.graph_rows_of: Callable[[torch.device], GraphRows | None] | None = None
         self._lock = threading.Lock()
         if use_kernel and torch.cuda.is_available():
             _kernel.warmup()
@@ -254,8 +281,13 @@ class StatsRecorder:
         if (len(metas) > slot.room or not torch.cuda.is_current_stream_capturing()
                 or any(j.tensor.device != device for j in jobs)):
             return (slot._trim(), self.record(outputs))
+        stamps = {}
+        if slot.stamped:  # the call ended as this launch starts: its GPU time's end
+            stamps["stamp_start"] = slot.out.data_ptr() + nin * ROW_BYTES + _SPARE
         with torch.cuda.device(device):
-            _launch_into(slot.out, jobs, self._module(), row0=nin)
+            ran = _launch_into(slot.out, jobs, self._module(), row0=nin,
+                               zero=slot.graph_rows is None, **stamps)
+        slot.timed = ran and bool(stamps)
         slot.metas = slot.metas + [RowMeta(*m) for m in metas]
         if left_out and not slot.note:
             slot.note = f"too_many_tensors:{left_out}"
@@ -369,6 +401,20 @@ class StatsRecorder:
             # less GPU time than the kernel's last-block publish (measured on an H100:
             # a decode step with both statistics launches 1.80x vs 1.93x of the bare
             # step), and no host cost repeats per replay.
+            rows = self.graph_rows_of(device) if self.graph_rows_of is not None else None
+            taken = rows.take(len(metas) + room) if rows is not None else None
+            if taken is not None:  # rows of the graph's chunks: one copy per replay
+                out, at = taken
+                stamps = {}
+                if self.gpu_time and room:
+                    # a call's inputs, its outputs to follow: time the call between them
+                    counter = rows.take_counter()
+                    if counter:
+                        stamps = {"counter": counter, "stamp_end": out.data_ptr() + _SPARE}
+                with torch.cuda.device(device):
+                    ran = _launch_into(out, jobs, module, zero=False, **stamps)
+                return GraphStatsSlot(self, out, metas, note, room, rows, at,
+                                      stamped=ran and bool(stamps))
             with torch.cuda.device(device):
                 out = torch.empty((len(metas) + room, ROW_WORDS), dtype=torch.int64,
                                   device=device)

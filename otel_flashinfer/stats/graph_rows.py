@@ -1,0 +1,239 @@
+"""One captured graph's statistics rows, read back with one copy and one event per
+traced replay.
+
+Each captured call used to have its own device buffer, and each traced replay took one
+ring slot, one copy and one event per captured call.  A 64-call decode step then filled
+the 1,024-slot ring in 16 replays (5,376 of 6,400 children's statistics dropped on the
+H200), and the replaying thread spent several microseconds per child in the driver.
+
+Here every captured call's rows are a view into a few large device buffers (chunks) of
+its graph, which one memset node per chunk zeroes at the chunk's first launch in each
+replay.  A traced replay copies the chunks' rows in use into one slot of the graph's own
+pinned ring, records one event, and hands each child a ``StatsPending`` over its own
+rows of that slot (``RowWindow``): the encoder resolves them as it resolves any other
+(csrc/otlp_encoder.c), and the slot goes back once every child's rows were read.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .. import health
+from .decode import ROW_BYTES
+from .layout import ROW_WORDS
+from .pending import StatsPending, _dropped
+from .ring import SlotRing
+
+#: Rows per device chunk (128 KB): a 64-call step with 4-6 tensors a call uses about 320.
+CHUNK_ROWS = 2048
+#: Pinned memory per graph for its replay slots, and the slot count's bounds: a serving
+#: engine captures dozens of graphs (one per batch size), each with its own ring, and
+#: the worker is woken when half a ring is taken.
+RING_BYTES = 2 << 20
+MIN_SLOTS, MAX_SLOTS = 16, 128
+#: Last-block counters per graph: one per timed captured call.
+COUNTERS = 4096
+
+
+class RowWindow:
+    """A captured call's rows within each replay slot of its graph: what a
+    ``StatsPending`` reads as its ring (the encoder reads ``_base``, ``_slot_bytes``,
+    ``rows``, ``_kind`` and ``_native`` and calls ``release``)."""
+
+    def __init__(self, owner: GraphRows, row0: int, nrows: int) -> None:
+        ring = owner.ring
+        assert ring is not None
+        self._owner, self._ring, self._row0, self.rows = owner, ring, row0, nrows
+        self._base = ring._base + row0 * ROW_BYTES  # noqa: SLF001 - the ring's own layout
+        self._slot_bytes = ring._slot_bytes  # noqa: SLF001
+        self._kind, self._native = ring._kind, ring._native  # noqa: SLF001 - shared lists
+        # The owner's count, called straight (the encoder calls ``release`` per child).
+        self.release, self.abandon = owner.release_one, owner.abandon_one
+
+    def query(self, slot: int) -> int:
+        return self._ring.query(slot)
+
+    def read_bytes(self, slot: int, nrows: int) -> bytes:
+        start = slot * self._slot_bytes + self._row0 * ROW_BYTES
+        return self._ring._raw[start:start + min(nrows, self.rows) * ROW_BYTES]  # noqa: SLF001
+
+
+
+class GraphRows:
+    """The statistics rows of one captured graph on one device (``graphs.Capture``
+    keeps it as a replay group): ``take`` during capture, ``seal`` when the capture
+    ends, ``replay`` after each traced replay."""
+
+    def __init__(self, device: torch.device, on_low: Callable[[], None] | None = None
+                 ) -> None:
+        self.device = device
+        self.on_low = on_low  # the pipeline's wake-up (``SlotRing``)
+        self._chunks: list[torch.Tensor] = []
+        self._used: list[int] = []
+        self._streams: list[int] = []
+        self._counters: torch.Tensor | None = None
+        self._counters_used = 0
+        #: (record id, GraphStatsSlot, chunk, row): the captured calls' rows.
+        self._members: list[tuple[int, Any, int, int]] = []
+        self.ring: SlotRing | None = None
+        self._views: list[torch.Tensor] = []  # each chunk's rows in use (sealed)
+        self._offsets: list[int] = []  # where each chunk's rows start in a slot, in bytes
+        self._windows: list[tuple[int, Any, RowWindow]] = []
+        self._left: list[int] = []  # per slot: children whose rows are not read yet
+        self._abandoned: list[bool] = []
+        self._lock = threading.Lock()
+        self.failed = False
+
+    # -- capture -------------------------------------------------------------------
+    def take(self, nrows: int) -> tuple[torch.Tensor, tuple[int, int]] | None:
+        """``nrows`` zeroed-per-replay device rows for a captured launch, or None when
+        they do not fit a chunk (the call then gets a buffer of its own)."""
+        if nrows > CHUNK_ROWS or self.ring is not None:
+            return None
+        cuda = self.device.type == "cuda"
+        stream = torch.cuda.current_stream(self.device).cuda_stream if cuda else 0
+        if (not self._chunks or self._used[-1] + nrows > CHUNK_ROWS
+                or self._streams[-1] != stream):
+            # A chunk is zeroed by one memset node on the stream that first uses it, so
+            # each chunk serves one stream: stream order puts the memset before every
+            # launch into it, and each replay's copy before the next replay's memset.
+            chunk = torch.zeros((CHUNK_ROWS, ROW_WORDS), dtype=torch.int64,
+                                device=self.device)
+            self._chunks.append(chunk)
+            self._used.append(0)
+            self._streams.append(stream)
+        k = len(self._chunks) - 1
+        row = self._used[k]
+        self._used[k] = row + nrows
+        return self._chunks[k][row:row + nrows], (k, row)
+
+    def take_counter(self) -> int:
+        """The device address of a zeroed 32-bit word for a launch's last-block count
+        (its end stamp, ``stats_into``), or 0 when none is left."""
+        if self._counters is None:
+            self._counters = torch.zeros(COUNTERS, dtype=torch.int32, device=self.device)
+        if self._counters_used >= COUNTERS:
+            return 0
+        self._counters_used += 1
+        return self._counters.data_ptr() + 4 * (self._counters_used - 1)
+
+    def trim(self, at: tuple[int, int], taken: int, kept: int) -> None:
+        """A launch that took ``taken`` rows at ``at`` keeps ``kept``: the rest goes back
+        when nothing was taken after it (a nested call keeps its parent's room)."""
+        k, row = at
+        if k == len(self._used) - 1 and self._used[k] == row + taken:
+            self._used[k] = row + kept
+
+    def bind(self, record: Any, slot: Any) -> None:
+        """``slot`` (a ``GraphStatsSlot`` over rows of this graph) is the captured call
+        ``record``'s statistics."""
+        k, row = slot.at
+        self._members.append((id(record), slot, k, row))
+
+    def seal(self) -> None:
+        """After the capture: the replay ring, sized for every chunk's rows in use."""
+        if self.ring is not None or self.failed or not self._members:
+            return
+        try:
+            rows = sum(self._used)
+            slot_bytes = rows * ROW_BYTES
+            slots = max(MIN_SLOTS, min(MAX_SLOTS, RING_BYTES // max(slot_bytes, 1)))
+            pin = self.device.type == "cuda"
+            ring = SlotRing(self.device, slots, rows, pin_memory=pin, on_low=self.on_low)
+            offsets, at = [], 0
+            for used in self._used:
+                offsets.append(at)
+                at += used * ROW_BYTES
+            self._views = [c[:u] for c, u in zip(self._chunks, self._used, strict=True)]
+            self._offsets = offsets
+            self._left = [0] * slots
+            self._abandoned = [False] * slots
+            self.ring = ring
+            self._windows = [
+                (rid, slot, RowWindow(self, offsets[k] // ROW_BYTES + row, len(slot.metas)))
+                for rid, slot, k, row in self._members]
+        except Exception as exc:  # noqa: BLE001 - the graph replays untraced statistics
+            self.failed = True
+            health.report("stats_errors", "could not set up a graph's statistics slots", exc)
+
+    # -- replay --------------------------------------------------------------------
+    def replay(self, module: Any, ts_ns: int | None = None) -> list[tuple[int, Any]]:
+        """After a traced replay, on the replaying thread: one copy per chunk into a
+        slot, one event, and (record id, Pending) per captured call."""
+        if self.ring is None:
+            self.seal()
+        ring = self.ring
+        if ring is None:
+            return [(rid, _dropped("error")) for rid, _, _, _ in self._members]
+        ts = ts_ns if ts_ns is not None else time.time_ns()
+        slot = ring.acquire()
+        if slot is None:
+            return [(rid, _dropped("ring_full")) for rid, _, _ in self._windows]
+        try:
+            self._copy(module, ring, slot)
+        except Exception as exc:  # noqa: BLE001
+            ring.release(slot)
+            health.report("stats_errors", "graph statistics snapshot failed", exc)
+            return [(rid, _dropped("error")) for rid, _, _ in self._windows]
+        self._left[slot] = len(self._windows)
+        self._abandoned[slot] = False
+        return [(rid, StatsPending(window, slot, gslot.metas[:gslot.nin], ts, gslot.note,
+                                   gslot.metas[gslot.nin:], ts, "", True)
+                 if gslot.timed else StatsPending(window, slot, gslot.metas, ts, gslot.note))
+                for rid, gslot, window in self._windows]
+
+    def _copy(self, module: Any, ring: SlotRing, slot: int) -> None:
+        host = ring.host_ptr(slot)
+        last = len(self._views) - 1
+        if module is not None:
+            event = ring.native_event(slot, module)
+            # On the current stream, where the replay ran: no stream object per replay.
+            for k, view in enumerate(self._views):
+                module.snapshot(view, host + self._offsets[k], event if k == last else 0)
+            return
+        flat = ring.host[slot].view(-1)
+        for k, view in enumerate(self._views):
+            at = self._offsets[k] // 8
+            flat[at:at + view.numel()].copy_(view.reshape(-1), non_blocking=True)
+        if self.device.type == "cuda":
+            ring.torch_event(slot).record()
+
+    def release_one(self, slot: int) -> None:
+        """One child's rows read: the slot goes back after the last."""
+        with self._lock:
+            left = self._left[slot] = self._left[slot] - 1
+        if left == 0:
+            self._back(slot)
+
+    def abandon_one(self, slot: int) -> None:
+        """One child given up (maybe before the copy landed)."""
+        with self._lock:
+            left = self._left[slot] = self._left[slot] - 1
+            self._abandoned[slot] = True
+        if left == 0:
+            self._back(slot)
+
+    def _back(self, slot: int) -> None:
+        ring = self.ring
+        assert ring is not None
+        # a child given up before the copy landed: the ring waits for the event
+        (ring.abandon if self._abandoned[slot] else ring.release)(slot)
+
+
+def graph_rows_of(capture_state: Callable[[], Any], on_low: Callable[[], None] | None = None
+                  ) -> Callable[[torch.device], Any]:
+    """The recorder's lookup of the capturing graph's rows on ``device`` (``None``
+    outside a capture), over ``graphs.capture_state``; ``on_low`` wakes the worker."""
+
+    def lookup(device: torch.device) -> GraphRows | None:
+        capture = capture_state()
+        if capture is None:
+            return None
+        return capture.group(("stats", str(device)), lambda: GraphRows(device, on_low))
+
+    return lookup

@@ -1,0 +1,272 @@
+"""A captured graph's statistics rows read back with one copy per traced replay
+(``stats.graph_rows``): every captured call's rows share the graph's chunks, one slot of
+the graph's own ring holds a whole replay, each child reads its own rows of it, and the
+slot goes back after the last child.
+
+On the CPU the chunks are host tensors that the test fills as the captured kernels
+would on each replay; the copy into the slot is the torch path of ``GraphRows._copy``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import pytest
+import torch
+from test_native_stats import FakeEvents, _rows, events  # noqa: F401
+from test_replay_template import _capture, _decode, _python_path, _replay, _without_span_id
+
+from otel_flashinfer import export, graphs, health
+from otel_flashinfer.pipeline import _EMPTY, CallRecord, Pipeline
+from otel_flashinfer.stats import graph_rows as gr
+from otel_flashinfer.stats.decode import decode_buffer
+from otel_flashinfer.stats.pending import ReadyPending, StatsPending
+from otel_flashinfer.stats.recorder import GraphStatsSlot
+
+CPU = torch.device("cpu")
+
+
+class _Recorder:  # what GraphStatsSlot keeps of its recorder (not used by these tests)
+    pass
+
+
+def _captured(rows: gr.GraphRows, capture: graphs.Capture, sizes: list[int], room: int = 0,
+              ) -> list[GraphStatsSlot]:
+    """Each captured call takes its rows (and ``room`` more for its outputs, which it
+    gives back), as ``StatsRecorder`` does under capture; returns their slots."""
+    slots = []
+    for record, n in zip(capture.records, sizes, strict=True):
+        out, at = rows.take(n + room)
+        metas = [(f"t{i}", "full", 1) for i in range(n)]
+        slot = GraphStatsSlot(_Recorder(), out, metas, "", room, rows, at)._trim()
+        rows.bind(record, slot)
+        slots.append(slot)
+    return slots
+
+
+def _fill(slots: list[GraphStatsSlot], data: torch.Tensor) -> None:
+    """What the captured kernels leave in each call's rows on a replay."""
+    at = 0
+    for slot in slots:
+        n = len(slot.metas)
+        slot.out.copy_(data[at:at + n])
+        at += n
+
+
+def test_calls_share_chunks_and_a_replay_takes_one_slot() -> None:
+    capture = _capture(3)
+    rows = gr.GraphRows(CPU)
+    slots = _captured(rows, capture, [4, 2, 3], room=64)
+    # the room each call did not use went back: the three calls sit end to end
+    assert [s.at for s in slots] == [(0, 0), (0, 4), (0, 6)]
+    assert [s.out.shape[0] for s in slots] == [4, 2, 3]
+    assert [s.out.data_ptr() - slots[0].out.data_ptr() for s in slots] == [0, 256, 384]
+    rows.seal()
+    assert rows.ring is not None and rows.ring.rows == 9
+    real, _ = _rows()
+    data = torch.cat([real, real, real[:1]])  # 9 rows as the kernel writes them
+    _fill(slots, data)
+    got = rows.replay(None, ts_ns=5)
+    assert [rid for rid, _ in got] == [id(r) for r in capture.records]
+    pendings = [p for _, p in got]
+    assert {p.slot for p in pendings} == {0} and len(rows.ring._free) == rows.ring.host.shape[0] - 1  # noqa: SLF001
+    # each child reads its own rows of the slot, bytes as the kernels left them
+    assert [p.ring.read_bytes(0, 16) for p in pendings] == [
+        data[0:4].numpy().tobytes(), data[4:6].numpy().tobytes(), data[6:9].numpy().tobytes()]
+    # the slot goes back after the last child read its rows, not before
+    records = [CallRecord.for_call("c", 1, 2 + i, None, {}) for i in range(3)]
+    for i, (p, r) in enumerate(zip(pendings, records, strict=True)):
+        assert p.ready()
+        r.own()
+        p.apply(r)
+        assert (0 in rows.ring._free) == (i == 2)  # noqa: SLF001
+    assert [len(r.events) for r in records] == [4, 2, 3]
+    assert records[2].events[0][1]["flashinfer.tensor"] == "t0"
+    want = decode_buffer(data[6:9].numpy().tobytes(), slots[2].metas)
+    assert [e[1]["min"] for e in records[2].events] == [w["min"] for w in want]
+    assert [e[1]["numel"] for e in records[1].events] == [  # rows 4, 5: real's 0 and 1
+        w["numel"] for w in decode_buffer(real[:2].numpy().tobytes(), slots[1].metas)]
+
+
+def test_a_nested_call_keeps_its_parents_room_and_big_calls_get_new_chunks(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gr, "CHUNK_ROWS", 16)
+    rows = gr.GraphRows(CPU)
+    _outer, at_outer = rows.take(2 + 8)
+    _inner, at_inner = rows.take(3)  # taken before the outer call trims
+    rows.trim(at_inner, 3, 3)
+    rows.trim(at_outer, 10, 2)  # not the tail: its room stays taken
+    assert (at_outer, at_inner) == ((0, 0), (0, 10))
+    assert rows.take(4)[1] == (1, 0)  # 13 + 4 > 16: a second chunk
+    assert rows.take(17) is None  # more than a chunk: a buffer of its own
+
+
+def test_a_full_ring_drops_each_childs_statistics_counted() -> None:
+    capture = _capture(2)
+    rows = gr.GraphRows(CPU)
+    _captured(rows, capture, [1, 1])
+    rows.seal()
+    ring = rows.ring
+    assert ring is not None
+    taken = [ring.acquire() for _ in range(ring.host.shape[0])]
+    before = health.counters().get("stats_dropped", 0)
+    got = rows.replay(None)
+    assert all(type(p) is ReadyPending and p.note == "ring_full" for _, p in got)
+    assert health.counters()["stats_dropped"] - before == 2
+    for slot in taken:
+        ring.release(slot)
+
+
+@pytest.mark.parametrize("fmt", ["protobuf", "json"])
+def test_the_encoder_writes_each_child_from_the_shared_slot(
+        fmt: str, events: FakeEvents) -> None:  # noqa: F811
+    """Through the native encoder: the same spans as the Python path, the slot back once
+    the replay is written, and a replay whose copy has not landed held back whole."""
+    data, metas = _rows()
+    capture = _capture(3)
+    rows = gr.GraphRows(CPU)
+    slots = _captured(rows, capture, [4, 2, 4])
+    slots[0].metas = slots[2].metas = list(metas)
+    slots[1].metas = list(metas[2:])
+    rows.seal()
+    ring = rows.ring
+    assert ring is not None
+    _fill(slots, torch.cat([data, data[2:], data]))
+    tracer, _ = _sdk_tracer()
+    encoder = export.make_encoder(tracer, fmt, CallRecord, _EMPTY)
+
+    def replay(index: int, event: int) -> Any:
+        got = rows.replay(None, ts_ns=7)
+        slot = got[0][1].slot
+        ring._native[slot], ring._kind[slot] = event, "native"  # noqa: SLF001
+        return _replay(capture, index=index, child_pending=[[p] for _, p in got])
+
+    events.status[81] = 1
+    held = replay(1, 81)
+    later: deque[Any] = deque()
+    assert encoder.drain(deque([held]), [], 1, later, 1.0, 2.0) == 0
+    assert list(later) == [held] and 0 not in ring._free  # noqa: SLF001
+    events.status[81] = 0
+    for index in (1, 2):  # the second from the byte templates
+        assert encoder.drain(deque([later.popleft() if later else replay(index, 82)]),
+                             [], 1, later, 1.5, 2.0) == 1
+        got = _decode(encoder.take(), fmt)
+        assert [len(s.events) for s in got] == [0, 4, 2, 4]
+        assert len(ring._free) == ring.host.shape[0]  # noqa: SLF001 - slot back once
+        want = _python_path(fmt, replay(index, 83))
+        assert [_without_span_id(g) for g in got[1:]] == [_without_span_id(w)
+                                                          for w in want[1:]]
+        assert len(ring._free) == ring.host.shape[0]  # noqa: SLF001
+    assert encoder.stats()["stats_resolved"] == 6
+
+
+def test_a_dropped_span_hands_its_slots_back() -> None:
+    """The span queue full: the oldest record is dropped, and its statistics slot (and
+    each slot a dropped replay's children hold) goes back to its ring."""
+    capture = _capture(2)
+    rows = gr.GraphRows(CPU)
+    _captured(rows, capture, [1, 2])
+    rows.seal()
+    ring = rows.ring
+    pipeline = Pipeline(tracer=None, max_queue=1)
+    try:
+        got = rows.replay(None)
+        pipeline.submit(_replay(capture, child_pending=[[p] for _, p in got]))
+        assert 0 not in ring._free  # noqa: SLF001
+        before = health.counters().get("stats_dropped", 0)
+        pipeline.submit(CallRecord.for_call("next", 1, 2, None, {}))
+        assert len(ring._free) == ring.host.shape[0]  # noqa: SLF001
+        assert health.counters()["stats_dropped"] - before == 2
+    finally:
+        pipeline.shutdown()
+
+
+def test_replays_with_groups_and_hooks_that_need_the_child(monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    """``emit_replay`` with a group's pendings and a hook that names each child (level
+    10): the children are made on the replaying thread and carry both; a GPU time that
+    will not come (the event pool still compiling) goes on the replay span."""
+    from otel_flashinfer.gpu_timing import Unavailable
+
+    capture = _capture(2)
+    rows = capture.group(("stats", "cpu"), lambda: gr.GraphRows(CPU))
+    _captured(rows, capture, [1, 1])
+    capture.seal()
+    seen: list[Any] = []
+    capture.add_replay_hook(capture.records[1], lambda stream, child: seen.append(child))
+    submitted: list[Any] = []
+
+    class _Runtime:
+        pipeline = type("P", (), {"submit": staticmethod(submitted.append)})()
+
+        def sample_root(self, trace_id: int, name: str) -> bool:
+            return True
+
+    graphs.emit_replay(_Runtime(), capture, 4, 10, 20, Unavailable("compiling"))
+    *children, replay = submitted
+    assert [c.name for c in children] == ["call0", "call1"] and seen == [children[1]]
+    assert [type(p) for c in children for p in c.pending] == [StatsPending, StatsPending]
+    assert replay.pending[0].reason == "compiling" and replay.template is None
+
+
+def _sdk_tracer() -> Any:
+    from test_native_export import _sdk_tracer as make
+
+    return make()
+
+
+@pytest.mark.parametrize("fmt", ["protobuf", "json"])
+def test_children_carry_their_gpu_time_from_the_launches_stamps(
+        fmt: str, events: FakeEvents) -> None:  # noqa: F811
+    """A captured call's inputs' launch stamps the GPU clock as it ends, its outputs'
+    launch as it starts: each replay's child says that replay's GPU time of the call,
+    written by the encoder (byte templates included) as the Python path writes it."""
+    data, metas = _rows()
+    capture = _capture(2)
+    rows = gr.GraphRows(CPU)
+    slots = _captured(rows, capture, [4, 4])
+    for slot in slots:
+        slot.metas, slot.nin, slot.timed = list(metas), 2, True
+    rows.seal()
+    ring = rows.ring
+    assert ring is not None
+    tracer, _ = _sdk_tracer()
+    encoder = export.make_encoder(tracer, fmt, CallRecord, _EMPTY)
+
+    def replay(index: int, times: tuple[int, int], missing: bool = False) -> Any:
+        stamped = data.clone()
+        stamped[0, 7], stamped[2, 7] = 1_000_000, 1_000_000 + times[0]
+        other = stamped.clone()
+        other[2, 7] = 0 if missing else 1_000_000 + times[1]
+        _fill(slots, torch.cat([stamped, other]))
+        got = rows.replay(None, ts_ns=7)
+        slot = got[0][1].slot
+        ring._native[slot], ring._kind[slot] = 90, "native"  # noqa: SLF001
+        return _replay(capture, index=index, child_pending=[[p] for _, p in got])
+
+    for index, times in ((1, (21_000, 4_500)), (2, (22_000, 5_000))):
+        assert encoder.drain(deque([replay(index, times)]), [], 1, deque(), 1.0, 2.0) == 1
+        got = _decode(encoder.take(), fmt)
+        assert [len(s.events) for s in got] == [0, 4, 4]
+        gpu = [{kv.key: kv.value for kv in s.attributes}["flashinfer.gpu.time_ns"].int_value
+               for s in got[1:]]
+        assert gpu == list(times)
+        want = _python_path(fmt, replay(index, times))
+        assert [_without_span_id(g) for g in got[1:]] == [_without_span_id(w)
+                                                          for w in want[1:]]
+    assert encoder.stats()["replay_templated"] == 2
+    # a stamp that never came: Python writes that child, saying so
+    slow: list[Any] = []
+    assert encoder.drain(deque([replay(3, (1, 1), missing=True)]), slow, 1, deque(), 1.0,
+                         2.0) == 0
+    (held,) = slow
+    children = held.expand()
+    for child in children:
+        child.own()
+        (pending,) = child.pending
+        assert pending.ready()
+        pending.apply(child)
+    assert children[0].attributes["flashinfer.gpu.time_ns"] == 1
+    assert children[1].attributes["flashinfer.gpu.time_unavailable"] == "no_stamp"
+    assert len(ring._free) == ring.host.shape[0]  # noqa: SLF001
