@@ -119,6 +119,8 @@ def test_replay_written_in_c_is_what_python_expands(fmt: str, index: int) -> Non
         assert [link.span_id for link in child.links] == [(0x100 + i).to_bytes(8, "big")]
         attrs = {kv.key: kv.value for kv in child.attributes}
         assert attrs["flashinfer.cuda_graph.replay"].int_value == index
+        # the child's start and end are its replay's, and it says so
+        assert attrs["flashinfer.cuda_graph.time_source"].string_value == "replay"
         assert "flashinfer.cuda_graph.capturing" not in attrs
         assert ("flashinfer.arg.q.shape" in attrs) == (i != 1)
         assert (child.start_time_unix_nano, child.end_time_unix_nano) == (1_000, 2_000)
