@@ -251,8 +251,8 @@ void launch_items(std::vector<Item>& items, int64_t* out, cudaStream_t stream, i
 
 namespace {
 
-// Statistics into `out` (zeroed first if `zero`).
-void run(at::Tensor& out, const std::vector<at::Tensor>& tensors, const std::vector<int64_t>& rows,
+// Statistics into `out` (zeroed first if `zero`); whether a kernel was launched.
+bool run(at::Tensor& out, const std::vector<at::Tensor>& tensors, const std::vector<int64_t>& rows,
          const std::vector<int64_t>& steps, const std::vector<std::optional<at::Tensor>>& indices,
          const std::vector<std::optional<at::Tensor>>& indptr, const std::vector<int64_t>& batch,
          const std::vector<std::optional<at::Tensor>>& last_page_len,
@@ -279,6 +279,7 @@ void run(at::Tensor& out, const std::vector<at::Tensor>& tensors, const std::vec
     C10_CUDA_CHECK(cudaMemsetAsync(out.data_ptr(), 0, out.numel() * out.element_size(), stream));
   }
   launch_items(items, out.data_ptr<int64_t>(), stream, sm_count, pub);
+  return !items.empty() || (pub.counter != nullptr && pub.row_hi > pub.row_lo);
 }
 
 // Graph or caller-owned output: out is int64 [rows, 8] on the device.  Under capture a
@@ -287,8 +288,9 @@ void run(at::Tensor& out, const std::vector<at::Tensor>& tensors, const std::vec
 // `stamp_start` gets %globaltimer as the launch starts (the call before it has ended);
 // `stamp_end` as it ends, which takes the last-block count on `counter` (a zeroed
 // uint32 on the device, zero again after each launch): the rows are "published" onto
-// themselves, so nothing is copied or re-zeroed.
-void stats_into(at::Tensor out, std::vector<at::Tensor> tensors, std::vector<int64_t> rows,
+// themselves, so nothing is copied or re-zeroed.  Returns whether a kernel was launched
+// (with no tensor to read and no end stamp, none is, and nothing is stamped).
+bool stats_into(at::Tensor out, std::vector<at::Tensor> tensors, std::vector<int64_t> rows,
                 std::vector<int64_t> steps, std::vector<std::optional<at::Tensor>> indices,
                 std::vector<std::optional<at::Tensor>> indptr, std::vector<int64_t> batch,
                 bool zero, std::vector<std::optional<at::Tensor>> last_page_len,
@@ -306,8 +308,8 @@ void stats_into(at::Tensor out, std::vector<at::Tensor> tensors, std::vector<int
     pub.rezero = false;
     pub.stamp_end = reinterpret_cast<int64_t*>(stamp_end);
   }
-  run(out, tensors, rows, steps, indices, indptr, batch, last_page_len, slot_dim, stream, zero,
-      pub);
+  return run(out, tensors, rows, steps, indices, indptr, batch, last_page_len, slot_dim, stream,
+             zero, pub);
 }
 
 // Eager: temp output, launch, async copy into pinned host_ptr, record event.

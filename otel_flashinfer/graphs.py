@@ -121,13 +121,9 @@ class Capture:
         """After a traced replay: each child's Pendings from the groups (None: none)."""
         if not self.groups:
             return None
-        index = self._index
         out: list[list[Any] | None] = [None] * len(self.records)
         for group in self.groups.values():
-            for rid, pending in group.replay(None):
-                i = index.get(rid)
-                if i is None:
-                    continue
+            for i, pending in group.replay(self._index):
                 got = out[i]
                 if got is None:
                     out[i] = [pending]
@@ -318,7 +314,11 @@ def emit_replay(runtime: Any, capture: Capture, index: int, start_ns: int, end_n
                 for pending in grouped[i]:
                     child.add_pending(pending)
             for hook in hooks:
-                pending = hook(None, child)
+                try:
+                    pending = hook(None, child)
+                except Exception as exc:  # noqa: BLE001 - the other children still go
+                    health.report("graph_errors", "a CUDA graph replay hook failed", exc)
+                    continue
                 if pending is not None:
                     child.add_pending(pending)
             runtime.pipeline.submit(child)
@@ -327,7 +327,11 @@ def emit_replay(runtime: Any, capture: Capture, index: int, start_ns: int, end_n
         child_pending = grouped
         for i, hooks in enumerate(hook_lists):
             for hook in hooks:
-                pending = hook(None, None)
+                try:
+                    pending = hook(None, None)
+                except Exception as exc:  # noqa: BLE001 - the replay still goes
+                    health.report("graph_errors", "a CUDA graph replay hook failed", exc)
+                    continue
                 if pending is not None:
                     if child_pending is None:
                         child_pending = [None] * len(protos)

@@ -497,6 +497,8 @@ class Pipeline:
     def _start(self) -> None:
         self._queue: deque[CallRecord] = deque()
         self._waiting: deque[CallRecord] = deque()
+        #: Records the full queue dropped that still hold GPU work: released by the worker.
+        self._let_go_queue: deque[CallRecord] = deque()
         self._wake = threading.Event()
         self._idle = threading.Condition()
         self._busy = 0
@@ -527,7 +529,15 @@ class Pipeline:
             except IndexError:
                 pass
             else:
-                self._let_go(dropped)
+                if (dropped.pending or dropped.gpu is not None
+                        or (type(dropped) is ReplayRecord and dropped.child_pending)):
+                    # What it holds (ring slots, GPU events) goes back on the worker,
+                    # which may query CUDA (never while a graph is being captured).
+                    if len(self._let_go_queue) < self.max_waiting:
+                        self._let_go_queue.append(dropped)
+                    else:
+                        health.report("stats_errors", "dropped spans' GPU work could not "
+                                      "be handed back: their ring slots stay taken")
             health.report("spans_dropped", "span queue full: dropping the oldest spans")
         queue.append(record)
         # Wake the worker once per full batch, not once per call past it.
@@ -536,22 +546,31 @@ class Pipeline:
 
     def _let_go(self, record: CallRecord) -> None:
         """A record dropped unexported still hands back what it holds (statistics ring
-        slots, GPU events): otherwise every drop would shrink the rings for good."""
-        try:
-            gpu = record.gpu
-            if gpu is not None:
-                record.gpu = None
-                self.gpu_times.abandon(record, gpu, "queue_full")
-            held = [record.pending]
-            if type(record) is ReplayRecord and record.child_pending is not None:
-                held.extend(p for p in record.child_pending if p is not None)
-            for pendings in held:
-                for pending in pendings:
-                    pending.abandon(record, "queue_full")
-            record.pending = _EMPTY
-        except Exception as exc:  # noqa: BLE001 - the caller's call goes on
-            health.report("pending_errors", "could not release a dropped span's GPU work",
-                          exc)
+        slots, GPU events): otherwise every drop would shrink the rings for good.  On the
+        worker; what the pendings would write goes to a scratch record, never to the
+        dropped one's attributes, which it may share with later spans."""
+        scratch = CallRecord("dropped", 0, 0, None, 0, 0, {})
+        scratch.events = []
+        held: list[Any] = []
+        gpu, record.gpu = record.gpu, None
+        if type(record) is ReplayRecord and record.child_pending is not None:
+            for pendings in record.child_pending:
+                held.extend(pendings or ())
+            record.child_pending = None
+        held.extend(record.pending)
+        record.pending = _EMPTY
+        if gpu is not None:
+            try:
+                self.gpu_times.abandon(scratch, gpu, "queue_full")
+            except Exception as exc:  # noqa: BLE001
+                health.report("pending_errors", "could not release a dropped span's GPU "
+                              "time", exc)
+        for pending in held:
+            try:
+                pending.abandon(scratch, "queue_full")
+            except Exception as exc:  # noqa: BLE001 - the others still go back
+                health.report("pending_errors", "could not release a dropped span's "
+                              "statistics", exc)
 
     def wake(self) -> None:
         """Have the worker drain now rather than at its next tick (a ring running low)."""
@@ -578,6 +597,9 @@ class Pipeline:
         cpu = time.thread_time()
         try:
             queue, waiting = self._queue, self._waiting
+            let_go = self._let_go_queue
+            while let_go:
+                self._let_go(let_go.popleft())
             now = time.monotonic()
             deadline = now + self.wait_timeout_s
             native = self._native

@@ -9,15 +9,16 @@ would on each replay; the copy into the slot is the torch path of ``GraphRows._c
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from typing import Any
 
 import pytest
 import torch
-from test_native_stats import FakeEvents, _rows, events  # noqa: F401
+from test_native_stats import FakeEvents, _pending, _ring, _rows, events  # noqa: F401
 from test_replay_template import _capture, _decode, _python_path, _replay, _without_span_id
 
-from otel_flashinfer import export, graphs, health
+from otel_flashinfer import capture_guard, export, graphs, health
 from otel_flashinfer.pipeline import _EMPTY, CallRecord, Pipeline
 from otel_flashinfer.stats import graph_rows as gr
 from otel_flashinfer.stats.decode import decode_buffer
@@ -45,6 +46,10 @@ def _captured(rows: gr.GraphRows, capture: graphs.Capture, sizes: list[int], roo
     return slots
 
 
+def _index(capture: graphs.Capture) -> dict[int, int]:
+    return {id(r): i for i, r in enumerate(capture.records)}
+
+
 def _fill(slots: list[GraphStatsSlot], data: torch.Tensor) -> None:
     """What the captured kernels leave in each call's rows on a replay."""
     at = 0
@@ -67,8 +72,8 @@ def test_calls_share_chunks_and_a_replay_takes_one_slot() -> None:
     real, _ = _rows()
     data = torch.cat([real, real, real[:1]])  # 9 rows as the kernel writes them
     _fill(slots, data)
-    got = rows.replay(None, ts_ns=5)
-    assert [rid for rid, _ in got] == [id(r) for r in capture.records]
+    got = rows.replay(_index(capture), ts_ns=5)
+    assert [i for i, _ in got] == [0, 1, 2]
     pendings = [p for _, p in got]
     assert {p.slot for p in pendings} == {0} and len(rows.ring._free) == rows.ring.host.shape[0] - 1  # noqa: SLF001
     # each child reads its own rows of the slot, bytes as the kernels left them
@@ -111,7 +116,7 @@ def test_a_full_ring_drops_each_childs_statistics_counted() -> None:
     assert ring is not None
     taken = [ring.acquire() for _ in range(ring.host.shape[0])]
     before = health.counters().get("stats_dropped", 0)
-    got = rows.replay(None)
+    got = rows.replay(_index(capture))
     assert all(type(p) is ReadyPending and p.note == "ring_full" for _, p in got)
     assert health.counters()["stats_dropped"] - before == 2
     for slot in taken:
@@ -137,7 +142,7 @@ def test_the_encoder_writes_each_child_from_the_shared_slot(
     encoder = export.make_encoder(tracer, fmt, CallRecord, _EMPTY)
 
     def replay(index: int, event: int) -> Any:
-        got = rows.replay(None, ts_ns=7)
+        got = rows.replay(_index(capture), ts_ns=7)
         slot = got[0][1].slot
         ring._native[slot], ring._kind[slot] = event, "native"  # noqa: SLF001
         return _replay(capture, index=index, child_pending=[[p] for _, p in got])
@@ -162,22 +167,43 @@ def test_the_encoder_writes_each_child_from_the_shared_slot(
 
 
 def test_a_dropped_span_hands_its_slots_back() -> None:
-    """The span queue full: the oldest record is dropped, and its statistics slot (and
-    each slot a dropped replay's children hold) goes back to its ring."""
+    """The span queue full: the oldest record is dropped, and the worker (which may query
+    CUDA) hands back its statistics slot and each slot a dropped replay's children hold,
+    without writing into attributes the dropped span shares with later ones."""
     capture = _capture(2)
     rows = gr.GraphRows(CPU)
     _captured(rows, capture, [1, 2])
     rows.seal()
     ring = rows.ring
-    pipeline = Pipeline(tracer=None, max_queue=1)
+    assert ring is not None
+    eager = _ring()
+    data, metas = _rows()
+    shared = {"flashinfer.api": "rmsnorm"}
+    call = CallRecord.for_call("rmsnorm", 1, 3, None, shared)
+    call.add_pending(_pending(eager, 0, data, metas, 2, event=0))
+    tracer, _ = _sdk_tracer()
+    pipeline = Pipeline(tracer=tracer, max_queue=1)
     try:
-        got = rows.replay(None)
-        pipeline.submit(_replay(capture, child_pending=[[p] for _, p in got]))
-        assert 0 not in ring._free  # noqa: SLF001
+        got = rows.replay(_index(capture))
         before = health.counters().get("stats_dropped", 0)
-        pipeline.submit(CallRecord.for_call("next", 1, 2, None, {}))
+        spans_before = health.counters().get("spans_dropped", 0)
+        # A graph capture open meanwhile: nothing may query CUDA, so the worker waits and
+        # the callers that drop records hand back nothing themselves.
+        capture_guard.begin_capture()
+        try:
+            pipeline.submit(_replay(capture, child_pending=[[p] for _, p in got]))
+            pipeline.submit(call)  # drops the replay
+            pipeline.submit(CallRecord.for_call("next", 1, 2, None, {}))  # drops the call
+            time.sleep(0.2)
+            assert 0 not in ring._free and 0 not in eager._free  # noqa: SLF001 - not yet
+        finally:
+            capture_guard.end_capture()
+        assert health.counters()["spans_dropped"] - spans_before == 2
+        assert pipeline.flush(10)
         assert len(ring._free) == ring.host.shape[0]  # noqa: SLF001
-        assert health.counters()["stats_dropped"] - before == 2
+        assert len(eager._free) == eager.host.shape[0]  # noqa: SLF001
+        assert health.counters()["stats_dropped"] - before >= 3  # 2 children, the call's 2
+        assert shared == {"flashinfer.api": "rmsnorm"}
     finally:
         pipeline.shutdown()
 
@@ -240,7 +266,7 @@ def test_children_carry_their_gpu_time_from_the_launches_stamps(
         other = stamped.clone()
         other[2, 7] = 0 if missing else 1_000_000 + times[1]
         _fill(slots, torch.cat([stamped, other]))
-        got = rows.replay(None, ts_ns=7)
+        got = rows.replay(_index(capture), ts_ns=7)
         slot = got[0][1].slot
         ring._native[slot], ring._kind[slot] = 90, "native"  # noqa: SLF001
         return _replay(capture, index=index, child_pending=[[p] for _, p in got])
@@ -269,4 +295,52 @@ def test_children_carry_their_gpu_time_from_the_launches_stamps(
         pending.apply(child)
     assert children[0].attributes["flashinfer.gpu.time_ns"] == 1
     assert children[1].attributes["flashinfer.gpu.time_unavailable"] == "no_stamp"
+    assert len(ring._free) == ring.host.shape[0]  # noqa: SLF001
+
+
+class _Extension:
+    """The statistics extension's ``snapshot`` and events on the CPU: the copy is a
+    memmove of the chunk's rows to the host address, as cudaMemcpyAsync would land it."""
+
+    def __init__(self) -> None:
+        self.copies: list[tuple[int, int, int]] = []
+
+    def snapshot(self, view: torch.Tensor, host: int, event: int) -> None:
+        import ctypes
+
+        ctypes.memmove(host, view.data_ptr(), view.numel() * 8)
+        self.copies.append((view.shape[0], host, event))
+
+
+def test_the_extensions_copies_land_each_chunk_where_its_rows_are(
+        monkeypatch: pytest.MonkeyPatch, events: FakeEvents) -> None:  # noqa: F811
+    """The path a device takes: one extension copy per chunk (the event on the last),
+    the slot's event native, and every child resolved by the encoder in C."""
+    monkeypatch.setattr(gr, "CHUNK_ROWS", 4)
+    data, metas = _rows()
+    capture = _capture(3)
+    rows = gr.GraphRows(CPU)
+    slots = _captured(rows, capture, [3, 2, 2])
+    assert [s.at for s in slots] == [(0, 0), (1, 0), (1, 2)]  # 3 + 2 > 4: a second chunk
+    for slot, n in zip(slots, [3, 2, 2], strict=True):
+        slot.metas = list(metas[:n])
+    rows.seal()
+    ring = rows.ring
+    assert ring is not None and ring.rows == 7
+    ring._native[:] = [600 + i for i in range(len(ring._native))]  # noqa: SLF001 - made
+    _fill(slots, torch.cat([data[:3], data[:2], data[1:3]]))
+    ext = _Extension()
+    got = rows.replay(_index(capture), ext, ts_ns=7)
+    slot = got[0][1].slot
+    host = ring.host_ptr(slot)
+    assert ext.copies == [(3, host, 0), (4, host + 3 * 64, 600 + slot)]
+    assert ring._kind[slot] == "native"  # noqa: SLF001
+    assert [p.ring.read_bytes(slot, 8) for _, p in got] == [
+        data[:3].numpy().tobytes(), data[:2].numpy().tobytes(), data[1:3].numpy().tobytes()]
+    tracer, _ = _sdk_tracer()
+    encoder = export.make_encoder(tracer, "protobuf", CallRecord, _EMPTY)
+    replay = _replay(capture, child_pending=[[p] for _, p in got])
+    assert encoder.drain(deque([replay]), [], 1, deque(), 1.0, 2.0) == 1
+    assert [len(s.events) for s in _decode(encoder.take(), "protobuf")] == [0, 3, 2, 2]
+    assert encoder.stats()["stats_resolved"] == 3
     assert len(ring._free) == ring.host.shape[0]  # noqa: SLF001

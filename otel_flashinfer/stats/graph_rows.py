@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from .. import health
+from .. import capture_guard, health
+from . import kernel as _kernel
 from .decode import ROW_BYTES
 from .layout import ROW_WORDS
 from .pending import StatsPending, _dropped
@@ -75,9 +76,9 @@ class GraphRows:
         self.on_low = on_low  # the pipeline's wake-up (``SlotRing``)
         self._chunks: list[torch.Tensor] = []
         self._used: list[int] = []
-        self._streams: list[int] = []
-        self._counters: torch.Tensor | None = None
-        self._counters_used = 0
+        self._current: dict[int, int] = {}  # stream -> the chunk it fills now
+        #: stream -> [zeroed int32 words, how many are taken] (``take_counter``)
+        self._counters: dict[int, list[Any]] = {}
         #: (record id, GraphStatsSlot, chunk, row): the captured calls' rows.
         self._members: list[tuple[int, Any, int, int]] = []
         self.ring: SlotRing | None = None
@@ -95,10 +96,9 @@ class GraphRows:
         they do not fit a chunk (the call then gets a buffer of its own)."""
         if nrows > CHUNK_ROWS or self.ring is not None:
             return None
-        cuda = self.device.type == "cuda"
-        stream = torch.cuda.current_stream(self.device).cuda_stream if cuda else 0
-        if (not self._chunks or self._used[-1] + nrows > CHUNK_ROWS
-                or self._streams[-1] != stream):
+        stream = self._stream()
+        k = self._current.get(stream, -1)
+        if k < 0 or self._used[k] + nrows > CHUNK_ROWS:
             # A chunk is zeroed by one memset node on the stream that first uses it, so
             # each chunk serves one stream: stream order puts the memset before every
             # launch into it, and each replay's copy before the next replay's memset.
@@ -106,8 +106,7 @@ class GraphRows:
                                 device=self.device)
             self._chunks.append(chunk)
             self._used.append(0)
-            self._streams.append(stream)
-        k = len(self._chunks) - 1
+            k = self._current[stream] = len(self._chunks) - 1
         row = self._used[k]
         self._used[k] = row + nrows
         return self._chunks[k][row:row + nrows], (k, row)
@@ -115,18 +114,27 @@ class GraphRows:
     def take_counter(self) -> int:
         """The device address of a zeroed 32-bit word for a launch's last-block count
         (its end stamp, ``stats_into``), or 0 when none is left."""
-        if self._counters is None:
-            self._counters = torch.zeros(COUNTERS, dtype=torch.int32, device=self.device)
-        if self._counters_used >= COUNTERS:
+        stream = self._stream()
+        counters = self._counters.get(stream)
+        if counters is None:  # zeroed on this stream, like the chunks
+            counters = self._counters[stream] = [
+                torch.zeros(COUNTERS, dtype=torch.int32, device=self.device), 0]
+        words, used = counters
+        if used >= COUNTERS:
             return 0
-        self._counters_used += 1
-        return self._counters.data_ptr() + 4 * (self._counters_used - 1)
+        counters[1] = used + 1
+        return words.data_ptr() + 4 * used
+
+    def _stream(self) -> int:
+        if self.device.type != "cuda":
+            return 0
+        return torch.cuda.current_stream(self.device).cuda_stream
 
     def trim(self, at: tuple[int, int], taken: int, kept: int) -> None:
         """A launch that took ``taken`` rows at ``at`` keeps ``kept``: the rest goes back
         when nothing was taken after it (a nested call keeps its parent's room)."""
         k, row = at
-        if k == len(self._used) - 1 and self._used[k] == row + taken:
+        if self._used[k] == row + taken:
             self._used[k] = row + kept
 
     def bind(self, record: Any, slot: Any) -> None:
@@ -139,6 +147,11 @@ class GraphRows:
         """After the capture: the replay ring, sized for every chunk's rows in use."""
         if self.ring is not None or self.failed or not self._members:
             return
+        with capture_guard.gpu_queries() as allowed:
+            if allowed:  # else (another thread captures): at the first traced replay
+                self._seal()
+
+    def _seal(self) -> None:
         try:
             rows = sum(self._used)
             slot_bytes = rows * ROW_BYTES
@@ -162,30 +175,38 @@ class GraphRows:
             health.report("stats_errors", "could not set up a graph's statistics slots", exc)
 
     # -- replay --------------------------------------------------------------------
-    def replay(self, module: Any, ts_ns: int | None = None) -> list[tuple[int, Any]]:
+    def replay(self, index: dict[int, int], module: Any = None, ts_ns: int | None = None
+               ) -> list[tuple[int, Any]]:
         """After a traced replay, on the replaying thread: one copy per chunk into a
-        slot, one event, and (record id, Pending) per captured call."""
+        slot, one event, and (child index, Pending) per captured call that ``index``
+        (record id -> child index) knows.  ``module``: the statistics extension (None:
+        the built one, if any, on a CUDA device; torch copies otherwise)."""
         if self.ring is None:
-            self.seal()
+            self._seal()
         ring = self.ring
-        if ring is None:
-            return [(rid, _dropped("error")) for rid, _, _, _ in self._members]
+        windows = [(index[rid], gslot, window) for rid, gslot, window in self._windows
+                   if rid in index]
+        if ring is None or not windows:
+            return [(index[rid], _dropped("error")) for rid, _, _, _ in self._members
+                    if rid in index]
+        if module is None and self.device.type == "cuda":
+            module = _kernel.get()
         ts = ts_ns if ts_ns is not None else time.time_ns()
         slot = ring.acquire()
         if slot is None:
-            return [(rid, _dropped("ring_full")) for rid, _, _ in self._windows]
+            return [(i, _dropped("ring_full")) for i, _, _ in windows]
         try:
             self._copy(module, ring, slot)
         except Exception as exc:  # noqa: BLE001
-            ring.release(slot)
+            # Copies already queued may still land in it: the slot is not reused.
             health.report("stats_errors", "graph statistics snapshot failed", exc)
-            return [(rid, _dropped("error")) for rid, _, _ in self._windows]
-        self._left[slot] = len(self._windows)
+            return [(i, _dropped("error")) for i, _, _ in windows]
+        self._left[slot] = len(windows)
         self._abandoned[slot] = False
-        return [(rid, StatsPending(window, slot, gslot.metas[:gslot.nin], ts, gslot.note,
-                                   gslot.metas[gslot.nin:], ts, "", True)
+        return [(i, StatsPending(window, slot, gslot.metas[:gslot.nin], ts, gslot.note,
+                                 gslot.metas[gslot.nin:], ts, "", True)
                  if gslot.timed else StatsPending(window, slot, gslot.metas, ts, gslot.note))
-                for rid, gslot, window in self._windows]
+                for i, gslot, window in windows]
 
     def _copy(self, module: Any, ring: SlotRing, slot: int) -> None:
         host = ring.host_ptr(slot)

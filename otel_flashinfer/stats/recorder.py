@@ -67,13 +67,12 @@ def _launch_into(out: torch.Tensor, jobs: Sequence[Job], module: Any, row0: int 
     ``stamps`` (``counter``, ``stamp_start``, ``stamp_end``: device addresses) have the
     kernel stamp the GPU clock; returns whether it ran (torch ops stamp nothing)."""
     if module is not None and _kernel_can_run(jobs):
-        module.stats_into(out, [j.tensor for j in jobs], [j.row for j in jobs],
-                          [j.step for j in jobs], [j.indices for j in jobs],
-                          [j.indptr for j in jobs], [j.batch for j in jobs],
-                          zero and row0 == 0,
-                          [j.last_page_len for j in jobs], [j.slot_dim for j in jobs],
-                          **stamps)
-        return True
+        launched = module.stats_into(out, [j.tensor for j in jobs], [j.row for j in jobs],
+                                     [j.step for j in jobs], [j.indices for j in jobs],
+                                     [j.indptr for j in jobs], [j.batch for j in jobs],
+                                     zero and row0 == 0, [j.last_page_len for j in jobs],
+                                     [j.slot_dim for j in jobs], **stamps)
+        return bool(launched)  # nothing to read (empty tensors): no launch, no stamp
     with torch.no_grad():
         torch_ops.fill_rows(out[row0:], [replace(j, row=j.row - row0) for j in jobs])
     return False
@@ -126,9 +125,10 @@ class GraphStatsSlot:
         #: eager call does (``StatsPending.gpu_time``).
         self.timed = False
 
-    def _trim(self) -> GraphStatsSlot:
-        """Done adding rows: replays copy only the rows in use."""
-        if self.graph_rows is not None and self.room:
+    def _trim(self, give_back: bool = True) -> GraphStatsSlot:
+        """Done adding rows: replays copy only the rows in use.  ``give_back=False``
+        (a launch into the room may have happened): the room stays taken."""
+        if self.graph_rows is not None and self.room and give_back:
             self.graph_rows.trim(self.at, self.out.shape[0], len(self.metas))
         self.out, self.room = self.out[: len(self.metas)], 0
         return self
@@ -240,7 +240,7 @@ class StatsRecorder:
                                           else list(outputs))
             except Exception as exc:  # noqa: BLE001 - the inputs' statistics still count
                 health.report("stats_errors", "tensor statistics failed", exc)
-                return state.slot._trim()
+                return state.slot._trim(give_back=False)
         if type(state) is not _Open:
             return self.record(outputs)
         try:
