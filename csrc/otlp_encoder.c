@@ -1107,6 +1107,14 @@ static void instance_forget(Encoder *e) {
     for (int i = 0; i < INSTANCE_CACHE; ++i) Py_CLEAR(e->inst_value[i]);
 }
 
+/* Where a replay's child's start and end come from (graphs.TIME_SOURCE_ATTR): "gpu"
+ * (its statistics launches' clock stamps, placed from the replay's host start by the
+ * graph's first launch) or "replay" (the replay's own host start and end). */
+static int time_source(Encoder *e, Buf *b, int placed, int *first) {
+    return kv_c(e, b, 9, "flashinfer.cuda_graph.time_source", 's', placed ? "gpu" : "replay",
+                placed ? 3 : 6, 0, 0, first);
+}
+
 /* Encodes ``record`` into e->spans.  ``gpu_ns`` >= 0 adds flashinfer.gpu.time_ns (a GPU
  * time this encoder resolved itself). */
 /* ``extra``: statistics rows resolved in C (resolve_stats), encoded after the record's
@@ -1132,7 +1140,7 @@ typedef struct {
 /* ``replay_index`` >= 0: a replay's child, which says its replay; ``mk``: where its
  * per-replay values went (encode_replay keeps the bytes as a template). */
 static int encode_record(Encoder *e, PyObject *record, long long gpu_ns, const RawView *extra,
-                         int n_extra, long long replay_index, Marks *mk) {
+                         int n_extra, long long replay_index, int placed, Marks *mk) {
     Buf *b = &e->spans;
     size_t start = b->len;
     unsigned char trace[16], span[8], parent_span[8];
@@ -1248,6 +1256,14 @@ static int encode_record(Encoder *e, PyObject *record, long long gpu_ns, const R
         if (written < e->max_attributes) {
             rc = kv_c(e, b, 9, "flashinfer.cuda_graph.replay", 'i', NULL, 0, replay_index, 0,
                       &first) < 0 ? -1 : 1;
+        } else {
+            dropped++;
+        }
+        if (rc < 0) goto fail;
+        written += rc;
+        rc = 0;
+        if (written < e->max_attributes) {
+            rc = time_source(e, b, placed, &first) < 0 ? -1 : 1;
         } else {
             dropped++;
         }
@@ -1492,7 +1508,7 @@ static PyObject *enc_add(Encoder *e, PyObject *record) {
         return NULL;
     }
     e->busy = 1;
-    int rc = encode_record(e, record, -1, NULL, 0, -1, NULL);
+    int rc = encode_record(e, record, -1, NULL, 0, -1, 0, NULL);
     e->busy = 0;
     if (rc < 0) return NULL;
     Py_RETURN_NONE;
@@ -1541,7 +1557,8 @@ static const char *const pending_slot_names[P_COUNT] = {
     "_status", "gpu_time", "metas", "note", "out_metas", "out_note", "out_ts", "ring", "slot",
     "ts_ns"};
 static Py_ssize_t pending_offsets[P_COUNT];
-static PyObject *s_kind, *s_native, *s_base, *s_slot_bytes, *s_rows, *s_release, *s_append;
+static PyObject *s_kind, *s_native, *s_base, *s_slot_bytes, *s_rows, *s_release, *s_append,
+    *s_anchor;
 
 /* The byte offset of each named __slots__ member of ``type``; -1 with TypeError if one
  * is missing (a renamed field must fail loudly, not read the wrong memory). */
@@ -1581,6 +1598,7 @@ typedef struct {
     RawView views[2];
     int nviews;
     long long gpu_ns;
+    long long offset_ns; /* a graph child's start after its graph's first launch, or -1 */
     PyObject *pending; /* borrowed */
     PyObject *ring;    /* borrowed */
     PyObject *slot;    /* borrowed */
@@ -1637,12 +1655,28 @@ static int resolve_one(PyObject *p, Resolved *r) {
     const unsigned char *at = (const unsigned char *)(intptr_t)(base + slot * slot_bytes);
     r->nviews = 0;
     r->gpu_ns = -1;
+    r->offset_ns = -1;
     if (timed) {
         /* the spare word of row 0 (inputs' launch ended) to that of row n (outputs'
          * launch began): see StatsPending.gpu_time */
         long long t0 = (long long)row_word(at, 7), t1 = (long long)row_word(at + n * ROW_BYTES, 7);
         if (!(0 < t0 && t0 <= t1)) return TO_PYTHON; /* no stamp: Python says so */
         r->gpu_ns = t1 - t0;
+        /* a graph's child: where its graph's first launch stamped its start, slot 0's
+         * word at ``_anchor`` like its rows at ``_base`` (stats.graph_rows.RowWindow;
+         * None elsewhere) */
+        PyObject *anchor = PyObject_GetAttr(ring, s_anchor);
+        if (anchor == NULL) goto python;
+        if (anchor != Py_None) {
+            long long where = PyLong_AsLongLong(anchor);
+            long long first_ns;
+            Py_DECREF(anchor);
+            if (where <= 0) goto python;
+            memcpy(&first_ns, (const unsigned char *)(intptr_t)(where + slot * slot_bytes), 8);
+            if (0 < first_ns && first_ns <= t0) r->offset_ns = t0 - first_ns;
+        } else {
+            Py_DECREF(anchor);
+        }
     }
     if (n || !nout) {
         RawView *v = &r->views[r->nviews++];
@@ -1753,7 +1787,8 @@ static PyObject *proto_memo(Encoder *e, PyObject *proto) {
 static int emit_child(Encoder *e, const unsigned char *tpl, const Marks *mk,
                       const unsigned char *trace, const unsigned char *span,
                       const unsigned char *parent, uint64_t start, uint64_t end,
-                      long long index, long long gpu_ns, const RawView *views, int nviews) {
+                      long long index, long long gpu_ns, int placed, const RawView *views,
+                      int nviews) {
     Buf *b = &e->spans;
     int js = e->fmt == FMT_JSON;
     size_t mark = 0, at = 0;
@@ -1783,6 +1818,7 @@ static int emit_child(Encoder *e, const unsigned char *tpl, const Marks *mk,
         case M_INDEX:
             first = mk->index_first;
             rc = kv_c(e, b, 9, "flashinfer.cuda_graph.replay", 'i', NULL, 0, index, 0, &first);
+            if (rc >= 0) rc = time_source(e, b, placed, &first);
             if (rc >= 0 && gpu_ns >= 0) {
                 PyObject *value = PyLong_FromLongLong(gpu_ns);
                 rc = value == NULL ? -1 : attr(e, b, 9, e->k_gpu_time, value, &first);
@@ -1900,7 +1936,7 @@ static int encode_replay(Encoder *e, PyObject *record, long long gpu_ns) {
     Py_ssize_t count0 = e->count;
     unsigned long long encoded0 = e->encoded;
     seed_span_ids(e);
-    int rc = encode_record(e, record, gpu_ns, NULL, 0, -1, NULL);
+    int rc = encode_record(e, record, gpu_ns, NULL, 0, -1, 0, NULL);
     PyObject *trace = slot(e, record, R_TRACE_ID), *start = slot(e, record, R_START_NS);
     PyObject *end = slot(e, record, R_END_NS);
     unsigned char trace_b[16], parent_b[8];
@@ -1918,6 +1954,11 @@ static int encode_replay(Encoder *e, PyObject *record, long long gpu_ns) {
         const RawView *views = has && has[i] ? res[i].views : NULL;
         int nviews = has && has[i] ? res[i].nviews : 0;
         long long child_gpu = has && has[i] ? res[i].gpu_ns : -1;
+        long long offset = has && has[i] ? res[i].offset_ns : -1;
+        int placed = offset >= 0 && child_gpu >= 0;
+        /* placed on the GPU timeline from the replay's host start (its first launch) */
+        uint64_t c_start = placed ? start_ns + (uint64_t)offset : start_ns;
+        uint64_t c_end = placed ? c_start + (uint64_t)child_gpu : end_ns;
         uint64_t id = otel_fi_xoshiro_next(e->rng);
         PyObject *tpl = PyList_GET_ITEM(memo, 1), *marks = PyList_GET_ITEM(memo, 2);
         if (tpl != Py_None) { /* every child after a prototype's first */
@@ -1925,7 +1966,7 @@ static int encode_replay(Encoder *e, PyObject *record, long long gpu_ns) {
             for (int k = 0; k < 8; ++k) span_b[k] = (unsigned char)(id >> (56 - 8 * k));
             rc = emit_child(e, (const unsigned char *)PyBytes_AS_STRING(tpl),
                             (const Marks *)PyBytes_AS_STRING(marks), trace_b, span_b, parent_b,
-                            start_ns, end_ns, index, child_gpu, views, nviews);
+                            c_start, c_end, index, child_gpu, placed, views, nviews);
             e->templated += rc == 0;
             continue;
         }
@@ -1940,11 +1981,25 @@ static int encode_replay(Encoder *e, PyObject *record, long long gpu_ns) {
         slot_set(e, proto, R_SPAN_ID, span_id);
         Py_DECREF(span_id);
         slot_set(e, proto, R_PARENT, context);
-        slot_set(e, proto, R_START_NS, start);
-        slot_set(e, proto, R_END_NS, end);
+        if (placed) {
+            PyObject *s_obj = PyLong_FromUnsignedLongLong(c_start);
+            PyObject *e_obj = s_obj ? PyLong_FromUnsignedLongLong(c_end) : NULL;
+            if (e_obj == NULL) {
+                Py_XDECREF(s_obj);
+                rc = -1;
+                break;
+            }
+            slot_set(e, proto, R_START_NS, s_obj);
+            slot_set(e, proto, R_END_NS, e_obj);
+            Py_DECREF(s_obj);
+            Py_DECREF(e_obj);
+        } else {
+            slot_set(e, proto, R_START_NS, start);
+            slot_set(e, proto, R_END_NS, end);
+        }
         Marks mk;
         memset(&mk, 0, sizeof mk);
-        rc = encode_record(e, proto, child_gpu, views, nviews, index, &mk);
+        rc = encode_record(e, proto, child_gpu, views, nviews, index, placed, &mk);
         if (rc == 0 && slot(e, proto, R_ERROR) == Py_None) keep_template(e, memo, &mk);
     }
     if (rc < 0) {
@@ -2002,6 +2057,7 @@ static PyObject *mod_register_stats(PyObject *self, PyObject *args) {
     I(s_base, "_base");
     I(s_slot_bytes, "_slot_bytes");
     I(s_rows, "rows");
+    I(s_anchor, "_anchor");
     I(s_release, "release");
     I(s_append, "append");
 #undef I
@@ -2091,7 +2147,7 @@ static PyObject *enc_drain(Encoder *e, PyObject *args) {
                 if (rc == NOT_YET && append_later != NULL) wait = 1;
                 else if (rc != RESOLVED) to_python = 1;
             } else if (encode_record(e, record, gpu_ns, stats ? res.views : NULL,
-                                     stats ? res.nviews : 0, -1, NULL) < 0) {
+                                     stats ? res.nviews : 0, -1, 0, NULL) < 0) {
                 PyErr_Clear(); /* Python's path encodes it again and reports what failed;
                                 * the GPU events and statistics are still the record's */
                 to_python = 1;

@@ -28,9 +28,6 @@ from . import capture_guard, health
 from .graph_sampling import ReplaySampler
 from .pipeline import CallRecord, ReplayRecord
 
-#: Where a replay's child's start and end come from (issue 19: never made up).
-TIME_SOURCE_ATTR = "flashinfer.cuda_graph.time_source"
-
 _ids = itertools.count(1)
 _capturing: Capture | None = None
 _graphs: weakref.WeakKeyDictionary[Any, Capture] = weakref.WeakKeyDictionary()
@@ -85,9 +82,6 @@ class Capture:
             for captured in self.records:
                 attrs = {k: v for k, v in self.attributes[id(captured)].items()
                          if k != "flashinfer.cuda_graph.capturing"}
-                # Host code does not run per replay: a child's start and end are its
-                # replay's, and only flashinfer.gpu.time_ns (level 5) is its own.
-                attrs[TIME_SOURCE_ATTR] = "replay"
                 proto = CallRecord(captured.name, 0, 0, None, 0, 0, attrs,
                                    describe=captured.describe)
                 proto.data, proto.kw, proto.result = captured.data, captured.kw, captured.result

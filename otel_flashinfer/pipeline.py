@@ -193,6 +193,10 @@ class CallRecord:
 
 
 REPLAY_INDEX_ATTR = "flashinfer.cuda_graph.replay"
+#: Where a replay's child's start and end come from: "replay" (the replay's host start
+#: and end: no host code runs per replay) or "gpu" (level 5: its statistics launches'
+#: clock stamps, placed from the replay's host start by the graph's first launch).
+TIME_SOURCE_ATTR = "flashinfer.cuda_graph.time_source"
 
 
 class ReplayRecord(CallRecord):
@@ -234,6 +238,7 @@ class ReplayRecord(CallRecord):
         for i, proto in enumerate(template):
             attrs = dict(proto.attributes)
             attrs[REPLAY_INDEX_ATTR] = self.index
+            attrs[TIME_SOURCE_ATTR] = "replay"  # "gpu" once its stamps place it
             child = CallRecord(proto.name, self.trace_id, _random_span_id(), self.context,
                                self.start_ns, self.end_ns, attrs, describe=proto.describe)
             # The capture-time snapshots, described as the capture-time span was: the

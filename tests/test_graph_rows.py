@@ -63,12 +63,13 @@ def test_calls_share_chunks_and_a_replay_takes_one_slot() -> None:
     capture = _capture(3)
     rows = gr.GraphRows(CPU)
     slots = _captured(rows, capture, [4, 2, 3], room=64)
-    # the room each call did not use went back: the three calls sit end to end
-    assert [s.at for s in slots] == [(0, 0), (0, 4), (0, 6)]
+    # the room each call did not use went back: the three calls sit end to end, after
+    # the anchor row (where the graph's first timed launch stamps its start)
+    assert [s.at for s in slots] == [(0, 1), (0, 5), (0, 7)]
     assert [s.out.shape[0] for s in slots] == [4, 2, 3]
     assert [s.out.data_ptr() - slots[0].out.data_ptr() for s in slots] == [0, 256, 384]
     rows.seal()
-    assert rows.ring is not None and rows.ring.rows == 9
+    assert rows.ring is not None and rows.ring.rows == 10
     real, _ = _rows()
     data = torch.cat([real, real, real[:1]])  # 9 rows as the kernel writes them
     _fill(slots, data)
@@ -102,8 +103,8 @@ def test_a_nested_call_keeps_its_parents_room_and_big_calls_get_new_chunks(
     _inner, at_inner = rows.take(3)  # taken before the outer call trims
     rows.trim(at_inner, 3, 3)
     rows.trim(at_outer, 10, 2)  # not the tail: its room stays taken
-    assert (at_outer, at_inner) == ((0, 0), (0, 10))
-    assert rows.take(4)[1] == (1, 0)  # 13 + 4 > 16: a second chunk
+    assert (at_outer, at_inner) == ((0, 1), (0, 11))
+    assert rows.take(3)[1] == (1, 0)  # 14 + 3 > 16: a second chunk
     assert rows.take(17) is None  # more than a chunk: a buffer of its own
 
 
@@ -321,19 +322,19 @@ def test_the_extensions_copies_land_each_chunk_where_its_rows_are(
     capture = _capture(3)
     rows = gr.GraphRows(CPU)
     slots = _captured(rows, capture, [3, 2, 2])
-    assert [s.at for s in slots] == [(0, 0), (1, 0), (1, 2)]  # 3 + 2 > 4: a second chunk
+    assert [s.at for s in slots] == [(0, 1), (1, 0), (1, 2)]  # 1 + 3 + 2 > 4: a second chunk
     for slot, n in zip(slots, [3, 2, 2], strict=True):
         slot.metas = list(metas[:n])
     rows.seal()
     ring = rows.ring
-    assert ring is not None and ring.rows == 7
+    assert ring is not None and ring.rows == 8
     ring._native[:] = [600 + i for i in range(len(ring._native))]  # noqa: SLF001 - made
     _fill(slots, torch.cat([data[:3], data[:2], data[1:3]]))
     ext = _Extension()
     got = rows.replay(_index(capture), ext, ts_ns=7)
     slot = got[0][1].slot
     host = ring.host_ptr(slot)
-    assert ext.copies == [(3, host, 0), (4, host + 3 * 64, 600 + slot)]
+    assert ext.copies == [(4, host, 0), (4, host + 4 * 64, 600 + slot)]
     assert ring._kind[slot] == "native"  # noqa: SLF001
     assert [p.ring.read_bytes(slot, 8) for _, p in got] == [
         data[:3].numpy().tobytes(), data[:2].numpy().tobytes(), data[1:3].numpy().tobytes()]
@@ -343,4 +344,60 @@ def test_the_extensions_copies_land_each_chunk_where_its_rows_are(
     assert encoder.drain(deque([replay]), [], 1, deque(), 1.0, 2.0) == 1
     assert [len(s.events) for s in _decode(encoder.take(), "protobuf")] == [0, 3, 2, 2]
     assert encoder.stats()["stats_resolved"] == 3
+    assert len(ring._free) == ring.host.shape[0]  # noqa: SLF001
+
+
+@pytest.mark.parametrize("fmt", ["protobuf", "json"])
+def test_children_are_placed_on_the_gpu_timeline_from_the_graphs_first_launch(
+        fmt: str, events: FakeEvents) -> None:  # noqa: F811
+    """The graph's first timed launch stamps its start into the anchor row: each child
+    then starts at the replay's host start plus its own start stamp's distance from the
+    anchor, lasts its GPU time, and says so (time_source "gpu"), in C as in Python."""
+    data, metas = _rows()
+    capture = _capture(2)
+    rows = gr.GraphRows(CPU)
+    slots = _captured(rows, capture, [4, 4])
+    assert rows.take_anchor() == rows._chunks[0].data_ptr() + 56  # noqa: SLF001
+    assert rows.take_anchor() == 0  # the first timed launch only
+    for slot in slots:
+        slot.metas, slot.nin, slot.timed = list(metas), 2, True
+    rows.seal()
+    ring = rows.ring
+    assert ring is not None
+    tracer, _ = _sdk_tracer()
+    encoder = export.make_encoder(tracer, fmt, CallRecord, _EMPTY)
+
+    def replay(index: int, base: int, anchor: int | None = None) -> Any:
+        a, b = data.clone(), data.clone()
+        a[0, 7], a[2, 7] = base, base + 21_000
+        b[0, 7], b[2, 7] = base + 30_000, base + 34_500
+        _fill(slots, torch.cat([a, b]))
+        rows._chunks[0][0, 7] = base - 3_000 if anchor is None else anchor  # noqa: SLF001
+        got = rows.replay(_index(capture), ts_ns=7)
+        slot = got[0][1].slot
+        ring._native[slot], ring._kind[slot] = 90, "native"  # noqa: SLF001
+        return _replay(capture, index=index, child_pending=[[p] for _, p in got])
+
+    def times(spans: list[Any]) -> list[tuple[int, int, str]]:
+        return [(s.start_time_unix_nano, s.end_time_unix_nano,
+                 {kv.key: kv.value for kv in s.attributes}[
+                     "flashinfer.cuda_graph.time_source"].string_value) for s in spans]
+
+    for index, base in ((1, 5_000_000), (2, 9_000_000)):  # the second from the templates
+        assert encoder.drain(deque([replay(index, base)]), [], 1, deque(), 1.0, 2.0) == 1
+        got = _decode(encoder.take(), fmt)
+        # the replay's host start is 1,000: the GPU began 3 us before the first call
+        assert times(got[1:]) == [(4_000, 25_000, "gpu"), (34_000, 38_500, "gpu")]
+        assert (got[0].start_time_unix_nano, got[0].end_time_unix_nano) == (1_000, 2_000)
+        want = _python_path(fmt, replay(index, base))
+        assert [_without_span_id(g) for g in got[1:]] == [_without_span_id(w)
+                                                          for w in want[1:]]
+    assert encoder.stats()["replay_templated"] == 2
+    # no anchor stamp in this replay: the replay's times, and the span says so
+    assert encoder.drain(deque([replay(3, 7_000_000, anchor=0)]), [], 1, deque(), 1.0,
+                         2.0) == 1
+    got = _decode(encoder.take(), fmt)
+    assert times(got[1:]) == [(1_000, 2_000, "replay")] * 2
+    want = _python_path(fmt, replay(3, 7_000_000, anchor=0))
+    assert [_without_span_id(g) for g in got[1:]] == [_without_span_id(w) for w in want[1:]]
     assert len(ring._free) == ring.host.shape[0]  # noqa: SLF001

@@ -175,6 +175,13 @@ def test_level5_replays_are_written_whole_by_the_encoder(tmp_path: Path) -> None
     # (stats.graph_rows): a decode of this size takes microseconds, not nothing
     child_times = [_attrs(c).get("flashinfer.gpu.time_ns") for c in children]
     assert all(isinstance(t, int) and 1_000 < t < 10_000_000 for t in child_times), child_times
+    # ... and placed on the GPU timeline: the span lasts exactly that GPU time, from
+    # after its replay's host start
+    for child in children:
+        assert _attrs(child)["flashinfer.cuda_graph.time_source"] == "gpu", child
+        start, end = int(child["startTimeUnixNano"]), int(child["endTimeUnixNano"])
+        assert end - start == _attrs(child)["flashinfer.gpu.time_ns"]
+        assert start >= int(replays[child["parentSpanId"]]["startTimeUnixNano"])
     (encoder,) = report["encoders"].values()
     assert encoder["replays"] >= 40 and encoder["replay_children"] >= 40, encoder
     assert not report["counters"].get("stats_dropped"), report["counters"]

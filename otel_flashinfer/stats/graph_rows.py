@@ -37,6 +37,7 @@ CHUNK_ROWS = 2048
 #: the worker is woken when half a ring is taken.
 RING_BYTES = 2 << 20
 MIN_SLOTS, MAX_SLOTS = 16, 128
+_SPARE = 7 * 8  # a row's spare word (layout.py): where GPU-clock stamps go
 #: Last-block counters per graph: one per timed captured call.
 COUNTERS = 4096
 
@@ -55,6 +56,14 @@ class RowWindow:
         self._kind, self._native = ring._kind, ring._native  # noqa: SLF001 - shared lists
         # The owner's count, called straight (the encoder calls ``release`` per child).
         self.release, self.abandon = owner.release_one, owner.abandon_one
+        #: Slot 0's word where the graph's first launch stamps its start (row 0 of the
+        #: graph's first chunk): children are placed on the GPU timeline from it.
+        self._anchor = ring._base + _SPARE if owner.anchored else None  # noqa: SLF001
+
+    def anchor_ns(self, slot: int) -> int:
+        """The graph's first launch's start stamp in ``slot`` (0: none)."""
+        start = slot * self._slot_bytes + _SPARE
+        return int.from_bytes(self._ring._raw[start:start + 8], "little", signed=True)  # noqa: SLF001
 
     def query(self, slot: int) -> int:
         return self._ring.query(slot)
@@ -79,6 +88,10 @@ class GraphRows:
         self._current: dict[int, int] = {}  # stream -> the chunk it fills now
         #: stream -> [zeroed int32 words, how many are taken] (``take_counter``)
         self._counters: dict[int, list[Any]] = {}
+        #: Row 0 of the first chunk is the anchor: its spare word gets the GPU clock as
+        #: the graph's first timed launch starts (``take_anchor``), once per replay.
+        self._anchor: tuple[int, int] | None = None  # (device address, stream)
+        self.anchored = False
         #: (record id, GraphStatsSlot, chunk, row): the captured calls' rows.
         self._members: list[tuple[int, Any, int, int]] = []
         self.ring: SlotRing | None = None
@@ -107,6 +120,9 @@ class GraphRows:
             self._chunks.append(chunk)
             self._used.append(0)
             k = self._current[stream] = len(self._chunks) - 1
+            if k == 0:  # the anchor row (see take_anchor)
+                self._used[0] = 1
+                self._anchor = (chunk.data_ptr() + _SPARE, stream)
         row = self._used[k]
         self._used[k] = row + nrows
         return self._chunks[k][row:row + nrows], (k, row)
@@ -124,6 +140,14 @@ class GraphRows:
             return 0
         counters[1] = used + 1
         return words.data_ptr() + 4 * used
+
+    def take_anchor(self) -> int:
+        """The device address the graph's first timed launch stamps its start into (0
+        after the first, or on another stream than the anchor's chunk)."""
+        if self.anchored or self._anchor is None or self._anchor[1] != self._stream():
+            return 0
+        self.anchored = True
+        return self._anchor[0]
 
     def _stream(self) -> int:
         if self.device.type != "cuda":

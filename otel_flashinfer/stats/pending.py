@@ -10,6 +10,7 @@ from typing import Any
 
 from .. import cuda_errors, health
 from ..gpu_timing import TIME_ATTR, UNAVAILABLE_ATTR
+from ..pipeline import TIME_SOURCE_ATTR
 from .decode import (
     DROPPED_ATTR,
     EVENT_NAME,
@@ -81,12 +82,21 @@ class StatsPending:
             return
         n = len(self.metas)
         out = self.out_metas
+        ring = self.ring
+        first = 0
         try:
-            rows = self.ring.read_bytes(slot, n + max(len(out) if out else 0, self.gpu_time))
+            rows = ring.read_bytes(slot, n + max(len(out) if out else 0, self.gpu_time))
+            if self.gpu_time and ring._anchor is not None:  # noqa: SLF001 - a graph's child
+                first = ring.anchor_ns(slot)
         finally:
-            self.ring.release(slot)
+            ring.release(slot)
         if self.gpu_time:
-            _gpu_time(record.attributes, rows, n)
+            stamps = _gpu_time(record.attributes, rows, n)
+            if stamps is not None and 0 < first <= stamps[0]:
+                # on the GPU timeline, from the replay's host start (its first launch)
+                record.start_ns += stamps[0] - first
+                record.end_ns = record.start_ns + stamps[1] - stamps[0]
+                record.attributes[TIME_SOURCE_ATTR] = "gpu"
         if n or not out:
             if raw:
                 record.events.append(RawStats((rows, self.metas, 0, self.ts_ns)))
@@ -158,13 +168,15 @@ _STAMP = struct.Struct("<q")
 _STAMP_AT = 7 * 8  # the spare word of a row (layout.py)
 
 
-def _gpu_time(attributes: dict[str, Any], raw: bytes, nin: int) -> None:
+def _gpu_time(attributes: dict[str, Any], raw: bytes, nin: int) -> tuple[int, int] | None:
+    """The call's GPU time from its two stamps onto ``attributes``; the stamps."""
     start = _STAMP.unpack_from(raw, _STAMP_AT)[0]
     end = _STAMP.unpack_from(raw, nin * ROW_BYTES + _STAMP_AT)[0]
     if 0 < start <= end:
         attributes[TIME_ATTR] = end - start
-    else:
-        attributes[UNAVAILABLE_ATTR] = "no_stamp"
+        return start, end
+    attributes[UNAVAILABLE_ATTR] = "no_stamp"
+    return None
 
 
 def _add_events(record: Any, events: list[dict[str, Any]], ts_ns: int) -> None:

@@ -410,7 +410,8 @@ class StatsRecorder:
                     # a call's inputs, its outputs to follow: time the call between them
                     counter = rows.take_counter()
                     if counter:
-                        stamps = {"counter": counter, "stamp_end": out.data_ptr() + _SPARE}
+                        stamps = {"counter": counter, "stamp_end": out.data_ptr() + _SPARE,
+                                  "stamp_start": rows.take_anchor()}
                 with torch.cuda.device(device):
                     ran = _launch_into(out, jobs, module, zero=False, **stamps)
                 return GraphStatsSlot(self, out, metas, note, room, rows, at,

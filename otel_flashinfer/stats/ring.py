@@ -30,6 +30,10 @@ class SlotRing:
     worker otherwise polls on a timer, and a busy engine would fill the ring between
     two polls and lose statistics it had room for."""
 
+    #: Slot 0's word where a graph's first launch stamps its start (``RowWindow``);
+    #: an eager ring has none.  The span encoder reads it with ``_base``.
+    _anchor: int | None = None
+
     def __init__(self, device: torch.device, slots: int, rows: int, pin_memory: bool = True,
                  on_low: Callable[[], None] | None = None) -> None:
         self.device = device
