@@ -296,7 +296,7 @@ typedef struct {
     unsigned long long templated; /* children copied from their prototype's byte template */
     /* pipeline.ReplayRecord (CallRecord.replay_type): the children come from prototypes */
     PyTypeObject *replay_type;
-    Py_ssize_t replay_offsets[4];
+    Py_ssize_t replay_offsets[5];
     PyObject *k_replay_index;
     uint64_t rng[4]; /* xoshiro256**: the children's span ids, reseeded after fork */
     long rng_pid;
@@ -1609,62 +1609,51 @@ enum { RESOLVED = 0, NOT_YET = 1, TO_PYTHON = -1 };
 /* Whether ``record``'s statistics can be resolved here, and if so whether they are in:
  * RESOLVED (``r`` filled: rows still in the slot, which the caller hands back after
  * encoding), NOT_YET, or TO_PYTHON (no exception set). */
-static int resolve_one(PyObject *p, Resolved *r) {
-    if (stats_api == NULL || Py_TYPE(p) != stats_pending_type) return TO_PYTHON;
-    PyObject *slot_obj = pslot(p, P_SLOT), *status_obj = pslot(p, P_STATUS);
-    PyObject *ring = pslot(p, P_RING), *metas = pslot(p, P_METAS);
-    PyObject *out_metas = pslot(p, P_OUT_METAS);
-    if (slot_obj == NULL || status_obj == NULL || ring == NULL || metas == NULL ||
-        out_metas == NULL || !PyLong_CheckExact(slot_obj) || !PyLong_CheckExact(status_obj) ||
-        !empty_text(pslot(p, P_NOTE)) || !empty_text(pslot(p, P_OUT_NOTE)))
-        return TO_PYTHON; /* a note to add (too many tensors): Python writes it */
-    if (!PyTuple_Check(metas) && !PyList_Check(metas)) return TO_PYTHON;
-    if (out_metas != Py_None && !PyTuple_Check(out_metas) && !PyList_Check(out_metas))
-        return TO_PYTHON;
-    long slot = PyLong_AsLong(slot_obj);
-    long status = PyLong_AsLong(status_obj);
-    if (slot < 0 || PyErr_Occurred()) goto python;
-    if (status == 1) {
-        PyObject *kinds = PyObject_GetAttr(ring, s_kind);
-        PyObject *events = kinds ? PyObject_GetAttr(ring, s_native) : NULL;
-        int ok = events != NULL && PyList_CheckExact(kinds) && PyList_CheckExact(events) &&
-                 slot < PyList_GET_SIZE(kinds) && slot < PyList_GET_SIZE(events) &&
-                 PyUnicode_Check(PyList_GET_ITEM(kinds, slot)) &&
-                 PyUnicode_CompareWithASCIIString(PyList_GET_ITEM(kinds, slot), "native") == 0;
-        long long event = ok ? PyLong_AsLongLong(PyList_GET_ITEM(events, slot)) : 0;
-        Py_XDECREF(kinds);
-        Py_XDECREF(events);
-        if (!ok || event == 0 || PyErr_Occurred()) goto python; /* a torch event: Python */
-        status = (long)stats_api->event_query(event);
-        PyObject *v = PyLong_FromLong(status);
-        if (v == NULL) goto python;
-        /* what StatsPending.ready would have stored: the Python path reads it too */
-        Py_SETREF(*(PyObject **)((char *)p + pending_offsets[P_STATUS]), v);
-    }
-    if (status == 1) return NOT_YET;
-    if (status != 0) return TO_PYTHON; /* a CUDA error: Python marks the span with it */
-    long long base, slot_bytes, rows;
-    if (ring_int(ring, s_base, &base) < 0 || ring_int(ring, s_slot_bytes, &slot_bytes) < 0 ||
-        ring_int(ring, s_rows, &rows) < 0)
-        goto python;
+/* The status of ``slot``'s event in ``ring`` when ``*status_ref`` still says 1 (not
+ * yet): 0 done, 1 not yet, else a CUDA error; kept in *status_ref as the Python path
+ * (``ready``) keeps it.  TO_PYTHON (no exception set): not a native event. */
+static long slot_status(PyObject *ring, long slot, PyObject **status_ref) {
+    long status = PyLong_AsLong(*status_ref);
+    if (status == -1 && PyErr_Occurred()) goto python;
+    if (status != 1) return status;
+    PyObject *kinds = PyObject_GetAttr(ring, s_kind);
+    PyObject *events = kinds ? PyObject_GetAttr(ring, s_native) : NULL;
+    int ok = events != NULL && PyList_CheckExact(kinds) && PyList_CheckExact(events) &&
+             slot < PyList_GET_SIZE(kinds) && slot < PyList_GET_SIZE(events) &&
+             PyUnicode_Check(PyList_GET_ITEM(kinds, slot)) &&
+             PyUnicode_CompareWithASCIIString(PyList_GET_ITEM(kinds, slot), "native") == 0;
+    long long event = ok ? PyLong_AsLongLong(PyList_GET_ITEM(events, slot)) : 0;
+    Py_XDECREF(kinds);
+    Py_XDECREF(events);
+    if (!ok || event == 0 || PyErr_Occurred()) goto python; /* a torch event: Python */
+    status = (long)stats_api->event_query(event);
+    PyObject *v = PyLong_FromLong(status);
+    if (v == NULL) goto python;
+    Py_SETREF(*status_ref, v);
+    return status;
+python:
+    PyErr_Clear();
+    return TO_PYTHON;
+}
+
+/* ``r`` over the rows at ``at`` of ``slot``: ``metas`` (taken at ``ts``) then
+ * ``out_metas`` (None: none, at ``out_ts``); ``timed``: the call's GPU time from the
+ * spare words of row 0 (inputs' launch ended) and row n (outputs' launch began), see
+ * StatsPending.gpu_time, and for a graph's child its offset from the graph's first
+ * launch (the ring's ``_anchor``: slot 0's word, like its rows at ``_base``; None on
+ * an eager ring).  RESOLVED or TO_PYTHON (no exception set). */
+static int rows_resolved(Resolved *r, PyObject *ring, const unsigned char *at, long slot,
+                         long long slot_bytes, PyObject *metas, PyObject *out_metas,
+                         PyObject *ts, PyObject *out_ts, int timed) {
     Py_ssize_t n = PySequence_Fast_GET_SIZE(metas);
     Py_ssize_t nout = out_metas == Py_None ? 0 : PySequence_Fast_GET_SIZE(out_metas);
-    int timed = pslot(p, P_GPU_TIME) == Py_True;
-    Py_ssize_t need = n + (nout > timed ? nout : timed);
-    if (base == 0 || rows < need || slot_bytes < rows * ROW_BYTES) return TO_PYTHON;
-    const unsigned char *at = (const unsigned char *)(intptr_t)(base + slot * slot_bytes);
     r->nviews = 0;
     r->gpu_ns = -1;
     r->offset_ns = -1;
     if (timed) {
-        /* the spare word of row 0 (inputs' launch ended) to that of row n (outputs'
-         * launch began): see StatsPending.gpu_time */
         long long t0 = (long long)row_word(at, 7), t1 = (long long)row_word(at + n * ROW_BYTES, 7);
         if (!(0 < t0 && t0 <= t1)) return TO_PYTHON; /* no stamp: Python says so */
         r->gpu_ns = t1 - t0;
-        /* a graph's child: where its graph's first launch stamped its start, slot 0's
-         * word at ``_anchor`` like its rows at ``_base`` (stats.graph_rows.RowWindow;
-         * None elsewhere) */
         PyObject *anchor = PyObject_GetAttr(ring, s_anchor);
         if (anchor == NULL) goto python;
         if (anchor != Py_None) {
@@ -1683,15 +1672,55 @@ static int resolve_one(PyObject *p, Resolved *r) {
         v->rows = at;
         v->nrows = n;
         v->metas = metas;
-        if (as_u64(pslot(p, P_TS_NS), &v->ts) < 0) goto python;
+        if (as_u64(ts, &v->ts) < 0) goto python;
     }
     if (nout) {
         RawView *v = &r->views[r->nviews++];
         v->rows = at + n * ROW_BYTES;
         v->nrows = nout;
         v->metas = out_metas;
-        if (as_u64(pslot(p, P_OUT_TS), &v->ts) < 0) goto python;
+        if (as_u64(out_ts, &v->ts) < 0) goto python;
     }
+    return RESOLVED;
+python:
+    PyErr_Clear();
+    return TO_PYTHON;
+}
+
+static int is_seq(PyObject *v) { return PyTuple_Check(v) || PyList_Check(v); }
+
+/* Whether ``record``'s statistics can be resolved here, and if so whether they are in:
+ * RESOLVED (``r`` filled: rows still in the slot, which the caller hands back after
+ * encoding), NOT_YET, or TO_PYTHON (no exception set). */
+static int resolve_one(PyObject *p, Resolved *r) {
+    if (stats_api == NULL || Py_TYPE(p) != stats_pending_type) return TO_PYTHON;
+    PyObject *slot_obj = pslot(p, P_SLOT), *status_obj = pslot(p, P_STATUS);
+    PyObject *ring = pslot(p, P_RING), *metas = pslot(p, P_METAS);
+    PyObject *out_metas = pslot(p, P_OUT_METAS);
+    if (slot_obj == NULL || status_obj == NULL || ring == NULL || metas == NULL ||
+        out_metas == NULL || !PyLong_CheckExact(slot_obj) || !PyLong_CheckExact(status_obj) ||
+        !empty_text(pslot(p, P_NOTE)) || !empty_text(pslot(p, P_OUT_NOTE)))
+        return TO_PYTHON; /* a note to add (too many tensors): Python writes it */
+    if (!is_seq(metas) || (out_metas != Py_None && !is_seq(out_metas))) return TO_PYTHON;
+    long slot = PyLong_AsLong(slot_obj);
+    if (slot < 0 || PyErr_Occurred()) goto python;
+    long status = slot_status(ring, slot,
+                              (PyObject **)((char *)p + pending_offsets[P_STATUS]));
+    if (status == 1) return NOT_YET;
+    if (status != 0) return TO_PYTHON; /* a CUDA error: Python marks the span with it */
+    long long base, slot_bytes, rows;
+    if (ring_int(ring, s_base, &base) < 0 || ring_int(ring, s_slot_bytes, &slot_bytes) < 0 ||
+        ring_int(ring, s_rows, &rows) < 0)
+        goto python;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(metas);
+    Py_ssize_t nout = out_metas == Py_None ? 0 : PySequence_Fast_GET_SIZE(out_metas);
+    int timed = pslot(p, P_GPU_TIME) == Py_True;
+    Py_ssize_t need = n + (nout > timed ? nout : timed);
+    if (base == 0 || rows < need || slot_bytes < rows * ROW_BYTES) return TO_PYTHON;
+    const unsigned char *at = (const unsigned char *)(intptr_t)(base + slot * slot_bytes);
+    if (rows_resolved(r, ring, at, slot, slot_bytes, metas, out_metas, pslot(p, P_TS_NS),
+                      pslot(p, P_OUT_TS), timed) != RESOLVED)
+        return TO_PYTHON;
     r->pending = p;
     r->ring = ring;
     r->slot = slot_obj;
@@ -1699,6 +1728,84 @@ static int resolve_one(PyObject *p, Resolved *r) {
 python:
     PyErr_Clear();
     return TO_PYTHON;
+}
+
+/* ---- a graph's statistics for a whole replay (stats.graph_rows.GraphStatsPending) ----
+ *
+ * One slot holds every captured call's rows of one traced replay; ``layout`` says per
+ * child (index, byte offset in the slot, metas, out metas or None, timed, note).  Each
+ * child's rows are viewed in place, and the slot goes back once, after the replay is
+ * written: no Python object per child on either thread. */
+
+static PyTypeObject *group_pending_type = NULL;
+enum { G_STATUS, G_LAYOUT, G_RING, G_SLOT, G_TS_NS, G_COUNT };
+static const char *const group_slot_names[G_COUNT] = {"_status", "layout", "ring", "slot",
+                                                      "ts_ns"};
+static Py_ssize_t group_offsets[G_COUNT];
+
+static inline PyObject *gslot(PyObject *g, int which) {
+    return *(PyObject **)((char *)g + group_offsets[which]);
+}
+
+/* Fills res[i] (has[i] = 2) for each child of ``g``: RESOLVED, NOT_YET or TO_PYTHON
+ * (a child that already has statistics, a note, a stamp missing...). */
+static int resolve_group(PyObject *g, Py_ssize_t n, Resolved *res, char *has) {
+    if (stats_api == NULL || group_pending_type == NULL || Py_TYPE(g) != group_pending_type)
+        return TO_PYTHON;
+    PyObject *slot_obj = gslot(g, G_SLOT), *ring = gslot(g, G_RING);
+    PyObject *layout = gslot(g, G_LAYOUT), *ts = gslot(g, G_TS_NS);
+    if (slot_obj == NULL || ring == NULL || layout == NULL || ts == NULL ||
+        gslot(g, G_STATUS) == NULL || !PyLong_CheckExact(slot_obj) || !PyTuple_Check(layout))
+        return TO_PYTHON;
+    long slot = PyLong_AsLong(slot_obj);
+    if (slot < 0 || PyErr_Occurred()) goto python;
+    long status = slot_status(ring, slot, (PyObject **)((char *)g + group_offsets[G_STATUS]));
+    if (status == 1) return NOT_YET;
+    if (status != 0) return TO_PYTHON;
+    long long base, slot_bytes, rows;
+    if (ring_int(ring, s_base, &base) < 0 || ring_int(ring, s_slot_bytes, &slot_bytes) < 0 ||
+        ring_int(ring, s_rows, &rows) < 0)
+        goto python;
+    if (base == 0 || slot_bytes < rows * ROW_BYTES) return TO_PYTHON;
+    const unsigned char *slot_at = (const unsigned char *)(intptr_t)(base + slot * slot_bytes);
+    for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(layout); ++k) {
+        PyObject *entry = PyTuple_GET_ITEM(layout, k);
+        if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) < 6) return TO_PYTHON;
+        Py_ssize_t i = PyLong_AsSsize_t(PyTuple_GET_ITEM(entry, 0));
+        long long off = PyLong_AsLongLong(PyTuple_GET_ITEM(entry, 1));
+        PyObject *metas = PyTuple_GET_ITEM(entry, 2), *out_metas = PyTuple_GET_ITEM(entry, 3);
+        int timed = PyTuple_GET_ITEM(entry, 4) == Py_True;
+        if (PyErr_Occurred()) goto python;
+        if (i < 0 || i >= n || has[i] || !empty_text(PyTuple_GET_ITEM(entry, 5)) ||
+            !is_seq(metas) || (out_metas != Py_None && !is_seq(out_metas)))
+            return TO_PYTHON;
+        Py_ssize_t nin = PySequence_Fast_GET_SIZE(metas);
+        Py_ssize_t nout = out_metas == Py_None ? 0 : PySequence_Fast_GET_SIZE(out_metas);
+        Py_ssize_t need = nin + (nout > timed ? nout : timed);
+        if (off < 0 || off % ROW_BYTES != 0 || off / ROW_BYTES + need > rows) return TO_PYTHON;
+        if (rows_resolved(&res[i], ring, slot_at + off, slot, slot_bytes, metas, out_metas, ts,
+                          ts, timed) != RESOLVED)
+            return TO_PYTHON;
+        has[i] = 2;
+    }
+    return RESOLVED;
+python:
+    PyErr_Clear();
+    return TO_PYTHON;
+}
+
+/* After the replay is written: the group's slot back to its ring, the pending spent. */
+static void group_back(PyObject *g) {
+    PyObject *slot = gslot(g, G_SLOT), *ring = gslot(g, G_RING);
+    Py_INCREF(slot);
+    Py_INCREF(ring);
+    PyObject *spent = PyLong_FromLong(-1);
+    if (spent != NULL) Py_SETREF(*(PyObject **)((char *)g + group_offsets[G_SLOT]), spent);
+    PyObject *ok = PyObject_CallMethodOneArg(ring, s_release, slot);
+    if (ok == NULL) PyErr_Clear();
+    Py_XDECREF(ok);
+    Py_DECREF(slot);
+    Py_DECREF(ring);
 }
 
 /* A record's pending list: one StatsPending and no other GPU work is what C resolves. */
@@ -1743,8 +1850,9 @@ static void resolved_done(Encoder *e, PyObject *record, Resolved *r) {
  * back, and one that C cannot resolve sends the whole replay to Python, which expands
  * it into plain records (ReplayRecord.expand). */
 
-enum { X_TEMPLATE, X_CHILD_PENDING, X_CONTEXT, X_INDEX };
-static const char *const replay_slot_names[4] = {"template", "child_pending", "context", "index"};
+enum { X_TEMPLATE, X_CHILD_PENDING, X_CONTEXT, X_INDEX, X_GROUP, X_COUNT };
+static const char *const replay_slot_names[X_COUNT] = {"template", "child_pending", "context",
+                                                       "index", "group"};
 
 static inline PyObject *xslot(Encoder *e, PyObject *record, int which) {
     return *(PyObject **)((char *)record + e->replay_offsets[which]);
@@ -1892,6 +2000,7 @@ static int encode_replay(Encoder *e, PyObject *record, long long gpu_ns) {
     PyObject *pend = xslot(e, record, X_CHILD_PENDING);
     PyObject *context = xslot(e, record, X_CONTEXT);
     PyObject *index_obj = xslot(e, record, X_INDEX);
+    PyObject *groups = xslot(e, record, X_GROUP);
     if (template == NULL || !PyTuple_CheckExact(template) || context == NULL ||
         !PyTuple_Check(context) || index_obj == NULL || !PyLong_CheckExact(index_obj))
         return TO_PYTHON;
@@ -1899,6 +2008,7 @@ static int encode_replay(Encoder *e, PyObject *record, long long gpu_ns) {
     if (pend == NULL || (pend != Py_None && (!PyList_CheckExact(pend) ||
                                             PyList_GET_SIZE(pend) != n)))
         return TO_PYTHON;
+    if (groups == NULL || (groups != Py_None && !PyList_CheckExact(groups))) return TO_PYTHON;
     long long index = PyLong_AsLongLong(index_obj);
     if (index < 0) {
         PyErr_Clear();
@@ -1909,8 +2019,8 @@ static int encode_replay(Encoder *e, PyObject *record, long long gpu_ns) {
             Py_TYPE(PyTuple_GET_ITEM(template, i)) == e->replay_type)
             return TO_PYTHON;
     Resolved *res = NULL;
-    char *has = NULL;
-    if (pend != Py_None && n > 0) {
+    char *has = NULL; /* per child: 1 its own StatsPending, 2 a group's rows */
+    if ((pend != Py_None || groups != Py_None) && n > 0) {
         res = PyMem_Calloc((size_t)n, sizeof *res);
         has = PyMem_Calloc((size_t)n, 1);
         if (res == NULL || has == NULL) {
@@ -1918,7 +2028,7 @@ static int encode_replay(Encoder *e, PyObject *record, long long gpu_ns) {
             PyMem_Free(has);
             return TO_PYTHON;
         }
-        for (Py_ssize_t i = 0; i < n; ++i) {
+        for (Py_ssize_t i = 0; pend != Py_None && i < n; ++i) {
             PyObject *list = PyList_GET_ITEM(pend, i);
             if (list == Py_None) continue;
             int rc = PyList_CheckExact(list) && PyList_GET_SIZE(list) == 1
@@ -1929,6 +2039,14 @@ static int encode_replay(Encoder *e, PyObject *record, long long gpu_ns) {
                 return rc;
             }
             has[i] = 1;
+        }
+        for (Py_ssize_t k = 0; groups != Py_None && k < PyList_GET_SIZE(groups); ++k) {
+            int rc = resolve_group(PyList_GET_ITEM(groups, k), n, res, has);
+            if (rc != RESOLVED) {
+                PyMem_Free(res);
+                PyMem_Free(has);
+                return rc;
+            }
         }
     }
     Buf *b = &e->spans;
@@ -2013,9 +2131,11 @@ static int encode_replay(Encoder *e, PyObject *record, long long gpu_ns) {
     }
     for (Py_ssize_t i = 0; has != NULL && i < n; ++i) {
         if (!has[i]) continue;
-        slot_back(&res[i]);
+        if (has[i] == 1) slot_back(&res[i]);
         e->stats_resolved++;
     }
+    for (Py_ssize_t k = 0; groups != Py_None && k < PyList_GET_SIZE(groups); ++k)
+        group_back(PyList_GET_ITEM(groups, k));
     PyMem_Free(res);
     PyMem_Free(has);
     slot_set(e, record, R_PENDING, e->empty);
@@ -2024,17 +2144,21 @@ static int encode_replay(Encoder *e, PyObject *record, long long gpu_ns) {
     Py_DECREF(template);
     Py_SETREF(*(PyObject **)((char *)record + e->replay_offsets[X_CHILD_PENDING]),
               (Py_INCREF(Py_None), Py_None));
+    Py_SETREF(*(PyObject **)((char *)record + e->replay_offsets[X_GROUP]),
+              (Py_INCREF(Py_None), Py_None));
     e->replays++;
     e->children += (unsigned long long)n;
     return RESOLVED;
 }
 
 static PyObject *mod_register_stats(PyObject *self, PyObject *args) {
-    PyObject *capsule, *type = NULL;
-    if (!PyArg_ParseTuple(args, "O|O!", &capsule, &PyType_Type, &type)) return NULL;
+    PyObject *capsule, *type = NULL, *group = NULL;
+    if (!PyArg_ParseTuple(args, "O|O!O!", &capsule, &PyType_Type, &type, &PyType_Type, &group))
+        return NULL;
     if (capsule == Py_None) { /* register_stats(None): back to the Python resolver */
         stats_api = NULL;
         Py_CLEAR(stats_pending_type);
+        Py_CLEAR(group_pending_type);
         Py_CLEAR(stats_api_capsule);
         Py_RETURN_NONE;
     }
@@ -2049,8 +2173,11 @@ static PyObject *mod_register_stats(PyObject *self, PyObject *args) {
         PyErr_Format(PyExc_ValueError, "statistics API version %d is too old", api->version);
         return NULL;
     }
-    Py_ssize_t offsets[P_COUNT];
+    Py_ssize_t offsets[P_COUNT], g_offsets[G_COUNT];
     if (slot_offsets((PyTypeObject *)type, pending_slot_names, P_COUNT, offsets) < 0) return NULL;
+    if (group != NULL &&
+        slot_offsets((PyTypeObject *)group, group_slot_names, G_COUNT, g_offsets) < 0)
+        return NULL;
 #define I(field, text) if (field == NULL && (field = PyUnicode_InternFromString(text)) == NULL) return NULL
     I(s_kind, "_kind");
     I(s_native, "_native");
@@ -2064,6 +2191,11 @@ static PyObject *mod_register_stats(PyObject *self, PyObject *args) {
     memcpy(pending_offsets, offsets, sizeof offsets);
     Py_INCREF(type);
     Py_XSETREF(stats_pending_type, (PyTypeObject *)type);
+    if (group != NULL) {
+        memcpy(group_offsets, g_offsets, sizeof g_offsets);
+        Py_INCREF(group);
+    }
+    Py_XSETREF(group_pending_type, (PyTypeObject *)group); /* none given: none resolved */
     Py_INCREF(capsule); /* the struct lives in the extension's module: keep it */
     Py_XSETREF(stats_api_capsule, capsule);
     stats_api = api;
@@ -2425,7 +2557,8 @@ static int enc_init(Encoder *e, PyObject *args, PyObject *kwargs) {
         PyErr_Clear();
     } else if (!PyType_Check(replay) ||
                !PyType_IsSubtype((PyTypeObject *)replay, (PyTypeObject *)record_type) ||
-               slot_offsets((PyTypeObject *)replay, replay_slot_names, 4, e->replay_offsets) < 0) {
+               slot_offsets((PyTypeObject *)replay, replay_slot_names, X_COUNT,
+                            e->replay_offsets) < 0) {
         if (!PyErr_Occurred())
             PyErr_SetString(PyExc_TypeError, "record_type.replay_type is not a subtype of it");
         Py_DECREF(replay);
@@ -2554,7 +2687,8 @@ static PyMethodDef module_methods[] = {
     {"register_api", mod_register_api, METH_O,
      "resolve GPU times through the CUDA event pool's API (a capsule); None: stop"},
     {"register_stats", mod_register_stats, METH_VARARGS,
-     "register_stats(capsule, StatsPending): resolve level-5 statistics in C; "
+     "register_stats(capsule, StatsPending[, GraphStatsPending]): resolve level-5 "
+     "statistics in C; "
      "register_stats(None): stop"},
     {NULL, NULL, 0, NULL}};
 

@@ -111,19 +111,21 @@ class Capture:
             except Exception as exc:  # noqa: BLE001
                 health.report("graph_errors", "could not finish a CUDA graph capture", exc)
 
-    def group_pendings(self) -> list[list[Any] | None] | None:
-        """After a traced replay: each child's Pendings from the groups (None: none)."""
-        if not self.groups:
-            return None
-        out: list[list[Any] | None] = [None] * len(self.records)
+    def group_pendings(self) -> tuple[list[Any] | None, list[list[Any] | None] | None]:
+        """After a traced replay: the groups' Pendings for the whole replay, and each
+        child's own from a group that could not serve the replay (None: none)."""
+        whole: list[Any] | None = None
+        out: list[list[Any] | None] | None = None
         for group in self.groups.values():
-            for i, pending in group.replay(self._index):
-                got = out[i]
-                if got is None:
-                    out[i] = [pending]
-                else:
-                    got.append(pending)
-        return out
+            got = group.replay(self._index)
+            if type(got) is not list:
+                whole = [got] if whole is None else [*whole, got]
+                continue
+            if out is None:
+                out = [None] * len(self.records)
+            for i, pending in got:
+                out[i] = [pending] if out[i] is None else [*out[i], pending]
+        return whole, out
 
     def add_replay_hook(self, record: CallRecord,
                         hook: Callable[[Any, CallRecord | None], Any],
@@ -294,7 +296,7 @@ def emit_replay(runtime: Any, capture: Capture, index: int, start_ns: int, end_n
     record = ReplayRecord(trace_id, replay_id, parent, start_ns, end_ns, attrs,
                           replay_context, index, protos, None)
     # Groups first: their copies follow the replay on its stream, like the hooks'.
-    grouped = capture.group_pendings()
+    whole, grouped = capture.group_pendings() if capture.groups else (None, None)
     if type(timing) is int:
         record.gpu = timing
     elif timing is not None:
@@ -303,6 +305,7 @@ def emit_replay(runtime: Any, capture: Capture, index: int, start_ns: int, end_n
     # its stream (no stream object: the current one, where the replay ran).
     if capture.hooks_need_child:
         # Level 10's hooks name each child's span: the children are made now.
+        record.group = whole
         for i, (child, hooks) in enumerate(zip(record.expand(), hook_lists, strict=True)):
             if grouped is not None and grouped[i] is not None:
                 for pending in grouped[i]:
@@ -334,4 +337,5 @@ def emit_replay(runtime: Any, capture: Capture, index: int, start_ns: int, end_n
                     else:
                         child_pending[i].append(pending)
         record.child_pending = child_pending
+        record.group = whole
     runtime.pipeline.submit(record)

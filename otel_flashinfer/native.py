@@ -127,7 +127,7 @@ def register_api(capsule: Any) -> None:
         health.report("native_unavailable", "the C hot path cannot use the event pool", exc)
 
 
-def register_stats(capsule: Any, pending_type: type) -> bool:
+def register_stats(capsule: Any, pending_type: type, group_type: type | None = None) -> bool:
     """Lend the span encoder the statistics extension's event query
     (``csrc/stats_api.h``), so it resolves level-5 statistics without Python; False
     when it cannot (the worker then resolves them in Python)."""
@@ -136,7 +136,10 @@ def register_stats(capsule: Any, pending_type: type) -> bool:
     except ImportError:
         return False
     try:
-        _otlp.register_stats(capsule, pending_type)
+        if group_type is None:
+            _otlp.register_stats(capsule, pending_type)
+        else:
+            _otlp.register_stats(capsule, pending_type, group_type)
     except Exception as exc:  # noqa: BLE001 - the Python resolver still works
         health.report("native_unavailable", "the span encoder cannot resolve statistics",
                       exc)

@@ -208,12 +208,12 @@ class ReplayRecord(CallRecord):
     the prototypes (csrc/otlp_encoder.c, ``encode_replay``); every other path expands
     them here (``expand``) into the records the replaying thread used to make."""
 
-    __slots__ = ("child_pending", "context", "index", "template")
+    __slots__ = ("child_pending", "context", "group", "index", "template")
 
     def __init__(self, trace_id: int, span_id: int, parent: SpanContext | None,
                  start_ns: int, end_ns: int, attributes: dict[str, Any],
                  context: SpanContext, index: int, template: tuple[CallRecord, ...],
-                 child_pending: list[Any] | None) -> None:
+                 child_pending: list[Any] | None, group: list[Any] | None = None) -> None:
         super().__init__("cuda_graph.replay", trace_id, span_id, parent, start_ns, end_ns,
                          attributes)
         #: This replay span's own context: its children's parent.
@@ -226,14 +226,22 @@ class ReplayRecord(CallRecord):
         #: Per prototype, that child's Pendings for this replay (statistics), or None;
         #: None when no child has any.
         self.child_pending = child_pending
+        #: Pendings that serve many children at once (``stats.graph_rows``: one slot
+        #: of a graph's statistics per replay), split per child by ``expand``; or None.
+        self.group = group
 
     def expand(self) -> list[CallRecord]:
         """The children as plain records (the Python path); this record keeps only its
         own span afterwards."""
-        template, pending = self.template, self.child_pending
-        self.template = self.child_pending = None
+        template, pending, groups = self.template, self.child_pending, self.group
+        self.template = self.child_pending = self.group = None
         if not template:
             return []
+        if groups:
+            pending = list(pending) if pending is not None else [None] * len(template)
+            for group in groups:
+                for i, part in group.split():
+                    pending[i] = [*pending[i], part] if pending[i] else [part]
         children = []
         for i, proto in enumerate(template):
             attrs = dict(proto.attributes)
@@ -535,7 +543,8 @@ class Pipeline:
                 pass
             else:
                 if (dropped.pending or dropped.gpu is not None
-                        or (type(dropped) is ReplayRecord and dropped.child_pending)):
+                        or (type(dropped) is ReplayRecord
+                            and (dropped.child_pending or dropped.group))):
                     # What it holds (ring slots, GPU events) goes back on the worker,
                     # which may query CUDA (never while a graph is being captured).
                     if len(self._let_go_queue) < self.max_waiting:
@@ -558,10 +567,16 @@ class Pipeline:
         scratch.events = []
         held: list[Any] = []
         gpu, record.gpu = record.gpu, None
-        if type(record) is ReplayRecord and record.child_pending is not None:
-            for pendings in record.child_pending:
+        if type(record) is ReplayRecord:
+            for pendings in record.child_pending or ():
                 held.extend(pendings or ())
-            record.child_pending = None
+            for group in record.group or ():
+                try:
+                    group.abandon()
+                except Exception as exc:  # noqa: BLE001
+                    health.report("pending_errors", "could not release a dropped replay's "
+                                  "statistics", exc)
+            record.child_pending = record.group = None
         held.extend(record.pending)
         record.pending = _EMPTY
         if gpu is not None:

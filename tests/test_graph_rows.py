@@ -50,6 +50,13 @@ def _index(capture: graphs.Capture) -> dict[int, int]:
     return {id(r): i for i, r in enumerate(capture.records)}
 
 
+def _replay_of(capture: graphs.Capture, index: int, whole: Any) -> Any:
+    """The replay record the replaying thread leaves: the graph's statistics whole."""
+    replay = _replay(capture, index=index)
+    replay.group = [whole]
+    return replay
+
+
 def _fill(slots: list[GraphStatsSlot], data: torch.Tensor) -> None:
     """What the captured kernels leave in each call's rows on a replay."""
     at = 0
@@ -73,8 +80,10 @@ def test_calls_share_chunks_and_a_replay_takes_one_slot() -> None:
     real, _ = _rows()
     data = torch.cat([real, real, real[:1]])  # 9 rows as the kernel writes them
     _fill(slots, data)
-    got = rows.replay(_index(capture), ts_ns=5)
-    assert [i for i, _ in got] == [0, 1, 2]
+    whole = rows.replay(_index(capture), ts_ns=5)
+    assert type(whole) is gr.GraphStatsPending and whole.slot == 0
+    got = whole.split()  # the Python path: one StatsPending per child over its rows
+    assert [i for i, _ in got] == [0, 1, 2] and whole.slot == -1 and not whole.split()
     pendings = [p for _, p in got]
     assert {p.slot for p in pendings} == {0} and len(rows.ring._free) == rows.ring.host.shape[0] - 1  # noqa: SLF001
     # each child reads its own rows of the slot, bytes as the kernels left them
@@ -143,10 +152,9 @@ def test_the_encoder_writes_each_child_from_the_shared_slot(
     encoder = export.make_encoder(tracer, fmt, CallRecord, _EMPTY)
 
     def replay(index: int, event: int) -> Any:
-        got = rows.replay(_index(capture), ts_ns=7)
-        slot = got[0][1].slot
-        ring._native[slot], ring._kind[slot] = event, "native"  # noqa: SLF001
-        return _replay(capture, index=index, child_pending=[[p] for _, p in got])
+        whole = rows.replay(_index(capture), ts_ns=7)
+        ring._native[whole.slot], ring._kind[whole.slot] = event, "native"  # noqa: SLF001
+        return _replay_of(capture, index, whole)
 
     events.status[81] = 1
     held = replay(1, 81)
@@ -185,14 +193,14 @@ def test_a_dropped_span_hands_its_slots_back() -> None:
     tracer, _ = _sdk_tracer()
     pipeline = Pipeline(tracer=tracer, max_queue=1)
     try:
-        got = rows.replay(_index(capture))
+        whole = rows.replay(_index(capture))
         before = health.counters().get("stats_dropped", 0)
         spans_before = health.counters().get("spans_dropped", 0)
         # A graph capture open meanwhile: nothing may query CUDA, so the worker waits and
         # the callers that drop records hand back nothing themselves.
         capture_guard.begin_capture()
         try:
-            pipeline.submit(_replay(capture, child_pending=[[p] for _, p in got]))
+            pipeline.submit(_replay_of(capture, 9, whole))
             pipeline.submit(call)  # drops the replay
             pipeline.submit(CallRecord.for_call("next", 1, 2, None, {}))  # drops the call
             time.sleep(0.2)
@@ -267,10 +275,9 @@ def test_children_carry_their_gpu_time_from_the_launches_stamps(
         other = stamped.clone()
         other[2, 7] = 0 if missing else 1_000_000 + times[1]
         _fill(slots, torch.cat([stamped, other]))
-        got = rows.replay(_index(capture), ts_ns=7)
-        slot = got[0][1].slot
-        ring._native[slot], ring._kind[slot] = 90, "native"  # noqa: SLF001
-        return _replay(capture, index=index, child_pending=[[p] for _, p in got])
+        whole = rows.replay(_index(capture), ts_ns=7)
+        ring._native[whole.slot], ring._kind[whole.slot] = 90, "native"  # noqa: SLF001
+        return _replay_of(capture, index, whole)
 
     for index, times in ((1, (21_000, 4_500)), (2, (22_000, 5_000))):
         assert encoder.drain(deque([replay(index, times)]), [], 1, deque(), 1.0, 2.0) == 1
@@ -331,16 +338,19 @@ def test_the_extensions_copies_land_each_chunk_where_its_rows_are(
     ring._native[:] = [600 + i for i in range(len(ring._native))]  # noqa: SLF001 - made
     _fill(slots, torch.cat([data[:3], data[:2], data[1:3]]))
     ext = _Extension()
-    got = rows.replay(_index(capture), ext, ts_ns=7)
-    slot = got[0][1].slot
+    whole = rows.replay(_index(capture), ext, ts_ns=7)
+    slot = whole.slot
     host = ring.host_ptr(slot)
     assert ext.copies == [(4, host, 0), (4, host + 4 * 64, 600 + slot)]
     assert ring._kind[slot] == "native"  # noqa: SLF001
-    assert [p.ring.read_bytes(slot, 8) for _, p in got] == [
+    assert [e[1] for e in whole.layout] == [64, 4 * 64, 6 * 64]  # each child's rows
+    at = ring.host_ptr(slot) - ring.host_ptr(0)
+    raw = bytes(ring._raw[at:at + 8 * 64])  # noqa: SLF001
+    assert [raw[e[1]:e[1] + len(e[2]) * 64] for e in whole.layout] == [
         data[:3].numpy().tobytes(), data[:2].numpy().tobytes(), data[1:3].numpy().tobytes()]
     tracer, _ = _sdk_tracer()
     encoder = export.make_encoder(tracer, "protobuf", CallRecord, _EMPTY)
-    replay = _replay(capture, child_pending=[[p] for _, p in got])
+    replay = _replay_of(capture, 9, whole)
     assert encoder.drain(deque([replay]), [], 1, deque(), 1.0, 2.0) == 1
     assert [len(s.events) for s in _decode(encoder.take(), "protobuf")] == [0, 3, 2, 2]
     assert encoder.stats()["stats_resolved"] == 3
@@ -373,10 +383,9 @@ def test_children_are_placed_on_the_gpu_timeline_from_the_graphs_first_launch(
         b[0, 7], b[2, 7] = base + 30_000, base + 34_500
         _fill(slots, torch.cat([a, b]))
         rows._chunks[0][0, 7] = base - 3_000 if anchor is None else anchor  # noqa: SLF001
-        got = rows.replay(_index(capture), ts_ns=7)
-        slot = got[0][1].slot
-        ring._native[slot], ring._kind[slot] = 90, "native"  # noqa: SLF001
-        return _replay(capture, index=index, child_pending=[[p] for _, p in got])
+        whole = rows.replay(_index(capture), ts_ns=7)
+        ring._native[whole.slot], ring._kind[whole.slot] = 90, "native"  # noqa: SLF001
+        return _replay_of(capture, index, whole)
 
     def times(spans: list[Any]) -> list[tuple[int, int, str]]:
         return [(s.start_time_unix_nano, s.end_time_unix_nano,

@@ -26,6 +26,7 @@ from otel_flashinfer import cuda_errors, export, health
 from otel_flashinfer.otlp_json import json_to_request
 from otel_flashinfer.pipeline import _EMPTY, CallRecord, Pipeline
 from otel_flashinfer.stats.decode import SCOPE_FULL, SCOPE_PAGES, RowMeta, decode_buffer
+from otel_flashinfer.stats.graph_rows import GraphStatsPending
 from otel_flashinfer.stats.pending import StatsPending
 from otel_flashinfer.stats.ring import SlotRing
 from otel_flashinfer.stats.torch_ops import tensor_row
@@ -65,7 +66,7 @@ class FakeEvents:
 @pytest.fixture
 def events():
     fake = FakeEvents()
-    _otlp.register_stats(fake.capsule, StatsPending)
+    _otlp.register_stats(fake.capsule, StatsPending, GraphStatsPending)
     try:
         yield fake
     finally:

@@ -74,6 +74,35 @@ class RowWindow:
 
 
 
+class GraphStatsPending:
+    """One traced replay's statistics for every captured call of a graph: one slot of
+    the graph's ring, one event.  The span encoder reads each child's rows in place
+    from ``layout`` (csrc/otlp_encoder.c, ``resolve_group``) and hands the slot back
+    once; the Python path ``split``s it into one ``StatsPending`` per child.  Plain
+    ``__slots__`` fields: the encoder reads them by offset."""
+
+    __slots__ = ("_status", "layout", "owner", "ring", "slot", "ts_ns")
+
+    def __init__(self, owner: GraphRows, ring: SlotRing, slot: int, layout: tuple,
+                 ts_ns: int) -> None:
+        self.owner, self.ring, self.slot, self.layout, self.ts_ns = owner, ring, slot, layout, ts_ns
+        self._status = 1
+
+    def split(self) -> list[tuple[int, StatsPending]]:
+        """(child index, its StatsPending over its rows of the slot), once."""
+        slot, self.slot = self.slot, -1
+        if slot < 0:
+            return []
+        return self.owner.split(slot, self.layout, self.ts_ns)
+
+    def abandon(self) -> None:
+        """Given up whole (the span dropped): the slot goes back once its copy landed."""
+        slot, self.slot = self.slot, -1
+        if slot >= 0:
+            health.count("stats_dropped", len(self.layout))
+            self.ring.abandon(slot)
+
+
 class GraphRows:
     """The statistics rows of one captured graph on one device (``graphs.Capture``
     keeps it as a replay group): ``take`` during capture, ``seal`` when the capture
@@ -98,6 +127,7 @@ class GraphRows:
         self._views: list[torch.Tensor] = []  # each chunk's rows in use (sealed)
         self._offsets: list[int] = []  # where each chunk's rows start in a slot, in bytes
         self._windows: list[tuple[int, Any, RowWindow]] = []
+        self._layout: tuple[dict[int, int] | None, tuple] = (None, ())
         self._left: list[int] = []  # per slot: children whose rows are not read yet
         self._abandoned: list[bool] = []
         self._lock = threading.Lock()
@@ -190,6 +220,8 @@ class GraphRows:
             self._offsets = offsets
             self._left = [0] * slots
             self._abandoned = [False] * slots
+            if self.anchored:  # the encoder reads it beside ``_base`` (SlotRing._anchor)
+                ring._anchor = ring._base + _SPARE  # noqa: SLF001
             self.ring = ring
             self._windows = [
                 (rid, slot, RowWindow(self, offsets[k] // ROW_BYTES + row, len(slot.metas)))
@@ -200,37 +232,63 @@ class GraphRows:
 
     # -- replay --------------------------------------------------------------------
     def replay(self, index: dict[int, int], module: Any = None, ts_ns: int | None = None
-               ) -> list[tuple[int, Any]]:
+               ) -> GraphStatsPending | list[tuple[int, Any]]:
         """After a traced replay, on the replaying thread: one copy per chunk into a
-        slot, one event, and (child index, Pending) per captured call that ``index``
-        (record id -> child index) knows.  ``module``: the statistics extension (None:
-        the built one, if any, on a CUDA device; torch copies otherwise)."""
+        slot and one event, for the captured calls that ``index`` (record id -> child
+        index) knows: a ``GraphStatsPending``, or (child index, Pending) per call when
+        the statistics are dropped.  ``module``: the statistics extension (None: the
+        built one, if any, on a CUDA device; torch copies otherwise)."""
         if self.ring is None:
             self._seal()
         ring = self.ring
-        windows = [(index[rid], gslot, window) for rid, gslot, window in self._windows
-                   if rid in index]
-        if ring is None or not windows:
+        layout = self.layout(index)
+        if ring is None or not layout:
             return [(index[rid], _dropped("error")) for rid, _, _, _ in self._members
                     if rid in index]
         if module is None and self.device.type == "cuda":
             module = _kernel.get()
-        ts = ts_ns if ts_ns is not None else time.time_ns()
         slot = ring.acquire()
         if slot is None:
-            return [(i, _dropped("ring_full")) for i, _, _ in windows]
+            return [(entry[0], _dropped("ring_full")) for entry in layout]
         try:
             self._copy(module, ring, slot)
         except Exception as exc:  # noqa: BLE001
             # Copies already queued may still land in it: the slot is not reused.
             health.report("stats_errors", "graph statistics snapshot failed", exc)
-            return [(i, _dropped("error")) for i, _, _ in windows]
-        self._left[slot] = len(windows)
-        self._abandoned[slot] = False
-        return [(i, StatsPending(window, slot, gslot.metas[:gslot.nin], ts, gslot.note,
-                                 gslot.metas[gslot.nin:], ts, "", True)
-                 if gslot.timed else StatsPending(window, slot, gslot.metas, ts, gslot.note))
-                for i, gslot, window in windows]
+            return [(entry[0], _dropped("error")) for entry in layout]
+        return GraphStatsPending(self, ring, slot, layout,
+                                 ts_ns if ts_ns is not None else time.time_ns())
+
+    def layout(self, index: dict[int, int]) -> tuple:
+        """Per captured call that ``index`` knows: (child index, byte offset of its rows
+        in a slot, input metas, output metas or None, timed, note, its RowWindow), made
+        once per capture template (``index`` is the template's)."""
+        known, layout = self._layout
+        if known is not index:
+            entries = []
+            for rid, gslot, window in self._windows:
+                i = index.get(rid)
+                if i is None:
+                    continue
+                metas = tuple(gslot.metas)
+                if gslot.timed:
+                    ins, outs = metas[:gslot.nin], metas[gslot.nin:]
+                else:
+                    ins, outs = metas, None
+                entries.append((i, window._row0 * ROW_BYTES, ins, outs,  # noqa: SLF001
+                                gslot.timed, gslot.note, window))
+            layout = tuple(entries)
+            self._layout = (index, layout)
+        return layout
+
+    def split(self, slot: int, layout: tuple, ts: int) -> list[tuple[int, StatsPending]]:
+        """Per child a StatsPending over its rows of ``slot`` (the Python path); the
+        slot goes back after the last of them."""
+        with self._lock:
+            self._left[slot] = len(layout)
+            self._abandoned[slot] = False
+        return [(i, StatsPending(window, slot, ins, ts, note, outs, ts, "", timed))
+                for i, _, ins, outs, timed, note, window in layout]
 
     def _copy(self, module: Any, ring: SlotRing, slot: int) -> None:
         host = ring.host_ptr(slot)

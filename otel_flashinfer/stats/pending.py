@@ -192,8 +192,9 @@ def lend_encoder(module: Any) -> None:
     capsule = getattr(module, "stats_api", None)
     if capsule is not None:
         from .. import native
+        from .graph_rows import GraphStatsPending
 
-        native.register_stats(capsule, StatsPending)
+        native.register_stats(capsule, StatsPending, GraphStatsPending)
 
 
 def _dropped(reason: str) -> ReadyPending:
