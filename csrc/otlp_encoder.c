@@ -289,6 +289,7 @@ typedef struct {
     PyObject *resource_schema, *scope_schema; /* str */
     Buf spans;                /* spans encoded since the last take() */
     Buf tmp;                  /* scratch for blocks */
+    Buf rconst;               /* a replay's values that every child repeats (RConst) */
     Py_ssize_t count;         /* spans in ``spans`` */
     unsigned long long encoded, failed, attr_errors, gpu_resolved, describe_errors;
     unsigned long long stats_resolved; /* level-5 records resolved here, not in Python */
@@ -1888,15 +1889,63 @@ static PyObject *proto_memo(Encoder *e, PyObject *proto) {
     return memo;
 }
 
+/* What every child of one replay repeats, encoded once per replay (in e->rconst): the
+ * trace and parent ids, the replay's start and end, and the index region of a child
+ * the GPU did not place (index and time source, after another attribute). */
+typedef struct {
+    const unsigned char *p;
+    size_t at[5], len[5];
+} RConst;
+enum { RC_TRACE, RC_PARENT, RC_START, RC_END, RC_INDEX };
+
+static int time_source(Encoder *e, Buf *b, int placed, int *first);
+
+static int rconst_build(Encoder *e, RConst *rc, const unsigned char *trace,
+                        const unsigned char *parent, uint64_t start, uint64_t end,
+                        long long index) {
+    Buf *c = &e->rconst;
+    int js = e->fmt == FMT_JSON, first = 0;
+    c->len = 0;
+    for (int k = 0; k < 5; ++k) {
+        rc->at[k] = c->len;
+        int r = 0;
+        switch (k) {
+        case RC_TRACE: r = js ? js_hex(c, trace, 16) : put(c, trace, 16); break;
+        case RC_PARENT: r = js ? js_hex(c, parent, 8) : put(c, parent, 8); break;
+        case RC_START:
+        case RC_END: {
+            uint64_t v = k == RC_START ? start : end;
+            if (js) {
+                r = js_u64(c, v, 1);
+            } else {
+                unsigned char x[8];
+                for (int i = 0; i < 8; ++i) x[i] = (unsigned char)(v >> (8 * i));
+                r = put(c, x, 8);
+            }
+            break;
+        }
+        case RC_INDEX:
+            r = kv_c(e, c, 9, "flashinfer.cuda_graph.replay", 'i', NULL, 0, index, 0, &first);
+            if (r >= 0) r = time_source(e, c, 0, &first);
+            break;
+        }
+        if (r < 0) return -1;
+        rc->len[k] = c->len - rc->at[k];
+    }
+    rc->p = c->p;
+    return 0;
+}
+
+#define PUT_RC(b, rc, k) put((b), (rc)->p + (rc)->at[k], (rc)->len[k])
+
 /* A child from its prototype's byte template (``tpl``, regions in ``mk`` relative to
  * its start): the bytes between the regions are copied, the regions rewritten with
- * this child's ids, times, replay index and statistics.  A few copies and no Python
- * object per child. */
+ * this child's ids, times, replay index and statistics (``consts``: what the replay's
+ * children share).  A few copies and no Python object per child. */
 static int emit_child(Encoder *e, const unsigned char *tpl, const Marks *mk,
-                      const unsigned char *trace, const unsigned char *span,
-                      const unsigned char *parent, uint64_t start, uint64_t end,
-                      long long index, long long gpu_ns, int placed, const RawView *views,
-                      int nviews) {
+                      const RConst *consts, const unsigned char *span, uint64_t start,
+                      uint64_t end, long long index, long long gpu_ns, int placed,
+                      const RawView *views, int nviews) {
     Buf *b = &e->spans;
     int js = e->fmt == FMT_JSON;
     size_t mark = 0, at = 0;
@@ -1908,13 +1957,15 @@ static int emit_child(Encoder *e, const unsigned char *tpl, const Marks *mk,
         at = mk->to[k];
         int rc = 0, first;
         switch (k) {
-        case M_TRACE: rc = js ? js_hex(b, trace, 16) : put(b, trace, 16); break;
+        case M_TRACE: rc = PUT_RC(b, consts, RC_TRACE); break;
         case M_SPAN: rc = js ? js_hex(b, span, 8) : put(b, span, 8); break;
-        case M_PARENT: rc = js ? js_hex(b, parent, 8) : put(b, parent, 8); break;
+        case M_PARENT: rc = PUT_RC(b, consts, RC_PARENT); break;
         case M_START:
         case M_END: {
             uint64_t v = k == M_START ? start : end;
-            if (js) {
+            if (!placed) {
+                rc = PUT_RC(b, consts, k == M_START ? RC_START : RC_END);
+            } else if (js) {
                 rc = js_u64(b, v, 1);
             } else {
                 unsigned char x[8];
@@ -1925,6 +1976,10 @@ static int emit_child(Encoder *e, const unsigned char *tpl, const Marks *mk,
         }
         case M_INDEX:
             first = mk->index_first;
+            if (!placed && gpu_ns < 0 && !first) {
+                rc = PUT_RC(b, consts, RC_INDEX);
+                break;
+            }
             rc = kv_c(e, b, 9, "flashinfer.cuda_graph.replay", 'i', NULL, 0, index, 0, &first);
             if (rc >= 0) rc = time_source(e, b, placed, &first);
             if (rc >= 0 && gpu_ns >= 0) {
@@ -2059,8 +2114,10 @@ static int encode_replay(Encoder *e, PyObject *record, long long gpu_ns) {
     PyObject *end = slot(e, record, R_END_NS);
     unsigned char trace_b[16], parent_b[8];
     uint64_t start_ns = 0, end_ns = 0;
+    RConst consts;
     if (rc == 0 && (as_bytes(trace, trace_b, 16) < 0 || id64(PyTuple_GET_ITEM(context, 1), parent_b) < 0 ||
-                    as_u64(start, &start_ns) < 0 || as_u64(end, &end_ns) < 0))
+                    as_u64(start, &start_ns) < 0 || as_u64(end, &end_ns) < 0 ||
+                    rconst_build(e, &consts, trace_b, parent_b, start_ns, end_ns, index) < 0))
         rc = -1;
     for (Py_ssize_t i = 0; rc == 0 && i < n; ++i) {
         PyObject *proto = PyTuple_GET_ITEM(template, i);
@@ -2083,8 +2140,8 @@ static int encode_replay(Encoder *e, PyObject *record, long long gpu_ns) {
             unsigned char span_b[8];
             for (int k = 0; k < 8; ++k) span_b[k] = (unsigned char)(id >> (56 - 8 * k));
             rc = emit_child(e, (const unsigned char *)PyBytes_AS_STRING(tpl),
-                            (const Marks *)PyBytes_AS_STRING(marks), trace_b, span_b, parent_b,
-                            c_start, c_end, index, child_gpu, placed, views, nviews);
+                            (const Marks *)PyBytes_AS_STRING(marks), &consts, span_b, c_start,
+                            c_end, index, child_gpu, placed, views, nviews);
             e->templated += rc == 0;
             continue;
         }
@@ -2651,6 +2708,7 @@ static void enc_dealloc(Encoder *e) {
     buf_free(&e->scope);
     buf_free(&e->spans);
     buf_free(&e->tmp);
+    buf_free(&e->rconst);
     Py_TYPE(e)->tp_free((PyObject *)e);
 }
 

@@ -319,3 +319,22 @@ def test_a_replay_given_up_under_backpressure_still_writes_its_children(tmp_path
     children = [s for s in spans if s["name"] != "cuda_graph.replay"]
     assert all(s["parentSpanId"] == replay_id for s in children)
     pipeline.shutdown(5)
+
+
+@pytest.mark.parametrize("fmt", ["protobuf", "json"])
+def test_a_child_whose_first_attribute_is_the_replay_index(fmt: str) -> None:
+    """A captured call with no attributes of its own: the replay index opens the
+    attribute list (no JSON comma before it), in the first child and in templated ones."""
+    capture = graphs.Capture(7)
+    capture.add(CallRecord.for_call("bare", TRACE, 0x300, PARENT, {}))
+    tracer, _ = _sdk_tracer()
+    encoder = export.make_encoder(tracer, fmt, CallRecord, _EMPTY)
+    for index in (1, 2, 3):
+        assert encoder.drain(deque([_replay(capture, index=index)]), [], 1, deque(), 1.0,
+                             2.0) == 1
+        got = _decode(encoder.take(), fmt)
+        want = _python_path(fmt, _replay(capture, index=index))
+        assert _without_span_id(got[1]) == _without_span_id(want[1])
+        assert [kv.key for kv in got[1].attributes] == [
+            "flashinfer.cuda_graph.replay", "flashinfer.cuda_graph.time_source"]
+    assert encoder.stats()["replay_templated"] == 2
