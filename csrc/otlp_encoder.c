@@ -2315,7 +2315,11 @@ static PyObject *enc_drain(Encoder *e, PyObject *args) {
                 to_python = 1; /* the replay's own pending (a GPU time that will not come) */
             } else if (has_pending) {
                 int rc = resolve_stats(record, pending, gpu, &res);
-                if (rc == RESOLVED) {
+                if (rc == RESOLVED && res.offset_ns >= 0 && res.gpu_ns >= 0) {
+                    /* a graph's child made as a record (level 10, or a replay Python
+                     * expanded): Python places it on the GPU timeline */
+                    to_python = 1;
+                } else if (rc == RESOLVED) {
                     stats = 1;
                     gpu_ns = res.gpu_ns;
                 } else if (rc == NOT_YET && append_later != NULL) {

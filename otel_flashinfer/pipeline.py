@@ -240,8 +240,8 @@ class ReplayRecord(CallRecord):
         if groups:
             pending = list(pending) if pending is not None else [None] * len(template)
             for group in groups:
-                for i, part in group.split():
-                    pending[i] = [*pending[i], part] if pending[i] else [part]
+                for i, part in group.split():  # first, as on the replaying thread's path
+                    pending[i] = [part, *pending[i]] if pending[i] else [part]
         children = []
         for i, proto in enumerate(template):
             attrs = dict(proto.attributes)
@@ -745,7 +745,10 @@ class Pipeline:
         if type(record) is ReplayRecord and record.template is not None:
             # Given up whole (backpressure): its children too, each saying why.
             for child in record.expand():
-                self._finish(child, abandon)
+                try:
+                    self._finish(child, abandon)
+                except Exception as exc:  # noqa: BLE001 - the others still hand back
+                    health.report("export_errors", "could not export a span", exc)
         record.own()
         gpu = record.gpu
         if gpu is not None:

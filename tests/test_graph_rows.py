@@ -115,6 +115,7 @@ def test_a_nested_call_keeps_its_parents_room_and_big_calls_get_new_chunks(
     assert (at_outer, at_inner) == ((0, 1), (0, 11))
     assert rows.take(3)[1] == (1, 0)  # 14 + 3 > 16: a second chunk
     assert rows.take(17) is None  # more than a chunk: a buffer of its own
+    assert gr.GraphRows(CPU).take(16) is None  # the first chunk keeps its anchor row
 
 
 def test_a_full_ring_drops_each_childs_statistics_counted() -> None:
@@ -409,4 +410,17 @@ def test_children_are_placed_on_the_gpu_timeline_from_the_graphs_first_launch(
     assert times(got[1:]) == [(1_000, 2_000, "replay")] * 2
     want = _python_path(fmt, replay(3, 7_000_000, anchor=0))
     assert [_without_span_id(g) for g in got[1:]] == [_without_span_id(w) for w in want[1:]]
+    # children made as records (level 10 makes them on the replaying thread): the
+    # encoder leaves their placement to Python, which places them the same way
+    children = replay(4, 5_000_000).expand()
+    slow: list[Any] = []
+    assert encoder.drain(deque(children), slow, 2, deque(), 1.0, 2.0) == 0
+    assert slow == children
+    for child in children:
+        child.own()
+        (pending,) = child.pending
+        assert pending.ready()
+        pending.apply(child)
+    assert [(c.start_ns, c.end_ns, c.attributes["flashinfer.cuda_graph.time_source"])
+            for c in children] == [(4_000, 25_000, "gpu"), (34_000, 38_500, "gpu")]
     assert len(ring._free) == ring.host.shape[0]  # noqa: SLF001

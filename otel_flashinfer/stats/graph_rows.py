@@ -99,7 +99,8 @@ class GraphStatsPending:
         """Given up whole (the span dropped): the slot goes back once its copy landed."""
         slot, self.slot = self.slot, -1
         if slot >= 0:
-            health.count("stats_dropped", len(self.layout))
+            # as each child's StatsPending would count: inputs and outputs apart
+            health.count("stats_dropped", sum(2 if e[2] and e[3] else 1 for e in self.layout))
             self.ring.abandon(slot)
 
 
@@ -137,7 +138,7 @@ class GraphRows:
     def take(self, nrows: int) -> tuple[torch.Tensor, tuple[int, int]] | None:
         """``nrows`` zeroed-per-replay device rows for a captured launch, or None when
         they do not fit a chunk (the call then gets a buffer of its own)."""
-        if nrows > CHUNK_ROWS or self.ring is not None:
+        if nrows > CHUNK_ROWS - 1 or self.ring is not None:  # the first chunk's anchor row
             return None
         stream = self._stream()
         k = self._current.get(stream, -1)
@@ -178,6 +179,11 @@ class GraphRows:
             return 0
         self.anchored = True
         return self._anchor[0]
+
+    def give_back_anchor(self) -> None:
+        """The launch that took the anchor did not stamp (torch ops, a failure): the
+        next timed launch on its stream takes it."""
+        self.anchored = False
 
     def _stream(self) -> int:
         if self.device.type != "cuda":

@@ -412,8 +412,13 @@ class StatsRecorder:
                     if counter:
                         stamps = {"counter": counter, "stamp_end": out.data_ptr() + _SPARE,
                                   "stamp_start": rows.take_anchor()}
-                with torch.cuda.device(device):
-                    ran = _launch_into(out, jobs, module, zero=False, **stamps)
+                ran = False
+                try:
+                    with torch.cuda.device(device):
+                        ran = _launch_into(out, jobs, module, zero=False, **stamps)
+                finally:
+                    if stamps.get("stamp_start") and not ran:
+                        rows.give_back_anchor()  # nothing stamped it
                 return GraphStatsSlot(self, out, metas, note, room, rows, at,
                                       stamped=ran and bool(stamps))
             with torch.cuda.device(device):
