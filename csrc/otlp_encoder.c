@@ -1900,6 +1900,14 @@ enum { RC_TRACE, RC_PARENT, RC_START, RC_END, RC_INDEX };
 
 static int time_source(Encoder *e, Buf *b, int placed, int *first);
 
+/* A span time where a template marks it: JSON's quoted decimal, protobuf's fixed64. */
+static int put_time(Buf *b, int js, uint64_t v) {
+    if (js) return js_u64(b, v, 1);
+    unsigned char x[8];
+    for (int i = 0; i < 8; ++i) x[i] = (unsigned char)(v >> (8 * i));
+    return put(b, x, 8);
+}
+
 static int rconst_build(Encoder *e, RConst *rc, const unsigned char *trace,
                         const unsigned char *parent, uint64_t start, uint64_t end,
                         long long index) {
@@ -1912,18 +1920,8 @@ static int rconst_build(Encoder *e, RConst *rc, const unsigned char *trace,
         switch (k) {
         case RC_TRACE: r = js ? js_hex(c, trace, 16) : put(c, trace, 16); break;
         case RC_PARENT: r = js ? js_hex(c, parent, 8) : put(c, parent, 8); break;
-        case RC_START:
-        case RC_END: {
-            uint64_t v = k == RC_START ? start : end;
-            if (js) {
-                r = js_u64(c, v, 1);
-            } else {
-                unsigned char x[8];
-                for (int i = 0; i < 8; ++i) x[i] = (unsigned char)(v >> (8 * i));
-                r = put(c, x, 8);
-            }
-            break;
-        }
+        case RC_START: r = put_time(c, js, start); break;
+        case RC_END: r = put_time(c, js, end); break;
         case RC_INDEX:
             r = kv_c(e, c, 9, "flashinfer.cuda_graph.replay", 'i', NULL, 0, index, 0, &first);
             if (r >= 0) r = time_source(e, c, 0, &first);
@@ -1962,16 +1960,8 @@ static int emit_child(Encoder *e, const unsigned char *tpl, const Marks *mk,
         case M_PARENT: rc = PUT_RC(b, consts, RC_PARENT); break;
         case M_START:
         case M_END: {
-            uint64_t v = k == M_START ? start : end;
-            if (!placed) {
-                rc = PUT_RC(b, consts, k == M_START ? RC_START : RC_END);
-            } else if (js) {
-                rc = js_u64(b, v, 1);
-            } else {
-                unsigned char x[8];
-                for (int i = 0; i < 8; ++i) x[i] = (unsigned char)(v >> (8 * i));
-                rc = put(b, x, 8);
-            }
+            rc = placed ? put_time(b, js, k == M_START ? start : end)
+                        : PUT_RC(b, consts, k == M_START ? RC_START : RC_END);
             break;
         }
         case M_INDEX:

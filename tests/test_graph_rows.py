@@ -50,6 +50,35 @@ def _index(capture: graphs.Capture) -> dict[int, int]:
     return {id(r): i for i, r in enumerate(capture.records)}
 
 
+def _sealed(sizes: list[int]) -> tuple[graphs.Capture, gr.GraphRows, Any]:
+    """A capture of calls with ``sizes`` rows each, its rows sealed: (capture, rows,
+    ring)."""
+    capture = _capture(len(sizes))
+    rows = gr.GraphRows(CPU)
+    _captured(rows, capture, sizes)
+    rows.seal()
+    assert rows.ring is not None
+    return capture, rows, rows.ring
+
+
+def _timed_graph(anchored: bool) -> tuple[Any, graphs.Capture, gr.GraphRows, list[Any], Any]:
+    """Two captured calls timed by their statistics launches (2 input rows, 2 output
+    rows each), the graph's anchor taken or not: (rows data, capture, graph rows, their
+    slots, the sealed ring)."""
+    data, metas = _rows()
+    capture = _capture(2)
+    rows = gr.GraphRows(CPU)
+    slots = _captured(rows, capture, [4, 4])
+    if anchored:
+        assert rows.take_anchor() == rows._chunks[0].data_ptr() + 56  # noqa: SLF001
+        assert rows.take_anchor() == 0  # the first timed launch only
+    for slot in slots:
+        slot.metas, slot.nin, slot.timed = list(metas), 2, True
+    rows.seal()
+    assert rows.ring is not None
+    return data, capture, rows, slots, rows.ring
+
+
 def _replay_of(capture: graphs.Capture, index: int, whole: Any) -> Any:
     """The replay record the replaying thread leaves: the graph's statistics whole."""
     replay = _replay(capture, index=index)
@@ -119,12 +148,7 @@ def test_a_nested_call_keeps_its_parents_room_and_big_calls_get_new_chunks(
 
 
 def test_a_full_ring_drops_each_childs_statistics_counted() -> None:
-    capture = _capture(2)
-    rows = gr.GraphRows(CPU)
-    _captured(rows, capture, [1, 1])
-    rows.seal()
-    ring = rows.ring
-    assert ring is not None
+    capture, rows, ring = _sealed([1, 1])
     taken = [ring.acquire() for _ in range(ring.host.shape[0])]
     before = health.counters().get("stats_dropped", 0)
     got = rows.replay(_index(capture))
@@ -180,12 +204,7 @@ def test_a_dropped_span_hands_its_slots_back() -> None:
     """The span queue full: the oldest record is dropped, and the worker (which may query
     CUDA) hands back its statistics slot and each slot a dropped replay's children hold,
     without writing into attributes the dropped span shares with later ones."""
-    capture = _capture(2)
-    rows = gr.GraphRows(CPU)
-    _captured(rows, capture, [1, 2])
-    rows.seal()
-    ring = rows.ring
-    assert ring is not None
+    capture, rows, ring = _sealed([1, 2])
     eager = _ring()
     data, metas = _rows()
     shared = {"flashinfer.api": "rmsnorm"}
@@ -258,15 +277,7 @@ def test_children_carry_their_gpu_time_from_the_launches_stamps(
     """A captured call's inputs' launch stamps the GPU clock as it ends, its outputs'
     launch as it starts: each replay's child says that replay's GPU time of the call,
     written by the encoder (byte templates included) as the Python path writes it."""
-    data, metas = _rows()
-    capture = _capture(2)
-    rows = gr.GraphRows(CPU)
-    slots = _captured(rows, capture, [4, 4])
-    for slot in slots:
-        slot.metas, slot.nin, slot.timed = list(metas), 2, True
-    rows.seal()
-    ring = rows.ring
-    assert ring is not None
+    data, capture, rows, slots, ring = _timed_graph(anchored=False)
     tracer, _ = _sdk_tracer()
     encoder = export.make_encoder(tracer, fmt, CallRecord, _EMPTY)
 
@@ -364,17 +375,7 @@ def test_children_are_placed_on_the_gpu_timeline_from_the_graphs_first_launch(
     """The graph's first timed launch stamps its start into the anchor row: each child
     then starts at the replay's host start plus its own start stamp's distance from the
     anchor, lasts its GPU time, and says so (time_source "gpu"), in C as in Python."""
-    data, metas = _rows()
-    capture = _capture(2)
-    rows = gr.GraphRows(CPU)
-    slots = _captured(rows, capture, [4, 4])
-    assert rows.take_anchor() == rows._chunks[0].data_ptr() + 56  # noqa: SLF001
-    assert rows.take_anchor() == 0  # the first timed launch only
-    for slot in slots:
-        slot.metas, slot.nin, slot.timed = list(metas), 2, True
-    rows.seal()
-    ring = rows.ring
-    assert ring is not None
+    data, capture, rows, slots, ring = _timed_graph(anchored=True)
     tracer, _ = _sdk_tracer()
     encoder = export.make_encoder(tracer, fmt, CallRecord, _EMPTY)
 
