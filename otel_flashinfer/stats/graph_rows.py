@@ -32,11 +32,14 @@ from .ring import SlotRing
 
 #: Rows per device chunk (128 KB): a 64-call step with 4-6 tensors a call uses about 320.
 CHUNK_ROWS = 2048
-#: Pinned memory per graph for its replay slots, and the slot count's bounds: a serving
-#: engine captures dozens of graphs (one per batch size), each with its own ring, and
-#: the worker is woken when half a ring is taken.
-RING_BYTES = 2 << 20
-MIN_SLOTS, MAX_SLOTS = 16, 128
+#: Pinned memory per graph for its replay slots, and the slot count's bounds.  A serving
+#: engine captures dozens of graphs (one per batch size), each with its own ring, so a
+#: big graph gets few slots (its replays are long); a small one gets up to 1,024, as
+#: many as the shared eager ring: a one-call decode graph replays every 50 us on the
+#: H200, and 256 slots dropped statistics there before the worker, woken when half a
+#: ring is taken, caught up.
+RING_BYTES = 1 << 20
+MIN_SLOTS, MAX_SLOTS = 16, 1024
 _SPARE = 7 * 8  # a row's spare word (layout.py): where GPU-clock stamps go
 #: Last-block counters per graph: one per timed captured call.
 COUNTERS = 4096
