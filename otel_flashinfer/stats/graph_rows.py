@@ -238,6 +238,17 @@ class GraphRows:
         except Exception as exc:  # noqa: BLE001 - the graph replays untraced statistics
             self.failed = True
             health.report("stats_errors", "could not set up a graph's statistics slots", exc)
+            return
+        module = _kernel.get() if self.device.type == "cuda" else None
+        if module is not None:
+            # Each slot's event now, while the capture ends: cudaEventCreate costs
+            # microseconds that the first replays through each slot would pay otherwise.
+            try:
+                for slot in range(ring.host.shape[0]):
+                    ring.native_event(slot, module)
+            except Exception as exc:  # noqa: BLE001 - the others are made as needed
+                health.report("stats_errors", "could not make a graph's CUDA events ahead",
+                              exc)
 
     # -- replay --------------------------------------------------------------------
     def replay(self, index: dict[int, int], module: Any = None, ts_ns: int | None = None
