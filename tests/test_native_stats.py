@@ -72,7 +72,7 @@ def events():
     finally:
         _otlp.register_stats(None)
         from otel_flashinfer.stats import kernel
-        from otel_flashinfer.stats.pending import lend_encoder
+        from otel_flashinfer.stats.graph_rows import lend_encoder
 
         module = kernel.get() if kernel._done.is_set() else None  # noqa: SLF001
         if module is not None:  # a device session: the real API again

@@ -348,6 +348,17 @@ class GraphRows:
         (ring.abandon if self._abandoned[slot] else ring.release)(slot)
 
 
+def lend_encoder(module: Any) -> None:
+    """Once the statistics extension has built: the span encoder resolves
+    ``StatsPending`` and ``GraphStatsPending`` itself through the extension's event query
+    (``csrc/stats_api.h``)."""
+    capsule = getattr(module, "stats_api", None)
+    if capsule is not None:
+        from .. import native
+
+        native.register_stats(capsule, StatsPending, GraphStatsPending)
+
+
 def graph_rows_of(capture_state: Callable[[], Any], on_low: Callable[[], None] | None = None
                   ) -> Callable[[torch.device], Any]:
     """The recorder's lookup of the capturing graph's rows on ``device`` (``None``

@@ -186,17 +186,6 @@ def _add_events(record: Any, events: list[dict[str, Any]], ts_ns: int) -> None:
         record.attributes[NONFINITE_ATTR] = True
 
 
-def lend_encoder(module: Any) -> None:
-    """Once the statistics extension has built: the span encoder resolves
-    ``StatsPending`` itself through the extension's event query (``csrc/stats_api.h``)."""
-    capsule = getattr(module, "stats_api", None)
-    if capsule is not None:
-        from .. import native
-        from .graph_rows import GraphStatsPending
-
-        native.register_stats(capsule, StatsPending, GraphStatsPending)
-
-
 def _dropped(reason: str) -> ReadyPending:
     health.count("stats_dropped")
     return ReadyPending([], time.time_ns(), reason)

@@ -31,14 +31,13 @@ from .. import health
 from . import kernel as _kernel
 from . import torch_ops
 from .decode import ROW_BYTES, RowMeta, decode_rows
-from .graph_rows import GraphRows
+from .graph_rows import GraphRows, lend_encoder
 from .layout import ROW_WORDS
 from .pending import (
     MultiPending,
     ReadyPending,
     StatsPending,
     _dropped,
-    lend_encoder,
 )
 from .planning import (
     Entry,
