@@ -127,6 +127,8 @@ def cpu_child(level: int, replays: int, previous_path: bool) -> dict[str, Any]:
         rmsnorm(hidden, weight)
         decode(q, kv)
     graph.capture_end()
+    if level >= 5:
+        _stand_in_statistics(graph, replays + 40)
     if previous_path:  # children made as records on the replaying thread, as before
         graphs._graphs[graph].hooks_need_child = True  # noqa: SLF001
     for _ in range(20):
@@ -146,6 +148,63 @@ def cpu_child(level: int, replays: int, previous_path: bool) -> dict[str, Any]:
             "wall_us": (time.perf_counter() - t0) / replays * 1e6,
             "spans": _spans_in(Path("flashinfer_traces.jsonl")) - before,
             "encoder": {k: e.stats() for k, e in native.encoders.items()} if native else {}}
+
+
+def _stand_in_statistics(graph: Any, slots: int) -> None:
+    """CPU, level 5: what a device capture leaves, stood in.  Each captured call gets 5
+    statistics rows in the graph's chunks (``stats.graph_rows``), a replay's copy is a
+    memmove into its pinned slot, and the statistics extension's event query always says
+    "done": so the host side of a level-5 replay runs as on the device (one copy and one
+    Pending per replay, every child's rows resolved and written by the encoder in C),
+    without the GPU's copy or kernels.  The graph's ring gets ``slots`` slots: a replay
+    that costs nothing outruns any bounded ring, which would then measure drops."""
+    import ctypes
+    import functools
+
+    import torch
+
+    from otel_flashinfer import graphs, native
+    from otel_flashinfer.stats import graph_rows
+    from otel_flashinfer.stats.graph_rows import GraphRows, GraphStatsPending
+    from otel_flashinfer.stats.pending import StatsPending
+    from otel_flashinfer.stats.recorder import GraphStatsSlot
+    from otel_flashinfer.stats.torch_ops import tensor_row
+
+    capture = graphs._graphs[graph]  # noqa: SLF001
+    rows = capture.group(("stats", "cpu"), lambda: GraphRows(torch.device("cpu")))
+    x = torch.randn(4096)
+    block = torch.stack([tensor_row(x)] * 5)
+    metas = [(f"arg{i}", "full", 4096) for i in range(5)]
+    for record in capture.records:
+        out, at = rows.take(5)
+        out.copy_(block)
+        rows.bind(record, GraphStatsSlot(None, out, list(metas), "", 0, rows, at))
+    graph_rows.MAX_SLOTS = graph_rows.MIN_SLOTS = slots
+    capture.seal()
+    ring = rows.ring
+    ring._native[:] = [1] * len(ring._native)  # noqa: SLF001 - made, as on a device
+
+    class Extension:
+        def snapshot(self, view: Any, host: int, event: int) -> None:
+            ctypes.memmove(host, view.data_ptr(), view.numel() * 8)
+
+    rows.replay = functools.partial(rows.replay, module=Extension())
+    query = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_int64)(lambda event: 0)
+
+    class Api(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_int),
+                    ("event_query", ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_int64))]
+
+    api = Api(1, query)
+    new = ctypes.pythonapi.PyCapsule_New
+    new.restype = ctypes.py_object
+    new.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+    capsule = new(ctypes.addressof(api), b"otel_flashinfer.stats_api", None)
+    _keep.extend([query, api, capsule])
+    native.register_stats(capsule, StatsPending, GraphStatsPending)
+
+
+_keep: list[Any] = []  # the stand-in API's ctypes objects live as long as the process
 
 
 def _run_child(args: list[str]) -> dict[str, Any]:
@@ -197,7 +256,11 @@ def main() -> int:
     print(f"CPU: a stand-in graph whose replay is free, {calls} traced calls captured, "
           f"{args.replays} replays, default exporter; whole-process CPU per traced replay "
           "including the flush (the caller's share beside it)")
-    for lvl in [x for x in levels if x in (1, 3)]:
+    if 5 in levels:
+        print("  (level 5: each captured call's 5 statistics rows stood in, the replay's "
+              "copy a memmove, the event query always done, a ring slot for every replay: "
+              "the host side only)")
+    for lvl in [x for x in levels if x in (1, 3, 5)]:
         new = _run_child(["--child", f"cpu:{lvl}:0", "--replays", str(args.replays)])
         old = _run_child(["--child", f"cpu:{lvl}:1", "--replays", str(args.replays)])
         for label, r in (("children from prototypes (encoder)", new),
@@ -208,6 +271,10 @@ def main() -> int:
                   f"{args.replays * (1 + calls)}")
         print(f"  level {lvl}: whole CPU {new['cpu_us'] / old['cpu_us']:.3f}x the previous "
               f"path, caller {new['caller_us'] / old['caller_us']:.3f}x")
+        if lvl >= 5:
+            resolved = sum(e.get("stats_resolved", 0) for e in new["encoder"].values())
+            print(f"  level {lvl}: statistics resolved by the encoder in C: {resolved} "
+                  f"children's")
     return 0
 
 

@@ -29,6 +29,7 @@
 #include <unistd.h>
 
 #include "hotpath_api.h"
+#include "fast_double.h"
 #include "stats_api.h"
 #include "xoshiro.h"
 
@@ -223,11 +224,8 @@ static int js_i64(Buf *b, long long v) {
 static int js_double(Buf *b, double v) {
     if (isnan(v)) return PUT_LIT(b, "\"NaN\"");
     if (isinf(v)) return v > 0 ? PUT_LIT(b, "\"Infinity\"") : PUT_LIT(b, "\"-Infinity\"");
-    char *text = PyOS_double_to_string(v, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
-    if (text == NULL) return -1;
-    int rc = put(b, text, strlen(text));
-    PyMem_Free(text);
-    return rc;
+    char text[40];
+    return put(b, text, (size_t)otel_fi_format_double(v, text)); /* fast_double.h */
 }
 
 static const char BASE64[] =
