@@ -1028,6 +1028,12 @@ static int meta_fields(PyObject *meta, PyObject **name, PyObject **scope, long l
     return 0;
 }
 
+/* An OTLP/JSON attribute up to its value, for a key that needs no escaping and a value
+ * type known here: one literal copy (and the comma before it unless ``first``). */
+#define JS_KV(b, key, type, first)                                                         \
+    ((first) ? PUT_LIT(b, "{\"key\":\"" key "\",\"value\":{\"" type "\":")               \
+             : PUT_LIT(b, ",{\"key\":\"" key "\",\"value\":{\"" type "\":"))
+
 /* One flashinfer.tensor_stats event per row. */
 static int raw_events(Encoder *e, Buf *b, const RawView *v, Py_ssize_t limit, int *first_event,
                       Py_ssize_t *written) {
@@ -1063,24 +1069,48 @@ static int raw_events(Encoder *e, Buf *b, const RawView *v, Py_ssize_t limit, in
             *first_event = 0;
         }
         const double qnan = NAN;
-        if (rc == 0) rc = kv_c(e, b, 3, "flashinfer.tensor", 's', ns, nlen, 0, 0, &first);
-        if (rc == 0) rc = kv_c(e, b, 3, "scope", 's', ss, slen, 0, 0, &first);
-        if (rc == 0) rc = kv_c(e, b, 3, "numel", 'i', NULL, 0, pages ? seen : numel, 0, &first);
-        if (rc == 0 && sampled) rc = kv_c(e, b, 3, "sampled_numel", 'i', NULL, 0, seen, 0, &first);
-        if (rc == 0 && seen) {
-            double lo = qnan, hi = qnan;
-            if (min_key || max_key) {
-                lo = unkey(~min_key);
-                hi = unkey(max_key);
-            }
-            rc = kv_c(e, b, 3, "min", 'd', NULL, 0, 0, lo, &first);
-            if (rc == 0) rc = kv_c(e, b, 3, "max", 'd', NULL, 0, 0, hi, &first);
-            if (rc == 0)
-                rc = kv_c(e, b, 3, "mean", 'd', NULL, 0, 0, finite ? total / (double)finite : qnan,
-                          &first);
+        double lo = qnan, hi = qnan;
+        if (min_key || max_key) {
+            lo = unkey(~min_key);
+            hi = unkey(max_key);
         }
-        if (rc == 0) rc = kv_c(e, b, 3, "nan_count", 'i', NULL, 0, nan, 0, &first);
-        if (rc == 0) rc = kv_c(e, b, 3, "inf_count", 'i', NULL, 0, inf, 0, &first);
+        double mean = finite ? total / (double)finite : qnan;
+        if (rc == 0 && e->fmt == FMT_JSON) {
+            /* the same attributes as below, each key's JSON written as one literal */
+            rc = JS_KV(b, "flashinfer.tensor", "stringValue", first) < 0 ||
+                 js_str(b, ns, nlen) < 0 || PUT_LIT(b, "}}") < 0 ||
+                 JS_KV(b, "scope", "stringValue", 0) < 0 || js_str(b, ss, slen) < 0 ||
+                 PUT_LIT(b, "}}") < 0 || JS_KV(b, "numel", "intValue", 0) < 0 ||
+                 js_i64(b, pages ? seen : numel) < 0 || PUT_LIT(b, "}}") < 0 ? -1 : 0;
+            if (rc == 0 && sampled)
+                rc = JS_KV(b, "sampled_numel", "intValue", 0) < 0 || js_i64(b, seen) < 0 ||
+                     PUT_LIT(b, "}}") < 0 ? -1 : 0;
+            if (rc == 0 && seen)
+                rc = JS_KV(b, "min", "doubleValue", 0) < 0 || js_double(b, lo) < 0 ||
+                     PUT_LIT(b, "}}") < 0 || JS_KV(b, "max", "doubleValue", 0) < 0 ||
+                     js_double(b, hi) < 0 || PUT_LIT(b, "}}") < 0 ||
+                     JS_KV(b, "mean", "doubleValue", 0) < 0 || js_double(b, mean) < 0 ||
+                     PUT_LIT(b, "}}") < 0 ? -1 : 0;
+            if (rc == 0)
+                rc = JS_KV(b, "nan_count", "intValue", 0) < 0 || js_i64(b, nan) < 0 ||
+                     PUT_LIT(b, "}}") < 0 || JS_KV(b, "inf_count", "intValue", 0) < 0 ||
+                     js_i64(b, inf) < 0 || PUT_LIT(b, "}}") < 0 ? -1 : 0;
+            first = 0;
+        } else {
+            if (rc == 0) rc = kv_c(e, b, 3, "flashinfer.tensor", 's', ns, nlen, 0, 0, &first);
+            if (rc == 0) rc = kv_c(e, b, 3, "scope", 's', ss, slen, 0, 0, &first);
+            if (rc == 0)
+                rc = kv_c(e, b, 3, "numel", 'i', NULL, 0, pages ? seen : numel, 0, &first);
+            if (rc == 0 && sampled)
+                rc = kv_c(e, b, 3, "sampled_numel", 'i', NULL, 0, seen, 0, &first);
+            if (rc == 0 && seen) {
+                rc = kv_c(e, b, 3, "min", 'd', NULL, 0, 0, lo, &first);
+                if (rc == 0) rc = kv_c(e, b, 3, "max", 'd', NULL, 0, 0, hi, &first);
+                if (rc == 0) rc = kv_c(e, b, 3, "mean", 'd', NULL, 0, 0, mean, &first);
+            }
+            if (rc == 0) rc = kv_c(e, b, 3, "nan_count", 'i', NULL, 0, nan, 0, &first);
+            if (rc == 0) rc = kv_c(e, b, 3, "inf_count", 'i', NULL, 0, inf, 0, &first);
+        }
         if (rc == 0) rc = e->fmt == FMT_PROTOBUF ? pb_close(b, mark) : PUT_LIT(b, "]}");
         Py_DECREF(name);
         Py_DECREF(scope);
