@@ -1671,7 +1671,7 @@ python:
  * StatsPending.gpu_time, and for a graph's child its offset from the graph's first
  * launch (the ring's ``_anchor``: slot 0's word, like its rows at ``_base``; None on
  * an eager ring).  RESOLVED or TO_PYTHON (no exception set). */
-static int rows_resolved(Resolved *r, PyObject *ring, const unsigned char *at, long slot,
+static int rows_resolved(Resolved *r, long long anchor, const unsigned char *at, long slot,
                          long long slot_bytes, PyObject *metas, PyObject *out_metas,
                          PyObject *ts, PyObject *out_ts, int timed) {
     Py_ssize_t n = PySequence_Fast_GET_SIZE(metas);
@@ -1683,17 +1683,10 @@ static int rows_resolved(Resolved *r, PyObject *ring, const unsigned char *at, l
         long long t0 = (long long)row_word(at, 7), t1 = (long long)row_word(at + n * ROW_BYTES, 7);
         if (!(0 < t0 && t0 <= t1)) return TO_PYTHON; /* no stamp: Python says so */
         r->gpu_ns = t1 - t0;
-        PyObject *anchor = PyObject_GetAttr(ring, s_anchor);
-        if (anchor == NULL) goto python;
-        if (anchor != Py_None) {
-            long long where = PyLong_AsLongLong(anchor);
+        if (anchor > 0) {
             long long first_ns;
-            Py_DECREF(anchor);
-            if (where <= 0) goto python;
-            memcpy(&first_ns, (const unsigned char *)(intptr_t)(where + slot * slot_bytes), 8);
+            memcpy(&first_ns, (const unsigned char *)(intptr_t)(anchor + slot * slot_bytes), 8);
             if (0 < first_ns && first_ns <= t0) r->offset_ns = t0 - first_ns;
-        } else {
-            Py_DECREF(anchor);
         }
     }
     if (n || !nout) {
@@ -1717,6 +1710,20 @@ python:
 }
 
 static int is_seq(PyObject *v) { return PyTuple_Check(v) || PyList_Check(v); }
+
+/* The ring's ``_anchor`` (slot 0's anchor word, stats.graph_rows) in *out: 0 when None
+ * (an eager ring); -1 (no exception set) when it is not an int. */
+static int ring_anchor(PyObject *ring, long long *out) {
+    PyObject *anchor = PyObject_GetAttr(ring, s_anchor);
+    *out = 0;
+    if (anchor != NULL && anchor != Py_None) *out = PyLong_AsLongLong(anchor);
+    Py_XDECREF(anchor);
+    if (PyErr_Occurred() || *out < 0) {
+        PyErr_Clear();
+        return -1;
+    }
+    return 0;
+}
 
 /* Whether ``record``'s statistics can be resolved here, and if so whether they are in:
  * RESOLVED (``r`` filled: rows still in the slot, which the caller hands back after
@@ -1747,7 +1754,9 @@ static int resolve_one(PyObject *p, Resolved *r) {
     Py_ssize_t need = n + (nout > timed ? nout : timed);
     if (base == 0 || rows < need || slot_bytes < rows * ROW_BYTES) return TO_PYTHON;
     const unsigned char *at = (const unsigned char *)(intptr_t)(base + slot * slot_bytes);
-    if (rows_resolved(r, ring, at, slot, slot_bytes, metas, out_metas, pslot(p, P_TS_NS),
+    long long anchor = 0;
+    if ((timed && ring_anchor(ring, &anchor) < 0) ||
+        rows_resolved(r, anchor, at, slot, slot_bytes, metas, out_metas, pslot(p, P_TS_NS),
                       pslot(p, P_OUT_TS), timed) != RESOLVED)
         return TO_PYTHON;
     r->pending = p;
@@ -1795,7 +1804,9 @@ static int resolve_group(PyObject *g, Py_ssize_t n, Resolved *res, char *has) {
     if (ring_int(ring, s_base, &base) < 0 || ring_int(ring, s_slot_bytes, &slot_bytes) < 0 ||
         ring_int(ring, s_rows, &rows) < 0)
         goto python;
-    if (base == 0 || slot_bytes < rows * ROW_BYTES) return TO_PYTHON;
+    long long anchor;
+    if (base == 0 || slot_bytes < rows * ROW_BYTES || ring_anchor(ring, &anchor) < 0)
+        return TO_PYTHON;
     const unsigned char *slot_at = (const unsigned char *)(intptr_t)(base + slot * slot_bytes);
     for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(layout); ++k) {
         PyObject *entry = PyTuple_GET_ITEM(layout, k);
@@ -1812,7 +1823,7 @@ static int resolve_group(PyObject *g, Py_ssize_t n, Resolved *res, char *has) {
         Py_ssize_t nout = out_metas == Py_None ? 0 : PySequence_Fast_GET_SIZE(out_metas);
         Py_ssize_t need = nin + (nout > timed ? nout : timed);
         if (off < 0 || off % ROW_BYTES != 0 || off / ROW_BYTES + need > rows) return TO_PYTHON;
-        if (rows_resolved(&res[i], ring, slot_at + off, slot, slot_bytes, metas, out_metas, ts,
+        if (rows_resolved(&res[i], anchor, slot_at + off, slot, slot_bytes, metas, out_metas, ts,
                           ts, timed) != RESOLVED)
             return TO_PYTHON;
         has[i] = 2;
@@ -1823,18 +1834,25 @@ python:
     return TO_PYTHON;
 }
 
-/* After the replay is written: the group's slot back to its ring, the pending spent. */
-static void group_back(PyObject *g) {
-    PyObject *slot = gslot(g, G_SLOT), *ring = gslot(g, G_RING);
-    Py_INCREF(slot);
+/* The slot held at byte ``slot_at`` of ``owner`` (a pending) back to ``ring``
+ * (``release``), the owner's slot set to -1: spent. */
+static void hand_back(PyObject *owner, Py_ssize_t slot_at, PyObject *ring) {
+    PyObject **field = (PyObject **)((char *)owner + slot_at);
+    PyObject *slot = *field;
+    Py_INCREF(slot); /* the owner's reference goes just below */
     Py_INCREF(ring);
     PyObject *spent = PyLong_FromLong(-1);
-    if (spent != NULL) Py_SETREF(*(PyObject **)((char *)g + group_offsets[G_SLOT]), spent);
+    if (spent != NULL) Py_SETREF(*field, spent);
     PyObject *ok = PyObject_CallMethodOneArg(ring, s_release, slot);
-    if (ok == NULL) PyErr_Clear();
+    if (ok == NULL) PyErr_Clear(); /* the ring then has one slot fewer, nothing else */
     Py_XDECREF(ok);
     Py_DECREF(slot);
     Py_DECREF(ring);
+}
+
+/* After the replay is written: the group's slot back to its ring, the pending spent. */
+static void group_back(PyObject *g) {
+    hand_back(g, group_offsets[G_SLOT], gslot(g, G_RING));
 }
 
 /* A record's pending list: one StatsPending and no other GPU work is what C resolves. */
@@ -1848,16 +1866,7 @@ static int resolve_stats(PyObject *record, PyObject *pendings, PyObject *gpu, Re
 /* After the span is encoded: the slot goes back to its ring (SlotRing.release) and the
  * pending says it is spent. */
 static void slot_back(Resolved *r) {
-    PyObject *slot = r->slot;
-    Py_INCREF(slot); /* the pending's reference goes just below */
-    Py_INCREF(r->ring);
-    PyObject *spent = PyLong_FromLong(-1);
-    if (spent != NULL) Py_SETREF(*(PyObject **)((char *)r->pending + pending_offsets[P_SLOT]), spent);
-    PyObject *ok = PyObject_CallMethodOneArg(r->ring, s_release, slot);
-    if (ok == NULL) PyErr_Clear(); /* the ring then has one slot fewer, nothing else */
-    Py_XDECREF(ok);
-    Py_DECREF(slot);
-    Py_DECREF(r->ring);
+    hand_back(r->pending, pending_offsets[P_SLOT], r->ring);
 }
 
 /* ... and the record lets go of its pending. */
