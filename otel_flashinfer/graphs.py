@@ -269,6 +269,15 @@ def unpatch() -> None:
     _capturing = None
 
 
+def _run_hook(hook: Callable[[Any, CallRecord | None], Any], child: CallRecord | None) -> Any:
+    """A replay hook's Pending, or None; one that fails is reported and the others go on."""
+    try:
+        return hook(None, child)
+    except Exception as exc:  # noqa: BLE001
+        health.report("graph_errors", "a CUDA graph replay hook failed", exc)
+        return None
+
+
 def emit_replay(runtime: Any, capture: Capture, index: int, start_ns: int, end_ns: int,
                 timing: Any, skipped: int = 0) -> None:
     """Submit the replay span and one child per captured call; ``timing``: the replay's
@@ -303,39 +312,24 @@ def emit_replay(runtime: Any, capture: Capture, index: int, start_ns: int, end_n
         record.add_pending(timing)
     # Hooks run here, on the replaying thread: their copies must follow the replay on
     # its stream (no stream object: the current one, where the replay ran).
+    record.group = whole
     if capture.hooks_need_child:
         # Level 10's hooks name each child's span: the children are made now.
-        record.group = whole
-        for i, (child, hooks) in enumerate(zip(record.expand(), hook_lists, strict=True)):
-            if grouped is not None and grouped[i] is not None:
-                for pending in grouped[i]:
-                    child.add_pending(pending)
+        record.child_pending = grouped
+        for child, hooks in zip(record.expand(), hook_lists, strict=True):
             for hook in hooks:
-                try:
-                    pending = hook(None, child)
-                except Exception as exc:  # noqa: BLE001 - the other children still go
-                    health.report("graph_errors", "a CUDA graph replay hook failed", exc)
-                    continue
+                pending = _run_hook(hook, child)
                 if pending is not None:
                     child.add_pending(pending)
             runtime.pipeline.submit(child)
     else:
         # One record; the worker (the encoder, in C) makes the children.
-        child_pending = grouped
         for i, hooks in enumerate(hook_lists):
             for hook in hooks:
-                try:
-                    pending = hook(None, None)
-                except Exception as exc:  # noqa: BLE001 - the replay still goes
-                    health.report("graph_errors", "a CUDA graph replay hook failed", exc)
-                    continue
+                pending = _run_hook(hook, None)
                 if pending is not None:
-                    if child_pending is None:
-                        child_pending = [None] * len(protos)
-                    if child_pending[i] is None:
-                        child_pending[i] = [pending]
-                    else:
-                        child_pending[i].append(pending)
-        record.child_pending = child_pending
-        record.group = whole
+                    if grouped is None:
+                        grouped = [None] * len(protos)
+                    grouped[i] = [pending] if grouped[i] is None else [*grouped[i], pending]
+        record.child_pending = grouped
     runtime.pipeline.submit(record)
