@@ -80,3 +80,14 @@ def hand_time(fn: Any) -> tuple[Any, float]:
     end.record()
     end.synchronize()
     return result, start.elapsed_time(end)
+
+
+def replay_with_nan(graph: Any, step: Decode, replays: int, at: int) -> None:
+    """Replays 1..``replays`` of ``graph``; only replay ``at`` sees a NaN in ``step.q``."""
+    clean = step.q.clone()
+    for replay in range(1, replays + 1):
+        if replay == at:
+            step.q[3, 5, 7] = float("nan")
+        graph.replay()
+        if replay == at:
+            step.q.copy_(clean)

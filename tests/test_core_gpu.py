@@ -20,7 +20,13 @@ from otel_flashinfer import gpu_timing
 pytestmark = pytest.mark.gpu
 flashinfer = pytest.importorskip("flashinfer")
 sys.path.insert(0, str(Path(__file__).parent))
-from gpu_decode import busy_gpu, capture_graph, hand_time, make_decode  # noqa: E402
+from gpu_decode import (  # noqa: E402
+    busy_gpu,
+    capture_graph,
+    hand_time,
+    make_decode,
+    replay_with_nan,
+)
 
 RUN = "BatchDecodeWithPagedKVCacheWrapper.run"
 ROOT = Path(__file__).resolve().parents[1]
@@ -220,13 +226,7 @@ def test_level5_graph_flags_exactly_the_replay_with_nan(spans) -> None:
     torch.cuda.synchronize()
     assert otel_flashinfer.flush(30)
     spans.exporter.clear()
-    clean = step.q.clone()
-    for replay in range(1, 21):
-        if replay == 7:
-            step.q[3, 5, 7] = float("nan")
-        graph.replay()
-        if replay == 7:
-            step.q.copy_(clean)
+    replay_with_nan(graph, step, 20, at=7)
     children = sorted(spans.by_name(RUN),
                       key=lambda s: s.attributes["flashinfer.cuda_graph.replay"])
     assert len(children) == 20

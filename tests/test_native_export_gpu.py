@@ -119,7 +119,7 @@ import torch
 import otel_flashinfer
 from otel_flashinfer import gpu_timing, health, runtime
 from otel_flashinfer.stats import kernel as stats_kernel
-from gpu_decode import capture_graph, make_decode
+from gpu_decode import capture_graph, make_decode, replay_with_nan
 
 otel_flashinfer.instrument(level=5)
 assert gpu_timing.wait_ready(600)
@@ -128,13 +128,7 @@ step = make_decode(use_cuda_graph=True)
 graph, _ = capture_graph(step.run)
 torch.cuda.synchronize()
 otel_flashinfer.flush(60)
-clean = step.q.clone()
-for replay in range(1, 41):
-    if replay == 17:
-        step.q[3, 5, 7] = float("nan")
-    graph.replay()
-    if replay == 17:
-        step.q.copy_(clean)
+replay_with_nan(graph, step, 40, at=17)
 torch.cuda.synchronize()
 ok = otel_flashinfer.flush(60)
 native = runtime.current().pipeline._native
