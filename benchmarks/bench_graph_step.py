@@ -113,7 +113,7 @@ def cpu_child(level: int, replays: int, previous_path: bool) -> dict[str, Any]:
 
     torch.cuda.CUDAGraph = FakeGraph  # type: ignore[misc] - before instrument() patches it
     import otel_flashinfer
-    from otel_flashinfer import graphs, runtime
+    from otel_flashinfer import graphs, health, runtime
 
     otel_flashinfer.instrument(level=level)
     rmsnorm = otel_flashinfer.traced(lambda x, w, eps=1e-6: x, name="rmsnorm")
@@ -143,7 +143,10 @@ def cpu_child(level: int, replays: int, previous_path: bool) -> dict[str, Any]:
     cpu = (_cpu_s() - cpu0) / replays * 1e6
     pipeline = runtime.current().pipeline
     native = pipeline._native  # noqa: SLF001
+    counters = health.counters()
     return {"level": level, "cpu_us": cpu, "caller_us": caller, "flushed": flushed,
+            "spans_dropped": counters.get("spans_dropped", 0),
+            "stats_dropped": counters.get("stats_dropped", 0),
             "worker_us": pipeline.worker_cpu_s / (replays + 20) * 1e6,
             "wall_us": (time.perf_counter() - t0) / replays * 1e6,
             "spans": _spans_in(Path("flashinfer_traces.jsonl")) - before,
@@ -268,7 +271,8 @@ def main() -> int:
             print(f"  level {lvl}, {label}: {r['cpu_us']:8.1f} us/replay, "
                   f"{r['cpu_us'] / (1 + calls):6.2f} us/span; caller {r['caller_us']:7.1f} "
                   f"us, worker {r['worker_us']:7.1f} us; spans {r['spans']}/"
-                  f"{args.replays * (1 + calls)}")
+                  f"{args.replays * (1 + calls)}, dropped {r['spans_dropped']}, statistics "
+                  f"dropped {r['stats_dropped']}")
         print(f"  level {lvl}: whole CPU {new['cpu_us'] / old['cpu_us']:.3f}x the previous "
               f"path, caller {new['caller_us'] / old['caller_us']:.3f}x")
         if lvl >= 5:

@@ -289,6 +289,7 @@ typedef struct {
     Buf tmp;                  /* scratch for blocks */
     Buf rconst;               /* a replay's values that every child repeats (RConst) */
     Py_ssize_t count;         /* spans in ``spans`` */
+    Py_ssize_t taken;         /* records the last drain took off its queue */
     unsigned long long encoded, failed, attr_errors, gpu_resolved, describe_errors;
     unsigned long long stats_resolved; /* level-5 records resolved here, not in Python */
     unsigned long long replays, children; /* replay records written whole, their children */
@@ -2286,8 +2287,9 @@ static PyObject *mod_register_stats(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* drain(queue, slow, limit, later=None, now=0.0, deadline=0.0) -> spans encoded.  Takes
- * up to ``limit`` records off ``queue`` (a deque) and encodes those that are ready,
+/* drain(queue, slow, limit, later=None, now=0.0, deadline=0.0, max_spans=0) -> records
+ * encoded.  Takes up to ``limit`` records off ``queue`` (a deque) and encodes those that
+ * are ready,
  * resolving level-5 statistics and GPU times here where it can (resolve_stats,
  * gpu_time).  Statistics not in yet go back on the deque ``later`` (when given) with
  * their ``deadline`` (set the first time; at ``now`` past it they go to Python, which
@@ -2295,14 +2297,18 @@ static PyObject *mod_register_stats(PyObject *self, PyObject *args) {
  * Python worker.  A record that fails to encode goes to ``slow`` too, so the error is reported
  * there.  The limit matters: callers keep appending while we drain, and the GIL is
  * held throughout, so an unbounded drain would chase them (and hold them off) for as
- * long as they run. */
+ * long as they run.  ``max_spans`` (when > 0) stops it once the open batch holds that
+ * many spans: a replay record carries a span per captured call, and a batch of queued
+ * replays would otherwise make one request of millions of spans (hundreds of MB, over any
+ * receiver's limit).  ``taken`` then says how many records it took. */
 static PyObject *enc_drain(Encoder *e, PyObject *args) {
     PyObject *queue, *slow, *later = Py_None;
-    Py_ssize_t limit;
+    Py_ssize_t limit, max_spans = 0;
     double now = 0.0, deadline = 0.0;
     if (!usable(e)) return NULL;
-    if (!PyArg_ParseTuple(args, "OO!n|Odd", &queue, &PyList_Type, &slow, &limit, &later, &now,
-                          &deadline))
+    e->taken = 0;
+    if (!PyArg_ParseTuple(args, "OO!n|Oddn", &queue, &PyList_Type, &slow, &limit, &later, &now,
+                          &deadline, &max_spans))
         return NULL;
     PyObject *popleft = PyObject_GetAttr(queue, e->s_popleft);
     if (popleft == NULL) return NULL;
@@ -2315,8 +2321,7 @@ static PyObject *enc_drain(Encoder *e, PyObject *args) {
     e->busy = 1;
     Py_ssize_t done = 0, taken = 0;
     PyObject *result = NULL;
-    while (taken < limit) {
-        ++taken;
+    while (taken < limit && (max_spans <= 0 || e->count < max_spans)) {
         PyObject *record = PyObject_CallNoArgs(popleft);
         if (record == NULL) {
             if (PyErr_ExceptionMatches(PyExc_IndexError)) {
@@ -2325,6 +2330,7 @@ static PyObject *enc_drain(Encoder *e, PyObject *args) {
             }
             goto out;
         }
+        ++taken;
         int to_python = 0, wait = 0, stats = 0, replay = 0;
         long long gpu_ns = -1, packed = 0;
         Resolved res;
@@ -2419,6 +2425,7 @@ static PyObject *enc_drain(Encoder *e, PyObject *args) {
     }
     result = PyLong_FromSsize_t(done);
 out:
+    e->taken = taken;
     e->busy = 0;
     Py_DECREF(popleft);
     Py_XDECREF(append_later);
@@ -2596,6 +2603,8 @@ static PyMethodDef enc_methods[] = {
 
 static PyObject *enc_count(Encoder *e, void *closure) { return PyLong_FromSsize_t(e->count); }
 
+static PyObject *enc_taken(Encoder *e, void *closure) { return PyLong_FromSsize_t(e->taken); }
+
 static PyObject *enc_size(Encoder *e, void *closure) {
     return PyLong_FromSize_t(e->spans.len);
 }
@@ -2603,6 +2612,7 @@ static PyObject *enc_size(Encoder *e, void *closure) {
 static PyGetSetDef enc_getset[] = {
     {"count", (getter)enc_count, NULL, "spans in the open batch", NULL},
     {"size", (getter)enc_size, NULL, "bytes of the open batch", NULL},
+    {"taken", (getter)enc_taken, NULL, "records the last drain took off its queue", NULL},
     {NULL, NULL, NULL, NULL, NULL}};
 
 static int buf_set(Buf *b, PyObject *bytes) {

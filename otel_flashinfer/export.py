@@ -42,6 +42,13 @@ from . import health
 DEFAULT_BATCH = 512
 #: Encoded spans waiting to be sent (a BatchSpanProcessor's max_queue_size sets it).
 DEFAULT_OUTBOX_SPANS = 2048
+#: How long the worker waits for the sender to make room in the outbox before it leaves
+#: the rest queued for its next pass (the worker's own time: callers never wait on it).
+ROOM_WAIT_S = 0.25
+#: A send running longer than this is a receiver down or retrying, not a busy one: the
+#: worker stops waiting for it and the outbox drops its oldest (counted), so a backlog
+#: never builds up in the record queue during an outage.
+STALLED_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -360,7 +367,10 @@ class NativeExport:
     def _start_sender(self) -> None:
         """A sender thread (and its condition) for the current outbox."""
         self._busy = False
+        self._send_started = 0.0
         self._cond = threading.Condition()
+        #: Signalled when the sender takes a request off the outbox (``_room``).
+        self._taken = threading.Condition(self._cond._lock)  # noqa: SLF001 - one lock
         self._pid = os.getpid()
         self._thread = threading.Thread(target=self._run, name="otel_flashinfer-export",
                                         daemon=True)
@@ -393,14 +403,28 @@ class NativeExport:
     # ---- worker thread ------------------------------------------------------------------
 
     def drain(self, queue: deque[Any], slow: list[Any], limit: int,
-              later: deque[Any] | None = None, now: float = 0.0, deadline: float = 0.0) -> None:
+              later: deque[Any] | None = None, now: float = 0.0, deadline: float = 0.0) -> bool:
         """Encode up to ``limit`` ready records of ``queue``; statistics still on the GPU
         go back on ``later`` until their deadline (one encoder only), the rest to
-        ``slow``."""
+        ``slow``.  A batch is cut whenever it is full: a replay record carries a span per
+        captured call, so a drain of queued replays would otherwise make one request of
+        millions of spans.  False when the outbox stayed full (the sender is behind): the
+        records left wait in the pipeline's bounded queue instead of being encoded only
+        to be dropped at the outbox, which would spend the GIL on spans nobody gets."""
         encoders = list(self.encoders.values())
         if len(encoders) == 1:
-            with self._enc_lock:
-                encoders[0].drain(queue, slow, limit, later, now, deadline)
+            encoder = encoders[0]
+            while limit > 0:
+                if encoder.count >= self.batch:
+                    self._cut(force=False)
+                if not self._room(ROOM_WAIT_S):
+                    return False
+                with self._enc_lock:
+                    encoder.drain(queue, slow, limit, later, now, deadline, self.batch)
+                    taken = encoder.taken
+                limit -= taken
+                if not taken or encoder.count < self.batch:
+                    return True  # the queue or the limit ran out
         else:  # several formats: each record once through each encoder
             records = [queue.popleft() for _ in range(min(limit, len(queue)))]
             for record in records:
@@ -412,6 +436,29 @@ class NativeExport:
                     self.add(record)
                 except Exception:  # noqa: BLE001 - the Python path reports it, as above
                     slow.append(record)
+        return True
+
+    def _has_room(self) -> bool:
+        """Room for a batch and its overshoot (a replay's children past the batch size)
+        without dropping: two batches' worth, or an empty outbox."""
+        return self._queued == 0 or self._queued + 2 * self.batch <= self.outbox_spans
+
+    def _room(self, wait_s: float) -> bool:
+        """Whether to encode another batch now: the outbox has room, or its sender is
+        stalled (then the outbox drops its oldest, as before).  A busy sender is waited
+        for, up to ``wait_s``: encoding what the outbox would only drop again spends the
+        GIL on spans nobody gets.  On the worker: a caller never comes here."""
+        with self._cond:
+            end = time.monotonic() + wait_s
+            while not self._has_room() and self._thread.is_alive():
+                now = time.monotonic()
+                stalled_at = self._send_started + STALLED_S
+                if self._busy and now >= stalled_at:
+                    return True
+                if now >= end:
+                    return False
+                self._taken.wait(min(end, stalled_at if self._busy else end) - now)
+            return True
 
     def end_drain(self) -> None:
         """After the worker's pass: ship full batches, and older ones past the delay."""
@@ -482,6 +529,8 @@ class NativeExport:
                     fmt, payload, count = self._outbox.popleft()
                     self._queued -= count
                     self._busy = True
+                    self._send_started = time.monotonic()
+                    self._taken.notify_all()
                 try:
                     self._send(fmt, payload, count)
                 finally:

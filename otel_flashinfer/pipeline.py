@@ -649,13 +649,16 @@ class Pipeline:
                 # (statistics, a GPU time the encoder could not resolve) come back here.
                 # What is queued now, in batch-sized chunks: later arrivals wait for the
                 # next tick, and the callers get the GIL back between chunks.
+                # The sender behind (the outbox stayed full): the rest waits in the
+                # queue, whose bound counts what it drops.
                 left = len(queue)
                 while left > 0:
                     chunk = min(left, native.batch)
                     left -= chunk
                     slow: list[CallRecord] = []
                     try:
-                        native.drain(queue, slow, chunk, waiting, now, deadline)
+                        if not native.drain(queue, slow, chunk, waiting, now, deadline):
+                            left = 0
                     except Exception as exc:  # noqa: BLE001 - the worker must go on
                         health.report("export_errors", "the native encoder failed", exc)
                     for record in slow:

@@ -338,3 +338,64 @@ def test_a_child_whose_first_attribute_is_the_replay_index(fmt: str) -> None:
         assert [kv.key for kv in got[1].attributes] == [
             "flashinfer.cuda_graph.replay", "flashinfer.cuda_graph.time_source"]
     assert encoder.stats()["replay_templated"] == 2
+
+
+class _Requests:
+    """A sender that keeps each request's span count (and takes its time, like a file
+    write or a local receiver: busy, not stalled)."""
+
+    fmt = "json"
+
+    def __init__(self, seconds: float = 0.0) -> None:
+        self.counts: list[int] = []
+        self.seconds = seconds
+
+    def send(self, payload: bytes, count: int) -> bool:
+        import time
+
+        time.sleep(self.seconds)
+        assert len(_decode(payload, "json")) == count
+        self.counts.append(count)
+        return True
+
+
+def test_queued_replays_leave_in_requests_of_about_a_batch() -> None:
+    """A replay record carries a span per captured call: a drain of queued replays is
+    cut into requests of the batch size (plus at most one replay's children), never one
+    request of every span queued (that was 470 MB in one line of the JSONL file)."""
+    capture = _capture(7)
+    tracer, _ = _sdk_tracer()
+    sender = _Requests()
+    chosen = export.Plan(True, "test", (sender,), delay_s=60.0, batch=20, outbox_spans=10_000)
+    sink = export.NativeExport(tracer, chosen, CallRecord, _EMPTY)
+    queue = deque(_replay(capture, index=i, replay_id=0x9000 + i) for i in range(1, 101))
+    assert sink.drain(queue, [], 100, deque(), 1.0, 2.0)
+    assert not queue
+    sink.flush(__import__("time").monotonic() + 10)
+    assert sum(sender.counts) == 100 * 8
+    assert max(sender.counts) <= 20 + 7 and len(sender.counts) >= 800 // 27
+    # the encoder stops at the batch and says how many records it took
+    encoder = export.make_encoder(tracer, "json", CallRecord, _EMPTY)
+    queue = deque(_replay(capture, index=i, replay_id=0x100 + i) for i in range(1, 11))
+    assert encoder.drain(queue, [], 10, deque(), 1.0, 2.0, 20) == 3
+    assert encoder.taken == 3 and encoder.count == 24 and len(queue) == 7
+    sink.shutdown(1)
+
+
+def test_a_busy_sender_is_waited_for_not_dropped_on() -> None:
+    """The worker encodes no faster than a live sender takes requests: encoding spans
+    the bounded outbox would only drop again spends the GIL on spans nobody gets."""
+    from otel_flashinfer import health
+
+    capture = _capture(3)
+    tracer, _ = _sdk_tracer()
+    sender = _Requests(seconds=0.004)  # busy, well under export.STALLED_S
+    chosen = export.Plan(True, "test", (sender,), delay_s=0.0, batch=8, outbox_spans=16)
+    sink = export.NativeExport(tracer, chosen, CallRecord, _EMPTY)
+    before = health.counters().get("spans_dropped", 0)
+    queue = deque(_replay(capture, index=i, replay_id=0x9000 + i) for i in range(1, 61))
+    assert sink.drain(queue, [], 60, deque(), 1.0, 2.0)
+    assert sink.flush(__import__("time").monotonic() + 10)
+    assert health.counters().get("spans_dropped", 0) == before
+    assert sum(sender.counts) == 60 * 4
+    sink.shutdown(1)
