@@ -48,7 +48,7 @@ ROOM_WAIT_S = 0.25
 #: A send running longer than this is a receiver down or retrying, not a busy one: the
 #: worker stops waiting for it and the outbox drops its oldest (counted), so a backlog
 #: never builds up in the record queue during an outage.
-STALLED_S = 0.1
+STALLED_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -438,27 +438,30 @@ class NativeExport:
                     slow.append(record)
         return True
 
-    def _has_room(self) -> bool:
-        """Room for a batch and its overshoot (a replay's children past the batch size)
-        without dropping: two batches' worth, or an empty outbox."""
-        return self._queued == 0 or self._queued + 2 * self.batch <= self.outbox_spans
-
     def _room(self, wait_s: float) -> bool:
-        """Whether to encode another batch now: the outbox has room, or its sender is
-        stalled (then the outbox drops its oldest, as before).  A busy sender is waited
-        for, up to ``wait_s``: encoding what the outbox would only drop again spends the
-        GIL on spans nobody gets.  On the worker: a caller never comes here."""
+        """Whether to encode another batch now (room for it and its overshoot, a
+        replay's children past the batch size).  A busy sender is waited for, up to
+        ``wait_s``: encoding what the outbox would only drop again spends the GIL on
+        spans nobody gets.  On the worker: a caller never comes here."""
         with self._cond:
-            end = time.monotonic() + wait_s
-            while not self._has_room() and self._thread.is_alive():
-                now = time.monotonic()
-                stalled_at = self._send_started + STALLED_S
-                if self._busy and now >= stalled_at:
-                    return True
-                if now >= end:
-                    return False
-                self._taken.wait(min(end, stalled_at if self._busy else end) - now)
-            return True
+            return self._wait_for_room(2 * self.batch, time.monotonic() + wait_s)
+
+    def _wait_for_room(self, spans: int, end: float) -> bool:
+        """Under ``_cond``: wait until ``spans`` more fit in the outbox, its sender has
+        stalled (a receiver down or retrying: then the outbox drops its oldest, counted,
+        rather than a backlog building up) or died, or ``end`` (monotonic) passes.
+        False only for the last."""
+        while self._queued and self._queued + spans > self.outbox_spans:
+            if not self._thread.is_alive():
+                return True
+            now = time.monotonic()
+            stalled_at = self._send_started + STALLED_S
+            if self._busy and now >= stalled_at:
+                return True
+            if now >= end:
+                return False
+            self._taken.wait((min(end, stalled_at) if self._busy else end) - now)
+        return True
 
     def end_drain(self) -> None:
         """After the worker's pass: ship full batches, and older ones past the delay."""
@@ -482,9 +485,11 @@ class NativeExport:
         if full:  # the time-based cut waits for the end of the drain
             self._cut(force=False)
 
-    def _cut(self, force: bool) -> None:
-        """Move full (or, past the delay, any) open batches to the outbox."""
+    def _cut(self, force: bool, until: float = 0.0) -> None:
+        """Move full (or, past the delay, any) open batches to the outbox, waiting for a
+        busy sender to make room until ``until`` (monotonic; by default ROOM_WAIT_S)."""
         now = time.monotonic()
+        until = until or now + ROOM_WAIT_S
         with self._enc_lock:
             for fmt, encoder in self.encoders.items():
                 count = encoder.count
@@ -495,12 +500,13 @@ class NativeExport:
                 if force or count >= self.batch or now - self._opened >= self.delay_s:
                     payload = encoder.take()
                     if payload is not None:
-                        self._enqueue(fmt, payload, count)
+                        self._enqueue(fmt, payload, count, until)
             if all(not e.count for e in self.encoders.values()):
                 self._opened = 0.0
 
-    def _enqueue(self, fmt: str, payload: bytes, count: int) -> None:
+    def _enqueue(self, fmt: str, payload: bytes, count: int, until: float) -> None:
         with self._cond:
+            self._wait_for_room(count, until)
             self._outbox.append((fmt, payload, count))
             self._queued += count
             dropped = 0
@@ -508,7 +514,7 @@ class NativeExport:
                 _, _, lost = self._outbox.popleft()
                 self._queued -= lost
                 dropped += lost
-            self._cond.notify()
+            self._cond.notify_all()  # the sender, not only a flush waiting on the same
         if dropped:
             health.report("spans_dropped", "spans are not leaving fast enough (receiver slow "
                           "or down): dropping the oldest", n=dropped)
@@ -561,7 +567,7 @@ class NativeExport:
         elif not self._thread.is_alive():
             self._stopping = False
             self._start_sender()  # keeps the outbox: what is queued still goes out
-        self._cut(force=True)
+        self._cut(force=True, until=deadline)
         with self._cond:
             while self._outbox or self._busy:
                 remaining = deadline - time.monotonic()
