@@ -1677,7 +1677,17 @@ static PyObject *hp_register_api(PyObject *self, PyObject *capsule) {
     Py_RETURN_NONE;
 }
 
+/* untrack(obj): keep an object that waits in the queue out of the cyclic collector (a
+ * graph's replay record and its span context: thousands queued would be traversed by
+ * every young collection and promoted to the old generation).  Only for objects that
+ * die by reference count: nothing they reach refers back to them. */
+static PyObject *hp_untrack(PyObject *self, PyObject *obj) {
+    if (PyObject_IS_GC(obj) && PyObject_GC_IsTracked(obj)) PyObject_GC_UnTrack(obj);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_methods[] = {
+    {"untrack", hp_untrack, METH_O, "keep an acyclic queued object out of the collector"},
     {"gpu_drop", hp_gpu_drop, METH_O, "give back the GPU events of a record not submitted"},
     {"register_api", hp_register_api, METH_O,
      "use the CUDA event pool's events and tensor facts (a capsule)"},

@@ -179,6 +179,10 @@ def patch(runtime: Any) -> None:
         import torch
     except ImportError:
         return
+    global _untrack
+    from . import native
+
+    _untrack = native.untracker()
     graph_cls = getattr(getattr(torch, "cuda", None), "CUDAGraph", None)
     if graph_cls is None or _originals:
         return
@@ -269,6 +273,15 @@ def unpatch() -> None:
     _capturing = None
 
 
+#: Keeps a replay record and its span context out of the cyclic collector while they
+#: wait for the worker (``native.untracker``); set by ``patch``.
+def _no_untrack(_obj: Any) -> None:
+    pass
+
+
+_untrack: Callable[[Any], None] = _no_untrack
+
+
 def _run_hook(hook: Callable[[Any, CallRecord | None], Any], child: CallRecord | None) -> Any:
     """A replay hook's Pending, or None; one that fails is reported and the others go on."""
     try:
@@ -304,6 +317,10 @@ def emit_replay(runtime: Any, capture: Capture, index: int, start_ns: int, end_n
     protos, hook_lists = capture.template()
     record = ReplayRecord(trace_id, replay_id, parent, start_ns, end_ns, attrs,
                           replay_context, index, protos, None)
+    # Acyclic: nothing it reaches refers back to it (the prototypes, pendings and
+    # groups are shared or the capture's), so reference counting frees it.
+    _untrack(record)
+    _untrack(replay_context)
     # Groups first: their copies follow the replay on its stream, like the hooks'.
     whole, grouped = capture.group_pendings() if capture.groups else (None, None)
     if type(timing) is int:

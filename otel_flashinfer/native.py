@@ -147,6 +147,20 @@ def register_stats(capsule: Any, pending_type: type, group_type: type | None = N
     return True
 
 
+def untracker() -> Any:
+    """``_hotpath.untrack`` (keeps an acyclic queued object out of the cyclic garbage
+    collector), or a no-op without the extension."""
+    try:
+        from . import _hotpath
+    except ImportError:
+        return _no_untrack
+    return getattr(_hotpath, "untrack", _no_untrack)
+
+
+def _no_untrack(_obj: Any) -> None:
+    pass
+
+
 def switch_type() -> Any:
     """``_hotpath.Switch`` (a hook whose target can be swapped later), or None when the
     C hot path is off or missing."""

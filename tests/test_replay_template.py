@@ -231,7 +231,7 @@ def test_what_c_cannot_write_goes_to_python_whole(events: FakeEvents) -> None:  
 
 PROGRAM = textwrap.dedent(
     """
-    import json, sys, torch, otel_flashinfer
+    import gc, json, sys, torch, otel_flashinfer
     from otel_flashinfer import runtime
 
     class FakeGraph:  # torch.cuda.CUDAGraph on a CPU box (graphs.patch wraps it)
@@ -247,11 +247,26 @@ PROGRAM = textwrap.dedent(
     graph.capture_begin()
     step(torch.ones(8, 128)); other(torch.ones(4)); step(torch.ones(2, 2))
     graph.capture_end()
+    pipeline = runtime.current().pipeline
+    submitted, submit = [], pipeline.submit
+
+    def keep_last(record):
+        submitted[:] = [record]
+        submit(record)
+
+    pipeline.submit = keep_last
     for _ in range(50):
         graph.replay()
+    pipeline.submit = submit
+    queued = submitted.pop()  # the last replay's record
+    untracked = type(queued).__name__ == "ReplayRecord" and not gc.is_tracked(queued) \
+        and not gc.is_tracked(queued.context)
     otel_flashinfer.flush(30)
-    native = runtime.current().pipeline._native
-    print(json.dumps({k: e.stats() for k, e in native.encoders.items()}))
+    # Out of the collector, so only reference counting frees it: nothing else holds it.
+    untracked = untracked and sys.getrefcount(queued) == 2
+    native = pipeline._native
+    print(json.dumps({"untracked": untracked,
+                      **{k: e.stats() for k, e in native.encoders.items()}}))
     """
 )
 
@@ -265,6 +280,8 @@ def test_the_default_file_gets_every_replay_and_child(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     stats = json.loads(out.stdout.strip().splitlines()[-1])
+    # a queued replay record waits outside the cyclic collector, and is freed after
+    assert stats.pop("untracked") is True
     (encoder,) = stats.values()
     assert encoder["replays"] == 50 and encoder["replay_children"] == 150
     spans = _spans_in(tmp_path / "flashinfer_traces.jsonl")
