@@ -245,17 +245,29 @@ def test_level10_decode_and_rmsnorm_pull_and_replay_bit_exact(spans, tmp_path) -
     otel_flashinfer.instrument(level=10, journal_dir="", blob_url=str(store))
     with spans.tracer().start_as_current_span("engine.step") as engine:
         step = make_decode(kv_len=256)
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            for _ in range(3):
+        changed = int(step.indices[5])
+        for i in range(3):
+            if i == 2:  # a decode step's write: one referenced page changes
+                step.kv_cache[changed].add_(1)
+            torch.cuda.set_sync_debug_mode("error")
+            try:
                 step.run()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            assert otel_flashinfer.flush(120)  # each run written before the next looks
         x = torch.randn(16, 4096, dtype=torch.float16, device="cuda")
         flashinfer.norm.rmsnorm(x, torch.ones(4096, dtype=torch.float16, device="cuda"))
     assert otel_flashinfer.flush(120)
     runs = spans.by_name(RUN)
     assert len(runs) == 3 and all("flashinfer.blob.manifest" in s.attributes for s in runs)
+    # Page fingerprints on the GPU: runs 2 and 3 store again only the page that changed
+    # (the replay below is bit-exact only if each run's manifest names its own pages).
+    from otel_flashinfer import runtime
+
+    pages = step.indices.numel()
+    unchanged = runtime.current().blobs.counters["pages_unchanged"]
+    print(f"\npages per run {pages}, reused by fingerprint {unchanged}")
+    assert unchanged == 2 * pages - 1
     trace_id = format(engine.get_span_context().trace_id, "032x")
     bundle = pull(trace_id, str(store), str(tmp_path / "bundle"))
     assert bundle is not None

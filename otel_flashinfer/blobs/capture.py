@@ -54,6 +54,7 @@ import torch
 
 from .. import capture_guard
 from . import encode, layout, manifest
+from .fingerprint import PageMemo, page_fingerprints
 from .index import IndexWriter
 from .store import BlobStore
 
@@ -77,12 +78,14 @@ class _Skip(Exception):
 class _Held:
     """One copy waiting for the writer: a tensor span, or the pages of a KV cache."""
 
-    __slots__ = ("entry", "event", "host", "ids", "pinned", "plain_bytes")
+    __slots__ = ("entry", "event", "fps", "host", "ids", "pinned", "plain_bytes")
 
     def __init__(self, entry: dict) -> None:
         self.entry = entry  # the manifest value, filled in by the writer
         self.host: torch.Tensor | None = None  # flat span, or [n, *page] pages
         self.ids: torch.Tensor | None = None  # page ids per gathered page (paged only)
+        #: Per gathered page, its fingerprint (``fingerprint``; CUDA pages only).
+        self.fps: torch.Tensor | None = None
         self.event: Any = None
         self.pinned: list[torch.Tensor] = []
         self.plain_bytes = 0
@@ -194,6 +197,8 @@ class BlobRecorder:
         self.counters = collections.Counter()
         self._logged: set[str] = set()
         self._plan_numel: dict[str, int] = {}
+        #: Pages stored before, by fingerprint: not encoded, hashed or stored again.
+        self.page_memo = PageMemo()
         self._init_process_state()
         if install_handlers:
             self._install_handlers()
@@ -354,7 +359,11 @@ class BlobRecorder:
                     idx = buf_idx[:n].to(device=src.device, dtype=torch.long)
                     idx = idx.clamp(0, max(src.shape[0] - 1, 0))
                     pages = src.index_select(0, idx)
-                    self._to_host(cap, held, pages, page_ids=idx)
+                    # On the GPU, a fingerprint per page tells the writer which pages it
+                    # stored before (a few kernels, against hashing 32 MB on the host).
+                    # On the CPU it would cost more than the hash it saves.
+                    fps = page_fingerprints(pages) if pages.is_cuda else None
+                    self._to_host(cap, held, pages, page_ids=idx, fps=fps)
                 else:
                     self._to_host(cap, held, encode.flat_span(src))
                 cap.held.append(held)
@@ -363,7 +372,7 @@ class BlobRecorder:
             raise
 
     def _to_host(self, cap: CallCapture, held: _Held, src: torch.Tensor,
-                 page_ids: torch.Tensor | None = None) -> None:
+                 page_ids: torch.Tensor | None = None, fps: torch.Tensor | None = None) -> None:
         if src.device.type == "cpu":
             nbytes = src.numel() * src.element_size() + (
                 0 if page_ids is None else page_ids.numel() * 8)
@@ -372,8 +381,11 @@ class BlobRecorder:
             held.plain_bytes = nbytes
             held.host = src.clone() if page_ids is None else src  # index_select already copied
             held.ids = None if page_ids is None else page_ids.clone()
+            held.fps = None if fps is None else fps.clone()
             return
         parts = [src] if page_ids is None else [src, page_ids]
+        if page_ids is not None and fps is not None:
+            parts.append(fps)
         outs = []
         for part in parts:
             nbytes = part.numel() * part.element_size()
@@ -390,6 +402,7 @@ class BlobRecorder:
         held.event = event
         held.host = outs[0]
         held.ids = outs[1] if page_ids is not None else None
+        held.fps = outs[2] if len(outs) > 2 else None
 
     def _release_held(self, cap: CallCapture) -> None:
         for held in cap.held:
@@ -513,14 +526,33 @@ class BlobRecorder:
             first: dict[int, int] = {}
             for pos, pid in enumerate(ids):
                 first.setdefault(pid, pos)
+            fps = held.fps.tolist() if held.fps is not None else None
             pages = []
             page_raw = held.host[0].numel() * held.host.element_size() if ids else 0
-            for pid in sorted(first):
-                data = encode.encode_parts(held.host[first[pid]].reshape(-1), self.format)
-                digest, key, new = self.store.put_content(data, self.format)
-                if new:
-                    written += page_raw
-                pages.append({"hash": digest, "key": key, "nbytes": _size(data)})
+            unchanged = 0
+            memo = self.page_memo
+            order = sorted(first)
+            if fps is not None:
+                kind = memo.kind(held.host, self.format)  # every page's dtype and shape
+                keys = [(*fps[first[pid]], kind) for pid in order]
+                found = memo.lookup(keys)
+            else:
+                keys = found = [None] * len(order)
+            for pid, memo_key, stored in zip(order, keys, found, strict=True):
+                if stored is None:
+                    page = held.host[first[pid]]
+                    data = encode.encode_parts(page.reshape(-1), self.format)
+                    digest, key, new = self.store.put_content(data, self.format)
+                    if new:
+                        written += page_raw
+                    stored = {"hash": digest, "key": key, "nbytes": _size(data)}
+                    if memo_key is not None:
+                        memo.put(memo_key, stored)
+                else:
+                    unchanged += 1
+                pages.append(dict(stored))
+            if unchanged:
+                self._count("pages_unchanged", unchanged)
             held.entry["page_ids"] = sorted(first)
             held.entry["pages"] = pages
         else:

@@ -1,0 +1,98 @@
+"""Page fingerprints, computed where the pages are, so that level 10 hashes and stores
+only the pages of a paged KV cache that it has not stored before.
+
+A decode step writes one token into the last page of each sequence: of the hundreds of
+pages a call references, a handful change.  Each call still copies every referenced page
+to the host (an asynchronous copy, no CPU), but the writer threads used to encode and
+sha256 every one of them (32 MB a call in the benchmark, most of level 10's whole cost).
+A fingerprint per page, two lanes of a multiply-add hash over its 64-bit words with
+fixed random odd weights, is a few kernels on the GPU.  Pages whose fingerprint the
+writer has seen before reuse that page's object (``PageMemo``); the others are hashed
+and stored as before, so every object is still named by the sha256 of its bytes.
+
+Two pages that differ get the same fingerprint with probability about 2**-128 for data
+not built to collide (a linear hash: any one changed word always changes both lanes).
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from typing import Any
+
+import torch
+
+LANES = 2
+#: Fingerprints remembered per recorder (least recently used go first).
+MEMO_ENTRIES = 1 << 16
+_SEED = 0x0F1A5E
+_weights: dict[tuple[str, int], torch.Tensor] = {}
+
+
+def weights(device: torch.device, words: int) -> torch.Tensor:
+    """The fixed (LANES, words) int64 weights for pages of ``words`` words, odd, the same
+    in every process (a fingerprint means the same thing everywhere)."""
+    key = (str(device), words)
+    w = _weights.get(key)
+    if w is None:
+        generator = torch.Generator().manual_seed(_SEED)
+        w = torch.randint(-(2**62), 2**62, (LANES, words), generator=generator,
+                          dtype=torch.int64) | 1
+        w = _weights[key] = w.to(device)
+    return w
+
+
+def page_fingerprints(pages: torch.Tensor) -> torch.Tensor | None:
+    """(n, LANES) int64 fingerprints of the ``n`` pages along dim 0, on their device and
+    stream; None when a page is not a whole number of 8-byte words (then every page is
+    hashed, as without fingerprints)."""
+    n = pages.shape[0]
+    flat = pages.reshape(n, -1) if n else pages.reshape(0, 0)
+    nbytes = flat.shape[1] * flat.element_size()
+    if n == 0 or nbytes == 0 or nbytes % 8 or not flat.is_contiguous():
+        return None
+    words = flat.view(torch.uint8).view(torch.int64)
+    w = weights(words.device, words.shape[1])
+    # Lane by lane: one page-sized temporary at a time, wrapping int64 arithmetic.
+    return torch.stack([(words * w[lane]).sum(dim=1) for lane in range(LANES)], dim=1)
+
+
+class PageMemo:
+    """Fingerprint -> the stored object of a page with those bytes, bounded (LRU); shared
+    by the writer threads.  A key is ``(lane 0, lane 1, kind)``: ``kind`` numbers what
+    a stored page depends on besides its bytes (``kind``)."""
+
+    def __init__(self, entries: int = MEMO_ENTRIES) -> None:
+        self.entries = max(1, entries)
+        self._memo: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
+        self._kinds: dict[tuple, int] = {}
+        self._lock = threading.Lock()
+
+    def kind(self, pages: torch.Tensor, fmt: str) -> int:
+        """Dtype, page shape and format of the gathered [n, *page] ``pages``, as a small
+        number (hashed once per call, not once per page)."""
+        key = (str(pages.dtype), tuple(pages.shape[1:]), fmt)
+        with self._lock:
+            return self._kinds.setdefault(key, len(self._kinds))
+
+    def lookup(self, keys: list[tuple]) -> list[Any]:
+        """What each key's page was stored as, or None (one lock for a call's pages)."""
+        memo = self._memo
+        out = []
+        with self._lock:
+            for key in keys:
+                found = memo.get(key)
+                if found is not None:
+                    memo.move_to_end(key)
+                out.append(found)
+        return out
+
+    def put(self, key: tuple, stored: Any) -> None:
+        with self._lock:
+            self._memo[key] = stored
+            self._memo.move_to_end(key)
+            while len(self._memo) > self.entries:
+                self._memo.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._memo)

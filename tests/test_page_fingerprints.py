@@ -1,0 +1,110 @@
+"""Level 10's page fingerprints (``blobs.fingerprint``): pages the writer stored before
+are not encoded, hashed or stored again, and what the manifest names is the same as
+without fingerprints.  The fingerprints run on the GPU in use; torch runs the same ops
+here on CPU tensors."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import pytest
+import torch
+
+from otel_flashinfer.blobs import encode
+from otel_flashinfer.blobs.capture import BlobRecorder, _Held
+from otel_flashinfer.blobs.fingerprint import LANES, PageMemo, page_fingerprints
+from otel_flashinfer.config import Settings
+
+
+def _pages(n: int = 12, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 2, 16, 4, 8, generator=g).to(torch.float16)  # 2 KB pages
+
+
+def test_equal_pages_match_and_any_changed_word_changes_both_lanes() -> None:
+    pages = _pages()
+    fps = page_fingerprints(pages)
+    assert fps is not None and fps.shape == (12, LANES) and fps.dtype == torch.int64
+    assert torch.equal(page_fingerprints(pages.clone()), fps)  # deterministic
+    words = pages.reshape(12, -1).view(torch.int64)
+    for page, word, bit in [(0, 0, 0), (3, 17, 63), (11, words.shape[1] - 1, 31)]:
+        changed = words.clone()
+        changed[page, word] ^= 1 << bit if bit < 63 else -(1 << 63)
+        got = page_fingerprints(changed.view(torch.float16).reshape(pages.shape))
+        assert (got[page] != fps[page]).all(), (page, word, bit)  # both lanes
+        others = [i for i in range(12) if i != page]
+        assert torch.equal(got[others], fps[others])
+    # two words swapped within a page (a permutation) is a change too
+    swapped = words.clone()
+    swapped[5, 0], swapped[5, 1] = words[5, 1], words[5, 0]
+    assert (page_fingerprints(swapped)[5] != fps[5]).any()
+
+
+def test_pages_that_are_not_whole_words_are_not_fingerprinted() -> None:
+    assert page_fingerprints(torch.zeros(4, 3, dtype=torch.float16)) is None  # 6 bytes
+    assert page_fingerprints(torch.zeros(0, 8)) is None
+    assert page_fingerprints(torch.zeros(4, 0)) is None
+
+
+def test_memo_is_bounded_and_keyed_by_what_the_object_depends_on() -> None:
+    memo = PageMemo(entries=2)
+    pages = torch.zeros(3, 8, dtype=torch.float16)
+    a = (1, 2, memo.kind(pages, "safetensors"))
+    assert a != (1, 2, memo.kind(pages.view(torch.int16), "safetensors"))  # dtype
+    assert a != (1, 2, memo.kind(pages.reshape(3, 2, 4), "safetensors"))  # page shape
+    assert a != (1, 2, memo.kind(pages, "npy"))  # format
+    assert a == (1, 2, memo.kind(torch.ones(5, 8, dtype=torch.float16), "safetensors"))
+    memo.put(a, {"hash": "a"})
+    memo.put(("b",), {"hash": "b"})
+    assert memo.lookup([a, ("x",)]) == [{"hash": "a"}, None]  # a: now the most recent
+    memo.put(("c",), {"hash": "c"})
+    assert len(memo) == 2 and memo.lookup([("b",), a]) == [None, {"hash": "a"}]
+
+
+def _held(pages: torch.Tensor, ids: list[int], fingerprints: bool) -> _Held:
+    held = _Held({"t": "paged_kv", "dtype": "float16", "shape": list(pages.shape)})
+    held.host = pages
+    held.ids = torch.tensor(ids)
+    held.fps = page_fingerprints(pages) if fingerprints else None
+    return held
+
+
+@pytest.fixture
+def recorder(tmp_path):  # noqa: ANN001, ANN201
+    rec = BlobRecorder(dataclasses.replace(Settings(blob_url=str(tmp_path))),
+                       install_handlers=False)
+    yield rec
+    rec.shutdown(5)
+
+
+def test_pages_stored_before_are_not_hashed_or_stored_again(recorder, tmp_path,
+                                                            monkeypatch) -> None:  # noqa: ANN001
+    pages = _pages()
+    ids = list(range(100, 112))
+    puts: list[bytes] = []
+    put_content = recorder.store.put_content
+
+    def counting(data, fmt):  # noqa: ANN001, ANN202
+        puts.append(bytes(data) if not isinstance(data, list) else b"".join(map(bytes, data)))
+        return put_content(data, fmt)
+
+    monkeypatch.setattr(recorder.store, "put_content", counting)
+    first = _held(pages, ids, fingerprints=True)
+    assert recorder._store_held(first) == pages.numel() * 2  # noqa: SLF001 - all new
+    assert len(puts) == 12
+    # the next step: one token written into page 7, the rest as they were
+    step = pages.clone()
+    step[7, 0, 3] += 1
+    second = _held(step, ids, fingerprints=True)
+    assert recorder._store_held(second) == pages[0].numel() * 2  # noqa: SLF001
+    assert len(puts) == 13 and recorder.counters["pages_unchanged"] == 11
+    # the manifest entry names what hashing every page names, byte for byte
+    plain = _held(step, ids, fingerprints=False)
+    recorder._store_held(plain)  # noqa: SLF001
+    assert second.entry["pages"] == plain.entry["pages"]
+    assert second.entry["page_ids"] == ids
+    for i, page in enumerate(second.entry["pages"]):
+        data = (tmp_path / page["key"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == page["hash"]
+        assert torch.equal(encode.decode(data, "safetensors").reshape(step[i].shape), step[i])
