@@ -42,12 +42,8 @@ from . import health
 DEFAULT_BATCH = 512
 #: Encoded spans waiting to be sent (a BatchSpanProcessor's max_queue_size sets it).
 DEFAULT_OUTBOX_SPANS = 2048
-#: How long the worker waits for the sender to make room in the outbox before it leaves
-#: the rest queued for its next pass (the worker's own time: callers never wait on it).
-ROOM_WAIT_S = 0.25
 #: A send running longer than this is a receiver down or retrying, not a busy one: the
-#: worker stops waiting for it and the outbox drops its oldest (counted), so a backlog
-#: never builds up in the record queue during an outage.
+#: worker stops holding records back for it and the outbox drops its oldest (counted).
 STALLED_S = 0.5
 
 
@@ -403,21 +399,23 @@ class NativeExport:
     # ---- worker thread ------------------------------------------------------------------
 
     def drain(self, queue: deque[Any], slow: list[Any], limit: int,
-              later: deque[Any] | None = None, now: float = 0.0, deadline: float = 0.0) -> bool:
+              later: deque[Any] | None = None, now: float = 0.0, deadline: float = 0.0,
+              hold: bool = False) -> bool:
         """Encode up to ``limit`` ready records of ``queue``; statistics still on the GPU
         go back on ``later`` until their deadline (one encoder only), the rest to
         ``slow``.  A batch is cut whenever it is full: a replay record carries a span per
         captured call, so a drain of queued replays would otherwise make one request of
-        millions of spans.  False when the outbox stayed full (the sender is behind): the
-        records left wait in the pipeline's bounded queue instead of being encoded only
-        to be dropped at the outbox, which would spend the GIL on spans nobody gets."""
+        millions of spans.  With ``hold``, stops (False) when the outbox has no room for
+        another batch and its sender is busy, not stalled: the records left wait in the
+        pipeline's queue rather than be encoded only for the outbox to drop them.  Never
+        waits (the worker calls it inside its GPU-query section)."""
         encoders = list(self.encoders.values())
         if len(encoders) == 1:
             encoder = encoders[0]
             while limit > 0:
                 if encoder.count >= self.batch:
                     self._cut(force=False)
-                if not self._room(ROOM_WAIT_S):
+                if hold and queue and not self.has_room():
                     return False
                 with self._enc_lock:
                     encoder.drain(queue, slow, limit, later, now, deadline, self.batch)
@@ -438,29 +436,37 @@ class NativeExport:
                     slow.append(record)
         return True
 
-    def _room(self, wait_s: float) -> bool:
-        """Whether to encode another batch now (room for it and its overshoot, a
-        replay's children past the batch size).  A busy sender is waited for, up to
-        ``wait_s``: encoding what the outbox would only drop again spends the GIL on
-        spans nobody gets.  On the worker: a caller never comes here."""
-        with self._cond:
-            return self._wait_for_room(2 * self.batch, time.monotonic() + wait_s)
+    def has_room(self) -> bool:
+        """Room in the outbox for another batch and its overshoot (a replay's children
+        past the batch size), or a sender stalled or gone (then nothing is held back)."""
+        cond = self._cond
+        with cond:
+            return self._fits(2 * self.batch) or self._stalled()
 
-    def _wait_for_room(self, spans: int, end: float) -> bool:
-        """Under ``_cond``: wait until ``spans`` more fit in the outbox, its sender has
-        stalled (a receiver down or retrying: then the outbox drops its oldest, counted,
-        rather than a backlog building up) or died, or ``end`` (monotonic) passes.
-        False only for the last."""
-        while self._queued and self._queued + spans > self.outbox_spans:
-            if not self._thread.is_alive():
-                return True
+    def wait_for_room(self, timeout_s: float) -> bool:
+        """Wait until ``has_room``, up to ``timeout_s``.  On the worker between passes,
+        outside its GPU-query section; never on a caller's thread."""
+        cond, taken = self._cond, self._taken
+        with cond:
+            return self._wait_locked(taken, 2 * self.batch, time.monotonic() + timeout_s)
+
+    def _fits(self, spans: int) -> bool:
+        return not self._queued or self._queued + spans <= self.outbox_spans
+
+    def _stalled(self) -> bool:
+        return not self._thread.is_alive() or (
+            self._busy and time.monotonic() >= self._send_started + STALLED_S)
+
+    def _wait_locked(self, taken: Any, spans: int, end: float) -> bool:
+        """Under the outbox's lock: wait on ``taken`` (the condition of the lock held: a
+        restarted sender replaces both) until ``spans`` more fit, the sender stalls or is gone,
+        or ``end`` passes (False only for the last)."""
+        while not self._fits(spans) and not self._stalled():
             now = time.monotonic()
-            stalled_at = self._send_started + STALLED_S
-            if self._busy and now >= stalled_at:
-                return True
             if now >= end:
                 return False
-            self._taken.wait((min(end, stalled_at) if self._busy else end) - now)
+            stalled_at = self._send_started + STALLED_S if self._busy else end
+            taken.wait(min(end, stalled_at) - now)
         return True
 
     def end_drain(self) -> None:
@@ -486,10 +492,12 @@ class NativeExport:
             self._cut(force=False)
 
     def _cut(self, force: bool, until: float = 0.0) -> None:
-        """Move full (or, past the delay, any) open batches to the outbox, waiting for a
-        busy sender to make room until ``until`` (monotonic; by default ROOM_WAIT_S)."""
+        """Move full (or, past the delay, any) open batches to the outbox.  A partial
+        batch stays open while the outbox is full.  Requests are queued outside the
+        encoder lock: a flush waiting for room (until ``until``) must not hold up the
+        worker, which drains inside its GPU-query section."""
         now = time.monotonic()
-        until = until or now + ROOM_WAIT_S
+        cut: list[tuple[str, bytes, int]] = []
         with self._enc_lock:
             for fmt, encoder in self.encoders.items():
                 count = encoder.count
@@ -497,16 +505,23 @@ class NativeExport:
                     continue
                 if not self._opened:
                     self._opened = now
-                if force or count >= self.batch or now - self._opened >= self.delay_s:
+                if force or count >= self.batch or (now - self._opened >= self.delay_s
+                                                    and self.has_room()):
                     payload = encoder.take()
                     if payload is not None:
-                        self._enqueue(fmt, payload, count, until)
+                        cut.append((fmt, payload, count))
             if all(not e.count for e in self.encoders.values()):
                 self._opened = 0.0
+        for fmt, payload, count in cut:
+            self._enqueue(fmt, payload, count, until)
 
-    def _enqueue(self, fmt: str, payload: bytes, count: int, until: float) -> None:
-        with self._cond:
-            self._wait_for_room(count, until)
+    def _enqueue(self, fmt: str, payload: bytes, count: int, until: float = 0.0) -> None:
+        """Queue a request; past the outbox's cap the oldest go, counted.  With
+        ``until`` (a flush), first wait for room up to then."""
+        cond, taken = self._cond, self._taken
+        with cond:
+            if until:
+                self._wait_locked(taken, count, until)
             self._outbox.append((fmt, payload, count))
             self._queued += count
             dropped = 0
@@ -514,7 +529,7 @@ class NativeExport:
                 _, _, lost = self._outbox.popleft()
                 self._queued -= lost
                 dropped += lost
-            self._cond.notify_all()  # the sender, not only a flush waiting on the same
+            cond.notify_all()  # the sender, not only a flush waiting on the same
         if dropped:
             health.report("spans_dropped", "spans are not leaving fast enough (receiver slow "
                           "or down): dropping the oldest", n=dropped)

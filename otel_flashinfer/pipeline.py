@@ -401,6 +401,9 @@ _SAMPLED = trace_api.TraceFlags(trace_api.TraceFlags.SAMPLED | trace_api.TraceFl
 #: A real (blocking) pause between chunks of a backlog: releasing the GIL without
 #: blocking lets this thread take it straight back before a waiting caller wakes.
 _YIELD_S = 50e-6
+#: The worker leaves its GPU-query section after this much of a pass and goes on at
+#: once: a graph capture starting on another thread waits for the section to end.
+_PASS_BUDGET_S = 0.05
 _UNSET = Status(StatusCode.UNSET)
 _MAX_TRACE_ID = 1 << 128
 _MAX_SPAN_ID = 1 << 64
@@ -417,6 +420,17 @@ class _NoGpuTimes:
 
     def abandon(self, record: CallRecord, handle: Any, reason: str) -> None:
         pass
+
+
+def _may_hold(queue: deque[CallRecord], native: Any) -> bool:
+    """Whether the queue is short enough to wait for a busy sender: no more spans than
+    the outbox holds (a replay record carries its children), and no more records than a
+    batch (each may hold a statistics ring slot and GPU events until it is resolved)."""
+    if not queue or len(queue) > native.batch:
+        return not queue
+    head = queue[0]
+    per = 1 + len(head.template or ()) if type(head) is ReplayRecord else 1
+    return len(queue) * per <= native.outbox_spans
 
 
 class Pipeline:
@@ -513,6 +527,9 @@ class Pipeline:
         #: Records the full queue dropped that still hold GPU work: released by the worker.
         self._let_go_queue: deque[CallRecord] = deque()
         self._wake = threading.Event()
+        #: The last pass stopped for a busy sender (``held_back``), or for its time
+        #: budget with records left (``more``): the worker goes on without its tick.
+        self._held_back = self._more = False
         self._idle = threading.Condition()
         self._busy = 0
         self._stopping = False
@@ -542,6 +559,9 @@ class Pipeline:
             except IndexError:
                 pass
             else:
+                lost = 1
+                if type(dropped) is ReplayRecord and dropped.template:
+                    lost += len(dropped.template)  # its children go with it
                 if (dropped.pending or dropped.gpu is not None
                         or (type(dropped) is ReplayRecord
                             and (dropped.child_pending or dropped.group))):
@@ -552,7 +572,8 @@ class Pipeline:
                     else:
                         health.report("stats_errors", "dropped spans' GPU work could not "
                                       "be handed back: their ring slots stay taken")
-            health.report("spans_dropped", "span queue full: dropping the oldest spans")
+                health.report("spans_dropped", "span queue full: dropping the oldest spans",
+                              n=lost)
         queue.append(record)
         # Wake the worker once per full batch, not once per call past it.
         if len(queue) == self._batch:
@@ -600,7 +621,12 @@ class Pipeline:
 
     def _run(self) -> None:
         while not self._stopping:
-            self._wake.wait(self.interval_s)
+            native = self._native
+            if self._held_back and native is not None:
+                # Outside the GPU-query section: a capture never waits on the sender.
+                native.wait_for_room(self.interval_s)
+            elif not self._more:
+                self._wake.wait(self.interval_s)
             self._wake.clear()
             self._drain()
 
@@ -610,11 +636,14 @@ class Pipeline:
         with capture_guard.gpu_queries() as allowed:
             if allowed:
                 self._drain_now()
+            else:
+                self._held_back = self._more = False  # the next tick, not a spin
 
     def _drain_now(self) -> None:
         with self._idle:
             self._busy += 1
         cpu = time.thread_time()
+        self._held_back = self._more = False
         try:
             queue, waiting = self._queue, self._waiting
             let_go = self._let_go_queue
@@ -649,15 +678,20 @@ class Pipeline:
                 # (statistics, a GPU time the encoder could not resolve) come back here.
                 # What is queued now, in batch-sized chunks: later arrivals wait for the
                 # next tick, and the callers get the GIL back between chunks.
-                # The sender behind (the outbox stayed full): the rest waits in the
-                # queue, whose bound counts what it drops.
+                # A busy sender with the outbox full: while the queue is short, the rest
+                # waits there for it (holding records back never waits, and the worker
+                # waits for room outside this section).  A longer queue is encoded and
+                # the outbox drops its oldest, counted: queued records hold GPU events
+                # and statistics slots that only resolving them gives back.
                 left = len(queue)
                 while left > 0:
                     chunk = min(left, native.batch)
                     left -= chunk
                     slow: list[CallRecord] = []
                     try:
-                        if not native.drain(queue, slow, chunk, waiting, now, deadline):
+                        if not native.drain(queue, slow, chunk, waiting, now, deadline,
+                                            _may_hold(queue, native)):
+                            self._held_back = True
                             left = 0
                     except Exception as exc:  # noqa: BLE001 - the worker must go on
                         health.report("export_errors", "the native encoder failed", exc)
@@ -665,6 +699,9 @@ class Pipeline:
                         if (record.pending or record.gpu is not None) and not record.deadline:
                             record.deadline = deadline
                         self._consider(record, now)
+                    if left > 0 and time.monotonic() - now > _PASS_BUDGET_S:
+                        self._more = True  # the rest after leaving the section
+                        left = 0
                     if left > 0:
                         time.sleep(_YIELD_S)
                 try:

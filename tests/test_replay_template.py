@@ -400,8 +400,11 @@ def test_queued_replays_leave_in_requests_of_about_a_batch() -> None:
 
 
 def test_a_busy_sender_is_waited_for_not_dropped_on() -> None:
-    """The worker encodes no faster than a live sender takes requests: encoding spans
-    the bounded outbox would only drop again spends the GIL on spans nobody gets."""
+    """Records are held back for a live sender, not encoded for the outbox to drop: the
+    drain stops without waiting (the worker calls it inside its GPU-query section) and
+    the worker waits for room between passes, as ``Pipeline._run`` does."""
+    import time
+
     from otel_flashinfer import health
 
     capture = _capture(3)
@@ -411,8 +414,43 @@ def test_a_busy_sender_is_waited_for_not_dropped_on() -> None:
     sink = export.NativeExport(tracer, chosen, CallRecord, _EMPTY)
     before = health.counters().get("spans_dropped", 0)
     queue = deque(_replay(capture, index=i, replay_id=0x9000 + i) for i in range(1, 61))
-    assert sink.drain(queue, [], 60, deque(), 1.0, 2.0)
-    assert sink.flush(__import__("time").monotonic() + 10)
+    worst, held = 0.0, 0
+    while queue:
+        t0 = time.perf_counter()
+        done = sink.drain(queue, [], len(queue), deque(), 1.0, 2.0, hold=True)
+        worst = max(worst, time.perf_counter() - t0)
+        if not done:
+            held += 1
+            assert sink.wait_for_room(5)
+    assert held > 0 and worst < 0.003  # stopped, never waited
+    assert sink.flush(time.monotonic() + 10)
     assert health.counters().get("spans_dropped", 0) == before
     assert sum(sender.counts) == 60 * 4
     sink.shutdown(1)
+
+
+def test_a_stalled_sender_is_not_waited_for() -> None:
+    """A send out for longer than STALLED_S is a receiver down: records are no longer
+    held back for it (the outbox drops its oldest, counted, and what they hold on the
+    GPU is given back as they are encoded)."""
+    import threading
+    import time
+
+    capture = _capture(3)
+    tracer, _ = _sdk_tracer()
+    gate = threading.Event()
+
+    class Hung(_Requests):
+        def send(self, payload: bytes, count: int) -> bool:
+            gate.wait(30)
+            return super().send(payload, count)
+
+    chosen = export.Plan(True, "test", (Hung(),), delay_s=0.0, batch=8, outbox_spans=16)
+    sink = export.NativeExport(tracer, chosen, CallRecord, _EMPTY)
+    queue = deque(_replay(capture, index=i, replay_id=0x9000 + i) for i in range(1, 41))
+    assert not sink.drain(queue, [], len(queue), deque(), 1.0, 2.0, hold=True)
+    time.sleep(export.STALLED_S + 0.1)
+    assert sink.has_room() and sink.wait_for_room(0.0)
+    assert sink.drain(queue, [], len(queue), deque(), 1.0, 2.0, hold=True) and not queue
+    gate.set()
+    sink.shutdown(5)
