@@ -13,6 +13,7 @@ import json
 import os
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -99,6 +100,13 @@ def read_requests(path: str) -> Iterator[dict[str, Any]]:
 _REOPEN_CHECK_S = 1.0
 
 
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
 class JsonLinesSpanExporter(SpanExporter):
     """Appends each batch as one OTLP/JSON line; safe across threads and processes
     (one ``write`` of a whole line on an O_APPEND file).
@@ -106,7 +114,9 @@ class JsonLinesSpanExporter(SpanExporter):
     The file stays open between lines.  Each system call hands the GIL over and takes
     it back, and under a busy engine thread every take waits out CPython's 5 ms switch
     interval: the open, close and directory check per line cost the sender 30 ms of
-    wall a line and the engine a GIL switch each."""
+    wall a line and the engine a GIL switch each.  The path is checked once a second: a
+    file moved away (rotated) gets the lines of that second, then a new file starts at
+    the path; a file deleted loses them."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -114,6 +124,22 @@ class JsonLinesSpanExporter(SpanExporter):
         self._closed = False
         self._fd = -1
         self._checked = 0.0
+        self._release: Any = None  # closes the file if the exporter is dropped unshut
+        if hasattr(os, "register_at_fork"):
+            ref = weakref.ref(self)
+
+            def child() -> None:
+                exporter = ref()
+                if exporter is not None:
+                    exporter._after_fork()
+
+            os.register_at_fork(after_in_child=child)
+
+    def _after_fork(self) -> None:
+        """In a forked child: a lock the fork may have copied held, and a descriptor the
+        child may close or reuse; both made again on the next line."""
+        self._lock = threading.Lock()
+        self._close()
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         if self._closed:
@@ -132,6 +158,8 @@ class JsonLinesSpanExporter(SpanExporter):
             return False
         try:
             with self._lock:
+                if self._closed:
+                    return False
                 fd = self._file()
                 view = memoryview(line)
                 while view:  # a short write (full disk, signal) must not split a line
@@ -158,16 +186,14 @@ class JsonLinesSpanExporter(SpanExporter):
         if self._fd < 0:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            self._release = weakref.finalize(self, _close_quietly, self._fd)
             self._checked = now
         return self._fd
 
     def _close(self) -> None:
-        fd, self._fd = self._fd, -1
-        if fd >= 0:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        release, self._release, self._fd = self._release, None, -1
+        if release is not None:
+            release()
 
     def shutdown(self) -> None:
         self._closed = True

@@ -1,0 +1,65 @@
+"""The JSONL trace file (``otlp_json.JsonLinesSpanExporter``): kept open between lines,
+opened again where the path no longer names it, and never left open behind us."""
+
+from __future__ import annotations
+
+import gc
+import os
+from pathlib import Path
+
+import pytest
+
+from otel_flashinfer import otlp_json
+from otel_flashinfer.otlp_json import JsonLinesSpanExporter
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_lines_append_to_one_open_file_and_follow_a_rotation(tmp_path: Path,
+                                                           monkeypatch) -> None:  # noqa: ANN001
+    path = tmp_path / "sub" / "traces.jsonl"  # its directory is made
+    exporter = JsonLinesSpanExporter(str(path))
+    assert exporter.write_line(b'{"a":1}\n') and exporter.write_line(b'{"a":2}\n')
+    assert path.read_bytes() == b'{"a":1}\n{"a":2}\n'
+    path.rename(tmp_path / "sub" / "traces.jsonl.1")  # rotated away
+    monkeypatch.setattr(otlp_json, "_REOPEN_CHECK_S", 0.0)  # checked at the next line
+    assert exporter.write_line(b'{"a":3}\n')
+    assert path.read_bytes() == b'{"a":3}\n'
+    assert (tmp_path / "sub" / "traces.jsonl.1").read_bytes() == b'{"a":1}\n{"a":2}\n'
+    path.unlink()  # deleted
+    assert exporter.write_line(b'{"a":4}\n') and path.read_bytes() == b'{"a":4}\n'
+    exporter.shutdown()
+
+
+def test_no_descriptor_outlives_shutdown_or_the_exporter(tmp_path: Path) -> None:
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("no /proc/self/fd here")
+    before = _open_fds()
+    exporter = JsonLinesSpanExporter(str(tmp_path / "t.jsonl"))
+    assert exporter.write_line(b"{}\n") and _open_fds() == before + 1
+    exporter.shutdown()
+    assert _open_fds() == before
+    assert not exporter.write_line(b"{}\n") and _open_fds() == before  # not reopened
+    for i in range(20):  # dropped without shutdown
+        JsonLinesSpanExporter(str(tmp_path / f"{i}.jsonl")).write_line(b"{}\n")
+    gc.collect()
+    assert _open_fds() == before
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
+def test_a_forked_child_writes_through_its_own_descriptor(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    exporter = JsonLinesSpanExporter(str(path))
+    assert exporter.write_line(b'{"p":"parent"}\n')
+    pid = os.fork()
+    if pid == 0:  # the child: a fresh lock and descriptor, then its line
+        code = 0 if exporter._fd == -1 and exporter.write_line(b'{"p":"child"}\n') else 1  # noqa: SLF001
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert exporter.write_line(b'{"p":"parent2"}\n')
+    assert path.read_bytes().splitlines() == [b'{"p":"parent"}', b'{"p":"child"}',
+                                              b'{"p":"parent2"}']
+    exporter.shutdown()
