@@ -179,10 +179,6 @@ def patch(runtime: Any) -> None:
         import torch
     except ImportError:
         return
-    global _untrack
-    from . import native
-
-    _untrack = native.untracker()
     graph_cls = getattr(getattr(torch, "cuda", None), "CUDAGraph", None)
     if graph_cls is None or _originals:
         return
@@ -274,7 +270,8 @@ def unpatch() -> None:
 
 
 #: Keeps a replay record and its span context out of the cyclic collector while they
-#: wait for the worker (``native.untracker``); set by ``patch``.
+#: wait for the worker: ``_hotpath.untrack``, set by ``native`` when it binds the C
+#: hot path (this module does not import it).
 def _no_untrack(_obj: Any) -> None:
     pass
 

@@ -44,6 +44,7 @@ def _bind(var: Any) -> Any:
         report=health.report, count=health.count, plain_getters=_plain_getters(),
         plain_span_init=_plain_span_init(NonRecordingSpan),
     )
+    graphs._untrack = _hotpath.untrack  # noqa: SLF001 - replay records, out of the GC
     return _hotpath.Entry
 
 
@@ -145,20 +146,6 @@ def register_stats(capsule: Any, pending_type: type, group_type: type | None = N
                       exc)
         return False
     return True
-
-
-def untracker() -> Any:
-    """``_hotpath.untrack`` (keeps an acyclic queued object out of the cyclic garbage
-    collector), or a no-op without the extension."""
-    try:
-        from . import _hotpath
-    except ImportError:
-        return _no_untrack
-    return getattr(_hotpath, "untrack", _no_untrack)
-
-
-def _no_untrack(_obj: Any) -> None:
-    pass
 
 
 def switch_type() -> Any:
