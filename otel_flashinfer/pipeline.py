@@ -575,9 +575,16 @@ class Pipeline:
                 health.report("spans_dropped", "span queue full: dropping the oldest spans",
                               n=lost)
         queue.append(record)
-        # Wake the worker once per full batch, not once per call past it.
-        if len(queue) == self._batch:
+        # Wake the worker once per full batch, not once per call past it.  A replay
+        # record carries a span per captured call: a batch of spans, not of records
+        # (waiting for 512 of them let 30,000 spans pile up for one drain).
+        n = len(queue)
+        if n == self._batch:
             self._wake.set()
+        elif type(record) is ReplayRecord and record.template:
+            every = max(1, self._batch // (1 + len(record.template)))
+            if n % every == 0:
+                self._wake.set()
 
     def _let_go(self, record: CallRecord) -> None:
         """A record dropped unexported still hands back what it holds (statistics ring
