@@ -26,19 +26,23 @@ LANES = 2
 #: Fingerprints remembered per recorder (least recently used go first).
 MEMO_ENTRIES = 1 << 16
 _SEED = 0x0F1A5E
-_weights: dict[tuple[str, int], torch.Tensor] = {}
+_weights: dict[tuple[str, int, int], torch.Tensor] = {}
 
 
 def weights(device: torch.device, words: int) -> torch.Tensor:
-    """The fixed (LANES, words) int64 weights for pages of ``words`` words, odd, the same
-    in every process (a fingerprint means the same thing everywhere)."""
-    key = (str(device), words)
+    """The (LANES, words) int64 weights for pages of ``words`` words, odd, fixed for the
+    process (the memo that compares fingerprints is the process's own).  Made where they
+    are used, by a kernel on the current stream: a copy from host memory would make the
+    caller wait for the GPU.  Kept per stream, so that no stream reads them before the
+    kernel that wrote them ran."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream, words)
     w = _weights.get(key)
     if w is None:
-        generator = torch.Generator().manual_seed(_SEED)
+        generator = torch.Generator(device=device).manual_seed(_SEED)
         w = torch.randint(-(2**62), 2**62, (LANES, words), generator=generator,
-                          dtype=torch.int64) | 1
-        w = _weights[key] = w.to(device)
+                          dtype=torch.int64, device=device).bitwise_or_(1)
+        _weights[key] = w
     return w
 
 
