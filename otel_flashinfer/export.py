@@ -349,6 +349,7 @@ class NativeExport:
         self._outbox: deque[tuple[str, bytes, int]] = deque()
         self._queued = 0
         self._stopping = False
+        self._make_conditions()
         self._start_sender()
         if hasattr(os, "register_at_fork"):
             ref = weakref.ref(self)  # a retired export must not live on for the hook
@@ -360,13 +361,17 @@ class NativeExport:
 
             os.register_at_fork(after_in_child=child)
 
+    def _make_conditions(self) -> None:
+        """The outbox's lock and conditions: made once (and again in a forked child), so
+        that a restarted sender shares them with a worker already waiting on them."""
+        self._cond = threading.Condition()
+        #: Signalled when the sender takes a request off the outbox (``wait_for_room``).
+        self._taken = threading.Condition(self._cond._lock)  # noqa: SLF001 - one lock
+
     def _start_sender(self) -> None:
         """A sender thread (and its condition) for the current outbox."""
         self._busy = False
         self._send_started = 0.0
-        self._cond = threading.Condition()
-        #: Signalled when the sender takes a request off the outbox (``_room``).
-        self._taken = threading.Condition(self._cond._lock)  # noqa: SLF001 - one lock
         self._pid = os.getpid()
         self._thread = threading.Thread(target=self._run, name="otel_flashinfer-export",
                                         daemon=True)
@@ -382,6 +387,7 @@ class NativeExport:
             encoder.reset()
         self._outbox = deque()  # the parent's requests are the parent's to send
         self._queued = 0
+        self._make_conditions()  # the fork may have copied them held
         if self._stopping:
             self._pid = os.getpid()
             return

@@ -191,9 +191,11 @@ class JsonLinesSpanExporter(SpanExporter):
         return self._fd
 
     def _close(self) -> None:
-        release, self._release, self._fd = self._release, None, -1
+        release, fd, self._release, self._fd = self._release, self._fd, None, -1
         if release is not None:
             release()
+        elif fd >= 0:  # opened, its finalizer not made yet (a fork in between)
+            _close_quietly(fd)
 
     def shutdown(self) -> None:
         self._closed = True

@@ -423,14 +423,21 @@ class _NoGpuTimes:
 
 
 def _may_hold(queue: deque[CallRecord], native: Any) -> bool:
-    """Whether the queue is short enough to wait for a busy sender: no more spans than
-    the outbox holds (a replay record carries its children), and no more records than a
-    batch (each may hold a statistics ring slot and GPU events until it is resolved)."""
+    """Whether the queue may wait for a busy sender: no more records than a batch, no
+    more spans than the outbox holds (a replay record carries its children), and none
+    holding GPU work (a statistics ring slot, GPU events: a graph's ring can have 16
+    slots, and only resolving a record gives them back)."""
     if not queue or len(queue) > native.batch:
         return not queue
     head = queue[0]
     per = 1 + len(head.template or ()) if type(head) is ReplayRecord else 1
-    return len(queue) * per <= native.outbox_spans
+    if len(queue) * per > native.outbox_spans:
+        return False
+    for record in queue:
+        if record.pending or record.gpu is not None or (
+                type(record) is ReplayRecord and (record.child_pending or record.group)):
+            return False
+    return True
 
 
 class Pipeline:
