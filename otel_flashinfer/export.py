@@ -369,7 +369,7 @@ class NativeExport:
         self._taken = threading.Condition(self._cond._lock)  # noqa: SLF001 - one lock
 
     def _start_sender(self) -> None:
-        """A sender thread (and its condition) for the current outbox."""
+        """A sender thread for the current outbox (its conditions outlive it)."""
         self._busy = False
         self._send_started = 0.0
         self._pid = os.getpid()
@@ -445,16 +445,14 @@ class NativeExport:
     def has_room(self) -> bool:
         """Room in the outbox for another batch and its overshoot (a replay's children
         past the batch size), or a sender stalled or gone (then nothing is held back)."""
-        cond = self._cond
-        with cond:
+        with self._cond:
             return self._fits(2 * self.batch) or self._stalled()
 
     def wait_for_room(self, timeout_s: float) -> bool:
         """Wait until ``has_room``, up to ``timeout_s``.  On the worker between passes,
         outside its GPU-query section; never on a caller's thread."""
-        cond, taken = self._cond, self._taken
-        with cond:
-            return self._wait_locked(taken, 2 * self.batch, time.monotonic() + timeout_s)
+        with self._cond:
+            return self._wait_locked(2 * self.batch, time.monotonic() + timeout_s)
 
     def _fits(self, spans: int) -> bool:
         return not self._queued or self._queued + spans <= self.outbox_spans
@@ -463,16 +461,15 @@ class NativeExport:
         return not self._thread.is_alive() or (
             self._busy and time.monotonic() >= self._send_started + STALLED_S)
 
-    def _wait_locked(self, taken: Any, spans: int, end: float) -> bool:
-        """Under the outbox's lock: wait on ``taken`` (the condition of the lock held: a
-        restarted sender replaces both) until ``spans`` more fit, the sender stalls or is gone,
-        or ``end`` passes (False only for the last)."""
+    def _wait_locked(self, spans: int, end: float) -> bool:
+        """Under the outbox's lock: wait until ``spans`` more fit, the sender stalls or
+        is gone, or ``end`` passes (False only for the last)."""
         while not self._fits(spans) and not self._stalled():
             now = time.monotonic()
             if now >= end:
                 return False
             stalled_at = self._send_started + STALLED_S if self._busy else end
-            taken.wait(min(end, stalled_at) - now)
+            self._taken.wait(min(end, stalled_at) - now)
         return True
 
     def end_drain(self) -> None:
@@ -524,10 +521,9 @@ class NativeExport:
     def _enqueue(self, fmt: str, payload: bytes, count: int, until: float = 0.0) -> None:
         """Queue a request; past the outbox's cap the oldest go, counted.  With
         ``until`` (a flush), first wait for room up to then."""
-        cond, taken = self._cond, self._taken
-        with cond:
+        with self._cond:
             if until:
-                self._wait_locked(taken, count, until)
+                self._wait_locked(count, until)
             self._outbox.append((fmt, payload, count))
             self._queued += count
             dropped = 0
@@ -535,7 +531,7 @@ class NativeExport:
                 _, _, lost = self._outbox.popleft()
                 self._queued -= lost
                 dropped += lost
-            cond.notify_all()  # the sender, not only a flush waiting on the same
+            self._cond.notify_all()  # the sender, not only a flush waiting on the same
         if dropped:
             health.report("spans_dropped", "spans are not leaving fast enough (receiver slow "
                           "or down): dropping the oldest", n=dropped)

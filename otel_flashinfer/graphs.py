@@ -269,13 +269,13 @@ def unpatch() -> None:
     _capturing = None
 
 
-#: Keeps a replay record and its span context out of the cyclic collector while they
-#: wait for the worker: ``_hotpath.untrack``, set by ``native`` when it binds the C
-#: hot path (this module does not import it).
 def _no_untrack(_obj: Any) -> None:
     pass
 
 
+#: Keeps a replay record and its span context out of the cyclic collector while they
+#: wait for the worker: ``_hotpath.untrack``, set by ``native`` when it binds the C
+#: hot path (this module does not import it).
 _untrack: Callable[[Any], None] = _no_untrack
 
 

@@ -230,6 +230,10 @@ class ReplayRecord(CallRecord):
         #: of a graph's statistics per replay), split per child by ``expand``; or None.
         self.group = group
 
+    def spans(self) -> int:
+        """Spans this record stands for: its own and, until expanded, one per child."""
+        return 1 + len(self.template or ())
+
     def expand(self) -> list[CallRecord]:
         """The children as plain records (the Python path); this record keeps only its
         own span afterwards."""
@@ -422,22 +426,23 @@ class _NoGpuTimes:
         pass
 
 
+def _holds_gpu_work(record: CallRecord) -> bool:
+    """Whether ``record`` holds statistics ring slots or GPU events that only resolving
+    it (or ``Pipeline._let_go``) gives back."""
+    return bool(record.pending or record.gpu is not None or (
+        type(record) is ReplayRecord and (record.child_pending or record.group)))
+
+
 def _may_hold(queue: deque[CallRecord], native: Any) -> bool:
     """Whether the queue may wait for a busy sender: no more records than a batch, no
     more spans than the outbox holds (a replay record carries its children), and none
-    holding GPU work (a statistics ring slot, GPU events: a graph's ring can have 16
-    slots, and only resolving a record gives them back)."""
+    holding GPU work (a graph's ring can have 16 slots)."""
     if not queue or len(queue) > native.batch:
         return not queue
     head = queue[0]
-    per = 1 + len(head.template or ()) if type(head) is ReplayRecord else 1
-    if len(queue) * per > native.outbox_spans:
-        return False
-    for record in queue:
-        if record.pending or record.gpu is not None or (
-                type(record) is ReplayRecord and (record.child_pending or record.group)):
-            return False
-    return True
+    per = head.spans() if type(head) is ReplayRecord else 1
+    return len(queue) * per <= native.outbox_spans and not any(
+        _holds_gpu_work(record) for record in queue)
 
 
 class Pipeline:
@@ -566,12 +571,8 @@ class Pipeline:
             except IndexError:
                 pass
             else:
-                lost = 1
-                if type(dropped) is ReplayRecord and dropped.template:
-                    lost += len(dropped.template)  # its children go with it
-                if (dropped.pending or dropped.gpu is not None
-                        or (type(dropped) is ReplayRecord
-                            and (dropped.child_pending or dropped.group))):
+                lost = dropped.spans() if type(dropped) is ReplayRecord else 1
+                if _holds_gpu_work(dropped):
                     # What it holds (ring slots, GPU events) goes back on the worker,
                     # which may query CUDA (never while a graph is being captured).
                     if len(self._let_go_queue) < self.max_waiting:
@@ -588,10 +589,8 @@ class Pipeline:
         n = len(queue)
         if n == self._batch:
             self._wake.set()
-        elif type(record) is ReplayRecord and record.template:
-            every = max(1, self._batch // (1 + len(record.template)))
-            if n % every == 0:
-                self._wake.set()
+        elif type(record) is ReplayRecord and n % max(1, self._batch // record.spans()) == 0:
+            self._wake.set()
 
     def _let_go(self, record: CallRecord) -> None:
         """A record dropped unexported still hands back what it holds (statistics ring
@@ -691,12 +690,10 @@ class Pipeline:
                 # Ready records are encoded in C; only those still waiting for the GPU
                 # (statistics, a GPU time the encoder could not resolve) come back here.
                 # What is queued now, in batch-sized chunks: later arrivals wait for the
-                # next tick, and the callers get the GIL back between chunks.
-                # A busy sender with the outbox full: while the queue is short, the rest
-                # waits there for it (holding records back never waits, and the worker
-                # waits for room outside this section).  A longer queue is encoded and
-                # the outbox drops its oldest, counted: queued records hold GPU events
-                # and statistics slots that only resolving them gives back.
+                # next tick, and the callers get the GIL back between chunks.  With the
+                # outbox full and its sender busy, a short queue waits (_may_hold; the
+                # worker waits for room outside this section); a longer one is encoded
+                # and the outbox drops its oldest, counted.
                 left = len(queue)
                 while left > 0:
                     chunk = min(left, native.batch)

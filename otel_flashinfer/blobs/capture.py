@@ -381,8 +381,7 @@ class BlobRecorder:
             held.plain_bytes = nbytes
             held.host = src.clone() if page_ids is None else src  # index_select already copied
             held.ids = None if page_ids is None else page_ids.clone()
-            held.fps = None if fps is None else fps.clone()
-            return
+            return  # no fingerprints on the CPU: the hash is cheaper there
         parts = [src] if page_ids is None else [src, page_ids]
         if page_ids is not None and fps is not None:
             parts.append(fps)
