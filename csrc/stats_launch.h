@@ -30,6 +30,7 @@ struct Publish {
   bool rezero = false;
   int64_t* stamp_start = nullptr;  // LaunchDescT: set on the first launch of the list
   int64_t* stamp_end = nullptr;    // LaunchDescT: set on the last launch of the list
+  int64_t* stamp_also = nullptr;   // LaunchDescT: with stamp_start, the same stamp
 };
 
 // The kernel's DType code of a torch dtype, or `otherwise` for one it does not read.

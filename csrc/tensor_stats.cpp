@@ -191,6 +191,7 @@ void launch_items(std::vector<Item>& items, int64_t* out, cudaStream_t stream, i
       ld.rezero = pub.rezero ? 1 : 0;
       ld.stamp_start = pub.stamp_start;
       ld.stamp_end = pub.stamp_end;
+      ld.stamp_also = pub.stamp_also;
       int err = launch_tensor_stats(ld, 1, kThreads, out, stream);
       TORCH_CHECK(err == 0, "otel_flashinfer stats kernel: ",
                   cudaGetErrorString(static_cast<cudaError_t>(err)));
@@ -214,7 +215,10 @@ void launch_items(std::vector<Item>& items, int64_t* out, cudaStream_t stream, i
       ld.rezero = pub.rezero ? 1 : 0;
       if (last == items.size()) ld.stamp_end = pub.stamp_end;  // the publishing block's
     }
-    if (first == 0) ld.stamp_start = pub.stamp_start;  // block 0's: no publish needed
+    if (first == 0) {  // block 0's: no publish needed
+      ld.stamp_start = pub.stamp_start;
+      ld.stamp_also = pub.stamp_also;
+    }
     int64_t want[kMaxTensorsPerLaunch];
     int64_t total_want = 0;
     for (size_t k = first; k < last; ++k) {
@@ -290,16 +294,19 @@ bool run(at::Tensor& out, const std::vector<at::Tensor>& tensors, const std::vec
 // uint32 on the device, zero again after each launch): the rows are "published" onto
 // themselves, so nothing is copied or re-zeroed.  Returns whether a kernel was launched
 // (with no tensor to read and no end stamp, none is, and nothing is stamped).
+// `stamp_also` gets the same stamp as `stamp_start` (a launch on a forked branch: the
+// call's start and the graph's anchor).
 bool stats_into(at::Tensor out, std::vector<at::Tensor> tensors, std::vector<int64_t> rows,
                 std::vector<int64_t> steps, std::vector<std::optional<at::Tensor>> indices,
                 std::vector<std::optional<at::Tensor>> indptr, std::vector<int64_t> batch,
                 bool zero, std::vector<std::optional<at::Tensor>> last_page_len,
                 std::vector<int64_t> slot_dim, int64_t counter, int64_t stamp_start,
-                int64_t stamp_end) {
+                int64_t stamp_end, int64_t stamp_also) {
   c10::cuda::CUDAGuard guard(out.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   Publish pub{};
   pub.stamp_start = reinterpret_cast<int64_t*>(stamp_start);
+  pub.stamp_also = stamp_start != 0 ? reinterpret_cast<int64_t*>(stamp_also) : nullptr;
   if (counter != 0 && stamp_end != 0) {
     pub.counter = reinterpret_cast<unsigned int*>(counter);
     pub.publish = out.data_ptr<int64_t>();
@@ -483,7 +490,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("out"), py::arg("tensors"), py::arg("rows"), py::arg("steps"),
         py::arg("indices"), py::arg("indptr"), py::arg("batch"), py::arg("zero"),
         py::arg("last_page_len") = Optionals(), py::arg("slot_dim") = std::vector<int64_t>(),
-        py::arg("counter") = 0, py::arg("stamp_start") = 0, py::arg("stamp_end") = 0);
+        py::arg("counter") = 0, py::arg("stamp_start") = 0, py::arg("stamp_end") = 0,
+        py::arg("stamp_also") = 0);
   m.def("stats_eager", &otel_fi::stats_eager, "statistics copied into a pinned slot + event",
         py::arg("tensors"), py::arg("rows"), py::arg("steps"), py::arg("indices"),
         py::arg("indptr"), py::arg("batch"), py::arg("nrows"), py::arg("host_ptr"),

@@ -77,6 +77,8 @@ struct TensorDesc {
 // GPU-time stamps (level 5 times a call with its two statistics launches instead of two
 // CUDA events): `stamp_start`, when set, gets %globaltimer from block 0 as the launch
 // starts; `stamp_end`, when set, gets it from the publishing block after the rows landed.
+// `stamp_also` gets block 0's stamp too: a launch forked beside its call (a captured
+// graph's branch) stamps both the call's start and the graph's anchor with one read.
 template <int MaxT>
 struct LaunchDescT {
   TensorDesc t[MaxT];
@@ -84,6 +86,7 @@ struct LaunchDescT {
   int64_t* publish;
   int64_t* stamp_start;
   int64_t* stamp_end;
+  int64_t* stamp_also;
   int32_t row_lo;
   int32_t row_hi;
   int32_t rezero;

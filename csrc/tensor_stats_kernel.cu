@@ -729,8 +729,11 @@ __global__ void __launch_bounds__(kStatsThreads, kStatsMinBlocksPerSm)
   // Block 0 is among the first to run: the previous kernel on the stream has ended.
   // Its thread 0 fences before counting the block (publish_rows), so the publishing
   // block reads the stamp with the rows.
-  if (desc.stamp_start != nullptr && blockIdx.x == 0 && threadIdx.x == 0)
-    *desc.stamp_start = global_ns();
+  if (desc.stamp_start != nullptr && blockIdx.x == 0 && threadIdx.x == 0) {
+    const long long now = global_ns();
+    *desc.stamp_start = now;
+    if (desc.stamp_also != nullptr) *desc.stamp_also = now;
+  }
   if (desc.count > 0) {
     int t = 0;
     const int b = blockIdx.x;
@@ -777,6 +780,7 @@ int launch_tensor_stats(const LaunchDesc& desc, int total_blocks, int threads, i
     small.publish = desc.publish;
     small.stamp_start = desc.stamp_start;
     small.stamp_end = desc.stamp_end;
+    small.stamp_also = desc.stamp_also;
     small.row_lo = desc.row_lo;
     small.row_hi = desc.row_hi;
     small.rezero = desc.rezero;

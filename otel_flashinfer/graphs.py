@@ -33,6 +33,8 @@ _capturing: Capture | None = None
 _graphs: weakref.WeakKeyDictionary[Any, Capture] = weakref.WeakKeyDictionary()
 _originals: dict[str, Any] = {}
 _lock = threading.Lock()
+#: Run before a capture begins and before it ends, by owner (``set_capture_hooks``).
+_capture_hooks: dict[str, tuple[Callable[[], None] | None, Callable[[], None] | None]] = {}
 
 
 class Capture:
@@ -139,6 +141,29 @@ class Capture:
         self._template = None
 
 
+def set_capture_hooks(owner: str, before_begin: Callable[[], None] | None = None,
+                      before_end: Callable[[], None] | None = None) -> None:
+    """Work around every capture, one pair per ``owner`` (a later call replaces it):
+    ``before_begin`` for what must not run while a capture is open (taking a stream from
+    torch's pool), ``before_end`` for what a capture cannot end without (joining a
+    stream a hook forked).  Both None: the owner's hooks are removed."""
+    if before_begin is None and before_end is None:
+        _capture_hooks.pop(owner, None)
+    else:
+        _capture_hooks[owner] = (before_begin, before_end)
+
+
+def _run_capture_hooks(which: int) -> None:
+    for hooks in list(_capture_hooks.values()):
+        hook = hooks[which]
+        if hook is None:
+            continue
+        try:
+            hook()
+        except Exception as exc:  # noqa: BLE001 - never break the application's capture
+            health.report("graph_errors", "a CUDA graph capture hook failed", exc)
+
+
 def capture_state() -> Capture | None:
     """The capture open on this thread, if any (read on every traced call)."""
     capture = _capturing
@@ -189,6 +214,7 @@ def patch(runtime: Any) -> None:
 
     def capture_begin(self: Any, *args: Any, **kwargs: Any) -> Any:
         global _capturing
+        _run_capture_hooks(0)
         capture_guard.begin_capture()
         try:
             result = begin(self, *args, **kwargs)
@@ -209,6 +235,7 @@ def patch(runtime: Any) -> None:
     def capture_end(self: Any, *args: Any, **kwargs: Any) -> Any:
         global _capturing
         capture = _capturing
+        _run_capture_hooks(1)
         try:
             return end(self, *args, **kwargs)
         finally:

@@ -132,8 +132,12 @@ replay_with_nan(graph, step, 40, at=17)
 torch.cuda.synchronize()
 ok = otel_flashinfer.flush(60)
 native = runtime.current().pipeline._native
+q = step.q.float()
+kv = step.kv_cache.float()  # every page is referenced, every slot filled (kv 1024)
 print(json.dumps({"flushed": ok, "counters": health.counters(),
-                  "encoders": {k: e.stats() for k, e in native.encoders.items()}}))
+                  "encoders": {k: e.stats() for k, e in native.encoders.items()},
+                  "q": [q.min().item(), q.max().item(), q.mean().item(), q.numel()],
+                  "kv": [kv.min().item(), kv.max().item(), kv.mean().item(), kv.numel()]}))
 '''
 
 
@@ -179,3 +183,18 @@ def test_level5_replays_are_written_whole_by_the_encoder(tmp_path: Path) -> None
     (encoder,) = report["encoders"].values()
     assert encoder["replays"] >= 40 and encoder["replay_children"] >= 40, encoder
     assert not report["counters"].get("stats_dropped"), report["counters"]
+    # The decode reads its inputs only: their statistics ran on a branch of the graph
+    # beside it (stats/overlap.py), and are still that replay's values.
+    assert report["counters"].get("stats_forked") == 1, report["counters"]
+    for i, child in by_index.items():
+        events = {_attrs(e)["flashinfer.tensor"]: _attrs(e) for e in child["events"]
+                  if e["name"] == "flashinfer.tensor_stats"}
+        for name, (lo, hi, mean, numel) in (("q", report["q"]), ("paged_kv_cache", report["kv"])):
+            got = events[name]
+            assert got["numel"] == numel, (i, name, got)
+            if name == "q" and i == 17:
+                assert got["nan_count"] == 1
+                continue
+            assert got["nan_count"] == 0 and got["inf_count"] == 0, (i, name, got)
+            assert (got["min"], got["max"]) == (lo, hi), (i, name, got)
+            assert abs(got["mean"] - mean) < 1e-3, (i, name, got)

@@ -26,6 +26,7 @@ import torch
 from .. import graphs, health, native
 from ..pipeline import CallRecord
 from . import kernel as _kernel
+from . import overlap
 from .decode import SCOPE_FULL, SCOPE_PAGES, SCOPE_SAMPLED
 from .graph_rows import graph_rows_of
 from .pending import StatsPending
@@ -114,6 +115,8 @@ def make_hooks(recorder: StatsRecorder) -> tuple[Any, Any]:
     before, after = python_hooks(recorder)
     # A captured call's rows go into its graph's chunks: one copy per traced replay.
     recorder.graph_rows_of = graph_rows_of(graphs.capture_state, recorder.on_low)
+    # A captured attention call's inputs run beside it on a branch of the graph.
+    graphs.set_capture_hooks("stats", overlap.prepare, recorder.join_forked)
     switch = native.switch_type()
     if switch is None or not recorder.use_kernel or not use_native or not _c_entries():
         return before, after
@@ -185,7 +188,7 @@ def python_hooks(recorder: StatsRecorder) -> tuple[Any, Any]:
         record.add_pending(outcome)
 
     def before(record: CallRecord, plan: Any, args: tuple, kwargs: dict) -> Any:
-        outcome = begin(input_entries(plan, args, kwargs))
+        outcome = begin(input_entries(plan, args, kwargs), record.name)
         if is_open(outcome):
             return outcome  # finished with the outputs in ``after``
         attach(record, outcome)

@@ -29,7 +29,7 @@ import torch
 
 from .. import health
 from . import kernel as _kernel
-from . import torch_ops
+from . import overlap, torch_ops
 from .decode import ROW_BYTES, RowMeta, decode_rows
 from .graph_rows import GraphRows, lend_encoder
 from .layout import ROW_WORDS
@@ -75,6 +75,14 @@ def _launch_into(out: torch.Tensor, jobs: Sequence[Job], module: Any, row0: int 
     with torch.no_grad():
         torch_ops.fill_rows(out[row0:], [replace(j, row=j.row - row0) for j in jobs])
     return False
+
+
+def _join(slot: GraphStatsSlot) -> None:
+    """The call's stream waits for the branch its inputs' statistics forked onto."""
+    fork, slot.branch = slot.branch, None
+    if fork is not None:
+        slot.recorder._forked.pop(id(slot), None)  # noqa: SLF001
+        torch.cuda.current_stream(slot.out.device).wait_stream(fork)
 
 
 class _Open:
@@ -123,6 +131,9 @@ class GraphStatsSlot:
         #: Each replay's child gets the call's GPU time from the two stamps, as an
         #: eager call does (``StatsPending.gpu_time``).
         self.timed = False
+        #: The stream the inputs' launch forked onto (``overlap``), until ``finish``
+        #: joins it back after the outputs' launch; None: no fork.
+        self.branch: Any = None
 
     def _trim(self, give_back: bool = True) -> GraphStatsSlot:
         """Done adding rows: replays copy only the rows in use.  ``give_back=False``
@@ -162,6 +173,9 @@ class StatsRecorder:
         #: The capturing graph's rows on a device (``graph_rows.graph_rows_of``), None
         #: outside a capture; unset, each captured call gets rows of its own.
         self.graph_rows_of: Callable[[torch.device], GraphRows | None] | None = None
+        #: Captured calls whose inputs' branch is not joined yet: id -> (capturing
+        #: thread, slot) (``join_forked``).
+        self._forked: dict[int, tuple[int, GraphStatsSlot]] = {}
         self._lock = threading.Lock()
         if use_kernel and torch.cuda.is_available():
             _kernel.warmup()
@@ -185,12 +199,13 @@ class StatsRecorder:
             health.report("stats_errors", "tensor statistics failed", exc)
             return _dropped("error")
 
-    def begin(self, inputs: Iterable[Entry]) -> Any:
+    def begin(self, inputs: Iterable[Entry], api: str | None = None) -> Any:
         """``before`` for a call whose ``finish`` follows (the span hooks).
 
         On the kernel's eager path the inputs' statistics are launched now and an open
         state is returned that ``finish`` completes together with the outputs (one
-        event).  Otherwise the same as ``before``; ``is_open`` tells which."""
+        event).  Otherwise the same as ``before``; ``is_open`` tells which.  ``api``
+        (the span's name) lets a captured call's inputs run beside it (``overlap``)."""
         entries = inputs if type(inputs) is list else list(inputs)
         try:
             module = self._module()
@@ -216,7 +231,7 @@ class StatsRecorder:
                         note = f"too_many_tensors:{left_out}" if left_out else ""
                         return _Open(ring, slot, metas, ts, note, stream, device)
                     ring.release(slot)
-                outcome = self._record(entries, ts, flat, room=self.rows)
+                outcome = self._record(entries, ts, flat, room=self.rows, api=api)
                 if type(outcome) is GraphStatsSlot and outcome.room:
                     return _GraphOpen(outcome)  # captured: the outputs join it in finish
                 return outcome
@@ -240,6 +255,8 @@ class StatsRecorder:
             except Exception as exc:  # noqa: BLE001 - the inputs' statistics still count
                 health.report("stats_errors", "tensor statistics failed", exc)
                 return state.slot._trim(give_back=False)
+            finally:  # after the outputs' launch: a capture ends with its branches joined
+                _join(state.slot)
         if type(state) is not _Open:
             return self.record(outputs)
         try:
@@ -330,7 +347,8 @@ class StatsRecorder:
         out = self.record(outputs)
         return pin if out is None else (pin, out)
 
-    def _record(self, entries: list[Entry], ts: int = 0, flat: Any = None, room: int = 0) -> Any:
+    def _record(self, entries: list[Entry], ts: int = 0, flat: Any = None, room: int = 0,
+                api: str | None = None) -> Any:
         ts = ts or time.time_ns()
         tensors, items, flat_metas, left_out = flat or _plan_flat(entries, self.max_bytes,
                                                                   self.rows)
@@ -352,7 +370,7 @@ class StatsRecorder:
             groups.setdefault(job.tensor.device, []).append(job.row)
         if len(groups) == 1:
             device = next(iter(groups))
-            return self._record_device(device, jobs, metas, ts, note, room)
+            return self._record_device(device, jobs, metas, ts, note, room, api)
         parts = []
         for device, rows in groups.items():  # rare: one call across devices
             keep = sorted(set(rows))
@@ -388,7 +406,7 @@ class StatsRecorder:
         return StatsPending(ring, slot, metas, ts, note)
 
     def _record_device(self, device: torch.device, jobs: list[Job], metas: list[RowMeta],
-                       ts: int, note: str, room: int = 0) -> Any:
+                       ts: int, note: str, room: int = 0, api: str | None = None) -> Any:
         if device.type != "cuda":
             out = torch.zeros((len(metas), ROW_WORDS), dtype=torch.int64)
             with torch.no_grad():
@@ -404,6 +422,10 @@ class StatsRecorder:
             taken = rows.take(len(metas) + room) if rows is not None else None
             if taken is not None:  # rows of the graph's chunks: one copy per replay
                 out, at = taken
+                fork = self._fork_of(api, jobs, metas, device) if room else None
+                if fork is not None:
+                    return self._launch_forked(fork, device, out, jobs, metas, note, room,
+                                               rows, at)
                 stamps = {}
                 if self.gpu_time and room:
                     # a call's inputs, its outputs to follow: time the call between them
@@ -445,6 +467,58 @@ class StatsRecorder:
             ring.release(slot)
             raise
         return StatsPending(ring, slot, metas, ts, note)
+
+    @staticmethod
+    def _fork_of(api: str | None, jobs: list[Job], metas: list[RowMeta],
+                 device: torch.device) -> Any:
+        """The branch stream a captured call's inputs may run on, or None."""
+        if api is None or device.index is None:
+            return None
+        nbytes = sum(j.tensor.numel() * j.tensor.element_size() for j in jobs)
+        if not overlap.may_fork(api, (m.name for m in metas), nbytes):
+            return None
+        return overlap.branch(device.index)
+
+    def _launch_forked(self, fork: Any, device: torch.device, out: torch.Tensor,
+                       jobs: list[Job], metas: list[RowMeta], note: str, room: int,
+                       rows: GraphRows, at: tuple[int, int]) -> GraphStatsSlot:
+        """A captured call's inputs on a branch beside it: the branch waits for what
+        the stream did so far (the inputs are ready), and ``finish`` joins it back after
+        the outputs' launch.  Its first block stamps the call's start (and the graph's
+        anchor when no launch took it yet); the outputs' launch stamps the end."""
+        stamps = {}
+        if self.gpu_time:
+            stamps["stamp_start"] = out.data_ptr() + _SPARE
+            anchor = rows.take_anchor()  # on the call's stream, where the anchor lives
+            if anchor:
+                stamps["stamp_also"] = anchor
+        main = torch.cuda.current_stream(device)
+        fork.wait_stream(main)
+        ran = False
+        try:
+            with torch.cuda.device(device), torch.cuda.stream(fork):
+                ran = _launch_into(out, jobs, self._module(), zero=False, **stamps)
+        except BaseException:
+            main.wait_stream(fork)
+            raise
+        finally:
+            if stamps.get("stamp_also") and not ran:
+                rows.give_back_anchor()  # nothing stamped it
+        slot = GraphStatsSlot(self, out, metas, note, room, rows, at,
+                              stamped=ran and bool(stamps))
+        slot.branch = fork
+        self._forked[id(slot)] = (threading.get_ident(), slot)
+        health.count("stats_forked")  # captured calls whose inputs run beside them
+        return slot
+
+    def join_forked(self) -> None:
+        """Join the branches this thread's capture still has open (it is ending, so
+        its calls' ``finish`` ran or never will): a capture with an unjoined stream
+        fails to end."""
+        me = threading.get_ident()
+        for thread, slot in list(self._forked.values()):
+            if thread == me:
+                _join(slot)
 
     def _copy_out(self, out: torch.Tensor, metas: list[RowMeta], stream: Any, ts: int,
                   note: str) -> Any:

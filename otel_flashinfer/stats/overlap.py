@@ -1,0 +1,69 @@
+"""Captured calls whose inputs' statistics run beside the call, on a forked branch.
+
+Inside a CUDA graph a branch costs no host time per replay, and an attention call reads
+its KV cache at well under the GPU's bandwidth (a decode: about 1.8 of the H200's
+4.8 TB/s).  The inputs' statistics read the same bytes, so on the call's stream they
+about double a captured decode; beside it they mostly hide in the bandwidth the call
+leaves.  That is only right for a call that writes none of the inputs it is given:
+the allow-list below names the FlashInfer APIs that read their inputs only, and a call
+handed an output buffer (``out``, ``lse``) stays on its stream.  Eager calls never fork:
+the two events a fork needs cost the caller more than the launch it moves.
+
+The branch is a stream of our own per device, taken from torch's pool before a capture
+begins (``prepare``): making one while a capture runs could be an unsafe call for it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+__all__ = ["MIN_BYTES", "READ_ONLY_APIS", "branch", "may_fork", "prepare"]
+
+#: FlashInfer APIs (span names) that read every tensor they are given, apart from the
+#: output buffers in ``WRITTEN_ARGS``.
+READ_ONLY_APIS = frozenset({
+    "BatchDecodeWithPagedKVCacheWrapper.run",
+    "CUDAGraphBatchDecodeWithPagedKVCacheWrapper.run",
+    "BatchPrefillWithPagedKVCacheWrapper.run",
+    "BatchPrefillWithRaggedKVCacheWrapper.run",
+    "single_decode_with_kv_cache",
+    "single_prefill_with_kv_cache",
+})
+#: Arguments that are written by the call when given.
+WRITTEN_ARGS = frozenset({"out", "lse", "output"})
+#: Below this many input bytes the call's own launch costs more than the branch saves.
+MIN_BYTES = 1 << 20
+
+_lock = threading.Lock()
+_branches: dict[int, Any] = {}
+
+
+def may_fork(api: str | None, names: Iterable[str], nbytes: int) -> bool:
+    """Whether a captured call's inputs' statistics may run beside it (pure)."""
+    if api not in READ_ONLY_APIS or nbytes < MIN_BYTES:
+        return False
+    return not any(name.split(".", 1)[0] in WRITTEN_ARGS for name in names)
+
+
+def prepare(device: int | None = None) -> None:
+    """Take the branch stream of ``device`` (the current one) from torch's pool, before
+    a capture begins.  Never raises: without a branch, calls stay on their stream."""
+    try:
+        index = torch.cuda.current_device() if device is None else int(device)
+        if index in _branches:
+            return
+        with _lock:
+            if index not in _branches:
+                _branches[index] = torch.cuda.Stream(device=index)
+    except Exception:  # noqa: BLE001 - no branch: the statistics stay on the call's stream
+        return
+
+
+def branch(device: int) -> Any:
+    """The branch stream of ``device``, or None when ``prepare`` made none (under a
+    capture nothing is made: a new stream could invalidate it)."""
+    return _branches.get(device)
