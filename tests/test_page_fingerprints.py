@@ -108,3 +108,36 @@ def test_pages_stored_before_are_not_hashed_or_stored_again(recorder, tmp_path,
         data = (tmp_path / page["key"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == page["hash"]
         assert torch.equal(encode.decode(data, "safetensors").reshape(step[i].shape), step[i])
+
+
+def test_pages_left_on_the_device_are_fetched_only_when_not_stored_before(
+        recorder, monkeypatch) -> None:  # noqa: ANN001
+    """The caller copies only ids and fingerprints; the writer fetches the pages it has
+    not stored (on the GPU from our gathered copy: here a CPU tensor stands in)."""
+    pages = _pages()
+    ids = list(range(100, 112))
+    fetched: list[list[int]] = []
+    fetch = recorder._fetch_pages  # noqa: SLF001
+
+    def spy(dev, positions):  # noqa: ANN001, ANN202
+        fetched.append(list(positions))
+        return fetch(dev, positions)
+
+    monkeypatch.setattr(recorder, "_fetch_pages", spy)
+
+    def on_device(p: torch.Tensor) -> _Held:
+        held = _held(p, ids, fingerprints=True)
+        held.dev, held.host = held.host, None
+        return held
+
+    first = on_device(pages)
+    assert recorder._store_held(first) == pages.numel() * 2  # noqa: SLF001
+    step = pages.clone()
+    step[7, 0, 3] += 1
+    step[2, 1, 0] -= 1
+    second = on_device(step)
+    assert recorder._store_held(second) == 2 * pages[0].numel() * 2  # noqa: SLF001
+    assert fetched == [list(range(12)), [2, 7]]
+    plain = _held(step, ids, fingerprints=False)  # every page hashed from host bytes
+    recorder._store_held(plain)  # noqa: SLF001
+    assert second.entry["pages"] == plain.entry["pages"]

@@ -78,7 +78,8 @@ class _Skip(Exception):
 class _Held:
     """One copy waiting for the writer: a tensor span, or the pages of a KV cache."""
 
-    __slots__ = ("entry", "event", "fps", "host", "ids", "pinned", "plain_bytes")
+    __slots__ = ("dev", "dev_bytes", "entry", "event", "fps", "host", "ids", "pinned",
+                 "plain_bytes")
 
     def __init__(self, entry: dict) -> None:
         self.entry = entry  # the manifest value, filled in by the writer
@@ -89,6 +90,10 @@ class _Held:
         self.event: Any = None
         self.pinned: list[torch.Tensor] = []
         self.plain_bytes = 0
+        #: The gathered pages, left on the device (``host`` None): the writer copies
+        #: only those whose fingerprint it has not stored (``_fetch_pages``).
+        self.dev: torch.Tensor | None = None
+        self.dev_bytes = 0
 
 
 class CallCapture:
@@ -174,6 +179,7 @@ class BlobRecorder:
         *,
         store: BlobStore | None = None,
         staging_mb: float = 1024.0,
+        device_hold_mb: float = 256.0,
         queue_max: int = 4096,
         install_handlers: bool = True,
         writers: int = 2,
@@ -191,6 +197,10 @@ class BlobRecorder:
         from .staging import StagingPool
 
         self.staging = StagingPool(int(staging_mb * 1024 * 1024))
+        #: Device bytes of gathered pages waiting for the writer (``_Held.dev``): past
+        #: it, a call's pages are copied to the host whole, as without fingerprints.
+        self.device_hold = StagingPool(int(device_hold_mb * 1024 * 1024))
+        self._copy_streams: dict[int, Any] = {}
         self.queue_max = queue_max
         self.writers = max(1, int(writers))
         self._counter_lock = threading.Lock()
@@ -385,6 +395,13 @@ class BlobRecorder:
         parts = [src] if page_ids is None else [src, page_ids]
         if page_ids is not None and fps is not None:
             parts.append(fps)
+            # The pages stay where they are (our own gathered copy): the writer copies
+            # only those it has not stored.  Not with crash_safe, which writes every
+            # page before the call runs, and not past the device budget.
+            dev_bytes = src.numel() * src.element_size()
+            if not self.crash_safe and self.device_hold.reserve(dev_bytes):
+                held.dev, held.dev_bytes = src, dev_bytes
+                parts = parts[1:]
         outs = []
         for part in parts:
             nbytes = part.numel() * part.element_size()
@@ -399,6 +416,9 @@ class BlobRecorder:
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(src.device))
         held.event = event
+        if held.dev is not None:
+            held.ids, held.fps = outs
+            return
         held.host = outs[0]
         held.ids = outs[1] if page_ids is not None else None
         held.fps = outs[2] if len(outs) > 2 else None
@@ -412,6 +432,10 @@ class BlobRecorder:
                 self.staging.release_pinned(buf)
             held.pinned = []
             held.host = held.ids = None
+            if held.dev_bytes:
+                self.device_hold.release(held.dev_bytes)
+                held.dev_bytes = 0
+            held.dev = None
 
     def _drop(self, cap: CallCapture, reason: str) -> None:
         """Give up on a call: free its copies and budget, mark why."""
@@ -527,19 +551,24 @@ class BlobRecorder:
                 first.setdefault(pid, pos)
             fps = held.fps.tolist() if held.fps is not None else None
             pages = []
-            page_raw = held.host[0].numel() * held.host.element_size() if ids else 0
+            source = held.host if held.host is not None else held.dev
+            page_raw = source[0].numel() * source.element_size() if ids else 0
             unchanged = 0
             memo = self.page_memo
             order = sorted(first)
             if fps is not None:
-                kind = memo.kind(held.host, self.format)  # every page's dtype and shape
+                kind = memo.kind(source, self.format)  # every page's dtype and shape
                 keys = [(*fps[first[pid]], kind) for pid in order]
                 found = memo.lookup(keys)
             else:
                 keys = found = [None] * len(order)
+            if held.host is None:  # on the device: copy the pages not stored before
+                source = self._fetch_pages(held.dev, [first[pid] for pid, stored
+                                                      in zip(order, found, strict=True)
+                                                      if stored is None])
             for pid, memo_key, stored in zip(order, keys, found, strict=True):
                 if stored is None:
-                    page = held.host[first[pid]]
+                    page = source[first[pid]]
                     data = encode.encode_parts(page.reshape(-1), self.format)
                     digest, key, new = self.store.put_content(data, self.format)
                     if new:
@@ -561,6 +590,30 @@ class BlobRecorder:
                 written += held.host.numel() * held.host.element_size()
             held.entry.update(hash=digest, key=key, nbytes=_size(data))
         return written
+
+    #: Pages copied per section that a graph capture may wait for (capture_guard).
+    _FETCH_PAGES = 64
+
+    def _fetch_pages(self, dev: torch.Tensor, positions: list[int]) -> dict[int, torch.Tensor]:
+        """Host copies of the gathered pages at ``positions`` of ``dev``, on a stream of
+        the writer's own, a few pages at a time: a capture that begins waits for at most
+        one such copy (``capture_guard``), and the caller's stream never for any."""
+        out: dict[int, torch.Tensor] = {}
+        if dev.device.type != "cuda":
+            return {pos: dev[pos] for pos in positions}
+        step = self._FETCH_PAGES
+        for lo in range(0, len(positions), step):
+            part = positions[lo:lo + step]
+            with capture_guard.gpu_queries(block=True):
+                stream = self._copy_streams.get(dev.device.index)
+                if stream is None:
+                    stream = self._copy_streams[dev.device.index] = torch.cuda.Stream(
+                        device=dev.device)
+                with torch.cuda.stream(stream):
+                    idx = torch.tensor(part, dtype=torch.long).to(dev.device)
+                    host = dev.index_select(0, idx).cpu()  # waits for this stream only
+            out.update(zip(part, host.unbind(0), strict=True))
+        return out
 
     def _write(self, cap: CallCapture) -> None:
         for held in cap.held:
