@@ -349,6 +349,8 @@ class NativeExport:
         self._outbox: deque[tuple[str, bytes, int]] = deque()
         self._queued = 0
         self._stopping = False
+        #: The sender thread's CPU per span sent, smoothed (``_note_cost``).
+        self.cost_per_span_s = 0.0
         self._make_conditions()
         self._start_sender()
         if hasattr(os, "register_at_fork"):
@@ -554,14 +556,24 @@ class NativeExport:
                     self._busy = True
                     self._send_started = time.monotonic()
                     self._taken.notify_all()
+                cpu = time.thread_time()
                 try:
                     self._send(fmt, payload, count)
                 finally:
+                    self._note_cost(time.thread_time() - cpu, count)
                     with self._cond:
                         self._busy = False
                         self._cond.notify_all()
         finally:
             detach(token)
+
+    def _note_cost(self, spent_s: float, spans: int) -> None:
+        """The sender's CPU per span, smoothed over requests: a file write or an HTTP
+        request holds the GIL too, so ``REPLAY_EVERY=auto`` budgets it with the worker's."""
+        if spans > 0:
+            per = spent_s / spans
+            last = self.cost_per_span_s
+            self.cost_per_span_s = per if not last else last + 0.2 * (per - last)
 
     def _send(self, fmt: str, payload: bytes, count: int) -> None:
         for sender in self.senders[fmt]:

@@ -6,7 +6,8 @@ between replays.  It is a token bucket: every replay earns ``budget x`` the time
 the previous one; a replay is traced when the credit covers what tracing one costs,
 and its measured cost is then spent.  What one costs is measured, not assumed: the
 caller's own time around the replay (not the replay itself), plus the background
-worker's CPU per span (``Pipeline.worker_cost_per_span``) for each span it hands on.
+worker's and the sender's CPU per span (``Pipeline.cost_per_span_s``) for each span it
+hands on.
 So when the workload changes (longer steps, more captured calls, a slower exporter),
 the share traced follows.
 

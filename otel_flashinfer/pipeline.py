@@ -746,6 +746,14 @@ class Pipeline:
                 self._busy -= 1
                 self._idle.notify_all()
 
+    @property
+    def cost_per_span_s(self) -> float:
+        """What handing on one more span costs in the background: the worker's CPU per
+        span, plus the native sender's (encoded requests written or sent)."""
+        native = self._native
+        sender = native.cost_per_span_s if native is not None else 0.0
+        return self.worker_cost_per_span_s + sender
+
     def _count_paths(self) -> int:
         """Publish how many spans took each path since the last drain (``counters()``:
         ``spans_native``, ``spans_sdk``); returns how many that was in all."""
