@@ -29,6 +29,7 @@ from otel_flashinfer.stats.torch_ops import merge_rows, tensor_row
 
 class _Rec:
     def __init__(self) -> None:
+        self.name = "rmsnorm"  # the span's name: the hooks pass it to the recorder
         self.events: list = []
         self.attributes: dict = {}
         self.pending: list = []
