@@ -200,6 +200,27 @@ def test_staging_full_skips(tmp_path):
     assert rec.store.budget.usage() == (0, 0)
 
 
+def test_outputs_that_do_not_fit_keep_the_inputs(tmp_path):
+    """The outputs' copy failing (staging full) costs the result, not the inputs already
+    taken: the manifest still has them, and every staged byte goes back."""
+    rec = BlobRecorder(settings(tmp_path), staging_mb=0.05, install_handlers=False)
+
+    def grow(x):
+        return x.repeat(20)  # 20x the input: past the staging budget
+
+    x = torch.arange(1000, dtype=torch.float32)
+    cap = record(rec, grow, 4, 1, x)
+    assert rec.flush(10)
+    assert cap.skipped is None
+    m = json.loads((tmp_path / cap.manifest_key).read_text())
+    assert m["skipped"] == "staging_full" and m["result"] is None
+    (arg,) = m["args"]
+    data = (tmp_path / arg["value"]["key"]).read_bytes()
+    assert torch.equal(encode.decode(data, "safetensors"), x)
+    assert rec.staging.used == 0
+    rec.shutdown(5)
+
+
 CHILD_COUNT = textwrap.dedent('''
     import dataclasses, inspect, sys, torch
     from otel_flashinfer.blobs.capture import BlobRecorder

@@ -360,9 +360,13 @@ class BlobRecorder:
         return ref
 
     def _copy_all(self, cap: CallCapture, pending: list) -> None:
-        """Copy every collected tensor off the caller's memory (async for CUDA)."""
+        """Copy every collected tensor off the caller's memory (async for CUDA).  On any
+        failure what this call took is given back (not what an earlier call took: the
+        outputs' failing must not lose the inputs), and the error goes on."""
+        first = len(cap.held)
         try:
             for held, (src, paged) in pending:
+                cap.held.append(held)  # first: a failure below still gives back its budget
                 if paged is not None:
                     buf_idx = paged[0]
                     n = paged[1]
@@ -376,9 +380,9 @@ class BlobRecorder:
                     self._to_host(cap, held, pages, page_ids=idx, fps=fps)
                 else:
                     self._to_host(cap, held, encode.flat_span(src))
-                cap.held.append(held)
-        except _Skip:
-            self._release_held(cap)
+        except BaseException:
+            self._release_held(cap, first)
+            del cap.held[first:]
             raise
 
     def _to_host(self, cap: CallCapture, held: _Held, src: torch.Tensor,
@@ -423,8 +427,8 @@ class BlobRecorder:
         held.ids = outs[1] if page_ids is not None else None
         held.fps = outs[2] if len(outs) > 2 else None
 
-    def _release_held(self, cap: CallCapture) -> None:
-        for held in cap.held:
+    def _release_held(self, cap: CallCapture, first: int = 0) -> None:
+        for held in cap.held[first:]:
             if held.plain_bytes:
                 self.staging.release(held.plain_bytes)
                 held.plain_bytes = 0
