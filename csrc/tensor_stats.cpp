@@ -476,6 +476,16 @@ int64_t event_query(int64_t event) {
 // Lent to the span encoder (stats_api.h): the worker polls slots without Python.
 otel_flashinfer_stats_api kStatsApi = {OTEL_FLASHINFER_STATS_API_VERSION, event_query};
 
+// A stream of our own on `device` (non-blocking, never destroyed): torch's pool hands
+// its streams to anyone, and a pool stream we fork a capture onto could be one the
+// application queues work on from another thread.
+int64_t new_stream(int64_t device) {
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  cudaStream_t s = nullptr;
+  C10_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  return static_cast<int64_t>(reinterpret_cast<intptr_t>(s));
+}
+
 void event_destroy(int64_t event) {
   if (event) (void)cudaEventDestroy(reinterpret_cast<cudaEvent_t>(event));
 }
@@ -492,6 +502,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("last_page_len") = Optionals(), py::arg("slot_dim") = std::vector<int64_t>(),
         py::arg("counter") = 0, py::arg("stamp_start") = 0, py::arg("stamp_end") = 0,
         py::arg("stamp_also") = 0);
+  m.def("new_stream", &otel_fi::new_stream, "a non-blocking CUDA stream of our own",
+        py::arg("device"));
   m.def("stats_eager", &otel_fi::stats_eager, "statistics copied into a pinned slot + event",
         py::arg("tensors"), py::arg("rows"), py::arg("steps"), py::arg("indices"),
         py::arg("indptr"), py::arg("batch"), py::arg("nrows"), py::arg("host_ptr"),

@@ -53,6 +53,7 @@ from typing import Any
 import torch
 
 from .. import capture_guard
+from ..stats import kernel as stats_kernel
 from . import encode, layout, manifest
 from .fingerprint import PageMemo, page_fingerprints
 from .index import IndexWriter
@@ -179,7 +180,7 @@ class BlobRecorder:
         *,
         store: BlobStore | None = None,
         staging_mb: float = 1024.0,
-        device_hold_mb: float = 256.0,
+        device_hold_mb: float = 128.0,
         queue_max: int = 4096,
         install_handlers: bool = True,
         writers: int = 2,
@@ -610,9 +611,10 @@ class BlobRecorder:
             part = positions[lo:lo + step]
             with capture_guard.gpu_queries(block=True):
                 stream = self._copy_streams.get(dev.device.index)
-                if stream is None:
-                    stream = self._copy_streams[dev.device.index] = torch.cuda.Stream(
-                        device=dev.device)
+                if stream is None:  # our own, else one of torch's pool
+                    stream = (stats_kernel.new_stream(dev.device.index)
+                              or torch.cuda.Stream(device=dev.device))
+                    self._copy_streams[dev.device.index] = stream
                 with torch.cuda.stream(stream):
                     idx = torch.tensor(part, dtype=torch.long).to(dev.device)
                     host = dev.index_select(0, idx).cpu()  # waits for this stream only

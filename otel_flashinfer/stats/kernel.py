@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from .. import health
 from ..config import jit_cache_root
@@ -147,6 +148,19 @@ def get(wait: bool = False, timeout: float | None = None) -> ModuleType | None:
     if wait:
         _done.wait(timeout)
     return _module if _done.is_set() else None
+
+
+def new_stream(device: int) -> Any:
+    """A CUDA stream of our own on ``device`` (the extension's ``new_stream``, never
+    destroyed), or None until the extension is built.  torch's pool streams go to
+    anyone: work we queue there could share a stream with the application's."""
+    module = get()
+    make = getattr(module, "new_stream", None)
+    if make is None:
+        return None
+    import torch
+
+    return torch.cuda.ExternalStream(make(int(device)), device=torch.device("cuda", device))
 
 
 def warmup() -> None:

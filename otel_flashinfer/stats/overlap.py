@@ -9,7 +9,7 @@ the allow-list below names the FlashInfer APIs that read their inputs only, and 
 handed an output buffer (``out``, ``lse``) stays on its stream.  Eager calls never fork:
 the two events a fork needs cost the caller more than the launch it moves.
 
-The branch is a stream of our own per device, taken from torch's pool before a capture
+The branch is a stream of our own per device and capturing thread, made before a capture
 begins (``prepare``): making one while a capture runs could be an unsafe call for it.
 """
 
@@ -20,6 +20,8 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+
+from . import kernel as _kernel
 
 __all__ = ["MIN_BYTES", "READ_ONLY_APIS", "branch", "may_fork", "prepare"]
 
@@ -38,8 +40,11 @@ WRITTEN_ARGS = frozenset({"out", "lse", "output"})
 #: Below this many input bytes the call's own launch costs more than the branch saves.
 MIN_BYTES = 1 << 20
 
+#: Branch streams made at most (one per device and capturing thread; never destroyed).
+MAX_BRANCHES = 64
+
 _lock = threading.Lock()
-_branches: dict[int, Any] = {}
+_branches: dict[tuple[int, int], Any] = {}
 
 
 def may_fork(api: str | None, names: Iterable[str], nbytes: int) -> bool:
@@ -50,20 +55,26 @@ def may_fork(api: str | None, names: Iterable[str], nbytes: int) -> bool:
 
 
 def prepare(device: int | None = None) -> None:
-    """Take the branch stream of ``device`` (the current one) from torch's pool, before
-    a capture begins.  Never raises: without a branch, calls stay on their stream."""
+    """Make this thread's branch stream on ``device`` (the current one) before a capture
+    begins.  A stream of our own (the statistics extension's ``new_stream``), not one of
+    torch's pool, which anyone may be handed; one per capturing thread, so that two
+    captures at once never share a branch (that would merge them).  Never raises:
+    without a branch, calls stay on their stream."""
     try:
         index = torch.cuda.current_device() if device is None else int(device)
-        if index in _branches:
+        key = (index, threading.get_ident())
+        if key in _branches or len(_branches) >= MAX_BRANCHES:
+            return
+        stream = _kernel.new_stream(index)  # not waited for: until built, nothing forks
+        if stream is None:
             return
         with _lock:
-            if index not in _branches:
-                _branches[index] = torch.cuda.Stream(device=index)
+            _branches.setdefault(key, stream)
     except Exception:  # noqa: BLE001 - no branch: the statistics stay on the call's stream
         return
 
 
 def branch(device: int) -> Any:
-    """The branch stream of ``device``, or None when ``prepare`` made none (under a
-    capture nothing is made: a new stream could invalidate it)."""
-    return _branches.get(device)
+    """This thread's branch stream on ``device``, or None when ``prepare`` made none
+    (under a capture nothing is made: a new stream could invalidate it)."""
+    return _branches.get((device, threading.get_ident()))

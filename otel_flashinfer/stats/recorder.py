@@ -19,6 +19,7 @@ sampled replay.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -78,11 +79,17 @@ def _launch_into(out: torch.Tensor, jobs: Sequence[Job], module: Any, row0: int 
 
 
 def _join(slot: GraphStatsSlot) -> None:
-    """The call's stream waits for the branch its inputs' statistics forked onto."""
+    """The call's stream waits for the branch its inputs' statistics forked onto.
+    Never raises (``finish`` must not): a failure is reported, and the capture's end
+    then says what it says."""
     fork, slot.branch = slot.branch, None
-    if fork is not None:
-        slot.recorder._forked.pop(id(slot), None)  # noqa: SLF001
+    if fork is None:
+        return
+    slot.recorder._forked.pop(id(slot), None)  # noqa: SLF001
+    try:
         torch.cuda.current_stream(slot.out.device).wait_stream(fork)
+    except Exception as exc:  # noqa: BLE001
+        health.report("stats_errors", "could not join a statistics branch", exc)
 
 
 class _Open:
@@ -493,13 +500,14 @@ class StatsRecorder:
             if anchor:
                 stamps["stamp_also"] = anchor
         main = torch.cuda.current_stream(device)
-        fork.wait_stream(main)
         ran = False
         try:
+            fork.wait_stream(main)
             with torch.cuda.device(device), torch.cuda.stream(fork):
                 ran = _launch_into(out, jobs, self._module(), zero=False, **stamps)
         except BaseException:
-            main.wait_stream(fork)
+            with contextlib.suppress(Exception):  # the error below is the one to tell
+                main.wait_stream(fork)
             raise
         finally:
             if stamps.get("stamp_also") and not ran:
