@@ -51,6 +51,18 @@ def _cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _sender() -> str:
+    """What the native sender did: requests, their wall time in all and the longest."""
+    from otel_flashinfer import runtime
+
+    rt = runtime.current()
+    native = getattr(getattr(rt, "pipeline", None), "_native", None) if rt else None
+    if native is None:
+        return "no native sender"
+    return (f"{native.sends} requests, {native.send_wall_s * 1e3:.0f} ms in all, longest "
+            f"{native.send_wall_max_s * 1e3:.1f} ms")
+
+
 def gpu_child(level: int, replays: int) -> dict[str, Any]:
     import torch
 
@@ -98,7 +110,7 @@ def gpu_child(level: int, replays: int) -> dict[str, Any]:
     counters = health.counters()
     return {"level": level, "wall_us": wall, "cpu_us": cpu, "flushed": flushed,
             "loop_us": (t1 - t0) / replays * 1e6, "flush_ms": (t2 - t1) * 1e3,
-            "forked": counters.get("stats_forked", 0),
+            "forked": counters.get("stats_forked", 0), "sender": _sender(),
             "spans": _spans_in(Path("flashinfer_traces.jsonl")) - before,
             "stats_dropped": counters.get("stats_dropped", 0),
             "spans_dropped": counters.get("spans_dropped", 0)}
@@ -285,7 +297,7 @@ def main() -> int:
                   f"{r['cpu_us']:.1f} us/replay; spans {r['spans']}/{expected}; statistics "
                   f"dropped {r['stats_dropped']}, spans dropped {r['spans_dropped']}"
                   + (f"; captured calls on a statistics branch {r['forked']}"
-                     if lvl >= 5 else ""))
+                     if lvl >= 5 else "") + (f"; sender: {r['sender']}" if lvl else ""))
         return 0
     print(f"CPU: a stand-in graph whose replay takes {args.replay_us:.0f} us of wall (no "
           f"CPU), {calls} traced calls captured, {args.replays} replays, default exporter; "

@@ -351,6 +351,11 @@ class NativeExport:
         self._stopping = False
         #: The sender thread's CPU per span sent, smoothed (``_note_cost``).
         self.cost_per_span_s = 0.0
+        #: Requests sent, their wall time in all and the longest (benchmarks print them:
+        #: a send longer than the outbox's worth of spans is what makes it drop).
+        self.sends = 0
+        self.send_wall_s = 0.0
+        self.send_wall_max_s = 0.0
         self._make_conditions()
         self._start_sender()
         if hasattr(os, "register_at_fork"):
@@ -556,10 +561,14 @@ class NativeExport:
                     self._busy = True
                     self._send_started = time.monotonic()
                     self._taken.notify_all()
-                cpu = time.thread_time()
+                cpu, wall = time.thread_time(), time.perf_counter()
                 try:
                     self._send(fmt, payload, count)
                 finally:
+                    wall = time.perf_counter() - wall
+                    self.sends += 1
+                    self.send_wall_s += wall
+                    self.send_wall_max_s = max(self.send_wall_max_s, wall)
                     self._note_cost(time.thread_time() - cpu, count)
                     with self._cond:
                         self._busy = False
