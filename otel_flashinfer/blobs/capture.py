@@ -48,6 +48,7 @@ import signal
 import threading
 import time
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -567,13 +568,19 @@ class BlobRecorder:
                 found = memo.lookup(keys)
             else:
                 keys = found = [None] * len(order)
+            fetched = None
             if held.host is None:  # on the device: copy the pages not stored before
-                source = self._fetch_pages(held.dev, [first[pid] for pid, stored
-                                                      in zip(order, found, strict=True)
-                                                      if stored is None])
+                fetched = iter(self._fetch_pages(held.dev, [
+                    first[pid] for pid, stored in zip(order, found, strict=True)
+                    if stored is None]))
             for pid, memo_key, stored in zip(order, keys, found, strict=True):
                 if stored is None:
-                    page = source[first[pid]]
+                    if fetched is None:
+                        page = source[first[pid]]
+                    else:  # in the same order as asked for, a chunk at a time
+                        pos, page = next(fetched)
+                        if pos != first[pid]:
+                            raise RuntimeError("fetched pages out of order")
                     data = encode.encode_parts(page.reshape(-1), self.format)
                     digest, key, new = self.store.put_content(data, self.format)
                     if new:
@@ -599,13 +606,16 @@ class BlobRecorder:
     #: Pages copied per section that a graph capture may wait for (capture_guard).
     _FETCH_PAGES = 64
 
-    def _fetch_pages(self, dev: torch.Tensor, positions: list[int]) -> dict[int, torch.Tensor]:
-        """Host copies of the gathered pages at ``positions`` of ``dev``, on a stream of
-        the writer's own, a few pages at a time: a capture that begins waits for at most
-        one such copy (``capture_guard``), and the caller's stream never for any."""
-        out: dict[int, torch.Tensor] = {}
+    def _fetch_pages(self, dev: torch.Tensor, positions: list[int]
+                     ) -> Iterator[tuple[int, torch.Tensor]]:
+        """(position, host copy) of the gathered pages at ``positions`` of ``dev``, in
+        that order, copied a chunk at a time on a stream of the writer's own: the host
+        holds one chunk (not every new page of the call), a capture that begins waits
+        for at most one such copy (``capture_guard``), and the caller's stream never."""
         if dev.device.type != "cuda":
-            return {pos: dev[pos] for pos in positions}
+            for pos in positions:
+                yield pos, dev[pos]
+            return
         step = self._FETCH_PAGES
         for lo in range(0, len(positions), step):
             part = positions[lo:lo + step]
@@ -618,8 +628,7 @@ class BlobRecorder:
                 with torch.cuda.stream(stream):
                     idx = torch.tensor(part, dtype=torch.long).to(dev.device)
                     host = dev.index_select(0, idx).cpu()  # waits for this stream only
-            out.update(zip(part, host.unbind(0), strict=True))
-        return out
+            yield from zip(part, host.unbind(0), strict=True)
 
     def _write(self, cap: CallCapture) -> None:
         for held in cap.held:
