@@ -221,6 +221,37 @@ def test_outputs_that_do_not_fit_keep_the_inputs(tmp_path):
     rec.shutdown(5)
 
 
+@pytest.mark.parametrize("failing", [2, 3])  # the second input's copy; the output's
+def test_a_copy_that_fails_gives_its_budget_back(tmp_path, monkeypatch, failing):
+    """Not a _Skip: an error such as running out of device memory while copying. The
+    call goes on, and what it reserved in the store's budget (kept in a file, shared by
+    processes) and in staging goes back."""
+    rec = BlobRecorder(settings(tmp_path), install_handlers=False)
+    to_host = rec._to_host
+    seen = [0]
+
+    def boom(cap, held, src, **kw):  # noqa: ANN001, ANN003, ANN202
+        seen[0] += 1
+        if seen[0] == failing:
+            raise RuntimeError("simulated out of memory")
+        return to_host(cap, held, src, **kw)
+
+    monkeypatch.setattr(rec, "_to_host", boom)
+    x, y = torch.arange(1000, dtype=torch.float32), torch.ones(1000)
+    cap = record(rec, add, 1, 1, x, y)
+    assert rec.flush(10)
+    if failing == 2:  # in before: the call is not kept
+        assert cap.skipped == "error"
+        assert rec.store.budget.usage() == (0, 0)
+    else:  # the output: the inputs are kept, the result is not
+        assert cap.skipped is None
+        m = json.loads((tmp_path / cap.manifest_key).read_text())
+        assert m["skipped"] == "error" and m["result"] is None and len(m["args"]) == 2
+        assert rec.store.budget.usage() == (1, 8000)  # what was written, nothing more
+    assert rec.staging.used == 0
+    rec.shutdown(5)
+
+
 CHILD_COUNT = textwrap.dedent('''
     import dataclasses, inspect, sys, torch
     from otel_flashinfer.blobs.capture import BlobRecorder

@@ -339,6 +339,10 @@ class BlobRecorder:
         except _Skip as skip:
             self._drop(cap, str(skip))
             return cap
+        except Exception:  # noqa: BLE001 - a copy that failed (out of memory...): the call goes on
+            self._internal_error("copy")
+            self._drop(cap, "error")  # gives its reservation back
+            return cap
         self._inflight[id(cap)] = cap
         if self.crash_safe:
             self._write_now(cap)
@@ -471,10 +475,12 @@ class BlobRecorder:
                     self._copy_all(cap, pending)
                     cap.reserved_bytes += nbytes
                     meta["result"] = value
-                except _Skip as skip:
+                except Exception as exc:  # noqa: BLE001 - the inputs are kept either way
                     del cap.held[first:]
                     self.store.budget.release(0, nbytes)
-                    meta["skipped"] = str(skip)
+                    if type(exc) is not _Skip:
+                        self._internal_error("copy")
+                    meta["skipped"] = str(exc) if type(exc) is _Skip else "error"
             else:
                 meta["skipped"] = reason
         self._enqueue(cap)
@@ -621,10 +627,12 @@ class BlobRecorder:
             part = positions[lo:lo + step]
             with capture_guard.gpu_queries(block=True):
                 stream = self._copy_streams.get(dev.device.index)
-                if stream is None:  # our own, else one of torch's pool
-                    stream = (stats_kernel.new_stream(dev.device.index)
-                              or torch.cuda.Stream(device=dev.device))
-                    self._copy_streams[dev.device.index] = stream
+                if stream is None:  # our own; until it can be made, one of torch's pool
+                    stream = stats_kernel.new_stream(dev.device.index)
+                    if stream is not None:
+                        stream = self._copy_streams.setdefault(dev.device.index, stream)
+                    else:
+                        stream = torch.cuda.Stream(device=dev.device)
                 with torch.cuda.stream(stream):
                     idx = torch.tensor(part, dtype=torch.long).to(dev.device)
                     host = dev.index_select(0, idx).cpu()  # waits for this stream only

@@ -82,14 +82,16 @@ def _join(slot: GraphStatsSlot) -> None:
     """The call's stream waits for the branch its inputs' statistics forked onto.
     Never raises (``finish`` must not): a failure is reported, and the capture's end
     then says what it says."""
-    fork, slot.branch = slot.branch, None
+    fork = slot.branch
     if fork is None:
         return
-    slot.recorder._forked.pop(id(slot), None)  # noqa: SLF001
     try:
         torch.cuda.current_stream(slot.out.device).wait_stream(fork)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - kept: join_forked tries again at the end
         health.report("stats_errors", "could not join a statistics branch", exc)
+        return
+    slot.branch = None
+    slot.recorder._forked.pop(id(slot), None)  # noqa: SLF001
 
 
 class _Open:
@@ -524,9 +526,13 @@ class StatsRecorder:
         its calls' ``finish`` ran or never will): a capture with an unjoined stream
         fails to end."""
         me = threading.get_ident()
-        for thread, slot in list(self._forked.values()):
+        for key, (thread, slot) in list(self._forked.items()):
             if thread == me:
                 _join(slot)
+                # Forgotten however the join went: a branch of this capture must never
+                # be joined into the next one.
+                self._forked.pop(key, None)
+                slot.branch = None
 
     def _copy_out(self, out: torch.Tensor, metas: list[RowMeta], stream: Any, ts: int,
                   note: str) -> Any:
