@@ -141,3 +141,20 @@ def test_pages_left_on_the_device_are_fetched_only_when_not_stored_before(
     plain = _held(step, ids, fingerprints=False)  # every page hashed from host bytes
     recorder._store_held(plain)  # noqa: SLF001
     assert second.entry["pages"] == plain.entry["pages"]
+
+
+@pytest.mark.parametrize("fingerprints", [True, False])
+def test_pages_referenced_twice_or_out_of_order_are_stored_once_each(
+        recorder, fingerprints) -> None:  # noqa: ANN001
+    """Page ids as a call's indices give them: a page twice, not sorted. The manifest
+    lists each page once, sorted, with the bytes of its first occurrence."""
+    pages = _pages()[:5]
+    ids = [7, 3, 7, 1, 3]
+    held = _held(pages, ids, fingerprints=fingerprints)
+    recorder._store_held(held)  # noqa: SLF001
+    assert held.entry["page_ids"] == [1, 3, 7]
+    plain = [_held(pages[i:i + 1], [pid], fingerprints=False) for i, pid in ((3, 1), (1, 3),
+                                                                             (0, 7))]
+    for h in plain:
+        recorder._store_held(h)  # noqa: SLF001
+    assert held.entry["pages"] == [h.entry["pages"][0] for h in plain]

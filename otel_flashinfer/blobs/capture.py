@@ -48,7 +48,7 @@ import signal
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -557,50 +557,53 @@ class BlobRecorder:
                 held.event.synchronize()
         written = 0
         if held.entry["t"] == "paged_kv":
+            # Per-page work is Python under the GIL that the engine's thread needs: loops
+            # that run per page are kept to what only Python can do (storing new pages).
             ids = held.ids.tolist()
-            first: dict[int, int] = {}
-            for pos, pid in enumerate(ids):
-                first.setdefault(pid, pos)
-            fps = held.fps.tolist() if held.fps is not None else None
-            pages = []
+            order = sorted(set(ids))
+            if order == ids:  # the usual case: each page once, in order
+                positions: Sequence[int] = range(len(ids))
+            else:
+                first: dict[int, int] = {}
+                for pos, pid in enumerate(ids):
+                    first.setdefault(pid, pos)
+                positions = [first[pid] for pid in order]
             source = held.host if held.host is not None else held.dev
             page_raw = source[0].numel() * source.element_size() if ids else 0
-            unchanged = 0
             memo = self.page_memo
-            order = sorted(first)
-            if fps is not None:
+            if held.fps is not None:
                 kind = memo.kind(source, self.format)  # every page's dtype and shape
-                keys = [(*fps[first[pid]], kind) for pid in order]
+                fps = held.fps.tolist()
+                if type(positions) is not range:
+                    fps = [fps[pos] for pos in positions]
+                keys: list = [(a, b, kind) for a, b in fps]
                 found = memo.lookup(keys)
             else:
                 keys = found = [None] * len(order)
+            missing = [i for i, stored in enumerate(found) if stored is None]
             fetched = None
             if held.host is None:  # on the device: copy the pages not stored before
-                fetched = iter(self._fetch_pages(held.dev, [
-                    first[pid] for pid, stored in zip(order, found, strict=True)
-                    if stored is None]))
-            for pid, memo_key, stored in zip(order, keys, found, strict=True):
-                if stored is None:
-                    if fetched is None:
-                        page = source[first[pid]]
-                    else:  # in the same order as asked for, a chunk at a time
-                        pos, page = next(fetched)
-                        if pos != first[pid]:
-                            raise RuntimeError("fetched pages out of order")
-                    data = encode.encode_parts(page.reshape(-1), self.format)
-                    digest, key, new = self.store.put_content(data, self.format)
-                    if new:
-                        written += page_raw
-                    stored = {"hash": digest, "key": key, "nbytes": _size(data)}
-                    if memo_key is not None:
-                        memo.put(memo_key, stored)
-                else:
-                    unchanged += 1
-                pages.append(dict(stored))
+                fetched = iter(self._fetch_pages(held.dev, [positions[i] for i in missing]))
+            for i in missing:
+                if fetched is None:
+                    page = source[positions[i]]
+                else:  # in the same order as asked for, a chunk at a time
+                    pos, page = next(fetched)
+                    if pos != positions[i]:
+                        raise RuntimeError("fetched pages out of order")
+                data = encode.encode_parts(page.reshape(-1), self.format)
+                digest, key, new = self.store.put_content(data, self.format)
+                if new:
+                    written += page_raw
+                stored = {"hash": digest, "key": key, "nbytes": _size(data)}
+                if keys[i] is not None:
+                    memo.put(keys[i], stored)
+                found[i] = stored
+            unchanged = len(order) - len(missing)
             if unchanged:
                 self._count("pages_unchanged", unchanged)
-            held.entry["page_ids"] = sorted(first)
-            held.entry["pages"] = pages
+            held.entry["page_ids"] = order
+            held.entry["pages"] = list(map(dict, found))
         else:
             data = encode.encode_parts(held.host, self.format)
             digest, key, new = self.store.put_content(data, self.format)

@@ -17,6 +17,7 @@ not built to collide (a linear hash: any one changed word always changes both la
 from __future__ import annotations
 
 import collections
+import itertools
 import threading
 from typing import Any
 
@@ -82,13 +83,9 @@ class PageMemo:
     def lookup(self, keys: list[tuple]) -> list[Any]:
         """What each key's page was stored as, or None (one lock for a call's pages)."""
         memo = self._memo
-        out = []
-        with self._lock:
-            for key in keys:
-                found = memo.get(key)
-                if found is not None:
-                    memo.move_to_end(key)
-                out.append(found)
+        with self._lock:  # the loops run in C: a call has hundreds of pages
+            out = list(map(memo.get, keys))
+            collections.deque(map(memo.move_to_end, itertools.compress(keys, out)), maxlen=0)
         return out
 
     def put(self, key: tuple, stored: Any) -> None:
