@@ -30,13 +30,13 @@ import copy
 import os
 import threading
 import time
-import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import health
+from . import forking, health
+from .graph_sampling import smoothed
 
 #: Spans per request (OTEL_BSP_MAX_EXPORT_BATCH_SIZE's default).
 DEFAULT_BATCH = 512
@@ -349,7 +349,7 @@ class NativeExport:
         self._outbox: deque[tuple[str, bytes, int]] = deque()
         self._queued = 0
         self._stopping = False
-        #: The sender thread's CPU per span sent, smoothed (``_note_cost``).
+        #: The sender thread's CPU per span sent, smoothed (``REPLAY_EVERY=auto``).
         self.cost_per_span_s = 0.0
         #: Requests sent, their wall time in all and the longest (benchmarks print them:
         #: a send longer than the outbox's worth of spans is what makes it drop).
@@ -358,15 +358,7 @@ class NativeExport:
         self.send_wall_max_s = 0.0
         self._make_conditions()
         self._start_sender()
-        if hasattr(os, "register_at_fork"):
-            ref = weakref.ref(self)  # a retired export must not live on for the hook
-
-            def child() -> None:
-                export = ref()
-                if export is not None:
-                    export.after_fork()
-
-            os.register_at_fork(after_in_child=child)
+        forking.redo_in_child(self, "after_fork")
 
     def _make_conditions(self) -> None:
         """The outbox's lock and conditions: made once (and again in a forked child), so
@@ -569,20 +561,14 @@ class NativeExport:
                     self.sends += 1
                     self.send_wall_s += wall
                     self.send_wall_max_s = max(self.send_wall_max_s, wall)
-                    self._note_cost(time.thread_time() - cpu, count)
+                    if count > 0:  # a write or a request holds the GIL too: auto budgets it
+                        self.cost_per_span_s = smoothed(
+                            self.cost_per_span_s, (time.thread_time() - cpu) / count)
                     with self._cond:
                         self._busy = False
                         self._cond.notify_all()
         finally:
             detach(token)
-
-    def _note_cost(self, spent_s: float, spans: int) -> None:
-        """The sender's CPU per span, smoothed over requests: a file write or an HTTP
-        request holds the GIL too, so ``REPLAY_EVERY=auto`` budgets it with the worker's."""
-        if spans > 0:
-            per = spent_s / spans
-            last = self.cost_per_span_s
-            self.cost_per_span_s = per if not last else last + 0.2 * (per - last)
 
     def _send(self, fmt: str, payload: bytes, count: int) -> None:
         for sender in self.senders[fmt]:

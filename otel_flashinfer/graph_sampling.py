@@ -22,6 +22,14 @@ from .config import REPLAY_AUTO
 
 #: Cost estimates move by this share of each new measurement (smooths one slow replay).
 _SMOOTHING = 0.2
+
+
+def smoothed(last: float | None, sample: float) -> float:
+    """A cost estimate after one more measurement: the first one (``last`` None or 0)
+    as it is, later ones moving the estimate by ``_SMOOTHING`` of the difference.  The
+    sampler's own estimate and the per-span costs it is fed (the worker's, the
+    sender's) are kept this way."""
+    return sample if not last else last + _SMOOTHING * (sample - last)
 #: Credit never exceeds this many traced replays' cost: an idle minute must not buy a
 #: burst of traced replays when the graph starts again.
 _MAX_BURST = 4.0
@@ -79,7 +87,4 @@ class ReplaySampler:
             return
         cost = max(caller_s, 0.0) + spans * max(worker_per_span_s, 0.0)
         self.credit_s -= cost
-        if self.cost_s is None:
-            self.cost_s = cost
-        else:
-            self.cost_s += _SMOOTHING * (cost - self.cost_s)
+        self.cost_s = smoothed(self.cost_s, cost)

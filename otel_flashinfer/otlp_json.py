@@ -23,7 +23,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
-from . import health
+from . import forking, health
 
 _ID_FIELDS = ("traceId", "spanId", "parentSpanId")
 
@@ -125,15 +125,7 @@ class JsonLinesSpanExporter(SpanExporter):
         self._fd = -1
         self._checked = 0.0
         self._release: Any = None  # closes the file if the exporter is dropped unshut
-        if hasattr(os, "register_at_fork"):
-            ref = weakref.ref(self)
-
-            def child() -> None:
-                exporter = ref()
-                if exporter is not None:
-                    exporter._after_fork()
-
-            os.register_at_fork(after_in_child=child)
+        forking.redo_in_child(self, "_after_fork")
 
     def _after_fork(self) -> None:
         """In a forked child: a lock the fork may have copied held, and a descriptor the

@@ -28,7 +28,8 @@ from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode
 from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 
-from . import capture_guard, health
+from . import capture_guard, forking, health
+from .graph_sampling import smoothed
 
 _ROOT_CONTEXT = trace_api.set_span_in_context(trace_api.INVALID_SPAN)
 
@@ -152,6 +153,10 @@ class CallRecord:
         #: ``id()`` of the wrapper object of a method call (0: none).
         self.instance = 0
         self.deadline = 0.0
+
+    def spans(self) -> int:
+        """Spans this record stands for (a replay record: its children too)."""
+        return 1
 
     def own(self) -> dict[str, Any]:
         """Private attribute dict and lists before the worker writes to them."""
@@ -440,8 +445,7 @@ def _may_hold(queue: deque[CallRecord], native: Any) -> bool:
     if not queue or len(queue) > native.batch:
         return not queue
     head = queue[0]
-    per = head.spans() if type(head) is ReplayRecord else 1
-    return len(queue) * per <= native.outbox_spans and not any(
+    return len(queue) * head.spans() <= native.outbox_spans and not any(
         _holds_gpu_work(record) for record in queue)
 
 
@@ -494,8 +498,7 @@ class Pipeline:
         #: Resolves ``CallRecord.gpu`` handles (``gpu_timing.HANDLES`` where CUDA is).
         self.gpu_times: Any = _NoGpuTimes()
         self._start()
-        if hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=self._after_fork)
+        forking.redo_in_child(self, "_after_fork")
 
     def _use_tracer(self, tracer: Any) -> None:
         from .export import native_export_for
@@ -571,7 +574,7 @@ class Pipeline:
             except IndexError:
                 pass
             else:
-                lost = dropped.spans() if type(dropped) is ReplayRecord else 1
+                lost = dropped.spans()
                 if _holds_gpu_work(dropped):
                     # What it holds (ring slots, GPU events) goes back on the worker,
                     # which may query CUDA (never while a graph is being captured).
@@ -739,9 +742,8 @@ class Pipeline:
             spent = time.thread_time() - cpu
             self.worker_cpu_s += spent
             if spans > 0:
-                per = spent / spans
-                last = self.worker_cost_per_span_s
-                self.worker_cost_per_span_s = per if not last else last + 0.2 * (per - last)
+                self.worker_cost_per_span_s = smoothed(self.worker_cost_per_span_s,
+                                                       spent / spans)
             with self._idle:
                 self._busy -= 1
                 self._idle.notify_all()

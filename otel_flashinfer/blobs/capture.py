@@ -53,7 +53,7 @@ from typing import Any
 
 import torch
 
-from .. import capture_guard
+from .. import capture_guard, forking
 from ..stats import kernel as stats_kernel
 from . import encode, layout, manifest
 from .fingerprint import PageMemo, page_fingerprints
@@ -242,7 +242,7 @@ class BlobRecorder:
                 rec.shutdown(timeout_s=30.0)
 
         atexit.register(_at_exit)
-        os.register_at_fork(after_in_child=lambda: (r := ref()) and r._init_process_state())
+        forking.redo_in_child(self, "_init_process_state")
         if threading.current_thread() is not threading.main_thread():
             return
         try:
