@@ -99,3 +99,102 @@ def test_a_failing_capture_hook_is_counted_and_the_capture_goes_on(fake_graphs) 
     graph.capture_end()
     assert log == ["begin", "end"]
     assert health.counters().get("graph_errors", 0) == before + 2
+
+
+class _Stream:
+    """Stands in for a CUDA stream: records what it was made to wait for."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.waited = name, []
+
+    def wait_stream(self, other: _Stream) -> None:
+        self.waited.append(other.name)
+
+
+@pytest.fixture
+def captured(monkeypatch):  # noqa: ANN001, ANN201
+    """A recorder whose captured launches go to a recording extension, on stand-in
+    streams: the bookkeeping of ``_launch_captured`` without a GPU."""
+    import contextlib
+
+    from otel_flashinfer.stats import graph_rows as gr
+    from otel_flashinfer.stats.planning import Job
+    from otel_flashinfer.stats.recorder import StatsRecorder
+
+    main = _Stream("main")
+    on: list[str] = []
+    launches: list[tuple[str, dict]] = []
+
+    class Ext:
+        ok = True
+
+        def stats_into(self, out, *lists, **stamps):  # noqa: ANN001, ANN002, ANN003, ANN202
+            launches.append((on[-1], stamps))
+            return self.ok
+
+    @contextlib.contextmanager
+    def stream(s):  # noqa: ANN001, ANN202
+        on.append(s.name)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main)
+    monkeypatch.setattr(torch.cuda, "stream", stream)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    ext = Ext()
+    rec = StatsRecorder(use_kernel=False, gpu_time=True)
+    rec._module = lambda: ext  # noqa: SLF001
+    rows = gr.GraphRows(torch.device("cpu"))
+    jobs = [Job(0, torch.zeros(4))]
+
+    def launch(fork):  # noqa: ANN001, ANN202
+        out, at = rows.take(2 + 4)
+        return rec._launch_captured(torch.device("cpu"), jobs, [object()], "", 4,  # noqa: SLF001
+                                    rows, out, at, fork)
+
+    return rec, rows, main, launches, launch, ext
+
+
+def test_a_forked_launch_stamps_the_start_and_is_joined_once(captured) -> None:  # noqa: ANN001
+    rec, rows, main, launches, launch, _ = captured
+    side = _Stream("side")
+    before = health.counters().get("stats_forked", 0)
+    slot = launch(side)
+    (where, stamps), = launches
+    assert where == "side" and side.waited == ["main"]  # forked after what came before
+    # its first block stamps the call's start into row 0 and, the first timed launch,
+    # the graph's anchor; no end stamp (nothing waits for its last block)
+    assert stamps["stamp_start"] == slot.out.data_ptr() + 56
+    assert stamps["stamp_also"] == rows._chunks[0].data_ptr() + 56  # noqa: SLF001
+    assert "counter" not in stamps and slot.stamped
+    assert health.counters().get("stats_forked", 0) == before + 1
+    assert slot.branch is side and rec._forked  # noqa: SLF001
+    rec._join(slot)  # noqa: SLF001 - what finish does after the outputs' launch
+    assert main.waited == ["side"] and slot.branch is None and not rec._forked  # noqa: SLF001
+    rec.join_forked()  # the capture's end: nothing left to join
+    assert main.waited == ["side"]
+
+
+def test_a_launch_on_the_calls_stream_is_timed_by_its_end(captured) -> None:  # noqa: ANN001
+    rec, rows, main, launches, launch, ext = captured
+    ext.ok = False  # a launch that did not run gives the anchor back
+    assert not launch(None).stamped
+    anchor = rows._chunks[0].data_ptr() + 56  # noqa: SLF001
+    assert launches[0][1]["stamp_start"] == anchor
+    ext.ok = True
+    slot = launch(None)
+    where, stamps = launches[1]
+    assert where == "main" and not main.waited
+    assert stamps["stamp_end"] == slot.out.data_ptr() + 56 and stamps["counter"]
+    assert stamps["stamp_start"] == anchor and slot.stamped  # taken again, for good
+    assert slot.branch is None and not rec._forked  # noqa: SLF001
+    launch(None)
+    assert launches[2][1]["stamp_start"] == 0
+
+
+def test_branches_left_open_are_joined_at_the_capture_end(captured) -> None:  # noqa: ANN001
+    rec, _, main, _, launch, _ = captured
+    a, b = _Stream("a"), _Stream("b")
+    launch(a)
+    launch(b)
+    rec.join_forked()  # finish never ran for them
+    assert main.waited == ["a", "b"] and not rec._forked  # noqa: SLF001

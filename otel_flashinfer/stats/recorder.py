@@ -78,22 +78,6 @@ def _launch_into(out: torch.Tensor, jobs: Sequence[Job], module: Any, row0: int 
     return False
 
 
-def _join(slot: GraphStatsSlot) -> None:
-    """The call's stream waits for the branch its inputs' statistics forked onto.
-    Never raises (``finish`` must not): a failure is reported, and the capture's end
-    then says what it says."""
-    fork = slot.branch
-    if fork is None:
-        return
-    try:
-        torch.cuda.current_stream(slot.out.device).wait_stream(fork)
-    except Exception as exc:  # noqa: BLE001 - kept: join_forked tries again at the end
-        health.report("stats_errors", "could not join a statistics branch", exc)
-        return
-    slot.branch = None
-    slot.recorder._forked.pop(id(slot), None)  # noqa: SLF001
-
-
 class _Open:
     """A call's input statistics launched into a slot, waiting for its outputs
     (``StatsRecorder.finish``): the rows after the inputs are left for the outputs, so
@@ -265,7 +249,7 @@ class StatsRecorder:
                 health.report("stats_errors", "tensor statistics failed", exc)
                 return state.slot._trim(give_back=False)
             finally:  # after the outputs' launch: a capture ends with its branches joined
-                _join(state.slot)
+                self._join(state.slot)
         if type(state) is not _Open:
             return self.record(outputs)
         try:
@@ -430,27 +414,9 @@ class StatsRecorder:
             rows = self.graph_rows_of(device) if self.graph_rows_of is not None else None
             taken = rows.take(len(metas) + room) if rows is not None else None
             if taken is not None:  # rows of the graph's chunks: one copy per replay
-                out, at = taken
                 fork = self._fork_of(api, jobs, metas, device) if room else None
-                if fork is not None:
-                    return self._launch_forked(fork, device, out, jobs, metas, note, room,
-                                               rows, at)
-                stamps = {}
-                if self.gpu_time and room:
-                    # a call's inputs, its outputs to follow: time the call between them
-                    counter = rows.take_counter()
-                    if counter:
-                        stamps = {"counter": counter, "stamp_end": out.data_ptr() + _SPARE,
-                                  "stamp_start": rows.take_anchor()}
-                ran = False
-                try:
-                    with torch.cuda.device(device):
-                        ran = _launch_into(out, jobs, module, zero=False, **stamps)
-                finally:
-                    if stamps.get("stamp_start") and not ran:
-                        rows.give_back_anchor()  # nothing stamped it
-                return GraphStatsSlot(self, out, metas, note, room, rows, at,
-                                      stamped=ran and bool(stamps))
+                return self._launch_captured(device, jobs, metas, note, room, rows, *taken,
+                                             fork)
             with torch.cuda.device(device):
                 out = torch.empty((len(metas) + room, ROW_WORDS), dtype=torch.int64,
                                   device=device)
@@ -488,38 +454,63 @@ class StatsRecorder:
             return None
         return overlap.branch(device.index)
 
-    def _launch_forked(self, fork: Any, device: torch.device, out: torch.Tensor,
-                       jobs: list[Job], metas: list[RowMeta], note: str, room: int,
-                       rows: GraphRows, at: tuple[int, int]) -> GraphStatsSlot:
-        """A captured call's inputs on a branch beside it: the branch waits for what
-        the stream did so far (the inputs are ready), and ``finish`` joins it back after
-        the outputs' launch.  Its first block stamps the call's start (and the graph's
-        anchor when no launch took it yet); the outputs' launch stamps the end."""
-        stamps = {}
-        if self.gpu_time:
-            stamps["stamp_start"] = out.data_ptr() + _SPARE
-            anchor = rows.take_anchor()  # on the call's stream, where the anchor lives
-            if anchor:
-                stamps["stamp_also"] = anchor
+    def _launch_captured(self, device: torch.device, jobs: list[Job], metas: list[RowMeta],
+                         note: str, room: int, rows: GraphRows, out: torch.Tensor,
+                         at: tuple[int, int], fork: Any) -> GraphStatsSlot:
+        """A captured call's launch into rows of its graph's chunks.  With ``room`` (its
+        outputs follow) and GPU timing on, the launch stamps the call's start: on the
+        call's stream as it ends, taking the graph's anchor as it starts; on a ``fork``
+        (a branch beside the call, which waits for what the stream did so far and is
+        joined after the outputs' launch) as it starts, into both.  The outputs' launch
+        stamps the call's end."""
+        stamps: dict[str, int] = {}
+        if self.gpu_time and room:  # the anchor: taken on the call's stream, where it lives
+            if fork is not None:
+                stamps = {"stamp_start": out.data_ptr() + _SPARE,
+                          "stamp_also": rows.take_anchor()}
+            else:
+                counter = rows.take_counter()
+                if counter:
+                    stamps = {"counter": counter, "stamp_end": out.data_ptr() + _SPARE,
+                              "stamp_start": rows.take_anchor()}
+        anchor = stamps.get("stamp_also" if fork is not None else "stamp_start", 0)
         main = torch.cuda.current_stream(device)
         ran = False
         try:
-            fork.wait_stream(main)
-            with torch.cuda.device(device), torch.cuda.stream(fork):
+            if fork is not None:
+                fork.wait_stream(main)
+            with torch.cuda.device(device), torch.cuda.stream(fork or main):
                 ran = _launch_into(out, jobs, self._module(), zero=False, **stamps)
         except BaseException:
-            with contextlib.suppress(Exception):  # the error below is the one to tell
-                main.wait_stream(fork)
+            if fork is not None:
+                with contextlib.suppress(Exception):  # the error below is the one to tell
+                    main.wait_stream(fork)
             raise
         finally:
-            if stamps.get("stamp_also") and not ran:
+            if anchor and not ran:
                 rows.give_back_anchor()  # nothing stamped it
         slot = GraphStatsSlot(self, out, metas, note, room, rows, at,
                               stamped=ran and bool(stamps))
-        slot.branch = fork
-        self._forked[id(slot)] = (threading.get_ident(), slot)
-        health.count("stats_forked")  # captured calls whose inputs run beside them
+        if fork is not None:
+            slot.branch = fork
+            self._forked[id(slot)] = (threading.get_ident(), slot)
+            health.count("stats_forked")  # captured calls whose inputs run beside them
         return slot
+
+    def _join(self, slot: GraphStatsSlot) -> None:
+        """The call's stream waits for the branch its inputs' statistics forked onto.
+        Never raises (``finish`` must not): a failure is reported and the branch kept
+        for ``join_forked`` to try again at the capture's end."""
+        fork = slot.branch
+        if fork is None:
+            return
+        try:
+            torch.cuda.current_stream(slot.out.device).wait_stream(fork)
+        except Exception as exc:  # noqa: BLE001
+            health.report("stats_errors", "could not join a statistics branch", exc)
+            return
+        slot.branch = None
+        self._forked.pop(id(slot), None)
 
     def join_forked(self) -> None:
         """Join the branches this thread's capture still has open (it is ending, so
@@ -528,7 +519,7 @@ class StatsRecorder:
         me = threading.get_ident()
         for key, (thread, slot) in list(self._forked.items()):
             if thread == me:
-                _join(slot)
+                self._join(slot)
                 # Forgotten however the join went: a branch of this capture must never
                 # be joined into the next one.
                 self._forked.pop(key, None)
