@@ -579,18 +579,13 @@ class BlobRecorder:
                 keys: list = [(a, b, kind) for a, b in fps]
                 found = memo.lookup(keys)
             else:
-                keys = found = [None] * len(order)
+                keys, found = [None] * len(order), [None] * len(order)
             missing = [i for i, stored in enumerate(found) if stored is None]
-            fetched = None
-            if held.host is None:  # on the device: copy the pages not stored before
-                fetched = iter(self._fetch_pages(held.dev, [positions[i] for i in missing]))
-            for i in missing:
-                if fetched is None:
-                    page = source[positions[i]]
-                else:  # in the same order as asked for, a chunk at a time
-                    pos, page = next(fetched)
-                    if pos != positions[i]:
-                        raise RuntimeError("fetched pages out of order")
+            wanted = [positions[i] for i in missing]
+            # On the device, only the pages not stored before are copied, a chunk at a time.
+            new_pages = (self._fetch_pages(held.dev, wanted) if held.host is None
+                         else (held.host[pos] for pos in wanted))
+            for i, page in zip(missing, new_pages, strict=True):
                 data = encode.encode_parts(page.reshape(-1), self.format)
                 digest, key, new = self.store.put_content(data, self.format)
                 if new:
@@ -615,15 +610,13 @@ class BlobRecorder:
     #: Pages copied per section that a graph capture may wait for (capture_guard).
     _FETCH_PAGES = 64
 
-    def _fetch_pages(self, dev: torch.Tensor, positions: list[int]
-                     ) -> Iterator[tuple[int, torch.Tensor]]:
-        """(position, host copy) of the gathered pages at ``positions`` of ``dev``, in
-        that order, copied a chunk at a time on a stream of the writer's own: the host
-        holds one chunk (not every new page of the call), a capture that begins waits
-        for at most one such copy (``capture_guard``), and the caller's stream never."""
+    def _fetch_pages(self, dev: torch.Tensor, positions: list[int]) -> Iterator[torch.Tensor]:
+        """Host copies of the gathered pages at ``positions`` of ``dev``, in that order,
+        copied a chunk at a time on a stream of the writer's own: the host holds one
+        chunk (not every new page of the call), a capture that begins waits for at most
+        one such copy (``capture_guard``), and the caller's stream never."""
         if dev.device.type != "cuda":
-            for pos in positions:
-                yield pos, dev[pos]
+            yield from (dev[pos] for pos in positions)
             return
         step = self._FETCH_PAGES
         for lo in range(0, len(positions), step):
@@ -639,7 +632,7 @@ class BlobRecorder:
                 with torch.cuda.stream(stream):
                     idx = torch.tensor(part, dtype=torch.long).to(dev.device)
                     host = dev.index_select(0, idx).cpu()  # waits for this stream only
-            yield from zip(part, host.unbind(0), strict=True)
+            yield from host.unbind(0)
 
     def _write(self, cap: CallCapture) -> None:
         for held in cap.held:
