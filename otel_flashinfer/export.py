@@ -12,6 +12,12 @@ encodes a record in about a microsecond, and one sender thread ships whole reque
   already serialized;
 - our OTLP/JSON-lines file, one ``write`` per batch.
 
+A sender that fell behind sends what queued up since as one request (``_take``):
+protobuf requests concatenate into one (``resource_spans`` is a repeated field) and
+JSON lines go out in one ``writev``.  Each request costs the sender a GIL hand-over,
+and under a busy engine thread each take waits out CPython's 5 ms switch interval, so
+requests a second, not bytes, were what a sustained load ran out of.
+
 Only setups whose result we reproduce exactly take it (``plan``): the SDK's
 TracerProvider with Batch/Simple processors over those exporters, and a sampler
 whose decision the caller's thread already made (``ALWAYS_ON``, and ``ParentBased``
@@ -45,6 +51,11 @@ DEFAULT_OUTBOX_SPANS = 2048
 #: A send running longer than this is a receiver down or retrying, not a busy one: the
 #: worker stops holding records back for it and the outbox drops its oldest (counted).
 STALLED_S = 0.5
+#: The most one coalesced request may carry: under gRPC's default 4 MiB message limit
+#: on the receiving side (a request already over it is still sent alone).
+COALESCE_BYTES = 4_000_000
+#: The file takes more at once (one ``writev``).
+COALESCE_FILE_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -168,12 +179,17 @@ class FileSender:
     """Our OTLP/JSON-lines file (``otlp_json.JsonLinesSpanExporter``)."""
 
     fmt = "json"
+    max_coalesce = COALESCE_FILE_BYTES
 
     def __init__(self, exporter: Any) -> None:
         self.exporter = exporter
 
     def send(self, payload: bytes, count: int) -> bool:
         return self.exporter.write_line(payload)
+
+    def send_parts(self, parts: list[bytes], count: int) -> bool:
+        """Several lines in one system call."""
+        return self.exporter.write_lines(parts)
 
 
 class HttpSender:
@@ -184,6 +200,8 @@ class HttpSender:
 
     def __init__(self, exporter: Any) -> None:
         self.exporter = exporter
+        limit = getattr(exporter, "_max_request_size", 0) or 0
+        self.max_coalesce = min(COALESCE_BYTES, limit) if limit > 0 else COALESCE_BYTES
 
     def send(self, payload: bytes, count: int) -> bool:
         exporter = self.exporter
@@ -241,6 +259,7 @@ class GrpcSender:
     UNAVAILABLE, and a shared one would break the application's exporter, or ours."""
 
     fmt = "protobuf"
+    max_coalesce = COALESCE_BYTES
 
     def __init__(self, exporter: Any) -> None:
         self.exporter = exporter
@@ -339,6 +358,9 @@ class NativeExport:
         formats = sorted({s.fmt for s in chosen.senders})
         self.encoders = {fmt: make_encoder(tracer, fmt, record_type, empty) for fmt in formats}
         self.senders = {fmt: [s for s in chosen.senders if s.fmt == fmt] for fmt in formats}
+        #: Bytes one coalesced request of each format may carry (0: one at a time).
+        self._coalesce = {fmt: min(getattr(s, "max_coalesce", 0) for s in senders)
+                          for fmt, senders in self.senders.items()}
         self.batch = max(1, chosen.batch)
         self.delay_s = chosen.delay_s
         self.outbox_spans = max(self.batch, chosen.outbox_spans)
@@ -548,14 +570,14 @@ class NativeExport:
                         self._cond.wait()
                     if not self._outbox:
                         return
-                    fmt, payload, count = self._outbox.popleft()
+                    fmt, parts, count = self._take()
                     self._queued -= count
                     self._busy = True
                     self._send_started = time.monotonic()
                     self._taken.notify_all()
                 cpu, wall = time.thread_time(), time.perf_counter()
                 try:
-                    self._send(fmt, payload, count)
+                    self._send(fmt, parts, count)
                 finally:
                     wall = time.perf_counter() - wall
                     self.sends += 1
@@ -570,10 +592,41 @@ class NativeExport:
         finally:
             detach(token)
 
-    def _send(self, fmt: str, payload: bytes, count: int) -> None:
+    def _take(self) -> tuple[str, list[bytes], int]:
+        """Under the outbox's lock: the oldest request, with every later one of its
+        format that fits the format's coalescing limit (other formats keep their
+        places)."""
+        outbox = self._outbox
+        fmt, payload, count = outbox.popleft()
+        parts, size = [payload], len(payload)
+        cap = self._coalesce.get(fmt, 0)
+        if cap and outbox:
+            others: list[tuple[str, bytes, int]] = []
+            while outbox:
+                item = outbox[0]
+                if item[0] != fmt:
+                    others.append(outbox.popleft())
+                elif size + len(item[1]) <= cap:
+                    outbox.popleft()
+                    parts.append(item[1])
+                    size += len(item[1])
+                    count += item[2]
+                else:
+                    break
+            outbox.extendleft(reversed(others))
+        return fmt, parts, count
+
+    def _send(self, fmt: str, parts: list[bytes], count: int) -> None:
+        joined = None
         for sender in self.senders[fmt]:
             try:
-                ok = sender.send(payload, count)
+                send_parts = getattr(sender, "send_parts", None)
+                if send_parts is not None:
+                    ok = send_parts(parts, count)
+                else:
+                    if joined is None:
+                        joined = parts[0] if len(parts) == 1 else b"".join(parts)
+                    ok = sender.send(joined, count)
             except Exception as exc:  # noqa: BLE001 - a transport must not kill the thread
                 health.report("export_errors", f"sending spans through {type(sender).__name__} "
                               "failed", exc)

@@ -146,6 +146,11 @@ class JsonLinesSpanExporter(SpanExporter):
     def write_line(self, line: bytes) -> bool:
         """Append one encoded line (ending in a newline) in one ``write``; the native
         encoder's lines come here too."""
+        return self.write_lines((line,))
+
+    def write_lines(self, lines: Sequence[bytes]) -> bool:
+        """Append whole lines in one system call (``writev``): a sender behind on a
+        busy engine takes all it has in one GIL hand-over, not one per line."""
         if self._closed:
             return False
         try:
@@ -153,9 +158,11 @@ class JsonLinesSpanExporter(SpanExporter):
                 if self._closed:
                     return False
                 fd = self._file()
-                view = memoryview(line)
-                while view:  # a short write (full disk, signal) must not split a line
-                    view = view[os.write(fd, view):]
+                done = os.writev(fd, lines) if len(lines) > 1 else os.write(fd, lines[0])
+                if done < sum(map(len, lines)):  # a short write (full disk, signal) must
+                    view = memoryview(b"".join(lines))[done:]  # not split a line
+                    while view:
+                        view = view[os.write(fd, view):]
             return True
         except Exception as exc:  # noqa: BLE001 - an exporter must not raise
             with self._lock:

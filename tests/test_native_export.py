@@ -409,6 +409,135 @@ def test_outbox_is_bounded_and_drops_are_counted(tmp_path: Path) -> None:
     sink.shutdown(1)
 
 
+class _GatedFile(export.FileSender):
+    """Our file sender, held shut until released, recording each call's parts."""
+
+    def __init__(self, exporter: Any) -> None:
+        super().__init__(exporter)
+        self.open = threading.Event()
+        self.calls: list[tuple[int, int]] = []
+
+    def send_parts(self, parts: list[bytes], count: int) -> bool:
+        self.open.wait(30)
+        self.calls.append((len(parts), count))
+        return super().send_parts(parts, count)
+
+
+class _GatedProtobuf:
+    """A protobuf sender held shut until released, keeping each request whole."""
+
+    fmt = "protobuf"
+    max_coalesce = export.COALESCE_BYTES
+
+    def __init__(self) -> None:
+        self.open = threading.Event()
+        self.requests: list[tuple[bytes, int]] = []
+
+    def send(self, payload: bytes, count: int) -> bool:
+        self.open.wait(30)
+        self.requests.append((payload, count))
+        return True
+
+
+def _queue_behind_a_held_send(sink: Any, batches: int, per: int) -> None:
+    """One request in the (held) sender, then ``batches`` more queued behind it."""
+    n = 0
+    for b in range(batches + 1):
+        for _ in range(per):
+            n += 1
+            r = CallRecord.for_call(f"f{n}", n, n, None, BASE)
+            r.start_ns, r.end_ns = n, n + 1
+            sink.add(r)
+        if b == 0:
+            deadline = time.monotonic() + 5
+            while not sink._busy and time.monotonic() < deadline:  # noqa: SLF001
+                time.sleep(0.001)
+
+
+def test_a_sender_behind_writes_what_queued_up_in_one_writev(tmp_path: Path) -> None:
+    """Five batches queued behind a held write go out in one system call, as whole
+    lines, in order, every span once."""
+    path = tmp_path / "t.jsonl"
+    _provider, tracer = _file_provider(tmp_path / "unused.jsonl")
+    sender = _GatedFile(JsonLinesSpanExporter(str(path)))
+    chosen = export.Plan(True, "test", (sender,), delay_s=0.0, batch=10, outbox_spans=1000)
+    sink = export.NativeExport(tracer, chosen, CallRecord, _EMPTY)
+    _queue_behind_a_held_send(sink, 5, 10)
+    sender.open.set()
+    assert sink.flush(time.monotonic() + 10)
+    sink.shutdown(1)
+    assert sender.calls == [(1, 10), (5, 50)]
+    lines = path.read_text().splitlines()
+    assert len(lines) == 6
+    assert [s["name"] for s in _spans_in(path)] == [f"f{i}" for i in range(1, 61)]
+
+
+def test_protobuf_requests_queued_up_become_one_request() -> None:
+    """Concatenated ExportTraceServiceRequests are one request with all their
+    resource_spans: it decodes to every span, in order, and counts them all; a request
+    over the limit waits for the next one."""
+    tracer, _ = _sdk_tracer()
+    sender = _GatedProtobuf()
+    chosen = export.Plan(True, "test", (sender,), delay_s=0.0, batch=10, outbox_spans=1000)
+    sink = export.NativeExport(tracer, chosen, CallRecord, _EMPTY)
+    _queue_behind_a_held_send(sink, 0, 10)
+    deadline = time.monotonic() + 5
+    while not sink._busy and time.monotonic() < deadline:  # noqa: SLF001
+        time.sleep(0.001)
+    sink._coalesce["protobuf"] = 1  # noqa: SLF001 - nothing fits beside the first...
+    for n in range(11, 21):
+        r = CallRecord.for_call(f"f{n}", n, n, None, BASE)
+        r.start_ns, r.end_ns = n, n + 1
+        sink.add(r)
+    deadline = time.monotonic() + 5
+    while sink._queued < 10 and time.monotonic() < deadline:  # noqa: SLF001
+        time.sleep(0.001)
+    with sink._cond:  # noqa: SLF001 - ...then three more of size one fit beside it
+        one = len(sink._outbox[0][1])  # noqa: SLF001
+        sink._coalesce["protobuf"] = 3 * one  # noqa: SLF001
+    for n in range(21, 51):
+        r = CallRecord.for_call(f"f{n}", n, n, None, BASE)
+        r.start_ns, r.end_ns = n, n + 1
+        sink.add(r)
+    sender.open.set()
+    assert sink.flush(time.monotonic() + 10)
+    sink.shutdown(1)
+    assert [c for _, c in sender.requests] == [10, 30, 10]
+    names = []
+    for payload, count in sender.requests:
+        request = ExportTraceServiceRequest.FromString(payload)
+        spans = [s for rs in request.resource_spans for ss in rs.scope_spans for s in ss.spans]
+        assert len(spans) == count
+        assert all(rs.resource.attributes for rs in request.resource_spans)
+        names += [s.name for s in spans]
+    assert names == [f"f{i}" for i in range(1, 51)]
+    assert len(sender.requests[1][0]) == 3 * one
+
+
+def test_coalescing_keeps_other_formats_in_their_places(tmp_path: Path) -> None:
+    """Two formats share the outbox: each sender gets its own format's spans, all of
+    them, in order."""
+    path = tmp_path / "t.jsonl"
+    _provider, tracer = _file_provider(tmp_path / "unused.jsonl")
+    filer, proto = _GatedFile(JsonLinesSpanExporter(str(path))), _GatedProtobuf()
+    filer.open = proto.open  # one gate for both
+    chosen = export.Plan(True, "test", (filer, proto), delay_s=0.0, batch=10,
+                         outbox_spans=1000)
+    sink = export.NativeExport(tracer, chosen, CallRecord, _EMPTY)
+    _queue_behind_a_held_send(sink, 4, 10)
+    proto.open.set()
+    assert sink.flush(time.monotonic() + 10)
+    sink.shutdown(1)
+    assert [s["name"] for s in _spans_in(path)] == [f"f{i}" for i in range(1, 51)]
+    names = []
+    for payload, _count in proto.requests:
+        request = ExportTraceServiceRequest.FromString(payload)
+        names += [s.name for rs in request.resource_spans for ss in rs.scope_spans
+                  for s in ss.spans]
+    assert names == [f"f{i}" for i in range(1, 51)]
+    assert len(filer.calls) + len(proto.requests) < 10  # coalesced, not one per batch
+
+
 def _stats_rows() -> tuple[bytes, list[Any]]:
     """Rows as the statistics kernel writes them (torch_ops is the CPU reference)."""
     from otel_flashinfer.stats.decode import SCOPE_FULL, SCOPE_PAGES, SCOPE_SAMPLED, RowMeta
@@ -635,13 +764,13 @@ def test_a_capture_never_waits_on_a_busy_sender(tmp_path: Path, monkeypatch) -> 
 
     from otel_flashinfer import capture_guard, otlp_json
 
-    write_line = otlp_json.JsonLinesSpanExporter.write_line
+    write_lines = otlp_json.JsonLinesSpanExporter.write_lines
 
-    def slow(self, line: bytes) -> bool:  # noqa: ANN001 - busy, not stalled
+    def slow(self, lines: list[bytes]) -> bool:  # noqa: ANN001 - busy, not stalled
         time.sleep(0.2)
-        return write_line(self, line)
+        return write_lines(self, lines)
 
-    monkeypatch.setattr(otlp_json.JsonLinesSpanExporter, "write_line", slow)
+    monkeypatch.setattr(otlp_json.JsonLinesSpanExporter, "write_lines", slow)
     path = tmp_path / "traces.jsonl"
     provider, tracer = _file_provider(path)
     pipeline = Pipeline(tracer, provider=provider, interval_s=0.01)
