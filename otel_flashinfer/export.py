@@ -12,11 +12,14 @@ encodes a record in about a microsecond, and one sender thread ships whole reque
   already serialized;
 - our OTLP/JSON-lines file, one ``write`` per batch.
 
-A sender that fell behind sends what queued up since as one request (``_take``):
-protobuf requests concatenate into one (``resource_spans`` is a repeated field) and
-JSON lines go out in one ``writev``.  Each request costs the sender a GIL hand-over,
-and under a busy engine thread each take waits out CPython's 5 ms switch interval, so
-requests a second, not bytes, were what a sustained load ran out of.
+A sender that fell behind sends what queued up since at once (``_take``): JSON lines
+in one ``writev`` (each line still one batch), and partial protobuf requests (cut by the
+delay) concatenated into one of at most a batch (``resource_spans`` is a repeated
+field; a user's OTEL_BSP_MAX_EXPORT_BATCH_SIZE still bounds every request).  Each send
+costs the sender a GIL hand-over, and under a busy engine thread each take waits out
+CPython's 5 ms switch interval, so sends a second, not bytes, were what a sustained
+load ran out of.  What one send takes is capped at half the outbox, so that encoded
+spans in memory stay under one and a half outboxes while the worker refills it.
 
 Only setups whose result we reproduce exactly take it (``plan``): the SDK's
 TracerProvider with Batch/Simple processors over those exporters, and a sampler
@@ -56,6 +59,8 @@ STALLED_S = 0.5
 COALESCE_BYTES = 4_000_000
 #: The file takes more at once (one ``writev``).
 COALESCE_FILE_BYTES = 16 * 1024 * 1024
+#: Buffers one ``writev`` takes (Linux's IOV_MAX).
+COALESCE_PARTS = 1024
 
 
 @dataclass(frozen=True)
@@ -180,6 +185,8 @@ class FileSender:
 
     fmt = "json"
     max_coalesce = COALESCE_FILE_BYTES
+    #: Lines stay separate requests: coalescing them does not grow a batch.
+    joins_requests = False
 
     def __init__(self, exporter: Any) -> None:
         self.exporter = exporter
@@ -358,12 +365,12 @@ class NativeExport:
         formats = sorted({s.fmt for s in chosen.senders})
         self.encoders = {fmt: make_encoder(tracer, fmt, record_type, empty) for fmt in formats}
         self.senders = {fmt: [s for s in chosen.senders if s.fmt == fmt] for fmt in formats}
-        #: Bytes one coalesced request of each format may carry (0: one at a time).
-        self._coalesce = {fmt: min(getattr(s, "max_coalesce", 0) for s in senders)
-                          for fmt, senders in self.senders.items()}
         self.batch = max(1, chosen.batch)
         self.delay_s = chosen.delay_s
         self.outbox_spans = max(self.batch, chosen.outbox_spans)
+        #: What one send of each format may take at once (``_take``).
+        self._coalesce = {fmt: self._coalesce_limits(senders)
+                          for fmt, senders in self.senders.items()}
         #: The encoders are not thread-safe (a describe callback can hand the GIL over
         #: in the middle of a span): the worker's drain/add and a flush's take share it.
         self._enc_lock = threading.RLock()
@@ -381,6 +388,13 @@ class NativeExport:
         self._make_conditions()
         self._start_sender()
         forking.redo_in_child(self, "after_fork")
+
+    def _coalesce_limits(self, senders: list[Any]) -> tuple[int, int, int]:
+        """(bytes, spans, requests) one send of these senders may take at once."""
+        nbytes = min(getattr(s, "max_coalesce", 0) for s in senders)
+        joins = any(getattr(s, "joins_requests", True) for s in senders)
+        spans = self.batch if joins else max(self.batch, self.outbox_spans // 2)
+        return nbytes, spans, COALESCE_PARTS
 
     def _make_conditions(self) -> None:
         """The outbox's lock and conditions: made once (and again in a forked child), so
@@ -579,6 +593,7 @@ class NativeExport:
                 try:
                     self._send(fmt, parts, count)
                 finally:
+                    parts = None  # not held while the next wait
                     wall = time.perf_counter() - wall
                     self.sends += 1
                     self.send_wall_s += wall
@@ -593,20 +608,21 @@ class NativeExport:
             detach(token)
 
     def _take(self) -> tuple[str, list[bytes], int]:
-        """Under the outbox's lock: the oldest request, with every later one of its
-        format that fits the format's coalescing limit (other formats keep their
-        places)."""
+        """Under the outbox's lock: the oldest request, with the later ones of its format
+        that fit the format's limits in bytes, spans and requests (other formats keep
+        their places)."""
         outbox = self._outbox
         fmt, payload, count = outbox.popleft()
         parts, size = [payload], len(payload)
-        cap = self._coalesce.get(fmt, 0)
-        if cap and outbox:
+        max_bytes, max_spans, max_parts = self._coalesce.get(fmt, (0, 0, 0))
+        if max_bytes and outbox:
             others: list[tuple[str, bytes, int]] = []
             while outbox:
                 item = outbox[0]
                 if item[0] != fmt:
                     others.append(outbox.popleft())
-                elif size + len(item[1]) <= cap:
+                elif (size + len(item[1]) <= max_bytes and count + item[2] <= max_spans
+                      and len(parts) < max_parts):
                     outbox.popleft()
                     parts.append(item[1])
                     size += len(item[1])
@@ -626,6 +642,8 @@ class NativeExport:
                 else:
                     if joined is None:
                         joined = parts[0] if len(parts) == 1 else b"".join(parts)
+                        if not any(hasattr(s, "send_parts") for s in self.senders[fmt]):
+                            parts.clear()  # held once while it is sent, not twice
                     ok = sender.send(joined, count)
             except Exception as exc:  # noqa: BLE001 - a transport must not kill the thread
                 health.report("export_errors", f"sending spans through {type(sender).__name__} "

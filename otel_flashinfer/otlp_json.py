@@ -98,6 +98,11 @@ def read_requests(path: str) -> Iterator[dict[str, Any]]:
 #: How often an open trace file is checked against its path (moved or deleted: the
 #: next line goes to a new file there).
 _REOPEN_CHECK_S = 1.0
+#: Buffers one ``writev`` may take (IOV_MAX; Linux: 1024).
+try:
+    _IOV_MAX = max(1, min(os.sysconf("SC_IOV_MAX"), 1024))
+except (ValueError, OSError):  # pragma: no cover - no such name here
+    _IOV_MAX = 16
 
 
 def _close_quietly(fd: int) -> None:
@@ -158,11 +163,13 @@ class JsonLinesSpanExporter(SpanExporter):
                 if self._closed:
                     return False
                 fd = self._file()
-                done = os.writev(fd, lines) if len(lines) > 1 else os.write(fd, lines[0])
-                if done < sum(map(len, lines)):  # a short write (full disk, signal) must
-                    view = memoryview(b"".join(lines))[done:]  # not split a line
-                    while view:
-                        view = view[os.write(fd, view):]
+                for lo in range(0, len(lines), _IOV_MAX):
+                    chunk = lines[lo:lo + _IOV_MAX]
+                    done = os.writev(fd, chunk) if len(chunk) > 1 else os.write(fd, chunk[0])
+                    if done < sum(map(len, chunk)):  # a short write (full disk, signal)
+                        view = memoryview(b"".join(chunk))[done:]  # must not split a line
+                        while view:
+                            view = view[os.write(fd, view):]
             return True
         except Exception as exc:  # noqa: BLE001 - an exporter must not raise
             with self._lock:

@@ -439,70 +439,77 @@ class _GatedProtobuf:
         return True
 
 
-def _queue_behind_a_held_send(sink: Any, batches: int, per: int) -> None:
-    """One request in the (held) sender, then ``batches`` more queued behind it."""
-    n = 0
-    for b in range(batches + 1):
-        for _ in range(per):
-            n += 1
-            r = CallRecord.for_call(f"f{n}", n, n, None, BASE)
-            r.start_ns, r.end_ns = n, n + 1
-            sink.add(r)
-        if b == 0:
-            deadline = time.monotonic() + 5
-            while not sink._busy and time.monotonic() < deadline:  # noqa: SLF001
-                time.sleep(0.001)
+def _add(sink: Any, first: int, n: int, cut: bool = False) -> None:
+    """Records ``first`` .. ``first + n - 1``; with ``cut``, sent as a partial batch (as
+    the delay cuts one)."""
+    for i in range(first, first + n):
+        r = CallRecord.for_call(f"f{i}", i, i, None, BASE)
+        r.start_ns, r.end_ns = i, i + 1
+        sink.add(r)
+    if cut:
+        sink.end_drain()
+
+
+def _until(condition: Any) -> None:
+    deadline = time.monotonic() + 5
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert condition()
 
 
 def test_a_sender_behind_writes_what_queued_up_in_one_writev(tmp_path: Path) -> None:
-    """Five batches queued behind a held write go out in one system call, as whole
-    lines, in order, every span once."""
+    """Batches queued behind a held write go out in one system call, as whole lines
+    (each still one batch), in order, every span once; at most half the outbox at once."""
     path = tmp_path / "t.jsonl"
     _provider, tracer = _file_provider(tmp_path / "unused.jsonl")
     sender = _GatedFile(JsonLinesSpanExporter(str(path)))
-    chosen = export.Plan(True, "test", (sender,), delay_s=0.0, batch=10, outbox_spans=1000)
+    chosen = export.Plan(True, "test", (sender,), delay_s=0.0, batch=10, outbox_spans=100)
     sink = export.NativeExport(tracer, chosen, CallRecord, _EMPTY)
-    _queue_behind_a_held_send(sink, 5, 10)
+    _add(sink, 1, 10)
+    _until(lambda: sink._busy)  # noqa: SLF001
+    _add(sink, 11, 70)
     sender.open.set()
     assert sink.flush(time.monotonic() + 10)
     sink.shutdown(1)
-    assert sender.calls == [(1, 10), (5, 50)]
-    lines = path.read_text().splitlines()
-    assert len(lines) == 6
-    assert [s["name"] for s in _spans_in(path)] == [f"f{i}" for i in range(1, 61)]
+    assert sender.calls == [(1, 10), (5, 50), (2, 20)]
+    assert len(path.read_text().splitlines()) == 8
+    assert [s["name"] for s in _spans_in(path)] == [f"f{i}" for i in range(1, 81)]
 
 
-def test_protobuf_requests_queued_up_become_one_request() -> None:
+def test_more_lines_than_one_writev_takes_are_all_written(tmp_path: Path) -> None:
+    """Linux's writev takes at most 1,024 buffers: more lines go out in several."""
+    path = tmp_path / "t.jsonl"
+    exporter = JsonLinesSpanExporter(str(path))
+    lines = [b'{"n":%d}\n' % i for i in range(2500)]
+    assert exporter.write_lines(lines)
+    exporter.shutdown()
+    assert [json.loads(line)["n"] for line in path.read_text().splitlines()] == \
+        list(range(2500))
+
+
+def test_partial_protobuf_requests_queued_up_become_one_request_of_a_batch() -> None:
     """Concatenated ExportTraceServiceRequests are one request with all their
-    resource_spans: it decodes to every span, in order, and counts them all; a request
-    over the limit waits for the next one."""
+    resource_spans: it decodes to every span, in order, and counts them all.  A joined
+    request never carries more than the export batch size (a user's bound on request
+    size), nor more bytes than its limit."""
     tracer, _ = _sdk_tracer()
     sender = _GatedProtobuf()
-    chosen = export.Plan(True, "test", (sender,), delay_s=0.0, batch=10, outbox_spans=1000)
+    chosen = export.Plan(True, "test", (sender,), delay_s=0.0, batch=30, outbox_spans=1000)
     sink = export.NativeExport(tracer, chosen, CallRecord, _EMPTY)
-    _queue_behind_a_held_send(sink, 0, 10)
-    deadline = time.monotonic() + 5
-    while not sink._busy and time.monotonic() < deadline:  # noqa: SLF001
-        time.sleep(0.001)
-    sink._coalesce["protobuf"] = 1  # noqa: SLF001 - nothing fits beside the first...
-    for n in range(11, 21):
-        r = CallRecord.for_call(f"f{n}", n, n, None, BASE)
-        r.start_ns, r.end_ns = n, n + 1
-        sink.add(r)
-    deadline = time.monotonic() + 5
-    while sink._queued < 10 and time.monotonic() < deadline:  # noqa: SLF001
-        time.sleep(0.001)
-    with sink._cond:  # noqa: SLF001 - ...then three more of size one fit beside it
+    _add(sink, 1, 10, cut=True)
+    _until(lambda: sink._busy)  # noqa: SLF001
+    for first in range(11, 71, 10):  # six partial requests of ten spans
+        _add(sink, first, 10, cut=True)
+    _add(sink, 71, 30)  # a full one: alone
+    with sink._cond:  # noqa: SLF001
         one = len(sink._outbox[0][1])  # noqa: SLF001
-        sink._coalesce["protobuf"] = 3 * one  # noqa: SLF001
-    for n in range(21, 51):
-        r = CallRecord.for_call(f"f{n}", n, n, None, BASE)
-        r.start_ns, r.end_ns = n, n + 1
-        sink.add(r)
+        max_bytes, spans, parts = sink._coalesce["protobuf"]  # noqa: SLF001
+        assert (max_bytes, spans) == (export.COALESCE_BYTES, 30)
+        sink._coalesce["protobuf"] = (2 * one, spans, parts)  # noqa: SLF001
     sender.open.set()
     assert sink.flush(time.monotonic() + 10)
     sink.shutdown(1)
-    assert [c for _, c in sender.requests] == [10, 30, 10]
+    assert [c for _, c in sender.requests] == [10, 20, 20, 20, 30]
     names = []
     for payload, count in sender.requests:
         request = ExportTraceServiceRequest.FromString(payload)
@@ -510,8 +517,7 @@ def test_protobuf_requests_queued_up_become_one_request() -> None:
         assert len(spans) == count
         assert all(rs.resource.attributes for rs in request.resource_spans)
         names += [s.name for s in spans]
-    assert names == [f"f{i}" for i in range(1, 51)]
-    assert len(sender.requests[1][0]) == 3 * one
+    assert names == [f"f{i}" for i in range(1, 101)]
 
 
 def test_coalescing_keeps_other_formats_in_their_places(tmp_path: Path) -> None:
@@ -521,10 +527,13 @@ def test_coalescing_keeps_other_formats_in_their_places(tmp_path: Path) -> None:
     _provider, tracer = _file_provider(tmp_path / "unused.jsonl")
     filer, proto = _GatedFile(JsonLinesSpanExporter(str(path))), _GatedProtobuf()
     filer.open = proto.open  # one gate for both
-    chosen = export.Plan(True, "test", (filer, proto), delay_s=0.0, batch=10,
+    chosen = export.Plan(True, "test", (filer, proto), delay_s=0.0, batch=20,
                          outbox_spans=1000)
     sink = export.NativeExport(tracer, chosen, CallRecord, _EMPTY)
-    _queue_behind_a_held_send(sink, 4, 10)
+    _add(sink, 1, 10, cut=True)
+    _until(lambda: sink._busy)  # noqa: SLF001
+    for first in range(11, 51, 10):
+        _add(sink, first, 10, cut=True)
     proto.open.set()
     assert sink.flush(time.monotonic() + 10)
     sink.shutdown(1)
