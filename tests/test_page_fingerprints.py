@@ -158,3 +158,28 @@ def test_pages_referenced_twice_or_out_of_order_are_stored_once_each(
     for h in plain:
         recorder._store_held(h)  # noqa: SLF001
     assert held.entry["pages"] == [h.entry["pages"][0] for h in plain]
+
+
+def test_manifest_pages_joined_from_their_own_json_are_the_canonical_bytes() -> None:
+    """A page list made of pre-encoded pages writes exactly what encoding it whole
+    would, wherever it sits; strings that look like the stand-in stay as they are."""
+    import json
+
+    from otel_flashinfer.blobs import manifest
+
+    pages = [manifest.StoredPage(f"{i:064x}", f"objects/{i:02x}/{i:064x}.safetensors",
+                                 65536 + i) for i in range(5)]
+    token_like = manifest._TOKEN[:-1] + "x0"  # noqa: SLF001
+    meta = {"schema": 1, "z": [1, "@otel-flashinfer-pages-0", token_like],
+            "args": [{"name": "q", "value": {"t": "tensor", "hash": "ab"}},
+                     {"name": "kv", "value": {"t": "paged_kv", "page_ids": [3, 1, 2],
+                                              "pages": manifest.EncodedPages(pages[:3])}},
+                     {"name": "nested", "value": {"t": "tuple", "items": [
+                         {"t": "paged_kv", "pages": manifest.EncodedPages(pages[3:])},
+                         {"t": "paged_kv", "pages": manifest.EncodedPages([])}]}}]}
+    plain = json.loads(json.dumps(meta))  # the same, as ordinary lists and dicts
+    expected = json.dumps(plain, sort_keys=True, allow_nan=False,
+                          separators=(",", ":")).encode()
+    assert manifest.dumps(meta) == expected
+    assert meta["args"][1]["value"]["pages"][0] == pages[0]  # the manifest is left as it was
+    assert json.loads(manifest.dumps(meta))["z"][2] == token_like

@@ -590,7 +590,7 @@ class BlobRecorder:
                 digest, key, new = self.store.put_content(data, self.format)
                 if new:
                     written += page_raw
-                stored = {"hash": digest, "key": key, "nbytes": _size(data)}
+                stored = manifest.StoredPage(digest, key, _size(data))
                 if keys[i] is not None:
                     memo.put(keys[i], stored)
                 found[i] = stored
@@ -598,7 +598,7 @@ class BlobRecorder:
             if unchanged:
                 self._count("pages_unchanged", unchanged)
             held.entry["page_ids"] = order
-            held.entry["pages"] = list(map(dict, found))
+            held.entry["pages"] = manifest.EncodedPages(found)
         else:
             data = encode.encode_parts(held.host, self.format)
             digest, key, new = self.store.put_content(data, self.format)

@@ -39,6 +39,7 @@ from __future__ import annotations
 import enum
 import json
 import math
+import os
 from typing import Any
 
 from . import layout
@@ -93,9 +94,67 @@ def plain_value(value: Any, tensor_ref, depth: int = 0) -> Any:
     return {"t": "unrepresentable", "type": f"{cls.__module__}.{cls.__qualname__}"}
 
 
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, allow_nan=False, separators=(",", ":"))
+
+
+class StoredPage(dict):
+    """A page's ``{"hash", "key", "nbytes"}`` with its canonical JSON made once: the
+    page memo hands the same page to call after call."""
+
+    __slots__ = ("json",)
+
+    def __init__(self, digest: str, key: str, nbytes: int) -> None:
+        super().__init__(hash=digest, key=key, nbytes=nbytes)
+        self.json = _canonical(self)
+
+
+class EncodedPages(list):
+    """A paged cache's page list whose JSON is joined from its pages' own (``dumps``
+    puts it in place): encoding 512 page entries again for every call's manifest cost
+    the level-10 writer more than everything else it does for an unchanged cache."""
+
+    __slots__ = ("json",)
+
+    def __init__(self, pages: list[StoredPage]) -> None:
+        super().__init__(pages)
+        self.json = "[" + ",".join([page.json for page in pages]) + "]"
+
+
+#: Stands in for an EncodedPages while the rest is encoded; random per process, so a
+#: string in a call's arguments cannot be taken for one.
+_TOKEN = f"@otel-flashinfer-pages-{os.urandom(8).hex()}-"
+
+
+def _swap_encoded(value: Any, found: list[str]) -> Any:
+    """``value`` with every EncodedPages replaced by a token (copies only the dicts and
+    lists on the way to one; the rest is shared)."""
+    if type(value) is EncodedPages:
+        found.append(value.json)
+        return f"{_TOKEN}{len(found) - 1}"
+    if type(value) is dict:
+        out = None
+        for k, v in value.items():
+            if isinstance(v, (dict, list)):
+                swapped = _swap_encoded(v, found)
+                if swapped is not v:
+                    if out is None:
+                        out = dict(value)
+                    out[k] = swapped
+        return value if out is None else out
+    if type(value) is list:
+        items = [_swap_encoded(v, found) if isinstance(v, (dict, list)) else v for v in value]
+        return value if all(a is b for a, b in zip(items, value, strict=True)) else items
+    return value
+
+
 def dumps(manifest: dict) -> bytes:
-    """Canonical bytes of a manifest."""
-    return json.dumps(manifest, sort_keys=True, allow_nan=False, separators=(",", ":")).encode()
+    """Canonical bytes of a manifest (sorted keys, no spaces, no NaN)."""
+    found: list[str] = []
+    text = _canonical(_swap_encoded(manifest, found))
+    for i, raw in enumerate(found):
+        text = text.replace(f'"{_TOKEN}{i}"', raw, 1)
+    return text.encode()
 
 
 # -- strict reading ----------------------------------------------------------------
