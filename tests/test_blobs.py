@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import gc
 import hashlib
 import inspect
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -18,6 +21,7 @@ import pytest
 import torch
 
 from otel_flashinfer.blobs import encode, layout, manifest
+from otel_flashinfer.blobs import store as store_mod
 from otel_flashinfer.blobs.capture import BlobRecorder
 from otel_flashinfer.blobs.store import BlobStore, StoreError
 from otel_flashinfer.config import Settings
@@ -280,6 +284,219 @@ def test_count_limit_across_two_processes(tmp_path):
     assert len(list((tmp_path / "traces").rglob("*.json"))) == 50
 
 
+# ---- the store budget's per-process lease ------------------------------------------------
+
+def _counter(path) -> tuple[int, int]:
+    """What the shared counter file holds: reservations and leases of every process."""
+    counter = path / layout.USAGE_DIR / "counter"
+    raw = counter.read_bytes() if counter.exists() else b""
+    return store_mod._COUNTER.unpack(raw) if raw else (0, 0)
+
+
+def _budget(path, max_count=640, max_bytes=64_000) -> store_mod._Budget:
+    return store_mod._Budget(max_count, max_bytes, str(path / layout.USAGE_DIR / "counter"))
+
+
+def _lease(budget) -> tuple[int, int]:
+    return budget._lease.calls, budget._lease.nbytes
+
+
+def test_budgets_of_two_processes_never_exceed_the_limits(tmp_path):
+    """Two budgets over one counter file, as two processes have: whatever the mix of
+    reservations and releases, what they hand out stays within both limits, and the file
+    counts exactly what is reserved plus what each holds as lease."""
+    rng = random.Random(7)
+    budgets = [_budget(tmp_path, max_count=256), _budget(tmp_path, max_count=256)]
+    out = [[0, 0], [0, 0]]  # per budget: calls, bytes reserved and not released
+    refused = set()
+    for _ in range(3000):
+        k = rng.randrange(2)
+        b, o = budgets[k], out[k]
+        op = rng.random()
+        if op < 0.6:
+            calls, nbytes = rng.choice([(1, rng.randrange(0, 300)), (0, rng.randrange(1, 2000))])
+            reason = b.reserve(calls, nbytes)
+            if reason is None:
+                o[0] += calls
+                o[1] += nbytes
+            refused.add(reason)
+        elif op < 0.9:  # what dedup saved
+            nbytes = rng.randrange(0, min(o[1], 1500) + 1)
+            b.release(0, nbytes)
+            o[1] -= nbytes
+        elif o[0]:  # a call dropped
+            nbytes = rng.randrange(0, min(o[1], 1500) + 1)
+            b.release(1, nbytes)
+            o[0] -= 1
+            o[1] -= nbytes
+        calls = out[0][0] + out[1][0]
+        nbytes = out[0][1] + out[1][1]
+        assert calls <= 256 and nbytes <= 64_000
+        leases = [_lease(x) for x in budgets]
+        assert _counter(tmp_path) == (calls + leases[0][0] + leases[1][0],
+                                      nbytes + leases[0][1] + leases[1][1])
+        assert budgets[k].usage() == (calls + leases[1 - k][0], nbytes + leases[1 - k][1])
+    assert {"max_count", "max_bytes"} <= refused  # both limits were reached
+    for b in budgets:
+        b.close()
+    assert _counter(tmp_path) == (out[0][0] + out[1][0], out[0][1] + out[1][1])
+
+
+def test_no_lease_is_kept_at_the_edge_of_the_budget(tmp_path):
+    """Near a limit a budget keeps no lease: one process can fill the budget to the last
+    call, and what it gives back there is at once there for another."""
+    a, b = _budget(tmp_path), _budget(tmp_path)
+    kept = 0
+    while a.reserve(1, 10) is None:
+        kept += 1
+    assert kept == 640 and _lease(a)[0] == 0  # the bytes are far from their limit
+    assert _counter(tmp_path)[0] == 640 and a.usage() == (640, 6400)
+    a.release(1, 10)
+    assert _counter(tmp_path)[0] == 639 and a.usage() == (639, 6390)
+    assert b.reserve(1, 10) is None and b.reserve(1, 10) == "max_count"
+    assert _counter(tmp_path)[0] == 640
+    c = _budget(tmp_path / "bytes")
+    kept = 0
+    while c.reserve(0, 1000) is None:
+        kept += 1
+    assert kept == 64 and c.usage() == (0, 64_000) and _lease(c)[1] == 0
+
+
+def test_small_reservations_seldom_lock_the_counter_file(tmp_path, monkeypatch):
+    """The point of the lease: N reservations and releases as the recorder makes them
+    (one call and its bytes, then what dedup saved) take far fewer than N file locks."""
+    locks = []
+    lockf = fcntl.lockf
+
+    def counting(fd, how, *args):  # noqa: ANN001, ANN002, ANN202
+        if how == fcntl.LOCK_EX:
+            locks.append(how)
+        return lockf(fd, how, *args)
+
+    budget = _budget(tmp_path, max_count=1000, max_bytes=10**9)
+    monkeypatch.setattr(fcntl, "lockf", counting)
+    n = 400
+    for _ in range(n):
+        assert budget.reserve(1, 4096) is None
+        budget.release(0, 4000)
+    assert len(locks) <= n // 8 + 5  # a refill every 8 calls, and a look every 0.1 s
+    assert budget.usage() == (n, n * 96)
+    while budget.reserve(1, 0) is None:
+        pass
+    locks.clear()
+    for _ in range(n):  # over the limit: the refusal stands a while without a look
+        assert budget.reserve(1, 0) == "max_count"
+    assert len(locks) <= 5
+    budget.close()
+    assert _counter(tmp_path) == (1000, n * 96)
+
+
+CHILD_LEASE = textwrap.dedent('''
+    import random, sys
+    from otel_flashinfer.blobs.store import BlobStore
+    store = BlobStore(sys.argv[1], max_count=2560, max_bytes=1_000_000)
+    rng = random.Random(int(sys.argv[2]))
+    calls = nbytes = 0
+    for _ in range(1500):
+        n = rng.randrange(0, 1000)
+        if store.budget.reserve(1, n) is None:
+            saved = rng.randrange(0, n + 1)
+            store.budget.release(0, saved)
+            calls, nbytes = calls + 1, nbytes + n - saved
+    print(calls, nbytes)
+''')
+
+
+def test_leases_of_concurrent_processes_stay_within_the_limits(tmp_path):
+    """Three processes at once, each leasing from one counter file: together they keep no
+    more than the limits allow, and once they exit the file counts what they kept."""
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    procs = [subprocess.Popen([sys.executable, "-c", CHILD_LEASE, str(tmp_path), str(k)],
+                              stdout=subprocess.PIPE, text=True, env=env) for k in range(3)]
+    kept = [tuple(map(int, p.communicate(timeout=120)[0].split())) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    calls, nbytes = sum(k[0] for k in kept), sum(k[1] for k in kept)
+    assert calls <= 2560 and nbytes <= 1_000_000
+    assert calls + 3 * 16 >= 2560 or nbytes + 3 * 62_500 >= 1_000_000  # a limit was reached
+    assert _counter(tmp_path) == (calls, nbytes)
+
+
+def test_usage_excludes_the_lease_and_close_gives_it_back(tmp_path):
+    budget = _budget(tmp_path)
+    assert budget.reserve(1, 100) is None
+    assert _lease(budget) > (0, 0)
+    assert _counter(tmp_path) == (1 + _lease(budget)[0], 100 + _lease(budget)[1])
+    assert budget.usage() == (1, 100)
+    budget.close()
+    assert _counter(tmp_path) == (1, 100) and _lease(budget) == (0, 0)
+    assert budget.reserve(1, 100) is None  # still usable, straight on the file
+    assert _counter(tmp_path) == (2, 200) and budget.usage() == (2, 200)
+    store = BlobStore(str(tmp_path))  # BlobStore.close, and a budget collected
+    assert store.budget.reserve(1, 1) is None and _counter(tmp_path) > (3, 201)
+    store.close()
+    assert _counter(tmp_path) == (3, 201)
+    again = _budget(tmp_path)
+    assert again.reserve(1, 1) is None and _counter(tmp_path) > (4, 202)
+    del again
+    gc.collect()
+    assert _counter(tmp_path) == (4, 202)
+
+
+def test_the_lease_goes_back_at_exit(tmp_path):
+    code = textwrap.dedent('''
+        import sys
+        from otel_flashinfer.blobs.store import BlobStore
+        store = BlobStore(sys.argv[1])
+        assert store.budget.reserve(1, 100) is None
+        assert store.budget._lease.calls > 0
+    ''')
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True,
+                   env={**os.environ, "PYTHONPATH": os.getcwd()}, timeout=60)
+    assert _counter(tmp_path) == (1, 100)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_starts_with_an_empty_lease(tmp_path):
+    """The parent's lease is counted in the file once: a child spending it too would
+    overrun the limits, so the child starts empty and leases its own."""
+    budget = _budget(tmp_path)
+    assert budget.reserve(1, 100) is None
+    parent_lease = _lease(budget)
+    assert parent_lease > (0, 0)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        try:
+            empty = _lease(budget)
+            sees = budget.usage()  # the parent's lease counts as used here
+            ok = budget.reserve(1, 100) is None
+            budget.close()
+            os.write(write, json.dumps([empty, sees, ok]).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    empty, sees, ok = json.loads(os.read(read, 4096).decode())
+    os.close(read)
+    assert empty == [0, 0] and ok
+    assert sees == [1 + parent_lease[0], 100 + parent_lease[1]]
+    assert _lease(budget) == parent_lease
+    assert budget.usage() == (2, 200)
+    budget.close()
+    assert _counter(tmp_path) == (2, 200)
+
+
+def test_a_budget_that_missed_the_fork_hook_drops_the_parents_lease(tmp_path):
+    """The same without ``os.register_at_fork`` having run: the pid seen at the next look
+    tells the budget it is in a new process."""
+    budget = _budget(tmp_path)
+    assert budget.reserve(1, 100) is None
+    parent_lease = _lease(budget)
+    budget._lease._pid = -1  # as if forked
+    assert budget.usage() == (1 + parent_lease[0], 100 + parent_lease[1])
+    assert _lease(budget) == (0, 0)
+
+
 CHILD_TERM = textwrap.dedent('''
     import inspect, signal, sys, time, torch
     from otel_flashinfer.blobs.capture import BlobRecorder
@@ -329,6 +546,39 @@ def test_sigterm_mid_call_leaves_complete_manifests(tmp_path):
     assert torch.equal(encode.decode(store.get(ref["key"]), "safetensors"), torch.arange(32.))
 
 
+CHILD_TERM_DEFAULT = textwrap.dedent('''
+    import inspect, sys, time, torch
+    from otel_flashinfer.blobs.capture import BlobRecorder
+    from otel_flashinfer.config import Settings
+    rec = BlobRecorder(Settings(blob_url=sys.argv[1]))
+    def add(x, y): return x + y
+    for i in range(3):
+        x = torch.full((64,), float(i))
+        c = rec.before("add", "m", "add", None, 9, i + 1, None, i,
+                       inspect.signature(add).bind(x, 1.0))
+        c.after(add(x, 1.0), None)
+    rec.before("add", "m", "add", None, 9, 99, None, 99,
+               inspect.signature(add).bind(torch.arange(32.), 1.0))
+    assert rec.store.budget._lease.calls > 0
+    print("ready", flush=True)
+    time.sleep(60)
+''')
+
+
+def test_sigterm_by_default_leaves_no_lease_counted(tmp_path):
+    """SIGTERM with its default action runs no atexit: the handler gives the budget's
+    lease back before the process dies, so the counter file holds the calls kept."""
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    p = subprocess.Popen([sys.executable, "-c", CHILD_TERM_DEFAULT, str(tmp_path)], env=env,
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "ready"
+    os.kill(p.pid, signal.SIGTERM)
+    p.communicate(timeout=60)
+    assert p.returncode == -signal.SIGTERM
+    assert len(BlobStore(str(tmp_path), check_writable=False).list_manifests(9)) == 4
+    assert _counter(tmp_path)[0] == 4
+
+
 def test_atexit_completes_inflight(tmp_path):
     code = textwrap.dedent('''
         import inspect, sys, torch
@@ -343,6 +593,7 @@ def test_atexit_completes_inflight(tmp_path):
     store = BlobStore(str(tmp_path), check_writable=False)
     (key,) = store.list_manifests(7)
     assert manifest.parse(store.get(key), key)["status"] == "crashed"
+    assert _counter(tmp_path)[0] == 1  # the budget's lease went back at exit too
 
 
 def test_crash_safe_writes_pending_before_call(tmp_path):

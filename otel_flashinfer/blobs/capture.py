@@ -256,6 +256,8 @@ class BlobRecorder:
                 if callable(previous):
                     previous(signum, frame)
                 elif previous == signal.SIG_DFL or previous is None:
+                    if rec is not None:
+                        rec.store.close()  # no atexit after this: the lease goes back now
                     signal.signal(signal.SIGTERM, signal.SIG_DFL)
                     os.kill(os.getpid(), signal.SIGTERM)
 
@@ -677,6 +679,7 @@ class BlobRecorder:
                 return False
             self._wake.set()
             self._idle.wait(min(left, 0.05))
+        self.store.budget.give_back()  # all written: the counter file says what we used
         return True
 
     def shutdown(self, timeout_s: float = 30.0) -> bool:
@@ -685,6 +688,7 @@ class BlobRecorder:
         ok = self.flush(timeout_s)
         self._stopping = True
         self._wake.set()
+        self.store.close()  # the budget's lease back; late releases go to the file
         return ok
 
 

@@ -16,8 +16,11 @@ count and an upper bound of its bytes before anything is copied; once written,
 what dedup saved is given back.  The reservation is exact across threads (a
 lock) and, for a local store, across every process writing to it (a counter
 file ``.usage/counter`` under an fcntl record lock; delete it to reset the
-budget).  For remote stores (s3://, gs://, ...) the budget is per process:
-object stores have no cheap atomic counter.
+budget).  The file is not touched per call: each process takes a small lease
+from it (``_Lease``) and serves reservations from that in memory; leases count
+in the file, so the limits still hold across processes, and none is kept near
+the edge of the budget.  For remote stores (s3://, gs://, ...) the budget is per
+process: object stores have no cheap atomic counter.
 """
 
 from __future__ import annotations
@@ -25,19 +28,34 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import logging
+import math
 import os
 import struct
 import threading
+import time
 import uuid
+import weakref
 from typing import Any
 
 import fsspec
 
+from .. import forking
 from . import layout
 
 log = logging.getLogger(__name__)
 
 _COUNTER = struct.Struct("<qq")  # calls, bytes
+
+
+#: How long what the counter file said is trusted: meanwhile a lease is spent, and a
+#: refusal repeated, without looking again.  Bounds how late a process notices that the
+#: budget nears its edge or that another process gave some back (~10 looks a second).
+_FRESH_S = 0.1
+#: A lease holds at most this many calls ...
+_LEASE_CALLS = 8
+#: ... and at most 1/_LEASE_SHARE of either limit (large requests: up to 1/32 of bytes),
+#: so that what idle processes hold stays a small part of the budget.
+_LEASE_SHARE = 64
 
 
 def parts_of(data: bytes | list) -> list:
@@ -54,68 +72,212 @@ def _is_local(fs: Any) -> bool:
     return protocol in ("file", "local")
 
 
+def _over(count: int, nbytes: int, d_count: int, d_bytes: int, max_count: int,
+          max_bytes: int) -> str | None:
+    """Which limit taking ``d_count``/``d_bytes`` on top of ``count``/``nbytes`` breaks."""
+    if d_count > 0 and count + d_count > max_count:
+        return "max_count"
+    if d_bytes > 0 and nbytes + d_bytes > max_bytes:
+        return "max_bytes"
+    return None
+
+
+def _lease_size(chunk: int, free: int) -> int:
+    """A chunk while twice that is free, else nothing: near the edge of the budget no
+    process keeps a lease, so what is left goes to whichever asks first, as without."""
+    return chunk if free >= 2 * chunk else 0
+
+
+def _read_counter(fd: int) -> tuple[int, int]:
+    raw = os.pread(fd, _COUNTER.size, 0)
+    return _COUNTER.unpack(raw) if len(raw) == _COUNTER.size else (0, 0)
+
+
+class _Lease:
+    """This process's share of a budget kept in a counter file, spent in memory.
+
+    The file counts every process's reservations, leases included, so the limits hold
+    across processes; a lease only moves a part of it into memory, where a reservation
+    or release that fits costs no syscall (the calling thread neither waits on the file
+    lock nor hands the GIL to a writer thread).  One locked look at the file tops the
+    lease up to a chunk when a reservation does not fit, trims it when releases grow it
+    past two chunks, and gives it all back on ``close``, at exit and when the budget is
+    collected.  A process killed outright keeps its lease counted, as it kept its
+    in-flight reservations before (delete the file to reset).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd: int | None = None
+        self._closed = False
+        self._largest = 0  # largest reservation seen: its size is worth a lease too
+        self._fork_hook = False  # registered on first use: stores only read need none
+        self._lock = threading.Lock()  # not an RLock: a signal handler must not re-enter
+        self._new_process()
+
+    def _init_process_state(self) -> None:
+        """In a forked child: a new lock (the parent's may be held) and an empty lease."""
+        self._lock = threading.Lock()
+        self._new_process()
+
+    def _new_process(self) -> None:
+        """Forget the lease: what a parent leased is the parent's to spend and give back."""
+        if self._fd is not None:
+            _close_quietly(self._fd)  # inherited; the child holds none of the file's locks
+        self._fd = None
+        self._pid = os.getpid()
+        self.calls = 0  # reserved in the file, not handed out yet
+        self.nbytes = 0
+        self._keep = (0, 0)  # the lease the last look settled on
+        self._seen = (0, 0)  # the file's counts after the last look
+        self._seen_at = -math.inf
+
+    def _open(self) -> int:
+        if self._pid != os.getpid():
+            self._new_process()  # forked without our hook having run
+        if self._fd is None:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            if not self._fork_hook:
+                self._fork_hook = True
+                forking.redo_in_child(self, "_init_process_state")
+        return self._fd
+
+    def reserve(self, calls: int, nbytes: int, max_count: int, max_bytes: int) -> str | None:
+        with self._lock:
+            fresh = time.monotonic() - self._seen_at < _FRESH_S
+            if fresh and calls <= self.calls and nbytes <= self.nbytes:
+                self.calls -= calls
+                self.nbytes -= nbytes
+                return None
+            if fresh:  # a refusal stands until the next look
+                reason = _over(*self._seen, calls - self.calls, nbytes - self.nbytes,
+                               max_count, max_bytes)
+                if reason is not None:
+                    return reason
+            self._largest = max(self._largest, nbytes)
+            return self._look(calls, nbytes, max_count, max_bytes)
+
+    def release(self, calls: int, nbytes: int, max_count: int, max_bytes: int) -> None:
+        with self._lock:
+            self.calls += calls
+            self.nbytes += nbytes
+            keep_calls, keep_bytes = self._keep
+            if (self.calls > 2 * keep_calls or self.nbytes > 2 * keep_bytes
+                    or time.monotonic() - self._seen_at >= _FRESH_S):
+                self._look(0, 0, max_count, max_bytes)
+
+    def usage(self) -> tuple[int, int]:
+        """What the file counts less this process's unused lease."""
+        with self._lock:
+            count, nbytes = _read_counter(self._open())
+            return max(0, count - self.calls), max(0, nbytes - self.nbytes)
+
+    def give_back(self, *, stop: bool = False) -> None:
+        """Return the lease to the file; with ``stop``, take none from now on (every
+        reservation goes to the file, exactly, as late writer releases still may)."""
+        if not self._lock.acquire(timeout=1.0):
+            return  # held by the thread a signal interrupted: keep it rather than hang
+        try:
+            self._closed = self._closed or stop
+            if self.calls or self.nbytes:
+                self._look(0, 0, 0, 0)
+        except OSError:
+            log.debug("blob budget: lease not given back to %s", self.path, exc_info=True)
+        finally:
+            self._lock.release()
+
+    def close(self) -> None:
+        self.give_back(stop=True)
+
+    def _look(self, calls: int, nbytes: int, max_count: int, max_bytes: int) -> str | None:
+        """One locked read-modify-write of the file: take what the reservation needs
+        beyond the lease, then set the lease to its new size (under ``self._lock``)."""
+        fd = self._open()
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+        try:
+            count, total = _read_counter(fd)
+            need_calls = max(0, calls - self.calls)
+            need_bytes = max(0, nbytes - self.nbytes)
+            reason = _over(count, total, need_calls, need_bytes, max_count, max_bytes)
+            if reason is None:
+                left_calls = self.calls + need_calls - calls  # lease after this reservation
+                left_bytes = self.nbytes + need_bytes - nbytes
+                keep_calls = keep_bytes = 0
+                if not self._closed:
+                    chunk_calls = min(_LEASE_CALLS, max_count // _LEASE_SHARE)
+                    chunk_bytes = max(max_bytes // _LEASE_SHARE,
+                                      min(self._largest, max_bytes // 32))
+                    keep_calls = _lease_size(chunk_calls,
+                                             max_count - count - need_calls + left_calls)
+                    keep_bytes = _lease_size(chunk_bytes,
+                                             max_bytes - total - need_bytes + left_bytes)
+                new = (max(0, count + need_calls + keep_calls - left_calls),
+                       max(0, total + need_bytes + keep_bytes - left_bytes))
+                if new != (count, total):
+                    os.pwrite(fd, _COUNTER.pack(*new), 0)
+                count, total = new
+                self.calls, self.nbytes = keep_calls, keep_bytes
+                self._keep = (keep_calls, keep_bytes)
+            self._seen = (count, total)
+            self._seen_at = time.monotonic()
+            return reason
+        finally:
+            fcntl.lockf(fd, fcntl.LOCK_UN)
+
+
 class _Budget:
-    """Calls and bytes reserved so far, shared through a locked file when local."""
+    """Calls and bytes reserved so far: in memory, or (local stores) in a counter file
+    shared by every process writing to the store, of which each keeps a lease."""
 
     def __init__(self, max_count: int, max_bytes: int, counter_path: str | None) -> None:
         self.max_count = max_count
         self.max_bytes = max_bytes
         self._lock = threading.RLock()
-        self._path = counter_path
-        self._fd: int | None = None
-        self._pid = -1
         self._count = 0
         self._bytes = 0
-
-    def _open(self) -> int:
-        if self._fd is None or self._pid != os.getpid():
-            os.makedirs(os.path.dirname(self._path), exist_ok=True)
-            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
-            self._pid = os.getpid()
-        return self._fd
+        self._lease = None if counter_path is None else _Lease(counter_path)
+        if self._lease is not None:
+            weakref.finalize(self, self._lease.close)  # at exit too
 
     def _update(self, d_count: int, d_bytes: int, check: bool) -> str | None:
         with self._lock:
-            if self._path is None:
-                count, nbytes = self._count, self._bytes
-                reason = self._over(count, nbytes, d_count, d_bytes) if check else None
-                if reason is None:
-                    self._count, self._bytes = count + d_count, max(0, nbytes + d_bytes)
-                return reason
-            fd = self._open()
-            fcntl.lockf(fd, fcntl.LOCK_EX)
-            try:
-                raw = os.pread(fd, _COUNTER.size, 0)
-                count, nbytes = _COUNTER.unpack(raw) if len(raw) == _COUNTER.size else (0, 0)
-                reason = self._over(count, nbytes, d_count, d_bytes) if check else None
-                if reason is None:
-                    os.pwrite(fd, _COUNTER.pack(count + d_count, max(0, nbytes + d_bytes)), 0)
-                return reason
-            finally:
-                fcntl.lockf(fd, fcntl.LOCK_UN)
-
-    def _over(self, count: int, nbytes: int, d_count: int, d_bytes: int) -> str | None:
-        if d_count > 0 and count + d_count > self.max_count:
-            return "max_count"
-        if d_bytes > 0 and nbytes + d_bytes > self.max_bytes:
-            return "max_bytes"
-        return None
+            count, nbytes = self._count, self._bytes
+            reason = (_over(count, nbytes, d_count, d_bytes, self.max_count, self.max_bytes)
+                      if check else None)
+            if reason is None:
+                self._count, self._bytes = count + d_count, max(0, nbytes + d_bytes)
+            return reason
 
     def reserve(self, calls: int, nbytes: int) -> str | None:
         """Take ``calls`` and ``nbytes`` from the budget; the reason string if over."""
-        return self._update(calls, nbytes, check=True)
+        if self._lease is None:
+            return self._update(calls, nbytes, check=True)
+        return self._lease.reserve(calls, nbytes, self.max_count, self.max_bytes)
 
     def release(self, calls: int, nbytes: int) -> None:
         """Give back what a reservation did not use."""
-        self._update(-calls, -nbytes, check=False)
+        if self._lease is None:
+            self._update(-calls, -nbytes, check=False)
+        else:
+            self._lease.release(calls, nbytes, self.max_count, self.max_bytes)
 
     def usage(self) -> tuple[int, int]:
-        """(calls, bytes) currently counted."""
-        with self._lock:
-            if self._path is None:
+        """(calls, bytes) currently counted: reserved or written, not merely leased."""
+        if self._lease is None:
+            with self._lock:
                 return self._count, self._bytes
-            raw = os.pread(self._open(), _COUNTER.size, 0)
-            return _COUNTER.unpack(raw) if len(raw) == _COUNTER.size else (0, 0)
+        return self._lease.usage()
+
+    def give_back(self) -> None:
+        """Return this process's lease to the counter file (all is written, say)."""
+        if self._lease is not None:
+            self._lease.give_back()
+
+    def close(self) -> None:
+        """Return the lease and keep none: later calls still work, each on the file."""
+        if self._lease is not None:
+            self._lease.close()
 
 
 class BlobStore:
@@ -143,6 +305,11 @@ class BlobStore:
         self.budget = _Budget(max_count, max_bytes, counter)
         if check_writable:
             self._check_writable()
+
+    def close(self) -> None:
+        """Give this process's budget lease back to the shared counter (the store stays
+        usable; later reservations go to the counter file one by one)."""
+        self.budget.close()
 
     # -- URLs and paths ---------------------------------------------------------
     def path(self, key: str) -> str:
@@ -269,6 +436,13 @@ class BlobStore:
 
 def _nbytes(parts: list) -> int:
     return sum(memoryview(p).nbytes for p in parts)
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
 
 
 def _unlink_quietly(path: str) -> None:
