@@ -117,6 +117,35 @@ def test_dedup_same_bytes_stored_once(tmp_path):
     assert rec.store.budget.usage() == (5, 8000)
 
 
+def test_folders_deleted_under_a_store_are_made_again(tmp_path, monkeypatch):
+    """Folders are made once (no makedirs per object), yet a store whose folders were
+    deleted meanwhile still writes objects, manifests and index entries."""
+    import shutil
+
+    store = BlobStore(str(tmp_path / "s"))
+    made = []
+    real = os.makedirs
+    monkeypatch.setattr(store_mod.os, "makedirs",
+                        lambda p, *a, **k: (made.append(p), real(p, *a, **k))[1])
+    store.put_content(b"a" * 64, "safetensors")
+    store.put_content(b"a" * 64, "safetensors")  # known: no write at all
+    for name in ("x", "x2", "x3"):
+        store.put_marker(f"processes/1-a/calls/{name}")
+    store.put_manifest("traces/ab/1.json", b"{}")
+    store.put_manifest("traces/ab/2.json", b"{}")
+    assert len(made) == len(set(made)) >= 3  # each folder made once, not once a write
+    shutil.rmtree(tmp_path / "s" / "objects")
+    shutil.rmtree(tmp_path / "s" / "processes")
+    digest, key, new = store.put_content(b"c" * 64, "safetensors")
+    assert new == 64 and store.get(key) == b"c" * 64
+    assert hashlib.sha256(b"c" * 64).hexdigest() == digest
+    store.put_marker("processes/1-a/calls/y")
+    assert (tmp_path / "s" / "processes" / "1-a" / "calls" / "y").read_bytes() == b""
+    store.put_manifest("traces/ab/m.json", b"{}")
+    assert store.get("traces/ab/m.json") == b"{}"
+    assert not [p for p in (tmp_path / "s").rglob("*") if ".tmp-" in p.name]
+
+
 def test_concurrent_duplicate_put_leaves_one_intact_object(tmp_path):
     store = BlobStore(str(tmp_path))
     data = encode.encode_parts(torch.arange(300_000, dtype=torch.float32), "safetensors")

@@ -61,7 +61,7 @@ class IndexWriter:
             self._write_info()
         start, span, trace = meta["start_ns"], meta["span_id"], meta["trace_id"]
         name = layout.call_entry_name(start, span, trace, nbytes, meta["api"])
-        self.store.put_manifest(f"{layout.process_calls_prefix(self.process)}/{name}", b"")
+        self.store.put_marker(f"{layout.process_calls_prefix(self.process)}/{name}")
         instance = meta.get("instance_id")
         method = meta["qualname"].rsplit(".", 1)[-1]
         if instance and (method == "__init__" or method.startswith("plan")):

@@ -45,6 +45,8 @@ from . import layout
 log = logging.getLogger(__name__)
 
 _COUNTER = struct.Struct("<qq")  # calls, bytes
+#: Folders a store remembers having made (objects/ab/, one per trace, ...).
+_MAX_DIRS = 4096
 
 
 #: How long what the counter file said is trusted: meanwhile a lease is spent, and a
@@ -300,6 +302,10 @@ class BlobStore:
         self.local = _is_local(self.fs)
         self.root = os.path.abspath(root) if self.local else root.rstrip("/")
         self._known: set[str] = set()
+        #: Folders made (or found) already: a new page costs no makedirs (a stat and a
+        #: mkdir each, twice per object).  Bounded; a folder deleted under us is made
+        #: again on the first write that misses it.
+        self._dirs: set[str] = set()
         self._land_lock = threading.Lock()  # exists-check + rename of one object
         counter = os.path.join(self.root, layout.USAGE_DIR, "counter") if self.local else None
         self.budget = _Budget(max_count, max_bytes, counter)
@@ -337,20 +343,61 @@ class BlobStore:
     def _tmp_path(self, path: str) -> str:
         return f"{path}.tmp-{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:8]}"
 
+    def _make_dir(self, folder: str, again: bool = False) -> None:
+        if again:
+            self._dirs.discard(folder)
+        elif folder in self._dirs:
+            return
+        os.makedirs(folder, exist_ok=True)
+        if len(self._dirs) >= _MAX_DIRS:
+            self._dirs.clear()
+        self._dirs.add(folder)
+
+    def _write_temp(self, path: str, parts: list) -> str:
+        """A synced temp file beside ``path``, its folder made when missing."""
+        folder = os.path.dirname(path)
+        self._make_dir(folder)
+        tmp = self._tmp_path(path)
+        try:
+            try:
+                _write_synced(tmp, parts)
+            except FileNotFoundError:  # the folder went away since we made it
+                self._make_dir(folder, again=True)
+                _write_synced(tmp, parts)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+        return tmp
+
     def _write_atomic(self, key: str, data: bytes | list) -> None:
         path = self.path(key)
         parts = parts_of(data)
         if not self.local:
             self.fs.pipe_file(path, b"".join(parts))  # a single PUT: all or nothing
             return
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = self._tmp_path(path)
+        tmp = self._write_temp(path, parts)
         try:
-            _write_synced(tmp, parts)
             os.replace(tmp, path)
         except BaseException:
             _unlink_quietly(tmp)
             raise
+
+    def put_marker(self, key: str) -> None:
+        """An empty object whose name is the record (index entries): created in place,
+        with no temp file, rename or fsync, since an empty file cannot be torn."""
+        path = self.path(key)
+        if not self.local:
+            self.fs.pipe_file(path, b"")
+            return
+        folder = os.path.dirname(path)
+        self._make_dir(folder)
+        flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(path, flags, 0o644)
+        except FileNotFoundError:
+            self._make_dir(folder, again=True)
+            fd = os.open(path, flags, 0o644)
+        os.close(fd)
 
     def _land(self, tmp: str, key: str) -> bool:
         """Rename a synced temp file to ``key`` unless the object is there already
@@ -361,8 +408,7 @@ class BlobStore:
                 self._known.add(key)
                 _unlink_quietly(tmp)
                 return False
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            os.replace(tmp, path)
+            os.replace(tmp, path)  # the temp file sits in the same folder
             self._known.add(key)
             return True
 
@@ -384,11 +430,8 @@ class BlobStore:
             self._write_atomic(key, data)
             self._known.add(key)
             return _nbytes(parts_of(data))
-        path = self.path(key)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = self._tmp_path(path)
+        tmp = self._write_temp(self.path(key), parts_of(data))
         try:
-            _write_synced(tmp, parts_of(data))
             landed = self._land(tmp, key)
         except BaseException:
             _unlink_quietly(tmp)
