@@ -671,3 +671,66 @@ def test_pending_protocol_sets_attributes(tmp_path):
         time.sleep(0.01)
     p.apply(r)
     assert r.attributes == {"flashinfer.blob.manifest": cap.manifest_url}
+
+
+def test_a_refused_reservation_gives_the_lease_back(tmp_path):
+    """Refused at the edge of the budget: the process keeps no lease, so what is left
+    goes to whichever process asks next."""
+    budget = _budget(tmp_path, max_count=640, max_bytes=64_000)
+    assert budget.reserve(1, 100) is None and _lease(budget) > (0, 0)
+    assert budget.reserve(1, 100_000) == "max_bytes"
+    assert _lease(budget) == (0, 0) and _counter(tmp_path) == (1, 100)
+    other = _budget(tmp_path, max_count=640, max_bytes=64_000)
+    assert other.reserve(1, 63_900) is None  # all of the rest, none held by the first
+    assert other.usage() == (2, 64_000)
+
+
+def test_a_release_after_close_reaches_the_file(tmp_path):
+    """A lease used up exactly, then closed: later releases go to the file at once."""
+    budget = _budget(tmp_path, max_count=640, max_bytes=64_000)
+    assert budget.reserve(1, 1000) is None
+    calls, nbytes = _lease(budget)
+    assert budget.reserve(calls, nbytes) is None and _lease(budget) == (0, 0)
+    budget.close()
+    budget.release(1, 500)
+    assert _lease(budget) == (0, 0)
+    assert _counter(tmp_path) == (calls, 500 + nbytes)
+
+
+def test_a_multiprocessing_child_gives_its_lease_back(tmp_path):
+    """multiprocessing's fork children end in os._exit (no atexit): the lease still
+    goes back through its exit finalizers."""
+    import multiprocessing
+
+    def child(root: str) -> None:
+        store = BlobStore(root)
+        assert store.budget.reserve(1, 100) is None
+        assert store.budget._lease.calls > 0  # noqa: SLF001 - a lease to give back
+
+    process = multiprocessing.get_context("fork").Process(target=child,
+                                                          args=(str(tmp_path),))
+    process.start()
+    process.join(30)
+    assert process.exitcode == 0
+    assert _counter(tmp_path) == (1, 100)
+
+
+def test_an_idle_writer_gives_the_lease_back(tmp_path):
+    """Half a second without calls and the lease is back in the file, flush or not."""
+    rec = BlobRecorder(settings(tmp_path), install_handlers=False)
+    cap = record(rec, add, 1, 1, torch.ones(10), torch.ones(10))
+    assert cap.done.wait(10)
+    deadline = time.monotonic() + 5
+    while _counter(tmp_path) != (1, 80) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _counter(tmp_path) == (1, 80)  # ones once (x is y's bytes), twos once
+    rec.shutdown(5)
+
+
+def test_crash_safe_keeps_no_lease(tmp_path):
+    rec = BlobRecorder(settings(tmp_path, crash_safe=True), install_handlers=False)
+    cap = record(rec, add, 1, 1, torch.ones(10), torch.ones(10))
+    assert cap.done.wait(10)
+    assert rec.store.budget._lease.calls == 0  # noqa: SLF001
+    assert _counter(tmp_path)[0] == 1
+    rec.shutdown(5)

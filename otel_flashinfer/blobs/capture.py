@@ -196,6 +196,8 @@ class BlobRecorder:
             max_count=int(getattr(settings, "blob_max_count", 1000)),
             max_bytes=int(float(getattr(settings, "blob_max_gb", 20.0)) * 1024**3),
         )
+        if self.crash_safe:  # runs expected to crash keep no lease to leave behind
+            self.store.close()
         from .staging import StagingPool
 
         self.staging = StagingPool(int(staging_mb * 1024 * 1024))
@@ -515,6 +517,16 @@ class BlobRecorder:
                 self._threads.append(t)
 
     # -- writer threads ------------------------------------------------------------
+    def _idle_give_back(self) -> None:
+        """Half a second without calls: the budget's lease goes back to the shared file,
+        so a process that stops recording (or exits without atexit, as multiprocessing
+        children and killed processes do) holds none of it."""
+        if self._busy == 0:
+            try:
+                self.store.budget.give_back()
+            except Exception:  # noqa: BLE001
+                self._internal_error("budget")
+
     def _take(self) -> CallCapture | None:
         """The next queued call (counted busy), or None; sets idle when nothing is left."""
         with self._qlock:
@@ -532,7 +544,8 @@ class BlobRecorder:
             if cap is None:
                 if self._stopping:
                     return
-                self._wake.wait(0.5)
+                if not self._wake.wait(0.5) and not self._queue:
+                    self._idle_give_back()
                 continue
             self._wake.set()  # more may be queued: let another writer look too
             try:

@@ -29,6 +29,7 @@ import fcntl
 import hashlib
 import logging
 import math
+import multiprocessing.util
 import os
 import struct
 import threading
@@ -143,6 +144,9 @@ class _Lease:
             if not self._fork_hook:
                 self._fork_hook = True
                 forking.redo_in_child(self, "_init_process_state")
+            # multiprocessing's fork and forkserver children end in os._exit: no atexit,
+            # no weakref finalizer, but its own exit finalizers still run.
+            multiprocessing.util.Finalize(None, self.give_back, exitpriority=10)
         return self._fd
 
     def reserve(self, calls: int, nbytes: int, max_count: int, max_bytes: int) -> str | None:
@@ -155,8 +159,8 @@ class _Lease:
             if fresh:  # a refusal stands until the next look
                 reason = _over(*self._seen, calls - self.calls, nbytes - self.nbytes,
                                max_count, max_bytes)
-                if reason is not None:
-                    return reason
+                if reason is not None and not (self.calls or self.nbytes):
+                    return reason  # (holding a lease, the look below gives it back)
             self._largest = max(self._largest, nbytes)
             return self._look(calls, nbytes, max_count, max_bytes)
 
@@ -167,7 +171,10 @@ class _Lease:
             keep_calls, keep_bytes = self._keep
             if (self.calls > 2 * keep_calls or self.nbytes > 2 * keep_bytes
                     or time.monotonic() - self._seen_at >= _FRESH_S):
-                self._look(0, 0, max_count, max_bytes)
+                try:
+                    self._look(0, 0, max_count, max_bytes)
+                except OSError:  # credited to the lease already: the next look settles it
+                    log.debug("blob budget: %s not updated", self.path, exc_info=True)
 
     def usage(self) -> tuple[int, int]:
         """What the file counts less this process's unused lease."""
@@ -182,6 +189,7 @@ class _Lease:
             return  # held by the thread a signal interrupted: keep it rather than hang
         try:
             self._closed = self._closed or stop
+            self._keep = (0, 0)  # a later release looks again rather than lease
             if self.calls or self.nbytes:
                 self._look(0, 0, 0, 0)
         except OSError:
@@ -221,6 +229,11 @@ class _Lease:
                 count, total = new
                 self.calls, self.nbytes = keep_calls, keep_bytes
                 self._keep = (keep_calls, keep_bytes)
+            elif self.calls or self.nbytes:  # refused: at the edge, no process keeps one
+                count, total = max(0, count - self.calls), max(0, total - self.nbytes)
+                os.pwrite(fd, _COUNTER.pack(count, total), 0)
+                self.calls = self.nbytes = 0
+                self._keep = (0, 0)
             self._seen = (count, total)
             self._seen_at = time.monotonic()
             return reason
