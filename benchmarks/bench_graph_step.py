@@ -118,7 +118,7 @@ def gpu_child(level: int, replays: int) -> dict[str, Any]:
 
 
 def cpu_child(level: int, replays: int, previous_path: bool,
-              replay_s: float = 0.0) -> dict[str, Any]:
+              replay_s: float = 0.0, hold_gil: bool = False) -> dict[str, Any]:
     import torch
 
     class FakeGraph:
@@ -129,7 +129,11 @@ def cpu_child(level: int, replays: int, previous_path: bool,
             pass
 
         def replay(self) -> None:
-            if replay_s:
+            if hold_gil:  # a replaying thread that keeps the GIL: the worst case
+                end = time.perf_counter() + replay_s
+                while time.perf_counter() < end:
+                    pass
+            elif replay_s:
                 time.sleep(replay_s)  # the GPU's time, as wall: no CPU
 
     torch.cuda.CUDAGraph = FakeGraph  # type: ignore[misc] - before instrument() patches it
@@ -254,13 +258,17 @@ def main() -> int:
     parser.add_argument("--mode", choices=["auto", "gpu", "cpu"], default="auto")
     parser.add_argument("--replay-us", type=float, default=629.0,
                         help="CPU mode: how long a stand-in replay takes (wall, no CPU)")
+    parser.add_argument("--hold-gil", action="store_true",
+                        help="CPU mode: the stand-in replay spins in Python for its time "
+                             "(holding the GIL) instead of sleeping: the background threads "
+                             "get the GIL only at CPython's 5 ms switch interval")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         kind, level, previous = args.child.split(":")
         result = (gpu_child(int(level), args.replays) if kind == "gpu" else
                   cpu_child(int(level), args.replays, previous == "1",
-                            args.replay_us * 1e-6))
+                            args.replay_us * 1e-6, args.hold_gil))
         print(json.dumps(result))
         return 0
     mode = args.mode
@@ -307,7 +315,11 @@ def main() -> int:
         print("  (level 5: each captured call's 5 statistics rows stood in, the replay's "
               "copy a memmove, the event query always done, a ring slot for every replay: "
               "the host side only)")
-    pace = ["--replays", str(args.replays), "--replay-us", str(args.replay_us)]
+    pace = ["--replays", str(args.replays), "--replay-us", str(args.replay_us),
+            *(["--hold-gil"] if args.hold_gil else [])]
+    if args.hold_gil:
+        print("  (--hold-gil: the stand-in replay spins, holding the GIL; its CPU is in "
+              "every figure)")
     bare = _run_child(["--child", "cpu:0:0", *pace])["cpu_us"]
     print(f"  level 0 (untraced): {bare:.1f} us of CPU per replay, the stand-in's own sleep "
           "and loop; the figures below include it, the percentages are over it")

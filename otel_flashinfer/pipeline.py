@@ -439,14 +439,15 @@ def _holds_gpu_work(record: CallRecord) -> bool:
 
 
 def _may_hold(queue: deque[CallRecord], native: Any) -> bool:
-    """Whether the queue may wait for a busy sender: no more records than a batch, no
-    more spans than the outbox holds (a replay record carries its children), and none
-    holding GPU work (a graph's ring can have 16 slots)."""
+    """Whether the queue may wait for a busy sender: no more records than a batch, and
+    none holding GPU work (a graph's ring can have 16 slots).  However many spans they
+    carry: replay records hold 65 each, and encoding more than the outbox takes only for
+    it to drop them lost 4,680 of 65,000 level-3 spans behind a replay loop that keeps
+    the GIL (``bench_graph_step.py --mode cpu --hold-gil``), none when they wait in the
+    record queue (bounded: ``max_queue``)."""
     if not queue or len(queue) > native.batch:
         return not queue
-    head = queue[0]
-    return len(queue) * head.spans() <= native.outbox_spans and not any(
-        _holds_gpu_work(record) for record in queue)
+    return not any(_holds_gpu_work(record) for record in queue)
 
 
 class Pipeline:
@@ -694,9 +695,10 @@ class Pipeline:
                 # (statistics, a GPU time the encoder could not resolve) come back here.
                 # What is queued now, in batch-sized chunks: later arrivals wait for the
                 # next tick, and the callers get the GIL back between chunks.  With the
-                # outbox full and its sender busy, a short queue waits (_may_hold; the
-                # worker waits for room outside this section); a longer one is encoded
-                # and the outbox drops its oldest, counted.
+                # outbox full and its sender busy, a queue of up to a batch of records
+                # holding no GPU work waits (_may_hold; the worker waits for room outside
+                # this section); a longer one is encoded and the outbox drops its
+                # oldest, counted.
                 left = len(queue)
                 while left > 0:
                     chunk = min(left, native.batch)

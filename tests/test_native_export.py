@@ -826,3 +826,42 @@ def test_a_dropped_replay_counts_its_children(monkeypatch) -> None:  # noqa: ANN
     for i in range(1, 11):
         pipeline.submit(_replay(capture, index=i, replay_id=0x500 + i))
     assert health.counters().get("spans_dropped", 0) - before == 6 * (1 + 3)
+
+
+def test_replays_wait_for_a_busy_sender_rather_than_be_dropped(tmp_path: Path,
+                                                               monkeypatch) -> None:  # noqa: ANN001
+    """Replay records carry a span per captured call: more spans than the outbox holds
+    still wait in the record queue for a busy sender, and all of them arrive."""
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor as Batch
+    from test_replay_template import _capture, _replay
+
+    from otel_flashinfer import otlp_json
+
+    gate = threading.Event()
+    write_lines = otlp_json.JsonLinesSpanExporter.write_lines
+
+    def held(self, lines: list[bytes]) -> bool:  # noqa: ANN001
+        gate.wait(30)
+        return write_lines(self, lines)
+
+    monkeypatch.setattr(otlp_json.JsonLinesSpanExporter, "write_lines", held)
+    path = tmp_path / "t.jsonl"
+    provider = TracerProvider(resource=Resource.create({"service.name": "t"}))
+    provider.add_span_processor(Batch(JsonLinesSpanExporter(str(path)), max_queue_size=64,
+                                      max_export_batch_size=16, schedule_delay_millis=10))
+    pipeline = Pipeline(provider.get_tracer("otel_flashinfer", "1.0"), provider=provider,
+                        interval_s=0.01)
+    capture = _capture(30)
+    before = health.counters().get("spans_dropped", 0)
+    try:
+        for i in range(1, 9):  # 8 x 31 spans against an outbox of 64
+            pipeline.submit(_replay(capture, index=i, replay_id=0x900 + i))
+            time.sleep(0.02)
+        time.sleep(0.3)
+        gate.set()
+        assert pipeline.flush(20)
+    finally:
+        gate.set()
+        pipeline.shutdown(5)
+    assert health.counters().get("spans_dropped", 0) - before == 0
+    assert len(_spans_in(path)) == 8 * 31
