@@ -40,6 +40,10 @@ typedef struct {
     size_t len, cap;
 } Buf;
 
+/* Set while a thread writes with the GIL released (encode_replay's templated children):
+ * a failed allocation is then only noted, and raised once the GIL is back. */
+static _Thread_local int buf_nogil = 0, buf_oom = 0;
+
 static int buf_grow(Buf *b, size_t extra) {
     size_t need = b->len + extra;
     if (need <= b->cap) return 0;
@@ -47,7 +51,10 @@ static int buf_grow(Buf *b, size_t extra) {
     while (cap < need) cap *= 2;
     unsigned char *p = PyMem_RawRealloc(b->p, cap);
     if (p == NULL) {
-        PyErr_NoMemory();
+        if (buf_nogil)
+            buf_oom = 1;
+        else
+            PyErr_NoMemory();
         return -1;
     }
     b->p = p;
@@ -912,7 +919,7 @@ static inline double unkey(uint64_t key) {
     return d;
 }
 
-/* One attribute with a C value (kind 's' string, 'i' int64, 'd' double). */
+/* One attribute with a C value (kind 's' string, 'i' int64, 'd' double, 'b' bool). */
 static int kv_c(Encoder *e, Buf *b, int field, const char *key, char kind, const char *sval,
                 Py_ssize_t slen, long long ival, double dval, int *first) {
     size_t klen = strlen(key);
@@ -923,6 +930,7 @@ static int kv_c(Encoder *e, Buf *b, int field, const char *key, char kind, const
             return -1;
         if (kind == 's' && pb_bytes(b, 1, sval, (size_t)slen) < 0) return -1;
         if (kind == 'i' && (pb_tag(b, 3, 0) < 0 || pb_varint(b, (uint64_t)ival) < 0)) return -1;
+        if (kind == 'b' && (pb_tag(b, 2, 0) < 0 || pb_varint(b, ival != 0) < 0)) return -1;
         if (kind == 'd') {
             uint64_t bits;
             memcpy(&bits, &dval, 8);
@@ -940,14 +948,26 @@ static int kv_c(Encoder *e, Buf *b, int field, const char *key, char kind, const
     if (kind == 's' && (PUT_LIT(b, "{\"stringValue\":") < 0 || js_str(b, sval, slen) < 0)) return -1;
     if (kind == 'i' && (PUT_LIT(b, "{\"intValue\":") < 0 || js_i64(b, ival) < 0)) return -1;
     if (kind == 'd' && (PUT_LIT(b, "{\"doubleValue\":") < 0 || js_double(b, dval) < 0)) return -1;
+    if (kind == 'b')
+        return ival ? PUT_LIT(b, "{\"boolValue\":true}}") : PUT_LIT(b, "{\"boolValue\":false}}");
     return PUT_LIT(b, "}}");
 }
+
+/* A row meta's fields as C values (references held while in use): what a statistics
+ * event needs, read with the GIL so that the event can be written without it. */
+typedef struct {
+    PyObject *name, *scope; /* owned */
+    const char *ns, *ss;
+    Py_ssize_t nlen, slen;
+    long long numel;
+} MetaC;
 
 typedef struct {
     const unsigned char *rows;
     Py_ssize_t nrows;
     PyObject *metas; /* sequence, borrowed */
     uint64_t ts;
+    const MetaC *mc; /* the metas read already (encode_replay), or NULL */
 } RawView;
 
 /* Checks a RawStats and views it; -1 with an exception when malformed. */
@@ -973,6 +993,7 @@ static int raw_view(PyObject *raw, RawView *v) {
     v->rows = (const unsigned char *)PyBytes_AS_STRING(rows) + offset;
     v->nrows = n;
     v->metas = metas;
+    v->mc = NULL;
     return 0;
 }
 
@@ -1035,19 +1056,48 @@ static int meta_fields(PyObject *meta, PyObject **name, PyObject **scope, long l
     ((first) ? PUT_LIT(b, "{\"key\":\"" key "\",\"value\":{\"" type "\":")               \
              : PUT_LIT(b, ",{\"key\":\"" key "\",\"value\":{\"" type "\":"))
 
-/* One flashinfer.tensor_stats event per row. */
+/* One row meta as C values (with the GIL); -1 with an exception. */
+static int meta_read(PyObject *meta, MetaC *m) {
+    if (meta_fields(meta, &m->name, &m->scope, &m->numel) < 0) return -1;
+    m->ns = PyUnicode_AsUTF8AndSize(m->name, &m->nlen);
+    m->ss = m->ns ? PyUnicode_AsUTF8AndSize(m->scope, &m->slen) : NULL;
+    if (m->ss != NULL) return 0;
+    Py_DECREF(m->name);
+    Py_DECREF(m->scope);
+    return -1;
+}
+
+static void metas_free(MetaC *m, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; ++i) {
+        Py_DECREF(m[i].name);
+        Py_DECREF(m[i].scope);
+    }
+}
+
+/* The first ``n`` row metas of ``v`` (with the GIL); -1 with an exception. */
+static int metas_read(const RawView *v, Py_ssize_t n, MetaC *out) {
+    for (Py_ssize_t i = 0; i < n; ++i)
+        if (meta_read(PySequence_Fast_GET_ITEM(v->metas, i), &out[i]) < 0) {
+            metas_free(out, i);
+            return -1;
+        }
+    return 0;
+}
+
+/* One flashinfer.tensor_stats event per row.  With ``v->mc`` it calls no Python (the
+ * GIL may be released); without, it reads each row's meta itself. */
 static int raw_events(Encoder *e, Buf *b, const RawView *v, Py_ssize_t limit, int *first_event,
                       Py_ssize_t *written) {
     for (Py_ssize_t i = 0; i < v->nrows && *written < limit; ++i, ++*written) {
         const unsigned char *row = v->rows + i * ROW_BYTES;
-        PyObject *name, *scope;
-        long long numel;
-        if (meta_fields(PySequence_Fast_GET_ITEM(v->metas, i), &name, &scope, &numel) < 0)
+        MetaC own;
+        const MetaC *m = v->mc ? &v->mc[i] : &own;
+        if (v->mc == NULL && meta_read(PySequence_Fast_GET_ITEM(v->metas, i), &own) < 0)
             return -1;
-        Py_ssize_t nlen, slen;
-        const char *ns = PyUnicode_AsUTF8AndSize(name, &nlen);
-        const char *ss = ns ? PyUnicode_AsUTF8AndSize(scope, &slen) : NULL;
-        int rc = ss == NULL ? -1 : 0;
+        const char *ns = m->ns, *ss = m->ss;
+        Py_ssize_t nlen = m->nlen, slen = m->slen;
+        long long numel = m->numel;
+        int rc = 0;
         uint64_t min_key = row_word(row, 0), max_key = row_word(row, 1);
         double total;
         memcpy(&total, row + 16, 8);
@@ -1113,8 +1163,7 @@ static int raw_events(Encoder *e, Buf *b, const RawView *v, Py_ssize_t limit, in
             if (rc == 0) rc = kv_c(e, b, 3, "inf_count", 'i', NULL, 0, inf, 0, &first);
         }
         if (rc == 0) rc = e->fmt == FMT_PROTOBUF ? pb_close(b, mark) : PUT_LIT(b, "]}");
-        Py_DECREF(name);
-        Py_DECREF(scope);
+        if (v->mc == NULL) metas_free(&own, 1);
         if (rc < 0) return -1;
     }
     return 0;
@@ -1695,6 +1744,7 @@ static int rows_resolved(Resolved *r, long long anchor, const unsigned char *at,
         v->rows = at;
         v->nrows = n;
         v->metas = metas;
+        v->mc = NULL;
         if (as_u64(ts, &v->ts) < 0) goto python;
     }
     if (nout) {
@@ -1702,6 +1752,7 @@ static int rows_resolved(Resolved *r, long long anchor, const unsigned char *at,
         v->rows = at + n * ROW_BYTES;
         v->nrows = nout;
         v->metas = out_metas;
+        v->mc = NULL;
         if (as_u64(out_ts, &v->ts) < 0) goto python;
     }
     return RESOLVED;
@@ -2010,15 +2061,13 @@ static int emit_child(Encoder *e, const unsigned char *tpl, const Marks *mk,
             }
             rc = kv_c(e, b, 9, "flashinfer.cuda_graph.replay", 'i', NULL, 0, index, 0, &first);
             if (rc >= 0) rc = time_source(e, b, placed, &first);
-            if (rc >= 0 && gpu_ns >= 0) {
-                PyObject *value = PyLong_FromLongLong(gpu_ns);
-                rc = value == NULL ? -1 : attr(e, b, 9, e->k_gpu_time, value, &first);
-                Py_XDECREF(value);
-            }
+            if (rc >= 0 && gpu_ns >= 0) /* the key of e->k_gpu_time, as C: no Python here */
+                rc = kv_c(e, b, 9, "flashinfer.gpu.time_ns", 'i', NULL, 0, gpu_ns, 0, &first);
             break;
         case M_NONFINITE:
             first = 0; /* the index comes before it */
-            rc = nonfinite ? attr(e, b, 9, e->k_nonfinite, Py_True, &first) : 0;
+            rc = nonfinite ? kv_c(e, b, 9, "flashinfer.nonfinite", 'b', NULL, 0, 1, 0, &first)
+                           : 0;
             break;
         case M_EVENTS: {
             if (total == 0) break;
@@ -2073,6 +2122,109 @@ static void keep_template(Encoder *e, PyObject *memo, Marks *mk) {
     }
     PyList_SetItem(memo, 1, tpl);
     PyList_SetItem(memo, 2, marks);
+}
+
+/* Every child of a replay from its prototype's template, written with the GIL released
+ * (the replaying thread and the sender go on meanwhile): ids, times and statistics
+ * events are C values by then, each row's meta read first and the batch grown to a
+ * bound of what the children can take.  ``*done`` 0 when a prototype has no template
+ * yet (the caller writes them one by one, with the GIL).  -1 on failure. */
+static int emit_templated(Encoder *e, PyObject *template, Py_ssize_t n, Resolved *res,
+                          const char *has, const RConst *consts, uint64_t start_ns,
+                          uint64_t end_ns, long long index, int *done) {
+    *done = 0;
+    PyObject **memos = PyMem_Calloc((size_t)n, sizeof *memos);
+    if (memos == NULL) return 0; /* the slow way then */
+    int rc = 0, all = 1;
+    Py_ssize_t rows = 0;
+    size_t bound = 0;
+    for (Py_ssize_t i = 0; i < n; ++i) {
+        PyObject *memo = proto_memo(e, PyTuple_GET_ITEM(template, i));
+        if (memo == NULL) {
+            rc = -1;
+            break;
+        }
+        Py_INCREF(memo); /* a later proto_memo may clear the dict of many captures */
+        memos[i] = memo;
+        PyObject *tpl = PyList_GET_ITEM(memo, 1);
+        if (tpl == Py_None) {
+            all = 0;
+            break;
+        }
+        bound += (size_t)PyBytes_GET_SIZE(tpl) + 512;
+        for (int j = 0; has && has[i] && j < res[i].nviews; ++j) rows += res[i].views[j].nrows;
+    }
+    MetaC *mc = NULL;
+    Py_ssize_t read = 0;
+    if (rc == 0 && all && rows) {
+        mc = PyMem_Calloc((size_t)rows, sizeof *mc);
+        if (mc == NULL) all = 0;
+        for (Py_ssize_t i = 0; mc && rc == 0 && i < n; ++i)
+            for (int j = 0; has && has[i] && rc == 0 && j < res[i].nviews; ++j) {
+                RawView *v = &res[i].views[j];
+                if (metas_read(v, v->nrows, mc + read) < 0) {
+                    rc = -1;
+                    break;
+                }
+                v->mc = mc + read;
+                for (Py_ssize_t k = 0; k < v->nrows; ++k)
+                    bound += 1024 + 6 * (size_t)(mc[read + k].nlen + mc[read + k].slen);
+                read += v->nrows;
+            }
+    }
+    if (rc == 0 && all && buf_grow(&e->spans, bound) < 0) rc = -1;
+    if (rc == 0 && all) {
+        const unsigned char **tpls = PyMem_Malloc((size_t)n * sizeof *tpls);
+        const Marks **marks = PyMem_Malloc((size_t)n * sizeof *marks);
+        uint64_t *ids = PyMem_Malloc((size_t)n * sizeof *ids);
+        if (tpls == NULL || marks == NULL || ids == NULL) {
+            all = 0; /* nothing written yet: the slow way */
+        } else {
+            for (Py_ssize_t i = 0; i < n; ++i) {
+                tpls[i] = (const unsigned char *)PyBytes_AS_STRING(PyList_GET_ITEM(memos[i], 1));
+                marks[i] = (const Marks *)PyBytes_AS_STRING(PyList_GET_ITEM(memos[i], 2));
+                ids[i] = otel_fi_xoshiro_next(e->rng);
+            }
+            buf_nogil = 1;
+            buf_oom = 0;
+            Py_BEGIN_ALLOW_THREADS
+            for (Py_ssize_t i = 0; rc == 0 && i < n; ++i) {
+                const RawView *views = has && has[i] ? res[i].views : NULL;
+                int nviews = has && has[i] ? res[i].nviews : 0;
+                long long child_gpu = has && has[i] ? res[i].gpu_ns : -1;
+                long long offset = has && has[i] ? res[i].offset_ns : -1;
+                int placed = offset >= 0 && child_gpu >= 0;
+                uint64_t c_start = placed ? start_ns + (uint64_t)offset : start_ns;
+                uint64_t c_end = placed ? c_start + (uint64_t)child_gpu : end_ns;
+                unsigned char span_b[8];
+                for (int k = 0; k < 8; ++k) span_b[k] = (unsigned char)(ids[i] >> (56 - 8 * k));
+                rc = emit_child(e, tpls[i], marks[i], consts, span_b, c_start, c_end, index,
+                                child_gpu, placed, views, nviews);
+                e->templated += rc == 0;
+            }
+            Py_END_ALLOW_THREADS
+            buf_nogil = 0;
+            if (rc < 0) {
+                if (buf_oom)
+                    PyErr_NoMemory();
+                else
+                    PyErr_SetString(PyExc_RuntimeError, "a templated child could not be written");
+            }
+            *done = 1;
+        }
+        PyMem_Free(tpls);
+        PyMem_Free(marks);
+        PyMem_Free(ids);
+    }
+    if (mc != NULL) {
+        metas_free(mc, read);
+        PyMem_Free(mc);
+    }
+    for (Py_ssize_t i = 0; i < n; ++i) /* freed above: no view keeps them */
+        for (int j = 0; has && has[i] && j < res[i].nviews; ++j) res[i].views[j].mc = NULL;
+    for (Py_ssize_t i = 0; i < n; ++i) Py_XDECREF(memos[i]);
+    PyMem_Free(memos);
+    return rc;
 }
 
 /* RESOLVED: the replay and every child written; NOT_YET: a child's statistics are not
@@ -2147,7 +2299,11 @@ static int encode_replay(Encoder *e, PyObject *record, long long gpu_ns) {
                     as_u64(start, &start_ns) < 0 || as_u64(end, &end_ns) < 0 ||
                     rconst_build(e, &consts, trace_b, parent_b, start_ns, end_ns, index) < 0))
         rc = -1;
-    for (Py_ssize_t i = 0; rc == 0 && i < n; ++i) {
+    int done = 0;
+    if (rc == 0 && n > 0) {
+        rc = emit_templated(e, template, n, res, has, &consts, start_ns, end_ns, index, &done);
+    }
+    for (Py_ssize_t i = 0; rc == 0 && !done && i < n; ++i) {
         PyObject *proto = PyTuple_GET_ITEM(template, i);
         PyObject *memo = proto_memo(e, proto);
         if (memo == NULL) {

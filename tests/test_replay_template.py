@@ -229,6 +229,56 @@ def test_what_c_cannot_write_goes_to_python_whole(events: FakeEvents) -> None:  
     assert len(children[0].pending) == 1 and not children[1].pending
 
 
+@pytest.mark.parametrize("fmt", ["protobuf", "json"])
+def test_templated_children_with_gpu_times_match_python(fmt: str,
+                                                        events: FakeEvents) -> None:  # noqa: F811
+    """Children written from their templates with the GIL released carry their own GPU
+    time, placement and statistics: what Python makes of the same replay."""
+    rows, metas = _rows()
+    ring = _ring()
+    capture = _capture(3)
+    tracer, _ = _sdk_tracer()
+    enc = export.make_encoder(tracer, fmt, CallRecord, _EMPTY)
+
+    def pend(event: int, k: int) -> list[Any]:
+        return [[_pending(ring, None, rows, metas, 2, event=event, gpu_time=True,
+                          stamps=(1_000_100 + k, 1_000_600 + 3 * k))], None,
+                [_pending(ring, None, rows, metas, 2, event=event + 1)]]
+
+    for index in (30, 31, 32):  # the first makes the templates, the others use them
+        got = enc.drain(deque([_replay(capture, index=index, child_pending=pend(80, index))]),
+                        [], 1, deque(), 1.0, 2.0)
+        assert got == 1
+        spans = _decode(enc.take(), fmt)
+        want = _python_path(fmt, _replay(capture, index=index, child_pending=pend(90, index)))
+        assert [_without_span_id(g) for g in spans] == [_without_span_id(w) for w in want]
+        assert len(ring._free) == 4  # noqa: SLF001
+    assert enc.stats()["replay_templated"] == 6
+
+
+def test_a_malformed_meta_in_a_templated_replay_goes_to_python(events: FakeEvents) -> None:  # noqa: F811
+    """A row meta C cannot read, met while the templated children are prepared: nothing
+    of the replay stays in the batch, and Python gets it whole."""
+    rows, metas = _rows()
+    ring = _ring()
+    capture = _capture(2)
+    tracer, _ = _sdk_tracer()
+    enc = export.make_encoder(tracer, "protobuf", CallRecord, _EMPTY)
+    good = _replay(capture, index=1, child_pending=[
+        [_pending(ring, None, rows, metas, 2, event=61)], None])
+    assert enc.drain(deque([good]), [], 1, deque(), 1.0, 2.0) == 1
+    enc.take()
+    bad_metas = [("q", 7, 300), *metas[1:]]  # a scope that is not a str
+    first = CallRecord.for_call("before", TRACE, 0x300, PARENT, BASE)
+    bad = _replay(capture, index=2, child_pending=[
+        [_pending(ring, None, rows, bad_metas, 2, event=62)], None])
+    slow: list[Any] = []
+    assert enc.drain(deque([first, bad]), slow, 2, deque(), 1.0, 2.0) == 1
+    assert [r.name for r in slow] == ["cuda_graph.replay"] and slow[0].template is not None
+    assert enc.count == 1
+    assert [s.name for s in _decode(enc.take(), "protobuf")] == ["before"]
+
+
 PROGRAM = textwrap.dedent(
     """
     import gc, json, sys, torch, otel_flashinfer
