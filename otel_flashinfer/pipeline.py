@@ -14,6 +14,7 @@ on the GPU too long are finished without their results, and both are counted.
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import time
@@ -438,16 +439,19 @@ def _holds_gpu_work(record: CallRecord) -> bool:
         type(record) is ReplayRecord and (record.child_pending or record.group)))
 
 
-def _may_hold(queue: deque[CallRecord], native: Any) -> bool:
-    """Whether the queue may wait for a busy sender: no more records than a batch, and
-    none holding GPU work (a graph's ring can have 16 slots).  However many spans they
-    carry: replay records hold 65 each, and encoding more than the outbox takes only for
-    it to drop them lost 4,680 of 65,000 level-3 spans behind a replay loop that keeps
-    the GIL (``bench_graph_step.py --mode cpu --hold-gil``), none when they wait in the
-    record queue (bounded: ``max_queue``)."""
-    if not queue or len(queue) > native.batch:
-        return not queue
-    return not any(_holds_gpu_work(record) for record in queue)
+def _may_hold(queue: deque[CallRecord], native: Any, limit: int) -> bool:
+    """Whether the queue may wait for a busy sender: up to ``limit`` records (half the
+    record queue), the next batch of them holding no GPU work (a graph's ring can have
+    16 slots: those must be resolved to be given back).  However many spans they carry:
+    replay records hold 65 each, and encoding more than the outbox takes only for it to
+    drop them lost 4,680 of 65,000 level-3 spans behind a replay loop that keeps the GIL
+    (``bench_graph_step.py --mode cpu --hold-gil``); waiting in the record queue, which
+    is bounded, loses none."""
+    if not queue:
+        return True
+    if len(queue) > limit:
+        return False
+    return not any(_holds_gpu_work(record) for record in itertools.islice(queue, native.batch))
 
 
 class Pipeline:
@@ -706,7 +710,7 @@ class Pipeline:
                     slow: list[CallRecord] = []
                     try:
                         if not native.drain(queue, slow, chunk, waiting, now, deadline,
-                                            _may_hold(queue, native)):
+                                            _may_hold(queue, native, self.max_queue // 2)):
                             self._held_back = True
                             left = 0
                     except Exception as exc:  # noqa: BLE001 - the worker must go on

@@ -830,8 +830,9 @@ def test_a_dropped_replay_counts_its_children(monkeypatch) -> None:  # noqa: ANN
 
 def test_replays_wait_for_a_busy_sender_rather_than_be_dropped(tmp_path: Path,
                                                                monkeypatch) -> None:  # noqa: ANN001
-    """Replay records carry a span per captured call: more spans than the outbox holds
-    still wait in the record queue for a busy sender, and all of them arrive."""
+    """Replay records carry a span per captured call: more spans than the outbox holds,
+    and more records than a batch, still wait in the record queue for a busy sender,
+    and all of them arrive."""
     from opentelemetry.sdk.trace.export import BatchSpanProcessor as Batch
     from test_replay_template import _capture, _replay
 
@@ -854,14 +855,14 @@ def test_replays_wait_for_a_busy_sender_rather_than_be_dropped(tmp_path: Path,
     capture = _capture(30)
     before = health.counters().get("spans_dropped", 0)
     try:
-        for i in range(1, 9):  # 8 x 31 spans against an outbox of 64
+        for i in range(1, 41):  # 40 records (a batch is 16) of 31 spans: outbox 64
             pipeline.submit(_replay(capture, index=i, replay_id=0x900 + i))
-            time.sleep(0.02)
-        time.sleep(0.3)
+            time.sleep(0.002)
+        time.sleep(0.1)  # the worker's passes meet a busy sender (not yet stalled: 0.5 s)
         gate.set()
         assert pipeline.flush(20)
     finally:
         gate.set()
         pipeline.shutdown(5)
     assert health.counters().get("spans_dropped", 0) - before == 0
-    assert len(_spans_in(path)) == 8 * 31
+    assert len(_spans_in(path)) == 40 * 31
