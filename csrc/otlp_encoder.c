@@ -2287,7 +2287,7 @@ static int encode_replay(Encoder *e, PyObject *record, long long gpu_ns) {
     Buf *b = &e->spans;
     size_t len0 = b->len;
     Py_ssize_t count0 = e->count;
-    unsigned long long encoded0 = e->encoded;
+    unsigned long long encoded0 = e->encoded, templated0 = e->templated;
     seed_span_ids(e);
     int rc = encode_record(e, record, gpu_ns, NULL, 0, -1, 0, NULL);
     PyObject *trace = slot(e, record, R_TRACE_ID), *start = slot(e, record, R_START_NS);
@@ -2366,6 +2366,7 @@ static int encode_replay(Encoder *e, PyObject *record, long long gpu_ns) {
         b->len = len0; /* the batch keeps only whole replays */
         e->count = count0;
         e->encoded = encoded0;
+        e->templated = templated0; /* Python writes these children again */
         PyMem_Free(res);
         PyMem_Free(has);
         return -2;
