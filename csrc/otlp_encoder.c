@@ -2124,6 +2124,36 @@ static void keep_template(Encoder *e, PyObject *memo, Marks *mk) {
     PyList_SetItem(memo, 2, marks);
 }
 
+/* Where child ``i`` of a replay goes: its statistics (if resolved), its GPU time, and
+ * its times, placed on the GPU timeline from the replay's host start (its first launch)
+ * when its launches stamped it, else the replay's own. */
+typedef struct {
+    const RawView *views;
+    int nviews, placed;
+    long long gpu_ns;
+    uint64_t start, end;
+} ChildAt;
+
+static ChildAt child_at(const Resolved *res, const char *has, Py_ssize_t i, uint64_t start_ns,
+                        uint64_t end_ns) {
+    ChildAt c = {NULL, 0, 0, -1, start_ns, end_ns};
+    if (has == NULL || !has[i]) return c;
+    c.views = res[i].views;
+    c.nviews = res[i].nviews;
+    c.gpu_ns = res[i].gpu_ns;
+    long long offset = res[i].offset_ns;
+    c.placed = offset >= 0 && c.gpu_ns >= 0;
+    if (c.placed) {
+        c.start = start_ns + (uint64_t)offset;
+        c.end = c.start + (uint64_t)c.gpu_ns;
+    }
+    return c;
+}
+
+static inline void span_id_bytes(uint64_t id, unsigned char out[8]) {
+    for (int k = 0; k < 8; ++k) out[k] = (unsigned char)(id >> (56 - 8 * k));
+}
+
 /* Every child of a replay from its prototype's template, written with the GIL released
  * (the replaying thread and the sender go on meanwhile): ids, times and statistics
  * events are C values by then, each row's meta read first and the batch grown to a
@@ -2189,17 +2219,11 @@ static int emit_templated(Encoder *e, PyObject *template, Py_ssize_t n, Resolved
             buf_oom = 0;
             Py_BEGIN_ALLOW_THREADS
             for (Py_ssize_t i = 0; rc == 0 && i < n; ++i) {
-                const RawView *views = has && has[i] ? res[i].views : NULL;
-                int nviews = has && has[i] ? res[i].nviews : 0;
-                long long child_gpu = has && has[i] ? res[i].gpu_ns : -1;
-                long long offset = has && has[i] ? res[i].offset_ns : -1;
-                int placed = offset >= 0 && child_gpu >= 0;
-                uint64_t c_start = placed ? start_ns + (uint64_t)offset : start_ns;
-                uint64_t c_end = placed ? c_start + (uint64_t)child_gpu : end_ns;
+                ChildAt c = child_at(res, has, i, start_ns, end_ns);
                 unsigned char span_b[8];
-                for (int k = 0; k < 8; ++k) span_b[k] = (unsigned char)(ids[i] >> (56 - 8 * k));
-                rc = emit_child(e, tpls[i], marks[i], consts, span_b, c_start, c_end, index,
-                                child_gpu, placed, views, nviews);
+                span_id_bytes(ids[i], span_b);
+                rc = emit_child(e, tpls[i], marks[i], consts, span_b, c.start, c.end, index,
+                                c.gpu_ns, c.placed, c.views, c.nviews);
                 e->templated += rc == 0;
             }
             Py_END_ALLOW_THREADS
@@ -2310,22 +2334,15 @@ static int encode_replay(Encoder *e, PyObject *record, long long gpu_ns) {
             rc = -1;
             break;
         }
-        const RawView *views = has && has[i] ? res[i].views : NULL;
-        int nviews = has && has[i] ? res[i].nviews : 0;
-        long long child_gpu = has && has[i] ? res[i].gpu_ns : -1;
-        long long offset = has && has[i] ? res[i].offset_ns : -1;
-        int placed = offset >= 0 && child_gpu >= 0;
-        /* placed on the GPU timeline from the replay's host start (its first launch) */
-        uint64_t c_start = placed ? start_ns + (uint64_t)offset : start_ns;
-        uint64_t c_end = placed ? c_start + (uint64_t)child_gpu : end_ns;
+        ChildAt c = child_at(res, has, i, start_ns, end_ns);
         uint64_t id = otel_fi_xoshiro_next(e->rng);
         PyObject *tpl = PyList_GET_ITEM(memo, 1), *marks = PyList_GET_ITEM(memo, 2);
         if (tpl != Py_None) { /* every child after a prototype's first */
             unsigned char span_b[8];
-            for (int k = 0; k < 8; ++k) span_b[k] = (unsigned char)(id >> (56 - 8 * k));
+            span_id_bytes(id, span_b);
             rc = emit_child(e, (const unsigned char *)PyBytes_AS_STRING(tpl),
-                            (const Marks *)PyBytes_AS_STRING(marks), &consts, span_b, c_start,
-                            c_end, index, child_gpu, placed, views, nviews);
+                            (const Marks *)PyBytes_AS_STRING(marks), &consts, span_b, c.start,
+                            c.end, index, c.gpu_ns, c.placed, c.views, c.nviews);
             e->templated += rc == 0;
             continue;
         }
@@ -2340,9 +2357,9 @@ static int encode_replay(Encoder *e, PyObject *record, long long gpu_ns) {
         slot_set(e, proto, R_SPAN_ID, span_id);
         Py_DECREF(span_id);
         slot_set(e, proto, R_PARENT, context);
-        if (placed) {
-            PyObject *s_obj = PyLong_FromUnsignedLongLong(c_start);
-            PyObject *e_obj = s_obj ? PyLong_FromUnsignedLongLong(c_end) : NULL;
+        if (c.placed) {
+            PyObject *s_obj = PyLong_FromUnsignedLongLong(c.start);
+            PyObject *e_obj = s_obj ? PyLong_FromUnsignedLongLong(c.end) : NULL;
             if (e_obj == NULL) {
                 Py_XDECREF(s_obj);
                 rc = -1;
@@ -2358,7 +2375,7 @@ static int encode_replay(Encoder *e, PyObject *record, long long gpu_ns) {
         }
         Marks mk;
         memset(&mk, 0, sizeof mk);
-        rc = encode_record(e, proto, child_gpu, views, nviews, index, placed, &mk);
+        rc = encode_record(e, proto, c.gpu_ns, c.views, c.nviews, index, c.placed, &mk);
         if (rc == 0 && slot(e, proto, R_ERROR) == Py_None) keep_template(e, memo, &mk);
     }
     if (rc < 0) {
