@@ -17,9 +17,9 @@ in one ``writev`` (each line still one batch), and partial protobuf requests (cu
 delay) concatenated into one of at most a batch (``resource_spans`` is a repeated
 field; a user's OTEL_BSP_MAX_EXPORT_BATCH_SIZE still bounds every request).  Each send
 costs the sender a GIL hand-over, and under a busy engine thread each take waits out
-CPython's 5 ms switch interval, so sends a second, not bytes, were what a sustained
-load ran out of.  What one send takes is capped at half the outbox, so that encoded
-spans in memory stay under one and a half outboxes while the worker refills it.
+CPython's 5 ms switch interval: fewer sends leave the engine more of the GIL.  What one
+send takes is capped at half the outbox, so that encoded spans in memory stay under
+one and a half outboxes while the worker refills it.
 
 Only setups whose result we reproduce exactly take it (``plan``): the SDK's
 TracerProvider with Batch/Simple processors over those exporters, and a sampler

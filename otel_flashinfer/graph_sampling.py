@@ -30,6 +30,8 @@ def smoothed(last: float | None, sample: float) -> float:
     sampler's own estimate and the per-span costs it is fed (the worker's, the
     sender's) are kept this way."""
     return sample if not last else last + _SMOOTHING * (sample - last)
+
+
 #: Credit never exceeds this many traced replays' cost: an idle minute must not buy a
 #: burst of traced replays when the graph starts again.
 _MAX_BURST = 4.0

@@ -699,10 +699,10 @@ class Pipeline:
                 # (statistics, a GPU time the encoder could not resolve) come back here.
                 # What is queued now, in batch-sized chunks: later arrivals wait for the
                 # next tick, and the callers get the GIL back between chunks.  With the
-                # outbox full and its sender busy, a queue of up to a batch of records
-                # holding no GPU work waits (_may_hold; the worker waits for room outside
-                # this section); a longer one is encoded and the outbox drops its
-                # oldest, counted.
+                # outbox full and its sender busy, records holding no GPU work wait while
+                # the record queue is under half full (_may_hold; the worker waits for
+                # room outside this section); otherwise they are encoded and the outbox
+                # drops its oldest, counted.
                 left = len(queue)
                 while left > 0:
                     chunk = min(left, native.batch)

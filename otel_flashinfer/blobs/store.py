@@ -366,17 +366,22 @@ class BlobStore:
             self._dirs.clear()
         self._dirs.add(folder)
 
-    def _write_temp(self, path: str, parts: list) -> str:
-        """A synced temp file beside ``path``, its folder made when missing."""
+    def _in_folder(self, path: str, create: Any) -> Any:
+        """``create()`` a file at ``path``, its folder made when not known to be there,
+        and made again if it went away since (``create`` raised FileNotFoundError)."""
         folder = os.path.dirname(path)
         self._make_dir(folder)
+        try:
+            return create()
+        except FileNotFoundError:
+            self._make_dir(folder, again=True)
+            return create()
+
+    def _write_temp(self, path: str, parts: list) -> str:
+        """A synced temp file beside ``path``."""
         tmp = self._tmp_path(path)
         try:
-            try:
-                _write_synced(tmp, parts)
-            except FileNotFoundError:  # the folder went away since we made it
-                self._make_dir(folder, again=True)
-                _write_synced(tmp, parts)
+            self._in_folder(path, lambda: _write_synced(tmp, parts))
         except BaseException:
             _unlink_quietly(tmp)
             raise
@@ -402,15 +407,8 @@ class BlobStore:
         if not self.local:
             self.fs.pipe_file(path, b"")
             return
-        folder = os.path.dirname(path)
-        self._make_dir(folder)
         flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
-        try:
-            fd = os.open(path, flags, 0o644)
-        except FileNotFoundError:
-            self._make_dir(folder, again=True)
-            fd = os.open(path, flags, 0o644)
-        os.close(fd)
+        os.close(self._in_folder(path, lambda: os.open(path, flags, 0o644)))
 
     def _land(self, tmp: str, key: str) -> bool:
         """Rename a synced temp file to ``key`` unless the object is there already
