@@ -31,6 +31,7 @@ struct Publish {
   int64_t* stamp_start = nullptr;  // LaunchDescT: set on the first launch of the list
   int64_t* stamp_end = nullptr;    // LaunchDescT: set on the last launch of the list
   int64_t* stamp_also = nullptr;   // LaunchDescT: with stamp_start, the same stamp
+  const int32_t* gate = nullptr;   // LaunchDescT: every launch of the list reads it
 };
 
 // The kernel's DType code of a torch dtype, or `otherwise` for one it does not read.

@@ -192,6 +192,7 @@ void launch_items(std::vector<Item>& items, int64_t* out, cudaStream_t stream, i
       ld.stamp_start = pub.stamp_start;
       ld.stamp_end = pub.stamp_end;
       ld.stamp_also = pub.stamp_also;
+      ld.gate = pub.gate;
       int err = launch_tensor_stats(ld, 1, kThreads, out, stream);
       TORCH_CHECK(err == 0, "otel_flashinfer stats kernel: ",
                   cudaGetErrorString(static_cast<cudaError_t>(err)));
@@ -201,6 +202,7 @@ void launch_items(std::vector<Item>& items, int64_t* out, cudaStream_t stream, i
   size_t first = 0;
   while (first < items.size()) {
     LaunchDesc ld{};
+    ld.gate = pub.gate;
     size_t last = std::min(items.size(), first + kMaxTensorsPerLaunch);
     if (publishing && last < items.size()) {
       while (last > first && items[last].d.row == items[last - 1].d.row) --last;
@@ -295,16 +297,18 @@ bool run(at::Tensor& out, const std::vector<at::Tensor>& tensors, const std::vec
 // themselves, so nothing is copied or re-zeroed.  Returns whether a kernel was launched
 // (with no tensor to read and no end stamp, none is, and nothing is stamped).
 // `stamp_also` gets the same stamp as `stamp_start` (a launch on a forked branch: the
-// call's start and the graph's anchor).
+// call's start and the graph's anchor).  `gate` (an int32 device address, 0: none):
+// the launch does nothing on a replay where the word is zero (`gate_set`).
 bool stats_into(at::Tensor out, std::vector<at::Tensor> tensors, std::vector<int64_t> rows,
                 std::vector<int64_t> steps, std::vector<std::optional<at::Tensor>> indices,
                 std::vector<std::optional<at::Tensor>> indptr, std::vector<int64_t> batch,
                 bool zero, std::vector<std::optional<at::Tensor>> last_page_len,
                 std::vector<int64_t> slot_dim, int64_t counter, int64_t stamp_start,
-                int64_t stamp_end, int64_t stamp_also) {
+                int64_t stamp_end, int64_t stamp_also, int64_t gate) {
   c10::cuda::CUDAGuard guard(out.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   Publish pub{};
+  pub.gate = reinterpret_cast<const int32_t*>(gate);
   pub.stamp_start = reinterpret_cast<int64_t*>(stamp_start);
   pub.stamp_also = stamp_start != 0 ? reinterpret_cast<int64_t*>(stamp_also) : nullptr;
   if (counter != 0 && stamp_end != 0) {
@@ -435,6 +439,24 @@ int64_t stats_slot(const std::vector<at::Tensor>& tensors, const std::vector<int
   return reinterpret_cast<int64_t>(stream);
 }
 
+// Before a graph replay: its statistics launches run (`on`) or return at once, as the
+// gate word at address `gate` on `device` says from then on in the current stream's order.
+// `key` is what the last call returned (-1: none); the word is only written when the
+// stream or the answer changed, so a graph whose replays are all traced pays one
+// memset in all.  Returns the new key.
+int64_t gate_set(int64_t device, int64_t gate, bool on, int64_t key) {
+  TORCH_CHECK(gate != 0 && gate % 4 == 0, "otel_flashinfer stats: bad gate address");
+  const auto index = static_cast<c10::DeviceIndex>(device);
+  c10::cuda::CUDAGuard guard(index);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(index).stream();
+  const int64_t now = (static_cast<int64_t>(reinterpret_cast<intptr_t>(stream)) << 1) | on;
+  if (now != key) {
+    // Byte-wise: 0x01010101 is as non-zero as 1 to the kernel.
+    C10_CUDA_CHECK(cudaMemsetAsync(reinterpret_cast<void*>(gate), on ? 1 : 0, 4, stream));
+  }
+  return now;
+}
+
 // After a graph replay: copy the graph's output rows into a pinned slot.
 void snapshot(at::Tensor out, int64_t host_ptr, int64_t event) {
   c10::cuda::CUDAGuard guard(out.device());
@@ -501,7 +523,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("indices"), py::arg("indptr"), py::arg("batch"), py::arg("zero"),
         py::arg("last_page_len") = Optionals(), py::arg("slot_dim") = std::vector<int64_t>(),
         py::arg("counter") = 0, py::arg("stamp_start") = 0, py::arg("stamp_end") = 0,
-        py::arg("stamp_also") = 0);
+        py::arg("stamp_also") = 0, py::arg("gate") = 0);
+  m.def("gate_set", &otel_fi::gate_set,
+        "set a graph's statistics gate in stream order before a replay",
+        py::arg("device"), py::arg("gate"), py::arg("on"), py::arg("key"));
   m.def("new_stream", &otel_fi::new_stream, "a non-blocking CUDA stream of our own",
         py::arg("device"));
   m.def("stats_eager", &otel_fi::stats_eager, "statistics copied into a pinned slot + event",

@@ -79,6 +79,11 @@ struct TensorDesc {
 // starts; `stamp_end`, when set, gets it from the publishing block after the rows landed.
 // `stamp_also` gets block 0's stamp too: a launch forked beside its call (a captured
 // graph's branch) stamps both the call's start and the graph's anchor with one read.
+//
+// `gate`, when set, is a device word read as the launch starts: zero, and every block
+// returns at once (no rows, no stamps, no count).  A captured graph's launches share
+// one gate, which the host sets in stream order before each replay, so replays that
+// are not traced cost the GPU an empty launch instead of a pass over the tensors.
 template <int MaxT>
 struct LaunchDescT {
   TensorDesc t[MaxT];
@@ -87,6 +92,7 @@ struct LaunchDescT {
   int64_t* stamp_start;
   int64_t* stamp_end;
   int64_t* stamp_also;
+  const int32_t* gate;    // null: always run
   int32_t row_lo;
   int32_t row_hi;
   int32_t rezero;

@@ -726,6 +726,9 @@ __device__ __forceinline__ void publish_rows(const Desc& desc, int64_t* out) {
 template <int MaxT>
 __global__ void __launch_bounds__(kStatsThreads, kStatsMinBlocksPerSm)
     tensor_stats_kernel(const __grid_constant__ LaunchDescT<MaxT> desc, int64_t* out) {
+  // A replay that is not traced: every block leaves before touching a row, a stamp or
+  // the counter (the gate is set in stream order before the replay; L2, not L1).
+  if (desc.gate != nullptr && __ldcg(desc.gate) == 0) return;
   // Block 0 is among the first to run: the previous kernel on the stream has ended.
   // Its thread 0 fences before counting the block (publish_rows), so the publishing
   // block reads the stamp with the rows.
@@ -781,6 +784,7 @@ int launch_tensor_stats(const LaunchDesc& desc, int total_blocks, int threads, i
     small.stamp_start = desc.stamp_start;
     small.stamp_end = desc.stamp_end;
     small.stamp_also = desc.stamp_also;
+    small.gate = desc.gate;
     small.row_lo = desc.row_lo;
     small.row_hi = desc.row_hi;
     small.rezero = desc.rezero;

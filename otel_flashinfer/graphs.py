@@ -64,6 +64,9 @@ class Capture:
         #: ``stats.graph_rows``): ``seal()`` when the capture ends, and after each traced
         #: replay ``replay(None)`` gives (record id, Pending) for the children.
         self.groups: dict[Any, Any] = {}
+        #: Groups whose captured work skips untraced replays: told before each replay
+        #: whether it is traced (``set_gate``), set when the capture ends.
+        self.gates: tuple[Any, ...] = ()
         self._template: tuple[tuple[CallRecord, ...], tuple[tuple, ...]] | None = None
         self._index: dict[int, int] = {}
 
@@ -112,6 +115,15 @@ class Capture:
                 group.seal()
             except Exception as exc:  # noqa: BLE001
                 health.report("graph_errors", "could not finish a CUDA graph capture", exc)
+        self.gates = tuple(g for g in self.groups.values() if getattr(g, "gated", False))
+
+    def open_gates(self, traced: bool) -> None:
+        """Before a replay: the gated groups' captured work runs only if ``traced``."""
+        for gate in self.gates:
+            try:
+                gate.set_gate(traced)
+            except Exception as exc:  # noqa: BLE001
+                health.report("graph_errors", "could not gate a CUDA graph replay", exc)
 
     def group_pendings(self) -> tuple[list[Any] | None, list[list[Any] | None] | None]:
         """After a traced replay: the groups' Pendings for the whole replay, and each
@@ -252,7 +264,10 @@ def patch(runtime: Any) -> None:
         index = capture.replays
         sampler = capture.sampler
         t0 = perf_counter()
-        if sampler is not None and not sampler.should_trace(t0):
+        traced = sampler is None or sampler.should_trace(t0)
+        if capture.gates:
+            capture.open_gates(traced)
+        if not traced:
             return replay(self, *args, **kwargs)
         try:
             timer = runtime.replay_timer()

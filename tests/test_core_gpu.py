@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -235,6 +236,66 @@ def test_level5_graph_flags_exactly_the_replay_with_nan(spans) -> None:
     assert flagged == [7]
     q7 = next(e for e in children[6].events if e.attributes.get("flashinfer.tensor") == "q")
     assert q7.attributes["nan_count"] == 1
+
+
+def _graph_rows(graph: Any) -> Any:
+    from otel_flashinfer import graphs
+    from otel_flashinfer.stats.graph_rows import GraphRows
+
+    (rows,) = [g for g in graphs._graphs[graph].groups.values() if isinstance(g, GraphRows)]
+    return rows
+
+
+def _rows_written(rows: Any) -> int:
+    """Words of the graph's statistics chunks that the last replay wrote (the memset
+    node zeroes them as each replay starts)."""
+    torch.cuda.synchronize()
+    return sum(int(torch.count_nonzero(c)) for c in rows._chunks)
+
+
+def test_level5_untraced_replays_skip_the_statistics_on_the_gpu(spans, monkeypatch) -> None:
+    """REPLAY_EVERY=3: replays 1, 4, 7 are traced.  The untraced ones leave the graph's
+    statistics rows as the memset left them (the kernels returned at the gate), the
+    traced ones fill them, and a NaN in traced replay 4 flags exactly its child."""
+    monkeypatch.setenv("OTEL_FLASHINFER_REPLAY_EVERY", "3")
+    otel_flashinfer.instrument(level=5, journal_dir="")
+    step = make_decode(use_cuda_graph=True)
+    graph, _ = capture_graph(step.run)
+    rows = _graph_rows(graph)
+    assert rows.gated and rows.gate_address() != 0
+    assert otel_flashinfer.flush(30)
+    spans.exporter.clear()
+    written = []
+    clean = step.q.clone()
+    for replay in range(1, 8):
+        if replay in (2, 4):
+            step.q[3, 5, 7] = float("nan")
+        graph.replay()
+        written.append(_rows_written(rows))
+        step.q.copy_(clean)
+    traced = [w > 0 for w in written]
+    assert traced == [True, False, False, True, False, False, True], written
+    children = sorted(spans.by_name(RUN),
+                      key=lambda s: s.attributes["flashinfer.cuda_graph.replay"])
+    assert [c.attributes["flashinfer.cuda_graph.replay"] for c in children] == [1, 4, 7]
+    flagged = [c.attributes["flashinfer.cuda_graph.replay"] for c in children
+               if c.attributes.get("flashinfer.nonfinite")]
+    assert flagged == [4]
+    for child in children:
+        q = next(e.attributes for e in child.events if e.attributes.get("flashinfer.tensor") == "q")
+        assert q["numel"] == step.q.numel()
+        assert q["nan_count"] == (child.attributes["flashinfer.cuda_graph.replay"] == 4)
+
+
+def test_level5_every_replay_traced_takes_no_gate(spans) -> None:
+    """The default (every replay traced): the captured launches read no gate word."""
+    otel_flashinfer.instrument(level=5, journal_dir="")
+    step = make_decode(use_cuda_graph=True)
+    graph, _ = capture_graph(step.run)
+    rows = _graph_rows(graph)
+    assert not rows.gated and rows._gate is None
+    graph.replay()
+    assert _rows_written(rows) > 0
 
 
 def test_level10_decode_and_rmsnorm_pull_and_replay_bit_exact(spans, tmp_path) -> None:

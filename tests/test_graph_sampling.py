@@ -136,3 +136,105 @@ def test_drops_are_said_on_the_next_replay_span(spans, monkeypatch) -> None:
             s.attributes.get("flashinfer.cuda_graph.dropped_before")
             for s in spans.by_name("cuda_graph.replay")}
     assert said == {1: None, 2: 7, 3: None}
+
+
+class _GateProbe:
+    """A replay group whose captured work is gated, as the statistics rows are
+    (``GraphRows``): it hears each replay's decision before the replay runs."""
+
+    gated = True
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail, self.open, self.calls = fail, None, []
+
+    def seal(self) -> None:
+        pass
+
+    def set_gate(self, traced: bool) -> None:
+        self.calls.append(traced)
+        if self.fail:
+            raise RuntimeError("gate write failed")
+        self.open = traced
+
+    def replay(self, _index: dict) -> list:
+        return []
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_gated_groups_hear_each_replays_decision_before_it_runs(spans, monkeypatch,
+                                                                 fail: bool) -> None:
+    from otel_flashinfer import graphs, health
+
+    probe = _GateProbe(fail)
+    seen_at_replay = []
+
+    class _Graph(_FakeGraph):
+        def replay(self) -> None:
+            seen_at_replay.append(probe.open)
+
+    monkeypatch.setenv("OTEL_FLASHINFER_REPLAY_EVERY", "3")
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _Graph)
+    otel_flashinfer.instrument(level=1, journal_dir="")
+    step = otel_flashinfer.traced(
+        lambda x: graphs.capture_state().group("probe", lambda: probe) and x, name="step")
+    graph = _Graph()
+    graph.capture_begin()
+    step(torch.zeros(2))
+    graph.capture_end()
+    for _ in range(7):
+        graph.replay()
+    decisions = [True, False, False, True, False, False, True]
+    assert probe.calls == decisions
+    traced = [s.attributes["flashinfer.cuda_graph.replay"]
+              for s in spans.by_name("cuda_graph.replay")]
+    assert sorted(traced) == [1, 4, 7]  # a failing gate stops no replay and no span
+    if fail:
+        assert seen_at_replay == [None] * 7
+        assert health.counters()["graph_errors"] == 7
+    else:
+        assert seen_at_replay == decisions
+
+
+@pytest.mark.parametrize(("every", "gated"), [("1", False), ("3", True), ("auto", True)])
+def test_statistics_rows_are_gated_unless_every_replay_is_traced(monkeypatch, every: str,
+                                                                 gated: bool) -> None:
+    from otel_flashinfer.config import load_settings
+    from otel_flashinfer.graphs import Capture
+    from otel_flashinfer.stats.graph_rows import graph_rows_of
+
+    settings = load_settings({"OTEL_FLASHINFER_REPLAY_EVERY": every})
+    capture = Capture(1)
+    capture.sampler = ReplaySampler(settings.replay_every, settings.replay_budget)
+    rows = graph_rows_of(lambda: capture)(torch.device("cpu"))
+    assert rows.gated is gated
+    assert rows.gate_address() == 0  # no CUDA device: torch ops, run on every replay
+    capture.seal()
+    assert capture.gates == ((rows,) if gated else ())
+
+
+def test_a_gate_that_cannot_be_written_drops_the_graphs_statistics() -> None:
+    """Rows a skipped launch left unwritten are never read as a traced replay's."""
+    from otel_flashinfer import health
+    from otel_flashinfer.stats.graph_rows import GraphRows
+
+    class _Module:
+        def __init__(self) -> None:
+            self.keys: list[int] = []
+
+        def gate_set(self, device, gate, on, key):  # noqa: ANN001, ANN202
+            self.keys.append(key)
+            if len(self.keys) == 3:
+                raise RuntimeError("CUDA error: an illegal memory access")
+            return 10 + on
+
+    health.reset()
+    rows = GraphRows(torch.device("cpu"), gated=True)
+    rows._gate, rows._gate_module = torch.zeros(1, dtype=torch.int32), _Module()
+    rows.set_gate(True)
+    rows.set_gate(False)
+    assert rows._gate_module.keys == [-1, 11]  # each write is told the last one's key
+    rows.set_gate(True)
+    assert rows.failed
+    rows.set_gate(True)  # no more writes once failed
+    assert rows._gate_module.keys == [-1, 11, 10]
+    assert health.counters()["stats_errors"] == 1

@@ -112,10 +112,18 @@ class GraphRows:
     keeps it as a replay group): ``take`` during capture, ``seal`` when the capture
     ends, ``replay`` after each traced replay."""
 
-    def __init__(self, device: torch.device, on_low: Callable[[], None] | None = None
-                 ) -> None:
+    def __init__(self, device: torch.device, on_low: Callable[[], None] | None = None,
+                 gated: bool = False) -> None:
         self.device = device
         self.on_low = on_low  # the pipeline's wake-up (``SlotRing``)
+        #: Some replays go untraced (``REPLAY_EVERY`` not 1): the captured launches read a
+        #: gate word that ``set_gate`` writes before each replay, and leave at once on
+        #: the untraced ones.  The word is taken without a fill (a fill would be a graph
+        #: node that sets it on every replay); the first replay writes it.
+        self.gated = gated
+        self._gate: torch.Tensor | None = None
+        self._gate_module: Any = None
+        self._gate_key = -1  # ``gate_set``'s: the stream and answer last written
         self._chunks: list[torch.Tensor] = []
         self._used: list[int] = []
         self._current: dict[int, int] = {}  # stream -> the chunk it fills now
@@ -174,6 +182,34 @@ class GraphRows:
             return 0
         counters[1] = used + 1
         return words.data_ptr() + 4 * used
+
+    def gate_address(self) -> int:
+        """The device address of this graph's gate word for a captured launch (0: not
+        gated, or not on a CUDA device)."""
+        if not self.gated or self.device.type != "cuda":
+            return 0
+        if self._gate is None:
+            module = _kernel.get()
+            if module is None or not hasattr(module, "gate_set"):
+                return 0  # torch ops: they run on every replay
+            # An allocation, not a kernel: nothing of it is captured into the graph.
+            self._gate = torch.empty(1, dtype=torch.int32, device=self.device)
+            self._gate_module = module
+        return self._gate.data_ptr()
+
+    def set_gate(self, traced: bool) -> None:
+        """Before a replay, on the replaying thread: its launches run only if ``traced``.
+        A gate that cannot be written fails the graph's statistics (``failed``): a
+        traced replay then says they were dropped, never reads rows left unwritten."""
+        gate = self._gate
+        if gate is None or self.failed:
+            return
+        try:
+            self._gate_key = self._gate_module.gate_set(
+                self.device.index, gate.data_ptr(), traced, self._gate_key)
+        except Exception as exc:  # noqa: BLE001
+            self.failed = True
+            health.report("stats_errors", "could not gate a graph's statistics", exc)
 
     def take_anchor(self) -> int:
         """The device address the graph's first timed launch stamps its start into (0
@@ -258,11 +294,11 @@ class GraphRows:
         index) knows: a ``GraphStatsPending``, or (child index, Pending) per call when
         the statistics are dropped.  ``module``: the statistics extension (None: the
         built one, if any, on a CUDA device; torch copies otherwise)."""
-        if self.ring is None:
+        if self.ring is None and not self.failed:
             self._seal()
         ring = self.ring
         layout = self.layout(index)
-        if ring is None or not layout:
+        if ring is None or not layout or self.failed:
             return [(index[rid], _dropped("error")) for rid, _, _, _ in self._members
                     if rid in index]
         if module is None and self.device.type == "cuda":
@@ -368,6 +404,8 @@ def graph_rows_of(capture_state: Callable[[], Any], on_low: Callable[[], None] |
         capture = capture_state()
         if capture is None:
             return None
-        return capture.group(("stats", str(device)), lambda: GraphRows(device, on_low))
+        sampler = capture.sampler
+        gated = sampler is not None and sampler.every != 1
+        return capture.group(("stats", str(device)), lambda: GraphRows(device, on_low, gated))
 
     return lookup

@@ -65,7 +65,8 @@ def _launch_into(out: torch.Tensor, jobs: Sequence[Job], module: Any, row0: int 
     rows already zeroed (a captured call's outputs after its inputs: one memset node);
     ``zero=False``: every row is zeroed already (a graph's chunk, ``GraphRows``).
     ``stamps`` (``counter``, ``stamp_start``, ``stamp_end``: device addresses) have the
-    kernel stamp the GPU clock; returns whether it ran (torch ops stamp nothing)."""
+    kernel stamp the GPU clock, and ``gate`` skip the launch on untraced replays;
+    returns whether it ran (torch ops stamp nothing)."""
     if module is not None and _kernel_can_run(jobs):
         launched = module.stats_into(out, [j.tensor for j in jobs], [j.row for j in jobs],
                                      [j.step for j in jobs], [j.indices for j in jobs],
@@ -293,6 +294,9 @@ class StatsRecorder:
         stamps = {}
         if slot.stamped:  # the call ended as this launch starts: its GPU time's end
             stamps["stamp_start"] = slot.out.data_ptr() + nin * ROW_BYTES + _SPARE
+        gate = slot.graph_rows.gate_address() if slot.graph_rows is not None else 0
+        if gate:
+            stamps["gate"] = gate
         with torch.cuda.device(device):
             ran = _launch_into(slot.out, jobs, self._module(), row0=nin,
                                zero=slot.graph_rows is None, **stamps)
@@ -474,6 +478,9 @@ class StatsRecorder:
                     stamps = {"counter": counter, "stamp_end": out.data_ptr() + _SPARE,
                               "stamp_start": rows.take_anchor()}
         anchor = stamps.get("stamp_also" if fork is not None else "stamp_start", 0)
+        gate = rows.gate_address()
+        if gate:  # untraced replays skip it (``GraphRows.set_gate``)
+            stamps["gate"] = gate
         main = torch.cuda.current_stream(device)
         ran = False
         try:
