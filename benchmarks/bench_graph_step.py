@@ -16,6 +16,7 @@ on the replaying thread (the previous path, forced in the same run).  A replay t
 took no time would outrun any exporter: the spans would be dropped, not measured.
 
     python benchmarks/bench_graph_step.py [--replays 300] [--levels 0,1,3,5] [--mode auto]
+        [--every 1,auto]   # GPU: OTEL_FLASHINFER_REPLAY_EVERY values side by side
 """
 
 from __future__ import annotations
@@ -36,13 +37,14 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = 32
 
 
-def _spans_in(path: Path) -> int:
+def _spans_in(path: Path, name: str | None = None) -> int:
+    """Spans written to the JSONL file (those called ``name``, if given)."""
     n = 0
     if path.exists():
         for line in path.read_text().splitlines():
             for rs in json.loads(line)["resourceSpans"]:
                 for ss in rs["scopeSpans"]:
-                    n += len(ss["spans"])
+                    n += sum(1 for s in ss["spans"] if name is None or s["name"] == name)
     return n
 
 
@@ -98,7 +100,8 @@ def gpu_child(level: int, replays: int) -> dict[str, Any]:
         graph.replay()
     torch.cuda.synchronize()
     otel_flashinfer.flush(120)
-    before = _spans_in(Path("flashinfer_traces.jsonl"))
+    traces = Path("flashinfer_traces.jsonl")
+    before, replays_before = _spans_in(traces), _spans_in(traces, "cuda_graph.replay")
     cpu0, t0 = _cpu_s(), time.perf_counter()
     for _ in range(replays):
         graph.replay()
@@ -112,7 +115,8 @@ def gpu_child(level: int, replays: int) -> dict[str, Any]:
     return {"level": level, "wall_us": wall, "cpu_us": cpu, "flushed": flushed,
             "loop_us": (t1 - t0) / replays * 1e6, "flush_ms": (t2 - t1) * 1e3,
             "forked": counters.get("stats_forked", 0), "sender": _sender(),
-            "spans": _spans_in(Path("flashinfer_traces.jsonl")) - before,
+            "spans": _spans_in(traces) - before,
+            "traced": _spans_in(traces, "cuda_graph.replay") - replays_before,
             "stats_dropped": counters.get("stats_dropped", 0),
             "spans_dropped": counters.get("spans_dropped", 0)}
 
@@ -237,8 +241,9 @@ def _stand_in_statistics(graph: Any, slots: int) -> None:
 _keep: list[Any] = []  # the stand-in API's ctypes objects live as long as the process
 
 
-def _run_child(args: list[str]) -> dict[str, Any]:
+def _run_child(args: list[str], extra_env: dict[str, str] | None = None) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env.update(extra_env or {})
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     with tempfile.TemporaryDirectory(prefix="bench_graph_") as tmp:
         out = subprocess.run([sys.executable, __file__, *args], cwd=tmp, env=env,
@@ -262,6 +267,9 @@ def main() -> int:
                         help="CPU mode: the stand-in replay spins in Python for its time "
                              "(holding the GIL) instead of sleeping: the background threads "
                              "get the GIL only at CPython's 5 ms switch interval")
+    parser.add_argument("--every", default="1",
+                        help="GPU mode: OTEL_FLASHINFER_REPLAY_EVERY for the traced levels, "
+                             "several comma-separated (1,auto) to run each side by side")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -279,17 +287,20 @@ def main() -> int:
     levels = [int(x) for x in args.levels.split(",")]
     calls = 2 * LAYERS
     if mode == "gpu":
-        runs: dict[int, list[dict[str, Any]]] = {lvl: [] for lvl in levels}
+        everies = args.every.split(",")
+        configs = [(lvl, every) for lvl in levels for every in (everies if lvl else ["1"])]
+        runs: dict[tuple[int, str], list[dict[str, Any]]] = {c: [] for c in configs}
         for _ in range(max(1, args.rounds)):
-            for lvl in levels:
-                runs[lvl].append(_run_child(["--child", f"gpu:{lvl}:0", "--replays",
-                                             str(args.replays)]))
+            for lvl, every in configs:
+                runs[lvl, every].append(_run_child(
+                    ["--child", f"gpu:{lvl}:0", "--replays", str(args.replays)],
+                    {"OTEL_FLASHINFER_REPLAY_EVERY": every}))
         print(f"GPU: {LAYERS}-layer decode step ({calls} FlashInfer calls) as one graph, "
               f"{args.replays} replays back to back, default exporter, each level in its "
               f"own process, {len(runs[levels[0]])} interleaved round(s); wall per replay "
               "including the flush (median over rounds, the higher of two)")
-        base_runs = runs.get(0)
-        for lvl, rs in runs.items():
+        base_runs = runs.get((0, "1"))
+        for (lvl, every), rs in runs.items():
             wall = statistics.median_high(x["wall_us"] for x in rs)
             r = next(x for x in rs if x["wall_us"] == wall)  # its counts are printed
             ratio = ""
@@ -299,8 +310,12 @@ def main() -> int:
                                       for x, b in zip(rs, base_runs, strict=True))
                 ratio = (f" = {wall / base:.3f}x level 0 ({(wall / base - 1) * 100:+.1f}%; "
                          f"by round {per_round})")
-            expected = args.replays * (1 + calls) if lvl else 0
-            print(f"  level {lvl}: {wall:9.1f} us/replay{ratio}; replay loop "
+            expected = r.get("traced", 0) * (1 + calls)
+            label = f"level {lvl}" + (f", REPLAY_EVERY={every}" if len(everies) > 1 or
+                                       every != "1" else "")
+            traced = (f"replays traced {r.get('traced', 0)}/{args.replays}; " if lvl
+                      else "")
+            print(f"  {label}: {wall:9.1f} us/replay{ratio}; {traced}replay loop "
                   f"{r['loop_us']:.1f} us/replay, flush {r['flush_ms']:.1f} ms; whole CPU "
                   f"{r['cpu_us']:.1f} us/replay; spans {r['spans']}/{expected}; statistics "
                   f"dropped {r['stats_dropped']}, spans dropped {r['spans_dropped']}"
