@@ -17,6 +17,7 @@ took no time would outrun any exporter: the spans would be dropped, not measured
 
     python benchmarks/bench_graph_step.py [--replays 300] [--levels 0,1,3,5] [--mode auto]
         [--every 1,auto]   # GPU: OTEL_FLASHINFER_REPLAY_EVERY values side by side
+        [--branch-share 1,0.5,0.33]   # GPU, level 5: statistics branch sizes side by side
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def _sender() -> str:
             f"{native.send_wall_max_s * 1e3:.1f} ms")
 
 
-def gpu_child(level: int, replays: int) -> dict[str, Any]:
+def gpu_child(level: int, replays: int, branch_share: float = 1.0) -> dict[str, Any]:
     import torch
 
     sys.path.insert(0, str(ROOT / "tests"))
@@ -83,6 +84,9 @@ def gpu_child(level: int, replays: int) -> dict[str, Any]:
             from otel_flashinfer.stats import kernel
 
             kernel.get(wait=True, timeout=600)
+            from otel_flashinfer.stats import overlap
+
+            overlap.BRANCH_SM_SHARE = branch_share
     step = make_decode(use_cuda_graph=True)
     caches = [torch.randn_like(step.kv_cache) for _ in range(LAYERS)]
     hidden = torch.randn(8, 4096, dtype=torch.float16, device="cuda")
@@ -270,11 +274,16 @@ def main() -> int:
     parser.add_argument("--every", default="1",
                         help="GPU mode: OTEL_FLASHINFER_REPLAY_EVERY for the traced levels, "
                              "several comma-separated (1,auto) to run each side by side")
+    parser.add_argument("--branch-share", default="1",
+                        help="GPU mode, level 5: the share of the SMs a statistics launch "
+                             "beside its call is sized for (overlap.BRANCH_SM_SHARE), "
+                             "several comma-separated to run each side by side")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         kind, level, previous = args.child.split(":")
-        result = (gpu_child(int(level), args.replays) if kind == "gpu" else
+        result = (gpu_child(int(level), args.replays, float(args.branch_share))
+                  if kind == "gpu" else
                   cpu_child(int(level), args.replays, previous == "1",
                             args.replay_us * 1e-6, args.hold_gil))
         print(json.dumps(result))
@@ -287,20 +296,22 @@ def main() -> int:
     levels = [int(x) for x in args.levels.split(",")]
     calls = 2 * LAYERS
     if mode == "gpu":
-        everies = args.every.split(",")
-        configs = [(lvl, every) for lvl in levels for every in (everies if lvl else ["1"])]
-        runs: dict[tuple[int, str], list[dict[str, Any]]] = {c: [] for c in configs}
+        everies, shares = args.every.split(","), args.branch_share.split(",")
+        configs = [(lvl, every, share) for lvl in levels
+                   for every in (everies if lvl else ["1"])
+                   for share in (shares if lvl >= 5 else ["1"])]
+        runs: dict[tuple[int, str, str], list[dict[str, Any]]] = {c: [] for c in configs}
         for _ in range(max(1, args.rounds)):
-            for lvl, every in configs:
-                runs[lvl, every].append(_run_child(
-                    ["--child", f"gpu:{lvl}:0", "--replays", str(args.replays)],
-                    {"OTEL_FLASHINFER_REPLAY_EVERY": every}))
+            for lvl, every, share in configs:
+                runs[lvl, every, share].append(_run_child(
+                    ["--child", f"gpu:{lvl}:0", "--replays", str(args.replays),
+                     "--branch-share", share], {"OTEL_FLASHINFER_REPLAY_EVERY": every}))
         print(f"GPU: {LAYERS}-layer decode step ({calls} FlashInfer calls) as one graph, "
               f"{args.replays} replays back to back, default exporter, each level in its "
               f"own process, {len(runs[levels[0]])} interleaved round(s); wall per replay "
               "including the flush (median over rounds, the higher of two)")
-        base_runs = runs.get((0, "1"))
-        for (lvl, every), rs in runs.items():
+        base_runs = runs.get((0, "1", "1"))
+        for (lvl, every, share), rs in runs.items():
             wall = statistics.median_high(x["wall_us"] for x in rs)
             r = next(x for x in rs if x["wall_us"] == wall)  # its counts are printed
             ratio = ""
@@ -312,7 +323,9 @@ def main() -> int:
                          f"by round {per_round})")
             expected = r.get("traced", 0) * (1 + calls)
             label = f"level {lvl}" + (f", REPLAY_EVERY={every}" if len(everies) > 1 or
-                                       every != "1" else "")
+                                       every != "1" else "") + (
+                f", branch share {share}" if lvl >= 5 and (len(shares) > 1 or share != "1")
+                else "")
             traced = (f"replays traced {r.get('traced', 0)}/{args.replays}; " if lvl
                       else "")
             print(f"  {label}: {wall:9.1f} us/replay{ratio}; {traced}replay loop "

@@ -224,8 +224,9 @@ def child(config: str, calls: int, warmup: int, pairs: int = 0) -> dict[str, Any
     return out
 
 
-def graph_child(level: int, replays: int) -> dict[str, Any]:
-    """A captured decode step replayed back to back at ``level`` (default exporter)."""
+def graph_child(level: int, replays: int, branch_share: float = 1.0) -> dict[str, Any]:
+    """A captured decode step replayed back to back at ``level`` (default exporter);
+    ``branch_share``: ``overlap.BRANCH_SM_SHARE`` for the statistics beside the decode."""
     import torch
 
     sys.path.insert(0, str(ROOT / "tests"))
@@ -236,6 +237,9 @@ def graph_child(level: int, replays: int) -> dict[str, Any]:
     if level:
         otel_flashinfer.instrument(level=level)
         _wait_for_kernels(level)
+        from otel_flashinfer.stats import overlap
+
+        overlap.BRANCH_SM_SHARE = branch_share
     step = make_decode(use_cuda_graph=True)
     graph, _ = capture_graph(step.run)
     for _ in range(20):
@@ -414,6 +418,10 @@ def main() -> int:
     parser.add_argument("--exporters", default="file,http,grpc")
     parser.add_argument("--levels", default="1,3,5,10")
     parser.add_argument("--no-peers", action="store_true", help="skip NVTX/profiler/FlashInfer")
+    parser.add_argument("--branch-share", default="1",
+                        help="the captured decode step at level 5: the share of the SMs its "
+                             "statistics beside the decode are sized for, several "
+                             "comma-separated to run each side by side")
     args = parser.parse_args()
     if str(ROOT) not in sys.path:  # this checkout, as the children get it
         sys.path.insert(0, str(ROOT))
@@ -421,7 +429,7 @@ def main() -> int:
         print(json.dumps(child(args.child, args.calls, args.warmup, args.pairs)))
         return 0
     if args.graph is not None:
-        print(json.dumps(graph_child(args.graph, args.replays)))
+        print(json.dumps(graph_child(args.graph, args.replays, float(args.branch_share))))
         return 0
     mode = args.mode
     if mode == "auto":
@@ -488,9 +496,13 @@ def main() -> int:
         print(f"\nnative encoder, one core: {rate:,.0f} level-3 spans/s (target >= 200,000)")
     if mode == "gpu":
         rows = {}
-        for key, level, every in ((0, 0, "1"), (5, 5, "1"), ("auto", 5, "auto")):
+        shares = args.branch_share.split(",")
+        runs = [(0, 0, "1", "1"), (5, 5, "1", shares[0]), ("auto", 5, "auto", shares[0])]
+        runs += [(f"share {share}", 5, "1", share) for share in shares[1:]]
+        for key, level, every, share in runs:
             with tempfile.TemporaryDirectory(prefix="bench_graph_") as tmp:
-                result = run_child(["--graph", str(level), "--replays", str(args.replays)],
+                result = run_child(["--graph", str(level), "--replays", str(args.replays),
+                                    "--branch-share", share],
                                    _env("gpu", "file", None,
                                         {"OTEL_FLASHINFER_REPLAY_EVERY": every}), Path(tmp))
                 spans, dropped = _file_spans(Path(tmp) / "flashinfer_traces.jsonl",
@@ -507,6 +519,14 @@ def main() -> int:
               f"{auto['wall_us']:.1f} us/replay = {auto['wall_us'] / rows[0]['wall_us']:.3f}x "
               f"level 0; spans {auto['spans']} (replay spans and their children), statistics "
               f"dropped {auto['stats_dropped']}")
+        if len(shares) > 1:
+            print(f"  (the two above with the statistics branch sized for {shares[0]} of "
+                  "the SMs)")
+        for share in shares[1:]:
+            r = rows[f"share {share}"]
+            print(f"level 5, every replay, branch sized for {share} of the SMs: "
+                  f"{r['wall_us']:.1f} us/replay = {r['wall_us'] / rows[0]['wall_us']:.2f}x "
+                  f"level 0; spans {r['spans']}, statistics dropped {r['stats_dropped']}")
     return 0
 
 

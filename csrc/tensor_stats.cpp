@@ -263,7 +263,7 @@ bool run(at::Tensor& out, const std::vector<at::Tensor>& tensors, const std::vec
          const std::vector<std::optional<at::Tensor>>& indptr, const std::vector<int64_t>& batch,
          const std::vector<std::optional<at::Tensor>>& last_page_len,
          const std::vector<int64_t>& slot_dim, cudaStream_t stream, bool zero,
-         const Publish& pub) {
+         const Publish& pub, int64_t sm_limit = 0) {
   const size_t n = tensors.size();
   TORCH_CHECK(rows.size() == n && steps.size() == n && indices.size() == n &&
                   indptr.size() == n && batch.size() == n,
@@ -281,6 +281,7 @@ bool run(at::Tensor& out, const std::vector<at::Tensor>& tensors, const std::vec
       mask_last_page(items.back(), tensors[k], *last_page_len[k], slot_dim[k]);
   }
   int sm_count = sm_count_of(out.get_device());
+  if (sm_limit > 0 && sm_limit < sm_count) sm_count = static_cast<int>(sm_limit);
   if (zero) {
     C10_CUDA_CHECK(cudaMemsetAsync(out.data_ptr(), 0, out.numel() * out.element_size(), stream));
   }
@@ -298,13 +299,15 @@ bool run(at::Tensor& out, const std::vector<at::Tensor>& tensors, const std::vec
 // (with no tensor to read and no end stamp, none is, and nothing is stamped).
 // `stamp_also` gets the same stamp as `stamp_start` (a launch on a forked branch: the
 // call's start and the graph's anchor).  `gate` (an int32 device address, 0: none):
-// the launch does nothing on a replay where the word is zero (`gate_set`).
+// the launch does nothing on a replay where the word is zero (`gate_set`).  `sm_limit`
+// (0: all) sizes the launch's wave as if the device had that many multiprocessors: a
+// launch on a branch beside the call leaves the rest of the GPU to the call.
 bool stats_into(at::Tensor out, std::vector<at::Tensor> tensors, std::vector<int64_t> rows,
                 std::vector<int64_t> steps, std::vector<std::optional<at::Tensor>> indices,
                 std::vector<std::optional<at::Tensor>> indptr, std::vector<int64_t> batch,
                 bool zero, std::vector<std::optional<at::Tensor>> last_page_len,
                 std::vector<int64_t> slot_dim, int64_t counter, int64_t stamp_start,
-                int64_t stamp_end, int64_t stamp_also, int64_t gate) {
+                int64_t stamp_end, int64_t stamp_also, int64_t gate, int64_t sm_limit) {
   c10::cuda::CUDAGuard guard(out.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   Publish pub{};
@@ -320,7 +323,7 @@ bool stats_into(at::Tensor out, std::vector<at::Tensor> tensors, std::vector<int
     pub.stamp_end = reinterpret_cast<int64_t*>(stamp_end);
   }
   return run(out, tensors, rows, steps, indices, indptr, batch, last_page_len, slot_dim, stream,
-             zero, pub);
+             zero, pub, sm_limit);
 }
 
 // Eager: temp output, launch, async copy into pinned host_ptr, record event.
@@ -523,7 +526,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("indices"), py::arg("indptr"), py::arg("batch"), py::arg("zero"),
         py::arg("last_page_len") = Optionals(), py::arg("slot_dim") = std::vector<int64_t>(),
         py::arg("counter") = 0, py::arg("stamp_start") = 0, py::arg("stamp_end") = 0,
-        py::arg("stamp_also") = 0, py::arg("gate") = 0);
+        py::arg("stamp_also") = 0, py::arg("gate") = 0, py::arg("sm_limit") = 0);
   m.def("gate_set", &otel_fi::gate_set,
         "set a graph's statistics gate in stream order before a replay",
         py::arg("device"), py::arg("gate"), py::arg("on"), py::arg("key"));

@@ -174,6 +174,26 @@ def test_a_forked_launch_stamps_the_start_and_is_joined_once(captured) -> None: 
     assert main.waited == ["side"]
 
 
+def test_a_forked_launch_is_sized_for_its_share_of_the_sms(captured, monkeypatch) -> None:  # noqa: ANN001
+    _, _, _, launches, launch, _ = captured
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: type("Props", (), {"multi_processor_count": 132}))
+    launch(_Stream("side"))
+    assert "sm_limit" not in launches[-1][1]  # share 1: the whole GPU, as on the stream
+    monkeypatch.setattr(overlap, "BRANCH_SM_SHARE", 1 / 3)
+    launch(_Stream("side"))
+    assert launches[-1][1]["sm_limit"] == 44
+    launch(None)  # on the call's stream: nothing runs beside it to leave room for
+    assert "sm_limit" not in launches[-1][1]
+
+
+@pytest.mark.parametrize(("sms", "share", "expected"),
+                         [(132, 1.0, 0), (132, 2.0, 0), (132, 0.5, 66), (132, 0.25, 33),
+                          (132, 0.001, 1), (132, 0.0, 1), (0, 0.5, 0)])
+def test_branch_sms(sms: int, share: float, expected: int) -> None:
+    assert overlap.branch_sms(sms, share) == expected
+
+
 def test_a_launch_on_the_calls_stream_is_timed_by_its_end(captured) -> None:  # noqa: ANN001
     rec, rows, main, launches, launch, ext = captured
     ext.ok = False  # a launch that did not run gives the anchor back

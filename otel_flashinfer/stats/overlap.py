@@ -23,7 +23,8 @@ import torch
 
 from . import kernel as _kernel
 
-__all__ = ["MIN_BYTES", "READ_ONLY_APIS", "branch", "may_fork", "prepare"]
+__all__ = ["BRANCH_SM_SHARE", "MIN_BYTES", "READ_ONLY_APIS", "branch", "branch_sms",
+           "may_fork", "prepare"]
 
 #: FlashInfer APIs (span names) that read every tensor they are given, apart from the
 #: output buffers in ``WRITTEN_ARGS``.
@@ -39,6 +40,12 @@ READ_ONLY_APIS = frozenset({
 WRITTEN_ARGS = frozenset({"out", "lse", "output"})
 #: Below this many input bytes the call's own launch costs more than the branch saves.
 MIN_BYTES = 1 << 20
+
+#: The share of the GPU's multiprocessors a branch's launch is sized for (its wave of
+#: blocks; 1.0: all, as on the call's stream).  A smaller wave leaves room for the call's
+#: own blocks beside it; what share is best is measured on the device
+#: (``bench_graph_step.py --branch-share``), so it is a module setting, not a variable.
+BRANCH_SM_SHARE = 1.0
 
 #: Branch streams made at most (one per device and capturing thread; never destroyed).
 MAX_BRANCHES = 64
@@ -78,3 +85,12 @@ def branch(device: int) -> Any:
     """This thread's branch stream on ``device``, or None when ``prepare`` made none
     (under a capture nothing is made: a new stream could invalidate it)."""
     return _branches.get((device, threading.get_ident()))
+
+
+def branch_sms(sm_count: int, share: float | None = None) -> int:
+    """Multiprocessors a branch's launch is sized for on a device of ``sm_count``: 0 (all)
+    at a share of 1 or more, else at least one (pure)."""
+    share = BRANCH_SM_SHARE if share is None else share
+    if share >= 1.0 or sm_count <= 0:
+        return 0
+    return max(1, round(sm_count * max(share, 0.0)))

@@ -481,6 +481,11 @@ class StatsRecorder:
         gate = rows.gate_address()
         if gate:  # untraced replays skip it (``GraphRows.set_gate``)
             stamps["gate"] = gate
+        if fork is not None and overlap.BRANCH_SM_SHARE < 1.0:
+            sms = overlap.branch_sms(
+                torch.cuda.get_device_properties(device).multi_processor_count)
+            if sms:
+                stamps["sm_limit"] = sms
         main = torch.cuda.current_stream(device)
         ran = False
         try:
