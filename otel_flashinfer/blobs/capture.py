@@ -374,6 +374,10 @@ class BlobRecorder:
         failure what this call took is given back (not what an earlier call took: the
         outputs' failing must not lose the inputs), and the error goes on."""
         first = len(cap.held)
+        #: device -> the held copies made on its current stream: one event each, recorded
+        #: after the last copy, covers them all (an event per tensor cost the caller a
+        #: CUDA call and a Python object each).
+        streams: dict[torch.device, list[_Held]] = {}
         try:
             for held, (src, paged) in pending:
                 cap.held.append(held)  # first: a failure below still gives back its budget
@@ -390,6 +394,13 @@ class BlobRecorder:
                     self._to_host(cap, held, pages, page_ids=idx, fps=fps)
                 else:
                     self._to_host(cap, held, encode.flat_span(src))
+                if src.device.type != "cpu":
+                    streams.setdefault(src.device, []).append(held)
+            for device, helds in streams.items():
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(device))
+                for held in helds:
+                    held.event = event
         except BaseException:
             self._release_held(cap, first)
             del cap.held[first:]
@@ -427,9 +438,7 @@ class BlobRecorder:
             view = view.view(part.shape) if nbytes else torch.empty(part.shape, dtype=part.dtype)
             view.copy_(part, non_blocking=True)
             outs.append(view)
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(src.device))
-        held.event = event
+        # ``held.event``: one per device for the call's copies, recorded by ``_copy_all``.
         if held.dev is not None:
             held.ids, held.fps = outs
             return
