@@ -443,21 +443,25 @@ int64_t stats_slot(const std::vector<at::Tensor>& tensors, const std::vector<int
 }
 
 // Before a graph replay: its statistics launches run (`on`) or return at once, as the
-// gate word at address `gate` on `device` says from then on in the current stream's order.
-// `key` is what the last call returned (-1: none); the word is only written when the
-// stream or the answer changed, so a graph whose replays are all traced pays one
-// memset in all.  Returns the new key.
-int64_t gate_set(int64_t device, int64_t gate, bool on, int64_t key) {
+// gate word says from then on in the current stream's order.  `gate_key` is what the
+// word must be for this replay on the current stream of `device` (the stream's handle
+// << 1 | on): the caller writes (`gate_write`) only when it differs from the last
+// written, so a graph whose replays are all traced pays one memset in all.  On a new
+// stream, the caller first orders it after the last one (torch's wait_stream), whose
+// replay may still be reading the word.
+int64_t gate_key(int64_t device, bool on) {
+  const auto index = static_cast<c10::DeviceIndex>(device);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(index).stream();
+  return (static_cast<int64_t>(reinterpret_cast<intptr_t>(stream)) << 1) | (on ? 1 : 0);
+}
+
+void gate_write(int64_t device, int64_t gate, bool on) {
   TORCH_CHECK(gate != 0 && gate % 4 == 0, "otel_flashinfer stats: bad gate address");
   const auto index = static_cast<c10::DeviceIndex>(device);
   c10::cuda::CUDAGuard guard(index);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(index).stream();
-  const int64_t now = (static_cast<int64_t>(reinterpret_cast<intptr_t>(stream)) << 1) | on;
-  if (now != key) {
-    // Byte-wise: 0x01010101 is as non-zero as 1 to the kernel.
-    C10_CUDA_CHECK(cudaMemsetAsync(reinterpret_cast<void*>(gate), on ? 1 : 0, 4, stream));
-  }
-  return now;
+  // Byte-wise: 0x01010101 is as non-zero as 1 to the kernel.
+  C10_CUDA_CHECK(cudaMemsetAsync(reinterpret_cast<void*>(gate), on ? 1 : 0, 4, stream));
 }
 
 // After a graph replay: copy the graph's output rows into a pinned slot.
@@ -527,9 +531,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("last_page_len") = Optionals(), py::arg("slot_dim") = std::vector<int64_t>(),
         py::arg("counter") = 0, py::arg("stamp_start") = 0, py::arg("stamp_end") = 0,
         py::arg("stamp_also") = 0, py::arg("gate") = 0, py::arg("sm_limit") = 0);
-  m.def("gate_set", &otel_fi::gate_set,
-        "set a graph's statistics gate in stream order before a replay",
-        py::arg("device"), py::arg("gate"), py::arg("on"), py::arg("key"));
+  m.def("gate_key", &otel_fi::gate_key,
+        "what a graph's statistics gate must say for a replay on the current stream",
+        py::arg("device"), py::arg("on"));
+  m.def("gate_write", &otel_fi::gate_write,
+        "set a graph's statistics gate in the current stream's order",
+        py::arg("device"), py::arg("gate"), py::arg("on"));
   m.def("new_stream", &otel_fi::new_stream, "a non-blocking CUDA stream of our own",
         py::arg("device"));
   m.def("stats_eager", &otel_fi::stats_eager, "statistics copied into a pinned slot + event",

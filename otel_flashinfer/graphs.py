@@ -67,6 +67,7 @@ class Capture:
         #: Groups whose captured work skips untraced replays: told before each replay
         #: whether it is traced (``set_gate``), set when the capture ends.
         self.gates: tuple[Any, ...] = ()
+        self.gate_lock = threading.Lock()
         self._template: tuple[tuple[CallRecord, ...], tuple[tuple, ...]] | None = None
         self._index: dict[int, int] = {}
 
@@ -266,18 +267,24 @@ def patch(runtime: Any) -> None:
         t0 = perf_counter()
         traced = sampler is None or sampler.should_trace(t0)
         if capture.gates:
-            capture.open_gates(traced)
-        if not traced:
+            # The gate and the replay it is written for go in together: another
+            # thread's write must not land between them.
+            with capture.gate_lock:
+                capture.open_gates(traced)
+                if not traced:
+                    return replay(self, *args, **kwargs)
+                begun = _begin(runtime)
+                t1 = perf_counter()
+                result = replay(self, *args, **kwargs)
+        elif not traced:
             return replay(self, *args, **kwargs)
-        try:
-            timer = runtime.replay_timer()
-            mark = timer.begin() if timer is not None else None
-            start = time_ns()
-        except Exception as exc:  # noqa: BLE001
-            health.report("graph_errors", "could not trace a CUDA graph replay", exc)
-            return replay(self, *args, **kwargs)
-        t1 = perf_counter()
-        result = replay(self, *args, **kwargs)
+        else:
+            begun = _begin(runtime)
+            t1 = perf_counter()
+            result = replay(self, *args, **kwargs)
+        if begun is None:
+            return result
+        timer, mark, start = begun
         try:
             t2 = perf_counter()
             end_ns = time_ns()
@@ -295,6 +302,17 @@ def patch(runtime: Any) -> None:
     graph_cls.capture_begin = capture_begin
     graph_cls.capture_end = capture_end
     graph_cls.replay = replay_
+
+
+def _begin(runtime: Any) -> tuple[Any, Any, int] | None:
+    """A traced replay's start: (its GPU timer, the timer's mark, host start in ns), or
+    None when that failed (reported; the replay then goes untraced)."""
+    try:
+        timer = runtime.replay_timer()
+        return timer, timer.begin() if timer is not None else None, time_ns()
+    except Exception as exc:  # noqa: BLE001
+        health.report("graph_errors", "could not trace a CUDA graph replay", exc)
+        return None
 
 
 def unpatch() -> None:

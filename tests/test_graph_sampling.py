@@ -212,29 +212,50 @@ def test_statistics_rows_are_gated_unless_every_replay_is_traced(monkeypatch, ev
     assert capture.gates == ((rows,) if gated else ())
 
 
-def test_a_gate_that_cannot_be_written_drops_the_graphs_statistics() -> None:
-    """Rows a skipped launch left unwritten are never read as a traced replay's."""
+def test_the_gate_is_written_when_the_answer_or_the_stream_changes(monkeypatch) -> None:
+    """One query per replay, a write only on a change; a new stream first waits for
+    the last one (a replay there may still read the word).  A write that fails drops
+    the graph's statistics: rows a skipped launch left unwritten are never read."""
     from otel_flashinfer import health
     from otel_flashinfer.stats.graph_rows import GraphRows
 
+    class _Stream:
+        def __init__(self, handle: int) -> None:
+            self.handle, self.waited = handle, []
+
+        def wait_stream(self, other: _Stream) -> None:
+            self.waited.append(other.handle)
+
+    streams = {16: _Stream(16), 32: _Stream(32)}
+    current = [16]
+
     class _Module:
         def __init__(self) -> None:
-            self.keys: list[int] = []
+            self.writes: list[tuple[int, bool]] = []
+            self.fail = False
 
-        def gate_set(self, device, gate, on, key):  # noqa: ANN001, ANN202
-            self.keys.append(key)
-            if len(self.keys) == 3:
+        def gate_key(self, device, on):  # noqa: ANN001, ANN202
+            return current[0] << 1 | on
+
+        def gate_write(self, device, gate, on):  # noqa: ANN001, ANN202
+            if self.fail:
                 raise RuntimeError("CUDA error: an illegal memory access")
-            return 10 + on
+            self.writes.append((current[0], on))
 
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: streams[current[0]])
     health.reset()
+    module = _Module()
     rows = GraphRows(torch.device("cpu"), gated=True)
-    rows._gate, rows._gate_module = torch.zeros(1, dtype=torch.int32), _Module()
+    rows._gate, rows._gate_module = torch.zeros(1, dtype=torch.int32), module
+    for traced in (True, True, False, False, True):
+        rows.set_gate(traced)
+    assert module.writes == [(16, True), (16, False), (16, True)]
+    current[0] = 32  # the next replay on another stream, same answer
     rows.set_gate(True)
+    assert module.writes[-1] == (32, True) and streams[32].waited == [16]
+    assert not streams[16].waited
+    module.fail = True
     rows.set_gate(False)
-    assert rows._gate_module.keys == [-1, 11]  # each write is told the last one's key
-    rows.set_gate(True)
-    assert rows.failed
+    assert rows.failed and health.counters()["stats_errors"] == 1
     rows.set_gate(True)  # no more writes once failed
-    assert rows._gate_module.keys == [-1, 11, 10]
     assert health.counters()["stats_errors"] == 1

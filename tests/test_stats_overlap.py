@@ -187,6 +187,20 @@ def test_a_forked_launch_is_sized_for_its_share_of_the_sms(captured, monkeypatch
     assert "sm_limit" not in launches[-1][1]
 
 
+def test_a_gated_launch_is_not_taken_for_a_timed_one(captured, monkeypatch) -> None:  # noqa: ANN001
+    """The gate says how a launch runs, not what it stamps: an untimed call in a gated
+    graph stays untimed (its children would otherwise say ``no_stamp``)."""
+    rec, rows, _, launches, launch, _ = captured
+    rec.gpu_time = False
+    monkeypatch.setattr(rows, "gate_address", lambda: 4096)
+    slot = launch(None)
+    assert launches[-1][1] == {"gate": 4096}
+    assert not slot.stamped
+    rec.gpu_time = True
+    slot = launch(_Stream("side"))
+    assert launches[-1][1]["gate"] == 4096 and slot.stamped
+
+
 @pytest.mark.parametrize(("sms", "share", "expected"),
                          [(132, 1.0, 0), (132, 2.0, 0), (132, 0.5, 66), (132, 0.25, 33),
                           (132, 0.001, 1), (132, 0.0, 1), (0, 0.5, 0)])

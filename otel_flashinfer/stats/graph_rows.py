@@ -123,7 +123,8 @@ class GraphRows:
         self.gated = gated
         self._gate: torch.Tensor | None = None
         self._gate_module: Any = None
-        self._gate_key = -1  # ``gate_set``'s: the stream and answer last written
+        self._gate_key = -1  # ``gate_key``'s: the stream and answer last written
+        self._gate_stream: Any = None  # the stream it was written on
         self._chunks: list[torch.Tensor] = []
         self._used: list[int] = []
         self._current: dict[int, int] = {}  # stream -> the chunk it fills now
@@ -190,7 +191,7 @@ class GraphRows:
             return 0
         if self._gate is None:
             module = _kernel.get()
-            if module is None or not hasattr(module, "gate_set"):
+            if module is None or not hasattr(module, "gate_write"):
                 return 0  # torch ops: they run on every replay
             # An allocation, not a kernel: nothing of it is captured into the graph.
             self._gate = torch.empty(1, dtype=torch.int32, device=self.device)
@@ -199,14 +200,25 @@ class GraphRows:
 
     def set_gate(self, traced: bool) -> None:
         """Before a replay, on the replaying thread: its launches run only if ``traced``.
-        A gate that cannot be written fails the graph's statistics (``failed``): a
-        traced replay then says they were dropped, never reads rows left unwritten."""
+        One call into the extension per replay; a write only when the answer or the
+        stream changed.  A new stream waits for the last one first: a replay there may
+        still be reading the word.  A gate that cannot be written fails the graph's
+        statistics (``failed``): a traced replay then says they were dropped, never
+        reads rows left unwritten."""
         gate = self._gate
         if gate is None or self.failed:
             return
         try:
-            self._gate_key = self._gate_module.gate_set(
-                self.device.index, gate.data_ptr(), traced, self._gate_key)
+            module, index = self._gate_module, self.device.index
+            key = module.gate_key(index, traced)
+            if key == self._gate_key:
+                return
+            stream = torch.cuda.current_stream(self.device)
+            last = self._gate_stream
+            if last is not None and key >> 1 != self._gate_key >> 1:
+                stream.wait_stream(last)
+            module.gate_write(index, gate.data_ptr(), traced)
+            self._gate_key, self._gate_stream = key, stream
         except Exception as exc:  # noqa: BLE001
             self.failed = True
             health.report("stats_errors", "could not gate a graph's statistics", exc)

@@ -59,20 +59,23 @@ _SPARE = 7 * 8  # a row's spare word (layout.py): where GPU-clock stamps go
 
 
 def _launch_into(out: torch.Tensor, jobs: Sequence[Job], module: Any, row0: int = 0,
-                 zero: bool = True, **stamps: int) -> bool:
+                 zero: bool = True, launch: dict[str, int] | None = None,
+                 **stamps: int) -> bool:
     """Statistics of ``jobs`` into rows ``row0..`` of device buffer ``out`` on the current
     stream.  With ``row0`` the rows before it are left alone, and the kernel adds into
     rows already zeroed (a captured call's outputs after its inputs: one memset node);
     ``zero=False``: every row is zeroed already (a graph's chunk, ``GraphRows``).
     ``stamps`` (``counter``, ``stamp_start``, ``stamp_end``: device addresses) have the
-    kernel stamp the GPU clock, and ``gate`` skip the launch on untraced replays;
-    returns whether it ran (torch ops stamp nothing)."""
+    kernel stamp the GPU clock; ``launch`` says how it runs, not what it stamps
+    (``gate``: skipped on untraced replays, ``sm_limit``: its wave's size).  Returns
+    whether it ran (torch ops stamp nothing)."""
     if module is not None and _kernel_can_run(jobs):
         launched = module.stats_into(out, [j.tensor for j in jobs], [j.row for j in jobs],
                                      [j.step for j in jobs], [j.indices for j in jobs],
                                      [j.indptr for j in jobs], [j.batch for j in jobs],
                                      zero and row0 == 0, [j.last_page_len for j in jobs],
-                                     [j.slot_dim for j in jobs], **stamps)
+                                     [j.slot_dim for j in jobs], **stamps,
+                                     **(launch or {}))
         return bool(launched)  # nothing to read (empty tensors): no launch, no stamp
     with torch.no_grad():
         torch_ops.fill_rows(out[row0:], [replace(j, row=j.row - row0) for j in jobs])
@@ -295,11 +298,10 @@ class StatsRecorder:
         if slot.stamped:  # the call ended as this launch starts: its GPU time's end
             stamps["stamp_start"] = slot.out.data_ptr() + nin * ROW_BYTES + _SPARE
         gate = slot.graph_rows.gate_address() if slot.graph_rows is not None else 0
-        if gate:
-            stamps["gate"] = gate
         with torch.cuda.device(device):
             ran = _launch_into(slot.out, jobs, self._module(), row0=nin,
-                               zero=slot.graph_rows is None, **stamps)
+                               zero=slot.graph_rows is None,
+                               launch={"gate": gate} if gate else None, **stamps)
         slot.timed = ran and bool(stamps)
         slot.metas = slot.metas + [RowMeta(*m) for m in metas]
         if left_out and not slot.note:
@@ -478,21 +480,23 @@ class StatsRecorder:
                     stamps = {"counter": counter, "stamp_end": out.data_ptr() + _SPARE,
                               "stamp_start": rows.take_anchor()}
         anchor = stamps.get("stamp_also" if fork is not None else "stamp_start", 0)
+        launch: dict[str, int] = {}
         gate = rows.gate_address()
         if gate:  # untraced replays skip it (``GraphRows.set_gate``)
-            stamps["gate"] = gate
+            launch["gate"] = gate
         if fork is not None and overlap.BRANCH_SM_SHARE < 1.0:
             sms = overlap.branch_sms(
                 torch.cuda.get_device_properties(device).multi_processor_count)
             if sms:
-                stamps["sm_limit"] = sms
+                launch["sm_limit"] = sms
         main = torch.cuda.current_stream(device)
         ran = False
         try:
             if fork is not None:
                 fork.wait_stream(main)
             with torch.cuda.device(device), torch.cuda.stream(fork or main):
-                ran = _launch_into(out, jobs, self._module(), zero=False, **stamps)
+                ran = _launch_into(out, jobs, self._module(), zero=False, launch=launch,
+                                   **stamps)
         except BaseException:
             if fork is not None:
                 with contextlib.suppress(Exception):  # the error below is the one to tell
