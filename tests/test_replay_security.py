@@ -116,6 +116,41 @@ def test_module_outside_allow_list_not_imported(tmp_path, capsys):
     assert "0 passed, 1 failed" in capsys.readouterr().out
 
 
+def system(command):  # the signature a crafted manifest binds its argument with
+    pass
+
+
+@pytest.mark.parametrize(("module", "qualname", "refusal"), [
+    ("flashinfer", "_os.system", "private"),  # what flashinfer itself imported
+    ("{helper}", "os.system", "leads to module 'os'"),  # an allowed module's import
+    ("{helper}", "system", "an object of 'posix'"),  # `from os import system` there
+])
+def test_a_qualname_cannot_walk_out_of_the_allowed_modules(tmp_path, capsys, module,
+                                                           qualname, refusal):
+    """An allowed module's imports are not allowed code: a manifest naming
+    ``flashinfer`` + ``_os.system`` must not run a shell command."""
+    pytest.importorskip("flashinfer")
+    helper = f"fi_ok_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{helper}.py").write_text("import os\nfrom os import system\n")
+    marker = tmp_path / "pwned"
+    root = tmp_path / "s"
+    rec = BlobRecorder(Settings(blob_url=str(root)), install_handlers=False)
+    cap = rec.before("system", module.format(helper=helper), qualname, None, TRACE, 1,
+                     None, 1, inspect.signature(system).bind(f"touch {marker}"))
+    cap.after(0, None)
+    assert rec.flush(10)
+    pull(TRACE, str(root), str(tmp_path / "b"))
+    sys.path.insert(0, str(tmp_path))
+    try:
+        report = replay(str(tmp_path / "b"), allow_modules=[helper])
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop(helper, None)
+    assert not marker.exists()
+    assert report.failed == 1 and refusal in report.results[0].detail, report.results
+    assert "0 passed, 1 failed" in capsys.readouterr().out
+
+
 def test_shape_disagreeing_with_bytes_refused(store, tmp_path):
     root, mpath = store
     edit(mpath, lambda m: m["args"][0]["value"].update(shape=[4, 3]))

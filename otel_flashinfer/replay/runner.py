@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
+import inspect
 import sys
 from dataclasses import dataclass, field
 from typing import Any, TextIO
@@ -87,16 +88,42 @@ def module_allowed(module: str, allow: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(module, p) for p in (*DEFAULT_ALLOW, *allow))
 
 
+#: Private names a recorded qualname may still end in: what a recorded call is.
+_DUNDERS = frozenset({"__init__", "__call__"})
+
+
+def check_qualname(qualname: str, where: str) -> list[str]:
+    """``qualname``'s parts, refused unless each is a public name (or a constructor or
+    call): a manifest must not walk from an allowed module into what it imported
+    (``flashinfer._os.system``) or into an object's internals."""
+    parts = qualname.split(".")
+    if "<locals>" in parts:
+        raise ReplayRefused(f"{where}: {qualname!r} is a local function, cannot be resolved")
+    for part in parts:
+        if not part.isidentifier() or (part.startswith("_") and part not in _DUNDERS):
+            raise ReplayRefused(f"{where}: {qualname!r} names {part!r}, which is private or "
+                                "not a name; replay calls public API only")
+    return parts
+
+
 def resolve(module: str, qualname: str, allow: tuple[str, ...], where: str) -> Any:
-    """Import ``module`` (after the allow check) and walk ``qualname``."""
+    """Import ``module`` (after the allow check) and walk ``qualname``: every step must
+    be defined in an allowed module (no step may be a module, or an object that an
+    allowed module merely imported from elsewhere)."""
     if not module_allowed(module, allow):
         raise ReplayRefused(f"{where}: module {module!r} is outside flashinfer.* and the "
                             f"--allow-module patterns; not imported")
-    if "<locals>" in qualname.split("."):
-        raise ReplayRefused(f"{where}: {qualname!r} is a local function, cannot be resolved")
+    parts = check_qualname(qualname, where)
     obj: Any = importlib.import_module(module)
-    for part in qualname.split("."):
+    for part in parts:
         obj = getattr(obj, part)
+        owner = getattr(obj, "__module__", None)
+        if inspect.ismodule(obj) or not isinstance(owner, str) or not module_allowed(
+                owner, allow):
+            what = f"module {obj.__name__!r}" if inspect.ismodule(obj) else (
+                f"an object of {owner!r}")
+            raise ReplayRefused(f"{where}: {module}.{qualname} leads to {what}, outside "
+                                "flashinfer.* and the --allow-module patterns; not called")
     return obj
 
 
@@ -224,6 +251,7 @@ class _Runner:
         if call.instance_id is not None and len(parts) >= 2:
             if not module_allowed(call.module, self.allow):
                 resolve(call.module, call.qualname, self.allow, call.path)  # raises
+            check_qualname(call.qualname, call.path)
             obj = self.instances.get(call.instance_id)
             if obj is None:
                 raise ReplayRefused(f"{call.path}: no recorded __init__ for instance "
