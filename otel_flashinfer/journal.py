@@ -385,7 +385,7 @@ def _move_corrupt(path: str, base: str, reason: str) -> None:
         return  # another recoverer moved it
     health.report("journal_corrupt", f"crash journal {path} is corrupt ({reason}); moved "
                   f"aside to {target}")
-    logger.error("otel_flashinfer: crash journal %s is corrupt (%s); skipped, moved to %s",
+    logger.error("otel_flashinfer: crash journal %s is corrupt (%s); moved to %s",
                  path, reason, target)
 
 
@@ -407,7 +407,8 @@ def notes_to_records(notes: list[fmt.SlotNote], header: fmt.Header) -> list[Call
         except (ValueError, UnicodeDecodeError):
             health.count("journal_args_unreadable")
             attrs["flashinfer.crash.args_unreadable"] = True
-        end_ns = max(header.last_write_ns, note.start_ns)
+        last = header.last_write_ns
+        end_ns = max(last, note.start_ns) if 0 < last < fmt.MAX_TIME_NS else note.start_ns
         record = CallRecord(note.name, note.trace_id, note.span_id, parent, note.start_ns,
                             end_ns, attrs)
         record.error = ("ProcessCrash", f"process {header.pid} ended during this call", "")
@@ -433,7 +434,7 @@ def _recover_one(path: str, name: str, me: _Me, submit: Callable[[CallRecord], N
         except FileNotFoundError:
             return None
         try:
-            header = fmt.parse_header(head, size)
+            header = fmt.parse_header(head, size, allow_short=True)
             host, pid, ticks, boot = header.hostname, header.pid, header.start_ticks, \
                 header.boot_id
         except fmt.JournalCorrupt as exc:
@@ -458,10 +459,11 @@ def _recover_one(path: str, name: str, me: _Me, submit: Callable[[CallRecord], N
         os.rename(path, claimed)
     except FileNotFoundError:
         return None  # another recoverer won
+    bad: list[str] = []
     try:
         data = _read(claimed)
-        header = fmt.parse_header(data)
-        notes = list(fmt.iter_live(data, header))
+        header = fmt.parse_header(data, allow_short=True)
+        notes = list(fmt.iter_live(data, header, bad))
     except fmt.JournalCorrupt as exc:
         _move_corrupt(claimed, base, str(exc))
         return []
@@ -475,7 +477,13 @@ def _recover_one(path: str, name: str, me: _Me, submit: Callable[[CallRecord], N
                           f"in {blob_url}", exc)
     for record in records:
         submit(record)
-    os.unlink(claimed)
+    if bad:
+        # The readable slots went out; the file is kept aside for a look at the rest.
+        health.count("journal_bad_slots", len(bad))
+        _move_corrupt(claimed, base, f"{len(bad)} unreadable part(s), first: {bad[0]}; "
+                      f"{len(records)} span(s) recovered from the rest")
+    else:
+        os.unlink(claimed)
     try:
         os.unlink(base + BLOBS)
     except FileNotFoundError:

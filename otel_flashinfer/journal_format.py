@@ -113,10 +113,11 @@ def file_size(slot_count: int, slot_size: int) -> int:
     return HEADER_SIZE + slot_count * slot_size
 
 
-def parse_header(data: bytes, size: int | None = None) -> Header:
+def parse_header(data: bytes, size: int | None = None, allow_short: bool = False) -> Header:
     """The header of a journal's bytes; ``JournalCorrupt`` if it is not one, is of
     another version, or the file (``size`` bytes, default ``len(data)``) is shorter
-    than its header says (truncated)."""
+    than its header says (truncated; with ``allow_short`` the slots it still holds are
+    read, ``iter_live``)."""
     size = len(data) if size is None else size
     if len(data) < HEADER_SIZE:
         raise JournalCorrupt(f"truncated: {len(data)} bytes, shorter than the header")
@@ -133,7 +134,7 @@ def parse_header(data: bytes, size: int | None = None) -> Header:
         raise JournalCorrupt(f"bad geometry: header {header_size}, {slot_count} slots of "
                              f"{slot_size} bytes")
     expected = file_size(slot_count, slot_size)
-    if size < expected:
+    if size < expected and not allow_short:
         raise JournalCorrupt(f"truncated: {size} bytes, expected {expected}")
     (last_write,) = LAST_WRITE.unpack_from(data, LAST_WRITE_OFFSET)
     return Header(slot_count, slot_size, pid, ticks, created,
@@ -154,22 +155,44 @@ def pack_slot(buf: Any, offset: int, *, trace_id: int, span_id: int,
                    len(args), name, STATE_LIVE)
 
 
-def iter_live(data: bytes, header: Header) -> Iterator[SlotNote]:
-    """Live slots of a journal's bytes; ``JournalCorrupt`` on a slot that cannot be one
-    of ours (unknown state, lengths past the slot)."""
+#: Start times past this (about the year 2116) are not a clock's: a torn slot.
+MAX_TIME_NS = 1 << 62
+
+
+def iter_live(data: bytes, header: Header, bad: list[str] | None = None
+              ) -> Iterator[SlotNote]:
+    """Live slots of a journal's bytes.  A slot that cannot be one of ours (unknown
+    state, lengths past the slot, a zero id, a start time no clock gives) raises
+    ``JournalCorrupt``, or with ``bad`` is said there and skipped, so that one torn
+    slot does not cost the others; so are the slots a truncated file lacks."""
     size = header.slot_size
     room = size - ARGS_OFFSET
-    for index in range(header.slot_count):
+    present = min(header.slot_count, max(len(data) - HEADER_SIZE, 0) // size)
+    if present < header.slot_count:
+        reason = f"truncated after slot {present}: {header.slot_count - present} slots missing"
+        if bad is None:
+            raise JournalCorrupt(reason)
+        bad.append(reason)
+    for index in range(present):
         offset = HEADER_SIZE + index * size
         state = data[offset + STATE_OFFSET]
         if state == STATE_FREE:
             continue
-        if state != STATE_LIVE:
-            raise JournalCorrupt(f"slot {index}: unknown state {state:#x}")
         flags, hi, lo, span_id, parent, start, name_len, args_len, name, _ = \
             BODY.unpack_from(data, offset)
-        if name_len > NAME_MAX or args_len > room or flags & ~FLAG_PARENT or span_id == 0:
-            raise JournalCorrupt(f"slot {index}: inconsistent lengths or ids")
+        reason = None
+        if state != STATE_LIVE:
+            reason = f"slot {index}: unknown state {state:#x}"
+        elif name_len > NAME_MAX or args_len > room or flags & ~FLAG_PARENT or span_id == 0 \
+                or (hi | lo) == 0:
+            reason = f"slot {index}: inconsistent lengths or ids"
+        elif not 0 < start < MAX_TIME_NS:
+            reason = f"slot {index}: start time {start} is no clock's"
+        if reason is not None:
+            if bad is None:
+                raise JournalCorrupt(reason)
+            bad.append(reason)
+            continue
         args = bytes(data[offset + ARGS_OFFSET: offset + ARGS_OFFSET + args_len])
         yield SlotNote(index, (hi << 64) | lo, span_id,
                        parent if flags & FLAG_PARENT else None, start,

@@ -73,6 +73,15 @@ def json_to_request(line: str | dict[str, Any]) -> ExportTraceServiceRequest:
     return json_format.ParseDict(data, ExportTraceServiceRequest())
 
 
+def _encodes(span: ReadableSpan) -> bool:
+    """Whether ``span`` encodes on its own (a batch that failed is sorted out by it)."""
+    try:
+        encode_spans([span])
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
 def spans_to_json(spans: Sequence[ReadableSpan]) -> str:
     return request_to_json(encode_spans(spans))
 
@@ -145,7 +154,18 @@ class JsonLinesSpanExporter(SpanExporter):
             line = (spans_to_json(spans) + "\n").encode("utf-8")
         except Exception as exc:  # noqa: BLE001 - an exporter must not raise
             health.report("file_export_errors", f"could not encode spans for {self.path}", exc)
-            return SpanExportResult.FAILURE
+            # One span the encoder refuses (a time out of range) must not take the
+            # batch with it: the others go out, the refused ones are counted.
+            good = [s for s in spans if _encodes(s)]
+            if len(good) < len(spans):
+                health.report("spans_dropped", "spans the encoder refused were dropped",
+                              n=len(spans) - len(good))
+            if not good:
+                return SpanExportResult.FAILURE
+            try:
+                line = (spans_to_json(good) + "\n").encode("utf-8")
+            except Exception:  # noqa: BLE001 - reported above
+                return SpanExportResult.FAILURE
         return SpanExportResult.SUCCESS if self.write_line(line) else SpanExportResult.FAILURE
 
     def write_line(self, line: bytes) -> bool:

@@ -358,7 +358,8 @@ def test_corrupt_and_truncated_journals_are_reported_and_moved_aside(
     bad_slot.write_bytes(bytes(data))
     with caplog.at_level(logging.ERROR, logger="otel_flashinfer"):
         records = J.recover(str(tmp_path), lambda r: None)
-    assert len(records) == 1 and not good.exists()
+    # the good journal's note, and the one still whole in the truncated file
+    assert len(records) == 2 and not good.exists()
     names = sorted(os.listdir(tmp_path))
     assert names == sorted(p.name.replace(".journal", ".journal.corrupt")
                            for p in (truncated, garbage, bad_slot))
@@ -367,6 +368,42 @@ def test_corrupt_and_truncated_journals_are_reported_and_moved_aside(
         assert any(str(path) in r.getMessage() for r in caplog.records)
     # Moved-aside files are not looked at again.
     assert J.recover(str(tmp_path), lambda r: None) == []
+
+
+def _notes(n: int, **change: int) -> list[dict]:
+    return [dict(NOTE, span_id=0x100 + i, start_ns=1_000 + i, **change) for i in range(n)]
+
+
+@pytest.mark.parametrize("damage", ["torn_state", "bad_start", "zero_trace", "truncated"])
+def test_one_damaged_slot_costs_only_itself(tmp_path: Path, damage: str) -> None:
+    """Whole slots around a torn one (or the slots a truncated file still holds) are
+    recovered; the file is kept aside and the damage counted."""
+    health.reset()
+    notes = _notes(4)
+    if damage == "bad_start":
+        notes[3]["start_ns"] = -5
+    if damage == "zero_trace":
+        notes[3]["trace_id"] = 0
+    path = _write_journal(tmp_path, pid=_dead_pid(), ticks=5, notes=notes, last_write_ns=5)
+    data = bytearray(path.read_bytes())
+    if damage == "torn_state":
+        data[fmt.HEADER_SIZE + 3 * fmt.DEFAULT_SLOT_SIZE + fmt.STATE_OFFSET] = 0x7F
+    if damage == "truncated":
+        data = data[:fmt.HEADER_SIZE + 3 * fmt.DEFAULT_SLOT_SIZE + 100]
+    path.write_bytes(bytes(data))
+    records = J.recover(str(tmp_path), lambda r: None)
+    assert sorted(r.span_id for r in records) == [0x100, 0x101, 0x102]
+    assert all(r.end_ns >= r.start_ns > 0 for r in records)
+    assert os.listdir(tmp_path) == [path.name + ".corrupt"]
+    assert health.counters()["journal_bad_slots"] == 1
+    assert J.recover(str(tmp_path), lambda r: None) == []  # not read again
+
+
+def test_a_bad_last_write_time_does_not_make_a_bad_span(tmp_path: Path) -> None:
+    path = _write_journal(tmp_path, pid=_dead_pid(), ticks=5, notes=_notes(1),
+                          last_write_ns=-7)
+    (record,) = J.recover(str(tmp_path), lambda r: None)
+    assert record.end_ns == record.start_ns == 1_000 and not path.exists()
 
 
 def test_half_made_journals_of_dead_processes_are_removed(tmp_path: Path) -> None:

@@ -63,3 +63,31 @@ def test_a_forked_child_writes_through_its_own_descriptor(tmp_path: Path) -> Non
     assert path.read_bytes().splitlines() == [b'{"p":"parent"}', b'{"p":"child"}',
                                               b'{"p":"parent2"}']
     exporter.shutdown()
+
+
+def test_a_span_the_encoder_refuses_costs_only_itself(tmp_path: Path) -> None:
+    """A batch with one span whose time the OTLP encoder cannot take (a torn crash
+    journal's) still writes the others; the refused one is counted as dropped."""
+    import json
+
+    from opentelemetry.sdk.trace import ReadableSpan
+    from opentelemetry.trace import SpanContext
+
+    from otel_flashinfer import health
+
+    def span(span_id: int, start: int) -> ReadableSpan:
+        return ReadableSpan(name=f"s{span_id}", context=SpanContext(7, span_id, False),
+                            start_time=start, end_time=max(start, 10))
+
+    health.reset()
+    path = tmp_path / "t.jsonl"
+    exporter = JsonLinesSpanExporter(str(path))
+    from opentelemetry.sdk.trace.export import SpanExportResult
+
+    assert exporter.export([span(1, 5), span(2, -5), span(3, 6)]) == SpanExportResult.SUCCESS
+    (line,) = path.read_text().splitlines()
+    names = [s["name"] for rs in json.loads(line)["resourceSpans"]
+             for ss in rs["scopeSpans"] for s in ss["spans"]]
+    assert names == ["s1", "s3"]
+    assert health.counters()["spans_dropped"] == 1
+    exporter.shutdown()
