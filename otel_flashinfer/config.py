@@ -117,6 +117,19 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _at_most(parse: Callable[[str], Any], limit: float, unit: str) -> Callable[[str], Any]:
+    """``parse``, refusing values past ``limit``: budgets are kept in signed 64-bit
+    counters (bytes, calls), which a larger value would overflow on every call."""
+
+    def bounded(text: str) -> Any:
+        value = parse(text)
+        if value > limit:
+            raise ValueError(f"must be at most {limit:,.0f} {unit}")
+        return value
+
+    return bounded
+
+
 def _replay_every(text: str) -> int:
     if text.strip().lower() == "auto":
         return REPLAY_AUTO
@@ -187,12 +200,14 @@ _FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "include": (OTEL_FLASHINFER_INCLUDE, _patterns),
     "exclude": (OTEL_FLASHINFER_EXCLUDE, _patterns),
     "blob_url": (OTEL_FLASHINFER_BLOB_URL, _blob_url),
-    "blob_max_gb": (OTEL_FLASHINFER_BLOB_MAX_GB, _positive_float),
-    "blob_max_count": (OTEL_FLASHINFER_BLOB_MAX_COUNT, _positive_int),
+    # 1 EB and 10^15 calls: past any store, far below 2^63 bytes or calls
+    "blob_max_gb": (OTEL_FLASHINFER_BLOB_MAX_GB, _at_most(_positive_float, 1e9, "GB")),
+    "blob_max_count": (OTEL_FLASHINFER_BLOB_MAX_COUNT,
+                       _at_most(_positive_int, 10**15, "calls")),
     "blob_format": (OTEL_FLASHINFER_BLOB_FORMAT, _blob_format),
     "replay_every": (OTEL_FLASHINFER_REPLAY_EVERY, _replay_every),
     "replay_budget": (OTEL_FLASHINFER_REPLAY_BUDGET, _share),
-    "stats_max_mb": (OTEL_FLASHINFER_STATS_MAX_MB, _positive_float),
+    "stats_max_mb": (OTEL_FLASHINFER_STATS_MAX_MB, _at_most(_positive_float, 1e9, "MB")),
     "journal_dir": (OTEL_FLASHINFER_JOURNAL_DIR, _text),
     "crash_safe": (OTEL_FLASHINFER_CRASH_SAFE, _flag),
     "traces_file": (OTEL_FLASHINFER_TRACES_FILE, _text),

@@ -52,6 +52,11 @@ def test_every_variable_parses() -> None:
         ("OTEL_FLASHINFER_BLOB_MAX_GB", "-1", "positive"),
         ("OTEL_FLASHINFER_BLOB_MAX_GB", "nan", "positive"),
         ("OTEL_FLASHINFER_BLOB_MAX_COUNT", "0", ">= 1"),
+        # past a signed 64-bit budget counter: every payload would be lost, silently
+        ("OTEL_FLASHINFER_BLOB_MAX_GB", "1e12", "at most 1,000,000,000 GB"),
+        ("OTEL_FLASHINFER_BLOB_MAX_GB", "1e300", "at most"),
+        ("OTEL_FLASHINFER_BLOB_MAX_COUNT", str(2**63), "at most"),
+        ("OTEL_FLASHINFER_STATS_MAX_MB", "1e30", "at most"),
         ("OTEL_FLASHINFER_BLOB_FORMAT", "pickle", "safetensors, torch"),
         ("OTEL_FLASHINFER_REPLAY_EVERY", "1.5", "not a number or auto"),
         ("OTEL_FLASHINFER_REPLAY_EVERY", "0", ">= 1, or auto"),
