@@ -151,6 +151,42 @@ def test_a_qualname_cannot_walk_out_of_the_allowed_modules(tmp_path, capsys, mod
     assert "0 passed, 1 failed" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("what", ["object", "manifest"])
+@pytest.mark.parametrize("kind", ["dev_zero", "fifo", "oversized"])
+def test_store_files_are_read_within_their_size(store, tmp_path, what, kind):
+    """A local store is untrusted too: a link to /dev/zero must not fill memory, a FIFO
+    must not hang the pull, and a file past its manifest's size is not read whole."""
+    root, mpath = store
+    key = json.loads(mpath.read_text())["args"][0]["value"]["key"]
+    target = root / key if what == "object" else mpath
+    target.unlink()
+    if kind == "dev_zero":
+        target.symlink_to("/dev/zero")
+    elif kind == "fifo":
+        os.mkfifo(target)
+    else:
+        target.write_bytes(b"x" * (70 * 2**20 if what == "manifest" else 10**6))
+    expected = "not a regular file" if kind != "oversized" else "larger than"
+    with pytest.raises(BundleError, match=expected):
+        pull(TRACE, str(root), str(tmp_path / "b"))
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_refused_pull_writes_nothing(store, tmp_path):
+    """The argument's object is fine and the result's is not: nothing of the bundle is
+    left behind, not even the verified object, nor the folder it was made in."""
+    root, mpath = store
+    m = json.loads(mpath.read_text())
+    obj = root / m["result"]["key"]
+    data = bytearray(obj.read_bytes())
+    data[-1] ^= 1
+    obj.write_bytes(bytes(data))
+    before = set(os.listdir(tmp_path))
+    with pytest.raises(BundleError, match="hash mismatch"):
+        pull(TRACE, str(root), str(tmp_path / "b"), workers=1)
+    assert set(os.listdir(tmp_path)) == before
+
+
 def test_shape_disagreeing_with_bytes_refused(store, tmp_path):
     root, mpath = store
     edit(mpath, lambda m: m["args"][0]["value"].update(shape=[4, 3]))

@@ -99,8 +99,8 @@ def read_info(store: BlobStore, process: str) -> dict:
                 "host": "", "argv": [], "start_ns": 0}
     key = layout.process_info_key(process)
     try:
-        data = store.get(key)
-    except (FileNotFoundError, OSError):
+        data = store.get(key, MAX_INFO_BYTES)
+    except (FileNotFoundError, OSError, RuntimeError):  # StoreError: past the limit
         return fallback
     try:
         if len(data) > MAX_INFO_BYTES:

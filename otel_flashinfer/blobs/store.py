@@ -31,6 +31,7 @@ import logging
 import math
 import multiprocessing.util
 import os
+import stat
 import struct
 import threading
 import time
@@ -483,9 +484,21 @@ class BlobStore:
             keys.append(f"{prefix}/{base}")
         return sorted(keys)
 
-    def get(self, key: str) -> bytes:
-        """Bytes of an object or manifest."""
-        return self.fs.cat_file(self.path(key))
+    def get(self, key: str, limit: int | None = None) -> bytes:
+        """Bytes of an object or manifest; with ``limit``, ``StoreError`` past that many
+        (read back untrusted: a local "object" that is a link to /dev/zero must not fill
+        memory, nor a FIFO hang the reader).  A local key must name a regular file."""
+        path = self.path(key)
+        if self.local:
+            mode = os.stat(path).st_mode  # FileNotFoundError as from cat_file
+            if not stat.S_ISREG(mode):
+                raise StoreError(f"{self.url_of(key)}: not a regular file")
+        if limit is None:
+            return self.fs.cat_file(path)
+        data = self.fs.cat_file(path, start=0, end=limit + 1)
+        if len(data) > limit:
+            raise StoreError(f"{self.url_of(key)}: larger than the {limit} bytes expected")
+        return data
 
 
 def _nbytes(parts: list) -> int:

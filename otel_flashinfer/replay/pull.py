@@ -21,8 +21,10 @@ shape its manifest claims, and nothing is written outside ``out_dir``.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import json
 import os
+import shutil
 import sys
 import uuid
 from dataclasses import dataclass, field
@@ -30,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..blobs import encode, index, layout, manifest
-from ..blobs.store import BlobStore
+from ..blobs.store import BlobStore, StoreError
 from . import chain
 
 INDEX = "index.json"
@@ -130,9 +132,11 @@ def read_manifest(store: BlobStore, key: str) -> dict:
     """A store manifest, parsed strictly and checked against its own name."""
     where = store.url_of(key)
     try:
-        data = store.get(key)
+        data = store.get(key, manifest.MAX_MANIFEST_BYTES)
     except FileNotFoundError:
         raise BundleError(f"{where}: manifest named by the store's index is missing") from None
+    except StoreError as exc:
+        raise BundleError(str(exc)) from None
     m = manifest.parse(data, where)
     trace = key.split("/")[1] if key.count("/") == 2 else ""
     start_ns, span = layout.parse_manifest_name(key.rsplit("/", 1)[1])
@@ -198,8 +202,35 @@ def complete_chains(store: BlobStore, manifests: list[tuple[str, dict]]
 def write_bundle(store: BlobStore, manifests: list[tuple[str, dict]], out_dir: str,
                  selection: dict, *, workers: int = 16, progress: bool | None = None
                  ) -> Bundle:
-    """Fetch and verify every object ``manifests`` name, then write the bundle."""
+    """Fetch and verify every object ``manifests`` name, then write the bundle.  It is
+    made in a folder beside ``out_dir`` and moved in only once all of it was verified:
+    a refused pull writes nothing into ``out_dir``."""
+    out_dir = os.path.abspath(out_dir)
+    stage = os.path.join(os.path.dirname(out_dir),
+                         f".{os.path.basename(out_dir)}.pull-{uuid.uuid4().hex[:8]}")
+    os.makedirs(stage)
+    try:
+        bundle = _write_staged(store, manifests, stage, selection, workers, progress)
+        _move_into(stage, out_dir)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return dataclasses.replace(bundle, path=out_dir)
+
+
+def _move_into(stage: str, out_dir: str) -> None:
+    """Every file of ``stage`` to the same place inside ``out_dir`` (an existing bundle
+    folder keeps what the new one does not replace)."""
     os.makedirs(out_dir, exist_ok=True)
+    for folder, _, files in os.walk(stage):
+        for name in files:
+            rel = os.path.relpath(os.path.join(folder, name), stage).replace(os.sep, "/")
+            dst = safe_path(out_dir, rel)
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            os.replace(os.path.join(folder, name), dst)
+
+
+def _write_staged(store: BlobStore, manifests: list[tuple[str, dict]], out_dir: str,
+                  selection: dict, workers: int, progress: bool | None) -> Bundle:
     entries: dict[str, tuple[dict, str]] = {}
     for key, m in manifests:
         for entry in manifest.manifest_objects(m):
@@ -211,7 +242,10 @@ def write_bundle(store: BlobStore, manifests: list[tuple[str, dict]], out_dir: s
 
     def fetch(item: tuple[dict, str]) -> int:
         entry, where = item
-        data = store.get(entry["key"])
+        try:
+            data = store.get(entry["key"], entry["nbytes"])  # the hash is checked next
+        except StoreError as exc:
+            raise BundleError(f"{where}: {exc}") from None
         check_object(data, entry, where)
         load_value_tensor(data, entry, where)
         _write_inside(out_dir, entry["key"], data)
