@@ -187,6 +187,61 @@ def test_a_refused_pull_writes_nothing(store, tmp_path):
     assert set(os.listdir(tmp_path)) == before
 
 
+def test_sizes_past_any_tensor_are_refused_by_name(store, tmp_path):
+    root, mpath = store
+
+    def huge(m):
+        m["args"][0]["value"]["shape"] = [2**64, 2]
+    edit(mpath, huge)
+    with pytest.raises(ManifestError, match=r"argument x.*past 2\^62"):
+        pull(TRACE, str(root), str(tmp_path / "b"))
+
+
+def test_a_stride_0_argument_is_rebuilt_with_its_strides(store, tmp_path):
+    """An expanded tensor (stride 0) is rebuilt as one, not made dense: 2^40 elements
+    addressed by one stored element must not allocate 4 TB."""
+    root, mpath = store
+
+    def expanded(m):
+        m["args"][0]["value"].update(shape=[2**40], stride=[0], storage_offset=5)
+    edit(mpath, expanded)
+    pull(TRACE, str(root), str(tmp_path / "b"))
+    (call,) = load_bundle(str(tmp_path / "b"))
+    x = call.args[0].value
+    assert x.shape == (2**40,) and x.stride() == (0,) and x[123].item() == 5.0
+
+
+def test_a_value_torch_refuses_is_a_clear_refusal(store, tmp_path):
+    root, mpath = store
+
+    def bogus(m):
+        m["args"][1]["value"] = {"t": "device", "v": "bogus"}
+    edit(mpath, bogus)
+    pull(TRACE, str(root), str(tmp_path / "b"))
+    with pytest.raises(BundleError, match=r"argument y\): cannot be rebuilt"):
+        load_bundle(str(tmp_path / "b"), device=None)  # devices as recorded
+
+
+def first(*xs):
+    return xs[0]
+
+
+def test_var_positional_that_is_not_a_sequence_is_refused(tmp_path, capsys):
+    root = tmp_path / "s"
+    rec = BlobRecorder(Settings(blob_url=str(root)), install_handlers=False)
+    cap = rec.before("first", __name__, "first", None, TRACE, 1, None, 1,
+                     inspect.signature(first).bind(torch.ones(2)))
+    cap.after(torch.ones(2), None)
+    assert rec.flush(10)
+
+    def scalar(m):
+        m["args"][0]["value"] = 1.5
+    edit(root / cap.manifest_key, scalar)
+    pull(TRACE, str(root), str(tmp_path / "b"))
+    report = replay(str(tmp_path / "b"), allow_modules=[__name__])
+    assert report.failed == 1 and "*xs is a float" in report.results[0].detail
+
+
 def test_shape_disagreeing_with_bytes_refused(store, tmp_path):
     root, mpath = store
     edit(mpath, lambda m: m["args"][0]["value"].update(shape=[4, 3]))

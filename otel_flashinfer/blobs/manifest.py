@@ -169,10 +169,17 @@ def _int(where: str, v: Any, what: str, lo: int = 0) -> int:
     return v
 
 
+#: Sizes and strides past this are no tensor's (torch's own limit is 2^63 - 1).
+MAX_DIM = 1 << 62
+
+
 def _ints(where: str, v: Any, what: str) -> list[int]:
     if not isinstance(v, list) or len(v) > 64:
         raise _fail(where, f"{what} must be a list of at most 64 integers")
-    return [_int(where, x, what) for x in v]
+    out = [_int(where, x, what) for x in v]
+    if any(x > MAX_DIM for x in out):
+        raise _fail(where, f"{what} has a value past 2^62: {v!r}")
+    return out
 
 
 def _hex(where: str, v: Any, n: int, what: str, nullable: bool = False) -> str | None:

@@ -122,10 +122,12 @@ class _Loader:
         if tag == "tensor":
             t = self.object(v, where)
             dev = _device_for(v["device"], self.device)
-            if dev.type == "cpu":
-                return t.clone()  # own storage, exact strides kept
-            flat = t.as_strided((encode.span_numel(t.shape, t.stride()),), (1,), 0)
-            return flat.to(dev).as_strided(t.shape, t.stride(), 0)
+            # Own storage of the span it addresses, exact strides kept (``clone`` would
+            # make a stride-0 (expanded) tensor dense: 2^40 elements from one stored).
+            flat = t.as_strided((encode.span_numel(t.shape, t.stride()),), (1,),
+                                t.storage_offset())
+            flat = flat.clone() if dev.type == "cpu" else flat.to(dev)
+            return flat.as_strided(t.shape, t.stride(), 0)
         if tag == "paged_kv":
             pages = [self.object({**p, "t": "page", "dtype": v["dtype"], "format": v["format"],
                                   "page_shape": v["shape"][1:]}, where) for p in v["pages"]]
@@ -165,6 +167,17 @@ def read_index(root: str) -> dict:
     return index
 
 
+def _built(loader: _Loader, value: Any, where: str) -> Any:
+    """``loader.value``, with anything torch or Python refuses in a checked manifest (a
+    device name, a size no memory holds) said as a ``BundleError`` naming the file."""
+    try:
+        return loader.value(value, where)
+    except BundleError:
+        raise
+    except (RuntimeError, ValueError, TypeError, OverflowError, MemoryError) as exc:
+        raise BundleError(f"{where}: cannot be rebuilt: {type(exc).__name__}: {exc}") from None
+
+
 def load_bundle(path: str, device: str | None = "cpu") -> list[RecordedCall]:
     """Every call of a bundle in recorded order, tensors on ``device`` (None: as recorded)."""
     index = read_index(path)
@@ -179,9 +192,9 @@ def load_bundle(path: str, device: str | None = "cpu") -> list[RecordedCall]:
             raise BundleError(f"{mpath}: cannot read manifest: {exc}") from None
         m = manifest.parse(data, mpath)
         args = [RecordedArg(a["name"], a["kind"],
-                            loader.value(a["value"], f"{mpath} (argument {a['name']})"))
+                            _built(loader, a["value"], f"{mpath} (argument {a['name']})"))
                 for a in m["args"]]
-        result = loader.value(m.get("result"), f"{mpath} (result)")
+        result = _built(loader, m.get("result"), f"{mpath} (result)")
         calls.append(RecordedCall(
             api=m["api"], module=m["module"], qualname=m["qualname"],
             instance_id=m.get("instance_id"), trace_id=m["trace_id"], span_id=m["span_id"],

@@ -104,6 +104,9 @@ def load_value_tensor(data: bytes, entry: dict, where: str) -> torch.Tensor:
         return page.reshape(page_shape)
     except encode.EncodeError as exc:
         raise BundleError(f"{where}: object {entry['key']}: {exc}") from None
+    except (RuntimeError, ValueError, OverflowError) as exc:  # what torch refuses
+        raise BundleError(f"{where}: object {entry['key']}: cannot be read as its "
+                          f"manifest says: {exc}") from None
 
 
 def _numel(shape: list[int]) -> int:

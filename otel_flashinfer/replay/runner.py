@@ -177,8 +177,13 @@ def _call_args(call: RecordedCall, allow: tuple[str, ...]) -> tuple[list, dict]:
         if a.kind == "positional_only" or (a.kind == "positional_or_keyword" and has_var):
             pos.append(v)
         elif a.kind == "var_positional":
+            if not isinstance(v, (list, tuple)):
+                raise ReplayRefused(f"{call.path}: *{a.name} is a {type(v).__name__}, "
+                                    "not a sequence")
             pos.extend(v)
         elif a.kind == "var_keyword":
+            if not isinstance(v, dict) or not all(isinstance(k, str) for k in v):
+                raise ReplayRefused(f"{call.path}: **{a.name} is not a dict of names")
             kw.update(v)
         else:
             kw[a.name] = v
