@@ -88,20 +88,96 @@ def spans_to_json(spans: Sequence[ReadableSpan]) -> str:
 
 def read_requests(path: str) -> Iterator[dict[str, Any]]:
     """Parsed lines of a trace file; a bad line is an error naming file and line."""
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            line = line.strip()
+    for _, data in read_numbered(path):
+        yield data
+
+
+def read_numbered(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, parsed line) of a trace file, each line's shape checked as far as
+    ``show`` and ``push`` read it: the file is untrusted, and a bad line is an error
+    naming file and line, not a traceback from deep inside a reader."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                raise TraceFileError(f"{path}:{number}: not UTF-8 text") from None
             if not line:
                 continue
             try:
                 data = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise TraceFileError(f"{path}:{number}: not JSON ({exc.msg})") from None
-            if not isinstance(data, dict) or not isinstance(data.get("resourceSpans", []), list):
-                raise TraceFileError(
-                    f"{path}:{number}: not an OTLP/JSON ExportTraceServiceRequest"
-                )
-            yield data
+            problem = _request_problem(data)
+            if problem:
+                raise TraceFileError(f"{path}:{number}: not an OTLP/JSON "
+                                     f"ExportTraceServiceRequest ({problem})")
+            yield number, data
+
+
+_HEX_LEN = {"traceId": 32, "spanId": 16, "parentSpanId": 16}
+_TIMES = ("startTimeUnixNano", "endTimeUnixNano", "timeUnixNano")
+
+
+def _list_of_dicts(item: dict[str, Any], key: str) -> list[dict[str, Any]] | str:
+    value = item.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        return f"{key} is not a list of objects"
+    return value
+
+
+def _request_problem(data: Any) -> str | None:
+    """What is wrong with one line's request, or None (pure)."""
+    if not isinstance(data, dict):
+        return "not an object"
+    resources = _list_of_dicts(data, "resourceSpans")
+    if isinstance(resources, str):
+        return resources
+    for rs in resources:
+        scopes = _list_of_dicts(rs, "scopeSpans")
+        if isinstance(scopes, str):
+            return scopes
+        for ss in scopes:
+            spans = _list_of_dicts(ss, "spans")
+            if isinstance(spans, str):
+                return spans
+            for span in spans:
+                problem = _span_problem(span)
+                if problem:
+                    return problem
+    return None
+
+
+def _span_problem(span: dict[str, Any]) -> str | None:
+    for key, n in _HEX_LEN.items():
+        v = span.get(key)
+        if v is None or (key == "parentSpanId" and v == ""):
+            continue
+        if not (isinstance(v, str) and _is_hex(v, n)):
+            return f"span {key} {v!r} is not {n} hex digits"
+    events = [e for e in span.get("events", []) if isinstance(e, dict)]
+    for obj in (span, *events):
+        for key in _TIMES:
+            v = obj.get(key)
+            if v is not None and not _is_time(v):
+                return f"{key} {v!r} is not a time in nanoseconds"
+    if not isinstance(span.get("name", ""), str):
+        return "a span name is not text"
+    for key in ("attributes", "events", "links"):
+        if isinstance(_list_of_dicts(span, key), str):
+            return f"span {key} is not a list of objects"
+    return None
+
+
+def _is_time(v: Any) -> bool:
+    """A time as OTLP/JSON writes it: a decimal string (or an int) within uint64."""
+    if isinstance(v, str):
+        return v.isdigit() and int(v) < 2**64
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**64
+
+
+def _is_hex(v: str, n: int) -> bool:
+    return len(v) == n and all(c in "0123456789abcdefABCDEF" for c in v)
 
 
 #: How often an open trace file is checked against its path (moved or deleted: the

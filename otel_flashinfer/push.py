@@ -12,7 +12,9 @@ import urllib.parse
 import urllib.request
 from collections.abc import Mapping, Sequence
 
-from .otlp_json import json_to_request, read_requests
+from google.protobuf import json_format
+
+from .otlp_json import TraceFileError, json_to_request, read_numbered
 
 
 def parse_headers(text: str, source: str) -> dict[str, str]:
@@ -63,8 +65,12 @@ def push_file(path: str, endpoint: str | None = None, protocol: str | None = Non
     send = _grpc_sender(url, all_headers, timeout_s) if protocol == "grpc" else \
         _http_sender(url, all_headers, timeout_s)
     sent = 0
-    for data in read_requests(path):
-        request = json_to_request(data)
+    for number, data in read_numbered(path):
+        try:
+            request = json_to_request(data)
+        except (json_format.ParseError, ValueError, TypeError) as exc:
+            raise TraceFileError(f"{path}:{number}: not an OTLP/JSON "
+                                 f"ExportTraceServiceRequest ({exc})") from None
         send(request.SerializeToString(), request)
         sent += sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
     return sent

@@ -101,6 +101,42 @@ def test_show_errors_are_one_clear_line(tmp_path: Path, capsys) -> None:
     assert "no trace file" in capsys.readouterr().err
 
 
+_GOOD = ('{"resourceSpans":[{"scopeSpans":[{"spans":[{"traceId":"' + "ab" * 16 +
+         '","spanId":"' + "cd" * 8 + '","name":"ok","startTimeUnixNano":"1",'
+         '"endTimeUnixNano":"5"}]}]}]}')
+
+
+@pytest.mark.parametrize(("line", "says"), [
+    (b'{"resourceSpans":[1]}', "resourceSpans is not a list of objects"),
+    (b'{"resourceSpans":[{"scopeSpans":"nope"}]}', "scopeSpans is not a list of objects"),
+    (b'{"resourceSpans":[{"scopeSpans":[{"spans":[{"startTimeUnixNano":"abc"}]}]}]}',
+     "startTimeUnixNano 'abc' is not a time"),
+    (b'{"resourceSpans":[{"scopeSpans":[{"spans":[{"traceId":"zz"}]}]}]}',
+     "traceId 'zz' is not 32 hex digits"),
+    (b"\xff\xfe", "not UTF-8 text"),
+])
+@pytest.mark.parametrize("command", ["show", "push"])
+def test_a_malformed_trace_line_is_named_by_file_and_line(tmp_path: Path, capsys, line: bytes,
+                                                          says: str, command: str) -> None:
+    """A trace file is untrusted: each bad shape is one line naming file:line and what
+    is wrong, never a traceback from inside the reader (push: before anything is sent)."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(line + b"\n" + _GOOD.encode() + b"\n")
+    args = [command, str(bad)] + (["--endpoint", "http://127.0.0.1:9"] if command == "push"
+                                  else [])
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err
+    assert f"{bad}:1: " in err and says in err and "Traceback" not in err
+
+
+def test_push_names_the_line_protobuf_refuses(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(_GOOD.replace('"name":"ok"', '"name":"ok","kind":"bogus"') + "\n")
+    assert cli.main(["push", str(bad), "--endpoint", "http://127.0.0.1:9"]) == 1
+    err = capsys.readouterr().err
+    assert f"{bad}:1: " in err and "kind" in err
+
+
 class _Collector(http.server.BaseHTTPRequestHandler):
     received: list[tuple[str, dict, bytes]] = []
 
