@@ -24,7 +24,12 @@ def _cmd_show(args: argparse.Namespace) -> int:
     from .show import render_file
 
     path = args.file or _default_trace_file()
-    sys.stdout.write(render_file(path, color=args.color, trace_id=args.trace))
+    trace = args.trace
+    if trace is not None:
+        from .blobs.layout import trace_hex
+
+        trace = trace_hex(trace)  # a typo is an error, not "no spans"
+    sys.stdout.write(render_file(path, color=args.color, trace_id=trace))
     return 0
 
 

@@ -252,8 +252,12 @@ def test_ls_and_cli_session_pull(spans, target, tmp_path, capsys):
     assert code == 1 and "process 1 has no recorded calls" in capsys.readouterr().err
     code, _ = _cli("pull", "00" * 16, "--process", "1", "--blob-url", store)
     assert code == 2 and "not both" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
     code, text = _cli("ls", "--blob-url", str(tmp_path / "empty"))
     assert code == 0 and text == "no recorded calls\n"
+    # a folder that is not there is a typo, not a store without calls
+    code, _ = _cli("ls", "--blob-url", str(tmp_path / "emtpy"))
+    assert code == 1 and "no blob store there" in capsys.readouterr().err
 
 
 @pytest.fixture

@@ -323,3 +323,13 @@ def test_cli_bad_arguments(tmp_path, capsys):
         main(["replay", str(tmp_path), "--rtol", "-1"])
     assert main(["replay", str(tmp_path / "none")]) == 1
     assert "cannot read bundle index" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", ["", "0", "00" * 16, "zz", "1" * 33])
+def test_ids_that_name_no_trace_are_refused(bad):
+    from otel_flashinfer.blobs import layout
+
+    with pytest.raises(ValueError, match="trace id"):
+        layout.trace_hex(bad)
+    with pytest.raises(ValueError, match="span id"):
+        layout.span_hex(bad[:17] if bad != "1" * 33 else "1" * 17)

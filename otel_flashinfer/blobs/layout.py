@@ -59,10 +59,12 @@ def trace_hex(trace_id: int | str) -> str:
     if isinstance(trace_id, str):
         text = trace_id.strip().lower()
         text = text.removeprefix("0x")
-        if not _TRACE_RE.match(text.zfill(32)) or len(text) > 32:
+        if not text or not _TRACE_RE.match(text.zfill(32)) or len(text) > 32:
             raise ValueError(f"trace id {trace_id!r} is not 32 hex digits")
+        if not text.strip("0"):
+            raise ValueError(f"trace id {trace_id!r} is all zeros: no trace has it")
         return text.zfill(32)
-    if not 0 <= trace_id < 1 << 128:
+    if not 0 < trace_id < 1 << 128:
         raise ValueError(f"trace id {trace_id!r} out of range")
     return f"{trace_id:032x}"
 
@@ -72,10 +74,12 @@ def span_hex(span_id: int | str) -> str:
     if isinstance(span_id, str):
         text = span_id.strip().lower()
         text = text.removeprefix("0x")
-        if len(text) > 16 or not _SPAN_RE.match(text.zfill(16)):
+        if not text or len(text) > 16 or not _SPAN_RE.match(text.zfill(16)):
             raise ValueError(f"span id {span_id!r} is not 16 hex digits")
+        if not text.strip("0"):
+            raise ValueError(f"span id {span_id!r} is all zeros: no span has it")
         return text.zfill(16)
-    if not 0 <= span_id < 1 << 64:
+    if not 0 < span_id < 1 << 64:
         raise ValueError(f"span id {span_id!r} out of range")
     return f"{span_id:016x}"
 

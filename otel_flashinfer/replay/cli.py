@@ -43,6 +43,10 @@ def _pull(ns: argparse.Namespace) -> int:
         print(f"otel-flashinfer pull: {problem}", file=sys.stderr)
         return 2
     out = ns.output or _default_out(ns)
+    missing = _no_local_store(ns.blob_url)
+    if missing:
+        print(f"otel-flashinfer pull: {missing}", file=sys.stderr)
+        return 1
     try:
         if session:
             bundle = pull_session(ns.blob_url, out, process=ns.process, service=ns.service,
@@ -52,17 +56,40 @@ def _pull(ns: argparse.Namespace) -> int:
     except (BundleError, ManifestError, StoreError, ValueError, OSError) as exc:
         print(f"otel-flashinfer pull: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:  # noqa: BLE001 - a store's client (S3 unreachable...): one line
+        print(f"otel-flashinfer pull: {ns.blob_url}: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
+        return 1
     print(f"pulled {len(bundle.calls)} calls, {bundle.objects} objects "
           f"({bundle.bytes / 1e6:.1f} MB) into {bundle.path}")
     return 0
 
 
+def _no_local_store(url: str) -> str | None:
+    """Why a local store URL names no store (a typo must not read as "no calls"), or
+    None; remote stores say so themselves when read."""
+    if "://" in url and not url.startswith("file://"):
+        return None
+    path = url[len("file://"):] if url.startswith("file://") else url
+    if not os.path.isdir(path):
+        return f"{url}: no blob store there (no such folder)"
+    return None
+
+
 def _ls(ns: argparse.Namespace) -> int:
+    missing = _no_local_store(ns.blob_url)
+    if missing:
+        print(f"otel-flashinfer ls: {missing}", file=sys.stderr)
+        return 1
     try:
         store = BlobStore(ns.blob_url, check_writable=False)
         listing = describe_store(store)
     except (StoreError, ValueError, OSError) as exc:
         print(f"otel-flashinfer ls: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - a store's client (S3 unreachable...): one line
+        print(f"otel-flashinfer ls: {ns.blob_url}: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
         return 1
     if ns.json:
         print(json.dumps(listing, indent=1))
