@@ -333,3 +333,14 @@ def test_ids_that_name_no_trace_are_refused(bad):
         layout.trace_hex(bad)
     with pytest.raises(ValueError, match="span id"):
         layout.span_hex(bad[:17] if bad != "1" * 33 else "1" * 17)
+
+
+def test_store_names_with_a_trailing_newline_are_refused():
+    """Store names are matched whole: a regex's `$` would let a trailing newline in."""
+    from otel_flashinfer.blobs import layout
+
+    with pytest.raises(ValueError, match="not a manifest name"):
+        layout.parse_manifest_name("00000000000000000010-0000000000000001.json\n")
+    with pytest.raises(ValueError):
+        layout.check_object_key("objects/ab/" + "ab" * 32 + ".safetensors\n", "ab" * 32,
+                                "safetensors")

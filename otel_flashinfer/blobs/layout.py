@@ -59,7 +59,7 @@ def trace_hex(trace_id: int | str) -> str:
     if isinstance(trace_id, str):
         text = trace_id.strip().lower()
         text = text.removeprefix("0x")
-        if not text or not _TRACE_RE.match(text.zfill(32)) or len(text) > 32:
+        if not text or not _TRACE_RE.fullmatch(text.zfill(32)) or len(text) > 32:
             raise ValueError(f"trace id {trace_id!r} is not 32 hex digits")
         if not text.strip("0"):
             raise ValueError(f"trace id {trace_id!r} is all zeros: no trace has it")
@@ -74,7 +74,7 @@ def span_hex(span_id: int | str) -> str:
     if isinstance(span_id, str):
         text = span_id.strip().lower()
         text = text.removeprefix("0x")
-        if not text or len(text) > 16 or not _SPAN_RE.match(text.zfill(16)):
+        if not text or len(text) > 16 or not _SPAN_RE.fullmatch(text.zfill(16)):
             raise ValueError(f"span id {span_id!r} is not 16 hex digits")
         if not text.strip("0"):
             raise ValueError(f"span id {span_id!r} is all zeros: no span has it")
@@ -86,14 +86,14 @@ def span_hex(span_id: int | str) -> str:
 
 def object_key(sha256_hex: str, fmt: str) -> str:
     """Relative key of the object whose stored bytes hash to ``sha256_hex``."""
-    if not _HASH_RE.match(sha256_hex):
+    if not _HASH_RE.fullmatch(sha256_hex):
         raise ValueError(f"not a sha256 hex digest: {sha256_hex!r}")
     return f"{OBJECTS}/{sha256_hex[:2]}/{sha256_hex}.{EXTENSIONS[fmt]}"
 
 
 def check_object_key(key: str, sha256_hex: str, fmt: str) -> None:
     """Refuse an object key that is not exactly the one ``object_key`` builds."""
-    if not isinstance(key, str) or not _OBJECT_KEY_RE.match(key):
+    if not isinstance(key, str) or not _OBJECT_KEY_RE.fullmatch(key):
         raise ValueError(f"object key {key!r} is not objects/<2 hex>/<sha256>.<ext>")
     if key != object_key(sha256_hex, fmt):
         raise ValueError(f"object key {key!r} does not match hash {sha256_hex} / format {fmt}")
@@ -118,7 +118,7 @@ def manifest_key(trace_id: int | str, start_ns: int, span_id: int | str) -> str:
 
 def parse_manifest_name(name: str) -> tuple[int, str]:
     """(start_ns, span_hex) from a manifest file name; ValueError if it is not one."""
-    match = _MANIFEST_NAME_RE.match(name)
+    match = _MANIFEST_NAME_RE.fullmatch(name)
     if not match:
         raise ValueError(f"{name!r} is not a manifest name <start_ns>-<span_id>.json")
     return int(match.group(1)), match.group(2)
@@ -132,7 +132,7 @@ def process_name(pid: int, start_ns: int) -> str:
 
 def check_process(name: str) -> str:
     """``name`` if it is a process folder name, else ValueError."""
-    if not isinstance(name, str) or not _PROCESS_RE.match(name):
+    if not isinstance(name, str) or not _PROCESS_RE.fullmatch(name):
         raise ValueError(f"{name!r} is not a process name <pid>-<hex start>")
     return name
 
@@ -167,7 +167,7 @@ def call_entry_name(start_ns: int, span_id: int | str, trace_id: int | str, nbyt
 
 def parse_call_entry(name: str) -> dict:
     """{start_ns, span_id, trace_id, bytes, api} of a call entry; ValueError if not one."""
-    match = _CALL_ENTRY_RE.match(name)
+    match = _CALL_ENTRY_RE.fullmatch(name)
     if not match:
         raise ValueError(f"{name!r} is not a call entry")
     start, span, trace, nbytes, api = match.groups()
@@ -180,7 +180,7 @@ def object_id(instance_id: str) -> str:
     if not isinstance(instance_id, str) or instance_id.count(":") != 1:
         raise ValueError(f"instance id {instance_id!r} is not <pid>:<id>")
     pid, oid = instance_id.split(":")
-    if not pid.isdigit() or not _OBJECT_ID_RE.match(oid):
+    if not pid.isdigit() or not _OBJECT_ID_RE.fullmatch(oid):
         raise ValueError(f"instance id {instance_id!r} is not <pid>:<id>")
     return oid
 
@@ -196,14 +196,14 @@ def chain_entry_name(start_ns: int, span_id: int | str, trace_id: int | str,
     if not 0 <= start_ns < 10**20:
         raise ValueError(f"start_ns {start_ns!r} out of range")
     name = f"{start_ns:020d}-{span_hex(span_id)}-{trace_hex(trace_id)}-{method}"
-    if not _CHAIN_ENTRY_RE.match(name):
+    if not _CHAIN_ENTRY_RE.fullmatch(name):
         raise ValueError(f"{method!r} is not __init__ or plan*")
     return name
 
 
 def parse_chain_entry(name: str) -> dict:
     """{start_ns, span_id, trace_id, method} of a chain entry; ValueError if not one."""
-    match = _CHAIN_ENTRY_RE.match(name)
+    match = _CHAIN_ENTRY_RE.fullmatch(name)
     if not match:
         raise ValueError(f"{name!r} is not an __init__/plan entry")
     start, span, trace, method = match.groups()
