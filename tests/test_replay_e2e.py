@@ -17,7 +17,7 @@ import torch
 from otel_flashinfer.blobs.capture import BlobRecorder
 from otel_flashinfer.config import Settings
 from otel_flashinfer.replay.bundle import PagedKV, load_bundle
-from otel_flashinfer.replay.pull import pull
+from otel_flashinfer.replay.pull import BundleError, pull
 from otel_flashinfer.replay.runner import replay
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -220,5 +220,10 @@ def test_torch_format_roundtrip(target, tmp_path):
     record_session(rec, mod, 9)
     keys = [p for p in (tmp_path / "s" / "objects").rglob("*") if p.is_file()]
     assert keys and all(p.suffix == ".pt" for p in keys)
-    bundle = pull(9, str(tmp_path / "s"), str(tmp_path / "b"))
-    assert replay(bundle.path, allow_modules=[mod.__name__]).ok
+    # torch-format objects are pickles: read back only when asked, at pull and replay
+    with pytest.raises(BundleError, match="--allow-pickle"):
+        pull(9, str(tmp_path / "s"), str(tmp_path / "b"))
+    bundle = pull(9, str(tmp_path / "s"), str(tmp_path / "b"), allow_pickle=True)
+    with pytest.raises(BundleError, match="--allow-pickle"):
+        replay(bundle.path, allow_modules=[mod.__name__])
+    assert replay(bundle.path, allow_modules=[mod.__name__], allow_pickle=True).ok

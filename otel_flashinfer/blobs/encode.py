@@ -133,8 +133,10 @@ def _safetensors_header(data: bytes) -> dict:
     return header[_TENSOR_NAME]
 
 
-def decode(data: bytes, fmt: str) -> torch.Tensor:
-    """The flat 1-D CPU tensor of a stored object (no pickle; torch loads weights_only)."""
+def decode(data: bytes, fmt: str, allow_pickle: bool = False) -> torch.Tensor:
+    """The flat 1-D CPU tensor of a stored object.  A torch-format object is a pickle:
+    read back (untrusted) only with ``allow_pickle``, and then by torch's restricted
+    ``weights_only`` loader."""
     if fmt == "safetensors":
         from safetensors.torch import load
 
@@ -144,6 +146,10 @@ def decode(data: bytes, fmt: str) -> torch.Tensor:
         except Exception as exc:  # noqa: BLE001 - any parse error of untrusted bytes
             raise EncodeError(f"safetensors object does not load: {exc}") from None
     elif fmt == "torch":
+        if not allow_pickle:
+            raise EncodeError("object is in torch format (a pickle), refused by default; "
+                              "pass --allow-pickle to read it with torch's weights_only "
+                              "loader")
         try:
             tensors = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - UnpicklingError and any parse error

@@ -82,9 +82,10 @@ def _device_for(recorded: str, device: str | None) -> torch.device:
 
 
 class _Loader:
-    def __init__(self, root: str, device: str | None) -> None:
+    def __init__(self, root: str, device: str | None, allow_pickle: bool = False) -> None:
         self.root = root
         self.device = device
+        self.allow_pickle = allow_pickle
         self.cache: dict[str, bytes] = {}
 
     def object(self, entry: dict, where: str) -> torch.Tensor:
@@ -99,7 +100,7 @@ class _Loader:
                 raise BundleError(f"{where}: object {key} missing from bundle: {exc}") from None
             check_object(data, entry, where)
             self.cache[key] = data
-        return load_value_tensor(data, entry, where)
+        return load_value_tensor(data, entry, where, self.allow_pickle)
 
     def value(self, v: Any, where: str) -> Any:
         if not isinstance(v, dict):
@@ -178,10 +179,11 @@ def _built(loader: _Loader, value: Any, where: str) -> Any:
         raise BundleError(f"{where}: cannot be rebuilt: {type(exc).__name__}: {exc}") from None
 
 
-def load_bundle(path: str, device: str | None = "cpu") -> list[RecordedCall]:
+def load_bundle(path: str, device: str | None = "cpu", allow_pickle: bool = False
+                ) -> list[RecordedCall]:
     """Every call of a bundle in recorded order, tensors on ``device`` (None: as recorded)."""
     index = read_index(path)
-    loader = _Loader(path, device)
+    loader = _Loader(path, device, allow_pickle)
     calls = []
     for item in index["calls"]:
         mpath = safe_path(path, item["manifest"])

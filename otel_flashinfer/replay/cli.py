@@ -50,9 +50,11 @@ def _pull(ns: argparse.Namespace) -> int:
     try:
         if session:
             bundle = pull_session(ns.blob_url, out, process=ns.process, service=ns.service,
-                                  since=ns.since, until=ns.until)
+                                  since=ns.since, until=ns.until,
+                                  allow_pickle=ns.allow_pickle)
         else:
-            bundle = pull(ns.trace_id, ns.blob_url, out, span_id=ns.span)
+            bundle = pull(ns.trace_id, ns.blob_url, out, span_id=ns.span,
+                          allow_pickle=ns.allow_pickle)
     except (BundleError, ManifestError, StoreError, ValueError, OSError) as exc:
         print(f"otel-flashinfer pull: {exc}", file=sys.stderr)
         return 1
@@ -101,7 +103,7 @@ def _ls(ns: argparse.Namespace) -> int:
 def _replay(ns: argparse.Namespace) -> int:
     try:
         report = replay(ns.dir, device=ns.device, allow_modules=tuple(ns.allow_module),
-                        rtol=ns.rtol, atol=ns.atol)
+                        rtol=ns.rtol, atol=ns.atol, allow_pickle=ns.allow_pickle)
     except (BundleError, ManifestError, ValueError, OSError) as exc:
         print(f"otel-flashinfer replay: {exc}", file=sys.stderr)
         return 1
@@ -116,6 +118,10 @@ def _nonneg(text: str) -> float:
     if not v >= 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
     return v
+
+
+_PICKLE_HELP = ("read objects recorded with OTEL_FLASHINFER_BLOB_FORMAT=torch (pickles) "
+                "with torch's weights_only loader; refused without it")
 
 
 def add_pull_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -134,6 +140,7 @@ def add_pull_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument("--until", metavar="T", default=None, help=f"window end: {TIME_HELP}")
     p.add_argument("--blob-url", metavar="URL",
                    default=os.environ.get("OTEL_FLASHINFER_BLOB_URL", "./flashinfer_blobs"))
+    p.add_argument("--allow-pickle", action="store_true", help=_PICKLE_HELP)
     p.add_argument("-o", "--output", metavar="DIR", default=None,
                    help="bundle folder (default ./flashinfer_bundle_<trace id|process|service>)")
     p.set_defaults(func=_pull)
@@ -158,6 +165,7 @@ def add_replay_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--device", default=None, help="e.g. cpu, cuda:0 (default: as recorded)")
     p.add_argument("--allow-module", metavar="PATTERN", action="append", default=[],
                    help="fnmatch pattern of extra modules that may be imported (repeatable)")
+    p.add_argument("--allow-pickle", action="store_true", help=_PICKLE_HELP)
     p.add_argument("--rtol", type=_nonneg, default=None)
     p.add_argument("--atol", type=_nonneg, default=None)
     p.set_defaults(func=_replay)

@@ -87,10 +87,11 @@ def check_object(data: bytes, entry: dict, where: str) -> None:
                           f"manifest says {entry['nbytes']}")
 
 
-def load_value_tensor(data: bytes, entry: dict, where: str) -> torch.Tensor:
+def load_value_tensor(data: bytes, entry: dict, where: str, allow_pickle: bool = False
+                      ) -> torch.Tensor:
     """The tensor (or compact page) an object holds, checked against its entry."""
     try:
-        flat = encode.decode(data, entry["format"])
+        flat = encode.decode(data, entry["format"], allow_pickle)
         if entry.get("t") == "tensor":
             return encode.rebuild(flat, entry["dtype"], entry["shape"], entry["stride"],
                                   entry["storage_offset"])
@@ -203,8 +204,8 @@ def complete_chains(store: BlobStore, manifests: list[tuple[str, dict]]
 
 
 def write_bundle(store: BlobStore, manifests: list[tuple[str, dict]], out_dir: str,
-                 selection: dict, *, workers: int = 16, progress: bool | None = None
-                 ) -> Bundle:
+                 selection: dict, *, workers: int = 16, progress: bool | None = None,
+                 allow_pickle: bool = False) -> Bundle:
     """Fetch and verify every object ``manifests`` name, then write the bundle.  It is
     made in a folder beside ``out_dir`` and moved in only once all of it was verified:
     a refused pull writes nothing into ``out_dir``."""
@@ -213,7 +214,8 @@ def write_bundle(store: BlobStore, manifests: list[tuple[str, dict]], out_dir: s
                          f".{os.path.basename(out_dir)}.pull-{uuid.uuid4().hex[:8]}")
     os.makedirs(stage)
     try:
-        bundle = _write_staged(store, manifests, stage, selection, workers, progress)
+        bundle = _write_staged(store, manifests, stage, selection, workers, progress,
+                               allow_pickle)
         _move_into(stage, out_dir)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -233,7 +235,8 @@ def _move_into(stage: str, out_dir: str) -> None:
 
 
 def _write_staged(store: BlobStore, manifests: list[tuple[str, dict]], out_dir: str,
-                  selection: dict, workers: int, progress: bool | None) -> Bundle:
+                  selection: dict, workers: int, progress: bool | None,
+                  allow_pickle: bool) -> Bundle:
     entries: dict[str, tuple[dict, str]] = {}
     for key, m in manifests:
         for entry in manifest.manifest_objects(m):
@@ -250,7 +253,7 @@ def _write_staged(store: BlobStore, manifests: list[tuple[str, dict]], out_dir: 
         except StoreError as exc:
             raise BundleError(f"{where}: {exc}") from None
         check_object(data, entry, where)
-        load_value_tensor(data, entry, where)
+        load_value_tensor(data, entry, where, allow_pickle)
         _write_inside(out_dir, entry["key"], data)
         return len(data)
 
@@ -289,6 +292,7 @@ def pull(
     *,
     workers: int = 16,
     progress: bool | None = None,
+    allow_pickle: bool = False,
 ) -> Bundle:
     """Fetch a trace's manifests (and the ``__init__``/``plan`` of every object they
     use, from whatever trace recorded them) and objects, verify them, write a bundle."""
@@ -303,4 +307,4 @@ def pull(
     if span_id is not None:
         selection["span_id"] = layout.span_hex(str(span_id))
     return write_bundle(store, manifests, out_dir, selection, workers=workers,
-                        progress=progress)
+                        progress=progress, allow_pickle=allow_pickle)

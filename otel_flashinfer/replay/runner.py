@@ -326,12 +326,13 @@ def replay(
     rtol: float | None = None,
     atol: float | None = None,
     out: TextIO | None = None,
+    allow_pickle: bool = False,
 ) -> Report:
     """Re-run every call of a bundle; prints one line per call and ``N passed, N failed``."""
     out = out or sys.stdout
     runner = _Runner(tuple(allow_modules), rtol, atol)
     report = Report()
-    for call in load_bundle(path, device=device):
+    for call in load_bundle(path, device=device, allow_pickle=allow_pickle):
         res = runner.run(call)
         report.results.append(res)
         mark = "PASS" if res.passed else "FAIL"

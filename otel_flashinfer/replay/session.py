@@ -72,6 +72,7 @@ def pull_session(
     until: str | None = None,
     workers: int = 16,
     progress: bool | None = None,
+    allow_pickle: bool = False,
 ) -> Bundle:
     """One bundle of every recorded call of a process or service in a time window."""
     lo = parse_time(since, "--since") if since is not None else None
@@ -93,7 +94,7 @@ def pull_session(
     if service is not None:
         selection["service"] = service
     return write_bundle(store, manifests, out_dir, selection, workers=workers,
-                        progress=progress)
+                        progress=progress, allow_pickle=allow_pickle)
 
 
 def format_listing(processes: list[dict]) -> str:
