@@ -13,6 +13,8 @@ import os
 import sys
 from typing import Any
 
+from . import health
+
 DEFAULT_DIR = "./flashinfer_journal"
 
 
@@ -56,15 +58,22 @@ def run_recover(args: argparse.Namespace) -> int:
         print(f"otel-flashinfer recover: {exc}", file=sys.stderr)
         return 1
     pipeline = Pipeline(tracer=provider.get_tracer(SCOPE_NAME, __version__), provider=provider)
+    dropped = health.dropped()
     records, journals = recover_report(directory, pipeline.submit,
                                        all_hosts=bool(getattr(args, "all_hosts", False)))
     flushed = pipeline.shutdown(30.0)
     ours = our_provider()
     if ours is not None:
         ours.shutdown()
+    lost = health.dropped() - dropped
     print(f"recovered {len(records)} span(s) from {journals} journal(s) in {directory}")
     if not flushed:
         print("otel-flashinfer recover: not every span was exported in 30 s", file=sys.stderr)
+    if lost:
+        # The journals are gone: say so rather than report a clean recovery.
+        print(f"otel-flashinfer recover: {lost} span(s) were dropped on the way out "
+              "(see the log above)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -225,3 +225,22 @@ def test_cli_rejects_a_missing_directory(tmp_path: Path, capsys: pytest.CaptureF
     assert main(["recover", str(tmp_path / "nope")]) == 1
     assert "is not a directory" in capsys.readouterr().err
     health.reset()
+
+
+def test_cli_says_when_recovered_spans_were_dropped(tmp_path: Path, monkeypatch,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    """The journals are deleted once their spans are handed on: spans lost after that
+    must turn the command's answer, not read as a clean recovery."""
+    from otel_flashinfer import journal
+    from otel_flashinfer.journal_cli import main
+
+    def recover_report(directory, submit, all_hosts=False):  # noqa: ANN001, ANN202
+        health.report("spans_dropped", "refused by the encoder", n=2)
+        return [], 1
+
+    monkeypatch.setattr(journal, "recover_report", recover_report)
+    monkeypatch.setenv("OTEL_FLASHINFER_TRACES_FILE", str(tmp_path / "t.jsonl"))
+    health.reset()
+    assert main(["recover", str(tmp_path)]) == 1
+    assert "2 span(s) were dropped" in capsys.readouterr().err
+    health.reset()
