@@ -270,7 +270,9 @@ def patch(runtime: Any) -> None:
             # The gate and the replay it is written for go in together: another
             # thread's write must not land between them.
             with capture.gate_lock:
-                capture.open_gates(traced)
+                # A replay under a parent span that is not sampled makes no span
+                # (emit_replay): its statistics would run for nobody.
+                capture.open_gates(traced and _parent_sampled())
                 if not traced:
                     return replay(self, *args, **kwargs)
                 begun = _begin(runtime)
@@ -302,6 +304,12 @@ def patch(runtime: Any) -> None:
     graph_cls.capture_begin = capture_begin
     graph_cls.capture_end = capture_end
     graph_cls.replay = replay_
+
+
+def _parent_sampled() -> bool:
+    """Whether the current span (the replay's parent), if any, is sampled."""
+    context = trace_api.get_current_span().get_span_context()
+    return not context.is_valid or bool(context.trace_flags & 1)
 
 
 def _begin(runtime: Any) -> tuple[Any, Any, int] | None:

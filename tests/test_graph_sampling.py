@@ -191,8 +191,17 @@ def test_gated_groups_hear_each_replays_decision_before_it_runs(spans, monkeypat
     if fail:
         assert seen_at_replay == [None] * 7
         assert health.counters()["graph_errors"] == 7
-    else:
-        assert seen_at_replay == decisions
+        return
+    assert seen_at_replay == decisions
+    # under a parent that is not sampled a replay makes no span: the gate stays shut
+    from opentelemetry import trace as trace_api
+
+    unsampled = trace_api.NonRecordingSpan(trace_api.SpanContext(
+        5, 6, False, trace_api.TraceFlags(0)))
+    with trace_api.use_span(unsampled):
+        for _ in range(3):  # replays 8, 9, 10: the sampler picks 10
+            graph.replay()
+    assert probe.calls[7:] == [False, False, False]
 
 
 @pytest.mark.parametrize(("every", "gated"), [("1", False), ("3", True), ("auto", True)])
