@@ -289,6 +289,9 @@ class JsonLinesSpanExporter(SpanExporter):
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             self._release = weakref.finalize(self, _close_quietly, self._fd)
+            # Not at exit: finalizers run from atexit too, and could close the file
+            # before the exit flush (runtime._at_exit) writes the last lines.
+            self._release.atexit = False
             self._checked = now
         return self._fd
 

@@ -91,3 +91,12 @@ def test_a_span_the_encoder_refuses_costs_only_itself(tmp_path: Path) -> None:
     assert names == ["s1", "s3"]
     assert health.counters()["spans_dropped"] == 1
     exporter.shutdown()
+
+
+def test_the_files_finalizer_does_not_run_at_exit(tmp_path: Path) -> None:
+    """Finalizers also run from atexit, in an order that can put them before the exit
+    flush: the descriptor must stay open for it (the OS closes it after)."""
+    exporter = JsonLinesSpanExporter(str(tmp_path / "t.jsonl"))
+    assert exporter.write_line(b'{"a":1}\n')
+    assert exporter._release is not None and exporter._release.atexit is False  # noqa: SLF001
+    exporter.shutdown()
