@@ -271,6 +271,12 @@ def activate(settings: Settings) -> Runtime:
     runtime = start(settings)
     graphs.unpatch()
     graphs.patch(runtime)
+    try:  # however it was turned on (instrument(), the environment, the launcher)
+        from .launcher import install_fork_exit_flush
+
+        install_fork_exit_flush()  # fork children leave by os._exit: no atexit flush
+    except Exception as exc:  # noqa: BLE001 - reported, the program goes on
+        health.report("config_errors", "no exit flush for multiprocessing fork children", exc)
     return runtime
 
 

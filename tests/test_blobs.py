@@ -735,3 +735,20 @@ def test_crash_safe_keeps_no_lease(tmp_path):
     assert rec.store.budget._lease.calls == 0  # noqa: SLF001
     assert _counter(tmp_path)[0] == 1
     rec.shutdown(5)
+
+
+def test_level10_call_with_arguments_the_api_refuses(spans, tmp_path):
+    """The user's TypeError comes out as it is, the call still gets its error span, and
+    the recorder says why there is no payload (not an internal error of ours)."""
+    import otel_flashinfer
+    from otel_flashinfer import health
+
+    health.reset()
+    otel_flashinfer.instrument(level=10, blob_url=str(tmp_path / "s"), journal_dir="")
+    two = otel_flashinfer.traced(lambda x, y: x, name="two")
+    with pytest.raises(TypeError, match="missing 1 required positional argument"):
+        two(torch.ones(2))
+    (span,) = spans.by_name("two")
+    assert span.status.status_code.name == "ERROR"
+    assert span.attributes["flashinfer.blob.skipped"] == "bad_arguments"
+    assert "wrapper_errors" not in health.counters()

@@ -247,3 +247,31 @@ def test_bad_bsp_settings_name_the_variables(monkeypatch) -> None:
     monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "64")
     with pytest.raises(ConfigError, match="OTEL_BSP_MAX_QUEUE_SIZE"):
         build_provider("unused.jsonl")
+
+
+def test_fork_children_of_an_environment_only_setup_write_their_spans(tmp_path: Path) -> None:
+    """``traced`` turned on by OTEL_FLASHINFER_LEVEL alone (no instrument(), no start-up
+    hook): multiprocessing's fork children end in os._exit, and still flush."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env.update(PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+               OTEL_FLASHINFER_LEVEL="3", OTEL_FLASHINFER_AUTOSTART="0",
+               OTEL_FLASHINFER_JOURNAL_DIR="")
+    program = textwrap.dedent("""
+        import multiprocessing as mp, otel_flashinfer as of
+        f = of.traced(lambda a: a, name="child_call")
+        def work(n):
+            for i in range(n):
+                f(i)
+        if __name__ == "__main__":
+            f(0)  # the parent turns tracing on before it forks
+            procs = [mp.get_context("fork").Process(target=work, args=(500,)) for _ in range(3)]
+            for p in procs: p.start()
+            for p in procs: p.join()
+    """)
+    (tmp_path / "prog.py").write_text(program)
+    out = subprocess.run([sys.executable, "prog.py"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    spans = sum(len(ss["spans"]) for line in (tmp_path / "flashinfer_traces.jsonl").open()
+                for rs in json.loads(line)["resourceSpans"] for ss in rs["scopeSpans"])
+    assert spans == 1 + 3 * 500

@@ -51,10 +51,14 @@ def make_hooks(settings: Settings, recorder: BlobRecorder) -> tuple[Any, Any]:
             return CallCapture(recorder, None, "filtered")
         signature = plan.signature
         bound: inspect.BoundArguments | dict[str, Any]
-        if signature is not None:
-            bound = signature.bind(*args, **kwargs)
-        else:
-            bound = plan.bind(args, kwargs)
+        try:
+            bound = signature.bind(*args, **kwargs) if signature is not None else \
+                plan.bind(args, kwargs)
+        except TypeError:
+            # Arguments the API refuses: the call raises the user's own error; its span
+            # records that, without a payload (not an internal error of ours).
+            recorder.counters["skipped.bad_arguments"] += 1
+            return CallCapture(recorder, None, "bad_arguments")
         instance_id = record.instance_id()
         if graphs.capture_state() is not None:
             return _graph.capture_inputs(recorder, record.name, plan.module, plan.qualname,
