@@ -58,6 +58,17 @@ def instrument(level: int | None = None, **settings: Any) -> Settings:
         # OTEL_SDK_DISABLED=true and no provider of the application's: nothing could be
         # recorded, so install nothing rather than pay for spans that go nowhere.
         return parsed
+    try:
+        _activate(parsed)
+    except Exception:
+        # Nothing half-on: a runtime left active would try to build its provider
+        # again on every traced call.
+        uninstrument()
+        raise
+    return parsed
+
+
+def _activate(parsed: Any) -> None:
     activated = False
     if _flashinfer_installed():
         try:
@@ -78,7 +89,6 @@ def instrument(level: int | None = None, **settings: Any) -> Settings:
     # Called from the application's code: its provider, if any, is set by now, and
     # the engine's own spans should go to the same provider as ours from here on.
     _runtime.ensure(parsed).resolve_provider()
-    return parsed
 
 
 def uninstrument() -> None:

@@ -66,11 +66,54 @@ def exporter_names(environ: Mapping[str, str]) -> list[str]:
     return ["otlp_file"]
 
 
+_COMPRESSIONS = ("gzip", "deflate", "none")
+
+
+def check_otlp_env(environ: Mapping[str, str], http: bool) -> None:
+    """``ConfigError`` naming the ``OTEL_EXPORTER_OTLP_*`` variable the SDK's exporter
+    would refuse with a message that names none, or would take and then fail every
+    export with (an HTTP endpoint without a scheme)."""
+    for var in ("OTEL_EXPORTER_OTLP_TIMEOUT", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT"):
+        raw = environ.get(var, "").strip()
+        if raw:
+            try:
+                ok = float(raw) >= 0
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ConfigError(f"{var}={raw!r}: must be a number of seconds >= 0")
+    for var in ("OTEL_EXPORTER_OTLP_COMPRESSION", "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION"):
+        raw = environ.get(var, "").strip().lower()
+        if raw and raw not in _COMPRESSIONS:
+            raise ConfigError(f"{var}={raw!r}: must be one of {', '.join(_COMPRESSIONS)}")
+    if http:
+        for var in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+            raw = environ.get(var, "").strip()
+            if raw and not raw.lower().startswith(("http://", "https://")):
+                raise ConfigError(f"{var}={raw!r}: an OTLP/HTTP endpoint needs http:// or "
+                                  "https://")
+
+
+def check_env(environ: Mapping[str, str] | None = None) -> None:
+    """``ConfigError`` for an ``OTEL_TRACES_EXPORTER`` / ``OTEL_EXPORTER_OTLP_*`` value
+    that building our provider would refuse: checked when tracing turns on, without
+    building it yet (the application may still set its own)."""
+    env = os.environ if environ is None else environ
+    for name in exporter_names(env):
+        if name == "otlp":
+            name = "otlp_proto_http" if otlp_protocol(env) == "http/protobuf" else \
+                "otlp_proto_grpc"
+        if name in ("otlp_proto_grpc", "otlp_proto_http"):
+            check_otlp_env(env, http=name == "otlp_proto_http")
+
+
 def make_exporter(name: str, environ: Mapping[str, str], traces_file: str) -> SpanExporter:
     """One span exporter by its ``OTEL_TRACES_EXPORTER`` name; OTLP exporters read
     their endpoint, headers, timeout and TLS settings from the environment."""
     if name == "otlp":
         name = "otlp_proto_http" if otlp_protocol(environ) == "http/protobuf" else "otlp_proto_grpc"
+    if name in ("otlp_proto_grpc", "otlp_proto_http"):
+        check_otlp_env(environ, http=name == "otlp_proto_http")
     if name == "otlp_proto_grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 

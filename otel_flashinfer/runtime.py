@@ -311,5 +311,13 @@ def from_environment() -> Runtime | None:
             nothing_to_record = sdk_disabled() and isinstance(
                 trace.get_tracer_provider(), trace.ProxyTracerProvider)
             if settings.level > 0 and _current is None and not nothing_to_record:
+                from .provider import check_env
+
+                try:
+                    if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+                        check_env()  # ours would be built: a bad OTLP setting turns us off
+                except Exception as exc:  # noqa: BLE001 - reported, the program goes on
+                    health.report("config_errors", f"tracing is off: {exc}")
+                    return None
                 activate(settings)
     return _current

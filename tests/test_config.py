@@ -92,3 +92,74 @@ def test_env_var_names_are_ours_only() -> None:
 def test_jit_cache_root_follows_the_variable() -> None:
     assert config.jit_cache_root({"OTEL_FLASHINFER_CACHE_DIR": "/x/y"}) == "/x/y"
     assert config.jit_cache_root({}).endswith("/.cache/otel_flashinfer")
+
+
+@pytest.mark.parametrize(("env", "fragment"), [
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://h:4317", "OTEL_EXPORTER_OTLP_TIMEOUT": "abc"},
+     "OTEL_EXPORTER_OTLP_TIMEOUT='abc'"),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://h:4317",
+      "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION": "zstd"}, "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION"),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "localhost:4318",
+      "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}, "needs http:// or https://"),
+    ({"OTEL_TRACES_EXPORTER": "zipkin"}, "unknown exporter 'zipkin'"),
+])
+def test_otlp_settings_the_exporter_would_refuse_name_their_variable(env, fragment) -> None:
+    from otel_flashinfer.provider import check_env
+
+    with pytest.raises(ConfigError, match=fragment.replace("*", r"\*")):
+        check_env(env)
+
+
+def test_valid_otlp_settings_pass() -> None:
+    from otel_flashinfer.provider import check_env
+
+    check_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "localhost:4317",  # gRPC takes host:port
+               "OTEL_EXPORTER_OTLP_TIMEOUT": "2.5", "OTEL_EXPORTER_OTLP_COMPRESSION": "gzip"})
+    check_env({})
+
+
+_HALF_ON = """
+import time, otel_flashinfer as of
+from otel_flashinfer import runtime
+try:
+    of.instrument(level=3, journal_dir="") if {explicit} else None
+except Exception as exc:
+    print("refused:", exc)
+f = of.traced(lambda a: a, name="f")
+f(0)
+t = time.perf_counter()
+for i in range(2000):
+    f(i)
+print("off" if runtime.current() is None else "on", (time.perf_counter() - t) / 2000 * 1e6)
+print(of.counters())
+"""
+
+
+@pytest.mark.parametrize("explicit", [True, False])
+def test_a_bad_otlp_setting_leaves_nothing_half_on(tmp_path, explicit) -> None:
+    """instrument() raises naming the variable, or (tracing from OTEL_FLASHINFER_LEVEL
+    alone) tracing stays off, said once.  A runtime left active rebuilt its provider on
+    every traced call: 630 us a call.  In a process of its own: no provider set yet."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env.update(PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+               OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:9",
+               OTEL_EXPORTER_OTLP_TIMEOUT="abc", OTEL_FLASHINFER_AUTOSTART="0")
+    if not explicit:
+        env["OTEL_FLASHINFER_LEVEL"] = "3"
+    out = subprocess.run([sys.executable, "-c", _HALF_ON.format(explicit=explicit)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    if explicit:
+        assert lines[0].startswith("refused: OTEL_EXPORTER_OTLP_TIMEOUT='abc'")
+        lines = lines[1:]
+    else:
+        assert "tracing is off: OTEL_EXPORTER_OTLP_TIMEOUT='abc'" in out.stderr
+        assert "'config_errors': 1" in lines[1]
+    state, per_call_us = lines[0].split()
+    assert state == "off" and float(per_call_us) < 50, lines
