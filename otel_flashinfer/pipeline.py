@@ -933,11 +933,41 @@ class Pipeline:
 
     def shutdown(self, timeout_s: float = 5.0) -> bool:
         ok = self.flush(timeout_s)
+        # Calls still in flight (another thread's, across uninstrument() or a new
+        # instrument()) end after this: their records are counted as dropped, never
+        # left in a queue that no worker reads.
+        queue, self._queue = self._queue, _ClosedQueue()
         self._stopping = True
         self._wake.set()
+        late = 0
+        while True:
+            try:
+                late += queue.popleft().spans()  # each record: the worker's or ours
+            except IndexError:
+                break
+        if late:
+            health.report("spans_dropped", "spans of calls that ended while tracing "
+                          "stopped were dropped", n=late)
         if self._native is not None:
             ok = self._native.shutdown(0.0) and ok
         return ok
+
+
+class _ClosedQueue:
+    """A stopped pipeline's queue: what is appended is counted as dropped.  The C hot
+    path reads ``_queue`` on each call (its length, then ``append``), as ``submit``."""
+
+    __slots__ = ()
+
+    def __len__(self) -> int:
+        return 0
+
+    def append(self, record: CallRecord) -> None:
+        health.report("spans_dropped", "spans of calls that ended after tracing stopped "
+                      "were dropped", n=record.spans())
+
+    def popleft(self) -> CallRecord:
+        raise IndexError("a stopped pipeline's queue is empty")
 
 
 def export_record(tracer: Any, preset: _PresetIds | None, record: CallRecord) -> None:

@@ -186,6 +186,36 @@ def test_uninstrument_stops_recording(spans) -> None:
     assert len(spans.by_name("inner")) == 1
 
 
+@pytest.mark.parametrize("then", ["uninstrument", "instrument_again"])
+def test_a_call_in_flight_when_tracing_stops_is_exported_or_counted(spans, then) -> None:
+    """A call another thread is still in when tracing stops (or is set up again) ends
+    after its pipeline stopped: its span is counted as dropped, never lost silently."""
+    import threading
+
+    from otel_flashinfer import health
+
+    otel_flashinfer.instrument(level=1, journal_dir="")
+    entered, release = threading.Event(), threading.Event()
+
+    @otel_flashinfer.traced(name="slow")
+    def slow() -> None:
+        entered.set()
+        release.wait(10)
+
+    health.reset()
+    worker = threading.Thread(target=slow)
+    worker.start()
+    assert entered.wait(10)
+    if then == "uninstrument":
+        otel_flashinfer.uninstrument()
+    else:
+        otel_flashinfer.instrument(level=1, journal_dir="")
+    release.set()
+    worker.join(10)
+    exported = len(spans.by_name("slow"))
+    assert exported + health.counters().get("spans_dropped", 0) == 1
+
+
 def test_unsampled_parent_records_nothing(spans) -> None:
     from opentelemetry import trace
     from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
