@@ -12,9 +12,9 @@ import importlib.util
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
+from . import health as _health
 from . import runtime as _runtime
 from .config import ConfigError, Settings, load_settings
-from .health import counters
 from .version import __version__
 
 __all__ = [
@@ -89,6 +89,20 @@ def _activate(parsed: Any) -> None:
     # Called from the application's code: its provider, if any, is set by now, and
     # the engine's own spans should go to the same provider as ours from here on.
     _runtime.ensure(parsed).resolve_provider()
+
+
+def counters() -> dict[str, int]:
+    """Our own counters: spans per export path, dropped spans and statistics, internal
+    errors, and (``blob.*``) the level-10 recorder's payloads written and skipped."""
+    out = _health.counters()
+    runtime = _runtime.current()
+    recorder = getattr(runtime, "blobs", None) if runtime is not None else None
+    if recorder is not None:
+        lock = getattr(recorder, "_counter_lock", None)
+        if lock is not None:
+            with lock:
+                out.update({f"blob.{k}": v for k, v in recorder.counters.items() if v})
+    return out
 
 
 def uninstrument() -> None:

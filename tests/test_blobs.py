@@ -752,3 +752,23 @@ def test_level10_call_with_arguments_the_api_refuses(spans, tmp_path):
     assert span.status.status_code.name == "ERROR"
     assert span.attributes["flashinfer.blob.skipped"] == "bad_arguments"
     assert "wrapper_errors" not in health.counters()
+
+
+def test_level10_payloads_written_and_skipped_show_in_counters(spans, tmp_path):
+    """counters() says what the recorder wrote and skipped, and why (blob.*): a store
+    that turns read-only mid-run must not fail silently."""
+    import otel_flashinfer
+
+    store = tmp_path / "s"
+    otel_flashinfer.instrument(level=10, blob_url=str(store), journal_dir="")
+    f = otel_flashinfer.traced(lambda x: x, name="f")
+    f(torch.ones(3))
+    assert otel_flashinfer.flush(10)
+    got = otel_flashinfer.counters()
+    # the result is the argument itself: one object, stored once
+    assert got["blob.manifests"] == 1 and got["blob.bytes_written"] == 12
+    otel_flashinfer.instrument(level=10, blob_url=str(store), journal_dir="",
+                               blob_exclude=["f"])
+    f(torch.ones(3))
+    got = otel_flashinfer.counters()  # a new runtime: its own recorder's counts
+    assert got["blob.skipped.filtered"] == 1 and "blob.manifests" not in got
