@@ -225,6 +225,8 @@ class JsonLinesSpanExporter(SpanExporter):
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         if self._closed:
+            health.report("spans_dropped", f"spans for {self.path} after it was shut down",
+                          n=len(spans))
             return SpanExportResult.FAILURE
         try:
             line = (spans_to_json(spans) + "\n").encode("utf-8")
@@ -241,8 +243,16 @@ class JsonLinesSpanExporter(SpanExporter):
             try:
                 line = (spans_to_json(good) + "\n").encode("utf-8")
             except Exception:  # noqa: BLE001 - reported above
+                health.report("spans_dropped", "spans the encoder refused were dropped",
+                              n=len(good))
                 return SpanExportResult.FAILURE
-        return SpanExportResult.SUCCESS if self.write_line(line) else SpanExportResult.FAILURE
+            spans = good
+        if self.write_line(line):
+            return SpanExportResult.SUCCESS
+        # The SDK's processors do not count what an exporter fails to send: we do (the
+        # native sender counts its own, through write_lines).
+        health.report("spans_dropped", f"could not write spans to {self.path}", n=len(spans))
+        return SpanExportResult.FAILURE
 
     def write_line(self, line: bytes) -> bool:
         """Append one encoded line (ending in a newline) in one ``write``; the native

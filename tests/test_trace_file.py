@@ -100,3 +100,24 @@ def test_the_files_finalizer_does_not_run_at_exit(tmp_path: Path) -> None:
     assert exporter.write_line(b'{"a":1}\n')
     assert exporter._release is not None and exporter._release.atexit is False  # noqa: SLF001
     exporter.shutdown()
+
+
+def test_spans_the_file_cannot_take_are_counted(tmp_path: Path) -> None:
+    """On the SDK's path the processors count nothing an exporter fails to write."""
+    from opentelemetry.sdk.trace import ReadableSpan
+    from opentelemetry.sdk.trace.export import SpanExportResult
+    from opentelemetry.trace import SpanContext
+
+    from otel_flashinfer import health
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    health.reset()
+    spans = [ReadableSpan(name=f"s{i}", context=SpanContext(7, i + 1, False), start_time=1,
+                          end_time=2) for i in range(3)]
+    exporter = JsonLinesSpanExporter("/dev/full")  # every write: no space left
+    assert exporter.export(spans) == SpanExportResult.FAILURE
+    assert health.counters()["spans_dropped"] == 3
+    exporter.shutdown()
+    assert exporter.export(spans[:1]) == SpanExportResult.FAILURE
+    assert health.counters()["spans_dropped"] == 4
