@@ -691,6 +691,13 @@ class NativeExport:
         """Spans encoded so far (each once, whatever the number of formats)."""
         return max(encoder.stats()["encoded"] for encoder in self.encoders.values())
 
+    def left_out(self) -> tuple[int, int]:
+        """(attributes, argument descriptions) the encoder could not write and left out
+        of their spans so far (each once, whatever the number of formats)."""
+        stats = [encoder.stats() for encoder in self.encoders.values()]
+        return (max(s["attribute_errors"] for s in stats),
+                max(s["describe_errors"] for s in stats))
+
 
 def native_export_for(provider: Any, tracer: Any, record_type: Any, empty: Any,
                       on_plan: Callable[[Plan], None] | None = None,

@@ -482,6 +482,7 @@ class Pipeline:
         self.export_path = "unresolved"
         self.export_reason = ""
         self._native_counted = 0
+        self._native_left_out = (0, 0)
         self._sdk_spans = 0
         self.max_queue = max_queue
         self.max_waiting = max_waiting
@@ -772,6 +773,19 @@ class Pipeline:
                 spans = encoded - self._native_counted
                 health.count("spans_native", spans)
                 self._native_counted = encoded
+                left_out = self._native.left_out()
+                if left_out != self._native_left_out:
+                    attrs = left_out[0] - self._native_left_out[0]
+                    described = left_out[1] - self._native_left_out[1]
+                    if attrs > 0:
+                        health.report("attribute_errors", "attributes the span encoder "
+                                      "could not write were left out of their spans",
+                                      n=attrs)
+                    if described > 0:
+                        health.report("describe_errors", "arguments the span encoder could "
+                                      "not describe were left out of their spans",
+                                      n=described)
+                    self._native_left_out = left_out
         if self._sdk_spans:
             spans += self._sdk_spans
             health.count("spans_sdk", self._sdk_spans)

@@ -275,3 +275,22 @@ def test_fork_children_of_an_environment_only_setup_write_their_spans(tmp_path: 
     spans = sum(len(ss["spans"]) for line in (tmp_path / "flashinfer_traces.jsonl").open()
                 for rs in json.loads(line)["resourceSpans"] for ss in rs["scopeSpans"])
     assert spans == 1 + 3 * 500
+
+
+def test_what_the_span_encoder_leaves_out_is_counted(tmp_path: Path) -> None:
+    """An argument the native encoder cannot write (a lone surrogate in a str) is left
+    out of its span, said once in the log and counted: not silent."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    program = ("import otel_flashinfer as of\n"
+               "of.instrument(level=3, journal_dir='')\n"
+               "f = of.traced(lambda s: s, name='f')\n"
+               "f('ok\\ud800bad'); f('fine')\n"
+               "of.flush(10); c = of.counters()\n"
+               "print(c.get('spans_native', 0), c.get('attribute_errors', 0))\n")
+    out = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    native, left_out = map(int, out.stdout.split())
+    assert native == 2 and left_out >= 1
+    assert "could not write were left out" in out.stderr
