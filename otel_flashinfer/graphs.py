@@ -373,8 +373,10 @@ def emit_replay(runtime: Any, capture: Capture, index: int, start_ns: int, end_n
              "flashinfer.cuda_graph.replays_skipped": skipped}
     dropped = health.dropped()
     if dropped != capture.dropped_seen:
-        # Nothing dropped silently: the next replay span says what was lost meanwhile.
-        attrs["flashinfer.cuda_graph.dropped_before"] = dropped - capture.dropped_seen
+        # Nothing dropped silently: the next replay span says what was lost meanwhile
+        # (fewer: the counts started again, in a forked child).
+        if dropped > capture.dropped_seen:
+            attrs["flashinfer.cuda_graph.dropped_before"] = dropped - capture.dropped_seen
         capture.dropped_seen = dropped
     replay_context = trace_api.SpanContext(
         trace_id, replay_id, False, trace_api.TraceFlags(trace_api.TraceFlags.SAMPLED)

@@ -8,6 +8,7 @@ counter and one log line per kind), and ``counters()`` lets tests and users see 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import Counter
 
@@ -47,6 +48,19 @@ def dropped() -> int:
     """Spans and statistics dropped so far, all causes (read on every traced replay:
     no copy, no lock; a count in flight shows on the next read)."""
     return _counts["spans_dropped"] + _counts["stats_dropped"]
+
+
+def _after_fork_in_child() -> None:
+    """A forked child counts its own: the parent's counts stay the parent's (and a lock
+    the fork copied held would never be released)."""
+    global _lock
+    _lock = threading.Lock()
+    _counts.clear()
+    _logged.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def reset() -> None:

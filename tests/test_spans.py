@@ -545,3 +545,26 @@ def test_flush_at_interpreter_shutdown_runs_inline(spans, monkeypatch) -> None:
     assert otel_flashinfer.flush(10)
     assert [s.name for s in spans.finished()] == ["inner"]
     assert health.counters().get("flush_errors", 0) == 0
+
+
+def test_a_forked_child_counts_its_own(spans) -> None:
+    """counters() in a forked child start at zero: the parent's are the parent's."""
+    import os
+
+    from otel_flashinfer import health
+
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork here")
+    health.count("spans_dropped", 7)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report what it sees, then leave without atexit
+        try:
+            health.count("spans_dropped", 2)
+            os.write(write, str(otel_flashinfer.counters().get("spans_dropped", 0)).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    seen = os.read(read, 100).decode()
+    os.waitpid(pid, 0)
+    assert seen == "2" and health.counters()["spans_dropped"] == 7
