@@ -313,7 +313,7 @@ def _install_exit_flush() -> None:
         return
     _exit_flush_installed = True
     try:
-        from .launcher import install_fork_exit_flush
+        from .runtime import install_fork_exit_flush
 
         install_fork_exit_flush()
     except Exception as exc:  # noqa: BLE001

@@ -7,7 +7,7 @@ its subprocesses, multiprocessing spawn and forkserver workers) then runs
 ``bootstrap_child`` at startup: it attaches the parent context for the process'
 lifetime, so its spans continue the launcher's trace, and instruments itself.
 Forked children inherit all of it; the pipeline restarts its thread after fork, and
-``install_fork_exit_flush`` makes a multiprocessing fork child flush before its
+``runtime.install_fork_exit_flush`` makes a multiprocessing fork child flush before its
 ``os._exit``.  Where the package is installed, its start-up hook (``_autostart``) may
 have run ``bootstrap_child`` already in that process; it runs once either way.
 """
@@ -111,6 +111,8 @@ def bootstrap_child(environ: MutableMapping[str, str] | None = None) -> bool:
         import otel_flashinfer
 
         otel_flashinfer.instrument()
+        from .runtime import install_fork_exit_flush
+
         install_fork_exit_flush()
         return True
     except Exception as exc:  # noqa: BLE001
@@ -123,50 +125,6 @@ def _warn(message: str) -> None:
         sys.stderr.write(f"otel-flashinfer: {message}\n")
     except Exception:  # noqa: BLE001
         pass
-
-
-class _ForkToken:
-    """Kept alive for the process' lifetime: multiprocessing's after-fork registry
-    holds it by weak reference."""
-
-
-_fork_token = _ForkToken()
-_fork_flush_installed = False
-
-
-def _flush_now() -> None:
-    try:
-        from opentelemetry import trace as trace_api
-
-        from . import runtime as _runtime
-
-        current = _runtime.current()
-        if current is not None:
-            current.flush(10.0)
-        provider = trace_api.get_tracer_provider()
-        force_flush = getattr(provider, "force_flush", None)
-        if force_flush is not None:
-            force_flush(10_000)
-    except Exception as exc:  # noqa: BLE001
-        _LOG.debug("otel_flashinfer: flush at exit failed: %s", exc)
-
-
-def _register_exit_finalizer(_token: Any) -> None:
-    import multiprocessing.util as mp_util
-
-    mp_util.Finalize(_token, _flush_now, exitpriority=100)
-
-
-def install_fork_exit_flush() -> None:
-    """A multiprocessing child created by fork ends in ``os._exit`` (no ``atexit``);
-    register a multiprocessing finalizer in each such child that flushes our spans."""
-    global _fork_flush_installed
-    if _fork_flush_installed:
-        return
-    _fork_flush_installed = True
-    import multiprocessing.util as mp_util
-
-    mp_util.register_after_fork(_fork_token, _register_exit_finalizer)
 
 
 def _provider_and_tracer() -> tuple[Any, Any]:

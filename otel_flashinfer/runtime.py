@@ -9,6 +9,7 @@ that configures OpenTelemetry after importing us still gets its own provider.
 from __future__ import annotations
 
 import atexit
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -272,12 +273,52 @@ def activate(settings: Settings) -> Runtime:
     graphs.unpatch()
     graphs.patch(runtime)
     try:  # however it was turned on (instrument(), the environment, the launcher)
-        from .launcher import install_fork_exit_flush
-
         install_fork_exit_flush()  # fork children leave by os._exit: no atexit flush
     except Exception as exc:  # noqa: BLE001 - reported, the program goes on
         health.report("config_errors", "no exit flush for multiprocessing fork children", exc)
     return runtime
+
+
+class _ForkToken:
+    """Kept alive for the process' lifetime: multiprocessing's after-fork registry
+    holds it by weak reference."""
+
+
+_fork_token = _ForkToken()
+_fork_flush_installed = False
+
+
+def _flush_now() -> None:
+    try:
+        from opentelemetry import trace as trace_api
+
+        current = _current
+        if current is not None:
+            current.flush(10.0)
+        provider = trace_api.get_tracer_provider()
+        force_flush = getattr(provider, "force_flush", None)
+        if force_flush is not None:
+            force_flush(10_000)
+    except Exception as exc:  # noqa: BLE001
+        logging.getLogger("otel_flashinfer").debug("otel_flashinfer: flush at exit failed: %s", exc)
+
+
+def _register_exit_finalizer(_token: Any) -> None:
+    import multiprocessing.util as mp_util
+
+    mp_util.Finalize(_token, _flush_now, exitpriority=100)
+
+
+def install_fork_exit_flush() -> None:
+    """A multiprocessing child created by fork ends in ``os._exit`` (no ``atexit``);
+    register a multiprocessing finalizer in each such child that flushes our spans."""
+    global _fork_flush_installed
+    if _fork_flush_installed:
+        return
+    _fork_flush_installed = True
+    import multiprocessing.util as mp_util
+
+    mp_util.register_after_fork(_fork_token, _register_exit_finalizer)
 
 
 def deactivate(timeout_s: float = 5.0) -> bool:
