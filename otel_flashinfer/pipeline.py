@@ -554,6 +554,8 @@ class Pipeline:
         self._idle = threading.Condition()
         self._busy = 0
         self._stopping = False
+        #: The queue from before ``shutdown``: the worker's to drain once more and sweep.
+        self._late: deque[CallRecord] | None = None
         self._pid = os.getpid()
         self._thread = threading.Thread(
             target=self._run, name="otel_flashinfer-pipeline", daemon=True
@@ -641,6 +643,37 @@ class Pipeline:
 
     # ---- worker thread ----------------------------------------------------------------
 
+    def _sweep_late(self) -> None:
+        """Count what a stopped pipeline's last queue still holds as dropped, and give
+        its GPU work back (by the worker as it stops, or by ``shutdown`` without one)."""
+        late, self._late = self._late, None
+        if late is None:
+            return
+        spans = 0
+        while True:
+            try:
+                record = late.popleft()
+            except IndexError:
+                break
+            spans += record.spans()
+            self._give_back(record)
+        if spans:
+            health.report("spans_dropped", "spans still queued when tracing stopped were "
+                          "dropped", n=spans)
+
+    def _give_back(self, record: CallRecord) -> None:
+        """What a dropped record holds on the GPU (ring slots, pooled events), handed
+        back where a CUDA query is allowed now."""
+        if not _holds_gpu_work(record):
+            return
+        try:
+            with capture_guard.gpu_queries() as allowed:
+                if allowed:
+                    self._let_go(record)
+        except Exception as exc:  # noqa: BLE001 - the call goes on
+            health.report("stats_errors", "could not give back a dropped span's GPU work",
+                          exc)
+
     def _run(self) -> None:
         while not self._stopping:
             native = self._native
@@ -651,6 +684,9 @@ class Pipeline:
                 self._wake.wait(self.interval_s)
             self._wake.clear()
             self._drain()
+        if self._late is not None:
+            self._drain()  # what was queued before the stop, once more
+            self._sweep_late()
 
     def _drain(self) -> None:
         # Pending GPU work is polled with CUDA queries, which would invalidate a graph
@@ -667,7 +703,9 @@ class Pipeline:
         cpu = time.thread_time()
         self._held_back = self._more = False
         try:
-            queue, waiting = self._queue, self._waiting
+            # Stopping: the queue from before the stop (``shutdown``), once more.
+            late = self._late
+            queue, waiting = late if late is not None else self._queue, self._waiting
             let_go = self._let_go_queue
             while let_go:
                 self._let_go(let_go.popleft())
@@ -947,31 +985,33 @@ class Pipeline:
 
     def shutdown(self, timeout_s: float = 5.0) -> bool:
         ok = self.flush(timeout_s)
+        if type(self._queue) is _ClosedQueue:
+            return ok
         # Calls still in flight (another thread's, across uninstrument() or a new
-        # instrument()) end after this: their records are counted as dropped, never
-        # left in a queue that no worker reads.
-        queue, self._queue = self._queue, _ClosedQueue()
+        # instrument()) end after this: their records are counted as dropped (what they
+        # hold on the GPU given back), never left in a queue that no worker reads.  What
+        # was queued before is the worker's: it drains it once more as it stops, and
+        # counts what it could not hand on (only the worker pops it).
+        self._late = self._queue
+        self._queue = _ClosedQueue(self)
         self._stopping = True
         self._wake.set()
-        late = 0
-        while True:
-            try:
-                late += queue.popleft().spans()  # each record: the worker's or ours
-            except IndexError:
-                break
-        if late:
-            health.report("spans_dropped", "spans of calls that ended while tracing "
-                          "stopped were dropped", n=late)
+        if not (self._thread.is_alive() and os.getpid() == self._pid):
+            self._sweep_late()
         if self._native is not None:
             ok = self._native.shutdown(0.0) and ok
         return ok
 
 
 class _ClosedQueue:
-    """A stopped pipeline's queue: what is appended is counted as dropped.  The C hot
-    path reads ``_queue`` on each call (its length, then ``append``), as ``submit``."""
+    """A stopped pipeline's queue: what is appended is counted as dropped and its GPU
+    work given back.  The C hot path reads ``_queue`` on each call (its length, then
+    ``append``), as ``submit``."""
 
-    __slots__ = ()
+    __slots__ = ("_pipeline",)
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self._pipeline = pipeline
 
     def __len__(self) -> int:
         return 0
@@ -979,6 +1019,7 @@ class _ClosedQueue:
     def append(self, record: CallRecord) -> None:
         health.report("spans_dropped", "spans of calls that ended after tracing stopped "
                       "were dropped", n=record.spans())
+        self._pipeline._give_back(record)  # noqa: SLF001 - the pipeline's own queue
 
     def popleft(self) -> CallRecord:
         raise IndexError("a stopped pipeline's queue is empty")
