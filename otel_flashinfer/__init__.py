@@ -98,10 +98,9 @@ def counters() -> dict[str, int]:
     runtime = _runtime.current()
     recorder = getattr(runtime, "blobs", None) if runtime is not None else None
     if recorder is not None:
-        lock = getattr(recorder, "_counter_lock", None)
-        if lock is not None:
-            with lock:
-                out.update({f"blob.{k}": v for k, v in recorder.counters.items() if v})
+        # One C-level copy: the recorder's threads may add a kind while we read.
+        counts = dict(recorder.counters)
+        out.update({f"blob.{k}": v for k, v in counts.items() if v})
     return out
 
 

@@ -513,8 +513,14 @@ class Pipeline:
             self.export_reason = chosen.reason
 
         old = self._native
+        if old is not None:
+            try:
+                self._count_paths()  # the old encoders' counts, before theirs start at 0
+            except Exception as exc:  # noqa: BLE001 - counting must not stop a hand-off
+                health.report("export_errors", "could not count the old path's spans", exc)
         self._native = native_export_for(self.provider, tracer, CallRecord, _EMPTY, note,
                                          enabled=self.native_export)
+        self._native_counted, self._native_left_out = 0, (0, 0)
         if old is not None:
             # The provider changed hands (handoff): what the old path still holds goes
             # out through its own exporters, without keeping the caller.
