@@ -432,6 +432,21 @@ class _NoGpuTimes:
         pass
 
 
+#: Held while a worker resolves its tracer (imports); ``os.fork`` waits for it.
+_RESOLVING = threading.Lock()
+
+
+def _reinit_resolving() -> None:
+    global _RESOLVING
+    _RESOLVING = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=lambda: _RESOLVING.acquire(),
+                        after_in_parent=lambda: _RESOLVING.release(),
+                        after_in_child=_reinit_resolving)
+
+
 def _holds_gpu_work(record: CallRecord) -> bool:
     """Whether ``record`` holds statistics ring slots or GPU events that only resolving
     it (or ``Pipeline._let_go``) gives back."""
@@ -838,7 +853,11 @@ class Pipeline:
 
     def _resolve_tracer_safely(self) -> None:
         try:
-            self._resolve_tracer()
+            # Imports happen in here (the exporters, the encoder): a fork in the middle
+            # would leave the child a module import lock held by no thread, and its
+            # worker (then its exit flush) waiting on it for good.  Forks wait for it.
+            with _RESOLVING:
+                self._resolve_tracer()
         except Exception as exc:  # noqa: BLE001 - each record then reports it again
             health.report("export_errors", "could not set up the tracer provider", exc)
 
