@@ -308,8 +308,8 @@ def main() -> int:
                      "--branch-share", share], {"OTEL_FLASHINFER_REPLAY_EVERY": every}))
         print(f"GPU: {LAYERS}-layer decode step ({calls} FlashInfer calls) as one graph, "
               f"{args.replays} replays back to back, default exporter, each level in its "
-              f"own process, {len(runs[levels[0]])} interleaved round(s); wall per replay "
-              "including the flush (median over rounds, the higher of two)")
+              f"own process, {len(next(iter(runs.values())))} interleaved round(s); wall per "
+              "replay including the flush (median over rounds, the higher of two)")
         base_runs = runs.get((0, "1", "1"))
         for (lvl, every, share), rs in runs.items():
             wall = statistics.median_high(x["wall_us"] for x in rs)
