@@ -83,22 +83,32 @@ def test_default_writes_otlp_json_lines(tmp_path: Path) -> None:
     assert "arg.x.shape=[8, 128]" in text and "fails" in text and "ERROR" in text
 
 
+def _run_python(cwd: Path, args: list[str], **env: str) -> subprocess.CompletedProcess:
+    """``python *args`` in ``cwd`` with this checkout, no OTEL_* of ours but ``env``."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    full["PYTHONPATH"] = str(ROOT) + os.pathsep + full.get("PYTHONPATH", "")
+    full.update(env)
+    out = subprocess.run([sys.executable, *args], cwd=cwd, env=full, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out
+
+
+def _spans_in_file(path: Path) -> int:
+    return sum(len(ss["spans"]) for line in path.open()
+               for rs in json.loads(line)["resourceSpans"] for ss in rs["scopeSpans"])
+
+
 def test_every_span_reaches_the_file_at_a_normal_exit(tmp_path: Path) -> None:
     """No flush() by the program: the exit flush writes the last batch.  (The file's
     descriptor used to be closed by its finalizer at exit first: 19,488 of 20,000.)"""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     program = ("import otel_flashinfer as of\n"
                "of.instrument(level=1, journal_dir='')\n"
                "f = of.traced(lambda a: a, name='f')\n"
                "for i in range(20000):\n    f(i)\n")
-    out = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
+    out = _run_python(tmp_path, ["-c", program])
     assert "Bad file descriptor" not in out.stderr
-    spans = sum(len(ss["spans"]) for line in (tmp_path / "flashinfer_traces.jsonl").open()
-                for rs in json.loads(line)["resourceSpans"] for ss in rs["scopeSpans"])
-    assert spans == 20000
+    assert _spans_in_file(tmp_path / "flashinfer_traces.jsonl") == 20000
 
 
 def test_traces_file_variable_and_cli_show(tmp_path: Path, capsys) -> None:
@@ -252,10 +262,6 @@ def test_bad_bsp_settings_name_the_variables(monkeypatch) -> None:
 def test_fork_children_of_an_environment_only_setup_write_their_spans(tmp_path: Path) -> None:
     """``traced`` turned on by OTEL_FLASHINFER_LEVEL alone (no instrument(), no start-up
     hook): multiprocessing's fork children end in os._exit, and still flush."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-    env.update(PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
-               OTEL_FLASHINFER_LEVEL="3", OTEL_FLASHINFER_AUTOSTART="0",
-               OTEL_FLASHINFER_JOURNAL_DIR="")
     program = textwrap.dedent("""
         import multiprocessing as mp, otel_flashinfer as of
         f = of.traced(lambda a: a, name="child_call")
@@ -269,28 +275,21 @@ def test_fork_children_of_an_environment_only_setup_write_their_spans(tmp_path: 
             for p in procs: p.join()
     """)
     (tmp_path / "prog.py").write_text(program)
-    out = subprocess.run([sys.executable, "prog.py"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    spans = sum(len(ss["spans"]) for line in (tmp_path / "flashinfer_traces.jsonl").open()
-                for rs in json.loads(line)["resourceSpans"] for ss in rs["scopeSpans"])
-    assert spans == 1 + 3 * 500
+    _run_python(tmp_path, ["prog.py"], OTEL_FLASHINFER_LEVEL="3",
+                OTEL_FLASHINFER_AUTOSTART="0", OTEL_FLASHINFER_JOURNAL_DIR="")
+    assert _spans_in_file(tmp_path / "flashinfer_traces.jsonl") == 1 + 3 * 500
 
 
 def test_what_the_span_encoder_leaves_out_is_counted(tmp_path: Path) -> None:
     """An argument the native encoder cannot write (a lone surrogate in a str) is left
     out of its span, said once in the log and counted: not silent."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     program = ("import otel_flashinfer as of\n"
                "of.instrument(level=3, journal_dir='')\n"
                "f = of.traced(lambda s: s, name='f')\n"
                "f('ok\\ud800bad'); f('fine')\n"
                "of.flush(10); c = of.counters()\n"
                "print(c.get('spans_native', 0), c.get('attribute_errors', 0))\n")
-    out = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
+    out = _run_python(tmp_path, ["-c", program])
     native, left_out = map(int, out.stdout.split())
     assert native == 2 and left_out >= 1
     assert "could not write were left out" in out.stderr
@@ -331,11 +330,7 @@ def test_a_timed_out_shutdown_leaves_the_backlog_to_the_worker(tmp_path: Path) -
     """shutdown() with a backlog a slow exporter has not taken yet: the worker drains
     it as it stops (nothing else pops that queue: the worker used to die with
     IndexError); every span is exported or counted, calls after the stop included."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run([sys.executable, "-c", _SLOW_SHUTDOWN], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
+    out = _run_python(tmp_path, ["-c", _SLOW_SHUTDOWN])
     exported, dropped, errors = out.stdout.strip().split(" ", 2)
     assert errors == "[]", out.stderr
     # the backlog exported by the stopping worker; the 20 late calls counted
