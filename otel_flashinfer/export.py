@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import forking, health
-from .graph_sampling import smoothed
+from .graph_sampling import CostEstimate
 
 #: Spans per request (OTEL_BSP_MAX_EXPORT_BATCH_SIZE's default).
 DEFAULT_BATCH = 512
@@ -378,8 +378,9 @@ class NativeExport:
         self._outbox: deque[tuple[str, bytes, int]] = deque()
         self._queued = 0
         self._stopping = False
-        #: The sender thread's CPU per span sent, smoothed (``REPLAY_EVERY=auto``).
-        self.cost_per_span_s = 0.0
+        #: The sender thread's CPU per span sent, smoothed, its first send (opening the
+        #: file or the connection) left out (``REPLAY_EVERY=auto``).
+        self._cost = CostEstimate()
         #: Requests sent, their wall time in all and the longest (benchmarks print them:
         #: a send longer than the outbox's worth of spans is what makes it drop).
         self.sends = 0
@@ -599,13 +600,16 @@ class NativeExport:
                     self.send_wall_s += wall
                     self.send_wall_max_s = max(self.send_wall_max_s, wall)
                     if count > 0:  # a write or a request holds the GIL too: auto budgets it
-                        self.cost_per_span_s = smoothed(
-                            self.cost_per_span_s, (time.thread_time() - cpu) / count)
+                        self._cost.add((time.thread_time() - cpu) / count)
                     with self._cond:
                         self._busy = False
                         self._cond.notify_all()
         finally:
             detach(token)
+
+    @property
+    def cost_per_span_s(self) -> float:
+        return self._cost.value
 
     def _take(self) -> tuple[str, list[bytes], int]:
         """Under the outbox's lock: the oldest request, with the later ones of its format

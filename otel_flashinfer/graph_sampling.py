@@ -7,7 +7,8 @@ the previous one; a replay is traced when the credit covers what tracing one cos
 and its measured cost is then spent.  What one costs is measured, not assumed: the
 caller's own time around the replay (not the replay itself), plus the background
 worker's and the sender's CPU per span (``Pipeline.cost_per_span_s``) for each span it
-hands on.
+hands on.  The first traced replay sets up (it builds the graph's templates): it is
+neither charged nor taken as the estimate, and the second is traced to measure.
 So when the workload changes (longer steps, more captured calls, a slower exporter),
 the share traced follows.
 
@@ -32,6 +33,29 @@ def smoothed(last: float | None, sample: float) -> float:
     return sample if not last else last + _SMOOTHING * (sample - last)
 
 
+class CostEstimate:
+    """A smoothed cost per unit that leaves its first sample out.
+
+    The first batch a thread hands on, and the first replay a graph traces, pay
+    one-time work: imports, opening the file or the connection, encoding the graph's
+    templates.  Taken as the estimate, that one sample (10 to 50x the steady cost on
+    the CPU box) made ``auto`` wait thousands of replays for the credit to trace the
+    next one, and with few traced replays there were few samples to correct it: it
+    traced 0 of 500 replays on the device.  ``value`` is 0.0 until a steady sample."""
+
+    __slots__ = ("_warmup", "value")
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self._warmup = True
+
+    def add(self, sample: float) -> None:
+        if self._warmup:
+            self._warmup = False
+            return
+        self.value = smoothed(self.value, sample)
+
+
 #: Credit never exceeds this many traced replays' cost: an idle minute must not buy a
 #: burst of traced replays when the graph starts again.
 _MAX_BURST = 4.0
@@ -41,13 +65,16 @@ class ReplaySampler:
     """One graph's decision per replay; call ``should_trace`` at every replay and
     ``traced`` after each traced one."""
 
-    __slots__ = ("budget", "cost_s", "credit_s", "every", "last_s", "seen", "skipped")
+    __slots__ = ("budget", "cost", "credit_s", "every", "last_s", "measured", "seen",
+                 "skipped")
 
     def __init__(self, every: int, budget: float) -> None:
         self.every = every
         self.budget = budget
-        #: Estimated whole cost of tracing one replay (None until one was measured).
-        self.cost_s: float | None = None
+        #: Estimated whole cost of tracing one replay, its first (setup) one left out.
+        self.cost = CostEstimate()
+        #: Traced replays whose cost was measured (the first two are always traced).
+        self.measured = 0
         self.credit_s = 0.0
         self.last_s: float | None = None
         self.seen = 0
@@ -67,9 +94,9 @@ class ReplaySampler:
             if self.last_s is not None:
                 self.credit_s += self.budget * max(now_s - self.last_s, 0.0)
             self.last_s = now_s
-            cost = self.cost_s
-            if cost is None:
-                trace = True  # the first replay measures what one costs
+            cost = self.cost.value
+            if self.measured < 2:
+                trace = True  # the first sets up, the second measures what one costs
             else:
                 self.credit_s = min(self.credit_s, _MAX_BURST * cost)
                 trace = self.credit_s >= cost
@@ -88,5 +115,7 @@ class ReplaySampler:
         if not self.auto:
             return
         cost = max(caller_s, 0.0) + spans * max(worker_per_span_s, 0.0)
-        self.credit_s -= cost
-        self.cost_s = smoothed(self.cost_s, cost)
+        self.measured += 1
+        if self.measured > 1:  # the first built the templates: a one-time cost
+            self.credit_s -= cost
+        self.cost.add(cost)

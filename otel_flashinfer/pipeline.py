@@ -30,7 +30,7 @@ from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, S
 from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 
 from . import capture_guard, forking, health
-from .graph_sampling import smoothed
+from .graph_sampling import CostEstimate
 
 _ROOT_CONTEXT = trace_api.set_span_in_context(trace_api.INVALID_SPAN)
 
@@ -513,9 +513,7 @@ class Pipeline:
         self._flush_result: list[bool] = [False]
         #: CPU seconds the worker spent building spans (benchmarks report it per call).
         self.worker_cpu_s = 0.0
-        #: The worker's CPU per span handed on, smoothed over drains (what tracing one
-        #: more span costs on this thread: ``graph_sampling`` budgets replays with it).
-        self.worker_cost_per_span_s = 0.0
+        self._worker_cost = CostEstimate()
         #: Resolves ``CallRecord.gpu`` handles (``gpu_timing.HANDLES`` where CUDA is).
         self.gpu_times: Any = _NoGpuTimes()
         self._start()
@@ -808,11 +806,17 @@ class Pipeline:
             spent = time.thread_time() - cpu
             self.worker_cpu_s += spent
             if spans > 0:
-                self.worker_cost_per_span_s = smoothed(self.worker_cost_per_span_s,
-                                                       spent / spans)
+                self._worker_cost.add(spent / spans)
             with self._idle:
                 self._busy -= 1
                 self._idle.notify_all()
+
+    @property
+    def worker_cost_per_span_s(self) -> float:
+        """The worker's CPU per span handed on, smoothed over drains, the first drain
+        (one-time work) left out: what tracing one more span costs on this thread
+        (``graph_sampling`` budgets replays with it).  0.0 until measured."""
+        return self._worker_cost.value
 
     @property
     def cost_per_span_s(self) -> float:
