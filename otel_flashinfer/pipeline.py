@@ -330,14 +330,7 @@ class DirectSpans:
         self.scope = tracer._instrumentation_scope  # noqa: SLF001
         self.info = tracer.instrumentation_info
         limits = tracer._span_limits  # noqa: SLF001
-        #: The BatchSpanProcessors' queues: a span handed to a full one pushes another
-        #: out, which the SDK only logs; we count it.
-        self.queues = [
-            (inner._queue, inner._max_queue_size)  # noqa: SLF001
-            for p in getattr(tracer.span_processor, "_span_processors", ())
-            if (inner := getattr(p, "_batch_processor", None)) is not None
-            and hasattr(inner, "_queue") and hasattr(inner, "_max_queue_size")
-        ]
+        self.queues = batch_queues(tracer)
         self.max_attributes = limits.max_span_attributes
         self.max_events = limits.max_events
         self.max_links = limits.max_links
@@ -400,11 +393,30 @@ class DirectSpans:
             end_time=record.end_ns, instrumentation_info=self.info,
             instrumentation_scope=self.scope,
         )
-        for queue, size in self.queues:
-            if len(queue) >= size:
-                health.report("spans_dropped", "the SDK's span queue is full: it drops the "
-                              "oldest span")
+        count_full_queues(self.queues)
         self.processor.on_end(span)
+
+
+def batch_queues(tracer: Any) -> list[tuple[Any, int]]:
+    """The provider's BatchSpanProcessors' queues with their limits: a span handed to a
+    full one pushes the oldest out, which the SDK only logs and we count (whichever
+    path, direct or the SDK's own, hands it the span)."""
+    return [
+        (inner._queue, inner._max_queue_size)  # noqa: SLF001
+        for p in getattr(getattr(tracer, "span_processor", None), "_span_processors", ())
+        if (inner := getattr(p, "_batch_processor", None)) is not None
+        and hasattr(inner, "_queue") and hasattr(inner, "_max_queue_size")
+    ]
+
+
+def count_full_queues(queues: list[tuple[Any, int]]) -> None:
+    """Before handing one span on: count the span each full queue will drop for it.
+    The processor's thread may take a batch between this look and the hand-off, so the
+    count can err high by a span, never low."""
+    for queue, size in queues:
+        if len(queue) >= size:
+            health.report("spans_dropped", "the SDK's span queue is full: it drops the "
+                          "oldest span")
 
 
 _SAMPLED = trace_api.TraceFlags(trace_api.TraceFlags.SAMPLED | trace_api.TraceFlags.RANDOM_TRACE_ID)
@@ -489,6 +501,7 @@ class Pipeline:
         self._tracer_factory = tracer_factory
         self._preset: _PresetIds | None = None
         self._direct: DirectSpans | None = None
+        self._sdk_queues: list[tuple[Any, int]] = []
         #: The native encoder and its sender (``export``), when the provider allows it.
         self._native: Any = None
         self.native_export = native_export
@@ -546,6 +559,7 @@ class Pipeline:
             self.tracer = tracer
             return
         self._direct = DirectSpans.for_tracer(tracer)
+        self._sdk_queues = batch_queues(tracer) if self._direct is None else []
         self._preset = None
         self.export_path = "direct" if self._direct is not None else "sdk"
         self._preset = preset_tracer_ids(tracer)
@@ -938,6 +952,7 @@ class Pipeline:
         if self._direct is not None:
             self._direct.export(record)
         else:
+            count_full_queues(self._sdk_queues)
             export_record(tracer, self._preset, record)
 
     # ---- flush / shutdown ------------------------------------------------------------
