@@ -116,7 +116,15 @@ def gpu_child(level: int, replays: int, branch_share: float = 1.0) -> dict[str, 
     wall = (t2 - t0) / replays * 1e6
     cpu = (_cpu_s() - cpu0) / replays * 1e6
     counters = health.counters()
-    return {"level": level, "wall_us": wall, "cpu_us": cpu, "flushed": flushed,
+    from otel_flashinfer import graphs
+
+    sampler = graphs._graphs[graph].sampler if level else None  # noqa: SLF001
+    auto = (f"estimate {sampler.cost.value * 1e6:.1f} us per traced replay, credit "
+            f"{sampler.credit_s * 1e6:.1f} us, measured (caller us, spans, worker us per "
+            "span): " + ", ".join(f"({c * 1e6:.1f}, {n}, {w * 1e6:.2f})"
+                                  for c, n, w in sampler.history)
+            if sampler is not None and sampler.auto else "")
+    return {"level": level, "wall_us": wall, "cpu_us": cpu, "flushed": flushed, "auto": auto,
             "loop_us": (t1 - t0) / replays * 1e6, "flush_ms": (t2 - t1) * 1e3,
             "forked": counters.get("stats_forked", 0), "sender": _sender(),
             "spans": _spans_in(traces) - before,
@@ -333,7 +341,8 @@ def main() -> int:
                   f"{r['cpu_us']:.1f} us/replay; spans {r['spans']}/{expected}; statistics "
                   f"dropped {r['stats_dropped']}, spans dropped {r['spans_dropped']}"
                   + (f"; captured calls on a statistics branch {r['forked']}"
-                     if lvl >= 5 else "") + (f"; sender: {r['sender']}" if lvl else ""))
+                     if lvl >= 5 else "") + (f"; sender: {r['sender']}" if lvl else "")
+                  + (f"\n    auto: {r['auto']}" if r.get("auto") else ""))
         return 0
     print(f"CPU: a stand-in graph whose replay takes {args.replay_us:.0f} us of wall (no "
           f"CPU), {calls} traced calls captured, {args.replays} replays, default exporter; "

@@ -6,8 +6,8 @@ between replays.  It is a token bucket: every replay earns ``budget x`` the time
 the previous one; a replay is traced when the credit covers what tracing one costs,
 and its measured cost is then spent.  What one costs is measured, not assumed: the
 caller's own time around the replay (not the replay itself), plus the background
-worker's and the sender's CPU per span (``Pipeline.cost_per_span_s``) for each span it
-hands on.  The first traced replay sets up (it builds the graph's templates): it is
+worker's and the sender's CPU per replay span (``Pipeline.replay_cost_per_span_s``) for
+each span it hands on.  The first traced replay sets up (it builds the graph's templates): it is
 neither charged nor taken as the estimate, and the second is traced to measure.
 So when the workload changes (longer steps, more captured calls, a slower exporter),
 the share traced follows.
@@ -65,8 +65,8 @@ class ReplaySampler:
     """One graph's decision per replay; call ``should_trace`` at every replay and
     ``traced`` after each traced one."""
 
-    __slots__ = ("budget", "cost", "credit_s", "every", "last_s", "measured", "seen",
-                 "skipped")
+    __slots__ = ("budget", "cost", "credit_s", "every", "history", "last_s", "measured",
+                 "seen", "skipped")
 
     def __init__(self, every: int, budget: float) -> None:
         self.every = every
@@ -75,6 +75,9 @@ class ReplaySampler:
         self.cost = CostEstimate()
         #: Traced replays whose cost was measured (the first two are always traced).
         self.measured = 0
+        #: The first and the latest measurements, (caller s, spans, worker s per span),
+        #: for benchmarks and debugging: what the estimate was made of.
+        self.history: list[tuple[float, int, float]] = []
         self.credit_s = 0.0
         self.last_s: float | None = None
         self.seen = 0
@@ -115,6 +118,9 @@ class ReplaySampler:
         if not self.auto:
             return
         cost = max(caller_s, 0.0) + spans * max(worker_per_span_s, 0.0)
+        if len(self.history) >= 8:
+            del self.history[4]  # keeps the first four and the latest four
+        self.history.append((caller_s, spans, worker_per_span_s))
         self.measured += 1
         if self.measured > 1:  # the first built the templates: a one-time cost
             self.credit_s -= cost

@@ -296,7 +296,7 @@ def patch(runtime: Any) -> None:
             if sampler is not None:
                 # What tracing it cost: our time around the replay, not the replay.
                 sampler.traced((t1 - t0) + (perf_counter() - t2), 1 + len(capture.records),
-                               runtime.pipeline.cost_per_span_s)
+                               runtime.pipeline.replay_cost_per_span_s)
         except Exception as exc:  # noqa: BLE001
             health.report("graph_errors", "could not trace a CUDA graph replay", exc)
         return result

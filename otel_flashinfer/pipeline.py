@@ -527,6 +527,13 @@ class Pipeline:
         #: CPU seconds the worker spent building spans (benchmarks report it per call).
         self.worker_cpu_s = 0.0
         self._worker_cost = CostEstimate()
+        #: The same, from drains whose spans were mostly graph replays' (templates: ids,
+        #: times and a copy).  Eager calls' spans and the drains around a capture cost
+        #: 100x more each on the device; charged to replays, they starved ``auto``.
+        self._replay_cost = CostEstimate()
+        #: Spans of replay records submitted (caller's thread) and accounted (worker's).
+        self.replay_spans_in = 0
+        self._replay_spans_seen = 0
         #: Resolves ``CallRecord.gpu`` handles (``gpu_timing.HANDLES`` where CUDA is).
         self.gpu_times: Any = _NoGpuTimes()
         self._start()
@@ -631,9 +638,12 @@ class Pipeline:
         # record carries a span per captured call: a batch of spans, not of records
         # (waiting for 512 of them let 30,000 spans pile up for one drain).
         n = len(queue)
-        if n == self._batch:
-            self._wake.set()
-        elif type(record) is ReplayRecord and n % max(1, self._batch // record.spans()) == 0:
+        if type(record) is ReplayRecord:
+            spans = record.spans()
+            self.replay_spans_in += spans
+            if n == self._batch or n % max(1, self._batch // spans) == 0:
+                self._wake.set()
+        elif n == self._batch:
             self._wake.set()
 
     def _let_go(self, record: CallRecord) -> None:
@@ -819,8 +829,12 @@ class Pipeline:
             spans = self._count_paths()
             spent = time.thread_time() - cpu
             self.worker_cpu_s += spent
+            replay = self.replay_spans_in - self._replay_spans_seen
+            self._replay_spans_seen += replay
             if spans > 0:
                 self._worker_cost.add(spent / spans)
+                if 2 * replay >= spans:  # mostly replays' spans: what auto charges
+                    self._replay_cost.add(spent / spans)
             with self._idle:
                 self._busy -= 1
                 self._idle.notify_all()
@@ -831,6 +845,16 @@ class Pipeline:
         (one-time work) left out: what tracing one more span costs on this thread
         (``graph_sampling`` budgets replays with it).  0.0 until measured."""
         return self._worker_cost.value
+
+    @property
+    def replay_cost_per_span_s(self) -> float:
+        """What one more span of a traced graph replay costs in the background: the
+        worker's CPU per span in drains that were mostly replays', the first left out
+        (0.0 until measured), plus the native sender's per span.  ``REPLAY_EVERY=auto``
+        charges it per child."""
+        native = self._native
+        sender = native.cost_per_span_s if native is not None else 0.0
+        return self._replay_cost.value + sender
 
     @property
     def cost_per_span_s(self) -> float:

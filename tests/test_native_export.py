@@ -916,3 +916,47 @@ def test_the_sdk_path_counts_what_a_full_batch_queue_drops(tmp_path: Path) -> No
     received = len(exported.get_finished_spans())
     assert dropped > 0
     assert 40 <= received + dropped <= 41, (received, dropped)
+
+
+def test_replays_are_charged_what_replay_spans_cost_not_eager_ones(tmp_path: Path) -> None:
+    """REPLAY_EVERY=auto charges each traced replay the worker's CPU per replay span.
+    Eager calls' spans (here with a costly pending result) and the drains around a
+    capture cost far more each; charged to replays they made auto trace none on the
+    device."""
+    from test_replay_template import _capture, _replay
+
+    class Costly:  # an eager call's statistics, resolved in Python at 2 ms of CPU
+        def ready(self) -> bool:
+            end = time.thread_time() + 2e-3
+            while time.thread_time() < end:
+                pass
+            return True
+
+        def apply(self, record: CallRecord) -> None:
+            record.attributes["resolved"] = True
+
+        def abandon(self, record: CallRecord, reason: str) -> None:
+            pass
+
+    provider, tracer = _file_provider(tmp_path / "t.jsonl")
+    pipeline = Pipeline(tracer, provider=provider, interval_s=0.01)
+    try:
+        for round_ in range(4):  # separate drains: the first (one-time work) is left out
+            for i in range(5):
+                r = CallRecord.for_call("eager", 0x55, 0x200 + 10 * round_ + i, None, BASE)
+                r.start_ns, r.end_ns = 1, 2
+                r.add_pending(Costly())
+                pipeline.submit(r)
+            assert pipeline.flush(10)
+        eager = pipeline.worker_cost_per_span_s
+        assert eager > 1e-3  # the 2 ms resolution is in it
+        assert pipeline.replay_cost_per_span_s == pytest.approx(
+            pipeline._native.cost_per_span_s)  # noqa: SLF001 - no replay drain yet
+        capture = _capture(30)
+        for i in range(1, 9):
+            pipeline.submit(_replay(capture, index=i, replay_id=0x900 + i))
+            assert pipeline.flush(10)
+        replay = pipeline.replay_cost_per_span_s
+        assert 0 < replay < eager / 20, (replay, eager)
+    finally:
+        pipeline.shutdown(5)
