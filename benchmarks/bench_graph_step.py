@@ -67,7 +67,8 @@ def _sender() -> str:
             f"{native.send_wall_max_s * 1e3:.1f} ms")
 
 
-def gpu_child(level: int, replays: int, branch_share: float = 1.0) -> dict[str, Any]:
+def gpu_child(level: int, replays: int, branch_share: float = 1.0,
+              ring_mb: float = 0.0) -> dict[str, Any]:
     import torch
 
     sys.path.insert(0, str(ROOT / "tests"))
@@ -87,6 +88,10 @@ def gpu_child(level: int, replays: int, branch_share: float = 1.0) -> dict[str, 
             from otel_flashinfer.stats import overlap
 
             overlap.BRANCH_SM_SHARE = branch_share
+            if ring_mb:
+                from otel_flashinfer.stats import graph_rows
+
+                graph_rows.RING_BYTES = int(ring_mb * (1 << 20))
     step = make_decode(use_cuda_graph=True)
     caches = [torch.randn_like(step.kv_cache) for _ in range(LAYERS)]
     hidden = torch.randn(8, 4096, dtype=torch.float16, device="cuda")
@@ -286,11 +291,16 @@ def main() -> int:
                         help="GPU mode, level 5: the share of the SMs a statistics launch "
                              "beside its call is sized for (overlap.BRANCH_SM_SHARE), "
                              "several comma-separated to run each side by side")
+    parser.add_argument("--ring-mb", default="0",
+                        help="GPU mode, level 5: pinned memory per graph for its replay "
+                             "slots (graph_rows.RING_BYTES, 0: the default), several "
+                             "comma-separated to run each side by side")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         kind, level, previous = args.child.split(":")
-        result = (gpu_child(int(level), args.replays, float(args.branch_share))
+        result = (gpu_child(int(level), args.replays, float(args.branch_share),
+                            float(args.ring_mb))
                   if kind == "gpu" else
                   cpu_child(int(level), args.replays, previous == "1",
                             args.replay_us * 1e-6, args.hold_gil))
@@ -305,21 +315,24 @@ def main() -> int:
     calls = 2 * LAYERS
     if mode == "gpu":
         everies, shares = args.every.split(","), args.branch_share.split(",")
-        configs = [(lvl, every, share) for lvl in levels
+        rings = args.ring_mb.split(",")
+        configs = [(lvl, every, share, ring) for lvl in levels
                    for every in (everies if lvl else ["1"])
-                   for share in (shares if lvl >= 5 else ["1"])]
-        runs: dict[tuple[int, str, str], list[dict[str, Any]]] = {c: [] for c in configs}
+                   for share in (shares if lvl >= 5 else ["1"])
+                   for ring in (rings if lvl >= 5 else ["0"])]
+        runs: dict[tuple[int, str, str, str], list[dict[str, Any]]] = {c: [] for c in configs}
         for _ in range(max(1, args.rounds)):
-            for lvl, every, share in configs:
-                runs[lvl, every, share].append(_run_child(
+            for lvl, every, share, ring in configs:
+                runs[lvl, every, share, ring].append(_run_child(
                     ["--child", f"gpu:{lvl}:0", "--replays", str(args.replays),
-                     "--branch-share", share], {"OTEL_FLASHINFER_REPLAY_EVERY": every}))
+                     "--branch-share", share, "--ring-mb", ring],
+                    {"OTEL_FLASHINFER_REPLAY_EVERY": every}))
         print(f"GPU: {LAYERS}-layer decode step ({calls} FlashInfer calls) as one graph, "
               f"{args.replays} replays back to back, default exporter, each level in its "
               f"own process, {len(next(iter(runs.values())))} interleaved round(s); wall per "
               "replay including the flush (median over rounds, the higher of two)")
-        base_runs = runs.get((0, "1", "1"))
-        for (lvl, every, share), rs in runs.items():
+        base_runs = runs.get((0, "1", "1", "0"))
+        for (lvl, every, share, ring), rs in runs.items():
             wall = statistics.median_high(x["wall_us"] for x in rs)
             r = next(x for x in rs if x["wall_us"] == wall)  # its counts are printed
             ratio = ""
@@ -333,7 +346,7 @@ def main() -> int:
             label = f"level {lvl}" + (f", REPLAY_EVERY={every}" if len(everies) > 1 or
                                        every != "1" else "") + (
                 f", branch share {share}" if lvl >= 5 and (len(shares) > 1 or share != "1")
-                else "")
+                else "") + (f", ring {ring} MB" if lvl >= 5 and ring != "0" else "")
             traced = (f"replays traced {r.get('traced', 0)}/{args.replays}; " if lvl
                       else "")
             print(f"  {label}: {wall:9.1f} us/replay{ratio}; {traced}replay loop "
