@@ -68,7 +68,7 @@ def _sender() -> str:
 
 
 def gpu_child(level: int, replays: int, branch_share: float = 1.0,
-              ring_mb: float = 0.0) -> dict[str, Any]:
+              ring_mb: float = 0.0, sync: bool = False) -> dict[str, Any]:
     import torch
 
     sys.path.insert(0, str(ROOT / "tests"))
@@ -112,8 +112,14 @@ def gpu_child(level: int, replays: int, branch_share: float = 1.0,
     traces = Path("flashinfer_traces.jsonl")
     before, replays_before = _spans_in(traces), _spans_in(traces, "cuda_graph.replay")
     cpu0, t0 = _cpu_s(), time.perf_counter()
-    for _ in range(replays):
-        graph.replay()
+    if sync:  # as an engine that reads each step's sampled tokens back
+        stream = torch.cuda.current_stream()
+        for _ in range(replays):
+            graph.replay()
+            stream.synchronize()
+    else:
+        for _ in range(replays):
+            graph.replay()
     torch.cuda.synchronize()
     t1 = time.perf_counter()
     flushed = otel_flashinfer.flush(300) if level else True
@@ -295,12 +301,16 @@ def main() -> int:
                         help="GPU mode, level 5: pinned memory per graph for its replay "
                              "slots (graph_rows.RING_BYTES, 0: the default), several "
                              "comma-separated to run each side by side")
+    parser.add_argument("--sync", action="store_true",
+                        help="GPU mode: wait for each replay before the next, as an engine "
+                             "that reads each step's sampled tokens back (back to back, the "
+                             "host runs up to the CUDA queue's depth ahead of the GPU)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         kind, level, previous = args.child.split(":")
         result = (gpu_child(int(level), args.replays, float(args.branch_share),
-                            float(args.ring_mb))
+                            float(args.ring_mb), args.sync)
                   if kind == "gpu" else
                   cpu_child(int(level), args.replays, previous == "1",
                             args.replay_us * 1e-6, args.hold_gil))
@@ -325,10 +335,12 @@ def main() -> int:
             for lvl, every, share, ring in configs:
                 runs[lvl, every, share, ring].append(_run_child(
                     ["--child", f"gpu:{lvl}:0", "--replays", str(args.replays),
-                     "--branch-share", share, "--ring-mb", ring],
+                     "--branch-share", share, "--ring-mb", ring,
+                     *(["--sync"] if args.sync else [])],
                     {"OTEL_FLASHINFER_REPLAY_EVERY": every}))
+        pace = "each waited for (--sync)" if args.sync else "back to back"
         print(f"GPU: {LAYERS}-layer decode step ({calls} FlashInfer calls) as one graph, "
-              f"{args.replays} replays back to back, default exporter, each level in its "
+              f"{args.replays} replays {pace}, default exporter, each level in its "
               f"own process, {len(next(iter(runs.values())))} interleaved round(s); wall per "
               "replay including the flush (median over rounds, the higher of two)")
         base_runs = runs.get((0, "1", "1", "0"))
