@@ -397,6 +397,11 @@ class DirectSpans:
         self.processor.on_end(span)
 
 
+def _processors_of(tracer: Any) -> Any:
+    """The provider's processors as planned (the SDK replaces the tuple on an add)."""
+    return getattr(getattr(tracer, "span_processor", None), "_span_processors", None)
+
+
 def batch_queues(tracer: Any) -> list[tuple[Any, int]]:
     """The provider's BatchSpanProcessors' queues with their limits: a span handed to a
     full one pushes the oldest out, which the SDK only logs and we count (whichever
@@ -502,6 +507,7 @@ class Pipeline:
         self._preset: _PresetIds | None = None
         self._direct: DirectSpans | None = None
         self._sdk_queues: list[tuple[Any, int]] = []
+        self._planned_processors: Any = None
         #: The native encoder and its sender (``export``), when the provider allows it.
         self._native: Any = None
         self.native_export = native_export
@@ -567,6 +573,9 @@ class Pipeline:
             return
         self._direct = DirectSpans.for_tracer(tracer)
         self._sdk_queues = batch_queues(tracer) if self._direct is None else []
+        #: The processors this plan was made for: one added later (the SDK replaces the
+        #: tuple) is planned again at the next drain, its queue counted too.
+        self._planned_processors = _processors_of(tracer)
         self._preset = None
         self.export_path = "direct" if self._direct is not None else "sdk"
         self._preset = preset_tracer_ids(tracer)
@@ -606,6 +615,7 @@ class Pipeline:
         # The parent's records and thread do not exist in the child: start afresh.  The
         # provider's Resource still names the parent's pid, so spans say which we are.
         self.fork_attributes = {"process.pid": os.getpid()}
+        self._replay_spans_seen = self.replay_spans_in  # the parent's are not the child's
         if self._native is not None:
             self._native.after_fork()  # its lock first: the fork may have copied it held
             self._native.set_extra(self.fork_attributes)
@@ -633,14 +643,16 @@ class Pipeline:
                                       "be handed back: their ring slots stay taken")
                 health.report("spans_dropped", "span queue full: dropping the oldest spans",
                               n=lost)
+        replay = type(record) is ReplayRecord
+        if replay:  # counted before the worker can see it (auto's cost per replay span)
+            spans = record.spans()
+            self.replay_spans_in += spans
         queue.append(record)
         # Wake the worker once per full batch, not once per call past it.  A replay
         # record carries a span per captured call: a batch of spans, not of records
         # (waiting for 512 of them let 30,000 spans pile up for one drain).
         n = len(queue)
-        if type(record) is ReplayRecord:
-            spans = record.spans()
-            self.replay_spans_in += spans
+        if replay:
             if n == self._batch or n % max(1, self._batch // spans) == 0:
                 self._wake.set()
         elif n == self._batch:
@@ -744,6 +756,9 @@ class Pipeline:
         with self._idle:
             self._busy += 1
         cpu = time.thread_time()
+        # Replay spans handed over before this drain looks at the queue: those it hands on
+        # (one submitted meanwhile is the next drain's, which will hand it on).
+        replay_in = self.replay_spans_in
         self._held_back = self._more = False
         try:
             # Stopping: the queue from before the stop (``shutdown``), once more.
@@ -755,7 +770,9 @@ class Pipeline:
             now = time.monotonic()
             deadline = now + self.wait_timeout_s
             native = self._native
-            if native is not None and native.setup_changed():
+            if (native.setup_changed() if native is not None else
+                    self.tracer is not None
+                    and _processors_of(self.tracer) is not self._planned_processors):
                 # A processor was added to the provider: plan its spans' way out again.
                 self._use_tracer(self.tracer)
                 native = self._native
@@ -829,8 +846,8 @@ class Pipeline:
             spans = self._count_paths()
             spent = time.thread_time() - cpu
             self.worker_cpu_s += spent
-            replay = self.replay_spans_in - self._replay_spans_seen
-            self._replay_spans_seen += replay
+            replay = replay_in - self._replay_spans_seen
+            self._replay_spans_seen = replay_in
             if spans > 0:
                 self._worker_cost.add(spent / spans)
                 if 2 * replay >= spans:  # mostly replays' spans: what auto charges
@@ -976,8 +993,7 @@ class Pipeline:
         if self._direct is not None:
             self._direct.export(record)
         else:
-            count_full_queues(self._sdk_queues)
-            export_record(tracer, self._preset, record)
+            export_record(tracer, self._preset, record, self._sdk_queues)
 
     # ---- flush / shutdown ------------------------------------------------------------
 
@@ -1093,8 +1109,10 @@ class _ClosedQueue:
         raise IndexError("a stopped pipeline's queue is empty")
 
 
-def export_record(tracer: Any, preset: _PresetIds | None, record: CallRecord) -> None:
-    """Build and end one SDK span from a record, keeping its ids and times."""
+def export_record(tracer: Any, preset: _PresetIds | None, record: CallRecord,
+                  queues: list[tuple[Any, int]] | None = None) -> None:
+    """Build and end one SDK span from a record, keeping its ids and times; ``queues``:
+    the provider's batch queues, counted when the span ends into them full."""
     if record.parent is not None:
         context = trace_api.set_span_in_context(NonRecordingSpan(record.parent))
     else:
@@ -1133,4 +1151,6 @@ def export_record(tracer: Any, preset: _PresetIds | None, record: CallRecord) ->
         span.set_status(Status(StatusCode.ERROR, f"{exc_type}: {message}"))
     elif record.attributes.get("flashinfer.cuda_error"):
         span.set_status(Status(StatusCode.ERROR, str(record.attributes["flashinfer.cuda_error"])))
+    if queues and span.get_span_context().trace_flags.sampled:
+        count_full_queues(queues)  # only a sampled span reaches a batch processor's queue
     span.end(end_time=record.end_ns)

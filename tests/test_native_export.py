@@ -872,13 +872,25 @@ def test_replays_wait_for_a_busy_sender_rather_than_be_dropped(tmp_path: Path,
     assert len(_spans_in(path)) == 40 * 31
 
 
-def test_the_sdk_path_counts_what_a_full_batch_queue_drops(tmp_path: Path) -> None:
-    """A provider with a processor of the application's own takes the SDK's path; its
+def _wait_idle(pipeline: Pipeline) -> None:
+    """Until the worker has handed on everything submitted (not merely taken it)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with pipeline._idle:  # noqa: SLF001
+            if not pipeline.pending_count() and not pipeline._busy:  # noqa: SLF001
+                return
+        time.sleep(0.01)
+    raise AssertionError("the worker did not go idle")
+
+
+@pytest.mark.parametrize("added_later", [False, True])
+def test_the_sdk_path_counts_what_a_full_batch_queue_drops(added_later: bool) -> None:
+    """A provider with a sampler of the application's own takes the SDK's path; its
     BatchSpanProcessor drops the oldest span when its queue is full and only logs it.
-    Every span is either exported or counted (a span handed on just as the processor's
-    thread takes a batch from a full queue may be counted and not dropped: the count
-    errs high, never low)."""
-    from opentelemetry.sdk.trace import SpanProcessor
+    Every sampled span is either exported or counted (a span handed on just as the
+    processor's thread takes a batch from a full queue may be counted and not dropped:
+    the count errs high, never low); spans the sampler drops never reach the queue and
+    are not counted.  A batch processor added after the first spans is counted too."""
     from opentelemetry.sdk.trace.export import BatchSpanProcessor as Batch
 
     gate, exported = threading.Event(), InMemorySpanExporter()
@@ -888,25 +900,45 @@ def test_the_sdk_path_counts_what_a_full_batch_queue_drops(tmp_path: Path) -> No
             gate.wait(30)  # a receiver that does not answer yet
             return exported.export(spans)
 
-    class Own(SpanProcessor):  # the application's: no fast path can stand in for it
-        pass
+    class ByName(sampling.Sampler):  # the application's: only the SDK can ask it
+        def should_sample(self, context, trace_id, name, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN201
+            return sampling.SamplingResult(sampling.Decision.DROP if name.startswith("skip")
+                                           else sampling.Decision.RECORD_AND_SAMPLE)
 
-    provider = TracerProvider(resource=Resource.create({"service.name": "t"}))
-    provider.add_span_processor(Batch(Held(), max_queue_size=8, max_export_batch_size=4,
-                                      schedule_delay_millis=60_000))
-    provider.add_span_processor(Own())
+        def get_description(self) -> str:
+            return "by name"
+
+    provider = TracerProvider(resource=Resource.create({"service.name": "t"}),
+                              sampler=ByName())
+    # The processor's thread wakes when the queue is full, takes all 8 and blocks in the
+    # export: the queue then fills again and stays full (8 + 8 received, 24 dropped).
+    batch = Batch(Held(), max_queue_size=8, max_export_batch_size=8,
+                  schedule_delay_millis=60_000)
+    early = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(early) if added_later else batch)
     pipeline = Pipeline(provider.get_tracer("otel_flashinfer", "1.0"), provider=provider,
                         interval_s=0.01)
-    before = health.counters().get("spans_dropped", 0)
-    try:
-        for i in range(40):
-            r = CallRecord.for_call(f"call{i}", 0x77, 0x100 + i, None, BASE)
+
+    def submit(name: str, n: int, first_id: int) -> None:
+        for i in range(n):
+            r = CallRecord.for_call(f"{name}{i}", 0x77, first_id + i, None, BASE)
             r.start_ns, r.end_ns = 1, 2
             pipeline.submit(r)
+        _wait_idle(pipeline)
+
+    before = health.counters().get("spans_dropped", 0)
+    try:
+        if added_later:
+            submit("early", 3, 0x50)  # planned with the simple processor only
+            provider.add_span_processor(batch)
+        queue = batch._batch_processor._queue  # noqa: SLF001
+        submit("call", 8, 0x100)
         deadline = time.monotonic() + 10
-        while pipeline.pending_count() and time.monotonic() < deadline:
+        while queue and time.monotonic() < deadline:  # taken: its thread is in the export
             time.sleep(0.01)
-        time.sleep(0.05)
+        submit("more", 32, 0x200)
+        assert len(queue) == 8  # full
+        submit("skip", 100, 0x400)  # the sampler drops them: nothing reaches the queue
         assert pipeline.export_path == "sdk"
     finally:
         gate.set()
@@ -958,5 +990,48 @@ def test_replays_are_charged_what_replay_spans_cost_not_eager_ones(tmp_path: Pat
             assert pipeline.flush(10)
         replay = pipeline.replay_cost_per_span_s
         assert 0 < replay < eager / 20, (replay, eager)
+    finally:
+        pipeline.shutdown(5)
+
+
+def test_a_replay_handed_over_mid_drain_is_not_charged_the_drains_eager_spans(
+        tmp_path: Path) -> None:
+    """The worker matches replay spans to the drain that hands them on: one submitted
+    while a costly drain of eager spans runs belongs to the next drain, so the eager
+    spans' cost is not taken as what a replay span costs."""
+    from test_replay_template import _capture, _replay
+
+    class Costly:
+        def ready(self) -> bool:
+            end = time.thread_time() + 2e-3
+            while time.thread_time() < end:
+                pass
+            return True
+
+        def apply(self, record: CallRecord) -> None:
+            pass
+
+        def abandon(self, record: CallRecord, reason: str) -> None:
+            pass
+
+    provider, tracer = _file_provider(tmp_path / "t.jsonl")
+    pipeline = Pipeline(tracer, provider=provider, interval_s=0.01)
+    capture, k = _capture(30), 0
+    try:
+        for round_ in range(8):
+            for _ in range(10):
+                k += 1
+                r = CallRecord.for_call("eager", 0x55, 0x1000 + k, None, BASE)
+                r.start_ns, r.end_ns = 1, 2
+                r.add_pending(Costly())
+                pipeline.submit(r)
+            pipeline.wake()
+            time.sleep(0.005)  # the worker is resolving the eager spans (10 x 2 ms)
+            pipeline.submit(_replay(capture, index=round_ + 1, replay_id=0x900 + round_))
+            assert pipeline.flush(10)
+        eager = pipeline.worker_cost_per_span_s
+        replay = pipeline._replay_cost.value  # noqa: SLF001
+        assert eager > 3e-4
+        assert replay < eager / 20, (replay, eager)
     finally:
         pipeline.shutdown(5)
