@@ -7,8 +7,8 @@ the previous one; a replay is traced when the credit covers what tracing one cos
 and its measured cost is then spent.  What one costs is measured, not assumed: the
 caller's own time around the replay (not the replay itself), plus the background
 worker's and the sender's CPU per replay span (``Pipeline.replay_cost_per_span_s``) for
-each span it hands on.  The first traced replay sets up (it builds the graph's templates): it is
-neither charged nor taken as the estimate, and the second is traced to measure.
+each span it hands on.  The traced replay that builds the graph's templates sets up: it is neither
+charged nor taken as the estimate, and the next is traced to measure.
 So when the workload changes (longer steps, more captured calls, a slower exporter),
 the share traced follows.
 
@@ -41,13 +41,14 @@ class CostEstimate:
     templates.  Taken as the estimate, that one sample (10 to 50x the steady cost on
     the CPU box) made ``auto`` wait thousands of replays for the credit to trace the
     next one, and with few traced replays there were few samples to correct it: it
-    traced 0 of 500 replays on the device.  ``value`` is 0.0 until a steady sample."""
+    traced 0 of 500 replays on the device.  ``value`` is 0.0 until a steady sample.
+    ``warmup=False`` keeps every sample (a caller that knows which one was setup)."""
 
     __slots__ = ("_warmup", "value")
 
-    def __init__(self) -> None:
+    def __init__(self, warmup: bool = True) -> None:
         self.value = 0.0
-        self._warmup = True
+        self._warmup = warmup
 
     def add(self, sample: float) -> None:
         if self._warmup:
@@ -71,9 +72,9 @@ class ReplaySampler:
     def __init__(self, every: int, budget: float) -> None:
         self.every = every
         self.budget = budget
-        #: Estimated whole cost of tracing one replay, its first (setup) one left out.
-        self.cost = CostEstimate()
-        #: Traced replays whose cost was measured (the first two are always traced).
+        #: Estimated whole cost of tracing one replay (setup left out by ``traced``).
+        self.cost = CostEstimate(warmup=False)
+        #: Traced replays whose cost was measured; replays are traced until one was.
         self.measured = 0
         #: The first and the latest measurements, (caller s, spans, worker s per span),
         #: for benchmarks and debugging: what the estimate was made of.
@@ -98,8 +99,8 @@ class ReplaySampler:
                 self.credit_s += self.budget * max(now_s - self.last_s, 0.0)
             self.last_s = now_s
             cost = self.cost.value
-            if self.measured < 2:
-                trace = True  # the first sets up, the second measures what one costs
+            if not self.measured:
+                trace = True  # until one replay measured what tracing one costs
             else:
                 self.credit_s = min(self.credit_s, _MAX_BURST * cost)
                 trace = self.credit_s >= cost
@@ -112,16 +113,20 @@ class ReplaySampler:
         skipped, self.skipped = self.skipped, 0
         return skipped
 
-    def traced(self, caller_s: float, spans: int, worker_per_span_s: float) -> None:
+    def traced(self, caller_s: float, spans: int, worker_per_span_s: float,
+               setup: bool = False) -> None:
         """What tracing the replay just traced cost: ``caller_s`` on the replaying
-        thread, and ``spans`` handed to the worker at ``worker_per_span_s`` each."""
+        thread, and ``spans`` handed to the worker at ``worker_per_span_s`` each.
+        ``setup``: this replay built the graph's templates, a one-time cost that is
+        neither charged nor taken as the estimate."""
         if not self.auto:
             return
         cost = max(caller_s, 0.0) + spans * max(worker_per_span_s, 0.0)
         if len(self.history) >= 8:
             del self.history[4]  # keeps the first four and the latest four
         self.history.append((caller_s, spans, worker_per_span_s))
+        if setup:
+            return
         self.measured += 1
-        if self.measured > 1:  # the first built the templates: a one-time cost
-            self.credit_s -= cost
+        self.credit_s -= cost
         self.cost.add(cost)

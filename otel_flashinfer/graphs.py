@@ -77,6 +77,11 @@ class Capture:
         self.records.append(record)
         self._template = None
 
+    @property
+    def has_template(self) -> bool:
+        """Whether ``template`` was made (the first traced replay makes it)."""
+        return self._template is not None
+
     def template(self) -> tuple[tuple[CallRecord, ...], tuple[tuple, ...]]:
         """(prototypes, their replay hooks), made once: per captured call a read-only
         record that each replay's child is made from (``pipeline.ReplayRecord``): its
@@ -291,12 +296,17 @@ def patch(runtime: Any) -> None:
             t2 = perf_counter()
             end_ns = time_ns()
             skipped = sampler.take_skipped() if sampler is not None else 0
-            emit_replay(runtime, capture, index, start, end_ns,
-                        timer.end_handle(mark) if timer is not None else None, skipped)
+            setup = not capture.has_template
+            submitted = emit_replay(runtime, capture, index, start, end_ns,
+                                    timer.end_handle(mark) if timer is not None else None,
+                                    skipped)
             if sampler is not None:
-                # What tracing it cost: our time around the replay, not the replay.
-                sampler.traced((t1 - t0) + (perf_counter() - t2), 1 + len(capture.records),
-                               runtime.pipeline.replay_cost_per_span_s)
+                # What tracing it cost: our time around the replay, not the replay; the
+                # spans only if it made them (not under an unsampled parent).
+                sampler.traced((t1 - t0) + (perf_counter() - t2),
+                               1 + len(capture.records) if submitted else 0,
+                               runtime.pipeline.replay_cost_per_span_s,
+                               setup=setup and submitted)
         except Exception as exc:  # noqa: BLE001
             health.report("graph_errors", "could not trace a CUDA graph replay", exc)
         return result
@@ -357,17 +367,18 @@ def _run_hook(hook: Callable[[Any, CallRecord | None], Any], child: CallRecord |
 
 
 def emit_replay(runtime: Any, capture: Capture, index: int, start_ns: int, end_ns: int,
-                timing: Any, skipped: int = 0) -> None:
+                timing: Any, skipped: int = 0) -> bool:
     """Submit the replay span and one child per captured call; ``timing``: the replay's
     packed GPU event pair (``Timer.end_handle``, resolved by the encoder in C) or a
-    Pending; ``skipped``: replays of this graph not traced since the last traced one."""
+    Pending; ``skipped``: replays of this graph not traced since the last traced one.
+    Returns whether it did (not under a parent, or a root sampler, that says no)."""
     current = trace_api.get_current_span().get_span_context()
     parent = current if current.is_valid else None
     if parent is not None and not parent.trace_flags & 1:
-        return
+        return False
     trace_id = parent.trace_id if parent is not None else (getrandbits(128) or 1)
     if parent is None and not runtime.sample_root(trace_id, "cuda_graph.replay"):
-        return
+        return False
     replay_id = getrandbits(64) or 1
     attrs = {"flashinfer.cuda_graph.id": capture.graph_id, "flashinfer.cuda_graph.replay": index,
              "flashinfer.cuda_graph.replays_skipped": skipped}
@@ -417,3 +428,4 @@ def emit_replay(runtime: Any, capture: Capture, index: int, start_ns: int, end_n
                     grouped[i] = [pending] if grouped[i] is None else [*grouped[i], pending]
         record.child_pending = grouped
     runtime.pipeline.submit(record)
+    return True

@@ -57,11 +57,11 @@ def test_auto_stays_within_its_budget_while_the_workload_changes() -> None:
         assert 0.008 <= share <= 0.0102, shares
 
 
-def test_auto_traces_the_first_two_replays_and_no_burst_after_idling() -> None:
+def test_auto_traces_until_one_replay_measured_and_no_burst_after_idling() -> None:
     sampler = ReplaySampler(REPLAY_AUTO, 0.01)
     assert sampler.should_trace(0.0)
-    sampler.traced(5e-3, 3, 0.0)  # the first sets up: not what the next one costs
-    assert sampler.should_trace(10e-6)  # the second measures
+    sampler.traced(5e-3, 3, 0.0, setup=True)  # built the templates: not what one costs
+    assert sampler.should_trace(10e-6)  # the next measures
     sampler.traced(40e-6, 3, 20e-6)  # 100 us a traced replay
     assert not sampler.should_trace(20e-6)
     # A minute idle earns a minute's budget, but only a few replays' worth is kept.
@@ -85,7 +85,7 @@ def test_auto_is_not_starved_by_one_costly_first_replay() -> None:
         if sampler.should_trace(now):
             sampler.take_skipped()
             first = i == 0
-            sampler.traced(1e-3 if first else caller, spans, worker.value)
+            sampler.traced(1e-3 if first else caller, spans, worker.value, setup=first)
             worker.add(65e-6 if first else 1.5e-6)  # the worker's drain of its spans
             traced += i >= 20
         now += period
@@ -301,3 +301,29 @@ def test_the_gate_is_written_when_the_answer_or_the_stream_changes(monkeypatch) 
     assert rows.failed and health.counters()["stats_errors"] == 1
     rows.set_gate(True)  # no more writes once failed
     assert health.counters()["stats_errors"] == 1
+
+
+def test_auto_leaves_out_the_replay_that_built_the_templates(spans, monkeypatch) -> None:
+    """Under a parent that is not sampled a traced replay makes no span and builds no
+    templates: its cost (ours around the replay, no spans) is measured as it is.  The
+    replay that does build them later is the setup: neither charged nor estimated."""
+    from opentelemetry import trace as trace_api
+
+    from otel_flashinfer import graphs
+
+    monkeypatch.setenv("OTEL_FLASHINFER_REPLAY_EVERY", "auto")
+    graph = _captured_step(monkeypatch)
+    capture = graphs._graphs[graph]  # noqa: SLF001
+    sampler = capture.sampler
+    unsampled = trace_api.NonRecordingSpan(trace_api.SpanContext(
+        5, 6, False, trace_api.TraceFlags(0)))
+    with trace_api.use_span(unsampled):
+        graph.replay()
+    assert not capture.has_template and not spans.by_name("cuda_graph.replay")
+    assert sampler.measured == 1 and sampler.history[-1][1] == 0  # no spans handed on
+    estimate = sampler.cost.value
+    sampler.credit_s = 1.0  # the next replay is traced
+    graph.replay()
+    assert capture.has_template and len(spans.by_name("cuda_graph.replay")) == 1
+    assert sampler.history[-1][1] == 2  # the replay span and its child
+    assert sampler.measured == 1 and sampler.cost.value == estimate  # left out
