@@ -508,6 +508,9 @@ class Pipeline:
         self._direct: DirectSpans | None = None
         self._sdk_queues: list[tuple[Any, int]] = []
         self._planned_processors: Any = None
+        #: Planning the way out (``_use_tracer``): a hand-off on the caller's thread and
+        #: the worker's re-plan after a processor was added must not interleave.
+        self._plan_lock = threading.RLock()
         #: The native encoder and its sender (``export``), when the provider allows it.
         self._native: Any = None
         self.native_export = native_export
@@ -545,7 +548,19 @@ class Pipeline:
         self._start()
         forking.redo_in_child(self, "_after_fork")
 
+    def _plan_changed(self) -> bool:
+        """Whether the provider's processors changed since the way out was planned."""
+        native = self._native
+        if native is not None:
+            return bool(native.setup_changed())
+        return (self.tracer is not None
+                and _processors_of(self.tracer) is not self._planned_processors)
+
     def _use_tracer(self, tracer: Any) -> None:
+        with self._plan_lock:
+            self._plan(tracer)
+
+    def _plan(self, tracer: Any) -> None:
         from .export import native_export_for
 
         def note(chosen: Any) -> None:
@@ -616,6 +631,7 @@ class Pipeline:
         # provider's Resource still names the parent's pid, so spans say which we are.
         self.fork_attributes = {"process.pid": os.getpid()}
         self._replay_spans_seen = self.replay_spans_in  # the parent's are not the child's
+        self._plan_lock = threading.RLock()  # another thread may have held it at the fork
         if self._native is not None:
             self._native.after_fork()  # its lock first: the fork may have copied it held
             self._native.set_extra(self.fork_attributes)
@@ -756,9 +772,9 @@ class Pipeline:
         with self._idle:
             self._busy += 1
         cpu = time.thread_time()
-        # Replay spans handed over before this drain looks at the queue: those it hands on
-        # (one submitted meanwhile is the next drain's, which will hand it on).
-        replay_in = self.replay_spans_in
+        # Replay spans handed over before this drain takes its share of the queue: those
+        # it hands on (one submitted later is the next drain's).  None until it does.
+        replay_in = self._replay_spans_seen
         self._held_back = self._more = False
         try:
             # Stopping: the queue from before the stop (``shutdown``), once more.
@@ -769,13 +785,18 @@ class Pipeline:
                 self._let_go(let_go.popleft())
             now = time.monotonic()
             deadline = now + self.wait_timeout_s
+            if self._plan_changed():
+                # A processor was added to the provider: plan its spans' way out again,
+                # under the lock a hand-off to another provider plans under (re-read
+                # there: planning the old tracer after the hand-off would keep it).
+                try:
+                    with self._plan_lock:
+                        if self._plan_changed():
+                            self._use_tracer(self.tracer)
+                except Exception as exc:  # noqa: BLE001 - the worker must go on
+                    health.report("export_errors", "could not plan the spans' way out "
+                                  "again", exc)
             native = self._native
-            if (native.setup_changed() if native is not None else
-                    self.tracer is not None
-                    and _processors_of(self.tracer) is not self._planned_processors):
-                # A processor was added to the provider: plan its spans' way out again.
-                self._use_tracer(self.tracer)
-                native = self._native
             if native is not None and waiting:
                 # Statistics still on the GPU last time: the encoder polls them in C and
                 # puts back those not in yet; only what it cannot resolve comes here.
@@ -802,6 +823,7 @@ class Pipeline:
                 # the record queue is under half full (_may_hold; the worker waits for
                 # room outside this section); otherwise they are encoded and the outbox
                 # drops its oldest, counted.
+                replay_in = self.replay_spans_in
                 left = len(queue)
                 while left > 0:
                     chunk = min(left, native.batch)
@@ -829,6 +851,7 @@ class Pipeline:
                     health.report("export_errors", "could not hand a batch to the sender",
                                   exc)
             else:
+                replay_in = self.replay_spans_in
                 for i in range(len(queue)):  # what is there now, as above
                     record = queue.popleft()
                     if record.pending or record.gpu is not None:

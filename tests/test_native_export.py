@@ -1001,8 +1001,11 @@ def test_a_replay_handed_over_mid_drain_is_not_charged_the_drains_eager_spans(
     spans' cost is not taken as what a replay span costs."""
     from test_replay_template import _capture, _replay
 
+    started = threading.Event()
+
     class Costly:
         def ready(self) -> bool:
+            started.set()
             end = time.thread_time() + 2e-3
             while time.thread_time() < end:
                 pass
@@ -1025,8 +1028,9 @@ def test_a_replay_handed_over_mid_drain_is_not_charged_the_drains_eager_spans(
                 r.start_ns, r.end_ns = 1, 2
                 r.add_pending(Costly())
                 pipeline.submit(r)
+            started.clear()
             pipeline.wake()
-            time.sleep(0.005)  # the worker is resolving the eager spans (10 x 2 ms)
+            assert started.wait(10)  # the worker is resolving the eager spans (10 x 2 ms)
             pipeline.submit(_replay(capture, index=round_ + 1, replay_id=0x900 + round_))
             assert pipeline.flush(10)
         eager = pipeline.worker_cost_per_span_s
@@ -1035,3 +1039,46 @@ def test_a_replay_handed_over_mid_drain_is_not_charged_the_drains_eager_spans(
         assert replay < eager / 20, (replay, eager)
     finally:
         pipeline.shutdown(5)
+
+
+def test_a_hand_off_is_not_undone_by_the_workers_re_plan(monkeypatch) -> None:
+    """The worker plans again when a provider's processors change; a hand-off to another
+    provider plans on the caller's thread.  A drain between the hand-off's plan and its
+    new tracer used to plan the old provider again, for good."""
+    from otel_flashinfer import pipeline as pipeline_mod
+
+    class Own(sampling.Sampler):  # the SDK's path, where the worker compares processors
+        def should_sample(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+            return sampling.SamplingResult(sampling.Decision.RECORD_AND_SAMPLE)
+
+        def get_description(self) -> str:
+            return "own"
+
+    def provider_with(exporter: InMemorySpanExporter) -> TracerProvider:
+        provider = TracerProvider(sampler=Own())
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        return provider
+
+    old_spans, new_spans = InMemorySpanExporter(), InMemorySpanExporter()
+    old, new = provider_with(old_spans), provider_with(new_spans)
+    pipeline = Pipeline(old.get_tracer("otel_flashinfer"), provider=old, interval_s=0.005)
+    preset = pipeline_mod.preset_tracer_ids
+
+    def slow_preset(tracer):  # noqa: ANN001, ANN202 - the worker drains meanwhile
+        time.sleep(0.1)
+        return preset(tracer)
+
+    monkeypatch.setattr(pipeline_mod, "preset_tracer_ids", slow_preset)
+    try:
+        pipeline.provider = new
+        pipeline._use_tracer(new.get_tracer("otel_flashinfer"))  # noqa: SLF001
+        time.sleep(0.05)  # drains after the hand-off
+        for i in range(5):
+            r = CallRecord.for_call(f"after{i}", 0x99, 0x300 + i, None, BASE)
+            r.start_ns, r.end_ns = 1, 2
+            pipeline.submit(r)
+        assert pipeline.flush(10)
+    finally:
+        pipeline.shutdown(5)
+    assert [s.name for s in new_spans.get_finished_spans()] == [f"after{i}" for i in range(5)]
+    assert not old_spans.get_finished_spans()
