@@ -94,26 +94,29 @@ def check_otlp_env(environ: Mapping[str, str], http: bool) -> None:
                                   "https://")
 
 
+def _checked_name(name: str, env: Mapping[str, str]) -> str:
+    """An ``OTEL_TRACES_EXPORTER`` name with ``otlp`` resolved by its protocol; an OTLP
+    exporter's settings checked (``ConfigError`` naming what is wrong)."""
+    if name == "otlp":
+        name = "otlp_proto_http" if otlp_protocol(env) == "http/protobuf" else "otlp_proto_grpc"
+    if name in ("otlp_proto_grpc", "otlp_proto_http"):
+        check_otlp_env(env, http=name == "otlp_proto_http")
+    return name
+
+
 def check_env(environ: Mapping[str, str] | None = None) -> None:
     """``ConfigError`` for an ``OTEL_TRACES_EXPORTER`` / ``OTEL_EXPORTER_OTLP_*`` value
     that building our provider would refuse: checked when tracing turns on, without
     building it yet (the application may still set its own)."""
     env = os.environ if environ is None else environ
     for name in exporter_names(env):
-        if name == "otlp":
-            name = "otlp_proto_http" if otlp_protocol(env) == "http/protobuf" else \
-                "otlp_proto_grpc"
-        if name in ("otlp_proto_grpc", "otlp_proto_http"):
-            check_otlp_env(env, http=name == "otlp_proto_http")
+        _checked_name(name, env)
 
 
 def make_exporter(name: str, environ: Mapping[str, str], traces_file: str) -> SpanExporter:
     """One span exporter by its ``OTEL_TRACES_EXPORTER`` name; OTLP exporters read
     their endpoint, headers, timeout and TLS settings from the environment."""
-    if name == "otlp":
-        name = "otlp_proto_http" if otlp_protocol(environ) == "http/protobuf" else "otlp_proto_grpc"
-    if name in ("otlp_proto_grpc", "otlp_proto_http"):
-        check_otlp_env(environ, http=name == "otlp_proto_http")
+    name = _checked_name(name, environ)
     if name == "otlp_proto_grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
