@@ -964,25 +964,34 @@ def test_the_sdk_path_counts_what_a_full_batch_queue_drops(added_later: bool,
     assert 40 <= received + dropped <= 41, (received, dropped)
 
 
+class _Costly:
+    """An eager call's statistics, resolved in Python at 2 ms of the worker's CPU;
+    ``started`` is set when the worker begins on one."""
+
+    def __init__(self, started: threading.Event | None = None) -> None:
+        self.started = started
+
+    def ready(self) -> bool:
+        if self.started is not None:
+            self.started.set()
+        end = time.thread_time() + 2e-3
+        while time.thread_time() < end:
+            pass
+        return True
+
+    def apply(self, record: CallRecord) -> None:
+        record.attributes["resolved"] = True
+
+    def abandon(self, record: CallRecord, reason: str) -> None:
+        pass
+
+
 def test_replays_are_charged_what_replay_spans_cost_not_eager_ones(tmp_path: Path) -> None:
     """REPLAY_EVERY=auto charges each traced replay the worker's CPU per replay span.
     Eager calls' spans (here with a costly pending result) and the drains around a
     capture cost far more each; charged to replays they made auto trace none on the
     device."""
     from test_replay_template import _capture, _replay
-
-    class Costly:  # an eager call's statistics, resolved in Python at 2 ms of CPU
-        def ready(self) -> bool:
-            end = time.thread_time() + 2e-3
-            while time.thread_time() < end:
-                pass
-            return True
-
-        def apply(self, record: CallRecord) -> None:
-            record.attributes["resolved"] = True
-
-        def abandon(self, record: CallRecord, reason: str) -> None:
-            pass
 
     provider, tracer = _file_provider(tmp_path / "t.jsonl")
     pipeline = Pipeline(tracer, provider=provider, interval_s=0.01)
@@ -991,7 +1000,7 @@ def test_replays_are_charged_what_replay_spans_cost_not_eager_ones(tmp_path: Pat
             for i in range(5):
                 r = CallRecord.for_call("eager", 0x55, 0x200 + 10 * round_ + i, None, BASE)
                 r.start_ns, r.end_ns = 1, 2
-                r.add_pending(Costly())
+                r.add_pending(_Costly())
                 pipeline.submit(r)
             assert pipeline.flush(10)
         eager = pipeline.worker_cost_per_span_s
@@ -1016,21 +1025,6 @@ def test_a_replay_handed_over_mid_drain_is_not_charged_the_drains_eager_spans(
     from test_replay_template import _capture, _replay
 
     started = threading.Event()
-
-    class Costly:
-        def ready(self) -> bool:
-            started.set()
-            end = time.thread_time() + 2e-3
-            while time.thread_time() < end:
-                pass
-            return True
-
-        def apply(self, record: CallRecord) -> None:
-            pass
-
-        def abandon(self, record: CallRecord, reason: str) -> None:
-            pass
-
     provider, tracer = _file_provider(tmp_path / "t.jsonl")
     pipeline = Pipeline(tracer, provider=provider, interval_s=0.01)
     capture, k = _capture(30), 0
@@ -1040,7 +1034,7 @@ def test_a_replay_handed_over_mid_drain_is_not_charged_the_drains_eager_spans(
                 k += 1
                 r = CallRecord.for_call("eager", 0x55, 0x1000 + k, None, BASE)
                 r.start_ns, r.end_ns = 1, 2
-                r.add_pending(Costly())
+                r.add_pending(_Costly(started))
                 pipeline.submit(r)
             started.clear()
             pipeline.wake()
