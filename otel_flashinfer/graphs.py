@@ -52,6 +52,7 @@ class Capture:
         #: ``child`` is that replay's span record of the captured call (its ids,
         #: start time and attributes are set; hooks may read them, not submit it).
         self.replay_hooks: dict[int, list[Callable[[Any, CallRecord], Any]]] = {}
+        self.any_hooks = False
         self.replays = 0
         #: Which replays are traced (set when the capture begins, from the settings).
         self.sampler: ReplaySampler | None = None
@@ -104,6 +105,8 @@ class Capture:
             template = self._template = (
                 tuple(protos),
                 tuple(tuple(self.replay_hooks.get(id(c), ())) for c in self.records))
+            #: Whether any captured call has a replay hook (most graphs: none).
+            self.any_hooks = any(template[1])
             self._index = {id(c): i for i, c in enumerate(self.records)}
         return template
 
@@ -417,7 +420,7 @@ def emit_replay(runtime: Any, capture: Capture, index: int, start_ns: int, end_n
                 if pending is not None:
                     child.add_pending(pending)
             runtime.pipeline.submit(child)
-    else:
+    elif capture.any_hooks:
         # One record; the worker (the encoder, in C) makes the children.
         for i, hooks in enumerate(hook_lists):
             for hook in hooks:
@@ -427,5 +430,7 @@ def emit_replay(runtime: Any, capture: Capture, index: int, start_ns: int, end_n
                         grouped = [None] * len(protos)
                     grouped[i] = [pending] if grouped[i] is None else [*grouped[i], pending]
         record.child_pending = grouped
+    else:
+        record.child_pending = grouped  # no hooks: one record, as above
     runtime.pipeline.submit(record)
     return True
