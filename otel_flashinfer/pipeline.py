@@ -508,8 +508,9 @@ class Pipeline:
         self._direct: DirectSpans | None = None
         self._sdk_queues: list[tuple[Any, int]] = []
         self._planned_processors: Any = None
-        #: Planning the way out (``_use_tracer``): a hand-off on the caller's thread and
-        #: the worker's re-plan after a processor was added must not interleave.
+        #: Planning the way out (``_use_tracer``) and draining into it: a hand-off on the
+        #: application's thread waits for the worker's drain in progress (and the
+        #: worker's own re-plan, after a processor was added, never interleaves with it).
         self._plan_lock = threading.RLock()
         #: The native encoder and its sender (``export``), when the provider allows it.
         self._native: Any = None
@@ -760,13 +761,29 @@ class Pipeline:
             self._sweep_late()
 
     def _drain(self) -> None:
-        # Pending GPU work is polled with CUDA queries, which would invalidate a graph
-        # capture open on another thread: wait for the next tick instead.
-        with capture_guard.gpu_queries() as allowed:
-            if allowed:
-                self._drain_now()
-            else:
-                self._held_back = self._more = False  # the next tick, not a spin
+        # A drain and a plan exclude each other: a hand-off to another provider (on the
+        # application's thread) waits for the drain in progress, whose encoder it shuts
+        # down; spans encoded into that encoder after its last flush were lost uncounted.
+        with self._plan_lock:
+            self._plan_again_if_changed()
+            # Pending GPU work is polled with CUDA queries, which would invalidate a graph
+            # capture open on another thread: wait for the next tick instead.
+            with capture_guard.gpu_queries() as allowed:
+                if allowed:
+                    self._drain_now()
+                else:
+                    self._held_back = self._more = False  # the next tick, not a spin
+
+    def _plan_again_if_changed(self) -> None:
+        """A processor was added to the provider: plan its spans' way out again.  Outside
+        the GPU-query section (a capture waits on it) and under ``_RESOLVING`` (planning
+        may import the exporters for the first time; a fork waits for that)."""
+        try:
+            if self._plan_changed():
+                with _RESOLVING:
+                    self._use_tracer(self.tracer)
+        except Exception as exc:  # noqa: BLE001 - the worker must go on
+            health.report("export_errors", "could not plan the spans' way out again", exc)
 
     def _drain_now(self) -> None:
         with self._idle:
@@ -785,17 +802,6 @@ class Pipeline:
                 self._let_go(let_go.popleft())
             now = time.monotonic()
             deadline = now + self.wait_timeout_s
-            if self._plan_changed():
-                # A processor was added to the provider: plan its spans' way out again,
-                # under the lock a hand-off to another provider plans under (re-read
-                # there: planning the old tracer after the hand-off would keep it).
-                try:
-                    with self._plan_lock:
-                        if self._plan_changed():
-                            self._use_tracer(self.tracer)
-                except Exception as exc:  # noqa: BLE001 - the worker must go on
-                    health.report("export_errors", "could not plan the spans' way out "
-                                  "again", exc)
             native = self._native
             if native is not None and waiting:
                 # Statistics still on the GPU last time: the encoder polls them in C and

@@ -1090,3 +1090,61 @@ def test_a_hand_off_is_not_undone_by_the_workers_re_plan(monkeypatch) -> None:
         pipeline.shutdown(5)
     assert [s.name for s in new_spans.get_finished_spans()] == [f"after{i}" for i in range(5)]
     assert not old_spans.get_finished_spans()
+
+
+def test_a_hand_off_mid_drain_loses_no_span(tmp_path: Path, monkeypatch) -> None:
+    """A hand-off to another provider shuts the old encoder down.  It used to plan while
+    the worker was in the middle of a drain, which went on encoding into the old
+    encoder after its last flush: those spans were neither sent nor counted.  Now the
+    hand-off waits for the drain; every span arrives at the old file or the new."""
+    from otel_flashinfer import pipeline as pipeline_mod
+
+    # Between the drain's two chunks, time for the old encoder's flush and stop.
+    monkeypatch.setattr(pipeline_mod, "_YIELD_S", 0.2)
+    monkeypatch.setattr(pipeline_mod, "_PASS_BUDGET_S", 5.0)
+    started = threading.Event()
+    pipeline: Pipeline | None = None
+
+    class Slow(Describer):
+        __slots__ = ()
+
+        def attributes(self, data, kw, result):  # noqa: ANN001, ANN201
+            started.set()
+            old = old_native
+            if int(data[0]) == 0:  # the hand-off comes while this drain goes on
+                end = time.monotonic() + 0.5
+                while pipeline._native is old and time.monotonic() < end:  # noqa: SLF001
+                    time.sleep(0.001)
+            return {"flashinfer.arg.i": int(data[0])}
+
+    def file_provider(path: Path) -> tuple[TracerProvider, Any]:
+        provider = TracerProvider(resource=Resource.create({"service.name": "native-test"}))
+        provider.add_span_processor(BatchSpanProcessor(JsonLinesSpanExporter(str(path)),
+                                                       max_export_batch_size=20))
+        return provider, provider.get_tracer("otel_flashinfer", "1.0")
+
+    old_provider, old_tracer = file_provider(tmp_path / "old.jsonl")
+    new_provider, new_tracer = file_provider(tmp_path / "new.jsonl")
+    before = health.counters().get("spans_dropped", 0)
+    pipeline = Pipeline(old_tracer, provider=old_provider, interval_s=0.01)
+    old_native = pipeline._native  # noqa: SLF001
+    assert old_native is not None and old_native.batch == 20
+    describer = Slow(DESCRIBER.plan)
+    try:
+        for i in range(40):  # two chunks of the worker's drain
+            r = CallRecord.for_call(f"call{i}", 0x77, 0x500 + i, None, BASE)
+            r.start_ns, r.end_ns = 1, 2
+            r.describe, r.data = describer, [i]
+            pipeline.submit(r)
+        pipeline.wake()
+        assert started.wait(10)  # the worker is in its drain, encoding into the old
+        pipeline.provider = new_provider
+        pipeline._use_tracer(new_tracer)  # noqa: SLF001 - as runtime.provider_changed
+        assert pipeline.flush(10)
+    finally:
+        pipeline.shutdown(5)
+    names = [s["name"] for s in _spans_in(tmp_path / "old.jsonl")]
+    if (tmp_path / "new.jsonl").exists():
+        names += [s["name"] for s in _spans_in(tmp_path / "new.jsonl")]
+    assert health.counters().get("spans_dropped", 0) == before
+    assert sorted(names) == sorted(f"call{i}" for i in range(40))
