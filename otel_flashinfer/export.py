@@ -695,6 +695,12 @@ class NativeExport:
         """Spans encoded so far (each once, whatever the number of formats)."""
         return max(encoder.stats()["encoded"] for encoder in self.encoders.values())
 
+    def replay_spans(self) -> int:
+        """Graph replays' spans the encoder wrote whole from their templates (each
+        replay and its children, once whatever the number of formats)."""
+        return max(s["replays"] + s["replay_children"]
+                   for s in (encoder.stats() for encoder in self.encoders.values()))
+
     def left_out(self) -> tuple[int, int]:
         """(attributes, argument descriptions) the encoder could not write and left out
         of their spans so far (each once, whatever the number of formats)."""

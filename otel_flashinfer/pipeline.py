@@ -541,9 +541,10 @@ class Pipeline:
         #: times and a copy).  Eager calls' spans and the drains around a capture cost
         #: 100x more each on the device; charged to replays, they starved ``auto``.
         self._replay_cost = CostEstimate()
-        #: Spans of replay records submitted (caller's thread) and accounted (worker's).
-        self.replay_spans_in = 0
-        self._replay_spans_seen = 0
+        #: Spans of graph replays handed on where they are handed on: by the native
+        #: encoder (its count at the last drain) and by Python (the replays it expanded).
+        self._native_replays = 0
+        self._replay_py = 0
         #: Resolves ``CallRecord.gpu`` handles (``gpu_timing.HANDLES`` where CUDA is).
         self.gpu_times: Any = _NoGpuTimes()
         self._start()
@@ -575,7 +576,7 @@ class Pipeline:
                 health.report("export_errors", "could not count the old path's spans", exc)
         self._native = native_export_for(self.provider, tracer, CallRecord, _EMPTY, note,
                                          enabled=self.native_export)
-        self._native_counted, self._native_left_out = 0, (0, 0)
+        self._native_counted, self._native_left_out, self._native_replays = 0, (0, 0), 0
         if old is not None:
             # The provider changed hands (handoff): what the old path still holds goes
             # out through its own exporters, without keeping the caller.
@@ -631,7 +632,6 @@ class Pipeline:
         # The parent's records and thread do not exist in the child: start afresh.  The
         # provider's Resource still names the parent's pid, so spans say which we are.
         self.fork_attributes = {"process.pid": os.getpid()}
-        self._replay_spans_seen = self.replay_spans_in  # the parent's are not the child's
         self._plan_lock = threading.RLock()  # another thread may have held it at the fork
         if self._native is not None:
             self._native.after_fork()  # its lock first: the fork may have copied it held
@@ -661,16 +661,13 @@ class Pipeline:
                 health.report("spans_dropped", "span queue full: dropping the oldest spans",
                               n=lost)
         replay = type(record) is ReplayRecord
-        if replay:  # counted before the worker can see it (auto's cost per replay span)
-            spans = record.spans()
-            self.replay_spans_in += spans
         queue.append(record)
         # Wake the worker once per full batch, not once per call past it.  A replay
         # record carries a span per captured call: a batch of spans, not of records
         # (waiting for 512 of them let 30,000 spans pile up for one drain).
         n = len(queue)
         if replay:
-            if n == self._batch or n % max(1, self._batch // spans) == 0:
+            if n == self._batch or n % max(1, self._batch // record.spans()) == 0:
                 self._wake.set()
         elif n == self._batch:
             self._wake.set()
@@ -789,9 +786,6 @@ class Pipeline:
         with self._idle:
             self._busy += 1
         cpu = time.thread_time()
-        # Replay spans handed over before this drain takes its share of the queue: those
-        # it hands on (one submitted later is the next drain's).  None until it does.
-        replay_in = self._replay_spans_seen
         self._held_back = self._more = False
         try:
             # Stopping: the queue from before the stop (``shutdown``), once more.
@@ -829,7 +823,6 @@ class Pipeline:
                 # the record queue is under half full (_may_hold; the worker waits for
                 # room outside this section); otherwise they are encoded and the outbox
                 # drops its oldest, counted.
-                replay_in = self.replay_spans_in
                 left = len(queue)
                 while left > 0:
                     chunk = min(left, native.batch)
@@ -857,7 +850,6 @@ class Pipeline:
                     health.report("export_errors", "could not hand a batch to the sender",
                                   exc)
             else:
-                replay_in = self.replay_spans_in
                 for i in range(len(queue)):  # what is there now, as above
                     record = queue.popleft()
                     if record.pending or record.gpu is not None:
@@ -872,11 +864,9 @@ class Pipeline:
                 except Exception as exc:  # noqa: BLE001 - the worker must go on
                     health.report("export_errors", "could not export a span", exc)
         finally:
-            spans = self._count_paths()
+            spans, replay = self._count_paths()
             spent = time.thread_time() - cpu
             self.worker_cpu_s += spent
-            replay = replay_in - self._replay_spans_seen
-            self._replay_spans_seen = replay_in
             if spans > 0:
                 self._worker_cost.add(spent / spans)
                 if 2 * replay >= spans:  # mostly replays' spans: what auto charges
@@ -897,7 +887,9 @@ class Pipeline:
         """What one more span of a traced graph replay costs in the background: the
         worker's CPU per span in drains that were mostly replays', the first left out
         (0.0 until measured), plus the native sender's per span.  ``REPLAY_EVERY=auto``
-        charges it per child."""
+        charges it per child.  Level 10's children, made on the replaying thread and
+        written by the encoder as plain records, do not count as replays' spans: their
+        blobs' cost is the writers', which ``auto`` does not charge either."""
         native = self._native
         sender = native.cost_per_span_s if native is not None else 0.0
         return self._replay_cost.value + sender
@@ -910,11 +902,18 @@ class Pipeline:
         sender = native.cost_per_span_s if native is not None else 0.0
         return self.worker_cost_per_span_s + sender
 
-    def _count_paths(self) -> int:
+    def _count_paths(self) -> tuple[int, int]:
         """Publish how many spans took each path since the last drain (``counters()``:
-        ``spans_native``, ``spans_sdk``); returns how many that was in all."""
-        spans = 0
+        ``spans_native``, ``spans_sdk``); returns how many that was in all, and how many
+        of them were graph replays' (counted where they were handed on: a replay whose
+        statistics were not in yet is the drain's that writes it, not the one it came
+        in with)."""
+        spans, replay = 0, self._replay_py
+        self._replay_py = 0
         if self._native is not None:
+            replays = self._native.replay_spans()
+            replay += replays - self._native_replays
+            self._native_replays = replays
             encoded = self._native.encoded()
             if encoded != self._native_counted:
                 spans = encoded - self._native_counted
@@ -937,7 +936,7 @@ class Pipeline:
             spans += self._sdk_spans
             health.count("spans_sdk", self._sdk_spans)
             self._sdk_spans = 0
-        return spans
+        return spans, replay
 
     def _resolve_tracer_safely(self) -> None:
         try:
@@ -1005,6 +1004,10 @@ class Pipeline:
             except Exception as exc:  # noqa: BLE001
                 health.report("pending_errors", "could not resolve GPU results", exc)
         record.pending = _EMPTY
+        if REPLAY_INDEX_ATTR in record.attributes:
+            # A graph replay's span that Python hands on (the encoder counts those it
+            # writes whole; see ``replay_cost_per_span_s`` for what neither counts).
+            self._replay_py += 1
         tracer = self._resolve_tracer()
         if native is None:
             native = self._native  # resolved just now (its events are decoded: fine)

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -504,3 +505,47 @@ def test_a_stalled_sender_is_not_waited_for() -> None:
     assert sink.drain(queue, [], len(queue), deque(), 1.0, 2.0, hold=True) and not queue
     gate.set()
     sink.shutdown(5)
+
+
+def test_replays_waiting_for_statistics_do_not_make_eager_drains_look_like_replays(
+        tmp_path: Path, events: FakeEvents) -> None:  # noqa: F811
+    """``auto`` charges a replay span the worker's CPU per span of drains that were
+    mostly replays'.  Replay spans used to be counted when the replay was submitted; a
+    level-5 replay whose statistics were not in yet then made the drain that handed on
+    only costly eager spans count as a replay drain.  They count where written."""
+    from test_native_export import _Costly, _file_provider
+
+    from otel_flashinfer.pipeline import Pipeline
+
+    rows, metas = _rows()
+    ring = _ring()
+    capture = _capture(3)
+    provider, tracer = _file_provider(tmp_path / "t.jsonl")
+    pipeline = Pipeline(tracer, provider=provider, interval_s=0.01, wait_timeout_s=60.0)
+    native = pipeline._native  # noqa: SLF001
+    try:
+        for round_ in range(4):
+            event = 600 + round_
+            events.status[event] = 1  # this replay's statistics are still on the GPU
+            pipeline.submit(_replay(capture, index=round_ + 1, replay_id=0x900 + round_,
+                                    child_pending=[[_pending(ring, None, rows, metas, 2,
+                                                             event=event)], None, None]))
+            for i in range(5):
+                r = CallRecord.for_call("eager", 0x55, 0x200 + 10 * round_ + i, None, BASE)
+                r.start_ns, r.end_ns = 1, 2
+                r.add_pending(_Costly())
+                pipeline.submit(r)
+            pipeline.wake()
+            end = time.monotonic() + 10
+            while native.encoded() < 5 * (round_ + 1) and time.monotonic() < end:
+                time.sleep(0.005)
+            assert native.encoded() == 5 * (round_ + 1)  # the eager ones; replays wait
+        assert pipeline._replay_cost.value == 0.0  # noqa: SLF001 - no replay drain yet
+        for round_ in range(4):
+            events.status[600 + round_] = 0
+        assert pipeline.flush(10)
+    finally:
+        pipeline.shutdown(5)
+    names = sorted(s["name"] for s in _spans_in(tmp_path / "t.jsonl"))
+    assert names == sorted(["eager"] * 20 + ["cuda_graph.replay", "call0", "call1",
+                                             "call2"] * 4)
