@@ -102,12 +102,15 @@ class Capture:
                     trace_api.TraceFlags(trace_api.TraceFlags.SAMPLED)))]
                 proto.shared = True  # never written: the encoder keeps its block
                 protos.append(proto)
-            template = self._template = (
+            template = (
                 tuple(protos),
                 tuple(tuple(self.replay_hooks.get(id(c), ())) for c in self.records))
             #: Whether any captured call has a replay hook (most graphs: none).
             self.any_hooks = any(template[1])
             self._index = {id(c): i for i, c in enumerate(self.records)}
+            # Last: another thread replaying this graph takes the template as made once
+            # it sees it, and reads ``any_hooks`` and ``_index`` with it.
+            self._template = template
         return template
 
     def group(self, key: Any, make: Callable[[], Any]) -> Any:
@@ -292,26 +295,30 @@ def patch(runtime: Any) -> None:
             begun = _begin(runtime)
             t1 = perf_counter()
             result = replay(self, *args, **kwargs)
-        if begun is None:
-            return result
-        timer, mark, start = begun
-        try:
-            t2 = perf_counter()
-            end_ns = time_ns()
-            skipped = sampler.take_skipped() if sampler is not None else 0
-            setup = not capture.has_template
-            submitted = emit_replay(runtime, capture, index, start, end_ns,
-                                    timer.end_handle(mark) if timer is not None else None,
-                                    skipped)
-            if sampler is not None:
-                # What tracing it cost: our time around the replay, not the replay; the
-                # spans only if it made them (not under an unsampled parent).
+        t2 = perf_counter()
+        submitted = setup = False
+        if begun is not None:
+            timer, mark, start = begun
+            try:
+                end_ns = time_ns()
+                skipped = sampler.take_skipped() if sampler is not None else 0
+                setup = not capture.has_template
+                submitted = emit_replay(runtime, capture, index, start, end_ns,
+                                        timer.end_handle(mark) if timer is not None else None,
+                                        skipped)
+            except Exception as exc:  # noqa: BLE001
+                health.report("graph_errors", "could not trace a CUDA graph replay", exc)
+        if sampler is not None:
+            # What tracing it cost: our time around the replay, not the replay; the spans
+            # only if it made them (not under an unsampled parent).  A replay whose
+            # tracing failed is charged too: ``auto`` traces every replay until one is.
+            try:
                 sampler.traced((t1 - t0) + (perf_counter() - t2),
                                1 + len(capture.records) if submitted else 0,
                                runtime.pipeline.replay_cost_per_span_s,
                                setup=setup and submitted)
-        except Exception as exc:  # noqa: BLE001
-            health.report("graph_errors", "could not trace a CUDA graph replay", exc)
+            except Exception as exc:  # noqa: BLE001
+                health.report("graph_errors", "could not budget a CUDA graph replay", exc)
         return result
 
     graph_cls.capture_begin = capture_begin

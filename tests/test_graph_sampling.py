@@ -327,3 +327,26 @@ def test_auto_leaves_out_the_replay_that_built_the_templates(spans, monkeypatch)
     assert capture.has_template and len(spans.by_name("cuda_graph.replay")) == 1
     assert sampler.history[-1][1] == 2  # the replay span and its child
     assert sampler.measured == 1 and sampler.cost.value == estimate  # left out
+
+
+def test_auto_charges_a_replay_whose_tracing_failed(spans, monkeypatch) -> None:
+    """A traced replay whose tracing fails (here its GPU timer) still charges the
+    budget what it cost.  Uncharged, ``auto`` never measured one and traced (and
+    failed on) every replay."""
+    from otel_flashinfer import graphs, health, runtime
+
+    monkeypatch.setenv("OTEL_FLASHINFER_REPLAY_EVERY", "auto")
+    graph = _captured_step(monkeypatch)
+    sampler = graphs._graphs[graph].sampler  # noqa: SLF001
+
+    def broken_timer():  # noqa: ANN202
+        raise RuntimeError("no timer")
+
+    monkeypatch.setattr(runtime.current(), "replay_timer", broken_timer)
+    errors = health.counters().get("graph_errors", 0)
+    for _ in range(200):
+        graph.replay()
+    assert sampler.measured >= 1 and sampler.history[-1][1] == 0  # charged, no spans
+    assert sampler.seen == 200 and sampler.skipped > 150  # within its budget again
+    assert not spans.by_name("cuda_graph.replay")
+    assert health.counters()["graph_errors"] > errors  # reported (logged once)
