@@ -73,6 +73,8 @@ class Plan:
     delay_s: float = 0.0
     batch: int = DEFAULT_BATCH
     outbox_spans: int = DEFAULT_OUTBOX_SPANS
+    #: The provider's processors tuple this plan was made from (``setup_changed``).
+    processors: Any = None
 
 
 def _native_module() -> Any:
@@ -174,7 +176,7 @@ def plan(provider: Any, tracer: Any, enabled: bool = True) -> Plan:
             return Plan(False, f"exporter:{type(exporter).__name__}")
         senders.append(sender)
     return Plan(True, "fast", tuple(senders), delay_s, batch,
-                DEFAULT_OUTBOX_SPANS if outbox is None else outbox)
+                DEFAULT_OUTBOX_SPANS if outbox is None else outbox, processors)
 
 
 # ---- senders: bytes -> the exporter's transport ------------------------------------------
@@ -358,9 +360,11 @@ class NativeExport:
 
     def __init__(self, tracer: Any, chosen: Plan, record_type: Any, empty: Any) -> None:
         self.plan = chosen
-        #: The provider's processors when planned: the SDK replaces the tuple when one is
-        #: added, and a changed setup must be planned again (``setup_changed``).
-        self._processors = getattr(tracer.span_processor, "_span_processors", None)
+        #: The provider's processors the plan was made from: the SDK replaces the tuple
+        #: when one is added, and a changed setup must be planned again
+        #: (``setup_changed``).  The plan's own: one added since is then planned too.
+        self._processors = (chosen.processors if chosen.processors is not None else
+                            getattr(tracer.span_processor, "_span_processors", None))
         self._span_processor = tracer.span_processor
         formats = sorted({s.fmt for s in chosen.senders})
         self.encoders = {fmt: make_encoder(tracer, fmt, record_type, empty) for fmt in formats}

@@ -568,6 +568,8 @@ class Pipeline:
         def note(chosen: Any) -> None:
             self.export_reason = chosen.reason
 
+        # Read first: a processor added while this plans is then planned at the next drain.
+        processors = _processors_of(tracer)
         old = self._native
         if old is not None:
             try:
@@ -592,7 +594,7 @@ class Pipeline:
         self._sdk_queues = batch_queues(tracer) if self._direct is None else []
         #: The processors this plan was made for: one added later (the SDK replaces the
         #: tuple) is planned again at the next drain, its queue counted too.
-        self._planned_processors = _processors_of(tracer)
+        self._planned_processors = processors
         self._preset = None
         self.export_path = "direct" if self._direct is not None else "sdk"
         self._preset = preset_tracer_ids(tracer)

@@ -737,6 +737,35 @@ def test_a_processor_added_later_is_planned_again(tmp_path: Path) -> None:
     pipeline.shutdown(5)
 
 
+def test_a_processor_added_while_planning_is_planned_again(tmp_path: Path,
+                                                           monkeypatch) -> None:
+    """A processor another thread adds while the way out is being planned: the plan
+    remembers the processors it was made from, so the next drain plans again (it
+    used to read them after planning, taking the new one as planned for)."""
+    provider, tracer = _file_provider(tmp_path / "t.jsonl")
+    late = InMemorySpanExporter()
+    sender_for = export.sender_for
+
+    def adding(exporter):  # noqa: ANN001, ANN202 - the application's thread, meanwhile
+        if not late_added:
+            late_added.append(True)
+            provider.add_span_processor(SimpleSpanProcessor(late))
+        return sender_for(exporter)
+
+    late_added: list[bool] = []
+    monkeypatch.setattr(export, "sender_for", adding)
+    pipeline = Pipeline(tracer, provider=provider, interval_s=0.01)
+    try:
+        assert late_added and pipeline.export_path == "native"  # planned without it
+        r = CallRecord.for_call("after-add", 7, 8, None, BASE)
+        r.start_ns, r.end_ns = 1, 2
+        pipeline.submit(r)
+        assert pipeline.flush(10)
+        assert [s.name for s in late.get_finished_spans()] == ["after-add"]
+    finally:
+        pipeline.shutdown(5)
+
+
 def test_a_forked_child_does_not_hang_on_a_lock_held_at_fork(tmp_path: Path) -> None:
     import os
 
