@@ -308,6 +308,7 @@ typedef struct {
     uint64_t rng[4]; /* xoshiro256**: the children's span ids, reseeded after fork */
     long rng_pid;
     int busy; /* inside add/drain: Python callbacks must not re-enter (they could take()) */
+    unsigned long busy_thread; /* the thread that set ``busy`` (reset tells a fork by it) */
     long pid;
     /* ``flashinfer.instance.id`` strings of recent objects (an engine calls few) */
 #define INSTANCE_CACHE 16
@@ -424,32 +425,43 @@ static int value_pb(Buf *b, PyObject *v, int depth) {
         return -2;
     }
     if (PyTuple_Check(v) || PyList_Check(v)) {
+        /* A nested dict's key may run Python (its __str__), which may change or free
+         * what is being written: ``v`` and each item are held, the size read again. */
         size_t mark;
         if (pb_open(b, 5, &mark) < 0) return -1;
-        Py_ssize_t n = PySequence_Fast_GET_SIZE(v);
-        PyObject **items = PySequence_Fast_ITEMS(v);
-        for (Py_ssize_t i = 0; i < n; ++i) {
+        int rc = 0;
+        Py_INCREF(v);
+        for (Py_ssize_t i = 0; rc >= 0 && i < PySequence_Fast_GET_SIZE(v); ++i) {
+            PyObject *item = PySequence_Fast_GET_ITEM(v, i);
             size_t inner;
-            if (pb_open(b, 1, &inner) < 0) return -1;
-            int rc = value_pb(b, items[i], depth + 1);
-            if (rc < 0) return rc;
-            if (pb_close(b, inner) < 0) return -1;
+            if (pb_open(b, 1, &inner) < 0) {
+                rc = -1;
+                break;
+            }
+            Py_INCREF(item);
+            rc = value_pb(b, item, depth + 1);
+            Py_DECREF(item);
+            if (rc >= 0 && pb_close(b, inner) < 0) rc = -1;
         }
-        return pb_close(b, mark);
+        Py_DECREF(v);
+        return rc < 0 ? rc : pb_close(b, mark);
     }
     if (PyDict_Check(v)) {
         size_t mark;
         if (pb_open(b, 6, &mark) < 0) return -1;
         PyObject *k, *item;
         Py_ssize_t pos = 0;
-        while (PyDict_Next(v, &pos, &k, &item)) {
+        int rc = 0;
+        Py_INCREF(v);
+        while (rc >= 0 && PyDict_Next(v, &pos, &k, &item)) {
+            Py_INCREF(item); /* the key's __str__ may take it out of the dict */
             PyObject *key = PyObject_Str(k);
-            if (key == NULL) return -2;
-            int rc = kv_pb(b, 1, key, item, depth + 1);
-            Py_DECREF(key);
-            if (rc < 0) return rc;
+            rc = key == NULL ? -2 : kv_pb(b, 1, key, item, depth + 1);
+            Py_XDECREF(key);
+            Py_DECREF(item);
         }
-        return pb_close(b, mark);
+        Py_DECREF(v);
+        return rc < 0 ? rc : pb_close(b, mark);
     }
     PyErr_Format(PyExc_TypeError, "Invalid type %.100s of attribute value", Py_TYPE(v)->tp_name);
     return -2;
@@ -503,33 +515,45 @@ static int value_js(Buf *b, PyObject *v, int depth) {
         return -2;
     }
     if (PyTuple_Check(v) || PyList_Check(v)) {
-        Py_ssize_t n = PySequence_Fast_GET_SIZE(v);
-        PyObject **items = PySequence_Fast_ITEMS(v);
-        if (n == 0) return PUT_LIT(b, "{\"arrayValue\":{}}");
+        /* held while written, as in value_pb */
+        if (PySequence_Fast_GET_SIZE(v) == 0) return PUT_LIT(b, "{\"arrayValue\":{}}");
         if (PUT_LIT(b, "{\"arrayValue\":{\"values\":[") < 0) return -1;
-        for (Py_ssize_t i = 0; i < n; ++i) {
-            if (i && put_c(b, ',') < 0) return -1;
-            int rc = value_js(b, items[i], depth + 1);
-            if (rc < 0) return rc;
+        int rc = 0;
+        Py_INCREF(v);
+        for (Py_ssize_t i = 0; rc >= 0 && i < PySequence_Fast_GET_SIZE(v); ++i) {
+            PyObject *item = PySequence_Fast_GET_ITEM(v, i);
+            if (i && put_c(b, ',') < 0) {
+                rc = -1;
+                break;
+            }
+            Py_INCREF(item);
+            rc = value_js(b, item, depth + 1);
+            Py_DECREF(item);
         }
-        return PUT_LIT(b, "]}}");
+        Py_DECREF(v);
+        return rc < 0 ? rc : PUT_LIT(b, "]}}");
     }
     if (PyDict_Check(v)) {
         if (PyDict_GET_SIZE(v) == 0) return PUT_LIT(b, "{\"kvlistValue\":{}}");
         if (PUT_LIT(b, "{\"kvlistValue\":{\"values\":[") < 0) return -1;
         PyObject *k, *item;
         Py_ssize_t pos = 0;
-        int first = 1;
-        while (PyDict_Next(v, &pos, &k, &item)) {
-            if (!first && put_c(b, ',') < 0) return -1;
+        int first = 1, rc = 0;
+        Py_INCREF(v);
+        while (rc >= 0 && PyDict_Next(v, &pos, &k, &item)) {
+            if (!first && put_c(b, ',') < 0) {
+                rc = -1;
+                break;
+            }
             first = 0;
+            Py_INCREF(item); /* the key's __str__ may take it out of the dict */
             PyObject *key = PyObject_Str(k);
-            if (key == NULL) return -2;
-            int rc = kv_js(b, key, item, depth + 1);
-            Py_DECREF(key);
-            if (rc < 0) return rc;
+            rc = key == NULL ? -2 : kv_js(b, key, item, depth + 1);
+            Py_XDECREF(key);
+            Py_DECREF(item);
         }
-        return PUT_LIT(b, "]}}");
+        Py_DECREF(v);
+        return rc < 0 ? rc : PUT_LIT(b, "]}}");
     }
     PyErr_Format(PyExc_TypeError, "Invalid type %.100s of attribute value", Py_TYPE(v)->tp_name);
     return -2;
@@ -1425,14 +1449,21 @@ static int encode_record(Encoder *e, PyObject *record, long long gpu_ns, const R
         size_t events_at = b->len;
         Py_ssize_t emitted = 0, limit = total_events - dropped_events;
         if (js && PUT_LIT(b, ",\"events\":[") < 0) goto fail;
-        PyObject **items = n_events ? PySequence_Fast_ITEMS(events) : NULL;
-        for (Py_ssize_t i = 0; i < n_events && emitted < limit; ++i) {
-            PyObject *ev = items[i];
+        /* Held, each event too, and the size read again: an attribute value's Python
+         * (a key's __str__) may change the list or free what it held. */
+        if (n_events) Py_INCREF(events);
+        int ev_rc = 0;
+        for (Py_ssize_t i = 0; n_events && i < PySequence_Fast_GET_SIZE(events) &&
+                               emitted < limit; ++i) {
+            PyObject *ev = PySequence_Fast_GET_ITEM(events, i);
             uint64_t ts;
             if (e->raw_stats != NULL && Py_TYPE(ev) == e->raw_stats) {
                 RawView v;
-                if (raw_view(ev, &v) < 0 || raw_events(e, b, &v, limit, &first_event, &emitted) < 0)
-                    goto fail;
+                Py_INCREF(ev);
+                ev_rc = raw_view(ev, &v) < 0 || raw_events(e, b, &v, limit, &first_event,
+                                                           &emitted) < 0 ? -1 : 0;
+                Py_DECREF(ev);
+                if (ev_rc < 0) break;
                 continue;
             }
             ++emitted;
@@ -1440,12 +1471,17 @@ static int encode_record(Encoder *e, PyObject *record, long long gpu_ns, const R
                 as_u64(PyTuple_GET_ITEM(ev, 2), &ts) < 0) {
                 if (!PyErr_Occurred())
                     PyErr_SetString(PyExc_TypeError, "an event is not (name, attributes, ts)");
-                goto fail;
+                ev_rc = -1;
+                break;
             }
-            if (event_one(e, b, PyTuple_GET_ITEM(ev, 0), PyTuple_GET_ITEM(ev, 1), ts,
-                          &first_event) < 0)
-                goto fail;
+            Py_INCREF(ev);
+            ev_rc = event_one(e, b, PyTuple_GET_ITEM(ev, 0), PyTuple_GET_ITEM(ev, 1), ts,
+                              &first_event);
+            Py_DECREF(ev);
+            if (ev_rc < 0) break;
         }
+        if (n_events) Py_DECREF(events);
+        if (ev_rc < 0) goto fail;
         for (int i = 0; i < n_extra && emitted < limit; ++i)
             if (raw_events(e, b, &extra[i], limit, &first_event, &emitted) < 0) goto fail;
         if (has_error && error_event(e, b, error, end_ns, &first_event) < 0) goto fail;
@@ -1478,20 +1514,23 @@ static int encode_record(Encoder *e, PyObject *record, long long gpu_ns, const R
             if (link_one(e, b, plan_link, NULL, &first_link) < 0) goto fail;
             --left;
         }
-        PyObject **items = n_links ? PySequence_Fast_ITEMS(links) : NULL;
-        for (Py_ssize_t i = 0; i < n_links && left > 0; ++i, --left) {
-            PyObject *context = PyObject_GetAttr(items[i], e->s_context);
-            if (context == NULL) goto fail;
-            PyObject *lattrs = PyObject_GetAttr(items[i], e->s_attrs);
-            if (lattrs == NULL) {
-                Py_DECREF(context);
-                goto fail;
-            }
-            int rc = link_one(e, b, context, lattrs, &first_link);
-            Py_DECREF(context);
-            Py_DECREF(lattrs);
-            if (rc < 0) goto fail;
+        /* held, as the events: a link's properties are Python */
+        if (n_links) Py_INCREF(links);
+        int link_rc = 0;
+        for (Py_ssize_t i = 0; n_links && i < PySequence_Fast_GET_SIZE(links) && left > 0;
+             ++i, --left) {
+            PyObject *link = PySequence_Fast_GET_ITEM(links, i);
+            Py_INCREF(link);
+            PyObject *context = PyObject_GetAttr(link, e->s_context);
+            PyObject *lattrs = context ? PyObject_GetAttr(link, e->s_attrs) : NULL;
+            link_rc = lattrs ? link_one(e, b, context, lattrs, &first_link) : -1;
+            Py_XDECREF(context);
+            Py_XDECREF(lattrs);
+            Py_DECREF(link);
+            if (link_rc < 0) break;
         }
+        if (n_links) Py_DECREF(links);
+        if (link_rc < 0) goto fail;
         if (js && put_c(b, ']') < 0) goto fail;
     }
     if (dropped_links) {
@@ -1587,6 +1626,7 @@ static PyObject *enc_add(Encoder *e, PyObject *record) {
         return NULL;
     }
     e->busy = 1;
+    e->busy_thread = PyThread_get_thread_ident();
     int rc = encode_record(e, record, -1, NULL, 0, -1, 0, NULL);
     e->busy = 0;
     if (rc < 0) return NULL;
@@ -2261,7 +2301,8 @@ static int encode_replay(Encoder *e, PyObject *record, long long gpu_ns) {
     PyObject *index_obj = xslot(e, record, X_INDEX);
     PyObject *groups = xslot(e, record, X_GROUP);
     if (template == NULL || !PyTuple_CheckExact(template) || context == NULL ||
-        !PyTuple_Check(context) || index_obj == NULL || !PyLong_CheckExact(index_obj))
+        !PyTuple_Check(context) || PyTuple_GET_SIZE(context) < 5 || index_obj == NULL ||
+        !PyLong_CheckExact(index_obj))
         return TO_PYTHON;
     Py_ssize_t n = PyTuple_GET_SIZE(template);
     if (pend == NULL || (pend != Py_None && (!PyList_CheckExact(pend) ||
@@ -2493,6 +2534,7 @@ static PyObject *enc_drain(Encoder *e, PyObject *args) {
         return NULL;
     }
     e->busy = 1;
+    e->busy_thread = PyThread_get_thread_ident();
     Py_ssize_t done = 0, taken = 0;
     PyObject *result = NULL;
     while (taken < limit && (max_spans <= 0 || e->count < max_spans)) {
@@ -2746,7 +2788,14 @@ static PyObject *enc_set_extra(Encoder *e, PyObject *extra) {
 
 static PyObject *enc_reset(Encoder *e, PyObject *unused) {
     /* after fork: the parent's half batch is not ours to send (a fork from another
-     * thread can copy us mid-span: the child starts clean) */
+     * thread can copy us mid-span: the child starts clean).  Never under a span still
+     * being written in this process (a callback of the encoder's own): its offsets
+     * would point past the emptied batch. */
+    if (e->busy && (e->pid == (long)getpid() ||
+                    e->busy_thread == PyThread_get_thread_ident())) {
+        PyErr_SetString(PyExc_RuntimeError, "Encoder re-entered while encoding a span");
+        return NULL;
+    }
     e->busy = 0;
     e->spans.len = 0;
     e->count = 0;
@@ -2805,6 +2854,10 @@ static int enc_init(Encoder *e, PyObject *args, PyObject *kwargs) {
     PyObject *record_type, *empty, *default_state, *state_header, *resource, *scope, *rs, *ss;
     Py_ssize_t max_attributes = 128, max_events = 128, max_links = 128;
     PyObject *raw_stats = Py_None;
+    if (e->busy) { /* from a callback of its own: the span being written uses its state */
+        PyErr_SetString(PyExc_RuntimeError, "Encoder re-entered while encoding a span");
+        return -1;
+    }
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "sO!OOOSSUU|nnnO", kw, &fmt, &PyType_Type,
                                      &record_type, &empty, &default_state, &state_header,
                                      &resource, &scope, &rs, &ss, &max_attributes, &max_events,

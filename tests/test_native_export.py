@@ -10,6 +10,8 @@ a real file and through real OTLP exporters.
 from __future__ import annotations
 
 import json
+import os
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -1177,3 +1179,103 @@ def test_a_hand_off_mid_drain_loses_no_span(tmp_path: Path, monkeypatch) -> None
         names += [s["name"] for s in _spans_in(tmp_path / "new.jsonl")]
     assert health.counters().get("spans_dropped", 0) == before
     assert sorted(names) == sorted(f"call{i}" for i in range(40))
+
+
+_MUTATING_KEYS = textwrap.dedent("""
+    import sys
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.trace import SpanContext, TraceFlags
+    from otel_flashinfer import export
+    from otel_flashinfer.pipeline import _EMPTY, CallRecord
+
+    tracer = TracerProvider(resource=Resource.create({})).get_tracer("x", "1")
+    holder = {}
+
+    class ClearsInner:
+        def __str__(self):
+            holder["inner"].clear()
+            return "k"
+
+    class ClearsOuter:
+        def __str__(self):
+            holder["outer"].clear()
+            return "k"
+
+    for fmt in ("protobuf", "json"):
+        inner = {ClearsInner(): ["v" * 50, "w" * 50]}
+        outer = [{ClearsOuter(): 1}, "y" * 40, "z" * 40]
+        holder.update(inner=inner, outer=outer)
+        r = CallRecord.for_call("n", 0x1234, 0x5678,
+                                SpanContext(0xABC, 0x123, False, TraceFlags(1)),
+                                {"a": inner, "b": outer})
+        del inner, outer
+        r.start_ns, r.end_ns = 1, 2
+        encoder = export.make_encoder(tracer, fmt, CallRecord, _EMPTY)
+        encoder.add(r)
+        assert encoder.take() is not None
+    print("survived")
+""")
+
+
+def test_attribute_values_that_change_while_written_do_not_crash_the_encoder() -> None:
+    """A nested dict's key is turned into a str by Python (its ``__str__``), which may
+    change or free the containers being written.  The encoder holds what it writes:
+    it used to read freed memory (a crash under ``PYTHONMALLOC=debug``)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONMALLOC": "debug",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", _MUTATING_KEYS], env=env, cwd=root,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "survived" in out.stdout, out.stderr[-2000:]
+
+
+def test_an_encoder_is_not_reset_or_set_up_again_from_its_own_callback() -> None:
+    """``reset()`` or ``__init__()`` from a describer, in the middle of a span, would
+    leave the span's offsets pointing past an emptied batch (a corrupted heap)."""
+    tracer, _ = _sdk_tracer()
+    encoder = export.make_encoder(tracer, "protobuf", CallRecord, _EMPTY)
+    seen = []
+
+    class Resets(Describer):
+        __slots__ = ()
+
+        def attributes(self, data, kw, result):  # noqa: ANN001, ANN201
+            for again in (encoder.reset, lambda: encoder.__init__("json", CallRecord)):
+                try:
+                    again()
+                except RuntimeError as exc:
+                    seen.append(str(exc))
+            return {"flashinfer.arg.x": 1}
+
+    for i in range(3):
+        r = CallRecord.for_call(f"s{i}", 1, 2 + i, None, BASE)
+        r.describe, r.data = Resets(DESCRIBER.plan), []
+        encoder.add(r)
+    assert seen == ["Encoder re-entered while encoding a span"] * 6
+    spans = ExportTraceServiceRequest.FromString(encoder.take()).resource_spans[0]
+    got = spans.scope_spans[0].spans
+    assert [s.name for s in got] == ["s0", "s1", "s2"]
+    assert all({a.key for a in s.attributes} >= {"flashinfer.arg.x"} for s in got)
+    encoder.reset()  # outside a span: allowed
+    assert encoder.take() is None
+
+
+def test_a_replay_whose_context_is_not_a_span_context_goes_to_python() -> None:
+    from collections import deque
+
+    from test_replay_template import _capture
+
+    from otel_flashinfer.pipeline import ReplayRecord
+
+    protos, _ = _capture(2).template()
+    tracer, _ = _sdk_tracer()
+    encoder = export.make_encoder(tracer, "protobuf", CallRecord, _EMPTY)
+    for context in [(), (1,), (1, 2, 3, 4)]:
+        r = ReplayRecord(0xAB, 5, None, 1, 2, {}, context, 3, protos, None)
+        slow: list[Any] = []
+        assert encoder.drain(deque([r]), slow, 1, deque(), 1.0, 2.0) == 0
+        assert slow == [r]
