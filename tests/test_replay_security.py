@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import hashlib
 import inspect
 import io
@@ -347,3 +348,55 @@ def test_store_names_with_a_trailing_newline_are_refused():
     with pytest.raises(ValueError):
         layout.check_object_key("objects/ab/" + "ab" * 32 + ".safetensors\n", "ab" * 32,
                                 "safetensors")
+
+
+def replay_from_dump(dump_dir, compare_outputs=False, device="cuda", run=False):
+    pass  # the signature a crafted manifest binds its arguments with
+
+
+def test_only_flashinfer_api_entry_points_are_called(tmp_path, capsys):
+    """``flashinfer.*`` is allowed for its ``@flashinfer_api`` entry points, not for the
+    rest of the package: FlashInfer's own ``api_logging.replay_from_dump`` imports and
+    calls whatever its dump names, so a manifest naming it ran a shell command."""
+    pytest.importorskip("flashinfer")
+    marker = tmp_path / "pwned"
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    (dump / "metadata.jsonl").write_text(json.dumps(
+        {"function_name": "system", "module": "os",
+         "input_metadata": {"arg_0": f"touch {marker}"}}) + "\n")
+    (dump / "inputs.safetensors").write_bytes(b"\x08" + b"\x00" * 7 + b"{}      ")
+    root = tmp_path / "s"
+    rec = BlobRecorder(Settings(blob_url=str(root)), install_handlers=False)
+    cap = rec.before("replay_from_dump", "flashinfer.api_logging", "replay_from_dump", None,
+                     TRACE, 1, None, 1, inspect.signature(replay_from_dump).bind(
+                         str(dump), device="cpu", run=True))
+    cap.after(None, None)
+    assert rec.flush(10)
+    pull(TRACE, str(root), str(tmp_path / "b"))
+    report = replay(str(tmp_path / "b"))
+    assert not marker.exists()
+    assert report.failed == 1, report.results
+    detail = report.results[0].detail
+    assert "flashinfer.api_logging.replay_from_dump is not a FlashInfer API entry point" \
+        in detail, detail
+    assert "0 passed, 1 failed" in capsys.readouterr().out
+
+
+def test_an_enum_argument_resolves_to_an_enum_member_only(tmp_path):
+    """A recorded enum names its class and member; one naming a function instead (to
+    hand it to the call) is refused."""
+    from otel_flashinfer.replay.bundle import EnumRef
+    from otel_flashinfer.replay.runner import ReplayRefused, _materialize
+
+    allow = (__name__,)
+    assert _materialize(EnumRef(f"{__name__}:Mode", "B"), allow, "m") is Mode.B
+    for bad in (EnumRef(f"{__name__}:system", "x"), EnumRef(__name__, "B"),
+                EnumRef(f"{__name__}:Mode", "C"), EnumRef(f"{__name__}:Mode.B", "name")):
+        with pytest.raises(ReplayRefused):
+            _materialize(bad, allow, "m")
+
+
+class Mode(enum.Enum):
+    A = 1
+    B = 2

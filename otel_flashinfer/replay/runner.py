@@ -4,7 +4,9 @@ Objects are rebuilt through their recorded ``__init__`` and ``plan`` (matched by
 instance id) before their ``run``.  A call that used a paged KV cache gets the
 compact cache and its object is re-planned with the page indices remapped to it.
 Only modules matching ``flashinfer`` / ``flashinfer.*`` or an allow pattern are
-imported, and the check happens before the import.
+imported, and the check happens before the import.  Within ``flashinfer.*`` only its
+API entry points (``@flashinfer_api``, as ``discovery`` reads them from the source) are
+called: the package also holds functions that delete caches or run what a dump names.
 
 Crashed calls (status ``crashed``, error type ``ProcessCrash``: a CRASH_SAFE
 manifest completed by journal recovery) have no outputs to compare; replay
@@ -20,7 +22,9 @@ a reproduced CUDA crash fail: it is the last call of its process anyway.
 
 from __future__ import annotations
 
+import enum
 import fnmatch
+import functools
 import importlib
 import inspect
 import sys
@@ -88,6 +92,37 @@ def module_allowed(module: str, allow: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(module, p) for p in (*DEFAULT_ALLOW, *allow))
 
 
+@functools.lru_cache(maxsize=1)
+def _api_points() -> frozenset[tuple[str, str]]:
+    """(module, qualname) of every FlashInfer API entry point installed here."""
+    from ..discovery import discover
+
+    return frozenset((e.module, e.qualname) for e in discover())
+
+
+def check_api(obj: Any, where: str, allow: tuple[str, ...], construct: bool = False) -> None:
+    """Refuse to call ``obj`` unless it is a FlashInfer API entry point (for
+    ``construct``: a class with one), or its module matches an ``--allow-module``
+    pattern the user gave.  ``flashinfer.*`` is allowed by default for its entry points
+    only: it also holds functions such as ``jit.core.clear_cache_dir`` or
+    ``api_logging.replay_from_dump`` (which imports and calls whatever a dump names)."""
+    func = getattr(obj, "__func__", obj)
+    module, qual = getattr(func, "__module__", None), getattr(func, "__qualname__", None)
+    if not isinstance(module, str) or not isinstance(qual, str):
+        raise ReplayRefused(f"{where}: {obj!r} does not say where it is defined; not called")
+    if any(fnmatch.fnmatchcase(module, p) for p in allow):
+        return
+    points = _api_points()
+    if construct:
+        ok = any(m == module and q.startswith(qual + ".") for m, q in points)
+    else:
+        ok = (module, qual) in points
+    if not ok:
+        raise ReplayRefused(f"{where}: {module}.{qual} is not a FlashInfer API entry point "
+                            "(@flashinfer_api); replay calls only those, and what the "
+                            "--allow-module patterns name; not called")
+
+
 #: Private names a recorded qualname may still end in: what a recorded call is.
 _DUNDERS = frozenset({"__init__", "__call__"})
 
@@ -131,8 +166,16 @@ def _materialize(value: Any, allow: tuple[str, ...], where: str) -> Any:
     if isinstance(value, Unrepresentable):
         raise ReplayRefused(f"{where}: an argument of type {value.type} was not recorded")
     if isinstance(value, EnumRef):
-        module, qual = value.cls.split(":")
-        return getattr(resolve(module, qual, allow, where), value.name)
+        # A member of an enum, by name: never an attribute of anything else (a recorded
+        # "enum" naming a function would hand the call that function).
+        module, sep, qual = value.cls.partition(":")
+        cls = resolve(module, qual, allow, where) if sep else None
+        if not (inspect.isclass(cls) and issubclass(cls, enum.Enum)):
+            raise ReplayRefused(f"{where}: {value.cls!r} is not an enum class")
+        member = cls.__members__.get(value.name)
+        if member is None:
+            raise ReplayRefused(f"{where}: {value.cls} has no member {value.name!r}")
+        return member
     if isinstance(value, PagedKV):
         return value.cache
     if isinstance(value, tuple):
@@ -249,10 +292,12 @@ class _Runner:
         self.plans: dict[str, tuple[Any, list, dict]] = {}
 
     def target(self, call: RecordedCall) -> tuple[Any, bool]:
-        """(callable, is_init)."""
+        """(callable, is_init): an API entry point (``check_api``)."""
         parts = call.qualname.split(".")
         if parts[-1] == "__init__" and len(parts) >= 2:
-            return resolve(call.module, ".".join(parts[:-1]), self.allow, call.path), True
+            cls = resolve(call.module, ".".join(parts[:-1]), self.allow, call.path)
+            check_api(cls, call.path, self.allow, construct=True)
+            return cls, True
         if call.instance_id is not None and len(parts) >= 2:
             if not module_allowed(call.module, self.allow):
                 resolve(call.module, call.qualname, self.allow, call.path)  # raises
@@ -261,8 +306,12 @@ class _Runner:
             if obj is None:
                 raise ReplayRefused(f"{call.path}: no recorded __init__ for instance "
                                     f"{call.instance_id}")
-            return getattr(obj, parts[-1]), False
-        return resolve(call.module, call.qualname, self.allow, call.path), False
+            method = getattr(obj, parts[-1])
+            check_api(method, call.path, self.allow)
+            return method, False
+        fn = resolve(call.module, call.qualname, self.allow, call.path)
+        check_api(fn, call.path, self.allow)
+        return fn, False
 
     def replan(self, call: RecordedCall, paged: PagedKV) -> None:
         plan = self.plans.get(call.instance_id or "")
