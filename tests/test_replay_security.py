@@ -400,3 +400,53 @@ def test_an_enum_argument_resolves_to_an_enum_member_only(tmp_path):
 class Mode(enum.Enum):
     A = 1
     B = 2
+
+
+@pytest.mark.parametrize("what", ["object", "manifest", "index"])
+@pytest.mark.parametrize("kind", ["fifo", "sparse"])
+def test_bundle_files_are_read_within_their_size(store, tmp_path, what, kind):
+    """A bundle (unpacked from anywhere) is untrusted like a store: a FIFO in it must
+    not hang the replay, nor a sparse file of a gigabyte be read whole."""
+    root, mpath = store
+    bundle = tmp_path / "b"
+    pull(TRACE, str(root), str(bundle))
+    m = json.loads(mpath.read_text())
+    path = {"object": bundle / m["args"][0]["value"]["key"],
+            "manifest": next((bundle / "manifests").iterdir()),
+            "index": bundle / "index.json"}[what]
+    path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        with open(path, "wb") as fh:
+            fh.truncate(1 << 30)
+    with pytest.raises(BundleError) as err:
+        load_bundle(str(bundle))
+    assert str(path) in str(err.value)
+    assert ("not a regular file" if kind == "fifo" else "expected") in str(err.value)
+
+
+@pytest.mark.parametrize(("change", "refusal"), [
+    (lambda m: m.update(status="crashed", error="boom"), "error must be null or"),
+    (lambda m: m.update(status="error", error=[1]), "error must be null or"),
+    (lambda m: m.update(skipped={"why": 1}), "skipped must be a string"),
+    (lambda m: m["args"][0]["value"].update(nbytes=10**30), "nbytes must be at most"),
+    (lambda m: m.update(extra=float("nan")), "NaN is not JSON"),
+])
+def test_manifest_fields_replay_reads_are_checked_at_pull(store, tmp_path, change, refusal):
+    """What the runner reads of a manifest (its error, skipped, sizes) is checked when
+    it is pulled: a string ``error`` used to end the replay in a traceback."""
+    root, mpath = store
+    edit(mpath, change)
+    with pytest.raises(ManifestError, match=refusal) as err:
+        pull(TRACE, str(root), str(tmp_path / "b"))
+    assert mpath.name in str(err.value)
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_manifest_nested_past_the_parser_is_refused_by_name(store, tmp_path):
+    root, mpath = store
+    mpath.write_text("[" * 100_000)
+    with pytest.raises(ManifestError, match="nested too deep") as err:
+        pull(TRACE, str(root), str(tmp_path / "b"))
+    assert mpath.name in str(err.value)

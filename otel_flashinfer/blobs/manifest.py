@@ -51,6 +51,8 @@ KINDS = ("positional_only", "positional_or_keyword", "var_positional", "keyword_
          "var_keyword")
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 MAX_DEPTH = 32
+#: No stored object is larger (one tensor or page); a claim past it is refused unread.
+MAX_OBJECT_BYTES = 1 << 40
 
 
 class ManifestError(ValueError):
@@ -163,9 +165,11 @@ def _fail(where: str, problem: str) -> ManifestError:
     return ManifestError(f"{where}: {problem}")
 
 
-def _int(where: str, v: Any, what: str, lo: int = 0) -> int:
+def _int(where: str, v: Any, what: str, lo: int = 0, hi: int | None = None) -> int:
     if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-        raise _fail(where, f"{what} must be an integer >= {lo}, got {v!r}")
+        raise _fail(where, f"{what} must be an integer >= {lo}, got {str(v)[:40]}")
+    if hi is not None and v > hi:
+        raise _fail(where, f"{what} must be at most {hi}, got {str(v)[:40]}")
     return v
 
 
@@ -196,7 +200,7 @@ def _check_object(where: str, entry: dict, fmt: str) -> None:
         layout.check_object_key(entry.get("key"), h, fmt)
     except ValueError as exc:
         raise _fail(where, str(exc)) from None
-    _int(where, entry.get("nbytes"), "nbytes")
+    _int(where, entry.get("nbytes"), "nbytes", hi=MAX_OBJECT_BYTES)
 
 
 def _check_value(where: str, v: Any, depth: int = 0) -> None:
@@ -297,9 +301,11 @@ def parse(data: bytes, where: str) -> dict:
     if len(data) > MAX_MANIFEST_BYTES:
         raise _fail(where, f"manifest larger than {MAX_MANIFEST_BYTES} bytes")
     try:
-        m = json.loads(data)
+        m = json.loads(data, parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise _fail(where, f"malformed JSON: {exc}") from None
+    except RecursionError:
+        raise _fail(where, "malformed JSON: nested too deep") from None
     if not isinstance(m, dict):
         raise _fail(where, "manifest is not a JSON object")
     if m.get("schema") != SCHEMA:
@@ -341,7 +347,18 @@ def parse(data: bytes, where: str) -> dict:
             raise _fail(where, f"argument {arg['name']}: unknown kind {arg.get('kind')!r}")
         _check_value(f"{where} (argument {arg['name']})", arg.get("value"))
     _check_value(f"{where} (result)", m.get("result"))
+    error = m.get("error")
+    if error is not None and not (isinstance(error, dict) and all(
+            isinstance(error.get(k), str) for k in ("type", "message"))):
+        raise _fail(where, "error must be null or {\"type\": str, \"message\": str}")
+    if m.get("skipped") is not None and not isinstance(m["skipped"], str):
+        raise _fail(where, "skipped must be a string or null")
     return m
+
+
+def _no_constant(name: str) -> Any:
+    """JSON's NaN and Infinity are not JSON: a manifest writes them as tagged floats."""
+    raise ValueError(f"{name} is not JSON (a float that is not finite is written tagged)")
 
 
 def iter_objects(value: Any):

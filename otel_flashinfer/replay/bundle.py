@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,10 +95,11 @@ class _Loader:
         if data is None:
             path = safe_path(self.root, key)
             try:
-                with open(path, "rb") as fh:
-                    data = fh.read()
+                data = read_bounded(path, entry["nbytes"])
             except OSError as exc:
                 raise BundleError(f"{where}: object {key} missing from bundle: {exc}") from None
+            except BundleError as exc:
+                raise BundleError(f"{where}: object {exc}") from None
             check_object(data, entry, where)
             self.cache[key] = data
         return load_value_tensor(data, entry, where, self.allow_pickle)
@@ -143,16 +145,36 @@ class _Loader:
         raise BundleError(f"{where}: unknown value tag {tag!r}")
 
 
+def read_bounded(path: str, limit: int) -> bytes:
+    """A bundle file's bytes, read back untrusted: a regular file (a FIFO would hang the
+    reader, a link to /dev/zero fill memory) of at most ``limit`` bytes."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens without a writer
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise BundleError(f"{path}: not a regular file")
+        if st.st_size > limit:
+            raise BundleError(f"{path}: {st.st_size} bytes, more than the {limit} expected")
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            data = fh.read(limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise BundleError(f"{path}: more than the {limit} bytes expected")
+    return data
+
+
 def read_index(root: str) -> dict:
     """The bundle's index, checked."""
     where = os.path.join(root, INDEX)
     try:
-        with open(where, "rb") as fh:
-            index = json.loads(fh.read())
+        index = json.loads(read_bounded(where, manifest.MAX_MANIFEST_BYTES))
     except OSError as exc:
         raise BundleError(f"{where}: cannot read bundle index: {exc}") from None
     except ValueError as exc:
         raise BundleError(f"{where}: malformed JSON: {exc}") from None
+    except RecursionError:
+        raise BundleError(f"{where}: malformed JSON: nested too deep") from None
     if not isinstance(index, dict) or not isinstance(index.get("calls"), list):
         raise BundleError(f"{where}: index needs a 'calls' list")
     for call in index["calls"]:
@@ -188,8 +210,7 @@ def load_bundle(path: str, device: str | None = "cpu", allow_pickle: bool = Fals
     for item in index["calls"]:
         mpath = safe_path(path, item["manifest"])
         try:
-            with open(mpath, "rb") as fh:
-                data = fh.read()
+            data = read_bounded(mpath, manifest.MAX_MANIFEST_BYTES)
         except OSError as exc:
             raise BundleError(f"{mpath}: cannot read manifest: {exc}") from None
         m = manifest.parse(data, mpath)
