@@ -7,6 +7,7 @@ arguments and maps errors to one clear line and an exit code.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -29,18 +30,43 @@ def _cmd_show(args: argparse.Namespace) -> int:
         from .blobs.layout import trace_hex
 
         trace = trace_hex(trace)  # a typo is an error, not "no spans"
-    sys.stdout.write(render_file(path, color=args.color, trace_id=trace))
-    return 0
+    skipped: list[str] = []
+    sys.stdout.write(render_file(path, color=args.color, trace_id=trace, skipped=skipped))
+    return _said_skipped("show", skipped)
+
+
+def _seconds(text: str) -> float:
+    """A positive, finite number of seconds (argparse names the option on error)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
+def _said_skipped(command: str, skipped: list[str]) -> int:
+    """Each bad line of a trace file on stderr (the good ones were used); exit 1."""
+    for problem in skipped:
+        print(f"otel-flashinfer {command}: skipped {problem}", file=sys.stderr)
+    return 1 if skipped else 0
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
     from .push import push_file
 
     path = args.file or _default_trace_file()
-    sent = push_file(path, endpoint=args.endpoint, protocol=args.protocol,
-                     headers=args.header, timeout_s=args.timeout)
-    print(f"pushed {sent} spans from {path}")
-    return 0
+    skipped: list[str] = []
+    try:
+        sent = push_file(path, endpoint=args.endpoint, protocol=args.protocol,
+                         headers=args.header, timeout_s=args.timeout, skipped=skipped)
+    except Exception:
+        _said_skipped("push", skipped)  # the lines passed over before it stopped
+        raise
+    print(f"pushed {sent} spans from {path}"
+          + (f" ({len(skipped)} bad lines skipped)" if skipped else ""))
+    return _said_skipped("push", skipped)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -86,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="default: OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL, else http/protobuf")
     push.add_argument("--header", action="append", default=[], metavar="KEY=VALUE",
                       help="extra header (repeatable); OTEL_EXPORTER_OTLP_HEADERS also applies")
-    push.add_argument("--timeout", type=float, default=10.0, help="seconds per request")
+    push.add_argument("--timeout", type=_seconds, default=10.0, help="seconds per request")
     push.set_defaults(func=_cmd_push)
 
     for module, adder in (("replay.cli", "add_pull_parser"), ("replay.cli", "add_ls_parser"),

@@ -86,33 +86,52 @@ def spans_to_json(spans: Sequence[ReadableSpan]) -> str:
     return request_to_json(encode_spans(spans))
 
 
-def read_requests(path: str) -> Iterator[dict[str, Any]]:
-    """Parsed lines of a trace file; a bad line is an error naming file and line."""
-    for _, data in read_numbered(path):
+def read_requests(path: str, skipped: list[str] | None = None) -> Iterator[dict[str, Any]]:
+    """Parsed lines of a trace file; a bad line is an error naming file and line (with
+    ``skipped``: noted there, and the rest read)."""
+    for _, data in read_numbered(path, skipped):
         yield data
 
 
-def read_numbered(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
+def read_numbered(path: str, skipped: list[str] | None = None
+                  ) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, parsed line) of a trace file, each line's shape checked as far as
     ``show`` and ``push`` read it: the file is untrusted, and a bad line is an error
-    naming file and line, not a traceback from deep inside a reader."""
+    naming file and line, not a traceback from deep inside a reader.  With ``skipped``,
+    a bad line (a killed writer's truncated last one) is noted there and the good ones
+    go on: what was recorded is not lost to one bad line."""
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, 1):
             try:
-                line = raw.decode("utf-8").strip()
-            except UnicodeDecodeError:
-                raise TraceFileError(f"{path}:{number}: not UTF-8 text") from None
-            if not line:
+                data = _line(path, number, raw)
+            except TraceFileError as exc:
+                if skipped is None:
+                    raise
+                skipped.append(str(exc))
                 continue
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TraceFileError(f"{path}:{number}: not JSON ({exc.msg})") from None
-            problem = _request_problem(data)
-            if problem:
-                raise TraceFileError(f"{path}:{number}: not an OTLP/JSON "
-                                     f"ExportTraceServiceRequest ({problem})")
-            yield number, data
+            if data is not None:
+                yield number, data
+
+
+def _line(path: str, number: int, raw: bytes) -> dict[str, Any] | None:
+    """One line parsed and checked (None: blank); TraceFileError naming it."""
+    try:
+        line = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise TraceFileError(f"{path}:{number}: not UTF-8 text") from None
+    if not line:
+        return None
+    try:
+        data = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise TraceFileError(f"{path}:{number}: not JSON ({exc.msg})") from None
+    except RecursionError:
+        raise TraceFileError(f"{path}:{number}: not JSON (nested too deep)") from None
+    problem = _request_problem(data)
+    if problem:
+        raise TraceFileError(f"{path}:{number}: not an OTLP/JSON "
+                             f"ExportTraceServiceRequest ({problem})")
+    return data
 
 
 _HEX_LEN = {"traceId": 32, "spanId": 16, "parentSpanId": 16}
@@ -134,10 +153,16 @@ def _request_problem(data: Any) -> str | None:
     if isinstance(resources, str):
         return resources
     for rs in resources:
+        problem = _holder_problem(rs, "resource")
+        if problem:
+            return problem
         scopes = _list_of_dicts(rs, "scopeSpans")
         if isinstance(scopes, str):
             return scopes
         for ss in scopes:
+            problem = _holder_problem(ss, "scope")
+            if problem:
+                return problem
             spans = _list_of_dicts(ss, "spans")
             if isinstance(spans, str):
                 return spans
@@ -166,7 +191,86 @@ def _span_problem(span: dict[str, Any]) -> str | None:
     for key in ("attributes", "events", "links"):
         if isinstance(_list_of_dicts(span, key), str):
             return f"span {key} is not a list of objects"
+    if not isinstance(span.get("status", {}), dict):
+        return "span status is not an object"
+    for obj in (span, *events):
+        problem = _attributes_problem(obj)
+        if problem:
+            return problem
     return None
+
+
+def _holder_problem(item: dict[str, Any], key: str) -> str | None:
+    """A resource or scope: an object whose attributes are well formed."""
+    holder = item.get(key, {})
+    if not isinstance(holder, dict):
+        return f"{key} is not an object"
+    if key == "scope" and not isinstance(holder.get("name", ""), str):
+        return "scope name is not text"
+    return _attributes_problem(holder)
+
+
+def _attributes_problem(item: dict[str, Any]) -> str | None:
+    attributes = _list_of_dicts(item, "attributes")
+    if isinstance(attributes, str):
+        return attributes
+    for kv in attributes:
+        if not isinstance(kv.get("key"), str):
+            return "an attribute has no key"
+        problem = _value_problem(kv.get("value", {}))
+        if problem:
+            return f"attribute {kv['key'][:80]!r}: {problem}"
+    return None
+
+
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _value_problem(value: Any, depth: int = 0) -> str | None:
+    """What is wrong with an OTLP/JSON AnyValue as ``show`` reads it, or None."""
+    if not isinstance(value, dict):
+        return "a value is not an object"
+    if depth > 32:
+        return "a value nested too deep"
+    if "stringValue" in value and not isinstance(value["stringValue"], str):
+        return "stringValue is not text"
+    if "boolValue" in value and not isinstance(value["boolValue"], bool):
+        return "boolValue is not true or false"
+    if "intValue" in value:
+        v = value["intValue"]
+        try:
+            ok = not isinstance(v, (bool, float)) and _INT64[0] <= int(v) <= _INT64[1]
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            return f"intValue {str(v)[:40]!r} is not a 64-bit integer"
+    if "doubleValue" in value and not _is_double(value["doubleValue"]):
+        return f"doubleValue {str(value['doubleValue'])[:40]!r} is not a number"
+    if "arrayValue" in value:
+        array = value["arrayValue"]
+        items = _list_of_dicts(array, "values") if isinstance(array, dict) else "arrayValue"
+        if isinstance(items, str):
+            return "arrayValue is not an object with a list of values"
+        for item in items:
+            problem = _value_problem(item, depth + 1)
+            if problem:
+                return problem
+    return None
+
+
+def _is_double(v: Any) -> bool:
+    """A number, or a string proto3 JSON allows for one ("NaN", "Infinity", "1.5")."""
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, (int, float)):
+        return True
+    if not isinstance(v, str):
+        return False
+    try:
+        float(v)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_time(v: Any) -> bool:

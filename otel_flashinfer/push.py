@@ -41,7 +41,11 @@ def resolve_target(endpoint: str | None, protocol: str | None,
     url = endpoint or signal_specific or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
     if not url:
         url = "http://localhost:4317" if protocol == "grpc" else "http://localhost:4318"
-    parsed = urllib.parse.urlparse(url if "://" in url else f"http://{url}")
+    try:
+        parsed = urllib.parse.urlparse(url if "://" in url else f"http://{url}")
+        parsed.port  # noqa: B018 - raises for a port that is not a number in range
+    except ValueError as exc:
+        raise ValueError(f"endpoint {url!r}: {exc}") from None
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise ValueError(f"endpoint {url!r}: must be an http(s)://host:port URL")
     if protocol == "http/protobuf" and not (endpoint is None and signal_specific) \
@@ -52,8 +56,11 @@ def resolve_target(endpoint: str | None, protocol: str | None,
 
 def push_file(path: str, endpoint: str | None = None, protocol: str | None = None,
               headers: Sequence[str] = (), timeout_s: float = 10.0,
-              environ: Mapping[str, str] | None = None) -> int:
-    """Send every request in ``path``; returns the number of spans sent."""
+              environ: Mapping[str, str] | None = None,
+              skipped: list[str] | None = None) -> int:
+    """Send every request in ``path``; returns the number of spans sent.  With
+    ``skipped``, a bad line is noted there and the rest still sent (stopping at it left
+    the lines before it sent, and a second push sent them twice)."""
     env = os.environ if environ is None else environ
     protocol, url = resolve_target(endpoint, protocol, env)
     all_headers = parse_headers(env.get("OTEL_EXPORTER_OTLP_HEADERS", ""),
@@ -65,12 +72,16 @@ def push_file(path: str, endpoint: str | None = None, protocol: str | None = Non
     send = _grpc_sender(url, all_headers, timeout_s) if protocol == "grpc" else \
         _http_sender(url, all_headers, timeout_s)
     sent = 0
-    for number, data in read_numbered(path):
+    for number, data in read_numbered(path, skipped):
         try:
             request = json_to_request(data)
-        except (json_format.ParseError, ValueError, TypeError) as exc:
-            raise TraceFileError(f"{path}:{number}: not an OTLP/JSON "
-                                 f"ExportTraceServiceRequest ({exc})") from None
+        except (json_format.ParseError, ValueError, TypeError, RecursionError) as exc:
+            problem = TraceFileError(f"{path}:{number}: not an OTLP/JSON "
+                                     f"ExportTraceServiceRequest ({exc})")
+            if skipped is None:
+                raise problem from None
+            skipped.append(str(problem))
+            continue
         send(request.SerializeToString(), request)
         sent += sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
     return sent

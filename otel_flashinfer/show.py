@@ -7,7 +7,9 @@ a FlashInfer trace (shapes, dtypes, NaN flags, crash marks, blob manifests).
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import sys
 from collections import defaultdict
 from collections.abc import Iterable
@@ -83,8 +85,10 @@ def _details(span: dict[str, Any]) -> str:
             short = key.split(".", 1)[1]
             parts.append(f"{short}={value}")
     gpu = attrs.get("flashinfer.gpu.time_ns")
-    if gpu is not None:
+    if isinstance(gpu, int) or (isinstance(gpu, float) and math.isfinite(gpu)):
         parts.insert(0, f"gpu={_human_ns(int(gpu))}")
+    elif gpu is not None:
+        parts.insert(0, f"gpu={gpu}")
     for key in _FLAGS:
         if key in attrs and key != "flashinfer.gpu.time":
             parts.append(f"{key.split('.', 1)[1]}={attrs[key]}")
@@ -94,12 +98,72 @@ def _details(span: dict[str, Any]) -> str:
     return "  ".join(parts[:12])
 
 
+#: Control characters (C0, DEL, C1): a trace file's text must not drive the terminal.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def _printable(text: Any) -> str:
+    """``text`` with control characters shown escaped (``\\x1b``), never sent raw."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
+
+
 class _Style:
     def __init__(self, color: bool) -> None:
         self.color = color
 
     def __call__(self, text: str, code: str) -> str:
         return f"\x1b[{code}m{text}\x1b[0m" if self.color else text
+
+
+def _start(span: dict[str, Any]) -> int:
+    return int(span.get("startTimeUnixNano", 0))
+
+
+def tree_rows(members: list[dict[str, Any]]) -> list[tuple[dict[str, Any], str, bool]]:
+    """(span, prefix, last) in print order: children under their parent by start time,
+    each span once.  A file is untrusted: a span whose parent is missing or itself is a
+    root, spans in a parent cycle are shown from the earliest, a span id used twice
+    keeps its children under the first, and deep trees are walked without recursion."""
+    by_id: dict[str, dict[str, Any]] = {}
+    for span in members:
+        sid = span.get("spanId")
+        if isinstance(sid, str) and sid:
+            by_id.setdefault(sid, span)
+    children: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    roots = []
+    for span in members:
+        parent = span.get("parentSpanId") or None
+        if parent in by_id and by_id[parent] is not span:
+            children[parent].append(span)
+        else:
+            roots.append(span)
+    for group in children.values():
+        group.sort(key=_start)
+    rows: list[tuple[dict[str, Any], str, bool]] = []
+    seen: set[int] = set()
+
+    def walk(root: dict[str, Any], last: bool) -> None:
+        stack = [(root, "", last)]
+        while stack:
+            span, prefix, last = stack.pop()
+            if id(span) in seen:
+                continue
+            seen.add(id(span))
+            rows.append((span, prefix, last))
+            sid = span.get("spanId")
+            kids = [k for k in children.get(sid, ()) if id(k) not in seen] \
+                if isinstance(sid, str) and by_id.get(sid) is span else []
+            inner = prefix + ("   " if last else "│  ")
+            stack.extend((kid, inner, i == len(kids) - 1)
+                         for i, kid in reversed(list(enumerate(kids))))
+
+    roots.sort(key=_start)
+    for i, root in enumerate(roots):
+        walk(root, i == len(roots) - 1)
+    for span in sorted(members, key=_start):  # parent cycles: no root reaches them
+        if id(span) not in seen:
+            walk(span, True)
+    return rows
 
 
 def render(spans: list[dict[str, Any]], color: bool = False, trace_id: str | None = None) -> str:
@@ -113,40 +177,28 @@ def render(spans: list[dict[str, Any]], color: bool = False, trace_id: str | Non
     for tid, members in sorted(by_trace.items(),
                                key=lambda kv: min(int(s.get("startTimeUnixNano", 0))
                                                   for s in kv[1])):
-        ids = {s.get("spanId") for s in members}
-        children: dict[str | None, list[dict[str, Any]]] = defaultdict(list)
-        for span in members:
-            parent = span.get("parentSpanId") or None
-            children[parent if parent in ids else None].append(span)
-        for group in children.values():
-            group.sort(key=lambda s: int(s.get("startTimeUnixNano", 0)))
-        lines.append(style(f"trace {tid}  ({len(members)} spans)", "1"))
-
-        def walk(span: dict[str, Any], prefix: str, last: bool,
-                 children: dict[str | None, list[dict[str, Any]]] = children) -> None:
+        lines.append(style(f"trace {_printable(tid)}  ({len(members)} spans)", "1"))
+        for span, prefix, last in tree_rows(members):
             branch = "└─ " if last else "├─ "
             failed = span.get("status", {}).get("code") == _STATUS_ERROR
-            name = style(span.get("name", "?"), "31;1" if failed else "36")
+            name = style(_printable(span.get("name", "?")), "31;1" if failed else "36")
             mark = style(" ERROR", "31") if failed else ""
-            detail = _details(span)
+            detail = _printable(_details(span))
             lines.append(f"{prefix}{branch}{name}  {_duration(span)}{mark}"
                          + (f"  {detail}" if detail else ""))
-            kids = children.get(span.get("spanId"), [])
-            for i, kid in enumerate(kids):
-                walk(kid, prefix + ("   " if last else "│  "), i == len(kids) - 1)
-
-        roots = children.get(None, [])
-        for i, root in enumerate(roots):
-            walk(root, "", i == len(roots) - 1)
         lines.append("")
     if not lines:
         return "no spans\n"
     return "\n".join(lines) + "\n"
 
 
-def render_file(path: str, color: str = "auto", trace_id: str | None = None) -> str:
+def render_file(path: str, color: str = "auto", trace_id: str | None = None,
+                skipped: list[str] | None = None) -> str:
+    """The file's span trees; with ``skipped``, bad lines are noted there and the
+    rest is shown (otherwise the first one is an error)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no trace file (run something instrumented first, "
                                 "or give the file's path)")
     use_color = color == "always" or (color == "auto" and sys.stdout.isatty())
-    return render(collect_spans(read_requests(path)), color=use_color, trace_id=trace_id)
+    return render(collect_spans(read_requests(path, skipped)), color=use_color,
+                  trace_id=trace_id)

@@ -3,6 +3,7 @@ server on 127.0.0.1 that decodes the protobuf it receives)."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import os
@@ -147,7 +148,7 @@ _GOOD = ('{"resourceSpans":[{"scopeSpans":[{"spans":[{"traceId":"' + "ab" * 16 +
 def test_a_malformed_trace_line_is_named_by_file_and_line(tmp_path: Path, capsys, line: bytes,
                                                           says: str, command: str) -> None:
     """A trace file is untrusted: each bad shape is one line naming file:line and what
-    is wrong, never a traceback from inside the reader (push: before anything is sent)."""
+    is wrong, never a traceback from inside the reader; the good lines are still used."""
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(line + b"\n" + _GOOD.encode() + b"\n")
     args = [command, str(bad)] + (["--endpoint", "http://127.0.0.1:9"] if command == "push"
@@ -335,3 +336,101 @@ def test_a_timed_out_shutdown_leaves_the_backlog_to_the_worker(tmp_path: Path) -
     assert errors == "[]", out.stderr
     # the backlog exported by the stopping worker; the 20 late calls counted
     assert (int(exported), int(dropped)) == (600, 20)
+
+
+_BAD_SHAPES = [
+    '{"resourceSpans":[{"scopeSpans":[{"spans":[{"name":"x","attributes":[{"value":5}]}]}]}]}',
+    '{"resourceSpans":[{"scopeSpans":[{"spans":[{"name":"x","attributes":'
+    '[{"key":"k","value":5}]}]}]}]}',
+    '{"resourceSpans":[{"scopeSpans":[{"spans":[{"name":"x","attributes":'
+    '[{"key":"k","value":{"arrayValue":[1]}}]}]}]}]}',
+    '{"resourceSpans":[{"scopeSpans":[{"spans":[{"name":"x","attributes":'
+    '[{"key":"k","value":{"intValue":"abc"}}]}]}]}]}',
+    '{"resourceSpans":[{"scopeSpans":[{"spans":[{"name":"x","status":"bad"}]}]}]}',
+    '{"resourceSpans":[{"scopeSpans":[{"scope":"x","spans":[]}]}]}',
+    '{"resourceSpans":[{"resource":"x","scopeSpans":[]}]}',
+    "[" * 100_000,
+    '{"resourceSpans":[{"scopeSp',  # a killed writer's last line
+]
+
+
+@pytest.mark.parametrize("bad", _BAD_SHAPES)
+def test_show_shows_the_good_lines_and_names_each_bad_one(tmp_path: Path, capsys,
+                                                          bad: str) -> None:
+    """One bad line (a truncated last one, a value of the wrong shape) does not hide
+    the file's other spans: they are shown, the bad line is named, the exit is 1."""
+    path = tmp_path / "t.jsonl"
+    path.write_text(_GOOD + "\n" + bad + "\n" + _GOOD.replace("cd" * 8, "ef" * 8) + "\n")
+    assert cli.main(["show", str(path), "--color", "never"]) == 1
+    out, err = capsys.readouterr()
+    assert out.count("ok  ") == 2, out
+    assert f"skipped {path}:2: " in err and "Traceback" not in err
+
+
+def test_push_sends_the_good_lines_past_a_bad_one(tmp_path: Path, capsys) -> None:
+    """Stopping at a bad line left the lines before it sent, and pushing again sent
+    them twice; now every good line goes once and the bad one is named."""
+    path = tmp_path / "t.jsonl"
+    path.write_text(_GOOD + "\n" + _BAD_SHAPES[-1] + "\n" + _GOOD.replace("cd" * 8, "ef" * 8)
+                    + "\n")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Collector)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        _Collector.received.clear()
+        code = cli.main(["push", str(path), "--endpoint",
+                         f"http://127.0.0.1:{server.server_address[1]}"])
+    finally:
+        server.shutdown()
+    assert code == 1
+    ids = [s.span_id.hex() for _, _, body in _Collector.received
+           for rs in ExportTraceServiceRequest.FromString(body).resource_spans
+           for ss in rs.scope_spans for s in ss.spans]
+    assert ids == ["cd" * 8, "ef" * 8]
+    out, err = capsys.readouterr()
+    assert "pushed 2 spans" in out and f"skipped {path}:2: not JSON" in err
+
+
+def test_show_keeps_every_span_of_a_malformed_tree(tmp_path: Path) -> None:
+    """Spans that are their own parent, in a parent cycle, without ids, or in a chain
+    deeper than Python's recursion are each shown once; control characters in names are
+    shown escaped, never sent to the terminal."""
+    trace = "ab" * 16
+
+    def span(sid: str | None, parent: str | None, name: str, start: int) -> dict:
+        item = {"traceId": trace, "name": name, "startTimeUnixNano": str(start),
+                "endTimeUnixNano": str(start + 1)}
+        if sid:
+            item["spanId"] = sid
+        if parent:
+            item["parentSpanId"] = parent
+        return item
+
+    spans = [span("1" * 16, "1" * 16, "self", 1), span("2" * 16, "3" * 16, "a", 2),
+             span("3" * 16, "2" * 16, "b", 3), span(None, None, "noid", 4),
+             span("4" * 16, None, "esc\x1b[2J", 5)]
+    chain = [span(f"{i + 16:016x}", f"{i + 15:016x}" if i else None, f"d{i}", 10 + i)
+             for i in range(3000)]
+    every = show.collect_spans([{"resourceSpans": [{"scopeSpans": [{"spans": spans + chain}]}]}])
+    rows = show.tree_rows(every)
+    names = [s["name"] for s, _, _ in rows]
+    assert sorted(names) == sorted(s["name"] for s in spans + chain)
+    text = show.render(every)
+    assert "\x1b" not in text and "esc\\x1b[2J" in text
+    assert names.index("d2999") > names.index("d0")
+
+
+@pytest.mark.parametrize(("args", "code", "says"), [
+    (["--endpoint", "http://127.0.0.1:abc"], 1, "'http://127.0.0.1:abc'"),
+    (["--endpoint", "http://[::1"], 1, "'http://[::1'"),
+    (["--endpoint", "http://127.0.0.1:99999", "--protocol", "grpc"], 1, "out of range"),
+    (["--timeout", "nan"], 2, "'nan' is not a positive number of seconds"),
+    (["--timeout", "-1"], 2, "'-1' is not a positive number of seconds"),
+])
+def test_push_names_a_bad_endpoint_or_timeout(tmp_path: Path, capsys, args: list[str],
+                                              code: int, says: str) -> None:
+    path = tmp_path / "t.jsonl"
+    path.write_text(_GOOD + "\n")
+    with contextlib.suppress(SystemExit):  # argparse's usage error exits
+        assert cli.main(["push", str(path), *args]) == code
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err
