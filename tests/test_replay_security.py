@@ -327,6 +327,31 @@ def test_cli_bad_arguments(tmp_path, capsys):
         main(["replay", str(tmp_path), "--rtol", "-1"])
     assert main(["replay", str(tmp_path / "none")]) == 1
     assert "cannot read bundle index" in capsys.readouterr().err
+    # a device this machine does not have is the option's error, said once
+    bad_devices = ["garbage", *([] if torch.cuda.is_available() else ["cuda:0"])]
+    for device in bad_devices:
+        with pytest.raises(SystemExit):
+            main(["replay", str(tmp_path), "--device", device])
+        err = capsys.readouterr().err
+        assert f"argument --device: {device!r}" in err and "Traceback" not in err
+
+
+def test_ls_shows_a_stores_names_without_control_characters(tmp_path, capsys,
+                                                            monkeypatch):
+    """What a store names (a process' service) is untrusted text for the terminal."""
+    from otel_flashinfer.replay.cli import main
+
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "svc\x1b]0;pwned\x07")
+    root = tmp_path / "store"
+    rec = BlobRecorder(Settings(blob_url=str(root)), install_handlers=False)
+    x = torch.ones(2)
+    cap = rec.before("mul", __name__, "mul", None, TRACE, 1, None, 10,
+                     inspect.signature(mul).bind(x, 3.0))
+    cap.after(mul(x, 3.0), None)
+    assert rec.flush(10)
+    assert main(["ls", "--blob-url", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\\x1b]0;pwned\\x07" in out
 
 
 @pytest.mark.parametrize("bad", ["", "0", "00" * 16, "zz", "1" * 33])

@@ -96,7 +96,11 @@ def _ls(ns: argparse.Namespace) -> int:
     if ns.json:
         print(json.dumps(listing, indent=1))
     else:
-        sys.stdout.write(format_listing(listing))
+        from ..show import _printable
+
+        # A store's names are untrusted: no control character reaches the terminal.
+        sys.stdout.write("\n".join(_printable(line)
+                                   for line in format_listing(listing).split("\n")))
     return 0
 
 
@@ -108,6 +112,25 @@ def _replay(ns: argparse.Namespace) -> int:
         print(f"otel-flashinfer replay: {exc}", file=sys.stderr)
         return 1
     return 0 if report.ok else 1
+
+
+def _device(text: str) -> str:
+    """A torch device this machine has (argparse names the option on error): a typo or
+    a GPU that is not here is said once, not as a fault of every recorded call."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device ({exc})") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device here")
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} CUDA "
+                                             "devices")
+    return text
 
 
 def _nonneg(text: str) -> float:
@@ -162,7 +185,8 @@ def add_replay_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     """Register ``replay``; the parsed namespace's ``func(ns) -> exit code`` runs it."""
     p = subparsers.add_parser("replay", help="re-run a bundle's calls and compare outputs")
     p.add_argument("dir", metavar="DIR")
-    p.add_argument("--device", default=None, help="e.g. cpu, cuda:0 (default: as recorded)")
+    p.add_argument("--device", type=_device, default=None,
+                   help="e.g. cpu, cuda:0 (default: as recorded)")
     p.add_argument("--allow-module", metavar="PATTERN", action="append", default=[],
                    help="fnmatch pattern of extra modules that may be imported (repeatable)")
     p.add_argument("--allow-pickle", action="store_true", help=_PICKLE_HELP)
