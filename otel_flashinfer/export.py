@@ -695,22 +695,20 @@ class NativeExport:
                         health.report("export_errors", "could not close a sender", exc)
         return ok
 
-    def encoded(self) -> int:
-        """Spans encoded so far (each once, whatever the number of formats)."""
-        return max(encoder.stats()["encoded"] for encoder in self.encoders.values())
-
-    def replay_spans(self) -> int:
-        """Graph replays' spans the encoder wrote whole from their templates (each
-        replay and its children, once whatever the number of formats)."""
-        return max(s["replays"] + s["replay_children"]
-                   for s in (encoder.stats() for encoder in self.encoders.values()))
-
-    def left_out(self) -> tuple[int, int]:
-        """(attributes, argument descriptions) the encoder could not write and left out
-        of their spans so far (each once, whatever the number of formats)."""
+    def counts(self) -> tuple[int, int, int, int]:
+        """What the encoders did so far, each span once whatever the number of formats:
+        (spans encoded, graph replays' spans written whole from their templates,
+        attributes and argument descriptions left out of their spans).  One read of
+        each encoder's stats per drain."""
         stats = [encoder.stats() for encoder in self.encoders.values()]
-        return (max(s["attribute_errors"] for s in stats),
+        return (max(s["encoded"] for s in stats),
+                max(s["replays"] + s["replay_children"] for s in stats),
+                max(s["attribute_errors"] for s in stats),
                 max(s["describe_errors"] for s in stats))
+
+    def encoded(self) -> int:
+        """Spans encoded so far."""
+        return self.counts()[0]
 
 
 def native_export_for(provider: Any, tracer: Any, record_type: Any, empty: Any,

@@ -913,15 +913,14 @@ class Pipeline:
         spans, replay = 0, self._replay_py
         self._replay_py = 0
         if self._native is not None:
-            replays = self._native.replay_spans()
+            encoded, replays, *left = self._native.counts()
             replay += replays - self._native_replays
             self._native_replays = replays
-            encoded = self._native.encoded()
             if encoded != self._native_counted:
                 spans = encoded - self._native_counted
                 health.count("spans_native", spans)
                 self._native_counted = encoded
-                left_out = self._native.left_out()
+                left_out = tuple(left)
                 if left_out != self._native_left_out:
                     attrs = left_out[0] - self._native_left_out[0]
                     described = left_out[1] - self._native_left_out[1]

@@ -102,7 +102,7 @@ def _details(span: dict[str, Any]) -> str:
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
-def _printable(text: Any) -> str:
+def printable(text: Any) -> str:
     """``text`` with control characters shown escaped (``\\x1b``), never sent raw."""
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
 
@@ -177,13 +177,13 @@ def render(spans: list[dict[str, Any]], color: bool = False, trace_id: str | Non
     for tid, members in sorted(by_trace.items(),
                                key=lambda kv: min(int(s.get("startTimeUnixNano", 0))
                                                   for s in kv[1])):
-        lines.append(style(f"trace {_printable(tid)}  ({len(members)} spans)", "1"))
+        lines.append(style(f"trace {printable(tid)}  ({len(members)} spans)", "1"))
         for span, prefix, last in tree_rows(members):
             branch = "└─ " if last else "├─ "
             failed = span.get("status", {}).get("code") == _STATUS_ERROR
-            name = style(_printable(span.get("name", "?")), "31;1" if failed else "36")
+            name = style(printable(span.get("name", "?")), "31;1" if failed else "36")
             mark = style(" ERROR", "31") if failed else ""
-            detail = _printable(_details(span))
+            detail = printable(_details(span))
             lines.append(f"{prefix}{branch}{name}  {_duration(span)}{mark}"
                          + (f"  {detail}" if detail else ""))
         lines.append("")

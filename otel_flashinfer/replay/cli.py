@@ -96,10 +96,10 @@ def _ls(ns: argparse.Namespace) -> int:
     if ns.json:
         print(json.dumps(listing, indent=1))
     else:
-        from ..show import _printable
+        from ..show import printable
 
         # A store's names are untrusted: no control character reaches the terminal.
-        sys.stdout.write("\n".join(_printable(line)
+        sys.stdout.write("\n".join(printable(line)
                                    for line in format_listing(listing).split("\n")))
     return 0
 
