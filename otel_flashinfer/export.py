@@ -360,11 +360,10 @@ class NativeExport:
 
     def __init__(self, tracer: Any, chosen: Plan, record_type: Any, empty: Any) -> None:
         self.plan = chosen
-        #: The provider's processors the plan was made from: the SDK replaces the tuple
-        #: when one is added, and a changed setup must be planned again
-        #: (``setup_changed``).  The plan's own: one added since is then planned too.
-        self._processors = (chosen.processors if chosen.processors is not None else
-                            getattr(tracer.span_processor, "_span_processors", None))
+        #: The provider's processors the plan was made from (read before planning, so
+        #: one added meanwhile is planned at the next drain): the SDK replaces the tuple
+        #: when one is added, and a changed setup must be planned again (``setup_changed``).
+        self._processors = chosen.processors
         self._span_processor = tracer.span_processor
         formats = sorted({s.fmt for s in chosen.senders})
         self.encoders = {fmt: make_encoder(tracer, fmt, record_type, empty) for fmt in formats}
