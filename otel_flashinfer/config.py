@@ -100,6 +100,8 @@ class Settings:
 
 
 def _level(text: str) -> int:
+    if not text.strip():
+        return 0  # set but empty is off, as the start-up hook reads it
     value = int(text)
     if value not in LEVELS:
         raise ValueError(f"must be one of {', '.join(map(str, LEVELS))}")
@@ -183,11 +185,36 @@ def _blob_url(text: str) -> str:
     value = text.strip()
     if not value:
         raise ValueError("must not be empty")
-    if "://" in value:
-        scheme = value.split("://", 1)[0]
+    # fsspec chains filesystems with "::" ("simplecache::s3://bucket/x"): every link
+    # names a protocol, and only the last carries a path.
+    links = value.split("::")
+    for i, link in enumerate(links):
+        if "://" in link:
+            scheme = link.split("://", 1)[0]
+        elif i < len(links) - 1:
+            scheme = link
+        else:
+            continue  # a plain local path
         if not scheme or not scheme.replace("+", "").replace("-", "").isalnum():
             raise ValueError(f"has an invalid URL scheme {scheme!r}")
+        _check_protocol(scheme)
     return value
+
+
+def _check_protocol(scheme: str) -> None:
+    """An unknown protocol is the variable's error now, not a traceback at the first
+    blob.  Only fsspec's registry is read: the implementation (s3fs, gcsfs) is
+    imported when the store opens, so a missing package is named there."""
+    try:
+        import fsspec
+    except ImportError:  # level 10 names the missing package when it starts
+        return
+    known = set(fsspec.available_protocols())
+    if scheme not in known:  # fsspec's lookup is case-sensitive too
+        raise ValueError(
+            f"has a URL scheme {scheme!r} that fsspec does not know "
+            "(a local folder, file://, s3://, gs://, memory:// and the other "
+            "fsspec protocols work)")
 
 
 def _text(text: str) -> str:

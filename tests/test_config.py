@@ -66,6 +66,11 @@ def test_every_variable_parses() -> None:
         ("OTEL_FLASHINFER_CRASH_SAFE", "maybe", "0 or 1"),
         ("OTEL_FLASHINFER_BLOB_URL", "   ", "empty"),
         ("OTEL_FLASHINFER_BLOB_URL", "s3 x://bucket", "scheme"),
+        ("OTEL_FLASHINFER_BLOB_URL", "gopher://host/x", "'gopher' that fsspec does not know"),
+        ("OTEL_FLASHINFER_BLOB_URL", "nocache::s3://b/x", "'nocache' that fsspec does not know"),
+        ("OTEL_FLASHINFER_BLOB_URL", "::s3://b/x", "invalid URL scheme"),
+        ("OTEL_FLASHINFER_BLOB_URL", "S3://b/x", "'S3' that fsspec does not know"),
+        ("OTEL_FLASHINFER_BLOB_URL", "my::blobs", "'my' that fsspec does not know"),
     ],
 )
 def test_bad_values_name_variable_and_value(var: str, value: str, fragment: str) -> None:
@@ -73,6 +78,18 @@ def test_bad_values_name_variable_and_value(var: str, value: str, fragment: str)
         load_settings({var: value})
     message = str(err.value)
     assert var in message and repr(value) in message and fragment in message
+
+
+@pytest.mark.parametrize(
+    "url", ["./blobs", "/abs/blobs", "file:///tmp/b", "s3://bucket/p", "memory://b",
+            "simplecache::s3://bucket/p"])
+def test_known_blob_urls_parse(url: str) -> None:
+    assert load_settings({"OTEL_FLASHINFER_BLOB_URL": url}).blob_url == url
+
+
+def test_empty_level_is_off_as_the_start_up_hook_reads_it() -> None:
+    assert load_settings({"OTEL_FLASHINFER_LEVEL": " "}).level == 0
+    assert load_settings({"OTEL_FLASHINFER_LEVEL": ""}, level=10).level == 10
 
 
 def test_overrides_win_and_are_checked() -> None:
