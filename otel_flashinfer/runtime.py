@@ -146,8 +146,19 @@ class Runtime:
     def _start_blobs(self) -> None:
         from .blobs.capture import BlobRecorder
         from .blobs.hooks import make_hooks
+        from .blobs.store import StoreError
+        from .config import OTEL_FLASHINFER_BLOB_URL, ConfigError
 
-        self.blobs = BlobRecorder(self.settings)
+        try:
+            self.blobs = BlobRecorder(self.settings)
+        except StoreError as exc:
+            if isinstance(exc.__cause__, (ImportError, ValueError)):
+                # fsspec's protocol is known but its package is missing (gs:// without
+                # gcsfs), or the URL is malformed: the variable's error, named.
+                url = self.settings.blob_url
+                raise ConfigError(
+                    f"{OTEL_FLASHINFER_BLOB_URL}={url!r}: {exc.__cause__}") from None
+            raise
         self.pipeline.flush_hooks.append(self.blobs.flush)
         self.hooks.append(make_hooks(self.settings, self.blobs))
 

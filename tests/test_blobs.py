@@ -772,3 +772,22 @@ def test_level10_payloads_written_and_skipped_show_in_counters(spans, tmp_path):
     f(torch.ones(3))
     got = otel_flashinfer.counters()  # a new runtime: its own recorder's counts
     assert got["blob.skipped.filtered"] == 1 and "blob.manifests" not in got
+
+
+def test_blob_url_of_a_missing_fsspec_package_names_the_variable(tmp_path):
+    """gs:// is a protocol fsspec knows, but gcsfs is not installed: instrument() says
+    which variable and which package, instead of a traceback at the first blob."""
+    pytest.importorskip("flashinfer")
+    try:
+        import gcsfs  # noqa: F401
+        pytest.skip("gcsfs is installed here")
+    except ImportError:
+        pass
+    code = ("import otel_flashinfer as o\n"
+            "try:\n    o.instrument(level=10, blob_url='gs://bucket/x')\n"
+            "except Exception as e:\n    print(type(e).__name__, e)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "OTEL_FLASHINFER_LEVEL": ""})
+    assert out.stdout.startswith("ConfigError OTEL_FLASHINFER_BLOB_URL='gs://bucket/x': "), (
+        out.stdout, out.stderr)
+    assert "gcsfs" in out.stdout and "Traceback" not in out.stderr
