@@ -786,6 +786,10 @@ static int base_block(Encoder *e, PyObject *dict, PyObject **bytes, Py_ssize_t *
         Py_ssize_t n;
         PyObject *block = encode_block(e, dict, &n);
         entry = block ? Py_BuildValue("(NnO)", block, n, dict) : NULL; /* holds the dict */
+        /* Bounded like ``described``: a wrapper made per request (``traced(fn)`` in a
+         * loop) brings a new dict each time.  Cleared before the insert, so the entry
+         * returned below stays alive until the next base block. */
+        if (entry != NULL && PyDict_GET_SIZE(e->blocks) >= 4096) PyDict_Clear(e->blocks);
         if (entry == NULL || PyDict_SetItem(e->blocks, key, entry) < 0) {
             Py_XDECREF(entry);
             Py_DECREF(key);

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import textwrap
 import threading
 import time
@@ -1279,3 +1280,26 @@ def test_a_replay_whose_context_is_not_a_span_context_goes_to_python() -> None:
         slow: list[Any] = []
         assert encoder.drain(deque([r]), slow, 1, deque(), 1.0, 2.0) == 0
         assert slow == [r]
+
+
+def test_base_blocks_of_wrappers_made_and_dropped_are_not_kept_forever() -> None:
+    """``traced(fn)`` called per request makes a new base dict each time; the encoder's
+    cache of encoded base blocks is bounded, so it does not hold every dict ever seen."""
+    tracer, _ = _sdk_tracer()
+    encoder = export.make_encoder(tracer, "protobuf", CallRecord, _EMPTY)
+
+    def span_of(base: dict) -> dict:
+        encoder.add(CallRecord.for_call("f", 1, 2, None, base))
+        span = ExportTraceServiceRequest.FromString(encoder.take()).resource_spans[0]
+        return {a.key: a.value.string_value or a.value.int_value
+                for a in span.scope_spans[0].spans[0].attributes}
+
+    first = {"flashinfer.api": "f0", "flashinfer.level": 1}
+    unheld = sys.getrefcount(first)
+    assert span_of(first) == first
+    assert sys.getrefcount(first) == unheld + 1  # cached while it is in use
+    for i in range(1, 10_000):
+        base = {"flashinfer.api": f"f{i}", "flashinfer.level": 1}
+        assert span_of(base) == base
+    assert sys.getrefcount(first) == unheld
+    assert span_of(first) == first  # encoded again when it comes back
