@@ -41,6 +41,30 @@ def test_equal_pages_match_and_any_changed_word_changes_both_lanes() -> None:
     assert (page_fingerprints(swapped)[5] != fps[5]).any()
 
 
+@pytest.mark.parametrize(("bit", "words"), [(63, 2), (62, 4), (60, 16), (56, 256)])
+def test_changes_in_the_high_bits_of_several_words_do_not_cancel(bit: int, words: int) -> None:
+    """Over whole 64-bit words, ``words`` changes of bit ``bit`` summed to 2**64 = 0 in
+    both lanes whatever the odd weights: two fp16 sign flips four elements apart made a
+    changed page look stored, and its manifest named the old bytes."""
+    n_words = max(words, 8)
+    pages = torch.randn(2, n_words * 4, generator=torch.Generator().manual_seed(1)
+                        ).to(torch.float16)
+    w64 = pages.view(torch.int64).clone()  # (2, n_words)
+    delta = torch.tensor(-(1 << 63) if bit == 63 else 1 << bit, dtype=torch.int64)
+    w64[1, :words] ^= delta
+    changed = w64.view(torch.float16)
+    fps = page_fingerprints(torch.stack([pages[1], changed[1]]))
+    assert (fps[0] != fps[1]).all()
+
+
+def test_two_fp16_sign_flips_are_a_changed_page() -> None:
+    pages = _pages(1)
+    step = pages.clone()
+    flat = step[0].view(-1)
+    flat[3], flat[7] = -flat[3], -flat[7]  # the sign bits of words 0 and 1
+    assert (page_fingerprints(step) != page_fingerprints(pages)).all()
+
+
 def test_pages_that_are_not_whole_words_are_not_fingerprinted() -> None:
     assert page_fingerprints(torch.zeros(4, 3, dtype=torch.float16)) is None  # 6 bytes
     assert page_fingerprints(torch.zeros(0, 8)) is None

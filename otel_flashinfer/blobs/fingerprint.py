@@ -5,13 +5,19 @@ A decode step writes one token into the last page of each sequence: of the hundr
 pages a call references, a handful change.  Each call still copies every referenced page
 to the host (an asynchronous copy, no CPU), but the writer threads used to encode and
 sha256 every one of them (32 MB a call in the benchmark, most of level 10's whole cost).
-A fingerprint per page, two lanes of a multiply-add hash over its 64-bit words with
-fixed random odd weights, is a few kernels on the GPU.  Pages whose fingerprint the
-writer has seen before reuse that page's object (``PageMemo``); the others are hashed
-and stored as before, so every object is still named by the sha256 of its bytes.
+A fingerprint per page, two lanes of a multiply-add hash (mod 2**64) over its 32-bit
+halves with fixed random odd 64-bit weights, is a few kernels on the GPU.  Pages whose
+fingerprint the writer has seen before reuse that page's object (``PageMemo``); the
+others are hashed and stored as before, so every object is still named by the sha256
+of its bytes.
 
-Two pages that differ get the same fingerprint with probability about 2**-128 for data
-not built to collide (a linear hash: any one changed word always changes both lanes).
+Why halves, not the 64-bit words themselves: over whole words a change confined to
+the top bit is 2**63 times an odd weight, i.e. always 2**63, so two such changes in a
+page (two fp16 sign flips four elements apart) cancelled in both lanes and the page
+was taken for the old one.  A half's change is nonzero and under 2**32 in size, so at
+most 31 of its low bits are zero: each lane then misses a given change with
+probability at most 2**-32 over its weights, and the two lanes together 2**-64, for
+data not built to collide.  Any one changed half always changes both lanes.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ _weights: dict[tuple[str, int, int], torch.Tensor] = {}
 
 
 def weights(device: torch.device, words: int) -> torch.Tensor:
-    """The (LANES, words) int64 weights for pages of ``words`` words, odd, fixed for the
+    """The (LANES, words) int64 weights for pages of ``words`` halves, odd, fixed for the
     process (the memo that compares fingerprints is the process's own).  Made where they
     are used, by a kernel on the current stream: a copy from host memory would make the
     caller wait for the GPU.  Kept per stream, so that no stream reads them before the
@@ -56,10 +62,11 @@ def page_fingerprints(pages: torch.Tensor) -> torch.Tensor | None:
     nbytes = flat.shape[1] * flat.element_size()
     if n == 0 or nbytes == 0 or nbytes % 8 or not flat.is_contiguous():
         return None
-    words = flat.view(torch.uint8).view(torch.int64)
-    w = weights(words.device, words.shape[1])
+    # Each 32-bit half widened to int64 (signed: a change stays under 2**32 in size).
+    halves = flat.view(torch.uint8).view(torch.int32).to(torch.int64)
+    w = weights(halves.device, halves.shape[1])
     # Lane by lane: one page-sized temporary at a time, wrapping int64 arithmetic.
-    return torch.stack([(words * w[lane]).sum(dim=1) for lane in range(LANES)], dim=1)
+    return torch.stack([(halves * w[lane]).sum(dim=1) for lane in range(LANES)], dim=1)
 
 
 class PageMemo:
