@@ -791,3 +791,68 @@ def test_blob_url_of_a_missing_fsspec_package_names_the_variable(tmp_path):
     assert out.stdout.startswith("ConfigError OTEL_FLASHINFER_BLOB_URL='gs://bucket/x': "), (
         out.stdout, out.stderr)
     assert "gcsfs" in out.stdout and "Traceback" not in out.stderr
+
+
+HOLD_COUNTER_LOCK = textwrap.dedent('''
+    import fcntl, os, sys, time
+    fd = os.open(sys.argv[1], os.O_RDWR)
+    fcntl.lockf(fd, fcntl.LOCK_EX)
+    print("locked", flush=True)
+    time.sleep(float(sys.argv[2]))
+''')
+
+
+def _hold_counter_lock(path, seconds: float) -> subprocess.Popen:
+    """Another process sharing the store, holding the counter file's lock (its writer
+    on a slow disk, or a process stopped mid-look)."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_COUNTER_LOCK, str(path / layout.USAGE_DIR / "counter"),
+         str(seconds)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_a_call_never_waits_on_a_counter_file_another_process_holds(tmp_path):
+    """With no lease left, the call's look at the file gives up within a few ms: the
+    call goes on, its payload skipped as ``budget_busy`` and counted.  (It waited for the
+    other process's whole hold before: 1 s here.)"""
+    rec = BlobRecorder(settings(tmp_path), install_handlers=False)
+    first = record(rec, add, 5, 1, torch.ones(4), 1.0)
+    assert rec.flush(10) and first.skipped is None
+    rec.store.budget.give_back()  # as an idle writer does: the next call must look
+    holder = _hold_counter_lock(tmp_path, 1.0)
+    try:
+        t0 = time.perf_counter()
+        cap = rec.before("add", "m", "add", None, 5, 2, None, 0,
+                         inspect.signature(add).bind(torch.ones(4), 1.0))
+        waited = time.perf_counter() - t0
+    finally:
+        holder.wait()
+    assert cap.skipped == "budget_busy" and rec.counters["skipped.budget_busy"] == 1
+    assert waited < 0.3, waited
+    again = record(rec, add, 5, 3, torch.full((4,), 2.0), 1.0)  # the file is free again
+    assert rec.flush(10) and again.skipped is None
+
+
+def test_a_writer_waiting_on_the_counter_file_does_not_hold_up_calls(tmp_path):
+    """A writer's release that must look at the file while another process holds it
+    waits with the budget's own lock let go: calls spending their lease go on."""
+    budget = _budget(tmp_path, max_count=1000, max_bytes=10**9)
+    assert budget.reserve(1, 100) is None and _lease(budget)[0] >= 4
+    budget._lease._seen_at -= 1.0  # stale: the next release looks at the file
+    holder = _hold_counter_lock(tmp_path, 1.0)
+    try:
+        writer = threading.Thread(target=budget.release, args=(0, 50))
+        writer.start()
+        time.sleep(0.05)  # the writer is waiting on the file now
+        assert writer.is_alive()
+        t0 = time.perf_counter()
+        assert budget.reserve(1, 10) is None  # from the lease
+        waited = time.perf_counter() - t0
+    finally:
+        holder.wait()
+        writer.join(5)
+    assert waited < 0.3, waited
+    assert not writer.is_alive()
+    budget.close()
+    assert _counter(tmp_path) == (2, 60)

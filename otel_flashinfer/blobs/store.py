@@ -25,6 +25,7 @@ process: object stores have no cheap atomic counter.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import logging
@@ -60,6 +61,13 @@ _LEASE_CALLS = 8
 #: ... and at most 1/_LEASE_SHARE of either limit (large requests: up to 1/32 of bytes),
 #: so that what idle processes hold stays a small part of the budget.
 _LEASE_SHARE = 64
+#: The longest a traced call waits on the budget (another thread's look at the file, or
+#: another process holding the file's lock) before its payload is skipped as
+#: ``budget_busy``: the call itself never waits on the file.
+_CALLER_WAIT_S = 0.002
+BUSY = "budget_busy"
+#: How long a writer's release keeps trying a file locked by another process.
+_WRITER_WAIT_S = 1.0
 
 
 def parts_of(data: bytes | list) -> list:
@@ -95,6 +103,18 @@ def _lease_size(chunk: int, free: int) -> int:
 def _read_counter(fd: int) -> tuple[int, int]:
     raw = os.pread(fd, _COUNTER.size, 0)
     return _COUNTER.unpack(raw) if len(raw) == _COUNTER.size else (0, 0)
+
+
+def _try_lock(fd: int, deadline: float) -> bool:
+    """The file's exclusive lock without blocking, tried until ``deadline``."""
+    while True:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() >= deadline:
+                return False
+        time.sleep(0.0002)
 
 
 class _Lease:
@@ -151,31 +171,57 @@ class _Lease:
         return self._fd
 
     def reserve(self, calls: int, nbytes: int, max_count: int, max_bytes: int) -> str | None:
-        with self._lock:
-            fresh = time.monotonic() - self._seen_at < _FRESH_S
-            if fresh and calls <= self.calls and nbytes <= self.nbytes:
+        """On the traced call's thread: spend the lease; past it, one look at the file
+        that waits at most ``_CALLER_WAIT_S`` for the file's lock (``BUSY`` instead).
+        No thread holds ``_lock`` while it waits for the file's lock, so neither does
+        this call."""
+        with self._lock:  # held only for memory and non-blocking file work
+            if calls <= self.calls and nbytes <= self.nbytes:
+                # What is leased is counted in the file already: spending it can never
+                # pass a limit, however long ago the lease was taken.
                 self.calls -= calls
                 self.nbytes -= nbytes
                 return None
-            if fresh:  # a refusal stands until the next look
+            if time.monotonic() - self._seen_at < _FRESH_S:  # a refusal stands a while
                 reason = _over(*self._seen, calls - self.calls, nbytes - self.nbytes,
                                max_count, max_bytes)
                 if reason is not None and not (self.calls or self.nbytes):
                     return reason  # (holding a lease, the look below gives it back)
             self._largest = max(self._largest, nbytes)
-            return self._look(calls, nbytes, max_count, max_bytes)
+            return self._look(calls, nbytes, max_count, max_bytes, wait=False)
 
     def release(self, calls: int, nbytes: int, max_count: int, max_bytes: int) -> None:
+        """On a writer thread: credit the lease, and look at the file when the lease has
+        grown past two chunks, run out (a top-up here spares the next call its own
+        look), or gone stale.  Another process holding the file's lock is waited for
+        with ``_lock`` let go between tries, so no traced call waits behind it."""
         with self._lock:
             self.calls += calls
             self.nbytes += nbytes
             keep_calls, keep_bytes = self._keep
-            if (self.calls > 2 * keep_calls or self.nbytes > 2 * keep_bytes
+            if not (self.calls > 2 * keep_calls or self.nbytes > 2 * keep_bytes
+                    or self.calls == 0 < keep_calls
+                    or self.nbytes < min(self._largest, keep_bytes)
                     or time.monotonic() - self._seen_at >= _FRESH_S):
-                try:
-                    self._look(0, 0, max_count, max_bytes)
-                except OSError:  # credited to the lease already: the next look settles it
-                    log.debug("blob budget: %s not updated", self.path, exc_info=True)
+                return
+            if self._look_quietly(max_count, max_bytes):
+                return
+        deadline = time.monotonic() + _WRITER_WAIT_S
+        while time.monotonic() < deadline:
+            time.sleep(0.001)
+            with self._lock:
+                if self._look_quietly(max_count, max_bytes):
+                    return
+        log.debug("blob budget: %s stayed locked; the next look settles it", self.path)
+
+    def _look_quietly(self, max_count: int, max_bytes: int) -> bool:
+        """A writer's look (under ``_lock``): False only while another process holds the
+        file's lock.  A failed write is left to the next look (credited already)."""
+        try:
+            return self._look(0, 0, max_count, max_bytes, wait=False) != BUSY
+        except OSError:
+            log.debug("blob budget: %s not updated", self.path, exc_info=True)
+            return True
 
     def usage(self) -> tuple[int, int]:
         """What the file counts less this process's unused lease."""
@@ -186,26 +232,41 @@ class _Lease:
     def give_back(self, *, stop: bool = False) -> None:
         """Return the lease to the file; with ``stop``, take none from now on (every
         reservation goes to the file, exactly, as late writer releases still may)."""
-        if not self._lock.acquire(timeout=1.0):
-            return  # held by the thread a signal interrupted: keep it rather than hang
-        try:
-            self._closed = self._closed or stop
-            self._keep = (0, 0)  # a later release looks again rather than lease
-            if self.calls or self.nbytes:
-                self._look(0, 0, 0, 0)
-        except OSError:
-            log.debug("blob budget: lease not given back to %s", self.path, exc_info=True)
-        finally:
-            self._lock.release()
+        deadline = time.monotonic() + _WRITER_WAIT_S
+        while True:
+            if not self._lock.acquire(timeout=1.0):
+                return  # held by the thread a signal interrupted: keep it rather than hang
+            try:
+                self._closed = self._closed or stop
+                self._keep = (0, 0)  # a later release looks again rather than lease
+                if not (self.calls or self.nbytes) or self._look(0, 0, 0, 0, wait=False) != BUSY:
+                    return
+            except OSError:
+                log.debug("blob budget: lease not given back to %s", self.path, exc_info=True)
+                return
+            finally:
+                self._lock.release()
+            # Another process holds the file's lock: wait without holding ours (an idle
+            # writer gives its lease back while traced calls may come).
+            if time.monotonic() >= deadline:
+                log.debug("blob budget: %s stayed locked; lease kept", self.path)
+                return
+            time.sleep(0.001)
 
     def close(self) -> None:
         self.give_back(stop=True)
 
-    def _look(self, calls: int, nbytes: int, max_count: int, max_bytes: int) -> str | None:
+    def _look(self, calls: int, nbytes: int, max_count: int, max_bytes: int,
+              wait: bool = True) -> str | None:
         """One locked read-modify-write of the file: take what the reservation needs
-        beyond the lease, then set the lease to its new size (under ``self._lock``)."""
+        beyond the lease, then set the lease to its new size (under ``self._lock``).
+        ``wait=False``: ``BUSY``, nothing changed, if the file's lock is not had within
+        ``_CALLER_WAIT_S``."""
         fd = self._open()
-        fcntl.lockf(fd, fcntl.LOCK_EX)
+        if wait:
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+        elif not _try_lock(fd, time.monotonic() + _CALLER_WAIT_S):
+            return BUSY
         try:
             count, total = _read_counter(fd)
             need_calls = max(0, calls - self.calls)
