@@ -856,3 +856,32 @@ def test_a_writer_waiting_on_the_counter_file_does_not_hold_up_calls(tmp_path):
     assert not writer.is_alive()
     budget.close()
     assert _counter(tmp_path) == (2, 60)
+
+
+def _grow(x):
+    return x.repeat(100)
+
+
+class _Span:
+    """What a Pending writes on: a span record's attributes."""
+
+    def __init__(self) -> None:
+        self.attributes: dict = {}
+
+
+def test_outputs_left_out_are_said_on_the_span_and_counted(tmp_path):
+    """Inputs (4 KB) fit the 100 KB budget, outputs (400 KB) do not: the manifest keeps
+    the inputs, and the span and counters() say the outputs are missing (before: the
+    span looked complete and nothing was counted)."""
+    rec = BlobRecorder(settings(tmp_path, blob_max_gb=100e3 / 1024**3), install_handlers=False)
+    cap = record(rec, _grow, 1, 1, torch.arange(1000, dtype=torch.float32))
+    assert rec.flush(10) and cap.skipped is None
+    m = manifest.parse((tmp_path / cap.manifest_key).read_bytes(), "m")
+    assert m["skipped"] == "max_bytes" and m["result"] is None
+    assert m["args"][0]["value"]["t"] == "tensor"  # the input is there
+    span = _Span()
+    cap.pending(span).apply(span)
+    assert span.attributes == {"flashinfer.blob.manifest": cap.manifest_url,
+                               "flashinfer.blob.skipped": "outputs:max_bytes"}
+    assert rec.counters["outputs_skipped.max_bytes"] == 1
+    rec.shutdown(5)

@@ -110,6 +110,8 @@ class CallCapture:
         self.held: list[_Held] = []
         self.reserved_bytes = 0
         self.written_bytes = 0
+        #: Why the outputs were left out of a manifest that has the inputs (None: kept).
+        self.outputs_skipped: str | None = None
         self.done = threading.Event()
         self._state_lock = threading.Lock()
         self._finished = False
@@ -161,6 +163,8 @@ class BlobPending:
             record.attributes["flashinfer.blob.skipped"] = cap.skipped
         else:
             record.attributes["flashinfer.blob.manifest"] = cap.manifest_url
+            if cap.outputs_skipped is not None:
+                record.attributes["flashinfer.blob.skipped"] = f"outputs:{cap.outputs_skipped}"
 
     def abandon(self, record: Any, reason: str) -> None:
         """The span goes without waiting: point at the manifest still on its way."""
@@ -170,6 +174,8 @@ class BlobPending:
         else:
             attrs["flashinfer.blob.manifest"] = self.capture.manifest_url
             attrs["flashinfer.blob.unconfirmed"] = reason
+            if self.capture.outputs_skipped is not None:
+                attrs["flashinfer.blob.skipped"] = f"outputs:{self.capture.outputs_skipped}"
 
 
 class BlobRecorder:
@@ -493,9 +499,11 @@ class BlobRecorder:
                     self.store.budget.release(0, nbytes)
                     if type(exc) is not _Skip:
                         self._internal_error("copy")
-                    meta["skipped"] = str(exc) if type(exc) is _Skip else "error"
-            else:
-                meta["skipped"] = reason
+                    reason = str(exc) if type(exc) is _Skip else "error"
+            if reason is not None:
+                # The manifest keeps the inputs; the span and counters() say what is missing.
+                meta["skipped"] = cap.outputs_skipped = reason
+                self._count(f"outputs_skipped.{reason}")
         self._enqueue(cap)
 
     def _finish_inflight(self, status: str) -> None:
