@@ -885,3 +885,48 @@ def test_outputs_left_out_are_said_on_the_span_and_counted(tmp_path):
                                "flashinfer.blob.skipped": "outputs:max_bytes"}
     assert rec.counters["outputs_skipped.max_bytes"] == 1
     rec.shutdown(5)
+
+
+def _same(x):
+    return x
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
+def test_a_forked_child_does_not_inherit_the_parents_staged_bytes(tmp_path):
+    """The parent's writer was still storing a call at the fork: in the child those
+    8 KB stayed counted for good, and with a 10 KB pool every call of the child was
+    skipped as staging_full.  (Small tensors: torch's OpenMP pool does not survive a
+    fork, and copies this small do not use it.)"""
+    rec = BlobRecorder(settings(tmp_path), staging_mb=10_000 / 2**20, install_handlers=False)
+    gate = threading.Event()
+    real = rec.store.put_content
+
+    def slow(data, fmt):  # noqa: ANN001, ANN202 - the store is slow: the call waits
+        gate.wait(10)
+        return real(data, fmt)
+
+    rec.store.put_content = slow
+    x, y = torch.zeros(1000), torch.ones(1000)  # 4 KB in, 4 KB out each
+    cap = rec.before("_same", "m", "_same", None, 1, 1, None, 1,
+                     inspect.signature(_same).bind(x))
+    cap.after(_same(x), None)
+    assert rec.staging.used == 8000
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        try:
+            rec.store.put_content = real
+            c = rec.before("_same", "m", "_same", None, 2, 2, None, 2,
+                           inspect.signature(_same).bind(y))
+            c.after(_same(y), None)
+            ok = rec.flush(10)
+            os.write(w, json.dumps([rec.staging.used, c.skipped, ok]).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    used, skipped, ok = json.loads(os.read(r, 200).decode())
+    gate.set()
+    assert rec.flush(10) and rec.staging.used == 0
+    assert (used, skipped, ok) == (0, None, True)
+    rec.shutdown(5)

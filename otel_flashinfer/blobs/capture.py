@@ -204,27 +204,35 @@ class BlobRecorder:
         )
         if self.crash_safe:  # runs expected to crash keep no lease to leave behind
             self.store.close()
-        from .staging import StagingPool
-
-        self.staging = StagingPool(int(staging_mb * 1024 * 1024))
-        #: Device bytes of gathered pages waiting for the writer (``_Held.dev``): past
-        #: it, a call's pages are copied to the host whole, as without fingerprints.
-        self.device_hold = StagingPool(int(device_hold_mb * 1024 * 1024))
+        self._staging_bytes = int(staging_mb * 1024 * 1024)
+        self._device_hold_bytes = int(device_hold_mb * 1024 * 1024)
         self._copy_streams: dict[int, Any] = {}
         self.queue_max = queue_max
         self.writers = max(1, int(writers))
-        self._counter_lock = threading.Lock()
         self.counters = collections.Counter()
         self._logged: set[str] = set()
         self._plan_numel: dict[str, int] = {}
-        #: Pages stored before, by fingerprint: not encoded, hashed or stored again.
-        self.page_memo = PageMemo()
+        self._pid = os.getpid()
         self._init_process_state()
         if install_handlers:
             self._install_handlers()
 
     # -- process state (recreated in a forked child) -----------------------------------------
     def _init_process_state(self) -> None:
+        """At start, and in a forked child: what the parent's threads held (staged bytes
+        of calls they were writing, locks they may have held at the fork) is not the
+        child's."""
+        from .staging import StagingPool
+
+        if self._pid != os.getpid():
+            self.store.after_fork()
+        self.staging = StagingPool(self._staging_bytes)
+        #: Device bytes of gathered pages waiting for the writer (``_Held.dev``): past
+        #: it, a call's pages are copied to the host whole, as without fingerprints.
+        self.device_hold = StagingPool(self._device_hold_bytes)
+        self._counter_lock = threading.Lock()
+        #: Pages stored before, by fingerprint: not encoded, hashed or stored again.
+        self.page_memo = PageMemo()
         self._pid = os.getpid()
         start_ns = time.time_ns()
         self.process = layout.process_name(self._pid, start_ns)

@@ -326,6 +326,10 @@ class _Budget:
                 self._count, self._bytes = count + d_count, max(0, nbytes + d_bytes)
             return reason
 
+    def after_fork(self) -> None:
+        """A new lock in a forked child (the lease has a fork hook of its own)."""
+        self._lock = threading.RLock()
+
     def reserve(self, calls: int, nbytes: int) -> str | None:
         """Take ``calls`` and ``nbytes`` from the budget; the reason string if over."""
         if self._lease is None:
@@ -391,6 +395,12 @@ class BlobStore:
         """Give this process's budget lease back to the shared counter (the store stays
         usable; later reservations go to the counter file one by one)."""
         self.budget.close()
+
+    def after_fork(self) -> None:
+        """In a forked child: new locks (a parent's thread may have held one at the
+        fork); the lease resets itself on its own fork hook."""
+        self._land_lock = threading.Lock()
+        self.budget.after_fork()
 
     # -- URLs and paths ---------------------------------------------------------
     def path(self, key: str) -> str:
