@@ -930,3 +930,35 @@ def test_a_forked_child_does_not_inherit_the_parents_staged_bytes(tmp_path):
     assert rec.flush(10) and rec.staging.used == 0
     assert (used, skipped, ok) == (0, None, True)
     rec.shutdown(5)
+
+
+def test_a_crash_safe_call_is_listed_once(tmp_path):
+    """CRASH_SAFE notes a call before it runs and again with its outputs: the listing
+    had two entries (ls counted the call twice, pull --process fetched it twice)."""
+    from otel_flashinfer.blobs import index
+
+    rec = BlobRecorder(settings(tmp_path, crash_safe=True), install_handlers=False)
+    record(rec, add, 1, 1, torch.ones(5), torch.full((5,), 2.0))
+    assert rec.flush(10)
+    calls = index.list_calls(rec.store, rec.process)
+    assert [(c["span_id"], c["bytes"]) for c in calls] == [(f"{1:016x}", 60)]
+    names = list((tmp_path / layout.process_calls_prefix(rec.process)).iterdir())
+    assert len(names) == 1  # the early entry is gone, not only hidden
+    assert index.describe_store(rec.store)[0]["calls"] == 1
+    rec.shutdown(5)
+
+
+def test_a_call_noted_twice_by_a_process_that_died_between_is_listed_once(tmp_path):
+    from otel_flashinfer.blobs import index
+
+    store = BlobStore(str(tmp_path))
+    process = layout.process_name(1, 7)
+    writer = index.IndexWriter(store, process, 1, 7)
+    meta = {"start_ns": 5, "span_id": "00000000000000aa", "trace_id": "0" * 31 + "1",
+            "api": "add", "qualname": "add"}
+    other = {**meta, "start_ns": 6, "span_id": "00000000000000bb"}
+    writer.note(meta, 40)
+    writer.note(other, 10)
+    writer.note(meta, 60)  # no ``replaces``: the process died before removing the first
+    assert [(c["span_id"][-2:], c["bytes"]) for c in index.list_calls(store, process)] == [
+        ("aa", 60), ("bb", 10)]

@@ -112,6 +112,8 @@ class CallCapture:
         self.written_bytes = 0
         #: Why the outputs were left out of a manifest that has the inputs (None: kept).
         self.outputs_skipped: str | None = None
+        #: The call's process-listing entry, once noted (``CRASH_SAFE`` notes it twice).
+        self.index_key: str | None = None
         self.done = threading.Event()
         self._state_lock = threading.Lock()
         self._finished = False
@@ -689,7 +691,7 @@ class BlobRecorder:
     def _note(self, cap: CallCapture) -> None:
         """Index a written call; a failure loses the index entry, not the call."""
         try:
-            self.index.note(cap.meta, cap.written_bytes)
+            cap.index_key = self.index.note(cap.meta, cap.written_bytes, cap.index_key)
         except Exception:  # noqa: BLE001
             self._internal_error("index")
             self._count("index_errors")

@@ -54,20 +54,26 @@ class IndexWriter:
                                 json.dumps(info, sort_keys=True).encode())
         self._info_written = True
 
-    def note(self, meta: dict, nbytes: int) -> None:
+    def note(self, meta: dict, nbytes: int, replaces: str | None = None) -> str:
         """Index one call whose manifest is written: its process listing, and its
-        object's chain if it is an ``__init__``/``plan*``."""
+        object's chain if it is an ``__init__``/``plan*``.  Returns the listing entry's
+        key; ``replaces``: an earlier entry of the same call (``CRASH_SAFE`` notes a call
+        before it runs, with fewer bytes), removed once this one is there."""
         if not self._info_written:
             self._write_info()
         start, span, trace = meta["start_ns"], meta["span_id"], meta["trace_id"]
         name = layout.call_entry_name(start, span, trace, nbytes, meta["api"])
-        self.store.put_marker(f"{layout.process_calls_prefix(self.process)}/{name}")
+        key = f"{layout.process_calls_prefix(self.process)}/{name}"
+        self.store.put_marker(key)
+        if replaces is not None and replaces != key:
+            self.store.remove(replaces)
         instance = meta.get("instance_id")
         method = meta["qualname"].rsplit(".", 1)[-1]
         if instance and (method == "__init__" or method.startswith("plan")):
             chain = layout.chain_entry_name(start, span, trace, method)
             self.store.put_manifest(
                 f"{layout.instance_prefix(self.process, instance)}/{chain}", b"")
+        return key
 
 
 # -- reading (untrusted) ----------------------------------------------------------------
@@ -138,10 +144,16 @@ def _entries(store: BlobStore, prefix: str, parse: Any) -> list[dict]:
 
 def list_calls(store: BlobStore, process: str) -> list[dict]:
     """A process' call entries in call order, each with ``manifest`` (its key)."""
-    out = _entries(store, layout.process_calls_prefix(process), layout.parse_call_entry)
-    for entry in out:
+    entries = _entries(store, layout.process_calls_prefix(process), layout.parse_call_entry)
+    # One entry per call: a CRASH_SAFE call noted before it ran and again after keeps
+    # the later (more bytes) if the process died between the two.
+    latest: dict[tuple, dict] = {}
+    for entry in entries:
         entry["process"] = process
-    return out
+        key = (entry["trace_id"], entry["span_id"])
+        if key not in latest or entry["bytes"] > latest[key]["bytes"]:
+            latest[key] = entry
+    return [e for e in entries if latest[(e["trace_id"], e["span_id"])] is e]
 
 
 def list_chain(store: BlobStore, process: str, instance_id: str) -> list[dict]:

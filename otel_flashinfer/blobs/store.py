@@ -482,6 +482,13 @@ class BlobStore:
         flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
         os.close(self._in_folder(path, lambda: os.open(path, flags, 0o644)))
 
+    def remove(self, key: str) -> None:
+        """Delete an object of ours (an index entry replaced); gone already is fine."""
+        try:
+            self.fs.rm_file(self.path(key))
+        except FileNotFoundError:
+            pass
+
     def _land(self, tmp: str, key: str) -> bool:
         """Rename a synced temp file to ``key`` unless the object is there already
         (then the temp is deleted); whether this call put it there."""
