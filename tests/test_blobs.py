@@ -962,3 +962,79 @@ def test_a_call_noted_twice_by_a_process_that_died_between_is_listed_once(tmp_pa
     writer.note(meta, 60)  # no ``replaces``: the process died before removing the first
     assert [(c["span_id"][-2:], c["bytes"]) for c in index.list_calls(store, process)] == [
         ("aa", 60), ("bb", 10)]
+
+
+class _PagedWrapper:
+    """Stands in for BatchDecodeWithPagedKVCacheWrapper: its plan fills the index
+    buffer its run gathers pages by."""
+
+    def __init__(self) -> None:
+        self._paged_kv_indices_buf = torch.zeros(64, dtype=torch.int32)
+
+    def plan(self, indices):  # noqa: ANN001, ANN201
+        self._paged_kv_indices_buf[: indices.numel()] = indices
+
+    def run(self, q, paged_kv_cache):  # noqa: ANN001, ANN201
+        return q
+
+
+def _page_ids(tmp_path, cap) -> list[int]:  # noqa: ANN001
+    m = manifest.parse((tmp_path / cap.manifest_key).read_bytes(), "m")
+    return next(a for a in m["args"] if a["name"] == "paged_kv_cache")["value"]["page_ids"]
+
+
+def test_a_plan_whose_payload_is_skipped_still_sets_the_runs_page_count(tmp_path):
+    """The second plan (4 pages) was skipped (queue full), and the run gathered by the
+    first plan's count: pages 9 and 10, which it reads, were not in its manifest."""
+    rec = BlobRecorder(settings(tmp_path), install_handlers=False)
+    w = _PagedWrapper()
+    iid = f"{os.getpid()}:{id(w)}"
+    cache = torch.randn(32, 2, 4, 8)
+
+    def call(fn, span, *args):  # noqa: ANN001, ANN002, ANN202
+        cap = rec.before(fn.__qualname__, "m", fn.__qualname__, iid, 1, span, None, span,
+                         inspect.signature(fn).bind(*args))
+        out = fn(*args)
+        cap.after(out, None)
+        return cap
+
+    call(_PagedWrapper.plan, 1, w, torch.tensor([3, 4], dtype=torch.int32))
+    rec.queue_max, queue_max = 0, rec.queue_max
+    assert call(_PagedWrapper.plan, 2, w, torch.tensor([3, 4, 9, 10], dtype=torch.int32)
+                ).skipped == "queue_full"
+    rec.queue_max = queue_max
+    run = call(_PagedWrapper.run, 3, w, torch.ones(2), cache)
+    assert rec.flush(10)
+    assert _page_ids(tmp_path, run) == [3, 4, 9, 10]
+    rec.shutdown(5)
+
+
+def test_a_filtered_out_plan_still_sets_the_runs_page_count(tmp_path):
+    """BLOB_EXCLUDE="*.plan": the plans' payloads are left out, the runs' pages are not."""
+    from otel_flashinfer.blobs.hooks import make_hooks
+    from otel_flashinfer.pipeline import CallRecord
+    from otel_flashinfer.spans import ArgPlan
+
+    conf = settings(tmp_path, blob_exclude=("*.plan",))
+    rec = BlobRecorder(conf, install_handlers=False)
+    before, after = make_hooks(conf, rec)
+    w = _PagedWrapper()
+    cache = torch.randn(32, 2, 4, 8)
+
+    def call(fn, name, span, *args):  # noqa: ANN001, ANN002, ANN202
+        record = CallRecord.for_call(name, 1, span, None, {})
+        record.instance = id(w)
+        state = before(record, ArgPlan(fn, True), (w, *args), {})
+        out = fn(w, *args)
+        after(record, state, out, None)
+        return state
+
+    assert call(_PagedWrapper.plan, "W.plan", 1, torch.tensor([3, 4], dtype=torch.int32)
+                ).skipped == "filtered"
+    first = call(_PagedWrapper.run, "W.run", 2, torch.ones(2), cache)
+    call(_PagedWrapper.plan, "W.plan", 3, torch.tensor([3, 4, 9, 10], dtype=torch.int32))
+    second = call(_PagedWrapper.run, "W.run", 4, torch.ones(2), cache)
+    assert rec.flush(10)
+    assert _page_ids(tmp_path, first) == [3, 4]
+    assert _page_ids(tmp_path, second) == [3, 4, 9, 10]
+    rec.shutdown(5)

@@ -319,6 +319,7 @@ class BlobRecorder:
                 start_ns, bound_args) -> CallCapture:
         if os.getpid() != self._pid:
             self._init_process_state()
+        self.note_plan(instance_id, bound_args)  # also for a plan whose payload is skipped
         if len(self._queue) >= self.queue_max:
             self.counters["skipped.queue_full"] += 1
             return CallCapture(self, None, "queue_full")
@@ -341,8 +342,6 @@ class BlobRecorder:
                 ref = self._collector(pending, None)
             entries.append({"name": name, "kind": kind,
                             "value": manifest.plain_value(value, ref)})
-            if instance_id and name in PLAN_INDEX_ARG_NAMES and isinstance(value, torch.Tensor):
-                self._plan_numel[instance_id] = value.numel()
         meta["args"] = entries
         cap = CallCapture(self, meta, None)
         nbytes = sum(_estimate(src, paged_info) for _, (src, paged_info) in pending)
@@ -367,6 +366,20 @@ class BlobRecorder:
         if self.crash_safe:
             self._write_now(cap)
         return cap
+
+    def note_plan(self, instance_id: str | None, bound_args: Any) -> None:
+        """A plan's page count (its index tensor's length), which the object's later runs
+        gather pages by.  Noted for every plan that reaches level 10, its payload kept or
+        not (filtered, queue full): a run after a plan left unnoted gathered by the count
+        before it and left out the pages the new plan added."""
+        if not instance_id:
+            return
+        args = bound_args.arguments if isinstance(bound_args, inspect.BoundArguments) \
+            else bound_args
+        for name in PLAN_INDEX_ARG_NAMES:
+            value = args.get(name)
+            if isinstance(value, torch.Tensor):
+                self._plan_numel[instance_id] = value.numel()
 
     def _collector(self, pending: list, paged: tuple | None):
         def ref(tensor: torch.Tensor) -> dict:

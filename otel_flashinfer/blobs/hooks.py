@@ -46,7 +46,9 @@ def make_hooks(settings: Settings, recorder: BlobRecorder) -> tuple[Any, Any]:
                         getattr(settings, "blob_exclude", ()))
 
     def before(record: CallRecord, plan: Any, args: tuple, kwargs: dict) -> Any:
-        if not wanted(record.name):
+        keep = wanted(record.name)
+        is_plan = plan.qualname.rsplit(".", 1)[-1].startswith("plan")
+        if not keep and not is_plan:
             recorder.counters["skipped.filtered"] += 1
             return CallCapture(recorder, None, "filtered")
         signature = plan.signature
@@ -60,6 +62,10 @@ def make_hooks(settings: Settings, recorder: BlobRecorder) -> tuple[Any, Any]:
             recorder.counters["skipped.bad_arguments"] += 1
             return CallCapture(recorder, None, "bad_arguments")
         instance_id = record.instance_id()
+        if not keep:  # a plan filtered out: its runs still need its page count
+            recorder.note_plan(instance_id, bound)
+            recorder.counters["skipped.filtered"] += 1
+            return CallCapture(recorder, None, "filtered")
         if graphs.capture_state() is not None:
             return _graph.capture_inputs(recorder, record.name, plan.module, plan.qualname,
                                          instance_id, bound)
