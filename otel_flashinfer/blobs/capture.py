@@ -426,7 +426,9 @@ class BlobRecorder:
                 if src.device.type != "cpu":
                     streams.setdefault(src.device, []).append(held)
             for device, helds in streams.items():
-                event = torch.cuda.Event()
+                # blocking: the writer that waits on it sleeps rather than spins (a spin
+                # is CPU the whole process pays while the GPU catches up)
+                event = torch.cuda.Event(blocking=True)
                 event.record(torch.cuda.current_stream(device))
                 for held in helds:
                     held.event = event
