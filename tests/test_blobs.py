@@ -1038,3 +1038,20 @@ def test_a_filtered_out_plan_still_sets_the_runs_page_count(tmp_path):
     assert _page_ids(tmp_path, first) == [3, 4]
     assert _page_ids(tmp_path, second) == [3, 4, 9, 10]
     rec.shutdown(5)
+
+
+def test_the_stores_memory_of_written_objects_is_bounded(tmp_path, monkeypatch):
+    """Every object key was remembered for the life of the process; a store deleted
+    under a long run is also written again once forgotten."""
+    monkeypatch.setattr(store_mod, "_KNOWN_MAX", 8)
+    store = BlobStore(str(tmp_path))
+    keys = []
+    for i in range(20):
+        data = f"object {i}".encode()
+        key = layout.object_key(hashlib.sha256(data).hexdigest(), "safetensors")
+        assert store.put_object(key, data) == len(data)
+        keys.append(key)
+        assert len(store._known) <= 8
+    (tmp_path / keys[0]).unlink()  # cleaned up under the running process
+    assert store.put_object(keys[0], b"object 0") == 8
+    assert (tmp_path / keys[0]).read_bytes() == b"object 0"

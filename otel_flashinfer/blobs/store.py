@@ -66,6 +66,8 @@ _LEASE_SHARE = 64
 #: ``budget_busy``: the call itself never waits on the file.
 _CALLER_WAIT_S = 0.002
 BUSY = "budget_busy"
+#: Object keys a store remembers as written before it forgets them all (``_remember``).
+_KNOWN_MAX = 1 << 16
 #: How long a writer's release keeps trying a file locked by another process.
 _WRITER_WAIT_S = 1.0
 
@@ -495,12 +497,20 @@ class BlobStore:
         path = self.path(key)
         with self._land_lock:
             if key in self._known or os.path.exists(path):
-                self._known.add(key)
+                self._remember(key)
                 _unlink_quietly(tmp)
                 return False
             os.replace(tmp, path)  # the temp file sits in the same folder
-            self._known.add(key)
+            self._remember(key)
             return True
+
+    def _remember(self, key: str) -> None:
+        """Objects known stored, so that a dedup costs no stat; bounded (a long run
+        stores millions), and forgetting costs one stat per object later."""
+        known = self._known
+        if len(known) >= _KNOWN_MAX:
+            known.clear()
+        known.add(key)
 
     def has_object(self, key: str) -> bool:
         """Whether an object is already stored (remembered once seen)."""
@@ -508,7 +518,7 @@ class BlobStore:
             return True
         exists = os.path.exists(self.path(key)) if self.local else self.fs.exists(self.path(key))
         if exists:
-            self._known.add(key)
+            self._remember(key)
         return exists
 
     def put_object(self, key: str, data: bytes | list) -> int:
@@ -518,7 +528,7 @@ class BlobStore:
             return 0
         if not self.local:
             self._write_atomic(key, data)
-            self._known.add(key)
+            self._remember(key)
             return _nbytes(parts_of(data))
         tmp = self._write_temp(self.path(key), parts_of(data))
         try:
