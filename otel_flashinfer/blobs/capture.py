@@ -496,7 +496,9 @@ class BlobRecorder:
         self._inflight.pop(id(cap), None)
         self._release_held(cap)
         if cap.meta is not None:
-            self.store.budget.release(1, max(0, cap.reserved_bytes - cap.written_bytes))
+            # Often on the call's thread: credit the lease only (a writer settles it).
+            self.store.budget.release(1, max(0, cap.reserved_bytes - cap.written_bytes),
+                                      settle=False)
         self._count(f"skipped.{reason}")
         cap.skipped = reason
         cap.meta = None
@@ -521,7 +523,7 @@ class BlobRecorder:
                     meta["result"] = value
                 except Exception as exc:  # noqa: BLE001 - the inputs are kept either way
                     del cap.held[first:]
-                    self.store.budget.release(0, nbytes)
+                    self.store.budget.release(0, nbytes, settle=False)  # the call's thread
                     if type(exc) is not _Skip:
                         self._internal_error("copy")
                     reason = str(exc) if type(exc) is _Skip else "error"

@@ -68,6 +68,9 @@ _CALLER_WAIT_S = 0.002
 BUSY = "budget_busy"
 #: Object keys a store remembers as written before it forgets them all (``_remember``).
 _KNOWN_MAX = 1 << 16
+#: After a call found the file held, the calls in the next this many seconds skip as
+#: ``BUSY`` without trying (they would each wait ``_CALLER_WAIT_S`` behind ``_lock``).
+_BUSY_S = 0.01
 #: How long a writer's release keeps trying a file locked by another process.
 _WRITER_WAIT_S = 1.0
 
@@ -108,13 +111,17 @@ def _read_counter(fd: int) -> tuple[int, int]:
 
 
 def _try_lock(fd: int, deadline: float) -> bool:
-    """The file's exclusive lock without blocking, tried until ``deadline``."""
+    """The file's exclusive lock without blocking, tried until ``deadline`` (at least
+    once); False while another process holds it.  Other errors (a file system without
+    locks: ENOLCK, ENOSYS) are raised, not taken for contention."""
     while True:
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return True
         except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() >= deadline:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            if time.monotonic() >= deadline:
                 return False
         time.sleep(0.0002)
 
@@ -157,6 +164,7 @@ class _Lease:
         self._keep = (0, 0)  # the lease the last look settled on
         self._seen = (0, 0)  # the file's counts after the last look
         self._seen_at = -math.inf
+        self._busy_at = -math.inf  # when a call last found the file held
 
     def _open(self) -> int:
         if self._pid != os.getpid():
@@ -174,10 +182,10 @@ class _Lease:
 
     def reserve(self, calls: int, nbytes: int, max_count: int, max_bytes: int) -> str | None:
         """On the traced call's thread: spend the lease; past it, one look at the file
-        that waits at most ``_CALLER_WAIT_S`` for the file's lock (``BUSY`` instead).
-        No thread holds ``_lock`` while it waits for the file's lock, so neither does
-        this call."""
-        with self._lock:  # held only for memory and non-blocking file work
+        that waits ``_CALLER_WAIT_S`` at most for the file's lock (``BUSY`` past that,
+        and for ``_BUSY_S`` after, without trying).  Other threads hold ``_lock`` for
+        memory work and single non-blocking tries at the file, never while they wait."""
+        with self._lock:
             if calls <= self.calls and nbytes <= self.nbytes:
                 # What is leased is counted in the file already: spending it can never
                 # pass a limit, however long ago the lease was taken.
@@ -189,19 +197,28 @@ class _Lease:
                                max_count, max_bytes)
                 if reason is not None and not (self.calls or self.nbytes):
                     return reason  # (holding a lease, the look below gives it back)
+            now = time.monotonic()
+            if now - self._busy_at < _BUSY_S:
+                return BUSY  # found held just now: the calls behind do not queue up
             self._largest = max(self._largest, nbytes)
-            return self._look(calls, nbytes, max_count, max_bytes, wait=False)
+            reason = self._look(calls, nbytes, max_count, max_bytes, now + _CALLER_WAIT_S)
+            if reason == BUSY:
+                self._busy_at = time.monotonic()
+            return reason
 
-    def release(self, calls: int, nbytes: int, max_count: int, max_bytes: int) -> None:
-        """On a writer thread: credit the lease, and look at the file when the lease has
-        grown past two chunks, run out (a top-up here spares the next call its own
-        look), or gone stale.  Another process holding the file's lock is waited for
-        with ``_lock`` let go between tries, so no traced call waits behind it."""
+    def release(self, calls: int, nbytes: int, max_count: int, max_bytes: int,
+                settle: bool = True) -> None:
+        """Credit the lease.  With ``settle`` (a writer thread), also look at the file when
+        the lease has grown past two chunks, run out (a top-up here spares the next call
+        its own look), or gone stale; another process holding the file's lock is waited
+        for with ``_lock`` let go between single tries.  A traced call's thread (a
+        payload dropped) passes ``settle=False``: crediting is always safe, and the next
+        writer's release settles the file."""
         with self._lock:
             self.calls += calls
             self.nbytes += nbytes
             keep_calls, keep_bytes = self._keep
-            if not (self.calls > 2 * keep_calls or self.nbytes > 2 * keep_bytes
+            if not settle or not (self.calls > 2 * keep_calls or self.nbytes > 2 * keep_bytes
                     or self.calls == 0 < keep_calls
                     or self.nbytes < min(self._largest, keep_bytes)
                     or time.monotonic() - self._seen_at >= _FRESH_S):
@@ -217,10 +234,11 @@ class _Lease:
         log.debug("blob budget: %s stayed locked; the next look settles it", self.path)
 
     def _look_quietly(self, max_count: int, max_bytes: int) -> bool:
-        """A writer's look (under ``_lock``): False only while another process holds the
-        file's lock.  A failed write is left to the next look (credited already)."""
+        """A writer's single try at the file (under ``_lock``): False only while another
+        process holds the file's lock.  A failed write is left to the next look (the
+        lease is credited already)."""
         try:
-            return self._look(0, 0, max_count, max_bytes, wait=False) != BUSY
+            return self._look(0, 0, max_count, max_bytes, deadline=0.0) != BUSY
         except OSError:
             log.debug("blob budget: %s not updated", self.path, exc_info=True)
             return True
@@ -241,7 +259,7 @@ class _Lease:
             try:
                 self._closed = self._closed or stop
                 self._keep = (0, 0)  # a later release looks again rather than lease
-                if not (self.calls or self.nbytes) or self._look(0, 0, 0, 0, wait=False) != BUSY:
+                if not (self.calls or self.nbytes) or self._look(0, 0, 0, 0, 0.0) != BUSY:
                     return
             except OSError:
                 log.debug("blob budget: lease not given back to %s", self.path, exc_info=True)
@@ -259,15 +277,13 @@ class _Lease:
         self.give_back(stop=True)
 
     def _look(self, calls: int, nbytes: int, max_count: int, max_bytes: int,
-              wait: bool = True) -> str | None:
+              deadline: float) -> str | None:
         """One locked read-modify-write of the file: take what the reservation needs
         beyond the lease, then set the lease to its new size (under ``self._lock``).
-        ``wait=False``: ``BUSY``, nothing changed, if the file's lock is not had within
-        ``_CALLER_WAIT_S``."""
+        ``BUSY``, nothing changed, if the file's lock is not had by ``deadline`` (a
+        monotonic time; one try when it has passed)."""
         fd = self._open()
-        if wait:
-            fcntl.lockf(fd, fcntl.LOCK_EX)
-        elif not _try_lock(fd, time.monotonic() + _CALLER_WAIT_S):
+        if not _try_lock(fd, deadline):
             return BUSY
         try:
             count, total = _read_counter(fd)
@@ -338,12 +354,13 @@ class _Budget:
             return self._update(calls, nbytes, check=True)
         return self._lease.reserve(calls, nbytes, self.max_count, self.max_bytes)
 
-    def release(self, calls: int, nbytes: int) -> None:
-        """Give back what a reservation did not use."""
+    def release(self, calls: int, nbytes: int, settle: bool = True) -> None:
+        """Give back what a reservation did not use; ``settle=False`` on a traced call's
+        thread (see ``_Lease.release``)."""
         if self._lease is None:
             self._update(-calls, -nbytes, check=False)
         else:
-            self._lease.release(calls, nbytes, self.max_count, self.max_bytes)
+            self._lease.release(calls, nbytes, self.max_count, self.max_bytes, settle)
 
     def usage(self) -> tuple[int, int]:
         """(calls, bytes) currently counted: reserved or written, not merely leased."""
