@@ -62,8 +62,9 @@ def make_hooks(settings: Settings, recorder: BlobRecorder) -> tuple[Any, Any]:
             recorder.counters["skipped.bad_arguments"] += 1
             return CallCapture(recorder, None, "bad_arguments")
         instance_id = record.instance_id()
-        if not keep:  # a plan filtered out: its runs still need its page count
+        if is_plan:  # its runs gather pages by its count, whatever becomes of its payload
             recorder.note_plan(instance_id, bound)
+        if not keep:
             recorder.counters["skipped.filtered"] += 1
             return CallCapture(recorder, None, "filtered")
         if graphs.capture_state() is not None:
