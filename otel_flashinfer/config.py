@@ -203,13 +203,15 @@ def _blob_url(text: str) -> str:
 
 def _check_protocol(scheme: str) -> None:
     """An unknown protocol is the variable's error now, not a traceback at the first
-    blob.  Only fsspec's registry is read: the implementation (s3fs, gcsfs) is
-    imported when the store opens, so a missing package is named there."""
+    blob.  A known one whose package is missing (gs:// without gcsfs) passes here: the
+    store names the package when it opens.  Protocols registered at run time
+    (``fsspec.register_implementation``) are known too."""
     try:
         import fsspec
     except ImportError:  # level 10 names the missing package when it starts
         return
-    known = set(fsspec.available_protocols())
+    # Names only, no import: the lazily known ones and those registered as classes.
+    known = set(fsspec.available_protocols()) | set(fsspec.registry)
     if scheme not in known:  # fsspec's lookup is case-sensitive too
         raise ValueError(
             f"has a URL scheme {scheme!r} that fsspec does not know "

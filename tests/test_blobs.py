@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
 import gc
 import hashlib
@@ -1055,3 +1056,71 @@ def test_the_stores_memory_of_written_objects_is_bounded(tmp_path, monkeypatch):
     (tmp_path / keys[0]).unlink()  # cleaned up under the running process
     assert store.put_object(keys[0], b"object 0") == 8
     assert (tmp_path / keys[0]).read_bytes() == b"object 0"
+
+
+def test_a_payload_dropped_on_the_calls_thread_does_not_wait_on_the_counter_file(tmp_path):
+    """A call whose copies do not fit the staging pool gives its reservation back on
+    its own thread: that release looked at the file, and waited out another process's
+    hold on it (1 s in review)."""
+    rec = BlobRecorder(settings(tmp_path), staging_mb=10_000 / 2**20, install_handlers=False)
+    assert record(rec, add, 6, 1, torch.ones(4), 1.0).skipped is None
+    assert rec._idle.wait(10)  # written (flush would give the lease back)
+    assert rec.store.budget._lease.calls > 0
+    rec.store.budget._lease._seen_at -= 1.0  # stale: a settling release would look
+    holder = _hold_counter_lock(tmp_path, 1.0)
+    try:
+        t0 = time.perf_counter()
+        cap = rec.before("add", "m", "add", None, 6, 2, None, 0,
+                         inspect.signature(add).bind(torch.ones(100_000), 1.0))
+        waited = time.perf_counter() - t0
+    finally:
+        holder.wait()
+    assert cap.skipped == "staging_full"
+    assert waited < 0.3, waited
+    rec.shutdown(5)
+
+
+def test_a_file_system_without_locks_is_an_error_not_contention(tmp_path, monkeypatch):
+    """ENOLCK (NFS without lockd) was taken for another process's hold: every call was
+    skipped as budget_busy, silently.  It is an internal error now, logged and counted."""
+    rec = BlobRecorder(settings(tmp_path), install_handlers=False)
+    rec.store.budget.give_back()
+
+    def no_locks(fd, how, *args):  # noqa: ANN001, ANN002, ANN202
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
+    cap = record(rec, add, 7, 1, torch.ones(4), 1.0)
+    assert cap.skipped == "error" and rec.counters["internal_errors"] >= 1
+    monkeypatch.undo()
+    rec.shutdown(5)
+
+
+def test_a_plan_inside_a_capture_still_sets_the_runs_page_count(tmp_path, monkeypatch):
+    from otel_flashinfer.blobs import hooks as hooks_mod
+    from otel_flashinfer.pipeline import CallRecord
+    from otel_flashinfer.spans import ArgPlan
+
+    conf = settings(tmp_path)
+    rec = BlobRecorder(conf, install_handlers=False)
+    before, after = hooks_mod.make_hooks(conf, rec)
+    w = _PagedWrapper()
+    cache = torch.randn(32, 2, 4, 8)
+
+    def call(fn, name, span, *args):  # noqa: ANN001, ANN002, ANN202
+        record = CallRecord.for_call(name, 1, span, None, {})
+        record.instance = id(w)
+        state = before(record, ArgPlan(fn, True), (w, *args), {})
+        out = fn(w, *args)
+        after(record, state, out, None)
+        return state
+
+    call(_PagedWrapper.plan, "W.plan", 1, torch.tensor([3, 4], dtype=torch.int32))
+    monkeypatch.setattr(hooks_mod, "_capturing_unseen", lambda: True)
+    assert call(_PagedWrapper.plan, "W.plan", 2, torch.tensor([3, 4, 9, 10], dtype=torch.int32)
+                ).skipped == "capturing"
+    monkeypatch.undo()
+    run = call(_PagedWrapper.run, "W.run", 3, torch.ones(2), cache)
+    assert rec.flush(10)
+    assert _page_ids(tmp_path, run) == [3, 4, 9, 10]
+    rec.shutdown(5)

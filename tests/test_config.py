@@ -87,6 +87,18 @@ def test_known_blob_urls_parse(url: str) -> None:
     assert load_settings({"OTEL_FLASHINFER_BLOB_URL": url}).blob_url == url
 
 
+def test_a_protocol_registered_at_run_time_is_known() -> None:
+    fsspec = pytest.importorskip("fsspec")
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class Registered(MemoryFileSystem):
+        protocol = "otelfitest"
+
+    fsspec.register_implementation("otelfitest", Registered, clobber=True)
+    url = "otelfitest://bucket/x"
+    assert load_settings({"OTEL_FLASHINFER_BLOB_URL": url}).blob_url == url
+
+
 def test_empty_level_is_off_as_the_start_up_hook_reads_it() -> None:
     assert load_settings({"OTEL_FLASHINFER_LEVEL": " "}).level == 0
     assert load_settings({"OTEL_FLASHINFER_LEVEL": ""}, level=10).level == 10
