@@ -38,6 +38,7 @@ import threading
 import time
 import uuid
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import fsspec
@@ -61,9 +62,8 @@ _LEASE_CALLS = 8
 #: ... and at most 1/_LEASE_SHARE of either limit (large requests: up to 1/32 of bytes),
 #: so that what idle processes hold stays a small part of the budget.
 _LEASE_SHARE = 64
-#: The longest a traced call waits on the budget (another thread's look at the file, or
-#: another process holding the file's lock) before its payload is skipped as
-#: ``budget_busy``: the call itself never waits on the file.
+#: The longest a traced call waits for the counter file's lock (another process holding
+#: it) before its payload is skipped as ``budget_busy``.
 _CALLER_WAIT_S = 0.002
 BUSY = "budget_busy"
 #: Object keys a store remembers as written before it forgets them all (``_remember``).
@@ -225,12 +225,22 @@ class _Lease:
                 return
             if self._look_quietly(max_count, max_bytes):
                 return
+        self._retry(lambda: self._look_quietly(max_count, max_bytes))
+
+    def _retry(self, attempt: Callable[[], bool]) -> None:
+        """Another process holds the file's lock: ``attempt`` again (under ``_lock``)
+        until it says done or ``_WRITER_WAIT_S`` has passed, sleeping between tries
+        without holding ``_lock``, so that no traced call waits behind it."""
         deadline = time.monotonic() + _WRITER_WAIT_S
         while time.monotonic() < deadline:
             time.sleep(0.001)
-            with self._lock:
-                if self._look_quietly(max_count, max_bytes):
+            if not self._lock.acquire(timeout=1.0):
+                return  # held by the thread a signal interrupted: keep it rather than hang
+            try:
+                if attempt():
                     return
+            finally:
+                self._lock.release()
         log.debug("blob budget: %s stayed locked; the next look settles it", self.path)
 
     def _look_quietly(self, max_count: int, max_bytes: int) -> bool:
@@ -252,26 +262,19 @@ class _Lease:
     def give_back(self, *, stop: bool = False) -> None:
         """Return the lease to the file; with ``stop``, take none from now on (every
         reservation goes to the file, exactly, as late writer releases still may)."""
-        deadline = time.monotonic() + _WRITER_WAIT_S
-        while True:
-            if not self._lock.acquire(timeout=1.0):
-                return  # held by the thread a signal interrupted: keep it rather than hang
-            try:
-                self._closed = self._closed or stop
-                self._keep = (0, 0)  # a later release looks again rather than lease
-                if not (self.calls or self.nbytes) or self._look(0, 0, 0, 0, 0.0) != BUSY:
-                    return
-            except OSError:
-                log.debug("blob budget: lease not given back to %s", self.path, exc_info=True)
+        def attempt() -> bool:
+            return not (self.calls or self.nbytes) or self._look_quietly(0, 0)
+
+        if not self._lock.acquire(timeout=1.0):
+            return  # held by the thread a signal interrupted: keep it rather than hang
+        try:
+            self._closed = self._closed or stop
+            self._keep = (0, 0)  # a later release looks again rather than lease
+            if attempt():
                 return
-            finally:
-                self._lock.release()
-            # Another process holds the file's lock: wait without holding ours (an idle
-            # writer gives its lease back while traced calls may come).
-            if time.monotonic() >= deadline:
-                log.debug("blob budget: %s stayed locked; lease kept", self.path)
-                return
-            time.sleep(0.001)
+        finally:
+            self._lock.release()
+        self._retry(attempt)  # an idle writer gives its lease back while calls may come
 
     def close(self) -> None:
         self.give_back(stop=True)
