@@ -36,8 +36,8 @@ _MAX_MESSAGE = 1024
 class ArgPlan:
     """How positional arguments map to names, and the defaults of missing ones."""
 
-    __slots__ = ("_missing", "defaults", "module", "names", "prefixes", "qualname", "signature",
-                 "skip_self", "varargs")
+    __slots__ = ("_missing", "defaults", "is_plan", "module", "names", "prefixes", "qualname",
+                 "signature", "skip_self", "varargs")
 
     def __init__(self, fn: Callable[..., Any], is_method: bool) -> None:
         self.names: list[str] = []
@@ -45,6 +45,8 @@ class ArgPlan:
         self.varargs: str | None = None
         self.module: str = getattr(fn, "__module__", None) or ""
         self.qualname: str = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", "")
+        #: A ``plan*`` method: level 10 notes its page count (``BlobRecorder.note_plan``).
+        self.is_plan = self.qualname.rsplit(".", 1)[-1].startswith("plan")
         self.signature: inspect.Signature | None
         try:
             self.signature = inspect.signature(fn)

@@ -319,7 +319,6 @@ class BlobRecorder:
                 start_ns, bound_args) -> CallCapture:
         if os.getpid() != self._pid:
             self._init_process_state()
-        self.note_plan(instance_id, bound_args)  # also for a plan whose payload is skipped
         if len(self._queue) >= self.queue_max:
             self.counters["skipped.queue_full"] += 1
             return CallCapture(self, None, "queue_full")
@@ -369,9 +368,9 @@ class BlobRecorder:
 
     def note_plan(self, instance_id: str | None, bound_args: Any) -> None:
         """A plan's page count (its index tensor's length), which the object's later runs
-        gather pages by.  Noted for every plan that reaches level 10, its payload kept or
-        not (filtered, queue full): a run after a plan left unnoted gathered by the count
-        before it and left out the pages the new plan added."""
+        gather pages by.  The hooks note every plan that reaches level 10, before they
+        decide on its payload (filtered, captured, queue full): a run after a plan left
+        unnoted gathered by the count before it and left out the pages the plan added."""
         if not instance_id:
             return
         args = bound_args.arguments if isinstance(bound_args, inspect.BoundArguments) \

@@ -47,7 +47,7 @@ def make_hooks(settings: Settings, recorder: BlobRecorder) -> tuple[Any, Any]:
 
     def before(record: CallRecord, plan: Any, args: tuple, kwargs: dict) -> Any:
         keep = wanted(record.name)
-        is_plan = plan.qualname.rsplit(".", 1)[-1].startswith("plan")
+        is_plan = plan.is_plan
         if not keep and not is_plan:
             recorder.counters["skipped.filtered"] += 1
             return CallCapture(recorder, None, "filtered")
