@@ -813,6 +813,19 @@ def _hold_counter_lock(path, seconds: float) -> subprocess.Popen:
     return holder
 
 
+def _before_while_held(rec, tmp_path, trace: int, x: torch.Tensor):  # noqa: ANN001, ANN202
+    """(capture, seconds the call's ``before`` took) for ``add(x, 1.0)`` while another
+    process holds the counter file's lock for a second."""
+    holder = _hold_counter_lock(tmp_path, 1.0)
+    try:
+        t0 = time.perf_counter()
+        cap = rec.before("add", "m", "add", None, trace, 2, None, 0,
+                         inspect.signature(add).bind(x, 1.0))
+        return cap, time.perf_counter() - t0
+    finally:
+        holder.wait()
+
+
 def test_a_call_never_waits_on_a_counter_file_another_process_holds(tmp_path):
     """With no lease left, the call's look at the file gives up within a few ms: the
     call goes on, its payload skipped as ``budget_busy`` and counted.  (It waited for the
@@ -821,14 +834,7 @@ def test_a_call_never_waits_on_a_counter_file_another_process_holds(tmp_path):
     first = record(rec, add, 5, 1, torch.ones(4), 1.0)
     assert rec.flush(10) and first.skipped is None
     rec.store.budget.give_back()  # as an idle writer does: the next call must look
-    holder = _hold_counter_lock(tmp_path, 1.0)
-    try:
-        t0 = time.perf_counter()
-        cap = rec.before("add", "m", "add", None, 5, 2, None, 0,
-                         inspect.signature(add).bind(torch.ones(4), 1.0))
-        waited = time.perf_counter() - t0
-    finally:
-        holder.wait()
+    cap, waited = _before_while_held(rec, tmp_path, 5, torch.ones(4))
     assert cap.skipped == "budget_busy" and rec.counters["skipped.budget_busy"] == 1
     assert waited < 0.3, waited
     again = record(rec, add, 5, 3, torch.full((4,), 2.0), 1.0)  # the file is free again
@@ -984,43 +990,15 @@ def _page_ids(tmp_path, cap) -> list[int]:  # noqa: ANN001
     return next(a for a in m["args"] if a["name"] == "paged_kv_cache")["value"]["page_ids"]
 
 
-def test_a_plan_whose_payload_is_skipped_still_sets_the_runs_page_count(tmp_path):
-    """The second plan (4 pages) was skipped (queue full), and the run gathered by the
-    first plan's count: pages 9 and 10, which it reads, were not in its manifest."""
-    rec = BlobRecorder(settings(tmp_path), install_handlers=False)
-    w = _PagedWrapper()
-    iid = f"{os.getpid()}:{id(w)}"
-    cache = torch.randn(32, 2, 4, 8)
-
-    def call(fn, span, *args):  # noqa: ANN001, ANN002, ANN202
-        cap = rec.before(fn.__qualname__, "m", fn.__qualname__, iid, 1, span, None, span,
-                         inspect.signature(fn).bind(*args))
-        out = fn(*args)
-        cap.after(out, None)
-        return cap
-
-    call(_PagedWrapper.plan, 1, w, torch.tensor([3, 4], dtype=torch.int32))
-    rec.queue_max, queue_max = 0, rec.queue_max
-    assert call(_PagedWrapper.plan, 2, w, torch.tensor([3, 4, 9, 10], dtype=torch.int32)
-                ).skipped == "queue_full"
-    rec.queue_max = queue_max
-    run = call(_PagedWrapper.run, 3, w, torch.ones(2), cache)
-    assert rec.flush(10)
-    assert _page_ids(tmp_path, run) == [3, 4, 9, 10]
-    rec.shutdown(5)
-
-
-def test_a_filtered_out_plan_still_sets_the_runs_page_count(tmp_path):
-    """BLOB_EXCLUDE="*.plan": the plans' payloads are left out, the runs' pages are not."""
+def _hooked(conf, rec):  # noqa: ANN001, ANN202
+    """call(fn, name, span, *args): ``fn`` of one _PagedWrapper through level 10's span
+    hooks, as the wrapper runs them; returns the hooks' state (a CallCapture)."""
     from otel_flashinfer.blobs.hooks import make_hooks
     from otel_flashinfer.pipeline import CallRecord
     from otel_flashinfer.spans import ArgPlan
 
-    conf = settings(tmp_path, blob_exclude=("*.plan",))
-    rec = BlobRecorder(conf, install_handlers=False)
     before, after = make_hooks(conf, rec)
     w = _PagedWrapper()
-    cache = torch.randn(32, 2, 4, 8)
 
     def call(fn, name, span, *args):  # noqa: ANN001, ANN002, ANN202
         record = CallRecord.for_call(name, 1, span, None, {})
@@ -1030,6 +1008,33 @@ def test_a_filtered_out_plan_still_sets_the_runs_page_count(tmp_path):
         after(record, state, out, None)
         return state
 
+    return call
+
+
+def test_a_plan_whose_payload_is_skipped_still_sets_the_runs_page_count(tmp_path):
+    """The second plan (4 pages) was skipped (queue full), and the run gathered by the
+    first plan's count: pages 9 and 10, which it reads, were not in its manifest."""
+    conf = settings(tmp_path)
+    rec = BlobRecorder(conf, install_handlers=False)
+    call = _hooked(conf, rec)
+    cache = torch.randn(32, 2, 4, 8)
+    call(_PagedWrapper.plan, "W.plan", 1, torch.tensor([3, 4], dtype=torch.int32))
+    rec.queue_max, queue_max = 0, rec.queue_max
+    assert call(_PagedWrapper.plan, "W.plan", 2, torch.tensor([3, 4, 9, 10], dtype=torch.int32)
+                ).skipped == "queue_full"
+    rec.queue_max = queue_max
+    run = call(_PagedWrapper.run, "W.run", 3, torch.ones(2), cache)
+    assert rec.flush(10)
+    assert _page_ids(tmp_path, run) == [3, 4, 9, 10]
+    rec.shutdown(5)
+
+
+def test_a_filtered_out_plan_still_sets_the_runs_page_count(tmp_path):
+    """BLOB_EXCLUDE="*.plan": the plans' payloads are left out, the runs' pages are not."""
+    conf = settings(tmp_path, blob_exclude=("*.plan",))
+    rec = BlobRecorder(conf, install_handlers=False)
+    call = _hooked(conf, rec)
+    cache = torch.randn(32, 2, 4, 8)
     assert call(_PagedWrapper.plan, "W.plan", 1, torch.tensor([3, 4], dtype=torch.int32)
                 ).skipped == "filtered"
     first = call(_PagedWrapper.run, "W.run", 2, torch.ones(2), cache)
@@ -1067,14 +1072,7 @@ def test_a_payload_dropped_on_the_calls_thread_does_not_wait_on_the_counter_file
     assert rec._idle.wait(10)  # written (flush would give the lease back)
     assert rec.store.budget._lease.calls > 0
     rec.store.budget._lease._seen_at -= 1.0  # stale: a settling release would look
-    holder = _hold_counter_lock(tmp_path, 1.0)
-    try:
-        t0 = time.perf_counter()
-        cap = rec.before("add", "m", "add", None, 6, 2, None, 0,
-                         inspect.signature(add).bind(torch.ones(100_000), 1.0))
-        waited = time.perf_counter() - t0
-    finally:
-        holder.wait()
+    cap, waited = _before_while_held(rec, tmp_path, 6, torch.ones(100_000))
     assert cap.skipped == "staging_full"
     assert waited < 0.3, waited
     rec.shutdown(5)
@@ -1098,23 +1096,11 @@ def test_a_file_system_without_locks_is_an_error_not_contention(tmp_path, monkey
 
 def test_a_plan_inside_a_capture_still_sets_the_runs_page_count(tmp_path, monkeypatch):
     from otel_flashinfer.blobs import hooks as hooks_mod
-    from otel_flashinfer.pipeline import CallRecord
-    from otel_flashinfer.spans import ArgPlan
 
     conf = settings(tmp_path)
     rec = BlobRecorder(conf, install_handlers=False)
-    before, after = hooks_mod.make_hooks(conf, rec)
-    w = _PagedWrapper()
+    call = _hooked(conf, rec)
     cache = torch.randn(32, 2, 4, 8)
-
-    def call(fn, name, span, *args):  # noqa: ANN001, ANN002, ANN202
-        record = CallRecord.for_call(name, 1, span, None, {})
-        record.instance = id(w)
-        state = before(record, ArgPlan(fn, True), (w, *args), {})
-        out = fn(w, *args)
-        after(record, state, out, None)
-        return state
-
     call(_PagedWrapper.plan, "W.plan", 1, torch.tensor([3, 4], dtype=torch.int32))
     monkeypatch.setattr(hooks_mod, "_capturing_unseen", lambda: True)
     assert call(_PagedWrapper.plan, "W.plan", 2, torch.tensor([3, 4, 9, 10], dtype=torch.int32)
