@@ -71,6 +71,27 @@ def test_encode_keeps_exact_layout(fmt):
         assert data == encode.encode(encode.flat_span(t).clone(), fmt)
 
 
+def test_a_view_into_a_staging_buffer_is_encoded_without_a_copy():
+    """The writer encodes views into pinned staging buffers bigger than the tensor: the
+    object holds exactly the view's bytes (what safetensors itself writes for a copy of
+    it), and the payload is the buffer's own memory (a copy per tensor cost the writer
+    an allocation and a pass over the bytes, under the GIL the engine needs)."""
+    import numpy as np
+    from safetensors.torch import load, save
+
+    staging = torch.arange(4096, dtype=torch.uint8)
+    for dtype, lo, n in ((torch.float16, 64, 300), (torch.float32, 128, 7), (torch.int64, 0, 1)):
+        view = staging[lo:lo + n * torch.empty(0, dtype=dtype).element_size()].view(dtype)
+        parts = encode.encode_parts(view, "safetensors")
+        data = b"".join(bytes(p) for p in parts)
+        assert data == save({"t": view.clone()})
+        assert torch.equal(load(data)["t"].view(torch.uint8), view.view(torch.uint8))
+        payload = np.frombuffer(parts[1], dtype=np.uint8)
+        assert np.shares_memory(payload, staging.numpy())
+        # the header is made once per (dtype, length), and is the same bytes each time
+        assert encode.encode_parts(view.clone(), "safetensors")[0] is parts[0]
+
+
 def test_store_not_writable_is_clear_error(tmp_path):
     ro = tmp_path / "ro"
     ro.mkdir()

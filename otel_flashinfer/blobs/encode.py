@@ -13,6 +13,7 @@ deterministic, so equal contents give equal names).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -83,25 +84,33 @@ def encode(flat: torch.Tensor, fmt: str) -> bytes:
 
 def encode_parts(flat: torch.Tensor, fmt: str) -> list:
     """The stored object as buffers to write in order (safetensors: header + the
-    tensor's own memory, no copy of the payload)."""
+    tensor's own memory, no copy of the payload: a view into a larger staging buffer
+    is written as it is)."""
     if flat.dtype not in DTYPE_NAMES or dtype_name(flat.dtype) not in _ST_NATIVE:
         flat = flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8)
     flat = flat.contiguous()
-    if flat.untyped_storage().nbytes() != flat.numel() * flat.element_size():
-        flat = flat.clone()  # torch.save would write the whole underlying storage
     if fmt == "safetensors":
         nbytes = flat.numel() * flat.element_size()
-        header = json.dumps({_TENSOR_NAME: {
-            "dtype": _ST_NATIVE[dtype_name(flat.dtype)], "shape": [flat.numel()],
-            "data_offsets": [0, nbytes]}}, separators=(",", ":")).encode()
-        header += b" " * (-len(header) % 8)
         payload = flat.view(torch.uint8).numpy().data if nbytes else b""
-        return [struct.pack("<Q", len(header)) + header, payload]
+        return [_st_header(flat.dtype, flat.numel(), nbytes), payload]
     if fmt == "torch":
+        if flat.untyped_storage().nbytes() != flat.numel() * flat.element_size():
+            flat = flat.clone()  # torch.save would write the whole underlying storage
         buf = io.BytesIO()
         torch.save({_TENSOR_NAME: flat}, buf)
         return [buf.getvalue()]
     raise EncodeError(f"unknown blob format {fmt!r}")
+
+
+@functools.lru_cache(maxsize=1024)
+def _st_header(dtype: torch.dtype, numel: int, nbytes: int) -> bytes:
+    """The safetensors length prefix and header of a flat tensor: the same for every
+    page of a cache and every step's q, so made once per (dtype, length)."""
+    header = json.dumps({_TENSOR_NAME: {
+        "dtype": _ST_NATIVE[dtype_name(dtype)], "shape": [numel],
+        "data_offsets": [0, nbytes]}}, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return struct.pack("<Q", len(header)) + header
 
 
 def sha256_parts(parts: list) -> str:
