@@ -43,6 +43,7 @@ import collections
 import inspect
 import itertools
 import logging
+import math
 import os
 import signal
 import threading
@@ -695,7 +696,8 @@ class BlobRecorder:
     def _write(self, cap: CallCapture) -> None:
         for held in cap.held:
             cap.written_bytes += self._store_held(held)
-        self.store.put_manifest(cap.manifest_key, manifest.dumps(cap.meta))
+        self.store.put_manifest(cap.manifest_key, manifest.dumps(cap.meta),
+                                durable=self.crash_safe)
         self._note(cap)
         self._release_held(cap)
         self.store.budget.release(0, max(0, cap.reserved_bytes - cap.written_bytes))
@@ -717,7 +719,7 @@ class BlobRecorder:
         try:
             for held in cap.held:
                 cap.written_bytes += self._store_held(held)
-            self.store.put_manifest(cap.manifest_key, manifest.dumps(cap.meta))
+            self.store.put_manifest(cap.manifest_key, manifest.dumps(cap.meta), durable=True)
             self._note(cap)
         except Exception:  # noqa: BLE001 - the call goes on; the writer retries later
             self._internal_error("crash_safe write")
@@ -777,8 +779,8 @@ def _paged_plan(obj: Any, instance_id: str | None, plan_numel: dict) -> tuple | 
 
 def _estimate(src: torch.Tensor, paged: tuple | None) -> int:
     """Upper bound of the bytes a tensor's objects take (budget reservation)."""
-    if paged is not None:
-        return paged[1] * (src[0].numel() if src.shape[0] else 0) * src.element_size()
+    if paged is not None:  # pages of shape[1:] (no src[0]: a view costs the caller ~5 us)
+        return paged[1] * math.prod(src.shape[1:]) * src.element_size() if src.shape[0] else 0
     return encode.span_numel(src.shape, src.stride()) * src.element_size()
 
 
