@@ -413,7 +413,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--pairs", type=int, default=2,
                         help="untraced/traced block pairs inside each of our processes")
-    parser.add_argument("--replays", type=int, default=1000)
+    parser.add_argument("--replays", type=int, default=1000,
+                        help="the captured decode step's replays per level (0: skip it)")
     parser.add_argument("--mode", choices=["auto", "gpu", "cpu"], default="auto")
     parser.add_argument("--exporters", default="file,http,grpc")
     parser.add_argument("--levels", default="1,3,5,10")
@@ -494,7 +495,7 @@ def main() -> int:
                       f"+{stock - base_cpu:.2f} us, ratio {ratio:.3f} (target <= 0.10)")
         rate = encoder_rate()
         print(f"\nnative encoder, one core: {rate:,.0f} level-3 spans/s (target >= 200,000)")
-    if mode == "gpu":
+    if mode == "gpu" and args.replays > 0:
         rows = {}
         shares = args.branch_share.split(",")
         runs = [(0, 0, "1", "1"), (5, 5, "1", shares[0]), ("auto", 5, "auto", shares[0])]
