@@ -59,6 +59,13 @@ void mask_last_page(Item& it, const at::Tensor& t, const at::Tensor& last_page_l
 void launch_items(std::vector<Item>& items, int64_t* out, cudaStream_t stream, int sm_count,
                   const Publish& pub);
 
+// Level 10 (page_fingerprint.cu): the pages of contiguous `cache` that
+// indices[:n] reference, clamped to its pages, gathered into a new tensor, and per
+// page (id, fingerprint lane 0, lane 1) as int64 [n, 3], in one launch on the current
+// stream.  `weights`: int64 [2, page bytes / 4] (blobs/fingerprint.py).
+std::vector<at::Tensor> gather_fingerprints(const at::Tensor& cache, const at::Tensor& indices,
+                                            int64_t n, const at::Tensor& weights);
+
 // Adds make_span_hooks to the extension module (stats_hooks.cpp).
 void register_span_hooks(pybind11::module_& m);
 

@@ -547,6 +547,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("stats_slot", &otel_fi::stats_slot,
         "statistics into a ring slot's zero-at-rest rows, published into its pinned rows");
   m.def("host_device_ptr", &otel_fi::host_device_ptr);
+  m.def("gather_fingerprints", &otel_fi::gather_fingerprints,
+        "level 10: gather a paged cache's referenced pages and fingerprint each, one launch",
+        py::arg("cache"), py::arg("indices"), py::arg("n"), py::arg("weights"));
   m.def("snapshot", &otel_fi::snapshot, "copy a graph's rows into a pinned slot + event");
   m.def("event_create", &otel_fi::event_create);
   m.def("event_query", &otel_fi::event_query);

@@ -207,3 +207,68 @@ def test_manifest_pages_joined_from_their_own_json_are_the_canonical_bytes() -> 
     assert manifest.dumps(meta) == expected
     assert meta["args"][1]["value"]["pages"][0] == pages[0]  # the manifest is left as it was
     assert json.loads(manifest.dumps(meta))["z"][2] == token_like
+
+
+def _fused_module():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    from otel_flashinfer.stats import kernel as stats_kernel
+
+    module = stats_kernel.get(wait=True, timeout=600)
+    assert module is not None, "the statistics extension did not build"
+    return module
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("shape", "dtype"), [
+    ((64, 2, 16, 8, 128), torch.float16),  # FlashInfer NHD pages: the 16-byte path
+    ((40, 2, 3, 4), torch.int32),  # 96-byte pages: 16-byte path, small
+    ((30, 2, 3), torch.float32),  # 24-byte pages: 6 halves, the scalar path
+    ((50, 5), torch.float64),  # 40-byte pages, the scalar path
+])
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_fused_gather_is_the_torch_ops_bit_for_bit(shape, dtype, index_dtype) -> None:
+    """The kernel's pages, ids and both lanes equal index_select + page_fingerprints,
+    out-of-range ids clamped to the cache as the torch path clamps them."""
+    from otel_flashinfer.blobs.fingerprint import gather_fused
+
+    module = _fused_module()
+    g = torch.Generator(device="cuda").manual_seed(3)
+    cache = (torch.randn(shape, generator=g, device="cuda") * 1000).to(dtype)
+    pages = shape[0]
+    ids = torch.randint(0, pages, (37,), generator=g, device="cuda")
+    ids[3], ids[9], ids[20] = -3, pages, 1 << 20  # clamped, as the torch path does
+    ids = ids.to(index_dtype)
+    for n in (37, 20, 1):
+        got = gather_fused(module, cache, ids, n)
+        assert got is not None
+        gathered, meta = got
+        want_ids = ids[:n].long().clamp(0, pages - 1)
+        want = cache.index_select(0, want_ids)
+        assert gathered.shape == want.shape and gathered.dtype == cache.dtype
+        assert torch.equal(gathered.view(torch.uint8), want.view(torch.uint8))
+        assert meta.shape == (n, 3) and meta.dtype == torch.int64
+        assert torch.equal(meta[:, 0], want_ids)
+        assert torch.equal(meta[:, 1:], page_fingerprints(want))
+    gathered, meta = gather_fused(module, cache, ids, 0)
+    assert gathered.shape[0] == 0 and meta.shape == (0, 3)
+    gathered, meta = gather_fused(module, cache, ids, 1000)  # past the indices: all of them
+    assert meta.shape == (37, 3)
+
+
+@pytest.mark.gpu
+def test_fused_gather_declines_what_it_cannot_read() -> None:
+    """None (the torch ops then) for pages that are not whole 8-byte words, a cache that
+    is not contiguous, indices on another device or of a float dtype."""
+    from otel_flashinfer.blobs.fingerprint import gather_fused
+
+    module = _fused_module()
+    cache = torch.zeros(8, 2, 16, 8, 16, dtype=torch.float16, device="cuda")
+    ids = torch.arange(8, dtype=torch.int32, device="cuda")
+    assert gather_fused(module, cache, ids, 8) is not None
+    assert gather_fused(None, cache, ids, 8) is None  # not built yet
+    assert gather_fused(module, torch.zeros(8, 3, dtype=torch.float16, device="cuda"),
+                        ids, 8) is None  # 6-byte pages
+    assert gather_fused(module, cache[:, 0], ids, 8) is None  # k of a (k, v) cache: strided
+    assert gather_fused(module, cache, ids.cpu(), 8) is None
+    assert gather_fused(module, cache, ids.float(), 8) is None

@@ -57,7 +57,7 @@ import torch
 from .. import capture_guard, forking
 from ..stats import kernel as stats_kernel
 from . import encode, layout, manifest
-from .fingerprint import PageMemo, page_fingerprints
+from .fingerprint import PageMemo, gather_fused, page_fingerprints
 from .index import IndexWriter
 from .store import BlobStore
 
@@ -410,7 +410,12 @@ class BlobRecorder:
         try:
             for held, (src, paged) in pending:
                 cap.held.append(held)  # first: a failure below still gives back its budget
-                if paged is not None:
+                fused = None
+                if paged is not None and src.is_cuda:
+                    fused = gather_fused(stats_kernel.get(), src, paged[0], paged[1])
+                if fused is not None:  # one launch: gather, fingerprints and ids
+                    self._to_host(cap, held, fused[0], meta=fused[1])
+                elif paged is not None:
                     buf_idx = paged[0]
                     n = paged[1]
                     idx = buf_idx[:n].to(device=src.device, dtype=torch.long)
@@ -438,7 +443,11 @@ class BlobRecorder:
             raise
 
     def _to_host(self, cap: CallCapture, held: _Held, src: torch.Tensor,
-                 page_ids: torch.Tensor | None = None, fps: torch.Tensor | None = None) -> None:
+                 page_ids: torch.Tensor | None = None, fps: torch.Tensor | None = None,
+                 meta: torch.Tensor | None = None) -> None:
+        """Copies of ``src`` (and of a paged cache's page ids and fingerprints, or of
+        ``meta``: the fused kernel's [n, 3] ids and fingerprints, one copy) for the
+        writer, held in staging."""
         if src.device.type == "cpu":
             nbytes = src.numel() * src.element_size() + (
                 0 if page_ids is None else page_ids.numel() * 8)
@@ -448,9 +457,13 @@ class BlobRecorder:
             held.host = src.clone() if page_ids is None else src  # index_select already copied
             held.ids = None if page_ids is None else page_ids.clone()
             return  # no fingerprints on the CPU: the hash is cheaper there
-        parts = [src] if page_ids is None else [src, page_ids]
-        if page_ids is not None and fps is not None:
-            parts.append(fps)
+        if meta is not None:
+            parts = [src, meta]
+        else:
+            parts = [src] if page_ids is None else [src, page_ids]
+            if page_ids is not None and fps is not None:
+                parts.append(fps)
+        if meta is not None or (page_ids is not None and fps is not None):
             # The pages stay where they are (our own gathered copy): the writer copies
             # only those it has not stored.  Not with crash_safe, which writes every
             # page before the call runs, and not past the device budget.
@@ -470,6 +483,12 @@ class BlobRecorder:
             view.copy_(part, non_blocking=True)
             outs.append(view)
         # ``held.event``: one per device for the call's copies, recorded by ``_copy_all``.
+        if meta is not None:
+            host_meta = outs[-1]
+            held.ids, held.fps = host_meta[:, 0], host_meta[:, 1:]
+            if held.dev is None:
+                held.host = outs[0]
+            return
         if held.dev is not None:
             held.ids, held.fps = outs
             return

@@ -69,6 +69,27 @@ def page_fingerprints(pages: torch.Tensor) -> torch.Tensor | None:
     return torch.stack([(halves * w[lane]).sum(dim=1) for lane in range(LANES)], dim=1)
 
 
+def gather_fused(module: Any, cache: torch.Tensor, indices: torch.Tensor,
+                 n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(pages, meta) from the extension's one-launch gather (``module``: the statistics
+    extension, None until built): the pages that ``indices[:n]`` reference (clamped to
+    the cache), and per page int64 (id, lane 0, lane 1), the lanes equal to
+    ``page_fingerprints`` of those pages.  None where the kernel does not apply (no
+    extension, a cache that is not contiguous pages of whole 8-byte words, indices on
+    another device or of another dtype): then the torch ops, as before."""
+    fused = getattr(module, "gather_fingerprints", None)
+    if fused is None or cache.dim() < 2 or not cache.shape[0] or not cache.is_contiguous():
+        return None
+    if (indices.device != cache.device or indices.dim() != 1 or not indices.is_contiguous()
+            or indices.dtype not in (torch.int32, torch.int64)):
+        return None
+    page_bytes = cache[0].numel() * cache.element_size()
+    if not page_bytes or page_bytes % 8:
+        return None
+    pages, meta = fused(cache, indices, int(n), weights(cache.device, page_bytes // 4))
+    return pages, meta
+
+
 class PageMemo:
     """Fingerprint -> the stored object of a page with those bytes, bounded (LRU); shared
     by the writer threads.  A key is ``(lane 0, lane 1, kind)``: ``kind`` numbers what

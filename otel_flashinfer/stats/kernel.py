@@ -23,7 +23,8 @@ from .. import health
 from ..config import jit_cache_root
 from ..jit_lock import build_lock
 
-SOURCES = ("tensor_stats.cpp", "stats_hooks.cpp", "tensor_stats_kernel.cu")
+SOURCES = ("tensor_stats.cpp", "stats_hooks.cpp", "tensor_stats_kernel.cu",
+           "page_fingerprint.cu")
 HEADERS = ("tensor_stats.h", "stats_launch.h", "stats_api.h")
 
 _lock = threading.Lock()
