@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 
 import pytest
 import torch
 
-from otel_flashinfer.blobs import encode
+from otel_flashinfer.blobs import encode, manifest
 from otel_flashinfer.blobs.capture import BlobRecorder, _Held
 from otel_flashinfer.blobs.fingerprint import LANES, PageMemo, page_fingerprints
 from otel_flashinfer.config import Settings
@@ -165,6 +166,54 @@ def test_pages_left_on_the_device_are_fetched_only_when_not_stored_before(
     plain = _held(step, ids, fingerprints=False)  # every page hashed from host bytes
     recorder._store_held(plain)  # noqa: SLF001
     assert second.entry["pages"] == plain.entry["pages"]
+
+
+def test_a_cache_s_unchanged_pages_are_taken_from_its_last_call(recorder, monkeypatch,
+                                                                tmp_path) -> None:  # noqa: ANN001
+    """A decode step changes a few pages: only those are looked up in the memo (the
+    rest compared with the same cache's last call in one tensor op), a call with no
+    change reuses the last call's page list whole, and every manifest entry still
+    names what hashing every page would."""
+    pages = _pages()
+    ids = list(range(100, 112))
+    looked: list[int] = []
+    lookup = recorder.page_memo.lookup
+    monkeypatch.setattr(recorder.page_memo, "lookup",
+                        lambda keys: (looked.append(len(keys)), lookup(keys))[1])
+    puts: list[str] = []
+    put_content = recorder.store.put_content
+    monkeypatch.setattr(recorder.store, "put_content",
+                        lambda data, fmt: (puts.append(fmt), put_content(data, fmt))[1])
+
+    def store(p: torch.Tensor, cache: int = 1) -> _Held:
+        held = _held(p, ids, fingerprints=True)
+        held.source_key = cache
+        recorder._store_held(held)  # noqa: SLF001
+        plain = _held(p, ids, fingerprints=False)  # every page hashed, no memo
+        recorder._store_held(plain)  # noqa: SLF001
+        assert held.entry["pages"] == plain.entry["pages"]
+        assert held.entry["page_ids"] == ids
+        return held
+
+    store(pages)
+    assert looked == [12] and len(puts) == 12 + 12
+    step = pages.clone()
+    step[7, 0, 3] += 1
+    second = store(step)
+    assert looked == [12, 1] and len(puts) == 24 + 1 + 12  # only page 7 looked up, stored
+    third = store(step)  # nothing changed: the last call's list itself
+    assert looked == [12, 1] and third.entry["pages"] is second.entry["pages"]
+    back = store(pages)  # page 7 as in the first call: in the memo, not stored again
+    assert looked == [12, 1, 1] and len(puts) == 37 + 12 + 12
+    recorder.page_memo._memo.clear()  # noqa: SLF001 - evicted: the last call still knows
+    again = pages.clone()
+    again[2, 1, 1] -= 1
+    store(again)
+    assert looked == [12, 1, 1, 1] and len(puts) == 61 + 1 + 12
+    assert back.entry["pages"][2] != recorder._last_pages[(1, 0, 12)].found[2]  # noqa: SLF001
+    store(again, cache=2)  # another cache with the same ids: nothing of cache 1 assumed
+    assert looked == [12, 1, 1, 1, 12]
+    assert json.loads(manifest.dumps({"kv": second.entry}))["kv"]["page_ids"] == ids
 
 
 @pytest.mark.parametrize("fingerprints", [True, False])

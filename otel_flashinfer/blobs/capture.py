@@ -82,7 +82,7 @@ class _Held:
     """One copy waiting for the writer: a tensor span, or the pages of a KV cache."""
 
     __slots__ = ("dev", "dev_bytes", "entry", "event", "fps", "host", "ids", "pinned",
-                 "plain_bytes")
+                 "plain_bytes", "source_key")
 
     def __init__(self, entry: dict) -> None:
         self.entry = entry  # the manifest value, filled in by the writer
@@ -97,6 +97,24 @@ class _Held:
         #: only those whose fingerprint it has not stored (``_fetch_pages``).
         self.dev: torch.Tensor | None = None
         self.dev_bytes = 0
+        #: Which cache the pages came from (its data pointer): the writer compares a
+        #: call's fingerprints with that cache's last call (``_store_pages``).
+        self.source_key: int | None = None
+
+
+class _LastPages:
+    """A cache's last call as the writer stored it (``_store_pages``)."""
+
+    __slots__ = ("found", "fps", "ids", "ids_json", "order", "pages", "positions")
+
+    def __init__(self, ids: torch.Tensor, fps: torch.Tensor, order: list, positions: Any,
+                 ids_json: Any, found: list, pages: Any) -> None:
+        self.ids, self.fps, self.order, self.positions = ids, fps, order, positions
+        self.ids_json, self.found, self.pages = ids_json, found, pages
+
+
+#: Caches whose last call the writers remember (one per layer's cache, and k and v).
+_LAST_PAGES_MAX = 512
 
 
 class CallCapture:
@@ -236,6 +254,8 @@ class BlobRecorder:
         self._counter_lock = threading.Lock()
         #: Pages stored before, by fingerprint: not encoded, hashed or stored again.
         self.page_memo = PageMemo()
+        #: (cache, kind, pages) -> its last call's pages as stored (``_store_pages``).
+        self._last_pages: dict[tuple, _LastPages] = {}
         self._pid = os.getpid()
         start_ns = time.time_ns()
         self.process = layout.process_name(self._pid, start_ns)
@@ -393,6 +413,8 @@ class BlobRecorder:
                          "storage_offset": 0, "source_storage_offset": tensor.storage_offset(),
                          "device": str(tensor.device), "format": self.format}
             held = _Held(entry)
+            if entry["t"] == "paged_kv":
+                held.source_key = tensor.data_ptr()
             pending.append((held, (tensor, paged if entry["t"] == "paged_kv" else None)))
             return entry
 
@@ -635,8 +657,49 @@ class BlobRecorder:
                 held.event.synchronize()
         written = 0
         if held.entry["t"] == "paged_kv":
-            # Per-page work is Python under the GIL that the engine's thread needs: loops
-            # that run per page are kept to what only Python can do (storing new pages).
+            written = self._store_pages(held)
+        else:
+            data = encode.encode_parts(held.host, self.format)
+            digest, key, new = self.store.put_content(data, self.format)
+            if new:
+                written += held.host.numel() * held.host.element_size()
+            held.entry.update(hash=digest, key=key, nbytes=_size(data))
+        return written
+
+    def _store_pages(self, held: _Held) -> int:
+        """A paged cache's pages: each stored once, by content, the manifest entry
+        naming them in page-id order.
+
+        Per-page work is Python under the GIL that the engine's thread needs, so loops
+        that run per page are kept to what only Python can do (storing new pages).  A
+        decode step changes a few of a cache's hundreds of pages: positions whose
+        fingerprint equals the one the same cache had there in its last call reuse
+        that call's stored page (compared in one tensor op), and only the others look
+        in the memo or are stored."""
+        source = held.host if held.host is not None else held.dev
+        n = held.ids.shape[0]
+        page_raw = source[0].numel() * source.element_size() if n else 0
+        memo = self.page_memo
+        fps = held.fps
+        kind = memo.kind(source, self.format) if fps is not None else None
+        slot = (held.source_key, kind, n)
+        last = self._last_pages.get(slot) if fps is not None else None
+        if last is not None and torch.equal(last.ids, held.ids):
+            order, positions, ids_json = last.order, last.positions, last.ids_json
+            same = (fps == last.fps).all(dim=1)
+            if type(positions) is not range:
+                same = same[torch.tensor(positions, dtype=torch.long)]
+            changed = (~same).nonzero().flatten().tolist()
+            found = list(last.found)
+            keys: list = [None] * len(order)
+            if changed:
+                rows = fps[[positions[i] for i in changed]].tolist()
+                for i, (a, b) in zip(changed, rows, strict=True):
+                    keys[i] = (a, b, kind)
+                for i, stored in zip(changed, memo.lookup([keys[i] for i in changed]),
+                                     strict=True):
+                    found[i] = stored
+        else:
             ids = held.ids.tolist()
             order = sorted(set(ids))
             if order == ids:  # the usual case: each page once, in order
@@ -646,43 +709,47 @@ class BlobRecorder:
                 for pos, pid in enumerate(ids):
                     first.setdefault(pid, pos)
                 positions = [first[pid] for pid in order]
-            source = held.host if held.host is not None else held.dev
-            page_raw = source[0].numel() * source.element_size() if ids else 0
-            memo = self.page_memo
-            if held.fps is not None:
-                kind = memo.kind(source, self.format)  # every page's dtype and shape
-                fps = held.fps.tolist()
+            ids_json = manifest.EncodedInts(order)
+            changed = None
+            if fps is not None:
+                rows = fps.tolist()
                 if type(positions) is not range:
-                    fps = [fps[pos] for pos in positions]
-                keys: list = [(a, b, kind) for a, b in fps]
+                    rows = [rows[pos] for pos in positions]
+                keys = [(a, b, kind) for a, b in rows]
                 found = memo.lookup(keys)
             else:
                 keys, found = [None] * len(order), [None] * len(order)
+        if changed is None:
             missing = [i for i, stored in enumerate(found) if stored is None]
-            wanted = [positions[i] for i in missing]
-            # On the device, only the pages not stored before are copied, a chunk at a time.
-            new_pages = (self._fetch_pages(held.dev, wanted) if held.host is None
-                         else (held.host[pos] for pos in wanted))
-            for i, page in zip(missing, new_pages, strict=True):
-                data = encode.encode_parts(page.reshape(-1), self.format)
-                digest, key, new = self.store.put_content(data, self.format)
-                if new:
-                    written += page_raw
-                stored = manifest.StoredPage(digest, key, _size(data))
-                if keys[i] is not None:
-                    memo.put(keys[i], stored)
-                found[i] = stored
-            unchanged = len(order) - len(missing)
-            if unchanged:
-                self._count("pages_unchanged", unchanged)
-            held.entry["page_ids"] = order
-            held.entry["pages"] = manifest.EncodedPages(found)
-        else:
-            data = encode.encode_parts(held.host, self.format)
+        else:  # the rest are the last call's, stored
+            missing = [i for i in changed if found[i] is None]
+        wanted = [positions[i] for i in missing]
+        # On the device, only the pages not stored before are copied, a chunk at a time.
+        new_pages = (self._fetch_pages(held.dev, wanted) if held.host is None
+                     else (held.host[pos] for pos in wanted))
+        written = 0
+        for i, page in zip(missing, new_pages, strict=True):
+            data = encode.encode_parts(page.reshape(-1), self.format)
             digest, key, new = self.store.put_content(data, self.format)
             if new:
-                written += held.host.numel() * held.host.element_size()
-            held.entry.update(hash=digest, key=key, nbytes=_size(data))
+                written += page_raw
+            stored = manifest.StoredPage(digest, key, _size(data))
+            if keys[i] is not None:
+                memo.put(keys[i], stored)
+            found[i] = stored
+        unchanged = len(order) - len(missing)
+        if unchanged:
+            self._count("pages_unchanged", unchanged)
+        # Nothing changed since the cache's last call: its page list, JSON and all.
+        pages = last.pages if changed == [] else manifest.EncodedPages(found)
+        held.entry["page_ids"] = ids_json
+        held.entry["pages"] = pages
+        if fps is not None:
+            if len(self._last_pages) >= _LAST_PAGES_MAX and slot not in self._last_pages:
+                self._last_pages.clear()
+            # copies: ids and fingerprints sit in a staging buffer that is given back
+            self._last_pages[slot] = _LastPages(held.ids.clone(), fps.clone(), order,
+                                                positions, ids_json, found, pages)
         return written
 
     #: Pages copied per section that a graph capture may wait for (capture_guard).

@@ -123,6 +123,17 @@ class EncodedPages(list):
         self.json = "[" + ",".join([page.json for page in pages]) + "]"
 
 
+class EncodedInts(list):
+    """A list of ints with its JSON made once (a paged cache's page ids: the same list
+    call after call, kept by the writer with the cache's last call)."""
+
+    __slots__ = ("json",)
+
+    def __init__(self, items: list[int]) -> None:
+        super().__init__(items)
+        self.json = "[" + ",".join(map(str, items)) + "]"
+
+
 #: Stands in for an EncodedPages while the rest is encoded; random per process, so a
 #: string in a call's arguments cannot be taken for one.
 _TOKEN = f"@otel-flashinfer-pages-{os.urandom(8).hex()}-"
@@ -131,7 +142,7 @@ _TOKEN = f"@otel-flashinfer-pages-{os.urandom(8).hex()}-"
 def _swap_encoded(value: Any, found: list[str]) -> Any:
     """``value`` with every EncodedPages replaced by a token (copies only the dicts and
     lists on the way to one; the rest is shared)."""
-    if type(value) is EncodedPages:
+    if type(value) is EncodedPages or type(value) is EncodedInts:
         found.append(value.json)
         return f"{_TOKEN}{len(found) - 1}"
     if type(value) is dict:
