@@ -66,6 +66,10 @@ void launch_items(std::vector<Item>& items, int64_t* out, cudaStream_t stream, i
 std::vector<at::Tensor> gather_fingerprints(const at::Tensor& cache, const at::Tensor& indices,
                                             int64_t n, const at::Tensor& weights);
 
+// Adds level 10's staging functions (and gather_fingerprints) to the extension
+// module (blob_staging.cpp).
+void register_blob_staging(pybind11::module_& m);
+
 // Adds make_span_hooks to the extension module (stats_hooks.cpp).
 void register_span_hooks(pybind11::module_& m);
 

@@ -547,9 +547,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("stats_slot", &otel_fi::stats_slot,
         "statistics into a ring slot's zero-at-rest rows, published into its pinned rows");
   m.def("host_device_ptr", &otel_fi::host_device_ptr);
-  m.def("gather_fingerprints", &otel_fi::gather_fingerprints,
-        "level 10: gather a paged cache's referenced pages and fingerprint each, one launch",
-        py::arg("cache"), py::arg("indices"), py::arg("n"), py::arg("weights"));
   m.def("snapshot", &otel_fi::snapshot, "copy a graph's rows into a pinned slot + event");
   m.def("event_create", &otel_fi::event_create);
   m.def("event_query", &otel_fi::event_query);
@@ -563,4 +560,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_small_launches", [](bool on) { otel_fi::small_launches = on; },
         "pass few tensors' descriptors in a small parameter block (default on)");
   otel_fi::register_span_hooks(m);
+  otel_fi::register_blob_staging(m);
 }

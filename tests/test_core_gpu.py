@@ -308,21 +308,29 @@ def test_level5_every_replay_traced_takes_no_gate(spans) -> None:
 @pytest.mark.parametrize("fused", [True, False])
 def test_level10_decode_and_rmsnorm_pull_and_replay_bit_exact(spans, tmp_path, monkeypatch,
                                                               fused) -> None:
-    """``fused``: the pages gathered and fingerprinted by our kernel in one launch;
-    otherwise by torch ops (before the extension is built, or where it cannot be)."""
+    """``fused``: the extension's path (pages gathered and fingerprinted in one launch,
+    every copy queued by one ``stage_copies`` call); otherwise torch ops, as before the
+    extension is built or where it cannot be."""
     from otel_flashinfer.blobs import capture
     from otel_flashinfer.replay.pull import pull
     from otel_flashinfer.replay.runner import replay
     from otel_flashinfer.stats import kernel as stats_kernel
 
-    used = []
+    used, staged = [], []
     if fused:
-        assert stats_kernel.get(wait=True, timeout=600) is not None
+        module = stats_kernel.get(wait=True, timeout=600)
+        assert module is not None
         real = capture.gather_fused
         monkeypatch.setattr(capture, "gather_fused",
                             lambda *a: used.append(real(*a)) or used[-1])
-    else:
-        monkeypatch.setattr(capture, "gather_fused", lambda *a: None)
+        real_event = capture._StagedEvent  # noqa: SLF001
+        monkeypatch.setattr(capture, "_StagedEvent",
+                            lambda m, h: staged.append(h) or real_event(m, h))
+    else:  # the extension not built (yet): nothing of it used
+        import types
+
+        monkeypatch.setattr(capture, "stats_kernel", types.SimpleNamespace(
+            get=lambda *a, **k: None, new_stream=lambda device: None))
     store = tmp_path / "blobs"
     otel_flashinfer.instrument(level=10, journal_dir="", blob_url=str(store))
     with spans.tracer().start_as_current_span("engine.step") as engine:
@@ -352,6 +360,7 @@ def test_level10_decode_and_rmsnorm_pull_and_replay_bit_exact(spans, tmp_path, m
     assert unchanged == 2 * pages - 1
     if fused:
         assert len(used) == 3 and all(u is not None for u in used)
+        assert len(staged) >= 6  # inputs and outputs of each run, in one call each
     trace_id = format(engine.get_span_context().trace_id, "032x")
     bundle = pull(trace_id, str(store), str(tmp_path / "bundle"))
     assert bundle is not None

@@ -321,3 +321,33 @@ def test_fused_gather_declines_what_it_cannot_read() -> None:
     assert gather_fused(module, cache[:, 0], ids, 8) is None  # k of a (k, v) cache: strided
     assert gather_fused(module, cache, ids.cpu(), 8) is None
     assert gather_fused(module, cache, ids.float(), 8) is None
+
+
+@pytest.mark.gpu
+def test_stage_copies_queues_every_span_and_one_event() -> None:
+    """One call copies each source's span (a strided view's whole span from its first
+    element) into its pinned buffer and records one event; a size past a source's
+    storage or its buffer is refused before anything is queued."""
+    module = _fused_module()
+    base = torch.arange(4096, dtype=torch.int32, device="cuda")
+    view = base[96:].view(-1, 8)[:, ::2]  # strided, from element 96
+    meta = torch.arange(30, dtype=torch.int64, device="cuda").view(10, 3)
+    span = encode.span_numel(view.shape, view.stride())
+    bufs = [torch.zeros(16384, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+    event = module.stage_copies([view, meta], bufs, [span * 4, meta.numel() * 8])
+    try:
+        module.event_wait(event)
+    finally:
+        module.event_free(event)
+    assert span == 1 + 499 * 8 + 3 * 2
+    assert torch.equal(bufs[0][:span * 4].view(torch.int32), base[96:96 + span].cpu())
+    assert torch.equal(bufs[1][:240].view(torch.int64).view(10, 3), meta.cpu())
+    fresh = torch.zeros(16384, dtype=torch.uint8, pin_memory=True)
+    with pytest.raises(RuntimeError, match="past a source's storage"):
+        module.stage_copies([meta, view], [fresh, fresh], [8, (4096 - 96) * 4 + 4])
+    with pytest.raises(RuntimeError, match="past a source's storage or its buffer"):
+        module.stage_copies([base], [fresh[:16]], [64])
+    with pytest.raises(RuntimeError, match="one device"):
+        module.stage_copies([base, base.cpu()], [fresh, fresh], [4, 4])
+    torch.cuda.synchronize()
+    assert not fresh.any()  # the refused calls queued nothing

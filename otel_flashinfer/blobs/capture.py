@@ -82,7 +82,7 @@ class _Held:
     """One copy waiting for the writer: a tensor span, or the pages of a KV cache."""
 
     __slots__ = ("dev", "dev_bytes", "entry", "event", "fps", "host", "ids", "pinned",
-                 "plain_bytes", "source_key")
+                 "plain_bytes", "source_key", "staged")
 
     def __init__(self, entry: dict) -> None:
         self.entry = entry  # the manifest value, filled in by the writer
@@ -100,6 +100,9 @@ class _Held:
         #: Which cache the pages came from (its data pointer): the writer compares a
         #: call's fingerprints with that cache's last call (``_store_pages``).
         self.source_key: int | None = None
+        #: Copies queued by ``stage_copies``, viewed by the writer after the event:
+        #: ([(buffer, bytes, dtype, shape)], fused meta?, page ids?) (``_assign``).
+        self.staged: tuple | None = None
 
 
 class _LastPages:
@@ -222,6 +225,7 @@ class BlobRecorder:
             getattr(settings, "blob_url", "./flashinfer_blobs"),
             max_count=int(getattr(settings, "blob_max_count", 1000)),
             max_bytes=int(float(getattr(settings, "blob_max_gb", 20.0)) * 1024**3),
+            durable=self.crash_safe,
         )
         if self.crash_safe:  # runs expected to crash keep no lease to leave behind
             self.store.close()
@@ -425,18 +429,28 @@ class BlobRecorder:
         failure what this call took is given back (not what an earlier call took: the
         outputs' failing must not lose the inputs), and the error goes on."""
         first = len(cap.held)
+        module = stats_kernel.get()
         #: device -> the held copies made on its current stream: one event each, recorded
         #: after the last copy, covers them all (an event per tensor cost the caller a
         #: CUDA call and a Python object each).
         streams: dict[torch.device, list[_Held]] = {}
+        #: device -> (source, pinned buffer, bytes) for one ``stage_copies`` call, when
+        #: the extension is built; else each copy is a torch op here.
+        batches: dict[torch.device, list] | None = (
+            {} if getattr(module, "stage_copies", None) is not None else None)
         try:
             for held, (src, paged) in pending:
                 cap.held.append(held)  # first: a failure below still gives back its budget
+                batch = None
+                if src.device.type != "cpu":
+                    streams.setdefault(src.device, []).append(held)
+                    if batches is not None and src.is_cuda:
+                        batch = batches.setdefault(src.device, [])
                 fused = None
                 if paged is not None and src.is_cuda:
-                    fused = gather_fused(stats_kernel.get(), src, paged[0], paged[1])
+                    fused = gather_fused(module, src, paged[0], paged[1])
                 if fused is not None:  # one launch: gather, fingerprints and ids
-                    self._to_host(cap, held, fused[0], meta=fused[1])
+                    self._to_host(cap, held, fused[0], meta=fused[1], batch=batch)
                 elif paged is not None:
                     buf_idx = paged[0]
                     n = paged[1]
@@ -447,16 +461,21 @@ class BlobRecorder:
                     # stored before (a few kernels, against hashing 32 MB on the host).
                     # On the CPU it would cost more than the hash it saves.
                     fps = page_fingerprints(pages) if pages.is_cuda else None
-                    self._to_host(cap, held, pages, page_ids=idx, fps=fps)
+                    self._to_host(cap, held, pages, page_ids=idx, fps=fps, batch=batch)
+                elif batch is not None:  # the span copied from the tensor itself
+                    self._to_host(cap, held, src, batch=batch, span=True)
                 else:
                     self._to_host(cap, held, encode.flat_span(src))
-                if src.device.type != "cpu":
-                    streams.setdefault(src.device, []).append(held)
             for device, helds in streams.items():
-                # blocking: the writer that waits on it sleeps rather than spins (a spin
-                # is CPU the whole process pays while the GPU catches up)
-                event = torch.cuda.Event(blocking=True)
-                event.record(torch.cuda.current_stream(device))
+                batch = batches.get(device) if batches is not None else None
+                if batch:
+                    event: Any = _StagedEvent(module, module.stage_copies(
+                        [c[0] for c in batch], [c[1] for c in batch], [c[2] for c in batch]))
+                else:
+                    # blocking: the writer that waits on it sleeps rather than spins (a
+                    # spin is CPU the whole process pays while the GPU catches up)
+                    event = torch.cuda.Event(blocking=True)
+                    event.record(torch.cuda.current_stream(device))
                 for held in helds:
                     held.event = event
         except BaseException:
@@ -466,10 +485,13 @@ class BlobRecorder:
 
     def _to_host(self, cap: CallCapture, held: _Held, src: torch.Tensor,
                  page_ids: torch.Tensor | None = None, fps: torch.Tensor | None = None,
-                 meta: torch.Tensor | None = None) -> None:
+                 meta: torch.Tensor | None = None, batch: list | None = None,
+                 span: bool = False) -> None:
         """Copies of ``src`` (and of a paged cache's page ids and fingerprints, or of
         ``meta``: the fused kernel's [n, 3] ids and fingerprints, one copy) for the
-        writer, held in staging."""
+        writer, held in staging.  With ``batch`` the copies are queued there for one
+        ``stage_copies`` call and the writer makes its views after the event (``span``:
+        ``src`` itself, copied as the flat span its layout addresses)."""
         if src.device.type == "cpu":
             nbytes = src.numel() * src.element_size() + (
                 0 if page_ids is None else page_ids.numel() * 8)
@@ -493,30 +515,30 @@ class BlobRecorder:
             if not self.crash_safe and self.device_hold.reserve(dev_bytes):
                 held.dev, held.dev_bytes = src, dev_bytes
                 parts = parts[1:]
-        outs = []
+        outs: list = []
         for part in parts:
-            nbytes = part.numel() * part.element_size()
+            if span and part is src:
+                numel = encode.span_numel(src.shape, src.stride())
+                shape: Any = (numel,)
+            else:
+                numel, shape = part.numel(), part.shape
+            nbytes = numel * part.element_size()
             buf = self.staging.acquire_pinned(nbytes)
             if buf is None:
                 raise _Skip("staging_full")
             held.pinned.append(buf)
-            view = buf[:nbytes].view(part.dtype) if nbytes else buf[:0].view(part.dtype)
-            view = view.view(part.shape) if nbytes else torch.empty(part.shape, dtype=part.dtype)
+            if batch is not None:
+                batch.append((part, buf, nbytes))
+                outs.append((buf, nbytes, part.dtype, shape))
+                continue
+            view = _host_view(buf, nbytes, part.dtype, shape)
             view.copy_(part, non_blocking=True)
             outs.append(view)
         # ``held.event``: one per device for the call's copies, recorded by ``_copy_all``.
-        if meta is not None:
-            host_meta = outs[-1]
-            held.ids, held.fps = host_meta[:, 0], host_meta[:, 1:]
-            if held.dev is None:
-                held.host = outs[0]
-            return
-        if held.dev is not None:
-            held.ids, held.fps = outs
-            return
-        held.host = outs[0]
-        held.ids = outs[1] if page_ids is not None else None
-        held.fps = outs[2] if len(outs) > 2 else None
+        if batch is not None:
+            held.staged = (outs, meta is not None, page_ids is not None)
+        else:
+            _assign(held, outs, meta is not None, page_ids is not None)
 
     def _release_held(self, cap: CallCapture, first: int = 0) -> None:
         for held in cap.held[first:]:
@@ -526,7 +548,7 @@ class BlobRecorder:
             for buf in held.pinned:
                 self.staging.release_pinned(buf)
             held.pinned = []
-            held.host = held.ids = None
+            held.host = held.ids = held.staged = None
             if held.dev_bytes:
                 self.device_hold.release(held.dev_bytes)
                 held.dev_bytes = 0
@@ -655,6 +677,10 @@ class BlobRecorder:
         if held.event is not None:
             with capture_guard.gpu_queries(block=True):
                 held.event.synchronize()
+        if held.staged is not None:
+            outs, meta, paged = held.staged
+            held.staged = None
+            _assign(held, [_host_view(*out) for out in outs], meta, paged)
         written = 0
         if held.entry["t"] == "paged_kv":
             written = self._store_pages(held)
@@ -782,8 +808,7 @@ class BlobRecorder:
     def _write(self, cap: CallCapture) -> None:
         for held in cap.held:
             cap.written_bytes += self._store_held(held)
-        self.store.put_manifest(cap.manifest_key, manifest.dumps(cap.meta),
-                                durable=self.crash_safe)
+        self.store.put_manifest(cap.manifest_key, manifest.dumps(cap.meta))
         self._note(cap)
         self._release_held(cap)
         self.store.budget.release(0, max(0, cap.reserved_bytes - cap.written_bytes))
@@ -805,7 +830,7 @@ class BlobRecorder:
         try:
             for held in cap.held:
                 cap.written_bytes += self._store_held(held)
-            self.store.put_manifest(cap.manifest_key, manifest.dumps(cap.meta), durable=True)
+            self.store.put_manifest(cap.manifest_key, manifest.dumps(cap.meta))
             self._note(cap)
         except Exception:  # noqa: BLE001 - the call goes on; the writer retries later
             self._internal_error("crash_safe write")
@@ -834,6 +859,50 @@ class BlobRecorder:
         self._wake.set()
         self.store.close()  # the budget's lease back; late releases go to the file
         return ok
+
+
+def _host_view(buf: torch.Tensor, nbytes: int, dtype: torch.dtype, shape: Any) -> torch.Tensor:
+    """A pinned buffer's first ``nbytes`` as a ``dtype`` tensor of ``shape``."""
+    if not nbytes:
+        return torch.empty(shape, dtype=dtype)
+    return buf[:nbytes].view(dtype).view(shape)
+
+
+def _assign(held: _Held, outs: list, meta: bool, paged: bool) -> None:
+    """Put a held call's host copies in place: ``outs`` in the order ``_to_host`` made
+    them (pages unless left on the device, then ids and fingerprints: together as the
+    fused kernel's ``meta``, or apart)."""
+    if meta:
+        host_meta = outs[-1]
+        held.ids, held.fps = host_meta[:, 0], host_meta[:, 1:]
+        if held.dev is None:
+            held.host = outs[0]
+        return
+    if held.dev is not None:
+        held.ids, held.fps = outs
+        return
+    held.host = outs[0]
+    held.ids = outs[1] if paged else None
+    held.fps = outs[2] if len(outs) > 2 else None
+
+
+class _StagedEvent:
+    """The event ``stage_copies`` recorded after a call's copies (the extension's own:
+    waited on with the GIL let go, destroyed with the last held copy that refers to it)."""
+
+    __slots__ = ("handle", "module")
+
+    def __init__(self, module: Any, handle: int) -> None:
+        self.module, self.handle = module, handle
+
+    def synchronize(self) -> None:
+        self.module.event_wait(self.handle)
+
+    def __del__(self) -> None:
+        try:
+            self.module.event_free(self.handle)
+        except Exception:  # noqa: BLE001, S110 - at exit the extension may be gone
+            pass
 
 
 def _arguments(bound: inspect.BoundArguments | dict) -> tuple[list, Any]:
