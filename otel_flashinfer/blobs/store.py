@@ -1,8 +1,13 @@
 """A content-addressed store over fsspec, with budgets shared across processes.
 
-Objects are written only if absent and atomically (local: temp name + fsync +
-rename; object stores: one PUT, which is atomic); manifests the same way, without
-the fsync (``put_manifest``).  Callers write a manifest only
+Objects are written only if absent and atomically (local: a temp name, renamed;
+object stores: one PUT, which is atomic); manifests the same way.  A renamed file is
+whole or absent for every reader and across a crash of the process (the page cache
+keeps it), which is what a flight recorder for CUDA errors and killed engines needs;
+``durable`` (``CRASH_SAFE``) also fsyncs each file before its rename, for crashes that
+take the machine.  By default nothing is fsynced: on the device an fsync per new object
+and per manifest held the writers back to fewer calls a second than a decode loop
+makes, and the calls past the staging budget were skipped.  Callers write a manifest only
 after every object it names is in place, so a manifest never points at a missing
 or truncated object.  Several writer threads may store the same object at once:
 the rename is checked under a lock, so one copy lands, the others are discarded
@@ -10,7 +15,7 @@ and only the first counts as newly written.
 
 ``put_content`` names an object by its sha256, hashed before writing so that a
 duplicate costs no write (hashing while writing, in chunks, measured no faster
-here: sha256 runs at ~1.4 GB/s, the fsync is what costs).
+here: sha256 runs at ~1.4 GB/s).
 
 Budgets (``OTEL_FLASHINFER_BLOB_MAX_GB`` / ``_MAX_COUNT``): a call reserves one
 count and an upper bound of its bytes before anything is copied; once written,
@@ -395,8 +400,11 @@ class BlobStore:
         max_bytes: int = 20 * 1024**3,
         storage_options: dict | None = None,
         check_writable: bool = True,
+        durable: bool = False,
     ) -> None:
         self.url = url
+        #: fsync objects and manifests before they are renamed into place (CRASH_SAFE).
+        self.durable = durable
         try:
             self.fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
         except Exception as exc:
@@ -477,23 +485,23 @@ class BlobStore:
             self._make_dir(folder, again=True)
             return create()
 
-    def _write_temp(self, path: str, parts: list, sync: bool = True) -> str:
-        """A temp file beside ``path``, synced unless ``sync`` is False."""
+    def _write_temp(self, path: str, parts: list) -> str:
+        """A temp file beside ``path``, fsynced when the store is ``durable``."""
         tmp = self._tmp_path(path)
         try:
-            self._in_folder(path, lambda: _write_file(tmp, parts, sync))
+            self._in_folder(path, lambda: _write_file(tmp, parts, self.durable))
         except BaseException:
             _unlink_quietly(tmp)
             raise
         return tmp
 
-    def _write_atomic(self, key: str, data: bytes | list, sync: bool = True) -> None:
+    def _write_atomic(self, key: str, data: bytes | list) -> None:
         path = self.path(key)
         parts = parts_of(data)
         if not self.local:
             self.fs.pipe_file(path, b"".join(parts))  # a single PUT: all or nothing
             return
-        tmp = self._write_temp(path, parts, sync)
+        tmp = self._write_temp(path, parts)
         try:
             os.replace(tmp, path)
         except BaseException:
@@ -575,15 +583,9 @@ class BlobStore:
         key = layout.object_key(digest, fmt)
         return digest, key, self.put_object(key, parts)
 
-    def put_manifest(self, key: str, data: bytes, durable: bool = False) -> None:
-        """Write (or replace) a manifest; call only after its objects are stored.
-
-        Renamed into place whole, so no reader and no crash of the process sees it torn;
-        not fsynced unless ``durable`` (``CRASH_SAFE``): its objects are, so a power loss
-        can lose the last calls' manifests (the spans then point at a missing or empty
-        file, which ``pull`` reports), never make one name bytes that are not there.  An
-        fsync per call was a sixth of the writers' time at level 10."""
-        self._write_atomic(key, data, sync=durable)
+    def put_manifest(self, key: str, data: bytes) -> None:
+        """Write (or replace) a manifest; call only after its objects are stored."""
+        self._write_atomic(key, data)
 
     # -- reading --------------------------------------------------------------------
     def list_manifests(self, trace_id: int | str) -> list[str]:
