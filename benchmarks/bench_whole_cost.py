@@ -218,9 +218,13 @@ def child(config: str, calls: int, warmup: int, pairs: int = 0) -> dict[str, Any
         out["paired"] = _pairs(plain, call, args, calls, pairs, sync, flush)
         out["traced"] += calls * pairs
     if kind == "ours":
-        from otel_flashinfer import health
+        from otel_flashinfer import health, runtime
 
         out["counters"] = health.counters()
+        blobs = getattr(runtime.current(), "blobs", None)
+        if blobs is not None:  # level 10: how many calls' payloads were kept
+            out["blobs"] = {k: v for k, v in blobs.counters.items()
+                            if k == "manifests" or k.startswith("skipped.")}
     return out
 
 
@@ -360,7 +364,9 @@ def measure(configs: list[tuple[str, str, dict[str, str]]], mode: str, rounds: i
             print(f"  round {round_ + 1}: {config:12} {exporter:5} caller "
                   f"{result['caller_us']:8.2f} us  cpu {result['cpu_us']:8.2f} us"
                   + (f"  spans {result.get('received')}/{result['traced']}"
-                     if "received" in result else ""), flush=True)
+                     if "received" in result else "")
+                  + (f"  payloads kept {result['blobs']}" if "blobs" in result else ""),
+                  flush=True)
     return results
 
 
