@@ -30,6 +30,7 @@ that a key read back from an untrusted manifest can be checked with
 
 from __future__ import annotations
 
+import functools
 import re
 
 OBJECTS = "objects"
@@ -150,8 +151,10 @@ def process_calls_prefix(process: str) -> str:
     return f"{PROCESSES}/{check_process(process)}/calls"
 
 
+@functools.lru_cache(maxsize=1024)
 def api_token(api: str) -> str:
-    """An API name as it may appear in a key: ``[A-Za-z0-9_.]``, at most 200 long."""
+    """An API name as it may appear in a key: ``[A-Za-z0-9_.]``, at most 200 long (made
+    once per name: the writer names an index entry with it for every call)."""
     text = "".join(c if (c.isascii() and (c.isalnum() or c in "_.")) else "_" for c in api)
     return text[:200] or "_"
 
