@@ -59,6 +59,7 @@ except ImportError:  # setuptools < 64: no PEP 660 editable installs
 setup(
     ext_modules=[
         Extension("otel_flashinfer._hotpath", ["csrc/hotpath.c"],
+                  depends=["csrc/hotpath_api.h", "csrc/py_defer.h", "csrc/xoshiro.h"],
                   extra_compile_args=["-O2"], optional=True),
         Extension("otel_flashinfer._otlp", ["csrc/otlp_encoder.c"],
                   extra_compile_args=["-O2"], optional=True),

@@ -31,6 +31,7 @@
 #include <unistd.h>
 
 #include "hotpath_api.h"
+#include "py_defer.h"
 #include "xoshiro.h"
 
 /* ---- ids: xoshiro256** seeded from getrandom, reseeded in a forked child -------- */
@@ -116,7 +117,7 @@ static void report_error(const char *message) {
         Py_XDECREF(r);
         Py_XDECREF(msg);
     }
-    PyErr_Clear();
+    ofi_clear_error();
     Py_XDECREF(type);
     Py_XDECREF(value);
     Py_XDECREF(tb);
@@ -245,7 +246,7 @@ static PyObject *tensor_type(void) {
             PyObject *t = PyObject_GetAttrString(torch, "Tensor");
             if (t != NULL && PyType_Check(t)) S.tensor_type = t;
             else Py_XDECREF(t);
-            PyErr_Clear();
+            ofi_clear_error();
         }
     }
     return S.tensor_type;
@@ -308,7 +309,7 @@ static PyObject *snapshot(PyObject *value) {
     PyObject_GC_UnTrack(out);
     goto done;
 fallback:
-    PyErr_Clear();
+    ofi_clear_error();
     out = PyObject_CallOneArg(S.snapshot, value);
 done:
     Py_XDECREF(dtype);
@@ -1026,7 +1027,7 @@ static PyObject *current_span_context(PyObject *span) {
             if (PyTuple_GET_ITEM(S.plain_getters, i) != getter) continue;
             PyObject *context = PyObject_GetAttr(span, S.s_context);
             if (context != NULL) return context;
-            PyErr_Clear();
+            ofi_clear_error();
             break;
         }
     }
@@ -1040,7 +1041,7 @@ static void gpu_drop(PyObject *record) {
     if (slot == NULL || !PyLong_CheckExact(slot) || S.api == NULL) return;
     long long value = PyLong_AsLongLong(slot);
     if (value == -1 && PyErr_Occurred()) {
-        PyErr_Clear();
+        ofi_clear_error();
         return;
     }
     if (value < 0) {
@@ -1245,7 +1246,7 @@ error_journal:
     if (slot != NULL && slot != Py_None) {
         PyObject *type, *value, *tb;
         PyErr_Fetch(&type, &value, &tb);
-        if (journal_end(e->journal, slot) < 0) PyErr_Clear();
+        if (journal_end(e->journal, slot) < 0) ofi_clear_error();
         PyErr_Restore(type, value, tb);
     }
 error:
@@ -1536,7 +1537,7 @@ static PyObject *wrapper_call(PyObject *self, PyObject *const *args, size_t narg
             Py_XDECREF(tb);
             return NULL;
         }
-        if (r == NULL) PyErr_Clear(); /* failed() reports its own errors; the user's wins */
+        if (r == NULL) ofi_clear_error(); /* failed() reports its own errors; the user's wins */
         Py_XDECREF(r);
         PyErr_Restore(type, value, tb);
         return NULL;
@@ -1701,6 +1702,7 @@ static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_hotpath",
                                         module_methods};
 
 PyMODINIT_FUNC PyInit__hotpath(void) {
+    ofi_defer_init();
     if (PyType_Ready(&EntryType) < 0 || PyType_Ready(&SwitchType) < 0 ||
         PyType_Ready(&WrapperType) < 0)
         return NULL;

@@ -481,6 +481,45 @@ def test_keyboard_interrupt_inside_tracing_reaches_the_program(spans) -> None:
     assert health.counters().get("wrapper_errors", 0) == 0
 
 
+class _InterruptOnce(torch.Tensor):
+    """A tensor whose first ``shape`` read is where a Ctrl-C lands (a signal's handler
+    runs at the next bytecode, here inside our description of the argument)."""
+
+    pending: list[type[BaseException]] = []
+
+    @property
+    def shape(self) -> torch.Size:
+        if _InterruptOnce.pending:
+            raise _InterruptOnce.pending.pop()()
+        return super().shape
+
+
+@pytest.mark.parametrize("fatal", [KeyboardInterrupt, SystemExit])
+def test_an_interrupt_inside_our_description_still_reaches_the_program(spans, fatal) -> None:
+    """The C wrapper clears what fails while it describes an argument and goes on; an
+    exception that is not an ``Exception`` is the program's, so it is raised again at
+    the interpreter's next check (here as ``step`` starts), as if the signal had come a
+    moment later: it was cleared, and the Ctrl-C lost.  Exceptions stay ours."""
+    otel_flashinfer.instrument(level=3, journal_dir="")
+    ran: list[int] = []
+
+    @otel_flashinfer.traced(name="step")
+    def step(x: torch.Tensor) -> int:
+        ran.append(1)
+        return 1
+
+    x = torch.zeros(3).as_subclass(_InterruptOnce)
+    _InterruptOnce.pending[:] = [fatal]
+    with pytest.raises(fatal):
+        step(x)
+        sum(range(100))  # the interpreter's next check is at the latest in here
+    assert not _InterruptOnce.pending
+    before = len(ran)
+    _InterruptOnce.pending[:] = [ValueError]
+    assert step(x) == 1 and sum(range(100)) == 4950
+    assert len(ran) == before + 1 and not _InterruptOnce.pending
+
+
 def test_a_parent_with_non_integer_ids_is_reported_and_the_call_goes_on(spans) -> None:
     """SpanContext accepts a float trace id as valid; reading it as a 128-bit int must
     not happen (the C path checks the type)."""
