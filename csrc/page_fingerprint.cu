@@ -130,6 +130,8 @@ std::vector<at::Tensor> gather_fingerprints(const at::Tensor& cache, const at::T
   const int64_t page_bytes = cache.numel() / cache.size(0) * cache.element_size();
   TORCH_CHECK(page_bytes > 0 && page_bytes % 8 == 0,
               "gather_fingerprints: a page must be a whole number of 8-byte words");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(cache.data_ptr()) % 8 == 0,
+              "gather_fingerprints: the cache must start on an 8-byte boundary");
   const int64_t words = page_bytes / 4;
   TORCH_CHECK(weights.device() == cache.device() && weights.scalar_type() == at::kLong &&
                   weights.is_contiguous() && weights.dim() == 2 && weights.size(0) == 2 &&

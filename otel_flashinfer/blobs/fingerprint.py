@@ -75,8 +75,8 @@ def gather_fused(module: Any, cache: torch.Tensor, indices: torch.Tensor,
     extension, None until built): the pages that ``indices[:n]`` reference (clamped to
     the cache), and per page int64 (id, lane 0, lane 1), the lanes equal to
     ``page_fingerprints`` of those pages.  None where the kernel does not apply (no
-    extension, a cache that is not contiguous pages of whole 8-byte words, indices on
-    another device or of another dtype): then the torch ops, as before."""
+    extension, a cache that is not contiguous, 8-byte aligned pages of whole 8-byte
+    words, indices on another device or of another dtype): then the torch ops."""
     fused = getattr(module, "gather_fingerprints", None)
     if fused is None or cache.dim() < 2 or not cache.shape[0] or not cache.is_contiguous():
         return None
@@ -84,8 +84,8 @@ def gather_fused(module: Any, cache: torch.Tensor, indices: torch.Tensor,
             or indices.dtype not in (torch.int32, torch.int64)):
         return None
     page_bytes = cache[0].numel() * cache.element_size()
-    if not page_bytes or page_bytes % 8:
-        return None
+    if not page_bytes or page_bytes % 8 or cache.data_ptr() % 8:
+        return None  # the kernel reads 32-bit halves: a view at an odd offset cannot
     pages, meta = fused(cache, indices, int(n), weights(cache.device, page_bytes // 4))
     return pages, meta
 
