@@ -466,10 +466,8 @@ class BlobStore:
             return
         try:  # one syscall for the usual case (a new trace's folder under a known parent)
             os.mkdir(folder)
-        except FileExistsError:
-            pass
-        except FileNotFoundError:
-            os.makedirs(folder, exist_ok=True)
+        except OSError:  # a parent missing, the folder there already (some filesystems
+            os.makedirs(folder, exist_ok=True)  # say so otherwise than EEXIST), ...
         if len(self._dirs) >= _MAX_DIRS:
             self._dirs.clear()
         self._dirs.add(folder)
