@@ -202,6 +202,60 @@ def test_files_are_fsynced_only_when_crash_safe(tmp_path, monkeypatch, crash_saf
     assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]
 
 
+def test_a_dropped_call_s_pinned_buffers_go_back_only_after_its_copies(tmp_path):
+    """A call dropped between its async copies and the writer (a failing store, an
+    error after the call) must not hand its pinned buffers back while the GPU may still
+    write into them: a writer waits on the call's event first."""
+    rec = BlobRecorder(settings(tmp_path), install_handlers=False)
+    released: list[torch.Tensor] = []
+    rec.staging.release_pinned = released.append
+    done = threading.Event()
+    waited: list[int] = []
+
+    class Copies:  # the call's CUDA event: its copies finish when ``done`` is set
+        def synchronize(self) -> None:
+            done.wait(10)
+            waited.append(1)
+
+    from otel_flashinfer.blobs.capture import CallCapture, _Held
+
+    cap = CallCapture(rec, None, None)
+    held = _Held({"t": "tensor"})
+    bufs = [torch.empty(16, dtype=torch.uint8), torch.empty(16, dtype=torch.uint8)]
+    held.pinned, held.event = list(bufs), Copies()
+    cap.held = [held]
+    rec._release_held(cap)  # noqa: SLF001 - as _drop does, on the call's thread
+    time.sleep(0.2)
+    assert released == [] and waited == []  # the copies are still running
+    done.set()
+    assert rec.flush(10)
+    assert waited == [1] and [id(b) for b in released] == [id(b) for b in bufs]
+    waited_before = len(waited)
+    plain = _Held({"t": "tensor"})  # copies waited for already: back at once
+    plain.pinned = [torch.empty(8, dtype=torch.uint8)]
+    cap.held = [plain]
+    rec._release_held(cap)  # noqa: SLF001
+    assert len(released) == 3 and len(waited) == waited_before
+    rec.shutdown(5)
+
+
+def test_a_folder_that_exists_is_fine_whatever_mkdir_says(tmp_path, monkeypatch):
+    """Some filesystems answer mkdir on an existing folder with another error than
+    EEXIST (EACCES on a read-only parent, ...): makedirs then settles it."""
+    store = BlobStore(str(tmp_path / "s"))
+    (tmp_path / "s" / "traces" / "ab").mkdir(parents=True)
+    real = os.mkdir
+
+    def mkdir(path, *a, **k):
+        if os.path.isdir(path):
+            raise PermissionError(13, "Permission denied", path)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(store_mod.os, "mkdir", mkdir)
+    store.put_manifest("traces/ab/1.json", b"{}")
+    assert store.get("traces/ab/1.json") == b"{}"
+
+
 def test_concurrent_duplicate_put_leaves_one_intact_object(tmp_path):
     store = BlobStore(str(tmp_path))
     data = encode.encode_parts(torch.arange(300_000, dtype=torch.float32), "safetensors")

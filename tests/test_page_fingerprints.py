@@ -258,6 +258,27 @@ def test_manifest_pages_joined_from_their_own_json_are_the_canonical_bytes() -> 
     assert json.loads(manifest.dumps(meta))["z"][2] == token_like
 
 
+def test_fused_gather_declines_a_cache_at_an_odd_offset() -> None:
+    """The kernel reads 32-bit halves: a contiguous view that starts two bytes into its
+    storage would be a misaligned read on the GPU (a sticky error for the engine's
+    context), so it is left to the torch ops before the extension is called."""
+    from otel_flashinfer.blobs.fingerprint import gather_fused
+
+    class Extension:
+        calls = 0
+
+        def gather_fingerprints(self, *args):  # noqa: ANN002, ANN202
+            Extension.calls += 1
+            return args[0][:0], torch.zeros(0, 3, dtype=torch.int64)
+
+    ids = torch.arange(4, dtype=torch.int32)
+    odd = torch.zeros(1 + 8 * 16, dtype=torch.float16)[1:].view(8, 16)
+    assert odd.is_contiguous() and odd.data_ptr() % 8 == 2
+    assert gather_fused(Extension(), odd, ids, 4) is None
+    aligned = torch.zeros(8, 16, dtype=torch.float16)
+    assert gather_fused(Extension(), aligned, ids, 4) is not None and Extension.calls == 1
+
+
 def _fused_module():
     if not torch.cuda.is_available():
         pytest.skip("needs a GPU")
@@ -351,3 +372,35 @@ def test_stage_copies_queues_every_span_and_one_event() -> None:
         module.stage_copies([base, base.cpu()], [fresh, fresh], [4, 4])
     torch.cuda.synchronize()
     assert not fresh.any()  # the refused calls queued nothing
+
+
+@pytest.mark.gpu
+def test_staged_copies_store_a_conjugated_or_negated_view_as_its_values(tmp_path) -> None:
+    """``stage_copies`` copies raw bytes; a lazily conjugated (or negated) view's bytes
+    are not its values, so it is staged through ``copy_``, which applies the bit, and
+    plain tensors, strided views included, are staged raw and stored exactly."""
+    import inspect
+
+    from otel_flashinfer.blobs import manifest as manifest_mod
+
+    _fused_module()
+    rec = BlobRecorder(Settings(blob_url=str(tmp_path)), install_handlers=False)
+
+    def f(a, b, c):  # noqa: ANN001, ANN202
+        return a
+
+    z = torch.randn(6, dtype=torch.complex64, device="cuda")
+    strided = torch.arange(40.0, device="cuda").view(5, 8)[:, ::3]
+    args = (z.conj(), torch.randn(4, dtype=torch.complex64, device="cuda").conj()._neg_view(),
+            strided)
+    cap = rec.before("f", __name__, "f", None, 1, 1, None, 1,
+                     inspect.signature(f).bind(*args))
+    cap.after(args[0], None)
+    assert rec.flush(30)
+    m = manifest_mod.parse((tmp_path / cap.manifest_key).read_bytes(), "m")
+    for entry, want in zip([a["value"] for a in m["args"]], args, strict=True):
+        flat = encode.decode((tmp_path / entry["key"]).read_bytes(), "safetensors")
+        got = encode.rebuild(flat, entry["dtype"], entry["shape"], entry["stride"],
+                             entry["storage_offset"])
+        assert torch.equal(got, want.resolve_conj().resolve_neg().cpu())
+    rec.shutdown(5)

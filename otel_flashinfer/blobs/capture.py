@@ -272,6 +272,8 @@ class BlobRecorder:
         self._busy = 0  # calls a writer thread has taken and not finished
         self._qlock = threading.RLock()  # RLock: the SIGTERM handler may enqueue
         self._inflight: dict[int, CallCapture] = {}
+        #: (event, pinned buffers) of dropped calls, given back once the event is done.
+        self._unsettled: collections.deque[tuple[Any, list]] = collections.deque()
         self._threads: list[threading.Thread] = []
         self._stopping = False
         self._start_lock = threading.Lock()
@@ -462,8 +464,13 @@ class BlobRecorder:
                     # On the CPU it would cost more than the hash it saves.
                     fps = page_fingerprints(pages) if pages.is_cuda else None
                     self._to_host(cap, held, pages, page_ids=idx, fps=fps, batch=batch)
-                elif batch is not None:  # the span copied from the tensor itself
+                elif batch is not None and not (src.is_conj() or src.is_neg()):
+                    # the span copied from the tensor itself (raw bytes: a lazily
+                    # conjugated or negated view goes through copy_, which applies it)
                     self._to_host(cap, held, src, batch=batch, span=True)
+                elif batch is not None:
+                    self._to_host(cap, held, encode.flat_span(src).resolve_conj().resolve_neg(),
+                                  batch=batch)
                 else:
                     self._to_host(cap, held, encode.flat_span(src))
             for device, helds in streams.items():
@@ -541,18 +548,54 @@ class BlobRecorder:
             _assign(held, outs, meta is not None, page_ids is not None)
 
     def _release_held(self, cap: CallCapture, first: int = 0) -> None:
+        """Give a call's staging back.  Pinned buffers whose copies nobody waited for (a
+        call dropped between its copies and the writer) go back only once their event
+        has completed, which a writer thread waits for (``_settle``): a buffer given
+        back early could be reused or freed to torch's host allocator, which knows
+        nothing of our copies, while the GPU still writes into it."""
+        unsettled = False
         for held in cap.held[first:]:
             if held.plain_bytes:
                 self.staging.release(held.plain_bytes)
                 held.plain_bytes = 0
-            for buf in held.pinned:
-                self.staging.release_pinned(buf)
+            if held.pinned and held.event is not None:
+                self._unsettled.append((held.event, held.pinned))
+                unsettled = True
+            else:
+                for buf in held.pinned:
+                    self.staging.release_pinned(buf)
             held.pinned = []
             held.host = held.ids = held.staged = None
             if held.dev_bytes:
                 self.device_hold.release(held.dev_bytes)
                 held.dev_bytes = 0
             held.dev = None
+        if unsettled:
+            self._ensure_writer()
+            self._wake.set()
+
+    def _settle(self) -> None:
+        """Wait for the copies of dropped calls (``_release_held``), then give their
+        buffers back; on a writer thread, counted busy (``flush`` waits for it)."""
+        while True:
+            with self._qlock:
+                if not self._unsettled:
+                    return
+                self._idle.clear()  # before the pop: flush sees one or the other
+                self._busy += 1
+                event, bufs = self._unsettled.popleft()
+            try:
+                with capture_guard.gpu_queries(block=True):
+                    event.synchronize()
+            except Exception:  # noqa: BLE001 - a broken context: nothing writes there now
+                self._internal_error("settle")
+            finally:
+                for buf in bufs:
+                    self.staging.release_pinned(buf)
+                with self._qlock:
+                    self._busy -= 1
+                    if not self._queue and not self._unsettled and self._busy == 0:
+                        self._idle.set()
 
     def _drop(self, cap: CallCapture, reason: str) -> None:
         """Give up on a call: free its copies and budget, mark why."""
@@ -647,6 +690,8 @@ class BlobRecorder:
     def _run_writer(self) -> None:
         while True:
             self._wake.clear()  # before looking at the queue: a later append wakes us
+            if self._unsettled:
+                self._settle()
             cap = self._take()
             if cap is None:
                 if self._stopping:
@@ -677,6 +722,7 @@ class BlobRecorder:
         if held.event is not None:
             with capture_guard.gpu_queries(block=True):
                 held.event.synchronize()
+            held.event = None  # its copies are done: the buffers may go back at once
         if held.staged is not None:
             outs, meta, paged = held.staged
             held.staged = None
@@ -839,10 +885,10 @@ class BlobRecorder:
     def flush(self, timeout_s: float = 30.0) -> bool:
         """Wait until every call handed to the writer is stored; whether all made it."""
         deadline = time.monotonic() + timeout_s
-        if self._queue:
+        if self._queue or self._unsettled:
             self._ensure_writer()
             self._wake.set()
-        while self._queue or not self._idle.is_set():
+        while self._queue or self._unsettled or not self._idle.is_set():
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
