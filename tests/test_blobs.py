@@ -239,6 +239,31 @@ def test_a_dropped_call_s_pinned_buffers_go_back_only_after_its_copies(tmp_path)
     rec.shutdown(5)
 
 
+def test_recording_cpu_tensors_starts_no_extension_build(tmp_path):
+    """The staging extension serves CUDA tensors only: a process that records CPU
+    tensors at level 10 must not start building (or loading) it, a thread that imports
+    torch's compiler tooling (it ran beside a SIGTERM handler and the test before this
+    one timed out once in CI)."""
+    code = textwrap.dedent("""
+        import inspect, sys, threading, torch
+        from otel_flashinfer.blobs.capture import BlobRecorder
+        from otel_flashinfer.config import Settings
+        from otel_flashinfer.stats import kernel
+        rec = BlobRecorder(Settings(blob_url=sys.argv[1]), install_handlers=False)
+        def add(x, y): return x + y
+        c = rec.before("add", "m", "add", None, 9, 1, None, 1,
+                       inspect.signature(add).bind(torch.ones(4), 1.0))
+        c.after(add(torch.ones(4), 1.0), None)
+        assert rec.flush(10)
+        print(kernel._thread is None, sorted(t.name for t in threading.enumerate()))
+    """)
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.startswith("True "), out.stdout + out.stderr
+    assert "otel-fi-stats-build" not in out.stdout
+
+
 def test_a_folder_that_exists_is_fine_whatever_mkdir_says(tmp_path, monkeypatch):
     """Some filesystems answer mkdir on an existing folder with another error than
     EEXIST (EACCES on a read-only parent, ...): makedirs then settles it."""
@@ -700,7 +725,8 @@ CHILD_TERM_DEFAULT = textwrap.dedent('''
                inspect.signature(add).bind(torch.arange(32.), 1.0))
     assert rec.store.budget._lease.calls > 0
     print("ready", flush=True)
-    time.sleep(60)
+    for _ in range(600):  # short sleeps: a signal the kernel hands to another thread
+        time.sleep(0.1)   # wakes no sleeping main thread, whose handler then waits
 ''')
 
 

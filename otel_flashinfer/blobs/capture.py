@@ -431,7 +431,10 @@ class BlobRecorder:
         failure what this call took is given back (not what an earlier call took: the
         outputs' failing must not lose the inputs), and the error goes on."""
         first = len(cap.held)
-        module = stats_kernel.get()
+        # The extension only for CUDA tensors: a process that records CPU tensors alone
+        # must not start building (or loading) it.
+        module = (stats_kernel.get() if any(src.is_cuda for _, (src, _) in pending)
+                  else None)
         #: device -> the held copies made on its current stream: one event each, recorded
         #: after the last copy, covers them all (an event per tensor cost the caller a
         #: CUDA call and a Python object each).
