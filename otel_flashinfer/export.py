@@ -44,7 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import forking, health
+from . import forking, health, threads
 from .graph_sampling import CostEstimate
 
 #: Spans per request (OTEL_BSP_MAX_EXPORT_BATCH_SIZE's default).
@@ -414,7 +414,7 @@ class NativeExport:
         self._pid = os.getpid()
         self._thread = threading.Thread(target=self._run, name="otel_flashinfer-export",
                                         daemon=True)
-        self._thread.start()
+        threads.start(self._thread)
 
     def after_fork(self) -> None:
         """In a forked child (idempotent: the pipeline's own hook calls it first, before

@@ -23,7 +23,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from . import capture_guard, cuda_errors, health
+from . import capture_guard, cuda_errors, health, threads
 from .config import jit_cache_root
 from .jit_lock import build_lock
 from .pipeline import CallRecord
@@ -99,7 +99,7 @@ def start_loading(block: bool = False) -> None:
     if block:
         _compile()
     else:
-        threading.Thread(target=_compile, name="otel_flashinfer-jit", daemon=True).start()
+        threads.start(threading.Thread(target=_compile, name="otel_flashinfer-jit", daemon=True))
 
 
 def wait_ready(timeout_s: float = 600.0) -> bool:

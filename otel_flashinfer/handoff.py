@@ -32,7 +32,7 @@ from typing import Any
 
 from opentelemetry import trace as trace_api
 
-from . import health
+from . import health, threads
 
 _lock = threading.RLock()
 _installed: HandoffTracerProvider | None = None
@@ -166,7 +166,7 @@ def _at_exit(handoff: HandoffTracerProvider) -> None:
                               daemon=True)
     deadline = time.monotonic() + EXIT_BUDGET_S
     try:
-        closer.start()
+        threads.start(closer)
         closer.join(max(0.1, deadline - time.monotonic()))
     except RuntimeError:
         pass

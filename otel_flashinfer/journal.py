@@ -34,7 +34,7 @@ from typing import Any
 
 from opentelemetry.trace import SpanContext, TraceFlags
 
-from . import health
+from . import health, threads
 from . import journal_format as fmt
 from .pipeline import CallRecord
 
@@ -166,7 +166,7 @@ class Journal:
         self._stop = threading.Event()
         thread = threading.Thread(target=self._heartbeat, args=(mm, self._stop),
                                   name="otel_flashinfer-journal", daemon=True)
-        thread.start()
+        threads.start(thread)
         if self.blob_url:
             self.set_blob_url(self.blob_url)
 

@@ -29,7 +29,7 @@ from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode
 from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 
-from . import capture_guard, forking, health
+from . import capture_guard, forking, health, threads
 from .graph_sampling import CostEstimate
 
 _ROOT_CONTEXT = trace_api.set_span_in_context(trace_api.INVALID_SPAN)
@@ -582,8 +582,8 @@ class Pipeline:
         if old is not None:
             # The provider changed hands (handoff): what the old path still holds goes
             # out through its own exporters, without keeping the caller.
-            threading.Thread(target=old.shutdown, args=(2.0,), daemon=True,
-                             name="otel_flashinfer-export-handoff").start()
+            threads.start(threading.Thread(target=old.shutdown, args=(2.0,), daemon=True,
+                                           name="otel_flashinfer-export-handoff"))
         if self._native is not None:
             self.export_path = "native"
             if self.fork_attributes:
@@ -628,7 +628,7 @@ class Pipeline:
         self._thread = threading.Thread(
             target=self._run, name="otel_flashinfer-pipeline", daemon=True
         )
-        self._thread.start()
+        threads.start(self._thread)
 
     def _after_fork(self) -> None:
         # The parent's records and thread do not exist in the child: start afresh.  The
@@ -1089,7 +1089,7 @@ class Pipeline:
                 target=run, name="otel_flashinfer-force-flush", daemon=True
             )
             try:
-                thread.start()
+                threads.start(thread)
             except RuntimeError:  # interpreter shutdown (3.12+ refuses new threads)
                 run()  # at exit there is no engine left to keep waiting
                 return result[0]

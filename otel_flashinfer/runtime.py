@@ -18,7 +18,7 @@ from typing import Any
 from opentelemetry.sdk.trace import sampling
 from opentelemetry.trace import SpanKind
 
-from . import health
+from . import health, threads
 from .config import Settings, load_settings
 from .pipeline import Pipeline
 from .version import __version__
@@ -269,7 +269,7 @@ def _at_exit() -> None:
         # Daemon thread: whatever is still retrying when the budget runs out dies with us.
         closer = threading.Thread(target=provider.shutdown, name="otel_flashinfer-exit",
                                   daemon=True)
-        closer.start()
+        threads.start(closer)
         closer.join(max(0.1, deadline - time.monotonic()))
 
 

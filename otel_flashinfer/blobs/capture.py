@@ -54,7 +54,7 @@ from typing import Any
 
 import torch
 
-from .. import capture_guard, forking
+from .. import capture_guard, forking, threads
 from ..stats import kernel as stats_kernel
 from . import encode, layout, manifest
 from .fingerprint import PageMemo, gather_fused, page_fingerprints
@@ -658,15 +658,15 @@ class BlobRecorder:
         self._wake.set()
 
     def _ensure_writer(self) -> None:
-        threads = self._threads
-        if len(threads) >= self.writers and all(t.is_alive() for t in threads):
+        running = self._threads
+        if len(running) >= self.writers and all(t.is_alive() for t in running):
             return
         with self._start_lock:
             self._threads = [t for t in self._threads if t.is_alive()]
             while len(self._threads) < self.writers:
                 t = threading.Thread(target=self._run_writer, daemon=True,
                                      name=f"otel-flashinfer-blobs-{len(self._threads)}")
-                t.start()
+                threads.start(t)
                 self._threads.append(t)
 
     # -- writer threads ------------------------------------------------------------

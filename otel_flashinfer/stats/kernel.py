@@ -19,7 +19,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from .. import health
+from .. import health, threads
 from ..config import jit_cache_root
 from ..jit_lock import build_lock
 
@@ -144,8 +144,8 @@ def get(wait: bool = False, timeout: float | None = None) -> ModuleType | None:
         return _module
     with _lock:
         if _thread is None and not _done.is_set():
-            _thread = threading.Thread(target=_worker, name="otel-fi-stats-build", daemon=True)
-            _thread.start()
+            _thread = threads.start(
+                threading.Thread(target=_worker, name="otel-fi-stats-build", daemon=True))
     if wait:
         _done.wait(timeout)
     return _module if _done.is_set() else None

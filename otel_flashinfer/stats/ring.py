@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .. import health
+from .. import health, threads
 from . import kernel as _kernel
 from .layout import ROW_WORDS
 
@@ -121,7 +121,7 @@ class SlotRing:
                 self._dev_thread = threading.Thread(
                     target=self._allocate_device, args=(module,), daemon=True,
                     name="otel_flashinfer-stats-ring")
-                self._dev_thread.start()
+                threads.start(self._dev_thread)
         return 0
 
     def _allocate_device(self, module: Any) -> None:
