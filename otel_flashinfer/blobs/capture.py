@@ -469,11 +469,9 @@ class BlobRecorder:
                     self._to_host(cap, held, pages, page_ids=idx, fps=fps, batch=batch)
                 elif batch is not None and not (src.is_conj() or src.is_neg()):
                     # the span copied from the tensor itself (raw bytes: a lazily
-                    # conjugated or negated view goes through copy_, which applies it)
+                    # conjugated or negated view takes copy_ below, which applies it;
+                    # the device's event, recorded after, covers that copy too)
                     self._to_host(cap, held, src, batch=batch, span=True)
-                elif batch is not None:
-                    self._to_host(cap, held, encode.flat_span(src).resolve_conj().resolve_neg(),
-                                  batch=batch)
                 else:
                     self._to_host(cap, held, encode.flat_span(src))
             for device, helds in streams.items():
