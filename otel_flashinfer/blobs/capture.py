@@ -751,7 +751,7 @@ class BlobRecorder:
         in the memo or are stored."""
         source = held.host if held.host is not None else held.dev
         n = held.ids.shape[0]
-        page_raw = source[0].numel() * source.element_size() if n else 0
+        page_raw = math.prod(source.shape[1:]) * source.element_size()
         memo = self.page_memo
         fps = held.fps
         kind = memo.kind(source, self.format) if fps is not None else None

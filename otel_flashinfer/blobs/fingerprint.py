@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import math
 import threading
 from typing import Any
 
@@ -83,7 +84,7 @@ def gather_fused(module: Any, cache: torch.Tensor, indices: torch.Tensor,
     if (indices.device != cache.device or indices.dim() != 1 or not indices.is_contiguous()
             or indices.dtype not in (torch.int32, torch.int64)):
         return None
-    page_bytes = cache[0].numel() * cache.element_size()
+    page_bytes = math.prod(cache.shape[1:]) * cache.element_size()  # no cache[0]: a view
     if not page_bytes or page_bytes % 8 or cache.data_ptr() % 8:
         return None  # the kernel reads 32-bit halves: a view at an odd offset cannot
     pages, meta = fused(cache, indices, int(n), weights(cache.device, page_bytes // 4))
