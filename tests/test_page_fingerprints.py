@@ -258,6 +258,40 @@ def test_manifest_pages_joined_from_their_own_json_are_the_canonical_bytes() -> 
     assert json.loads(manifest.dumps(meta))["z"][2] == token_like
 
 
+def test_manifest_with_named_slots_is_the_same_bytes_and_left_as_it_was() -> None:
+    """The writer names the dicts that hold its page lists rather than have the whole
+    manifest walked: the bytes are those of the walk, a slot outside the manifest or
+    without an encoded list changes nothing, one not named is still encoded right, and
+    every slot holds its list again afterwards (also when encoding fails)."""
+    import json
+
+    from otel_flashinfer.blobs import manifest
+
+    pages = [manifest.StoredPage(f"{i:064x}", f"objects/{i:02x}/{i:064x}.safetensors",
+                                 65536 + i) for i in range(6)]
+    kv = {"t": "paged_kv", "page_ids": manifest.EncodedInts([1, 2, 7]),
+          "pages": manifest.EncodedPages(pages[:3])}
+    unnamed = {"t": "paged_kv", "page_ids": manifest.EncodedInts([4]),
+               "pages": manifest.EncodedPages(pages[3:4])}
+    outside = {"t": "paged_kv", "page_ids": manifest.EncodedInts([5]),
+               "pages": manifest.EncodedPages(pages[4:])}
+    meta = {"schema": 1, "token": manifest._TOKEN + "0",  # noqa: SLF001
+            "args": [{"name": "kv", "value": kv}, {"name": "v", "value": unnamed}],
+            "result": {"t": "tensor", "hash": "ab"}}
+    slots = [(kv, "pages"), (kv, "page_ids"), (outside, "pages"), (meta["result"], "hash"),
+             (kv, "missing")]
+    plain = json.loads(json.dumps(meta))
+    expected = json.dumps(plain, sort_keys=True, allow_nan=False,
+                          separators=(",", ":")).encode()
+    assert manifest.dumps(meta, slots) == manifest.dumps(meta) == expected
+    assert type(kv["pages"]) is manifest.EncodedPages and kv["pages"] == pages[:3]
+    assert type(kv["page_ids"]) is manifest.EncodedInts and outside["pages"] == pages[4:]
+    meta["bad"] = float("nan")  # refused (allow_nan=False): the slots are put back
+    with pytest.raises(ValueError):
+        manifest.dumps(meta, slots)
+    assert type(kv["pages"]) is manifest.EncodedPages and kv["page_ids"] == [1, 2, 7]
+
+
 def test_fused_gather_declines_a_cache_at_an_odd_offset() -> None:
     """The kernel reads 32-bit halves: a contiguous view that starts two bytes into its
     storage would be a misaligned read on the GPU (a sticky error for the engine's

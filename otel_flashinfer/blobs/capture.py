@@ -855,7 +855,7 @@ class BlobRecorder:
     def _write(self, cap: CallCapture) -> None:
         for held in cap.held:
             cap.written_bytes += self._store_held(held)
-        self.store.put_manifest(cap.manifest_key, manifest.dumps(cap.meta))
+        self.store.put_manifest(cap.manifest_key, _manifest_bytes(cap))
         self._note(cap)
         self._release_held(cap)
         self.store.budget.release(0, max(0, cap.reserved_bytes - cap.written_bytes))
@@ -877,7 +877,7 @@ class BlobRecorder:
         try:
             for held in cap.held:
                 cap.written_bytes += self._store_held(held)
-            self.store.put_manifest(cap.manifest_key, manifest.dumps(cap.meta))
+            self.store.put_manifest(cap.manifest_key, _manifest_bytes(cap))
             self._note(cap)
         except Exception:  # noqa: BLE001 - the call goes on; the writer retries later
             self._internal_error("crash_safe write")
@@ -906,6 +906,13 @@ class BlobRecorder:
         self._wake.set()
         self.store.close()  # the budget's lease back; late releases go to the file
         return ok
+
+
+def _manifest_bytes(cap: CallCapture) -> bytes:
+    """A call's manifest; its paged entries' page lists are the only encoded ones."""
+    slots = [(held.entry, key) for held in cap.held if held.entry.get("t") == "paged_kv"
+             for key in ("pages", "page_ids")]
+    return manifest.dumps(cap.meta, slots)
 
 
 def _host_view(buf: torch.Tensor, nbytes: int, dtype: torch.dtype, shape: Any) -> torch.Tensor:

@@ -40,6 +40,7 @@ import enum
 import json
 import math
 import os
+from collections.abc import Iterable
 from typing import Any
 
 from . import layout
@@ -96,8 +97,8 @@ def plain_value(value: Any, tensor_ref, depth: int = 0) -> Any:
     return {"t": "unrepresentable", "type": f"{cls.__module__}.{cls.__qualname__}"}
 
 
-def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, allow_nan=False, separators=(",", ":"))
+#: One encoder for every manifest: ``json.dumps`` with arguments makes a new one a call.
+_canonical = json.JSONEncoder(sort_keys=True, allow_nan=False, separators=(",", ":")).encode
 
 
 class StoredPage(dict):
@@ -161,13 +162,49 @@ def _swap_encoded(value: Any, found: list[str]) -> Any:
     return value
 
 
-def dumps(manifest: dict) -> bytes:
-    """Canonical bytes of a manifest (sorted keys, no spaces, no NaN)."""
+def dumps(manifest: dict, slots: Iterable[tuple[dict, str]] | None = None) -> bytes:
+    """Canonical bytes of a manifest (sorted keys, no spaces, no NaN).
+
+    ``slots``, when given, names every ``(dict, key)`` of ``manifest`` that may hold an
+    encoded list (the writer knows them: its paged entries): they are swapped for
+    tokens in place and put back, instead of walking the whole manifest to find them.
+    A slot not named is still encoded right, as a plain list; only slower."""
     found: list[str] = []
-    text = _canonical(_swap_encoded(manifest, found))
-    for i, raw in enumerate(found):
-        text = text.replace(f'"{_TOKEN}{i}"', raw, 1)
-    return text.encode()
+    if slots is None:
+        text = _canonical(_swap_encoded(manifest, found))
+    else:
+        saved = []
+        try:
+            for owner, key in slots:
+                value = owner.get(key)
+                if type(value) is EncodedPages or type(value) is EncodedInts:
+                    saved.append((owner, key, value))
+                    found.append(value.json)
+                    owner[key] = f"{_TOKEN}{len(found) - 1}"
+            text = _canonical(manifest)
+        finally:
+            for owner, key, value in saved:
+                owner[key] = value
+    return _put_encoded(text, found).encode()
+
+
+def _put_encoded(text: str, found: list[str]) -> str:
+    """``text`` with each token's string replaced by its JSON, joined in one pass."""
+    if not found:
+        return text
+    spots = []
+    for i in range(len(found)):
+        quoted = f'"{_TOKEN}{i}"'
+        at = text.find(quoted)
+        if at >= 0:  # a slot whose dict is not in the manifest (a result left out)
+            spots.append((at, len(quoted), found[i]))
+    spots.sort()
+    pieces, pos = [], 0
+    for at, size, raw in spots:
+        pieces += (text[pos:at], raw)
+        pos = at + size
+    pieces.append(text[pos:])
+    return "".join(pieces)
 
 
 # -- strict reading ----------------------------------------------------------------
