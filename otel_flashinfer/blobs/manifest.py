@@ -99,6 +99,7 @@ def plain_value(value: Any, tensor_ref, depth: int = 0) -> Any:
 
 #: One encoder for every manifest: ``json.dumps`` with arguments makes a new one a call.
 _canonical = json.JSONEncoder(sort_keys=True, allow_nan=False, separators=(",", ":")).encode
+_quote = json.encoder.encode_basestring_ascii  # json.dumps' own quoting of a str
 
 
 class StoredPage(dict):
@@ -109,7 +110,9 @@ class StoredPage(dict):
 
     def __init__(self, digest: str, key: str, nbytes: int) -> None:
         super().__init__(hash=digest, key=key, nbytes=nbytes)
-        self.json = _canonical(self)
+        # _canonical's bytes (keys in order), formatted: a JSONEncoder call a new page
+        # cost the writer 20 us on the CPU box
+        self.json = f'{{"hash":{_quote(digest)},"key":{_quote(key)},"nbytes":{int(nbytes)}}}'
 
 
 class EncodedPages(list):
