@@ -233,6 +233,33 @@ def test_pages_referenced_twice_or_out_of_order_are_stored_once_each(
     assert held.entry["pages"] == [h.entry["pages"][0] for h in plain]
 
 
+def test_a_change_against_the_last_call_is_found_with_pages_out_of_order(recorder) -> None:  # noqa: ANN001
+    """The last-call comparison with page ids unsorted and repeated: a change at a
+    page's first occurrence is stored, one at a later repeat of it is not the page's
+    (the manifest keeps first occurrences), and the entries match hashing every page."""
+    pages = _pages()[:5]
+    ids = [7, 3, 7, 1, 3]
+
+    def store(p: torch.Tensor) -> _Held:
+        held = _held(p, ids, fingerprints=True)
+        held.source_key = 5
+        recorder._store_held(held)  # noqa: SLF001
+        return held
+
+    first = store(pages)
+    step = pages.clone()
+    step[3, 0, 0] += 1  # page 1's only occurrence
+    step[4, 1, 1] += 1  # page 3's second occurrence: not what the manifest keeps
+    second = store(step)
+    assert second.entry["page_ids"] == [1, 3, 7]
+    assert second.entry["pages"][0] != first.entry["pages"][0]
+    assert second.entry["pages"][1:] == first.entry["pages"][1:]
+    plain = _held(step[[3, 1, 0]], [1, 3, 7], fingerprints=False)
+    recorder._store_held(plain)  # noqa: SLF001
+    assert second.entry["pages"] == plain.entry["pages"]
+    assert store(step).entry["pages"] is second.entry["pages"]
+
+
 def test_manifest_pages_joined_from_their_own_json_are_the_canonical_bytes() -> None:
     """A page list made of pre-encoded pages writes exactly what encoding it whole
     would, wherever it sits; strings that look like the stand-in stay as they are."""
@@ -256,6 +283,17 @@ def test_manifest_pages_joined_from_their_own_json_are_the_canonical_bytes() -> 
     assert manifest.dumps(meta) == expected
     assert meta["args"][1]["value"]["pages"][0] == pages[0]  # the manifest is left as it was
     assert json.loads(manifest.dumps(meta))["z"][2] == token_like
+
+
+def test_a_stored_pages_json_is_what_the_encoder_writes() -> None:
+    """A page's JSON is formatted, not encoded: the same bytes for any key and size."""
+    import json
+
+    from otel_flashinfer.blobs import manifest
+
+    for key in ("objects/ab/" + "ab" * 32 + ".safetensors", 'odd "key"\\\n\u00e9'):
+        page = manifest.StoredPage("ab" * 32, key, 1 << 40)
+        assert page.json == json.dumps(dict(page), sort_keys=True, separators=(",", ":"))
 
 
 def test_manifest_with_named_slots_is_the_same_bytes_and_left_as_it_was() -> None:
