@@ -18,6 +18,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 
+from . import threads
 from .config import ConfigError
 from .otlp_json import JsonLinesSpanExporter
 
@@ -152,7 +153,8 @@ def build_provider(traces_file: str, environ: Mapping[str, str] | None = None) -
     for name in names:
         exporter = make_exporter(name, env, traces_file)
         try:
-            processor = BatchSpanProcessor(exporter)
+            with threads.signals_blocked():  # its worker thread, as ours (threads.py)
+                processor = BatchSpanProcessor(exporter)
         except ValueError as exc:  # the SDK's message names no variable
             bsp = {k: v for k, v in env.items() if k.startswith("OTEL_BSP_")}
             raise ConfigError(f"OTEL_BSP_* settings {bsp}: {exc}") from None

@@ -12,8 +12,10 @@ delivered then).
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
+from collections.abc import Iterator
 
 #: The signals applications install handlers for (those this platform has).
 BLOCKED = frozenset(
@@ -21,15 +23,25 @@ BLOCKED = frozenset(
                                        "SIGUSR2") if hasattr(signal, name))
 
 
-def start(thread: threading.Thread) -> threading.Thread:
-    """``thread.start()`` with ``BLOCKED`` blocked in the new thread; returns it."""
+@contextlib.contextmanager
+def signals_blocked() -> Iterator[None]:
+    """``BLOCKED`` blocked in this thread for the block: any thread started in it (ours,
+    or one a library starts, as the SDK's BatchSpanProcessor does) inherits that mask.
+    The caller's own mask comes back at the end; a signal meanwhile stays pending and
+    is delivered then."""
     mask = getattr(signal, "pthread_sigmask", None)
     if mask is None:  # no POSIX threads' masks (Windows)
-        thread.start()
-        return thread
+        yield
+        return
     old = mask(signal.SIG_BLOCK, BLOCKED)
     try:
-        thread.start()
+        yield
     finally:
         mask(signal.SIG_SETMASK, old)
+
+
+def start(thread: threading.Thread) -> threading.Thread:
+    """``thread.start()`` with ``BLOCKED`` blocked in the new thread; returns it."""
+    with signals_blocked():
+        thread.start()
     return thread

@@ -40,11 +40,13 @@ CHILD = textwrap.dedent(r"""
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads /proc")
-def test_our_threads_leave_sigterm_and_sigint_to_the_application(tmp_path) -> None:
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_our_threads_leave_sigterm_and_sigint_to_the_application(tmp_path, native) -> None:
     """The kernel may hand SIGTERM to any thread that does not block it; one handed to
     our exporter or writer did not wake an engine's main thread asleep in a blocking
-    call, so its shutdown handler waited.  Ours block them; the main thread does not."""
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    call, so its shutdown handler waited.  Ours block them; the main thread does not.
+    On the SDK's path, the BatchSpanProcessor behind our own provider is ours too."""
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "OTEL_FLASHINFER_NATIVE_EXPORT": native}
     out = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "blobs")], env=env,
                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
     rows = {}
@@ -53,7 +55,8 @@ def test_our_threads_leave_sigterm_and_sigint_to_the_application(tmp_path) -> No
         rows[name] = [term, sigint]
     assert rows["MainThread"] == ["0", "0"], out.stdout + out.stderr
     ours = {name: mask for name, mask in rows.items()
-            if name.startswith(("otel_flashinfer", "otel-flashinfer", "otel-fi"))}
+            if name.startswith(("otel_flashinfer", "otel-flashinfer", "otel-fi", "OtelBatch"))}
     assert {"otel_flashinfer-pipeline", "otel_flashinfer-journal",
             "otel-flashinfer-blobs-0"} <= set(ours), out.stdout + out.stderr
+    assert "OtelBatchSpanRecordProcessor" in ours, ours  # behind our provider either way
     assert all(mask == ["1", "1"] for mask in ours.values()), ours
