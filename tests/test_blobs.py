@@ -169,6 +169,28 @@ def test_folders_deleted_under_a_store_are_made_again(tmp_path, monkeypatch):
     assert not [p for p in (tmp_path / "s").rglob("*") if ".tmp-" in p.name]
 
 
+def test_an_object_is_written_whole_however_short_the_kernels_writes(tmp_path, monkeypatch):
+    """Objects go to disk with writev, which may write less than asked: every byte of
+    every part lands, in order, whatever the split (here 7 bytes a call, and more
+    parts than one writev takes)."""
+    real = os.writev
+    calls = []
+
+    def short(fd, buffers):
+        calls.append(len(buffers))
+        flat = b"".join(bytes(b) for b in buffers)[:7]
+        return real(fd, [flat])
+
+    monkeypatch.setattr(store_mod.os, "writev", short)
+    store = BlobStore(str(tmp_path / "s"))
+    parts = [bytes([i]) * (i % 5) for i in range(40)] + [memoryview(bytearray(b"tail"))]
+    want = b"".join(bytes(p) for p in parts)
+    digest, key, new = store.put_content(parts, "safetensors")
+    assert new == len(want) and digest == hashlib.sha256(want).hexdigest()
+    assert (tmp_path / "s" / key).read_bytes() == want
+    assert len(calls) == -(-len(want) // 7) and max(calls) <= 16
+
+
 @pytest.mark.parametrize("crash_safe", [False, True])
 def test_files_are_fsynced_only_when_crash_safe(tmp_path, monkeypatch, crash_safe):
     """Objects and manifests are renamed into place whole (no reader and no crash of the

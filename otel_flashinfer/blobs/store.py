@@ -639,10 +639,33 @@ def _unlink_quietly(path: str) -> None:
         pass
 
 
+_WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+
+
 def _write_file(path: str, parts: list, sync: bool) -> None:
-    with open(path, "wb") as fh:
-        for part in parts:
-            fh.write(part)
+    """``parts`` into a new file at ``path`` with one ``writev`` (a buffered file object
+    and a write per part cost a writer tens of us an object), fsynced when ``sync``."""
+    fd = os.open(path, _WRITE_FLAGS, 0o666)
+    try:
+        _write_all(fd, parts)
         if sync:
-            fh.flush()
-            os.fsync(fh.fileno())
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, parts: list) -> None:
+    """Every byte of ``parts``, in order, however short the writes the kernel makes."""
+    views = [view for view in (memoryview(p).cast("B") for p in parts) if view.nbytes]
+    while views:
+        written = os.writev(fd, views[:_IOV_MAX])
+        if written <= 0:  # a regular file does not; never loop on it
+            raise OSError(errno.EIO, f"writev wrote {written} bytes")
+        while views and written >= views[0].nbytes:
+            written -= views.pop(0).nbytes
+        if views and written:
+            views[0] = views[0][written:]
+
+
+#: At most this many buffers a writev (POSIX guarantees 16; Linux takes 1024).
+_IOV_MAX = 16
