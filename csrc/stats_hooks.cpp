@@ -34,6 +34,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "py_defer.h"
 #include "stats_launch.h"
 
 namespace otel_fi {
@@ -131,7 +132,7 @@ void clear_hooks(Hooks* h) {
 void destroy_capsule(PyObject* capsule) {
   auto* h = static_cast<Hooks*>(PyCapsule_GetPointer(capsule, "otel_flashinfer.stats_hooks"));
   if (h == nullptr) {
-    PyErr_Clear();
+    ofi_clear_error();
     return;
   }
   clear_hooks(h);
@@ -217,7 +218,7 @@ PyObject* metas_of(Plan& p, PyObject** cached) {
     Py_INCREF(*cached);
     return *cached;
   }
-  if (PyErr_Occurred()) PyErr_Clear();
+  ofi_clear_error();
   PyObject* t = PyTuple_New(p.nrows());
   if (t == nullptr) return nullptr;
   for (Py_ssize_t i = 0; i < p.nrows(); ++i) {
@@ -241,7 +242,7 @@ MetaCache* cache_of(Hooks* h, PyObject* plan) {
   auto it = h->metas.find(plan);
   if (it != h->metas.end()) return &it->second;
   if (h->metas.size() >= kMaxCachedPlans || PyList_Append(h->plans, plan) < 0) {
-    PyErr_Clear();
+    ofi_clear_error();
     return nullptr;
   }
   return &h->metas[plan];
@@ -362,7 +363,7 @@ PyObject* attr_or_none(PyObject* owner, PyObject* attr) {
   PyObject* v = PyObject_GetAttr(owner, attr);
   if (v == nullptr) {
     if (!PyErr_ExceptionMatches(PyExc_AttributeError)) return nullptr;
-    PyErr_Clear();
+    ofi_clear_error();
     Py_RETURN_NONE;
   }
   return v;
@@ -392,7 +393,7 @@ int try_paged(const Hooks* h, Plan& p, PyObject* owner, PyObject* name, PyObject
       batch = truth ? PyLong_AsLongLong(batch_obj)
                     : THPVariable_Unpack(indptr).numel() - 1;
       if (batch == -1 && PyErr_Occurred()) {  // past int64: the Python path's business
-        PyErr_Clear();
+        ofi_clear_error();
         p.fallback = true;
         rc = 1;
       } else {
@@ -605,7 +606,7 @@ void give_back(RingView* v, PyObject* method, int64_t slot) {
   PyObject* r = s == nullptr ? nullptr : PyObject_CallMethodOneArg(v->ring, method, s);
   Py_XDECREF(s);
   Py_XDECREF(r);
-  if (r == nullptr) PyErr_Clear();
+  if (r == nullptr) ofi_clear_error();
   PyErr_Restore(type, value, tb);
 }
 
@@ -624,7 +625,7 @@ int64_t slot_event(Hooks* h, RingView* v, int64_t slot) {
     PyList_SetItem(v->kind, slot, N.native_kind);  // steals
     return event;
   }
-  PyErr_Clear();
+  ofi_clear_error();
   PyObject* slot_obj = PyLong_FromLongLong(slot);
   if (slot_obj == nullptr) return 0;
   PyObject* r = PyObject_CallMethodObjArgs(v->ring, N.native_event, slot_obj, h->module, nullptr);
@@ -692,7 +693,7 @@ PyObject* before(PyObject* self, PyObject* const* argv, Py_ssize_t nargs) {
   Plan p;
   try {
     if (plan_inputs(h, p, argv[1], argv[2], argv[3]) < 0) {
-      PyErr_Clear();  // the Python path meets it again and decides
+      ofi_clear_error();  // the Python path meets it again and decides
       p.fallback = true;
     }
   } catch (const std::exception&) {
@@ -713,7 +714,7 @@ PyObject* before(PyObject* self, PyObject* const* argv, Py_ssize_t nargs) {
     if (slot >= 0) release(v, slot);
     Py_XDECREF(metas);
     Py_XDECREF(note);
-    PyErr_Clear();  // ring not ready, full, or an error: the Python path says which
+    ofi_clear_error();  // ring not ready, full, or an error: the Python path says which
     return call_python(h->py_before, argv, nargs);
   }
   cudaStream_t stream = nullptr;
@@ -745,7 +746,7 @@ PyObject* before(PyObject* self, PyObject* const* argv, Py_ssize_t nargs) {
   info.stream = static_cast<int64_t>(reinterpret_cast<intptr_t>(stream));
   // Timed by the stamps: record.gpu set keeps the hot path from recording its events.
   info.timed = h->gpu_time && PyObject_SetAttr(argv[0], N.gpu, Py_False) == 0;
-  if (h->gpu_time && !info.timed) PyErr_Clear();  // events then, as without these hooks
+  if (h->gpu_time && !info.timed) ofi_clear_error();  // events then, as without these hooks
   return state;
 }
 
@@ -754,10 +755,10 @@ void untimed(PyObject* record, const SlotInfo& info) {
   if (!info.timed) return;
   PyObject *type, *value, *tb;
   PyErr_Fetch(&type, &value, &tb);
-  if (PyObject_SetAttr(record, N.gpu, Py_None) < 0) PyErr_Clear();
+  if (PyObject_SetAttr(record, N.gpu, Py_None) < 0) ofi_clear_error();
   PyObject* attrs = PyObject_GetAttr(record, N.attributes);
   if (attrs == nullptr || PyObject_SetItem(attrs, N.unavailable, N.fallback_reason) < 0)
-    PyErr_Clear();
+    ofi_clear_error();
   Py_XDECREF(attrs);
   PyErr_Restore(type, value, tb);
 }
@@ -809,7 +810,7 @@ PyObject* after(PyObject* self, PyObject* const* argv, Py_ssize_t nargs) {
   if (argv[3] == Py_None) {
     try {
       if (plan_outputs(h, p, argv[2]) < 0) {
-        PyErr_Clear();  // the Python path meets it again and reports it
+        ofi_clear_error();  // the Python path meets it again and reports it
         p.fallback = true;
       }
     } catch (const std::exception&) {
@@ -822,12 +823,12 @@ PyObject* after(PyObject* self, PyObject* const* argv, Py_ssize_t nargs) {
     PyObject* gpu = PyObject_GetAttr(argv[0], N.gpu);
     info.timed = gpu == Py_False;
     Py_XDECREF(gpu);
-    PyErr_Clear();
+    ofi_clear_error();
   }
   if (p.fallback) return after_in_python(h, argv, v, slot, device, info);
   const int64_t event = slot_event(h, v, slot);
   if (event == 0) {  // the Python path makes (or fails to make) the event and reports
-    PyErr_Clear();
+    ofi_clear_error();
     return after_in_python(h, argv, v, slot, device, info);
   }
   cudaStream_t stream = nullptr;
@@ -942,6 +943,7 @@ void init_names() {
 
 void register_span_hooks(pybind11::module_& m) {
   init_names();
+  ofi_defer_init();
   // make_span_hooks(config: dict) -> (before, after); config names the recorder's rings,
   // the Python hooks, StatsPending, _Open, the scopes, max_bytes and max_rows.
   m.def("make_span_hooks", [](pybind11::dict config) {

@@ -220,6 +220,51 @@ def test_cpu_tensors_go_to_python(ext):
     assert [x["nan_count"] for _, x in events] == [1, 1, 1]
 
 
+class _InterruptOnce(Wrapper):
+    """A wrapper whose first ``_batch_size`` read is where a Ctrl-C lands (a signal's
+    handler runs at the next bytecode, here inside the C++ hook's planning)."""
+
+    pending: list[type[BaseException]] = []
+
+    def __init__(self, indices: torch.Tensor, indptr: torch.Tensor, batch: int) -> None:
+        self._paged_kv_indices_buf = indices
+        self._paged_kv_indptr_buf = indptr
+        self._batch = batch
+
+    @property
+    def _batch_size(self) -> int:
+        if _InterruptOnce.pending:
+            raise _InterruptOnce.pending.pop()()
+        return self._batch
+
+
+@pytest.mark.parametrize("fatal", [KeyboardInterrupt, SystemExit])
+def test_an_interrupt_inside_the_hooks_still_reaches_the_program(ext, fatal):
+    """The C++ hooks clear what fails while they plan a call and hand it to the Python
+    path; an exception that is not an ``Exception`` is the program's, so it is raised
+    again at the interpreter's next check (py_defer.h), not cleared with ours."""
+    cache = _cuda(64, 2, 16, 8, 128, dtype=torch.float16)
+    indices = torch.arange(0, 48, dtype=torch.int32, device="cuda")
+    indptr = torch.tensor([0, 16, 32, 48], dtype=torch.int32, device="cuda")
+    w = _InterruptOnce(indices, indptr, 3)
+    q = _cuda(3, 32, 128, dtype=torch.float16)
+    plan = spans.ArgPlan(Wrapper.run, True)
+    rec = _recorder(ext)
+    _, nat, (cb, _) = _pairs(ext, rec)
+    _InterruptOnce.pending[:] = [fatal]
+    with pytest.raises(fatal):
+        _call(nat, plan, (w, q, cache), {}, q.clone())
+        sum(range(100))  # the interpreter's next check is at the latest in here
+    assert not _InterruptOnce.pending
+    _InterruptOnce.pending[:] = [ValueError]  # ours: cleared, the Python path decides
+    calls = cb.calls
+    record = _call(nat, plan, (w, q, cache), {}, q.clone())
+    assert sum(range(100)) == 4950 and not _InterruptOnce.pending
+    assert cb.calls == calls + 1
+    events, _ = _resolved(record)
+    assert [a["flashinfer.tensor"] for _, a in events] == ["q", "paged_kv_cache", "result.0"]
+
+
 def test_outputs_on_another_stream(ext):
     a = _cuda(1000)
     plan = spans.ArgPlan(plain, False)
