@@ -272,10 +272,12 @@ def test_manifest_pages_joined_from_their_own_json_are_the_canonical_bytes() -> 
     token_like = manifest._TOKEN[:-1] + "x0"  # noqa: SLF001
     meta = {"schema": 1, "z": [1, "@otel-flashinfer-pages-0", token_like],
             "args": [{"name": "q", "value": {"t": "tensor", "hash": "ab"}},
-                     {"name": "kv", "value": {"t": "paged_kv", "page_ids": [3, 1, 2],
-                                              "pages": manifest.EncodedPages(pages[:3])}},
+                     {"name": "kv", "value": manifest.PagedEntry(
+                         t="paged_kv", page_ids=manifest.EncodedInts([3, 1, 2]),
+                         pages=manifest.EncodedPages(pages[:3]))},
                      {"name": "nested", "value": {"t": "tuple", "items": [
-                         {"t": "paged_kv", "pages": manifest.EncodedPages(pages[3:])},
+                         manifest.PagedEntry(t="paged_kv",
+                                             pages=manifest.EncodedPages(pages[3:])),
                          {"t": "paged_kv", "pages": manifest.EncodedPages([])}]}}]}
     plain = json.loads(json.dumps(meta))  # the same, as ordinary lists and dicts
     expected = json.dumps(plain, sort_keys=True, allow_nan=False,
@@ -296,37 +298,53 @@ def test_a_stored_pages_json_is_what_the_encoder_writes() -> None:
         assert page.json == json.dumps(dict(page), sort_keys=True, separators=(",", ":"))
 
 
-def test_manifest_with_named_slots_is_the_same_bytes_and_left_as_it_was() -> None:
-    """The writer names the dicts that hold its page lists rather than have the whole
-    manifest walked: the bytes are those of the walk, a slot outside the manifest or
-    without an encoded list changes nothing, one not named is still encoded right, and
-    every slot holds its list again afterwards (also when encoding fails)."""
+def test_a_manifest_encoded_on_two_threads_at_once_is_right_on_both() -> None:
+    """A paged entry's lists are joined from their JSON without being swapped in place:
+    a writer thread (or a signal's handler on the same thread, as SIGTERM's crash path
+    runs) encoding the same manifest while another encoding is under way gets the same
+    bytes, and the entry is as it was.  Swapped in place, the second saw tokens."""
     import json
+    import threading
 
     from otel_flashinfer.blobs import manifest
 
     pages = [manifest.StoredPage(f"{i:064x}", f"objects/{i:02x}/{i:064x}.safetensors",
-                                 65536 + i) for i in range(6)]
-    kv = {"t": "paged_kv", "page_ids": manifest.EncodedInts([1, 2, 7]),
-          "pages": manifest.EncodedPages(pages[:3])}
-    unnamed = {"t": "paged_kv", "page_ids": manifest.EncodedInts([4]),
-               "pages": manifest.EncodedPages(pages[3:4])}
-    outside = {"t": "paged_kv", "page_ids": manifest.EncodedInts([5]),
-               "pages": manifest.EncodedPages(pages[4:])}
-    meta = {"schema": 1, "token": manifest._TOKEN + "0",  # noqa: SLF001
-            "args": [{"name": "kv", "value": kv}, {"name": "v", "value": unnamed}],
-            "result": {"t": "tensor", "hash": "ab"}}
-    slots = [(kv, "pages"), (kv, "page_ids"), (outside, "pages"), (meta["result"], "hash"),
-             (kv, "missing")]
+                                 65536 + i) for i in range(4)]
+    kv = manifest.PagedEntry(t="paged_kv", page_ids=manifest.EncodedInts([1, 2, 7]),
+                             pages=manifest.EncodedPages(pages[:3]))
+    inside, go = threading.Event(), threading.Event()
+    owner = threading.get_ident()
+    nested: list[bytes] = []
+
+    class Pause(dict):
+        """Encoded after ``args``: the first thread waits in here, mid-encoding."""
+
+        def items(self):  # noqa: ANN202
+            if threading.get_ident() != owner:
+                inside.set()
+                assert go.wait(10)
+            elif not nested:  # a handler on this thread, encoding the same manifest
+                nested.append(b"")
+                nested[0] = manifest.dumps(meta)
+            return super().items()
+
+    meta = {"schema": 1, "args": [{"name": "kv", "value": kv}],
+            "result": {"t": "tuple", "items": [kv, {"t": "paged_kv", "pages": kv["pages"]}]},
+            "zz": Pause(x=1)}
     plain = json.loads(json.dumps(meta))
     expected = json.dumps(plain, sort_keys=True, allow_nan=False,
                           separators=(",", ":")).encode()
-    assert manifest.dumps(meta, slots) == manifest.dumps(meta) == expected
-    assert type(kv["pages"]) is manifest.EncodedPages and kv["pages"] == pages[:3]
-    assert type(kv["page_ids"]) is manifest.EncodedInts and outside["pages"] == pages[4:]
-    meta["bad"] = float("nan")  # refused (allow_nan=False): the slots are put back
-    with pytest.raises(ValueError):
-        manifest.dumps(meta, slots)
+    got: list[bytes] = []
+    other = threading.Thread(target=lambda: got.append(manifest.dumps(meta)))
+    other.start()
+    assert inside.wait(10)
+    try:
+        assert manifest.dumps(meta) == expected  # while the other is paused mid-way
+        assert nested == [expected]
+    finally:
+        go.set()
+        other.join(10)
+    assert got == [expected]
     assert type(kv["pages"]) is manifest.EncodedPages and kv["page_ids"] == [1, 2, 7]
 
 

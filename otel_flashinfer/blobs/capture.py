@@ -412,9 +412,9 @@ class BlobRecorder:
     def _collector(self, pending: list, paged: tuple | None):
         def ref(tensor: torch.Tensor) -> dict:
             if paged is not None and tensor.dim() >= 2:
-                entry = {"t": "paged_kv", "dtype": encode.dtype_name(tensor.dtype),
-                         "shape": list(tensor.shape), "device": str(tensor.device),
-                         "format": self.format}
+                entry = manifest.PagedEntry(
+                    t="paged_kv", dtype=encode.dtype_name(tensor.dtype),
+                    shape=list(tensor.shape), device=str(tensor.device), format=self.format)
             else:
                 entry = {"t": "tensor", "dtype": encode.dtype_name(tensor.dtype),
                          "shape": list(tensor.shape), "stride": list(tensor.stride()),
@@ -865,7 +865,7 @@ class BlobRecorder:
     def _write(self, cap: CallCapture) -> None:
         for held in cap.held:
             cap.written_bytes += self._store_held(held)
-        self.store.put_manifest(cap.manifest_key, _manifest_bytes(cap))
+        self.store.put_manifest(cap.manifest_key, manifest.dumps(cap.meta))
         self._note(cap)
         self._release_held(cap)
         self.store.budget.release(0, max(0, cap.reserved_bytes - cap.written_bytes))
@@ -887,7 +887,7 @@ class BlobRecorder:
         try:
             for held in cap.held:
                 cap.written_bytes += self._store_held(held)
-            self.store.put_manifest(cap.manifest_key, _manifest_bytes(cap))
+            self.store.put_manifest(cap.manifest_key, manifest.dumps(cap.meta))
             self._note(cap)
         except Exception:  # noqa: BLE001 - the call goes on; the writer retries later
             self._internal_error("crash_safe write")
@@ -916,13 +916,6 @@ class BlobRecorder:
         self._wake.set()
         self.store.close()  # the budget's lease back; late releases go to the file
         return ok
-
-
-def _manifest_bytes(cap: CallCapture) -> bytes:
-    """A call's manifest; its paged entries' page lists are the only encoded ones."""
-    slots = [(held.entry, key) for held in cap.held if held.entry.get("t") == "paged_kv"
-             for key in ("pages", "page_ids")]
-    return manifest.dumps(cap.meta, slots)
 
 
 def _host_view(buf: torch.Tensor, nbytes: int, dtype: torch.dtype, shape: Any) -> torch.Tensor:

@@ -113,9 +113,9 @@ class GraphBlobCall:
 
         def ref(tensor: torch.Tensor) -> dict:
             if paged is not None and tensor.dim() >= 2:
-                entry = {"t": "paged_kv", "dtype": encode.dtype_name(tensor.dtype),
-                         "shape": list(tensor.shape), "device": str(tensor.device),
-                         "format": fmt}
+                entry = manifest.PagedEntry(
+                    t="paged_kv", dtype=encode.dtype_name(tensor.dtype),
+                    shape=list(tensor.shape), device=str(tensor.device), format=fmt)
                 slots.append(_capture_copy(tensor, paged))
             else:
                 entry = {"t": "tensor", "dtype": encode.dtype_name(tensor.dtype),

@@ -40,7 +40,7 @@ import enum
 import json
 import math
 import os
-from collections.abc import Iterable
+import threading
 from typing import Any
 
 from . import layout
@@ -141,53 +141,43 @@ class EncodedInts(list):
 #: Stands in for an EncodedPages while the rest is encoded; random per process, so a
 #: string in a call's arguments cannot be taken for one.
 _TOKEN = f"@otel-flashinfer-pages-{os.urandom(8).hex()}-"
+#: ``found``: the JSON of the lists ``dumps`` is encoding on this thread, or None.
+_encoding = threading.local()
 
 
-def _swap_encoded(value: Any, found: list[str]) -> Any:
-    """``value`` with every EncodedPages replaced by a token (copies only the dicts and
-    lists on the way to one; the rest is shared)."""
-    if type(value) is EncodedPages or type(value) is EncodedInts:
-        found.append(value.json)
-        return f"{_TOKEN}{len(found) - 1}"
-    if type(value) is dict:
-        out = None
-        for k, v in value.items():
-            if isinstance(v, (dict, list)):
-                swapped = _swap_encoded(v, found)
-                if swapped is not v:
-                    if out is None:
-                        out = dict(value)
-                    out[k] = swapped
-        return value if out is None else out
-    if type(value) is list:
-        items = [_swap_encoded(v, found) if isinstance(v, (dict, list)) else v for v in value]
-        return value if all(a is b for a, b in zip(items, value, strict=True)) else items
-    return value
+class PagedEntry(dict):
+    """A paged cache's manifest entry.  While ``dumps`` encodes on this thread, its
+    pre-encoded lists show as tokens that ``dumps`` puts their JSON in place of (the
+    JSON encoder takes a dict subclass's ``items()``): nothing is walked to find them,
+    and nothing is changed in place, so another thread (a writer, a crash path, a
+    signal's handler) encoding or reading the same entry meanwhile sees it whole."""
+
+    __slots__ = ()
+
+    def items(self) -> Any:
+        found = getattr(_encoding, "found", None)
+        if found is None:
+            return super().items()
+        out = []
+        for key, value in super().items():
+            if type(value) is EncodedPages or type(value) is EncodedInts:
+                found.append(value.json)
+                value = f"{_TOKEN}{len(found) - 1}"
+            out.append((key, value))
+        return out
 
 
-def dumps(manifest: dict, slots: Iterable[tuple[dict, str]] | None = None) -> bytes:
-    """Canonical bytes of a manifest (sorted keys, no spaces, no NaN).
-
-    ``slots``, when given, names every ``(dict, key)`` of ``manifest`` that may hold an
-    encoded list (the writer knows them: its paged entries): they are swapped for
-    tokens in place and put back, instead of walking the whole manifest to find them.
-    A slot not named is still encoded right, as a plain list; only slower."""
+def dumps(manifest: dict) -> bytes:
+    """Canonical bytes of a manifest (sorted keys, no spaces, no NaN).  A PagedEntry's
+    encoded lists are joined from their own JSON; anywhere else they are encoded as the
+    lists they are (the same bytes, slower)."""
+    outer = getattr(_encoding, "found", None)  # a dumps this one interrupted (a handler)
     found: list[str] = []
-    if slots is None:
-        text = _canonical(_swap_encoded(manifest, found))
-    else:
-        saved = []
-        try:
-            for owner, key in slots:
-                value = owner.get(key)
-                if type(value) is EncodedPages or type(value) is EncodedInts:
-                    saved.append((owner, key, value))
-                    found.append(value.json)
-                    owner[key] = f"{_TOKEN}{len(found) - 1}"
-            text = _canonical(manifest)
-        finally:
-            for owner, key, value in saved:
-                owner[key] = value
+    _encoding.found = found
+    try:
+        text = _canonical(manifest)
+    finally:
+        _encoding.found = outer
     return _put_encoded(text, found).encode()
 
 
@@ -199,7 +189,7 @@ def _put_encoded(text: str, found: list[str]) -> str:
     for i in range(len(found)):
         quoted = f'"{_TOKEN}{i}"'
         at = text.find(quoted)
-        if at >= 0:  # a slot whose dict is not in the manifest (a result left out)
+        if at >= 0:
             spots.append((at, len(quoted), found[i]))
     spots.sort()
     pieces, pos = [], 0
