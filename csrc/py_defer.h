@@ -7,9 +7,11 @@
  * at the next bytecode boundary, wherever that is.  Clearing it lost the user's Ctrl-C.
  * ofi_clear_error clears errors that are Exceptions, as PyErr_Clear did, and keeps any
  * other: it is raised again in the main thread at the interpreter's next check
- * (Py_AddPendingCall), i.e. in the program's own code right after ours returns, where
- * the signal would have landed without us.  On other threads (which run no signal
- * handlers) it is cleared as before. */
+ * (Py_AddPendingCall): in the program's own code right after ours returns, where the
+ * signal would have landed without us, or in Python that our code calls next (a
+ * fallback hook), which then fails with it: code that holds a resource across such a
+ * call gives it back on any failure (stats_hooks.cpp's after_in_python).  On other
+ * threads (which run no signal handlers) it is cleared as before. */
 #pragma once
 #include <Python.h>
 

@@ -771,7 +771,10 @@ PyObject* after_in_python(Hooks* h, PyObject* const* argv, RingView* v, int64_t 
                                          static_cast<long long>(slot), info.metas,
                                          static_cast<long long>(info.ts), info.note,
                                          static_cast<long long>(info.stream), device);
-  if (open == nullptr) return nullptr;
+  if (open == nullptr) {  // (a Ctrl-C deferred by ofi_clear_error may land here):
+    abandon(v, slot);     // no _Open owns the slot, and its inputs' rows may be queued
+    return nullptr;
+  }
   PyObject* args[4] = {argv[0], open, argv[2], argv[3]};
   PyObject* r = call_python(h->py_after, args, 4);
   Py_DECREF(open);
