@@ -8,6 +8,7 @@ exporter and no endpoint configured, spans go to a local OTLP/JSON-lines file.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections.abc import Mapping
@@ -153,8 +154,8 @@ def build_provider(traces_file: str, environ: Mapping[str, str] | None = None) -
     for name in names:
         exporter = make_exporter(name, env, traces_file)
         try:
-            with threads.signals_blocked():  # its worker thread, as ours (threads.py)
-                processor = BatchSpanProcessor(exporter)
+            # its worker thread (and the one a forked child starts) masked as ours are
+            processor = threads.made_blocked(functools.partial(BatchSpanProcessor, exporter))
         except ValueError as exc:  # the SDK's message names no variable
             bsp = {k: v for k, v in env.items() if k.startswith("OTEL_BSP_")}
             raise ConfigError(f"OTEL_BSP_* settings {bsp}: {exc}") from None

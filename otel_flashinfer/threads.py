@@ -13,9 +13,13 @@ delivered then).
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+T = TypeVar("T")
 
 #: The signals applications install handlers for (those this platform has).
 BLOCKED = frozenset(
@@ -45,3 +49,28 @@ def start(thread: threading.Thread) -> threading.Thread:
     with signals_blocked():
         thread.start()
     return thread
+
+
+def made_blocked(factory: Callable[[], T]) -> T:
+    """``factory()`` with ``BLOCKED`` blocked, so that the threads it starts inherit the
+    mask, and again in a forked child around the at-fork hooks it registers: the SDK's
+    BatchSpanProcessor starts its worker anew there, on the forking thread's mask.
+    (A child runs its after-fork hooks in the order they were registered.)"""
+    mask = getattr(signal, "pthread_sigmask", None)
+    if mask is None or not hasattr(os, "register_at_fork"):
+        return factory()
+    saved: list = []
+
+    def block() -> None:
+        saved.append(mask(signal.SIG_BLOCK, BLOCKED))
+
+    def restore() -> None:
+        if saved:
+            mask(signal.SIG_SETMASK, saved.pop())
+
+    os.register_at_fork(after_in_child=block)
+    try:
+        with signals_blocked():
+            return factory()
+    finally:
+        os.register_at_fork(after_in_child=restore)
