@@ -38,7 +38,8 @@ int64_t stage_copies(const std::vector<at::Tensor>& srcs, const std::vector<at::
                 "stage_copies: a buffer must be a contiguous host tensor");
     const int64_t have = static_cast<int64_t>(s.storage().nbytes()) -
                          s.storage_offset() * static_cast<int64_t>(s.element_size());
-    TORCH_CHECK(nbytes[i] >= 0 && nbytes[i] <= have && nbytes[i] <= d.nbytes(),
+    TORCH_CHECK(nbytes[i] >= 0 && nbytes[i] <= have &&
+                    nbytes[i] <= static_cast<int64_t>(d.nbytes()),
                 "stage_copies: ", nbytes[i], " bytes past a source's storage or its buffer");
   }
   c10::cuda::CUDAGuard guard(device);
