@@ -114,7 +114,7 @@ class _LastPages:
     def __init__(self, ids: bytes, fps: Any, order: list, positions: Any,
                  ids_json: Any, found: list, pages: Any) -> None:
         self.ids, self.fps, self.order, self.positions = ids, fps, order, positions
-        self.fps_bytes = fps.tobytes()  # the ids' bytes and the fingerprints', as numpy
+        self.fps_bytes = fps.tobytes()  # fps (numpy) as bytes: compared whole each call
         self.ids_json, self.found, self.pages = ids_json, found, pages
 
 
@@ -595,10 +595,14 @@ class BlobRecorder:
             finally:
                 for buf in bufs:
                     self.staging.release_pinned(buf)
-                with self._qlock:
-                    self._busy -= 1
-                    if not self._queue and not self._unsettled and self._busy == 0:
-                        self._idle.set()
+                self._done_one()
+
+    def _done_one(self) -> None:
+        """A writer finished a taken call or settle: idle once nothing is left."""
+        with self._qlock:
+            self._busy -= 1
+            if not self._queue and not self._unsettled and self._busy == 0:
+                self._idle.set()
 
     def _drop(self, cap: CallCapture, reason: str) -> None:
         """Give up on a call: free its copies and budget, mark why."""
@@ -710,10 +714,7 @@ class BlobRecorder:
                 self._count("write_failures")
                 self._drop(cap, "write_failed")
             finally:
-                with self._qlock:
-                    self._busy -= 1
-                    if not self._queue and self._busy == 0:
-                        self._idle.set()
+                self._done_one()
 
     def _store_held(self, held: _Held) -> int:
         """Encode, hash and store one held copy; returns payload bytes newly stored.
@@ -761,8 +762,8 @@ class BlobRecorder:
         last = self._last_pages.get(slot) if fps is not None else None
         # numpy, not torch: a torch op costs the writer 5-20 us under the GIL; the
         # steady state (a cache unchanged since its last call) is two byte compares.
-        ids_now = held.ids.numpy().tobytes()
         fps_now = fps.numpy() if fps is not None else None
+        ids_now = held.ids.numpy().tobytes() if fps is not None else None
         if last is not None and last.ids == ids_now:
             order, positions, ids_json = last.order, last.positions, last.ids_json
             if fps_now.tobytes() == last.fps_bytes:  # its page list, JSON and all

@@ -182,20 +182,16 @@ def dumps(manifest: dict) -> bytes:
 
 
 def _put_encoded(text: str, found: list[str]) -> str:
-    """``text`` with each token's string replaced by its JSON, joined in one pass."""
-    if not found:
-        return text
-    spots = []
-    for i in range(len(found)):
-        quoted = f'"{_TOKEN}{i}"'
-        at = text.find(quoted)
-        if at >= 0:
-            spots.append((at, len(quoted), found[i]))
-    spots.sort()
+    """``text`` with each token's string replaced by its JSON, in one pass: tokens are
+    numbered in the order the encoder wrote them (one that is missing, from an
+    ``items()`` call outside the encoding, is skipped)."""
     pieces, pos = [], 0
-    for at, size, raw in spots:
-        pieces += (text[pos:at], raw)
-        pos = at + size
+    for i, raw in enumerate(found):
+        quoted = f'"{_TOKEN}{i}"'
+        at = text.find(quoted, pos)
+        if at >= 0:
+            pieces += (text[pos:at], raw)
+            pos = at + len(quoted)
     pieces.append(text[pos:])
     return "".join(pieces)
 
