@@ -676,13 +676,14 @@ static int entry_init(Entry *e, PyObject *args, PyObject *kwargs) {
 
 /* pipeline.submit without its Python frame: append to the pipeline's queue (read each
  * time: a fork starts a new one), leaving to submit the rare calls that must drop the
- * oldest record or wake the worker for a full batch.  -1: error set. */
+ * oldest record, wake the worker for a full batch, or wake an idle worker (the first
+ * record into an empty queue).  -1: error set. */
 static int submit_record(Entry *e, PyObject *record) {
     if (e->pipeline != NULL) {
         PyObject *queue = PyObject_GetAttr(e->pipeline, S.s_queue);
         if (queue == NULL) return -1;
         Py_ssize_t n = PyObject_Size(queue);
-        if (n >= 0 && n < e->max_queue && n + 1 != e->batch) {
+        if (n > 0 && n < e->max_queue && n + 1 != e->batch) {
             PyObject *r = PyObject_CallMethodOneArg(queue, S.s_append, record);
             Py_DECREF(queue);
             if (r == NULL) return -1;

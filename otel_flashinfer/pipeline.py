@@ -616,6 +616,8 @@ class Pipeline:
         #: Records the full queue dropped that still hold GPU work: released by the worker.
         self._let_go_queue: deque[CallRecord] = deque()
         self._wake = threading.Event()
+        #: The worker sleeps without a tick until a record comes (``_sleep_until_work``).
+        self._sleeping = False
         #: The last pass stopped for a busy sender (``held_back``), or for its time
         #: budget with records left (``more``): the worker goes on without its tick.
         self._held_back = self._more = False
@@ -666,9 +668,15 @@ class Pipeline:
         queue.append(record)
         # Wake the worker once per full batch, not once per call past it.  A replay
         # record carries a span per captured call: a batch of spans, not of records
-        # (waiting for 512 of them let 30,000 spans pile up for one drain).
+        # (waiting for 512 of them let 30,000 spans pile up for one drain).  An idle
+        # worker has no tick: whoever appends while it sleeps wakes it (it then waits
+        # its interval).  Read after the append, so a worker that found the queue empty
+        # has already said it sleeps; the C hot path leaves the append into an empty
+        # queue to this method.
         n = len(queue)
-        if replay:
+        if self._sleeping:
+            self._wake.set()
+        elif replay:
             if n == self._batch or n % max(1, self._batch // record.spans()) == 0:
                 self._wake.set()
         elif n == self._batch:
@@ -752,12 +760,27 @@ class Pipeline:
                 # Outside the GPU-query section: a capture never waits on the sender.
                 native.wait_for_room(self.interval_s)
             elif not self._more:
-                self._wake.wait(self.interval_s)
+                self._sleep_until_work()
+                if not self._stopping:
+                    self._wake.wait(self.interval_s)
             self._wake.clear()
             self._drain()
         if self._late is not None:
             self._drain()  # what was queued before the stop, once more
             self._sweep_late()
+
+    def _sleep_until_work(self) -> None:
+        """With nothing queued or waiting for the GPU, sleep until a record comes
+        (``submit`` wakes the first one) rather than waking every ``interval_s``: each
+        of those ticks was a drain, 0.45% of a core on the CPU box for a process that
+        makes no calls.  A flush or a stop wakes it too."""
+        self._sleeping = True
+        try:
+            if not (self._queue or self._waiting or self._let_go_queue or self._stopping):
+                self._wake.wait()
+                self._wake.clear()
+        finally:
+            self._sleeping = False
 
     def _drain(self) -> None:
         # A drain and a plan exclude each other: a hand-off to another provider (on the
