@@ -1644,6 +1644,152 @@ static PyTypeObject WrapperType = {
     .tp_getset = wrapper_getset,
 };
 
+/* ---- CUDA graph replays that are not traced ----------------------------------------- */
+
+/* One graph's replays that are surely not traced, as ``graphs``' sampler armed them
+ * (``ReplaySampler.arm``): ``count`` replays more, or every replay before ``until``
+ * (``time.monotonic()`` seconds; CLOCK_MONOTONIC, the same clock on Linux).
+ * ``skipped`` counts those the gate let through since Python last took them. */
+typedef struct {
+    PyObject_HEAD
+    long long count;
+    long long skipped;
+    double until;
+} GraphSkip;
+
+static PyMemberDef graph_skip_members[] = {
+    {"count", T_LONGLONG, offsetof(GraphSkip, count), 0, "replays still surely untraced"},
+    {"skipped", T_LONGLONG, offsetof(GraphSkip, skipped), 0, "replays the gate let through"},
+    {"until", T_DOUBLE, offsetof(GraphSkip, until), 0, "untraced before this monotonic time"},
+    {NULL, 0, 0, 0, NULL}};
+
+static PyTypeObject GraphSkipType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "otel_flashinfer._hotpath.GraphSkip",
+    .tp_basicsize = sizeof(GraphSkip),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_members = graph_skip_members,
+    .tp_new = PyType_GenericNew,
+};
+
+/* ``CUDAGraph.replay`` while traced: a replay its graph's GraphSkip says is untraced
+ * goes straight to the original replay, counted; every other replay (and a graph we
+ * did not capture) runs ``slow``, graphs.py's Python replay.  The Python path cost an
+ * untraced replay about 2 us of CPU on the CI box (more when replays are paced), a
+ * third of ``REPLAY_EVERY=auto``'s whole 1% budget for a 629 us step.  Binds to
+ * instances like a function. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *original; /* the replay torch had */
+    PyObject *slow;     /* graphs.py's replay_ */
+    PyObject *skips;    /* graphs._skips.data: weakref(graph) -> GraphSkip */
+    vectorcallfunc vectorcall;
+} ReplayGate;
+
+static int skip_now(PyObject *graph, PyObject *skips) {
+    PyObject *ref = PyWeakref_NewRef(graph, NULL); /* the graph's basic ref, reused */
+    if (ref == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    PyObject *found = PyDict_GetItemWithError(skips, ref); /* borrowed */
+    Py_DECREF(ref);
+    if (found == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    if (!Py_IS_TYPE(found, &GraphSkipType)) return 0;
+    GraphSkip *skip = (GraphSkip *)found;
+    if (skip->count > 0) {
+        skip->count--;
+    } else {
+        if (!(skip->until > 0.0)) return 0;
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        if ((double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec >= skip->until) {
+            skip->until = 0.0;
+            return 0;
+        }
+    }
+    skip->skipped++;
+    return 1;
+}
+
+static PyObject *gate_call(PyObject *self, PyObject *const *args, size_t nargsf,
+                           PyObject *kwnames) {
+    ReplayGate *g = (ReplayGate *)self;
+    if (PyVectorcall_NARGS(nargsf) >= 1 && PyDict_CheckExact(g->skips) &&
+        skip_now(args[0], g->skips))
+        return PyObject_Vectorcall(g->original, args, nargsf, kwnames);
+    return PyObject_Vectorcall(g->slow, args, nargsf, kwnames);
+}
+
+static int gate_init(ReplayGate *self, PyObject *args, PyObject *kwds) {
+    static char *kw[] = {"original", "slow", "skips", NULL};
+    PyObject *original, *slow, *skips;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO!:ReplayGate", kw, &original, &slow,
+                                     &PyDict_Type, &skips))
+        return -1;
+    if (!PyCallable_Check(original) || !PyCallable_Check(slow)) {
+        PyErr_SetString(PyExc_TypeError, "ReplayGate(original, slow, skips): original and "
+                                         "slow must be callable");
+        return -1;
+    }
+    Py_INCREF(original);
+    Py_XSETREF(self->original, original);
+    Py_INCREF(slow);
+    Py_XSETREF(self->slow, slow);
+    Py_INCREF(skips);
+    Py_XSETREF(self->skips, skips);
+    return 0;
+}
+
+static int gate_traverse(ReplayGate *self, visitproc visit, void *arg) {
+    Py_VISIT(self->original);
+    Py_VISIT(self->slow);
+    Py_VISIT(self->skips);
+    return 0;
+}
+
+static int gate_clear(ReplayGate *self) {
+    Py_CLEAR(self->original);
+    Py_CLEAR(self->slow);
+    Py_CLEAR(self->skips);
+    return 0;
+}
+
+static void gate_dealloc(ReplayGate *self) {
+    PyObject_GC_UnTrack(self);
+    gate_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *gate_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    ReplayGate *self = (ReplayGate *)type->tp_alloc(type, 0);
+    if (self == NULL) return NULL;
+    self->vectorcall = gate_call;
+    return (PyObject *)self;
+}
+
+static PyMemberDef gate_members[] = {
+    {"original", T_OBJECT, offsetof(ReplayGate, original), READONLY, "torch's replay"},
+    {NULL, 0, 0, 0, NULL}};
+
+static PyTypeObject ReplayGateType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "otel_flashinfer._hotpath.ReplayGate",
+    .tp_basicsize = sizeof(ReplayGate),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL |
+                Py_TPFLAGS_METHOD_DESCRIPTOR,
+    .tp_vectorcall_offset = offsetof(ReplayGate, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_descr_get = wrapper_descr_get,
+    .tp_traverse = (traverseproc)gate_traverse,
+    .tp_clear = (inquiry)gate_clear,
+    .tp_dealloc = (destructor)gate_dealloc,
+    .tp_init = (initproc)gate_init,
+    .tp_new = gate_new,
+    .tp_members = gate_members,
+};
+
 /* ---- module ------------------------------------------------------------------------ */
 
 static PyObject *hp_snapshot(PyObject *self, PyObject *value) {
@@ -1705,12 +1851,14 @@ static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_hotpath",
 PyMODINIT_FUNC PyInit__hotpath(void) {
     ofi_defer_init();
     if (PyType_Ready(&EntryType) < 0 || PyType_Ready(&SwitchType) < 0 ||
-        PyType_Ready(&WrapperType) < 0)
+        PyType_Ready(&WrapperType) < 0 || PyType_Ready(&GraphSkipType) < 0 ||
+        PyType_Ready(&ReplayGateType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module_def);
     if (m == NULL) return NULL;
     struct { const char *name; PyTypeObject *type; } types[] = {
-        {"Entry", &EntryType}, {"Switch", &SwitchType}, {"Wrapper", &WrapperType}};
+        {"Entry", &EntryType}, {"Switch", &SwitchType}, {"Wrapper", &WrapperType},
+        {"GraphSkip", &GraphSkipType}, {"ReplayGate", &ReplayGateType}};
     for (size_t i = 0; i < sizeof(types) / sizeof(types[0]); ++i) {
         Py_INCREF(types[i].type);
         if (PyModule_AddObject(m, types[i].name, (PyObject *)types[i].type) < 0) {

@@ -19,6 +19,9 @@ Pure logic, fed times by ``graphs``: testable without a GPU.
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 from .config import REPLAY_AUTO
 
 #: Cost estimates move by this share of each new measurement (smooths one slow replay).
@@ -107,6 +110,27 @@ class ReplaySampler:
         if not trace:
             self.skipped += 1
         return trace
+
+    def passed(self, n: int) -> None:
+        """``n`` replays went untraced without asking (``arm`` said they would be)."""
+        self.seen += n
+        self.skipped += n
+
+    def arm(self, skip: Any) -> None:
+        """Say on ``skip`` (the C gate's ``GraphSkip``) which of the next replays are
+        surely untraced, so that they go straight to torch: the ``every - 1`` after a
+        traced one (fewer after an untraced one), or with ``auto`` every replay until
+        the credit they earn covers a traced one's cost (never, with no budget).  Their
+        number comes back through ``passed``; a replay past them asks again.  Credit is
+        earned by time, so what the replays in between would have earned adds up to
+        what the next one that asks finds (``until`` is in ``should_trace``'s clock,
+        ``perf_counter``: the gate reads CLOCK_MONOTONIC, the same one on Linux)."""
+        if not self.auto:
+            skip.count = (self.every - self.seen % self.every) % self.every
+        elif self.measured and self.last_s is not None:
+            need = self.cost.value - self.credit_s
+            if need > 0:
+                skip.until = self.last_s + need / self.budget if self.budget > 0 else math.inf
 
     def take_skipped(self) -> int:
         """Replays skipped before this traced one (said on its span); resets."""

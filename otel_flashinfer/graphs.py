@@ -31,6 +31,8 @@ from .pipeline import CallRecord, ReplayRecord
 _ids = itertools.count(1)
 _capturing: Capture | None = None
 _graphs: weakref.WeakKeyDictionary[Any, Capture] = weakref.WeakKeyDictionary()
+#: graph -> its ``_hotpath.GraphSkip``, read by the C ``ReplayGate`` (``patch``).
+_skips: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 _originals: dict[str, Any] = {}
 _lock = threading.Lock()
 #: Run before a capture begins and before it ends, by owner (``set_capture_hooks``).
@@ -56,6 +58,9 @@ class Capture:
         self.replays = 0
         #: Which replays are traced (set when the capture begins, from the settings).
         self.sampler: ReplaySampler | None = None
+        #: The C gate's state for this graph (``_hotpath.GraphSkip``): the replays the
+        #: sampler says are untraced, which skip ``replay_``; None without the gate.
+        self.skip: Any = None
         #: ``health.dropped()`` when this graph's last replay span was made.
         self.dropped_seen = health.dropped()
         #: Hooks that read the child record they are given (level 10's manifests name
@@ -71,6 +76,16 @@ class Capture:
         self.gate_lock = threading.Lock()
         self._template: tuple[tuple[CallRecord, ...], tuple[tuple, ...]] | None = None
         self._index: dict[int, int] = {}
+
+    def settle(self) -> None:
+        """Count the replays the C gate sent straight to torch since the last one that
+        came through ``replay_`` (their indices, and the sampler's seen and skipped)."""
+        skip = self.skip
+        if skip is not None and skip.skipped:
+            passed, skip.skipped = skip.skipped, 0
+            self.replays += passed
+            if self.sampler is not None:
+                self.sampler.passed(passed)
 
     def add(self, record: CallRecord) -> None:
         # The wrapper gave a captured call its own attributes (``CallRecord.own``).
@@ -203,20 +218,22 @@ _torch_hook_registered = False
 def _on_torch_import(_module: Any) -> None:
     if _waiting_for_torch:
         try:
-            patch(_waiting_for_torch[0])
+            patch(*_waiting_for_torch)
         except Exception as exc:  # noqa: BLE001 - never break the application's import
             health.report("graph_errors", "could not hook CUDA graph replays", exc)
 
 
-def patch(runtime: Any) -> None:
+def patch(runtime: Any, gate_types: tuple[Any, Any] | None = None) -> None:
     """Install the CUDAGraph hooks (idempotent); no-op without torch.cuda.
 
     Where torch is not imported yet (start-up hook, level 1), the hooks go in when the
     application imports it: a process that never uses torch does not pay its import.
+    ``gate_types``: the C hot path's (ReplayGate, GraphSkip) (``native``), which let
+    replays the sampler says are untraced skip the Python ``replay_``.
     """
     global _torch_hook_registered
     if "torch" not in sys.modules:
-        _waiting_for_torch[:] = [runtime]
+        _waiting_for_torch[:] = [runtime, gate_types]
         if not _torch_hook_registered:
             import wrapt
 
@@ -249,8 +266,12 @@ def patch(runtime: Any) -> None:
             capture = Capture(next(_ids))
             settings = runtime.settings
             capture.sampler = ReplaySampler(settings.replay_every, settings.replay_budget)
+            if gate_types is not None and settings.replay_every != 1:
+                capture.skip = gate_types[1]()
             with _lock:
                 _graphs[self] = capture
+                if capture.skip is not None:
+                    _skips[self] = capture.skip
             _capturing = capture
         except Exception as exc:  # noqa: BLE001
             health.report("graph_errors", "could not note a CUDA graph capture", exc)
@@ -272,9 +293,12 @@ def patch(runtime: Any) -> None:
         capture = _graphs.get(self)
         if capture is None or not capture.records:
             return replay(self, *args, **kwargs)
+        sampler = capture.sampler
+        skip = capture.skip
+        if skip is not None and skip.skipped:
+            capture.settle()
         capture.replays += 1
         index = capture.replays
-        sampler = capture.sampler
         t0 = perf_counter()
         traced = sampler is None or sampler.should_trace(t0)
         if capture.gates:
@@ -290,6 +314,10 @@ def patch(runtime: Any) -> None:
                 t1 = perf_counter()
                 result = replay(self, *args, **kwargs)
         elif not traced:
+            if skip is not None:
+                # The gate is not armed for gated graphs: each of their replays tells
+                # the gates, which write again when the replay's stream changed.
+                sampler.arm(skip)
             return replay(self, *args, **kwargs)
         else:
             begun = _begin(runtime)
@@ -317,13 +345,16 @@ def patch(runtime: Any) -> None:
                                1 + len(capture.records) if submitted else 0,
                                runtime.pipeline.replay_cost_per_span_s,
                                setup=setup and submitted)
+                if skip is not None and not capture.gates:
+                    sampler.arm(skip)
             except Exception as exc:  # noqa: BLE001
                 health.report("graph_errors", "could not budget a CUDA graph replay", exc)
         return result
 
     graph_cls.capture_begin = capture_begin
     graph_cls.capture_end = capture_end
-    graph_cls.replay = replay_
+    graph_cls.replay = (replay_ if gate_types is None else
+                        gate_types[0](replay, replay_, _skips.data))
 
 
 def _parent_sampled() -> bool:

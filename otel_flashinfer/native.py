@@ -10,6 +10,7 @@ which does the same work.  ``enabled = False`` forces that path (tests compare b
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 from . import health
@@ -158,3 +159,17 @@ def switch_type() -> Any:
     except ImportError:
         return None
     return getattr(_hotpath, "Switch", None)
+
+
+def replay_gate_types() -> tuple[Any, Any] | None:
+    """``(_hotpath.ReplayGate, _hotpath.GraphSkip)``: CUDA graph replays the sampler
+    says are untraced skip ``graphs``' Python replay; None when the C hot path is off
+    or missing (every replay then runs the Python one)."""
+    if not enabled or "CLOCK_MONOTONIC" not in time.get_clock_info("perf_counter").implementation:
+        return None  # the gate compares CLOCK_MONOTONIC with the sampler's perf_counter
+    try:
+        from . import _hotpath
+    except ImportError:
+        return None
+    gate, skip = getattr(_hotpath, "ReplayGate", None), getattr(_hotpath, "GraphSkip", None)
+    return (gate, skip) if gate is not None and skip is not None else None

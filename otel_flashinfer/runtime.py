@@ -278,11 +278,11 @@ atexit.register(_at_exit)
 
 def activate(settings: Settings) -> Runtime:
     """Start a runtime for ``settings`` (level >= 1) and hook CUDA graph replays."""
-    from . import graphs
+    from . import graphs, native
 
     runtime = start(settings)
     graphs.unpatch()
-    graphs.patch(runtime)
+    graphs.patch(runtime, native.replay_gate_types())
     try:  # however it was turned on (instrument(), the environment, the launcher)
         install_fork_exit_flush()  # fork children leave by os._exit: no atexit flush
     except Exception as exc:  # noqa: BLE001 - reported, the program goes on

@@ -94,6 +94,58 @@ def test_auto_is_not_starved_by_one_costly_first_replay() -> None:
     assert 0.7 * expected <= traced <= 1.2 * expected, traced
 
 
+class _Skip:
+    """What the C gate keeps per graph (``_hotpath.GraphSkip``), for the pure logic."""
+
+    def __init__(self) -> None:
+        self.count, self.skipped, self.until = 0, 0, 0.0
+
+    def passes(self, now: float) -> bool:
+        """The C gate's test (``skip_now`` in ``csrc/hotpath.c``), at time ``now``."""
+        if self.count > 0:
+            self.count -= 1
+        elif not (self.until > 0 and now < self.until):
+            self.until = 0.0
+            return False
+        self.skipped += 1
+        return True
+
+
+@pytest.mark.parametrize("every", [1, 3, REPLAY_AUTO])
+def test_replays_the_gate_lets_through_change_no_decision(every: int) -> None:
+    """``arm`` tells the gate which replays are surely untraced; those never ask.  The
+    replays that do ask get the same answers as when every replay asked, and each
+    traced one says the same number skipped before it: the credit untraced replays
+    would have earned adds up, by time, to what the next one that asks finds."""
+
+    import random
+
+    def decisions(gated: bool) -> list[tuple[int, int]]:
+        sampler, skip = ReplaySampler(every, 0.01), _Skip()
+        now, out, rng = 0.0, [], random.Random(7)  # jittered: no exact ties in the sums
+        for i in range(30_000):
+            period = (1e-3 if i < 10_000 else 50e-6) * (0.5 + rng.random())  # shorter
+            cost = 50e-6 if i < 20_000 else 150e-6  # then tracing gets dearer
+            if gated and skip.passes(now):
+                now += period
+                continue
+            if skip.skipped:
+                sampler.passed(skip.skipped)
+                skip.skipped = 0
+            traced = sampler.should_trace(now)
+            if traced:
+                out.append((i, sampler.take_skipped()))
+                sampler.traced(cost * 0.6, 4, cost * 0.1)
+            if gated:
+                sampler.arm(skip)
+            now += period + (cost if traced else 0.0)
+        return out
+
+    plain, gated = decisions(False), decisions(True)
+    assert gated == plain
+    assert 30 < len(plain) < 30_000 or every == 1
+
+
 class _FakeGraph:
     """Stands in for torch.cuda.CUDAGraph on a CPU box: graphs.patch wraps its three
     methods exactly as it wraps torch's."""
@@ -118,6 +170,84 @@ def _captured_step(monkeypatch) -> _FakeGraph:  # noqa: ANN001
     step(torch.zeros(2))
     graph.capture_end()
     return graph
+
+
+def test_untraced_replays_skip_the_python_replay(spans, monkeypatch, wrapper_path) -> None:
+    """On the C path, the replays the sampler said are untraced go from the C gate
+    straight to torch: only the traced ones run ``replay_`` (an untraced one cost
+    about 2 us there), and the spans are the same either way."""
+    from otel_flashinfer import graphs
+
+    asked = []
+    should_trace = ReplaySampler.should_trace
+    monkeypatch.setattr(ReplaySampler, "should_trace",
+                        lambda self, now: asked.append(now) or should_trace(self, now))
+    monkeypatch.setenv("OTEL_FLASHINFER_REPLAY_EVERY", "4")
+    graph = _captured_step(monkeypatch)
+    for _ in range(12):
+        graph.replay()
+    replay_spans = sorted(spans.by_name("cuda_graph.replay"),
+                          key=lambda s: s.attributes["flashinfer.cuda_graph.replay"])
+    assert [(s.attributes["flashinfer.cuda_graph.replay"], s.attributes[SKIPPED])
+            for s in replay_spans] == [(1, 0), (5, 3), (9, 3)]
+    assert len(asked) == (3 if wrapper_path == "native" else 12)
+    capture = graphs._graphs[graph]  # noqa: SLF001
+    capture.settle()
+    assert capture.replays == 12 and capture.sampler.seen == 12
+    graph.replay()  # the 13th asks: the three after the last traced one were let through
+    assert len(asked) == (4 if wrapper_path == "native" else 13)
+    assert capture.replays == 13
+
+
+def test_the_replay_gate_passes_calls_through_unchanged() -> None:
+    """The C gate (``_hotpath.ReplayGate``): binds like a method, hands arguments and
+    results through, lets exceptions out as they are, and sends a graph to torch only
+    while its GraphSkip says so (a count, then a CLOCK_MONOTONIC deadline)."""
+    import time
+    import weakref
+
+    from otel_flashinfer import native
+
+    types = native.replay_gate_types()
+    if types is None:
+        pytest.skip("the C hot path is not built")
+    gate_type, skip_type = types
+    calls: list[tuple[str, tuple, dict]] = []
+
+    def original(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        calls.append(("torch", args, kwargs))
+        if kwargs.get("fail"):
+            raise kwargs["fail"]
+        return "torch"
+
+    def slow(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        calls.append(("python", args, kwargs))
+        return "python"
+
+    skips: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    class Graph:
+        replay = gate_type(original, slow, skips.data)
+
+    graph, other = Graph(), Graph()
+    skip = skip_type()
+    skips[graph] = skip
+    assert graph.replay(1, k=2) == "python"  # nothing armed
+    skip.count = 2
+    bound = graph.replay
+    assert bound(3) == "torch" and Graph.replay(graph, 4, k=5) == "torch"
+    assert graph.replay() == "python" and skip.count == 0 and skip.skipped == 2
+    assert other.replay() == "python"  # a graph we did not capture
+    assert calls[:3] == [("python", (1,), {"k": 2}), ("torch", (3,), {}),
+                         ("torch", (4,), {"k": 5})]
+    skip.until = time.monotonic() + 60
+    error = ValueError("the user's own")
+    with pytest.raises(ValueError) as raised:
+        graph.replay(fail=error)
+    assert raised.value is error and skip.skipped == 3
+    skip.until = time.monotonic() - 1e-3  # past: asks again, and is disarmed
+    assert graph.replay() == "python" and skip.until == 0.0
+    assert Graph.replay.original is original
 
 
 @pytest.mark.parametrize("every", ["4", "auto"])
@@ -346,6 +476,7 @@ def test_auto_charges_a_replay_whose_tracing_failed(spans, monkeypatch) -> None:
     errors = health.counters().get("graph_errors", 0)
     for _ in range(200):
         graph.replay()
+    graphs._graphs[graph].settle()  # noqa: SLF001 - replays the C gate let through
     assert sampler.measured >= 1 and sampler.history[-1][1] == 0  # charged, no spans
     assert sampler.seen == 200 and sampler.skipped > 150  # within its budget again
     assert not spans.by_name("cuda_graph.replay")
