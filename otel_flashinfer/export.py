@@ -583,6 +583,9 @@ class NativeExport:
         token = attach(set_value(_SUPPRESS_INSTRUMENTATION_KEY, True))  # never trace ourselves
         try:
             while True:
+                # A send's CPU counts from before its wait: waking costs CPU too, and
+                # ``auto`` charges tracing what it costs on every thread.
+                cpu = time.thread_time()
                 with self._cond:
                     while not self._outbox and not self._stopping:
                         self._cond.wait()
@@ -593,7 +596,7 @@ class NativeExport:
                     self._busy = True
                     self._send_started = time.monotonic()
                     self._taken.notify_all()
-                cpu, wall = time.thread_time(), time.perf_counter()
+                wall = time.perf_counter()
                 try:
                     self._send(fmt, parts, count)
                 finally:

@@ -70,7 +70,7 @@ class ReplaySampler:
     ``traced`` after each traced one."""
 
     __slots__ = ("budget", "cost", "credit_s", "every", "history", "last_s", "measured",
-                 "seen", "skipped")
+                 "seen", "skipped", "tail_s")
 
     def __init__(self, every: int, budget: float) -> None:
         self.every = every
@@ -87,6 +87,9 @@ class ReplaySampler:
         self.seen = 0
         #: Replays skipped since the last traced one.
         self.skipped = 0
+        #: The caller's time after the last ``traced`` (this bookkeeping itself),
+        #: charged with the next traced replay's cost (``charge_tail``).
+        self.tail_s = 0.0
 
     @property
     def auto(self) -> bool:
@@ -110,6 +113,15 @@ class ReplaySampler:
         if not trace:
             self.skipped += 1
         return trace
+
+    def charge_tail(self, tail_s: float) -> None:
+        """The caller's time spent after ``traced`` measured the replay (the sampler's
+        own bookkeeping): spent now, and in the estimate of what the next one costs.
+        Left out, with the time before the sampler was asked, it was a quarter of what
+        a traced replay cost the caller, paced (CPU box)."""
+        if self.auto:
+            self.tail_s = max(tail_s, 0.0)
+            self.credit_s -= self.tail_s
 
     def passed(self, n: int) -> None:
         """``n`` replays went untraced without asking (``arm`` said they would be)."""
@@ -153,4 +165,4 @@ class ReplaySampler:
             return
         self.measured += 1
         self.credit_s -= cost
-        self.cost.add(cost)
+        self.cost.add(cost + self.tail_s)  # its tail is charged by ``charge_tail``

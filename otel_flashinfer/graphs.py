@@ -290,6 +290,7 @@ def patch(runtime: Any, gate_types: tuple[Any, Any] | None = None) -> None:
                 capture.seal()
 
     def replay_(self: Any, *args: Any, **kwargs: Any) -> Any:
+        t0 = perf_counter()  # what tracing costs counts from here (``auto``)
         capture = _graphs.get(self)
         if capture is None or not capture.records:
             return replay(self, *args, **kwargs)
@@ -299,7 +300,6 @@ def patch(runtime: Any, gate_types: tuple[Any, Any] | None = None) -> None:
             capture.settle()
         capture.replays += 1
         index = capture.replays
-        t0 = perf_counter()
         traced = sampler is None or sampler.should_trace(t0)
         if capture.gates:
             # The gate and the replay it is written for go in together: another
@@ -341,10 +341,12 @@ def patch(runtime: Any, gate_types: tuple[Any, Any] | None = None) -> None:
             # only if it made them (not under an unsampled parent).  A replay whose
             # tracing failed is charged too: ``auto`` traces every replay until one is.
             try:
-                sampler.traced((t1 - t0) + (perf_counter() - t2),
+                t3 = perf_counter()
+                sampler.traced((t1 - t0) + (t3 - t2),
                                1 + len(capture.records) if submitted else 0,
                                runtime.pipeline.replay_cost_per_span_s,
                                setup=setup and submitted)
+                sampler.charge_tail(perf_counter() - t3)
                 if skip is not None and not capture.gates:
                     sampler.arm(skip)
             except Exception as exc:  # noqa: BLE001

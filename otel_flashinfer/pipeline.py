@@ -755,6 +755,9 @@ class Pipeline:
 
     def _run(self) -> None:
         while not self._stopping:
+            # The drain's CPU counts from here: waking up costs the worker CPU too, and
+            # ``auto`` charges tracing what it costs on every thread (whole cost).
+            cpu = time.thread_time()
             native = self._native
             if self._held_back and native is not None:
                 # Outside the GPU-query section: a capture never waits on the sender.
@@ -764,7 +767,7 @@ class Pipeline:
                 if not self._stopping:
                     self._wake.wait(self.interval_s)
             self._wake.clear()
-            self._drain()
+            self._drain(cpu)
         if self._late is not None:
             self._drain()  # what was queued before the stop, once more
             self._sweep_late()
@@ -782,7 +785,9 @@ class Pipeline:
         finally:
             self._sleeping = False
 
-    def _drain(self) -> None:
+    def _drain(self, cpu: float | None = None) -> None:
+        """One pass over the queues; ``cpu``: this thread's CPU time its work counts
+        from (the worker's, before it waited), else from here."""
         # A drain and a plan exclude each other: a hand-off to another provider (on the
         # application's thread) waits for the drain in progress, whose encoder it shuts
         # down; spans encoded into that encoder after its last flush were lost uncounted.
@@ -792,7 +797,7 @@ class Pipeline:
             # capture open on another thread: wait for the next tick instead.
             with capture_guard.gpu_queries() as allowed:
                 if allowed:
-                    self._drain_now()
+                    self._drain_now(cpu)
                 else:
                     self._held_back = self._more = False  # the next tick, not a spin
 
@@ -807,10 +812,11 @@ class Pipeline:
         except Exception as exc:  # noqa: BLE001 - the worker must go on
             health.report("export_errors", "could not plan the spans' way out again", exc)
 
-    def _drain_now(self) -> None:
+    def _drain_now(self, cpu: float | None = None) -> None:
         with self._idle:
             self._busy += 1
-        cpu = time.thread_time()
+        if cpu is None:
+            cpu = time.thread_time()
         self._held_back = self._more = False
         try:
             # Stopping: the queue from before the stop (``shutdown``), once more.

@@ -71,6 +71,26 @@ def test_auto_traces_until_one_replay_measured_and_no_burst_after_idling() -> No
     assert sampler.take_skipped() > 0
 
 
+def test_auto_charges_its_own_bookkeeping_once() -> None:
+    """What the caller spends after ``traced`` (the sampler's bookkeeping) is spent at
+    once and counted in the next replay's estimate, never twice against the credit."""
+    sampler = ReplaySampler(REPLAY_AUTO, 0.01)
+    assert sampler.should_trace(0.0)
+    sampler.traced(1e-3, 0, 0.0, setup=True)
+    sampler.charge_tail(0.0)
+    assert sampler.should_trace(1.0)  # 10 ms of credit
+    credit = sampler.credit_s
+    sampler.traced(100e-6, 0, 0.0)
+    sampler.charge_tail(20e-6)
+    assert credit - sampler.credit_s == pytest.approx(120e-6)
+    assert sampler.cost.value == pytest.approx(100e-6)  # no tail measured before it
+    assert sampler.should_trace(2.0)
+    credit = sampler.credit_s
+    sampler.traced(100e-6, 0, 0.0)
+    assert credit - sampler.credit_s == pytest.approx(100e-6)
+    assert sampler.cost.value == pytest.approx(100e-6 + 0.2 * 20e-6)  # smoothed
+
+
 def test_auto_is_not_starved_by_one_costly_first_replay() -> None:
     """The device case: the first traced replay built the templates (1 ms) and the
     worker's first batch paid its imports and the file's opening (65 us a span, 40x

@@ -273,9 +273,9 @@ def test_an_idle_worker_sleeps_without_a_tick_and_the_next_call_wakes_it(
     drains: list[float] = []
     drain = pipeline._drain  # noqa: SLF001
 
-    def counted() -> None:
+    def counted(*args: Any) -> None:
         drains.append(time.monotonic())
-        drain()
+        drain(*args)
 
     pipeline._drain = counted  # noqa: SLF001 - the worker looks it up on each pass
     time.sleep(0.5)  # 100 ticks of the old worker
