@@ -291,8 +291,9 @@ def main() -> int:
                              "(holding the GIL) instead of sleeping: the background threads "
                              "get the GIL only at CPython's 5 ms switch interval")
     parser.add_argument("--every", default="1",
-                        help="GPU mode: OTEL_FLASHINFER_REPLAY_EVERY for the traced levels, "
-                             "several comma-separated (1,auto) to run each side by side")
+                        help="OTEL_FLASHINFER_REPLAY_EVERY for the traced levels, several "
+                             "comma-separated (1,auto) to run each side by side (CPU mode: "
+                             "those other than 1 after the levels, at levels 1 and 3)")
     parser.add_argument("--branch-share", default="1",
                         help="GPU mode, level 5: the share of the SMs a statistics launch "
                              "beside its call is sized for (overlap.BRANCH_SM_SHARE), "
@@ -404,6 +405,23 @@ def main() -> int:
             resolved = sum(e.get("stats_resolved", 0) for e in new["encoder"].values())
             print(f"  level {lvl}: statistics resolved by the encoder in C: {resolved} "
                   f"children's")
+    sampled = [e for e in args.every.split(",") if e != "1"]
+    if sampled:
+        # Sampled replays (auto: within REPLAY_BUDGET, 1% by default); level 0 again
+        # beside them, since this box's sleep costs a few us more or less per run.
+        bare2 = _run_child(["--child", "cpu:0:0", *pace])["cpu_us"]
+        print(f"  level 0 again: {bare2:.1f} us of CPU per replay")
+        for every in sampled:
+            for lvl in [x for x in levels if x in (1, 3)]:
+                r = _run_child(["--child", f"cpu:{lvl}:0", *pace],
+                               {"OTEL_FLASHINFER_REPLAY_EVERY": every})
+                added = r["cpu_us"] - (bare + bare2) / 2
+                print(f"  level {lvl}, REPLAY_EVERY={every}: {r['cpu_us']:8.1f} us/replay, "
+                      f"whole CPU added {added:+.1f} us = {added / args.replay_us * 100:+.2f}% "
+                      f"of the replay (against the two level-0 runs' mean); replays traced "
+                      f"{r['spans'] // (1 + calls)}/{args.replays}; caller "
+                      f"{r['caller_us']:.1f} us, worker {r['worker_us']:.1f} us; spans "
+                      f"dropped {r['spans_dropped']}")
     return 0
 
 
