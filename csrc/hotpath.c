@@ -1717,6 +1717,10 @@ static int skip_now(PyObject *graph, PyObject *skips) {
 static PyObject *gate_call(PyObject *self, PyObject *const *args, size_t nargsf,
                            PyObject *kwnames) {
     ReplayGate *g = (ReplayGate *)self;
+    if (g->slow == NULL || g->original == NULL || g->skips == NULL) {
+        PyErr_SetString(PyExc_TypeError, "ReplayGate was not initialised");
+        return NULL;
+    }
     if (PyVectorcall_NARGS(nargsf) >= 1 && PyDict_CheckExact(g->skips) &&
         skip_now(args[0], g->skips))
         return PyObject_Vectorcall(g->original, args, nargsf, kwnames);
@@ -1774,6 +1778,27 @@ static PyMemberDef gate_members[] = {
     {"original", T_OBJECT, offsetof(ReplayGate, original), READONLY, "torch's replay"},
     {NULL, 0, 0, 0, NULL}};
 
+/* __name__, __qualname__, __doc__ and __wrapped__: the original replay's, for code
+ * that inspects CUDAGraph.replay as the function it was. */
+static PyObject *gate_get_of_original(ReplayGate *self, void *name) {
+    if (self->original == NULL) {
+        PyErr_SetString(PyExc_AttributeError, (const char *)name);
+        return NULL;
+    }
+    if (strcmp((const char *)name, "__wrapped__") == 0) {
+        Py_INCREF(self->original);
+        return self->original;
+    }
+    return PyObject_GetAttrString(self->original, (const char *)name);
+}
+
+static PyGetSetDef gate_getset[] = {
+    {"__name__", (getter)gate_get_of_original, NULL, NULL, "__name__"},
+    {"__qualname__", (getter)gate_get_of_original, NULL, NULL, "__qualname__"},
+    {"__doc__", (getter)gate_get_of_original, NULL, NULL, "__doc__"},
+    {"__wrapped__", (getter)gate_get_of_original, NULL, NULL, "__wrapped__"},
+    {NULL, NULL, NULL, NULL, NULL}};
+
 static PyTypeObject ReplayGateType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "otel_flashinfer._hotpath.ReplayGate",
     .tp_basicsize = sizeof(ReplayGate),
@@ -1788,6 +1813,7 @@ static PyTypeObject ReplayGateType = {
     .tp_init = (initproc)gate_init,
     .tp_new = gate_new,
     .tp_members = gate_members,
+    .tp_getset = gate_getset,
 };
 
 /* ---- module ------------------------------------------------------------------------ */

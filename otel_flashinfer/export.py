@@ -557,6 +557,13 @@ class NativeExport:
         for fmt, payload, count in cut:
             self._enqueue(fmt, payload, count, until)
 
+    def due_in(self) -> float | None:
+        """Seconds until the open batch is due to the sender (``delay_s`` after its
+        first span; 0.0 when overdue), or None when no batch is open: the worker's
+        idle sleep ends then, since only a drain hands a batch on."""
+        opened = self._opened
+        return None if not opened else max(0.0, opened + self.delay_s - time.monotonic())
+
     def _enqueue(self, fmt: str, payload: bytes, count: int, until: float = 0.0) -> None:
         """Queue a request; past the outbox's cap the oldest go, counted.  With
         ``until`` (a flush), first wait for room up to then."""

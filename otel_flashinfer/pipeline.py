@@ -762,26 +762,31 @@ class Pipeline:
             if self._held_back and native is not None:
                 # Outside the GPU-query section: a capture never waits on the sender.
                 native.wait_for_room(self.interval_s)
-            elif not self._more:
-                self._sleep_until_work()
-                if not self._stopping:
-                    self._wake.wait(self.interval_s)
+            elif not self._more and not self._sleep_until_work() and not self._stopping:
+                self._wake.wait(self.interval_s)
             self._wake.clear()
             self._drain(cpu)
         if self._late is not None:
             self._drain()  # what was queued before the stop, once more
             self._sweep_late()
 
-    def _sleep_until_work(self) -> None:
+    def _sleep_until_work(self) -> bool:
         """With nothing queued or waiting for the GPU, sleep until a record comes
         (``submit`` wakes the first one) rather than waking every ``interval_s``: each
         of those ticks was a drain, 0.45% of a core on the CPU box for a process that
-        makes no calls.  A flush or a stop wakes it too."""
+        makes no calls.  A flush or a stop wakes it too, and so does the native
+        encoder's open batch falling due (at least ``interval_s`` apart: an overdue
+        batch may be waiting for room at the sender).  Returns whether it slept until
+        that batch was due, so that the drain that hands it on comes at once."""
         self._sleeping = True
         try:
-            if not (self._queue or self._waiting or self._let_go_queue or self._stopping):
-                self._wake.wait()
-                self._wake.clear()
+            if self._queue or self._waiting or self._let_go_queue or self._stopping:
+                return False
+            native = self._native
+            due = native.due_in() if native is not None else None
+            woken = self._wake.wait(None if due is None else max(due, self.interval_s))
+            self._wake.clear()
+            return not woken
         finally:
             self._sleeping = False
 
@@ -792,7 +797,8 @@ class Pipeline:
         # application's thread) waits for the drain in progress, whose encoder it shuts
         # down; spans encoded into that encoder after its last flush were lost uncounted.
         with self._plan_lock:
-            self._plan_again_if_changed()
+            if self._plan_again_if_changed():
+                cpu = None  # a new way out (imports, a new sender) is not a span's cost
             # Pending GPU work is polled with CUDA queries, which would invalidate a graph
             # capture open on another thread: wait for the next tick instead.
             with capture_guard.gpu_queries() as allowed:
@@ -801,7 +807,7 @@ class Pipeline:
                 else:
                     self._held_back = self._more = False  # the next tick, not a spin
 
-    def _plan_again_if_changed(self) -> None:
+    def _plan_again_if_changed(self) -> bool:
         """A processor was added to the provider: plan its spans' way out again.  Outside
         the GPU-query section (a capture waits on it) and under ``_RESOLVING`` (planning
         may import the exporters for the first time; a fork waits for that)."""
@@ -809,8 +815,10 @@ class Pipeline:
             if self._plan_changed():
                 with _RESOLVING:
                     self._use_tracer(self.tracer)
+                return True
         except Exception as exc:  # noqa: BLE001 - the worker must go on
             health.report("export_errors", "could not plan the spans' way out again", exc)
+        return False
 
     def _drain_now(self, cpu: float | None = None) -> None:
         with self._idle:

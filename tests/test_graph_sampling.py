@@ -268,6 +268,32 @@ def test_the_replay_gate_passes_calls_through_unchanged() -> None:
     skip.until = time.monotonic() - 1e-3  # past: asks again, and is disarmed
     assert graph.replay() == "python" and skip.until == 0.0
     assert Graph.replay.original is original
+    assert (Graph.replay.__name__, Graph.replay.__wrapped__) == ("original", original)
+    with pytest.raises(TypeError, match="not initialised"):  # not a crash
+        gate_type.__new__(gate_type)(graph)
+
+
+def test_a_graph_captured_again_forgets_what_the_gate_knew(spans, monkeypatch,
+                                                            wrapper_path) -> None:
+    """Captured again under other settings, a graph's replays are all asked about:
+    the gate's count armed by its last capture does not send them to torch (a review
+    found the new capture's first replays missing from its spans)."""
+    monkeypatch.setenv("OTEL_FLASHINFER_REPLAY_EVERY", "4")
+    graph = _captured_step(monkeypatch)
+    graph.replay()
+    graph.replay()
+    otel_flashinfer.uninstrument()
+    spans.exporter.clear()
+    monkeypatch.setenv("OTEL_FLASHINFER_REPLAY_EVERY", "1")
+    otel_flashinfer.instrument(level=1, journal_dir="")
+    step = otel_flashinfer.traced(lambda x: x, name="step")
+    graph.capture_begin()
+    step(torch.zeros(2))
+    graph.capture_end()
+    for _ in range(4):
+        graph.replay()
+    assert sorted(s.attributes["flashinfer.cuda_graph.replay"]
+                  for s in spans.by_name("cuda_graph.replay")) == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("every", ["4", "auto"])

@@ -346,6 +346,29 @@ def test_pipeline_exports_through_the_native_encoder_into_the_file(tmp_path: Pat
     pipeline.shutdown(5)
 
 
+def test_an_idle_worker_still_hands_on_a_partial_batch_when_it_falls_due(
+        tmp_path: Path) -> None:
+    """The worker sleeps without a tick when nothing is queued; the encoder's open
+    batch (fewer spans than a batch) is handed to the sender only by a drain once it
+    is ``delay_s`` old, so the idle worker wakes for it: a quiet server's last spans
+    leave without a flush or another call (a review found them held for good)."""
+    path = tmp_path / "traces.jsonl"
+    provider = TracerProvider(resource=Resource.create({"service.name": "native-test"}))
+    provider.add_span_processor(BatchSpanProcessor(JsonLinesSpanExporter(str(path)),
+                                                   schedule_delay_millis=200))
+    tracer = provider.get_tracer("otel_flashinfer", "1.0")
+    pipeline = Pipeline(tracer, provider=provider, interval_s=0.01)
+    assert pipeline.export_path == "native"
+    records = _records()
+    for r in records:
+        pipeline.submit(r)
+    deadline = time.monotonic() + 5
+    while not (path.exists() and path.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert [s["name"] for s in _spans_in(path)] == [r.name for r in records]
+    pipeline.shutdown(5)
+
+
 def test_records_waiting_for_gpu_work_take_the_python_side(tmp_path: Path) -> None:
     """A record with pending work is resolved in Python, then natively encoded."""
     path = tmp_path / "traces.jsonl"
