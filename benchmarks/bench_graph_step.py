@@ -130,7 +130,7 @@ def gpu_child(level: int, replays: int, branch_share: float = 1.0,
     from otel_flashinfer import graphs
 
     sampler = graphs._graphs[graph].sampler if level else None  # noqa: SLF001
-    auto = (f"estimate {sampler.cost.value * 1e6:.1f} us per traced replay, credit "
+    auto = (f"estimate {sampler.estimate() * 1e6:.1f} us per traced replay, credit "
             f"{sampler.credit_s * 1e6:.1f} us, measured (caller us, spans, worker us per "
             "span): " + ", ".join(f"({c * 1e6:.1f}, {n}, {w * 1e6:.2f})"
                                   for c, n, w in sampler.history)

@@ -69,14 +69,20 @@ class ReplaySampler:
     """One graph's decision per replay; call ``should_trace`` at every replay and
     ``traced`` after each traced one."""
 
-    __slots__ = ("budget", "cost", "credit_s", "every", "history", "last_s", "measured",
-                 "seen", "skipped", "tail_s")
+    __slots__ = ("budget", "caller", "credit_s", "every", "history", "last_s", "measured",
+                 "per_span_s", "seen", "skipped", "spans", "tail_s", "unpriced")
 
     def __init__(self, every: int, budget: float) -> None:
         self.every = every
         self.budget = budget
-        #: Estimated whole cost of tracing one replay (setup left out by ``traced``).
-        self.cost = CostEstimate(warmup=False)
+        #: The replaying thread's time a traced replay (setup left out by ``traced``).
+        self.caller = CostEstimate(warmup=False)
+        #: Spans the last traced replay handed on, and the background's latest cost per
+        #: span (0.0 until the pipeline knows it): ``estimate`` prices them each time.
+        self.spans = 0
+        self.per_span_s = 0.0
+        #: Spans handed on while their cost per span was unknown, charged once known.
+        self.unpriced = 0
         #: Traced replays whose cost was measured; replays are traced until one was.
         self.measured = 0
         #: The first and the latest measurements, (caller s, spans, worker s per span),
@@ -95,16 +101,33 @@ class ReplaySampler:
     def auto(self) -> bool:
         return self.every == REPLAY_AUTO
 
-    def should_trace(self, now_s: float) -> bool:
-        """At a replay's start (``now_s``: a monotonic clock in seconds)."""
+    def estimate(self) -> float:
+        """What tracing one more replay costs: the caller's smoothed time and the last
+        replay's spans at the background's latest cost per span."""
+        return self.caller.value + self.spans * self.per_span_s
+
+    def _price(self, per_span_s: float | None) -> None:
+        """Take the background's cost per span (None: unchanged), and charge the spans
+        handed on before it was known."""
+        if per_span_s is None:
+            return
+        self.per_span_s = max(per_span_s, 0.0)
+        if self.unpriced and self.per_span_s > 0:
+            self.credit_s -= self.unpriced * self.per_span_s
+            self.unpriced = 0
+
+    def should_trace(self, now_s: float, per_span_s: float | None = None) -> bool:
+        """At a replay's start (``now_s``: a monotonic clock in seconds; ``per_span_s``:
+        the background's cost per span now, as ``traced`` takes it)."""
         self.seen += 1
         if not self.auto:
             trace = (self.seen - 1) % self.every == 0
         else:
+            self._price(per_span_s)
             if self.last_s is not None:
                 self.credit_s += self.budget * max(now_s - self.last_s, 0.0)
             self.last_s = now_s
-            cost = self.cost.value
+            cost = self.estimate()
             if not self.measured:
                 trace = True  # until one replay measured what tracing one costs
             else:
@@ -140,7 +163,7 @@ class ReplaySampler:
         if not self.auto:
             skip.count = (self.every - self.seen % self.every) % self.every
         elif self.measured and self.last_s is not None:
-            need = self.cost.value - self.credit_s
+            need = self.estimate() - self.credit_s
             if need > 0:
                 skip.until = self.last_s + need / self.budget if self.budget > 0 else math.inf
 
@@ -157,12 +180,16 @@ class ReplaySampler:
         neither charged nor taken as the estimate."""
         if not self.auto:
             return
-        cost = max(caller_s, 0.0) + spans * max(worker_per_span_s, 0.0)
         if len(self.history) >= 8:
             del self.history[4]  # keeps the first four and the latest four
         self.history.append((caller_s, spans, worker_per_span_s))
         if setup:
             return
         self.measured += 1
-        self.credit_s -= cost
-        self.cost.add(cost + self.tail_s)  # its tail is charged by ``charge_tail``
+        caller_s = max(caller_s, 0.0)
+        self.credit_s -= caller_s
+        self.caller.add(caller_s + self.tail_s)  # its tail is charged by ``charge_tail``
+        if spans > 0:
+            self.spans = spans
+            self.unpriced += spans
+        self._price(worker_per_span_s)

@@ -303,7 +303,8 @@ def patch(runtime: Any, gate_types: tuple[Any, Any] | None = None) -> None:
             capture.settle()
         capture.replays += 1
         index = capture.replays
-        traced = sampler is None or sampler.should_trace(t0)
+        traced = sampler is None or sampler.should_trace(
+            t0, runtime.pipeline.replay_cost_per_span_s if sampler.auto else None)
         if capture.gates:
             # The gate and the replay it is written for go in together: another
             # thread's write must not land between them.

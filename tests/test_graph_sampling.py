@@ -83,12 +83,12 @@ def test_auto_charges_its_own_bookkeeping_once() -> None:
     sampler.traced(100e-6, 0, 0.0)
     sampler.charge_tail(20e-6)
     assert credit - sampler.credit_s == pytest.approx(120e-6)
-    assert sampler.cost.value == pytest.approx(100e-6)  # no tail measured before it
+    assert sampler.estimate() == pytest.approx(100e-6)  # no tail measured before it
     assert sampler.should_trace(2.0)
     credit = sampler.credit_s
     sampler.traced(100e-6, 0, 0.0)
     assert credit - sampler.credit_s == pytest.approx(100e-6)
-    assert sampler.cost.value == pytest.approx(100e-6 + 0.2 * 20e-6)  # smoothed
+    assert sampler.estimate() == pytest.approx(100e-6 + 0.2 * 20e-6)  # smoothed
 
 
 def test_auto_is_not_starved_by_one_costly_first_replay() -> None:
@@ -112,6 +112,28 @@ def test_auto_is_not_starved_by_one_costly_first_replay() -> None:
     steady = caller + spans * 1.5e-6  # 247.5 us a traced replay
     expected = 500 * period * 0.01 / steady  # 14.6
     assert 0.7 * expected <= traced <= 1.2 * expected, traced
+
+
+def test_auto_pays_later_for_spans_traced_before_their_cost_was_known() -> None:
+    """The worker's cost per span is known only after its second drain of replays (the
+    first is left out): the replays traced before that were charged their spans at 0,
+    and the estimate, smoothed from those, stayed low for many traced replays (H200:
+    1.46% / 1.84% of the time against a 1% budget over 1,000 replays).  Spans are now
+    priced when the price is known, and each decision takes the price of the day."""
+    sampler = ReplaySampler(REPLAY_AUTO, 0.01)
+    period, caller, spans, per_span = 717e-6, 60e-6, 65, 4.4e-6
+    now, traced, spent = 0.0, 0, 0.0
+    for i in range(1000):
+        known = per_span if traced >= 4 else 0.0  # the pipeline's estimate, when there
+        if sampler.should_trace(now, known):
+            sampler.take_skipped()
+            sampler.traced(caller, spans, known, setup=i == 0)
+            if i:
+                spent += caller + spans * per_span
+            traced += 1
+        now += period
+    assert spent / now <= 0.0102, spent / now
+    assert spent / now >= 0.007, spent / now  # not starved either
 
 
 class _Skip:
@@ -201,7 +223,8 @@ def test_untraced_replays_skip_the_python_replay(spans, monkeypatch, wrapper_pat
     asked = []
     should_trace = ReplaySampler.should_trace
     monkeypatch.setattr(ReplaySampler, "should_trace",
-                        lambda self, now: asked.append(now) or should_trace(self, now))
+                        lambda self, now, *more: asked.append(now) or should_trace(self, now,
+                                                                                   *more))
     monkeypatch.setenv("OTEL_FLASHINFER_REPLAY_EVERY", "4")
     graph = _captured_step(monkeypatch)
     for _ in range(12):
@@ -497,12 +520,12 @@ def test_auto_leaves_out_the_replay_that_built_the_templates(spans, monkeypatch)
         graph.replay()
     assert not capture.has_template and not spans.by_name("cuda_graph.replay")
     assert sampler.measured == 1 and sampler.history[-1][1] == 0  # no spans handed on
-    estimate = sampler.cost.value
+    estimate = sampler.estimate()
     sampler.credit_s = 1.0  # the next replay is traced
     graph.replay()
     assert capture.has_template and len(spans.by_name("cuda_graph.replay")) == 1
     assert sampler.history[-1][1] == 2  # the replay span and its child
-    assert sampler.measured == 1 and sampler.cost.value == estimate  # left out
+    assert sampler.measured == 1 and sampler.estimate() == estimate  # left out
 
 
 def test_auto_charges_a_replay_whose_tracing_failed(spans, monkeypatch) -> None:
