@@ -304,7 +304,7 @@ def patch(runtime: Any, gate_types: tuple[Any, Any] | None = None) -> None:
         capture.replays += 1
         index = capture.replays
         traced = sampler is None or sampler.should_trace(
-            t0, runtime.pipeline.replay_cost_per_span_s if sampler.auto else None)
+            t0, _per_span(runtime) if sampler.auto else None)
         if capture.gates:
             # The gate and the replay it is written for go in together: another
             # thread's write must not land between them.
@@ -361,6 +361,16 @@ def patch(runtime: Any, gate_types: tuple[Any, Any] | None = None) -> None:
     graph_cls.capture_end = capture_end
     graph_cls.replay = (replay_ if gate_types is None else
                         gate_types[0](replay, replay_, _skips.data))
+
+
+def _per_span(runtime: Any) -> float | None:
+    """The background's cost per replay span now (``auto`` prices with it), or None
+    when it cannot be read (reported; the replay goes on with the last price)."""
+    try:
+        return runtime.pipeline.replay_cost_per_span_s
+    except Exception as exc:  # noqa: BLE001
+        health.report("graph_errors", "could not read what a replay span costs", exc)
+        return None
 
 
 def _parent_sampled() -> bool:

@@ -528,6 +528,25 @@ def test_auto_leaves_out_the_replay_that_built_the_templates(spans, monkeypatch)
     assert sampler.measured == 1 and sampler.estimate() == estimate  # left out
 
 
+def test_a_cost_that_cannot_be_read_does_not_break_the_replay(spans, monkeypatch) -> None:
+    """``auto`` reads the background's cost per span at each decision; a failure there
+    is reported and the replay goes on (never the application's error)."""
+    from otel_flashinfer import health, pipeline
+
+    monkeypatch.setenv("OTEL_FLASHINFER_REPLAY_EVERY", "auto")
+    graph = _captured_step(monkeypatch)
+
+    def broken(_self):  # noqa: ANN001, ANN202
+        raise RuntimeError("no cost")
+
+    monkeypatch.setattr(pipeline.Pipeline, "replay_cost_per_span_s", property(broken))
+    errors = health.counters().get("graph_errors", 0)
+    for _ in range(5):
+        graph.replay()
+    assert health.counters()["graph_errors"] > errors
+    assert spans.by_name("cuda_graph.replay")  # the first replays are traced still
+
+
 def test_auto_charges_a_replay_whose_tracing_failed(spans, monkeypatch) -> None:
     """A traced replay whose tracing fails (here its GPU timer) still charges the
     budget what it cost.  Uncharged, ``auto`` never measured one and traced (and
