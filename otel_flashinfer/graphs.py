@@ -299,8 +299,7 @@ def patch(runtime: Any, gate_types: tuple[Any, Any] | None = None) -> None:
             return replay(self, *args, **kwargs)
         sampler = capture.sampler
         skip = capture.skip
-        if skip is not None and skip.skipped:
-            capture.settle()
+        capture.settle()
         capture.replays += 1
         index = capture.replays
         traced = sampler is None or sampler.should_trace(

@@ -149,27 +149,29 @@ def register_stats(capsule: Any, pending_type: type, group_type: type | None = N
     return True
 
 
-def switch_type() -> Any:
-    """``_hotpath.Switch`` (a hook whose target can be swapped later), or None when the
-    C hot path is off or missing."""
+def _hotpath_types(*names: str) -> tuple[Any, ...] | None:
+    """The C hot path's types by name, or None when it is off, missing, or lacks one."""
     if not enabled:
         return None
     try:
         from . import _hotpath
     except ImportError:
         return None
-    return getattr(_hotpath, "Switch", None)
+    found = tuple(getattr(_hotpath, name, None) for name in names)
+    return None if any(t is None for t in found) else found
 
 
-def replay_gate_types() -> tuple[Any, Any] | None:
+def switch_type() -> Any:
+    """``_hotpath.Switch`` (a hook whose target can be swapped later), or None when the
+    C hot path is off or missing."""
+    found = _hotpath_types("Switch")
+    return found[0] if found else None
+
+
+def replay_gate_types() -> tuple[Any, ...] | None:
     """``(_hotpath.ReplayGate, _hotpath.GraphSkip)``: CUDA graph replays the sampler
     says are untraced skip ``graphs``' Python replay; None when the C hot path is off
     or missing (every replay then runs the Python one)."""
-    if not enabled or "CLOCK_MONOTONIC" not in time.get_clock_info("perf_counter").implementation:
+    if "CLOCK_MONOTONIC" not in time.get_clock_info("perf_counter").implementation:
         return None  # the gate compares CLOCK_MONOTONIC with the sampler's perf_counter
-    try:
-        from . import _hotpath
-    except ImportError:
-        return None
-    gate, skip = getattr(_hotpath, "ReplayGate", None), getattr(_hotpath, "GraphSkip", None)
-    return (gate, skip) if gate is not None and skip is not None else None
+    return _hotpath_types("ReplayGate", "GraphSkip")
