@@ -111,7 +111,10 @@ def sampler_is_ours(sampler: Any) -> bool:
 def sender_for(exporter: Any) -> Any:
     """A raw-bytes sender over this exporter's transport, or None (SDK path)."""
     from .otlp_json import JsonLinesSpanExporter
+    from .provider import CountedExporter
 
+    if type(exporter) is CountedExporter:  # our provider's: the transport inside
+        exporter = exporter.inner
     if type(exporter) is JsonLinesSpanExporter:
         return FileSender(exporter)
     module = type(exporter).__module__

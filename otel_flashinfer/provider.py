@@ -17,9 +17,14 @@ from typing import Any
 from opentelemetry import trace as trace_api
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SpanExporter,
+    SpanExportResult,
+)
 
-from . import threads
+from . import health, threads
 from .config import ConfigError
 from .otlp_json import JsonLinesSpanExporter
 
@@ -115,6 +120,36 @@ def check_env(environ: Mapping[str, str] | None = None) -> None:
         _checked_name(name, env)
 
 
+class CountedExporter(SpanExporter):
+    """Our provider's OTLP exporter, counting the spans of every batch it fails to
+    send (``spans_dropped``): on the SDK path the BatchSpanProcessor ignores what an
+    export returns and only logs what it raises.  The native path sends through
+    ``inner``'s transport and counts its own failures (``export.sender_for``)."""
+
+    def __init__(self, inner: SpanExporter) -> None:
+        self.inner = inner
+
+    def export(self, spans: Any) -> SpanExportResult:
+        try:
+            result = self.inner.export(spans)
+        except Exception as exc:  # noqa: BLE001 - counted; the processor logs it too
+            self._count(spans, exc)
+            raise
+        if result is not SpanExportResult.SUCCESS:
+            self._count(spans, None)
+        return result
+
+    def _count(self, spans: Any, exc: BaseException | None) -> None:
+        health.report("spans_dropped", f"{type(self.inner).__module__}.OTLPSpanExporter "
+                      "did not send a batch (after its retries)", exc, n=len(spans))
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self.inner.force_flush(timeout_millis)
+
+
 def make_exporter(name: str, environ: Mapping[str, str], traces_file: str) -> SpanExporter:
     """One span exporter by its ``OTEL_TRACES_EXPORTER`` name; OTLP exporters read
     their endpoint, headers, timeout and TLS settings from the environment."""
@@ -122,11 +157,11 @@ def make_exporter(name: str, environ: Mapping[str, str], traces_file: str) -> Sp
     if name == "otlp_proto_grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-        return OTLPSpanExporter()
+        return CountedExporter(OTLPSpanExporter())
     if name == "otlp_proto_http":
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-        return OTLPSpanExporter()
+        return CountedExporter(OTLPSpanExporter())
     if name == "console":
         return ConsoleSpanExporter()
     return JsonLinesSpanExporter(traces_file)

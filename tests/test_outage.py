@@ -148,3 +148,49 @@ def test_receiver_killed_and_restarted_mid_loop(tmp_path: Path, protocol: str) -
     assert received_before + after + dropped >= report["calls"], (received_before, after,
                                                                   dropped, report)
     assert counters.get("spans_native") == report["calls"], counters
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_our_providers_sdk_path_counts_batches_the_receiver_did_not_take(
+        protocol: str, monkeypatch) -> None:  # noqa: ANN001
+    """On the SDK path (``NATIVE_EXPORT=0``) our provider's BatchSpanProcessor ignores
+    what the OTLP exporter returns: a batch it could not send is counted as dropped,
+    and one the receiver took is not.  The native path still sees the transport."""
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from otel_flashinfer import export, health
+    from otel_flashinfer.provider import build_provider
+
+    http_port, grpc_port = free_port(), free_port()
+    endpoint = (f"127.0.0.1:{grpc_port}" if protocol == "grpc"
+                else f"http://127.0.0.1:{http_port}")
+    for name, value in {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": protocol,
+                        "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+                        "OTEL_EXPORTER_OTLP_INSECURE": "true",
+                        "OTEL_EXPORTER_OTLP_TIMEOUT": "1"}.items():
+        monkeypatch.setenv(name, value)
+    receiver = _start_receiver(http_port, grpc_port)
+    provider: TracerProvider = build_provider("unused.jsonl")
+    try:
+        tracer = provider.get_tracer("otel_flashinfer")
+        chosen = export.plan(provider, tracer)
+        assert chosen.fast, chosen.reason  # the wrapper hides nothing from the native path
+        assert [type(s).__name__ for s in chosen.senders] == [
+            "GrpcSender" if protocol == "grpc" else "HttpSender"]
+        before = health.counters().get("spans_dropped", 0)
+        for i in range(10):
+            tracer.start_span(f"up{i}").end()
+        assert provider.force_flush(10_000)
+        assert _received(http_port) == 10
+        assert health.counters().get("spans_dropped", 0) == before
+        stop_pid(receiver.pid)
+        receiver.wait(10)
+        for i in range(7):
+            tracer.start_span(f"down{i}").end()
+        provider.force_flush(10_000)
+        assert health.counters().get("spans_dropped", 0) == before + 7
+    finally:
+        provider.shutdown()
+        if receiver.poll() is None:
+            stop_pid(receiver.pid)
