@@ -1648,7 +1648,8 @@ static PyTypeObject WrapperType = {
 
 /* One graph's replays that are surely not traced, as ``graphs``' sampler armed them
  * (``ReplaySampler.arm``): ``count`` replays more, or every replay before ``until``
- * (``time.monotonic()`` seconds; CLOCK_MONOTONIC, the same clock on Linux).
+ * (``time.monotonic()`` seconds; CLOCK_MONOTONIC, the same clock on Linux); with both,
+ * until the first of the two runs out.
  * ``skipped`` counts those the gate let through since Python last took them. */
 typedef struct {
     PyObject_HEAD
@@ -1699,16 +1700,20 @@ static int skip_now(PyObject *graph, PyObject *skips) {
     }
     if (!Py_IS_TYPE(found, &GraphSkipType)) return 0;
     GraphSkip *skip = (GraphSkip *)found;
-    if (skip->count > 0) {
-        skip->count--;
-    } else {
-        if (!(skip->until > 0.0)) return 0;
+    if (skip->until > 0.0) {
         struct timespec ts;
         clock_gettime(CLOCK_MONOTONIC, &ts);
         if ((double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec >= skip->until) {
-            skip->until = 0.0;
+            skip->until = 0.0; /* the deadline came first (or alone): this one asks */
+            skip->count = 0;
             return 0;
         }
+        /* With a count too, the first of the two to run out ends it. */
+        if (skip->count > 0 && --skip->count == 0) skip->until = 0.0;
+    } else if (skip->count > 0) {
+        skip->count--;
+    } else {
+        return 0;
     }
     skip->skipped++;
     return 1;

@@ -2298,6 +2298,18 @@ static int emit_templated(Encoder *e, PyObject *template, Py_ssize_t n, Resolved
 /* RESOLVED: the replay and every child written; NOT_YET: a child's statistics are not
  * in; TO_PYTHON: Python expands it (no exception set).  -2: an encoding failure, the
  * batch left as it was (the exception cleared; Python encodes it again and reports). */
+/* A replay's GPU time, written into its (encoded) record's attributes as Python's path
+ * writes it there before encoding: ``REPLAY_EVERY=auto`` reads it back (graphs.py) to
+ * learn how long a replay keeps the GPU busy.  Best effort: a failure only leaves the
+ * sampler without this sample. */
+static void note_replay_time(Encoder *e, PyObject *record, long long gpu_ns) {
+    PyObject *attributes = slot(e, record, R_ATTRIBUTES);
+    if (attributes == NULL || !PyDict_CheckExact(attributes)) return;
+    PyObject *value = PyLong_FromLongLong(gpu_ns);
+    if (value == NULL || PyDict_SetItem(attributes, e->k_gpu_time, value) < 0) PyErr_Clear();
+    Py_XDECREF(value);
+}
+
 static int encode_replay(Encoder *e, PyObject *record, long long gpu_ns) {
     PyObject *template = xslot(e, record, X_TEMPLATE);
     PyObject *pend = xslot(e, record, X_CHILD_PENDING);
@@ -2605,6 +2617,7 @@ static PyObject *enc_drain(Encoder *e, PyObject *args) {
                     gpu_release(packed);
                     slot_set(e, record, R_GPU, Py_None);
                     e->gpu_resolved++;
+                    if (replay) note_replay_time(e, record, gpu_ns);
                 }
             }
         }

@@ -1,10 +1,16 @@
 """Which CUDA graph replays to trace (``OTEL_FLASHINFER_REPLAY_EVERY``).
 
 A fixed ``N`` traces one replay in N.  ``auto`` traces as many as a budget allows: the
-tracing of replays may cost ``OTEL_FLASHINFER_REPLAY_BUDGET`` (default 1%) of the time
-between replays.  It is a token bucket: every replay earns ``budget x`` the time since
-the previous one; a replay is traced when the credit covers what tracing one costs,
-and its measured cost is then spent.  What one costs is measured, not assumed: the
+tracing of replays may cost ``OTEL_FLASHINFER_REPLAY_BUDGET`` (default 1%) of the
+replays' time.  It is a token bucket: the replays since the last traced one earn
+``budget x`` the longer of the host's time since then and their number times the GPU's
+time a replay takes (``gpu_s``, learnt from traced replays' GPU times; back to back the
+host enqueues replays far ahead of the GPU, and earning by its time alone traced a
+quarter of what the budget allows, 8 of 1,000 on the device).  A replay is traced when
+the credit covers what tracing one costs, and its measured cost is then spent.  Credit
+depends only on the replays since the last traced one, not on which of them asked, so
+the replays the C gate lets through (``arm``) change no decision.  What one costs is
+measured, not assumed: the
 caller's own time around the replay (not the replay itself), plus the background
 worker's and the sender's CPU per replay span (``Pipeline.replay_cost_per_span_s``) for
 each span it hands on.  The traced replay that builds the graph's templates sets up: it is neither
@@ -69,8 +75,9 @@ class ReplaySampler:
     """One graph's decision per replay; call ``should_trace`` at every replay and
     ``traced`` after each traced one."""
 
-    __slots__ = ("budget", "caller", "credit_s", "every", "history", "last_s", "measured",
-                 "per_span_s", "seen", "skipped", "spans", "tail_s", "unpriced")
+    __slots__ = ("budget", "caller", "credit_s", "every", "gpu_s", "history", "last_s",
+                 "measured", "per_span_s", "seen", "skipped", "spans", "tail_s", "unpriced",
+                 "window_seen")
 
     def __init__(self, every: int, budget: float) -> None:
         self.every = every
@@ -88,9 +95,14 @@ class ReplaySampler:
         #: The first and the latest measurements, (caller s, spans, worker s per span),
         #: for benchmarks and debugging: what the estimate was made of.
         self.history: list[tuple[float, int, float]] = []
+        #: Credit banked at the last traced replay (less what was spent since), and
+        #: when that replay started and its ``seen``: the window the later ones earn in.
         self.credit_s = 0.0
         self.last_s: float | None = None
+        self.window_seen = 0
         self.seen = 0
+        #: The GPU's time a replay of this graph takes, smoothed (0.0: not known yet).
+        self.gpu_s = 0.0
         #: Replays skipped since the last traced one.
         self.skipped = 0
         #: The caller's time after the last ``traced`` (this bookkeeping itself),
@@ -116,26 +128,37 @@ class ReplaySampler:
             self.credit_s -= self.unpriced * self.per_span_s
             self.unpriced = 0
 
-    def should_trace(self, now_s: float, per_span_s: float | None = None) -> bool:
+    def should_trace(self, now_s: float, per_span_s: float | None = None,
+                     gpu_s: float | None = None) -> bool:
         """At a replay's start (``now_s``: a monotonic clock in seconds; ``per_span_s``:
-        the background's cost per span now, as ``traced`` takes it)."""
+        the background's cost per span now, as ``traced`` takes it; ``gpu_s``: a traced
+        replay's GPU time that came in since, if one did)."""
         self.seen += 1
         if not self.auto:
             trace = (self.seen - 1) % self.every == 0
         else:
             self._price(per_span_s)
-            if self.last_s is not None:
-                self.credit_s += self.budget * max(now_s - self.last_s, 0.0)
-            self.last_s = now_s
+            if gpu_s is not None and gpu_s > 0:
+                self.gpu_s = smoothed(self.gpu_s, gpu_s)
             cost = self.estimate()
-            if not self.measured:
-                trace = True  # until one replay measured what tracing one costs
-            else:
-                self.credit_s = min(self.credit_s, _MAX_BURST * cost)
-                trace = self.credit_s >= cost
+            available = self.available(now_s)
+            # Until one replay measured what tracing one costs, every replay is traced.
+            trace = not self.measured or available >= cost
+            if trace or self.last_s is None:  # bank what the window earned; a new one
+                self.credit_s = min(available, _MAX_BURST * cost) if self.measured \
+                    else available
+                self.last_s, self.window_seen = now_s, self.seen
         if not trace:
             self.skipped += 1
         return trace
+
+    def available(self, now_s: float) -> float:
+        """The credit at ``now_s`` for the replay being asked about: the banked credit
+        and what the replays since the last traced one (this one included) earned."""
+        if self.last_s is None:
+            return self.credit_s
+        replays = self.seen - self.window_seen
+        return self.credit_s + self.budget * max(now_s - self.last_s, replays * self.gpu_s)
 
     def charge_tail(self, tail_s: float) -> None:
         """The caller's time spent after ``traced`` measured the replay (the sampler's
@@ -159,13 +182,24 @@ class ReplaySampler:
         number comes back through ``passed``; a replay past them asks again.  Credit is
         earned by time, so what the replays in between would have earned adds up to
         what the next one that asks finds (``until`` is in ``should_trace``'s clock,
-        ``perf_counter``: the gate reads CLOCK_MONOTONIC, the same one on Linux)."""
+        ``perf_counter``: the gate reads CLOCK_MONOTONIC, the same one on Linux).  Once a
+        replay's GPU time is known, each replay earns at least that much: the gate also
+        gets the ``count`` of replays that earn the rest, and stops at whichever of the
+        two comes first."""
         if not self.auto:
             skip.count = (self.every - self.seen % self.every) % self.every
         elif self.measured and self.last_s is not None:
-            need = self.estimate() - self.credit_s
-            if need > 0:
-                skip.until = self.last_s + need / self.budget if self.budget > 0 else math.inf
+            need = self.estimate() - self.credit_s  # what the window must earn
+            if need <= 0:
+                return
+            if self.budget > 0 and self.gpu_s > 0:
+                # The window's replays so far, then n gated and the one that asks.
+                count = math.ceil(need / (self.budget * self.gpu_s)) \
+                    - (self.seen - self.window_seen) - 1
+                if count <= 0:
+                    return  # the next replay earns enough: it asks
+                skip.count = count
+            skip.until = self.last_s + need / self.budget if self.budget > 0 else math.inf
 
     def take_skipped(self) -> int:
         """Replays skipped before this traced one (said on its span); resets."""

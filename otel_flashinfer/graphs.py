@@ -25,6 +25,7 @@ from opentelemetry import trace as trace_api
 from opentelemetry.trace import Link
 
 from . import capture_guard, health
+from .gpu_timing import TIME_ATTR
 from .graph_sampling import ReplaySampler
 from .pipeline import CallRecord, ReplayRecord
 
@@ -61,6 +62,9 @@ class Capture:
         #: The C gate's state for this graph (``_hotpath.GraphSkip``): the replays the
         #: sampler says are untraced, which skip ``replay_``; None without the gate.
         self.skip: Any = None
+        #: The attributes of the last traced replay timed on the GPU: the worker adds
+        #: its GPU time there, which ``auto`` then learns from (``_replay_gpu_s``).
+        self.timed: dict[str, Any] | None = None
         #: ``health.dropped()`` when this graph's last replay span was made.
         self.dropped_seen = health.dropped()
         #: Hooks that read the child record they are given (level 10's manifests name
@@ -302,8 +306,12 @@ def patch(runtime: Any, gate_types: tuple[Any, Any] | None = None) -> None:
         capture.settle()
         capture.replays += 1
         index = capture.replays
-        traced = sampler is None or sampler.should_trace(
-            t0, _per_span(runtime) if sampler.auto else None)
+        if sampler is None:
+            traced = True
+        elif sampler.auto:
+            traced = sampler.should_trace(t0, _per_span(runtime), _replay_gpu_s(capture))
+        else:
+            traced = sampler.should_trace(t0)
         if capture.gates:
             # The gate and the replay it is written for go in together: another
             # thread's write must not land between them.
@@ -370,6 +378,19 @@ def _per_span(runtime: Any) -> float | None:
     except Exception as exc:  # noqa: BLE001
         health.report("graph_errors", "could not read what a replay span costs", exc)
         return None
+
+
+def _replay_gpu_s(capture: Capture) -> float | None:
+    """The GPU time of this graph's last timed replay, in seconds, once the worker has
+    resolved it (then read once), else None."""
+    attributes = capture.timed
+    if attributes is None:
+        return None
+    ns = attributes.get(TIME_ATTR)
+    if type(ns) is not int:
+        return None  # not resolved yet (or never: the next timed replay replaces it)
+    capture.timed = None
+    return ns * 1e-9 if ns > 0 else None
 
 
 def _parent_sampled() -> bool:
@@ -459,8 +480,10 @@ def emit_replay(runtime: Any, capture: Capture, index: int, start_ns: int, end_n
     whole, grouped = capture.group_pendings() if capture.groups else (None, None)
     if type(timing) is int:
         record.gpu = timing
+        capture.timed = attrs
     elif timing is not None:
         record.add_pending(timing)
+        capture.timed = attrs
     # Hooks run here, on the replaying thread: their copies must follow the replay on
     # its stream (no stream object: the current one, where the replay ran).
     record.group = whole

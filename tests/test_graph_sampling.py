@@ -136,6 +136,38 @@ def test_auto_pays_later_for_spans_traced_before_their_cost_was_known() -> None:
     assert spent / now >= 0.007, spent / now  # not starved either
 
 
+def test_auto_earns_by_the_gpu_time_when_the_host_runs_ahead() -> None:
+    """Back to back the host enqueues a replay in 10 us while the GPU takes 700 us for
+    it: earning by the host's time alone, ``auto`` spent 1% of 10 us per replay (a
+    seventieth of its budget; 8 of 1,000 traced on the device).  With the traced
+    replays' GPU time coming back, tracing costs the budget's share of the GPU's time,
+    and never more; the C gate (stand-in) skips by count in between."""
+    gpu, host, caller, spans, per_span = 700e-6, 10e-6, 200e-6, 65, 1.5e-6
+    for gated in (False, True):
+        sampler, skip = ReplaySampler(REPLAY_AUTO, 0.01), _Skip()
+        now, spent, traced, known = 0.0, 0.0, 0, False
+        replays = 100_000
+        for i in range(replays):
+            if gated and skip.passes(now):
+                now += host
+                continue
+            if skip.skipped:
+                sampler.passed(skip.skipped)
+                skip.skipped = 0
+            if sampler.should_trace(now, per_span, gpu if known else None):
+                sampler.take_skipped()
+                sampler.traced(caller, spans, per_span, setup=i == 0)
+                if i:
+                    spent += caller + spans * per_span
+                traced += 1
+                known = True  # its GPU time is in by the next replay that asks
+            if gated:
+                sampler.arm(skip)
+            now += host
+        share = spent / (replays * gpu)  # the GPU's time is the step's time
+        assert 0.008 <= share <= 0.0101, (gated, share, traced)
+
+
 class _Skip:
     """What the C gate keeps per graph (``_hotpath.GraphSkip``), for the pure logic."""
 
@@ -143,22 +175,33 @@ class _Skip:
         self.count, self.skipped, self.until = 0, 0, 0.0
 
     def passes(self, now: float) -> bool:
-        """The C gate's test (``skip_now`` in ``csrc/hotpath.c``), at time ``now``."""
-        if self.count > 0:
+        """The C gate's test (``skip_now`` in ``csrc/hotpath.c``), at time ``now``: a
+        count, a deadline, or both (then the first of the two to run out ends it)."""
+        if self.until > 0:
+            if now >= self.until:
+                self.count, self.until = 0, 0.0
+                return False
+            if self.count > 0:
+                self.count -= 1
+                if self.count == 0:
+                    self.until = 0.0
+        elif self.count > 0:
             self.count -= 1
-        elif not (self.until > 0 and now < self.until):
-            self.until = 0.0
+        else:
             return False
         self.skipped += 1
         return True
 
 
-@pytest.mark.parametrize("every", [1, 3, REPLAY_AUTO])
-def test_replays_the_gate_lets_through_change_no_decision(every: int) -> None:
+@pytest.mark.parametrize(("every", "gpu_s"), [(1, None), (3, None), (REPLAY_AUTO, None),
+                                             (REPLAY_AUTO, 0.4e-3)])
+def test_replays_the_gate_lets_through_change_no_decision(every: int,
+                                                          gpu_s: float | None) -> None:
     """``arm`` tells the gate which replays are surely untraced; those never ask.  The
     replays that do ask get the same answers as when every replay asked, and each
     traced one says the same number skipped before it: the credit untraced replays
-    would have earned adds up, by time, to what the next one that asks finds."""
+    would have earned adds up, by time (and with a replay's GPU time known, by their
+    number too), to what the next one that asks finds."""
 
     import random
 
@@ -174,7 +217,7 @@ def test_replays_the_gate_lets_through_change_no_decision(every: int) -> None:
             if skip.skipped:
                 sampler.passed(skip.skipped)
                 skip.skipped = 0
-            traced = sampler.should_trace(now)
+            traced = sampler.should_trace(now, None, gpu_s)
             if traced:
                 out.append((i, sampler.take_skipped()))
                 sampler.traced(cost * 0.6, 4, cost * 0.1)
@@ -245,7 +288,7 @@ def test_untraced_replays_skip_the_python_replay(spans, monkeypatch, wrapper_pat
 def test_the_replay_gate_passes_calls_through_unchanged() -> None:
     """The C gate (``_hotpath.ReplayGate``): binds like a method, hands arguments and
     results through, lets exceptions out as they are, and sends a graph to torch only
-    while its GraphSkip says so (a count, then a CLOCK_MONOTONIC deadline)."""
+    while its GraphSkip says so (a count, a CLOCK_MONOTONIC deadline, or both)."""
     import time
     import weakref
 
@@ -290,6 +333,12 @@ def test_the_replay_gate_passes_calls_through_unchanged() -> None:
     assert raised.value is error and skip.skipped == 3
     skip.until = time.monotonic() - 1e-3  # past: asks again, and is disarmed
     assert graph.replay() == "python" and skip.until == 0.0
+    # Both armed (``auto`` with a replay's GPU time known): the first to run out ends it.
+    skip.count, skip.until = 2, time.monotonic() + 60
+    assert [graph.replay() for _ in range(3)] == ["torch", "torch", "python"]
+    assert (skip.count, skip.until) == (0, 0.0)
+    skip.count, skip.until = 5, time.monotonic() - 1e-3
+    assert graph.replay() == "python" and (skip.count, skip.until) == (0, 0.0)
     assert Graph.replay.original is original
     assert (Graph.replay.__name__, Graph.replay.__wrapped__) == ("original", original)
     with pytest.raises(TypeError, match="not initialised"):  # not a crash
