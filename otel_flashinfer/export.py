@@ -176,7 +176,8 @@ def plan(provider: Any, tracer: Any, enabled: bool = True) -> Plan:
             return Plan(False, f"processor:{type(processor).__name__}")
         sender = sender_for(exporter) if exporter is not None else None
         if sender is None:
-            return Plan(False, f"exporter:{type(exporter).__name__}")
+            inner = getattr(exporter, "inner", exporter)  # provider.CountedExporter's
+            return Plan(False, f"exporter:{type(inner).__name__}")
         senders.append(sender)
     return Plan(True, "fast", tuple(senders), delay_s, batch,
                 DEFAULT_OUTBOX_SPANS if outbox is None else outbox, processors)

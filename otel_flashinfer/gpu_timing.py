@@ -26,11 +26,7 @@ from typing import Any
 from . import capture_guard, cuda_errors, health, threads
 from .config import jit_cache_root
 from .jit_lock import build_lock
-from .pipeline import CallRecord
-
-#: The span attributes of a call's GPU time, or of why it has none.
-TIME_ATTR = "flashinfer.gpu.time_ns"
-UNAVAILABLE_ATTR = "flashinfer.gpu.time_unavailable"
+from .pipeline import TIME_ATTR, UNAVAILABLE_ATTR, CallRecord
 
 _ext: Any = None
 _state = "unloaded"  # unloaded | compiling | ready | failed

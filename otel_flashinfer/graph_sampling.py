@@ -66,6 +66,11 @@ class CostEstimate:
         self.value = smoothed(self.value, sample)
 
 
+#: While a traced replay's GPU time waits to be read, one replay in this many asks.
+LEARN_EVERY = 16
+#: The gate's count stays far below its C ``long long`` (a tiny budget would not fit).
+_MAX_COUNT = 1 << 40
+
 #: Credit never exceeds this many traced replays' cost: an idle minute must not buy a
 #: burst of traced replays when the graph starts again.
 _MAX_BURST = 4.0
@@ -174,7 +179,7 @@ class ReplaySampler:
         self.seen += n
         self.skipped += n
 
-    def arm(self, skip: Any) -> None:
+    def arm(self, skip: Any, learning: bool = False) -> None:
         """Say on ``skip`` (the C gate's ``GraphSkip``) which of the next replays are
         surely untraced, so that they go straight to torch: the ``every - 1`` after a
         traced one (fewer after an untraced one), or with ``auto`` every replay until
@@ -185,19 +190,27 @@ class ReplaySampler:
         ``perf_counter``: the gate reads CLOCK_MONOTONIC, the same one on Linux).  Once a
         replay's GPU time is known, each replay earns at least that much: the gate also
         gets the ``count`` of replays that earn the rest, and stops at whichever of the
-        two comes first."""
+        two comes first.  ``learning``: a traced replay's GPU time is still to be read
+        (only a replay that asks reads it), so one in ``LEARN_EVERY`` asks meanwhile:
+        armed by the deadline alone, a host far ahead of the GPU went thousands of
+        replays without one asking, and never learnt the time it earns by."""
         if not self.auto:
             skip.count = (self.every - self.seen % self.every) % self.every
         elif self.measured and self.last_s is not None:
             need = self.estimate() - self.credit_s  # what the window must earn
             if need <= 0:
                 return
-            if self.budget > 0 and self.gpu_s > 0:
+            count = _MAX_COUNT
+            earned = self.budget * self.gpu_s
+            if earned > 0:
                 # The window's replays so far, then n gated and the one that asks.
-                count = math.ceil(need / (self.budget * self.gpu_s)) \
+                count = min(math.ceil(min(need / earned, _MAX_COUNT)), _MAX_COUNT) \
                     - (self.seen - self.window_seen) - 1
                 if count <= 0:
                     return  # the next replay earns enough: it asks
+            if learning:
+                count = min(count, LEARN_EVERY)
+            if count < _MAX_COUNT:
                 skip.count = count
             skip.until = self.last_s + need / self.budget if self.budget > 0 else math.inf
 

@@ -25,9 +25,8 @@ from opentelemetry import trace as trace_api
 from opentelemetry.trace import Link
 
 from . import capture_guard, health
-from .gpu_timing import TIME_ATTR
 from .graph_sampling import ReplaySampler
-from .pipeline import CallRecord, ReplayRecord
+from .pipeline import TIME_ATTR, CallRecord, ReplayRecord
 
 _ids = itertools.count(1)
 _capturing: Capture | None = None
@@ -328,7 +327,7 @@ def patch(runtime: Any, gate_types: tuple[Any, Any] | None = None) -> None:
             if skip is not None:
                 # The gate is not armed for gated graphs: each of their replays tells
                 # the gates, which write again when the replay's stream changed.
-                sampler.arm(skip)
+                _arm(sampler, skip, capture)
             return replay(self, *args, **kwargs)
         else:
             begun = _begin(runtime)
@@ -359,7 +358,7 @@ def patch(runtime: Any, gate_types: tuple[Any, Any] | None = None) -> None:
                                setup=setup and submitted)
                 sampler.charge_tail(perf_counter() - t3)
                 if skip is not None and not capture.gates:
-                    sampler.arm(skip)
+                    _arm(sampler, skip, capture)
             except Exception as exc:  # noqa: BLE001
                 health.report("graph_errors", "could not budget a CUDA graph replay", exc)
         return result
@@ -378,6 +377,15 @@ def _per_span(runtime: Any) -> float | None:
     except Exception as exc:  # noqa: BLE001
         health.report("graph_errors", "could not read what a replay span costs", exc)
         return None
+
+
+def _arm(sampler: ReplaySampler, skip: Any, capture: Capture) -> None:
+    """Tell the C gate which replays are surely untraced (reported if that fails: the
+    replays then ask, and the application's replay goes on)."""
+    try:
+        sampler.arm(skip, capture.timed is not None)
+    except Exception as exc:  # noqa: BLE001
+        health.report("graph_errors", "could not arm the CUDA graph replay gate", exc)
 
 
 def _replay_gpu_s(capture: Capture) -> float | None:

@@ -198,6 +198,11 @@ class CallRecord:
         return self.parent.span_id if self.parent is not None else None
 
 
+#: The span attributes of a call's (or a replay's) GPU time, or of why it has none: the
+#: worker writes them into the record (``gpu_timing``, the encoder in C), where
+#: ``graphs`` also reads a replay's back.
+TIME_ATTR = "flashinfer.gpu.time_ns"
+UNAVAILABLE_ATTR = "flashinfer.gpu.time_unavailable"
 REPLAY_INDEX_ATTR = "flashinfer.cuda_graph.replay"
 #: Where a replay's child's start and end come from: "replay" (the replay's host start
 #: and end: no host code runs per replay) or "gpu" (level 5: its statistics launches'

@@ -9,6 +9,7 @@ exporter and no endpoint configured, spans go to a local OTLP/JSON-lines file.
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import threading
 from collections.abc import Mapping
@@ -143,8 +144,12 @@ class CountedExporter(SpanExporter):
         health.report("spans_dropped", f"{type(self.inner).__module__}.OTLPSpanExporter "
                       "did not send a batch (after its retries)", exc, n=len(spans))
 
-    def shutdown(self) -> None:
-        self.inner.shutdown()
+    def shutdown(self, timeout_millis: float = 30_000) -> None:
+        # The SDK's processors pass a timeout to exporters that take one (by signature).
+        if "timeout_millis" in inspect.signature(self.inner.shutdown).parameters:
+            self.inner.shutdown(timeout_millis=timeout_millis)
+        else:
+            self.inner.shutdown()
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return self.inner.force_flush(timeout_millis)
