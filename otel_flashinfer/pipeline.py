@@ -437,6 +437,8 @@ _YIELD_S = 50e-6
 #: once: a graph capture starting on another thread waits for the section to end.
 _PASS_BUDGET_S = 0.05
 _UNSET = Status(StatusCode.UNSET)
+#: At shutdown, how long the worker gets to hand on the records it gave up waiting for.
+_GIVE_UP_S = 1.0
 _MAX_TRACE_ID = 1 << 128
 _MAX_SPAN_ID = 1 << 64
 
@@ -618,6 +620,9 @@ class Pipeline:
     def _start(self) -> None:
         self._queue: deque[CallRecord] = deque()
         self._waiting: deque[CallRecord] = deque()
+        #: Set at shutdown when records still wait (a payload, statistics, a GPU time):
+        #: the worker's next pass hands them on, saying why they did not wait longer.
+        self._give_up: str | None = None
         #: Records the full queue dropped that still hold GPU work: released by the worker.
         self._let_go_queue: deque[CallRecord] = deque()
         self._wake = threading.Event()
@@ -841,6 +846,13 @@ class Pipeline:
             now = time.monotonic()
             deadline = now + self.wait_timeout_s
             native = self._native
+            give_up = self._give_up
+            while give_up and waiting:
+                record = waiting.popleft()
+                try:
+                    self._finish(record, abandon=give_up)
+                except Exception as exc:  # noqa: BLE001 - the others still go out
+                    health.report("export_errors", "could not export a span", exc)
             if native is not None and waiting:
                 # Statistics still on the GPU last time: the encoder polls them in C and
                 # puts back those not in yet; only what it cannot resolve comes here.
@@ -1146,6 +1158,13 @@ class Pipeline:
         ok = self.flush(timeout_s)
         if type(self._queue) is _ClosedQueue:
             return ok
+        if not ok and self._waiting and self._thread.is_alive() and os.getpid() == self._pid:
+            # Spans still waiting for their payload (a blob store slow or down), their
+            # statistics or their GPU time would die with the worker, uncounted: they go
+            # out now, each saying what it did not wait for ("shutdown").
+            self._give_up = "shutdown"
+            self._wake.set()
+            ok = self.flush(min(_GIVE_UP_S, timeout_s))
         # Calls still in flight (another thread's, across uninstrument() or a new
         # instrument()) end after this: their records are counted as dropped (what they
         # hold on the GPU given back), never left in a queue that no worker reads.  What

@@ -1326,3 +1326,43 @@ def test_base_blocks_of_wrappers_made_and_dropped_are_not_kept_forever() -> None
         assert span_of(base) == base
     assert sys.getrefcount(first) == unheld
     assert span_of(first) == first  # encoded again when it comes back
+
+
+class _Never:
+    """A payload or statistics that never come (a blob store down, a GPU that hung)."""
+
+    def ready(self) -> bool:
+        return False
+
+    def apply(self, record: CallRecord) -> None:
+        record.attributes["resolved"] = True
+
+    def abandon(self, record: CallRecord, reason: str) -> None:
+        record.attributes["given_up"] = reason
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_spans_still_waiting_at_shutdown_go_out_saying_so(tmp_path: Path, native: bool) -> None:
+    """Calls whose payload or statistics had not come by the exit flush (a blob store
+    down: their manifests retried for seconds) used to die with the worker, neither
+    exported nor counted.  Shutdown now hands them on, each saying it was given up."""
+    path = tmp_path / "t.jsonl"
+    provider, tracer = _file_provider(path)
+    pipeline = Pipeline(tracer, provider=provider, interval_s=0.01, native_export=native)
+    for i in range(3):
+        r = CallRecord.for_call("waits", 0x66, 0x300 + i, None, BASE)
+        r.start_ns, r.end_ns = 1, 2
+        r.add_pending(_Never())
+        pipeline.submit(r)
+    r = CallRecord.for_call("done", 0x66, 0x400, None, BASE)
+    r.start_ns, r.end_ns = 1, 2
+    pipeline.submit(r)
+    assert pipeline.shutdown(0.3)
+    provider.force_flush(5_000)
+    spans = {s["name"] + str(i): s for i, s in enumerate(_spans_in(path))}
+    waited = [s for s in spans.values() if s["name"] == "waits"]
+    assert len(waited) == 3 and len(spans) == 4
+    for span in waited:
+        attrs = {a["key"]: a["value"] for a in span["attributes"]}
+        assert attrs["given_up"] == {"stringValue": "shutdown"}
+        assert "resolved" not in attrs
