@@ -1154,17 +1154,23 @@ class Pipeline:
             return False
         return self._flush_result[0]
 
+    def give_up_waiting(self, reason: str, timeout_s: float = _GIVE_UP_S) -> bool:
+        """Hand on the spans still waiting for their payload (a blob store slow or down),
+        statistics or GPU time, each saying what it did not wait for (``reason``): at
+        shutdown and exit, where they would otherwise die with the worker, uncounted.
+        Returns whether everything was handed on within ``timeout_s``."""
+        if not (self._waiting and self._thread.is_alive() and os.getpid() == self._pid):
+            return not self._waiting and self.pending_count() == 0
+        self._give_up = reason
+        self._wake.set()
+        return self.flush(timeout_s)
+
     def shutdown(self, timeout_s: float = 5.0) -> bool:
         ok = self.flush(timeout_s)
         if type(self._queue) is _ClosedQueue:
             return ok
-        if not ok and self._waiting and self._thread.is_alive() and os.getpid() == self._pid:
-            # Spans still waiting for their payload (a blob store slow or down), their
-            # statistics or their GPU time would die with the worker, uncounted: they go
-            # out now, each saying what it did not wait for ("shutdown").
-            self._give_up = "shutdown"
-            self._wake.set()
-            ok = self.flush(min(_GIVE_UP_S, timeout_s))
+        if not ok:
+            ok = self.give_up_waiting("shutdown", min(_GIVE_UP_S, timeout_s))
         # Calls still in flight (another thread's, across uninstrument() or a new
         # instrument()) end after this: their records are counted as dropped (what they
         # hold on the GPU given back), never left in a queue that no worker reads.  What

@@ -260,8 +260,11 @@ EXIT_BUDGET_S = 5.0
 def _at_exit() -> None:
     deadline = time.monotonic() + EXIT_BUDGET_S
     runtime = _current
-    if runtime is not None:
-        runtime.flush(EXIT_BUDGET_S)
+    if runtime is not None and not runtime.flush(EXIT_BUDGET_S):
+        try:  # what still waits (a payload, statistics) goes out saying so
+            runtime.pipeline.give_up_waiting("exit")
+        except Exception as exc:  # noqa: BLE001
+            health.report("export_errors", "could not hand on the spans still waiting", exc)
     from .provider import our_provider
 
     provider = our_provider()

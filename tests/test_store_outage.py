@@ -1,0 +1,121 @@
+"""Level 10 with its S3 store killed in the middle of a traced loop.
+
+The traced program (its own process, level 10, the blob store on a real S3 API:
+``moto_server``) times every call.  The store is killed two seconds in: no call may
+wait on the writers (they retry and fail in the background), every call still gets its
+span, and the payloads the store could not take are counted, never lost silently.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from s3_fixture import moto_s3
+from servers import child_env
+
+KILL_AT_S = 2.0
+
+DRIVER = r'''
+import json, sys, time
+import torch
+import otel_flashinfer
+from otel_flashinfer import health, runtime
+
+otel_flashinfer.instrument(level=10)
+
+@otel_flashinfer.traced
+def step_kernel(q, kv, scale=0.125):
+    return q * scale
+
+q, kv = torch.ones(8, 32, 128), torch.zeros(4, 2, 16, 8, 128)
+for _ in range(20):
+    step_kernel(q, kv)
+assert otel_flashinfer.flush(60)
+blobs = runtime.current().blobs
+kept_before = blobs.counters.get("manifests", 0)
+print("warm", flush=True)
+slow, worst, calls = [], 0.0, 0
+start = time.monotonic()
+end = start + float(sys.argv[1])
+while time.monotonic() < end:
+    q = q + 1  # new bytes each call: a new object to store
+    t0 = time.perf_counter()
+    step_kernel(q, kv)
+    dt = time.perf_counter() - t0
+    calls += 1
+    if dt > 0.005:
+        slow.append((time.monotonic() - start, dt))
+    worst = max(worst, dt)
+    time.sleep(0.002)  # an engine between steps
+t0 = time.perf_counter()
+flushed = otel_flashinfer.flush(5)
+print(json.dumps({"calls": calls + 20, "slow": slow, "worst": worst, "flushed": flushed,
+                  "flush_s": time.perf_counter() - t0, "kept_before": kept_before,
+                  "blobs": dict(blobs.counters), "counters": health.counters()}), flush=True)
+'''
+
+
+def _spans(path: Path) -> int:
+    n = 0
+    for line in path.read_text().splitlines():
+        for rs in json.loads(line)["resourceSpans"]:
+            for ss in rs["scopeSpans"]:
+                n += len(ss["spans"])
+    return n
+
+
+@pytest.mark.server
+def test_s3_store_killed_mid_loop(tmp_path: Path) -> None:
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    with moto_s3() as s3:
+        env = child_env({**s3["env"],
+                         "OTEL_FLASHINFER_BLOB_URL": f"s3://{s3['bucket']}/blobs",
+                         "OTEL_FLASHINFER_JOURNAL_DIR": ""})
+        proc = subprocess.Popen([sys.executable, str(driver), "6"], env=env, cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline().strip()
+            assert line == "warm", proc.stderr.read() if proc.poll() is not None else line
+            time.sleep(KILL_AT_S)
+            # The store dies (the fixture's own stop at the end finds it gone).
+            pid = _moto_pid(s3["endpoint"])
+            os.kill(pid, signal.SIGKILL)
+            out, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    report = json.loads(out.strip().splitlines()[-1])
+    blobs = report["blobs"]
+    # The store worked before it died ...
+    assert report["kept_before"] > 0 and blobs.get("manifests", 0) > report["kept_before"]
+    # ... and what it could not take afterwards is counted, not lost silently.
+    failed = sum(v for k, v in blobs.items() if k.startswith("skipped."))
+    assert failed > 0, blobs
+    # No call waited on the writers' retries (seconds each) once the store was down:
+    # the OTLP outage test's allowance for the GIL's switch interval on a 2-core box.
+    after = [dt for t, dt in report["slow"] if t > KILL_AT_S + 0.05]
+    assert max(after, default=0.0) < 0.25, after
+    assert len(after) <= report["calls"] / 100, after
+    # Every call still has its span: those whose payload never landed go out at exit,
+    # saying so, rather than die with the worker.
+    spans = _spans(tmp_path / "flashinfer_traces.jsonl")
+    assert spans >= report["calls"], (spans, report)
+
+
+def _moto_pid(endpoint: str) -> int:
+    """The moto_server listening on ``endpoint``'s port (the fixture keeps its Popen)."""
+    port = endpoint.rsplit(":", 1)[1]
+    out = subprocess.run(["pgrep", "-f", f"moto.*-p {port}"], capture_output=True, text=True)
+    pids = [int(p) for p in out.stdout.split()]
+    assert pids, f"no moto_server on port {port}"
+    return pids[0]
