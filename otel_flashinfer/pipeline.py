@@ -1159,12 +1159,18 @@ class Pipeline:
         statistics or GPU time, each saying what it did not wait for (``reason``): at
         shutdown and exit, where they would otherwise die with the worker, uncounted.
         Returns whether everything was handed on within ``timeout_s`` (False with
-        nothing waiting: what kept the flush that called it from finishing still holds)."""
-        if not (self._waiting and self._thread.is_alive() and os.getpid() == self._pid):
+        nothing waiting: what kept the flush that called it from finishing still holds).
+        A worker mid-pass counts as holding some: it pops each waiting record to look at
+        it, so the deque can be empty just then."""
+        if not ((self._waiting or self._busy) and self._thread.is_alive()
+                and os.getpid() == self._pid):
             return False
         self._give_up = reason
         self._wake.set()
-        return self.flush(timeout_s)
+        try:
+            return self.flush(timeout_s)
+        finally:
+            self._give_up = None  # later calls (other exit handlers') wait as usual
 
     def shutdown(self, timeout_s: float = 5.0) -> bool:
         ok = self.flush(timeout_s)

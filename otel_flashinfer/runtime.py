@@ -307,8 +307,8 @@ def _flush_now() -> None:
         from opentelemetry import trace as trace_api
 
         current = _current
-        if current is not None:
-            current.flush(10.0)
+        if current is not None and not current.flush(10.0):
+            current.pipeline.give_up_waiting("exit")
         provider = trace_api.get_tracer_provider()
         force_flush = getattr(provider, "force_flush", None)
         if force_flush is not None:

@@ -1366,3 +1366,30 @@ def test_spans_still_waiting_at_shutdown_go_out_saying_so(tmp_path: Path, native
         attrs = {a["key"]: a["value"] for a in span["attributes"]}
         assert attrs["given_up"] == {"stringValue": "shutdown"}
         assert "resolved" not in attrs
+
+
+class _NeverSlowly(_Never):
+    """As ``_Never``, but looking takes a while (the worker holds the record then)."""
+
+    def ready(self) -> bool:
+        time.sleep(1e-3)
+        return False
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_lone_waiting_span_is_not_lost_while_the_worker_looks_at_it(tmp_path: Path,
+                                                                      native: bool) -> None:
+    """The worker pops each waiting record to look at it: with one waiting, the list is
+    empty just then, and shutdown took that for "nothing waits" (10 of 10 lost)."""
+    for trial in range(5):
+        path = tmp_path / f"t{trial}.jsonl"
+        provider, tracer = _file_provider(path)
+        pipeline = Pipeline(tracer, provider=provider, interval_s=0.01, native_export=native)
+        r = CallRecord.for_call("waits", 0x66, 0x300, None, BASE)
+        r.start_ns, r.end_ns = 1, 2
+        r.add_pending(_NeverSlowly())
+        pipeline.submit(r)
+        pipeline.shutdown(0.3)
+        provider.force_flush(5_000)
+        spans = _spans_in(path) if path.exists() else []
+        assert [s["name"] for s in spans] == ["waits"], trial

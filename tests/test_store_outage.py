@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -41,7 +42,7 @@ assert otel_flashinfer.flush(60)
 blobs = runtime.current().blobs
 kept_before = blobs.counters.get("manifests", 0)
 print("warm", flush=True)
-slow, worst, calls = [], 0.0, 0
+times, worst, calls = [], 0.0, 0
 start = time.monotonic()
 end = start + float(sys.argv[1])
 while time.monotonic() < end:
@@ -50,13 +51,12 @@ while time.monotonic() < end:
     step_kernel(q, kv)
     dt = time.perf_counter() - t0
     calls += 1
-    if dt > 0.005:
-        slow.append((time.monotonic() - start, dt))
+    times.append((time.monotonic() - start, dt))
     worst = max(worst, dt)
     time.sleep(0.002)  # an engine between steps
 t0 = time.perf_counter()
 flushed = otel_flashinfer.flush(5)
-print(json.dumps({"calls": calls + 20, "slow": slow, "worst": worst, "flushed": flushed,
+print(json.dumps({"calls": calls + 20, "times": times, "worst": worst, "flushed": flushed,
                   "flush_s": time.perf_counter() - t0, "kept_before": kept_before,
                   "blobs": dict(blobs.counters), "counters": health.counters()}), flush=True)
 '''
@@ -102,10 +102,14 @@ def test_s3_store_killed_mid_loop(tmp_path: Path) -> None:
     failed = sum(v for k, v in blobs.items() if k.startswith("skipped."))
     assert failed > 0, blobs
     # No call waited on the writers' retries (seconds each) once the store was down:
-    # the OTLP outage test's allowance for the GIL's switch interval on a 2-core box.
-    after = [dt for t, dt in report["slow"] if t > KILL_AT_S + 0.05]
-    assert max(after, default=0.0) < 0.25, after
-    assert len(after) <= report["calls"] / 100, after
+    # beyond a call's own cost (its median then; a level-10 call copies and describes
+    # its tensors, 2 to 5 ms on a loaded 2-core box), at most the OTLP outage test's
+    # allowance for the GIL's switch interval.
+    after = [dt for t, dt in report["times"] if t > KILL_AT_S + 0.05]
+    own = statistics.median(after)
+    waits = [dt - own for dt in after if dt - own > 0.005]
+    assert max(after) < 0.25, sorted(after)[-20:]
+    assert len(waits) <= len(after) / 100, (own, waits)
     # Every call still has its span: those whose payload never landed go out at exit,
     # saying so, rather than die with the worker.
     spans = _spans(tmp_path / "flashinfer_traces.jsonl")
