@@ -777,7 +777,12 @@ class Pipeline:
             self._wake.clear()
             self._drain(cpu)
         if self._late is not None:
-            self._drain()  # what was queued before the stop, once more
+            # What was queued before the stop, once more; what still waits then (a
+            # payload, statistics) goes out saying so, never dies with this thread.
+            self._give_up = self._give_up or "shutdown"
+            self._drain()
+            if self._waiting:
+                self._drain()
             self._sweep_late()
 
     def _sleep_until_work(self) -> bool:
@@ -1189,8 +1194,11 @@ class Pipeline:
         self._wake.set()
         if not (self._thread.is_alive() and os.getpid() == self._pid):
             self._sweep_late()
+        elif self._thread is not threading.current_thread():
+            # Its last pass, before the sender it hands that pass to stops.
+            self._thread.join(min(_GIVE_UP_S, timeout_s))
         if self._native is not None:
-            ok = self._native.shutdown(0.0) and ok
+            ok = self._native.shutdown(min(_GIVE_UP_S, timeout_s) if ok else 0.0) and ok
         return ok
 
 

@@ -1393,3 +1393,35 @@ def test_a_lone_waiting_span_is_not_lost_while_the_worker_looks_at_it(tmp_path: 
         provider.force_flush(5_000)
         spans = _spans_in(path) if path.exists() else []
         assert [s["name"] for s in spans] == ["waits"], trial
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_call_ending_during_shutdown_still_goes_out(tmp_path: Path, native: bool) -> None:
+    """A record queued while shutdown hands on what waits (another thread's call ending)
+    is drained by the worker's last pass; waiting, it is given up there too, and the
+    sender is not stopped before that pass is handed to it."""
+    path = tmp_path / "t.jsonl"
+    provider, tracer = _file_provider(path)
+    pipeline = Pipeline(tracer, provider=provider, interval_s=0.01, native_export=native)
+
+    def waiting(i: int) -> CallRecord:
+        r = CallRecord.for_call("waits", 0x66, 0x300 + i, None, BASE)
+        r.start_ns, r.end_ns = 1, 2
+        r.add_pending(_Never())
+        return r
+
+    pipeline.submit(waiting(0))
+    pipeline.submit(waiting(1))
+    flushes: list[float] = []
+
+    def hook(timeout_s: float) -> bool:
+        flushes.append(timeout_s)
+        if len(flushes) == 2:  # during the give-up's flush
+            pipeline.submit(waiting(2))
+        return True
+
+    pipeline.flush_hooks.append(hook)
+    pipeline.shutdown(0.3)
+    provider.force_flush(5_000)
+    spans = _spans_in(path) if path.exists() else []
+    assert sorted(s["spanId"] for s in spans) == [f"{0x300 + i:016x}" for i in range(3)]
