@@ -108,13 +108,18 @@ def sampler_is_ours(sampler: Any) -> bool:
     return False
 
 
+def _unwrapped(exporter: Any) -> Any:
+    """The exporter inside our provider's ``CountedExporter``, else ``exporter``."""
+    from .provider import CountedExporter
+
+    return exporter.inner if type(exporter) is CountedExporter else exporter
+
+
 def sender_for(exporter: Any) -> Any:
     """A raw-bytes sender over this exporter's transport, or None (SDK path)."""
     from .otlp_json import JsonLinesSpanExporter
-    from .provider import CountedExporter
 
-    if type(exporter) is CountedExporter:  # our provider's: the transport inside
-        exporter = exporter.inner
+    exporter = _unwrapped(exporter)  # our provider's: the transport inside
     if type(exporter) is JsonLinesSpanExporter:
         return FileSender(exporter)
     module = type(exporter).__module__
@@ -176,8 +181,7 @@ def plan(provider: Any, tracer: Any, enabled: bool = True) -> Plan:
             return Plan(False, f"processor:{type(processor).__name__}")
         sender = sender_for(exporter) if exporter is not None else None
         if sender is None:
-            inner = getattr(exporter, "inner", exporter)  # provider.CountedExporter's
-            return Plan(False, f"exporter:{type(inner).__name__}")
+            return Plan(False, f"exporter:{type(_unwrapped(exporter)).__name__}")
         senders.append(sender)
     return Plan(True, "fast", tuple(senders), delay_s, batch,
                 DEFAULT_OUTBOX_SPANS if outbox is None else outbox, processors)

@@ -200,17 +200,17 @@ class ReplaySampler:
             need = self.estimate() - self.credit_s  # what the window must earn
             if need <= 0:
                 return
-            count = _MAX_COUNT
+            count = None
             earned = self.budget * self.gpu_s
             if earned > 0:
                 # The window's replays so far, then n gated and the one that asks.
-                count = min(math.ceil(min(need / earned, _MAX_COUNT)), _MAX_COUNT) \
+                count = math.ceil(min(need / earned, _MAX_COUNT)) \
                     - (self.seen - self.window_seen) - 1
                 if count <= 0:
                     return  # the next replay earns enough: it asks
             if learning:
-                count = min(count, LEARN_EVERY)
-            if count < _MAX_COUNT:
+                count = LEARN_EVERY if count is None else min(count, LEARN_EVERY)
+            if count is not None:
                 skip.count = count
             skip.until = self.last_s + need / self.budget if self.budget > 0 else math.inf
 

@@ -488,10 +488,10 @@ def emit_replay(runtime: Any, capture: Capture, index: int, start_ns: int, end_n
     whole, grouped = capture.group_pendings() if capture.groups else (None, None)
     if type(timing) is int:
         record.gpu = timing
-        capture.timed = attrs
     elif timing is not None:
         record.add_pending(timing)
-        capture.timed = attrs
+    if timing is not None:
+        capture.timed = attrs  # where the worker leaves its GPU time (``_replay_gpu_s``)
     # Hooks run here, on the replaying thread: their copies must follow the replay on
     # its stream (no stream object: the current one, where the replay ran).
     record.group = whole

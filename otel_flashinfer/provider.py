@@ -141,8 +141,9 @@ class CountedExporter(SpanExporter):
         return result
 
     def _count(self, spans: Any, exc: BaseException | None) -> None:
-        health.report("spans_dropped", f"{type(self.inner).__module__}.OTLPSpanExporter "
-                      "did not send a batch (after its retries)", exc, n=len(spans))
+        inner = type(self.inner)
+        health.report("spans_dropped", f"{inner.__module__}.{inner.__qualname__} did not "
+                      "send a batch (after its retries)", exc, n=len(spans))
 
     def shutdown(self, timeout_millis: float = 30_000) -> None:
         # The SDK's processors pass a timeout to exporters that take one (by signature).
