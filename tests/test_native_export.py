@@ -1425,3 +1425,42 @@ def test_a_call_ending_during_shutdown_still_goes_out(tmp_path: Path, native: bo
     provider.force_flush(5_000)
     spans = _spans_in(path) if path.exists() else []
     assert sorted(s["spanId"] for s in spans) == [f"{0x300 + i:016x}" for i in range(3)]
+
+
+class _CountedNever(_Never):
+    """As ``_Never``, counting how often the worker looks."""
+
+    def __init__(self) -> None:
+        self.looks = 0
+
+    def ready(self) -> bool:
+        self.looks += 1
+        return False
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_flush_waits_on_waiting_spans_at_the_workers_pace(tmp_path: Path,
+                                                            native: bool) -> None:
+    """A flush with spans waiting (payloads on a slow store) woke the worker after every
+    drain, and every drain looked at every waiting span again: a spin, 4.7 s of CPU in
+    a 5 s flush.  Waiting spans are looked at on the worker's tick (``interval_s``)."""
+    path = tmp_path / "t.jsonl"
+    provider, tracer = _file_provider(path)
+    pipeline = Pipeline(tracer, provider=provider, interval_s=0.05, native_export=native)
+    pending = _CountedNever()
+    r = CallRecord.for_call("waits", 0x66, 0x300, None, BASE)
+    r.start_ns, r.end_ns = 1, 2
+    r.add_pending(pending)
+    pipeline.submit(r)
+    assert not pipeline.flush(0.5)  # it never comes
+    # A tick every 50 ms for 0.5 s: about ten looks (the submit's drain and scheduling
+    # add a few); the spin made hundreds.
+    assert 1 <= pending.looks <= 20, pending.looks
+    # A flush still sends what is queued at once, and still waits for what waits.
+    done = CallRecord.for_call("done", 0x66, 0x400, None, BASE)
+    done.start_ns, done.end_ns = 1, 2
+    pipeline.submit(done)
+    assert not pipeline.flush(0.2)
+    pipeline.shutdown(0.3)
+    provider.force_flush(5_000)
+    assert sorted(s["name"] for s in _spans_in(path)) == ["done", "waits"]
