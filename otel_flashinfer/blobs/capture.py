@@ -64,6 +64,9 @@ from .store import BlobStore
 log = logging.getLogger(__name__)
 
 PAGED_ARG_NAMES = ("paged_kv_cache",)
+#: A remote store's writes go through the upload helper process (``uploader``); off
+#: only to measure what that saves (``benchmarks/bench_s3_store.py``).
+OFFLOAD_REMOTE_WRITES = True
 PLAN_INDEX_ARG_NAMES = ("indices", "paged_kv_indices")
 _KIND_NAMES = {
     inspect.Parameter.POSITIONAL_ONLY: "positional_only",
@@ -228,6 +231,7 @@ class BlobRecorder:
             max_count=int(getattr(settings, "blob_max_count", 1000)),
             max_bytes=int(float(getattr(settings, "blob_max_gb", 20.0)) * 1024**3),
             durable=self.crash_safe,
+            offload=OFFLOAD_REMOTE_WRITES,
         )
         if self.crash_safe:  # runs expected to crash keep no lease to leave behind
             self.store.close()

@@ -401,6 +401,7 @@ class BlobStore:
         storage_options: dict | None = None,
         check_writable: bool = True,
         durable: bool = False,
+        offload: bool = False,
     ) -> None:
         self.url = url
         #: fsync objects and manifests before they are renamed into place (CRASH_SAFE).
@@ -421,15 +422,29 @@ class BlobStore:
         self.budget = _Budget(max_count, max_bytes, counter)
         if check_writable:
             self._check_writable()
+        #: ``offload``: a remote store's writes go through a helper process
+        #: (``uploader``: its client's Python would hold the traced process' GIL).
+        self._uploader = None
+        if offload and not self.local:
+            from .uploader import Uploader
+
+            try:
+                self._uploader = Uploader(url, storage_options)
+            except TypeError as exc:  # storage options that cannot be sent there
+                log.warning("otel_flashinfer: remote blob writes stay in this process: %s",
+                            exc)
 
     def close(self) -> None:
-        """Give this process's budget lease back to the shared counter (the store stays
-        usable; later reservations go to the counter file one by one)."""
+        """Give this process's budget lease back to the shared counter and let the upload
+        helper finish (the store stays usable; later reservations go to the counter file
+        one by one, a later write starts another helper)."""
         self.budget.close()
+        if self._uploader is not None:
+            self._uploader.close()
 
     def after_fork(self) -> None:
         """In a forked child: new locks (a parent's thread may have held one at the
-        fork); the lease resets itself on its own fork hook."""
+        fork); the lease and the upload helper reset themselves on their own fork hooks."""
         self._land_lock = threading.Lock()
         self.budget.after_fork()
 
@@ -497,7 +512,7 @@ class BlobStore:
         path = self.path(key)
         parts = parts_of(data)
         if not self.local:
-            self.fs.pipe_file(path, b"".join(parts))  # a single PUT: all or nothing
+            self._put_remote(path, parts)
             return
         tmp = self._write_temp(path, parts)
         try:
@@ -511,7 +526,7 @@ class BlobStore:
         with no temp file, rename or fsync, since an empty file cannot be torn."""
         path = self.path(key)
         if not self.local:
-            self.fs.pipe_file(path, b"")
+            self._put_remote(path, [b""])
             return
         flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
         os.close(self._in_folder(path, lambda: os.open(path, flags, 0o644)))
@@ -519,9 +534,15 @@ class BlobStore:
     def remove(self, key: str) -> None:
         """Delete an object of ours (an index entry replaced); gone already is fine."""
         try:
-            self.fs.rm_file(self.path(key))
+            if self._uploader is None or not self._uploader.remove(self.path(key)):
+                self.fs.rm_file(self.path(key))
         except FileNotFoundError:
             pass
+
+    def _put_remote(self, path: str, parts: list) -> None:
+        """One PUT (all or nothing), by the upload helper where there is one."""
+        if self._uploader is None or not self._uploader.put(path, parts):
+            self.fs.pipe_file(path, b"".join(parts))
 
     def _land(self, tmp: str, key: str) -> bool:
         """Rename a synced temp file to ``key`` unless the object is there already
@@ -548,7 +569,13 @@ class BlobStore:
         """Whether an object is already stored (remembered once seen)."""
         if key in self._known:
             return True
-        exists = os.path.exists(self.path(key)) if self.local else self.fs.exists(self.path(key))
+        path = self.path(key)
+        if self.local:
+            exists = os.path.exists(path)
+        else:
+            exists = self._uploader.exists(path) if self._uploader is not None else None
+            if exists is None:
+                exists = self.fs.exists(path)
         if exists:
             self._remember(key)
         return exists
@@ -647,14 +674,14 @@ def _write_file(path: str, parts: list, sync: bool) -> None:
     and a write per part cost a writer tens of us an object), fsynced when ``sync``."""
     fd = os.open(path, _WRITE_FLAGS, 0o666)
     try:
-        _write_all(fd, parts)
+        write_all(fd, parts)
         if sync:
             os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def _write_all(fd: int, parts: list) -> None:
+def write_all(fd: int, parts: list) -> None:
     """Every byte of ``parts``, in order, however short the writes the kernel makes."""
     views = [view for view in (memoryview(p).cast("B") for p in parts) if view.nbytes]
     while views:
