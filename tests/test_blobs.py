@@ -23,7 +23,7 @@ import torch
 
 from otel_flashinfer.blobs import encode, layout, manifest
 from otel_flashinfer.blobs import store as store_mod
-from otel_flashinfer.blobs.capture import BlobRecorder
+from otel_flashinfer.blobs.capture import BlobRecorder, StoreBreaker
 from otel_flashinfer.blobs.store import BlobStore, StoreError
 from otel_flashinfer.config import Settings
 
@@ -268,7 +268,7 @@ def test_recording_cpu_tensors_starts_no_extension_build(tmp_path):
     one timed out once in CI)."""
     code = textwrap.dedent("""
         import inspect, sys, threading, torch
-        from otel_flashinfer.blobs.capture import BlobRecorder
+        from otel_flashinfer.blobs.capture import BlobRecorder, StoreBreaker
         from otel_flashinfer.config import Settings
         from otel_flashinfer.stats import kernel
         rec = BlobRecorder(Settings(blob_url=sys.argv[1]), install_handlers=False)
@@ -444,7 +444,7 @@ def test_a_copy_that_fails_gives_its_budget_back(tmp_path, monkeypatch, failing)
 
 CHILD_COUNT = textwrap.dedent('''
     import dataclasses, inspect, sys, torch
-    from otel_flashinfer.blobs.capture import BlobRecorder
+    from otel_flashinfer.blobs.capture import BlobRecorder, StoreBreaker
     from otel_flashinfer.config import Settings
     s = dataclasses.replace(Settings(blob_url=sys.argv[1]), blob_max_count=int(sys.argv[2]))
     rec = BlobRecorder(s, install_handlers=False)
@@ -685,7 +685,7 @@ def test_a_budget_that_missed_the_fork_hook_drops_the_parents_lease(tmp_path):
 
 CHILD_TERM = textwrap.dedent('''
     import inspect, signal, sys, time, torch
-    from otel_flashinfer.blobs.capture import BlobRecorder
+    from otel_flashinfer.blobs.capture import BlobRecorder, StoreBreaker
     from otel_flashinfer.config import Settings
     seen = []
     signal.signal(signal.SIGTERM, lambda s, f: (seen.append(s), print("app handler", flush=True),
@@ -734,7 +734,7 @@ def test_sigterm_mid_call_leaves_complete_manifests(tmp_path):
 
 CHILD_TERM_DEFAULT = textwrap.dedent('''
     import inspect, sys, time, torch
-    from otel_flashinfer.blobs.capture import BlobRecorder
+    from otel_flashinfer.blobs.capture import BlobRecorder, StoreBreaker
     from otel_flashinfer.config import Settings
     rec = BlobRecorder(Settings(blob_url=sys.argv[1]))
     def add(x, y): return x + y
@@ -769,7 +769,7 @@ def test_sigterm_by_default_leaves_no_lease_counted(tmp_path):
 def test_atexit_completes_inflight(tmp_path):
     code = textwrap.dedent('''
         import inspect, sys, torch
-        from otel_flashinfer.blobs.capture import BlobRecorder
+        from otel_flashinfer.blobs.capture import BlobRecorder, StoreBreaker
         from otel_flashinfer.config import Settings
         rec = BlobRecorder(Settings(blob_url=sys.argv[1]))
         def f(x): return x
@@ -812,6 +812,57 @@ def test_write_failure_marks_call_and_engine_goes_on(tmp_path):
     assert rec.flush(10)
     assert cap.skipped == "write_failed" and rec.counters["write_failures"] == 1
     assert not (tmp_path / cap.manifest_key).exists()
+
+
+def test_store_breaker_pauses_probes_and_backs_off():
+    b = StoreBreaker()
+    assert not b.refuses(0.0) and b.admit(0.0)  # closed: every call, every write
+    b.failed(10.0)
+    assert b.refuses(10.5) and not b.admit(10.5)  # open for the first pause
+    assert not b.refuses(11.0)  # the pause is over: the next queued write probes ...
+    assert b.admit(11.0)
+    assert b.refuses(11.0) and not b.admit(11.0)  # ... alone: the others still skip
+    b.failed(17.0)  # the probe failed (after the client's retries): twice the pause
+    assert b.refuses(18.9) and not b.refuses(19.0)
+    for t in range(20):
+        b.failed(100.0 + t)
+    assert b.pause == StoreBreaker.MAX_PAUSE_S
+    assert b.admit(200.0)
+    b.inconclusive()  # the probe broke on its own bytes, not the store's
+    assert not b.refuses(200.0) and b.admit(200.0)
+    b.succeeded()
+    assert not b.refuses(200.0) and b.pause == 0.0
+    b.failed(300.0)
+    assert b.pause == StoreBreaker.FIRST_PAUSE_S  # a success starts the back-off over
+
+
+def test_while_the_store_fails_calls_skip_without_copying(tmp_path, monkeypatch):
+    """Before: every call was copied and queued, and every queued write retried the dead
+    store for seconds (the client's retries) before it failed, also at exit."""
+    rec = BlobRecorder(settings(tmp_path), install_handlers=False)
+    tries = []
+    real_put = rec.store.put_object
+
+    def boom(key, data):
+        tries.append(key)
+        raise OSError("store down")
+
+    rec.store.put_object = boom
+    first = record(rec, add, 9, 1, torch.ones(3), 1.0)
+    assert rec.flush(10) and first.skipped == "write_failed"
+    # Open: the next calls keep their spans and skip their payloads at the call.
+    caps = [record(rec, add, 9, 2 + i, torch.ones(1000), 1.0) for i in range(5)]
+    assert [c.skipped for c in caps] == ["store_down"] * 5
+    assert rec.staging.used == 0 and not rec._queue and len(tries) == 1
+    assert rec.counters["skipped.store_down"] == 5
+    # After the pause one call probes; the store is back, so calls are kept again.
+    rec.store.put_object = real_put
+    rec.breaker.until = 0.0
+    probe = record(rec, add, 9, 20, torch.ones(3), 1.0)
+    assert rec.flush(10) and probe.skipped is None
+    assert (tmp_path / probe.manifest_key).exists()
+    kept = record(rec, add, 9, 21, torch.full((3,), 2.0), 1.0)
+    assert rec.flush(10) and kept.skipped is None and rec.breaker.pause == 0.0
 
 
 def test_pending_protocol_sets_attributes(tmp_path):

@@ -11,7 +11,8 @@ The span wrapper calls, per traced call::
 device-to-host copy into a pinned staging buffer plus an event, no host sync)
 and returns a ``CallCapture`` whose ``manifest_url`` is known at once, or whose
 ``skipped`` says why nothing is kept (``max_count``, ``max_bytes``,
-``staging_full``, ``queue_full``, ``error``; ``write_failed`` can appear later).
+``staging_full``, ``queue_full``, ``store_down``: writes failing, see
+``StoreBreaker``, ``error``; ``write_failed`` can appear later).
 ``after`` copies the outputs the same way and hands the call to the writer
 threads (``writers``, default 2: while one hashes or copies, another waits on
 fsync), which wait for the copies, encode, hash, store objects and write the
@@ -59,7 +60,7 @@ from ..stats import kernel as stats_kernel
 from . import encode, layout, manifest
 from .fingerprint import PageMemo, gather_fused, page_fingerprints
 from .index import IndexWriter
-from .store import BlobStore
+from .store import BlobStore, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,58 @@ _KIND_NAMES = {
 
 class _Skip(Exception):
     """A call that will not be kept; the message is the reason string."""
+
+
+class StoreBreaker:
+    """While the store fails, payloads are skipped (``store_down``) instead of copied and
+    queued for writes that fail too, each after the client's retries (6 to 10 s on S3).
+
+    A failed write opens it for a pause (1 s, doubled for each failure in a row, at most
+    30 s).  After the pause one call is written as a probe while the others are still
+    skipped; its success closes the breaker, its failure opens it again.  The caller
+    reads it without a lock: a call that races a change is one payload either way.
+    """
+
+    FIRST_PAUSE_S = 1.0
+    MAX_PAUSE_S = 30.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.until = 0.0
+        self.pause = 0.0
+        self.probing = False
+
+    def refuses(self, now: float) -> bool:
+        """Whether a call skips its payload now (on the caller's thread)."""
+        return self.probing or now < self.until
+
+    def admit(self, now: float) -> bool:
+        """Whether a writer may write a queued call now; the first one after the pause
+        is the probe."""
+        if self.pause == 0.0:
+            return True
+        with self._lock:
+            if self.probing or now < self.until:
+                return False
+            self.probing = True
+            return True
+
+    def failed(self, now: float) -> None:
+        with self._lock:
+            self.pause = min(max(2 * self.pause, self.FIRST_PAUSE_S), self.MAX_PAUSE_S)
+            self.until = now + self.pause
+            self.probing = False
+
+    def inconclusive(self) -> None:
+        """The probe failed for another reason than the store: the next call probes."""
+        self.probing = False
+
+    def succeeded(self) -> None:
+        if self.pause == 0.0 and not self.probing:
+            return
+        with self._lock:
+            self.pause = self.until = 0.0
+            self.probing = False
 
 
 class _Held:
@@ -283,6 +336,7 @@ class BlobRecorder:
         self._threads: list[threading.Thread] = []
         self._stopping = False
         self._start_lock = threading.Lock()
+        self.breaker = StoreBreaker()
 
     def _install_handlers(self) -> None:
         ref = weakref.ref(self)
@@ -355,6 +409,9 @@ class BlobRecorder:
         if len(self._queue) >= self.queue_max:
             self.counters["skipped.queue_full"] += 1
             return CallCapture(self, None, "queue_full")
+        if self.breaker.refuses(time.monotonic()):
+            self.counters["skipped.store_down"] += 1
+            return CallCapture(self, None, "store_down")
         args, obj = _arguments(bound_args)
         meta = {
             "schema": manifest.SCHEMA, "api": api, "module": module, "qualname": qualname,
@@ -712,8 +769,16 @@ class BlobRecorder:
                 continue
             self._wake.set()  # more may be queued: let another writer look too
             try:
+                if not self.breaker.admit(time.monotonic()):
+                    self._drop(cap, "store_down")
+                    continue
                 self._write(cap)
-            except Exception:  # noqa: BLE001 - a failing store must not stop the writer
+                self.breaker.succeeded()
+            except Exception as exc:  # noqa: BLE001 - a failing store must not stop the writer
+                if isinstance(exc, (OSError, StoreError)):
+                    self.breaker.failed(time.monotonic())
+                else:  # not the store's doing: a probe says nothing either way
+                    self.breaker.inconclusive()
                 self._internal_error("write")
                 self._count("write_failures")
                 self._drop(cap, "write_failed")
