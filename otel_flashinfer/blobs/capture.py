@@ -530,13 +530,19 @@ class BlobRecorder:
                     # On the CPU it would cost more than the hash it saves.
                     fps = page_fingerprints(pages) if pages.is_cuda else None
                     self._to_host(cap, held, pages, page_ids=idx, fps=fps, batch=batch)
-                elif batch is not None and not (src.is_conj() or src.is_neg()):
-                    # the span copied from the tensor itself (raw bytes: a lazily
-                    # conjugated or negated view takes copy_ below, which applies it;
-                    # the device's event, recorded after, covers that copy too)
-                    self._to_host(cap, held, src, batch=batch, span=True)
+                elif not (src.is_conj() or src.is_neg()):
+                    if batch is not None:  # the span copied from the tensor itself
+                        self._to_host(cap, held, src, batch=batch, span=True)
+                    else:
+                        self._to_host(cap, held, encode.flat_span(src))
                 else:
-                    self._to_host(cap, held, encode.flat_span(src))
+                    # A lazily conjugated or negated view: its bytes are not its values.
+                    # copy_ would apply the bits to the host copy on the host right after
+                    # queueing the async copy, racing it (torch's copy_kernel_cuda: the
+                    # GPU test stored such a view negated but not conjugated, now and
+                    # then); resolved on the device they are ordered on its stream.
+                    flat = encode.flat_span(src)
+                    self._to_host(cap, held, flat.resolve_conj().resolve_neg())
             for device, helds in streams.items():
                 batch = batches.get(device) if batches is not None else None
                 if batch:
