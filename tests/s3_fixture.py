@@ -50,6 +50,10 @@ def moto_s3() -> Iterator[dict]:
                 time.sleep(0.1)
         import s3fs
 
+        # s3fs caches a filesystem per set of arguments: one made with none (the
+        # endpoint from the environment) by an earlier test would still point at that
+        # test's server, gone now.
+        s3fs.S3FileSystem.clear_instance_cache()
         bucket = f"fi-{uuid.uuid4().hex[:12]}"
         opts = {"key": "testing", "secret": "testing", "endpoint_url": endpoint}
         s3fs.S3FileSystem(**opts, skip_instance_cache=True).mkdir(bucket)
@@ -60,6 +64,8 @@ def moto_s3() -> Iterator[dict]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        if "s3fs" in sys.modules:  # no later test gets a filesystem bound to this server
+            sys.modules["s3fs"].S3FileSystem.clear_instance_cache()
         os.kill(proc.pid, signal.SIGTERM)
         try:
             proc.wait(10)

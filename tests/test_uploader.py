@@ -55,9 +55,13 @@ def test_writes_go_through_the_helper_and_land_whole(s3):
         assert new == 300_017
         pid = _helper_pid(store)
         assert pid != os.getpid()
-        # A second process wrote it: this process's own client never opened a connection
-        # for it, and the bytes read back with a fresh client are the payload's.
+        # Another process wrote it (the bytes read back with a fresh client are the
+        # payload's), in a session of its own and with no stderr of ours: a Ctrl-C to
+        # the engine's group is not its, and a reader of our stderr does not wait on it
+        # while it finishes its writes after we exit.
         assert _client(s3).cat_file(store.path(key)) == b"".join(parts)
+        assert os.getsid(pid) != os.getsid(0)
+        assert os.readlink(f"/proc/{pid}/fd/2") == "/dev/null"
         # Dedup asks the helper (HEAD) once the process has forgotten what it wrote.
         store._known.clear()
         assert store.put_content(parts, "safetensors")[2] == 0
@@ -193,3 +197,47 @@ def test_a_recorder_on_s3_writes_by_the_helper(s3, tmp_path):
         assert _client(s3).exists(rec.store.path(manifest_key))
     finally:
         rec.shutdown(10)
+
+
+def test_a_helper_that_stops_reading_fails_the_write_in_bounded_time(s3, monkeypatch):
+    """A helper that stopped (SIGSTOP here; a hung client) fills the pipe: the write
+    used to block in writev with the send lock held, with no deadline, and every other
+    writer behind it; now it fails after ANSWER_TIMEOUT_S and the helper is killed."""
+    store = _store(s3)
+    try:
+        store.put_content(b"warm", "torch")
+        pid = _helper_pid(store)
+        monkeypatch.setattr(uploader, "ANSWER_TIMEOUT_S", 1.0)
+        os.kill(pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        with pytest.raises(uploader.HelperError, match="could not be sent"):
+            # far more than a pipe holds: the frame itself cannot go out
+            store._uploader.put(store.path("big"), [os.urandom(4 << 20)])
+        assert time.monotonic() - t0 < 10
+        deadline = time.monotonic() + 10
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(pid)
+    finally:
+        store.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_after_close_the_helper_exits_and_later_writes_stay_in_process(s3):
+    store = _store(s3)
+    store.put_content(b"before", "torch")
+    helper = store._uploader._helper
+    store.close()
+    assert helper.proc.wait(timeout=30) == 0  # end of input: it finished and exited
+    # A writer that outlived a flush's timeout still stores its call, in process, and
+    # starts no helper that nothing would close.
+    key = store.put_content(b"after close", "torch")[1]
+    assert store._uploader._helper is None
+    assert _client(s3).cat_file(store.path(key)) == b"after close"

@@ -51,6 +51,8 @@ import fsspec
 
 from .. import forking
 from . import layout
+from .buffers import nbytes as _nbytes
+from .buffers import parts_of, write_all
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +81,6 @@ _KNOWN_MAX = 1 << 16
 _BUSY_S = 0.01
 #: How long a writer's release keeps trying a file locked by another process.
 _WRITER_WAIT_S = 1.0
-
-
-def parts_of(data: bytes | list) -> list:
-    """Buffers of an object given as bytes or as a list of buffers."""
-    return data if isinstance(data, list) else [data]
 
 
 class StoreError(RuntimeError):
@@ -648,10 +645,6 @@ class BlobStore:
         return data
 
 
-def _nbytes(parts: list) -> int:
-    return sum(memoryview(p).nbytes for p in parts)
-
-
 def _close_quietly(fd: int) -> None:
     try:
         os.close(fd)
@@ -679,20 +672,3 @@ def _write_file(path: str, parts: list, sync: bool) -> None:
             os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def write_all(fd: int, parts: list) -> None:
-    """Every byte of ``parts``, in order, however short the writes the kernel makes."""
-    views = [view for view in (memoryview(p).cast("B") for p in parts) if view.nbytes]
-    while views:
-        written = os.writev(fd, views[:_IOV_MAX])
-        if written <= 0:  # a regular file does not; never loop on it
-            raise OSError(errno.EIO, f"writev wrote {written} bytes")
-        while views and written >= views[0].nbytes:
-            written -= views.pop(0).nbytes
-        if views and written:
-            views[0] = views[0][written:]
-
-
-#: At most this many buffers a writev (POSIX guarantees 16; Linux takes 1024).
-_IOV_MAX = 16

@@ -41,7 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO
 
 from .. import forking, threads
-from .store import parts_of, write_all
+from .buffers import parts_of, write_all
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +88,21 @@ class _Helper:
         env["OTEL_FLASHINFER_AUTOSTART"] = "0"
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p)
+        # Its own session: a Ctrl-C or a signal to the engine's process group is not
+        # its; it exits on end of input.  No stderr of ours: it may outlive us by up to
+        # _DRAIN_S, and a reader of our stderr (a pipe, a CI log) would wait for it.
         self.proc = subprocess.Popen(
             [sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            env=env, close_fds=True)
+            stderr=subprocess.DEVNULL, env=env, close_fds=True, start_new_session=True)
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self._to = self.proc.stdin.fileno()
+        #: Writes to the pipe never block past a deadline (a helper that stopped reading).
+        os.set_blocking(self._to, False)
         self._from: BinaryIO = self.proc.stdout
+        #: Held for a request's frame, and by ``stop`` to close the pipe: a frame is
+        #: never cut by the close, nor written to a descriptor number reused since.
         self._send_lock = threading.Lock()
+        self._closed = False
         self._lock = threading.Lock()
         self._pending: dict[int, _Answer] = {}
         self._ids = itertools.count(1)
@@ -119,16 +127,34 @@ class _Helper:
             self._pending[rid] = answer
         raw_path = path.encode()
         size = sum(memoryview(p).nbytes for p in parts)
-        try:
-            with self._send_lock:
-                write_all(self._to, [_REQUEST.pack(rid, op, len(raw_path), size), raw_path,
-                                     *parts])
-        except OSError as exc:
-            self._gone(f"its input closed ({exc})")
-        if not answer.event.wait(timeout_s):
-            self._gone(f"no answer in {timeout_s:g} s")
-            self.proc.kill()
+        deadline = time.monotonic() + timeout_s
+        frame = [_REQUEST.pack(rid, op, len(raw_path), size), raw_path, *parts]
+        if not self._send_lock.acquire(timeout=timeout_s):
+            self._kill(f"another request's frame held the pipe for {timeout_s:g} s")
+        else:
+            try:
+                if self._closed:  # this request only: those sent before still land
+                    with self._lock:
+                        self._pending.pop(rid, None)
+                    answer.message = "the upload helper was closed"
+                    answer.event.set()
+                else:
+                    write_all(self._to, frame, deadline)
+            except OSError as exc:  # a torn frame: the helper cannot read on
+                self._kill(f"a request could not be sent ({exc})")
+            finally:
+                self._send_lock.release()
+        if not answer.event.wait(max(0.0, deadline - time.monotonic())):
+            self._kill(f"no answer in {timeout_s:g} s")
         return answer.status, answer.message
+
+    def _kill(self, why: str) -> None:
+        """Its state is unknown: fail what it holds and kill it (the reader reaps it)."""
+        self._gone(why)
+        try:
+            self.proc.kill()
+        except OSError:
+            pass
 
     def _read_answers(self) -> None:
         why = "it exited"
@@ -163,12 +189,19 @@ class _Helper:
             answer.status, answer.message = FAILED, f"the upload helper is gone: {why}"
             answer.event.set()
 
-    def stop(self) -> None:
-        """End of input: the helper finishes what it holds and exits by itself."""
+    def stop(self, timeout_s: float = 1.0) -> None:
+        """End of input: the helper finishes what it holds and exits by itself.  A
+        frame being sent is let finish; one stuck past ``timeout_s`` kills it."""
+        if not self._send_lock.acquire(timeout=timeout_s):
+            self._kill("a request's frame was stuck when it was closed")
+            return
         try:
+            self._closed = True
             self.proc.stdin.close()  # type: ignore[union-attr]
         except OSError:
             pass
+        finally:
+            self._send_lock.release()
 
     def forget(self) -> None:
         """In a forked child: close the parent's pipes without a word to its helper."""
@@ -252,9 +285,11 @@ class Uploader:
         return answer is not None and _result(answer, path) == OK
 
     def close(self) -> None:
-        """Let the helper finish and exit; a later write starts another."""
+        """Let the helper finish and exit.  Final: a write after it (a writer that
+        outlived a flush's timeout) is made in process, not by a helper left running."""
         with self._lock:
             helper, self._helper = self._helper, None
+            self.unavailable = self.unavailable or "closed"
         if helper is not None:
             helper.stop()
 
@@ -311,10 +346,11 @@ def _serve(inp: BinaryIO, out_fd: int) -> None:
         if len(head) < _REQUEST.size:
             break
         rid, op, path_size, data_size = _REQUEST.unpack(head)
-        path = inp.read(path_size).decode()
+        raw_path = inp.read(path_size)
         data = inp.read(data_size) if data_size else b""
-        if len(data) < data_size:
-            break
+        if len(raw_path) < path_size or len(data) < data_size:
+            break  # a torn frame (our parent died mid-write): nothing of it is written
+        path = raw_path.decode(errors="replace")
         if op == HELLO:
             try:
                 config = json.loads(data)
@@ -337,20 +373,21 @@ def _serve(inp: BinaryIO, out_fd: int) -> None:
 def main() -> None:
     """The helper: requests on stdin, answers on a copy of stdout (fd 1 itself goes to
     stderr, so that a stray print cannot corrupt the answers)."""
-    # Started from one of our threads, it inherited their blocked signals: a SIGTERM
-    # must stop it as it would any process.  Not SIGINT: a Ctrl-C meant for the engine
-    # (the whole process group gets it) must not cut its writes short.
+    # Not SIGINT (set first: one pending from the thread that started us would fire
+    # as soon as it is unblocked): a Ctrl-C meant for the engine must not cut its
+    # writes short.  Started from one of our threads, it inherited their blocked
+    # signals: a SIGTERM must stop it as it would any process.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    out_fd = os.dup(1)
-    os.dup2(2, 1)
-    started = time.monotonic()
+    code = 0
     try:
+        out_fd = os.dup(1)
+        os.dup2(2, 1)
         _serve(sys.stdin.buffer, out_fd)
-    finally:
-        log.debug("upload helper done after %.1f s", time.monotonic() - started)
-    os._exit(0)  # the pool's threads may still be stuck in a dead store's client
+    except BaseException:  # noqa: BLE001 - the parent learns of it from end of answers
+        code = 1
+    os._exit(code)  # the pool's threads may still be stuck in a dead store's client
 
 
 if __name__ == "__main__":
