@@ -816,45 +816,69 @@ def test_write_failure_marks_call_and_engine_goes_on(tmp_path):
 
 def test_store_breaker_pauses_probes_and_backs_off():
     b = StoreBreaker()
-    assert not b.refuses(0.0) and b.admit(0.0)  # closed: every call, every write
-    b.failed(10.0)
-    assert b.refuses(10.5) and not b.admit(10.5)  # open for the first pause
+    g = b.admit(0.0)
+    assert not b.refuses(0.0) and g is not None  # closed: every call, every write
+    late = b.admit(0.0)  # a write admitted before the breaker opens
+    b.failed(10.0, g)
+    assert b.refuses(10.5) and b.admit(10.5) is None  # open for the first pause
+    b.succeeded(late)  # its result is stale: it neither closes the breaker ...
+    b.failed(10.5, late)  # ... nor doubles the pause
+    assert b.pause == StoreBreaker.FIRST_PAUSE_S and b.refuses(10.5)
     assert not b.refuses(11.0)  # the pause is over: the next queued write probes ...
-    assert b.admit(11.0)
-    assert b.refuses(11.0) and not b.admit(11.0)  # ... alone: the others still skip
-    b.failed(17.0)  # the probe failed (after the client's retries): twice the pause
+    probe = b.admit(11.0)
+    assert probe is not None
+    assert b.refuses(11.0) and b.admit(11.0) is None  # ... alone: the others still skip
+    b.failed(17.0, probe)  # the probe failed (after the client's retries): twice the pause
     assert b.refuses(18.9) and not b.refuses(19.0)
     for t in range(20):
-        b.failed(100.0 + t)
+        b.failed(100.0 + t, b.admit(1e9))
     assert b.pause == StoreBreaker.MAX_PAUSE_S
-    assert b.admit(200.0)
-    b.inconclusive()  # the probe broke on its own bytes, not the store's
-    assert not b.refuses(200.0) and b.admit(200.0)
-    b.succeeded()
-    assert not b.refuses(200.0) and b.pause == 0.0
-    b.failed(300.0)
+    probe = b.admit(1e9)
+    b.inconclusive(probe)  # the probe broke on its own bytes, not the store's
+    assert not b.refuses(1e9)
+    probe = b.admit(1e9)
+    b.succeeded(probe)
+    assert not b.refuses(1e9) and b.pause == 0.0
+    b.failed(2e9, b.admit(2e9))
     assert b.pause == StoreBreaker.FIRST_PAUSE_S  # a success starts the back-off over
 
 
-def test_while_the_store_fails_calls_skip_without_copying(tmp_path, monkeypatch):
+class _ClientError(Exception):
+    """What s3fs's client raises for a dead endpoint: not an OSError."""
+
+
+@pytest.mark.parametrize("error", [OSError, _ClientError])
+def test_while_the_store_fails_calls_skip_without_copying(tmp_path, monkeypatch, error):
     """Before: every call was copied and queued, and every queued write retried the dead
     store for seconds (the client's retries) before it failed, also at exit."""
+    monkeypatch.setattr(StoreBreaker, "FIRST_PAUSE_S", 3600.0)
     rec = BlobRecorder(settings(tmp_path), install_handlers=False)
     tries = []
     real_put = rec.store.put_object
+    gate = threading.Event()
 
     def boom(key, data):
         tries.append(key)
-        raise OSError("store down")
+        gate.wait(10)  # the client retrying the dead store
+        raise error("store down")
 
     rec.store.put_object = boom
-    first = record(rec, add, 9, 1, torch.ones(3), 1.0)
-    assert rec.flush(10) and first.skipped == "write_failed"
+    first = [record(rec, add, 9, 1 + i, torch.ones(3) + i, 1.0) for i in range(6)]
+    deadline = time.monotonic() + 10
+    while len(tries) < rec.writers and time.monotonic() < deadline:
+        time.sleep(0.01)
+    gate.set()
+    assert rec.flush(10)
+    # The writes in flight when it failed fail; those queued behind them are dropped
+    # without a write.
+    assert len(tries) == rec.writers
+    assert sorted(c.skipped for c in first) == (["store_down"] * (6 - rec.writers)
+                                               + ["write_failed"] * rec.writers)
     # Open: the next calls keep their spans and skip their payloads at the call.
-    caps = [record(rec, add, 9, 2 + i, torch.ones(1000), 1.0) for i in range(5)]
+    caps = [record(rec, add, 9, 10 + i, torch.ones(1000), 1.0) for i in range(5)]
     assert [c.skipped for c in caps] == ["store_down"] * 5
-    assert rec.staging.used == 0 and not rec._queue and len(tries) == 1
-    assert rec.counters["skipped.store_down"] == 5
+    assert rec.staging.used == 0 and not rec._queue and len(tries) == rec.writers
+    assert rec.counters["skipped.store_down"] == 5 + 6 - rec.writers
     # After the pause one call probes; the store is back, so calls are kept again.
     rec.store.put_object = real_put
     rec.breaker.until = 0.0
@@ -863,6 +887,18 @@ def test_while_the_store_fails_calls_skip_without_copying(tmp_path, monkeypatch)
     assert (tmp_path / probe.manifest_key).exists()
     kept = record(rec, add, 9, 21, torch.full((3,), 2.0), 1.0)
     assert rec.flush(10) and kept.skipped is None and rec.breaker.pause == 0.0
+
+
+def test_an_encoding_error_does_not_open_the_breaker(tmp_path, monkeypatch):
+    rec = BlobRecorder(settings(tmp_path), install_handlers=False)
+
+    def broken(*args, **kwargs):
+        raise ValueError("cannot encode")
+
+    monkeypatch.setattr(encode, "encode_parts", broken)
+    cap = record(rec, add, 9, 1, torch.ones(3), 1.0)
+    assert rec.flush(10) and cap.skipped == "write_failed"
+    assert rec.breaker.pause == 0.0 and not rec.breaker.refuses(time.monotonic())
 
 
 def test_pending_protocol_sets_attributes(tmp_path):

@@ -60,7 +60,7 @@ from ..stats import kernel as stats_kernel
 from . import encode, layout, manifest
 from .fingerprint import PageMemo, gather_fused, page_fingerprints
 from .index import IndexWriter
-from .store import BlobStore, StoreError
+from .store import BlobStore
 
 log = logging.getLogger(__name__)
 
@@ -82,14 +82,23 @@ class _Skip(Exception):
     """A call that will not be kept; the message is the reason string."""
 
 
+class StoreFailed(Exception):
+    """A store operation raised (any error: s3fs's client raises its own types, not
+    OSError); what it raised is its ``__cause__``."""
+
+
 class StoreBreaker:
     """While the store fails, payloads are skipped (``store_down``) instead of copied and
     queued for writes that fail too, each after the client's retries (6 to 10 s on S3).
 
     A failed write opens it for a pause (1 s, doubled for each failure in a row, at most
     30 s).  After the pause one call is written as a probe while the others are still
-    skipped; its success closes the breaker, its failure opens it again.  The caller
-    reads it without a lock: a call that races a change is one payload either way.
+    skipped; its success closes the breaker, its failure opens it again.  Every write
+    is admitted with the breaker's generation, and only a result of the current one
+    counts: a write admitted before it opened does not close it, nor double its pause.
+    Any store error counts, also one that is the payload's own (an object too large for
+    a single PUT): the next call's probe closes it again.  The caller reads it without
+    a lock: a call that races a change is one payload either way.
     """
 
     FIRST_PAUSE_S = 1.0
@@ -100,36 +109,47 @@ class StoreBreaker:
         self.until = 0.0
         self.pause = 0.0
         self.probing = False
+        self.generation = 0
 
     def refuses(self, now: float) -> bool:
         """Whether a call skips its payload now (on the caller's thread)."""
         return self.probing or now < self.until
 
-    def admit(self, now: float) -> bool:
-        """Whether a writer may write a queued call now; the first one after the pause
-        is the probe."""
+    def admit(self, now: float) -> int | None:
+        """The generation a writer writes a queued call under, or None to drop it; the
+        first one admitted after the pause is the probe."""
         if self.pause == 0.0:
-            return True
+            return self.generation
         with self._lock:
+            if self.pause == 0.0:
+                return self.generation
             if self.probing or now < self.until:
-                return False
+                return None
             self.probing = True
-            return True
+            return self.generation
 
-    def failed(self, now: float) -> None:
+    def failed(self, now: float, generation: int) -> None:
         with self._lock:
+            if generation != self.generation:
+                return
+            self.generation += 1
             self.pause = min(max(2 * self.pause, self.FIRST_PAUSE_S), self.MAX_PAUSE_S)
             self.until = now + self.pause
             self.probing = False
 
-    def inconclusive(self) -> None:
+    def inconclusive(self, generation: int) -> None:
         """The probe failed for another reason than the store: the next call probes."""
-        self.probing = False
+        with self._lock:
+            if generation == self.generation:
+                self.probing = False
 
-    def succeeded(self) -> None:
-        if self.pause == 0.0 and not self.probing:
+    def succeeded(self, generation: int) -> None:
+        if self.pause == 0.0:
             return
         with self._lock:
+            if generation != self.generation:
+                return
+            self.generation += 1
             self.pause = self.until = 0.0
             self.probing = False
 
@@ -287,7 +307,7 @@ class BlobRecorder:
             offload=OFFLOAD_REMOTE_WRITES,
         )
         if self.crash_safe:  # runs expected to crash keep no lease to leave behind
-            self.store.close()
+            self.store.budget.close()
         self._staging_bytes = int(staging_mb * 1024 * 1024)
         self._device_hold_bytes = int(device_hold_mb * 1024 * 1024)
         self._copy_streams: dict[int, Any] = {}
@@ -410,7 +430,7 @@ class BlobRecorder:
             self.counters["skipped.queue_full"] += 1
             return CallCapture(self, None, "queue_full")
         if self.breaker.refuses(time.monotonic()):
-            self.counters["skipped.store_down"] += 1
+            self._count("skipped.store_down")
             return CallCapture(self, None, "store_down")
         args, obj = _arguments(bound_args)
         meta = {
@@ -774,17 +794,18 @@ class BlobRecorder:
                     self._idle_give_back()
                 continue
             self._wake.set()  # more may be queued: let another writer look too
+            generation = self.breaker.admit(time.monotonic())
             try:
-                if not self.breaker.admit(time.monotonic()):
+                if generation is None:
                     self._drop(cap, "store_down")
                     continue
                 self._write(cap)
-                self.breaker.succeeded()
+                self.breaker.succeeded(generation)
             except Exception as exc:  # noqa: BLE001 - a failing store must not stop the writer
-                if isinstance(exc, (OSError, StoreError)):
-                    self.breaker.failed(time.monotonic())
+                if isinstance(exc, StoreFailed):
+                    self.breaker.failed(time.monotonic(), generation)
                 else:  # not the store's doing: a probe says nothing either way
-                    self.breaker.inconclusive()
+                    self.breaker.inconclusive(generation)
                 self._internal_error("write")
                 self._count("write_failures")
                 self._drop(cap, "write_failed")
@@ -811,7 +832,7 @@ class BlobRecorder:
             written = self._store_pages(held)
         else:
             data = encode.encode_parts(held.host, self.format)
-            digest, key, new = self.store.put_content(data, self.format)
+            digest, key, new = _store_call(self.store.put_content, data, self.format)
             if new:
                 written += held.host.numel() * held.host.element_size()
             held.entry.update(hash=digest, key=key, nbytes=_size(data))
@@ -890,7 +911,7 @@ class BlobRecorder:
         written = 0
         for i, page in zip(missing, new_pages, strict=True):
             data = encode.encode_parts(page.reshape(-1), self.format)
-            digest, key, new = self.store.put_content(data, self.format)
+            digest, key, new = _store_call(self.store.put_content, data, self.format)
             if new:
                 written += page_raw
             stored = manifest.StoredPage(digest, key, _size(data))
@@ -941,7 +962,7 @@ class BlobRecorder:
     def _write(self, cap: CallCapture) -> None:
         for held in cap.held:
             cap.written_bytes += self._store_held(held)
-        self.store.put_manifest(cap.manifest_key, manifest.dumps(cap.meta))
+        _store_call(self.store.put_manifest, cap.manifest_key, manifest.dumps(cap.meta))
         self._note(cap)
         self._release_held(cap)
         self.store.budget.release(0, max(0, cap.reserved_bytes - cap.written_bytes))
@@ -992,6 +1013,15 @@ class BlobRecorder:
         self._wake.set()
         self.store.close()  # the budget's lease back; late releases go to the file
         return ok
+
+
+def _store_call(fn: Any, *args: Any) -> Any:
+    """``fn(*args)``, a store write: whatever it raises comes out as ``StoreFailed``
+    (the breaker's cue; an encoding error raised before it is not the store's)."""
+    try:
+        return fn(*args)
+    except Exception as exc:
+        raise StoreFailed(f"{type(exc).__name__}: {exc}") from exc
 
 
 def _host_view(buf: torch.Tensor, nbytes: int, dtype: torch.dtype, shape: Any) -> torch.Tensor:
