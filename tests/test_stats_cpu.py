@@ -351,3 +351,32 @@ def test_nonfinite_cpu_tensors_keep_the_masked_path():
         -INF, 3.0, 2.0, 1, 1)
     assert torch_ops._clean_cpu_row(torch.empty(0)) is None
     assert torch_ops._clean_cpu_row(torch.zeros(4, dtype=torch.complex64)) is None
+
+
+class _Part:
+    """One device's statistics: in or not, and what became of them."""
+
+    def __init__(self, ready: bool) -> None:
+        self.is_ready, self.fate = ready, None
+
+    def ready(self) -> bool:
+        return self.is_ready
+
+    def apply(self, record) -> None:  # noqa: ANN001
+        self.fate = "applied"
+
+    def abandon(self, record, reason: str) -> None:  # noqa: ANN001
+        self.fate = f"abandoned:{reason}"
+
+
+def test_a_call_on_two_devices_keeps_the_statistics_of_the_one_that_finished() -> None:
+    """A span given up while one device's statistics were in and the other's were not
+    lost both (the pipeline abandons a pending that is not wholly ready), and counted
+    the finished device's as dropped too."""
+    from otel_flashinfer.stats.pending import MultiPending
+
+    done, late = _Part(True), _Part(False)
+    multi = MultiPending([done, late])
+    assert not multi.ready()
+    multi.abandon(object(), "timeout")
+    assert done.fate == "applied" and late.fate == "abandoned:timeout"

@@ -160,8 +160,13 @@ class MultiPending:
             p.apply(record)
 
     def abandon(self, record: Any, reason: str) -> None:
+        """Give up on the parts not in yet; those in (a device that finished) still
+        go on the span rather than count as dropped."""
         for p in self.parts:
-            p.abandon(record, reason)
+            if p.ready():
+                p.apply(record)
+            else:
+                p.abandon(record, reason)
 
 
 _STAMP = struct.Struct("<q")
