@@ -437,6 +437,10 @@ _YIELD_S = 50e-6
 #: once: a graph capture starting on another thread waits for the section to end.
 _PASS_BUDGET_S = 0.05
 _UNSET = Status(StatusCode.UNSET)
+#: While a flush waits, records that wait (statistics, a GPU time) are looked at again
+#: this soon (the caller waits for them, and GPU results come within a few ms), then
+#: less often, up to the worker's tick (a payload on a slow store takes seconds).
+_FLUSH_LOOK_S = 0.005
 #: At shutdown, how long the worker gets to hand on the records it gave up waiting for.
 _GIVE_UP_S = 1.0
 _MAX_TRACE_ID = 1 << 128
@@ -1096,14 +1100,20 @@ class Pipeline:
         """Wait until every submitted record is exported and handed to the provider."""
         deadline = time.monotonic() + timeout_s
         ok = True
+        looked, gap = -_FLUSH_LOOK_S, _FLUSH_LOOK_S
         while True:
             if self._thread.is_alive() and os.getpid() == self._pid:
                 # Queued records go out now; those that wait (a payload, statistics)
-                # are looked at again on the worker's own tick.  Waking it for them
-                # after every drain spun it: each drain notifies this loop, which woke
-                # it again (4.7 s of CPU in a 5 s flush with level-10 spans waiting on
-                # a slow store, and the GIL held through most of it).
+                # are looked at again after _FLUSH_LOOK_S, then twice as long each time
+                # up to the worker's own tick.  Waking the worker for them after every
+                # drain spun it: each drain notifies this loop, which woke it again (4.7
+                # s of CPU in a 5 s flush with level-10 spans waiting on a slow store,
+                # the GIL held through most of it).
+                now = time.monotonic()
                 if self._queue or self._let_go_queue:
+                    self._wake.set()
+                elif self._waiting and now - looked >= gap:
+                    looked, gap = now, min(2 * gap, max(self.interval_s, _FLUSH_LOOK_S))
                     self._wake.set()
             else:
                 self._drain()
@@ -1115,7 +1125,7 @@ class Pipeline:
                 if remaining <= 0:
                     ok = False
                     break
-                self._idle.wait(min(remaining, 0.01))
+                self._idle.wait(min(remaining, _FLUSH_LOOK_S))
         for hook in self.flush_hooks:
             try:
                 ok = hook(max(0.0, deadline - time.monotonic())) and ok
