@@ -57,13 +57,15 @@ def engine_work():  # the engine's own Python between calls: it needs the GIL
         s += i * i
     return s
 
-def cpu_of(tid):
-    f = open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()
+def cpu_s(stat):  # a thread's or a process's CPU seconds, from its /proc stat file
+    f = open(stat).read().rsplit(")", 1)[1].split()
     return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
+def cpu_of(tid):
+    return cpu_s(f"/proc/self/task/{tid}/stat")
+
 def proc_cpu(pid):
-    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    return cpu_s(f"/proc/{pid}/stat")
 
 q, kv = torch.ones(8, 32, 128), torch.zeros(4, 2, 16, 8, 128)
 for _ in range(20):
@@ -148,12 +150,6 @@ def main() -> None:
                   f"{waits:>3}/{len(g['times']):<4} {g['kept'] / ns.seconds:7.1f} "
                   f"{g['self_s'] / ns.seconds:10.2f} {g['helper_s'] / ns.seconds:8.2f} "
                   f"{g['client_s'] / ns.seconds:12.2f}")
-
-
-def _moto_pid(endpoint: str) -> int:
-    port = endpoint.rsplit(":", 1)[1]
-    out = subprocess.run(["pgrep", "-f", f"moto.*-p {port}"], capture_output=True, text=True)
-    return int(out.stdout.split()[0])
 
 
 if __name__ == "__main__":

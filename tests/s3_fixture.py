@@ -26,7 +26,8 @@ def _free_port() -> int:
 
 @contextmanager
 def moto_s3() -> Iterator[dict]:
-    """Yields {"endpoint", "bucket", "storage_options", "env"}; a fresh bucket."""
+    """Yields {"endpoint", "bucket", "storage_options", "env", "pid"}; a fresh bucket
+    (``pid``: the server's, for tests that take the store down)."""
     port = _free_port()
     exe = shutil.which("moto_server")
     cmd = [exe] if exe else [sys.executable, "-m", "moto.server"]
@@ -57,7 +58,8 @@ def moto_s3() -> Iterator[dict]:
         bucket = f"fi-{uuid.uuid4().hex[:12]}"
         opts = {"key": "testing", "secret": "testing", "endpoint_url": endpoint}
         s3fs.S3FileSystem(**opts, skip_instance_cache=True).mkdir(bucket)
-        yield {"endpoint": endpoint, "bucket": bucket, "storage_options": opts, "env": env}
+        yield {"endpoint": endpoint, "bucket": bucket, "storage_options": opts, "env": env,
+               "pid": proc.pid}
     finally:
         for k, v in old.items():
             if v is None:
@@ -66,7 +68,8 @@ def moto_s3() -> Iterator[dict]:
                 os.environ[k] = v
         if "s3fs" in sys.modules:  # no later test gets a filesystem bound to this server
             sys.modules["s3fs"].S3FileSystem.clear_instance_cache()
-        os.kill(proc.pid, signal.SIGTERM)
+        if proc.poll() is None:  # a test may have killed it already
+            os.kill(proc.pid, signal.SIGTERM)
         try:
             proc.wait(10)
         except subprocess.TimeoutExpired:

@@ -92,9 +92,7 @@ def test_s3_store_killed_mid_loop(tmp_path: Path) -> None:
             line = proc.stdout.readline().strip()
             assert line == "warm", proc.stderr.read() if proc.poll() is not None else line
             time.sleep(KILL_AT_S)
-            # The store dies (the fixture's own stop at the end finds it gone).
-            pid = _moto_pid(s3["endpoint"])
-            os.kill(pid, signal.SIGKILL)
+            os.kill(s3["pid"], signal.SIGKILL)  # the store dies
             out, err = proc.communicate(timeout=120)
         finally:
             if proc.poll() is None:
@@ -124,11 +122,3 @@ def test_s3_store_killed_mid_loop(tmp_path: Path) -> None:
     spans = _spans(tmp_path / "flashinfer_traces.jsonl")
     assert spans >= report["calls"], (spans, report)
 
-
-def _moto_pid(endpoint: str) -> int:
-    """The moto_server listening on ``endpoint``'s port (the fixture keeps its Popen)."""
-    port = endpoint.rsplit(":", 1)[1]
-    out = subprocess.run(["pgrep", "-f", f"moto.*-p {port}"], capture_output=True, text=True)
-    pids = [int(p) for p in out.stdout.split()]
-    assert pids, f"no moto_server on port {port}"
-    return pids[0]

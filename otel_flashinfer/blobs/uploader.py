@@ -41,7 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO
 
 from .. import forking, threads
-from .buffers import parts_of, write_all
+from .buffers import nbytes, parts_of, write_all
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ class _Helper:
             rid = next(self._ids) & 0xFFFFFFFF
             self._pending[rid] = answer
         raw_path = path.encode()
-        size = sum(memoryview(p).nbytes for p in parts)
+        size = nbytes(parts)
         deadline = time.monotonic() + timeout_s
         frame = [_REQUEST.pack(rid, op, len(raw_path), size), raw_path, *parts]
         if not self._send_lock.acquire(timeout=timeout_s):
