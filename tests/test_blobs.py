@@ -191,9 +191,86 @@ def test_an_object_is_written_whole_however_short_the_kernels_writes(tmp_path, m
     assert len(calls) == -(-len(want) // 7) and max(calls) <= 16
 
 
+def test_a_process_killed_mid_write_leaves_no_object_file(tmp_path):
+    """An object is written unnamed (O_TMPFILE) and linked in whole: a process killed
+    in the middle of writing one leaves no file behind, neither a torn object nor a
+    temp file that nobody deletes."""
+    if not BlobStore(str(tmp_path / "probe"))._unnamed:
+        pytest.skip("no O_TMPFILE on this platform")
+    script = textwrap.dedent(f"""
+        import os, signal
+        from otel_flashinfer.blobs import store as store_mod
+        real = store_mod.write_all
+
+        def write_then_die(fd, parts, deadline=None):
+            real(fd, parts[:1])
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        store_mod.write_all = write_then_die
+        store = store_mod.BlobStore({str(tmp_path / "s")!r})
+        store.put_content([b"a" * 4096, b"b" * 4096], "safetensors")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert (tmp_path / "s" / "objects").is_dir()  # it got as far as the object's folder
+    assert [p for p in (tmp_path / "s" / "objects").rglob("*") if p.is_file()] == []
+
+
+def test_a_new_manifest_is_linked_in_and_an_existing_one_replaced(tmp_path, monkeypatch):
+    """A manifest the writer has not written before is linked in without a rename; one
+    that is there after all (a CRASH_SAFE pending manifest) is replaced, not kept."""
+    store = BlobStore(str(tmp_path / "s"))
+    renamed = []
+    real = os.replace
+    monkeypatch.setattr(store_mod.os, "replace", lambda a, b: (renamed.append(b), real(a, b)))
+    store.put_manifest("traces/ab/1.json", b'{"status": "ok"}', new=True)
+    assert (tmp_path / "s" / "traces" / "ab" / "1.json").read_bytes() == b'{"status": "ok"}'
+    assert renamed == ([] if store._unnamed else [str(tmp_path / "s/traces/ab/1.json")])
+    store.put_manifest("traces/ab/1.json", b'{"status": "crashed"}', new=True)
+    assert (tmp_path / "s/traces/ab/1.json").read_bytes() == b'{"status": "crashed"}'
+    store.put_manifest("traces/ab/1.json", b'{"status": "x"}')
+    assert (tmp_path / "s/traces/ab/1.json").read_bytes() == b'{"status": "x"}'
+    assert sorted(p.name for p in (tmp_path / "s/traces/ab").iterdir()) == ["1.json"]
+
+
+@pytest.mark.parametrize("refuse", ["open", "link"])
+def test_a_filesystem_without_unnamed_files_writes_temp_files_instead(tmp_path, monkeypatch,
+                                                                       refuse):
+    """Where O_TMPFILE is refused (a filesystem without it) or the link through /proc
+    is (no /proc mounted), objects are written to a temp file and renamed, and the
+    store stops trying after the first refusal."""
+    tried = []
+    real_open, real_link = os.open, os.link
+    o_tmpfile = getattr(os, "O_TMPFILE", 0)
+
+    def no_unnamed(path, flags, *args, **kwargs):
+        if o_tmpfile and flags & o_tmpfile == o_tmpfile:
+            tried.append(path)
+            if refuse == "open":
+                raise OSError(errno.EOPNOTSUPP, "not here")
+        return real_open(path, flags, *args, **kwargs)
+
+    def no_proc(src, dst, **kwargs):
+        if src.startswith("/proc/self/fd/"):
+            raise FileNotFoundError(errno.ENOENT, "no /proc", src)
+        return real_link(src, dst, **kwargs)
+
+    monkeypatch.setattr(store_mod.os, "open", no_unnamed)
+    monkeypatch.setattr(store_mod.os, "link", no_proc)
+    store = BlobStore(str(tmp_path / "s"))
+    for data in (b"a" * 100, b"b" * 100):
+        _, key, new = store.put_content(data, "safetensors")
+        assert new == 100 and (tmp_path / "s" / key).read_bytes() == data
+    assert len(tried) == (1 if o_tmpfile else 0) and not store._unnamed
+    files = [p.name for p in (tmp_path / "s" / "objects").rglob("*") if p.is_file()]
+    assert sorted(files) == sorted(f"{hashlib.sha256(d).hexdigest()}.safetensors"
+                                   for d in (b"a" * 100, b"b" * 100))
+
+
 @pytest.mark.parametrize("crash_safe", [False, True])
 def test_files_are_fsynced_only_when_crash_safe(tmp_path, monkeypatch, crash_safe):
-    """Objects and manifests are renamed into place whole (no reader and no crash of the
+    """Objects and manifests are put into place whole (no reader and no crash of the
     process sees one torn); fsynced first only with CRASH_SAFE, which is for crashes
     that may take the machine: an fsync per new object and per manifest held the
     writers under a decode loop's rate, and calls past the staging budget were lost."""
@@ -213,7 +290,11 @@ def test_files_are_fsynced_only_when_crash_safe(tmp_path, monkeypatch, crash_saf
     manifests = [p for p in synced if p.startswith(str(tmp_path / cap.manifest_key))]
     if crash_safe:  # x, y and the result once each; the pending manifest and the final
         assert len(objects) == 3 and len(manifests) == 2
-        assert all(".tmp-" in p for p in objects + manifests)  # before the rename
+        # before they got their names: objects unnamed (O_TMPFILE) where the filesystem
+        # has it, else temp files renamed after; manifests are replaced by a rename
+        unnamed = rec.store._unnamed
+        assert all(p.endswith(" (deleted)") if unnamed else ".tmp-" in p for p in objects)
+        assert all(".tmp-" in p for p in manifests)
     else:
         assert synced == []
     m = manifest.parse((tmp_path / cap.manifest_key).read_bytes(), "m")

@@ -962,7 +962,9 @@ class BlobRecorder:
     def _write(self, cap: CallCapture) -> None:
         for held in cap.held:
             cap.written_bytes += self._store_held(held)
-        _store_call(self.store.put_manifest, cap.manifest_key, manifest.dumps(cap.meta))
+        # CRASH_SAFE wrote a pending manifest under this key before the call
+        _store_call(self.store.put_manifest, cap.manifest_key, manifest.dumps(cap.meta),
+                    not self.crash_safe)
         self._note(cap)
         self._release_held(cap)
         self.store.budget.release(0, max(0, cap.reserved_bytes - cap.written_bytes))

@@ -1,17 +1,19 @@
 """A content-addressed store over fsspec, with budgets shared across processes.
 
-Objects are written only if absent and atomically (local: a temp name, renamed;
-object stores: one PUT, which is atomic); manifests the same way.  A renamed file is
-whole or absent for every reader and across a crash of the process (the page cache
-keeps it), which is what a flight recorder for CUDA errors and killed engines needs;
-``durable`` (``CRASH_SAFE``) also fsyncs each file before its rename, for crashes that
-take the machine.  By default nothing is fsynced: on the device an fsync per new object
-and per manifest held the writers back to fewer calls a second than a decode loop
-makes, and the calls past the staging budget were skipped.  Callers write a manifest only
-after every object it names is in place, so a manifest never points at a missing
-or truncated object.  Several writer threads may store the same object at once:
-the rename is checked under a lock, so one copy lands, the others are discarded
-and only the first counts as newly written.
+Objects are written only if absent and atomically (local: an unnamed file, linked in
+whole, where the filesystem has ``O_TMPFILE``, else a temp name, renamed; object stores:
+one PUT, which is atomic); manifests the same way (one that replaces another: a temp
+name, renamed).  A file put in place so is whole or absent for every reader and across a
+crash of the process (the page cache keeps it), which is what a flight recorder for CUDA
+errors and killed engines needs; ``durable`` (``CRASH_SAFE``) also fsyncs each file
+before it gets its name, for crashes that take the machine.  By default nothing is
+fsynced: on the device an fsync per new object and per manifest held the writers back
+to fewer calls a second than a decode loop makes, and the calls past the staging budget
+were skipped.  Callers write a manifest only after every object it names is in place,
+so a manifest never points at a missing or truncated object.  Several writer threads
+may store the same object at once: a link fails on an existing name (a rename is
+checked under a lock), so one copy lands, the others are discarded and only the first
+counts as newly written.
 
 ``put_content`` names an object by its sha256, hashed before writing so that a
 duplicate costs no write (hashing while writing, in chunks, measured no faster
@@ -401,7 +403,7 @@ class BlobStore:
         offload: bool = False,
     ) -> None:
         self.url = url
-        #: fsync objects and manifests before they are renamed into place (CRASH_SAFE).
+        #: fsync objects and manifests before they get their names (CRASH_SAFE).
         self.durable = durable
         try:
             self.fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
@@ -415,6 +417,9 @@ class BlobStore:
         #: again on the first write that misses it.
         self._dirs: set[str] = set()
         self._land_lock = threading.Lock()  # exists-check + rename of one object
+        #: Local objects are written unnamed (``O_TMPFILE``) and linked into place where
+        #: the filesystem can (``_link_unnamed``); cleared at the first sign it cannot.
+        self._unnamed = bool(_O_TMPFILE) and self.local
         counter = os.path.join(self.root, layout.USAGE_DIR, "counter") if self.local else None
         self.budget = _Budget(max_count, max_bytes, counter)
         if check_writable:
@@ -586,13 +591,59 @@ class BlobStore:
             self._write_atomic(key, data)
             self._remember(key)
             return _nbytes(parts_of(data))
-        tmp = self._write_temp(self.path(key), parts_of(data))
+        parts = parts_of(data)
+        landed = self._link_unnamed(self.path(key), parts) if self._unnamed else None
+        if landed is not None:
+            self._remember(key)
+        else:
+            tmp = self._write_temp(self.path(key), parts)
+            try:
+                landed = self._land(tmp, key)
+            except BaseException:
+                _unlink_quietly(tmp)
+                raise
+        return _nbytes(parts) if landed else 0
+
+    def _link_unnamed(self, path: str, parts: list) -> bool | None:
+        """Write a file as an unnamed one in its folder (``O_TMPFILE``) and link it in
+        at ``path``: whether this call put it there (False: a file has that name already,
+        another writer's), or None where the filesystem cannot (then ``_unnamed`` is off
+        and the caller writes a temp file and renames it).  Against a temp file this
+        saves the rename, the temp name's entry and an object's exists-check under the
+        lock (10-20 us of CPU a file, ext4 and tmpfs), and a crash mid-write leaves no
+        file behind."""
+        folder = os.path.dirname(path)
         try:
-            landed = self._land(tmp, key)
-        except BaseException:
-            _unlink_quietly(tmp)
-            raise
-        return _nbytes(parts_of(data)) if landed else 0
+            fd = self._in_folder(path, lambda: os.open(folder, _UNNAMED_FLAGS, 0o666))
+        except OSError as exc:
+            if exc.errno not in _NO_UNNAMED:
+                raise
+            self._unnamed = False  # this filesystem has no O_TMPFILE
+            return None
+        try:
+            write_all(fd, parts)
+            if self.durable:
+                os.fsync(fd)
+            try:
+                # Any dir fd makes CPython call linkat() with AT_SYMLINK_FOLLOW, which the
+                # /proc link needs (plain link() would link the symlink itself); it is
+                # ignored for an absolute source path.
+                os.link(f"/proc/self/fd/{fd}", path, src_dir_fd=fd, follow_symlinks=True)
+            except FileExistsError:
+                landed = False
+            except OSError as exc:
+                if exc.errno not in _NO_LINK:
+                    raise
+                if exc.errno == errno.ENOENT and not os.path.isdir(folder):
+                    self._dirs.discard(folder)  # deleted under us: the temp file's
+                    return None                 # write makes it again
+                self._unnamed = False  # no /proc to link through
+                return None
+            else:
+                landed = True
+        finally:
+            _close_quietly(fd)
+        return landed
 
     def put_content(self, data: bytes | list, fmt: str) -> tuple[str, str, int]:
         """Store an object under its content address: (sha256 hex, key, bytes newly
@@ -605,8 +656,12 @@ class BlobStore:
         key = layout.object_key(digest, fmt)
         return digest, key, self.put_object(key, parts)
 
-    def put_manifest(self, key: str, data: bytes) -> None:
-        """Write (or replace) a manifest; call only after its objects are stored."""
+    def put_manifest(self, key: str, data: bytes, new: bool = False) -> None:
+        """Write (or replace) a manifest; call only after its objects are stored.
+        ``new``: the caller wrote none under this key before, so it is linked in without
+        a rename where it can be (one that is there after all is replaced)."""
+        if new and self._unnamed and self._link_unnamed(self.path(key), [data]) is True:
+            return
         self._write_atomic(key, data)
 
     # -- reading --------------------------------------------------------------------
@@ -660,6 +715,14 @@ def _unlink_quietly(path: str) -> None:
 
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+_O_TMPFILE = getattr(os, "O_TMPFILE", 0)  # Linux only
+_UNNAMED_FLAGS = _O_TMPFILE | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)
+#: What ``open(folder, O_TMPFILE)`` raises where the filesystem or kernel lacks it.
+_NO_UNNAMED = frozenset({errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOSYS})
+#: What linking through ``/proc/self/fd`` raises where it cannot (no /proc mounted; a
+#: filesystem that refuses links).
+_NO_LINK = frozenset({errno.ENOENT, errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP,
+                      errno.ENOTDIR, errno.EACCES})
 
 
 def _write_file(path: str, parts: list, sync: bool) -> None:
