@@ -6,9 +6,13 @@
 3. bytes stored per decode step on a large cache (``--cache-gb``, default 4) with 8
    sequences that each append one token: newly stored bytes against the changed
    pages plus q and output (the target), and against the cache size.
+4. a local store landing new objects: unnamed files linked in (O_TMPFILE) against a
+   temp file renamed into place, alternated in one process (the writing thread's CPU
+   in ``put_object`` only, hashing excluded: a part).
 
 Usage: python benchmarks/bench_blobs.py [--dir DIR] [--mb-per-tensor 4] [--tensors 64]
        [--steps 100] [--cache-gb 4] [--decode-steps 20] [--seq-pages 64]
+       [--land-objects 2000] [--only-land]
 """
 
 from __future__ import annotations
@@ -242,6 +246,40 @@ def bench_decode_steps(base: str, cache_gb: float, steps: int, seq_pages: int) -
               f"{cache_bytes / 1e9:.2f} GB cache")
 
 
+def bench_land(base: str, n: int, rounds: int = 4, size: int = 4096) -> None:
+    """Objects landed by ``BlobStore.put_object``: each way its own store, alternated;
+    keys spread over the 256 object folders as content addresses are."""
+    import hashlib
+
+    from otel_flashinfer.blobs import layout
+    from otel_flashinfer.blobs.store import BlobStore
+
+    per: dict[bool, list[float]] = {True: [], False: []}
+    for rnd in range(rounds):
+        for unnamed in (True, False):
+            folder = os.path.join(base, f"land-{rnd}-{int(unnamed)}")
+            store = BlobStore(folder)
+            if unnamed and not store._unnamed:
+                print("landing objects: this filesystem has no O_TMPFILE; skipped")
+                return
+            store._unnamed = unnamed
+            blobs = [os.urandom(16) + bytes(size - 16) for _ in range(n)]
+            keys = [layout.object_key(hashlib.sha256(b).hexdigest(), "safetensors")
+                    for b in blobs]
+            t0 = time.thread_time()
+            for key, data in zip(keys, blobs, strict=True):
+                store.put_object(key, [data])
+            per[unnamed].append((time.thread_time() - t0) / n * 1e6)
+            shutil.rmtree(folder, ignore_errors=True)
+    med = {k: sorted(v)[len(v) // 2] for k, v in per.items()}
+    print(f"landing {n} new {size}-byte objects a round, {rounds} rounds alternated "
+          "(the writing thread's CPU in put_object only, a part)")
+    for unnamed, label in ((True, "unnamed + link "), (False, "temp + rename  ")):
+        print(f"  {label}: " + ", ".join(f"{x:.1f}" for x in per[unnamed])
+              + f" us an object (median {med[unnamed]:.1f})")
+    print(f"  ratio unnamed / temp + rename: {med[True] / med[False]:.3f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", default=None)
@@ -252,9 +290,16 @@ def main() -> None:
                     help="KV cache size for the per-step measurement (0 skips it)")
     ap.add_argument("--decode-steps", type=int, default=20)
     ap.add_argument("--seq-pages", type=int, default=64)
+    ap.add_argument("--land-objects", type=int, default=2000,
+                    help="objects a round for the landing comparison (0 skips it)")
+    ap.add_argument("--only-land", action="store_true", help="only the landing comparison")
     a = ap.parse_args()
     base = tempfile.mkdtemp(dir=a.dir)
     try:
+        if a.land_objects > 0:
+            bench_land(base, a.land_objects)
+        if a.only_land:
+            return
         bench_write(base, a.tensors, a.mb_per_tensor)
         bench_paged(base, a.steps)
         if a.cache_gb > 0:
