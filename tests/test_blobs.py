@@ -1099,6 +1099,45 @@ def test_level10_payloads_written_and_skipped_show_in_counters(spans, tmp_path):
     assert got["blob.skipped.filtered"] == 1 and "blob.manifests" not in got
 
 
+def test_once_the_count_is_spent_calls_skip_before_describing_their_arguments(
+        spans, tmp_path, monkeypatch):
+    """Past BLOB_MAX_COUNT (1,000 calls by default, reached within seconds by a decode
+    loop) every call is skipped: it is told so before its arguments are bound and
+    described, which had cost each call more than its level-5 statistics.  The spans
+    still say why, and a call is kept again once budget comes back."""
+    import otel_flashinfer
+    from otel_flashinfer.blobs import capture as capture_mod
+
+    described = []
+    real = capture_mod._arguments
+    monkeypatch.setattr(capture_mod, "_arguments",
+                        lambda bound: (described.append(1), real(bound))[1])
+    otel_flashinfer.instrument(level=10, blob_url=str(tmp_path / "s"), journal_dir="",
+                               blob_max_count=2)
+    f = otel_flashinfer.traced(lambda x: x, name="f")
+    t0 = time.monotonic()
+    for i in range(40):
+        f(torch.full((3,), float(i)))
+    looks = 1 + int((time.monotonic() - t0) / store_mod._FRESH_S)
+    assert otel_flashinfer.flush(10)
+    got = otel_flashinfer.counters()
+    assert got["blob.manifests"] == 2 and got["blob.skipped.max_count"] == 38
+    # the two kept, then a refusal after describing them once a _FRESH_S at most
+    assert len(described) <= 2 + looks < 40, (len(described), looks)
+    finished = spans.by_name("f")
+    assert [s.attributes.get("flashinfer.blob.skipped") for s in finished] == \
+        [None, None] + ["max_count"] * 38
+    assert all("flashinfer.blob.manifest" in s.attributes for s in finished[:2])
+    from otel_flashinfer import runtime
+
+    runtime.current().blobs.store.budget.release(1, 0)  # a write that failed, say
+    time.sleep(0.15)  # past the refusal's _FRESH_S
+    f(torch.full((3,), 99.0))
+    assert otel_flashinfer.flush(10)
+    got = otel_flashinfer.counters()
+    assert got["blob.manifests"] == 3 and got["blob.skipped.max_count"] == 38
+
+
 def test_blob_url_of_a_missing_fsspec_package_names_the_variable(tmp_path):
     """gs:// is a protocol fsspec knows, but gcsfs is not installed: instrument() says
     which variable and which package, instead of a traceback at the first blob."""

@@ -198,6 +198,45 @@ class _LastPages:
 _LAST_PAGES_MAX = 512
 
 
+class SkippedCall:
+    """A call whose payload is not kept, one object per reason for every such call, which
+    is also its span's ``Pending``: a skipped call allocates nothing (a ``CallCapture``
+    cost an Event, a lock and a pending object), and once ``BLOB_MAX_COUNT`` is reached,
+    or for every call a filter leaves out, skipping is the usual case."""
+
+    __slots__ = ("skipped",)
+    meta = manifest_key = manifest_url = outputs_skipped = None
+
+    def __init__(self, reason: str) -> None:
+        self.skipped = reason
+
+    def after(self, result: Any, error: BaseException | None) -> None:
+        """Nothing to capture."""
+
+    def pending(self, record: Any) -> SkippedCall:
+        return self
+
+    def ready(self) -> bool:
+        return True
+
+    def apply(self, record: Any) -> None:
+        record.attributes["flashinfer.blob.skipped"] = self.skipped
+
+    def abandon(self, record: Any, reason: str) -> None:
+        self.apply(record)
+
+
+_SKIPPED: dict[str, SkippedCall] = {}
+
+
+def skipped(reason: str) -> SkippedCall:
+    """The ``SkippedCall`` of ``reason``."""
+    call = _SKIPPED.get(reason)
+    if call is None:
+        call = _SKIPPED.setdefault(reason, SkippedCall(reason))
+    return call
+
+
 class CallCapture:
     """One call's payload on its way to the store."""
 
@@ -412,7 +451,7 @@ class BlobRecorder:
         parent_span_id: int | None,
         start_ns: int,
         bound_args: inspect.BoundArguments | dict[str, Any],
-    ) -> CallCapture:
+    ) -> CallCapture | SkippedCall:
         """Copy the inputs of a call about to run; never raises."""
         try:
             return self._before(api, module, qualname, instance_id, trace_id, span_id,
@@ -420,18 +459,18 @@ class BlobRecorder:
         except Exception:  # noqa: BLE001 - never break the observed program
             self._internal_error("before")
             self.counters["skipped.error"] += 1
-            return CallCapture(self, None, "error")
+            return skipped("error")
 
     def _before(self, api, module, qualname, instance_id, trace_id, span_id, parent_span_id,
-                start_ns, bound_args) -> CallCapture:
+                start_ns, bound_args) -> CallCapture | SkippedCall:
         if os.getpid() != self._pid:
             self._init_process_state()
         if len(self._queue) >= self.queue_max:
             self.counters["skipped.queue_full"] += 1
-            return CallCapture(self, None, "queue_full")
+            return skipped("queue_full")
         if self.breaker.refuses(time.monotonic()):
             self._count("skipped.store_down")
-            return CallCapture(self, None, "store_down")
+            return skipped("store_down")
         args, obj = _arguments(bound_args)
         meta = {
             "schema": manifest.SCHEMA, "api": api, "module": module, "qualname": qualname,
@@ -452,15 +491,12 @@ class BlobRecorder:
             entries.append({"name": name, "kind": kind,
                             "value": manifest.plain_value(value, ref)})
         meta["args"] = entries
-        cap = CallCapture(self, meta, None)
         nbytes = sum(_estimate(src, paged_info) for _, (src, paged_info) in pending)
         reason = self.store.budget.reserve(1, nbytes)
         if reason is not None:
             self.counters[f"skipped.{reason}"] += 1
-            cap.skipped = reason
-            cap.meta = None
-            cap.done.set()
-            return cap
+            return skipped(reason)
+        cap = CallCapture(self, meta, None)
         cap.reserved_bytes = nbytes
         try:
             self._copy_all(cap, pending)

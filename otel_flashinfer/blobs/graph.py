@@ -39,6 +39,7 @@ from .capture import (
     _arguments,
     _Held,
     _paged_plan,
+    skipped,
 )
 
 
@@ -161,20 +162,20 @@ class GraphBlobCall:
         except Exception as exc:  # noqa: BLE001 - never break the observed program
             health.report("blob_errors", "graph blob snapshot failed", exc)
             rec.counters["skipped.error"] += 1
-            return CallCapture(rec, None, "error").pending(child)
+            return skipped("error")
 
-    def _skip(self, child: Any, reason: str) -> Any:
+    def _skip(self, reason: str) -> Any:
         self.recorder.counters[f"skipped.{reason}"] += 1
-        return CallCapture(self.recorder, None, reason).pending(child)
+        return skipped(reason)
 
     def _on_replay(self, stream: Any, child: Any) -> Any:
         rec = self.recorder
         if self.skipped is not None:
-            return self._skip(child, self.skipped)
+            return self._skip(self.skipped)
         if os.getpid() != rec._pid:
             rec._init_process_state()
         if len(rec._queue) >= rec.queue_max:
-            return self._skip(child, "queue_full")
+            return self._skip("queue_full")
         meta = copy.deepcopy(self.template)
         parent = child.parent_span_id
         meta.update(
@@ -192,7 +193,7 @@ class GraphBlobCall:
         nbytes = sum(s.dev.numel() * s.dev.element_size() for s in slots)
         reason = rec.store.budget.reserve(1, nbytes)
         if reason is not None:
-            return self._skip(child, reason)
+            return self._skip(reason)
         cap = CallCapture(rec, meta, None)
         cap.reserved_bytes = nbytes
         copies: list[tuple[torch.Tensor, torch.Tensor]] = []

@@ -29,7 +29,7 @@ from ..config import Settings
 from ..filters import BlobFilter
 from ..pipeline import CallRecord
 from . import graph as _graph
-from .capture import BlobRecorder, CallCapture
+from .capture import BlobRecorder, skipped
 
 
 def _capturing_unseen() -> bool:
@@ -50,7 +50,14 @@ def make_hooks(settings: Settings, recorder: BlobRecorder) -> tuple[Any, Any]:
         is_plan = plan.is_plan
         if not keep and not is_plan:
             recorder.counters["skipped.filtered"] += 1
-            return CallCapture(recorder, None, "filtered")
+            return skipped("filtered")
+        if not is_plan and recorder.store.budget.count_spent() and \
+                graphs.capture_state() is None:
+            # BLOB_MAX_COUNT reached (1,000 calls by default, soon in a decode loop):
+            # skipped before binding and describing the arguments, which cost a call
+            # 100-150 us only to be refused by the budget
+            recorder.counters["skipped.max_count"] += 1
+            return skipped("max_count")
         signature = plan.signature
         bound: inspect.BoundArguments | dict[str, Any]
         try:
@@ -60,19 +67,19 @@ def make_hooks(settings: Settings, recorder: BlobRecorder) -> tuple[Any, Any]:
             # Arguments the API refuses: the call raises the user's own error; its span
             # records that, without a payload (not an internal error of ours).
             recorder.counters["skipped.bad_arguments"] += 1
-            return CallCapture(recorder, None, "bad_arguments")
+            return skipped("bad_arguments")
         instance_id = record.instance_id()
         if is_plan:  # its runs gather pages by its count, whatever becomes of its payload
             recorder.note_plan(instance_id, bound)
         if not keep:
             recorder.counters["skipped.filtered"] += 1
-            return CallCapture(recorder, None, "filtered")
+            return skipped("filtered")
         if graphs.capture_state() is not None:
             return _graph.capture_inputs(recorder, record.name, plan.module, plan.qualname,
                                          instance_id, bound)
         if _capturing_unseen():
             recorder.counters["skipped.capturing"] += 1
-            return CallCapture(recorder, None, "capturing")
+            return skipped("capturing")
         return recorder.before(
             record.name, plan.module, plan.qualname, instance_id, record.trace_id,
             record.span_id, record.parent_span_id, time_ns(), bound,

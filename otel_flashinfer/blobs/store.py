@@ -211,6 +211,13 @@ class _Lease:
                 self._busy_at = time.monotonic()
             return reason
 
+    def count_spent(self, max_count: int) -> bool:
+        """Whether a call would surely be refused by the count now: no lease left and the
+        file's count at the limit at a look within ``_FRESH_S`` (read without the lock:
+        a call that races a change is one payload either way)."""
+        return (self.calls == 0 and self._seen[0] >= max_count
+                and time.monotonic() - self._seen_at < _FRESH_S)
+
     def release(self, calls: int, nbytes: int, max_count: int, max_bytes: int,
                 settle: bool = True) -> None:
         """Credit the lease.  With ``settle`` (a writer thread), also look at the file when
@@ -361,6 +368,14 @@ class _Budget:
         if self._lease is None:
             return self._update(calls, nbytes, check=True)
         return self._lease.reserve(calls, nbytes, self.max_count, self.max_bytes)
+
+    def count_spent(self) -> bool:
+        """Whether the next call would surely be refused by ``max_count`` (cheap, no lock,
+        no file: a traced call asks it before it describes its arguments; once the
+        budget is spent the file is looked at again every ``_FRESH_S``)."""
+        if self._lease is None:
+            return self._count >= self.max_count
+        return self._lease.count_spent(self.max_count)
 
     def release(self, calls: int, nbytes: int, settle: bool = True) -> None:
         """Give back what a reservation did not use; ``settle=False`` on a traced call's
