@@ -234,12 +234,12 @@ def test_a_new_manifest_is_linked_in_and_an_existing_one_replaced(tmp_path, monk
     assert sorted(p.name for p in (tmp_path / "s/traces/ab").iterdir()) == ["1.json"]
 
 
-@pytest.mark.parametrize("refuse", ["open", "link"])
+@pytest.mark.parametrize("refuse", ["open", "link", "sandbox"])
 def test_a_filesystem_without_unnamed_files_writes_temp_files_instead(tmp_path, monkeypatch,
                                                                        refuse):
     """Where O_TMPFILE is refused (a filesystem without it) or the link through /proc
-    is (no /proc mounted), objects are written to a temp file and renamed, and the
-    store stops trying after the first refusal."""
+    is (no /proc mounted; a sandboxed kernel's own error), objects are written to a temp
+    file and renamed, and the store stops trying after the first refusal."""
     tried = []
     real_open, real_link = os.open, os.link
     o_tmpfile = getattr(os, "O_TMPFILE", 0)
@@ -253,6 +253,8 @@ def test_a_filesystem_without_unnamed_files_writes_temp_files_instead(tmp_path, 
 
     def no_proc(src, dst, **kwargs):
         if src.startswith("/proc/self/fd/"):
+            if refuse == "sandbox":
+                raise OSError(errno.EINVAL, "refused", src)
             raise FileNotFoundError(errno.ENOENT, "no /proc", src)
         return real_link(src, dst, **kwargs)
 
@@ -266,6 +268,38 @@ def test_a_filesystem_without_unnamed_files_writes_temp_files_instead(tmp_path, 
     files = [p.name for p in (tmp_path / "s" / "objects").rglob("*") if p.is_file()]
     assert sorted(files) == sorted(f"{hashlib.sha256(d).hexdigest()}.safetensors"
                                    for d in (b"a" * 100, b"b" * 100))
+
+
+def test_an_object_name_taken_by_a_dangling_link_is_replaced(tmp_path):
+    """A name taken by something other than a file (a dangling symlink) does not count
+    as the object stored: it is replaced, and the object reads back."""
+    store = BlobStore(str(tmp_path / "s"))
+    data = b"z" * 100
+    key = layout.object_key(hashlib.sha256(data).hexdigest(), "safetensors")
+    path = tmp_path / "s" / key
+    path.parent.mkdir(parents=True)
+    path.symlink_to(tmp_path / "nowhere")
+    assert store.put_content(data, "safetensors") == (hashlib.sha256(data).hexdigest(), key,
+                                                      100)
+    assert not path.is_symlink() and path.read_bytes() == data
+
+
+def test_the_count_is_seen_spent_without_a_look_and_free_again_after_a_release(tmp_path):
+    """``count_spent``, asked by every level-10 call before it describes its arguments:
+    true only while a call would surely be refused by the count, in memory (remote
+    stores) and with the shared counter file (local ones)."""
+    memory = store_mod._Budget(2, 10**9, None)
+    assert not memory.count_spent()
+    assert memory.reserve(1, 10) is None and memory.reserve(1, 10) is None
+    assert memory.count_spent() and memory.reserve(1, 10) == "max_count"
+    memory.release(1, 10)
+    assert not memory.count_spent() and memory.reserve(1, 10) is None
+    shared = store_mod._Budget(2, 10**9, str(tmp_path / "counter"))
+    assert shared.reserve(1, 10) is None and shared.reserve(1, 10) is None
+    assert shared.reserve(1, 10) == "max_count" and shared.count_spent()
+    shared.release(1, 10)
+    assert not shared.count_spent() and shared.reserve(1, 10) is None
+    shared.close()
 
 
 @pytest.mark.parametrize("crash_safe", [False, True])
@@ -1124,7 +1158,8 @@ def test_once_the_count_is_spent_calls_skip_before_describing_their_arguments(
     assert got["blob.manifests"] == 2 and got["blob.skipped.max_count"] == 38
     # the two kept, then a refusal after describing them once a _FRESH_S at most
     assert len(described) <= 2 + looks < 40, (len(described), looks)
-    finished = spans.by_name("f")
+    # kept spans wait for their manifests, skipped ones do not: in call order
+    finished = sorted(spans.by_name("f"), key=lambda s: s.start_time)
     assert [s.attributes.get("flashinfer.blob.skipped") for s in finished] == \
         [None, None] + ["max_count"] * 38
     assert all("flashinfer.blob.manifest" in s.attributes for s in finished[:2])

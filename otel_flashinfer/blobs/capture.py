@@ -10,9 +10,11 @@ The span wrapper calls, per traced call::
 ``before`` copies the inputs (CPU tensors: ``clone``; CUDA tensors: an async
 device-to-host copy into a pinned staging buffer plus an event, no host sync)
 and returns a ``CallCapture`` whose ``manifest_url`` is known at once, or whose
-``skipped`` says why nothing is kept (``max_count``, ``max_bytes``,
-``staging_full``, ``queue_full``, ``store_down``: writes failing, see
-``StoreBreaker``, ``error``; ``write_failed`` can appear later).
+``skipped`` says why nothing is kept (``max_count``, ``max_bytes``, ``staging_full``,
+``queue_full``, ``store_down``: writes failing, see ``StoreBreaker``, ``error``;
+``write_failed`` can appear later); a call skipped before anything is copied gets the
+reason's shared ``SkippedCall`` instead.  Once ``max_count`` is spent, a call is
+skipped as such before any other check.
 ``after`` copies the outputs the same way and hands the call to the writer
 threads (``writers``, default 2: while one hashes or copies, another waits on
 fsync), which wait for the copies, encode, hash, store objects and write the

@@ -622,18 +622,19 @@ class BlobStore:
     def _link_unnamed(self, path: str, parts: list) -> bool | None:
         """Write a file as an unnamed one in its folder (``O_TMPFILE``) and link it in
         at ``path``: whether this call put it there (False: a file has that name already,
-        another writer's), or None where the filesystem cannot (then ``_unnamed`` is off
-        and the caller writes a temp file and renames it).  Against a temp file this
-        saves the rename, the temp name's entry and an object's exists-check under the
-        lock (10-20 us of CPU a file, ext4 and tmpfs), and a crash mid-write leaves no
-        file behind."""
+        another writer's), or None when the caller is to write a temp file and rename
+        it instead: where the filesystem or the kernel refuses (then ``_unnamed`` is off
+        for good), and for a name taken by something other than a file.  Against a temp
+        file this saves the rename, the temp name's entry and an object's exists-check
+        under the lock (10-20 us of CPU a file, ext4 and tmpfs), and a crash mid-write
+        leaves no file behind."""
         folder = os.path.dirname(path)
         try:
             fd = self._in_folder(path, lambda: os.open(folder, _UNNAMED_FLAGS, 0o666))
         except OSError as exc:
-            if exc.errno not in _NO_UNNAMED:
+            if exc.errno in _STORE_ERRNOS:
                 raise
-            self._unnamed = False  # this filesystem has no O_TMPFILE
+            self._unnamed = False  # no O_TMPFILE here (or a sandbox that refuses it)
             return None
         try:
             write_all(fd, parts)
@@ -645,14 +646,16 @@ class BlobStore:
                 # ignored for an absolute source path.
                 os.link(f"/proc/self/fd/{fd}", path, src_dir_fd=fd, follow_symlinks=True)
             except FileExistsError:
+                if not _is_file(path):
+                    return None  # a dangling link, say: the rename replaces it
                 landed = False
             except OSError as exc:
-                if exc.errno not in _NO_LINK:
+                if exc.errno in _STORE_ERRNOS:
                     raise
                 if exc.errno == errno.ENOENT and not os.path.isdir(folder):
                     self._dirs.discard(folder)  # deleted under us: the temp file's
                     return None                 # write makes it again
-                self._unnamed = False  # no /proc to link through
+                self._unnamed = False  # no /proc to link through, or links refused
                 return None
             else:
                 landed = True
@@ -732,12 +735,17 @@ def _unlink_quietly(path: str) -> None:
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
 _O_TMPFILE = getattr(os, "O_TMPFILE", 0)  # Linux only
 _UNNAMED_FLAGS = _O_TMPFILE | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)
-#: What ``open(folder, O_TMPFILE)`` raises where the filesystem or kernel lacks it.
-_NO_UNNAMED = frozenset({errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOSYS})
-#: What linking through ``/proc/self/fd`` raises where it cannot (no /proc mounted; a
-#: filesystem that refuses links).
-_NO_LINK = frozenset({errno.ENOENT, errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP,
-                      errno.ENOTDIR, errno.EACCES})
+#: Errors of the store itself, which a temp file would meet too: raised.  Any other error
+#: of the unnamed file or its link (no O_TMPFILE: EOPNOTSUPP, EISDIR; no /proc: ENOENT;
+#: a sandboxed kernel's EINVAL, EPERM...) turns unnamed files off.
+_STORE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS})
+
+
+def _is_file(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _write_file(path: str, parts: list, sync: bool) -> None:
