@@ -372,6 +372,9 @@ class BlobRecorder:
         if self._pid != os.getpid():
             self.store.after_fork()
         self.staging = StagingPool(self._staging_bytes)
+        #: Staging bytes each API's last kept call took for its inputs: a call finds
+        #: staging too full for that before it describes its arguments.
+        self._staged_need: dict[str, int] = {}
         #: Device bytes of gathered pages waiting for the writer (``_Held.dev``): past
         #: it, a call's pages are copied to the host whole, as without fingerprints.
         self.device_hold = StagingPool(self._device_hold_bytes)
@@ -473,6 +476,13 @@ class BlobRecorder:
         if self.breaker.refuses(time.monotonic()):
             self._count("skipped.store_down")
             return skipped("store_down")
+        need = self._staged_need.get(api)
+        if need is not None and self.staging.max_bytes - self.staging.used < need:
+            # The writers are behind: skipped before describing and copying what would
+            # not fit (the API's last kept call took ``need``; one that shrank since is
+            # skipped too, while staging is this full).
+            self._count("skipped.staging_full")
+            return skipped("staging_full")
         args, obj = _arguments(bound_args)
         meta = {
             "schema": manifest.SCHEMA, "api": api, "module": module, "qualname": qualname,
@@ -509,6 +519,7 @@ class BlobRecorder:
             self._internal_error("copy")
             self._drop(cap, "error")  # gives its reservation back
             return cap
+        self._staged_need[api] = sum(_staged_bytes(held) for held in cap.held)
         self._inflight[id(cap)] = cap
         if self.crash_safe:
             self._write_now(cap)
@@ -1062,6 +1073,11 @@ def _store_call(fn: Any, *args: Any) -> Any:
         return fn(*args)
     except Exception as exc:
         raise StoreFailed(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _staged_bytes(held: _Held) -> int:
+    """Staging bytes ``held`` holds (pinned buffers are counted by their size class)."""
+    return held.plain_bytes + sum(buf.numel() for buf in held.pinned)
 
 
 def _host_view(buf: torch.Tensor, nbytes: int, dtype: torch.dtype, shape: Any) -> torch.Tensor:
