@@ -509,31 +509,40 @@ def test_while_staging_is_too_full_calls_skip_before_describing_their_arguments(
         tmp_path, monkeypatch):
     """With the writers behind (here: one blocked on the store), a call that would not
     fit is skipped as ``staging_full`` before its arguments are described and copied,
-    judged by what the API's last kept call took; once the writer catches up, calls
-    are kept again."""
+    judged by what the API's last kept call took; one call tries all the same every
+    STAGING_PROBE_S, so smaller calls that fit are kept again; once the writer catches
+    up, so is every call."""
     from otel_flashinfer.blobs import capture as capture_mod
 
     described = []
     real = capture_mod._arguments
     monkeypatch.setattr(capture_mod, "_arguments",
                         lambda bound: (described.append(1), real(bound))[1])
+    monkeypatch.setattr(capture_mod, "STAGING_PROBE_S", 3600.0)  # no probe until said
     rec = BlobRecorder(settings(tmp_path), staging_mb=0.06, install_handlers=False)
     gate = threading.Event()
     real_put = rec.store.put_content
     monkeypatch.setattr(rec.store, "put_content",
                         lambda *a: (gate.wait(30), real_put(*a))[1])
-    first = record(rec, add, 7, 1, torch.ones(10_000), 1.0)  # 40 KB of a 61 KB staging
-    assert first.skipped is None
-    later = [record(rec, add, 7, 2 + i, torch.full((10_000,), float(i)), 1.0)
-             for i in range(20)]
-    assert {c.skipped for c in later} == {"staging_full"}
-    assert len(described) == 1  # the first call's arguments only
-    assert rec.counters["skipped.staging_full"] == 20
-    gate.set()
+    try:
+        first = record(rec, add, 7, 1, torch.ones(10_000), 1.0)  # 40 KB of a 61 KB staging
+        assert first.skipped is None
+        later = [record(rec, add, 7, 2 + i, torch.full((10_000,), float(i)), 1.0)
+                 for i in range(20)]
+        assert {c.skipped for c in later} == {"staging_full"}
+        small = record(rec, add, 7, 50, torch.ones(100), 1.0)  # 400 bytes would fit
+        assert small.skipped == "staging_full"
+        assert len(described) == 1  # the first call's arguments only
+        assert rec.counters["skipped.staging_full"] == 21
+        monkeypatch.setattr(capture_mod, "STAGING_PROBE_S", 0.0)  # the probe's turn
+        small = record(rec, add, 7, 51, torch.ones(100), 1.0)
+        assert small.skipped is None and len(described) == 2
+    finally:
+        gate.set()
     assert rec.flush(10)
     kept = record(rec, add, 7, 99, torch.full((10_000,), 5.0), 1.0)
     assert kept.skipped is None and rec.flush(10)
-    assert rec.counters["manifests"] == 2
+    assert rec.counters["manifests"] == 3
     rec.shutdown(5)
 
 

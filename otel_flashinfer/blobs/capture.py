@@ -67,6 +67,8 @@ from .store import BlobStore
 log = logging.getLogger(__name__)
 
 PAGED_ARG_NAMES = ("paged_kv_cache",)
+#: While staging looks too full for an API's calls, one of them still tries this often.
+STAGING_PROBE_S = 0.005
 #: A remote store's writes go through the upload helper process (``uploader``); off
 #: only to measure what that saves (``benchmarks/bench_s3_store.py``).
 OFFLOAD_REMOTE_WRITES = True
@@ -372,9 +374,10 @@ class BlobRecorder:
         if self._pid != os.getpid():
             self.store.after_fork()
         self.staging = StagingPool(self._staging_bytes)
-        #: Staging bytes each API's last kept call took for its inputs: a call finds
-        #: staging too full for that before it describes its arguments.
-        self._staged_need: dict[str, int] = {}
+        #: Per API: the staging bytes its last kept call took for its inputs, and when
+        #: a call last tried: a call finds staging too full before it describes its
+        #: arguments.
+        self._staged_need: dict[str, tuple[int, float]] = {}
         #: Device bytes of gathered pages waiting for the writer (``_Held.dev``): past
         #: it, a call's pages are copied to the host whole, as without fingerprints.
         self.device_hold = StagingPool(self._device_hold_bytes)
@@ -476,13 +479,18 @@ class BlobRecorder:
         if self.breaker.refuses(time.monotonic()):
             self._count("skipped.store_down")
             return skipped("store_down")
-        need = self._staged_need.get(api)
-        if need is not None and self.staging.max_bytes - self.staging.used < need:
+        seen = self._staged_need.get(api)
+        if seen is not None:
             # The writers are behind: skipped before describing and copying what would
-            # not fit (the API's last kept call took ``need``; one that shrank since is
-            # skipped too, while staging is this full).
-            self._count("skipped.staging_full")
-            return skipped("staging_full")
+            # not fit, judged by what the API's last kept call staged.  A call is let
+            # through to try every STAGING_PROBE_S all the same: this API's calls may
+            # have shrunk since (another shape, pages held on the device again).
+            now = time.monotonic()
+            if self.staging.max_bytes - self.staging.used < seen[0] and \
+                    now - seen[1] < STAGING_PROBE_S:
+                self._count("skipped.staging_full")
+                return skipped("staging_full")
+            self._staged_need[api] = (seen[0], now)
         args, obj = _arguments(bound_args)
         meta = {
             "schema": manifest.SCHEMA, "api": api, "module": module, "qualname": qualname,
@@ -519,7 +527,8 @@ class BlobRecorder:
             self._internal_error("copy")
             self._drop(cap, "error")  # gives its reservation back
             return cap
-        self._staged_need[api] = sum(_staged_bytes(held) for held in cap.held)
+        self._staged_need[api] = (sum(_staged_bytes(held) for held in cap.held),
+                                  time.monotonic())
         self._inflight[id(cap)] = cap
         if self.crash_safe:
             self._write_now(cap)
