@@ -356,7 +356,7 @@ def test_a_dropped_call_s_pinned_buffers_go_back_only_after_its_copies(tmp_path)
 
     from otel_flashinfer.blobs.capture import CallCapture, _Held
 
-    cap = CallCapture(rec, None, None)
+    cap = CallCapture(rec, None)
     held = _Held({"t": "tensor"})
     bufs = [torch.empty(16, dtype=torch.uint8), torch.empty(16, dtype=torch.uint8)]
     held.pinned, held.event = list(bufs), Copies()

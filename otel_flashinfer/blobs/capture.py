@@ -244,10 +244,12 @@ def skipped(reason: str) -> SkippedCall:
 class CallCapture:
     """One call's payload on its way to the store."""
 
-    def __init__(self, recorder: BlobRecorder, meta: dict | None, skipped: str | None) -> None:
+    def __init__(self, recorder: BlobRecorder, meta: dict | None) -> None:
         self._rec = recorder
         self.meta = meta
-        self.skipped = skipped
+        #: Why it was dropped on its way (``_drop``); a call skipped before anything was
+        #: copied is a ``SkippedCall`` instead.
+        self.skipped: str | None = None
         self.manifest_key: str | None = None
         self.manifest_url: str | None = None
         self.held: list[_Held] = []
@@ -264,8 +266,6 @@ class CallCapture:
             self.manifest_key = layout.manifest_key(
                 meta["trace_id"], meta["start_ns"], meta["span_id"])
             self.manifest_url = recorder.store.url_of(self.manifest_key)
-        if skipped is not None:
-            self.done.set()
 
     def _claim(self) -> bool:
         with self._state_lock:
@@ -476,18 +476,17 @@ class BlobRecorder:
         if len(self._queue) >= self.queue_max:
             self.counters["skipped.queue_full"] += 1
             return skipped("queue_full")
-        if self.breaker.refuses(time.monotonic()):
+        now = time.monotonic()
+        if self.breaker.refuses(now):
             self._count("skipped.store_down")
             return skipped("store_down")
         seen = self._staged_need.get(api)
-        if seen is not None:
+        if seen is not None and self.staging.max_bytes - self.staging.used < seen[0]:
             # The writers are behind: skipped before describing and copying what would
             # not fit, judged by what the API's last kept call staged.  A call is let
             # through to try every STAGING_PROBE_S all the same: this API's calls may
             # have shrunk since (another shape, pages held on the device again).
-            now = time.monotonic()
-            if self.staging.max_bytes - self.staging.used < seen[0] and \
-                    now - seen[1] < STAGING_PROBE_S:
+            if now - seen[1] < STAGING_PROBE_S:
                 self._count("skipped.staging_full")
                 return skipped("staging_full")
             self._staged_need[api] = (seen[0], now)
@@ -516,7 +515,7 @@ class BlobRecorder:
         if reason is not None:
             self.counters[f"skipped.{reason}"] += 1
             return skipped(reason)
-        cap = CallCapture(self, meta, None)
+        cap = CallCapture(self, meta)
         cap.reserved_bytes = nbytes
         try:
             self._copy_all(cap, pending)
@@ -527,8 +526,7 @@ class BlobRecorder:
             self._internal_error("copy")
             self._drop(cap, "error")  # gives its reservation back
             return cap
-        self._staged_need[api] = (sum(_staged_bytes(held) for held in cap.held),
-                                  time.monotonic())
+        self._staged_need[api] = (sum(_staged_bytes(held) for held in cap.held), now)
         self._inflight[id(cap)] = cap
         if self.crash_safe:
             self._write_now(cap)

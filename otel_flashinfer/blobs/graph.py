@@ -194,7 +194,7 @@ class GraphBlobCall:
         reason = rec.store.budget.reserve(1, nbytes)
         if reason is not None:
             return self._skip(reason)
-        cap = CallCapture(rec, meta, None)
+        cap = CallCapture(rec, meta)
         cap.reserved_bytes = nbytes
         copies: list[tuple[torch.Tensor, torch.Tensor]] = []
         try:
