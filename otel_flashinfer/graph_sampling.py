@@ -80,9 +80,9 @@ class ReplaySampler:
     """One graph's decision per replay; call ``should_trace`` at every replay and
     ``traced`` after each traced one."""
 
-    __slots__ = ("budget", "caller", "credit_s", "every", "gpu_s", "history", "last_s",
-                 "measured", "per_span_s", "seen", "skipped", "spans", "tail_s", "unpriced",
-                 "window_seen")
+    __slots__ = ("asked_untraced", "budget", "caller", "credit_s", "every", "gpu_s", "history",
+                 "last_s", "measured", "per_span_s", "seen", "skipped", "spans", "spent_s",
+                 "tail_s", "unpriced", "window_seen")
 
     def __init__(self, every: int, budget: float) -> None:
         self.every = every
@@ -113,6 +113,12 @@ class ReplaySampler:
         #: The caller's time after the last ``traced`` (this bookkeeping itself),
         #: charged with the next traced replay's cost (``charge_tail``).
         self.tail_s = 0.0
+        #: Everything charged so far: set against the process's measured CPU, it says
+        #: how much of what tracing costs the charges see (``bench_graph_step``).
+        self.spent_s = 0.0
+        #: Untraced replays that asked (the C gate did not let them through), each
+        #: charged its bookkeeping (``charge_untraced``).
+        self.asked_untraced = 0
 
     @property
     def auto(self) -> bool:
@@ -131,6 +137,7 @@ class ReplaySampler:
         self.per_span_s = max(per_span_s, 0.0)
         if self.unpriced and self.per_span_s > 0:
             self.credit_s -= self.unpriced * self.per_span_s
+            self.spent_s += self.unpriced * self.per_span_s
             self.unpriced = 0
 
     def should_trace(self, now_s: float, per_span_s: float | None = None,
@@ -173,6 +180,17 @@ class ReplaySampler:
         if self.auto:
             self.tail_s = max(tail_s, 0.0)
             self.credit_s -= self.tail_s
+            self.spent_s += self.tail_s
+
+    def charge_untraced(self, spent_s: float) -> None:
+        """An untraced replay that asked: our bookkeeping on the caller's thread before
+        it (folding in the gate's count, the decision, arming the gate), spent now:
+        a few microseconds in Python, for the replays the C gate does not let through."""
+        if self.auto:
+            spent_s = max(spent_s, 0.0)
+            self.credit_s -= spent_s
+            self.spent_s += spent_s
+            self.asked_untraced += 1
 
     def passed(self, n: int) -> None:
         """``n`` replays went untraced without asking (``arm`` said they would be)."""
@@ -235,6 +253,7 @@ class ReplaySampler:
         self.measured += 1
         caller_s = max(caller_s, 0.0)
         self.credit_s -= caller_s
+        self.spent_s += caller_s
         self.caller.add(caller_s + self.tail_s)  # its tail is charged by ``charge_tail``
         if spans > 0:
             self.spans = spans

@@ -319,6 +319,7 @@ def patch(runtime: Any, gate_types: tuple[Any, Any] | None = None) -> None:
                 # (emit_replay): its statistics would run for nobody.
                 capture.open_gates(traced and _parent_sampled())
                 if not traced:
+                    _charge_untraced(sampler, t0)
                     return replay(self, *args, **kwargs)
                 begun = _begin(runtime)
                 t1 = perf_counter()
@@ -328,6 +329,7 @@ def patch(runtime: Any, gate_types: tuple[Any, Any] | None = None) -> None:
                 # The gate is not armed for gated graphs: each of their replays tells
                 # the gates, which write again when the replay's stream changed.
                 _arm(sampler, skip, capture)
+            _charge_untraced(sampler, t0)
             return replay(self, *args, **kwargs)
         else:
             begun = _begin(runtime)
@@ -377,6 +379,12 @@ def _per_span(runtime: Any) -> float | None:
     except Exception as exc:  # noqa: BLE001
         health.report("graph_errors", "could not read what a replay span costs", exc)
         return None
+
+
+def _charge_untraced(sampler: ReplaySampler | None, t0: float) -> None:
+    """``auto`` pays for an untraced replay that came through here (since ``t0``)."""
+    if sampler is not None and sampler.auto:
+        sampler.charge_untraced(perf_counter() - t0)
 
 
 def _arm(sampler: ReplaySampler, skip: Any, capture: Capture) -> None:

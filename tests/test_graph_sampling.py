@@ -636,3 +636,48 @@ def test_auto_charges_a_replay_whose_tracing_failed(spans, monkeypatch) -> None:
     assert sampler.seen == 200 and sampler.skipped > 150  # within its budget again
     assert not spans.by_name("cuda_graph.replay")
     assert health.counters()["graph_errors"] > errors  # reported (logged once)
+
+
+def test_auto_charges_the_bookkeeping_of_an_untraced_replay_that_asked() -> None:
+    """An untraced replay that asks (the C gate did not let it through) costs the caller
+    our bookkeeping: it is spent from the credit, so the next traced replay comes later."""
+    sampler = ReplaySampler(REPLAY_AUTO, 0.01)
+    assert sampler.should_trace(0.0)
+    sampler.traced(100e-6, 0, 0.0)  # measured: 100 us a traced replay
+    assert not sampler.should_trace(1e-3)  # 10 us earned
+    spent = sampler.spent_s
+    sampler.charge_untraced(5e-6)
+    sampler.charge_untraced(-1.0)  # a clock that went back charges nothing
+    assert sampler.asked_untraced == 2
+    assert sampler.spent_s - spent == pytest.approx(5e-6)
+    # From -100 us (the first replay's cost) to 100 us takes 20 ms; 5 us more, 0.5 ms.
+    assert not sampler.should_trace(20.3e-3)
+    assert sampler.should_trace(20.6e-3)
+    fixed = ReplaySampler(4, 0.01)
+    fixed.charge_untraced(5e-6)  # a fixed N keeps no books
+    assert fixed.spent_s == 0.0 and fixed.asked_untraced == 0
+
+
+def test_each_untraced_replay_through_python_is_charged(spans, monkeypatch,
+                                                        wrapper_path) -> None:
+    """Every untraced replay that reached ``replay_`` is charged to ``auto``, none that
+    the C gate let through, and the traced ones as before."""
+    from otel_flashinfer import graphs
+
+    monkeypatch.setenv("OTEL_FLASHINFER_REPLAY_EVERY", "auto")
+    graph = _captured_step(monkeypatch)
+    capture = graphs._graphs[graph]  # noqa: SLF001
+    sampler = capture.sampler
+    asked = []
+    should_trace = ReplaySampler.should_trace
+    monkeypatch.setattr(ReplaySampler, "should_trace",
+                        lambda self, *a: asked.append(should_trace(self, *a)) or asked[-1])
+    for _ in range(300):
+        graph.replay()
+    capture.settle()
+    assert sampler.asked_untraced == asked.count(False)
+    assert sampler.seen == 300 and sampler.spent_s > 0
+    if wrapper_path == "native":  # the gate let most through without asking
+        assert len(asked) < 300
+    else:
+        assert asked.count(False) > 250
