@@ -5,7 +5,10 @@ GPU (the issue's workload): 32 layers of ``rmsnorm`` + ``BatchDecodeWithPagedKVC
 .run`` (batch 8, kv 1024, 32/8 heads, d 128, fp16), 64 FlashInfer calls, captured as one
 graph and replayed back to back.  Each level runs in a process of its own; the figure
 is wall per replay including the flush that hands every span on, against level 0, with
-the spans written against replays x (1 + calls) and the statistics dropped.
+the spans written against replays x (1 + calls) and the statistics dropped.  Beside it,
+the CPU of everything but the caller's wait for the GPU (``replay()`` itself, the flush,
+every other thread), added over level 0 round by round: with ``--sync`` the wait spins,
+so whole CPU moves with the GPU's time from process to process, and this does not.
 
 CPU (no GPU): the same shape with a stand-in for ``torch.cuda.CUDAGraph`` whose replay
 sleeps for the level-0 replay time the issue measured on the H200 (629 us, ``--replay-us``)
@@ -53,6 +56,31 @@ def _cpu_s() -> float:
     """The whole process's CPU, every thread (getrusage: finer than os.times' ticks)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+def _threads_cpu() -> dict[str, float]:
+    """CPU seconds of each live Python thread, by name (its own CPU clock)."""
+    import threading
+
+    out: dict[str, float] = {}
+    for t in threading.enumerate():
+        try:
+            clock = time.pthread_getcpuclockid(t.ident or 0)
+            out[t.name] = out.get(t.name, 0.0) + time.clock_gettime(clock)
+        except (OSError, OverflowError):
+            pass  # ended meanwhile
+    return out
+
+
+def _charged_us(graph: Any, replays: int) -> float | None:
+    """What ``auto`` charged itself a replay (``ReplaySampler.spent_s``), or None."""
+    from otel_flashinfer import graphs
+
+    capture = graphs._graphs.get(graph)  # noqa: SLF001
+    sampler = getattr(capture, "sampler", None)
+    if sampler is None or not sampler.auto:
+        return None
+    return sampler.spent_s / replays * 1e6
 
 
 def _sender() -> str:
@@ -111,31 +139,48 @@ def gpu_child(level: int, replays: int, branch_share: float = 1.0,
     otel_flashinfer.flush(120)
     traces = Path("flashinfer_traces.jsonl")
     before, replays_before = _spans_in(traces), _spans_in(traces, "cuda_graph.replay")
-    cpu0, t0 = _cpu_s(), time.perf_counter()
+    # The caller's CPU inside replay() is summed apart from its CPU waiting for the GPU
+    # (below); two thread-clock reads a replay, at every level alike.
+    clock, in_replay = time.thread_time, 0.0
+    charged0 = _charged_us(graph, 1) if level else None
+    cpu0, main0, t0 = _cpu_s(), clock(), time.perf_counter()
     if sync:  # as an engine that reads each step's sampled tokens back
         stream = torch.cuda.current_stream()
         for _ in range(replays):
+            c = clock()
             graph.replay()
+            in_replay += clock() - c
             stream.synchronize()
     else:
         for _ in range(replays):
+            c = clock()
             graph.replay()
+            in_replay += clock() - c
     torch.cuda.synchronize()
-    t1 = time.perf_counter()
+    t1, waiting = time.perf_counter(), clock() - main0 - in_replay
     flushed = otel_flashinfer.flush(300) if level else True
     t2 = time.perf_counter()
     wall = (t2 - t0) / replays * 1e6
-    cpu = (_cpu_s() - cpu0) / replays * 1e6
+    process_cpu = _cpu_s() - cpu0
+    cpu = process_cpu / replays * 1e6
+    # Everything but the caller's wait for the GPU (and its loop): replay() itself, the
+    # flush, every other thread.  CUDA's wait spins, so whole CPU follows the GPU's
+    # time, which moves by tens of percent between processes on the lent hosts; this
+    # part does not, and tracing's cost is all in it.
+    work = (process_cpu - waiting) / replays * 1e6
     counters = health.counters()
     from otel_flashinfer import graphs
 
     sampler = graphs._graphs[graph].sampler if level else None  # noqa: SLF001
-    auto = (f"estimate {sampler.estimate() * 1e6:.1f} us per traced replay, credit "
-            f"{sampler.credit_s * 1e6:.1f} us, measured (caller us, spans, worker us per "
+    charged = (_charged_us(graph, 1) - charged0) / replays if charged0 is not None else 0.0
+    auto = (f"charged itself {charged:.2f} us a replay; {sampler.asked_untraced} untraced "
+            f"replays asked; estimate {sampler.estimate() * 1e6:.1f} us per traced replay, "
+            f"credit {sampler.credit_s * 1e6:.1f} us, measured (caller us, spans, worker us per "
             "span): " + ", ".join(f"({c * 1e6:.1f}, {n}, {w * 1e6:.2f})"
                                   for c, n, w in sampler.history)
             if sampler is not None and sampler.auto else "")
-    return {"level": level, "wall_us": wall, "cpu_us": cpu, "flushed": flushed, "auto": auto,
+    return {"level": level, "wall_us": wall, "cpu_us": cpu, "work_us": work,
+            "flushed": flushed, "auto": auto,
             "loop_us": (t1 - t0) / replays * 1e6, "flush_ms": (t2 - t1) * 1e3,
             "forked": counters.get("stats_forked", 0), "sender": _sender(),
             "spans": _spans_in(traces) - before,
@@ -190,15 +235,22 @@ def cpu_child(level: int, replays: int, previous_path: bool,
     before = _spans_in(Path("flashinfer_traces.jsonl"))
     pipeline = runtime.current().pipeline if level else None
     worker0 = pipeline.worker_cpu_s if pipeline else 0.0
+    charged0 = _charged_us(graph, 1) or 0.0
+    threads0 = _threads_cpu()
     cpu0, caller0, t0 = _cpu_s(), time.thread_time(), time.perf_counter()
     for _ in range(replays):
         graph.replay()
     caller = (time.thread_time() - caller0) / replays * 1e6
     flushed = otel_flashinfer.flush(300) if level else True
     cpu = (_cpu_s() - cpu0) / replays * 1e6
+    charged = _charged_us(graph, 1)
+    threads = {name: round((v - threads0.get(name, 0.0)) / replays * 1e6, 2)
+               for name, v in _threads_cpu().items() if v - threads0.get(name, 0.0) > 0}
     native = pipeline._native if pipeline else None  # noqa: SLF001
     counters = health.counters()
     return {"level": level, "cpu_us": cpu, "caller_us": caller, "flushed": flushed,
+            "threads_us": threads,
+            "charged_us": None if charged is None else (charged - charged0) / replays,
             "spans_dropped": counters.get("spans_dropped", 0),
             "stats_dropped": counters.get("stats_dropped", 0),
             "worker_us": (pipeline.worker_cpu_s - worker0) / replays * 1e6 if pipeline else 0.0,
@@ -362,7 +414,15 @@ def main() -> int:
                 else "") + (f", ring {ring} MB" if lvl >= 5 and ring != "0" else "")
             traced = (f"replays traced {r.get('traced', 0)}/{args.replays}; " if lvl
                       else "")
-            print(f"  {label}: {wall:9.1f} us/replay{ratio}; {traced}replay loop "
+            work = ""
+            if base_runs:  # per round, over that round's level 0, then the median
+                added = statistics.median(x["work_us"] - b["work_us"]
+                                          for x, b in zip(rs, base_runs, strict=True))
+                base_wall = statistics.median(b["wall_us"] for b in base_runs)
+                work = (f"; CPU but the wait for the GPU {r['work_us']:.1f} us/replay"
+                        + (f" ({added:+.2f} us = {added / base_wall * 100:+.2f}% of level "
+                           f"0's replay)" if lvl else ""))
+            print(f"  {label}: {wall:9.1f} us/replay{ratio}{work}; {traced}replay loop "
                   f"{r['loop_us']:.1f} us/replay, flush {r['flush_ms']:.1f} ms; whole CPU "
                   f"{r['cpu_us']:.1f} us/replay; spans {r['spans']}/{expected}; statistics "
                   f"dropped {r['stats_dropped']}, spans dropped {r['spans_dropped']}"
@@ -409,8 +469,10 @@ def main() -> int:
     if sampled:
         # Sampled replays (auto: within REPLAY_BUDGET, 1% by default); level 0 again
         # beside them, since this box's sleep costs a few us more or less per run.
-        bare2 = _run_child(["--child", "cpu:0:0", *pace])["cpu_us"]
-        print(f"  level 0 again: {bare2:.1f} us of CPU per replay")
+        again = _run_child(["--child", "cpu:0:0", *pace])
+        bare2 = again["cpu_us"]
+        print(f"  level 0 again: {bare2:.1f} us of CPU per replay; by thread, us a replay: "
+              f"{again['threads_us']}")
         for every in sampled:
             for lvl in [x for x in levels if x in (1, 3)]:
                 r = _run_child(["--child", f"cpu:{lvl}:0", *pace],
@@ -422,6 +484,10 @@ def main() -> int:
                       f"{r['spans'] // (1 + calls)}/{args.replays}; caller "
                       f"{r['caller_us']:.1f} us, worker {r['worker_us']:.1f} us; spans "
                       f"dropped {r['spans_dropped']}")
+                if r.get("charged_us") is not None:
+                    print(f"    auto charged itself {r['charged_us']:.1f} us a replay, "
+                          f"{r['charged_us'] / added:.0%} of the whole CPU it added; by "
+                          f"thread, us a replay: {r['threads_us']}")
     return 0
 
 
