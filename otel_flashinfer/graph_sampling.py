@@ -184,8 +184,9 @@ class ReplaySampler:
 
     def charge_untraced(self, spent_s: float) -> None:
         """An untraced replay that asked: our bookkeeping on the caller's thread before
-        it (folding in the gate's count, the decision, arming the gate), spent now:
-        a few microseconds in Python, for the replays the C gate does not let through."""
+        it (folding in the gate's count, the decision), spent now: a few microseconds
+        in Python, for the replays the C gate does not let through.  Before ``arm``,
+        so that the gate's deadline is set with it spent."""
         if self.auto:
             spent_s = max(spent_s, 0.0)
             self.credit_s -= spent_s

@@ -325,11 +325,12 @@ def patch(runtime: Any, gate_types: tuple[Any, Any] | None = None) -> None:
                 t1 = perf_counter()
                 result = replay(self, *args, **kwargs)
         elif not traced:
+            # Charged before arming, so that the gate's deadline counts this charge.
+            _charge_untraced(sampler, t0)
             if skip is not None:
                 # The gate is not armed for gated graphs: each of their replays tells
                 # the gates, which write again when the replay's stream changed.
                 _arm(sampler, skip, capture)
-            _charge_untraced(sampler, t0)
             return replay(self, *args, **kwargs)
         else:
             begun = _begin(runtime)

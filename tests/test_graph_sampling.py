@@ -681,3 +681,27 @@ def test_each_untraced_replay_through_python_is_charged(spans, monkeypatch,
         assert len(asked) < 300
     else:
         assert asked.count(False) > 250
+
+
+def test_the_gate_is_armed_with_the_untraced_replays_charge_spent(spans, monkeypatch) -> None:
+    """An untraced replay that asked is charged before the gate is armed: the deadline
+    the gate gets is the one the credit after the charge calls for."""
+    from otel_flashinfer import graphs
+
+    monkeypatch.setenv("OTEL_FLASHINFER_REPLAY_EVERY", "auto")
+    graph = _captured_step(monkeypatch)
+    capture = graphs._graphs[graph]  # noqa: SLF001
+    if capture.skip is None:
+        pytest.skip("no C gate (the extension is not built)")
+    sampler = capture.sampler
+    for _ in range(3):
+        graph.replay()  # traced until measured
+    while True:
+        capture.skip.count, capture.skip.until = 0, 0.0  # the next replay asks
+        charged = sampler.asked_untraced
+        graph.replay()
+        if sampler.asked_untraced > charged:
+            break
+    need = sampler.estimate() - sampler.credit_s
+    assert capture.skip.until == pytest.approx(sampler.last_s + need / sampler.budget,
+                                               abs=1e-12)
