@@ -8,8 +8,10 @@ time a replay takes (``gpu_s``, learnt from traced replays' GPU times; back to b
 host enqueues replays far ahead of the GPU, and earning by its time alone traced a
 quarter of what the budget allows, 8 of 1,000 on the device).  A replay is traced when
 the credit covers what tracing one costs, and its measured cost is then spent.  Credit
-depends only on the replays since the last traced one, not on which of them asked, so
-the replays the C gate lets through (``arm``) change no decision.  What one costs is
+is earned by the replays since the last traced one, not by which of them asked, so the
+replays the C gate lets through (``arm``) change no decision in this logic; in the
+wrapper, an untraced replay that asked where the gate could have let it through also
+spends its own bookkeeping (``charge_untraced``).  What one costs is
 measured, not assumed: the
 caller's own time around the replay (not the replay itself), plus the background
 worker's and the sender's CPU per replay span (``Pipeline.replay_cost_per_span_s``) for
@@ -189,8 +191,13 @@ class ReplaySampler:
         so that the gate's deadline is set with it spent."""
         if self.auto:
             spent_s = max(spent_s, 0.0)
-            self.credit_s -= spent_s
-            self.spent_s += spent_s
+            # A floor under the debt, a safety net: a charge is wall time, which a GIL
+            # hand-over or a preemption inside it stretches, and no run of those may
+            # stop tracing for longer than a few traced replays' worth of credit.
+            floor = -_MAX_BURST * max(self.estimate(), spent_s)
+            credit = max(self.credit_s - spent_s, min(floor, self.credit_s))
+            self.spent_s += self.credit_s - credit
+            self.credit_s = credit
             self.asked_untraced += 1
 
     def passed(self, n: int) -> None:

@@ -319,15 +319,17 @@ def patch(runtime: Any, gate_types: tuple[Any, Any] | None = None) -> None:
                 # (emit_replay): its statistics would run for nobody.
                 capture.open_gates(traced and _parent_sampled())
                 if not traced:
-                    _charge_untraced(sampler, t0)
                     return replay(self, *args, **kwargs)
                 begun = _begin(runtime)
                 t1 = perf_counter()
                 result = replay(self, *args, **kwargs)
         elif not traced:
-            # Charged before arming, so that the gate's deadline counts this charge.
-            _charge_untraced(sampler, t0)
             if skip is not None:
+                # Only here could the C gate have let this replay through: gated graphs,
+                # and a build without the gate, run this Python for every replay, and
+                # charging what tracing less cannot save would only starve ``auto``.
+                # Charged before arming, so that the gate's deadline counts it.
+                _charge_untraced(sampler, t0)
                 # The gate is not armed for gated graphs: each of their replays tells
                 # the gates, which write again when the replay's stream changed.
                 _arm(sampler, skip, capture)
