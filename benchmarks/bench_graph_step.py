@@ -64,8 +64,10 @@ def _threads_cpu() -> dict[str, float]:
 
     out: dict[str, float] = {}
     for t in threading.enumerate():
+        if t.ident is None or not t.is_alive():
+            continue  # not started, or ended: no clock to read
         try:
-            clock = time.pthread_getcpuclockid(t.ident or 0)
+            clock = time.pthread_getcpuclockid(t.ident)
             out[t.name] = out.get(t.name, 0.0) + time.clock_gettime(clock)
         except (OSError, OverflowError):
             pass  # ended meanwhile
@@ -104,7 +106,7 @@ def gpu_child(level: int, replays: int, branch_share: float = 1.0,
     from gpu_decode import capture_graph, make_decode
 
     import otel_flashinfer
-    from otel_flashinfer import gpu_timing, health
+    from otel_flashinfer import gpu_timing, graphs, health
 
     if level:
         otel_flashinfer.instrument(level=level)
@@ -143,6 +145,8 @@ def gpu_child(level: int, replays: int, branch_share: float = 1.0,
     # (below); two thread-clock reads a replay, at every level alike.
     clock, in_replay = time.thread_time, 0.0
     charged0 = _charged_us(graph, 1) if level else None
+    sampler0 = graphs._graphs[graph].sampler if level else None  # noqa: SLF001
+    asked0 = sampler0.asked_untraced if sampler0 is not None else 0
     cpu0, main0, t0 = _cpu_s(), clock(), time.perf_counter()
     if sync:  # as an engine that reads each step's sampled tokens back
         stream = torch.cuda.current_stream()
@@ -169,12 +173,11 @@ def gpu_child(level: int, replays: int, branch_share: float = 1.0,
     # part does not, and tracing's cost is all in it.
     work = (process_cpu - waiting) / replays * 1e6
     counters = health.counters()
-    from otel_flashinfer import graphs
-
     sampler = graphs._graphs[graph].sampler if level else None  # noqa: SLF001
     charged = (_charged_us(graph, 1) - charged0) / replays if charged0 is not None else 0.0
-    auto = (f"charged itself {charged:.2f} us a replay; {sampler.asked_untraced} untraced "
-            f"replays asked; estimate {sampler.estimate() * 1e6:.1f} us per traced replay, "
+    auto = (f"charged itself {charged:.2f} us a replay; {sampler.asked_untraced - asked0} "
+            f"untraced replays asked; estimate {sampler.estimate() * 1e6:.1f} us per traced "
+            "replay, "
             f"credit {sampler.credit_s * 1e6:.1f} us, measured (caller us, spans, worker us per "
             "span): " + ", ".join(f"({c * 1e6:.1f}, {n}, {w * 1e6:.2f})"
                                   for c, n, w in sampler.history)
@@ -415,10 +418,12 @@ def main() -> int:
             traced = (f"replays traced {r.get('traced', 0)}/{args.replays}; " if lvl
                       else "")
             work = ""
-            if base_runs:  # per round, over that round's level 0, then the median
+            # Back to back, replay() itself waits once CUDA's queue is full: the figure
+            # leaves out the GPU's time only when each replay is waited for.
+            if base_runs and args.sync:  # per round, over that round's level 0, the median
                 added = statistics.median(x["work_us"] - b["work_us"]
                                           for x, b in zip(rs, base_runs, strict=True))
-                base_wall = statistics.median(b["wall_us"] for b in base_runs)
+                base_wall = statistics.median_high(b["wall_us"] for b in base_runs)
                 work = (f"; CPU but the wait for the GPU {r['work_us']:.1f} us/replay"
                         + (f" ({added:+.2f} us = {added / base_wall * 100:+.2f}% of level "
                            f"0's replay)" if lvl else ""))
@@ -485,9 +490,10 @@ def main() -> int:
                       f"{r['caller_us']:.1f} us, worker {r['worker_us']:.1f} us; spans "
                       f"dropped {r['spans_dropped']}")
                 if r.get("charged_us") is not None:
+                    share = (f"{r['charged_us'] / added:.0%} of the whole CPU it added"
+                             if added > 0 else "the whole CPU it added is within noise")
                     print(f"    auto charged itself {r['charged_us']:.1f} us a replay, "
-                          f"{r['charged_us'] / added:.0%} of the whole CPU it added; by "
-                          f"thread, us a replay: {r['threads_us']}")
+                          f"{share}; by thread, us a replay: {r['threads_us']}")
     return 0
 
 
