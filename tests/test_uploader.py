@@ -223,10 +223,12 @@ def test_a_helper_that_stops_reading_fails_the_write_in_bounded_time(s3, monkeyp
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not).  A process that is reaped between the
+    open and the read makes the read fail with ESRCH (seen in CI): gone as well."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         return False
 
 
