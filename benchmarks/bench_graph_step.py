@@ -74,15 +74,16 @@ def _threads_cpu() -> dict[str, float]:
     return out
 
 
-def _charged_us(graph: Any, replays: int) -> float | None:
-    """What ``auto`` charged itself a replay (``ReplaySampler.spent_s``), or None."""
+def _charged_us(graph: Any) -> float | None:
+    """What ``auto`` has charged itself so far (``ReplaySampler.spent_s``), in us, or
+    None where the graph is not sampled by ``auto``."""
     from otel_flashinfer import graphs
 
     capture = graphs._graphs.get(graph)  # noqa: SLF001
     sampler = getattr(capture, "sampler", None)
     if sampler is None or not sampler.auto:
         return None
-    return sampler.spent_s / replays * 1e6
+    return sampler.spent_s * 1e6
 
 
 def _sender() -> str:
@@ -144,7 +145,7 @@ def gpu_child(level: int, replays: int, branch_share: float = 1.0,
     # The caller's CPU inside replay() is summed apart from its CPU waiting for the GPU
     # (below); two thread-clock reads a replay, at every level alike.
     clock, in_replay = time.thread_time, 0.0
-    charged0 = _charged_us(graph, 1) if level else None
+    charged0 = _charged_us(graph) if level else None
     sampler0 = graphs._graphs[graph].sampler if level else None  # noqa: SLF001
     asked0 = sampler0.asked_untraced if sampler0 is not None else 0
     cpu0, main0, t0 = _cpu_s(), clock(), time.perf_counter()
@@ -174,7 +175,7 @@ def gpu_child(level: int, replays: int, branch_share: float = 1.0,
     work = (process_cpu - waiting) / replays * 1e6
     counters = health.counters()
     sampler = graphs._graphs[graph].sampler if level else None  # noqa: SLF001
-    charged = (_charged_us(graph, 1) - charged0) / replays if charged0 is not None else 0.0
+    charged = (_charged_us(graph) - charged0) / replays if charged0 is not None else 0.0
     auto = (f"charged itself {charged:.2f} us a replay; {sampler.asked_untraced - asked0} "
             f"untraced replays asked; estimate {sampler.estimate() * 1e6:.1f} us per traced "
             "replay, "
@@ -238,7 +239,7 @@ def cpu_child(level: int, replays: int, previous_path: bool,
     before = _spans_in(Path("flashinfer_traces.jsonl"))
     pipeline = runtime.current().pipeline if level else None
     worker0 = pipeline.worker_cpu_s if pipeline else 0.0
-    charged0 = _charged_us(graph, 1) or 0.0
+    charged0 = _charged_us(graph) or 0.0
     threads0 = _threads_cpu()
     cpu0, caller0, t0 = _cpu_s(), time.thread_time(), time.perf_counter()
     for _ in range(replays):
@@ -246,7 +247,7 @@ def cpu_child(level: int, replays: int, previous_path: bool,
     caller = (time.thread_time() - caller0) / replays * 1e6
     flushed = otel_flashinfer.flush(300) if level else True
     cpu = (_cpu_s() - cpu0) / replays * 1e6
-    charged = _charged_us(graph, 1)
+    charged = _charged_us(graph)
     threads = {name: round((v - threads0.get(name, 0.0)) / replays * 1e6, 2)
                for name, v in _threads_cpu().items() if v - threads0.get(name, 0.0) > 0}
     native = pipeline._native if pipeline else None  # noqa: SLF001

@@ -328,8 +328,9 @@ def patch(runtime: Any, gate_types: tuple[Any, Any] | None = None) -> None:
                 # Only here could the C gate have let this replay through: gated graphs,
                 # and a build without the gate, run this Python for every replay, and
                 # charging what tracing less cannot save would only starve ``auto``.
-                # Charged before arming, so that the gate's deadline counts it.
-                _charge_untraced(sampler, t0)
+                # Charged before arming, so that the gate's deadline counts it (a fixed N
+                # keeps no books: the sampler ignores it).
+                sampler.charge_untraced(perf_counter() - t0)
                 # The gate is not armed for gated graphs: each of their replays tells
                 # the gates, which write again when the replay's stream changed.
                 _arm(sampler, skip, capture)
@@ -382,12 +383,6 @@ def _per_span(runtime: Any) -> float | None:
     except Exception as exc:  # noqa: BLE001
         health.report("graph_errors", "could not read what a replay span costs", exc)
         return None
-
-
-def _charge_untraced(sampler: ReplaySampler | None, t0: float) -> None:
-    """``auto`` pays for an untraced replay that came through here (since ``t0``)."""
-    if sampler is not None and sampler.auto:
-        sampler.charge_untraced(perf_counter() - t0)
 
 
 def _arm(sampler: ReplaySampler, skip: Any, capture: Capture) -> None:
