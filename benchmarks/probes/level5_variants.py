@@ -29,6 +29,7 @@ os.environ["OTEL_FLASHINFER_CACHE_DIR"] = f"/tmp/l5k_{TAG}"
 sys.path[:0] = ["tests", "benchmarks"]
 
 import torch  # noqa: E402
+from stats_kernel_variants import graph_us  # noqa: E402 - this folder, the same timing
 from torch.utils import cpp_extension  # noqa: E402
 
 PHASES = ["b.plan_inputs", "b.metas+view+acquire", "b.guard+stream", "b.launch",
@@ -42,32 +43,6 @@ def _with_flags(load):
         kwargs["extra_cuda_cflags"] = [*kwargs.get("extra_cuda_cflags", []), *FLAGS]
         return load(*args, **kwargs)
     return wrapped
-
-
-def graph_us(fn, n: int = 20, reps: int = 7) -> float:
-    """GPU time per call of ``n`` calls captured in one graph (median of ``reps``)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(n):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1000 / n)
-    times.sort()
-    return round(times[len(times) // 2], 2)
 
 
 def main() -> None:
