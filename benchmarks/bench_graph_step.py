@@ -59,19 +59,28 @@ def _cpu_s() -> float:
 
 
 def _threads_cpu() -> dict[str, float]:
-    """CPU seconds of each live Python thread, by name (its own CPU clock)."""
+    """CPU seconds of every thread of the process, by name: a Python thread's name, else
+    the kernel's (CUDA's own threads too, which ``threading`` does not list), read
+    through each thread's CPU clock (Linux: the clock id of a thread id)."""
     import threading
 
+    names = {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
     out: dict[str, float] = {}
-    for t in threading.enumerate():
-        if t.ident is None or not t.is_alive():
-            continue  # not started, or ended: no clock to read
+    for entry in os.listdir("/proc/self/task"):
+        tid = int(entry)
         try:
-            clock = time.pthread_getcpuclockid(t.ident)
-            out[t.name] = out.get(t.name, 0.0) + time.clock_gettime(clock)
+            name = names.get(tid) or Path(f"/proc/self/task/{tid}/comm").read_text().strip()
+            seconds = time.clock_gettime(((~tid) << 3) | 6)  # CPUCLOCK_SCHED of the thread
         except (OSError, OverflowError):
-            pass  # ended meanwhile
+            continue  # ended meanwhile
+        out[name] = out.get(name, 0.0) + seconds
     return out
+
+
+def _busiest(threads: dict[str, float], floor_us: float = 0.05) -> dict[str, float]:
+    """The threads that took at least ``floor_us`` a replay, busiest first."""
+    return dict(sorted(((k, v) for k, v in threads.items() if v >= floor_us),
+                       key=lambda kv: -kv[1]))
 
 
 def _charged_us(graph: Any) -> float | None:
@@ -148,6 +157,7 @@ def gpu_child(level: int, replays: int, branch_share: float = 1.0,
     charged0 = _charged_us(graph) if level else None
     sampler0 = graphs._graphs[graph].sampler if level else None  # noqa: SLF001
     asked0 = sampler0.asked_untraced if sampler0 is not None else 0
+    threads0 = _threads_cpu()
     cpu0, main0, t0 = _cpu_s(), clock(), time.perf_counter()
     if sync:  # as an engine that reads each step's sampled tokens back
         stream = torch.cuda.current_stream()
@@ -167,6 +177,8 @@ def gpu_child(level: int, replays: int, branch_share: float = 1.0,
     t2 = time.perf_counter()
     wall = (t2 - t0) / replays * 1e6
     process_cpu = _cpu_s() - cpu0
+    threads = {name: round((v - threads0.get(name, 0.0)) / replays * 1e6, 2)
+               for name, v in _threads_cpu().items() if v - threads0.get(name, 0.0) > 0}
     cpu = process_cpu / replays * 1e6
     # Everything but the caller's wait for the GPU (and its loop): replay() itself, the
     # flush, every other thread.  CUDA's wait spins, so whole CPU follows the GPU's
@@ -184,7 +196,7 @@ def gpu_child(level: int, replays: int, branch_share: float = 1.0,
                                   for c, n, w in sampler.history)
             if sampler is not None and sampler.auto else "")
     return {"level": level, "wall_us": wall, "cpu_us": cpu, "work_us": work,
-            "flushed": flushed, "auto": auto,
+            "flushed": flushed, "auto": auto, "threads_us": threads,
             "loop_us": (t1 - t0) / replays * 1e6, "flush_ms": (t2 - t1) * 1e3,
             "forked": counters.get("stats_forked", 0), "sender": _sender(),
             "spans": _spans_in(traces) - before,
@@ -434,7 +446,9 @@ def main() -> int:
                   f"dropped {r['stats_dropped']}, spans dropped {r['spans_dropped']}"
                   + (f"; captured calls on a statistics branch {r['forked']}"
                      if lvl >= 5 else "") + (f"; sender: {r['sender']}" if lvl else "")
-                  + (f"\n    auto: {r['auto']}" if r.get("auto") else ""))
+                  + (f"\n    auto: {r['auto']}" if r.get("auto") else "")
+                  + f"\n    by thread, us a replay (the main thread's wait included): "
+                    f"{_busiest(r['threads_us'])}")
         return 0
     print(f"CPU: a stand-in graph whose replay takes {args.replay_us:.0f} us of wall (no "
           f"CPU), {calls} traced calls captured, {args.replays} replays, default exporter; "
