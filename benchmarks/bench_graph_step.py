@@ -77,6 +77,12 @@ def _threads_cpu() -> dict[str, float]:
     return out
 
 
+def _threads_added(before: dict[str, float], replays: int) -> dict[str, float]:
+    """Each thread's CPU since ``before`` (``_threads_cpu``), in us a replay."""
+    return {name: round((v - before.get(name, 0.0)) / replays * 1e6, 2)
+            for name, v in _threads_cpu().items() if v - before.get(name, 0.0) > 0}
+
+
 def _busiest(threads: dict[str, float], floor_us: float = 0.05) -> dict[str, float]:
     """The threads that took at least ``floor_us`` a replay, busiest first."""
     return dict(sorted(((k, v) for k, v in threads.items() if v >= floor_us),
@@ -154,9 +160,9 @@ def gpu_child(level: int, replays: int, branch_share: float = 1.0,
     # The caller's CPU inside replay() is summed apart from its CPU waiting for the GPU
     # (below); two thread-clock reads a replay, at every level alike.
     clock, in_replay = time.thread_time, 0.0
+    sampler = graphs._graphs[graph].sampler if level else None  # noqa: SLF001
     charged0 = _charged_us(graph) if level else None
-    sampler0 = graphs._graphs[graph].sampler if level else None  # noqa: SLF001
-    asked0 = sampler0.asked_untraced if sampler0 is not None else 0
+    asked0 = sampler.asked_untraced if sampler is not None else 0
     threads0 = _threads_cpu()
     cpu0, main0, t0 = _cpu_s(), clock(), time.perf_counter()
     if sync:  # as an engine that reads each step's sampled tokens back
@@ -177,8 +183,7 @@ def gpu_child(level: int, replays: int, branch_share: float = 1.0,
     t2 = time.perf_counter()
     wall = (t2 - t0) / replays * 1e6
     process_cpu = _cpu_s() - cpu0
-    threads = {name: round((v - threads0.get(name, 0.0)) / replays * 1e6, 2)
-               for name, v in _threads_cpu().items() if v - threads0.get(name, 0.0) > 0}
+    threads = _threads_added(threads0, replays)
     cpu = process_cpu / replays * 1e6
     # Everything but the caller's wait for the GPU (and its loop): replay() itself, the
     # flush, every other thread.  CUDA's wait spins, so whole CPU follows the GPU's
@@ -186,7 +191,6 @@ def gpu_child(level: int, replays: int, branch_share: float = 1.0,
     # part does not, and tracing's cost is all in it.
     work = (process_cpu - waiting) / replays * 1e6
     counters = health.counters()
-    sampler = graphs._graphs[graph].sampler if level else None  # noqa: SLF001
     charged = (_charged_us(graph) - charged0) / replays if charged0 is not None else 0.0
     auto = (f"charged itself {charged:.2f} us a replay; {sampler.asked_untraced - asked0} "
             f"untraced replays asked; estimate {sampler.estimate() * 1e6:.1f} us per traced "
@@ -260,8 +264,7 @@ def cpu_child(level: int, replays: int, previous_path: bool,
     flushed = otel_flashinfer.flush(300) if level else True
     cpu = (_cpu_s() - cpu0) / replays * 1e6
     charged = _charged_us(graph)
-    threads = {name: round((v - threads0.get(name, 0.0)) / replays * 1e6, 2)
-               for name, v in _threads_cpu().items() if v - threads0.get(name, 0.0) > 0}
+    threads = _threads_added(threads0, replays)
     native = pipeline._native if pipeline else None  # noqa: SLF001
     counters = health.counters()
     return {"level": level, "cpu_us": cpu, "caller_us": caller, "flushed": flushed,
@@ -492,7 +495,7 @@ def main() -> int:
         again = _run_child(["--child", "cpu:0:0", *pace])
         bare2 = again["cpu_us"]
         print(f"  level 0 again: {bare2:.1f} us of CPU per replay; by thread, us a replay: "
-              f"{again['threads_us']}")
+              f"{_busiest(again['threads_us'])}")
         for every in sampled:
             for lvl in [x for x in levels if x in (1, 3)]:
                 r = _run_child(["--child", f"cpu:{lvl}:0", *pace],
@@ -508,7 +511,7 @@ def main() -> int:
                     share = (f"{r['charged_us'] / added:.0%} of the whole CPU it added"
                              if added > 0 else "the whole CPU it added is within noise")
                     print(f"    auto charged itself {r['charged_us']:.1f} us a replay, "
-                          f"{share}; by thread, us a replay: {r['threads_us']}")
+                          f"{share}; by thread, us a replay: {_busiest(r['threads_us'])}")
     return 0
 
 
