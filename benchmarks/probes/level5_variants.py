@@ -29,7 +29,7 @@ os.environ["OTEL_FLASHINFER_CACHE_DIR"] = f"/tmp/l5k_{TAG}"
 sys.path[:0] = ["tests", "benchmarks"]
 
 import torch  # noqa: E402
-from stats_kernel_variants import graph_us  # noqa: E402 - this folder, the same timing
+from stats_kernel_variants import graph_us, launches_us  # noqa: E402 - this folder
 from torch.utils import cpp_extension  # noqa: E402
 
 PHASES = ["b.plan_inputs", "b.metas+view+acquire", "b.guard+stream", "b.launch",
@@ -85,11 +85,9 @@ def main() -> None:
             call()
         torch.cuda.synchronize()
     gpu = [ev for ev in prof.events() if ev.device_type != torch.autograd.DeviceType.CPU]
-    stats = [ev.device_time_total for ev in gpu if "tensor_stats" in ev.name]
     decode = [ev.device_time_total for ev in gpu if "BatchDecode" in ev.name]
-    res["stats launches/call"] = len(stats) / calls
-    res["inputs launch us"] = round(sum(stats[0::2]) / max(1, len(stats[0::2])), 2)
-    res["outputs launch us"] = round(sum(stats[1::2]) / max(1, len(stats[1::2])), 2)
+    res["stats launches/call"] = sum("tensor_stats" in ev.name for ev in gpu) / calls
+    res["inputs launch us"], res["outputs launch us"] = launches_us(gpu)
     res["decode kernel us"] = round(sum(decode) / max(1, len(decode)), 2)
     otel_flashinfer.flush(60)
     clocks = getattr(mod, "hook_clocks", None)

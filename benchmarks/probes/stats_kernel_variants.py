@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 sys.path[:0] = ["tests", "benchmarks"]
 
 import torch  # noqa: E402
+from bench_stats_kernel import graph_time_us  # noqa: E402
 from torch.utils import cpp_extension  # noqa: E402
 
 from otel_flashinfer.stats.kernel import SOURCES, source_dir  # noqa: E402
@@ -45,30 +46,17 @@ def build(variant: list[str]):
     return module
 
 
-def graph_us(fn, n: int = 20, reps: int = 7) -> float:
-    """GPU time per call of ``n`` calls captured in one graph (median of ``reps``)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(n):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1000 / n)
-    times.sort()
-    return round(times[len(times) // 2], 2)
+def launches_us(gpu_events: list) -> tuple[float, float]:
+    """The mean GPU time of a level-5 call's inputs and outputs launches (they alternate)."""
+    stats = [ev.device_time_total for ev in gpu_events if "tensor_stats" in ev.name]
+    inputs, outputs = stats[0::2], stats[1::2]
+    return (round(sum(inputs) / max(1, len(inputs)), 2),
+            round(sum(outputs) / max(1, len(outputs)), 2))
+
+
+def graph_us(fn) -> float:
+    """GPU time per call of 20 calls captured in one graph (``bench_stats_kernel``)."""
+    return round(graph_time_us(fn, 20), 2)
 
 
 def main() -> None:
@@ -123,10 +111,7 @@ def main() -> None:
         agg[ev.name[:70]][1] += ev.device_time_total
     print(json.dumps({k: (round(c / calls, 2), round(t / calls, 2))
                       for k, (c, t) in sorted(agg.items(), key=lambda kv: -kv[1][1])}, indent=1))
-    stats = [ev.device_time_total for ev in gpu if "tensor_stats" in ev.name]
-    print("stats launches", len(stats),
-          "inputs avg", round(sum(stats[0::2]) / max(1, len(stats[0::2])), 2),
-          "outputs avg", round(sum(stats[1::2]) / max(1, len(stats[1::2])), 2))
+    print("inputs and outputs launches, us:", launches_us(gpu))
 
 
 if __name__ == "__main__":
