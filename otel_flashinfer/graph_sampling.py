@@ -138,8 +138,7 @@ class ReplaySampler:
             return
         self.per_span_s = max(per_span_s, 0.0)
         if self.unpriced and self.per_span_s > 0:
-            self.credit_s -= self.unpriced * self.per_span_s
-            self.spent_s += self.unpriced * self.per_span_s
+            self._spend(self.unpriced * self.per_span_s)
             self.unpriced = 0
 
     def should_trace(self, now_s: float, per_span_s: float | None = None,
@@ -181,8 +180,12 @@ class ReplaySampler:
         a traced replay cost the caller, paced (CPU box)."""
         if self.auto:
             self.tail_s = max(tail_s, 0.0)
-            self.credit_s -= self.tail_s
-            self.spent_s += self.tail_s
+            self._spend(self.tail_s)
+
+    def _spend(self, spent_s: float) -> None:
+        """Takes ``spent_s`` from the credit and books it in ``spent_s``."""
+        self.credit_s -= spent_s
+        self.spent_s += spent_s
 
     def charge_untraced(self, spent_s: float) -> None:
         """An untraced replay that asked: our bookkeeping on the caller's thread before
@@ -195,9 +198,7 @@ class ReplaySampler:
             # hand-over or a preemption inside it stretches, and no run of those may
             # stop tracing for longer than a few traced replays' worth of credit.
             floor = -_MAX_BURST * max(self.estimate(), spent_s)
-            credit = max(self.credit_s - spent_s, min(floor, self.credit_s))
-            self.spent_s += self.credit_s - credit
-            self.credit_s = credit
+            self._spend(self.credit_s - max(self.credit_s - spent_s, min(floor, self.credit_s)))
             self.asked_untraced += 1
 
     def passed(self, n: int) -> None:
@@ -260,8 +261,7 @@ class ReplaySampler:
             return
         self.measured += 1
         caller_s = max(caller_s, 0.0)
-        self.credit_s -= caller_s
-        self.spent_s += caller_s
+        self._spend(caller_s)
         self.caller.add(caller_s + self.tail_s)  # its tail is charged by ``charge_tail``
         if spans > 0:
             self.spans = spans
