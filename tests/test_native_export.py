@@ -369,6 +369,82 @@ def test_an_idle_worker_still_hands_on_a_partial_batch_when_it_falls_due(
     pipeline.shutdown(5)
 
 
+def _drains_of(pipeline: Pipeline) -> list[int]:
+    """Spans encoded by each drain of ``pipeline``'s worker from now on (the worker
+    looks ``_drain`` up on each pass)."""
+    drains: list[int] = []
+    drain = pipeline._drain  # noqa: SLF001
+
+    def counted(*args: Any) -> None:
+        before = pipeline._native.counts()[0]  # noqa: SLF001
+        drain(*args)
+        encoded = pipeline._native.counts()[0] - before  # noqa: SLF001
+        if encoded:
+            drains.append(encoded)
+
+    pipeline._drain = counted  # noqa: SLF001
+    return drains
+
+
+def _wait_for(predicate: Any, timeout_s: float) -> float:
+    """Seconds until ``predicate()`` held (asserts it did within ``timeout_s``)."""
+    start = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - start < timeout_s, "timed out"
+        time.sleep(0.005)
+    return time.monotonic() - start
+
+
+def test_a_woken_worker_gathers_what_comes_in_its_wait_into_one_drain(
+        tmp_path: Path) -> None:
+    """Whole cost: a drain has a fixed cost (the wake-up, the pass, a batch to the
+    sender) that one traced graph replay every few tens of ms paid alone.  The record
+    that wakes the idle worker waits ``coalesce_s`` for others, which go in the same
+    drain."""
+    provider, tracer = _file_provider(tmp_path / "traces.jsonl")  # delay 5 s
+    pipeline = Pipeline(tracer, provider=provider, interval_s=0.01, coalesce_s=0.6)
+    assert pipeline.export_path == "native"
+    time.sleep(0.05)  # the worker is asleep, nothing queued
+    drains = _drains_of(pipeline)
+    first, *rest = _records()
+    pipeline.submit(first)  # wakes it
+    time.sleep(0.1)
+    for r in rest:
+        pipeline.submit(r)
+    waited = _wait_for(lambda: drains, 5)
+    assert drains == [1 + len(rest)]
+    assert waited >= 0.3
+    pipeline.shutdown(5)
+
+
+@pytest.mark.parametrize("end", ["wake", "flush", "batch", "short_delay"])
+def test_the_gathering_wait_ends_at_once_when_something_needs_the_drain(
+        tmp_path: Path, end: str) -> None:
+    """A statistics ring running low (``wake``), a flush, a full batch and a provider
+    that asked for a shorter delay than the gathering wait do not wait it out."""
+    path = tmp_path / "traces.jsonl"
+    provider = TracerProvider(resource=Resource.create({"service.name": "native-test"}))
+    delay_ms = 100 if end == "short_delay" else 5000
+    provider.add_span_processor(BatchSpanProcessor(JsonLinesSpanExporter(str(path)),
+                                                   schedule_delay_millis=delay_ms))
+    tracer = provider.get_tracer("otel_flashinfer", "1.0")
+    pipeline = Pipeline(tracer, provider=provider, interval_s=0.01, coalesce_s=30.0)
+    time.sleep(0.05)
+    drains = _drains_of(pipeline)
+    records = _records()
+    if end == "batch":
+        batch = pipeline._batch  # noqa: SLF001
+        records = (records * (batch // len(records) + 1))[:batch]
+    for r in records:
+        pipeline.submit(r)
+    if end == "wake":
+        pipeline.wake()
+    elif end == "flush":
+        assert pipeline.flush(10)
+    assert _wait_for(lambda: sum(drains) == len(records), 10) < 5
+    pipeline.shutdown(5)
+
+
 def test_records_waiting_for_gpu_work_take_the_python_side(tmp_path: Path) -> None:
     """A record with pending work is resolved in Python, then natively encoded."""
     path = tmp_path / "traces.jsonl"
