@@ -1656,21 +1656,69 @@ typedef struct {
     long long count;
     long long skipped;
     double until;
+    /* A graph whose statistics launches are gated (level 5, not every replay traced):
+     * its captured launches run when a word in device memory says so, and Python writes
+     * that word before each replay it sees.  ``gate_key(gate_device, False)`` (the
+     * statistics extension's) is what the word must be for an untraced replay on the
+     * current stream; ``gate_closed`` what Python last wrote, closed (-1: open or not
+     * known; a key is never negative).  An armed replay goes straight to torch only while the two agree: on
+     * another stream, or with the word open, it asks.  NULL: not gated. */
+    PyObject *gate_key;
+    PyObject *gate_device;
+    long long gate_closed;
 } GraphSkip;
 
 static PyMemberDef graph_skip_members[] = {
     {"count", T_LONGLONG, offsetof(GraphSkip, count), 0, "replays still surely untraced"},
     {"skipped", T_LONGLONG, offsetof(GraphSkip, skipped), 0, "replays the gate let through"},
     {"until", T_DOUBLE, offsetof(GraphSkip, until), 0, "untraced before this monotonic time"},
+    {"gate_key", T_OBJECT, offsetof(GraphSkip, gate_key), 0,
+     "gated graphs: the statistics extension's gate_key(device, on), else None"},
+    {"gate_device", T_OBJECT, offsetof(GraphSkip, gate_device), 0,
+     "gated graphs: the device index gate_key is asked about"},
+    {"gate_closed", T_LONGLONG, offsetof(GraphSkip, gate_closed), 0,
+     "gated graphs: the closed word last written (its gate_key), -1: open or unknown"},
     {NULL, 0, 0, 0, NULL}};
+
+static void graph_skip_dealloc(GraphSkip *self) {
+    Py_CLEAR(self->gate_key);
+    Py_CLEAR(self->gate_device);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *graph_skip_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    GraphSkip *self = (GraphSkip *)PyType_GenericNew(type, args, kwds);
+    if (self != NULL) self->gate_closed = -1;
+    return (PyObject *)self;
+}
 
 static PyTypeObject GraphSkipType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "otel_flashinfer._hotpath.GraphSkip",
     .tp_basicsize = sizeof(GraphSkip),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_members = graph_skip_members,
-    .tp_new = PyType_GenericNew,
+    .tp_dealloc = (destructor)graph_skip_dealloc,
+    .tp_new = graph_skip_new,
 };
+
+/* A gated graph's word is closed for a replay on the current stream (see GraphSkip);
+ * an error (reported by nobody: the replay asks, and Python's write reports) says no. */
+static int gate_still_closed(GraphSkip *skip) {
+    if (skip->gate_closed < 0 || skip->gate_device == NULL) return 0;
+    PyObject *args[2] = {skip->gate_device, Py_False};
+    PyObject *key = PyObject_Vectorcall(skip->gate_key, args, 2, NULL);
+    if (key == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    long long now = PyLong_AsLongLong(key);
+    Py_DECREF(key);
+    if (now == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return 0;
+    }
+    return now == skip->gate_closed;
+}
 
 /* ``CUDAGraph.replay`` while traced: a replay its graph's GraphSkip says is untraced
  * goes straight to the original replay, counted; every other replay (and a graph we
@@ -1686,20 +1734,11 @@ typedef struct {
     vectorcallfunc vectorcall;
 } ReplayGate;
 
-static int skip_now(PyObject *graph, PyObject *skips) {
-    PyObject *ref = PyWeakref_NewRef(graph, NULL); /* the graph's basic ref, reused */
-    if (ref == NULL) {
-        PyErr_Clear();
-        return 0;
-    }
-    PyObject *found = PyDict_GetItemWithError(skips, ref); /* borrowed */
-    Py_DECREF(ref);
-    if (found == NULL) {
-        PyErr_Clear();
-        return 0;
-    }
-    if (!Py_IS_TYPE(found, &GraphSkipType)) return 0;
-    GraphSkip *skip = (GraphSkip *)found;
+/* An armed graph's replay: whether it goes straight to torch (counted), by its gate's
+ * word (gated graphs), ``until`` and ``count``. */
+static int skip_armed(GraphSkip *skip) {
+    if (skip->gate_key != NULL && skip->gate_key != Py_None && !gate_still_closed(skip))
+        return 0; /* asks: Python writes the word for this stream, and arms again */
     if (skip->until > 0.0) {
         struct timespec ts;
         clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -1717,6 +1756,27 @@ static int skip_now(PyObject *graph, PyObject *skips) {
     }
     skip->skipped++;
     return 1;
+}
+
+static int skip_now(PyObject *graph, PyObject *skips) {
+    PyObject *ref = PyWeakref_NewRef(graph, NULL); /* the graph's basic ref, reused */
+    if (ref == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    PyObject *found = PyDict_GetItemWithError(skips, ref); /* borrowed */
+    Py_DECREF(ref);
+    if (found == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    if (!Py_IS_TYPE(found, &GraphSkipType)) return 0;
+    GraphSkip *skip = (GraphSkip *)found;
+    if (skip->until <= 0.0 && skip->count <= 0) return 0;
+    Py_INCREF(found); /* borrowed from the dict, and a gated graph's check calls out */
+    int skipped = skip_armed(skip);
+    Py_DECREF(found);
+    return skipped;
 }
 
 static PyObject *gate_call(PyObject *self, PyObject *const *args, size_t nargsf,

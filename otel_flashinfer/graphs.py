@@ -155,6 +155,25 @@ class Capture:
             except Exception as exc:  # noqa: BLE001
                 health.report("graph_errors", "could not gate a CUDA graph replay", exc)
 
+    def arm_gate(self, skip: Any) -> bool:
+        """After an untraced replay closed the gated group's word: tell the C gate
+        ``skip`` how to check it is still closed for the replay's stream (``GraphSkip``),
+        so that armed replays need not come through Python to keep it shut.  False
+        where it cannot (several gated groups, no device word, a failed gate): every
+        replay of the graph then comes through ``replay_``."""
+        if len(self.gates) != 1:
+            return False
+        try:
+            closed = getattr(self.gates[0], "closed_gate", None)
+            got = closed() if closed is not None else None
+            if got is None:
+                return False
+            skip.gate_key, skip.gate_device, skip.gate_closed = got
+            return True
+        except Exception as exc:  # noqa: BLE001
+            health.report("graph_errors", "could not arm the CUDA graph replay gate", exc)
+            return False
+
     def group_pendings(self) -> tuple[list[Any] | None, list[list[Any] | None] | None]:
         """After a traced replay: the groups' Pendings for the whole replay, and each
         child's own from a group that could not serve the replay (None: none)."""
@@ -315,24 +334,30 @@ def patch(runtime: Any, gate_types: tuple[Any, Any] | None = None) -> None:
             # The gate and the replay it is written for go in together: another
             # thread's write must not land between them.
             with capture.gate_lock:
+                if skip is not None:
+                    skip.gate_closed = -1  # before any write: the C gate asks meanwhile
                 # A replay under a parent span that is not sampled makes no span
                 # (emit_replay): its statistics would run for nobody.
                 capture.open_gates(traced and _parent_sampled())
                 if not traced:
+                    if skip is not None and capture.arm_gate(skip):
+                        # The word is closed on this stream: the C gate may send the
+                        # next untraced replays straight to torch while it stays so.
+                        sampler.charge_untraced(perf_counter() - t0)
+                        _arm(sampler, skip, capture)
                     return replay(self, *args, **kwargs)
                 begun = _begin(runtime)
                 t1 = perf_counter()
                 result = replay(self, *args, **kwargs)
         elif not traced:
             if skip is not None:
-                # Only here could the C gate have let this replay through: gated graphs,
-                # and a build without the gate, run this Python for every replay, and
-                # charging what tracing less cannot save would only starve ``auto``.
-                # Charged before arming, so that the gate's deadline counts it (a fixed N
-                # keeps no books: the sampler ignores it).
+                # The C gate could have let this replay through (a build without the gate
+                # runs this Python for every replay, and charging what tracing less
+                # cannot save would only starve ``auto``; so does a gated graph whose
+                # word the gate cannot check, above).  Charged before arming, so that
+                # the gate's deadline counts it (a fixed N keeps no books: the sampler
+                # ignores it).
                 sampler.charge_untraced(perf_counter() - t0)
-                # The gate is not armed for gated graphs: each of their replays tells
-                # the gates, which write again when the replay's stream changed.
                 _arm(sampler, skip, capture)
             return replay(self, *args, **kwargs)
         else:

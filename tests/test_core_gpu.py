@@ -256,9 +256,17 @@ def _rows_written(rows: Any) -> int:
 def test_level5_untraced_replays_skip_the_statistics_on_the_gpu(spans, monkeypatch) -> None:
     """REPLAY_EVERY=3: replays 1, 4, 7 are traced.  The untraced ones leave the graph's
     statistics rows as the memset left them (the kernels returned at the gate), the
-    traced ones fill them, and a NaN in traced replay 4 flags exactly its child."""
+    traced ones fill them, and a NaN in traced replay 4 flags exactly its child.  Once
+    an untraced replay closed the gate word, the next untraced one on the same stream
+    goes from the C gate straight to torch (replays 3 and 6 never reach Python)."""
+    from otel_flashinfer import graph_sampling
     from otel_flashinfer.stats import kernel
 
+    asked = []
+    should_trace = graph_sampling.ReplaySampler.should_trace
+    monkeypatch.setattr(graph_sampling.ReplaySampler, "should_trace",
+                        lambda self, now, *more: asked.append(now) or should_trace(self, now,
+                                                                                   *more))
     monkeypatch.setenv("OTEL_FLASHINFER_REPLAY_EVERY", "3")
     otel_flashinfer.instrument(level=5, journal_dir="")
     # the captured launches must be ours (torch ops read no gate), not the fallback's
@@ -279,6 +287,7 @@ def test_level5_untraced_replays_skip_the_statistics_on_the_gpu(spans, monkeypat
         step.q.copy_(clean)
     traced = [w > 0 for w in written]
     assert traced == [True, False, False, True, False, False, True], written
+    assert len(asked) == 5  # replays 1, 2, 4, 5 and 7 came through Python
     children = sorted(spans.by_name(RUN),
                       key=lambda s: s.attributes["flashinfer.cuda_graph.replay"])
     assert [c.attributes["flashinfer.cuda_graph.replay"] for c in children] == [1, 4, 7]

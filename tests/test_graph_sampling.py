@@ -501,6 +501,100 @@ def test_gated_groups_hear_each_replays_decision_before_it_runs(spans, monkeypat
     assert probe.calls[7:] == [False, False, False]
 
 
+class _WordProbe(_GateProbe):
+    """A gated group with a device word, as ``GraphRows`` has it: ``closed_gate`` over a
+    stand-in for the extension's ``gate_key``, whose current stream the test moves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stream, self.written, self.asked = 16, -1, 0
+
+    def gate_key(self, device: int, on: bool) -> int:
+        self.asked += 1
+        return self.stream << 1 | bool(on)
+
+    def set_gate(self, traced: bool) -> None:
+        super().set_gate(traced)
+        self.written = self.stream << 1 | traced
+
+    def closed_gate(self) -> tuple | None:
+        if self.written < 0 or self.written & 1:
+            return None
+        return self.gate_key, 0, self.written
+
+
+def test_a_gated_graph_skips_python_while_its_word_stays_closed(spans, monkeypatch,
+                                                                  wrapper_path) -> None:
+    """Level 5 with ``REPLAY_EVERY`` N or ``auto``: the statistics launches are gated by
+    a word Python wrote before each replay, so every replay came through ``replay_``
+    (uncharged by ``auto``).  Once an untraced replay closed the word, the C gate sends
+    armed replays straight to torch while ``gate_key(device, False)`` still says what
+    was written; on another stream the replay asks and Python writes the word there.
+    Every replay still runs with the word as its decision says."""
+    from otel_flashinfer import graphs
+
+    probe = _WordProbe()
+    seen_at_replay: list[bool | None] = []
+
+    class _Graph(_FakeGraph):
+        def replay(self) -> None:
+            seen_at_replay.append(probe.open)
+
+    monkeypatch.setenv("OTEL_FLASHINFER_REPLAY_EVERY", "4")
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _Graph)
+    otel_flashinfer.instrument(level=1, journal_dir="")
+    step = otel_flashinfer.traced(
+        lambda x: graphs.capture_state().group("probe", lambda: probe) and x, name="step")
+    graph = _Graph()
+    graph.capture_begin()
+    step(torch.zeros(2))
+    graph.capture_end()
+    for i in range(1, 11):
+        if i == 7:
+            probe.stream = 32  # replays 7 on: another stream
+        graph.replay()
+    decisions = [i % 4 == 1 for i in range(1, 11)]
+    assert seen_at_replay == decisions
+    traced = sorted(s.attributes["flashinfer.cuda_graph.replay"]
+                    for s in spans.by_name("cuda_graph.replay"))
+    assert traced == [1, 5, 9]
+    if wrapper_path == "native":
+        # 1 traced; 2 closes the word and arms 3, 4; 5 traced; 6 closes and arms 7, 8;
+        # 7 is on another stream: it asks, closes the word there and arms 8; 9 traced,
+        # 10 asks after it (the word is open).
+        assert probe.calls == [True, False, True, False, False, True, False]
+        assert graphs._graphs[graph].skip.gate_closed == 32 << 1  # noqa: SLF001
+    else:
+        assert probe.calls == decisions
+
+
+def test_a_gated_graph_whose_word_cannot_be_read_keeps_every_replay_in_python(
+        spans, monkeypatch, wrapper_path) -> None:
+    """No device word (CPU statistics, a failed gate) or a failing ``gate_key``: every
+    replay asks, as before the C gate knew about gated graphs."""
+    from otel_flashinfer import graphs, health
+
+    probe = _WordProbe()
+
+    def broken(device: int, on: bool) -> int:
+        raise RuntimeError("CUDA error: context is destroyed")
+
+    monkeypatch.setenv("OTEL_FLASHINFER_REPLAY_EVERY", "4")
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
+    otel_flashinfer.instrument(level=1, journal_dir="")
+    step = otel_flashinfer.traced(
+        lambda x: graphs.capture_state().group("probe", lambda: probe) and x, name="step")
+    graph = _FakeGraph()
+    graph.capture_begin()
+    step(torch.zeros(2))
+    graph.capture_end()
+    probe.gate_key = broken  # type: ignore[method-assign]
+    for _ in range(8):
+        graph.replay()
+    assert probe.calls == [i % 4 == 1 for i in range(1, 9)]
+    assert health.counters().get("graph_errors", 0) == 0  # an armed replay just asks
+
+
 @pytest.mark.parametrize(("every", "gated"), [("1", False), ("3", True), ("auto", True)])
 def test_statistics_rows_are_gated_unless_every_replay_is_traced(monkeypatch, every: str,
                                                                  gated: bool) -> None:

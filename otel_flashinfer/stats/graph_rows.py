@@ -223,6 +223,15 @@ class GraphRows:
             self.failed = True
             health.report("stats_errors", "could not gate a graph's statistics", exc)
 
+    def closed_gate(self) -> tuple[Callable[[int, bool], int], int, int] | None:
+        """For the C replay gate (``graphs.Capture.arm_gate``): the extension's
+        ``gate_key``, the device index and the key last written, while that write closed
+        the word; else None (not written yet, open, failed, or no device word)."""
+        key = self._gate_key
+        if self._gate is None or self.failed or key < 0 or key & 1:
+            return None
+        return self._gate_module.gate_key, self.device.index, key
+
     def take_anchor(self) -> int:
         """The device address the graph's first timed launch stamps its start into (0
         after the first, or on another stream than the anchor's chunk)."""
