@@ -645,6 +645,10 @@ class Pipeline:
         #: Set with ``_wake`` by whatever needs the drain at once (a full batch, a ring
         #: running low, a flush): the worker then skips its gathering wait.
         self._now = False
+        #: A graph replay's record woke the idle worker (it may gather, ``_run``), and
+        #: the worker is in that gathering wait (an eager call's record ends it).
+        self._replay_woke = False
+        self._gathering = False
         #: The worker sleeps without a tick until a record comes (``_sleep_until_work``).
         self._sleeping = False
         #: The last pass stopped for a busy sender (``held_back``), or for its time
@@ -711,6 +715,10 @@ class Pipeline:
             self._now = True  # no gathering wait (``_run``)
             self._wake.set()
         elif self._sleeping:
+            self._replay_woke = replay
+            self._wake.set()
+        elif self._gathering and not replay:
+            self._replay_woke = False  # eager calls' records do not wait the gathering
             self._wake.set()
 
     def _let_go(self, record: CallRecord) -> None:
@@ -797,8 +805,14 @@ class Pipeline:
             elif not self._more and not self._stopping:
                 woke = self._sleep_until_work()
                 if woke is not _DUE and not self._stopping and not self._now:
-                    self._wake.wait(self._coalesce_wait() if woke is _SUBMITTED
-                                    else self.interval_s)
+                    if woke is _SUBMITTED and self._replay_woke:
+                        self._gathering = True
+                        try:
+                            self._wake.wait(self._coalesce_wait())
+                        finally:
+                            self._gathering = False
+                    else:
+                        self._wake.wait(self.interval_s)
             self._wake.clear()
             self._now = False
             self._drain(cpu)
@@ -833,15 +847,18 @@ class Pipeline:
             self._sleeping = False
 
     def _coalesce_wait(self) -> float:
-        """After a record woke the idle worker: how long to wait for more before the
-        drain.  A drain has a fixed cost (waking, the pass's bookkeeping, the batch
-        handed to the sender) that one traced graph replay every few tens of ms paid
-        alone: 540 us of the worker's CPU for its 65 spans, against 155 us with 0.25 s
-        to gather (CPU box, ``REPLAY_EVERY=auto``, level 3), so that ``auto`` traced
-        half as many replays for its budget.  A full batch, a statistics ring running
-        low (``wake``), a flush and a stop still end the wait at once, and a provider
-        that asked for a shorter delay (``OTEL_BSP_SCHEDULE_DELAY``, a simple
-        processor) gets it, down to ``interval_s``."""
+        """After a graph replay's record woke the idle worker: how long to wait for more
+        before the drain.  A drain has a fixed cost (waking, the pass's bookkeeping, the
+        batch handed to the sender) that one traced graph replay every few tens of ms
+        paid alone: 540 us of the worker's CPU for its 65 spans, against 155 us with
+        0.25 s to gather (CPU box, ``REPLAY_EVERY=auto``, level 3), so that ``auto``
+        traced half as many replays for its budget.  A full batch, a statistics ring
+        running low (``wake``), a flush, a stop and an eager call's record end the wait
+        at once, and a provider that asked for a shorter delay
+        (``OTEL_BSP_SCHEDULE_DELAY``, a simple processor) gets it, down to
+        ``interval_s``.  Eager calls are not gathered: bigger drains of level-10
+        records, with their payloads, held the GIL long enough to stall callers (3%
+        of calls over 5 ms in ``test_s3_store_killed_mid_loop``)."""
         native = self._native
         if native is None:
             return self.interval_s

@@ -395,25 +395,53 @@ def _wait_for(predicate: Any, timeout_s: float) -> float:
     return time.monotonic() - start
 
 
-def test_a_woken_worker_gathers_what_comes_in_its_wait_into_one_drain(
+def _replays(n: int) -> list[Any]:
+    """``n`` graph replay records of a 3-call capture (4 spans each)."""
+    from test_replay_template import _capture, _replay
+
+    capture = _capture(3)
+    return [_replay(capture, index=i + 1, replay_id=0x7000 + i) for i in range(n)]
+
+
+def test_a_replay_that_wakes_the_worker_gathers_the_next_ones_into_one_drain(
         tmp_path: Path) -> None:
     """Whole cost: a drain has a fixed cost (the wake-up, the pass, a batch to the
-    sender) that one traced graph replay every few tens of ms paid alone.  The record
-    that wakes the idle worker waits ``coalesce_s`` for others, which go in the same
-    drain."""
+    sender) that one traced graph replay every few tens of ms (``REPLAY_EVERY=auto``)
+    paid alone.  The replay record that wakes the idle worker waits ``coalesce_s`` for
+    others, which go in the same drain."""
     provider, tracer = _file_provider(tmp_path / "traces.jsonl")  # delay 5 s
     pipeline = Pipeline(tracer, provider=provider, interval_s=0.01, coalesce_s=0.6)
     assert pipeline.export_path == "native"
     time.sleep(0.05)  # the worker is asleep, nothing queued
     drains = _drains_of(pipeline)
-    first, *rest = _records()
+    first, *rest = _replays(4)
     pipeline.submit(first)  # wakes it
     time.sleep(0.1)
     for r in rest:
         pipeline.submit(r)
     waited = _wait_for(lambda: drains, 5)
-    assert drains == [1 + len(rest)]
+    assert drains == [4 * 4]
     assert waited >= 0.3
+    pipeline.shutdown(5)
+
+
+def test_eager_calls_records_are_not_gathered(tmp_path: Path) -> None:
+    """An eager call's record wakes the worker for a drain after ``interval_s`` as
+    before, and one that comes while a replay's record gathers ends the gathering:
+    bigger drains of level-10 records held the GIL long enough to stall callers."""
+    provider, tracer = _file_provider(tmp_path / "traces.jsonl")
+    pipeline = Pipeline(tracer, provider=provider, interval_s=0.01, coalesce_s=30.0)
+    time.sleep(0.05)
+    drains = _drains_of(pipeline)
+    eager = _records()
+    pipeline.submit(eager[0])
+    assert _wait_for(lambda: drains, 10) < 5
+    assert drains == [1]
+    time.sleep(0.05)
+    pipeline.submit(_replays(1)[0])  # gathers (30 s)
+    time.sleep(0.1)
+    pipeline.submit(eager[1])
+    assert _wait_for(lambda: sum(drains) == 1 + 4 + 1, 10) < 5
     pipeline.shutdown(5)
 
 
@@ -431,17 +459,14 @@ def test_the_gathering_wait_ends_at_once_when_something_needs_the_drain(
     pipeline = Pipeline(tracer, provider=provider, interval_s=0.01, coalesce_s=30.0)
     time.sleep(0.05)
     drains = _drains_of(pipeline)
-    records = _records()
-    if end == "batch":
-        batch = pipeline._batch  # noqa: SLF001
-        records = (records * (batch // len(records) + 1))[:batch]
+    records = _replays(pipeline._batch // 4 if end == "batch" else 3)  # noqa: SLF001
     for r in records:
         pipeline.submit(r)
     if end == "wake":
         pipeline.wake()
     elif end == "flush":
         assert pipeline.flush(10)
-    assert _wait_for(lambda: sum(drains) == len(records), 10) < 5
+    assert _wait_for(lambda: sum(drains) == 4 * len(records), 10) < 5
     pipeline.shutdown(5)
 
 
