@@ -457,10 +457,28 @@ class _GateProbe:
         return []
 
 
+def _captured_with_group(monkeypatch, probe: _GateProbe, every: str,  # noqa: ANN001
+                         graph_type: type = _FakeGraph) -> _FakeGraph:
+    """Level 1 with ``REPLAY_EVERY=every``, and a stand-in graph whose one captured
+    call joins ``probe`` as a replay group (as the statistics rows join a capture)."""
+    from otel_flashinfer import graphs
+
+    monkeypatch.setenv("OTEL_FLASHINFER_REPLAY_EVERY", every)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", graph_type)
+    otel_flashinfer.instrument(level=1, journal_dir="")
+    step = otel_flashinfer.traced(
+        lambda x: graphs.capture_state().group("probe", lambda: probe) and x, name="step")
+    graph = graph_type()
+    graph.capture_begin()
+    step(torch.zeros(2))
+    graph.capture_end()
+    return graph
+
+
 @pytest.mark.parametrize("fail", [False, True])
 def test_gated_groups_hear_each_replays_decision_before_it_runs(spans, monkeypatch,
                                                                  fail: bool) -> None:
-    from otel_flashinfer import graphs, health
+    from otel_flashinfer import health
 
     probe = _GateProbe(fail)
     seen_at_replay = []
@@ -469,15 +487,7 @@ def test_gated_groups_hear_each_replays_decision_before_it_runs(spans, monkeypat
         def replay(self) -> None:
             seen_at_replay.append(probe.open)
 
-    monkeypatch.setenv("OTEL_FLASHINFER_REPLAY_EVERY", "3")
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", _Graph)
-    otel_flashinfer.instrument(level=1, journal_dir="")
-    step = otel_flashinfer.traced(
-        lambda x: graphs.capture_state().group("probe", lambda: probe) and x, name="step")
-    graph = _Graph()
-    graph.capture_begin()
-    step(torch.zeros(2))
-    graph.capture_end()
+    graph = _captured_with_group(monkeypatch, probe, "3", _Graph)
     for _ in range(7):
         graph.replay()
     decisions = [True, False, False, True, False, False, True]
@@ -540,15 +550,7 @@ def test_a_gated_graph_skips_python_while_its_word_stays_closed(spans, monkeypat
         def replay(self) -> None:
             seen_at_replay.append(probe.open)
 
-    monkeypatch.setenv("OTEL_FLASHINFER_REPLAY_EVERY", "4")
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", _Graph)
-    otel_flashinfer.instrument(level=1, journal_dir="")
-    step = otel_flashinfer.traced(
-        lambda x: graphs.capture_state().group("probe", lambda: probe) and x, name="step")
-    graph = _Graph()
-    graph.capture_begin()
-    step(torch.zeros(2))
-    graph.capture_end()
+    graph = _captured_with_group(monkeypatch, probe, "4", _Graph)
     for i in range(1, 11):
         if i == 7:
             probe.stream = 32  # replays 7 on: another stream
@@ -572,22 +574,14 @@ def test_a_gated_graph_whose_word_cannot_be_read_keeps_every_replay_in_python(
         spans, monkeypatch, wrapper_path) -> None:
     """No device word (CPU statistics, a failed gate) or a failing ``gate_key``: every
     replay asks, as before the C gate knew about gated graphs."""
-    from otel_flashinfer import graphs, health
+    from otel_flashinfer import health
 
     probe = _WordProbe()
 
     def broken(device: int, on: bool) -> int:
         raise RuntimeError("CUDA error: context is destroyed")
 
-    monkeypatch.setenv("OTEL_FLASHINFER_REPLAY_EVERY", "4")
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
-    otel_flashinfer.instrument(level=1, journal_dir="")
-    step = otel_flashinfer.traced(
-        lambda x: graphs.capture_state().group("probe", lambda: probe) and x, name="step")
-    graph = _FakeGraph()
-    graph.capture_begin()
-    step(torch.zeros(2))
-    graph.capture_end()
+    graph = _captured_with_group(monkeypatch, probe, "4", _FakeGraph)
     probe.gate_key = broken  # type: ignore[method-assign]
     for _ in range(8):
         graph.replay()
