@@ -500,8 +500,8 @@ def _may_hold(queue: deque[CallRecord], native: Any, limit: int) -> bool:
 #: ``Pipeline._sleep_until_work``'s outcomes: slept until the open batch was due, woken
 #: by a record (or a flush, a stop), or work was already there.
 _DUE, _SUBMITTED, _BUSY = object(), object(), object()
-#: The worker's wait for more records after one woke it, in ``interval_s`` (0.25 s at
-#: the default 0.05 s; ``Pipeline._coalesce_wait``).
+#: The worker's wait for more records after a graph replay's woke it, in ``interval_s``
+#: (0.25 s at the default 0.05 s; ``Pipeline._coalesce_wait``).
 _COALESCE_INTERVALS = 5
 
 
@@ -546,8 +546,8 @@ class Pipeline:
         self.max_waiting = max_waiting
         self.wait_timeout_s = wait_timeout_s
         self.interval_s = interval_s
-        #: How long the worker waits for more after a record woke it (None: five
-        #: ``interval_s``; ``_coalesce_wait``).
+        #: How long the worker waits for more after a graph replay's record woke it
+        #: (None: five ``interval_s``; ``_coalesce_wait``).
         self.coalesce_s = coalesce_s
         self._batch = max(1, min(512, max_queue // 4))
         #: Attributes every span of a forked child gets (its own pid).
