@@ -113,13 +113,41 @@ def _sender() -> str:
             f"{native.send_wall_max_s * 1e3:.1f} ms")
 
 
-def gpu_child(level: int, replays: int, branch_share: float = 1.0,
-              ring_mb: float = 0.0, sync: bool = False) -> dict[str, Any]:
+def decode_step_graph() -> Any:
+    """The issue's step on the GPU: ``LAYERS`` x (``rmsnorm`` + the decode wrapper's
+    ``run``) captured as one CUDA graph, replayed 10 times, its spans flushed (with
+    ``otel_flashinfer`` instrumented or not: the caller's choice)."""
+    import flashinfer
     import torch
 
     sys.path.insert(0, str(ROOT / "tests"))
-    import flashinfer
     from gpu_decode import capture_graph, make_decode
+
+    import otel_flashinfer
+
+    step = make_decode(use_cuda_graph=True)
+    caches = [torch.randn_like(step.kv_cache) for _ in range(LAYERS)]
+    hidden = torch.randn(8, 4096, dtype=torch.float16, device="cuda")
+    weight = torch.ones(4096, dtype=torch.float16, device="cuda")
+
+    def forward() -> Any:
+        out = None
+        for cache in caches:
+            flashinfer.norm.rmsnorm(hidden, weight)
+            out = step.wrapper.run(step.q, cache)
+        return out
+
+    graph, _ = capture_graph(forward)
+    for _ in range(10):
+        graph.replay()
+    torch.cuda.synchronize()
+    otel_flashinfer.flush(120)
+    return graph
+
+
+def gpu_child(level: int, replays: int, branch_share: float = 1.0,
+              ring_mb: float = 0.0, sync: bool = False) -> dict[str, Any]:
+    import torch
 
     import otel_flashinfer
     from otel_flashinfer import gpu_timing, graphs, health
@@ -138,23 +166,7 @@ def gpu_child(level: int, replays: int, branch_share: float = 1.0,
                 from otel_flashinfer.stats import graph_rows
 
                 graph_rows.RING_BYTES = int(ring_mb * (1 << 20))
-    step = make_decode(use_cuda_graph=True)
-    caches = [torch.randn_like(step.kv_cache) for _ in range(LAYERS)]
-    hidden = torch.randn(8, 4096, dtype=torch.float16, device="cuda")
-    weight = torch.ones(4096, dtype=torch.float16, device="cuda")
-
-    def forward() -> Any:
-        out = None
-        for cache in caches:
-            flashinfer.norm.rmsnorm(hidden, weight)
-            out = step.wrapper.run(step.q, cache)
-        return out
-
-    graph, _ = capture_graph(forward)
-    for _ in range(10):
-        graph.replay()
-    torch.cuda.synchronize()
-    otel_flashinfer.flush(120)
+    graph = decode_step_graph()
     traces = Path("flashinfer_traces.jsonl")
     before, replays_before = _spans_in(traces), _spans_in(traces, "cuda_graph.replay")
     # The caller's CPU inside replay() is summed apart from its CPU waiting for the GPU

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmarks")]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def _summary(values: list[float], replays: int) -> str:
@@ -40,10 +40,8 @@ def _summary(values: list[float], replays: int) -> str:
 
 
 def main(level: int, replays: int) -> None:
-    import flashinfer
     import torch
-    from bench_graph_step import LAYERS, _busiest, _threads_added, _threads_cpu
-    from gpu_decode import capture_graph, make_decode
+    from bench_graph_step import _busiest, _threads_added, _threads_cpu, decode_step_graph
 
     import otel_flashinfer
     from otel_flashinfer import gpu_timing, graphs, runtime
@@ -51,23 +49,7 @@ def main(level: int, replays: int) -> None:
     if level:
         otel_flashinfer.instrument(level=level)
         gpu_timing.wait_ready(600)
-    step = make_decode(use_cuda_graph=True)
-    caches = [torch.randn_like(step.kv_cache) for _ in range(LAYERS)]
-    hidden = torch.randn(8, 4096, dtype=torch.float16, device="cuda")
-    weight = torch.ones(4096, dtype=torch.float16, device="cuda")
-
-    def forward() -> Any:
-        out = None
-        for cache in caches:
-            flashinfer.norm.rmsnorm(hidden, weight)
-            out = step.wrapper.run(step.q, cache)
-        return out
-
-    graph, _ = capture_graph(forward)
-    for _ in range(10):
-        graph.replay()
-    torch.cuda.synchronize()
-    otel_flashinfer.flush(120)
+    graph = decode_step_graph()
     sampler = graphs._graphs[graph].sampler if level else None  # noqa: SLF001
     drains: list[float] = []
     if level:
