@@ -335,10 +335,7 @@ def patch(runtime: Any, gate_types: tuple[Any, Any] | None = None) -> None:
             # thread's write must not land between them.
             with capture.gate_lock:
                 if skip is not None:
-                    try:
-                        skip.gate_closed = -1  # before any write: the C gate asks meanwhile
-                    except AttributeError:  # an extension built before gated graphs
-                        skip = None  # were armed: every replay comes here, as then
+                    skip.gate_closed = -1  # before any write: the C gate asks meanwhile
                 # A replay under a parent span that is not sampled makes no span
                 # (emit_replay): its statistics would run for nobody.
                 capture.open_gates(traced and _parent_sampled())

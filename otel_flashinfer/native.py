@@ -174,4 +174,7 @@ def replay_gate_types() -> tuple[Any, ...] | None:
     or missing (every replay then runs the Python one)."""
     if "CLOCK_MONOTONIC" not in time.get_clock_info("perf_counter").implementation:
         return None  # the gate compares CLOCK_MONOTONIC with the sampler's perf_counter
-    return _hotpath_types("ReplayGate", "GraphSkip")
+    found = _hotpath_types("ReplayGate", "GraphSkip")
+    if found is not None and not hasattr(found[1], "gate_closed"):
+        return None  # an extension built before gated graphs could be armed
+    return found
