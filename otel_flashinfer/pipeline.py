@@ -645,9 +645,8 @@ class Pipeline:
         #: Set with ``_wake`` by whatever needs the drain at once (a full batch, a ring
         #: running low, a flush): the worker then skips its gathering wait.
         self._now = False
-        #: A graph replay's record woke the idle worker (it may gather, ``_run``), and
-        #: the worker is in that gathering wait (an eager call's record ends it).
-        self._replay_woke = False
+        #: The worker waits for more after a graph replay's record woke it (``_run``);
+        #: an eager call's record ends that wait.
         self._gathering = False
         #: The worker sleeps without a tick until a record comes (``_sleep_until_work``).
         self._sleeping = False
@@ -714,12 +713,8 @@ class Pipeline:
         if full:
             self._now = True  # no gathering wait (``_run``)
             self._wake.set()
-        elif self._sleeping:
-            self._replay_woke = replay
-            self._wake.set()
-        elif self._gathering and not replay:
-            self._replay_woke = False  # eager calls' records do not wait the gathering
-            self._wake.set()
+        elif self._sleeping or (self._gathering and not replay):
+            self._wake.set()  # eager calls' records do not wait the gathering
 
     def _let_go(self, record: CallRecord) -> None:
         """A record dropped unexported still hands back what it holds (statistics ring
@@ -803,16 +798,7 @@ class Pipeline:
                 # Outside the GPU-query section: a capture never waits on the sender.
                 native.wait_for_room(self.interval_s)
             elif not self._more and not self._stopping:
-                woke = self._sleep_until_work()
-                if woke is not _DUE and not self._stopping and not self._now:
-                    if woke is _SUBMITTED and self._replay_woke:
-                        self._gathering = True
-                        try:
-                            self._wake.wait(self._coalesce_wait())
-                        finally:
-                            self._gathering = False
-                    else:
-                        self._wake.wait(self.interval_s)
+                self._wait_before_drain(self._sleep_until_work())
             self._wake.clear()
             self._now = False
             self._drain(cpu)
@@ -845,6 +831,23 @@ class Pipeline:
             return _SUBMITTED if woken else _DUE
         finally:
             self._sleeping = False
+
+    def _wait_before_drain(self, woke: object) -> None:
+        """After ``_sleep_until_work``: a batch that fell due, or a wake-up that needs
+        the drain at once (``_now``), goes now; a graph replay's record that woke the
+        worker (the first of the queue) waits ``_coalesce_wait`` for others; anything
+        else waits ``interval_s``, as it always has."""
+        if woke is _DUE or self._stopping or self._now:
+            return
+        queue = self._queue
+        if woke is _SUBMITTED and queue and type(queue[0]) is ReplayRecord:
+            self._gathering = True
+            try:
+                self._wake.wait(self._coalesce_wait())
+            finally:
+                self._gathering = False
+        else:
+            self._wake.wait(self.interval_s)
 
     def _coalesce_wait(self) -> float:
         """After a graph replay's record woke the idle worker: how long to wait for more
