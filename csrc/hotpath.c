@@ -1661,8 +1661,9 @@ typedef struct {
      * that word before each replay it sees.  ``gate_key(gate_device, False)`` (the
      * statistics extension's) is what the word must be for an untraced replay on the
      * current stream; ``gate_closed`` what Python last wrote, closed (-1: open or not
-     * known; a key is never negative).  An armed replay goes straight to torch only while the two agree: on
-     * another stream, or with the word open, it asks.  NULL: not gated. */
+     * known; a key is never negative).  An armed replay goes straight to torch only
+     * while the two agree: on another stream, or with the word open, it asks.  NULL:
+     * not gated. */
     PyObject *gate_key;
     PyObject *gate_device;
     long long gate_closed;

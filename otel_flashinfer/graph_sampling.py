@@ -198,7 +198,8 @@ class ReplaySampler:
             # hand-over or a preemption inside it stretches, and no run of those may
             # stop tracing for longer than a few traced replays' worth of credit.
             floor = -_MAX_BURST * max(self.estimate(), spent_s)
-            self._spend(self.credit_s - max(self.credit_s - spent_s, min(floor, self.credit_s)))
+            credit = max(self.credit_s - spent_s, min(floor, self.credit_s))
+            self._spend(self.credit_s - credit)
             self.asked_untraced += 1
 
     def passed(self, n: int) -> None:
