@@ -32,40 +32,57 @@ from typing import Any
 
 from .config import REPLAY_AUTO
 
-#: Cost estimates move by this share of each new measurement (smooths one slow replay).
+#: The GPU time a replay takes moves by this share of each new measurement.
 _SMOOTHING = 0.2
 
 
 def smoothed(last: float | None, sample: float) -> float:
-    """A cost estimate after one more measurement: the first one (``last`` None or 0)
-    as it is, later ones moving the estimate by ``_SMOOTHING`` of the difference.  The
-    sampler's own estimate and the per-span costs it is fed (the worker's, the
-    sender's) are kept this way."""
+    """A time after one more measurement: the first one (``last`` None or 0) as it is,
+    later ones moving it by ``_SMOOTHING`` of the difference (a replay's GPU time;
+    costs are ``CostEstimate``'s)."""
     return sample if not last else last + _SMOOTHING * (sample - last)
 
 
+#: A cost estimate is the median of this many latest samples.
+_WINDOW = 5
+
+
 class CostEstimate:
-    """A smoothed cost per unit that leaves its first sample out.
+    """A cost per unit that leaves its first sample out and no one sample holds up.
 
     The first batch a thread hands on, and the first replay a graph traces, pay
     one-time work: imports, opening the file or the connection, encoding the graph's
     templates.  Taken as the estimate, that one sample (10 to 50x the steady cost on
     the CPU box) made ``auto`` wait thousands of replays for the credit to trace the
     next one, and with few traced replays there were few samples to correct it: it
-    traced 0 of 500 replays on the device.  ``value`` is 0.0 until a steady sample.
-    ``warmup=False`` keeps every sample (a caller that knows which one was setup)."""
+    traced 0 of 500 replays on the device.  So the first sample is left out, and the
+    value is the median of the latest ``_WINDOW`` (the lower one of an even count),
+    known from the second steady sample on: a costly drain after the first (189 us a
+    span against a steady 1 us, H100, level 1) was taken as the price of the spans
+    traced so far and of the next replay (12 ms), and held up by smoothing for 20
+    samples, each of which waited for that credit: ``auto`` traced 2 of 2,400
+    replays.  ``value`` is 0.0 until then (``ReplaySampler`` charges the spans handed
+    on meanwhile once it is known).  ``warmup=False`` keeps every sample and knows the
+    value from the first (a caller that knows which one was setup)."""
 
-    __slots__ = ("_warmup", "value")
+    __slots__ = ("_need", "_samples", "_warmup", "value")
 
     def __init__(self, warmup: bool = True) -> None:
         self.value = 0.0
         self._warmup = warmup
+        self._need = 2 if warmup else 1
+        self._samples: list[float] = []
 
     def add(self, sample: float) -> None:
         if self._warmup:
             self._warmup = False
             return
-        self.value = smoothed(self.value, sample)
+        samples = self._samples
+        samples.append(sample)
+        if len(samples) > _WINDOW:
+            del samples[0]
+        if len(samples) >= self._need:
+            self.value = sorted(samples)[(len(samples) - 1) // 2]
 
 
 #: While a traced replay's GPU time waits to be read, one replay in this many asks.
@@ -127,7 +144,7 @@ class ReplaySampler:
         return self.every == REPLAY_AUTO
 
     def estimate(self) -> float:
-        """What tracing one more replay costs: the caller's smoothed time and the last
+        """What tracing one more replay costs: the caller's recent time and the last
         replay's spans at the background's latest cost per span."""
         return self.caller.value + self.spans * self.per_span_s
 

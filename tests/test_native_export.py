@@ -336,10 +336,11 @@ def test_pipeline_exports_through_the_native_encoder_into_the_file(tmp_path: Pat
     assert attrs["flashinfer.arg.layout"] == {"stringValue": "NHD"}  # a default
     # what one more span costs in the background counts the file writer's CPU too
     # (REPLAY_EVERY=auto budgets with it): the writes after the first (which opened
-    # the file) took some
-    for r in _records():
-        pipeline.submit(r)
-    assert pipeline.flush(10)
+    # the file) took some, known once two of them agree
+    for _ in range(2):
+        for r in _records():
+            pipeline.submit(r)
+        assert pipeline.flush(10)
     assert pipeline._native.cost_per_span_s > 0  # noqa: SLF001
     assert pipeline.cost_per_span_s == pytest.approx(
         pipeline.worker_cost_per_span_s + pipeline._native.cost_per_span_s)  # noqa: SLF001
@@ -1197,10 +1198,10 @@ def test_a_replay_handed_over_mid_drain_is_not_charged_the_drains_eager_spans(
             assert started.wait(10)  # the worker is resolving the eager spans (10 x 2 ms)
             pipeline.submit(_replay(capture, index=round_ + 1, replay_id=0x900 + round_))
             assert pipeline.flush(10)
-        eager = pipeline.worker_cost_per_span_s
+        eager = max(pipeline._worker_cost._samples)  # noqa: SLF001 - a costly drain's
         replay = pipeline._replay_cost.value  # noqa: SLF001
         assert eager > 3e-4
-        assert replay < eager / 20, (replay, eager)
+        assert 0 < replay < eager / 20, (replay, eager)
     finally:
         pipeline.shutdown(5)
 
