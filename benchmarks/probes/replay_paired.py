@@ -64,6 +64,8 @@ def main(level: int, blocks: int, per_block: int) -> None:
         for kind in ("torch", "ours"):
             cls.replay = torch_replay if kind == "torch" else ours
             run = runs[kind]
+            measured0, credit0, asked0 = (sampler.measured, sampler.credit_s,
+                                          sampler.asked_untraced)
             cpu0, t0, main0, inside = _cpu_s(), time.perf_counter(), time.thread_time(), 0.0
             for _ in range(per_block):
                 measured = sampler.measured
@@ -76,6 +78,11 @@ def main(level: int, blocks: int, per_block: int) -> None:
                 run["traced" if traced else "untraced"].append(spent)
             if kind == "ours":
                 otel_flashinfer.flush(60)
+                print(f"  ours block: traced {sampler.measured - measured0}, credit "
+                      f"{credit0 * 1e6:.0f} -> {sampler.credit_s * 1e6:.0f} us, estimate "
+                      f"{sampler.estimate() * 1e6:.0f} us, gpu {sampler.gpu_s * 1e6:.0f} "
+                      f"us, asked {sampler.asked_untraced - asked0}, per span "
+                      f"{sampler.per_span_s * 1e6:.2f} us")
             waiting = time.thread_time() - main0 - inside
             run["work"].append((_cpu_s() - cpu0 - waiting) / per_block)
             run["wall"].append((time.perf_counter() - t0) / per_block)
