@@ -64,15 +64,19 @@ struct Setup {
   cudaStream_t side;
 };
 
-// One statistics launch inside an IF node of the graph `s` is capturing into.
-static cudaGraphConditionalHandle if_launch(cudaStream_t s, const Setup& u, int blocks) {
+// One statistics launch inside an IF node of the graph `s` is capturing into; with
+// `setter`, a 1-thread kernel before the node sets its condition from the gate word.
+static cudaGraphConditionalHandle if_launch(cudaStream_t s, const Setup& u, int blocks,
+                                            bool setter) {
   cudaStreamCaptureStatus st;
   cudaGraph_t graph;
+  CK(cudaStreamGetCaptureInfo(s, &st, nullptr, &graph, nullptr, nullptr, nullptr));
+  cudaGraphConditionalHandle h;
+  CK(cudaGraphConditionalHandleCreate(&h, graph, 0, cudaGraphCondAssignDefault));
+  if (setter) set_one<<<1, 1, 0, s>>>(h, u.gate);
   const cudaGraphNode_t* deps;
   size_t ndeps;
   CK(cudaStreamGetCaptureInfo(s, &st, nullptr, &graph, &deps, nullptr, &ndeps));
-  cudaGraphConditionalHandle h;
-  CK(cudaGraphConditionalHandleCreate(&h, graph, 0, cudaGraphCondAssignDefault));
   cudaGraphNodeParams p = {};
   p.type = cudaGraphNodeTypeConditional;
   p.conditional.handle = h;
@@ -80,9 +84,8 @@ static cudaGraphConditionalHandle if_launch(cudaStream_t s, const Setup& u, int 
   p.conditional.size = 1;
   cudaGraphNode_t node;
   CK(cudaGraphAddNode(&node, graph, deps, nullptr, ndeps, &p));
-  cudaGraph_t body = p.conditional.phGraph_out[0];
-  CK(cudaStreamBeginCaptureToGraph(u.side, body, nullptr, nullptr, 0,
-                                   cudaStreamCaptureModeRelaxed));
+  CK(cudaStreamBeginCaptureToGraph(u.side, p.conditional.phGraph_out[0], nullptr, nullptr,
+                                   0, cudaStreamCaptureModeRelaxed));
   stats<<<blocks, 256, 0, u.side>>>(nullptr, u.ran);
   CK(cudaGetLastError());
   cudaGraph_t done;
@@ -103,35 +106,8 @@ static cudaGraphExec_t build(Variant v, cudaStream_t s, const Setup& u) {
         case kBare: break;
         case kGated: stats<<<u.stats_blocks, 256, 0, s>>>(u.gate, u.ran); break;
         case kGated1: stats<<<1, 256, 0, s>>>(u.gate, u.ran); break;
-        case kIfEach: {
-          // the handle is made before the setter's launch: capture the setter first,
-          // then the IF node after it (its handle is known once the node exists)
-          cudaStreamCaptureStatus st;
-          cudaGraph_t graph;
-          CK(cudaStreamGetCaptureInfo(s, &st, nullptr, &graph, nullptr, nullptr, nullptr));
-          cudaGraphConditionalHandle h;
-          CK(cudaGraphConditionalHandleCreate(&h, graph, 0, cudaGraphCondAssignDefault));
-          set_one<<<1, 1, 0, s>>>(h, u.gate);
-          const cudaGraphNode_t* deps;
-          size_t ndeps;
-          CK(cudaStreamGetCaptureInfo(s, &st, nullptr, &graph, &deps, nullptr, &ndeps));
-          cudaGraphNodeParams p = {};
-          p.type = cudaGraphNodeTypeConditional;
-          p.conditional.handle = h;
-          p.conditional.type = cudaGraphCondTypeIf;
-          p.conditional.size = 1;
-          cudaGraphNode_t node;
-          CK(cudaGraphAddNode(&node, graph, deps, nullptr, ndeps, &p));
-          CK(cudaStreamBeginCaptureToGraph(u.side, p.conditional.phGraph_out[0], nullptr,
-                                           nullptr, 0, cudaStreamCaptureModeRelaxed));
-          stats<<<u.stats_blocks, 256, 0, u.side>>>(nullptr, u.ran);
-          cudaGraph_t done;
-          CK(cudaStreamEndCapture(u.side, &done));
-          CK(cudaStreamUpdateCaptureDependencies(s, &node, nullptr, 1,
-                                                 cudaStreamSetCaptureDependencies));
-          break;
-        }
-        case kIfOne: hs.push_back(if_launch(s, u, u.stats_blocks)); break;
+        case kIfEach: if_launch(s, u, u.stats_blocks, true); break;
+        case kIfOne: hs.push_back(if_launch(s, u, u.stats_blocks, false)); break;
       }
     }
   }
