@@ -1,5 +1,6 @@
 // What an untraced replay's gated statistics launches cost the GPU, against the same
-// launches inside CUDA conditional (IF) nodes that the replay skips.
+// launches inside CUDA conditional (IF) nodes that the replay skips, and against their
+// nodes disabled in the instantiated graph.
 //
 // A stand-in for the 32-layer decode step: 64 "work" kernels in a row on one stream,
 // each with a statistics-like launch before and after it (a wave of blocks, 3 per SM),
@@ -9,11 +10,17 @@
 //   gated1  the same with one block each (does the grid's size matter?)
 //   ifeach  each launch in an IF node, its condition set by a 1-thread kernel before it
 //   ifone   each launch in an IF node, all 128 conditions set by one kernel at the start
+//   off     the gated launches' nodes disabled in the instantiated graph
+//           (cudaGraphNodeSetEnabled: the graph must be kept, torch's keep_graph=True),
+//           enabled again for a traced replay; the host's time to switch all 128 is
+//           printed too
 // Each variant also runs with the gate open once, and its body kernels count their
 // blocks, so the probe checks that a closed gate skips every body and an open one runs
-// every body.  Build: nvcc -O2 -arch=sm_90 -o cond_nodes cond_nodes.cu
+// every body ("off": disabled nodes run nothing though the word says yes).
+// Build: nvcc -O2 -arch=sm_90 -o cond_nodes cond_nodes.cu
 #include <cuda_runtime.h>
 
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
@@ -51,8 +58,33 @@ __global__ void set_all(const cudaGraphConditionalHandle* hs, const int* count, 
   for (int k = threadIdx.x; k < *count; k += blockDim.x) cudaGraphSetConditional(hs[k], v);
 }
 
-enum Variant { kBare, kGated, kGated1, kIfEach, kIfOne };
-static const char* kNames[] = {"bare", "gated", "gated1", "ifeach", "ifone"};
+enum Variant { kBare, kGated, kGated1, kIfEach, kIfOne, kOff, kVariants };
+static const char* kNames[] = {"bare", "gated", "gated1", "ifeach", "ifone", "off"};
+
+// An instantiated variant; "off" keeps its graph and its launches' nodes.
+struct Built {
+  cudaGraphExec_t exec = nullptr;
+  cudaGraph_t graph = nullptr;
+  std::vector<cudaGraphNode_t> nodes;
+};
+
+// The nodes of `b`'s gated launches on (traced) or off.
+static void set_enabled(const Built& b, bool on) {
+  for (cudaGraphNode_t n : b.nodes) CK(cudaGraphNodeSetEnabled(b.exec, n, on ? 1 : 0));
+}
+
+// The node the launch just captured on `s` (its only dependency now).
+static cudaGraphNode_t last_node(cudaStream_t s) {
+  cudaStreamCaptureStatus st;
+  const cudaGraphNode_t* deps;
+  size_t ndeps;
+  CK(cudaStreamGetCaptureInfo(s, &st, nullptr, nullptr, &deps, nullptr, &ndeps));
+  if (ndeps != 1) {
+    std::fprintf(stderr, "expected one dependency, got %zu\n", ndeps);
+    std::exit(1);
+  }
+  return deps[0];
+}
 
 struct Setup {
   float* buf;
@@ -95,7 +127,8 @@ static cudaGraphConditionalHandle if_launch(cudaStream_t s, const Setup& u, int 
   return h;
 }
 
-static cudaGraphExec_t build(Variant v, cudaStream_t s, const Setup& u) {
+static Built build(Variant v, cudaStream_t s, const Setup& u) {
+  Built b;
   std::vector<cudaGraphConditionalHandle> hs;
   CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
   if (v == kIfOne) set_all<<<1, 128, 0, s>>>(u.handles, u.count, u.gate);
@@ -108,6 +141,11 @@ static cudaGraphExec_t build(Variant v, cudaStream_t s, const Setup& u) {
         case kGated1: stats<<<1, 256, 0, s>>>(u.gate, u.ran); break;
         case kIfEach: if_launch(s, u, u.stats_blocks, true); break;
         case kIfOne: hs.push_back(if_launch(s, u, u.stats_blocks, false)); break;
+        case kOff:
+          stats<<<u.stats_blocks, 256, 0, s>>>(u.gate, u.ran);
+          b.nodes.push_back(last_node(s));
+          break;
+        default: break;
       }
     }
   }
@@ -118,10 +156,12 @@ static cudaGraphExec_t build(Variant v, cudaStream_t s, const Setup& u) {
     CK(cudaMemcpy(u.handles, hs.data(), hs.size() * sizeof(hs[0]), cudaMemcpyHostToDevice));
     CK(cudaMemcpy(u.count, &count, sizeof(int), cudaMemcpyHostToDevice));
   }
-  cudaGraphExec_t e;
-  CK(cudaGraphInstantiate(&e, g, 0));
-  CK(cudaGraphDestroy(g));
-  return e;
+  CK(cudaGraphInstantiate(&b.exec, g, 0));
+  if (v == kOff)
+    b.graph = g;  // its nodes name the launches to switch
+  else
+    CK(cudaGraphDestroy(g));
+  return b;
 }
 
 int main(int argc, char** argv) {
@@ -149,16 +189,17 @@ int main(int argc, char** argv) {
   CK(cudaEventCreate(&b));
   std::printf("sms %d, stats blocks %d, work iters %d, %d replays\n", sms, u.stats_blocks,
               iters, replays);
-  cudaGraphExec_t execs[5];
-  for (int v = 0; v < 5; ++v) execs[v] = build(static_cast<Variant>(v), s, u);
+  Built built[kVariants];
+  for (int v = 0; v < kVariants; ++v) built[v] = build(static_cast<Variant>(v), s, u);
   // correctness: the closed gate runs no body, the open one all of them
-  for (int v = 1; v < 5; ++v) {
+  for (int v = 1; v < kVariants; ++v) {
     unsigned long long got[2];
     for (int open = 0; open < 2; ++open) {
       CK(cudaMemsetAsync(u.gate, 0, sizeof(int), s));
-      if (open) CK(cudaMemsetAsync(u.gate, 1, 1, s));
+      if (open || v == kOff) CK(cudaMemsetAsync(u.gate, 1, 1, s));
+      if (v == kOff) set_enabled(built[v], open);
       CK(cudaMemsetAsync(u.ran, 0, sizeof(unsigned long long), s));
-      CK(cudaGraphLaunch(execs[v], s));
+      CK(cudaGraphLaunch(built[v].exec, s));
       CK(cudaMemcpyAsync(&got[open], u.ran, sizeof(got[0]), cudaMemcpyDeviceToHost, s));
       CK(cudaStreamSynchronize(s));
     }
@@ -169,15 +210,26 @@ int main(int argc, char** argv) {
                                                                                : "WRONG");
   }
   CK(cudaMemsetAsync(u.gate, 0, sizeof(int), s));
+  CK(cudaStreamSynchronize(s));
+  // the host's time to switch every gated node of "off" (twice per traced replay)
+  const int switches = 200;
+  auto t0 = std::chrono::steady_clock::now();
+  for (int k = 0; k < switches; ++k) set_enabled(built[kOff], k % 2 == 1);
+  const double switch_us =
+      std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() /
+      switches;
+  std::printf("off: switching %zu nodes took %.1f us on the host\n", built[kOff].nodes.size(),
+              switch_us);
+  set_enabled(built[kOff], false);
   // timing: rounds interleave the variants; the gate stays closed (untraced replays)
   const int rounds = 5;
-  double best[5], sum[5];
-  for (int v = 0; v < 5; ++v) best[v] = 1e30, sum[v] = 0;
+  double best[kVariants], sum[kVariants];
+  for (int v = 0; v < kVariants; ++v) best[v] = 1e30, sum[v] = 0;
   for (int r = 0; r < rounds; ++r) {
-    for (int v = 0; v < 5; ++v) {
-      for (int k = 0; k < 20; ++k) CK(cudaGraphLaunch(execs[v], s));
+    for (int v = 0; v < kVariants; ++v) {
+      for (int k = 0; k < 20; ++k) CK(cudaGraphLaunch(built[v].exec, s));
       CK(cudaEventRecord(a, s));
-      for (int k = 0; k < replays; ++k) CK(cudaGraphLaunch(execs[v], s));
+      for (int k = 0; k < replays; ++k) CK(cudaGraphLaunch(built[v].exec, s));
       CK(cudaEventRecord(b, s));
       CK(cudaEventSynchronize(b));
       float ms;
@@ -187,7 +239,7 @@ int main(int argc, char** argv) {
       if (us < best[v]) best[v] = us;
     }
   }
-  for (int v = 0; v < 5; ++v)
+  for (int v = 0; v < kVariants; ++v)
     std::printf("%-7s %8.2f us/replay (best of %d: %8.2f)  vs bare %+6.2f%%\n", kNames[v],
                 sum[v] / rounds, rounds, best[v], 100.0 * (sum[v] / sum[kBare] - 1.0));
   return 0;
