@@ -389,8 +389,8 @@ class NativeExport:
         self._outbox: deque[tuple[str, bytes, int]] = deque()
         self._queued = 0
         self._stopping = False
-        #: The sender thread's CPU per span sent, smoothed, its first send (opening the
-        #: file or the connection) left out (``REPLAY_EVERY=auto``).
+        #: The sender thread's CPU per span sent (``CostEstimate``: its first send,
+        #: opening the file or the connection, left out) for ``REPLAY_EVERY=auto``.
         self._cost = CostEstimate()
         #: Requests sent, their wall time in all and the longest (benchmarks print them:
         #: a send longer than the outbox's worth of spans is what makes it drop).

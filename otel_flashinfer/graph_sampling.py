@@ -32,57 +32,76 @@ from typing import Any
 
 from .config import REPLAY_AUTO
 
-#: The GPU time a replay takes moves by this share of each new measurement.
+#: Estimates move by this share of each new measurement (smooths one slow replay).
 _SMOOTHING = 0.2
 
 
 def smoothed(last: float | None, sample: float) -> float:
-    """A time after one more measurement: the first one (``last`` None or 0) as it is,
-    later ones moving it by ``_SMOOTHING`` of the difference (a replay's GPU time;
-    costs are ``CostEstimate``'s)."""
+    """An estimate after one more measurement: the first one (``last`` None or 0) as it
+    is, later ones moving it by ``_SMOOTHING`` of the difference.  A replay's GPU time
+    and, through ``CostEstimate``, the costs ``auto`` charges are kept this way."""
     return sample if not last else last + _SMOOTHING * (sample - last)
 
 
-#: A cost estimate is the median of this many latest samples.
-_WINDOW = 5
+#: After the left-out first sample, a cost estimate starts from the lowest of this
+#: many: one-time work may reach past the first drain (two of them on the device).
+_SEED_FROM = 3
+#: Samples in a row this far below a cost estimate start it again from them: a costly
+#: stretch later on is forgotten in a few samples, not some twenty.
+_RESEED_BELOW, _RESEED_AFTER = 0.25, 3
 
 
 class CostEstimate:
-    """A cost per unit that leaves its first sample out and no one sample holds up.
+    """A smoothed cost per unit that one-time work cannot hold up.
 
     The first batch a thread hands on, and the first replay a graph traces, pay
     one-time work: imports, opening the file or the connection, encoding the graph's
-    templates.  Taken as the estimate, that one sample (10 to 50x the steady cost on
-    the CPU box) made ``auto`` wait thousands of replays for the credit to trace the
-    next one, and with few traced replays there were few samples to correct it: it
-    traced 0 of 500 replays on the device.  So the first sample is left out, and the
-    value is the median of the latest ``_WINDOW`` (the lower one of an even count),
-    known from the second steady sample on: a costly drain after the first (189 us a
-    span against a steady 1 us, H100, level 1) was taken as the price of the spans
-    traced so far and of the next replay (12 ms), and held up by smoothing for 20
-    samples, each of which waited for that credit: ``auto`` traced 2 of 2,400
-    replays.  ``value`` is 0.0 until then (``ReplaySampler`` charges the spans handed
-    on meanwhile once it is known).  ``warmup=False`` keeps every sample and knows the
-    value from the first (a caller that knows which one was setup)."""
+    templates, a full garbage collection.  Taken as the estimate, that (10 to 190x the
+    steady cost on the device) made ``auto`` wait thousands of replays for the credit
+    to trace the next one, and with few traced replays there were few samples to
+    correct it: 0 of 500 replays traced, and, with only the first sample left out, 2
+    of 2,400 after one costly drain more (H100, level 1).  So the first sample is left
+    out and the estimate starts from the lowest of the next ``_SEED_FROM``; from then
+    on it is smoothed (``smoothed``), which tracks the mean: spans are charged at it,
+    and an estimate below the mean spends more than the budget (a median of the latest
+    drains spent 1.7% of the time against 1% when one drain in three cost 5x).
+    ``_RESEED_AFTER`` samples in a row under ``_RESEED_BELOW`` of the estimate start it
+    again from their mean.  ``value`` is 0.0 until known.  ``warmup=False`` keeps
+    every sample and knows the value from the first (a caller that knows which one was
+    setup)."""
 
-    __slots__ = ("_need", "_samples", "_warmup", "value")
+    __slots__ = ("_low", "_seed", "_warmup", "value")
 
     def __init__(self, warmup: bool = True) -> None:
         self.value = 0.0
         self._warmup = warmup
-        self._need = 2 if warmup else 1
-        self._samples: list[float] = []
+        #: The steady samples the estimate will start from (None: it has started).
+        self._seed: list[float] | None = [] if warmup else None
+        self._low: list[float] = []  # the latest samples in a row far below the value
 
     def add(self, sample: float) -> None:
         if self._warmup:
             self._warmup = False
             return
-        samples = self._samples
-        samples.append(sample)
-        if len(samples) > _WINDOW:
-            del samples[0]
-        if len(samples) >= self._need:
-            self.value = sorted(samples)[(len(samples) - 1) // 2]
+        seed = self._seed
+        if seed is not None:
+            seed.append(sample)
+            if len(seed) < _SEED_FROM:
+                return
+            sample, self._seed = min(seed), None
+        if not self.value:
+            self.value = sample
+            return
+        low = self._low
+        if sample < _RESEED_BELOW * self.value:
+            low.append(sample)
+            if len(low) >= _RESEED_AFTER:
+                self.value = sum(low) / len(low)
+                low.clear()
+                return
+        else:
+            low.clear()
+        self.value = smoothed(self.value, sample)
 
 
 #: While a traced replay's GPU time waits to be read, one replay in this many asks.
@@ -144,7 +163,7 @@ class ReplaySampler:
         return self.every == REPLAY_AUTO
 
     def estimate(self) -> float:
-        """What tracing one more replay costs: the caller's recent time and the last
+        """What tracing one more replay costs: the caller's smoothed time and the last
         replay's spans at the background's latest cost per span."""
         return self.caller.value + self.spans * self.per_span_s
 
@@ -155,7 +174,12 @@ class ReplaySampler:
             return
         self.per_span_s = max(per_span_s, 0.0)
         if self.unpriced and self.per_span_s > 0:
-            self._spend(self.unpriced * self.per_span_s)
+            # At most a burst's worth of debt: replays traced before the price was
+            # known may be thousands, at a price the first drains' one-time work can
+            # still hold up, and a debt of seconds would stop tracing for minutes.
+            floor = -_MAX_BURST * self.estimate()
+            self._spend(min(self.unpriced * self.per_span_s,
+                            max(self.credit_s - floor, 0.0)))
             self.unpriced = 0
 
     def should_trace(self, now_s: float, per_span_s: float | None = None,

@@ -1003,22 +1003,27 @@ class Pipeline:
 
     @property
     def worker_cost_per_span_s(self) -> float:
-        """The worker's CPU per span handed on, smoothed over drains, the first drain
-        (one-time work) left out: what tracing one more span costs on this thread
-        (``graph_sampling`` budgets replays with it).  0.0 until measured."""
+        """The worker's CPU per span handed on, over drains (``CostEstimate``: the
+        first drain's one-time work left out, known from the third): what handing on
+        one more span costs on this thread.  0.0 until known."""
         return self._worker_cost.value
 
     @property
     def replay_cost_per_span_s(self) -> float:
         """What one more span of a traced graph replay costs in the background: the
-        worker's CPU per span in drains that were mostly replays', the first left out
-        (0.0 until measured), plus the native sender's per span.  ``REPLAY_EVERY=auto``
+        worker's CPU per span in drains that were mostly replays' (``CostEstimate``),
+        plus the native sender's per span.  0.0 until both are known: spans charged
+        at the worker's price alone would never pay the sender's share, since spans
+        handed on before a price are charged once, at the first.  ``REPLAY_EVERY=auto``
         charges it per child.  Level 10's children, made on the replaying thread and
         written by the encoder as plain records, do not count as replays' spans: their
         blobs' cost is the writers', which ``auto`` does not charge either."""
         native = self._native
         sender = native.cost_per_span_s if native is not None else 0.0
-        return self._replay_cost.value + sender
+        worker = self._replay_cost.value
+        if not worker or (native is not None and not sender):
+            return 0.0
+        return worker + sender
 
     @property
     def cost_per_span_s(self) -> float:
