@@ -1176,7 +1176,8 @@ def test_replays_are_charged_what_replay_spans_cost_not_eager_ones(tmp_path: Pat
 
 def test_a_replay_span_has_no_price_until_the_sender_has_one(tmp_path: Path) -> None:
     """Spans handed on before a price is known are charged once, at the first price:
-    a price from the worker alone would leave the sender's share of them unpaid."""
+    a price from the worker alone would leave the sender's share of them unpaid.  A new
+    sender (a re-plan) keeps the last one's price until it knows its own."""
     provider, tracer = _file_provider(tmp_path / "t.jsonl")
     pipeline = Pipeline(tracer, provider=provider, interval_s=0.01)
     try:
@@ -1186,6 +1187,8 @@ def test_a_replay_span_has_no_price_until_the_sender_has_one(tmp_path: Path) -> 
         native._cost.value = 0.0  # noqa: SLF001 - the sender's not yet
         assert pipeline.replay_cost_per_span_s == 0.0
         native._cost.value = 1e-6  # noqa: SLF001
+        assert pipeline.replay_cost_per_span_s == pytest.approx(4e-6)
+        native._cost.value = 0.0  # noqa: SLF001 - as a new sender's after a re-plan
         assert pipeline.replay_cost_per_span_s == pytest.approx(4e-6)
     finally:
         pipeline.shutdown(5)
