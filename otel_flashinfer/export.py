@@ -632,6 +632,11 @@ class NativeExport:
     def cost_per_span_s(self) -> float:
         return self._cost.value
 
+    def carry_cost(self, previous: NativeExport) -> None:
+        """After a re-plan: this sender's cost per span is ``previous``'s until its own
+        sends say (``REPLAY_EVERY=auto`` prices replay spans with it)."""
+        self._cost.carry(previous._cost)  # noqa: SLF001 - the same class
+
     def _take(self) -> tuple[str, list[bytes], int]:
         """Under the outbox's lock: the oldest request, with the later ones of its format
         that fit the format's limits in bytes, spans and requests (other formats keep

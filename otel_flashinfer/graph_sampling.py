@@ -63,18 +63,24 @@ class CostEstimate:
     and an estimate below the mean spends more than the budget (a median of the latest
     drains spent 1.7% of the time against 1% when one drain in three cost 5x; a rule
     that started it again after three cheap drains in a row spent 1.4 to 1.9% when a
-    costly one followed every three).  ``value`` is 0.0 until known.
-    ``warmup=False`` keeps every sample and knows the value from the first (a caller
-    that knows which one was setup)."""
+    costly one followed every three).  ``value`` is 0.0 until known, or another
+    estimate's (``carry``) until this one's seed is in.  ``warmup=False`` keeps every
+    sample and knows the value from the first (a caller that knows which one was
+    setup)."""
 
-    __slots__ = ("_known", "_seed", "_warmup", "value")
+    __slots__ = ("_seed", "_warmup", "value")
 
     def __init__(self, warmup: bool = True) -> None:
         self.value = 0.0
         self._warmup = warmup
-        self._known = False
         #: The steady samples the estimate will start from (None: it has started).
         self._seed: list[float] | None = [] if warmup else None
+
+    def carry(self, previous: CostEstimate) -> None:
+        """Stand in with ``previous``'s value until this estimate's own is known (a
+        new sender after a re-plan: at 0.0 meanwhile, its spans were charged nothing)."""
+        if not self.value:
+            self.value = previous.value
 
     def add(self, sample: float) -> None:
         if self._warmup:
@@ -86,10 +92,8 @@ class CostEstimate:
             if len(seed) < _SEED_FROM:
                 return
             sample, self._seed = min(seed), None
-        if not self._known:  # a first value of 0.0 is a value too, smoothed from
-            self.value, self._known = max(sample, 0.0), True
-            return
-        self.value = self.value + _SMOOTHING * (sample - self.value)
+            self.value = 0.0  # a carried value is not this estimate's to smooth
+        self.value = smoothed(self.value, sample)
 
 
 #: While a traced replay's GPU time waits to be read, one replay in this many asks.

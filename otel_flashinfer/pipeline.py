@@ -564,8 +564,6 @@ class Pipeline:
         #: times and a copy).  Eager calls' spans and the drains around a capture cost
         #: 100x more each on the device; charged to replays, they starved ``auto``.
         self._replay_cost = CostEstimate()
-        #: The sender's last known cost per span (``replay_cost_per_span_s``).
-        self._sender_price = 0.0
         #: Spans of graph replays handed on where they are handed on: by the native
         #: encoder (its count at the last drain) and by Python (the replays it expanded).
         self._native_replays = 0
@@ -604,6 +602,8 @@ class Pipeline:
         self._native = native_export_for(self.provider, tracer, CallRecord, _EMPTY, note,
                                          enabled=self.native_export)
         self._native_counted, self._native_left_out, self._native_replays = 0, (0, 0), 0
+        if old is not None and self._native is not None:
+            self._native.carry_cost(old)  # priced at the old sender's until it knows
         if old is not None:
             # The provider changed hands (handoff): what the old path still holds goes
             # out through its own exporters, without keeping the caller.
@@ -1016,18 +1016,13 @@ class Pipeline:
         worker's CPU per span in drains that were mostly replays' (``CostEstimate``),
         plus the native sender's per span.  0.0 until both are known: spans charged
         at the worker's price alone would never pay the sender's share, since spans
-        handed on before a price are charged once, at the first.  A new sender (the
-        provider's processors changed) is priced at the last one's until it knows its
-        own: back at 0.0, every span meanwhile was charged nothing.  ``REPLAY_EVERY=auto``
+        handed on before a price are charged once, at the first (a new sender after a
+        re-plan carries the last one's: ``_plan``).  ``REPLAY_EVERY=auto``
         charges it per child.  Level 10's children, made on the replaying thread and
         written by the encoder as plain records, do not count as replays' spans: their
         blobs' cost is the writers', which ``auto`` does not charge either."""
         native = self._native
         sender = native.cost_per_span_s if native is not None else 0.0
-        if sender:
-            self._sender_price = sender
-        elif native is not None:
-            sender = self._sender_price
         worker = self._replay_cost.value
         if not worker or (native is not None and not sender):
             return 0.0

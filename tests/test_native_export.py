@@ -1188,7 +1188,8 @@ def test_a_replay_span_has_no_price_until_the_sender_has_one(tmp_path: Path) -> 
         assert pipeline.replay_cost_per_span_s == 0.0
         native._cost.value = 1e-6  # noqa: SLF001
         assert pipeline.replay_cost_per_span_s == pytest.approx(4e-6)
-        native._cost.value = 0.0  # noqa: SLF001 - as a new sender's after a re-plan
+        pipeline._use_tracer(pipeline.tracer)  # noqa: SLF001 - a re-plan: a new sender
+        assert pipeline._native is not native  # noqa: SLF001
         assert pipeline.replay_cost_per_span_s == pytest.approx(4e-6)
     finally:
         pipeline.shutdown(5)
