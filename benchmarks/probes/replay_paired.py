@@ -19,7 +19,6 @@ outside ``replay()`` (its wait for the GPU spins), per replay, as in the benchma
 
 from __future__ import annotations
 
-import resource
 import statistics
 import sys
 import time
@@ -29,11 +28,6 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-def _cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 def _p(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(q * len(values)))] * 1e6 if values else float("nan")
@@ -41,7 +35,7 @@ def _p(values: list[float], q: float) -> float:
 
 def main(level: int, blocks: int, per_block: int) -> None:
     import torch
-    from bench_graph_step import decode_step_graph
+    from bench_graph_step import _cpu_s, decode_step_graph
 
     import otel_flashinfer
     from otel_flashinfer import gpu_timing, graphs
