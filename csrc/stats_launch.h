@@ -73,4 +73,11 @@ void register_blob_staging(pybind11::module_& m);
 // Adds make_span_hooks to the extension module (stats_hooks.cpp).
 void register_span_hooks(pybind11::module_& m);
 
+// A gated launch just made on `stream`: under capture, its graph node is noted by its
+// gate word, so that untraced replays can switch it off (gate_nodes.cpp).
+void note_gated_node(cudaStream_t stream, const int32_t* gate);
+
+// Adds gate_nodes, gate_nodes_set and gate_nodes_forget (gate_nodes.cpp).
+void register_gate_nodes(pybind11::module_& m);
+
 }  // namespace otel_fi

@@ -196,6 +196,7 @@ void launch_items(std::vector<Item>& items, int64_t* out, cudaStream_t stream, i
       int err = launch_tensor_stats(ld, 1, kThreads, out, stream);
       TORCH_CHECK(err == 0, "otel_flashinfer stats kernel: ",
                   cudaGetErrorString(static_cast<cudaError_t>(err)));
+      note_gated_node(stream, ld.gate);
       return;
     }
   }
@@ -251,6 +252,7 @@ void launch_items(std::vector<Item>& items, int64_t* out, cudaStream_t stream, i
     int err = launch_tensor_stats(ld, blocks, kThreads, out, stream);
     TORCH_CHECK(err == 0, "otel_flashinfer stats kernel: ", cudaGetErrorString(
                                                               static_cast<cudaError_t>(err)));
+    note_gated_node(stream, ld.gate);
     first = last;
   }
 }
@@ -561,4 +563,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "pass few tensors' descriptors in a small parameter block (default on)");
   otel_fi::register_span_hooks(m);
   otel_fi::register_blob_staging(m);
+  otel_fi::register_gate_nodes(m);
 }
