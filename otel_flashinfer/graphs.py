@@ -12,6 +12,7 @@ handed back per replay through ``Capture.replay_hooks``.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import sys
 import threading
@@ -34,6 +35,9 @@ _graphs: weakref.WeakKeyDictionary[Any, Capture] = weakref.WeakKeyDictionary()
 #: graph -> its ``_hotpath.GraphSkip``, read by the C ``ReplayGate`` (``patch``).
 _skips: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 _originals: dict[str, Any] = {}
+#: Graphs made with ``keep_graph=True`` by us, not their maker (``_keep_for_nodes``):
+#: their capture ends by instantiating them, as torch's would have.
+_kept_by_us: weakref.WeakSet[Any] = weakref.WeakSet()
 _lock = threading.Lock()
 #: Run before a capture begins and before it ends, by owner (``set_capture_hooks``).
 _capture_hooks: dict[str, tuple[Callable[[], None] | None, Callable[[], None] | None]] = {}
@@ -138,14 +142,22 @@ class Capture:
             group = self.groups[key] = make()
         return group
 
-    def seal(self) -> None:
-        """The capture has ended: the groups set up what their replays need."""
+    def seal(self, graph: Any = None) -> None:
+        """The capture of ``graph`` has ended: the groups set up what their replays
+        need, and gated ones learn the graph (``bind_graph``)."""
         for group in self.groups.values():
             try:
                 group.seal()
             except Exception as exc:  # noqa: BLE001
                 health.report("graph_errors", "could not finish a CUDA graph capture", exc)
         self.gates = tuple(g for g in self.groups.values() if getattr(g, "gated", False))
+        for gate in self.gates if graph is not None else ():
+            bind = getattr(gate, "bind_graph", None)
+            if bind is not None:
+                try:
+                    bind(graph)
+                except Exception as exc:  # noqa: BLE001
+                    health.report("graph_errors", "could not finish a CUDA graph capture", exc)
 
     def open_gates(self, traced: bool) -> None:
         """Before a replay: the gated groups' captured work runs only if ``traced``."""
@@ -274,6 +286,18 @@ def patch(runtime: Any, gate_types: tuple[Any, Any] | None = None) -> None:
     _originals["capture_end"] = graph_cls.capture_end
     _originals["replay"] = graph_cls.replay
     begin, end, replay = (_originals[k] for k in ("capture_begin", "capture_end", "replay"))
+    if _takes_keep_graph(graph_cls):
+        # The class's own (None: inherited from torch's base, which unpatch restores).
+        _originals["__init__"] = graph_cls.__dict__.get("__init__")
+        init = graph_cls.__init__
+
+        def init_(self: Any, keep_graph: bool = False, *args: Any, **kwargs: Any) -> None:
+            forced = not keep_graph and _keep_for_nodes(runtime)
+            init(self, bool(keep_graph) or forced, *args, **kwargs)
+            if forced:
+                _kept_by_us.add(self)
+
+        graph_cls.__init__ = init_
 
     def capture_begin(self: Any, *args: Any, **kwargs: Any) -> Any:
         global _capturing
@@ -307,12 +331,15 @@ def patch(runtime: Any, gate_types: tuple[Any, Any] | None = None) -> None:
         capture = _capturing
         _run_capture_hooks(1)
         try:
-            return end(self, *args, **kwargs)
+            result = end(self, *args, **kwargs)
+            if self in _kept_by_us:
+                self.instantiate()  # where torch's capture_end would have (not kept)
+            return result
         finally:
             _capturing = None
             capture_guard.end_capture()
             if capture is not None and capture.groups:
-                capture.seal()
+                capture.seal(self)
 
     def replay_(self: Any, *args: Any, **kwargs: Any) -> Any:
         t0 = perf_counter()  # what tracing costs counts from here (``auto``)
@@ -400,6 +427,27 @@ def patch(runtime: Any, gate_types: tuple[Any, Any] | None = None) -> None:
                         gate_types[0](replay, replay_, _skips.data))
 
 
+def _takes_keep_graph(graph_cls: type) -> bool:
+    """Whether this torch's CUDAGraph has ``keep_graph`` (torch 2.8 and later) and the
+    executable graph's handle (``raw_cuda_graph_exec``), which switching nodes needs."""
+    try:
+        params = inspect.signature(graph_cls.__new__).parameters
+    except (TypeError, ValueError):
+        return False
+    return "keep_graph" in params and hasattr(graph_cls, "raw_cuda_graph_exec")
+
+
+def _keep_for_nodes(runtime: Any) -> bool:
+    """Whether a graph made now should keep its captured cudaGraph_t: level 5 with
+    replays sampled, whose statistics nodes are switched off while untraced
+    (``stats.node_switch``).  Never raises: a graph is made either way."""
+    try:
+        settings = runtime.settings
+        return settings.level >= 5 and settings.replay_every != 1
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def _per_span(runtime: Any) -> float | None:
     """The background's cost per replay span now (``auto`` prices with it), or None
     when it cannot be read (reported; the replay goes on with the last price)."""
@@ -458,7 +506,10 @@ def unpatch() -> None:
         return
     graph_cls = torch.cuda.CUDAGraph
     for name, original in _originals.items():
-        setattr(graph_cls, name, original)
+        if original is None:
+            delattr(graph_cls, name)  # it was inherited
+        else:
+            setattr(graph_cls, name, original)
     _originals.clear()
     _capturing = None
 

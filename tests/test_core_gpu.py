@@ -277,16 +277,22 @@ def test_level5_untraced_replays_skip_the_statistics_on_the_gpu(spans, monkeypat
     assert rows.gated and rows._gate is not None  # taken by the captured launches
     assert otel_flashinfer.flush(30)
     spans.exporter.clear()
-    written = []
+    # torch kept the captured graph for us, and the gated launches' nodes were noted:
+    # untraced replays run with them switched off (stats.node_switch)
+    assert rows._switch is not None and rows._switch.on
+    assert kernel.get().gate_nodes(rows._gate.data_ptr()) > 0
+    written, switched = [], []
     clean = step.q.clone()
     for replay in range(1, 8):
         if replay in (2, 4):
             step.q[3, 5, 7] = float("nan")
         graph.replay()
         written.append(_rows_written(rows))
+        switched.append(rows._switch.on)
         step.q.copy_(clean)
     traced = [w > 0 for w in written]
     assert traced == [True, False, False, True, False, False, True], written
+    assert switched == traced
     assert len(asked) == 5  # replays 1, 2, 4, 5 and 7 came through Python
     children = sorted(spans.by_name(RUN),
                       key=lambda s: s.attributes["flashinfer.cuda_graph.replay"])

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +28,7 @@ from .. import capture_guard, health
 from . import kernel as _kernel
 from .decode import ROW_BYTES
 from .layout import ROW_WORDS
+from .node_switch import NodeSwitch
 from .pending import StatsPending, _dropped
 from .ring import SlotRing
 
@@ -125,6 +127,8 @@ class GraphRows:
         self._gate_module: Any = None
         self._gate_key = -1  # ``gate_key``'s: the stream and answer last written
         self._gate_stream: Any = None  # the stream it was written on
+        #: The gated launches' graph nodes, off while replays go untraced (``bind_graph``).
+        self._switch: NodeSwitch | None = None
         self._chunks: list[torch.Tensor] = []
         self._used: list[int] = []
         self._current: dict[int, int] = {}  # stream -> the chunk it fills now
@@ -196,7 +200,22 @@ class GraphRows:
             # An allocation, not a kernel: nothing of it is captured into the graph.
             self._gate = torch.empty(1, dtype=torch.int32, device=self.device)
             self._gate_module = module
+            forget = getattr(module, "gate_nodes_forget", None)
+            if forget is not None:
+                # The capture notes its launches' nodes by this address (gate_nodes.cpp):
+                # forgotten with the word, before another allocation can take it.
+                weakref.finalize(self, forget, self._gate.data_ptr())
         return self._gate.data_ptr()
+
+    def bind_graph(self, graph: Any) -> None:
+        """After the capture of ``graph`` ended and torch instantiated it: switch the
+        gated launches' nodes off on untraced replays, where torch kept the graph."""
+        if self._gate is None or self.failed:
+            return
+        try:
+            self._switch = NodeSwitch.bind(self._gate_module, self._gate.data_ptr(), graph)
+        except Exception as exc:  # noqa: BLE001 - the word gates alone
+            health.report("stats_errors", "could not find a graph's statistics nodes", exc)
 
     def set_gate(self, traced: bool) -> None:
         """Before a replay, on the replaying thread: its launches run only if ``traced``.
@@ -208,6 +227,11 @@ class GraphRows:
         gate = self._gate
         if gate is None or self.failed:
             return
+        switch = self._switch
+        if switch is not None and switch.on != traced:
+            self._switch_nodes(switch, traced)
+            if self.failed:
+                return
         try:
             module, index = self._gate_module, self.device.index
             key = module.gate_key(index, traced)
@@ -222,6 +246,17 @@ class GraphRows:
         except Exception as exc:  # noqa: BLE001
             self.failed = True
             health.report("stats_errors", "could not gate a graph's statistics", exc)
+
+    def _switch_nodes(self, switch: NodeSwitch, on: bool) -> None:
+        """The nodes on or off; a failure stops the switching (every node back on), and
+        fails the graph's statistics where that fails too."""
+        try:
+            switch.set(on)
+        except Exception as exc:  # noqa: BLE001
+            self._switch = None
+            if not switch.restore():
+                self.failed = True  # a traced replay's launches might not run
+            health.report("stats_errors", "could not switch a graph's statistics nodes", exc)
 
     def closed_gate(self) -> tuple[Callable[[int, bool], int], int, int] | None:
         """For the C replay gate (``graphs.Capture.arm_gate``): the extension's
