@@ -17,6 +17,8 @@
 
 #include <cstdint>
 #include <mutex>
+#include <string>
+#include <tuple>
 #include <unordered_map>
 #include <vector>
 
@@ -27,7 +29,8 @@ namespace {
 
 struct GateNodes {
   std::vector<cudaGraphNode_t> nodes;
-  bool broken = false;  // a gated launch whose node could not be told: never switch
+  std::vector<char> off;  // per node: switched off by us (and not back on since)
+  bool broken = false;    // a gated launch whose node could not be told: never switch
 };
 
 std::mutex nodes_lock;
@@ -51,14 +54,14 @@ void note_gated_node(cudaStream_t stream, const int32_t* gate) {
 #else
   cudaError_t err = cudaStreamGetCaptureInfo_v2(stream, &status, nullptr, nullptr, &deps, &count);
 #endif
+  if (err == cudaSuccess && status != cudaStreamCaptureStatusActive) return;  // eager
   std::lock_guard<std::mutex> hold(nodes_lock);
   GateNodes& entry = gate_nodes_by_word[gate];
   if (err != cudaSuccess) {
-    (void)cudaGetLastError();  // not the application's error: ours to absorb
+    (void)cudaGetLastError();  // ours: torch's next launch check must not see it
     entry.broken = true;
     return;
   }
-  if (status != cudaStreamCaptureStatusActive) return;  // eager: nothing to switch
   cudaGraphNodeType type;
   if (count != 1 || cudaGraphNodeGetType(deps[0], &type) != cudaSuccess ||
       type != cudaGraphNodeTypeKernel) {
@@ -67,6 +70,7 @@ void note_gated_node(cudaStream_t stream, const int32_t* gate) {
     return;
   }
   entry.nodes.push_back(deps[0]);
+  entry.off.push_back(0);
 }
 
 namespace {
@@ -81,20 +85,42 @@ int64_t gate_nodes(int64_t gate) {
 
 // Every noted node of `gate` on or off in executable graph `exec` (torch's
 // raw_cuda_graph_exec of the graph they were captured into).  Affects later launches
-// only: a replay already queued runs as it was.
-void gate_nodes_set(int64_t gate, int64_t exec, bool on) {
+// only: a replay already queued runs as it was.  Each node is tried, whatever the
+// others did: (nodes that failed, nodes off now), the first failure's name beside.
+std::tuple<int64_t, int64_t, std::string> gate_nodes_set(int64_t gate, int64_t exec, bool on) {
   TORCH_CHECK(exec != 0, "otel_flashinfer stats: no executable graph to switch");
-  std::vector<cudaGraphNode_t> nodes;
-  {
-    std::lock_guard<std::mutex> hold(nodes_lock);
-    const GateNodes* entry = find(gate);
-    TORCH_CHECK(entry != nullptr && !entry->broken,
-                "otel_flashinfer stats: no switchable nodes for this gate");
-    nodes = entry->nodes;
-  }
+  std::lock_guard<std::mutex> hold(nodes_lock);  // the GIL is held: no Python inside
+  GateNodes* entry = find(gate);
+  TORCH_CHECK(entry != nullptr && !entry->broken,
+              "otel_flashinfer stats: no switchable nodes for this gate");
   const auto graph_exec = reinterpret_cast<cudaGraphExec_t>(exec);
-  for (cudaGraphNode_t node : nodes)
-    C10_CUDA_CHECK(cudaGraphNodeSetEnabled(graph_exec, node, on ? 1 : 0));
+  int64_t failed = 0, off = 0;
+  std::string first;
+  for (size_t i = 0; i < entry->nodes.size(); ++i) {
+    cudaError_t err = cudaGraphNodeSetEnabled(graph_exec, entry->nodes[i], on ? 1 : 0);
+    if (err == cudaSuccess) {
+      entry->off[i] = on ? 0 : 1;
+    } else {
+      (void)cudaGetLastError();  // ours: torch's next launch check must not see it
+      if (failed++ == 0) first = cudaGetErrorName(err);
+    }
+    off += entry->off[i];
+  }
+  return {failed, off, first};
+}
+
+// How many of `gate`'s nodes the driver says are enabled in `exec` (tests).
+int64_t gate_nodes_enabled(int64_t gate, int64_t exec) {
+  std::lock_guard<std::mutex> hold(nodes_lock);
+  const GateNodes* entry = find(gate);
+  TORCH_CHECK(entry != nullptr && exec != 0, "otel_flashinfer stats: nothing to ask about");
+  int64_t enabled = 0;
+  for (cudaGraphNode_t node : entry->nodes) {
+    unsigned int is = 0;
+    C10_CUDA_CHECK(cudaGraphNodeGetEnabled(reinterpret_cast<cudaGraphExec_t>(exec), node, &is));
+    enabled += is != 0;
+  }
+  return enabled;
 }
 
 // The word's graph is gone (or captured again): its nodes are forgotten, so a later
@@ -114,6 +140,9 @@ void register_gate_nodes(pybind11::module_& m) {
   m.def("gate_nodes_set", &gate_nodes_set,
         "switch a gate word's statistics nodes on or off in an executable graph",
         py::arg("gate"), py::arg("exec"), py::arg("on"));
+  m.def("gate_nodes_enabled", &gate_nodes_enabled,
+        "how many of a gate word's nodes are enabled in an executable graph",
+        py::arg("gate"), py::arg("exec"));
   m.def("gate_nodes_forget", &gate_nodes_forget, "forget a gate word's nodes",
         py::arg("gate"));
 }

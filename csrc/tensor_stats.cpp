@@ -252,7 +252,7 @@ void launch_items(std::vector<Item>& items, int64_t* out, cudaStream_t stream, i
     int err = launch_tensor_stats(ld, blocks, kThreads, out, stream);
     TORCH_CHECK(err == 0, "otel_flashinfer stats kernel: ", cudaGetErrorString(
                                                               static_cast<cudaError_t>(err)));
-    note_gated_node(stream, ld.gate);
+    if (blocks > 0) note_gated_node(stream, ld.gate);  // only a launch made a node
     first = last;
   }
 }

@@ -302,8 +302,11 @@ def patch(runtime: Any, gate_types: tuple[Any, Any] | None = None) -> None:
     def capture_begin(self: Any, *args: Any, **kwargs: Any) -> Any:
         global _capturing
         with _lock:
-            # A graph captured again forgets what the gate knew of its last capture.
+            # A graph captured again forgets what the gate knew of its last capture, and
+            # the last capture itself: its statistics nodes belong to a graph torch is
+            # about to replace (stats.node_switch).
             _skips.pop(self, None)
+            _graphs.pop(self, None)
         _run_capture_hooks(0)
         capture_guard.begin_capture()
         try:

@@ -19,13 +19,17 @@ from otel_flashinfer.stats.node_switch import NodeSwitch, kept_graph
 
 
 class _Module:
-    """The statistics extension's gate and node functions, recorded."""
+    """The statistics extension's gate and node functions, recorded; ``refuse``: the
+    nodes (by index) that the driver refuses to switch, either way (``refuse_on``: to
+    switch on only)."""
 
     def __init__(self, nodes: int = 3) -> None:
         self.nodes = nodes
+        self.off = [False] * max(nodes, 0)
         self.writes: list[bool] = []
         self.switched: list[tuple[int, int, bool]] = []
-        self.fail_on: set[bool] = set()
+        self.refuse: set[int] = set()
+        self.refuse_on: set[int] = set()
 
     def gate_key(self, device: int, on: bool) -> int:
         return 16 << 1 | on
@@ -36,14 +40,20 @@ class _Module:
     def gate_nodes(self, gate: int) -> int:
         return self.nodes
 
-    def gate_nodes_set(self, gate: int, exec_: int, on: bool) -> None:
-        if on in self.fail_on:
-            raise RuntimeError("CUDA error: invalid value")
+    def gate_nodes_set(self, gate: int, exec_: int, on: bool) -> tuple[int, int, str]:
         self.switched.append((gate, exec_, on))
+        failed = 0
+        for i in range(self.nodes):
+            if i in self.refuse or (on and i in self.refuse_on):
+                failed += 1
+            else:
+                self.off[i] = not on
+        return failed, sum(self.off), "cudaErrorInvalidValue" if failed else ""
 
 
 class _Graph:
-    """What torch's CUDAGraph tells of its graphs (``keep_graph=True`` or not)."""
+    """What torch's CUDAGraph tells of its graphs (``keep_graph=True`` or not); torch
+    raises for the executable graph of a kept graph not instantiated yet."""
 
     def __init__(self, kept: bool = True, executable: int = 0xE0) -> None:
         self.kept, self.executable = kept, executable
@@ -55,6 +65,9 @@ class _Graph:
         return 0xC0
 
     def raw_cuda_graph_exec(self) -> int:
+        if not self.executable:
+            raise RuntimeError("You cannot access the raw cudaGraphExec_t instance until "
+                               "instantiate() has been called")
         return self.executable
 
 
@@ -106,59 +119,83 @@ def test_no_switch_without_kept_graph_nodes_or_the_extensions_functions() -> Non
     assert NodeSwitch.bind(_Module(), 0, _Graph()) is None
 
 
-def test_a_graph_not_instantiated_yet_is_left_on() -> None:
-    """A maker's own ``keep_graph=True`` graph instantiates at its first replay: until
-    then there is nothing to switch, and an instantiation starts with every node on."""
+def test_a_failed_switch_off_stops_switching_and_leaves_the_word_gating() -> None:
+    module, graph = _Module(), _Graph()
+    module.refuse = {1}  # the driver refuses one node, either way: it never went off
+    rows = _rows(module, graph)
+    gate = rows._gate.data_ptr()  # noqa: SLF001
+    rows.set_gate(False)
+    assert rows._switch is None and not rows.failed  # noqa: SLF001
+    # every node asked back on after the failure; the word keeps gating
+    assert module.switched == [(gate, 0xE0, False), (gate, 0xE0, True)]
+    assert module.off == [False, False, False] and module.writes == [False]
+    assert health.counters()["stats_errors"] == 1
+    rows.set_gate(True)
+    rows.set_gate(False)
+    assert len(module.switched) == 2 and module.writes == [False, True, False]
+
+
+def test_nodes_left_off_fail_the_graphs_statistics_and_close_the_word() -> None:
+    """A traced replay whose launches might stay off would read rows nobody wrote: the
+    graph's statistics are dropped (counted) rather than reported wrong, and the word
+    is closed for good so that the nodes still on return at once."""
+    module, graph = _Module(), _Graph()
+    rows = _rows(module, graph)
+    rows.set_gate(True)
+    rows.set_gate(False)
+    module.refuse_on = {2}  # off now, and the driver will not switch it back on
+    rows.set_gate(True)
+    assert module.off == [False, False, True]
+    assert rows.failed and health.counters()["stats_errors"] == 1
+    assert module.writes == [True, False]  # still closed: never opened for the replay
+    rows.set_gate(True)
+    assert module.writes == [True, False]
+
+
+def test_a_failed_switch_off_after_a_traced_replay_closes_the_open_word() -> None:
+    """The word is open from the traced replay before; nodes that went off and will not
+    come back on fail the graph, and the word is closed in their place."""
+    module, graph = _Module(), _Graph()
+    module.refuse, module.refuse_on = {1}, {2}
+    rows = _rows(module, graph)
+    rows.set_gate(True)
+    rows.set_gate(False)
+    assert module.off == [False, False, True]
+    assert rows.failed and module.writes == [True, False]
+    assert health.counters()["stats_errors"] == 1
+
+
+def test_a_kept_graph_not_instantiated_yet_is_left_on() -> None:
+    """A maker's own ``keep_graph=True`` graph instantiates at its first replay (torch
+    raises for its executable graph until then), and ``reset()`` drops it: nothing to
+    switch, and an instantiation starts with every node on."""
     module, graph = _Module(), _Graph(executable=0)
     rows = _rows(module, graph)
     rows.set_gate(False)
-    assert module.switched == [] and rows._switch.on  # noqa: SLF001
+    assert module.switched == [] and rows._switch.on and not rows.failed  # noqa: SLF001
+    assert health.counters().get("stats_errors", 0) == 0
     graph.executable = 0xE1
+    rows.set_gate(True)
     rows.set_gate(False)
     assert module.switched == [(rows._gate.data_ptr(), 0xE1, False)]  # noqa: SLF001
 
 
-def test_a_failed_switch_off_stops_switching_and_leaves_the_word_gating() -> None:
-    module, graph = _Module(), _Graph()
-    module.fail_on = {False}
-    rows = _rows(module, graph)
-    rows.set_gate(False)
-    assert rows._switch is None and not rows.failed  # noqa: SLF001
-    # every node back on after the failure; the word keeps gating
-    assert module.switched == [(rows._gate.data_ptr(), 0xE0, True)]  # noqa: SLF001
-    assert module.writes == [False]
-    assert health.counters()["stats_errors"] == 1
-    rows.set_gate(True)
-    rows.set_gate(False)
-    assert len(module.switched) == 1 and module.writes == [False, True, False]
-
-
-def test_nodes_that_cannot_be_switched_back_on_fail_the_graphs_statistics() -> None:
-    """A traced replay whose launches might stay off would read rows nobody wrote: the
-    graph's statistics are dropped (counted) rather than reported wrong."""
-    module, graph = _Module(), _Graph()
-    rows = _rows(module, graph)
-    rows.set_gate(False)
-    module.fail_on = {True}
-    rows.set_gate(True)
-    assert rows.failed and health.counters()["stats_errors"] == 1
-    assert module.writes == [False]  # no open word for launches that may not run
-
-
-class _TorchGraph:
-    """torch's CUDAGraph as the hooks see it: ``keep_graph`` at construction, an
-    executable graph after ``instantiate`` (which ``capture_end`` does unless kept)."""
-
-    made: list[_TorchGraph] = []
-
-    def __new__(cls, keep_graph: bool = False) -> _TorchGraph:  # noqa: PYI034
-        return super().__new__(cls)
+class _TorchBase:
+    """torch's C++ ``_CUDAGraph``: ``keep_graph`` is taken by its ``__init__``."""
 
     def __init__(self, keep_graph: bool = False) -> None:
         self.keep_graph = keep_graph
         self.executable = 0
         self.instantiated = 0
-        _TorchGraph.made.append(self)
+
+
+class _TorchGraph(_TorchBase):
+    """torch's CUDAGraph as the hooks see it: ``keep_graph`` at construction (its own
+    ``__new__``, the base's ``__init__``), an executable graph after ``instantiate``
+    (which ``capture_end`` does unless kept)."""
+
+    def __new__(cls, keep_graph: bool = False) -> _TorchGraph:  # noqa: PYI034
+        return super().__new__(cls)
 
     def capture_begin(self, *args: Any, **kwargs: Any) -> None:
         pass
@@ -205,8 +242,7 @@ def test_sampled_level5_graphs_are_kept_and_instantiated_at_capture_end(
         assert (graph in graphs._kept_by_us) is forced and own not in graphs._kept_by_us  # noqa: SLF001
     finally:
         otel_flashinfer.uninstrument()
-    assert "__init__" not in _TorchGraph.__dict__ or _TorchGraph.__init__.__qualname__ == (
-        "_TorchGraph.__init__")
+    assert "__init__" not in _TorchGraph.__dict__  # inherited again, as before
     assert _TorchGraph().keep_graph is False
 
 
@@ -224,3 +260,31 @@ def test_no_keep_graph_where_torch_has_none(monkeypatch: pytest.MonkeyPatch) -> 
     assert graphs._keep_for_nodes(fake)  # noqa: SLF001
     assert not graphs._keep_for_nodes(object())  # noqa: SLF001
     assert "torch" in sys.modules
+
+
+def test_a_graph_captured_again_forgets_its_last_capture(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last capture's statistics nodes belong to the graph torch replaces: where
+    the new capture cannot be noted (reported), none of the old one is left to switch
+    the new executable graph's nodes with."""
+    import otel_flashinfer
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _TorchGraph)
+    monkeypatch.setenv("OTEL_FLASHINFER_REPLAY_EVERY", "3")
+    otel_flashinfer.instrument(level=5, journal_dir="")
+    try:
+        graph = torch.cuda.CUDAGraph()
+        graph.capture_begin()
+        graph.capture_end()
+        assert graphs._graphs.get(graph) is not None  # noqa: SLF001
+        monkeypatch.setattr(graphs, "Capture", _fail)
+        graph.capture_begin()
+        graph.capture_end()
+        assert graphs._graphs.get(graph) is None  # noqa: SLF001
+        assert health.counters()["graph_errors"] == 1
+    finally:
+        otel_flashinfer.uninstrument()
+
+
+def _fail(*args: Any) -> Any:
+    raise RuntimeError("no capture")

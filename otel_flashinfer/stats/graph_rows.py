@@ -249,14 +249,23 @@ class GraphRows:
 
     def _switch_nodes(self, switch: NodeSwitch, on: bool) -> None:
         """The nodes on or off; a failure stops the switching (every node back on), and
-        fails the graph's statistics where that fails too."""
+        fails the graph's statistics where some stay off: a traced replay's launches
+        might not run.  The word is then closed for good, so that the nodes still on
+        return at once on every replay."""
         try:
             switch.set(on)
         except Exception as exc:  # noqa: BLE001
             self._switch = None
-            if not switch.restore():
-                self.failed = True  # a traced replay's launches might not run
             health.report("stats_errors", "could not switch a graph's statistics nodes", exc)
+            if switch.restore():
+                return
+            try:
+                if self._gate_key < 0 or self._gate_key & 1:
+                    self._gate_module.gate_write(self.device.index, self._gate.data_ptr(),
+                                                 False)
+            except Exception:  # noqa: BLE001 - counted above, the graph fails either way
+                pass
+            self.failed = True
 
     def closed_gate(self) -> tuple[Callable[[int, bool], int], int, int] | None:
         """For the C replay gate (``graphs.Capture.arm_gate``): the extension's

@@ -36,8 +36,10 @@ class NodeSwitch:
         self._module = module
         self._gate = gate
         self._graph = weakref.ref(graph)
-        #: What the nodes are in the executable graph now (instantiated: all on).
+        #: What the nodes are in the executable graph now (instantiated: all on), and
+        #: how many of them are off.
         self.on = True
+        self.off = 0
 
     @classmethod
     def bind(cls, module: Any, gate: int, graph: Any) -> NodeSwitch | None:
@@ -48,26 +50,39 @@ class NodeSwitch:
         return cls(module, gate, graph) if kept_graph(graph) else None
 
     def set(self, on: bool) -> None:
-        """Every node on or off for the replays launched from now on.  Raises where the
-        extension did (some nodes may then be switched and others not)."""
+        """Every node on or off for the replays launched from now on.  Raises where a
+        node could not be switched (the others are; ``off`` says how many are off)."""
         if on == self.on:
             return
-        graph = self._graph()
-        executable = graph.raw_cuda_graph_exec() if graph is not None else 0
+        executable = self._executable()
         if not executable:
             # Not instantiated (yet, or any more): an instantiation starts with every
             # node on, and there is nothing to switch until then.
-            self.on = True
+            self.on, self.off = True, 0
             return
-        self._module.gate_nodes_set(self._gate, executable, on)
-        self.on = on
+        failed, self.off, first = self._module.gate_nodes_set(self._gate, executable, on)
+        self.on = on if not failed else self.off == 0
+        if failed:
+            raise RuntimeError(f"{failed} statistics graph nodes could not be switched "
+                               f"{'on' if on else 'off'} ({first})")
 
     def restore(self) -> bool:
-        """After a failed ``set``: every node back on, as instantiated; whether that
-        worked (if not, the graph's traced replays cannot trust their rows)."""
-        self.on = False  # whatever it was: switch every node
+        """After a failed ``set``: every node back on, as instantiated; whether none is
+        left off (if some are, the graph's traced replays cannot trust their rows)."""
+        self.on = False  # whatever it was: ask for every node
         try:
             self.set(True)
         except Exception:  # noqa: BLE001 - the caller reports the first failure
-            return False
+            return self.off == 0
         return True
+
+    def _executable(self) -> int:
+        """torch's executable graph now, or 0 where there is none: torch raises for a
+        kept graph not instantiated yet, and after ``reset()``."""
+        graph = self._graph()
+        if graph is None:
+            return 0
+        try:
+            return int(graph.raw_cuda_graph_exec())
+        except Exception:  # noqa: BLE001
+            return 0
