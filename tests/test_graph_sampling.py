@@ -905,3 +905,32 @@ def test_the_gate_is_armed_with_the_untraced_replays_charge_spent(spans, monkeyp
     need = sampler.estimate() - sampler.credit_s
     assert capture.skip.until == pytest.approx(sampler.last_s + need / sampler.budget,
                                                abs=1e-12)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_auto_earns_by_a_traced_replays_gpu_time_only_where_nothing_is_gated(
+        spans, monkeypatch, gated: bool) -> None:
+    """A gated graph's traced replays run the statistics launches its untraced ones
+    skip: their GPU time is not what a replay takes.  ``auto`` earned by it on an H200
+    and charged itself 13.25 us a replay against the 7.9 its 1% allowed; a gated graph
+    leaves it unread and earns by wall time."""
+    from otel_flashinfer import graphs, runtime
+    from otel_flashinfer.stats.pending import ReadyPending
+
+    class _Timer:  # a traced replay's GPU timing, as a Pending the worker applies
+        def begin(self) -> int:
+            return 0
+
+        def end_handle(self, mark: int) -> ReadyPending:
+            return ReadyPending([], 0)
+
+    if gated:
+        graph = _captured_with_group(monkeypatch, _GateProbe(), "auto")
+    else:
+        monkeypatch.setenv("OTEL_FLASHINFER_REPLAY_EVERY", "auto")
+        graph = _captured_step(monkeypatch)
+    monkeypatch.setattr(runtime.current(), "replay_timer", lambda: _Timer())
+    capture = graphs._graphs[graph]  # noqa: SLF001
+    graph.replay()
+    assert len(spans.by_name("cuda_graph.replay")) == 1
+    assert (capture.timed is None) is gated
