@@ -288,3 +288,40 @@ def test_a_graph_captured_again_forgets_its_last_capture(
 
 def _fail(*args: Any) -> Any:
     raise RuntimeError("no capture")
+
+
+def test_a_gated_group_is_bound_to_its_graph_once_torch_instantiated_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``capture_end`` instantiates the graph it made torch keep, then hands it to the
+    capture's gated groups (``GraphRows.bind_graph``), which read its executable graph."""
+    import otel_flashinfer
+
+    seen: list[tuple[Any, int]] = []
+
+    class _Group:
+        gated = True
+
+        def seal(self) -> None:
+            pass
+
+        def bind_graph(self, graph: Any) -> None:
+            seen.append((graph, graph.raw_cuda_graph_exec()))
+
+        def set_gate(self, traced: bool) -> None:
+            pass
+
+    group = _Group()
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _TorchGraph)
+    monkeypatch.setenv("OTEL_FLASHINFER_REPLAY_EVERY", "auto")
+    otel_flashinfer.instrument(level=5, journal_dir="")
+    try:
+        step = otel_flashinfer.traced(
+            lambda x: graphs.capture_state().group("g", lambda: group) and x, name="step")
+        graph = torch.cuda.CUDAGraph()
+        graph.capture_begin()
+        step(torch.zeros(2))
+        graph.capture_end()
+        assert seen == [(graph, 0xE1)]  # instantiated once, before the groups saw it
+        assert graphs._graphs[graph].gates == (group,)  # noqa: SLF001
+    finally:
+        otel_flashinfer.uninstrument()
