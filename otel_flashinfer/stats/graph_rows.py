@@ -259,12 +259,7 @@ class GraphRows:
             health.report("stats_errors", "could not switch a graph's statistics nodes", exc)
             if switch.restore():
                 return
-            try:
-                if self._gate_key < 0 or self._gate_key & 1:
-                    self._gate_module.gate_write(self.device.index, self._gate.data_ptr(),
-                                                 False)
-            except Exception:  # noqa: BLE001 - counted above, the graph fails either way
-                pass
+            self.set_gate(False)  # the switch is gone: this only closes the word
             self.failed = True
 
     def closed_gate(self) -> tuple[Callable[[int, bool], int], int, int] | None:

@@ -24,7 +24,7 @@ from typing import Any
 def kept_graph(graph: Any) -> bool:
     """Whether torch kept ``graph``'s captured cudaGraph_t (the nodes' owner)."""
     try:
-        return bool(graph.raw_cuda_graph()) and hasattr(graph, "raw_cuda_graph_exec")
+        return bool(graph.raw_cuda_graph())
     except Exception:  # noqa: BLE001 - torch says "not kept" by raising
         return False
 
@@ -36,9 +36,7 @@ class NodeSwitch:
         self._module = module
         self._gate = gate
         self._graph = weakref.ref(graph)
-        #: What the nodes are in the executable graph now (instantiated: all on), and
-        #: how many of them are off.
-        self.on = True
+        #: How many of the nodes are off in the executable graph now (instantiated: 0).
         self.off = 0
 
     @classmethod
@@ -49,32 +47,38 @@ class NodeSwitch:
             return None
         return cls(module, gate, graph) if kept_graph(graph) else None
 
+    @property
+    def on(self) -> bool:
+        """Whether every node is on (a traced replay's launches all run)."""
+        return self.off == 0
+
     def set(self, on: bool) -> None:
         """Every node on or off for the replays launched from now on.  Raises where a
         node could not be switched (the others are; ``off`` says how many are off)."""
-        if on == self.on:
-            return
+        if on != self.on:
+            self._apply(on)
+
+    def restore(self) -> bool:
+        """After a failed ``set``: every node asked back on, as instantiated; whether
+        none is left off (if some are, the graph's traced replays cannot trust their
+        rows)."""
+        try:
+            self._apply(True)
+        except Exception:  # noqa: BLE001 - the caller reports the first failure
+            pass
+        return self.on
+
+    def _apply(self, on: bool) -> None:
         executable = self._executable()
         if not executable:
             # Not instantiated (yet, or any more): an instantiation starts with every
             # node on, and there is nothing to switch until then.
-            self.on, self.off = True, 0
+            self.off = 0
             return
         failed, self.off, first = self._module.gate_nodes_set(self._gate, executable, on)
-        self.on = on if not failed else self.off == 0
         if failed:
             raise RuntimeError(f"{failed} statistics graph nodes could not be switched "
                                f"{'on' if on else 'off'} ({first})")
-
-    def restore(self) -> bool:
-        """After a failed ``set``: every node back on, as instantiated; whether none is
-        left off (if some are, the graph's traced replays cannot trust their rows)."""
-        self.on = False  # whatever it was: ask for every node
-        try:
-            self.set(True)
-        except Exception:  # noqa: BLE001 - the caller reports the first failure
-            return self.off == 0
-        return True
 
     def _executable(self) -> int:
         """torch's executable graph now, or 0 where there is none: torch raises for a
