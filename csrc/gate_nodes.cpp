@@ -73,6 +73,15 @@ void note_gated_node(cudaStream_t stream, const int32_t* gate) {
   entry.off.push_back(0);
 }
 
+bool gate_nodes_of(const int32_t* gate, std::vector<cudaGraphNode_t>* out) {
+  std::lock_guard<std::mutex> hold(nodes_lock);
+  auto it = gate_nodes_by_word.find(gate);
+  if (it == gate_nodes_by_word.end() || it->second.broken || it->second.nodes.empty())
+    return false;
+  out->assign(it->second.nodes.begin(), it->second.nodes.end());
+  return true;
+}
+
 namespace {
 
 // How many gated nodes the captures with this word noted; -1 if one could not be told.

@@ -77,7 +77,15 @@ void register_span_hooks(pybind11::module_& m);
 // gate word, so that untraced replays can switch it off (gate_nodes.cpp).
 void note_gated_node(cudaStream_t stream, const int32_t* gate);
 
+// The nodes noted for `gate` into `out`; false where there are none or one of its
+// launches could not be told (gate_nodes.cpp).
+bool gate_nodes_of(const int32_t* gate, std::vector<cudaGraphNode_t>* out);
+
 // Adds gate_nodes, gate_nodes_set and gate_nodes_forget (gate_nodes.cpp).
 void register_gate_nodes(pybind11::module_& m);
+
+// Adds lean_graph_make, lean_graph_destroy, lean_graph_launch and the lean_launch
+// capsule (lean_graph.cpp).
+void register_lean_graph(pybind11::module_& m);
 
 }  // namespace otel_fi

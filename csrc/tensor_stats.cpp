@@ -564,4 +564,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   otel_fi::register_span_hooks(m);
   otel_fi::register_blob_staging(m);
   otel_fi::register_gate_nodes(m);
+  otel_fi::register_lean_graph(m);
 }

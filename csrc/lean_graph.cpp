@@ -1,0 +1,211 @@
+// Level 5 in a sampled CUDA graph: a second executable graph without the statistics
+// nodes, for the replays that are not traced.  A disabled node (gate_nodes.cpp) still
+// costs about 0.33 us of GPU a replay (128 of them: +5.4% of a 32-layer decode step on
+// an H200), and switching them costs 0.5 us of host time each way.  A graph with the
+// nodes left out costs nothing: untraced replays launch it, traced ones torch's.
+//
+// The captured cudaGraph_t (kept by torch, keep_graph=True) is cloned, each noted gated
+// node is taken out of the clone and its dependencies joined to its dependents (an edge
+// into a kernel keeps the removed node's outgoing edge data, so that a launch made with
+// programmatic dependent launch keeps it, as a capture without our node would have made
+// it), and the clone is instantiated.  Both executables run the same kernels on the
+// same memory, that of torch's graph pool, so one must never outlive torch's graph:
+// graphs.py drops it on reset, recapture and the graph's end.  Whether a replay may skip
+// torch's own replay (its RNG prologue) is decided in Python (stats/lean_graph.py).
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <tuple>
+#include <vector>
+
+#include "stats_launch.h"
+
+namespace otel_fi {
+namespace {
+
+#if CUDART_VERSION >= 12030
+constexpr bool kLeanSupported = true;
+
+void check(cudaError_t err, const char* what) {
+  if (err == cudaSuccess) return;
+  (void)cudaGetLastError();  // ours: torch's next launch check must not see it
+  TORCH_CHECK(false, "otel_flashinfer stats: ", what, ": ", cudaGetErrorName(err));
+}
+
+// A node's edges one way: the nodes and each edge's data.
+struct Edges {
+  std::vector<cudaGraphNode_t> nodes;
+  std::vector<cudaGraphEdgeData> data;
+};
+
+Edges edges_of(cudaGraphNode_t node, bool dependencies) {
+  Edges e;
+  size_t n = 0;
+  auto get = [&](cudaGraphNode_t* nodes, cudaGraphEdgeData* data, size_t* count) {
+#if CUDART_VERSION >= 13000
+    return dependencies ? cudaGraphNodeGetDependencies(node, nodes, data, count)
+                        : cudaGraphNodeGetDependentNodes(node, nodes, data, count);
+#else
+    return dependencies ? cudaGraphNodeGetDependencies_v2(node, nodes, data, count)
+                        : cudaGraphNodeGetDependentNodes_v2(node, nodes, data, count);
+#endif
+  };
+  check(get(nullptr, nullptr, &n), "could not read a graph node's edges");
+  e.nodes.resize(n);
+  e.data.resize(n);
+  if (n > 0) check(get(e.nodes.data(), e.data.data(), &n), "could not read a graph node's edges");
+  e.nodes.resize(n);
+  e.data.resize(n);
+  return e;
+}
+
+bool is_kernel(cudaGraphNode_t node) {
+  cudaGraphNodeType type;
+  return cudaGraphNodeGetType(node, &type) == cudaSuccess && type == cudaGraphNodeTypeKernel;
+}
+
+bool full_edge(const cudaGraphEdgeData& d) {
+  return d.from_port == 0 && d.to_port == 0 && d.type == cudaGraphDependencyTypeDefault;
+}
+
+// Takes `node` out of `graph`: each dependency becomes one of each dependent, unless it
+// already is, or it is a full dependency of another dependency (then the order holds
+// through that one).
+void take_out(cudaGraph_t graph, cudaGraphNode_t node) {
+  const Edges in = edges_of(node, true), out = edges_of(node, false);
+  std::vector<cudaGraphNode_t> from;
+  for (cudaGraphNode_t d : in.nodes) {
+    bool through_other = false;
+    for (cudaGraphNode_t other : in.nodes) {
+      if (other == d) continue;
+      const Edges before = edges_of(other, true);
+      for (size_t i = 0; i < before.nodes.size() && !through_other; ++i)
+        through_other = before.nodes[i] == d && full_edge(before.data[i]);
+    }
+    if (!through_other) from.push_back(d);
+  }
+  check(cudaGraphDestroyNode(node), "could not take a statistics node out of a graph");
+  for (size_t k = 0; k < out.nodes.size(); ++k) {
+    const cudaGraphNode_t to = out.nodes[k];
+    const Edges has = edges_of(to, true);
+    for (cudaGraphNode_t d : from) {
+      if (std::find(has.nodes.begin(), has.nodes.end(), d) != has.nodes.end()) continue;
+      cudaGraphEdgeData data{};  // full completion, unless a kernel-to-kernel edge had less
+      if (!full_edge(out.data[k]) && is_kernel(d) && is_kernel(to)) data = out.data[k];
+      check(cudaGraphAddDependencies(graph, &d, &to, &data, 1),
+            "could not join a graph around a statistics node");
+    }
+  }
+}
+
+// (executable graph, nodes taken out, nodes left) for `graph` (torch's
+// raw_cuda_graph()) without the nodes noted for `gates`.  Raises where any gate's
+// nodes are not all known, or the driver refuses (a graph with memory nodes cannot be
+// instantiated twice): the caller then switches nodes instead.
+std::tuple<int64_t, int64_t, int64_t> lean_graph_make(int64_t graph,
+                                                      const std::vector<int64_t>& gates) {
+  TORCH_CHECK(graph != 0, "otel_flashinfer stats: no captured graph to copy");
+  std::vector<cudaGraphNode_t> nodes;
+  for (int64_t gate : gates) {
+    std::vector<cudaGraphNode_t> of;
+    TORCH_CHECK(gate_nodes_of(reinterpret_cast<const int32_t*>(gate), &of),
+                "otel_flashinfer stats: a gate's statistics nodes are not all known");
+    nodes.insert(nodes.end(), of.begin(), of.end());
+  }
+  TORCH_CHECK(!nodes.empty(), "otel_flashinfer stats: no statistics nodes to leave out");
+  cudaGraph_t clone = nullptr;
+  check(cudaGraphClone(&clone, reinterpret_cast<cudaGraph_t>(graph)), "could not copy a graph");
+  cudaGraphExec_t exec = nullptr;
+  size_t left = 0;
+  try {
+    for (cudaGraphNode_t node : nodes) {
+      cudaGraphNode_t copy = nullptr;
+      check(cudaGraphNodeFindInClone(&copy, node, clone),
+            "a statistics node is not in the captured graph");
+      take_out(clone, copy);
+    }
+    check(cudaGraphGetNodes(clone, nullptr, &left), "could not count a graph's nodes");
+    check(cudaGraphInstantiate(&exec, clone, cudaGraphInstantiateFlagAutoFreeOnLaunch),
+          "could not instantiate a graph without statistics");
+  } catch (...) {
+    (void)cudaGraphDestroy(clone);
+    throw;
+  }
+  (void)cudaGraphDestroy(clone);  // the executable graph does not need it
+  return {reinterpret_cast<int64_t>(exec), static_cast<int64_t>(nodes.size()),
+          static_cast<int64_t>(left)};
+}
+#else
+constexpr bool kLeanSupported = false;
+
+std::tuple<int64_t, int64_t, int64_t> lean_graph_make(int64_t, const std::vector<int64_t>&) {
+  TORCH_CHECK(false, "otel_flashinfer stats: a graph without statistics needs CUDA 12.3");
+}
+#endif
+
+void lean_graph_destroy(int64_t exec) {
+  // An executable graph still running is freed when it completes (CUDA).
+  if (exec != 0) (void)cudaGraphExecDestroy(reinterpret_cast<cudaGraphExec_t>(exec));
+}
+
+}  // namespace
+
+// Launches `exec` on torch's current stream of `device`, as torch's replay launches its
+// own; 0, or the CUDA error (cleared), or -1 for one of torch's.  Needs no GIL: the C
+// replay gate (hotpath.c) calls it through the capsule with the GIL released.
+extern "C" int otel_fi_lean_launch(int64_t exec, int device) {
+  try {
+    int current = -1;
+    if (cudaGetDevice(&current) != cudaSuccess) current = -1;
+    if (current != device && cudaSetDevice(device) != cudaSuccess) {
+      return static_cast<int>(cudaGetLastError());
+    }
+    cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+    cudaError_t err = cudaGraphLaunch(reinterpret_cast<cudaGraphExec_t>(exec), stream);
+    if (current >= 0 && current != device) (void)cudaSetDevice(current);
+    if (err != cudaSuccess) (void)cudaGetLastError();
+    return static_cast<int>(err);
+  } catch (...) {
+    return -1;
+  }
+}
+
+namespace {
+
+void lean_graph_launch(int64_t exec, int64_t device) {
+  TORCH_CHECK(exec != 0, "otel_flashinfer stats: no graph to launch");
+  int err = 0;
+  {
+    pybind11::gil_scoped_release release;
+    err = otel_fi_lean_launch(exec, static_cast<int>(device));
+  }
+  TORCH_CHECK(err == 0, "otel_flashinfer stats: could not launch a graph without statistics: ",
+              err > 0 ? cudaGetErrorName(static_cast<cudaError_t>(err)) : "torch error");
+}
+
+}  // namespace
+
+void register_lean_graph(pybind11::module_& m) {
+  namespace py = pybind11;
+  m.attr("LEAN_GRAPHS") = kLeanSupported;
+  m.def("lean_graph_make", &lean_graph_make,
+        "an executable copy of a captured graph without its gated statistics nodes",
+        py::arg("graph"), py::arg("gates"));
+  m.def("lean_graph_destroy", &lean_graph_destroy, "free an executable graph",
+        py::arg("exec"));
+  m.def("lean_graph_launch", &lean_graph_launch,
+        "launch an executable graph on the current stream of a device", py::arg("exec"),
+        py::arg("device"));
+  PyObject* fn = PyCapsule_New(reinterpret_cast<void*>(&otel_fi_lean_launch),
+                               "otel_flashinfer.lean_launch", nullptr);
+  if (fn == nullptr || PyModule_AddObject(m.ptr(), "lean_launch", fn) != 0) {
+    Py_XDECREF(fn);
+    throw py::error_already_set();
+  }
+}
+
+}  // namespace otel_fi
