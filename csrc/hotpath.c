@@ -1667,7 +1667,19 @@ typedef struct {
     PyObject *gate_key;
     PyObject *gate_device;
     long long gate_closed;
+    /* A gated graph with an executable copy that leaves its statistics nodes out
+     * (stats/lean_graph.py): an armed replay launches ``lean_exec`` through ``lean``
+     * (the statistics extension's lean_launch capsule) on ``lean_device``'s current
+     * stream, with the GIL released, instead of torch's replay.  A failed launch
+     * counts ``lean_failed``, drops the copy and disarms, and the replay goes to
+     * Python, which falls back to torch's.  0: no copy. */
+    PyObject *lean;
+    long long lean_exec;
+    int lean_device;
+    long long lean_failed;
 } GraphSkip;
+
+typedef int (*lean_launch_fn)(long long exec, int device);
 
 static PyMemberDef graph_skip_members[] = {
     {"count", T_LONGLONG, offsetof(GraphSkip, count), 0, "replays still surely untraced"},
@@ -1679,11 +1691,19 @@ static PyMemberDef graph_skip_members[] = {
      "gated graphs: the device index gate_key is asked about"},
     {"gate_closed", T_LONGLONG, offsetof(GraphSkip, gate_closed), 0,
      "gated graphs: the closed word last written (its gate_key), -1: open or unknown"},
+    {"lean", T_OBJECT, offsetof(GraphSkip, lean), 0,
+     "the statistics extension's lean_launch capsule, or None"},
+    {"lean_exec", T_LONGLONG, offsetof(GraphSkip, lean_exec), 0,
+     "the executable graph without statistics that armed replays launch (0: none)"},
+    {"lean_device", T_INT, offsetof(GraphSkip, lean_device), 0, "the device of lean_exec"},
+    {"lean_failed", T_LONGLONG, offsetof(GraphSkip, lean_failed), 0,
+     "launches of lean_exec that failed (each dropped it)"},
     {NULL, 0, 0, 0, NULL}};
 
 static void graph_skip_dealloc(GraphSkip *self) {
     Py_CLEAR(self->gate_key);
     Py_CLEAR(self->gate_device);
+    Py_CLEAR(self->lean);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -1759,7 +1779,34 @@ static int skip_armed(GraphSkip *skip) {
     return 1;
 }
 
-static int skip_now(PyObject *graph, PyObject *skips) {
+/* An armed replay of a graph with a lean copy: 1 launched, 0 no copy (torch's replay
+ * goes), -1 the launch failed (counted, the copy dropped, disarmed: Python's replay
+ * goes, which falls back to torch's with the statistics' word closed). */
+static int lean_replay(GraphSkip *skip) {
+    if (skip->lean_exec == 0 || skip->lean == NULL || skip->lean == Py_None) return 0;
+    lean_launch_fn fn = NULL;
+    if (PyCapsule_CheckExact(skip->lean))
+        fn = (lean_launch_fn)PyCapsule_GetPointer(skip->lean, "otel_flashinfer.lean_launch");
+    int rc = -1;
+    if (fn == NULL) {
+        PyErr_Clear();
+    } else {
+        long long exec = skip->lean_exec;
+        int device = skip->lean_device;
+        Py_BEGIN_ALLOW_THREADS
+        rc = fn(exec, device);
+        Py_END_ALLOW_THREADS
+    }
+    if (rc == 0) return 1;
+    skip->lean_failed++;
+    skip->lean_exec = 0;
+    skip->count = 0;
+    skip->until = 0.0;
+    skip->skipped--; /* Python's replay counts it */
+    return -1;
+}
+
+static int skip_now(PyObject *graph, PyObject *skips, int *lean) {
     PyObject *ref = PyWeakref_NewRef(graph, NULL); /* the graph's basic ref, reused */
     if (ref == NULL) {
         PyErr_Clear();
@@ -1776,6 +1823,7 @@ static int skip_now(PyObject *graph, PyObject *skips) {
     if (skip->until <= 0.0 && skip->count <= 0) return 0;
     Py_INCREF(found); /* borrowed from the dict, and a gated graph's check calls out */
     int skipped = skip_armed(skip);
+    if (skipped) *lean = lean_replay(skip);
     Py_DECREF(found);
     return skipped;
 }
@@ -1787,9 +1835,12 @@ static PyObject *gate_call(PyObject *self, PyObject *const *args, size_t nargsf,
         PyErr_SetString(PyExc_TypeError, "ReplayGate was not initialised");
         return NULL;
     }
+    int lean = 0;
     if (PyVectorcall_NARGS(nargsf) >= 1 && PyDict_CheckExact(g->skips) &&
-        skip_now(args[0], g->skips))
-        return PyObject_Vectorcall(g->original, args, nargsf, kwnames);
+        skip_now(args[0], g->skips, &lean)) {
+        if (lean > 0) Py_RETURN_NONE; /* torch's replay returns None too */
+        if (lean == 0) return PyObject_Vectorcall(g->original, args, nargsf, kwnames);
+    }
     return PyObject_Vectorcall(g->slow, args, nargsf, kwnames);
 }
 
