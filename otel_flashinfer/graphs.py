@@ -38,6 +38,10 @@ _originals: dict[str, Any] = {}
 #: Graphs made with ``keep_graph=True`` by us, not their maker (``_keep_for_nodes``):
 #: their capture ends by instantiating them, as torch's would have.
 _kept_by_us: weakref.WeakSet[Any] = weakref.WeakSet()
+#: graph -> the generators handed to its ``register_generator_state`` (``patch``): with
+#: the capture device's default one, those whose offsets show whether a replay drew
+#: random numbers (``stats.lean_graph.RngWatch``).
+_registered_generators: weakref.WeakKeyDictionary[Any, list[Any]] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 #: Run before a capture begins and before it ends, by owner (``set_capture_hooks``).
 _capture_hooks: dict[str, tuple[Callable[[], None] | None, Callable[[], None] | None]] = {}
@@ -81,6 +85,14 @@ class Capture:
         #: whether it is traced (``set_gate``), set when the capture ends.
         self.gates: tuple[Any, ...] = ()
         self.gate_lock = threading.Lock()
+        #: The generators the graph may draw from (set when the capture begins; None:
+        #: not known, and no copy of the graph replaces torch's replay).
+        self.generators: tuple[Any, ...] | None = None
+        #: The gated graph's executable copy without its statistics nodes, which
+        #: untraced replays launch (``stats.lean_graph.LeanGraph``), made when the
+        #: capture ends; None where there is none (the nodes are switched instead).
+        self.lean: Any = None
+        self._lean_failed_seen = 0
         self._template: tuple[tuple[CallRecord, ...], tuple[tuple, ...]] | None = None
         self._index: dict[int, int] = {}
 
@@ -158,6 +170,62 @@ class Capture:
                     bind(graph)
                 except Exception as exc:  # noqa: BLE001
                     health.report("graph_errors", "could not finish a CUDA graph capture", exc)
+        if graph is not None and self.gates:
+            from .stats import lean_graph
+
+            try:
+                self.lean = lean_graph.build_for(self.gates, graph, self.generators)
+            except Exception as exc:  # noqa: BLE001 - the nodes are switched instead
+                health.report("graph_lean_refused",
+                              "a CUDA graph's untraced replays switch its statistics nodes "
+                              "off instead of leaving them out", exc)
+
+    def close_lean(self) -> None:
+        """The copy is never launched again (torch's graph is going, or it failed)."""
+        lean, self.lean = self.lean, None
+        skip = self.skip
+        if skip is not None:
+            skip.lean_exec = 0
+        if lean is not None:
+            lean.close()
+
+    def lean_untraced(self, skip: Any) -> bool:
+        """An untraced replay through the copy without statistics, where it is proven
+        (``LeanGraph.ready``); False: replay through torch.  Arms ``skip`` so that the
+        C gate launches the copy for the next untraced replays."""
+        lean = self.lean
+        if skip is not None and skip.lean_failed != self._lean_failed_seen:
+            self._lean_failed_seen = skip.lean_failed
+            health.report("graph_errors", "could not replay a CUDA graph without its "
+                          "statistics (C gate)")
+            self.close_lean()
+            return False
+        if lean is None or not lean.ready:
+            return False
+        try:
+            lean.launch()
+        except Exception as exc:  # noqa: BLE001 - torch's replay goes instead
+            health.report("graph_errors", "could not replay a CUDA graph without its "
+                          "statistics", exc)
+            self.close_lean()
+            return False
+        if skip is not None:
+            skip.gate_key = None  # the copy reads no word
+            skip.gate_closed = -1
+            skip.lean, skip.lean_exec, skip.lean_device = lean.launcher, lean.exec, lean.device
+        return True
+
+    def torch_replay(self, replay: Callable[..., Any], graph: Any, args: Any,
+                     kwargs: Any) -> Any:
+        """torch's replay of a gated graph; the first while its copy waits for proof
+        tells whether the graph draws random numbers (``LeanGraph.proven``)."""
+        lean = self.lean
+        if lean is None or not lean.pending:
+            return replay(graph, *args, **kwargs)
+        lean.watch.before()
+        result = replay(graph, *args, **kwargs)
+        lean.proven(lean.watch.after())
+        return result
 
     def open_gates(self, traced: bool) -> None:
         """Before a replay: the gated groups' captured work runs only if ``traced``."""
@@ -299,6 +367,35 @@ def patch(runtime: Any, gate_types: tuple[Any, Any] | None = None) -> None:
 
         graph_cls.__init__ = init_
 
+    for name in ("register_generator_state", "reset"):
+        if callable(getattr(graph_cls, name, None)):
+            # The class's own, or None where inherited (unpatch restores either).
+            _originals[name] = graph_cls.__dict__.get(name)
+    register_generator = getattr(graph_cls, "register_generator_state", None)
+    reset = getattr(graph_cls, "reset", None)
+
+    if "register_generator_state" in _originals:
+        def register_generator_state(self: Any, generator: Any, *args: Any,
+                                     **kwargs: Any) -> Any:
+            result = register_generator(self, generator, *args, **kwargs)
+            with _lock:
+                _registered_generators.setdefault(self, []).append(_state_of(generator))
+            return result
+
+        graph_cls.register_generator_state = register_generator_state
+
+    if "reset" in _originals:
+        def reset_(self: Any, *args: Any, **kwargs: Any) -> Any:
+            # The copy without statistics runs on the memory torch frees here.
+            with _lock:
+                capture = _graphs.pop(self, None)
+                _skips.pop(self, None)
+            if capture is not None:
+                capture.close_lean()
+            return reset(self, *args, **kwargs)
+
+        graph_cls.reset = reset_
+
     def capture_begin(self: Any, *args: Any, **kwargs: Any) -> Any:
         global _capturing
         with _lock:
@@ -306,7 +403,9 @@ def patch(runtime: Any, gate_types: tuple[Any, Any] | None = None) -> None:
             # the last capture itself: its statistics nodes belong to a graph torch is
             # about to replace (stats.node_switch).
             _skips.pop(self, None)
-            _graphs.pop(self, None)
+            old = _graphs.pop(self, None)
+        if old is not None:
+            old.close_lean()
         _run_capture_hooks(0)
         capture_guard.begin_capture()
         try:
@@ -316,6 +415,7 @@ def patch(runtime: Any, gate_types: tuple[Any, Any] | None = None) -> None:
             raise
         try:
             capture = Capture(next(_ids))
+            capture.generators = _generators_of(self)
             settings = runtime.settings
             capture.sampler = ReplaySampler(settings.replay_every, settings.replay_budget)
             if gate_types is not None and settings.replay_every != 1:
@@ -361,6 +461,12 @@ def patch(runtime: Any, gate_types: tuple[Any, Any] | None = None) -> None:
         else:
             traced = sampler.should_trace(t0)
         if capture.gates:
+            if not traced and capture.lean is not None and capture.lean_untraced(skip):
+                # The copy without statistics nodes ran: no word to write, nothing off.
+                if skip is not None:
+                    sampler.charge_untraced(perf_counter() - t0)
+                    _arm(sampler, skip, capture)
+                return None
             # The gate and the replay it is written for go in together: another
             # thread's write must not land between them.
             with capture.gate_lock:
@@ -375,10 +481,10 @@ def patch(runtime: Any, gate_types: tuple[Any, Any] | None = None) -> None:
                         # next untraced replays straight to torch while it stays so.
                         sampler.charge_untraced(perf_counter() - t0)
                         _arm(sampler, skip, capture)
-                    return replay(self, *args, **kwargs)
+                    return capture.torch_replay(replay, self, args, kwargs)
                 begun = _begin(runtime)
                 t1 = perf_counter()
-                result = replay(self, *args, **kwargs)
+                result = capture.torch_replay(replay, self, args, kwargs)
         elif not traced:
             if skip is not None:
                 # The C gate could have let this replay through (a build without the gate
@@ -438,6 +544,31 @@ def _takes_keep_graph(graph_cls: type) -> bool:
     except (TypeError, ValueError):
         return False
     return "keep_graph" in params and hasattr(graph_cls, "raw_cuda_graph_exec")
+
+
+def _generators_of(graph: Any) -> tuple[Any, ...] | None:
+    """The generators ``graph``'s replays advance: the current device's default one,
+    which torch registers with every capture, and those registered with the graph;
+    None where they cannot be told (then no copy of the graph skips torch's replay)."""
+    try:
+        import torch
+
+        with _lock:
+            registered = list(_registered_generators.get(graph, ()))
+        default = torch.cuda.default_generators[torch.cuda.current_device()]
+        return (_state_of(default), *registered)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _state_of(generator: Any) -> Any:
+    """A generator sharing ``generator``'s state now, as torch registers it with a
+    graph: a later ``graphsafe_set_state`` on ``generator`` does not move it."""
+    get = getattr(generator, "graphsafe_get_state", None)
+    try:
+        return get() if get is not None else generator
+    except Exception:  # noqa: BLE001 - a generator without one: itself
+        return generator
 
 
 def _keep_for_nodes(runtime: Any) -> bool:

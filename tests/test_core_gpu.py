@@ -253,16 +253,14 @@ def _rows_written(rows: Any) -> int:
     return sum(int(torch.count_nonzero(c)) for c in rows._chunks)
 
 
-def test_level5_untraced_replays_skip_the_statistics_on_the_gpu(spans, monkeypatch) -> None:
-    """REPLAY_EVERY=3: replays 1, 4, 7 are traced.  The untraced ones leave the graph's
-    statistics rows as the memset left them (the kernels returned at the gate), the
-    traced ones fill them, and a NaN in traced replay 4 flags exactly its child.  Once
-    an untraced replay closed the gate word, the next untraced one on the same stream
-    goes from the C gate straight to torch (replays 3 and 6 never reach Python)."""
+def _sampled_level5_graph(monkeypatch: Any, draw: bool = False) -> tuple[Any, ...]:
+    """A decode step captured at level 5 under REPLAY_EVERY=3 (replays 1, 4, 7 traced);
+    ``draw``: the graph also draws random numbers.  (graph, step, rows, noise, the
+    graph's output, asked: the replays that came through Python)."""
     from otel_flashinfer import graph_sampling
     from otel_flashinfer.stats import kernel
 
-    asked = []
+    asked: list[float] = []
     should_trace = graph_sampling.ReplaySampler.should_trace
     monkeypatch.setattr(graph_sampling.ReplaySampler, "should_trace",
                         lambda self, now, *more: asked.append(now) or should_trace(self, now,
@@ -272,31 +270,42 @@ def test_level5_untraced_replays_skip_the_statistics_on_the_gpu(spans, monkeypat
     # the captured launches must be ours (torch ops read no gate), not the fallback's
     assert kernel.get(wait=True, timeout=600) is not None
     step = make_decode(use_cuda_graph=True)
-    graph, _ = capture_graph(step.run)
+    noise = torch.zeros(64, device="cuda")
+
+    def body() -> Any:
+        if draw:
+            noise.copy_(torch.rand(64, device="cuda"))
+        return step.run()
+
+    graph, out = capture_graph(body)
     rows = _graph_rows(graph)
     assert rows.gated and rows._gate is not None  # taken by the captured launches
     assert otel_flashinfer.flush(30)
-    spans.exporter.clear()
-    # torch kept the captured graph for us, and the gated launches' nodes were noted:
-    # untraced replays run with them switched off (stats.node_switch)
-    assert rows._switch is not None and rows._switch.on
+    return graph, step, rows, noise, out, asked
+
+
+def _replay_seven(graph: Any, step: Any, rows: Any, noise: Any, out: Any
+                  ) -> tuple[list, ...]:
+    """Replays 1-7, a NaN planted in 2 and 4: per replay the rows written, the nodes
+    the driver says are enabled in torch's graph, the output and the noise drawn."""
+    from otel_flashinfer.stats import kernel
+
     ext, gate = kernel.get(), rows._gate.data_ptr()
-    nodes = ext.gate_nodes(gate)
-    assert nodes > 0
-    written, switched = [], []
+    written, enabled, outs, drawn = [], [], [], []
     clean = step.q.clone()
     for replay in range(1, 8):
         if replay in (2, 4):
             step.q[3, 5, 7] = float("nan")
         graph.replay()
         written.append(_rows_written(rows))
-        # what the driver says of the nodes after each replay
-        switched.append(ext.gate_nodes_enabled(gate, graph.raw_cuda_graph_exec()))
+        enabled.append(ext.gate_nodes_enabled(gate, graph.raw_cuda_graph_exec()))
+        outs.append(out.clone())
+        drawn.append(noise.clone())
         step.q.copy_(clean)
-    traced = [w > 0 for w in written]
-    assert traced == [True, False, False, True, False, False, True], written
-    assert switched == [nodes if t else 0 for t in traced]
-    assert len(asked) == 5  # replays 1, 2, 4, 5 and 7 came through Python
+    return written, enabled, outs, drawn
+
+
+def _check_children(spans: Any, step: Any) -> None:
     children = sorted(spans.by_name(RUN),
                       key=lambda s: s.attributes["flashinfer.cuda_graph.replay"])
     assert [c.attributes["flashinfer.cuda_graph.replay"] for c in children] == [1, 4, 7]
@@ -307,6 +316,64 @@ def test_level5_untraced_replays_skip_the_statistics_on_the_gpu(spans, monkeypat
         q = next(e.attributes for e in child.events if e.attributes.get("flashinfer.tensor") == "q")
         assert q["numel"] == step.q.numel()
         assert q["nan_count"] == (child.attributes["flashinfer.cuda_graph.replay"] == 4)
+
+
+def test_level5_untraced_replays_launch_the_graph_without_statistics(spans, monkeypatch
+                                                                     ) -> None:
+    """REPLAY_EVERY=3: replays 1, 4, 7 are traced.  Replay 1 (torch's) shows the graph
+    draws no random numbers; the untraced replays then launch the copy of the graph
+    without the statistics nodes (stats.lean_graph): they leave the statistics rows as
+    the memset left them, compute the same output as torch's graph, and torch's graph
+    keeps every node on (nothing to switch).  A NaN in traced replay 4 flags exactly its
+    child.  Replays 3 and 6 go from the C gate straight to the copy, never Python."""
+    from otel_flashinfer import graphs
+    from otel_flashinfer.stats import kernel
+
+    graph, step, rows, noise, out, asked = _sampled_level5_graph(monkeypatch)
+    spans.exporter.clear()
+    capture = graphs._graphs[graph]
+    nodes = kernel.get().gate_nodes(rows._gate.data_ptr())
+    assert nodes > 0 and capture.lean is not None and capture.lean.removed == nodes
+    assert capture.lean.pending
+    written, enabled, outs, _ = _replay_seven(graph, step, rows, noise, out)
+    assert capture.lean.ready and capture.skip.lean_exec == capture.lean.exec
+    traced = [w > 0 for w in written]
+    assert traced == [True, False, False, True, False, False, True], written
+    assert enabled == [nodes] * 7
+    # the copy (replays 2, 3, 5, 6) computes what torch's graph does, bit for bit
+    for k in (3, 5, 6, 7):
+        assert torch.equal(outs[k - 1], outs[0]), k
+    assert torch.isnan(outs[1]).any() and not torch.isnan(outs[0]).any()
+    assert torch.allclose(outs[1], outs[3], rtol=0, atol=0, equal_nan=True)
+    assert len(asked) == 5  # replays 1, 2, 4, 5 and 7 came through Python
+    assert otel_flashinfer.flush(60)
+    _check_children(spans, step)
+    assert otel_flashinfer.counters().get("graph_errors", 0) == 0
+
+
+def test_level5_a_graph_drawing_random_numbers_switches_its_nodes(spans, monkeypatch
+                                                                  ) -> None:
+    """The graph also draws random numbers: torch's replay hands each replay its Philox
+    offset, which a copy launched by us would skip.  Every replay goes through torch;
+    untraced ones switch the statistics nodes off (stats.node_switch) and still draw
+    new numbers each time."""
+    from otel_flashinfer import graphs
+
+    graph, step, rows, noise, out, _ = _sampled_level5_graph(monkeypatch, draw=True)
+    spans.exporter.clear()
+    capture = graphs._graphs[graph]
+    assert rows._switch is not None and rows._switch.on
+    from otel_flashinfer.stats import kernel
+
+    nodes = kernel.get().gate_nodes(rows._gate.data_ptr())
+    written, enabled, _, drawn = _replay_seven(graph, step, rows, noise, out)
+    assert capture.lean is not None and capture.lean.state == "refused"
+    traced = [w > 0 for w in written]
+    assert traced == [True, False, False, True, False, False, True], written
+    assert enabled == [nodes if t else 0 for t in traced]
+    assert len({tuple(d.tolist()) for d in drawn}) == 7  # a new draw every replay
+    assert otel_flashinfer.flush(60)
+    _check_children(spans, step)
 
 
 def test_level5_every_replay_traced_takes_no_gate(spans) -> None:

@@ -217,6 +217,14 @@ class GraphRows:
         except Exception as exc:  # noqa: BLE001 - the word gates alone
             health.report("stats_errors", "could not find a graph's statistics nodes", exc)
 
+    def lean_parts(self) -> tuple[Any, int, int] | None:
+        """(extension, gate word, device index) for a copy of the graph without this
+        group's gated launches (``stats.lean_graph``); None where they were not gated
+        through a word."""
+        if self._gate is None or self._gate_module is None or self.device.index is None:
+            return None
+        return self._gate_module, self._gate.data_ptr(), self.device.index
+
     def set_gate(self, traced: bool) -> None:
         """Before a replay, on the replaying thread: its launches run only if ``traced``.
         One call into the extension per replay; a write only when the answer or the

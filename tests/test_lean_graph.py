@@ -1,0 +1,321 @@
+"""Untraced replays of a sampled level-5 graph through a copy of it without the
+statistics nodes (``stats.lean_graph``, csrc/lean_graph.cpp): when the copy is used,
+when it must not be (a graph that draws random numbers), and what a failure leaves.
+The CUDA side runs in tests/test_core_gpu.py; here the extension is a stand-in, and the
+C replay gate's launch goes through a real capsule to a ctypes callback."""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+from typing import Any
+
+import pytest
+import torch
+
+from otel_flashinfer import graphs, health
+from otel_flashinfer.stats import lean_graph
+from otel_flashinfer.stats.lean_graph import LeanGraph, RngWatch
+
+_LAUNCH = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_longlong, ctypes.c_int)
+_CAPSULE_NAME = b"otel_flashinfer.lean_launch"  # must outlive the capsules
+_new_capsule = ctypes.pythonapi.PyCapsule_New
+_new_capsule.restype = ctypes.py_object
+_new_capsule.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+
+
+class _Generator:
+    def __init__(self) -> None:
+        self.offset = 0
+
+    def get_offset(self) -> int:
+        return self.offset
+
+
+class _Module:
+    """The extension's copy functions, recorded.  ``c_rc``: what the C gate's launch
+    (a ctypes callback behind the capsule) returns."""
+
+    LEAN_GRAPHS = True
+
+    def __init__(self) -> None:
+        self.made: list[tuple[int, list[int]]] = []
+        self.destroyed: list[int] = []
+        self.py_launches: list[tuple[int, int]] = []
+        self.c_launches: list[tuple[int, int]] = []
+        self.c_rc = 0
+        self.refuse = False
+        self._callback = _LAUNCH(self._c_launch)
+        self.lean_launch = _new_capsule(ctypes.cast(self._callback, ctypes.c_void_p),
+                                        _CAPSULE_NAME, None)
+
+    def _c_launch(self, exec_: int, device: int) -> int:
+        self.c_launches.append((exec_, device))
+        return self.c_rc
+
+    def lean_graph_make(self, graph: int, gates: list[int]) -> tuple[int, int, int]:
+        if self.refuse:
+            raise RuntimeError("otel_flashinfer stats: could not instantiate a graph "
+                               "without statistics: cudaErrorNotSupported")
+        self.made.append((graph, gates))
+        return 0xA0 + len(self.made), 2 * len(gates), 5
+
+    def lean_graph_destroy(self, exec_: int) -> None:
+        self.destroyed.append(exec_)
+
+    def lean_graph_launch(self, exec_: int, device: int) -> None:
+        self.py_launches.append((exec_, device))
+
+
+def test_rng_watch_says_whether_a_replay_moved_any_generator() -> None:
+    a, b = _Generator(), _Generator()
+    watch = RngWatch([a, b])
+    assert watch.after() is None  # no ``before``: nothing proven
+    watch.before()
+    assert watch.after() is True
+    watch.before()
+    b.offset += 4  # a replay that drew numbers from b
+    assert watch.after() is False
+
+    class _Unreadable:
+        def get_offset(self) -> int:
+            raise RuntimeError("not a CUDA generator")
+
+    watch = RngWatch([a, _Unreadable()])
+    watch.before()
+    assert watch.after() is None
+
+
+def test_the_copy_is_used_only_once_a_replay_proved_no_random_numbers() -> None:
+    module = _Module()
+    lean = LeanGraph(module, 0xA1, 0, 4, [_Generator()])
+    assert lean.pending and not lean.ready
+    lean.proven(None)  # an offset could not be read: still waiting
+    assert lean.pending
+    lean.proven(True)
+    assert lean.ready
+    lean.proven(False)  # decided once
+    assert lean.ready
+    refused = LeanGraph(module, 0xA2, 0, 4, [_Generator()])
+    refused.proven(False)
+    assert not refused.ready and not refused.pending
+    lean.close()
+    lean.close()
+    assert module.destroyed == [0xA1] and not lean.ready  # freed once
+    del refused
+    gc.collect()
+    assert module.destroyed == [0xA1, 0xA2]  # a copy nobody closed is freed with it
+
+
+class _Parts:
+    def __init__(self, parts: tuple[Any, int, int] | None) -> None:
+        self.parts = parts
+
+    def lean_parts(self) -> tuple[Any, int, int] | None:
+        return self.parts
+
+
+class _Kept:
+    def raw_cuda_graph(self) -> int:
+        return 0xC0
+
+
+def test_build_for_takes_every_gated_word_of_one_device() -> None:
+    module = _Module()
+    lean = lean_graph.build_for([_Parts((module, 0x40, 1)), _Parts(None),
+                                 _Parts((module, 0x80, 1))], _Kept(), [])
+    assert lean is not None and lean.device == 1 and lean.removed == 4
+    assert module.made == [(0xC0, [0x40, 0x80])]  # a group without a word is skipped
+    assert lean_graph.build_for([_Parts((module, 0x40, 0)), _Parts((module, 0x80, 1))],
+                                _Kept(), []) is None  # two devices: no one copy
+    assert lean_graph.build_for([_Parts(None)], _Kept(), []) is None
+    assert lean_graph.build_for([_Parts((module, 0x40, 0))], _Kept(), None) is None
+
+    class _Older:  # an extension built before lean_graph.cpp
+        pass
+
+    assert lean_graph.build_for([_Parts((_Older(), 0x40, 0))], _Kept(), []) is None
+    module.refuse = True
+    with pytest.raises(RuntimeError, match="cudaErrorNotSupported"):
+        lean_graph.build_for([_Parts((module, 0x40, 0))], _Kept(), [])
+
+
+class _TorchGraph:
+    """torch's CUDAGraph as the hooks see it, kept; a replay advances ``generator`` by
+    ``draws`` (a graph that draws random numbers)."""
+
+    generator = _Generator()
+    draws = 0
+    replays = 0
+
+    def __init__(self, keep_graph: bool = False) -> None:
+        self.keep_graph = keep_graph
+
+    def capture_begin(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def capture_end(self) -> None:
+        pass
+
+    def instantiate(self) -> None:
+        pass
+
+    def replay(self) -> None:
+        type(self).replays += 1
+        type(self).generator.offset += type(self).draws
+
+    def reset(self) -> None:
+        pass
+
+    def raw_cuda_graph(self) -> int:
+        return 0xC0
+
+    def raw_cuda_graph_exec(self) -> int:
+        return 0xE0
+
+
+class _Group:
+    """A gated statistics group: what ``set_gate`` was told, a word for the copy."""
+
+    gated = True
+
+    def __init__(self, module: _Module) -> None:
+        self.module = module
+        self.gates: list[bool] = []
+
+    def seal(self) -> None:
+        pass
+
+    def bind_graph(self, graph: Any) -> None:
+        pass
+
+    def set_gate(self, traced: bool) -> None:
+        self.gates.append(traced)
+
+    def closed_gate(self) -> None:
+        return None
+
+    def lean_parts(self) -> tuple[Any, int, int]:
+        return self.module, 0x40, 0
+
+    def replay(self, index: dict[int, int]) -> list:
+        return []
+
+
+def _captured(monkeypatch: pytest.MonkeyPatch, module: _Module, draws: int
+              ) -> tuple[Any, _Group]:
+    import otel_flashinfer
+
+    _TorchGraph.generator, _TorchGraph.draws, _TorchGraph.replays = _Generator(), draws, 0
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _TorchGraph)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "default_generators", (_TorchGraph.generator,))
+    monkeypatch.setenv("OTEL_FLASHINFER_REPLAY_EVERY", "3")
+    otel_flashinfer.instrument(level=5, journal_dir="")
+    group = _Group(module)
+    step = otel_flashinfer.traced(
+        lambda x: graphs.capture_state().group("g", lambda: group) and x, name="step")
+    graph = torch.cuda.CUDAGraph()
+    graph.capture_begin()
+    step(torch.zeros(2))
+    graph.capture_end()
+    return graph, group
+
+
+@pytest.fixture
+def _instrumented() -> Any:
+    import otel_flashinfer
+
+    health.reset()
+    yield
+    otel_flashinfer.uninstrument()
+
+
+def test_untraced_replays_launch_the_copy_traced_ones_torchs(
+        monkeypatch: pytest.MonkeyPatch, _instrumented: Any) -> None:
+    """REPLAY_EVERY=3: replays 1, 4, 7 traced.  The first, through torch, shows the
+    graph draws nothing; every untraced replay after it launches the copy (through
+    Python, or the armed C gate), and the word is never closed for one."""
+    module = _Module()
+    graph, group = _captured(monkeypatch, module, draws=0)
+    capture = graphs._graphs[graph]  # noqa: SLF001
+    assert module.made == [(0xC0, [0x40])] and capture.lean.pending
+    for _ in range(9):
+        graph.replay()
+    assert _TorchGraph.replays == 3  # replays 1, 4 and 7: the traced ones
+    assert group.gates == [True, True, True]  # the word: open, never closed
+    launches = module.py_launches + module.c_launches
+    assert len(launches) == 6 and set(launches) == {(0xA1, 0)}
+    assert module.c_launches  # the armed C gate launched some itself
+    # the gate's replays are counted at the next one through Python
+    assert capture.replays + capture.skip.skipped == 9
+    assert health.counters().get("graph_errors", 0) == 0
+
+
+def test_a_graph_that_draws_random_numbers_always_replays_through_torch(
+        monkeypatch: pytest.MonkeyPatch, _instrumented: Any) -> None:
+    module = _Module()
+    graph, group = _captured(monkeypatch, module, draws=4)
+    for _ in range(6):
+        graph.replay()
+    assert _TorchGraph.replays == 6  # torch's prologue hands each replay its offset
+    assert module.py_launches == module.c_launches == []
+    assert group.gates == [True, False, False, True, False, False]  # the word gates
+    assert graphs._graphs[graph].lean.state == lean_graph.REFUSED  # noqa: SLF001
+
+
+def test_a_failed_launch_in_the_c_gate_falls_back_to_torch(
+        monkeypatch: pytest.MonkeyPatch, _instrumented: Any) -> None:
+    module = _Module()
+    graph, group = _captured(monkeypatch, module, draws=0)
+    capture = graphs._graphs[graph]  # noqa: SLF001
+    # 1 traced; 2 the copy through Python, which arms the gate; 3 the copy through the
+    # gate; 4 traced; 5 the copy through Python again
+    for _ in range(5):
+        graph.replay()
+    assert _TorchGraph.replays == 2 and len(module.c_launches) == 1
+    assert len(module.py_launches) == 2
+    module.c_rc = 700  # cudaErrorIllegalAddress, say
+    graph.replay()  # 6: the gate's launch fails: reported, the copy dropped, torch's
+    assert len(module.c_launches) == 2 and capture.lean is None
+    assert module.destroyed == [0xA1] and capture.skip.lean_exec == 0
+    assert _TorchGraph.replays == 3 and group.gates[-1] is False  # the word closed it
+    assert health.counters()["graph_errors"] == 1
+    for _ in range(3):  # 7 traced, 8 and 9 untraced: through torch, the word gating
+        graph.replay()
+    assert _TorchGraph.replays == 6 and len(module.c_launches) == 2
+    assert len(module.py_launches) == 2 and group.gates[-3:] == [True, False, False]
+
+
+def test_reset_and_a_new_capture_free_the_copy(
+        monkeypatch: pytest.MonkeyPatch, _instrumented: Any) -> None:
+    """The copy runs on the memory of torch's graph pool: it goes when torch's graph
+    does, before ``reset()`` frees it, and when the graph is captured again."""
+    module = _Module()
+    graph, _group = _captured(monkeypatch, module, draws=0)
+    for _ in range(2):
+        graph.replay()
+    assert module.py_launches == [(0xA1, 0)] and module.destroyed == []
+    graph.capture_begin()
+    assert module.destroyed == [0xA1]
+    graph.capture_end()
+    graph.replay()  # nothing captured this time: torch's replay, no copy
+    assert len(module.py_launches) == 1 and graphs._graphs[graph].lean is None  # noqa: SLF001
+    graph2, _ = _captured(monkeypatch, module, draws=0)
+    assert module.made[-1][0] == 0xC0 and graphs._graphs[graph2].lean.exec == 0xA2  # noqa: SLF001
+    graph2.reset()
+    assert module.destroyed == [0xA1, 0xA2] and graphs._graphs.get(graph2) is None  # noqa: SLF001
+    graph2.replay()  # after reset: torch's own replay (which would raise for a real one)
+    assert len(module.py_launches) == 1
+
+
+def test_a_copy_the_driver_refuses_leaves_the_switching(
+        monkeypatch: pytest.MonkeyPatch, _instrumented: Any) -> None:
+    module = _Module()
+    module.refuse = True
+    graph, group = _captured(monkeypatch, module, draws=0)
+    assert graphs._graphs[graph].lean is None  # noqa: SLF001
+    assert health.counters()["graph_lean_refused"] == 1
+    for _ in range(3):
+        graph.replay()
+    assert _TorchGraph.replays == 3 and group.gates == [True, False, False]
