@@ -573,8 +573,9 @@ def _state_of(generator: Any) -> Any:
 
 def _keep_for_nodes(runtime: Any) -> bool:
     """Whether a graph made now should keep its captured cudaGraph_t: level 5 with
-    replays sampled, whose statistics nodes are switched off while untraced
-    (``stats.node_switch``).  Never raises: a graph is made either way."""
+    replays sampled, whose untraced replays launch a copy without the statistics nodes
+    (``stats.lean_graph``) or switch them off (``stats.node_switch``), both made from
+    it.  Never raises: a graph is made either way."""
     try:
         settings = runtime.settings
         return settings.level >= 5 and settings.replay_every != 1

@@ -9,6 +9,10 @@ one.  The capture notes each gated launch's node by its word (csrc/gate_nodes.cp
 the handles belong to the captured ``cudaGraph_t``, which torch keeps only for a graph
 made with ``keep_graph=True`` (``graphs.patch`` makes sampled level-5 graphs so).
 
+A graph whose untraced replays launch a copy without these nodes (``lean_graph``) keeps
+them on; switching serves the graphs that cannot have one (they draw random numbers, or
+the driver refused the copy).
+
 The word stays the gate: switching only spares the GPU the empty launches, so a graph
 that cannot be switched (torch without ``raw_cuda_graph_exec``, a launch whose node was
 not told) replays as before.  Switching affects later launches only, so neither
