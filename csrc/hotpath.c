@@ -1679,7 +1679,7 @@ typedef struct {
     long long lean_failed;
 } GraphSkip;
 
-typedef int (*lean_launch_fn)(long long exec, int device);
+typedef int (*lean_launch_fn)(int64_t exec, int device);
 
 static PyMemberDef graph_skip_members[] = {
     {"count", T_LONGLONG, offsetof(GraphSkip, count), 0, "replays still surely untraced"},
@@ -1779,11 +1779,19 @@ static int skip_armed(GraphSkip *skip) {
     return 1;
 }
 
-/* An armed replay of a graph with a lean copy: 1 launched, 0 no copy (torch's replay
- * goes), -1 the launch failed (counted, the copy dropped, disarmed: Python's replay
- * goes, which falls back to torch's with the statistics' word closed). */
+/* An armed replay of a graph armed for a lean copy: 1 launched, 0 not armed for one
+ * (torch's replay goes), -1 the launch failed (counted, the copy dropped, disarmed),
+ * -2 the copy was dropped since it was armed: in both, Python's replay goes, which
+ * falls back to torch's with the statistics' word closed (armed for a copy, the gate
+ * does not check the word). */
 static int lean_replay(GraphSkip *skip) {
-    if (skip->lean_exec == 0 || skip->lean == NULL || skip->lean == Py_None) return 0;
+    if (skip->lean == NULL || skip->lean == Py_None) return 0;
+    skip->skipped--; /* counted again below once launched; else Python's replay counts it */
+    if (skip->lean_exec == 0) {
+        skip->count = 0;
+        skip->until = 0.0;
+        return -2;
+    }
     lean_launch_fn fn = NULL;
     if (PyCapsule_CheckExact(skip->lean))
         fn = (lean_launch_fn)PyCapsule_GetPointer(skip->lean, "otel_flashinfer.lean_launch");
@@ -1797,12 +1805,14 @@ static int lean_replay(GraphSkip *skip) {
         rc = fn(exec, device);
         Py_END_ALLOW_THREADS
     }
-    if (rc == 0) return 1;
+    if (rc == 0) {
+        skip->skipped++;
+        return 1;
+    }
     skip->lean_failed++;
     skip->lean_exec = 0;
     skip->count = 0;
     skip->until = 0.0;
-    skip->skipped--; /* Python's replay counts it */
     return -1;
 }
 

@@ -96,8 +96,12 @@ void take_out(cudaGraph_t graph, cudaGraphNode_t node) {
       if (std::find(has.nodes.begin(), has.nodes.end(), d) != has.nodes.end()) continue;
       cudaGraphEdgeData data{};  // full completion, unless a kernel-to-kernel edge had less
       if (!full_edge(out.data[k]) && is_kernel(d) && is_kernel(to)) data = out.data[k];
-      check(cudaGraphAddDependencies(graph, &d, &to, &data, 1),
-            "could not join a graph around a statistics node");
+#if CUDART_VERSION >= 13000
+      cudaError_t err = cudaGraphAddDependencies(graph, &d, &to, &data, 1);
+#else
+      cudaError_t err = cudaGraphAddDependencies_v2(graph, &d, &to, &data, 1);
+#endif
+      check(err, "could not join a graph around a statistics node");
     }
   }
 }
@@ -129,7 +133,10 @@ std::tuple<int64_t, int64_t, int64_t> lean_graph_make(int64_t graph,
       take_out(clone, copy);
     }
     check(cudaGraphGetNodes(clone, nullptr, &left), "could not count a graph's nodes");
-    check(cudaGraphInstantiate(&exec, clone, cudaGraphInstantiateFlagAutoFreeOnLaunch),
+    // As torch instantiates its own (CUDAGraph::instantiate).
+    check(cudaGraphInstantiate(&exec, clone,
+                               cudaGraphInstantiateFlagAutoFreeOnLaunch |
+                                   cudaGraphInstantiateFlagUseNodePriority),
           "could not instantiate a graph without statistics");
   } catch (...) {
     (void)cudaGraphDestroy(clone);
@@ -160,9 +167,16 @@ void lean_graph_destroy(int64_t exec) {
 extern "C" int otel_fi_lean_launch(int64_t exec, int device) {
   try {
     int current = -1;
-    if (cudaGetDevice(&current) != cudaSuccess) current = -1;
-    if (current != device && cudaSetDevice(device) != cudaSuccess) {
-      return static_cast<int>(cudaGetLastError());
+    if (cudaGetDevice(&current) != cudaSuccess) {
+      (void)cudaGetLastError();
+      current = -1;
+    }
+    if (current != device) {
+      cudaError_t err = cudaSetDevice(device);
+      if (err != cudaSuccess) {
+        (void)cudaGetLastError();
+        return static_cast<int>(err);
+      }
     }
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
     cudaError_t err = cudaGraphLaunch(reinterpret_cast<cudaGraphExec_t>(exec), stream);

@@ -85,9 +85,11 @@ class Capture:
         #: whether it is traced (``set_gate``), set when the capture ends.
         self.gates: tuple[Any, ...] = ()
         self.gate_lock = threading.Lock()
-        #: The generators the graph may draw from (set when the capture begins; None:
-        #: not known, and no copy of the graph replaces torch's replay).
-        self.generators: tuple[Any, ...] | None = None
+        #: How a replay through torch shows whether the graph drew random numbers
+        #: (``stats.lean_graph.RngWatch``, set when the capture begins; None: it cannot,
+        #: and no copy of the graph replaces torch's replay), and the capture's device.
+        self.rng_watch: Any = None
+        self.device: int | None = None
         #: The gated graph's executable copy without its statistics nodes, which
         #: untraced replays launch (``stats.lean_graph.LeanGraph``), made when the
         #: capture ends; None where there is none (the nodes are switched instead).
@@ -170,38 +172,47 @@ class Capture:
                     bind(graph)
                 except Exception as exc:  # noqa: BLE001
                     health.report("graph_errors", "could not finish a CUDA graph capture", exc)
-        if graph is not None and self.gates:
+        if graph is not None and self.gates and graph in _kept_by_us:
+            # Only a graph kept for us: a maker who kept their own may edit it and
+            # instantiate again, which a copy made now would not follow.
             from .stats import lean_graph
 
             try:
-                self.lean = lean_graph.build_for(self.gates, graph, self.generators)
+                self.lean = lean_graph.build_for(self.gates, graph, self.device,
+                                                 self.rng_watch)
             except Exception as exc:  # noqa: BLE001 - the nodes are switched instead
                 health.report("graph_lean_refused",
                               "a CUDA graph's untraced replays switch its statistics nodes "
                               "off instead of leaving them out", exc)
 
     def close_lean(self) -> None:
-        """The copy is never launched again (torch's graph is going, or it failed)."""
+        """The copy is never launched again (torch's graph is going, or it failed).  A
+        C gate armed for it is disarmed: armed so, it does not check the word."""
         lean, self.lean = self.lean, None
         skip = self.skip
         if skip is not None:
             skip.lean_exec = 0
+            skip.count, skip.until = 0, 0.0
         if lean is not None:
             lean.close()
 
-    def lean_untraced(self, skip: Any) -> bool:
-        """An untraced replay through the copy without statistics, where it is proven
-        (``LeanGraph.ready``); False: replay through torch.  Arms ``skip`` so that the
-        C gate launches the copy for the next untraced replays."""
-        lean = self.lean
+    def lean_ready(self, skip: Any) -> bool:
+        """Whether an untraced replay may launch the copy without statistics (it is
+        proven, ``LeanGraph.ready``, and the C gate's launches have not failed)."""
         if skip is not None and skip.lean_failed != self._lean_failed_seen:
             self._lean_failed_seen = skip.lean_failed
             health.report("graph_errors", "could not replay a CUDA graph without its "
                           "statistics (C gate)")
             self.close_lean()
             return False
-        if lean is None or not lean.ready:
-            return False
+        lean = self.lean
+        return lean is not None and lean.ready
+
+    def lean_untraced(self, skip: Any) -> bool:
+        """An untraced replay through the copy (``lean_ready`` said so); False where its
+        launch failed (reported, the copy dropped: replay through torch).  Arms ``skip``
+        so that the C gate launches the copy for the next untraced replays."""
+        lean = self.lean
         try:
             lean.launch()
         except Exception as exc:  # noqa: BLE001 - torch's replay goes instead
@@ -222,9 +233,8 @@ class Capture:
         lean = self.lean
         if lean is None or not lean.pending:
             return replay(graph, *args, **kwargs)
-        lean.watch.before()
-        result = replay(graph, *args, **kwargs)
-        lean.proven(lean.watch.after())
+        result, drew_nothing = lean.watch.run(lambda: replay(graph, *args, **kwargs))
+        lean.proven(drew_nothing)
         return result
 
     def open_gates(self, traced: bool) -> None:
@@ -249,6 +259,7 @@ class Capture:
             if got is None:
                 return False
             skip.gate_key, skip.gate_device, skip.gate_closed = got
+            skip.lean = None  # armed by the word, not for a copy
             return True
         except Exception as exc:  # noqa: BLE001
             health.report("graph_errors", "could not arm the CUDA graph replay gate", exc)
@@ -390,6 +401,7 @@ def patch(runtime: Any, gate_types: tuple[Any, Any] | None = None) -> None:
             with _lock:
                 capture = _graphs.pop(self, None)
                 _skips.pop(self, None)
+                _registered_generators.pop(self, None)  # torch forgets them too
             if capture is not None:
                 capture.close_lean()
             return reset(self, *args, **kwargs)
@@ -415,7 +427,7 @@ def patch(runtime: Any, gate_types: tuple[Any, Any] | None = None) -> None:
             raise
         try:
             capture = Capture(next(_ids))
-            capture.generators = _generators_of(self)
+            capture.device, capture.rng_watch = _rng_watch_of(self, graph_cls)
             settings = runtime.settings
             capture.sampler = ReplaySampler(settings.replay_every, settings.replay_budget)
             if gate_types is not None and settings.replay_every != 1:
@@ -433,16 +445,18 @@ def patch(runtime: Any, gate_types: tuple[Any, Any] | None = None) -> None:
         global _capturing
         capture = _capturing
         _run_capture_hooks(1)
+        ended = False
         try:
             result = end(self, *args, **kwargs)
             if self in _kept_by_us:
                 self.instantiate()  # where torch's capture_end would have (not kept)
+            ended = True
             return result
         finally:
             _capturing = None
             capture_guard.end_capture()
             if capture is not None and capture.groups:
-                capture.seal(self)
+                capture.seal(self if ended else None)  # no graph: nothing to bind
 
     def replay_(self: Any, *args: Any, **kwargs: Any) -> Any:
         t0 = perf_counter()  # what tracing costs counts from here (``auto``)
@@ -461,12 +475,14 @@ def patch(runtime: Any, gate_types: tuple[Any, Any] | None = None) -> None:
         else:
             traced = sampler.should_trace(t0)
         if capture.gates:
-            if not traced and capture.lean is not None and capture.lean_untraced(skip):
-                # The copy without statistics nodes ran: no word to write, nothing off.
-                if skip is not None:
-                    sampler.charge_untraced(perf_counter() - t0)
-                    _arm(sampler, skip, capture)
-                return None
+            if not traced and capture.lean is not None and capture.lean_ready(skip):
+                t1 = perf_counter()  # what tracing costs ends where the replay starts
+                if capture.lean_untraced(skip):
+                    # The copy without statistics nodes ran: no word written, nothing off.
+                    if skip is not None:
+                        sampler.charge_untraced(t1 - t0)
+                        _arm(sampler, skip, capture)
+                    return None
             # The gate and the replay it is written for go in together: another
             # thread's write must not land between them.
             with capture.gate_lock:
@@ -546,19 +562,26 @@ def _takes_keep_graph(graph_cls: type) -> bool:
     return "keep_graph" in params and hasattr(graph_cls, "raw_cuda_graph_exec")
 
 
-def _generators_of(graph: Any) -> tuple[Any, ...] | None:
-    """The generators ``graph``'s replays advance: the current device's default one,
-    which torch registers with every capture, and those registered with the graph;
-    None where they cannot be told (then no copy of the graph skips torch's replay)."""
+def _rng_watch_of(graph: Any, graph_cls: type) -> tuple[int | None, Any]:
+    """(the capture's device, how its replays show random numbers drawn:
+    ``stats.lean_graph.RngWatch``, or None where that cannot be told).  A torch with
+    ``register_generator_state`` registers the current device's default generator with
+    every capture and the others through it; a later one registers, from C++, any
+    generator a capture uses, and only its replay prologue tells."""
     try:
         import torch
 
-        with _lock:
-            registered = list(_registered_generators.get(graph, ()))
-        default = torch.cuda.default_generators[torch.cuda.current_device()]
-        return (_state_of(default), *registered)
+        from .stats.lean_graph import RngWatch
+
+        device = torch.cuda.current_device()
+        default = _state_of(torch.cuda.default_generators[device])
+        if callable(getattr(graph_cls, "register_generator_state", None)):
+            with _lock:
+                registered = list(_registered_generators.get(graph, ()))
+            return device, RngWatch((default, *registered))
+        return device, RngWatch((default,), ops=True)
     except Exception:  # noqa: BLE001
-        return None
+        return None, None
 
 
 def _state_of(generator: Any) -> Any:

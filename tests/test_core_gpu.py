@@ -253,9 +253,10 @@ def _rows_written(rows: Any) -> int:
     return sum(int(torch.count_nonzero(c)) for c in rows._chunks)
 
 
-def _sampled_level5_graph(monkeypatch: Any, draw: bool = False) -> tuple[Any, ...]:
+def _sampled_level5_graph(monkeypatch: Any, draw: str = "") -> tuple[Any, ...]:
     """A decode step captured at level 5 under REPLAY_EVERY=3 (replays 1, 4, 7 traced);
-    ``draw``: the graph also draws random numbers.  (graph, step, rows, noise, the
+    ``draw``: the graph also draws random numbers, from the "default" generator or a
+    "private" one.  (graph, step, rows, noise, the
     graph's output, asked: the replays that came through Python)."""
     from otel_flashinfer import graph_sampling
     from otel_flashinfer.stats import kernel
@@ -271,13 +272,16 @@ def _sampled_level5_graph(monkeypatch: Any, draw: bool = False) -> tuple[Any, ..
     assert kernel.get(wait=True, timeout=600) is not None
     step = make_decode(use_cuda_graph=True)
     noise = torch.zeros(64, device="cuda")
+    private = torch.Generator(device="cuda")
+    private.manual_seed(5)
 
     def body() -> Any:
         if draw:
-            noise.copy_(torch.rand(64, device="cuda"))
+            noise.copy_(torch.rand(64, device="cuda",
+                                   generator=private if draw == "private" else None))
         return step.run()
 
-    graph, out = capture_graph(body)
+    graph, out = capture_graph(body, (private,) if draw == "private" else ())
     rows = _graph_rows(graph)
     assert rows.gated and rows._gate is not None  # taken by the captured launches
     assert otel_flashinfer.flush(30)
@@ -351,15 +355,16 @@ def test_level5_untraced_replays_launch_the_graph_without_statistics(spans, monk
     assert otel_flashinfer.counters().get("graph_errors", 0) == 0
 
 
-def test_level5_a_graph_drawing_random_numbers_switches_its_nodes(spans, monkeypatch
-                                                                  ) -> None:
+@pytest.mark.parametrize("draw", ["default", "private"])
+def test_level5_a_graph_drawing_random_numbers_switches_its_nodes(spans, monkeypatch,
+                                                                  draw) -> None:
     """The graph also draws random numbers: torch's replay hands each replay its Philox
     offset, which a copy launched by us would skip.  Every replay goes through torch;
     untraced ones switch the statistics nodes off (stats.node_switch) and still draw
     new numbers each time."""
     from otel_flashinfer import graphs
 
-    graph, step, rows, noise, out, _ = _sampled_level5_graph(monkeypatch, draw=True)
+    graph, step, rows, noise, out, _ = _sampled_level5_graph(monkeypatch, draw=draw)
     spans.exporter.clear()
     capture = graphs._graphs[graph]
     assert rows._switch is not None and rows._switch.on

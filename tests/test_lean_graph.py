@@ -70,25 +70,33 @@ class _Module:
 def test_rng_watch_says_whether_a_replay_moved_any_generator() -> None:
     a, b = _Generator(), _Generator()
     watch = RngWatch([a, b])
-    assert watch.after() is None  # no ``before``: nothing proven
-    watch.before()
-    assert watch.after() is True
-    watch.before()
-    b.offset += 4  # a replay that drew numbers from b
-    assert watch.after() is False
+    assert watch.run(lambda: "result") == ("result", True)
+
+    def draw() -> None:
+        b.offset += 4  # a replay that drew numbers from b
+
+    assert watch.run(draw) == (None, False)
 
     class _Unreadable:
         def get_offset(self) -> int:
             raise RuntimeError("not a CUDA generator")
 
-    watch = RngWatch([a, _Unreadable()])
-    watch.before()
-    assert watch.after() is None
+    assert RngWatch([a, _Unreadable()]).run(lambda: 1) == (1, None)
+
+
+def test_rng_watch_counts_the_operators_of_a_prologue_it_cannot_see() -> None:
+    """A torch that registers generators from C++: a replay that drew fills the
+    capture's seed and offset tensors (through the dispatcher) before its launch."""
+    seed = torch.zeros(1, dtype=torch.int64)
+    watch = RngWatch([_Generator()], ops=True)
+    assert watch.run(lambda: None) == (None, True)
+    assert watch.run(lambda: seed.fill_(7) and None) == (None, False)
+    assert int(seed) == 7  # the operator ran as it would have
 
 
 def test_the_copy_is_used_only_once_a_replay_proved_no_random_numbers() -> None:
     module = _Module()
-    lean = LeanGraph(module, 0xA1, 0, 4, [_Generator()])
+    lean = LeanGraph(module, 0xA1, 0, 4, RngWatch([_Generator()]))
     assert lean.pending and not lean.ready
     lean.proven(None)  # an offset could not be read: still waiting
     assert lean.pending
@@ -96,7 +104,7 @@ def test_the_copy_is_used_only_once_a_replay_proved_no_random_numbers() -> None:
     assert lean.ready
     lean.proven(False)  # decided once
     assert lean.ready
-    refused = LeanGraph(module, 0xA2, 0, 4, [_Generator()])
+    refused = LeanGraph(module, 0xA2, 0, 4, RngWatch([_Generator()]))
     refused.proven(False)
     assert not refused.ready and not refused.pending
     lean.close()
@@ -121,23 +129,23 @@ class _Kept:
 
 
 def test_build_for_takes_every_gated_word_of_one_device() -> None:
-    module = _Module()
+    module, watch = _Module(), RngWatch([])
     lean = lean_graph.build_for([_Parts((module, 0x40, 1)), _Parts(None),
-                                 _Parts((module, 0x80, 1))], _Kept(), [])
+                                 _Parts((module, 0x80, 1))], _Kept(), 1, watch)
     assert lean is not None and lean.device == 1 and lean.removed == 4
     assert module.made == [(0xC0, [0x40, 0x80])]  # a group without a word is skipped
-    assert lean_graph.build_for([_Parts((module, 0x40, 0)), _Parts((module, 0x80, 1))],
-                                _Kept(), []) is None  # two devices: no one copy
-    assert lean_graph.build_for([_Parts(None)], _Kept(), []) is None
-    assert lean_graph.build_for([_Parts((module, 0x40, 0))], _Kept(), None) is None
+    assert lean_graph.build_for([_Parts((module, 0x40, 0))], _Kept(), 1,
+                                watch) is None  # words on another device than the graph
+    assert lean_graph.build_for([_Parts(None)], _Kept(), 0, watch) is None
+    assert lean_graph.build_for([_Parts((module, 0x40, 0))], _Kept(), 0, None) is None
 
     class _Older:  # an extension built before lean_graph.cpp
         pass
 
-    assert lean_graph.build_for([_Parts((_Older(), 0x40, 0))], _Kept(), []) is None
+    assert lean_graph.build_for([_Parts((_Older(), 0x40, 0))], _Kept(), 0, watch) is None
     module.refuse = True
     with pytest.raises(RuntimeError, match="cudaErrorNotSupported"):
-        lean_graph.build_for([_Parts((module, 0x40, 0))], _Kept(), [])
+        lean_graph.build_for([_Parts((module, 0x40, 0))], _Kept(), 0, watch)
 
 
 class _TorchGraph:
@@ -146,7 +154,13 @@ class _TorchGraph:
 
     generator = _Generator()
     draws = 0
+    #: the generator a replay draws from (None: the default one)
+    draws_from: _Generator | None = None
     replays = 0
+    seed = torch.zeros(1, dtype=torch.int64)
+
+    def __new__(cls, keep_graph: bool = False) -> _TorchGraph:  # noqa: PYI034
+        return super().__new__(cls)
 
     def __init__(self, keep_graph: bool = False) -> None:
         self.keep_graph = keep_graph
@@ -161,8 +175,11 @@ class _TorchGraph:
         pass
 
     def replay(self) -> None:
-        type(self).replays += 1
-        type(self).generator.offset += type(self).draws
+        cls = type(self)
+        cls.replays += 1
+        if cls.draws:  # torch's prologue: the capture's seed and offset, then the offset
+            cls.seed.fill_(1)
+            (cls.draws_from or cls.generator).offset += cls.draws
 
     def reset(self) -> None:
         pass
@@ -202,12 +219,22 @@ class _Group:
         return []
 
 
-def _captured(monkeypatch: pytest.MonkeyPatch, module: _Module, draws: int
-              ) -> tuple[Any, _Group]:
+class _RegisteringGraph(_TorchGraph):
+    """A torch whose graphs learn their generators through ``register_generator_state``
+    (its prologue is not watched: only the generators' offsets)."""
+
+    registered: list[Any] = []
+
+    def register_generator_state(self, generator: Any) -> None:
+        type(self).registered.append(generator)
+
+
+def _captured(monkeypatch: pytest.MonkeyPatch, module: _Module, draws: int,
+              cls: type = _TorchGraph, before: Any = None) -> tuple[Any, _Group]:
     import otel_flashinfer
 
     _TorchGraph.generator, _TorchGraph.draws, _TorchGraph.replays = _Generator(), draws, 0
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", _TorchGraph)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", cls)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "default_generators", (_TorchGraph.generator,))
     monkeypatch.setenv("OTEL_FLASHINFER_REPLAY_EVERY", "3")
@@ -216,6 +243,8 @@ def _captured(monkeypatch: pytest.MonkeyPatch, module: _Module, draws: int
     step = otel_flashinfer.traced(
         lambda x: graphs.capture_state().group("g", lambda: group) and x, name="step")
     graph = torch.cuda.CUDAGraph()
+    if before is not None:
+        before(graph)
     graph.capture_begin()
     step(torch.zeros(2))
     graph.capture_end()
@@ -319,3 +348,64 @@ def test_a_copy_the_driver_refuses_leaves_the_switching(
     for _ in range(3):
         graph.replay()
     assert _TorchGraph.replays == 3 and group.gates == [True, False, False]
+
+
+def test_a_private_generator_refuses_the_copy_on_either_kind_of_torch(
+        monkeypatch: pytest.MonkeyPatch, _instrumented: Any) -> None:
+    """The graph draws from a generator of its own, never the default one.  A torch
+    that registers it through ``register_generator_state`` shows it moving; one that
+    registers it from C++ runs its replay prologue (seen by the operators it runs)."""
+    private = _Generator()
+    monkeypatch.setattr(_TorchGraph, "draws_from", private)
+    module = _Module()
+    graph, _ = _captured(monkeypatch, module, draws=4)  # registered from C++
+    graph.replay()
+    assert graphs._graphs[graph].lean.state == lean_graph.REFUSED  # noqa: SLF001
+    import otel_flashinfer
+
+    otel_flashinfer.uninstrument()
+    graph, _ = _captured(monkeypatch, module, draws=4, cls=_RegisteringGraph,
+                         before=lambda g: g.register_generator_state(private))
+    assert _RegisteringGraph.registered[-1] is private  # torch's own ran too
+    graph.replay()
+    assert graphs._graphs[graph].lean.state == lean_graph.REFUSED  # noqa: SLF001
+    assert private.offset == 8 and module.py_launches == module.c_launches == []
+    graph.reset()
+    assert graphs._registered_generators.get(graph) is None  # noqa: SLF001
+
+
+def test_a_copy_closed_while_the_c_gate_is_armed_for_it_sends_replays_to_python(
+        monkeypatch: pytest.MonkeyPatch, _instrumented: Any) -> None:
+    """Armed for the copy, the gate checks no word: once the copy is gone (another
+    thread's failed launch, say), an armed replay must not run torch's graph with the
+    word left open by the last traced replay."""
+    module = _Module()
+    graph, group = _captured(monkeypatch, module, draws=0)
+    capture = graphs._graphs[graph]  # noqa: SLF001
+    graph.replay()  # 1 traced: the word opened
+    graph.replay()  # 2 the copy through Python: the gate armed for it
+    assert group.gates == [True] and capture.skip.count > 0
+    capture.close_lean()
+    capture.skip.count = 5  # armed again by a racing thread
+    graph.replay()  # 3: through Python, to torch with the word closed
+    assert _TorchGraph.replays == 2 and group.gates == [True, False]
+    assert module.c_launches == [] and len(module.py_launches) == 1
+
+
+def test_auto_is_charged_up_to_the_copys_launch_not_for_it(
+        monkeypatch: pytest.MonkeyPatch, _instrumented: Any) -> None:
+    import time
+
+    from otel_flashinfer import graph_sampling
+
+    charged: list[float] = []
+    charge = graph_sampling.ReplaySampler.charge_untraced
+    monkeypatch.setattr(graph_sampling.ReplaySampler, "charge_untraced",
+                        lambda self, s: charged.append(s) or charge(self, s))
+    module = _Module()
+    monkeypatch.setattr(module, "lean_graph_launch",
+                        lambda exec_, device: time.sleep(0.05) or module.py_launches.append(1))
+    graph, _ = _captured(monkeypatch, module, draws=0)
+    graph.replay()
+    graph.replay()  # the copy: a 50 ms launch, which is the replay's, not tracing's
+    assert module.py_launches == [1] and len(charged) == 1 and charged[0] < 0.02

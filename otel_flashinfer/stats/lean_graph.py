@@ -23,7 +23,7 @@ graph: ``graphs.patch`` closes it on ``reset()``, on a new capture, and with the
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 #: Where the copy stands: waiting for a replay through torch to show the graph draws no
@@ -32,25 +32,38 @@ PENDING, READY, REFUSED = "pending", "ready", "refused"
 
 
 class RngWatch:
-    """Whether a replay through torch advanced any of the graph's generators."""
+    """Whether a replay through torch drew random numbers.
 
-    def __init__(self, generators: Iterable[Any]) -> None:
+    A torch that registers generators with a graph through
+    ``CUDAGraph.register_generator_state`` (``ops=False``): the graph's generators are
+    known, and a replay that drew advances one's offset.  A torch that registers any
+    generator a capture uses from C++ (no such method: the private ones are not known
+    here): a replay that drew runs torch's prologue, which fills the capture's seed and
+    offset tensors (``fill_``, through the dispatcher) before the launch; with
+    nothing drawn it runs no operator at all.  So the replay runs under a dispatch mode
+    that counts operators, beside the default generator's offset."""
+
+    def __init__(self, generators: Iterable[Any], ops: bool = False) -> None:
         self._generators = tuple(generators)
-        self._before: tuple[int, ...] | None = None
+        self._ops = ops
 
-    def before(self) -> None:
-        self._before = _offsets(self._generators)
-
-    def after(self) -> bool | None:
-        """True: no generator moved (the graph drew nothing); False: one did; None:
-        ``before`` was not taken or an offset could not be read."""
-        before, self._before = self._before, None
-        if before is None:
-            return None
+    def run(self, replay: Callable[[], Any]) -> tuple[Any, bool | None]:
+        """(replay's result, True: nothing drawn; False: drawn; None: not known)."""
+        before = _offsets(self._generators)
+        counted = 0
+        if self._ops:
+            counter = _op_counter()
+            if counter is None:
+                return replay(), None
+            with counter:
+                result = replay()
+            counted = counter.ops
+        else:
+            result = replay()
         after = _offsets(self._generators)
-        if after is None:
-            return None
-        return after == before
+        if before is None or after is None:
+            return result, None
+        return result, after == before and counted == 0
 
 
 def _offsets(generators: Sequence[Any]) -> tuple[int, ...] | None:
@@ -60,11 +73,29 @@ def _offsets(generators: Sequence[Any]) -> tuple[int, ...] | None:
         return None
 
 
+def _op_counter() -> Any:
+    """A dispatch mode counting the operators run under it, or None without one."""
+    try:
+        from torch.utils._python_dispatch import TorchDispatchMode
+    except Exception:  # noqa: BLE001
+        return None
+
+    class _Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
+                               kwargs: Any = None) -> Any:
+            self.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    return _Count()
+
+
 class LeanGraph:
     """The executable copy of one captured graph without its statistics nodes."""
 
     def __init__(self, module: Any, exec_: int, device: int, removed: int,
-                 generators: Iterable[Any]) -> None:
+                 watch: RngWatch) -> None:
         self._module = module
         #: The extension's lean_launch capsule, for the C replay gate (``GraphSkip``).
         self.launcher = getattr(module, "lean_launch", None)
@@ -73,12 +104,12 @@ class LeanGraph:
         #: Statistics nodes left out of the copy.
         self.removed = removed
         self.state = PENDING
-        self.watch = RngWatch(generators)
+        self.watch = watch
         self._finalizer = weakref.finalize(self, module.lean_graph_destroy, exec_)
 
     @classmethod
     def build(cls, module: Any, graph: Any, gates: Sequence[int], device: int,
-              generators: Iterable[Any]) -> LeanGraph | None:
+              watch: RngWatch) -> LeanGraph | None:
         """The copy of ``graph`` (a ``torch.cuda.CUDAGraph`` that torch kept) without
         the nodes noted for ``gates``, or None where the extension cannot make one.
         Raises where making it failed (the nodes are switched instead)."""
@@ -86,7 +117,7 @@ class LeanGraph:
             return None
         raw = int(graph.raw_cuda_graph())
         exec_, removed, _left = module.lean_graph_make(raw, list(gates))
-        return cls(module, exec_, device, removed, generators)
+        return cls(module, exec_, device, removed, watch)
 
     @property
     def ready(self) -> bool:
@@ -99,7 +130,7 @@ class LeanGraph:
         return self.state == PENDING
 
     def proven(self, drew_nothing: bool | None) -> None:
-        """After the replay through torch that ``watch`` looked at."""
+        """After a replay through torch that ``watch`` looked at (``RngWatch.run``)."""
         if self.state != PENDING or drew_nothing is None:
             return
         self.state = READY if drew_nothing else REFUSED
@@ -115,21 +146,22 @@ class LeanGraph:
         self._finalizer()
 
 
-def build_for(groups: Iterable[Any], graph: Any, generators: Iterable[Any] | None
+def build_for(groups: Iterable[Any], graph: Any, device: int, watch: RngWatch | None
               ) -> LeanGraph | None:
-    """The copy of ``graph`` without the nodes of its gated ``groups``
-    (``GraphRows.lean_parts``), or None where none has a word or they are on different
-    devices.  Raises where the copy could not be made."""
-    module, device, words = None, None, []
+    """The copy of ``graph`` (captured on ``device``) without the nodes of its gated
+    ``groups`` (``GraphRows.lean_parts``), or None where none has a word, one is on
+    another device, or the graph's random numbers cannot be watched.  Raises where the
+    copy could not be made."""
+    module, words = None, []
     for group in groups:
         parts = getattr(group, "lean_parts", None)
         got = parts() if parts is not None else None
         if got is None:
             continue  # its launches read no word: both graphs run them
-        if module is not None and (got[0] is not module or got[2] != device):
+        if got[2] != device or (module is not None and got[0] is not module):
             return None
-        module, word, device = got
-        words.append(word)
-    if module is None or device is None or generators is None:
+        module = got[0]
+        words.append(got[1])
+    if module is None or watch is None:
         return None
-    return LeanGraph.build(module, graph, words, device, generators)
+    return LeanGraph.build(module, graph, words, device, watch)
