@@ -106,12 +106,44 @@ void take_out(cudaGraph_t graph, cudaGraphNode_t node) {
   }
 }
 
-// (executable graph, nodes taken out, nodes left) for `graph` (torch's
+// (nodes, edges, programmatic edges) of `graph`: what a copy kept of the capture's
+// programmatic dependent launches, beside the graph without statistics (probes, tests).
+std::tuple<int64_t, int64_t, int64_t> edge_counts(cudaGraph_t graph) {
+  size_t nodes = 0, edges = 0;
+  check(cudaGraphGetNodes(graph, nullptr, &nodes), "could not count a graph's nodes");
+#if CUDART_VERSION >= 13000
+  check(cudaGraphGetEdges(graph, nullptr, nullptr, nullptr, &edges), "could not count edges");
+#else
+  check(cudaGraphGetEdges_v2(graph, nullptr, nullptr, nullptr, &edges), "could not count edges");
+#endif
+  std::vector<cudaGraphNode_t> from(edges), to(edges);
+  std::vector<cudaGraphEdgeData> data(edges);
+  if (edges > 0) {
+#if CUDART_VERSION >= 13000
+    check(cudaGraphGetEdges(graph, from.data(), to.data(), data.data(), &edges),
+          "could not read a graph's edges");
+#else
+    check(cudaGraphGetEdges_v2(graph, from.data(), to.data(), data.data(), &edges),
+          "could not read a graph's edges");
+#endif
+  }
+  int64_t programmatic = 0;
+  for (size_t i = 0; i < edges; ++i) programmatic += !full_edge(data[i]);
+  return {static_cast<int64_t>(nodes), static_cast<int64_t>(edges), programmatic};
+}
+
+std::tuple<int64_t, int64_t, int64_t> graph_edge_counts(int64_t graph) {
+  TORCH_CHECK(graph != 0, "otel_flashinfer stats: no graph");
+  return edge_counts(reinterpret_cast<cudaGraph_t>(graph));
+}
+
+// (executable graph, nodes taken out, the copy's nodes, edges and programmatic edges)
+// for `graph` (torch's
 // raw_cuda_graph()) without the nodes noted for `gates`.  Raises where any gate's
 // nodes are not all known, or the driver refuses (a graph with memory nodes cannot be
 // instantiated twice): the caller then switches nodes instead.
-std::tuple<int64_t, int64_t, int64_t> lean_graph_make(int64_t graph,
-                                                      const std::vector<int64_t>& gates) {
+std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t> lean_graph_make(
+    int64_t graph, const std::vector<int64_t>& gates) {
   TORCH_CHECK(graph != 0, "otel_flashinfer stats: no captured graph to copy");
   std::vector<cudaGraphNode_t> nodes;
   for (int64_t gate : gates) {
@@ -124,7 +156,7 @@ std::tuple<int64_t, int64_t, int64_t> lean_graph_make(int64_t graph,
   cudaGraph_t clone = nullptr;
   check(cudaGraphClone(&clone, reinterpret_cast<cudaGraph_t>(graph)), "could not copy a graph");
   cudaGraphExec_t exec = nullptr;
-  size_t left = 0;
+  std::tuple<int64_t, int64_t, int64_t> counts;
   try {
     for (cudaGraphNode_t node : nodes) {
       cudaGraphNode_t copy = nullptr;
@@ -132,7 +164,7 @@ std::tuple<int64_t, int64_t, int64_t> lean_graph_make(int64_t graph,
             "a statistics node is not in the captured graph");
       take_out(clone, copy);
     }
-    check(cudaGraphGetNodes(clone, nullptr, &left), "could not count a graph's nodes");
+    counts = edge_counts(clone);
     // As torch instantiates its own (CUDAGraph::instantiate).
     check(cudaGraphInstantiate(&exec, clone,
                                cudaGraphInstantiateFlagAutoFreeOnLaunch |
@@ -144,13 +176,18 @@ std::tuple<int64_t, int64_t, int64_t> lean_graph_make(int64_t graph,
   }
   (void)cudaGraphDestroy(clone);  // the executable graph does not need it
   return {reinterpret_cast<int64_t>(exec), static_cast<int64_t>(nodes.size()),
-          static_cast<int64_t>(left)};
+          std::get<0>(counts), std::get<1>(counts), std::get<2>(counts)};
 }
 #else
 constexpr bool kLeanSupported = false;
 
-std::tuple<int64_t, int64_t, int64_t> lean_graph_make(int64_t, const std::vector<int64_t>&) {
+std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t> lean_graph_make(
+    int64_t, const std::vector<int64_t>&) {
   TORCH_CHECK(false, "otel_flashinfer stats: a graph without statistics needs CUDA 12.3");
+}
+
+std::tuple<int64_t, int64_t, int64_t> graph_edge_counts(int64_t) {
+  TORCH_CHECK(false, "otel_flashinfer stats: edge data needs CUDA 12.3");
 }
 #endif
 
@@ -209,6 +246,8 @@ void register_lean_graph(pybind11::module_& m) {
   m.def("lean_graph_make", &lean_graph_make,
         "an executable copy of a captured graph without its gated statistics nodes",
         py::arg("graph"), py::arg("gates"));
+  m.def("graph_edge_counts", &graph_edge_counts,
+        "(nodes, edges, programmatic edges) of a cudaGraph_t", py::arg("graph"));
   m.def("lean_graph_destroy", &lean_graph_destroy, "free an executable graph",
         py::arg("exec"));
   m.def("lean_graph_launch", &lean_graph_launch,

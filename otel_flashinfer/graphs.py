@@ -26,6 +26,7 @@ from opentelemetry import trace as trace_api
 from opentelemetry.trace import Link
 
 from . import capture_guard, health
+from .graph_rng import RngWatch
 from .graph_sampling import ReplaySampler
 from .pipeline import TIME_ATTR, CallRecord, ReplayRecord
 
@@ -40,7 +41,7 @@ _originals: dict[str, Any] = {}
 _kept_by_us: weakref.WeakSet[Any] = weakref.WeakSet()
 #: graph -> the generators handed to its ``register_generator_state`` (``patch``): with
 #: the capture device's default one, those whose offsets show whether a replay drew
-#: random numbers (``stats.lean_graph.RngWatch``).
+#: random numbers (``graph_rng.RngWatch``).
 _registered_generators: weakref.WeakKeyDictionary[Any, list[Any]] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 #: Run before a capture begins and before it ends, by owner (``set_capture_hooks``).
@@ -86,7 +87,7 @@ class Capture:
         self.gates: tuple[Any, ...] = ()
         self.gate_lock = threading.Lock()
         #: How a replay through torch shows whether the graph drew random numbers
-        #: (``stats.lean_graph.RngWatch``, set when the capture begins; None: it cannot,
+        #: (``graph_rng.RngWatch``, set when the capture begins; None: it cannot,
         #: and no copy of the graph replaces torch's replay), and the capture's device.
         self.rng_watch: Any = None
         self.device: int | None = None
@@ -172,14 +173,12 @@ class Capture:
                     bind(graph)
                 except Exception as exc:  # noqa: BLE001
                     health.report("graph_errors", "could not finish a CUDA graph capture", exc)
-        if graph is not None and self.gates and graph in _kept_by_us:
+        build = getattr(self.gates[0], "build_lean", None) if self.gates else None
+        if graph is not None and build is not None and graph in _kept_by_us:
             # Only a graph kept for us: a maker who kept their own may edit it and
             # instantiate again, which a copy made now would not follow.
-            from .stats import lean_graph
-
             try:
-                self.lean = lean_graph.build_for(self.gates, graph, self.device,
-                                                 self.rng_watch)
+                self.lean = build(graph, self.gates, self.device, self.rng_watch)
             except Exception as exc:  # noqa: BLE001 - the nodes are switched instead
                 health.report("graph_lean_refused",
                               "a CUDA graph's untraced replays switch its statistics nodes "
@@ -564,14 +563,12 @@ def _takes_keep_graph(graph_cls: type) -> bool:
 
 def _rng_watch_of(graph: Any, graph_cls: type) -> tuple[int | None, Any]:
     """(the capture's device, how its replays show random numbers drawn:
-    ``stats.lean_graph.RngWatch``, or None where that cannot be told).  A torch with
+    ``graph_rng.RngWatch``, or None where that cannot be told).  A torch with
     ``register_generator_state`` registers the current device's default generator with
     every capture and the others through it; a later one registers, from C++, any
     generator a capture uses, and only its replay prologue tells."""
     try:
         import torch
-
-        from .stats.lean_graph import RngWatch
 
         device = torch.cuda.current_device()
         default = _state_of(torch.cuda.default_generators[device])

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from otel_flashinfer import graphs, health
+from otel_flashinfer.graph_rng import RngWatch
 from otel_flashinfer.stats import lean_graph
-from otel_flashinfer.stats.lean_graph import LeanGraph, RngWatch
+from otel_flashinfer.stats.lean_graph import LeanGraph
 
 _LAUNCH = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_longlong, ctypes.c_int)
 _CAPSULE_NAME = b"otel_flashinfer.lean_launch"  # must outlive the capsules
@@ -53,12 +54,13 @@ class _Module:
         self.c_launches.append((exec_, device))
         return self.c_rc
 
-    def lean_graph_make(self, graph: int, gates: list[int]) -> tuple[int, int, int]:
+    def lean_graph_make(self, graph: int, gates: list[int]
+                        ) -> tuple[int, int, int, int, int]:
         if self.refuse:
             raise RuntimeError("otel_flashinfer stats: could not instantiate a graph "
                                "without statistics: cudaErrorNotSupported")
         self.made.append((graph, gates))
-        return 0xA0 + len(self.made), 2 * len(gates), 5
+        return 0xA0 + len(self.made), 2 * len(gates), 5, 6, 1
 
     def lean_graph_destroy(self, exec_: int) -> None:
         self.destroyed.append(exec_)
@@ -214,6 +216,10 @@ class _Group:
 
     def lean_parts(self) -> tuple[Any, int, int]:
         return self.module, 0x40, 0
+
+    @staticmethod
+    def build_lean(graph: Any, groups: Any, device: int | None, watch: Any) -> Any:
+        return lean_graph.build_for(groups, graph, device, watch)
 
     def replay(self, index: dict[int, int]) -> list:
         return []

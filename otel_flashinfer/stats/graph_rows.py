@@ -26,6 +26,7 @@ import torch
 
 from .. import capture_guard, health
 from . import kernel as _kernel
+from . import lean_graph
 from .decode import ROW_BYTES
 from .layout import ROW_WORDS
 from .node_switch import NodeSwitch
@@ -224,6 +225,12 @@ class GraphRows:
         if self._gate is None or self._gate_module is None or self.device.index is None:
             return None
         return self._gate_module, self._gate.data_ptr(), self.device.index
+
+    @staticmethod
+    def build_lean(graph: Any, groups: Any, device: int | None, watch: Any) -> Any:
+        """The capture's copy of ``graph`` without the gated groups' nodes
+        (``lean_graph.build_for``; ``graphs.Capture.seal`` asks its first gated group)."""
+        return lean_graph.build_for(groups, graph, device, watch)
 
     def set_gate(self, traced: bool) -> None:
         """Before a replay, on the replaying thread: its launches run only if ``traced``.

@@ -10,11 +10,7 @@ replay, whose graph has them.
 Launching our copy skips torch's replay itself, and with it the prologue that hands a
 graph that draws random numbers its next Philox offset: such a graph would draw the
 same numbers on every untraced replay.  So the copy is used only once a replay through
-torch has shown that the graph draws none (``RngWatch``): torch advances each
-registered generator's offset by what the graph drew, on every replay.  Generators
-count as registered when they are the capture device's default one or went through
-``CUDAGraph.register_generator_state`` (``graphs.patch`` notes those); a generator a
-C++ extension registered behind torch's Python API is not seen.
+torch has shown that the graph draws none (``graph_rng.RngWatch``).
 
 The copy runs on the memory of torch's graph pool, so it never outlives torch's
 graph: ``graphs.patch`` closes it on ``reset()``, on a new capture, and with the graph.
@@ -23,72 +19,14 @@ graph: ``graphs.patch`` closes it on ``reset()``, on a new capture, and with the
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
+
+from ..graph_rng import RngWatch
 
 #: Where the copy stands: waiting for a replay through torch to show the graph draws no
 #: random numbers, in use, or not to be used (it does, or the copy failed).
 PENDING, READY, REFUSED = "pending", "ready", "refused"
-
-
-class RngWatch:
-    """Whether a replay through torch drew random numbers.
-
-    A torch that registers generators with a graph through
-    ``CUDAGraph.register_generator_state`` (``ops=False``): the graph's generators are
-    known, and a replay that drew advances one's offset.  A torch that registers any
-    generator a capture uses from C++ (no such method: the private ones are not known
-    here): a replay that drew runs torch's prologue, which fills the capture's seed and
-    offset tensors (``fill_``, through the dispatcher) before the launch; with
-    nothing drawn it runs no operator at all.  So the replay runs under a dispatch mode
-    that counts operators, beside the default generator's offset."""
-
-    def __init__(self, generators: Iterable[Any], ops: bool = False) -> None:
-        self._generators = tuple(generators)
-        self._ops = ops
-
-    def run(self, replay: Callable[[], Any]) -> tuple[Any, bool | None]:
-        """(replay's result, True: nothing drawn; False: drawn; None: not known)."""
-        before = _offsets(self._generators)
-        counted = 0
-        if self._ops:
-            counter = _op_counter()
-            if counter is None:
-                return replay(), None
-            with counter:
-                result = replay()
-            counted = counter.ops
-        else:
-            result = replay()
-        after = _offsets(self._generators)
-        if before is None or after is None:
-            return result, None
-        return result, after == before and counted == 0
-
-
-def _offsets(generators: Sequence[Any]) -> tuple[int, ...] | None:
-    try:
-        return tuple(int(g.get_offset()) for g in generators)
-    except Exception:  # noqa: BLE001 - an offset we cannot read proves nothing
-        return None
-
-
-def _op_counter() -> Any:
-    """A dispatch mode counting the operators run under it, or None without one."""
-    try:
-        from torch.utils._python_dispatch import TorchDispatchMode
-    except Exception:  # noqa: BLE001
-        return None
-
-    class _Count(TorchDispatchMode):
-        ops = 0
-
-        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
-                               kwargs: Any = None) -> Any:
-            self.ops += 1
-            return func(*args, **(kwargs or {}))
-
-    return _Count()
 
 
 class LeanGraph:
@@ -101,8 +39,10 @@ class LeanGraph:
         self.launcher = getattr(module, "lean_launch", None)
         self.exec = exec_
         self.device = device
-        #: Statistics nodes left out of the copy.
+        #: Statistics nodes left out of the copy, and the copy's (nodes, edges,
+        #: programmatic edges) (``build``).
         self.removed = removed
+        self.shape: tuple[int, ...] = ()
         self.state = PENDING
         self.watch = watch
         self._finalizer = weakref.finalize(self, module.lean_graph_destroy, exec_)
@@ -116,8 +56,10 @@ class LeanGraph:
         if not gates or not getattr(module, "LEAN_GRAPHS", False):
             return None
         raw = int(graph.raw_cuda_graph())
-        exec_, removed, _left = module.lean_graph_make(raw, list(gates))
-        return cls(module, exec_, device, removed, watch)
+        exec_, removed, *shape = module.lean_graph_make(raw, list(gates))
+        lean = cls(module, exec_, device, removed, watch)
+        lean.shape = tuple(shape)
+        return lean
 
     @property
     def ready(self) -> bool:

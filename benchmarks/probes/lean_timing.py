@@ -1,0 +1,130 @@
+"""Probe: what an untraced level-5 replay of the issue's 32-layer decode step costs the
+GPU, by how it is replayed, against the same step captured without instrumentation.
+
+One process, one step (``bench_graph_step``'s: 32 x rmsnorm + BatchDecode run), two
+graphs of it: level 0 (plain torch, kept to read its edges) and level 5 under
+``REPLAY_EVERY=auto``.  GPU time a replay (CUDA events around N back-to-back replays,
+rounds alternating) of:
+  level0     the uninstrumented graph
+  lean       level 5's copy without statistics nodes (``stats.lean_graph``)
+  off        torch's level-5 graph, word closed, statistics nodes switched off
+  closed     torch's level-5 graph, word closed, nodes on (the gate word alone)
+  traced     torch's level-5 graph, word open: the statistics run
+and each graph's (nodes, edges, programmatic edges) (``graph_edge_counts``).  Run on the
+device from the repository root::
+
+    . .gpu/setup.sh; python3 benchmarks/probes/lean_timing.py 500 3
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+from pathlib import Path
+
+os.environ["OTEL_FLASHINFER_REPLAY_EVERY"] = "auto"
+os.environ.setdefault("OTEL_TRACES_EXPORTER", "none")
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import torch  # noqa: E402
+
+
+def gpu_us(fn, n: int) -> float:
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / n
+
+
+def main() -> int:
+    import flashinfer
+    from bench_graph_step import LAYERS
+    from gpu_decode import make_decode
+
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 500
+    rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 3
+    step = make_decode(use_cuda_graph=True)
+    caches = [torch.randn_like(step.kv_cache) for _ in range(LAYERS)]
+    hidden = torch.randn(8, 4096, dtype=torch.float16, device="cuda")
+    weight = torch.ones(4096, dtype=torch.float16, device="cuda")
+    print("decode run:", inspect.signature(step.wrapper.run))
+
+    def forward() -> None:
+        for cache in caches:
+            flashinfer.norm.rmsnorm(hidden, weight)
+            step.wrapper.run(step.q, cache)
+
+    def capture(keep: bool) -> torch.cuda.CUDAGraph:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            forward()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph(keep_graph=True) if keep else torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            forward()
+        torch.cuda.synchronize()
+        return graph
+
+    g0 = capture(keep=True)
+    g0.instantiate()
+    import otel_flashinfer
+    from otel_flashinfer import graphs
+    from otel_flashinfer.stats import kernel
+
+    otel_flashinfer.instrument(level=5, journal_dir="")
+    module = kernel.get(wait=True, timeout=600)
+    g5 = capture(keep=False)  # kept for us: level 5 with replays sampled
+    capture5 = graphs._graphs[g5]  # noqa: SLF001
+    lean = capture5.lean
+    (rows,) = capture5.gates
+    original = graphs._originals["replay"]  # noqa: SLF001
+    print("level 0 graph (nodes, edges, programmatic):", module.graph_edge_counts(
+        g0.raw_cuda_graph()))
+    print("level 5 graph:", module.graph_edge_counts(g5.raw_cuda_graph()),
+          "statistics nodes", module.gate_nodes(rows._gate.data_ptr()))  # noqa: SLF001
+    print("lean copy:", lean.shape if lean is not None else None,
+          "removed", lean.removed if lean is not None else None)
+    device = torch.cuda.current_device()
+
+    def closed(nodes_on: bool):
+        def replay() -> None:
+            original(g5)
+        capture5.open_gates(False)
+        if nodes_on and rows._switch is not None:  # noqa: SLF001
+            rows._switch.set(True)  # noqa: SLF001
+        return replay
+
+    variants = {
+        "level0": lambda: g0.replay,
+        "lean": lambda: (lambda: module.lean_graph_launch(lean.exec, device)),
+        "off": lambda: closed(False),
+        "closed": lambda: closed(True),
+        "traced": lambda: (capture5.open_gates(True), lambda: original(g5))[1],
+    }
+    results: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(rounds):
+        for name, make in variants.items():
+            if name == "lean" and lean is None:
+                continue
+            results[name].append(gpu_us(make(), n))
+    base = min(results["level0"])
+    for name, got in results.items():
+        if got:
+            print(f"{name:8s} " + " ".join(f"{v:8.1f}" for v in got)
+                  + f"  us a replay; best {min(got):.1f} = {min(got) / base - 1:+.1%} of level 0")
+    otel_flashinfer.uninstrument()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
