@@ -73,9 +73,12 @@ bool full_edge(const cudaGraphEdgeData& d) {
 }
 
 // Takes `node` out of `graph`: each dependency becomes one of each dependent, unless it
-// already is, or it is a full dependency of another dependency (then the order holds
-// through that one).
-void take_out(cudaGraph_t graph, cudaGraphNode_t node) {
+// already is, or it is a dependency of another dependency (then the order holds through
+// that one, as it did in the application's own stream before our launch came between:
+// a call's inputs' launch on our branch and the join after its outputs' launch leave
+// such edges, from the call before to the call after).  `through_programmatic` false:
+// only a full dependency counts (the first version's rule, kept for the probe).
+void take_out(cudaGraph_t graph, cudaGraphNode_t node, bool through_programmatic) {
   const Edges in = edges_of(node, true), out = edges_of(node, false);
   std::vector<cudaGraphNode_t> from;
   for (cudaGraphNode_t d : in.nodes) {
@@ -84,7 +87,8 @@ void take_out(cudaGraph_t graph, cudaGraphNode_t node) {
       if (other == d) continue;
       const Edges before = edges_of(other, true);
       for (size_t i = 0; i < before.nodes.size() && !through_other; ++i)
-        through_other = before.nodes[i] == d && full_edge(before.data[i]);
+        through_other = before.nodes[i] == d &&
+                        (through_programmatic || full_edge(before.data[i]));
     }
     if (!through_other) from.push_back(d);
   }
@@ -143,7 +147,7 @@ std::tuple<int64_t, int64_t, int64_t> graph_edge_counts(int64_t graph) {
 // nodes are not all known, or the driver refuses (a graph with memory nodes cannot be
 // instantiated twice): the caller then switches nodes instead.
 std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t> lean_graph_make(
-    int64_t graph, const std::vector<int64_t>& gates) {
+    int64_t graph, const std::vector<int64_t>& gates, bool through_programmatic) {
   TORCH_CHECK(graph != 0, "otel_flashinfer stats: no captured graph to copy");
   std::vector<cudaGraphNode_t> nodes;
   for (int64_t gate : gates) {
@@ -162,7 +166,7 @@ std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t> lean_graph_make(
       cudaGraphNode_t copy = nullptr;
       check(cudaGraphNodeFindInClone(&copy, node, clone),
             "a statistics node is not in the captured graph");
-      take_out(clone, copy);
+      take_out(clone, copy, through_programmatic);
     }
     counts = edge_counts(clone);
     // As torch instantiates its own (CUDAGraph::instantiate).
@@ -182,7 +186,7 @@ std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t> lean_graph_make(
 constexpr bool kLeanSupported = false;
 
 std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t> lean_graph_make(
-    int64_t, const std::vector<int64_t>&) {
+    int64_t, const std::vector<int64_t>&, bool) {
   TORCH_CHECK(false, "otel_flashinfer stats: a graph without statistics needs CUDA 12.3");
 }
 
@@ -245,7 +249,7 @@ void register_lean_graph(pybind11::module_& m) {
   m.attr("LEAN_GRAPHS") = kLeanSupported;
   m.def("lean_graph_make", &lean_graph_make,
         "an executable copy of a captured graph without its gated statistics nodes",
-        py::arg("graph"), py::arg("gates"));
+        py::arg("graph"), py::arg("gates"), py::arg("through_programmatic") = true);
   m.def("graph_edge_counts", &graph_edge_counts,
         "(nodes, edges, programmatic edges) of a cudaGraph_t", py::arg("graph"));
   m.def("lean_graph_destroy", &lean_graph_destroy, "free an executable graph",

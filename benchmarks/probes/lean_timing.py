@@ -7,6 +7,8 @@ graphs of it: level 0 (plain torch, kept to read its edges) and level 5 under
 rounds alternating) of:
   level0     the uninstrumented graph
   lean       level 5's copy without statistics nodes (``stats.lean_graph``)
+  lean_v1    the same made by the first version's rule (an edge left wherever the
+             order held only through a programmatic one)
   off        torch's level-5 graph, word closed, statistics nodes switched off
   closed     torch's level-5 graph, word closed, nodes on (the gate word alone)
   traced     torch's level-5 graph, word open: the statistics run
@@ -94,6 +96,9 @@ def main() -> int:
           "statistics nodes", module.gate_nodes(rows._gate.data_ptr()))  # noqa: SLF001
     print("lean copy:", lean.shape if lean is not None else None,
           "removed", lean.removed if lean is not None else None)
+    v1, _, *shape_v1 = module.lean_graph_make(int(g5.raw_cuda_graph()),
+                                              [rows._gate.data_ptr()], False)  # noqa: SLF001
+    print("lean copy, first rule:", tuple(shape_v1))
     device = torch.cuda.current_device()
 
     def closed(nodes_on: bool):
@@ -107,6 +112,7 @@ def main() -> int:
     variants = {
         "level0": lambda: g0.replay,
         "lean": lambda: (lambda: module.lean_graph_launch(lean.exec, device)),
+        "lean_v1": lambda: (lambda: module.lean_graph_launch(v1, device)),
         "off": lambda: closed(False),
         "closed": lambda: closed(True),
         "traced": lambda: (capture5.open_gates(True), lambda: original(g5))[1],
