@@ -76,8 +76,11 @@ bool full_edge(const cudaGraphEdgeData& d) {
 // already is, or it is a dependency of another dependency (then the order holds through
 // that one, as it did in the application's own stream before our launch came between:
 // a call's inputs' launch on our branch and the join after its outputs' launch leave
-// such edges, from the call before to the call after).  `through_programmatic` false:
-// only a full dependency counts (the first version's rule, kept for the probe).
+// such edges, from the call before to the call after).  A programmatic dependency
+// counts only as the other's one dependency (a kernel launched right after `d` in its
+// stream): then the application's own capture had no edge from `d` past it either.
+// `through_programmatic` false: only a full dependency counts (the first version's rule,
+// kept for the probe).
 void take_out(cudaGraph_t graph, cudaGraphNode_t node, bool through_programmatic) {
   const Edges in = edges_of(node, true), out = edges_of(node, false);
   std::vector<cudaGraphNode_t> from;
@@ -88,7 +91,8 @@ void take_out(cudaGraph_t graph, cudaGraphNode_t node, bool through_programmatic
       const Edges before = edges_of(other, true);
       for (size_t i = 0; i < before.nodes.size() && !through_other; ++i)
         through_other = before.nodes[i] == d &&
-                        (through_programmatic || full_edge(before.data[i]));
+                        (full_edge(before.data[i]) ||
+                         (through_programmatic && before.nodes.size() == 1));
     }
     if (!through_other) from.push_back(d);
   }
