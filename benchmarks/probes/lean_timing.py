@@ -16,6 +16,8 @@ and each graph's (nodes, edges, programmatic edges) (``graph_edge_counts``).  Ru
 device from the repository root::
 
     . .gpu/setup.sh; python3 benchmarks/probes/lean_timing.py 500 3
+
+It first checks that the copy computes the uninstrumented graph's outputs bit for bit.
 """
 
 from __future__ import annotations
@@ -60,12 +62,14 @@ def main() -> int:
     weight = torch.ones(4096, dtype=torch.float16, device="cuda")
     print("decode run:", inspect.signature(step.wrapper.run))
 
-    def forward() -> None:
+    def forward() -> list:
+        outs = []
         for cache in caches:
             flashinfer.norm.rmsnorm(hidden, weight)
-            step.wrapper.run(step.q, cache)
+            outs.append(step.wrapper.run(step.q, cache))
+        return outs
 
-    def capture(keep: bool) -> torch.cuda.CUDAGraph:
+    def capture(keep: bool) -> tuple[torch.cuda.CUDAGraph, list]:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -73,11 +77,11 @@ def main() -> int:
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph(keep_graph=True) if keep else torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            forward()
+            outs = forward()
         torch.cuda.synchronize()
-        return graph
+        return graph, outs
 
-    g0 = capture(keep=True)
+    g0, outs0 = capture(keep=True)
     g0.instantiate()
     import otel_flashinfer
     from otel_flashinfer import graphs
@@ -85,7 +89,7 @@ def main() -> int:
 
     otel_flashinfer.instrument(level=5, journal_dir="")
     module = kernel.get(wait=True, timeout=600)
-    g5 = capture(keep=False)  # kept for us: level 5 with replays sampled
+    g5, outs5 = capture(keep=False)  # kept for us: level 5 with replays sampled
     capture5 = graphs._graphs[g5]  # noqa: SLF001
     lean = capture5.lean
     (rows,) = capture5.gates
@@ -117,6 +121,11 @@ def main() -> int:
         "closed": lambda: closed(True),
         "traced": lambda: (capture5.open_gates(True), lambda: original(g5))[1],
     }
+    g0.replay()
+    module.lean_graph_launch(lean.exec, device)
+    torch.cuda.synchronize()
+    print("the copy's 32 outputs equal the uninstrumented graph's, bit for bit:",
+          all(torch.equal(a, b) for a, b in zip(outs0, outs5, strict=True)))
     results: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(rounds):
         for name, make in variants.items():
