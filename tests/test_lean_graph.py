@@ -107,6 +107,8 @@ def test_the_copy_is_used_only_once_a_replay_proved_no_random_numbers() -> None:
     lean.proven(False)  # decided once
     assert lean.ready
     refused = LeanGraph(module, 0xA2, 0, 4, RngWatch([_Generator()]))
+    refused.proven(False)  # once: another thread may have drawn meanwhile
+    assert refused.pending
     refused.proven(False)
     assert not refused.ready and not refused.pending
     lean.close()
@@ -160,6 +162,8 @@ class _TorchGraph:
     draws_from: _Generator | None = None
     replays = 0
     seed = torch.zeros(1, dtype=torch.int64)
+    #: another thread's draw from the default generator during the next replay
+    race = 0
 
     def __new__(cls, keep_graph: bool = False) -> _TorchGraph:  # noqa: PYI034
         return super().__new__(cls)
@@ -179,6 +183,8 @@ class _TorchGraph:
     def replay(self) -> None:
         cls = type(self)
         cls.replays += 1
+        cls.generator.offset += cls.race
+        cls.race = 0
         if cls.draws:  # torch's prologue: the capture's seed and offset, then the offset
             cls.seed.fill_(1)
             (cls.draws_from or cls.generator).offset += cls.draws
@@ -240,6 +246,7 @@ def _captured(monkeypatch: pytest.MonkeyPatch, module: _Module, draws: int,
     import otel_flashinfer
 
     _TorchGraph.generator, _TorchGraph.draws, _TorchGraph.replays = _Generator(), draws, 0
+    _TorchGraph.race = 0
     monkeypatch.setattr(torch.cuda, "CUDAGraph", cls)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "default_generators", (_TorchGraph.generator,))
@@ -366,6 +373,7 @@ def test_a_private_generator_refuses_the_copy_on_either_kind_of_torch(
     module = _Module()
     graph, _ = _captured(monkeypatch, module, draws=4)  # registered from C++
     graph.replay()
+    graph.replay()  # two replays seen drawing
     assert graphs._graphs[graph].lean.state == lean_graph.REFUSED  # noqa: SLF001
     import otel_flashinfer
 
@@ -374,8 +382,9 @@ def test_a_private_generator_refuses_the_copy_on_either_kind_of_torch(
                          before=lambda g: g.register_generator_state(private))
     assert _RegisteringGraph.registered[-1] is private  # torch's own ran too
     graph.replay()
+    graph.replay()
     assert graphs._graphs[graph].lean.state == lean_graph.REFUSED  # noqa: SLF001
-    assert private.offset == 8 and module.py_launches == module.c_launches == []
+    assert private.offset == 16 and module.py_launches == module.c_launches == []
     graph.reset()
     assert graphs._registered_generators.get(graph) is None  # noqa: SLF001
 
@@ -415,3 +424,19 @@ def test_auto_is_charged_up_to_the_copys_launch_not_for_it(
     graph.replay()
     graph.replay()  # the copy: a 50 ms launch, which is the replay's, not tracing's
     assert module.py_launches == [1] and len(charged) == 1 and charged[0] < 0.02
+
+
+def test_one_replay_seen_drawing_does_not_refuse_the_copy_alone(
+        monkeypatch: pytest.MonkeyPatch, _instrumented: Any) -> None:
+    """Another thread drew from the default generator during the first replay: the
+    second, which draws nothing, proves the graph."""
+    module = _Module()
+    graph, _ = _captured(monkeypatch, module, draws=0)
+    lean = graphs._graphs[graph].lean  # noqa: SLF001
+    _TorchGraph.race = 4
+    graph.replay()
+    assert lean.pending and _TorchGraph.race == 0
+    graph.replay()
+    assert lean.ready
+    graph.replay()
+    assert module.py_launches == [(0xA1, 0)]

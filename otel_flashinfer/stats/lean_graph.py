@@ -45,6 +45,7 @@ class LeanGraph:
         self.shape: tuple[int, ...] = ()
         self.state = PENDING
         self.watch = watch
+        self._drew = 0  # replays through torch seen drawing random numbers
         self._finalizer = weakref.finalize(self, module.lean_graph_destroy, exec_)
 
     @classmethod
@@ -72,10 +73,17 @@ class LeanGraph:
         return self.state == PENDING
 
     def proven(self, drew_nothing: bool | None) -> None:
-        """After a replay through torch that ``watch`` looked at (``RngWatch.run``)."""
+        """After a replay through torch that ``watch`` looked at (``RngWatch.run``).
+        Refused after two replays that drew: one could be another thread drawing from
+        the default generator meanwhile, and a graph that draws draws on every replay."""
         if self.state != PENDING or drew_nothing is None:
             return
-        self.state = READY if drew_nothing else REFUSED
+        if drew_nothing:
+            self.state = READY
+            return
+        self._drew += 1
+        if self._drew >= 2:
+            self.state = REFUSED
 
     def launch(self) -> None:
         """An untraced replay: the copy on the device's current stream.  Raises where
