@@ -1780,37 +1780,33 @@ static int skip_armed(GraphSkip *skip) {
 }
 
 /* An armed replay of a graph armed for a lean copy: 1 launched, 0 not armed for one
- * (torch's replay goes), -1 the launch failed (counted, the copy dropped, disarmed),
- * -2 the copy was dropped since it was armed: in both, Python's replay goes, which
- * falls back to torch's with the statistics' word closed (armed for a copy, the gate
- * does not check the word). */
+ * (torch's replay goes), -1 the copy is gone or its launch failed (counted): disarmed,
+ * and Python's replay goes, which falls back to torch's with the statistics' word
+ * closed (armed for a copy, the gate does not check the word). */
 static int lean_replay(GraphSkip *skip) {
     if (skip->lean == NULL || skip->lean == Py_None) return 0;
-    skip->skipped--; /* counted again below once launched; else Python's replay counts it */
-    if (skip->lean_exec == 0) {
-        skip->count = 0;
-        skip->until = 0.0;
-        return -2;
+    skip->skipped--; /* counted again once launched; else Python's replay counts it */
+    if (skip->lean_exec != 0) {
+        lean_launch_fn fn = NULL;
+        if (PyCapsule_CheckExact(skip->lean))
+            fn = (lean_launch_fn)PyCapsule_GetPointer(skip->lean, "otel_flashinfer.lean_launch");
+        int rc = -1;
+        if (fn == NULL) {
+            PyErr_Clear();
+        } else {
+            long long exec = skip->lean_exec;
+            int device = skip->lean_device;
+            Py_BEGIN_ALLOW_THREADS
+            rc = fn(exec, device);
+            Py_END_ALLOW_THREADS
+        }
+        if (rc == 0) {
+            skip->skipped++;
+            return 1;
+        }
+        skip->lean_failed++;
+        skip->lean_exec = 0;
     }
-    lean_launch_fn fn = NULL;
-    if (PyCapsule_CheckExact(skip->lean))
-        fn = (lean_launch_fn)PyCapsule_GetPointer(skip->lean, "otel_flashinfer.lean_launch");
-    int rc = -1;
-    if (fn == NULL) {
-        PyErr_Clear();
-    } else {
-        long long exec = skip->lean_exec;
-        int device = skip->lean_device;
-        Py_BEGIN_ALLOW_THREADS
-        rc = fn(exec, device);
-        Py_END_ALLOW_THREADS
-    }
-    if (rc == 0) {
-        skip->skipped++;
-        return 1;
-    }
-    skip->lean_failed++;
-    skip->lean_exec = 0;
     skip->count = 0;
     skip->until = 0.0;
     return -1;

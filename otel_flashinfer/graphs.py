@@ -426,7 +426,8 @@ def patch(runtime: Any, gate_types: tuple[Any, Any] | None = None) -> None:
             raise
         try:
             capture = Capture(next(_ids))
-            capture.device, capture.rng_watch = _rng_watch_of(self, graph_cls)
+            if self in _kept_by_us:  # only such a graph gets a copy (``Capture.seal``)
+                capture.device, capture.rng_watch = _rng_watch_of(self, graph_cls)
             settings = runtime.settings
             capture.sampler = ReplaySampler(settings.replay_every, settings.replay_budget)
             if gate_types is not None and settings.replay_every != 1:

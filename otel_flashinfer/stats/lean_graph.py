@@ -33,7 +33,7 @@ class LeanGraph:
     """The executable copy of one captured graph without its statistics nodes."""
 
     def __init__(self, module: Any, exec_: int, device: int, removed: int,
-                 watch: RngWatch) -> None:
+                 watch: RngWatch, shape: tuple[int, ...] = ()) -> None:
         self._module = module
         #: The extension's lean_launch capsule, for the C replay gate (``GraphSkip``).
         self.launcher = getattr(module, "lean_launch", None)
@@ -42,7 +42,7 @@ class LeanGraph:
         #: Statistics nodes left out of the copy, and the copy's (nodes, edges,
         #: programmatic edges) (``build``).
         self.removed = removed
-        self.shape: tuple[int, ...] = ()
+        self.shape = shape
         self.state = PENDING
         self.watch = watch
         self._drew = 0  # replays through torch seen drawing random numbers
@@ -58,9 +58,7 @@ class LeanGraph:
             return None
         raw = int(graph.raw_cuda_graph())
         exec_, removed, *shape = module.lean_graph_make(raw, list(gates))
-        lean = cls(module, exec_, device, removed, watch)
-        lean.shape = tuple(shape)
-        return lean
+        return cls(module, exec_, device, removed, watch, tuple(shape))
 
     @property
     def ready(self) -> bool:
