@@ -28,6 +28,13 @@ from ..graph_rng import RngWatch
 #: random numbers, in use, or not to be used (it does, or the copy failed).
 PENDING, READY, REFUSED = "pending", "ready", "refused"
 
+#: How the copy joins a removed node's dependencies to its dependents
+#: (csrc/lean_graph.cpp, ``take_out``): True also drops the edge that our branch and
+#: join leave from the call before to the call after, where the order already holds
+#: through the programmatic (PDL) edge between them, as in the application's own
+#: capture.  Benchmark probes flip it (benchmarks/probes/lean_variants/).
+THROUGH_PROGRAMMATIC = False
+
 
 class LeanGraph:
     """The executable copy of one captured graph without its statistics nodes."""
@@ -57,7 +64,8 @@ class LeanGraph:
         if not gates or not getattr(module, "LEAN_GRAPHS", False):
             return None
         raw = int(graph.raw_cuda_graph())
-        exec_, removed, *shape = module.lean_graph_make(raw, list(gates))
+        exec_, removed, *shape = module.lean_graph_make(raw, list(gates),
+                                                        THROUGH_PROGRAMMATIC)
         return cls(module, exec_, device, removed, watch, tuple(shape))
 
     @property

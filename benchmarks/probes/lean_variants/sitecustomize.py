@@ -1,0 +1,33 @@
+"""Probe only: level 5's sampled graphs with another way of replaying untraced replays
+than the default copy without statistics nodes (``stats/lean_graph.py``), for
+side-by-side baselines in the benchmarks:
+
+- ``FI_PROBE_LEAN=switch``: no copy; untraced replays switch the statistics nodes off
+  (``stats/node_switch.py``), the ninth session's way.
+- ``FI_PROBE_LEAN=v1`` / ``v2``: the copy made with ``THROUGH_PROGRAMMATIC`` off / on
+  (csrc/lean_graph.cpp, ``take_out``).
+
+Put this folder first on PYTHONPATH (the benchmarks' children keep PYTHONPATH and every
+variable not starting with ``OTEL_``)::
+
+    FI_PROBE_LEAN=switch PYTHONPATH=$PWD/benchmarks/probes/lean_variants:$PYTHONPATH \\
+        python3 benchmarks/bench_graph_step.py --mode gpu --replays 3000 --levels 0,5 \\
+        --every auto --sync
+"""
+
+import os
+
+_how = os.environ.get("FI_PROBE_LEAN", "")
+if _how == "switch":
+    from otel_flashinfer.stats import lean_graph as _lean_graph
+
+    def _no_copy(*args: object, **kwargs: object) -> None:
+        return None
+
+    _lean_graph.build_for = _no_copy
+elif _how in ("v1", "v2"):
+    from otel_flashinfer.stats import lean_graph as _lean_graph
+
+    _lean_graph.THROUGH_PROGRAMMATIC = _how == "v2"
+elif _how:
+    raise SystemExit(f"FI_PROBE_LEAN={_how!r}: expected switch, v1 or v2")
