@@ -5,10 +5,9 @@
 // nodes left out costs nothing: untraced replays launch it, traced ones torch's.
 //
 // The captured cudaGraph_t (kept by torch, keep_graph=True) is cloned, each noted gated
-// node is taken out of the clone and its dependencies joined to its dependents (an edge
-// into a kernel keeps the removed node's outgoing edge data, so that a launch made with
-// programmatic dependent launch keeps it, as a capture without our node would have made
-// it), and the clone is instantiated.  Both executables run the same kernels on the
+// node is taken out of the clone and its dependencies joined to its dependents, the
+// joins that other paths already imply are dropped again (lean_rules.h, tested on the
+// CPU), and the clone is instantiated.  Both executables run the same kernels on the
 // same memory, that of torch's graph pool, so one must never outlive torch's graph:
 // graphs.py drops it on reset, recapture and the graph's end.  Whether a replay may skip
 // torch's own replay (its RNG prologue) is decided in Python (stats/lean_graph.py).
@@ -20,8 +19,10 @@
 #include <algorithm>
 #include <cstdint>
 #include <tuple>
+#include <utility>
 #include <vector>
 
+#include "lean_rules.h"
 #include "stats_launch.h"
 
 namespace otel_fi {
@@ -36,83 +37,62 @@ void check(cudaError_t err, const char* what) {
   TORCH_CHECK(false, "otel_flashinfer stats: ", what, ": ", cudaGetErrorName(err));
 }
 
-// A node's edges one way: the nodes and each edge's data.
-struct Edges {
-  std::vector<cudaGraphNode_t> nodes;
-  std::vector<cudaGraphEdgeData> data;
+// A cudaGraph_t as lean_rules.h sees it.
+struct CudaGraph {
+  using Node = cudaGraphNode_t;
+  using Edge = cudaGraphEdgeData;
+  using Edges = std::vector<std::pair<Node, Edge>>;
+  cudaGraph_t graph;
+
+  static Edges edges_of(Node node, bool dependencies) {
+    size_t n = 0;
+    auto get = [&](Node* nodes, Edge* data, size_t* count) {
+#if CUDART_VERSION >= 13000
+      return dependencies ? cudaGraphNodeGetDependencies(node, nodes, data, count)
+                          : cudaGraphNodeGetDependentNodes(node, nodes, data, count);
+#else
+      return dependencies ? cudaGraphNodeGetDependencies_v2(node, nodes, data, count)
+                          : cudaGraphNodeGetDependentNodes_v2(node, nodes, data, count);
+#endif
+    };
+    check(get(nullptr, nullptr, &n), "could not read a graph node's edges");
+    std::vector<Node> nodes(n);
+    std::vector<Edge> data(n);
+    if (n > 0) check(get(nodes.data(), data.data(), &n), "could not read a graph node's edges");
+    Edges e;
+    for (size_t i = 0; i < n; ++i) e.emplace_back(nodes[i], data[i]);
+    return e;
+  }
+  Edges deps(Node n) const { return edges_of(n, true); }
+  Edges dependents(Node n) const { return edges_of(n, false); }
+  bool is_kernel(Node n) const {
+    cudaGraphNodeType type;
+    return cudaGraphNodeGetType(n, &type) == cudaSuccess && type == cudaGraphNodeTypeKernel;
+  }
+  static bool full(const Edge& d) {
+    return d.from_port == 0 && d.to_port == 0 && d.type == cudaGraphDependencyTypeDefault;
+  }
+  static Edge full_edge() { return Edge{}; }
+  void destroy(Node n) {
+    check(cudaGraphDestroyNode(n), "could not take a statistics node out of a graph");
+  }
+  void add(Node from, Node to, const Edge& data) {
+#if CUDART_VERSION >= 13000
+    cudaError_t err = cudaGraphAddDependencies(graph, &from, &to, &data, 1);
+#else
+    cudaError_t err = cudaGraphAddDependencies_v2(graph, &from, &to, &data, 1);
+#endif
+    check(err, "could not join a graph around a statistics node");
+  }
+  void remove(Node from, Node to, const Edge& data) {
+#if CUDART_VERSION >= 13000
+    cudaError_t err = cudaGraphRemoveDependencies(graph, &from, &to, &data, 1);
+#else
+    cudaError_t err = cudaGraphRemoveDependencies_v2(graph, &from, &to, &data, 1);
+#endif
+    check(err, "could not drop an edge a statistics node left");
+  }
 };
-
-Edges edges_of(cudaGraphNode_t node, bool dependencies) {
-  Edges e;
-  size_t n = 0;
-  auto get = [&](cudaGraphNode_t* nodes, cudaGraphEdgeData* data, size_t* count) {
-#if CUDART_VERSION >= 13000
-    return dependencies ? cudaGraphNodeGetDependencies(node, nodes, data, count)
-                        : cudaGraphNodeGetDependentNodes(node, nodes, data, count);
-#else
-    return dependencies ? cudaGraphNodeGetDependencies_v2(node, nodes, data, count)
-                        : cudaGraphNodeGetDependentNodes_v2(node, nodes, data, count);
-#endif
-  };
-  check(get(nullptr, nullptr, &n), "could not read a graph node's edges");
-  e.nodes.resize(n);
-  e.data.resize(n);
-  if (n > 0) check(get(e.nodes.data(), e.data.data(), &n), "could not read a graph node's edges");
-  e.nodes.resize(n);
-  e.data.resize(n);
-  return e;
-}
-
-bool is_kernel(cudaGraphNode_t node) {
-  cudaGraphNodeType type;
-  return cudaGraphNodeGetType(node, &type) == cudaSuccess && type == cudaGraphNodeTypeKernel;
-}
-
-bool full_edge(const cudaGraphEdgeData& d) {
-  return d.from_port == 0 && d.to_port == 0 && d.type == cudaGraphDependencyTypeDefault;
-}
-
-// Takes `node` out of `graph`: each dependency becomes one of each dependent, unless it
-// already is, or it is a full dependency of another dependency (then the order holds
-// through that one).  A call's inputs' launch on our branch and the join after its
-// outputs' launch still leave an edge from the call before to the call after beside the
-// programmatic chain between them, which the application's own capture did not have.
-// `through_programmatic` (not yet run on a GPU, so off by default; the probe
-// lean_timing.py compares both): a programmatic dependency counts too where it is the
-// other's one dependency (a kernel launched right after `d` in its stream), as then the
-// application's own capture had no edge from `d` past it either.
-void take_out(cudaGraph_t graph, cudaGraphNode_t node, bool through_programmatic) {
-  const Edges in = edges_of(node, true), out = edges_of(node, false);
-  std::vector<cudaGraphNode_t> from;
-  for (cudaGraphNode_t d : in.nodes) {
-    bool through_other = false;
-    for (cudaGraphNode_t other : in.nodes) {
-      if (other == d) continue;
-      const Edges before = edges_of(other, true);
-      for (size_t i = 0; i < before.nodes.size() && !through_other; ++i)
-        through_other = before.nodes[i] == d &&
-                        (full_edge(before.data[i]) ||
-                         (through_programmatic && before.nodes.size() == 1));
-    }
-    if (!through_other) from.push_back(d);
-  }
-  check(cudaGraphDestroyNode(node), "could not take a statistics node out of a graph");
-  for (size_t k = 0; k < out.nodes.size(); ++k) {
-    const cudaGraphNode_t to = out.nodes[k];
-    const Edges has = edges_of(to, true);
-    for (cudaGraphNode_t d : from) {
-      if (std::find(has.nodes.begin(), has.nodes.end(), d) != has.nodes.end()) continue;
-      cudaGraphEdgeData data{};  // full completion, unless a kernel-to-kernel edge had less
-      if (!full_edge(out.data[k]) && is_kernel(d) && is_kernel(to)) data = out.data[k];
-#if CUDART_VERSION >= 13000
-      cudaError_t err = cudaGraphAddDependencies(graph, &d, &to, &data, 1);
-#else
-      cudaError_t err = cudaGraphAddDependencies_v2(graph, &d, &to, &data, 1);
-#endif
-      check(err, "could not join a graph around a statistics node");
-    }
-  }
-}
 
 // (nodes, edges, programmatic edges) of `graph`: what a copy kept of the capture's
 // programmatic dependent launches, beside the graph without statistics (probes, tests).
@@ -136,7 +116,7 @@ std::tuple<int64_t, int64_t, int64_t> edge_counts(cudaGraph_t graph) {
 #endif
   }
   int64_t programmatic = 0;
-  for (size_t i = 0; i < edges; ++i) programmatic += !full_edge(data[i]);
+  for (size_t i = 0; i < edges; ++i) programmatic += !CudaGraph::full(data[i]);
   return {static_cast<int64_t>(nodes), static_cast<int64_t>(edges), programmatic};
 }
 
@@ -151,7 +131,7 @@ std::tuple<int64_t, int64_t, int64_t> graph_edge_counts(int64_t graph) {
 // nodes are not all known, or the driver refuses (a graph with memory nodes cannot be
 // instantiated twice): the caller then switches nodes instead.
 std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t> lean_graph_make(
-    int64_t graph, const std::vector<int64_t>& gates, bool through_programmatic) {
+    int64_t graph, const std::vector<int64_t>& gates, bool prune) {
   TORCH_CHECK(graph != 0, "otel_flashinfer stats: no captured graph to copy");
   std::vector<cudaGraphNode_t> nodes;
   for (int64_t gate : gates) {
@@ -166,12 +146,15 @@ std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t> lean_graph_make(
   cudaGraphExec_t exec = nullptr;
   std::tuple<int64_t, int64_t, int64_t> counts;
   try {
+    std::vector<cudaGraphNode_t> copies;
     for (cudaGraphNode_t node : nodes) {
       cudaGraphNode_t copy = nullptr;
       check(cudaGraphNodeFindInClone(&copy, node, clone),
             "a statistics node is not in the captured graph");
-      take_out(clone, copy, through_programmatic);
+      copies.push_back(copy);
     }
+    CudaGraph g{clone};
+    lean_rules::take_out_all(g, copies, prune);
     try {
       counts = edge_counts(clone);  // for probes and tests: never refuses the copy
     } catch (const c10::Error&) {
@@ -257,7 +240,7 @@ void register_lean_graph(pybind11::module_& m) {
   m.attr("LEAN_GRAPHS") = kLeanSupported;
   m.def("lean_graph_make", &lean_graph_make,
         "an executable copy of a captured graph without its gated statistics nodes",
-        py::arg("graph"), py::arg("gates"), py::arg("through_programmatic") = false);
+        py::arg("graph"), py::arg("gates"), py::arg("prune") = false);
   m.def("graph_edge_counts", &graph_edge_counts,
         "(nodes, edges, programmatic edges) of a cudaGraph_t", py::arg("graph"));
   m.def("lean_graph_destroy", &lean_graph_destroy, "free an executable graph",

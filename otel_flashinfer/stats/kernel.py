@@ -25,7 +25,7 @@ from ..jit_lock import build_lock
 
 SOURCES = ("tensor_stats.cpp", "stats_hooks.cpp", "tensor_stats_kernel.cu",
            "page_fingerprint.cu", "blob_staging.cpp", "gate_nodes.cpp", "lean_graph.cpp")
-HEADERS = ("tensor_stats.h", "stats_launch.h", "stats_api.h", "py_defer.h")
+HEADERS = ("tensor_stats.h", "stats_launch.h", "stats_api.h", "py_defer.h", "lean_rules.h")
 
 _lock = threading.Lock()
 _done = threading.Event()
