@@ -6,10 +6,11 @@ graphs of it: level 0 (plain torch, kept to read its edges) and level 5 under
 ``REPLAY_EVERY=auto``.  GPU time a replay (CUDA events around N back-to-back replays,
 rounds alternating) of:
   level0     the uninstrumented graph
-  lean       level 5's copy without statistics nodes (``stats.lean_graph``)
-  lean_v2    the same copy made with ``through_programmatic`` (no edge where the
-             order held through a programmatic one that is the other node's only
-             dependency; lean_graph.cpp): not the default until measured here
+  lean       level 5's copy without statistics nodes (``stats.lean_graph``), as the
+             product makes it (``PRUNE_EDGES``, default on)
+  lean_v1    the same copy with every join left in (``prune=False``): the edges our
+             branch and join leave beside the application's PDL chain
+             (csrc/lean_rules.h; tests/test_lean_rules.py shows them)
   off        torch's level-5 graph, word closed, statistics nodes switched off
   closed     torch's level-5 graph, word closed, nodes on (the gate word alone)
   traced     torch's level-5 graph, word open: the statistics run
@@ -101,9 +102,9 @@ def main() -> int:
           "statistics nodes", module.gate_nodes(rows._gate.data_ptr()))  # noqa: SLF001
     print("lean copy:", lean.shape if lean is not None else None,
           "removed", lean.removed if lean is not None else None)
-    v2, _, *shape_v2 = module.lean_graph_make(int(g5.raw_cuda_graph()),
-                                              [rows._gate.data_ptr()], True)  # noqa: SLF001
-    print("lean copy, through programmatic edges:", tuple(shape_v2))
+    v1, _, *shape_v1 = module.lean_graph_make(int(g5.raw_cuda_graph()),
+                                              [rows._gate.data_ptr()], False)  # noqa: SLF001
+    print("lean copy, every join left in:", tuple(shape_v1))
     device = torch.cuda.current_device()
 
     def closed(nodes_on: bool):
@@ -117,12 +118,12 @@ def main() -> int:
     variants = {
         "level0": lambda: g0.replay,
         "lean": lambda: (lambda: module.lean_graph_launch(lean.exec, device)),
-        "lean_v2": lambda: (lambda: module.lean_graph_launch(v2, device)),
+        "lean_v1": lambda: (lambda: module.lean_graph_launch(v1, device)),
         "off": lambda: closed(False),
         "closed": lambda: closed(True),
         "traced": lambda: (capture5.open_gates(True), lambda: original(g5))[1],
     }
-    for name, exec_ in (("lean", lean.exec), ("lean_v2", v2)):
+    for name, exec_ in (("lean", lean.exec), ("lean_v1", v1)):
         for out in outs5:
             out.zero_()
         g0.replay()

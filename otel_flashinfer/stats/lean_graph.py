@@ -28,12 +28,12 @@ from ..graph_rng import RngWatch
 #: random numbers, in use, or not to be used (it does, or the copy failed).
 PENDING, READY, REFUSED = "pending", "ready", "refused"
 
-#: How the copy joins a removed node's dependencies to its dependents
-#: (csrc/lean_graph.cpp, ``take_out``): True also drops the edge that our branch and
-#: join leave from the call before to the call after, where the order already holds
-#: through the programmatic (PDL) edge between them, as in the application's own
-#: capture.  Benchmark probes flip it (benchmarks/probes/lean_variants/).
-THROUGH_PROGRAMMATIC = False
+#: Whether the copy drops the edges that taking our nodes out added where other paths
+#: already imply them (csrc/lean_rules.h, ``take_out_all``).  Our branch and join
+#: otherwise leave edges from one call to the calls after the next, beside the
+#: application's programmatic (PDL) chain, which keep a dependent from starting early.
+#: Benchmark probes flip it (benchmarks/probes/lean_variants/).
+PRUNE_EDGES = True
 
 
 class LeanGraph:
@@ -65,7 +65,7 @@ class LeanGraph:
             return None
         raw = int(graph.raw_cuda_graph())
         exec_, removed, *shape = module.lean_graph_make(raw, list(gates),
-                                                        THROUGH_PROGRAMMATIC)
+                                                        PRUNE_EDGES)
         return cls(module, exec_, device, removed, watch, tuple(shape))
 
     @property
