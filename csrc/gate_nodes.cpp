@@ -30,6 +30,7 @@ namespace {
 struct GateNodes {
   std::vector<cudaGraphNode_t> nodes;
   std::vector<char> off;  // per node: switched off by us (and not back on since)
+  std::vector<bool> branch;  // per node: launched on our branch stream beside its call
   bool broken = false;    // a gated launch whose node could not be told: never switch
 };
 
@@ -43,7 +44,7 @@ GateNodes* find(int64_t gate) {
 
 }  // namespace
 
-void note_gated_node(cudaStream_t stream, const int32_t* gate) {
+void note_gated_node(cudaStream_t stream, const int32_t* gate, bool branch) {
   if (gate == nullptr) return;
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
   const cudaGraphNode_t* deps = nullptr;
@@ -71,14 +72,17 @@ void note_gated_node(cudaStream_t stream, const int32_t* gate) {
   }
   entry.nodes.push_back(deps[0]);
   entry.off.push_back(0);
+  entry.branch.push_back(branch);
 }
 
-bool gate_nodes_of(const int32_t* gate, std::vector<cudaGraphNode_t>* out) {
+bool gate_nodes_of(const int32_t* gate, std::vector<cudaGraphNode_t>* out,
+                   std::vector<bool>* branch) {
   std::lock_guard<std::mutex> hold(nodes_lock);
   auto it = gate_nodes_by_word.find(gate);
   if (it == gate_nodes_by_word.end() || it->second.broken || it->second.nodes.empty())
     return false;
   out->assign(it->second.nodes.begin(), it->second.nodes.end());
+  if (branch != nullptr) branch->assign(it->second.branch.begin(), it->second.branch.end());
   return true;
 }
 

@@ -5,9 +5,9 @@
 // nodes left out costs nothing: untraced replays launch it, traced ones torch's.
 //
 // The captured cudaGraph_t (kept by torch, keep_graph=True) is cloned, each noted gated
-// node is taken out of the clone and its dependencies joined to its dependents, the
-// joins that other paths already imply are dropped again (lean_rules.h, tested on the
-// CPU), and the clone is instantiated.  Both executables run the same kernels on the
+// node is taken out of the clone, its dependencies joined to its dependents unless it
+// ran on our branch stream (lean_rules.h, tested on the CPU), and the clone is
+// instantiated.  Both executables run the same kernels on the
 // same memory, that of torch's graph pool, so one must never outlive torch's graph:
 // graphs.py drops it on reset, recapture and the graph's end.  Whether a replay may skip
 // torch's own replay (its RNG prologue) is decided in Python (stats/lean_graph.py).
@@ -67,7 +67,9 @@ struct CudaGraph {
   Edges dependents(Node n) const { return edges_of(n, false); }
   bool is_kernel(Node n) const {
     cudaGraphNodeType type;
-    return cudaGraphNodeGetType(n, &type) == cudaSuccess && type == cudaGraphNodeTypeKernel;
+    if (cudaGraphNodeGetType(n, &type) == cudaSuccess) return type == cudaGraphNodeTypeKernel;
+    (void)cudaGetLastError();  // ours: torch's next launch check must not see it
+    return false;
   }
   static bool full(const Edge& d) {
     return d.from_port == 0 && d.to_port == 0 && d.type == cudaGraphDependencyTypeDefault;
@@ -84,40 +86,48 @@ struct CudaGraph {
 #endif
     check(err, "could not join a graph around a statistics node");
   }
-  void remove(Node from, Node to, const Edge& data) {
+  bool remove(Node from, Node to, const Edge& data) {
 #if CUDART_VERSION >= 13000
     cudaError_t err = cudaGraphRemoveDependencies(graph, &from, &to, &data, 1);
 #else
     cudaError_t err = cudaGraphRemoveDependencies_v2(graph, &from, &to, &data, 1);
 #endif
-    check(err, "could not drop an edge a statistics node left");
+    if (err != cudaSuccess) (void)cudaGetLastError();
+    return err == cudaSuccess;
+  }
+  std::vector<std::tuple<Node, Node, Edge>> edges() const {
+    size_t n = 0;
+#if CUDART_VERSION >= 13000
+    check(cudaGraphGetEdges(graph, nullptr, nullptr, nullptr, &n), "could not count edges");
+#else
+    check(cudaGraphGetEdges_v2(graph, nullptr, nullptr, nullptr, &n), "could not count edges");
+#endif
+    std::vector<Node> from(n), to(n);
+    std::vector<Edge> data(n);
+    if (n > 0) {
+#if CUDART_VERSION >= 13000
+      check(cudaGraphGetEdges(graph, from.data(), to.data(), data.data(), &n),
+            "could not read a graph's edges");
+#else
+      check(cudaGraphGetEdges_v2(graph, from.data(), to.data(), data.data(), &n),
+            "could not read a graph's edges");
+#endif
+    }
+    std::vector<std::tuple<Node, Node, Edge>> all;
+    for (size_t i = 0; i < n; ++i) all.emplace_back(from[i], to[i], data[i]);
+    return all;
   }
 };
 
 // (nodes, edges, programmatic edges) of `graph`: what a copy kept of the capture's
 // programmatic dependent launches, beside the graph without statistics (probes, tests).
 std::tuple<int64_t, int64_t, int64_t> edge_counts(cudaGraph_t graph) {
-  size_t nodes = 0, edges = 0;
+  size_t nodes = 0;
   check(cudaGraphGetNodes(graph, nullptr, &nodes), "could not count a graph's nodes");
-#if CUDART_VERSION >= 13000
-  check(cudaGraphGetEdges(graph, nullptr, nullptr, nullptr, &edges), "could not count edges");
-#else
-  check(cudaGraphGetEdges_v2(graph, nullptr, nullptr, nullptr, &edges), "could not count edges");
-#endif
-  std::vector<cudaGraphNode_t> from(edges), to(edges);
-  std::vector<cudaGraphEdgeData> data(edges);
-  if (edges > 0) {
-#if CUDART_VERSION >= 13000
-    check(cudaGraphGetEdges(graph, from.data(), to.data(), data.data(), &edges),
-          "could not read a graph's edges");
-#else
-    check(cudaGraphGetEdges_v2(graph, from.data(), to.data(), data.data(), &edges),
-          "could not read a graph's edges");
-#endif
-  }
+  const auto edges = CudaGraph{graph}.edges();
   int64_t programmatic = 0;
-  for (size_t i = 0; i < edges; ++i) programmatic += !CudaGraph::full(data[i]);
-  return {static_cast<int64_t>(nodes), static_cast<int64_t>(edges), programmatic};
+  for (const auto& e : edges) programmatic += !CudaGraph::full(std::get<2>(e));
+  return {static_cast<int64_t>(nodes), static_cast<int64_t>(edges.size()), programmatic};
 }
 
 std::tuple<int64_t, int64_t, int64_t> graph_edge_counts(int64_t graph) {
@@ -129,16 +139,21 @@ std::tuple<int64_t, int64_t, int64_t> graph_edge_counts(int64_t graph) {
 // for `graph` (torch's
 // raw_cuda_graph()) without the nodes noted for `gates`.  Raises where any gate's
 // nodes are not all known, or the driver refuses (a graph with memory nodes cannot be
-// instantiated twice): the caller then switches nodes instead.
+// instantiated twice): the caller then switches nodes instead.  `join_branch` joins
+// around our branch's launches too, as the tenth session's copy did (probes only).
 std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t> lean_graph_make(
-    int64_t graph, const std::vector<int64_t>& gates, bool prune) {
+    int64_t graph, const std::vector<int64_t>& gates, bool join_branch) {
   TORCH_CHECK(graph != 0, "otel_flashinfer stats: no captured graph to copy");
   std::vector<cudaGraphNode_t> nodes;
+  std::vector<bool> join;  // per node: false for a launch on our branch
   for (int64_t gate : gates) {
     std::vector<cudaGraphNode_t> of;
-    TORCH_CHECK(gate_nodes_of(reinterpret_cast<const int32_t*>(gate), &of),
+    std::vector<bool> branch;
+    TORCH_CHECK(gate_nodes_of(reinterpret_cast<const int32_t*>(gate), &of, &branch),
                 "otel_flashinfer stats: a gate's statistics nodes are not all known");
     nodes.insert(nodes.end(), of.begin(), of.end());
+    for (size_t i = 0; i < of.size(); ++i)
+      join.push_back(join_branch || i >= branch.size() || !branch[i]);
   }
   TORCH_CHECK(!nodes.empty(), "otel_flashinfer stats: no statistics nodes to leave out");
   cudaGraph_t clone = nullptr;
@@ -154,7 +169,7 @@ std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t> lean_graph_make(
       copies.push_back(copy);
     }
     CudaGraph g{clone};
-    lean_rules::take_out_all(g, copies, prune);
+    lean_rules::take_out_all(g, copies, join);
     try {
       counts = edge_counts(clone);  // for probes and tests: never refuses the copy
     } catch (const c10::Error&) {
@@ -240,7 +255,7 @@ void register_lean_graph(pybind11::module_& m) {
   m.attr("LEAN_GRAPHS") = kLeanSupported;
   m.def("lean_graph_make", &lean_graph_make,
         "an executable copy of a captured graph without its gated statistics nodes",
-        py::arg("graph"), py::arg("gates"), py::arg("prune") = false);
+        py::arg("graph"), py::arg("gates"), py::arg("join_branch") = false);
   m.def("graph_edge_counts", &graph_edge_counts,
         "(nodes, edges, programmatic edges) of a cudaGraph_t", py::arg("graph"));
   m.def("lean_graph_destroy", &lean_graph_destroy, "free an executable graph",

@@ -32,6 +32,7 @@ struct Publish {
   int64_t* stamp_end = nullptr;    // LaunchDescT: set on the last launch of the list
   int64_t* stamp_also = nullptr;   // LaunchDescT: with stamp_start, the same stamp
   const int32_t* gate = nullptr;   // LaunchDescT: every launch of the list reads it
+  bool branch = false;  // on our branch stream beside the call (gate_nodes.cpp notes it)
 };
 
 // The kernel's DType code of a torch dtype, or `otherwise` for one it does not read.
@@ -74,12 +75,16 @@ void register_blob_staging(pybind11::module_& m);
 void register_span_hooks(pybind11::module_& m);
 
 // A gated launch just made on `stream`: under capture, its graph node is noted by its
-// gate word, so that untraced replays can switch it off (gate_nodes.cpp).
-void note_gated_node(cudaStream_t stream, const int32_t* gate);
+// gate word, so that untraced replays can switch it off (gate_nodes.cpp), with whether
+// it ran on our branch stream beside its call (a copy without it joins nothing around
+// it: lean_rules.h).
+void note_gated_node(cudaStream_t stream, const int32_t* gate, bool branch);
 
-// The nodes noted for `gate` into `out`; false where there are none or one of its
-// launches could not be told (gate_nodes.cpp).
-bool gate_nodes_of(const int32_t* gate, std::vector<cudaGraphNode_t>* out);
+// The nodes noted for `gate` into `out` (and whether each is on a branch into
+// `branch`); false where there are none or one of its launches could not be told
+// (gate_nodes.cpp).
+bool gate_nodes_of(const int32_t* gate, std::vector<cudaGraphNode_t>* out,
+                   std::vector<bool>* branch = nullptr);
 
 // Adds gate_nodes, gate_nodes_set and gate_nodes_forget (gate_nodes.cpp).
 void register_gate_nodes(pybind11::module_& m);

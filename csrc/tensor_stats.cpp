@@ -196,7 +196,7 @@ void launch_items(std::vector<Item>& items, int64_t* out, cudaStream_t stream, i
       int err = launch_tensor_stats(ld, 1, kThreads, out, stream);
       TORCH_CHECK(err == 0, "otel_flashinfer stats kernel: ",
                   cudaGetErrorString(static_cast<cudaError_t>(err)));
-      note_gated_node(stream, ld.gate);
+      note_gated_node(stream, ld.gate, pub.branch);
       return;
     }
   }
@@ -252,7 +252,7 @@ void launch_items(std::vector<Item>& items, int64_t* out, cudaStream_t stream, i
     int err = launch_tensor_stats(ld, blocks, kThreads, out, stream);
     TORCH_CHECK(err == 0, "otel_flashinfer stats kernel: ", cudaGetErrorString(
                                                               static_cast<cudaError_t>(err)));
-    if (blocks > 0) note_gated_node(stream, ld.gate);  // only a launch made a node
+    if (blocks > 0) note_gated_node(stream, ld.gate, pub.branch);  // only a launch made a node
     first = last;
   }
 }
@@ -303,17 +303,21 @@ bool run(at::Tensor& out, const std::vector<at::Tensor>& tensors, const std::vec
 // call's start and the graph's anchor).  `gate` (an int32 device address, 0: none):
 // the launch does nothing on a replay where the word is zero (`gate_set`).  `sm_limit`
 // (0: all) sizes the launch's wave as if the device had that many multiprocessors: a
-// launch on a branch beside the call leaves the rest of the GPU to the call.
+// launch on a branch beside the call leaves the rest of the GPU to the call.  `branch`:
+// the current stream is our branch beside the call (stats/overlap.py), which a copy of
+// the graph without statistics must not join around (lean_rules.h).
 bool stats_into(at::Tensor out, std::vector<at::Tensor> tensors, std::vector<int64_t> rows,
                 std::vector<int64_t> steps, std::vector<std::optional<at::Tensor>> indices,
                 std::vector<std::optional<at::Tensor>> indptr, std::vector<int64_t> batch,
                 bool zero, std::vector<std::optional<at::Tensor>> last_page_len,
                 std::vector<int64_t> slot_dim, int64_t counter, int64_t stamp_start,
-                int64_t stamp_end, int64_t stamp_also, int64_t gate, int64_t sm_limit) {
+                int64_t stamp_end, int64_t stamp_also, int64_t gate, int64_t sm_limit,
+                bool branch) {
   c10::cuda::CUDAGuard guard(out.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   Publish pub{};
   pub.gate = reinterpret_cast<const int32_t*>(gate);
+  pub.branch = branch;
   pub.stamp_start = reinterpret_cast<int64_t*>(stamp_start);
   pub.stamp_also = stamp_start != 0 ? reinterpret_cast<int64_t*>(stamp_also) : nullptr;
   if (counter != 0 && stamp_end != 0) {
@@ -532,7 +536,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("indices"), py::arg("indptr"), py::arg("batch"), py::arg("zero"),
         py::arg("last_page_len") = Optionals(), py::arg("slot_dim") = std::vector<int64_t>(),
         py::arg("counter") = 0, py::arg("stamp_start") = 0, py::arg("stamp_end") = 0,
-        py::arg("stamp_also") = 0, py::arg("gate") = 0, py::arg("sm_limit") = 0);
+        py::arg("stamp_also") = 0, py::arg("gate") = 0, py::arg("sm_limit") = 0,
+        py::arg("branch") = false);
   m.def("gate_key", &otel_fi::gate_key,
         "what a graph's statistics gate must say for a replay on the current stream",
         py::arg("device"), py::arg("on"));

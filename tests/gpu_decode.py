@@ -50,16 +50,18 @@ def make_decode(batch: int = 8, kv_len: int = 1024, page_size: int = 16, qo_head
     return Decode(wrapper, q, kv_cache, indptr, indices, last_page_len, plan_args)
 
 
-def capture_graph(fn: Any, generators: tuple = ()) -> tuple[torch.cuda.CUDAGraph, Any]:
+def capture_graph(fn: Any, generators: tuple = (), keep: bool = False
+                  ) -> tuple[torch.cuda.CUDAGraph, Any]:
     """(graph, fn's output inside it): fn warmed up once on a side stream (JIT builds,
     workspaces), then captured, as torch's docs ask.  ``generators``: registered with
-    the graph first, where torch asks for it (``register_generator_state``)."""
+    the graph first, where torch asks for it (``register_generator_state``); ``keep``:
+    torch keeps the captured cudaGraph_t (``raw_cuda_graph``)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         fn()
     torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
+    graph = torch.cuda.CUDAGraph(keep_graph=True) if keep else torch.cuda.CUDAGraph()
     register = getattr(graph, "register_generator_state", None)
     for generator in generators if register is not None else ():
         register(generator)

@@ -355,6 +355,52 @@ def test_level5_untraced_replays_launch_the_graph_without_statistics(spans, monk
     assert otel_flashinfer.counters().get("graph_errors", 0) == 0
 
 
+def test_level5_copy_has_the_uninstrumented_graphs_edges(spans, monkeypatch) -> None:
+    """Two layers of rmsnorm + decode (the decode's inputs' statistics on our branch):
+    the copy without statistics nodes has the nodes, edges and programmatic (PDL) edges
+    of the same step captured without instrumentation (csrc/lean_rules.h), where the
+    tenth session's copy, joined around the branch's launches, had more edges."""
+    import flashinfer
+
+    from otel_flashinfer import graphs
+    from otel_flashinfer.stats import kernel
+
+    step = make_decode(use_cuda_graph=True)
+    hidden = torch.randn(8, 4096, dtype=torch.float16, device="cuda")
+    weight = torch.ones(4096, dtype=torch.float16, device="cuda")
+
+    def body() -> list:
+        outs = []
+        for _ in range(2):
+            flashinfer.norm.rmsnorm(hidden, weight)
+            outs.append(step.run())
+        return outs
+
+    plain, plain_outs = capture_graph(body, keep=True)
+    monkeypatch.setenv("OTEL_FLASHINFER_REPLAY_EVERY", "3")
+    otel_flashinfer.instrument(level=5, journal_dir="")
+    ext = kernel.get(wait=True, timeout=600)
+    assert ext is not None
+    forked = otel_flashinfer.counters().get("stats_forked", 0)
+    graph, outs = capture_graph(body)
+    assert otel_flashinfer.counters().get("stats_forked", 0) == forked + 2  # the decodes
+    lean = graphs._graphs[graph].lean
+    want = tuple(ext.graph_edge_counts(plain.raw_cuda_graph()))
+    print("uninstrumented (nodes, edges, programmatic):", want, "copy:", lean.shape)
+    assert lean is not None and lean.shape == want
+    (rows,) = graphs._graphs[graph].gates
+    old_exec, _, *old = ext.lean_graph_make(int(graph.raw_cuda_graph()),
+                                            [rows._gate.data_ptr()], True)
+    ext.lean_graph_destroy(old_exec)
+    print("joined around the branch:", tuple(old))
+    assert old[0] == want[0] and old[1] > want[1]
+    # and the copy computes what the uninstrumented graph does
+    plain.replay()
+    lean.launch()
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(plain_outs, outs, strict=True))
+
+
 @pytest.mark.parametrize("draw", ["default", "private"])
 def test_level5_a_graph_drawing_random_numbers_switches_its_nodes(spans, monkeypatch,
                                                                   draw) -> None:

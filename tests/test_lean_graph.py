@@ -54,13 +54,13 @@ class _Module:
         self.c_launches.append((exec_, device))
         return self.c_rc
 
-    def lean_graph_make(self, graph: int, gates: list[int], prune: bool
+    def lean_graph_make(self, graph: int, gates: list[int], join_branch: bool
                         ) -> tuple[int, int, int, int, int]:
         if self.refuse:
             raise RuntimeError("otel_flashinfer stats: could not instantiate a graph "
                                "without statistics: cudaErrorNotSupported")
         self.made.append((graph, gates))
-        self.prune = prune
+        self.join_branch = join_branch
         return 0xA0 + len(self.made), 2 * len(gates), 5, 6, 1
 
     def lean_graph_destroy(self, exec_: int) -> None:
@@ -139,7 +139,7 @@ def test_build_for_takes_every_gated_word_of_one_device() -> None:
                                  _Parts((module, 0x80, 1))], _Kept(), 1, watch)
     assert lean is not None and lean.device == 1 and lean.removed == 4
     assert module.made == [(0xC0, [0x40, 0x80])]  # a group without a word is skipped
-    assert module.prune is lean_graph.PRUNE_EDGES
+    assert module.join_branch is lean_graph.JOIN_BRANCH
     assert lean_graph.build_for([_Parts((module, 0x40, 0))], _Kept(), 1,
                                 watch) is None  # words on another device than the graph
     assert lean_graph.build_for([_Parts(None)], _Kept(), 0, watch) is None

@@ -10,7 +10,10 @@ the inputs' launch before the call on its stream, or on our branch stream for a
 read-only call (``stats/overlap.py``); the outputs' launch after the call, after the
 branch is joined.  The copy without our nodes must have the application's own graph:
 the same edges, of the same kinds, no more (an extra edge beside a PDL chain keeps the
-dependent from starting early) and no fewer (an order lost is a race).
+dependent from starting early) and no fewer (an order lost is a race).  What the model
+assumes of CUDA (a PDL launch's edges from every kernel it depends on are programmatic,
+an event wait adds to a stream's set) is checked on the GPU by
+``test_core_gpu.py::test_level5_copy_has_the_uninstrumented_graphs_edges``.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class Capture:
         self.edges: list[tuple[str, str, int]] = []
         self.streams: dict[str, list[str]] = {}
         self.ours: list[str] = []  # our statistics launches, in capture order
+        self.branch: set[str] = set()  # those made on our branch stream
 
     def launch(self, stream: str, name: str, pdl: bool = False, ours: bool = False,
                kernel: bool = True) -> str:
@@ -52,6 +56,8 @@ class Capture:
         self.streams[stream] = [name]
         if ours:
             self.ours.append(name)
+            if stream == "branch":
+                self.branch.add(name)
         return name
 
     def record(self, stream: str) -> list[str]:
@@ -63,7 +69,7 @@ class Capture:
 
     # What csrc/stats_hooks.cpp captures around one call at level 5.
     def call(self, name: str, pdl: bool, branch: bool = False, launches: int = 1,
-             stream: str = "main") -> None:
+             stream: str = "main", outs: int | None = None) -> None:
         if branch:  # the inputs' statistics beside the call
             self.wait("branch", self.record(stream))
             for i in range(launches):
@@ -74,35 +80,49 @@ class Capture:
         self.launch(stream, name, pdl=pdl)
         if branch:  # joined before the outputs' launch
             self.wait(stream, self.record("branch"))
-        for i in range(launches):
+        for i in range(launches if outs is None else outs):  # none: nothing to read
             self.launch(stream, f"{name}.out{i}", ours=True)
 
 
-def run(harness: Path, capture: Capture, prune: bool) -> set[tuple[str, str, int]]:
+def run(harness: Path, capture: Capture, join_branch: bool = False, reverse: bool = False,
+        weak: tuple[tuple[str, str], ...] = ()) -> set[tuple[str, str, int]]:
+    """The copy's edges, by name; ``join_branch``: joined around the branch's launches
+    too (the tenth session's copy); ``weak``: edges the graph refuses to remove."""
     ids = {name: i for i, name in enumerate(capture.kernel)}
     names = {i: name for name, i in ids.items()}
-    lines = [f"prune {int(prune)}"]
+    lines = [f"reverse {int(reverse)}"]
     lines += [f"node {ids[n]} {int(k)}" for n, k in capture.kernel.items()]
     lines += [f"edge {ids[f]} {ids[t]} {p}" for f, t, p in capture.edges]
-    lines += [f"remove {ids[n]}" for n in capture.ours]
-    out = subprocess.run([str(harness)], input="\n".join(lines), capture_output=True,
-                         text=True, check=True).stdout
-    got = [tuple(int(x) for x in line.split()) for line in out.splitlines()]
+    lines += [f"weak {ids[f]} {ids[t]}" for f, t in weak]
+    lines += [f"remove {ids[n]} {int(n in capture.branch and not join_branch)}"
+              for n in capture.ours]
+    done = subprocess.run([str(harness)], input="\n".join(lines), capture_output=True,
+                          text=True, check=False)
+    if done.returncode == 3:
+        raise RuntimeError(done.stdout.strip())
+    assert done.returncode == 0, done.stderr
+    got = [tuple(int(x) for x in line.split()) for line in done.stdout.splitlines()]
     assert len(got) == len(set(got)), "an edge was added twice"
     return {(names[f], names[t], p) for f, t, p in got}
 
 
 def decode_step(level5: bool, layers: int = 3, rms_pdl: bool = True, dec_pdl: bool = True,
-                branch: bool = True, launches: int = 1) -> Capture:
+                branch: bool = True, launches: int = 1, outs: int | None = None,
+                mid_copy: bool = False) -> Capture:
     """bench_graph_step's step: per layer an rmsnorm, then a decode (read-only: on a
-    branch at level 5 when ``branch``)."""
+    branch at level 5 when ``branch``); ``mid_copy``: a memcpy node (not a kernel) of
+    the application's between them."""
     c = Capture()
     for k in range(layers):
         if level5:
-            c.call(f"R{k}", rms_pdl, branch=False, launches=launches)
-            c.call(f"D{k}", dec_pdl, branch=branch, launches=launches)
+            c.call(f"R{k}", rms_pdl, launches=launches, outs=outs)
         else:
             c.launch("main", f"R{k}", pdl=rms_pdl)
+        if mid_copy:
+            c.launch("main", f"M{k}", kernel=False)
+        if level5:
+            c.call(f"D{k}", dec_pdl, branch=branch, launches=launches, outs=outs)
+        else:
             c.launch("main", f"D{k}", pdl=dec_pdl)
     return c
 
@@ -110,36 +130,38 @@ def decode_step(level5: bool, layers: int = 3, rms_pdl: bool = True, dec_pdl: bo
 @pytest.mark.parametrize("rms_pdl,dec_pdl", [(True, True), (True, False), (False, True),
                                              (False, False)])
 @pytest.mark.parametrize("branch", [True, False])
-@pytest.mark.parametrize("launches", [1, 2])
-def test_pruning_gives_the_applications_own_graph(
-        harness: Path, rms_pdl: bool, dec_pdl: bool, branch: bool, launches: int) -> None:
+@pytest.mark.parametrize("launches,outs", [(1, None), (2, None), (1, 0), (2, 1)])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_the_copy_is_the_applications_own_graph(harness: Path, rms_pdl: bool,
+                                                 dec_pdl: bool, branch: bool, launches: int,
+                                                 outs: int | None, reverse: bool) -> None:
+    """Every PDL mix, the decode's inputs on our branch or not, one or two launches a
+    side, outputs' launch skipped (``outs=0``: nothing to read), edges listed either
+    way round."""
     app = set(decode_step(False, rms_pdl=rms_pdl, dec_pdl=dec_pdl).edges)
     level5 = decode_step(True, rms_pdl=rms_pdl, dec_pdl=dec_pdl, branch=branch,
-                         launches=launches)
-    got = run(harness, level5, prune=True)
-    if branch and dec_pdl and not rms_pdl:
-        # R0 -> D0 (PDL) -> R1: the decode may start before R0 completes, so the rule
-        # cannot tell the branch's R0 -> R1 from an order the application asked for
-        # (test_pruning_keeps_a_full_edge_beside_a_programmatic_path) and keeps it.
-        # R1 does not use PDL: it waits for D0 either way.
-        assert got - app == {("R0", "R1", 0), ("R1", "R2", 0)} and app <= got
-    else:
-        assert got == app
+                         launches=launches, outs=outs)
+    assert run(harness, level5, reverse=reverse) == app
 
 
-def test_without_pruning_the_branch_leaves_edges_beside_the_pdl_chain(harness: Path) -> None:
-    app = set(decode_step(False).edges)
-    got = run(harness, decode_step(True), prune=False)
-    # Each rmsnorm gets edges from the rmsnorms before it, past the decodes: the branch's
-    # launches chain from one decode to the next (an event wait adds to a stream's set).
-    assert got - app == {("R0", "R1", 1), ("R0", "R2", 1), ("R1", "R2", 1)}
-    assert app <= got
+@pytest.mark.parametrize("mid_copy", [False, True])
+def test_joining_around_the_branch_left_edges_beside_the_pdl_chain(harness: Path,
+                                                                    mid_copy: bool) -> None:
+    """The tenth session's copy: each rmsnorm also waited for the full completion of the
+    rmsnorms before it, so no decode or rmsnorm could start early (PDL)."""
+    app = set(decode_step(False, mid_copy=mid_copy).edges)
+    level5 = decode_step(True, mid_copy=mid_copy)
+    assert run(harness, level5) == app
+    old = run(harness, level5, join_branch=True)
+    assert app < old
+    if not mid_copy:
+        assert {(f, t) for f, t, _ in old - app} == {("R0", "R1"), ("R0", "R2"),
+                                                     ("R1", "R2")}
 
 
-def joined(level5: bool, z_pdl: bool = True) -> Capture:
+def joined(level5: bool, z_pdl: bool = True, y_pdl: bool = False) -> Capture:
     """An application that forks a stream of its own: X, then Z on a side stream, joined
-    back before Y (no PDL), then W.  Y depends on X and on Z by full edges, and Z on X
-    by a programmatic one when Z uses PDL."""
+    back before Y, then W.  Y depends on X and on Z directly (the join), Z on X."""
     c = Capture()
 
     def add(name: str, pdl: bool, stream: str = "main") -> None:
@@ -152,35 +174,48 @@ def joined(level5: bool, z_pdl: bool = True) -> Capture:
     c.wait("side", c.record("main"))
     add("Z", z_pdl, stream="side")
     c.wait("main", c.record("side"))
-    add("Y", False)
+    add("Y", y_pdl)
     add("W", True)
     return c
 
 
 @pytest.mark.parametrize("z_pdl", [True, False])
-def test_pruning_keeps_a_full_edge_beside_a_programmatic_path(harness: Path,
-                                                               z_pdl: bool) -> None:
-    app = set(joined(False, z_pdl).edges)
-    assert {("X", "Y", 0), ("X", "Z", int(z_pdl)), ("Z", "Y", 0)} <= app
-    # X -> Z -> Y is a path, but when Z uses PDL it may start, and end, before X
-    # completes: the application's capture ordered Y after X itself, and so must the
-    # copy.  Without PDL the path's full edges order it, and the copy leaves out X -> Y.
-    implied = set() if z_pdl else {("X", "Y", 0)}
-    assert run(harness, joined(True, z_pdl), prune=True) == app - implied
-    assert run(harness, joined(True, z_pdl), prune=False) == app - implied
+@pytest.mark.parametrize("y_pdl", [True, False])
+def test_an_applications_own_fork_and_join_keep_their_edges(harness: Path, z_pdl: bool,
+                                                             y_pdl: bool) -> None:
+    app = set(joined(False, z_pdl, y_pdl).edges)
+    assert {("X", "Y", int(y_pdl)), ("X", "Z", int(z_pdl)), ("Z", "Y", int(y_pdl))} <= app
+    got = run(harness, joined(True, z_pdl, y_pdl))
+    if z_pdl:
+        # Z may start, and end, before X completes: the capture's X -> Y stays as the
+        # application made it.
+        assert got == app
+    else:
+        # Z starts after X completes (a full edge), and Y after Z starts: X -> Y is
+        # implied, and the copy leaves it out.
+        assert got == app - {("X", "Y", int(y_pdl))}
 
 
-def test_pruning_drops_only_what_another_path_implies(harness: Path) -> None:
-    # A chain a -> s -> b -> c with s ours and an extra full edge s -> c: taking s out
-    # adds a -> b and a -> c; a -> c holds through a -> b -> c (full first edge).
+def test_a_programmatic_edge_where_a_full_one_is_needed_becomes_full(harness: Path) -> None:
+    # d -> t programmatic, and d -> s -> t full with s ours: t must not start before d
+    # completes.
     c = Capture()
-    for name in ("a", "s", "b", "c"):
+    for name in ("d", "s", "t"):
         c.kernel[name] = True
-    c.edges = [("a", "s", 0), ("s", "b", 0), ("b", "c", 0), ("s", "c", 0)]
+    c.edges = [("d", "t", 1), ("d", "s", 0), ("s", "t", 0)]
     c.ours = ["s"]
-    assert run(harness, c, prune=False) == {("a", "b", 0), ("b", "c", 0), ("a", "c", 0)}
-    assert run(harness, c, prune=True) == {("a", "b", 0), ("b", "c", 0)}
-    # With a -> b programmatic (s -> b was, so its copy is), a -> c stays: b may start
-    # before a completes.
-    c.edges = [("a", "s", 0), ("s", "b", 1), ("b", "c", 0), ("s", "c", 0)]
-    assert run(harness, c, prune=True) == {("a", "b", 1), ("b", "c", 0), ("a", "c", 0)}
+    assert run(harness, c) == {("d", "t", 0)}
+    with pytest.raises(RuntimeError, match="could not make a programmatic edge a full one"):
+        run(harness, c, weak=(("d", "t"),))  # the copy is refused, not made weaker
+
+
+def test_a_node_noted_twice_is_taken_out_once(harness: Path) -> None:
+    c = decode_step(True, layers=2)
+    c.ours = c.ours + c.ours[:3]
+    assert run(harness, c) == set(decode_step(False, layers=2).edges)
+
+
+def test_a_long_step_keeps_its_chain(harness: Path) -> None:
+    level5 = decode_step(True, layers=64)
+    app = set(decode_step(False, layers=64).edges)
+    assert len(app) == 127 and run(harness, level5) == app

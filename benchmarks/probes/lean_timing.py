@@ -6,10 +6,10 @@ graphs of it: level 0 (plain torch, kept to read its edges) and level 5 under
 ``REPLAY_EVERY=auto``.  GPU time a replay (CUDA events around N back-to-back replays,
 rounds alternating) of:
   level0     the uninstrumented graph
-  lean       level 5's copy without statistics nodes (``stats.lean_graph``), as the
-             product makes it (``PRUNE_EDGES``, default on)
-  lean_v1    the same copy with every join left in (``prune=False``): the edges our
-             branch and join leave beside the application's PDL chain
+  lean       level 5's copy without statistics nodes (``stats.lean_graph``)
+  lean_v1    the same copy made as in the tenth session (``join_branch=True``): the
+             dependencies of our launches on the branch joined to their dependents,
+             which leaves edges beside the application's PDL chain
              (csrc/lean_rules.h; tests/test_lean_rules.py shows them)
   off        torch's level-5 graph, word closed, statistics nodes switched off
   closed     torch's level-5 graph, word closed, nodes on (the gate word alone)
@@ -103,8 +103,8 @@ def main() -> int:
     print("lean copy:", lean.shape if lean is not None else None,
           "removed", lean.removed if lean is not None else None)
     v1, _, *shape_v1 = module.lean_graph_make(int(g5.raw_cuda_graph()),
-                                              [rows._gate.data_ptr()], False)  # noqa: SLF001
-    print("lean copy, every join left in:", tuple(shape_v1))
+                                              [rows._gate.data_ptr()], True)  # noqa: SLF001
+    print("lean copy, joined around the branch:", tuple(shape_v1))
     device = torch.cuda.current_device()
 
     def closed(nodes_on: bool):

@@ -28,12 +28,12 @@ from ..graph_rng import RngWatch
 #: random numbers, in use, or not to be used (it does, or the copy failed).
 PENDING, READY, REFUSED = "pending", "ready", "refused"
 
-#: Whether the copy drops the edges that taking our nodes out added where other paths
-#: already imply them (csrc/lean_rules.h, ``take_out_all``).  Our branch and join
-#: otherwise leave edges from one call to the calls after the next, beside the
-#: application's programmatic (PDL) chain, which keep a dependent from starting early.
-#: Benchmark probes flip it (benchmarks/probes/lean_variants/).
-PRUNE_EDGES = True
+#: Whether the copy joins the dependencies of our launches on the branch stream beside a
+#: call (stats/overlap.py) to their dependents, as our other launches' are.  No: that
+#: left edges beside the application's programmatic (PDL) chain that its own capture did
+#: not have (csrc/lean_rules.h, tests/test_lean_rules.py).  Benchmark probes flip it
+#: (benchmarks/probes/lean_variants/).
+JOIN_BRANCH = False
 
 
 class LeanGraph:
@@ -65,7 +65,7 @@ class LeanGraph:
             return None
         raw = int(graph.raw_cuda_graph())
         exec_, removed, *shape = module.lean_graph_make(raw, list(gates),
-                                                        PRUNE_EDGES)
+                                                        JOIN_BRANCH)
         return cls(module, exec_, device, removed, watch, tuple(shape))
 
     @property

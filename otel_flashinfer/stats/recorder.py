@@ -67,7 +67,8 @@ def _launch_into(out: torch.Tensor, jobs: Sequence[Job], module: Any, row0: int 
     ``zero=False``: every row is zeroed already (a graph's chunk, ``GraphRows``).
     ``stamps`` (``counter``, ``stamp_start``, ``stamp_end``: device addresses) have the
     kernel stamp the GPU clock; ``launch`` says how it runs, not what it stamps
-    (``gate``: skipped on untraced replays, ``sm_limit``: its wave's size).  Returns
+    (``gate``: skipped on untraced replays, ``sm_limit``: its wave's size, ``branch``:
+    on our branch beside the call).  Returns
     whether it ran (torch ops stamp nothing)."""
     if module is not None and _kernel_can_run(jobs):
         launched = module.stats_into(out, [j.tensor for j in jobs], [j.row for j in jobs],
@@ -484,6 +485,8 @@ class StatsRecorder:
         gate = rows.gate_address()
         if gate:  # untraced replays skip it (``GraphRows.set_gate``)
             launch["gate"] = gate
+        if fork is not None:  # a copy without statistics joins nothing around it
+            launch["branch"] = True
         if fork is not None and overlap.BRANCH_SM_SHARE < 1.0:
             sms = overlap.branch_sms(
                 torch.cuda.get_device_properties(device).multi_processor_count)

@@ -4,8 +4,8 @@ side-by-side baselines in the benchmarks:
 
 - ``FI_PROBE_LEAN=switch``: no copy; untraced replays switch the statistics nodes off
   (``stats/node_switch.py``), the ninth session's way.
-- ``FI_PROBE_LEAN=v1`` / ``v2``: the copy made with ``PRUNE_EDGES`` off / on
-  (csrc/lean_rules.h, ``take_out_all``).
+- ``FI_PROBE_LEAN=v1``: the copy made as in the tenth session, joining around our
+  launches on the branch stream too (``JOIN_BRANCH``, csrc/lean_rules.h).
 
 Put this folder first on PYTHONPATH (the benchmarks' children keep PYTHONPATH and every
 variable not starting with ``OTEL_``)::
@@ -25,9 +25,9 @@ if _how == "switch":
         return None
 
     _lean_graph.build_for = _no_copy
-elif _how in ("v1", "v2"):
+elif _how == "v1":
     from otel_flashinfer.stats import lean_graph as _lean_graph
 
-    _lean_graph.PRUNE_EDGES = _how == "v2"
+    _lean_graph.JOIN_BRANCH = True
 elif _how:
-    raise SystemExit(f"FI_PROBE_LEAN={_how!r}: expected switch, v1 or v2")
+    raise SystemExit(f"FI_PROBE_LEAN={_how!r}: expected switch or v1")
