@@ -29,5 +29,5 @@ elif _how == "v1":
     from otel_flashinfer.stats import lean_graph as _lean_graph
 
     _lean_graph.JOIN_BRANCH = True
-elif _how:
+elif _how not in ("", "lean"):
     raise SystemExit(f"FI_PROBE_LEAN={_how!r}: expected switch or v1")
