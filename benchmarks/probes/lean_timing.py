@@ -27,6 +27,7 @@ from __future__ import annotations
 import inspect
 import os
 import sys
+import time
 from pathlib import Path
 
 os.environ["OTEL_FLASHINFER_REPLAY_EVERY"] = "auto"
@@ -102,9 +103,16 @@ def main() -> int:
           "statistics nodes", module.gate_nodes(rows._gate.data_ptr()))  # noqa: SLF001
     print("lean copy:", lean.shape if lean is not None else None,
           "removed", lean.removed if lean is not None else None)
+    torch.cuda.synchronize()
+    free0 = torch.cuda.mem_get_info()[0]
+    made = time.perf_counter()
     v1, _, *shape_v1 = module.lean_graph_make(int(g5.raw_cuda_graph()),
                                               [rows._gate.data_ptr()], True)  # noqa: SLF001
+    made = time.perf_counter() - made
+    torch.cuda.synchronize()
     print("lean copy, joined around the branch:", tuple(shape_v1))
+    print(f"making a copy: {made * 1e3:.2f} ms of host time, "
+          f"{(free0 - torch.cuda.mem_get_info()[0]) / 2**20:.2f} MiB of device memory")
     device = torch.cuda.current_device()
 
     def closed(nodes_on: bool):
