@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <map>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -135,14 +136,12 @@ std::tuple<int64_t, int64_t, int64_t> graph_edge_counts(int64_t graph) {
   return edge_counts(reinterpret_cast<cudaGraph_t>(graph));
 }
 
-// (executable graph, nodes taken out, the copy's nodes, edges and programmatic edges)
-// for `graph` (torch's
-// raw_cuda_graph()) without the nodes noted for `gates`.  Raises where any gate's
-// nodes are not all known, or the driver refuses (a graph with memory nodes cannot be
-// instantiated twice): the caller then switches nodes instead.  `join_branch` joins
-// around our branch's launches too, as the tenth session's copy did (probes only).
-std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t> lean_graph_make(
-    int64_t graph, const std::vector<int64_t>& gates, bool join_branch) {
+// A clone of `graph` (torch's raw_cuda_graph()) without the nodes noted for `gates`,
+// and how many were taken out; the caller owns the clone.  `join_branch` joins around
+// our branch's launches too, as the tenth session's copy did (probes only).  Raises
+// where any gate's nodes are not all known, or the graph refuses an edit.
+std::pair<cudaGraph_t, size_t> lean_clone(int64_t graph, const std::vector<int64_t>& gates,
+                                          bool join_branch) {
   TORCH_CHECK(graph != 0, "otel_flashinfer stats: no captured graph to copy");
   std::vector<cudaGraphNode_t> nodes;
   std::vector<bool> join;  // per node: false for a launch on our branch
@@ -158,8 +157,6 @@ std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t> lean_graph_make(
   TORCH_CHECK(!nodes.empty(), "otel_flashinfer stats: no statistics nodes to leave out");
   cudaGraph_t clone = nullptr;
   check(cudaGraphClone(&clone, reinterpret_cast<cudaGraph_t>(graph)), "could not copy a graph");
-  cudaGraphExec_t exec = nullptr;
-  std::tuple<int64_t, int64_t, int64_t> counts;
   try {
     std::vector<cudaGraphNode_t> copies;
     for (cudaGraphNode_t node : nodes) {
@@ -169,7 +166,23 @@ std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t> lean_graph_make(
       copies.push_back(copy);
     }
     CudaGraph g{clone};
-    lean_rules::take_out_all(g, copies, join);
+    return {clone, lean_rules::take_out_all(g, copies, join)};
+  } catch (...) {
+    (void)cudaGraphDestroy(clone);
+    throw;
+  }
+}
+
+// (executable graph, nodes taken out, the copy's nodes, edges and programmatic edges)
+// for `graph` without the nodes noted for `gates` (lean_clone).  Raises where the copy
+// cannot be made, or the driver refuses it (a graph with memory nodes cannot be
+// instantiated twice): the caller then switches nodes instead.
+std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t> lean_graph_make(
+    int64_t graph, const std::vector<int64_t>& gates, bool join_branch) {
+  const auto [clone, removed] = lean_clone(graph, gates, join_branch);
+  cudaGraphExec_t exec = nullptr;
+  std::tuple<int64_t, int64_t, int64_t> counts;
+  try {
     try {
       counts = edge_counts(clone);  // for probes and tests: never refuses the copy
     } catch (const c10::Error&) {
@@ -185,8 +198,62 @@ std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t> lean_graph_make(
     throw;
   }
   (void)cudaGraphDestroy(clone);  // the executable graph does not need it
-  return {reinterpret_cast<int64_t>(exec), static_cast<int64_t>(nodes.size()),
+  return {reinterpret_cast<int64_t>(exec), static_cast<int64_t>(removed),
           std::get<0>(counts), std::get<1>(counts), std::get<2>(counts)};
+}
+
+// (each node's key, each edge as (from, to, programmatic)) of `graph`, nodes in the
+// graph's own order: a kernel node's key is its function's address (0 where the driver
+// will not say), any other node's -1 - its type.  So that tests can compare two graphs
+// edge by edge, naming each node by its key and how many of that key came before it.
+using EdgeList = std::tuple<std::vector<int64_t>, std::vector<std::tuple<int64_t, int64_t, bool>>>;
+
+EdgeList edge_list(cudaGraph_t graph) {
+  size_t n = 0;
+  check(cudaGraphGetNodes(graph, nullptr, &n), "could not count a graph's nodes");
+  std::vector<cudaGraphNode_t> nodes(n);
+  if (n > 0) check(cudaGraphGetNodes(graph, nodes.data(), &n), "could not list a graph's nodes");
+  std::map<cudaGraphNode_t, int64_t> index;
+  std::vector<int64_t> keys;
+  for (size_t i = 0; i < n; ++i) {
+    index[nodes[i]] = static_cast<int64_t>(i);
+    cudaGraphNodeType type;
+    check(cudaGraphNodeGetType(nodes[i], &type), "could not read a node's type");
+    int64_t key = -1 - static_cast<int64_t>(type);
+    if (type == cudaGraphNodeTypeKernel) {
+      cudaKernelNodeParams params{};
+      if (cudaGraphKernelNodeGetParams(nodes[i], &params) == cudaSuccess) {
+        key = reinterpret_cast<int64_t>(params.func);
+      } else {
+        (void)cudaGetLastError();
+        key = 0;
+      }
+    }
+    keys.push_back(key);
+  }
+  std::vector<std::tuple<int64_t, int64_t, bool>> edges;
+  for (const auto& [from, to, data] : CudaGraph{graph}.edges())
+    edges.emplace_back(index.at(from), index.at(to), !CudaGraph::full(data));
+  return {keys, edges};
+}
+
+EdgeList graph_edge_list(int64_t graph) {
+  TORCH_CHECK(graph != 0, "otel_flashinfer stats: no graph");
+  return edge_list(reinterpret_cast<cudaGraph_t>(graph));
+}
+
+// The edge list of the copy lean_graph_make would instantiate (tests, probes).
+EdgeList lean_graph_edge_list(int64_t graph, const std::vector<int64_t>& gates,
+                              bool join_branch) {
+  const auto made = lean_clone(graph, gates, join_branch);
+  try {
+    EdgeList got = edge_list(made.first);
+    (void)cudaGraphDestroy(made.first);
+    return got;
+  } catch (...) {
+    (void)cudaGraphDestroy(made.first);
+    throw;
+  }
 }
 #else
 constexpr bool kLeanSupported = false;
@@ -198,6 +265,16 @@ std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t> lean_graph_make(
 
 std::tuple<int64_t, int64_t, int64_t> graph_edge_counts(int64_t) {
   TORCH_CHECK(false, "otel_flashinfer stats: edge data needs CUDA 12.3");
+}
+
+using EdgeList = std::tuple<std::vector<int64_t>, std::vector<std::tuple<int64_t, int64_t, bool>>>;
+
+EdgeList graph_edge_list(int64_t) {
+  TORCH_CHECK(false, "otel_flashinfer stats: edge data needs CUDA 12.3");
+}
+
+EdgeList lean_graph_edge_list(int64_t, const std::vector<int64_t>&, bool) {
+  TORCH_CHECK(false, "otel_flashinfer stats: a graph without statistics needs CUDA 12.3");
 }
 #endif
 
@@ -258,6 +335,11 @@ void register_lean_graph(pybind11::module_& m) {
         py::arg("graph"), py::arg("gates"), py::arg("join_branch") = false);
   m.def("graph_edge_counts", &graph_edge_counts,
         "(nodes, edges, programmatic edges) of a cudaGraph_t", py::arg("graph"));
+  m.def("graph_edge_list", &graph_edge_list,
+        "(node keys, edges as (from, to, programmatic)) of a cudaGraph_t", py::arg("graph"));
+  m.def("lean_graph_edge_list", &lean_graph_edge_list,
+        "the edge list of the copy lean_graph_make would instantiate", py::arg("graph"),
+        py::arg("gates"), py::arg("join_branch") = false);
   m.def("lean_graph_destroy", &lean_graph_destroy, "free an executable graph",
         py::arg("exec"));
   m.def("lean_graph_launch", &lean_graph_launch,

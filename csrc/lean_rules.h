@@ -75,15 +75,24 @@ void take_out(Graph& g, typename Graph::Node node, bool join) {
 }
 
 // Takes every node of `nodes` out of `g` (take_out; `join[i]` false for one launched on
-// our branch), each once.
+// our branch), each once; returns how many.  The branch's launches go first: a launch
+// joined around may leave out a dependency that is a full one of a branch launch beside
+// it (the order held through that one), and taking that branch launch out afterwards
+// without a join would lose the order.  With the branch's launches gone first, the
+// joins see only what the application's own capture had around them.
 template <class Graph>
-void take_out_all(Graph& g, const std::vector<typename Graph::Node>& nodes,
-                  const std::vector<bool>& join) {
+size_t take_out_all(Graph& g, const std::vector<typename Graph::Node>& nodes,
+                    const std::vector<bool>& join) {
   std::set<typename Graph::Node> gone;
-  for (size_t i = 0; i < nodes.size(); ++i) {
-    if (!gone.insert(nodes[i]).second) continue;  // noted twice: taken out once
-    take_out(g, nodes[i], i < join.size() ? join[i] : true);
+  for (int pass = 0; pass < 2; ++pass) {
+    for (size_t i = 0; i < nodes.size(); ++i) {
+      const bool joined = i < join.size() ? join[i] : true;
+      if (joined != (pass == 1) || gone.count(nodes[i])) continue;  // noted twice: once
+      gone.insert(nodes[i]);
+      take_out(g, nodes[i], joined);
+    }
   }
+  return gone.size();
 }
 
 }  // namespace lean_rules

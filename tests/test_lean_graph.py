@@ -139,7 +139,7 @@ def test_build_for_takes_every_gated_word_of_one_device() -> None:
                                  _Parts((module, 0x80, 1))], _Kept(), 1, watch)
     assert lean is not None and lean.device == 1 and lean.removed == 4
     assert module.made == [(0xC0, [0x40, 0x80])]  # a group without a word is skipped
-    assert module.join_branch is lean_graph.JOIN_BRANCH
+    assert module.join_branch is lean_graph.JOIN_BRANCH is False  # the default
     assert lean_graph.build_for([_Parts((module, 0x40, 0))], _Kept(), 1,
                                 watch) is None  # words on another device than the graph
     assert lean_graph.build_for([_Parts(None)], _Kept(), 0, watch) is None

@@ -5,11 +5,11 @@ harness that runs the same header on a plain graph.
 The graphs here are built the way CUDA stream capture builds them: a launch depends on
 its stream's dependency set, an event wait merges another stream's set in, and a launch
 made with programmatic dependent launch (PDL) gets programmatic edges from the kernels
-it depends on.  The level-5 captures place our launches as csrc/stats_hooks.cpp does:
-the inputs' launch before the call on its stream, or on our branch stream for a
-read-only call (``stats/overlap.py``); the outputs' launch after the call, after the
-branch is joined.  The copy without our nodes must have the application's own graph:
-the same edges, of the same kinds, no more (an extra edge beside a PDL chain keeps the
+it depends on.  The level-5 captures place our launches as stats/recorder.py does: the
+inputs' launch before the call on its stream, or on our branch stream for a read-only
+call (``stats/overlap.py``); the outputs' launch after the call, and then the branch
+joined back.  The copy without our nodes must have the application's own graph: the
+same edges, of the same kinds, no more (an extra edge beside a PDL chain keeps the
 dependent from starting early) and no fewer (an order lost is a race).  What the model
 assumes of CUDA (a PDL launch's edges from every kernel it depends on are programmatic,
 an event wait adds to a stream's set) is checked on the GPU by
@@ -18,6 +18,7 @@ an event wait adds to a stream's set) is checked on the GPU by
 
 from __future__ import annotations
 
+import random
 import shutil
 import subprocess
 from pathlib import Path
@@ -67,9 +68,11 @@ class Capture:
         now = self.streams.get(stream, [])
         self.streams[stream] = now + [n for n in event if n not in now]
 
-    # What csrc/stats_hooks.cpp captures around one call at level 5.
+    # What stats/recorder.py captures around one call at level 5 (``_launch_captured``,
+    # then ``_finish_graph`` and its ``_join``); ``empty``: the call itself puts nothing
+    # on its stream (its work went elsewhere, or there was none).
     def call(self, name: str, pdl: bool, branch: bool = False, launches: int = 1,
-             stream: str = "main", outs: int | None = None) -> None:
+             stream: str = "main", outs: int | None = None, empty: bool = False) -> None:
         if branch:  # the inputs' statistics beside the call
             self.wait("branch", self.record(stream))
             for i in range(launches):
@@ -77,17 +80,20 @@ class Capture:
         else:
             for i in range(launches):
                 self.launch(stream, f"{name}.in{i}", ours=True)
-        self.launch(stream, name, pdl=pdl)
-        if branch:  # joined before the outputs' launch
-            self.wait(stream, self.record("branch"))
+        if not empty:
+            self.launch(stream, name, pdl=pdl)
         for i in range(launches if outs is None else outs):  # none: nothing to read
             self.launch(stream, f"{name}.out{i}", ours=True)
+        if branch:  # joined after the outputs' launch
+            self.wait(stream, self.record("branch"))
 
 
 def run(harness: Path, capture: Capture, join_branch: bool = False, reverse: bool = False,
-        weak: tuple[tuple[str, str], ...] = ()) -> set[tuple[str, str, int]]:
+        weak: tuple[tuple[str, str], ...] = (), order: list[str] | None = None
+        ) -> set[tuple[str, str, int]]:
     """The copy's edges, by name; ``join_branch``: joined around the branch's launches
-    too (the tenth session's copy); ``weak``: edges the graph refuses to remove."""
+    too (the tenth session's copy); ``weak``: edges the graph refuses to remove;
+    ``order``: our nodes as the gates list them, if not in capture order."""
     ids = {name: i for i, name in enumerate(capture.kernel)}
     names = {i: name for name, i in ids.items()}
     lines = [f"reverse {int(reverse)}"]
@@ -95,7 +101,7 @@ def run(harness: Path, capture: Capture, join_branch: bool = False, reverse: boo
     lines += [f"edge {ids[f]} {ids[t]} {p}" for f, t, p in capture.edges]
     lines += [f"weak {ids[f]} {ids[t]}" for f, t in weak]
     lines += [f"remove {ids[n]} {int(n in capture.branch and not join_branch)}"
-              for n in capture.ours]
+              for n in (capture.ours if order is None else order)]
     done = subprocess.run([str(harness)], input="\n".join(lines), capture_output=True,
                           text=True, check=False)
     if done.returncode == 3:
@@ -213,6 +219,25 @@ def test_a_node_noted_twice_is_taken_out_once(harness: Path) -> None:
     c = decode_step(True, layers=2)
     c.ours = c.ours + c.ours[:3]
     assert run(harness, c) == set(decode_step(False, layers=2).edges)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_any_order_of_our_nodes_gives_the_same_graph(harness: Path, seed: int) -> None:
+    """Gates list their nodes in capture order, one gate per device; several gates
+    would list them gate by gate.  The copy must not depend on it, also where a forked
+    call puts nothing on its own stream (the next call's inputs' launch then depends on
+    the call before and on the branch's launch, which depends on it by a full edge)."""
+    app = Capture()
+    level5 = Capture()
+    for k in range(3):
+        app.launch("main", f"R{k}", pdl=True)
+        level5.call(f"R{k}", True)
+        if k != 1:
+            app.launch("main", f"D{k}", pdl=True)
+        level5.call(f"D{k}", True, branch=True, empty=k == 1)
+    order = list(level5.ours)
+    random.Random(seed).shuffle(order)
+    assert run(harness, level5, order=order) == set(app.edges)
 
 
 def test_a_long_step_keeps_its_chain(harness: Path) -> None:

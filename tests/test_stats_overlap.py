@@ -166,6 +166,9 @@ def test_a_forked_launch_stamps_the_start_and_is_joined_once(captured) -> None: 
     assert stamps["stamp_start"] == slot.out.data_ptr() + 56
     assert stamps["stamp_also"] == rows._chunks[0].data_ptr() + 56  # noqa: SLF001
     assert "counter" not in stamps and slot.stamped
+    # marked, so that the graph's copy without statistics joins nothing around it
+    # (csrc/lean_rules.h); a launch on the call's stream is not (the gated test below)
+    assert stamps["branch"] is True
     assert health.counters().get("stats_forked", 0) == before + 1
     assert slot.branch is side and rec._forked  # noqa: SLF001
     rec._join(slot)  # noqa: SLF001 - what finish does after the outputs' launch
