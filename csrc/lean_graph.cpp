@@ -32,6 +32,14 @@ namespace {
 #if CUDART_VERSION >= 12030
 constexpr bool kLeanSupported = true;
 
+// The graph-edge calls with edge data: CUDA 12.3 to 12.9 name them `_v2`, CUDA 13 drops
+// the suffix (same arguments).
+#if CUDART_VERSION >= 13000
+#define OFI_EDGE_API(name) name
+#else
+#define OFI_EDGE_API(name) name##_v2
+#endif
+
 void check(cudaError_t err, const char* what) {
   if (err == cudaSuccess) return;
   (void)cudaGetLastError();  // ours: torch's next launch check must not see it
@@ -48,13 +56,9 @@ struct CudaGraph {
   static Edges edges_of(Node node, bool dependencies) {
     size_t n = 0;
     auto get = [&](Node* nodes, Edge* data, size_t* count) {
-#if CUDART_VERSION >= 13000
-      return dependencies ? cudaGraphNodeGetDependencies(node, nodes, data, count)
-                          : cudaGraphNodeGetDependentNodes(node, nodes, data, count);
-#else
-      return dependencies ? cudaGraphNodeGetDependencies_v2(node, nodes, data, count)
-                          : cudaGraphNodeGetDependentNodes_v2(node, nodes, data, count);
-#endif
+      return dependencies ? OFI_EDGE_API(cudaGraphNodeGetDependencies)(node, nodes, data, count)
+                          : OFI_EDGE_API(cudaGraphNodeGetDependentNodes)(node, nodes, data,
+                                                                         count);
     };
     check(get(nullptr, nullptr, &n), "could not read a graph node's edges");
     std::vector<Node> nodes(n);
@@ -80,40 +84,23 @@ struct CudaGraph {
     check(cudaGraphDestroyNode(n), "could not take a statistics node out of a graph");
   }
   void add(Node from, Node to, const Edge& data) {
-#if CUDART_VERSION >= 13000
-    cudaError_t err = cudaGraphAddDependencies(graph, &from, &to, &data, 1);
-#else
-    cudaError_t err = cudaGraphAddDependencies_v2(graph, &from, &to, &data, 1);
-#endif
+    cudaError_t err = OFI_EDGE_API(cudaGraphAddDependencies)(graph, &from, &to, &data, 1);
     check(err, "could not join a graph around a statistics node");
   }
   bool remove(Node from, Node to, const Edge& data) {
-#if CUDART_VERSION >= 13000
-    cudaError_t err = cudaGraphRemoveDependencies(graph, &from, &to, &data, 1);
-#else
-    cudaError_t err = cudaGraphRemoveDependencies_v2(graph, &from, &to, &data, 1);
-#endif
+    cudaError_t err = OFI_EDGE_API(cudaGraphRemoveDependencies)(graph, &from, &to, &data, 1);
     if (err != cudaSuccess) (void)cudaGetLastError();
     return err == cudaSuccess;
   }
   std::vector<std::tuple<Node, Node, Edge>> edges() const {
     size_t n = 0;
-#if CUDART_VERSION >= 13000
-    check(cudaGraphGetEdges(graph, nullptr, nullptr, nullptr, &n), "could not count edges");
-#else
-    check(cudaGraphGetEdges_v2(graph, nullptr, nullptr, nullptr, &n), "could not count edges");
-#endif
+    check(OFI_EDGE_API(cudaGraphGetEdges)(graph, nullptr, nullptr, nullptr, &n),
+          "could not count edges");
     std::vector<Node> from(n), to(n);
     std::vector<Edge> data(n);
-    if (n > 0) {
-#if CUDART_VERSION >= 13000
-      check(cudaGraphGetEdges(graph, from.data(), to.data(), data.data(), &n),
+    if (n > 0)
+      check(OFI_EDGE_API(cudaGraphGetEdges)(graph, from.data(), to.data(), data.data(), &n),
             "could not read a graph's edges");
-#else
-      check(cudaGraphGetEdges_v2(graph, from.data(), to.data(), data.data(), &n),
-            "could not read a graph's edges");
-#endif
-    }
     std::vector<std::tuple<Node, Node, Edge>> all;
     for (size_t i = 0; i < n; ++i) all.emplace_back(from[i], to[i], data[i]);
     return all;
@@ -136,12 +123,24 @@ std::tuple<int64_t, int64_t, int64_t> graph_edge_counts(int64_t graph) {
   return edge_counts(reinterpret_cast<cudaGraph_t>(graph));
 }
 
+// A cudaGraph_t destroyed with it.
+struct OwnedGraph {
+  cudaGraph_t graph = nullptr;
+  explicit OwnedGraph(cudaGraph_t g) : graph(g) {}
+  OwnedGraph(const OwnedGraph&) = delete;
+  OwnedGraph& operator=(const OwnedGraph&) = delete;
+  OwnedGraph(OwnedGraph&& other) noexcept : graph(other.graph) { other.graph = nullptr; }
+  ~OwnedGraph() {
+    if (graph != nullptr) (void)cudaGraphDestroy(graph);
+  }
+};
+
 // A clone of `graph` (torch's raw_cuda_graph()) without the nodes noted for `gates`,
-// and how many were taken out; the caller owns the clone.  `join_branch` joins around
-// our branch's launches too, as the tenth session's copy did (probes only).  Raises
-// where any gate's nodes are not all known, or the graph refuses an edit.
-std::pair<cudaGraph_t, size_t> lean_clone(int64_t graph, const std::vector<int64_t>& gates,
-                                          bool join_branch) {
+// and how many were taken out.  `join_branch` joins around our branch's launches too,
+// as the tenth session's copy did (probes only).  Raises where any gate's nodes are not
+// all known, or the graph refuses an edit.
+std::pair<OwnedGraph, size_t> lean_clone(int64_t graph, const std::vector<int64_t>& gates,
+                                         bool join_branch) {
   TORCH_CHECK(graph != 0, "otel_flashinfer stats: no captured graph to copy");
   std::vector<cudaGraphNode_t> nodes;
   std::vector<bool> join;  // per node: false for a launch on our branch
@@ -155,22 +154,19 @@ std::pair<cudaGraph_t, size_t> lean_clone(int64_t graph, const std::vector<int64
       join.push_back(join_branch || i >= branch.size() || !branch[i]);
   }
   TORCH_CHECK(!nodes.empty(), "otel_flashinfer stats: no statistics nodes to leave out");
-  cudaGraph_t clone = nullptr;
-  check(cudaGraphClone(&clone, reinterpret_cast<cudaGraph_t>(graph)), "could not copy a graph");
-  try {
-    std::vector<cudaGraphNode_t> copies;
-    for (cudaGraphNode_t node : nodes) {
-      cudaGraphNode_t copy = nullptr;
-      check(cudaGraphNodeFindInClone(&copy, node, clone),
-            "a statistics node is not in the captured graph");
-      copies.push_back(copy);
-    }
-    CudaGraph g{clone};
-    return {clone, lean_rules::take_out_all(g, copies, join)};
-  } catch (...) {
-    (void)cudaGraphDestroy(clone);
-    throw;
+  cudaGraph_t raw = nullptr;
+  check(cudaGraphClone(&raw, reinterpret_cast<cudaGraph_t>(graph)), "could not copy a graph");
+  OwnedGraph clone(raw);
+  std::vector<cudaGraphNode_t> copies;
+  for (cudaGraphNode_t node : nodes) {
+    cudaGraphNode_t copy = nullptr;
+    check(cudaGraphNodeFindInClone(&copy, node, raw),
+          "a statistics node is not in the captured graph");
+    copies.push_back(copy);
   }
+  CudaGraph g{raw};
+  const size_t removed = lean_rules::take_out_all(g, copies, join);
+  return {std::move(clone), removed};
 }
 
 // (executable graph, nodes taken out, the copy's nodes, edges and programmatic edges)
@@ -180,24 +176,18 @@ std::pair<cudaGraph_t, size_t> lean_clone(int64_t graph, const std::vector<int64
 std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t> lean_graph_make(
     int64_t graph, const std::vector<int64_t>& gates, bool join_branch) {
   const auto [clone, removed] = lean_clone(graph, gates, join_branch);
-  cudaGraphExec_t exec = nullptr;
-  std::tuple<int64_t, int64_t, int64_t> counts;
+  std::tuple<int64_t, int64_t, int64_t> counts{-1, -1, -1};
   try {
-    try {
-      counts = edge_counts(clone);  // for probes and tests: never refuses the copy
-    } catch (const c10::Error&) {
-      counts = {-1, -1, -1};
-    }
-    // As torch instantiates its own (CUDAGraph::instantiate).
-    check(cudaGraphInstantiate(&exec, clone,
-                               cudaGraphInstantiateFlagAutoFreeOnLaunch |
-                                   cudaGraphInstantiateFlagUseNodePriority),
-          "could not instantiate a graph without statistics");
-  } catch (...) {
-    (void)cudaGraphDestroy(clone);
-    throw;
+    counts = edge_counts(clone.graph);  // for probes and tests: never refuses the copy
+  } catch (const c10::Error&) {
   }
-  (void)cudaGraphDestroy(clone);  // the executable graph does not need it
+  // As torch instantiates its own (CUDAGraph::instantiate); the executable graph does
+  // not need the clone, which goes with `clone`.
+  cudaGraphExec_t exec = nullptr;
+  check(cudaGraphInstantiate(&exec, clone.graph,
+                             cudaGraphInstantiateFlagAutoFreeOnLaunch |
+                                 cudaGraphInstantiateFlagUseNodePriority),
+        "could not instantiate a graph without statistics");
   return {reinterpret_cast<int64_t>(exec), static_cast<int64_t>(removed),
           std::get<0>(counts), std::get<1>(counts), std::get<2>(counts)};
 }
@@ -245,15 +235,7 @@ EdgeList graph_edge_list(int64_t graph) {
 // The edge list of the copy lean_graph_make would instantiate (tests, probes).
 EdgeList lean_graph_edge_list(int64_t graph, const std::vector<int64_t>& gates,
                               bool join_branch) {
-  const auto made = lean_clone(graph, gates, join_branch);
-  try {
-    EdgeList got = edge_list(made.first);
-    (void)cudaGraphDestroy(made.first);
-    return got;
-  } catch (...) {
-    (void)cudaGraphDestroy(made.first);
-    throw;
-  }
+  return edge_list(lean_clone(graph, gates, join_branch).first.graph);
 }
 #else
 constexpr bool kLeanSupported = false;

@@ -6,8 +6,9 @@
 // `Graph` gives: `Node` (ordered by std::less), `Edge`; `deps(n)` and `dependents(n)`,
 // each a vector of (node, edge data) pairs; `is_kernel(n)`; `full(e)` (a full-completion
 // edge, not a programmatic one); `full_edge()`; `destroy(n)`; `add(from, to, e)`;
-// `remove(from, to, e)`, false where the graph refused.  Errors throw (lean_graph.cpp's, or std::runtime_error here): the
-// copy is then not made, and the nodes are switched instead (stats/lean_graph.py).
+// `remove(from, to, e)`, false where the graph refused.  Errors throw (lean_graph.cpp's,
+// or std::runtime_error here): the copy is then not made, and the nodes are switched
+// instead (stats/lean_graph.py).
 #pragma once
 
 #include <algorithm>
@@ -22,10 +23,10 @@ namespace lean_rules {
 
 // Takes `node` out of `g`.  With `join`, each dependency becomes one of each dependent
 // unless it already is, or it is a full dependency of another dependency (the order
-// holds through that one).  An edge into a kernel keeps the
-// removed node's outgoing edge data, so that a launch made with programmatic dependent
-// launch (PDL) keeps it, as a capture without our node would have made it; an existing
-// programmatic edge where a full one is needed becomes full.  Without `join` (a launch
+// holds through that one).  An edge into a kernel keeps the removed node's outgoing
+// edge data, so that a launch made with programmatic dependent launch (PDL) keeps it,
+// as a capture without our node would have made it; an existing programmatic edge
+// where a full one is needed becomes full.  Without `join` (a launch
 // on our branch stream, stats/overlap.py), nothing is joined: the branch waited for
 // what the call itself depends on, and whatever waited for the branch waited for the
 // call too, so no order of the application's runs through it.  Joining around it left
