@@ -55,7 +55,7 @@ def gpu_us(fn, n: int) -> float:
 def main() -> int:
     import flashinfer
     from bench_graph_step import LAYERS
-    from gpu_decode import make_decode
+    from gpu_decode import capture_graph, make_decode
 
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 500
     rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 3
@@ -72,19 +72,7 @@ def main() -> int:
             outs.append(step.wrapper.run(step.q, cache))
         return outs
 
-    def capture(keep: bool) -> tuple[torch.cuda.CUDAGraph, list]:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            forward()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph(keep_graph=True) if keep else torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            outs = forward()
-        torch.cuda.synchronize()
-        return graph, outs
-
-    g0, outs0 = capture(keep=True)
+    g0, outs0 = capture_graph(forward, keep=True)
     g0.instantiate()
     import otel_flashinfer
     from otel_flashinfer import graphs
@@ -92,7 +80,7 @@ def main() -> int:
 
     otel_flashinfer.instrument(level=5, journal_dir="")
     module = kernel.get(wait=True, timeout=600)
-    g5, outs5 = capture(keep=False)  # kept for us: level 5 with replays sampled
+    g5, outs5 = capture_graph(forward)  # kept for us: level 5 with replays sampled
     capture5 = graphs._graphs[g5]  # noqa: SLF001
     lean = capture5.lean
     (rows,) = capture5.gates
