@@ -5,12 +5,13 @@
 // nodes left out costs nothing: untraced replays launch it, traced ones torch's.
 //
 // The captured cudaGraph_t (kept by torch, keep_graph=True) is cloned, each noted gated
-// node is taken out of the clone, its dependencies joined to its dependents unless it
-// ran on our branch stream (lean_rules.h, tested on the CPU), and the clone is
-// instantiated.  Both executables run the same kernels on the
-// same memory, that of torch's graph pool, so one must never outlive torch's graph:
-// graphs.py drops it on reset, recapture and the graph's end.  Whether a replay may skip
-// torch's own replay (its RNG prologue) is decided in Python (stats/lean_graph.py).
+// node, and each node that zeroes their rows, is taken out of the clone, its
+// dependencies joined to its dependents unless it ran on our branch stream
+// (lean_rules.h, tested on the CPU), and the clone is instantiated.  Both executables
+// run the same kernels on the same memory, that of torch's graph pool, so one must
+// never outlive torch's graph: graphs.py drops it on reset, recapture and the graph's
+// end.  Whether a replay may skip torch's own replay (its RNG prologue) is decided in
+// Python (stats/lean_graph.py).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
@@ -135,15 +136,21 @@ struct OwnedGraph {
   }
 };
 
-// A clone of `graph` (torch's raw_cuda_graph()) without the nodes noted for `gates`,
-// and how many were taken out.  `join_branch` joins around our branch's launches too,
-// as the tenth session's copy did (probes only).  Raises where any gate's nodes are not
-// all known, or the graph refuses an edit.
+// A clone of `graph` (torch's raw_cuda_graph()) without the nodes noted for `gates` and
+// the `extra` nodes (those zeroing the statistics rows), and how many were taken out.
+// `join_branch` joins around our branch's launches too, as the tenth session's copy did
+// (probes only).  Raises where any gate's nodes are not all known, a node is not in the
+// graph, or the graph refuses an edit.
 std::pair<OwnedGraph, size_t> lean_clone(int64_t graph, const std::vector<int64_t>& gates,
-                                         bool join_branch) {
+                                         bool join_branch, const std::vector<int64_t>& extra) {
   TORCH_CHECK(graph != 0, "otel_flashinfer stats: no captured graph to copy");
+  // `extra` (capture_tail_node's, in capture order) go first among the joined: each is
+  // followed by one of our launches, so that the last edge joined into an application's
+  // kernel is that launch's own, programmatic where the kernel was launched with PDL
+  // (lean_rules.h keeps the data of a removed node's edge out).
   std::vector<cudaGraphNode_t> nodes;
-  std::vector<bool> join;  // per node: false for a launch on our branch
+  std::vector<bool> join(extra.size(), true);  // per node: false for a launch on our branch
+  for (int64_t node : extra) nodes.push_back(reinterpret_cast<cudaGraphNode_t>(node));
   for (int64_t gate : gates) {
     std::vector<cudaGraphNode_t> of;
     std::vector<bool> branch;
@@ -153,7 +160,8 @@ std::pair<OwnedGraph, size_t> lean_clone(int64_t graph, const std::vector<int64_
     for (size_t i = 0; i < of.size(); ++i)
       join.push_back(join_branch || i >= branch.size() || !branch[i]);
   }
-  TORCH_CHECK(!nodes.empty(), "otel_flashinfer stats: no statistics nodes to leave out");
+  TORCH_CHECK(nodes.size() > extra.size(),
+              "otel_flashinfer stats: no statistics nodes to leave out");
   cudaGraph_t raw = nullptr;
   check(cudaGraphClone(&raw, reinterpret_cast<cudaGraph_t>(graph)), "could not copy a graph");
   OwnedGraph clone(raw);
@@ -174,8 +182,9 @@ std::pair<OwnedGraph, size_t> lean_clone(int64_t graph, const std::vector<int64_
 // cannot be made, or the driver refuses it (a graph with memory nodes cannot be
 // instantiated twice): the caller then switches nodes instead.
 std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t> lean_graph_make(
-    int64_t graph, const std::vector<int64_t>& gates, bool join_branch) {
-  const auto [clone, removed] = lean_clone(graph, gates, join_branch);
+    int64_t graph, const std::vector<int64_t>& gates, bool join_branch,
+    const std::vector<int64_t>& extra) {
+  const auto [clone, removed] = lean_clone(graph, gates, join_branch, extra);
   std::tuple<int64_t, int64_t, int64_t> counts{-1, -1, -1};
   try {
     counts = edge_counts(clone.graph);  // for probes and tests: never refuses the copy
@@ -234,14 +243,43 @@ EdgeList graph_edge_list(int64_t graph) {
 
 // The edge list of the copy lean_graph_make would instantiate (tests, probes).
 EdgeList lean_graph_edge_list(int64_t graph, const std::vector<int64_t>& gates,
-                              bool join_branch) {
-  return edge_list(lean_clone(graph, gates, join_branch).first.graph);
+                              bool join_branch, const std::vector<int64_t>& extra) {
+  return edge_list(lean_clone(graph, gates, join_branch, extra).first.graph);
+}
+
+// The node the current stream's capture just made, where its dependencies are exactly
+// one kernel or memset node; else 0 (not capturing, or not one such node).  Called right
+// after a node of ours that only traced replays need (graph_rows.py zeroes statistics
+// rows so), so that the copy leaves it out too (lean_graph_make's `extra`).
+int64_t capture_tail_node() {
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  const cudaGraphNode_t* deps = nullptr;
+  size_t count = 0;
+#if CUDART_VERSION >= 13000
+  cudaError_t err = cudaStreamGetCaptureInfo(stream, &status, nullptr, nullptr, &deps, nullptr,
+                                             &count);
+#else
+  cudaError_t err = cudaStreamGetCaptureInfo_v2(stream, &status, nullptr, nullptr, &deps, &count);
+#endif
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();  // ours: torch's next launch check must not see it
+    return 0;
+  }
+  if (status != cudaStreamCaptureStatusActive || count != 1) return 0;
+  cudaGraphNodeType type;
+  if (cudaGraphNodeGetType(deps[0], &type) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  if (type != cudaGraphNodeTypeKernel && type != cudaGraphNodeTypeMemset) return 0;
+  return reinterpret_cast<int64_t>(deps[0]);
 }
 #else
 constexpr bool kLeanSupported = false;
 
 std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t> lean_graph_make(
-    int64_t, const std::vector<int64_t>&, bool) {
+    int64_t, const std::vector<int64_t>&, bool, const std::vector<int64_t>&) {
   TORCH_CHECK(false, "otel_flashinfer stats: a graph without statistics needs CUDA 12.3");
 }
 
@@ -255,9 +293,12 @@ EdgeList graph_edge_list(int64_t) {
   TORCH_CHECK(false, "otel_flashinfer stats: edge data needs CUDA 12.3");
 }
 
-EdgeList lean_graph_edge_list(int64_t, const std::vector<int64_t>&, bool) {
+EdgeList lean_graph_edge_list(int64_t, const std::vector<int64_t>&, bool,
+                              const std::vector<int64_t>&) {
   TORCH_CHECK(false, "otel_flashinfer stats: a graph without statistics needs CUDA 12.3");
 }
+
+int64_t capture_tail_node() { return 0; }
 #endif
 
 void lean_graph_destroy(int64_t exec) {
@@ -314,14 +355,18 @@ void register_lean_graph(pybind11::module_& m) {
   m.attr("LEAN_GRAPHS") = kLeanSupported;
   m.def("lean_graph_make", &lean_graph_make,
         "an executable copy of a captured graph without its gated statistics nodes",
-        py::arg("graph"), py::arg("gates"), py::arg("join_branch") = false);
+        py::arg("graph"), py::arg("gates"), py::arg("join_branch") = false,
+        py::arg("extra") = std::vector<int64_t>{});
+  m.def("capture_tail_node", &capture_tail_node,
+        "the node the current stream's capture just made (one kernel or memset), or 0");
   m.def("graph_edge_counts", &graph_edge_counts,
         "(nodes, edges, programmatic edges) of a cudaGraph_t", py::arg("graph"));
   m.def("graph_edge_list", &graph_edge_list,
         "(node keys, edges as (from, to, programmatic)) of a cudaGraph_t", py::arg("graph"));
   m.def("lean_graph_edge_list", &lean_graph_edge_list,
         "the edge list of the copy lean_graph_make would instantiate", py::arg("graph"),
-        py::arg("gates"), py::arg("join_branch") = false);
+        py::arg("gates"), py::arg("join_branch") = false,
+        py::arg("extra") = std::vector<int64_t>{});
   m.def("lean_graph_destroy", &lean_graph_destroy, "free an executable graph",
         py::arg("exec"));
   m.def("lean_graph_launch", &lean_graph_launch,

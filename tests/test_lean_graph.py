@@ -54,14 +54,15 @@ class _Module:
         self.c_launches.append((exec_, device))
         return self.c_rc
 
-    def lean_graph_make(self, graph: int, gates: list[int], join_branch: bool
-                        ) -> tuple[int, int, int, int, int]:
+    def lean_graph_make(self, graph: int, gates: list[int], join_branch: bool,
+                        extra: list[int]) -> tuple[int, int, int, int, int]:
         if self.refuse:
             raise RuntimeError("otel_flashinfer stats: could not instantiate a graph "
                                "without statistics: cudaErrorNotSupported")
         self.made.append((graph, gates))
+        self.extra = extra
         self.join_branch = join_branch
-        return 0xA0 + len(self.made), 2 * len(gates), 5, 6, 1
+        return 0xA0 + len(self.made), 2 * len(gates) + len(extra), 5, 6, 1
 
     def lean_graph_destroy(self, exec_: int) -> None:
         self.destroyed.append(exec_)
@@ -121,10 +122,10 @@ def test_the_copy_is_used_only_once_a_replay_proved_no_random_numbers() -> None:
 
 
 class _Parts:
-    def __init__(self, parts: tuple[Any, int, int] | None) -> None:
+    def __init__(self, parts: tuple[Any, int, int, tuple[int, ...]] | None) -> None:
         self.parts = parts
 
-    def lean_parts(self) -> tuple[Any, int, int] | None:
+    def lean_parts(self) -> tuple[Any, int, int, tuple[int, ...]] | None:
         return self.parts
 
 
@@ -135,23 +136,25 @@ class _Kept:
 
 def test_build_for_takes_every_gated_word_of_one_device() -> None:
     module, watch = _Module(), RngWatch([])
-    lean = lean_graph.build_for([_Parts((module, 0x40, 1)), _Parts(None),
-                                 _Parts((module, 0x80, 1))], _Kept(), 1, watch)
-    assert lean is not None and lean.device == 1 and lean.removed == 4
+    lean = lean_graph.build_for([_Parts((module, 0x40, 1, (0x7, 0x9))), _Parts(None),
+                                 _Parts((module, 0x80, 1, (0xB,)))], _Kept(), 1, watch)
+    assert lean is not None and lean.device == 1 and lean.removed == 7
     assert module.made == [(0xC0, [0x40, 0x80])]  # a group without a word is skipped
+    # the nodes zeroing each group's rows go too, in the groups' order
+    assert module.extra == [0x7, 0x9, 0xB] and lean.zeroing == (0x7, 0x9, 0xB)
     assert module.join_branch is lean_graph.JOIN_BRANCH is False  # the default
-    assert lean_graph.build_for([_Parts((module, 0x40, 0))], _Kept(), 1,
+    assert lean_graph.build_for([_Parts((module, 0x40, 0, ()))], _Kept(), 1,
                                 watch) is None  # words on another device than the graph
     assert lean_graph.build_for([_Parts(None)], _Kept(), 0, watch) is None
-    assert lean_graph.build_for([_Parts((module, 0x40, 0))], _Kept(), 0, None) is None
+    assert lean_graph.build_for([_Parts((module, 0x40, 0, ()))], _Kept(), 0, None) is None
 
     class _Older:  # an extension built before lean_graph.cpp
         pass
 
-    assert lean_graph.build_for([_Parts((_Older(), 0x40, 0))], _Kept(), 0, watch) is None
+    assert lean_graph.build_for([_Parts((_Older(), 0x40, 0, ()))], _Kept(), 0, watch) is None
     module.refuse = True
     with pytest.raises(RuntimeError, match="cudaErrorNotSupported"):
-        lean_graph.build_for([_Parts((module, 0x40, 0))], _Kept(), 0, watch)
+        lean_graph.build_for([_Parts((module, 0x40, 0, ()))], _Kept(), 0, watch)
 
 
 class _TorchGraph:
@@ -222,8 +225,8 @@ class _Group:
     def closed_gate(self) -> None:
         return None
 
-    def lean_parts(self) -> tuple[Any, int, int]:
-        return self.module, 0x40, 0
+    def lean_parts(self) -> tuple[Any, int, int, tuple[int, ...]]:
+        return self.module, 0x40, 0, ()
 
     @staticmethod
     def build_lean(graph: Any, groups: Any, device: int | None, watch: Any) -> Any:

@@ -48,6 +48,8 @@ class Capture:
         self.streams: dict[str, list[str]] = {}
         self.ours: list[str] = []  # our statistics launches, in capture order
         self.branch: set[str] = set()  # those made on our branch stream
+        #: Our nodes zeroing the statistics rows (stats/graph_rows.py), in capture order.
+        self.zeroing: list[str] = []
 
     def launch(self, stream: str, name: str, pdl: bool = False, ours: bool = False,
                kernel: bool = True) -> str:
@@ -57,8 +59,6 @@ class Capture:
         self.streams[stream] = [name]
         if ours:
             self.ours.append(name)
-            if stream == "branch":
-                self.branch.add(name)
         return name
 
     def record(self, stream: str) -> list[str]:
@@ -71,15 +71,21 @@ class Capture:
     # What stats/recorder.py captures around one call at level 5 (``_launch_captured``,
     # then ``_finish_graph`` and its ``_join``); ``empty``: the call itself puts nothing
     # on its stream (its work went elsewhere, or there was none).
+    # ``zeros``: nodes that zero a new chunk of rows (and counters) first, on the stream
+    # of the inputs' launch (torch.zeros in ``GraphRows.take``): memsets, or fill kernels
+    # with ``zero_kernels``.
     def call(self, name: str, pdl: bool, branch: bool = False, launches: int = 1,
-             stream: str = "main", outs: int | None = None, empty: bool = False) -> None:
+             stream: str = "main", outs: int | None = None, empty: bool = False,
+             zeros: int = 0, zero_kernels: bool = False) -> None:
         if branch:  # the inputs' statistics beside the call
             self.wait("branch", self.record(stream))
-            for i in range(launches):
-                self.launch("branch", f"{name}.in{i}", ours=True)
-        else:
-            for i in range(launches):
-                self.launch(stream, f"{name}.in{i}", ours=True)
+        first = "branch" if branch else stream
+        for i in range(zeros):
+            self.zeroing.append(self.launch(first, f"{name}.zero{i}", kernel=zero_kernels))
+        for i in range(launches):
+            self.launch(first, f"{name}.in{i}", ours=True)
+        if branch:
+            self.branch.update(f"{name}.in{i}" for i in range(launches))
         if not empty:
             self.launch(stream, name, pdl=pdl)
         for i in range(launches if outs is None else outs):  # none: nothing to read
@@ -89,19 +95,22 @@ class Capture:
 
 
 def run(harness: Path, capture: Capture, join_branch: bool = False, reverse: bool = False,
-        weak: tuple[tuple[str, str], ...] = (), order: list[str] | None = None
-        ) -> set[tuple[str, str, int]]:
+        weak: tuple[tuple[str, str], ...] = (), order: list[str] | None = None,
+        zeroing_last: bool = False) -> set[tuple[str, str, int]]:
     """The copy's edges, by name; ``join_branch``: joined around the branch's launches
     too (the tenth session's copy); ``weak``: edges the graph refuses to remove;
-    ``order``: our nodes as the gates list them, if not in capture order."""
+    ``order``: our nodes as the gates list them, if not in capture order.  The zeroing
+    nodes go first, as lean_graph.cpp puts them (``zeroing_last``: after the others)."""
     ids = {name: i for i, name in enumerate(capture.kernel)}
     names = {i: name for name, i in ids.items()}
     lines = [f"reverse {int(reverse)}"]
     lines += [f"node {ids[n]} {int(k)}" for n, k in capture.kernel.items()]
     lines += [f"edge {ids[f]} {ids[t]} {p}" for f, t, p in capture.edges]
     lines += [f"weak {ids[f]} {ids[t]}" for f, t in weak]
+    ours = capture.ours if order is None else order
     lines += [f"remove {ids[n]} {int(n in capture.branch and not join_branch)}"
-              for n in (capture.ours if order is None else order)]
+              for n in ([*ours, *capture.zeroing] if zeroing_last
+                        else [*capture.zeroing, *ours])]
     done = subprocess.run([str(harness)], input="\n".join(lines), capture_output=True,
                           text=True, check=False)
     if done.returncode == 3:
@@ -244,3 +253,46 @@ def test_a_long_step_keeps_its_chain(harness: Path) -> None:
     level5 = decode_step(True, layers=64)
     app = set(decode_step(False, layers=64).edges)
     assert len(app) == 127 and run(harness, level5) == app
+
+
+def zeroed_step(at: tuple[str, ...], rms_pdl: bool, dec_pdl: bool, branch: bool,
+                zero_kernels: bool) -> Capture:
+    """``decode_step``'s level 5, with two zeroing nodes (the counters', a chunk's) before
+    the inputs' launch of each call named in ``at``: at the start of the step, and where
+    a new chunk starts later (on our branch, for a decode's)."""
+    c = Capture()
+    for k in range(3):
+        for name, pdl, fork in ((f"R{k}", rms_pdl, False), (f"D{k}", dec_pdl, branch)):
+            c.call(name, pdl, branch=fork, zeros=2 if name in at else 0,
+                   zero_kernels=zero_kernels)
+    return c
+
+
+@pytest.mark.parametrize("at", [("R0",), ("R0", "R1"), ("R0", "D1")])
+@pytest.mark.parametrize("rms_pdl,dec_pdl", [(True, True), (False, True), (True, False)])
+@pytest.mark.parametrize("branch", [True, False])
+@pytest.mark.parametrize("zero_kernels", [False, True])
+def test_the_nodes_zeroing_our_rows_go_too(harness: Path, at: tuple[str, ...],
+                                           rms_pdl: bool, dec_pdl: bool, branch: bool,
+                                           zero_kernels: bool) -> None:
+    """The copy leaves out the nodes that zero the statistics rows (only our launches
+    read them), and is still exactly the application's graph: taken out before our
+    launches, each zeroing node hands its place to the launch after it, whose own edge
+    into the next call (programmatic where that call was launched with PDL) is the one
+    the join keeps."""
+    app = set(decode_step(False, rms_pdl=rms_pdl, dec_pdl=dec_pdl).edges)
+    level5 = zeroed_step(at, rms_pdl, dec_pdl, branch, zero_kernels)
+    assert len(level5.zeroing) == 2 * len(at)
+    assert run(harness, level5) == app
+
+
+def test_zeroing_nodes_taken_out_after_our_launches_lose_the_pdl_chain(harness: Path
+                                                                        ) -> None:
+    """Why lean_graph.cpp takes the zeroing nodes out first: after our launches, a
+    memset's full edge into the call after it is the last one joined, and R1 -> D1 would
+    wait for R1's completion where the application's D1 starts early (PDL)."""
+    app = set(decode_step(False).edges)
+    level5 = zeroed_step(("R0", "D1"), True, True, False, False)
+    assert run(harness, level5) == app
+    late = run(harness, level5, zeroing_last=True)
+    assert ("R1", "D1", 1) in app and ("R1", "D1", 0) in late

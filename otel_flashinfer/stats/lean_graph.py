@@ -40,7 +40,8 @@ class LeanGraph:
     """The executable copy of one captured graph without its statistics nodes."""
 
     def __init__(self, module: Any, exec_: int, device: int, removed: int,
-                 watch: RngWatch, shape: tuple[int, ...] = ()) -> None:
+                 watch: RngWatch, shape: tuple[int, ...] = (),
+                 zeroing: tuple[int, ...] = ()) -> None:
         self._module = module
         #: The extension's lean_launch capsule, for the C replay gate (``GraphSkip``).
         self.launcher = getattr(module, "lean_launch", None)
@@ -50,6 +51,8 @@ class LeanGraph:
         #: programmatic edges) (``build``).
         self.removed = removed
         self.shape = shape
+        #: The nodes zeroing the statistics rows, left out too (``GraphRows.lean_parts``).
+        self.zeroing = zeroing
         self.state = PENDING
         self.watch = watch
         self._drew = 0  # replays through torch seen drawing random numbers
@@ -57,16 +60,17 @@ class LeanGraph:
 
     @classmethod
     def build(cls, module: Any, graph: Any, gates: Sequence[int], device: int,
-              watch: RngWatch) -> LeanGraph | None:
+              watch: RngWatch, zeroing: Sequence[int] = ()) -> LeanGraph | None:
         """The copy of ``graph`` (a ``torch.cuda.CUDAGraph`` that torch kept) without
-        the nodes noted for ``gates``, or None where the extension cannot make one.
-        Raises where making it failed (the nodes are switched instead)."""
+        the nodes noted for ``gates`` and the ``zeroing`` nodes, or None where the
+        extension cannot make one.  Raises where making it failed (the nodes are
+        switched instead)."""
         if not gates or not getattr(module, "LEAN_GRAPHS", False):
             return None
         raw = int(graph.raw_cuda_graph())
         exec_, removed, *shape = module.lean_graph_make(raw, list(gates),
-                                                        JOIN_BRANCH)
-        return cls(module, exec_, device, removed, watch, tuple(shape))
+                                                        JOIN_BRANCH, list(zeroing))
+        return cls(module, exec_, device, removed, watch, tuple(shape), tuple(zeroing))
 
     @property
     def ready(self) -> bool:
@@ -108,7 +112,7 @@ def build_for(groups: Iterable[Any], graph: Any, device: int, watch: RngWatch | 
     ``groups`` (``GraphRows.lean_parts``), or None where none has a word, one is on
     another device, or the graph's random numbers cannot be watched.  Raises where the
     copy could not be made."""
-    module, words = None, []
+    module, words, zeroing = None, [], []
     for group in groups:
         parts = getattr(group, "lean_parts", None)
         got = parts() if parts is not None else None
@@ -118,6 +122,7 @@ def build_for(groups: Iterable[Any], graph: Any, device: int, watch: RngWatch | 
             return None
         module = got[0]
         words.append(got[1])
+        zeroing.extend(got[3])
     if module is None or watch is None:
         return None
-    return LeanGraph.build(module, graph, words, device, watch)
+    return LeanGraph.build(module, graph, words, device, watch, zeroing)
