@@ -144,10 +144,11 @@ struct OwnedGraph {
 std::pair<OwnedGraph, size_t> lean_clone(int64_t graph, const std::vector<int64_t>& gates,
                                          bool join_branch, const std::vector<int64_t>& extra) {
   TORCH_CHECK(graph != 0, "otel_flashinfer stats: no captured graph to copy");
-  // `extra` (capture_tail_node's, in capture order) go first among the joined: each is
-  // followed by one of our launches, so that the last edge joined into an application's
-  // kernel is that launch's own, programmatic where the kernel was launched with PDL
-  // (lean_rules.h keeps the data of a removed node's edge out).
+  // `extra` (capture_tail_node's) are joined around, as our launches on the call's own
+  // stream are.  torch.zeros on CUDA is a fill kernel: taken out, it hands on its edge
+  // into the next node, programmatic where that is a kernel launched with PDL (as the
+  // application's own capture had it; tests/test_lean_rules.py).  A memset would hand on
+  // a full edge: an order kept, an early start lost, and still no slower than the node.
   std::vector<cudaGraphNode_t> nodes;
   std::vector<bool> join(extra.size(), true);  // per node: false for a launch on our branch
   for (int64_t node : extra) nodes.push_back(reinterpret_cast<cudaGraphNode_t>(node));
@@ -247,33 +248,57 @@ EdgeList lean_graph_edge_list(int64_t graph, const std::vector<int64_t>& gates,
   return edge_list(lean_clone(graph, gates, join_branch, extra).first.graph);
 }
 
-// The node the current stream's capture just made, where its dependencies are exactly
-// one kernel or memset node; else 0 (not capturing, or not one such node).  Called right
-// after a node of ours that only traced replays need (graph_rows.py zeroes statistics
-// rows so), so that the copy leaves it out too (lean_graph_make's `extra`).
-int64_t capture_tail_node() {
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+// The dependency set of `stream`'s capture (its nodes, in no order), or nothing where it
+// is not capturing.
+std::vector<cudaGraphNode_t> capture_set(int64_t stream) {
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
   const cudaGraphNode_t* deps = nullptr;
   size_t count = 0;
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
 #if CUDART_VERSION >= 13000
-  cudaError_t err = cudaStreamGetCaptureInfo(stream, &status, nullptr, nullptr, &deps, nullptr,
-                                             &count);
+  cudaError_t err = cudaStreamGetCaptureInfo(s, &status, nullptr, nullptr, &deps, nullptr, &count);
 #else
-  cudaError_t err = cudaStreamGetCaptureInfo_v2(stream, &status, nullptr, nullptr, &deps, &count);
+  cudaError_t err = cudaStreamGetCaptureInfo_v2(s, &status, nullptr, nullptr, &deps, &count);
 #endif
   if (err != cudaSuccess) {
     (void)cudaGetLastError();  // ours: torch's next launch check must not see it
-    return 0;
+    return {};
   }
-  if (status != cudaStreamCaptureStatusActive || count != 1) return 0;
+  if (status != cudaStreamCaptureStatusActive) return {};
+  return std::vector<cudaGraphNode_t>(deps, deps + count);
+}
+
+std::vector<int64_t> capture_deps(int64_t stream) {
+  std::vector<int64_t> out;
+  for (cudaGraphNode_t n : capture_set(stream)) out.push_back(reinterpret_cast<int64_t>(n));
+  return out;
+}
+
+// The one node that `stream`'s capture made since its dependency set was `before`
+// (capture_deps'), where it is a kernel or memset node depending on exactly `before`;
+// else 0 (not capturing, no node, or more than one).  graph_rows.py asks it around the
+// torch.zeros that zero the statistics rows, which only traced replays need, so that
+// the copy leaves that node out too (lean_graph_make's `extra`).
+int64_t capture_tail_node(int64_t stream, const std::vector<int64_t>& before) {
+  const auto now = capture_set(stream);
+  if (now.size() != 1) return 0;
   cudaGraphNodeType type;
-  if (cudaGraphNodeGetType(deps[0], &type) != cudaSuccess) {
+  if (cudaGraphNodeGetType(now[0], &type) != cudaSuccess) {
     (void)cudaGetLastError();
     return 0;
   }
   if (type != cudaGraphNodeTypeKernel && type != cudaGraphNodeTypeMemset) return 0;
-  return reinterpret_cast<int64_t>(deps[0]);
+  std::vector<int64_t> deps;
+  try {
+    for (const auto& d : CudaGraph::edges_of(now[0], true))
+      deps.push_back(reinterpret_cast<int64_t>(d.first));
+  } catch (const c10::Error&) {
+    return 0;
+  }
+  std::vector<int64_t> want(before);
+  std::sort(deps.begin(), deps.end());
+  std::sort(want.begin(), want.end());
+  return deps == want ? reinterpret_cast<int64_t>(now[0]) : 0;
 }
 #else
 constexpr bool kLeanSupported = false;
@@ -298,7 +323,9 @@ EdgeList lean_graph_edge_list(int64_t, const std::vector<int64_t>&, bool,
   TORCH_CHECK(false, "otel_flashinfer stats: a graph without statistics needs CUDA 12.3");
 }
 
-int64_t capture_tail_node() { return 0; }
+std::vector<int64_t> capture_deps(int64_t) { return {}; }
+
+int64_t capture_tail_node(int64_t, const std::vector<int64_t>&) { return 0; }
 #endif
 
 void lean_graph_destroy(int64_t exec) {
@@ -357,8 +384,12 @@ void register_lean_graph(pybind11::module_& m) {
         "an executable copy of a captured graph without its gated statistics nodes",
         py::arg("graph"), py::arg("gates"), py::arg("join_branch") = false,
         py::arg("extra") = std::vector<int64_t>{});
+  m.def("capture_deps", &capture_deps, "a capturing stream's dependency set",
+        py::arg("stream"));
   m.def("capture_tail_node", &capture_tail_node,
-        "the node the current stream's capture just made (one kernel or memset), or 0");
+        "the one kernel or memset node a stream's capture made since its set was `before`, "
+        "or 0",
+        py::arg("stream"), py::arg("before"));
   m.def("graph_edge_counts", &graph_edge_counts,
         "(nodes, edges, programmatic edges) of a cudaGraph_t", py::arg("graph"));
   m.def("graph_edge_list", &graph_edge_list,

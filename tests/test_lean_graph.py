@@ -445,3 +445,51 @@ def test_one_replay_seen_drawing_does_not_refuse_the_copy_alone(
     assert lean.ready
     graph.replay()
     assert module.py_launches == [(0xA1, 0)]
+
+
+class _Tails:
+    """The extension's capture_deps / capture_tail_node, as a capture would answer."""
+
+    def __init__(self, before: list[int], tail: int, fail: bool = False) -> None:
+        self.before, self.tail, self.fail = before, tail, fail
+        self.asked: list[tuple[int, list[int]]] = []
+
+    def capture_deps(self, stream: int) -> list[int]:
+        return list(self.before)
+
+    def capture_tail_node(self, stream: int, before: list[int]) -> int:
+        if self.fail:
+            raise RuntimeError("cudaErrorStreamCaptureInvalidated")
+        self.asked.append((stream, before))
+        return self.tail
+
+
+def test_a_gated_capture_notes_the_nodes_zeroing_its_rows(monkeypatch) -> None:
+    """``GraphRows`` asks the capture for the node each zeroing of its rows became (the
+    stream's dependencies before it, then the one node after), and hands those nodes to
+    the copy; a zeroing that made no single node, an ungated graph, an extension not
+    built yet, or one that fails keeps its node in the copy, the failure counted."""
+    from otel_flashinfer.stats import graph_rows
+
+    health.reset()
+    module = _Tails([0x10, 0x11], 0x20)
+    monkeypatch.setattr(graph_rows._kernel, "get", lambda *a, **k: module)
+    rows = graph_rows.GraphRows(torch.device("cuda", 0), gated=True)
+    rows._note_zeroing(7, rows._capture_deps(7))
+    assert module.asked == [(7, [0x10, 0x11])] and rows._zeroing == [0x20]
+    module.tail = 0  # more than one node, or none: left in the copy
+    rows._note_zeroing(7, rows._capture_deps(7))
+    assert rows._zeroing == [0x20]
+    rows._gate, rows._gate_module = torch.empty(1, dtype=torch.int32), module
+    assert rows.lean_parts() == (module, rows._gate.data_ptr(), 0, (0x20,))
+
+    ungated = graph_rows.GraphRows(torch.device("cuda", 0), gated=False)
+    module.tail = 0x30
+    ungated._note_zeroing(7, ungated._capture_deps(7))
+    assert ungated._zeroing == [] and len(module.asked) == 2
+    monkeypatch.setattr(graph_rows._kernel, "get", lambda *a, **k: None)  # still building
+    rows._note_zeroing(7, rows._capture_deps(7))
+    monkeypatch.setattr(graph_rows._kernel, "get", lambda *a, **k: _Tails([], 0x40, True))
+    rows._note_zeroing(7, rows._capture_deps(7))
+    assert rows._zeroing == [0x20]
+    assert health.counters()["stats_errors"] == 1

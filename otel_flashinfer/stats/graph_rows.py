@@ -165,9 +165,10 @@ class GraphRows:
             # A chunk is zeroed by one memset node on the stream that first uses it, so
             # each chunk serves one stream: stream order puts the memset before every
             # launch into it, and each replay's copy before the next replay's memset.
+            before = self._capture_deps(stream)
             chunk = torch.zeros((CHUNK_ROWS, ROW_WORDS), dtype=torch.int64,
                                 device=self.device)
-            self._note_zeroing()
+            self._note_zeroing(stream, before)
             self._chunks.append(chunk)
             self._used.append(0)
             k = self._current[stream] = len(self._chunks) - 1
@@ -184,29 +185,48 @@ class GraphRows:
         stream = self._stream()
         counters = self._counters.get(stream)
         if counters is None:  # zeroed on this stream, like the chunks
+            before = self._capture_deps(stream)
             counters = self._counters[stream] = [
                 torch.zeros(COUNTERS, dtype=torch.int32, device=self.device), 0]
-            self._note_zeroing()
+            self._note_zeroing(stream, before)
         words, used = counters
         if used >= COUNTERS:
             return 0
         counters[1] = used + 1
         return words.data_ptr() + 4 * used
 
-    def _note_zeroing(self) -> None:
-        """Right after a zeroing of ours in a gated capture: the node it became, which
-        the copy without statistics nodes leaves out too.  Only the statistics launches
-        read what it zeroes, and only traced replays (torch's graph) run those: in the
-        copy it cost two serial nodes ahead of the first call (+0.1% to +0.8% of the
-        32-layer decode step, H100).  A node that cannot be told stays in the copy."""
+    def _zeroing_module(self) -> Any:
+        """The extension, where zeroing nodes are to be noted: in a gated capture only
+        (``_note_zeroing``)."""
         if not self.gated or self.device.type != "cuda":
-            return
+            return None
         module = _kernel.get()
-        tail = getattr(module, "capture_tail_node", None)
-        if tail is None:
+        return module if hasattr(module, "capture_tail_node") else None
+
+    def _capture_deps(self, stream: int) -> list[int] | None:
+        """Before a zeroing of ours: ``stream``'s capture dependencies, or None."""
+        module = self._zeroing_module()
+        if module is None:
+            return None
+        try:
+            return module.capture_deps(stream)
+        except Exception as exc:  # noqa: BLE001 - the copy keeps the node
+            health.report("stats_errors", "could not note a graph's zeroing node", exc)
+            return None
+
+    def _note_zeroing(self, stream: int, before: list[int] | None) -> None:
+        """After a zeroing of ours in a gated capture, ``before`` being ``stream``'s
+        dependencies ahead of it: the one node it made, which the copy without
+        statistics nodes leaves out too.  Only the statistics launches read what it
+        zeroes, and only traced replays (torch's graph) run those: in the copy it cost
+        a node ahead of the first call (two with the counters': +0.1% to +0.8% of the
+        32-layer decode step, H100).  A zeroing that made no node or several (a
+        deterministic torch fills new memory first) stays in the copy."""
+        module = self._zeroing_module() if before is not None else None
+        if module is None:
             return
         try:
-            node = tail()
+            node = module.capture_tail_node(stream, before)
         except Exception as exc:  # noqa: BLE001 - the copy keeps the node
             health.report("stats_errors", "could not note a graph's zeroing node", exc)
             return
