@@ -6,6 +6,8 @@ side-by-side baselines in the benchmarks:
   (``stats/node_switch.py``), the ninth session's way.
 - ``FI_PROBE_LEAN=v1``: the copy made as in the tenth session, joining around our
   launches on the branch stream too (``JOIN_BRANCH``, csrc/lean_rules.h).
+- ``FI_PROBE_LEAN=v2``: the copy made as in the eleventh session, keeping the nodes
+  that zero the statistics rows (``GraphRows._note_zeroing`` notes none).
 
 Put this folder first on PYTHONPATH (the benchmarks' children keep PYTHONPATH and every
 variable not starting with ``OTEL_``)::
@@ -29,5 +31,12 @@ elif _how == "v1":
     from otel_flashinfer.stats import lean_graph as _lean_graph
 
     _lean_graph.JOIN_BRANCH = True
+elif _how == "v2":
+    from otel_flashinfer.stats import graph_rows as _graph_rows
+
+    def _no_note(*args: object, **kwargs: object) -> None:
+        return None
+
+    _graph_rows.GraphRows._note_zeroing = _no_note
 elif _how not in ("", "lean"):
-    raise SystemExit(f"FI_PROBE_LEAN={_how!r}: expected switch or v1")
+    raise SystemExit(f"FI_PROBE_LEAN={_how!r}: expected switch, v1 or v2")
