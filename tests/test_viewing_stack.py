@@ -295,6 +295,10 @@ def test_collector_gpu_time_histogram_per_api(collector):
     assert buckets == sorted(buckets) and buckets[0] <= 1_000 and buckets[-1] >= 1e9
     replay = metrics["flashinfer.cuda_graph.replay.gpu.time"]
     assert 'name == "cuda_graph.replay"' in replay["conditions"][0]
+    # replays REPLAY_EVERY left untraced, as each traced replay's span counts them
+    skipped = metrics["flashinfer.cuda_graph.replays_skipped"]
+    assert 'name == "cuda_graph.replay"' in skipped["conditions"][0]
+    assert skipped["sum"]["value"] == 'Int(attributes["flashinfer.cuda_graph.replays_skipped"])'
     # delta output of signaltometrics is made cumulative before Prometheus sees it
     pipes = collector["service"]["pipelines"]
     stm = [p for p in pipes.values() if "signaltometrics" in (p.get("receivers") or [])]
@@ -494,6 +498,9 @@ def test_dashboard_covers_the_issue(dashboards):
         assert f"histogram_quantile({q}, sum by (le, flashinfer_api) (rate(traces_span" in joined
     assert "{ span.flashinfer.nonfinite = true" in joined  # TraceQL
     assert 'span_name="cuda_graph.replay"' in joined  # replays
+    # ... and replays run, traced or not: the traced ones' rate plus what they skipped
+    assert re.search(r'span_name="cuda_graph\.replay"\}\[\$__rate_interval\]\)\) \+ '
+                     r'\(sum\(rate\(\{__name__=~"flashinfer_cuda_graph_replays_skipped', joined)
     assert '{ name = "cuda_graph.replay" }' in joined
     assert "span.flashinfer.blob.manifest != nil" in joined  # blobs
     assert "span.flashinfer.blob.skipped != nil" in joined
