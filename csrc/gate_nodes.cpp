@@ -44,27 +44,35 @@ GateNodes* find(int64_t gate) {
 
 }  // namespace
 
-void note_gated_node(cudaStream_t stream, const int32_t* gate, bool branch) {
-  if (gate == nullptr) return;
+int capture_set(cudaStream_t stream, std::vector<cudaGraphNode_t>* deps) {
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  const cudaGraphNode_t* deps = nullptr;
+  const cudaGraphNode_t* nodes = nullptr;
   size_t count = 0;
 #if CUDART_VERSION >= 13000
-  cudaError_t err = cudaStreamGetCaptureInfo(stream, &status, nullptr, nullptr, &deps, nullptr,
+  cudaError_t err = cudaStreamGetCaptureInfo(stream, &status, nullptr, nullptr, &nodes, nullptr,
                                              &count);
 #else
-  cudaError_t err = cudaStreamGetCaptureInfo_v2(stream, &status, nullptr, nullptr, &deps, &count);
+  cudaError_t err = cudaStreamGetCaptureInfo_v2(stream, &status, nullptr, nullptr, &nodes, &count);
 #endif
-  if (err == cudaSuccess && status != cudaStreamCaptureStatusActive) return;  // eager
-  std::lock_guard<std::mutex> hold(nodes_lock);
-  GateNodes& entry = gate_nodes_by_word[gate];
+  deps->clear();
   if (err != cudaSuccess) {
     (void)cudaGetLastError();  // ours: torch's next launch check must not see it
-    entry.broken = true;
-    return;
+    return -1;
   }
+  if (status != cudaStreamCaptureStatusActive) return 0;
+  deps->assign(nodes, nodes + count);
+  return 1;
+}
+
+void note_gated_node(cudaStream_t stream, const int32_t* gate, bool branch) {
+  if (gate == nullptr) return;
+  std::vector<cudaGraphNode_t> deps;
+  const int capturing = capture_set(stream, &deps);
+  if (capturing == 0) return;  // eager
+  std::lock_guard<std::mutex> hold(nodes_lock);
+  GateNodes& entry = gate_nodes_by_word[gate];
   cudaGraphNodeType type;
-  if (count != 1 || cudaGraphNodeGetType(deps[0], &type) != cudaSuccess ||
+  if (capturing < 0 || deps.size() != 1 || cudaGraphNodeGetType(deps[0], &type) != cudaSuccess ||
       type != cudaGraphNodeTypeKernel) {
     (void)cudaGetLastError();
     entry.broken = true;

@@ -248,29 +248,12 @@ EdgeList lean_graph_edge_list(int64_t graph, const std::vector<int64_t>& gates,
   return edge_list(lean_clone(graph, gates, join_branch, extra).first.graph);
 }
 
-// The dependency set of `stream`'s capture (its nodes, in no order), or nothing where it
-// is not capturing.
-std::vector<cudaGraphNode_t> capture_set(int64_t stream) {
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  const cudaGraphNode_t* deps = nullptr;
-  size_t count = 0;
-  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-#if CUDART_VERSION >= 13000
-  cudaError_t err = cudaStreamGetCaptureInfo(s, &status, nullptr, nullptr, &deps, nullptr, &count);
-#else
-  cudaError_t err = cudaStreamGetCaptureInfo_v2(s, &status, nullptr, nullptr, &deps, &count);
-#endif
-  if (err != cudaSuccess) {
-    (void)cudaGetLastError();  // ours: torch's next launch check must not see it
-    return {};
-  }
-  if (status != cudaStreamCaptureStatusActive) return {};
-  return std::vector<cudaGraphNode_t>(deps, deps + count);
-}
-
+// `stream`'s capture dependencies (capture_set), or none where it is not capturing.
 std::vector<int64_t> capture_deps(int64_t stream) {
+  std::vector<cudaGraphNode_t> deps;
+  capture_set(reinterpret_cast<cudaStream_t>(stream), &deps);
   std::vector<int64_t> out;
-  for (cudaGraphNode_t n : capture_set(stream)) out.push_back(reinterpret_cast<int64_t>(n));
+  for (cudaGraphNode_t n : deps) out.push_back(reinterpret_cast<int64_t>(n));
   return out;
 }
 
@@ -280,8 +263,9 @@ std::vector<int64_t> capture_deps(int64_t stream) {
 // torch.zeros that zero the statistics rows, which only traced replays need, so that
 // the copy leaves that node out too (lean_graph_make's `extra`).
 int64_t capture_tail_node(int64_t stream, const std::vector<int64_t>& before) {
-  const auto now = capture_set(stream);
-  if (now.size() != 1) return 0;
+  std::vector<cudaGraphNode_t> now;
+  if (capture_set(reinterpret_cast<cudaStream_t>(stream), &now) != 1 || now.size() != 1)
+    return 0;
   cudaGraphNodeType type;
   if (cudaGraphNodeGetType(now[0], &type) != cudaSuccess) {
     (void)cudaGetLastError();

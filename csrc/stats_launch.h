@@ -74,6 +74,10 @@ void register_blob_staging(pybind11::module_& m);
 // Adds make_span_hooks to the extension module (stats_hooks.cpp).
 void register_span_hooks(pybind11::module_& m);
 
+// `stream`'s capture dependency set into `deps`: 1 while it captures, 0 where it does
+// not, -1 where CUDA would not say (the error cleared) (gate_nodes.cpp).
+int capture_set(cudaStream_t stream, std::vector<cudaGraphNode_t>* deps);
+
 // A gated launch just made on `stream`: under capture, its graph node is noted by its
 // gate word, so that untraced replays can switch it off (gate_nodes.cpp), with whether
 // it ran on our branch stream beside its call (a copy without it joins nothing around

@@ -468,28 +468,35 @@ def test_a_gated_capture_notes_the_nodes_zeroing_its_rows(monkeypatch) -> None:
     """``GraphRows`` asks the capture for the node each zeroing of its rows became (the
     stream's dependencies before it, then the one node after), and hands those nodes to
     the copy; a zeroing that made no single node, an ungated graph, an extension not
-    built yet, or one that fails keeps its node in the copy, the failure counted."""
+    built yet, or one that fails keeps its node in the copy, the failure counted.  The
+    zeroing itself runs once, whatever happens."""
     from otel_flashinfer.stats import graph_rows
 
     health.reset()
     module = _Tails([0x10, 0x11], 0x20)
     monkeypatch.setattr(graph_rows._kernel, "get", lambda *a, **k: module)
+    made: list[torch.Tensor] = []
+
+    def zeros() -> torch.Tensor:
+        made.append(torch.zeros(2))
+        return made[-1]
+
     rows = graph_rows.GraphRows(torch.device("cuda", 0), gated=True)
-    rows._note_zeroing(7, rows._capture_deps(7))
+    assert rows._zeroed(7, zeros) is made[-1]
     assert module.asked == [(7, [0x10, 0x11])] and rows._zeroing == [0x20]
     module.tail = 0  # more than one node, or none: left in the copy
-    rows._note_zeroing(7, rows._capture_deps(7))
+    rows._zeroed(7, zeros)
     assert rows._zeroing == [0x20]
     rows._gate, rows._gate_module = torch.empty(1, dtype=torch.int32), module
     assert rows.lean_parts() == (module, rows._gate.data_ptr(), 0, (0x20,))
 
     ungated = graph_rows.GraphRows(torch.device("cuda", 0), gated=False)
     module.tail = 0x30
-    ungated._note_zeroing(7, ungated._capture_deps(7))
+    ungated._zeroed(7, zeros)
     assert ungated._zeroing == [] and len(module.asked) == 2
     monkeypatch.setattr(graph_rows._kernel, "get", lambda *a, **k: None)  # still building
-    rows._note_zeroing(7, rows._capture_deps(7))
+    rows._zeroed(7, zeros)
     monkeypatch.setattr(graph_rows._kernel, "get", lambda *a, **k: _Tails([], 0x40, True))
-    rows._note_zeroing(7, rows._capture_deps(7))
-    assert rows._zeroing == [0x20]
+    assert rows._zeroed(7, zeros) is made[-1]
+    assert rows._zeroing == [0x20] and len(made) == 5
     assert health.counters()["stats_errors"] == 1

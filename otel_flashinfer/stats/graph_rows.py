@@ -135,7 +135,7 @@ class GraphRows:
         self._current: dict[int, int] = {}  # stream -> the chunk it fills now
         #: stream -> [zeroed int32 words, how many are taken] (``take_counter``)
         self._counters: dict[int, list[Any]] = {}
-        #: The captured nodes that zero the chunks and counters (``_note_zeroing``).
+        #: The captured nodes that zero the chunks and counters (``_zeroed``).
         self._zeroing: list[int] = []
         #: Row 0 of the first chunk is the anchor: its spare word gets the GPU clock as
         #: the graph's first timed launch starts (``take_anchor``), once per replay.
@@ -162,13 +162,11 @@ class GraphRows:
         stream = self._stream()
         k = self._current.get(stream, -1)
         if k < 0 or self._used[k] + nrows > CHUNK_ROWS:
-            # A chunk is zeroed by one memset node on the stream that first uses it, so
-            # each chunk serves one stream: stream order puts the memset before every
-            # launch into it, and each replay's copy before the next replay's memset.
-            before = self._capture_deps(stream)
-            chunk = torch.zeros((CHUNK_ROWS, ROW_WORDS), dtype=torch.int64,
-                                device=self.device)
-            self._note_zeroing(stream, before)
+            # A chunk is zeroed by one node (a fill) on the stream that first uses it, so
+            # each chunk serves one stream: stream order puts the fill before every
+            # launch into it, and each replay's copy before the next replay's fill.
+            chunk = self._zeroed(stream, lambda: torch.zeros(
+                (CHUNK_ROWS, ROW_WORDS), dtype=torch.int64, device=self.device))
             self._chunks.append(chunk)
             self._used.append(0)
             k = self._current[stream] = len(self._chunks) - 1
@@ -185,53 +183,40 @@ class GraphRows:
         stream = self._stream()
         counters = self._counters.get(stream)
         if counters is None:  # zeroed on this stream, like the chunks
-            before = self._capture_deps(stream)
-            counters = self._counters[stream] = [
-                torch.zeros(COUNTERS, dtype=torch.int32, device=self.device), 0]
-            self._note_zeroing(stream, before)
+            counters = self._counters[stream] = [self._zeroed(stream, lambda: torch.zeros(
+                COUNTERS, dtype=torch.int32, device=self.device)), 0]
         words, used = counters
         if used >= COUNTERS:
             return 0
         counters[1] = used + 1
         return words.data_ptr() + 4 * used
 
-    def _zeroing_module(self) -> Any:
-        """The extension, where zeroing nodes are to be noted: in a gated capture only
-        (``_note_zeroing``)."""
-        if not self.gated or self.device.type != "cuda":
-            return None
-        module = _kernel.get()
-        return module if hasattr(module, "capture_tail_node") else None
-
-    def _capture_deps(self, stream: int) -> list[int] | None:
-        """Before a zeroing of ours: ``stream``'s capture dependencies, or None."""
-        module = self._zeroing_module()
-        if module is None:
-            return None
+    def _zeroed(self, stream: int, zeros: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``zeros()`` on ``stream``; in a gated capture, the one node it made is noted
+        (``capture_tail_node``, from the stream's dependencies before it), and the copy
+        without statistics nodes leaves it out too.  Only the statistics launches read
+        what it zeroes, and only traced replays (torch's graph) run those: in the copy
+        it cost a node ahead of the first call (two with the counters': +0.1% to +0.8%
+        of the 32-layer decode step, H100).  A zeroing that made no node or several (a
+        deterministic torch fills new memory first) stays in the copy, as does one the
+        extension could not tell (counted)."""
+        module = _kernel.get() if self.gated and self.device.type == "cuda" else None
+        if module is None or not hasattr(module, "capture_tail_node"):
+            return zeros()
         try:
-            return module.capture_deps(stream)
+            before = module.capture_deps(stream)
         except Exception as exc:  # noqa: BLE001 - the copy keeps the node
             health.report("stats_errors", "could not note a graph's zeroing node", exc)
-            return None
-
-    def _note_zeroing(self, stream: int, before: list[int] | None) -> None:
-        """After a zeroing of ours in a gated capture, ``before`` being ``stream``'s
-        dependencies ahead of it: the one node it made, which the copy without
-        statistics nodes leaves out too.  Only the statistics launches read what it
-        zeroes, and only traced replays (torch's graph) run those: in the copy it cost
-        a node ahead of the first call (two with the counters': +0.1% to +0.8% of the
-        32-layer decode step, H100).  A zeroing that made no node or several (a
-        deterministic torch fills new memory first) stays in the copy."""
-        module = self._zeroing_module() if before is not None else None
-        if module is None:
-            return
+            return zeros()
+        tensor = zeros()
         try:
             node = module.capture_tail_node(stream, before)
         except Exception as exc:  # noqa: BLE001 - the copy keeps the node
             health.report("stats_errors", "could not note a graph's zeroing node", exc)
-            return
+            return tensor
         if node:
             self._zeroing.append(node)
+        return tensor
 
     def gate_address(self) -> int:
         """The device address of this graph's gate word for a captured launch (0: not

@@ -7,7 +7,7 @@ side-by-side baselines in the benchmarks:
 - ``FI_PROBE_LEAN=v1``: the copy made as in the tenth session, joining around our
   launches on the branch stream too (``JOIN_BRANCH``, csrc/lean_rules.h).
 - ``FI_PROBE_LEAN=v2``: the copy made as in the eleventh session, keeping the nodes
-  that zero the statistics rows (``GraphRows._note_zeroing`` notes none).
+  that zero the statistics rows (``GraphRows._zeroed`` notes none).
 
 Put this folder first on PYTHONPATH (the benchmarks' children keep PYTHONPATH and every
 variable not starting with ``OTEL_``)::
@@ -34,9 +34,9 @@ elif _how == "v1":
 elif _how == "v2":
     from otel_flashinfer.stats import graph_rows as _graph_rows
 
-    def _no_note(*args: object, **kwargs: object) -> None:
-        return None
+    def _unnoted(self: object, stream: int, zeros: object) -> object:
+        return zeros()  # type: ignore[operator]
 
-    _graph_rows.GraphRows._note_zeroing = _no_note
+    _graph_rows.GraphRows._zeroed = _unnoted
 elif _how not in ("", "lean"):
     raise SystemExit(f"FI_PROBE_LEAN={_how!r}: expected switch, v1 or v2")
