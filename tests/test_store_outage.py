@@ -24,7 +24,7 @@ from servers import child_env
 KILL_AT_S = 2.0
 
 DRIVER = r'''
-import json, sys, time
+import json, os, sys, threading, time
 import torch
 import otel_flashinfer
 from otel_flashinfer import health, runtime
@@ -42,16 +42,23 @@ assert otel_flashinfer.flush(60)
 blobs = runtime.current().blobs
 kept_before = blobs.counters.get("manifests", 0)
 print("warm", flush=True)
+try:  # the time (s) this thread sat runnable while other processes held the CPUs
+    _sched = os.open(f"/proc/self/task/{threading.get_native_id()}/schedstat", os.O_RDONLY)
+    def run_delay():
+        return int(os.pread(_sched, 64, 0).split()[1]) * 1e-9
+except OSError:
+    def run_delay():
+        return 0.0
 times, worst, calls = [], 0.0, 0
 start = time.monotonic()
 end = start + float(sys.argv[1])
 while time.monotonic() < end:
     q = q + 1  # new bytes each call: a new object to store
-    t0 = time.perf_counter()
+    d0, t0 = run_delay(), time.perf_counter()
     step_kernel(q, kv)
     dt = time.perf_counter() - t0
     calls += 1
-    times.append((time.monotonic() - start, dt))
+    times.append((time.monotonic() - start, dt, run_delay() - d0))
     worst = max(worst, dt)
     time.sleep(0.002)  # an engine between steps
 t0 = time.perf_counter()
@@ -112,7 +119,10 @@ def test_s3_store_killed_mid_loop(tmp_path: Path) -> None:
     # beyond a call's own cost (its median then; a level-10 call copies and describes
     # its tensors, 2 to 5 ms on a loaded 2-core box), at most the OTLP outage test's
     # allowance for the GIL's switch interval.
-    after = [dt for t, dt in report["times"] if t > KILL_AT_S + 0.05]
+    # Less the time the call's thread sat runnable while other processes had the CPUs
+    # (its scheduler run delay): on a shared 2-core box that is the machine, not a wait
+    # on our background work, which is a sleep on a lock or the GIL and still counts.
+    after = [dt - delay for t, dt, delay in report["times"] if t > KILL_AT_S + 0.05]
     own = statistics.median(after)
     waits = [dt - own for dt in after if dt - own > 0.005]
     assert max(after) < 0.25, sorted(after)[-20:]
