@@ -279,11 +279,13 @@ class Blackhole:
 # ---- traced programs in a subprocess ---------------------------------------------------
 
 def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The test's environment without any OTEL_*/PHOENIX_* setting, the repo importable,
-    plus ``extra``: a traced program configured only through what it is given."""
+    """The test's environment without any OTEL_*/PHOENIX_* setting, the repo and the
+    tests' helpers (``run_delay``) importable, plus ``extra``: a traced program
+    configured only through what it is given."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "PHOENIX_"))}
     env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p
+        p for p in (str(REPO_ROOT), str(REPO_ROOT / "tests"), os.environ.get("PYTHONPATH", ""))
+        if p
     )
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra or {})

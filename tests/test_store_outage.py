@@ -24,8 +24,9 @@ from servers import child_env
 KILL_AT_S = 2.0
 
 DRIVER = r'''
-import json, os, sys, threading, time
+import json, sys, time
 import torch
+from run_delay import reader
 import otel_flashinfer
 from otel_flashinfer import health, runtime
 
@@ -42,13 +43,7 @@ assert otel_flashinfer.flush(60)
 blobs = runtime.current().blobs
 kept_before = blobs.counters.get("manifests", 0)
 print("warm", flush=True)
-try:  # the time (s) this thread sat runnable while other processes held the CPUs
-    _sched = os.open(f"/proc/self/task/{threading.get_native_id()}/schedstat", os.O_RDONLY)
-    def run_delay():
-        return int(os.pread(_sched, 64, 0).split()[1]) * 1e-9
-except OSError:
-    def run_delay():
-        return 0.0
+run_delay = reader()  # time the OS gave the CPUs to other processes
 times, worst, calls = [], 0.0, 0
 start = time.monotonic()
 end = start + float(sys.argv[1])
