@@ -1175,6 +1175,54 @@ def test_replays_are_charged_what_replay_spans_cost_not_eager_ones(tmp_path: Pat
         pipeline.shutdown(5)
 
 
+class _InFlight:
+    """A replay's GPU result still in flight for its first ``polls`` polls, each poll
+    1 ms of the worker's CPU (a CUDA query is microseconds; scaled up to be seen)."""
+
+    def __init__(self, polls: int) -> None:
+        self.polls = polls
+
+    def ready(self) -> bool:
+        end = time.thread_time() + 1e-3
+        while time.thread_time() < end:
+            pass
+        self.polls -= 1
+        return self.polls < 0
+
+    def apply(self, record: CallRecord) -> None:
+        record.attributes["resolved"] = True
+
+    def abandon(self, record: CallRecord, reason: str) -> None:
+        pass
+
+
+def test_replays_are_charged_the_drains_that_polled_their_gpu_work(tmp_path: Path) -> None:
+    """A replay's record waits in the worker while its GPU work runs, polled by drains
+    that hand on no span.  Their CPU is the replay spans' cost too (left out, ``auto``
+    charged on the device about 90% of what the background spent), spread over every
+    span of the replay."""
+    from test_replay_template import _capture, _replay
+
+    provider, tracer = _file_provider(tmp_path / "t.jsonl")
+    pipeline = Pipeline(tracer, provider=provider, interval_s=0.005)
+    calls, polls = 30, 4
+    try:
+        for i in range(1, 7):  # the first drain is one-time work, the next three seed
+            record = _replay(_capture(calls), index=i, replay_id=0x700 + i)
+            record.add_pending(_InFlight(polls))
+            pipeline.submit(record)
+            assert pipeline.flush(10)
+        per_span = pipeline._replay_cost.value  # noqa: SLF001
+        # Each replay's polls took 5 ms of the worker's CPU, 4 of them in drains that
+        # handed nothing on: each of its 31 spans costs 5 ms / 31 and a little encoding.
+        # Not more: its 30 children go out a drain before it, and a price averaged over
+        # the two drains (30 spans at microseconds, then one at 5 ms) was 3x too high.
+        polled = (polls + 1) * 1e-3 / (calls + 1)
+        assert 0.95 * polled <= per_span <= 1.5 * polled, (per_span, polled)
+    finally:
+        pipeline.shutdown(5)
+
+
 def test_a_replay_span_has_no_price_until_the_sender_has_one(tmp_path: Path) -> None:
     """Spans handed on before a price is known are charged once, at the first price:
     a price from the worker alone would leave the sender's share of them unpaid.  A new
