@@ -1017,7 +1017,11 @@ class Pipeline:
         """Add a drain's CPU, spans and replays' spans to the window, and close the window
         as one sample of what a span costs once nothing waits on the GPU, or once it
         holds ``_WINDOW_SPANS`` spans (a stream that never drains dry still gets
-        prices)."""
+        prices).  A drain that handed nothing on with nothing waiting was a wake-up
+        with no work (a flush, a tick): not charged, so that no idle hour lands on the
+        next span's price."""
+        if spans <= 0 and not self._waiting:
+            return
         window = self._window
         window[0] += spent
         window[1] += spans

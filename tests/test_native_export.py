@@ -1223,6 +1223,42 @@ def test_replays_are_charged_the_drains_that_polled_their_gpu_work(tmp_path: Pat
         pipeline.shutdown(5)
 
 
+def test_idle_wake_ups_are_not_charged_to_the_next_span(tmp_path: Path) -> None:
+    """Drains that find nothing to hand on and nothing waiting (flushes of an idle
+    pipeline) cost no span anything: carried, an idle hour's ticks would land on the
+    next replay's price and stop ``auto`` tracing for as long."""
+    from test_replay_template import _capture, _replay
+
+    provider, tracer = _file_provider(tmp_path / "t.jsonl")
+    pipeline = Pipeline(tracer, provider=provider, interval_s=0.005)
+    try:
+        for i in range(1, 5):
+            pipeline.submit(_replay(_capture(30), index=i, replay_id=0x700 + i))
+            assert pipeline.flush(10)
+        before = pipeline._replay_cost.value  # noqa: SLF001
+        assert before > 0
+        real, idle = pipeline._drain_now, threading.Semaphore(0)  # noqa: SLF001
+
+        def idle_drain(cpu: float | None = None) -> None:
+            start = time.thread_time()
+            while time.thread_time() < start + 2e-3:  # 2 ms of an idle wake-up's CPU
+                pass
+            real(start)
+            idle.release()
+
+        pipeline._drain_now = idle_drain  # noqa: SLF001
+        for _ in range(20):  # 40 ms of the worker's CPU in drains with nothing to do
+            pipeline.wake()
+            assert idle.acquire(timeout=10)
+        pipeline._drain_now = real  # noqa: SLF001
+        pipeline.submit(_replay(_capture(30), index=9, replay_id=0x799))
+        assert pipeline.flush(10)
+        after = pipeline._replay_cost.value  # noqa: SLF001
+        assert after < 3 * before, (before, after)
+    finally:
+        pipeline.shutdown(5)
+
+
 def test_a_replay_span_has_no_price_until_the_sender_has_one(tmp_path: Path) -> None:
     """Spans handed on before a price is known are charged once, at the first price:
     a price from the worker alone would leave the sender's share of them unpaid.  A new
