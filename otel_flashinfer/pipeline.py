@@ -504,10 +504,6 @@ _DUE, _SUBMITTED, _BUSY = object(), object(), object()
 #: (0.25 s at the default 0.05 s; ``Pipeline._coalesce_wait``).
 _COALESCE_INTERVALS = 5
 
-#: A cost sample closes at this many spans even while records still wait on the GPU
-#: (``Pipeline._sample_cost``): a few traced replays' worth of the issue's step.
-_WINDOW_SPANS = 256
-
 
 class Pipeline:
     """A bounded queue of records and the one worker thread that exports them."""
@@ -568,15 +564,6 @@ class Pipeline:
         #: times and a copy).  Eager calls' spans and the drains around a capture cost
         #: 100x more each on the device; charged to replays, they starved ``auto``.
         self._replay_cost = CostEstimate()
-        #: The worker's CPU, spans and replays' spans since the last cost sample
-        #: (``_sample_cost``): a sample covers the drains from one point where nothing
-        #: waited on the GPU to the next, so the drains that only polled GPU work in
-        #: flight (a replay's GPU time, statistics) are charged to the spans they
-        #: polled for.  Left out, they were a tenth of what replays' spans cost the
-        #: worker on the device (thirteenth session); and a replay whose children go
-        #: out a drain before it must not make two samples (30 cheap spans, then one
-        #: that carries the polls) that average far from the cost per span.
-        self._window = [0.0, 0, 0]
         #: Spans of graph replays handed on where they are handed on: by the native
         #: encoder (its count at the last drain) and by Python (the replays it expanded).
         self._native_replays = 0
@@ -1008,31 +995,13 @@ class Pipeline:
             spans, replay = self._count_paths()
             spent = time.thread_time() - cpu
             self.worker_cpu_s += spent
-            self._sample_cost(spent, spans, replay)
+            if spans > 0:
+                self._worker_cost.add(spent / spans)
+                if 2 * replay >= spans:  # mostly replays' spans: what auto charges
+                    self._replay_cost.add(spent / spans)
             with self._idle:
                 self._busy -= 1
                 self._idle.notify_all()
-
-    def _sample_cost(self, spent: float, spans: int, replay: int) -> None:
-        """Add a drain's CPU, spans and replays' spans to the window, and close the window
-        as one sample of what a span costs once nothing waits on the GPU, or once it
-        holds ``_WINDOW_SPANS`` spans (a stream that never drains dry still gets
-        prices).  A drain that handed nothing on with nothing waiting was a wake-up
-        with no work (a flush, a tick): not charged, so that no idle hour lands on the
-        next span's price."""
-        if spans <= 0 and not self._waiting:
-            return
-        window = self._window
-        window[0] += spent
-        window[1] += spans
-        window[2] += replay
-        if window[1] <= 0 or (self._waiting and window[1] < _WINDOW_SPANS):
-            return
-        per_span = window[0] / window[1]
-        self._worker_cost.add(per_span)
-        if 2 * window[2] >= window[1]:  # mostly replays' spans: what auto charges
-            self._replay_cost.add(per_span)
-        window[:] = [0.0, 0, 0]
 
     @property
     def worker_cost_per_span_s(self) -> float:
