@@ -44,7 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import forking, health, threads
+from . import forking, health, http_environment, threads
 from .graph_sampling import CostEstimate
 
 #: Spans per request (OTEL_BSP_MAX_EXPORT_BATCH_SIZE's default).
@@ -219,11 +219,27 @@ class HttpSender:
         self.exporter = exporter
         limit = getattr(exporter, "_max_request_size", 0) or 0
         self.max_coalesce = min(COALESCE_BYTES, limit) if limit > 0 else COALESCE_BYTES
+        #: The session's environment, read once in a while (``http_environment``): held
+        #: from the first send, so that a sender made by a plan that is not used holds
+        #: nothing; given back by ``close``.
+        self._env: http_environment.CachedEnvironment | None = None
+        self._held = False
+
+    def close(self) -> None:
+        http_environment.release(self._env)
+        self._env = None
 
     def send(self, payload: bytes, count: int) -> bool:
         exporter = self.exporter
         if getattr(exporter, "_shutdown", False):
             return False
+        if not self._held:
+            self._held = True
+            try:
+                self._env = http_environment.hold(exporter)
+            except Exception as exc:  # noqa: BLE001 - requests then reads it each time
+                health.report("export_errors", "could not keep the HTTP session's "
+                              "environment settings", exc)
         limit = getattr(exporter, "_max_request_size", 0) or 0
         if limit > 0 and len(payload) > limit:
             health.report("export_too_large", f"an OTLP request of {len(payload)} bytes is "

@@ -1,0 +1,158 @@
+"""OTLP/HTTP sends read requests' environment once in a while, with the same result.
+
+``http_environment.CachedEnvironment`` stands in for a session's
+``merge_environment_settings``: these tests hold it to the session's own answer for
+proxies, ``NO_PROXY`` and CA bundles, count how often it reads the environment, and
+send through the SDK's real OTLP/HTTP exporter to a real receiving process.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from servers import child_env, free_port, stop_pid
+
+from otel_flashinfer import http_environment
+from otel_flashinfer.export import HttpSender
+
+HERE = Path(__file__).resolve().parent
+URLS = ("http://127.0.0.1:4318/v1/traces", "http://collector.example:4318/v1/traces",
+        "https://tempo.example/v1/traces")
+ENVS: tuple[dict[str, str], ...] = (
+    {},
+    {"HTTP_PROXY": "http://proxy.example:3128", "HTTPS_PROXY": "http://proxy.example:3129"},
+    {"HTTP_PROXY": "http://proxy.example:3128", "NO_PROXY": "127.0.0.1,collector.example"},
+    {"REQUESTS_CA_BUNDLE": "/etc/ssl/certs/bundle.pem"},
+    {"https_proxy": "http://lower.example:8080", "no_proxy": "tempo.example"},
+)
+PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY", "REQUESTS_CA_BUNDLE",
+              "CURL_CA_BUNDLE")
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in PROXY_VARS:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    return monkeypatch
+
+
+@pytest.mark.parametrize("env", ENVS, ids=["none", "proxies", "no_proxy", "ca_bundle", "lower"])
+def test_the_same_settings_as_the_sessions_own(clean_env: pytest.MonkeyPatch,
+                                               env: dict[str, str]) -> None:
+    for name, value in env.items():
+        clean_env.setenv(name, value)
+    session = requests.Session()
+    cached = http_environment.CachedEnvironment(session)
+    for url in URLS:
+        for verify in (None, False, "/tmp/ca.pem"):
+            want = session.merge_environment_settings(url, {}, None, verify, None)
+            assert cached(url, {}, None, verify, None) == want
+            assert cached(url, {}, None, verify, None) == want  # from the cache now
+
+
+def test_the_environment_is_read_once_per_refresh(clean_env: pytest.MonkeyPatch) -> None:
+    session = requests.Session()
+    cached = http_environment.CachedEnvironment(session)
+    reads: list[str] = []
+    own = cached.original
+
+    def counting(url: str, *args: Any) -> dict[str, Any]:
+        reads.append(url)
+        return own(url, *args)
+
+    cached.original = counting
+    clock = [1000.0]
+    clean_env.setattr(http_environment.time, "monotonic", lambda: clock[0])
+    for _ in range(50):
+        assert cached(URLS[1], {}, None, None, None)["proxies"] == {}
+    assert reads == [URLS[1]]
+    # A proxy set meanwhile takes effect once the reading is REFRESH_S old.
+    clean_env.setenv("HTTP_PROXY", "http://proxy.example:3128")
+    clock[0] += http_environment.REFRESH_S - 1
+    assert cached(URLS[1], {}, None, None, None)["proxies"] == {}
+    clock[0] += 1
+    assert cached(URLS[1], {}, None, None, None)["proxies"] == {
+        "http": "http://proxy.example:3128"}
+    assert len(reads) == 2
+    # The session's own settings are part of the answer: a change reads it again.
+    session.verify = "/tmp/other.pem"
+    assert cached(URLS[1], {}, None, None, None)["verify"] == "/tmp/other.pem"
+    assert len(reads) == 3
+
+
+def test_a_caller_changing_the_answer_does_not_change_the_cache(
+        clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("HTTP_PROXY", "http://proxy.example:3128")
+    cached = http_environment.CachedEnvironment(requests.Session())
+    first = cached(URLS[1], {}, None, None, None)
+    first["proxies"]["http"] = "http://changed.example"
+    first["verify"] = False
+    again = cached(URLS[1], {}, None, None, None)
+    assert again["proxies"] == {"http": "http://proxy.example:3128"}
+    assert again["verify"] is True
+
+
+@pytest.fixture
+def receiver() -> Any:
+    http_port, grpc_port = free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "otlp_receiver.py"), "--http-port", str(http_port),
+         "--grpc-port", str(grpc_port)], stdout=subprocess.PIPE, text=True, env=child_env(),
+        start_new_session=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        yield http_port
+    finally:
+        stop_pid(proc.pid)
+
+
+def _request(spans: int) -> bytes:
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    request = ExportTraceServiceRequest()
+    scope = request.resource_spans.add().scope_spans.add()
+    for i in range(spans):
+        span = scope.spans.add()
+        span.trace_id, span.span_id, span.name = bytes(15) + b"\x01", i.to_bytes(8, "big"), "f"
+    return request.SerializeToString()
+
+
+def test_senders_share_the_sessions_reading_and_give_it_back(receiver: int) -> None:
+    """Through the SDK's own exporter to a real receiver: the first send puts the
+    reading on the session, a second sender shares it, and the last close gives the
+    session its own method back."""
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    exporter = OTLPSpanExporter(endpoint=f"http://127.0.0.1:{receiver}/v1/traces")
+    session = http_environment._session_of(exporter)  # noqa: SLF001
+    assert isinstance(session, requests.Session)
+    first, second = HttpSender(exporter), HttpSender(exporter)
+    assert "merge_environment_settings" not in session.__dict__  # nothing before a send
+    assert first.send(_request(3), 3)
+    cached = session.__dict__["merge_environment_settings"]
+    assert isinstance(cached, http_environment.CachedEnvironment)
+    assert second.send(_request(2), 2) and first.send(_request(1), 1)
+    assert session.__dict__["merge_environment_settings"] is cached
+    assert cached.users == 2
+    first.close()
+    assert session.__dict__["merge_environment_settings"] is cached
+    second.close()
+    assert "merge_environment_settings" not in session.__dict__
+    got = requests.get(f"http://127.0.0.1:{receiver}/count", timeout=10).json()
+    assert got["spans"] == 6 and got["errors"] == 0, got
+
+
+def test_an_exporter_without_a_requests_session_is_left_alone() -> None:
+    class Other:
+        _session = object()
+
+    assert http_environment.hold(Other()) is None
+    http_environment.release(None)
