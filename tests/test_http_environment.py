@@ -156,3 +156,51 @@ def test_an_exporter_without_a_requests_session_is_left_alone() -> None:
 
     assert http_environment.hold(Other()) is None
     http_environment.release(None)
+
+
+DRIVER = r'''
+import json, sys
+import torch
+import otel_flashinfer
+from opentelemetry import trace
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from otel_flashinfer import health, http_environment
+
+exporter = OTLPSpanExporter(endpoint=sys.argv[1])
+provider = TracerProvider()
+provider.add_span_processor(BatchSpanProcessor(exporter))
+trace.set_tracer_provider(provider)
+otel_flashinfer.instrument(level=1)
+f = otel_flashinfer.traced(lambda q: q, name="f")
+for _ in range(10):
+    f(torch.ones(2))
+flushed = otel_flashinfer.flush(10)
+session = http_environment._session_of(exporter)
+held = type(session.__dict__.get("merge_environment_settings")).__name__
+otel_flashinfer.uninstrument()
+after = type(session.__dict__.get("merge_environment_settings")).__name__
+print(json.dumps({"flushed": flushed, "held": held, "after": after,
+                  "native": health.counters().get("spans_native", 0)}))
+'''
+
+
+def test_the_applications_exporter_gets_its_session_back_at_uninstrument(
+        receiver: int, tmp_path: Path) -> None:
+    """The application's own SDK provider, OTLP/HTTP through a BatchSpanProcessor: our
+    sender reads the environment through the exporter's session while instrumented,
+    and ``uninstrument`` leaves that session as it found it."""
+    import json
+
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    out = subprocess.run([sys.executable, str(driver),
+                          f"http://127.0.0.1:{receiver}/v1/traces"], env=child_env(),
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report == {"flushed": True, "held": "CachedEnvironment", "after": "NoneType",
+                      "native": 10}, report
+    got = requests.get(f"http://127.0.0.1:{receiver}/count", timeout=10).json()
+    assert got["spans"] == 10 and got["errors"] == 0, got
