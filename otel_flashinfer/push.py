@@ -6,6 +6,7 @@ to protobuf and posting it unchanged (same ids, same times) over OTLP/HTTP or gR
 
 from __future__ import annotations
 
+import http.client
 import os
 import urllib.error
 import urllib.parse
@@ -98,6 +99,13 @@ def _http_sender(url: str, headers: dict[str, str], timeout_s: float):  # noqa: 
             raise ConnectionError(f"{url}: collector answered HTTP {exc.code}") from None
         except urllib.error.URLError as exc:
             raise ConnectionError(f"{url}: {exc.reason}") from None
+        except (http.client.HTTPException, ConnectionError, TimeoutError) as exc:
+            # Not an HTTP answer at all: most often a gRPC port (4317) given to the
+            # default http/protobuf protocol, which the SDK's own default (grpc) hides.
+            raise ConnectionError(
+                f"{url}: no OTLP/HTTP answer ({type(exc).__name__}); if this is a gRPC "
+                "endpoint (port 4317), pass --protocol grpc or set "
+                "OTEL_EXPORTER_OTLP_PROTOCOL=grpc") from None
 
     return send
 

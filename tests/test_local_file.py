@@ -215,6 +215,34 @@ def test_push_to_closed_port_fails_cleanly(tmp_path: Path, capsys) -> None:
     assert "127.0.0.1:9" in capsys.readouterr().err
 
 
+def test_push_to_a_grpc_port_over_http_says_so(tmp_path: Path, capsys) -> None:
+    """``push`` defaults to http/protobuf, the SDK's exporter to grpc: the same
+    OTEL_EXPORTER_OTLP_ENDPOINT on port 4317 then reaches a gRPC server, which answers
+    with no HTTP status line.  That is one clear line naming the fix, not a traceback."""
+    from servers import child_env, free_port, stop_pid
+
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"resourceSpans": []}) + "\n")
+    http_port, grpc_port = free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).parent / "otlp_receiver.py"), "--http-port",
+         str(http_port), "--grpc-port", str(grpc_port)], stdout=subprocess.PIPE, text=True,
+        env=child_env(), start_new_session=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        code = cli.main(["push", str(path), "--endpoint", f"http://127.0.0.1:{grpc_port}",
+                         "--timeout", "5"])
+        err = capsys.readouterr().err
+        assert code == 1, err
+        assert "no OTLP/HTTP answer" in err and "--protocol grpc" in err, err
+        assert "Traceback" not in err
+        # The same file over gRPC to the same port goes through.
+        assert cli.main(["push", str(path), "--endpoint", f"http://127.0.0.1:{grpc_port}",
+                         "--protocol", "grpc", "--timeout", "5"]) == 0
+    finally:
+        stop_pid(proc.pid)
+
+
 def test_env_resolution_rules() -> None:
     assert exporter_names({}) == ["otlp_file"]
     assert exporter_names({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317"}) == ["otlp"]
