@@ -117,6 +117,28 @@ def test_module_outside_allow_list_not_imported(tmp_path, capsys):
     assert "0 passed, 1 failed" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("allow", [["flashinfer_*"], ["__main__"]])
+def test_a_call_of_the_recorded_scripts_main_is_refused_with_the_way_out(
+        tmp_path, capsys, allow):
+    """A function defined in the script the program ran records as ``__main__``.
+    Replay's own ``__main__`` is not that script, even with ``--allow-module
+    __main__`` (which used to fail with "has no attribute"): one line says why and
+    what to do instead."""
+    root = tmp_path / "s"
+    rec = BlobRecorder(Settings(blob_url=str(root)), install_handlers=False)
+    cap = rec.before("mul", "__main__", "mul", None, TRACE, 1, None, 1,
+                     inspect.signature(mul).bind(torch.ones(2), 2.0))
+    cap.after(mul(torch.ones(2), 2.0), None)
+    assert rec.flush(10)
+    pull(TRACE, str(root), str(tmp_path / "b"))
+    report = replay(str(tmp_path / "b"), allow_modules=allow)
+    assert report.failed == 1
+    detail = report.results[0].detail
+    assert "(__main__), which replay cannot import" in detail, detail
+    assert "--allow-module" in detail and "python -m" in detail
+    assert "0 passed, 1 failed" in capsys.readouterr().out
+
+
 def system(command):  # the signature a crafted manifest binds its argument with
     pass
 
