@@ -47,7 +47,8 @@ def otlp_protocol(environ: Mapping[str, str]) -> str:
         value = environ.get(var, "").strip()
         if value:
             if value not in _PROTOCOLS:
-                raise ConfigError(f"{var}={value!r}: must be one of {', '.join(_PROTOCOLS)}")
+                raise ConfigError(f"{var}={value!r}: must be grpc or http/protobuf (the "
+                                  "Python OTLP exporter has no http/json)")
             if value == "http/json":
                 raise ConfigError(f"{var}={value!r}: the Python OTLP exporter has no "
                                   "http/json; use http/protobuf or grpc")

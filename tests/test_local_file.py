@@ -250,8 +250,10 @@ def test_env_resolution_rules() -> None:
     with pytest.raises(ValueError, match="OTEL_TRACES_EXPORTER='zipkin'"):
         exporter_names({"OTEL_TRACES_EXPORTER": "zipkin"})
     assert otlp_protocol({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}) == "http/protobuf"
-    with pytest.raises(ValueError, match="OTEL_EXPORTER_OTLP_TRACES_PROTOCOL='udp'"):
+    with pytest.raises(ValueError, match="OTEL_EXPORTER_OTLP_TRACES_PROTOCOL='udp'") as bad:
         otlp_protocol({"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "udp"})
+    # It names only what works: http/json was listed, then refused when given.
+    assert "must be grpc or http/protobuf" in str(bad.value)
     assert resolve_target(None, None, {}) == ("http/protobuf", "http://localhost:4318/v1/traces")
     assert resolve_target("http://h:1", "grpc", {}) == ("grpc", "http://h:1")
     assert parse_headers("a=1,B=x%20y", "h") == {"a": "1", "b": "x y"}
