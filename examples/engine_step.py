@@ -35,8 +35,9 @@ def cpu_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> tor
 
 
 def main() -> None:
-    level = int(os.environ.get("OTEL_FLASHINFER_LEVEL", "5"))
-    otel_flashinfer.instrument(level=level)
+    # OTEL_FLASHINFER_LEVEL when set (instrument() refuses a bad value by name), else 5.
+    level = otel_flashinfer.instrument(
+        level=None if os.environ.get("OTEL_FLASHINFER_LEVEL") else 5).level
     tracer = trace.get_tracer("example.engine")
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
