@@ -149,10 +149,10 @@ def resolve(module: str, qualname: str, allow: tuple[str, ...], where: str) -> A
         # The recorded program's own script: importing ``__main__`` here gives replay's
         # own, and importing the script would run it whole.
         raise ReplayRefused(f"{where}: {qualname!r} was defined in the script the recorded "
-                            "program ran (__main__), which replay cannot import; record "
-                            "it from an importable module (python -m pkg.script, or the "
-                            "function in a module of its own) and allow that module with "
-                            "--allow-module")
+                            "program ran (__main__), which replay cannot import; define "
+                            "it in a module the program imports (python -m runs a module "
+                            "as __main__ too, so that does not help) and allow that module "
+                            "with --allow-module")
     if not module_allowed(module, allow):
         raise ReplayRefused(f"{where}: module {module!r} is outside flashinfer.* and the "
                             f"--allow-module patterns; not imported")
