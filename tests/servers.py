@@ -292,6 +292,18 @@ def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def start_otlp_receiver(http_port: int, grpc_port: int) -> subprocess.Popen:
+    """``tests/otlp_receiver.py`` (a real OTLP/HTTP and gRPC receiver that decodes and
+    counts every span; ``GET /count`` on the HTTP port) on these ports, once it says
+    it is ready.  Stop it with ``stop_pid``."""
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "tests" / "otlp_receiver.py"), "--http-port",
+         str(http_port), "--grpc-port", str(grpc_port)], stdout=subprocess.PIPE, text=True,
+        env=child_env(), start_new_session=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    return proc
+
+
 def run_python(script: Path, env: Mapping[str, str], cwd: Path, timeout_s: float = 120.0,
                args: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
     """Run ``script`` with this interpreter; output captured as text."""

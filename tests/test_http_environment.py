@@ -15,12 +15,11 @@ from typing import Any
 
 import pytest
 import requests
-from servers import child_env, free_port, stop_pid
+from servers import child_env, free_port, start_otlp_receiver, stop_pid
 
 from otel_flashinfer import http_environment
 from otel_flashinfer.export import HttpSender
 
-HERE = Path(__file__).resolve().parent
 URLS = ("http://127.0.0.1:4318/v1/traces", "http://collector.example:4318/v1/traces",
         "https://tempo.example/v1/traces")
 ENVS: tuple[dict[str, str], ...] = (
@@ -100,13 +99,9 @@ def test_a_caller_changing_the_answer_does_not_change_the_cache(
 
 @pytest.fixture
 def receiver() -> Any:
-    http_port, grpc_port = free_port(), free_port()
-    proc = subprocess.Popen(
-        [sys.executable, str(HERE / "otlp_receiver.py"), "--http-port", str(http_port),
-         "--grpc-port", str(grpc_port)], stdout=subprocess.PIPE, text=True, env=child_env(),
-        start_new_session=True)
+    http_port = free_port()
+    proc = start_otlp_receiver(http_port, free_port())
     try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
         yield http_port
     finally:
         stop_pid(proc.pid)

@@ -219,17 +219,13 @@ def test_push_to_a_grpc_port_over_http_says_so(tmp_path: Path, capsys) -> None:
     """``push`` defaults to http/protobuf, the SDK's exporter to grpc: the same
     OTEL_EXPORTER_OTLP_ENDPOINT on port 4317 then reaches a gRPC server, which answers
     with no HTTP status line.  That is one clear line naming the fix, not a traceback."""
-    from servers import child_env, free_port, stop_pid
+    from servers import free_port, start_otlp_receiver, stop_pid
 
     path = tmp_path / "t.jsonl"
     path.write_text(json.dumps({"resourceSpans": []}) + "\n")
-    http_port, grpc_port = free_port(), free_port()
-    proc = subprocess.Popen(
-        [sys.executable, str(Path(__file__).parent / "otlp_receiver.py"), "--http-port",
-         str(http_port), "--grpc-port", str(grpc_port)], stdout=subprocess.PIPE, text=True,
-        env=child_env(), start_new_session=True)
+    grpc_port = free_port()
+    proc = start_otlp_receiver(free_port(), grpc_port)
     try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
         code = cli.main(["push", str(path), "--endpoint", f"http://127.0.0.1:{grpc_port}",
                          "--timeout", "5"])
         err = capsys.readouterr().err

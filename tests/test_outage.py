@@ -19,9 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from servers import child_env, free_port, stop_pid, wait_until
-
-HERE = Path(__file__).resolve().parent
+from servers import child_env, free_port, start_otlp_receiver, stop_pid, wait_until
 
 DRIVER = r'''
 import gc, json, sys, time, tracemalloc
@@ -67,15 +65,6 @@ print(json.dumps({"calls": calls + 2000, "slow": slow, "worst": worst, "flushed"
 '''
 
 
-def _start_receiver(http_port: int, grpc_port: int) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [sys.executable, str(HERE / "otlp_receiver.py"), "--http-port", str(http_port),
-         "--grpc-port", str(grpc_port)], stdout=subprocess.PIPE, text=True, env=child_env(),
-        start_new_session=True)
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-    return proc
-
-
 def _received(http_port: int) -> int:
     with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/count", timeout=5) as r:
         data = json.loads(r.read())
@@ -101,7 +90,7 @@ def _final_count(proc: subprocess.Popen) -> int:
 def test_receiver_killed_and_restarted_mid_loop(tmp_path: Path, protocol: str) -> None:
     http_port, grpc_port = free_port(), free_port()
     port = grpc_port if protocol == "grpc" else http_port
-    receiver = _start_receiver(http_port, grpc_port)
+    receiver = start_otlp_receiver(http_port, grpc_port)
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     env = child_env({
@@ -126,7 +115,7 @@ def test_receiver_killed_and_restarted_mid_loop(tmp_path: Path, protocol: str) -
         stop_pid(receiver.pid)  # the receiver dies mid-loop
         received_before = _final_count(receiver)  # what it had when it died
         time.sleep(2)
-        receiver = _start_receiver(http_port, grpc_port)  # and comes back on its ports
+        receiver = start_otlp_receiver(http_port, grpc_port)  # and comes back on its ports
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
@@ -179,7 +168,7 @@ def test_our_providers_sdk_path_counts_batches_the_receiver_did_not_take(
                         "OTEL_EXPORTER_OTLP_INSECURE": "true",
                         "OTEL_EXPORTER_OTLP_TIMEOUT": "1"}.items():
         monkeypatch.setenv(name, value)
-    receiver = _start_receiver(http_port, grpc_port)
+    receiver = start_otlp_receiver(http_port, grpc_port)
     provider: TracerProvider = build_provider("unused.jsonl")
     try:
         tracer = provider.get_tracer("otel_flashinfer")
