@@ -59,7 +59,7 @@ while time.monotonic() < end:
         peak_growth = max(peak_growth, tracemalloc.get_traced_memory()[0] - base)
         time.sleep(0.001)  # an engine between steps; lets the sender run
 tracemalloc.stop()
-flushed = otel_flashinfer.flush(20)
+flushed = otel_flashinfer.flush(60)
 print(json.dumps({"calls": calls + 2000, "slow": slow, "worst": worst, "flushed": flushed,
                   "peak_growth": peak_growth, "counters": health.counters()}), flush=True)
 '''
@@ -145,7 +145,14 @@ def test_receiver_killed_and_restarted_mid_loop(tmp_path: Path, protocol: str) -
     assert received_before > 0 and after > 0
     assert received_before + after + dropped >= report["calls"], (received_before, after,
                                                                   dropped, report)
-    assert counters.get("spans_native") == report["calls"], counters
+    # Every span took the native path: encoded, or dropped from the record queue before
+    # its turn (counted: a worker starved of the 2-core box's CPU while the receiver
+    # restarts lets the queue fill), never the SDK's.  Counted only after a flush that
+    # finished: one that timed out leaves spans to the shutdown, uncounted here.
+    assert report["flushed"], report
+    assert counters.get("spans_sdk", 0) == 0, counters
+    assert counters.get("spans_native", 0) <= report["calls"], counters
+    assert counters.get("spans_native", 0) + dropped >= report["calls"], counters
 
 
 @pytest.mark.server
