@@ -83,6 +83,10 @@ def main(level: int, replays: int) -> None:
     print(f"  drains {len(drains)}; untraced within 5 ms after a drain began:",
           _summary(near, replays))
     print("  untraced otherwise:", _summary(far, replays))
+    if sampler is not None:
+        print(f"  auto charged {sampler.spent_s / replays * 1e6:.2f} us a replay; caller "
+              f"estimate {sampler.caller.value * 1e6:.1f} us, {sampler.spans} spans at "
+              f"{sampler.per_span_s * 1e6:.2f} us, asked untraced {sampler.asked_untraced}")
 
 
 if __name__ == "__main__":
