@@ -564,6 +564,16 @@ class Pipeline:
         #: times and a copy).  Eager calls' spans and the drains around a capture cost
         #: 100x more each on the device; charged to replays, they starved ``auto``.
         self._replay_cost = CostEstimate()
+        #: Where to find our threads besides the worker and the sender whose CPU is
+        #: tracing's cost (the journal's heartbeat; ``Runtime`` adds it).  With the
+        #: sender, their CPU is read from their clocks at each drain's end
+        #: (``_beside_since_last``) and goes into the replays' price: priced by what
+        #: each thread measured of its own work, ``auto`` charged itself 73% of what
+        #: tracing added on the device.
+        self.cost_threads: list[Callable[[], threading.Thread | None]] = []
+        self._beside_at: float | None = None
+        #: The CPU of passes that handed on no span, priced with the next that does.
+        self._carried_cpu_s = 0.0
         #: Spans of graph replays handed on where they are handed on: by the native
         #: encoder (its count at the last drain) and by Python (the replays it expanded).
         self._native_replays = 0
@@ -995,13 +1005,27 @@ class Pipeline:
             spans, replay = self._count_paths()
             spent = time.thread_time() - cpu
             self.worker_cpu_s += spent
+            beside = self._beside_since_last() + self._carried_cpu_s
             if spans > 0:
+                self._carried_cpu_s = 0.0
                 self._worker_cost.add(spent / spans)
                 if 2 * replay >= spans:  # mostly replays' spans: what auto charges
-                    self._replay_cost.add(spent / spans)
+                    self._replay_cost.add((spent + beside) / spans)
+            else:  # a pass that handed on nothing: its CPU goes with the next spans
+                self._carried_cpu_s = beside + spent
             with self._idle:
                 self._busy -= 1
                 self._idle.notify_all()
+
+    def _beside_since_last(self) -> float:
+        """The CPU the sender and ``cost_threads`` ran since the last call (0.0 the first
+        time, and where a thread's clock cannot be read: it then counts from there)."""
+        native = self._native
+        now = threads.cpu_s(getattr(native, "_thread", None) if native is not None else None)
+        for find in self.cost_threads:
+            now += threads.cpu_s(find())
+        last, self._beside_at = self._beside_at, now
+        return max(now - last, 0.0) if last is not None else 0.0
 
     @property
     def worker_cost_per_span_s(self) -> float:
@@ -1012,12 +1036,16 @@ class Pipeline:
 
     @property
     def replay_cost_per_span_s(self) -> float:
-        """What one more span of a traced graph replay costs in the background: the
-        worker's CPU per span in drains that were mostly replays' (``CostEstimate``),
-        plus the native sender's per span.  0.0 until both are known: spans charged
-        at the worker's price alone would never pay the sender's share, since spans
-        handed on before a price are charged once, at the first (a new sender after a
-        re-plan carries the last one's: ``_plan``).  ``REPLAY_EVERY=auto``
+        """What one more span of a traced graph replay costs in the background: per
+        span, in drains that were mostly replays' (``CostEstimate``), the worker's CPU
+        and what the sender and ``cost_threads`` ran since the drain before, read from
+        their clocks (where threads' clocks cannot be read: the worker's, plus the
+        sender's own estimate per span).  The sender's share of a drain's sample is
+        the previous drains' sending, eager spans' too: in a mix, replays pay at most
+        the dearer spans' price.  0.0 until the sender's estimate is known: spans
+        charged at the worker's price alone would never pay the sender's share, since
+        spans handed on before a price are charged once, at the first (a new sender
+        after a re-plan carries the last one's: ``_plan``).  ``REPLAY_EVERY=auto``
         charges it per child.  Level 10's children, made on the replaying thread and
         written by the encoder as plain records, do not count as replays' spans: their
         blobs' cost is the writers', which ``auto`` does not charge either."""
@@ -1026,7 +1054,7 @@ class Pipeline:
         worker = self._replay_cost.value
         if not worker or (native is not None and not sender):
             return 0.0
-        return worker + sender
+        return worker if threads.CLOCKS else worker + sender
 
     @property
     def cost_per_span_s(self) -> float:
