@@ -127,8 +127,6 @@ class Journal:
         self._encoder = fmt.ArgEncoder(slot_size - fmt.ARGS_OFFSET)
         self._users = 1
         self._stop = threading.Event()
-        #: The heartbeat, once mapped.
-        self.thread: threading.Thread | None = None
         self._mm: mmap.mmap | None = None
         self._buf: Any = bytearray(fmt.file_size(slot_count, slot_size))
         self._epoch = 0
@@ -168,7 +166,7 @@ class Journal:
         self._stop = threading.Event()
         thread = threading.Thread(target=self._heartbeat, args=(mm, self._stop),
                                   name="otel_flashinfer-journal", daemon=True)
-        self.thread = threads.start(thread)  # its CPU is tracing's (``Pipeline``)
+        threads.start(thread)
         if self.blob_url:
             self.set_blob_url(self.blob_url)
 

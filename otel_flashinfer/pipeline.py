@@ -564,16 +564,6 @@ class Pipeline:
         #: times and a copy).  Eager calls' spans and the drains around a capture cost
         #: 100x more each on the device; charged to replays, they starved ``auto``.
         self._replay_cost = CostEstimate()
-        #: Where to find our threads besides the worker and the sender whose CPU is
-        #: tracing's cost (the journal's heartbeat; ``Runtime`` adds it).  With the
-        #: sender, their CPU is read from their clocks at each drain's end
-        #: (``_beside_since_last``) and goes into the replays' price: priced by what
-        #: each thread measured of its own work, ``auto`` charged itself 73% of what
-        #: tracing added on the device.
-        self.cost_threads: list[Callable[[], threading.Thread | None]] = []
-        self._beside_at: float | None = None
-        #: The CPU of passes that handed on no span, priced with the next that does.
-        self._carried_cpu_s = 0.0
         #: Spans of graph replays handed on where they are handed on: by the native
         #: encoder (its count at the last drain) and by Python (the replays it expanded).
         self._native_replays = 0
@@ -646,6 +636,13 @@ class Pipeline:
         return self.tracer
 
     def _start(self) -> None:
+        #: The sender thread's CPU at the last drain's end, by its kernel id: what it
+        #: ran since goes into the replays' price (``_sender_since_last``).  Priced by
+        #: what the sender measured of its own sends, its waking and the rest were
+        #: left out, and ``auto`` charged itself 73% of what tracing added (H200).
+        self._sender_at: tuple[int | None, float] = (None, 0.0)
+        #: The CPU of passes that handed on no span, priced with the next that does.
+        self._carried_cpu_s = 0.0
         self._queue: deque[CallRecord] = deque()
         self._waiting: deque[CallRecord] = deque()
         #: Set at shutdown when records still wait (a payload, statistics, a GPU time):
@@ -708,6 +705,7 @@ class Pipeline:
                                       "be handed back: their ring slots stay taken")
                 health.report("spans_dropped", "span queue full: dropping the oldest spans",
                               n=lost)
+                health.count("spans_dropped_queue", lost)  # of them, never encoded
         replay = type(record) is ReplayRecord
         queue.append(record)
         # Wake the worker once per full batch, not once per call past it.  A replay
@@ -1005,7 +1003,7 @@ class Pipeline:
             spans, replay = self._count_paths()
             spent = time.thread_time() - cpu
             self.worker_cpu_s += spent
-            beside = self._beside_since_last() + self._carried_cpu_s
+            beside = self._sender_since_last() + self._carried_cpu_s
             if spans > 0:
                 self._carried_cpu_s = 0.0
                 self._worker_cost.add(spent / spans)
@@ -1017,15 +1015,21 @@ class Pipeline:
                 self._busy -= 1
                 self._idle.notify_all()
 
-    def _beside_since_last(self) -> float:
-        """The CPU the sender and ``cost_threads`` ran since the last call (0.0 the first
-        time, and where a thread's clock cannot be read: it then counts from there)."""
-        native = self._native
-        now = threads.cpu_s(getattr(native, "_thread", None) if native is not None else None)
-        for find in self.cost_threads:
-            now += threads.cpu_s(find())
-        last, self._beside_at = self._beside_at, now
-        return max(now - last, 0.0) if last is not None else 0.0
+    def _sender_since_last(self) -> float:
+        """The CPU the native sender thread ran since the last call, from its clock: 0.0
+        the first time, for a new sender (a re-plan's: its first send's one-time work is
+        not a span's price), and where its clock cannot be read."""
+        try:
+            native = self._native
+            thread = getattr(native, "_thread", None) if native is not None else None
+            tid = getattr(thread, "native_id", None)
+            now = threads.cpu_s(thread)
+            last_tid, last = self._sender_at
+            self._sender_at = (tid, now)
+            return max(now - last, 0.0) if tid is not None and tid == last_tid else 0.0
+        except Exception as exc:  # noqa: BLE001 - the worker must go on
+            health.report("export_errors", "could not read the sender's CPU clock", exc)
+            return 0.0
 
     @property
     def worker_cost_per_span_s(self) -> float:
@@ -1038,11 +1042,11 @@ class Pipeline:
     def replay_cost_per_span_s(self) -> float:
         """What one more span of a traced graph replay costs in the background: per
         span, in drains that were mostly replays' (``CostEstimate``), the worker's CPU
-        and what the sender and ``cost_threads`` ran since the drain before, read from
-        their clocks (where threads' clocks cannot be read: the worker's, plus the
-        sender's own estimate per span).  The sender's share of a drain's sample is
-        the previous drains' sending, eager spans' too: in a mix, replays pay at most
-        the dearer spans' price.  0.0 until the sender's estimate is known: spans
+        and what the sender ran since the drain before, read from its clock (where
+        threads' clocks cannot be read: the worker's, plus the sender's own estimate per
+        span).  The sender's share of a drain's sample is what it sent since the drain
+        before: in a mix, eager spans' requests can land in a replay drain's sample
+        and replays' in an eager one's.  0.0 until the sender's estimate is known: spans
         charged at the worker's price alone would never pay the sender's share, since
         spans handed on before a price are charged once, at the first (a new sender
         after a re-plan carries the last one's: ``_plan``).  ``REPLAY_EVERY=auto``

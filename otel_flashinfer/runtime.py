@@ -102,8 +102,6 @@ class Runtime:
             if open_journal is not None:
                 try:
                     self.journal = open_journal(settings, self)
-                    self.pipeline.cost_threads.append(
-                        lambda: getattr(self.journal, "thread", None))
                 except Exception as exc:  # noqa: BLE001
                     health.report("journal_errors", "could not open the crash journal", exc)
         if settings.level >= 5:
