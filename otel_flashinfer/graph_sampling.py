@@ -176,10 +176,17 @@ class ReplaySampler:
             # instead, the first 31 traced replays' spans went 85% unpaid on the CPU
             # box (4.6 of 5.4 ms), 1.5 us a replay over a 3,000-replay run: most of
             # what ``auto`` did not charge itself on the device.
-            floor = -max(_MAX_BURST * self.estimate(), self.budget * _MAX_DEBT_S)
+            floor = self._debt_floor()
             self._spend(min(self.unpriced * self.per_span_s,
                             max(self.credit_s - floor, 0.0)))
             self.unpriced = 0
+
+    def _debt_floor(self, spent_s: float = 0.0) -> float:
+        """The lowest the credit goes: a burst's worth of traced replays (or of
+        ``spent_s``), or what the budget earns in ``_MAX_DEBT_S``, whichever is more.
+        One floor for every charge: with a lower one for late-priced spans than for
+        untraced asks, an ask during that debt was charged nothing."""
+        return -max(_MAX_BURST * max(self.estimate(), spent_s), self.budget * _MAX_DEBT_S)
 
     def should_trace(self, now_s: float, per_span_s: float | None = None,
                      gpu_s: float | None = None) -> bool:
@@ -236,8 +243,8 @@ class ReplaySampler:
             spent_s = max(spent_s, 0.0)
             # A floor under the debt, a safety net: a charge is wall time, which a GIL
             # hand-over or a preemption inside it stretches, and no run of those may
-            # stop tracing for longer than a few traced replays' worth of credit.
-            floor = -_MAX_BURST * max(self.estimate(), spent_s)
+            # stop tracing for long (``_debt_floor``).
+            floor = self._debt_floor(spent_s)
             credit = max(self.credit_s - spent_s, min(floor, self.credit_s))
             self._spend(self.credit_s - credit)
             self.asked_untraced += 1

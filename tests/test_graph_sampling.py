@@ -245,6 +245,28 @@ def test_spans_priced_late_are_charged_in_full_below_the_bound() -> None:
     assert sampler.spent_s - spent == pytest.approx(owed)
 
 
+def test_an_untraced_ask_during_a_late_priced_debt_is_still_charged() -> None:
+    """The debt of spans priced late may reach what the budget earns in a second,
+    deeper than a burst's worth; an untraced replay that asks meanwhile is charged its
+    bookkeeping all the same (with a shallower floor of its own it was charged
+    nothing), down to the same floor."""
+    sampler = ReplaySampler(REPLAY_AUTO, 0.01)
+    now = 0.0
+    for i in range(200):  # the price is not known yet: spans at 0
+        if sampler.should_trace(now, 0.0):
+            sampler.traced(1e-3 if i == 0 else 25e-6, 65, 0.0, setup=i == 0)
+        now += 730e-6
+    sampler.should_trace(now, 1.4e-6)  # priced: several ms of debt
+    assert sampler.credit_s < -4 * sampler.estimate()
+    before = sampler.spent_s
+    for _ in range(100):
+        sampler.charge_untraced(5e-6)
+    assert sampler.spent_s - before == pytest.approx(100 * 5e-6)
+    for _ in range(10_000):  # 50 ms of asks: down to the one floor, not below
+        sampler.charge_untraced(5e-6)
+    assert sampler.credit_s == pytest.approx(-0.01 * 1.0)  # a second of the budget
+
+
 def test_auto_earns_by_the_gpu_time_when_the_host_runs_ahead() -> None:
     """Back to back the host enqueues a replay in 10 us while the GPU takes 700 us for
     it (up to 5,000 queued, then the host waits): earning by the host's time alone,
@@ -890,16 +912,18 @@ def test_untraced_replays_are_charged_only_where_the_gate_could_skip_them(
 
 def test_charges_for_untraced_replays_have_a_floor() -> None:
     """However many untraced replays are charged (each a wall time that a GIL hand-over
-    can stretch), the debt stays within a few traced replays' cost: tracing resumes."""
+    can stretch), the debt stays within what the budget earns in a second (or a few
+    traced replays' cost, where that is more): tracing resumes about a second later."""
     sampler = ReplaySampler(REPLAY_AUTO, 0.01)
     assert sampler.should_trace(0.0)
     sampler.traced(100e-6, 0, 0.0)  # credit -100 us
     spent = sampler.spent_s
     for _ in range(10_000):
         sampler.charge_untraced(20e-6)
-    assert sampler.credit_s == pytest.approx(-400e-6)  # 4 traced replays' cost
-    assert sampler.spent_s - spent == pytest.approx(300e-6)  # what the credit lost
-    assert sampler.should_trace(0.1)  # 1 ms earned covers the debt and one more
+    assert sampler.credit_s == pytest.approx(-0.01)  # a second of a 1% budget
+    assert sampler.spent_s - spent == pytest.approx(0.01 - 100e-6)  # what the credit lost
+    assert not sampler.should_trace(0.5)
+    assert sampler.should_trace(1.1)  # 11 ms earned covers the debt and one more
 
 
 def test_the_gate_is_armed_with_the_untraced_replays_charge_spent(spans, monkeypatch) -> None:
