@@ -216,6 +216,7 @@ def test_a_dropped_span_hands_its_slots_back() -> None:
         whole = rows.replay(_index(capture))
         before = health.counters().get("stats_dropped", 0)
         spans_before = health.counters().get("spans_dropped", 0)
+        queue_before = health.counters().get("spans_dropped_queue", 0)
         # A graph capture open meanwhile: nothing may query CUDA, so the worker waits and
         # the callers that drop records hand back nothing themselves.
         capture_guard.begin_capture()
@@ -229,6 +230,7 @@ def test_a_dropped_span_hands_its_slots_back() -> None:
             capture_guard.end_capture()
         # the replay's span and its two children's, and the call's
         assert health.counters()["spans_dropped"] - spans_before == 3 + 1
+        assert health.counters()["spans_dropped_queue"] - queue_before == 3 + 1  # unencoded
         assert pipeline.flush(10)
         assert len(ring._free) == ring.host.shape[0]  # noqa: SLF001
         assert len(eager._free) == eager.host.shape[0]  # noqa: SLF001
