@@ -64,7 +64,11 @@ class _Http(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_POST(self) -> None:  # noqa: N802
-        length = int(self.headers.get("Content-Length", "0"))
+        if "Content-Length" not in self.headers:  # OTLP clients always say it
+            _error()
+            self.send_error(411)  # and closes: the body was not read
+            return
+        length = int(self.headers["Content-Length"])
         payload = self.rfile.read(length)
         encoding = self.headers.get("Content-Encoding", "")
         try:

@@ -40,12 +40,14 @@ def _block(fn: Any, args: tuple, calls: int, flush: Any) -> tuple[float, dict[st
 
 
 def main(level: int, calls: int, pairs: int) -> None:
+    from bench_whole_cost import _wait_for_kernels
     from gpu_decode import make_decode
 
     import otel_flashinfer
     from otel_flashinfer import health
 
     otel_flashinfer.instrument(level=level)
+    _wait_for_kernels(level)  # level 3 and up: not the fallback while the pool builds
     step = make_decode()
     traced = step.wrapper.run
     plain = type(step.wrapper).run.__wrapped__.__get__(step.wrapper)
