@@ -6,7 +6,7 @@ them, so that the host's own drift between processes does not hide which thread 
 
     python3 benchmarks/probes/call_cpu.py 1 3000 4
 
-(on the device, from the repository root, after ``. .gpu/setup.sh``).  Spans go to the
+(on the device, from the repository root, after ``. .ci/gpu-env.sh``).  Spans go to the
 default JSONL file unless ``OTEL_TRACES_EXPORTER`` says otherwise.
 """
 

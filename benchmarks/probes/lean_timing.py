@@ -19,7 +19,7 @@ rounds alternating) of:
 and each graph's (nodes, edges, programmatic edges) (``graph_edge_counts``).  Run on the
 device from the repository root::
 
-    . .gpu/setup.sh; python3 benchmarks/probes/lean_timing.py 500 3
+    . .ci/gpu-env.sh; python3 benchmarks/probes/lean_timing.py 500 3
 
 It first checks that the copy computes the uninstrumented graph's outputs bit for bit.
 """

@@ -6,7 +6,7 @@ began within 5 ms of a worker drain against the rest.  Level 0 gives the baselin
     OTEL_FLASHINFER_REPLAY_EVERY=auto python3 benchmarks/probes/replay_cpu.py 0 2000
     OTEL_FLASHINFER_REPLAY_EVERY=auto python3 benchmarks/probes/replay_cpu.py 1 2000
 
-(on the device, from the repository root, after ``. .gpu/setup.sh``).  Each replay is
+(on the device, from the repository root, after ``. .ci/gpu-env.sh``).  Each replay is
 waited for, as ``bench_graph_step.py --sync`` does.  The seventh session's figures
 (README) came from its uncommitted original, which this copy measures the same way; this
 copy ran on an H100 in the fourteenth session (README).

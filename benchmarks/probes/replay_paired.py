@@ -13,7 +13,7 @@ blocks' time: +1.52% at level 3, where each traced replay's cost was charged rig
     OTEL_FLASHINFER_REPLAY_EVERY=auto python3 benchmarks/probes/replay_paired.py 1 6 400
 
 (level, blocks of each kind, replays a block; on the device, from the repository root,
-after ``. .gpu/setup.sh``).  "work" is the process's CPU less the replaying thread's
+after ``. .ci/gpu-env.sh``).  "work" is the process's CPU less the replaying thread's
 outside ``replay()`` (its wait for the GPU spins), per replay, as in the benchmark.
 """
 
