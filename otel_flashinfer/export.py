@@ -408,6 +408,9 @@ class NativeExport:
         #: The sender thread's CPU per span sent (``CostEstimate``: its first send,
         #: opening the file or the connection, left out) for ``REPLAY_EVERY=auto``.
         self._cost = CostEstimate()
+        #: Everything the sender thread has run so far, its waits' waking included
+        #: (written by it alone): the worker prices replay spans with its growth.
+        self.cpu_s = 0.0
         #: Requests sent, their wall time in all and the longest (benchmarks print them:
         #: a send longer than the outbox's worth of spans is what makes it drop).
         self.sends = 0
@@ -636,8 +639,10 @@ class NativeExport:
                     self.sends += 1
                     self.send_wall_s += wall
                     self.send_wall_max_s = max(self.send_wall_max_s, wall)
+                    spent = time.thread_time() - cpu
+                    self.cpu_s += spent
                     if count > 0:  # a write or a request holds the GIL too: auto budgets it
-                        self._cost.add((time.thread_time() - cpu) / count)
+                        self._cost.add(spent / count)
                     with self._cond:
                         self._busy = False
                         self._cond.notify_all()

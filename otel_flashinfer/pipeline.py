@@ -636,11 +636,11 @@ class Pipeline:
         return self.tracer
 
     def _start(self) -> None:
-        #: The sender thread's CPU at the last drain's end, by its kernel id: what it
-        #: ran since goes into the replays' price (``_sender_since_last``).  Priced by
-        #: what the sender measured of its own sends, its waking and the rest were
-        #: left out, and ``auto`` charged itself 73% of what tracing added (H200).
-        self._sender_at: tuple[int | None, float] = (None, 0.0)
+        #: The native sender and its ``cpu_s`` at the last drain's end: what it ran
+        #: since goes into the replays' price (``_sender_since_last``).  Priced by the
+        #: sender's smoothed estimate per send instead, and with the first sends' debt
+        #: capped, ``auto`` charged itself 73% of what tracing added (H200).
+        self._sender_at: tuple[Any, float] = (None, 0.0)
         #: The CPU of passes that handed on no span, priced with the next that does.
         self._carried_cpu_s = 0.0
         self._queue: deque[CallRecord] = deque()
@@ -1016,20 +1016,14 @@ class Pipeline:
                 self._idle.notify_all()
 
     def _sender_since_last(self) -> float:
-        """The CPU the native sender thread ran since the last call, from its clock: 0.0
-        the first time, for a new sender (a re-plan's: its first send's one-time work is
-        not a span's price), and where its clock cannot be read."""
-        try:
-            native = self._native
-            thread = getattr(native, "_thread", None) if native is not None else None
-            tid = getattr(thread, "native_id", None)
-            now = threads.cpu_s(thread)
-            last_tid, last = self._sender_at
-            self._sender_at = (tid, now)
-            return max(now - last, 0.0) if tid is not None and tid == last_tid else 0.0
-        except Exception as exc:  # noqa: BLE001 - the worker must go on
-            health.report("export_errors", "could not read the sender's CPU clock", exc)
-            return 0.0
+        """The CPU the native sender ran since the last call (its ``cpu_s``): 0.0 the
+        first time and for a new sender (a re-plan's: its first send's one-time work is
+        not a span's price)."""
+        native = self._native
+        now = getattr(native, "cpu_s", 0.0)
+        last_native, last = self._sender_at
+        self._sender_at = (native, now)
+        return max(now - last, 0.0) if native is not None and native is last_native else 0.0
 
     @property
     def worker_cost_per_span_s(self) -> float:
@@ -1042,23 +1036,20 @@ class Pipeline:
     def replay_cost_per_span_s(self) -> float:
         """What one more span of a traced graph replay costs in the background: per
         span, in drains that were mostly replays' (``CostEstimate``), the worker's CPU
-        and what the sender ran since the drain before, read from its clock (where
-        threads' clocks cannot be read: the worker's, plus the sender's own estimate per
-        span).  The sender's share of a drain's sample is what it sent since the drain
-        before: in a mix, eager spans' requests can land in a replay drain's sample
-        and replays' in an eager one's.  0.0 until the sender's estimate is known: spans
-        charged at the worker's price alone would never pay the sender's share, since
-        spans handed on before a price are charged once, at the first (a new sender
-        after a re-plan carries the last one's: ``_plan``).  ``REPLAY_EVERY=auto``
+        and what the sender ran since the drain before (its ``cpu_s``): in a mix,
+        eager spans' requests can land in a replay drain's sample and replays' in an
+        eager one's.  0.0 until the sender's estimate is known: spans charged at the
+        worker's price alone would never pay the sender's share, since spans handed on
+        before a price are charged once, at the first (a new sender after a re-plan
+        carries the last one's: ``_plan``).  ``REPLAY_EVERY=auto``
         charges it per child.  Level 10's children, made on the replaying thread and
         written by the encoder as plain records, do not count as replays' spans: their
         blobs' cost is the writers', which ``auto`` does not charge either."""
         native = self._native
-        sender = native.cost_per_span_s if native is not None else 0.0
         worker = self._replay_cost.value
-        if not worker or (native is not None and not sender):
+        if not worker or (native is not None and not native.cost_per_span_s):
             return 0.0
-        return worker if threads.CLOCKS else worker + sender
+        return worker
 
     @property
     def cost_per_span_s(self) -> float:

@@ -15,9 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
@@ -76,40 +74,3 @@ def made_blocked(factory: Callable[[], T]) -> T:
             return factory()
     finally:
         os.register_at_fork(after_in_child=restore)
-
-
-def tid_cpu_s(tid: int) -> float:
-    """The CPU seconds the thread with kernel id ``tid`` (of this process) has run, from
-    its clock (Linux: a thread's CPU clock id is made from its kernel id); raises
-    ``OSError`` where there is no such thread or no such clock."""
-    return time.clock_gettime((~tid << 3) | 6)  # CPUCLOCK_PERTHREAD | CPUCLOCK_SCHED
-
-
-def _clocks_work() -> bool:
-    """Whether this process can read a thread's clock by its kernel id (Linux; some
-    sandboxes refuse it): this thread's, checked against ``time.thread_time``."""
-    if not sys.platform.startswith("linux"):
-        return False
-    tid = threading.current_thread().native_id
-    try:
-        mine = tid_cpu_s(tid) if tid is not None else -1.0
-    except (OSError, OverflowError):
-        return False
-    return 0.0 <= mine <= time.thread_time() + 0.01
-
-
-#: Whether another thread's CPU clock can be read (``cpu_s``).
-CLOCKS = _clocks_work()
-
-
-def cpu_s(thread: threading.Thread | None) -> float:
-    """The CPU seconds ``thread`` has run, read from its clock without stopping it, or
-    0.0 where that cannot be read: no ``CLOCKS``, a thread not started or no longer
-    alive (its kernel id may since name another thread)."""
-    tid = getattr(thread, "native_id", None) if thread is not None else None
-    if tid is None or not CLOCKS or not thread.is_alive():
-        return 0.0
-    try:
-        return tid_cpu_s(tid)
-    except (OSError, OverflowError):
-        return 0.0

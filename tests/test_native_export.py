@@ -33,7 +33,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import Link, SpanContext, TraceFlags, TraceState
 from run_delay import excused, reader
 
-from otel_flashinfer import describe, export, health, threads
+from otel_flashinfer import describe, export, health
 from otel_flashinfer.otlp_json import JsonLinesSpanExporter, json_to_request
 from otel_flashinfer.pipeline import _EMPTY, CallRecord, DirectSpans, Pipeline
 from otel_flashinfer.spans import ArgPlan, Describer
@@ -1184,9 +1184,8 @@ def test_a_replay_span_has_no_price_until_the_sender_has_one(tmp_path: Path) -> 
     try:
         native = pipeline._native  # noqa: SLF001
         assert native is not None
-        # Where threads' clocks are read, the replays' estimate holds the sender's CPU
-        # already; elsewhere the sender's own estimate is added.
-        price = 3e-6 if threads.CLOCKS else 4e-6
+        # The replays' estimate holds the sender's CPU already: its own is not added.
+        price = 3e-6
         pipeline._replay_cost.value = 3e-6  # noqa: SLF001 - the worker's known
         native._cost.value = 0.0  # noqa: SLF001 - the sender's not yet
         assert pipeline.replay_cost_per_span_s == 0.0
@@ -1199,9 +1198,8 @@ def test_a_replay_span_has_no_price_until_the_sender_has_one(tmp_path: Path) -> 
         pipeline.shutdown(5)
 
 
-@pytest.mark.skipif(not threads.CLOCKS, reason="no thread CPU clocks on this platform")
 def test_a_replay_spans_price_holds_the_senders_cpu(tmp_path: Path, monkeypatch) -> None:
-    """``auto`` pays for the sender as its clock reads it: what the sender thread ran
+    """``auto`` pays for the sender as it measures itself: what the sender thread ran
     between two drains (its waking included) is priced into the replay spans the later
     one hands on, once.  Priced by what the worker and the sender measured of their own
     work, ``auto`` charged itself 73% of what tracing added (H200)."""
