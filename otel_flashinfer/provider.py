@@ -32,7 +32,7 @@ from .otlp_json import JsonLinesSpanExporter
 _lock = threading.Lock()
 _ours: TracerProvider | None = None
 
-_PROTOCOLS = ("grpc", "http/protobuf", "http/json")
+_PROTOCOLS = ("grpc", "http/protobuf")
 
 
 def sdk_disabled(environ: Mapping[str, str] | None = None) -> bool:
@@ -49,9 +49,6 @@ def otlp_protocol(environ: Mapping[str, str]) -> str:
             if value not in _PROTOCOLS:
                 raise ConfigError(f"{var}={value!r}: must be grpc or http/protobuf (the "
                                   "Python OTLP exporter has no http/json)")
-            if value == "http/json":
-                raise ConfigError(f"{var}={value!r}: the Python OTLP exporter has no "
-                                  "http/json; use http/protobuf or grpc")
             return value
     return "grpc"
 
