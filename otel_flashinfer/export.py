@@ -6,8 +6,9 @@ protobuf's Python objects, on threads that hold the GIL the engine needs: hundre
 microseconds per span, several times a FlashInfer call.  Here the pipeline's worker
 encodes a record in about a microsecond, and one sender thread ships whole requests:
 
-- OTLP/HTTP through the exporter's own client (session, headers, compression,
-  timeout, certificates, retry with backoff);
+- OTLP/HTTP through the exporter's own client (headers, compression, timeout,
+  certificates, retry with backoff), over the SDK's urllib3 transport while the
+  exporter's requests session would add nothing to a request (``http_direct``);
 - OTLP/gRPC through the exporter's own channel and retry loop, with the request
   already serialized;
 - our OTLP/JSON-lines file, one ``write`` per batch.
@@ -44,7 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import forking, health, http_environment, threads
+from . import forking, health, http_direct, http_environment, threads
 from .graph_sampling import CostEstimate
 
 #: Spans per request (OTEL_BSP_MAX_EXPORT_BATCH_SIZE's default).
@@ -210,8 +211,10 @@ class FileSender:
 
 
 class HttpSender:
-    """OTLP/HTTP through the exporter's own client: its session, endpoint, headers,
-    compression, timeout and retry with backoff."""
+    """OTLP/HTTP through the exporter's own client: its endpoint, headers, compression,
+    timeout and retry with backoff, over its requests session, or over the SDK's
+    urllib3 transport while that session would send the same request (``http_direct``:
+    about half the sender's CPU a request)."""
 
     fmt = "protobuf"
 
@@ -224,10 +227,68 @@ class HttpSender:
         #: nothing; given back by ``close``.
         self._env: http_environment.CachedEnvironment | None = None
         self._held = False
+        #: A copy of the exporter's client over the SDK's urllib3 transport while the
+        #: session adds nothing to a request (``http_direct``), else None; asked again
+        #: at ``_direct_at``.  ``transport`` says which one sends, ``direct_reason`` why.
+        self._direct: Any = None
+        self._direct_settings: http_direct.Direct | None = None
+        self._direct_at = 0.0
+        self.transport = "requests"
+        self.direct_reason = "not_asked"
 
     def close(self) -> None:
         http_environment.release(self._env)
         self._env = None
+        self._drop_direct()
+
+    def after_fork(self) -> None:
+        """In a forked child: a pool of its own, made at the next send (the parent's
+        connections are the parent's; closing them here could end them there)."""
+        self._direct = self._direct_settings = None
+        self._direct_at = 0.0
+        self.transport = "requests"
+
+    def _drop_direct(self) -> None:
+        direct, self._direct, self._direct_settings = self._direct, None, None
+        self.transport = "requests"
+        if direct is not None:
+            try:
+                direct._transport.close()  # noqa: SLF001
+            except Exception:  # noqa: BLE001, S110 - its pool is only memory now
+                pass
+
+    def _client(self, exporter: Any) -> Any:
+        """The client to send with: the direct copy while it applies."""
+        now = time.monotonic()
+        if now >= self._direct_at:
+            self._direct_at = now + http_direct.REFRESH_S
+            self._choose(exporter)
+        return self._direct if self._direct is not None else exporter._client  # noqa: SLF001
+
+    def _choose(self, exporter: Any) -> None:
+        client = exporter._client  # noqa: SLF001
+        try:
+            session = http_direct.requests_session(client)
+            if session is None:
+                settings, reason = None, "transport"
+            else:
+                settings, reason = http_direct.direct_settings(
+                    session, client._endpoint, client._headers)  # noqa: SLF001
+            if settings is not None and settings == self._direct_settings:
+                return
+            self._drop_direct()
+            if settings is not None:
+                self._direct = http_direct.direct_client(client, settings)
+                if self._direct is None:
+                    reason = "no_urllib3_transport"
+                else:
+                    self._direct_settings, self.transport = settings, "urllib3"
+            self.direct_reason = reason
+        except Exception as exc:  # noqa: BLE001 - the session's own path still sends
+            self._drop_direct()
+            self.direct_reason = "error"
+            health.report("export_errors", "could not check the OTLP/HTTP session for "
+                          "urllib3's transport", exc)
 
     def send(self, payload: bytes, count: int) -> bool:
         exporter = self.exporter
@@ -245,11 +306,12 @@ class HttpSender:
             health.report("export_too_large", f"an OTLP request of {len(payload)} bytes is "
                           f"over the exporter's max_request_size ({limit})")
             return False
+        client = self._client(exporter)
         metrics = getattr(exporter, "_metrics", None)
         if metrics is None:
-            return bool(exporter._client.export(payload).success)  # noqa: SLF001
+            return bool(client.export(payload).success)
         with metrics.export_operation(count) as result:
-            outcome = exporter._client.export(payload)  # noqa: SLF001
+            outcome = client.export(payload)
             if not outcome.success:
                 result.error = outcome.error
                 return False
@@ -454,6 +516,10 @@ class NativeExport:
         self._outbox = deque()  # the parent's requests are the parent's to send
         self._queued = 0
         self._make_conditions()  # the fork may have copied them held
+        for senders in self.senders.values():
+            for sender in senders:
+                if hasattr(sender, "after_fork"):
+                    sender.after_fork()
         if self._stopping:
             self._pid = os.getpid()
             return
