@@ -1,0 +1,120 @@
+"""Is the captured decode step at level 5 bound by the host or by the GPU?
+
+Issue 17's captured decode step (one BatchDecode ``run()`` in a CUDA graph, replayed
+back to back, default exporter) must stay within 2x of level 0.  This probe splits a
+replay into what each side costs, in one process per level:
+
+- wall: back-to-back replays, as ``bench_whole_cost.py`` times them;
+- host: the replaying thread's CPU a ``replay()`` (its clock);
+- GPU: the same replays queued behind a spin kernel, so that the host is far ahead
+  and the GPU runs them with no gap; timed by two CUDA events around them.
+- at level 5, each kernel's GPU time a replay under ``torch.profiler`` (CUPTI), by name.
+
+    python3 benchmarks/probes/decode_step_split.py 0 1000
+    python3 benchmarks/probes/decode_step_split.py 5 1000
+
+(on the device, from the repository root, after ``. .ci/gpu-env.sh``).  Prints one JSON
+line.  The GPU figure holds while the host enqueues the block within the spin (it says
+``gpu_ahead``: the spin was still running when the last replay was queued).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def _gpu_block(graph: Any, replays: int) -> tuple[float, bool]:
+    """GPU us a replay with the host ahead, and whether it stayed ahead."""
+    import torch
+
+    start, end, spun = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+    torch.cuda._sleep(int(2e8))  # noqa: SLF001 - about 100 ms of spin at H100 clocks
+    spun.record()
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    ahead = not spun.query()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / replays * 1e3, ahead
+
+
+def _kernels(graph: Any, replays: int) -> dict[str, float]:
+    """GPU us a replay of each kernel name (CUPTI through torch.profiler)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    total: dict[str, float] = defaultdict(float)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            total[event.name[:60]] += event.device_time / replays
+    return dict(sorted(total.items(), key=lambda kv: -kv[1]))
+
+
+def main() -> None:
+    level, replays = int(sys.argv[1]), int(sys.argv[2])
+    import torch
+    from bench_whole_cost import _wait_for_kernels
+    from gpu_decode import capture_graph, make_decode
+
+    import otel_flashinfer
+
+    if level:
+        otel_flashinfer.instrument(level=level)
+        _wait_for_kernels(level)
+    step = make_decode(use_cuda_graph=True)
+    graph, _ = capture_graph(step.run)
+    for _ in range(50):
+        graph.replay()
+    torch.cuda.synchronize()
+    otel_flashinfer.flush(60)
+    out: dict[str, Any] = {"level": level, "replays": replays}
+    walls, hosts, gpus, ahead = [], [], [], []
+    for _ in range(3):
+        host = 0.0
+        t0 = time.perf_counter()
+        for _ in range(replays):
+            c0 = time.thread_time()
+            graph.replay()
+            host += time.thread_time() - c0
+        torch.cuda.synchronize()
+        walls.append((time.perf_counter() - t0) / replays * 1e6)
+        hosts.append(host / replays * 1e6)
+        otel_flashinfer.flush(60)
+        gpu, was_ahead = _gpu_block(graph, min(replays, 500))
+        gpus.append(gpu)
+        ahead.append(was_ahead)
+        otel_flashinfer.flush(60)
+    out.update(wall_us=[round(w, 2) for w in walls], host_us=[round(h, 2) for h in hosts],
+               gpu_us=[round(g, 2) for g in gpus], gpu_ahead=ahead,
+               wall_median=round(statistics.median(walls), 2),
+               host_median=round(statistics.median(hosts), 2),
+               gpu_median=round(statistics.median(gpus), 2))
+    try:
+        out["kernels_us"] = {k: round(v, 2) for k, v in _kernels(graph, 200).items()}
+    except Exception as exc:  # noqa: BLE001 - the profiler is optional here
+        out["kernels_error"] = repr(exc)[:200]
+    otel_flashinfer.flush(60)
+    from otel_flashinfer import health
+
+    counters = health.counters()
+    out["dropped"] = {k: v for k, v in counters.items() if "drop" in k and v}
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
