@@ -7,11 +7,13 @@ them, so that the host's own drift between processes does not hide which thread 
     python3 benchmarks/probes/call_cpu.py 1 3000 4
 
 (on the device, from the repository root, after ``. .ci/gpu-env.sh``).  Spans go to the
-default JSONL file unless ``OTEL_TRACES_EXPORTER`` says otherwise.
+default JSONL file unless ``OTEL_TRACES_EXPORTER`` says otherwise.  ``PROBE_HTTP_DIRECT=0``
+keeps OTLP/HTTP on the requests session (``http_direct``'s baseline).
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import time
@@ -46,6 +48,10 @@ def main(level: int, calls: int, pairs: int) -> None:
     import otel_flashinfer
     from otel_flashinfer import health
 
+    if os.environ.get("PROBE_HTTP_DIRECT") == "0":  # the session's own path, to compare
+        from otel_flashinfer import http_direct
+
+        http_direct.direct_settings = lambda *_: (None, "probe")
     otel_flashinfer.instrument(level=level)
     _wait_for_kernels(level)  # level 3 and up: not the fallback while the pool builds
     step = make_decode()
@@ -80,6 +86,13 @@ def main(level: int, calls: int, pairs: int) -> None:
                   f"added {row['traced'] - row['plain']:+7.2f}")
     print(f"  all threads: plain {total['plain']:.2f}, traced {total['traced']:.2f}, added "
           f"{total['traced'] - total['plain']:+.2f}")
+    from otel_flashinfer import runtime
+
+    native = runtime.current().pipeline._native  # noqa: SLF001
+    for senders in (native.senders.values() if native is not None else ()):
+        for sender in senders:
+            if hasattr(sender, "transport"):
+                print(f"  OTLP/HTTP sender: {sender.transport} ({sender.direct_reason})")
     counters = health.counters()
     print("  counters:", {k: v for k, v in counters.items()
                           if k.startswith(("spans", "path")) and v})

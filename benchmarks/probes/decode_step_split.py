@@ -8,7 +8,8 @@ replay into what each side costs, in one process per level:
 - host: the replaying thread's CPU a ``replay()`` (its clock);
 - GPU: the same replays queued behind a spin kernel, so that the host is far ahead
   and the GPU runs them with no gap; timed by two CUDA events around them.
-- at level 5, each kernel's GPU time a replay under ``torch.profiler`` (CUPTI), by name.
+- each kernel's GPU time a replay under ``torch.profiler`` (CUPTI), by name, and the
+  last three replays' GPU timeline (what runs when, and the gaps between).
 
     python3 benchmarks/probes/decode_step_split.py 0 1000
     python3 benchmarks/probes/decode_step_split.py 5 1000
@@ -49,8 +50,10 @@ def _gpu_block(graph: Any, replays: int) -> tuple[float, bool]:
     return start.elapsed_time(end) / replays * 1e3, ahead
 
 
-def _kernels(graph: Any, replays: int) -> dict[str, float]:
-    """GPU us a replay of each kernel name (CUPTI through torch.profiler)."""
+def _kernels(graph: Any, replays: int) -> tuple[dict[str, float], list[list[Any]]]:
+    """GPU us a replay of each kernel name (CUPTI through torch.profiler), and the GPU
+    timeline of the last three replays: (name, start, end) in us from the first's start,
+    every activity on the device (kernels, copies, memsets) in start order."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -59,10 +62,17 @@ def _kernels(graph: Any, replays: int) -> dict[str, float]:
             graph.replay()
         torch.cuda.synchronize()
     total: dict[str, float] = defaultdict(float)
+    spans = []
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             total[event.name[:60]] += event.device_time / replays
-    return dict(sorted(total.items(), key=lambda kv: -kv[1]))
+            spans.append((event.time_range.start, event.time_range.end, event.name[:40]))
+    spans.sort()
+    per = max(1, len(spans) // replays)
+    tail = spans[-3 * per:]
+    t0 = tail[0][0] if tail else 0.0
+    timeline = [[name, round(a - t0, 2), round(b - t0, 2)] for a, b, name in tail]
+    return dict(sorted(total.items(), key=lambda kv: -kv[1])), timeline
 
 
 def main() -> None:
@@ -105,7 +115,9 @@ def main() -> None:
                host_median=round(statistics.median(hosts), 2),
                gpu_median=round(statistics.median(gpus), 2))
     try:
-        out["kernels_us"] = {k: round(v, 2) for k, v in _kernels(graph, 200).items()}
+        kernels, timeline = _kernels(graph, 200)
+        out["kernels_us"] = {k: round(v, 2) for k, v in kernels.items()}
+        out["timeline_us"] = timeline
     except Exception as exc:  # noqa: BLE001 - the profiler is optional here
         out["kernels_error"] = repr(exc)[:200]
     otel_flashinfer.flush(60)
