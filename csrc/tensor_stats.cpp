@@ -480,6 +480,21 @@ void snapshot(at::Tensor out, int64_t host_ptr, int64_t event) {
   if (event) C10_CUDA_CHECK(cudaEventRecord(reinterpret_cast<cudaEvent_t>(event), stream));
 }
 
+// The same by a kernel into the slot's device address (`dst`, mapped pinned memory):
+// no copy engine between two replays (launch_copy_rows).
+void snapshot_kernel(at::Tensor out, int64_t dst, int64_t event) {
+  TORCH_CHECK(out.is_cuda() && out.is_contiguous() && out.scalar_type() == at::kLong,
+              "otel_flashinfer stats: snapshot rows must be contiguous int64 on a GPU");
+  TORCH_CHECK(dst != 0 && dst % 8 == 0, "otel_flashinfer stats: bad snapshot address");
+  c10::cuda::CUDAGuard guard(out.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const int err = launch_copy_rows(out.data_ptr<int64_t>(), reinterpret_cast<int64_t*>(dst),
+                                   out.numel(), stream);
+  TORCH_CHECK(err == 0, "otel_flashinfer snapshot kernel: ",
+              cudaGetErrorString(static_cast<cudaError_t>(err)));
+  if (event) C10_CUDA_CHECK(cudaEventRecord(reinterpret_cast<cudaEvent_t>(event), stream));
+}
+
 // Device-accessible address of pinned host memory (0 when it is not pinned/mapped).
 int64_t host_device_ptr(int64_t host_ptr) {
   void* d = nullptr;
@@ -555,6 +570,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "statistics into a ring slot's zero-at-rest rows, published into its pinned rows");
   m.def("host_device_ptr", &otel_fi::host_device_ptr);
   m.def("snapshot", &otel_fi::snapshot, "copy a graph's rows into a pinned slot + event");
+  m.def("snapshot_kernel", &otel_fi::snapshot_kernel,
+        "copy a graph's rows into a pinned slot's device address by a kernel + event");
   m.def("event_create", &otel_fi::event_create);
   m.def("event_query", &otel_fi::event_query);
   m.def("event_destroy", &otel_fi::event_destroy);

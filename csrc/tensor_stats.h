@@ -117,4 +117,8 @@ extern bool small_launches;
 int launch_tensor_stats(const LaunchDesc& desc, int total_blocks, int threads,
                         int64_t* out, void* stream);
 
+// Copies `words` int64 from device memory `src` to `dst` (device memory, or pinned host
+// memory through its device address) on `stream`.  Returns a cudaError_t as int.
+int launch_copy_rows(const int64_t* src, int64_t* dst, int64_t words, void* stream);
+
 }  // namespace otel_fi

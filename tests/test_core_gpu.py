@@ -217,8 +217,16 @@ def test_level5_stale_slots_past_last_page_len_do_not_flag(spans) -> None:
             assert bool(span.attributes.get("flashinfer.nonfinite")) is planted
 
 
-def test_level5_graph_flags_exactly_the_replay_with_nan(spans) -> None:
+@pytest.mark.parametrize("by_kernel", [True, False], ids=["snapshot_kernel", "memcpy"])
+def test_level5_graph_flags_exactly_the_replay_with_nan(spans, monkeypatch: Any,
+                                                        by_kernel: bool) -> None:
+    """Each replay's rows reach its slot intact, copied by our kernel into the mapped
+    slot (the default) or by the copy engine."""
+    from otel_flashinfer.stats import graph_rows, kernel
+
+    monkeypatch.setattr(graph_rows, "SNAPSHOT_KERNEL", by_kernel)
     otel_flashinfer.instrument(level=5, journal_dir="")
+    assert kernel.get(wait=True, timeout=600) is not None
     step = make_decode(use_cuda_graph=True)
     step.run()
     graph = torch.cuda.CUDAGraph()
@@ -228,6 +236,7 @@ def test_level5_graph_flags_exactly_the_replay_with_nan(spans) -> None:
     assert otel_flashinfer.flush(30)
     spans.exporter.clear()
     replay_with_nan(graph, step, 20, at=7)
+    assert bool(_graph_rows(graph)._mapped) is by_kernel  # noqa: SLF001
     children = sorted(spans.by_name(RUN),
                       key=lambda s: s.attributes["flashinfer.cuda_graph.replay"])
     assert len(children) == 20

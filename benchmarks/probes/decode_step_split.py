@@ -17,11 +17,14 @@ replay into what each side costs, in one process per level:
 (on the device, from the repository root, after ``. .ci/gpu-env.sh``).  Prints one JSON
 line.  The GPU figure holds while the host enqueues the block within the spin (it says
 ``gpu_ahead``: the spin was still running when the last replay was queued).
+``PROBE_SNAPSHOT=memcpy`` copies each replay's statistics rows by the copy engine, as
+before ``graph_rows.SNAPSHOT_KERNEL``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import time
@@ -83,6 +86,10 @@ def main() -> None:
 
     import otel_flashinfer
 
+    if os.environ.get("PROBE_SNAPSHOT") == "memcpy":  # the copy engine, as before
+        from otel_flashinfer.stats import graph_rows
+
+        graph_rows.SNAPSHOT_KERNEL = False
     if level:
         otel_flashinfer.instrument(level=level)
         _wait_for_kernels(level)

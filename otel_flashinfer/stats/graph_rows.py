@@ -43,6 +43,10 @@ CHUNK_ROWS = 2048
 #: ring is taken, caught up.
 RING_BYTES = 1 << 20
 MIN_SLOTS, MAX_SLOTS = 16, 1024
+#: A replay's rows go to its slot by a small kernel on the replay's stream, not by a
+#: copy-engine memcpy: on the captured decode step (H100) the memcpy left the GPU idle
+#: about 8 us before it and 11 us after it, every replay (``decode_step_split.py``).
+SNAPSHOT_KERNEL = True
 _SPARE = 7 * 8  # a row's spare word (layout.py): where GPU-clock stamps go
 #: Last-block counters per graph: one per timed captured call.
 COUNTERS = 4096
@@ -146,6 +150,9 @@ class GraphRows:
         self.ring: SlotRing | None = None
         self._views: list[torch.Tensor] = []  # each chunk's rows in use (sealed)
         self._offsets: list[int] = []  # where each chunk's rows start in a slot, in bytes
+        #: The ring's slot 0 as the GPU addresses it (mapped pinned memory), or 0: a
+        #: replay's rows are then copied by the copy engine (``_copy``).
+        self._mapped = 0
         self._windows: list[tuple[int, Any, RowWindow]] = []
         self._layout: tuple[dict[int, int] | None, tuple] = (None, ())
         self._left: list[int] = []  # per slot: children whose rows are not read yet
@@ -390,6 +397,12 @@ class GraphRows:
             except Exception as exc:  # noqa: BLE001 - the others are made as needed
                 health.report("stats_errors", "could not make a graph's CUDA events ahead",
                               exc)
+            if SNAPSHOT_KERNEL and hasattr(module, "snapshot_kernel"):
+                try:  # 0: not mapped, the copy engine copies
+                    self._mapped = int(module.host_device_ptr(ring.host_ptr(0)))
+                except Exception as exc:  # noqa: BLE001
+                    health.report("stats_errors", "could not map a graph's statistics "
+                                  "slots; they are copied by the copy engine", exc)
 
     # -- replay --------------------------------------------------------------------
     def replay(self, index: dict[int, int], module: Any = None, ts_ns: int | None = None
@@ -457,6 +470,13 @@ class GraphRows:
         if module is not None:
             event = ring.native_event(slot, module)
             # On the current stream, where the replay ran: no stream object per replay.
+            mapped = self._mapped
+            if mapped:  # the slot's device address: a kernel copies, not the copy engine
+                at = mapped + (host - ring.host_ptr(0))
+                for k, view in enumerate(self._views):
+                    module.snapshot_kernel(view, at + self._offsets[k],
+                                           event if k == last else 0)
+                return
             for k, view in enumerate(self._views):
                 module.snapshot(view, host + self._offsets[k], event if k == last else 0)
             return
