@@ -18,7 +18,10 @@ replay into what each side costs, in one process per level:
 line.  The GPU figure holds while the host enqueues the block within the spin (it says
 ``gpu_ahead``: the spin was still running when the last replay was queued).
 ``PROBE_SNAPSHOT=memcpy`` copies each replay's statistics rows by the copy engine, as
-before ``graph_rows.SNAPSHOT_KERNEL``.
+before ``graph_rows.SNAPSHOT_KERNEL``; ``PROBE_NO_TIMER=1`` takes the replay timer's two
+CUDA events away (the replay spans then have no GPU time: what the pair costs the
+host); ``PROBE_PROFILE=1`` profiles the third host-timed block (``cProfile``, which on
+Python 3.12 also sees the background threads).
 """
 
 from __future__ import annotations
@@ -93,6 +96,10 @@ def main() -> None:
     if level:
         otel_flashinfer.instrument(level=level)
         _wait_for_kernels(level)
+        if os.environ.get("PROBE_NO_TIMER") == "1":  # what the replay's event pair costs
+            from otel_flashinfer import runtime
+
+            runtime.current().replay_timer = lambda: None
     step = make_decode(use_cuda_graph=True)
     graph, _ = capture_graph(step.run)
     for _ in range(50):
@@ -101,13 +108,22 @@ def main() -> None:
     otel_flashinfer.flush(60)
     out: dict[str, Any] = {"level": level, "replays": replays}
     walls, hosts, gpus, ahead = [], [], [], []
-    for _ in range(3):
+    profiler = None
+    if os.environ.get("PROBE_PROFILE") == "1":  # where the replaying thread's time goes
+        import cProfile
+
+        profiler = cProfile.Profile()
+    for block in range(3):
         host = 0.0
+        if profiler is not None and block == 2:
+            profiler.enable()
         t0 = time.perf_counter()
         for _ in range(replays):
             c0 = time.thread_time()
             graph.replay()
             host += time.thread_time() - c0
+        if profiler is not None and block == 2:
+            profiler.disable()
         torch.cuda.synchronize()
         walls.append((time.perf_counter() - t0) / replays * 1e6)
         hosts.append(host / replays * 1e6)
@@ -128,6 +144,13 @@ def main() -> None:
     except Exception as exc:  # noqa: BLE001 - the profiler is optional here
         out["kernels_error"] = repr(exc)[:200]
     otel_flashinfer.flush(60)
+    if profiler is not None:
+        import io
+        import pstats
+
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(22)
+        out["profile"] = text.getvalue().splitlines()[-30:]
     from otel_flashinfer import health
 
     counters = health.counters()
