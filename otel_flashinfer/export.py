@@ -235,9 +235,11 @@ class HttpSender:
         self._direct_at = 0.0
         self.transport = "requests"
         self.direct_reason = "not_asked"
+        self._closed = False
 
     def close(self) -> None:
-        http_environment.release(self._env)
+        self._closed = True  # a sender still running (a join that timed out) goes on
+        http_environment.release(self._env)  # through the session, and makes no pool
         self._env = None
         self._drop_direct()
 
@@ -260,10 +262,15 @@ class HttpSender:
     def _client(self, exporter: Any) -> Any:
         """The client to send with: the direct copy while it applies."""
         now = time.monotonic()
-        if now >= self._direct_at:
+        if now >= self._direct_at and not self._closed:
             self._direct_at = now + http_direct.REFRESH_S
             self._choose(exporter)
-        return self._direct if self._direct is not None else exporter._client  # noqa: SLF001
+        direct = self._direct  # once: ``close`` on another thread may clear it
+        return direct if direct is not None else exporter._client  # noqa: SLF001
+
+    def _cookie_came(self) -> None:
+        """A response set a cookie (now in the session's jar): ask again at once."""
+        self._direct_at = 0.0
 
     def _choose(self, exporter: Any) -> None:
         client = exporter._client  # noqa: SLF001
@@ -277,12 +284,16 @@ class HttpSender:
             if settings is not None and settings == self._direct_settings:
                 return
             self._drop_direct()
-            if settings is not None:
-                self._direct = http_direct.direct_client(client, settings)
-                if self._direct is None:
+            if settings is not None and not self._closed:
+                direct = http_direct.direct_client(client, settings, session,
+                                                   self._cookie_came)
+                if direct is None:
                     reason = "no_urllib3_transport"
                 else:
-                    self._direct_settings, self.transport = settings, "urllib3"
+                    self._direct, self._direct_settings = direct, settings
+                    self.transport = "urllib3"
+                    if self._closed:  # closed meanwhile: no pool left behind
+                        self._drop_direct()
             self.direct_reason = reason
         except Exception as exc:  # noqa: BLE001 - the session's own path still sends
             self._drop_direct()

@@ -76,6 +76,17 @@ class _Sub(requests.Session):
     pass
 
 
+def _pinned(session: requests.Session) -> None:
+    """A certificate pin given to the default adapter's pool manager: urllib3's own
+    pool would not know it."""
+    session.get_adapter("https://").init_poolmanager(10, 10, assert_fingerprint="00" * 32)
+
+
+def _own_context(session: requests.Session) -> None:
+    context = ssl.create_default_context()
+    session.get_adapter("http://").init_poolmanager(10, 10, ssl_context=context)
+
+
 @pytest.mark.parametrize(("change", "reason"), [
     (lambda s: setattr(s, "auth", ("u", "p")), "auth"),
     (lambda s: s.hooks["response"].append(lambda r, **_: r), "hooks"),
@@ -84,6 +95,8 @@ class _Sub(requests.Session):
     (lambda s: s.proxies.update(http="http://proxy.example:3128"), "proxies"),
     (_mount_other, "adapters"),
     (_retrying, "adapters"),
+    (_pinned, "adapters"),
+    (_own_context, "adapters"),
 ])
 def test_a_session_that_adds_to_the_request_keeps_requests(
         clean_env: pytest.MonkeyPatch, change: Any, reason: str) -> None:
@@ -94,6 +107,12 @@ def test_a_session_that_adds_to_the_request_keeps_requests(
 
 def test_a_subclassed_session_keeps_requests(clean_env: pytest.MonkeyPatch) -> None:
     assert _decide(_Sub()) == (None, "session_type")
+
+
+def test_a_user_in_the_url_keeps_requests(clean_env: pytest.MonkeyPatch) -> None:
+    """requests sends it as basic auth; urllib3 would drop it."""
+    assert _decide(requests.Session(), "http://user:tok@127.0.0.1:4318/v1/traces") == (
+        None, "url_auth")
 
 
 def test_the_environment_decides_as_requests_does(clean_env: pytest.MonkeyPatch,
@@ -155,6 +174,9 @@ class _Capture(BaseHTTPRequestHandler):
         self.server.seen.append((self.command, self.path,  # type: ignore[attr-defined]
                                  {k.lower(): v for k, v in self.headers.items()}, body))
         self.send_response(200)
+        cookie = getattr(self.server, "set_cookie", None)
+        if cookie:
+            self.send_header("Set-Cookie", cookie)
         self.send_header("Content-Type", "application/x-protobuf")
         self.send_header("Content-Length", "0")
         self.end_headers()
@@ -243,6 +265,40 @@ def test_a_proxy_set_later_is_honoured_at_the_next_look(
     assert (sender.transport, sender.direct_reason) == ("requests", "proxies")
     assert [path for _, path, _, _ in server.seen] == ["/v1/traces", far]
     sender.close()
+
+
+def test_a_cookie_set_by_the_receiver_is_sent_back_as_requests_would(
+        clean_env: pytest.MonkeyPatch, capture: tuple[Any, int]) -> None:
+    """A load balancer's sticky cookie: the first response sets it, and every later
+    request carries it (through the session, whose jar now holds it)."""
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    server, port = capture
+    server.set_cookie = "AWSALB=sticky1; Path=/"
+    sender = HttpSender(OTLPSpanExporter(endpoint=f"http://127.0.0.1:{port}/v1/traces"))
+    assert sender.send(_payload(1), 1) and sender.transport == "urllib3"
+    server.set_cookie = None
+    assert sender.send(_payload(2), 2) and sender.send(_payload(3), 3)
+    assert (sender.transport, sender.direct_reason) == ("requests", "cookies")
+    cookies = [headers.get("cookie") for _, _, headers, _ in server.seen]
+    assert cookies == [None, "AWSALB=sticky1", "AWSALB=sticky1"]
+    sender.close()
+
+
+def test_a_closed_sender_makes_no_pool(clean_env: pytest.MonkeyPatch,
+                                       capture: tuple[Any, int]) -> None:
+    """``close`` may run while the sender thread still sends (a join that timed out):
+    it goes on through the session and leaves no urllib3 pool behind."""
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    server, port = capture
+    sender = HttpSender(OTLPSpanExporter(endpoint=f"http://127.0.0.1:{port}/v1/traces"))
+    assert sender.send(_payload(1), 1) and sender.transport == "urllib3"
+    sender.close()
+    sender._direct_at = 0.0  # noqa: SLF001 - a look would be due
+    assert sender.send(_payload(1), 1)
+    assert sender.transport == "requests" and sender._direct is None  # noqa: SLF001
+    assert len(server.seen) == 2
 
 
 def test_a_forked_child_makes_its_own_pool(clean_env: pytest.MonkeyPatch,
