@@ -372,6 +372,60 @@ def test_the_extensions_copies_land_each_chunk_where_its_rows_are(
     assert len(ring._free) == ring.host.shape[0]  # noqa: SLF001
 
 
+class _MappedExtension(_Extension):
+    """A device whose pinned slots are mapped (here the "device address" is the host
+    one): the rows go by ``snapshot_kernel`` to the slot's device address."""
+
+    def __init__(self, mapped: bool = True) -> None:
+        super().__init__()
+        self.mapped = mapped
+        self.kernel_copies: list[tuple[int, int, int]] = []
+
+    def host_device_ptr(self, host: int) -> int:
+        return host if self.mapped else 0
+
+    def snapshot_kernel(self, view: torch.Tensor, dst: int, event: int) -> None:
+        import ctypes
+
+        ctypes.memmove(dst, view.data_ptr(), view.numel() * 8)
+        self.kernel_copies.append((view.shape[0], dst, event))
+
+
+@pytest.mark.parametrize("mapped", [True, False])
+def test_mapped_slots_take_the_copy_kernel_once_the_extension_is_there(
+        monkeypatch: pytest.MonkeyPatch, events: FakeEvents, mapped: bool) -> None:  # noqa: F811
+    """Sealed before the extension was built (as here: no extension at the seal), the
+    first traced replay maps the slots; each chunk's rows then land at the slot's
+    device address by ``snapshot_kernel``, or by ``snapshot`` where nothing is mapped."""
+    monkeypatch.setattr(gr, "CHUNK_ROWS", 4)
+    data, metas = _rows()
+    capture = _capture(3)
+    rows = gr.GraphRows(CPU)
+    slots = _captured(rows, capture, [3, 2, 2])
+    for slot, n in zip(slots, [3, 2, 2], strict=True):
+        slot.metas = list(metas[:n])
+    rows.seal()
+    ring = rows.ring
+    assert ring is not None and rows._mapped == 0  # noqa: SLF001 - nothing at the seal
+    ring._native[:] = [600 + i for i in range(len(ring._native))]  # noqa: SLF001 - made
+    _fill(slots, torch.cat([data[:3], data[:2], data[1:3]]))
+    ext = _MappedExtension(mapped)
+    for _ in range(2):  # the second replay takes another slot: the address moves with it
+        whole = rows.replay(_index(capture), ext, ts_ns=7)
+        host = ring.host_ptr(whole.slot)
+        want = [(4, host, 0), (4, host + 4 * 64, 600 + whole.slot)]
+        assert (ext.kernel_copies[-2:] if mapped else ext.copies[-2:]) == want
+        at = host - ring.host_ptr(0)
+        raw = bytes(ring._raw[at:at + 8 * 64])  # noqa: SLF001
+        assert [raw[e[1]:e[1] + len(e[2]) * 64] for e in whole.layout] == [
+            data[:3].numpy().tobytes(), data[:2].numpy().tobytes(),
+            data[1:3].numpy().tobytes()]
+        whole.abandon()
+    assert len(ext.kernel_copies if mapped else ext.copies) == 4
+    assert not (ext.copies if mapped else ext.kernel_copies)
+    assert rows._mapped == (ring.host_ptr(0) if mapped else 0)  # noqa: SLF001
+
+
 @pytest.mark.parametrize("fmt", ["protobuf", "json"])
 def test_children_are_placed_on_the_gpu_timeline_from_the_graphs_first_launch(
         fmt: str, events: FakeEvents) -> None:  # noqa: F811

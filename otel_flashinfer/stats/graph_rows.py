@@ -16,6 +16,7 @@ rows of that slot (``RowWindow``): the encoder resolves them as it resolves any 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import weakref
@@ -151,8 +152,10 @@ class GraphRows:
         self._views: list[torch.Tensor] = []  # each chunk's rows in use (sealed)
         self._offsets: list[int] = []  # where each chunk's rows start in a slot, in bytes
         #: The ring's slot 0 as the GPU addresses it (mapped pinned memory), or 0: a
-        #: replay's rows are then copied by the copy engine (``_copy``).
+        #: replay's rows are then copied by the copy engine (``_copy``).  Calls with a
+        #: buffer of their own (``recorder.GraphStatsSlot``) are still copied by it.
         self._mapped = 0
+        self._map_asked = False
         self._windows: list[tuple[int, Any, RowWindow]] = []
         self._layout: tuple[dict[int, int] | None, tuple] = (None, ())
         self._left: list[int] = []  # per slot: children whose rows are not read yet
@@ -397,12 +400,25 @@ class GraphRows:
             except Exception as exc:  # noqa: BLE001 - the others are made as needed
                 health.report("stats_errors", "could not make a graph's CUDA events ahead",
                               exc)
-            if SNAPSHOT_KERNEL and hasattr(module, "snapshot_kernel"):
-                try:  # 0: not mapped, the copy engine copies
+            self._map(module, ring)
+
+    def _map(self, module: Any, ring: SlotRing) -> None:
+        """The ring's slot 0 as the GPU addresses it (``_mapped``), asked once: at the
+        seal, or at the first traced replay after the extension built, outside any
+        capture (0: not mapped, the copy engine copies)."""
+        if self._map_asked or not SNAPSHOT_KERNEL or not hasattr(module, "snapshot_kernel"):
+            return
+        with capture_guard.gpu_queries() as allowed:
+            if not allowed:
+                return  # another thread captures: asked again at the next replay
+            self._map_asked = True
+            try:
+                on = self.device.type == "cuda"
+                with torch.cuda.device(self.device) if on else contextlib.nullcontext():
                     self._mapped = int(module.host_device_ptr(ring.host_ptr(0)))
-                except Exception as exc:  # noqa: BLE001
-                    health.report("stats_errors", "could not map a graph's statistics "
-                                  "slots; they are copied by the copy engine", exc)
+            except Exception as exc:  # noqa: BLE001
+                health.report("stats_errors", "could not map a graph's statistics "
+                              "slots; they are copied by the copy engine", exc)
 
     # -- replay --------------------------------------------------------------------
     def replay(self, index: dict[int, int], module: Any = None, ts_ns: int | None = None
@@ -469,6 +485,8 @@ class GraphRows:
         last = len(self._views) - 1
         if module is not None:
             event = ring.native_event(slot, module)
+            if not self._map_asked:  # the extension built after the seal
+                self._map(module, ring)
             # On the current stream, where the replay ran: no stream object per replay.
             mapped = self._mapped
             if mapped:  # the slot's device address: a kernel copies, not the copy engine
