@@ -320,3 +320,17 @@ def last_json_line(stdout: str) -> dict[str, Any]:
         if line.startswith("{"):
             return json.loads(line)
     raise AssertionError(f"no JSON report in output:\n{stdout[-2000:]}")
+
+
+def otlp_request(spans: int) -> bytes:
+    """A serialized ExportTraceServiceRequest of ``spans`` minimal spans (one trace)."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    request = ExportTraceServiceRequest()
+    scope = request.resource_spans.add().scope_spans.add()
+    for i in range(spans):
+        span = scope.spans.add()
+        span.trace_id, span.span_id, span.name = bytes(15) + b"\x01", i.to_bytes(8, "big"), "f"
+    return request.SerializeToString()

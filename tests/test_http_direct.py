@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import requests
-from servers import free_port
+from servers import free_port, otlp_request
 
 from otel_flashinfer import http_direct
 from otel_flashinfer.export import HttpSender
@@ -199,19 +199,6 @@ def capture() -> Iterator[tuple[ThreadingHTTPServer, int]]:
         server.server_close()
 
 
-def _payload(spans: int) -> bytes:
-    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-        ExportTraceServiceRequest,
-    )
-
-    request = ExportTraceServiceRequest()
-    scope = request.resource_spans.add().scope_spans.add()
-    for i in range(spans):
-        span = scope.spans.add()
-        span.trace_id, span.span_id, span.name = bytes(15) + b"\x01", i.to_bytes(8, "big"), "f"
-    return request.SerializeToString()
-
-
 def _without_direct(sender: HttpSender) -> HttpSender:
     sender._direct_at = float("inf")  # noqa: SLF001 - never asks: the session sends
     return sender
@@ -229,7 +216,7 @@ def test_both_paths_put_the_same_request_on_the_wire(
     kind = Compression.Gzip if compression == "gzip" else Compression.NoCompression
     direct = HttpSender(OTLPSpanExporter(endpoint=url, compression=kind))
     plain = _without_direct(HttpSender(OTLPSpanExporter(endpoint=url, compression=kind)))
-    payload = _payload(5)
+    payload = otlp_request(5)
     assert direct.send(payload, 5) and plain.send(payload, 5)
     assert (direct.transport, direct.direct_reason) == ("urllib3", "direct")
     assert plain.transport == "requests"
@@ -254,14 +241,14 @@ def test_a_proxy_set_later_is_honoured_at_the_next_look(
 
     server, port = capture
     sender = HttpSender(OTLPSpanExporter(endpoint=f"http://127.0.0.1:{port}/v1/traces"))
-    assert sender.send(_payload(1), 1) and sender.transport == "urllib3"
+    assert sender.send(otlp_request(1), 1) and sender.transport == "urllib3"
     clean_env.setenv("HTTP_PROXY", f"http://127.0.0.1:{port}")
     far = "http://collector.invalid:4318/v1/traces"
     sender.exporter._client._endpoint = far  # noqa: SLF001 - a proxied endpoint
     sender._direct_at = 0.0  # noqa: SLF001 - the next look is due
     sender.exporter._client._transport._session.__dict__.pop(  # noqa: SLF001
         "merge_environment_settings", None)  # the cached reading too
-    assert sender.send(_payload(1), 1)
+    assert sender.send(otlp_request(1), 1)
     assert (sender.transport, sender.direct_reason) == ("requests", "proxies")
     assert [path for _, path, _, _ in server.seen] == ["/v1/traces", far]
     sender.close()
@@ -276,9 +263,9 @@ def test_a_cookie_set_by_the_receiver_is_sent_back_as_requests_would(
     server, port = capture
     server.set_cookie = "AWSALB=sticky1; Path=/"
     sender = HttpSender(OTLPSpanExporter(endpoint=f"http://127.0.0.1:{port}/v1/traces"))
-    assert sender.send(_payload(1), 1) and sender.transport == "urllib3"
+    assert sender.send(otlp_request(1), 1) and sender.transport == "urllib3"
     server.set_cookie = None
-    assert sender.send(_payload(2), 2) and sender.send(_payload(3), 3)
+    assert sender.send(otlp_request(2), 2) and sender.send(otlp_request(3), 3)
     assert (sender.transport, sender.direct_reason) == ("requests", "cookies")
     cookies = [headers.get("cookie") for _, _, headers, _ in server.seen]
     assert cookies == [None, "AWSALB=sticky1", "AWSALB=sticky1"]
@@ -293,10 +280,10 @@ def test_a_closed_sender_makes_no_pool(clean_env: pytest.MonkeyPatch,
 
     server, port = capture
     sender = HttpSender(OTLPSpanExporter(endpoint=f"http://127.0.0.1:{port}/v1/traces"))
-    assert sender.send(_payload(1), 1) and sender.transport == "urllib3"
+    assert sender.send(otlp_request(1), 1) and sender.transport == "urllib3"
     sender.close()
     sender._direct_at = 0.0  # noqa: SLF001 - a look would be due
-    assert sender.send(_payload(1), 1)
+    assert sender.send(otlp_request(1), 1)
     assert sender.transport == "requests" and sender._direct is None  # noqa: SLF001
     assert len(server.seen) == 2
 
@@ -307,11 +294,11 @@ def test_a_forked_child_makes_its_own_pool(clean_env: pytest.MonkeyPatch,
 
     server, port = capture
     sender = HttpSender(OTLPSpanExporter(endpoint=f"http://127.0.0.1:{port}/v1/traces"))
-    assert sender.send(_payload(1), 1)
+    assert sender.send(otlp_request(1), 1)
     parents = sender._direct  # noqa: SLF001
     sender.after_fork()
     assert sender.transport == "requests" and sender._direct is None  # noqa: SLF001
-    assert sender.send(_payload(2), 2) and sender.transport == "urllib3"
+    assert sender.send(otlp_request(2), 2) and sender.transport == "urllib3"
     assert sender._direct is not parents  # noqa: SLF001
     assert len(server.seen) == 2
     sender.close()
@@ -349,14 +336,14 @@ def test_tls_verifies_against_the_configured_certificate(
     server, port = tls_capture
     url = f"https://127.0.0.1:{port}/v1/traces"
     trusted = HttpSender(OTLPSpanExporter(endpoint=url, certificate_file=str(self_signed[0])))
-    assert trusted.send(_payload(3), 3)
+    assert trusted.send(otlp_request(3), 3)
     assert trusted.transport == "urllib3"
     assert trusted._direct_settings.verify == str(self_signed[0])  # noqa: SLF001
     # Without it the bundle is certifi's, which does not know this certificate.
     untrusted = HttpSender(OTLPSpanExporter(endpoint=url, timeout=3))
-    assert not untrusted.send(_payload(4), 4)
+    assert not untrusted.send(otlp_request(4), 4)
     assert untrusted.transport == "urllib3"
-    assert len(server.seen) == 1 and server.seen[0][3] == _payload(3)
+    assert len(server.seen) == 1 and server.seen[0][3] == otlp_request(3)
     trusted.close()
     untrusted.close()
     assert os.path.exists(self_signed[0])

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import requests
-from servers import child_env, free_port, start_otlp_receiver, stop_pid
+from servers import child_env, free_port, otlp_request, start_otlp_receiver, stop_pid
 
 from otel_flashinfer import http_environment
 from otel_flashinfer.export import HttpSender
@@ -107,19 +107,6 @@ def receiver() -> Any:
         stop_pid(proc.pid)
 
 
-def _request(spans: int) -> bytes:
-    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-        ExportTraceServiceRequest,
-    )
-
-    request = ExportTraceServiceRequest()
-    scope = request.resource_spans.add().scope_spans.add()
-    for i in range(spans):
-        span = scope.spans.add()
-        span.trace_id, span.span_id, span.name = bytes(15) + b"\x01", i.to_bytes(8, "big"), "f"
-    return request.SerializeToString()
-
-
 def test_senders_share_the_sessions_reading_and_give_it_back(receiver: int) -> None:
     """Through the SDK's own exporter to a real receiver: the first send puts the
     reading on the session, a second sender shares it, and the last close gives the
@@ -131,10 +118,10 @@ def test_senders_share_the_sessions_reading_and_give_it_back(receiver: int) -> N
     assert isinstance(session, requests.Session)
     first, second = HttpSender(exporter), HttpSender(exporter)
     assert "merge_environment_settings" not in session.__dict__  # nothing before a send
-    assert first.send(_request(3), 3)
+    assert first.send(otlp_request(3), 3)
     cached = session.__dict__["merge_environment_settings"]
     assert isinstance(cached, http_environment.CachedEnvironment)
-    assert second.send(_request(2), 2) and first.send(_request(1), 1)
+    assert second.send(otlp_request(2), 2) and first.send(otlp_request(1), 1)
     assert session.__dict__["merge_environment_settings"] is cached
     assert cached.users == 2
     first.close()
