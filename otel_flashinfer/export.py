@@ -246,14 +246,13 @@ class HttpSender:
     def after_fork(self) -> None:
         """In a forked child: a pool of its own, made at the next send (the parent's
         connections are the parent's; closing them here could end them there)."""
-        self._direct = self._direct_settings = None
+        self._drop_direct(close=False)
         self._direct_at = 0.0
-        self.transport = "requests"
 
-    def _drop_direct(self) -> None:
+    def _drop_direct(self, close: bool = True) -> None:
         direct, self._direct, self._direct_settings = self._direct, None, None
         self.transport = "requests"
-        if direct is not None:
+        if direct is not None and close:
             try:
                 direct._transport.close()  # noqa: SLF001
             except Exception:  # noqa: BLE001, S110 - its pool is only memory now
@@ -275,7 +274,7 @@ class HttpSender:
     def _choose(self, exporter: Any) -> None:
         client = exporter._client  # noqa: SLF001
         try:
-            session = http_direct.requests_session(client)
+            session = http_direct.requests_session(exporter)
             if session is None:
                 settings, reason = None, "transport"
             else:

@@ -28,6 +28,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from . import http_environment
+
 #: How often (seconds) the sender asks again whether the session still adds nothing.
 REFRESH_S = 10.0
 
@@ -163,10 +165,10 @@ def direct_client(client: Any, settings: Direct, session: Any = None,
     return twin
 
 
-def requests_session(client: Any) -> Any:
-    """The session of a client over the SDK's requests transport, else None (a
-    transport the application chose is left to do its own sending)."""
-    transport = getattr(client, "_transport", None)
+def requests_session(exporter: Any) -> Any:
+    """The session of an exporter whose client sends over the SDK's requests transport,
+    else None (a transport the application chose is left to do its own sending)."""
+    transport = getattr(getattr(exporter, "_client", None), "_transport", None)
     if type(transport).__name__ != "RequestsHTTPTransport":
         return None
-    return getattr(transport, "_session", None)
+    return http_environment.session_of(exporter)

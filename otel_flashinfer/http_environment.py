@@ -66,7 +66,7 @@ class CachedEnvironment:
         return settings
 
 
-def _session_of(exporter: Any) -> Any:
+def session_of(exporter: Any) -> Any:
     """The requests session an SDK OTLP/HTTP exporter sends with, or None (its
     transport's in newer SDKs, the exporter's own in older ones)."""
     client = getattr(exporter, "_client", None)
@@ -82,7 +82,7 @@ def _session_of(exporter: Any) -> Any:
 def hold(exporter: Any) -> CachedEnvironment | None:
     """Have ``exporter``'s session read its environment through a ``CachedEnvironment``
     (the one already there, if another sender put it), or None if it has none."""
-    session = _session_of(exporter)
+    session = session_of(exporter)
     if session is None:
         return None
     cached = session.__dict__.get("merge_environment_settings")

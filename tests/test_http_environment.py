@@ -114,7 +114,7 @@ def test_senders_share_the_sessions_reading_and_give_it_back(receiver: int) -> N
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
     exporter = OTLPSpanExporter(endpoint=f"http://127.0.0.1:{receiver}/v1/traces")
-    session = http_environment._session_of(exporter)  # noqa: SLF001
+    session = http_environment.session_of(exporter)
     assert isinstance(session, requests.Session)
     first, second = HttpSender(exporter), HttpSender(exporter)
     assert "merge_environment_settings" not in session.__dict__  # nothing before a send
@@ -159,7 +159,7 @@ f = otel_flashinfer.traced(lambda q: q, name="f")
 for _ in range(10):
     f(torch.ones(2))
 flushed = otel_flashinfer.flush(10)
-session = http_environment._session_of(exporter)
+session = http_environment.session_of(exporter)
 held = type(session.__dict__.get("merge_environment_settings")).__name__
 otel_flashinfer.uninstrument()
 after = type(session.__dict__.get("merge_environment_settings")).__name__
