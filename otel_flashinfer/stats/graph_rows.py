@@ -488,15 +488,13 @@ class GraphRows:
             if not self._map_asked:  # the extension built after the seal
                 self._map(module, ring)
             # On the current stream, where the replay ran: no stream object per replay.
-            mapped = self._mapped
-            if mapped:  # the slot's device address: a kernel copies, not the copy engine
-                at = mapped + (host - ring.host_ptr(0))
-                for k, view in enumerate(self._views):
-                    module.snapshot_kernel(view, at + self._offsets[k],
-                                           event if k == last else 0)
-                return
+            # Mapped: to the slot's device address by a kernel, not the copy engine.
+            if self._mapped:
+                copy, at = module.snapshot_kernel, self._mapped + (host - ring.host_ptr(0))
+            else:
+                copy, at = module.snapshot, host
             for k, view in enumerate(self._views):
-                module.snapshot(view, host + self._offsets[k], event if k == last else 0)
+                copy(view, at + self._offsets[k], event if k == last else 0)
             return
         flat = ring.host[slot].view(-1)
         for k, view in enumerate(self._views):
