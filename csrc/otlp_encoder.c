@@ -1878,9 +1878,13 @@ python:
  * written: no Python object per child on either thread. */
 
 static PyTypeObject *group_pending_type = NULL;
-enum { G_STATUS, G_LAYOUT, G_RING, G_SLOT, G_TS_NS, G_COUNT };
+enum { G_STATUS, G_LAYOUT, G_RING, G_SLOT, G_STAMPED, G_TS_NS, G_COUNT };
 static const char *const group_slot_names[G_COUNT] = {"_status", "layout", "ring", "slot",
-                                                      "ts_ns"};
+                                                      "stamped", "ts_ns"};
+/* A stamped group's slot holds the replay's own GPU time: the graph head's stamp in word
+ * HEAD_WORD of its first row (the anchor row) and the snapshot's start in the next
+ * (stats.graph_rows.HEAD_WORD). */
+#define HEAD_WORD 5
 static Py_ssize_t group_offsets[G_COUNT];
 
 static inline PyObject *gslot(PyObject *g, int which) {
@@ -1888,13 +1892,16 @@ static inline PyObject *gslot(PyObject *g, int which) {
 }
 
 /* Fills res[i] (has[i] = 2) for each child of ``g``: RESOLVED, NOT_YET or TO_PYTHON
- * (a child that already has statistics, a note, a stamp missing...). */
-static int resolve_group(PyObject *g, Py_ssize_t n, Resolved *res, char *has) {
+ * (a child that already has statistics, a note, a stamp missing...); a stamped group
+ * also puts the replay's GPU time in *replay_ns. */
+static int resolve_group(PyObject *g, Py_ssize_t n, Resolved *res, char *has,
+                         long long *replay_ns) {
     if (stats_api == NULL || group_pending_type == NULL || Py_TYPE(g) != group_pending_type)
         return TO_PYTHON;
     PyObject *slot_obj = gslot(g, G_SLOT), *ring = gslot(g, G_RING);
     PyObject *layout = gslot(g, G_LAYOUT), *ts = gslot(g, G_TS_NS);
-    if (slot_obj == NULL || ring == NULL || layout == NULL || ts == NULL ||
+    PyObject *stamped = gslot(g, G_STAMPED);
+    if (slot_obj == NULL || ring == NULL || layout == NULL || ts == NULL || stamped == NULL ||
         gslot(g, G_STATUS) == NULL || !PyLong_CheckExact(slot_obj) || !PyTuple_Check(layout))
         return TO_PYTHON;
     long slot = PyLong_AsLong(slot_obj);
@@ -1910,6 +1917,12 @@ static int resolve_group(PyObject *g, Py_ssize_t n, Resolved *res, char *has) {
     if (base == 0 || slot_bytes < rows * ROW_BYTES || ring_anchor(ring, &anchor) < 0)
         return TO_PYTHON;
     const unsigned char *slot_at = (const unsigned char *)(intptr_t)(base + slot * slot_bytes);
+    if (stamped == Py_True) {
+        long long head = (long long)row_word(slot_at, HEAD_WORD);
+        long long end = (long long)row_word(slot_at, HEAD_WORD + 1);
+        if (rows < 1 || !(0 < head && head <= end)) return TO_PYTHON; /* Python says why */
+        *replay_ns = end - head;
+    }
     for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(layout); ++k) {
         PyObject *entry = PyTuple_GET_ITEM(layout, k);
         if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) < 6) return TO_PYTHON;
@@ -2342,6 +2355,7 @@ static int encode_replay(Encoder *e, PyObject *record, long long gpu_ns) {
             return TO_PYTHON;
     Resolved *res = NULL;
     char *has = NULL; /* per child: 1 its own StatsPending, 2 a group's rows */
+    long long stamped_ns = -1; /* the replay's GPU time from a stamped group */
     if ((pend != Py_None || groups != Py_None) && n > 0) {
         res = PyMem_Calloc((size_t)n, sizeof *res);
         has = PyMem_Calloc((size_t)n, 1);
@@ -2363,7 +2377,7 @@ static int encode_replay(Encoder *e, PyObject *record, long long gpu_ns) {
             has[i] = 1;
         }
         for (Py_ssize_t k = 0; groups != Py_None && k < PyList_GET_SIZE(groups); ++k) {
-            int rc = resolve_group(PyList_GET_ITEM(groups, k), n, res, has);
+            int rc = resolve_group(PyList_GET_ITEM(groups, k), n, res, has, &stamped_ns);
             if (rc != RESOLVED) {
                 PyMem_Free(res);
                 PyMem_Free(has);
@@ -2371,6 +2385,8 @@ static int encode_replay(Encoder *e, PyObject *record, long long gpu_ns) {
             }
         }
     }
+    if (gpu_ns < 0 && stamped_ns >= 0) gpu_ns = stamped_ns; /* no event pair: the stamps */
+    else stamped_ns = -1;
     Buf *b = &e->spans;
     size_t len0 = b->len;
     Py_ssize_t count0 = e->count;
@@ -2470,6 +2486,7 @@ static int encode_replay(Encoder *e, PyObject *record, long long gpu_ns) {
               (Py_INCREF(Py_None), Py_None));
     e->replays++;
     e->children += (unsigned long long)n;
+    if (stamped_ns >= 0) note_replay_time(e, record, stamped_ns);
     return RESOLVED;
 }
 

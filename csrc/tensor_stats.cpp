@@ -482,17 +482,33 @@ void snapshot(at::Tensor out, int64_t host_ptr, int64_t event) {
 
 // The same by a kernel into the slot's device address (`dst`, mapped pinned memory):
 // no copy engine between two replays (launch_copy_rows).
-void snapshot_kernel(at::Tensor out, int64_t dst, int64_t event) {
+// `head` (0: none): the graph's head stamp word, written with this copy's own start
+// into words `head_at` and `head_at + 1` of the slot (launch_copy_rows).
+void snapshot_kernel(at::Tensor out, int64_t dst, int64_t event, int64_t head, int64_t head_at) {
   TORCH_CHECK(out.is_cuda() && out.is_contiguous() && out.scalar_type() == at::kLong,
               "otel_flashinfer stats: snapshot rows must be contiguous int64 on a GPU");
   TORCH_CHECK(dst != 0 && dst % 8 == 0, "otel_flashinfer stats: bad snapshot address");
+  TORCH_CHECK(head == 0 || (head % 8 == 0 && head_at >= 0 && head_at + 1 < out.numel()),
+              "otel_flashinfer stats: bad head stamp address or word");
   c10::cuda::CUDAGuard guard(out.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const int err = launch_copy_rows(out.data_ptr<int64_t>(), reinterpret_cast<int64_t*>(dst),
-                                   out.numel(), stream);
+                                   out.numel(), stream,
+                                   head ? reinterpret_cast<const int64_t*>(head) : nullptr,
+                                   head ? head_at : -1);
   TORCH_CHECK(err == 0, "otel_flashinfer snapshot kernel: ",
               cudaGetErrorString(static_cast<cudaError_t>(err)));
   if (event) C10_CUDA_CHECK(cudaEventRecord(reinterpret_cast<cudaEvent_t>(event), stream));
+}
+
+// The GPU clock into device word `word` on the current stream: launched right after a
+// capture begins, it is the graph's first node (graph_rows.head_stamper).
+void head_stamp(int64_t word) {
+  TORCH_CHECK(word != 0 && word % 8 == 0, "otel_flashinfer stats: bad head stamp address");
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const int err = launch_head_stamp(reinterpret_cast<int64_t*>(word), stream);
+  TORCH_CHECK(err == 0, "otel_flashinfer head stamp: ",
+              cudaGetErrorString(static_cast<cudaError_t>(err)));
 }
 
 // Device-accessible address of pinned host memory (0 when it is not pinned/mapped).
@@ -571,7 +587,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("host_device_ptr", &otel_fi::host_device_ptr);
   m.def("snapshot", &otel_fi::snapshot, "copy a graph's rows into a pinned slot + event");
   m.def("snapshot_kernel", &otel_fi::snapshot_kernel,
-        "copy a graph's rows into a pinned slot's device address by a kernel + event");
+        "copy a graph's rows into a pinned slot's device address by a kernel + event",
+        pybind11::arg("out"), pybind11::arg("dst"), pybind11::arg("event"),
+        pybind11::arg("head") = 0, pybind11::arg("head_at") = -1);
+  m.def("head_stamp", &otel_fi::head_stamp,
+        "the GPU clock into a device word on the current stream (a graph's first node)");
   m.def("event_create", &otel_fi::event_create);
   m.def("event_query", &otel_fi::event_query);
   m.def("event_destroy", &otel_fi::event_destroy);

@@ -118,7 +118,13 @@ int launch_tensor_stats(const LaunchDesc& desc, int total_blocks, int threads,
                         int64_t* out, void* stream);
 
 // Copies `words` int64 from device memory `src` to `dst` (device memory, or pinned host
-// memory through its device address) on `stream`.  Returns a cudaError_t as int.
-int launch_copy_rows(const int64_t* src, int64_t* dst, int64_t words, void* stream);
+// memory through its device address) on `stream`; with `head`, dst[head_at] gets *head
+// and dst[head_at + 1] the GPU clock as the copy starts.  Returns a cudaError_t as int.
+int launch_copy_rows(const int64_t* src, int64_t* dst, int64_t words, void* stream,
+                     const int64_t* head = nullptr, int64_t head_at = -1);
+
+// Writes the GPU clock (%globaltimer, ns) into the device word `word` on `stream`: the
+// first node of a captured graph, where its replays' GPU time starts.
+int launch_head_stamp(int64_t* word, void* stream);
 
 }  // namespace otel_fi

@@ -771,23 +771,40 @@ __global__ void __launch_bounds__(kStatsThreads, kStatsMinBlocksPerSm)
 // kernel on the replay's stream rather than a copy-engine memcpy, which waits for the
 // graph's end and holds the next replay behind it (about 18 us of idle GPU a replay of
 // the captured decode step, H100).
+// `head` (or null): the word the graph's head node stamped (head_stamp_kernel); its value
+// goes to dst[head_at] and this kernel's own start to dst[head_at + 1], in place of
+// those words of `src` (unused words of the graph's anchor row): the replay's GPU time
+// without an event pair around it.  One thread writes each word, so no copy races them.
 __global__ void copy_rows_kernel(const long long* __restrict__ src, long long* dst,
-                                 int64_t words) {
+                                 int64_t words, const long long* head, int64_t head_at) {
+  const long long now = head != nullptr ? global_ns() : 0;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < words;
        i += stride)
-    dst[i] = src[i];
+    dst[i] = head == nullptr ? src[i] : i == head_at ? *head : i == head_at + 1 ? now : src[i];
   __threadfence_system();  // the host reads them once the slot's event completes
 }
 
+__global__ void head_stamp_kernel(long long* word) { *word = global_ns(); }
+
 }  // namespace
 
-int launch_copy_rows(const int64_t* src, int64_t* dst, int64_t words, void* stream) {
+int launch_copy_rows(const int64_t* src, int64_t* dst, int64_t words, void* stream,
+                     const int64_t* head, int64_t head_at) {
   if (words <= 0) return 0;
+  if (head != nullptr && (head_at < 0 || head_at + 1 >= words))
+    return static_cast<int>(cudaErrorInvalidValue);
   const int threads = 256;
   const int64_t blocks = std::min<int64_t>((words + threads - 1) / threads, 32);
   copy_rows_kernel<<<static_cast<int>(blocks), threads, 0, static_cast<cudaStream_t>(stream)>>>(
-      reinterpret_cast<const long long*>(src), reinterpret_cast<long long*>(dst), words);
+      reinterpret_cast<const long long*>(src), reinterpret_cast<long long*>(dst), words,
+      reinterpret_cast<const long long*>(head), head_at);
+  return static_cast<int>(cudaGetLastError());
+}
+
+int launch_head_stamp(int64_t* word, void* stream) {
+  head_stamp_kernel<<<1, 1, 0, static_cast<cudaStream_t>(stream)>>>(
+      reinterpret_cast<long long*>(word));
   return static_cast<int>(cudaGetLastError());
 }
 

@@ -44,8 +44,10 @@ _kept_by_us: weakref.WeakSet[Any] = weakref.WeakSet()
 #: random numbers (``graph_rng.RngWatch``).
 _registered_generators: weakref.WeakKeyDictionary[Any, list[Any]] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
-#: Run before a capture begins and before it ends, by owner (``set_capture_hooks``).
-_capture_hooks: dict[str, tuple[Callable[[], None] | None, Callable[[], None] | None]] = {}
+#: Run before a capture begins, before it ends, and right after it began (given the
+#: ``Capture``), by owner (``set_capture_hooks``).
+_capture_hooks: dict[str, tuple[Callable[[], None] | None, Callable[[], None] | None,
+                                Callable[[Any], None] | None]] = {}
 
 
 class Capture:
@@ -149,6 +151,16 @@ class Capture:
             # it sees it, and reads ``any_hooks`` and ``_index`` with it.
             self._template = template
         return template
+
+    def replay_stamper(self) -> Any:
+        """The group that stamps a traced replay's GPU time into its own pending, if
+        one can now (``stats.graph_rows.GraphRows.times_replay``): the replay then
+        needs no event pair around it."""
+        for group in self.groups.values():
+            times = getattr(group, "times_replay", None)
+            if times is not None and times():
+                return group
+        return None
 
     def group(self, key: Any, make: Callable[[], Any]) -> Any:
         """The replay group ``key`` of this capture, made by ``make`` the first time."""
@@ -293,24 +305,26 @@ class Capture:
 
 
 def set_capture_hooks(owner: str, before_begin: Callable[[], None] | None = None,
-                      before_end: Callable[[], None] | None = None) -> None:
-    """Work around every capture, one pair per ``owner`` (a later call replaces it):
+                      before_end: Callable[[], None] | None = None,
+                      after_begin: Callable[[Capture], None] | None = None) -> None:
+    """Work around every capture, one set per ``owner`` (a later call replaces it):
     ``before_begin`` for what must not run while a capture is open (taking a stream from
     torch's pool), ``before_end`` for what a capture cannot end without (joining a
-    stream a hook forked).  Both None: the owner's hooks are removed."""
-    if before_begin is None and before_end is None:
+    stream a hook forked), ``after_begin(capture)`` for the graph's first nodes.  All
+    None: the owner's hooks are removed."""
+    if before_begin is None and before_end is None and after_begin is None:
         _capture_hooks.pop(owner, None)
     else:
-        _capture_hooks[owner] = (before_begin, before_end)
+        _capture_hooks[owner] = (before_begin, before_end, after_begin)
 
 
-def _run_capture_hooks(which: int) -> None:
+def _run_capture_hooks(which: int, *args: Any) -> None:
     for hooks in list(_capture_hooks.values()):
         hook = hooks[which]
         if hook is None:
             continue
         try:
-            hook()
+            hook(*args)
         except Exception as exc:  # noqa: BLE001 - never break the application's capture
             health.report("graph_errors", "a CUDA graph capture hook failed", exc)
 
@@ -439,6 +453,8 @@ def patch(runtime: Any, gate_types: tuple[Any, Any] | None = None) -> None:
             _capturing = capture
         except Exception as exc:  # noqa: BLE001
             health.report("graph_errors", "could not note a CUDA graph capture", exc)
+        else:
+            _run_capture_hooks(2, capture)
         return result
 
     def capture_end(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -498,7 +514,7 @@ def patch(runtime: Any, gate_types: tuple[Any, Any] | None = None) -> None:
                         sampler.charge_untraced(perf_counter() - t0)
                         _arm(sampler, skip, capture)
                     return capture.torch_replay(replay, self, args, kwargs)
-                begun = _begin(runtime)
+                begun = _begin(runtime, capture)
                 t1 = perf_counter()
                 result = capture.torch_replay(replay, self, args, kwargs)
         elif not traced:
@@ -513,7 +529,7 @@ def patch(runtime: Any, gate_types: tuple[Any, Any] | None = None) -> None:
                 _arm(sampler, skip, capture)
             return replay(self, *args, **kwargs)
         else:
-            begun = _begin(runtime)
+            begun = _begin(runtime, capture)
             t1 = perf_counter()
             result = replay(self, *args, **kwargs)
         t2 = perf_counter()
@@ -642,11 +658,13 @@ def _parent_sampled() -> bool:
     return not context.is_valid or bool(context.trace_flags & 1)
 
 
-def _begin(runtime: Any) -> tuple[Any, Any, int] | None:
+def _begin(runtime: Any, capture: Capture) -> tuple[Any, Any, int] | None:
     """A traced replay's start: (its GPU timer, the timer's mark, host start in ns), or
-    None when that failed (reported; the replay then goes untraced)."""
+    None when that failed (reported; the replay then goes untraced).  The timer is a
+    group of the capture's that stamps the replay's GPU time on the GPU, where one
+    does (``Capture.replay_stamper``), else the runtime's CUDA event pair."""
     try:
-        timer = runtime.replay_timer()
+        timer = capture.replay_stamper() or runtime.replay_timer()
         return timer, timer.begin() if timer is not None else None, time_ns()
     except Exception as exc:  # noqa: BLE001
         health.report("graph_errors", "could not trace a CUDA graph replay", exc)
@@ -724,11 +742,15 @@ def emit_replay(runtime: Any, capture: Capture, index: int, start_ns: int, end_n
     _untrack(replay_context)
     # Groups first: their copies follow the replay on its stream, like the hooks'.
     whole, grouped = capture.group_pendings() if capture.groups else (None, None)
+    timed = timing is not None
+    stamped = getattr(timing, "replay_time", None)
+    if stamped is not None:  # a group's pending carries the time (or why there is none)
+        timing = stamped(whole)
     if type(timing) is int:
         record.gpu = timing
     elif timing is not None:
         record.add_pending(timing)
-    if timing is not None and not capture.gates:
+    if timed and not capture.gates:
         # Where the worker leaves its GPU time (``_replay_gpu_s``), which ``auto`` earns
         # by.  Not for a gated graph: its traced replays run the statistics launches
         # its untraced ones skip (+78% on a 32-layer decode step), and earning by that

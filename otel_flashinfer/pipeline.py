@@ -256,6 +256,9 @@ class ReplayRecord(CallRecord):
             pending = list(pending) if pending is not None else [None] * len(template)
             for group in groups:
                 for i, part in group.split():  # first, as on the replaying thread's path
+                    if i < 0:  # the replay's own GPU time, from the group's slot
+                        self.add_pending(part)
+                        continue
                     pending[i] = [part, *pending[i]] if pending[i] else [part]
         children = []
         for i, proto in enumerate(template):

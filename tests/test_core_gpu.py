@@ -222,6 +222,7 @@ def test_level5_graph_flags_exactly_the_replay_with_nan(spans, monkeypatch: Any,
                                                         by_kernel: bool) -> None:
     """Each replay's rows reach its slot intact, copied by our kernel into the mapped
     slot (the default) or by the copy engine."""
+    from otel_flashinfer import graphs
     from otel_flashinfer.stats import graph_rows, kernel
 
     monkeypatch.setattr(graph_rows, "SNAPSHOT_KERNEL", by_kernel)
@@ -237,6 +238,9 @@ def test_level5_graph_flags_exactly_the_replay_with_nan(spans, monkeypatch: Any,
     spans.exporter.clear()
     replay_with_nan(graph, step, 20, at=7)
     assert bool(_graph_rows(graph)._mapped) is by_kernel  # noqa: SLF001
+    # only a mapped slot takes the head's stamp: the copy engine's keeps the event pair
+    stamper = graphs._graphs[graph].replay_stamper()  # noqa: SLF001
+    assert stamper is (_graph_rows(graph) if by_kernel else None)
     children = sorted(spans.by_name(RUN),
                       key=lambda s: s.attributes["flashinfer.cuda_graph.replay"])
     assert len(children) == 20
@@ -471,6 +475,36 @@ def test_level5_a_graph_drawing_random_numbers_switches_its_nodes(spans, monkeyp
     assert len({tuple(d.tolist()) for d in drawn}) == 7  # a new draw every replay
     assert otel_flashinfer.flush(60)
     _check_children(spans, step)
+
+
+def test_level5_replays_are_timed_by_the_graphs_head_stamp(spans, monkeypatch) -> None:
+    """Every replay traced at level 5: the graph's first node stamps the GPU clock and
+    the snapshot kernel copies it beside its own start, so a replay records no CUDA
+    event pair; the replay span's GPU time still matches hand timing."""
+    from otel_flashinfer import graphs, runtime
+    from otel_flashinfer.stats import kernel
+
+    otel_flashinfer.instrument(level=5, journal_dir="")
+    assert kernel.get(wait=True, timeout=600) is not None
+    asked: list[int] = []
+    timer = runtime.current().replay_timer
+    monkeypatch.setattr(runtime.current(), "replay_timer",
+                        lambda: asked.append(1) or timer())
+    step = make_decode(use_cuda_graph=True)
+    graph, _ = capture_graph(step.run)
+    rows = _graph_rows(graph)
+    assert rows._head is not None and graphs._graphs[graph].replay_stamper() is rows  # noqa: SLF001
+    assert otel_flashinfer.flush(30)
+    spans.exporter.clear()
+    hand = [hand_time(graph.replay)[1] for _ in range(8)]
+    assert otel_flashinfer.flush(30)
+    replays = spans.by_name("cuda_graph.replay")
+    assert len(replays) == 8 and not asked
+    ours = statistics.median(_gpu_ns(s) / 1e6 for s in replays)
+    theirs = statistics.median(hand)
+    print(f"\nlevel-5 replay GPU ms: span (head stamp to snapshot) {ours:.4f} vs hand "
+          f"{theirs:.4f}")
+    assert 0.6 * theirs <= ours <= 1.1 * theirs
 
 
 def test_level5_every_replay_traced_takes_no_gate(spans) -> None:

@@ -9,6 +9,7 @@ would on each replay; the copy into the slot is the torch path of ``GraphRows._c
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import deque
 from typing import Any
@@ -380,14 +381,23 @@ class _MappedExtension(_Extension):
         super().__init__()
         self.mapped = mapped
         self.kernel_copies: list[tuple[int, int, int]] = []
+        self.heads: list[tuple[int, int]] = []  # (slot address, head word) per stamped copy
+        self.now = 0  # the GPU clock as a stamped copy starts
 
     def host_device_ptr(self, host: int) -> int:
         return host if self.mapped else 0
 
-    def snapshot_kernel(self, view: torch.Tensor, dst: int, event: int) -> None:
+    def snapshot_kernel(self, view: torch.Tensor, dst: int, event: int, head: int = 0,
+                        head_at: int = -1) -> None:
+        """As copy_rows_kernel: with ``head``, the head's stamp and this copy's start
+        (``now``) go into words ``head_at`` and ``head_at + 1`` of the slot."""
         import ctypes
 
         ctypes.memmove(dst, view.data_ptr(), view.numel() * 8)
+        if head:
+            ctypes.memmove(dst + head_at * 8, head, 8)
+            ctypes.c_int64.from_address(dst + head_at * 8 + 8).value = self.now
+            self.heads.append((dst, head))
         self.kernel_copies.append((view.shape[0], dst, event))
 
 
@@ -482,3 +492,156 @@ def test_children_are_placed_on_the_gpu_timeline_from_the_graphs_first_launch(
     assert [(c.start_ns, c.end_ns, c.attributes["flashinfer.cuda_graph.time_source"])
             for c in children] == [(4_000, 25_000, "gpu"), (34_000, 38_500, "gpu")]
     assert len(ring._free) == ring.host.shape[0]  # noqa: SLF001
+
+
+def _stamped_graph(head: torch.Tensor | None) -> tuple[Any, ...]:
+    """Two timed calls of a graph whose first node stamps ``head`` (None: no head
+    word), sealed with mapped slots: (data, capture, rows, slots, ring, extension)."""
+    data, metas = _rows()
+    capture = _capture(2)
+    rows = gr.GraphRows(CPU, head=head)
+    slots = _captured(rows, capture, [4, 4])
+    assert rows.take_anchor() == rows._chunks[0].data_ptr() + 56  # noqa: SLF001
+    for slot in slots:
+        slot.metas, slot.nin, slot.timed = list(metas), 2, True
+    ext = _MappedExtension()
+    rows.seal()
+    assert rows.ring is not None
+    rows._map(ext, rows.ring)  # noqa: SLF001 - as at a device's seal
+    rows.ring._native[:] = [600 + i for i in range(len(rows.ring._native))]  # noqa: SLF001
+    return data, capture, rows, slots, rows.ring, ext
+
+
+@pytest.mark.parametrize("fmt", ["protobuf", "json"])
+def test_a_stamped_replay_takes_its_gpu_time_from_the_graphs_head_and_the_copy(
+        fmt: str, events: FakeEvents) -> None:  # noqa: F811
+    """With a head word (the graph's first node stamps it) and mapped slots, the replay
+    needs no event pair: the first chunk's copy writes the head's stamp and its own
+    start into the anchor row, and the replay span's GPU time is their difference, in
+    C as in Python.  A stamp that did not come (0) says so; the slot goes back each
+    time."""
+    head = torch.zeros(1, dtype=torch.int64)
+    data, capture, rows, slots, ring, ext = _stamped_graph(head)
+    assert rows.times_replay() and capture.replay_stamper() is None  # not its group
+    capture.groups["stats"] = rows
+    assert capture.replay_stamper() is rows
+    assert rows.end_handle(rows.begin()) is rows  # no event recorded around the replay
+    tracer, _ = _sdk_tracer()
+    encoder = export.make_encoder(tracer, fmt, CallRecord, _EMPTY)
+
+    def replay(index: int, start: int, end: int) -> Any:
+        a = data.clone()
+        a[0, 7], a[2, 7] = start + 2_000, start + 9_000  # the first call's launches
+        _fill(slots, torch.cat([a, a]))
+        rows._chunks[0][0, 7] = start + 1_000  # noqa: SLF001 - the anchor
+        head[0], ext.now = start, end
+        whole = rows.replay(_index(capture), ext, ts_ns=7)
+        assert whole.stamped and rows.replay_time([whole]) is None
+        # the first chunk's copy, to the slot's start, read the head's word
+        assert ext.heads[-1] == (ring.host_ptr(whole.slot), head.data_ptr())
+        ring._native[whole.slot], ring._kind[whole.slot] = 90, "native"  # noqa: SLF001
+        return _replay_of(capture, index, whole)
+
+    def replay_time(span: Any) -> tuple[str, Any]:
+        attrs = {kv.key: kv.value for kv in span.attributes}
+        if "flashinfer.gpu.time_ns" in attrs:
+            return "time_ns", attrs["flashinfer.gpu.time_ns"].int_value
+        return "unavailable", attrs["flashinfer.gpu.time_unavailable"].string_value
+
+    for index, (start, end) in ((1, (5_000_000, 5_040_000)), (2, (9_000_000, 9_035_500))):
+        record = replay(index, start, end)
+        assert encoder.drain(deque([record]), [], 1, deque(), 1.0, 2.0) == 1
+        got = _decode(encoder.take(), fmt)
+        assert replay_time(got[0]) == ("time_ns", end - start)
+        assert record.attributes["flashinfer.gpu.time_ns"] == end - start  # for ``auto``
+        want = _python_path(fmt, replay(index, start, end))
+        assert [_without_span_id(g) for g in got] == [_without_span_id(w) for w in want]
+    assert encoder.stats()["replay_templated"] == 2
+    # the head's word unwritten (0): Python writes the replay, saying why it has no time
+    slow: list[Any] = []
+    assert encoder.drain(deque([replay(3, 0, 40_000)]), slow, 1, deque(), 1.0, 2.0) == 0
+    (held,) = slow
+    children = held.expand()
+    (own,) = held.pending
+    assert own.ready()
+    own.apply(held)
+    assert held.attributes["flashinfer.gpu.time_unavailable"] == "no_stamp"
+    for child in children:  # the slot goes back after the children's rows too
+        child.own()
+        (pending,) = child.pending
+        assert pending.ready()
+        pending.apply(child)
+    assert len(ring._free) == ring.host.shape[0]  # noqa: SLF001
+
+
+def test_a_replay_is_timed_by_events_where_nothing_stamps_it(
+        events: FakeEvents) -> None:  # noqa: F811
+    """No head word, or slots the copy engine fills (not mapped): no group stamps the
+    replay, which keeps its event pair; a stamped group whose statistics were dropped
+    (the ring full) says why the replay has no GPU time."""
+    *_, capture, rows, _slots, _ring2, _ext = _stamped_graph(None)
+    capture.groups["stats"] = rows
+    assert not rows.times_replay() and capture.replay_stamper() is None
+    head = torch.zeros(1, dtype=torch.int64)
+    _data, capture, rows, _slots, ring, ext = _stamped_graph(head)
+    rows._mapped = 0  # noqa: SLF001 - as where cudaHostGetDevicePointer failed
+    assert not rows.times_replay()
+    rows._mapped = ring.host_ptr(0)  # noqa: SLF001
+    assert rows.times_replay()
+    taken = [ring.acquire() for _ in range(ring.host.shape[0])]
+    dropped = rows.replay(_index(capture), ext, ts_ns=7)
+    assert type(dropped) is list and not ext.heads  # nothing copied, nothing stamped
+    reason = rows.replay_time(None)
+    assert type(reason).__name__ == "Unavailable" and reason.reason == "stats_dropped"
+    for slot in taken:
+        ring.release(slot)
+
+
+def test_a_traced_replay_records_no_event_pair_where_its_group_stamps_it(
+        events: FakeEvents) -> None:  # noqa: F811
+    """``graphs._begin`` takes the stamping group as the replay's timer (the runtime's
+    event pair is not touched), and ``emit_replay`` leaves the time to the group's
+    pending: no handle and no pending of the replay's own, its attributes kept for
+    ``auto``.  Made on the replaying thread (level 10's hooks), the replay holds the
+    group's stamps as its own pending."""
+    head = torch.zeros(1, dtype=torch.int64)
+    _data, capture, rows, _slots, ring, ext = _stamped_graph(head)
+    capture.groups[("stats", "cpu")] = rows
+    rows.seal()
+    submitted: list[Any] = []
+
+    class _Runtime:
+        pipeline = type("P", (), {"submit": staticmethod(submitted.append)})()
+
+        def replay_timer(self) -> Any:
+            raise AssertionError("an event pair was recorded")
+
+        def sample_root(self, trace_id: int, name: str) -> bool:
+            return True
+
+    # the device's path: the extension's copies (a CPU group would copy by torch)
+    rows.replay = functools.partial(gr.GraphRows.replay, rows, module=ext)  # type: ignore[method-assign]
+    try:
+        timer, mark, _start = graphs._begin(_Runtime(), capture)  # noqa: SLF001
+        assert timer is rows
+        graphs.emit_replay(_Runtime(), capture, 4, 10, 20, timer.end_handle(mark))
+        (replay,) = submitted
+        assert replay.gpu is None and not replay.pending
+        (whole,) = replay.group
+        assert whole.stamped and capture.timed is replay.attributes
+        whole.abandon()
+        # level 10: the children are made on the replaying thread
+        capture.add_replay_hook(capture.records[0], lambda stream, child: None)
+        submitted.clear()
+        graphs.emit_replay(_Runtime(), capture, 5, 10, 20, timer.end_handle(mark))
+        *children, replay = submitted
+        assert [type(p) for p in replay.pending] == [gr.ReplayStamps]
+        for record in (replay, *children):
+            record.own()
+            for pending in record.pending:
+                assert pending.ready()
+                pending.apply(record)
+        assert replay.attributes["flashinfer.gpu.time_unavailable"] == "no_stamp"  # head 0
+        assert len(ring._free) == ring.host.shape[0]  # noqa: SLF001
+    finally:
+        del rows.replay

@@ -82,6 +82,10 @@ def _python_path(fmt: str, replay: ReplayRecord) -> list[Any]:
     tracer, _ = _sdk_tracer()
     encoder = export.make_encoder(tracer, fmt, CallRecord, _EMPTY)
     children = replay.expand()
+    for pending in replay.pending:  # its own GPU time from a group's slot (stamped)
+        pending._status = 0  # noqa: SLF001 - its event completed
+        pending.apply(replay)
+    replay.pending = _EMPTY
     encoder.add(replay)
     for child in children:
         for pending in child.pending:  # as the worker resolves them (ready, then applied)

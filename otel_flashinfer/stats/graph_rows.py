@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from .. import capture_guard, health
+from ..gpu_timing import TIME_ATTR, UNAVAILABLE_ATTR, Unavailable
 from . import kernel as _kernel
 from . import lean_graph
 from .decode import ROW_BYTES
@@ -48,7 +49,18 @@ MIN_SLOTS, MAX_SLOTS = 16, 1024
 #: copy-engine memcpy: on the captured decode step (H100) the memcpy left the GPU idle
 #: about 8 us before it and 11 us after it, every replay (``decode_step_split.py``).
 SNAPSHOT_KERNEL = True
+#: Where every replay is traced, the graph's first node stamps its start and the
+#: snapshot kernel its end (``head_stamper``): no CUDA event pair around the replay
+#: (a probe compares both: benchmarks/probes/decode_step_split.py).
+HEAD_STAMP = True
 _SPARE = 7 * 8  # a row's spare word (layout.py): where GPU-clock stamps go
+#: Where in a slot the replay's own GPU time goes, when the graph's head stamps it
+#: (``head_stamper``): word 5 of the anchor row gets the head's stamp and word 6 the
+#: snapshot kernel's start, in place of an event pair around the replay.  The anchor
+#: row holds no statistics: only its spare word (7) is written by a launch.
+HEAD_WORD = 5
+#: The head word of each capture that launched one (``head_stamper``), and its device.
+_heads: weakref.WeakKeyDictionary[Any, tuple[str, torch.Tensor]] = weakref.WeakKeyDictionary()
 #: Last-block counters per graph: one per timed captured call.
 COUNTERS = 4096
 
@@ -90,21 +102,24 @@ class GraphStatsPending:
     the graph's ring, one event.  The span encoder reads each child's rows in place
     from ``layout`` (csrc/otlp_encoder.c, ``resolve_group``) and hands the slot back
     once; the Python path ``split``s it into one ``StatsPending`` per child.  Plain
-    ``__slots__`` fields: the encoder reads them by offset."""
+    ``__slots__`` fields: the encoder reads them by offset.  ``stamped``: the slot also
+    holds the replay's own GPU time (``HEAD_WORD``)."""
 
-    __slots__ = ("_status", "layout", "owner", "ring", "slot", "ts_ns")
+    __slots__ = ("_status", "layout", "owner", "ring", "slot", "stamped", "ts_ns")
 
     def __init__(self, owner: GraphRows, ring: SlotRing, slot: int, layout: tuple,
-                 ts_ns: int) -> None:
+                 ts_ns: int, stamped: bool = False) -> None:
         self.owner, self.ring, self.slot, self.layout, self.ts_ns = owner, ring, slot, layout, ts_ns
+        self.stamped = stamped
         self._status = 1
 
-    def split(self) -> list[tuple[int, StatsPending]]:
-        """(child index, its StatsPending over its rows of the slot), once."""
+    def split(self) -> list[tuple[int, Any]]:
+        """(child index, its StatsPending over its rows of the slot), once; a stamped
+        replay's own time first, as index -1 (a ``ReplayStamps``)."""
         slot, self.slot = self.slot, -1
         if slot < 0:
             return []
-        return self.owner.split(slot, self.layout, self.ts_ns)
+        return self.owner.split(slot, self.layout, self.ts_ns, self.stamped)
 
     def abandon(self) -> None:
         """Given up whole (the span dropped): the slot goes back once its copy landed."""
@@ -115,14 +130,58 @@ class GraphStatsPending:
             self.ring.abandon(slot)
 
 
+class ReplayStamps:
+    """The replay span's GPU time from its slot's two stamps (the Python path; the
+    encoder reads them in ``resolve_group``): holds the slot like one more child."""
+
+    __slots__ = ("_status", "slot", "window")
+
+    def __init__(self, window: RowWindow, slot: int) -> None:
+        self.window, self.slot, self._status = window, slot, 1
+
+    def ready(self) -> bool:
+        if self._status == 1:
+            self._status = self.window.query(self.slot)
+        return self._status != 1
+
+    def apply(self, record: Any) -> None:
+        if self.slot < 0:
+            return
+        slot, self.slot = self.slot, -1
+        if self._status not in (0, 1):  # a CUDA error: the statistics' pendings say which
+            self.window.release(slot)
+            record.attributes[UNAVAILABLE_ATTR] = "cuda_error"
+            return
+        try:
+            row = self.window.read_bytes(slot, 1)
+        finally:
+            self.window.release(slot)
+        at = HEAD_WORD * 8
+        head = int.from_bytes(row[at:at + 8], "little", signed=True)
+        end = int.from_bytes(row[at + 8:at + 16], "little", signed=True)
+        if 0 < head <= end:
+            record.attributes[TIME_ATTR] = end - head
+        else:
+            record.attributes[UNAVAILABLE_ATTR] = "no_stamp"
+
+    def abandon(self, record: Any, reason: str) -> None:
+        if self.slot >= 0:
+            slot, self.slot = self.slot, -1
+            self.window.abandon(slot)
+        record.attributes[UNAVAILABLE_ATTR] = reason
+
+
 class GraphRows:
     """The statistics rows of one captured graph on one device (``graphs.Capture``
     keeps it as a replay group): ``take`` during capture, ``seal`` when the capture
     ends, ``replay`` after each traced replay."""
 
     def __init__(self, device: torch.device, on_low: Callable[[], None] | None = None,
-                 gated: bool = False) -> None:
+                 gated: bool = False, head: torch.Tensor | None = None) -> None:
         self.device = device
+        #: The word the graph's first node stamps as each replay starts (``head_stamper``),
+        #: or None: the replay is then timed by an event pair around it.
+        self._head = head
         self.on_low = on_low  # the pipeline's wake-up (``SlotRing``)
         #: Some replays go untraced (``REPLAY_EVERY`` not 1): the captured launches read a
         #: gate word that ``set_gate`` writes before each replay, and leave at once on
@@ -339,6 +398,30 @@ class GraphRows:
         next timed launch on its stream takes it."""
         self.anchored = False
 
+    # -- the replay's own GPU time ----------------------------------------------------
+    def times_replay(self) -> bool:
+        """Whether this replay's GPU time can come from the graph's head stamp and the
+        snapshot kernel's start (``HEAD_WORD``) instead of an event pair: a head word,
+        mapped slots (the copy engine stamps nothing) and the anchor row in chunk 0."""
+        return (self._head is not None and self._mapped != 0 and self.ring is not None
+                and not self.failed and bool(self._offsets) and self._offsets[0] == 0)
+
+    def begin(self) -> int:
+        """The replay timer's protocol (``graphs._begin``): nothing to record before."""
+        return 0
+
+    def end_handle(self, _mark: int) -> GraphRows:
+        """... nor after: the replay's pending from ``replay`` carries the time."""
+        return self
+
+    def replay_time(self, whole: list[Any] | None) -> Any:
+        """None when one of ``whole`` (the replay's group pendings) holds this replay's
+        stamps; else why the replay has no GPU time (its statistics were dropped)."""
+        if any(type(p) is GraphStatsPending and p.stamped and p.owner is self
+               for p in whole or ()):
+            return None
+        return Unavailable("stats_dropped")
+
     def _stream(self) -> int:
         if self.device.type != "cuda":
             return 0
@@ -441,13 +524,13 @@ class GraphRows:
         if slot is None:
             return [(entry[0], _dropped("ring_full")) for entry in layout]
         try:
-            self._copy(module, ring, slot)
+            stamped = self._copy(module, ring, slot)
         except Exception as exc:  # noqa: BLE001
             # Copies already queued may still land in it: the slot is not reused.
             health.report("stats_errors", "graph statistics snapshot failed", exc)
             return [(entry[0], _dropped("error")) for entry in layout]
         return GraphStatsPending(self, ring, slot, layout,
-                                 ts_ns if ts_ns is not None else time.time_ns())
+                                 ts_ns if ts_ns is not None else time.time_ns(), stamped)
 
     def layout(self, index: dict[int, int]) -> tuple:
         """Per captured call that ``index`` knows: (child index, byte offset of its rows
@@ -471,16 +554,25 @@ class GraphRows:
             self._layout = (index, layout)
         return layout
 
-    def split(self, slot: int, layout: tuple, ts: int) -> list[tuple[int, StatsPending]]:
-        """Per child a StatsPending over its rows of ``slot`` (the Python path); the
-        slot goes back after the last of them."""
+    def split(self, slot: int, layout: tuple, ts: int, stamped: bool = False
+              ) -> list[tuple[int, Any]]:
+        """Per child a StatsPending over its rows of ``slot`` (the Python path), after
+        the replay's own ``ReplayStamps`` (index -1) where ``stamped``; the slot goes
+        back after the last of them."""
         with self._lock:
-            self._left[slot] = len(layout)
+            self._left[slot] = len(layout) + stamped
             self._abandoned[slot] = False
-        return [(i, StatsPending(window, slot, ins, ts, note, outs, ts, "", timed))
-                for i, _, ins, outs, timed, note, window in layout]
+        parts: list[tuple[int, Any]] = [(i, StatsPending(window, slot, ins, ts, note, outs,
+                                                         ts, "", timed))
+                                        for i, _, ins, outs, timed, note, window in layout]
+        if stamped:
+            parts.insert(0, (-1, ReplayStamps(RowWindow(self, 0, 1), slot)))
+        return parts
 
-    def _copy(self, module: Any, ring: SlotRing, slot: int) -> None:
+    def _copy(self, module: Any, ring: SlotRing, slot: int) -> bool:
+        """The replay's rows into ``slot``; whether the replay's own GPU time went with
+        them (``times_replay``: the first chunk's copy writes the head's stamp and its
+        own start into the anchor row)."""
         host = ring.host_ptr(slot)
         last = len(self._views) - 1
         if module is not None:
@@ -490,18 +582,26 @@ class GraphRows:
             # On the current stream, where the replay ran: no stream object per replay.
             # Mapped: to the slot's device address by a kernel, not the copy engine.
             if self._mapped:
-                copy, at = module.snapshot_kernel, self._mapped + (host - ring.host_ptr(0))
-            else:
-                copy, at = module.snapshot, host
+                at = self._mapped + (host - ring.host_ptr(0))
+                copy = module.snapshot_kernel
+                stamped = self.times_replay()
+                for k, view in enumerate(self._views):
+                    if k == 0 and stamped:
+                        copy(view, at, event if k == last else 0,
+                             self._head.data_ptr(), HEAD_WORD)  # type: ignore[union-attr]
+                    else:
+                        copy(view, at + self._offsets[k], event if k == last else 0)
+                return stamped
             for k, view in enumerate(self._views):
-                copy(view, at + self._offsets[k], event if k == last else 0)
-            return
+                module.snapshot(view, host + self._offsets[k], event if k == last else 0)
+            return False
         flat = ring.host[slot].view(-1)
         for k, view in enumerate(self._views):
             at = self._offsets[k] // 8
             flat[at:at + view.numel()].copy_(view.reshape(-1), non_blocking=True)
         if self.device.type == "cuda":
             ring.torch_event(slot).record()
+        return False
 
     def release_one(self, slot: int) -> None:
         """One child's rows read: the slot goes back after the last."""
@@ -547,6 +647,31 @@ def graph_rows_of(capture_state: Callable[[], Any], on_low: Callable[[], None] |
             return None
         sampler = capture.sampler
         gated = sampler is not None and sampler.every != 1
-        return capture.group(("stats", str(device)), lambda: GraphRows(device, on_low, gated))
+        head = _heads.get(capture)
+        word = head[1] if head is not None and head[0] == str(device) and not gated else None
+        return capture.group(("stats", str(device)),
+                             lambda: GraphRows(device, on_low, gated, word))
 
     return lookup
+
+
+def head_stamper(capture: Any) -> None:
+    """Right after a capture began (``graphs.set_capture_hooks``' ``after_begin``): the
+    graph's first node writes the GPU clock into a word of its own on every replay,
+    which the snapshot kernel copies beside its own start into the slot: the replay's
+    GPU time without a CUDA event pair around it (two records on the replaying thread,
+    about 5 us of its CPU and 3 of the GPU's a traced replay on the H100's decode step).
+    Only where every replay runs the graph's statistics (``REPLAY_EVERY=1``): gated
+    graphs' untraced replays skip our nodes, and their copies have none."""
+    sampler = capture.sampler
+    if sampler is None or sampler.every != 1 or not torch.cuda.is_available():
+        return
+    module = _kernel.get()
+    if (module is None or not hasattr(module, "head_stamp") or not SNAPSHOT_KERNEL
+            or not HEAD_STAMP):
+        return  # built later: this graph's replays keep the event pair
+    device = torch.device("cuda", torch.cuda.current_device())
+    # An allocation, not a node (``torch.empty``): the graph's pool keeps it.
+    word = torch.empty(1, dtype=torch.int64, device=device)
+    module.head_stamp(word.data_ptr())
+    _heads[capture] = (str(device), word)
