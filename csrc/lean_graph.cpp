@@ -284,8 +284,59 @@ int64_t capture_tail_node(int64_t stream, const std::vector<int64_t>& before) {
   std::sort(want.begin(), want.end());
   return deps == want ? reinterpret_cast<int64_t>(now[0]) : 0;
 }
+
+// A kernel node writing the GPU clock into device word `word`, added ahead of every node
+// that `stream`'s capture has made so far (its root nodes; or, in an empty graph, ahead
+// of what the stream captures next): the replay's start, which the snapshot kernel copies
+// into the slot beside its own start (graph_rows.GraphRows.times_replay).  Added at the
+// capture's first statistics launch, so that graphs without FlashInfer calls get no node.
+// CUDA permits adding nodes and edges to a graph while it is captured.  Returns whether
+// it did (false: not capturing, or the driver refused; the replay keeps its event pair).
+bool head_stamp_node(int64_t stream_handle, int64_t word) {
+  TORCH_CHECK(word != 0 && word % 8 == 0, "otel_flashinfer stats: bad head stamp address");
+  const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  cudaGraph_t graph = nullptr;
+#if CUDART_VERSION >= 13000
+  cudaError_t err = cudaStreamGetCaptureInfo(stream, &status, nullptr, &graph, nullptr, nullptr,
+                                             nullptr);
+#else
+  cudaError_t err = cudaStreamGetCaptureInfo_v2(stream, &status, nullptr, &graph, nullptr,
+                                                nullptr);
+#endif
+  if (err != cudaSuccess || status != cudaStreamCaptureStatusActive || graph == nullptr) {
+    (void)cudaGetLastError();  // ours: torch's next launch check must not see it
+    return false;
+  }
+  size_t count = 0;
+  check(cudaGraphGetRootNodes(graph, nullptr, &count), "could not read a graph's roots");
+  std::vector<cudaGraphNode_t> roots(count);
+  if (count > 0)
+    check(cudaGraphGetRootNodes(graph, roots.data(), &count), "could not read a graph's roots");
+  void* word_arg = reinterpret_cast<void*>(word);
+  void* args[] = {&word_arg};
+  cudaKernelNodeParams params{};
+  params.func = const_cast<void*>(head_stamp_kernel_fn());
+  params.gridDim = dim3(1);
+  params.blockDim = dim3(1);
+  params.kernelParams = args;
+  cudaGraphNode_t head = nullptr;
+  check(cudaGraphAddKernelNode(&head, graph, nullptr, 0, &params),
+        "could not add the head stamp to a graph");
+  const cudaGraphEdgeData full{};
+  for (cudaGraphNode_t root : roots)
+    check(OFI_EDGE_API(cudaGraphAddDependencies)(graph, &head, &root, &full, 1),
+          "could not put the head stamp ahead of a graph's first nodes");
+  if (roots.empty())
+    check(OFI_EDGE_API(cudaStreamUpdateCaptureDependencies)(stream, &head, nullptr, 1,
+                                                            cudaStreamAddCaptureDependencies),
+          "could not put the head stamp ahead of a capture");
+  return true;
+}
 #else
 constexpr bool kLeanSupported = false;
+
+bool head_stamp_node(int64_t, int64_t) { return false; }
 
 std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t> lean_graph_make(
     int64_t, const std::vector<int64_t>&, bool, const std::vector<int64_t>&) {
@@ -370,6 +421,9 @@ void register_lean_graph(pybind11::module_& m) {
         py::arg("extra") = std::vector<int64_t>{});
   m.def("capture_deps", &capture_deps, "a capturing stream's dependency set",
         py::arg("stream"));
+  m.def("head_stamp_node", &head_stamp_node,
+        "a node writing the GPU clock into a word, ahead of a capture's nodes so far",
+        pybind11::arg("stream"), pybind11::arg("word"));
   m.def("capture_tail_node", &capture_tail_node,
         "the one kernel or memset node a stream's capture made since its set was `before`, "
         "or 0",

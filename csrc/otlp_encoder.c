@@ -1918,9 +1918,10 @@ static int resolve_group(PyObject *g, Py_ssize_t n, Resolved *res, char *has,
         return TO_PYTHON;
     const unsigned char *slot_at = (const unsigned char *)(intptr_t)(base + slot * slot_bytes);
     if (stamped == Py_True) {
+        if (rows < 1) return TO_PYTHON;
         long long head = (long long)row_word(slot_at, HEAD_WORD);
         long long end = (long long)row_word(slot_at, HEAD_WORD + 1);
-        if (rows < 1 || !(0 < head && head <= end)) return TO_PYTHON; /* Python says why */
+        if (!(0 < head && head <= end)) return TO_PYTHON; /* Python says why */
         *replay_ns = end - head;
     }
     for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(layout); ++k) {

@@ -501,16 +501,6 @@ void snapshot_kernel(at::Tensor out, int64_t dst, int64_t event, int64_t head, i
   if (event) C10_CUDA_CHECK(cudaEventRecord(reinterpret_cast<cudaEvent_t>(event), stream));
 }
 
-// The GPU clock into device word `word` on the current stream: launched right after a
-// capture begins, it is the graph's first node (graph_rows.head_stamper).
-void head_stamp(int64_t word) {
-  TORCH_CHECK(word != 0 && word % 8 == 0, "otel_flashinfer stats: bad head stamp address");
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  const int err = launch_head_stamp(reinterpret_cast<int64_t*>(word), stream);
-  TORCH_CHECK(err == 0, "otel_flashinfer head stamp: ",
-              cudaGetErrorString(static_cast<cudaError_t>(err)));
-}
-
 // Device-accessible address of pinned host memory (0 when it is not pinned/mapped).
 int64_t host_device_ptr(int64_t host_ptr) {
   void* d = nullptr;
@@ -590,8 +580,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "copy a graph's rows into a pinned slot's device address by a kernel + event",
         pybind11::arg("out"), pybind11::arg("dst"), pybind11::arg("event"),
         pybind11::arg("head") = 0, pybind11::arg("head_at") = -1);
-  m.def("head_stamp", &otel_fi::head_stamp,
-        "the GPU clock into a device word on the current stream (a graph's first node)");
+
   m.def("event_create", &otel_fi::event_create);
   m.def("event_query", &otel_fi::event_query);
   m.def("event_destroy", &otel_fi::event_destroy);

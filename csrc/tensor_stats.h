@@ -123,8 +123,8 @@ int launch_tensor_stats(const LaunchDesc& desc, int total_blocks, int threads,
 int launch_copy_rows(const int64_t* src, int64_t* dst, int64_t words, void* stream,
                      const int64_t* head = nullptr, int64_t head_at = -1);
 
-// Writes the GPU clock (%globaltimer, ns) into the device word `word` on `stream`: the
-// first node of a captured graph, where its replays' GPU time starts.
-int launch_head_stamp(int64_t* word, void* stream);
+// The kernel that writes the GPU clock (%globaltimer, ns) into its one argument, a
+// device word (long long*): a captured graph's head node (lean_graph.cpp, head_stamp_node).
+const void* head_stamp_kernel_fn();
 
 }  // namespace otel_fi

@@ -44,10 +44,8 @@ _kept_by_us: weakref.WeakSet[Any] = weakref.WeakSet()
 #: random numbers (``graph_rng.RngWatch``).
 _registered_generators: weakref.WeakKeyDictionary[Any, list[Any]] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
-#: Run before a capture begins, before it ends, and right after it began (given the
-#: ``Capture``), by owner (``set_capture_hooks``).
-_capture_hooks: dict[str, tuple[Callable[[], None] | None, Callable[[], None] | None,
-                                Callable[[Any], None] | None]] = {}
+#: Run before a capture begins and before it ends, by owner (``set_capture_hooks``).
+_capture_hooks: dict[str, tuple[Callable[[], None] | None, Callable[[], None] | None]] = {}
 
 
 class Capture:
@@ -305,26 +303,24 @@ class Capture:
 
 
 def set_capture_hooks(owner: str, before_begin: Callable[[], None] | None = None,
-                      before_end: Callable[[], None] | None = None,
-                      after_begin: Callable[[Capture], None] | None = None) -> None:
-    """Work around every capture, one set per ``owner`` (a later call replaces it):
+                      before_end: Callable[[], None] | None = None) -> None:
+    """Work around every capture, one pair per ``owner`` (a later call replaces it):
     ``before_begin`` for what must not run while a capture is open (taking a stream from
     torch's pool), ``before_end`` for what a capture cannot end without (joining a
-    stream a hook forked), ``after_begin(capture)`` for the graph's first nodes.  All
-    None: the owner's hooks are removed."""
-    if before_begin is None and before_end is None and after_begin is None:
+    stream a hook forked).  Both None: the owner's hooks are removed."""
+    if before_begin is None and before_end is None:
         _capture_hooks.pop(owner, None)
     else:
-        _capture_hooks[owner] = (before_begin, before_end, after_begin)
+        _capture_hooks[owner] = (before_begin, before_end)
 
 
-def _run_capture_hooks(which: int, *args: Any) -> None:
+def _run_capture_hooks(which: int) -> None:
     for hooks in list(_capture_hooks.values()):
         hook = hooks[which]
         if hook is None:
             continue
         try:
-            hook(*args)
+            hook()
         except Exception as exc:  # noqa: BLE001 - never break the application's capture
             health.report("graph_errors", "a CUDA graph capture hook failed", exc)
 
@@ -453,8 +449,6 @@ def patch(runtime: Any, gate_types: tuple[Any, Any] | None = None) -> None:
             _capturing = capture
         except Exception as exc:  # noqa: BLE001
             health.report("graph_errors", "could not note a CUDA graph capture", exc)
-        else:
-            _run_capture_hooks(2, capture)
         return result
 
     def capture_end(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -664,7 +658,9 @@ def _begin(runtime: Any, capture: Capture) -> tuple[Any, Any, int] | None:
     group of the capture's that stamps the replay's GPU time on the GPU, where one
     does (``Capture.replay_stamper``), else the runtime's CUDA event pair."""
     try:
-        timer = capture.replay_stamper() or runtime.replay_timer()
+        timer = runtime.replay_timer()  # None: GPU timing is off, or no CUDA
+        if timer is not None:
+            timer = capture.replay_stamper() or timer
         return timer, timer.begin() if timer is not None else None, time_ns()
     except Exception as exc:  # noqa: BLE001
         health.report("graph_errors", "could not trace a CUDA graph replay", exc)

@@ -1111,9 +1111,11 @@ class Pipeline:
         try:
             if type(record) is ReplayRecord and record.template is not None:
                 # A replay the encoder did not write whole: its children as records.
+                if not record.deadline:  # its own GPU time may come from a group (expand)
+                    record.deadline = now + self.wait_timeout_s
                 for child in record.expand():
                     if child.pending:
-                        child.deadline = record.deadline or now + self.wait_timeout_s
+                        child.deadline = record.deadline
                     self._consider(child, now)
             gpu = record.gpu
             ready = True

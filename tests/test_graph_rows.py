@@ -613,8 +613,12 @@ def test_a_traced_replay_records_no_event_pair_where_its_group_stamps_it(
     class _Runtime:
         pipeline = type("P", (), {"submit": staticmethod(submitted.append)})()
 
-        def replay_timer(self) -> Any:
-            raise AssertionError("an event pair was recorded")
+        def replay_timer(self) -> Any:  # GPU timing on: an event pair, never recorded
+            class _Pair:
+                def begin(self) -> int:
+                    raise AssertionError("an event pair was recorded")
+
+            return _Pair()
 
         def sample_root(self, trace_id: int, name: str) -> bool:
             return True
@@ -643,5 +647,47 @@ def test_a_traced_replay_records_no_event_pair_where_its_group_stamps_it(
                 pending.apply(record)
         assert replay.attributes["flashinfer.gpu.time_unavailable"] == "no_stamp"  # head 0
         assert len(ring._free) == ring.host.shape[0]  # noqa: SLF001
+        # the ring full: no slot, no stamps, and the replay says why it has no time
+        taken = [ring.acquire() for _ in range(ring.host.shape[0])]
+        submitted.clear()
+        graphs.emit_replay(_Runtime(), capture, 6, 10, 20, timer.end_handle(mark))
+        *children, replay = submitted
+        assert [p.reason for p in replay.pending] == ["stats_dropped"]
+        for slot in taken:
+            ring.release(slot)
     finally:
         del rows.replay
+
+
+def test_a_stamped_replay_waits_for_its_slot_on_the_python_path(
+        monkeypatch: pytest.MonkeyPatch, events: FakeEvents) -> None:  # noqa: F811
+    """The worker's Python path (no native encoder) expands a stamped replay: its own
+    time waits for the slot's copy like its children's rows, under the same deadline,
+    instead of timing out at the first look."""
+    from otel_flashinfer.stats import ring as ring_module
+
+    head = torch.zeros(1, dtype=torch.int64)
+    data, capture, rows, slots, ring, ext = _stamped_graph(head)
+    _fill(slots, torch.cat([data, data]))
+    head[0], ext.now = 1_000, 41_000
+    whole = rows.replay(_index(capture), ext, ts_ns=7)
+    ring._native[whole.slot], ring._kind[whole.slot] = 90, "native"  # noqa: SLF001
+    events.status[90] = 1  # the copy has not landed at the first look
+    monkeypatch.setattr(ring_module._kernel, "get",  # noqa: SLF001 - the Python path's query
+                        lambda *a, **k: type("M", (), {"event_query": staticmethod(
+                            events._query)})())  # noqa: SLF001
+    record = _replay_of(capture, 1, whole)
+    tracer, _ = _sdk_tracer()
+    pipeline = Pipeline(tracer=tracer)
+    try:
+        now = time.monotonic()
+        pipeline._consider(record, now)  # noqa: SLF001
+        assert record in pipeline._waiting and record.deadline > now  # noqa: SLF001
+        assert "flashinfer.gpu.time_unavailable" not in record.attributes
+        events.status[90] = 0
+        pipeline._waiting.remove(record)  # noqa: SLF001
+        pipeline._consider(record, now + 0.01)  # noqa: SLF001
+        assert record.attributes["flashinfer.gpu.time_ns"] == 40_000
+        assert "flashinfer.gpu.time_unavailable" not in record.attributes
+    finally:
+        pipeline.shutdown(5)

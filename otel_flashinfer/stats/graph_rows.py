@@ -50,17 +50,15 @@ MIN_SLOTS, MAX_SLOTS = 16, 1024
 #: about 8 us before it and 11 us after it, every replay (``decode_step_split.py``).
 SNAPSHOT_KERNEL = True
 #: Where every replay is traced, the graph's first node stamps its start and the
-#: snapshot kernel its end (``head_stamper``): no CUDA event pair around the replay
+#: snapshot kernel its end (``head_word``): no CUDA event pair around the replay
 #: (a probe compares both: benchmarks/probes/decode_step_split.py).
 HEAD_STAMP = True
 _SPARE = 7 * 8  # a row's spare word (layout.py): where GPU-clock stamps go
 #: Where in a slot the replay's own GPU time goes, when the graph's head stamps it
-#: (``head_stamper``): word 5 of the anchor row gets the head's stamp and word 6 the
+#: (``head_word``): word 5 of the anchor row gets the head's stamp and word 6 the
 #: snapshot kernel's start, in place of an event pair around the replay.  The anchor
 #: row holds no statistics: only its spare word (7) is written by a launch.
 HEAD_WORD = 5
-#: The head word of each capture that launched one (``head_stamper``), and its device.
-_heads: weakref.WeakKeyDictionary[Any, tuple[str, torch.Tensor]] = weakref.WeakKeyDictionary()
 #: Last-block counters per graph: one per timed captured call.
 COUNTERS = 4096
 
@@ -159,6 +157,8 @@ class ReplayStamps:
         at = HEAD_WORD * 8
         head = int.from_bytes(row[at:at + 8], "little", signed=True)
         end = int.from_bytes(row[at + 8:at + 16], "little", signed=True)
+        if TIME_ATTR in record.attributes:
+            return  # an event pair timed it too (the slots were mapped during the replay)
         if 0 < head <= end:
             record.attributes[TIME_ATTR] = end - head
         else:
@@ -179,7 +179,7 @@ class GraphRows:
     def __init__(self, device: torch.device, on_low: Callable[[], None] | None = None,
                  gated: bool = False, head: torch.Tensor | None = None) -> None:
         self.device = device
-        #: The word the graph's first node stamps as each replay starts (``head_stamper``),
+        #: The word the graph's first node stamps as each replay starts (``head_word``),
         #: or None: the replay is then timed by an event pair around it.
         self._head = head
         self.on_low = on_low  # the pipeline's wake-up (``SlotRing``)
@@ -404,7 +404,7 @@ class GraphRows:
         snapshot kernel's start (``HEAD_WORD``) instead of an event pair: a head word,
         mapped slots (the copy engine stamps nothing) and the anchor row in chunk 0."""
         return (self._head is not None and self._mapped != 0 and self.ring is not None
-                and not self.failed and bool(self._offsets) and self._offsets[0] == 0)
+                and not self.failed and bool(self._views))
 
     def begin(self) -> int:
         """The replay timer's protocol (``graphs._begin``): nothing to record before."""
@@ -636,10 +636,11 @@ def lend_encoder(module: Any) -> None:
         native.register_stats(capsule, StatsPending, GraphStatsPending)
 
 
-def graph_rows_of(capture_state: Callable[[], Any], on_low: Callable[[], None] | None = None
-                  ) -> Callable[[torch.device], Any]:
+def graph_rows_of(capture_state: Callable[[], Any], on_low: Callable[[], None] | None = None,
+                  stamp_heads: bool = False) -> Callable[[torch.device], Any]:
     """The recorder's lookup of the capturing graph's rows on ``device`` (``None``
-    outside a capture), over ``graphs.capture_state``; ``on_low`` wakes the worker."""
+    outside a capture), over ``graphs.capture_state``; ``on_low`` wakes the worker;
+    ``stamp_heads``: GPU timing is on (``head_word``)."""
 
     def lookup(device: torch.device) -> GraphRows | None:
         capture = capture_state()
@@ -647,31 +648,35 @@ def graph_rows_of(capture_state: Callable[[], Any], on_low: Callable[[], None] |
             return None
         sampler = capture.sampler
         gated = sampler is not None and sampler.every != 1
-        head = _heads.get(capture)
-        word = head[1] if head is not None and head[0] == str(device) and not gated else None
-        return capture.group(("stats", str(device)),
-                             lambda: GraphRows(device, on_low, gated, word))
+
+        def make() -> GraphRows:
+            head = head_word(device) if stamp_heads and not gated else None
+            return GraphRows(device, on_low, gated, head)
+
+        return capture.group(("stats", str(device)), make)
 
     return lookup
 
 
-def head_stamper(capture: Any) -> None:
-    """Right after a capture began (``graphs.set_capture_hooks``' ``after_begin``): the
-    graph's first node writes the GPU clock into a word of its own on every replay,
-    which the snapshot kernel copies beside its own start into the slot: the replay's
-    GPU time without a CUDA event pair around it (two records on the replaying thread,
-    about 5 us of its CPU and 3 of the GPU's a traced replay on the H100's decode step).
-    Only where every replay runs the graph's statistics (``REPLAY_EVERY=1``): gated
-    graphs' untraced replays skip our nodes, and their copies have none."""
-    sampler = capture.sampler
-    if sampler is None or sampler.every != 1 or not torch.cuda.is_available():
-        return
+def head_word(device: torch.device) -> torch.Tensor | None:
+    """At a capture's first statistics launch on ``device``: a word that a node ahead of
+    every node captured so far (``head_stamp_node``) stamps with the GPU clock on every
+    replay, which the snapshot kernel copies beside its own start into the slot: the
+    replay's GPU time without a CUDA event pair around it (two records on the replaying
+    thread: about 5 us of its CPU and 3 of the GPU's a traced replay on the H100's
+    decode step).  Only where every replay runs the graph's statistics
+    (``REPLAY_EVERY=1``): a gated graph's untraced replays skip our nodes.  None where
+    it cannot be (the extension not built yet, not capturing: the event pair stays)."""
+    if device.type != "cuda" or not SNAPSHOT_KERNEL or not HEAD_STAMP:
+        return None
     module = _kernel.get()
-    if (module is None or not hasattr(module, "head_stamp") or not SNAPSHOT_KERNEL
-            or not HEAD_STAMP):
-        return  # built later: this graph's replays keep the event pair
-    device = torch.device("cuda", torch.cuda.current_device())
-    # An allocation, not a node (``torch.empty``): the graph's pool keeps it.
-    word = torch.empty(1, dtype=torch.int64, device=device)
-    module.head_stamp(word.data_ptr())
-    _heads[capture] = (str(device), word)
+    if module is None or not hasattr(module, "head_stamp_node"):
+        return None
+    try:
+        # An allocation, not a node (``torch.empty``): the graph's pool keeps it.
+        word = torch.empty(1, dtype=torch.int64, device=device)
+        stream = torch.cuda.current_stream(device).cuda_stream
+        return word if module.head_stamp_node(stream, word.data_ptr()) else None
+    except Exception as exc:  # noqa: BLE001 - the replay keeps its event pair
+        health.report("stats_errors", "could not stamp a graph's head", exc)
+        return None

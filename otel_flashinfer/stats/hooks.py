@@ -28,7 +28,7 @@ from ..pipeline import CallRecord
 from . import kernel as _kernel
 from . import overlap
 from .decode import SCOPE_FULL, SCOPE_PAGES, SCOPE_SAMPLED
-from .graph_rows import graph_rows_of, head_stamper
+from .graph_rows import graph_rows_of
 from .pending import StatsPending
 from .planning import SLOT_DIMS
 from .recorder import StatsRecorder, _Open
@@ -114,10 +114,11 @@ def make_hooks(recorder: StatsRecorder) -> tuple[Any, Any]:
     the extension has built, where the C hot path can switch to them."""
     before, after = python_hooks(recorder)
     # A captured call's rows go into its graph's chunks: one copy per traced replay.
-    recorder.graph_rows_of = graph_rows_of(graphs.capture_state, recorder.on_low)
+    # Where every replay is traced and GPU time is on, the graph's head stamps its start.
+    recorder.graph_rows_of = graph_rows_of(graphs.capture_state, recorder.on_low,
+                                           recorder.gpu_time)
     # A captured attention call's inputs run beside it on a branch of the graph.
-    # ... and, where every replay is traced, its first node stamps the replay's start.
-    graphs.set_capture_hooks("stats", overlap.prepare, recorder.join_forked, head_stamper)
+    graphs.set_capture_hooks("stats", overlap.prepare, recorder.join_forked)
     switch = native.switch_type()
     if switch is None or not recorder.use_kernel or not use_native or not _c_entries():
         return before, after
