@@ -691,3 +691,29 @@ def test_a_stamped_replay_waits_for_its_slot_on_the_python_path(
         assert "flashinfer.gpu.time_unavailable" not in record.attributes
     finally:
         pipeline.shutdown(5)
+
+
+def test_a_replay_timed_by_its_event_pair_keeps_that_time(events: FakeEvents) -> None:  # noqa: F811
+    """Slots mapped during the replay (the extension built meanwhile): the replay had its
+    event pair and its copy stamped too.  The pair's time stands; the stamps only hand
+    the slot back."""
+    head = torch.zeros(1, dtype=torch.int64)
+    data, capture, rows, slots, ring, ext = _stamped_graph(head)
+    _fill(slots, torch.cat([data, data]))
+    head[0], ext.now = 1_000, 41_000
+    whole = rows.replay(_index(capture), ext, ts_ns=7)
+    ring._native[whole.slot], ring._kind[whole.slot] = 90, "native"  # noqa: SLF001
+    record = _replay_of(capture, 1, whole)
+    record.attributes["flashinfer.gpu.time_ns"] = 52_000  # the pair's, applied first
+    children = record.expand()
+    (own,) = record.pending
+    assert own.ready()
+    own.apply(record)
+    assert record.attributes["flashinfer.gpu.time_ns"] == 52_000
+    assert "flashinfer.gpu.time_unavailable" not in record.attributes
+    for child in children:
+        child.own()
+        for pending in child.pending:
+            assert pending.ready()
+            pending.apply(child)
+    assert len(ring._free) == ring.host.shape[0]  # noqa: SLF001
