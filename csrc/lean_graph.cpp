@@ -13,6 +13,7 @@
 // end.  Whether a replay may skip torch's own replay (its RNG prologue) is decided in
 // Python (stats/lean_graph.py).
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 #include <torch/extension.h>
@@ -285,34 +286,61 @@ int64_t capture_tail_node(int64_t stream, const std::vector<int64_t>& before) {
   return deps == want ? reinterpret_cast<int64_t>(now[0]) : 0;
 }
 
-// A kernel node writing the GPU clock into device word `word`, added ahead of every node
-// that `stream`'s capture has made so far (its root nodes; or, in an empty graph, ahead
-// of what the stream captures next): the replay's start, which the snapshot kernel copies
-// into the slot beside its own start (graph_rows.GraphRows.times_replay).  Added at the
-// capture's first statistics launch, so that graphs without FlashInfer calls get no node.
-// CUDA permits adding nodes and edges to a graph while it is captured.  Returns whether
-// it did (false: not capturing, or the driver refused; the replay keeps its event pair).
-bool head_stamp_node(int64_t stream_handle, int64_t word) {
+// Edges from `head` to every root of `graph` but itself, in one call; false (the error
+// cleared) where they could not be added.
+bool head_before_roots(cudaGraph_t graph, cudaGraphNode_t head) {
+  size_t count = 0;
+  if (cudaGraphGetRootNodes(graph, nullptr, &count) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  std::vector<cudaGraphNode_t> roots(count);
+  if (count > 0 && cudaGraphGetRootNodes(graph, roots.data(), &count) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  roots.resize(count);
+  roots.erase(std::remove(roots.begin(), roots.end(), head), roots.end());
+  if (roots.empty()) return true;
+  std::vector<cudaGraphNode_t> from(roots.size(), head);
+  if (OFI_EDGE_API(cudaGraphAddDependencies)(graph, from.data(), roots.data(), nullptr,
+                                             roots.size()) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return true;
+}
+
+// A kernel node writing the GPU clock into device word `word` on each replay, added to
+// the graph that `stream` captures into, ahead of every node captured so far (its roots)
+// and of what the stream captures next: the replay's start, which the snapshot kernel
+// copies into the slot beside its own start (graph_rows.GraphRows.times_replay).  Added
+// at the capture's first statistics launch, so that graphs without FlashInfer calls get
+// no node; CUDA permits adding nodes and edges to a graph while it is captured (not
+// removing them).  Returns (state, node, graph): state 0, no node (not capturing, or the
+// driver refused); 1, the node is ahead of everything so far; 2, the node is in the graph
+// but not ordered (it still writes `word` on every replay: the caller keeps the word as
+// long as the graph).  Roots that later captures add are ordered at the capture's end
+// (head_stamp_order).  Never throws once the node is added.
+std::tuple<int64_t, int64_t, int64_t> head_stamp_node(int64_t device, int64_t stream_handle,
+                                                      int64_t word) {
   TORCH_CHECK(word != 0 && word % 8 == 0, "otel_flashinfer stats: bad head stamp address");
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
   const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
   cudaGraph_t graph = nullptr;
+  size_t deps = 0;  // the count alone: no "lossy query" over edge data
 #if CUDART_VERSION >= 13000
   cudaError_t err = cudaStreamGetCaptureInfo(stream, &status, nullptr, &graph, nullptr, nullptr,
-                                             nullptr);
+                                             &deps);
 #else
   cudaError_t err = cudaStreamGetCaptureInfo_v2(stream, &status, nullptr, &graph, nullptr,
-                                                nullptr);
+                                                &deps);
 #endif
   if (err != cudaSuccess || status != cudaStreamCaptureStatusActive || graph == nullptr) {
     (void)cudaGetLastError();  // ours: torch's next launch check must not see it
-    return false;
+    return {0, 0, 0};
   }
-  size_t count = 0;
-  check(cudaGraphGetRootNodes(graph, nullptr, &count), "could not read a graph's roots");
-  std::vector<cudaGraphNode_t> roots(count);
-  if (count > 0)
-    check(cudaGraphGetRootNodes(graph, roots.data(), &count), "could not read a graph's roots");
   void* word_arg = reinterpret_cast<void*>(word);
   void* args[] = {&word_arg};
   cudaKernelNodeParams params{};
@@ -321,22 +349,37 @@ bool head_stamp_node(int64_t stream_handle, int64_t word) {
   params.blockDim = dim3(1);
   params.kernelParams = args;
   cudaGraphNode_t head = nullptr;
-  check(cudaGraphAddKernelNode(&head, graph, nullptr, 0, &params),
-        "could not add the head stamp to a graph");
-  const cudaGraphEdgeData full{};
-  for (cudaGraphNode_t root : roots)
-    check(OFI_EDGE_API(cudaGraphAddDependencies)(graph, &head, &root, &full, 1),
-          "could not put the head stamp ahead of a graph's first nodes");
-  if (roots.empty())
-    check(OFI_EDGE_API(cudaStreamUpdateCaptureDependencies)(stream, &head, nullptr, 1,
-                                                            cudaStreamAddCaptureDependencies),
-          "could not put the head stamp ahead of a capture");
-  return true;
+  if (cudaGraphAddKernelNode(&head, graph, nullptr, 0, &params) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return {0, 0, 0};
+  }
+  bool ordered = head_before_roots(graph, head);
+  // A stream with no dependencies (an empty graph, or a stream that joined with none)
+  // would start its next node beside the head: it waits for the head instead.
+  if (ordered && deps == 0 &&
+      OFI_EDGE_API(cudaStreamUpdateCaptureDependencies)(stream, &head, nullptr, 1,
+                                                        cudaStreamAddCaptureDependencies) !=
+          cudaSuccess) {
+    (void)cudaGetLastError();
+    ordered = false;
+  }
+  return {ordered ? 1 : 2, reinterpret_cast<int64_t>(head), reinterpret_cast<int64_t>(graph)};
+}
+
+// At the capture's end, while it is still open: the head (head_stamp_node's) ahead of the
+// roots that captures after it added.  False where that failed (the error cleared).
+bool head_stamp_order(int64_t graph, int64_t head) {
+  return head_before_roots(reinterpret_cast<cudaGraph_t>(graph),
+                           reinterpret_cast<cudaGraphNode_t>(head));
 }
 #else
 constexpr bool kLeanSupported = false;
 
-bool head_stamp_node(int64_t, int64_t) { return false; }
+std::tuple<int64_t, int64_t, int64_t> head_stamp_node(int64_t, int64_t, int64_t) {
+  return {0, 0, 0};
+}
+
+bool head_stamp_order(int64_t, int64_t) { return false; }
 
 std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t> lean_graph_make(
     int64_t, const std::vector<int64_t>&, bool, const std::vector<int64_t>&) {
@@ -422,8 +465,12 @@ void register_lean_graph(pybind11::module_& m) {
   m.def("capture_deps", &capture_deps, "a capturing stream's dependency set",
         py::arg("stream"));
   m.def("head_stamp_node", &head_stamp_node,
-        "a node writing the GPU clock into a word, ahead of a capture's nodes so far",
-        pybind11::arg("stream"), pybind11::arg("word"));
+        "a node writing the GPU clock into a word, ahead of a capture's nodes so far: "
+        "(0 none, 1 ordered, 2 not ordered; node; graph)",
+        pybind11::arg("device"), pybind11::arg("stream"), pybind11::arg("word"));
+  m.def("head_stamp_order", &head_stamp_order,
+        "at a capture's end: the head node ahead of the roots added after it",
+        pybind11::arg("graph"), pybind11::arg("head"));
   m.def("capture_tail_node", &capture_tail_node,
         "the one kernel or memset node a stream's capture made since its set was `before`, "
         "or 0",

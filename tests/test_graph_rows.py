@@ -499,7 +499,8 @@ def _stamped_graph(head: torch.Tensor | None) -> tuple[Any, ...]:
     word), sealed with mapped slots: (data, capture, rows, slots, ring, extension)."""
     data, metas = _rows()
     capture = _capture(2)
-    rows = gr.GraphRows(CPU, head=head)
+    stamp = gr.HeadStamp(head, True, 0, 0) if head is not None else None
+    rows = gr.GraphRows(CPU, head=stamp)
     slots = _captured(rows, capture, [4, 4])
     assert rows.take_anchor() == rows._chunks[0].data_ptr() + 56  # noqa: SLF001
     for slot in slots:
@@ -717,3 +718,50 @@ def test_a_replay_timed_by_its_event_pair_keeps_that_time(events: FakeEvents) ->
             assert pending.ready()
             pending.apply(child)
     assert len(ring._free) == ring.host.shape[0]  # noqa: SLF001
+
+
+def test_a_head_not_put_first_leaves_the_replays_to_the_event_pair(
+        monkeypatch: pytest.MonkeyPatch, events: FakeEvents) -> None:  # noqa: F811
+    """A head node the driver would not order ahead of every node (state 2) still
+    writes its word on every replay: the graph keeps the word, and its replays keep
+    the event pair; so does a head that could not be put ahead of the roots added after
+    it (``order_head`` at the capture's end)."""
+    word = torch.zeros(1, dtype=torch.int64)
+    unordered = gr.GraphRows(CPU, head=gr.HeadStamp(word, False, 7, 8))
+    assert unordered._head is None and unordered._head_stamp.word is word  # noqa: SLF001
+    _data, _capture, rows, _slots, _ring, _ext = _stamped_graph(word)
+    assert rows.times_replay()
+    asked: list[tuple[int, int]] = []
+
+    class _Module:
+        def head_stamp_order(self, graph: int, node: int) -> bool:
+            asked.append((graph, node))
+            return False
+
+    monkeypatch.setattr(gr._kernel, "get", lambda: _Module())  # noqa: SLF001
+    rows.order_head()
+    assert asked == [(0, 0)] and not rows.times_replay()
+    unordered.order_head()  # nothing to order
+    assert asked == [(0, 0)]
+
+
+def test_the_head_word_makes_no_fill_in_deterministic_mode(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deterministic mode fills new memory, which in a capture is a node after the head
+    that would overwrite its stamp on every replay: the word is taken without it, and
+    the setting is back afterwards."""
+    seen: list[bool] = []
+    empty = torch.empty
+
+    def watch(*args: Any, **kwargs: Any) -> torch.Tensor:
+        seen.append(torch.utils.deterministic.fill_uninitialized_memory)
+        return empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", watch)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert gr._word(CPU).dtype == torch.int64  # noqa: SLF001
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert seen == [False] and torch.utils.deterministic.fill_uninitialized_memory

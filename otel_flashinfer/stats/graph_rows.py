@@ -177,11 +177,14 @@ class GraphRows:
     ends, ``replay`` after each traced replay."""
 
     def __init__(self, device: torch.device, on_low: Callable[[], None] | None = None,
-                 gated: bool = False, head: torch.Tensor | None = None) -> None:
+                 gated: bool = False, head: HeadStamp | None = None) -> None:
         self.device = device
-        #: The word the graph's first node stamps as each replay starts (``head_word``),
-        #: or None: the replay is then timed by an event pair around it.
-        self._head = head
+        #: The graph's head node (``head_stamp``), kept with its word as long as the
+        #: graph: the node writes the word on every replay, whether it times it or not.
+        self._head_stamp = head
+        #: The word the graph's first node stamps as each replay starts, or None: the
+        #: replay is then timed by an event pair around it.
+        self._head = head.word if head is not None and head.ordered else None
         self.on_low = on_low  # the pipeline's wake-up (``SlotRing``)
         #: Some replays go untraced (``REPLAY_EVERY`` not 1): the captured launches read a
         #: gate word that ``set_gate`` writes before each replay, and leave at once on
@@ -399,6 +402,20 @@ class GraphRows:
         self.anchored = False
 
     # -- the replay's own GPU time ----------------------------------------------------
+    def order_head(self) -> None:
+        """Before the capture ends (a capture hook, ``head_orderer``): the head node ahead
+        of the roots that captures after it added (a stream that joined the capture with
+        no dependencies); where that fails, replays keep the event pair."""
+        head = self._head_stamp
+        if head is None or self._head is None:
+            return
+        try:
+            if not _kernel.get().head_stamp_order(head.graph, head.node):  # type: ignore[union-attr]
+                self._head = None
+        except Exception as exc:  # noqa: BLE001 - the event pair times the replays
+            self._head = None
+            health.report("stats_errors", "could not put a graph's head stamp first", exc)
+
     def times_replay(self) -> bool:
         """Whether this replay's GPU time can come from the graph's head stamp and the
         snapshot kernel's start (``HEAD_WORD``) instead of an event pair: a head word,
@@ -650,7 +667,7 @@ def graph_rows_of(capture_state: Callable[[], Any], on_low: Callable[[], None] |
         gated = sampler is not None and sampler.every != 1
 
         def make() -> GraphRows:
-            head = head_word(device) if stamp_heads and not gated else None
+            head = head_stamp(device) if stamp_heads and not gated else None
             return GraphRows(device, on_low, gated, head)
 
         return capture.group(("stats", str(device)), make)
@@ -658,25 +675,67 @@ def graph_rows_of(capture_state: Callable[[], Any], on_low: Callable[[], None] |
     return lookup
 
 
-def head_word(device: torch.device) -> torch.Tensor | None:
-    """At a capture's first statistics launch on ``device``: a word that a node ahead of
-    every node captured so far (``head_stamp_node``) stamps with the GPU clock on every
-    replay, which the snapshot kernel copies beside its own start into the slot: the
-    replay's GPU time without a CUDA event pair around it (two records on the replaying
-    thread: about 5 us of its CPU and 3 of the GPU's a traced replay on the H100's
-    decode step).  Only where every replay runs the graph's statistics
-    (``REPLAY_EVERY=1``): a gated graph's untraced replays skip our nodes.  None where
-    it cannot be (the extension not built yet, not capturing: the event pair stays)."""
+def head_orderer(capture_state: Callable[[], Any]) -> Callable[[], None]:
+    """The capture hook run before a capture ends: each group's head node ahead of the
+    roots added after it (``GraphRows.order_head``)."""
+
+    def order() -> None:
+        capture = capture_state()
+        if capture is not None:
+            for group in list(capture.groups.values()):
+                if type(group) is GraphRows:
+                    group.order_head()
+
+    return order
+
+
+class HeadStamp:
+    """A graph's head node (``head_stamp``): the word it stamps, whether it was put
+    ahead of every node, and the node and graph handles to order it again at the end."""
+
+    __slots__ = ("graph", "node", "ordered", "word")
+
+    def __init__(self, word: torch.Tensor, ordered: bool, node: int, graph: int) -> None:
+        self.word, self.ordered, self.node, self.graph = word, ordered, node, graph
+
+
+def head_stamp(device: torch.device) -> HeadStamp | None:
+    """At a capture's first statistics launch on ``device``: a node ahead of every node
+    captured so far (``head_stamp_node``, csrc/lean_graph.cpp) that stamps a word of the
+    graph's own with the GPU clock on every replay, which the snapshot kernel copies
+    beside its own start into the slot: the replay's GPU time without a CUDA event pair
+    around it (two records on the replaying thread: about 5 us of its CPU and 3 of the
+    GPU's a traced replay on the H100's decode step).  Only where every replay runs the
+    graph's statistics (``REPLAY_EVERY=1``): a gated graph's untraced replays skip our
+    nodes.  None where there is no node (the extension not built yet, not capturing: the
+    event pair stays)."""
     if device.type != "cuda" or not SNAPSHOT_KERNEL or not HEAD_STAMP:
         return None
     module = _kernel.get()
     if module is None or not hasattr(module, "head_stamp_node"):
         return None
     try:
-        # An allocation, not a node (``torch.empty``): the graph's pool keeps it.
-        word = torch.empty(1, dtype=torch.int64, device=device)
-        stream = torch.cuda.current_stream(device).cuda_stream
-        return word if module.head_stamp_node(stream, word.data_ptr()) else None
-    except Exception as exc:  # noqa: BLE001 - the replay keeps its event pair
+        word = _word(device)
+        state, node, graph = module.head_stamp_node(device.index, torch.cuda.current_stream(
+            device).cuda_stream, word.data_ptr())
+    except Exception as exc:  # noqa: BLE001 - no node was added: the event pair stays
         health.report("stats_errors", "could not stamp a graph's head", exc)
         return None
+    # A node in the graph writes the word on every replay: kept with the graph, also
+    # where it could not be put first (state 2: the event pair times the replays).
+    return HeadStamp(word, state == 1, node, graph) if state else None
+
+
+def _word(device: torch.device) -> torch.Tensor:
+    """An int64 on ``device`` with no node made for it: ``torch.empty`` in a capture is
+    an allocation from the graph's pool, unless deterministic mode fills new memory (a
+    node that would overwrite the head's stamp after it, on every replay)."""
+    deterministic = getattr(torch.utils, "deterministic", None)
+    fill = getattr(deterministic, "fill_uninitialized_memory", False)
+    if not fill or not torch.are_deterministic_algorithms_enabled():
+        return torch.empty(1, dtype=torch.int64, device=device)
+    deterministic.fill_uninitialized_memory = False  # type: ignore[union-attr]
+    try:
+        return torch.empty(1, dtype=torch.int64, device=device)
+    finally:
+        deterministic.fill_uninitialized_memory = fill  # type: ignore[union-attr]

@@ -28,7 +28,7 @@ from ..pipeline import CallRecord
 from . import kernel as _kernel
 from . import overlap
 from .decode import SCOPE_FULL, SCOPE_PAGES, SCOPE_SAMPLED
-from .graph_rows import graph_rows_of
+from .graph_rows import graph_rows_of, head_orderer
 from .pending import StatsPending
 from .planning import SLOT_DIMS
 from .recorder import StatsRecorder, _Open
@@ -119,6 +119,8 @@ def make_hooks(recorder: StatsRecorder) -> tuple[Any, Any]:
                                            recorder.gpu_time)
     # A captured attention call's inputs run beside it on a branch of the graph.
     graphs.set_capture_hooks("stats", overlap.prepare, recorder.join_forked)
+    # The graph's head stamp ahead of the roots added after it, before the capture ends.
+    graphs.set_capture_hooks("stats_head", None, head_orderer(graphs.capture_state))
     switch = native.switch_type()
     if switch is None or not recorder.use_kernel or not use_native or not _c_entries():
         return before, after
