@@ -226,6 +226,7 @@ def test_level5_graph_flags_exactly_the_replay_with_nan(spans, monkeypatch: Any,
     from otel_flashinfer.stats import graph_rows, kernel
 
     monkeypatch.setattr(graph_rows, "SNAPSHOT_KERNEL", by_kernel)
+    monkeypatch.setattr(graph_rows, "HEAD_STAMP", True)
     otel_flashinfer.instrument(level=5, journal_dir="")
     assert kernel.get(wait=True, timeout=600) is not None
     step = make_decode(use_cuda_graph=True)
@@ -482,8 +483,9 @@ def test_level5_replays_are_timed_by_the_graphs_head_stamp(spans, monkeypatch) -
     the snapshot kernel copies it beside its own start, so a replay records no CUDA
     event pair; the replay span's GPU time still matches hand timing."""
     from otel_flashinfer import graphs, runtime
-    from otel_flashinfer.stats import kernel
+    from otel_flashinfer.stats import graph_rows, kernel
 
+    monkeypatch.setattr(graph_rows, "HEAD_STAMP", True)
     otel_flashinfer.instrument(level=5, journal_dir="")
     assert kernel.get(wait=True, timeout=600) is not None
     asked: list[int] = []

@@ -20,8 +20,8 @@ line.  The GPU figure holds while the host enqueues the block within the spin (i
 ``PROBE_SNAPSHOT=memcpy`` copies each replay's statistics rows by the copy engine, as
 before ``graph_rows.SNAPSHOT_KERNEL``; ``PROBE_NO_TIMER=1`` takes the replay timer's two
 CUDA events away (the replay spans then have no GPU time: what the pair costs the
-host); ``PROBE_HEAD_STAMP=0`` times each replay by that pair, as before the graph's
-head stamp (``graph_rows.HEAD_STAMP``); ``PROBE_PROFILE=1`` profiles the third
+host); ``PROBE_HEAD_STAMP=1`` times each replay by the graph's head stamp instead,
+``0`` by the pair (``graph_rows.HEAD_STAMP``); ``PROBE_PROFILE=1`` profiles the third
 host-timed block (``cProfile``, which on Python 3.12 also sees the background threads).
 """
 
@@ -94,10 +94,10 @@ def main() -> None:
         from otel_flashinfer.stats import graph_rows
 
         graph_rows.SNAPSHOT_KERNEL = False
-    if os.environ.get("PROBE_HEAD_STAMP") == "0":  # the replay's event pair, as before
+    if os.environ.get("PROBE_HEAD_STAMP") in ("0", "1"):  # the head stamp, or the pair
         from otel_flashinfer.stats import graph_rows
 
-        graph_rows.HEAD_STAMP = False
+        graph_rows.HEAD_STAMP = os.environ["PROBE_HEAD_STAMP"] == "1"
     if level:
         otel_flashinfer.instrument(level=level)
         _wait_for_kernels(level)
