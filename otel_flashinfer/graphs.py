@@ -419,21 +419,23 @@ def patch(runtime: Any, gate_types: tuple[Any, Any] | None = None) -> None:
 
     def capture_begin(self: Any, *args: Any, **kwargs: Any) -> Any:
         global _capturing
-        with _lock:
-            # A graph captured again forgets what the gate knew of its last capture, and
-            # the last capture itself: its statistics nodes belong to a graph torch is
-            # about to replace (stats.node_switch).
-            _skips.pop(self, None)
-            old = _graphs.pop(self, None)
-        if old is not None:
-            old.close_lean()
         _run_capture_hooks(0)
         capture_guard.begin_capture()
         try:
             result = begin(self, *args, **kwargs)
         except BaseException:
+            # Refused (a graph that still owns its executable): it replays its last
+            # capture, whose rows and nodes stay ours.
             capture_guard.end_capture()
             raise
+        with _lock:
+            # A graph captured again forgets what the gate knew of its last capture, and
+            # the last capture itself: its statistics nodes belong to a graph torch has
+            # now replaced (stats.node_switch).
+            _skips.pop(self, None)
+            old = _graphs.pop(self, None)
+        if old is not None:
+            old.close_lean()
         try:
             capture = Capture(next(_ids))
             if self in _kept_by_us:  # only such a graph gets a copy (``Capture.seal``)

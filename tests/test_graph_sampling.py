@@ -979,3 +979,40 @@ def test_auto_earns_by_a_traced_replays_gpu_time_only_where_nothing_is_gated(
     graph.replay()
     assert len(spans.by_name("cuda_graph.replay")) == 1
     assert (capture.timed is None) is gated
+
+
+class _OnceGraph(_FakeGraph):
+    """Refuses a second capture without ``reset``, as torch does for a graph that
+    still owns its executable."""
+
+    captured = False
+
+    def capture_begin(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        if self.captured:
+            raise RuntimeError("This CUDAGraph instance already owns a captured graph")
+        self.captured = True
+
+
+def test_a_refused_capture_keeps_the_graphs_last_capture(spans, monkeypatch) -> None:  # noqa: ANN001
+    """torch refuses to capture again into a graph that still has its executable: that
+    graph replays its last capture, whose rows and nodes we must keep (dropping them
+    freed memory its statistics nodes still write into), and its replays stay traced."""
+    from otel_flashinfer import graphs
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _OnceGraph)
+    otel_flashinfer.instrument(level=1, journal_dir="")
+    step = otel_flashinfer.traced(lambda x: x, name="step")
+    graph = _OnceGraph()
+    graph.capture_begin()
+    step(torch.zeros(2))
+    graph.capture_end()
+    capture = graphs._graphs[graph]  # noqa: SLF001
+    with pytest.raises(RuntimeError, match="already owns"):
+        graph.capture_begin()
+    assert graphs._graphs[graph] is capture and graphs.capture_state() is None  # noqa: SLF001
+    assert otel_flashinfer.flush(10)
+    spans.exporter.clear()
+    graph.replay()
+    assert otel_flashinfer.flush(10)
+    assert sorted(s.name for s in spans.exporter.get_finished_spans()) == [
+        "cuda_graph.replay", "step"]
