@@ -488,10 +488,18 @@ def test_level5_replays_are_timed_by_the_graphs_head_stamp(spans, monkeypatch) -
     monkeypatch.setattr(graph_rows, "HEAD_STAMP", True)
     otel_flashinfer.instrument(level=5, journal_dir="")
     assert kernel.get(wait=True, timeout=600) is not None
-    asked: list[int] = []
-    timer = runtime.current().replay_timer
-    monkeypatch.setattr(runtime.current(), "replay_timer",
-                        lambda: asked.append(1) or timer())
+    asked: list[int] = []  # event pairs begun for a replay
+    pair = runtime.current().replay_timer()
+
+    class _Counted:
+        def begin(self) -> int:
+            asked.append(1)
+            return pair.begin()
+
+        def end_handle(self, mark: int) -> Any:
+            return pair.end_handle(mark)
+
+    monkeypatch.setattr(runtime.current(), "replay_timer", lambda: _Counted())
     step = make_decode(use_cuda_graph=True)
     graph, _ = capture_graph(step.run)
     rows = _graph_rows(graph)

@@ -51,9 +51,8 @@ MIN_SLOTS, MAX_SLOTS = 16, 1024
 SNAPSHOT_KERNEL = True
 #: Where every replay is traced, the graph's first node stamps its start and the
 #: snapshot kernel its end (``head_stamp``): no CUDA event pair around the replay
-#: (a probe compares both: benchmarks/probes/decode_step_split.py).  Off until it has
-#: run on a GPU: no device could be started in the session that wrote it (README).
-HEAD_STAMP = False
+#: (a probe compares both: benchmarks/probes/decode_step_split.py).
+HEAD_STAMP = True
 _SPARE = 7 * 8  # a row's spare word (layout.py): where GPU-clock stamps go
 #: Where in a slot the replay's own GPU time goes, when the graph's head stamps it
 #: (``head_word``): word 5 of the anchor row gets the head's stamp and word 6 the
