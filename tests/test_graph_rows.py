@@ -660,6 +660,18 @@ def test_a_traced_replay_records_no_event_pair_where_its_group_stamps_it(
         del rows.replay
 
 
+def _one_stamped_replay(gpu_ns: int) -> tuple[Any, Any]:
+    """A stamped graph's replay record whose slot says the head stamped 1,000 and the
+    copy began ``gpu_ns`` later (its event 90): (the ring, the record)."""
+    head = torch.zeros(1, dtype=torch.int64)
+    data, capture, rows, slots, ring, ext = _stamped_graph(head)
+    _fill(slots, torch.cat([data, data]))
+    head[0], ext.now = 1_000, 1_000 + gpu_ns
+    whole = rows.replay(_index(capture), ext, ts_ns=7)
+    ring._native[whole.slot], ring._kind[whole.slot] = 90, "native"  # noqa: SLF001
+    return ring, _replay_of(capture, 1, whole)
+
+
 def test_a_stamped_replay_waits_for_its_slot_on_the_python_path(
         monkeypatch: pytest.MonkeyPatch, events: FakeEvents) -> None:  # noqa: F811
     """The worker's Python path (no native encoder) expands a stamped replay: its own
@@ -667,17 +679,11 @@ def test_a_stamped_replay_waits_for_its_slot_on_the_python_path(
     instead of timing out at the first look."""
     from otel_flashinfer.stats import ring as ring_module
 
-    head = torch.zeros(1, dtype=torch.int64)
-    data, capture, rows, slots, ring, ext = _stamped_graph(head)
-    _fill(slots, torch.cat([data, data]))
-    head[0], ext.now = 1_000, 41_000
-    whole = rows.replay(_index(capture), ext, ts_ns=7)
-    ring._native[whole.slot], ring._kind[whole.slot] = 90, "native"  # noqa: SLF001
+    _ring, record = _one_stamped_replay(40_000)
     events.status[90] = 1  # the copy has not landed at the first look
     monkeypatch.setattr(ring_module._kernel, "get",  # noqa: SLF001 - the Python path's query
                         lambda *a, **k: type("M", (), {"event_query": staticmethod(
                             events._query)})())  # noqa: SLF001
-    record = _replay_of(capture, 1, whole)
     tracer, _ = _sdk_tracer()
     pipeline = Pipeline(tracer=tracer)
     try:
@@ -698,13 +704,7 @@ def test_a_replay_timed_by_its_event_pair_keeps_that_time(events: FakeEvents) ->
     """Slots mapped during the replay (the extension built meanwhile): the replay had its
     event pair and its copy stamped too.  The pair's time stands; the stamps only hand
     the slot back."""
-    head = torch.zeros(1, dtype=torch.int64)
-    data, capture, rows, slots, ring, ext = _stamped_graph(head)
-    _fill(slots, torch.cat([data, data]))
-    head[0], ext.now = 1_000, 41_000
-    whole = rows.replay(_index(capture), ext, ts_ns=7)
-    ring._native[whole.slot], ring._kind[whole.slot] = 90, "native"  # noqa: SLF001
-    record = _replay_of(capture, 1, whole)
+    ring, record = _one_stamped_replay(40_000)
     record.attributes["flashinfer.gpu.time_ns"] = 52_000  # the pair's, applied first
     children = record.expand()
     (own,) = record.pending
