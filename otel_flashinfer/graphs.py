@@ -741,13 +741,14 @@ def emit_replay(runtime: Any, capture: Capture, index: int, start_ns: int, end_n
     # Groups first: their copies follow the replay on its stream, like the hooks'.
     whole, grouped = capture.group_pendings() if capture.groups else (None, None)
     timed = timing is not None
-    stamped = getattr(timing, "replay_time", None)
-    if stamped is not None:  # a group's pending carries the time (or why there is none)
-        timing = stamped(whole)
-    if type(timing) is int:
+    if type(timing) is int:  # the event pair, packed (the common case: no lookup)
         record.gpu = timing
     elif timing is not None:
-        record.add_pending(timing)
+        stamped = getattr(timing, "replay_time", None)
+        if stamped is not None:  # a group's pending carries the time (or why there is none)
+            timing = stamped(whole)
+        if timing is not None:
+            record.add_pending(timing)
     if timed and not capture.gates:
         # Where the worker leaves its GPU time (``_replay_gpu_s``), which ``auto`` earns
         # by.  Not for a gated graph: its traced replays run the statistics launches

@@ -392,12 +392,13 @@ class _FakeGraph:
         pass
 
 
-def _captured_step(monkeypatch) -> _FakeGraph:  # noqa: ANN001
-    """Level 1 on, and a stand-in graph with one traced call ("step") captured."""
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
+def _captured_step(monkeypatch, graph_cls: type = _FakeGraph) -> _FakeGraph:  # noqa: ANN001
+    """Level 1 on, and a stand-in graph (``graph_cls``) with one traced call ("step")
+    captured."""
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", graph_cls)
     otel_flashinfer.instrument(level=1, journal_dir="")
     step = otel_flashinfer.traced(lambda x: x, name="step")
-    graph = _FakeGraph()
+    graph = graph_cls()
     graph.capture_begin()
     step(torch.zeros(2))
     graph.capture_end()
@@ -999,13 +1000,7 @@ def test_a_refused_capture_keeps_the_graphs_last_capture(spans, monkeypatch) -> 
     freed memory its statistics nodes still write into), and its replays stay traced."""
     from otel_flashinfer import graphs
 
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", _OnceGraph)
-    otel_flashinfer.instrument(level=1, journal_dir="")
-    step = otel_flashinfer.traced(lambda x: x, name="step")
-    graph = _OnceGraph()
-    graph.capture_begin()
-    step(torch.zeros(2))
-    graph.capture_end()
+    graph = _captured_step(monkeypatch, _OnceGraph)
     capture = graphs._graphs[graph]  # noqa: SLF001
     with pytest.raises(RuntimeError, match="already owns"):
         graph.capture_begin()
