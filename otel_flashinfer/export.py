@@ -50,6 +50,8 @@ from .graph_sampling import CostEstimate
 
 #: Spans per request (OTEL_BSP_MAX_EXPORT_BATCH_SIZE's default).
 DEFAULT_BATCH = 512
+#: Seconds a batch waits for more spans (OTEL_BSP_SCHEDULE_DELAY's default).
+DEFAULT_DELAY_S = 5.0
 #: Encoded spans waiting to be sent (a BatchSpanProcessor's max_queue_size sets it).
 DEFAULT_OUTBOX_SPANS = 2048
 #: A send running longer than this is a receiver down or retrying, not a busy one: the
@@ -96,7 +98,9 @@ def sampler_is_ours(sampler: Any) -> bool:
 
     if sampler is sampling.ALWAYS_ON:
         return True
-    if type(sampler) is sampling.ParentBased:
+    # The SDK's own subclasses (``OTEL_TRACES_SAMPLER=parentbased_traceidratio`` makes a
+    # ParentBasedTraceIdRatio) add nothing but their root: their fields say the rest.
+    if type(sampler) in _PARENT_BASED:
         root = sampler._root  # noqa: SLF001
         return (
             (root is sampling.ALWAYS_ON or root is sampling.ALWAYS_OFF
@@ -107,6 +111,19 @@ def sampler_is_ours(sampler: Any) -> bool:
             and sampler._local_parent_not_sampled is sampling.ALWAYS_OFF  # noqa: SLF001
         )
     return False
+
+
+def _parent_based() -> tuple[type, ...]:
+    try:
+        from opentelemetry.sdk.trace import sampling
+    except ImportError:  # pragma: no cover
+        return ()
+    names = ("ParentBased", "ParentBasedTraceIdRatio", "_ParentBasedAlwaysOn",
+             "_ParentBasedAlwaysOff")
+    return tuple(getattr(sampling, n) for n in names if hasattr(sampling, n))
+
+
+_PARENT_BASED = _parent_based()
 
 
 def _unwrapped(exporter: Any) -> Any:
@@ -161,7 +178,11 @@ def plan(provider: Any, tracer: Any, enabled: bool = True) -> Plan:
     if not processors:
         return Plan(False, "no_processors")
     senders = []
-    delay_s, batch, outbox = 5.0, DEFAULT_BATCH, None
+    # The processors' own settings (OTEL_BSP_*), the strictest where there are several;
+    # the SDK's defaults only where no processor says.
+    delay_s: float | None = None
+    batch: int | None = None
+    outbox = None
     for processor in processors:
         if type(processor) is SimpleSpanProcessor:
             exporter = processor.span_exporter
@@ -171,10 +192,10 @@ def plan(provider: Any, tracer: Any, enabled: bool = True) -> Plan:
             exporter = getattr(inner, "_exporter", None)
             delay = getattr(inner, "_schedule_delay", None)
             if delay is not None:
-                delay_s = min(delay_s, float(delay))
+                delay_s = float(delay) if delay_s is None else min(delay_s, float(delay))
             size = getattr(inner, "_max_export_batch_size", None)
             if size:
-                batch = min(batch, int(size))
+                batch = int(size) if batch is None else min(batch, int(size))
             queue = getattr(inner, "_max_queue_size", None)
             if queue:
                 outbox = int(queue) if outbox is None else min(outbox, int(queue))
@@ -184,7 +205,8 @@ def plan(provider: Any, tracer: Any, enabled: bool = True) -> Plan:
         if sender is None:
             return Plan(False, f"exporter:{type(_unwrapped(exporter)).__name__}")
         senders.append(sender)
-    return Plan(True, "fast", tuple(senders), delay_s, batch,
+    return Plan(True, "fast", tuple(senders), DEFAULT_DELAY_S if delay_s is None else delay_s,
+                DEFAULT_BATCH if batch is None else batch,
                 DEFAULT_OUTBOX_SPANS if outbox is None else outbox, processors)
 
 

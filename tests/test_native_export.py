@@ -264,6 +264,20 @@ def test_fast_path_serves_the_setups_it_reproduces(tmp_path: Path) -> None:
     for sampler in (sampling.ALWAYS_ON, sampling.ParentBased(sampling.ALWAYS_OFF),
                     sampling.ParentBased(sampling.TraceIdRatioBased(0.25))):
         assert _plan([SimpleSpanProcessor(file)], sampler).fast
+    # The SDK's own subclasses, as OTEL_TRACES_SAMPLER makes them.
+    for sampler in (sampling.ParentBasedTraceIdRatio(0.01),
+                    sampling._ParentBasedAlwaysOn(None),  # noqa: SLF001
+                    sampling._ParentBasedAlwaysOff(None)):  # noqa: SLF001
+        assert _plan([SimpleSpanProcessor(file)], sampler).fast, sampler
+    # The processor's settings above the SDK's defaults are kept, not capped by them.
+    chosen = _plan([BatchSpanProcessor(file, max_queue_size=8192, max_export_batch_size=2000,
+                                       schedule_delay_millis=30_000)])
+    assert chosen.fast and (chosen.delay_s, chosen.batch, chosen.outbox_spans) == \
+        (30.0, 2000, 8192)
+    chosen = _plan([BatchSpanProcessor(file, schedule_delay_millis=30_000),
+                    BatchSpanProcessor(file, schedule_delay_millis=700,
+                                       max_export_batch_size=100)])
+    assert (chosen.delay_s, chosen.batch) == (0.7, 100)  # the strictest of the two
 
 
 def test_other_setups_keep_the_sdk_path(tmp_path: Path, monkeypatch) -> None:
