@@ -125,6 +125,8 @@ def _line(path: str, number: int, raw: bytes) -> dict[str, Any] | None:
         data = json.loads(line)
     except json.JSONDecodeError as exc:
         raise TraceFileError(f"{path}:{number}: not JSON ({exc.msg})") from None
+    except ValueError as exc:  # a number past Python's digit limit, say
+        raise TraceFileError(f"{path}:{number}: not JSON ({exc})") from None
     except RecursionError:
         raise TraceFileError(f"{path}:{number}: not JSON (nested too deep)") from None
     problem = _request_problem(data)
@@ -180,7 +182,10 @@ def _span_problem(span: dict[str, Any]) -> str | None:
             continue
         if not (isinstance(v, str) and _is_hex(v, n)):
             return f"span {key} {v!r} is not {n} hex digits"
-    events = [e for e in span.get("events", []) if isinstance(e, dict)]
+    events = span.get("events")
+    if events is not None and not isinstance(events, list):
+        return "span events is not a list of objects"
+    events = [e for e in events or () if isinstance(e, dict)]
     for obj in (span, *events):
         for key in _TIMES:
             v = obj.get(key)
@@ -276,7 +281,8 @@ def _is_double(v: Any) -> bool:
 def _is_time(v: Any) -> bool:
     """A time as OTLP/JSON writes it: a decimal string (or an int) within uint64."""
     if isinstance(v, str):
-        return v.isdigit() and int(v) < 2**64
+        # ASCII digits only ("²" is a digit to str.isdigit, not to int), at most 20
+        return v.isascii() and v.isdigit() and len(v) <= 20 and int(v) < 2**64
     return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**64
 
 

@@ -376,11 +376,18 @@ _BAD_SHAPES = [
     '{"resourceSpans":[{"scopeSpans":[{"scope":"x","spans":[]}]}]}',
     '{"resourceSpans":[{"resource":"x","scopeSpans":[]}]}',
     "[" * 100_000,
+    # Shapes the checker itself once raised on (a traceback, no span shown):
+    '{"resourceSpans":[{"scopeSpans":[{"spans":[{"name":"x","events":null}]}]}]}',
+    '{"resourceSpans":[{"scopeSpans":[{"spans":[{"name":"x",'
+    '"startTimeUnixNano":"\u00b2"}]}]}]}',  # a digit to str.isdigit, not to int
+    '{"resourceSpans":[{"scopeSpans":[{"spans":[{"name":"x",'
+    '"startTimeUnixNano":"' + "9" * 5000 + '"}]}]}]}',
+    '{"resourceSpans":[{"scopeSpans":[{"spans":[{"name":"x","n":' + "1" * 5000 + '}]}]}]}',
     '{"resourceSpans":[{"scopeSp',  # a killed writer's last line
 ]
 
 
-@pytest.mark.parametrize("bad", _BAD_SHAPES)
+@pytest.mark.parametrize("bad", _BAD_SHAPES, ids=[str(i) for i in range(len(_BAD_SHAPES))])
 def test_show_shows_the_good_lines_and_names_each_bad_one(tmp_path: Path, capsys,
                                                           bad: str) -> None:
     """One bad line (a truncated last one, a value of the wrong shape) does not hide
