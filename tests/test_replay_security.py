@@ -479,6 +479,9 @@ def test_bundle_files_are_read_within_their_size(store, tmp_path, what, kind):
     (lambda m: m.update(skipped={"why": 1}), "skipped must be a string"),
     (lambda m: m["args"][0]["value"].update(nbytes=10**30), "nbytes must be at most"),
     (lambda m: m.update(extra=float("nan")), "NaN is not JSON"),
+    # a dtype that is a list or an object: once a raw TypeError (unhashable)
+    (lambda m: m["args"][0]["value"].update(dtype=["float32"]), "unknown dtype"),
+    (lambda m: m["args"][1].update(value={"t": "dtype", "v": {}}), "unknown dtype"),
 ])
 def test_manifest_fields_replay_reads_are_checked_at_pull(store, tmp_path, change, refusal):
     """What the runner reads of a manifest (its error, skipped, sizes) is checked when
@@ -497,3 +500,62 @@ def test_a_manifest_nested_past_the_parser_is_refused_by_name(store, tmp_path):
     with pytest.raises(ManifestError, match="nested too deep") as err:
         pull(TRACE, str(root), str(tmp_path / "b"))
     assert mpath.name in str(err.value)
+
+
+def test_a_missing_object_names_the_manifest_that_named_it(store, tmp_path):
+    root, mpath = store
+    key = json.loads(mpath.read_text())["args"][0]["value"]["key"]
+    (root / key).unlink()
+    with pytest.raises(BundleError, match="object objects/") as err:
+        pull(TRACE, str(root), str(tmp_path / "b"))
+    assert mpath.name in str(err.value)
+    assert not (tmp_path / "b").exists()
+
+
+def test_replay_says_what_it_could_not_compare_and_goes_on(store, tmp_path):
+    """A recorded result that is not a tensor where the call returns one: the call
+    fails with why, the next calls still run, and the summary line is written."""
+    from otel_flashinfer.replay.runner import compare
+
+    assert compare(torch.ones(3), 5, None, None) == "result: got a tensor, recorded int 5"
+    root, mpath = store
+    edit(mpath, lambda m: m.update(result=5))
+    pull(TRACE, str(root), str(tmp_path / "b"))
+    out = io.StringIO()
+    report = replay(str(tmp_path / "b"), allow_modules=(__name__,), out=out)
+    assert (report.passed, report.failed) == (0, 1)
+    assert "got a tensor, recorded int 5" in out.getvalue()
+    assert out.getvalue().endswith("0 passed, 1 failed\n")
+
+
+def test_replay_lines_show_a_bundles_names_without_control_characters(store, tmp_path):
+    root, mpath = store
+    edit(mpath, lambda m: m.update(api="mul\x1b]0;pwned\x07"))
+    pull(TRACE, str(root), str(tmp_path / "b"))
+    out = io.StringIO()
+    replay(str(tmp_path / "b"), allow_modules=(__name__,), out=out)
+    assert "\x1b" not in out.getvalue() and "mul\\x1b]0;pwned\\x07" in out.getvalue()
+
+
+def test_cli_errors_and_devices_are_checked(store, tmp_path, capsys):
+    from otel_flashinfer.replay.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["replay", str(tmp_path), "--device", "meta"])
+    assert "holds no data" in capsys.readouterr().err
+    root, _ = store
+    assert main(["pull", "--blob-url", str(root), "--process", "\u00b2",
+                 "-o", str(tmp_path / "b")]) == 1
+    assert "--process '\u00b2'" in capsys.readouterr().err
+
+
+def test_a_process_info_nested_too_deep_falls_back_to_its_folder_name(store):
+    from otel_flashinfer.blobs import index
+    from otel_flashinfer.blobs.store import BlobStore
+
+    root, _ = store
+    st = BlobStore(str(root), check_writable=False)
+    (process,) = index.list_processes(st)
+    (root / layout.process_info_key(process)).write_text("[" * 50_000)
+    info = index.read_info(st, process)
+    assert info["service"] == "" and info["process"] == process

@@ -122,7 +122,7 @@ def read_info(store: BlobStore, process: str) -> dict:
         if isinstance(argv, list) and all(isinstance(a, str) for a in argv):
             out["argv"] = argv[:16]
         return out
-    except ValueError:
+    except (ValueError, RecursionError):  # nested past the parser's depth: bad too
         return fallback
 
 

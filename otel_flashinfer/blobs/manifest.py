@@ -278,7 +278,7 @@ def _check_value(where: str, v: Any, depth: int = 0) -> None:
         if not name.isidentifier():
             raise _fail(where, f"enum member {name!r} is not an identifier")
     elif tag == "dtype":
-        if v.get("v") not in DTYPES:
+        if not _known_dtype(v.get("v")):
             raise _fail(where, f"unknown dtype {v.get('v')!r}")
     elif tag == "device":
         if not isinstance(v.get("v"), str) or len(v["v"]) > 32:
@@ -294,8 +294,13 @@ def _check_value(where: str, v: Any, depth: int = 0) -> None:
         raise _fail(where, f"unknown value tag {tag!r}")
 
 
+def _known_dtype(name: Any) -> bool:
+    """A dtype name we know: text first (a list or object is not a key of the table)."""
+    return isinstance(name, str) and name in DTYPES
+
+
 def _check_common(where: str, v: dict) -> tuple[str, list[int]]:
-    if v.get("dtype") not in DTYPES:
+    if not _known_dtype(v.get("dtype")):
         raise _fail(where, f"unknown dtype {v.get('dtype')!r}")
     if v.get("format") not in FORMATS:
         raise _fail(where, f"unknown format {v.get('format')!r}")

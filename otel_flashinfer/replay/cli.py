@@ -40,12 +40,12 @@ def _pull(ns: argparse.Namespace) -> int:
     elif session and ns.span is not None:
         problem = "--span applies to TRACE_ID"
     if problem is not None:
-        print(f"otel-flashinfer pull: {problem}", file=sys.stderr)
+        _error(f"otel-flashinfer pull: {problem}")
         return 2
     out = ns.output or _default_out(ns)
     missing = _no_local_store(ns.blob_url)
     if missing:
-        print(f"otel-flashinfer pull: {missing}", file=sys.stderr)
+        _error(f"otel-flashinfer pull: {missing}")
         return 1
     try:
         if session:
@@ -56,11 +56,10 @@ def _pull(ns: argparse.Namespace) -> int:
             bundle = pull(ns.trace_id, ns.blob_url, out, span_id=ns.span,
                           allow_pickle=ns.allow_pickle)
     except (BundleError, ManifestError, StoreError, ValueError, OSError) as exc:
-        print(f"otel-flashinfer pull: {exc}", file=sys.stderr)
+        _error(f"otel-flashinfer pull: {exc}")
         return 1
     except Exception as exc:  # noqa: BLE001 - a store's client (S3 unreachable...): one line
-        print(f"otel-flashinfer pull: {ns.blob_url}: {type(exc).__name__}: {exc}",
-              file=sys.stderr)
+        _error(f"otel-flashinfer pull: {ns.blob_url}: {type(exc).__name__}: {exc}")
         return 1
     print(f"pulled {len(bundle.calls)} calls, {bundle.objects} objects "
           f"({bundle.bytes / 1e6:.1f} MB) into {bundle.path}")
@@ -81,17 +80,16 @@ def _no_local_store(url: str) -> str | None:
 def _ls(ns: argparse.Namespace) -> int:
     missing = _no_local_store(ns.blob_url)
     if missing:
-        print(f"otel-flashinfer ls: {missing}", file=sys.stderr)
+        _error(f"otel-flashinfer ls: {missing}")
         return 1
     try:
         store = BlobStore(ns.blob_url, check_writable=False)
         listing = describe_store(store)
     except (StoreError, ValueError, OSError) as exc:
-        print(f"otel-flashinfer ls: {exc}", file=sys.stderr)
+        _error(f"otel-flashinfer ls: {exc}")
         return 1
     except Exception as exc:  # noqa: BLE001 - a store's client (S3 unreachable...): one line
-        print(f"otel-flashinfer ls: {ns.blob_url}: {type(exc).__name__}: {exc}",
-              file=sys.stderr)
+        _error(f"otel-flashinfer ls: {ns.blob_url}: {type(exc).__name__}: {exc}")
         return 1
     if ns.json:
         print(json.dumps(listing, indent=1))
@@ -109,9 +107,17 @@ def _replay(ns: argparse.Namespace) -> int:
         report = replay(ns.dir, device=ns.device, allow_modules=tuple(ns.allow_module),
                         rtol=ns.rtol, atol=ns.atol, allow_pickle=ns.allow_pickle)
     except (BundleError, ManifestError, ValueError, OSError) as exc:
-        print(f"otel-flashinfer replay: {exc}", file=sys.stderr)
+        _error(f"otel-flashinfer replay: {exc}")
         return 1
     return 0 if report.ok else 1
+
+
+def _error(text: str) -> None:
+    """One line on stderr; a store's or bundle's text in it is untrusted: no control
+    character reaches the terminal raw."""
+    from ..show import printable
+
+    print(printable(text), file=sys.stderr)
 
 
 def _device(text: str) -> str:
@@ -123,6 +129,8 @@ def _device(text: str) -> str:
         device = torch.device(text)
     except (RuntimeError, ValueError) as exc:
         raise argparse.ArgumentTypeError(f"{text!r} is not a torch device ({exc})") from None
+    if device.type == "meta":  # no data: nothing to compare or to run a kernel on
+        raise argparse.ArgumentTypeError(f"{text!r}: a meta tensor holds no data to replay")
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:

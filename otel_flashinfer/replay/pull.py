@@ -252,6 +252,8 @@ def _write_staged(store: BlobStore, manifests: list[tuple[str, dict]], out_dir: 
             data = store.get(entry["key"], entry["nbytes"])  # the hash is checked next
         except StoreError as exc:
             raise BundleError(f"{where}: {exc}") from None
+        except OSError as exc:  # missing or unreadable: say which manifest named it
+            raise BundleError(f"{where}: object {entry['key']}: {exc}") from None
         check_object(data, entry, where)
         load_value_tensor(data, entry, where, allow_pickle)
         _write_inside(out_dir, entry["key"], data)

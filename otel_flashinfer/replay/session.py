@@ -39,7 +39,7 @@ def select_processes(store: BlobStore, process: str | None, service: str | None
     known = index.list_processes(store)
     if process is not None:
         text = process.strip()
-        if text.isdigit():
+        if text.isascii() and text.isdigit():  # "²" is a digit to isdigit, not to int
             chosen = [p for p in known if layout.process_pid(p) == int(text)]
         else:
             try:
