@@ -176,8 +176,9 @@ def _flag(text: str) -> bool:
     value = text.strip().lower()
     if value in ("1", "true", "yes", "on"):
         return True
-    if value in ("0", "false", "no", "off", ""):
+    if value in ("0", "false", "no", "off"):
         return False
+    # Empty is not off: a flag that defaults to on (GPU_TIMING) would go off unseen.
     raise ValueError("must be 0 or 1 (or true/false)")
 
 
@@ -223,6 +224,14 @@ def _text(text: str) -> str:
     return text.strip()
 
 
+def _path(text: str) -> str:
+    """A file to write: empty would fail at the first span, dropping every one."""
+    value = text.strip()
+    if not value:
+        raise ValueError("must not be empty (a file path)")
+    return value
+
+
 # field name -> (env var, parser)
 _FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "level": (OTEL_FLASHINFER_LEVEL, _level),
@@ -239,7 +248,7 @@ _FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "stats_max_mb": (OTEL_FLASHINFER_STATS_MAX_MB, _at_most(_positive_float, 1e9, "MB")),
     "journal_dir": (OTEL_FLASHINFER_JOURNAL_DIR, _text),
     "crash_safe": (OTEL_FLASHINFER_CRASH_SAFE, _flag),
-    "traces_file": (OTEL_FLASHINFER_TRACES_FILE, _text),
+    "traces_file": (OTEL_FLASHINFER_TRACES_FILE, _path),
     "queue_size": (OTEL_FLASHINFER_QUEUE_SIZE, _positive_int),
     "gpu_timing": (OTEL_FLASHINFER_GPU_TIMING, _flag),
     "native_export": (OTEL_FLASHINFER_NATIVE_EXPORT, _flag),

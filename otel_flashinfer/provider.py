@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import os
 import threading
 from collections.abc import Mapping
@@ -53,17 +54,22 @@ def otlp_protocol(environ: Mapping[str, str]) -> str:
     return "grpc"
 
 
+_EXPORTERS = ("otlp", "console", "none", "otlp_file", "otlp_proto_grpc", "otlp_proto_http")
+#: Where the SDK finds exporters by their OTEL_TRACES_EXPORTER name (zipkin, vendors').
+_EXPORTER_GROUP = "opentelemetry_traces_exporter"
+
+
 def exporter_names(environ: Mapping[str, str]) -> list[str]:
     """``OTEL_TRACES_EXPORTER`` as a list; unset means ``otlp`` when an endpoint is set,
     else our local file (``otlp_file``)."""
     raw = environ.get("OTEL_TRACES_EXPORTER", "").strip()
     if raw:
         names = [n.strip().lower() for n in raw.split(",") if n.strip()]
-        known = {"otlp", "console", "none", "otlp_file", "otlp_proto_grpc", "otlp_proto_http"}
         for name in names:
-            if name not in known:
+            if name not in _EXPORTERS and not _entry_point(_EXPORTER_GROUP, name):
                 raise ConfigError(f"OTEL_TRACES_EXPORTER={raw!r}: unknown exporter {name!r} "
-                                  f"(known: {', '.join(sorted(known))})")
+                                  f"(known: {', '.join(sorted(_EXPORTERS))}, or one a "
+                                  "package registers)")
         return [n for n in names if n != "none"]
     if environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or environ.get(
         "OTEL_EXPORTER_OTLP_ENDPOINT"
@@ -72,32 +78,100 @@ def exporter_names(environ: Mapping[str, str]) -> list[str]:
     return ["otlp_file"]
 
 
-_COMPRESSIONS = ("gzip", "deflate", "none")
+_COMPRESSIONS = {"http": ("gzip", "deflate", "none"), "grpc": ("gzip",)}
 
 
 def check_otlp_env(environ: Mapping[str, str], http: bool) -> None:
     """``ConfigError`` naming the ``OTEL_EXPORTER_OTLP_*`` variable the SDK's exporter
     would refuse with a message that names none, or would take and then fail every
-    export with (an HTTP endpoint without a scheme)."""
+    export with (an HTTP endpoint without a scheme, a timeout of 0 or inf).  The gRPC
+    exporter reads an empty timeout or compression as a value (and fails), the HTTP
+    one as unset."""
+    kind = "http" if http else "grpc"
     for var in ("OTEL_EXPORTER_OTLP_TIMEOUT", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT"):
-        raw = environ.get(var, "").strip()
-        if raw:
-            try:
-                ok = float(raw) >= 0
-            except ValueError:
-                ok = False
-            if not ok:
-                raise ConfigError(f"{var}={raw!r}: must be a number of seconds >= 0")
+        raw = environ.get(var)
+        if raw is None or (http and not raw.strip()):
+            continue
+        try:
+            ok = 0 < float(raw) < math.inf
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"{var}={raw!r}: must be a number of seconds > 0 (unset: 10)")
     for var in ("OTEL_EXPORTER_OTLP_COMPRESSION", "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION"):
-        raw = environ.get(var, "").strip().lower()
-        if raw and raw not in _COMPRESSIONS:
-            raise ConfigError(f"{var}={raw!r}: must be one of {', '.join(_COMPRESSIONS)}")
+        raw = environ.get(var)
+        if raw is None or (http and not raw.strip()):
+            continue
+        if raw.strip().lower() not in _COMPRESSIONS[kind]:
+            raise ConfigError(f"{var}={raw!r}: OTLP/{'HTTP' if http else 'gRPC'} takes "
+                              f"{', '.join(_COMPRESSIONS[kind])} (unset: none)")
     if http:
         for var in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
             raw = environ.get(var, "").strip()
             if raw and not raw.lower().startswith(("http://", "https://")):
                 raise ConfigError(f"{var}={raw!r}: an OTLP/HTTP endpoint needs http:// or "
                                   "https://")
+
+
+_BSP_VARS = ("OTEL_BSP_MAX_QUEUE_SIZE", "OTEL_BSP_SCHEDULE_DELAY",
+             "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "OTEL_BSP_EXPORT_TIMEOUT")
+
+
+def check_bsp_env(environ: Mapping[str, str]) -> None:
+    """``ConfigError`` naming an ``OTEL_BSP_*`` value our provider's BatchSpanProcessor
+    would refuse (0, a batch over the queue) or that the SDK replaces by its default
+    with only a log line (not a whole number)."""
+    values = {}
+    for var in _BSP_VARS:
+        raw = environ.get(var)
+        if raw is None or not raw.strip():
+            continue
+        try:
+            values[var] = int(raw)
+        except ValueError:
+            raise ConfigError(f"{var}={raw!r}: must be a whole number > 0") from None
+        if values[var] <= 0:
+            raise ConfigError(f"{var}={raw!r}: must be a whole number > 0")
+    batch = values.get("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)
+    queue = values.get("OTEL_BSP_MAX_QUEUE_SIZE", 2048)
+    if batch > queue:
+        raise ConfigError(f"OTEL_BSP_MAX_EXPORT_BATCH_SIZE={batch} is more than "
+                          f"OTEL_BSP_MAX_QUEUE_SIZE={queue}")
+
+
+_SAMPLERS = ("always_on", "always_off", "traceidratio", "parentbased_always_on",
+             "parentbased_always_off", "parentbased_traceidratio")
+
+
+def check_sampler_env(environ: Mapping[str, str]) -> None:
+    """``ConfigError`` for an ``OTEL_TRACES_SAMPLER`` the SDK would replace by
+    always-on, or a ratio it would replace by 1.0, with only a log line: tracing
+    every call where the user asked for a share is not a silent fallback to keep."""
+    name = environ.get("OTEL_TRACES_SAMPLER", "").strip()
+    if name and name.lower() not in _SAMPLERS and not _entry_point("opentelemetry_traces_sampler",
+                                                                   name):
+        raise ConfigError(f"OTEL_TRACES_SAMPLER={name!r}: unknown sampler (the SDK's: "
+                          f"{', '.join(_SAMPLERS)}, or one a package registers)")
+    raw = environ.get("OTEL_TRACES_SAMPLER_ARG", "").strip()
+    if raw and name.lower() in ("traceidratio", "parentbased_traceidratio"):
+        try:
+            ok = 0.0 <= float(raw) <= 1.0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"OTEL_TRACES_SAMPLER_ARG={raw!r}: {name} takes a ratio "
+                              "from 0 to 1")
+
+
+def _entry_point(group: str, name: str) -> Any:
+    """The entry point ``name`` of ``group`` a package registers, or None."""
+    from importlib.metadata import entry_points
+
+    try:
+        found = entry_points(group=group, name=name)
+    except Exception:  # noqa: BLE001 - broken metadata: as if not registered
+        return None
+    return next(iter(found), None)
 
 
 def _checked_name(name: str, env: Mapping[str, str]) -> str:
@@ -117,6 +191,8 @@ def check_env(environ: Mapping[str, str] | None = None) -> None:
     env = os.environ if environ is None else environ
     for name in exporter_names(env):
         _checked_name(name, env)
+    check_bsp_env(env)
+    check_sampler_env(env)
 
 
 class CountedExporter(SpanExporter):
@@ -168,7 +244,17 @@ def make_exporter(name: str, environ: Mapping[str, str], traces_file: str) -> Sp
         return CountedExporter(OTLPSpanExporter())
     if name == "console":
         return ConsoleSpanExporter()
-    return JsonLinesSpanExporter(traces_file)
+    if name == "otlp_file":
+        return JsonLinesSpanExporter(traces_file)
+    # A package's own (the SDK makes them the same way: the class, no arguments).
+    found = _entry_point(_EXPORTER_GROUP, name)
+    if found is None:
+        raise ConfigError(f"OTEL_TRACES_EXPORTER: unknown exporter {name!r}")
+    try:
+        return CountedExporter(found.load()())
+    except Exception as exc:  # noqa: BLE001 - the package's own failure, named
+        raise ConfigError(f"OTEL_TRACES_EXPORTER: exporter {name!r} ({found.value}) could "
+                          f"not be made: {type(exc).__name__}: {exc}") from None
 
 
 def process_resource() -> Resource:

@@ -64,6 +64,11 @@ def test_every_variable_parses() -> None:
         ("OTEL_FLASHINFER_REPLAY_BUDGET", "1.5", "(0, 1]"),
         ("OTEL_FLASHINFER_REPLAY_BUDGET", "nan", "(0, 1]"),
         ("OTEL_FLASHINFER_CRASH_SAFE", "maybe", "0 or 1"),
+        # empty is not off: GPU timing and the native encoder default to on
+        ("OTEL_FLASHINFER_GPU_TIMING", "", "0 or 1"),
+        ("OTEL_FLASHINFER_NATIVE_EXPORT", " ", "0 or 1"),
+        # an empty file name failed at the first span, every span dropped
+        ("OTEL_FLASHINFER_TRACES_FILE", "", "must not be empty"),
         ("OTEL_FLASHINFER_BLOB_URL", "   ", "empty"),
         ("OTEL_FLASHINFER_BLOB_URL", "s3 x://bucket", "scheme"),
         ("OTEL_FLASHINFER_BLOB_URL", "gopher://host/x", "'gopher' that fsspec does not know"),
@@ -131,6 +136,29 @@ def test_jit_cache_root_follows_the_variable() -> None:
     ({"OTEL_EXPORTER_OTLP_ENDPOINT": "localhost:4318",
       "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}, "needs http:// or https://"),
     ({"OTEL_TRACES_EXPORTER": "zipkin"}, "unknown exporter 'zipkin'"),
+    # values the gRPC exporter takes and then refuses (or fails every export with)
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://h:4317", "OTEL_EXPORTER_OTLP_TIMEOUT": ""},
+     "OTEL_EXPORTER_OTLP_TIMEOUT=''"),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://h:4317", "OTEL_EXPORTER_OTLP_TIMEOUT": "inf"},
+     "seconds > 0"),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://h:4318", "OTEL_EXPORTER_OTLP_PROTOCOL":
+      "http/protobuf", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "0"}, "seconds > 0"),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://h:4317",
+      "OTEL_EXPORTER_OTLP_COMPRESSION": "none"}, "OTLP/gRPC takes gzip"),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://h:4317",
+      "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION": "deflate"}, "OTLP/gRPC takes gzip"),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://h:4317",
+      "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION": ""}, "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION=''"),
+    # our provider's BatchSpanProcessor: refused, or replaced by a default unseen
+    ({"OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "0"}, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE='0'"),
+    ({"OTEL_BSP_SCHEDULE_DELAY": "5s"}, "OTEL_BSP_SCHEDULE_DELAY='5s'"),
+    ({"OTEL_BSP_MAX_QUEUE_SIZE": "100"}, "more than OTEL_BSP_MAX_QUEUE_SIZE=100"),
+    # a sampler the SDK would replace by always-on, a ratio by 1.0
+    ({"OTEL_TRACES_SAMPLER": "parentbased_traceidratoi"}, "unknown sampler"),
+    ({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0,01"},
+     "OTEL_TRACES_SAMPLER_ARG='0,01'"),
+    ({"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "2"},
+     "ratio from 0 to 1"),
 ])
 def test_otlp_settings_the_exporter_would_refuse_name_their_variable(env, fragment) -> None:
     from otel_flashinfer.provider import check_env
@@ -145,6 +173,40 @@ def test_valid_otlp_settings_pass() -> None:
     check_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "localhost:4317",  # gRPC takes host:port
                "OTEL_EXPORTER_OTLP_TIMEOUT": "2.5", "OTEL_EXPORTER_OTLP_COMPRESSION": "gzip"})
     check_env({})
+    # OTLP/HTTP reads an empty timeout or compression as unset; deflate is its own
+    check_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://h:4318",
+               "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", "OTEL_EXPORTER_OTLP_TIMEOUT": "",
+               "OTEL_EXPORTER_OTLP_COMPRESSION": "deflate",
+               "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION": " "})
+    check_env({"OTEL_BSP_MAX_QUEUE_SIZE": "8192", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "2000",
+               "OTEL_BSP_SCHEDULE_DELAY": "30000", "OTEL_TRACES_SAMPLER": "ParentBased_TraceIdRatio",
+               "OTEL_TRACES_SAMPLER_ARG": "0.01"})
+
+
+def test_an_exporter_a_package_registers_is_made_by_its_name(tmp_path, monkeypatch) -> None:
+    """OTEL_TRACES_EXPORTER names what packages register (zipkin, vendors'), as the
+    SDK reads it: made with no arguments, its failures counted like our OTLP's."""
+    from otel_flashinfer import health
+    from otel_flashinfer.provider import check_env, make_exporter
+
+    dist = tmp_path / "fake_exporter-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-exporter\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(
+        "[opentelemetry_traces_exporter]\nfake_json = fake_exporter_mod:Exporter\n")
+    (tmp_path / "fake_exporter_mod.py").write_text(
+        "from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult\n"
+        "class Exporter(SpanExporter):\n"
+        "    def export(self, spans):\n"
+        "        return SpanExportResult.FAILURE\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    env = {"OTEL_TRACES_EXPORTER": "fake_json,otlp_file"}
+    check_env(env)
+    exporter = make_exporter("fake_json", env, str(tmp_path / "t.jsonl"))
+    assert type(exporter.inner).__name__ == "Exporter"
+    before = health.counters().get("spans_dropped", 0)
+    exporter.export([object(), object()])
+    assert health.counters().get("spans_dropped", 0) == before + 2
 
 
 _HALF_ON = """
