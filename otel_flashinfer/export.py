@@ -45,7 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import forking, health, http_direct, http_environment, threads
+from . import forking, health, http_direct, http_environment, otlp_response, threads
 from .graph_sampling import CostEstimate
 
 #: Spans per request (OTEL_BSP_MAX_EXPORT_BATCH_SIZE's default).
@@ -367,13 +367,10 @@ class _RawTraceStub:
     objects): grpc passes a request through when the method has no serializer."""
 
     def __init__(self, channel: Any) -> None:
-        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-            ExportTraceServiceResponse,
-        )
-
+        # Each response read for spans the receiver took the request for but rejected.
         self.Export = channel.unary_unary(  # noqa: N815 - the stub's method name
             _GRPC_METHOD, request_serializer=None,
-            response_deserializer=ExportTraceServiceResponse.FromString)
+            response_deserializer=otlp_response.deserialize)
 
 
 class GrpcSender:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import http_environment
+from .otlp_response import PartialWatch
 
 #: How often (seconds) the sender asks again whether the session still adds nothing.
 REFRESH_S = 10.0
@@ -157,7 +158,8 @@ def direct_client(client: Any, settings: Direct, session: Any = None,
     except ImportError:
         return None
     twin = copy.copy(client)  # shares the exporter's shutdown event: its backoff ends too
-    transport: Any = Urllib3HTTPTransport(verify=settings.verify, cert=settings.cert)
+    transport: Any = PartialWatch(Urllib3HTTPTransport(verify=settings.verify,
+                                                        cert=settings.cert))
     if session is not None:
         transport = CookieWatch(transport, session, on_cookie or (lambda: None))
     twin._transport = transport  # noqa: SLF001

@@ -28,6 +28,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 
 _lock = threading.Lock()
 _counts = {"spans": 0, "requests": 0, "errors": 0}
+#: ``--reject``: every request is taken but all its spans rejected (a partial success).
+_reject = False
 
 
 def count_request(payload: bytes) -> int:
@@ -38,6 +40,19 @@ def count_request(payload: bytes) -> int:
         _counts["spans"] += spans
         _counts["requests"] += 1
     return spans
+
+
+def answer(spans: int) -> bytes:
+    """The response body: empty (all taken), or with ``--reject`` a partial success
+    rejecting every span, as a collector does for spans over its limits."""
+    if not _reject:
+        return ExportTraceServiceResponse().SerializeToString()
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTracePartialSuccess,
+    )
+
+    return ExportTraceServiceResponse(partial_success=ExportTracePartialSuccess(
+        rejected_spans=spans, error_message="rejected by policy")).SerializeToString()
 
 
 def _error() -> None:
@@ -76,14 +91,14 @@ class _Http(BaseHTTPRequestHandler):
                 payload = gzip.decompress(payload)
             elif encoding == "deflate":
                 payload = zlib.decompress(payload)
-            count_request(payload)
+            spans = count_request(payload)
         except Exception:  # noqa: BLE001 - a bad request is counted and refused
             _error()
             self.send_response(400)
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
-        body = ExportTraceServiceResponse().SerializeToString()
+        body = answer(spans)
         self.send_response(200)
         self.send_header("Content-Type", "application/x-protobuf")
         self.send_header("Content-Length", str(len(body)))
@@ -96,11 +111,11 @@ def _grpc_server(port: int):  # noqa: ANN202
 
     def export(request: bytes, context: object) -> bytes:
         try:
-            count_request(request)
+            spans = count_request(request)
         except Exception:  # noqa: BLE001
             _error()
             raise
-        return ExportTraceServiceResponse().SerializeToString()
+        return answer(spans)
 
     handler = grpc.method_handlers_generic_handler(
         "opentelemetry.proto.collector.trace.v1.TraceService",
@@ -124,7 +139,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--http-port", type=int, required=True)
     parser.add_argument("--grpc-port", type=int, required=True)
+    parser.add_argument("--reject", action="store_true",
+                        help="take every request but reject all its spans (partial success)")
     args = parser.parse_args()
+    global _reject
+    _reject = args.reject
     grpc_server = _grpc_server(args.grpc_port)
     http = ThreadingHTTPServer(("127.0.0.1", args.http_port), _Http)
     signal.signal(signal.SIGTERM, _say_final_count)

@@ -292,13 +292,16 @@ def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def start_otlp_receiver(http_port: int, grpc_port: int) -> subprocess.Popen:
+def start_otlp_receiver(http_port: int, grpc_port: int, reject: bool = False
+                        ) -> subprocess.Popen:
     """``tests/otlp_receiver.py`` (a real OTLP/HTTP and gRPC receiver that decodes and
     counts every span; ``GET /count`` on the HTTP port) on these ports, once it says
-    it is ready.  Stop it with ``stop_pid``."""
+    it is ready; ``reject``: it answers every request with a partial success rejecting
+    all its spans.  Stop it with ``stop_pid``."""
     proc = subprocess.Popen(
         [sys.executable, str(REPO_ROOT / "tests" / "otlp_receiver.py"), "--http-port",
-         str(http_port), "--grpc-port", str(grpc_port)], stdout=subprocess.PIPE, text=True,
+         str(http_port), "--grpc-port", str(grpc_port), *(["--reject"] if reject else [])],
+        stdout=subprocess.PIPE, text=True,
         env=child_env(), start_new_session=True)
     assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
     return proc

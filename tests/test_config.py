@@ -179,7 +179,8 @@ def test_valid_otlp_settings_pass() -> None:
                "OTEL_EXPORTER_OTLP_COMPRESSION": "deflate",
                "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION": " "})
     check_env({"OTEL_BSP_MAX_QUEUE_SIZE": "8192", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "2000",
-               "OTEL_BSP_SCHEDULE_DELAY": "30000", "OTEL_TRACES_SAMPLER": "ParentBased_TraceIdRatio",
+               "OTEL_BSP_SCHEDULE_DELAY": "30000",
+               "OTEL_TRACES_SAMPLER": "ParentBased_TraceIdRatio",
                "OTEL_TRACES_SAMPLER_ARG": "0.01"})
 
 

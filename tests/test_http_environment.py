@@ -186,3 +186,32 @@ def test_the_applications_exporter_gets_its_session_back_at_uninstrument(
                       "native": 10}, report
     got = requests.get(f"http://127.0.0.1:{receiver}/count", timeout=10).json()
     assert got["spans"] == 10 and got["errors"] == 0, got
+
+
+def test_spans_a_receiver_rejects_in_a_partial_success_are_counted() -> None:
+    """A receiver that takes a request (HTTP 200, gRPC OK) but rejects its spans: the
+    SDK's exporters ignore the response; our senders count them (``spans_rejected``)."""
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+        OTLPSpanExporter as GrpcExporter,
+    )
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    from otel_flashinfer import health
+    from otel_flashinfer.export import GrpcSender
+
+    http_port, grpc_port = free_port(), free_port()
+    proc = start_otlp_receiver(http_port, grpc_port, reject=True)
+    try:
+        before = health.counters().get("spans_rejected", 0)
+        http = HttpSender(OTLPSpanExporter(endpoint=f"http://127.0.0.1:{http_port}/v1/traces"))
+        assert http.send(otlp_request(3), 3)  # taken: not a failed send
+        assert http.transport == "urllib3"  # our copy of the SDK's client over urllib3
+        grpc = GrpcSender(GrpcExporter(endpoint=f"127.0.0.1:{grpc_port}", insecure=True))
+        assert grpc.send(otlp_request(4), 4)
+        http.close()
+        grpc.close()
+        got = requests.get(f"http://127.0.0.1:{http_port}/count", timeout=10).json()
+        rejected = health.counters().get("spans_rejected", 0) - before
+        assert got["spans"] == 7 and rejected == 7, (rejected, got)
+    finally:
+        stop_pid(proc.pid)
