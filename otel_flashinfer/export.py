@@ -528,6 +528,9 @@ class NativeExport:
     def _start_sender(self) -> None:
         """A sender thread for the current outbox (its conditions outlive it)."""
         self._busy = False
+        self._in_flight = 0
+        #: Shut down with a send still running: what it carried is already counted.
+        self._abandoned = False
         self._send_started = 0.0
         self._pid = os.getpid()
         self._thread = threading.Thread(target=self._run, name="otel_flashinfer-export",
@@ -722,6 +725,7 @@ class NativeExport:
                         return
                     fmt, parts, count = self._take()
                     self._queued -= count
+                    self._in_flight = count
                     self._busy = True
                     self._send_started = time.monotonic()
                     self._taken.notify_all()
@@ -740,6 +744,7 @@ class NativeExport:
                         self._cost.add(spent / count)
                     with self._cond:
                         self._busy = False
+                        self._in_flight = 0
                         self._cond.notify_all()
         finally:
             detach(token)
@@ -795,7 +800,7 @@ class NativeExport:
                 health.report("export_errors", f"sending spans through {type(sender).__name__} "
                               "failed", exc)
                 ok = False
-            if not ok:
+            if not ok and not self._abandoned:  # else counted when it was given up
                 health.report("spans_dropped", "a batch of spans was not taken after the "
                               "exporter's retries (receiver down or refusing)", n=count)
 
@@ -823,6 +828,8 @@ class NativeExport:
             self._stopping = True
             self._cond.notify_all()
         self._thread.join(max(0.0, timeout_s))
+        if not ok:
+            self._count_left()
         for senders in self.senders.values():
             for sender in senders:
                 close = getattr(sender, "close", None)
@@ -832,6 +839,22 @@ class NativeExport:
                     except Exception as exc:  # noqa: BLE001
                         health.report("export_errors", "could not close a sender", exc)
         return ok
+
+    def _count_left(self) -> None:
+        """After a shutdown whose flush ran out of time: the spans still in the open
+        batches, the outbox and the send in flight will not leave with us (the sender
+        is a daemon), so they are counted dropped now.  A send that still gets through
+        after this was counted too: the count errs high, never low."""
+        with self._enc_lock:
+            left = sum(encoder.count for encoder in self.encoders.values())
+        with self._cond:
+            left += self._queued + (self._in_flight if self._busy else 0)
+            self._outbox.clear()
+            self._queued = 0
+            self._abandoned = True
+        if left:
+            health.report("spans_dropped", "spans still waiting to be sent when tracing "
+                          "shut down (receiver slow or down)", n=left)
 
     def counts(self) -> tuple[int, int, int, int]:
         """What the encoders did so far, each span once whatever the number of formats:

@@ -556,6 +556,32 @@ def test_outbox_is_bounded_and_drops_are_counted(tmp_path: Path) -> None:
     sink.shutdown(1)
 
 
+def test_a_shutdown_that_runs_out_of_time_counts_what_it_leaves(tmp_path: Path) -> None:
+    """A receiver that hangs through the shutdown: the batch in flight, the outbox and
+    the open batch will not leave with us, so each of their spans is counted dropped
+    once (a failure of the send after that is not counted again)."""
+    _provider, tracer = _file_provider(tmp_path / "unused.jsonl")
+
+    class Refused(_Gate):
+        def send(self, payload: bytes, count: int) -> bool:
+            self.open.wait(30)
+            return False  # held, then refused
+
+    gate = Refused()
+    chosen = export.Plan(True, "test", (gate,), delay_s=60.0, batch=10, outbox_spans=1000)
+    sink = export.NativeExport(tracer, chosen, CallRecord, _EMPTY)
+    before = health.counters().get("spans_dropped", 0)
+    _add(sink, 1, 10)  # a full batch: sent, and held in flight
+    _until(lambda: sink._busy)  # noqa: SLF001
+    _add(sink, 11, 40)  # four more batches queued behind it
+    _add(sink, 51, 5)  # and an open batch of five
+    assert not sink.shutdown(0.3)
+    assert health.counters().get("spans_dropped", 0) - before == 55
+    gate.open.set()  # the held send ends (and fails): already counted
+    time.sleep(0.2)
+    assert health.counters().get("spans_dropped", 0) - before == 55
+
+
 class _GatedFile(export.FileSender):
     """Our file sender, held shut until released, recording each call's parts."""
 
