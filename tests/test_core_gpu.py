@@ -517,6 +517,70 @@ def test_level5_replays_are_timed_by_the_graphs_head_stamp(spans, monkeypatch) -
     assert 0.6 * theirs <= ours <= 1.1 * theirs
 
 
+def _roots(listing: Any) -> list[int]:
+    """The nodes of an edge list (``graph_edge_list``) that nothing points at."""
+    keys, edges = listing
+    pointed = {b for _, b, _ in edges}
+    return [i for i in range(len(keys)) if i not in pointed]
+
+
+def test_level5_head_stamp_is_the_only_root_of_a_multi_stream_graph(spans,
+                                                                     monkeypatch) -> None:
+    """A capture over three streams with a root on each: a side stream's work that
+    starts beside the first node, the capture stream's own, and a stream that joins
+    with no dependencies after the first FlashInfer call (a root added after the head:
+    ordered when the capture ends).  With the head stamp the graph has exactly one root,
+    the head, so every node (and the replay's GPU time) starts after it; without it the
+    same body captures three roots.  Both compute the same."""
+    from otel_flashinfer import graphs
+    from otel_flashinfer.stats import graph_rows, kernel
+
+    otel_flashinfer.instrument(level=5, journal_dir="")
+    ext = kernel.get(wait=True, timeout=600)
+    assert ext is not None
+    step = make_decode(use_cuda_graph=True)
+    x = torch.randn(8, 4096, dtype=torch.float16, device="cuda")
+    side, late = torch.cuda.Stream(), torch.cuda.Stream()
+
+    def body() -> tuple:
+        start = torch.cuda.Event()
+        start.record()  # no node yet: who waits for it joins with no dependencies
+        side.wait_event(start)
+        with torch.cuda.stream(side):
+            a = x * 2  # a root beside the capture stream's first node
+        y = x + 1  # the capture stream's root
+        out = step.run().clone()
+        late.wait_event(start)
+        with torch.cuda.stream(late):
+            b = x * 3  # a root added after the head
+        main = torch.cuda.current_stream()
+        main.wait_stream(side)
+        main.wait_stream(late)
+        return out, a, b, y
+
+    shapes, results = {}, {}
+    for stamp in (False, True):
+        monkeypatch.setattr(graph_rows, "HEAD_STAMP", stamp)
+        graph, outs = capture_graph(body, keep=True)
+        listing = ext.graph_edge_list(graph.raw_cuda_graph())
+        shapes[stamp] = (len(listing[0]), _roots(listing))
+        rows = _graph_rows(graph)
+        assert (rows._head is not None) is stamp  # noqa: SLF001
+        if stamp:
+            assert graphs._graphs[graph].replay_stamper() is rows  # noqa: SLF001
+        graph.replay()
+        torch.cuda.synchronize()
+        results[stamp] = [t.clone() for t in outs]
+    print("\nnodes, roots without / with the head stamp:", shapes[False], shapes[True])
+    assert len(shapes[False][1]) == 3
+    assert len(shapes[True][1]) == 1
+    assert shapes[True][0] == shapes[False][0] + 1  # the head, and nothing else
+    assert all(torch.equal(p, q) for p, q in zip(results[False], results[True], strict=True))
+    assert otel_flashinfer.flush(30)
+    replays = spans.by_name("cuda_graph.replay")
+    assert len(replays) == 2 and all(_gpu_ns(s) > 0 for s in replays)
+
+
 def test_level5_every_replay_traced_takes_no_gate(spans) -> None:
     """The default (every replay traced): the captured launches read no gate word."""
     from otel_flashinfer.stats import kernel
