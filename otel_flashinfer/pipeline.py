@@ -545,6 +545,9 @@ class Pipeline:
         self._native_counted = 0
         self._native_left_out = (0, 0)
         self._sdk_spans = 0
+        #: On the draining thread: the SDK path's spans to hand on after the GPU-query
+        #: section (``_drain``).
+        self._local = threading.local()
         self.max_queue = max_queue
         self.max_waiting = max_waiting
         self.wait_timeout_s = wait_timeout_s
@@ -892,13 +895,36 @@ class Pipeline:
         with self._plan_lock:
             if self._plan_again_if_changed():
                 cpu = None  # a new way out (imports, a new sender) is not a span's cost
-            # Pending GPU work is polled with CUDA queries, which would invalidate a graph
-            # capture open on another thread: wait for the next tick instead.
-            with capture_guard.gpu_queries() as allowed:
-                if allowed:
-                    self._drain_now(cpu)
-                else:
-                    self._held_back = self._more = False  # the next tick, not a spin
+            with self._idle:
+                self._busy += 1  # until the SDK path's spans are handed on (a flush waits)
+            later: list[tuple[Any, CallRecord]] = []
+            try:
+                # Pending GPU work is polled with CUDA queries, which would invalidate a
+                # graph capture open on another thread: wait for the next tick instead.
+                try:
+                    with capture_guard.gpu_queries() as allowed:
+                        if allowed:
+                            self._local.later = later
+                            try:
+                                self._drain_now(cpu)
+                            finally:
+                                self._local.later = None
+                        else:
+                            self._held_back = self._more = False  # the next tick
+                finally:
+                    # The SDK path's processors after the section (also if the drain
+                    # failed: these were counted as handed on): a SimpleSpanProcessor
+                    # exports right there, and a capture starting on another thread
+                    # waits for the section (up to capture_guard's 5 s, receiver hung).
+                    for tracer, record in later:
+                        try:
+                            self._hand_on(tracer, record)
+                        except Exception as exc:  # noqa: BLE001 - the others still go out
+                            health.report("export_errors", "could not export a span", exc)
+            finally:
+                with self._idle:
+                    self._busy -= 1
+                    self._idle.notify_all()
 
     def _plan_again_if_changed(self) -> bool:
         """A processor was added to the provider: plan its spans' way out again.  Outside
@@ -1183,6 +1209,14 @@ class Pipeline:
         if self.fork_attributes:
             record.attributes.update(self.fork_attributes)
         self._sdk_spans += 1
+        later = getattr(self._local, "later", None)
+        if later is not None:  # inside the drain's GPU-query section: after it
+            later.append((tracer, record))
+            return
+        self._hand_on(tracer, record)
+
+    def _hand_on(self, tracer: Any, record: CallRecord) -> None:
+        """One span to the SDK path's processors."""
         if self._direct is not None:
             self._direct.export(record)
         else:

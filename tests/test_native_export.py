@@ -1014,6 +1014,69 @@ def test_a_capture_never_waits_on_a_busy_sender(tmp_path: Path, monkeypatch) -> 
     assert max(waits) < 0.25, waits
 
 
+def test_a_capture_never_waits_on_the_sdk_paths_exporter() -> None:
+    """The SDK path (a processor over an exporter the native path does not serve): a
+    SimpleSpanProcessor exports on the worker as the span is handed on.  That happens
+    after the worker's GPU-query section, so a capture starting meanwhile does not wait
+    for a receiver that hangs (it waited up to capture_guard's 5 s)."""
+    from otel_flashinfer import capture_guard
+
+    started, release = threading.Event(), threading.Event()
+
+    class Hung(InMemorySpanExporter):
+        def export(self, spans: Any) -> Any:
+            started.set()
+            release.wait(10)
+            return super().export(spans)
+
+    exporter = Hung()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    pipeline = Pipeline(provider.get_tracer("otel_flashinfer", "1.0"), provider=provider,
+                        interval_s=0.01)
+    try:
+        r = CallRecord.for_call("f", 0x77, 1, None, BASE)
+        r.start_ns, r.end_ns = 1, 2
+        pipeline.submit(r)
+        assert started.wait(10)
+        assert pipeline.export_path != "native"
+        t0 = time.perf_counter()
+        capture_guard.begin_capture()
+        waited = time.perf_counter() - t0
+        capture_guard.end_capture()
+        release.set()
+        assert pipeline.flush(10)
+        assert [s.name for s in exporter.get_finished_spans()] == ["f"]
+    finally:
+        release.set()
+        pipeline.shutdown(1)
+    assert waited < 0.5, waited
+
+
+def test_spans_held_for_after_the_section_go_out_if_the_drain_fails(monkeypatch) -> None:  # noqa: ANN001
+    """The SDK path's spans wait for the end of the GPU-query section: a drain that
+    fails after they were counted as handed on still hands them on."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    pipeline = Pipeline(provider.get_tracer("otel_flashinfer", "1.0"), provider=provider,
+                        interval_s=60.0)
+    pipeline._stopping = True  # noqa: SLF001 - no worker: this thread drains
+    pipeline._wake.set()  # noqa: SLF001
+    pipeline._thread.join(5)  # noqa: SLF001
+
+    def fails() -> float:
+        raise RuntimeError("a drain's bookkeeping failed")
+
+    monkeypatch.setattr(pipeline, "_sender_since_last", fails)
+    r = CallRecord.for_call("f", 0x77, 1, None, BASE)
+    r.start_ns, r.end_ns = 1, 2
+    pipeline._queue.append(r)  # noqa: SLF001
+    with pytest.raises(RuntimeError, match="bookkeeping"):
+        pipeline._drain()  # noqa: SLF001
+    assert [s.name for s in exporter.get_finished_spans()] == ["f"]
+
+
 def test_a_dropped_replay_counts_its_children(monkeypatch) -> None:  # noqa: ANN001
     """The queue's bound drops whole records: a replay record is its span and one per
     captured call, and every one of them is counted."""
