@@ -800,9 +800,14 @@ class NativeExport:
                 health.report("export_errors", f"sending spans through {type(sender).__name__} "
                               "failed", exc)
                 ok = False
-            if not ok and not self._abandoned:  # else counted when it was given up
-                health.report("spans_dropped", "a batch of spans was not taken after the "
-                              "exporter's retries (receiver down or refusing)", n=count)
+            if not ok:
+                with self._cond:  # a shutdown's count of what is in flight takes it too
+                    counted = self._abandoned  # counted when it was given up
+                    self._in_flight = 0
+                if not counted:
+                    health.report("spans_dropped", "a batch of spans was not taken after "
+                                  "the exporter's retries (receiver down or refusing)",
+                                  n=count)
 
     # ---- flush / shutdown ---------------------------------------------------------------
 
