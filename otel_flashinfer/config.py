@@ -286,7 +286,12 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
     values: dict[str, Any] = {}
     for field, (var, _) in _FIELDS.items():
         if var in env:
-            values[field] = _parse(field, env[var], var)
+            raw = env[var]
+            # Empty is unset (OpenTelemetry's rule for its variables), but for the
+            # journal, whose empty value is documented as off.
+            if not raw.strip() and field != "journal_dir":
+                continue
+            values[field] = _parse(field, raw, var)
     for field, raw in overrides.items():
         if raw is None:
             continue

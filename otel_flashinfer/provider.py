@@ -81,27 +81,39 @@ def exporter_names(environ: Mapping[str, str]) -> list[str]:
 _COMPRESSIONS = {"http": ("gzip", "deflate", "none"), "grpc": ("gzip",)}
 
 
+def _read(environ: Mapping[str, str], pair: tuple[str, str], http: bool
+          ) -> tuple[str, str] | None:
+    """(variable, value) of the pair (traces-specific, generic) that the exporter will
+    read: the traces one wherever it is set, else the generic one; None if neither.
+    The gRPC exporter reads an empty value as a value (and fails), the HTTP one as
+    unset."""
+    for var in pair:
+        raw = environ.get(var)
+        if raw is not None and (raw.strip() or not http):
+            return var, raw
+    return None
+
+
 def check_otlp_env(environ: Mapping[str, str], http: bool) -> None:
     """``ConfigError`` naming the ``OTEL_EXPORTER_OTLP_*`` variable the SDK's exporter
     would refuse with a message that names none, or would take and then fail every
-    export with (an HTTP endpoint without a scheme, a timeout of 0 or inf).  The gRPC
-    exporter reads an empty timeout or compression as a value (and fails), the HTTP
-    one as unset."""
+    export with (an HTTP endpoint without a scheme, a timeout of 0 or inf).  Only the
+    value the exporter reads is checked (a traces-specific one hides the generic)."""
     kind = "http" if http else "grpc"
-    for var in ("OTEL_EXPORTER_OTLP_TIMEOUT", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT"):
-        raw = environ.get(var)
-        if raw is None or (http and not raw.strip()):
-            continue
+    found = _read(environ, ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"),
+                  http)
+    if found is not None:
+        var, raw = found
         try:
             ok = 0 < float(raw) < math.inf
         except ValueError:
             ok = False
         if not ok:
             raise ConfigError(f"{var}={raw!r}: must be a number of seconds > 0 (unset: 10)")
-    for var in ("OTEL_EXPORTER_OTLP_COMPRESSION", "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION"):
-        raw = environ.get(var)
-        if raw is None or (http and not raw.strip()):
-            continue
+    found = _read(environ, ("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
+                            "OTEL_EXPORTER_OTLP_COMPRESSION"), http)
+    if found is not None:
+        var, raw = found
         if raw.strip().lower() not in _COMPRESSIONS[kind]:
             raise ConfigError(f"{var}={raw!r}: OTLP/{'HTTP' if http else 'gRPC'} takes "
                               f"{', '.join(_COMPRESSIONS[kind])} (unset: none)")
@@ -130,8 +142,10 @@ def check_bsp_env(environ: Mapping[str, str]) -> None:
             values[var] = int(raw)
         except ValueError:
             raise ConfigError(f"{var}={raw!r}: must be a whole number > 0") from None
-        if values[var] <= 0:
-            raise ConfigError(f"{var}={raw!r}: must be a whole number > 0")
+        # The export timeout is not used by the SDK, and 0 means no limit.
+        least = 0 if var == "OTEL_BSP_EXPORT_TIMEOUT" else 1
+        if values[var] < least:
+            raise ConfigError(f"{var}={raw!r}: must be a whole number >= {least}")
     batch = values.get("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)
     queue = values.get("OTEL_BSP_MAX_QUEUE_SIZE", 2048)
     if batch > queue:
@@ -148,10 +162,10 @@ def check_sampler_env(environ: Mapping[str, str]) -> None:
     always-on, or a ratio it would replace by 1.0, with only a log line: tracing
     every call where the user asked for a share is not a silent fallback to keep."""
     name = environ.get("OTEL_TRACES_SAMPLER", "").strip()
-    if name and name.lower() not in _SAMPLERS and not _entry_point("opentelemetry_traces_sampler",
-                                                                   name):
+    # Only the SDK's own: its TracerProvider() does not load samplers packages register.
+    if name and name.lower() not in _SAMPLERS:
         raise ConfigError(f"OTEL_TRACES_SAMPLER={name!r}: unknown sampler (the SDK's: "
-                          f"{', '.join(_SAMPLERS)}, or one a package registers)")
+                          f"{', '.join(_SAMPLERS)})")
     raw = environ.get("OTEL_TRACES_SAMPLER_ARG", "").strip()
     if raw and name.lower() in ("traceidratio", "parentbased_traceidratio"):
         try:

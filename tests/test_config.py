@@ -64,12 +64,6 @@ def test_every_variable_parses() -> None:
         ("OTEL_FLASHINFER_REPLAY_BUDGET", "1.5", "(0, 1]"),
         ("OTEL_FLASHINFER_REPLAY_BUDGET", "nan", "(0, 1]"),
         ("OTEL_FLASHINFER_CRASH_SAFE", "maybe", "0 or 1"),
-        # empty is not off: GPU timing and the native encoder default to on
-        ("OTEL_FLASHINFER_GPU_TIMING", "", "0 or 1"),
-        ("OTEL_FLASHINFER_NATIVE_EXPORT", " ", "0 or 1"),
-        # an empty file name failed at the first span, every span dropped
-        ("OTEL_FLASHINFER_TRACES_FILE", "", "must not be empty"),
-        ("OTEL_FLASHINFER_BLOB_URL", "   ", "empty"),
         ("OTEL_FLASHINFER_BLOB_URL", "s3 x://bucket", "scheme"),
         ("OTEL_FLASHINFER_BLOB_URL", "gopher://host/x", "'gopher' that fsspec does not know"),
         ("OTEL_FLASHINFER_BLOB_URL", "nocache::s3://b/x", "'nocache' that fsspec does not know"),
@@ -104,6 +98,21 @@ def test_a_protocol_registered_at_run_time_is_known() -> None:
     assert load_settings({"OTEL_FLASHINFER_BLOB_URL": url}).blob_url == url
 
 
+def test_an_empty_value_is_unset() -> None:
+    """OpenTelemetry's rule: an empty variable is unset (a template's ``VAR=``).  GPU
+    timing and the native encoder read it as off before (on by default), and an empty
+    traces file dropped every span; the journal's empty value is its documented off."""
+    empty = {var: "" for var in config.ENV_VARS}
+    empty["OTEL_FLASHINFER_GPU_TIMING"] = " "
+    assert load_settings(empty) == Settings(journal_dir="")
+    assert load_settings({}).gpu_timing and load_settings({}).native_export
+    # as arguments, empty is still a bad value, named
+    with pytest.raises(ConfigError, match="traces_file"):
+        load_settings({}, traces_file="")
+    with pytest.raises(ConfigError, match="gpu_timing"):
+        load_settings({}, gpu_timing="")
+
+
 def test_empty_level_is_off_as_the_start_up_hook_reads_it() -> None:
     assert load_settings({"OTEL_FLASHINFER_LEVEL": " "}).level == 0
     assert load_settings({"OTEL_FLASHINFER_LEVEL": ""}, level=10).level == 10
@@ -136,6 +145,9 @@ def test_jit_cache_root_follows_the_variable() -> None:
     ({"OTEL_EXPORTER_OTLP_ENDPOINT": "localhost:4318",
       "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}, "needs http:// or https://"),
     ({"OTEL_TRACES_EXPORTER": "zipkin"}, "unknown exporter 'zipkin'"),
+    # the value the exporter reads: the traces-specific one
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://h:4317", "OTEL_EXPORTER_OTLP_TIMEOUT": "5",
+      "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "0"}, "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT='0'"),
     # values the gRPC exporter takes and then refuses (or fails every export with)
     ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://h:4317", "OTEL_EXPORTER_OTLP_TIMEOUT": ""},
      "OTEL_EXPORTER_OTLP_TIMEOUT=''"),
@@ -178,6 +190,11 @@ def test_valid_otlp_settings_pass() -> None:
                "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", "OTEL_EXPORTER_OTLP_TIMEOUT": "",
                "OTEL_EXPORTER_OTLP_COMPRESSION": "deflate",
                "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION": " "})
+    # a generic value the exporter does not read (the traces-specific one hides it)
+    check_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://h:4317",
+               "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "5", "OTEL_EXPORTER_OTLP_TIMEOUT": "",
+               "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION": "gzip",
+               "OTEL_EXPORTER_OTLP_COMPRESSION": "none", "OTEL_BSP_EXPORT_TIMEOUT": "0"})
     check_env({"OTEL_BSP_MAX_QUEUE_SIZE": "8192", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "2000",
                "OTEL_BSP_SCHEDULE_DELAY": "30000",
                "OTEL_TRACES_SAMPLER": "ParentBased_TraceIdRatio",
