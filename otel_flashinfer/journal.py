@@ -20,12 +20,15 @@ times a second, which bounds a crashed call's end time from below.
 from __future__ import annotations
 
 import atexit
+import errno
 import itertools
 import json
 import logging
 import mmap
 import os
 import socket
+import stat
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -138,18 +141,28 @@ class Journal:
     def _open_file(self) -> None:
         """Create the file under a temporary name with its header, then rename it, so
         a recoverer never sees a half-made journal; map it; start the heartbeat."""
-        self.pid = os.getpid()
-        self.start_ticks = process_start_ticks() or 0
+        # Until this journal is made, the path names no file of ours: a forked child
+        # that cannot make its own must not unlink its parent's at exit (``_at_exit``).
+        self.path = ""
+        pid = os.getpid()
+        start_ticks = process_start_ticks() or 0
         host = socket.gethostname()
-        path = os.path.join(self.directory, journal_name(host, self.pid, self.start_ticks))
-        tmp = os.path.join(self.directory, f".tmp-{self.pid}-{time.time_ns()}")
+        path = os.path.join(self.directory, journal_name(host, pid, start_ticks))
+        tmp = os.path.join(self.directory, f".tmp-{pid}-{time.time_ns()}")
         size = fmt.file_size(self.slot_count, self.slot_size)
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.ftruncate(fd, size)
+            # The disk blocks now: a full disk is an error here, not a SIGBUS at the first
+            # note written into a sparse mapping.
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as exc:  # a file system without it keeps the sparse file
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                    raise
             mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             fmt.pack_header(mm, slot_count=self.slot_count, slot_size=self.slot_size,
-                            pid=self.pid, start_ticks=self.start_ticks,
+                            pid=pid, start_ticks=start_ticks,
                             created_ns=time.time_ns(), boot_id=boot_id(), hostname=host)
             os.rename(tmp, path)
         except BaseException:
@@ -157,6 +170,7 @@ class Journal:
             raise
         finally:
             os.close(fd)
+        self.pid, self.start_ticks = pid, start_ticks
         self._reset_slots()
         # Tokens carry the mapping's epoch, so a call begun before a fork cannot end a
         # slot of the child's new journal.
@@ -404,7 +418,7 @@ def notes_to_records(notes: list[fmt.SlotNote], header: fmt.Header) -> list[Call
         }
         try:
             attrs.update(fmt.decode_args(note.args))
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # nested past the parser
             health.count("journal_args_unreadable")
             attrs["flashinfer.crash.args_unreadable"] = True
         last = header.last_write_ns
@@ -433,6 +447,9 @@ def _recover_one(path: str, name: str, me: _Me, submit: Callable[[CallRecord], N
             head, size = _read_head(path)
         except FileNotFoundError:
             return None
+        except (OSError, fmt.JournalCorrupt):  # a FIFO, a symlink: never ours to read
+            health.count("journal_not_a_file")
+            return None
         try:
             header = fmt.parse_header(head, size, allow_short=True)
             host, pid, ticks, boot = header.hostname, header.pid, header.start_ticks, \
@@ -443,6 +460,10 @@ def _recover_one(path: str, name: str, me: _Me, submit: Callable[[CallRecord], N
                 return []
             host, pid, ticks = from_name
             boot = me.boot
+            if host != me.host and not all_hosts:
+                # Another machine's (or another version's) file: not ours to judge.
+                health.count("journal_foreign_host")
+                return None
             if host == me.host and process_alive(pid, ticks):
                 return None  # a live process's file, whatever it looks like
             _move_corrupt(path, base, str(exc))
@@ -499,10 +520,20 @@ def absolute_url(url: str) -> str:
 
 
 def _write_sidecar(path: str, url: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump({"blob_url": url}, handle)
-    os.replace(tmp, path)
+    # A fresh, unpredictable temp name (O_EXCL): a link planted at a guessable one
+    # cannot make us write elsewhere.
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp-",
+                               dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump({"blob_url": url}, handle)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
 
 
 def _read_sidecar(path: str) -> str:
@@ -556,9 +587,17 @@ def complete_blob_manifests(records: list[CallRecord], blob_url: str, pid: int) 
 
 
 def _read_head(path: str) -> tuple[bytes, int]:
-    """The header bytes and the file's size (enough to check for truncation)."""
-    with open(path, "rb") as handle:
-        return handle.read(fmt.HEADER_SIZE), os.fstat(handle.fileno()).st_size
+    """The header bytes and the file's size (enough to check for truncation); a name
+    that is not a regular file (a FIFO, a device, a symlink) is refused without
+    opening it for reading, which would block on a FIFO."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise fmt.JournalCorrupt("not a regular file")
+        return os.read(fd, fmt.HEADER_SIZE), info.st_size
+    finally:
+        os.close(fd)
 
 
 def _remove_stale_tmp(path: str) -> None:

@@ -295,10 +295,11 @@ def make_wrapper(fn: Callable[..., Any], api_name: str, *, settings: Settings,
                 if capture is not None:
                     capture.add(record)
                 submit(record)
-                if slot is not None:
-                    journal.end(slot)
             except Exception as inner:  # noqa: BLE001
                 health.report("wrapper_errors", f"tracing {api_name} failed after an error", inner)
+            finally:
+                if slot is not None:  # the call is over: never left live for recovery
+                    journal.end(slot)
             raise
         try:
             record.end_ns = time_ns()
@@ -311,10 +312,11 @@ def make_wrapper(fn: Callable[..., Any], api_name: str, *, settings: Settings,
             if capture is not None:
                 capture.add(record)
             submit(record)
-            if slot is not None:
-                journal.end(slot)
         except Exception as exc:  # noqa: BLE001
             health.report("wrapper_errors", f"tracing {api_name} failed after the call", exc)
+        finally:
+            if slot is not None:  # the call is over: never left live for recovery
+                journal.end(slot)
         return result
 
     wrapper._otel_flashinfer_api = api_name  # type: ignore[attr-defined]

@@ -38,15 +38,15 @@ def _dead_pid() -> int:
 
 def _write_journal(directory: Path, *, pid: int, ticks: int, notes: list[dict],
                    last_write_ns: int, host: str = HOST, boot: str | None = None,
-                   slots: int = 8) -> Path:
+                   slots: int = 8, slot_size: int = fmt.DEFAULT_SLOT_SIZE) -> Path:
     """A journal as a dead process would have left it, built from the pure layout."""
-    buf = bytearray(fmt.file_size(slots, fmt.DEFAULT_SLOT_SIZE))
-    fmt.pack_header(buf, slot_count=slots, slot_size=fmt.DEFAULT_SLOT_SIZE, pid=pid,
+    buf = bytearray(fmt.file_size(slots, slot_size))
+    fmt.pack_header(buf, slot_count=slots, slot_size=slot_size, pid=pid,
                     start_ticks=ticks, created_ns=1, boot_id=J.boot_id() if boot is None
                     else boot, hostname=host)
     fmt.LAST_WRITE.pack_into(buf, fmt.LAST_WRITE_OFFSET, last_write_ns)
     for i, note in enumerate(notes):
-        fmt.pack_slot(buf, fmt.HEADER_SIZE + i * fmt.DEFAULT_SLOT_SIZE, **note)
+        fmt.pack_slot(buf, fmt.HEADER_SIZE + i * slot_size, **dict(note, slot_size=slot_size))
     path = directory / J.journal_name(host, pid, ticks)
     path.write_bytes(bytes(buf))
     return path
@@ -528,5 +528,109 @@ def test_a_traced_call_is_noted_while_it_runs_with_its_own_argument_types(
             assert args["flashinfer.arg.factor"] == factor
             assert type(args["flashinfer.arg.factor"]) is type(factor)
         assert runtime.current().journal.live_count() == 0
+    finally:
+        otel_flashinfer.uninstrument()
+
+
+# ---- untrusted files in the folder (a review of 2026-12-07) ------------------------------
+
+def test_a_slot_nested_past_the_parser_does_not_stop_the_files_other_spans(
+        tmp_path: Path) -> None:
+    """Deeply nested arguments in one slot raised RecursionError after the claim: the
+    file's other spans were never sent and its claim was retried, failing, forever."""
+    pid = _dead_pid()
+    bad = dict(NOTE, span_id=0x22, name=b"bad_call", args=b"[" * 3000)
+    _write_journal(tmp_path, pid=pid, ticks=1, notes=[NOTE, bad], last_write_ns=5_000,
+                   slot_size=4096)
+    got: list[CallRecord] = []
+    records = J.recover(str(tmp_path), got.append)
+    assert sorted(r.span_id for r in got) == [0x22, NOTE["span_id"]] and len(records) == 2
+    (unreadable,) = [r for r in got if r.span_id == 0x22]
+    assert unreadable.attributes["flashinfer.crash.args_unreadable"] is True
+    assert os.listdir(tmp_path) == []
+
+
+def test_another_hosts_unreadable_journal_is_left_where_it_is(tmp_path: Path) -> None:
+    """A file of another machine that this version cannot read (a newer format, say):
+    not ours to move aside without ``all_hosts``."""
+    path = _write_journal(tmp_path, pid=1234, ticks=99, notes=[NOTE], last_write_ns=5,
+                          host="gpu-node-8", boot="other-boot")
+    data = bytearray(path.read_bytes())
+    data[:4] = b"XXXX"  # its header unreadable here
+    path.write_bytes(bytes(data))
+    assert J.recover(str(tmp_path), lambda r: None) == []
+    assert os.listdir(tmp_path) == [path.name]
+
+
+def test_a_fifo_named_as_a_journal_is_skipped_not_opened(tmp_path: Path) -> None:
+    """Opening a FIFO for reading blocks until a writer comes: recovery (at every
+    instrumented process's start) hung on one."""
+    fifo = tmp_path / J.journal_name(HOST, _dead_pid(), 1)
+    os.mkfifo(fifo)
+    (tmp_path / "elsewhere").mkdir()
+    os.mkfifo(tmp_path / "elsewhere" / "f")
+    os.symlink(tmp_path / "elsewhere" / "f", tmp_path / J.journal_name(HOST, _dead_pid(), 2))
+    before = health.counters().get("journal_not_a_file", 0)
+    assert J.recover(str(tmp_path), lambda r: None) == []  # returned: not blocked
+    assert health.counters().get("journal_not_a_file", 0) - before == 2
+
+
+def test_the_crash_safe_note_is_written_through_a_fresh_temp_file(tmp_path: Path) -> None:
+    """Its temp name was predictable (``.tmp-<pid>``) and opened following links: a link
+    planted there made us overwrite a file outside the folder."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    journal_dir = tmp_path / "journal"
+    journal_dir.mkdir()
+    note = journal_dir / ("x.journal" + J.BLOBS)
+    os.symlink(victim, str(note) + f".tmp-{os.getpid()}")
+    J._write_sidecar(str(note), "s3://bucket/x")  # noqa: SLF001
+    assert victim.read_text() == "keep"
+    assert json.loads(note.read_text()) == {"blob_url": "s3://bucket/x"}
+
+
+def test_a_fork_that_cannot_make_its_journal_leaves_the_parents_alone(
+        tmp_path: Path, monkeypatch) -> None:
+    """The child's journal path named the parent's file until its own was made, so a
+    child that could not make one (out of file descriptors) unlinked the parent's live
+    journal at its exit."""
+    journal = J.Journal(str(tmp_path), slot_count=4)
+    parents = journal.path
+    try:
+        def no_fds(*args: Any, **kwargs: Any) -> int:
+            raise OSError(24, "Too many open files")
+
+        monkeypatch.setattr(J.os, "open", no_fds)
+        journal._after_fork_in_child()  # noqa: SLF001 - as the fork hook runs it
+        monkeypatch.undo()
+        assert journal.path == ""
+        journal._release(delete=True)  # noqa: SLF001 - as the child's exit does
+        assert os.path.exists(parents)
+    finally:
+        os.unlink(parents)
+
+
+def test_the_python_wrapper_ends_its_note_when_an_after_hook_fails(tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    """A failing after-hook (statistics, blobs) skipped ``journal.end``: finished calls
+    stayed live in the journal (a later crash would recover them all as crashed)."""
+    from otel_flashinfer import native
+
+    monkeypatch.setattr(native, "enabled", False)
+    otel_flashinfer.instrument(level=1, journal_dir=str(tmp_path))
+    try:
+        rt = runtime.current()
+        hooks = type(rt).call_hooks
+
+        def failing(record: Any, state: Any, result: Any, exc: Any) -> None:
+            raise RuntimeError("an after-hook's bug")
+
+        monkeypatch.setattr(type(rt), "call_hooks", lambda self, level: [
+            *hooks(self, level), (lambda record, plan, args, kwargs: None, failing)])
+        k = otel_flashinfer.traced(lambda: 1, name="k")
+        assert [k() for _ in range(20)] == [1] * 20
+        (path,) = [tmp_path / n for n in os.listdir(tmp_path) if n.endswith(".journal")]
+        data = path.read_bytes()
+        assert list(fmt.iter_live(data, fmt.parse_header(data))) == []
     finally:
         otel_flashinfer.uninstrument()
