@@ -1549,3 +1549,42 @@ def test_a_plan_inside_a_capture_still_sets_the_runs_page_count(tmp_path, monkey
     assert rec.flush(10)
     assert _page_ids(tmp_path, run) == [3, 4, 9, 10]
     rec.shutdown(5)
+
+
+def test_a_memory_store_is_written_in_this_process():
+    """memory:// lives in this process: its writes went to the upload helper's own
+    memory, so flush said done and the span pointed at a manifest no one could read."""
+    import fsspec
+
+    rec = BlobRecorder(settings(f"memory://otelfi-{os.getpid()}-{time.time_ns()}"),
+                       install_handlers=False)
+    try:
+        assert rec.store._uploader is None  # noqa: SLF001
+        cap = record(rec, add, 1, 1, torch.ones(4), torch.ones(4))
+        assert rec.flush(20)
+        fs = fsspec.filesystem("memory")
+        m = manifest.parse(fs.cat_file(cap.manifest_url), "m")
+        assert m["api"] == "add" and fs.exists(cap.manifest_url)
+    finally:
+        rec.shutdown(5)
+
+
+def test_an_argument_inside_itself_is_recorded_without_walking_it_forever():
+    """A list holding itself twice: the depth bound alone cost 2^32 calls on the
+    caller's thread (the call hung); so did a value that branches without a cycle."""
+    loop = [1, 2]
+    loop += [loop, loop]
+    t0 = time.perf_counter()
+    value = manifest.plain_value(loop, None)
+    assert value["items"][:2] == [1, 2]
+    assert value["items"][2] == {"t": "unrepresentable", "type": "a container inside itself"}
+    shared: list = []
+    for _ in range(40):
+        shared = [shared, shared]
+    branching = manifest.plain_value(shared, None)
+    assert "more than 1024 values" in json.dumps(branching)
+    assert time.perf_counter() - t0 < 1.0
+    # a value shared without a cycle is written whole each time it appears
+    pair = (1, 2)
+    assert manifest.plain_value([pair, pair], None)["items"] == [
+        {"t": "tuple", "items": [1, 2]}] * 2

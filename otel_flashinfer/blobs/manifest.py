@@ -62,10 +62,24 @@ class ManifestError(ValueError):
 
 # -- building --------------------------------------------------------------------
 
-def plain_value(value: Any, tensor_ref, depth: int = 0) -> Any:
-    """JSON form of an argument; ``tensor_ref(tensor)`` returns a tensor's entry."""
+#: Values one argument may hold in all (its items, theirs, ...): the depth bound alone
+#: let a value that branches (a list holding itself twice) cost 2^depth calls on the
+#: caller's thread.
+MAX_NODES = 1024
+
+
+def plain_value(value: Any, tensor_ref, depth: int = 0, _left: list[int] | None = None,
+                _path: set[int] | None = None) -> Any:
+    """JSON form of an argument; ``tensor_ref(tensor)`` returns a tensor's entry.  A
+    container inside itself, or past ``MAX_NODES`` values, is recorded as
+    unrepresentable (its replay then says so) rather than walked."""
     import torch
 
+    if _left is None:
+        _left, _path = [MAX_NODES], set()
+    _left[0] -= 1
+    if _left[0] < 0:
+        return {"t": "unrepresentable", "type": f"more than {MAX_NODES} values"}
     if depth > MAX_DEPTH:
         return {"t": "unrepresentable", "type": "nesting too deep"}
     if value is None or isinstance(value, (bool, str)):
@@ -85,14 +99,23 @@ def plain_value(value: Any, tensor_ref, depth: int = 0) -> Any:
         return {"t": "dtype", "v": str(value).removeprefix("torch.")}
     if isinstance(value, torch.device):
         return {"t": "device", "v": str(value)}
-    if isinstance(value, (tuple, list)):
-        tag = "tuple" if isinstance(value, tuple) else "list"
-        return {"t": tag, "items": [plain_value(v, tensor_ref, depth + 1) for v in value]}
-    if isinstance(value, dict) and all(
-        isinstance(k, str) or (isinstance(k, int) and not isinstance(k, bool)) for k in value
-    ):
-        return {"t": "dict",
-                "items": [[k, plain_value(v, tensor_ref, depth + 1)] for k, v in value.items()]}
+    container = isinstance(value, (tuple, list)) or (isinstance(value, dict) and all(
+        isinstance(k, str) or (isinstance(k, int) and not isinstance(k, bool)) for k in value))
+    if container:
+        assert _path is not None
+        if id(value) in _path:
+            return {"t": "unrepresentable", "type": "a container inside itself"}
+        _path.add(id(value))
+        try:
+            if isinstance(value, dict):
+                return {"t": "dict", "items": [
+                    [k, plain_value(v, tensor_ref, depth + 1, _left, _path)]
+                    for k, v in value.items()]}
+            tag = "tuple" if isinstance(value, tuple) else "list"
+            return {"t": tag, "items": [plain_value(v, tensor_ref, depth + 1, _left, _path)
+                                        for v in value]}
+        finally:
+            _path.discard(id(value))
     cls = type(value)
     return {"t": "unrepresentable", "type": f"{cls.__module__}.{cls.__qualname__}"}
 

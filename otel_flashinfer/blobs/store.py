@@ -89,6 +89,12 @@ class StoreError(RuntimeError):
     """The store cannot be used (names the URL)."""
 
 
+def _in_process(fs: Any) -> bool:
+    """A filesystem whose files live in this process's memory (``memory://``)."""
+    protocol = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return "memory" in protocol
+
+
 def _is_local(fs: Any) -> bool:
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return protocol in ("file", "local")
@@ -442,7 +448,8 @@ class BlobStore:
         #: ``offload``: a remote store's writes go through a helper process
         #: (``uploader``: its client's Python would hold the traced process' GIL).
         self._uploader = None
-        if offload and not self.local:
+        # Not a store that lives in this process (memory://): a helper's would be its own.
+        if offload and not self.local and not _in_process(self.fs):
             from .uploader import Uploader
 
             try:
