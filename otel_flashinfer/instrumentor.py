@@ -12,6 +12,7 @@ also in modules that picked the wrapper up while we were active.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import sys
@@ -114,7 +115,31 @@ class _State:
         original = vars(module).get(entry.qualname)
         if original is None or not callable(original) or id(original) in self.wrappers:
             return
-        self.install(module, entry.qualname, original, self.wrapper_for(original, entry.api_name))
+        wrapper = self.wrapper_for(original, entry.api_name)
+        self.install(module, entry.qualname, original, wrapper)
+        self._aliases(module, entry.qualname, original, wrapper)
+
+    def _aliases(self, container: Any, name: str, original: Any, installed: Any) -> None:
+        """The other names ``container`` (a module or class) gives ``original``: the same
+        object (``begin_forward = plan``, ``forward = run``) or a ``functools.partial`` /
+        ``partialmethod`` of it (``run_return_lse = partialmethod(run, return_lse=True)``,
+        ``single_prefill_with_kv_cache_return_lse = partial(...)``).  They held the
+        unwrapped function, so their calls made no span (FlashInfer's logger sees them:
+        they call the decorated function)."""
+        target = original.__func__ if isinstance(original, (staticmethod, classmethod)) \
+            else original
+        wrapped = installed.__func__ if isinstance(installed, (staticmethod, classmethod)) \
+            else installed
+        for attr, value in list(vars(container).items()):
+            if attr == name:
+                continue
+            if value is original:
+                self.install(container, attr, value, installed)
+            elif isinstance(value, (functools.partial, functools.partialmethod)) and \
+                    value.func is target:
+                kind = type(value)
+                self.install(container, attr, value,
+                             kind(wrapped, *value.args, **value.keywords))
 
     def _wrap_method(self, module: ModuleType, entry: discovery.EntryPoint) -> None:
         *class_path, method = entry.qualname.split(".")
@@ -138,6 +163,7 @@ class _State:
         else:
             return
         self.install(cls, method, raw, installed)
+        self._aliases(cls, method, raw, installed)
 
     def reexports(self, modules: Iterable[ModuleType]) -> None:
         """Install wrappers where ``modules`` hold a wrapped original under any name."""

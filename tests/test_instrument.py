@@ -126,6 +126,35 @@ def test_every_entry_point_wrapped_everywhere_and_restored(entries) -> None:  # 
     assert _holders(originals).keys() == holders.keys()
 
 
+def test_the_names_flashinfer_gives_an_entry_point_are_wrapped_too(entries) -> None:  # noqa: ANN001
+    """``begin_forward = plan``, ``run_return_lse = partialmethod(run, ...)`` and the
+    module's ``partial(single_prefill_with_kv_cache, ...)`` held the unwrapped function:
+    their calls made no span (FlashInfer's own logger sees them).  They now hold the
+    wrapper (the partials rebuilt around it) and get their own back."""
+    import functools
+
+    cls = flashinfer.BatchDecodeWithPagedKVCacheWrapper
+    prefill = sys.modules["flashinfer.prefill"]
+    before = dict(vars(cls))
+    lse_before = vars(prefill)["single_prefill_with_kv_cache_return_lse"]
+    inst = _instrument(level=1)
+    try:
+        now = vars(cls)
+        assert now["begin_forward"] is now["plan"]
+        assert now["plan"]._otel_flashinfer_api == "BatchDecodeWithPagedKVCacheWrapper.plan"
+        lse = now["run_return_lse"]
+        assert isinstance(lse, functools.partialmethod) and lse.func is now["run"]
+        assert lse.keywords == before["run_return_lse"].keywords
+        single = vars(prefill)["single_prefill_with_kv_cache_return_lse"]
+        assert single.func._otel_flashinfer_api == "single_prefill_with_kv_cache"
+        assert single.keywords == lse_before.keywords
+    finally:
+        inst.uninstrument()
+    for name in ("plan", "begin_forward", "run", "run_return_lse"):
+        assert vars(cls)[name] is before[name]
+    assert vars(prefill)["single_prefill_with_kv_cache_return_lse"] is lse_before
+
+
 def test_level_0_installs_nothing(entries) -> None:  # noqa: ANN001
     before = {(e.module, e.qualname): _resolve(e)[2] for e in entries}
     inst = _instrument(level=0)
@@ -146,11 +175,22 @@ def test_selected_include_then_exclude() -> None:
     assert not selected("rmsnorm", (), ("rms*",))
 
 
+def _installed_api(value):  # noqa: ANN001, ANN202
+    """The API name of an installed wrapper, inside a static/class method or a partial
+    (an alias of an entry point)."""
+    import functools
+
+    if isinstance(value, (staticmethod, classmethod)):
+        value = value.__func__
+    if isinstance(value, (functools.partial, functools.partialmethod)):
+        value = value.func
+    return value._otel_flashinfer_api
+
+
 def test_include_exclude_patterns(entries) -> None:  # noqa: ANN001
     inst = _instrument(level=1, include=("BatchDecode*", "rmsnorm"), exclude=("*.plan",))
     try:
-        names = {p[3]._otel_flashinfer_api if not isinstance(p[3], (staticmethod, classmethod))
-                 else p[3].__func__._otel_flashinfer_api for p in inst.installed()}
+        names = {_installed_api(p[3]) for p in inst.installed()}
         assert "rmsnorm" in names
         assert "BatchDecodeWithPagedKVCacheWrapper.run" in names
         assert "BatchDecodeWithPagedKVCacheWrapper.plan" not in names
