@@ -320,6 +320,10 @@ def make_wrapper(fn: Callable[..., Any], api_name: str, *, settings: Settings,
         return result
 
     wrapper._otel_flashinfer_api = api_name  # type: ignore[attr-defined]
+    # torch.compile (Dynamo) inlines the original where it meets this wrapper: our host
+    # code would not run in a compiled graph anyway, and its context lookups are not
+    # traceable (fullgraph=True refused the whole model; without it, a graph break).
+    wrapper._torchdynamo_inline = fn  # type: ignore[attr-defined]
     return wrapper
 
 
