@@ -1624,6 +1624,31 @@ static PyGetSetDef wrapper_getset[] = {
     {"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict, NULL, NULL},
     {NULL, NULL, NULL, NULL, NULL}};
 
+/* Pickled and copied as the function it stands for: pickle saves a reference by name
+ * (``__module__`` + ``__qualname__``, where this wrapper is installed), and copy.copy and
+ * deepcopy return it, as they do a function (a model holding one could not be copied,
+ * nor a partial of one sent to a spawned worker). */
+static PyObject *wrapper_reduce(Wrapper *self, PyObject *Py_UNUSED(ignored)) {
+    PyObject *name = self->dict != NULL ? PyDict_GetItemString(self->dict, "__qualname__") : NULL;
+    if (name == NULL) {
+        PyErr_SetString(PyExc_TypeError, "cannot pickle a traced function without a name");
+        return NULL;
+    }
+    Py_INCREF(name);
+    return name;
+}
+
+static PyObject *wrapper_same(PyObject *self, PyObject *Py_UNUSED(ignored)) {
+    Py_INCREF(self);
+    return self;
+}
+
+static PyMethodDef wrapper_methods[] = {
+    {"__reduce__", (PyCFunction)wrapper_reduce, METH_NOARGS, NULL},
+    {"__copy__", (PyCFunction)wrapper_same, METH_NOARGS, NULL},
+    {"__deepcopy__", (PyCFunction)wrapper_same, METH_O, NULL},
+    {NULL, NULL, 0, NULL}};
+
 static PyTypeObject WrapperType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "otel_flashinfer._hotpath.Wrapper",
     .tp_basicsize = sizeof(Wrapper),
@@ -1642,6 +1667,7 @@ static PyTypeObject WrapperType = {
     .tp_init = (initproc)wrapper_init,
     .tp_new = wrapper_new,
     .tp_getset = wrapper_getset,
+    .tp_methods = wrapper_methods,
 };
 
 /* ---- CUDA graph replays that are not traced ----------------------------------------- */

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from typing import Any
@@ -695,3 +696,36 @@ def test_torch_compile_inlines_the_python_wrapper(spans, wrapper_path) -> None:
     assert torch.equal(model(x), (x + 1) * 2 * 3 + 3)  # eager: traced as before
     assert otel_flashinfer.flush(10)
     assert len(spans.by_name("double")) == 1  # the eager call; the compiled one inlined
+
+
+def test_a_wrapper_pickles_by_name_and_copies_as_itself(spans, wrapper_path) -> None:
+    """As a function does: pickle saves a reference (a partial of a FlashInfer function
+    sent to a spawned worker), copy and deepcopy return it (a model holding one).  The
+    C Wrapper type refused all three."""
+    import copy
+    import functools
+    import pickle
+
+    from otel_flashinfer import spans as spans_module
+
+    otel_flashinfer.instrument(level=1, journal_dir="")
+    rt = runtime.current()
+    installed = spans_module.make_wrapper(_module_level_api, "module_level_api",
+                                          settings=rt.settings, runtime=rt)
+    if wrapper_path == "native":
+        assert type(installed).__name__ == "Wrapper"
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(sys.modules[__name__], "_module_level_api", installed)
+    try:
+        assert pickle.loads(pickle.dumps(installed)) is installed
+        sent = pickle.loads(pickle.dumps(functools.partial(installed, scale=2.0)))
+        assert sent.func is installed and torch.equal(sent(torch.ones(2)), torch.full((2,), 2.0))
+        assert copy.copy(installed) is installed
+        holder = {"fn": installed, "t": torch.ones(1)}
+        assert copy.deepcopy(holder)["fn"] is installed
+    finally:
+        monkey.undo()
+
+
+def _module_level_api(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    return x * scale
