@@ -888,6 +888,38 @@ def test_sigterm_mid_call_leaves_complete_manifests(tmp_path):
     assert torch.equal(encode.decode(store.get(ref["key"]), "safetensors"), torch.arange(32.))
 
 
+CHILD_TERM_GRACEFUL = textwrap.dedent('''
+    import inspect, json, os, signal, sys, time, torch
+    from otel_flashinfer.blobs.capture import BlobRecorder
+    from otel_flashinfer.config import Settings
+    stop = []
+    signal.signal(signal.SIGTERM, lambda s, f: stop.append(s))  # a graceful stop: a flag
+    rec = BlobRecorder(Settings(blob_url=sys.argv[1]))
+    def step(x):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives while the call runs
+        time.sleep(0.05)
+        return x * 2
+    x = torch.ones(4)
+    c = rec.before("step", "m", "step", None, 7, 1, None, 1, inspect.signature(step).bind(x))
+    c.after(step(x), None)
+    assert stop and rec.flush(10)
+    print(json.dumps({"key": c.manifest_key, "skipped": c.skipped}), flush=True)
+''')
+
+
+def test_sigterm_an_application_handles_leaves_its_calls_to_complete(tmp_path):
+    """An application that stops gracefully on SIGTERM (its handler returns): the call
+    in flight completes with its outputs.  It was recorded as crashed, result null."""
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    out = subprocess.run([sys.executable, "-c", CHILD_TERM_GRACEFUL, str(tmp_path)], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["skipped"] is None
+    m = manifest.parse((tmp_path / report["key"]).read_bytes(), report["key"])
+    assert m["status"] == "ok" and m["result"]["t"] == "tensor"
+
+
 CHILD_TERM_DEFAULT = textwrap.dedent('''
     import inspect, sys, time, torch
     from otel_flashinfer.blobs.capture import BlobRecorder, StoreBreaker

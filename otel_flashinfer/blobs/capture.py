@@ -421,17 +421,28 @@ class BlobRecorder:
             previous = signal.getsignal(signal.SIGTERM)
 
             def _on_term(signum: int, frame: Any) -> None:
-                rec = ref()
+                # The calls in flight are over only if the process ends: an application
+                # whose own handler returns (a graceful stop: a flag set) goes on, and
+                # those calls complete with their outputs.
+                if callable(previous):
+                    try:
+                        previous(signum, frame)
+                    except BaseException:  # sys.exit() and the like: ending now
+                        rec = ref()
+                        if rec is not None:
+                            rec._finish_inflight("crashed")
+                            rec.flush(timeout_s=10.0)
+                        raise
+                    return
+                if previous == signal.SIG_IGN:
+                    return
+                rec = ref()  # SIG_DFL (or unknown): the process ends
                 if rec is not None:
                     rec._finish_inflight("crashed")
                     rec.flush(timeout_s=10.0)
-                if callable(previous):
-                    previous(signum, frame)
-                elif previous == signal.SIG_DFL or previous is None:
-                    if rec is not None:
-                        rec.store.close()  # no atexit after this: the lease goes back now
-                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                    os.kill(os.getpid(), signal.SIGTERM)
+                    rec.store.close()  # no atexit after this: the lease goes back now
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGTERM)
 
             signal.signal(signal.SIGTERM, _on_term)
         except (ValueError, OSError):
