@@ -1620,3 +1620,23 @@ def test_an_argument_inside_itself_is_recorded_without_walking_it_forever():
     pair = (1, 2)
     assert manifest.plain_value([pair, pair], None)["items"] == [
         {"t": "tuple", "items": [1, 2]}] * 2
+
+
+def test_objects_a_store_lost_are_written_again(tmp_path, monkeypatch):
+    """A store can lose objects (a retention rule; a bucket made again after an
+    outage): an object seen stored is trusted for a while only, so a later manifest does
+    not cite what the store no longer holds."""
+    import shutil
+
+    monkeypatch.setattr(store_mod, "KNOWN_FOR_S", 0.0)  # looked at again every time
+    rec = BlobRecorder(settings(tmp_path), install_handlers=False)
+    x = torch.arange(16.0)
+    record(rec, add, 1, 1, x, x)
+    assert rec.flush(10)
+    shutil.rmtree(tmp_path / "objects")  # the retention rule
+    cap = record(rec, add, 1, 2, x, x)
+    assert rec.flush(10)
+    m = manifest.parse((tmp_path / cap.manifest_key).read_bytes(), "m")
+    for obj in manifest.manifest_objects(m):
+        assert (tmp_path / obj["key"]).exists(), obj["key"]
+    rec.shutdown(5)

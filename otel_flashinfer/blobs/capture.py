@@ -871,6 +871,8 @@ class BlobRecorder:
             except Exception as exc:  # noqa: BLE001 - a failing store must not stop the writer
                 if isinstance(exc, StoreFailed):
                     self.breaker.failed(time.monotonic(), generation)
+                    # It may come back empty: what it held is looked at again.
+                    self.store.forget_objects()
                 else:  # not the store's doing: a probe says nothing either way
                     self.breaker.inconclusive(generation)
                 self._internal_error("write")

@@ -77,6 +77,8 @@ _LEASE_SHARE = 64
 _CALLER_WAIT_S = 0.002
 BUSY = "budget_busy"
 #: Object keys a store remembers as written before it forgets them all (``_remember``).
+#: How long an object seen stored is trusted without looking again (``_knows``).
+KNOWN_FOR_S = 60.0
 _KNOWN_MAX = 1 << 16
 #: After a call found the file held, the calls in the next this many seconds skip as
 #: ``BUSY`` without trying (they would each wait ``_CALLER_WAIT_S`` behind ``_lock``).
@@ -432,7 +434,8 @@ class BlobStore:
             raise StoreError(f"blob store {url!r} cannot be opened: {exc}") from exc
         self.local = _is_local(self.fs)
         self.root = os.path.abspath(root) if self.local else root.rstrip("/")
-        self._known: set[str] = set()
+        #: Object key -> when it was last seen stored (``_remember``).
+        self._known: dict[str, float] = {}
         #: Folders made (or found) already: a new page costs no makedirs (a stat and a
         #: mkdir each, twice per object).  Bounded; a folder deleted under us is made
         #: again on the first write that misses it.
@@ -573,7 +576,7 @@ class BlobStore:
         (then the temp is deleted); whether this call put it there."""
         path = self.path(key)
         with self._land_lock:
-            if key in self._known or os.path.exists(path):
+            if self._knows(key) or os.path.exists(path):
                 self._remember(key)
                 _unlink_quietly(tmp)
                 return False
@@ -587,11 +590,27 @@ class BlobStore:
         known = self._known
         if len(known) >= _KNOWN_MAX:
             known.clear()
-        known.add(key)
+        known[key] = time.monotonic()
+
+    def _knows(self, key: str) -> bool:
+        """Whether ``key`` was seen stored within ``KNOWN_FOR_S``: a store can lose
+        objects (a retention rule, a bucket made again after an outage), and a manifest
+        citing one it no longer holds could not be replayed."""
+        seen = self._known.get(key)
+        if seen is None:
+            return False
+        if time.monotonic() - seen > KNOWN_FOR_S:
+            self._known.pop(key, None)
+            return False
+        return True
+
+    def forget_objects(self) -> None:
+        """After a failed write: what the store held may be gone (it came back empty)."""
+        self._known.clear()
 
     def has_object(self, key: str) -> bool:
         """Whether an object is already stored (remembered once seen)."""
-        if key in self._known:
+        if self._knows(key):
             return True
         path = self.path(key)
         if self.local:
