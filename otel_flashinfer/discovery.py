@@ -162,6 +162,23 @@ def _cacheable(version: str) -> bool:
     return bool(version) and "+" not in version and "dev" not in version
 
 
+def _installed_release(root: Path, distribution: str = "flashinfer-python") -> bool:
+    """Whether ``root`` is the distribution's own installed copy: not a source checkout
+    found first on ``sys.path``, nor an editable install, which are edited in place
+    under a release-like version (a new ``@flashinfer_api`` function would wait for the
+    cache to be removed)."""
+    try:
+        dist = importlib.metadata.distribution(distribution)
+        if Path(str(dist.locate_file(root.name))).resolve() != root:
+            return False
+        direct = dist.read_text("direct_url.json")
+        if direct and json.loads(direct).get("dir_info", {}).get("editable"):
+            return False
+    except (importlib.metadata.PackageNotFoundError, OSError, ValueError, AttributeError):
+        return False
+    return True
+
+
 def _read_cache(path: Path) -> tuple[EntryPoint, ...] | None:
     try:
         data = json.loads(path.read_text())
@@ -195,7 +212,8 @@ def discover(package: str = "flashinfer", *, root: str | Path | None = None,
     cached = _memory.get(key)
     if cached is not None and _cacheable(version):
         return cached
-    use_disk = disk_cache and _cacheable(version)
+    use_disk = disk_cache and _cacheable(version) and (
+        package != "flashinfer" or _installed_release(root))
     path = _cache_file(root, version) if use_disk else None
     entries = _read_cache(path) if path is not None and path.exists() else None
     if entries is None:

@@ -108,6 +108,29 @@ def test_disk_cache_round_trip(tmp_path, monkeypatch) -> None:
     assert [e.qualname for e in discovery.discover("p", root=pkg, version="1.0+local")] == ["g"]
 
 
+def test_a_source_checkout_is_read_again_under_a_release_version(tmp_path,
+                                                                   monkeypatch) -> None:
+    """A FlashInfer checkout found first on sys.path (or an editable install) carries a
+    release-like version but is edited in place: it is not cached on disk, so a new
+    ``@flashinfer_api`` function is seen by the next process.  The installed copy is."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    checkout = tmp_path / "src" / "flashinfer"
+    checkout.mkdir(parents=True)
+    (checkout / "__init__.py").write_text("@flashinfer_api\ndef old_api(): ...\n")
+    version = discovery.package_version() or "0.7.2"
+    assert [e.qualname for e in discovery.discover(root=checkout, version=version)] == [
+        "old_api"]
+    (checkout / "__init__.py").write_text("@flashinfer_api\ndef old_api(): ...\n"
+                                          "@flashinfer_api\ndef new_api(): ...\n")
+    discovery._memory.clear()  # noqa: SLF001 - a new process
+    assert [e.qualname for e in discovery.discover(root=checkout, version=version)] == [
+        "old_api", "new_api"]
+    assert not list((tmp_path / "cache").rglob("discovery-*.json"))
+    installed = discovery.package_root()
+    if installed is not None and discovery.package_version():
+        assert discovery._installed_release(installed)  # noqa: SLF001 - cached as before
+
+
 def test_missing_package_discovers_nothing() -> None:
     assert discovery.package_root("no_such_package_xyz") is None
     assert discovery.discover("no_such_package_xyz") == ()
