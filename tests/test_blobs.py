@@ -1614,7 +1614,9 @@ def test_an_argument_inside_itself_is_recorded_without_walking_it_forever():
     for _ in range(40):
         shared = [shared, shared]
     branching = manifest.plain_value(shared, None)
-    assert "more than 1024 values" in json.dumps(branching)
+    assert "more than 1024 containers" in json.dumps(branching)
+    # scalars are not counted: a long list of ints is written whole
+    assert manifest.plain_value(list(range(5000)), None)["items"] == list(range(5000))
     assert time.perf_counter() - t0 < 1.0
     # a value shared without a cycle is written whole each time it appears
     pair = (1, 2)

@@ -62,24 +62,21 @@ class ManifestError(ValueError):
 
 # -- building --------------------------------------------------------------------
 
-#: Values one argument may hold in all (its items, theirs, ...): the depth bound alone
-#: let a value that branches (a list holding itself twice) cost 2^depth calls on the
-#: caller's thread.
+#: Containers one argument may hold in all (lists, tuples, dicts, theirs, ...; scalars
+#: are not counted: a list of 100,000 ints is one): the depth bound alone let a value
+#: that branches (a list holding itself twice) cost 2^depth calls on the caller's thread.
 MAX_NODES = 1024
 
 
 def plain_value(value: Any, tensor_ref, depth: int = 0, _left: list[int] | None = None,
                 _path: set[int] | None = None) -> Any:
     """JSON form of an argument; ``tensor_ref(tensor)`` returns a tensor's entry.  A
-    container inside itself, or past ``MAX_NODES`` values, is recorded as
+    container inside itself, or past ``MAX_NODES`` containers, is recorded as
     unrepresentable (its replay then says so) rather than walked."""
     import torch
 
     if _left is None:
         _left, _path = [MAX_NODES], set()
-    _left[0] -= 1
-    if _left[0] < 0:
-        return {"t": "unrepresentable", "type": f"more than {MAX_NODES} values"}
     if depth > MAX_DEPTH:
         return {"t": "unrepresentable", "type": "nesting too deep"}
     if value is None or isinstance(value, (bool, str)):
@@ -105,6 +102,9 @@ def plain_value(value: Any, tensor_ref, depth: int = 0, _left: list[int] | None 
         assert _path is not None
         if id(value) in _path:
             return {"t": "unrepresentable", "type": "a container inside itself"}
+        _left[0] -= 1
+        if _left[0] < 0:
+            return {"t": "unrepresentable", "type": f"more than {MAX_NODES} containers"}
         _path.add(id(value))
         try:
             if isinstance(value, dict):
