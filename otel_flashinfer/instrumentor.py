@@ -137,9 +137,18 @@ class _State:
                 self.install(container, attr, value, installed)
             elif isinstance(value, (functools.partial, functools.partialmethod)) and \
                     value.func is target:
-                kind = type(value)
-                self.install(container, attr, value,
-                             kind(wrapped, *value.args, **value.keywords))
+                known = self.originals.get(id(value))
+                if known is not None and known[0] is value:
+                    rebuilt = known[1]
+                else:
+                    rebuilt = type(value)(wrapped, *value.args, **value.keywords)
+                    if isinstance(value, functools.partial):
+                        rebuilt.__dict__.update(vars(value))  # its __doc__, as FlashInfer sets
+                    # Known both ways, as a wrapper is: re-exports (``flashinfer``'s own
+                    # import of it) get it too, and ``restore`` gives each its own back.
+                    self.originals[id(value)] = (value, rebuilt)
+                    self.wrappers[id(rebuilt)] = (rebuilt, value)
+                self.install(container, attr, value, rebuilt)
 
     def _wrap_method(self, module: ModuleType, entry: discovery.EntryPoint) -> None:
         *class_path, method = entry.qualname.split(".")
@@ -316,9 +325,12 @@ class FlashInferInstrumentor(BaseInstrumentor):
     # -- introspection (tests, ``otel-flashinfer`` diagnostics) ---------------------------
 
     def wrapped_count(self) -> int:
-        """Distinct originals wrapped so far."""
+        """Distinct originals wrapped so far (an alias's rebuilt partial is not one)."""
         state = self._state
-        return len(state.originals) if state is not None else 0
+        if state is None:
+            return 0
+        return sum(1 for original, _ in state.originals.values()
+                   if not isinstance(original, (functools.partial, functools.partialmethod)))
 
     def installed(self) -> list[tuple[Any, str, Any, Any]]:
         """(container, attribute, original, installed) for every live replacement."""

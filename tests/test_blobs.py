@@ -1614,9 +1614,11 @@ def test_an_argument_inside_itself_is_recorded_without_walking_it_forever():
     for _ in range(40):
         shared = [shared, shared]
     branching = manifest.plain_value(shared, None)
-    assert "more than 1024 containers" in json.dumps(branching)
-    # scalars are not counted: a long list of ints is written whole
+    assert "more than 1024 containers of containers" in json.dumps(branching)
+    # what does not branch is written whole: a long list of ints, or of pairs
     assert manifest.plain_value(list(range(5000)), None)["items"] == list(range(5000))
+    pairs = manifest.plain_value([(i, i + 1) for i in range(1500)], None)["items"]
+    assert pairs[-1] == {"t": "tuple", "items": [1499, 1500]} and len(pairs) == 1500
     assert time.perf_counter() - t0 < 1.0
     # a value shared without a cycle is written whole each time it appears
     pair = (1, 2)
@@ -1642,3 +1644,19 @@ def test_objects_a_store_lost_are_written_again(tmp_path, monkeypatch):
     for obj in manifest.manifest_objects(m):
         assert (tmp_path / obj["key"]).exists(), obj["key"]
     rec.shutdown(5)
+
+
+def test_stored_pages_are_trusted_for_a_while_only(monkeypatch):
+    """Pages of a paged KV cache are remembered by fingerprint: like whole objects, only
+    for ``TRUST_S``, and not past a failed write (the store may have lost them)."""
+    from otel_flashinfer.blobs import fingerprint
+
+    memo = fingerprint.PageMemo()
+    memo.put((1, 2, 0), "objects/aa")
+    assert memo.lookup([(1, 2, 0)]) == ["objects/aa"]
+    memo.clear()  # as after a failed write
+    assert memo.lookup([(1, 2, 0)]) == [None]
+    memo.put((1, 2, 0), "objects/aa")
+    monkeypatch.setattr(fingerprint, "TRUST_S", 0.0)
+    time.sleep(0.001)
+    assert memo.lookup([(1, 2, 0)]) == [None]

@@ -148,11 +148,15 @@ def test_the_names_flashinfer_gives_an_entry_point_are_wrapped_too(entries) -> N
         single = vars(prefill)["single_prefill_with_kv_cache_return_lse"]
         assert single.func._otel_flashinfer_api == "single_prefill_with_kv_cache"
         assert single.keywords == lse_before.keywords
+        assert single.__doc__ == lse_before.__doc__  # FlashInfer sets its own
+        # the public name, flashinfer's own import of it, is the same rebuilt partial
+        assert flashinfer.single_prefill_with_kv_cache_return_lse is single
     finally:
         inst.uninstrument()
     for name in ("plan", "begin_forward", "run", "run_return_lse"):
         assert vars(cls)[name] is before[name]
     assert vars(prefill)["single_prefill_with_kv_cache_return_lse"] is lse_before
+    assert flashinfer.single_prefill_with_kv_cache_return_lse is lse_before
 
 
 def test_level_0_installs_nothing(entries) -> None:  # noqa: ANN001

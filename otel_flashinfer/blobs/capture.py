@@ -425,6 +425,11 @@ class BlobRecorder:
                 # whose own handler returns (a graceful stop: a flag set) goes on, and
                 # those calls complete with their outputs.
                 if callable(previous):
+                    rec = ref()
+                    if rec is not None:
+                        # What is done goes out first: a handler may end the process
+                        # without raising (os._exit).
+                        rec.flush(timeout_s=10.0)
                     try:
                         previous(signum, frame)
                     except BaseException:  # sys.exit() and the like: ending now
@@ -873,6 +878,8 @@ class BlobRecorder:
                     self.breaker.failed(time.monotonic(), generation)
                     # It may come back empty: what it held is looked at again.
                     self.store.forget_objects()
+                    self.page_memo.clear()
+                    self._last_pages.clear()
                 else:  # not the store's doing: a probe says nothing either way
                     self.breaker.inconclusive(generation)
                 self._internal_error("write")

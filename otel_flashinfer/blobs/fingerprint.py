@@ -26,6 +26,7 @@ import collections
 import itertools
 import math
 import threading
+import time
 from typing import Any
 
 import torch
@@ -91,6 +92,10 @@ def gather_fused(module: Any, cache: torch.Tensor, indices: torch.Tensor,
     return pages, meta
 
 
+#: Seconds a stored page is trusted without the store being asked again (``PageMemo``).
+TRUST_S = 60.0
+
+
 class PageMemo:
     """Fingerprint -> the stored object of a page with those bytes, bounded (LRU); shared
     by the writer threads.  A key is ``(lane 0, lane 1, kind)``: ``kind`` numbers what
@@ -101,6 +106,7 @@ class PageMemo:
         self._memo: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
         self._kinds: dict[tuple, int] = {}
         self._lock = threading.Lock()
+        self._born = time.monotonic()
 
     def kind(self, pages: torch.Tensor, fmt: str) -> int:
         """Dtype, page shape and format of the gathered [n, *page] ``pages``, as a small
@@ -109,10 +115,22 @@ class PageMemo:
         with self._lock:
             return self._kinds.setdefault(key, len(self._kinds))
 
+    def clear(self) -> None:
+        """Forget every stored page (the store may have lost them)."""
+        with self._lock:
+            self._memo.clear()
+            self._born = time.monotonic()
+
     def lookup(self, keys: list[tuple]) -> list[Any]:
-        """What each key's page was stored as, or None (one lock for a call's pages)."""
+        """What each key's page was stored as, or None (one lock for a call's pages).
+        Trusted for ``TRUST_S`` from when the memo was last emptied: a store can lose
+        objects (a retention rule, a bucket made again), and a manifest must not cite a
+        page it no longer holds."""
         memo = self._memo
         with self._lock:  # the loops run in C: a call has hundreds of pages
+            if time.monotonic() - self._born > TRUST_S:
+                memo.clear()
+                self._born = time.monotonic()
             out = list(map(memo.get, keys))
             collections.deque(map(memo.move_to_end, itertools.compress(keys, out)), maxlen=0)
         return out

@@ -62,10 +62,11 @@ class ManifestError(ValueError):
 
 # -- building --------------------------------------------------------------------
 
-#: Containers one argument may hold in all (lists, tuples, dicts, theirs, ...; scalars
-#: are not counted: a list of 100,000 ints is one): the depth bound alone let a value
-#: that branches (a list holding itself twice) cost 2^depth calls on the caller's thread.
+#: Containers of containers one argument may hold in all (a list of 100,000 ints, or of
+#: 100,000 pairs, is one): the depth bound alone let a value that branches (a list
+#: holding itself twice) cost 2^depth calls on the caller's thread.
 MAX_NODES = 1024
+_CONTAINERS = (list, tuple, dict)
 
 
 def plain_value(value: Any, tensor_ref, depth: int = 0, _left: list[int] | None = None,
@@ -102,9 +103,12 @@ def plain_value(value: Any, tensor_ref, depth: int = 0, _left: list[int] | None 
         assert _path is not None
         if id(value) in _path:
             return {"t": "unrepresentable", "type": "a container inside itself"}
-        _left[0] -= 1
-        if _left[0] < 0:
-            return {"t": "unrepresentable", "type": f"more than {MAX_NODES} containers"}
+        items = value.values() if isinstance(value, dict) else value
+        if any(isinstance(v, _CONTAINERS) for v in items):  # it branches: counted
+            _left[0] -= 1
+            if _left[0] < 0:
+                return {"t": "unrepresentable",
+                        "type": f"more than {MAX_NODES} containers of containers"}
         _path.add(id(value))
         try:
             if isinstance(value, dict):
