@@ -47,6 +47,10 @@ OTEL_FLASHINFER_GPU_TIMING = "OTEL_FLASHINFER_GPU_TIMING"
 #: exporters' transports as bytes, where the provider's setup allows it; 0 keeps every
 #: span on the SDK's own path (``export.plan`` says which setups are fast).
 OTEL_FLASHINFER_NATIVE_EXPORT = "OTEL_FLASHINFER_NATIVE_EXPORT"
+#: 1 (default): wrappers run on the C hot path where it is built; 0 installs the
+#: pure-Python wrappers, which ``torch.compile`` traces through (it inlines the original
+#: function there; Dynamo cannot trace the C wrapper type), at a higher cost per call.
+OTEL_FLASHINFER_C_HOT_PATH = "OTEL_FLASHINFER_C_HOT_PATH"
 
 #: Comma-separated fnmatch patterns: which traced calls store level-10 payloads
 #: (empty: every call); the others keep spans and statistics and say
@@ -95,6 +99,7 @@ class Settings:
     queue_size: int = 65536
     gpu_timing: bool = True
     native_export: bool = True
+    c_hot_path: bool = True
     blob_include: tuple[str, ...] = ()
     blob_exclude: tuple[str, ...] = ()
 
@@ -252,6 +257,7 @@ _FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "queue_size": (OTEL_FLASHINFER_QUEUE_SIZE, _positive_int),
     "gpu_timing": (OTEL_FLASHINFER_GPU_TIMING, _flag),
     "native_export": (OTEL_FLASHINFER_NATIVE_EXPORT, _flag),
+    "c_hot_path": (OTEL_FLASHINFER_C_HOT_PATH, _flag),
     "blob_include": (OTEL_FLASHINFER_BLOB_INCLUDE, _patterns),
     "blob_exclude": (OTEL_FLASHINFER_BLOB_EXCLUDE, _patterns),
 }

@@ -17,6 +17,9 @@ from . import health
 
 #: Tests set this to False to exercise the pure-Python wrapper.
 enabled = True
+#: ``OTEL_FLASHINFER_C_HOT_PATH`` of the live runtime (``runtime.Runtime`` sets it):
+#: False, wrappers (and the statistics hooks that follow them) are the Python ones.
+c_hot_path = True
 
 _lock = threading.Lock()
 _entry: Any = None
@@ -88,7 +91,7 @@ def _plain_span_init(cls: type) -> bool:
 def entry_type(var: Any) -> Any:
     """``_hotpath.Entry`` bound to ``var`` (OTel's context variable), or None."""
     global _entry, _state
-    if not enabled or var is None:
+    if not enabled or not c_hot_path or var is None:
         return None
     if _state == "unloaded":
         with _lock:

@@ -18,7 +18,7 @@ from typing import Any
 from opentelemetry.sdk.trace import sampling
 from opentelemetry.trace import SpanKind
 
-from . import health, threads
+from . import health, native, threads
 from .config import Settings, load_settings
 from .pipeline import Pipeline
 from .version import __version__
@@ -69,6 +69,8 @@ class Runtime:
     def __init__(self, settings: Settings) -> None:
         global _generation
         self.settings = settings
+        # Before any wrapper or hook is made: which of the two kinds they are.
+        native.c_hot_path = settings.c_hot_path
         _generation += 1
         self.generation = _generation
         self._lazy = _LazyTracer(settings.traces_file)

@@ -729,3 +729,30 @@ def test_a_wrapper_pickles_by_name_and_copies_as_itself(spans, wrapper_path) -> 
 
 def _module_level_api(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     return x * scale
+
+
+def test_the_c_hot_path_can_be_turned_off_for_torch_compile(spans, monkeypatch) -> None:
+    """``OTEL_FLASHINFER_C_HOT_PATH=0``: the wrappers are the Python ones, which
+    torch.compile traces through; spans are the same."""
+    from otel_flashinfer import native
+    from otel_flashinfer import spans as spans_module
+
+    monkeypatch.setenv("OTEL_FLASHINFER_C_HOT_PATH", "0")
+    otel_flashinfer.instrument(level=3, journal_dir="")
+    try:
+        rt = runtime.current()
+        assert rt.settings.c_hot_path is False and native.c_hot_path is False
+        double = spans_module.make_wrapper(lambda x: x * 2, "double", settings=rt.settings,
+                                           runtime=rt)
+        assert type(double).__name__ == "function"
+        compiled = torch.compile(lambda x: double(x) + 1, backend="eager", fullgraph=True)
+        assert torch.equal(compiled(torch.ones(2)), torch.full((2,), 3.0))
+        assert torch.equal(double(torch.ones(2)), torch.full((2,), 2.0))
+        assert otel_flashinfer.flush(10)
+        assert len(spans.by_name("double")) == 1  # the eager call; the compiled one inlined
+    finally:
+        torch._dynamo.reset()
+        otel_flashinfer.uninstrument()
+    monkeypatch.delenv("OTEL_FLASHINFER_C_HOT_PATH")
+    otel_flashinfer.instrument(level=1, journal_dir="")  # the default again: C where built
+    assert native.c_hot_path is True
