@@ -37,6 +37,11 @@ def _is_flashinfer_module(name: str) -> bool:
     return name == "flashinfer" or name.startswith("flashinfer.")
 
 
+#: A ``_Patch`` original for an attribute the container did not have (a subclass that
+#: inherited the method): restoring deletes it.
+_ABSENT = object()
+
+
 class _Patch:
     """One attribute we replaced: put ``original`` back if ``installed`` is still there."""
 
@@ -58,9 +63,18 @@ class _State:
         self.factory = factory
         self.runtime = runtime
         self.by_module: dict[str, list[discovery.EntryPoint]] = {}
+        #: Method entry points left out by the filters: a subclass's name may be in.
+        self.unselected: dict[str, list[discovery.EntryPoint]] = {}
         for entry in entries:
             if selected(entry.api_name, settings.include, settings.exclude):
                 self.by_module.setdefault(entry.module, []).append(entry)
+            elif entry.is_method:
+                self.unselected.setdefault(entry.module, []).append(entry)
+        #: id(class) -> (class, {method: raw value}) of the entry points' own classes, for
+        #: subclasses that inherit them (``_inherited``), also ones imported later.
+        self.classes: dict[int, tuple[type, dict[str, Any]]] = {}
+        #: (id(original), api name) -> wrapper: a subclass's name gets its own.
+        self.named: dict[tuple[int, str], Any] = {}
         self.patches: list[_Patch] = []
         self.patched: set[tuple[int, str]] = set()
         # id(original) -> (original, wrapper); id(wrapper) -> (wrapper, original)
@@ -70,6 +84,11 @@ class _State:
         self.failed_modules: set[str] = set()
         self.active = True
         self.lock = threading.RLock()
+
+    def module_names(self) -> list[str]:
+        """Modules to wrap on import: those with entry points the filters select, and
+        those whose unselected methods a subclass's name may select."""
+        return list(dict.fromkeys([*self.by_module, *self.unselected]))
 
     # -- building and installing ------------------------------------------------------
 
@@ -110,6 +129,16 @@ class _State:
                 except Exception as exc:  # noqa: BLE001 - one odd target must not stop the rest
                     _LOG.debug("otel_flashinfer: cannot wrap %s.%s: %s",
                                entry.module, entry.qualname, exc)
+            for entry in self.unselected.get(name, ()):
+                try:
+                    self._wrap_method(module, entry, selected_here=False)
+                except Exception as exc:  # noqa: BLE001
+                    _LOG.debug("otel_flashinfer: cannot look at %s.%s: %s",
+                               entry.module, entry.qualname, exc)
+            try:
+                self._subclasses_in(module)
+            except Exception as exc:  # noqa: BLE001
+                _LOG.debug("otel_flashinfer: cannot look at %s's classes: %s", name, exc)
 
     def _wrap_function(self, module: ModuleType, entry: discovery.EntryPoint) -> None:
         original = vars(module).get(entry.qualname)
@@ -150,7 +179,8 @@ class _State:
                     self.wrappers[id(rebuilt)] = (rebuilt, value)
                 self.install(container, attr, value, rebuilt)
 
-    def _wrap_method(self, module: ModuleType, entry: discovery.EntryPoint) -> None:
+    def _wrap_method(self, module: ModuleType, entry: discovery.EntryPoint,
+                     selected_here: bool = True) -> None:
         *class_path, method = entry.qualname.split(".")
         cls: Any = module
         for part in class_path:
@@ -159,6 +189,12 @@ class _State:
                 return
         raw = vars(cls).get(method)
         if raw is None:
+            return
+        known = self.classes.setdefault(id(cls), (cls, {}))[1]
+        known.setdefault(method, raw)
+        for sub in _subclasses(cls):
+            self._inherited(sub, method, raw)
+        if not selected_here:
             return
         if isinstance(raw, (staticmethod, classmethod)):
             func = raw.__func__
@@ -173,6 +209,52 @@ class _State:
             return
         self.install(cls, method, raw, installed)
         self._aliases(cls, method, raw, installed)
+
+    def _inherited(self, sub: type, method: str, raw: Any) -> None:
+        """A subclass that inherits an entry point's method: FlashInfer's logger names
+        the call by the object's class (``CUDAGraphBatchDecodeWithPagedKVCacheWrapper.run``,
+        ``BatchAttentionWithAttentionSinkWrapper.run``), so the subclass gets a wrapper of
+        that name, and the filters judge that name.  Excluded there: the original, so
+        its calls are not traced under the base class's name either."""
+        if method in vars(sub):  # its own method (or one we installed already)
+            return
+        for base in sub.__mro__[1:]:
+            if method in vars(base):
+                if base not in self._entry_classes(method) and \
+                        (id(base), method) not in self.patched:
+                    return  # it inherits another class's method, not the entry point's
+                break
+        api = f"{sub.__name__}.{method}"
+        func = raw.__func__ if isinstance(raw, (staticmethod, classmethod)) else raw
+        if not selected(api, self.settings.include, self.settings.exclude):
+            self.install(sub, method, _ABSENT, raw)
+            return
+        key = (id(func), api)
+        wrapper = self.named.get(key)
+        if wrapper is None:
+            if self.runtime is not None:
+                wrapper = self.factory(func, api, settings=self.settings, runtime=self.runtime)
+            else:
+                wrapper = self.factory(func, api, settings=self.settings)
+            self.named[key] = wrapper
+            self.wrappers[id(wrapper)] = (wrapper, func)
+        installed = type(raw)(wrapper) if isinstance(raw, (staticmethod, classmethod)) \
+            else wrapper
+        self.install(sub, method, _ABSENT, installed)
+
+    def _entry_classes(self, method: str) -> list[type]:
+        return [cls for cls, methods in self.classes.values() if method in methods]
+
+    def _subclasses_in(self, module: ModuleType) -> None:
+        """Classes of a module imported after their base was wrapped."""
+        for value in list(vars(module).values()):
+            if not isinstance(value, type) or value.__module__ != module.__name__:
+                continue
+            for base in value.__mro__[1:]:
+                known = self.classes.get(id(base))
+                if known is not None and known[0] is base:
+                    for method, raw in known[1].items():
+                        self._inherited(value, method, raw)
 
     def reexports(self, modules: Iterable[ModuleType]) -> None:
         """Install wrappers where ``modules`` hold a wrapped original under any name."""
@@ -192,7 +274,9 @@ class _State:
             for patch in reversed(self.patches):
                 try:
                     current = vars(patch.container).get(patch.name)
-                    if current is patch.installed:
+                    if current is patch.installed and patch.original is _ABSENT:
+                        delattr(patch.container, patch.name)  # inherited again
+                    elif current is patch.installed:
                         setattr(patch.container, patch.name, patch.original)
                     else:
                         _LOG.debug("otel_flashinfer: %s.%s was replaced by someone else; "
@@ -296,7 +380,7 @@ class FlashInferInstrumentor(BaseInstrumentor):
         _hooks.state = state
         if eager:
             import_all(e for mod in state.by_module.values() for e in mod)
-        for name in list(state.by_module):
+        for name in state.module_names():
             module = sys.modules.get(name)
             if module is not None:
                 state.wrap_module(module)
@@ -305,7 +389,7 @@ class FlashInferInstrumentor(BaseInstrumentor):
             m for n, m in list(sys.modules.items())
             if m is not None and not n.startswith("otel_flashinfer")
         )
-        _hooks.watch(state.by_module)
+        _hooks.watch(state.module_names())
         _install_exit_flush()
 
     def _uninstrument(self, **kwargs: Any) -> None:
@@ -356,6 +440,19 @@ def _install_exit_flush() -> None:
         install_fork_exit_flush()
     except Exception as exc:  # noqa: BLE001
         _LOG.debug("otel_flashinfer: no exit flush for fork children: %s", exc)
+
+
+def _subclasses(cls: type) -> Iterator[type]:
+    """Every subclass of ``cls``, depth first, each once."""
+    seen: set[int] = set()
+    stack = list(type.__subclasses__(cls))
+    while stack:
+        sub = stack.pop()
+        if id(sub) in seen:
+            continue
+        seen.add(id(sub))
+        yield sub
+        stack.extend(type.__subclasses__(sub))
 
 
 def _holders(modules: Iterable[ModuleType], table: dict[int, tuple[Any, Any]]
