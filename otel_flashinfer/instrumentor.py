@@ -75,6 +75,9 @@ class _State:
         self.classes: dict[int, tuple[type, dict[str, Any]]] = {}
         #: (id(original), api name) -> wrapper: a subclass's name gets its own.
         self.named: dict[tuple[int, str], Any] = {}
+        #: (id(class), method) -> the class's other names for it, as they were
+        #: (``_alias_values``): a subclass inherits those too.
+        self.alias_names: dict[tuple[int, str], list[tuple[str, Any]]] = {}
         self.patches: list[_Patch] = []
         self.patched: set[tuple[int, str]] = set()
         # id(original) -> (original, wrapper); id(wrapper) -> (wrapper, original)
@@ -191,9 +194,11 @@ class _State:
         if raw is None:
             return
         known = self.classes.setdefault(id(cls), (cls, {}))[1]
-        known.setdefault(method, raw)
+        if method not in known:
+            known[method] = raw
+            self.alias_names[(id(cls), method)] = _alias_values(cls, method, raw)
         for sub in _subclasses(cls):
-            self._inherited(sub, method, raw)
+            self._inherited_safely(sub, method, raw)
         if not selected_here:
             return
         if isinstance(raw, (staticmethod, classmethod)):
@@ -209,6 +214,14 @@ class _State:
             return
         self.install(cls, method, raw, installed)
         self._aliases(cls, method, raw, installed)
+
+    def _inherited_safely(self, sub: type, method: str, raw: Any) -> None:
+        """``_inherited``; a class that refuses it (a metaclass of its own) is skipped,
+        never the entry point or the other classes."""
+        try:
+            self._inherited(sub, method, raw)
+        except Exception as exc:  # noqa: BLE001
+            _LOG.debug("otel_flashinfer: cannot name %s.%s: %s", sub.__qualname__, method, exc)
 
     def _inherited(self, sub: type, method: str, raw: Any) -> None:
         """A subclass that inherits an entry point's method: FlashInfer's logger names
@@ -226,8 +239,15 @@ class _State:
                 break
         api = f"{sub.__name__}.{method}"
         func = raw.__func__ if isinstance(raw, (staticmethod, classmethod)) else raw
+        entry_cls = next((c for c in sub.__mro__[1:] if method in self.classes.get(
+            id(c), (None, {}))[1]), None)
+        aliases = self.alias_names.get((id(entry_cls), method), ()) if entry_cls else ()
         if not selected(api, self.settings.include, self.settings.exclude):
+            # Its calls (and its aliases') are not traced under the base class's name.
             self.install(sub, method, _ABSENT, raw)
+            for attr, value in aliases:
+                if attr not in vars(sub):
+                    self.install(sub, attr, _ABSENT, value)
             return
         key = (id(func), api)
         wrapper = self.named.get(key)
@@ -241,12 +261,20 @@ class _State:
         installed = type(raw)(wrapper) if isinstance(raw, (staticmethod, classmethod)) \
             else wrapper
         self.install(sub, method, _ABSENT, installed)
+        for attr, value in aliases:  # begin_forward = plan, run_return_lse = ...(run)
+            if attr in vars(sub):
+                continue
+            if value is raw:
+                self.install(sub, attr, _ABSENT, installed)
+            else:
+                self.install(sub, attr, _ABSENT,
+                             type(value)(wrapper, *value.args, **value.keywords))
 
     def _entry_classes(self, method: str) -> list[type]:
         return [cls for cls, methods in self.classes.values() if method in methods]
 
     def _subclasses_in(self, module: ModuleType) -> None:
-        """Classes of a module imported after their base was wrapped."""
+        """FlashInfer's classes of a module imported after their base was wrapped."""
         for value in list(vars(module).values()):
             if not isinstance(value, type) or value.__module__ != module.__name__:
                 continue
@@ -254,7 +282,7 @@ class _State:
                 known = self.classes.get(id(base))
                 if known is not None and known[0] is base:
                     for method, raw in known[1].items():
-                        self._inherited(value, method, raw)
+                        self._inherited_safely(value, method, raw)
 
     def reexports(self, modules: Iterable[ModuleType]) -> None:
         """Install wrappers where ``modules`` hold a wrapped original under any name."""
@@ -443,7 +471,9 @@ def _install_exit_flush() -> None:
 
 
 def _subclasses(cls: type) -> Iterator[type]:
-    """Every subclass of ``cls``, depth first, each once."""
+    """Every subclass of ``cls`` that FlashInfer defines, depth first, each once.  An
+    application's own subclasses keep the base class's wrapper (and name), whenever
+    they are defined: one rule, whatever the import order."""
     seen: set[int] = set()
     stack = list(type.__subclasses__(cls))
     while stack:
@@ -451,8 +481,22 @@ def _subclasses(cls: type) -> Iterator[type]:
         if id(sub) in seen:
             continue
         seen.add(id(sub))
-        yield sub
+        if _is_flashinfer_module(getattr(sub, "__module__", "") or ""):
+            yield sub
         stack.extend(type.__subclasses__(sub))
+
+
+def _alias_values(cls: type, method: str, raw: Any) -> list[tuple[str, Any]]:
+    """(name, value) of ``cls``'s other names for ``method``: the same object, or a
+    ``functools.partialmethod`` of its function (``_aliases``)."""
+    func = raw.__func__ if isinstance(raw, (staticmethod, classmethod)) else raw
+    out = []
+    for attr, value in vars(cls).items():
+        if attr == method:
+            continue
+        if value is raw or (isinstance(value, functools.partialmethod) and value.func is func):
+            out.append((attr, value))
+    return out
 
 
 def _holders(modules: Iterable[ModuleType], table: dict[int, tuple[Any, Any]]

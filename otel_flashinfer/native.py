@@ -174,7 +174,9 @@ def switch_type() -> Any:
 def replay_gate_types() -> tuple[Any, ...] | None:
     """``(_hotpath.ReplayGate, _hotpath.GraphSkip)``: CUDA graph replays the sampler
     says are untraced skip ``graphs``' Python replay; None when the C hot path is off
-    or missing (every replay then runs the Python one)."""
+    (``enabled``) or missing (every replay then runs the Python one).
+    ``OTEL_FLASHINFER_C_HOT_PATH=0`` keeps it: it stands before torch's replay, which
+    ``torch.compile`` does not trace, not before a FlashInfer function."""
     if "CLOCK_MONOTONIC" not in time.get_clock_info("perf_counter").implementation:
         return None  # the gate compares CLOCK_MONOTONIC with the sampler's perf_counter
     found = _hotpath_types("ReplayGate", "GraphSkip")

@@ -182,20 +182,58 @@ def test_a_subclass_inheriting_an_entry_point_is_named_by_its_own_class(entries)
     finally:
         inst.uninstrument()
     assert "run" not in vars(sub) and vars(base)["run"] is raw and "run" not in vars(sink)
+    for name in ("begin_forward", "run_return_lse"):  # its aliases: inherited again
+        assert name not in vars(sub)
     inst = _instrument(level=1, include=("CUDAGraph*",))
     try:
         assert vars(sub)["run"]._otel_flashinfer_api == \
             "CUDAGraphBatchDecodeWithPagedKVCacheWrapper.run"
         assert vars(base)["run"] is raw  # the base class's own name is not included
+        # the aliases it inherits come with its name
+        assert vars(sub)["begin_forward"] is vars(sub)["plan"]
+        assert vars(sub)["plan"]._otel_flashinfer_api == \
+            "CUDAGraphBatchDecodeWithPagedKVCacheWrapper.plan"
+        assert vars(sub)["run_return_lse"].func is vars(sub)["run"]
     finally:
         inst.uninstrument()
     inst = _instrument(level=1, exclude=("CUDAGraph*",))
     try:
         assert vars(sub)["run"] is raw  # not traced under the base class's name either
+        assert vars(sub)["run_return_lse"].func is raw
+        assert not hasattr(vars(sub)["begin_forward"], "_otel_flashinfer_api")
         assert vars(base)["run"]._otel_flashinfer_api == "BatchDecodeWithPagedKVCacheWrapper.run"
     finally:
         inst.uninstrument()
     assert "run" not in vars(sub)
+
+
+def test_an_applications_subclass_keeps_the_base_classs_wrapper(entries) -> None:  # noqa: ANN001
+    """Only FlashInfer's own subclasses are named by their class: an application's
+    subclass is traced under the base class's name whenever it is defined (before, its
+    name depended on whether it existed when instrument() ran), and one that refuses
+    attributes does not stop the base class from being wrapped."""
+    base = flashinfer.BatchDecodeWithPagedKVCacheWrapper
+
+    class Frozen(type):
+        def __setattr__(cls, name, value):  # noqa: ANN001, ANN204, N805
+            raise AttributeError("frozen")
+
+    class Early(base):
+        pass
+
+    class Refusing(base, metaclass=Frozen):
+        pass
+
+    inst = _instrument(level=1)
+    try:
+        class Late(base):
+            pass
+
+        for cls in (Early, Late, Refusing):
+            assert "run" not in vars(cls)
+            assert cls.run._otel_flashinfer_api == "BatchDecodeWithPagedKVCacheWrapper.run"
+    finally:
+        inst.uninstrument()
 
 
 def test_level_0_installs_nothing(entries) -> None:  # noqa: ANN001
