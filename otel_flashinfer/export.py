@@ -52,7 +52,8 @@ from .graph_sampling import CostEstimate
 DEFAULT_BATCH = 512
 #: Seconds a batch waits for more spans (OTEL_BSP_SCHEDULE_DELAY's default).
 DEFAULT_DELAY_S = 5.0
-#: Encoded spans waiting to be sent (a BatchSpanProcessor's max_queue_size sets it).
+#: Encoded spans waiting to be sent (a BatchSpanProcessor's max_queue_size sets it;
+#: OTEL_BSP_MAX_QUEUE_SIZE's default).
 DEFAULT_OUTBOX_SPANS = 2048
 #: A send running longer than this is a receiver down or retrying, not a busy one: the
 #: worker stops holding records back for it and the outbox drops its oldest (counted).

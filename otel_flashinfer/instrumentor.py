@@ -70,14 +70,12 @@ class _State:
                 self.by_module.setdefault(entry.module, []).append(entry)
             elif entry.is_method:
                 self.unselected.setdefault(entry.module, []).append(entry)
-        #: id(class) -> (class, {method: raw value}) of the entry points' own classes, for
-        #: subclasses that inherit them (``_inherited``), also ones imported later.
-        self.classes: dict[int, tuple[type, dict[str, Any]]] = {}
+        #: id(class) -> (class, {method: (raw value, its aliases as they were)}) of the
+        #: entry points' own classes, for the subclasses that inherit them
+        #: (``_inherited``), also ones imported later.
+        self.classes: dict[int, tuple[type, dict[str, tuple[Any, list]]]] = {}
         #: (id(original), api name) -> wrapper: a subclass's name gets its own.
         self.named: dict[tuple[int, str], Any] = {}
-        #: (id(class), method) -> the class's other names for it, as they were
-        #: (``_alias_values``): a subclass inherits those too.
-        self.alias_names: dict[tuple[int, str], list[tuple[str, Any]]] = {}
         self.patches: list[_Patch] = []
         self.patched: set[tuple[int, str]] = set()
         # id(original) -> (original, wrapper); id(wrapper) -> (wrapper, original)
@@ -99,13 +97,17 @@ class _State:
         known = self.originals.get(id(original))
         if known is not None and known[0] is original:
             return known[1]
-        if self.runtime is not None:
-            wrapper = self.factory(original, api_name, settings=self.settings,
-                                   runtime=self.runtime)
-        else:
-            wrapper = self.factory(original, api_name, settings=self.settings)
+        wrapper = self._make(original, api_name)
         self.originals[id(original)] = (original, wrapper)
-        self.wrappers[id(wrapper)] = (wrapper, original)
+        return wrapper
+
+    def _make(self, func: Any, api_name: str) -> Any:
+        """A new wrapper of ``func`` named ``api_name``, known as a wrapper."""
+        if self.runtime is not None:
+            wrapper = self.factory(func, api_name, settings=self.settings, runtime=self.runtime)
+        else:
+            wrapper = self.factory(func, api_name, settings=self.settings)
+        self.wrappers[id(wrapper)] = (wrapper, func)
         return wrapper
 
     def install(self, container: Any, name: str, original: Any, installed: Any) -> None:
@@ -158,29 +160,20 @@ class _State:
         ``single_prefill_with_kv_cache_return_lse = partial(...)``).  They held the
         unwrapped function, so their calls made no span (FlashInfer's logger sees them:
         they call the decorated function)."""
-        target = original.__func__ if isinstance(original, (staticmethod, classmethod)) \
-            else original
-        wrapped = installed.__func__ if isinstance(installed, (staticmethod, classmethod)) \
-            else installed
-        for attr, value in list(vars(container).items()):
-            if attr == name:
-                continue
+        for attr, value in _alias_values(container, name, original):
             if value is original:
                 self.install(container, attr, value, installed)
-            elif isinstance(value, (functools.partial, functools.partialmethod)) and \
-                    value.func is target:
-                known = self.originals.get(id(value))
-                if known is not None and known[0] is value:
-                    rebuilt = known[1]
-                else:
-                    rebuilt = type(value)(wrapped, *value.args, **value.keywords)
-                    if isinstance(value, functools.partial):
-                        rebuilt.__dict__.update(vars(value))  # its __doc__, as FlashInfer sets
-                    # Known both ways, as a wrapper is: re-exports (``flashinfer``'s own
-                    # import of it) get it too, and ``restore`` gives each its own back.
-                    self.originals[id(value)] = (value, rebuilt)
-                    self.wrappers[id(rebuilt)] = (rebuilt, value)
-                self.install(container, attr, value, rebuilt)
+                continue
+            known = self.originals.get(id(value))
+            if known is not None and known[0] is value:
+                rebuilt = known[1]
+            else:
+                rebuilt = _rebuilt(value, _func(installed))
+                # Known both ways, as a wrapper is: re-exports (``flashinfer``'s own
+                # import of it) get it too, and ``restore`` gives each its own back.
+                self.originals[id(value)] = (value, rebuilt)
+                self.wrappers[id(rebuilt)] = (rebuilt, value)
+            self.install(container, attr, value, rebuilt)
 
     def _wrap_method(self, module: ModuleType, entry: discovery.EntryPoint,
                      selected_here: bool = True) -> None:
@@ -194,9 +187,8 @@ class _State:
         if raw is None:
             return
         known = self.classes.setdefault(id(cls), (cls, {}))[1]
-        if method not in known:
-            known[method] = raw
-            self.alias_names[(id(cls), method)] = _alias_values(cls, method, raw)
+        if method not in known:  # its aliases as they are before any is wrapped
+            known[method] = (raw, _alias_values(cls, method, raw))
         for sub in _subclasses(cls):
             self._inherited_safely(sub, method, raw)
         if not selected_here:
@@ -231,17 +223,19 @@ class _State:
         its calls are not traced under the base class's name either."""
         if method in vars(sub):  # its own method (or one we installed already)
             return
-        for base in sub.__mro__[1:]:
-            if method in vars(base):
-                if base not in self._entry_classes(method) and \
-                        (id(base), method) not in self.patched:
-                    return  # it inherits another class's method, not the entry point's
-                break
+        owner = next((b for b in sub.__mro__[1:] if method in vars(b)), None)
+        entry = self._entry_method(owner, method) if owner is not None else None
+        if entry is None:
+            if owner is None or (id(owner), method) not in self.patched:
+                return  # it inherits another class's method, not the entry point's
+            # a FlashInfer subclass we named already: the entry point is further up
+            entry = next(filter(None, (self._entry_method(b, method)
+                                       for b in owner.__mro__[1:])), None)
+            if entry is None:
+                return
+        aliases = entry[1]
         api = f"{sub.__name__}.{method}"
-        func = raw.__func__ if isinstance(raw, (staticmethod, classmethod)) else raw
-        entry_cls = next((c for c in sub.__mro__[1:] if method in self.classes.get(
-            id(c), (None, {}))[1]), None)
-        aliases = self.alias_names.get((id(entry_cls), method), ()) if entry_cls else ()
+        func = _func(raw)
         if not selected(api, self.settings.include, self.settings.exclude):
             # Its calls (and its aliases') are not traced under the base class's name.
             self.install(sub, method, _ABSENT, raw)
@@ -249,29 +243,22 @@ class _State:
                 if attr not in vars(sub):
                     self.install(sub, attr, _ABSENT, value)
             return
-        key = (id(func), api)
-        wrapper = self.named.get(key)
+        wrapper = self.named.get((id(func), api))
         if wrapper is None:
-            if self.runtime is not None:
-                wrapper = self.factory(func, api, settings=self.settings, runtime=self.runtime)
-            else:
-                wrapper = self.factory(func, api, settings=self.settings)
-            self.named[key] = wrapper
-            self.wrappers[id(wrapper)] = (wrapper, func)
+            wrapper = self.named[(id(func), api)] = self._make(func, api)
         installed = type(raw)(wrapper) if isinstance(raw, (staticmethod, classmethod)) \
             else wrapper
         self.install(sub, method, _ABSENT, installed)
         for attr, value in aliases:  # begin_forward = plan, run_return_lse = ...(run)
-            if attr in vars(sub):
-                continue
-            if value is raw:
-                self.install(sub, attr, _ABSENT, installed)
-            else:
+            if attr not in vars(sub):
                 self.install(sub, attr, _ABSENT,
-                             type(value)(wrapper, *value.args, **value.keywords))
+                             installed if value is raw else _rebuilt(value, wrapper))
 
-    def _entry_classes(self, method: str) -> list[type]:
-        return [cls for cls, methods in self.classes.values() if method in methods]
+    def _entry_method(self, cls: type, method: str) -> tuple[Any, list] | None:
+        """(raw value, aliases) where ``cls`` is an entry point's own class for
+        ``method``, else None."""
+        known = self.classes.get(id(cls))
+        return known[1].get(method) if known is not None and known[0] is cls else None
 
     def _subclasses_in(self, module: ModuleType) -> None:
         """FlashInfer's classes of a module imported after their base was wrapped."""
@@ -281,7 +268,7 @@ class _State:
             for base in value.__mro__[1:]:
                 known = self.classes.get(id(base))
                 if known is not None and known[0] is base:
-                    for method, raw in known[1].items():
+                    for method, (raw, _) in known[1].items():
                         self._inherited_safely(value, method, raw)
 
     def reexports(self, modules: Iterable[ModuleType]) -> None:
@@ -486,17 +473,29 @@ def _subclasses(cls: type) -> Iterator[type]:
         stack.extend(type.__subclasses__(sub))
 
 
-def _alias_values(cls: type, method: str, raw: Any) -> list[tuple[str, Any]]:
-    """(name, value) of ``cls``'s other names for ``method``: the same object, or a
-    ``functools.partialmethod`` of its function (``_aliases``)."""
-    func = raw.__func__ if isinstance(raw, (staticmethod, classmethod)) else raw
-    out = []
-    for attr, value in vars(cls).items():
-        if attr == method:
-            continue
-        if value is raw or (isinstance(value, functools.partialmethod) and value.func is func):
-            out.append((attr, value))
-    return out
+def _func(value: Any) -> Any:
+    """The function inside a static or class method, else ``value``."""
+    return value.__func__ if isinstance(value, (staticmethod, classmethod)) else value
+
+
+def _alias_values(container: Any, name: str, original: Any) -> list[tuple[str, Any]]:
+    """(name, value) of ``container``'s (a module's or class's) other names for
+    ``original``: the same object, or a ``functools.partial`` / ``partialmethod`` of its
+    function (``_aliases``)."""
+    func = _func(original)
+    return [(attr, value) for attr, value in list(vars(container).items())
+            if attr != name and (value is original or (
+                isinstance(value, (functools.partial, functools.partialmethod))
+                and value.func is func))]
+
+
+def _rebuilt(alias: Any, wrapper: Any) -> Any:
+    """A partial / partialmethod alias made again around ``wrapper``, with the same
+    arguments (and a partial's ``__doc__``, which FlashInfer sets)."""
+    rebuilt = type(alias)(wrapper, *alias.args, **alias.keywords)
+    if isinstance(alias, functools.partial):
+        rebuilt.__dict__.update(vars(alias))
+    return rebuilt
 
 
 def _holders(modules: Iterable[ModuleType], table: dict[int, tuple[Any, Any]]

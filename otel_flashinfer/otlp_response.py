@@ -43,14 +43,9 @@ def note_body(body: bytes, content_type: str | None) -> None:
     if not body or (content_type and "protobuf" not in content_type.lower()):
         return
     try:
-        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-            ExportTraceServiceResponse,
-        )
-
-        response = ExportTraceServiceResponse.FromString(body)
+        deserialize(body)
     except Exception:  # noqa: BLE001 - not a response we can read: nothing to count
         return
-    note(response)
 
 
 class PartialWatch:

@@ -901,30 +901,29 @@ class Pipeline:
             try:
                 # Pending GPU work is polled with CUDA queries, which would invalidate a
                 # graph capture open on another thread: wait for the next tick instead.
-                try:
-                    with capture_guard.gpu_queries() as allowed:
-                        if allowed:
-                            self._local.later = later
-                            try:
-                                self._drain_now(cpu)
-                            finally:
-                                self._local.later = None
-                        else:
-                            self._held_back = self._more = False  # the next tick
-                finally:
-                    # The SDK path's processors after the section (also if the drain
-                    # failed: these were counted as handed on): a SimpleSpanProcessor
-                    # exports right there, and a capture starting on another thread
-                    # waits for the section (up to capture_guard's 5 s, receiver hung).
-                    for tracer, record in later:
-                        try:
-                            self._hand_on(tracer, record)
-                        except Exception as exc:  # noqa: BLE001 - the others still go out
-                            health.report("export_errors", "could not export a span", exc)
+                with capture_guard.gpu_queries() as allowed:
+                    if allowed:
+                        self._local.later = later
+                        self._drain_now(cpu)
+                    else:
+                        self._held_back = self._more = False  # the next tick, not a spin
             finally:
+                self._local.later = None
+                # The SDK path's processors after the section (also if the drain failed:
+                # these were counted as handed on): a SimpleSpanProcessor exports right
+                # there, and a capture starting on another thread waits for the section
+                # (up to capture_guard's 5 s with a receiver hung).
+                self._hand_on_all(later)
                 with self._idle:
                     self._busy -= 1
                     self._idle.notify_all()
+
+    def _hand_on_all(self, later: list[tuple[Any, CallRecord]]) -> None:
+        for tracer, record in later:
+            try:
+                self._hand_on(tracer, record)
+            except Exception as exc:  # noqa: BLE001 - the others still go out
+                health.report("export_errors", "could not export a span", exc)
 
     def _plan_again_if_changed(self) -> bool:
         """A processor was added to the provider: plan its spans' way out again.  Outside
@@ -940,8 +939,7 @@ class Pipeline:
         return False
 
     def _drain_now(self, cpu: float | None = None) -> None:
-        with self._idle:
-            self._busy += 1
+        """One drain inside the GPU-query section; ``_drain`` holds the busy count."""
         if cpu is None:
             cpu = time.thread_time()
         self._held_back = self._more = False
@@ -1040,9 +1038,6 @@ class Pipeline:
                     self._replay_cost.add((spent + beside) / spans)
             else:  # a pass that handed on nothing: its CPU goes with the next spans
                 self._carried_cpu_s = beside + spent
-            with self._idle:
-                self._busy -= 1
-                self._idle.notify_all()
 
     def _sender_since_last(self) -> float:
         """The CPU the native sender ran since the last call (its ``cpu_s``): 0.0 the

@@ -146,6 +146,8 @@ def check_bsp_env(environ: Mapping[str, str]) -> None:
         least = 0 if var == "OTEL_BSP_EXPORT_TIMEOUT" else 1
         if values[var] < least:
             raise ConfigError(f"{var}={raw!r}: must be a whole number >= {least}")
+    # The SDK's defaults (export.DEFAULT_BATCH, DEFAULT_OUTBOX_SPANS: that module
+    # reaches this one, so not imported from there).
     batch = values.get("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)
     queue = values.get("OTEL_BSP_MAX_QUEUE_SIZE", 2048)
     if batch > queue:

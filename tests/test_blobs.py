@@ -1657,6 +1657,6 @@ def test_stored_pages_are_trusted_for_a_while_only(monkeypatch):
     memo.clear()  # as after a failed write
     assert memo.lookup([(1, 2, 0)]) == [None]
     memo.put((1, 2, 0), "objects/aa")
-    monkeypatch.setattr(fingerprint, "TRUST_S", 0.0)
+    monkeypatch.setattr(store_mod, "KNOWN_FOR_S", 0.0)
     time.sleep(0.001)
     assert memo.lookup([(1, 2, 0)]) == [None]

@@ -424,8 +424,8 @@ class BlobRecorder:
                 # The calls in flight are over only if the process ends: an application
                 # whose own handler returns (a graceful stop: a flag set) goes on, and
                 # those calls complete with their outputs.
+                rec = ref()
                 if callable(previous):
-                    rec = ref()
                     if rec is not None:
                         # What is done goes out first: a handler may end the process
                         # without raising (os._exit).
@@ -433,7 +433,6 @@ class BlobRecorder:
                     try:
                         previous(signum, frame)
                     except BaseException:  # sys.exit() and the like: ending now
-                        rec = ref()
                         if rec is not None:
                             rec._finish_inflight("crashed")
                             rec.flush(timeout_s=10.0)
@@ -441,8 +440,7 @@ class BlobRecorder:
                     return
                 if previous == signal.SIG_IGN:
                     return
-                rec = ref()  # SIG_DFL (or unknown): the process ends
-                if rec is not None:
+                if rec is not None:  # SIG_DFL (or unknown): the process ends
                     rec._finish_inflight("crashed")
                     rec.flush(timeout_s=10.0)
                     rec.store.close()  # no atexit after this: the lease goes back now

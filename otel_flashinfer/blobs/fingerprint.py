@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from . import store
+
 LANES = 2
 #: Fingerprints remembered per recorder (least recently used go first).
 MEMO_ENTRIES = 1 << 16
@@ -92,10 +94,6 @@ def gather_fused(module: Any, cache: torch.Tensor, indices: torch.Tensor,
     return pages, meta
 
 
-#: Seconds a stored page is trusted without the store being asked again (``PageMemo``).
-TRUST_S = 60.0
-
-
 class PageMemo:
     """Fingerprint -> the stored object of a page with those bytes, bounded (LRU); shared
     by the writer threads.  A key is ``(lane 0, lane 1, kind)``: ``kind`` numbers what
@@ -123,12 +121,12 @@ class PageMemo:
 
     def lookup(self, keys: list[tuple]) -> list[Any]:
         """What each key's page was stored as, or None (one lock for a call's pages).
-        Trusted for ``TRUST_S`` from when the memo was last emptied: a store can lose
-        objects (a retention rule, a bucket made again), and a manifest must not cite a
-        page it no longer holds."""
+        Trusted for the store's ``KNOWN_FOR_S`` from when the memo was last emptied, as
+        whole objects are: a store can lose objects (a retention rule, a bucket made
+        again), and a manifest must not cite a page it no longer holds."""
         memo = self._memo
         with self._lock:  # the loops run in C: a call has hundreds of pages
-            if time.monotonic() - self._born > TRUST_S:
+            if time.monotonic() - self._born > store.KNOWN_FOR_S:
                 memo.clear()
                 self._born = time.monotonic()
             out = list(map(memo.get, keys))

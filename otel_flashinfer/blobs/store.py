@@ -76,9 +76,10 @@ _LEASE_SHARE = 64
 #: it) before its payload is skipped as ``budget_busy``.
 _CALLER_WAIT_S = 0.002
 BUSY = "budget_busy"
-#: Object keys a store remembers as written before it forgets them all (``_remember``).
-#: How long an object seen stored is trusted without looking again (``_knows``).
+#: How long an object seen stored is trusted without looking again (``_knows``); a
+#: stored KV-cache page too (``fingerprint.PageMemo``).
 KNOWN_FOR_S = 60.0
+#: Object keys a store remembers as written before it forgets them all (``_remember``).
 _KNOWN_MAX = 1 << 16
 #: After a call found the file held, the calls in the next this many seconds skip as
 #: ``BUSY`` without trying (they would each wait ``_CALLER_WAIT_S`` behind ``_lock``).
@@ -91,15 +92,18 @@ class StoreError(RuntimeError):
     """The store cannot be used (names the URL)."""
 
 
+def _protocol(fs: Any) -> str:
+    """A filesystem's protocol (the first of its names)."""
+    return fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+
+
 def _in_process(fs: Any) -> bool:
     """A filesystem whose files live in this process's memory (``memory://``)."""
-    protocol = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    return "memory" in protocol
+    return _protocol(fs) == "memory"
 
 
 def _is_local(fs: Any) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol in ("file", "local")
+    return _protocol(fs) in ("file", "local")
 
 
 def _over(count: int, nbytes: int, d_count: int, d_bytes: int, max_count: int,
