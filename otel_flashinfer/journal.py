@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import atexit
 import errno
+import fcntl
 import itertools
 import json
 import logging
@@ -53,6 +54,21 @@ _M64 = (1 << 64) - 1
 
 
 # ---- process identity -------------------------------------------------------------------
+
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+def _try_lock(fd: int, shared: bool = False) -> bool | None:
+    """``flock`` without waiting: True if we now hold it, False if another open file
+    holds it (its process runs), None where the file system has no such locks."""
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:  # ENOLCK, EOPNOTSUPP, EINVAL: a file system without flock
+        return None
+    return True
+
 
 def process_start_ticks(pid: int | str = "self") -> int | None:
     """Field 22 of ``/proc/<pid>/stat`` (start time in clock ticks since boot): with the
@@ -136,6 +152,7 @@ class Journal:
         self._reset_slots()
         self.path = ""
         self.blob_url = ""
+        self._lock_fd = -1
         self._open_file()
 
     def _open_file(self) -> None:
@@ -150,7 +167,8 @@ class Journal:
         path = os.path.join(self.directory, journal_name(host, pid, start_ticks))
         tmp = os.path.join(self.directory, f".tmp-{pid}-{time.time_ns()}")
         size = fmt.file_size(self.slot_count, self.slot_size)
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | _CLOEXEC, 0o600)
+        locked = False
         try:
             os.ftruncate(fd, size)
             # The disk blocks now: a full disk is an error here, not a SIGBUS at the first
@@ -161,15 +179,22 @@ class Journal:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
                     raise
             mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            # Held until the process ends (the kernel drops it even on SIGKILL), and
+            # taken before the file has its name: "locked" means "its writer runs".
+            locked = _try_lock(fd) is True
             fmt.pack_header(mm, slot_count=self.slot_count, slot_size=self.slot_size,
                             pid=pid, start_ticks=start_ticks,
-                            created_ns=time.time_ns(), boot_id=boot_id(), hostname=host)
+                            created_ns=time.time_ns(), boot_id=boot_id(), hostname=host,
+                            flags=fmt.HEADER_LOCKED if locked else 0)
             os.rename(tmp, path)
         except BaseException:
             os.unlink(tmp)
-            raise
-        finally:
             os.close(fd)
+            raise
+        if not locked:
+            os.close(fd)
+            fd = -1
+        self._lock_fd = fd
         self.pid, self.start_ticks = pid, start_ticks
         self._reset_slots()
         # Tokens carry the mapping's epoch, so a call begun before a fork cannot end a
@@ -295,22 +320,44 @@ class Journal:
                     os.unlink(path)
                 except FileNotFoundError:
                     pass
+        # After the unlink: a recoverer that finds the lock free finds no file either.
+        self._close_lock()
         if mm is not None:
             try:
                 mm.close()
             except (BufferError, ValueError):
                 pass
 
+    def _close_lock(self) -> None:
+        """Close the file's lock descriptor; the lock goes with the last descriptor
+        of its open file, so a forked child closing its copy leaves the parent's."""
+        fd, self._lock_fd = self._lock_fd, -1
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
     def _after_fork_in_child(self) -> None:
         """The parent's mapping is shared with us: stop writing to it and start a
         journal of our own (the parent still owns its file and its live calls)."""
-        self._mm = None  # inherited mapping: leave it to the parent, never write it
+        inherited, self._mm = self._mm, None  # the parent's: never written here
+        # Never flock(LOCK_UN) here: that would unlock the parent's file too.
+        self._close_lock()
         try:
             self._open_file()
         except Exception as exc:  # noqa: BLE001
             self._buf = bytearray(fmt.file_size(self.slot_count, self.slot_size))
             self._reset_slots()
             health.report("journal_errors", "could not open a crash journal after fork", exc)
+        # Our copy of the mapping (and the descriptor mmap keeps with it) also holds the
+        # parent's open file, hence its lock: a parent killed now must look dead.
+        # Closed only after a new buffer is published (the C hot path caches it).
+        if inherited is not None:
+            try:
+                inherited.close()
+            except (BufferError, ValueError, OSError):
+                pass
 
 
 _pack_body = fmt.BODY.pack_into
@@ -386,11 +433,6 @@ def _claim_owner_alive(name: str) -> bool:
     return process_alive(int(pid_text), int(ticks_text) if ticks_text.isdigit() else 0)
 
 
-def _read(path: str) -> bytes:
-    with open(path, "rb") as handle:
-        return handle.read()
-
-
 def _move_corrupt(path: str, base: str, reason: str) -> None:
     target = base + CORRUPT
     try:
@@ -431,35 +473,103 @@ def notes_to_records(notes: list[fmt.SlotNote], header: fmt.Header) -> list[Call
     return records
 
 
-def _recover_one(path: str, name: str, me: _Me, submit: Callable[[CallRecord], None],
-                 exclude_pid: int | None, all_hosts: bool) -> list[CallRecord] | None:
-    """Recover one journal file; None when it is not ours to take (live, foreign,
-    claimed by another recoverer)."""
+class Claim:
+    """A journal this recoverer has taken: renamed to ``.recovering.<pid>-<ticks>`` and
+    locked, its calls read as ``records``.  ``finish`` deletes it once its spans are
+    out, or gives it back for a later recovery when they could not be sent."""
+
+    def __init__(self, fd: int, path: str, base: str, records: list[CallRecord],
+                 bad: list[str]) -> None:
+        self.fd, self.path, self.base, self.records, self.bad = fd, path, base, records, bad
+
+    def finish(self, exported: bool = True) -> None:
+        if not self.path:
+            return
+        try:
+            if not exported:
+                os.rename(self.path, self.base)  # the next recoverer finds it as it was
+            elif self.bad:
+                # The readable slots went out; the file is kept aside for a look at the rest.
+                health.count("journal_bad_slots", len(self.bad))
+                _move_corrupt(self.path, self.base,
+                              f"{len(self.bad)} unreadable part(s), first: {self.bad[0]}; "
+                              f"{len(self.records)} span(s) recovered from the rest")
+            else:
+                os.unlink(self.path)
+            if exported:
+                try:
+                    os.unlink(self.base + BLOBS)
+                except FileNotFoundError:
+                    pass
+        finally:
+            if self.fd >= 0:
+                os.close(self.fd)  # releases the lock: after the file is gone or back
+                self.fd = -1
+
+
+def _writer_alive(header: fmt.Header, lock: bool | None, me: _Me) -> bool:
+    """Whether the process that wrote a journal of this host still runs.  A writer that
+    locks its file (``HEADER_LOCKED``) is judged by the lock alone on this kernel (the
+    lock was free, or we would not be here): its pid may be another PID namespace's."""
+    if header.flags & fmt.HEADER_LOCKED and lock is True and header.boot_id == me.boot:
+        return False
+    return header.boot_id == me.boot and process_alive(header.pid, header.start_ticks)
+
+
+def _claim_one(path: str, name: str, me: _Me, exclude_pid: int | None,
+               all_hosts: bool) -> Claim | None:
+    """Take one journal file; None when it is not ours to take (live, foreign,
+    claimed by a recoverer that runs)."""
     directory = os.path.dirname(path)
     stale_claim = CLAIM in name
     base = os.path.join(directory, name.split(CLAIM, 1)[0])
     from_name = parse_journal_name(os.path.basename(base))
+    try:
+        fd, head, size = _open_regular(path)
+    except FileNotFoundError:
+        return None
+    except (OSError, fmt.JournalCorrupt):  # a FIFO, a symlink: never ours to read
+        health.count("journal_not_a_file")
+        return None
+    # Held by its writer or by another recoverer, in any PID namespace of this kernel.
+    lock = _try_lock(fd)
+    if lock is False:
+        os.close(fd)
+        return None
+    try:
+        claim = _claim_locked(fd, path, head, size, stale_claim, name, base, from_name, me,
+                              exclude_pid, all_hosts, lock)
+    except BaseException:
+        os.close(fd)
+        raise
+    if claim is None or claim.fd < 0:
+        os.close(fd)
+    return claim
+
+
+def _moved(base: str) -> Claim:
+    """A journal moved aside as corrupt: taken, with nothing to send or finish."""
+    return Claim(-1, "", base, [], [])
+
+
+def _claim_locked(fd: int, path: str, head: bytes, size: int, stale_claim: bool,
+                  name: str, base: str, from_name: tuple[str, int, int] | None, me: _Me,
+                  exclude_pid: int | None, all_hosts: bool,
+                  lock: bool | None) -> Claim | None:
+    """``_claim_one`` for a file whose lock we now hold (``lock`` True) or whose file
+    system has none (None)."""
     if stale_claim:
+        # Free lock: its recoverer is gone, unless it is an older one that did not lock.
         if _claim_owner_alive(name):
             return None
     else:
         try:
-            head, size = _read_head(path)
-        except FileNotFoundError:
-            return None
-        except (OSError, fmt.JournalCorrupt):  # a FIFO, a symlink: never ours to read
-            health.count("journal_not_a_file")
-            return None
-        try:
             header = fmt.parse_header(head, size, allow_short=True)
-            host, pid, ticks, boot = header.hostname, header.pid, header.start_ticks, \
-                header.boot_id
         except fmt.JournalCorrupt as exc:
             if from_name is None:
                 _move_corrupt(path, base, str(exc))
-                return []
+                return _moved(base)
             host, pid, ticks = from_name
-            boot = me.boot
             if host != me.host and not all_hosts:
                 # Another machine's (or another version's) file: not ours to judge.
                 health.count("journal_foreign_host")
@@ -467,13 +577,14 @@ def _recover_one(path: str, name: str, me: _Me, submit: Callable[[CallRecord], N
             if host == me.host and process_alive(pid, ticks):
                 return None  # a live process's file, whatever it looks like
             _move_corrupt(path, base, str(exc))
-            return []
+            return _moved(base)
+        pid, ticks = header.pid, header.start_ticks
         if pid == exclude_pid and (pid != me.pid or ticks == me.ticks):
             return None
-        if host != me.host and not all_hosts:
+        if header.hostname != me.host and not all_hosts:
             health.count("journal_foreign_host")
             return None
-        if host == me.host and boot == me.boot and process_alive(pid, ticks):
+        if header.hostname == me.host and _writer_alive(header, lock, me):
             return None
     claimed = f"{base}{CLAIM}{me.pid}-{me.ticks}"
     try:
@@ -482,12 +593,12 @@ def _recover_one(path: str, name: str, me: _Me, submit: Callable[[CallRecord], N
         return None  # another recoverer won
     bad: list[str] = []
     try:
-        data = _read(claimed)
+        data = _read_fd(fd)
         header = fmt.parse_header(data, allow_short=True)
         notes = list(fmt.iter_live(data, header, bad))
     except fmt.JournalCorrupt as exc:
         _move_corrupt(claimed, base, str(exc))
-        return []
+        return _moved(base)
     records = notes_to_records(notes, header)
     blob_url = _read_sidecar(base + BLOBS)
     if blob_url and records:
@@ -496,20 +607,7 @@ def _recover_one(path: str, name: str, me: _Me, submit: Callable[[CallRecord], N
         except Exception as exc:  # noqa: BLE001 - the spans still go out
             health.report("journal_errors", f"could not complete the crash-safe manifests "
                           f"in {blob_url}", exc)
-    for record in records:
-        submit(record)
-    if bad:
-        # The readable slots went out; the file is kept aside for a look at the rest.
-        health.count("journal_bad_slots", len(bad))
-        _move_corrupt(claimed, base, f"{len(bad)} unreadable part(s), first: {bad[0]}; "
-                      f"{len(records)} span(s) recovered from the rest")
-    else:
-        os.unlink(claimed)
-    try:
-        os.unlink(base + BLOBS)
-    except FileNotFoundError:
-        pass
-    return records
+    return Claim(fd, claimed, base, records, bad)
 
 
 # ---- CRASH_SAFE level 10: completing the manifests of crashed calls ----------------------
@@ -586,18 +684,32 @@ def complete_blob_manifests(records: list[CallRecord], blob_url: str, pid: int) 
     return found
 
 
-def _read_head(path: str) -> tuple[bytes, int]:
-    """The header bytes and the file's size (enough to check for truncation); a name
-    that is not a regular file (a FIFO, a device, a symlink) is refused without
-    opening it for reading, which would block on a FIFO."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+def _open_regular(path: str) -> tuple[int, bytes, int]:
+    """An open descriptor, the header bytes and the file's size (enough to check for
+    truncation); a name that is not a regular file (a FIFO, a device, a symlink) is
+    refused without reading it, which would block on a FIFO."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | _CLOEXEC | getattr(os, "O_NOFOLLOW", 0))
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise fmt.JournalCorrupt("not a regular file")
-        return os.read(fd, fmt.HEADER_SIZE), info.st_size
-    finally:
+        return fd, os.pread(fd, fmt.HEADER_SIZE, 0), info.st_size
+    except BaseException:
         os.close(fd)
+        raise
+
+
+def _read_fd(fd: int) -> bytes:
+    """The whole file behind ``fd`` (the one we locked, whatever its name is now)."""
+    size = os.fstat(fd).st_size
+    chunks, offset = [], 0
+    while offset < size:
+        chunk = os.pread(fd, min(size - offset, 1 << 24), offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
 
 
 def _remove_stale_tmp(path: str) -> None:
@@ -612,17 +724,23 @@ def _remove_stale_tmp(path: str) -> None:
         pass
 
 
-def recover_report(journal_dir: str, submit: Callable[[CallRecord], None], *,
-                   exclude_pid: int | None = None,
-                   all_hosts: bool = False) -> tuple[list[CallRecord], int]:
-    """``recover``, also returning how many journals were recovered."""
+def claim_journals(journal_dir: str, *, exclude_pid: int | None = None,
+                   all_hosts: bool = False) -> list[Claim]:
+    """Take the journals of dead processes in ``journal_dir``; each ``Claim`` holds its
+    calls as finished ERROR records (``flashinfer.crash = true``) until ``finish``.
+
+    A journal is taken by locking and renaming it, so two recoverers emit each span
+    once; the journal of a live process is never touched: its writer holds a lock on
+    it (older files: same pid and start time, same boot).  A corrupt one is reported
+    and moved aside as ``.corrupt``.  Journals written on another host are left alone
+    unless ``all_hosts``.
+    """
     try:
         names = sorted(os.listdir(journal_dir))
     except (FileNotFoundError, NotADirectoryError):
-        return [], 0
+        return []
     me = _Me(os.getpid(), process_start_ticks() or 0, socket.gethostname(), boot_id())
-    records: list[CallRecord] = []
-    journals = 0
+    claims: list[Claim] = []
     for name in names:
         if name.startswith(".tmp-"):
             _remove_stale_tmp(os.path.join(journal_dir, name))
@@ -631,32 +749,49 @@ def recover_report(journal_dir: str, submit: Callable[[CallRecord], None], *,
             continue
         path = os.path.join(journal_dir, name)
         try:
-            found = _recover_one(path, name, me, submit, exclude_pid, all_hosts)
+            claim = _claim_one(path, name, me, exclude_pid, all_hosts)
         except Exception as exc:  # noqa: BLE001 - recovery must not stop the recoverer
             health.report("journal_errors", f"could not recover crash journal {path}", exc)
             continue
-        if found is not None:
-            journals += 1
-            records.extend(found)
-    return records, journals
+        if claim is not None:
+            claims.append(claim)
+    return claims
+
+
+def recover_report(journal_dir: str, submit: Callable[[CallRecord], None], *,
+                   exclude_pid: int | None = None,
+                   all_hosts: bool = False) -> tuple[list[CallRecord], int]:
+    """``recover``, also returning how many journals were recovered."""
+    records: list[CallRecord] = []
+    claims = claim_journals(journal_dir, exclude_pid=exclude_pid, all_hosts=all_hosts)
+    for claim in claims:
+        handed = False
+        try:
+            for record in claim.records:
+                submit(record)
+            records.extend(claim.records)
+            handed = True
+        finally:
+            try:
+                claim.finish(handed)
+            except OSError as exc:
+                health.report("journal_errors", f"could not remove crash journal "
+                              f"{claim.path}", exc)
+    return records, len(claims)
 
 
 def recover(journal_dir: str, submit: Callable[[CallRecord], None], *,
             exclude_pid: int | None = None, all_hosts: bool = False) -> list[CallRecord]:
     """Turn the live notes of dead processes' journals in ``journal_dir`` into ERROR
-    spans (``flashinfer.crash = true``) handed to ``submit``, then delete the journals.
-
-    A journal is claimed by renaming it, so two recoverers emit each span once; the
-    journal of a live process (same pid and start time, same boot) is never touched;
-    a corrupt one is reported and moved aside as ``.corrupt``.  Journals written on
-    another host are left alone unless ``all_hosts``.
-    """
+    spans handed to ``submit``, then delete the journals (``claim_journals``)."""
     return recover_report(journal_dir, submit, exclude_pid=exclude_pid,
                           all_hosts=all_hosts)[0]
 
 
 __all__ = [
+    "Claim",
     "Journal",
+    "claim_journals",
     "open_journal",
     "process_alive",
     "process_start_ticks",

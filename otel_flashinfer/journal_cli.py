@@ -39,7 +39,7 @@ def add_recover_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run_recover(args: argparse.Namespace) -> int:
     """Recover, flush, print a summary; 0, or 1 on a bad argument or setting."""
     from .config import ConfigError, load_settings
-    from .journal import recover_report
+    from .journal import claim_journals
     from .pipeline import Pipeline
     from .provider import our_provider, resolve_provider
     from .runtime import SCOPE_NAME
@@ -59,22 +59,42 @@ def run_recover(args: argparse.Namespace) -> int:
         return 1
     pipeline = Pipeline(tracer=provider.get_tracer(SCOPE_NAME, __version__), provider=provider)
     dropped = health.dropped()
-    records, journals = recover_report(directory, pipeline.submit,
-                                       all_hosts=bool(getattr(args, "all_hosts", False)))
-    flushed = pipeline.shutdown(30.0)
-    ours = our_provider()
-    if ours is not None:
-        ours.shutdown()
-    lost = health.dropped() - dropped
-    print(f"recovered {len(records)} span(s) from {journals} journal(s) in {directory}")
+    claims = claim_journals(directory, all_hosts=bool(getattr(args, "all_hosts", False)))
+    exported = False
+    try:
+        for claim in claims:
+            for record in claim.records:
+                pipeline.submit(record)
+        flushed = pipeline.shutdown(30.0)
+        ours = our_provider()
+        # Only our own provider's export is waited for here (an application's is not
+        # ours to shut down): ``flushed`` and the drop count cover it.
+        if ours is not None:
+            flushed = ours.shutdown() is not False and flushed
+        lost = health.dropped() - dropped
+        exported = flushed and not lost
+    finally:
+        # A journal is deleted only once its spans are out; otherwise it stays for the
+        # next ``recover`` (which may then send some spans twice, with the same ids).
+        for claim in claims:
+            try:
+                claim.finish(exported)
+            except OSError as exc:
+                health.report("journal_errors", f"could not finish crash journal "
+                              f"{claim.path}", exc)
+    spans = sum(len(claim.records) for claim in claims)
+    print(f"recovered {spans} span(s) from {len(claims)} journal(s) in {directory}")
+    if exported:
+        return 0
     if not flushed:
         print("otel-flashinfer recover: not every span was exported in 30 s", file=sys.stderr)
     if lost:
-        # The journals are gone: say so rather than report a clean recovery.
         print(f"otel-flashinfer recover: {lost} span(s) were dropped on the way out "
               "(see the log above)", file=sys.stderr)
-        return 1
-    return 0
+    kept = sum(1 for claim in claims if claim.path)
+    print(f"otel-flashinfer recover: kept the {kept} journal(s) for a later recover",
+          file=sys.stderr)
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,11 +7,14 @@ is written last, so a reader never sees a half-written live slot.
 
 Header (``HEADER_SIZE`` bytes, little-endian)::
 
-    magic 8s | version I | header_size I | slot_count I | slot_size I | pid I | pad I
+    magic 8s | version I | header_size I | slot_count I | slot_size I | pid I | flags I
     | start_ticks Q | created_ns q | crc I | pad I | boot_id 40s | hostname 64s
     ... | last_write_ns q at LAST_WRITE_OFFSET
 
-``crc`` covers every static field (all but ``last_write_ns``).  Slot::
+``crc`` covers every static field (all but ``last_write_ns``).  ``flags`` has
+``HEADER_LOCKED`` when the writer holds an exclusive ``flock`` on the file for as long
+as it lives, which tells a recoverer on the same kernel whether it runs, whatever PID
+namespace either is in (files without it were written before the lock existed).  Slot::
 
     flags I | trace_hi Q | trace_lo Q | span_id Q | parent_span_id Q | start_ns q
     | name_len H | args_len H | name 64s | state B | pad 3x | args (JSON, the rest)
@@ -46,6 +49,8 @@ NAME_MAX = 64
 STATE_FREE = 0
 STATE_LIVE = 1
 FLAG_PARENT = 1
+#: Header flag: the writer holds ``flock(LOCK_EX)`` on the file while it lives.
+HEADER_LOCKED = 1
 
 HEADER = struct.Struct("<8sIIIIIIQqII40s64s")
 LAST_WRITE = struct.Struct("<q")
@@ -81,6 +86,7 @@ class Header:
     boot_id: str
     hostname: str
     last_write_ns: int
+    flags: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,11 +103,11 @@ class SlotNote:
 
 
 def pack_header(buf: Any, *, slot_count: int, slot_size: int, pid: int, start_ticks: int,
-                created_ns: int, boot_id: str, hostname: str) -> None:
+                created_ns: int, boot_id: str, hostname: str, flags: int = 0) -> None:
     """Write a header (with its crc) at offset 0 of ``buf``."""
     boot = boot_id.encode("ascii", "replace")[:40]
     host = hostname.encode("utf-8", "replace")[:64]
-    fields = [MAGIC, VERSION, HEADER_SIZE, slot_count, slot_size, pid, 0, start_ticks,
+    fields = [MAGIC, VERSION, HEADER_SIZE, slot_count, slot_size, pid, flags, start_ticks,
               created_ns, 0, 0, boot, host]
     raw = HEADER.pack(*fields)
     fields[9] = zlib.crc32(raw)
@@ -122,7 +128,8 @@ def parse_header(data: bytes, size: int | None = None, allow_short: bool = False
     if len(data) < HEADER_SIZE:
         raise JournalCorrupt(f"truncated: {len(data)} bytes, shorter than the header")
     fields = list(HEADER.unpack_from(data, 0))
-    magic, version, header_size, slot_count, slot_size, pid, _, ticks, created, crc = fields[:10]
+    magic, version, header_size, slot_count, slot_size, pid, flags, ticks, created, crc = \
+        fields[:10]
     if magic != MAGIC:
         raise JournalCorrupt(f"bad magic {magic!r}")
     if version != VERSION:
@@ -139,7 +146,7 @@ def parse_header(data: bytes, size: int | None = None, allow_short: bool = False
     (last_write,) = LAST_WRITE.unpack_from(data, LAST_WRITE_OFFSET)
     return Header(slot_count, slot_size, pid, ticks, created,
                   fields[11].rstrip(b"\x00").decode("ascii", "replace"),
-                  fields[12].rstrip(b"\x00").decode("utf-8", "replace"), last_write)
+                  fields[12].rstrip(b"\x00").decode("utf-8", "replace"), last_write, flags)
 
 
 def pack_slot(buf: Any, offset: int, *, trace_id: int, span_id: int,

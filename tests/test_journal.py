@@ -342,6 +342,131 @@ def test_after_a_reboot_the_same_pid_is_another_process(tmp_path: Path) -> None:
     assert not path.exists()
 
 
+# ---- liveness by lock: PID namespaces, forks -----------------------------------------------
+
+WRITER = """
+import sys, time
+from otel_flashinfer import journal as J
+from otel_flashinfer.pipeline import CallRecord
+journal = J.Journal(sys.argv[1])
+journal.begin(CallRecord("f", 77, 88, None, 123, 0, {}), None, b"running-elsewhere")
+print(journal.path, flush=True)
+time.sleep(120)
+"""
+
+
+def _start_writer(tmp_path: Path, *prefix: str) -> tuple[subprocess.Popen[str], Path]:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.Popen([*prefix, sys.executable, "-c", WRITER, str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    if not line:
+        proc.kill()
+        pytest.skip(f"the writer did not start: {proc.stderr.read()[-300:]}")
+    return proc, Path(line)
+
+
+def _pid_namespaces_available() -> bool:
+    try:
+        out = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "--kill-child",
+                              "true"],
+                             capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0
+
+
+def test_a_live_writer_in_another_pid_namespace_keeps_its_journal(tmp_path: Path) -> None:
+    """A container sharing the folder and the host name: its pid means nothing here,
+    so the pid check called it dead and recovered a running process's calls."""
+    if not _pid_namespaces_available():
+        pytest.skip("unshare --pid is not permitted on this machine")
+    proc, path = _start_writer(tmp_path, "unshare", "--pid", "--fork", "--mount-proc",
+                               "--kill-child")
+    try:
+        header = fmt.parse_header(path.read_bytes())
+        assert header.flags & fmt.HEADER_LOCKED
+        # Its pid in its own namespace is tiny; here that pid is someone else's.
+        assert not J.process_alive(header.pid, header.start_ticks)
+        assert J.recover(str(tmp_path), lambda r: None) == []
+        assert path.exists()
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 10  # unshare's child, the writer, goes with it
+    records = J.recover(str(tmp_path), lambda r: None)
+    while not records and time.monotonic() < deadline:
+        time.sleep(0.05)
+        records = J.recover(str(tmp_path), lambda r: None)
+    assert [r.name for r in records] == ["running-elsewhere"]
+    assert not path.exists()
+
+
+def test_a_locked_journal_is_alive_whatever_its_pid_says(tmp_path: Path) -> None:
+    """The same rule without needing a namespace: a process holds the lock on a journal
+    whose header names a dead pid."""
+    path = _write_journal(tmp_path, pid=_dead_pid(), ticks=5, notes=[NOTE], last_write_ns=5)
+    code = ("import fcntl, sys, time; f = open(sys.argv[1], 'rb'); "
+            "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        assert J.recover(str(tmp_path), lambda r: None) == []
+        assert path.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert len(J.recover(str(tmp_path), lambda r: None)) == 1
+
+
+def test_a_free_lock_means_dead_even_where_the_pid_runs(tmp_path: Path) -> None:
+    """A locking writer's file whose lock is free: its writer is gone, even when the pid
+    and start time it names are those of a process here (another namespace's numbers)."""
+    buf = bytearray(fmt.file_size(8, fmt.DEFAULT_SLOT_SIZE))
+    fmt.pack_header(buf, slot_count=8, slot_size=fmt.DEFAULT_SLOT_SIZE, pid=1,
+                    start_ticks=J.process_start_ticks(1) or 0, created_ns=1,
+                    boot_id=J.boot_id(), hostname=HOST, flags=fmt.HEADER_LOCKED)
+    fmt.pack_slot(buf, fmt.HEADER_SIZE, **NOTE)
+    path = tmp_path / J.journal_name(HOST, 1, 5)
+    path.write_bytes(bytes(buf))
+    assert J.process_alive(1, J.process_start_ticks(1) or 0)
+    assert len(J.recover(str(tmp_path), lambda r: None)) == 1
+    assert not path.exists()
+
+
+def test_a_forked_child_does_not_keep_its_dead_parents_journal_alive(tmp_path: Path) -> None:
+    """The lock belongs to the open file, which a fork shares: the child must drop its
+    copy, or a parent killed while the child runs would look alive."""
+    code = f"""
+import os, signal, sys, time
+from otel_flashinfer import journal as J
+from otel_flashinfer.pipeline import CallRecord
+journal = J.Journal({str(tmp_path)!r})
+J._registry[{str(tmp_path)!r}] = journal
+journal.begin(CallRecord("f", 77, 88, None, 123, 0, {{}}), None, b"parent-call")
+if os.fork() == 0:
+    print(journal.path, flush=True)
+    time.sleep(120)
+    os._exit(0)
+time.sleep(0.5)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        child_path = Path(proc.stdout.readline().strip())
+        assert proc.wait(timeout=30) == -9
+        records = J.recover(str(tmp_path), lambda r: None)
+        assert [r.name for r in records] == ["parent-call"]
+        assert child_path.exists()  # the child runs: its own journal stays
+    finally:
+        os.killpg(proc.pid, 9)
+
+
 def test_corrupt_and_truncated_journals_are_reported_and_moved_aside(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     health.reset()

@@ -227,20 +227,37 @@ def test_cli_rejects_a_missing_directory(tmp_path: Path, capsys: pytest.CaptureF
     health.reset()
 
 
-def test_cli_says_when_recovered_spans_were_dropped(tmp_path: Path, monkeypatch,
-                                                    capsys: pytest.CaptureFixture) -> None:
-    """The journals are deleted once their spans are handed on: spans lost after that
-    must turn the command's answer, not read as a clean recovery."""
-    from otel_flashinfer import journal
-    from otel_flashinfer.journal_cli import main
+@pytest.mark.timeout(120)
+def test_cli_keeps_the_journal_while_the_receiver_is_down(tmp_path: Path) -> None:
+    """``recover`` deleted a journal once its spans were handed on: with the collector
+    down they were dropped, and gone.  Now the journal stays until a run exports it."""
+    import socket as _socket
 
-    def recover_report(directory, submit, all_hosts=False):  # noqa: ANN001, ANN202
-        health.report("spans_dropped", "refused by the encoder", n=2)
-        return [], 1
+    from test_journal import NOTE, _dead_pid, _write_journal
 
-    monkeypatch.setattr(journal, "recover_report", recover_report)
-    monkeypatch.setenv("OTEL_FLASHINFER_TRACES_FILE", str(tmp_path / "t.jsonl"))
-    health.reset()
-    assert main(["recover", str(tmp_path)]) == 1
-    assert "2 span(s) were dropped" in capsys.readouterr().err
-    health.reset()
+    journal_dir = tmp_path / "journal"
+    journal_dir.mkdir()
+    path = _write_journal(journal_dir, pid=_dead_pid(), ticks=5, notes=[NOTE],
+                          last_write_ns=5)
+    with _socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    traces = tmp_path / "traces.jsonl"
+    env = {**_env(traces), "OTEL_TRACES_EXPORTER": "otlp",
+           "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+           "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+           "OTEL_EXPORTER_OTLP_TIMEOUT": "2"}
+    cmd = [sys.executable, "-m", "otel_flashinfer", "recover", str(journal_dir)]
+    down = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=90)
+    assert down.returncode == 1, down.stderr
+    assert "1 span(s) were dropped" in down.stderr
+    assert "kept the 1 journal(s)" in down.stderr
+    assert sorted(os.listdir(journal_dir)) == [path.name]  # back under its own name
+    up = subprocess.run(cmd, env=_env(traces), capture_output=True, text=True, timeout=90)
+    assert up.returncode == 0, up.stderr
+    assert os.listdir(journal_dir) == []
+    crashed = [s for s in _spans(traces) if _attrs(s).get("flashinfer.crash") is True]
+    assert [(s["spanId"], s["name"]) for s in crashed] == [
+        (f"{NOTE['span_id']:016x}", NOTE["name"].decode())]
+
+
