@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Callable
 from random import getrandbits
 from time import time_ns
-from typing import Any
+from typing import Any, NamedTuple
 
 from opentelemetry import context as context_api
 from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY
@@ -161,6 +161,22 @@ class _ApiContext:
     reset = staticmethod(context_api.detach)
 
 
+class CallHooks(NamedTuple):
+    """One target's traced call in three steps, for wrappers of any shape (a plain
+    call, a coroutine, a generator: ``shapes``).  ``enter`` never raises; ``leave`` and
+    ``failed`` report their own errors."""
+
+    #: ``enter(args, kwargs)``: the record of a call about to run, its span current and
+    #: its journal note taken; None when the call is not traced.
+    enter: Callable[[tuple[Any, ...], dict[str, Any]], CallRecord | None]
+    #: ``leave(record, result)``: the call returned ``result``.
+    leave: Callable[[CallRecord, Any], Any]
+    #: ``failed(record, exc)``: the call raised ``exc`` (the caller re-raises it).
+    failed: Callable[[CallRecord, BaseException], None]
+    #: ``(get, set, reset)`` of the context variable the span is made current in.
+    context: tuple[Callable[[], Any], Callable[[Any], Any], Callable[[Any], Any]]
+
+
 def make_wrapper(fn: Callable[..., Any], api_name: str, *, settings: Settings,
                  runtime: Any) -> Callable[..., Any]:
     """Build the traced wrapper for one target at ``settings.level`` (>= 1).
@@ -170,6 +186,41 @@ def make_wrapper(fn: Callable[..., Any], api_name: str, *, settings: Settings,
     and, from level 3, one list plus one tuple per tensor for argument facts; nothing
     else outlives the call (see ``CallRecord``).
     """
+    hooks, entry = _make_hooks(fn, api_name, settings, runtime)
+    if entry is not None:
+        return _native_wrapper(fn, api_name, entry, hooks.failed)
+    enter, leave, failed = hooks.enter, hooks.leave, hooks.failed
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        record = enter(args, kwargs)
+        if record is None:
+            return fn(*args, **kwargs)
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as exc:
+            failed(record, exc)
+            raise
+        leave(record, result)
+        return result
+
+    wrapper._otel_flashinfer_api = api_name  # type: ignore[attr-defined]
+    # torch.compile (Dynamo) inlines the original where it meets this wrapper: our host
+    # code would not run in a compiled graph anyway, and its context lookups are not
+    # traceable (fullgraph=True refused the whole model; without it, a graph break).
+    wrapper._torchdynamo_inline = fn  # type: ignore[attr-defined]
+    return wrapper
+
+
+def make_hooks(fn: Callable[..., Any], api_name: str, *, settings: Settings,
+               runtime: Any) -> CallHooks:
+    """``make_wrapper``'s three steps, for a wrapper of another shape (``shapes``)."""
+    return _make_hooks(fn, api_name, settings, runtime)[0]
+
+
+def _make_hooks(fn: Callable[..., Any], api_name: str, settings: Settings,
+                runtime: Any) -> tuple[CallHooks, Any]:
+    """(the hooks, the C hot path's ``Entry`` or None where Python runs them)."""
     rt = runtime
     is_method = "." in api_name and _first_param_is_self(fn)
     method = api_name.rsplit(".", 1)[-1] if is_method else ""
@@ -178,6 +229,7 @@ def make_wrapper(fn: Callable[..., Any], api_name: str, *, settings: Settings,
     submit = rt.pipeline.submit
     var = hotstate.context_var() or _ApiContext
     get_current, set_context, reset_context = var.get, var.set, var.reset
+    context = (get_current, set_context, reset_context)
     for_call = CallRecord.for_call
     instances = hotstate.instances
     plan_of = instances.plan_of
@@ -204,11 +256,6 @@ def make_wrapper(fn: Callable[..., Any], api_name: str, *, settings: Settings,
         attrs["flashinfer.cuda_graph.capturing"] = True
         attrs["flashinfer.cuda_graph.id"] = capture.graph_id
 
-    def after_call(record: CallRecord, states: Any, result: Any, error: Any) -> None:
-        n = len(states)
-        for i, after in enumerate(afters):
-            after(record, states[n - 1 - i], result, error)
-
     entry_type = native.entry_type(hotstate.context_var())
     if entry_type is not None:
         # GPU timing (innermost pair, gpu_timing.make_hooks) runs inside the C path.
@@ -223,92 +270,81 @@ def make_wrapper(fn: Callable[..., Any], api_name: str, *, settings: Settings,
             journal=journal, runtime=rt, submit=submit, gpu=gpu, detailed=detailed,
             is_method=is_method, is_init=is_init, is_plan=is_plan, is_run=is_run,
             skip_self=skip_self, pipeline=_direct_pipeline(rt.pipeline))
-        return _native_wrapper(fn, api_name, entry, reset_context, afters, detailed,
-                               describe, submit)
+        failed = _failed_hook(api_name, entry.gpu_end, entry.journal_end, reset_context,
+                              afters, detailed, describe, submit)
+        return CallHooks(entry.enter, entry.leave, failed, context), entry
 
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def enter(args: tuple[Any, ...], kwargs: dict[str, Any]) -> CallRecord | None:
+        record = None
         try:
             ctx = get_current()
             # Untraced calls run after this block, never inside it: an exception of
             # the user's must not reach our handler (it would call fn a second time).
             if ctx.get(_SUPPRESS_INSTRUMENTATION_KEY):
-                record = None
+                return None
+            span = ctx.get(_SPAN_KEY)
+            parent = span.get_span_context() if span is not None else hotstate.process_parent
+            if parent is not None and parent.is_valid:
+                if not parent.trace_flags & 1:
+                    return None
+                record = for_call(api_name, parent.trace_id, getrandbits(64) or 1, parent,
+                                  base_attrs)
             else:
-                span = ctx.get(_SPAN_KEY)
-                parent = span.get_span_context() if span is not None else hotstate.process_parent
-                if parent is not None and parent.is_valid:
-                    record = (for_call(api_name, parent.trace_id, getrandbits(64) or 1,
-                                       parent, base_attrs)
-                              if parent.trace_flags & 1 else None)
-                else:
-                    trace_id = getrandbits(128) or 1
-                    record = (for_call(api_name, trace_id, getrandbits(64) or 1, None,
-                                       base_attrs)
-                              if rt.sample_root(trace_id, api_name) else None)
-            if record is not None:
-                span_context = tuple.__new__(SpanContext, (
-                    record.trace_id, record.span_id, False, _SAMPLED, DEFAULT_TRACE_STATE,
-                    True))
-                if is_method and args:
-                    key = record.instance = id(args[0])
-                    if is_init:
-                        instances.forget(key)
-                    elif is_plan:
-                        instances.remember_plan(key, span_context)
-                    elif is_run:
-                        record.plan_link = plan_of(key)
-                capture = capture_state() if graphs._capturing is not None else None
-                if capture is not None:
-                    on_capture(record, capture)
-                if detailed:
-                    arg_snaps = [snapshot(a) for a in (args[1:] if skip_self else args)]
-                    record.data = arg_snaps
-                    if kwargs:
-                        record.kw = {k: snapshot(v) for k, v in kwargs.items()}
-                states = ([before(record, plan, args, kwargs) for before in befores]
-                          if befores else _NO_STATES)
-                record.start_ns = time_ns()
-                slot = None
-                if journal is not None:
-                    slot = (journal.begin(record, arg_snaps, journal_name, plan, record.kw)
-                            if detailed else journal.begin(record, None, journal_name))
-                token = set_context(ctx.__class__(
-                    {**ctx, _SPAN_KEY: NonRecordingSpan(span_context)}))
+                trace_id = getrandbits(128) or 1
+                if not rt.sample_root(trace_id, api_name):
+                    return None
+                record = for_call(api_name, trace_id, getrandbits(64) or 1, None, base_attrs)
+            span_context = tuple.__new__(SpanContext, (
+                record.trace_id, record.span_id, False, _SAMPLED, DEFAULT_TRACE_STATE, True))
+            if is_method and args:
+                key = record.instance = id(args[0])
+                if is_init:
+                    instances.forget(key)
+                elif is_plan:
+                    instances.remember_plan(key, span_context)
+                elif is_run:
+                    record.plan_link = plan_of(key)
+            capture = capture_state() if graphs._capturing is not None else None
+            if capture is not None:
+                on_capture(record, capture)
+                record.capture = capture
+            arg_snaps = None
+            if detailed:
+                arg_snaps = [snapshot(a) for a in (args[1:] if skip_self else args)]
+                record.data = arg_snaps
+                if kwargs:
+                    record.kw = {k: snapshot(v) for k, v in kwargs.items()}
+            if befores:
+                record.states = [before(record, plan, args, kwargs) for before in befores]
+            record.start_ns = time_ns()
+            if journal is not None:
+                record.slot = (journal.begin(record, arg_snaps, journal_name, plan, record.kw)
+                               if detailed else journal.begin(record, None, journal_name))
+            record.token = set_context(ctx.__class__(
+                {**ctx, _SPAN_KEY: NonRecordingSpan(span_context)}))
+            return record
         except Exception as exc:  # noqa: BLE001 - our failure must not stop the call
             health.report("wrapper_errors", f"tracing {api_name} failed before the call", exc)
-            record = None
-        if record is None:
-            return fn(*args, **kwargs)
+            if record is not None and record.slot is not None:
+                journal.end(record.slot)  # the call runs untraced: no note left live
+            return None
+
+    def leave(record: CallRecord, result: Any) -> None:
+        record.end_ns = time_ns()
+        slot, record.slot = record.slot, None
         try:
-            result = fn(*args, **kwargs)
-        except BaseException as exc:
-            record.end_ns = time_ns()
-            try:
+            token, record.token = record.token, None
+            if token is not None:
                 reset_context(token)
-                record.error = _error_facts(exc)
-                if states:
-                    after_call(record, states, _NO_RESULT, exc)
-                if detailed:
-                    record.result = _NO_RESULT
-                    record.describe = describe
-                if capture is not None:
-                    capture.add(record)
-                submit(record)
-            except Exception as inner:  # noqa: BLE001
-                health.report("wrapper_errors", f"tracing {api_name} failed after an error", inner)
-            finally:
-                if slot is not None:  # the call is over: never left live for recovery
-                    journal.end(slot)
-            raise
-        try:
-            record.end_ns = time_ns()
-            reset_context(token)
+            states, record.states = record.states, None
             if states:
-                after_call(record, states, result, None)
+                n = len(states)
+                for i, after in enumerate(afters):
+                    after(record, states[n - 1 - i], result, None)
             if detailed:
                 record.result = snapshot(result)
                 record.describe = describe
+            capture, record.capture = record.capture, None
             if capture is not None:
                 capture.add(record)
             submit(record)
@@ -317,14 +353,10 @@ def make_wrapper(fn: Callable[..., Any], api_name: str, *, settings: Settings,
         finally:
             if slot is not None:  # the call is over: never left live for recovery
                 journal.end(slot)
-        return result
 
-    wrapper._otel_flashinfer_api = api_name  # type: ignore[attr-defined]
-    # torch.compile (Dynamo) inlines the original where it meets this wrapper: our host
-    # code would not run in a compiled graph anyway, and its context lookups are not
-    # traceable (fullgraph=True refused the whole model; without it, a graph break).
-    wrapper._torchdynamo_inline = fn  # type: ignore[attr-defined]
-    return wrapper
+    failed = _failed_hook(api_name, None, journal.end if journal is not None else None,
+                          reset_context, afters, detailed, describe, submit)
+    return CallHooks(enter, leave, failed, context), None
 
 
 def _direct_pipeline(pipeline: Any) -> Any:
@@ -333,25 +365,26 @@ def _direct_pipeline(pipeline: Any) -> Any:
     return pipeline if getattr(type(pipeline), "submit", None) is Pipeline.submit else None
 
 
-def _native_wrapper(fn: Callable[..., Any], api_name: str, entry: Any,
-                    reset_context: Callable[[Any], Any], afters: tuple[Any, ...],
-                    detailed: bool, describe: Describer,
-                    submit: Callable[[CallRecord], None]) -> Callable[..., Any]:
-    """The wrapper over the C hot path (``native``): a ``_hotpath.Wrapper`` whose
-    ``enter`` and ``leave`` do what the Python wrapper above does and never raise; only
-    the error path, ``failed``, stays in Python."""
-    journal_end = entry.journal_end
+def _failed_hook(api_name: str, gpu_end: Callable[[CallRecord], Any] | None,
+                 journal_end: Callable[[Any], Any] | None,
+                 reset_context: Callable[[Any], Any], afters: tuple[Any, ...],
+                 detailed: bool, describe: Describer,
+                 submit: Callable[[CallRecord], None]) -> Callable[..., None]:
+    """The error path of a traced call, in Python on either path: the record ends
+    with the exception's facts and is handed on; the caller re-raises."""
     from . import _hotpath
 
-    gpu_drop = _hotpath.gpu_drop
+    gpu_drop = _hotpath.gpu_drop if gpu_end is not None else None
 
     def failed(record: CallRecord, exc: BaseException) -> None:
         record.end_ns = time_ns()
         slot, record.slot = record.slot, None
         try:
             token, record.token = record.token, None
-            reset_context(token)
-            entry.gpu_end(record)
+            if token is not None:
+                reset_context(token)
+            if gpu_end is not None:
+                gpu_end(record)
             record.error = _error_facts(exc)
             states, record.states = record.states, None
             if states:
@@ -367,13 +400,24 @@ def _native_wrapper(fn: Callable[..., Any], api_name: str, entry: Any,
             submit(record)
         except Exception as inner:  # noqa: BLE001
             health.report("wrapper_errors", f"tracing {api_name} failed after an error", inner)
-            gpu_drop(record)  # not submitted: its events go back to the pool
+            if gpu_drop is not None:
+                gpu_drop(record)  # not submitted: its events go back to the pool
         finally:
-            if slot is not None:
+            if slot is not None and journal_end is not None:
                 try:
                     journal_end(slot)
                 except Exception as inner:  # noqa: BLE001
                     health.report("wrapper_errors", "clearing a journal note failed", inner)
+
+    return failed
+
+
+def _native_wrapper(fn: Callable[..., Any], api_name: str, entry: Any,
+                    failed: Callable[[CallRecord, BaseException], None]) -> Callable[..., Any]:
+    """The wrapper over the C hot path (``native``): a ``_hotpath.Wrapper`` whose
+    ``enter`` and ``leave`` do what the Python wrapper does and never raise; only the
+    error path, ``failed``, stays in Python."""
+    from . import _hotpath
 
     wrapper = _hotpath.Wrapper(entry, fn, failed)
     functools.update_wrapper(wrapper, fn)
