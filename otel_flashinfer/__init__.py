@@ -139,11 +139,29 @@ def traced(fn: Any = None, *, name: str | None = None) -> Any:
     live one (``instrument()`` or ``OTEL_FLASHINFER_LEVEL``), looked up per call so
     that decorating at import time and instrumenting later both work.
     ``OTEL_FLASHINFER_INCLUDE/_EXCLUDE`` apply to that name as to FlashInfer's APIs.
+    On an ``async def`` or a generator the span covers the work, from the first step
+    to the last, and the wrapper has the function's shape (``shapes``).
     """
     if fn is None:
         return functools.partial(traced, name=name)
     api_name = name or fn.__qualname__.replace(".<locals>", "")
     built: list[Any] = [None, -1]
+    from .shapes import shape_of, shaped_wrapper
+
+    shape = shape_of(fn)
+    if shape != "call":  # async def, generators: the span lasts as long as the work
+        def hooks() -> Any:
+            runtime = _runtime.current() or _runtime.from_environment()
+            if runtime is None:
+                return None
+            if built[1] != runtime.generation:
+                built[0] = _build_hooks(fn, api_name, runtime)
+                built[1] = runtime.generation
+            return built[0]
+
+        shaped = shaped_wrapper(fn, shape, hooks)
+        shaped._otel_flashinfer_api = api_name  # type: ignore[attr-defined]
+        return shaped
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -178,6 +196,24 @@ def _build(fn: Callable[..., Any], api_name: str, runtime: Any) -> Callable[...,
 
         report("wrapper_errors", f"could not trace {api_name}; calling it untraced", exc)
         return fn
+
+
+def _build_hooks(fn: Callable[..., Any], api_name: str, runtime: Any) -> Any:
+    """``_build`` for a coroutine or generator: its ``spans.CallHooks``, or None."""
+    from .filters import selected
+
+    settings = runtime.settings
+    if not selected(api_name, settings.include, settings.exclude):
+        return None
+    try:
+        from .spans import make_hooks
+
+        return make_hooks(fn, api_name, settings=settings, runtime=runtime)
+    except Exception as exc:  # noqa: BLE001 - never break the user's call
+        from .health import report
+
+        report("wrapper_errors", f"could not trace {api_name}; calling it untraced", exc)
+        return None
 
 
 def __getattr__(name: str) -> Any:

@@ -1,0 +1,170 @@
+"""``traced`` for coroutines and generators: the span lasts as long as the work.
+
+A plain wrapper ends its span when the function returns, which for ``async def`` is
+when the coroutine is made and for a generator when the generator object is: nothing
+of the work inside.  These wrappers enter before the first step and leave after the
+last (``spans.CallHooks``).  A generator's span is current only while its own code
+runs, one step at a time, never while the consumer's code between two items does.
+Closing a generator early ends its span normally; an exception thrown into it, or one
+it raises, ends the span with that error.  Nothing here runs for untraced calls but
+one lookup of the hooks.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import AsyncGenerator, Callable, Generator
+from typing import Any
+
+from .spans import CallHooks
+
+#: ``hooks()`` -> the live ``CallHooks``, or None when the call is not to be traced.
+HooksOf = Callable[[], "CallHooks | None"]
+
+
+def shape_of(fn: Callable[..., Any]) -> str:
+    """"coroutine", "async_generator", "generator", or "call"."""
+    if inspect.iscoroutinefunction(fn):
+        return "coroutine"
+    if inspect.isasyncgenfunction(fn):
+        return "async_generator"
+    if inspect.isgeneratorfunction(fn):
+        return "generator"
+    return "call"
+
+
+def shaped_wrapper(fn: Callable[..., Any], shape: str, hooks: HooksOf) -> Callable[..., Any]:
+    """A wrapper of ``fn``'s own shape (``inspect`` says the same of it as of ``fn``)."""
+    return _FACTORIES[shape](fn, hooks)
+
+
+def _coroutine(fn: Callable[..., Any], hooks: HooksOf) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        live = hooks()
+        record = live.enter(args, kwargs) if live is not None else None
+        if record is None:
+            return await fn(*args, **kwargs)
+        try:
+            # The task's context holds our span from enter to leave: every await of
+            # the body runs in it, and other tasks have contexts of their own.
+            result = await fn(*args, **kwargs)
+        except BaseException as exc:
+            live.failed(record, exc)
+            raise
+        live.leave(record, result)
+        return result
+
+    return wrapper
+
+
+def _generator(fn: Callable[..., Any], hooks: HooksOf) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Generator[Any, Any, Any]:
+        live = hooks()
+        record = live.enter(args, kwargs) if live is not None else None
+        if record is None:
+            return (yield from fn(*args, **kwargs))
+        get, set_context, reset = live.context
+        inner = _step_out(record, get, reset)
+        try:
+            gen = fn(*args, **kwargs)
+            sent: Any = None
+            error: BaseException | None = None
+            while True:
+                token = set_context(inner)
+                try:
+                    item = gen.send(sent) if error is None else gen.throw(error)
+                except StopIteration as stop:
+                    result = stop.value
+                    break
+                finally:
+                    reset(token)
+                    error = None
+                try:
+                    sent = yield item
+                except GeneratorExit:
+                    token = set_context(inner)
+                    try:
+                        gen.close()
+                    finally:
+                        reset(token)
+                    live.leave(record, None)  # the consumer stopped early: no error
+                    raise
+                except BaseException as exc:  # noqa: BLE001 - thrown in: the generator decides
+                    error, sent = exc, None
+        except GeneratorExit:
+            raise
+        except BaseException as exc:
+            live.failed(record, exc)
+            raise
+        live.leave(record, result)
+        return result
+
+    return wrapper
+
+
+def _async_generator(fn: Callable[..., Any], hooks: HooksOf) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> AsyncGenerator[Any, Any]:
+        live = hooks()
+        record = live.enter(args, kwargs) if live is not None else None
+        if record is not None:
+            get, set_context, reset = live.context
+            inner = _step_out(record, get, reset)
+        try:
+            agen = fn(*args, **kwargs)
+            sent: Any = None
+            error: BaseException | None = None
+            while True:
+                token = set_context(inner) if record is not None else None
+                try:
+                    item = await (agen.asend(sent) if error is None else agen.athrow(error))
+                except StopAsyncIteration:
+                    break
+                finally:
+                    if token is not None:
+                        reset(token)
+                    error = None
+                try:
+                    sent = yield item
+                except GeneratorExit:
+                    token = set_context(inner) if record is not None else None
+                    try:
+                        await agen.aclose()
+                    finally:
+                        if token is not None:
+                            reset(token)
+                    if record is not None:
+                        live.leave(record, None)  # the consumer stopped early: no error
+                    raise
+                except BaseException as exc:  # noqa: BLE001 - thrown in: the generator decides
+                    error, sent = exc, None
+        except GeneratorExit:
+            raise
+        except BaseException as exc:
+            if record is not None:
+                live.failed(record, exc)
+            raise
+        if record is not None:
+            live.leave(record, None)
+
+    return wrapper
+
+
+def _step_out(record: Any, get: Callable[[], Any], reset: Callable[[Any], Any]) -> Any:
+    """The context with the generator's span (made current by ``enter``), and the
+    consumer's context back: the span is set again around each step."""
+    inner = get()
+    token, record.token = record.token, None
+    if token is not None:
+        reset(token)
+    return inner
+
+
+_FACTORIES: dict[str, Callable[[Callable[..., Any], HooksOf], Callable[..., Any]]] = {
+    "coroutine": _coroutine,
+    "generator": _generator,
+    "async_generator": _async_generator,
+}
