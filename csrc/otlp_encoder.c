@@ -3070,6 +3070,9 @@ PyMODINIT_FUNC PyInit__otlp(void) {
     k_exc_escaped = PyUnicode_InternFromString("exception.escaped");
     s_true_text = PyUnicode_InternFromString("True");
     s_exception = PyUnicode_InternFromString("exception");
+    /* drain's ``later``: needed for GPU times as much as for statistics, so not left to
+     * register_stats (without statistics, a GPU time not in yet went to Python) */
+    s_append = PyUnicode_InternFromString("append");
     if (PyErr_Occurred()) return NULL;
     PyObject *m = PyModule_Create(&module_def);
     if (m == NULL) return NULL;
