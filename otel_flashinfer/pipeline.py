@@ -410,24 +410,28 @@ def _processors_of(tracer: Any) -> Any:
     return getattr(getattr(tracer, "span_processor", None), "_span_processors", None)
 
 
-def batch_queues(tracer: Any) -> list[tuple[Any, int]]:
-    """The provider's BatchSpanProcessors' queues with their limits: a span handed to a
-    full one pushes the oldest out, which the SDK only logs and we count (whichever
-    path, direct or the SDK's own, hands it the span)."""
+def batch_queues(tracer: Any) -> list[Any]:
+    """The provider's BatchSpanProcessors' inner batch processors: a span handed to a
+    full one pushes the oldest out, and one handed to a shut one is ignored, which the
+    SDK only logs and we count (whichever path, direct or the SDK's own, hands it on)."""
     return [
-        (inner._queue, inner._max_queue_size)  # noqa: SLF001
+        inner
         for p in getattr(getattr(tracer, "span_processor", None), "_span_processors", ())
         if (inner := getattr(p, "_batch_processor", None)) is not None
         and hasattr(inner, "_queue") and hasattr(inner, "_max_queue_size")
     ]
 
 
-def count_full_queues(queues: list[tuple[Any, int]]) -> None:
-    """Before handing one span on: count the span each full queue will drop for it.
-    The processor's thread may take a batch between this look and the hand-off, so the
-    count can err high by a span, never low."""
-    for queue, size in queues:
-        if len(queue) >= size:
+def count_full_queues(queues: list[Any]) -> None:
+    """Before handing one span on: count the span each full queue will drop for it, or
+    the span itself where the application shut that processor down.  The processor's
+    thread may take a batch between this look and the hand-off, so the count can err
+    high by a span, never low."""
+    for inner in queues:
+        if getattr(inner, "_shutdown", False):
+            health.report("spans_dropped", "the application shut its BatchSpanProcessor "
+                          "down: it ignores the spans still handed to it")
+        elif len(inner._queue) >= inner._max_queue_size:  # noqa: SLF001
             health.report("spans_dropped", "the SDK's span queue is full: it drops the "
                           "oldest span")
 
@@ -529,7 +533,7 @@ class Pipeline:
         self._tracer_factory = tracer_factory
         self._preset: _PresetIds | None = None
         self._direct: DirectSpans | None = None
-        self._sdk_queues: list[tuple[Any, int]] = []
+        self._sdk_queues: list[Any] = []
         self._planned_processors: Any = None
         #: Planning the way out (``_use_tracer``) and draining into it: a hand-off on the
         #: application's thread waits for the worker's drain in progress (and the
@@ -1367,7 +1371,7 @@ class _ClosedQueue:
 
 
 def export_record(tracer: Any, preset: _PresetIds | None, record: CallRecord,
-                  queues: list[tuple[Any, int]] | None = None) -> None:
+                  queues: list[Any] | None = None) -> None:
     """Build and end one SDK span from a record, keeping its ids and times; ``queues``:
     the provider's batch queues, counted when the span ends into them full."""
     if record.parent is not None:

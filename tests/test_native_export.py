@@ -1225,6 +1225,60 @@ def test_the_sdk_path_counts_what_a_full_batch_queue_drops(added_later: bool,
     assert 40 <= received + dropped <= 41, (received, dropped)
 
 
+@pytest.mark.parametrize("sampler", [None, "app"])
+def test_spans_handed_to_a_shut_batch_processor_are_counted(sampler: str | None,
+                                                            monkeypatch) -> None:  # noqa: ANN001
+    """An application that shuts its BatchSpanProcessor down before tracing stops: the
+    SDK ignores every span still handed to it and only logs it.  Counted on the direct
+    path (the SDK's own sampler) and on the SDK's path (a sampler of the application's)."""
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor as Batch
+
+    class Everything(sampling.Sampler):  # the application's: only the SDK can ask it
+        def should_sample(self, context, trace_id, name, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN201
+            return sampling.SamplingResult(sampling.Decision.RECORD_AND_SAMPLE)
+
+        def get_description(self) -> str:
+            return "everything"
+
+    exported = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource.create({"service.name": "t"}),
+                              **({"sampler": Everything()} if sampler else {}))
+    batch = Batch(exported, schedule_delay_millis=10)
+    provider.add_span_processor(batch)
+    pipeline = Pipeline(provider.get_tracer("otel_flashinfer", "1.0"), provider=provider,
+                        interval_s=0.01)
+    from otel_flashinfer import pipeline as pipeline_mod
+
+    counted: list[int] = []
+    report = pipeline_mod.health.report
+
+    def noted(kind: str, message: str, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        if kind == "spans_dropped" and "shut its BatchSpanProcessor" in message:
+            counted.append(kwargs.get("n", 1))
+        report(kind, message, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline_mod.health, "report", noted)
+
+    def submit(n: int, first_id: int) -> None:
+        for i in range(n):
+            r = CallRecord.for_call(f"call{i}", 0x77, first_id + i, None, BASE)
+            r.start_ns, r.end_ns = 1, 2
+            pipeline.submit(r)
+        _wait_idle(pipeline)
+
+    try:
+        submit(3, 0x100)
+        provider.force_flush(10_000)
+        assert len(exported.get_finished_spans()) == 3 and counted == []
+        batch.shutdown()
+        submit(5, 0x200)
+        assert pipeline.export_path == ("sdk" if sampler else "direct")
+    finally:
+        pipeline.shutdown(5)
+    assert len(exported.get_finished_spans()) == 3
+    assert sum(counted) == 5
+
+
 class _Costly:
     """An eager call's statistics, resolved in Python at 2 ms of the worker's CPU;
     ``started`` is set when the worker begins on one."""
