@@ -219,13 +219,19 @@ class CountedExporter(SpanExporter):
 
     def __init__(self, inner: SpanExporter) -> None:
         self.inner = inner
+        #: Spans of the batch being sent now: lost if the process ends meanwhile
+        #: (``left_behind``).
+        self.sending = 0
 
     def export(self, spans: Any) -> SpanExportResult:
+        self.sending = len(spans)
         try:
             result = self.inner.export(spans)
         except Exception as exc:  # noqa: BLE001 - counted; the processor logs it too
             self._count(spans, exc)
             raise
+        finally:
+            self.sending = 0
         if result is not SpanExportResult.SUCCESS:
             self._count(spans, None)
         return result
@@ -329,6 +335,22 @@ def resolve_provider(traces_file: str) -> Any:
         else:
             provider.shutdown()
         return current
+
+
+def left_behind(provider: Any) -> int:
+    """Spans our provider still holds: queued in its BatchSpanProcessors or in a batch
+    an exporter is sending.  Read when the exit's time for its shutdown ran out."""
+    left = 0
+    active = getattr(provider, "_active_span_processor", None)
+    for processor in getattr(active, "_span_processors", ()):
+        inner = getattr(processor, "_batch_processor", None)
+        if inner is None:
+            continue
+        left += len(getattr(inner, "_queue", ()))
+        exporter = getattr(inner, "_exporter", None)
+        if isinstance(exporter, CountedExporter):
+            left += exporter.sending
+    return left
 
 
 def our_provider() -> TracerProvider | None:

@@ -267,7 +267,7 @@ def _at_exit() -> None:
             runtime.pipeline.give_up_waiting("exit")
         except Exception as exc:  # noqa: BLE001
             health.report("export_errors", "could not hand on the spans still waiting", exc)
-    from .provider import our_provider
+    from .provider import left_behind, our_provider
 
     provider = our_provider()
     if provider is not None:
@@ -276,6 +276,11 @@ def _at_exit() -> None:
                                   daemon=True)
         threads.start(closer)
         closer.join(max(0.1, deadline - time.monotonic()))
+        if closer.is_alive():
+            lost = left_behind(provider)
+            if lost:
+                health.report("spans_dropped", "spans still queued or being sent when the "
+                              "exit's time ran out were dropped", n=lost)
 
 
 atexit.register(_at_exit)

@@ -199,3 +199,56 @@ def test_our_providers_sdk_path_counts_batches_the_receiver_did_not_take(
         provider.shutdown()
         if receiver.poll() is None:
             stop_pid(receiver.pid)
+
+
+EXIT_DRIVER = r'''
+import atexit, json
+# Registered first, so it runs last: after our exit flush gave up.
+atexit.register(lambda: print(json.dumps(__import__("otel_flashinfer.health").health.counters()),
+                              flush=True))
+import otel_flashinfer
+
+otel_flashinfer.instrument(level=1)
+
+@otel_flashinfer.traced
+def step_kernel(x):
+    return x
+
+for i in range(50):
+    step_kernel(i)
+# Handed to our provider's BatchSpanProcessor (whose export then hangs: the flush's
+# wait for the provider runs out, which is not what this looks at).
+otel_flashinfer.flush(1)
+print("handed", flush=True)
+'''
+
+
+@pytest.mark.timeout(120)
+def test_spans_our_provider_still_held_when_the_exits_time_ran_out_are_counted(
+        tmp_path: Path) -> None:
+    """A receiver that takes the connection and never answers: our provider's shutdown
+    at exit runs out of its 5 s, and the spans still queued in its BatchSpanProcessor
+    or in the batch being sent were lost without a count (SDK path: NATIVE_EXPORT=0)."""
+    import socket
+
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(64)  # the kernel completes connections; nobody reads or answers
+    try:
+        env = child_env({
+            "OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{hole.getsockname()[1]}",
+            "OTEL_EXPORTER_OTLP_TIMEOUT": "60", "OTEL_BSP_SCHEDULE_DELAY": "100",
+            "OTEL_FLASHINFER_NATIVE_EXPORT": "0", "OTEL_FLASHINFER_JOURNAL_DIR": ""})
+        t0 = time.monotonic()
+        out = subprocess.run([sys.executable, "-c", EXIT_DRIVER], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=90)
+        took = time.monotonic() - t0
+    finally:
+        hole.close()
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert lines[0] == "handed"
+    counters = json.loads(lines[-1])
+    assert counters.get("spans_dropped") == 50, (counters, out.stderr[-1500:])
+    assert took < 30  # the exit waited its budget, not the exporter's 60 s timeout
