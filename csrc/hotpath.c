@@ -1293,7 +1293,13 @@ static PyObject *entry_leave(Entry *e, PyObject *const *argv, Py_ssize_t nargs) 
         slot_set(record, R_TOKEN, Py_None);
         int rc = PyContextVar_Reset(S.var, token);
         Py_DECREF(token);
-        if (rc < 0) goto error;
+        /* Ended in another context than it began in (a coroutine closed outside its
+         * task): nothing of ours is current there, and the span still ends. */
+        if (rc < 0 && (PyErr_ExceptionMatches(PyExc_ValueError) ||
+                       PyErr_ExceptionMatches(PyExc_RuntimeError)))
+            PyErr_Clear();
+        else if (rc < 0)
+            goto error;
     }
     if (e->gpu != Py_None && gpu_end(e, record) < 0) goto error;
     PyObject *states = slot_get(record, R_STATES);

@@ -5,9 +5,12 @@ when the coroutine is made and for a generator when the generator object is: not
 of the work inside.  These wrappers enter before the first step and leave after the
 last (``spans.CallHooks``).  A generator's span is current only while its own code
 runs, one step at a time, never while the consumer's code between two items does.
-Closing a generator early ends its span normally; an exception thrown into it, or one
-it raises, ends the span with that error.  Nothing here runs for untraced calls but
-one lookup of the hooks.
+Closing a generator or a coroutine early ends its span normally; an exception thrown
+into it, or one it raises, ends the span with that error.  Nothing here runs for
+untraced calls but one lookup of the hooks.  Unlike the plain function, a wrapper
+checks its arguments at the first step, not at the call (it is itself a generator or
+``async def``, so that ``inspect`` sees the same shape): a missing argument raises
+there, and its span says so.
 """
 
 from __future__ import annotations
@@ -50,6 +53,9 @@ def _coroutine(fn: Callable[..., Any], hooks: HooksOf) -> Callable[..., Any]:
             # The task's context holds our span from enter to leave: every await of
             # the body runs in it, and other tasks have contexts of their own.
             result = await fn(*args, **kwargs)
+        except GeneratorExit:  # closed before it finished (a task never awaited again)
+            live.leave(record, None)
+            raise
         except BaseException as exc:
             live.failed(record, exc)
             raise
@@ -68,6 +74,7 @@ def _generator(fn: Callable[..., Any], hooks: HooksOf) -> Callable[..., Any]:
             return (yield from fn(*args, **kwargs))
         get, set_context, reset = live.context
         inner = _step_out(record, get, reset)
+        closed = False  # by the consumer: the span ended already
         try:
             gen = fn(*args, **kwargs)
             sent: Any = None
@@ -80,6 +87,9 @@ def _generator(fn: Callable[..., Any], hooks: HooksOf) -> Callable[..., Any]:
                     result = stop.value
                     break
                 finally:
+                    # What the step left current (a span of its own around a yield) is
+                    # where its next step resumes.
+                    inner = get()
                     reset(token)
                     error = None
                 try:
@@ -90,14 +100,14 @@ def _generator(fn: Callable[..., Any], hooks: HooksOf) -> Callable[..., Any]:
                         gen.close()
                     finally:
                         reset(token)
+                    closed = True
                     live.leave(record, None)  # the consumer stopped early: no error
                     raise
                 except BaseException as exc:  # noqa: BLE001 - thrown in: the generator decides
                     error, sent = exc, None
-        except GeneratorExit:
-            raise
         except BaseException as exc:
-            live.failed(record, exc)
+            if not closed:
+                live.failed(record, exc)
             raise
         live.leave(record, result)
         return result
@@ -110,44 +120,46 @@ def _async_generator(fn: Callable[..., Any], hooks: HooksOf) -> Callable[..., An
     async def wrapper(*args: Any, **kwargs: Any) -> AsyncGenerator[Any, Any]:
         live = hooks()
         record = live.enter(args, kwargs) if live is not None else None
-        if record is not None:
+        traced = record is not None
+        if traced:
             get, set_context, reset = live.context
             inner = _step_out(record, get, reset)
+        closed = False  # by the consumer: the span ended already
         try:
             agen = fn(*args, **kwargs)
             sent: Any = None
             error: BaseException | None = None
             while True:
-                token = set_context(inner) if record is not None else None
+                token = set_context(inner) if traced else None
                 try:
                     item = await (agen.asend(sent) if error is None else agen.athrow(error))
                 except StopAsyncIteration:
                     break
                 finally:
-                    if token is not None:
+                    if traced:
+                        inner = get()  # where its next step resumes
                         reset(token)
                     error = None
                 try:
                     sent = yield item
                 except GeneratorExit:
-                    token = set_context(inner) if record is not None else None
+                    token = set_context(inner) if traced else None
                     try:
                         await agen.aclose()
                     finally:
-                        if token is not None:
+                        if traced:
                             reset(token)
-                    if record is not None:
+                    closed = True
+                    if traced:
                         live.leave(record, None)  # the consumer stopped early: no error
                     raise
                 except BaseException as exc:  # noqa: BLE001 - thrown in: the generator decides
                     error, sent = exc, None
-        except GeneratorExit:
-            raise
         except BaseException as exc:
-            if record is not None:
+            if traced and not closed:
                 live.failed(record, exc)
             raise
-        if record is not None:
+        if traced:
             live.leave(record, None)
 
     return wrapper

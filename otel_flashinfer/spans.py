@@ -335,7 +335,7 @@ def _make_hooks(fn: Callable[..., Any], api_name: str, settings: Settings,
         try:
             token, record.token = record.token, None
             if token is not None:
-                reset_context(token)
+                _reset(reset_context, token)
             states, record.states = record.states, None
             if states:
                 n = len(states)
@@ -382,7 +382,7 @@ def _failed_hook(api_name: str, gpu_end: Callable[[CallRecord], Any] | None,
         try:
             token, record.token = record.token, None
             if token is not None:
-                reset_context(token)
+                _reset(reset_context, token)
             if gpu_end is not None:
                 gpu_end(record)
             record.error = _error_facts(exc)
@@ -410,6 +410,16 @@ def _failed_hook(api_name: str, gpu_end: Callable[[CallRecord], Any] | None,
                     health.report("wrapper_errors", "clearing a journal note failed", inner)
 
     return failed
+
+
+def _reset(reset_context: Callable[[Any], Any], token: Any) -> None:
+    """Make the caller's context current again.  A call that ends in another context
+    than it began in (a coroutine closed by the garbage collector, outside its task)
+    has nothing of ours current there: its span still ends."""
+    try:
+        reset_context(token)
+    except (ValueError, RuntimeError):
+        pass
 
 
 def _native_wrapper(fn: Callable[..., Any], api_name: str, entry: Any,

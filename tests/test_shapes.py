@@ -235,3 +235,79 @@ def test_untraced_shapes_behave_as_the_plain_functions(spans) -> None:  # noqa: 
     assert asyncio.run(consume()) == [0, 1]
     assert spans.finished() == []
     assert health.counters().get("wrapper_errors", 0) == 0
+
+
+def test_a_coroutine_closed_outside_its_task_still_ends_its_span(spans) -> None:  # noqa: ANN001
+    """A task left pending when its loop closes; the coroutine is closed later, in
+    another context: resetting our context there raised, and the span was lost."""
+    otel_flashinfer.instrument(level=1)
+
+    @otel_flashinfer.traced(name="waits")
+    async def waits() -> None:
+        await asyncio.sleep(10)
+
+    async def main() -> asyncio.Task:
+        task = asyncio.ensure_future(waits())
+        await asyncio.sleep(0.01)
+        return task
+
+    loop = asyncio.new_event_loop()
+    task = loop.run_until_complete(main())
+    coro = task._coro  # noqa: SLF001
+    loop.close()
+    coro.close()
+    (span,) = spans.by_name("waits")
+    assert span.status.status_code is StatusCode.UNSET  # closed early, as a generator
+    assert health.counters().get("wrapper_errors", 0) == 0
+
+
+def test_a_generators_own_span_around_a_yield_stays_current(spans) -> None:  # noqa: ANN001
+    """Each step resumed from the context of the first, so a span the generator opened
+    around a ``yield`` was gone when its code went on after it."""
+    otel_flashinfer.instrument(level=3)
+    tracer = spans.tracer()
+
+    @otel_flashinfer.traced(name="opens")
+    def opens():  # noqa: ANN202
+        with tracer.start_as_current_span("mine"):
+            yield 1
+            leaf(1)
+
+    @otel_flashinfer.traced(name="aopens")
+    async def aopens():  # noqa: ANN202
+        with tracer.start_as_current_span("amine"):
+            yield 1
+            leaf(2)
+
+    assert list(opens()) == [1]
+
+    async def consume() -> list[int]:
+        return [v async for v in aopens()]
+
+    assert asyncio.run(consume()) == [1]
+    mine, amine = spans.by_name("mine")[0], spans.by_name("amine")[0]
+    leaves = {s.attributes["flashinfer.arg.x"]: s for s in spans.by_name("leaf")}
+    assert leaves[1].parent.span_id == mine.context.span_id
+    assert leaves[2].parent.span_id == amine.context.span_id
+
+
+def test_a_generator_that_raises_generator_exit_itself_ends_its_span(spans) -> None:  # noqa: ANN001
+    """GeneratorExit raised by the generator's own step (not a close of ours) went out
+    with the span never ended and its journal note left live."""
+    otel_flashinfer.instrument(level=1)
+
+    @otel_flashinfer.traced(name="quits")
+    def quits():  # noqa: ANN202
+        yield 1
+        raise GeneratorExit
+
+    gen = quits()
+    next(gen)
+    with pytest.raises(GeneratorExit):
+        next(gen)
+    (span,) = spans.by_name("quits")
+    assert span.status.status_code is StatusCode.ERROR
+    from otel_flashinfer import runtime
+
+    journal = runtime.current().journal
+    assert journal is None or journal.live_count() == 0
