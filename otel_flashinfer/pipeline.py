@@ -565,8 +565,9 @@ class Pipeline:
         if tracer is not None:
             self._use_tracer(tracer)
         self.flush_hooks: list[Callable[[float], bool]] = []
-        self._flusher: threading.Thread | None = None
-        self._flush_result: list[bool] = [False]
+        #: The provider's force_flush running now, with the list its result goes in:
+        #: one pair, so that a caller reads the result of the thread it waited for.
+        self._flusher: tuple[threading.Thread, list[bool]] | None = None
         #: CPU seconds the worker spent building spans (benchmarks report it per call).
         self.worker_cpu_s = 0.0
         self._worker_cost = CostEstimate()
@@ -1280,9 +1281,11 @@ class Pipeline:
         late one counts as not flushed.
         """
         remaining = max(0.0, deadline - time.monotonic())
-        thread = self._flusher
-        if thread is None or not thread.is_alive():
-            result = self._flush_result = [False]
+        running = self._flusher
+        if running is not None and running[0].is_alive():
+            thread, result = running
+        else:
+            result = [False]
 
             def run() -> None:
                 try:
@@ -1298,12 +1301,12 @@ class Pipeline:
             except RuntimeError:  # interpreter shutdown (3.12+ refuses new threads)
                 run()  # at exit there is no engine left to keep waiting
                 return result[0]
-            self._flusher = thread
+            self._flusher = (thread, result)
         thread.join(remaining)
         if thread.is_alive():
             health.count("flush_timeouts")
             return False
-        return self._flush_result[0]
+        return result[0]
 
     def give_up_waiting(self, reason: str, timeout_s: float = _GIVE_UP_S) -> bool:
         """Hand on the spans still waiting for their payload (a blob store slow or down),
