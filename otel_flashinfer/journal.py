@@ -121,9 +121,31 @@ def parse_journal_name(name: str) -> tuple[str, int, int] | None:
     """(hostname, pid, start ticks) from a journal's file name, or None."""
     stem = name.split(SUFFIX, 1)[0]
     parts = stem.rsplit("-", 2)
-    if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
+    if len(parts) != 3:
         return None
-    return parts[0], int(parts[1]), int(parts[2])
+    ticks = parts[2].split(".", 1)[0]  # a name made unique (``_publish``): ``.n<hex>``
+    if not parts[1].isdigit() or not ticks.isdigit():
+        return None
+    return parts[0], int(parts[1]), int(ticks)
+
+
+def _publish(tmp: str, path: str) -> str:
+    """Give the finished file ``tmp`` its name without replacing another's: two
+    containers sharing the folder and the host name may both be pid 1, started in the
+    same clock tick.  Returns the name it got (``path``, or one made unique)."""
+    for attempt in range(8):
+        target = path if attempt == 0 else \
+            f"{path[:-len(SUFFIX)]}.n{os.urandom(4).hex()}{SUFFIX}"
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            continue
+        except OSError:  # no hard links here (some network and FUSE file systems)
+            os.rename(tmp, target)
+            return target
+        os.unlink(tmp)
+        return target
+    raise FileExistsError(f"no free crash journal name next to {path}")
 
 
 # ---- the writer -------------------------------------------------------------------------
@@ -153,6 +175,8 @@ class Journal:
         self.path = ""
         self.blob_url = ""
         self._lock_fd = -1
+        #: Journals of crashed processes this one recovered, until their spans are out.
+        self.recovered: Recovered | None = None
         self._open_file()
 
     def _open_file(self) -> None:
@@ -165,7 +189,7 @@ class Journal:
         start_ticks = process_start_ticks() or 0
         host = socket.gethostname()
         path = os.path.join(self.directory, journal_name(host, pid, start_ticks))
-        tmp = os.path.join(self.directory, f".tmp-{pid}-{time.time_ns()}")
+        tmp = os.path.join(self.directory, f".tmp-{pid}-{time.time_ns()}-{os.urandom(4).hex()}")
         size = fmt.file_size(self.slot_count, self.slot_size)
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | _CLOEXEC, 0o600)
         locked = False
@@ -186,7 +210,7 @@ class Journal:
                             pid=pid, start_ticks=start_ticks,
                             created_ns=time.time_ns(), boot_id=boot_id(), hostname=host,
                             flags=fmt.HEADER_LOCKED if locked else 0)
-            os.rename(tmp, path)
+            path = _publish(tmp, path)
         except BaseException:
             os.unlink(tmp)
             os.close(fd)
@@ -405,13 +429,74 @@ def open_journal(settings: Any, runtime: Any) -> Journal:
             journal.set_blob_url(absolute_url(settings.blob_url))
         except Exception as exc:  # noqa: BLE001
             health.report("journal_errors", "could not note the crash-safe blob store", exc)
-    submit = runtime.pipeline.submit if runtime is not None else None
-    if submit is not None:
-        records, journals = recover_report(directory, submit, exclude_pid=os.getpid())
-        if journals:
+    pipeline = runtime.pipeline if runtime is not None else None
+    if pipeline is not None:
+        claims = claim_journals(directory, exclude_pid=os.getpid())
+        if claims:
+            dropped = health.dropped()
+            spans = 0
+            for claim in claims:
+                for record in claim.records:
+                    pipeline.submit(record)
+                spans += len(claim.records)
             logger.warning("otel_flashinfer: recovered %d in-flight call(s) of %d crashed "
-                           "process(es) from %s", len(records), journals, directory)
+                           "process(es) from %s", spans, len(claims), directory)
+            # Deleted once they are out; with the receiver down, kept for the next start.
+            journal.recovered = Recovered(claims, dropped)
+            threads.start(threading.Thread(
+                target=journal.recovered.when_flushed, args=(pipeline,),
+                name="otel_flashinfer-recovered", daemon=True))
     return journal
+
+
+#: How long a process waits for its recovered spans to go out before it keeps their
+#: journals for the next recovery.
+RECOVERED_FLUSH_S = 60.0
+
+
+class Recovered:
+    """The journals a process recovered at start-up, held (claimed and locked) until
+    their spans are out: deleted once the pipeline flushed with nothing dropped since
+    they were handed on, else put back for the next recovery.  A drop of any span in
+    that time keeps them: the next recovery may then send some spans again, with the
+    same ids, rather than lose them.  Decided once: by a background flush that went
+    through (``when_flushed``), else when tracing stops or the process exits
+    (``settle``); a process killed first leaves them claimed, which the next recoverer
+    takes over."""
+
+    def __init__(self, claims: list[Claim], dropped: int) -> None:
+        self.claims, self.dropped = claims, dropped
+        self._lock = threading.Lock()
+
+    def when_flushed(self, pipeline: Any) -> None:
+        """In the background after recovery: settle on a flush that went through; one
+        that did not (the receiver down, tracing stopped meanwhile) leaves the decision
+        to the stop or the exit, whose own flush says."""
+        try:
+            flushed = bool(pipeline.flush(RECOVERED_FLUSH_S))
+        except Exception as exc:  # noqa: BLE001
+            health.report("journal_errors", "could not wait for recovered spans", exc)
+            return
+        if flushed:
+            self.settle(True)
+
+    def settle(self, flushed: bool) -> None:
+        """``flushed``: whether every span handed on since was exported."""
+        with self._lock:
+            claims, self.claims = self.claims, []
+        if not claims:
+            return
+        exported = flushed and health.dropped() == self.dropped
+        for claim in claims:
+            try:
+                claim.finish(exported)
+            except OSError as exc:
+                health.report("journal_errors", f"could not finish crash journal "
+                              f"{claim.path}", exc)
+        if not exported:
+            logger.warning("otel_flashinfer: the recovered spans of %d crash journal(s) "
+                           "were not all exported; the journals are kept for the next "
+                           "recovery", len(claims))
 
 
 # ---- recovery ---------------------------------------------------------------------------
@@ -547,6 +632,15 @@ def _claim_one(path: str, name: str, me: _Me, exclude_pid: int | None,
     return claim
 
 
+def _same_file(fd: int, path: str) -> bool:
+    """Whether ``path`` still names the file open (and locked) as ``fd``."""
+    try:
+        named, held = os.lstat(path), os.fstat(fd)
+    except OSError:
+        return False
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
+
+
 def _moved(base: str) -> Claim:
     """A journal moved aside as corrupt: taken, with nothing to send or finish."""
     return Claim(-1, "", base, [], [])
@@ -566,6 +660,8 @@ def _claim_locked(fd: int, path: str, head: bytes, size: int, stale_claim: bool,
         try:
             header = fmt.parse_header(head, size, allow_short=True)
         except fmt.JournalCorrupt as exc:
+            if not _same_file(fd, path):
+                return None  # renamed over since we read it: the next look sees the new one
             if from_name is None:
                 _move_corrupt(path, base, str(exc))
                 return _moved(base)
@@ -591,6 +687,14 @@ def _claim_locked(fd: int, path: str, head: bytes, size: int, stale_claim: bool,
         os.rename(path, claimed)
     except FileNotFoundError:
         return None  # another recoverer won
+    if not _same_file(fd, claimed):
+        # The name went to a new file after we locked the old one (a process that
+        # exec'd keeps its pid and start time, so its journal's name): give it back.
+        try:
+            os.rename(claimed, path)
+        except OSError:
+            pass
+        return None
     bad: list[str] = []
     try:
         data = _read_fd(fd)

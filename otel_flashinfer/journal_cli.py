@@ -83,9 +83,11 @@ def run_recover(args: argparse.Namespace) -> int:
                 health.report("journal_errors", f"could not finish crash journal "
                               f"{claim.path}", exc)
     spans = sum(len(claim.records) for claim in claims)
-    print(f"recovered {spans} span(s) from {len(claims)} journal(s) in {directory}")
     if exported:
+        print(f"recovered {spans} span(s) from {len(claims)} journal(s) in {directory}")
         return 0
+    print(f"read {spans} span(s) from {len(claims)} journal(s) in {directory}; not all "
+          "were exported")
     if not flushed:
         print("otel-flashinfer recover: not every span was exported in 30 s", file=sys.stderr)
     if lost:

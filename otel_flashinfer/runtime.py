@@ -201,6 +201,7 @@ class Runtime:
 
     def stop(self, timeout_s: float = 5.0) -> bool:
         ok = self.pipeline.shutdown(timeout_s)
+        self._settle_recovered(ok)
         if self.blobs is not None:
             try:
                 ok = self.blobs.shutdown(timeout_s) and ok
@@ -212,6 +213,16 @@ class Runtime:
             except Exception as exc:  # noqa: BLE001
                 health.report("journal_errors", "could not close the crash journal", exc)
         return ok
+
+
+    def _settle_recovered(self, flushed: bool) -> None:
+        """The crash journals this process recovered: deleted if their spans went out."""
+        recovered = getattr(self.journal, "recovered", None)
+        if recovered is not None:
+            try:
+                recovered.settle(flushed)
+            except Exception as exc:  # noqa: BLE001
+                health.report("journal_errors", "could not settle recovered journals", exc)
 
 
 def current() -> Runtime | None:
@@ -262,11 +273,15 @@ EXIT_BUDGET_S = 5.0
 def _at_exit() -> None:
     deadline = time.monotonic() + EXIT_BUDGET_S
     runtime = _current
-    if runtime is not None and not runtime.flush(EXIT_BUDGET_S):
-        try:  # what still waits (a payload, statistics) goes out saying so
-            runtime.pipeline.give_up_waiting("exit")
-        except Exception as exc:  # noqa: BLE001
-            health.report("export_errors", "could not hand on the spans still waiting", exc)
+    if runtime is not None:
+        flushed = runtime.flush(EXIT_BUDGET_S)
+        runtime._settle_recovered(flushed)  # noqa: SLF001 - the module's own runtime
+        if not flushed:
+            try:  # what still waits (a payload, statistics) goes out saying so
+                runtime.pipeline.give_up_waiting("exit")
+            except Exception as exc:  # noqa: BLE001
+                health.report("export_errors", "could not hand on the spans still "
+                              "waiting", exc)
     from .provider import left_behind, our_provider
 
     provider = our_provider()

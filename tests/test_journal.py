@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,13 @@ def _write_journal(directory: Path, *, pid: int, ticks: int, notes: list[dict],
 NOTE = dict(trace_id=0xABCDEF0123456789ABCDEF0123456789, span_id=0x1122334455667788,
             parent_span_id=0x99, start_ns=1_000, name=b"BatchDecodeWithPagedKVCacheWrapper.run",
             args=b'{"q.shape":[8,32,128],"q.dtype":"float16","sm_scale":0.125}')
+
+
+def _wait_for(condition: Any, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
 
 
 def _record(parent: int | None = 7, start: int = 123) -> CallRecord:
@@ -467,6 +475,47 @@ os.kill(os.getpid(), signal.SIGKILL)
         os.killpg(proc.pid, 9)
 
 
+def test_a_name_taken_by_a_new_file_after_the_lock_is_given_back(tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    """A process that exec'd keeps its pid and start time, so its new journal takes the
+    old one's name.  A recoverer that locked the old file renamed whatever the name
+    held by then, read the old file's notes, and deleted the new, live journal."""
+    old = _write_journal(tmp_path, pid=_dead_pid(), ticks=5, notes=[NOTE], last_write_ns=5)
+    buf = bytearray(old.read_bytes())
+    fmt.pack_slot(buf, fmt.HEADER_SIZE, **dict(NOTE, span_id=0x5151, name=b"after-exec"))
+    new_bytes = bytes(buf)
+    real_lock = J._try_lock  # noqa: SLF001
+
+    def exec_meanwhile(fd: int, shared: bool = False) -> bool | None:
+        tmp = tmp_path / ".tmp-new"
+        tmp.write_bytes(new_bytes)
+        os.rename(tmp, old)  # the exec'd image's journal, under the same name
+        return real_lock(fd, shared)
+
+    monkeypatch.setattr(J, "_try_lock", exec_meanwhile)
+    assert J.recover(str(tmp_path), lambda r: None) == []
+    assert old.read_bytes() == new_bytes  # the new file kept its name and its notes
+
+
+def test_a_journal_never_replaces_another_of_the_same_name(tmp_path: Path) -> None:
+    """Two containers sharing the folder and the host name, both pid 1, started in the
+    same clock tick: the second journal's rename replaced the first's live file."""
+    ticks = J.process_start_ticks() or 0
+    theirs = _write_journal(tmp_path, pid=os.getpid(), ticks=ticks, notes=[NOTE],
+                            last_write_ns=5)
+    before = theirs.read_bytes()
+    journal = J.Journal(str(tmp_path))
+    try:
+        assert journal.path != str(theirs)
+        assert theirs.read_bytes() == before
+        assert J.parse_journal_name(os.path.basename(journal.path)) == (HOST, os.getpid(),
+                                                                        ticks)
+        assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
+    finally:
+        journal.close()
+    assert theirs.exists()  # our clean exit deletes our file, never theirs
+
+
 def test_corrupt_and_truncated_journals_are_reported_and_moved_aside(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     health.reset()
@@ -583,6 +632,12 @@ def test_open_journal_recovers_once_and_is_shared(tmp_path: Path) -> None:
         class pipeline:  # noqa: N801 - stands in for the runtime's pipeline
             submitted: list[CallRecord] = []
             submit = submitted.append
+            flushed = threading.Event()
+
+            @classmethod
+            def flush(cls, timeout_s: float) -> bool:
+                cls.flushed.set()
+                return True
 
     settings = type("S", (), {"journal_dir": str(tmp_path)})()
     first = J.open_journal(settings, Runtime)
@@ -590,6 +645,8 @@ def test_open_journal_recovers_once_and_is_shared(tmp_path: Path) -> None:
     try:
         assert first is second
         assert len(Runtime.pipeline.submitted) == 1
+        assert Runtime.pipeline.flushed.wait(10)
+        _wait_for(lambda: len(os.listdir(tmp_path)) == 1)  # the recovered one deleted
         first.close()
         assert Path(second.path).exists()  # still used by the second runtime
     finally:

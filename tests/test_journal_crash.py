@@ -261,3 +261,45 @@ def test_cli_keeps_the_journal_while_the_receiver_is_down(tmp_path: Path) -> Non
         (f"{NOTE['span_id']:016x}", NOTE["name"].decode())]
 
 
+
+
+@pytest.mark.timeout(120)
+def test_recovery_at_start_keeps_the_journal_while_the_receiver_is_down(
+        tmp_path: Path) -> None:
+    """The first instrumented process recovers dead processes' journals itself: it
+    deleted them as soon as their spans were handed on, so with the collector down they
+    were dropped and gone.  Now they stay until a run exports them."""
+    import socket as _socket
+
+    from test_journal import NOTE, _dead_pid, _write_journal
+
+    journal_dir = tmp_path / "journal"
+    journal_dir.mkdir()
+    path = _write_journal(journal_dir, pid=_dead_pid(), ticks=5, notes=[NOTE],
+                          last_write_ns=5)
+    with _socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    traces = tmp_path / "traces.jsonl"
+    code = textwrap.dedent(f"""
+        import otel_flashinfer
+        otel_flashinfer.instrument(level=1, journal_dir={str(journal_dir)!r})
+        print("flushed", otel_flashinfer.flush(20), flush=True)
+        otel_flashinfer.uninstrument()
+    """)
+    env = {**_env(traces), "OTEL_TRACES_EXPORTER": "otlp",
+           "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+           "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+           "OTEL_EXPORTER_OTLP_TIMEOUT": "2"}
+    down = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=90)
+    assert down.returncode == 0, down.stderr
+    assert "journals are kept for the next recovery" in down.stderr
+    assert sorted(os.listdir(journal_dir)) == [path.name]
+    up = subprocess.run([sys.executable, "-c", code], env=_env(traces), cwd=tmp_path,
+                        capture_output=True, text=True, timeout=90)
+    assert up.returncode == 0, up.stderr
+    assert "flushed True" in up.stdout, up.stderr
+    assert os.listdir(journal_dir) == []
+    crashed = [s for s in _spans(traces) if _attrs(s).get("flashinfer.crash") is True]
+    assert [s["spanId"] for s in crashed] == [f"{NOTE['span_id']:016x}"]
