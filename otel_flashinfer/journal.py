@@ -487,12 +487,7 @@ class Recovered:
         if not claims:
             return
         exported = flushed and health.dropped() == self.dropped
-        for claim in claims:
-            try:
-                claim.finish(exported)
-            except OSError as exc:
-                health.report("journal_errors", f"could not finish crash journal "
-                              f"{claim.path}", exc)
+        finish_claims(claims, exported)
         if not exported:
             logger.warning("otel_flashinfer: the recovered spans of %d crash journal(s) "
                            "were not all exported; the journals are kept for the next "
@@ -828,6 +823,16 @@ def _remove_stale_tmp(path: str) -> None:
         pass
 
 
+def finish_claims(claims: list[Claim], exported: bool) -> None:
+    """``Claim.finish`` each; one that fails is reported, the others go on."""
+    for claim in claims:
+        try:
+            claim.finish(exported)
+        except OSError as exc:
+            health.report("journal_errors", f"could not finish crash journal {claim.path}",
+                          exc)
+
+
 def claim_journals(journal_dir: str, *, exclude_pid: int | None = None,
                    all_hosts: bool = False) -> list[Claim]:
     """Take the journals of dead processes in ``journal_dir``; each ``Claim`` holds its
@@ -876,11 +881,7 @@ def recover_report(journal_dir: str, submit: Callable[[CallRecord], None], *,
             records.extend(claim.records)
             handed = True
         finally:
-            try:
-                claim.finish(handed)
-            except OSError as exc:
-                health.report("journal_errors", f"could not remove crash journal "
-                              f"{claim.path}", exc)
+            finish_claims([claim], handed)
     return records, len(claims)
 
 
@@ -896,6 +897,7 @@ __all__ = [
     "Claim",
     "Journal",
     "claim_journals",
+    "finish_claims",
     "open_journal",
     "process_alive",
     "process_start_ticks",

@@ -39,7 +39,7 @@ def add_recover_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run_recover(args: argparse.Namespace) -> int:
     """Recover, flush, print a summary; 0, or 1 on a bad argument or setting."""
     from .config import ConfigError, load_settings
-    from .journal import claim_journals
+    from .journal import claim_journals, finish_claims
     from .pipeline import Pipeline
     from .provider import our_provider, resolve_provider
     from .runtime import SCOPE_NAME
@@ -76,12 +76,7 @@ def run_recover(args: argparse.Namespace) -> int:
     finally:
         # A journal is deleted only once its spans are out; otherwise it stays for the
         # next ``recover`` (which may then send some spans twice, with the same ids).
-        for claim in claims:
-            try:
-                claim.finish(exported)
-            except OSError as exc:
-                health.report("journal_errors", f"could not finish crash journal "
-                              f"{claim.path}", exc)
+        finish_claims(claims, exported)
     spans = sum(len(claim.records) for claim in claims)
     if exported:
         print(f"recovered {spans} span(s) from {len(claims)} journal(s) in {directory}")

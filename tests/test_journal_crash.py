@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_journal import NOTE, _dead_pid, _write_journal
 
 from otel_flashinfer import health
 from otel_flashinfer.journal import recover
@@ -227,21 +228,26 @@ def test_cli_rejects_a_missing_directory(tmp_path: Path, capsys: pytest.CaptureF
     health.reset()
 
 
-@pytest.mark.timeout(120)
-def test_cli_keeps_the_journal_while_the_receiver_is_down(tmp_path: Path) -> None:
-    """``recover`` deleted a journal once its spans were handed on: with the collector
-    down they were dropped, and gone.  Now the journal stays until a run exports it."""
-    import socket as _socket
-
-    from test_journal import NOTE, _dead_pid, _write_journal
+def _dead_journal_and_closed_port(tmp_path: Path) -> tuple[Path, Path, int]:
+    """A folder holding a dead process's journal, the journal, and a port nobody
+    listens on (the receiver down)."""
+    import socket
 
     journal_dir = tmp_path / "journal"
     journal_dir.mkdir()
     path = _write_journal(journal_dir, pid=_dead_pid(), ticks=5, notes=[NOTE],
                           last_write_ns=5)
-    with _socket.socket() as sock:  # a port nobody listens on
+    with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    return journal_dir, path, port
+
+
+@pytest.mark.timeout(120)
+def test_cli_keeps_the_journal_while_the_receiver_is_down(tmp_path: Path) -> None:
+    """``recover`` deleted a journal once its spans were handed on: with the collector
+    down they were dropped, and gone.  Now the journal stays until a run exports it."""
+    journal_dir, path, port = _dead_journal_and_closed_port(tmp_path)
     traces = tmp_path / "traces.jsonl"
     env = {**_env(traces), "OTEL_TRACES_EXPORTER": "otlp",
            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
@@ -269,17 +275,7 @@ def test_recovery_at_start_keeps_the_journal_while_the_receiver_is_down(
     """The first instrumented process recovers dead processes' journals itself: it
     deleted them as soon as their spans were handed on, so with the collector down they
     were dropped and gone.  Now they stay until a run exports them."""
-    import socket as _socket
-
-    from test_journal import NOTE, _dead_pid, _write_journal
-
-    journal_dir = tmp_path / "journal"
-    journal_dir.mkdir()
-    path = _write_journal(journal_dir, pid=_dead_pid(), ticks=5, notes=[NOTE],
-                          last_write_ns=5)
-    with _socket.socket() as sock:  # a port nobody listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    journal_dir, path, port = _dead_journal_and_closed_port(tmp_path)
     traces = tmp_path / "traces.jsonl"
     code = textwrap.dedent(f"""
         import otel_flashinfer

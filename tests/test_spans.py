@@ -772,7 +772,7 @@ def test_two_threads_flushing_at_once_both_see_it_succeed(spans) -> None:  # noq
     for _ in range(150):
         tick()
         got: list[bool] = []
-        other = threading.Thread(target=lambda: got.append(otel_flashinfer.flush(20)))
+        other = threading.Thread(target=lambda out=got: out.append(otel_flashinfer.flush(20)))
         other.start()
         got.append(otel_flashinfer.flush(20))
         other.join()

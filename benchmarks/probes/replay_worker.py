@@ -43,7 +43,6 @@ def main() -> int:
 
     import otel_flashinfer
     from otel_flashinfer import gpu_timing, health, runtime
-
     from otel_flashinfer import pipeline as pipeline_module
 
     seen: list[str] = []
