@@ -222,21 +222,36 @@ class CountedExporter(SpanExporter):
         #: Spans of the batch being sent now: lost if the process ends meanwhile
         #: (``left_behind``).
         self.sending = 0
+        #: Set by ``write_off``: what fails after it was counted there already.
+        self.written_off = False
+        self._lock = threading.Lock()
 
     def export(self, spans: Any) -> SpanExportResult:
-        self.sending = len(spans)
+        with self._lock:
+            self.sending = len(spans)
         try:
             result = self.inner.export(spans)
         except Exception as exc:  # noqa: BLE001 - counted; the processor logs it too
             self._count(spans, exc)
             raise
         finally:
-            self.sending = 0
+            with self._lock:
+                self.sending = 0
         if result is not SpanExportResult.SUCCESS:
             self._count(spans, None)
         return result
 
+    def write_off(self) -> int:
+        """The exit gave up on us: the spans being sent now, counted by the caller;
+        from now on nothing this exporter fails is counted again."""
+        with self._lock:
+            self.written_off = True
+            return self.sending
+
     def _count(self, spans: Any, exc: BaseException | None) -> None:
+        with self._lock:
+            if self.written_off:
+                return
         inner = type(self.inner)
         health.report("spans_dropped", f"{inner.__module__}.{inner.__qualname__} did not "
                       "send a batch (after its retries)", exc, n=len(spans))
@@ -339,17 +354,21 @@ def resolve_provider(traces_file: str) -> Any:
 
 def left_behind(provider: Any) -> int:
     """Spans our provider still holds: queued in its BatchSpanProcessors or in a batch
-    an exporter is sending.  Read when the exit's time for its shutdown ran out."""
+    an exporter is sending.  Read when the exit's time for its shutdown ran out; its
+    exporters then count nothing more (``CountedExporter.write_off``)."""
     left = 0
     active = getattr(provider, "_active_span_processor", None)
     for processor in getattr(active, "_span_processors", ()):
         inner = getattr(processor, "_batch_processor", None)
         if inner is None:
             continue
+        # The queue first: a batch taken from it between the two looks is counted in
+        # both (high by a batch, never low); one taken after is in the queue's count,
+        # and its failure is not counted again (``write_off``).
         left += len(getattr(inner, "_queue", ()))
         exporter = getattr(inner, "_exporter", None)
         if isinstance(exporter, CountedExporter):
-            left += exporter.sending
+            left += exporter.write_off()
     return left
 
 

@@ -1273,10 +1273,21 @@ def test_spans_handed_to_a_shut_batch_processor_are_counted(sampler: str | None,
         batch.shutdown()
         submit(5, 0x200)
         assert pipeline.export_path == ("sdk" if sampler else "direct")
+        # A second processor, shut too: each span is lost once, not once per processor.
+        second = Batch(InMemorySpanExporter(), schedule_delay_millis=10)
+        provider.add_span_processor(second)
+        second.shutdown()
+        submit(4, 0x300)
+        assert sum(counted) == 5 + 4
+        # One that still takes them: nothing is lost.
+        live = InMemorySpanExporter()
+        provider.add_span_processor(SimpleSpanProcessor(live))
+        submit(2, 0x400)
     finally:
         pipeline.shutdown(5)
     assert len(exported.get_finished_spans()) == 3
-    assert sum(counted) == 5
+    assert sum(counted) == 5 + 4
+    assert len(live.get_finished_spans()) == 2
 
 
 class _Costly:
