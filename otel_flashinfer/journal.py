@@ -119,7 +119,7 @@ def journal_name(hostname: str, pid: int, start_ticks: int) -> str:
 
 def parse_journal_name(name: str) -> tuple[str, int, int] | None:
     """(hostname, pid, start ticks) from a journal's file name, or None."""
-    stem = name.split(SUFFIX, 1)[0]
+    stem = name.removesuffix(SUFFIX)
     parts = stem.rsplit("-", 2)
     if len(parts) != 3:
         return None
@@ -141,6 +141,8 @@ def _publish(tmp: str, path: str) -> str:
         except FileExistsError:
             continue
         except OSError:  # no hard links here (some network and FUSE file systems)
+            if os.path.lexists(target):  # a rename would replace it (racy, but rare)
+                continue
             os.rename(tmp, target)
             return target
         os.unlink(tmp)
@@ -395,6 +397,11 @@ def _after_fork() -> None:
     global _registry_lock
     _registry_lock = threading.Lock()
     for journal in list(_registry.values()):
+        if journal.recovered is not None:
+            # The parent's to settle: our copies of their locks go (a killed parent's
+            # claims must not look held while we run), and our exit must not decide.
+            journal.recovered.forget_in_child()
+            journal.recovered = None
         journal._after_fork_in_child()
 
 
@@ -467,6 +474,20 @@ class Recovered:
     def __init__(self, claims: list[Claim], dropped: int) -> None:
         self.claims, self.dropped = claims, dropped
         self._lock = threading.Lock()
+        self._pid = os.getpid()
+
+    def forget_in_child(self) -> None:
+        """In a forked child: close its copies of the claims' descriptors (the parent's
+        locks stay with the parent's) and settle nothing."""
+        for claim in self.claims:
+            if claim.fd >= 0:
+                try:
+                    os.close(claim.fd)
+                except OSError:
+                    pass
+                claim.fd = -1
+        self.claims = []
+        self._lock = threading.Lock()
 
     def when_flushed(self, pipeline: Any) -> None:
         """In the background after recovery: settle on a flush that went through; one
@@ -482,6 +503,8 @@ class Recovered:
 
     def settle(self, flushed: bool) -> None:
         """``flushed``: whether every span handed on since was exported."""
+        if os.getpid() != self._pid:
+            return  # a forked child's view: the parent settles its own
         with self._lock:
             claims, self.claims = self.claims, []
         if not claims:
@@ -567,7 +590,9 @@ class Claim:
             return
         try:
             if not exported:
-                os.rename(self.path, self.base)  # the next recoverer finds it as it was
+                # Back for the next recoverer, never over a name taken meanwhile (a
+                # process that exec'd keeps its journal's name): then under a new one.
+                _publish(self.path, self.base)
             elif self.bad:
                 # The readable slots went out; the file is kept aside for a look at the rest.
                 health.count("journal_bad_slots", len(self.bad))
@@ -686,7 +711,7 @@ def _claim_locked(fd: int, path: str, head: bytes, size: int, stale_claim: bool,
         # The name went to a new file after we locked the old one (a process that
         # exec'd keeps its pid and start time, so its journal's name): give it back.
         try:
-            os.rename(claimed, path)
+            _publish(claimed, path)
         except OSError:
             pass
         return None

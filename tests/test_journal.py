@@ -497,9 +497,41 @@ def test_a_name_taken_by_a_new_file_after_the_lock_is_given_back(tmp_path: Path,
     assert old.read_bytes() == new_bytes  # the new file kept its name and its notes
 
 
-def test_a_journal_never_replaces_another_of_the_same_name(tmp_path: Path) -> None:
+def test_a_claim_put_back_never_replaces_a_journal_that_took_its_name(
+        tmp_path: Path) -> None:
+    """Recovery that could not export puts the journal back: a rename replaced the live
+    journal a process that exec'd had published under the same name meanwhile, and that
+    process's clean stop then deleted the crashed calls' notes."""
+    old = _write_journal(tmp_path, pid=_dead_pid(), ticks=5, notes=[NOTE], last_write_ns=5)
+    (claim,) = J.claim_journals(str(tmp_path))
+    live = old.with_name(old.name)  # the name is free now: a new journal takes it
+    live.write_bytes(b"live journal")
+    J.finish_claims([claim], exported=False)
+    assert live.read_bytes() == b"live journal"
+    (back,) = [n for n in os.listdir(tmp_path) if n != old.name]
+    assert J.parse_journal_name(back) == J.parse_journal_name(old.name)
+    live.unlink()
+    assert [r.name for r in J.recover(str(tmp_path), lambda r: None)] == [NOTE["name"].decode()]
+
+
+def test_names_parse_with_dots_and_dashes_in_the_host(tmp_path: Path) -> None:
+    assert J.parse_journal_name("node.journal.lan-12-34.journal") == ("node.journal.lan", 12,
+                                                                      34)
+    assert J.parse_journal_name("a-b-12-34.n0f3a.journal") == ("a-b", 12, 34)
+    assert J.parse_journal_name("x-1-2.journal.recovering.5-6") is None
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_a_journal_never_replaces_another_of_the_same_name(tmp_path: Path, monkeypatch,
+                                                           hard_links: bool) -> None:
     """Two containers sharing the folder and the host name, both pid 1, started in the
-    same clock tick: the second journal's rename replaced the first's live file."""
+    same clock tick: the second journal's rename replaced the first's live file.  Also
+    on a file system without hard links (vfat, some FUSE), where a rename is the way."""
+    if not hard_links:
+        def no_links(src: str, dst: str) -> None:
+            raise PermissionError(1, "Operation not permitted")
+
+        monkeypatch.setattr(J.os, "link", no_links)
     ticks = J.process_start_ticks() or 0
     theirs = _write_journal(tmp_path, pid=os.getpid(), ticks=ticks, notes=[NOTE],
                             last_write_ns=5)

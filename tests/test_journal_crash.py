@@ -299,3 +299,32 @@ def test_recovery_at_start_keeps_the_journal_while_the_receiver_is_down(
     assert os.listdir(journal_dir) == []
     crashed = [s for s in _spans(traces) if _attrs(s).get("flashinfer.crash") is True]
     assert [s["spanId"] for s in crashed] == [f"{NOTE['span_id']:016x}"]
+
+
+@pytest.mark.timeout(120)
+def test_a_forked_child_leaves_the_parents_recovered_journals_alone(tmp_path: Path) -> None:
+    """A child forked after start-up recovery inherited the claims: its normal exit
+    settled them (its flush empty, its drop count reset) and deleted the journal whose
+    spans the parent could not send."""
+    journal_dir, path, port = _dead_journal_and_closed_port(tmp_path)
+    code = textwrap.dedent(f"""
+        import os, sys
+        import otel_flashinfer
+        otel_flashinfer.instrument(level=1, journal_dir={str(journal_dir)!r})
+        pid = os.fork()
+        if pid == 0:
+            sys.exit(0)  # a worker that ends normally: its exit handlers run
+        os.waitpid(pid, 0)
+        print("claimed", sorted(n for n in os.listdir({str(journal_dir)!r})
+                                if ".recovering." in n), flush=True)
+        otel_flashinfer.uninstrument()
+    """)
+    env = {**_env(tmp_path / "t.jsonl"), "OTEL_TRACES_EXPORTER": "otlp",
+           "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+           "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+           "OTEL_EXPORTER_OTLP_TIMEOUT": "2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=90)
+    assert out.returncode == 0, out.stderr
+    assert f"{path.name}.recovering." in out.stdout  # still the parent's after the child
+    assert sorted(os.listdir(journal_dir)) == [path.name]  # put back: never exported
