@@ -475,18 +475,19 @@ class Recovered:
         self.claims, self.dropped = claims, dropped
         self._lock = threading.Lock()
         self._pid = os.getpid()
+        self._finishing: list[Claim] = []
 
     def forget_in_child(self) -> None:
         """In a forked child: close its copies of the claims' descriptors (the parent's
         locks stay with the parent's) and settle nothing."""
-        for claim in self.claims:
+        for claim in [*self.claims, *self._finishing]:
             if claim.fd >= 0:
                 try:
                     os.close(claim.fd)
                 except OSError:
                     pass
                 claim.fd = -1
-        self.claims = []
+        self.claims, self._finishing = [], []
         self._lock = threading.Lock()
 
     def when_flushed(self, pipeline: Any) -> None:
@@ -507,10 +508,12 @@ class Recovered:
             return  # a forked child's view: the parent settles its own
         with self._lock:
             claims, self.claims = self.claims, []
+            self._finishing = claims  # a fork meanwhile closes its copies of these too
         if not claims:
             return
         exported = flushed and health.dropped() == self.dropped
         finish_claims(claims, exported)
+        self._finishing = []
         if not exported:
             logger.warning("otel_flashinfer: the recovered spans of %d crash journal(s) "
                            "were not all exported; the journals are kept for the next "
@@ -582,8 +585,11 @@ class Claim:
     out, or gives it back for a later recovery when they could not be sent."""
 
     def __init__(self, fd: int, path: str, base: str, records: list[CallRecord],
-                 bad: list[str]) -> None:
+                 bad: list[str], blob_url: str = "") -> None:
         self.fd, self.path, self.base, self.records, self.bad = fd, path, base, records, bad
+        #: The crash-safe sidecar's store (``BLOBS``), carried to a new name if the
+        #: journal is put back under one.
+        self.blob_url = blob_url
 
     def finish(self, exported: bool = True) -> None:
         if not self.path:
@@ -591,8 +597,11 @@ class Claim:
         try:
             if not exported:
                 # Back for the next recoverer, never over a name taken meanwhile (a
-                # process that exec'd keeps its journal's name): then under a new one.
-                _publish(self.path, self.base)
+                # process that exec'd keeps its journal's name): then under a new one,
+                # with its sidecar (the one under the old name is the new journal's).
+                target = _publish(self.path, self.base)
+                if target != self.base and self.blob_url:
+                    _write_sidecar(target + BLOBS, self.blob_url)
             elif self.bad:
                 # The readable slots went out; the file is kept aside for a look at the rest.
                 health.count("journal_bad_slots", len(self.bad))
@@ -731,7 +740,7 @@ def _claim_locked(fd: int, path: str, head: bytes, size: int, stale_claim: bool,
         except Exception as exc:  # noqa: BLE001 - the spans still go out
             health.report("journal_errors", f"could not complete the crash-safe manifests "
                           f"in {blob_url}", exc)
-    return Claim(fd, claimed, base, records, bad)
+    return Claim(fd, claimed, base, records, bad, blob_url)
 
 
 # ---- CRASH_SAFE level 10: completing the manifests of crashed calls ----------------------

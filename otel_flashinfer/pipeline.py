@@ -411,41 +411,33 @@ def _processors_of(tracer: Any) -> Any:
 
 
 def batch_queues(tracer: Any) -> list[Any]:
-    """The provider's BatchSpanProcessors' inner batch processors, plus one None for
-    its other processors if any (they always take a span): a span handed to a full
-    queue pushes the oldest out, and one handed to a shut processor is ignored, which
-    the SDK only logs and we count (whichever path, direct or the SDK's own, hands it
-    on).  Empty where there is no batch processor."""
+    """What a span handed to the provider meets, per processor: a BatchSpanProcessor's
+    inner batch processor, else the processor itself.  A span handed to a full queue
+    pushes the oldest out, and one handed to a shut processor is ignored, which the SDK
+    only logs and we count (whichever path, direct or the SDK's own, hands it on).
+    Empty where the provider has no processor to look at."""
     processors = getattr(getattr(tracer, "span_processor", None), "_span_processors", ())
-    inners = [
-        inner
-        for p in processors
-        if (inner := getattr(p, "_batch_processor", None)) is not None
-        and hasattr(inner, "_queue") and hasattr(inner, "_max_queue_size")
-    ]
-    if inners and len(inners) < len(processors):
-        inners.append(None)
-    return inners
+    return [getattr(p, "_batch_processor", None) or p for p in processors]
 
 
 def count_full_queues(queues: list[Any]) -> None:
     """Before handing one span on: count the span each full queue will drop for it
     (each a destination it loses), and the span itself, once, when every processor
-    that would take it was shut down by the application.  The processor's thread may
-    take a batch between this look and the hand-off, so the count can err high by a
-    span, never low."""
+    that would take it was shut down (by the application, or with its provider).  The
+    processor's thread may take a batch between this look and the hand-off, so the
+    count can err high by a span, never low."""
     shut = 0
-    for inner in queues:
-        if inner is None:
-            continue
-        if getattr(inner, "_shutdown", False):
+    for entry in queues:
+        if getattr(entry, "_shutdown", False):
             shut += 1
-        elif len(inner._queue) >= inner._max_queue_size:  # noqa: SLF001
+            continue
+        if hasattr(entry, "_max_queue_size") and \
+                len(entry._queue) >= entry._max_queue_size:  # noqa: SLF001 - the SDK's
             health.report("spans_dropped", "the SDK's span queue is full: it drops the "
                           "oldest span")
     if shut and shut == len(queues):
-        health.report("spans_dropped", "the application shut its BatchSpanProcessor "
-                      "down: it ignores the spans still handed to it")
+        health.report("spans_dropped", "the application shut its span processors down: "
+                      "they ignore the spans still handed to them")
 
 
 _SAMPLED = trace_api.TraceFlags(trace_api.TraceFlags.SAMPLED | trace_api.TraceFlags.RANDOM_TRACE_ID)

@@ -26,7 +26,7 @@ from opentelemetry.sdk.trace.export import (
     SpanExportResult,
 )
 
-from . import health, threads
+from . import forking, health, threads
 from .config import ConfigError
 from .otlp_json import JsonLinesSpanExporter
 
@@ -225,21 +225,34 @@ class CountedExporter(SpanExporter):
         #: Set by ``write_off``: what fails after it was counted there already.
         self.written_off = False
         self._lock = threading.Lock()
+        forking.redo_in_child(self, "_after_fork")
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()  # the parent's sender may have held it
+        self.sending = 0
 
     def export(self, spans: Any) -> SpanExportResult:
         with self._lock:
             self.sending = len(spans)
+        failed, error = True, None
         try:
             result = self.inner.export(spans)
-        except Exception as exc:  # noqa: BLE001 - counted; the processor logs it too
-            self._count(spans, exc)
+            failed = result is not SpanExportResult.SUCCESS
+            return result
+        except Exception as exc:  # counted; the processor logs it too
+            error = exc
             raise
         finally:
+            # One look under the lock: either the exit's ``write_off`` took this batch
+            # (it counts it) or this counts it, never both, never neither.
             with self._lock:
                 self.sending = 0
-        if result is not SpanExportResult.SUCCESS:
-            self._count(spans, None)
-        return result
+                ours = not self.written_off
+            if failed and ours:
+                inner = type(self.inner)
+                health.report("spans_dropped", f"{inner.__module__}.{inner.__qualname__} "
+                              "did not send a batch (after its retries)", error,
+                              n=len(spans))
 
     def write_off(self) -> int:
         """The exit gave up on us: the spans being sent now, counted by the caller;
@@ -247,14 +260,6 @@ class CountedExporter(SpanExporter):
         with self._lock:
             self.written_off = True
             return self.sending
-
-    def _count(self, spans: Any, exc: BaseException | None) -> None:
-        with self._lock:
-            if self.written_off:
-                return
-        inner = type(self.inner)
-        health.report("spans_dropped", f"{inner.__module__}.{inner.__qualname__} did not "
-                      "send a batch (after its retries)", exc, n=len(spans))
 
     def shutdown(self, timeout_millis: float = 30_000) -> None:
         # The SDK's processors pass a timeout to exporters that take one (by signature).

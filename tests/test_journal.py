@@ -503,15 +503,60 @@ def test_a_claim_put_back_never_replaces_a_journal_that_took_its_name(
     journal a process that exec'd had published under the same name meanwhile, and that
     process's clean stop then deleted the crashed calls' notes."""
     old = _write_journal(tmp_path, pid=_dead_pid(), ticks=5, notes=[NOTE], last_write_ns=5)
+    J._write_sidecar(f"{old}{J.BLOBS}", "s3://crash-safe/store")  # noqa: SLF001
     (claim,) = J.claim_journals(str(tmp_path))
     live = old.with_name(old.name)  # the name is free now: a new journal takes it
     live.write_bytes(b"live journal")
     J.finish_claims([claim], exported=False)
     assert live.read_bytes() == b"live journal"
-    (back,) = [n for n in os.listdir(tmp_path) if n != old.name]
+    (back,) = [n for n in os.listdir(tmp_path)
+               if n.endswith(J.SUFFIX) and n != old.name]
     assert J.parse_journal_name(back) == J.parse_journal_name(old.name)
+    # Its crash-safe sidecar went with it (the old name's is the new journal's now).
+    assert J._read_sidecar(str(tmp_path / back) + J.BLOBS) == "s3://crash-safe/store"  # noqa: SLF001
     live.unlink()
     assert [r.name for r in J.recover(str(tmp_path), lambda r: None)] == [NOTE["name"].decode()]
+
+
+def test_a_fork_while_claims_are_settled_leaves_the_child_no_lock(tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    """``settle`` took the claims off its list before finishing them: a child forked
+    in between kept copies of their locks, and the journals put back looked held while
+    it ran."""
+    for ticks in (5, 6):
+        _write_journal(tmp_path, pid=_dead_pid(), ticks=ticks, notes=[NOTE],
+                       last_write_ns=5)
+    (tmp_path / "own").mkdir()
+    journal = J.Journal(str(tmp_path / "own"))
+    J._registry["probe"] = journal  # noqa: SLF001 - where the fork hook finds it
+    journal.recovered = J.Recovered(J.claim_journals(str(tmp_path)), health.dropped())
+    second_fd = journal.recovered.claims[1].fd
+    finish = J.Claim.finish
+    read, write = os.pipe()
+
+    def fork_in_the_middle(claim: J.Claim, exported: bool = True) -> None:
+        if claim.fd != second_fd:  # the first: fork before the second is finished
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    os.fstat(second_fd)
+                    os.write(write, b"open")
+                except OSError:
+                    os.write(write, b"closed")
+                finally:
+                    os._exit(0)
+            os.waitpid(pid, 0)
+        finish(claim, exported)
+
+    monkeypatch.setattr(J.Claim, "finish", fork_in_the_middle)
+    try:
+        journal.recovered.settle(False)
+        assert os.read(read, 16) == b"closed"
+    finally:
+        os.close(read)
+        os.close(write)
+        J._registry.pop("probe", None)  # noqa: SLF001
+        journal.close()
 
 
 def test_names_parse_with_dots_and_dashes_in_the_host(tmp_path: Path) -> None:

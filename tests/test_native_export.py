@@ -1253,7 +1253,7 @@ def test_spans_handed_to_a_shut_batch_processor_are_counted(sampler: str | None,
     report = pipeline_mod.health.report
 
     def noted(kind: str, message: str, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
-        if kind == "spans_dropped" and "shut its BatchSpanProcessor" in message:
+        if kind == "spans_dropped" and "shut its span processors" in message:
             counted.append(kwargs.get("n", 1))
         report(kind, message, *args, **kwargs)
 
@@ -1281,12 +1281,17 @@ def test_spans_handed_to_a_shut_batch_processor_are_counted(sampler: str | None,
         assert sum(counted) == 5 + 4
         # One that still takes them: nothing is lost.
         live = InMemorySpanExporter()
-        provider.add_span_processor(SimpleSpanProcessor(live))
+        simple = SimpleSpanProcessor(live)
+        provider.add_span_processor(simple)
         submit(2, 0x400)
+        assert sum(counted) == 5 + 4
+        # The provider shut down, its simple processor with it: lost again, counted.
+        provider.shutdown()
+        submit(3, 0x500)
     finally:
         pipeline.shutdown(5)
     assert len(exported.get_finished_spans()) == 3
-    assert sum(counted) == 5 + 4
+    assert sum(counted) == 5 + 4 + 3
     assert len(live.get_finished_spans()) == 2
 
 

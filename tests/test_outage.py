@@ -260,3 +260,75 @@ def test_spans_our_provider_still_held_when_the_exits_time_ran_out_are_counted(
     counters = json.loads(lines[-1])
     assert counters.get("spans_dropped") == 50, (counters, out.stderr[-1500:])
     assert took < 30 + linger_s  # the exit waited its budget, not the exporter's timeout
+
+
+@pytest.mark.parametrize("fails_by", ["result", "raising"])
+def test_a_batch_written_off_by_the_exit_mid_export_is_counted_once(fails_by: str) -> None:
+    """The exit's ``write_off`` can land anywhere in a failing export.  With the batch's
+    'sending' cleared and 'written off' checked under two holds of the lock, a failure
+    counted nothing (write-off between them, a FAILURE result) or twice (a raise)."""
+    import threading
+
+    from opentelemetry.sdk.trace.export import SpanExportResult
+
+    from otel_flashinfer import health
+    from otel_flashinfer.provider import CountedExporter
+
+    class Down:
+        def export(self, spans: Any) -> SpanExportResult:
+            if fails_by == "raising":
+                raise ConnectionError("receiver down")
+            return SpanExportResult.FAILURE
+
+    exporter = CountedExporter(Down())
+    exit_counted: list[int] = []
+
+    class ExitLandsAfterTheSecondRelease:
+        """The lock, with the exit's write-off run right after its second release."""
+
+        def __init__(self) -> None:
+            self.inner, self.releases = threading.Lock(), 0
+
+        def __enter__(self) -> None:
+            self.inner.acquire()
+
+        def __exit__(self, *exc: Any) -> None:
+            self.inner.release()
+            self.releases += 1
+            if self.releases == 2:
+                exit_counted.append(exporter.write_off())
+
+    exporter._lock = ExitLandsAfterTheSecondRelease()  # noqa: SLF001
+    health.reset()
+    try:
+        exporter.export([object()] * 50)
+    except ConnectionError:
+        pass
+    assert exit_counted, "the write-off did not run"
+    assert exit_counted[0] + health.counters().get("spans_dropped", 0) == 50
+    health.reset()
+
+
+def test_a_child_forked_while_our_exporter_sends_can_send_too() -> None:
+    """The exporter's lock, held by the parent's sender at the fork, was the child's
+    forever: its first export hung."""
+    import os
+    import signal
+
+    from opentelemetry.sdk.trace.export import SpanExportResult
+
+    from otel_flashinfer.provider import CountedExporter
+
+    class Up:
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    exporter = CountedExporter(Up())
+    with exporter._lock:  # noqa: SLF001 - as a send in flight holds it
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(5)  # a hang ends the child with SIGALRM
+            ok = exporter.export([object()]) is SpanExportResult.SUCCESS
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
