@@ -6,7 +6,10 @@ of the work inside.  These wrappers enter before the first step and leave after 
 last (``spans.CallHooks``).  A generator's span is current only while its own code
 runs, one step at a time, never while the consumer's code between two items does.
 Closing a generator or a coroutine early ends its span normally; an exception thrown
-into it, or one it raises, ends the span with that error.  Nothing here runs for
+into it, or one it raises, ends the span with that error (but a coroutine raising
+``GeneratorExit`` itself, which looks like a close).  A step that runs in another
+``contextvars.Context`` than the last one (another thread, ``asyncio.wait_for``'s task)
+resumes in the generator's span rather than in what that step could not undo.  Nothing here runs for
 untraced calls but one lookup of the hooks.  Unlike the plain function, a wrapper
 checks its arguments at the first step, not at the call (it is itself a generator or
 ``async def``, so that ``inspect`` sees the same shape): a missing argument raises
@@ -15,6 +18,7 @@ there, and its span says so.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 from collections.abc import AsyncGenerator, Callable, Generator
@@ -24,6 +28,10 @@ from .spans import CallHooks
 
 #: ``hooks()`` -> the live ``CallHooks``, or None when the call is not to be traced.
 HooksOf = Callable[[], "CallHooks | None"]
+
+#: Set after each step of a traced generator: its token resets only in the Context the
+#: step ran in, which tells whether the next step runs in the same one.
+_STEP: contextvars.ContextVar[None] = contextvars.ContextVar("otel_flashinfer_step")
 
 
 def shape_of(fn: Callable[..., Any]) -> str:
@@ -73,13 +81,15 @@ def _generator(fn: Callable[..., Any], hooks: HooksOf) -> Callable[..., Any]:
         if record is None:
             return (yield from fn(*args, **kwargs))
         get, set_context, reset = live.context
-        inner = _step_out(record, get, reset)
+        inner = first = _step_out(record, get, reset)
+        mark = None
         closed = False  # by the consumer: the span ended already
         try:
             gen = fn(*args, **kwargs)
             sent: Any = None
             error: BaseException | None = None
             while True:
+                inner, mark = _same_context(mark, inner, first), None
                 token = set_context(inner)
                 try:
                     item = gen.send(sent) if error is None else gen.throw(error)
@@ -91,10 +101,12 @@ def _generator(fn: Callable[..., Any], hooks: HooksOf) -> Callable[..., Any]:
                     # where its next step resumes.
                     inner = get()
                     reset(token)
+                    mark = _STEP.set(None)
                     error = None
                 try:
                     sent = yield item
                 except GeneratorExit:
+                    inner, mark = _same_context(mark, inner, first), None
                     token = set_context(inner)
                     try:
                         gen.close()
@@ -123,13 +135,16 @@ def _async_generator(fn: Callable[..., Any], hooks: HooksOf) -> Callable[..., An
         traced = record is not None
         if traced:
             get, set_context, reset = live.context
-            inner = _step_out(record, get, reset)
+            inner = first = _step_out(record, get, reset)
+        mark = None
         closed = False  # by the consumer: the span ended already
         try:
             agen = fn(*args, **kwargs)
             sent: Any = None
             error: BaseException | None = None
             while True:
+                if traced:
+                    inner, mark = _same_context(mark, inner, first), None
                 token = set_context(inner) if traced else None
                 try:
                     item = await (agen.asend(sent) if error is None else agen.athrow(error))
@@ -139,10 +154,13 @@ def _async_generator(fn: Callable[..., Any], hooks: HooksOf) -> Callable[..., An
                     if traced:
                         inner = get()  # where its next step resumes
                         reset(token)
+                        mark = _STEP.set(None)
                     error = None
                 try:
                     sent = yield item
                 except GeneratorExit:
+                    if traced:
+                        inner, mark = _same_context(mark, inner, first), None
                     token = set_context(inner) if traced else None
                     try:
                         await agen.aclose()
@@ -163,6 +181,18 @@ def _async_generator(fn: Callable[..., Any], hooks: HooksOf) -> Callable[..., An
             live.leave(record, None)
 
     return wrapper
+
+
+def _same_context(mark: Any, inner: Any, first: Any) -> Any:
+    """Where a step resumes: what the last step left, if it ran in this same Context
+    (its own spans' tokens reset only there); else the span's own context."""
+    if mark is None:
+        return inner
+    try:
+        _STEP.reset(mark)
+    except (ValueError, RuntimeError):
+        return first
+    return inner
 
 
 def _step_out(record: Any, get: Callable[[], Any], reset: Callable[[Any], Any]) -> Any:

@@ -311,3 +311,45 @@ def test_a_generator_that_raises_generator_exit_itself_ends_its_span(spans) -> N
 
     journal = runtime.current().journal
     assert journal is None or journal.live_count() == 0
+
+
+@pytest.mark.parametrize("where", ["another thread", "another context"])
+def test_steps_in_other_contexts_resume_under_the_generators_own_span(
+        spans, where: str) -> None:  # noqa: ANN001
+    """A span the generator opened around a yield cannot be detached by a step that runs
+    in another Context (another thread, a callback, asyncio.wait_for's task): resuming
+    from what such a step left kept that ended span current for every later step."""
+    import contextvars
+    import logging
+    import threading
+
+    otel_flashinfer.instrument(level=3)
+    tracer = spans.tracer()
+
+    @otel_flashinfer.traced(name="g")
+    def g():  # noqa: ANN202
+        with tracer.start_as_current_span("mine"):
+            yield 1
+            leaf(1)
+        leaf(2)
+        yield 2
+        leaf(3)
+
+    def step(it) -> None:  # noqa: ANN001
+        contextvars.copy_context().run(next, it, None)
+
+    it = g()
+    logging.disable(logging.CRITICAL)  # OTel logs the detach that cannot happen there
+    try:
+        for _ in range(3):
+            if where == "another thread":
+                worker = threading.Thread(target=step, args=(it,))
+                worker.start()
+                worker.join()
+            else:
+                step(it)
+    finally:
+        logging.disable(logging.NOTSET)
+    (outer,) = spans.by_name("g")
+    parents = {s.attributes["flashinfer.arg.x"]: s.parent.span_id for s in spans.by_name("leaf")}
+    assert parents[2] == parents[3] == outer.context.span_id
