@@ -2641,7 +2641,9 @@ static PyObject *enc_drain(Encoder *e, PyObject *args) {
                     gpu_release(packed);
                     slot_set(e, record, R_GPU, Py_None);
                     e->gpu_resolved++;
-                    if (replay) note_replay_time(e, record, gpu_ns);
+                    /* a replay Python expanded (its template gone) too: ``auto``
+                     * learns from every replay whose time comes in */
+                    if (type == e->replay_type) note_replay_time(e, record, gpu_ns);
                 }
             }
         }

@@ -297,6 +297,14 @@ def test_a_replays_gpu_time_resolved_in_c_reaches_auto() -> None:
             "flashinfer.gpu.time_ns"] == 717_000
         assert graphs._replay_gpu_s(capture) == pytest.approx(717e-6)  # noqa: SLF001
         assert capture.timed is None and graphs._replay_gpu_s(capture) is None  # noqa: SLF001
+        # A replay Python expanded first (its GPU time was late past the deadline), its
+        # own span then written here: its time still reaches ``auto``.
+        late = _replay(capture, index=10)
+        late.gpu = 3 << 16 | 4
+        late.expand()
+        capture.timed = late.attributes
+        assert encoder.drain(deque([late]), [], 1, deque(), 1.0, 2.0) == 1
+        assert graphs._replay_gpu_s(capture) == pytest.approx(717e-6)  # noqa: SLF001
     finally:
         _otlp.register_api(None)
         from otel_flashinfer import gpu_timing
