@@ -80,38 +80,30 @@ def _generator(fn: Callable[..., Any], hooks: HooksOf) -> Callable[..., Any]:
         record = live.enter(args, kwargs) if live is not None else None
         if record is None:
             return (yield from fn(*args, **kwargs))
-        get, set_context, reset = live.context
-        inner = first = _step_out(record, get, reset)
-        mark = None
+        steps = _Steps(record, live.context)
         closed = False  # by the consumer: the span ended already
         try:
             gen = fn(*args, **kwargs)
             sent: Any = None
             error: BaseException | None = None
             while True:
-                inner, mark = _same_context(mark, inner, first), None
-                token = set_context(inner)
+                token = steps.enter()
                 try:
                     item = gen.send(sent) if error is None else gen.throw(error)
                 except StopIteration as stop:
                     result = stop.value
                     break
                 finally:
-                    # What the step left current (a span of its own around a yield) is
-                    # where its next step resumes.
-                    inner = get()
-                    reset(token)
-                    mark = _STEP.set(None)
+                    steps.leave(token)
                     error = None
                 try:
                     sent = yield item
                 except GeneratorExit:
-                    inner, mark = _same_context(mark, inner, first), None
-                    token = set_context(inner)
+                    token = steps.enter()
                     try:
                         gen.close()
                     finally:
-                        reset(token)
+                        steps.leave(token)
                     closed = True
                     live.leave(record, None)  # the consumer stopped early: no error
                     raise
@@ -132,77 +124,92 @@ def _async_generator(fn: Callable[..., Any], hooks: HooksOf) -> Callable[..., An
     async def wrapper(*args: Any, **kwargs: Any) -> AsyncGenerator[Any, Any]:
         live = hooks()
         record = live.enter(args, kwargs) if live is not None else None
-        traced = record is not None
-        if traced:
-            get, set_context, reset = live.context
-            inner = first = _step_out(record, get, reset)
-        mark = None
+        steps = _Steps(record, live.context) if record is not None else _UNTRACED
         closed = False  # by the consumer: the span ended already
         try:
             agen = fn(*args, **kwargs)
             sent: Any = None
             error: BaseException | None = None
             while True:
-                if traced:
-                    inner, mark = _same_context(mark, inner, first), None
-                token = set_context(inner) if traced else None
+                token = steps.enter()
                 try:
                     item = await (agen.asend(sent) if error is None else agen.athrow(error))
                 except StopAsyncIteration:
                     break
                 finally:
-                    if traced:
-                        inner = get()  # where its next step resumes
-                        reset(token)
-                        mark = _STEP.set(None)
+                    steps.leave(token)
                     error = None
                 try:
                     sent = yield item
                 except GeneratorExit:
-                    if traced:
-                        inner, mark = _same_context(mark, inner, first), None
-                    token = set_context(inner) if traced else None
+                    token = steps.enter()
                     try:
                         await agen.aclose()
                     finally:
-                        if traced:
-                            reset(token)
+                        steps.leave(token)
                     closed = True
-                    if traced:
+                    if record is not None:
                         live.leave(record, None)  # the consumer stopped early: no error
                     raise
                 except BaseException as exc:  # noqa: BLE001 - thrown in: the generator decides
                     error, sent = exc, None
         except BaseException as exc:
-            if traced and not closed:
+            if record is not None and not closed:
                 live.failed(record, exc)
             raise
-        if traced:
+        if record is not None:
             live.leave(record, None)
 
     return wrapper
 
 
-def _same_context(mark: Any, inner: Any, first: Any) -> Any:
-    """Where a step resumes: what the last step left, if it ran in this same Context
-    (its own spans' tokens reset only there); else the span's own context."""
-    if mark is None:
-        return inner
-    try:
-        _STEP.reset(mark)
-    except (ValueError, RuntimeError):
-        return first
-    return inner
+class _Steps:
+    """A traced generator's span, current around each of its steps and only then.
+
+    ``enter`` made it current; it goes back here, and the consumer's context with it.
+    Each step resumes in what the last one left (a span the generator opened around a
+    ``yield``), if it runs in the same ``contextvars.Context``; else (another thread,
+    ``asyncio.wait_for``'s task: the last step's spans could not be undone there) in
+    the generator's own span.  A private variable set after each step tells which."""
+
+    __slots__ = ("_first", "_get", "_inner", "_mark", "_reset", "_set")
+
+    def __init__(self, record: Any, context: tuple[Callable[..., Any], ...]) -> None:
+        self._get, self._set, self._reset = context
+        self._inner = self._first = self._get()
+        token, record.token = record.token, None
+        if token is not None:
+            self._reset(token)
+        self._mark: Any = None
+
+    def enter(self) -> Any:
+        """Before a step: the token ``leave`` takes."""
+        if self._mark is not None:
+            try:
+                _STEP.reset(self._mark)
+            except (ValueError, RuntimeError):  # another Context than the last step's
+                self._inner = self._first
+            self._mark = None
+        return self._set(self._inner)
+
+    def leave(self, token: Any) -> None:
+        """After a step: keep where the next resumes, give the consumer its context."""
+        self._inner = self._get()
+        self._reset(token)
+        self._mark = _STEP.set(None)
 
 
-def _step_out(record: Any, get: Callable[[], Any], reset: Callable[[Any], Any]) -> Any:
-    """The context with the generator's span (made current by ``enter``), and the
-    consumer's context back: the span is set again around each step."""
-    inner = get()
-    token, record.token = record.token, None
-    if token is not None:
-        reset(token)
-    return inner
+class _Untraced:
+    """``_Steps`` for an untraced async generator: nothing to make current."""
+
+    def enter(self) -> None:
+        return None
+
+    def leave(self, token: Any) -> None:
+        pass
+
+
+_UNTRACED = _Untraced()
 
 
 _FACTORIES: dict[str, Callable[[Callable[..., Any], HooksOf], Callable[..., Any]]] = {
