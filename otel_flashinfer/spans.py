@@ -270,8 +270,8 @@ def _make_hooks(fn: Callable[..., Any], api_name: str, settings: Settings,
             journal=journal, runtime=rt, submit=submit, gpu=gpu, detailed=detailed,
             is_method=is_method, is_init=is_init, is_plan=is_plan, is_run=is_run,
             skip_self=skip_self, pipeline=_direct_pipeline(rt.pipeline))
-        failed = _failed_hook(api_name, entry.gpu_end, entry.journal_end, reset_context,
-                              afters, detailed, describe, submit)
+        _, failed = _end_hooks(api_name, entry.gpu_end, entry.journal_end, reset_context,
+                               afters, detailed, describe, submit)
         return CallHooks(entry.enter, entry.leave, failed, context), entry
 
     def enter(args: tuple[Any, ...], kwargs: dict[str, Any]) -> CallRecord | None:
@@ -329,33 +329,8 @@ def _make_hooks(fn: Callable[..., Any], api_name: str, settings: Settings,
                 journal.end(record.slot)  # the call runs untraced: no note left live
             return None
 
-    def leave(record: CallRecord, result: Any) -> None:
-        record.end_ns = time_ns()
-        slot, record.slot = record.slot, None
-        try:
-            token, record.token = record.token, None
-            if token is not None:
-                _reset(reset_context, token)
-            states, record.states = record.states, None
-            if states:
-                n = len(states)
-                for i, after in enumerate(afters):
-                    after(record, states[n - 1 - i], result, None)
-            if detailed:
-                record.result = snapshot(result)
-                record.describe = describe
-            capture, record.capture = record.capture, None
-            if capture is not None:
-                capture.add(record)
-            submit(record)
-        except Exception as exc:  # noqa: BLE001
-            health.report("wrapper_errors", f"tracing {api_name} failed after the call", exc)
-        finally:
-            if slot is not None:  # the call is over: never left live for recovery
-                journal.end(slot)
-
-    failed = _failed_hook(api_name, None, journal.end if journal is not None else None,
-                          reset_context, afters, detailed, describe, submit)
+    leave, failed = _end_hooks(api_name, None, journal.end if journal is not None else None,
+                               reset_context, afters, detailed, describe, submit)
     return CallHooks(enter, leave, failed, context), None
 
 
@@ -365,51 +340,63 @@ def _direct_pipeline(pipeline: Any) -> Any:
     return pipeline if getattr(type(pipeline), "submit", None) is Pipeline.submit else None
 
 
-def _failed_hook(api_name: str, gpu_end: Callable[[CallRecord], Any] | None,
-                 journal_end: Callable[[Any], Any] | None,
-                 reset_context: Callable[[Any], Any], afters: tuple[Any, ...],
-                 detailed: bool, describe: Describer,
-                 submit: Callable[[CallRecord], None]) -> Callable[..., None]:
-    """The error path of a traced call, in Python on either path: the record ends
-    with the exception's facts and is handed on; the caller re-raises."""
+def _end_hooks(api_name: str, gpu_end: Callable[[CallRecord], Any] | None,
+               journal_end: Callable[[Any], Any] | None,
+               reset_context: Callable[[Any], Any], afters: tuple[Any, ...],
+               detailed: bool, describe: Describer,
+               submit: Callable[[CallRecord], None]) -> tuple[Callable[..., None],
+                                                              Callable[..., None]]:
+    """(leave, failed): a traced call's end in Python, returned or raised.  The record
+    ends (with the exception's facts when it raised) and is handed on; the caller
+    re-raises.  The C path has its own ``leave`` and takes ``failed`` only (with
+    ``gpu_end``: its GPU timing runs in C)."""
     from . import _hotpath
 
     gpu_drop = _hotpath.gpu_drop if gpu_end is not None else None
+    snapshot = _describe.snapshot
 
-    def failed(record: CallRecord, exc: BaseException) -> None:
+    def end(record: CallRecord, result: Any, exc: BaseException | None) -> None:
         record.end_ns = time_ns()
         slot, record.slot = record.slot, None
         try:
             token, record.token = record.token, None
             if token is not None:
                 _reset(reset_context, token)
-            if gpu_end is not None:
-                gpu_end(record)
-            record.error = _error_facts(exc)
+            if exc is not None:
+                if gpu_end is not None:
+                    gpu_end(record)
+                record.error = _error_facts(exc)
             states, record.states = record.states, None
             if states:
                 n = len(states)
                 for i, after in enumerate(afters):
-                    after(record, states[n - 1 - i], _NO_RESULT, exc)
+                    after(record, states[n - 1 - i], result, exc)
             if detailed:
-                record.result = _NO_RESULT
+                record.result = snapshot(result) if exc is None else _NO_RESULT
                 record.describe = describe
             capture, record.capture = record.capture, None
             if capture is not None:
                 capture.add(record)
             submit(record)
         except Exception as inner:  # noqa: BLE001
-            health.report("wrapper_errors", f"tracing {api_name} failed after an error", inner)
-            if gpu_drop is not None:
+            health.report("wrapper_errors", f"tracing {api_name} failed after "
+                          f"{'the call' if exc is None else 'an error'}", inner)
+            if exc is not None and gpu_drop is not None:
                 gpu_drop(record)  # not submitted: its events go back to the pool
         finally:
             if slot is not None and journal_end is not None:
-                try:
+                try:  # the call is over: never left live for recovery
                     journal_end(slot)
                 except Exception as inner:  # noqa: BLE001
                     health.report("wrapper_errors", "clearing a journal note failed", inner)
 
-    return failed
+    def leave(record: CallRecord, result: Any) -> None:
+        end(record, result, None)
+
+    def failed(record: CallRecord, exc: BaseException) -> None:
+        end(record, _NO_RESULT, exc)
+
+    return leave, failed
 
 
 def _reset(reset_context: Callable[[Any], Any], token: Any) -> None:
