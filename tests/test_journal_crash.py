@@ -243,16 +243,22 @@ def _dead_journal_and_closed_port(tmp_path: Path) -> tuple[Path, Path, int]:
     return journal_dir, path, port
 
 
+def _receiver_down_env(traces: Path, port: int) -> dict[str, str]:
+    """A traced program's environment exporting OTLP/HTTP to ``port``, where nobody
+    listens, giving up after 2 s."""
+    return {**_env(traces), "OTEL_TRACES_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+            "OTEL_EXPORTER_OTLP_TIMEOUT": "2"}
+
+
 @pytest.mark.timeout(120)
 def test_cli_keeps_the_journal_while_the_receiver_is_down(tmp_path: Path) -> None:
     """``recover`` deleted a journal once its spans were handed on: with the collector
     down they were dropped, and gone.  Now the journal stays until a run exports it."""
     journal_dir, path, port = _dead_journal_and_closed_port(tmp_path)
     traces = tmp_path / "traces.jsonl"
-    env = {**_env(traces), "OTEL_TRACES_EXPORTER": "otlp",
-           "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-           "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
-           "OTEL_EXPORTER_OTLP_TIMEOUT": "2"}
+    env = _receiver_down_env(traces, port)
     cmd = [sys.executable, "-m", "otel_flashinfer", "recover", str(journal_dir)]
     down = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=90)
     assert down.returncode == 1, down.stderr
@@ -283,10 +289,7 @@ def test_recovery_at_start_keeps_the_journal_while_the_receiver_is_down(
         print("flushed", otel_flashinfer.flush(20), flush=True)
         otel_flashinfer.uninstrument()
     """)
-    env = {**_env(traces), "OTEL_TRACES_EXPORTER": "otlp",
-           "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-           "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
-           "OTEL_EXPORTER_OTLP_TIMEOUT": "2"}
+    env = _receiver_down_env(traces, port)
     down = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=90)
     assert down.returncode == 0, down.stderr
@@ -319,10 +322,7 @@ def test_a_forked_child_leaves_the_parents_recovered_journals_alone(tmp_path: Pa
                                 if ".recovering." in n), flush=True)
         otel_flashinfer.uninstrument()
     """)
-    env = {**_env(tmp_path / "t.jsonl"), "OTEL_TRACES_EXPORTER": "otlp",
-           "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-           "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
-           "OTEL_EXPORTER_OTLP_TIMEOUT": "2"}
+    env = _receiver_down_env(tmp_path / "t.jsonl", port)
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path,
                          capture_output=True, text=True, timeout=90)
     assert out.returncode == 0, out.stderr
