@@ -1134,6 +1134,24 @@ def test_replays_wait_for_a_busy_sender_rather_than_be_dropped(tmp_path: Path,
     assert len(_spans_in(path)) == 40 * 31
 
 
+def _drops_reported(monkeypatch, text: str) -> list[int]:  # noqa: ANN001
+    """The spans the pipeline reports dropped with ``text`` in the message, as it
+    reports them (from now on, this test's only: the process-wide counter may also
+    count an earlier test's pipeline still stopping in the background)."""
+    from otel_flashinfer import pipeline as pipeline_mod
+
+    counted: list[int] = []
+    report = pipeline_mod.health.report
+
+    def noted(kind: str, message: str, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        if kind == "spans_dropped" and text in message:
+            counted.append(kwargs.get("n", 1))
+        report(kind, message, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline_mod.health, "report", noted)
+    return counted
+
+
 def _wait_idle(pipeline: Pipeline) -> None:
     """Until the worker has handed on everything submitted (not merely taken it)."""
     deadline = time.monotonic() + 10
@@ -1191,17 +1209,7 @@ def test_the_sdk_path_counts_what_a_full_batch_queue_drops(added_later: bool,
 
     # What the SDK's full queue dropped, as counted (an earlier test's pipeline still
     # stopping in the background may count drops of its own in the same counter).
-    from otel_flashinfer import pipeline as pipeline_mod
-
-    counted: list[int] = []
-    report = pipeline_mod.health.report
-
-    def noted(kind: str, message: str, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
-        if kind == "spans_dropped" and "SDK's span queue is full" in message:
-            counted.append(kwargs.get("n", 1))
-        report(kind, message, *args, **kwargs)
-
-    monkeypatch.setattr(pipeline_mod.health, "report", noted)
+    counted = _drops_reported(monkeypatch, "SDK's span queue is full")
     try:
         if added_later:
             submit("early", 3, 0x50)  # planned with the simple processor only
@@ -1247,17 +1255,7 @@ def test_spans_handed_to_a_shut_batch_processor_are_counted(sampler: str | None,
     provider.add_span_processor(batch)
     pipeline = Pipeline(provider.get_tracer("otel_flashinfer", "1.0"), provider=provider,
                         interval_s=0.01)
-    from otel_flashinfer import pipeline as pipeline_mod
-
-    counted: list[int] = []
-    report = pipeline_mod.health.report
-
-    def noted(kind: str, message: str, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
-        if kind == "spans_dropped" and "shut its span processors" in message:
-            counted.append(kwargs.get("n", 1))
-        report(kind, message, *args, **kwargs)
-
-    monkeypatch.setattr(pipeline_mod.health, "report", noted)
+    counted = _drops_reported(monkeypatch, "shut its span processors")
 
     def submit(n: int, first_id: int) -> None:
         for i in range(n):
