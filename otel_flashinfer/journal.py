@@ -634,10 +634,6 @@ def _claim_one(path: str, name: str, me: _Me, exclude_pid: int | None,
                all_hosts: bool) -> Claim | None:
     """Take one journal file; None when it is not ours to take (live, foreign,
     claimed by a recoverer that runs)."""
-    directory = os.path.dirname(path)
-    stale_claim = CLAIM in name
-    base = os.path.join(directory, name.split(CLAIM, 1)[0])
-    from_name = parse_journal_name(os.path.basename(base))
     try:
         fd, head, size = _open_regular(path)
     except FileNotFoundError:
@@ -651,8 +647,7 @@ def _claim_one(path: str, name: str, me: _Me, exclude_pid: int | None,
         os.close(fd)
         return None
     try:
-        claim = _claim_locked(fd, path, head, size, stale_claim, name, base, from_name, me,
-                              exclude_pid, all_hosts, lock)
+        claim = _claim_locked(fd, path, head, size, name, me, exclude_pid, all_hosts, lock)
     except BaseException:
         os.close(fd)
         raise
@@ -675,12 +670,14 @@ def _moved(base: str) -> Claim:
     return Claim(-1, "", base, [], [])
 
 
-def _claim_locked(fd: int, path: str, head: bytes, size: int, stale_claim: bool,
-                  name: str, base: str, from_name: tuple[str, int, int] | None, me: _Me,
+def _claim_locked(fd: int, path: str, head: bytes, size: int, name: str, me: _Me,
                   exclude_pid: int | None, all_hosts: bool,
                   lock: bool | None) -> Claim | None:
     """``_claim_one`` for a file whose lock we now hold (``lock`` True) or whose file
     system has none (None)."""
+    stale_claim = CLAIM in name
+    base = os.path.join(os.path.dirname(path), name.split(CLAIM, 1)[0])
+    from_name = parse_journal_name(os.path.basename(base))
     if stale_claim:
         # Free lock: its recoverer is gone, unless it is an older one that did not lock.
         if _claim_owner_alive(name):
