@@ -1250,10 +1250,12 @@ typedef struct {
 #define MARKED(mk, k, write) \
     do { MARK_AT(mk, k); if ((write) < 0) goto fail; MARK_TO(mk, k); } while (0)
 
-/* ``replay_index`` >= 0: a replay's child, which says its replay; ``mk``: where its
- * per-replay values went (encode_replay keeps the bytes as a template). */
+/* ``replay_index`` >= 0: a replay's child, which says its replay (and ``drop_why``, why it
+ * has no statistics, when not NULL); ``mk``: where its per-replay values went
+ * (encode_replay keeps the bytes as a template). */
 static int encode_record(Encoder *e, PyObject *record, long long gpu_ns, const RawView *extra,
-                         int n_extra, long long replay_index, int placed, Marks *mk) {
+                         int n_extra, long long replay_index, int placed,
+                         const char *drop_why, Marks *mk) {
     Buf *b = &e->spans;
     size_t start = b->len;
     unsigned char trace[16], span[8], parent_span[8];
@@ -1378,6 +1380,15 @@ static int encode_record(Encoder *e, PyObject *record, long long gpu_ns, const R
         if (written < e->max_attributes) {
             rc = time_source(e, b, placed, &first) < 0 ? -1 : 1;
         } else {
+            dropped++;
+        }
+        if (rc < 0) goto fail;
+        written += rc;
+        rc = 0;
+        if (drop_why != NULL && written < e->max_attributes) {
+            rc = kv_c(e, b, 9, "flashinfer.stats.dropped", 's', drop_why,
+                      (Py_ssize_t)strlen(drop_why), 0, 0, &first) < 0 ? -1 : 1;
+        } else if (drop_why != NULL) {
             dropped++;
         }
         if (rc < 0) goto fail;
@@ -1637,7 +1648,7 @@ static PyObject *enc_add(Encoder *e, PyObject *record) {
     }
     e->busy = 1;
     e->busy_thread = PyThread_get_thread_ident();
-    int rc = encode_record(e, record, -1, NULL, 0, -1, 0, NULL);
+    int rc = encode_record(e, record, -1, NULL, 0, -1, 0, NULL, NULL);
     e->busy = 0;
     if (rc < 0) return NULL;
     Py_RETURN_NONE;
@@ -1731,6 +1742,7 @@ typedef struct {
     PyObject *pending; /* borrowed */
     PyObject *ring;    /* borrowed */
     PyObject *slot;    /* borrowed */
+    const char *dropped; /* why a replay's child has no statistics (has 3): the group's */
 } Resolved;
 
 enum { RESOLVED = 0, NOT_YET = 1, TO_PYTHON = -1 };
@@ -1878,9 +1890,9 @@ python:
  * written: no Python object per child on either thread. */
 
 static PyTypeObject *group_pending_type = NULL;
-enum { G_STATUS, G_LAYOUT, G_RING, G_SLOT, G_STAMPED, G_TS_NS, G_COUNT };
-static const char *const group_slot_names[G_COUNT] = {"_status", "layout", "ring", "slot",
-                                                      "stamped", "ts_ns"};
+enum { G_STATUS, G_DROPPED, G_LAYOUT, G_RING, G_SLOT, G_STAMPED, G_TS_NS, G_COUNT };
+static const char *const group_slot_names[G_COUNT] = {"_status", "dropped", "layout", "ring",
+                                                      "slot", "stamped", "ts_ns"};
 /* A stamped group's slot holds the replay's own GPU time: the graph head's stamp in word
  * HEAD_WORD of its first row (the anchor row) and the snapshot's start in the next
  * (stats.graph_rows.HEAD_WORD). */
@@ -1891,13 +1903,44 @@ static inline PyObject *gslot(PyObject *g, int which) {
     return *(PyObject **)((char *)g + group_offsets[which]);
 }
 
+/* A replay whose group got no slot (``dropped``: the ring full, a failed copy): each of
+ * its children says why (has[i] = 3, no rows), and a stamped one says why the replay
+ * has no GPU time (*replay_dropped).  RESOLVED or TO_PYTHON (no exception set). */
+static int resolve_dropped(PyObject *g, PyObject *dropped, Py_ssize_t n, Resolved *res,
+                           char *has, int *replay_dropped) {
+    PyObject *layout = gslot(g, G_LAYOUT), *stamped = gslot(g, G_STAMPED);
+    if (layout == NULL || stamped == NULL || !PyTuple_Check(layout)) return TO_PYTHON;
+    const char *why = PyUnicode_AsUTF8(dropped); /* lives with the group's str */
+    if (why == NULL) goto python;
+    for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(layout); ++k) {
+        PyObject *entry = PyTuple_GET_ITEM(layout, k);
+        if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) < 1) return TO_PYTHON;
+        Py_ssize_t i = PyLong_AsSsize_t(PyTuple_GET_ITEM(entry, 0));
+        if (PyErr_Occurred()) goto python;
+        if (i < 0 || i >= n || has[i]) return TO_PYTHON;
+        res[i].nviews = 0;
+        res[i].gpu_ns = res[i].offset_ns = -1;
+        res[i].dropped = why;
+        has[i] = 3;
+    }
+    if (stamped == Py_True) *replay_dropped = 1;
+    return RESOLVED;
+python:
+    PyErr_Clear();
+    return TO_PYTHON;
+}
+
 /* Fills res[i] (has[i] = 2) for each child of ``g``: RESOLVED, NOT_YET or TO_PYTHON
  * (a child that already has statistics, a note, a stamp missing...); a stamped group
- * also puts the replay's GPU time in *replay_ns. */
+ * also puts the replay's GPU time in *replay_ns, or says it has none (dropped). */
 static int resolve_group(PyObject *g, Py_ssize_t n, Resolved *res, char *has,
-                         long long *replay_ns) {
+                         long long *replay_ns, int *replay_dropped) {
     if (stats_api == NULL || group_pending_type == NULL || Py_TYPE(g) != group_pending_type)
         return TO_PYTHON;
+    PyObject *dropped = gslot(g, G_DROPPED);
+    if (dropped == NULL || !PyUnicode_Check(dropped)) return TO_PYTHON;
+    if (PyUnicode_GET_LENGTH(dropped) > 0)
+        return resolve_dropped(g, dropped, n, res, has, replay_dropped);
     PyObject *slot_obj = gslot(g, G_SLOT), *ring = gslot(g, G_RING);
     PyObject *layout = gslot(g, G_LAYOUT), *ts = gslot(g, G_TS_NS);
     PyObject *stamped = gslot(g, G_STAMPED);
@@ -1966,8 +2009,14 @@ static void hand_back(PyObject *owner, Py_ssize_t slot_at, PyObject *ring) {
     Py_DECREF(ring);
 }
 
-/* After the replay is written: the group's slot back to its ring, the pending spent. */
+/* After the replay is written: the group's slot back to its ring, the pending spent (a
+ * dropped replay's group holds none). */
 static void group_back(PyObject *g) {
+    PyObject *slot = gslot(g, G_SLOT);
+    if (PyLong_CheckExact(slot) && PyLong_AsLong(slot) < 0) {
+        PyErr_Clear();
+        return;
+    }
     hand_back(g, group_offsets[G_SLOT], gslot(g, G_RING));
 }
 
@@ -2096,7 +2145,7 @@ static int rconst_build(Encoder *e, RConst *rc, const unsigned char *trace,
 static int emit_child(Encoder *e, const unsigned char *tpl, const Marks *mk,
                       const RConst *consts, const unsigned char *span, uint64_t start,
                       uint64_t end, long long index, long long gpu_ns, int placed,
-                      const RawView *views, int nviews) {
+                      const RawView *views, int nviews, const char *dropped) {
     Buf *b = &e->spans;
     int js = e->fmt == FMT_JSON;
     size_t mark = 0, at = 0;
@@ -2121,10 +2170,15 @@ static int emit_child(Encoder *e, const unsigned char *tpl, const Marks *mk,
             first = mk->index_first;
             if (!placed && gpu_ns < 0 && !first) {
                 rc = PUT_RC(b, consts, RC_INDEX);
-                break;
+                first = 0;
+            } else {
+                rc = kv_c(e, b, 9, "flashinfer.cuda_graph.replay", 'i', NULL, 0, index, 0,
+                          &first);
+                if (rc >= 0) rc = time_source(e, b, placed, &first);
             }
-            rc = kv_c(e, b, 9, "flashinfer.cuda_graph.replay", 'i', NULL, 0, index, 0, &first);
-            if (rc >= 0) rc = time_source(e, b, placed, &first);
+            if (rc >= 0 && dropped) /* DROPPED_ATTR, where Python's dict has it */
+                rc = kv_c(e, b, 9, "flashinfer.stats.dropped", 's', dropped,
+                          (Py_ssize_t)strlen(dropped), 0, 0, &first);
             if (rc >= 0 && gpu_ns >= 0) /* the key of e->k_gpu_time, as C: no Python here */
                 rc = kv_c(e, b, 9, "flashinfer.gpu.time_ns", 'i', NULL, 0, gpu_ns, 0, &first);
             break;
@@ -2196,12 +2250,17 @@ typedef struct {
     int nviews, placed;
     long long gpu_ns;
     uint64_t start, end;
+    const char *dropped; /* why it has no statistics: its group's replay was dropped */
 } ChildAt;
 
 static ChildAt child_at(const Resolved *res, const char *has, Py_ssize_t i, uint64_t start_ns,
                         uint64_t end_ns) {
-    ChildAt c = {NULL, 0, 0, -1, start_ns, end_ns};
+    ChildAt c = {NULL, 0, 0, -1, start_ns, end_ns, NULL};
     if (has == NULL || !has[i]) return c;
+    if (has[i] == 3) {
+        c.dropped = res[i].dropped;
+        return c;
+    }
     c.views = res[i].views;
     c.nviews = res[i].nviews;
     c.gpu_ns = res[i].gpu_ns;
@@ -2287,7 +2346,7 @@ static int emit_templated(Encoder *e, PyObject *template, Py_ssize_t n, Resolved
                 unsigned char span_b[8];
                 span_id_bytes(ids[i], span_b);
                 rc = emit_child(e, tpls[i], marks[i], consts, span_b, c.start, c.end, index,
-                                c.gpu_ns, c.placed, c.views, c.nviews);
+                                c.gpu_ns, c.placed, c.views, c.nviews, c.dropped);
                 e->templated += rc == 0;
             }
             Py_END_ALLOW_THREADS
@@ -2330,6 +2389,21 @@ static void note_replay_time(Encoder *e, PyObject *record, long long gpu_ns) {
     Py_XDECREF(value);
 }
 
+/* Why a replay whose statistics were dropped has no GPU time, into its attributes as
+ * Python's path writes it there (gpu_timing.Unavailable).  -1 with an exception set. */
+static int note_replay_dropped(Encoder *e, PyObject *record) {
+    static PyObject *key, *why;
+    if (key == NULL && (key = PyUnicode_InternFromString("flashinfer.gpu.time_unavailable")) == NULL)
+        return -1;
+    if (why == NULL && (why = PyUnicode_InternFromString("stats_dropped")) == NULL) return -1;
+    PyObject *attributes = slot(e, record, R_ATTRIBUTES);
+    if (attributes == NULL || !PyDict_CheckExact(attributes)) {
+        PyErr_SetString(PyExc_TypeError, "a replay's attributes are not a dict");
+        return -1;
+    }
+    return PyDict_SetItem(attributes, key, why);
+}
+
 static int encode_replay(Encoder *e, PyObject *record, long long gpu_ns) {
     PyObject *template = xslot(e, record, X_TEMPLATE);
     PyObject *pend = xslot(e, record, X_CHILD_PENDING);
@@ -2355,8 +2429,9 @@ static int encode_replay(Encoder *e, PyObject *record, long long gpu_ns) {
             Py_TYPE(PyTuple_GET_ITEM(template, i)) == e->replay_type)
             return TO_PYTHON;
     Resolved *res = NULL;
-    char *has = NULL; /* per child: 1 its own StatsPending, 2 a group's rows */
+    char *has = NULL; /* per child: 1 its own StatsPending, 2 a group's rows, 3 dropped */
     long long stamped_ns = -1; /* the replay's GPU time from a stamped group */
+    int replay_dropped = 0;    /* ... or a stamped group's statistics were dropped */
     if ((pend != Py_None || groups != Py_None) && n > 0) {
         res = PyMem_Calloc((size_t)n, sizeof *res);
         has = PyMem_Calloc((size_t)n, 1);
@@ -2378,13 +2453,20 @@ static int encode_replay(Encoder *e, PyObject *record, long long gpu_ns) {
             has[i] = 1;
         }
         for (Py_ssize_t k = 0; groups != Py_None && k < PyList_GET_SIZE(groups); ++k) {
-            int rc = resolve_group(PyList_GET_ITEM(groups, k), n, res, has, &stamped_ns);
+            int rc = resolve_group(PyList_GET_ITEM(groups, k), n, res, has, &stamped_ns,
+                                   &replay_dropped);
             if (rc != RESOLVED) {
                 PyMem_Free(res);
                 PyMem_Free(has);
                 return rc;
             }
         }
+    }
+    if (gpu_ns < 0 && replay_dropped && note_replay_dropped(e, record) < 0) {
+        PyErr_Clear();
+        PyMem_Free(res);
+        PyMem_Free(has);
+        return TO_PYTHON;
     }
     if (gpu_ns < 0 && stamped_ns >= 0) gpu_ns = stamped_ns; /* no event pair: the stamps */
     else stamped_ns = -1;
@@ -2393,7 +2475,7 @@ static int encode_replay(Encoder *e, PyObject *record, long long gpu_ns) {
     Py_ssize_t count0 = e->count;
     unsigned long long encoded0 = e->encoded, templated0 = e->templated;
     seed_span_ids(e);
-    int rc = encode_record(e, record, gpu_ns, NULL, 0, -1, 0, NULL);
+    int rc = encode_record(e, record, gpu_ns, NULL, 0, -1, 0, NULL, NULL);
     PyObject *trace = slot(e, record, R_TRACE_ID), *start = slot(e, record, R_START_NS);
     PyObject *end = slot(e, record, R_END_NS);
     unsigned char trace_b[16], parent_b[8];
@@ -2422,7 +2504,7 @@ static int encode_replay(Encoder *e, PyObject *record, long long gpu_ns) {
             span_id_bytes(id, span_b);
             rc = emit_child(e, (const unsigned char *)PyBytes_AS_STRING(tpl),
                             (const Marks *)PyBytes_AS_STRING(marks), &consts, span_b, c.start,
-                            c.end, index, c.gpu_ns, c.placed, c.views, c.nviews);
+                            c.end, index, c.gpu_ns, c.placed, c.views, c.nviews, c.dropped);
             e->templated += rc == 0;
             continue;
         }
@@ -2455,7 +2537,8 @@ static int encode_replay(Encoder *e, PyObject *record, long long gpu_ns) {
         }
         Marks mk;
         memset(&mk, 0, sizeof mk);
-        rc = encode_record(e, proto, c.gpu_ns, c.views, c.nviews, index, c.placed, &mk);
+        rc = encode_record(e, proto, c.gpu_ns, c.views, c.nviews, index, c.placed, c.dropped,
+                           &mk);
         if (rc == 0 && slot(e, proto, R_ERROR) == Py_None) keep_template(e, memo, &mk);
     }
     if (rc < 0) {
@@ -2469,7 +2552,7 @@ static int encode_replay(Encoder *e, PyObject *record, long long gpu_ns) {
         return -2;
     }
     for (Py_ssize_t i = 0; has != NULL && i < n; ++i) {
-        if (!has[i]) continue;
+        if (!has[i] || has[i] == 3) continue; /* 3: dropped, counted when it was */
         if (has[i] == 1) slot_back(&res[i]);
         e->stats_resolved++;
     }
@@ -2629,7 +2712,7 @@ static PyObject *enc_drain(Encoder *e, PyObject *args) {
                 if (rc == NOT_YET && append_later != NULL) wait = 1;
                 else if (rc != RESOLVED) to_python = 1;
             } else if (encode_record(e, record, gpu_ns, stats ? res.views : NULL,
-                                     stats ? res.nviews : 0, -1, 0, NULL) < 0) {
+                                     stats ? res.nviews : 0, -1, 0, NULL, NULL) < 0) {
                 PyErr_Clear(); /* Python's path encodes it again and reports what failed;
                                 * the GPU events and statistics are still the record's */
                 to_python = 1;

@@ -149,14 +149,96 @@ def test_a_nested_call_keeps_its_parents_room_and_big_calls_get_new_chunks(
 
 
 def test_a_full_ring_drops_each_childs_statistics_counted() -> None:
+    """No slot free: one object for the whole replay (not one per child), the drop
+    counted once per child on the replaying thread and never again; the Python path
+    splits it into each child's reason."""
     capture, rows, ring = _sealed([1, 1])
     taken = [ring.acquire() for _ in range(ring.host.shape[0])]
     before = health.counters().get("stats_dropped", 0)
-    got = rows.replay(_index(capture))
-    assert all(type(p) is ReadyPending and p.note == "ring_full" for _, p in got)
+    got = rows.replay(_index(capture), ts_ns=7)
+    assert type(got) is gr.GraphStatsPending and got.dropped == "ring_full"
+    assert got.slot == -1 and not got.stamped  # nothing copied, no head to time it
+    assert health.counters()["stats_dropped"] - before == 2
+    got.abandon()  # a dropped span: nothing held, nothing counted twice
+    parts = got.split()
+    assert [i for i, _ in parts] == [0, 1] and not got.split()
+    assert all(type(p) is ReadyPending and p.note == "ring_full" and p.ts_ns == 7
+               for _, p in parts)
     assert health.counters()["stats_dropped"] - before == 2
     for slot in taken:
         ring.release(slot)
+
+
+@pytest.mark.parametrize("fmt", ["protobuf", "json"])
+@pytest.mark.parametrize("stamped", [False, True])
+def test_a_dropped_replay_is_written_in_c_as_python_writes_it(
+        fmt: str, stamped: bool, events: FakeEvents) -> None:  # noqa: F811
+    """A replay whose statistics were dropped (the ring full) is written by the encoder
+    in C, not child by child in Python (333 us a replay of the 64-call step on an H100):
+    each child says why it has none, a stamped replay why it has no GPU time, the same
+    spans as the Python path, whether a prototype's template came from a dropped replay
+    or from a full one, and from either to the other."""
+    head = torch.zeros(1, dtype=torch.int64)
+    data, capture, rows, slots, ring, ext = _stamped_graph(head if stamped else None)
+    assert rows.times_replay() == stamped
+    tracer, _ = _sdk_tracer()
+    encoder = export.make_encoder(tracer, fmt, CallRecord, _EMPTY)
+
+    def full(index: int) -> Any:
+        a = data.clone()
+        a[0, 7], a[2, 7] = 5_002_000, 5_009_000
+        _fill(slots, torch.cat([a, a]))
+        rows._chunks[0][0, 7] = 5_001_000  # noqa: SLF001 - the anchor
+        head[0], ext.now = 5_000_000, 5_040_000
+        whole = rows.replay(_index(capture), ext, ts_ns=7)
+        ring._native[whole.slot], ring._kind[whole.slot] = 90, "native"  # noqa: SLF001
+        return _replay_of(capture, index, whole)
+
+    def dropped(index: int) -> Any:
+        taken = [ring.acquire() for _ in range(len(ring._free))]  # noqa: SLF001
+        try:
+            whole = rows.replay(_index(capture), ext, ts_ns=7)
+        finally:
+            for slot in taken:
+                ring.release(slot)
+        assert whole.dropped == "ring_full" and whole.stamped == stamped
+        if stamped:  # the group says why the replay has no time (else: its event pair)
+            assert rows.replay_time([whole]) is None
+        return _replay_of(capture, index, whole)
+
+    def attrs(span: Any) -> dict[str, Any]:
+        return {kv.key: kv.value for kv in span.attributes}
+
+    counted = health.counters().get("stats_dropped", 0)
+    for index, make in enumerate((dropped, dropped, full, dropped, full), start=1):
+        record = make(index)
+        slow: list[Any] = []
+        assert encoder.drain(deque([record]), slow, 1, deque(), 1.0, 2.0) == 1 and not slow
+        got = _decode(encoder.take(), fmt)
+        want = _python_path(fmt, make(index))
+        assert [_without_span_id(g) for g in got] == [_without_span_id(w) for w in want]
+        children = got[1:]
+        if make is dropped:
+            assert [attrs(c)["flashinfer.stats.dropped"].string_value
+                    for c in children] == ["ring_full"] * 2
+            assert not any(c.events for c in children)
+            assert all(attrs(c)["flashinfer.cuda_graph.time_source"].string_value
+                       == "replay" for c in children)
+            own = attrs(got[0])
+            assert ("flashinfer.gpu.time_unavailable" in own) == stamped
+            if stamped:
+                assert own["flashinfer.gpu.time_unavailable"].string_value == "stats_dropped"
+        else:
+            assert not any("flashinfer.stats.dropped" in attrs(c) for c in children)
+            assert [len(c.events) for c in children] == [4, 4]
+        assert len(ring._free) == ring.host.shape[0]  # noqa: SLF001
+    stats = encoder.stats()
+    # every replay in C; each child but the prototypes' first from its byte template
+    assert (stats["replays"], stats["replay_children"]) == (5, 10)
+    assert stats["replay_templated"] == 8 and stats["stats_resolved"] == 2 * 2
+    # three dropped replays of two children each, counted when dropped (twice: the
+    # Python path's replays too), never by the encoder
+    assert health.counters()["stats_dropped"] - counted == 3 * 2 * 2
 
 
 @pytest.mark.parametrize("fmt", ["protobuf", "json"])
@@ -591,8 +673,9 @@ def test_a_replay_is_timed_by_events_where_nothing_stamps_it(
     assert rows.times_replay()
     taken = [ring.acquire() for _ in range(ring.host.shape[0])]
     dropped = rows.replay(_index(capture), ext, ts_ns=7)
-    assert type(dropped) is list and not ext.heads  # nothing copied, nothing stamped
-    reason = rows.replay_time(None)
+    assert dropped.dropped == "ring_full" and not ext.heads  # nothing copied, stamped
+    assert rows.replay_time([dropped]) is None  # it says why the replay has no time
+    reason = rows.replay_time(None)  # no group at all
     assert type(reason).__name__ == "Unavailable" and reason.reason == "stats_dropped"
     for slot in taken:
         ring.release(slot)

@@ -83,14 +83,18 @@ def _python_path(fmt: str, replay: ReplayRecord) -> list[Any]:
     encoder = export.make_encoder(tracer, fmt, CallRecord, _EMPTY)
     children = replay.expand()
     for pending in replay.pending:  # its own GPU time from a group's slot (stamped)
-        pending._status = 0  # noqa: SLF001 - its event completed
+        if hasattr(pending, "_status"):  # not a time that will not come (dropped)
+            pending._status = 0  # noqa: SLF001 - its event completed
         pending.apply(replay)
     replay.pending = _EMPTY
     encoder.add(replay)
     for child in children:
         for pending in child.pending:  # as the worker resolves them (ready, then applied)
-            pending._status = 0  # noqa: SLF001 - its event completed
             child.own()
+            if not hasattr(pending, "apply_raw"):  # ready already: a drop to report
+                pending.apply(child)
+                continue
+            pending._status = 0  # noqa: SLF001 - its event completed
             pending.apply_raw(child)
         child.pending = _EMPTY
         encoder.add(child)

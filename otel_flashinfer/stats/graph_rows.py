@@ -32,7 +32,7 @@ from . import lean_graph
 from .decode import ROW_BYTES
 from .layout import ROW_WORDS
 from .node_switch import NodeSwitch
-from .pending import StatsPending, _dropped
+from .pending import ReadyPending, StatsPending, _dropped
 from .ring import SlotRing
 
 #: Rows per device chunk (128 KB): a 64-call step with 4-6 tensors a call uses about 320.
@@ -101,26 +101,42 @@ class GraphStatsPending:
     from ``layout`` (csrc/otlp_encoder.c, ``resolve_group``) and hands the slot back
     once; the Python path ``split``s it into one ``StatsPending`` per child.  Plain
     ``__slots__`` fields: the encoder reads them by offset.  ``stamped``: the slot also
-    holds the replay's own GPU time (``HEAD_WORD``)."""
+    holds the replay's own GPU time (``HEAD_WORD``).
 
-    __slots__ = ("_status", "layout", "owner", "ring", "slot", "stamped", "ts_ns")
+    ``dropped`` (a reason, "" when not): the replay got no slot (the ring full, or the
+    copy failed), so every child says why it has no statistics and a stamped replay why
+    it has no GPU time.  One object for the whole replay, which the encoder also writes
+    in C: a replay dropped child by child went to the worker's Python path (333 us a
+    replay of the 64-call step on an H100, where the ring fills most), just when the
+    engine runs ahead of the GPU."""
 
-    def __init__(self, owner: GraphRows, ring: SlotRing, slot: int, layout: tuple,
-                 ts_ns: int, stamped: bool = False) -> None:
+    __slots__ = ("_status", "dropped", "layout", "owner", "ring", "slot", "stamped", "ts_ns")
+
+    def __init__(self, owner: GraphRows, ring: SlotRing | None, slot: int, layout: tuple,
+                 ts_ns: int, stamped: bool = False, dropped: str = "") -> None:
         self.owner, self.ring, self.slot, self.layout, self.ts_ns = owner, ring, slot, layout, ts_ns
-        self.stamped = stamped
+        self.stamped, self.dropped = stamped, dropped
         self._status = 1
 
     def split(self) -> list[tuple[int, Any]]:
         """(child index, its StatsPending over its rows of the slot), once; a stamped
-        replay's own time first, as index -1 (a ``ReplayStamps``)."""
+        replay's own time first, as index -1 (a ``ReplayStamps``).  A dropped replay:
+        (child index, the drop's reason) per child, after the replay's own reason."""
+        if self.dropped:
+            reason, self.dropped = self.dropped, ""
+            parts: list[tuple[int, Any]] = [(e[0], ReadyPending([], self.ts_ns, reason))
+                                            for e in self.layout]
+            if self.stamped:
+                parts.insert(0, (-1, Unavailable("stats_dropped")))
+            return parts
         slot, self.slot = self.slot, -1
         if slot < 0:
             return []
         return self.owner.split(slot, self.layout, self.ts_ns, self.stamped)
 
     def abandon(self) -> None:
-        """Given up whole (the span dropped): the slot goes back once its copy landed."""
+        """Given up whole (the span dropped): the slot goes back once its copy landed.
+        A dropped replay's statistics were counted when it was dropped."""
         slot, self.slot = self.slot, -1
         if slot >= 0:
             # as each child's StatsPending would count: inputs and outputs apart
@@ -433,7 +449,8 @@ class GraphRows:
 
     def replay_time(self, whole: list[Any] | None) -> Any:
         """None when one of ``whole`` (the replay's group pendings) holds this replay's
-        stamps; else why the replay has no GPU time (its statistics were dropped)."""
+        stamps, or says why there are none (dropped); else why the replay has no GPU
+        time."""
         if any(type(p) is GraphStatsPending and p.stamped and p.owner is self
                for p in whole or ()):
             return None
@@ -525,9 +542,10 @@ class GraphRows:
                ) -> GraphStatsPending | list[tuple[int, Any]]:
         """After a traced replay, on the replaying thread: one copy per chunk into a
         slot and one event, for the captured calls that ``index`` (record id -> child
-        index) knows: a ``GraphStatsPending``, or (child index, Pending) per call when
-        the statistics are dropped.  ``module``: the statistics extension (None: the
-        built one, if any, on a CUDA device; torch copies otherwise)."""
+        index) knows: a ``GraphStatsPending`` (``dropped`` when the ring is full or the
+        copy failed), or (child index, Pending) per call when the graph has no ring.
+        ``module``: the statistics extension (None: the built one, if any, on a CUDA
+        device; torch copies otherwise)."""
         if self.ring is None and not self.failed:
             self._seal()
         ring = self.ring
@@ -537,17 +555,23 @@ class GraphRows:
                     if rid in index]
         if module is None and self.device.type == "cuda":
             module = _kernel.get()
+        ts = ts_ns if ts_ns is not None else time.time_ns()
         slot = ring.acquire()
         if slot is None:
-            return [(entry[0], _dropped("ring_full")) for entry in layout]
+            return self._dropped(layout, ts, "ring_full")
         try:
             stamped = self._copy(module, ring, slot)
         except Exception as exc:  # noqa: BLE001
             # Copies already queued may still land in it: the slot is not reused.
             health.report("stats_errors", "graph statistics snapshot failed", exc)
-            return [(entry[0], _dropped("error")) for entry in layout]
-        return GraphStatsPending(self, ring, slot, layout,
-                                 ts_ns if ts_ns is not None else time.time_ns(), stamped)
+            return self._dropped(layout, ts, "error")
+        return GraphStatsPending(self, ring, slot, layout, ts, stamped)
+
+    def _dropped(self, layout: tuple, ts: int, reason: str) -> GraphStatsPending:
+        """A replay whose statistics are dropped, counted once per child here (as each
+        child's ``_dropped`` was), on the replaying thread."""
+        health.count("stats_dropped", len(layout))
+        return GraphStatsPending(self, None, -1, layout, ts, self.times_replay(), reason)
 
     def layout(self, index: dict[int, int]) -> tuple:
         """Per captured call that ``index`` knows: (child index, byte offset of its rows
