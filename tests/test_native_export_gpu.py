@@ -198,3 +198,72 @@ def test_level5_replays_are_written_whole_by_the_encoder(tmp_path: Path) -> None
             assert got["nan_count"] == 0 and got["inf_count"] == 0, (i, name, got)
             assert (got["min"], got["max"]) == (lo, hi), (i, name, got)
             assert abs(got["mean"] - mean) < 1e-3, (i, name, got)
+
+
+DROPPING_PROGRAM = r'''
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+import otel_flashinfer
+from otel_flashinfer import gpu_timing, health, runtime
+from otel_flashinfer.stats import graph_rows, kernel as stats_kernel
+from gpu_decode import busy_gpu, capture_graph, make_decode
+
+graph_rows.RING_BYTES = 1  # the fewest slots a graph gets (MIN_SLOTS)
+otel_flashinfer.instrument(level=5)
+assert gpu_timing.wait_ready(600)
+stats_kernel.get(wait=True, timeout=600)
+step = make_decode(use_cuda_graph=True)
+graph, _ = capture_graph(step.run)
+torch.cuda.synchronize()
+otel_flashinfer.flush(60)
+before = dict(health.counters())
+busy_gpu(200.0)  # the host queues every replay while the GPU sleeps: the ring fills
+for _ in range(200):
+    graph.replay()
+torch.cuda.synchronize()
+ok = otel_flashinfer.flush(60)
+native = runtime.current().pipeline._native
+after = health.counters()
+print(json.dumps({"flushed": ok, "slots": graph_rows.MIN_SLOTS,
+                  "dropped": after.get("stats_dropped", 0) - before.get("stats_dropped", 0),
+                  "counters": after,
+                  "encoders": {k: e.stats() for k, e in native.encoders.items()}}))
+'''
+
+
+def test_level5_replays_whose_statistics_were_dropped_are_written_in_c(
+        tmp_path: Path) -> None:
+    """The host runs far ahead of the GPU: past the graph's ring, a replay's statistics
+    are dropped and counted, and the encoder still writes that replay and its children
+    in C (each child saying why it has none, the replay why it has no GPU time), not
+    child by child on the worker's Python path."""
+    script = tmp_path / "dropping.py"
+    script.write_text(DROPPING_PROGRAM)
+    proc = subprocess.run([sys.executable, str(script), str(ROOT / "tests")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["flushed"], report
+    spans = _spans_in(tmp_path / "flashinfer_traces.jsonl")
+    replays = {s["spanId"]: s for s in spans if s["name"] == "cuda_graph.replay"}
+    children = [s for s in spans if s.get("parentSpanId") in replays]
+    assert len(replays) == 200 and len(children) == 200
+    dropped = [c for c in children if "flashinfer.stats.dropped" in _attrs(c)]
+    kept = [c for c in children if "flashinfer.stats.dropped" not in _attrs(c)]
+    print(f"\n{len(dropped)} of 200 replays dropped, {report['slots']} slots")
+    # at most a ring's worth (and what the worker freed meanwhile) kept their statistics
+    assert len(dropped) >= 200 - 4 * report["slots"] and kept
+    assert report["dropped"] == len(dropped)
+    for child in dropped:
+        attrs = _attrs(child)
+        assert attrs["flashinfer.stats.dropped"] == "ring_full"
+        assert attrs["flashinfer.cuda_graph.time_source"] == "replay"
+        assert not child.get("events"), child
+        own = _attrs(replays[child["parentSpanId"]])
+        assert own.get("flashinfer.gpu.time_unavailable") == "stats_dropped", own
+    for child in kept:
+        assert [e for e in child["events"] if e["name"] == "flashinfer.tensor_stats"]
+    (encoder,) = report["encoders"].values()
+    # every one of the 200 replays (and the capture's) written by the encoder in C
+    assert encoder["replays"] >= 200 and encoder["replay_children"] >= 200, encoder
