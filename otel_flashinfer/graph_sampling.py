@@ -109,6 +109,15 @@ _MAX_BURST = 4.0
 #: this many seconds as debt (or a burst's worth, where that is more).
 _MAX_DEBT_S = 1.0
 
+#: What a span handed on is charged while the background's price is not known yet
+#: (four drains and the sender's own estimate: up to seconds, where drains gather a
+#: quarter second), settled at that price once it is.  Priced at nothing meanwhile, a
+#: traced replay cost only the caller's time, one replay in four was traced, and all
+#: but ``_MAX_DEBT_S`` of their spans' debt was forgiven: 1.86% against a 1% budget at
+#: level 3 (H100, 3,000 replays).  Above every price measured so far (0.8 to 2.2 us on
+#: the H100s and the CPU box), so that learning traces fewer replays, not more.
+PROVISIONAL_PER_SPAN_S = 3e-6
+
 
 class ReplaySampler:
     """One graph's decision per replay; call ``should_trace`` at every replay and
@@ -160,25 +169,26 @@ class ReplaySampler:
 
     def estimate(self) -> float:
         """What tracing one more replay costs: the caller's smoothed time and the last
-        replay's spans at the background's latest cost per span."""
-        return self.caller.value + self.spans * self.per_span_s
+        replay's spans at the background's latest cost per span (provisional until
+        known)."""
+        return self.caller.value + self.spans * (self.per_span_s or PROVISIONAL_PER_SPAN_S)
 
     def _price(self, per_span_s: float | None) -> None:
-        """Take the background's cost per span (None: unchanged), and charge the spans
-        handed on before it was known."""
+        """Take the background's cost per span (None: unchanged), and settle the spans
+        handed on before it was known (charged ``PROVISIONAL_PER_SPAN_S`` each)."""
         if per_span_s is None:
             return
         self.per_span_s = max(per_span_s, 0.0)
         if self.unpriced and self.per_span_s > 0:
-            # A bounded debt: replays traced before the price was known may be
-            # thousands, and a debt of seconds would stop tracing for minutes.  It is
-            # paid back within about ``_MAX_DEBT_S``.  Capped at a burst's worth
-            # instead, the first 31 traced replays' spans went 85% unpaid on the CPU
-            # box (4.6 of 5.4 ms), 1.5 us a replay over a 3,000-replay run: most of
-            # what ``auto`` did not charge itself on the device.
-            floor = self._debt_floor()
-            self._spend(min(self.unpriced * self.per_span_s,
-                            max(self.credit_s - floor, 0.0)))
+            owed = self.unpriced * (self.per_span_s - PROVISIONAL_PER_SPAN_S)
+            if owed > 0:
+                # A bounded debt: replays traced before the price was known may be
+                # thousands, and a debt of seconds would stop tracing for minutes.  It
+                # is paid back within about ``_MAX_DEBT_S``.  Capped at a burst's worth
+                # instead, the first 31 traced replays' spans went 85% unpaid on the
+                # CPU box (4.6 of 5.4 ms), 1.5 us a replay over a 3,000-replay run.
+                owed = min(owed, max(self.credit_s - self._debt_floor(), 0.0))
+            self._spend(owed)  # below 0: what the provisional price overcharged
             self.unpriced = 0
 
     def _debt_floor(self, spent_s: float = 0.0) -> float:
@@ -311,7 +321,11 @@ class ReplaySampler:
         caller_s = max(caller_s, 0.0)
         self._spend(caller_s)
         self.caller.add(caller_s + self.tail_s)  # its tail is charged by ``charge_tail``
+        self._price(worker_per_span_s)
         if spans > 0:
             self.spans = spans
-            self.unpriced += spans
-        self._price(worker_per_span_s)
+            if self.per_span_s > 0:
+                self._spend(spans * self.per_span_s)
+            else:  # settled by ``_price`` once the price is known
+                self.unpriced += spans
+                self._spend(spans * PROVISIONAL_PER_SPAN_S)
