@@ -15,8 +15,10 @@ spends its own bookkeeping (``charge_untraced``).  What one costs is
 measured, not assumed: the
 caller's own time around the replay (not the replay itself), plus the background
 worker's and the sender's CPU per replay span (``Pipeline.replay_cost_per_span_s``) for
-each span it hands on.  The traced replay that builds the graph's templates sets up: it is neither
-charged nor taken as the estimate, and the next is traced to measure.
+each span it hands on (until the background's price is known, a provisional one,
+settled once it is: ``PROVISIONAL_PER_SPAN_S``).  The traced replay that builds the
+graph's templates sets up: it is neither charged nor taken as the estimate, and the
+next is traced to measure.
 So when the workload changes (longer steps, more captured calls, a slower exporter),
 the share traced follows.
 
