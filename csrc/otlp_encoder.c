@@ -2389,8 +2389,9 @@ static void note_replay_time(Encoder *e, PyObject *record, long long gpu_ns) {
     Py_XDECREF(value);
 }
 
-/* Why a replay whose statistics were dropped has no GPU time, into its attributes as
- * Python's path writes it there (gpu_timing.Unavailable).  -1 with an exception set. */
+/* Why a replay whose statistics were dropped has no GPU time (when nothing else timed
+ * it), into its attributes as Python's path writes it there (graph_rows.DroppedTime).
+ * -1 with an exception set. */
 static int note_replay_dropped(Encoder *e, PyObject *record) {
     static PyObject *key, *why;
     if (key == NULL && (key = PyUnicode_InternFromString("flashinfer.gpu.time_unavailable")) == NULL)
@@ -2462,7 +2463,7 @@ static int encode_replay(Encoder *e, PyObject *record, long long gpu_ns) {
             }
         }
     }
-    if (gpu_ns < 0 && replay_dropped && note_replay_dropped(e, record) < 0) {
+    if (gpu_ns < 0 && stamped_ns < 0 && replay_dropped && note_replay_dropped(e, record) < 0) {
         PyErr_Clear();
         PyMem_Free(res);
         PyMem_Free(has);

@@ -254,12 +254,16 @@ class ReplayRecord(CallRecord):
             return []
         if groups:
             pending = list(pending) if pending is not None else [None] * len(template)
+            last: list[Any] = []  # why there is no time: after every source of one
             for group in groups:
                 for i, part in group.split():  # first, as on the replaying thread's path
                     if i < 0:  # the replay's own GPU time, from the group's slot
-                        self.add_pending(part)
+                        (last.append if getattr(part, "after_times", False)
+                         else self.add_pending)(part)
                         continue
                     pending[i] = [part, *pending[i]] if pending[i] else [part]
+            for part in last:
+                self.add_pending(part)
         children = []
         for i, proto in enumerate(template):
             attrs = dict(proto.attributes)

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_native_stats import FakeEvents, _pending, _ring, _rows, events  # noqa: F401
+from test_native_stats import FakeEvents, _pending, _ring, _rows, answering_pool, events  # noqa: F401
 from test_replay_template import _capture, _decode, _python_path, _replay, _without_span_id
 
 from otel_flashinfer import capture_guard, export, graphs, health
@@ -239,6 +239,97 @@ def test_a_dropped_replay_is_written_in_c_as_python_writes_it(
     # three dropped replays of two children each, counted when dropped (twice: the
     # Python path's replays too), never by the encoder
     assert health.counters()["stats_dropped"] - counted == 3 * 2 * 2
+
+
+def _dropped_replay(rows: gr.GraphRows, capture: graphs.Capture, ext: Any) -> Any:
+    """``rows``' statistics for a replay, dropped: every slot of its ring taken."""
+    ring = rows.ring
+    taken = [ring.acquire() for _ in range(len(ring._free))]  # noqa: SLF001
+    try:
+        return rows.replay(_index(capture), ext, ts_ns=7)
+    finally:
+        for slot in taken:
+            ring.release(slot)
+
+
+def _replay_keys(spans: list[Any]) -> list[str]:
+    return [kv.key for kv in spans[0].attributes]
+
+
+def test_a_dropped_replay_timed_by_its_event_pair_keeps_its_time(
+        events: FakeEvents) -> None:  # noqa: F811
+    """A replay whose event pair timed it (its group became its stamper only later)
+    and whose statistics were dropped: the span has its time and never also says it
+    has none, in C as in Python (found by review: Python wrote both)."""
+    head = torch.zeros(1, dtype=torch.int64)
+    _data, capture, rows, _slots, _ring, ext = _stamped_graph(head)
+
+    def replay() -> Any:
+        record = _replay_of(capture, 1, _dropped_replay(rows, capture, ext))
+        assert record.group[0].stamped and record.group[0].dropped == "ring_full"
+        return record
+
+    with answering_pool(717_000):
+        record = replay()
+        record.gpu = 3 << 16 | 4  # a packed event pair
+        tracer, _ = _sdk_tracer()
+        encoder = export.make_encoder(tracer, "protobuf", CallRecord, _EMPTY)
+        assert encoder.drain(deque([record]), [], 1, deque(), 1.0, 2.0) == 1
+        got = _decode(encoder.take(), "protobuf")
+    python = replay()
+    python.attributes["flashinfer.gpu.time_ns"] = 717_000  # the worker: the pair first
+    want = _python_path("protobuf", python)
+    assert "flashinfer.gpu.time_unavailable" not in _replay_keys(want)
+    assert [_without_span_id(g) for g in got] == [_without_span_id(w) for w in want]
+
+
+@pytest.mark.parametrize("full_first", [True, False])
+def test_a_replay_with_one_devices_statistics_dropped_keeps_the_others_time(
+        full_first: bool, events: FakeEvents) -> None:  # noqa: F811
+    """Two devices' groups in one capture, each able to time the replay: one full, one
+    dropped.  The full one's stamps time the replay whichever comes first, and the
+    span does not also say it has no time (found by review: C and Python disagreed)."""
+    data, metas = _rows()
+    capture = _capture(4)
+    heads = [torch.zeros(1, dtype=torch.int64) for _ in range(2)]
+    groups = []
+    for k, head in enumerate(heads):
+        rows = gr.GraphRows(CPU, head=gr.HeadStamp(head, True, 0, 0))
+        part = graphs.Capture(5)
+        part.records = capture.records[2 * k:2 * k + 2]
+        slots = _captured(rows, part, [4, 4])
+        rows.take_anchor()
+        for slot in slots:
+            slot.metas, slot.nin, slot.timed = list(metas), 2, True
+        ext = _MappedExtension()
+        rows.seal()
+        rows._map(ext, rows.ring)  # noqa: SLF001
+        rows.ring._native[:] = [600 + i for i in range(len(rows.ring._native))]  # noqa: SLF001
+        groups.append((rows, slots, ext))
+
+    def replay() -> Any:
+        (a, a_slots, a_ext), (b, _, b_ext) = groups
+        rows_data = data.clone()
+        rows_data[0, 7], rows_data[2, 7] = 5_002_000, 5_009_000
+        _fill(a_slots, torch.cat([rows_data, rows_data]))
+        a._chunks[0][0, 7] = 5_001_000  # noqa: SLF001 - the anchor
+        heads[0][0], a_ext.now = 5_000_000, 5_040_000
+        full = a.replay(_index(capture), a_ext, ts_ns=7)
+        a.ring._native[full.slot], a.ring._kind[full.slot] = 90, "native"  # noqa: SLF001
+        dropped = _dropped_replay(b, capture, b_ext)
+        record = _replay_of(capture, 1, full)
+        record.group = [full, dropped] if full_first else [dropped, full]
+        return record
+
+    tracer, _ = _sdk_tracer()
+    encoder = export.make_encoder(tracer, "protobuf", CallRecord, _EMPTY)
+    slow: list[Any] = []
+    assert encoder.drain(deque([replay()]), slow, 1, deque(), 1.0, 2.0) == 1 and not slow
+    got = _decode(encoder.take(), "protobuf")
+    want = _python_path("protobuf", replay())
+    keys = _replay_keys(got)
+    assert "flashinfer.gpu.time_ns" in keys and "flashinfer.gpu.time_unavailable" not in keys
+    assert [_without_span_id(g) for g in got] == [_without_span_id(w) for w in want]
 
 
 @pytest.mark.parametrize("fmt", ["protobuf", "json"])

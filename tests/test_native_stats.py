@@ -12,8 +12,10 @@ The device tests run the same path over the real extension.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -295,6 +297,23 @@ class _PoolApi(ctypes.Structure):
     _fields_ = [("version", ctypes.c_int), ("record", ctypes.c_void_p),
                 ("release", _RELEASE), ("is_cuda", ctypes.c_void_p),
                 ("snapshot", ctypes.c_void_p), ("resolve", _RESOLVE)]
+
+
+@contextlib.contextmanager
+def answering_pool(ns: int) -> Iterator[None]:
+    """The event pool's C API stood in for the encoder: every event pair resolves to
+    ``ns`` (registered while the block runs)."""
+    resolve = _RESOLVE(lambda start, end: ns)
+    release = _RELEASE(lambda slot: None)
+    api = _PoolApi(2, None, release, None, None, resolve)
+    new = ctypes.pythonapi.PyCapsule_New
+    new.restype = ctypes.py_object
+    new.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+    _otlp.register_api(new(ctypes.addressof(api), b"otel_flashinfer.hotpath_api", None))
+    try:
+        yield
+    finally:
+        _otlp.register_api(None)
 
 
 def test_a_gpu_time_not_in_yet_waits_in_c_then_goes_out() -> None:

@@ -127,7 +127,7 @@ class GraphStatsPending:
             parts: list[tuple[int, Any]] = [(e[0], ReadyPending([], self.ts_ns, reason))
                                             for e in self.layout]
             if self.stamped:
-                parts.insert(0, (-1, Unavailable("stats_dropped")))
+                parts.insert(0, (-1, DroppedTime("stats_dropped")))
             return parts
         slot, self.slot = self.slot, -1
         if slot < 0:
@@ -142,6 +142,20 @@ class GraphStatsPending:
             # as each child's StatsPending would count: inputs and outputs apart
             health.count("stats_dropped", sum(2 if e[2] and e[3] else 1 for e in self.layout))
             self.ring.abandon(slot)
+
+
+class DroppedTime(Unavailable):
+    """Why a replay whose statistics were dropped has no GPU time, unless another source
+    timed it (its event pair, another device's group): a span never says both, in
+    Python as in C.  ``ReplayRecord.expand`` applies it after the replay's other
+    pendings (``after_times``)."""
+
+    __slots__ = ()
+    after_times = True
+
+    def apply(self, record: Any) -> None:
+        if TIME_ATTR not in record.attributes:
+            super().apply(record)
 
 
 class ReplayStamps:
