@@ -46,12 +46,13 @@ import threading
 import time
 import uuid
 import weakref
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import fsspec
 
-from .. import forking
+from .. import forking, threads
 from . import layout
 from .buffers import nbytes as _nbytes
 from .buffers import parts_of, write_all
@@ -86,6 +87,16 @@ _KNOWN_MAX = 1 << 16
 _BUSY_S = 0.01
 #: How long a writer's release keeps trying a file locked by another process.
 _WRITER_WAIT_S = 1.0
+#: A look at the counter file that took longer than this (its reads and writes, on a
+#: slow shared file system: 30 ms each in a test) marks the file slow for
+#: ``_SLOW_FOR_S`` (a faster look clears it): meanwhile no traced call looks at it, a
+#: thread of the lease's own tops the lease up once half of it is spent, and a call
+#: that finds it spent skips its payload as ``BUSY`` rather than wait.
+_SLOW_LOOK_S = 0.005  # what a call may wait on our background work at most
+_SLOW_FOR_S = 10.0
+#: On a slow file a lease is this many chunks: it must last while the top-up reads and
+#: writes the file (30 ms a look in the test, against a call every 2 ms).
+_SLOW_CHUNKS = 4
 
 
 class StoreError(RuntimeError):
@@ -182,6 +193,28 @@ class _Lease:
         self._seen = (0, 0)  # the file's counts after the last look
         self._seen_at = -math.inf
         self._busy_at = -math.inf  # when a call last found the file held
+        self._slow_until = -math.inf  # a look took over _SLOW_LOOK_S: none on calls
+        self._topping = False  # a thread of the lease's own is topping it up
+        self._topper: threading.Thread | None = None
+        #: Credits a call could not add under ``_lock`` on a slow file (appended without
+        #: it, folded in by the next holder): (calls, bytes).
+        self._credits: deque[tuple[int, int]] = deque()
+
+    def _fold(self) -> None:
+        """Add the credits left without ``_lock`` (under it)."""
+        credits = self._credits
+        while credits:
+            calls, nbytes = credits.popleft()
+            self.calls += calls
+            self.nbytes += nbytes
+
+    def _chunks(self, max_count: int, max_bytes: int) -> tuple[int, int]:
+        """The lease a look keeps, in calls and bytes, before the edge of the budget is
+        taken into account (``_lease_size``): larger on a slow file."""
+        scale = _SLOW_CHUNKS if time.monotonic() < self._slow_until else 1
+        calls = min(scale * _LEASE_CALLS, max_count // (_LEASE_SHARE // scale))
+        nbytes = max(max_bytes // (_LEASE_SHARE // scale), min(self._largest, max_bytes // 32))
+        return calls, nbytes
 
     def _open(self) -> int:
         if self._pid != os.getpid():
@@ -201,27 +234,126 @@ class _Lease:
         """On the traced call's thread: spend the lease; past it, one look at the file
         that waits ``_CALLER_WAIT_S`` at most for the file's lock (``BUSY`` past that,
         and for ``_BUSY_S`` after, without trying).  Other threads hold ``_lock`` for
-        memory work and single non-blocking tries at the file, never while they wait."""
-        with self._lock:
-            if calls <= self.calls and nbytes <= self.nbytes:
-                # What is leased is counted in the file already: spending it can never
-                # pass a limit, however long ago the lease was taken.
-                self.calls -= calls
-                self.nbytes -= nbytes
-                return None
-            if time.monotonic() - self._seen_at < _FRESH_S:  # a refusal stands a while
-                reason = _over(*self._seen, calls - self.calls, nbytes - self.nbytes,
-                               max_count, max_bytes)
-                if reason is not None and not (self.calls or self.nbytes):
-                    return reason  # (holding a lease, the look below gives it back)
-            now = time.monotonic()
-            if now - self._busy_at < _BUSY_S:
-                return BUSY  # found held just now: the calls behind do not queue up
-            self._largest = max(self._largest, nbytes)
-            reason = self._look(calls, nbytes, max_count, max_bytes, now + _CALLER_WAIT_S)
-            if reason == BUSY:
-                self._busy_at = time.monotonic()
-            return reason
+        memory work and single non-blocking tries at the file, never while they wait.
+        On a slow file (``_SLOW_LOOK_S``) a call never looks itself: the lease is topped
+        up ahead, on a thread of its own, and a call waits ``_CALLER_WAIT_S`` at most for
+        ``_lock`` (``BUSY`` past that), which a writer's or the top-up's look holds for
+        as long as the file takes.  Elsewhere it waits for ``_lock``, as those who hold
+        it do memory work or a quick look; the look that finds the file slow holds
+        the calls behind it that once."""
+        if time.monotonic() < self._slow_until:
+            if not self._lock.acquire(timeout=_CALLER_WAIT_S):
+                return BUSY  # the payload, not the call, waits on the file
+        else:
+            self._lock.acquire()
+        try:
+            return self._reserve(calls, nbytes, max_count, max_bytes)
+        finally:
+            self._lock.release()
+
+    def _reserve(self, calls: int, nbytes: int, max_count: int, max_bytes: int
+                 ) -> str | None:
+        """``reserve`` under ``_lock``."""
+        self._fold()
+        slow = time.monotonic() < self._slow_until
+        if calls <= self.calls and nbytes <= self.nbytes:
+            # What is leased is counted in the file already: spending it can never
+            # pass a limit, however long ago the lease was taken.
+            self.calls -= calls
+            self.nbytes -= nbytes
+            keep_calls, keep_bytes = self._keep
+            if slow and (2 * self.calls <= keep_calls or 2 * self.nbytes <= keep_bytes):
+                self._top_up(max_count, max_bytes)  # ahead of need: half is spent
+            return None
+        if time.monotonic() - self._seen_at < _FRESH_S:  # a refusal stands a while
+            reason = _over(*self._seen, calls - self.calls, nbytes - self.nbytes,
+                           max_count, max_bytes)
+            if reason is not None and not (self.calls or self.nbytes):
+                return reason  # (holding a lease, the look below gives it back)
+        self._largest = max(self._largest, nbytes)
+        if slow:  # the top-up's look, not the call's: a refusal it saw, else busy
+            self._top_up(max_count, max_bytes)
+            return _over(*self._seen, calls - self.calls, nbytes - self.nbytes, max_count,
+                         max_bytes) or BUSY
+        now = time.monotonic()
+        if now - self._busy_at < _BUSY_S:
+            return BUSY  # found held just now: the calls behind do not queue up
+        reason = self._look(calls, nbytes, max_count, max_bytes, now + _CALLER_WAIT_S)
+        if reason == BUSY:
+            self._busy_at = time.monotonic()
+        return reason
+
+    def _top_up(self, max_count: int, max_bytes: int) -> None:
+        """On a slow file (under ``_lock``): a thread of the lease's own adds to the lease
+        what it lacks of its chunks, reading and writing the file without ``_lock``
+        (calls spend the lease meanwhile); at most one at a time."""
+        if self._topping or self._closed:
+            return
+        self._topping = True
+        pid = os.getpid()
+
+        def run() -> None:
+            try:
+                with self._lock:
+                    if self._closed or self._pid != pid:
+                        return
+                    self._fold()
+                    chunk = self._chunks(max_count, max_bytes)
+                    want = (max(0, chunk[0] - self.calls), max(0, chunk[1] - self.nbytes))
+                if want == (0, 0):
+                    return
+                try:
+                    got = self._grant(*want, max_count, max_bytes)
+                except OSError:
+                    log.debug("blob budget: %s not topped up", self.path, exc_info=True)
+                    return
+                if got is None:
+                    return
+                with self._lock:
+                    if self._pid != pid:
+                        return  # forked meanwhile: the grant is the parent's, kept counted
+                    self.calls += got[0]
+                    self.nbytes += got[1]
+                    self._keep = chunk
+                    self._seen, self._seen_at = got[2], time.monotonic()
+                    if self._closed:  # closed meanwhile: what was granted goes back
+                        self._look_quietly(0, 0)
+            finally:
+                self._topping = False
+
+        topper = threading.Thread(target=run, daemon=True, name="otel_flashinfer-blob-budget")
+        try:
+            threads.start(topper)
+            self._topper = topper
+        except RuntimeError:  # no new threads (the interpreter is exiting)
+            self._topping = False
+
+    def _grant(self, calls: int, nbytes: int, max_count: int, max_bytes: int
+               ) -> tuple[int, int, tuple[int, int]] | None:
+        """Up to ``calls`` and ``nbytes`` more counted in the file for the lease, as much
+        of each as is free (the top-up; without ``_lock``): (calls, bytes, the file's
+        counts after), or None while another process holds the file's lock."""
+        fd = self._open()
+        if not _try_lock(fd, time.monotonic() + _WRITER_WAIT_S):
+            return None
+        locked = time.monotonic()
+        try:
+            count, total = _read_counter(fd)
+            calls = max(0, min(calls, max_count - count))
+            nbytes = max(0, min(nbytes, max_bytes - total))
+            if calls or nbytes:
+                os.pwrite(fd, _COUNTER.pack(count + calls, total + nbytes), 0)
+            return calls, nbytes, (count + calls, total + nbytes)
+        finally:
+            fcntl.lockf(fd, fcntl.LOCK_UN)
+            self._note_speed(locked)
+
+    def _note_speed(self, locked: float) -> None:
+        """After a look that had the file's lock from ``locked``: slow for ``_SLOW_FOR_S``
+        if its reads and writes took over ``_SLOW_LOOK_S``, else not (waiting for another
+        process's hold is not slowness)."""
+        done = time.monotonic()
+        self._slow_until = done + _SLOW_FOR_S if done - locked > _SLOW_LOOK_S else -math.inf
 
     def count_spent(self, max_count: int) -> bool:
         """Whether a call would surely be refused by the count now: no lease left and the
@@ -238,17 +370,29 @@ class _Lease:
         for with ``_lock`` let go between single tries.  A traced call's thread (a
         payload dropped) passes ``settle=False``: crediting is always safe, and the next
         writer's release settles the file."""
-        with self._lock:
+        slow = time.monotonic() < self._slow_until
+        if not settle and slow and not self._lock.acquire(timeout=_CALLER_WAIT_S):
+            self._credits.append((calls, nbytes))  # a look at a slow file holds it
+            return
+        if settle or not slow:
+            self._lock.acquire()
+        try:
+            self._fold()
             self.calls += calls
             self.nbytes += nbytes
             keep_calls, keep_bytes = self._keep
-            if not settle or not (self.calls > 2 * keep_calls or self.nbytes > 2 * keep_bytes
-                    or self.calls == 0 < keep_calls
-                    or self.nbytes < min(self._largest, keep_bytes)
-                    or time.monotonic() - self._seen_at >= _FRESH_S):
+            grown = self.calls > 2 * keep_calls or self.nbytes > 2 * keep_bytes
+            out = self.calls == 0 < keep_calls or self.nbytes < min(self._largest, keep_bytes)
+            if not settle or not (grown or out or time.monotonic() - self._seen_at >= _FRESH_S):
+                return
+            if slow and not grown:  # topped up off ``_lock``; nothing to give back
+                if out:
+                    self._top_up(max_count, max_bytes)
                 return
             if self._look_quietly(max_count, max_bytes):
                 return
+        finally:
+            self._lock.release()
         self._retry(lambda: self._look_quietly(max_count, max_bytes))
 
     def _retry(self, attempt: Callable[[], bool]) -> None:
@@ -280,6 +424,7 @@ class _Lease:
     def usage(self) -> tuple[int, int]:
         """What the file counts less this process's unused lease."""
         with self._lock:
+            self._fold()
             count, nbytes = _read_counter(self._open())
             return max(0, count - self.calls), max(0, nbytes - self.nbytes)
 
@@ -289,6 +434,11 @@ class _Lease:
         def attempt() -> bool:
             return not (self.calls or self.nbytes) or self._look_quietly(0, 0)
 
+        topper = self._topper
+        if topper is not None and topper is not threading.current_thread():
+            # A top-up in flight lands in the lease after the lease went back, which
+            # then stays counted (at exit, for good): its grant goes back too.
+            topper.join(_WRITER_WAIT_S)
         if not self._lock.acquire(timeout=1.0):
             return  # held by the thread a signal interrupted: keep it rather than hang
         try:
@@ -312,6 +462,8 @@ class _Lease:
         fd = self._open()
         if not _try_lock(fd, deadline):
             return BUSY
+        locked = time.monotonic()
+        self._fold()
         try:
             count, total = _read_counter(fd)
             need_calls = max(0, calls - self.calls)
@@ -322,9 +474,7 @@ class _Lease:
                 left_bytes = self.nbytes + need_bytes - nbytes
                 keep_calls = keep_bytes = 0
                 if not self._closed:
-                    chunk_calls = min(_LEASE_CALLS, max_count // _LEASE_SHARE)
-                    chunk_bytes = max(max_bytes // _LEASE_SHARE,
-                                      min(self._largest, max_bytes // 32))
+                    chunk_calls, chunk_bytes = self._chunks(max_count, max_bytes)
                     keep_calls = _lease_size(chunk_calls,
                                              max_count - count - need_calls + left_calls)
                     keep_bytes = _lease_size(chunk_bytes,
@@ -346,6 +496,7 @@ class _Lease:
             return reason
         finally:
             fcntl.lockf(fd, fcntl.LOCK_UN)
+            self._note_speed(locked)
 
 
 class _Budget:
