@@ -17,6 +17,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -1304,13 +1305,7 @@ def test_calls_never_wait_on_a_slow_counter_file(tmp_path, monkeypatch):
     served from the lease.  Before, each call that found the lease spent read and wrote
     the file itself: 30 ms and more a time (65 ms with writes as slow)."""
     budget = _budget(tmp_path, max_count=100_000, max_bytes=10**12)
-    read = store_mod._read_counter
-
-    def slow_read(fd: int) -> tuple[int, int]:
-        time.sleep(0.03)
-        return read(fd)
-
-    monkeypatch.setattr(store_mod, "_read_counter", slow_read)
+    read = _slow_reads(monkeypatch)
     assert budget.reserve(1, 100) is None  # the look that finds it slow (waited once)
     lease = budget._lease
     waits, results, served = [], [], 0
@@ -1325,13 +1320,78 @@ def test_calls_never_wait_on_a_slow_counter_file(tmp_path, monkeypatch):
     assert max(waits) < 0.005, sorted(waits)[-5:]
     assert set(results) <= {None, store_mod.BUSY}
     assert served >= 200  # topped up ahead: most calls find a lease
-    assert lease._slow_until > time.monotonic() and lease._keep[0] == 4 * 8
+    assert lease._slow_until > time.monotonic() and lease._chunks(100_000, 10**12)[0] == 4 * 8
     deadline = time.monotonic() + 5
     while lease._topping and time.monotonic() < deadline:
         time.sleep(0.01)
     monkeypatch.setattr(store_mod, "_read_counter", read)
     budget.close()
     assert budget.usage() == (1 + served, 100 * (1 + served))  # nothing lost or doubled
+
+
+def _slow_reads(monkeypatch) -> Callable[[int], tuple[int, int]]:
+    """The counter file's reads take 30 ms (a slow shared file system); returns the
+    real reader."""
+    read = store_mod._read_counter
+
+    def slow_read(fd: int) -> tuple[int, int]:
+        value = read(fd)
+        time.sleep(0.03)
+        return value
+
+    monkeypatch.setattr(store_mod, "_read_counter", slow_read)
+    return read
+
+
+def test_a_top_up_and_a_look_never_both_write_the_counter_file(tmp_path, monkeypatch):
+    """fcntl's locks are the process's: a top-up's grant (off the lease's lock) and a
+    writer's look in the same process both had the file, and the later write undid the
+    other's (found by review: the file under-counted by a grant, so the limits could
+    be passed).  The file counts what is held plus the lease, and after close what is
+    kept."""
+    budget = _budget(tmp_path, max_count=100_000, max_bytes=10**12)
+    lease, held = budget._lease, 0
+    for _ in range(200):
+        assert budget.reserve(1, 100) is None
+        held += 1
+    read = _slow_reads(monkeypatch)
+    while lease.calls:  # the lease spent, the call's own look finds the file slow
+        assert budget.reserve(1, 100) is None
+        held += 1
+    assert budget.reserve(1, 100) is None
+    held += 1
+    while lease._topper is None:  # half of the new lease spent: a top-up starts
+        held += budget.reserve(1, 100) is None
+    time.sleep(0.005)  # the top-up is in the file now
+    budget.release(150, 15_000)  # grown past two chunks: a writer's look
+    held -= 150
+    lease._topper.join()
+    monkeypatch.setattr(store_mod, "_read_counter", read)
+    assert _counter(tmp_path) == (held + lease.calls, 100 * held + lease.nbytes)
+    budget.release(held - 40, 100 * (held - 40))
+    budget.close()
+    assert _counter(tmp_path) == (40, 4_000)
+
+
+def test_a_credit_parked_on_a_slow_file_goes_back_at_close(tmp_path, monkeypatch):
+    """A traced call's release that could not have the lease's lock (a writer's look at
+    a slow file held it) parks its credit; closing with the lease empty gave it back
+    only if something folded it first (found by review: it stayed counted)."""
+    budget = _budget(tmp_path, max_count=100_000, max_bytes=10**12)
+    assert budget.reserve(1, 100) is None and budget.reserve(1, 100) is None
+    budget.close()  # nothing leased any more: the file counts the two
+    read = _slow_reads(monkeypatch)
+    assert budget.reserve(1, 100) is None  # its look finds the file slow
+    writer = threading.Thread(target=budget.release, args=(1, 100))
+    writer.start()  # a writer's look at the slow file, under the lease's lock
+    time.sleep(0.005)
+    t0 = time.perf_counter()
+    budget.release(1, 100, settle=False)  # a traced call: parked, not waited
+    assert time.perf_counter() - t0 < 0.005 and budget._lease._credits
+    writer.join()
+    monkeypatch.setattr(store_mod, "_read_counter", read)
+    budget.close()
+    assert _counter(tmp_path) == (1, 100)
 
 
 def test_a_call_never_waits_on_a_counter_file_another_process_holds(tmp_path):

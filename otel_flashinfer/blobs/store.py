@@ -174,11 +174,16 @@ class _Lease:
         self._largest = 0  # largest reservation seen: its size is worth a lease too
         self._fork_hook = False  # registered on first use: stores only read need none
         self._lock = threading.Lock()  # not an RLock: a signal handler must not re-enter
+        #: Held from taking the file's lock to letting it go: fcntl's locks are the
+        #: process's, so a top-up's grant (without ``_lock``) and a look would both have
+        #: it, and the later write would undo the other's.
+        self._file_lock = threading.Lock()
         self._new_process()
 
     def _init_process_state(self) -> None:
-        """In a forked child: a new lock (the parent's may be held) and an empty lease."""
+        """In a forked child: new locks (the parent's may be held) and an empty lease."""
         self._lock = threading.Lock()
+        self._file_lock = threading.Lock()
         self._new_process()
 
     def _new_process(self) -> None:
@@ -263,7 +268,8 @@ class _Lease:
             self.nbytes -= nbytes
             keep_calls, keep_bytes = self._keep
             if slow and (2 * self.calls <= keep_calls or 2 * self.nbytes <= keep_bytes):
-                self._top_up(max_count, max_bytes)  # ahead of need: half is spent
+                # ahead of need: half is spent (and at least one more like this one)
+                self._top_up(max_count, max_bytes, calls, nbytes)
             return None
         if time.monotonic() - self._seen_at < _FRESH_S:  # a refusal stands a while
             reason = _over(*self._seen, calls - self.calls, nbytes - self.nbytes,
@@ -271,8 +277,8 @@ class _Lease:
             if reason is not None and not (self.calls or self.nbytes):
                 return reason  # (holding a lease, the look below gives it back)
         self._largest = max(self._largest, nbytes)
-        if slow:  # the top-up's look, not the call's: a refusal it saw, else busy
-            self._top_up(max_count, max_bytes)
+        if slow and not self._closed:  # the top-up's look: a refusal it saw, else busy
+            self._top_up(max_count, max_bytes, calls, nbytes)
             return _over(*self._seen, calls - self.calls, nbytes - self.nbytes, max_count,
                          max_bytes) or BUSY
         now = time.monotonic()
@@ -283,10 +289,11 @@ class _Lease:
             self._busy_at = time.monotonic()
         return reason
 
-    def _top_up(self, max_count: int, max_bytes: int) -> None:
+    def _top_up(self, max_count: int, max_bytes: int, calls: int = 0, nbytes: int = 0) -> None:
         """On a slow file (under ``_lock``): a thread of the lease's own adds to the lease
-        what it lacks of its chunks, reading and writing the file without ``_lock``
-        (calls spend the lease meanwhile); at most one at a time."""
+        what it lacks of its chunks, or of a reservation of ``calls`` and ``nbytes`` that
+        found it short, reading and writing the file without ``_lock`` (calls spend the
+        lease meanwhile); at most one at a time."""
         if self._topping or self._closed:
             return
         self._topping = True
@@ -300,10 +307,11 @@ class _Lease:
                     self._fold()
                     chunk = self._chunks(max_count, max_bytes)
                     want = (max(0, chunk[0] - self.calls), max(0, chunk[1] - self.nbytes))
-                if want == (0, 0):
+                    need = (max(0, calls - self.calls), max(0, nbytes - self.nbytes))
+                if want == need == (0, 0):
                     return
                 try:
-                    got = self._grant(*want, max_count, max_bytes)
+                    got = self._grant(want, need, max_count, max_bytes)
                 except OSError:
                     log.debug("blob budget: %s not topped up", self.path, exc_info=True)
                     return
@@ -314,7 +322,7 @@ class _Lease:
                         return  # forked meanwhile: the grant is the parent's, kept counted
                     self.calls += got[0]
                     self.nbytes += got[1]
-                    self._keep = chunk
+                    self._keep = (self.calls, self.nbytes)
                     self._seen, self._seen_at = got[2], time.monotonic()
                     if self._closed:  # closed meanwhile: what was granted goes back
                         self._look_quietly(0, 0)
@@ -328,25 +336,35 @@ class _Lease:
         except RuntimeError:  # no new threads (the interpreter is exiting)
             self._topping = False
 
-    def _grant(self, calls: int, nbytes: int, max_count: int, max_bytes: int
-               ) -> tuple[int, int, tuple[int, int]] | None:
-        """Up to ``calls`` and ``nbytes`` more counted in the file for the lease, as much
-        of each as is free (the top-up; without ``_lock``): (calls, bytes, the file's
-        counts after), or None while another process holds the file's lock."""
+    def _grant(self, want: tuple[int, int], need: tuple[int, int], max_count: int,
+               max_bytes: int) -> tuple[int, int, tuple[int, int]] | None:
+        """More counted in the file for the lease (the top-up; without ``_lock``): per
+        limit, the chunk it lacks (``want``) while twice that is free, as a look keeps
+        one (``_lease_size``), else just what a reservation that found it short
+        (``need``) takes, if free.  (calls, bytes, the file's counts after), or None
+        while another thread or process holds the file."""
         fd = self._open()
-        if not _try_lock(fd, time.monotonic() + _WRITER_WAIT_S):
+        if not self._file_lock.acquire(timeout=_WRITER_WAIT_S):
             return None
-        locked = time.monotonic()
         try:
-            count, total = _read_counter(fd)
-            calls = max(0, min(calls, max_count - count))
-            nbytes = max(0, min(nbytes, max_bytes - total))
-            if calls or nbytes:
-                os.pwrite(fd, _COUNTER.pack(count + calls, total + nbytes), 0)
-            return calls, nbytes, (count + calls, total + nbytes)
+            if not _try_lock(fd, time.monotonic() + _WRITER_WAIT_S):
+                return None
+            locked = time.monotonic()
+            try:
+                count, total = _read_counter(fd)
+                got = []
+                for (w, n, free) in ((want[0], need[0], max_count - count),
+                                     (want[1], need[1], max_bytes - total)):
+                    got.append(max(_lease_size(w, free), n if 0 < n <= free else 0))
+                calls, nbytes = got
+                if calls or nbytes:
+                    os.pwrite(fd, _COUNTER.pack(count + calls, total + nbytes), 0)
+                return calls, nbytes, (count + calls, total + nbytes)
+            finally:
+                fcntl.lockf(fd, fcntl.LOCK_UN)
+                self._note_speed(locked)
         finally:
-            fcntl.lockf(fd, fcntl.LOCK_UN)
-            self._note_speed(locked)
+            self._file_lock.release()
 
     def _note_speed(self, locked: float) -> None:
         """After a look that had the file's lock from ``locked``: slow for ``_SLOW_FOR_S``
@@ -432,6 +450,7 @@ class _Lease:
         """Return the lease to the file; with ``stop``, take none from now on (every
         reservation goes to the file, exactly, as late writer releases still may)."""
         def attempt() -> bool:
+            self._fold()
             return not (self.calls or self.nbytes) or self._look_quietly(0, 0)
 
         topper = self._topper
@@ -460,6 +479,18 @@ class _Lease:
         ``BUSY``, nothing changed, if the file's lock is not had by ``deadline`` (a
         monotonic time; one try when it has passed)."""
         fd = self._open()
+        left = deadline - time.monotonic()
+        if not (self._file_lock.acquire(timeout=left) if left > 0
+                else self._file_lock.acquire(False)):
+            return BUSY  # a top-up's grant has the file (this process's fcntl lock)
+        try:
+            return self._look_locked(fd, calls, nbytes, max_count, max_bytes, deadline)
+        finally:
+            self._file_lock.release()
+
+    def _look_locked(self, fd: int, calls: int, nbytes: int, max_count: int, max_bytes: int,
+                     deadline: float) -> str | None:
+        """``_look`` with ``_file_lock`` held."""
         if not _try_lock(fd, deadline):
             return BUSY
         locked = time.monotonic()
