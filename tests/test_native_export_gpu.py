@@ -141,12 +141,12 @@ print(json.dumps({"flushed": ok, "counters": health.counters(),
 '''
 
 
-def test_level5_replays_are_written_whole_by_the_encoder(tmp_path: Path) -> None:
-    """Issue 19 on the native path: each traced replay leaves one record, and the
-    encoder writes its span and its child from the capture's prototype with that
-    replay's own statistics; the NaN planted in replay 17 flags exactly its child."""
+def _run_graph(tmp_path: Path, program: str) -> tuple[dict[str, Any], dict[str, Any],
+                                                    list[dict[str, Any]]]:
+    """Runs a graph ``program`` in a process of its own: (its report, replay spans by
+    id, their children), every span read back from the default JSONL file."""
     script = tmp_path / "graph.py"
-    script.write_text(GRAPH_PROGRAM)
+    script.write_text(program)
     proc = subprocess.run([sys.executable, str(script), str(ROOT / "tests")], cwd=tmp_path,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -154,7 +154,14 @@ def test_level5_replays_are_written_whole_by_the_encoder(tmp_path: Path) -> None
     assert report["flushed"], report
     spans = _spans_in(tmp_path / "flashinfer_traces.jsonl")
     replays = {s["spanId"]: s for s in spans if s["name"] == "cuda_graph.replay"}
-    children = [s for s in spans if s.get("parentSpanId") in replays]
+    return report, replays, [s for s in spans if s.get("parentSpanId") in replays]
+
+
+def test_level5_replays_are_written_whole_by_the_encoder(tmp_path: Path) -> None:
+    """Issue 19 on the native path: each traced replay leaves one record, and the
+    encoder writes its span and its child from the capture's prototype with that
+    replay's own statistics; the NaN planted in replay 17 flags exactly its child."""
+    report, replays, children = _run_graph(tmp_path, GRAPH_PROGRAM)
     index = {s["spanId"]: _attrs(s)["flashinfer.cuda_graph.replay"] for s in replays.values()}
     assert sorted(index.values()) == list(range(1, 41))  # capture_graph replays none
     by_index = {_attrs(c)["flashinfer.cuda_graph.replay"]: c for c in children}
@@ -238,16 +245,7 @@ def test_level5_replays_whose_statistics_were_dropped_are_written_in_c(
     are dropped and counted, and the encoder still writes that replay and its children
     in C (each child saying why it has none, the replay why it has no GPU time), not
     child by child on the worker's Python path."""
-    script = tmp_path / "dropping.py"
-    script.write_text(DROPPING_PROGRAM)
-    proc = subprocess.run([sys.executable, str(script), str(ROOT / "tests")], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert report["flushed"], report
-    spans = _spans_in(tmp_path / "flashinfer_traces.jsonl")
-    replays = {s["spanId"]: s for s in spans if s["name"] == "cuda_graph.replay"}
-    children = [s for s in spans if s.get("parentSpanId") in replays]
+    report, replays, children = _run_graph(tmp_path, DROPPING_PROGRAM)
     assert len(replays) == 200 and len(children) == 200
     dropped = [c for c in children if "flashinfer.stats.dropped" in _attrs(c)]
     kept = [c for c in children if "flashinfer.stats.dropped" not in _attrs(c)]

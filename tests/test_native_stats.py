@@ -314,6 +314,11 @@ def answering_pool(ns: int) -> Iterator[None]:
         yield
     finally:
         _otlp.register_api(None)
+        from otel_flashinfer import gpu_timing
+
+        ext = gpu_timing._ext  # noqa: SLF001 - a device session: the real pool again
+        if ext is not None and hasattr(ext, "hotpath_api"):
+            _otlp.register_api(ext.hotpath_api)
 
 
 def test_a_gpu_time_not_in_yet_waits_in_c_then_goes_out() -> None:

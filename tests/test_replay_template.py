@@ -9,7 +9,6 @@ the same spans either way, child span ids aside (fresh random ones, unique).
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import subprocess
@@ -25,13 +24,11 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.trace import SpanContext, TraceFlags
 from test_native_export import BASE, DESCRIBER, Q, _sdk_tracer, _spans_in
 from test_native_stats import (  # noqa: F401
-    _RELEASE,
-    _RESOLVE,
     FakeEvents,
     _pending,
-    _PoolApi,
     _ring,
     _rows,
+    answering_pool,
     events,
 )
 
@@ -279,14 +276,7 @@ def test_a_replays_gpu_time_resolved_in_c_reaches_auto() -> None:
     """The encoder resolves a replay's GPU time in C for its span, and leaves it in the
     record's attributes too (as Python's path does), where ``REPLAY_EVERY=auto`` learns
     how long a replay keeps the GPU busy: read once, and only once it is in."""
-    resolve = _RESOLVE(lambda start, end: 717_000)
-    release = _RELEASE(lambda slot: None)
-    api = _PoolApi(2, None, release, None, None, resolve)
-    new = ctypes.pythonapi.PyCapsule_New
-    new.restype = ctypes.py_object
-    new.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
-    _otlp.register_api(new(ctypes.addressof(api), b"otel_flashinfer.hotpath_api", None))
-    try:
+    with answering_pool(717_000):
         capture = _capture(2)
         tracer, _ = _sdk_tracer()
         encoder = export.make_encoder(tracer, "protobuf", CallRecord, _EMPTY)
@@ -309,13 +299,6 @@ def test_a_replays_gpu_time_resolved_in_c_reaches_auto() -> None:
         capture.timed = late.attributes
         assert encoder.drain(deque([late]), [], 1, deque(), 1.0, 2.0) == 1
         assert graphs._replay_gpu_s(capture) == pytest.approx(717e-6)  # noqa: SLF001
-    finally:
-        _otlp.register_api(None)
-        from otel_flashinfer import gpu_timing
-
-        ext = gpu_timing._ext  # noqa: SLF001 - a device session: the real pool again
-        if ext is not None and hasattr(ext, "hotpath_api"):
-            _otlp.register_api(ext.hotpath_api)
 
 
 def test_a_malformed_meta_in_a_templated_replay_goes_to_python(events: FakeEvents) -> None:  # noqa: F811
