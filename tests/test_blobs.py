@@ -1394,6 +1394,47 @@ def test_a_credit_parked_on_a_slow_file_goes_back_at_close(tmp_path, monkeypatch
     assert _counter(tmp_path) == (1, 100)
 
 
+def test_a_closed_lease_on_a_slow_file_never_makes_a_call_look(tmp_path, monkeypatch):
+    """Crash-safe runs close the lease at start (they keep none), and a call then looked
+    at the file itself: 30 ms a call on a slow file, for the whole run (found by
+    review).  Closed, the top-up takes only what the call that found nothing needed,
+    for the next one like it; the file is exact after the last close."""
+    budget = _budget(tmp_path, max_count=100_000, max_bytes=10**12)
+    budget.close()  # as BlobRecorder(crash_safe=True) does
+    read = _slow_reads(monkeypatch)
+    assert budget.reserve(1, 100) is None  # the look that finds it slow
+    waits, served = [], 1
+    for _ in range(40):
+        t0 = time.perf_counter()
+        served += budget.reserve(1, 100) is None
+        waits.append(time.perf_counter() - t0)
+        time.sleep(0.02)
+    assert max(waits) < 0.005, sorted(waits)[-3:]
+    assert served >= 10
+    assert budget._lease.calls <= 1  # never a lease: at most the next call's need
+    while budget._lease._topping:
+        time.sleep(0.01)
+    monkeypatch.setattr(store_mod, "_read_counter", read)
+    budget.close()
+    assert _counter(tmp_path) == (served, 100 * served)
+
+
+def test_a_top_up_near_the_edge_keeps_no_lease_a_look_would_not(tmp_path):
+    """A top-up keeps a chunk only while twice the chunk is free counting what the
+    lease already holds, as a look does: with 50 free and 10 held of a 32-call chunk, a
+    look keeps none, and the top-up took the 22 missing anyway, which another process
+    was then refused (found by review).  What a call needs is still granted."""
+    counter = tmp_path / layout.USAGE_DIR / "counter"
+    counter.parent.mkdir(parents=True)
+    budget = _budget(tmp_path, max_count=1000, max_bytes=10**12)
+    lease = budget._lease
+    for used, want, need, got in ((950, 22, 0, 0), (950, 22, 1, 1), (900, 22, 0, 22)):
+        counter.write_bytes(store_mod._COUNTER.pack(used, 0))
+        assert lease._grant((want, 0), (need, 0), (10, 0), 1000, 10**12)[0] == got, used
+        assert _counter(tmp_path)[0] == used + got
+    assert store_mod._lease_size(32, 50 + 10) == 0  # what a look keeps there
+
+
 def test_a_call_never_waits_on_a_counter_file_another_process_holds(tmp_path):
     """With no lease left, the call's look at the file gives up within a few ms: the
     call goes on, its payload skipped as ``budget_busy`` and counted.  (It waited for the

@@ -88,7 +88,9 @@ _BUSY_S = 0.01
 #: How long a writer's release keeps trying a file locked by another process.
 _WRITER_WAIT_S = 1.0
 #: A look at the counter file that took longer than this (its reads and writes, on a
-#: slow shared file system: 30 ms each in a test) marks the file slow for
+#: slow shared file system: 30 ms each in a test; or the GIL, which each system call
+#: gives up, held by another thread for its switch interval: a caller would have waited
+#: that long as well) marks the file slow for
 #: ``_SLOW_FOR_S`` (a faster look clears it): meanwhile no traced call looks at it, a
 #: thread of the lease's own tops the lease up once half of it is spent, and a call
 #: that finds it spent skips its payload as ``BUSY`` rather than wait.
@@ -277,7 +279,7 @@ class _Lease:
             if reason is not None and not (self.calls or self.nbytes):
                 return reason  # (holding a lease, the look below gives it back)
         self._largest = max(self._largest, nbytes)
-        if slow and not self._closed:  # the top-up's look: a refusal it saw, else busy
+        if slow:  # the top-up's look: a refusal it saw, else busy
             self._top_up(max_count, max_bytes, calls, nbytes)
             return _over(*self._seen, calls - self.calls, nbytes - self.nbytes, max_count,
                          max_bytes) or BUSY
@@ -293,8 +295,10 @@ class _Lease:
         """On a slow file (under ``_lock``): a thread of the lease's own adds to the lease
         what it lacks of its chunks, or of a reservation of ``calls`` and ``nbytes`` that
         found it short, reading and writing the file without ``_lock`` (calls spend the
-        lease meanwhile); at most one at a time."""
-        if self._topping or self._closed:
+        lease meanwhile); at most one at a time.  Closed (``close``: crash-safe runs
+        keep no lease), only what that reservation needs, for the next call like it:
+        a call on a slow file never looks itself, closed or not."""
+        if self._topping:
             return
         self._topping = True
         pid = os.getpid()
@@ -302,16 +306,18 @@ class _Lease:
         def run() -> None:
             try:
                 with self._lock:
-                    if self._closed or self._pid != pid:
+                    if self._pid != pid:
                         return
+                    closed = self._closed
                     self._fold()
-                    chunk = self._chunks(max_count, max_bytes)
-                    want = (max(0, chunk[0] - self.calls), max(0, chunk[1] - self.nbytes))
-                    need = (max(0, calls - self.calls), max(0, nbytes - self.nbytes))
+                    chunk = (0, 0) if closed else self._chunks(max_count, max_bytes)
+                    lease = (self.calls, self.nbytes)
+                    want = (max(0, chunk[0] - lease[0]), max(0, chunk[1] - lease[1]))
+                    need = (max(0, calls - lease[0]), max(0, nbytes - lease[1]))
                 if want == need == (0, 0):
                     return
                 try:
-                    got = self._grant(want, need, max_count, max_bytes)
+                    got = self._grant(want, need, lease, max_count, max_bytes)
                 except OSError:
                     log.debug("blob budget: %s not topped up", self.path, exc_info=True)
                     return
@@ -324,7 +330,7 @@ class _Lease:
                     self.nbytes += got[1]
                     self._keep = (self.calls, self.nbytes)
                     self._seen, self._seen_at = got[2], time.monotonic()
-                    if self._closed:  # closed meanwhile: what was granted goes back
+                    if self._closed and not closed:  # closed meanwhile: it goes back
                         self._look_quietly(0, 0)
             finally:
                 self._topping = False
@@ -336,13 +342,14 @@ class _Lease:
         except RuntimeError:  # no new threads (the interpreter is exiting)
             self._topping = False
 
-    def _grant(self, want: tuple[int, int], need: tuple[int, int], max_count: int,
-               max_bytes: int) -> tuple[int, int, tuple[int, int]] | None:
+    def _grant(self, want: tuple[int, int], need: tuple[int, int], lease: tuple[int, int],
+               max_count: int, max_bytes: int) -> tuple[int, int, tuple[int, int]] | None:
         """More counted in the file for the lease (the top-up; without ``_lock``): per
-        limit, the chunk it lacks (``want``) while twice that is free, as a look keeps
-        one (``_lease_size``), else just what a reservation that found it short
-        (``need``) takes, if free.  (calls, bytes, the file's counts after), or None
-        while another thread or process holds the file."""
+        limit, what the lease (``lease``) lacks of its chunk (``want``) while twice the
+        chunk is free counting the lease, as a look keeps one, else just what a
+        reservation that found it short (``need``) takes, if free.  (calls, bytes, the
+        file's counts after), or None while another thread or process holds the
+        file."""
         fd = self._open()
         if not self._file_lock.acquire(timeout=_WRITER_WAIT_S):
             return None
@@ -353,9 +360,10 @@ class _Lease:
             try:
                 count, total = _read_counter(fd)
                 got = []
-                for (w, n, free) in ((want[0], need[0], max_count - count),
-                                     (want[1], need[1], max_bytes - total)):
-                    got.append(max(_lease_size(w, free), n if 0 < n <= free else 0))
+                for (w, n, held, free) in ((want[0], need[0], lease[0], max_count - count),
+                                           (want[1], need[1], lease[1], max_bytes - total)):
+                    keep = w if w and free + held >= 2 * (w + held) else 0
+                    got.append(max(keep, n if 0 < n <= free else 0))
                 calls, nbytes = got
                 if calls or nbytes:
                     os.pwrite(fd, _COUNTER.pack(count + calls, total + nbytes), 0)
@@ -456,8 +464,9 @@ class _Lease:
         topper = self._topper
         if topper is not None and topper is not threading.current_thread():
             # A top-up in flight lands in the lease after the lease went back, which
-            # then stays counted (at exit, for good): its grant goes back too.
-            topper.join(_WRITER_WAIT_S)
+            # then stays counted (at exit, for good): its grant goes back too.  Its
+            # longest: the file's lock in this process, then in another, then its I/O.
+            topper.join(2 * _WRITER_WAIT_S + 0.5)
         if not self._lock.acquire(timeout=1.0):
             return  # held by the thread a signal interrupted: keep it rather than hang
         try:
