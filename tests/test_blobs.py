@@ -1419,6 +1419,48 @@ def test_a_closed_lease_on_a_slow_file_never_makes_a_call_look(tmp_path, monkeyp
     assert _counter(tmp_path) == (served, 100 * served)
 
 
+def test_a_closed_lease_keeps_no_more_than_the_next_calls_need(tmp_path, monkeypatch):
+    """Closed on a slow file, a top-up's grant is held for the next call; a writer's
+    release then stayed in the lease too, and small calls ratcheted what it kept, all
+    of it counted if the run then crashed (found by review).  A closed lease holds at
+    most one call's reservation; the file is exact after the last close."""
+    budget = _budget(tmp_path, max_count=100_000, max_bytes=10**12)
+    budget.close()
+    read = _slow_reads(monkeypatch)
+    lease, served = budget._lease, 0
+    for size in (1000, 1000, 1000, 1000, 100, 100, 1000, 1000):
+        got = budget.reserve(1, size)
+        if lease._topper is not None:
+            lease._topper.join()  # the next call's grant is in
+        if got is None:
+            served += 1
+            budget.release(0, size - 100)  # the writer: 100 bytes written
+        assert lease.calls <= 1 and lease.nbytes <= 1000, (lease.calls, lease.nbytes)
+    assert served >= 3
+    monkeypatch.setattr(store_mod, "_read_counter", read)
+    budget.close()
+    assert _counter(tmp_path) == (served, 100 * served)
+
+
+def test_a_signal_handler_giving_back_does_not_wait_for_a_top_up_it_blocks(tmp_path,
+                                                                          monkeypatch):
+    """A SIGTERM handler interrupting a call that holds the lease's lock, with a top-up
+    started that waits for that lock: giving back joined the top-up for 2.5 s first
+    (found by review); it now returns once the lock is found held (1 s)."""
+    budget = _budget(tmp_path, max_count=100_000, max_bytes=10**12)
+    lease = budget._lease
+    _slow_reads(monkeypatch)
+    assert budget.reserve(1, 100) is None  # the file found slow
+    with lease._lock:  # the interrupted call
+        lease._top_up(100_000, 10**12, 1, 100)
+        assert lease._topping
+        t0 = time.perf_counter()
+        budget.give_back()  # the handler, on the same thread
+        waited = time.perf_counter() - t0
+    assert waited < 1.5, waited
+    lease._topper.join()
+
+
 def test_a_top_up_near_the_edge_keeps_no_lease_a_look_would_not(tmp_path):
     """A top-up keeps a chunk only while twice the chunk is free counting what the
     lease already holds, as a look does: with 50 free and 10 held of a 32-call chunk, a

@@ -328,7 +328,8 @@ class _Lease:
                         return  # forked meanwhile: the grant is the parent's, kept counted
                     self.calls += got[0]
                     self.nbytes += got[1]
-                    self._keep = (self.calls, self.nbytes)
+                    # closed: the lease is this grant at most (``release`` settles more)
+                    self._keep = got[:2] if closed else (self.calls, self.nbytes)
                     self._seen, self._seen_at = got[2], time.monotonic()
                     if self._closed and not closed:  # closed meanwhile: it goes back
                         self._look_quietly(0, 0)
@@ -407,7 +408,8 @@ class _Lease:
             self.calls += calls
             self.nbytes += nbytes
             keep_calls, keep_bytes = self._keep
-            grown = self.calls > 2 * keep_calls or self.nbytes > 2 * keep_bytes
+            most = 1 if self._closed else 2  # closed: only a top-up's grant is kept
+            grown = self.calls > most * keep_calls or self.nbytes > most * keep_bytes
             out = self.calls == 0 < keep_calls or self.nbytes < min(self._largest, keep_bytes)
             if not settle or not (grown or out or time.monotonic() - self._seen_at >= _FRESH_S):
                 return
@@ -463,6 +465,9 @@ class _Lease:
 
         topper = self._topper
         if topper is not None and topper is not threading.current_thread():
+            if not self._lock.acquire(timeout=1.0):
+                return  # held by the thread a signal interrupted: the top-up waits on it
+            self._lock.release()
             # A top-up in flight lands in the lease after the lease went back, which
             # then stays counted (at exit, for good): its grant goes back too.  Its
             # longest: the file's lock in this process, then in another, then its I/O.
