@@ -214,7 +214,6 @@ class Runtime:
                 health.report("journal_errors", "could not close the crash journal", exc)
         return ok
 
-
     def _settle_recovered(self, flushed: bool) -> None:
         """The crash journals this process recovered: deleted if their spans went out."""
         recovered = getattr(self.journal, "recovered", None)

@@ -355,13 +355,19 @@ def _end_hooks(api_name: str, gpu_end: Callable[[CallRecord], Any] | None,
     gpu_drop = _hotpath.gpu_drop if gpu_end is not None else None
     snapshot = _describe.snapshot
 
-    def end(record: CallRecord, result: Any, exc: BaseException | None) -> None:
+    def leave(record: CallRecord, result: Any, exc: BaseException | None = None) -> None:
         record.end_ns = time_ns()
         slot, record.slot = record.slot, None
         try:
             token, record.token = record.token, None
             if token is not None:
-                _reset(reset_context, token)
+                try:
+                    reset_context(token)
+                except (ValueError, RuntimeError):
+                    # Ended in another context than it began in (a coroutine closed by
+                    # the garbage collector, outside its task): nothing of ours is
+                    # current there, and the span still ends.
+                    pass
             if exc is not None:
                 if gpu_end is not None:
                     gpu_end(record)
@@ -390,23 +396,10 @@ def _end_hooks(api_name: str, gpu_end: Callable[[CallRecord], Any] | None,
                 except Exception as inner:  # noqa: BLE001
                     health.report("wrapper_errors", "clearing a journal note failed", inner)
 
-    def leave(record: CallRecord, result: Any) -> None:
-        end(record, result, None)
-
     def failed(record: CallRecord, exc: BaseException) -> None:
-        end(record, _NO_RESULT, exc)
+        leave(record, _NO_RESULT, exc)
 
     return leave, failed
-
-
-def _reset(reset_context: Callable[[Any], Any], token: Any) -> None:
-    """Make the caller's context current again.  A call that ends in another context
-    than it began in (a coroutine closed by the garbage collector, outside its task)
-    has nothing of ours current there: its span still ends."""
-    try:
-        reset_context(token)
-    except (ValueError, RuntimeError):
-        pass
 
 
 def _native_wrapper(fn: Callable[..., Any], api_name: str, entry: Any,
