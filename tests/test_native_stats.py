@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -300,12 +300,12 @@ class _PoolApi(ctypes.Structure):
 
 
 @contextlib.contextmanager
-def answering_pool(ns: int) -> Iterator[None]:
-    """The event pool's C API stood in for the encoder: every event pair resolves to
-    ``ns`` (registered while the block runs)."""
-    resolve = _RESOLVE(lambda start, end: ns)
-    release = _RELEASE(lambda slot: None)
-    api = _PoolApi(2, None, release, None, None, resolve)
+def stand_in_pool(resolve: Callable[[int, int], int],
+                  release: Callable[[int], None] = lambda slot: None) -> Iterator[None]:
+    """The event pool's C API stood in for the encoder while the block runs:
+    ``resolve(start, end)`` answers an event pair's time (``_NOT_READY``: not in yet),
+    ``release(slot)`` takes each event back.  The real pool again after, on a device."""
+    api = _PoolApi(2, None, _RELEASE(release), None, None, _RESOLVE(resolve))
     new = ctypes.pythonapi.PyCapsule_New
     new.restype = ctypes.py_object
     new.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
@@ -321,21 +321,19 @@ def answering_pool(ns: int) -> Iterator[None]:
             _otlp.register_api(ext.hotpath_api)
 
 
+def answering_pool(ns: int) -> contextlib.AbstractContextManager[None]:
+    """``stand_in_pool`` where every event pair resolves to ``ns``."""
+    return stand_in_pool(lambda start, end: ns)
+
+
 def test_a_gpu_time_not_in_yet_waits_in_c_then_goes_out() -> None:
     """A graph replay's span carries its packed event pair (``CallRecord.gpu``): while
     the end event is pending the encoder puts it back on ``later``, as for statistics,
     and encodes it once the time is in, handing both events back."""
     answers = [_NOT_READY, 750]
     released: list[int] = []
-    resolve = _RESOLVE(lambda start, end: answers.pop(0) if len(answers) > 1 else answers[0])
-    release = _RELEASE(released.append)
-    api = _PoolApi(2, None, release, None, None, resolve)
-    new = ctypes.pythonapi.PyCapsule_New
-    new.restype = ctypes.py_object
-    new.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
-    capsule = new(ctypes.addressof(api), b"otel_flashinfer.hotpath_api", None)
-    _otlp.register_api(capsule)
-    try:
+    with stand_in_pool(lambda start, end: answers.pop(0) if len(answers) > 1 else answers[0],
+                       released.append):
         tracer, _ = _sdk_tracer()
         encoder = export.make_encoder(tracer, "protobuf", CallRecord, _EMPTY)
         record = CallRecord("cuda_graph.replay", 0xABC, 9, None, 100, 200,
@@ -351,10 +349,3 @@ def test_a_gpu_time_not_in_yet_waits_in_c_then_goes_out() -> None:
         attrs = {kv.key: kv.value for kv in span.attributes}
         assert attrs["flashinfer.gpu.time_ns"].int_value == 750
         assert encoder.stats()["gpu_resolved"] == 1
-    finally:
-        _otlp.register_api(None)
-        from otel_flashinfer import gpu_timing
-
-        ext = gpu_timing._ext  # noqa: SLF001 - a device session: the real pool again
-        if ext is not None and hasattr(ext, "hotpath_api"):
-            _otlp.register_api(ext.hotpath_api)
