@@ -3,6 +3,8 @@ pyproject.toml.
 
 - ``_hotpath`` (csrc/hotpath.c): the caller's side of a traced call.
 - ``_otlp`` (csrc/otlp_encoder.c): records straight to OTLP bytes on the worker.
+- ``_timed_io`` (csrc/timed_io.c): the blob budget's counter-file I/O, timed without
+  the GIL.
 
 ``optional=True``: without a C compiler the package installs anyway; traced calls then
 take the pure-Python wrapper (spans.make_wrapper) and spans the SDK's exporters
@@ -62,6 +64,8 @@ setup(
                   depends=["csrc/hotpath_api.h", "csrc/py_defer.h", "csrc/xoshiro.h"],
                   extra_compile_args=["-O2"], optional=True),
         Extension("otel_flashinfer._otlp", ["csrc/otlp_encoder.c"],
+                  extra_compile_args=["-O2"], optional=True),
+        Extension("otel_flashinfer._timed_io", ["csrc/timed_io.c"],
                   extra_compile_args=["-O2"], optional=True),
     ],
     cmdclass=cmdclass,

@@ -9,6 +9,7 @@ import gc
 import hashlib
 import inspect
 import json
+import math
 import os
 import random
 import signal
@@ -22,7 +23,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from otel_flashinfer.blobs import encode, layout, manifest
+from otel_flashinfer.blobs import encode, layout, manifest, timed_io
 from otel_flashinfer.blobs import store as store_mod
 from otel_flashinfer.blobs.capture import BlobRecorder, StoreBreaker
 from otel_flashinfer.blobs.store import BlobStore, StoreError
@@ -1329,15 +1330,76 @@ def test_calls_never_wait_on_a_slow_counter_file(tmp_path, monkeypatch):
     assert budget.usage() == (1 + served, 100 * (1 + served))  # nothing lost or doubled
 
 
-def _slow_reads(monkeypatch) -> Callable[[int], tuple[int, int]]:
+@pytest.mark.skipif(not timed_io.in_kernel(), reason="csrc/timed_io.c not built (no C compiler)")
+def test_busy_threads_do_not_make_a_fast_counter_file_slow(tmp_path):
+    """Threads busy in Python hold the GIL for its switch interval, which a look waited
+    for after each system call: timed from Python, a look at a local file took 15 ms,
+    the file was taken for slow and payloads were skipped as ``budget_busy`` while the
+    budget had room (CI, 8 writer threads on 2 cores).  The file's own time is what
+    counts: its reads and writes are timed in C without the GIL."""
+    budget = _budget(tmp_path, max_count=100_000, max_bytes=10**12)
+    budget.close()  # no lease: every reservation is a look at the file
+    lease, stop = budget._lease, threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            pass
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(0.02)  # each GIL wait after a system call: ~20 ms
+    spinners = [threading.Thread(target=spin) for _ in range(3)]
+    for t in spinners:
+        t.start()
+    try:
+        t0 = time.perf_counter()
+        results = [budget.reserve(1, 100) for _ in range(10)]
+        per_look = (time.perf_counter() - t0) / 10
+    finally:
+        stop.set()
+        for t in spinners:
+            t.join()
+        sys.setswitchinterval(old)
+    print(f"\n{per_look * 1e3:.1f} ms a look with the GIL busy")
+    assert per_look > store_mod._SLOW_LOOK_S  # the GIL was busy: wall time alone is slow
+    assert results == [None] * 10
+    assert lease._slow_until == -math.inf
+    assert _counter(tmp_path) == (10, 1000)
+
+
+def test_timed_io_reads_writes_and_unlocks_the_file(tmp_path):
+    """The counter file's I/O (C, or its Python fallback): bytes as written, a short
+    read as short, a bad descriptor an OSError naming it, and the lock let go."""
+    path = tmp_path / "counter"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        took = timed_io.pwrite(fd, b"0123456789abcdef", 4)
+        assert 0 <= took < 1
+        assert path.read_bytes() == b"\0" * 4 + b"0123456789abcdef"
+        assert timed_io.pread(fd, 8, 6)[0] == b"23456789"
+        raw, took = timed_io.pread(fd, 64, 16)
+        assert raw == b"cdef" and 0 <= took < 1
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+        assert 0 <= timed_io.unlock(fd) < 1
+        probe = subprocess.run(
+            [sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR);"
+             " fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)", str(path)], timeout=60)
+        assert probe.returncode == 0  # another process takes the lock at once
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError) as bad:
+        timed_io.pread(fd, 8, 0)
+    assert bad.value.errno == errno.EBADF
+
+
+def _slow_reads(monkeypatch) -> Callable[[int], tuple[int, int, float]]:
     """The counter file's reads take 30 ms (a slow shared file system); returns the
     real reader."""
     read = store_mod._read_counter
 
-    def slow_read(fd: int) -> tuple[int, int]:
-        value = read(fd)
+    def slow_read(fd: int) -> tuple[int, int, float]:
+        count, total, took = read(fd)
         time.sleep(0.03)
-        return value
+        return count, total, took + 0.03
 
     monkeypatch.setattr(store_mod, "_read_counter", slow_read)
     return read

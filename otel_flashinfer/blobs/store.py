@@ -53,7 +53,7 @@ from typing import Any
 import fsspec
 
 from .. import forking, threads
-from . import layout
+from . import layout, timed_io
 from .buffers import nbytes as _nbytes
 from .buffers import parts_of, write_all
 
@@ -135,9 +135,15 @@ def _lease_size(chunk: int, free: int) -> int:
     return chunk if free >= 2 * chunk else 0
 
 
-def _read_counter(fd: int) -> tuple[int, int]:
-    raw = os.pread(fd, _COUNTER.size, 0)
-    return _COUNTER.unpack(raw) if len(raw) == _COUNTER.size else (0, 0)
+def _read_counter(fd: int) -> tuple[int, int, float]:
+    """The file's counts, and the seconds the read took (``timed_io``)."""
+    raw, took = timed_io.pread(fd, _COUNTER.size, 0)
+    return (*_COUNTER.unpack(raw), took) if len(raw) == _COUNTER.size else (0, 0, took)
+
+
+def _write_counter(fd: int, count: int, total: int) -> float:
+    """Set the file's counts; the seconds the write took."""
+    return timed_io.pwrite(fd, _COUNTER.pack(count, total), 0)
 
 
 def _try_lock(fd: int, deadline: float) -> bool:
@@ -357,9 +363,9 @@ class _Lease:
         try:
             if not _try_lock(fd, time.monotonic() + _WRITER_WAIT_S):
                 return None
-            locked = time.monotonic()
+            took = 0.0  # the file's I/O, seconds: the GIL's waits are not the file's
             try:
-                count, total = _read_counter(fd)
+                count, total, took = _read_counter(fd)
                 got = []
                 for (w, n, held, free) in ((want[0], need[0], lease[0], max_count - count),
                                            (want[1], need[1], lease[1], max_bytes - total)):
@@ -367,20 +373,19 @@ class _Lease:
                     got.append(max(keep, n if 0 < n <= free else 0))
                 calls, nbytes = got
                 if calls or nbytes:
-                    os.pwrite(fd, _COUNTER.pack(count + calls, total + nbytes), 0)
+                    took += _write_counter(fd, count + calls, total + nbytes)
                 return calls, nbytes, (count + calls, total + nbytes)
             finally:
-                fcntl.lockf(fd, fcntl.LOCK_UN)
-                self._note_speed(locked)
+                self._note_speed(took + timed_io.unlock(fd))
         finally:
             self._file_lock.release()
 
-    def _note_speed(self, locked: float) -> None:
-        """After a look that had the file's lock from ``locked``: slow for ``_SLOW_FOR_S``
-        if its reads and writes took over ``_SLOW_LOOK_S``, else not (waiting for another
-        process's hold is not slowness)."""
-        done = time.monotonic()
-        self._slow_until = done + _SLOW_FOR_S if done - locked > _SLOW_LOOK_S else -math.inf
+    def _note_speed(self, took: float) -> None:
+        """After a look whose reads, writes and unlock took ``took`` seconds: slow for
+        ``_SLOW_FOR_S`` if over ``_SLOW_LOOK_S``, else not (waiting for another
+        process's hold is not slowness, nor, with the C extension, the GIL's waits)."""
+        slow = took > _SLOW_LOOK_S
+        self._slow_until = time.monotonic() + _SLOW_FOR_S if slow else -math.inf
 
     def count_spent(self, max_count: int) -> bool:
         """Whether a call would surely be refused by the count now: no lease left and the
@@ -453,7 +458,7 @@ class _Lease:
         """What the file counts less this process's unused lease."""
         with self._lock:
             self._fold()
-            count, nbytes = _read_counter(self._open())
+            count, nbytes, _ = _read_counter(self._open())
             return max(0, count - self.calls), max(0, nbytes - self.nbytes)
 
     def give_back(self, *, stop: bool = False) -> None:
@@ -507,10 +512,10 @@ class _Lease:
         """``_look`` with ``_file_lock`` held."""
         if not _try_lock(fd, deadline):
             return BUSY
-        locked = time.monotonic()
+        took = 0.0  # the file's I/O, seconds (``_note_speed``)
         self._fold()
         try:
-            count, total = _read_counter(fd)
+            count, total, took = _read_counter(fd)
             need_calls = max(0, calls - self.calls)
             need_bytes = max(0, nbytes - self.nbytes)
             reason = _over(count, total, need_calls, need_bytes, max_count, max_bytes)
@@ -527,21 +532,20 @@ class _Lease:
                 new = (max(0, count + need_calls + keep_calls - left_calls),
                        max(0, total + need_bytes + keep_bytes - left_bytes))
                 if new != (count, total):
-                    os.pwrite(fd, _COUNTER.pack(*new), 0)
+                    took += _write_counter(fd, *new)
                 count, total = new
                 self.calls, self.nbytes = keep_calls, keep_bytes
                 self._keep = (keep_calls, keep_bytes)
             elif self.calls or self.nbytes:  # refused: at the edge, no process keeps one
                 count, total = max(0, count - self.calls), max(0, total - self.nbytes)
-                os.pwrite(fd, _COUNTER.pack(count, total), 0)
+                took += _write_counter(fd, count, total)
                 self.calls = self.nbytes = 0
                 self._keep = (0, 0)
             self._seen = (count, total)
             self._seen_at = time.monotonic()
             return reason
         finally:
-            fcntl.lockf(fd, fcntl.LOCK_UN)
-            self._note_speed(locked)
+            self._note_speed(took + timed_io.unlock(fd))
 
 
 class _Budget:
