@@ -119,15 +119,19 @@ _MAX_DEBT_S = 1.0
 #: level 3 (H100, 3,000 replays).  Above every price measured so far (0.8 to 2.2 us on
 #: the H100s and the CPU box), so that learning traces fewer replays, not more.
 PROVISIONAL_PER_SPAN_S = 3e-6
+#: The floor under a traced replay's CUDA enqueues (``ReplaySampler.queue_wait``) rises
+#: by this factor at each traced replay, so that it follows a real rise in their cost
+#: (doubled in 35 traced replays) while one blocked enqueue cannot raise it.
+_FLOOR_RISE = 1.02
 
 
 class ReplaySampler:
     """One graph's decision per replay; call ``should_trace`` at every replay and
     ``traced`` after each traced one."""
 
-    __slots__ = ("asked_untraced", "budget", "caller", "credit_s", "every", "gpu_s", "history",
-                 "last_s", "measured", "per_span_s", "seen", "skipped", "spans", "spent_s",
-                 "tail_s", "unpriced", "window_seen")
+    __slots__ = ("asked_untraced", "budget", "caller", "credit_s", "enqueue_floor_s", "every",
+                 "gpu_s", "history", "last_s", "measured", "per_span_s", "queue_wait_s",
+                 "seen", "skipped", "spans", "spent_s", "tail_s", "unpriced", "window_seen")
 
     def __init__(self, every: int, budget: float) -> None:
         self.every = every
@@ -164,6 +168,10 @@ class ReplaySampler:
         #: Untraced replays that asked (the C gate did not let them through), each
         #: charged its bookkeeping (``charge_untraced``).
         self.asked_untraced = 0
+        #: What a traced replay's CUDA enqueues take unblocked (``queue_wait``), and the
+        #: time beyond it that the caller waited for the GPU's queue, left uncharged.
+        self.enqueue_floor_s = math.inf
+        self.queue_wait_s = 0.0
 
     @property
     def auto(self) -> bool:
@@ -306,14 +314,35 @@ class ReplaySampler:
         skipped, self.skipped = self.skipped, 0
         return skipped
 
+    def queue_wait(self, enqueue_s: float) -> float:
+        """Of ``enqueue_s``, the time a traced replay spent in its CUDA enqueues (the
+        timer's events, the statistics' copies), what was a wait for room in the GPU's
+        queue: the time beyond the least they have taken (risen by ``_FLOOR_RISE`` a
+        traced replay since).  Back to back the host runs a full queue ahead of the
+        GPU, and each enqueue then waits for a replay to finish (722 us on the
+        H100's decode step): the replay's own launch would have waited that long in its
+        place (the loop's wall is unchanged), but charged, it made a traced level-3
+        replay's caller cost 1.5 ms where its work took about 40 us: ``auto`` charged
+        itself 7.05 us a replay where the process spent 6.2 more than at level 0, and
+        its estimate (1.74 ms a traced replay) swung with each wait."""
+        if not self.auto or enqueue_s <= 0.0:
+            return 0.0
+        floor = min(self.enqueue_floor_s * _FLOOR_RISE, enqueue_s)
+        self.enqueue_floor_s = floor
+        waited = enqueue_s - floor
+        self.queue_wait_s += waited
+        return waited
+
     def traced(self, caller_s: float, spans: int, worker_per_span_s: float,
-               setup: bool = False) -> None:
+               setup: bool = False, enqueue_s: float = 0.0) -> None:
         """What tracing the replay just traced cost: ``caller_s`` on the replaying
-        thread, and ``spans`` handed to the worker at ``worker_per_span_s`` each.
-        ``setup``: this replay built the graph's templates, a one-time cost that is
-        neither charged nor taken as the estimate."""
+        thread (less what ``queue_wait`` finds of ``enqueue_s``, the part of it in CUDA
+        enqueues, was a wait for the GPU's queue), and ``spans`` handed to the worker at
+        ``worker_per_span_s`` each.  ``setup``: this replay built the graph's templates,
+        a one-time cost that is neither charged nor taken as the estimate."""
         if not self.auto:
             return
+        caller_s -= self.queue_wait(enqueue_s)
         if len(self.history) >= 8:
             del self.history[4]  # keeps the first four and the latest four
         self.history.append((caller_s, spans, worker_per_span_s))

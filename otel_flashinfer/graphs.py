@@ -67,6 +67,10 @@ class Capture:
         self.replays = 0
         #: Which replays are traced (set when the capture begins, from the settings).
         self.sampler: ReplaySampler | None = None
+        #: Seconds the last traced replay's statistics groups took to enqueue their
+        #: copies (``emit_replay``): with the timer's events, what ``auto`` checks for
+        #: waits on the GPU's queue (``ReplaySampler.queue_wait``).
+        self.groups_s = 0.0
         #: The C gate's state for this graph (``_hotpath.GraphSkip``): the replays the
         #: sampler says are untraced, which skip ``replay_``; None without the gate.
         self.skip: Any = None
@@ -510,6 +514,7 @@ def patch(runtime: Any, gate_types: tuple[Any, Any] | None = None) -> None:
                         sampler.charge_untraced(perf_counter() - t0)
                         _arm(sampler, skip, capture)
                     return capture.torch_replay(replay, self, args, kwargs)
+                b0 = perf_counter()
                 begun = _begin(runtime, capture)
                 t1 = perf_counter()
                 result = capture.torch_replay(replay, self, args, kwargs)
@@ -525,20 +530,26 @@ def patch(runtime: Any, gate_types: tuple[Any, Any] | None = None) -> None:
                 _arm(sampler, skip, capture)
             return replay(self, *args, **kwargs)
         else:
+            b0 = perf_counter()
             begun = _begin(runtime, capture)
             t1 = perf_counter()
             result = replay(self, *args, **kwargs)
         t2 = perf_counter()
         submitted = setup = False
+        enqueue_s = t1 - b0  # the timer's first event: CUDA enqueues, checked for waits
         if begun is not None:
             timer, mark, start = begun
             try:
                 end_ns = time_ns()
                 skipped = sampler.take_skipped() if sampler is not None else 0
                 setup = not capture.has_template
-                submitted = emit_replay(runtime, capture, index, start, end_ns,
-                                        timer.end_handle(mark) if timer is not None else None,
+                capture.groups_s = 0.0
+                e0 = perf_counter()
+                handle = timer.end_handle(mark) if timer is not None else None
+                enqueue_s += perf_counter() - e0
+                submitted = emit_replay(runtime, capture, index, start, end_ns, handle,
                                         skipped)
+                enqueue_s += capture.groups_s
             except Exception as exc:  # noqa: BLE001
                 health.report("graph_errors", "could not trace a CUDA graph replay", exc)
         if sampler is not None:
@@ -550,7 +561,7 @@ def patch(runtime: Any, gate_types: tuple[Any, Any] | None = None) -> None:
                 sampler.traced((t1 - t0) + (t3 - t2),
                                1 + len(capture.records) if submitted else 0,
                                runtime.pipeline.replay_cost_per_span_s,
-                               setup=setup and submitted)
+                               setup=setup and submitted, enqueue_s=enqueue_s)
                 sampler.charge_tail(perf_counter() - t3)
                 if skip is not None and not capture.gates:
                     _arm(sampler, skip, capture)
@@ -739,7 +750,12 @@ def emit_replay(runtime: Any, capture: Capture, index: int, start_ns: int, end_n
     _untrack(record)
     _untrack(replay_context)
     # Groups first: their copies follow the replay on its stream, like the hooks'.
-    whole, grouped = capture.group_pendings() if capture.groups else (None, None)
+    if capture.groups:
+        g0 = perf_counter()
+        whole, grouped = capture.group_pendings()
+        capture.groups_s = perf_counter() - g0
+    else:
+        whole = grouped = None
     timed = timing is not None
     if type(timing) is int:  # the event pair, packed (the common case: no lookup)
         record.gpu = timing
