@@ -1436,16 +1436,17 @@ def test_a_top_up_and_a_look_never_both_write_the_counter_file(tmp_path, monkeyp
 
 
 def test_a_credit_parked_on_a_slow_file_goes_back_at_close(tmp_path, monkeypatch):
-    """A traced call's release that could not have the lease's lock (a writer's look at
-    a slow file held it) parks its credit; closing with the lease empty gave it back
-    only if something folded it first (found by review: it stayed counted)."""
+    """A traced call's release that could not have the lease's lock (a look at a slow
+    file held it: here ``usage``'s) parks its credit; closing with the lease empty gave
+    it back only if something folded it first (found by review: it stayed counted)."""
     budget = _budget(tmp_path, max_count=100_000, max_bytes=10**12)
     assert budget.reserve(1, 100) is None and budget.reserve(1, 100) is None
     budget.close()  # nothing leased any more: the file counts the two
     read = _slow_reads(monkeypatch)
     assert budget.reserve(1, 100) is None  # its look finds the file slow
-    writer = threading.Thread(target=budget.release, args=(1, 100))
-    writer.start()  # a writer's look at the slow file, under the lease's lock
+    budget.release(1, 100)  # a writer's: 1 call and 100 bytes in the lease again
+    writer = threading.Thread(target=budget.usage)
+    writer.start()  # a look at the slow file, under the lease's lock
     time.sleep(0.005)
     t0 = time.perf_counter()
     budget.release(1, 100, settle=False)  # a traced call: parked, not waited
@@ -1454,6 +1455,50 @@ def test_a_credit_parked_on_a_slow_file_goes_back_at_close(tmp_path, monkeypatch
     monkeypatch.setattr(store_mod, "_read_counter", read)
     budget.close()
     assert _counter(tmp_path) == (1, 100)
+
+
+def test_a_writers_trim_on_a_slow_file_does_not_hold_calls_up(tmp_path, monkeypatch):
+    """A writer's release that grows the lease past two chunks (a large reservation
+    written smaller, deduplicated) trims it.  On a slow file that look held the lease's
+    lock for its 30 ms, and the calls meanwhile skipped their payloads as ``BUSY``;
+    the lease's own thread trims it now, off the lock.  The file is exact after."""
+    budget = _budget(tmp_path, max_count=100_000, max_bytes=10**8)
+    lease, held = budget._lease, [0, 0]
+
+    def reserve(calls: int, nbytes: int) -> str | None:
+        got = budget.reserve(calls, nbytes)
+        if got is None:
+            held[0] += calls
+            held[1] += nbytes
+        return got
+
+    assert reserve(1, 50_000_000) is None  # a fast file yet: the call's own look
+    read = _slow_reads(monkeypatch)
+    while lease.calls:
+        assert reserve(1, 100) is None
+    assert reserve(1, 100) is None  # the look that finds the file slow
+    assert lease._slow_until > time.monotonic()
+    writer = threading.Thread(target=budget.release, args=(1, 50_000_000))
+    writer.start()  # 50 MB back in the lease: grown past two chunks (6.25 MB each)
+    held[0] -= 1
+    held[1] -= 50_000_000
+    time.sleep(0.002)
+    waits, results = [], []
+    for _ in range(6):  # within the lease's 8 calls, during the trim's 30 ms
+        t0 = time.perf_counter()
+        results.append(reserve(1, 100))
+        waits.append(time.perf_counter() - t0)
+        time.sleep(0.002)
+    writer.join()
+    while lease._topping:
+        time.sleep(0.005)
+    assert results == [None] * 6, results
+    assert max(waits) < 0.005, sorted(waits)[-3:]
+    assert lease.nbytes <= 2 * lease._keep[1]  # trimmed
+    assert _counter(tmp_path) == (held[0] + lease.calls, held[1] + lease.nbytes)
+    monkeypatch.setattr(store_mod, "_read_counter", read)
+    budget.close()
+    assert _counter(tmp_path) == tuple(held)
 
 
 def test_a_closed_lease_on_a_slow_file_never_makes_a_call_look(tmp_path, monkeypatch):
@@ -1497,6 +1542,8 @@ def test_a_closed_lease_keeps_no_more_than_the_next_calls_need(tmp_path, monkeyp
         if got is None:
             served += 1
             budget.release(0, size - 100)  # the writer: 100 bytes written
+            while lease._topping:  # its trim, off the lease's lock
+                time.sleep(0.005)
         assert lease.calls <= 1 and lease.nbytes <= 1000, (lease.calls, lease.nbytes)
     assert served >= 3
     monkeypatch.setattr(store_mod, "_read_counter", read)

@@ -208,6 +208,9 @@ class _Lease:
         self._busy_at = -math.inf  # when a call last found the file held
         self._slow_until = -math.inf  # a look took over _SLOW_LOOK_S: none on calls
         self._topping = False  # a thread of the lease's own is topping it up
+        #: Asked again meanwhile (and the largest reservation that found the lease
+        #: short then): it goes round once more.
+        self._again: tuple[int, int] | None = None
         self._topper: threading.Thread | None = None
         #: Credits a call could not add under ``_lock`` on a slow file (appended without
         #: it, folded in by the next holder): (calls, bytes).
@@ -303,42 +306,30 @@ class _Lease:
         found it short, reading and writing the file without ``_lock`` (calls spend the
         lease meanwhile); at most one at a time.  Closed (``close``: crash-safe runs
         keep no lease), only what that reservation needs, for the next call like it:
-        a call on a slow file never looks itself, closed or not."""
-        if self._topping:
+        a call on a slow file never looks itself, closed or not.  A lease that writers'
+        releases grew past two chunks (past what it keeps, closed) is trimmed back to
+        what it keeps the same way: taken out of the lease at once, and out of the file
+        off ``_lock`` (put back in the lease if the file cannot be had).  A writer's
+        look did that under ``_lock``, and every call meanwhile (30 ms and more on a
+        slow file) skipped its payload as ``BUSY``."""
+        if self._topping:  # (a trim, or a lease spent again, while it ran)
+            again = self._again or (0, 0)
+            self._again = (max(again[0], calls), max(again[1], nbytes))
             return
         self._topping = True
+        self._again = None
         pid = os.getpid()
 
         def run() -> None:
+            need = (calls, nbytes)
             try:
-                with self._lock:
-                    if self._pid != pid:
-                        return
-                    closed = self._closed
-                    self._fold()
-                    chunk = (0, 0) if closed else self._chunks(max_count, max_bytes)
-                    lease = (self.calls, self.nbytes)
-                    want = (max(0, chunk[0] - lease[0]), max(0, chunk[1] - lease[1]))
-                    need = (max(0, calls - lease[0]), max(0, nbytes - lease[1]))
-                if want == need == (0, 0):
-                    return
-                try:
-                    got = self._grant(want, need, lease, max_count, max_bytes)
-                except OSError:
-                    log.debug("blob budget: %s not topped up", self.path, exc_info=True)
-                    return
-                if got is None:
-                    return
-                with self._lock:
-                    if self._pid != pid:
-                        return  # forked meanwhile: the grant is the parent's, kept counted
-                    self.calls += got[0]
-                    self.nbytes += got[1]
-                    # closed: the lease is this grant at most (``release`` settles more)
-                    self._keep = got[:2] if closed else (self.calls, self.nbytes)
-                    self._seen, self._seen_at = got[2], time.monotonic()
-                    if self._closed and not closed:  # closed meanwhile: it goes back
-                        self._look_quietly(0, 0)
+                while True:
+                    self._top_up_once(max_count, max_bytes, need, pid)
+                    with self._lock:  # asked meanwhile (under it): once more
+                        if self._again is None or self._pid != pid:
+                            self._topping = False
+                            return
+                        need, self._again = self._again, None
             finally:
                 self._topping = False
 
@@ -349,14 +340,64 @@ class _Lease:
         except RuntimeError:  # no new threads (the interpreter is exiting)
             self._topping = False
 
+    def _top_up_once(self, max_count: int, max_bytes: int, need_of: tuple[int, int],
+                     pid: int) -> None:
+        """One round of ``_top_up``'s thread (``need_of``: the reservation that found the
+        lease short, calls and bytes)."""
+        with self._lock:
+            if self._pid != pid:
+                return
+            closed = self._closed
+            self._fold()
+            give = self._trimmed(closed)
+            chunk = (0, 0) if closed else self._chunks(max_count, max_bytes)
+            lease = (self.calls, self.nbytes)
+            want = (max(0, chunk[0] - lease[0]), max(0, chunk[1] - lease[1]))
+            need = (max(0, need_of[0] - lease[0]), max(0, need_of[1] - lease[1]))
+        if want == need == give == (0, 0):
+            return
+        try:
+            got = self._grant(want, need, lease, max_count, max_bytes, give)
+        except OSError:
+            log.debug("blob budget: %s not topped up", self.path, exc_info=True)
+            got = None
+        if got is None:
+            if give != (0, 0):  # still counted in the file: the lease's again
+                self._credits.append(give)
+            return
+        with self._lock:
+            if self._pid != pid:
+                return  # forked meanwhile: the grant is the parent's, kept counted
+            self.calls += got[0]
+            self.nbytes += got[1]
+            if got[0] or got[1]:  # (a trim alone keeps what the lease kept)
+                # closed: the lease is this grant at most (``release`` settles more)
+                self._keep = got[:2] if closed else (self.calls, self.nbytes)
+            self._seen, self._seen_at = got[2], time.monotonic()
+            if self._closed and not closed:  # closed meanwhile: it goes back
+                self._look_quietly(0, 0)
+
+    def _trimmed(self, closed: bool) -> tuple[int, int]:
+        """Under ``_lock``: what the lease holds past what it keeps, where releases grew
+        it past two chunks (past what it keeps, closed), taken out of it (the top-up
+        gives it back to the file)."""
+        keep_calls, keep_bytes = self._keep
+        most = 1 if closed else 2
+        give = (self.calls - keep_calls if self.calls > most * keep_calls else 0,
+                self.nbytes - keep_bytes if self.nbytes > most * keep_bytes else 0)
+        self.calls -= give[0]
+        self.nbytes -= give[1]
+        return give
+
     def _grant(self, want: tuple[int, int], need: tuple[int, int], lease: tuple[int, int],
-               max_count: int, max_bytes: int) -> tuple[int, int, tuple[int, int]] | None:
+               max_count: int, max_bytes: int, give: tuple[int, int] = (0, 0),
+               ) -> tuple[int, int, tuple[int, int]] | None:
         """More counted in the file for the lease (the top-up; without ``_lock``): per
         limit, what the lease (``lease``) lacks of its chunk (``want``) while twice the
         chunk is free counting the lease, as a look keeps one, else just what a
-        reservation that found it short (``need``) takes, if free.  (calls, bytes, the
-        file's counts after), or None while another thread or process holds the
-        file."""
+        reservation that found it short (``need``) takes, if free; less what a trim
+        took out of the lease (``give``).  (calls, bytes, the file's counts after), or
+        None while another thread or process holds the file."""
         fd = self._open()
         if not self._file_lock.acquire(timeout=_WRITER_WAIT_S):
             return None
@@ -366,17 +407,22 @@ class _Lease:
             took = 0.0  # the file's I/O, seconds: the GIL's waits are not the file's
             try:
                 count, total, took = _read_counter(fd)
+                count, total = max(0, count - give[0]), max(0, total - give[1])
                 got = []
                 for (w, n, held, free) in ((want[0], need[0], lease[0], max_count - count),
                                            (want[1], need[1], lease[1], max_bytes - total)):
                     keep = w if w and free + held >= 2 * (w + held) else 0
                     got.append(max(keep, n if 0 < n <= free else 0))
                 calls, nbytes = got
-                if calls or nbytes:
+                if calls or nbytes or give != (0, 0):
                     took += _write_counter(fd, count + calls, total + nbytes)
                 return calls, nbytes, (count + calls, total + nbytes)
             finally:
-                self._note_speed(took + timed_io.unlock(fd))
+                try:
+                    took += timed_io.unlock(fd)
+                except OSError:  # written (or not) as returned or raised: that stands
+                    log.debug("blob budget: %s not unlocked", self.path, exc_info=True)
+                self._note_speed(took)
         finally:
             self._file_lock.release()
 
@@ -418,8 +464,8 @@ class _Lease:
             out = self.calls == 0 < keep_calls or self.nbytes < min(self._largest, keep_bytes)
             if not settle or not (grown or out or time.monotonic() - self._seen_at >= _FRESH_S):
                 return
-            if slow and not grown:  # topped up off ``_lock``; nothing to give back
-                if out:
+            if slow:  # topped up and trimmed off ``_lock``, by the lease's own thread
+                if grown or out:
                     self._top_up(max_count, max_bytes)
                 return
             if self._look_quietly(max_count, max_bytes):
