@@ -404,7 +404,7 @@ class _Lease:
         try:
             if not _try_lock(fd, time.monotonic() + _WRITER_WAIT_S):
                 return None
-            took = 0.0  # the file's I/O, seconds: the GIL's waits are not the file's
+            took, locked, failed = 0.0, time.monotonic(), True  # ``_note_speed``
             try:
                 count, total, took = _read_counter(fd)
                 count, total = max(0, count - give[0]), max(0, total - give[1])
@@ -416,20 +416,26 @@ class _Lease:
                 calls, nbytes = got
                 if calls or nbytes or give != (0, 0):
                     took += _write_counter(fd, count + calls, total + nbytes)
+                failed = False
                 return calls, nbytes, (count + calls, total + nbytes)
             finally:
                 try:
                     took += timed_io.unlock(fd)
                 except OSError:  # written (or not) as returned or raised: that stands
                     log.debug("blob budget: %s not unlocked", self.path, exc_info=True)
-                self._note_speed(took)
+                self._note_speed(took, locked if failed else None)
         finally:
             self._file_lock.release()
 
-    def _note_speed(self, took: float) -> None:
+    def _note_speed(self, took: float, failed_from: float | None = None) -> None:
         """After a look whose reads, writes and unlock took ``took`` seconds: slow for
         ``_SLOW_FOR_S`` if over ``_SLOW_LOOK_S``, else not (waiting for another
-        process's hold is not slowness, nor, with the C extension, the GIL's waits)."""
+        process's hold is not slowness, nor, with the C extension, the GIL's waits).
+        A look whose read or write failed (``failed_from``: when it had the file's
+        lock) counts its wall time since: a read that hangs 30 ms and then fails (EIO
+        on a shared file system) took that long, though it returned no time."""
+        if failed_from is not None:
+            took = max(took, time.monotonic() - failed_from)
         slow = took > _SLOW_LOOK_S
         self._slow_until = time.monotonic() + _SLOW_FOR_S if slow else -math.inf
 
@@ -558,7 +564,7 @@ class _Lease:
         """``_look`` with ``_file_lock`` held."""
         if not _try_lock(fd, deadline):
             return BUSY
-        took = 0.0  # the file's I/O, seconds (``_note_speed``)
+        took, locked, failed = 0.0, time.monotonic(), True  # ``_note_speed``
         self._fold()
         try:
             count, total, took = _read_counter(fd)
@@ -589,9 +595,13 @@ class _Lease:
                 self._keep = (0, 0)
             self._seen = (count, total)
             self._seen_at = time.monotonic()
+            failed = False
             return reason
         finally:
-            self._note_speed(took + timed_io.unlock(fd))
+            try:
+                took += timed_io.unlock(fd)
+            finally:
+                self._note_speed(took, locked if failed else None)
 
 
 class _Budget:

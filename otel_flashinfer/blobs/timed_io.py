@@ -10,6 +10,7 @@ file slow for a while, and a few payloads are skipped as ``budget_busy``.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import time
@@ -36,7 +37,10 @@ def pwrite(fd: int, data: bytes, offset: int) -> float:
     t0 = time.monotonic()
     done = 0
     while done < len(data):
-        done += os.pwrite(fd, data[done:], offset + done)
+        put = os.pwrite(fd, data[done:], offset + done)
+        if put <= 0:  # as the C version: never loop on a write that makes no progress
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        done += put
     return time.monotonic() - t0
 
 
