@@ -129,7 +129,7 @@ class ReplaySampler:
     """One graph's decision per replay; call ``should_trace`` at every replay and
     ``traced`` after each traced one."""
 
-    __slots__ = ("asked_untraced", "budget", "caller", "credit_s", "enqueue_floor_s", "every",
+    __slots__ = ("asked_untraced", "budget", "caller", "credit_s", "every", "floors_s",
                  "gpu_s", "history", "last_s", "measured", "per_span_s", "queue_wait_s",
                  "seen", "skipped", "spans", "spent_s", "tail_s", "unpriced", "window_seen")
 
@@ -168,9 +168,10 @@ class ReplaySampler:
         #: Untraced replays that asked (the C gate did not let them through), each
         #: charged its bookkeeping (``charge_untraced``).
         self.asked_untraced = 0
-        #: What a traced replay's CUDA enqueues take unblocked (``queue_wait``), and the
-        #: time beyond it that the caller waited for the GPU's queue, left uncharged.
-        self.enqueue_floor_s = math.inf
+        #: What a traced replay's CUDA enqueues take unblocked, the timer's and the
+        #: statistics groups' apart (``queue_wait``), and the time beyond them that the
+        #: caller waited for the GPU's queue, left uncharged.
+        self.floors_s = [math.inf, math.inf]
         self.queue_wait_s = 0.0
 
     @property
@@ -314,27 +315,31 @@ class ReplaySampler:
         skipped, self.skipped = self.skipped, 0
         return skipped
 
-    def queue_wait(self, enqueue_s: float) -> float:
-        """Of ``enqueue_s``, the time a traced replay spent in its CUDA enqueues (the
-        timer's events, the statistics' copies), what was a wait for room in the GPU's
-        queue: the time beyond the least they have taken (risen by ``_FLOOR_RISE`` a
-        traced replay since).  Back to back the host runs a full queue ahead of the
+    def queue_wait(self, enqueue_s: tuple[float, float]) -> float:
+        """Of ``enqueue_s``, the time a traced replay that made its spans spent in its
+        CUDA enqueues (the timer's events, then the statistics groups' copies, each
+        against a floor of its own), what was a wait for room in the GPU's queue: the
+        time beyond the least each has taken (risen by ``_FLOOR_RISE`` a traced replay
+        since).  Back to back the host runs a full queue ahead of the
         GPU, and each enqueue then waits for a replay to finish (722 us on the
         H100's decode step): the replay's own launch would have waited that long in its
         place (the loop's wall is unchanged), but charged, it made a traced level-3
         replay's caller cost 1.5 ms where its work took about 40 us: ``auto`` charged
         itself 7.05 us a replay where the process spent 6.2 more than at level 0, and
         its estimate (1.74 ms a traced replay) swung with each wait."""
-        if not self.auto or enqueue_s <= 0.0:
+        if not self.auto:
             return 0.0
-        floor = min(self.enqueue_floor_s * _FLOOR_RISE, enqueue_s)
-        self.enqueue_floor_s = floor
-        waited = enqueue_s - floor
+        waited = 0.0
+        floors = self.floors_s
+        for k, spent in enumerate(enqueue_s):
+            if spent > 0.0:  # (none: nothing of that kind enqueued, no floor learnt)
+                floors[k] = min(floors[k] * _FLOOR_RISE, spent)
+                waited += spent - floors[k]
         self.queue_wait_s += waited
         return waited
 
     def traced(self, caller_s: float, spans: int, worker_per_span_s: float,
-               setup: bool = False, enqueue_s: float = 0.0) -> None:
+               setup: bool = False, enqueue_s: tuple[float, float] = (0.0, 0.0)) -> None:
         """What tracing the replay just traced cost: ``caller_s`` on the replaying
         thread (less what ``queue_wait`` finds of ``enqueue_s``, the part of it in CUDA
         enqueues, was a wait for the GPU's queue), and ``spans`` handed to the worker at

@@ -67,10 +67,6 @@ class Capture:
         self.replays = 0
         #: Which replays are traced (set when the capture begins, from the settings).
         self.sampler: ReplaySampler | None = None
-        #: Seconds the last traced replay's statistics groups took to enqueue their
-        #: copies (``emit_replay``): with the timer's events, what ``auto`` checks for
-        #: waits on the GPU's queue (``ReplaySampler.queue_wait``).
-        self.groups_s = 0.0
         #: The C gate's state for this graph (``_hotpath.GraphSkip``): the replays the
         #: sampler says are untraced, which skip ``replay_``; None without the gate.
         self.skip: Any = None
@@ -536,20 +532,20 @@ def patch(runtime: Any, gate_types: tuple[Any, Any] | None = None) -> None:
             result = replay(self, *args, **kwargs)
         t2 = perf_counter()
         submitted = setup = False
-        enqueue_s = t1 - b0  # the timer's first event: CUDA enqueues, checked for waits
+        # CUDA enqueues, which ``auto`` checks for waits on the GPU's queue: the timer's
+        # events (its first, and its last) and the statistics groups' copies.
+        timer_s, groups = t1 - b0, [0.0]
         if begun is not None:
             timer, mark, start = begun
             try:
                 end_ns = time_ns()
                 skipped = sampler.take_skipped() if sampler is not None else 0
                 setup = not capture.has_template
-                capture.groups_s = 0.0
                 e0 = perf_counter()
                 handle = timer.end_handle(mark) if timer is not None else None
-                enqueue_s += perf_counter() - e0
+                timer_s += perf_counter() - e0
                 submitted = emit_replay(runtime, capture, index, start, end_ns, handle,
-                                        skipped)
-                enqueue_s += capture.groups_s
+                                        skipped, groups)
             except Exception as exc:  # noqa: BLE001
                 health.report("graph_errors", "could not trace a CUDA graph replay", exc)
         if sampler is not None:
@@ -561,7 +557,9 @@ def patch(runtime: Any, gate_types: tuple[Any, Any] | None = None) -> None:
                 sampler.traced((t1 - t0) + (t3 - t2),
                                1 + len(capture.records) if submitted else 0,
                                runtime.pipeline.replay_cost_per_span_s,
-                               setup=setup and submitted, enqueue_s=enqueue_s)
+                               setup=setup and submitted,
+                               # (a replay that made no spans enqueued less: not a floor)
+                               enqueue_s=(timer_s, groups[0]) if submitted else (0.0, 0.0))
                 sampler.charge_tail(perf_counter() - t3)
                 if skip is not None and not capture.gates:
                     _arm(sampler, skip, capture)
@@ -717,11 +715,13 @@ def _run_hook(hook: Callable[[Any, CallRecord | None], Any], child: CallRecord |
 
 
 def emit_replay(runtime: Any, capture: Capture, index: int, start_ns: int, end_ns: int,
-                timing: Any, skipped: int = 0) -> bool:
+                timing: Any, skipped: int = 0, groups_s: list[float] | None = None) -> bool:
     """Submit the replay span and one child per captured call; ``timing``: the replay's
     packed GPU event pair (``Timer.end_handle``, resolved by the encoder in C) or a
-    Pending; ``skipped``: replays of this graph not traced since the last traced one.
-    Returns whether it did (not under a parent, or a root sampler, that says no)."""
+    Pending; ``skipped``: replays of this graph not traced since the last traced one;
+    ``groups_s``, when given: its first item is set to the seconds the statistics
+    groups took to enqueue their copies (``auto``'s queue waits).  Returns whether it
+    did (not under a parent, or a root sampler, that says no)."""
     current = trace_api.get_current_span().get_span_context()
     parent = current if current.is_valid else None
     if parent is not None and not parent.trace_flags & 1:
@@ -753,7 +753,8 @@ def emit_replay(runtime: Any, capture: Capture, index: int, start_ns: int, end_n
     if capture.groups:
         g0 = perf_counter()
         whole, grouped = capture.group_pendings()
-        capture.groups_s = perf_counter() - g0
+        if groups_s is not None:
+            groups_s[0] = perf_counter() - g0
     else:
         whole = grouped = None
     timed = timing is not None

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import pytest
@@ -994,19 +995,56 @@ def test_a_wait_for_the_gpus_queue_is_not_charged() -> None:
     time beyond what the enqueues took unblocked is left out; a real rise in their cost
     is followed (the floor rises 2% a traced replay)."""
     sampler = ReplaySampler(REPLAY_AUTO, 0.01)
-    sampler.traced(200e-6, 65, 0.0, setup=True, enqueue_s=8e-6)  # builds the templates
+    sampler.traced(200e-6, 65, 0.0, setup=True, enqueue_s=(8e-6, 0.0))  # builds the templates
     for _ in range(3):
-        sampler.traced(40e-6, 65, 0.5e-6, enqueue_s=6e-6)
+        sampler.traced(40e-6, 65, 0.5e-6, enqueue_s=(6e-6, 0.0))
     unblocked = sampler.estimate()
     for _ in range(20):
-        sampler.traced(40e-6 + 1.444e-3, 65, 0.5e-6, enqueue_s=6e-6 + 1.444e-3)
+        sampler.traced(40e-6 + 1.444e-3, 65, 0.5e-6, enqueue_s=(6e-6 + 1.444e-3, 0.0))
     assert sampler.estimate() < unblocked * 1.05
     assert sampler.queue_wait_s > 20 * 1.4e-3
     assert sampler.caller.value == pytest.approx(40e-6, rel=0.35)
     for _ in range(40):  # the enqueues cost 12 us now, for good
-        sampler.traced(46e-6, 65, 0.5e-6, enqueue_s=12e-6)
-    assert sampler.enqueue_floor_s == pytest.approx(12e-6)
+        sampler.traced(46e-6, 65, 0.5e-6, enqueue_s=(12e-6, 0.0))
+    assert sampler.floors_s[0] == pytest.approx(12e-6)
     assert sampler.caller.value == pytest.approx(46e-6, rel=0.05)
+
+
+def test_enqueues_of_different_kinds_keep_floors_of_their_own() -> None:
+    """One floor for all enqueues took a replay without the statistics groups' copies
+    (5 us of timer events) as the floor of one with them (35 us), and charged 30 us of
+    each of those as a wait for the GPU's queue (found by review)."""
+    sampler = ReplaySampler(REPLAY_AUTO, 0.01)
+    for k in range(20):
+        sampler.traced(60e-6, 65, 0.5e-6, enqueue_s=(5e-6, 30e-6 if k % 2 else 0.0))
+    assert sampler.queue_wait_s == pytest.approx(0.0, abs=1e-9)
+    assert sampler.floors_s == pytest.approx([5e-6, 30e-6])
+
+
+def test_a_replay_that_made_no_spans_sets_no_floor(spans, monkeypatch) -> None:
+    """A traced replay under a parent that is not sampled makes no spans and enqueues
+    less; as a floor it made the next replays' real enqueue time a queue wait."""
+    from opentelemetry import trace as trace_api
+
+    from otel_flashinfer import graphs, runtime
+
+    class _Timer:
+        def begin(self) -> int:
+            return 0
+
+        def end_handle(self, mark: int) -> None:
+            return None
+
+    monkeypatch.setenv("OTEL_FLASHINFER_REPLAY_EVERY", "auto")
+    graph = _captured_step(monkeypatch)
+    monkeypatch.setattr(runtime.current(), "replay_timer", lambda: _Timer())
+    sampler = graphs._graphs[graph].sampler  # noqa: SLF001
+    unsampled = trace_api.NonRecordingSpan(trace_api.SpanContext(
+        5, 6, False, trace_api.TraceFlags(0)))
+    with trace_api.use_span(unsampled):
+        graph.replay()
+    assert sampler.measured == 1 and sampler.history[-1][1] == 0  # traced, no spans
+    assert sampler.floors_s == [math.inf, math.inf] and sampler.queue_wait_s == 0.0
 
 
 def test_auto_traces_as_many_replays_while_the_host_runs_the_gpus_queue_full(
