@@ -318,6 +318,9 @@ class JsonLinesSpanExporter(SpanExporter):
     file moved away (rotated) gets the lines of that second, then a new file starts at
     the path; a file deleted loses them."""
 
+    #: It counts the spans it fails to send itself: ``export_watch`` leaves it be.
+    counts_drops = True
+
     def __init__(self, path: str) -> None:
         self.path = path
         self._lock = threading.Lock()

@@ -29,7 +29,7 @@ from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode
 from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 
-from . import capture_guard, forking, health, threads
+from . import capture_guard, export_watch, forking, health, threads
 from .graph_sampling import CostEstimate
 
 _ROOT_CONTEXT = trace_api.set_span_in_context(trace_api.INVALID_SPAN)
@@ -570,6 +570,8 @@ class Pipeline:
         self._batch = max(1, min(512, max_queue // 4))
         #: Attributes every span of a forked child gets (its own pid).
         self.fork_attributes: dict[str, Any] = {}
+        #: The application's exporters this pipeline's SDK path watches (``export_watch``).
+        self._watched: list[Any] = []
         if tracer is not None:
             self._use_tracer(tracer)
         self.flush_hooks: list[Callable[[float], bool]] = []
@@ -628,12 +630,18 @@ class Pipeline:
             # out through its own exporters, without keeping the caller.
             threads.start(threading.Thread(target=old.shutdown, args=(2.0,), daemon=True,
                                            name="otel_flashinfer-export-handoff"))
+        export_watch.unwatch(self._watched)  # the processors planned before
         if self._native is not None:
             self.export_path = "native"
             if self.fork_attributes:
                 self._native.set_extra(self.fork_attributes)
             self.tracer = tracer
             return
+        # The application's exporters behind the SDK path: our spans in a batch that
+        # fails are counted (the SDK only logs it).
+        scope = getattr(getattr(tracer, "_instrumentation_scope", None), "name", None)
+        if scope is not None:
+            self._watched = export_watch.watch(processors, scope)
         self._direct = DirectSpans.for_tracer(tracer)
         self._sdk_queues = batch_queues(tracer) if self._direct is None else []
         #: The processors this plan was made for: one added later (the SDK replaces the
@@ -1356,6 +1364,9 @@ class Pipeline:
             self._thread.join(min(_GIVE_UP_S, timeout_s))
         if self._native is not None:
             ok = self._native.shutdown(min(_GIVE_UP_S, timeout_s) if ok else 0.0) and ok
+        # The application's exporters as they were (what its processors still hold after
+        # this goes out uncounted: no one reads ``counters()`` after tracing stopped).
+        export_watch.unwatch(self._watched)
         return ok
 
 

@@ -217,6 +217,9 @@ class CountedExporter(SpanExporter):
     export returns and only logs what it raises.  The native path sends through
     ``inner``'s transport and counts its own failures (``export.sender_for``)."""
 
+    #: It counts the spans it fails to send itself: ``export_watch`` leaves it be.
+    counts_drops = True
+
     def __init__(self, inner: SpanExporter) -> None:
         self.inner = inner
         #: Spans of the batch being sent now: lost if the process ends meanwhile

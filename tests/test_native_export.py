@@ -1233,6 +1233,69 @@ def test_the_sdk_path_counts_what_a_full_batch_queue_drops(added_later: bool,
     assert 40 <= received + dropped <= 41, (received, dropped)
 
 
+@pytest.mark.parametrize("processor", ["batch", "simple"])
+@pytest.mark.parametrize("failure", ["result", "raise"])
+def test_our_spans_an_applications_exporter_fails_to_send_are_counted(
+        processor: str, failure: str, monkeypatch) -> None:  # noqa: ANN001
+    """On the SDK path our spans go to the application's processor, whose exporter may
+    fail: the SDK logs an exception and ignores a FAILURE result, so they were lost
+    uncounted.  Each of our spans in a failed batch is counted once (the application's
+    own spans are not ours to count), what the SDK sees is unchanged, and stopping
+    puts the application's exporter back."""
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor as Batch
+    from opentelemetry.sdk.trace.export import SpanExportResult
+
+    from otel_flashinfer.export_watch import WatchedExporter
+
+    seen: list[tuple[int, Any]] = []
+
+    class Failing:  # the application's own exporter, its receiver down
+        def export(self, spans):  # noqa: ANN001, ANN202
+            seen.append((len(spans), None))
+            if failure == "raise":
+                raise ConnectionError("receiver down")
+            return SpanExportResult.FAILURE
+
+        def shutdown(self) -> None:
+            pass
+
+        def force_flush(self, timeout_millis: int = 30_000) -> bool:
+            return True
+
+        endpoint = "http://collector:4318"  # the application's own settings stay readable
+
+    exporter = Failing()
+    provider = TracerProvider(resource=Resource.create({"service.name": "t"}))
+    proc = (Batch(exporter, schedule_delay_millis=10) if processor == "batch"
+            else SimpleSpanProcessor(exporter))
+    provider.add_span_processor(proc)
+    pipeline = Pipeline(provider.get_tracer("otel_flashinfer", "1.0"), provider=provider,
+                        interval_s=0.01)
+    counted = _drops_reported(monkeypatch, "span exporter")
+    before = health.counters().get("spans_dropped_exporter", 0)
+    try:
+        assert pipeline.export_path == "direct"
+        for i in range(6):
+            r = CallRecord.for_call(f"call{i}", 0x77, 0x100 + i, None, BASE)
+            r.start_ns, r.end_ns = 1, 2
+            pipeline.submit(r)
+        _wait_idle(pipeline)
+        with provider.get_tracer("app").start_as_current_span("the application's"):
+            pass
+        provider.force_flush(10_000)
+        assert sum(n for n, _ in seen) == 7  # every span reached the exporter
+        assert sum(counted) == 6  # ours, each once
+        assert health.counters()["spans_dropped_exporter"] - before == 6
+        owner = proc._batch_processor if processor == "batch" else proc  # noqa: SLF001
+        attr = "_exporter" if processor == "batch" else "span_exporter"
+        assert isinstance(getattr(owner, attr), WatchedExporter)
+        assert getattr(owner, attr).endpoint == "http://collector:4318"
+    finally:
+        pipeline.shutdown(5)
+    assert getattr(owner, attr) is exporter  # put back
+    provider.shutdown()
+
+
 @pytest.mark.parametrize("sampler", [None, "app"])
 def test_spans_handed_to_a_shut_batch_processor_are_counted(sampler: str | None,
                                                             monkeypatch) -> None:  # noqa: ANN001
