@@ -211,6 +211,10 @@ class _Lease:
         #: Asked again meanwhile (and the largest reservation that found the lease
         #: short then): it goes round once more.
         self._again: tuple[int, int] | None = None
+        #: ``give_back``s running: meanwhile no top-up starts or goes round again (the
+        #: lease goes back whole; a round still writing when the process ends would
+        #: leave its give counted for good).
+        self._giving_back = 0
         self._topper: threading.Thread | None = None
         #: Credits a call could not add under ``_lock`` on a slow file (appended without
         #: it, folded in by the next holder): (calls, bytes).
@@ -312,6 +316,8 @@ class _Lease:
         off ``_lock`` (put back in the lease if the file cannot be had).  A writer's
         look did that under ``_lock``, and every call meanwhile (30 ms and more on a
         slow file) skipped its payload as ``BUSY``."""
+        if self._giving_back:
+            return  # the whole lease goes back now
         if self._topping:  # (a trim, or a lease spent again, while it ran)
             again = self._again or (0, 0)
             self._again = (max(again[0], calls), max(again[1], nbytes))
@@ -326,12 +332,16 @@ class _Lease:
                 while True:
                     self._top_up_once(max_count, max_bytes, need, pid)
                     with self._lock:  # asked meanwhile (under it): once more
-                        if self._again is None or self._pid != pid:
+                        if self._again is None or self._pid != pid or self._giving_back:
+                            self._again = None
                             self._topping = False
                             return
                         need, self._again = self._again, None
-            finally:
+            except BaseException:
+                # (not ``finally``: after the clear above a new top-up may have started,
+                # whose flag this must not clear)
                 self._topping = False
+                raise
 
         topper = threading.Thread(target=run, daemon=True, name="otel_flashinfer-blob-budget")
         try:
@@ -371,8 +381,10 @@ class _Lease:
             self.calls += got[0]
             self.nbytes += got[1]
             if got[0] or got[1]:  # (a trim alone keeps what the lease kept)
-                # closed: the lease is this grant at most (``release`` settles more)
-                self._keep = got[:2] if closed else (self.calls, self.nbytes)
+                # What the grant settled on (closed: this grant at most; ``release``
+                # settles more), not the lease now: writers' releases during the grant
+                # are in it, and kept as the norm they would never be trimmed.
+                self._keep = got[:2] if closed else (lease[0] + got[0], lease[1] + got[1])
             self._seen, self._seen_at = got[2], time.monotonic()
             if self._closed and not closed:  # closed meanwhile: it goes back
                 self._look_quietly(0, 0)
@@ -520,25 +532,34 @@ class _Lease:
             self._fold()
             return not (self.calls or self.nbytes) or self._look_quietly(0, 0)
 
-        topper = self._topper
-        if topper is not None and topper is not threading.current_thread():
-            if not self._lock.acquire(timeout=1.0):
-                return  # held by the thread a signal interrupted: the top-up waits on it
-            self._lock.release()
-            # A top-up in flight lands in the lease after the lease went back, which
-            # then stays counted (at exit, for good): its grant goes back too.  Its
-            # longest: the file's lock in this process, then in another, then its I/O.
-            topper.join(2 * _WRITER_WAIT_S + 0.5)
         if not self._lock.acquire(timeout=1.0):
             return  # held by the thread a signal interrupted: keep it rather than hang
+        self._giving_back += 1  # no top-up starts or goes round again meanwhile
+        topper = self._topper
+        self._lock.release()
         try:
-            self._closed = self._closed or stop
-            self._keep = (0, 0)  # a later release looks again rather than lease
-            if attempt():
-                return
+            if topper is not None and topper is not threading.current_thread():
+                # A top-up in flight lands in the lease after the lease went back, which
+                # then stays counted (at exit, for good): its grant goes back too, and a
+                # trim's give is in the file.  It ends after its round: the file's lock
+                # in this process, then in another, then its I/O.
+                topper.join(2 * _WRITER_WAIT_S + 0.5)
+            if not self._lock.acquire(timeout=1.0):
+                return  # held by the thread a signal interrupted: keep it, not hang
+            try:
+                self._closed = self._closed or stop
+                self._keep = (0, 0)  # a later release looks again rather than lease
+                if attempt():
+                    return
+            finally:
+                self._lock.release()
+            self._retry(attempt)  # an idle writer gives its lease back while calls come
         finally:
-            self._lock.release()
-        self._retry(attempt)  # an idle writer gives its lease back while calls may come
+            if self._lock.acquire(timeout=1.0):
+                self._giving_back -= 1
+                self._lock.release()
+            else:  # (the signal-interrupted holder: the count is ours alone to lower)
+                self._giving_back -= 1
 
     def close(self) -> None:
         self.give_back(stop=True)
