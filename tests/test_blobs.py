@@ -1601,6 +1601,36 @@ def test_giving_back_under_calls_on_a_slow_file_is_prompt_and_exact(tmp_path, mo
     assert _counter(tmp_path) == (first + 1 + served[0], 100 * (first + 1 + served[0]))
 
 
+def test_an_interrupted_give_back_does_not_stop_top_ups_for_good(tmp_path):
+    """A KeyboardInterrupt (Ctrl-C in a notebook that carries on) as ``give_back`` lets
+    the lease's lock go left its count of give-backs raised: no top-up started again,
+    and on a slow file every call's payload was skipped for good (found by review)."""
+    lease = store_mod._Lease(str(tmp_path / "counter"))
+    real = lease._lock
+
+    class InterruptedOnRelease:  # the real lock; the interrupt comes as it is let go
+        armed = True
+
+        def acquire(self, *args: object, **kwargs: object) -> bool:
+            return real.acquire(*args, **kwargs)
+
+        def release(self) -> None:
+            real.release()
+            if InterruptedOnRelease.armed and lease._giving_back:
+                InterruptedOnRelease.armed = False
+                raise KeyboardInterrupt
+
+        __enter__ = acquire
+
+        def __exit__(self, *exc: object) -> None:
+            self.release()
+
+    lease._lock = InterruptedOnRelease()
+    with pytest.raises(KeyboardInterrupt):
+        lease.give_back()
+    assert lease._giving_back == 0 and not real.locked()
+
+
 def test_a_closed_lease_on_a_slow_file_never_makes_a_call_look(tmp_path, monkeypatch):
     """Crash-safe runs close the lease at start (they keep none), and a call then looked
     at the file itself: 30 ms a call on a slow file, for the whole run (found by

@@ -1245,8 +1245,6 @@ def test_our_spans_an_applications_exporter_fails_to_send_are_counted(
     from opentelemetry.sdk.trace.export import BatchSpanProcessor as Batch
     from opentelemetry.sdk.trace.export import SpanExportResult
 
-    from otel_flashinfer.export_watch import WatchedExporter
-
     seen: list[tuple[int, Any]] = []
 
     class Failing:  # the application's own exporter, its receiver down
@@ -1288,12 +1286,49 @@ def test_our_spans_an_applications_exporter_fails_to_send_are_counted(
         assert health.counters()["spans_dropped_exporter"] - before == 6
         owner = proc._batch_processor if processor == "batch" else proc  # noqa: SLF001
         attr = "_exporter" if processor == "batch" else "span_exporter"
-        assert isinstance(getattr(owner, attr), WatchedExporter)
-        assert getattr(owner, attr).endpoint == "http://collector:4318"
+        assert getattr(owner, attr) is exporter  # the same object, its type, its settings
+        assert "export" in vars(exporter)  # watched: its export shadowed on it alone
     finally:
         pipeline.shutdown(5)
-    assert getattr(owner, attr) is exporter  # put back
+    assert "export" not in vars(exporter) and getattr(owner, attr) is exporter
     provider.shutdown()
+
+
+def test_an_exporter_two_pipelines_watch_stays_watched_until_the_last_stops(
+        monkeypatch) -> None:  # noqa: ANN001
+    """A restart (``instrument`` again at another level) plans the new pipeline while the
+    old one still flushes: the new one found the exporter watched and held nothing, and
+    the old one's stop took the watch away from under it (found by review)."""
+    from opentelemetry.sdk.trace.export import SpanExportResult
+
+    class Failing:
+        def export(self, spans):  # noqa: ANN001, ANN202
+            return SpanExportResult.FAILURE
+
+        def shutdown(self) -> None:
+            pass
+
+        def force_flush(self, timeout_millis: int = 30_000) -> bool:
+            return True
+
+    exporter = Failing()
+    provider = TracerProvider(resource=Resource.create({"service.name": "t"}))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("otel_flashinfer", "1.0")
+    old = Pipeline(tracer, provider=provider, interval_s=0.01)
+    new = Pipeline(tracer, provider=provider, interval_s=0.01)
+    counted = _drops_reported(monkeypatch, "span exporter")
+    try:
+        old.shutdown(5)
+        assert "export" in vars(exporter)  # the new pipeline still watches it
+        r = CallRecord.for_call("call", 0x77, 0x100, None, BASE)
+        r.start_ns, r.end_ns = 1, 2
+        new.submit(r)
+        _wait_idle(new)
+        assert sum(counted) == 1
+    finally:
+        new.shutdown(5)
+    assert "export" not in vars(exporter)
 
 
 @pytest.mark.parametrize("sampler", [None, "app"])

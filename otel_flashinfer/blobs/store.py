@@ -534,10 +534,12 @@ class _Lease:
 
         if not self._lock.acquire(timeout=1.0):
             return  # held by the thread a signal interrupted: keep it rather than hang
-        self._giving_back += 1  # no top-up starts or goes round again meanwhile
-        topper = self._topper
-        self._lock.release()
-        try:
+        held = True  # (the count is raised inside the ``try``: an exception as the lock
+        try:         # goes, a signal handler's, still lowers it)
+            self._giving_back += 1  # no top-up starts or goes round again meanwhile
+            topper = self._topper
+            self._lock.release()
+            held = False
             if topper is not None and topper is not threading.current_thread():
                 # A top-up in flight lands in the lease after the lease went back, which
                 # then stays counted (at exit, for good): its grant goes back too, and a
@@ -555,7 +557,13 @@ class _Lease:
                 self._lock.release()
             self._retry(attempt)  # an idle writer gives its lease back while calls come
         finally:
-            if self._lock.acquire(timeout=1.0):
+            if held:  # (or let go just before the exception: then this release fails)
+                self._giving_back -= 1
+                try:
+                    self._lock.release()
+                except RuntimeError:
+                    pass
+            elif self._lock.acquire(timeout=1.0):
                 self._giving_back -= 1
                 self._lock.release()
             else:  # (the signal-interrupted holder: the count is ours alone to lower)
