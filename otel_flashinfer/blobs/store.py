@@ -557,17 +557,18 @@ class _Lease:
                 self._lock.release()
             self._retry(attempt)  # an idle writer gives its lease back while calls come
         finally:
+            # (at 0 at least: an interrupt may have come before the count was raised)
             if held:  # (or let go just before the exception: then this release fails)
-                self._giving_back -= 1
+                self._giving_back = max(0, self._giving_back - 1)
                 try:
                     self._lock.release()
                 except RuntimeError:
                     pass
             elif self._lock.acquire(timeout=1.0):
-                self._giving_back -= 1
+                self._giving_back = max(0, self._giving_back - 1)
                 self._lock.release()
             else:  # (the signal-interrupted holder: the count is ours alone to lower)
-                self._giving_back -= 1
+                self._giving_back = max(0, self._giving_back - 1)
 
     def close(self) -> None:
         self.give_back(stop=True)
