@@ -326,7 +326,9 @@ class ReplaySampler:
         place (the loop's wall is unchanged), but charged, it made a traced level-3
         replay's caller cost 1.5 ms where its work took about 40 us: ``auto`` charged
         itself 7.05 us a replay where the process spent 6.2 more than at level 0, and
-        its estimate (1.74 ms a traced replay) swung with each wait."""
+        its estimate (1.74 ms a traced replay) swung with each wait.  Not asked for a
+        gated graph (level 5): its traced replays add the statistics' GPU time, which
+        the host's waits then stand for (``graphs``)."""
         if not self.auto:
             return 0.0
         waited = 0.0

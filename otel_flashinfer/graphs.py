@@ -558,8 +558,12 @@ def patch(runtime: Any, gate_types: tuple[Any, Any] | None = None) -> None:
                                1 + len(capture.records) if submitted else 0,
                                runtime.pipeline.replay_cost_per_span_s,
                                setup=setup and submitted,
-                               # (a replay that made no spans enqueued less: not a floor)
-                               enqueue_s=(timer_s, groups[0]) if submitted else (0.0, 0.0))
+                               # Not where a replay that made no spans enqueued less (not
+                               # a floor), nor in a gated graph: its traced replays run the
+                               # statistics launches, GPU time no other charge sees, which
+                               # its waits in the GPU's queue stand for.
+                               enqueue_s=(timer_s, groups[0])
+                               if submitted and not capture.gates else (0.0, 0.0))
                 sampler.charge_tail(perf_counter() - t3)
                 if skip is not None and not capture.gates:
                     _arm(sampler, skip, capture)
