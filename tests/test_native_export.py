@@ -441,6 +441,48 @@ def test_a_replay_that_wakes_the_worker_gathers_the_next_ones_into_one_drain(
     pipeline.shutdown(5)
 
 
+def test_replays_waiting_for_late_gpu_times_gather_too(tmp_path: Path) -> None:
+    """Back to back the host runs hundreds of replays ahead of the GPU: a sparsely
+    traced replay's GPU time comes in 300 ms and more after it.  While records waited,
+    the worker ticked every ``interval_s`` and drained each traced replay on its own
+    (74 passes where 16 did with the times in at once, its CPU per traced replay 85 ->
+    280 us on the CPU box); replays' records that wait gather as a new one does."""
+    from test_native_stats import stand_in_pool
+
+    first_look: dict[int, float] = {}
+
+    def late(start: int, end: int) -> int:  # in 300 ms after the encoder first asked
+        t = first_look.setdefault(start, time.monotonic())
+        return 5_000 if time.monotonic() - t >= 0.3 else -(1 << 40)
+
+    with stand_in_pool(late):
+        provider, tracer = _file_provider(tmp_path / "traces.jsonl")
+        pipeline = Pipeline(tracer, provider=provider, interval_s=0.01, coalesce_s=0.25)
+        assert pipeline.export_path == "native"
+        time.sleep(0.05)
+        drains: list[int] = []
+        drain = pipeline._drain  # noqa: SLF001
+
+        def counted(*args: Any) -> None:
+            drains.append(1)
+            drain(*args)
+
+        pipeline._drain = counted  # noqa: SLF001
+        records = _replays(12)
+        try:
+            for k, r in enumerate(records):  # a traced replay every 50 ms, for 0.6 s
+                r.gpu = (k + 1) << 16 | 2
+                pipeline.submit(r)
+                time.sleep(0.05)
+            _wait_for(lambda: pipeline.pending_count() == 0, 10)
+        finally:
+            pipeline.shutdown(5)
+    # Ticking: a pass every 10 ms for 0.9 s (about 90); gathering: one in 0.25 s.
+    print(f"\n{len(drains)} drains")
+    assert len(drains) <= 15, len(drains)
+    assert len(first_look) == 12
+
+
 def test_eager_calls_records_are_not_gathered(tmp_path: Path) -> None:
     """An eager call's record wakes the worker for a drain after ``interval_s`` as
     before, and one that comes while a replay's record gathers ends the gathering:
