@@ -877,11 +877,22 @@ class Pipeline:
         if woke is _DUE or self._stopping or self._now:
             return
         queue = self._queue
-        if (woke is _SUBMITTED and queue and type(queue[0]) is ReplayRecord) or \
-                (woke is _BUSY and self._replays_wait()):
+        if woke is _SUBMITTED and queue and type(queue[0]) is ReplayRecord:
             self._gathering = True
             try:
                 self._wake.wait(self._coalesce_wait())
+            finally:
+                self._gathering = False
+        elif woke is _BUSY and self._replays_wait():
+            # In ticks, looked at again after each: the C hot path appends an eager
+            # call's record without waking a gathering worker.
+            self._gathering = True
+            try:
+                deadline = time.monotonic() + self._coalesce_wait()
+                while not self._wake.wait(max(0.0, min(self.interval_s,
+                                                       deadline - time.monotonic()))):
+                    if time.monotonic() >= deadline or not self._replays_wait():
+                        break
             finally:
                 self._gathering = False
         else:
@@ -889,21 +900,21 @@ class Pipeline:
 
     def _replays_wait(self) -> bool:
         """Whether what keeps the worker busy is graph replays' records waiting for
-        their GPU times (the first and last waiting, and of the queue, are replays'):
-        they gather as a replay's record that woke the worker does.  Back to back the
+        their GPU times alone: every record waiting or queued a replay's, none holding
+        statistics ring slots (a ring's low-water wake fires once; the tick is what
+        hands the slots back in time).  They gather as a replay's record that woke the
+        worker does.  Back to back the
         host runs hundreds of replays ahead of the GPU, and a sparsely traced replay's
         time comes in that late (300 ms and more): ticking every ``interval_s``
         meanwhile, the worker drained each traced replay on its own, 74 passes where
         16 did with the times in at once, and its CPU per traced replay went from 85
         to 280 us (CPU box, ``REPLAY_EVERY=auto``, level 3, the event pool stood in)."""
-        waiting, queue = self._waiting, self._queue
-        try:
-            return (bool(waiting) and not self._let_go_queue
-                    and type(waiting[0]) is ReplayRecord and type(waiting[-1]) is ReplayRecord
-                    and (not queue or (type(queue[0]) is ReplayRecord
-                                       and type(queue[-1]) is ReplayRecord)))
-        except IndexError:  # emptied meanwhile by a flush's drain
+        waiting = self._waiting  # (the worker's alone)
+        if not waiting or self._let_go_queue:
             return False
+        queued = list(self._queue)  # one copy under the GIL: callers append meanwhile
+        return all(type(r) is ReplayRecord and r.group is None and r.child_pending is None
+                   for records in (waiting, queued) for r in records)
 
     def _coalesce_wait(self) -> float:
         """After a graph replay's record woke the idle worker: how long to wait for more

@@ -483,6 +483,54 @@ def test_replays_waiting_for_late_gpu_times_gather_too(tmp_path: Path) -> None:
     assert len(first_look) == 12
 
 
+def test_only_replays_without_ring_slots_gather_while_they_wait(tmp_path: Path) -> None:
+    """Waiting replays gather only where nothing else waits or is queued: an eager
+    call's record anywhere in the queue (the C hot path appends it without waking a
+    gathering worker) is drained at the next tick, and replays holding statistics ring
+    slots are looked at every tick (the ring's low-water wake fires once: gathering,
+    17 to 20 of 120 replays found a 16-slot ring full, against 2 or 3; found by
+    review)."""
+    from collections import deque
+    from types import SimpleNamespace
+
+    replays, eager = _replays(3), _records()[0]
+
+    def gathers(waiting: list[Any], queued: list[Any]) -> bool:
+        state = SimpleNamespace(_waiting=deque(waiting), _queue=deque(queued),
+                                _let_go_queue=deque())
+        return Pipeline._replays_wait(state)  # type: ignore[arg-type]
+
+    assert gathers(replays[:1], replays[1:])
+    assert not gathers(replays[:1], [replays[1], eager, replays[2]])  # in the middle
+    assert not gathers([], replays)  # nothing waits: the tick as before
+    held = _replays(1)[0]
+    held.group = [object()]  # a statistics group's pending: ring slots
+    assert not gathers([replays[0], held, replays[1]], [])
+
+    first_look: dict[int, float] = {}
+
+    def late(start: int, end: int) -> int:
+        t = first_look.setdefault(start, time.monotonic())
+        return 5_000 if time.monotonic() - t >= 1.0 else -(1 << 40)
+
+    from test_native_stats import stand_in_pool
+
+    with stand_in_pool(late):
+        provider, tracer = _file_provider(tmp_path / "traces.jsonl")
+        pipeline = Pipeline(tracer, provider=provider, interval_s=0.02, coalesce_s=5.0)
+        try:
+            drains = _drains_of(pipeline)
+            waiting = _replays(1)[0]
+            waiting.gpu = 1 << 16 | 2
+            pipeline.submit(waiting)
+            _wait_for(lambda: first_look, 10)  # it waits for its time now
+            time.sleep(0.1)  # the worker gathers (5 s)
+            pipeline._queue.append(eager)  # noqa: SLF001 - as the C hot path appends
+            assert _wait_for(lambda: drains, 10) < 0.5  # the next tick, not 5 s
+        finally:
+            pipeline.shutdown(5)
+
+
 def test_eager_calls_records_are_not_gathered(tmp_path: Path) -> None:
     """An eager call's record wakes the worker for a drain after ``interval_s`` as
     before, and one that comes while a replay's record gathers ends the gathering:
