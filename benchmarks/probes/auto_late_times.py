@@ -1,0 +1,124 @@
+"""What a sparsely traced replay costs the background when its GPU time comes late.
+
+Back to back the host runs hundreds of replays ahead of the GPU, so under
+``REPLAY_EVERY=auto`` a traced replay's GPU time comes in hundreds of ms after its
+record (on an H100 the pipeline thread took 463 us per traced level-3 replay there,
+against 41.8 with every replay traced).  CPU stand-in: the 64-call decode step of
+``bench_graph_step.py`` at level 3 under ``auto``, each replay 722 us of sleep, and the
+event pool's C API stood in so that each traced replay's time comes in ``DELAY_MS``
+after the encoder first asks.  Prints replays traced, the pipeline thread's CPU per
+traced replay, its passes (drains) and the background's price per span.  A probe, not
+a benchmark: compare commits by running it on each, alternated, on a quiet machine.
+It writes the default trace file and journal in the current folder: run it from a
+scratch one.
+
+    python3 /path/to/benchmarks/probes/auto_late_times.py 300 3000    # DELAY_MS REPLAYS
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
+
+
+def main(delay_s: float, replays: int) -> dict[str, Any]:
+    import bench_graph_step as bench
+    import torch
+
+    class FakeGraph:
+        def capture_begin(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def capture_end(self) -> None:
+            pass
+
+        def replay(self) -> None:
+            time.sleep(0.000722)  # the GPU's time, as wall
+
+    torch.cuda.CUDAGraph = FakeGraph  # type: ignore[misc] - before instrument() patches it
+    os.environ["OTEL_FLASHINFER_REPLAY_EVERY"] = "auto"
+    import otel_flashinfer
+    from otel_flashinfer import _otlp, graphs, pipeline, runtime
+
+    otel_flashinfer.instrument(level=3)
+    first: dict[int, float] = {}
+
+    def resolve(start: int, end: int) -> int:  # in ``delay_s`` after the first ask
+        t = first.setdefault(start, time.monotonic())
+        return 5_000 if time.monotonic() - t >= delay_s else -(1 << 40)
+
+    resolve_t = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_int64, ctypes.c_int64)
+    release_t = ctypes.CFUNCTYPE(None, ctypes.c_int64)
+
+    class Api(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_int), ("record", ctypes.c_void_p),
+                    ("release", release_t), ("is_cuda", ctypes.c_void_p),
+                    ("snapshot", ctypes.c_void_p), ("resolve", resolve_t)]
+
+    api = Api(2, None, release_t(lambda slot: None), None, None, resolve_t(resolve))
+    new = ctypes.pythonapi.PyCapsule_New
+    new.restype = ctypes.py_object
+    new.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+    _otlp.register_api(new(ctypes.addressof(api), b"otel_flashinfer.hotpath_api", None))
+    handles = [0]
+
+    class Timer:
+        def begin(self) -> int:
+            handles[0] += 1
+            return handles[0]
+
+        def end_handle(self, start: int) -> int:
+            return start << 16 | 2
+
+    runtime.current().gpu_timer = Timer()
+    drains = [0]
+    drain = pipeline.Pipeline._drain  # noqa: SLF001
+
+    def counted(self: Any, cpu: Any = None) -> None:
+        drains[0] += 1
+        drain(self, cpu)
+
+    pipeline.Pipeline._drain = counted  # noqa: SLF001
+    rmsnorm = otel_flashinfer.traced(lambda x, w, eps=1e-6: x, name="rmsnorm")
+    decode = otel_flashinfer.traced(lambda q, kv, scale=0.125: q,
+                                    name="BatchDecodeWithPagedKVCacheWrapper.run")
+    hidden, weight = torch.zeros(8, 4096, dtype=torch.float16), torch.ones(4096)
+    q, kv = torch.zeros(8, 32, 128, dtype=torch.float16), torch.zeros(64, 2, 16, 8, 128)
+    graph = FakeGraph()
+    graph.capture_begin()
+    for _ in range(bench.LAYERS):
+        rmsnorm(hidden, weight)
+        decode(q, kv)
+    graph.capture_end()
+    for _ in range(50):
+        graph.replay()
+    otel_flashinfer.flush(60)
+    pipe = runtime.current().pipeline
+    sampler = graphs._graphs[graph].sampler  # noqa: SLF001
+    threads0, traced0, drains0 = bench._threads_cpu(), sampler.measured, drains[0]  # noqa: SLF001
+    for _ in range(replays):
+        graph.replay()
+    otel_flashinfer.flush(60)
+    threads = bench._threads_added(threads0, replays)  # noqa: SLF001
+    traced = max(sampler.measured - traced0, 1)
+    return {"delay_ms": delay_s * 1e3, "replays": replays, "traced": traced,
+            "pipeline_us_per_traced_replay":
+                round(threads.get("otel_flashinfer-pipeline", 0.0) * replays / traced, 1),
+            "passes": drains[0] - drains0,
+            "price_us_per_span": round(pipe.replay_cost_per_span_s * 1e6, 2),
+            "threads_us_per_replay": {k: round(v, 2) for k, v in threads.items()}}
+
+
+if __name__ == "__main__":
+    delay_ms = float(sys.argv[1]) if len(sys.argv) > 1 else 300.0
+    count = int(sys.argv[2]) if len(sys.argv) > 2 else 3000
+    print(json.dumps(main(delay_ms / 1e3, count)))
