@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -221,20 +222,21 @@ def gpu_child(level: int, replays: int, branch_share: float = 1.0,
             "spans_dropped": counters.get("spans_dropped", 0)}
 
 
-def _stand_in_late_gpu_times() -> Any:
+def _third_look(start: int, end: int, looks: list[int] = [0]) -> int:  # noqa: B006
+    """An event pair's time as the encoder finds it: not in twice, then in."""
+    looks[0] += 1
+    return 5_000 if looks[0] % 3 == 0 else -(1 << 40)
+
+
+def _stand_in_late_gpu_times(resolve: Callable[[int, int], int] = _third_look) -> Any:
     """CPU, levels 3 and up: each traced replay gets a GPU event pair, as on a device
-    (``gpu_timing``), whose time the encoder finds in at its third look only (the host
-    runs ahead of the GPU): the event pool's C API stood in.  Returns the timer for the
-    runtime (``Runtime.gpu_timer``)."""
+    (``gpu_timing``), whose time the encoder asks ``resolve(start, end)`` for (by
+    default in at its third look only: the host runs ahead of the GPU): the event
+    pool's C API stood in.  Returns the timer for the runtime (``Runtime.gpu_timer``):
+    each traced replay's pair has a start of its own."""
     import ctypes
 
     from otel_flashinfer import _otlp
-
-    looks = [0]
-
-    def resolve(start: int, end: int) -> int:
-        looks[0] += 1
-        return 5_000 if looks[0] % 3 == 0 else -(1 << 40)  # NOT_READY twice, then in
 
     resolve_t = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_int64, ctypes.c_int64)
     release_t = ctypes.CFUNCTYPE(None, ctypes.c_int64)
@@ -252,8 +254,11 @@ def _stand_in_late_gpu_times() -> Any:
     _otlp.register_api(new(ctypes.addressof(api), b"otel_flashinfer.hotpath_api", None))
 
     class Timer:
+        pairs = 0
+
         def begin(self) -> int:
-            return 1
+            Timer.pairs += 1
+            return Timer.pairs
 
         def end_handle(self, start: int) -> int:
             return start << 16 | 2

@@ -17,7 +17,6 @@ scratch one.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import sys
@@ -47,7 +46,7 @@ def main(delay_s: float, replays: int) -> dict[str, Any]:
     torch.cuda.CUDAGraph = FakeGraph  # type: ignore[misc] - before instrument() patches it
     os.environ["OTEL_FLASHINFER_REPLAY_EVERY"] = "auto"
     import otel_flashinfer
-    from otel_flashinfer import _otlp, graphs, pipeline, runtime
+    from otel_flashinfer import graphs, pipeline, runtime
 
     otel_flashinfer.instrument(level=3)
     first: dict[int, float] = {}
@@ -56,30 +55,7 @@ def main(delay_s: float, replays: int) -> dict[str, Any]:
         t = first.setdefault(start, time.monotonic())
         return 5_000 if time.monotonic() - t >= delay_s else -(1 << 40)
 
-    resolve_t = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_int64, ctypes.c_int64)
-    release_t = ctypes.CFUNCTYPE(None, ctypes.c_int64)
-
-    class Api(ctypes.Structure):
-        _fields_ = [("version", ctypes.c_int), ("record", ctypes.c_void_p),
-                    ("release", release_t), ("is_cuda", ctypes.c_void_p),
-                    ("snapshot", ctypes.c_void_p), ("resolve", resolve_t)]
-
-    api = Api(2, None, release_t(lambda slot: None), None, None, resolve_t(resolve))
-    new = ctypes.pythonapi.PyCapsule_New
-    new.restype = ctypes.py_object
-    new.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
-    _otlp.register_api(new(ctypes.addressof(api), b"otel_flashinfer.hotpath_api", None))
-    handles = [0]
-
-    class Timer:
-        def begin(self) -> int:
-            handles[0] += 1
-            return handles[0]
-
-        def end_handle(self, start: int) -> int:
-            return start << 16 | 2
-
-    runtime.current().gpu_timer = Timer()
+    runtime.current().gpu_timer = bench._stand_in_late_gpu_times(resolve)  # noqa: SLF001
     drains = [0]
     drain = pipeline.Pipeline._drain  # noqa: SLF001
 
