@@ -872,31 +872,37 @@ class Pipeline:
     def _wait_before_drain(self, woke: object) -> None:
         """After ``_sleep_until_work``: a batch that fell due, or a wake-up that needs
         the drain at once (``_now``), goes now; a graph replay's record that woke the
-        worker (the first of the queue) waits ``_coalesce_wait`` for others; anything
-        else waits ``interval_s``, as it always has."""
+        worker (the first of the queue), and replays' records alone waiting for their
+        GPU times (``_replays_wait``), wait ``_coalesce_wait`` for others (``_gather``);
+        anything else waits ``interval_s``, as it always has."""
         if woke is _DUE or self._stopping or self._now:
             return
         queue = self._queue
         if woke is _SUBMITTED and queue and type(queue[0]) is ReplayRecord:
-            self._gathering = True
-            try:
-                self._wake.wait(self._coalesce_wait())
-            finally:
-                self._gathering = False
+            self._gather(self._replays_queued)
         elif woke is _BUSY and self._replays_wait():
-            # In ticks, looked at again after each: the C hot path appends an eager
-            # call's record without waking a gathering worker.
-            self._gathering = True
-            try:
-                deadline = time.monotonic() + self._coalesce_wait()
-                while not self._wake.wait(max(0.0, min(self.interval_s,
-                                                       deadline - time.monotonic()))):
-                    if time.monotonic() >= deadline or not self._replays_wait():
-                        break
-            finally:
-                self._gathering = False
+            self._gather(self._replays_wait)
         else:
             self._wake.wait(self.interval_s)
+
+    def _gather(self, still: Callable[[], bool]) -> None:
+        """Wait ``_coalesce_wait`` for more replays' records, in ticks, each followed by
+        a look at ``still`` (whether only such records keep the worker busy): the C hot
+        path appends an eager call's record without waking a gathering worker, which
+        then waited the whole interval for it.  A wake-up ends it at once."""
+        self._gathering = True
+        try:
+            deadline = time.monotonic() + self._coalesce_wait()
+            while not self._wake.wait(max(0.0, min(self.interval_s,
+                                                   deadline - time.monotonic()))):
+                if time.monotonic() >= deadline or not still():
+                    break
+        finally:
+            self._gathering = False
+
+    def _replays_queued(self) -> bool:
+        """Whether only graph replays' records are queued."""
+        return all(type(r) is ReplayRecord for r in list(self._queue))  # (one copy)
 
     def _replays_wait(self) -> bool:
         """Whether what keeps the worker busy is graph replays' records waiting for

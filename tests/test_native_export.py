@@ -531,6 +531,23 @@ def test_only_replays_without_ring_slots_gather_while_they_wait(tmp_path: Path) 
             pipeline.shutdown(5)
 
 
+def test_an_eager_record_the_c_hot_path_appends_ends_a_gathering(tmp_path: Path) -> None:
+    """The C hot path appends an eager call's record to a queue that is not empty
+    without waking the worker: behind a replay's record that woke it, the record
+    waited the whole gathering interval.  The gathering looks again each tick."""
+    provider, tracer = _file_provider(tmp_path / "traces.jsonl")
+    pipeline = Pipeline(tracer, provider=provider, interval_s=0.02, coalesce_s=5.0)
+    try:
+        time.sleep(0.05)  # the worker is asleep, nothing queued
+        drains = _drains_of(pipeline)
+        pipeline.submit(_replays(1)[0])  # wakes it: it gathers (5 s)
+        time.sleep(0.1)
+        pipeline._queue.append(_records()[0])  # noqa: SLF001 - as the C hot path appends
+        assert _wait_for(lambda: drains, 10) < 0.5  # the next tick, not 5 s
+    finally:
+        pipeline.shutdown(5)
+
+
 def test_eager_calls_records_are_not_gathered(tmp_path: Path) -> None:
     """An eager call's record wakes the worker for a drain after ``interval_s`` as
     before, and one that comes while a replay's record gathers ends the gathering:
