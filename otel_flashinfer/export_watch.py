@@ -100,13 +100,11 @@ def _watch(processors: Any, scope: str) -> list[_Watch]:
     held = []
     for processor in processors or ():
         exporter = _exporter_of(processor)
-        if exporter is None or getattr(exporter, "counts_drops", False) is True:
-            continue  # none we can see, or one of ours, which counts its own
-        found = getattr(vars(exporter).get("export"), "otel_flashinfer_watch", None) \
-            if hasattr(exporter, "__dict__") else None
+        if exporter is None or getattr(exporter, "counts_drops", False) is True \
+                or not hasattr(exporter, "__dict__"):
+            continue  # none we can see, one of ours (it counts its own), or slots only
+        found = getattr(vars(exporter).get("export"), "otel_flashinfer_watch", None)
         if found is None:
-            if not hasattr(exporter, "__dict__"):
-                continue  # (slots only: nothing to shadow it with)
             found = _Watch(exporter, scope)
             exporter.export = found.export
         found.owners += 1
