@@ -1021,6 +1021,26 @@ def test_enqueues_of_different_kinds_keep_floors_of_their_own() -> None:
     assert sampler.floors_s == pytest.approx([5e-6, 30e-6])
 
 
+def _queue_full_after(unblocked: int) -> type:
+    """A stand-in replay timer whose first event of a replay waits 3 ms for room in
+    the GPU's queue after the first ``unblocked`` replays (the host a full queue
+    ahead); ``calls`` counts the replays it timed."""
+
+    class QueueFullTimer:
+        calls = 0
+
+        def begin(self) -> int:
+            QueueFullTimer.calls += 1
+            if QueueFullTimer.calls > unblocked:
+                time.sleep(0.003)
+            return 0
+
+        def end_handle(self, mark: int) -> None:
+            return None
+
+    return QueueFullTimer
+
+
 def test_a_gated_graphs_queue_waits_stay_charged(spans, monkeypatch) -> None:
     """A gated graph's traced replays run the statistics launches its untraced ones
     skip (+74% of the GPU's time on the H100's decode step), which no other charge
@@ -1028,17 +1048,7 @@ def test_a_gated_graphs_queue_waits_stay_charged(spans, monkeypatch) -> None:
     stay charged there."""
     from otel_flashinfer import graphs, runtime
 
-    class _QueueFullTimer:  # waits for room after the first two replays
-        calls = 0
-
-        def begin(self) -> int:
-            _QueueFullTimer.calls += 1
-            if _QueueFullTimer.calls > 2:
-                time.sleep(0.003)
-            return 0
-
-        def end_handle(self, mark: int) -> None:
-            return None
+    _QueueFullTimer = _queue_full_after(2)
 
     graph = _captured_with_group(monkeypatch, _GateProbe(), "auto")
     monkeypatch.setattr(runtime.current(), "replay_timer", lambda: _QueueFullTimer())
@@ -1087,17 +1097,7 @@ def test_auto_traces_as_many_replays_while_the_host_runs_the_gpus_queue_full(
     wait: charged, ``auto`` traced 7 of these 400 replays (275 on this box now)."""
     from otel_flashinfer import graphs, runtime
 
-    class _QueueFullTimer:  # each event waits for room after the first few
-        calls = 0
-
-        def begin(self) -> int:
-            _QueueFullTimer.calls += 1
-            if _QueueFullTimer.calls > 3:
-                time.sleep(0.003)
-            return 0
-
-        def end_handle(self, mark: int) -> None:
-            return None
+    _QueueFullTimer = _queue_full_after(3)
 
     monkeypatch.setenv("OTEL_FLASHINFER_REPLAY_EVERY", "auto")
     monkeypatch.setenv("OTEL_FLASHINFER_REPLAY_BUDGET", "0.05")
