@@ -2626,7 +2626,8 @@ static PyObject *mod_register_stats(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* drain(queue, slow, limit, later=None, now=0.0, deadline=0.0, max_spans=0) -> records
+/* drain(queue, slow, limit, later=None, now=0.0, deadline=0.0, max_spans=0, max_bytes=0)
+ * -> records
  * encoded.  Takes up to ``limit`` records off ``queue`` (a deque) and encodes those that
  * are ready,
  * resolving level-5 statistics and GPU times here where it can (resolve_stats,
@@ -2639,15 +2640,18 @@ static PyObject *mod_register_stats(PyObject *self, PyObject *args) {
  * long as they run.  ``max_spans`` (when > 0) stops it once the open batch holds that
  * many spans: a replay record carries a span per captured call, and a batch of queued
  * replays would otherwise make one request of millions of spans (hundreds of MB, over any
- * receiver's limit).  ``taken`` then says how many records it took. */
+ * receiver's limit).  ``max_bytes`` (when > 0) stops it likewise once the open batch
+ * holds that many bytes: statistics events make a span kilobytes, and a batch of a few
+ * thousand such spans would pass gRPC's 4 MiB message limit.  ``taken`` then says how
+ * many records it took. */
 static PyObject *enc_drain(Encoder *e, PyObject *args) {
     PyObject *queue, *slow, *later = Py_None;
-    Py_ssize_t limit, max_spans = 0;
+    Py_ssize_t limit, max_spans = 0, max_bytes = 0;
     double now = 0.0, deadline = 0.0;
     if (!usable(e)) return NULL;
     e->taken = 0;
-    if (!PyArg_ParseTuple(args, "OO!n|Oddn", &queue, &PyList_Type, &slow, &limit, &later, &now,
-                          &deadline, &max_spans))
+    if (!PyArg_ParseTuple(args, "OO!n|Oddnn", &queue, &PyList_Type, &slow, &limit, &later,
+                          &now, &deadline, &max_spans, &max_bytes))
         return NULL;
     PyObject *popleft = PyObject_GetAttr(queue, e->s_popleft);
     if (popleft == NULL) return NULL;
@@ -2661,7 +2665,8 @@ static PyObject *enc_drain(Encoder *e, PyObject *args) {
     e->busy_thread = PyThread_get_thread_ident();
     Py_ssize_t done = 0, taken = 0;
     PyObject *result = NULL;
-    while (taken < limit && (max_spans <= 0 || e->count < max_spans)) {
+    while (taken < limit && (max_spans <= 0 || e->count < max_spans) &&
+           (max_bytes <= 0 || e->spans.len < (size_t)max_bytes)) {
         PyObject *record = PyObject_CallNoArgs(popleft);
         if (record == NULL) {
             if (PyErr_ExceptionMatches(PyExc_IndexError)) {
@@ -2942,7 +2947,8 @@ static PyObject *enc_stats(Encoder *e, PyObject *unused) {
 static PyMethodDef enc_methods[] = {
     {"add", (PyCFunction)enc_add, METH_O, "encode one CallRecord into the open batch"},
     {"drain", (PyCFunction)enc_drain, METH_VARARGS,
-     "drain(queue, slow, limit, later=None, now=0.0, deadline=0.0): encode up to limit "
+     "drain(queue, slow, limit, later=None, now=0.0, deadline=0.0, max_spans=0, max_bytes=0): "
+     "encode up to limit "
      "ready records of a deque; statistics not in yet go back on later until deadline, "
      "the rest to slow"},
     {"take", (PyCFunction)enc_take, METH_NOARGS, "the open batch as one request, or None"},

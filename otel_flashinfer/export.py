@@ -50,11 +50,25 @@ from .graph_sampling import CostEstimate
 
 #: Spans per request (OTEL_BSP_MAX_EXPORT_BATCH_SIZE's default).
 DEFAULT_BATCH = 512
+#: Spans per request where nothing chose the batch size (the processors keep the SDK's
+#: 512 and OTEL_BSP_MAX_EXPORT_BATCH_SIZE is unset).  An OTLP request costs the sender
+#: about 170 to 250 us of CPU whatever it carries (gRPC and HTTP alike, on the CPU box):
+#: 0.35 to 0.5 us a span at 512, about 0.2 at 1,024.  The SDK's 512 bounds the Python
+#: objects it encodes at once; ours are bytes, bounded by ``REQUEST_BYTES`` too.  More
+#: would hold more encoded spans in memory (open, queued and in flight): 2,048 took a
+#: receiver outage's peak from 6.4 to 10 MB at level 3 (tests/test_outage.py), 1,024 to 7.4.
+NATIVE_BATCH = 1024
+#: Bytes one request may reach before it is cut, whatever the batch size (one record's
+#: spans may pass it: a replay's children go in whole): under gRPC's default 4 MiB limit
+#: on the receiving side, where statistics events make a span kilobytes.
+REQUEST_BYTES = 2 * 1024 * 1024
 #: Seconds a batch waits for more spans (OTEL_BSP_SCHEDULE_DELAY's default).
 DEFAULT_DELAY_S = 5.0
 #: Encoded spans waiting to be sent (a BatchSpanProcessor's max_queue_size sets it;
-#: OTEL_BSP_MAX_QUEUE_SIZE's default).
+#: OTEL_BSP_MAX_QUEUE_SIZE's default).  Where nothing chose it, at least
+#: ``OUTBOX_BATCHES`` batches.
 DEFAULT_OUTBOX_SPANS = 2048
+OUTBOX_BATCHES = 2
 #: A send running longer than this is a receiver down or retrying, not a busy one: the
 #: worker stops holding records back for it and the outbox drops its oldest (counted).
 STALLED_S = 0.5
@@ -182,8 +196,10 @@ def plan(provider: Any, tracer: Any, enabled: bool = True) -> Plan:
     # The processors' own settings (OTEL_BSP_*), the strictest where there are several;
     # the SDK's defaults only where no processor says.
     delay_s: float | None = None
-    batch: int | None = None
-    outbox = None
+    # The batch sizes and queue sizes chosen (passed, or from OTEL_BSP_*): the SDK's
+    # defaults are ours to choose (``NATIVE_BATCH``).
+    batches: list[int] = []
+    outboxes: list[int] = []
     for processor in processors:
         if type(processor) is SimpleSpanProcessor:
             exporter = processor.span_exporter
@@ -195,20 +211,32 @@ def plan(provider: Any, tracer: Any, enabled: bool = True) -> Plan:
             if delay is not None:
                 delay_s = float(delay) if delay_s is None else min(delay_s, float(delay))
             size = getattr(inner, "_max_export_batch_size", None)
-            if size:
-                batch = int(size) if batch is None else min(batch, int(size))
+            if size and _chosen(int(size), DEFAULT_BATCH, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE"):
+                batches.append(int(size))
             queue = getattr(inner, "_max_queue_size", None)
-            if queue:
-                outbox = int(queue) if outbox is None else min(outbox, int(queue))
+            if queue and _chosen(int(queue), DEFAULT_OUTBOX_SPANS, "OTEL_BSP_MAX_QUEUE_SIZE"):
+                outboxes.append(int(queue))
         else:
             return Plan(False, f"processor:{type(processor).__name__}")
         sender = sender_for(exporter) if exporter is not None else None
         if sender is None:
             return Plan(False, f"exporter:{type(_unwrapped(exporter)).__name__}")
         senders.append(sender)
+    # The strictest where several processors chose; a queue chosen smaller than ours
+    # would take keeps batches of ``1 / OUTBOX_BATCHES`` of it (not under the SDK's
+    # default).
+    batch = min(batches) if batches else NATIVE_BATCH if not outboxes else \
+        min(NATIVE_BATCH, max(DEFAULT_BATCH, min(outboxes) // OUTBOX_BATCHES))
+    outbox = min(outboxes) if outboxes else max(DEFAULT_OUTBOX_SPANS, OUTBOX_BATCHES * batch)
     return Plan(True, "fast", tuple(senders), DEFAULT_DELAY_S if delay_s is None else delay_s,
-                DEFAULT_BATCH if batch is None else batch,
-                DEFAULT_OUTBOX_SPANS if outbox is None else outbox, processors)
+                batch, outbox, processors)
+
+
+def _chosen(value: int, default: int, var: str) -> bool:
+    """Whether a processor's ``value`` was chosen (passed, or from ``var``) rather than
+    the SDK's default: a processor keeps no trace of which, so the default's value with
+    the variable unset reads as not chosen."""
+    return value != default or bool(os.environ.get(var, "").strip())
 
 
 # ---- senders: bytes -> the exporter's transport ------------------------------------------
@@ -485,6 +513,7 @@ class NativeExport:
         self.encoders = {fmt: make_encoder(tracer, fmt, record_type, empty) for fmt in formats}
         self.senders = {fmt: [s for s in chosen.senders if s.fmt == fmt] for fmt in formats}
         self.batch = max(1, chosen.batch)
+        self.batch_bytes = REQUEST_BYTES
         self.delay_s = chosen.delay_s
         self.outbox_spans = max(self.batch, chosen.outbox_spans)
         #: What one send of each format may take at once (``_take``).
@@ -584,15 +613,16 @@ class NativeExport:
         if len(encoders) == 1:
             encoder = encoders[0]
             while limit > 0:
-                if encoder.count >= self.batch:
+                if self._full(encoder):
                     self._cut(force=False)
                 if hold and queue and not self.has_room():
                     return False
                 with self._enc_lock:
-                    encoder.drain(queue, slow, limit, later, now, deadline, self.batch)
+                    encoder.drain(queue, slow, limit, later, now, deadline, self.batch,
+                                  self.batch_bytes)
                     taken = encoder.taken
                 limit -= taken
-                if not taken or encoder.count < self.batch:
+                if not taken or not self._full(encoder):
                     return True  # the queue or the limit ran out
         else:  # several formats: each record once through each encoder
             records = [queue.popleft() for _ in range(min(limit, len(queue)))]
@@ -655,7 +685,7 @@ class NativeExport:
         with self._enc_lock:
             for encoder in self.encoders.values():
                 encoder.add(record)
-                full = full or encoder.count >= self.batch
+                full = full or self._full(encoder)
         if full:  # the time-based cut waits for the end of the drain
             self._cut(force=False)
 
@@ -673,7 +703,7 @@ class NativeExport:
                     continue
                 if not self._opened:
                     self._opened = now
-                if force or count >= self.batch or (now - self._opened >= self.delay_s
+                if force or self._full(encoder) or (now - self._opened >= self.delay_s
                                                     and self.has_room()):
                     payload = encoder.take()
                     if payload is not None:
@@ -682,6 +712,11 @@ class NativeExport:
                 self._opened = 0.0
         for fmt, payload, count in cut:
             self._enqueue(fmt, payload, count, until)
+
+    def _full(self, encoder: Any) -> bool:
+        """Whether ``encoder``'s open batch is due to go: a batch of spans, or
+        ``batch_bytes`` of them."""
+        return encoder.count >= self.batch or encoder.size >= self.batch_bytes
 
     def due_in(self) -> float | None:
         """Seconds until the open batch is due to the sender (``delay_s`` after its

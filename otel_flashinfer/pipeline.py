@@ -497,6 +497,11 @@ def _holds_gpu_work(record: CallRecord) -> bool:
         type(record) is ReplayRecord and (record.child_pending or record.group)))
 
 
+#: Records one native drain takes at most: the encoder holds the GIL while it runs
+#: (about a microsecond a record), and callers get it back between chunks.
+DRAIN_CHUNK = 512
+
+
 def _may_hold(queue: deque[CallRecord], native: Any, limit: int) -> bool:
     """Whether the queue may wait for a busy sender: up to ``limit`` records (half the
     record queue), the next batch of them holding no GPU work (a graph's ring can have
@@ -509,7 +514,8 @@ def _may_hold(queue: deque[CallRecord], native: Any, limit: int) -> bool:
         return True
     if len(queue) > limit:
         return False
-    return not any(_holds_gpu_work(record) for record in itertools.islice(queue, native.batch))
+    return not any(_holds_gpu_work(record)
+                   for record in itertools.islice(queue, min(native.batch, DRAIN_CHUNK)))
 
 
 #: ``Pipeline._sleep_until_work``'s outcomes: slept until the open batch was due, woken
@@ -1037,7 +1043,7 @@ class Pipeline:
             if native is not None:
                 # Ready records are encoded in C; only those still waiting for the GPU
                 # (statistics, a GPU time the encoder could not resolve) come back here.
-                # What is queued now, in batch-sized chunks: later arrivals wait for the
+                # What is queued now, in chunks (DRAIN_CHUNK): later arrivals wait for the
                 # next tick, and the callers get the GIL back between chunks.  With the
                 # outbox full and its sender busy, records holding no GPU work wait while
                 # the record queue is under half full (_may_hold; the worker waits for
@@ -1045,7 +1051,7 @@ class Pipeline:
                 # drops its oldest, counted.
                 left = len(queue)
                 while left > 0:
-                    chunk = min(left, native.batch)
+                    chunk = min(left, native.batch, DRAIN_CHUNK)
                     left -= chunk
                     slow: list[CallRecord] = []
                     try:

@@ -254,7 +254,8 @@ def test_fast_path_serves_the_setups_it_reproduces(tmp_path: Path) -> None:
     file = JsonLinesSpanExporter(str(tmp_path / "t.jsonl"))
     chosen = _plan([BatchSpanProcessor(file)])
     assert chosen.fast and [s.fmt for s in chosen.senders] == ["json"]
-    assert chosen.delay_s == 5.0 and chosen.batch == 512
+    # The SDK's defaults (512 spans, a queue of 2,048) are ours to choose: bigger batches.
+    assert (chosen.delay_s, chosen.batch, chosen.outbox_spans) == (5.0, 1024, 2048)
     chosen = _plan([SimpleSpanProcessor(HttpExporter(endpoint="http://127.0.0.1:9/v1/traces")),
                     BatchSpanProcessor(GrpcExporter(endpoint="127.0.0.1:9", insecure=True),
                                        max_export_batch_size=64)])
@@ -278,6 +279,74 @@ def test_fast_path_serves_the_setups_it_reproduces(tmp_path: Path) -> None:
                     BatchSpanProcessor(file, schedule_delay_millis=700,
                                        max_export_batch_size=100)])
     assert (chosen.delay_s, chosen.batch) == (0.7, 100)  # the strictest of the two
+
+
+def test_batch_and_queue_sizes_someone_chose_are_kept(tmp_path: Path, monkeypatch) -> None:
+    """A batch or queue size passed to the processor or set in OTEL_BSP_* is kept, even
+    where it equals the SDK's default; the SDK's default alone is ours to choose."""
+    file = JsonLinesSpanExporter(str(tmp_path / "t.jsonl"))
+    chosen = _plan([BatchSpanProcessor(file, max_export_batch_size=512)])
+    assert (chosen.batch, chosen.outbox_spans) == (1024, 2048)  # reads as unset
+    monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "512")
+    chosen = _plan([BatchSpanProcessor(file)])
+    assert (chosen.batch, chosen.outbox_spans) == (512, 2048)
+    monkeypatch.delenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE")
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "1536")
+    chosen = _plan([BatchSpanProcessor(file)])
+    assert (chosen.batch, chosen.outbox_spans) == (768, 1536)  # half the queue
+    monkeypatch.delenv("OTEL_BSP_MAX_QUEUE_SIZE")
+    chosen = _plan([BatchSpanProcessor(file, max_queue_size=1000)])
+    assert (chosen.batch, chosen.outbox_spans) == (512, 1000)  # not under the SDK's batch
+    chosen = _plan([BatchSpanProcessor(file, max_queue_size=65536)])
+    assert (chosen.batch, chosen.outbox_spans) == (1024, 65536)
+    # One processor's choice, the other's default: the choice.
+    chosen = _plan([BatchSpanProcessor(file, max_export_batch_size=3000, max_queue_size=9000),
+                    BatchSpanProcessor(file)])
+    assert (chosen.batch, chosen.outbox_spans) == (3000, 9000)
+
+
+def test_a_batch_is_cut_at_its_bytes_whatever_its_spans() -> None:
+    """Spans of kilobytes (statistics events) cut a request at ``batch_bytes`` before
+    the batch's count, through ``add`` and through the encoder's drain alike: every
+    request stays under gRPC's 4 MiB message limit."""
+    from collections import deque
+
+    tracer, _ = _sdk_tracer()
+    sender = _GatedProtobuf()  # held shut: the requests cut wait in the outbox, unjoined
+    chosen = export.Plan(True, "test", (sender,), delay_s=60.0, batch=1000, outbox_spans=10_000)
+    sink = export.NativeExport(tracer, chosen, CallRecord, _EMPTY)
+    sink._coalesce["protobuf"] = (1, 1000, 1024)  # noqa: SLF001 - the sender joins none
+    one = None
+    big = {**BASE, "flashinfer.note": "x" * 2000}
+    for i in range(1, 41):  # through add
+        r = CallRecord.for_call(f"f{i}", i, i, None, big)
+        r.start_ns, r.end_ns = i, i + 1
+        sink.add(r)
+        if one is None:
+            one = sink.encoders["protobuf"].size
+            sink.batch_bytes = 10 * one + one // 2  # ten and a half spans
+    queue = deque()
+    for i in range(41, 81):  # through the encoder's drain
+        r = CallRecord.for_call(f"f{i}", i, i, None, big)
+        r.start_ns, r.end_ns = i, i + 1
+        queue.append(r)
+    slow: list[Any] = []
+    assert sink.drain(queue, slow, 100)
+    assert not slow and not queue
+    _until(lambda: sink._busy)  # noqa: SLF001
+    with sink._cond:  # noqa: SLF001
+        cut = [(len(p), c) for _, p, c in sink._outbox]  # noqa: SLF001
+    # 11 more in the sender's hands, 3 open (the delay has not passed).
+    assert [c for _, c in cut] == [11] * 6 and sink.encoders["protobuf"].count == 3, cut
+    assert all(size <= 12 * one for size, _ in cut)
+    sender.open.set()
+    assert sink.flush(time.monotonic() + 10)
+    sink.shutdown(1)
+    assert sum(c for _, c in sender.requests) == 80
+    names = [s.name for p, _ in sender.requests
+             for rs in ExportTraceServiceRequest.FromString(p).resource_spans
+             for ss in rs.scope_spans for s in ss.spans]
+    assert names == [f"f{i}" for i in range(1, 81)]
 
 
 def test_other_setups_keep_the_sdk_path(tmp_path: Path, monkeypatch) -> None:
