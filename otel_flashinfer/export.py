@@ -91,6 +91,10 @@ class Plan:
     delay_s: float = 0.0
     batch: int = DEFAULT_BATCH
     outbox_spans: int = DEFAULT_OUTBOX_SPANS
+    #: Requests the outbox keeps past ``outbox_spans`` (where nobody chose the queue
+    #: size): a replay's children take a batch past its size, and two batches of 1,024
+    #: would otherwise not fit 2,048.
+    outbox_requests: int = 1
     #: The provider's processors tuple this plan was made from (``setup_changed``).
     processors: Any = None
 
@@ -196,8 +200,8 @@ def plan(provider: Any, tracer: Any, enabled: bool = True) -> Plan:
     # The processors' own settings (OTEL_BSP_*), the strictest where there are several;
     # the SDK's defaults only where no processor says.
     delay_s: float | None = None
-    # The batch sizes and queue sizes chosen (passed, or from OTEL_BSP_*): the SDK's
-    # defaults are ours to choose (``NATIVE_BATCH``).
+    # Each processor's batch and queue sizes where chosen (passed, or from OTEL_BSP_*):
+    # the SDK's defaults are ours to choose (``NATIVE_BATCH``).
     batches: list[int] = []
     outboxes: list[int] = []
     for processor in processors:
@@ -211,25 +215,27 @@ def plan(provider: Any, tracer: Any, enabled: bool = True) -> Plan:
             if delay is not None:
                 delay_s = float(delay) if delay_s is None else min(delay_s, float(delay))
             size = getattr(inner, "_max_export_batch_size", None)
+            queue = getattr(inner, "_max_queue_size", None)
+            chose_queue = bool(queue) and _chosen(int(queue), DEFAULT_OUTBOX_SPANS,
+                                                  "OTEL_BSP_MAX_QUEUE_SIZE")
+            if chose_queue:
+                outboxes.append(int(queue))
             if size and _chosen(int(size), DEFAULT_BATCH, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE"):
                 batches.append(int(size))
-            queue = getattr(inner, "_max_queue_size", None)
-            if queue and _chosen(int(queue), DEFAULT_OUTBOX_SPANS, "OTEL_BSP_MAX_QUEUE_SIZE"):
-                outboxes.append(int(queue))
+            elif chose_queue:  # ours, within a chosen queue (not under the SDK's batch)
+                batches.append(min(NATIVE_BATCH, max(DEFAULT_BATCH,
+                                                     int(queue) // OUTBOX_BATCHES)))
         else:
             return Plan(False, f"processor:{type(processor).__name__}")
         sender = sender_for(exporter) if exporter is not None else None
         if sender is None:
             return Plan(False, f"exporter:{type(_unwrapped(exporter)).__name__}")
         senders.append(sender)
-    # The strictest where several processors chose; a queue chosen smaller than ours
-    # would take keeps batches of ``1 / OUTBOX_BATCHES`` of it (not under the SDK's
-    # default).
-    batch = min(batches) if batches else NATIVE_BATCH if not outboxes else \
-        min(NATIVE_BATCH, max(DEFAULT_BATCH, min(outboxes) // OUTBOX_BATCHES))
+    # The strictest where there are several.
+    batch = min(batches) if batches else NATIVE_BATCH
     outbox = min(outboxes) if outboxes else max(DEFAULT_OUTBOX_SPANS, OUTBOX_BATCHES * batch)
     return Plan(True, "fast", tuple(senders), DEFAULT_DELAY_S if delay_s is None else delay_s,
-                batch, outbox, processors)
+                batch, outbox, 1 if outboxes else OUTBOX_BATCHES, processors)
 
 
 def _chosen(value: int, default: int, var: str) -> bool:
@@ -513,9 +519,15 @@ class NativeExport:
         self.encoders = {fmt: make_encoder(tracer, fmt, record_type, empty) for fmt in formats}
         self.senders = {fmt: [s for s in chosen.senders if s.fmt == fmt] for fmt in formats}
         self.batch = max(1, chosen.batch)
-        self.batch_bytes = REQUEST_BYTES
+        #: Bytes at which each format's open batch is cut: ``REQUEST_BYTES``, or half the
+        #: least its senders take at once (an HTTP exporter's ``max_request_size``), since
+        #: the record that crosses it still goes in.
+        self.batch_bytes = {fmt: min([REQUEST_BYTES] + [
+            max(1, s.max_coalesce // 2) for s in senders if getattr(s, "max_coalesce", 0)])
+            for fmt, senders in self.senders.items()}
         self.delay_s = chosen.delay_s
         self.outbox_spans = max(self.batch, chosen.outbox_spans)
+        self.outbox_requests = max(1, chosen.outbox_requests)
         #: What one send of each format may take at once (``_take``).
         self._coalesce = {fmt: self._coalesce_limits(senders)
                           for fmt, senders in self.senders.items()}
@@ -612,17 +624,18 @@ class NativeExport:
         encoders = list(self.encoders.values())
         if len(encoders) == 1:
             encoder = encoders[0]
+            fmt = next(iter(self.encoders))
             while limit > 0:
-                if self._full(encoder):
+                if self._full(fmt, encoder):
                     self._cut(force=False)
                 if hold and queue and not self.has_room():
                     return False
                 with self._enc_lock:
                     encoder.drain(queue, slow, limit, later, now, deadline, self.batch,
-                                  self.batch_bytes)
+                                  self.batch_bytes[fmt])
                     taken = encoder.taken
                 limit -= taken
-                if not taken or not self._full(encoder):
+                if not taken or not self._full(fmt, encoder):
                     return True  # the queue or the limit ran out
         else:  # several formats: each record once through each encoder
             records = [queue.popleft() for _ in range(min(limit, len(queue)))]
@@ -683,9 +696,9 @@ class NativeExport:
             record.describe = None
         full = False
         with self._enc_lock:
-            for encoder in self.encoders.values():
+            for fmt, encoder in self.encoders.items():
                 encoder.add(record)
-                full = full or self._full(encoder)
+                full = full or self._full(fmt, encoder)
         if full:  # the time-based cut waits for the end of the drain
             self._cut(force=False)
 
@@ -703,7 +716,7 @@ class NativeExport:
                     continue
                 if not self._opened:
                     self._opened = now
-                if force or self._full(encoder) or (now - self._opened >= self.delay_s
+                if force or self._full(fmt, encoder) or (now - self._opened >= self.delay_s
                                                     and self.has_room()):
                     payload = encoder.take()
                     if payload is not None:
@@ -713,10 +726,10 @@ class NativeExport:
         for fmt, payload, count in cut:
             self._enqueue(fmt, payload, count, until)
 
-    def _full(self, encoder: Any) -> bool:
-        """Whether ``encoder``'s open batch is due to go: a batch of spans, or
-        ``batch_bytes`` of them."""
-        return encoder.count >= self.batch or encoder.size >= self.batch_bytes
+    def _full(self, fmt: str, encoder: Any) -> bool:
+        """Whether ``encoder``'s open batch (of ``fmt``) is due to go: a batch of
+        spans, or ``batch_bytes`` of them."""
+        return encoder.count >= self.batch or encoder.size >= self.batch_bytes[fmt]
 
     def due_in(self) -> float | None:
         """Seconds until the open batch is due to the sender (``delay_s`` after its
@@ -734,7 +747,7 @@ class NativeExport:
             self._outbox.append((fmt, payload, count))
             self._queued += count
             dropped = 0
-            while self._queued > self.outbox_spans and len(self._outbox) > 1:
+            while self._queued > self.outbox_spans and len(self._outbox) > self.outbox_requests:
                 _, _, lost = self._outbox.popleft()
                 self._queued -= lost
                 dropped += lost

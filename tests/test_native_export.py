@@ -243,7 +243,19 @@ def _plan(processors: list[Any], sampler: Any = None) -> export.Plan:
     return export.plan(provider, provider.get_tracer("otel_flashinfer"))
 
 
-def test_fast_path_serves_the_setups_it_reproduces(tmp_path: Path) -> None:
+_BSP_VARS = ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "OTEL_BSP_MAX_QUEUE_SIZE",
+             "OTEL_BSP_SCHEDULE_DELAY", "OTEL_BSP_EXPORT_TIMEOUT")
+
+
+@pytest.fixture
+def no_bsp_env(monkeypatch) -> Any:
+    """The plan tests read OTEL_BSP_*: none from the shell running them."""
+    for var in _BSP_VARS:
+        monkeypatch.delenv(var, raising=False)
+    return monkeypatch
+
+
+def test_fast_path_serves_the_setups_it_reproduces(tmp_path: Path, no_bsp_env: Any) -> None:
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
         OTLPSpanExporter as GrpcExporter,
     )
@@ -281,12 +293,14 @@ def test_fast_path_serves_the_setups_it_reproduces(tmp_path: Path) -> None:
     assert (chosen.delay_s, chosen.batch) == (0.7, 100)  # the strictest of the two
 
 
-def test_batch_and_queue_sizes_someone_chose_are_kept(tmp_path: Path, monkeypatch) -> None:
+def test_batch_and_queue_sizes_someone_chose_are_kept(tmp_path: Path, no_bsp_env: Any) -> None:
     """A batch or queue size passed to the processor or set in OTEL_BSP_* is kept, even
-    where it equals the SDK's default; the SDK's default alone is ours to choose."""
+    where it equals the SDK's default; the SDK's default alone is ours to choose.  Where
+    nobody chose the queue, it keeps two requests whatever their spans."""
+    monkeypatch = no_bsp_env
     file = JsonLinesSpanExporter(str(tmp_path / "t.jsonl"))
     chosen = _plan([BatchSpanProcessor(file, max_export_batch_size=512)])
-    assert (chosen.batch, chosen.outbox_spans) == (1024, 2048)  # reads as unset
+    assert (chosen.batch, chosen.outbox_spans, chosen.outbox_requests) == (1024, 2048, 2)
     monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "512")
     chosen = _plan([BatchSpanProcessor(file)])
     assert (chosen.batch, chosen.outbox_spans) == (512, 2048)
@@ -296,13 +310,81 @@ def test_batch_and_queue_sizes_someone_chose_are_kept(tmp_path: Path, monkeypatc
     assert (chosen.batch, chosen.outbox_spans) == (768, 1536)  # half the queue
     monkeypatch.delenv("OTEL_BSP_MAX_QUEUE_SIZE")
     chosen = _plan([BatchSpanProcessor(file, max_queue_size=1000)])
-    assert (chosen.batch, chosen.outbox_spans) == (512, 1000)  # not under the SDK's batch
+    assert (chosen.batch, chosen.outbox_spans, chosen.outbox_requests) == (512, 1000, 1)
+    # A queue chosen on one processor bounds the batch it left to us, beside another's
+    # chosen batch.
+    chosen = _plan([BatchSpanProcessor(file, max_queue_size=1000),
+                    BatchSpanProcessor(file, max_export_batch_size=800, max_queue_size=4000)])
+    assert (chosen.batch, chosen.outbox_spans) == (512, 1000)
+    # A batch chosen next to a queue is the user's, whatever the queue.
+    chosen = _plan([BatchSpanProcessor(file, max_export_batch_size=2000, max_queue_size=2100)])
+    assert (chosen.batch, chosen.outbox_spans, chosen.outbox_requests) == (2000, 2100, 1)
+    chosen = _plan([BatchSpanProcessor(file, max_export_batch_size=2000)])
+    assert (chosen.batch, chosen.outbox_spans, chosen.outbox_requests) == (2000, 4000, 2)
     chosen = _plan([BatchSpanProcessor(file, max_queue_size=65536)])
     assert (chosen.batch, chosen.outbox_spans) == (1024, 65536)
     # One processor's choice, the other's default: the choice.
     chosen = _plan([BatchSpanProcessor(file, max_export_batch_size=3000, max_queue_size=9000),
                     BatchSpanProcessor(file)])
     assert (chosen.batch, chosen.outbox_spans) == (3000, 9000)
+
+
+def test_requests_are_cut_under_an_http_exporters_max_request_size(no_bsp_env: Any) -> None:
+    """An OTLP/HTTP exporter refuses a request over its ``max_request_size``: batches
+    are cut at half of it (the record that crosses the bound still goes in), so bigger
+    batches never make every request too large to send."""
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+        OTLPSpanExporter as HttpExporter,
+    )
+
+    http = HttpExporter(endpoint="http://127.0.0.1:9/v1/traces", max_request_size=1_000_000)
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(http))
+    tracer = provider.get_tracer("otel_flashinfer")
+    chosen = export.plan(provider, tracer)
+    assert chosen.fast
+    sink = export.NativeExport(tracer, chosen, CallRecord, _EMPTY)
+    try:
+        assert sink.batch_bytes == {"protobuf": 500_000}
+    finally:
+        sink.shutdown(1)
+    plain = HttpExporter(endpoint="http://127.0.0.1:9/v1/traces")
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(plain))
+    tracer = provider.get_tracer("otel_flashinfer")
+    sink = export.NativeExport(tracer, export.plan(provider, tracer), CallRecord, _EMPTY)
+    try:
+        assert sink.batch_bytes == {"protobuf": min(export.REQUEST_BYTES,
+                                                    export.COALESCE_BYTES // 2)}
+    finally:
+        sink.shutdown(1)
+
+
+def test_the_outbox_keeps_two_requests_past_its_spans_where_nobody_chose_it() -> None:
+    """A replay's children take a batch past its size: with two batches' worth of room,
+    two such requests must still both wait rather than the older be dropped (where the
+    user chose the queue size, its spans bound it as before)."""
+    tracer, _ = _sdk_tracer()
+    for requests, kept in ((2, [13, 13]), (1, [13])):
+        sender = _GatedProtobuf()
+        chosen = export.Plan(True, "test", (sender,), delay_s=60.0, batch=10, outbox_spans=20,
+                             outbox_requests=requests)
+        sink = export.NativeExport(tracer, chosen, CallRecord, _EMPTY)
+        sink._coalesce["protobuf"] = (1, 1000, 1024)  # noqa: SLF001 - the sender joins none
+        before = health.counters().get("spans_dropped", 0)
+        sink._enqueue("protobuf", b"", 13)  # noqa: SLF001 - in the sender's hands
+        _until(lambda s=sink: s._busy)  # noqa: SLF001
+        sink._enqueue("protobuf", b"", 13)  # noqa: SLF001
+        sink._enqueue("protobuf", b"", 13)  # noqa: SLF001
+        with sink._cond:  # noqa: SLF001
+            assert [c for _, _, c in sink._outbox] == kept  # noqa: SLF001
+        assert health.counters().get("spans_dropped", 0) - before == 26 - sum(kept)
+        sink._enqueue("protobuf", b"", 13)  # noqa: SLF001 - a third: the oldest goes
+        with sink._cond:  # noqa: SLF001
+            assert [c for _, _, c in sink._outbox] == kept  # noqa: SLF001
+        assert health.counters().get("spans_dropped", 0) - before == 39 - sum(kept)
+        sender.open.set()
+        sink.shutdown(5)
 
 
 def test_a_batch_is_cut_at_its_bytes_whatever_its_spans() -> None:
@@ -324,7 +406,7 @@ def test_a_batch_is_cut_at_its_bytes_whatever_its_spans() -> None:
         sink.add(r)
         if one is None:
             one = sink.encoders["protobuf"].size
-            sink.batch_bytes = 10 * one + one // 2  # ten and a half spans
+            sink.batch_bytes["protobuf"] = 10 * one + one // 2  # ten and a half spans
     queue = deque()
     for i in range(41, 81):  # through the encoder's drain
         r = CallRecord.for_call(f"f{i}", i, i, None, big)
