@@ -91,9 +91,9 @@ class Plan:
     delay_s: float = 0.0
     batch: int = DEFAULT_BATCH
     outbox_spans: int = DEFAULT_OUTBOX_SPANS
-    #: Requests the outbox keeps past ``outbox_spans`` (where nobody chose the queue
-    #: size): a replay's children take a batch past its size, and two batches of 1,024
-    #: would otherwise not fit 2,048.
+    #: Requests the outbox keeps past ``outbox_spans`` (where the batch size is ours):
+    #: a replay's children take a batch past its size, and two batches of 1,024 would
+    #: otherwise not fit 2,048.
     outbox_requests: int = 1
     #: The provider's processors tuple this plan was made from (``setup_changed``).
     processors: Any = None
@@ -203,6 +203,7 @@ def plan(provider: Any, tracer: Any, enabled: bool = True) -> Plan:
     # Each processor's batch and queue sizes where chosen (passed, or from OTEL_BSP_*):
     # the SDK's defaults are ours to choose (``NATIVE_BATCH``).
     batches: list[int] = []
+    chosen_batches: list[int] = []
     outboxes: list[int] = []
     for processor in processors:
         if type(processor) is SimpleSpanProcessor:
@@ -222,6 +223,7 @@ def plan(provider: Any, tracer: Any, enabled: bool = True) -> Plan:
                 outboxes.append(int(queue))
             if size and _chosen(int(size), DEFAULT_BATCH, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE"):
                 batches.append(int(size))
+                chosen_batches.append(int(size))
             elif chose_queue:  # ours, within a chosen queue (not under the SDK's batch)
                 batches.append(min(NATIVE_BATCH, max(DEFAULT_BATCH,
                                                      int(queue) // OUTBOX_BATCHES)))
@@ -234,8 +236,12 @@ def plan(provider: Any, tracer: Any, enabled: bool = True) -> Plan:
     # The strictest where there are several.
     batch = min(batches) if batches else NATIVE_BATCH
     outbox = min(outboxes) if outboxes else max(DEFAULT_OUTBOX_SPANS, OUTBOX_BATCHES * batch)
+    # Where the batch size or the queue size is ours (nobody's choice), the outbox keeps
+    # two batches: a replay's overshoot must not make it drop the older one.  (A chosen
+    # queue is passed by at most one replay's worth.)
+    ours = not chosen_batches or batch < min(chosen_batches) or not outboxes
     return Plan(True, "fast", tuple(senders), DEFAULT_DELAY_S if delay_s is None else delay_s,
-                batch, outbox, 1 if outboxes else OUTBOX_BATCHES, processors)
+                batch, outbox, OUTBOX_BATCHES if ours else 1, processors)
 
 
 def _chosen(value: int, default: int, var: str) -> bool:
@@ -526,8 +532,9 @@ class NativeExport:
             max(1, s.max_coalesce // 2) for s in senders if getattr(s, "max_coalesce", 0)])
             for fmt, senders in self.senders.items()}
         self.delay_s = chosen.delay_s
-        self.outbox_spans = max(self.batch, chosen.outbox_spans)
-        self.outbox_requests = max(1, chosen.outbox_requests)
+        # Each format's requests wait in the one outbox: its bounds are per format.
+        self.outbox_spans = max(self.batch, chosen.outbox_spans) * len(formats)
+        self.outbox_requests = max(1, chosen.outbox_requests) * len(formats)
         #: What one send of each format may take at once (``_take``).
         self._coalesce = {fmt: self._coalesce_limits(senders)
                           for fmt, senders in self.senders.items()}

@@ -50,6 +50,15 @@ def _global_provider():  # noqa: ANN202
     _memory_exporter()
 
 
+@pytest.fixture(autouse=True)
+def _no_shell_bsp_settings(monkeypatch):  # noqa: ANN001, ANN202
+    """The shell's OTEL_BSP_* (batch, queue, delay) would change what the export path
+    plans and when batches go: tests set their own."""
+    for var in ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "OTEL_BSP_MAX_QUEUE_SIZE",
+                "OTEL_BSP_SCHEDULE_DELAY", "OTEL_BSP_EXPORT_TIMEOUT"):
+        monkeypatch.delenv(var, raising=False)
+
+
 @pytest.fixture(params=["native", "python"])
 def wrapper_path(request, monkeypatch):  # noqa: ANN001, ANN201
     """Run a test over the C hot path and over the pure-Python wrapper (``native``).

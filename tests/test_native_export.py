@@ -243,15 +243,10 @@ def _plan(processors: list[Any], sampler: Any = None) -> export.Plan:
     return export.plan(provider, provider.get_tracer("otel_flashinfer"))
 
 
-_BSP_VARS = ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "OTEL_BSP_MAX_QUEUE_SIZE",
-             "OTEL_BSP_SCHEDULE_DELAY", "OTEL_BSP_EXPORT_TIMEOUT")
-
-
 @pytest.fixture
 def no_bsp_env(monkeypatch) -> Any:
-    """The plan tests read OTEL_BSP_*: none from the shell running them."""
-    for var in _BSP_VARS:
-        monkeypatch.delenv(var, raising=False)
+    """The plan tests read OTEL_BSP_*: none from the shell running them (conftest's
+    ``_no_shell_bsp_settings`` removed them), and they set their own."""
     return monkeypatch
 
 
@@ -310,7 +305,12 @@ def test_batch_and_queue_sizes_someone_chose_are_kept(tmp_path: Path, no_bsp_env
     assert (chosen.batch, chosen.outbox_spans) == (768, 1536)  # half the queue
     monkeypatch.delenv("OTEL_BSP_MAX_QUEUE_SIZE")
     chosen = _plan([BatchSpanProcessor(file, max_queue_size=1000)])
-    assert (chosen.batch, chosen.outbox_spans, chosen.outbox_requests) == (512, 1000, 1)
+    assert (chosen.batch, chosen.outbox_spans, chosen.outbox_requests) == (512, 1000, 2)
+    # The SDK's default queue, chosen: our batch fills it with two, which stay.
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "2048")
+    chosen = _plan([BatchSpanProcessor(file)])
+    assert (chosen.batch, chosen.outbox_spans, chosen.outbox_requests) == (1024, 2048, 2)
+    monkeypatch.delenv("OTEL_BSP_MAX_QUEUE_SIZE")
     # A queue chosen on one processor bounds the batch it left to us, beside another's
     # chosen batch.
     chosen = _plan([BatchSpanProcessor(file, max_queue_size=1000),
@@ -321,6 +321,8 @@ def test_batch_and_queue_sizes_someone_chose_are_kept(tmp_path: Path, no_bsp_env
     assert (chosen.batch, chosen.outbox_spans, chosen.outbox_requests) == (2000, 2100, 1)
     chosen = _plan([BatchSpanProcessor(file, max_export_batch_size=2000)])
     assert (chosen.batch, chosen.outbox_spans, chosen.outbox_requests) == (2000, 4000, 2)
+    chosen = _plan([BatchSpanProcessor(file, max_export_batch_size=600, max_queue_size=1000)])
+    assert (chosen.batch, chosen.outbox_spans, chosen.outbox_requests) == (600, 1000, 1)
     chosen = _plan([BatchSpanProcessor(file, max_queue_size=65536)])
     assert (chosen.batch, chosen.outbox_spans) == (1024, 65536)
     # One processor's choice, the other's default: the choice.
@@ -385,6 +387,31 @@ def test_the_outbox_keeps_two_requests_past_its_spans_where_nobody_chose_it() ->
         assert health.counters().get("spans_dropped", 0) - before == 39 - sum(kept)
         sender.open.set()
         sink.shutdown(5)
+
+
+def test_the_outbox_bounds_are_per_format(tmp_path: Path) -> None:
+    """With the file and OTLP both, each format's requests wait in the one outbox: two
+    of each stay (a JSON request in flight, then one more cut of both formats dropped
+    the older OTLP batch when the bounds were shared)."""
+    tracer, _ = _sdk_tracer()
+    filer = _GatedFile(JsonLinesSpanExporter(str(tmp_path / "t.jsonl")))
+    proto = _GatedProtobuf()
+    chosen = export.Plan(True, "test", (filer, proto), delay_s=60.0, batch=10,
+                         outbox_spans=20, outbox_requests=2)
+    sink = export.NativeExport(tracer, chosen, CallRecord, _EMPTY)
+    assert (sink.outbox_spans, sink.outbox_requests) == (40, 4)
+    before = health.counters().get("spans_dropped", 0)
+    sink._enqueue("json", b"", 13)  # noqa: SLF001 - in the sender's hands
+    _until(lambda: sink._busy)  # noqa: SLF001
+    for fmt in ("protobuf", "json", "protobuf"):
+        sink._enqueue(fmt, b"", 13)  # noqa: SLF001
+    with sink._cond:  # noqa: SLF001
+        assert [(f, c) for f, _, c in sink._outbox] == [  # noqa: SLF001
+            ("protobuf", 13), ("json", 13), ("protobuf", 13)]
+    assert health.counters().get("spans_dropped", 0) == before
+    filer.open.set()
+    proto.open.set()
+    sink.shutdown(5)
 
 
 def test_a_batch_is_cut_at_its_bytes_whatever_its_spans() -> None:
