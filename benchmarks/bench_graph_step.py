@@ -266,10 +266,10 @@ def _stand_in_late_gpu_times(resolve: Callable[[int, int], int] = _third_look) -
     return Timer()
 
 
-def cpu_child(level: int, replays: int, previous_path: bool,
-              replay_s: float = 0.0, hold_gil: bool = False,
-              late_gpu_times: bool = False) -> dict[str, Any]:
-    import torch
+def stand_in_graph_type(replay_s: float = 0.0, hold_gil: bool = False) -> type:
+    """CPU: a ``torch.cuda.CUDAGraph`` stand-in (set it before ``instrument()`` patches
+    the class) whose replay takes ``replay_s`` of wall and no CPU, as the GPU's time,
+    or with ``hold_gil`` spins that long in Python: the worst case."""
 
     class FakeGraph:
         def capture_begin(self, *args: Any, **kwargs: Any) -> None:
@@ -279,14 +279,44 @@ def cpu_child(level: int, replays: int, previous_path: bool,
             pass
 
         def replay(self) -> None:
-            if hold_gil:  # a replaying thread that keeps the GIL: the worst case
+            if hold_gil:  # a replaying thread that keeps the GIL
                 end = time.perf_counter() + replay_s
                 while time.perf_counter() < end:
                     pass
             elif replay_s:
-                time.sleep(replay_s)  # the GPU's time, as wall: no CPU
+                time.sleep(replay_s)
 
-    torch.cuda.CUDAGraph = FakeGraph  # type: ignore[misc] - before instrument() patches it
+    return FakeGraph
+
+
+def capture_stand_in_step(graph_type: type) -> Any:
+    """CPU: the decode step's 64 traced calls (``LAYERS`` times rmsnorm and decode, as
+    ``@traced`` functions) captured into a ``graph_type`` graph, after ``instrument()``."""
+    import torch
+
+    import otel_flashinfer
+
+    rmsnorm = otel_flashinfer.traced(lambda x, w, eps=1e-6: x, name="rmsnorm")
+    decode = otel_flashinfer.traced(lambda q, kv, scale=0.125: q,
+                                    name="BatchDecodeWithPagedKVCacheWrapper.run")
+    hidden, weight = torch.zeros(8, 4096, dtype=torch.float16), torch.ones(4096)
+    q, kv = torch.zeros(8, 32, 128, dtype=torch.float16), torch.zeros(64, 2, 16, 8, 128)
+    graph = graph_type()
+    graph.capture_begin()
+    for _ in range(LAYERS):
+        rmsnorm(hidden, weight)
+        decode(q, kv)
+    graph.capture_end()
+    return graph
+
+
+def cpu_child(level: int, replays: int, previous_path: bool,
+              replay_s: float = 0.0, hold_gil: bool = False,
+              late_gpu_times: bool = False) -> dict[str, Any]:
+    import torch
+
+    graph_type = stand_in_graph_type(replay_s, hold_gil)
+    torch.cuda.CUDAGraph = graph_type  # type: ignore[misc] - before instrument() patches it
     import otel_flashinfer
     from otel_flashinfer import graphs, health, runtime
 
@@ -294,17 +324,7 @@ def cpu_child(level: int, replays: int, previous_path: bool,
         otel_flashinfer.instrument(level=level)
         if late_gpu_times:
             runtime.current().gpu_timer = _stand_in_late_gpu_times()
-    rmsnorm = otel_flashinfer.traced(lambda x, w, eps=1e-6: x, name="rmsnorm")
-    decode = otel_flashinfer.traced(lambda q, kv, scale=0.125: q,
-                                    name="BatchDecodeWithPagedKVCacheWrapper.run")
-    hidden, weight = torch.zeros(8, 4096, dtype=torch.float16), torch.ones(4096)
-    q, kv = torch.zeros(8, 32, 128, dtype=torch.float16), torch.zeros(64, 2, 16, 8, 128)
-    graph = FakeGraph()
-    graph.capture_begin()
-    for _ in range(LAYERS):
-        rmsnorm(hidden, weight)
-        decode(q, kv)
-    graph.capture_end()
+    graph = capture_stand_in_step(graph_type)
     if level >= 5:
         _stand_in_statistics(graph, replays + 40)
     if previous_path:  # children made as records on the replaying thread, as before

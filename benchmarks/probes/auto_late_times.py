@@ -33,17 +33,8 @@ def main(delay_s: float, replays: int) -> dict[str, Any]:
     import bench_graph_step as bench
     import torch
 
-    class FakeGraph:
-        def capture_begin(self, *args: Any, **kwargs: Any) -> None:
-            pass
-
-        def capture_end(self) -> None:
-            pass
-
-        def replay(self) -> None:
-            time.sleep(0.000722)  # the GPU's time, as wall
-
-    torch.cuda.CUDAGraph = FakeGraph  # type: ignore[misc] - before instrument() patches it
+    graph_type = bench.stand_in_graph_type(0.000722)  # the GPU's time, as wall
+    torch.cuda.CUDAGraph = graph_type  # type: ignore[misc] - before instrument() patches it
     os.environ["OTEL_FLASHINFER_REPLAY_EVERY"] = "auto"
     import otel_flashinfer
     from otel_flashinfer import graphs, pipeline, runtime
@@ -64,17 +55,7 @@ def main(delay_s: float, replays: int) -> dict[str, Any]:
         drain(self, cpu)
 
     pipeline.Pipeline._drain = counted  # noqa: SLF001
-    rmsnorm = otel_flashinfer.traced(lambda x, w, eps=1e-6: x, name="rmsnorm")
-    decode = otel_flashinfer.traced(lambda q, kv, scale=0.125: q,
-                                    name="BatchDecodeWithPagedKVCacheWrapper.run")
-    hidden, weight = torch.zeros(8, 4096, dtype=torch.float16), torch.ones(4096)
-    q, kv = torch.zeros(8, 32, 128, dtype=torch.float16), torch.zeros(64, 2, 16, 8, 128)
-    graph = FakeGraph()
-    graph.capture_begin()
-    for _ in range(bench.LAYERS):
-        rmsnorm(hidden, weight)
-        decode(q, kv)
-    graph.capture_end()
+    graph = bench.capture_stand_in_step(graph_type)
     for _ in range(50):
         graph.replay()
     otel_flashinfer.flush(60)
